@@ -1,0 +1,69 @@
+# replicator: every setup step a fresh Debian machine needs lives here (CI runs a clean clone).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+# Debian packages the tests and the demo drive for real (command:package).
+SYSTOOLS := qemu-img:qemu-utils qemu-io:qemu-utils fio:fio nbdkit:nbdkit nbdcopy:libnbd-bin \
+            rsync:rsync ip:iproute2
+PYTEST := $(PY) -bb -m pytest
+
+.PHONY: help install sysdeps demo test test-long lint format typecheck bench clean
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+sysdeps: ## install the Debian packages the tests use (qemu-utils, fio, nbdkit, ...) when missing
+	@missing=""; for pair in $(SYSTOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing tools:$$missing (run as root, or: sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	    rm -rf $(VENV); \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
+	    else echo "python3 -m venv failed: install python3-venv (sudo apt-get install python3-venv)"; exit 1; fi; \
+	    $(PYTHON) -m venv $(VENV); }; fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv with an editable (strict) install and the dev tools
+	@# strict editable installs map files one by one: reinstall so new modules are seen
+	$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=strict
+
+demo: sysdeps install ## replicate a real VHD over loopback, change it, replicate again, verify
+	$(PY) bench/demo.py
+
+test: sysdeps install ## run the test suite (unit, property, integration, fault injection)
+	$(PYTEST) -q -p no:cacheprovider
+
+test-long: sysdeps install ## run the long soak tests as well
+	$(PYTEST) -q -p no:cacheprovider -m '' --timeout 3600
+
+lint: install ## ruff check and format check
+	$(BIN)/ruff check engine transport journal cli tests bench
+	$(BIN)/ruff format --check engine transport journal cli tests bench
+
+format: install ## apply ruff formatting and fixes
+	$(BIN)/ruff check --fix engine transport journal cli tests bench
+	$(BIN)/ruff format engine transport journal cli tests bench
+
+typecheck: install ## mypy --strict over the package and the tests
+	$(BIN)/mypy --strict engine transport journal cli tests
+
+bench: sysdeps install ## run the benchmarks and print figures side by side with their peers
+	$(PY) bench/run_all.py
+
+clean: ## remove the venv, caches and demo/bench output
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-work bench/out

@@ -1,0 +1,38 @@
+"""structlog configured once, from the root callback: console on a TTY, JSON otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+
+import structlog
+
+
+class LogFormat(str, Enum):
+    auto = "auto"
+    json = "json"
+    console = "console"
+
+
+def configure_logging(fmt: LogFormat = LogFormat.auto, verbosity: int = 0) -> None:
+    """Configure structlog for the process; logs go to stderr so stdout stays for results."""
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    use_console = fmt is LogFormat.console or (fmt is LogFormat.auto and sys.stderr.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

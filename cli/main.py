@@ -1,0 +1,75 @@
+"""The ``replicator`` command: a root callback for global options, one module per group."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
+
+import typer
+
+from replicator.cli.logging_setup import LogFormat, configure_logging
+
+app = typer.Typer(
+    name="replicator",
+    help="Continuous, write-order replication of VM disks and configuration files.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version() -> str:
+    try:
+        return version("replicator")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0+unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"replicator {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            help="Log rendering: console on a TTY, JSON otherwise (auto).",
+            envvar="REPLICATOR_LOG_FORMAT",
+            case_sensitive=False,
+        ),
+    ] = LogFormat.auto,
+    verbose: Annotated[
+        int,
+        typer.Option("--verbose", "-v", count=True, help="More logs (-v info, -vv debug)."),
+    ] = 0,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Continuous, write-order replication of VM disks and configuration files."""
+    configure_logging(log_format, verbose)
+
+
+def _register() -> None:
+    from replicator.cli import journal_cmd
+
+    app.add_typer(journal_cmd.app, name="journal")
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,148 @@
+"""Durability primitives: the one module in the project that calls fsync.
+
+Every other module that needs bytes on stable storage goes through here, so the
+rules live in one place:
+
+* data is durable only after ``fdatasync``/``fsync`` of the file returns;
+* a new or renamed directory entry is durable only after ``fsync`` of the directory;
+* small state is replaced atomically: write a temp file, fsync it, rename it over the
+  old one, fsync the directory (a crash leaves the old or the new file, never a mix).
+
+State files carry their own framing (see ``docs/FORMATS.md``, "state files"): magic,
+version, length and a blake3 checksum around a msgpack body, so a torn or foreign file
+is reported instead of being trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import blake3
+import msgpack
+
+STATE_MAGIC = b"RPST"
+STATE_VERSION = 1
+# magic, version, reserved, body length, blake3-128 of body
+_STATE_HEADER = struct.Struct("<4sHHQ16s")
+
+
+class StateFileError(Exception):
+    """A state file exists but cannot be trusted (torn, foreign or from a newer version)."""
+
+
+def fsync_fd(fd: int) -> None:
+    """Flush a file's data and metadata to stable storage."""
+    os.fsync(fd)
+
+
+def fdatasync_fd(fd: int) -> None:
+    """Flush a file's data (and the metadata needed to read it back) to stable storage."""
+    os.fdatasync(fd)
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file by path (opens it read-only; fsync works on any descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_dir(path: str | os.PathLike[str]) -> None:
+    """Make creations, renames and unlinks inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` and its parents, syncing each parent whose entries changed."""
+    p = Path(path)
+    missing: list[Path] = []
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        sync_dir(d.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    sync_dir(target.parent)
+
+
+def encode_state(state: Mapping[str, Any]) -> bytes:
+    body = msgpack.packb(dict(state), use_bin_type=True)
+    digest = blake3.blake3(body).digest(16)
+    return _STATE_HEADER.pack(STATE_MAGIC, STATE_VERSION, 0, len(body), digest) + body
+
+
+def decode_state(raw: bytes, *, source: str = "<state>") -> dict[str, Any]:
+    if len(raw) < _STATE_HEADER.size:
+        raise StateFileError(f"{source}: state file is truncated ({len(raw)} bytes)")
+    magic, version, _, length, digest = _STATE_HEADER.unpack_from(raw)
+    if magic != STATE_MAGIC:
+        raise StateFileError(f"{source}: not a replicator state file (magic {magic!r})")
+    if version != STATE_VERSION:
+        raise StateFileError(
+            f"{source}: state file version {version} is not supported (this build reads "
+            f"{STATE_VERSION}); use a matching replicator version"
+        )
+    body = raw[_STATE_HEADER.size : _STATE_HEADER.size + length]
+    if len(body) != length or blake3.blake3(body).digest(16) != digest:
+        raise StateFileError(f"{source}: state file checksum mismatch (torn or corrupted)")
+    value = msgpack.unpackb(body, raw=False)
+    if not isinstance(value, dict):
+        raise StateFileError(f"{source}: state file body is not a map")
+    return value
+
+
+def write_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+    """Durably replace the state file at ``path`` (temp, fsync, rename, dir fsync)."""
+    atomic_write(path, encode_state(state))
+
+
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Read a state file; ``None`` when it does not exist, StateFileError when untrustworthy."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    return decode_state(raw, source=str(path))
+
+
+async def write_state_async(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+    """``write_state`` in a worker thread, so the event loop never waits on fsync."""
+    await asyncio.to_thread(write_state, path, state)
+
+
+async def fdatasync_async(fd: int) -> None:
+    await asyncio.to_thread(os.fdatasync, fd)
+
+
+async def fsync_async(fd: int) -> None:
+    await asyncio.to_thread(os.fsync, fd)

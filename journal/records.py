@@ -1,0 +1,227 @@
+"""Journal records: the unit of the write-order stream, on disk and on the wire.
+
+Binary layout of one record (little endian; ``docs/FORMATS.md`` has the table)::
+
+    offset size field
+    0      2    magic      b"RJ"
+    2      1    version    1
+    3      1    type       RecordType
+    4      2    name_len   length of the UTF-8 volume name / file path that follows the header
+    6      4    data_len   length of the payload that follows the name
+    10     8    lsn        log sequence number, strictly increasing in a stream
+    18     8    ts_ns      source wall-clock timestamp, ns since the Unix epoch (signed)
+    26     8    offset     byte offset (WRITE/ZERO/TRIM), epoch id (EPOCH), mode (FILE)
+    34     8    length     byte count (ZERO/TRIM), new size (RESIZE), len(data) (WRITE/FILE)
+    42     16   checksum   blake3-128 over bytes 0..42, the name and the payload
+    58     -    name, then payload
+
+The same bytes are stored in journal segments and carried in RECORDS frames, so a
+receiver checks every record's checksum before it lands in its own journal.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+import blake3
+
+RECORD_MAGIC = b"RJ"
+RECORD_VERSION = 1
+RECORD_HEADER = struct.Struct("<2sBBHIQqQQ16s")
+HEADER_SIZE = RECORD_HEADER.size  # 58
+_CHECKED = 42  # header bytes covered by the checksum (all but the checksum itself)
+MAX_NAME = 4096
+MAX_DATA = 64 * 1024 * 1024  # one record never carries more than 64 MiB
+
+
+class RecordType(IntEnum):
+    WRITE = 1
+    ZERO = 2
+    TRIM = 3
+    FLUSH = 4
+    FILE = 5
+    EPOCH = 6
+    RESIZE = 7
+
+
+_NAMED = {RecordType.WRITE, RecordType.ZERO, RecordType.TRIM, RecordType.FILE, RecordType.RESIZE}
+
+
+class RecordError(ValueError):
+    """Bytes that are not a valid record (bad magic, version, type, lengths or checksum)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One journal record. ``lsn``/``ts_ns`` of 0 mean "assign on append"."""
+
+    type: RecordType
+    volume: str = ""
+    offset: int = 0
+    length: int = 0
+    data: bytes = b""
+    lsn: int = 0
+    ts_ns: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, RecordType):
+            raise RecordError(f"unknown record type {self.type!r}")
+        if self.type in _NAMED and not self.volume:
+            raise RecordError(f"{self.type.name} record needs a volume name")
+        if len(self.volume.encode()) > MAX_NAME:
+            raise RecordError(f"volume name longer than {MAX_NAME} bytes")
+        if len(self.data) > MAX_DATA:
+            raise RecordError(f"record payload of {len(self.data)} bytes exceeds {MAX_DATA}")
+        if self.type in (RecordType.WRITE, RecordType.FILE) and self.length != len(self.data):
+            raise RecordError(f"{self.type.name} length {self.length} != payload {len(self.data)}")
+        if self.type not in (RecordType.WRITE, RecordType.FILE) and self.data:
+            raise RecordError(f"{self.type.name} record carries no payload")
+        if self.offset < 0 or self.length < 0 or self.lsn < 0:
+            raise RecordError("offset, length and lsn must not be negative")
+
+    # Constructors name the fields each type uses.
+    @classmethod
+    def write(cls, volume: str, offset: int, data: bytes) -> Record:
+        return cls(RecordType.WRITE, volume, offset, len(data), bytes(data))
+
+    @classmethod
+    def zero(cls, volume: str, offset: int, length: int) -> Record:
+        return cls(RecordType.ZERO, volume, offset, length)
+
+    @classmethod
+    def trim(cls, volume: str, offset: int, length: int) -> Record:
+        return cls(RecordType.TRIM, volume, offset, length)
+
+    @classmethod
+    def flush(cls) -> Record:
+        return cls(RecordType.FLUSH)
+
+    @classmethod
+    def file(cls, path: str, content: bytes, mode: int = 0o644) -> Record:
+        return cls(RecordType.FILE, path, mode, len(content), bytes(content))
+
+    @classmethod
+    def epoch(cls, epoch_id: int) -> Record:
+        return cls(RecordType.EPOCH, "", epoch_id)
+
+    @classmethod
+    def resize(cls, volume: str, size: int) -> Record:
+        return cls(RecordType.RESIZE, volume, 0, size)
+
+    @property
+    def epoch_id(self) -> int:
+        return self.offset
+
+    @property
+    def size(self) -> int:
+        """New size of a RESIZE record."""
+        return self.length
+
+    @property
+    def is_barrier(self) -> bool:
+        """FLUSH and EPOCH are the points where the receiver fsyncs and the replica is whole."""
+        return self.type in (RecordType.FLUSH, RecordType.EPOCH)
+
+    @property
+    def encoded_size(self) -> int:
+        return HEADER_SIZE + len(self.volume.encode()) + len(self.data)
+
+    def with_lsn(self, lsn: int, ts_ns: int | None = None) -> Record:
+        return Record(
+            self.type,
+            self.volume,
+            self.offset,
+            self.length,
+            self.data,
+            lsn,
+            self.ts_ns if ts_ns is None else ts_ns,
+        )
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def encode_record(record: Record) -> bytes:
+    """Serialise a record (its lsn must be assigned) with its checksum."""
+    name = record.volume.encode()
+    head = RECORD_HEADER.pack(
+        RECORD_MAGIC,
+        RECORD_VERSION,
+        record.type,
+        len(name),
+        len(record.data),
+        record.lsn,
+        record.ts_ns,
+        record.offset,
+        record.length,
+        b"\0" * 16,
+    )
+    h = blake3.blake3(head[:_CHECKED])
+    h.update(name)
+    h.update(record.data)
+    return b"".join((head[:_CHECKED], h.digest(16), name, record.data))
+
+
+def peek_length(buf: bytes | memoryview, pos: int = 0) -> int:
+    """Total encoded length of the record whose header starts at ``pos``.
+
+    Raises RecordError when the header is not a record header; the caller must check
+    that ``HEADER_SIZE`` bytes are available first.
+    """
+    magic, version, rtype, name_len, data_len = struct.unpack_from("<2sBBHI", buf, pos)
+    if magic != RECORD_MAGIC:
+        raise RecordError(f"bad record magic {bytes(magic)!r}")
+    if version != RECORD_VERSION:
+        raise RecordError(f"record format version {version} not supported")
+    if rtype not in RecordType._value2member_map_:
+        raise RecordError(f"unknown record type {rtype}")
+    if name_len > MAX_NAME or data_len > MAX_DATA:
+        raise RecordError(f"record lengths out of range (name {name_len}, data {data_len})")
+    return int(HEADER_SIZE + name_len + data_len)
+
+
+def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
+    """Decode and verify the record at ``pos``; returns it and the position after it."""
+    if len(buf) - pos < HEADER_SIZE:
+        raise RecordError("truncated record header")
+    total = peek_length(buf, pos)
+    if len(buf) - pos < total:
+        raise RecordError(f"truncated record: need {total} bytes, have {len(buf) - pos}")
+    (_, _, rtype, name_len, data_len, lsn, ts_ns, offset, length, digest) = (
+        RECORD_HEADER.unpack_from(buf, pos)
+    )
+    view = memoryview(buf)
+    name_end = pos + HEADER_SIZE + name_len
+    h = blake3.blake3(view[pos : pos + _CHECKED])
+    h.update(view[pos + HEADER_SIZE : name_end])
+    h.update(view[name_end : name_end + data_len])
+    if h.digest(16) != digest:
+        raise RecordError(f"record checksum mismatch (lsn {lsn})")
+    try:
+        name = bytes(view[pos + HEADER_SIZE : name_end]).decode()
+        record = Record(
+            RecordType(rtype),
+            name,
+            offset,
+            length,
+            bytes(view[name_end : name_end + data_len]),
+            lsn,
+            ts_ns,
+        )
+    except (UnicodeDecodeError, RecordError) as exc:
+        raise RecordError(f"record fields invalid (lsn {lsn}): {exc}") from exc
+    return record, pos + total
+
+
+def decode_records(buf: bytes | memoryview) -> list[Record]:
+    """Decode a packed run of records (as carried in a RECORDS frame); all or nothing."""
+    out: list[Record] = []
+    pos = 0
+    while pos < len(buf):
+        record, pos = decode_record(buf, pos)
+        out.append(record)
+    return out

@@ -1,0 +1,46 @@
+"""The wheel must carry every subpackage: setuptools drops an unlisted one silently."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = ("engine", "transport", "journal", "cli")
+
+
+def _packages_on_disk() -> set[str]:
+    found: set[str] = set()
+    for folder in FOLDERS:
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join(("replicator", folder, *rel.parts)))
+    return found
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    missing = _packages_on_disk() - listed
+    assert not missing, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(missing)}"
+    for folder in FOLDERS:
+        assert config["tool"]["setuptools"]["package-dir"][f"replicator.{folder}"] == folder
+
+
+def test_replicator_is_a_namespace_without_top_level_leaks() -> None:
+    assert not (ROOT / "__init__.py").exists()
+    import replicator
+
+    assert getattr(replicator, "__file__", None) is None  # namespace package
+
+
+def test_console_script_prints_version() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "replicator.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.startswith("replicator ")
