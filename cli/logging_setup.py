@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from enum import Enum
+from enum import StrEnum
 
 import structlog
 
 
-class LogFormat(str, Enum):
+class LogFormat(StrEnum):
     auto = "auto"
     json = "json"
     console = "console"

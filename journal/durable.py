@@ -16,6 +16,7 @@ is reported instead of being trusted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 from collections.abc import Mapping
@@ -71,10 +72,8 @@ def makedirs_durable(path: str | os.PathLike[str]) -> None:
         missing.append(p)
         p = p.parent
     for d in reversed(missing):
-        try:
+        with contextlib.suppress(FileExistsError):
             d.mkdir()
-        except FileExistsError:
-            pass
         sync_dir(d.parent)
 
 
