@@ -1,0 +1,522 @@
+"""Frame codec: one message <-> one checksummed, optionally compressed frame.
+
+Layout (little endian; ``docs/PROTOCOL.md`` has the table and the rules)::
+
+    offset size field
+    0      4    magic          b"RPLW"
+    4      1    version        frame format version (1)
+    5      1    type           MessageType
+    6      1    codec          0 raw, 1 lz4 block (payload only)
+    7      1    flags          0 (reserved)
+    8      4    header_len     bytes of the msgpack header that follows the prefix
+    12     4    wire_len       bytes of the payload as sent
+    16     4    raw_len        bytes of the payload after decompression
+    20     16   checksum       blake3-128 over prefix[0:20] + header + uncompressed payload
+    36     -    header (msgpack array of the message's fields except the payload),
+                then the payload (Records.payload / Manifest.digests)
+
+Magic and version (bytes 0..4) keep their place in every future format, so a peer
+that speaks another version is always recognised as such (``VersionMismatchError``)
+rather than as garbage. The payload travels outside msgpack, so it is never copied
+into a packed object; ``encode_frame`` returns buffers for ``writelines``.
+
+``FrameDecoder`` is incremental and bounded: a prefix that announces more than
+``max_frame`` bytes is rejected before anything is allocated, decompression is
+bounded by the announced raw length, and the checksum is verified before a message
+is built. It offers both ``feed(bytes)`` and the ``get_buffer``/``buffer_updated``
+pair of ``asyncio.BufferedProtocol``, so a socket can read straight into the buffer
+of a large frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final
+
+import blake3
+import lz4.block
+import msgpack
+
+from replicator.journal.records import HEADER_SIZE as RECORD_HEADER_SIZE
+from replicator.journal.records import MAX_DATA, MAX_NAME
+from replicator.transport.messages import (
+    MESSAGE_CLASSES,
+    PAYLOAD_FIELD,
+    Hello,
+    Message,
+    MessageError,
+    MessageType,
+    VolumeInfo,
+    message_type,
+)
+
+FRAME_MAGIC: Final = b"RPLW"
+FRAME_VERSION: Final = 1
+_FIELDS = struct.Struct("<4sBBBBIII")  # the checksummed part of the prefix
+PREFIX = struct.Struct("<4sBBBBIII16s")
+PREFIX_SIZE: Final = PREFIX.size  # 36
+CHECKSUM_SIZE: Final = 16
+
+MAX_HEADER: Final = 2 * 1024 * 1024  # a Hello with 256 volumes of 4 KiB names fits
+# One record of MAX_DATA with the longest name must fit in one frame, with room to spare.
+DEFAULT_MAX_FRAME: Final = MAX_DATA + 4 * 1024 * 1024
+MIN_MAX_FRAME: Final = 64 * 1024
+# the largest record plus a generous Records header
+assert PREFIX_SIZE + 1024 + RECORD_HEADER_SIZE + MAX_NAME + MAX_DATA <= DEFAULT_MAX_FRAME
+
+COMPRESS_THRESHOLD: Final = 512  # payloads shorter than this are always sent raw
+# lz4 is used only when it saves at least 10%: compressed * 10 < raw * 9.
+_PAYS_NUM, _PAYS_DEN = 9, 10
+
+# Payloads from _SAMPLE_FROM bytes are first sampled (_SAMPLES x _SAMPLE_SIZE bytes);
+# when the samples shrink by less than 3%, the payload is sent raw without trying.
+_SAMPLE_FROM = 256 * 1024
+_SAMPLES = 8
+_SAMPLE_SIZE = 8 * 1024
+_SAMPLE_SKIP_PERCENT = 97
+
+_BIG_FRAME = 64 * 1024  # frames with a body above this get their own exactly-sized buffer
+_STAGING = 256 * 1024  # initial size of the staging buffer for prefixes and small frames
+_MIN_FREE = 64 * 1024  # get_buffer offers at least this much room
+_SPARE_MAX = 8 * 1024 * 1024  # large-frame buffers up to this size are reused
+
+
+class Codec(IntEnum):
+    RAW = 0
+    LZ4 = 1
+
+
+class ProtocolError(Exception):
+    """Base of the two protocol error classes."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow (a bug on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something malformed or out of turn."""
+
+
+class VersionMismatchError(RemoteProtocolError):
+    """The peer speaks another frame format or protocol version.
+
+    The receiver answers with ``Refuse(code="version")``; the sender reports
+    "protocol version mismatch". ``what`` is "frame format" or "protocol".
+    """
+
+    def __init__(self, peer_version: int, our_version: int, what: str = "frame format") -> None:
+        self.peer_version = peer_version
+        self.our_version = our_version
+        self.what = what
+        super().__init__(
+            f"protocol version mismatch: peer speaks {what} version {peer_version}, "
+            f"we speak {our_version}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedFrame:
+    """Buffers of one frame, ready for ``writelines``, and its sizes for accounting."""
+
+    message: Message
+    buffers: list[bytes]
+    wire_size: int  # prefix + header + payload as sent
+    payload_raw: int  # uncompressed payload bytes
+    payload_wire: int  # payload bytes as sent
+    codec: Codec
+
+
+# --- header fields --------------------------------------------------------------------------
+
+
+def _header_names(cls: type[Message]) -> tuple[str, ...]:
+    payload = PAYLOAD_FIELD.get(cls)
+    return tuple(name for name in cls.__dataclass_fields__ if name != payload)
+
+
+_HEADER_NAMES: Final = {cls: _header_names(cls) for cls in MESSAGE_CLASSES.values()}
+_HELLO_VOLUMES: Final = _HEADER_NAMES[Hello].index("volumes")
+
+
+def _header_values(msg: Message) -> list[Any]:
+    values: list[Any] = [getattr(msg, name) for name in _HEADER_NAMES[type(msg)]]
+    if isinstance(msg, Hello):  # VolumeInfo travels as [name, size, kind]
+        values[_HELLO_VOLUMES] = [(v.name, v.size, v.kind) for v in msg.volumes]
+    return values
+
+
+def _build(mtype: MessageType, values: object, payload: bytes) -> Message:
+    """Build a message from decoded header values; errors become RemoteProtocolError."""
+    cls = MESSAGE_CLASSES[mtype]
+    names = _HEADER_NAMES[cls]
+    if type(values) is not tuple or len(values) != len(names):
+        raise RemoteProtocolError(f"{cls.__name__} frame header is not a {len(names)}-field array")
+    kwargs = dict(zip(names, values, strict=True))
+    field = PAYLOAD_FIELD.get(cls)
+    if field is not None:
+        kwargs[field] = payload
+    elif payload:
+        raise RemoteProtocolError(f"{cls.__name__} frame carries a payload")
+    try:
+        if cls is Hello:
+            volumes = kwargs["volumes"]
+            if type(volumes) is not tuple or not all(
+                type(v) is tuple and len(v) == 3 for v in volumes
+            ):
+                raise MessageError("Hello.volumes must be an array of [name, size, kind]")
+            kwargs["volumes"] = tuple(VolumeInfo(*v) for v in volumes)
+        return cls(**kwargs)
+    except (MessageError, TypeError) as exc:
+        raise RemoteProtocolError(f"invalid {cls.__name__} from peer: {exc}") from exc
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def _sample_compresses(payload: bytes) -> bool:
+    """Cheap guess whether lz4 can pay on a large payload, from evenly spread samples.
+
+    Compressing a whole incompressible MiB costs a full output buffer and ~0.2-0.5 ms
+    for nothing; the samples cost a few microseconds. Small payloads are just tried.
+    """
+    size = len(payload)
+    if size < _SAMPLE_FROM:
+        return True
+    step = size // _SAMPLES
+    with memoryview(payload) as view:
+        packed = sum(
+            len(lz4.block.compress(view[i * step : i * step + _SAMPLE_SIZE], store_size=False))
+            for i in range(_SAMPLES)
+        )
+    return packed * 100 < _SAMPLES * _SAMPLE_SIZE * _SAMPLE_SKIP_PERCENT
+
+
+def encode_frame(
+    msg: Message,
+    *,
+    compress: bool = True,
+    compress_threshold: int = COMPRESS_THRESHOLD,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> EncodedFrame:
+    """Encode one message. Raises LocalProtocolError when it does not fit in a frame."""
+    mtype = message_type(msg)
+    header = msgpack.packb(_header_values(msg), use_bin_type=True)
+    field = PAYLOAD_FIELD.get(type(msg))
+    payload: bytes = getattr(msg, field) if field is not None else b""
+    raw_len = len(payload)
+    codec = Codec.RAW
+    wire = payload
+    if compress and raw_len >= compress_threshold and _sample_compresses(payload):
+        packed = lz4.block.compress(payload, store_size=False)
+        if len(packed) * _PAYS_DEN < raw_len * _PAYS_NUM:
+            codec = Codec.LZ4
+            wire = packed
+    if len(header) > min(MAX_HEADER, max_frame - PREFIX_SIZE):
+        raise LocalProtocolError(f"{type(msg).__name__} header of {len(header)} bytes is too big")
+    size = PREFIX_SIZE + len(header) + max(raw_len, len(wire))
+    if size > max_frame:
+        raise LocalProtocolError(
+            f"{type(msg).__name__} frame of {size} bytes exceeds the frame limit of {max_frame}"
+        )
+    fields = _FIELDS.pack(
+        FRAME_MAGIC, FRAME_VERSION, mtype, codec, 0, len(header), len(wire), raw_len
+    )
+    digest = blake3.blake3(fields)
+    digest.update(header)
+    digest.update(payload)
+    head = b"".join((fields, digest.digest(CHECKSUM_SIZE), header))
+    buffers = [head, wire] if wire else [head]
+    return EncodedFrame(msg, buffers, len(head) + len(wire), raw_len, len(wire), codec)
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Prefix:
+    mtype: MessageType
+    codec: Codec
+    header_len: int
+    wire_len: int
+    raw_len: int
+    fields: bytes  # the checksummed 20 bytes
+    checksum: bytes
+
+    @property
+    def body_len(self) -> int:
+        return self.header_len + self.wire_len
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedFrame:
+    message: Message
+    wire_size: int
+    payload_raw: int
+    payload_wire: int
+
+
+def _not_a_peer(head: bytes) -> RemoteProtocolError:
+    hint = ""
+    if head[:1] == b"\x16":
+        hint = " (it seems to speak TLS: is TLS enabled on one side only?)"
+    elif head[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"HTTP"):
+        hint = " (it speaks HTTP)"
+    return RemoteProtocolError(
+        f"not a replicator peer: stream starts with {head[:8]!r}, expected {FRAME_MAGIC!r}{hint}"
+    )
+
+
+def parse_prefix(head: bytes | bytearray | memoryview, max_frame: int) -> _Prefix:
+    """Validate a frame prefix (exactly PREFIX_SIZE bytes) against the limits."""
+    magic, version, mtype, codec, flags, header_len, wire_len, raw_len, checksum = (
+        PREFIX.unpack_from(head)
+    )
+    if magic != FRAME_MAGIC:
+        raise _not_a_peer(bytes(head))
+    if version != FRAME_VERSION:
+        raise VersionMismatchError(version, FRAME_VERSION)
+    if mtype not in MESSAGE_CLASSES:
+        raise RemoteProtocolError(f"unknown message type {mtype}")
+    if codec not in Codec._value2member_map_:
+        raise RemoteProtocolError(f"unknown frame codec {codec}")
+    if flags:
+        raise RemoteProtocolError(f"unknown frame flags {flags:#x}")
+    if header_len > min(MAX_HEADER, max_frame):
+        raise RemoteProtocolError(f"frame header of {header_len} bytes exceeds {MAX_HEADER}")
+    size = PREFIX_SIZE + header_len + max(wire_len, raw_len)
+    if size > max_frame:
+        raise RemoteProtocolError(
+            f"peer announced a frame of {size} bytes; the limit is {max_frame}"
+        )
+    if codec == Codec.RAW and wire_len != raw_len:
+        raise RemoteProtocolError(f"raw payload with wire length {wire_len} != {raw_len}")
+    if codec == Codec.LZ4 and (raw_len == 0 or wire_len == 0):
+        raise RemoteProtocolError("lz4 frame with an empty payload")
+    return _Prefix(
+        MessageType(mtype),
+        Codec(codec),
+        header_len,
+        wire_len,
+        raw_len,
+        bytes(head[: _FIELDS.size]),
+        bytes(checksum),
+    )
+
+
+def decode_body(prefix: _Prefix, body: memoryview) -> Message:
+    """Check and decode a frame body (header + wire payload) whose prefix is parsed."""
+    header = body[: prefix.header_len]
+    wire = body[prefix.header_len : prefix.body_len]
+    if prefix.codec == Codec.LZ4:
+        try:
+            payload = lz4.block.decompress(wire, uncompressed_size=prefix.raw_len)
+        except lz4.block.LZ4BlockError as exc:
+            raise RemoteProtocolError(f"frame payload does not decompress: {exc}") from exc
+        if len(payload) != prefix.raw_len:
+            raise RemoteProtocolError(
+                f"frame payload decompressed to {len(payload)} bytes, announced {prefix.raw_len}"
+            )
+        digest = blake3.blake3(prefix.fields)
+        digest.update(header)
+        digest.update(payload)
+        if digest.digest(CHECKSUM_SIZE) != prefix.checksum:
+            raise RemoteProtocolError(f"frame checksum mismatch ({prefix.mtype.name} frame)")
+    else:
+        digest = blake3.blake3(prefix.fields)
+        digest.update(header)
+        digest.update(wire)
+        if digest.digest(CHECKSUM_SIZE) != prefix.checksum:
+            raise RemoteProtocolError(f"frame checksum mismatch ({prefix.mtype.name} frame)")
+        payload = wire.tobytes()
+    try:
+        values = msgpack.unpackb(header, use_list=False, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise RemoteProtocolError(
+            f"{prefix.mtype.name} frame header is not msgpack: {exc}"
+        ) from exc
+    return _build(prefix.mtype, values, payload)
+
+
+class FrameDecoder:
+    """Incremental decoder: bytes in, decoded frames out, memory bounded by max_frame.
+
+    Small frames are parsed from a staging buffer; a frame whose body exceeds
+    ``_BIG_FRAME`` gets an exactly-sized buffer as soon as its prefix is known, and
+    ``get_buffer`` then hands out the rest of that buffer, so a socket fills it directly.
+    Buffers are never resized in place (a caller may still hold a view of them), and
+    ``get_buffer``/``buffer_updated`` never raise: a bad prefix is kept and raised by
+    ``next_frame`` (``ready()`` turns true so the caller comes to collect it).
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if max_frame < MIN_MAX_FRAME:
+            raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME}")
+        self.max_frame = max_frame
+        self._buf = bytearray(_STAGING)
+        self._start = 0  # unparsed staged data is _buf[_start:_end]
+        self._end = 0
+        self._head: _Prefix | None = None  # parsed prefix of the frame at _start
+        self._big: memoryview | None = None  # body of the large frame being assembled
+        self._big_backing: bytearray | None = None
+        self._big_prefix: _Prefix | None = None
+        self._big_filled = 0
+        self._spare: bytearray | None = None  # a large-frame buffer kept for reuse
+        self._failure: RemoteProtocolError | None = None
+
+    # -- input ------------------------------------------------------------------------------
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take a chunk of the stream (copied; the caller may reuse its buffer)."""
+        with memoryview(data) as source:
+            view = source if source.format == "B" and source.ndim == 1 else source.cast("B")
+            pos, total = 0, len(view)
+            while pos < total:
+                room = self.get_buffer(total - pos)
+                n = min(len(room), total - pos)
+                room[:n] = view[pos : pos + n]
+                room.release()
+                self.buffer_updated(n)
+                pos += n
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable buffer for the next bytes of the stream (BufferedProtocol style)."""
+        if self._big is not None and self._big_filled < len(self._big):
+            return self._big[self._big_filled :]
+        want = max(_MIN_FREE, sizehint if sizehint > 0 else 0)
+        if len(self._buf) - self._end < want:
+            self._make_room(want)
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the buffer get_buffer returned last."""
+        if self._big is not None and self._big_filled < len(self._big):
+            self._big_filled += nbytes
+        else:
+            self._end += nbytes
+            self._parse_head()
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that have not been returned as frames."""
+        return self._big_filled + self._end - self._start
+
+    def ready(self) -> bool:
+        """True when next_frame() would return a frame or raise; cheap, decodes nothing."""
+        if self._failure is not None:
+            return True
+        if self._big is not None:
+            return self._big_filled == len(self._big)
+        head = self._head
+        return head is not None and self._end - self._start >= PREFIX_SIZE + head.body_len
+
+    def has_partial(self) -> bool:
+        """True when bytes of an incomplete frame are held (an error at EOF)."""
+        return self.buffered > 0 and not self.ready()
+
+    # -- output -----------------------------------------------------------------------------
+
+    def next_frame(self) -> DecodedFrame | None:
+        """The next complete frame, or None when more bytes are needed.
+
+        Raises RemoteProtocolError (or VersionMismatchError) on a bad frame; the stream
+        cannot be resynchronised after that, so every later call raises it again.
+        """
+        if self._failure is not None:
+            raise self._failure
+        try:
+            return self._next_frame()
+        except RemoteProtocolError as exc:
+            self._failure = exc
+            raise
+
+    def _next_frame(self) -> DecodedFrame | None:
+        if self._big is not None:
+            if self._big_filled < len(self._big):
+                return None
+            prefix, body, backing = self._big_prefix, self._big, self._big_backing
+            assert prefix is not None and backing is not None
+            self._big = self._big_backing = self._big_prefix = None
+            self._big_filled = 0
+            self._parse_head()  # bytes that arrived behind the large frame
+            msg = decode_body(prefix, body)
+            del body  # the message holds copies; the buffer serves the next large frame
+            if len(backing) <= _SPARE_MAX and (
+                self._spare is None or len(backing) > len(self._spare)
+            ):
+                self._spare = backing
+        else:
+            prefix = self._head
+            if prefix is None or self._end - self._start < PREFIX_SIZE + prefix.body_len:
+                return None
+            body_start = self._start + PREFIX_SIZE
+            with memoryview(self._buf) as view:
+                msg = decode_body(prefix, view[body_start : body_start + prefix.body_len])
+            self._start = body_start + prefix.body_len
+            self._head = None
+            if self._start == self._end:
+                self._start = self._end = 0
+                if len(self._buf) > 4 * _STAGING:
+                    self._buf = bytearray(_STAGING)  # give back what a burst made us grow
+            self._parse_head()
+        return DecodedFrame(msg, PREFIX_SIZE + prefix.body_len, prefix.raw_len, prefix.wire_len)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _parse_head(self) -> None:
+        """Parse the prefix at the head of the staging buffer once it is all there.
+
+        A large frame that is not complete yet moves into its own buffer. Errors are
+        recorded, not raised (this runs inside buffer_updated).
+        """
+        if self._failure is not None or self._big is not None or self._head is not None:
+            return
+        avail = self._end - self._start
+        if avail == 0:
+            return
+        try:
+            if avail < PREFIX_SIZE:
+                _check_magic(bytes(self._buf[self._start : min(self._end, self._start + 5)]))
+                return
+            with memoryview(self._buf) as view:
+                head = parse_prefix(view[self._start : self._start + PREFIX_SIZE], self.max_frame)
+        except RemoteProtocolError as exc:
+            self._failure = exc
+            return
+        if head.body_len <= _BIG_FRAME or avail >= PREFIX_SIZE + head.body_len:
+            self._head = head
+            return
+        backing = self._spare
+        if backing is not None and len(backing) >= head.body_len:
+            self._spare = None
+        else:
+            backing = bytearray(head.body_len)
+        body = memoryview(backing)[: head.body_len]
+        have = avail - PREFIX_SIZE
+        body[:have] = self._buf[self._start + PREFIX_SIZE : self._end]
+        self._big, self._big_backing, self._big_prefix = body, backing, head
+        self._big_filled = have
+        self._start = self._end = 0
+
+    def _make_room(self, want: int) -> None:
+        avail = self._end - self._start
+        if len(self._buf) - avail < want:
+            new = bytearray(avail + max(want, _STAGING))
+            new[:avail] = self._buf[self._start : self._end]
+            self._buf = new
+        elif self._start:
+            # same-length slice assignment: allowed even while views of _buf exist
+            self._buf[:avail] = self._buf[self._start : self._end]
+        self._start, self._end = 0, avail
+
+
+def _check_magic(head: bytes) -> None:
+    """Reject a foreign stream as soon as its first bytes arrive (head: up to 5 bytes)."""
+    if head[:4] != FRAME_MAGIC[: len(head[:4])]:
+        raise _not_a_peer(head)
+    if len(head) >= 5 and head[4] != FRAME_VERSION:
+        raise VersionMismatchError(head[4], FRAME_VERSION)

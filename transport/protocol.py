@@ -1,0 +1,505 @@
+"""Sans-IO protocol connection: bytes in, events out; messages in, bytes out.
+
+In the style of h11/wsproto: ``ProtocolConnection`` does no I/O. Feed it what the
+socket delivered (``receive_data``, or ``get_buffer``/``buffer_updated`` to read in
+place), call ``next_event()`` until it returns ``NEED_DATA``; ``send(msg)`` returns the
+buffers to write. The same object serves the asyncio adapter, tests and fuzzers.
+
+Misuse by our own code raises ``LocalProtocolError``; a misbehaving peer raises
+``RemoteProtocolError``. Either moves the connection to ``State.ERROR``, after which
+nothing is received and only "last words" may be sent (an ``Error``, or a ``Refuse``
+from a receiver that could not accept a Hello, e.g. after ``VersionMismatchError``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final, Literal
+
+from replicator.transport.frames import (
+    COMPRESS_THRESHOLD,
+    DEFAULT_MAX_FRAME,
+    EncodedFrame,
+    FrameDecoder,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    VersionMismatchError,
+    encode_frame,
+)
+from replicator.transport.messages import (
+    I64_MAX,
+    PROTOCOL_VERSION,
+    Ack,
+    Credit,
+    Hello,
+    Manifest,
+    ManifestRequest,
+    Message,
+    MessageType,
+    Records,
+    Welcome,
+    message_type,
+)
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "NEED_DATA",
+    "TRANSITIONS",
+    "ConnectionClosed",
+    "LocalProtocolError",
+    "NeedData",
+    "ProtocolConnection",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Role",
+    "State",
+    "TransferStats",
+    "VersionMismatchError",
+]
+
+# The receiver's default credit window: the largest record (64 MiB) plus framing, so a
+# sender can always make progress. The engine may grant more or less (Welcome.window).
+DEFAULT_WINDOW: Final = 66 * 1024 * 1024
+MAX_PENDING_MANIFESTS: Final = 256  # outstanding ManifestRequests per connection
+
+
+class Role(Enum):
+    SENDER = "sender"
+    RECEIVER = "receiver"
+
+    @property
+    def peer(self) -> Role:
+        return Role.RECEIVER if self is Role.SENDER else Role.SENDER
+
+
+class State(Enum):
+    START = "START"
+    HELLO_SENT = "HELLO_SENT"  # sender, waiting for Welcome or Refuse
+    HELLO_RECEIVED = "HELLO_RECEIVED"  # receiver, must answer Welcome or Refuse
+    ESTABLISHED = "ESTABLISHED"
+    GOODBYE_SENT = "GOODBYE_SENT"  # we said Goodbye; the peer may still be sending
+    GOODBYE_RECEIVED = "GOODBYE_RECEIVED"  # they said Goodbye; we may finish (final acks)
+    CLOSED = "CLOSED"  # both directions ended (or Refuse/Error, or EOF)
+    ERROR = "ERROR"
+
+
+Direction = Literal["send", "recv"]
+
+
+class NeedData:
+    """The type of NEED_DATA: more bytes are needed before the next event."""
+
+    _instance: NeedData | None = None
+
+    def __new__(cls) -> NeedData:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed the byte stream. ``clean``: after a Goodbye/Error/Refuse exchange
+    (or our own Goodbye); False when it vanished in the middle of a session."""
+
+    clean: bool
+
+
+@dataclass(slots=True)
+class TransferStats:
+    """Counters of one connection; ``*_wire`` are bytes as sent (compressed)."""
+
+    frames_sent: int = 0
+    frames_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    payload_sent: int = 0
+    payload_sent_wire: int = 0
+    payload_received: int = 0
+    payload_received_wire: int = 0
+
+
+# --- the transition table -------------------------------------------------------------------
+#
+# Everything that decides which message may be sent or received in which state, and
+# which state follows, lives in TRANSITIONS: (role, state, direction, type) -> new state.
+# A (role, state, direction, type) that is not a key is a protocol error. The only other
+# transitions: a protocol error moves to ERROR, and EOF moves any other state to CLOSED.
+# Per-message field rules (credit, LSN order, manifest bookkeeping) are checked by
+# _check_send/_check_recv and can only lead to ERROR.
+
+_S, _R = Role.SENDER, Role.RECEIVER
+_T = MessageType
+_SENDER_SENDS = (_T.RECORDS, _T.MANIFEST_REQUEST, _T.PING, _T.PONG)
+_RECEIVER_SENDS = (_T.ACK, _T.CREDIT, _T.MANIFEST, _T.PING, _T.PONG)
+_DATA = {_S: _SENDER_SENDS, _R: _RECEIVER_SENDS}
+_PRE = {_S: (State.START, State.HELLO_SENT), _R: (State.START, State.HELLO_RECEIVED)}
+
+_Key = tuple[Role, State, Direction, MessageType]
+
+
+def _rules() -> Iterable[tuple[Role, Iterable[State], Direction, Iterable[MessageType], State]]:
+    for role in Role:
+        data_out, data_in = _DATA[role], _DATA[role.peer]
+        yield from (
+            # an established session carries each side's messages both ways
+            (role, [State.ESTABLISHED], "send", data_out, State.ESTABLISHED),
+            (role, [State.ESTABLISHED], "recv", data_in, State.ESTABLISHED),
+            # Goodbye closes one direction; the other side may finish what it was doing
+            (role, [State.ESTABLISHED], "send", [_T.GOODBYE], State.GOODBYE_SENT),
+            (role, [State.ESTABLISHED], "recv", [_T.GOODBYE], State.GOODBYE_RECEIVED),
+            (role, [State.GOODBYE_SENT], "recv", data_in, State.GOODBYE_SENT),
+            (role, [State.GOODBYE_SENT], "recv", [_T.GOODBYE, _T.ERROR], State.CLOSED),
+            (role, [State.GOODBYE_RECEIVED], "send", data_out, State.GOODBYE_RECEIVED),
+            (role, [State.GOODBYE_RECEIVED], "send", [_T.GOODBYE, _T.ERROR], State.CLOSED),
+            # before the session: a Goodbye or an Error ends the connection
+            (role, _PRE[role], "send", [_T.GOODBYE, _T.ERROR], State.CLOSED),
+            (role, _PRE[role], "recv", [_T.GOODBYE, _T.ERROR], State.CLOSED),
+            # an Error ends everything, from any open state
+            (role, [State.ESTABLISHED], "send", [_T.ERROR], State.CLOSED),
+            (role, [State.ESTABLISHED], "recv", [_T.ERROR], State.CLOSED),
+            # last words after a protocol error
+            (role, [State.ERROR], "send", [_T.ERROR], State.ERROR),
+        )
+    yield from (
+        # the handshake
+        (_S, [State.START], "send", [_T.HELLO], State.HELLO_SENT),
+        (_S, [State.HELLO_SENT], "recv", [_T.WELCOME], State.ESTABLISHED),
+        (_S, [State.START, State.HELLO_SENT], "recv", [_T.REFUSE], State.CLOSED),
+        (_R, [State.START], "recv", [_T.HELLO], State.HELLO_RECEIVED),
+        (_R, [State.HELLO_RECEIVED], "send", [_T.WELCOME], State.ESTABLISHED),
+        (_R, [State.START, State.HELLO_RECEIVED], "send", [_T.REFUSE], State.CLOSED),
+        # a receiver that could not accept a Hello (bad version, bad fields) refuses it
+        (_R, [State.ERROR], "send", [_T.REFUSE], State.ERROR),
+    )
+
+
+def _expand() -> dict[_Key, State]:
+    table: dict[_Key, State] = {}
+    for role, states, direction, types, new in _rules():
+        for state in states:
+            for mtype in types:
+                key = (role, state, direction, mtype)
+                assert key not in table, f"duplicate transition {key}"
+                table[key] = new
+    return table
+
+
+TRANSITIONS: Final[dict[_Key, State]] = _expand()
+
+
+@dataclass(slots=True)
+class _PendingManifest:
+    volume: str
+    extent_size: int
+    next_extent: int = 0
+    exists: bool | None = None
+    size: int = 0
+
+
+class ProtocolConnection:
+    """One end of a replication connection, without I/O.
+
+    ``window`` (receiver): the credit window it means to grant; pass ``conn.window`` in
+    Welcome. What counts is the Welcome actually sent: its ``window`` becomes the
+    peer's credit. On the sender, ``window`` becomes the peer's Welcome.window.
+
+    ``credit``: on the sender, payload bytes it may still send; on the receiver, payload
+    bytes the peer may still send (granted minus received). Credit counts the
+    uncompressed ``Records.payload``.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        window: int = DEFAULT_WINDOW,
+        compress: bool = True,
+        compress_threshold: int = COMPRESS_THRESHOLD,
+    ) -> None:
+        if not isinstance(role, Role):
+            raise TypeError(f"role must be a Role, not {role!r}")
+        if not 0 <= window <= I64_MAX:
+            raise ValueError(f"window {window} out of range")
+        self.role = role
+        self.max_frame = max_frame
+        self.window = window
+        self.compress = compress
+        self.compress_threshold = compress_threshold
+        self.state = State.START
+        self.stats = TransferStats()
+        self.error: ProtocolError | None = None  # what moved us to ERROR
+        self._decoder = FrameDecoder(max_frame)
+        self._eof = False
+        self._closed_event: ConnectionClosed | None = None
+        self._credit = 0
+        # highest LSN carried by Records so far (starts at Welcome.received_lsn)
+        self._last_lsn = 0
+        self._acked = (0, 0)  # (received_lsn, applied_lsn) of the latest Welcome/Ack
+        self._manifests: dict[int, _PendingManifest] = {}
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def their_role(self) -> Role:
+        return self.role.peer
+
+    @property
+    def credit(self) -> int:
+        return self._credit
+
+    @property
+    def last_lsn(self) -> int:
+        """Highest LSN sent (sender) or received (receiver) in Records, or the resume point."""
+        return self._last_lsn
+
+    @property
+    def acked(self) -> tuple[int, int]:
+        """(received_lsn, applied_lsn) of the latest Welcome or Ack sent/received."""
+        return self._acked
+
+    # -- input --------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes from the peer; ``b""`` means the peer closed its end (EOF)."""
+        if self._eof:
+            if len(data):
+                raise RuntimeError("receive_data() called with data after EOF")
+            return
+        if not len(data):
+            self._eof = True
+            return
+        self._decoder.feed(data)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Zero-copy input, as in asyncio.BufferedProtocol: a buffer for the next bytes."""
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the buffer from get_buffer()."""
+        if self._eof:
+            raise RuntimeError("buffer_updated() after EOF")
+        self._decoder.buffer_updated(nbytes)
+
+    @property
+    def ready(self) -> bool:
+        """True when next_event() has something for the caller (an event or an error)."""
+        return self._decoder.ready() or self.state is State.ERROR or self._eof
+
+    def next_event(self) -> Message | NeedData | ConnectionClosed:
+        """The next message from the peer, NEED_DATA, or ConnectionClosed after EOF."""
+        if self.state is State.ERROR:
+            assert self.error is not None
+            raise self.error
+        if self._closed_event is not None:
+            return self._closed_event
+        try:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                if not self._eof:
+                    return NEED_DATA
+                if self._decoder.buffered:
+                    raise RemoteProtocolError(
+                        f"connection closed in the middle of a frame "
+                        f"({self._decoder.buffered} bytes of it received)"
+                    )
+                clean = self.state in (State.CLOSED, State.GOODBYE_SENT, State.GOODBYE_RECEIVED)
+                self.state = State.CLOSED
+                self._closed_event = ConnectionClosed(clean)
+                return self._closed_event
+            msg = frame.message
+            new = self._transition("recv", msg)
+            self._check_recv(msg)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+        self._apply("recv", msg)
+        self.state = new
+        stats = self.stats
+        stats.frames_received += 1
+        stats.bytes_received += frame.wire_size
+        stats.payload_received += frame.payload_raw
+        stats.payload_received_wire += frame.payload_wire
+        return msg
+
+    # -- output -------------------------------------------------------------------------------
+
+    def encode(self, msg: Message) -> EncodedFrame:
+        """Encode a message with this connection's settings, changing no state.
+
+        A pure function of the message (lz4 and blake3 release the GIL), so a caller
+        may run it in a worker thread and pass the result to ``send(msg, encoded=...)``.
+        """
+        return encode_frame(
+            msg,
+            compress=self.compress,
+            compress_threshold=self.compress_threshold,
+            max_frame=self.max_frame,
+        )
+
+    def send(self, msg: Message, *, encoded: EncodedFrame | None = None) -> list[bytes]:
+        """Check a message against the protocol, encode it (unless ``encoded`` is its
+        encoding from ``encode()``), and return the buffers to write, in order."""
+        if encoded is not None and encoded.message is not msg:
+            raise ValueError("encoded is not the encoding of this message")
+        try:
+            new = self._transition("send", msg)
+            self._check_send(msg)
+            frame = self.encode(msg) if encoded is None else encoded
+        except LocalProtocolError as exc:
+            self._fail(exc)
+            raise
+        self._apply("send", msg)
+        self.state = new
+        stats = self.stats
+        stats.frames_sent += 1
+        stats.bytes_sent += frame.wire_size
+        stats.payload_sent += frame.payload_raw
+        stats.payload_sent_wire += frame.payload_wire
+        return frame.buffers
+
+    # -- rules --------------------------------------------------------------------------------
+
+    def _fail(self, exc: ProtocolError) -> None:
+        if self.state is not State.ERROR:
+            self.state = State.ERROR
+            self.error = exc
+
+    def _transition(self, direction: Direction, msg: Message) -> State:
+        mtype = message_type(msg)
+        new = TRANSITIONS.get((self.role, self.state, direction, mtype))
+        if new is not None:
+            return new
+        if direction == "send":
+            raise LocalProtocolError(
+                f"a {self.role.value} cannot send {type(msg).__name__} in state {self.state.value}"
+            )
+        raise RemoteProtocolError(
+            f"the {self.their_role.value} sent {type(msg).__name__} out of turn "
+            f"(our state: {self.state.value})"
+        )
+
+    def _check_send(self, msg: Message) -> None:
+        err = LocalProtocolError
+        if isinstance(msg, Hello | Welcome):
+            if msg.protocol_version != PROTOCOL_VERSION:
+                raise err(
+                    f"this code speaks protocol {PROTOCOL_VERSION}, not {msg.protocol_version}"
+                )
+        elif isinstance(msg, Records):
+            if len(msg.payload) > self._credit:
+                raise err(
+                    f"Records payload of {len(msg.payload)} bytes exceeds the credit of "
+                    f"{self._credit} the receiver granted"
+                )
+            self._check_lsn_order(msg, err)
+        elif isinstance(msg, Ack):
+            self._check_ack(msg, err)
+        elif isinstance(msg, Credit):
+            if self._credit + msg.window_bytes > I64_MAX:
+                raise err("credit would overflow 63 bits")
+        elif isinstance(msg, ManifestRequest):
+            self._check_manifest_request(msg, err)
+        elif isinstance(msg, Manifest):
+            self._check_manifest(msg, err)
+
+    def _check_recv(self, msg: Message) -> None:
+        err = RemoteProtocolError
+        if isinstance(msg, Hello | Welcome):
+            if msg.protocol_version != PROTOCOL_VERSION:
+                raise VersionMismatchError(msg.protocol_version, PROTOCOL_VERSION, "protocol")
+        elif isinstance(msg, Records):
+            if len(msg.payload) > self._credit:
+                raise err(
+                    f"peer exceeded credit window: Records payload of {len(msg.payload)} bytes, "
+                    f"{self._credit} bytes of credit left"
+                )
+            self._check_lsn_order(msg, err)
+        elif isinstance(msg, Ack):
+            self._check_ack(msg, err)
+        elif isinstance(msg, Credit):
+            if self._credit + msg.window_bytes > I64_MAX:
+                raise err("peer granted credit beyond 63 bits")
+        elif isinstance(msg, ManifestRequest):
+            self._check_manifest_request(msg, err)
+        elif isinstance(msg, Manifest):
+            self._check_manifest(msg, err)
+
+    def _check_lsn_order(self, msg: Records, err: type[ProtocolError]) -> None:
+        if msg.first_lsn <= self._last_lsn:
+            raise err(
+                f"Records LSNs must increase: first_lsn {msg.first_lsn} is not above "
+                f"{self._last_lsn}, the last LSN already sent or acknowledged"
+            )
+
+    def _check_ack(self, msg: Ack, err: type[ProtocolError]) -> None:
+        received, applied = self._acked
+        if msg.received_lsn > self._last_lsn:
+            raise err(
+                f"Ack of received_lsn {msg.received_lsn}, but records were only sent up to "
+                f"{self._last_lsn}"
+            )
+        if msg.received_lsn < received or msg.applied_lsn < applied:
+            raise err(
+                f"Ack ({msg.received_lsn}, {msg.applied_lsn}) goes back from "
+                f"({received}, {applied})"
+            )
+
+    def _check_manifest_request(self, msg: ManifestRequest, err: type[ProtocolError]) -> None:
+        if msg.request_id in self._manifests:
+            raise err(f"ManifestRequest id {msg.request_id} is already in use")
+        if len(self._manifests) >= MAX_PENDING_MANIFESTS:
+            raise err(f"more than {MAX_PENDING_MANIFESTS} ManifestRequests outstanding")
+
+    def _check_manifest(self, msg: Manifest, err: type[ProtocolError]) -> None:
+        pending = self._manifests.get(msg.request_id)
+        if pending is None:
+            raise err(f"Manifest for request {msg.request_id}, which is not outstanding")
+        if msg.volume != pending.volume or msg.extent_size != pending.extent_size:
+            raise err(
+                f"Manifest for request {msg.request_id} is for {msg.volume!r} in extents of "
+                f"{msg.extent_size}; the request was {pending.volume!r} in {pending.extent_size}"
+            )
+        if pending.exists is not None and (msg.exists, msg.size) != (pending.exists, pending.size):
+            raise err(f"Manifest parts of request {msg.request_id} disagree on the volume size")
+        if msg.first_extent != pending.next_extent:
+            raise err(
+                f"Manifest part of request {msg.request_id} starts at extent {msg.first_extent}, "
+                f"expected {pending.next_extent}"
+            )
+
+    def _apply(self, direction: Direction, msg: Message) -> None:
+        """State effects of a message that passed the checks."""
+        sending_side = direction == "send"
+        if isinstance(msg, Welcome):
+            self._credit = msg.window
+            self._last_lsn = msg.received_lsn
+            self._acked = (msg.received_lsn, msg.applied_lsn)
+            if not sending_side:
+                self.window = msg.window
+        elif isinstance(msg, Records):
+            self._credit -= len(msg.payload)
+            self._last_lsn = msg.last_lsn
+        elif isinstance(msg, Credit):
+            self._credit += msg.window_bytes
+        elif isinstance(msg, Ack):
+            self._acked = (msg.received_lsn, msg.applied_lsn)
+        elif isinstance(msg, ManifestRequest):
+            self._manifests[msg.request_id] = _PendingManifest(msg.volume, msg.extent_size)
+        elif isinstance(msg, Manifest):
+            if msg.done:
+                del self._manifests[msg.request_id]
+            else:
+                pending = self._manifests[msg.request_id]
+                pending.exists, pending.size = msg.exists, msg.size
+                pending.next_extent = msg.end_extent
