@@ -1,0 +1,31 @@
+"""The write-order journal: records, segments, append with group commit, replay, trim."""
+
+from replicator.journal.errors import JournalCorrupt, JournalError, JournalFull
+from replicator.journal.journal import Journal
+from replicator.journal.records import (
+    HEADER_SIZE,
+    MAX_DATA,
+    Record,
+    RecordError,
+    RecordType,
+    decode_record,
+    decode_records,
+    encode_record,
+    peek_length,
+)
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_DATA",
+    "Journal",
+    "JournalCorrupt",
+    "JournalError",
+    "JournalFull",
+    "Record",
+    "RecordError",
+    "RecordType",
+    "decode_record",
+    "decode_records",
+    "encode_record",
+    "peek_length",
+]

@@ -10,8 +10,10 @@ Binary layout of one record (little endian; ``docs/FORMATS.md`` has the table)::
     6      4    data_len   length of the payload that follows the name
     10     8    lsn        log sequence number, strictly increasing in a stream
     18     8    ts_ns      source wall-clock timestamp, ns since the Unix epoch (signed)
-    26     8    offset     byte offset (WRITE/ZERO/TRIM), epoch id (EPOCH), mode (FILE)
-    34     8    length     byte count (ZERO/TRIM), new size (RESIZE), len(data) (WRITE/FILE)
+    26     8    offset     byte offset (WRITE/ZERO/TRIM), epoch id (EPOCH),
+                           mode (FILE/CREATE/MKDIR/CHMOD)
+    34     8    length     byte count (ZERO/TRIM), new size (RESIZE), len(data) (WRITE/FILE/
+                           RENAME/SYMLINK)
     42     16   checksum   blake3-128 over bytes 0..42, the name and the payload
     58     -    name, then payload
 
@@ -45,9 +47,31 @@ class RecordType(IntEnum):
     FILE = 5
     EPOCH = 6
     RESIZE = 7
+    # file-system operations captured by the FUSE filter; ``volume`` is a relative path
+    CREATE = 8  # offset = mode; creates an empty regular file (or truncates an existing one)
+    UNLINK = 9
+    RENAME = 10  # data = new path (UTF-8); replaces the target atomically
+    MKDIR = 11  # offset = mode
+    RMDIR = 12
+    SYMLINK = 13  # data = link target (UTF-8)
+    CHMOD = 14  # offset = mode
 
 
-_NAMED = {RecordType.WRITE, RecordType.ZERO, RecordType.TRIM, RecordType.FILE, RecordType.RESIZE}
+_NAMED = {
+    RecordType.WRITE,
+    RecordType.ZERO,
+    RecordType.TRIM,
+    RecordType.FILE,
+    RecordType.RESIZE,
+    RecordType.CREATE,
+    RecordType.UNLINK,
+    RecordType.RENAME,
+    RecordType.MKDIR,
+    RecordType.RMDIR,
+    RecordType.SYMLINK,
+    RecordType.CHMOD,
+}
+_WITH_DATA = {RecordType.WRITE, RecordType.FILE, RecordType.RENAME, RecordType.SYMLINK}
 
 
 class RecordError(ValueError):
@@ -75,10 +99,12 @@ class Record:
             raise RecordError(f"volume name longer than {MAX_NAME} bytes")
         if len(self.data) > MAX_DATA:
             raise RecordError(f"record payload of {len(self.data)} bytes exceeds {MAX_DATA}")
-        if self.type in (RecordType.WRITE, RecordType.FILE) and self.length != len(self.data):
+        if self.type in _WITH_DATA and self.length != len(self.data):
             raise RecordError(f"{self.type.name} length {self.length} != payload {len(self.data)}")
-        if self.type not in (RecordType.WRITE, RecordType.FILE) and self.data:
+        if self.type not in _WITH_DATA and self.data:
             raise RecordError(f"{self.type.name} record carries no payload")
+        if self.type in (RecordType.RENAME, RecordType.SYMLINK) and not self.data:
+            raise RecordError(f"{self.type.name} record needs a target")
         if self.offset < 0 or self.length < 0 or self.lsn < 0:
             raise RecordError("offset, length and lsn must not be negative")
 
@@ -110,6 +136,41 @@ class Record:
     @classmethod
     def resize(cls, volume: str, size: int) -> Record:
         return cls(RecordType.RESIZE, volume, 0, size)
+
+    @classmethod
+    def create(cls, path: str, mode: int) -> Record:
+        return cls(RecordType.CREATE, path, mode)
+
+    @classmethod
+    def unlink(cls, path: str) -> Record:
+        return cls(RecordType.UNLINK, path)
+
+    @classmethod
+    def rename(cls, old: str, new: str) -> Record:
+        target = new.encode()
+        return cls(RecordType.RENAME, old, 0, len(target), target)
+
+    @classmethod
+    def mkdir(cls, path: str, mode: int) -> Record:
+        return cls(RecordType.MKDIR, path, mode)
+
+    @classmethod
+    def rmdir(cls, path: str) -> Record:
+        return cls(RecordType.RMDIR, path)
+
+    @classmethod
+    def symlink(cls, path: str, target: str) -> Record:
+        raw = target.encode()
+        return cls(RecordType.SYMLINK, path, 0, len(raw), raw)
+
+    @classmethod
+    def chmod(cls, path: str, mode: int) -> Record:
+        return cls(RecordType.CHMOD, path, mode)
+
+    @property
+    def target(self) -> str:
+        """New path of a RENAME, link target of a SYMLINK."""
+        return self.data.decode()
 
     @property
     def epoch_id(self) -> int:

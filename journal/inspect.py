@@ -1,0 +1,285 @@
+"""Read-only examination of a journal directory.
+
+``scan_journal`` walks the segment files in LSN order and reports what it finds and the
+first problem. It never modifies anything: ``replicator journal inspect`` prints its report,
+and ``Journal.open`` runs the same walk (without verifying sealed segments' records, which
+are checked lazily when read) and then acts on it: a problem in the tail of the last
+segment is cut off, any other problem raises JournalCorrupt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replicator.journal.segment import (
+    HEADER_BYTES,
+    SEAL_BYTES,
+    Seal,
+    SegmentFormatError,
+    SegmentHeader,
+    parse_segment_name,
+    read_exact,
+    scan_segment,
+)
+
+
+@dataclass(slots=True)
+class SegmentInfo:
+    """One segment file as found on disk."""
+
+    name: str
+    path: Path
+    base_lsn: int
+    size: int  # file bytes
+    header_ok: bool = False
+    sealed: bool = False
+    verified: bool = False  # every record was read and checked
+    count: int = 0
+    first_lsn: int = 0
+    last_lsn: int = 0
+    records_end: int = HEADER_BYTES  # offset just after the last good record
+    by_type: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def next_lsn(self) -> int:
+        return self.last_lsn + 1 if self.count else self.base_lsn
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.name,
+            "base_lsn": self.base_lsn,
+            "first_lsn": self.first_lsn if self.count else None,
+            "last_lsn": self.last_lsn if self.count else None,
+            "records": self.count,
+            "bytes": self.size,
+            "sealed": self.sealed,
+            "verified": self.verified,
+            "by_type": dict(sorted(self.by_type.items())) if self.verified else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """The first thing found wrong. ``fatal`` False: a torn tail that open would cut off."""
+
+    path: Path
+    offset: int
+    reason: str
+    fatal: bool
+
+    def describe(self) -> str:
+        action = (
+            "open refuses the journal (records are never skipped)"
+            if self.fatal
+            else "torn tail: the next open cuts the segment here (unsynced writes of a crash)"
+        )
+        return f"{self.path} at offset {self.offset}: {self.reason}; {action}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": str(self.path),
+            "offset": self.offset,
+            "reason": self.reason,
+            "fatal": self.fatal,
+            "description": self.describe(),
+        }
+
+
+@dataclass(slots=True)
+class JournalReport:
+    path: Path
+    segments: list[SegmentInfo] = field(default_factory=list)
+    problem: Problem | None = None
+    ignored: list[str] = field(default_factory=list)  # files that are not segments
+
+    @property
+    def records(self) -> int:
+        return sum(s.count for s in self.segments)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    @property
+    def by_type(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for s in self.segments:
+            total.update(s.by_type)
+        return total
+
+    @property
+    def trim_floor(self) -> int:
+        """Records below this LSN were trimmed (or never existed)."""
+        return self.segments[0].base_lsn if self.segments else 1
+
+    @property
+    def first_lsn(self) -> int | None:
+        return next((s.first_lsn for s in self.segments if s.count), None)
+
+    @property
+    def last_lsn(self) -> int | None:
+        return next((s.last_lsn for s in reversed(self.segments) if s.count), None)
+
+    @property
+    def next_lsn(self) -> int:
+        return self.segments[-1].next_lsn if self.segments else 1
+
+    @property
+    def clean(self) -> bool:
+        return self.problem is None and bool(self.segments)
+
+    def to_dict(self) -> dict[str, Any]:
+        all_verified = all(s.verified for s in self.segments)
+        return {
+            "path": str(self.path),
+            "clean": self.clean,
+            "segments": [s.to_dict() for s in self.segments],
+            "records": self.records,
+            "bytes": self.total_bytes,
+            "by_type": dict(sorted(self.by_type.items())) if all_verified else None,
+            "first_lsn": self.first_lsn,
+            "last_lsn": self.last_lsn,
+            "next_lsn": self.next_lsn,
+            "trim_floor": self.trim_floor,
+            "last_segment_sealed": bool(self.segments) and self.segments[-1].sealed,
+            "problem": self.problem.to_dict() if self.problem else None,
+            "ignored_files": self.ignored,
+        }
+
+
+def _segment_files(path: Path) -> tuple[list[tuple[int, str]], list[str]]:
+    found: list[tuple[int, str]] = []
+    ignored: list[str] = []
+    for entry in os.scandir(path):
+        base = parse_segment_name(entry.name)
+        if base is None or not entry.is_file(follow_symlinks=False):
+            ignored.append(entry.name)
+        else:
+            found.append((base, entry.name))
+    found.sort()
+    return found, sorted(ignored)
+
+
+def scan_journal(path: str | os.PathLike[str], *, verify_sealed: bool = True) -> JournalReport:
+    """Walk the journal at ``path`` and report segments and the first problem; read-only.
+
+    With ``verify_sealed`` False only the header and seal of sealed segments are read.
+    The last segment is always scanned record by record.
+    """
+    report = JournalReport(Path(path))
+    files, report.ignored = _segment_files(report.path)
+    expect_base: int | None = None
+
+    def problem(info: SegmentInfo, offset: int, reason: str, fatal: bool) -> None:
+        if report.problem is None:
+            report.problem = Problem(info.path, offset, reason, fatal)
+
+    for index, (name_base, name) in enumerate(files):
+        last = index == len(files) - 1
+        seg_path = report.path / name
+        fd = os.open(seg_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            info = SegmentInfo(name, seg_path, name_base, size)
+            report.segments.append(info)
+            try:
+                header = SegmentHeader.decode(read_exact(fd, HEADER_BYTES, 0))
+            except SegmentFormatError as exc:
+                problem(info, 0, str(exc), fatal=not last)
+                continue
+            info.header_ok = True
+            if header.base_lsn != name_base:
+                problem(info, 0, f"header says base LSN {header.base_lsn}", fatal=True)
+            if expect_base is not None and name_base != expect_base:
+                what = "gap" if name_base > expect_base else "overlap"
+                problem(
+                    info,
+                    0,
+                    f"LSN {what}: segment starts at {name_base}, previous ends before "
+                    f"{expect_base}",
+                    fatal=True,
+                )
+            if last:
+                _scan_last(fd, info, problem)
+            else:
+                _check_sealed(fd, info, verify_sealed, problem)
+            expect_base = info.next_lsn
+        finally:
+            os.close(fd)
+    return report
+
+
+def _scan_last(fd: int, info: SegmentInfo, problem: Any) -> None:
+    scan = scan_segment(fd, info.size, info.base_lsn, allow_seal=True)
+    info.count, info.first_lsn, info.last_lsn = scan.count, scan.first_lsn, scan.last_lsn
+    info.records_end, info.by_type = scan.end, scan.by_type
+    info.sealed = scan.seal is not None
+    info.verified = True
+    if scan.problem is not None and scan.problem_offset is not None:
+        problem(info, scan.problem_offset, scan.problem, False)
+
+
+def _check_sealed(fd: int, info: SegmentInfo, verify: bool, problem: Any) -> None:
+    info.sealed = True
+    if info.size < HEADER_BYTES + SEAL_BYTES:
+        problem(info, info.size, "sealed segment is too short to hold its seal", True)
+        return
+    seal_at = info.size - SEAL_BYTES
+    try:
+        seal = Seal.decode(read_exact(fd, SEAL_BYTES, seal_at))
+    except SegmentFormatError as exc:
+        problem(info, seal_at, f"{exc} (a segment followed by another must be sealed)", True)
+        return
+    info.count, info.first_lsn, info.last_lsn = seal.count, seal.first_lsn, seal.last_lsn
+    info.records_end = seal_at
+    if seal.records_bytes != seal_at - HEADER_BYTES:
+        problem(info, seal_at, f"seal says {seal.records_bytes} record bytes", True)
+    elif seal.next_lsn != info.next_lsn or (seal.count and seal.first_lsn < info.base_lsn):
+        problem(info, seal_at, f"seal LSNs {seal} do not fit base {info.base_lsn}", True)
+    if not verify:
+        return
+    scan = scan_segment(fd, seal_at, info.base_lsn, allow_seal=False)
+    info.by_type = scan.by_type
+    info.verified = True
+    if scan.problem is not None and scan.problem_offset is not None:
+        problem(info, scan.problem_offset, scan.problem, True)
+    elif (scan.count, scan.first_lsn, scan.last_lsn) != (seal.count, seal.first_lsn, seal.last_lsn):
+        problem(
+            info,
+            seal_at,
+            f"records ({scan.count}, lsn {scan.first_lsn}..{scan.last_lsn}) do not match the "
+            f"seal ({seal.count}, lsn {seal.first_lsn}..{seal.last_lsn})",
+            True,
+        )
+
+
+def format_report(report: JournalReport) -> str:
+    """Plain-text rendering (the CLI uses it when stdout is not a terminal)."""
+    lines = [f"journal {report.path}"]
+    lines.append(
+        f"{'file':<26} {'first_lsn':>12} {'last_lsn':>12} {'records':>9} {'bytes':>12}  state"
+    )
+    for s in report.segments:
+        first = str(s.first_lsn) if s.count else "-"
+        last = str(s.last_lsn) if s.count else "-"
+        state = "sealed" if s.sealed else "active"
+        lines.append(f"{s.name:<26} {first:>12} {last:>12} {s.count:>9} {s.size:>12}  {state}")
+    by_type = ", ".join(f"{k} {v}" for k, v in sorted(report.by_type.items())) or "none"
+    lines.append(f"records: {report.records}  bytes: {report.total_bytes}  by type: {by_type}")
+    lines.append(
+        f"lsn: first {report.first_lsn or '-'}  last {report.last_lsn or '-'}  next "
+        f"{report.next_lsn}  trim floor {report.trim_floor}"
+    )
+    if report.ignored:
+        lines.append(f"ignored files: {', '.join(report.ignored)}")
+    if not report.segments:
+        lines.append("problem: no segment files: not a journal directory")
+    elif report.problem:
+        lines.append(f"problem: {report.problem.describe()}")
+    else:
+        lines.append("problem: none (every record verified)")
+    return "\n".join(lines)

@@ -1,0 +1,797 @@
+"""The write-order journal: append, group commit, replay, follow, trim, recovery.
+
+Concurrency model (one event loop, one Journal object per directory):
+
+* ``append`` assigns LSNs, encodes records and stages them in memory; staged bytes go to
+  the active segment with one ``pwritev`` once 1 MiB has gathered, and whenever a sync
+  starts. Writes into the page cache run in the loop; fsyncs never do.
+* ``sync`` is a group commit. A sync round flushes the staged bytes and runs ``fdatasync``
+  in a worker thread; it covers every caller waiting when it started. At most two rounds
+  are in flight (a second overlaps the first, which ext4 serves nearly in parallel); callers
+  arriving while both run share the next one.
+* A segment is rolled when an append would take it past ``segment_bytes`` (one append never
+  spans two segments). Rolling waits for running sync rounds, then seals the old segment,
+  fdatasyncs it, creates the new one and syncs the directory, in one worker-thread hop;
+  only then can a byte be written into the new segment, so every segment but the last is
+  complete on disk. Meanwhile appends keep being staged in memory (up to STAGE_LIMIT).
+* Readers (``read_from``/``follow``) only ever see bytes below the durable end, i.e. records
+  covered by a finished sync round (or roll), so a crash can never take back a record
+  that a reader has already handed on.
+* ``trim`` deletes whole sealed segments, oldest first, with a directory sync after each
+  (a crash leaves a contiguous suffix). The active segment is never deleted, so the LSN
+  floor survives a reopen even when everything was trimmed.
+
+The directory is locked with ``flock`` while open: a second writer is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import errno
+import fcntl
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from replicator.engine.errors import ConfigError
+from replicator.journal import durable
+from replicator.journal.errors import JournalCorrupt, JournalError, JournalFull
+from replicator.journal.inspect import SegmentInfo, scan_journal
+from replicator.journal.records import HEADER_SIZE, Record
+from replicator.journal.segment import (
+    HEADER_BYTES,
+    SEAL_BYTES,
+    Seal,
+    SegmentHeader,
+    SegmentReader,
+    encode_stamped,
+    segment_name,
+)
+
+FLUSH_BYTES = 1024 * 1024  # staged bytes that trigger a write before the next sync
+STAGE_LIMIT = 32 * 1024 * 1024  # staged bytes appends may pile up while a roll runs
+MAX_INFLIGHT_SYNCS = 2
+MIN_SEGMENT_BYTES = 256
+MAX_LSN = 2**63 - 1
+_IOV_MAX = 1024
+_log = structlog.get_logger()
+
+
+@dataclass(slots=True, eq=False)
+class _Segment:
+    path: Path
+    base_lsn: int
+    count: int
+    first_lsn: int
+    last_lsn: int
+    end: int  # header + records written to the file (staged bytes not included)
+    durable_end: int  # bytes below this offset are on stable storage
+    sealed: bool
+    created: bool = True  # False while a roll is still creating the file
+
+    @property
+    def next_lsn(self) -> int:
+        return self.last_lsn + 1 if self.count else self.base_lsn
+
+    @property
+    def file_bytes(self) -> int:
+        return self.end + (SEAL_BYTES if self.sealed else 0)
+
+    @classmethod
+    def from_info(cls, info: SegmentInfo) -> _Segment:
+        return cls(
+            info.path,
+            info.base_lsn,
+            info.count,
+            info.first_lsn,
+            info.last_lsn,
+            info.records_end,
+            info.records_end,
+            info.sealed,
+        )
+
+
+def _write_all(fd: int, parts: Sequence[bytes], offset: int) -> int:
+    """pwritev ``parts`` at ``offset`` completely (short writes resumed); returns the bytes."""
+    total = 0
+    index = 0
+    carry: list[bytes | memoryview] = []  # what a short write left of the last batch
+    while carry or index < len(parts):
+        fresh = parts[index : index + _IOV_MAX - len(carry)]
+        index += len(fresh)
+        batch = [*carry, *fresh]
+        want = sum(len(p) for p in batch)
+        n = os.pwritev(fd, batch, offset + total)
+        if n <= 0 and want:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        total += n
+        carry = []
+        if n < want:
+            for k, part in enumerate(batch):
+                if n < len(part):
+                    carry = [memoryview(part)[n:], *batch[k + 1 :]]
+                    break
+                n -= len(part)
+    return total
+
+
+def _create_segment(directory: Path, base_lsn: int) -> tuple[int, Path]:
+    """Create a segment holding only its header, durably (file and directory entry)."""
+    path = directory / segment_name(base_lsn)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, [SegmentHeader(base_lsn, time.time_ns()).encode()], 0)
+        durable.fdatasync_fd(fd)
+        durable.sync_dir(directory)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, path
+
+
+def _seal_and_create(directory: Path, old_fd: int, seg_end: int, seal: Seal) -> tuple[int, Path]:
+    """Worker-thread half of a roll: seal + fdatasync the old segment, then create the next.
+
+    The old fd stays open (the caller closes it once the roll succeeded).
+    """
+    _write_all(old_fd, [seal.encode()], seg_end)
+    durable.fdatasync_fd(old_fd)
+    return _create_segment(directory, seal.next_lsn)
+
+
+def _prepare_dir(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"journal path {directory} exists and is not a directory")
+    durable.makedirs_durable(directory)
+
+
+def _lock_dir(directory: Path) -> int:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JournalError(
+            f"journal {directory} is already open",
+            hint="another replicator process (or Journal object) is using it",
+        ) from None
+    return fd
+
+
+def _recover(directory: Path) -> tuple[list[_Segment], int]:
+    """Open-time recovery (worker thread): verify, cut a torn tail, make everything durable.
+
+    Returns the segments (the last one active) and a writable fd of the active segment.
+    """
+    report = scan_journal(directory, verify_sealed=False)
+    problem = report.problem
+    if problem is not None and problem.fatal:
+        raise JournalCorrupt(problem.path, problem.offset, problem.reason)
+    infos = list(report.segments)
+    next_base = 1
+    if problem is not None:  # torn tail of the last segment
+        last = infos[-1]
+        next_base = last.base_lsn
+        if problem.offset < HEADER_BYTES:  # not even the header survived: drop the file
+            os.unlink(last.path)
+            durable.sync_dir(directory)
+            infos.pop()
+        else:
+            fd = os.open(last.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, problem.offset)
+                durable.fdatasync_fd(fd)
+            finally:
+                os.close(fd)
+        _report(
+            "warning",
+            "journal.tail_truncated",
+            segment=str(last.path),
+            offset=problem.offset,
+            reason=problem.reason,
+            dropped_bytes=last.size - problem.offset,
+        )
+    segments = [_Segment.from_info(info) for info in infos]
+    if segments and not segments[-1].sealed:
+        active = segments[-1]
+        fd = os.open(active.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            durable.fdatasync_fd(fd)  # whatever a dead writer left in the page cache
+        except BaseException:
+            os.close(fd)
+            raise
+        return segments, fd
+    base = segments[-1].next_lsn if segments else next_base
+    fd, path = _create_segment(directory, base)
+    segments.append(_Segment(path, base, 0, 0, 0, HEADER_BYTES, HEADER_BYTES, False))
+    return segments, fd
+
+
+class Journal:
+    """A segmented, append-only, write-order log of records in one directory.
+
+    Open with ``await Journal.open(path)``; close with ``await journal.aclose()``. The
+    on-disk format is in ``docs/FORMATS.md`` and in ``segment.py``.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        segments: list[_Segment],
+        fd: int,
+        lock_fd: int,
+        segment_bytes: int,
+        max_bytes: int | None,
+    ) -> None:
+        self._dir = directory
+        self._segments = segments
+        self._fd = fd  # writable fd of ``_fd_seg``
+        self._fd_seg = segments[-1]  # is ``_segments[-1]`` except while a roll runs
+        self._lock_fd = lock_fd
+        self._segment_bytes = segment_bytes
+        self._max_bytes = max_bytes
+        self._next_lsn = segments[-1].next_lsn
+        self._durable_lsn = self._next_lsn - 1
+        self._file_bytes = sum(s.file_bytes for s in segments)
+        self._staged: list[bytes] = []  # encoded records of the active segment, unwritten
+        self._staged_bytes = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (lsn, sync caller)
+        self._inflight = 0  # sync rounds running
+        self._round_size = 1  # callers per round, moving average (see _kick)
+        self._idle = asyncio.Event()  # set while no sync round runs
+        self._idle.set()
+        self._io_lock = asyncio.Lock()  # roll, trim and close, one at a time
+        self._roll_task: asyncio.Task[None] | None = None
+        self._rolling: asyncio.Future[None] | None = None
+        self._advanced = asyncio.Event()  # replaced each time the durable end moves
+        self._closing = False
+        self._closed = False
+        self._close_task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    # ------------------------------------------------------------------ open / close
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        segment_bytes: int = 64 * 1024**2,
+        max_bytes: int | None = None,
+    ) -> Journal:
+        """Open (creating if missing) the journal in ``path`` and recover it.
+
+        Raises JournalCorrupt when a sealed segment is damaged or segments do not chain
+        up; a torn tail of the last segment is cut off and logged instead.
+        """
+        if segment_bytes < MIN_SEGMENT_BYTES:
+            raise ConfigError(f"segment_bytes must be at least {MIN_SEGMENT_BYTES}")
+        if max_bytes is not None and max_bytes < 2 * segment_bytes:
+            raise ConfigError(
+                f"journal max_bytes ({max_bytes}) must be at least twice segment_bytes "
+                f"({segment_bytes}), or trimming could never make room"
+            )
+        directory = Path(path)
+        await asyncio.to_thread(_prepare_dir, directory)
+        lock_fd = _lock_dir(directory)
+        try:
+            segments, fd = await asyncio.to_thread(_recover, directory)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(directory, segments, fd, lock_fd, segment_bytes, max_bytes)
+
+    async def aclose(self) -> None:
+        """Sync what was appended, close files and end followers. Idempotent.
+
+        Raises (on the first call only) when the final sync fails; files are closed anyway.
+        """
+        first = self._close_task is None
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = _spawn(self._close())
+        try:
+            await asyncio.shield(self._close_task)
+        except JournalError:
+            if first:
+                raise
+
+    async def _close(self) -> None:
+        try:
+            if self._failure is None:
+                await self._sync_to(self._next_lsn - 1)
+        finally:
+            async with self._io_lock:
+                while self._inflight:  # a round may still hold the fd
+                    await self._idle.wait()
+                self._closed = True
+                os.close(self._fd)
+                os.close(self._lock_fd)
+                self._reject_waiters(JournalError(f"journal {self._dir} is closed"))
+                self._notify()
+
+    async def __aenter__(self) -> Journal:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def path(self) -> Path:
+        return self._dir
+
+    @property
+    def first_lsn(self) -> int:
+        """Lowest LSN still stored (``next_lsn`` when the journal holds no record)."""
+        for seg in self._segments:
+            if seg.count:
+                return seg.first_lsn
+        return self._next_lsn
+
+    @property
+    def last_lsn(self) -> int:
+        """Highest LSN appended (0 when none ever was)."""
+        return self._next_lsn - 1
+
+    @property
+    def next_lsn(self) -> int:
+        return self._next_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        return self._durable_lsn
+
+    @property
+    def bytes_used(self) -> int:
+        """Bytes of all segment files, plus records staged for the active one."""
+        return self._file_bytes + self._staged_bytes
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self._max_bytes
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    # ------------------------------------------------------------------ append
+    async def append(self, record: Record) -> int:
+        """Append one record; returns its LSN. Durable only after ``sync``.
+
+        ``record.lsn`` 0 takes the next LSN; otherwise it is kept and must be above
+        ``last_lsn``. ``ts_ns`` 0 takes the current time.
+        """
+        size = record.encoded_size
+        while not self._admit(size):
+            await self._make_room()
+        lsn = self._check_lsn(record.lsn or self._next_lsn)
+        head, data = encode_stamped(record, lsn, record.ts_ns or time.time_ns())
+        seg = self._segments[-1]
+        if not seg.count:
+            seg.first_lsn = lsn
+        seg.count += 1
+        seg.last_lsn = lsn
+        self._next_lsn = lsn + 1
+        self._staged.append(head)
+        if data:
+            self._staged.append(data)
+        self._staged_bytes += size
+        if self._staged_bytes >= FLUSH_BYTES:
+            self._flush()
+        return lsn
+
+    async def append_many(self, records: Sequence[Record]) -> int:
+        """Append records in order with one write; returns the last LSN. All or nothing."""
+        self._check_usable()
+        if not records:
+            return self.last_lsn
+        size = sum(r.encoded_size for r in records)
+        while not self._admit(size):
+            await self._make_room()
+        lsns: list[int] = []
+        nxt = self._next_lsn
+        for record in records:  # validate the whole batch before anything changes
+            lsn = self._check_lsn(record.lsn or nxt, nxt)
+            lsns.append(lsn)
+            nxt = lsn + 1
+        now = time.time_ns()
+        encoded: list[bytes] = []  # complete before anything is staged
+        for record, lsn in zip(records, lsns, strict=True):
+            head, data = encode_stamped(record, lsn, record.ts_ns or now)
+            encoded.append(head)
+            if data:
+                encoded.append(data)
+        self._staged.extend(encoded)
+        seg = self._segments[-1]
+        if not seg.count:
+            seg.first_lsn = lsns[0]
+        seg.count += len(lsns)
+        seg.last_lsn = lsns[-1]
+        self._next_lsn = nxt
+        self._staged_bytes += size
+        if self._staged_bytes >= FLUSH_BYTES:
+            self._flush()
+        return seg.last_lsn
+
+    def _check_lsn(self, lsn: int, nxt: int = 0) -> int:
+        nxt = nxt or self._next_lsn
+        if lsn < nxt:
+            raise JournalError(
+                f"record lsn {lsn} is not after the journal's last lsn {nxt - 1}",
+                hint="explicit LSNs must strictly increase",
+            )
+        if lsn > MAX_LSN:
+            raise JournalError(f"record lsn {lsn} is out of range")
+        return lsn
+
+    def _admit(self, size: int) -> bool:
+        """True when ``size`` bytes may be staged for the active segment now.
+
+        False: a roll must happen (or finish) first. Raises JournalFull at the cap.
+        """
+        self._check_usable()
+        seg = self._segments[-1]
+        roll = seg.count > 0 and seg.end + self._staged_bytes + size > self._segment_bytes
+        if self._rolling is not None and (roll or self._staged_bytes + size > STAGE_LIMIT):
+            return False
+        if self._max_bytes is not None:
+            if HEADER_BYTES + size + SEAL_BYTES > self._max_bytes:
+                raise JournalError(
+                    f"an append of {size} bytes can never fit in a journal capped at "
+                    f"{self._max_bytes} bytes"
+                )
+            # the active segment's seal is reserved so sealing never breaks the cap
+            needed = size + (SEAL_BYTES + HEADER_BYTES if roll else 0)
+            if self.bytes_used + needed + SEAL_BYTES > self._max_bytes:
+                raise JournalFull(self.bytes_used, self._max_bytes, needed)
+        return not roll
+
+    async def _make_room(self) -> None:
+        if self._rolling is not None:
+            await asyncio.shield(self._rolling)
+            return
+        # The roll runs in a task of its own so a cancelled appender cannot interrupt it
+        # between the worker thread's file operations and the bookkeeping that follows.
+        task = self._roll_task
+        if task is None or task.done():
+            task = self._roll_task = _spawn(self._roll(self._segments[-1]))
+        await asyncio.shield(task)
+
+    async def _roll(self, seg: _Segment) -> None:
+        async with self._io_lock:
+            self._check_usable()
+            if self._segments[-1] is seg and self._rolling is None:
+                await self._roll_locked()
+
+    def _flush(self) -> None:
+        """Write staged records to the active segment (page cache; no fsync)."""
+        seg = self._fd_seg
+        if not self._staged or seg is not self._segments[-1]:
+            return  # nothing staged, or a roll is still creating the file they belong in
+        staged, self._staged = self._staged, []
+        size, self._staged_bytes = self._staged_bytes, 0
+        try:
+            _write_all(self._fd, staged, seg.end)
+        except OSError as exc:
+            raise self._fail(exc, f"journal write to {seg.path} failed: {exc}") from exc
+        seg.end += size
+        self._file_bytes += size
+
+    # ------------------------------------------------------------------ sync
+    async def sync(self) -> int:
+        """Make everything appended before the call durable; returns ``durable_lsn``."""
+        self._check_usable()
+        target = self._next_lsn - 1
+        if self._durable_lsn >= target:
+            return self._durable_lsn
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, waiter))
+        if len(self._waiters) == 1 or len(self._waiters) >= self._round_size:
+            self._kick()
+        await waiter
+        return self._durable_lsn
+
+    async def _sync_to(self, target: int) -> int:
+        """``sync`` without the closing check (aclose uses it)."""
+        if self._durable_lsn >= target:
+            return self._durable_lsn
+        if self._failure is not None:
+            self._check_usable()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, waiter))
+        self._kick()
+        await waiter
+        return self._durable_lsn
+
+    def _kick(self) -> None:
+        """Start a sync round for the waiting callers, when one may start.
+
+        With no round running, one starts at once. A second one starts only once as many
+        callers wait as a round typically covers: then the callers split into two groups
+        whose fdatasyncs and appends overlap, instead of one group of one caller and one of
+        all the others.
+        """
+        if (
+            not self._waiters
+            or self._inflight >= MAX_INFLIGHT_SYNCS
+            or (self._inflight and len(self._waiters) < self._round_size)
+            or self._rolling is not None
+            or self._failure is not None
+            or self._closed
+        ):
+            return
+        try:
+            self._flush()
+        except JournalError:
+            return  # _fail has rejected the waiters
+        waiters, self._waiters = self._waiters, []
+        self._round_size = (3 * self._round_size + len(waiters) + 3) // 4
+        seg = self._fd_seg
+        self._inflight += 1
+        self._idle.clear()
+        # submitted right away (not from a task's first step), so the fdatasync overlaps
+        # with the appends of the callers the previous round just released
+        future = asyncio.get_running_loop().run_in_executor(None, durable.fdatasync_fd, self._fd)
+        future.add_done_callback(
+            functools.partial(self._round_done, seg, seg.end, self._next_lsn - 1, waiters)
+        )
+
+    def _round_done(
+        self,
+        seg: _Segment,
+        end: int,
+        lsn: int,
+        waiters: list[tuple[int, asyncio.Future[None]]],
+        future: asyncio.Future[None],
+    ) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
+        exc = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if exc is None:
+            seg.durable_end = max(seg.durable_end, end)
+            self._advance(lsn)
+            for _, waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        else:
+            error = self._fail(exc, f"journal fdatasync of {seg.path} failed: {exc}")
+            for _, waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(error)
+        self._kick()
+
+    def _advance(self, lsn: int) -> None:
+        if lsn > self._durable_lsn:
+            self._durable_lsn = lsn
+            self._notify()
+            # callers queued behind a running round may already be covered by this one
+            if self._waiters and self._waiters[0][0] <= lsn:
+                keep: list[tuple[int, asyncio.Future[None]]] = []
+                for target, waiter in self._waiters:
+                    if target > lsn:
+                        keep.append((target, waiter))
+                    elif not waiter.done():
+                        waiter.set_result(None)
+                self._waiters = keep
+
+    def _notify(self) -> None:
+        old, self._advanced = self._advanced, asyncio.Event()
+        old.set()
+
+    # ------------------------------------------------------------------ roll
+    async def _roll_locked(self) -> None:
+        """Seal the active segment and start the next one.
+
+        The caller holds the io lock and runs in a journal-owned task (never cancelled by
+        a caller). Appends go on meanwhile: they are staged for the new segment, which is
+        already the active one in ``_segments`` but has no file until the roll is done.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._rolling = done
+        old_fd = self._fd
+        try:
+            self._flush()
+            seg = self._segments[-1]
+            records_bytes = seg.end - HEADER_BYTES
+            seal = Seal(seg.count, seg.first_lsn, seg.last_lsn, seg.next_lsn, records_bytes)
+            new = _Segment(
+                self._dir / segment_name(seal.next_lsn),
+                seal.next_lsn,
+                0,
+                0,
+                0,
+                HEADER_BYTES,
+                HEADER_BYTES,
+                sealed=False,
+                created=False,
+            )
+            self._segments.append(new)
+            self._file_bytes += SEAL_BYTES + HEADER_BYTES
+            while self._inflight:  # no sync round may use the old fd any more
+                await self._idle.wait()
+            try:
+                fd, _ = await asyncio.to_thread(_seal_and_create, self._dir, old_fd, seg.end, seal)
+            except OSError as exc:
+                raise self._fail(exc, f"journal could not start a new segment: {exc}") from exc
+            self._fd, self._fd_seg = fd, new
+            os.close(old_fd)
+            new.created = True
+            seg.sealed = True
+            seg.durable_end = seg.end
+            self._advance(seg.last_lsn)
+        finally:
+            self._rolling = None
+            done.set_result(None)
+        if self._staged_bytes >= FLUSH_BYTES:
+            self._flush()
+        self._kick()
+
+    # ------------------------------------------------------------------ trim
+    async def trim(self, upto_lsn: int) -> None:
+        """Drop whole sealed segments whose records are all below ``upto_lsn``; durable.
+
+        An active segment that is full and entirely below ``upto_lsn`` is sealed first, so a
+        journal at its cap can always be emptied down to one segment.
+        """
+        self._check_usable()
+        await asyncio.shield(_spawn(self._trim(upto_lsn)))
+
+    async def _trim(self, upto_lsn: int) -> None:
+        async with self._io_lock:
+            self._check_usable()
+            active = self._segments[-1]
+            full = active.end + self._staged_bytes + HEADER_SIZE > self._segment_bytes
+            if full and active.count and active.last_lsn < upto_lsn:
+                await self._roll_locked()
+            victims: list[_Segment] = []
+            for seg in self._segments[:-1]:
+                if not seg.sealed or seg.next_lsn > upto_lsn:
+                    break
+                victims.append(seg)
+            if not victims:
+                return
+            del self._segments[: len(victims)]
+            try:
+                await asyncio.to_thread(_unlink_segments, self._dir, [s.path for s in victims])
+            except OSError as exc:
+                raise self._fail(exc, f"journal trim failed: {exc}") from exc
+            self._file_bytes -= sum(s.file_bytes for s in victims)
+
+    # ------------------------------------------------------------------ read
+    async def read_from(self, lsn: int) -> AsyncIterator[Record]:
+        """Durable records with ``record.lsn >= lsn`` in order, up to the durable end.
+
+        Raises JournalError when ``lsn`` is below the first stored segment (those records
+        were trimmed), JournalCorrupt when a stored record fails its checks.
+        """
+        async for record in self._iterate(lsn, follow=False):
+            yield record
+
+    async def follow(self, lsn: int) -> AsyncIterator[Record]:
+        """Like ``read_from``, then waits for newly synced records until ``aclose``."""
+        async for record in self._iterate(lsn, follow=True):
+            yield record
+
+    async def _iterate(self, lsn: int, *, follow: bool) -> AsyncIterator[Record]:
+        self._check_usable()
+        seg = self._locate(lsn)
+        reader: SegmentReader | None = None
+        try:
+            while not self._closed:
+                if self._failure is not None:
+                    self._check_usable()
+                end = seg.end if seg.sealed else seg.durable_end
+                if reader is None and end > HEADER_BYTES:
+                    reader = self._reader(seg)
+                if reader is not None and reader.offset < end:
+                    for record in reader.read(end):
+                        if record.lsn >= lsn:
+                            yield record
+                    await asyncio.sleep(0)  # a long replay must not starve the loop
+                    continue
+                if seg.sealed:
+                    seg = self._segment_at(seg.next_lsn)
+                    if reader is not None:
+                        reader.close()
+                        reader = None
+                    continue
+                if not follow:
+                    return
+                await self._advanced.wait()
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def _reader(self, seg: _Segment) -> SegmentReader:
+        try:
+            return SegmentReader(seg.path, seg.base_lsn)
+        except FileNotFoundError:
+            raise self._trimmed_error(seg.base_lsn) from None
+
+    def _trimmed_error(self, lsn: int) -> JournalError:
+        return JournalError(
+            f"journal records from lsn {lsn} were trimmed (lowest stored: {self.first_lsn})",
+            hint="trim only below what every reader has consumed",
+        )
+
+    def _locate(self, lsn: int) -> _Segment:
+        """The segment where records with LSN >= ``lsn`` start."""
+        segs = self._segments
+        lsn = max(lsn, 1)
+        if lsn < segs[0].base_lsn:
+            raise self._trimmed_error(lsn)
+        index = bisect.bisect_right(segs, lsn, key=lambda s: s.base_lsn) - 1
+        return segs[index]
+
+    def _segment_at(self, base_lsn: int) -> _Segment:
+        segs = self._segments
+        index = bisect.bisect_left(segs, base_lsn, key=lambda s: s.base_lsn)
+        if index < len(segs) and segs[index].base_lsn == base_lsn:
+            return segs[index]
+        raise self._trimmed_error(base_lsn)
+
+    # ------------------------------------------------------------------ state
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise JournalError(
+                f"journal {self._dir} failed earlier ({self._failure}); reopen it",
+                hint="recovery re-reads the segments and keeps every record that was synced",
+            ) from self._failure
+        if self._closing:
+            raise JournalError(f"journal {self._dir} is closed")
+
+    def _fail(self, exc: BaseException, message: str) -> JournalError:
+        """Enter the failed state and return the error to raise.
+
+        After a failed write or fsync nothing about the file can be assumed (the kernel
+        may have dropped the dirty pages), so the journal refuses all further work; a
+        reopen recovers from what is on disk.
+        """
+        error = JournalError(message)
+        error.__cause__ = exc
+        if self._failure is None:
+            self._failure = exc
+            _report("error", "journal.failed", path=str(self._dir), error=str(exc))
+            self._reject_waiters(error)
+            self._notify()
+        return error
+
+    def _reject_waiters(self, error: JournalError) -> None:
+        waiters, self._waiters = self._waiters, []
+        for _, waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+
+
+def _report(level: str, event: str, **fields: Any) -> None:
+    """Log, but never let a broken log sink (closed stderr) stop recovery or error handling."""
+    with contextlib.suppress(OSError, ValueError):
+        getattr(_log, level)(event, **fields)
+
+
+def _unlink_segments(directory: Path, paths: list[Path]) -> None:
+    for path in paths:  # oldest first, each made durable before the next
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        durable.sync_dir(directory)
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """A journal-owned task; its exception is retrieved even when every waiter went away."""
+    task = asyncio.create_task(coro)
+    task.add_done_callback(_consume_exception)
+    return task
+
+
+def _consume_exception(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,382 @@
+"""Segment files: the on-disk container of journal records.
+
+A journal directory holds segment files named ``{base_lsn:020d}.seg``. Each one is::
+
+    header   40 bytes (SEGMENT_HEADER)
+    records  encode_record() bytes, back to back, LSNs strictly increasing, all >= base_lsn
+    seal     64 bytes (SEAL), present only once the segment is sealed
+
+Header (little endian)::
+
+    offset size field
+    0      4    magic       b"RJSG"
+    4      2    version     1
+    6      2    reserved    0
+    8      8    base_lsn    every record in the segment has lsn >= base_lsn; equals the
+                            journal's next LSN when the segment was created
+    16     8    created_ns  wall clock at creation (informational)
+    24     16   checksum    blake3-128 over bytes 0..24
+
+Seal (written when the journal moves on to a new segment, and made durable before the
+next segment exists, so every segment but the last is complete)::
+
+    offset size field
+    0      4    magic         b"SEAL"
+    4      2    version       1
+    6      2    reserved      0
+    8      8    count         number of records
+    16     8    first_lsn     LSN of the first record (0 when count is 0)
+    24     8    last_lsn      LSN of the last record (0 when count is 0)
+    32     8    next_lsn      the journal's next LSN after this segment: the next segment's
+                              base_lsn must equal it (gap and overlap checks)
+    40     8    records_bytes bytes of records between header and seal
+    48     16   checksum      blake3-128 over bytes 0..48
+
+This module is the format and the byte-level readers. It does no fsync and keeps no
+journal state; ``journal.py`` drives it and ``inspect.py`` walks a directory with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from replicator.journal.errors import JournalCorrupt
+from replicator.journal.records import (
+    HEADER_SIZE,
+    RECORD_HEADER,
+    RECORD_MAGIC,
+    RECORD_VERSION,
+    Record,
+    RecordError,
+    decode_record,
+    peek_length,
+)
+
+SEGMENT_MAGIC = b"RJSG"
+SEGMENT_VERSION = 1
+SEGMENT_HEADER = struct.Struct("<4sHHQq16s")
+HEADER_BYTES = SEGMENT_HEADER.size  # 40
+SEAL_MAGIC = b"SEAL"
+SEAL_VERSION = 1
+SEAL = struct.Struct("<4sHHQQQQQ16s")
+SEAL_BYTES = SEAL.size  # 64
+SEGMENT_SUFFIX = ".seg"
+_NAME = re.compile(r"^(\d{20})\.seg$")
+READ_CHUNK = 4 * 1024 * 1024  # bytes per pread when scanning or replaying
+
+
+class SegmentFormatError(ValueError):
+    """A segment header or seal that is not valid; the caller adds file and offset."""
+
+
+def segment_name(base_lsn: int) -> str:
+    return f"{base_lsn:020d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """Base LSN encoded in a segment file name, or None when the name is not a segment's."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _digest(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data).digest(16)
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    base_lsn: int
+    created_ns: int
+
+    def encode(self) -> bytes:
+        head = SEGMENT_HEADER.pack(
+            SEGMENT_MAGIC, SEGMENT_VERSION, 0, self.base_lsn, self.created_ns, b"\0" * 16
+        )
+        return head[:24] + _digest(head[:24])
+
+    @classmethod
+    def decode(cls, buf: bytes | memoryview) -> SegmentHeader:
+        if len(buf) < HEADER_BYTES:
+            raise SegmentFormatError(f"segment header truncated ({len(buf)} of {HEADER_BYTES})")
+        magic, version, _, base, created, digest = SEGMENT_HEADER.unpack_from(buf)
+        if magic != SEGMENT_MAGIC:
+            raise SegmentFormatError(f"not a journal segment (magic {bytes(magic)!r})")
+        if _digest(memoryview(buf)[:24]) != digest:
+            raise SegmentFormatError("segment header checksum mismatch")
+        if version != SEGMENT_VERSION:
+            raise SegmentFormatError(
+                f"segment format version {version} is not supported (this build reads "
+                f"{SEGMENT_VERSION}); use a matching replicator version"
+            )
+        if base < 1:
+            raise SegmentFormatError(f"segment base LSN {base} is invalid")
+        return cls(int(base), int(created))
+
+
+@dataclass(frozen=True, slots=True)
+class Seal:
+    count: int
+    first_lsn: int
+    last_lsn: int
+    next_lsn: int
+    records_bytes: int
+
+    def encode(self) -> bytes:
+        body = SEAL.pack(
+            SEAL_MAGIC,
+            SEAL_VERSION,
+            0,
+            self.count,
+            self.first_lsn,
+            self.last_lsn,
+            self.next_lsn,
+            self.records_bytes,
+            b"\0" * 16,
+        )
+        return body[:48] + _digest(body[:48])
+
+    @classmethod
+    def decode(cls, buf: bytes | memoryview) -> Seal:
+        if len(buf) < SEAL_BYTES:
+            raise SegmentFormatError(f"segment seal truncated ({len(buf)} of {SEAL_BYTES})")
+        magic, version, _, count, first, last, nxt, nbytes, digest = SEAL.unpack_from(buf)
+        if magic != SEAL_MAGIC:
+            raise SegmentFormatError(f"segment seal missing (found {bytes(magic)!r})")
+        if _digest(memoryview(buf)[:48]) != digest:
+            raise SegmentFormatError("segment seal checksum mismatch")
+        if version != SEAL_VERSION:
+            raise SegmentFormatError(f"segment seal version {version} is not supported")
+        seal = cls(int(count), int(first), int(last), int(nxt), int(nbytes))
+        if count == 0:
+            ok = first == 0 and last == 0
+        else:
+            ok = 0 < first <= last < nxt and last - first + 1 >= count
+        if not ok:
+            raise SegmentFormatError(f"segment seal fields inconsistent: {seal}")
+        return seal
+
+
+_CHECKED = HEADER_SIZE - 16  # record header bytes covered by the record checksum
+_NO_DIGEST = b"\0" * 16
+_JOIN_BELOW = 64 * 1024
+
+
+def encode_stamped(record: Record, lsn: int, ts_ns: int) -> tuple[bytes, bytes]:
+    """``encode_record(record.with_lsn(lsn, ts_ns))`` as (header + name, payload).
+
+    The append path uses this instead: it skips building (and re-validating) the stamped
+    Record and lets the payload go to ``pwritev`` without being copied. The bytes are the
+    record format of ``records.py``; a test holds the two encoders equal.
+    """
+    name = record.volume.encode()
+    data = record.data
+    try:
+        head = RECORD_HEADER.pack(
+            RECORD_MAGIC,
+            RECORD_VERSION,
+            record.type,
+            len(name),
+            len(data),
+            lsn,
+            ts_ns,
+            record.offset,
+            record.length,
+            _NO_DIGEST,
+        )[:_CHECKED]
+    except struct.error as exc:
+        raise RecordError(
+            f"record field out of range ({exc}): {record.type.name} "
+            f"offset {record.offset} length {record.length}"
+        ) from exc
+    if len(data) <= _JOIN_BELOW:  # one hashing call is cheaper than three for small records
+        digest = blake3.blake3(b"".join((head, name, data))).digest(16)
+    else:  # no copy of a large payload
+        h = blake3.blake3(head)
+        h.update(name)
+        h.update(data)
+        digest = h.digest(16)
+    return head + digest + name, data
+
+
+def read_exact(fd: int, size: int, offset: int) -> bytes:
+    """pread until ``size`` bytes or end of file (the result is shorter at EOF)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        chunk = os.pread(fd, size - got, offset + got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+class _Window:
+    """A reusable read buffer over one file; avoids a fresh multi-MiB allocation per read."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = bytearray(0)
+        self._start = 0
+        self._len = 0
+
+    def get(self, pos: int, size: int, limit: int) -> memoryview | None:
+        """``size`` bytes at ``pos`` (reading ahead up to ``limit``), None when the file is short.
+
+        The view is valid until the next call.
+        """
+        if self._start <= pos and pos + size <= self._start + self._len:
+            off = pos - self._start
+            return memoryview(self._buf)[off : off + size]
+        want = max(size, min(READ_CHUNK, limit - pos))
+        if len(self._buf) < want:
+            self._buf = bytearray(max(want, min(READ_CHUNK, 2 * len(self._buf))))
+        view = memoryview(self._buf)
+        got = 0
+        while got < want:
+            n = os.preadv(self._fd, [view[got:want]], pos + got)
+            if n == 0:
+                break
+            got += n
+        self._start, self._len = pos, got
+        if got < size:
+            return None
+        return view[:size]
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """What a scan of a segment's record area found."""
+
+    count: int = 0
+    first_lsn: int = 0
+    last_lsn: int = 0
+    end: int = HEADER_BYTES  # offset just after the last good record
+    by_type: Counter[str] = field(default_factory=Counter)
+    seal: Seal | None = None  # a valid seal found right after the records
+    problem_offset: int | None = None
+    problem: str | None = None
+
+
+def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) -> ScanResult:
+    """Verify every record from the header to ``size``; stop at the first bad one.
+
+    Read-only. A seal is accepted only as the final ``SEAL_BYTES`` of the file and only
+    when it agrees with the records scanned before it.
+    """
+    result = ScanResult()
+    window = _Window(fd)
+    pos = HEADER_BYTES
+    prev = base_lsn - 1
+
+    def fail(reason: str) -> ScanResult:
+        result.problem_offset, result.problem = pos, reason
+        return result
+
+    while pos < size:
+        remaining = size - pos
+        if allow_seal and remaining == SEAL_BYTES:
+            view = window.get(pos, SEAL_BYTES, size)
+            if view is not None and bytes(view[:4]) == SEAL_MAGIC:
+                try:
+                    seal = Seal.decode(view)
+                except SegmentFormatError as exc:
+                    return fail(str(exc))
+                expected = Seal(
+                    result.count,
+                    result.first_lsn,
+                    result.last_lsn,
+                    prev + 1,
+                    pos - HEADER_BYTES,
+                )
+                if seal != expected:
+                    return fail(f"segment seal {seal} does not match the records {expected}")
+                result.seal = seal
+                return result
+        if remaining < HEADER_SIZE:
+            return fail(f"truncated record header ({remaining} bytes left)")
+        head = window.get(pos, HEADER_SIZE, size)
+        if head is None:
+            return fail("file shorter than its size")
+        try:
+            total = peek_length(head)
+        except RecordError as exc:
+            return fail(str(exc))
+        if total > remaining:
+            return fail(f"truncated record: needs {total} bytes, {remaining} left")
+        view = window.get(pos, total, size)
+        if view is None:
+            return fail("file shorter than its size")
+        try:
+            record, _ = decode_record(view)
+        except RecordError as exc:
+            return fail(str(exc))
+        if record.lsn <= prev:
+            return fail(f"record lsn {record.lsn} does not follow lsn {prev}")
+        if result.count == 0:
+            result.first_lsn = record.lsn
+        result.count += 1
+        result.last_lsn = prev = record.lsn
+        result.by_type[record.type.name] += 1
+        pos += total
+        result.end = pos
+    return result
+
+
+class SegmentReader:
+    """Sequential, verifying reader of one segment's records, for replay and follow.
+
+    Every record is checksum-verified and its LSN checked to increase; any failure raises
+    JournalCorrupt naming the file and offset. The caller says how far the bytes are
+    trustworthy (``end``): the durable end of the active segment, the seal of a sealed one.
+    """
+
+    def __init__(self, path: Path, base_lsn: int, offset: int = HEADER_BYTES) -> None:
+        self.path = path
+        self.offset = offset
+        self.prev_lsn = base_lsn - 1
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._window = _Window(self._fd)
+
+    def read(self, end: int, budget: int = READ_CHUNK) -> list[Record]:
+        """Records from the current offset up to ``end``, about ``budget`` bytes of them."""
+        out: list[Record] = []
+        start = self.offset
+        pos = start
+        try:
+            while pos < end and pos - start < budget:
+                if end - pos < HEADER_SIZE:
+                    raise RecordError(f"truncated record header ({end - pos} bytes left)")
+                head = self._window.get(pos, HEADER_SIZE, end)
+                if head is None:
+                    raise RecordError("segment file is shorter than its durable size")
+                total = peek_length(head)
+                if total > end - pos:
+                    raise RecordError(f"record of {total} bytes runs past the end ({end})")
+                view = self._window.get(pos, total, end)
+                if view is None:
+                    raise RecordError("segment file is shorter than its durable size")
+                record, _ = decode_record(view)
+                if record.lsn <= self.prev_lsn:
+                    raise RecordError(f"record lsn {record.lsn} does not follow {self.prev_lsn}")
+                self.prev_lsn = record.lsn
+                out.append(record)
+                pos += total
+                self.offset = pos
+        except RecordError as exc:
+            if out:  # hand over the good records first; the next call raises at ``pos``
+                return out
+            raise JournalCorrupt(self.path, pos, str(exc)) from exc
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

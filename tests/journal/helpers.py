@@ -1,0 +1,50 @@
+"""Shared helpers for the journal tests (deterministic payloads, small journals, reads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import blake3
+
+from replicator.journal import Journal, Record
+from replicator.journal.segment import SEGMENT_SUFFIX
+
+
+def payload(lsn: int, size: int | None = None) -> bytes:
+    """Deterministic content for the record with ``lsn`` (so a reader can check it)."""
+    if size is None:
+        size = (lsn * 7919) % 900 + 1
+    return blake3.blake3(lsn.to_bytes(8, "little")).digest(length=size)
+
+
+def write_for(lsn: int, size: int | None = None) -> Record:
+    return Record.write("vol", lsn * 512, payload(lsn, size))
+
+
+def check_record(record: Record) -> None:
+    """A record written by ``write_for`` comes back with exactly that content."""
+    assert record.volume == "vol"
+    assert record.offset == record.lsn * 512
+    assert record.data == payload(record.lsn, len(record.data))
+
+
+async def read_all(journal: Journal, lsn: int = 1) -> list[Record]:
+    return [r async for r in journal.read_from(lsn)]
+
+
+def segment_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.name.endswith(SEGMENT_SUFFIX))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(os.path.getsize(p) for p in segment_files(path))
+
+
+async def filled(path: Path, count: int, *, segment_bytes: int = 1024) -> Journal:
+    """A journal with ``count`` synced WRITE records (LSN 1..count)."""
+    journal = await Journal.open(path, segment_bytes=segment_bytes)
+    for lsn in range(1, count + 1):
+        assert await journal.append(write_for(lsn, 100)) == lsn
+    await journal.sync()
+    return journal

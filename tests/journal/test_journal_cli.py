@@ -1,0 +1,94 @@
+"""``replicator journal inspect DIR [--json]``: report, exit status, read-only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from replicator.cli.main import app
+from replicator.engine.errors import ExitCode
+from replicator.journal import Record
+from tests.journal.helpers import filled, segment_files
+
+runner = CliRunner()
+REPLICATOR = Path(sys.executable).with_name("replicator")
+
+
+async def _journal(path: Path) -> None:
+    journal = await filled(path, 15, segment_bytes=1024)
+    await journal.append(Record.epoch(3))
+    await journal.append(Record.zero("vol", 0, 4096))
+    await journal.aclose()
+
+
+async def test_inspect_clean_journal_text(tmp_path: Path) -> None:
+    await _journal(tmp_path)
+    result = runner.invoke(app, ["journal", "inspect", str(tmp_path)])
+    assert result.exit_code == ExitCode.OK, result.output
+    for name in (p.name for p in segment_files(tmp_path)):
+        assert name in result.output
+    assert "records: 17" in result.output
+    assert "EPOCH 1" in result.output and "WRITE 15" in result.output and "ZERO 1" in result.output
+    assert "problem: none" in result.output
+
+
+async def test_inspect_json_reports_segments_and_counts(tmp_path: Path) -> None:
+    await _journal(tmp_path)
+    result = runner.invoke(app, ["journal", "inspect", str(tmp_path), "--json"])
+    assert result.exit_code == ExitCode.OK, result.output
+    doc = json.loads(result.output)
+    assert doc["clean"] is True and doc["problem"] is None
+    assert doc["records"] == 17 and doc["first_lsn"] == 1 and doc["last_lsn"] == 17
+    assert doc["by_type"] == {"EPOCH": 1, "WRITE": 15, "ZERO": 1}
+    assert [s["first_lsn"] for s in doc["segments"]] == [1, 7, 13]
+    assert [s["sealed"] for s in doc["segments"]] == [True, True, False]
+    assert doc["bytes"] == sum(p.stat().st_size for p in segment_files(tmp_path))
+
+
+async def test_inspect_reports_a_torn_tail_without_cutting_it(tmp_path: Path) -> None:
+    await _journal(tmp_path)
+    tail = segment_files(tmp_path)[-1]
+    size = tail.stat().st_size
+    with tail.open("r+b") as f:
+        f.truncate(size - 5)
+    result = runner.invoke(app, ["journal", "inspect", str(tmp_path), "--json"])
+    assert result.exit_code == ExitCode.JOURNAL
+    problem = json.loads(result.output)["problem"]
+    assert problem["file"] == str(tail) and problem["fatal"] is False
+    assert tail.stat().st_size == size - 5  # read-only
+
+
+async def test_inspect_real_process_on_a_corrupt_sealed_segment(tmp_path: Path) -> None:
+    await _journal(tmp_path)
+    sealed = segment_files(tmp_path)[1]
+    data = bytearray(sealed.read_bytes())
+    data[300] ^= 1
+    sealed.write_bytes(bytes(data))
+    proc = await asyncio.create_subprocess_exec(
+        str(REPLICATOR),
+        "journal",
+        "inspect",
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == ExitCode.JOURNAL, stderr
+    assert f"problem: {sealed} at offset 201" in stdout.decode()
+    assert "open refuses the journal" in stdout.decode()
+
+
+def test_inspect_missing_directory(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["journal", "inspect", str(tmp_path / "nope")])
+    assert result.exit_code == ExitCode.CONFIG
+    assert "does not exist" in result.output
+
+
+def test_inspect_directory_without_segments(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["journal", "inspect", str(tmp_path), "--json"])
+    assert result.exit_code == ExitCode.JOURNAL
+    assert json.loads(result.output)["segments"] == []

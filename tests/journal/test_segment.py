@@ -1,0 +1,118 @@
+"""Segment header and seal encodings, file names."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import blake3
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from replicator.journal.records import Record, RecordType, encode_record
+from replicator.journal.segment import (
+    HEADER_BYTES,
+    SEAL_BYTES,
+    SEGMENT_HEADER,
+    Seal,
+    SegmentFormatError,
+    SegmentHeader,
+    encode_stamped,
+    parse_segment_name,
+    segment_name,
+)
+
+
+@given(st.integers(1, 2**63 - 1), st.integers(-(2**63), 2**63 - 1))
+def test_header_round_trip(base: int, created: int) -> None:
+    raw = SegmentHeader(base, created).encode()
+    assert len(raw) == HEADER_BYTES
+    assert SegmentHeader.decode(raw) == SegmentHeader(base, created)
+
+
+@given(st.integers(0, HEADER_BYTES - 1), st.integers(1, 255))
+def test_any_header_byte_flip_is_caught(position: int, mask: int) -> None:
+    raw = bytearray(SegmentHeader(42, 7).encode())
+    raw[position] ^= mask
+    with pytest.raises(SegmentFormatError):
+        SegmentHeader.decode(bytes(raw))
+
+
+def test_header_from_a_newer_version_says_so() -> None:
+    head = bytearray(SEGMENT_HEADER.pack(b"RJSG", 2, 0, 1, 0, b"\0" * 16))
+    head[24:] = blake3.blake3(bytes(head[:24])).digest(16)
+    with pytest.raises(SegmentFormatError, match="version 2 is not supported"):
+        SegmentHeader.decode(bytes(head))
+
+
+def test_seal_round_trip_and_flips() -> None:
+    seal = Seal(count=3, first_lsn=10, last_lsn=14, next_lsn=15, records_bytes=500)
+    raw = seal.encode()
+    assert len(raw) == SEAL_BYTES
+    assert Seal.decode(raw) == seal
+    for position in range(SEAL_BYTES):
+        bad = bytearray(raw)
+        bad[position] ^= 0x01
+        with pytest.raises(SegmentFormatError):
+            Seal.decode(bytes(bad))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (0, 1, 0, 1, 0),  # no records but a first LSN
+        (2, 5, 5, 6, 100),  # two records cannot share one LSN
+        (1, 5, 5, 5, 100),  # next must be after last
+    ],
+)
+def test_inconsistent_seal_fields_are_refused(fields: tuple[int, int, int, int, int]) -> None:
+    with pytest.raises(SegmentFormatError, match="inconsistent"):
+        Seal.decode(Seal(*fields).encode())
+
+
+def test_truncated_structures() -> None:
+    with pytest.raises(SegmentFormatError, match="truncated"):
+        SegmentHeader.decode(b"RJSG")
+    with pytest.raises(SegmentFormatError, match="truncated"):
+        Seal.decode(b"SEAL" + struct.pack("<H", 1))
+
+
+def test_names() -> None:
+    assert segment_name(1) == "00000000000000000001.seg"
+    assert parse_segment_name(segment_name(123456789)) == 123456789
+    for name in ("1.seg", "00000000000000000001.seg.tmp", ".00000000000000000001.seg", "x"):
+        assert parse_segment_name(name) is None
+
+
+@st.composite
+def records(draw: st.DrawFn) -> Record:
+    """A valid record of any type, through the constructors that name each type's fields."""
+    kind = draw(st.sampled_from(list(RecordType)))
+    name = draw(st.text(min_size=1, max_size=20))
+    number = draw(st.integers(0, 2**63))
+    data = draw(st.one_of(st.binary(max_size=300), st.just(b"\x07" * (70 * 1024))))
+    other = draw(st.text(min_size=1, max_size=20))
+    build: dict[RecordType, Callable[[], Record]] = {
+        RecordType.WRITE: lambda: Record.write(name, number, data),
+        RecordType.ZERO: lambda: Record.zero(name, number, len(data)),
+        RecordType.TRIM: lambda: Record.trim(name, number, len(data)),
+        RecordType.FLUSH: Record.flush,
+        RecordType.FILE: lambda: Record.file(name, data),
+        RecordType.EPOCH: lambda: Record.epoch(number),
+        RecordType.RESIZE: lambda: Record.resize(name, number),
+        RecordType.CREATE: lambda: Record.create(name, 0o644),
+        RecordType.UNLINK: lambda: Record.unlink(name),
+        RecordType.RENAME: lambda: Record.rename(name, other),
+        RecordType.MKDIR: lambda: Record.mkdir(name, 0o755),
+        RecordType.RMDIR: lambda: Record.rmdir(name),
+        RecordType.SYMLINK: lambda: Record.symlink(name, other),
+        RecordType.CHMOD: lambda: Record.chmod(name, 0o600),
+    }
+    return build[kind]()
+
+
+@given(records(), st.integers(1, 2**63 - 1), st.integers(-(2**63), 2**63 - 1))
+def test_encode_stamped_is_the_record_format(record: Record, lsn: int, ts: int) -> None:
+    head, data = encode_stamped(record, lsn, ts)
+    assert head + data == encode_record(record.with_lsn(lsn, ts))
