@@ -9,7 +9,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 # Debian packages the tests and the demo drive for real (command:package).
 SYSTOOLS := qemu-img:qemu-utils qemu-io:qemu-utils fio:fio nbdkit:nbdkit nbdcopy:libnbd-bin \
-            rsync:rsync ip:iproute2
+            rsync:rsync ip:iproute2 openssl:openssl
 PYTEST := $(PY) -bb -m pytest
 
 .PHONY: help install sysdeps demo test test-long lint format typecheck bench clean

@@ -15,6 +15,25 @@ class LogFormat(StrEnum):
     console = "console"
 
 
+class _StderrLogger:
+    """Writes each line to the *current* ``sys.stderr``.
+
+    structlog's PrintLogger keeps the stream it was given; when a test harness swaps and
+    closes stderr, later log calls would fail. Looking it up per line avoids that.
+    """
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        if stream is not None and not stream.closed:
+            print(message, file=stream, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger(*_args: object) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(fmt: LogFormat = LogFormat.auto, verbosity: int = 0) -> None:
     """Configure structlog for the process; logs go to stderr so stdout stays for results."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
@@ -33,6 +52,6 @@ def configure_logging(fmt: LogFormat = LogFormat.auto, verbosity: int = 0) -> No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

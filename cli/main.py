@@ -62,8 +62,11 @@ def root(
 
 
 def _register() -> None:
-    from replicator.cli import journal_cmd
+    from replicator.cli import journal_cmd, receive, send, verify_cmd
 
+    app.command("send")(send.send)
+    app.command("receive")(receive.receive)
+    app.command("verify")(verify_cmd.verify_command)
     app.add_typer(journal_cmd.app, name="journal")
 
 

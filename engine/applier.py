@@ -1,0 +1,259 @@
+"""Apply journal records to a replica folder, in LSN order, durably at barriers.
+
+Every operation is idempotent (a WRITE writes the same bytes again, a ZERO punches the
+same hole, a RESIZE sets the same size, a FILE replaces the whole file, a RENAME whose
+source is gone and whose target exists is done), so re-applying records after a crash is
+always safe. ``barrier()`` makes everything applied so far durable: file data of every
+touched file and the directory entries that changed.
+
+Paths in records are relative to the replica folder. They are checked (no absolute
+paths, no '..') and resolved one component at a time with O_NOFOLLOW from a descriptor
+of the replica folder, so a replicated symlink can never redirect a write outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+from replicator.engine.names import path_problem
+from replicator.engine.volumes import punch_hole
+from replicator.journal import Record, RecordType
+from replicator.journal.durable import atomic_write, fdatasync_fd, fsync_fd, makedirs_durable
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ApplyError(Exception):
+    """A record cannot be applied (unsafe path, I/O error); the applied LSN does not advance."""
+
+
+def _checked(path: str) -> str:
+    problem = path_problem(path)
+    if problem is not None:
+        raise ApplyError(f"refusing record: {problem}")
+    return path
+
+
+def _parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+class Applier:
+    """Writes records into the replica folder of one job. Blocking: run it in a worker thread."""
+
+    def __init__(self, replica_dir: Path) -> None:
+        self.replica_dir = replica_dir
+        makedirs_durable(replica_dir)
+        self._root = os.open(replica_dir, _DIR_FLAGS)
+        self._fds: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._dirty_dirs: set[str] = set()
+
+    # -- path resolution ---------------------------------------------------------------
+    def _open_dir(self, rel: str, *, create: bool) -> int:
+        """A new descriptor of directory ``rel`` ('' = the replica folder), never via symlinks."""
+        fd = os.dup(self._root)
+        if not rel:
+            return fd
+        walked = ""
+        for part in rel.split("/"):
+            try:
+                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    os.close(fd)
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                self._dirty_dirs.add(walked)
+                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ApplyError(f"refusing record: {rel!r} passes through a symlink") from exc
+                raise
+            os.close(fd)
+            fd = nxt
+            walked = f"{walked}/{part}" if walked else part
+        return fd
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            _checked(path)
+            parent, _, leaf = path.rpartition("/")
+            dfd = self._open_dir(parent, create=True)
+            try:
+                try:
+                    fd = os.open(leaf, _FILE_FLAGS | os.O_EXCL, 0o600, dir_fd=dfd)
+                    self._dirty_dirs.add(parent)
+                except FileExistsError:
+                    fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ApplyError(f"refusing record: {path!r} is a symlink") from exc
+                raise
+            finally:
+                os.close(dfd)
+            self._fds[path] = fd
+        return fd
+
+    def _forget(self, path: str) -> None:
+        """Close cached descriptors of ``path`` and of everything below it."""
+        prefix = path + "/"
+        for name in [n for n in self._fds if n == path or n.startswith(prefix)]:
+            if name in self._dirty:
+                fdatasync_fd(self._fds[name])
+                self._dirty.discard(name)
+            os.close(self._fds.pop(name))
+
+    # -- records -----------------------------------------------------------------------
+    def apply(self, record: Record) -> None:
+        kind = record.type
+        path = record.volume
+        if kind is RecordType.WRITE:
+            fd = self._fd(path)
+            view = memoryview(record.data)
+            pos = record.offset
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+            self._dirty.add(path)
+        elif kind in (RecordType.ZERO, RecordType.TRIM):
+            fd = self._fd(path)
+            end = min(os.fstat(fd).st_size, record.offset + record.length)
+            if end > record.offset:
+                punch_hole(fd, record.offset, end - record.offset)
+                self._dirty.add(path)
+        elif kind is RecordType.RESIZE:
+            fd = self._fd(path)
+            if os.fstat(fd).st_size != record.size:
+                os.ftruncate(fd, record.size)
+                self._dirty.add(path)
+        elif kind is RecordType.FILE:
+            _checked(path)
+            self._forget(path)
+            dfd = self._open_dir(_parent_of(path), create=True)
+            os.close(dfd)  # the walk proved the parent is a real directory inside the replica
+            target = self.replica_dir / path
+            atomic_write(target, record.data)  # temp, fsync, rename, dir fsync
+            os.chmod(target, record.offset & 0o7777)
+        elif kind is RecordType.CREATE:
+            self._forget(path)
+            fd = self._fd(path)
+            os.ftruncate(fd, 0)
+            os.fchmod(fd, record.offset & 0o7777)
+            self._dirty.add(path)
+            self._dirty_dirs.add(_parent_of(path))
+        elif kind is RecordType.CHMOD:
+            self._chmod(path, record.offset & 0o7777)
+        elif kind in (RecordType.UNLINK, RecordType.RMDIR, RecordType.MKDIR, RecordType.SYMLINK):
+            self._entry_op(record)
+        elif kind is RecordType.RENAME:
+            self._rename(path, record.target)
+        # FLUSH and EPOCH carry no data: the caller calls barrier() for them.
+
+    def _chmod(self, path: str, mode: int) -> None:
+        _checked(path)
+        parent, _, leaf = path.rpartition("/")
+        dfd = self._open_dir(parent, create=False)
+        try:
+            fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOENT):
+                return  # symlinks have no mode of their own; a vanished file was unlinked later
+            raise
+        finally:
+            os.close(dfd)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+    def _entry_op(self, record: Record) -> None:
+        path = _checked(record.volume)
+        parent, _, leaf = path.rpartition("/")
+        kind = record.type
+        dfd = self._open_dir(parent, create=kind in (RecordType.MKDIR, RecordType.SYMLINK))
+        try:
+            if kind is RecordType.UNLINK:
+                self._forget(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leaf, dir_fd=dfd)
+            elif kind is RecordType.RMDIR:
+                self._forget(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(leaf, dir_fd=dfd)
+            elif kind is RecordType.MKDIR:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(leaf, record.offset & 0o7777, dir_fd=dfd)
+            else:  # SYMLINK: replace whatever is there (idempotent re-apply)
+                self._forget(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leaf, dir_fd=dfd)
+                os.symlink(record.target, leaf, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        self._dirty_dirs.add(parent)
+
+    def _rename(self, old: str, new: str) -> None:
+        _checked(old)
+        _checked(new)
+        old_parent, _, old_leaf = old.rpartition("/")
+        new_parent, _, new_leaf = new.rpartition("/")
+        self._forget(old)
+        self._forget(new)
+        src = self._open_dir(old_parent, create=False)
+        try:
+            dst = self._open_dir(new_parent, create=True)
+            try:
+                os.rename(old_leaf, new_leaf, src_dir_fd=src, dst_dir_fd=dst)
+            except FileNotFoundError:
+                # re-applied after a crash: the rename happened if the target is there
+                try:
+                    os.stat(new_leaf, dir_fd=dst, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise ApplyError(f"cannot rename {old!r}: it does not exist") from None
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        self._dirty_dirs.update((old_parent, new_parent))
+
+    def apply_many(self, records: list[Record]) -> None:
+        for record in records:
+            try:
+                self.apply(record)
+            except OSError as exc:
+                raise ApplyError(
+                    f"cannot apply lsn {record.lsn} ({record.type.name}) to "
+                    f"{self.replica_dir / record.volume}: {exc.strerror or exc}"
+                ) from exc
+
+    def barrier(self) -> None:
+        """Make every applied record durable."""
+        for name in sorted(self._dirty):
+            fdatasync_fd(self._fds[name])
+        self._dirty.clear()
+        for rel in sorted(self._dirty_dirs):
+            try:
+                dfd = self._open_dir(rel, create=False)
+            except FileNotFoundError:
+                continue  # removed by a later record
+            try:
+                fsync_fd(dfd)
+            finally:
+                os.close(dfd)
+        self._dirty_dirs.clear()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1

@@ -1,0 +1,331 @@
+"""The sender's end of one connection: handshake, shipping from the journal, acknowledgements.
+
+``Link`` owns two tasks while connected: the *shipper* tails the journal (durable
+records only) and packs records into RECORDS frames of about ``FRAME_TARGET`` bytes,
+never exceeding the credit the receiver granted; the *reader* handles what the
+receiver says (acks, credit, manifests, pongs, errors). On every *received* ack the
+journal is trimmed below it: those records are durable on the receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from replicator.engine.errors import (
+    ConnectError,
+    PeerProtocolError,
+    RefusedError,
+    ReplicatorError,
+    VersionMismatch,
+)
+from replicator.engine.manifest import Manifest as ExtentManifest
+from replicator.engine.volumes import VolumeSpec
+from replicator.journal import Journal, Record, encode_record
+from replicator.transport import (
+    PROTOCOL_VERSION,
+    Ack,
+    ConnectionClosedError,
+    Credit,
+    Error,
+    FramedConnection,
+    Goodbye,
+    Hello,
+    Manifest,
+    ManifestRequest,
+    Message,
+    Ping,
+    Pong,
+    Records,
+    Refuse,
+    RemoteProtocolError,
+    VersionMismatchError,
+    VolumeInfo,
+    Welcome,
+)
+
+log = structlog.get_logger()
+
+FRAME_TARGET = 2 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 30.0
+PING_INTERVAL = 15.0
+REPLY_TIMEOUT = 120.0  # a silent receiver is declared gone after this long
+
+
+@dataclass(slots=True)
+class LinkStats:
+    payload_bytes: int = 0  # uncompressed RECORDS payload sent
+    frames: int = 0
+    records: int = 0
+    started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+
+
+def refusal_error(code: str, message: str) -> ReplicatorError:
+    if code == "version":
+        return VersionMismatch(f"protocol version mismatch: {message}")
+    if code == "protocol":
+        return PeerProtocolError(f"receiver reported a protocol error: {message}")
+    return RefusedError(f"receiver refused ({code}): {message}")
+
+
+class Link:
+    def __init__(self, conn: FramedConnection, journal: Journal) -> None:
+        self.conn = conn
+        self.journal = journal
+        self.received_lsn = 0
+        self.applied_lsn = 0
+        self.credit = 0
+        self.window = 0
+        self.stats = LinkStats()
+        self.space_freed = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._send_lock = asyncio.Lock()
+        self._manifests: dict[int, asyncio.Queue[Manifest | None]] = {}
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failure: BaseException | None = None
+        self._closed = False
+
+    async def send(self, msg: Message) -> None:
+        async with self._send_lock:
+            await self.conn.send(msg)
+
+    async def handshake(
+        self, job: str, volumes: list[VolumeSpec], sizes: dict[str, int]
+    ) -> Welcome:
+        hello = Hello(
+            protocol_version=PROTOCOL_VERSION,
+            job=job,
+            volumes=tuple(VolumeInfo(v.name, sizes[v.name], v.kind.value) for v in volumes),
+            capabilities=("lz4", "manifest"),
+            generation=0,
+            session=uuid.uuid4().hex,
+        )
+        await self.send(hello)
+        try:
+            reply = await self.conn.recv(timeout=HANDSHAKE_TIMEOUT)
+        except VersionMismatchError as exc:
+            raise VersionMismatch(f"protocol version mismatch with the receiver: {exc}") from exc
+        if isinstance(reply, Refuse):
+            raise refusal_error(reply.code, reply.message)
+        if isinstance(reply, Error):
+            raise refusal_error(reply.code, reply.message)
+        if not isinstance(reply, Welcome):
+            raise PeerProtocolError(f"receiver answered Hello with {type(reply).__name__}")
+        self.received_lsn = reply.received_lsn
+        self.applied_lsn = reply.applied_lsn
+        self.credit = self.window = reply.window
+        return reply
+
+    def start_reader(self) -> None:
+        """Start handling what the receiver says (acks, credit, manifests) and heartbeats."""
+        self._tasks += [
+            asyncio.create_task(self._guard(self._reader()), name="link-reader"),
+            asyncio.create_task(self._guard(self._pinger()), name="link-pinger"),
+        ]
+
+    def start_shipper(self, ship_from: int) -> None:
+        """Start shipping journal records with lsn >= ship_from.
+
+        Started only after the basis is chosen: records shipped and acknowledged are
+        trimmed, and basis selection must still see every record after ``received_lsn``.
+        """
+        self._tasks.append(
+            asyncio.create_task(self._guard(self._shipper(ship_from)), name="link-shipper")
+        )
+
+    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if self._failure is None:
+                self._failure = as_user_error(exc)
+            self.space_freed.set()
+            async with self._changed:
+                self._changed.notify_all()
+            for q in self._manifests.values():
+                q.put_nowait(None)  # wakes request_manifest, which re-raises
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def raise_if_failed(self) -> None:
+        """Raise the error that ended the link's tasks, if any."""
+        self._check()
+
+    async def _reader(self) -> None:
+        while not self._closed:
+            msg = await self.conn.recv(timeout=REPLY_TIMEOUT)
+            if isinstance(msg, Ack):
+                async with self._changed:
+                    self.received_lsn = max(self.received_lsn, msg.received_lsn)
+                    self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
+                    self._changed.notify_all()
+                await self.journal.trim(self.received_lsn + 1)
+                self.space_freed.set()
+            elif isinstance(msg, Credit):
+                async with self._changed:
+                    self.credit += msg.window_bytes
+                    self._changed.notify_all()
+            elif isinstance(msg, Manifest):
+                queue = self._manifests.get(msg.request_id)
+                if queue is None:
+                    raise PeerProtocolError(f"manifest for unknown request {msg.request_id}")
+                queue.put_nowait(msg)
+            elif isinstance(msg, Ping):
+                await self.send(Pong(msg.nonce, msg.ts_ns))
+            elif isinstance(msg, Pong):
+                continue
+            elif isinstance(msg, Error):
+                raise refusal_error(msg.code, msg.message)
+            elif isinstance(msg, Goodbye):
+                raise ConnectError(f"receiver closed the session: {msg.reason}")
+            else:
+                raise PeerProtocolError(f"unexpected {type(msg).__name__} from the receiver")
+
+    async def _pinger(self) -> None:
+        nonce = itertools.count(1)
+        while not self._closed:
+            await asyncio.sleep(PING_INTERVAL)
+            await self.send(Ping(next(nonce), time.time_ns()))
+
+    async def _shipper(self, ship_from: int) -> None:
+        queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=64)
+
+        async def tail() -> None:
+            async for record in self.journal.follow(ship_from):
+                await queue.put(record)
+
+        tailer = asyncio.create_task(tail(), name="link-tail")
+        carry: tuple[Record, bytes] | None = None
+        try:
+            while True:
+                if carry is None:
+                    record = await _get_or_fail(queue, tailer)
+                    carry = record, encode_record(record)
+                first = last = carry[0]
+                parts = [carry[1]]
+                size = len(carry[1])
+                carry = None
+                # pack records up to FRAME_TARGET, never beyond what the window can cover
+                while size < FRAME_TARGET and not queue.empty():
+                    nxt = queue.get_nowait()
+                    encoded = encode_record(nxt)
+                    if size + len(encoded) > self.window:
+                        carry = nxt, encoded
+                        break
+                    last = nxt
+                    parts.append(encoded)
+                    size += len(encoded)
+                await self._wait_credit(size)
+                payload = b"".join(parts)
+                async with self._changed:
+                    self.credit -= len(payload)
+                await self.send(Records(first.lsn, last.lsn, len(parts), first.ts_ns, payload))
+                self.stats.payload_bytes += len(payload)
+                self.stats.frames += 1
+                self.stats.records += len(parts)
+        finally:
+            tailer.cancel()
+            with contextlib.suppress(BaseException):
+                await tailer
+
+    async def _wait_credit(self, size: int) -> None:
+        async with self._changed:
+            while self.credit < size:
+                self._check()
+                await self._changed.wait()
+            self._check()
+
+    async def request_manifest(self, volume: str, extent_size: int) -> ExtentManifest | None:
+        """The receiver's manifest of a replica, or None when the replica does not exist."""
+        rid = next(self._ids)
+        queue: asyncio.Queue[Manifest | None] = asyncio.Queue()
+        self._manifests[rid] = queue
+        try:
+            await self.send(ManifestRequest(rid, volume, extent_size, True))
+            digests = bytearray()
+            while True:
+                async with asyncio.timeout(REPLY_TIMEOUT * 10):
+                    part = await queue.get()
+                self._check()
+                if part is None:
+                    raise ConnectError("connection failed while waiting for a manifest")
+                if part.first_extent * 16 != len(digests):
+                    raise PeerProtocolError("manifest parts out of order")
+                digests += part.digests
+                if part.done:
+                    break
+            if not part.exists:
+                return None
+            return ExtentManifest(extent_size, part.size, digests)
+        finally:
+            del self._manifests[rid]
+
+    async def wait_applied(self, lsn: int, timeout: float | None = None) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            while self.applied_lsn < lsn:
+                self._check()
+                await self._changed.wait()
+            self._check()
+
+    def lag(self) -> tuple[int, int]:
+        """(records, LSN distance) not yet acknowledged as received."""
+        return (
+            self.journal.durable_lsn - self.received_lsn,
+            self.journal.last_lsn - self.received_lsn,
+        )
+
+    async def goodbye(self, reason: str = "done") -> None:
+        with contextlib.suppress(Exception):
+            await self.send(Goodbye(reason))
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self.conn.aclose()
+
+
+async def _get_or_fail(queue: asyncio.Queue[Record], tailer: asyncio.Task[None]) -> Record:
+    getter = asyncio.ensure_future(queue.get())
+    done, _ = await asyncio.wait({getter, tailer}, return_when=asyncio.FIRST_COMPLETED)
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    tailer.result()  # raises the tailer's error
+    raise ConnectError("journal follower ended")
+
+
+def as_user_error(exc: BaseException) -> BaseException:
+    """Map transport-level failures to the user-facing error (and exit code) they mean."""
+    if isinstance(exc, ReplicatorError):
+        return exc
+    if isinstance(exc, ConnectionClosedError | ConnectionError | EOFError):
+        return ConnectError(
+            f"connection to the receiver was lost ({exc or type(exc).__name__}); "
+            "run the same command again to resume: nothing acknowledged is lost"
+        )
+    if isinstance(exc, TimeoutError):
+        return ConnectError("the receiver stopped answering (timeout); check it and run again")
+    if isinstance(exc, VersionMismatchError):
+        return VersionMismatch(f"protocol version mismatch with the receiver: {exc}")
+    if isinstance(exc, RemoteProtocolError):
+        return PeerProtocolError(f"the receiver sent something malformed: {exc}")
+    return exc

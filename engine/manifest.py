@@ -1,0 +1,126 @@
+"""Extent manifests: one blake3-128 digest per fixed-size extent of a volume.
+
+The sender keeps, per volume, the manifest of the source as of a journal LSN (the LSN
+of the EPOCH that captured it); the receiver computes one of a replica on request. A
+digest of all zero bytes marks an extent whose content is unknown (never equal to a
+real digest), so it is always treated as changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replicator.engine.volumes import DIGEST_SIZE
+from replicator.journal.durable import read_state, write_state
+
+UNKNOWN = b"\0" * DIGEST_SIZE
+
+
+@dataclass(slots=True)
+class Manifest:
+    extent_size: int
+    size: int
+    digests: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        want = self.count * DIGEST_SIZE
+        if len(self.digests) < want:
+            self.digests.extend(UNKNOWN * ((want - len(self.digests)) // DIGEST_SIZE))
+        elif len(self.digests) > want:
+            del self.digests[want:]
+
+    @property
+    def count(self) -> int:
+        return (self.size + self.extent_size - 1) // self.extent_size
+
+    def get(self, index: int) -> bytes:
+        if index >= self.count:
+            return UNKNOWN
+        start = index * DIGEST_SIZE
+        return bytes(self.digests[start : start + DIGEST_SIZE])
+
+    def set(self, index: int, digest: bytes) -> None:
+        start = index * DIGEST_SIZE
+        self.digests[start : start + DIGEST_SIZE] = digest
+
+    def resize(self, size: int) -> None:
+        """Change the volume size; the last extent's digest is dropped when its length changes."""
+        old_count, old_size = self.count, self.size
+        self.size = size
+        want = self.count * DIGEST_SIZE
+        if len(self.digests) < want:
+            self.digests.extend(UNKNOWN * ((want - len(self.digests)) // DIGEST_SIZE))
+        else:
+            del self.digests[want:]
+        if old_count and old_size % self.extent_size and old_count - 1 < self.count:
+            self.set(old_count - 1, UNKNOWN)
+        if self.count and size % self.extent_size:
+            self.set(self.count - 1, UNKNOWN)
+
+    def invalidate(self, offset: int, length: int) -> None:
+        """Mark every extent overlapping [offset, offset+length) as unknown."""
+        if length <= 0:
+            return
+        first = offset // self.extent_size
+        last = min(self.count, (offset + length + self.extent_size - 1) // self.extent_size)
+        for i in range(first, last):
+            self.set(i, UNKNOWN)
+
+    def invalidate_all(self) -> None:
+        self.digests[:] = UNKNOWN * self.count
+
+    def differing(self, other: Manifest) -> Iterator[int]:
+        """Indexes of extents whose digests differ (or are unknown on either side)."""
+        if other.extent_size != self.extent_size:
+            raise ValueError("manifests with different extent sizes cannot be compared")
+        for i in range(max(self.count, other.count)):
+            mine, theirs = self.get(i), other.get(i)
+            if mine != theirs or mine == UNKNOWN:
+                yield i
+
+    def to_state(self) -> dict[str, Any]:
+        return {"extent_size": self.extent_size, "size": self.size, "digests": bytes(self.digests)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Manifest:
+        return cls(int(state["extent_size"]), int(state["size"]), bytearray(state["digests"]))
+
+
+@dataclass(slots=True)
+class ManifestSet:
+    """The sender's manifests of all volumes of a job, as of journal LSN ``lsn``."""
+
+    lsn: int
+    extent_size: int
+    epoch: int = 0
+    disks: dict[str, Manifest] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # whole-file digests
+
+    def save(self, path: Path) -> None:
+        write_state(
+            path,
+            {
+                "kind": "manifests",
+                "lsn": self.lsn,
+                "epoch": self.epoch,
+                "extent_size": self.extent_size,
+                "disks": {k: v.to_state() for k, v in self.disks.items()},
+                "files": dict(self.files),
+            },
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> ManifestSet | None:
+        state = read_state(path)
+        if state is None:
+            return None
+        return cls(
+            int(state["lsn"]),
+            int(state["extent_size"]),
+            int(state["epoch"]),
+            {k: Manifest.from_state(v) for k, v in state["disks"].items()},
+            {k: bytes(v) for k, v in state["files"].items()},
+        )

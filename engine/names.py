@@ -1,0 +1,73 @@
+"""Validation of job and volume names: they become paths on the receiver.
+
+A name that reaches the file system must never climb out of its folder, hide among
+our own dot-files or smuggle a separator. Both sides check (the sender to fail early
+with a clear message, the receiver because it must not trust the sender).
+"""
+
+from __future__ import annotations
+
+import re
+
+from replicator.engine.errors import ConfigError
+
+_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_VOLUME_BYTES = 255
+
+
+def check_job_name(job: str) -> str:
+    """Return ``job`` when it is a safe job name, else raise ConfigError."""
+    if not _JOB.fullmatch(job) or ".." in job:
+        raise ConfigError(
+            f"invalid job name {job!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/' or '..')"
+        )
+    return job
+
+
+def volume_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a volume (replica file) name, or None when it can."""
+    if not name:
+        return "empty volume name"
+    if "/" in name or "\\" in name or "\0" in name:
+        return f"volume name {name!r} contains a path separator or NUL"
+    if name in (".", "..") or name.startswith("."):
+        return f"volume name {name!r} must not start with '.'"
+    if len(name.encode()) > _MAX_VOLUME_BYTES:
+        return f"volume name {name!r} is longer than {_MAX_VOLUME_BYTES} bytes"
+    if any(ord(c) < 32 for c in name):
+        return f"volume name {name!r} contains control characters"
+    return None
+
+
+def check_volume_name(name: str) -> str:
+    problem = volume_name_problem(name)
+    if problem is not None:
+        raise ConfigError(problem, hint="rename the file; replicas are named after the source file")
+    return name
+
+
+_MAX_PATH_BYTES = 4096
+
+
+def path_problem(path: str) -> str | None:
+    """Why a relative path (it may contain '/') cannot name a file under a replica folder.
+
+    Used for the paths in records: top-level volume names and, with FUSE capture, nested
+    paths of a VM folder. Absolute paths, '.' and '..' components, empty components,
+    NUL and control characters are refused; the applier also refuses to follow symlinks.
+    """
+    if not path:
+        return "empty path"
+    if len(path.encode()) > _MAX_PATH_BYTES:
+        return f"path {path[:64]!r}... is longer than {_MAX_PATH_BYTES} bytes"
+    if path.startswith("/") or "\\" in path:
+        return f"path {path!r} is not relative"
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            return f"path {path!r} has an empty, '.' or '..' component"
+        if len(part.encode()) > _MAX_VOLUME_BYTES:
+            return f"path component {part[:64]!r} is longer than {_MAX_VOLUME_BYTES} bytes"
+        if any(ord(c) < 32 for c in part):
+            return f"path {path!r} contains control characters"
+    return None

@@ -1,0 +1,474 @@
+"""The receiving side: journal what arrives, acknowledge what is durable, apply whole epochs.
+
+Per job (``JobReplica``) the receiver keeps its own journal and the applied LSN in a
+state folder. A session (one sender connection) appends each RECORDS frame to that
+journal; a sync task makes appended records durable, then acknowledges them as
+*received* and grants the sender more credit. An applier task applies records to the
+replicas only up to the last received barrier (EPOCH or FLUSH): the replica therefore
+moves from one consistency point to the next, and an epoch interrupted by a crash is
+completed from the journal on restart before anything else happens. After each
+barrier it fsyncs the replicas, persists the applied LSN, trims its journal and
+acknowledges the LSN as *applied*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from replicator.engine.applier import Applier, ApplyError
+from replicator.engine.errors import ConfigError
+from replicator.engine.names import check_job_name, path_problem, volume_name_problem
+from replicator.engine.volumes import DEFAULT_EXTENT, DIGEST_SIZE, iter_extents
+from replicator.journal import Journal, JournalFull, Record, RecordType, decode_records
+from replicator.journal.durable import makedirs_durable, read_state, write_state_async
+from replicator.transport import (
+    PROTOCOL_VERSION,
+    Ack,
+    ConnectionClosedError,
+    Credit,
+    Error,
+    FramedConnection,
+    Goodbye,
+    Hello,
+    Manifest,
+    ManifestRequest,
+    Ping,
+    Pong,
+    Records,
+    Refuse,
+    RemoteProtocolError,
+    VersionMismatchError,
+    Welcome,
+)
+
+log = structlog.get_logger()
+
+APPLY_BATCH_BYTES = 8 * 1024 * 1024
+MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
+HELLO_TIMEOUT = 30.0
+IDLE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverConfig:
+    replica_root: Path
+    state_root: Path
+    window: int = 66 * 1024 * 1024  # >= the largest record (64 MiB) plus framing
+    journal_max_bytes: int | None = None
+    segment_bytes: int = 64 * 1024 * 1024
+
+
+def check_receiver_dirs(config: ReceiverConfig) -> None:
+    """Fail early, with a message, when the replica or state folder cannot be used."""
+    for what, path in (("replica", config.replica_root), ("state", config.state_root)):
+        try:
+            makedirs_durable(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {what} folder {path}: {exc.strerror}") from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"{what} folder {path} is not writable", hint="fix its permissions or pick another"
+            )
+
+
+class JobReplica:
+    """Receiver-side state of one job: journal, applied LSN, the applier."""
+
+    def __init__(self, job: str, config: ReceiverConfig, journal: Journal, applied: int) -> None:
+        self.job = job
+        self.config = config
+        self.journal = journal
+        self.applied_lsn = applied
+        self.replica_dir = config.replica_root / job
+        self.state_dir = config.state_root / job
+        self.session_lock = asyncio.Lock()
+        self.last_barrier = applied
+        self._applier = Applier(self.replica_dir)
+        self._wake = asyncio.Event()
+        self.applied_changed = asyncio.Condition()
+        self._apply_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, job: str, config: ReceiverConfig) -> JobReplica:
+        state_dir = config.state_root / job
+        await asyncio.to_thread(makedirs_durable, state_dir)
+        state = await asyncio.to_thread(read_state, state_dir / "applied.state")
+        applied = int(state["applied_lsn"]) if state else 0
+        journal = await Journal.open(
+            state_dir / "journal",
+            segment_bytes=config.segment_bytes,
+            max_bytes=config.journal_max_bytes,
+        )
+        self = cls(job, config, journal, applied)
+        # find the last complete barrier already received (a crash may have cut an apply short)
+        async for record in journal.read_from(max(applied + 1, journal.first_lsn)):
+            if record.is_barrier:
+                self.last_barrier = record.lsn
+        if self.last_barrier > applied:
+            log.info("receiver.recover", job=job, applied=applied, upto=self.last_barrier)
+            await self.apply_pending()
+        self._task = asyncio.create_task(self._apply_loop(), name=f"apply-{job}")
+        return self
+
+    @property
+    def received_lsn(self) -> int:
+        return self.journal.durable_lsn
+
+    async def ingest(self, records: list[Record]) -> None:
+        """Append records (already checksum-verified) to the receive journal."""
+        for record in records:
+            paths = [record.volume] if record.volume else []
+            if record.type is RecordType.RENAME:
+                paths.append(record.target)
+            for path in paths:
+                problem = path_problem(path)
+                if problem is not None:
+                    raise ApplyError(f"refusing record lsn {record.lsn}: {problem}")
+        await self.journal.append_many(records)
+
+    def note_durable(self, records: list[Record]) -> None:
+        """Called once records are durable: barriers among them become applicable."""
+        for record in records:
+            if record.is_barrier:
+                self.last_barrier = max(self.last_barrier, record.lsn)
+        self._wake.set()
+
+    async def _apply_loop(self) -> None:
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake.clear()
+                await self.apply_pending()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # surfaced to sessions through acks and errors
+            self.failure = exc
+            log.error("receiver.apply_failed", job=self.job, error=str(exc))
+            async with self.applied_changed:
+                self.applied_changed.notify_all()
+
+    async def apply_pending(self, *, force: bool = False) -> int:
+        """Apply records up to the last durable barrier (or all durable ones when ``force``)."""
+        async with self._apply_lock:
+            target = self.journal.durable_lsn if force else self.last_barrier
+            if target <= self.applied_lsn:
+                return self.applied_lsn
+            batch: list[Record] = []
+            size = 0
+            start = max(self.applied_lsn + 1, self.journal.first_lsn)
+            async for record in self.journal.read_from(start):
+                if record.lsn > target:
+                    break
+                batch.append(record)
+                size += record.encoded_size
+                if size >= APPLY_BATCH_BYTES:
+                    await asyncio.to_thread(self._applier.apply_many, batch)
+                    batch, size = [], 0
+            if batch:
+                await asyncio.to_thread(self._applier.apply_many, batch)
+            await asyncio.to_thread(self._applier.barrier)
+            await write_state_async(
+                self.state_dir / "applied.state", {"applied_lsn": target, "job": self.job}
+            )
+            self.applied_lsn = target
+            await self.journal.trim(target + 1)
+            async with self.applied_changed:
+                self.applied_changed.notify_all()
+            log.debug("receiver.applied", job=self.job, lsn=target)
+            return target
+
+    def replica_manifest(self, volume: str, extent_size: int) -> tuple[bool, int, bytes]:
+        """(exists, size, digests) of a replica, read afresh. Blocking."""
+        path = self.replica_dir / volume
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False, 0, b""
+        try:
+            size = os.fstat(fd).st_size
+            out = bytearray()
+            for ext in iter_extents(fd, size, extent_size):
+                out += ext.digest
+            return True, size, bytes(out)
+        finally:
+            os.close(fd)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.apply_pending()
+        self._applier.close()
+        await self.journal.aclose()
+
+
+class Receiver:
+    """Serves many senders at once, one session per job at a time."""
+
+    def __init__(self, config: ReceiverConfig) -> None:
+        self.config = config
+        self._jobs: dict[str, JobReplica] = {}
+        self._jobs_lock = asyncio.Lock()
+        self._sessions: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    async def job(self, name: str) -> JobReplica:
+        async with self._jobs_lock:
+            replica = self._jobs.get(name)
+            if replica is None:
+                replica = self._jobs[name] = await JobReplica.open(name, self.config)
+            return replica
+
+    async def handle(self, conn: FramedConnection) -> None:
+        """Run one sender session to its end; never raises (errors are logged and sent)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._sessions.add(task)
+        try:
+            await self._handle(conn)
+        except (ConnectionClosedError, ConnectionError, TimeoutError) as exc:
+            log.info("receiver.session_lost", peer=conn.peer, reason=str(exc) or type(exc).__name__)
+        except RemoteProtocolError as exc:
+            log.warning("receiver.protocol_error", peer=conn.peer, error=str(exc))
+            await _send_quietly(conn, Error("protocol", str(exc)))
+        except Exception as exc:
+            log.exception("receiver.session_failed", peer=conn.peer)
+            await _send_quietly(conn, Error("internal", f"receiver failed: {exc}"))
+        finally:
+            await conn.aclose()
+            if task is not None:
+                self._sessions.discard(task)
+
+    async def _handle(self, conn: FramedConnection) -> None:
+        try:
+            hello = await conn.recv(timeout=HELLO_TIMEOUT)
+        except VersionMismatchError as exc:
+            await _send_quietly(
+                conn, Refuse("version", f"receiver speaks protocol {PROTOCOL_VERSION}: {exc}")
+            )
+            return
+        if not isinstance(hello, Hello):
+            raise RemoteProtocolError(f"expected Hello, got {type(hello).__name__}")
+        refusal = self._check_hello(hello)
+        if refusal is not None:
+            log.warning("receiver.refused", peer=conn.peer, code=refusal.code, why=refusal.message)
+            await conn.send(refusal)
+            return
+        try:
+            replica = await self.job(hello.job)
+        except OSError as exc:
+            await conn.send(Refuse("storage", f"receiver cannot open job state: {exc}"))
+            return
+        if replica.session_lock.locked():
+            await conn.send(
+                Refuse("busy", f"job {hello.job!r} already has a sender connected to this receiver")
+            )
+            return
+        async with replica.session_lock:
+            log.info("receiver.session", job=hello.job, peer=conn.peer, session=hello.session)
+            await Session(conn, replica, self.config).run()
+
+    def _check_hello(self, hello: Hello) -> Refuse | None:
+        if self._closing:
+            return Refuse("busy", "receiver is shutting down")
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return Refuse(
+                "version",
+                f"protocol version mismatch: sender {hello.protocol_version}, "
+                f"receiver {PROTOCOL_VERSION}",
+            )
+        try:
+            check_job_name(hello.job)
+        except ConfigError as exc:
+            return Refuse("name", str(exc))
+        for volume in hello.volumes:
+            problem = volume_name_problem(volume.name)
+            if problem is not None:
+                return Refuse("name", problem)
+        return None
+
+    async def aclose(self) -> None:
+        """Stop sessions, then finish applying whatever complete epochs were received."""
+        self._closing = True
+        for task in list(self._sessions):
+            task.cancel()
+        for task in list(self._sessions):
+            with contextlib.suppress(BaseException):
+                await task
+        for replica in list(self._jobs.values()):
+            await replica.aclose()
+        self._jobs.clear()
+
+
+class Session:
+    """One connected sender: ingest, sync, acknowledge, answer manifest requests."""
+
+    def __init__(self, conn: FramedConnection, replica: JobReplica, config: ReceiverConfig) -> None:
+        self.conn = conn
+        self.replica = replica
+        self.config = config
+        self._send_lock = asyncio.Lock()
+        self._unsynced: list[Record] = []
+        self._unsynced_bytes = 0
+        self._sync_wake = asyncio.Event()
+        self._done = False
+
+    async def send(self, msg: Any) -> None:
+        async with self._send_lock:
+            await self.conn.send(msg)
+
+    async def run(self) -> None:
+        replica = self.replica
+        await self.send(
+            Welcome(
+                protocol_version=PROTOCOL_VERSION,
+                received_lsn=replica.received_lsn,
+                applied_lsn=replica.applied_lsn,
+                window=self.config.window,
+                capabilities=("lz4", "manifest"),
+                generation=0,
+            )
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._syncer())
+                tg.create_task(self._applied_acker())
+                await self._reader(tg)
+                self._done = True
+                self._sync_wake.set()
+                raise _SessionOver  # the reader ended the session: cancel syncer and acker
+        except* _SessionOver:
+            pass
+
+    async def _reader(self, tg: asyncio.TaskGroup) -> None:
+        while True:
+            msg = await self.conn.recv(timeout=IDLE_TIMEOUT)
+            if isinstance(msg, Records):
+                records = decode_records(msg.payload)
+                if len(records) != msg.count or records[0].lsn != msg.first_lsn:
+                    raise RemoteProtocolError("RECORDS frame does not match its header")
+                if records[0].lsn <= self.replica.journal.last_lsn:
+                    raise RemoteProtocolError(
+                        f"records lsn {records[0].lsn} not after {self.replica.journal.last_lsn}"
+                    )
+                try:
+                    await self.replica.ingest(records)
+                except (JournalFull, OSError) as exc:
+                    reason = _storage_reason(exc)
+                    log.error("receiver.storage", job=self.replica.job, error=reason)
+                    await self.send(Error("storage", reason))
+                    return
+                except ApplyError as exc:
+                    await self.send(Error("name", str(exc)))
+                    return
+                self._unsynced.extend(r for r in records if r.is_barrier)
+                self._unsynced_bytes += len(msg.payload)
+                self._sync_wake.set()
+            elif isinstance(msg, ManifestRequest):
+                tg.create_task(self._answer_manifest(msg))
+            elif isinstance(msg, Ping):
+                await self.send(Pong(msg.nonce, msg.ts_ns))
+            elif isinstance(msg, Pong):
+                continue
+            elif isinstance(msg, Goodbye):
+                await self._flush_sync()
+                return
+            elif isinstance(msg, Error):
+                log.warning("receiver.peer_error", code=msg.code, message=msg.message)
+                return
+            else:
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a sender")
+
+    async def _flush_sync(self) -> None:
+        if self._unsynced_bytes or self._unsynced:
+            await self._sync_once()
+
+    async def _sync_once(self) -> None:
+        barriers, self._unsynced = self._unsynced, []
+        granted, self._unsynced_bytes = self._unsynced_bytes, 0
+        await self.replica.journal.sync()
+        self.replica.note_durable(barriers)
+        await self.send(Ack(self.replica.received_lsn, self.replica.applied_lsn))
+        if granted:
+            await self.send(Credit(granted))
+
+    async def _syncer(self) -> None:
+        while not self._done:
+            await self._sync_wake.wait()
+            self._sync_wake.clear()
+            if not self._finished():
+                await self._sync_once()
+
+    def _finished(self) -> bool:
+        return self._done
+
+    async def _applied_acker(self) -> None:
+        last = self.replica.applied_lsn
+        while not self._done:
+            async with self.replica.applied_changed:
+                await self.replica.applied_changed.wait()
+            if self.replica.failure is not None:
+                await self.send(Error("storage", f"receiver cannot apply: {self.replica.failure}"))
+                raise ConnectionClosedError("apply failed")
+            if self.replica.applied_lsn != last and not self._done:
+                last = self.replica.applied_lsn
+                await self.send(Ack(self.replica.received_lsn, last))
+
+    async def _answer_manifest(self, req: ManifestRequest) -> None:
+        problem = volume_name_problem(req.volume)
+        if problem is not None or req.extent_size <= 0 or req.extent_size > (64 << 20):
+            await self.send(Error("name", problem or f"bad extent size {req.extent_size}"))
+            return
+        # Everything received is applied first, so the manifest and the sender's view of
+        # "what the receiver has" agree (see docs/ARCHITECTURE.md, differential sync).
+        await self.replica.apply_pending(force=True)
+        exists, size, digests = await asyncio.to_thread(
+            self.replica.replica_manifest, req.volume, req.extent_size or DEFAULT_EXTENT
+        )
+        count = len(digests) // DIGEST_SIZE
+        first = 0
+        while True:
+            n = min(MANIFEST_CHUNK, count - first)
+            chunk = digests[first * DIGEST_SIZE : (first + n) * DIGEST_SIZE]
+            done = first + n >= count
+            await self.send(
+                Manifest(
+                    req.request_id, req.volume, exists, size, req.extent_size, first, chunk, done
+                )
+            )
+            first += n
+            if done:
+                return
+
+
+class _SessionOver(Exception):
+    pass
+
+
+def _storage_reason(exc: BaseException) -> str:
+    if isinstance(exc, JournalFull):
+        return f"receiver journal is full ({exc}); free space or raise its cap"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "receiver disk is full; free space on the receiver and resend"
+    return f"receiver storage error: {exc}"
+
+
+async def _send_quietly(conn: FramedConnection, msg: Any) -> None:
+    with contextlib.suppress(Exception):
+        await conn.send(msg)

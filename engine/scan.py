@@ -1,0 +1,228 @@
+"""Snapshot-diff capture: compare each volume with a basis manifest, journal what changed.
+
+One scan is one EPOCH: RESIZE records first (so the replica has room), then WRITE records
+for changed data extents (adjacent ones coalesced up to ``MAX_WRITE``), ZERO records for
+extents that became zeros or holes, FILE records for changed configuration files, and
+finally the EPOCH record, the consistency point. Reading and hashing run in a worker
+thread, a few MiB per hop, so the event loop keeps shipping while the scan goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+from replicator.engine.manifest import UNKNOWN, Manifest, ManifestSet
+from replicator.engine.volumes import (
+    ExtentState,
+    VolumeKind,
+    VolumeSpec,
+    extent_digest,
+    iter_extents,
+    zero_digest,
+)
+from replicator.journal import Journal, JournalFull, Record
+
+MAX_WRITE = 1024 * 1024  # bytes of data per WRITE record
+BATCH_BYTES = 4 * 1024 * 1024  # records handed from the scan thread to the loop per hop
+PROGRESS_BYTES = 64 * 1024 * 1024  # the scan thread reports back at least this often
+
+Progress = Callable[[int, int], None]  # (bytes scanned so far, bytes to scan in all)
+
+
+@dataclass(slots=True)
+class ScanStats:
+    bytes_scanned: int = 0
+    bytes_changed: int = 0  # data bytes in WRITE/FILE records
+    bytes_zeroed: int = 0  # bytes covered by ZERO records
+    extents_changed: int = 0
+    files_changed: int = 0
+    records: int = 0
+    resized: list[str] = field(default_factory=list)
+
+    def add(self, other: ScanStats) -> None:
+        self.bytes_scanned += other.bytes_scanned
+        self.bytes_changed += other.bytes_changed
+        self.bytes_zeroed += other.bytes_zeroed
+        self.extents_changed += other.extents_changed
+        self.files_changed += other.files_changed
+        self.records += other.records
+        self.resized.extend(other.resized)
+
+
+def _disk_batches(
+    spec: VolumeSpec, basis: Manifest, new: Manifest, stats: ScanStats
+) -> Iterator[list[Record]]:
+    """Yield batches of records for one disk; fills ``new`` with the digests seen."""
+    fd = os.open(spec.path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        batch: list[Record] = []
+        batch_bytes = 0
+        write_off = -1
+        write_buf = bytearray()
+        zero_off = -1
+        zero_len = 0
+        since_yield = 0
+
+        def flush_write() -> None:
+            nonlocal write_off, batch_bytes
+            if write_buf:
+                batch.append(Record.write(spec.name, write_off, bytes(write_buf)))
+                batch_bytes += len(write_buf)
+                stats.bytes_changed += len(write_buf)
+                write_buf.clear()
+            write_off = -1
+
+        def flush_zero() -> None:
+            nonlocal zero_off, zero_len
+            if zero_len:
+                batch.append(Record.zero(spec.name, zero_off, zero_len))
+                stats.bytes_zeroed += zero_len
+            zero_off, zero_len = -1, 0
+
+        for ext in iter_extents(fd, size, new.extent_size):
+            stats.bytes_scanned += ext.length
+            new.set(ext.index, ext.digest)
+            if basis.get(ext.index) == ext.digest:
+                flush_write()
+                flush_zero()
+            elif ext.state is ExtentState.DATA:
+                assert ext.data is not None
+                flush_zero()
+                stats.extents_changed += 1
+                if write_buf and (
+                    write_off + len(write_buf) != ext.offset or len(write_buf) >= MAX_WRITE
+                ):
+                    flush_write()
+                if not write_buf:
+                    write_off = ext.offset
+                write_buf += ext.data
+            else:
+                flush_write()
+                stats.extents_changed += 1
+                if zero_len and zero_off + zero_len == ext.offset:
+                    zero_len += ext.length
+                else:
+                    flush_zero()
+                    zero_off, zero_len = ext.offset, ext.length
+            since_yield += ext.length
+            if batch_bytes >= BATCH_BYTES or since_yield >= PROGRESS_BYTES:
+                stats.records += len(batch)
+                yield batch  # may be empty: lets the caller report progress
+                batch, batch_bytes, since_yield = [], 0, 0
+        flush_write()
+        flush_zero()
+        if batch:
+            stats.records += len(batch)
+            yield batch
+    finally:
+        os.close(fd)
+
+
+def resize_basis(basis: Manifest, size: int) -> None:
+    """Grow or shrink the basis as the RESIZE record will do to the replica (zero-filled)."""
+    old_size = basis.size
+    basis.resize(size)
+    if size > old_size:
+        first_new = (old_size + basis.extent_size - 1) // basis.extent_size
+        if old_size % basis.extent_size:
+            first_new -= 1  # the old partial extent grows: its content is unknown here
+            basis.set(first_new, UNKNOWN)
+            first_new += 1
+        for i in range(first_new, basis.count):
+            length = min(basis.extent_size, size - i * basis.extent_size)
+            basis.set(i, zero_digest(length))
+
+
+Appender = Callable[[list[Record]], Awaitable[int]]
+
+
+async def append_waiting(
+    journal: Journal,
+    records: list[Record],
+    space_freed: asyncio.Event,
+    timeout: float,
+    check: Callable[[], None],
+) -> int:
+    """Append ``records``; while the journal is full, wait for the shipper to free space.
+
+    ``check`` raises when shipping has failed, so a full journal never waits for acks
+    that cannot come.
+    """
+    while True:
+        check()
+        try:
+            return await journal.append_many(records)
+        except JournalFull:
+            space_freed.clear()
+            async with asyncio.timeout(timeout):
+                await space_freed.wait()
+
+
+async def scan_epoch(
+    volumes: list[VolumeSpec],
+    journal: Journal,
+    basis: ManifestSet,
+    *,
+    append: Appender,
+    sync_every: int = 64 * 1024 * 1024,
+    progress: Progress | None = None,
+) -> tuple[ManifestSet, ScanStats, int]:
+    """Journal one epoch of changes against ``basis``.
+
+    Returns the manifests of the sources as scanned, the statistics and the LSN of the
+    EPOCH record (durable when this returns). ``basis`` is not modified.
+    """
+    stats = ScanStats()
+    new_set = ManifestSet(lsn=0, extent_size=basis.extent_size, epoch=basis.epoch + 1)
+    unsynced = 0
+    total = sum(os.stat(spec.path).st_size for spec in volumes)
+    for spec in volumes:
+        if spec.kind is VolumeKind.FILE:
+            content = await asyncio.to_thread(spec.path.read_bytes)
+            digest = extent_digest(content)
+            stats.bytes_scanned += len(content)
+            new_set.files[spec.name] = digest
+            if basis.files.get(spec.name) != digest:
+                mode = os.stat(spec.path).st_mode & 0o7777
+                await append([Record.file(spec.name, content, mode)])
+                stats.files_changed += 1
+                stats.bytes_changed += len(content)
+                stats.records += 1
+            continue
+        size = os.stat(spec.path).st_size
+        old = basis.disks.get(spec.name)
+        work = (
+            Manifest(basis.extent_size, old.size, bytearray(old.digests))
+            if old is not None
+            else Manifest(basis.extent_size, 0)
+        )
+        if work.size != size or old is None:
+            await append([Record.resize(spec.name, size)])
+            stats.records += 1
+            stats.resized.append(spec.name)
+            resize_basis(work, size)
+        new = Manifest(basis.extent_size, size)
+        gen = _disk_batches(spec, work, new, stats)
+        while True:
+            batch = await asyncio.to_thread(next, gen, None)
+            if batch is None:
+                break
+            if progress is not None:
+                progress(stats.bytes_scanned, total)
+            if not batch:
+                continue
+            await append(batch)
+            unsynced += sum(len(r.data) for r in batch)
+            if unsynced >= sync_every:
+                await journal.sync()  # lets the shipper start on this part of the epoch
+                unsynced = 0
+        new_set.disks[spec.name] = new
+    epoch_lsn = await append([Record.epoch(new_set.epoch)])
+    await journal.sync()
+    new_set.lsn = epoch_lsn
+    stats.records += 1
+    return new_set, stats, epoch_lsn

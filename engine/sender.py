@@ -1,0 +1,363 @@
+"""The sending side: capture by snapshot diff into the journal, ship it, wait for durability.
+
+One *cycle* runs the pre-hook (freeze), scans every volume against a basis manifest and
+journals the changes as one EPOCH, runs the post-hook (thaw), and saves the manifests.
+The link ships the journal concurrently. ``--once`` runs one cycle and waits until the
+receiver has applied the EPOCH; otherwise cycles repeat every ``interval`` seconds and
+the connection is re-established after any interruption.
+
+Choosing the basis (what the replica is assumed to hold):
+
+* the local manifests, when every record journaled after them is still in our journal
+  and the receiver's position is consistent with that journal;
+* otherwise the receiver's manifests, read afresh from the replicas after it applied all
+  it has received. This covers a first sync onto a seeded replica, a resumed initial
+  sync, a wiped sender state folder, a receiver that lost its state, and ``--resync``.
+
+In both cases the records journaled after the basis (they reach the replica before the
+next epoch) are folded into it by ``_apply_effect``, so nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from replicator.engine.errors import ConfigError, ConnectError, Interrupted, ReplicatorError
+from replicator.engine.link import Link, as_user_error
+from replicator.engine.manifest import UNKNOWN, Manifest, ManifestSet
+from replicator.engine.names import check_job_name
+from replicator.engine.scan import (
+    Progress,
+    ScanStats,
+    append_waiting,
+    resize_basis,
+    scan_epoch,
+)
+from replicator.engine.statedir import StateDirLock
+from replicator.engine.volumes import (
+    DEFAULT_EXTENT,
+    VolumeKind,
+    VolumeSpec,
+    extent_digest,
+    zero_digest,
+)
+from replicator.journal import Journal, Record, RecordType
+from replicator.transport import connect
+
+log = structlog.get_logger()
+
+JOURNAL_CAP = 1024 * 1024 * 1024  # scan capture waits for acks beyond this
+FULL_WAIT_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    host: str
+    port: int
+    job: str
+    volumes: list[VolumeSpec]
+    state_dir: Path
+    extent_size: int = DEFAULT_EXTENT
+    pre_hook: str | None = None
+    post_hook: str | None = None
+    resync: bool = False
+    journal_max_bytes: int = JOURNAL_CAP
+    connect_timeout: float = 10.0
+
+
+@dataclass(slots=True)
+class Summary:
+    job: str
+    epoch: int = 0
+    lsn: int = 0
+    bytes_scanned: int = 0
+    bytes_changed: int = 0
+    bytes_zeroed: int = 0
+    extents_changed: int = 0
+    files_changed: int = 0
+    records: int = 0
+    payload_bytes: int = 0
+    wire_bytes: int = 0
+    compression_ratio: float = 1.0
+    seconds: float = 0.0
+    basis: str = "local"
+    volumes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SenderState:
+    """The locked state folder: journal and manifests."""
+
+    def __init__(self, config: SenderConfig) -> None:
+        self.config = config
+        self.dir = config.state_dir
+        self._lock = StateDirLock(config.state_dir, f"a sender for job {config.job!r}")
+        self.journal: Journal | None = None
+        self.manifests: ManifestSet | None = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifests.state"
+
+    async def __aenter__(self) -> SenderState:
+        self._lock.__enter__()
+        try:
+            self.journal = await Journal.open(
+                self.dir / "journal", max_bytes=self.config.journal_max_bytes
+            )
+            self.manifests = await asyncio.to_thread(ManifestSet.load, self.manifest_path)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        if self.manifests is not None and self.manifests.extent_size != self.config.extent_size:
+            log.info("sender.extent_size_changed", old=self.manifests.extent_size)
+            self.manifests = None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.journal is not None:
+            await self.journal.aclose()
+        self._lock.__exit__(None, None, None)
+
+    async def save(self, manifests: ManifestSet) -> None:
+        await asyncio.to_thread(manifests.save, self.manifest_path)
+        self.manifests = manifests
+
+
+def _apply_effect(basis: ManifestSet, record: Record) -> None:
+    """Update ``basis`` with what ``record`` will do to the replica when it is applied.
+
+    Extents a record covers completely get the digest of their new content; partly
+    covered ones become unknown (sent again by the next scan).
+    """
+    if record.type is RecordType.FILE:
+        basis.files[record.volume] = extent_digest(record.data)
+        return
+    if record.type is RecordType.RESIZE:
+        resized = basis.disks.setdefault(record.volume, Manifest(basis.extent_size, 0))
+        resize_basis(resized, record.size)
+        return
+    if record.type not in (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM):
+        return
+    disk = basis.disks.get(record.volume)
+    if disk is None:
+        return
+    ext = disk.extent_size
+    start, end = record.offset, record.offset + record.length
+    for index in range(start // ext, min(disk.count, (end + ext - 1) // ext)):
+        e_start = index * ext
+        e_end = min(e_start + ext, disk.size)
+        if start <= e_start and e_end <= end:
+            if record.type is RecordType.WRITE:
+                digest = extent_digest(record.data[e_start - start : e_end - start])
+            else:
+                digest = zero_digest(e_end - e_start)
+            disk.set(index, digest)
+        else:
+            disk.set(index, UNKNOWN)
+
+
+async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str]:
+    """Pick what the replica is assumed to hold (see the module docstring)."""
+    journal = state.journal
+    assert journal is not None
+    local = state.manifests
+    received = link.received_lsn
+    trusted = (
+        local is not None
+        and not state.config.resync
+        and journal.first_lsn <= local.lsn + 1
+        and received + 1 >= journal.first_lsn
+        and received <= journal.last_lsn
+    )
+    if trusted:
+        assert local is not None
+        basis = ManifestSet(local.lsn, local.extent_size, local.epoch)
+        basis.disks = {
+            k: Manifest(v.extent_size, v.size, bytearray(v.digests)) for k, v in local.disks.items()
+        }
+        basis.files = dict(local.files)
+        since = local.lsn + 1
+        kind = "local"
+    else:
+        epoch = local.epoch if local is not None else 0
+        basis = ManifestSet(received, state.config.extent_size, epoch)
+        for spec in state.config.volumes:
+            if spec.kind is VolumeKind.DISK:
+                remote = await link.request_manifest(spec.name, state.config.extent_size)
+                if remote is not None:
+                    basis.disks[spec.name] = remote
+        since = received + 1
+        kind = "remote"
+    async for record in journal.read_from(max(since, journal.first_lsn)):
+        _apply_effect(basis, record)
+    log.info("sender.basis", kind=kind, lsn=basis.lsn, received=received)
+    return basis, kind
+
+
+async def run_hook(command: str | None, what: str) -> None:
+    if not command:
+        return
+    proc = await asyncio.create_subprocess_shell(command)
+    rc = await proc.wait()
+    if rc != 0:
+        raise ConfigError(f"{what} hook failed with exit code {rc}: {command}")
+
+
+class Sender:
+    def __init__(self, config: SenderConfig) -> None:
+        check_job_name(config.job)
+        self.config = config
+        self._lsn_floor = 1
+
+    def _sizes(self) -> dict[str, int]:
+        return {v.name: os.stat(v.path).st_size for v in self.config.volumes}
+
+    async def open_link(
+        self, state: SenderState, *, with_basis: bool = True
+    ) -> tuple[Link, str, ManifestSet]:
+        """Connect, handshake, start shipping, and (``with_basis``) choose the scan basis."""
+        journal = state.journal
+        assert journal is not None
+        try:
+            conn = await connect(
+                self.config.host, self.config.port, timeout=self.config.connect_timeout
+            )
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot connect to receiver {self.config.host}:{self.config.port}: "
+                f"{exc.strerror or exc}",
+                hint="is `replicator receive` running there and reachable?",
+            ) from exc
+        link = Link(conn, journal)
+        try:
+            await link.handshake(self.config.job, self.config.volumes, self._sizes())
+            # the receiver may be ahead of us (our state was lost): never reuse its LSNs
+            self._lsn_floor = link.received_lsn + 1
+            link.start_reader()
+            if with_basis:
+                basis, kind = await choose_basis(state, link)
+            else:
+                basis, kind = ManifestSet(0, self.config.extent_size), "none"
+            link.start_shipper(max(link.received_lsn + 1, journal.first_lsn))
+        except BaseException:
+            await link.aclose()
+            raise
+        return link, kind, basis
+
+    async def _cycle(
+        self, state: SenderState, link: Link, basis: ManifestSet, progress: Progress | None = None
+    ) -> tuple[ManifestSet, ScanStats, int]:
+        journal = state.journal
+        assert journal is not None
+
+        async def append(records: list[Record]) -> int:
+            if journal.next_lsn < self._lsn_floor:
+                records = [records[0].with_lsn(self._lsn_floor), *records[1:]]
+            return await append_waiting(
+                journal, records, link.space_freed, FULL_WAIT_TIMEOUT, link.raise_if_failed
+            )
+
+        await run_hook(self.config.pre_hook, "pre")
+        try:
+            result = await scan_epoch(
+                self.config.volumes, journal, basis, append=append, progress=progress
+            )
+        finally:
+            await run_hook(self.config.post_hook, "post")
+        await state.save(result[0])
+        return result
+
+    async def run_once(self, progress: Progress | None = None) -> Summary:
+        """One cycle, then wait until the receiver has applied it; ``progress`` sees the scan."""
+        started = time.monotonic()
+        summary = Summary(self.config.job, volumes=[v.name for v in self.config.volumes])
+        async with SenderState(self.config) as state:
+            link, kind, basis = await self.open_link(state)
+            try:
+                manifests, stats, epoch_lsn = await self._cycle(state, link, basis, progress)
+                await link.wait_applied(epoch_lsn)
+                await link.goodbye()
+            finally:
+                wire = getattr(link.conn, "bytes_sent", 0)
+                await link.aclose()
+        summary.basis = kind
+        summary.epoch = manifests.epoch
+        summary.lsn = epoch_lsn
+        summary.bytes_scanned = stats.bytes_scanned
+        summary.bytes_changed = stats.bytes_changed
+        summary.bytes_zeroed = stats.bytes_zeroed
+        summary.extents_changed = stats.extents_changed
+        summary.files_changed = stats.files_changed
+        summary.records = stats.records
+        summary.payload_bytes = link.stats.payload_bytes
+        summary.wire_bytes = int(wire)
+        summary.compression_ratio = (
+            round(summary.payload_bytes / summary.wire_bytes, 3) if summary.wire_bytes else 1.0
+        )
+        summary.seconds = round(time.monotonic() - started, 3)
+        return summary
+
+    async def run_forever(self, interval: float, stop: asyncio.Event) -> None:
+        """Cycle every ``interval`` seconds until ``stop``; reconnect after interruptions."""
+        backoff = 1.0
+        async with SenderState(self.config) as state:
+            while not stop.is_set():
+                try:
+                    link, _, basis = await self.open_link(state)
+                except ConnectError as exc:
+                    log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
+                    await _sleep_or_stop(stop, backoff)
+                    backoff = min(backoff * 2, 60.0)
+                    continue
+                backoff = 1.0
+                try:
+                    while not stop.is_set():
+                        manifests, stats, lsn = await self._cycle(state, link, basis)
+                        log.info(
+                            "sender.epoch",
+                            epoch=manifests.epoch,
+                            lsn=lsn,
+                            changed=stats.bytes_changed,
+                            scanned=stats.bytes_scanned,
+                        )
+                        basis = manifests
+                        await _sleep_or_stop(stop, interval, link)
+                    with contextlib.suppress(Exception):
+                        await link.wait_applied(state.journal.last_lsn if state.journal else 0, 30)
+                    await link.goodbye("sender stopping")
+                except ConnectError as exc:
+                    log.warning("sender.link_lost", error=str(exc))
+                finally:
+                    await link.aclose()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None = None) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    if link is not None:
+        link.raise_if_failed()
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The first user-facing error inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = unwrap(inner)
+            if isinstance(found, ReplicatorError):
+                return found
+        return unwrap(exc.exceptions[0])
+    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+        return Interrupted("interrupted before the work completed; run again to resume")
+    return as_user_error(exc)

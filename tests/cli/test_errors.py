@@ -1,0 +1,81 @@
+"""Bad input: one line on stderr and a distinct exit code, nothing lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.errors import ExitCode
+from tests.tools import ReceiverProc, free_port, replicator
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("replicator: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_missing_volume(tmp_path: Path, receiver: ReceiverProc) -> None:
+    out = replicator(
+        "send", "--to", receiver.address, "--job", "j", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), str(tmp_path / "nope.vhd"),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG
+    assert "does not exist" in _one_line_error(out.stderr)
+
+
+@pytest.mark.parametrize("job", ["../evil", "a/b", "..", ".hidden"])
+def test_job_name_with_path_tricks(tmp_path: Path, receiver: ReceiverProc, job: str) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x" * 4096)
+    out = replicator(
+        "send", "--to", receiver.address, "--job", job, "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), str(disk),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG
+    assert "invalid job name" in _one_line_error(out.stderr)
+    assert not (receiver.dir.parent / "evil").exists()
+
+
+def test_receiver_dir_not_writable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = replicator(
+        "receive", "--listen", f"127.0.0.1:{free_port()}", "--dir", str(blocker / "replicas"),
+        "--insecure",
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG
+    assert "cannot create replica folder" in _one_line_error(out.stderr)
+
+
+def test_receiver_not_there(tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x" * 4096)
+    out = replicator(
+        "send", "--to", f"127.0.0.1:{free_port()}", "--job", "j", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), str(disk),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONNECT
+    assert "cannot connect" in _one_line_error(out.stderr)
+
+
+def test_insecure_is_required_until_tls_exists(tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x")
+    out = replicator("send", "--to", "127.0.0.1:1", "--job", "j", "--once", str(disk))
+    assert out.returncode == ExitCode.CONFIG
+    assert "--insecure" in _one_line_error(out.stderr)
+
+
+def test_bad_endpoint(tmp_path: Path) -> None:
+    out = replicator("receive", "--listen", "nowhere", "--dir", str(tmp_path), "--insecure")
+    assert out.returncode == ExitCode.CONFIG
+    assert "HOST:PORT" in _one_line_error(out.stderr)
+
+
+def test_help_on_every_command() -> None:
+    for cmd in ([], ["send"], ["receive"], ["verify"], ["journal"], ["journal", "inspect"]):
+        out = replicator(*cmd, "-h")
+        assert out.returncode == 0, (cmd, out.stderr)
+        assert "Usage" in out.stdout

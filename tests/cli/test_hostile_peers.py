@@ -1,0 +1,105 @@
+"""Peers that are not what they claim: clear errors and distinct exit codes, nothing lost."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.errors import ExitCode
+from replicator.transport import ProtocolConnection, Refuse, Role
+from replicator.transport.frames import FRAME_VERSION
+from tests.tools import ReceiverProc, replicator
+
+Reply = Callable[[bytes], bytes]
+
+
+@pytest.fixture
+def fake_receiver() -> Iterator[Callable[[Reply], int]]:
+    """A TCP server that reads the sender's first bytes and answers with ``reply(bytes)``."""
+    servers: list[socket.socket] = []
+
+    def start(reply: Reply) -> int:
+        srv = socket.create_server(("127.0.0.1", 0))
+        servers.append(srv)
+
+        def serve() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                first = conn.recv(65536)
+                conn.sendall(reply(first))
+                conn.recv(65536)  # let the sender read before we close
+
+        threading.Thread(target=serve, daemon=True).start()
+        return int(srv.getsockname()[1])
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+def _send(tmp_path: Path, port: int) -> tuple[int, str]:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\x01" * 65536)
+    out = replicator(
+        "send", "--to", f"127.0.0.1:{port}", "--job", "j", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), str(disk), timeout=60,
+    )  # fmt: skip
+    return out.returncode, out.stderr
+
+
+def _refuse_frames(code: str, message: str) -> bytes:
+    return b"".join(ProtocolConnection(Role.RECEIVER).encode(Refuse(code, message)).buffers)
+
+
+def test_newer_frame_version_is_a_version_mismatch(
+    tmp_path: Path, fake_receiver: Callable[[Reply], int]
+) -> None:
+    def reply(hello: bytes) -> bytes:
+        frame = bytearray(_refuse_frames("version", "x"))
+        frame[4] = FRAME_VERSION + 1  # the byte after the magic
+        return bytes(frame)
+
+    rc, err = _send(tmp_path, fake_receiver(reply))
+    assert rc == ExitCode.VERSION, err
+    assert "version mismatch" in err
+
+
+def test_refusal_is_reported_with_its_reason(
+    tmp_path: Path, fake_receiver: Callable[[Reply], int]
+) -> None:
+    rc, err = _send(tmp_path, fake_receiver(lambda _: _refuse_frames("storage", "disk full")))
+    assert rc == ExitCode.REFUSED, err
+    assert "disk full" in err
+
+
+def test_not_a_replicator_peer(tmp_path: Path, fake_receiver: Callable[[Reply], int]) -> None:
+    rc, err = _send(tmp_path, fake_receiver(lambda _: b"HTTP/1.1 400 Bad Request\r\n\r\n"))
+    assert rc == ExitCode.PROTOCOL, err
+    assert "not a replicator peer" in err
+
+
+def test_receiver_survives_garbage_and_keeps_serving(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    for garbage in (b"GET / HTTP/1.1\r\n\r\n", b"RPLW" + b"\xff" * 60, b"\x00" * 4096):
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as s:
+            s.sendall(garbage)
+            s.settimeout(5)
+            try:
+                while s.recv(4096):
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\x02" * 131072)
+    out = replicator(
+        "send", "--to", receiver.address, "--job", "after", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), str(disk),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (receiver.dir / "after" / "d.img").read_bytes() == disk.read_bytes()
+    assert receiver.proc.poll() is None

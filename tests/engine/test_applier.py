@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.applier import Applier, ApplyError
+from replicator.journal import Record
+
+
+def test_apply_is_idempotent_and_sparse(tmp_path: Path) -> None:
+    records = [
+        Record.resize("disk", 1 << 20),
+        Record.write("disk", 4096, b"a" * 8192),
+        Record.zero("disk", 8192, 4096),
+        Record.file("vm.xml", b"<domain/>", 0o640),
+        Record.epoch(1),
+    ]
+    applier = Applier(tmp_path / "job")
+    for _ in range(2):  # re-applying after a crash must give the same result
+        applier.apply_many(records)
+        applier.barrier()
+    applier.close()
+    disk = (tmp_path / "job" / "disk").read_bytes()
+    assert len(disk) == 1 << 20
+    assert disk[4096:8192] == b"a" * 4096 and disk[8192:12288] == bytes(4096)
+    assert (tmp_path / "job" / "vm.xml").read_bytes() == b"<domain/>"
+    assert os.stat(tmp_path / "job" / "vm.xml").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "job" / "disk").st_blocks * 512 < 1 << 19  # stayed sparse
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/escape", "a/./b", "a\\b"])
+def test_unsafe_names_are_refused(tmp_path: Path, name: str) -> None:
+    applier = Applier(tmp_path / "job")
+    with pytest.raises(ApplyError):
+        applier.apply(Record.write(name, 0, b"x"))
+    with pytest.raises(ApplyError):
+        applier.apply(Record.file(name, b"x"))
+    applier.close()
+    assert not (tmp_path / "escape").exists()
+
+
+def test_file_system_operations_replay(tmp_path: Path) -> None:
+    records = [
+        Record.mkdir("vm", 0o750),
+        Record.create("vm/vm.xml.tmp", 0o644),
+        Record.write("vm/vm.xml.tmp", 0, b"<domain v='2'/>"),
+        Record.rename("vm/vm.xml.tmp", "vm/vm.xml"),  # editor-style save
+        Record.write("vm/disks/d0.raw", 1 << 20, b"z" * 512),  # parents are created
+        Record.symlink("vm/current", "vm.xml"),
+        Record.chmod("vm/vm.xml", 0o600),
+        Record.create("vm/scratch", 0o644),
+        Record.unlink("vm/scratch"),
+        Record.mkdir("vm/old", 0o755),
+        Record.rmdir("vm/old"),
+        Record.flush(),
+    ]
+    applier = Applier(tmp_path / "job")
+    for _ in range(2):  # idempotent
+        applier.apply_many(records)
+        applier.barrier()
+    applier.close()
+    vm = tmp_path / "job" / "vm"
+    assert (vm / "vm.xml").read_bytes() == b"<domain v='2'/>"
+    assert not (vm / "vm.xml.tmp").exists() and not (vm / "scratch").exists()
+    assert not (vm / "old").exists()
+    assert os.readlink(vm / "current") == "vm.xml"
+    assert os.stat(vm / "vm.xml").st_mode & 0o777 == 0o600
+    assert (vm / "disks" / "d0.raw").stat().st_size == (1 << 20) + 512
+
+
+def test_symlinks_never_lead_outside_the_replica(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    applier = Applier(tmp_path / "job")
+    applier.apply(Record.symlink("escape", str(outside)))
+    applier.apply(Record.symlink("file", str(outside / "victim")))
+    for record in (
+        Record.write("escape/victim", 0, b"x"),
+        Record.write("file", 0, b"x"),
+        Record.create("escape/new", 0o644),
+        Record.mkdir("escape/dir", 0o755),
+    ):
+        with pytest.raises(ApplyError):
+            applier.apply_many([record])
+    applier.close()
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", ["/abs", "a/../../b", "a//b", "./a"])
+def test_bad_paths_are_refused(tmp_path: Path, path: str) -> None:
+    applier = Applier(tmp_path / "job")
+    with pytest.raises(ApplyError):
+        applier.apply(Record.write(path, 0, b"x"))
+    with pytest.raises(ApplyError):
+        applier.apply(Record.rename("ok", path))
+    applier.close()

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from replicator.engine.errors import ConfigError
+from replicator.engine.names import check_job_name, check_volume_name, volume_name_problem
+
+
+@pytest.mark.parametrize("job", ["vm1", "web-01", "db_2.prod", "A" * 64])
+def test_valid_job_names(job: str) -> None:
+    assert check_job_name(job) == job
+
+
+@pytest.mark.parametrize(
+    "job", ["", "..", "../etc", "a/b", ".hidden", "a..b", "x" * 65, "sp ace", "nul\0", "-lead"]
+)
+def test_invalid_job_names(job: str) -> None:
+    with pytest.raises(ConfigError, match="invalid job name"):
+        check_job_name(job)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", ".lock", "a\\b", "x\0", "\n"])
+def test_invalid_volume_names(name: str) -> None:
+    assert volume_name_problem(name) is not None
+    with pytest.raises(ConfigError):
+        check_volume_name(name)
+
+
+@given(st.text(min_size=1, max_size=80))
+def test_accepted_volume_names_stay_inside_their_folder(name: str) -> None:
+    if volume_name_problem(name) is None:
+        assert "/" not in name and not name.startswith(".") and "\0" not in name

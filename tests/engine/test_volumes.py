@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.errors import ConfigError
+from replicator.engine.volumes import (
+    ExtentState,
+    VolumeKind,
+    data_ranges,
+    extent_digest,
+    iter_extents,
+    punch_hole,
+    resolve_volumes,
+    zero_digest,
+)
+
+EXT = 64 * 1024
+
+
+def _sparse(path: Path, size: int, writes: dict[int, bytes]) -> None:
+    with path.open("wb") as f:
+        f.truncate(size)
+        for off, data in writes.items():
+            f.seek(off)
+            f.write(data)
+
+
+def test_iter_extents_classifies_holes_zeros_and_data(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    size = 64 * EXT + 1000  # a partial last extent
+    data = os.urandom(EXT)
+    _sparse(path, size, {3 * EXT: data, 10 * EXT: bytes(EXT), 64 * EXT: b"tail" * 250})
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        extents = list(iter_extents(fd, size, EXT))
+    finally:
+        os.close(fd)
+    assert [e.index for e in extents] == list(range(65))
+    by_index = {e.index: e for e in extents}
+    assert by_index[3].state is ExtentState.DATA
+    assert by_index[3].digest == extent_digest(data)
+    assert by_index[10].state in (ExtentState.ZERO, ExtentState.HOLE)
+    assert by_index[10].digest == zero_digest(EXT)
+    assert by_index[20].state is ExtentState.HOLE
+    assert by_index[64].length == 1000
+    assert by_index[64].digest == extent_digest(b"tail" * 250)
+    assert sum(e.length for e in extents) == size
+
+
+def test_data_ranges_skip_holes(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.raw"
+    _sparse(path, 100 * 1024 * 1024, {50 * 1024 * 1024: b"x" * 4096})
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ranges = data_ranges(fd, 100 * 1024 * 1024)
+    finally:
+        os.close(fd)
+    assert sum(end - start for start, end in ranges) < 1024 * 1024
+    assert any(start <= 50 * 1024 * 1024 < end for start, end in ranges)
+
+
+def test_punch_hole_reads_zeros_and_keeps_size(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"\xff" * (4 * EXT))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        punch_hole(fd, EXT, 2 * EXT)
+    finally:
+        os.close(fd)
+    content = path.read_bytes()
+    assert len(content) == 4 * EXT
+    assert content[EXT : 3 * EXT] == bytes(2 * EXT)
+    assert content[:EXT] == b"\xff" * EXT and content[3 * EXT :] == b"\xff" * EXT
+
+
+def test_resolve_volumes_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_volumes([tmp_path / "missing.vhd"])
+    with pytest.raises(ConfigError, match="not a regular file"):
+        resolve_volumes([tmp_path])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "disk.img").write_bytes(b"x")
+    (tmp_path / "b" / "disk.img").write_bytes(b"y")
+    with pytest.raises(ConfigError, match="share the name"):
+        resolve_volumes([tmp_path / "a" / "disk.img", tmp_path / "b" / "disk.img"])
+
+
+def test_classify_disks_and_config_files(tmp_path: Path) -> None:
+    xml = tmp_path / "vm.xml"
+    xml.write_text("<domain/>")
+    raw = tmp_path / "disk0.img"
+    raw.write_bytes(b"\0" * 4096)
+    qcow = tmp_path / "noext"
+    qcow.write_bytes(b"QFI\xfb" + b"\0" * 100)
+    kinds = {v.name: v.kind for v in resolve_volumes([xml, raw, qcow])}
+    assert kinds == {
+        "vm.xml": VolumeKind.FILE,
+        "disk0.img": VolumeKind.DISK,
+        "noext": VolumeKind.DISK,
+    }

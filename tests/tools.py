@@ -1,0 +1,139 @@
+"""Helpers for integration tests: real replicator processes and real qemu tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+REPLICATOR = [sys.executable, "-m", "replicator.cli"]
+ENV = {**os.environ, "REPLICATOR_LOG_FORMAT": "json"}
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is missing: run `make test`, which installs the Debian packages"
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def replicator(
+    *args: str, check: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*REPLICATOR, *args], capture_output=True, text=True, timeout=timeout, env=ENV, check=check
+    )
+
+
+def qemu_img(*args: str) -> str:
+    require_tool("qemu-img")
+    return subprocess.run(
+        ["qemu-img", *args], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
+
+
+def qemu_io(fmt: str, path: Path, *commands: str) -> None:
+    require_tool("qemu-io")
+    cmd = ["qemu-io", "-f", fmt]
+    for c in commands:
+        cmd += ["-c", c]
+    cmd.append(str(path))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
+
+
+def qemu_compare(fmt: str, a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["qemu-img", "compare", "-f", fmt, "-F", fmt, str(a), str(b)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def b3(path: Path) -> str:
+    h = blake3.blake3()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return str(h.hexdigest())
+
+
+def wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"receiver exited with {proc.returncode}") from None
+            if time.monotonic() > deadline:
+                raise AssertionError("receiver did not start listening") from None
+            time.sleep(0.05)
+
+
+@dataclass
+class ReceiverProc:
+    port: int
+    dir: Path
+    proc: subprocess.Popen[str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+def start_receiver(directory: Path, port: int | None = None) -> ReceiverProc:
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [*REPLICATOR, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(directory),
+         "--insecure"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )  # fmt: skip
+    wait_port(port, proc)
+    return ReceiverProc(port, directory, proc)
+
+
+def send_once(
+    receiver: ReceiverProc, job: str, state: Path, *volumes: Path, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    out = replicator(
+        "send", "--to", receiver.address, "--job", job, "--state-dir", str(state),
+        "--once", "--json", "--insecure", *extra, *map(str, volumes),
+    )  # fmt: skip
+    assert out.returncode == 0, f"send failed ({out.returncode}): {out.stderr[-3000:]}"
+    summary: dict[str, Any] = json.loads(out.stdout)
+    return summary
+
+
+def receiver_fixture(tmp_path: Path) -> Iterator[ReceiverProc]:
+    rcv = start_receiver(tmp_path / "target")
+    try:
+        yield rcv
+    finally:
+        rcv.stop()
