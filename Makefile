@@ -9,7 +9,10 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 # Debian packages the tests and the demo drive for real (command:package).
 SYSTOOLS := qemu-img:qemu-utils qemu-io:qemu-utils fio:fio nbdkit:nbdkit nbdcopy:libnbd-bin \
-            rsync:rsync ip:iproute2 openssl:openssl
+            rsync:rsync ip:iproute2 openssl:openssl fusermount3:fuse3 bindfs:bindfs \
+            pkg-config:pkg-config gcc:gcc
+# headers pyfuse3 compiles against (checked with pkg-config, so they are not commands)
+SYSLIBS := fuse3:libfuse3-dev
 PYTEST := $(PY) -bb -m pytest
 
 .PHONY: help install sysdeps demo test test-long lint format typecheck bench clean
@@ -17,9 +20,11 @@ PYTEST := $(PY) -bb -m pytest
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-sysdeps: ## install the Debian packages the tests use (qemu-utils, fio, nbdkit, ...) when missing
+sysdeps: ## install the Debian packages replicator and its tests use, when missing (as root)
 	@missing=""; for pair in $(SYSTOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	for pair in $(SYSLIBS); do lib=$${pair%%:*}; pkg=$${pair##*:}; \
+	  pkg-config --exists $$lib 2>/dev/null || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -27,7 +32,7 @@ sysdeps: ## install the Debian packages the tests use (qemu-utils, fio, nbdkit, 
 	  else echo "missing tools:$$missing (run as root, or: sudo apt-get install$$missing)"; exit 1; fi; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | sysdeps
 	@if [ ! -x $(PY) ]; then \
 	  $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	    rm -rf $(VENV); \

@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -22,11 +23,13 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 from replicator.cli.common import fail, parse_endpoint, require_insecure, run
-from replicator.engine.errors import ReplicatorError
+from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.live import FuseFolderCapture, LiveSender, NbdCapture, NbdOptions
 from replicator.engine.names import check_job_name
 from replicator.engine.scan import Progress
 from replicator.engine.sender import Sender, SenderConfig, Summary
 from replicator.engine.statedir import default_state_dir
+from replicator.engine.tree import volumes_of, walk
 from replicator.engine.volumes import DEFAULT_EXTENT, resolve_volumes
 
 ToOption = Annotated[str, typer.Option("--to", help="Receiver address, HOST:PORT.")]
@@ -98,6 +101,51 @@ def scan_progress(*, enabled: bool) -> Iterator[Progress | None]:
         yield update
 
 
+class Capture(StrEnum):
+    scan = "scan"
+    nbd = "nbd"
+    fuse = "fuse"
+
+
+def _live_sender(
+    sender: Sender,
+    once: bool,
+    socket: Path | None,
+    listen: str | None,
+    size: int | None,
+) -> LiveSender:
+    if once:
+        raise ConfigError("--once applies to --capture scan; --capture nbd runs until stopped")
+    if socket is None:
+        raise ConfigError("--capture nbd needs --nbd-socket PATH")
+    endpoint = parse_endpoint(listen, "--nbd-listen") if listen else None
+    capture = NbdCapture(sender.config.volumes, NbdOptions(str(socket), endpoint, size))
+    return LiveSender(sender, capture)
+
+
+def _fuse_sender(
+    to: str, job: str, state_dir: Path | None, volumes: list[Path], once: bool, mount: Path | None
+) -> LiveSender:
+    if once:
+        raise ConfigError("--once applies to --capture scan; --capture fuse runs until stopped")
+    if mount is None:
+        raise ConfigError("--capture fuse needs --mount MOUNTPOINT")
+    if len(volumes) != 1 or not volumes[0].is_dir():
+        raise ConfigError("--capture fuse takes exactly one VOLUME: the VM's folder")
+    source = volumes[0]
+    host, port = parse_endpoint(to, "--to")
+    check_job_name(job)
+    tree = walk(source)
+    config = SenderConfig(
+        host=host,
+        port=port,
+        job=job,
+        volumes=volumes_of(source, tree),
+        state_dir=state_dir or default_state_dir("send", job),
+    )
+    return LiveSender(Sender(config), FuseFolderCapture(source, mount, tree))
+
+
 def _mib(n: int) -> str:
     return f"{n / 1048576:.1f} MiB"
 
@@ -131,8 +179,39 @@ def send(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     insecure: InsecureOption = False,
     capture: Annotated[
-        str, typer.Option("--capture", help="Capture method: scan (snapshot diff).")
-    ] = "scan",
+        Capture,
+        typer.Option(
+            "--capture",
+            help="scan: snapshot diff every --interval. nbd: serve the disks over NBD and "
+            "journal every write before acknowledging it (real time). fuse: mount the VM "
+            "folder (the one VOLUME) at --mount and journal every change (real time).",
+            case_sensitive=False,
+        ),
+    ] = Capture.scan,
+    mount: Annotated[
+        Path | None,
+        typer.Option(
+            "--mount",
+            help="Where the VM folder is mounted through the filter (--capture fuse); "
+            "the VM uses the files there.",
+        ),
+    ] = None,
+    nbd_socket: Annotated[
+        Path | None,
+        typer.Option("--nbd-socket", help="Unix socket for the NBD exports (--capture nbd)."),
+    ] = None,
+    nbd_listen: Annotated[
+        str | None,
+        typer.Option("--nbd-listen", help="Also serve NBD on HOST:PORT (--capture nbd)."),
+    ] = None,
+    nbd_size: Annotated[
+        int | None,
+        typer.Option(
+            "--nbd-size",
+            help="Export size in bytes (default: the most a growable image can grow to).",
+            min=1,
+        ),
+    ] = None,
     pre_hook: Annotated[
         str | None, typer.Option("--pre-hook", help="Shell command run before each scan (freeze).")
     ] = None,
@@ -147,16 +226,24 @@ def send(
     """Replicate VOLUMES to a receiver: changed extents only, in write order, durably."""
     try:
         require_insecure(insecure)
-        if capture != "scan":
-            raise ReplicatorError(
-                f"--capture {capture} is not available in this version; use --capture scan"
+        if capture is Capture.fuse:
+            live = _fuse_sender(to, job, state_dir, volumes, once, mount)
+        else:
+            config = build_config(
+                to, job, state_dir, volumes, pre_hook=pre_hook, post_hook=post_hook, resync=resync
             )
-        config = build_config(
-            to, job, state_dir, volumes, pre_hook=pre_hook, post_hook=post_hook, resync=resync
-        )
+            sender = Sender(config)
+        if capture is Capture.nbd:
+            live = _live_sender(sender, once, nbd_socket, nbd_listen, nbd_size)
     except ReplicatorError as exc:
         fail(exc)
-    sender = Sender(config)
+    if capture is not Capture.scan:
+
+        async def main_live(stop: asyncio.Event) -> None:
+            await live.run(stop)
+
+        run(main_live, graceful=True)
+        return
     if once:
         with scan_progress(enabled=not as_json) as progress:
 

@@ -10,6 +10,7 @@ journal is trimmed below it: those records are durable on the receiver.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import time
@@ -93,6 +94,9 @@ class Link:
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: BaseException | None = None
         self._closed = False
+        # (last lsn, source ts of first record, payload bytes) of frames not yet applied
+        self._in_flight: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._oldest_queued_ts = 0
 
     async def send(self, msg: Message) -> None:
         async with self._send_lock:
@@ -171,6 +175,8 @@ class Link:
                 async with self._changed:
                     self.received_lsn = max(self.received_lsn, msg.received_lsn)
                     self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
+                    while self._in_flight and self._in_flight[0][0] <= self.applied_lsn:
+                        self._in_flight.popleft()
                     self._changed.notify_all()
                 await self.journal.trim(self.received_lsn + 1)
                 self.space_freed.set()
@@ -212,7 +218,9 @@ class Link:
         try:
             while True:
                 if carry is None:
+                    self._oldest_queued_ts = 0
                     record = await _get_or_fail(queue, tailer)
+                    self._oldest_queued_ts = record.ts_ns
                     carry = record, encode_record(record)
                 first = last = carry[0]
                 parts = [carry[1]]
@@ -232,6 +240,7 @@ class Link:
                 payload = b"".join(parts)
                 async with self._changed:
                     self.credit -= len(payload)
+                self._in_flight.append((last.lsn, first.ts_ns, len(payload)))
                 await self.send(Records(first.lsn, last.lsn, len(parts), first.ts_ns, payload))
                 self.stats.payload_bytes += len(payload)
                 self.stats.frames += 1
@@ -280,12 +289,19 @@ class Link:
                 await self._changed.wait()
             self._check()
 
-    def lag(self) -> tuple[int, int]:
-        """(records, LSN distance) not yet acknowledged as received."""
-        return (
-            self.journal.durable_lsn - self.received_lsn,
-            self.journal.last_lsn - self.received_lsn,
-        )
+    def lag(self) -> dict[str, float]:
+        """What the receiver has not applied yet: records, bytes shipped, age in seconds.
+
+        The age is measured from the source timestamp of the oldest record not yet
+        applied (shipped or still queued), so it is the replica's RPO right now.
+        """
+        oldest = self._in_flight[0][1] if self._in_flight else self._oldest_queued_ts
+        age = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
+        return {
+            "records": max(0, self.journal.last_lsn - self.applied_lsn),
+            "bytes": sum(size for _, _, size in self._in_flight),
+            "seconds": round(age, 3) if self.journal.last_lsn > self.applied_lsn else 0.0,
+        }
 
     async def goodbye(self, reason: str = "done") -> None:
         with contextlib.suppress(Exception):

@@ -25,7 +25,7 @@ import structlog
 
 from replicator.engine.applier import Applier, ApplyError
 from replicator.engine.errors import ConfigError
-from replicator.engine.names import check_job_name, path_problem, volume_name_problem
+from replicator.engine.names import check_job_name, path_problem
 from replicator.engine.volumes import DEFAULT_EXTENT, DIGEST_SIZE, iter_extents
 from replicator.journal import Journal, JournalFull, Record, RecordType, decode_records
 from replicator.journal.durable import makedirs_durable, read_state, write_state_async
@@ -191,9 +191,11 @@ class JobReplica:
     def replica_manifest(self, volume: str, extent_size: int) -> tuple[bool, int, bytes]:
         """(exists, size, digests) of a replica, read afresh. Blocking."""
         path = self.replica_dir / volume
+        if path_problem(volume) is not None or _through_symlink(self.replica_dir, volume):
+            return False, 0, b""  # never read outside the replica folder
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
             return False, 0, b""
         try:
             size = os.fstat(fd).st_size
@@ -241,7 +243,10 @@ class Receiver:
         if task is not None:
             self._sessions.add(task)
         try:
-            await self._handle(conn)
+            try:
+                await self._handle(conn)
+            except BaseExceptionGroup as group:
+                raise _first_error(group) from group
         except (ConnectionClosedError, ConnectionError, TimeoutError) as exc:
             log.info("receiver.session_lost", peer=conn.peer, reason=str(exc) or type(exc).__name__)
         except RemoteProtocolError as exc:
@@ -298,7 +303,7 @@ class Receiver:
         except ConfigError as exc:
             return Refuse("name", str(exc))
         for volume in hello.volumes:
-            problem = volume_name_problem(volume.name)
+            problem = path_problem(volume.name)
             if problem is not None:
                 return Refuse("name", problem)
         return None
@@ -335,6 +340,9 @@ class Session:
 
     async def run(self) -> None:
         replica = self.replica
+        # records a previous session appended but did not sync yet are valid (checksummed):
+        # make them durable so the resume point we announce covers them
+        await replica.journal.sync()
         await self.send(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,
@@ -431,7 +439,7 @@ class Session:
                 await self.send(Ack(self.replica.received_lsn, last))
 
     async def _answer_manifest(self, req: ManifestRequest) -> None:
-        problem = volume_name_problem(req.volume)
+        problem = path_problem(req.volume)
         if problem is not None or req.extent_size <= 0 or req.extent_size > (64 << 20):
             await self.send(Error("name", problem or f"bad extent size {req.extent_size}"))
             return
@@ -459,6 +467,26 @@ class Session:
 
 class _SessionOver(Exception):
     pass
+
+
+def _through_symlink(root: Path, relpath: str) -> bool:
+    """True when any component of ``relpath`` under ``root`` is a symlink."""
+    current = root
+    for part in relpath.split("/"):
+        current = current / part
+        if current.is_symlink():
+            return True
+    return False
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error in a (nested) exception group from a session's TaskGroup."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
 
 
 def _storage_reason(exc: BaseException) -> str:

@@ -170,6 +170,7 @@ async def scan_epoch(
     append: Appender,
     sync_every: int = 64 * 1024 * 1024,
     progress: Progress | None = None,
+    prelude: list[Record] | None = None,
 ) -> tuple[ManifestSet, ScanStats, int]:
     """Journal one epoch of changes against ``basis``.
 
@@ -180,6 +181,9 @@ async def scan_epoch(
     new_set = ManifestSet(lsn=0, extent_size=basis.extent_size, epoch=basis.epoch + 1)
     unsynced = 0
     total = sum(os.stat(spec.path).st_size for spec in volumes)
+    if prelude:  # tree changes (folders, links, deletions) come before file contents
+        await append(prelude)
+        stats.records += len(prelude)
     for spec in volumes:
         if spec.kind is VolumeKind.FILE:
             content = await asyncio.to_thread(spec.path.read_bytes)

@@ -143,6 +143,23 @@ def _apply_effect(basis: ManifestSet, record: Record) -> None:
     if record.type is RecordType.FILE:
         basis.files[record.volume] = extent_digest(record.data)
         return
+    if record.type in (RecordType.UNLINK, RecordType.CREATE):
+        basis.disks.pop(record.volume, None)
+        basis.files.pop(record.volume, None)
+        if record.type is RecordType.CREATE:  # an empty file
+            basis.disks[record.volume] = Manifest(basis.extent_size, 0)
+            basis.files[record.volume] = extent_digest(b"")
+        return
+    if record.type is RecordType.RENAME:  # content moves with the name
+        disk = basis.disks.pop(record.volume, None)
+        digest = basis.files.pop(record.volume, None)
+        basis.disks.pop(record.target, None)
+        basis.files.pop(record.target, None)
+        if disk is not None:
+            basis.disks[record.target] = disk
+        if digest is not None:
+            basis.files[record.target] = digest
+        return
     if record.type is RecordType.RESIZE:
         resized = basis.disks.setdefault(record.volume, Manifest(basis.extent_size, 0))
         resize_basis(resized, record.size)
@@ -255,8 +272,14 @@ class Sender:
             raise
         return link, kind, basis
 
-    async def _cycle(
-        self, state: SenderState, link: Link, basis: ManifestSet, progress: Progress | None = None
+    async def cycle(
+        self,
+        state: SenderState,
+        link: Link,
+        basis: ManifestSet,
+        progress: Progress | None = None,
+        *,
+        prelude: list[Record] | None = None,
     ) -> tuple[ManifestSet, ScanStats, int]:
         journal = state.journal
         assert journal is not None
@@ -271,7 +294,12 @@ class Sender:
         await run_hook(self.config.pre_hook, "pre")
         try:
             result = await scan_epoch(
-                self.config.volumes, journal, basis, append=append, progress=progress
+                self.config.volumes,
+                journal,
+                basis,
+                append=append,
+                progress=progress,
+                prelude=prelude,
             )
         finally:
             await run_hook(self.config.post_hook, "post")
@@ -285,7 +313,7 @@ class Sender:
         async with SenderState(self.config) as state:
             link, kind, basis = await self.open_link(state)
             try:
-                manifests, stats, epoch_lsn = await self._cycle(state, link, basis, progress)
+                manifests, stats, epoch_lsn = await self.cycle(state, link, basis, progress)
                 await link.wait_applied(epoch_lsn)
                 await link.goodbye()
             finally:
@@ -323,7 +351,7 @@ class Sender:
                 backoff = 1.0
                 try:
                     while not stop.is_set():
-                        manifests, stats, lsn = await self._cycle(state, link, basis)
+                        manifests, stats, lsn = await self.cycle(state, link, basis)
                         log.info(
                             "sender.epoch",
                             epoch=manifests.epoch,

@@ -48,7 +48,7 @@ def qemu_img(*args: str) -> str:
     ).stdout
 
 
-def qemu_io(fmt: str, path: Path, *commands: str) -> None:
+def qemu_io(fmt: str, path: Path | str, *commands: str) -> None:
     require_tool("qemu-io")
     cmd = ["qemu-io", "-f", fmt]
     for c in commands:

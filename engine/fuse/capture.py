@@ -1,0 +1,109 @@
+"""Mount a folder through the journaling filter and serve it until told to stop.
+
+pyfuse3 keeps one session per process (module-global state), so one process runs at
+most one :class:`FuseCapture` at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Final
+
+import pyfuse3
+import pyfuse3.asyncio
+import structlog
+
+from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.fuse.filter import JournalingFilter
+from replicator.engine.fuse.mount import check_paths, prepare_mountpoint
+from replicator.journal.journal import Journal
+
+log = structlog.get_logger("replicator.fuse")
+
+STOP_TIMEOUT: Final = 60.0  # for requests still running when a stop is asked for
+MAX_TASKS: Final = 64  # concurrent requests (pyfuse3 worker tasks)
+
+
+class FuseCapture:
+    """Serves ``source`` at ``mountpoint``; every change is journaled into ``journal``.
+
+    The journal is the caller's: it is synced, not closed, when ``run`` returns.
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        mountpoint: Path,
+        journal: Journal,
+        *,
+        allow_other: bool = True,
+        max_tasks: int = MAX_TASKS,
+    ) -> None:
+        self.source = check_paths(Path(source), Path(mountpoint), journal.path)
+        self.mountpoint = Path(os.path.abspath(mountpoint))
+        self.journal = journal
+        self.allow_other = allow_other
+        self.max_tasks = max_tasks
+        self.filter = JournalingFilter(self.source, journal)
+        self.mounted = asyncio.Event()  # set once the mount is live
+        self._active = False
+
+    def options(self) -> set[str]:
+        opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+        opts |= {f"fsname=replicator:{self.source}", "subtype=replicator"}
+        if self.allow_other:
+            opts.add("allow_other")  # the VM's user (e.g. libvirt-qemu) is not ours
+        return opts
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Mount, serve until ``stop`` is set or the mount is unmounted, then clean up.
+
+        Cleanup appends a FLUSH record, syncs the journal and unmounts, also on errors.
+        """
+        if self._active:
+            raise ConfigError("this FuseCapture is already running")
+        self._active = True
+        prepare_mountpoint(self.mountpoint)
+        pyfuse3.asyncio.enable()
+        try:
+            pyfuse3.init(self.filter, str(self.mountpoint), self.options())
+        except RuntimeError as exc:
+            raise ReplicatorError(f"cannot mount FUSE at {self.mountpoint}: {exc}") from exc
+        log.info("fuse.mounted", source=str(self.source), mountpoint=str(self.mountpoint))
+        self.mounted.set()
+        main = asyncio.ensure_future(pyfuse3.main(min_tasks=1, max_tasks=self.max_tasks))
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not main.done():
+                pyfuse3.terminate()
+                try:
+                    await asyncio.wait_for(asyncio.shield(main), STOP_TIMEOUT)
+                except TimeoutError:
+                    log.error("fuse.stop_timeout", seconds=STOP_TIMEOUT)
+                    main.cancel()
+            else:
+                log.warning("fuse.unmounted_externally", mountpoint=str(self.mountpoint))
+            if main.done() and not main.cancelled():
+                main.result()
+        finally:
+            stopper.cancel()
+            try:
+                await self.filter.aclose()
+            finally:
+                pyfuse3.close(unmount=True)
+                self.mounted.clear()
+                stats = self.filter.stats
+                log.info(
+                    "fuse.unmounted",
+                    mountpoint=str(self.mountpoint),
+                    writes=stats.writes,
+                    bytes_written=stats.bytes_written,
+                    max_write=stats.max_write,
+                    records=stats.records,
+                    syncs=stats.syncs,
+                    durable_lsn=self.journal.durable_lsn,
+                    diverged=self.filter.diverged,
+                )

@@ -1,0 +1,307 @@
+"""Real-time capture (NBD shim or FUSE filter): journal every write, ship continuously.
+
+The order of a run:
+
+1. one snapshot-diff epoch brings the replica up to date with the files as they are
+   (initial or differential sync), before any client can write;
+2. the capture starts (NBD exports, or the FUSE mount): every write is journaled before it
+   is acknowledged, so all volumes of the job share one LSN order;
+3. a ticker makes new writes durable and appends a FLUSH barrier every ``tick``
+   seconds when there are any (for a block device every prefix of its write stream is a
+   crash-consistent state, so the receiver may apply up to any of these barriers);
+   configuration files named on the command line are polled and shipped as FILE
+   records in the same order;
+4. the link ships the journal as it grows and is re-established after interruptions;
+   the NBD server keeps serving meanwhile (the journal absorbs the backlog);
+5. SIGTERM: the capture stops accepting, finishes in-flight requests and flushes;
+   the final records are shipped and applied (bounded wait), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from replicator.engine.errors import ConfigError, ConnectError, ReplicatorError
+from replicator.engine.link import Link
+from replicator.engine.nbd import JournaledFileExport, NbdServer
+from replicator.engine.sender import Sender, SenderState
+from replicator.engine.tree import Tree, tree_records, walk
+from replicator.engine.volumes import VolumeKind, VolumeSpec, extent_digest
+from replicator.journal import Journal, Record
+
+log = structlog.get_logger()
+
+TICK = 0.02
+FILE_POLL = 1.0
+DRAIN_TIMEOUT = 30.0
+LAG_LOG_INTERVAL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class NbdOptions:
+    socket: str
+    listen: tuple[str, int] | None = None
+    export_size: int | None = None
+
+
+class LiveCapture(Protocol):
+    """How writes reach the journal in real time (NBD shim or FUSE filter)."""
+
+    # files the capture does not see itself, polled and shipped whole (NBD: the VM's XML)
+    watched: list[VolumeSpec]
+
+    def prelude(self, state: SenderState) -> list[Record]:
+        """Records the initial sync journals before file contents (tree changes)."""
+        ...
+
+    async def start(self, journal: Journal) -> None:
+        """Begin capturing; return once writers can use it."""
+        ...
+
+    async def stop(self, state: SenderState) -> None:
+        """Stop capturing after in-flight writes; everything captured is journaled."""
+        ...
+
+
+class LiveSender:
+    """``replicator send --capture nbd|fuse``: see the module docstring."""
+
+    def __init__(self, sender: Sender, capture: LiveCapture) -> None:
+        self.sender = sender
+        self.capture = capture
+        self.files = capture.watched
+        self._link: Link | None = None
+        self._file_digests: dict[str, bytes] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with SenderState(self.sender.config) as state:
+            journal = state.journal
+            assert journal is not None
+            link = await self._initial_sync(state, stop)
+            if link is None:
+                return
+            self._link = link
+            try:
+                await self.capture.start(journal)
+                async with asyncio.TaskGroup() as tg:
+                    ticker = tg.create_task(self._ticker(journal, stop))
+                    watcher = tg.create_task(self._watch_files(journal, stop))
+                    await self._ship_until(state, stop)
+                    ticker.cancel()
+                    watcher.cancel()
+            finally:
+                await self.capture.stop(state)
+                await self._drain(journal)
+                if self._link is not None:
+                    await self._link.aclose()
+
+    async def _initial_sync(self, state: SenderState, stop: asyncio.Event) -> Link | None:
+        """Bring the replica up to date before serving; retry while the receiver is away."""
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                link, kind, basis = await self.sender.open_link(state)
+            except ConnectError as exc:
+                log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 60.0)
+                continue
+            try:
+                prelude = self.capture.prelude(state)
+                manifests, stats, lsn = await self.sender.cycle(state, link, basis, prelude=prelude)
+                log.warning(
+                    "sender.initial_sync",
+                    basis=kind,
+                    lsn=lsn,
+                    changed=stats.bytes_changed,
+                    scanned=stats.bytes_scanned,
+                )
+                self._file_digests = dict(manifests.files)
+                return link
+            except ConnectError as exc:
+                log.warning("sender.link_lost", error=str(exc))
+                await link.aclose()
+        return None
+
+    async def _ship_until(self, state: SenderState, stop: asyncio.Event) -> None:
+        """Keep a link shipping until ``stop``; reconnect (without rescanning) when it fails."""
+        journal = state.journal
+        assert journal is not None
+        backoff = 1.0
+        last_lag_log = 0.0
+        while not stop.is_set():
+            link = self._link
+            if link is None:
+                try:
+                    link, _, _ = await self.sender.open_link(state, with_basis=False)
+                except ConnectError as exc:
+                    log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
+                    await _sleep_or_stop(stop, backoff)
+                    backoff = min(backoff * 2, 60.0)
+                    continue
+                if link.received_lsn + 1 < journal.first_lsn:
+                    await link.aclose()
+                    raise ReplicatorError(
+                        f"the receiver lacks records {link.received_lsn + 1}.."
+                        f"{journal.first_lsn - 1} that were already trimmed here (it lost its "
+                        "state)",
+                        hint="restart this sender: it resynchronises before serving again",
+                    )
+                self._link = link
+                backoff = 1.0
+            try:
+                await _sleep_or_stop(stop, 1.0, link)
+            except ConnectError as exc:
+                log.warning("sender.link_lost", error=str(exc))
+                await link.aclose()
+                self._link = None
+                continue
+            now = time.monotonic()
+            if now - last_lag_log >= LAG_LOG_INTERVAL:
+                last_lag_log = now
+                log.info("sender.lag", **link.lag())
+
+    async def _ticker(self, journal: Journal, stop: asyncio.Event) -> None:
+        """Turn new writes into a durable consistency point every TICK seconds."""
+        barrier_after = journal.last_lsn
+        while not stop.is_set():
+            await asyncio.sleep(TICK)
+            if journal.last_lsn > barrier_after:
+                barrier_after = await journal.append(Record.flush())
+                await journal.sync()
+
+    async def _watch_files(self, journal: Journal, stop: asyncio.Event) -> None:
+        """Ship configuration files again whenever their content changes."""
+        digests = dict(self._file_digests)
+        while not stop.is_set() and self.files:
+            await asyncio.sleep(FILE_POLL)
+            for spec in self.files:
+                await self._ship_file_if_changed(journal, spec, digests)
+
+    @staticmethod
+    async def _ship_file_if_changed(
+        journal: Journal, spec: VolumeSpec, digests: dict[str, bytes]
+    ) -> None:
+        try:
+            content = await asyncio.to_thread(spec.path.read_bytes)
+            mode = os.stat(spec.path).st_mode & 0o7777
+        except FileNotFoundError:
+            return  # mid rename-over by an editor; the next poll sees the new file
+        digest = extent_digest(content)
+        if digests.get(spec.name) != digest:
+            digests[spec.name] = digest
+            await journal.append(Record.file(spec.name, content, mode))
+            log.info("sender.file_changed", volume=spec.name, bytes=len(content))
+
+    async def _drain(self, journal: Journal) -> None:
+        """Make the last writes durable, ship them and wait (bounded) until applied."""
+        with contextlib.suppress(Exception):
+            if journal.last_lsn > journal.durable_lsn or journal.last_lsn:
+                await journal.append(Record.flush())
+            await journal.sync()
+        link = self._link
+        if link is None:
+            log.warning("sender.stopped_with_backlog", last_lsn=journal.last_lsn)
+            return
+        try:
+            await link.wait_applied(journal.last_lsn, DRAIN_TIMEOUT)
+            await link.goodbye("sender stopping")
+            log.warning("sender.drained", lsn=journal.last_lsn)
+        except (TimeoutError, ReplicatorError) as exc:
+            log.warning("sender.stopped_with_backlog", error=str(exc), last_lsn=journal.last_lsn)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None = None) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    if link is not None:
+        link.raise_if_failed()
+
+
+class NbdCapture:
+    """Serve the disk images over NBD; every write is journaled before it is acknowledged."""
+
+    def __init__(self, volumes: list[VolumeSpec], options: NbdOptions) -> None:
+        self.disks = [v for v in volumes if v.kind is VolumeKind.DISK]
+        self.watched = [v for v in volumes if v.kind is VolumeKind.FILE]
+        if not self.disks:
+            raise ConfigError("--capture nbd needs at least one disk image to export")
+        self.options = options
+        self._exports: list[JournaledFileExport] = []
+        self._server: NbdServer | None = None
+
+    def prelude(self, state: SenderState) -> list[Record]:
+        return []
+
+    async def start(self, journal: Journal) -> None:
+        for spec in self.disks:
+            self._exports.append(
+                JournaledFileExport(journal, spec.path, spec.name, self.options.export_size)
+            )
+        self._server = NbdServer({e.name: e for e in self._exports})
+        await self._server.start_unix(self.options.socket)
+        if self.options.listen is not None:
+            await self._server.start_tcp(*self.options.listen)
+        log.warning(
+            "sender.nbd_serving",
+            socket=self.options.socket,
+            exports=[e.name for e in self._exports],
+        )
+
+    async def stop(self, state: SenderState) -> None:
+        if self._server is not None:
+            await self._server.aclose()  # finishes in-flight requests, flushes every export
+        for export in self._exports:
+            await export.aclose()
+
+
+class FuseFolderCapture:
+    """Mount the VM folder through the journaling FUSE filter (``--capture fuse``)."""
+
+    TREE_STATE = "tree.state"
+
+    def __init__(self, source: Path, mountpoint: Path, tree: Tree) -> None:
+        from replicator.engine.fuse.mount import check_paths
+
+        self.source = check_paths(source, mountpoint)
+        self.mountpoint = mountpoint
+        self.tree = tree
+        self.watched: list[VolumeSpec] = []  # every change goes through the filter
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def prelude(self, state: SenderState) -> list[Record]:
+        old = Tree.load(state.dir / self.TREE_STATE)
+        records = tree_records(old, self.tree)
+        self.tree.save(state.dir / self.TREE_STATE)  # journaled before any later change
+        return records
+
+    async def start(self, journal: Journal) -> None:
+        from replicator.engine.fuse.capture import FuseCapture
+
+        capture = FuseCapture(self.source, self.mountpoint, journal)
+        self._task = asyncio.create_task(capture.run(self._stop), name="fuse")
+        mounted = asyncio.create_task(capture.mounted.wait())
+        await asyncio.wait({self._task, mounted}, return_when=asyncio.FIRST_COMPLETED)
+        mounted.cancel()
+        if self._task.done():
+            self._task.result()  # raises why the mount failed
+            raise ReplicatorError(f"the FUSE mount at {self.mountpoint} ended at once")
+        log.warning("sender.fuse_serving", source=str(self.source), mount=str(self.mountpoint))
+
+    async def stop(self, state: SenderState) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task  # syncs the journal and unmounts
+        # everything done through the mount is journaled: the folder as it is now is what
+        # the replica will hold once the journal is applied
+        await asyncio.to_thread(lambda: walk(self.source).save(state.dir / self.TREE_STATE))

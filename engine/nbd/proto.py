@@ -1,0 +1,618 @@
+"""Sans-IO codec for the server side of the NBD fixed-newstyle protocol.
+
+No sockets here: the I/O adapter (``server.py``) feeds received bytes to
+:meth:`ServerConnection.receive_data`, pulls events with
+:meth:`ServerConnection.next_event` and writes the bytes the reply methods return.
+The same object serves asyncio, the unit tests and the fuzzers.
+
+Wire formats (all integers big endian; NetworkBlockDevice/nbd ``doc/proto.md``)::
+
+    greeting  S: "NBDMAGIC" u64 | "IHAVEOPT" u64 | handshake flags u16
+              C: client flags u32
+    option    C: "IHAVEOPT" u64 | option u32 | length u32 | data
+    opt reply S: 0x3e889045565a9 u64 | option u32 | reply type u32 | length u32 | data
+    request   C: 0x25609513 u32 | flags u16 | type u16 | handle u64 | offset u64 | length u32
+              (+ length bytes of payload for NBD_CMD_WRITE)
+    reply     S: 0x67446698 u32 | error u32 | handle u64 (+ data for a successful read)
+
+Only simple replies are produced; ``NBD_OPT_STRUCTURED_REPLY`` is refused, which
+every client must accept. Everything that affects state transitions lives in
+``_TRANSITIONS``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum, IntEnum, IntFlag, auto
+from typing import Final, NamedTuple
+
+NBDMAGIC: Final = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT: Final = 0x49484156454F5054  # "IHAVEOPT"
+OPTION_REPLY_MAGIC: Final = 0x0003E889045565A9
+REQUEST_MAGIC: Final = 0x25609513
+SIMPLE_REPLY_MAGIC: Final = 0x67446698
+
+MAX_STRING: Final = 4096  # export names and messages (spec: MUST be no longer)
+MAX_OPTION_DATA: Final = 64 * 1024  # no option we know needs more; beyond is abuse
+DEFAULT_MAX_REQUEST: Final = 32 * 1024 * 1024
+# An over-long WRITE payload up to this size is read and thrown away so the client gets
+# a clean EINVAL; beyond it we cannot trust the length field and hang up instead.
+MAX_SKIP: Final = 256 * 1024 * 1024
+
+_GREETING = struct.Struct(">QQH")
+_CLIENT_FLAGS = struct.Struct(">I")
+_OPTION_HEADER = struct.Struct(">QII")
+_OPTION_REPLY = struct.Struct(">QIII")
+_REQUEST = struct.Struct(">IHHQQI")
+_REPLY = struct.Struct(">IIQ")
+_EXPORT_NAME_REPLY = struct.Struct(">QH")
+_INFO_EXPORT = struct.Struct(">HQH")
+_INFO_BLOCK_SIZE = struct.Struct(">HIII")
+
+REQUEST_SIZE: Final = _REQUEST.size  # 28
+REPLY_SIZE: Final = _REPLY.size  # 16
+
+
+class HandshakeFlag(IntFlag):
+    FIXED_NEWSTYLE = 1 << 0
+    NO_ZEROES = 1 << 1
+
+
+class ClientFlag(IntFlag):
+    FIXED_NEWSTYLE = 1 << 0
+    NO_ZEROES = 1 << 1
+
+
+class TransmissionFlag(IntFlag):
+    HAS_FLAGS = 1 << 0
+    READ_ONLY = 1 << 1
+    SEND_FLUSH = 1 << 2
+    SEND_FUA = 1 << 3
+    ROTATIONAL = 1 << 4
+    SEND_TRIM = 1 << 5
+    SEND_WRITE_ZEROES = 1 << 6
+    SEND_DF = 1 << 7
+    CAN_MULTI_CONN = 1 << 8
+    SEND_RESIZE = 1 << 9
+    SEND_CACHE = 1 << 10
+    SEND_FAST_ZERO = 1 << 11
+
+
+class Opt(IntEnum):
+    EXPORT_NAME = 1
+    ABORT = 2
+    LIST = 3
+    PEEK_EXPORT = 4
+    STARTTLS = 5
+    INFO = 6
+    GO = 7
+    STRUCTURED_REPLY = 8
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
+    EXTENDED_HEADERS = 11
+
+
+class Rep(IntEnum):
+    ACK = 1
+    SERVER = 2
+    INFO = 3
+    META_CONTEXT = 4
+    ERR_UNSUP = (1 << 31) + 1
+    ERR_POLICY = (1 << 31) + 2
+    ERR_INVALID = (1 << 31) + 3
+    ERR_PLATFORM = (1 << 31) + 4
+    ERR_TLS_REQD = (1 << 31) + 5
+    ERR_UNKNOWN = (1 << 31) + 6
+    ERR_SHUTDOWN = (1 << 31) + 7
+    ERR_BLOCK_SIZE_REQD = (1 << 31) + 8
+    ERR_TOO_BIG = (1 << 31) + 9
+
+
+class Info(IntEnum):
+    EXPORT = 0
+    NAME = 1
+    DESCRIPTION = 2
+    BLOCK_SIZE = 3
+
+
+class Cmd(IntEnum):
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    CACHE = 5
+    WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
+    RESIZE = 8
+
+
+class CmdFlag(IntFlag):
+    FUA = 1 << 0
+    NO_HOLE = 1 << 1
+    DF = 1 << 2
+    REQ_ONE = 1 << 3
+    FAST_ZERO = 1 << 4
+
+
+class Errno(IntEnum):
+    """The only error values the protocol allows on the wire."""
+
+    EPERM = 1
+    EIO = 5
+    ENOMEM = 12
+    EINVAL = 22
+    ENOSPC = 28
+    EOVERFLOW = 75
+    ENOTSUP = 95
+    ESHUTDOWN = 108
+
+
+class ProtocolError(Exception):
+    """Base of the two codec errors; either one moves the connection to ERROR."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The client broke the protocol; the only safe reaction is to hang up."""
+
+
+class LocalProtocolError(ProtocolError):
+    """The server code misused this codec (a bug on our side)."""
+
+
+# --- events --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OptionExportName:
+    """NBD_OPT_EXPORT_NAME: answer with ``accept_export_name`` or ``reject_export_name``.
+
+    ``name`` is None when the bytes are not a valid NBD string (it matches no export).
+    """
+
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OptionGo:
+    """NBD_OPT_GO (``go``) or NBD_OPT_INFO: answer with ``accept_go`` or ``reply_error``."""
+
+    name: str
+    info_requests: tuple[int, ...]
+    go: bool
+
+    @property
+    def option(self) -> Opt:
+        return Opt.GO if self.go else Opt.INFO
+
+
+@dataclass(frozen=True, slots=True)
+class OptionList:
+    """NBD_OPT_LIST: answer with ``reply_list``."""
+
+
+@dataclass(frozen=True, slots=True)
+class OptionAbort:
+    """NBD_OPT_ABORT: answer with ``reply_abort`` (the connection then ends)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OptionOther:
+    """Any other option (or a known one with a malformed payload, ``invalid`` says why).
+
+    Answer with ``reply_error`` (ERR_UNSUP, or ERR_INVALID when ``invalid`` is set).
+    """
+
+    option: int
+    data: bytes
+    invalid: str | None = None
+
+
+class Request(NamedTuple):
+    """One transmission-phase request; ``data`` is the payload of a WRITE.
+
+    A NamedTuple, not a frozen dataclass: one is built per request, and building a
+    frozen dataclass costs several times as much.
+    """
+
+    cmd: int
+    flags: int
+    handle: int
+    offset: int
+    length: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedRequest:
+    """A request longer than ``max_request``; its payload (if any) was skipped.
+
+    The server answers it with an error reply; the connection stays usable.
+    """
+
+    cmd: int
+    flags: int
+    handle: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """NBD_CMD_DISC: finish in-flight requests, then close. Nothing more will be read."""
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+OptionEvent = OptionExportName | OptionGo | OptionList | OptionAbort | OptionOther
+Event = OptionEvent | Request | OversizedRequest | Disconnect
+
+
+# --- state machine -------------------------------------------------------------------
+
+
+class State(Enum):
+    CLIENT_FLAGS = auto()  # greeting sent, waiting for the client's flags
+    OPTIONS = auto()  # option haggling, ready to read the next option
+    OPTION_PENDING = auto()  # an option was handed out; waiting for our final reply
+    TRANSMISSION = auto()
+    CLOSED = auto()  # after ABORT, DISC or a refused EXPORT_NAME
+    ERROR = auto()
+
+
+class _Step(Enum):
+    CLIENT_FLAGS = auto()
+    OPTION = auto()
+    OPTION_REPLIED = auto()
+    ENTER_TRANSMISSION = auto()
+    CLOSE = auto()
+    REQUEST = auto()
+
+
+# Every transition the codec can make; anything absent is a LocalProtocolError.
+_TRANSITIONS: Final[dict[tuple[State, _Step], State]] = {
+    (State.CLIENT_FLAGS, _Step.CLIENT_FLAGS): State.OPTIONS,
+    (State.OPTIONS, _Step.OPTION): State.OPTION_PENDING,
+    (State.OPTION_PENDING, _Step.OPTION_REPLIED): State.OPTIONS,
+    (State.OPTION_PENDING, _Step.ENTER_TRANSMISSION): State.TRANSMISSION,
+    (State.OPTION_PENDING, _Step.CLOSE): State.CLOSED,
+    (State.TRANSMISSION, _Step.REQUEST): State.TRANSMISSION,
+    (State.TRANSMISSION, _Step.CLOSE): State.CLOSED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSize:
+    """NBD_INFO_BLOCK_SIZE: the request sizes the export handles (min, preferred, max)."""
+
+    minimum: int = 1
+    preferred: int = 4096
+    maximum: int = DEFAULT_MAX_REQUEST
+
+    def __post_init__(self) -> None:
+        for v in (self.minimum, self.preferred):
+            if v <= 0 or v & (v - 1):
+                raise ValueError("block size minimum/preferred must be powers of 2")
+        if self.minimum > 65536 or self.preferred < max(512, self.minimum):
+            raise ValueError("block size minimum must be <= 64 KiB, preferred >= 512")
+        if self.maximum < self.preferred or self.maximum % self.minimum:
+            raise ValueError("block size maximum must be >= preferred and a multiple of minimum")
+
+    @classmethod
+    def for_max_request(cls, max_request: int) -> BlockSize:
+        """Any alignment, 4 KiB preferred (less if ``max_request`` is smaller)."""
+        if max_request < 512:
+            raise ValueError("max_request must be at least 512 bytes")
+        preferred = min(4096, 1 << (max_request.bit_length() - 1))
+        return cls(1, preferred, max_request)
+
+
+class ServerConnection:
+    """Server side of one NBD connection, from greeting to disconnect.
+
+    Usage: send :meth:`greeting`, then loop ``receive_data`` / ``next_event``; answer
+    every option event with one of the reply methods (the codec hands out no further
+    option until the final reply was produced); in transmission, answer requests with
+    the module-level :func:`reply_header` in any order.
+    """
+
+    def __init__(self, *, max_request: int = DEFAULT_MAX_REQUEST) -> None:
+        if not 0 < max_request <= MAX_SKIP:
+            raise LocalProtocolError(f"max_request must be in 1..{MAX_SKIP}")
+        self.max_request = max_request
+        self.state = State.CLIENT_FLAGS
+        self.client_flags = ClientFlag(0)
+        self._buf = bytearray()
+        self._pos = 0
+        self._skip = 0  # payload bytes of an oversized WRITE still to discard
+        self._pending_option: int | None = None
+
+    # -- byte plumbing -----------------------------------------------------------------
+
+    def greeting(self) -> bytes:
+        return _GREETING.pack(
+            NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+        )
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self.state in (State.CLOSED, State.ERROR):
+            return  # nothing may follow DISC/ABORT; after an error we only wait to hang up
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = memoryview(data)[n:]
+            if not data:
+                return
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events (for flow control)."""
+        return len(self._buf) - self._pos
+
+    def _available(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _take(self, n: int) -> bytes:
+        with memoryview(self._buf) as view:
+            out = bytes(view[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+    def _step(self, step: _Step) -> None:
+        try:
+            self.state = _TRANSITIONS[(self.state, step)]
+        except KeyError:
+            raise LocalProtocolError(f"cannot {step.name} in state {self.state.name}") from None
+
+    def _fail(self, message: str) -> RemoteProtocolError:
+        self.state = State.ERROR
+        return RemoteProtocolError(message)
+
+    # -- events --------------------------------------------------------------------------
+
+    def next_event(self) -> Event | _NeedData:
+        """The next complete event, or NEED_DATA. Raises RemoteProtocolError on garbage."""
+        state = self.state
+        if state is State.TRANSMISSION:
+            return self._next_request()
+        if state is State.OPTIONS:
+            return self._next_option()
+        if state is State.CLIENT_FLAGS:
+            if self._available() < _CLIENT_FLAGS.size:
+                return NEED_DATA
+            (flags,) = _CLIENT_FLAGS.unpack(self._take(_CLIENT_FLAGS.size))
+            if flags & ~int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
+                raise self._fail(f"client set unknown handshake flags {flags:#x}")
+            self.client_flags = ClientFlag(flags)
+            self._step(_Step.CLIENT_FLAGS)
+            return self._next_option()
+        return NEED_DATA  # OPTION_PENDING, CLOSED, ERROR: nothing to hand out
+
+    def _next_option(self) -> OptionEvent | _NeedData:
+        if self._available() < _OPTION_HEADER.size:
+            return NEED_DATA
+        magic, option, length = _OPTION_HEADER.unpack_from(self._buf, self._pos)
+        if magic != IHAVEOPT:
+            raise self._fail(f"bad option magic {magic:#x}")
+        if length > MAX_OPTION_DATA:
+            raise self._fail(f"option {option} carries {length} bytes (limit {MAX_OPTION_DATA})")
+        if self._available() < _OPTION_HEADER.size + length:
+            return NEED_DATA
+        self._pos += _OPTION_HEADER.size
+        data = self._take(length)
+        self._pending_option = option
+        self._step(_Step.OPTION)
+        return _parse_option(option, data)
+
+    def _next_request(self) -> Request | OversizedRequest | Disconnect | _NeedData:
+        if self._available() < REQUEST_SIZE:
+            return NEED_DATA
+        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(self._buf, self._pos)
+        if magic != REQUEST_MAGIC:
+            raise self._fail(f"bad request magic {magic:#x}")
+        if cmd == _WRITE:
+            if length > self.max_request:
+                if length > MAX_SKIP:
+                    raise self._fail(f"WRITE of {length} bytes: payload too large to skip")
+                self._pos += REQUEST_SIZE
+                have = min(self._available(), length)
+                self._pos += have
+                self._skip = length - have
+                return OversizedRequest(cmd, flags, handle, offset, length)
+            if self._available() < REQUEST_SIZE + length:
+                return NEED_DATA
+            self._pos += REQUEST_SIZE
+            return Request(cmd, flags, handle, offset, length, self._take(length))
+        self._pos += REQUEST_SIZE
+        if cmd == _DISC:
+            self._step(_Step.CLOSE)
+            self._buf.clear()
+            self._pos = 0
+            return Disconnect()
+        if cmd == _READ and length > self.max_request:
+            return OversizedRequest(cmd, flags, handle, offset, length)
+        return Request(cmd, flags, handle, offset, length)
+
+    # -- option replies -----------------------------------------------------------------
+
+    def _reply_to(self, option: int) -> None:
+        if self.state is not State.OPTION_PENDING or self._pending_option != option:
+            raise LocalProtocolError(f"no option {option} is waiting for a reply")
+
+    def _final(self, option: int, step: _Step) -> None:
+        self._reply_to(option)
+        self._pending_option = None
+        self._step(step)
+
+    def reply_error(self, option: int, rep: Rep, message: str = "") -> bytes:
+        """Final error reply (any ``Rep.ERR_*``) with an optional human-readable message."""
+        if rep < (1 << 31):
+            raise LocalProtocolError(f"{rep!r} is not an error reply")
+        self._final(option, _Step.OPTION_REPLIED)
+        return option_reply(option, rep, message.encode()[:MAX_STRING])
+
+    def reply_ack(self, option: int) -> bytes:
+        """Final NBD_REP_ACK for an option that needs no data (the connection continues)."""
+        self._final(option, _Step.OPTION_REPLIED)
+        return option_reply(option, Rep.ACK)
+
+    def reply_list(self, names: list[str]) -> bytes:
+        self._reply_to(Opt.LIST)
+        parts = [option_reply(Opt.LIST, Rep.SERVER, _string(n)) for n in names]
+        self._final(Opt.LIST, _Step.OPTION_REPLIED)
+        parts.append(option_reply(Opt.LIST, Rep.ACK))
+        return b"".join(parts)
+
+    def reply_abort(self) -> bytes:
+        self._final(Opt.ABORT, _Step.CLOSE)
+        return option_reply(Opt.ABORT, Rep.ACK)
+
+    def accept_go(self, event: OptionGo, size: int, flags: int, block: BlockSize) -> bytes:
+        """INFO replies and the final ACK; for NBD_OPT_GO this enters transmission."""
+        self._reply_to(event.option)
+        info_export = _INFO_EXPORT.pack(Info.EXPORT, size, flags | TransmissionFlag.HAS_FLAGS)
+        # The spec lets a server send NBD_INFO_BLOCK_SIZE unasked; clients honour it.
+        info_block = _INFO_BLOCK_SIZE.pack(
+            Info.BLOCK_SIZE, block.minimum, block.preferred, block.maximum
+        )
+        parts = [
+            option_reply(event.option, Rep.INFO, info_export),
+            option_reply(event.option, Rep.INFO, info_block),
+            option_reply(event.option, Rep.ACK),
+        ]
+        self._final(event.option, _Step.ENTER_TRANSMISSION if event.go else _Step.OPTION_REPLIED)
+        return b"".join(parts)
+
+    def accept_export_name(self, size: int, flags: int) -> bytes:
+        self._final(Opt.EXPORT_NAME, _Step.ENTER_TRANSMISSION)
+        out = _EXPORT_NAME_REPLY.pack(size, flags | TransmissionFlag.HAS_FLAGS)
+        if not self.client_flags & ClientFlag.NO_ZEROES:
+            out += bytes(124)
+        return out
+
+    def reject_export_name(self) -> bytes:
+        """EXPORT_NAME cannot carry an error: the spec requires hanging up instead."""
+        self._final(Opt.EXPORT_NAME, _Step.CLOSE)
+        return b""
+
+    def close(self) -> None:
+        """The server is ending the session (after DISC or its own shutdown)."""
+        if self.state not in (State.CLOSED, State.ERROR):
+            self.state = State.CLOSED
+
+
+# --- pure helpers ----------------------------------------------------------------------
+
+
+def _string(s: str) -> bytes:
+    raw = s.encode()
+    return struct.pack(">I", len(raw)) + raw
+
+
+def option_reply(option: int, rep: int, data: bytes = b"") -> bytes:
+    return _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, rep, len(data)) + data
+
+
+def reply_header(handle: int, error: int = 0) -> bytes:
+    """Simple reply header; for a successful READ the data follows it."""
+    return _REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+
+
+def _decode_name(raw: bytes) -> str | None:
+    if len(raw) > MAX_STRING or b"\0" in raw:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _parse_option(option: int, data: bytes) -> OptionEvent:
+    if option == Opt.EXPORT_NAME:
+        return OptionExportName(_decode_name(data))
+    if option == Opt.ABORT:
+        return OptionAbort()
+    if option == Opt.LIST:
+        if data:
+            return OptionOther(option, data, "NBD_OPT_LIST carries no data")
+        return OptionList()
+    if option in (Opt.GO, Opt.INFO):
+        return _parse_go(option, data)
+    return OptionOther(option, data)
+
+
+def _parse_go(option: int, data: bytes) -> OptionGo | OptionOther:
+    if len(data) < 6:
+        return OptionOther(option, data, "option too short")
+    (name_len,) = struct.unpack_from(">I", data)
+    if len(data) < 4 + name_len + 2:
+        return OptionOther(option, data, "export name length exceeds the option")
+    name = _decode_name(data[4 : 4 + name_len])
+    if name is None:
+        return OptionOther(option, data, "export name is not a valid string")
+    (count,) = struct.unpack_from(">H", data, 4 + name_len)
+    rest = data[4 + name_len + 2 :]
+    if len(rest) != 2 * count:
+        return OptionOther(option, data, "information request count does not match length")
+    infos = struct.unpack(f">{count}H", rest)
+    return OptionGo(name, infos, option == Opt.GO)
+
+
+# Plain-int copies for the per-request path: IntEnum/IntFlag arithmetic runs Python
+# code (and ``~`` on an IntFlag only covers the defined bits, not unknown ones).
+_READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
+_TRIM, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)
+_FUA, _NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE)
+_T_FLUSH, _T_FUA = int(TransmissionFlag.SEND_FLUSH), int(TransmissionFlag.SEND_FUA)
+_T_TRIM, _T_ZEROES = int(TransmissionFlag.SEND_TRIM), int(TransmissionFlag.SEND_WRITE_ZEROES)
+_T_READ_ONLY = int(TransmissionFlag.READ_ONLY)
+_EINVAL, _ENOSPC, _EPERM = int(Errno.EINVAL), int(Errno.ENOSPC), int(Errno.EPERM)
+
+
+def check_request(req: Request, size: int, flags: int) -> int:
+    """The NBD error a request deserves before it touches the export (0 when valid).
+
+    ``flags`` are the transmission flags the export advertised. Follows the spec's
+    SHOULDs: EINVAL for unknown commands and flags, ENOSPC for writes past the end,
+    EPERM for writes to a read-only export.
+    """
+    cmd = req.cmd
+    allowed = _FUA if flags & _T_FUA else 0
+    if cmd in (_READ, _WRITE):
+        pass
+    elif cmd == _FLUSH:
+        if not flags & _T_FLUSH or req.offset or req.length:
+            return _EINVAL
+    elif cmd == _TRIM:
+        if not flags & _T_TRIM:
+            return _EINVAL
+    elif cmd == _WRITE_ZEROES:
+        if not flags & _T_ZEROES:
+            return _EINVAL
+        allowed |= _NO_HOLE
+    else:
+        return _EINVAL
+    if req.flags & ~allowed:
+        return _EINVAL
+    if cmd == _FLUSH:
+        return 0
+    writes = cmd != _READ
+    if writes and flags & _T_READ_ONLY:
+        return _EPERM
+    if req.length == 0:
+        return _EINVAL
+    if req.offset + req.length > size:
+        return _ENOSPC if writes else _EINVAL
+    return 0

@@ -1,0 +1,206 @@
+"""File-system operations through a real mount, checked by replaying the journal."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from replicator.journal import Record, RecordType
+from tests.fuse.helpers import FILTER, FuseProc, assert_same_tree, read_journal, replay
+
+OLD_XML = b"<domain type='kvm'>\n  <name>vm1</name>\n  <memory>1024</memory>\n</domain>\n"
+NEW_XML = b"<domain type='kvm'>\n  <name>vm1</name>\n  <memory>4096</memory>\n</domain>\n" * 50
+
+
+def _initial(fuse: FuseProc, tmp_path: Path) -> Path:
+    initial = tmp_path / "initial"
+    shutil.copytree(fuse.source, initial, symlinks=True)
+    return initial
+
+
+def test_metadata_operations_replay(fuse: FuseProc, tmp_path: Path) -> None:
+    (fuse.source / "keep.txt").write_bytes(b"keep")
+    (fuse.source / "gone.txt").write_bytes(b"gone")
+    (fuse.source / "olddir").mkdir()
+    initial = _initial(fuse, tmp_path)
+    fuse.start()
+    m = fuse.mnt
+    (m / "vm1").mkdir()
+    (m / "vm1" / "disks").mkdir(mode=0o750)
+    (m / "vm1" / "disks" / "a.raw").write_bytes(os.urandom(300_000))
+    os.symlink("disks/a.raw", m / "vm1" / "current")
+    os.symlink("/nonexistent/abs", m / "dangling")
+    os.chmod(m / "keep.txt", 0o600)
+    os.unlink(m / "gone.txt")
+    os.rmdir(m / "olddir")
+    (m / "tmpdir").mkdir()
+    (m / "tmpdir" / "f").write_bytes(b"x" * 5000)
+    os.rename(m / "tmpdir", m / "vm1" / "moved")  # a directory with content
+    with open(m / "vm1" / "moved" / "f", "r+b") as f:
+        f.truncate(100)
+        f.seek(0, os.SEEK_END)
+        f.write(b"tail")
+    os.truncate(m / "vm1" / "disks" / "a.raw", 1 << 20)  # path-based, grows
+    assert sorted(os.listdir(m)) == ["dangling", "keep.txt", "vm1"]
+    assert fuse.stop() == 0
+    assert_same_tree(fuse.source, replay(initial, read_journal(fuse.journal), tmp_path / "rep"))
+    assert (fuse.source / "vm1" / "moved" / "f").read_bytes() == b"x" * 100 + b"tail"
+    assert (os.stat(fuse.source / "vm1" / "disks").st_mode & 0o777) == 0o750
+
+
+def test_editor_style_save_is_atomic(fuse: FuseProc, tmp_path: Path) -> None:
+    (fuse.source / "vm1.xml").write_bytes(OLD_XML)
+    initial = _initial(fuse, tmp_path)
+    fuse.start()
+    tmp = fuse.mnt / ".vm1.xml.swp"
+    with open(tmp, "wb") as f:
+        for pos in range(0, len(NEW_XML), 1000):  # several WRITE records
+            f.write(NEW_XML[pos : pos + 1000])
+            f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, fuse.mnt / "vm1.xml")
+    assert fuse.stop() == 0
+    records = [r for r in read_journal(fuse.journal) if r.type is not RecordType.FLUSH]
+    kinds = [r.type for r in records]
+    assert kinds[0] is RecordType.CREATE and records[0].volume == ".vm1.xml.swp"
+    assert kinds[-1] is RecordType.RENAME and records[-1].target == "vm1.xml"
+    assert set(kinds[1:-1]) == {RecordType.WRITE}
+    # every prefix of the stream shows the old or the new file, never a mix or nothing
+    all_records = read_journal(fuse.journal)
+    renamed_at = next(i for i, r in enumerate(all_records) if r.type is RecordType.RENAME)
+    for n in range(len(all_records) + 1):
+        rep = replay(initial, all_records[:n], tmp_path / f"rep{n}")
+        assert (rep / "vm1.xml").read_bytes() == (NEW_XML if n > renamed_at else OLD_XML)
+        shutil.rmtree(rep)
+
+
+def test_sparse_file_stays_sparse(fuse: FuseProc, tmp_path: Path) -> None:
+    initial = _initial(fuse, tmp_path)
+    fuse.start()
+    path = fuse.mnt / "thin.img"
+    size = 256 << 20
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(0)
+        f.write(b"\x01" * 4096)
+        f.seek(128 << 20)
+        f.write(b"\x02" * 65536)
+        os.fsync(f.fileno())
+    assert fuse.stop() == 0
+    rep = replay(initial, read_journal(fuse.journal), tmp_path / "rep")
+    assert_same_tree(fuse.source, rep)
+    for p in (fuse.source / "thin.img", rep / "thin.img"):
+        st = p.stat()
+        assert st.st_size == size
+        assert st.st_blocks * 512 < 1 << 20, (p, st.st_blocks)
+
+
+def test_writes_through_an_unlinked_file_do_not_reach_its_successor(
+    fuse: FuseProc, tmp_path: Path
+) -> None:
+    initial = _initial(fuse, tmp_path)
+    fuse.start()
+    old = open(fuse.mnt / "f", "wb")  # noqa: SIM115 - kept open across the unlink
+    try:
+        old.write(b"first")
+        old.flush()
+        os.unlink(fuse.mnt / "f")
+        (fuse.mnt / "f").write_bytes(b"second")
+        old.write(b"late bytes of the unlinked file")
+        old.flush()
+        os.fsync(old.fileno())
+    finally:
+        old.close()
+    assert fuse.stop() == 0
+    rep = replay(initial, read_journal(fuse.journal), tmp_path / "rep")
+    assert (rep / "f").read_bytes() == b"second"
+    assert_same_tree(fuse.source, rep)
+
+
+def test_open_file_keeps_journaling_after_its_directory_is_renamed(
+    fuse: FuseProc, tmp_path: Path
+) -> None:
+    initial = _initial(fuse, tmp_path)
+    fuse.start()
+    (fuse.mnt / "a").mkdir()
+    with open(fuse.mnt / "a" / "disk", "wb") as f:
+        f.write(b"1" * 4096)
+        f.flush()
+        os.rename(fuse.mnt / "a", fuse.mnt / "b")
+        f.write(b"2" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    assert fuse.stop() == 0
+    records = read_journal(fuse.journal)
+    writes = [r.volume for r in records if r.type is RecordType.WRITE]
+    assert writes == ["a/disk", "b/disk"]
+    rep = replay(initial, records, tmp_path / "rep")
+    assert_same_tree(fuse.source, rep)
+    assert (rep / "b" / "disk").read_bytes() == b"1" * 4096 + b"2" * 4096
+
+
+def test_o_trunc_and_rename_over_replay(fuse: FuseProc, tmp_path: Path) -> None:
+    (fuse.source / "cfg").write_bytes(b"A" * 10000)
+    (fuse.source / "other").write_bytes(b"B" * 100)
+    initial = _initial(fuse, tmp_path)
+    fuse.start()
+    (fuse.mnt / "cfg").write_bytes(b"short")  # open(O_TRUNC) on an existing file
+    os.rename(fuse.mnt / "other", fuse.mnt / "cfg")
+    assert fuse.stop() == 0
+    records = read_journal(fuse.journal)
+    assert Record.resize("cfg", 0).type in {r.type for r in records}
+    rep = replay(initial, records, tmp_path / "rep")
+    assert_same_tree(fuse.source, rep)
+    assert (rep / "cfg").read_bytes() == b"B" * 100
+
+
+def test_unreplicable_operations_are_refused(fuse: FuseProc, tmp_path: Path) -> None:
+    (fuse.source / "f").write_bytes(b"x")
+    fuse.start()
+    for call in (
+        lambda: os.link(fuse.mnt / "f", fuse.mnt / "hard"),
+        lambda: os.mkfifo(fuse.mnt / "fifo"),
+        lambda: (fuse.mnt / "bad\x01name").write_bytes(b""),
+    ):
+        try:
+            call()
+        except OSError:
+            pass
+        else:
+            raise AssertionError("operation should have been refused")
+    assert sorted(os.listdir(fuse.mnt)) == ["f"]
+    assert fuse.stop() == 0
+    types = {r.type for r in read_journal(fuse.journal)}
+    assert types <= {RecordType.FLUSH}
+
+
+def test_sigterm_unmounts_and_exits_zero(fuse: FuseProc) -> None:
+    fuse.start()
+    (fuse.mnt / "x").write_bytes(b"data")
+    assert fuse.stop() == 0
+    assert not os.path.ismount(fuse.mnt)
+    events = [e["event"] for e in fuse.events()]
+    assert events[-1] == "fuse.unmounted", events
+
+
+def _run_filter(*args: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FILTER, *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+def test_clear_errors(tmp_path: Path) -> None:
+    src, mnt, jr = tmp_path / "src", tmp_path / "mnt", tmp_path / "jr"
+    src.mkdir()
+    res = _run_filter(tmp_path / "missing", mnt, jr)
+    assert res.returncode == 3 and "does not exist" in res.stderr
+    res = _run_filter(src, mnt, jr)
+    assert res.returncode == 3 and f"mount point {mnt} does not exist" in res.stderr
+    mnt.mkdir()
+    (mnt / "file").write_bytes(b"")
+    res = _run_filter(src, mnt, jr)
+    assert res.returncode == 3 and "is not empty" in res.stderr
+    res = _run_filter(src, src / "inner", jr)
+    assert res.returncode == 3 and "overlap" in res.stderr
+    assert sys.executable  # the child ran under this interpreter
