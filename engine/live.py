@@ -32,7 +32,7 @@ import structlog
 from replicator.engine.errors import ConfigError, ConnectError, ReplicatorError
 from replicator.engine.link import Link
 from replicator.engine.nbd import JournaledFileExport, NbdServer
-from replicator.engine.sender import Sender, SenderState
+from replicator.engine.sender import Sender, SenderState, sleep_or_stop
 from replicator.engine.tree import Tree, tree_records, walk
 from replicator.engine.volumes import VolumeKind, VolumeSpec, extent_digest
 from replicator.journal import Journal, Record
@@ -111,7 +111,7 @@ class LiveSender:
                 link, kind, basis = await self.sender.open_link(state)
             except ConnectError as exc:
                 log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
-                await _sleep_or_stop(stop, backoff)
+                await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 60.0)
                 continue
             try:
@@ -144,7 +144,7 @@ class LiveSender:
                     link, _, _ = await self.sender.open_link(state, with_basis=False)
                 except ConnectError as exc:
                     log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
-                    await _sleep_or_stop(stop, backoff)
+                    await sleep_or_stop(stop, backoff)
                     backoff = min(backoff * 2, 60.0)
                     continue
                 if link.received_lsn + 1 < journal.first_lsn:
@@ -158,7 +158,7 @@ class LiveSender:
                 self._link = link
                 backoff = 1.0
             try:
-                await _sleep_or_stop(stop, 1.0, link)
+                await sleep_or_stop(stop, 1.0, link)
             except ConnectError as exc:
                 log.warning("sender.link_lost", error=str(exc))
                 await link.aclose()
@@ -217,14 +217,6 @@ class LiveSender:
             log.warning("sender.drained", lsn=journal.last_lsn)
         except (TimeoutError, ReplicatorError) as exc:
             log.warning("sender.stopped_with_backlog", error=str(exc), last_lsn=journal.last_lsn)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None = None) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await stop.wait()
-    if link is not None:
-        link.raise_if_failed()
 
 
 class NbdCapture:

@@ -14,9 +14,12 @@ acknowledges the LSN as *applied*.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ from replicator.transport import (
 log = structlog.get_logger()
 
 APPLY_BATCH_BYTES = 8 * 1024 * 1024
+MEM_APPLY_BYTES = 128 * 1024 * 1024  # durable records kept in memory for the applier
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
 HELLO_TIMEOUT = 30.0
 IDLE_TIMEOUT = 120.0
@@ -91,6 +95,13 @@ class JobReplica:
         self.state_dir = config.state_root / job
         self.session_lock = asyncio.Lock()
         self.last_barrier = applied
+        # Records made durable by a session, kept so the applier need not read them back
+        # from the journal. Valid only while it holds *every* durable record after the
+        # applied LSN; dropped (and the journal read instead) when it would grow too big.
+        self._mem: collections.deque[Record] = collections.deque()
+        self._mem_bytes = 0
+        self._mem_ok = journal.durable_lsn == applied
+        self._noted = applied  # highest LSN handed to note_durable (or applied)
         self._applier = Applier(self.replica_dir)
         self._wake = asyncio.Event()
         self.applied_changed = asyncio.Condition()
@@ -138,11 +149,42 @@ class JobReplica:
         await self.journal.append_many(records)
 
     def note_durable(self, records: list[Record]) -> None:
-        """Called once records are durable: barriers among them become applicable."""
+        """Called once records are durable, in LSN order: barriers become applicable."""
         for record in records:
             if record.is_barrier:
                 self.last_barrier = max(self.last_barrier, record.lsn)
+        if records:
+            self._noted = max(self._noted, records[-1].lsn)
+        if self._mem_ok:
+            self._mem.extend(records)
+            self._mem_bytes += sum(r.encoded_size for r in records)
+            if self._mem_bytes > MEM_APPLY_BYTES:  # the applier is behind: use the journal
+                self._mem.clear()
+                self._mem_bytes = 0
+                self._mem_ok = False
         self._wake.set()
+
+    def session_started(self) -> None:
+        """A new session begins: records an earlier one made durable without handing them
+        over (it ended between its append and its sync) exist only in the journal."""
+        if self.journal.durable_lsn > self._noted:
+            self._mem.clear()
+            self._mem_bytes = 0
+            self._mem_ok = False
+
+    async def _records_upto(self, target: int) -> AsyncIterator[Record]:
+        """Durable records after the applied LSN up to ``target``, from memory or the journal."""
+        if self._mem_ok:
+            while self._mem and self._mem[0].lsn <= target:
+                record = self._mem.popleft()
+                self._mem_bytes -= record.encoded_size
+                yield record
+            return
+        start = max(self.applied_lsn + 1, self.journal.first_lsn)
+        async for record in self.journal.read_from(start):
+            if record.lsn > target:
+                break
+            yield record
 
     async def _apply_loop(self) -> None:
         try:
@@ -161,15 +203,13 @@ class JobReplica:
     async def apply_pending(self, *, force: bool = False) -> int:
         """Apply records up to the last durable barrier (or all durable ones when ``force``)."""
         async with self._apply_lock:
+            t0 = time.perf_counter()
             target = self.journal.durable_lsn if force else self.last_barrier
             if target <= self.applied_lsn:
                 return self.applied_lsn
             batch: list[Record] = []
             size = 0
-            start = max(self.applied_lsn + 1, self.journal.first_lsn)
-            async for record in self.journal.read_from(start):
-                if record.lsn > target:
-                    break
+            async for record in self._records_upto(target):
                 batch.append(record)
                 size += record.encoded_size
                 if size >= APPLY_BATCH_BYTES:
@@ -177,15 +217,27 @@ class JobReplica:
                     batch, size = [], 0
             if batch:
                 await asyncio.to_thread(self._applier.apply_many, batch)
+            t1 = time.perf_counter()
             await asyncio.to_thread(self._applier.barrier)
+            t2 = time.perf_counter()
             await write_state_async(
                 self.state_dir / "applied.state", {"applied_lsn": target, "job": self.job}
             )
             self.applied_lsn = target
+            if not self._mem_ok and self.journal.durable_lsn == target:
+                self._mem_ok = True  # caught up: nothing durable is left unapplied
+                self._noted = max(self._noted, target)
             await self.journal.trim(target + 1)
             async with self.applied_changed:
                 self.applied_changed.notify_all()
-            log.debug("receiver.applied", job=self.job, lsn=target)
+            log.debug(
+                "receiver.applied",
+                job=self.job,
+                lsn=target,
+                apply_ms=round((t1 - t0) * 1000, 1),
+                fsync_ms=round((t2 - t1) * 1000, 1),
+                total_ms=round((time.perf_counter() - t0) * 1000, 1),
+            )
             return target
 
     def replica_manifest(self, volume: str, extent_size: int) -> tuple[bool, int, bytes]:
@@ -332,6 +384,7 @@ class Session:
         self._unsynced: list[Record] = []
         self._unsynced_bytes = 0
         self._sync_wake = asyncio.Event()
+        self._sync_lock = asyncio.Lock()
         self._done = False
 
     async def send(self, msg: Any) -> None:
@@ -343,6 +396,7 @@ class Session:
         # records a previous session appended but did not sync yet are valid (checksummed):
         # make them durable so the resume point we announce covers them
         await replica.journal.sync()
+        replica.session_started()
         await self.send(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,
@@ -385,7 +439,7 @@ class Session:
                 except ApplyError as exc:
                     await self.send(Error("name", str(exc)))
                     return
-                self._unsynced.extend(r for r in records if r.is_barrier)
+                self._unsynced.extend(records)
                 self._unsynced_bytes += len(msg.payload)
                 self._sync_wake.set()
             elif isinstance(msg, ManifestRequest):
@@ -408,10 +462,14 @@ class Session:
             await self._sync_once()
 
     async def _sync_once(self) -> None:
-        barriers, self._unsynced = self._unsynced, []
+        async with self._sync_lock:  # hand records over in LSN order
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
+        records, self._unsynced = self._unsynced, []
         granted, self._unsynced_bytes = self._unsynced_bytes, 0
         await self.replica.journal.sync()
-        self.replica.note_durable(barriers)
+        self.replica.note_durable(records)
         await self.send(Ack(self.replica.received_lsn, self.replica.applied_lsn))
         if granted:
             await self.send(Credit(granted))

@@ -345,7 +345,7 @@ class Sender:
                     link, _, basis = await self.open_link(state)
                 except ConnectError as exc:
                     log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
-                    await _sleep_or_stop(stop, backoff)
+                    await sleep_or_stop(stop, backoff)
                     backoff = min(backoff * 2, 60.0)
                     continue
                 backoff = 1.0
@@ -360,7 +360,7 @@ class Sender:
                             scanned=stats.bytes_scanned,
                         )
                         basis = manifests
-                        await _sleep_or_stop(stop, interval, link)
+                        await sleep_or_stop(stop, interval, link)
                     with contextlib.suppress(Exception):
                         await link.wait_applied(state.journal.last_lsn if state.journal else 0, 30)
                     await link.goodbye("sender stopping")
@@ -370,7 +370,8 @@ class Sender:
                     await link.aclose()
 
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None = None) -> None:
+async def sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None = None) -> None:
+    """Wait ``seconds`` or until ``stop``; then raise the link's failure, if it has one."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await stop.wait()

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import blake3
-
 from replicator.engine.applier import Applier
 from replicator.journal import Journal, Record
+from tests.tools import b3
 
 FILTER = [sys.executable, "-m", "replicator.engine.fuse"]
 MOUNT_TIMEOUT = 20.0
@@ -130,14 +129,6 @@ def replay(initial: Path, records: list[Record], into: Path) -> Path:
     return into
 
 
-def _b3(path: Path) -> str:
-    h = blake3.blake3()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return str(h.hexdigest())
-
-
 def tree(root: Path) -> dict[str, tuple[str, int, str]]:
     """path -> (kind, permission bits, content hash / link target) for a whole folder."""
     out: dict[str, tuple[str, int, str]] = {}
@@ -151,7 +142,7 @@ def tree(root: Path) -> dict[str, tuple[str, int, str]]:
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir", stat.S_IMODE(st.st_mode), "")
             else:
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), f"{st.st_size}:{_b3(p)}")
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), f"{st.st_size}:{b3(p)}")
     return out
 
 
