@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
@@ -20,6 +19,8 @@ app = typer.Typer(
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # 30 ms: only when asked
+
     try:
         return version("replicator")
     except PackageNotFoundError:  # pragma: no cover - running from a bare checkout

@@ -55,7 +55,7 @@ from replicator.transport import (
 log = structlog.get_logger()
 
 APPLY_BATCH_BYTES = 8 * 1024 * 1024
-MEM_APPLY_BYTES = 128 * 1024 * 1024  # durable records kept in memory for the applier
+MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the applier
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
 HELLO_TIMEOUT = 30.0
 IDLE_TIMEOUT = 120.0

@@ -267,8 +267,11 @@ class Sender:
             else:
                 basis, kind = ManifestSet(0, self.config.extent_size), "none"
             link.start_shipper(max(link.received_lsn + 1, journal.first_lsn))
-        except BaseException:
+        except BaseException as exc:
             await link.aclose()
+            mapped = as_user_error(exc)  # e.g. the receiver went away mid-handshake
+            if mapped is not exc:
+                raise mapped from exc
             raise
         return link, kind, basis
 

@@ -8,12 +8,14 @@ nothing is allocated.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
 import functools
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -146,12 +148,12 @@ class Extent:
     data: memoryview | None  # set for DATA extents; valid until the iterator advances
 
 
-def iter_extents(fd: int, size: int, extent_size: int = DEFAULT_EXTENT) -> Iterator[Extent]:
-    """Every extent of ``fd`` up to ``size``, with its state and digest (holes are not read)."""
-    ranges = data_ranges(fd, size)
+def _plan(
+    ranges: list[tuple[int, int]], size: int, extent_size: int
+) -> Iterator[tuple[bool, int, int]]:
+    """(read?, first extent, extent count) jobs: holes are never read, data in chunks."""
     n_extents = (size + extent_size - 1) // extent_size
-    buf = bytearray(READ_CHUNK)
-    view = memoryview(buf)
+    chunk_extents = max(1, READ_CHUNK // extent_size)
     r = 0
     idx = 0
     while idx < n_extents:
@@ -160,32 +162,77 @@ def iter_extents(fd: int, size: int, extent_size: int = DEFAULT_EXTENT) -> Itera
         while r < len(ranges) and ranges[r][1] <= off:
             r += 1
         if r >= len(ranges) or ranges[r][0] >= off + length:
-            # whole extent lies in a hole: skip to the next data range in one step
             next_data = ranges[r][0] if r < len(ranges) else size
-            last = max(idx + 1, next_data // extent_size)
-            while idx < min(last, n_extents):
-                off = idx * extent_size
-                length = min(extent_size, size - off)
-                yield Extent(idx, off, length, ExtentState.HOLE, zero_digest(length), None)
-                idx += 1
+            last = min(n_extents, max(idx + 1, next_data // extent_size))
+            yield False, idx, last - idx
+            idx = last
             continue
-        # read a chunk of whole extents starting here
-        chunk_extents = max(1, READ_CHUNK // extent_size)
         range_extents = (ranges[r][1] - off + extent_size - 1) // extent_size
         count = min(chunk_extents, n_extents - idx, range_extents)  # stop where the data ends
-        want = min(count * extent_size, size - off)
-        got = os.preadv(fd, [view[:want]], off)
-        if got < want:  # file shrank under us: the rest reads as zeros
-            view[got:want] = zeros(want - got)
-        for k in range(count):
-            e_off = off + k * extent_size
-            e_len = min(extent_size, size - e_off)
-            piece = view[k * extent_size : k * extent_size + e_len]
-            if bytes(piece) == zeros(e_len):  # memoryview == bytes is 30x slower
-                yield Extent(idx + k, e_off, e_len, ExtentState.ZERO, zero_digest(e_len), None)
-            else:
-                yield Extent(idx + k, e_off, e_len, ExtentState.DATA, extent_digest(piece), piece)
+        yield True, idx, count
         idx += count
+
+
+def _read_chunk(
+    fd: int, size: int, extent_size: int, first: int, count: int, buf: bytearray
+) -> list[Extent]:
+    """Read and classify ``count`` extents from ``first`` into ``buf`` (runs in a worker)."""
+    view = memoryview(buf)
+    off = first * extent_size
+    want = min(count * extent_size, size - off)
+    got = os.preadv(fd, [view[:want]], off)
+    if got < want:  # file shrank under us: the rest reads as zeros
+        view[got:want] = zeros(want - got)
+    out: list[Extent] = []
+    for k in range(count):
+        e_off = off + k * extent_size
+        e_len = min(extent_size, size - e_off)
+        piece = view[k * extent_size : k * extent_size + e_len]
+        if bytes(piece) == zeros(e_len):  # memoryview == bytes is 30x slower
+            out.append(Extent(first + k, e_off, e_len, ExtentState.ZERO, zero_digest(e_len), None))
+        else:
+            out.append(
+                Extent(first + k, e_off, e_len, ExtentState.DATA, extent_digest(piece), piece)
+            )
+    return out
+
+
+def iter_extents(
+    fd: int, size: int, extent_size: int = DEFAULT_EXTENT, workers: int = 2
+) -> Iterator[Extent]:
+    """Every extent of ``fd`` up to ``size``, in order, with its state and digest.
+
+    Holes are not read. Data is read and hashed a chunk at a time by ``workers`` threads
+    (pread and blake3 release the GIL), a couple of chunks ahead of the consumer. An
+    extent's ``data`` view is valid until the iterator moves past its chunk.
+    """
+    jobs = list(_plan(data_ranges(fd, size), size, extent_size))
+    ahead = workers  # chunks being read while the consumer works on one
+    buffers = [bytearray(READ_CHUNK) for _ in range(ahead + 2)]
+    pending: collections.deque[Future[list[Extent]]] = collections.deque()
+    reads = [(k, first, count) for k, (read, first, count) in enumerate(jobs) if read]
+    submitted = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
+
+        def submit_more(limit: int) -> None:
+            nonlocal submitted
+            while submitted < len(reads) and len(pending) < limit:
+                _, first, count = reads[submitted]
+                buf = buffers[submitted % len(buffers)]
+                pending.append(pool.submit(_read_chunk, fd, size, extent_size, first, count, buf))
+                submitted += 1
+
+        submit_more(ahead + 1)
+        for read, first, count in jobs:
+            if not read:
+                for idx in range(first, first + count):
+                    off = idx * extent_size
+                    length = min(extent_size, size - off)
+                    yield Extent(idx, off, length, ExtentState.HOLE, zero_digest(length), None)
+                continue
+            chunk = pending.popleft().result()
+            yield from chunk
+            submit_more(ahead + 1)  # the buffer of the chunk just consumed is free again
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

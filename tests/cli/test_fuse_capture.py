@@ -103,6 +103,10 @@ def test_editor_save_and_folder_changes(
         target = receiver.dir / "fvm"
         _wait_same(source / "vm.xml", target / "vm.xml")
         _wait_same(source / "snapshots" / "s1.xml", target / "snapshots" / "s1.xml")
+        deadline = time.monotonic() + 30
+        while not (target / "current.xml").is_symlink():  # journaled after s1.xml
+            assert time.monotonic() < deadline, "the symlink did not replicate"
+            time.sleep(0.05)
         assert os.readlink(target / "current.xml") == "vm.xml"
         assert not (target / ".vm.xml.swp").exists()
     finally:

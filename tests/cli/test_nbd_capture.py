@@ -66,7 +66,8 @@ def live_vm(tmp_path: Path, receiver: ReceiverProc) -> Iterator[tuple[Path, Path
     vhd, raw, sock = tmp_path / "disk0.vhd", tmp_path / "disk1.img", tmp_path / "nbd.sock"
     qemu_img("create", "-q", "-f", "vpc", str(vhd), "128M")
     qemu_img("create", "-q", "-f", "raw", str(raw), "32M")
-    proc = _start_live(receiver, tmp_path / "state", sock, vhd, raw)
+    (tmp_path / "vm.xml").write_text("<domain><memory>1</memory></domain>\n")
+    proc = _start_live(receiver, tmp_path / "state", sock, vhd, raw, tmp_path / "vm.xml")
     yield vhd, raw, sock
     assert _stop(proc) == 0, proc.stderr.read() if proc.stderr else ""
 
@@ -80,6 +81,20 @@ def test_qemu_io_random_writes_on_a_growing_vhd(
     qemu_io("vpc", _uri(sock, "disk0.vhd"), *commands, "flush")
     _converges("vpc", vhd, receiver.dir / "live" / "disk0.vhd")
     assert b3(vhd) == b3(receiver.dir / "live" / "disk0.vhd")
+
+
+def test_configuration_file_changes_ship_in_order(
+    tmp_path: Path, live_vm: tuple[Path, Path, Path], receiver: ReceiverProc
+) -> None:
+    replica = receiver.dir / "live" / "vm.xml"
+    deadline = time.monotonic() + 30
+    while not replica.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (tmp_path / "vm.xml").write_text("<domain><memory>2</memory></domain>\n")
+    while replica.read_text() != (tmp_path / "vm.xml").read_text():
+        assert time.monotonic() < deadline, "the XML change did not replicate"
+        time.sleep(0.1)
 
 
 def test_qemu_img_convert_and_nbdcopy_into_exports(
