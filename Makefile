@@ -25,6 +25,8 @@ sysdeps: ## install the Debian packages replicator and its tests use, when missi
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	for pair in $(SYSLIBS); do lib=$${pair%%:*}; pkg=$${pair##*:}; \
 	  pkg-config --exists $$lib 2>/dev/null || missing="$$missing $$pkg"; done; \
+	inc=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	[ -f "$$inc/Python.h" ] || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
