@@ -30,7 +30,14 @@ from replicator.engine.applier import Applier, ApplyError
 from replicator.engine.errors import ConfigError
 from replicator.engine.names import check_job_name, path_problem
 from replicator.engine.volumes import DEFAULT_EXTENT, DIGEST_SIZE, iter_extents
-from replicator.journal import Journal, JournalFull, Record, RecordType, decode_records
+from replicator.journal import (
+    Journal,
+    JournalError,
+    JournalFull,
+    Record,
+    RecordType,
+    decode_records,
+)
 from replicator.journal.durable import makedirs_durable, read_state, write_state_async
 from replicator.transport import (
     PROTOCOL_VERSION,
@@ -131,6 +138,10 @@ class JobReplica:
             await self.apply_pending()
         self._task = asyncio.create_task(self._apply_loop(), name=f"apply-{job}")
         return self
+
+    @property
+    def broken(self) -> bool:
+        return self.failure is not None or self.journal.failed
 
     @property
     def received_lsn(self) -> int:
@@ -285,6 +296,12 @@ class Receiver:
     async def job(self, name: str) -> JobReplica:
         async with self._jobs_lock:
             replica = self._jobs.get(name)
+            if replica is not None and replica.broken and not replica.session_lock.locked():
+                # a write, fsync or apply failed (disk full?): reopening recovers from disk
+                log.warning("receiver.reopen_job", job=name)
+                with contextlib.suppress(Exception):
+                    await replica.aclose()
+                replica = None
             if replica is None:
                 replica = self._jobs[name] = await JobReplica.open(name, self.config)
             return replica
@@ -301,6 +318,8 @@ class Receiver:
                 raise _first_error(group) from group
         except (ConnectionClosedError, ConnectionError, TimeoutError) as exc:
             log.info("receiver.session_lost", peer=conn.peer, reason=str(exc) or type(exc).__name__)
+        except StorageFailed as exc:
+            log.warning("receiver.session_ended", peer=conn.peer, reason=str(exc))
         except RemoteProtocolError as exc:
             log.warning("receiver.protocol_error", peer=conn.peer, error=str(exc))
             await _send_quietly(conn, Error("protocol", str(exc)))
@@ -431,7 +450,7 @@ class Session:
                     )
                 try:
                     await self.replica.ingest(records)
-                except (JournalFull, OSError) as exc:
+                except (JournalError, OSError) as exc:
                     reason = _storage_reason(exc)
                     log.error("receiver.storage", job=self.replica.job, error=reason)
                     await self.send(Error("storage", reason))
@@ -468,7 +487,13 @@ class Session:
     async def _sync_locked(self) -> None:
         records, self._unsynced = self._unsynced, []
         granted, self._unsynced_bytes = self._unsynced_bytes, 0
-        await self.replica.journal.sync()
+        try:
+            await self.replica.journal.sync()
+        except (JournalError, OSError) as exc:
+            reason = _storage_reason(exc)
+            log.error("receiver.storage", job=self.replica.job, error=reason)
+            await self.send(Error("storage", reason))
+            raise StorageFailed(reason) from exc
         self.replica.note_durable(records)
         await self.send(Ack(self.replica.received_lsn, self.replica.applied_lsn))
         if granted:
@@ -547,11 +572,18 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group.exceptions[0]
 
 
+class StorageFailed(Exception):
+    """The receiver could not make records durable; the sender was told why."""
+
+
 def _storage_reason(exc: BaseException) -> str:
     if isinstance(exc, JournalFull):
         return f"receiver journal is full ({exc}); free space or raise its cap"
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return "receiver disk is full; free space on the receiver and resend"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return "receiver disk is full; free space on the receiver, then send again"
+        cause = cause.__cause__
     return f"receiver storage error: {exc}"
 
 

@@ -325,6 +325,11 @@ class Journal:
 
     # ------------------------------------------------------------------ properties
     @property
+    def failed(self) -> bool:
+        """True after a write or fsync error: every call fails until the journal is reopened."""
+        return self._failure is not None
+
+    @property
     def path(self) -> Path:
         return self._dir
 
