@@ -52,6 +52,7 @@ from replicator.transport import (
     VolumeInfo,
     Welcome,
 )
+from replicator.transport.messages import MAX_VOLUMES
 
 log = structlog.get_logger()
 
@@ -108,7 +109,11 @@ class Link:
         hello = Hello(
             protocol_version=PROTOCOL_VERSION,
             job=job,
-            volumes=tuple(VolumeInfo(v.name, sizes[v.name], v.kind.value) for v in volumes),
+            # a courtesy list for early name checks (records are checked on arrival anyway),
+            # so a big VM folder is announced only in part
+            volumes=tuple(
+                VolumeInfo(v.name, sizes[v.name], v.kind.value) for v in volumes[:MAX_VOLUMES]
+            ),
             capabilities=("lz4", "manifest"),
             generation=0,
             session=uuid.uuid4().hex,
