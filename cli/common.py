@@ -28,6 +28,19 @@ def parse_endpoint(value: str, option: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str, option: str) -> int:
+    """Bytes from '123', '64M', '16G', '1T' (binary units)."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in "KMGT" and text[-1:] else ""
+    number = text[: len(text) - len(unit)]
+    if not number.isdigit() or int(number) <= 0:
+        raise ConfigError(f"{option} wants a size such as 512M or 16G, got {value!r}")
+    return int(number) * _SIZE_UNITS[unit]
+
+
 def require_insecure(insecure: bool) -> None:
     if not insecure:
         raise ConfigError(INSECURE_REQUIRED)

@@ -22,12 +22,12 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
-from replicator.cli.common import fail, parse_endpoint, require_insecure, run
+from replicator.cli.common import fail, parse_endpoint, parse_size, require_insecure, run
 from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.live import FuseFolderCapture, LiveSender, NbdCapture, NbdOptions
 from replicator.engine.names import check_job_name
 from replicator.engine.scan import Progress
-from replicator.engine.sender import Sender, SenderConfig, Summary
+from replicator.engine.sender import JOURNAL_CAP, LIVE_JOURNAL_CAP, Sender, SenderConfig, Summary
 from replicator.engine.statedir import default_state_dir
 from replicator.engine.tree import volumes_of, walk
 from replicator.engine.volumes import DEFAULT_EXTENT, resolve_volumes
@@ -62,6 +62,7 @@ def build_config(
     post_hook: str | None = None,
     resync: bool = False,
     extent_size: int = DEFAULT_EXTENT,
+    journal_max: int = JOURNAL_CAP,
 ) -> SenderConfig:
     host, port = parse_endpoint(to, "--to")
     check_job_name(job)
@@ -76,6 +77,7 @@ def build_config(
         pre_hook=pre_hook,
         post_hook=post_hook,
         resync=resync,
+        journal_max_bytes=journal_max,
     )
 
 
@@ -124,7 +126,13 @@ def _live_sender(
 
 
 def _fuse_sender(
-    to: str, job: str, state_dir: Path | None, volumes: list[Path], once: bool, mount: Path | None
+    to: str,
+    job: str,
+    state_dir: Path | None,
+    volumes: list[Path],
+    once: bool,
+    mount: Path | None,
+    journal_max: int,
 ) -> LiveSender:
     if once:
         raise ConfigError("--once applies to --capture scan; --capture fuse runs until stopped")
@@ -142,6 +150,7 @@ def _fuse_sender(
         job=job,
         volumes=volumes_of(source, tree),
         state_dir=state_dir or default_state_dir("send", job),
+        journal_max_bytes=journal_max,
     )
     return LiveSender(Sender(config), FuseFolderCapture(source, mount, tree))
 
@@ -196,6 +205,14 @@ def send(
             "the VM uses the files there.",
         ),
     ] = None,
+    journal_max: Annotated[
+        str | None,
+        typer.Option(
+            "--journal-max",
+            help="Cap on the sender's journal (e.g. 2G). Scan capture waits for the receiver "
+            "at the cap; live capture fails writes with ENOSPC. Default 1G scan, 16G live.",
+        ),
+    ] = None,
     nbd_socket: Annotated[
         Path | None,
         typer.Option("--nbd-socket", help="Unix socket for the NBD exports (--capture nbd)."),
@@ -226,11 +243,20 @@ def send(
     """Replicate VOLUMES to a receiver: changed extents only, in write order, durably."""
     try:
         require_insecure(insecure)
+        default_cap = JOURNAL_CAP if capture is Capture.scan else LIVE_JOURNAL_CAP
+        cap = parse_size(journal_max, "--journal-max") if journal_max else default_cap
         if capture is Capture.fuse:
-            live = _fuse_sender(to, job, state_dir, volumes, once, mount)
+            live = _fuse_sender(to, job, state_dir, volumes, once, mount, cap)
         else:
             config = build_config(
-                to, job, state_dir, volumes, pre_hook=pre_hook, post_hook=post_hook, resync=resync
+                to,
+                job,
+                state_dir,
+                volumes,
+                pre_hook=pre_hook,
+                post_hook=post_hook,
+                resync=resync,
+                journal_max=cap,
             )
             sender = Sender(config)
         if capture is Capture.nbd:

@@ -55,6 +55,8 @@ from replicator.transport import connect
 log = structlog.get_logger()
 
 JOURNAL_CAP = 1024 * 1024 * 1024  # scan capture waits for acks beyond this
+# Live capture cannot wait: past the cap, writers get ENOSPC. Sized for a long outage.
+LIVE_JOURNAL_CAP = 16 * 1024 * 1024 * 1024
 FULL_WAIT_TIMEOUT = 600.0
 
 

@@ -79,3 +79,23 @@ def test_help_on_every_command() -> None:
         out = replicator(*cmd, "-h")
         assert out.returncode == 0, (cmd, out.stderr)
         assert "Usage" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("4096", 4096), ("512M", 512 << 20), ("16G", 16 << 30), ("2GiB", 2 << 30)]
+)
+def test_sizes_parse(text: str, size: int) -> None:
+    from replicator.cli.common import parse_size
+
+    assert parse_size(text, "--journal-max") == size
+
+
+def test_bad_journal_max(tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x")
+    out = replicator(
+        "send", "--to", "127.0.0.1:1", "--job", "j", "--once", "--insecure",
+        "--journal-max", "lots", str(disk),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG
+    assert "--journal-max" in _one_line_error(out.stderr)
