@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import errno
 import os
 import weakref
@@ -44,6 +43,12 @@ import structlog
 from replicator.engine.errors import ConfigError
 from replicator.engine.nbd.images import ImageInfo, export_size_for, probe_fd
 from replicator.engine.nbd.proto import Errno, TransmissionFlag
+from replicator.engine.volumes import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
 from replicator.journal import Journal, JournalFull, Record
 from replicator.journal.durable import fdatasync_async as fdatasync_async  # tests patch it
 
@@ -56,17 +61,9 @@ THREAD_MIN: Final = 2 * 1024 * 1024
 _ZERO_CHUNK: Final = 1024 * 1024
 _RECONCILE_CHUNK: Final = 16 * 1024 * 1024
 
-FALLOC_FL_KEEP_SIZE: Final = 0x01
-FALLOC_FL_PUNCH_HOLE: Final = 0x02
-FALLOC_FL_ZERO_RANGE: Final = 0x10
 _NO_FALLOCATE: Final = frozenset(
     {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENODEV}
 )
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_fallocate.restype = ctypes.c_int
 
 
 class NbdIOError(Exception):
@@ -104,12 +101,6 @@ def nbd_errno(exc: OSError) -> int:
     if exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS):
         return Errno.EPERM
     return Errno.EIO
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

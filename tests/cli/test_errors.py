@@ -99,3 +99,48 @@ def test_bad_journal_max(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == ExitCode.CONFIG
     assert "--journal-max" in _one_line_error(out.stderr)
+
+
+def test_second_sender_for_a_connected_job_is_refused(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from tests.tools import ENV, REPLICATOR
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\x03" * 65536)
+    first = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "busy", "--state-dir",
+         str(tmp_path / "s1"), "--interval", "60", "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (receiver.dir / "busy" / "d.img").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = replicator(
+            "send", "--to", receiver.address, "--job", "busy", "--state-dir",
+            str(tmp_path / "s2"), "--once", "--insecure", str(disk),
+        )  # fmt: skip
+        assert second.returncode == ExitCode.REFUSED
+        assert "already has a sender" in _one_line_error(second.stderr)
+        same_state = replicator(
+            "send", "--to", receiver.address, "--job", "busy", "--state-dir",
+            str(tmp_path / "s1"), "--once", "--insecure", str(disk),
+        )  # fmt: skip
+        assert same_state.returncode == ExitCode.CONFIG
+        assert "already runs with state folder" in _one_line_error(same_state.stderr)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+
+
+def test_receiver_port_in_use(tmp_path: Path, receiver: ReceiverProc) -> None:
+    out = replicator("receive", "--listen", receiver.address, "--dir", str(tmp_path / "x"),
+                     "--insecure")  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG
+    assert "cannot listen" in _one_line_error(out.stderr)
