@@ -96,3 +96,15 @@ def test_bad_paths_are_refused(tmp_path: Path, path: str) -> None:
     with pytest.raises(ApplyError):
         applier.apply(Record.rename("ok", path))
     applier.close()
+
+
+def test_a_planted_temp_symlink_cannot_redirect_a_file_record(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    applier = Applier(tmp_path / "job")
+    applier.apply(Record.symlink(".vm.xml.tmp", str(victim)))  # the temp name of vm.xml
+    applier.apply(Record.file("vm.xml", b"<domain/>"))
+    applier.barrier()
+    applier.close()
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "job" / "vm.xml").read_bytes() == b"<domain/>"
