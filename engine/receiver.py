@@ -19,7 +19,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import structlog
 from replicator.engine.applier import Applier, ApplyError
 from replicator.engine.errors import ConfigError
 from replicator.engine.names import check_job_name, path_problem
-from replicator.engine.volumes import DEFAULT_EXTENT, DIGEST_SIZE, iter_extents
+from replicator.engine.volumes import DIGEST_SIZE, iter_extents
 from replicator.journal import (
     Journal,
     JournalError,
@@ -251,21 +251,30 @@ class JobReplica:
             )
             return target
 
-    def replica_manifest(self, volume: str, extent_size: int) -> tuple[bool, int, bytes]:
-        """(exists, size, digests) of a replica, read afresh. Blocking."""
+    def replica_manifest(self, volume: str, extent_size: int) -> Iterator[tuple[bool, int, bytes]]:
+        """(exists, size, digests of up to MANIFEST_CHUNK extents) of a replica, read afresh.
+
+        A generator, so a huge replica is hashed and sent a chunk at a time, never held
+        whole in memory. Blocking: drive it from a worker thread.
+        """
         path = self.replica_dir / volume
         if path_problem(volume) is not None or _through_symlink(self.replica_dir, volume):
-            return False, 0, b""  # never read outside the replica folder
+            yield False, 0, b""  # never read outside the replica folder
+            return
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
-            return False, 0, b""
+            yield False, 0, b""
+            return
         try:
             size = os.fstat(fd).st_size
             out = bytearray()
             for ext in iter_extents(fd, size, extent_size):
                 out += ext.digest
-            return True, size, bytes(out)
+                if len(out) >= MANIFEST_CHUNK * DIGEST_SIZE:
+                    yield True, size, bytes(out)
+                    out.clear()
+            yield True, size, bytes(out)
         finally:
             os.close(fd)
 
@@ -523,29 +532,34 @@ class Session:
 
     async def _answer_manifest(self, req: ManifestRequest) -> None:
         problem = path_problem(req.volume)
-        if problem is not None or req.extent_size <= 0 or req.extent_size > (64 << 20):
-            await self.send(Error("name", problem or f"bad extent size {req.extent_size}"))
+        if problem is not None:
+            await self.send(Error("name", problem))
             return
         # Everything received is applied first, so the manifest and the sender's view of
         # "what the receiver has" agree (see docs/ARCHITECTURE.md, differential sync).
         await self.replica.apply_pending(force=True)
-        exists, size, digests = await asyncio.to_thread(
-            self.replica.replica_manifest, req.volume, req.extent_size or DEFAULT_EXTENT
-        )
-        count = len(digests) // DIGEST_SIZE
+        chunks = self.replica.replica_manifest(req.volume, req.extent_size)
         first = 0
+        part = await asyncio.to_thread(next, chunks)
         while True:
-            n = min(MANIFEST_CHUNK, count - first)
-            chunk = digests[first * DIGEST_SIZE : (first + n) * DIGEST_SIZE]
-            done = first + n >= count
+            nxt = await asyncio.to_thread(next, chunks, None)
+            exists, size, digests = part
             await self.send(
                 Manifest(
-                    req.request_id, req.volume, exists, size, req.extent_size, first, chunk, done
+                    req.request_id,
+                    req.volume,
+                    exists,
+                    size,
+                    req.extent_size,
+                    first,
+                    digests,
+                    nxt is None,
                 )
             )
-            first += n
-            if done:
+            if nxt is None:
                 return
+            first += len(digests) // DIGEST_SIZE
+            part = nxt
 
 
 class _SessionOver(Exception):

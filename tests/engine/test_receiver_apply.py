@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+import pytest
 
 from replicator.engine.receiver import JobReplica, ReceiverConfig
 from replicator.journal import Record
@@ -54,3 +57,40 @@ async def test_only_whole_epochs_are_applied(tmp_path: Path) -> None:
     finally:
         await replica.aclose()
     assert (tmp_path / "replicas" / "job" / "d").read_bytes() == b"x" * 512
+
+
+async def test_replica_manifest_streams_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from replicator.engine import receiver as receiver_module
+    from replicator.engine.link import Link
+    from replicator.engine.verify import local_manifest
+    from replicator.engine.volumes import VolumeKind, VolumeSpec
+    from replicator.journal import Journal
+    from replicator.transport import connection_pair
+
+    monkeypatch.setattr(receiver_module, "MANIFEST_CHUNK", 7)  # 100 extents -> 15 messages
+    replica = tmp_path / "replicas" / "job" / "d.img"
+    replica.parent.mkdir(parents=True)
+    replica.write_bytes(os.urandom(100 * 4096))
+    receiver = receiver_module.Receiver(_config(tmp_path))
+    sender_conn, receiver_conn = await connection_pair()
+    serving = asyncio.create_task(receiver.handle(receiver_conn))
+    journal = await Journal.open(tmp_path / "sender-journal")
+    link = Link(sender_conn, journal)
+    try:
+        spec = VolumeSpec(replica, "d.img", VolumeKind.DISK)
+        await link.handshake("job", [spec], {"d.img": replica.stat().st_size})
+        link.start_reader()
+        remote = await link.request_manifest("d.img", 4096)
+        assert remote is not None
+        assert remote.digests == local_manifest(spec, 4096).digests
+        assert await link.request_manifest("missing.img", 4096) is None
+        await link.goodbye()
+    finally:
+        await link.aclose()
+        await serving
+        await receiver.aclose()
+        await journal.aclose()
