@@ -13,6 +13,7 @@ of the replica folder, so a replicated symlink can never redirect a write outsid
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -25,6 +26,9 @@ from replicator.journal.durable import atomic_write, fdatasync_fd, fsync_fd, mak
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+MAX_OPEN_FILES = 256  # replica files kept open between records
 
 
 class ApplyError(Exception):
@@ -49,7 +53,7 @@ class Applier:
         self.replica_dir = replica_dir
         makedirs_durable(replica_dir)
         self._root = os.open(replica_dir, _DIR_FLAGS)
-        self._fds: dict[str, int] = {}
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
         self._dirty: set[str] = set()
         self._dirty_dirs: set[str] = set()
 
@@ -83,7 +87,11 @@ class Applier:
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
-        if fd is None:
+        if fd is not None:
+            self._fds.move_to_end(path)
+        else:
+            while len(self._fds) >= MAX_OPEN_FILES:  # bounded, however many files a peer names
+                self._forget(next(iter(self._fds)))
             _checked(path)
             parent, _, leaf = path.rpartition("/")
             dfd = self._open_dir(parent, create=True)

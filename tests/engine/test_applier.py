@@ -108,3 +108,19 @@ def test_a_planted_temp_symlink_cannot_redirect_a_file_record(tmp_path: Path) ->
     applier.close()
     assert victim.read_text() == "precious"
     assert (tmp_path / "job" / "vm.xml").read_bytes() == b"<domain/>"
+
+
+def test_open_files_stay_bounded_and_data_stays_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from replicator.engine import applier as applier_module
+
+    monkeypatch.setattr(applier_module, "MAX_OPEN_FILES", 8)
+    applier = Applier(tmp_path / "job")
+    for i in range(100):
+        applier.apply(Record.write(f"f{i:03}", 0, bytes([i]) * 100))
+        assert len(applier._fds) <= 8
+    applier.barrier()
+    applier.close()
+    for i in range(100):
+        assert (tmp_path / "job" / f"f{i:03}").read_bytes() == bytes([i]) * 100
