@@ -283,6 +283,11 @@ class Link:
                     break
             if not part.exists:
                 return None
+            if len(digests) != -(-part.size // extent_size) * 16:  # never pad a peer's claim
+                raise PeerProtocolError(
+                    f"receiver's manifest of {volume} has {len(digests) // 16} digests for "
+                    f"{part.size} bytes"
+                )
             return ExtentManifest(extent_size, part.size, digests)
         finally:
             del self._manifests[rid]
