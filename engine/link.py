@@ -30,7 +30,7 @@ from replicator.engine.errors import (
 )
 from replicator.engine.manifest import Manifest as ExtentManifest
 from replicator.engine.volumes import VolumeSpec
-from replicator.journal import Journal, Record, encode_record
+from replicator.journal import EncodedRecord, Journal
 from replicator.transport import (
     PROTOCOL_VERSION,
     Ack,
@@ -212,35 +212,33 @@ class Link:
             await self.send(Ping(next(nonce), time.time_ns()))
 
     async def _shipper(self, ship_from: int) -> None:
-        queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=64)
+        queue: asyncio.Queue[EncodedRecord] = asyncio.Queue(maxsize=64)
 
         async def tail() -> None:
-            async for record in self.journal.follow(ship_from):
-                await queue.put(record)
+            async for record in self.journal.follow_encoded(ship_from):
+                await queue.put(record)  # checked bytes as stored: shipped without re-encoding
 
         tailer = asyncio.create_task(tail(), name="link-tail")
-        carry: tuple[Record, bytes] | None = None
+        carry: EncodedRecord | None = None
         try:
             while True:
                 if carry is None:
                     self._oldest_queued_ts = 0
-                    record = await _get_or_fail(queue, tailer)
-                    self._oldest_queued_ts = record.ts_ns
-                    carry = record, encode_record(record)
-                first = last = carry[0]
-                parts = [carry[1]]
-                size = len(carry[1])
+                    carry = await _get_or_fail(queue, tailer)
+                    self._oldest_queued_ts = carry.ts_ns
+                first = last = carry
+                parts = [carry.raw]
+                size = len(carry.raw)
                 carry = None
                 # pack records up to FRAME_TARGET, never beyond what the window can cover
                 while size < FRAME_TARGET and not queue.empty():
                     nxt = queue.get_nowait()
-                    encoded = encode_record(nxt)
-                    if size + len(encoded) > self.window:
-                        carry = nxt, encoded
+                    if size + len(nxt.raw) > self.window:
+                        carry = nxt
                         break
                     last = nxt
-                    parts.append(encoded)
-                    size += len(encoded)
+                    parts.append(nxt.raw)
+                    size += len(nxt.raw)
                 await self._wait_credit(size)
                 payload = b"".join(parts)
                 async with self._changed:
@@ -329,7 +327,9 @@ class Link:
         await self.conn.aclose()
 
 
-async def _get_or_fail(queue: asyncio.Queue[Record], tailer: asyncio.Task[None]) -> Record:
+async def _get_or_fail(
+    queue: asyncio.Queue[EncodedRecord], tailer: asyncio.Task[None]
+) -> EncodedRecord:
     getter = asyncio.ensure_future(queue.get())
     done, _ = await asyncio.wait({getter, tailer}, return_when=asyncio.FIRST_COMPLETED)
     if getter in done:

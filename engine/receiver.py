@@ -147,8 +147,11 @@ class JobReplica:
     def received_lsn(self) -> int:
         return self.journal.durable_lsn
 
-    async def ingest(self, records: list[Record]) -> None:
-        """Append records (already checksum-verified) to the receive journal."""
+    async def ingest(self, records: list[Record], encoded: bytes | None = None) -> None:
+        """Append records (already checksum-verified) to the receive journal.
+
+        ``encoded`` is their exact encoding (the RECORDS payload they were decoded from).
+        """
         for record in records:
             paths = [record.volume] if record.volume else []
             if record.type is RecordType.RENAME:
@@ -157,7 +160,7 @@ class JobReplica:
                 problem = path_problem(path)
                 if problem is not None:
                     raise ApplyError(f"refusing record lsn {record.lsn}: {problem}")
-        await self.journal.append_many(records)
+        await self.journal.append_many(records, encoded=encoded)
 
     def note_durable(self, records: list[Record]) -> None:
         """Called once records are durable, in LSN order: barriers become applicable."""
@@ -450,15 +453,13 @@ class Session:
         while True:
             msg = await self.conn.recv(timeout=IDLE_TIMEOUT)
             if isinstance(msg, Records):
-                records = decode_records(msg.payload)
-                if len(records) != msg.count or records[0].lsn != msg.first_lsn:
-                    raise RemoteProtocolError("RECORDS frame does not match its header")
+                records = decode_records(msg.payload)  # count and LSN order: see Records
                 if records[0].lsn <= self.replica.journal.last_lsn:
                     raise RemoteProtocolError(
                         f"records lsn {records[0].lsn} not after {self.replica.journal.last_lsn}"
                     )
                 try:
-                    await self.replica.ingest(records)
+                    await self.replica.ingest(records, msg.payload)
                 except (JournalError, OSError) as exc:
                     reason = _storage_reason(exc)
                     log.error("receiver.storage", job=self.replica.job, error=reason)

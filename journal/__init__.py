@@ -5,9 +5,11 @@ from replicator.journal.journal import Journal
 from replicator.journal.records import (
     HEADER_SIZE,
     MAX_DATA,
+    EncodedRecord,
     Record,
     RecordError,
     RecordType,
+    check_record,
     decode_record,
     decode_records,
     encode_record,
@@ -17,6 +19,7 @@ from replicator.journal.records import (
 __all__ = [
     "HEADER_SIZE",
     "MAX_DATA",
+    "EncodedRecord",
     "Journal",
     "JournalCorrupt",
     "JournalError",
@@ -24,6 +27,7 @@ __all__ = [
     "Record",
     "RecordError",
     "RecordType",
+    "check_record",
     "decode_record",
     "decode_records",
     "encode_record",

@@ -34,7 +34,7 @@ import fcntl
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +45,11 @@ from replicator.engine.errors import ConfigError
 from replicator.journal import durable
 from replicator.journal.errors import JournalCorrupt, JournalError, JournalFull
 from replicator.journal.inspect import SegmentInfo, scan_journal
-from replicator.journal.records import HEADER_SIZE, Record
+from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record
 from replicator.journal.segment import (
     HEADER_BYTES,
     SEAL_BYTES,
+    ReadItem,
     Seal,
     SegmentHeader,
     SegmentReader,
@@ -393,12 +394,21 @@ class Journal:
             self._flush()
         return lsn
 
-    async def append_many(self, records: Sequence[Record]) -> int:
-        """Append records in order with one write; returns the last LSN. All or nothing."""
+    async def append_many(self, records: Sequence[Record], *, encoded: bytes | None = None) -> int:
+        """Append records in order with one write; returns the last LSN. All or nothing.
+
+        ``encoded``: the records' exact encoding, already checked (a receiver's RECORDS
+        payload, every record carrying its LSN and timestamp); staged as it is, not
+        encoded and hashed a second time.
+        """
         self._check_usable()
         if not records:
             return self.last_lsn
         size = sum(r.encoded_size for r in records)
+        if encoded is not None and (
+            len(encoded) != size or not all(r.lsn and r.ts_ns for r in records)
+        ):
+            raise JournalError("pre-encoded records must carry their LSNs, timestamps and bytes")
         while not self._admit(size):
             await self._make_room()
         lsns: list[int] = []
@@ -407,14 +417,17 @@ class Journal:
             lsn = self._check_lsn(record.lsn or nxt, nxt)
             lsns.append(lsn)
             nxt = lsn + 1
-        now = time.time_ns()
-        encoded: list[bytes] = []  # complete before anything is staged
-        for record, lsn in zip(records, lsns, strict=True):
-            head, data = encode_stamped(record, lsn, record.ts_ns or now)
-            encoded.append(head)
-            if data:
-                encoded.append(data)
-        self._staged.extend(encoded)
+        if encoded is not None:
+            self._staged.append(encoded)
+        else:
+            now = time.time_ns()
+            parts: list[bytes] = []  # complete before anything is staged
+            for record, lsn in zip(records, lsns, strict=True):
+                head, data = encode_stamped(record, lsn, record.ts_ns or now)
+                parts.append(head)
+                if data:
+                    parts.append(data)
+            self._staged.extend(parts)
         seg = self._segments[-1]
         if not seg.count:
             seg.first_lsn = lsns[0]
@@ -678,15 +691,26 @@ class Journal:
         Raises JournalError when ``lsn`` is below the first stored segment (those records
         were trimmed), JournalCorrupt when a stored record fails its checks.
         """
-        async for record in self._iterate(lsn, follow=False):
+        async for record in self._iterate(lsn, follow=False, read=SegmentReader.read):
             yield record
 
     async def follow(self, lsn: int) -> AsyncIterator[Record]:
         """Like ``read_from``, then waits for newly synced records until ``aclose``."""
-        async for record in self._iterate(lsn, follow=True):
+        async for record in self._iterate(lsn, follow=True, read=SegmentReader.read):
             yield record
 
-    async def _iterate(self, lsn: int, *, follow: bool) -> AsyncIterator[Record]:
+    async def follow_encoded(self, lsn: int) -> AsyncIterator[EncodedRecord]:
+        """``follow``, yielding each record's checked bytes as stored (for shipping)."""
+        async for record in self._iterate(lsn, follow=True, read=SegmentReader.read_encoded):
+            yield record
+
+    async def _iterate(
+        self,
+        lsn: int,
+        *,
+        follow: bool,
+        read: Callable[[SegmentReader, int], list[ReadItem]],
+    ) -> AsyncIterator[ReadItem]:
         self._check_usable()
         seg = self._locate(lsn)
         reader: SegmentReader | None = None
@@ -698,7 +722,7 @@ class Journal:
                 if reader is None and end > HEADER_BYTES:
                     reader = self._reader(seg)
                 if reader is not None and reader.offset < end:
-                    for record in reader.read(end):
+                    for record in read(reader, end):
                         if record.lsn >= lsn:
                             yield record
                     await asyncio.sleep(0)  # a long replay must not starve the loop

@@ -27,6 +27,7 @@ import struct
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import blake3
 
@@ -245,16 +246,28 @@ def peek_length(buf: bytes | memoryview, pos: int = 0) -> int:
     return int(HEADER_SIZE + name_len + data_len)
 
 
-def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
-    """Decode and verify the record at ``pos``; returns it and the position after it."""
+@dataclass(frozen=True, slots=True)
+class EncodedRecord:
+    """A record as stored and shipped: its checked bytes, with the LSN and time read out.
+
+    What the sender ships and the receiver journals: nobody in between needs the
+    decoded fields, so the bytes travel as they are instead of being re-encoded.
+    """
+
+    lsn: int
+    ts_ns: int
+    raw: bytes
+
+
+def _verified(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
+    """Check the record at ``pos`` (lengths, checksum); its total length and header fields."""
     if len(buf) - pos < HEADER_SIZE:
         raise RecordError("truncated record header")
     total = peek_length(buf, pos)
     if len(buf) - pos < total:
         raise RecordError(f"truncated record: need {total} bytes, have {len(buf) - pos}")
-    (_, _, rtype, name_len, data_len, lsn, ts_ns, offset, length, digest) = (
-        RECORD_HEADER.unpack_from(buf, pos)
-    )
+    fields = RECORD_HEADER.unpack_from(buf, pos)
+    name_len, data_len, lsn, digest = fields[3], fields[4], fields[5], fields[9]
     view = memoryview(buf)
     name_end = pos + HEADER_SIZE + name_len
     h = blake3.blake3(view[pos : pos + _CHECKED])
@@ -262,6 +275,23 @@ def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     h.update(view[name_end : name_end + data_len])
     if h.digest(16) != digest:
         raise RecordError(f"record checksum mismatch (lsn {lsn})")
+    return total, fields
+
+
+def check_record(buf: bytes | memoryview, pos: int = 0) -> tuple[EncodedRecord, int]:
+    """Verify the record at ``pos`` without decoding it; returns it and the position after."""
+    total, fields = _verified(buf, pos)
+    return EncodedRecord(
+        fields[5], fields[6], bytes(memoryview(buf)[pos : pos + total])
+    ), pos + total
+
+
+def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
+    """Decode and verify the record at ``pos``; returns it and the position after it."""
+    total, fields = _verified(buf, pos)
+    (_, _, rtype, name_len, data_len, lsn, ts_ns, offset, length, _) = fields
+    view = memoryview(buf)
+    name_end = pos + HEADER_SIZE + name_len
     try:
         name = bytes(view[pos + HEADER_SIZE : name_end]).decode()
         record = Record(

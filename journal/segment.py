@@ -42,8 +42,10 @@ import os
 import re
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import blake3
 
@@ -53,11 +55,21 @@ from replicator.journal.records import (
     RECORD_HEADER,
     RECORD_MAGIC,
     RECORD_VERSION,
+    EncodedRecord,
     Record,
     RecordError,
+    check_record,
     decode_record,
     peek_length,
 )
+
+
+class _HasLsn(Protocol):
+    @property
+    def lsn(self) -> int: ...
+
+
+ReadItem = TypeVar("ReadItem", bound=_HasLsn)  # what a SegmentReader yields: decoded or as stored
 
 SEGMENT_MAGIC = b"RJSG"
 SEGMENT_VERSION = 1
@@ -347,7 +359,16 @@ class SegmentReader:
 
     def read(self, end: int, budget: int = READ_CHUNK) -> list[Record]:
         """Records from the current offset up to ``end``, about ``budget`` bytes of them."""
-        out: list[Record] = []
+        return self._read(end, budget, decode_record)
+
+    def read_encoded(self, end: int, budget: int = READ_CHUNK) -> list[EncodedRecord]:
+        """Like ``read``, checked but not decoded: the bytes as stored (for shipping)."""
+        return self._read(end, budget, check_record)
+
+    def _read(
+        self, end: int, budget: int, convert: Callable[[memoryview], tuple[ReadItem, int]]
+    ) -> list[ReadItem]:
+        out: list[ReadItem] = []
         start = self.offset
         pos = start
         try:
@@ -363,11 +384,11 @@ class SegmentReader:
                 view = self._window.get(pos, total, end)
                 if view is None:
                     raise RecordError("segment file is shorter than its durable size")
-                record, _ = decode_record(view)
-                if record.lsn <= self.prev_lsn:
-                    raise RecordError(f"record lsn {record.lsn} does not follow {self.prev_lsn}")
-                self.prev_lsn = record.lsn
-                out.append(record)
+                item, _ = convert(view)
+                if item.lsn <= self.prev_lsn:
+                    raise RecordError(f"record lsn {item.lsn} does not follow {self.prev_lsn}")
+                self.prev_lsn = item.lsn
+                out.append(item)
                 pos += total
                 self.offset = pos
         except RecordError as exc:
