@@ -85,6 +85,24 @@ class Applier:
             walked = f"{walked}/{part}" if walked else part
         return fd
 
+    def open_readonly(self, path: str) -> int | None:
+        """A read-only descriptor of replica file ``path``, or None when there is no such
+        file under the replica folder (missing, unsafe path, or reached through a symlink).
+        Thread-safe: it creates nothing."""
+        if path_problem(path) is not None:
+            return None
+        parent, _, leaf = path.rpartition("/")
+        try:
+            dfd = self._open_dir(parent, create=False)
+        except (OSError, ApplyError):
+            return None
+        try:
+            return os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return None
+        finally:
+            os.close(dfd)
+
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is not None:

@@ -7,6 +7,7 @@ them) and are listed in ``docs/OPERATIONS.md``.
 
 from __future__ import annotations
 
+import asyncio
 from enum import IntEnum
 
 
@@ -61,3 +62,21 @@ class StorageError(ReplicatorError):
 
 class Interrupted(ReplicatorError):
     exit_code = ExitCode.INTERRUPTED
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The error that matters inside (nested) exception groups from a TaskGroup.
+
+    A user-facing ReplicatorError wins; otherwise the first error that is not a
+    cancellation (the others were cancelled because of it).
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = [first_error(inner) for inner in exc.exceptions]
+    for leaf in leaves:
+        if isinstance(leaf, ReplicatorError):
+            return leaf
+    for leaf in leaves:
+        if not isinstance(leaf, asyncio.CancelledError):
+            return leaf
+    return leaves[0]

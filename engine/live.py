@@ -203,9 +203,8 @@ class LiveSender:
 
     async def _drain(self, journal: Journal) -> None:
         """Make the last writes durable, ship them and wait (bounded) until applied."""
-        with contextlib.suppress(Exception):
-            if journal.last_lsn > journal.durable_lsn or journal.last_lsn:
-                await journal.append(Record.flush())
+        with contextlib.suppress(Exception):  # a barrier makes the last writes applicable
+            await journal.append(Record.flush())
             await journal.sync()
         link = self._link
         if link is None:

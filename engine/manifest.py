@@ -8,15 +8,30 @@ real digest), so it is always treated as changed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replicator.engine.volumes import DIGEST_SIZE
+from replicator.engine.volumes import DIGEST_SIZE, iter_extents
 from replicator.journal.durable import read_state, write_state
 
 UNKNOWN = b"\0" * DIGEST_SIZE
+
+
+def digest_chunks(fd: int, size: int, extent_size: int, chunk_extents: int) -> Iterator[bytes]:
+    """The digests of every extent of ``fd``, read afresh, ``chunk_extents`` at a time.
+
+    Always yields at least once (an empty file yields b""). Blocking: run it in a thread.
+    """
+    out = bytearray()
+    for ext in iter_extents(fd, size, extent_size):
+        out += ext.digest
+        if len(out) >= chunk_extents * DIGEST_SIZE:
+            yield bytes(out)
+            out.clear()
+    yield bytes(out)
 
 
 @dataclass(slots=True)
@@ -83,6 +98,17 @@ class Manifest:
 
     def to_state(self) -> dict[str, Any]:
         return {"extent_size": self.extent_size, "size": self.size, "digests": bytes(self.digests)}
+
+    @classmethod
+    def of_file(cls, path: Path, extent_size: int) -> Manifest:
+        """The manifest of a file as it is now. Blocking."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            digests = b"".join(digest_chunks(fd, size, extent_size, 1 << 16))
+            return cls(extent_size, size, bytearray(digests))
+        finally:
+            os.close(fd)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Manifest:

@@ -26,18 +26,16 @@ def check_job_name(job: str) -> str:
 
 
 def volume_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a volume (replica file) name, or None when it can."""
-    if not name:
-        return "empty volume name"
-    if "/" in name or "\\" in name or "\0" in name:
-        return f"volume name {name!r} contains a path separator or NUL"
-    if name in (".", "..") or name.startswith("."):
+    """Why ``name`` cannot be a volume (a top-level replica file) name, or None when it can.
+
+    A safe relative path (``path_problem``) of one component, not hidden: the sender's
+    own volume names are file names, and dot-names are left to temp files.
+    """
+    if "/" in name:
+        return f"volume name {name!r} contains a path separator"
+    if name.startswith("."):
         return f"volume name {name!r} must not start with '.'"
-    if len(name.encode()) > _MAX_VOLUME_BYTES:
-        return f"volume name {name!r} is longer than {_MAX_VOLUME_BYTES} bytes"
-    if any(ord(c) < 32 for c in name):
-        return f"volume name {name!r} contains control characters"
-    return None
+    return path_problem(name)
 
 
 def check_volume_name(name: str) -> str:

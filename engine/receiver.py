@@ -27,9 +27,10 @@ from typing import Any
 import structlog
 
 from replicator.engine.applier import Applier, ApplyError
-from replicator.engine.errors import ConfigError
+from replicator.engine.errors import ConfigError, first_error
+from replicator.engine.manifest import digest_chunks
 from replicator.engine.names import check_job_name, path_problem
-from replicator.engine.volumes import DIGEST_SIZE, iter_extents
+from replicator.engine.volumes import DIGEST_SIZE
 from replicator.journal import (
     Journal,
     JournalError,
@@ -260,24 +261,14 @@ class JobReplica:
         A generator, so a huge replica is hashed and sent a chunk at a time, never held
         whole in memory. Blocking: drive it from a worker thread.
         """
-        path = self.replica_dir / volume
-        if path_problem(volume) is not None or _through_symlink(self.replica_dir, volume):
-            yield False, 0, b""  # never read outside the replica folder
-            return
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except (FileNotFoundError, NotADirectoryError):
+        fd = self._applier.open_readonly(volume)  # never reads outside the replica folder
+        if fd is None:
             yield False, 0, b""
             return
         try:
             size = os.fstat(fd).st_size
-            out = bytearray()
-            for ext in iter_extents(fd, size, extent_size):
-                out += ext.digest
-                if len(out) >= MANIFEST_CHUNK * DIGEST_SIZE:
-                    yield True, size, bytes(out)
-                    out.clear()
-            yield True, size, bytes(out)
+            for digests in digest_chunks(fd, size, extent_size, MANIFEST_CHUNK):
+                yield True, size, digests
         finally:
             os.close(fd)
 
@@ -327,7 +318,7 @@ class Receiver:
             try:
                 await self._handle(conn)
             except BaseExceptionGroup as group:
-                raise _first_error(group) from group
+                raise first_error(group) from group
         except (ConnectionClosedError, ConnectionError, TimeoutError) as exc:
             log.info("receiver.session_lost", peer=conn.peer, reason=str(exc) or type(exc).__name__)
         except StorageFailed as exc:
@@ -416,7 +407,6 @@ class Session:
         self._unsynced_bytes = 0
         self._sync_wake = asyncio.Event()
         self._sync_lock = asyncio.Lock()
-        self._done = False
 
     async def send(self, msg: Any) -> None:
         async with self._send_lock:
@@ -443,8 +433,6 @@ class Session:
                 tg.create_task(self._syncer())
                 tg.create_task(self._applied_acker())
                 await self._reader(tg)
-                self._done = True
-                self._sync_wake.set()
                 raise _SessionOver  # the reader ended the session: cancel syncer and acker
         except* _SessionOver:
             pass
@@ -510,24 +498,21 @@ class Session:
             await self.send(Credit(granted))
 
     async def _syncer(self) -> None:
-        while not self._done:
+        """Runs until the session's TaskGroup cancels it when the reader ends."""
+        while True:
             await self._sync_wake.wait()
             self._sync_wake.clear()
-            if not self._finished():
-                await self._sync_once()
-
-    def _finished(self) -> bool:
-        return self._done
+            await self._sync_once()
 
     async def _applied_acker(self) -> None:
         last = self.replica.applied_lsn
-        while not self._done:
+        while True:
             async with self.replica.applied_changed:
                 await self.replica.applied_changed.wait()
             if self.replica.failure is not None:
                 await self.send(Error("storage", f"receiver cannot apply: {self.replica.failure}"))
                 raise ConnectionClosedError("apply failed")
-            if self.replica.applied_lsn != last and not self._done:
+            if self.replica.applied_lsn != last:
                 last = self.replica.applied_lsn
                 await self.send(Ack(self.replica.received_lsn, last))
 
@@ -565,26 +550,6 @@ class Session:
 
 class _SessionOver(Exception):
     pass
-
-
-def _through_symlink(root: Path, relpath: str) -> bool:
-    """True when any component of ``relpath`` under ``root`` is a symlink."""
-    current = root
-    for part in relpath.split("/"):
-        current = current / part
-        if current.is_symlink():
-            return True
-    return False
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error in a (nested) exception group from a session's TaskGroup."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group.exceptions[0]
 
 
 class StorageFailed(Exception):

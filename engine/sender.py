@@ -30,7 +30,12 @@ from typing import Any
 
 import structlog
 
-from replicator.engine.errors import ConfigError, ConnectError, Interrupted, ReplicatorError
+from replicator.engine.errors import (
+    ConfigError,
+    ConnectError,
+    Interrupted,
+    first_error,
+)
 from replicator.engine.link import Link, as_user_error
 from replicator.engine.manifest import UNKNOWN, Manifest, ManifestSet
 from replicator.engine.names import check_job_name
@@ -314,7 +319,6 @@ class Sender:
     async def run_once(self, progress: Progress | None = None) -> Summary:
         """One cycle, then wait until the receiver has applied it; ``progress`` sees the scan."""
         started = time.monotonic()
-        summary = Summary(self.config.job, volumes=[v.name for v in self.config.volumes])
         async with SenderState(self.config) as state:
             link, kind, basis = await self.open_link(state)
             try:
@@ -322,24 +326,25 @@ class Sender:
                 await link.wait_applied(epoch_lsn)
                 await link.goodbye()
             finally:
-                wire = getattr(link.conn, "bytes_sent", 0)
                 await link.aclose()
-        summary.basis = kind
-        summary.epoch = manifests.epoch
-        summary.lsn = epoch_lsn
-        summary.bytes_scanned = stats.bytes_scanned
-        summary.bytes_changed = stats.bytes_changed
-        summary.bytes_zeroed = stats.bytes_zeroed
-        summary.extents_changed = stats.extents_changed
-        summary.files_changed = stats.files_changed
-        summary.records = stats.records
-        summary.payload_bytes = link.stats.payload_bytes
-        summary.wire_bytes = int(wire)
-        summary.compression_ratio = (
-            round(summary.payload_bytes / summary.wire_bytes, 3) if summary.wire_bytes else 1.0
+        payload, wire = link.stats.payload_bytes, link.conn.bytes_sent
+        return Summary(
+            job=self.config.job,
+            volumes=[v.name for v in self.config.volumes],
+            basis=kind,
+            epoch=manifests.epoch,
+            lsn=epoch_lsn,
+            bytes_scanned=stats.bytes_scanned,
+            bytes_changed=stats.bytes_changed,
+            bytes_zeroed=stats.bytes_zeroed,
+            extents_changed=stats.extents_changed,
+            files_changed=stats.files_changed,
+            records=stats.records,
+            payload_bytes=payload,
+            wire_bytes=wire,
+            compression_ratio=round(payload / wire, 3) if wire else 1.0,
+            seconds=round(time.monotonic() - started, 3),
         )
-        summary.seconds = round(time.monotonic() - started, 3)
-        return summary
 
     async def run_forever(self, interval: float, stop: asyncio.Event) -> None:
         """Cycle every ``interval`` seconds until ``stop``; reconnect after interruptions."""
@@ -385,13 +390,8 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None =
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """The first user-facing error inside (nested) exception groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = unwrap(inner)
-            if isinstance(found, ReplicatorError):
-                return found
-        return unwrap(exc.exceptions[0])
+    """The user-facing error for whatever ended a command."""
+    exc = first_error(exc)
     if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
         return Interrupted("interrupted before the work completed; run again to resume")
     return as_user_error(exc)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 from types import TracebackType
 
 from replicator.engine.errors import ConfigError
 from replicator.journal.durable import makedirs_durable
+from replicator.journal.locking import lock_directory
 
 
 def default_state_dir(side: str, job: str) -> Path:
@@ -20,7 +20,7 @@ def default_state_dir(side: str, job: str) -> Path:
 
 
 class StateDirLock:
-    """An exclusive flock on ``DIR/lock``; released when the process dies, even by SIGKILL."""
+    """The state folder, locked for one process (see replicator.journal.locking)."""
 
     def __init__(self, path: Path, what: str) -> None:
         self.path = path
@@ -30,17 +30,14 @@ class StateDirLock:
     def __enter__(self) -> StateDirLock:
         try:
             makedirs_durable(self.path)
-            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = lock_directory(self.path)
         except OSError as exc:
             raise ConfigError(f"cannot use state folder {self.path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             raise ConfigError(
                 f"{self.what} already runs with state folder {self.path}",
                 hint="stop it first, or give this one its own --state-dir",
-            ) from None
+            )
         self._fd = fd
         return self
 

@@ -16,7 +16,7 @@ from replicator.engine.link import Link
 from replicator.engine.manifest import Manifest
 from replicator.engine.scan import append_waiting
 from replicator.engine.sender import FULL_WAIT_TIMEOUT, Sender, SenderState
-from replicator.engine.volumes import VolumeSpec, iter_extents
+from replicator.engine.volumes import VolumeSpec
 from replicator.journal import Record
 
 
@@ -47,15 +47,7 @@ class VerifyResult:
 
 
 def local_manifest(spec: VolumeSpec, extent_size: int) -> Manifest:
-    fd = os.open(spec.path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        manifest = Manifest(extent_size, size)
-        for ext in iter_extents(fd, size, extent_size):
-            manifest.set(ext.index, ext.digest)
-        return manifest
-    finally:
-        os.close(fd)
+    return Manifest.of_file(spec.path, extent_size)
 
 
 def _ranges(indexes: list[int], extent_size: int, size: int) -> list[tuple[int, int]]:
@@ -63,7 +55,7 @@ def _ranges(indexes: list[int], extent_size: int, size: int) -> list[tuple[int, 
     out: list[tuple[int, int]] = []
     for i in indexes:
         off = i * extent_size
-        length = max(0, min(extent_size, size - off)) or extent_size
+        length = min(extent_size, size - off)  # only the last extent is short
         if out and out[-1][0] + out[-1][1] == off:
             out[-1] = (out[-1][0], out[-1][1] + length)
         else:

@@ -30,7 +30,6 @@ import asyncio
 import bisect
 import contextlib
 import errno
-import fcntl
 import functools
 import os
 import time
@@ -45,6 +44,7 @@ from replicator.engine.errors import ConfigError
 from replicator.journal import durable
 from replicator.journal.errors import JournalCorrupt, JournalError, JournalFull
 from replicator.journal.inspect import SegmentInfo, scan_journal
+from replicator.journal.locking import lock_directory
 from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record
 from replicator.journal.segment import (
     HEADER_BYTES,
@@ -155,15 +155,12 @@ def _prepare_dir(directory: Path) -> None:
 
 
 def _lock_dir(directory: Path) -> int:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = lock_directory(directory)
+    if fd is None:
         raise JournalError(
             f"journal {directory} is already open",
             hint="another replicator process (or Journal object) is using it",
-        ) from None
+        )
     return fd
 
 

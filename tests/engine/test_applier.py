@@ -124,3 +124,19 @@ def test_open_files_stay_bounded_and_data_stays_durable(
     applier.close()
     for i in range(100):
         assert (tmp_path / "job" / f"f{i:03}").read_bytes() == bytes([i]) * 100
+
+
+def test_open_readonly_never_leaves_the_replica(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s")
+    applier = Applier(tmp_path / "job")
+    applier.apply(Record.write("dir/ok", 0, b"ok"))
+    applier.apply(Record.symlink("link", str(outside)))
+    applier.apply(Record.symlink("dir/file-link", str(outside / "secret")))
+    fd = applier.open_readonly("dir/ok")
+    assert fd is not None
+    os.close(fd)
+    for path in ("link/secret", "dir/file-link", "../outside/secret", "missing"):
+        assert applier.open_readonly(path) is None
+    applier.close()
