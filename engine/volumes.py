@@ -188,7 +188,7 @@ def _read_chunk(
         e_off = off + k * extent_size
         e_len = min(extent_size, size - e_off)
         piece = view[k * extent_size : k * extent_size + e_len]
-        if bytes(piece) == zeros(e_len):  # memoryview == bytes is 30x slower
+        if buf.startswith(zeros(e_len), k * extent_size):  # memcmp in place, no copy
             out.append(Extent(first + k, e_off, e_len, ExtentState.ZERO, zero_digest(e_len), None))
         else:
             out.append(
