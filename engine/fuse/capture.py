@@ -72,6 +72,14 @@ class FuseCapture:
         except RuntimeError as exc:
             raise ReplicatorError(f"cannot mount FUSE at {self.mountpoint}: {exc}") from exc
         log.info("fuse.mounted", source=str(self.source), mountpoint=str(self.mountpoint))
+        if not hasattr(pyfuse3.Operations, "fallocate"):
+            log.warning(
+                "fuse.fallocate_unavailable",
+                detail="this pyfuse3 has no fallocate handler: punched holes reach the source "
+                "and the replica as written zeros",
+                hint="install replicator with `make install`, which builds pyfuse3 with the "
+                "fallocate patch (engine/fuse/pyfuse3-fallocate.patch)",
+            )
         self.mounted.set()
         main = asyncio.ensure_future(pyfuse3.main(min_tasks=1, max_tasks=self.max_tasks))
         stopper = asyncio.ensure_future(stop.wait())

@@ -3,7 +3,8 @@
 ``JournalingFilter`` serves SOURCE_DIR's tree (the real bytes stay there) and appends a
 record for every change to the shared write-order journal:
 
-* WRITE for ``write``; RESIZE for truncate/ftruncate and ``open(O_TRUNC)``; CREATE,
+* WRITE for ``write``; RESIZE for truncate/ftruncate and ``open(O_TRUNC)``; TRIM and
+  ZERO for fallocate's punch hole and zero range; CREATE,
   UNLINK, RENAME (incl. rename-over), MKDIR, RMDIR, SYMLINK, CHMOD for the metadata
   operations. Reads, getattr, readdir and statfs cost no journal work.
 * Order. One FIFO lock (the *sequencer*) is held from resolving the record's path until
@@ -50,6 +51,12 @@ import structlog
 
 from replicator.engine.fuse.nodes import Node, NodeTable
 from replicator.engine.names import path_problem
+from replicator.engine.volumes import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
 from replicator.journal import durable
 from replicator.journal.errors import JournalError, JournalFull
 from replicator.journal.journal import Journal
@@ -62,6 +69,8 @@ _RECONCILE_CHUNK: Final = 16 * 1024 * 1024
 # flags handled here rather than passed to the real open
 _OPEN_STRIP: Final = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_DIRECT
 _WRITABLE: Final = os.O_WRONLY | os.O_RDWR
+# the fallocate(2) modes FUSE passes on; anything else gets EOPNOTSUPP
+_FALLOC_MODES: Final = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
@@ -721,6 +730,53 @@ class JournalingFilter(pyfuse3.Operations):
                 raise
             node.dirty = True
         return len(buf)
+
+    @_fuse_errors
+    async def fallocate(self, fh: pyfuse3.FileHandleT, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) through the mount, so holes and zeroed ranges replicate as such.
+
+        PUNCH_HOLE journals TRIM and ZERO_RANGE journals ZERO, clipped to the file's size
+        (past it there is nothing to zero); a call that grows the file (no KEEP_SIZE)
+        journals RESIZE first. Plain allocation changes no content and costs no record:
+        the replica allocates its blocks when they are written. Needs pyfuse3 with a
+        fallocate handler (``make install`` builds it); without one the kernel gets ENOSYS
+        and writers fall back to writing zeros, which replicate as writes.
+        """
+        handle = self._handles[fh]
+        node = handle.node
+        if mode & ~_FALLOC_MODES:
+            raise _err(errno.EOPNOTSUPP)
+        punch = bool(mode & FALLOC_FL_PUNCH_HOLE)
+        if (
+            offset < 0
+            or length <= 0
+            or (punch and mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+        ):
+            raise _err(errno.EINVAL)  # what fallocate(2) says for these, before journaling
+        async with self._seq:
+            if node.path is None:  # unlinked but open: nothing to replicate
+                fallocate(handle.fd, mode, offset, length)
+                return
+            name = self._recordable(node.path)
+            size = os.fstat(handle.fd).st_size
+            end = offset + length
+            records: list[Record] = []
+            if not mode & FALLOC_FL_KEEP_SIZE and end > size:
+                records.append(Record.resize(name, end))
+            zero_end = min(end, size)
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and zero_end > offset:
+                make = Record.trim if punch else Record.zero
+                records.append(make(name, offset, zero_end - offset))
+            if records:
+                await self._append(*records)
+            try:
+                fallocate(handle.fd, mode, offset, length)
+            except OSError:
+                if records:
+                    await self._reconcile(handle.fd, name, offset, length)
+                raise
+            if records:
+                node.dirty = True
 
     async def _barrier(self) -> None:
         """Append a FLUSH record when anything was journaled since the last one."""

@@ -113,6 +113,43 @@ def test_editor_save_and_folder_changes(
         _stop(proc, mnt)
 
 
+def _data_ranges(path: Path) -> list[tuple[int, int]]:
+    """The allocated ranges of a file, from SEEK_DATA/SEEK_HOLE."""
+    out, fd = [], os.open(path, os.O_RDONLY)
+    try:
+        pos, size = 0, os.fstat(fd).st_size
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, pos))
+    finally:
+        os.close(fd)
+    return out
+
+
+def test_guest_discard_replicates_as_a_hole(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    source, mnt = folder
+    proc = _start(receiver, tmp_path, source, mnt)
+    mib = 1 << 20
+    try:
+        qemu_img("create", "-q", "-f", "raw", str(mnt / "d.raw"), "8M")
+        qemu_io("raw", mnt / "d.raw", "write -P 0x61 0 8M", "flush")
+        replica = receiver.dir / "fvm" / "d.raw"
+        _wait_same(source / "d.raw", replica)
+        qemu_io("raw", mnt / "d.raw", "discard 2M 3M", "flush")  # fallocate(PUNCH_HOLE)
+        _wait_same(source / "d.raw", replica)
+        assert qemu_compare("raw", source / "d.raw", replica).returncode == 0
+        for image in (source / "d.raw", replica):
+            assert _data_ranges(image) == [(0, 2 * mib), (5 * mib, 8 * mib)], image
+    finally:
+        _stop(proc, mnt)
+
+
 def test_sigkill_under_load_then_restart_loses_nothing_fsynced(
     tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from replicator.journal import Record, RecordType
 from tests.fuse.helpers import FILTER, FuseProc, assert_same_tree, read_journal, replay
+from tests.tools import require_tool
 
 OLD_XML = b"<domain type='kvm'>\n  <name>vm1</name>\n  <memory>1024</memory>\n</domain>\n"
 NEW_XML = b"<domain type='kvm'>\n  <name>vm1</name>\n  <memory>4096</memory>\n</domain>\n" * 50
@@ -96,6 +98,55 @@ def test_sparse_file_stays_sparse(fuse: FuseProc, tmp_path: Path) -> None:
         st = p.stat()
         assert st.st_size == size
         assert st.st_blocks * 512 < 1 << 20, (p, st.st_blocks)
+
+
+def _is_hole(path: Path, offset: int, length: int) -> bool:
+    """No data in ``[offset, offset+length)`` (SEEK_DATA lands past it, or there is none)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as exc:  # ENXIO: no data after offset
+        return exc.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+
+
+def test_fallocate_punch_zero_and_grow_replay(fuse: FuseProc, tmp_path: Path) -> None:
+    require_tool("fallocate")  # util-linux, a real client of fallocate(2)
+    initial = _initial(fuse, tmp_path)
+    fuse.start()
+    path = fuse.mnt / "disk.raw"
+    mib = 1 << 20
+    path.write_bytes(os.urandom(8 * mib))
+
+    def falloc(*args: str) -> None:
+        subprocess.run(["fallocate", *args, str(path)], check=True, capture_output=True)
+
+    falloc("--punch-hole", "--offset", str(1 * mib), "--length", str(2 * mib))
+    falloc("--zero-range", "--keep-size", "--offset", str(4 * mib), "--length", str(mib))
+    falloc("--punch-hole", "--offset", str(7 * mib), "--length", str(4 * mib))  # past EOF
+    falloc("--offset", str(8 * mib), "--length", str(8 * mib))  # grows the file
+    falloc("--keep-size", "--offset", str(20 * mib), "--length", str(mib))  # content unchanged
+    assert fuse.stop() == 0
+    skip = {RecordType.CREATE, RecordType.WRITE, RecordType.FLUSH}
+    changes = [
+        (r.type, r.offset, r.length) for r in read_journal(fuse.journal) if r.type not in skip
+    ]
+    assert changes == [
+        (RecordType.TRIM, 1 * mib, 2 * mib),
+        (RecordType.ZERO, 4 * mib, mib),
+        (RecordType.TRIM, 7 * mib, mib),  # clipped to the file's size
+        (RecordType.RESIZE, 0, 16 * mib),
+    ], changes
+    rep = replay(initial, read_journal(fuse.journal), tmp_path / "rep")
+    assert_same_tree(fuse.source, rep)
+    for image in (fuse.source / "disk.raw", rep / "disk.raw"):
+        assert image.stat().st_size == 16 * mib
+        assert _is_hole(image, 1 * mib, 2 * mib), image
+        assert _is_hole(image, 7 * mib, mib), image
+    with open(rep / "disk.raw", "rb") as f:
+        f.seek(4 * mib)
+        assert f.read(mib) == bytes(mib)
 
 
 def test_writes_through_an_unlinked_file_do_not_reach_its_successor(
