@@ -16,9 +16,10 @@ SYSLIBS := fuse3:libfuse3-dev
 PYTEST := $(PY) -bb -m pytest
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_PATCH := engine/fuse/pyfuse3-fallocate.patch
+PYFUSE3_PATCH := engine/fuse/pyfuse3.patch
+PYFUSE3_LOCAL := $(PYFUSE3_VERSION)+replicator.2
 PYFUSE3_BUILD := build/pyfuse3
-PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3_VERSION)-patched
+PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3_LOCAL)
 
 .PHONY: help install sysdeps demo test test-long lint format typecheck bench clean
 
@@ -47,10 +48,10 @@ $(PY): | sysdeps
 	  $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 
-# pyfuse3 $(PYFUSE3_VERSION) registers no fallocate handler: the kernel gets ENOSYS and a punched
-# hole reaches the source as written zeros, so it would not replicate as a hole. Until upstream has
-# one, build it from its hash-checked PyPI sdist with a 66-line patch (a handler and a default
-# Operations.fallocate); the version says so: $(PYFUSE3_VERSION)+replicator.1.
+# pyfuse3 $(PYFUSE3_VERSION) registers no fallocate handler (a punched hole would reach the source
+# as written zeros) and registers its fd with the event loop for every request. Until upstream
+# has both, build it from its hash-checked PyPI sdist with $(PYFUSE3_PATCH), which says what
+# it changes; the installed version says so too: $(PYFUSE3_LOCAL).
 $(PYFUSE3_STAMP): $(PYFUSE3_PATCH) | $(PY)
 	@rm -rf $(PYFUSE3_BUILD) && mkdir -p $(PYFUSE3_BUILD)
 	@echo "pyfuse3==$(PYFUSE3_VERSION) --hash=sha256:$(PYFUSE3_SHA256)" > $(PYFUSE3_BUILD)/requirements.txt
@@ -58,7 +59,7 @@ $(PYFUSE3_STAMP): $(PYFUSE3_PATCH) | $(PY)
 	  -r $(PYFUSE3_BUILD)/requirements.txt -d $(PYFUSE3_BUILD)
 	tar -xzf $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION).tar.gz -C $(PYFUSE3_BUILD)
 	patch -s -p1 -d $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION) < $(PYFUSE3_PATCH)
-	SETUPTOOLS_SCM_PRETEND_VERSION=$(PYFUSE3_VERSION)+replicator.1 \
+	SETUPTOOLS_SCM_PRETEND_VERSION=$(PYFUSE3_LOCAL) \
 	  $(PY) -m pip install -q $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION)
 	@touch $@
 

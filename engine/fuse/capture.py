@@ -78,7 +78,7 @@ class FuseCapture:
                 detail="this pyfuse3 has no fallocate handler: punched holes reach the source "
                 "and the replica as written zeros",
                 hint="install replicator with `make install`, which builds pyfuse3 with the "
-                "fallocate patch (engine/fuse/pyfuse3-fallocate.patch)",
+                "fallocate handler (engine/fuse/pyfuse3.patch)",
             )
         self.mounted.set()
         main = asyncio.ensure_future(pyfuse3.main(min_tasks=1, max_tasks=self.max_tasks))
