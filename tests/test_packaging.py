@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pyfuse3
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("engine", "transport", "journal", "cli")
@@ -44,3 +48,13 @@ def test_console_script_prints_version() -> None:
         check=True,
     )
     assert out.stdout.startswith("replicator ")
+
+
+def test_the_patched_pyfuse3_from_the_makefile_is_installed() -> None:
+    """`make` builds pyfuse3 with engine/fuse/pyfuse3.patch (fallocate, request loop)."""
+    makefile = (ROOT / "Makefile").read_text()
+    version = re.search(r"^PYFUSE3_VERSION := (\S+)$", makefile, re.M)
+    label = re.search(r"^PYFUSE3_LOCAL := \$\(PYFUSE3_VERSION\)(\S+)$", makefile, re.M)
+    assert version and label, "PYFUSE3_VERSION / PYFUSE3_LOCAL not found in the Makefile"
+    assert importlib.metadata.version("pyfuse3") == version[1] + label[1]
+    assert hasattr(pyfuse3.Operations, "fallocate")
