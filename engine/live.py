@@ -62,6 +62,10 @@ class LiveCapture(Protocol):
         """Records the initial sync journals before file contents (tree changes)."""
         ...
 
+    def prelude_durable(self, state: SenderState) -> None:
+        """The initial sync's epoch, prelude included, is durable in the journal."""
+        ...
+
     async def start(self, journal: Journal) -> None:
         """Begin capturing; return once writers can use it."""
         ...
@@ -117,6 +121,7 @@ class LiveSender:
             try:
                 prelude = self.capture.prelude(state)
                 manifests, stats, lsn = await self.sender.cycle(state, link, basis, prelude=prelude)
+                self.capture.prelude_durable(state)
                 log.warning(
                     "sender.initial_sync",
                     basis=kind,
@@ -233,6 +238,9 @@ class NbdCapture:
     def prelude(self, state: SenderState) -> list[Record]:
         return []
 
+    def prelude_durable(self, state: SenderState) -> None:
+        pass
+
     async def start(self, journal: Journal) -> None:
         for spec in self.disks:
             self._exports.append(
@@ -271,10 +279,13 @@ class FuseFolderCapture:
         self._task: asyncio.Task[None] | None = None
 
     def prelude(self, state: SenderState) -> list[Record]:
-        old = Tree.load(state.dir / self.TREE_STATE)
-        records = tree_records(old, self.tree)
-        self.tree.save(state.dir / self.TREE_STATE)  # journaled before any later change
-        return records
+        """What changed in the folder's layout since the tree last saved (kept until durable)."""
+        return tree_records(Tree.load(state.dir / self.TREE_STATE), self.tree)
+
+    def prelude_durable(self, state: SenderState) -> None:
+        # Saved only now: saved earlier, a crash or a lost link before the records were
+        # durable would make the next start diff the tree against itself and lose them.
+        self.tree.save(state.dir / self.TREE_STATE)
 
     async def start(self, journal: Journal) -> None:
         from replicator.engine.fuse.capture import FuseCapture
