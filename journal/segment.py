@@ -51,6 +51,7 @@ import blake3
 
 from replicator.journal.errors import JournalCorrupt
 from replicator.journal.records import (
+    CHECKED_HEADER_SIZE,
     HEADER_SIZE,
     RECORD_HEADER,
     RECORD_MAGIC,
@@ -61,6 +62,7 @@ from replicator.journal.records import (
     check_record,
     decode_record,
     peek_length,
+    record_digest,
 )
 
 
@@ -175,9 +177,7 @@ class Seal:
         return seal
 
 
-_CHECKED = HEADER_SIZE - 16  # record header bytes covered by the record checksum
 _NO_DIGEST = b"\0" * 16
-_JOIN_BELOW = 64 * 1024
 
 
 def encode_stamped(record: Record, lsn: int, ts_ns: int) -> tuple[bytes, bytes]:
@@ -201,20 +201,13 @@ def encode_stamped(record: Record, lsn: int, ts_ns: int) -> tuple[bytes, bytes]:
             record.offset,
             record.length,
             _NO_DIGEST,
-        )[:_CHECKED]
+        )[:CHECKED_HEADER_SIZE]
     except struct.error as exc:
         raise RecordError(
             f"record field out of range ({exc}): {record.type.name} "
             f"offset {record.offset} length {record.length}"
         ) from exc
-    if len(data) <= _JOIN_BELOW:  # one hashing call is cheaper than three for small records
-        digest = blake3.blake3(b"".join((head, name, data))).digest(16)
-    else:  # no copy of a large payload
-        h = blake3.blake3(head)
-        h.update(name)
-        h.update(data)
-        digest = h.digest(16)
-    return head + digest + name, data
+    return head + record_digest(head, name, data) + name, data
 
 
 def read_exact(fd: int, size: int, offset: int) -> bytes:
