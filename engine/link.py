@@ -212,33 +212,36 @@ class Link:
             await self.send(Ping(next(nonce), time.time_ns()))
 
     async def _shipper(self, ship_from: int) -> None:
-        queue: asyncio.Queue[EncodedRecord] = asyncio.Queue(maxsize=64)
+        # batches as the journal reads them (about READ_CHUNK bytes): a frame fills up to
+        # FRAME_TARGET from several small records without an await per record
+        queue: asyncio.Queue[list[EncodedRecord]] = asyncio.Queue(maxsize=2)
 
         async def tail() -> None:
-            async for record in self.journal.follow_encoded(ship_from):
-                await queue.put(record)  # checked bytes as stored: shipped without re-encoding
+            async for batch in self.journal.follow_encoded(ship_from):
+                await queue.put(batch)  # checked bytes as stored: shipped without re-encoding
 
         tailer = asyncio.create_task(tail(), name="link-tail")
-        carry: EncodedRecord | None = None
+        pending: collections.deque[EncodedRecord] = collections.deque()
         try:
             while True:
-                if carry is None:
+                if not pending:
                     self._oldest_queued_ts = 0
-                    carry = await _get_or_fail(queue, tailer)
-                    self._oldest_queued_ts = carry.ts_ns
-                first = last = carry
-                parts = [carry.raw]
-                size = len(carry.raw)
-                carry = None
+                    pending.extend(await _get_or_fail(queue, tailer))
+                first = last = pending.popleft()
+                self._oldest_queued_ts = first.ts_ns
+                parts = [first.raw]
+                size = len(first.raw)
                 # pack records up to FRAME_TARGET, never beyond what the window can cover
-                while size < FRAME_TARGET and not queue.empty():
-                    nxt = queue.get_nowait()
-                    if size + len(nxt.raw) > self.window:
-                        carry = nxt
+                while size < FRAME_TARGET:
+                    if not pending:
+                        if queue.empty():
+                            break
+                        pending.extend(queue.get_nowait())
+                    if size + len(pending[0].raw) > self.window:
                         break
-                    last = nxt
-                    parts.append(nxt.raw)
-                    size += len(nxt.raw)
+                    last = pending.popleft()
+                    parts.append(last.raw)
+                    size += len(last.raw)
                 await self._wait_credit(size)
                 payload = b"".join(parts)
                 async with self._changed:
@@ -328,8 +331,8 @@ class Link:
 
 
 async def _get_or_fail(
-    queue: asyncio.Queue[EncodedRecord], tailer: asyncio.Task[None]
-) -> EncodedRecord:
+    queue: asyncio.Queue[list[EncodedRecord]], tailer: asyncio.Task[None]
+) -> list[EncodedRecord]:
     getter = asyncio.ensure_future(queue.get())
     done, _ = await asyncio.wait({getter, tailer}, return_when=asyncio.FIRST_COMPLETED)
     if getter in done:

@@ -688,26 +688,30 @@ class Journal:
         Raises JournalError when ``lsn`` is below the first stored segment (those records
         were trimmed), JournalCorrupt when a stored record fails its checks.
         """
-        async for record in self._iterate(lsn, follow=False, read=SegmentReader.read):
-            yield record
+        async for batch in self._batches(lsn, follow=False, read=SegmentReader.read):
+            for record in batch:
+                yield record
 
     async def follow(self, lsn: int) -> AsyncIterator[Record]:
         """Like ``read_from``, then waits for newly synced records until ``aclose``."""
-        async for record in self._iterate(lsn, follow=True, read=SegmentReader.read):
-            yield record
+        async for batch in self._batches(lsn, follow=True, read=SegmentReader.read):
+            for record in batch:
+                yield record
 
-    async def follow_encoded(self, lsn: int) -> AsyncIterator[EncodedRecord]:
-        """``follow``, yielding each record's checked bytes as stored (for shipping)."""
-        async for record in self._iterate(lsn, follow=True, read=SegmentReader.read_encoded):
-            yield record
+    async def follow_encoded(self, lsn: int) -> AsyncIterator[list[EncodedRecord]]:
+        """``follow`` in batches as read (about ``READ_CHUNK`` bytes each), each record's
+        checked bytes as stored: what the shipper packs into frames."""
+        async for batch in self._batches(lsn, follow=True, read=SegmentReader.read_encoded):
+            yield batch
 
-    async def _iterate(
+    async def _batches(
         self,
         lsn: int,
         *,
         follow: bool,
         read: Callable[[SegmentReader, int], list[ReadItem]],
-    ) -> AsyncIterator[ReadItem]:
+    ) -> AsyncIterator[list[ReadItem]]:
+        """Non-empty lists of the records with ``record.lsn >= lsn``, in order."""
         self._check_usable()
         seg = self._locate(lsn)
         reader: SegmentReader | None = None
@@ -719,9 +723,11 @@ class Journal:
                 if reader is None and end > HEADER_BYTES:
                     reader = self._reader(seg)
                 if reader is not None and reader.offset < end:
-                    for record in read(reader, end):
-                        if record.lsn >= lsn:
-                            yield record
+                    batch = read(reader, end)
+                    if batch and batch[0].lsn < lsn:
+                        batch = [record for record in batch if record.lsn >= lsn]
+                    if batch:
+                        yield batch
                     await asyncio.sleep(0)  # a long replay must not starve the loop
                     continue
                 if seg.sealed:

@@ -35,9 +35,9 @@ async def test_follow_encoded_yields_the_bytes_as_encoded(tmp_path: Path) -> Non
         got: list[EncodedRecord] = []
 
         async def take() -> None:
-            async for item in journal.follow_encoded(8):
-                got.append(item)
-                if item.lsn == 10:
+            async for batch in journal.follow_encoded(8):
+                got.extend(batch)
+                if got[-1].lsn == 10:
                     return
 
         await asyncio.wait_for(take(), 10)
