@@ -7,6 +7,7 @@ with a clear message, the receiver because it must not trust the sender).
 
 from __future__ import annotations
 
+import functools
 import re
 
 from replicator.engine.errors import ConfigError
@@ -48,16 +49,23 @@ def check_volume_name(name: str) -> str:
 _MAX_PATH_BYTES = 4096
 
 
+@functools.lru_cache(maxsize=4096)  # checked per record on both sides; a job has few paths
 def path_problem(path: str) -> str | None:
     """Why a relative path (it may contain '/') cannot name a file under a replica folder.
 
     Used for the paths in records: top-level volume names and, with FUSE capture, nested
     paths of a VM folder. Absolute paths, '.' and '..' components, empty components,
-    NUL and control characters are refused; the applier also refuses to follow symlinks.
+    NUL and control characters, and names that are not valid UTF-8 (a file name the
+    local file system holds as undecodable bytes) are refused; the applier also refuses
+    to follow symlinks.
     """
     if not path:
         return "empty path"
-    if len(path.encode()) > _MAX_PATH_BYTES:
+    try:
+        encoded = path.encode()
+    except UnicodeEncodeError:
+        return f"path {path!r} is not valid UTF-8"
+    if len(encoded) > _MAX_PATH_BYTES:
         return f"path {path[:64]!r}... is longer than {_MAX_PATH_BYTES} bytes"
     if path.startswith("/") or "\\" in path:
         return f"path {path!r} is not relative"

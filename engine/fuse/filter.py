@@ -131,15 +131,6 @@ def pread_all(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-@functools.lru_cache(maxsize=4096)  # checked on every write; paths repeat
-def _path_problem(path: str) -> str | None:
-    try:
-        path.encode()
-    except UnicodeEncodeError:
-        return f"path {path!r} is not valid UTF-8"
-    return path_problem(path)
-
-
 def _exists(path: str) -> bool:
     """lstat-based existence (a dangling symlink exists)."""
     try:
@@ -232,7 +223,7 @@ class JournalingFilter(pyfuse3.Operations):
 
     def _recordable(self, path: str) -> str:
         """``path`` when a record may carry it; EINVAL for names the replica cannot hold."""
-        problem = _path_problem(path)
+        problem = path_problem(path)
         if problem is not None:
             log.warning("fuse.unreplicable_name", path=path, problem=problem)
             raise _err(errno.EINVAL)

@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from replicator.engine.errors import ConfigError
-from replicator.engine.names import check_job_name, check_volume_name, volume_name_problem
+from replicator.engine.names import (
+    check_job_name,
+    check_volume_name,
+    path_problem,
+    volume_name_problem,
+)
+from replicator.engine.tree import walk
 
 
 @pytest.mark.parametrize("job", ["vm1", "web-01", "db_2.prod", "A" * 64])
@@ -32,3 +41,14 @@ def test_invalid_volume_names(name: str) -> None:
 def test_accepted_volume_names_stay_inside_their_folder(name: str) -> None:
     if volume_name_problem(name) is None:
         assert "/" not in name and not name.startswith(".") and "\0" not in name
+
+
+def test_names_that_are_not_utf8_are_refused_not_a_crash(tmp_path: Path) -> None:
+    undecodable = os.fsdecode(b"disk\xff.img")  # how Python names such a file
+    assert "not valid UTF-8" in (path_problem(undecodable) or "")
+    assert "not valid UTF-8" in (volume_name_problem(undecodable) or "")
+    (tmp_path / "vm").mkdir()
+    with open(os.fsencode(tmp_path / "vm") + b"/disk\xff.img", "wb"):
+        pass
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        walk(tmp_path / "vm")
