@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from replicator.engine.names import path_problem
-from replicator.engine.volumes import punch_hole
+from replicator.engine.volumes import punch_hole, pwrite_all
 from replicator.journal import Record, RecordType
 from replicator.journal.durable import atomic_write, fdatasync_fd, fsync_fd, makedirs_durable
 
@@ -142,12 +142,7 @@ class Applier:
         kind = record.type
         path = record.volume
         if kind is RecordType.WRITE:
-            fd = self._fd(path)
-            view = memoryview(record.data)
-            pos = record.offset
-            while view:
-                n = os.pwrite(fd, view, pos)
-                view, pos = view[n:], pos + n
+            pwrite_all(self._fd(path), record.data, record.offset)
             self._dirty.add(path)
         elif kind in (RecordType.ZERO, RecordType.TRIM):
             fd = self._fd(path)

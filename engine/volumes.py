@@ -242,6 +242,30 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view = view[n:]
+        offset += n
+
+
+def pread_all(fd: int, length: int, offset: int) -> bytes:
+    """Up to ``length`` bytes at ``offset``; fewer only at the end of the file."""
+    parts: list[bytes] = []
+    while length > 0:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        length -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with its mode flags (Python's os.posix_fallocate has none)."""
     if _libc.fallocate(fd, mode, offset, length) != 0:
@@ -263,5 +287,5 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     end = offset + length
     while pos < end:
         n = min(READ_CHUNK, end - pos)
-        os.pwrite(fd, zeros(n), pos)
+        pwrite_all(fd, zeros(n), pos)
         pos += n

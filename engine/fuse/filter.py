@@ -56,6 +56,8 @@ from replicator.engine.volumes import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     fallocate,
+    pread_all,
+    pwrite_all,
 )
 from replicator.journal import durable
 from replicator.journal.errors import JournalError, JournalFull
@@ -107,28 +109,6 @@ def _fuse_errors(fn: _F) -> _F:
 
 def _err(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
-
-
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        view = view[n:]
-        offset += n
-
-
-def pread_all(fd: int, length: int, offset: int) -> bytes:
-    parts: list[bytes] = []
-    while length > 0:
-        chunk = os.pread(fd, length, offset)
-        if not chunk:
-            break
-        parts.append(chunk)
-        length -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)
 
 
 def _exists(path: str) -> bool:

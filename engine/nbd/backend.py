@@ -49,6 +49,7 @@ from replicator.engine.volumes import (
     FALLOC_FL_ZERO_RANGE,
     fallocate,
 )
+from replicator.engine.volumes import pwrite_all as pwrite_all  # tests patch it
 from replicator.journal import Journal, JournalFull, Record
 from replicator.journal.durable import fdatasync_async as fdatasync_async  # tests patch it
 
@@ -101,14 +102,6 @@ def nbd_errno(exc: OSError) -> int:
     if exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS):
         return Errno.EPERM
     return Errno.EIO
-
-
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 class _Sequencer:

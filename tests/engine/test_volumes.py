@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,9 @@ from replicator.engine.volumes import (
     data_ranges,
     extent_digest,
     iter_extents,
+    pread_all,
     punch_hole,
+    pwrite_all,
     resolve_volumes,
     zero_digest,
 )
@@ -102,3 +105,29 @@ def test_classify_disks_and_config_files(tmp_path: Path) -> None:
         "disk0.img": VolumeKind.DISK,
         "noext": VolumeKind.DISK,
     }
+
+
+def test_pwrite_all_finishes_short_writes_and_refuses_a_stuck_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwrite
+    calls: list[int] = []
+
+    def short(fd: int, data: Any, offset: int) -> int:
+        calls.append(len(data))
+        return real(fd, memoryview(data)[:3], offset)
+
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        monkeypatch.setattr(os, "pwrite", short)
+        pwrite_all(fd, b"0123456789", 5)
+        assert calls == [10, 7, 4, 1]
+        monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: 0)
+        with pytest.raises(OSError, match="wrote nothing"):
+            pwrite_all(fd, b"x", 0)
+        monkeypatch.setattr(os, "pwrite", real)
+        assert pread_all(fd, 100, 5) == b"0123456789"
+    finally:
+        os.close(fd)
