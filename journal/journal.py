@@ -398,6 +398,8 @@ class Journal:
         payload, every record carrying its LSN and timestamp); staged as it is, not
         encoded and hashed a second time.
         """
+        if encoded is None and len(records) == 1:
+            return await self.append(records[0])  # nothing to validate as a batch or join
         self._check_usable()
         if not records:
             return self.last_lsn

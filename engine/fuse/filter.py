@@ -226,10 +226,7 @@ class JournalingFilter(pyfuse3.Operations):
     async def _append(self, *records: Record) -> None:
         """Journal ``records`` in order (call with the sequencer held)."""
         self._check_healthy()
-        if len(records) == 1:
-            await self.journal.append(records[0])
-        else:
-            await self.journal.append_many(records)
+        await self.journal.append_many(records)
         self._unflushed = True
         self.stats.records += len(records)
 
