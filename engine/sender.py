@@ -327,7 +327,7 @@ class Sender:
                 await link.goodbye()
             finally:
                 await link.aclose()
-        payload, wire = link.stats.payload_bytes, link.conn.bytes_sent
+        payload, wire = link.conn.stats.payload_sent, link.conn.bytes_sent  # sent: Records only
         return Summary(
             job=self.config.job,
             volumes=[v.name for v in self.config.volumes],
