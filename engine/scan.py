@@ -58,7 +58,9 @@ def _disk_batches(
     """Yield batches of records for one disk; fills ``new`` with the digests seen."""
     fd = os.open(spec.path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
+        # the size the RESIZE record and ``new`` were made for: a file that grew since is
+        # read up to it (the next scan sees the growth), one that shrank reads as zeros
+        size = new.size
         batch: list[Record] = []
         batch_bytes = 0
         write_off = -1
