@@ -161,8 +161,7 @@ class Applier:
             dfd = self._open_dir(_parent_of(path), create=True)
             os.close(dfd)  # the walk proved the parent is a real directory inside the replica
             target = self.replica_dir / path
-            atomic_write(target, record.data)  # temp, fsync, rename, dir fsync
-            os.chmod(target, record.offset & 0o7777)
+            atomic_write(target, record.data, record.offset & 0o7777)  # temp, fsync, rename
         elif kind is RecordType.CREATE:
             self._forget(path)
             fd = self._fd(path)

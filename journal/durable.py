@@ -77,8 +77,8 @@ def makedirs_durable(path: str | os.PathLike[str]) -> None:
         sync_dir(d.parent)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` and permission bits ``mode``, atomically and durably."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
     # The temp name may already exist, even as a symlink a peer planted in a replica
@@ -91,6 +91,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         while view:
             n = os.write(fd, view)
             view = view[n:]
+        os.fchmod(fd, mode)  # before the fsync, so the mode is as durable as the bytes
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -183,3 +183,20 @@ async def test_trim_syncs_the_directory_after_each_unlink(
         dropped = [n for n in before if n not in after]
         assert len(dropped) >= 2
         assert events == [e for n in dropped for e in (f"unlink {n}", "sync_dir")]
+
+
+def test_atomic_write_sets_the_mode_before_the_bytes_are_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    modes: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        modes.append(os.fstat(fd).st_mode & 0o7777)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    durable_mod.atomic_write(tmp_path / "vm.xml", b"<domain/>", 0o640)
+    assert modes[0] == 0o640  # the temp file's fsync covers the mode too
+    assert (tmp_path / "vm.xml").stat().st_mode & 0o7777 == 0o640
+    assert (tmp_path / "vm.xml").read_bytes() == b"<domain/>"
