@@ -46,15 +46,6 @@ def fdatasync_fd(fd: int) -> None:
     os.fdatasync(fd)
 
 
-def fsync_path(path: str | os.PathLike[str]) -> None:
-    """fsync a file by path (opens it read-only; fsync works on any descriptor)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sync_dir(path: str | os.PathLike[str]) -> None:
     """Make creations, renames and unlinks inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -35,7 +35,6 @@ class SegmentInfo:
     path: Path
     base_lsn: int
     size: int  # file bytes
-    header_ok: bool = False
     sealed: bool = False
     verified: bool = False  # every record was read and checked
     count: int = 0
@@ -191,7 +190,6 @@ def scan_journal(path: str | os.PathLike[str], *, verify_sealed: bool = True) ->
             except SegmentFormatError as exc:
                 problem(info, 0, str(exc), fatal=not last)
                 continue
-            info.header_ok = True
             if header.base_lsn != name_base:
                 problem(info, 0, f"header says base LSN {header.base_lsn}", fatal=True)
             if expect_base is not None and name_base != expect_base:
