@@ -109,7 +109,7 @@ class Applier:
             self._fds.move_to_end(path)
         else:
             while len(self._fds) >= MAX_OPEN_FILES:  # bounded, however many files a peer names
-                self._forget(next(iter(self._fds)))
+                self._close(next(iter(self._fds)))
             _checked(path)
             parent, _, leaf = path.rpartition("/")
             dfd = self._open_dir(parent, create=True)
@@ -128,14 +128,21 @@ class Applier:
             self._fds[path] = fd
         return fd
 
+    def _close(self, path: str) -> None:
+        """Close the cached descriptor of ``path``, if any (synced first when dirty)."""
+        fd = self._fds.pop(path, None)
+        if fd is None:
+            return
+        if path in self._dirty:
+            fdatasync_fd(fd)
+            self._dirty.discard(path)
+        os.close(fd)
+
     def _forget(self, path: str) -> None:
-        """Close cached descriptors of ``path`` and of everything below it."""
+        """Close cached descriptors of ``path`` and of everything below it (a folder)."""
         prefix = path + "/"
         for name in [n for n in self._fds if n == path or n.startswith(prefix)]:
-            if name in self._dirty:
-                fdatasync_fd(self._fds[name])
-                self._dirty.discard(name)
-            os.close(self._fds.pop(name))
+            self._close(name)
 
     # -- records -----------------------------------------------------------------------
     def apply(self, record: Record) -> None:
@@ -157,13 +164,13 @@ class Applier:
                 self._dirty.add(path)
         elif kind is RecordType.FILE:
             _checked(path)
-            self._forget(path)
+            self._close(path)
             dfd = self._open_dir(_parent_of(path), create=True)
             os.close(dfd)  # the walk proved the parent is a real directory inside the replica
             target = self.replica_dir / path
             atomic_write(target, record.data, record.offset & 0o7777)  # temp, fsync, rename
         elif kind is RecordType.CREATE:
-            self._forget(path)
+            self._close(path)
             fd = self._fd(path)
             os.ftruncate(fd, 0)
             os.fchmod(fd, record.offset & 0o7777)
@@ -201,7 +208,7 @@ class Applier:
         dfd = self._open_dir(parent, create=kind in (RecordType.MKDIR, RecordType.SYMLINK))
         try:
             if kind is RecordType.UNLINK:
-                self._forget(path)
+                self._close(path)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leaf, dir_fd=dfd)
             elif kind is RecordType.RMDIR:
@@ -212,7 +219,7 @@ class Applier:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(leaf, record.offset & 0o7777, dir_fd=dfd)
             else:  # SYMLINK: replace whatever is there (idempotent re-apply)
-                self._forget(path)
+                self._close(path)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leaf, dir_fd=dfd)
                 os.symlink(record.target, leaf, dir_fd=dfd)
