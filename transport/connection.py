@@ -142,6 +142,7 @@ class FramedConnection:
         self._closed = asyncio.Event()  # set by connection_lost
         self._closing = False
         self._writelines = False
+        self._discard: bytearray | None = None  # set by a lingering close: input is dropped
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -223,13 +224,25 @@ class FramedConnection:
             self._reading = False
 
     async def aclose(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
-        """Close: flush what is buffered, then close the socket. Idempotent."""
+        """Close: flush what is buffered, then close the socket. Idempotent.
+
+        A lingering close where the stream allows it (TCP, unix): send what is buffered
+        and a FIN, then read and drop whatever the peer still sends until it closes too
+        (all within ``timeout``, then abort). Closing a socket with unread input sends a
+        reset, and a reset makes the peer's kernel drop our last frames unread: a receiver
+        refusing records (disk full) while the sender streams them would lose the Error
+        saying why.
+        """
         transport = self._transport
         if not self._closing and transport is not None:
             self._closing = True
             # a TLS shutdown must read the peer's close_notify: stop holding reads back
             self._resume_reading()
-            transport.close()
+            if transport.can_write_eof() and not self._lost:
+                self._discard = bytearray(64 * 1024)
+                transport.write_eof()
+            else:
+                transport.close()
         self._wake_all()
         if transport is None or self._lost:
             return
@@ -384,9 +397,14 @@ class _StreamProtocol(asyncio.BufferedProtocol):
         self._on_made(self._conn)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        discard = self._conn._discard
+        if discard is not None:
+            return memoryview(discard)
         return self._conn.protocol.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._conn._discard is not None:
+            return  # lingering close: the peer's late input is dropped
         self._conn.protocol.buffer_updated(nbytes)
         self._conn._data_arrived()
 

@@ -21,6 +21,7 @@ from replicator.transport import (
     ConnectError,
     ConnectionClosedError,
     Credit,
+    Error,
     FramedConnection,
     Goodbye,
     LocalProtocolError,
@@ -60,9 +61,8 @@ async def open_pair(
         sender, receiver = await connection_pair(**kw)
         try:
             yield sender, receiver
-        finally:
-            await sender.aclose()
-            await receiver.aclose()
+        finally:  # together: each end's lingering close waits for the other's FIN
+            await asyncio.gather(sender.aclose(), receiver.aclose())
         return
     accepted: asyncio.Queue[FramedConnection] = asyncio.Queue()
     finished = asyncio.Event()
@@ -174,8 +174,7 @@ async def test_offloaded_frames_keep_their_order() -> None:
     received = [await receiver.recv(5) for _ in range(4)]
     # the Ping overtakes the bulk frames (the first is being encoded); the Goodbye waits
     assert received == [Ping(1, 1), *bulk, Goodbye("done")]
-    await sender.aclose()
-    await receiver.aclose()
+    await asyncio.gather(sender.aclose(), receiver.aclose())
 
 
 async def test_offloaded_frame_too_big_is_a_local_error() -> None:
@@ -184,8 +183,7 @@ async def test_offloaded_frame_too_big_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError, match="frame limit"):
         await sender.send(random_records(1, n=1, size=100_000))
     assert sender.state is State.ERROR
-    await sender.aclose()
-    await receiver.aclose()
+    await asyncio.gather(sender.aclose(), receiver.aclose())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -207,8 +205,7 @@ async def test_recv_timeout_leaves_the_connection_usable() -> None:
         await receiver.recv(timeout=0.05)
     await sender.send(HELLO)
     assert await receiver.recv(timeout=5) == HELLO
-    await sender.aclose()
-    await receiver.aclose()
+    await asyncio.gather(sender.aclose(), receiver.aclose())
 
 
 async def test_aclose_is_idempotent_and_final() -> None:
@@ -234,8 +231,7 @@ async def test_only_one_reader_at_a_time() -> None:
         await receiver.recv(1)
     await sender.send(HELLO)
     assert await reader == HELLO
-    await sender.aclose()
-    await receiver.aclose()
+    await asyncio.gather(sender.aclose(), receiver.aclose())
 
 
 # --- a raw client against a served FramedConnection ---------------------------------------------
@@ -316,6 +312,35 @@ async def test_handler_failure_closes_the_connection() -> None:
     await server.wait_closed()
 
 
+async def test_last_frame_reaches_a_peer_that_was_still_sending() -> None:
+    """A receiver that refuses (e.g. its disk is full) while the sender streams records:
+    closing with the sender's records unread must not turn into a reset that makes the
+    sender's kernel drop the Error before the sender reads it."""
+
+    async def handler(conn: FramedConnection) -> None:
+        assert await conn.recv(5) == HELLO
+        await conn.send(welcome(1 << 30))
+        await asyncio.sleep(0.3)  # the sender's records pile up unread
+        await conn.send(Error("storage", "receiver disk is full"))
+
+    server = await serve("127.0.0.1", 0, handler)
+    sender = await connect("127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        await sender.send(HELLO)
+        assert await sender.recv(5) == welcome(1 << 30)
+        lsn = 1
+        with contextlib.suppress(ConnectionClosedError):
+            for _ in range(48):
+                await sender.send(random_records(lsn, n=16, size=64 * 1024))
+                lsn += 16
+        msg = await sender.recv(5)
+        assert isinstance(msg, Error) and msg.code == "storage", msg
+    finally:
+        await sender.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 # --- connecting -----------------------------------------------------------------------------------
 
 
@@ -380,8 +405,7 @@ async def test_a_reader_that_does_not_read_stops_the_sender() -> None:
     assert receiver.protocol._decoder.buffered < 3 * MIB
     for _ in range(sent + 1):  # the blocked send completes once the receiver reads
         assert isinstance(await receiver.recv(5), Records)
-    await sender.aclose()
-    await receiver.aclose()
+    await asyncio.gather(sender.aclose(), receiver.aclose())
 
 
 class RecordingShaper:
@@ -416,8 +440,7 @@ async def test_shaper_sees_bulk_frames_only_and_never_delays_control() -> None:
     assert isinstance(await receiver.recv(5), Records)
     assert await receiver.recv(5) == Goodbye("done")
     assert len(shaper.calls) == 2
-    await sender.aclose()
-    await receiver.aclose()
+    await asyncio.gather(sender.aclose(), receiver.aclose())
 
 
 async def test_cancelled_shaping_aborts_the_connection() -> None:
