@@ -9,6 +9,7 @@ The last tree is kept in the sender's state folder.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,16 +48,15 @@ def walk(source: Path) -> Tree:
             problem = path_problem(rel)
             if problem is not None:
                 raise ConfigError(f"cannot replicate {full}: {problem}")
-            st = os.lstat(full)
-            if os.path.islink(full):
+            st = os.lstat(full)  # one stat per entry; os.walk does not descend into links
+            if stat.S_ISLNK(st.st_mode):
                 tree.links[rel] = os.readlink(full)
-            elif os.path.isdir(full):
+            elif stat.S_ISDIR(st.st_mode):
                 tree.dirs[rel] = st.st_mode & 0o7777
-            elif os.path.isfile(full):
+            elif stat.S_ISREG(st.st_mode):
                 tree.files[rel] = st.st_mode & 0o7777
             else:
                 raise ConfigError(f"cannot replicate {full}: not a file, folder or symlink")
-        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(root, d))]
     return tree
 
 
