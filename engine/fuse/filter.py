@@ -51,12 +51,12 @@ import structlog
 
 from replicator.engine.fuse.nodes import Node, NodeTable
 from replicator.engine.names import path_problem
+from replicator.engine.reconcile import truth_records
 from replicator.engine.volumes import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     fallocate,
-    pread_all,
     pwrite_all,
 )
 from replicator.journal import durable
@@ -67,7 +67,6 @@ from replicator.journal.records import MAX_DATA, Record
 log = structlog.get_logger("replicator.fuse")
 
 ATTR_TIMEOUT: Final = 1.0  # only this process changes SOURCE_DIR, so attributes may be cached
-_RECONCILE_CHUNK: Final = 16 * 1024 * 1024
 # flags handled here rather than passed to the real open
 _OPEN_STRIP: Final = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_DIRECT
 _WRITABLE: Final = os.O_WRONLY | os.O_RDWR
@@ -244,15 +243,8 @@ class JournalingFilter(pyfuse3.Operations):
         equal to the source whatever part of the change happened.
         """
         try:
-            size = os.fstat(fd).st_size
-            await self._append(Record.resize(name, size))
-            pos, end = offset, min(size, offset + length)
-            while pos < end:
-                data = pread_all(fd, min(_RECONCILE_CHUNK, end - pos), pos)
-                if not data:
-                    break
-                await self._append(Record.write(name, pos, data))
-                pos += len(data)
+            for record in truth_records(fd, name, offset, length):
+                await self._append(record)
         except Exception as exc:
             self._diverge(f"a change of {name} failed and could not be reconciled: {exc}")
 

@@ -43,6 +43,7 @@ import structlog
 from replicator.engine.errors import ConfigError
 from replicator.engine.nbd.images import ImageInfo, export_size_for, probe_fd
 from replicator.engine.nbd.proto import Errno, TransmissionFlag
+from replicator.engine.reconcile import truth_records
 from replicator.engine.volumes import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -50,7 +51,7 @@ from replicator.engine.volumes import (
     fallocate,
 )
 from replicator.engine.volumes import pwrite_all as pwrite_all  # tests patch it
-from replicator.journal import Journal, JournalFull, Record
+from replicator.journal import Journal, JournalFull, Record, RecordType
 from replicator.journal.durable import fdatasync_async as fdatasync_async  # tests patch it
 
 log = structlog.get_logger("replicator.nbd")
@@ -60,7 +61,6 @@ log = structlog.get_logger("replicator.nbd")
 # anyway, and the thread hop measured slower for 1 MiB sequential writes.
 THREAD_MIN: Final = 2 * 1024 * 1024
 _ZERO_CHUNK: Final = 1024 * 1024
-_RECONCILE_CHUNK: Final = 16 * 1024 * 1024
 
 _NO_FALLOCATE: Final = frozenset(
     {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENODEV}
@@ -390,18 +390,10 @@ class JournaledFileExport:
             "nbd.write_failed", export=self._name, offset=offset, length=length, error=str(exc)
         )
         try:
-            real_size = os.fstat(self._fd).st_size
-            if real_size != self._file_size:
-                await self._append([Record.resize(self.volume, real_size)])
-                self._file_size = real_size
-            pos, stop = offset, min(offset + length, real_size)
-            while pos < stop:
-                n = min(stop - pos, _RECONCILE_CHUNK)
-                chunk = os.pread(self._fd, n, pos)
-                if len(chunk) != n:
-                    raise OSError(errno.EIO, f"short read at {pos} while reconciling")
-                await self._append([Record.write(self.volume, pos, chunk)])
-                pos += n
+            for record in truth_records(self._fd, self.volume, offset, length, self._file_size):
+                await self._append([record])
+                if record.type is RecordType.RESIZE:
+                    self._file_size = record.size
         except (OSError, NbdIOError) as again:
             self._broken = (
                 f"volume {self.volume} ({self.path}) may differ from its journal after a "
