@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,10 @@ import structlog
 from replicator.engine.errors import ConfigError, ConnectError, ReplicatorError
 from replicator.engine.link import Link
 from replicator.engine.nbd import JournaledFileExport, NbdServer
+from replicator.engine.scan import file_volume
 from replicator.engine.sender import Sender, SenderState, sleep_or_stop
 from replicator.engine.tree import Tree, tree_records, walk
-from replicator.engine.volumes import VolumeKind, VolumeSpec, extent_digest
+from replicator.engine.volumes import VolumeKind, VolumeSpec
 from replicator.journal import Journal, Record
 
 log = structlog.get_logger()
@@ -185,26 +185,20 @@ class LiveSender:
 
     async def _watch_files(self, journal: Journal, stop: asyncio.Event) -> None:
         """Ship configuration files again whenever their content changes."""
-        digests = dict(self._file_digests)
         while not stop.is_set() and self.files:
             await asyncio.sleep(FILE_POLL)
             for spec in self.files:
-                await self._ship_file_if_changed(journal, spec, digests)
+                await self._ship_file_if_changed(journal, spec)
 
-    @staticmethod
-    async def _ship_file_if_changed(
-        journal: Journal, spec: VolumeSpec, digests: dict[str, bytes]
-    ) -> None:
+    async def _ship_file_if_changed(self, journal: Journal, spec: VolumeSpec) -> None:
         try:
-            content = await asyncio.to_thread(spec.path.read_bytes)
-            mode = os.stat(spec.path).st_mode & 0o7777
+            record, digest = await asyncio.to_thread(file_volume, spec)
         except FileNotFoundError:
             return  # mid rename-over by an editor; the next poll sees the new file
-        digest = extent_digest(content)
-        if digests.get(spec.name) != digest:
-            digests[spec.name] = digest
-            await journal.append(Record.file(spec.name, content, mode))
-            log.info("sender.file_changed", volume=spec.name, bytes=len(content))
+        if self._file_digests.get(spec.name) != digest:
+            self._file_digests[spec.name] = digest
+            await journal.append(record)
+            log.info("sender.file_changed", volume=spec.name, bytes=len(record.data))
 
     async def _drain(self, journal: Journal) -> None:
         """Make the last writes durable, ship them and wait (bounded) until applied."""

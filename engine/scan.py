@@ -164,6 +164,18 @@ async def append_waiting(
                 await space_freed.wait()
 
 
+def file_volume(spec: VolumeSpec) -> tuple[Record, bytes]:
+    """A FILE volume (configuration) as its FILE record and content digest.
+
+    Content and mode come from one open: an editor's rename-over between two opens
+    could pair one file's bytes with the other's mode.
+    """
+    with open(spec.path, "rb") as f:
+        content = f.read()
+        mode = os.fstat(f.fileno()).st_mode & 0o7777
+    return Record.file(spec.name, content, mode), extent_digest(content)
+
+
 async def scan_epoch(
     volumes: list[VolumeSpec],
     journal: Journal,
@@ -188,15 +200,13 @@ async def scan_epoch(
         stats.records += len(prelude)
     for spec in volumes:
         if spec.kind is VolumeKind.FILE:
-            content = await asyncio.to_thread(spec.path.read_bytes)
-            digest = extent_digest(content)
-            stats.bytes_scanned += len(content)
+            record, digest = await asyncio.to_thread(file_volume, spec)
+            stats.bytes_scanned += len(record.data)
             new_set.files[spec.name] = digest
             if basis.files.get(spec.name) != digest:
-                mode = os.stat(spec.path).st_mode & 0o7777
-                await append([Record.file(spec.name, content, mode)])
+                await append([record])
                 stats.files_changed += 1
-                stats.bytes_changed += len(content)
+                stats.bytes_changed += len(record.data)
                 stats.records += 1
             continue
         size = os.stat(spec.path).st_size
