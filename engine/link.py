@@ -41,7 +41,6 @@ from replicator.transport import (
     Hello,
     Manifest,
     ManifestRequest,
-    Message,
     Ping,
     Pong,
     Records,
@@ -79,7 +78,6 @@ class Link:
         self.window = 0
         self.space_freed = asyncio.Event()
         self._changed = asyncio.Condition()
-        self._send_lock = asyncio.Lock()
         self._manifests: dict[int, asyncio.Queue[Manifest | None]] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -88,10 +86,6 @@ class Link:
         # (last lsn, source ts of first record, payload bytes) of frames not yet applied
         self._in_flight: collections.deque[tuple[int, int, int]] = collections.deque()
         self._oldest_queued_ts = 0
-
-    async def send(self, msg: Message) -> None:
-        async with self._send_lock:
-            await self.conn.send(msg)
 
     async def handshake(
         self, job: str, volumes: list[VolumeSpec], sizes: dict[str, int]
@@ -108,7 +102,7 @@ class Link:
             generation=0,
             session=uuid.uuid4().hex,
         )
-        await self.send(hello)
+        await self.conn.send(hello)
         reply = await self.conn.recv(timeout=HANDSHAKE_TIMEOUT)  # callers map errors
         if isinstance(reply, Refuse | Error):
             raise refusal_error(reply.code, reply.message)
@@ -180,7 +174,7 @@ class Link:
                     raise PeerProtocolError(f"manifest for unknown request {msg.request_id}")
                 queue.put_nowait(msg)
             elif isinstance(msg, Ping):
-                await self.send(Pong(msg.nonce, msg.ts_ns))
+                await self.conn.send(Pong(msg.nonce, msg.ts_ns))
             elif isinstance(msg, Pong):
                 continue
             elif isinstance(msg, Error):
@@ -194,7 +188,7 @@ class Link:
         nonce = itertools.count(1)
         while not self._closed:
             await asyncio.sleep(PING_INTERVAL)
-            await self.send(Ping(next(nonce), time.time_ns()))
+            await self.conn.send(Ping(next(nonce), time.time_ns()))
 
     async def _shipper(self, ship_from: int) -> None:
         # batches as the journal reads them (about READ_CHUNK bytes): a frame fills up to
@@ -232,7 +226,7 @@ class Link:
                 async with self._changed:
                     self.credit -= len(payload)
                 self._in_flight.append((last.lsn, first.ts_ns, len(payload)))
-                await self.send(Records(first.lsn, last.lsn, len(parts), first.ts_ns, payload))
+                await self.conn.send(Records(first.lsn, last.lsn, len(parts), first.ts_ns, payload))
         finally:
             tailer.cancel()
             with contextlib.suppress(BaseException):
@@ -251,7 +245,7 @@ class Link:
         queue: asyncio.Queue[Manifest | None] = asyncio.Queue()
         self._manifests[rid] = queue
         try:
-            await self.send(ManifestRequest(rid, volume, extent_size, True))
+            await self.conn.send(ManifestRequest(rid, volume, extent_size, True))
             digests = bytearray()
             while True:
                 async with asyncio.timeout(REPLY_TIMEOUT * 10):
@@ -291,7 +285,7 @@ class Link:
 
     async def goodbye(self, reason: str = "done") -> None:
         with contextlib.suppress(Exception):
-            await self.send(Goodbye(reason))
+            await self.conn.send(Goodbye(reason))
 
     async def aclose(self) -> None:
         if self._closed:

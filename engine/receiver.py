@@ -402,15 +402,10 @@ class Session:
         self.conn = conn
         self.replica = replica
         self.config = config
-        self._send_lock = asyncio.Lock()
         self._unsynced: list[Record] = []
         self._unsynced_bytes = 0
         self._sync_wake = asyncio.Event()
         self._sync_lock = asyncio.Lock()
-
-    async def send(self, msg: Any) -> None:
-        async with self._send_lock:
-            await self.conn.send(msg)
 
     async def run(self) -> None:
         replica = self.replica
@@ -418,7 +413,7 @@ class Session:
         # make them durable so the resume point we announce covers them
         await replica.journal.sync()
         replica.session_started()
-        await self.send(
+        await self.conn.send(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,
                 received_lsn=replica.received_lsn,
@@ -451,10 +446,10 @@ class Session:
                 except (JournalError, OSError) as exc:
                     reason = _storage_reason(exc)
                     log.error("receiver.storage", job=self.replica.job, error=reason)
-                    await self.send(Error("storage", reason))
+                    await self.conn.send(Error("storage", reason))
                     return
                 except ApplyError as exc:
-                    await self.send(Error("name", str(exc)))
+                    await self.conn.send(Error("name", str(exc)))
                     return
                 self._unsynced.extend(records)
                 self._unsynced_bytes += len(msg.payload)
@@ -462,7 +457,7 @@ class Session:
             elif isinstance(msg, ManifestRequest):
                 tg.create_task(self._answer_manifest(msg))
             elif isinstance(msg, Ping):
-                await self.send(Pong(msg.nonce, msg.ts_ns))
+                await self.conn.send(Pong(msg.nonce, msg.ts_ns))
             elif isinstance(msg, Pong):
                 continue
             elif isinstance(msg, Goodbye):
@@ -490,12 +485,12 @@ class Session:
         except (JournalError, OSError) as exc:
             reason = _storage_reason(exc)
             log.error("receiver.storage", job=self.replica.job, error=reason)
-            await self.send(Error("storage", reason))
+            await self.conn.send(Error("storage", reason))
             raise StorageFailed(reason) from exc
         self.replica.note_durable(records)
-        await self.send(Ack(self.replica.received_lsn, self.replica.applied_lsn))
+        await self.conn.send(Ack(self.replica.received_lsn, self.replica.applied_lsn))
         if granted:
-            await self.send(Credit(granted))
+            await self.conn.send(Credit(granted))
 
     async def _syncer(self) -> None:
         """Runs until the session's TaskGroup cancels it when the reader ends."""
@@ -510,16 +505,17 @@ class Session:
             async with self.replica.applied_changed:
                 await self.replica.applied_changed.wait()
             if self.replica.failure is not None:
-                await self.send(Error("storage", f"receiver cannot apply: {self.replica.failure}"))
+                reason = f"receiver cannot apply: {self.replica.failure}"
+                await self.conn.send(Error("storage", reason))
                 raise ConnectionClosedError("apply failed")
             if self.replica.applied_lsn != last:
                 last = self.replica.applied_lsn
-                await self.send(Ack(self.replica.received_lsn, last))
+                await self.conn.send(Ack(self.replica.received_lsn, last))
 
     async def _answer_manifest(self, req: ManifestRequest) -> None:
         problem = path_problem(req.volume)
         if problem is not None:
-            await self.send(Error("name", problem))
+            await self.conn.send(Error("name", problem))
             return
         # Everything received is applied first, so the manifest and the sender's view of
         # "what the receiver has" agree (see docs/ARCHITECTURE.md, differential sync).
@@ -530,7 +526,7 @@ class Session:
         while True:
             nxt = await asyncio.to_thread(next, chunks, None)
             exists, size, digests = part
-            await self.send(
+            await self.conn.send(
                 Manifest(
                     req.request_id,
                     req.volume,
