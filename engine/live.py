@@ -109,15 +109,11 @@ class LiveSender:
 
     async def _initial_sync(self, state: SenderState, stop: asyncio.Event) -> Link | None:
         """Bring the replica up to date before serving; retry while the receiver is away."""
-        backoff = 1.0
         while not stop.is_set():
-            try:
-                link, kind, basis = await self.sender.open_link(state)
-            except ConnectError as exc:
-                log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
-                await sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, 60.0)
-                continue
+            opened = await self.sender.connect_retrying(state, stop)
+            if opened is None:
+                break
+            link, kind, basis = opened
             try:
                 prelude = self.capture.prelude(state)
                 manifests, stats, lsn = await self.sender.cycle(state, link, basis, prelude=prelude)
@@ -140,18 +136,14 @@ class LiveSender:
         """Keep a link shipping until ``stop``; reconnect (without rescanning) when it fails."""
         journal = state.journal
         assert journal is not None
-        backoff = 1.0
         last_lag_log = 0.0
         while not stop.is_set():
             link = self._link
             if link is None:
-                try:
-                    link, _, _ = await self.sender.open_link(state, with_basis=False)
-                except ConnectError as exc:
-                    log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
-                    await sleep_or_stop(stop, backoff)
-                    backoff = min(backoff * 2, 60.0)
-                    continue
+                opened = await self.sender.connect_retrying(state, stop, with_basis=False)
+                if opened is None:
+                    break
+                link = opened[0]
                 if link.received_lsn + 1 < journal.first_lsn:
                     await link.aclose()
                     raise ReplicatorError(
@@ -161,7 +153,6 @@ class LiveSender:
                         hint="restart this sender: it resynchronises before serving again",
                     )
                 self._link = link
-                backoff = 1.0
             try:
                 await sleep_or_stop(stop, 1.0, link)
             except ConnectError as exc:

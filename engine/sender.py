@@ -346,19 +346,31 @@ class Sender:
             seconds=round(time.monotonic() - started, 3),
         )
 
+    async def connect_retrying(
+        self, state: SenderState, stop: asyncio.Event, *, with_basis: bool = True
+    ) -> tuple[Link, str, ManifestSet] | None:
+        """``open_link``, retried while the receiver is away (1 s, doubling to 60 s).
+
+        None when ``stop`` is set first. Errors other than ConnectError are not retried.
+        """
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                return await self.open_link(state, with_basis=with_basis)
+            except ConnectError as exc:
+                log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
+                await sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 60.0)
+        return None
+
     async def run_forever(self, interval: float, stop: asyncio.Event) -> None:
         """Cycle every ``interval`` seconds until ``stop``; reconnect after interruptions."""
-        backoff = 1.0
         async with SenderState(self.config) as state:
             while not stop.is_set():
-                try:
-                    link, _, basis = await self.open_link(state)
-                except ConnectError as exc:
-                    log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
-                    await sleep_or_stop(stop, backoff)
-                    backoff = min(backoff * 2, 60.0)
-                    continue
-                backoff = 1.0
+                opened = await self.connect_retrying(state, stop)
+                if opened is None:
+                    break
+                link, _, basis = opened
                 try:
                     while not stop.is_set():
                         manifests, stats, lsn = await self.cycle(state, link, basis)
