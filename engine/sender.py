@@ -282,6 +282,18 @@ class Sender:
             raise
         return link, kind, basis
 
+    async def append(self, journal: Journal, link: Link, records: list[Record]) -> int:
+        """Journal records for ``link``, waiting while the journal is full; the last LSN.
+
+        The first record after a reconnect is numbered past what the receiver already
+        holds, so its LSNs are never reused (our state may have been lost).
+        """
+        if journal.next_lsn < self._lsn_floor:
+            records = [records[0].with_lsn(self._lsn_floor), *records[1:]]
+        return await append_waiting(
+            journal, records, link.space_freed, FULL_WAIT_TIMEOUT, link.raise_if_failed
+        )
+
     async def cycle(
         self,
         state: SenderState,
@@ -295,11 +307,7 @@ class Sender:
         assert journal is not None
 
         async def append(records: list[Record]) -> int:
-            if journal.next_lsn < self._lsn_floor:
-                records = [records[0].with_lsn(self._lsn_floor), *records[1:]]
-            return await append_waiting(
-                journal, records, link.space_freed, FULL_WAIT_TIMEOUT, link.raise_if_failed
-            )
+            return await self.append(journal, link, records)
 
         await run_hook(self.config.pre_hook, "pre")
         try:

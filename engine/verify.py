@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from replicator.engine.link import Link
 from replicator.engine.manifest import Manifest
-from replicator.engine.scan import append_waiting
-from replicator.engine.sender import FULL_WAIT_TIMEOUT, Sender, SenderState
-from replicator.engine.volumes import VolumeSpec
+from replicator.engine.sender import Sender, SenderState
+from replicator.engine.volumes import VolumeSpec, pread_all
 from replicator.journal import Record
 
 
@@ -46,10 +46,6 @@ class VerifyResult:
         return all(v.identical for v in self.volumes)
 
 
-def local_manifest(spec: VolumeSpec, extent_size: int) -> Manifest:
-    return Manifest.of_file(spec.path, extent_size)
-
-
 def _ranges(indexes: list[int], extent_size: int, size: int) -> list[tuple[int, int]]:
     """Coalesce extent indexes into (offset, length) byte ranges clipped to ``size``."""
     out: list[tuple[int, int]] = []
@@ -66,8 +62,11 @@ def _ranges(indexes: list[int], extent_size: int, size: int) -> list[tuple[int, 
 async def compare(link: Link, volumes: list[VolumeSpec], extent_size: int) -> VerifyResult:
     diffs: list[VolumeDiff] = []
     for spec in volumes:
-        local = await asyncio.to_thread(local_manifest, spec, extent_size)
-        remote = await link.request_manifest(spec.name, extent_size)
+        # the receiver hashes its replica while we hash the source
+        local, remote = await asyncio.gather(
+            asyncio.to_thread(Manifest.of_file, spec.path, extent_size),
+            link.request_manifest(spec.name, extent_size),
+        )
         if remote is None:
             diffs.append(
                 VolumeDiff(
@@ -90,39 +89,46 @@ async def compare(link: Link, volumes: list[VolumeSpec], extent_size: int) -> Ve
     return VerifyResult(diffs)
 
 
-async def _repair(sender: Sender, state: SenderState, link: Link, result: VerifyResult) -> int:
-    journal = state.journal
-    assert journal is not None
-    sent = 0
-    by_name = {v.name: v for v in sender.config.volumes}
-    records: list[Record] = []
+_REPAIR_BATCH = 4 * 1024 * 1024  # bytes of source content read per journal append
+
+
+def _repair_batches(volumes: list[VolumeSpec], result: VerifyResult) -> Iterator[list[Record]]:
+    """The records that make the replicas equal the sources, a few MiB at a time."""
+    by_name = {v.name: v for v in volumes}
     for diff in result.volumes:
         if diff.identical:
             continue
         spec = by_name[diff.volume]
-        content_size = os.stat(spec.path).st_size
-        if diff.replica_size != content_size:
-            records.append(Record.resize(spec.name, content_size))
         with spec.path.open("rb") as f:
+            content_size = os.fstat(f.fileno()).st_size
+            batch: list[Record] = []
+            if diff.replica_size != content_size:
+                batch.append(Record.resize(spec.name, content_size))
+            batch_bytes = 0
             for off, length in diff.extents:
-                end = min(off + length, content_size)
-                pos = off
+                pos, end = off, min(off + length, content_size)
                 while pos < end:
-                    n = min(1024 * 1024, end - pos)
-                    f.seek(pos)
-                    data = f.read(n)
-                    records.append(Record.write(spec.name, pos, data))
-                    sent += len(data)
-                    pos += n
-    records.append(Record.epoch(0))
-    last = 0
-    for i in range(0, len(records), 64):
-        batch = records[i : i + 64]
-        if i == 0 and journal.next_lsn < link.received_lsn + 1:
-            batch = [batch[0].with_lsn(link.received_lsn + 1), *batch[1:]]
-        last = await append_waiting(
-            journal, batch, link.space_freed, FULL_WAIT_TIMEOUT, link.raise_if_failed
-        )
+                    data = pread_all(f.fileno(), min(1024 * 1024, end - pos), pos)
+                    batch.append(Record.write(spec.name, pos, data))
+                    batch_bytes += len(data)
+                    pos += len(data)
+                    if batch_bytes >= _REPAIR_BATCH:
+                        yield batch
+                        batch, batch_bytes = [], 0
+            if batch:
+                yield batch
+
+
+async def _repair(sender: Sender, state: SenderState, link: Link, result: VerifyResult) -> int:
+    """Journal and ship the differing extents as one epoch; wait until it is applied."""
+    journal = state.journal
+    assert journal is not None
+    sent = 0
+    gen = _repair_batches(sender.config.volumes, result)
+    while (batch := await asyncio.to_thread(next, gen, None)) is not None:
+        await sender.append(journal, link, batch)
+        sent += sum(len(r.data) for r in batch)
+    last = await sender.append(journal, link, [Record.epoch(0)])
     await journal.sync()
     await link.wait_applied(last)
     return sent
