@@ -36,6 +36,8 @@ RECORD_VERSION = 1
 RECORD_HEADER = struct.Struct("<2sBBHIQqQQ16s")
 HEADER_SIZE = RECORD_HEADER.size  # 58
 CHECKED_HEADER_SIZE = 42  # header bytes covered by the checksum (all but the checksum itself)
+_LSN = struct.Struct("<Q")
+_LSN_AT = struct.calcsize("<2sBBHI")  # the lsn follows magic, version, type and two lengths
 _JOIN_BELOW = 64 * 1024
 MAX_NAME = 4096
 MAX_DATA = 64 * 1024 * 1024  # one record never carries more than 64 MiB
@@ -258,6 +260,11 @@ def peek_length(buf: bytes | memoryview, pos: int = 0) -> int:
     if name_len > MAX_NAME or data_len > MAX_DATA:
         raise RecordError(f"record lengths out of range (name {name_len}, data {data_len})")
     return int(HEADER_SIZE + name_len + data_len)
+
+
+def peek_lsn(buf: bytes | memoryview, pos: int = 0) -> int:
+    """The LSN in the record header at ``pos`` (checked by ``peek_length`` first)."""
+    return int(_LSN.unpack_from(buf, pos + _LSN_AT)[0])
 
 
 @dataclass(frozen=True, slots=True)

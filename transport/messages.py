@@ -13,12 +13,11 @@ semantics and the wire layout are documented in ``docs/PROTOCOL.md``.
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final, TypeAlias
 
-from replicator.journal.records import HEADER_SIZE, MAX_NAME, RecordError, peek_length
+from replicator.journal.records import HEADER_SIZE, MAX_NAME, RecordError, peek_length, peek_lsn
 
 PROTOCOL_VERSION: Final = 1
 
@@ -41,8 +40,6 @@ VOLUME_KINDS: Final = frozenset({"disk", "file"})
 REFUSE_CODES: Final = frozenset({"version", "name", "busy", "storage", "auth", "config"})
 
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9_.\-]*\Z")
-_RECORD_LSN = struct.Struct("<Q")
-_LSN_OFFSET = 10  # byte offset of the lsn in a journal record header
 
 
 class MessageError(ValueError):
@@ -507,7 +504,7 @@ def _check_packed_records(msg: Records) -> None:
             raise MessageError(f"Records payload, record {n + 1}: {exc}") from exc
         if size > end - pos:
             raise MessageError(f"Records payload cuts record {n + 1} short")
-        (lsn,) = _RECORD_LSN.unpack_from(payload, pos + _LSN_OFFSET)
+        lsn = peek_lsn(payload, pos)
         if n == 0 and lsn != msg.first_lsn:
             raise MessageError(f"Records.first_lsn {msg.first_lsn} but the first record is {lsn}")
         if n and lsn <= prev:
