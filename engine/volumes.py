@@ -273,6 +273,21 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+# what fallocate(2) answers when a file system lacks a mode: fall back to writing zeros
+NO_FALLOCATE = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENODEV}
+)
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    """Write zeros over a range (the fallback where no fallocate mode does it)."""
+    end = offset + length
+    while offset < end:
+        n = min(READ_CHUNK, end - offset)
+        pwrite_all(fd, zeros(n), offset)
+        offset += n
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate a range (reads as zeros, size unchanged); writes zeros where unsupported."""
     if length <= 0:
@@ -281,11 +296,6 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         return
     except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        if exc.errno not in NO_FALLOCATE:
             raise
-    pos = offset
-    end = offset + length
-    while pos < end:
-        n = min(READ_CHUNK, end - pos)
-        pwrite_all(fd, zeros(n), pos)
-        pos += n
+    write_zeros(fd, offset, length)

@@ -48,7 +48,9 @@ from replicator.engine.volumes import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
+    NO_FALLOCATE,
     fallocate,
+    write_zeros,
 )
 from replicator.engine.volumes import pwrite_all as pwrite_all  # tests patch it
 from replicator.journal import Journal, JournalFull, Record, RecordType
@@ -61,10 +63,6 @@ log = structlog.get_logger("replicator.nbd")
 # anyway, and the thread hop measured slower for 1 MiB sequential writes.
 THREAD_MIN: Final = 2 * 1024 * 1024
 _ZERO_CHUNK: Final = 1024 * 1024
-
-_NO_FALLOCATE: Final = frozenset(
-    {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENODEV}
-)
 
 
 class NbdIOError(Exception):
@@ -362,7 +360,7 @@ class JournaledFileExport:
                 fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
                 return
             except OSError as exc:
-                if exc.errno not in _NO_FALLOCATE:
+                if exc.errno not in NO_FALLOCATE:
                     raise
                 self._can_punch = False
         if self._can_zero_range:
@@ -370,15 +368,10 @@ class JournaledFileExport:
                 fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
                 return
             except OSError as exc:
-                if exc.errno not in _NO_FALLOCATE:
+                if exc.errno not in NO_FALLOCATE:
                     raise
                 self._can_zero_range = False
-        zeros = bytes(min(length, _ZERO_CHUNK))
-        end = offset + length
-        while offset < end:
-            n = min(end - offset, len(zeros))
-            pwrite_all(self._fd, memoryview(zeros)[:n], offset)
-            offset += n
+        write_zeros(self._fd, offset, length)
 
     async def _reconcile(self, offset: int, length: int, exc: OSError) -> None:
         """Journal what the file really holds after a failed change, then raise.
