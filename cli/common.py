@@ -9,7 +9,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
-from replicator.engine.errors import ConfigError, ExitCode, Interrupted, ReplicatorError
+from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.sender import unwrap
 
 T = TypeVar("T")
@@ -52,7 +52,7 @@ def fail(error: BaseException) -> NoReturn:
         typer.echo(f"replicator: error: {error}", err=True)
         raise typer.Exit(int(error.exit_code))
     typer.echo(f"replicator: unexpected error: {type(error).__name__}: {error}", err=True)
-    raise typer.Exit(int(ExitCode.CONFIG) if isinstance(error, OSError) else 70)
+    raise typer.Exit(70)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -92,9 +92,7 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], *, graceful: bo
 
         try:
             return runner.run(wrapper())
-        except asyncio.CancelledError:
-            fail(Interrupted("interrupted before the work completed; run again to resume"))
-        except BaseException as exc:
+        except BaseException as exc:  # unwrap() turns a cancellation into Interrupted
             if isinstance(exc, typer.Exit | SystemExit):
                 raise
             fail(unwrap(exc))

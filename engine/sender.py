@@ -34,6 +34,7 @@ from replicator.engine.errors import (
     ConfigError,
     ConnectError,
     Interrupted,
+    StorageError,
     first_error,
 )
 from replicator.engine.link import Link, as_user_error
@@ -414,4 +415,10 @@ def unwrap(exc: BaseException) -> BaseException:
     exc = first_error(exc)
     if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
         return Interrupted("interrupted before the work completed; run again to resume")
-    return as_user_error(exc)
+    mapped = as_user_error(exc)
+    if isinstance(mapped, OSError):  # local I/O: the connection errors were mapped above
+        return StorageError(
+            f"local storage error: {mapped}",
+            hint="check the disk (free space, permissions) and run the same command again",
+        )
+    return mapped
