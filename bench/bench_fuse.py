@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from _common import REPLICATOR, start_receiver
+
 MiB = 1024 * 1024
+LOG_JSON = ("--log-format", "json")
 JOBS: dict[str, tuple[list[str], str, float]] = {
     # name: (fio arguments, figure, target ratio vs bindfs)
     "1M seqwrite": (
@@ -117,29 +119,14 @@ def our_mount(src: Path, mnt: Path, journal: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def replicating_mount(src: Path, mnt: Path, work: Path) -> Iterator[Path]:
     """``replicator send --capture fuse`` into a ``replicator receive`` on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cli = [sys.executable, "-m", "replicator.cli", "--log-format", "json"]
     logs = (work / "receiver.log").open("ab"), (work / "sender.log").open("ab")
-    receiver = subprocess.Popen(
-        [*cli, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(work / "replica"),
-         "--insecure"],
-        stdout=subprocess.DEVNULL, stderr=logs[0],
-    )  # fmt: skip
+    receiver, port = start_receiver(work / "replica", stderr=logs[0], cli_args=LOG_JSON)
     sender: subprocess.Popen[bytes] | None = None
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                break
-            if time.monotonic() > deadline or receiver.poll() is not None:
-                raise RuntimeError("the receiver did not start (see receiver.log)")
-            time.sleep(0.05)
         sender = subprocess.Popen(
-            [*cli, "send", "--to", f"127.0.0.1:{port}", "--job", "bench", "--state-dir",
-             str(work / "send-state"), "--capture", "fuse", "--mount", str(mnt), "--insecure",
-             str(src)],
+            [*REPLICATOR, *LOG_JSON, "send", "--to", f"127.0.0.1:{port}", "--job", "bench",
+             "--state-dir", str(work / "send-state"), "--capture", "fuse", "--mount", str(mnt),
+             "--insecure", str(src)],
             stdout=subprocess.DEVNULL, stderr=logs[1],
         )  # fmt: skip
         wait_mounted(mnt, sender, timeout=60)

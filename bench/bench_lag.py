@@ -17,21 +17,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-REPLICATOR = [sys.executable, "-m", "replicator.cli"]
+from _common import REPLICATOR, ROOT, start_receiver
+
 SIZE = 256 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fio(uri: str, seconds: int, rate: int | None) -> subprocess.Popen[str]:
@@ -72,21 +64,11 @@ def main() -> int:
     disk, sock = work / "disk.img", work / "nbd.sock"
     with disk.open("wb") as f:
         f.truncate(SIZE + 64 * 1024 * 1024)  # probes live past fio's range
-    port = free_port()
-    rcv = subprocess.Popen(
-        [
-            *REPLICATOR,
-            *os.environ.get("LAG_RCV_ARGS", "").split(),  # e.g. "-vv" to see apply timings
-            "receive",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--dir",
-            str(work / "target"),
-            "--insecure",
-        ],
+    rcv, port = start_receiver(
+        work / "target",
         stderr=open(work / "receiver.log", "w"),  # noqa: SIM115 - lives as long as the process
+        cli_args=tuple(os.environ.get("LAG_RCV_ARGS", "").split()),  # "-vv": apply timings
     )
-    time.sleep(1)
     snd = subprocess.Popen(
         [
             *REPLICATOR,

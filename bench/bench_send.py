@@ -20,15 +20,13 @@ import json
 import random
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-REPLICATOR = [sys.executable, "-m", "replicator.cli"]
+from _common import REPLICATOR, ROOT, start_receiver
+
 MIB = 1024 * 1024
 
 
@@ -96,12 +94,6 @@ def warm(path: Path) -> None:
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def vm_hwm_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -121,25 +113,7 @@ def main() -> int:
     image = work / "src" / "disk.img"
     make_mixed_image(image, args.size_mib)
     warm(image)  # warm page cache for both tools
-    port = free_port()
-    receiver = subprocess.Popen(
-        [
-            *REPLICATOR,
-            "receive",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--dir",
-            str(work / "rcv"),
-            "--insecure",
-        ],
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    receiver, port = start_receiver(work / "rcv")
     send = [
         *REPLICATOR,
         "send",

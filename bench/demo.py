@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import blake3
+from _common import REPLICATOR, ROOT, start_receiver
 
-ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "demo-work"
-REPLICATOR = [sys.executable, "-m", "replicator.cli"]
 
 
 def step(text: str) -> None:
@@ -35,12 +33,6 @@ def sh(*cmd: str, show: bool = True) -> str:
     if show and out.strip():
         print(out.rstrip(), flush=True)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def b3(path: Path) -> str:
@@ -96,22 +88,11 @@ def main() -> int:
     config.write_text("<domain type='kvm'><name>demo-vm</name><memory>1048576</memory></domain>\n")
 
     step("start a receiver on loopback")
-    port = free_port()
-    receiver = subprocess.Popen(
-        [*REPLICATOR, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(target),
-         "--insecure"],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or receiver.poll() is not None:
-                    raise SystemExit("receiver did not start") from None
-                time.sleep(0.1)
+        receiver, port = start_receiver(target)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
         print(
             f"   replicator receive --listen 127.0.0.1:{port} --dir {target} (pid {receiver.pid})"
         )
