@@ -314,27 +314,22 @@ def decode_body(prefix: _Prefix, body: memoryview) -> Message:
     """Check and decode a frame body (header + wire payload) whose prefix is parsed."""
     header = body[: prefix.header_len]
     wire = body[prefix.header_len : prefix.body_len]
+    checked: bytes | memoryview = wire  # what the checksum covers: the uncompressed payload
     if prefix.codec == Codec.LZ4:
         try:
-            payload = lz4.block.decompress(wire, uncompressed_size=prefix.raw_len)
+            checked = lz4.block.decompress(wire, uncompressed_size=prefix.raw_len)
         except lz4.block.LZ4BlockError as exc:
             raise RemoteProtocolError(f"frame payload does not decompress: {exc}") from exc
-        if len(payload) != prefix.raw_len:
+        if len(checked) != prefix.raw_len:
             raise RemoteProtocolError(
-                f"frame payload decompressed to {len(payload)} bytes, announced {prefix.raw_len}"
+                f"frame payload decompressed to {len(checked)} bytes, announced {prefix.raw_len}"
             )
-        digest = blake3.blake3(prefix.fields)
-        digest.update(header)
-        digest.update(payload)
-        if digest.digest(CHECKSUM_SIZE) != prefix.checksum:
-            raise RemoteProtocolError(f"frame checksum mismatch ({prefix.mtype.name} frame)")
-    else:
-        digest = blake3.blake3(prefix.fields)
-        digest.update(header)
-        digest.update(wire)
-        if digest.digest(CHECKSUM_SIZE) != prefix.checksum:
-            raise RemoteProtocolError(f"frame checksum mismatch ({prefix.mtype.name} frame)")
-        payload = wire.tobytes()
+    digest = blake3.blake3(prefix.fields)
+    digest.update(header)
+    digest.update(checked)
+    if digest.digest(CHECKSUM_SIZE) != prefix.checksum:
+        raise RemoteProtocolError(f"frame checksum mismatch ({prefix.mtype.name} frame)")
+    payload = checked.tobytes() if isinstance(checked, memoryview) else checked
     try:
         values = msgpack.unpackb(header, use_list=False, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
