@@ -36,11 +36,10 @@ import structlog
 
 from replicator.transport.frames import DEFAULT_MAX_FRAME, LocalProtocolError
 from replicator.transport.messages import (
+    PAYLOAD_FIELD,
     Error,
     Goodbye,
-    Manifest,
     Message,
-    Records,
     Refuse,
 )
 from replicator.transport.protocol import (
@@ -179,7 +178,7 @@ class FramedConnection:
         the connection is gone.
         """
         self._check_writable()
-        bulk = isinstance(msg, Records | Manifest)
+        bulk = type(msg) in PAYLOAD_FIELD  # Records, Manifest
         if not bulk and not (
             isinstance(msg, Goodbye | Error | Refuse) and self._bulk_lock.locked()
         ):
@@ -424,9 +423,8 @@ class _StreamProtocol(asyncio.BufferedProtocol):
 
 
 def _payload_size(msg: Message) -> int:
-    if isinstance(msg, Records):
-        return len(msg.payload)
-    return len(msg.digests) if isinstance(msg, Manifest) else 0
+    field = PAYLOAD_FIELD.get(type(msg))
+    return len(getattr(msg, field)) if field is not None else 0
 
 
 def _describe_peer(transport: asyncio.BaseTransport) -> str:
