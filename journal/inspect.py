@@ -2,9 +2,13 @@
 
 ``scan_journal`` walks the segment files in LSN order and reports what it finds and the
 first problem. It never modifies anything: ``replicator journal inspect`` prints its report,
-and ``Journal.open`` runs the same walk (without verifying sealed segments' records, which
-are checked lazily when read) and then acts on it: a problem in the tail of the last
-segment is cut off, any other problem raises JournalCorrupt.
+and ``Journal.open`` runs the same walk and then acts on it: a torn tail of the last
+segment (the unsynced writes of a crash) is cut off; any other problem is damage, which
+open refuses, or cuts away when its caller can fetch the lost records again (see
+``Journal.open``'s ``on_damage``).
+
+A bad record in the last segment is a torn tail only when no intact record follows it:
+an intact record behind it proves the bad bytes were once written and synced.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from replicator.journal.segment import (
     Seal,
     SegmentFormatError,
     SegmentHeader,
+    find_valid_record,
     parse_segment_name,
     read_exact,
     scan_segment,
@@ -72,7 +77,8 @@ class Problem:
 
     def describe(self) -> str:
         action = (
-            "open refuses the journal (records are never skipped)"
+            "damage: records are never skipped: open refuses the journal or, where the lost "
+            "records can be had again (a receiver asks its sender), cuts it here"
             if self.fatal
             else "torn tail: the next open cuts the segment here (unsynced writes of a crash)"
         )
@@ -218,7 +224,18 @@ def _scan_last(fd: int, info: SegmentInfo, problem: Any) -> None:
     info.sealed = scan.seal is not None
     info.verified = True
     if scan.problem is not None and scan.problem_offset is not None:
-        problem(info, scan.problem_offset, scan.problem, False)
+        after = find_valid_record(
+            fd, scan.problem_offset, info.size, scan.last_lsn if scan.count else info.base_lsn - 1
+        )
+        if after is None:
+            problem(info, scan.problem_offset, scan.problem, False)
+        else:
+            offset, lsn = after
+            reason = (
+                f"{scan.problem}; an intact record (lsn {lsn}) follows at offset {offset}, "
+                "so these bytes were synced once: damage, not a torn tail"
+            )
+            problem(info, scan.problem_offset, reason, True)
 
 
 def _check_sealed(fd: int, info: SegmentInfo, verify: bool, problem: Any) -> None:

@@ -31,19 +31,20 @@ import bisect
 import contextlib
 import errno
 import functools
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
 from replicator.engine.errors import ConfigError
 from replicator.journal import durable
 from replicator.journal.errors import JournalCorrupt, JournalError, JournalFull
-from replicator.journal.inspect import SegmentInfo, scan_journal
+from replicator.journal.inspect import JournalReport, Problem, SegmentInfo, scan_journal
 from replicator.journal.locking import lock_directory
 from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record
 from replicator.journal.segment import (
@@ -54,6 +55,7 @@ from replicator.journal.segment import (
     SegmentHeader,
     SegmentReader,
     encode_stamped,
+    parse_segment_name,
     segment_name,
 )
 
@@ -164,40 +166,126 @@ def _lock_dir(directory: Path) -> int:
     return fd
 
 
-def _recover(directory: Path) -> tuple[list[_Segment], int]:
-    """Open-time recovery (worker thread): verify, cut a torn tail, make everything durable.
+OnDamage = Literal["refuse", "cut"]
 
-    Returns the segments (the last one active) and a writable fd of the active segment.
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What open-time recovery cut away; ``Journal.recovery`` (None when nothing was cut).
+
+    ``kind`` "torn_tail": records that were never synced (a crash). "damage": bytes that
+    were synced once no longer check out; every record from ``next_lsn`` on is gone, and
+    the caller must get them back from somewhere else (a receiver from its sender, a
+    sender from its volumes).
     """
-    report = scan_journal(directory, verify_sealed=False)
+
+    kind: Literal["torn_tail", "damage"]
+    path: str
+    offset: int
+    reason: str
+    dropped_bytes: int
+    dropped_segments: int
+    next_lsn: int
+
+
+def _discard_below(directory: Path, lsn: int) -> None:
+    """Delete segments whose successor starts at or below ``lsn`` (all their records are
+    below it), oldest first, without reading them: they are never needed again, so damage
+    in them must not cost the records after them."""
+    names = sorted(
+        (base, entry.name)
+        for entry in os.scandir(directory)
+        if (base := parse_segment_name(entry.name)) is not None
+    )
+    for (_, name), (next_base, _) in itertools.pairwise(names):
+        if next_base > lsn:
+            break
+        os.unlink(directory / name)
+        durable.sync_dir(directory)
+
+
+def _cut(directory: Path, report: JournalReport, problem: Problem) -> tuple[int, int]:
+    """Remove everything from ``problem`` on: later segments newest first (a crash midway
+    leaves a prefix, and the next open finds the same problem and finishes), then the
+    problem segment from the bad offset (the whole file when its header is bad).
+    Returns (bytes dropped, segment files removed)."""
+    index = next(i for i, s in enumerate(report.segments) if s.path == problem.path)
+    target, later = report.segments[index], report.segments[index + 1 :]
+    dropped = sum(s.size for s in later)
+    for seg in reversed(later):
+        os.unlink(seg.path)
+        durable.sync_dir(directory)
+    if problem.offset < HEADER_BYTES:
+        os.unlink(target.path)
+        durable.sync_dir(directory)
+        return dropped + target.size, len(later) + 1
+    fd = os.open(target.path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, problem.offset)
+        durable.fdatasync_fd(fd)
+    finally:
+        os.close(fd)
+    return dropped + max(0, target.size - problem.offset), len(later)
+
+
+def _recover(
+    directory: Path, on_damage: OnDamage, discard_below: int
+) -> tuple[list[_Segment], int, Recovery | None]:
+    """Open-time recovery (worker thread): verify, cut a torn tail (and, with ``on_damage``
+    "cut", damage), make everything durable.
+
+    Returns the segments (the last one active), a writable fd of the active segment and
+    what was cut.
+    """
+    if discard_below > 1:
+        _discard_below(directory, discard_below)
+    # "cut" verifies every record now: damage found later, while reading, would end the
+    # session that reads it, while at open it costs one cut and a re-fetch
+    report = scan_journal(directory, verify_sealed=on_damage == "cut")
     problem = report.problem
-    if problem is not None and problem.fatal:
-        raise JournalCorrupt(problem.path, problem.offset, problem.reason)
-    infos = list(report.segments)
-    next_base = 1
-    if problem is not None:  # torn tail of the last segment
-        last = infos[-1]
-        next_base = last.base_lsn
-        if problem.offset < HEADER_BYTES:  # not even the header survived: drop the file
-            os.unlink(last.path)
-            durable.sync_dir(directory)
-            infos.pop()
-        else:
-            fd = os.open(last.path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.ftruncate(fd, problem.offset)
-                durable.fdatasync_fd(fd)
-            finally:
-                os.close(fd)
-        _report(
-            "warning",
-            "journal.tail_truncated",
-            segment=str(last.path),
-            offset=problem.offset,
-            reason=problem.reason,
-            dropped_bytes=last.size - problem.offset,
+    recovery: Recovery | None = None
+    next_base = report.segments[0].base_lsn if report.segments else 1
+    if problem is not None:
+        if problem.fatal and on_damage == "refuse":
+            raise JournalCorrupt(problem.path, problem.offset, problem.reason)
+        cut_seg = next(s for s in report.segments if s.path == problem.path)
+        next_base = cut_seg.base_lsn
+        dropped, files = _cut(directory, report, problem)
+        report = scan_journal(directory, verify_sealed=False)
+        if report.problem is not None:  # the cut left only checked bytes: never expected
+            raise JournalCorrupt(report.problem.path, report.problem.offset, report.problem.reason)
+        if report.segments:
+            next_base = report.segments[-1].next_lsn
+        recovery = Recovery(
+            "damage" if problem.fatal else "torn_tail",
+            str(problem.path),
+            problem.offset,
+            problem.reason,
+            dropped,
+            files,
+            next_base,
         )
-    segments = [_Segment.from_info(info) for info in infos]
+        if problem.fatal:
+            _report(
+                "error",
+                "journal.damage_cut",
+                segment=str(problem.path),
+                offset=problem.offset,
+                reason=problem.reason,
+                dropped_bytes=dropped,
+                dropped_segments=files,
+                next_lsn=next_base,
+            )
+        else:
+            _report(
+                "warning",
+                "journal.tail_truncated",
+                segment=str(problem.path),
+                offset=problem.offset,
+                reason=problem.reason,
+                dropped_bytes=dropped,
+            )
+    segments = [_Segment.from_info(info) for info in report.segments]
     if segments and not segments[-1].sealed:
         active = segments[-1]
         fd = os.open(active.path, os.O_RDWR | os.O_CLOEXEC)
@@ -206,11 +294,11 @@ def _recover(directory: Path) -> tuple[list[_Segment], int]:
         except BaseException:
             os.close(fd)
             raise
-        return segments, fd
+        return segments, fd, recovery
     base = segments[-1].next_lsn if segments else next_base
     fd, path = _create_segment(directory, base)
     segments.append(_Segment(path, base, 0, 0, 0, HEADER_BYTES, HEADER_BYTES, False))
-    return segments, fd
+    return segments, fd, recovery
 
 
 class Journal:
@@ -228,8 +316,10 @@ class Journal:
         lock_fd: int,
         segment_bytes: int,
         max_bytes: int | None,
+        recovery: Recovery | None = None,
     ) -> None:
         self._dir = directory
+        self.recovery = recovery  # what open-time recovery cut away, if anything
         self._segments = segments
         self._fd = fd  # writable fd of ``_fd_seg``
         self._fd_seg = segments[-1]  # is ``_segments[-1]`` except while a roll runs
@@ -263,11 +353,19 @@ class Journal:
         *,
         segment_bytes: int = 64 * 1024**2,
         max_bytes: int | None = None,
+        on_damage: OnDamage = "refuse",
+        discard_below: int = 0,
     ) -> Journal:
         """Open (creating if missing) the journal in ``path`` and recover it.
 
-        Raises JournalCorrupt when a sealed segment is damaged or segments do not chain
-        up; a torn tail of the last segment is cut off and logged instead.
+        A torn tail of the last segment is cut off and logged. Damage (a bad record with
+        intact ones behind it, a bad sealed segment, segments that do not chain up)
+        raises JournalCorrupt with ``on_damage="refuse"``; with ``"cut"`` every record is
+        verified and the journal is cut at the first damage (logged as
+        ``journal.damage_cut``, and described in ``recovery``): for journals whose
+        records can be had again, such as a receiver's, which its sender resends.
+        ``discard_below``: segments holding only records below this LSN are deleted
+        unread first (a receiver passes its applied LSN + 1).
         """
         if segment_bytes < MIN_SEGMENT_BYTES:
             raise ConfigError(f"segment_bytes must be at least {MIN_SEGMENT_BYTES}")
@@ -280,11 +378,13 @@ class Journal:
         await asyncio.to_thread(_prepare_dir, directory)
         lock_fd = _lock_dir(directory)
         try:
-            segments, fd = await asyncio.to_thread(_recover, directory)
+            segments, fd, recovery = await asyncio.to_thread(
+                _recover, directory, on_damage, discard_below
+            )
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(directory, segments, fd, lock_fd, segment_bytes, max_bytes)
+        return cls(directory, segments, fd, lock_fd, segment_bytes, max_bytes, recovery)
 
     async def aclose(self) -> None:
         """Sync what was appended, close files and end followers. Idempotent.

@@ -335,6 +335,57 @@ def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) 
     return result
 
 
+_RECORD_START = RECORD_MAGIC + bytes([RECORD_VERSION])
+
+
+def find_valid_record(fd: int, start: int, end: int, after_lsn: int) -> tuple[int, int] | None:
+    """(offset, lsn) of the first intact record in ``[start, end)`` with an LSN above
+    ``after_lsn``, or None. Read-only.
+
+    Recovery asks this after the first bad record of the last segment. A crash tears
+    only what was written after the last sync, and the writer appends in order, so an
+    intact record *behind* a bad one means the bad bytes were written and synced once:
+    damage at rest, not a torn tail. (A file system that persisted a later unsynced
+    page before an earlier one would look the same; calling that damage is the safe
+    mistake, since damage is never silently cut.) Candidates are found by the record
+    magic and then fully checked, so random bytes are never taken for a record.
+    """
+    pos = start + 1
+    carry = len(_RECORD_START) - 1
+    while pos < end:
+        chunk = read_exact(fd, min(READ_CHUNK, end - pos), pos)
+        if not chunk:
+            return None
+        at = chunk.find(_RECORD_START)
+        while at >= 0:
+            found = _intact_record_at(fd, pos + at, end)
+            if found is not None and found > after_lsn:
+                return pos + at, found
+            at = chunk.find(_RECORD_START, at + 1)
+        if len(chunk) <= carry:
+            return None
+        pos += len(chunk) - carry  # a magic split across two chunks is seen in the next
+    return None
+
+
+def _intact_record_at(fd: int, pos: int, end: int) -> int | None:
+    """The LSN of a record at ``pos`` that passes every check, else None."""
+    head = read_exact(fd, HEADER_SIZE, pos)
+    if len(head) < HEADER_SIZE:
+        return None
+    try:
+        total = peek_length(head)
+    except RecordError:
+        return None
+    if total > end - pos:
+        return None
+    try:
+        record, _ = check_record(read_exact(fd, total, pos))
+    except RecordError:
+        return None
+    return record.lsn
+
+
 class SegmentReader:
     """Sequential, verifying reader of one segment's records, for replay and follow.
 

@@ -81,12 +81,89 @@ async def _open_and_expect_tail_cut(path: Path, offset: int, last_lsn: int) -> N
 
 
 @pytest.mark.parametrize("where", sorted(RECORD_POSITIONS))
-async def test_flip_in_last_segment_record_cuts_the_tail(tmp_path: Path, where: str) -> None:
+async def test_flip_in_the_last_record_cuts_the_tail(tmp_path: Path, where: str) -> None:
+    """Nothing intact behind it: indistinguishable from a record torn by a crash."""
     files = await _build(tmp_path)
-    bad = HEADER_BYTES + REC  # the second record of the last segment, LSN 14
+    bad = HEADER_BYTES + 2 * REC  # the last record of the last segment, LSN 15
     _flip(files[-1], bad + RECORD_POSITIONS[where])
-    await _open_and_expect_tail_cut(tmp_path, bad, 13)
-    assert files[-1].stat().st_size == bad + REC  # cut at LSN 14, LSN 16 appended after
+    await _open_and_expect_tail_cut(tmp_path, bad, 14)
+    assert files[-1].stat().st_size == bad + REC  # cut at LSN 15, LSN 15 appended again
+
+
+@pytest.mark.parametrize("where", sorted(RECORD_POSITIONS))
+async def test_flip_before_intact_records_is_damage_not_a_torn_tail(
+    tmp_path: Path, where: str
+) -> None:
+    """An intact record behind the bad one proves it was synced once: never cut silently."""
+    files = await _build(tmp_path)
+    bad = HEADER_BYTES + REC  # LSN 14; LSN 15 behind it is intact
+    _flip(files[-1], bad + RECORD_POSITIONS[where])
+    problem = scan_journal(tmp_path).problem
+    assert problem is not None and problem.fatal
+    assert (problem.path, problem.offset) == (files[-1], bad)
+    assert "lsn 15" in problem.reason and "not a torn tail" in problem.reason
+    before = [p.read_bytes() for p in segment_files(tmp_path)]
+    with pytest.raises(JournalCorrupt) as info:
+        await Journal.open(tmp_path, segment_bytes=1024)
+    assert (info.value.path, info.value.offset) == (str(files[-1]), bad)
+    assert [p.read_bytes() for p in segment_files(tmp_path)] == before  # nothing modified
+
+
+async def test_cut_policy_cuts_damage_in_the_last_segment_and_says_so(tmp_path: Path) -> None:
+    files = await _build(tmp_path)
+    bad = HEADER_BYTES + REC  # LSN 14
+    _flip(files[-1], bad + RECORD_POSITIONS["payload"])
+    with capture_logs() as logs:
+        journal = await Journal.open(tmp_path, segment_bytes=1024, on_damage="cut")
+    try:
+        cut = [e for e in logs if e["event"] == "journal.damage_cut"]
+        assert len(cut) == 1 and cut[0]["log_level"] == "error"
+        assert (cut[0]["segment"], cut[0]["offset"]) == (str(files[-1]), bad)
+        assert cut[0]["dropped_bytes"] == 2 * REC
+        recovery = journal.recovery
+        assert recovery is not None and recovery.kind == "damage"
+        assert recovery.next_lsn == 14 and journal.next_lsn == 14
+        assert [r.lsn for r in await read_all(journal)] == list(range(1, 14))
+    finally:
+        await journal.aclose()
+    assert scan_journal(tmp_path).problem is None
+
+
+@pytest.mark.parametrize("case", ["record", "seal", "header", "gap"])
+async def test_cut_policy_cuts_at_damage_in_a_sealed_segment(tmp_path: Path, case: str) -> None:
+    """Everything from the first damage on goes, later intact segments included (their
+    LSNs would no longer follow); what comes before is kept and verified."""
+    files = await _build(tmp_path)
+    sealed = files[1]  # LSN 7..12
+    keep = {"record": 8, "seal": 12, "header": 6, "gap": 6}[case]
+    if case == "record":
+        _flip(sealed, HEADER_BYTES + 2 * REC + RECORD_POSITIONS["payload"])  # LSN 9
+    elif case == "seal":
+        _flip(sealed, 1006 + 20)
+    elif case == "header":
+        _flip(sealed, 9)
+    else:
+        sealed.unlink()
+    async with await Journal.open(tmp_path, segment_bytes=1024, on_damage="cut") as journal:
+        assert journal.recovery is not None and journal.recovery.kind == "damage"
+        assert journal.last_lsn == keep
+        assert [r.lsn for r in await read_all(journal)] == list(range(1, keep + 1))
+        assert await journal.append(write_for(keep + 1)) == keep + 1
+        await journal.sync()
+    report = scan_journal(tmp_path)
+    assert report.problem is None and report.last_lsn == keep + 1
+
+
+async def test_discard_below_drops_old_segments_unread(tmp_path: Path) -> None:
+    """Damage in records nobody needs (below discard_below) costs nothing after them."""
+    files = await _build(tmp_path)
+    _flip(files[0], HEADER_BYTES + 2 * REC)  # LSN 3, in a segment wholly below 7
+    async with await Journal.open(
+        tmp_path, segment_bytes=1024, on_damage="cut", discard_below=8
+    ) as journal:
+        assert journal.recovery is None
+        assert journal.first_lsn == 7 and journal.last_lsn == 15
+    assert not files[0].exists()
 
 
 @pytest.mark.parametrize("offset", [0, 8, 30])
