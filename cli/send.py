@@ -151,6 +151,7 @@ def _fuse_sender(
         volumes=volumes_of(source, tree),
         state_dir=state_dir or default_state_dir("send", job),
         journal_max_bytes=journal_max,
+        journal_damage="refuse",  # a tree's renames and deletions are only in the journal
     )
     return LiveSender(Sender(config), FuseFolderCapture(source, mount, tree))
 

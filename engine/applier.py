@@ -9,6 +9,11 @@ touched file and the directory entries that changed.
 Paths in records are relative to the replica folder. They are checked (no absolute
 paths, no '..') and resolved one component at a time with O_NOFOLLOW from a descriptor
 of the replica folder, so a replicated symlink can never redirect a write outside it.
+
+Before a file is changed for the first time in an apply round, it is compared with the
+stamp replication left on it (``replica_files.py``): a file changed, replaced or removed
+behind the receiver raises ``ReplicaDiverged`` before anything is written. ``barrier()``
+stamps every regular file the round changed.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import collections
 import contextlib
 import errno
 import os
+import stat
 from pathlib import Path
 
 from replicator.engine.names import path_problem
+from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.volumes import punch_hole, pwrite_all
 from replicator.journal import Record, RecordType
 from replicator.journal.durable import atomic_write, fdatasync_fd, fsync_fd, makedirs_durable
@@ -29,6 +36,10 @@ _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 MAX_OPEN_FILES = 256  # replica files kept open between records
+# records that change an existing file in place: checked against its stamp first
+_CHANGES_IN_PLACE = frozenset(
+    {RecordType.WRITE, RecordType.ZERO, RecordType.TRIM, RecordType.RESIZE, RecordType.CHMOD}
+)
 
 
 class ApplyError(Exception):
@@ -49,13 +60,16 @@ def _parent_of(path: str) -> str:
 class Applier:
     """Writes records into the replica folder of one job. Blocking: run it in a worker thread."""
 
-    def __init__(self, replica_dir: Path) -> None:
+    def __init__(self, replica_dir: Path, files: ReplicaFiles | None = None) -> None:
         self.replica_dir = replica_dir
+        self.files = files if files is not None else ReplicaFiles()
         makedirs_durable(replica_dir)
         self._root = os.open(replica_dir, _DIR_FLAGS)
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
         self._dirty: set[str] = set()
         self._dirty_dirs: set[str] = set()
+        self._touched: set[str] = set()  # checked or changed by us in this round
+        self._changed: set[str] = set()  # to stamp at the barrier
 
     # -- path resolution ---------------------------------------------------------------
     def _open_dir(self, rel: str, *, create: bool) -> int:
@@ -103,6 +117,53 @@ class Applier:
         finally:
             os.close(dfd)
 
+    def lstat(self, path: str) -> os.stat_result | None:
+        """lstat of replica file ``path`` without following symlinks on the way; None when
+        it (or a folder on the way) is missing."""
+        _checked(path)
+        parent, _, leaf = path.rpartition("/")
+        try:
+            dfd = self._open_dir(parent, create=False)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.stat(leaf, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(dfd)
+
+    def _guard(self, path: str) -> None:
+        """Before the first change to ``path`` in this round: is it as replication left it?"""
+        if path in self._touched:
+            return
+        st = self.lstat(path)
+        cached = self._fds.get(path)
+        if cached is not None and (st is None or os.fstat(cached).st_ino != st.st_ino):
+            self._close(path)  # the name no longer leads to the file we hold open
+            raise ReplicaDiverged(path, "was replaced or removed outside replication")
+        self.files.check(path, st)
+        self._touched.add(path)
+
+    def _mine(self, path: str) -> None:
+        """``path`` was changed (or replaced) by this round: stamp it at the barrier."""
+        self._touched.add(path)
+        self._changed.add(path)
+
+    @property
+    def unstamped(self) -> set[str]:
+        """Files this round changed that the barrier has not stamped yet."""
+        return set(self._changed)
+
+    def adopt(self, path: str) -> None:
+        """Take ``path`` as it is now (the sender compares with it): stamp it afresh."""
+        st = self.lstat(path)
+        self._close(path)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            self.files.stamp(path, st)
+        else:
+            self.files.forget(path)
+
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is not None:
@@ -148,6 +209,9 @@ class Applier:
     def apply(self, record: Record) -> None:
         kind = record.type
         path = record.volume
+        if kind in _CHANGES_IN_PLACE:
+            self._guard(path)
+            self._mine(path)
         if kind is RecordType.WRITE:
             pwrite_all(self._fd(path), record.data, record.offset)
             self._dirty.add(path)
@@ -169,6 +233,7 @@ class Applier:
             os.close(dfd)  # the walk proved the parent is a real directory inside the replica
             target = self.replica_dir / path
             atomic_write(target, record.data, record.offset & 0o7777)  # temp, fsync, rename
+            self._mine(path)
         elif kind is RecordType.CREATE:
             self._close(path)
             fd = self._fd(path)
@@ -176,12 +241,17 @@ class Applier:
             os.fchmod(fd, record.offset & 0o7777)
             self._dirty.add(path)
             self._dirty_dirs.add(_parent_of(path))
+            self._mine(path)
         elif kind is RecordType.CHMOD:
             self._chmod(path, record.offset & 0o7777)
         elif kind in (RecordType.UNLINK, RecordType.RMDIR, RecordType.MKDIR, RecordType.SYMLINK):
             self._entry_op(record)
+            if kind is not RecordType.MKDIR:
+                self.files.forget(path)
         elif kind is RecordType.RENAME:
             self._rename(path, record.target)
+            self.files.move(path, record.target)
+            self._mine(record.target)
         # FLUSH and EPOCH carry no data: the caller calls barrier() for them.
 
     def _chmod(self, path: str, mode: int) -> None:
@@ -262,7 +332,7 @@ class Applier:
                 ) from exc
 
     def barrier(self) -> None:
-        """Make every applied record durable."""
+        """Make every applied record durable, then stamp the files this round changed."""
         for name in sorted(self._dirty):
             fdatasync_fd(self._fds[name])
         self._dirty.clear()
@@ -276,6 +346,14 @@ class Applier:
             finally:
                 os.close(dfd)
         self._dirty_dirs.clear()
+        for path in sorted(self._changed):
+            st = self.lstat(path)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                self.files.stamp(path, st)
+            else:
+                self.files.forget(path)
+        self._changed.clear()
+        self._touched.clear()
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -3,8 +3,11 @@
 ``Link`` owns two tasks while connected: the *shipper* tails the journal (durable
 records only) and packs records into RECORDS frames of about ``FRAME_TARGET`` bytes,
 never exceeding the credit the receiver granted; the *reader* handles what the
-receiver says (acks, credit, manifests, pongs, errors). On every *received* ack the
-journal is trimmed below it: those records are durable on the receiver.
+receiver says (acks, credit, manifests, pongs, errors). On every *applied* ack the
+journal is trimmed below it. Records the receiver has only *received* are kept: if its
+journal is damaged before it applies them, it asks for them again. Only when our journal
+is full are they given up early (``relieve``); a receiver that then loses them gets a
+comparison against its replica instead (basis "remote").
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import itertools
 import time
 import uuid
@@ -60,11 +64,35 @@ PING_INTERVAL = 15.0
 REPLY_TIMEOUT = 120.0  # a silent receiver is declared gone after this long
 
 
+class SessionPurpose(enum.Enum):
+    """What a session does with the replica, announced as Hello capabilities.
+
+    REPLICATE: build on the replica; files changed outside replication are refused.
+    RESYNC (``send --resync``, ``verify --repair``): compare with the replica as it is and
+    send what differs; the receiver takes its files as they are.
+    VERIFY: only compare; nothing is refused or taken over, differences are reported.
+    """
+
+    REPLICATE = ()
+    RESYNC = ("resync",)
+    VERIFY = ("verify",)
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return tuple(self.value)
+
+
 def refusal_error(code: str, message: str) -> ReplicatorError:
     if code == "version":
         return VersionMismatch(f"protocol version mismatch: {message}")
     if code == "protocol":
         return PeerProtocolError(f"receiver reported a protocol error: {message}")
+    if code == "diverged":
+        return RefusedError(
+            f"receiver refused (diverged): {message}; nothing was written",
+            hint="the replica was changed on the target outside replication: run send again "
+            "with --resync to compare with the replica as it is now and send what differs",
+        )
     return RefusedError(f"receiver refused ({code}): {message}")
 
 
@@ -88,8 +116,15 @@ class Link:
         self._oldest_queued_ts = 0
 
     async def handshake(
-        self, job: str, volumes: list[VolumeSpec], sizes: dict[str, int]
+        self,
+        job: str,
+        volumes: list[VolumeSpec],
+        sizes: dict[str, int],
+        *,
+        purpose: SessionPurpose = SessionPurpose.REPLICATE,
     ) -> Welcome:
+        """``purpose`` tells the receiver how to treat replica files changed outside
+        replication (see ``SessionPurpose``)."""
         hello = Hello(
             protocol_version=PROTOCOL_VERSION,
             job=job,
@@ -98,7 +133,7 @@ class Link:
             volumes=tuple(
                 VolumeInfo(v.name, sizes[v.name], v.kind.value) for v in volumes[:MAX_VOLUMES]
             ),
-            capabilities=("lz4", "manifest"),
+            capabilities=("lz4", "manifest", *purpose.capabilities),
             generation=0,
             session=uuid.uuid4().hex,
         )
@@ -162,7 +197,7 @@ class Link:
                     while self._in_flight and self._in_flight[0][0] <= self.applied_lsn:
                         self._in_flight.popleft()
                     self._changed.notify_all()
-                await self.journal.trim(self.received_lsn + 1)
+                await self.journal.trim(self.applied_lsn + 1)
                 self.space_freed.set()
             elif isinstance(msg, Credit):
                 async with self._changed:
@@ -238,6 +273,14 @@ class Link:
                 self._check()
                 await self._changed.wait()
             self._check()
+
+    async def relieve(self) -> None:
+        """Our journal is full: drop records the receiver holds durably but has not applied
+        yet (a whole epoch being received, say), instead of waiting for an apply that
+        waits for the rest of the epoch."""
+        if self.received_lsn > self.applied_lsn:
+            log.info("sender.journal_pressure", trim_below=self.received_lsn + 1)
+            await self.journal.trim(self.received_lsn + 1)
 
     async def request_manifest(self, volume: str, extent_size: int) -> ExtentManifest | None:
         """The receiver's manifest of a replica, or None when the replica does not exist."""

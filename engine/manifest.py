@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from replicator.engine.volumes import DIGEST_SIZE, iter_extents
-from replicator.journal.durable import read_state, write_state
+from replicator.journal.durable import StateFileError, read_state, write_state
 
 UNKNOWN = b"\0" * DIGEST_SIZE
 
@@ -143,10 +143,15 @@ class ManifestSet:
         state = read_state(path)
         if state is None:
             return None
-        return cls(
-            int(state["lsn"]),
-            int(state["extent_size"]),
-            int(state["epoch"]),
-            {k: Manifest.from_state(v) for k, v in state["disks"].items()},
-            {k: bytes(v) for k, v in state["files"].items()},
-        )
+        try:
+            return cls(
+                int(state["lsn"]),
+                int(state["extent_size"]),
+                int(state["epoch"]),
+                {k: Manifest.from_state(v) for k, v in state["disks"].items()},
+                {k: bytes(v) for k, v in state["files"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StateFileError(
+                f"{path}: manifests do not have the expected fields ({exc})"
+            ) from exc

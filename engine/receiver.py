@@ -26,20 +26,24 @@ from typing import Any
 
 import structlog
 
+from replicator.engine import replica_state
 from replicator.engine.applier import Applier, ApplyError
 from replicator.engine.errors import ConfigError, first_error
 from replicator.engine.manifest import digest_chunks
 from replicator.engine.names import check_job_name, path_problem
+from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
+from replicator.engine.replica_state import ReplicaState
 from replicator.engine.volumes import DIGEST_SIZE
 from replicator.journal import (
     Journal,
     JournalError,
     JournalFull,
     Record,
+    RecordError,
     RecordType,
     decode_records,
 )
-from replicator.journal.durable import makedirs_durable, read_state, write_state_async
+from replicator.journal.durable import makedirs_durable
 from replicator.transport import (
     PROTOCOL_VERSION,
     Ack,
@@ -67,6 +71,10 @@ MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the app
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
 HELLO_TIMEOUT = 30.0
 IDLE_TIMEOUT = 120.0
+# No file system holds more than 2^63 bytes in one file: a record reaching past it is
+# malformed (refused on arrival), not a storage error to retry forever.
+MAX_FILE_BYTES = 2**63 - 1
+_RANGED = frozenset({RecordType.WRITE, RecordType.ZERO, RecordType.TRIM, RecordType.RESIZE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,25 +100,34 @@ def check_receiver_dirs(config: ReceiverConfig) -> None:
 
 
 class JobReplica:
-    """Receiver-side state of one job: journal, applied LSN, the applier."""
+    """Receiver-side state of one job: journal, replica state, the applier."""
 
-    def __init__(self, job: str, config: ReceiverConfig, journal: Journal, applied: int) -> None:
+    def __init__(
+        self,
+        job: str,
+        config: ReceiverConfig,
+        journal: Journal,
+        state: ReplicaState,
+        files: ReplicaFiles | None = None,
+    ) -> None:
         self.job = job
         self.config = config
         self.journal = journal
-        self.applied_lsn = applied
+        self.state = state
+        self.files = files if files is not None else ReplicaFiles()
         self.replica_dir = config.replica_root / job
         self.state_dir = config.state_root / job
         self.session_lock = asyncio.Lock()
-        self.last_barrier = applied
+        self.last_barrier = state.applied_lsn
         # Records made durable by a session, kept so the applier need not read them back
         # from the journal. Valid only while it holds *every* durable record after the
-        # applied LSN; dropped (and the journal read instead) when it would grow too big.
+        # applied LSN; dropped (and the journal read instead) when it would grow too big,
+        # and after a failed apply (which may have consumed part of it).
         self._mem: collections.deque[Record] = collections.deque()
         self._mem_bytes = 0
-        self._mem_ok = journal.durable_lsn == applied
-        self._noted = applied  # highest LSN handed to note_durable (or applied)
-        self._applier = Applier(self.replica_dir)
+        self._mem_ok = journal.durable_lsn <= state.applied_lsn
+        self._noted = self.received_lsn  # highest LSN handed to note_durable (or applied)
+        self._applier: Applier | None = None
         self._wake = asyncio.Event()
         self.applied_changed = asyncio.Condition()
         self._apply_lock = asyncio.Lock()
@@ -120,23 +137,72 @@ class JobReplica:
 
     @classmethod
     async def open(cls, job: str, config: ReceiverConfig) -> JobReplica:
+        """Open the job's state and bring the replica to its last complete consistency point.
+
+        Recovery, in order: the saved replica state (damaged: rebuilt from the journal);
+        the journal, cut at any damage (records above the applied LSN that it loses are
+        sent again by the sender, which keeps them until they are applied); then the
+        records up to the last complete barrier are applied again (the redo of an apply
+        that a crash interrupted), before any session is served.
+        """
         state_dir = config.state_root / job
         await asyncio.to_thread(makedirs_durable, state_dir)
-        state = await asyncio.to_thread(read_state, state_dir / "applied.state")
-        applied = int(state["applied_lsn"]) if state else 0
+        saved = await asyncio.to_thread(replica_state.load, state_dir, job)
+        files = await asyncio.to_thread(ReplicaFiles.load, state_dir, job)
         journal = await Journal.open(
             state_dir / "journal",
             segment_bytes=config.segment_bytes,
             max_bytes=config.journal_max_bytes,
+            on_damage="cut",
+            discard_below=saved.applied_lsn + 1 if saved is not None else 0,
         )
-        self = cls(job, config, journal, applied)
-        # find the last complete barrier already received (a crash may have cut an apply short)
-        async for record in journal.read_from(max(applied + 1, journal.first_lsn)):
-            if record.is_barrier:
-                self.last_barrier = record.lsn
-        if self.last_barrier > applied:
-            log.info("receiver.recover", job=job, applied=applied, upto=self.last_barrier)
-            await self.apply_pending()
+        lost_track = saved is None or (
+            journal.recovery is not None and journal.recovery.kind == "damage"
+        )
+        if saved is None:
+            # Unknown (damaged or missing): everything below the journal's first record
+            # was applied (trim follows the state write), the rest is applied again.
+            applied = max(0, journal.first_lsn - 1)
+            empty = journal.first_lsn >= journal.next_lsn
+            saved = ReplicaState(applied, consistent=empty, applying=not empty)
+        if journal.recovery is not None and journal.recovery.kind == "damage":
+            log.error(
+                "receiver.journal_damaged",
+                job=job,
+                applied=saved.applied_lsn,
+                kept_upto=journal.last_lsn,
+                action="records after the kept ones are asked from the sender again",
+            )
+        self = cls(job, config, journal, saved, files)
+        try:
+            # the last complete barrier already received (a crash may have cut an apply short)
+            pending: set[str] = set()
+            async for record in journal.read_from(max(saved.applied_lsn + 1, journal.first_lsn)):
+                if record.is_barrier:
+                    self.last_barrier = record.lsn
+                pending.update(_paths(record))
+            if saved.applying:
+                # the interrupted round may have written any of these past their stamps
+                files.unstamp(files.stamps if lost_track else pending)
+            if self.last_barrier > saved.applied_lsn:
+                log.info(
+                    "receiver.recover", job=job, applied=saved.applied_lsn, upto=self.last_barrier
+                )
+                try:
+                    await self.apply_pending()
+                except ReplicaDiverged as exc:  # sessions are refused until a --resync
+                    log.error("receiver.replica_diverged", job=job, files=[str(exc)])
+            elif not saved.consistent:
+                log.warning(
+                    "receiver.replica_inconsistent",
+                    job=job,
+                    applied=saved.applied_lsn,
+                    why="the records that complete the interrupted epoch are not here yet; "
+                    "the replica is not a consistency point until the sender resends them",
+                )
+        except BaseException:
+            await self.aclose()
+            raise
         self._task = asyncio.create_task(self._apply_loop(), name=f"apply-{job}")
         return self
 
@@ -145,8 +211,14 @@ class JobReplica:
         return self.failure is not None or self.journal.failed
 
     @property
+    def applied_lsn(self) -> int:
+        return self.state.applied_lsn
+
+    @property
     def received_lsn(self) -> int:
-        return self.journal.durable_lsn
+        """Highest LSN the replica has durably: in the journal, or already applied (a
+        journal cut after damage may end below the applied LSN)."""
+        return max(self.journal.durable_lsn, self.state.applied_lsn)
 
     async def ingest(self, records: list[Record], encoded: bytes | None = None) -> None:
         """Append records (already checksum-verified) to the receive journal.
@@ -161,6 +233,13 @@ class JobReplica:
                 problem = path_problem(path)
                 if problem is not None:
                     raise ApplyError(f"refusing record lsn {record.lsn}: {problem}")
+            if record.offset + max(record.length, len(record.data)) > MAX_FILE_BYTES and (
+                record.type in _RANGED
+            ):
+                raise RemoteProtocolError(
+                    f"record lsn {record.lsn} ({record.type.name}) reaches past "
+                    f"{MAX_FILE_BYTES} bytes"
+                )
         await self.journal.append_many(records, encoded=encoded)
 
     def note_durable(self, records: list[Record]) -> None:
@@ -174,18 +253,19 @@ class JobReplica:
             self._mem.extend(records)
             self._mem_bytes += sum(r.encoded_size for r in records)
             if self._mem_bytes > MEM_APPLY_BYTES:  # the applier is behind: use the journal
-                self._mem.clear()
-                self._mem_bytes = 0
-                self._mem_ok = False
+                self._drop_memory()
         self._wake.set()
 
     def session_started(self) -> None:
         """A new session begins: records an earlier one made durable without handing them
         over (it ended between its append and its sync) exist only in the journal."""
         if self.journal.durable_lsn > self._noted:
-            self._mem.clear()
-            self._mem_bytes = 0
-            self._mem_ok = False
+            self._drop_memory()
+
+    def _drop_memory(self) -> None:
+        self._mem.clear()
+        self._mem_bytes = 0
+        self._mem_ok = False
 
     async def _records_upto(self, target: int) -> AsyncIterator[Record]:
         """Durable records after the applied LSN up to ``target``, from memory or the journal."""
@@ -195,7 +275,7 @@ class JobReplica:
                 self._mem_bytes -= record.encoded_size
                 yield record
             return
-        start = max(self.applied_lsn + 1, self.journal.first_lsn)
+        start = max(self.state.applied_lsn + 1, self.journal.first_lsn)
         async for record in self.journal.read_from(start):
             if record.lsn > target:
                 break
@@ -216,29 +296,36 @@ class JobReplica:
                 self.applied_changed.notify_all()
 
     async def apply_pending(self, *, force: bool = False) -> int:
-        """Apply records up to the last durable barrier (or all durable ones when ``force``)."""
+        """Apply records up to the last durable barrier (or all durable ones when ``force``).
+
+        All or nothing for the applied LSN: it moves only after every record up to the
+        target is in the replica files and they are fsynced. When anything fails, it stays
+        where it was, the records stay in the journal (never consumed from memory), and
+        the next attempt applies them again from the journal.
+        """
         async with self._apply_lock:
             t0 = time.perf_counter()
             target = self.journal.durable_lsn if force else self.last_barrier
-            if target <= self.applied_lsn:
-                return self.applied_lsn
-            batch: list[Record] = []
-            size = 0
-            async for record in self._records_upto(target):
-                batch.append(record)
-                size += record.encoded_size
-                if size >= APPLY_BATCH_BYTES:
-                    await asyncio.to_thread(self._applier.apply_many, batch)
-                    batch, size = [], 0
-            if batch:
-                await asyncio.to_thread(self._applier.apply_many, batch)
+            if target <= self.state.applied_lsn:
+                return self.state.applied_lsn
+            try:
+                applied, point = await self._apply_upto(target)
+            except ReplicaDiverged as exc:
+                self._after_failed_apply()
+                self.files.mark_diverged(exc.path, exc.why)
+                with contextlib.suppress(OSError):  # also refused at the next session start
+                    await asyncio.to_thread(self.files.save, self.state_dir)
+                raise
+            except BaseException:
+                self._after_failed_apply()
+                raise
             t1 = time.perf_counter()
-            await asyncio.to_thread(self._applier.barrier)
-            t2 = time.perf_counter()
-            await write_state_async(
-                self.state_dir / "applied.state", {"applied_lsn": target, "job": self.job}
-            )
-            self.applied_lsn = target
+            consistent = point is not None and point.lsn == target
+            new = self.state.replace(applied_lsn=applied, consistent=consistent, applying=False)
+            if point is not None:
+                new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
+            await asyncio.to_thread(replica_state.save, self.state_dir, self.job, new)
+            self.state = new
             if not self._mem_ok and self.journal.durable_lsn == target:
                 self._mem_ok = True  # caught up: nothing durable is left unapplied
                 self._noted = max(self._noted, target)
@@ -249,11 +336,86 @@ class JobReplica:
                 "receiver.applied",
                 job=self.job,
                 lsn=target,
+                consistent=consistent,
                 apply_ms=round((t1 - t0) * 1000, 1),
-                fsync_ms=round((t2 - t1) * 1000, 1),
                 total_ms=round((time.perf_counter() - t0) * 1000, 1),
             )
             return target
+
+    async def _apply_upto(self, target: int) -> tuple[int, Record | None]:
+        """Apply and fsync every record after the applied LSN up to ``target``.
+
+        Returns the LSN reached (always ``target``) and the last barrier applied."""
+        if not self.state.applying:  # durably "under way" before any replica byte moves
+            marked = self.state.replace(applying=True, consistent=False)
+            await asyncio.to_thread(replica_state.save, self.state_dir, self.job, marked)
+            self.state = marked
+        applier = self._get_applier()
+        batch: list[Record] = []
+        size = 0
+        last = self.state.applied_lsn
+        point: Record | None = None
+        async for record in self._records_upto(target):
+            if record.lsn <= last:
+                raise ApplyError(f"record lsn {record.lsn} is not after {last} (internal error)")
+            last = record.lsn
+            if record.is_barrier:
+                point = record
+            batch.append(record)
+            size += record.encoded_size
+            if size >= APPLY_BATCH_BYTES:
+                await asyncio.to_thread(applier.apply_many, batch)
+                batch, size = [], 0
+        if batch:
+            await asyncio.to_thread(applier.apply_many, batch)
+        if last != target:  # never call "applied" what was not: the records must all be there
+            raise ApplyError(
+                f"records up to lsn {target} should be durable here, but they end at {last}"
+            )
+        await asyncio.to_thread(applier.barrier)
+        await asyncio.to_thread(self.files.save, self.state_dir)
+        return last, point
+
+    def _get_applier(self) -> Applier:
+        if self._applier is None:
+            self._applier = Applier(self.replica_dir, self.files)
+        return self._applier
+
+    def _after_failed_apply(self) -> None:
+        self._drop_memory()
+        if self._applier is not None:
+            self.files.unstamp(self._applier.unstamped)  # our own writes moved past them
+        self._reset_applier()
+
+    async def check_replica(self, *, adopt: bool) -> list[str]:
+        """Replica files not as replication left them (see ``replica_files.py``); with
+        ``adopt`` (the sender compares with the replica) they are all taken as they are."""
+        async with self._apply_lock:
+            if adopt:
+                self.files.forget_all()
+            else:
+                applier = self._get_applier()
+                for path in list(self.files.stamps):
+                    try:
+                        self.files.check(path, await asyncio.to_thread(applier.lstat, path))
+                    except ReplicaDiverged as exc:
+                        self.files.mark_diverged(exc.path, exc.why)
+            await asyncio.to_thread(self.files.save, self.state_dir)
+            return [f"{path!r} {why}" for path, why in sorted(self.files.diverged.items())]
+
+    async def adopt(self, path: str) -> None:
+        """The sender is about to compare with replica file ``path`` as it is now."""
+        async with self._apply_lock:
+            await asyncio.to_thread(self._get_applier().adopt, path)
+            await asyncio.to_thread(self.files.save, self.state_dir)
+
+    def _reset_applier(self) -> None:
+        """After a failed write or fsync nothing about the open files can be trusted (the
+        kernel may have dropped dirty pages): the next apply starts with fresh ones."""
+        if self._applier is not None:
+            with contextlib.suppress(OSError):
+                self._applier.close()
+            self._applier = None
 
     def replica_manifest(self, volume: str, extent_size: int) -> Iterator[tuple[bool, int, bytes]]:
         """(exists, size, digests of up to MANIFEST_CHUNK extents) of a replica, read afresh.
@@ -261,7 +423,7 @@ class JobReplica:
         A generator, so a huge replica is hashed and sent a chunk at a time, never held
         whole in memory. Blocking: drive it from a worker thread.
         """
-        fd = self._applier.open_readonly(volume)  # never reads outside the replica folder
+        fd = self._get_applier().open_readonly(volume)  # never reads outside the replica
         if fd is None:
             yield False, 0, b""
             return
@@ -280,10 +442,12 @@ class JobReplica:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(Exception):
-            await self.apply_pending()
-        self._applier.close()
-        await self.journal.aclose()
+        if not self.broken:
+            with contextlib.suppress(Exception):
+                await self.apply_pending()
+        self._reset_applier()
+        with contextlib.suppress(JournalError):
+            await self.journal.aclose()
 
 
 class Receiver:
@@ -360,8 +524,19 @@ class Receiver:
             )
             return
         async with replica.session_lock:
+            verifying = "verify" in hello.capabilities
+            diverged = await replica.check_replica(adopt="resync" in hello.capabilities)
+            if diverged and not verifying:
+                why = "; ".join(diverged[:3]) + (
+                    f" (and {len(diverged) - 3} more)" if len(diverged) > 3 else ""
+                )
+                log.error(
+                    "receiver.replica_diverged", job=hello.job, peer=conn.peer, files=diverged
+                )
+                await conn.send(Refuse("diverged", f"job {hello.job!r}: {why}"))
+                return
             log.info("receiver.session", job=hello.job, peer=conn.peer, session=hello.session)
-            await Session(conn, replica, self.config).run()
+            await Session(conn, replica, self.config, adopt=not verifying).run()
 
     def _check_hello(self, hello: Hello) -> Refuse | None:
         if self._closing:
@@ -398,7 +573,10 @@ class Receiver:
 class Session:
     """One connected sender: ingest, sync, acknowledge, answer manifest requests."""
 
-    def __init__(self, conn: FramedConnection, replica: JobReplica, config: ReceiverConfig) -> None:
+    def __init__(
+        self, conn: FramedConnection, replica: JobReplica, config: ReceiverConfig, *, adopt: bool
+    ) -> None:
+        self.adopt = adopt  # a replica file the sender asks a manifest of is taken as it is
         self.conn = conn
         self.replica = replica
         self.config = config
@@ -436,7 +614,10 @@ class Session:
         while True:
             msg = await self.conn.recv(timeout=IDLE_TIMEOUT)
             if isinstance(msg, Records):
-                records = decode_records(msg.payload)  # count and LSN order: see Records
+                try:  # count and LSN order were checked with the frame: see Records
+                    records = decode_records(msg.payload)
+                except RecordError as exc:
+                    raise RemoteProtocolError(f"malformed record in Records: {exc}") from exc
                 if records[0].lsn <= self.replica.journal.last_lsn:
                     raise RemoteProtocolError(
                         f"records lsn {records[0].lsn} not after {self.replica.journal.last_lsn}"
@@ -504,9 +685,10 @@ class Session:
         while True:
             async with self.replica.applied_changed:
                 await self.replica.applied_changed.wait()
-            if self.replica.failure is not None:
-                reason = f"receiver cannot apply: {self.replica.failure}"
-                await self.conn.send(Error("storage", reason))
+            failure = self.replica.failure
+            if failure is not None:
+                code = "diverged" if isinstance(failure, ReplicaDiverged) else "storage"
+                await self.conn.send(Error(code, f"receiver cannot apply: {failure}"))
                 raise ConnectionClosedError("apply failed")
             if self.replica.applied_lsn != last:
                 last = self.replica.applied_lsn
@@ -520,6 +702,8 @@ class Session:
         # Everything received is applied first, so the manifest and the sender's view of
         # "what the receiver has" agree (see docs/ARCHITECTURE.md, differential sync).
         await self.replica.apply_pending(force=True)
+        if self.adopt:
+            await self.replica.adopt(req.volume)
         chunks = self.replica.replica_manifest(req.volume, req.extent_size)
         first = 0
         part = await asyncio.to_thread(next, chunks)
@@ -542,6 +726,12 @@ class Session:
                 return
             first += len(digests) // DIGEST_SIZE
             part = nxt
+
+
+def _paths(record: Record) -> list[str]:
+    if not record.volume:
+        return []
+    return [record.volume, record.target] if record.type is RecordType.RENAME else [record.volume]
 
 
 class _SessionOver(Exception):

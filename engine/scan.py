@@ -10,6 +10,7 @@ thread, a few MiB per hop, so the event loop keeps shipping while the scan goes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -148,11 +149,13 @@ async def append_waiting(
     space_freed: asyncio.Event,
     timeout: float,
     check: Callable[[], None],
+    relieve: Callable[[], Awaitable[None]],
 ) -> int:
     """Append ``records``; while the journal is full, wait for the shipper to free space.
 
     ``check`` raises when shipping has failed, so a full journal never waits for acks
-    that cannot come.
+    that cannot come; ``relieve`` frees what can be freed at once (records the receiver
+    holds durably), so an epoch larger than the journal never waits on itself.
     """
     while True:
         check()
@@ -160,6 +163,9 @@ async def append_waiting(
             return await journal.append_many(records)
         except JournalFull:
             space_freed.clear()
+            await relieve()
+            with contextlib.suppress(JournalFull):
+                return await journal.append_many(records)
             async with asyncio.timeout(timeout):
                 await space_freed.wait()
 

@@ -37,7 +37,7 @@ from replicator.engine.errors import (
     StorageError,
     first_error,
 )
-from replicator.engine.link import Link, as_user_error
+from replicator.engine.link import Link, SessionPurpose, as_user_error
 from replicator.engine.manifest import UNKNOWN, Manifest, ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.scan import (
@@ -56,6 +56,8 @@ from replicator.engine.volumes import (
     zero_digest,
 )
 from replicator.journal import Journal, Record, RecordType
+from replicator.journal.durable import StateFileError
+from replicator.journal.journal import OnDamage
 from replicator.transport import connect
 
 log = structlog.get_logger()
@@ -79,6 +81,10 @@ class SenderConfig:
     resync: bool = False
     journal_max_bytes: int = JOURNAL_CAP
     connect_timeout: float = 10.0
+    # what to do with a damaged journal: "cut" it and compare with the replica (the
+    # volumes hold every change the lost records made), or "refuse" where a comparison
+    # cannot see everything the records did (FUSE capture: renames and deletions)
+    journal_damage: OnDamage = "cut"
 
 
 @dataclass(slots=True)
@@ -112,6 +118,7 @@ class SenderState:
         self._lock = StateDirLock(config.state_dir, f"a sender for job {config.job!r}")
         self.journal: Journal | None = None
         self.manifests: ManifestSet | None = None
+        self.damaged = False  # the journal lost synced records: compare with the replica
 
     @property
     def manifest_path(self) -> Path:
@@ -121,16 +128,45 @@ class SenderState:
         self._lock.__enter__()
         try:
             self.journal = await Journal.open(
-                self.dir / "journal", max_bytes=self.config.journal_max_bytes
+                self.dir / "journal",
+                max_bytes=self.config.journal_max_bytes,
+                on_damage=self.config.journal_damage,
             )
-            self.manifests = await asyncio.to_thread(ManifestSet.load, self.manifest_path)
+            self.manifests = await asyncio.to_thread(self._load_manifests)
         except BaseException:
+            if self.journal is not None:
+                await self.journal.aclose()
             self._lock.__exit__(None, None, None)
             raise
+        recovery = self.journal.recovery
+        if recovery is not None and recovery.kind == "damage":
+            self.damaged = True
+            log.error(
+                "sender.journal_damaged",
+                job=self.config.job,
+                segment=recovery.path,
+                offset=recovery.offset,
+                lost_from_lsn=recovery.next_lsn,
+                action="the next cycle compares the volumes with the replica (basis remote)",
+            )
         if self.manifests is not None and self.manifests.extent_size != self.config.extent_size:
             log.info("sender.extent_size_changed", old=self.manifests.extent_size)
             self.manifests = None
         return self
+
+    def _load_manifests(self) -> ManifestSet | None:
+        try:
+            return ManifestSet.load(self.manifest_path)
+        except StateFileError as exc:
+            # the manifests only save work: without them the replica itself is compared
+            log.error(
+                "sender.state_damaged",
+                job=self.config.job,
+                path=str(self.manifest_path),
+                error=str(exc),
+                action="comparing with the replica instead (basis remote)",
+            )
+            return None
 
     async def __aexit__(self, *exc: object) -> None:
         if self.journal is not None:
@@ -201,7 +237,10 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
     trusted = (
         local is not None
         and not state.config.resync
+        and not state.damaged
+        # every record after the manifests is still here to fold in, or the receiver has it
         and journal.first_lsn <= local.lsn + 1
+        and local.lsn <= max(journal.last_lsn, received)
         and received + 1 >= journal.first_lsn
         and received <= journal.last_lsn
     )
@@ -249,9 +288,18 @@ class Sender:
         return {v.name: os.stat(v.path).st_size for v in self.config.volumes}
 
     async def open_link(
-        self, state: SenderState, *, with_basis: bool = True
+        self,
+        state: SenderState,
+        *,
+        with_basis: bool = True,
+        purpose: SessionPurpose | None = None,
     ) -> tuple[Link, str, ManifestSet]:
-        """Connect, handshake, start shipping, and (``with_basis``) choose the scan basis."""
+        """Connect, handshake, start shipping, and (``with_basis``) choose the scan basis.
+
+        ``purpose`` defaults to RESYNC for a ``--resync`` basis, else REPLICATE."""
+        if purpose is None:
+            resync = with_basis and self.config.resync
+            purpose = SessionPurpose.RESYNC if resync else SessionPurpose.REPLICATE
         journal = state.journal
         assert journal is not None
         try:
@@ -266,7 +314,12 @@ class Sender:
             ) from exc
         link = Link(conn, journal)
         try:
-            await link.handshake(self.config.job, self.config.volumes, self._sizes())
+            await link.handshake(
+                self.config.job,
+                self.config.volumes,
+                self._sizes(),
+                purpose=purpose,
+            )
             # the receiver may be ahead of us (our state was lost): never reuse its LSNs
             self._lsn_floor = link.received_lsn + 1
             link.start_reader()
@@ -292,7 +345,12 @@ class Sender:
         if journal.next_lsn < self._lsn_floor:
             records = [records[0].with_lsn(self._lsn_floor), *records[1:]]
         return await append_waiting(
-            journal, records, link.space_freed, FULL_WAIT_TIMEOUT, link.raise_if_failed
+            journal,
+            records,
+            link.space_freed,
+            FULL_WAIT_TIMEOUT,
+            link.raise_if_failed,
+            link.relieve,
         )
 
     async def cycle(

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from replicator.engine.link import Link
+from replicator.engine.link import Link, SessionPurpose
 from replicator.engine.manifest import Manifest
 from replicator.engine.sender import Sender, SenderState
 from replicator.engine.volumes import VolumeSpec, pread_all
@@ -136,7 +136,8 @@ async def _repair(sender: Sender, state: SenderState, link: Link, result: Verify
 
 async def verify(sender: Sender, *, repair: bool) -> VerifyResult:
     async with SenderState(sender.config) as state:
-        link, _, _ = await sender.open_link(state, with_basis=False)
+        purpose = SessionPurpose.RESYNC if repair else SessionPurpose.VERIFY
+        link, _, _ = await sender.open_link(state, with_basis=False, purpose=purpose)
         try:
             result = await compare(link, sender.config.volumes, sender.config.extent_size)
             if repair and not result.identical:

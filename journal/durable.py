@@ -26,14 +26,21 @@ from typing import Any
 import blake3
 import msgpack
 
+from replicator.engine.errors import ExitCode, ReplicatorError
+
 STATE_MAGIC = b"RPST"
 STATE_VERSION = 1
 # magic, version, reserved, body length, blake3-128 of body
 _STATE_HEADER = struct.Struct("<4sHHQ16s")
 
 
-class StateFileError(Exception):
-    """A state file exists but cannot be trusted (torn, foreign or from a newer version)."""
+class StateFileError(ReplicatorError):
+    """A state file exists but cannot be trusted (torn, foreign or from a newer version).
+
+    Callers that can rebuild what the file held (from the journal, or by comparing with
+    the replica) do so and log it; anywhere else it ends the command with exit code 8."""
+
+    exit_code = ExitCode.JOURNAL
 
 
 def fsync_fd(fd: int) -> None:

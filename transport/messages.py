@@ -19,7 +19,8 @@ from typing import Final, TypeAlias
 
 from replicator.journal.records import HEADER_SIZE, MAX_NAME, RecordError, peek_length, peek_lsn
 
-PROTOCOL_VERSION: Final = 1
+# 2: Refuse code "diverged", Hello capability "resync" (see docs/PROTOCOL.md)
+PROTOCOL_VERSION: Final = 2
 
 U64_MAX: Final = 2**64 - 1
 I64_MIN: Final = -(2**63)
@@ -37,7 +38,9 @@ MAX_EXTENT: Final = 1 << 30
 DIGEST_SIZE: Final = 16  # blake3-128 per extent in a Manifest
 
 VOLUME_KINDS: Final = frozenset({"disk", "file"})
-REFUSE_CODES: Final = frozenset({"version", "name", "busy", "storage", "auth", "config"})
+REFUSE_CODES: Final = frozenset(
+    {"version", "name", "busy", "storage", "auth", "config", "diverged"}
+)
 
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9_.\-]*\Z")
 

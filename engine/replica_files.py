@@ -1,0 +1,139 @@
+"""Which replica files replication wrote, as it left them: ``files.state``.
+
+A replica file changed behind the receiver (someone booted the replica VM by hand, an
+editor, a restore, a symlink planted in its place) must never be silently built upon:
+the next records would land on bytes the sender knows nothing about, and every later
+"durable" would be a lie. So after each apply the receiver stamps every regular file it
+wrote with its inode number and ctime, and before it changes a file again (first touch
+in an apply round) or starts a session, it compares. ctime changes with every data or
+metadata change and cannot be set back by a user, so "same inode, same ctime" means
+"exactly as replication left it". (A change within the same coarse clock tick as our own
+last write keeps the ctime; that window is a few milliseconds.)
+
+State file (``journal/durable.py`` framing), a msgpack map:
+
+- ``files`` (map path -> [ino, ctime_ns]): every regular replica file replication wrote
+  or adopted;
+- ``diverged`` (map path -> text): files found changed outside replication; sessions are
+  refused until a sender compares with the replica (``send --resync``).
+
+Files nobody stamped yet (a seeded replica, the first session) are *adopted* when the
+sender compares against them (a manifest request) or writes them whole. A file an apply
+round changed before it failed or crashed has no trustworthy stamp any more (our own
+writes are past it); it is adopted again when the round is redone, unless it is the one
+found diverged.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from replicator.journal.durable import StateFileError, read_state, write_state
+
+log = structlog.get_logger()
+
+FILE_NAME = "files.state"
+
+
+class ReplicaDiverged(Exception):
+    """A replica file is not as replication left it; ``path`` is relative to the replica."""
+
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        self.why = why
+        super().__init__(f"replica file {path!r} {why}")
+
+
+@dataclass(slots=True)
+class ReplicaFiles:
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)
+    diverged: dict[str, str] = field(default_factory=dict)
+    dirty: bool = False  # changed since the last save
+
+    @classmethod
+    def load(cls, state_dir: Path, job: str) -> ReplicaFiles:
+        path = state_dir / FILE_NAME
+        try:
+            raw = read_state(path)
+            if raw is None:
+                return cls()
+            stamps = {str(k): (int(v[0]), int(v[1])) for k, v in raw["files"].items()}
+            diverged = {str(k): str(v) for k, v in raw.get("diverged", {}).items()}
+        except (StateFileError, OSError, KeyError, TypeError, ValueError, IndexError) as exc:
+            # without stamps nothing can be compared: every file is adopted again, as for
+            # a seeded replica (the sender's comparison covers content)
+            log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
+            return cls(dirty=True)
+        return cls(stamps, diverged)
+
+    def save(self, state_dir: Path) -> None:
+        """Durably replace the state file when stamps changed (blocking: worker thread)."""
+        if not self.dirty:
+            return
+        write_state(
+            state_dir / FILE_NAME,
+            {"files": {k: list(v) for k, v in self.stamps.items()}, "diverged": self.diverged},
+        )
+        self.dirty = False
+
+    def check(self, path: str, st: os.stat_result | None) -> None:
+        """Raise ReplicaDiverged when ``path`` (its lstat, or None when missing) is not as
+        stamped. Unstamped files pass (they are adopted when stamped)."""
+        stamp = self.stamps.get(path)
+        if stamp is None:
+            return
+        if st is None:
+            raise ReplicaDiverged(path, "was deleted outside replication")
+        if not stat.S_ISREG(st.st_mode):
+            raise ReplicaDiverged(path, "was replaced by something that is not a regular file")
+        if st.st_ino != stamp[0]:
+            raise ReplicaDiverged(path, "was replaced by another file outside replication")
+        if st.st_ctime_ns != stamp[1]:
+            raise ReplicaDiverged(path, "was changed outside replication (its ctime moved)")
+
+    def stamp(self, path: str, st: os.stat_result) -> None:
+        value = (st.st_ino, st.st_ctime_ns)
+        if self.stamps.get(path) != value:
+            self.stamps[path] = value
+            self.dirty = True
+
+    def forget(self, path: str) -> None:
+        """``path`` and everything below it are gone (unlink, rmdir, renamed away)."""
+        prefix = path + "/"
+        for name in [n for n in self.stamps if n == path or n.startswith(prefix)]:
+            del self.stamps[name]
+            self.dirty = True
+
+    def move(self, old: str, new: str) -> None:
+        """A rename: stamps travel with the names (the ctime changes: restamped later)."""
+        self.forget(new)
+        prefix = old + "/"
+        for name in [n for n in self.stamps if n == old or n.startswith(prefix)]:
+            self.stamps[new + name[len(old) :]] = self.stamps.pop(name)
+            self.dirty = True
+
+    def unstamp(self, paths: Iterable[str]) -> None:
+        """Forget the stamps of ``paths`` (written past them by a round that did not
+        finish), except the diverged ones, which stay refused."""
+        for path in list(paths):
+            if path not in self.diverged and path in self.stamps:
+                del self.stamps[path]
+                self.dirty = True
+
+    def mark_diverged(self, path: str, why: str) -> None:
+        if self.diverged.get(path) != why:
+            self.diverged[path] = why
+            self.dirty = True
+
+    def forget_all(self) -> None:
+        """Adopt the replica as it is now (``send --resync`` compares with it)."""
+        if self.stamps or self.diverged:
+            self.stamps.clear()
+            self.diverged.clear()
+            self.dirty = True

@@ -1,0 +1,101 @@
+"""What the receiver knows durably about one job's replica: ``applied.state``.
+
+A state file (``journal/durable.py`` framing: magic, version, checksum) holding a msgpack
+map:
+
+- ``job`` (str): the job name (a sanity check against a moved folder);
+- ``applied_lsn`` (int): every record up to it is in the replica files and fsynced;
+- ``consistent`` (bool): the replica files are exactly the state at ``point_lsn``. False
+  while an apply is under way, and after records past the last barrier were applied
+  (``--resync`` comparisons): recovery must roll forward before anyone reads or promotes
+  the replica;
+- ``applying`` (bool): an apply round was under way: the files may hold writes past
+  ``applied_lsn`` and past their stamps in ``files.state``;
+- ``point_lsn`` (int): the last consistency point (EPOCH or FLUSH) fully applied;
+- ``point_ts_ns`` (int): the source's wall-clock time of that point (0: unknown).
+
+Write order around an apply round: ``applying`` True (and ``consistent`` False) durably
+*before* the first replica byte is written; then the records; fsync of the replica files;
+``files.state``; and only then this file with the new ``applied_lsn``, ``applying`` False
+and ``consistent`` True when the round ended on a barrier. So a crash anywhere in between
+leaves ``applying`` set, and the redo of the journal (records after ``applied_lsn`` up to
+the next complete barrier) is not optional.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from replicator.journal.durable import StateFileError, read_state, write_state
+
+log = structlog.get_logger()
+
+FILE_NAME = "applied.state"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaState:
+    applied_lsn: int = 0
+    consistent: bool = True
+    applying: bool = False
+    point_lsn: int = 0
+    point_ts_ns: int = 0
+
+    def replace(self, **changes: int | bool) -> ReplicaState:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def load(state_dir: Path, job: str) -> ReplicaState | None:
+    """The saved state, or None when there is none or it cannot be trusted (logged)."""
+    path = state_dir / FILE_NAME
+    try:
+        raw = read_state(path)
+    except (StateFileError, OSError) as exc:
+        log.error(
+            "receiver.state_damaged",
+            job=job,
+            path=str(path),
+            error=str(exc),
+            action="recovering from the journal; records it lacks are asked from the sender",
+        )
+        return None
+    if raw is None:
+        return None
+    try:
+        state = ReplicaState(
+            applied_lsn=_int(raw, "applied_lsn"),
+            consistent=bool(raw.get("consistent", True)),
+            applying=bool(raw.get("applying", False)),
+            point_lsn=_int(raw, "point_lsn", _int(raw, "applied_lsn")),
+            point_ts_ns=_int(raw, "point_ts_ns", 0),
+        )
+    except (TypeError, ValueError) as exc:
+        log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
+        return None
+    return state
+
+
+def save(state_dir: Path, job: str, state: ReplicaState) -> None:
+    """Durably replace the state file (blocking: run it in a worker thread)."""
+    write_state(
+        state_dir / FILE_NAME,
+        {
+            "job": job,
+            "applied_lsn": state.applied_lsn,
+            "consistent": state.consistent,
+            "applying": state.applying,
+            "point_lsn": state.point_lsn,
+            "point_ts_ns": state.point_ts_ns,
+        },
+    )
+
+
+def _int(raw: dict[str, object], key: str, default: int | None = None) -> int:
+    value = raw.get(key, default)
+    if type(value) is not int or (value < 0 and key.endswith("_lsn")):
+        raise ValueError(f"{key} is {value!r}, not a valid {key}")
+    return value

@@ -1,0 +1,229 @@
+"""The cases that used to break "durable means durable", run as a user would.
+
+Each one: a fault, a clear error (never exit 0 and "durable" for a replica that differs),
+then the fault goes away and the next plain `send --once` makes the replica equal the
+source, checked with cmp-equivalent bytes and blake3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.errors import ExitCode
+from replicator.journal.segment import HEADER_BYTES
+from tests.tools import ReceiverProc, b3, replicator, send_once, start_receiver
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 40 MiB tmpfs the test mounts itself (root, as in CI)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _send(
+    receiver: ReceiverProc, job: str, state: Path, disk: Path
+) -> subprocess.CompletedProcess[str]:
+    return replicator(
+        "send", "--to", receiver.address, "--job", job, "--state-dir", str(state),
+        "--once", "--json", "--insecure", str(disk),
+    )  # fmt: skip
+
+
+def _events(stderr: str) -> list[dict[str, object]]:
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def test_replica_write_out_of_space_is_never_reported_durable(tmp_path: Path, tmpfs: Path) -> None:
+    """The issue's first case: the journal fits, the replica write does not."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(24 * MiB))
+    receiver = start_receiver(tmpfs)
+    try:
+        state = tmp_path / "state"
+        out = _send(receiver, "full", state, disk)
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+        assert "No space left on device" in out.stderr or "disk is full" in out.stderr
+        assert receiver.proc.poll() is None
+        subprocess.run(["mount", "-o", "remount,size=256m", str(tmpfs)], check=True)
+        summary = send_once(receiver, "full", state, disk)
+        assert b3(tmpfs / "full" / "disk.img") == b3(disk), summary
+        verify = replicator(
+            "verify", "--to", receiver.address, "--job", "full", "--state-dir", str(state),
+            "--insecure", str(disk),
+        )  # fmt: skip
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        receiver.stop()
+
+
+def test_a_symlink_planted_at_the_replica_is_refused_then_the_replica_converges(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(2 * MiB))
+    state = tmp_path / "state"
+    send_once(receiver, "planted", state, disk)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not yours")
+    replica = receiver.dir / "planted" / "disk.img"
+    replica.unlink()
+    replica.symlink_to(elsewhere)
+    with disk.open("r+b") as f:
+        f.write(os.urandom(65536))
+    out = _send(receiver, "planted", state, disk)
+    assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+    assert "diverged" in out.stderr and "not a regular file" in out.stderr
+    assert "--resync" in out.stderr  # what to do
+    assert elsewhere.read_bytes() == b"not yours"  # nothing written through the link
+    replica.unlink()
+    out = _send(receiver, "planted", state, disk)  # a replica deleted by hand: the same
+    assert out.returncode == ExitCode.REFUSED and "deleted outside" in out.stderr
+    summary = send_once(receiver, "planted", state, disk, extra=("--resync",))
+    assert summary["basis"] == "remote"
+    assert b3(replica) == b3(disk)
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_the_receive_journal_does_not_wedge_the_job(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(16 * MiB))
+    target = tmp_path / "target"
+    receiver = start_receiver(target)
+    state = tmp_path / "state"
+    try:
+        send_once(receiver, "rot", state, disk)
+    finally:
+        receiver.stop()
+    segments = sorted((target / ".replicator" / "rot" / "journal").glob("*.seg"))
+    newest = segments[-1]
+    _flip(newest, newest.stat().st_size // 2)
+    with disk.open("r+b") as f:
+        f.seek(5 * MiB)
+        f.write(os.urandom(MiB))
+    receiver = start_receiver(target)
+    try:
+        summary = send_once(receiver, "rot", state, disk)
+        assert b3(target / "rot" / "disk.img") == b3(disk), summary
+    finally:
+        receiver.stop()
+    assert receiver.proc.stderr is not None
+    events = [e["event"] for e in _events(receiver.proc.stderr.read())]
+    assert "journal.damage_cut" in events
+
+
+def test_a_flipped_byte_in_the_sender_journal_is_recovered_by_comparing(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(8 * MiB))
+    state = tmp_path / "state"
+    send_once(receiver, "srot", state, disk)
+    (segment,) = sorted((state / "journal").glob("*.seg"))
+    _flip(segment, HEADER_BYTES + segment.stat().st_size // 3)
+    with disk.open("r+b") as f:
+        f.seek(3 * MiB)
+        f.write(os.urandom(MiB))
+    out = _send(receiver, "srot", state, disk)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["basis"] == "remote"
+    assert "sender.journal_damaged" in [e["event"] for e in _events(out.stderr)]
+    assert b3(receiver.dir / "srot" / "disk.img") == b3(disk)
+
+
+def test_damaged_sender_manifests_fall_back_to_comparing(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """Used to exit 70 (not in the exit-code table), and --resync did not get past it."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 * MiB))
+    state = tmp_path / "state"
+    send_once(receiver, "mrot", state, disk)
+    _flip(state / "manifests.state", 40)
+    with disk.open("r+b") as f:
+        f.write(os.urandom(65536))
+    out = _send(receiver, "mrot", state, disk)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["basis"] == "remote"
+    assert "sender.state_damaged" in [e["event"] for e in _events(out.stderr)]
+    assert b3(receiver.dir / "mrot" / "disk.img") == b3(disk)
+
+
+def test_damaged_receiver_state_file_is_rebuilt(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 * MiB))
+    target = tmp_path / "target"
+    state = tmp_path / "state"
+    receiver = start_receiver(target)
+    try:
+        send_once(receiver, "arot", state, disk)
+    finally:
+        receiver.stop()
+    _flip(target / ".replicator" / "arot" / "applied.state", 36)
+    with disk.open("r+b") as f:
+        f.write(os.urandom(65536))
+    receiver = start_receiver(target)
+    try:
+        send_once(receiver, "arot", state, disk)
+        assert b3(target / "arot" / "disk.img") == b3(disk)
+    finally:
+        receiver.stop()
+
+
+def test_a_replica_edited_on_the_target_is_never_silently_built_upon(tmp_path: Path) -> None:
+    """Used to stay edited while every later send said "durable"; only verify noticed."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 * MiB))
+    target = tmp_path / "target"
+    state = tmp_path / "state"
+    receiver = start_receiver(target)
+    try:
+        send_once(receiver, "edited", state, disk)
+    finally:
+        receiver.stop()
+    replica = target / "edited" / "disk.img"
+    with replica.open("r+b") as f:  # the replica VM was started by hand, say
+        f.seek(MiB)
+        f.write(b"guest wrote here")
+    with disk.open("r+b") as f:
+        f.seek(2 * MiB)
+        f.write(os.urandom(65536))
+    receiver = start_receiver(target)
+    try:
+        out = _send(receiver, "edited", state, disk)
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+        assert "changed outside replication" in out.stderr and "--resync" in out.stderr
+        verify = replicator(
+            "verify", "--to", receiver.address, "--job", "edited", "--state-dir", str(state),
+            "--insecure", str(disk),
+        )  # fmt: skip
+        assert verify.returncode == ExitCode.DIFFERENT, verify.stdout + verify.stderr
+        assert _send(receiver, "edited", state, disk).returncode == ExitCode.REFUSED  # still
+        summary = send_once(receiver, "edited", state, disk, extra=("--resync",))
+        assert summary["basis"] == "remote"
+        assert b3(replica) == b3(disk)
+        send_once(receiver, "edited", state, disk)  # and plain sends work again
+    finally:
+        receiver.stop()

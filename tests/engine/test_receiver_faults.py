@@ -1,0 +1,302 @@
+"""A failed apply never counts as applied; recovery rebuilds what damage took.
+
+Each durable step of an apply is made to fail once (a real OSError where the step does
+its I/O); the applied LSN must stay put, the records stay in the journal, and the next
+attempt (same object, or the job reopened) brings the replica to the source's bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicator.engine import replica_state
+from replicator.engine.applier import Applier, ApplyError
+from replicator.engine.receiver import JobReplica, ReceiverConfig
+from replicator.engine.replica_files import ReplicaDiverged
+from replicator.journal import Record
+from replicator.journal.segment import HEADER_BYTES
+
+BLOCK = 4096
+
+
+def _config(tmp_path: Path) -> ReceiverConfig:
+    return ReceiverConfig(replica_root=tmp_path / "replicas", state_root=tmp_path / "state")
+
+
+def _epoch(first_lsn: int, writes: int, fill: int) -> list[Record]:
+    records = [
+        Record.write("d", i * BLOCK, bytes([fill]) * BLOCK).with_lsn(first_lsn + i, 1)
+        for i in range(writes)
+    ]
+    return [*records, Record.epoch(fill).with_lsn(first_lsn + writes, 1)]
+
+
+async def _feed(replica: JobReplica, records: list[Record]) -> None:
+    await replica.ingest(records)
+    await replica.journal.sync()
+    replica.note_durable(records)
+
+
+def _replica(tmp_path: Path) -> bytes:
+    return (tmp_path / "replicas" / "job" / "d").read_bytes()
+
+
+def _fail_once(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, err: int, times: int = 1
+) -> Callable[[], int]:
+    """Make ``owner.name`` raise OSError(err) on its first ``times`` calls; returns a call
+    counter."""
+    real = getattr(owner, name)
+    calls = [0]
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] <= times:
+            raise OSError(err, os.strerror(err))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    return lambda: calls[0]
+
+
+STEPS = {
+    "replica write": (Applier, "apply_many"),
+    "replica fsync": (Applier, "barrier"),
+    "state file write": (replica_state, "save"),
+}
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("step", sorted(STEPS))
+async def test_a_failed_apply_step_leaves_everything_to_apply_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, err: int
+) -> None:
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 4, 0xA1))
+        assert await replica.apply_pending() == 5
+        owner, name = STEPS[step]
+        calls = _fail_once(monkeypatch, owner, name, err)
+        await _feed(replica, _epoch(6, 4, 0xB2))
+        with pytest.raises((OSError, ApplyError)):
+            await replica.apply_pending()
+        assert calls() >= 1
+        assert replica.applied_lsn == 5  # nothing counted that is not there
+        saved = replica_state.load(tmp_path / "state" / "job", "job")
+        assert saved is not None and saved.applied_lsn == 5
+        # the same object tries again: the records come from the journal now
+        assert await replica.apply_pending() == 10
+        assert replica.state.consistent
+    finally:
+        await replica.aclose()
+    assert _replica(tmp_path) == b"\xb2" * 4 * BLOCK
+
+
+async def test_a_reopened_job_applies_what_a_failed_apply_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replica = await JobReplica.open("job", _config(tmp_path))
+    _fail_once(monkeypatch, Applier, "apply_many", errno.ENOSPC, times=10)
+    try:
+        await _feed(replica, _epoch(1, 3, 0x33))
+        with pytest.raises(OSError):
+            await replica.apply_pending()
+    finally:
+        await replica.aclose()  # its last attempt fails too: the disk is still full
+    monkeypatch.undo()
+    saved = replica_state.load(tmp_path / "state" / "job", "job")
+    assert saved is not None and saved.applied_lsn == 0 and not saved.consistent
+    reopened = await JobReplica.open("job", _config(tmp_path))  # recovery applies the epoch
+    try:
+        assert reopened.applied_lsn == 4 and reopened.state.consistent
+    finally:
+        await reopened.aclose()
+    assert _replica(tmp_path) == b"\x33" * 3 * BLOCK
+
+
+async def test_applying_past_the_last_barrier_is_not_a_consistency_point(tmp_path: Path) -> None:
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 2, 0x11))
+        assert await replica.apply_pending() == 3
+        assert (replica.state.consistent, replica.state.point_lsn) == (True, 3)
+        await _feed(replica, [Record.write("d", 0, b"\x22" * BLOCK).with_lsn(4, 7)])
+        assert await replica.apply_pending(force=True) == 4  # what a --resync compare does
+        assert (replica.state.consistent, replica.state.point_lsn) == (False, 3)
+        await _feed(replica, [Record.epoch(2).with_lsn(5, 9)])
+        assert await replica.apply_pending() == 5
+        state = replica.state
+        assert (state.consistent, state.point_lsn, state.point_ts_ns) == (True, 5, 9)
+    finally:
+        await replica.aclose()
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+async def test_damaged_state_file_is_rebuilt_from_the_journal(tmp_path: Path) -> None:
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 3, 0x44))
+        assert await replica.apply_pending() == 4
+        await _feed(replica, _epoch(5, 3, 0x55))
+        assert await replica.apply_pending() == 8
+    finally:
+        await replica.aclose()
+    state_file = tmp_path / "state" / "job" / "applied.state"
+    _flip(state_file, state_file.stat().st_size - 3)
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        # every record still in the journal is applied again, ending at its last barrier
+        assert reopened.applied_lsn == 8 and reopened.received_lsn == 8
+        assert reopened.state.consistent
+    finally:
+        await reopened.aclose()
+    assert _replica(tmp_path) == b"\x55" * 3 * BLOCK
+
+
+async def test_journal_damage_below_the_applied_lsn_costs_nothing(tmp_path: Path) -> None:
+    """The issue's case: a flipped byte among records applied long ago used to be cut as a
+    torn tail, leaving received < applied and a job that refused every later session."""
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 6, 0x66))
+        assert await replica.apply_pending() == 7
+    finally:
+        await replica.aclose()
+    (segment,) = sorted((tmp_path / "state" / "job" / "journal").glob("*.seg"))
+    _flip(segment, HEADER_BYTES + 2 * (58 + 1 + BLOCK) + 100)  # inside the third record
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert reopened.journal.recovery is not None
+        assert reopened.journal.recovery.kind == "damage"
+        assert reopened.applied_lsn == 7 and reopened.received_lsn == 7  # never below applied
+        await _feed(reopened, _epoch(8, 2, 0x77))
+        assert await reopened.apply_pending() == 10
+    finally:
+        await reopened.aclose()
+    assert _replica(tmp_path) == b"\x77" * 2 * BLOCK + b"\x66" * 4 * BLOCK
+
+
+async def test_journal_damage_above_the_applied_lsn_is_fetched_again(tmp_path: Path) -> None:
+    """Received but not yet applied, then damaged: the journal is cut there and the
+    receiver reports the lower received LSN, so the sender resends from it."""
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 2, 0x10))
+        assert await replica.apply_pending() == 3
+        await _feed(replica, [Record.write("d", 0, b"\x20" * BLOCK).with_lsn(4, 1)])
+        await _feed(replica, [Record.write("d", BLOCK, b"\x20" * BLOCK).with_lsn(5, 1)])
+    finally:
+        await replica.aclose()  # no barrier after 3: records 4 and 5 wait in the journal
+    (segment,) = sorted((tmp_path / "state" / "job" / "journal").glob("*.seg"))
+    record = 58 + 1 + BLOCK
+    epoch = 58  # an EPOCH record is a bare header
+    _flip(segment, HEADER_BYTES + 2 * record + epoch + 80)  # inside lsn 4; lsn 5 is intact
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert reopened.received_lsn == 3  # the sender resends 4 onwards
+        assert reopened.applied_lsn == 3
+        await _feed(reopened, _epoch(4, 2, 0x30))
+        assert await reopened.apply_pending() == 6
+    finally:
+        await reopened.aclose()
+    assert _replica(tmp_path) == b"\x30" * 2 * BLOCK
+
+
+# -- replica files changed outside replication --------------------------------------------
+
+
+async def test_an_edit_between_applies_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 2, 0x01))
+        assert await replica.apply_pending() == 3
+        with (tmp_path / "replicas" / "job" / "d").open("r+b") as f:
+            f.write(b"hand edit")  # someone booted the replica VM, say
+        await _feed(replica, _epoch(4, 2, 0x02))
+        with pytest.raises(ReplicaDiverged, match="changed outside replication"):
+            await replica.apply_pending()
+        assert replica.applied_lsn == 3
+        assert await replica.check_replica(adopt=False) == [
+            "'d' was changed outside replication (its ctime moved)"
+        ]
+    finally:
+        await replica.aclose()
+    assert _replica(tmp_path).startswith(b"hand edit")  # nothing built on it
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:  # remembered across restarts, until a sender compares with the replica
+        assert await reopened.check_replica(adopt=False) != []
+        assert await reopened.check_replica(adopt=True) == []
+        assert await reopened.apply_pending() == 6
+    finally:
+        await reopened.aclose()
+    assert _replica(tmp_path) == b"\x02" * 2 * BLOCK
+
+
+@pytest.mark.parametrize("change", ["edit", "delete", "replace", "symlink"])
+async def test_a_change_while_the_receiver_is_down_is_found_at_the_next_session(
+    tmp_path: Path, change: str
+) -> None:
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 2, 0x01))
+        assert await replica.apply_pending() == 3
+    finally:
+        await replica.aclose()
+    path = tmp_path / "replicas" / "job" / "d"
+    if change == "edit":
+        os.truncate(path, BLOCK)
+    elif change == "delete":
+        path.unlink()
+    elif change == "replace":
+        content = path.read_bytes()
+        path.unlink()
+        path.write_bytes(content)  # same bytes, another file
+    else:
+        path.unlink()
+        path.symlink_to(tmp_path / "elsewhere")
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        (problem,) = await reopened.check_replica(adopt=False)
+        assert problem.startswith("'d' ")
+    finally:
+        await reopened.aclose()
+
+
+async def test_a_crash_mid_apply_does_not_look_like_an_edit(tmp_path: Path) -> None:
+    """Our own writes past the stamps (the round never finished) are redone, not refused."""
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 2, 0x01))
+        assert await replica.apply_pending() == 3
+        await _feed(replica, _epoch(4, 2, 0x02))
+        # the round gets as far as writing the replica, then the process dies
+        state = replica.state.replace(applying=True, consistent=False)
+        replica_state.save(tmp_path / "state" / "job", "job", state)
+        applier = Applier(tmp_path / "replicas" / "job")
+        applier.apply_many(_epoch(4, 2, 0x02)[:1])
+        applier.close()
+    finally:
+        replica._closed = True  # no orderly close: a crash
+        if replica._task is not None:
+            replica._task.cancel()
+        await replica.journal.aclose()
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert reopened.applied_lsn == 6 and reopened.state.consistent
+        assert await reopened.check_replica(adopt=False) == []
+    finally:
+        await reopened.aclose()
+    assert _replica(tmp_path) == b"\x02" * 2 * BLOCK
