@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ import typer
 from replicator.cli.common import fail, parse_endpoint, require_insecure, run
 from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.receiver import Receiver, ReceiverConfig, check_receiver_dirs
+from replicator.engine.statedir import StateDirLock
 from replicator.transport import serve
 
 log = structlog.get_logger()
@@ -32,14 +34,24 @@ def receive(
     try:
         require_insecure(insecure)
         host, port = parse_endpoint(listen, "--listen")
-        config = ReceiverConfig(
-            replica_root=directory, state_root=state_dir or directory / ".replicator"
-        )
+        default_state = directory / ".replicator"
+        if state_dir is None and default_state.is_symlink():
+            raise ConfigError(
+                f"{default_state} is a symlink: receiver state stays inside --dir",
+                hint="remove it, or name the folder you want with --state-dir",
+            )
+        config = ReceiverConfig(replica_root=directory, state_root=state_dir or default_state)
         check_receiver_dirs(config)
     except ReplicatorError as exc:
         fail(exc)
 
     async def main(stop: asyncio.Event) -> None:
+        with contextlib.ExitStack() as owned:  # one receiver per folder, before listening
+            for folder in {config.state_root, config.replica_root}:
+                owned.enter_context(StateDirLock(folder, "a receiver"))
+            await serve_until(stop)
+
+    async def serve_until(stop: asyncio.Event) -> None:
         receiver = Receiver(config)
         try:
             server = await serve(host, port, receiver.handle)

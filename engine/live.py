@@ -66,8 +66,8 @@ class LiveCapture(Protocol):
         """The initial sync's epoch, prelude included, is durable in the journal."""
         ...
 
-    async def start(self, journal: Journal) -> None:
-        """Begin capturing; return once writers can use it."""
+    async def start(self, state: SenderState) -> None:
+        """Begin capturing into ``state.journal``; return once writers can use it."""
         ...
 
     async def stop(self, state: SenderState) -> None:
@@ -94,7 +94,7 @@ class LiveSender:
                 return
             self._link = link
             try:
-                await self.capture.start(journal)
+                await self.capture.start(state)
                 async with asyncio.TaskGroup() as tg:
                     ticker = tg.create_task(self._ticker(journal, stop))
                     watcher = tg.create_task(self._watch_files(journal, stop))
@@ -226,7 +226,11 @@ class NbdCapture:
     def prelude_durable(self, state: SenderState) -> None:
         pass
 
-    async def start(self, journal: Journal) -> None:
+    async def start(self, state: SenderState) -> None:
+        journal = state.journal
+        assert journal is not None
+        for spec in self.disks:  # nothing may write them behind the shim's back (QEMU's locks)
+            await asyncio.to_thread(state.locks.serve, spec.path)
         for spec in self.disks:
             self._exports.append(
                 JournaledFileExport(journal, spec.path, spec.name, self.options.export_size)
@@ -272,9 +276,11 @@ class FuseFolderCapture:
         # durable would make the next start diff the tree against itself and lose them.
         self.tree.save(state.dir / self.TREE_STATE)
 
-    async def start(self, journal: Journal) -> None:
+    async def start(self, state: SenderState) -> None:
         from replicator.engine.fuse.capture import FuseCapture
 
+        journal = state.journal
+        assert journal is not None
         capture = FuseCapture(self.source, self.mountpoint, journal)
         self._task = asyncio.create_task(capture.run(self._stop), name="fuse")
         mounted = asyncio.create_task(capture.mounted.wait())

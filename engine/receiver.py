@@ -18,6 +18,7 @@ import collections
 import contextlib
 import errno
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import structlog
 
 from replicator.engine import replica_state
 from replicator.engine.applier import Applier, ApplyError
-from replicator.engine.errors import ConfigError, first_error
+from replicator.engine.errors import ConfigError, ReplicatorError, first_error
 from replicator.engine.manifest import digest_chunks
 from replicator.engine.names import check_job_name, path_problem
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
@@ -43,7 +44,7 @@ from replicator.journal import (
     RecordType,
     decode_records,
 )
-from replicator.journal.durable import makedirs_durable
+from replicator.journal.durable import makedirs_durable, sync_dir
 from replicator.transport import (
     PROTOCOL_VERSION,
     Ack,
@@ -146,7 +147,7 @@ class JobReplica:
         that a crash interrupted), before any session is served.
         """
         state_dir = config.state_root / job
-        await asyncio.to_thread(makedirs_durable, state_dir)
+        await asyncio.to_thread(_real_dirs, config.state_root, (job, f"{job}/journal"))
         saved = await asyncio.to_thread(replica_state.load, state_dir, job)
         files = await asyncio.to_thread(ReplicaFiles.load, state_dir, job)
         journal = await Journal.open(
@@ -515,8 +516,10 @@ class Receiver:
             return
         try:
             replica = await self.job(hello.job)
-        except OSError as exc:
-            await conn.send(Refuse("storage", f"receiver cannot open job state: {exc}"))
+        except (OSError, ReplicatorError) as exc:
+            log.error("receiver.job_unusable", job=hello.job, peer=conn.peer, error=str(exc))
+            code = "storage" if isinstance(exc, OSError) else "config"
+            await conn.send(Refuse(code, f"receiver cannot open job {hello.job!r}: {exc}"))
             return
         if replica.session_lock.locked():
             await conn.send(
@@ -726,6 +729,26 @@ class Session:
                 return
             first += len(digests) // DIGEST_SIZE
             part = nxt
+
+
+def _real_dirs(root: Path, names: tuple[str, ...]) -> None:
+    """Create ``root/name`` for each name (in order) as a real folder, never through a
+    symlink: a job name comes from the peer, and a symlink planted in the state root
+    would put journals and state files outside it. ``root`` itself is the operator's."""
+    makedirs_durable(root)
+    for name in names:
+        path = root / name
+        try:
+            os.mkdir(path, 0o700)
+            sync_dir(path.parent)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(
+                f"{path} is not a folder (a symlink?): refusing to keep job state there",
+                hint="remove it; the receiver creates the folder itself",
+            )
 
 
 def _paths(record: Record) -> list[str]:

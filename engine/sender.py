@@ -37,6 +37,7 @@ from replicator.engine.errors import (
     StorageError,
     first_error,
 )
+from replicator.engine.imagelock import ImageLocks
 from replicator.engine.link import Link, SessionPurpose, as_user_error
 from replicator.engine.manifest import UNKNOWN, Manifest, ManifestSet
 from replicator.engine.names import check_job_name
@@ -119,6 +120,7 @@ class SenderState:
         self.journal: Journal | None = None
         self.manifests: ManifestSet | None = None
         self.damaged = False  # the journal lost synced records: compare with the replica
+        self.locks = ImageLocks([v.path for v in config.volumes if v.kind is VolumeKind.DISK])
 
     @property
     def manifest_path(self) -> Path:
@@ -127,6 +129,7 @@ class SenderState:
     async def __aenter__(self) -> SenderState:
         self._lock.__enter__()
         try:
+            await asyncio.to_thread(self.locks.acquire)
             self.journal = await Journal.open(
                 self.dir / "journal",
                 max_bytes=self.config.journal_max_bytes,
@@ -136,6 +139,7 @@ class SenderState:
         except BaseException:
             if self.journal is not None:
                 await self.journal.aclose()
+            self.locks.release()
             self._lock.__exit__(None, None, None)
             raise
         recovery = self.journal.recovery
@@ -169,9 +173,12 @@ class SenderState:
             return None
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.journal is not None:
-            await self.journal.aclose()
-        self._lock.__exit__(None, None, None)
+        try:
+            if self.journal is not None:
+                await self.journal.aclose()
+        finally:
+            self.locks.release()
+            self._lock.__exit__(None, None, None)
 
     async def save(self, manifests: ManifestSet) -> None:
         await asyncio.to_thread(manifests.save, self.manifest_path)

@@ -58,9 +58,13 @@ def qemu_io(fmt: str, path: Path | str, *commands: str) -> None:
     assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
 
 
-def qemu_compare(fmt: str, a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+def qemu_compare(
+    fmt: str, a: Path, b: Path, *, shared: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``qemu-img compare``; ``shared`` (-U) reads an image a sender is serving over NBD,
+    which holds QEMU's write lock on it (engine/imagelock.py)."""
     return subprocess.run(
-        ["qemu-img", "compare", "-f", fmt, "-F", fmt, str(a), str(b)],
+        ["qemu-img", "compare", *(["-U"] if shared else []), "-f", fmt, "-F", fmt, str(a), str(b)],
         capture_output=True,
         text=True,
         timeout=120,

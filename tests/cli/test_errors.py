@@ -122,12 +122,21 @@ def test_second_sender_for_a_connected_job_is_refused(
         while not (receiver.dir / "busy" / "d.img").exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        copy = tmp_path / "copy" / "d.img"  # the same job from another source image
+        copy.parent.mkdir()
+        copy.write_bytes(disk.read_bytes())
         second = replicator(
             "send", "--to", receiver.address, "--job", "busy", "--state-dir",
-            str(tmp_path / "s2"), "--once", "--insecure", str(disk),
+            str(tmp_path / "s2"), "--once", "--insecure", str(copy),
         )  # fmt: skip
         assert second.returncode == ExitCode.REFUSED
         assert "already has a sender" in _one_line_error(second.stderr)
+        same_image = replicator(  # the same image under another job: one sender per image
+            "send", "--to", receiver.address, "--job", "other", "--state-dir",
+            str(tmp_path / "s3"), "--once", "--insecure", str(disk),
+        )  # fmt: skip
+        assert same_image.returncode == ExitCode.CONFIG
+        assert "already being replicated" in _one_line_error(same_image.stderr)
         same_state = replicator(
             "send", "--to", receiver.address, "--job", "busy", "--state-dir",
             str(tmp_path / "s1"), "--once", "--insecure", str(disk),

@@ -50,7 +50,8 @@ def _stop(proc: subprocess.Popen[str]) -> int:
 def _converges(fmt: str, source: Path, replica: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        if replica.exists() and qemu_compare(fmt, source, replica).returncode == 0:
+        # -U: the sender serving the source holds QEMU's write lock on it
+        if replica.exists() and qemu_compare(fmt, source, replica, shared=True).returncode == 0:
             return
         assert time.monotonic() < deadline, f"{replica} did not converge to {source}"
         time.sleep(0.1)

@@ -1,0 +1,132 @@
+"""One writer per image: the advisory locks a sender holds on the disk images it captures.
+
+All are open-file-description byte-range locks (``fcntl`` ``F_OFD_SETLK``): the kernel
+drops them when the process ends, SIGKILL included, so a crash never leaves a stale lock,
+and unlike ``flock`` they stay byte-range locks on NFS, where VM images often live.
+
+* **The sender lock**: an exclusive lock on one byte far past any data (offset 2^62),
+  taken by every sender (scan, NBD, FUSE) on each disk image for as long as it runs. A
+  second sender on the same image, under another job or state folder, is refused at start.
+  It overlaps nothing QEMU locks, so a VM running on the image (scan capture) is unaffected.
+* **QEMU's image locks**, while the NBD shim serves an image and writes it. QEMU locks byte
+  ``100 + n`` of an image to say "I use permission n" and ``200 + n`` for "nobody else may
+  have permission n" (``raw_apply_lock_bytes`` in QEMU's ``block/file-posix.c``; n is 0
+  consistent read, 1 write, 3 resize). The shim holds 100, 101, 103 and 201, 203 (shared):
+  a QEMU, ``qemu-io`` or ``qemu-img`` that opens the image for writing behind the shim's
+  back fails with 'Failed to get "write" lock', and one that already has it open for
+  writing makes the shim refuse to start. Readers (``qemu-img info``, ``compare``) work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+from pathlib import Path
+
+from replicator.engine.errors import ConfigError
+
+SENDER_LOCK_BYTE = 2**62
+_QEMU_USE = 100  # + permission bit: "I use it"
+_QEMU_DENY = 200  # + permission bit: "nobody else may have it"
+_CONSISTENT_READ, _WRITE, _RESIZE = 0, 1, 3
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
+
+
+def _lock(fd: int, kind: int, start: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0))
+
+
+def _holder(fd: int, kind: int, start: int) -> bool:
+    """True when another open file description holds a lock that conflicts with ``kind``."""
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0))
+    return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
+
+
+class ImageLock:
+    """The locks of one image; ``release`` (or process exit) drops them. Blocking calls."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self.serving = False
+
+    def acquire(self) -> None:
+        """Take the sender lock, or raise ConfigError naming the image."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # a read lock is all we can
+        try:
+            kind = fcntl.F_WRLCK if _writable(fd) else fcntl.F_RDLCK
+            try:
+                _lock(fd, kind, SENDER_LOCK_BYTE)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise ConfigError(
+                    f"{self.path} is already being replicated by another replicator sender",
+                    hint="one sender per image: stop the other one, or replicate a copy",
+                ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def serve(self) -> None:
+        """Add QEMU's locks for a writer that does not share writing (the NBD shim)."""
+        if self._fd < 0:
+            raise RuntimeError("acquire() first")
+        if not _writable(self._fd):
+            raise ConfigError(f"{self.path} is not writable: the NBD shim cannot serve it")
+        for bit in (_CONSISTENT_READ, _WRITE, _RESIZE):
+            # someone holding the deny byte of a permission we need, or using one we deny
+            if _holder(self._fd, fcntl.F_WRLCK, _QEMU_DENY + bit) or (
+                bit != _CONSISTENT_READ and _holder(self._fd, fcntl.F_WRLCK, _QEMU_USE + bit)
+            ):
+                raise ConfigError(
+                    f"{self.path} is open for writing by another program (QEMU's image lock "
+                    "is held)",
+                    hint="stop the VM or tool using the image: with --capture nbd it must "
+                    "write through the NBD export",
+                )
+        for byte in (_QEMU_USE + _CONSISTENT_READ, _QEMU_USE + _WRITE, _QEMU_USE + _RESIZE):
+            _lock(self._fd, fcntl.F_RDLCK, byte)
+        for byte in (_QEMU_DENY + _WRITE, _QEMU_DENY + _RESIZE):
+            _lock(self._fd, fcntl.F_RDLCK, byte)
+        self.serving = True
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the description drops all its OFD locks
+            self._fd = -1
+            self.serving = False
+
+
+def _writable(fd: int) -> bool:
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE in (os.O_RDWR, os.O_WRONLY)
+
+
+class ImageLocks:
+    """The sender locks of a job's disk images, taken together (all or none)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.locks = {path: ImageLock(path) for path in paths}
+
+    def acquire(self) -> None:
+        try:
+            for lock in self.locks.values():
+                lock.acquire()
+        except BaseException:
+            self.release()
+            raise
+
+    def serve(self, path: Path) -> None:
+        self.locks[path].serve()
+
+    def release(self) -> None:
+        for lock in self.locks.values():
+            with contextlib.suppress(OSError):
+                lock.release()

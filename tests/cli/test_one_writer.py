@@ -1,0 +1,125 @@
+"""One writer per thing: a socket, an image, a receiver folder, a job's state folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.errors import ExitCode
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    free_port,
+    qemu_img,
+    qemu_io,
+    replicator,
+    send_once,
+)
+
+
+def _live(
+    receiver: ReceiverProc, job: str, state: Path, sock: Path, disk: Path
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", job, "--state-dir", str(state),
+         "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+def _wait_socket(sock: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
+
+
+@pytest.mark.tools
+def test_a_second_nbd_sender_never_takes_over_a_live_socket(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """Used to replace the socket silently: the first VM's clients reached the other's disk."""
+    first_disk, second_disk = tmp_path / "a.img", tmp_path / "b.img"
+    for disk in (first_disk, second_disk):
+        qemu_img("create", "-q", "-f", "raw", str(disk), "8M")
+    sock = tmp_path / "nbd.sock"
+    first = _live(receiver, "vm-a", tmp_path / "sa", sock, first_disk)
+    try:
+        _wait_socket(sock, first)
+        second = _live(receiver, "vm-b", tmp_path / "sb", sock, second_disk)
+        assert second.wait(timeout=60) == ExitCode.CONFIG
+        assert second.stderr is not None and "is in use" in second.stderr.read()
+        # the first sender's export is still the one behind the socket
+        qemu_io("raw", f"nbd+unix:///a.img?socket={sock}", "write -P 7 0 64k", "flush")
+    finally:
+        assert _stop(first) == 0
+    assert first_disk.read_bytes()[:65536] == b"\x07" * 65536
+
+
+@pytest.mark.tools
+def test_an_image_served_over_nbd_cannot_be_written_behind_the_shim(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    disk = tmp_path / "a.img"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "8M")
+    sock = tmp_path / "nbd.sock"
+    sender = _live(receiver, "vm-a", tmp_path / "sa", sock, disk)
+    try:
+        _wait_socket(sock, sender)
+        direct = subprocess.run(
+            ["qemu-io", "-f", "raw", "-c", "write 0 4k", str(disk)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert direct.returncode != 0
+        assert 'Failed to get "write" lock' in direct.stdout + direct.stderr
+        other_job = replicator(  # and no other sender takes it, under any job
+            "send", "--to", receiver.address, "--job", "vm-x", "--state-dir",
+            str(tmp_path / "sx"), "--once", "--insecure", str(disk),
+        )  # fmt: skip
+        assert other_job.returncode == ExitCode.CONFIG
+        assert "already being replicated" in other_job.stderr
+    finally:
+        assert _stop(sender) == 0
+
+
+def test_a_second_receiver_on_the_same_folder_is_refused_at_start(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """Used to start and listen; senders then got 'journal already open' mid-session."""
+    out = replicator(
+        "receive", "--listen", f"127.0.0.1:{free_port()}", "--dir", str(receiver.dir),
+        "--insecure", timeout=30,
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    assert "already runs" in out.stderr
+
+
+def test_a_symlinked_job_state_folder_is_refused(tmp_path: Path, receiver: ReceiverProc) -> None:
+    """DIR/.replicator/JOB as a symlink used to be followed: journal and state outside DIR."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (receiver.dir / ".replicator" / "trap").symlink_to(outside)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(65536))
+    out = replicator(
+        "send", "--to", receiver.address, "--job", "trap", "--state-dir", str(tmp_path / "s"),
+        "--once", "--insecure", str(disk),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.REFUSED, out.stderr
+    assert "not a folder" in out.stderr
+    assert list(outside.iterdir()) == []  # nothing written outside DIR
+    assert not (receiver.dir / "trap").exists()
+    send_once(receiver, "fine", tmp_path / "s2", disk)  # and the receiver keeps serving
