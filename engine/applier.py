@@ -257,7 +257,10 @@ class Applier:
     def _chmod(self, path: str, mode: int) -> None:
         _checked(path)
         parent, _, leaf = path.rpartition("/")
-        dfd = self._open_dir(parent, create=False)
+        try:
+            dfd = self._open_dir(parent, create=False)
+        except FileNotFoundError:
+            return  # its folder was removed later: so was the file
         try:
             fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         except OSError as exc:
@@ -275,7 +278,13 @@ class Applier:
         path = _checked(record.volume)
         parent, _, leaf = path.rpartition("/")
         kind = record.type
-        dfd = self._open_dir(parent, create=kind in (RecordType.MKDIR, RecordType.SYMLINK))
+        try:
+            dfd = self._open_dir(parent, create=kind in (RecordType.MKDIR, RecordType.SYMLINK))
+        except FileNotFoundError:
+            if kind in (RecordType.UNLINK, RecordType.RMDIR):
+                self._forget(path)
+                return  # the folder is gone, so is what it held: the end state holds
+            raise
         try:
             if kind is RecordType.UNLINK:
                 self._close(path)
@@ -304,7 +313,12 @@ class Applier:
         new_parent, _, new_leaf = new.rpartition("/")
         self._forget(old)
         self._forget(new)
-        src = self._open_dir(old_parent, create=False)
+        try:
+            src = self._open_dir(old_parent, create=False)
+        except FileNotFoundError:
+            if self.lstat(new) is not None:
+                return  # redone after a crash: it happened (and its old folder went later)
+            raise ApplyError(f"cannot rename {old!r}: it does not exist") from None
         try:
             dst = self._open_dir(new_parent, create=True)
             try:

@@ -129,9 +129,11 @@ class Link:
             protocol_version=PROTOCOL_VERSION,
             job=job,
             # a courtesy list for early name checks (records are checked on arrival anyway),
-            # so a big VM folder is announced only in part
+            # so a big VM folder is announced only in part, and files gone since the start
+            # (a FUSE folder changes while it is served) are left out
             volumes=tuple(
-                VolumeInfo(v.name, sizes[v.name], v.kind.value) for v in volumes[:MAX_VOLUMES]
+                VolumeInfo(v.name, sizes[v.name], v.kind.value)
+                for v in [v for v in volumes if v.name in sizes][:MAX_VOLUMES]
             ),
             capabilities=("lz4", "manifest", *purpose.capabilities),
             generation=0,

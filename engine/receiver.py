@@ -76,6 +76,17 @@ IDLE_TIMEOUT = 120.0
 # malformed (refused on arrival), not a storage error to retry forever.
 MAX_FILE_BYTES = 2**63 - 1
 _RANGED = frozenset({RecordType.WRITE, RecordType.ZERO, RecordType.TRIM, RecordType.RESIZE})
+# records that change which file a name leads to (see _apply_upto)
+_NAMESPACE = frozenset(
+    {
+        RecordType.CREATE,
+        RecordType.UNLINK,
+        RecordType.RENAME,
+        RecordType.MKDIR,
+        RecordType.RMDIR,
+        RecordType.SYMLINK,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,8 +336,7 @@ class JobReplica:
             new = self.state.replace(applied_lsn=applied, consistent=consistent, applying=False)
             if point is not None:
                 new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
-            await asyncio.to_thread(replica_state.save, self.state_dir, self.job, new)
-            self.state = new
+            await self._save_state(new)
             if not self._mem_ok and self.journal.durable_lsn == target:
                 self._mem_ok = True  # caught up: nothing durable is left unapplied
                 self._noted = max(self._noted, target)
@@ -346,19 +356,34 @@ class JobReplica:
     async def _apply_upto(self, target: int) -> tuple[int, Record | None]:
         """Apply and fsync every record after the applied LSN up to ``target``.
 
-        Returns the LSN reached (always ``target``) and the last barrier applied."""
+        Returns the LSN reached (always ``target``) and the last barrier applied.
+
+        Redo after a crash applies the round's records again over whatever part of them
+        reached the files. Writes to a fixed set of files are idempotent that way; a
+        namespace change is not (a WRITE redone after the file was renamed away would
+        create a fresh, sparse file under the old name). So before each namespace record
+        everything applied so far is made durable and the applied LSN saved: a redo window
+        then starts at the latest namespace record at most (whose redo is recognised as
+        done) and holds only data records after it.
+        """
         if not self.state.applying:  # durably "under way" before any replica byte moves
-            marked = self.state.replace(applying=True, consistent=False)
-            await asyncio.to_thread(replica_state.save, self.state_dir, self.job, marked)
-            self.state = marked
+            await self._save_state(self.state.replace(applying=True, consistent=False))
         applier = self._get_applier()
         batch: list[Record] = []
         size = 0
-        last = self.state.applied_lsn
+        last = saved = self.state.applied_lsn
         point: Record | None = None
         async for record in self._records_upto(target):
             if record.lsn <= last:
                 raise ApplyError(f"record lsn {record.lsn} is not after {last} (internal error)")
+            if record.type in _NAMESPACE and last > saved:
+                if batch:
+                    await asyncio.to_thread(applier.apply_many, batch)
+                    batch, size = [], 0
+                await asyncio.to_thread(applier.barrier)
+                await asyncio.to_thread(self.files.save, self.state_dir)
+                await self._save_state(self.state.replace(applied_lsn=last))
+                saved = last
             last = record.lsn
             if record.is_barrier:
                 point = record
@@ -376,6 +401,10 @@ class JobReplica:
         await asyncio.to_thread(applier.barrier)
         await asyncio.to_thread(self.files.save, self.state_dir)
         return last, point
+
+    async def _save_state(self, state: ReplicaState) -> None:
+        await asyncio.to_thread(replica_state.save, self.state_dir, self.job, state)
+        self.state = state
 
     def _get_applier(self) -> Applier:
         if self._applier is None:
@@ -491,6 +520,12 @@ class Receiver:
         except RemoteProtocolError as exc:
             log.warning("receiver.protocol_error", peer=conn.peer, error=str(exc))
             await _send_quietly(conn, Error("protocol", str(exc)))
+        except ReplicaDiverged as exc:
+            log.error("receiver.replica_diverged", peer=conn.peer, files=[str(exc)])
+            await _send_quietly(conn, Error("diverged", f"receiver cannot apply: {exc}"))
+        except (ApplyError, JournalError, OSError) as exc:
+            log.error("receiver.storage", peer=conn.peer, error=str(exc))
+            await _send_quietly(conn, Error("storage", f"receiver cannot apply: {exc}"))
         except Exception as exc:
             log.exception("receiver.session_failed", peer=conn.peer)
             await _send_quietly(conn, Error("internal", f"receiver failed: {exc}"))

@@ -292,7 +292,12 @@ class Sender:
         self._lsn_floor = 1
 
     def _sizes(self) -> dict[str, int]:
-        return {v.name: os.stat(v.path).st_size for v in self.config.volumes}
+        """Sizes of the volumes that exist now (a FUSE folder's files come and go)."""
+        sizes: dict[str, int] = {}
+        for v in self.config.volumes:
+            with contextlib.suppress(FileNotFoundError):
+                sizes[v.name] = os.stat(v.path).st_size
+        return sizes
 
     async def open_link(
         self,

@@ -602,6 +602,20 @@ class Journal:
         seg.end += size
         self._file_bytes += size
 
+    async def write_out(self) -> None:
+        """Hand every appended record to the kernel now (a write, no fsync).
+
+        Appends are staged in memory until a sync or 1 MiB; a process killed meanwhile
+        takes them along. A caller about to make a change that nothing else can tell about
+        later (a FUSE rename or unlink: a rescan sees content, not what was removed) makes
+        its record survive a crash of this process first. A crash of the machine still
+        needs ``sync``.
+        """
+        self._check_usable()
+        while self._rolling is not None:  # the records belong in the file a roll creates
+            await asyncio.shield(self._rolling)
+        self._flush()
+
     # ------------------------------------------------------------------ sync
     async def sync(self) -> int:
         """Make everything appended before the call durable; returns ``durable_lsn``."""

@@ -62,9 +62,19 @@ from replicator.engine.volumes import (
 from replicator.journal import durable
 from replicator.journal.errors import JournalError, JournalFull
 from replicator.journal.journal import Journal
-from replicator.journal.records import MAX_DATA, Record
+from replicator.journal.records import MAX_DATA, Record, RecordType
 
 log = structlog.get_logger("replicator.fuse")
+_NAMESPACE: Final = frozenset(
+    {
+        RecordType.CREATE,
+        RecordType.UNLINK,
+        RecordType.RENAME,
+        RecordType.MKDIR,
+        RecordType.RMDIR,
+        RecordType.SYMLINK,
+    }
+)
 
 ATTR_TIMEOUT: Final = 1.0  # only this process changes SOURCE_DIR, so attributes may be cached
 # flags handled here rather than passed to the real open
@@ -223,9 +233,16 @@ class JournalingFilter(pyfuse3.Operations):
             )
 
     async def _append(self, *records: Record) -> None:
-        """Journal ``records`` in order (call with the sequencer held)."""
+        """Journal ``records`` in order (call with the sequencer held).
+
+        A namespace change is written out to the kernel before it is made: a rescan after
+        this process dies finds changed content in the files, but never what was removed
+        or renamed, so that record must not die with the process.
+        """
         self._check_healthy()
         await self.journal.append_many(records)
+        if any(r.type in _NAMESPACE for r in records):
+            await self.journal.write_out()
         self._unflushed = True
         self.stats.records += len(records)
 

@@ -51,8 +51,17 @@ def check_paths(source: Path, mountpoint: Path, journal_dir: Path | None = None)
 
 
 def is_stale_mount(mountpoint: Path) -> bool:
+    """True when a FUSE mount whose daemon died sits at ``mountpoint``.
+
+    ``stat`` alone is not enough: for up to the attribute timeout after the daemon's
+    death the kernel answers it from its cache. Opening the folder always asks the
+    daemon, and a dead one's connection answers ENOTCONN.
+    """
     try:
         os.stat(mountpoint)
+        if os.path.ismount(mountpoint):
+            with os.scandir(mountpoint):
+                pass
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

@@ -7,6 +7,7 @@ attempt (same object, or the job reopened) brings the replica to the source's by
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from collections.abc import Callable
@@ -300,3 +301,75 @@ async def test_a_crash_mid_apply_does_not_look_like_an_edit(tmp_path: Path) -> N
     finally:
         await reopened.aclose()
     assert _replica(tmp_path) == b"\x02" * 2 * BLOCK
+
+
+# -- hostile records ----------------------------------------------------------------------
+
+
+def _raw_record(rtype: int, name: bytes, offset: int, data: bytes, lsn: int) -> bytes:
+    """A record with a valid checksum whose fields Record() itself would refuse."""
+    from replicator.journal.records import (
+        CHECKED_HEADER_SIZE,
+        RECORD_HEADER,
+        RECORD_MAGIC,
+        RECORD_VERSION,
+        record_digest,
+    )
+
+    head = RECORD_HEADER.pack(
+        RECORD_MAGIC, RECORD_VERSION, rtype, len(name), len(data), lsn, 1, offset, len(data),
+        b"\0" * 16,
+    )[:CHECKED_HEADER_SIZE]  # fmt: skip
+    return head + record_digest(head, name, data) + name + data
+
+
+async def _session_answer(tmp_path: Path, payload: bytes, first: int, last: int) -> object:
+    """What a receiver answers to one Records frame carrying ``payload``."""
+    from replicator.engine.receiver import Receiver
+    from replicator.transport import (
+        PROTOCOL_VERSION,
+        Hello,
+        Records,
+        Welcome,
+        connection_pair,
+    )
+
+    receiver = Receiver(_config(tmp_path))
+    sender, server = await connection_pair()
+    serving = asyncio.create_task(receiver.handle(server))
+    try:
+        await sender.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), 0, "s"))
+        assert isinstance(await sender.recv(timeout=10), Welcome)
+        count = payload.count(b"RJ\x01")
+        await sender.send(Records(first, last, count, 1, payload))
+        while True:
+            msg = await sender.recv(timeout=10)
+            if type(msg).__name__ in ("Error", "Refuse"):
+                return msg
+    finally:
+        await sender.aclose()
+        await serving
+        await receiver.aclose()
+
+
+async def test_a_write_record_with_no_name_is_a_protocol_error(tmp_path: Path) -> None:
+    """Used to be answered Error('internal') with a traceback in the receiver's log."""
+    from replicator.transport import Error
+
+    payload = _raw_record(1, b"", 0, b"x" * 512, 1)  # WRITE needs a volume name
+    answer = await _session_answer(tmp_path, payload, 1, 1)
+    assert isinstance(answer, Error) and answer.code == "protocol", answer
+    assert "needs a volume name" in answer.message
+
+
+async def test_a_write_at_an_absurd_offset_is_never_marked_applied(tmp_path: Path) -> None:
+    """A WRITE at 2^62 used to be marked applied and never applied. Now the file system
+    refuses it, the job says so, and the applied LSN stays where it was."""
+    from replicator.transport import Error
+
+    payload = _raw_record(1, b"d", 2**62, b"x" * 512, 1) + _raw_record(6, b"", 1, b"", 2)
+    answer = await _session_answer(tmp_path, payload, 1, 2)
+    assert isinstance(answer, Error) and answer.code == "storage", answer
+    assert "lsn 1" in answer.message
+    saved = replica_state.load(tmp_path / "state" / "job", "job")
+    assert saved is None or saved.applied_lsn == 0
