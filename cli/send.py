@@ -210,8 +210,9 @@ def send(
         str | None,
         typer.Option(
             "--journal-max",
-            help="Cap on the sender's journal (e.g. 2G). Scan capture waits for the receiver "
-            "at the cap; live capture fails writes with ENOSPC. Default 1G scan, 16G live.",
+            help="Cap on the sender's journal (e.g. 2G). At the cap, scan capture waits for "
+            "the receiver, NBD capture tracks changed extents and resyncs them later, FUSE "
+            "capture fails writes with ENOSPC. Default 1G scan, 16G live.",
         ),
     ] = None,
     nbd_socket: Annotated[

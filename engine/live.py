@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,16 +32,19 @@ import structlog
 from replicator.engine.errors import ConfigError, ConnectError, ReplicatorError
 from replicator.engine.link import Link
 from replicator.engine.nbd import JournaledFileExport, NbdServer
+from replicator.engine.nbd.backend import resync_overflow
 from replicator.engine.scan import file_volume
 from replicator.engine.sender import Sender, SenderState, sleep_or_stop
 from replicator.engine.tree import Tree, tree_records, walk
 from replicator.engine.volumes import VolumeKind, VolumeSpec
-from replicator.journal import Journal, Record
+from replicator.journal import Journal, JournalFull, Record
 
 log = structlog.get_logger()
 
 TICK = 0.02
 FILE_POLL = 1.0
+CATCH_UP_POLL = 0.5
+RESYNC_ROOM_WAIT = 30.0  # a resync waiting longer than this for acks gives up for now
 DRAIN_TIMEOUT = 30.0
 LAG_LOG_INTERVAL = 10.0
 
@@ -74,6 +78,16 @@ class LiveCapture(Protocol):
         """Stop capturing after in-flight writes; everything captured is journaled."""
         ...
 
+    def barriers_allowed(self) -> bool:
+        """False while changes are tracked outside the journal (it was full) and until
+        their resync is complete: a barrier then would describe a state never had."""
+        ...
+
+    async def resync(self, make_room: Callable[[], Awaitable[bool]]) -> int:
+        """Journal what was tracked outside the journal, then a barrier; the bytes sent.
+        ``make_room`` is awaited when the journal fills up; JournalFull when it fails."""
+        ...
+
 
 class LiveSender:
     """``replicator send --capture nbd|fuse``: see the module docstring."""
@@ -96,11 +110,14 @@ class LiveSender:
             try:
                 await self.capture.start(state)
                 async with asyncio.TaskGroup() as tg:
-                    ticker = tg.create_task(self._ticker(journal, stop))
-                    watcher = tg.create_task(self._watch_files(journal, stop))
+                    helpers = [
+                        tg.create_task(self._ticker(journal, stop)),
+                        tg.create_task(self._watch_files(journal, stop)),
+                        tg.create_task(self._catch_up(journal, stop)),
+                    ]
                     await self._ship_until(state, stop)
-                    ticker.cancel()
-                    watcher.cancel()
+                    for task in helpers:
+                        task.cancel()
             finally:
                 await self.capture.stop(state)
                 await self._drain(journal)
@@ -170,9 +187,42 @@ class LiveSender:
         barrier_after = journal.last_lsn
         while not stop.is_set():
             await asyncio.sleep(TICK)
-            if journal.last_lsn > barrier_after:
-                barrier_after = await journal.append(Record.flush())
+            if journal.last_lsn > barrier_after and self.capture.barriers_allowed():
+                with contextlib.suppress(JournalFull):  # the capture tracks what follows
+                    barrier_after = await journal.append(Record.flush())
                 await journal.sync()
+
+    async def _catch_up(self, journal: Journal, stop: asyncio.Event) -> None:
+        """Resync what the capture tracked while the journal was full, once the receiver
+        is back (the resync can be larger than the journal: see ``_make_room``)."""
+        while not stop.is_set():
+            await asyncio.sleep(CATCH_UP_POLL)
+            if self.capture.barriers_allowed() or self._link is None:
+                continue
+            try:
+                sent = await self.capture.resync(self._make_room)
+            except JournalFull:
+                log.warning("sender.overflow_resync_incomplete", journal_bytes=journal.bytes_used)
+                continue
+            log.warning("sender.overflow_resynced", bytes=sent, lsn=journal.last_lsn)
+
+    async def _make_room(self) -> bool:
+        """The journal is full in the middle of a resync: drop what the receiver holds
+        durably, then wait a while for acks. False when the link is gone (or stuck)."""
+        link = self._link
+        if link is None:
+            return False
+        link.space_freed.clear()
+        before = link.journal.bytes_used
+        await link.relieve()
+        if link.journal.bytes_used < before:
+            return True
+        try:
+            async with asyncio.timeout(RESYNC_ROOM_WAIT):
+                await link.space_freed.wait()
+        except TimeoutError:
+            return False
+        return link is self._link
 
     async def _watch_files(self, journal: Journal, stop: asyncio.Event) -> None:
         """Ship configuration files again whenever their content changes."""
@@ -187,8 +237,11 @@ class LiveSender:
         except FileNotFoundError:
             return  # mid rename-over by an editor; the next poll sees the new file
         if self._file_digests.get(spec.name) != digest:
+            try:
+                await journal.append(record)
+            except JournalFull:
+                return  # the next poll tries again
             self._file_digests[spec.name] = digest
-            await journal.append(record)
             log.info("sender.file_changed", volume=spec.name, bytes=len(record.data))
 
     async def _drain(self, journal: Journal) -> None:
@@ -233,7 +286,9 @@ class NbdCapture:
             await asyncio.to_thread(state.locks.serve, spec.path)
         for spec in self.disks:
             self._exports.append(
-                JournaledFileExport(journal, spec.path, spec.name, self.options.export_size)
+                JournaledFileExport(
+                    journal, spec.path, spec.name, self.options.export_size, overflow=True
+                )
             )
         self._server = NbdServer({e.name: e for e in self._exports})
         await self._server.start_unix(self.options.socket)
@@ -248,8 +303,20 @@ class NbdCapture:
     async def stop(self, state: SenderState) -> None:
         if self._server is not None:
             await self._server.aclose()  # finishes in-flight requests, flushes every export
+        if not self.barriers_allowed():
+            log.warning(
+                "sender.stopped_in_overflow",
+                action="changes made while the journal was full are compared and sent by "
+                "the next start's initial sync",
+            )
         for export in self._exports:
             await export.aclose()
+
+    def barriers_allowed(self) -> bool:
+        return not self._exports or self._exports[0].barriers_allowed
+
+    async def resync(self, make_room: Callable[[], Awaitable[bool]]) -> int:
+        return await resync_overflow(self._exports, make_room)
 
 
 class FuseFolderCapture:
@@ -290,6 +357,12 @@ class FuseFolderCapture:
             self._task.result()  # raises why the mount failed
             raise ReplicatorError(f"the FUSE mount at {self.mountpoint} ended at once")
         log.warning("sender.fuse_serving", source=str(self.source), mount=str(self.mountpoint))
+
+    def barriers_allowed(self) -> bool:
+        return True  # a full journal fails the folder's writes with ENOSPC (docs/FUSE.md)
+
+    async def resync(self, make_room: Callable[[], Awaitable[bool]]) -> int:
+        return 0
 
     async def stop(self, state: SenderState) -> None:
         self._stop.set()

@@ -67,6 +67,8 @@ JOURNAL_CAP = 1024 * 1024 * 1024  # scan capture waits for acks beyond this
 # Live capture cannot wait: past the cap, writers get ENOSPC. Sized for a long outage.
 LIVE_JOURNAL_CAP = 16 * 1024 * 1024 * 1024
 FULL_WAIT_TIMEOUT = 600.0
+DEFAULT_SEGMENT = 64 * 1024 * 1024
+MIN_SEGMENT = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,10 @@ class SenderState:
             self.journal = await Journal.open(
                 self.dir / "journal",
                 max_bytes=self.config.journal_max_bytes,
+                # a quarter of the cap at most, so a small cap still trims as acks arrive
+                segment_bytes=max(
+                    MIN_SEGMENT, min(DEFAULT_SEGMENT, self.config.journal_max_bytes // 4)
+                ),
                 on_damage=self.config.journal_damage,
             )
             self.manifests = await asyncio.to_thread(self._load_manifests)

@@ -32,9 +32,10 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import os
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -42,6 +43,7 @@ import structlog
 
 from replicator.engine.errors import ConfigError
 from replicator.engine.nbd.images import ImageInfo, export_size_for, probe_fd
+from replicator.engine.nbd.overflow import EXTENT, DirtyMap
 from replicator.engine.nbd.proto import Errno, TransmissionFlag
 from replicator.engine.reconcile import truth_records
 from replicator.engine.volumes import (
@@ -113,6 +115,15 @@ class _Sequencer:
         self._locked = False
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.dirty = False  # a change was journaled since the last FLUSH record
+        # the journal was full: changes go unjournaled and are marked here (overflow.py)
+        self.overflow: DirtyMap | None = None
+        self.resyncing = False  # a resync epoch is being journaled
+
+    @property
+    def barriers_allowed(self) -> bool:
+        """False from the first unjournaled change until its resync's closing barrier:
+        a barrier meanwhile would make the receiver apply a state the volumes never had."""
+        return self.overflow is None and not self.resyncing
 
     def acquire_nowait(self) -> bool:
         if self._locked:
@@ -188,8 +199,12 @@ class JournaledFileExport:
         *,
         name: str | None = None,
         thread_min: int = THREAD_MIN,
+        overflow: bool = False,
     ) -> None:
+        """``overflow``: when the journal is full, track changed extents and keep serving
+        writes (see ``overflow.py``) instead of answering ENOSPC."""
         self.path = Path(path)
+        self._overflow_ok = overflow
         self.volume = volume
         self._name = name if name is not None else self.path.name
         self._journal = journal
@@ -239,6 +254,11 @@ class JournaledFileExport:
         """The real size of the volume file (grows as a growable image allocates)."""
         return self._file_size
 
+    @property
+    def barriers_allowed(self) -> bool:
+        """See ``_Sequencer.barriers_allowed`` (shared by every export of the journal)."""
+        return self._seq.barriers_allowed
+
     # -- bookkeeping ------------------------------------------------------------------
 
     # Every public operation runs between _enter and _leave (a plain try/finally: an
@@ -258,14 +278,40 @@ class JournaledFileExport:
         if not self._ops:
             self._idle.set()
 
-    async def _append(self, records: list[Record]) -> None:
+    async def _append(self, records: list[Record]) -> bool:
+        """Journal ``records`` (sequencer held); False when the journal is full and the
+        change is tracked in the overflow map instead (the caller marks it)."""
+        if self._seq.overflow is not None:
+            return False
+        cap = self._journal.max_bytes
         try:
+            if self._overflow_ok and cap is not None:
+                size = sum(r.encoded_size for r in records)
+                if size > cap // 2:  # could never fit beside the records waiting for acks
+                    raise JournalFull(self._journal.bytes_used, cap, size)
             await self._journal.append_many(records)
         except JournalFull as exc:
-            raise NbdIOError(Errno.ENOSPC, f"journal full: {exc}") from exc
+            if not self._overflow_ok:
+                raise NbdIOError(Errno.ENOSPC, f"journal full: {exc}") from exc
+            self._seq.overflow = DirtyMap()
+            log.warning(
+                "nbd.journal_overflow",
+                export=self._name,
+                journal_bytes=exc.used,
+                cap=exc.cap,
+                action="writes continue unjournaled and their extents are tracked; the "
+                "replica stays at its last consistency point until they are resynced",
+            )
+            return False
         except Exception as exc:
             log.error("nbd.journal_append_failed", export=self._name, error=str(exc))
             raise NbdIOError(Errno.EIO, f"journal append failed: {exc}") from exc
+        return True
+
+    def _mark(self, offset: int, length: int) -> None:
+        overflow = self._seq.overflow
+        assert overflow is not None
+        overflow.mark(self.volume, offset, length, self._file_size)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -301,18 +347,20 @@ class JournaledFileExport:
             try:
                 record = Record.write(self.volume, offset, data)
                 if end > self._file_size:
-                    await self._append([Record.resize(self.volume, end), record])
+                    journaled = await self._append([Record.resize(self.volume, end), record])
                 else:
-                    await self._append([record])
-                seq.dirty = True
+                    journaled = await self._append([record])
+                seq.dirty |= journaled
                 self._file_size = max(self._file_size, end)
+                if not journaled:
+                    self._mark(offset, len(data))  # before the file: a failure is marked too
                 try:
                     if len(data) >= self._thread_min:
                         await asyncio.to_thread(pwrite_all, self._fd, data, offset)
                     else:
                         pwrite_all(self._fd, data, offset)
                 except OSError as exc:
-                    await self._reconcile(offset, len(data), exc)
+                    await self._reconcile(offset, len(data), exc, journaled)
                 finally:
                     self._gen += 1
             finally:
@@ -337,15 +385,17 @@ class JournaledFileExport:
                 end = min(offset + length, self._file_size)  # never extend the file
                 if end <= offset:
                     return
-                await self._append([make(self.volume, offset, end - offset)])
-                self._seq.dirty = True
+                journaled = await self._append([make(self.volume, offset, end - offset)])
+                self._seq.dirty |= journaled
+                if not journaled:
+                    self._mark(offset, end - offset)
                 try:
                     if end - offset > _ZERO_CHUNK:
                         await asyncio.to_thread(self._zero_range, offset, end - offset, punch)
                     else:
                         self._zero_range(offset, end - offset, punch)
                 except OSError as exc:
-                    await self._reconcile(offset, end - offset, exc)
+                    await self._reconcile(offset, end - offset, exc, journaled)
                 finally:
                     self._gen += 1
             if fua:
@@ -373,18 +423,23 @@ class JournaledFileExport:
                 self._can_zero_range = False
         write_zeros(self._fd, offset, length)
 
-    async def _reconcile(self, offset: int, length: int, exc: OSError) -> None:
+    async def _reconcile(self, offset: int, length: int, exc: OSError, journaled: bool) -> None:
         """Journal what the file really holds after a failed change, then raise.
 
         The record of the failed change is already in the journal; the records
-        appended here override it, so the replica converges to the source again.
+        appended here override it, so the replica converges to the source again. An
+        unjournaled change (overflow) is already marked: its resync reads the truth.
         """
         log.error(
             "nbd.write_failed", export=self._name, offset=offset, length=length, error=str(exc)
         )
+        if not journaled:
+            raise NbdIOError(nbd_errno(exc), str(exc)) from exc
         try:
             for record in truth_records(self._fd, self.volume, offset, length, self._file_size):
-                await self._append([record])
+                if not await self._append([record]):  # the journal filled up meanwhile
+                    self._mark(offset, length)
+                    break
                 if record.type is RecordType.RESIZE:
                     self._file_size = record.size
         except (OSError, NbdIOError) as again:
@@ -395,16 +450,30 @@ class JournaledFileExport:
             log.critical("nbd.volume_diverged", export=self._name, reason=self._broken)
         raise NbdIOError(nbd_errno(exc), str(exc)) from exc
 
+    def extent_records(self, offset: int, length: int) -> list[Record]:
+        """Records that give the replica this range's current bytes: WRITE per extent,
+        ZERO for extents of zeros (holes stay holes). Clipped to the file; sequencer held."""
+        end = min(offset + length, self._file_size)
+        records: list[Record] = []
+        for start in range(offset, end, EXTENT):
+            n = min(EXTENT, end - start)
+            data = os.pread(self._fd, n, start)
+            if data.count(0) == len(data):
+                records.append(Record.zero(self.volume, start, n))
+            else:
+                records.append(Record.write(self.volume, start, data))
+        return records
+
     # -- durability -------------------------------------------------------------------
 
     async def flush(self) -> None:
         self._enter(modifies=True)
         try:
-            if self._seq.dirty:
-                async with self._seq.held():
-                    if self._seq.dirty:
-                        await self._append([Record.flush()])
-                        self._seq.dirty = False
+            seq = self._seq
+            if seq.dirty and seq.barriers_allowed:
+                async with seq.held():
+                    if seq.dirty and seq.barriers_allowed and await self._append([Record.flush()]):
+                        seq.dirty = False
             await self._commit()
         finally:
             self._leave()
@@ -468,3 +537,67 @@ class _RangeRecord(Protocol):
 def _retrieve(task: asyncio.Future[None]) -> None:
     if not task.cancelled():
         task.exception()  # each waiter gets it through shield; silence "never retrieved"
+
+
+async def resync_overflow(
+    exports: list[JournaledFileExport], make_room: Callable[[], Awaitable[bool]]
+) -> int:
+    """Journal every extent changed while the journal was full, then a barrier (see
+    ``overflow.py``). Returns the bytes journaled.
+
+    The epoch can be larger than the journal: when it fills up, ``make_room`` is awaited
+    outside the sequencer (the sender drops records the receiver already holds durably,
+    then waits for acks) and the run is read again. When it says there is no way
+    (``False``: the receiver is gone) the rest goes back into the overflow map, the epoch
+    stays open (no barrier), and JournalFull is raised.
+    """
+    if not exports:
+        return 0
+    journal = exports[0]._journal
+    seq = exports[0]._seq
+    by_volume = {e.volume: e for e in exports}
+    async with seq.held():
+        if seq.overflow is None:
+            return 0
+        work = seq.overflow.take()
+        seq.overflow = None
+        seq.resyncing = True
+    sent = 0
+
+    async def journaled(read: Callable[[], list[Record]]) -> list[Record]:
+        while True:
+            async with seq.held():
+                records = read()
+                try:
+                    if records:
+                        await journal.append_many(records)
+                    return records
+                except JournalFull:
+                    pass
+            if not await make_room():
+                raise JournalFull(journal.bytes_used, journal.max_bytes or 0, 0)
+
+    try:
+        # grown files first: writes past the old end need the room
+        grown = [v for v, dirt in work.volumes.items() if dirt.grown_to]
+        await journaled(lambda: [Record.resize(v, by_volume[v]._file_size) for v in grown])
+        for v in grown:
+            work.volumes[v].grown_to = 0
+        for volume in list(work.volumes):
+            export = by_volume[volume]
+            for offset, length in list(work.runs(volume)):
+                records = await journaled(functools.partial(export.extent_records, offset, length))
+                work.without(volume, offset, length)
+                sent += sum(len(r.data) for r in records)
+        await journaled(lambda: [Record.flush()])
+        async with seq.held():
+            seq.dirty = False
+            seq.resyncing = False
+    except JournalFull:
+        async with seq.held():
+            if seq.overflow is None:
+                seq.overflow = DirtyMap()
+            seq.overflow.merge(work)  # resyncing stays set: no barrier until it is all in
+        raise
+    await journal.sync()
+    return sent
