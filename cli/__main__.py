@@ -1,3 +1,3 @@
-from replicator.cli.main import main
+from replicator.cli.entry import main
 
 main()

@@ -73,3 +73,40 @@ def test_sigkill_receiver_mid_sync_then_resume(tmp_path: Path) -> None:
         assert summary["payload_bytes"] < SIZE * 0.85, summary
     finally:
         receiver.stop()
+
+
+def _catches(pid: int, sig: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+def test_ctrl_c_while_the_program_is_still_starting(tmp_path: Path) -> None:
+    """Used to print a KeyboardInterrupt traceback (or die silently) during the imports."""
+    import shutil
+
+    script = shutil.which("replicator", path=str(Path(REPLICATOR[0]).parent))
+    assert script is not None
+    interrupted = 0
+    for command in ([*REPLICATOR, "receive", "--help"], [script, "--version"]):
+        proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV
+        )
+        # the entry point catches SIGTERM first thing (Python itself does not), long before
+        # typer and the engine are imported: interrupt right then
+        deadline = time.monotonic() + 20
+        while not _catches(proc.pid, signal.SIGTERM) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)
+        err = proc.stderr.read() if proc.stderr else ""
+        if rc == 0:
+            continue  # a very fast machine finished first
+        assert rc == 130, err
+        assert "Traceback" not in err and "interrupted" in err, err
+        interrupted += 1
+    assert interrupted  # the imports take far longer than reaching the entry point
