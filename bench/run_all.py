@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_journal.py", "bench_send.py", "bench_nbd.py", "bench_lag.py", "bench_fuse.py"]
+BENCHES = [
+    "bench_journal.py",
+    "bench_send.py",
+    "bench_nbd.py",
+    "bench_lag.py",
+    "bench_fuse.py",
+    "bench_wan.py",
+]
 
 
 def main() -> int:
