@@ -29,12 +29,12 @@ from typing import Protocol
 
 import structlog
 
-from replicator.engine.errors import ConfigError, ConnectError, ReplicatorError
+from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.link import Link
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
 from replicator.engine.scan import file_volume
-from replicator.engine.sender import Sender, SenderState, sleep_or_stop
+from replicator.engine.sender import MID_SESSION_RETRY, Sender, SenderState, sleep_or_stop
 from replicator.engine.tree import Tree, tree_records, walk
 from replicator.engine.volumes import VolumeKind, VolumeSpec
 from replicator.journal import Journal, JournalFull, Record
@@ -144,7 +144,7 @@ class LiveSender:
                 )
                 self._file_digests = dict(manifests.files)
                 return link
-            except ConnectError as exc:
+            except MID_SESSION_RETRY as exc:
                 log.warning("sender.link_lost", error=str(exc))
                 await link.aclose()
         return None
@@ -172,7 +172,7 @@ class LiveSender:
                 self._link = link
             try:
                 await sleep_or_stop(stop, 1.0, link)
-            except ConnectError as exc:
+            except MID_SESSION_RETRY as exc:
                 log.warning("sender.link_lost", error=str(exc))
                 await link.aclose()
                 self._link = None

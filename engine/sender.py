@@ -34,6 +34,7 @@ from replicator.engine.errors import (
     ConfigError,
     ConnectError,
     Interrupted,
+    PeerProtocolError,
     StorageError,
     first_error,
 )
@@ -67,6 +68,10 @@ JOURNAL_CAP = 1024 * 1024 * 1024  # scan capture waits for acks beyond this
 # Live capture cannot wait: past the cap, writers get ENOSPC. Sized for a long outage.
 LIVE_JOURNAL_CAP = 16 * 1024 * 1024 * 1024
 FULL_WAIT_TIMEOUT = 600.0
+# What ends an established session but not the job: the link broke, or a frame arrived
+# damaged (a flipped bit on the path; every frame is checksummed, so it is caught, never
+# applied). A continuous sender reconnects and resumes from the receiver's last ack.
+MID_SESSION_RETRY = (ConnectError, PeerProtocolError)
 DEFAULT_SEGMENT = 64 * 1024 * 1024
 MIN_SEGMENT = 1024 * 1024
 
@@ -471,7 +476,7 @@ class Sender:
                     with contextlib.suppress(Exception):
                         await link.wait_applied(state.journal.last_lsn if state.journal else 0, 30)
                     await link.goodbye("sender stopping")
-                except ConnectError as exc:
+                except MID_SESSION_RETRY as exc:
                     log.warning("sender.link_lost", error=str(exc))
                 finally:
                     await link.aclose()

@@ -109,16 +109,23 @@ class ReceiverProc:
         return self.proc.wait(timeout=60)
 
 
-def start_receiver(directory: Path, port: int | None = None) -> ReceiverProc:
+def start_receiver(
+    directory: Path, port: int | None = None, log: Path | None = None
+) -> ReceiverProc:
+    """A real receiver; its log goes to a pipe, or appended to ``log`` for long runs
+    (a pipe nobody reads fills up and blocks the receiver's logging)."""
     port = port or free_port()
+    stderr: Any = subprocess.PIPE if log is None else log.open("a")
     proc = subprocess.Popen(
         [*REPLICATOR, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(directory),
          "--insecure"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         env=ENV,
     )  # fmt: skip
+    if log is not None:
+        stderr.close()
     wait_port(port, proc)
     return ReceiverProc(port, directory, proc)
 
