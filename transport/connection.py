@@ -20,15 +20,23 @@ Shaping: an optional ``shaper`` (anything with ``async acquire(nbytes)``) is awa
 before each bulk frame (Records, Manifest) with its wire size. Control frames (acks,
 credit, pings, goodbye) never wait for it. Bulk frames keep their order among
 themselves; final frames (Goodbye, Error, Refuse) wait for bulk frames in progress.
+
+Strangers: ``serve`` keeps at most ``max_pending`` connections whose peer has not
+completed its part of the handshake (closing the oldest of them to make room for a new
+one), and aborts any that has not done so within ``handshake_timeout``. Together with the
+frame limits of ``ProtocolConnection`` this bounds what peers that never say Hello can
+make a receiver hold (docs/PROTOCOL.md, "Memory bounds").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import socket
 import ssl as _ssl
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
@@ -56,6 +64,33 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_CLOSE_TIMEOUT = 5.0
+# serve(): connections whose peer has not sent its handshake message yet. A legitimate
+# peer sends its Hello right after connecting, so it spends about a round trip in this
+# state. Measured on the receiver (uvloop, its real handler): 14 KiB of RSS for one that
+# sends nothing or a bare prefix, 73 KiB for one that sent 65,000 bytes of a maximal
+# Hello; so 64 of them hold 0.9 MiB, 4.6 MiB at worst.
+DEFAULT_MAX_PENDING = 64
+# serve(): a peer that has not completed its part of the handshake (its Hello arrived
+# and was read) within this long is cut off, so a silent peer cannot hold a slot. It
+# does not cover our own answer: a receiver may take seconds to open a job.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# The window in which closing pending connections to make room counts as one burst: one
+# warning when it starts, one with the count when it ends.
+_BURST_WINDOW = 10.0
+# Lingering close: a peer's late input is read into this and dropped. A peer that never
+# completed the handshake has nothing worth reading fast.
+_DISCARD = 64 * 1024
+_DISCARD_STRANGER = 4 * 1024
+# glibc keeps memory freed by a session with large frames in its heaps (the frames, and
+# the engine's records behind them, are mid-size allocations that raise its dynamic mmap
+# threshold, so later ones come from the heap, not from mmap). Measured on a receiver
+# (in-process): 4 concurrent initial syncs of 128 MiB left it at 223 MiB RSS, up from
+# 35 MiB, with 0.4 MiB of live Python objects; malloc_trim(0) took 3-6 ms and brought it
+# back to 35 MiB. So once a connection whose input buffers reached _TRIM_FROM is gone,
+# memory is trimmed _TRIM_AFTER seconds later (once for any number of such connections;
+# the engine frees what it held for the session meanwhile).
+_TRIM_FROM = 1024 * 1024
+_TRIM_AFTER = 1.0
 # Transport write buffer marks: a few frames may queue in user space, so encoding the
 # next frame overlaps with the kernel sending the previous one.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
@@ -142,6 +177,10 @@ class FramedConnection:
         self._closing = False
         self._writelines = False
         self._discard: bytearray | None = None  # set by a lingering close: input is dropped
+        self._abort_reason: str | None = None  # why we cut the connection, for recv errors
+        # set by serve() while the peer has not completed its part of the handshake
+        self._pending_over: Callable[[FramedConnection], None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -238,7 +277,8 @@ class FramedConnection:
             # a TLS shutdown must read the peer's close_notify: stop holding reads back
             self._resume_reading()
             if transport.can_write_eof() and not self._lost:
-                self._discard = bytearray(64 * 1024)
+                greeted = self.protocol.handshake_received
+                self._discard = bytearray(_DISCARD if greeted else _DISCARD_STRANGER)
                 transport.write_eof()
             else:
                 transport.close()
@@ -258,6 +298,13 @@ class FramedConnection:
             self._transport.abort()
         self._wake_all()
 
+    def _abort(self, reason: str) -> None:
+        """abort(), and tell recv() why: the reason replaces whatever the cut would look
+        like (a frame cut short, "closed locally"), unless the peer had already failed."""
+        if self._abort_reason is None and not self._lost and self.state is not State.ERROR:
+            self._abort_reason = reason
+        self.abort()
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """Transport details: "peername", "sockname", "ssl_object", "peercert", ..."""
         if self._transport is None:
@@ -269,10 +316,14 @@ class FramedConnection:
     async def _recv(self) -> Message:
         protocol = self.protocol
         while True:
+            if self._abort_reason is not None:
+                raise ConnectionClosedError(self._abort_reason)
             event = protocol.next_event()
             if isinstance(event, ConnectionClosed):
                 raise self._closed_error(event.clean)
             if not isinstance(event, NeedData):
+                if self._pending_over is not None and protocol.handshake_received:
+                    self._end_pending()
                 return event
             if self._closing and not self._lost:
                 raise ConnectionClosedError(f"connection to {self.peer} was closed locally")
@@ -285,6 +336,8 @@ class FramedConnection:
                 self._read_waiter = None
 
     def _closed_error(self, clean: bool) -> ConnectionClosedError:
+        if self._abort_reason is not None:
+            return ConnectionClosedError(self._abort_reason, clean=False)
         if self._closing:
             return ConnectionClosedError(
                 f"connection to {self.peer} was closed locally", clean=clean
@@ -369,9 +422,37 @@ class FramedConnection:
     def _connection_lost(self, exc: BaseException | None) -> None:
         self._lost = True
         self._lost_exc = exc
-        self.protocol.receive_data(b"")
+        self._discard = None
+        self.protocol.receive_data(b"")  # EOF: the decoder drops a frame cut short
+        self._end_pending()
         self._closed.set()
         self._wake_all()
+        if self.protocol.buffer_high_water >= _TRIM_FROM:
+            _trim_soon(self._loop)
+
+    # -- the handshake deadline (serve) -------------------------------------------------------
+
+    def _watch_handshake(
+        self, timeout: float | None, over: Callable[[FramedConnection], None]
+    ) -> None:
+        """Call ``over(self)`` once the peer has completed its part of the handshake or
+        the connection is gone; abort it if neither happened within ``timeout``."""
+        self._pending_over = over
+        if timeout is not None:
+            self._deadline = self._loop.call_later(timeout, self._handshake_expired, timeout)
+
+    def _end_pending(self) -> None:
+        over, self._pending_over = self._pending_over, None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if over is not None:
+            over(self)
+
+    def _handshake_expired(self, timeout: float) -> None:
+        self._deadline = None
+        if self._pending_over is not None:
+            self._abort(f"{self.peer} did not complete the handshake within {timeout:g} s")
 
     def _pause_writing(self) -> None:
         self._write_paused = True
@@ -420,6 +501,36 @@ class _StreamProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._conn._resume_writing()
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None (musl, macOS: nothing to do there)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+_malloc_trim = _load_malloc_trim()
+# loops with a trim scheduled (a loop that closes first must not block later ones)
+_trims_pending: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _trim_soon(loop: asyncio.AbstractEventLoop) -> None:
+    """Return freed heap memory to the system shortly (see _TRIM_FROM)."""
+    if _malloc_trim is None or loop in _trims_pending or loop.is_closed():
+        return
+    _trims_pending.add(loop)
+    loop.call_later(_TRIM_AFTER, _trim, loop)
+
+
+def _trim(loop: asyncio.AbstractEventLoop) -> None:
+    _trims_pending.discard(loop)
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _payload_size(msg: Message) -> int:
@@ -533,18 +644,73 @@ async def connect_unix(
 
 
 class _Sessions:
-    """Runs the handler of each accepted connection in its own task, then closes it."""
+    """Runs the handler of each accepted connection in its own task, then closes it.
 
-    def __init__(self, handler: Handler) -> None:
+    Connections whose peer has not completed its part of the handshake are "pending";
+    at most ``max_pending`` are kept. When a new one would exceed that, the oldest pending
+    connection is closed at once: a legitimate sender says Hello within a round trip of
+    connecting, so it is rarely the oldest, whereas refusing the newcomer instead would
+    let max_pending silent connections (renewed every handshake_timeout) lock every
+    sender out.
+    """
+
+    def __init__(
+        self, handler: Handler, max_pending: int | None, handshake_timeout: float | None
+    ) -> None:
+        if max_pending is not None and max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         self._handler = handler
+        self._max_pending = max_pending
+        self._handshake_timeout = handshake_timeout
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: dict[FramedConnection, None] = {}  # in the order they arrived
+        self._burst: asyncio.TimerHandle | None = None
+        self._burst_closed = 0
 
     def start(self, conn: FramedConnection) -> None:
+        if self._max_pending is not None or self._handshake_timeout is not None:
+            if self._max_pending is not None:
+                while len(self._pending) >= self._max_pending:
+                    self._make_room(conn)
+            self._pending[conn] = None
+            conn._watch_handshake(self._handshake_timeout, self._pending_over)
         task = asyncio.get_running_loop().create_task(
             self._run(conn), name=f"replicator-session {conn.peer}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _pending_over(self, conn: FramedConnection) -> None:
+        self._pending.pop(conn, None)
+
+    def _make_room(self, newcomer: FramedConnection) -> None:
+        oldest = next(iter(self._pending))
+        del self._pending[oldest]
+        oldest._pending_over = None  # it is not counted any more
+        oldest._abort(
+            f"closed {oldest.peer}: more than {self._max_pending} connections were waiting "
+            "for a handshake"
+        )
+        self._burst_closed += 1
+        if self._burst is None:
+            log.warning(
+                "transport.too_many_pending",
+                peer=oldest.peer,
+                newcomer=newcomer.peer,
+                max_pending=self._max_pending,
+                action="closed the oldest connection waiting for a handshake",
+            )
+            self._burst = asyncio.get_running_loop().call_later(_BURST_WINDOW, self._burst_over)
+
+    def _burst_over(self) -> None:
+        closed, self._burst_closed, self._burst = self._burst_closed, 0, None
+        if closed > 1:
+            log.warning(
+                "transport.too_many_pending_burst",
+                closed=closed,
+                seconds=_BURST_WINDOW,
+                max_pending=self._max_pending,
+            )
 
     async def _run(self, conn: FramedConnection) -> None:
         try:
@@ -556,9 +722,13 @@ class _Sessions:
 
 
 def _server_factory(
-    role: Role, handler: Handler, kw: dict[str, Any]
+    role: Role,
+    handler: Handler,
+    kw: dict[str, Any],
+    max_pending: int | None,
+    handshake_timeout: float | None,
 ) -> Callable[[], _StreamProtocol]:
-    sessions = _Sessions(handler)
+    sessions = _Sessions(handler, max_pending, handshake_timeout)
 
     def build() -> _StreamProtocol:
         return _StreamProtocol(FramedConnection(role, **kw), sessions.start)
@@ -574,13 +744,26 @@ async def serve(
     role: Role = Role.RECEIVER,
     ssl: _ssl.SSLContext | None = None,
     backlog: int = 100,
+    max_pending: int | None = DEFAULT_MAX_PENDING,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
     **kw: Any,
 ) -> asyncio.Server:
     """Listen on TCP; run ``handler(conn)`` for each connection (the connection is closed
-    when the handler returns). Port 0 picks a free port (see server.sockets)."""
+    when the handler returns). Port 0 picks a free port (see server.sockets).
+
+    At most ``max_pending`` connections may wait for their peer's handshake message (a
+    Hello for a receiver): the oldest is closed to make room. One whose peer has not
+    completed its part of the handshake within ``handshake_timeout`` seconds is aborted;
+    the handler must read the Hello promptly (``conn.recv()``), as it counts only once
+    read. None disables either bound.
+    """
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        _server_factory(role, handler, kw), host, port, ssl=ssl, backlog=backlog
+        _server_factory(role, handler, kw, max_pending, handshake_timeout),
+        host,
+        port,
+        ssl=ssl,
+        backlog=backlog,
     )
 
 
@@ -591,12 +774,17 @@ async def serve_unix(
     role: Role = Role.RECEIVER,
     ssl: _ssl.SSLContext | None = None,
     backlog: int = 100,
+    max_pending: int | None = DEFAULT_MAX_PENDING,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
     **kw: Any,
 ) -> asyncio.Server:
     """Listen on a unix socket; as serve()."""
     loop = asyncio.get_running_loop()
     return await loop.create_unix_server(
-        _server_factory(role, handler, kw), path, ssl=ssl, backlog=backlog
+        _server_factory(role, handler, kw, max_pending, handshake_timeout),
+        path,
+        ssl=ssl,
+        backlog=backlog,
     )
 
 

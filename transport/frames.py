@@ -21,19 +21,22 @@ rather than as garbage. The payload travels outside msgpack, so it is never copi
 into a packed object; ``encode_frame`` returns buffers for ``writelines``.
 
 ``FrameDecoder`` is incremental and bounded: a prefix that announces more than
-``max_frame`` bytes is rejected before anything is allocated, decompression is
-bounded by the announced raw length, and the checksum is verified before a message
-is built. It offers both ``feed(bytes)`` and the ``get_buffer``/``buffer_updated``
-pair of ``asyncio.BufferedProtocol``, so a socket can read straight into the buffer
-of a large frame.
+``max_frame`` bytes, or more than its ``limits`` allow for that message type (the
+protocol state decides: see ``ProtocolConnection.limit_for_next_frame``), is rejected
+before anything is allocated; decompression is bounded by the announced raw length,
+and the checksum is verified before a message is built. It offers both ``feed(bytes)``
+and the ``get_buffer``/``buffer_updated`` pair of ``asyncio.BufferedProtocol``, so a
+socket can read straight into the buffer of a large frame.
 """
 
 from __future__ import annotations
 
+import copy
 import struct
+import weakref
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeAlias, TypeVar
 
 import blake3
 import lz4.block
@@ -59,7 +62,7 @@ PREFIX = struct.Struct("<4sBBBBIII16s")
 PREFIX_SIZE: Final = PREFIX.size  # 36
 CHECKSUM_SIZE: Final = 16
 
-MAX_HEADER: Final = 2 * 1024 * 1024  # a Hello with 256 volumes of 4 KiB names fits
+MAX_HEADER: Final = 2 * 1024 * 1024  # no message has a header this big: see the bounds below
 # One record of MAX_DATA with the longest name must fit in one frame, with room to spare.
 DEFAULT_MAX_FRAME: Final = MAX_DATA + 4 * 1024 * 1024
 MIN_MAX_FRAME: Final = 64 * 1024
@@ -81,10 +84,34 @@ _SAMPLES = 8
 _SAMPLE_SIZE = 8 * 1024
 _SAMPLE_SKIP_PERCENT = 95
 
+# What a peer may announce in one frame, by kind (checked on the prefix, before anything
+# is allocated for the frame; docs/PROTOCOL.md, "Memory bounds"). The worst cases are
+# built and measured by tests/transport/test_limits.py.
+# A Hello is the only frame a receiver accepts from a peer that has not said Hello yet,
+# so this bounds what a stranger can make it hold. The worst Hello (MAX_VOLUMES = 12
+# volumes with 4096-byte names, 64 capabilities of 64 bytes, longest job and session)
+# is 54,032 bytes; with 14 volumes it would be 62,260, with 15 already 66,374.
+MAX_HELLO_FRAME: Final = 64 * 1024
+# Every other frame without a payload (Welcome, Refuse, Ack, Credit, ManifestRequest,
+# Ping, Pong, Goodbye, Error). The largest is an Error whose 4096-character text is all
+# 4-byte UTF-8: 16,489 bytes.
+MAX_CONTROL_FRAME: Final = 20 * 1024
+# The header of a Records (37 bytes at most) or Manifest (4,132 bytes with a 4096-byte
+# volume name) frame; their payloads are bounded by credit and by MAX_MANIFEST_PART.
+MAX_BULK_HEADER: Final = 8 * 1024
+
 _BIG_FRAME = 64 * 1024  # frames with a body above this get their own exactly-sized buffer
-_STAGING = 256 * 1024  # initial size of the staging buffer for prefixes and small frames
-_MIN_FREE = 64 * 1024  # get_buffer offers at least this much room
+# The staging buffer (prefixes and small frames) starts at _STAGING and grows only for a
+# frame that was allowed, by at most the bytes of it already received (so what a peer can
+# make us hold follows what it sent, not what it announced). Once the peer has completed
+# the handshake, get_buffer also offers `readahead` bytes of room (READAHEAD), so a run
+# of small frames is read in few system calls (a stream of 16 KiB frames read 64 KiB at
+# a time reallocates the buffer twice in 257 reads, then only compacts it). A staging
+# buffer grown beyond _STAGING + 2 * readahead (a burst) is replaced when it empties.
+_STAGING = 4 * 1024
+READAHEAD: Final = 64 * 1024
 _SPARE_MAX = 8 * 1024 * 1024  # large-frame buffers up to this size are reused
+_SCRAP = bytearray(4 * 1024)  # where input goes after a failure or release: it is dropped
 
 
 class Codec(IntEnum):
@@ -119,6 +146,24 @@ class VersionMismatchError(RemoteProtocolError):
             f"protocol version mismatch: peer speaks {what} version {peer_version}, "
             f"we speak {our_version}"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy and pickle rebuild an exception from args; ours are not the message
+        return (type(self), (self.peer_version, self.our_version, self.what))
+
+
+_E = TypeVar("_E", bound=ProtocolError)
+
+
+def detached(exc: _E) -> _E:
+    """A copy of ``exc`` without traceback, cause or context, to keep and raise again.
+
+    An exception that was raised holds the frames it passed through, and those hold the
+    decoder or connection that keeps the exception: a reference cycle, which leaves a
+    closed connection (and anything it still holds) to the cyclic GC. So the exception
+    raised first goes to the caller with its traceback, and what is kept is a copy.
+    """
+    return copy.copy(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +299,22 @@ class _Prefix:
         return self.header_len + self.wire_len
 
 
+# What the next frame of one message type may announce: (header, payload, rule): at most
+# `header` bytes of header and `payload` bytes of payload (the larger of wire and raw
+# length); `rule` names the limit in the error message ("... allows at most ..."). A plain
+# tuple: one is made for every Records frame, and a NamedTuple's __new__ is Python code.
+FrameLimit: TypeAlias = tuple[int, int, str]
+
+
+class FrameLimits(Protocol):
+    """What tells a FrameDecoder the limit for each frame (a ProtocolConnection)."""
+
+    def limit_for_next_frame(self, mtype: MessageType) -> FrameLimit:
+        """The limit for the next frame, of type mtype; may raise RemoteProtocolError
+        itself (a type that is out of turn is refused on its prefix)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class DecodedFrame:
     message: Message
@@ -340,20 +401,37 @@ def decode_body(prefix: _Prefix, body: memoryview) -> Message:
 
 
 class FrameDecoder:
-    """Incremental decoder: bytes in, decoded frames out, memory bounded by max_frame.
+    """Incremental decoder: bytes in, decoded frames out, memory bounded by what is allowed.
 
     Small frames are parsed from a staging buffer; a frame whose body exceeds
-    ``_BIG_FRAME`` gets an exactly-sized buffer as soon as its prefix is known, and
-    ``get_buffer`` then hands out the rest of that buffer, so a socket fills it directly.
-    Buffers are never resized in place (a caller may still hold a view of them), and
-    ``get_buffer``/``buffer_updated`` never raise: a bad prefix is kept and raised by
-    ``next_frame`` (``ready()`` turns true so the caller comes to collect it).
+    ``_BIG_FRAME`` gets an exactly-sized buffer once its prefix is known and allowed,
+    and ``get_buffer`` then hands out the rest of that buffer, so a socket fills it
+    directly. Buffers are never resized in place (a caller may still hold a view of
+    them), and ``get_buffer``/``buffer_updated`` never raise: a bad prefix is kept and
+    raised by ``next_frame`` (``ready()`` turns true so the caller comes to collect it).
+
+    ``limits`` (see ``FrameLimits``) is asked about every prefix before anything is
+    allocated for its frame; it is held weakly, since it is usually the decoder's owner
+    (a strong reference back would make a cycle, which leaves both to the cyclic GC).
+    A prefix is parsed only once the frame before it has been returned by
+    ``next_frame``, so the limit is judged in the state that frame led to (a Credit
+    right behind a Welcome is judged after the Welcome). ``readahead``: room
+    ``get_buffer`` offers beyond what the current frame needs (0: none); a
+    ``ProtocolConnection`` raises it once the peer has completed the handshake.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        *,
+        limits: FrameLimits | None = None,
+        readahead: int = 0,
+    ) -> None:
         if max_frame < MIN_MAX_FRAME:
             raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME}")
         self.max_frame = max_frame
+        self._limits = weakref.ref(limits) if limits is not None else None
+        self.readahead = readahead
         self._buf = bytearray(_STAGING)
         self._start = 0  # unparsed staged data is _buf[_start:_end]
         self._end = 0
@@ -364,6 +442,9 @@ class FrameDecoder:
         self._big_filled = 0
         self._spare: bytearray | None = None  # a large-frame buffer kept for reuse
         self._failure: RemoteProtocolError | None = None
+        self._eof = False
+        self._released = False
+        self.high_water = len(self._buf)  # the most `allocated` has been
 
     # -- input ------------------------------------------------------------------------------
 
@@ -381,10 +462,17 @@ class FrameDecoder:
                 pos += n
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """A writable buffer for the next bytes of the stream (BufferedProtocol style)."""
+        """A writable buffer for the next bytes of the stream (BufferedProtocol style).
+
+        ``sizehint`` is ignored: the room offered follows what the current frame needs
+        and ``readahead``, never what the caller would like to read.
+        """
+        self._parse_head()  # its turn may have come: it decides where the bytes go
         if self._big is not None and self._big_filled < len(self._big):
             return self._big[self._big_filled :]
-        want = max(_MIN_FREE, sizehint if sizehint > 0 else 0)
+        if self._failure is not None or self._released or self._eof:
+            return memoryview(_SCRAP)  # nothing more will be decoded: drop the input
+        want = self._room_wanted()
         if len(self._buf) - self._end < want:
             self._make_room(want)
         return memoryview(self._buf)[self._end :]
@@ -393,81 +481,127 @@ class FrameDecoder:
         """``nbytes`` were written at the start of the buffer get_buffer returned last."""
         if self._big is not None and self._big_filled < len(self._big):
             self._big_filled += nbytes
-        else:
+        elif self._failure is None and not self._released and not self._eof:
             self._end += nbytes
             self._parse_head()
+
+    def eof(self) -> None:
+        """The stream ended. A large frame still incomplete can never complete: its buffer
+        goes at once (and ``next_frame`` raises); so does the spare buffer, and the staging
+        buffer unless it still holds frames to return."""
+        if self._eof:
+            return
+        self._eof = True
+        self._spare = None
+        if self._big is not None and self._big_filled < len(self._big):
+            self._fail(self._cut_short())
+        elif self.buffered == 0:
+            self._drop_buffers()
+
+    def release(self) -> None:
+        """Drop every buffer: nothing more will be read or decoded (the connection is
+        over). Input that still arrives is dropped, ``next_frame`` returns None."""
+        self._released = True
+        self._drop_buffers()
 
     # -- state ------------------------------------------------------------------------------
 
     @property
     def buffered(self) -> int:
         """Bytes held that have not been returned as frames."""
-        return self._big_filled + self._end - self._start
+        big = PREFIX_SIZE + self._big_filled if self._big is not None else 0
+        return big + self._end - self._start
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of buffers held (staging, large frame, spare): what the peer costs us."""
+        return (
+            len(self._buf)
+            + (len(self._big_backing) if self._big_backing is not None else 0)
+            + (len(self._spare) if self._spare is not None else 0)
+        )
 
     def ready(self) -> bool:
-        """True when next_frame() would return a frame or raise; cheap, decodes nothing."""
-        if self._failure is not None:
+        """True when next_frame() would return a frame or raise; cheap (it may parse the
+        prefix of the next frame, never a body)."""
+        complete = self._complete()  # first: parsing a prefix may record a failure
+        if self._failure is not None or complete:
             return True
-        if self._big is not None:
-            return self._big_filled == len(self._big)
-        head = self._head
-        return head is not None and self._end - self._start >= PREFIX_SIZE + head.body_len
+        return self._eof and self.buffered > 0  # a partial frame at EOF is an error
 
     def has_partial(self) -> bool:
         """True when bytes of an incomplete frame are held (an error at EOF)."""
-        return self.buffered > 0 and not self.ready()
+        return self.buffered > 0 and not self._complete() and self._failure is None
+
+    def _complete(self) -> bool:
+        """A whole frame is held (parsing the next prefix if its turn has come)."""
+        if self._big is not None:
+            return self._big_filled == len(self._big)
+        self._parse_head()
+        head = self._head
+        return head is not None and self._end - self._start >= PREFIX_SIZE + head.body_len
 
     # -- output -----------------------------------------------------------------------------
 
     def next_frame(self) -> DecodedFrame | None:
         """The next complete frame, or None when more bytes are needed.
 
-        Raises RemoteProtocolError (or VersionMismatchError) on a bad frame; the stream
-        cannot be resynchronised after that, so every later call raises it again.
+        Raises RemoteProtocolError (or VersionMismatchError) on a bad frame, and on a
+        partial frame after ``eof()``; the stream cannot be resynchronised after that,
+        so every later call raises it again.
         """
         if self._failure is not None:
-            raise self._failure
+            raise detached(self._failure)
         try:
             return self._next_frame()
         except RemoteProtocolError as exc:
-            self._failure = exc
+            self._fail(detached(exc))
             raise
 
     def _next_frame(self) -> DecodedFrame | None:
         if self._big is not None:
             if self._big_filled < len(self._big):
+                if self._eof:  # its prefix was parsed after the stream ended
+                    exc = self._cut_short()
+                    self._fail(exc)
+                    raise detached(exc)
                 return None
             prefix, body, backing = self._big_prefix, self._big, self._big_backing
             assert prefix is not None and backing is not None
             self._big = self._big_backing = self._big_prefix = None
             self._big_filled = 0
-            self._parse_head()  # bytes that arrived behind the large frame
             msg = decode_body(prefix, body)
             del body  # the message holds copies; the buffer serves the next large frame
-            if len(backing) <= _SPARE_MAX and (
-                self._spare is None or len(backing) > len(self._spare)
+            if (
+                not self._eof
+                and len(backing) <= _SPARE_MAX
+                and (self._spare is None or len(backing) > len(self._spare))
             ):
                 self._spare = backing
         else:
+            self._parse_head()
+            if self._failure is not None:
+                raise detached(self._failure)
             prefix = self._head
             if prefix is None or self._end - self._start < PREFIX_SIZE + prefix.body_len:
+                if self._eof and self.buffered:
+                    raise self._cut_short()
                 return None
             body_start = self._start + PREFIX_SIZE
             with memoryview(self._buf) as view:
                 msg = decode_body(prefix, view[body_start : body_start + prefix.body_len])
             self._start = body_start + prefix.body_len
-            self._head = None
+            self._head = None  # the next prefix is parsed when asked for: see the class doc
             if self._start == self._end:
                 self._start = self._end = 0
-                if len(self._buf) > 4 * _STAGING:
+                if len(self._buf) > self._staging_keep():
                     self._buf = bytearray(_STAGING)  # give back what a burst made us grow
-            self._parse_head()
         return DecodedFrame(msg, PREFIX_SIZE + prefix.body_len, prefix.raw_len, prefix.wire_len)
 
     # -- internals --------------------------------------------------------------------------
 
     def _parse_head(self) -> None:
-        """Parse the prefix at the head of the staging buffer once it is all there.
+        """Parse and admit the prefix at the head of the staging buffer once it is all there.
 
         A large frame that is not complete yet moves into its own buffer. Errors are
         recorded, not raised (this runs inside buffer_updated).
@@ -483,8 +617,10 @@ class FrameDecoder:
                 return
             with memoryview(self._buf) as view:
                 head = parse_prefix(view[self._start : self._start + PREFIX_SIZE], self.max_frame)
+            if self._limits is not None:
+                _admit(head, self._limits())
         except RemoteProtocolError as exc:
-            self._failure = exc
+            self._fail(detached(exc))
             return
         if head.body_len <= _BIG_FRAME or avail >= PREFIX_SIZE + head.body_len:
             self._head = head
@@ -494,23 +630,73 @@ class FrameDecoder:
             self._spare = None
         else:
             backing = bytearray(head.body_len)
+        self.high_water = max(self.high_water, len(backing) + len(self._buf))
         body = memoryview(backing)[: head.body_len]
         have = avail - PREFIX_SIZE
         body[:have] = self._buf[self._start + PREFIX_SIZE : self._end]
         self._big, self._big_backing, self._big_prefix = body, backing, head
         self._big_filled = have
         self._start = self._end = 0
+        if len(self._buf) > self._staging_keep():
+            self._buf = bytearray(_STAGING)
+
+    def _room_wanted(self) -> int:
+        """Free staging room get_buffer should offer: the rest of the current frame (its
+        prefix, or its body once the prefix was allowed), but at most as much again as
+        is already held, so the buffer doubles as bytes arrive; at least ``readahead``."""
+        avail = self._end - self._start
+        head = self._head
+        need = PREFIX_SIZE + head.body_len - avail if head is not None else PREFIX_SIZE - avail
+        return max(min(need, max(avail, _STAGING // 2)), self.readahead, 1)
+
+    def _staging_keep(self) -> int:
+        """The largest staging buffer kept once it empties (see _STAGING)."""
+        return _STAGING + 2 * self.readahead
 
     def _make_room(self, want: int) -> None:
         avail = self._end - self._start
-        if len(self._buf) - avail < want:
-            new = bytearray(avail + max(want, _STAGING))
+        size = avail + want
+        if len(self._buf) < size or len(self._buf) > self._staging_keep():
+            new = bytearray(-(-size // _STAGING) * _STAGING)  # whole pages
             new[:avail] = self._buf[self._start : self._end]
             self._buf = new
-        elif self._start:
+            self.high_water = max(self.high_water, self.allocated)
+        else:
             # same-length slice assignment: allowed even while views of _buf exist
             self._buf[:avail] = self._buf[self._start : self._end]
         self._start, self._end = 0, avail
+
+    def _cut_short(self) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"connection closed in the middle of a frame ({self.buffered} bytes of it received)"
+        )
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        """Record the failure and drop the buffers: the stream is over."""
+        self._failure = exc
+        self._drop_buffers()
+
+    def _drop_buffers(self) -> None:
+        self._buf = bytearray()
+        self._start = self._end = 0
+        self._head = None
+        self._big = self._big_backing = self._big_prefix = None
+        self._big_filled = 0
+        self._spare = None
+
+
+def _admit(head: _Prefix, limits: FrameLimits | None) -> None:
+    """Refuse a frame whose prefix announces more than the limit for its type allows."""
+    if limits is None:
+        raise RemoteProtocolError("the connection these frames were for is gone")
+    max_header, max_payload, rule = limits.limit_for_next_frame(head.mtype)
+    payload = head.wire_len if head.wire_len > head.raw_len else head.raw_len
+    if head.header_len > max_header or payload > max_payload:
+        raise RemoteProtocolError(
+            f"peer announced a {MESSAGE_CLASSES[head.mtype].__name__} frame with a "
+            f"{head.header_len}-byte header and a {payload}-byte payload; {rule} "
+            f"allows at most a {max_header}-byte header and a {max_payload}-byte payload"
+        )
 
 
 def _check_magic(head: bytes) -> None:

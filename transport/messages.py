@@ -28,7 +28,10 @@ I64_MAX: Final = 2**63 - 1
 
 MAX_JOB_NAME: Final = 255  # bytes of UTF-8
 MAX_VOLUME_NAME: Final = MAX_NAME  # the journal's limit for a record's volume name
-MAX_VOLUMES: Final = 256
+# Volumes a Hello may list. The list is a courtesy (early name checks; records are checked
+# on arrival), and a Hello must fit in MAX_HELLO_FRAME (64 KiB, frames.py) with 4096-byte
+# names: 12 such volumes make a 54,032-byte Hello. Senders list the first MAX_VOLUMES.
+MAX_VOLUMES: Final = 12
 MAX_TOKEN: Final = 64  # codes and capability names
 MAX_CAPABILITIES: Final = 64
 MAX_SESSION: Final = 128

@@ -9,6 +9,12 @@ Misuse by our own code raises ``LocalProtocolError``; a misbehaving peer raises
 ``RemoteProtocolError``. Either moves the connection to ``State.ERROR``, after which
 nothing is received and only "last words" may be sent (an ``Error``, or a ``Refuse``
 from a receiver that could not accept a Hello, e.g. after ``VersionMismatchError``).
+
+Memory: every frame the peer announces is judged on its prefix, before anything is
+allocated for it, against what the state allows (``limit_for_next_frame``): before the
+handshake only a Hello-sized frame (receiver) or a control frame (sender), after it a
+Records payload within the credit granted, a Manifest part, or a control frame. Input
+buffers are released at EOF and on errors (docs/PROTOCOL.md, "Memory bounds").
 """
 
 from __future__ import annotations
@@ -21,16 +27,24 @@ from typing import Final, Literal
 from replicator.transport.frames import (
     COMPRESS_THRESHOLD,
     DEFAULT_MAX_FRAME,
+    MAX_BULK_HEADER,
+    MAX_CONTROL_FRAME,
+    MAX_HELLO_FRAME,
+    PREFIX_SIZE,
+    READAHEAD,
     EncodedFrame,
     FrameDecoder,
+    FrameLimit,
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     VersionMismatchError,
+    detached,
     encode_frame,
 )
 from replicator.transport.messages import (
     I64_MAX,
+    MESSAGE_CLASSES,
     PROTOCOL_VERSION,
     Ack,
     Credit,
@@ -46,6 +60,7 @@ from replicator.transport.messages import (
 
 __all__ = [
     "DEFAULT_WINDOW",
+    "MAX_MANIFEST_PART",
     "NEED_DATA",
     "TRANSITIONS",
     "ConnectionClosed",
@@ -64,6 +79,9 @@ __all__ = [
 # sender can always make progress. The engine may grant more or less (Welcome.window).
 DEFAULT_WINDOW: Final = 66 * 1024 * 1024
 MAX_PENDING_MANIFESTS: Final = 256  # outstanding ManifestRequests per connection
+# Digest bytes in one Manifest part (256 Ki extents): bounds what a sender must buffer
+# for one Manifest frame. The engine sends parts of 64 Ki extents (1 MiB).
+MAX_MANIFEST_PART: Final = 4 * 1024 * 1024
 
 
 class Role(Enum):
@@ -195,6 +213,13 @@ def _expand() -> dict[_Key, State]:
 
 
 TRANSITIONS: Final[dict[_Key, State]] = _expand()
+# the types each role may receive in ESTABLISHED (limit_for_next_frame's fast path)
+_RECV_ESTABLISHED: Final = {
+    role: frozenset(
+        t for r, s, d, t in TRANSITIONS if (r, s, d) == (role, State.ESTABLISHED, "recv")
+    )
+    for role in Role
+}
 
 
 @dataclass(slots=True)
@@ -238,9 +263,11 @@ class ProtocolConnection:
         self.compress_threshold = compress_threshold
         self.state = State.START
         self.stats = TransferStats()
-        self.error: ProtocolError | None = None  # what moved us to ERROR
-        self._decoder = FrameDecoder(max_frame)
+        self.error: ProtocolError | None = None  # what moved us to ERROR (a detached copy)
+        self._decoder = FrameDecoder(max_frame, limits=self)
+        self._recv_established = _RECV_ESTABLISHED[role]
         self._eof = False
+        self._greeted = False  # the peer's Hello (we receive) or Welcome (we send) arrived
         self._closed_event: ConnectionClosed | None = None
         self._credit = 0
         # highest LSN carried by Records so far (starts at Welcome.received_lsn)
@@ -268,6 +295,51 @@ class ProtocolConnection:
         """(received_lsn, applied_lsn) of the latest Welcome or Ack sent/received."""
         return self._acked
 
+    @property
+    def handshake_received(self) -> bool:
+        """True once the peer's part of the handshake arrived: a valid Hello (receiver) or
+        Welcome (sender). Until then the peer is a stranger (see limit_for_next_frame)."""
+        return self._greeted
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of input buffers held for this connection (what the peer costs us)."""
+        return self._decoder.allocated
+
+    @property
+    def buffer_high_water(self) -> int:
+        """The most ``buffer_bytes`` has been."""
+        return self._decoder.high_water
+
+    def limit_for_next_frame(self, mtype: MessageType) -> FrameLimit:
+        """What the peer's next frame of type ``mtype`` may announce in the current state.
+
+        The decoder asks on every prefix, before it allocates anything for the frame.
+        A type that is out of turn raises RemoteProtocolError here already (a stranger
+        gets no further than its prefix). The prefix of a frame is parsed only after the
+        frames before it were returned by next_event, and everything the peer may
+        legitimately send was sent after it saw the messages that allow it, which we
+        counted when we sent them (Welcome, Credit, ManifestRequest): a frame that passes
+        the later checks always passes this one.
+        """
+        state = self.state
+        if state is State.ESTABLISHED:  # every frame of a session: a set, not the table
+            if mtype not in self._recv_established:
+                raise self._out_of_turn(MESSAGE_CLASSES[mtype].__name__)
+        elif (self.role, state, "recv", mtype) not in TRANSITIONS:
+            raise self._out_of_turn(MESSAGE_CLASSES[mtype].__name__)
+        if mtype is MessageType.RECORDS:
+            return (MAX_BULK_HEADER, self._credit, "the credit window")
+        if mtype is MessageType.HELLO:
+            return _HELLO_LIMIT
+        if mtype is MessageType.MANIFEST:
+            if not self._manifests:
+                raise RemoteProtocolError(
+                    "peer sent a Manifest for a request that is not outstanding (none is)"
+                )
+            return _MANIFEST_LIMIT
+        return _CONTROL_LIMIT
+
     # -- input --------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -278,6 +350,7 @@ class ProtocolConnection:
             return
         if not len(data):
             self._eof = True
+            self._decoder.eof()  # a frame cut short can never complete: its buffer goes now
             return
         self._decoder.feed(data)
 
@@ -300,22 +373,18 @@ class ProtocolConnection:
         """The next message from the peer, NEED_DATA, or ConnectionClosed after EOF."""
         if self.state is State.ERROR:
             assert self.error is not None
-            raise self.error
+            raise detached(self.error)
         if self._closed_event is not None:
             return self._closed_event
         try:
-            frame = self._decoder.next_frame()
+            frame = self._decoder.next_frame()  # at EOF it raises on a frame cut short
             if frame is None:
                 if not self._eof:
                     return NEED_DATA
-                if self._decoder.buffered:
-                    raise RemoteProtocolError(
-                        f"connection closed in the middle of a frame "
-                        f"({self._decoder.buffered} bytes of it received)"
-                    )
                 clean = self.state in (State.CLOSED, State.GOODBYE_SENT, State.GOODBYE_RECEIVED)
                 self.state = State.CLOSED
                 self._closed_event = ConnectionClosed(clean)
+                self._decoder.release()
                 return self._closed_event
             msg = frame.message
             new = self._transition("recv", msg)
@@ -356,6 +425,7 @@ class ProtocolConnection:
             new = self._transition("send", msg)
             self._check_send(msg)
             frame = self.encode(msg) if encoded is None else encoded
+            _check_header_bound(frame)
         except LocalProtocolError as exc:
             self._fail(exc)
             raise
@@ -373,7 +443,9 @@ class ProtocolConnection:
     def _fail(self, exc: ProtocolError) -> None:
         if self.state is not State.ERROR:
             self.state = State.ERROR
-            self.error = exc
+            # the caller gets exc itself, with its traceback; see detached() for why not us
+            self.error = detached(exc)
+        self._decoder.release()  # nothing is received in ERROR
 
     def _transition(self, direction: Direction, msg: Message) -> State:
         mtype = message_type(msg)
@@ -384,9 +456,11 @@ class ProtocolConnection:
             raise LocalProtocolError(
                 f"a {self.role.value} cannot send {type(msg).__name__} in state {self.state.value}"
             )
-        raise RemoteProtocolError(
-            f"the {self.their_role.value} sent {type(msg).__name__} out of turn "
-            f"(our state: {self.state.value})"
+        raise self._out_of_turn(type(msg).__name__)
+
+    def _out_of_turn(self, name: str) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"the {self.their_role.value} sent {name} out of turn (our state: {self.state.value})"
         )
 
     def _check_send(self, msg: Message) -> None:
@@ -462,6 +536,11 @@ class ProtocolConnection:
             raise err(f"more than {MAX_PENDING_MANIFESTS} ManifestRequests outstanding")
 
     def _check_manifest(self, msg: Manifest, err: type[ProtocolError]) -> None:
+        if len(msg.digests) > MAX_MANIFEST_PART:
+            raise err(
+                f"Manifest part of {len(msg.digests)} digest bytes exceeds the limit of "
+                f"{MAX_MANIFEST_PART}"
+            )
         pending = self._manifests.get(msg.request_id)
         if pending is None:
             raise err(f"Manifest for request {msg.request_id}, which is not outstanding")
@@ -487,6 +566,11 @@ class ProtocolConnection:
             self._acked = (msg.received_lsn, msg.applied_lsn)
             if not sending_side:
                 self.window = msg.window
+                self._greeted = True
+            # the peer is a session partner now: read a run of small frames in few calls
+            self._decoder.readahead = READAHEAD
+        elif isinstance(msg, Hello) and not sending_side:
+            self._greeted = True
         elif isinstance(msg, Records):
             self._credit -= len(msg.payload)
             self._last_lsn = msg.last_lsn
@@ -503,3 +587,37 @@ class ProtocolConnection:
                 pending = self._manifests[msg.request_id]
                 pending.exists, pending.size = msg.exists, msg.size
                 pending.next_extent = msg.end_extent
+
+
+_HELLO_LIMIT: Final[FrameLimit] = (
+    MAX_HELLO_FRAME - PREFIX_SIZE,
+    0,
+    f"the {MAX_HELLO_FRAME}-byte Hello limit",
+)
+_MANIFEST_LIMIT: Final[FrameLimit] = (MAX_BULK_HEADER, MAX_MANIFEST_PART, "the Manifest part limit")
+_CONTROL_LIMIT: Final[FrameLimit] = (
+    MAX_CONTROL_FRAME - PREFIX_SIZE,
+    0,
+    f"the {MAX_CONTROL_FRAME}-byte control-frame limit",
+)
+
+
+def _header_bound(mtype: MessageType) -> int:
+    if mtype is MessageType.HELLO:
+        return MAX_HELLO_FRAME - PREFIX_SIZE
+    if mtype in (MessageType.RECORDS, MessageType.MANIFEST):
+        return MAX_BULK_HEADER
+    return MAX_CONTROL_FRAME - PREFIX_SIZE
+
+
+def _check_header_bound(frame: EncodedFrame) -> None:
+    """Never send a frame whose header the peer's limit_for_next_frame would refuse. The
+    message constructors keep every header within bounds (test_limits.py builds the
+    worst cases); this catches a field added without updating the bounds."""
+    header = len(frame.buffers[0]) - PREFIX_SIZE
+    bound = _header_bound(message_type(frame.message))
+    if header > bound:
+        raise LocalProtocolError(
+            f"{type(frame.message).__name__} header of {header} bytes exceeds the "
+            f"protocol's bound of {bound}"
+        )

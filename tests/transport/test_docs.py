@@ -6,8 +6,17 @@ import re
 from pathlib import Path
 
 from replicator.transport import MessageType, Role, State
-from replicator.transport.frames import FRAME_MAGIC, PREFIX, PREFIX_SIZE
-from replicator.transport.protocol import TRANSITIONS
+from replicator.transport.connection import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_PENDING
+from replicator.transport.frames import (
+    FRAME_MAGIC,
+    MAX_BULK_HEADER,
+    MAX_CONTROL_FRAME,
+    MAX_HELLO_FRAME,
+    PREFIX,
+    PREFIX_SIZE,
+)
+from replicator.transport.messages import MAX_VOLUMES
+from replicator.transport.protocol import MAX_MANIFEST_PART, TRANSITIONS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
@@ -48,3 +57,20 @@ def test_frame_prefix_offsets_in_the_doc() -> None:
     for number, name in re.findall(r"^\| +(\d+) \| (\w+) \|", text, re.MULTILINE):
         mtype = MessageType(int(number))
         assert mtype.name.replace("_", "") == name.upper(), (number, name)
+
+
+def test_memory_bounds_in_the_doc_match_the_code() -> None:
+    text = DOC.read_text()
+    section = text.split("## Memory bounds")[1].split("\n## ")[0]
+    kib, mib = 1024, 1024 * 1024
+    for phrase in (
+        f"at most {MAX_HELLO_FRAME // kib} KiB",
+        f"at most {MAX_CONTROL_FRAME // kib} KiB",
+        f"at most {MAX_BULK_HEADER // kib} KiB",
+        f"at most {MAX_MANIFEST_PART // mib} MiB",
+        f"max_pending={DEFAULT_MAX_PENDING}",
+        f"handshake_timeout={DEFAULT_HANDSHAKE_TIMEOUT:g}",
+        f"with {MAX_VOLUMES} volumes",
+    ):
+        assert phrase in section, phrase
+    assert f"at most {MAX_VOLUMES} volumes" in text
