@@ -32,6 +32,8 @@ from replicator.engine.statedir import default_state_dir
 from replicator.engine.tree import volumes_of, walk
 from replicator.engine.volumes import DEFAULT_EXTENT, resolve_volumes
 
+MIN_JOURNAL_CAP = 4 * 1024 * 1024
+
 ToOption = Annotated[str, typer.Option("--to", help="Receiver address, HOST:PORT.")]
 JobOption = Annotated[
     str, typer.Option("--job", help="Job name: the replica folder on the receiver (DIR/JOB).")
@@ -247,6 +249,11 @@ def send(
         require_insecure(insecure)
         default_cap = JOURNAL_CAP if capture is Capture.scan else LIVE_JOURNAL_CAP
         cap = parse_size(journal_max, "--journal-max") if journal_max else default_cap
+        if cap < MIN_JOURNAL_CAP:
+            raise ConfigError(
+                f"--journal-max {journal_max} is too small: at least 4M (a few MiB of records "
+                "must fit while earlier ones wait for the receiver)"
+            )
         if capture is Capture.fuse:
             live = _fuse_sender(to, job, state_dir, volumes, once, mount, cap)
         else:

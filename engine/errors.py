@@ -52,6 +52,11 @@ class RefusedError(ReplicatorError):
     exit_code = ExitCode.REFUSED
 
 
+class BusyError(RefusedError):
+    """The receiver has another session for the job: often the previous run of this very
+    sender, killed a moment ago, whose session the receiver has not torn down yet."""
+
+
 class PeerProtocolError(ReplicatorError):
     exit_code = ExitCode.PROTOCOL
 

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from replicator.engine.errors import (
+    BusyError,
     ConnectError,
     PeerProtocolError,
     RefusedError,
@@ -93,6 +94,8 @@ def refusal_error(code: str, message: str) -> ReplicatorError:
             hint="the replica was changed on the target outside replication: run send again "
             "with --resync to compare with the replica as it is now and send what differs",
         )
+    if code == "busy":
+        return BusyError(f"receiver refused (busy): {message}")
     return RefusedError(f"receiver refused ({code}): {message}")
 
 

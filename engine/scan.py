@@ -54,7 +54,7 @@ class ScanStats:
 
 
 def _disk_batches(
-    spec: VolumeSpec, basis: Manifest, new: Manifest, stats: ScanStats
+    spec: VolumeSpec, basis: Manifest, new: Manifest, stats: ScanStats, batch_limit: int
 ) -> Iterator[list[Record]]:
     """Yield batches of records for one disk; fills ``new`` with the digests seen."""
     fd = os.open(spec.path, os.O_RDONLY)
@@ -112,7 +112,7 @@ def _disk_batches(
                     flush_zero()
                     zero_off, zero_len = ext.offset, ext.length
             since_yield += ext.length
-            if batch_bytes >= BATCH_BYTES or since_yield >= PROGRESS_BYTES:
+            if batch_bytes >= batch_limit or since_yield >= PROGRESS_BYTES:
                 stats.records += len(batch)
                 yield batch  # may be empty: lets the caller report progress
                 batch, batch_bytes, since_yield = [], 0, 0
@@ -154,8 +154,10 @@ async def append_waiting(
     """Append ``records``; while the journal is full, wait for the shipper to free space.
 
     ``check`` raises when shipping has failed, so a full journal never waits for acks
-    that cannot come; ``relieve`` frees what can be freed at once (records the receiver
-    holds durably), so an epoch larger than the journal never waits on itself.
+    that cannot come. Before waiting, what is in the journal is synced (only durable
+    records ship, so nothing would come back otherwise), and ``relieve`` frees what can
+    be freed at once (records the receiver holds durably), so an epoch larger than the
+    journal never waits on itself.
     """
     while True:
         check()
@@ -163,6 +165,7 @@ async def append_waiting(
             return await journal.append_many(records)
         except JournalFull:
             space_freed.clear()
+            await journal.sync()
             await relieve()
             with contextlib.suppress(JournalFull):
                 return await journal.append_many(records)
@@ -194,12 +197,17 @@ async def scan_epoch(
 ) -> tuple[ManifestSet, ScanStats, int]:
     """Journal one epoch of changes against ``basis``.
 
+    Records go to the journal in batches of at most BATCH_BYTES (less for a small
+    journal: a quarter of its cap, so a batch always fits beside what waits for acks).
+
     Returns the manifests of the sources as scanned, the statistics and the LSN of the
     EPOCH record (durable when this returns). ``basis`` is not modified.
     """
     stats = ScanStats()
     new_set = ManifestSet(lsn=0, extent_size=basis.extent_size, epoch=basis.epoch + 1)
     unsynced = 0
+    cap = journal.max_bytes
+    batch_limit = BATCH_BYTES if cap is None else max(MAX_WRITE, min(BATCH_BYTES, cap // 4))
     total = sum(os.stat(spec.path).st_size for spec in volumes)
     if prelude:  # tree changes (folders, links, deletions) come before file contents
         await append(prelude)
@@ -228,7 +236,7 @@ async def scan_epoch(
             stats.resized.append(spec.name)
             resize_basis(work, size)
         new = Manifest(basis.extent_size, size)
-        gen = _disk_batches(spec, work, new, stats)
+        gen = _disk_batches(spec, work, new, stats, batch_limit)
         while True:
             batch = await asyncio.to_thread(next, gen, None)
             if batch is None:

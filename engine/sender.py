@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 
 from replicator.engine.errors import (
+    BusyError,
     ConfigError,
     ConnectError,
     Interrupted,
@@ -439,15 +440,16 @@ class Sender:
     async def connect_retrying(
         self, state: SenderState, stop: asyncio.Event, *, with_basis: bool = True
     ) -> tuple[Link, str, ManifestSet] | None:
-        """``open_link``, retried while the receiver is away (1 s, doubling to 60 s).
+        """``open_link``, retried while the receiver is away or busy with another session
+        for the job (1 s, doubling to 60 s).
 
-        None when ``stop`` is set first. Errors other than ConnectError are not retried.
+        None when ``stop`` is set first. Other errors are not retried.
         """
         backoff = 1.0
         while not stop.is_set():
             try:
                 return await self.open_link(state, with_basis=with_basis)
-            except ConnectError as exc:
+            except (ConnectError, BusyError) as exc:
                 log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
                 await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 60.0)

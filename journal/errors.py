@@ -17,6 +17,13 @@ class JournalError(ReplicatorError):
     exit_code = ExitCode.JOURNAL
 
 
+class JournalIOError(JournalError):
+    """A write, fsync, roll or trim of the journal failed (disk full, I/O error): a local
+    storage problem (exit code 9), not damage; reopening recovers what was synced."""
+
+    exit_code = ExitCode.STORAGE
+
+
 class JournalFull(JournalError):
     """Appending would take the journal past its ``max_bytes`` cap.
 

@@ -43,7 +43,7 @@ import structlog
 
 from replicator.engine.errors import ConfigError
 from replicator.journal import durable
-from replicator.journal.errors import JournalCorrupt, JournalError, JournalFull
+from replicator.journal.errors import JournalCorrupt, JournalError, JournalFull, JournalIOError
 from replicator.journal.inspect import JournalReport, Problem, SegmentInfo, scan_journal
 from replicator.journal.locking import lock_directory
 from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record
@@ -904,7 +904,7 @@ class Journal:
         may have dropped the dirty pages), so the journal refuses all further work; a
         reopen recovers from what is on disk.
         """
-        error = JournalError(message)
+        error = JournalIOError(message)
         error.__cause__ = exc
         if self._failure is None:
             self._failure = exc

@@ -272,6 +272,14 @@ def _observe_tree(receiver: ReceiverProc, writer: TreeWriter, tally: Tally) -> N
                 return
 
 
+def _digest_or_none(path: Path) -> str | None:
+    """The folder's digest, or None when the receiver changed it under the walk."""
+    try:
+        return tree_digest(path)
+    except FileNotFoundError:
+        return None
+
+
 def _fuse_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
     rng = random.Random(seed)
     source, mnt, state = tmp_path / "vm", tmp_path / "mnt", tmp_path / "state"
@@ -326,7 +334,7 @@ def _fuse_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
             tally.cycles += 1
         writer.pause()
         deadline = time.monotonic() + 90
-        while tree_digest(receiver.dir / JOB) != tree_digest(source):
+        while _digest_or_none(receiver.dir / JOB) != tree_digest(source):
             assert time.monotonic() < deadline, "the replica folder did not catch up"
             time.sleep(0.1)
         print(json.dumps({"fuse_ops": writer.ops}))
