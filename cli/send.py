@@ -135,6 +135,7 @@ def _fuse_sender(
     once: bool,
     mount: Path | None,
     journal_max: int,
+    resync: bool,
 ) -> LiveSender:
     if once:
         raise ConfigError("--once applies to --capture scan; --capture fuse runs until stopped")
@@ -153,7 +154,8 @@ def _fuse_sender(
         volumes=volumes_of(source, tree),
         state_dir=state_dir or default_state_dir("send", job),
         journal_max_bytes=journal_max,
-        journal_damage="refuse",  # a tree's renames and deletions are only in the journal
+        resync=resync,
+        folder=True,  # the replica folder's layout is listed at each start
     )
     return LiveSender(Sender(config), FuseFolderCapture(source, mount, tree))
 
@@ -255,7 +257,7 @@ def send(
                 "must fit while earlier ones wait for the receiver)"
             )
         if capture is Capture.fuse:
-            live = _fuse_sender(to, job, state_dir, volumes, once, mount, cap)
+            live = _fuse_sender(to, job, state_dir, volumes, once, mount, cap, resync)
         else:
             config = build_config(
                 to,

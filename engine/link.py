@@ -19,7 +19,7 @@ import enum
 import itertools
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import structlog
@@ -51,6 +51,9 @@ from replicator.transport import (
     Records,
     Refuse,
     RemoteProtocolError,
+    Tree,
+    TreeEntry,
+    TreeRequest,
     VersionMismatchError,
     VolumeInfo,
     Welcome,
@@ -109,7 +112,8 @@ class Link:
         self.window = 0
         self.space_freed = asyncio.Event()
         self._changed = asyncio.Condition()
-        self._manifests: dict[int, asyncio.Queue[Manifest | None]] = {}
+        # answers to ManifestRequests and TreeRequests (one id space), by request id
+        self._manifests: dict[int, asyncio.Queue[Manifest | Tree | None]] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: BaseException | None = None
@@ -208,10 +212,10 @@ class Link:
                 async with self._changed:
                     self.credit += msg.window_bytes
                     self._changed.notify_all()
-            elif isinstance(msg, Manifest):
+            elif isinstance(msg, Manifest | Tree):
                 queue = self._manifests.get(msg.request_id)
                 if queue is None:
-                    raise PeerProtocolError(f"manifest for unknown request {msg.request_id}")
+                    raise PeerProtocolError(f"answer for unknown request {msg.request_id}")
                 queue.put_nowait(msg)
             elif isinstance(msg, Ping):
                 await self.conn.send(Pong(msg.nonce, msg.ts_ns))
@@ -289,24 +293,45 @@ class Link:
 
     async def request_manifest(self, volume: str, extent_size: int) -> ExtentManifest | None:
         """The receiver's manifest of a replica, or None when the replica does not exist."""
-        rid = next(self._ids)
-        queue: asyncio.Queue[Manifest | None] = asyncio.Queue()
+        digests = bytearray()
+        last: Manifest | None = None
+        async for part in self._answers(
+            ManifestRequest(next(self._ids), volume, extent_size, True)
+        ):
+            assert isinstance(part, Manifest)
+            digests += part.digests  # the protocol checked order and coverage
+            last = part
+        assert last is not None
+        if not last.exists:
+            return None
+        return ExtentManifest(extent_size, last.size, digests)
+
+    async def request_tree(self) -> list[TreeEntry]:
+        """What the job's replica folder holds (the receiver applies what it has first)."""
+        entries: list[TreeEntry] = []
+        async for part in self._answers(TreeRequest(next(self._ids))):
+            assert isinstance(part, Tree)
+            entries.extend(part.entries())
+        return entries
+
+    async def _answers(
+        self, request: ManifestRequest | TreeRequest
+    ) -> AsyncIterator[Manifest | Tree]:
+        """Send ``request`` and yield its answer's parts up to the one marked done."""
+        rid = request.request_id
+        queue: asyncio.Queue[Manifest | Tree | None] = asyncio.Queue()
         self._manifests[rid] = queue
         try:
-            await self.conn.send(ManifestRequest(rid, volume, extent_size, True))
-            digests = bytearray()
+            await self.conn.send(request)
             while True:
                 async with asyncio.timeout(REPLY_TIMEOUT * 10):
                     part = await queue.get()
                 self._check()
                 if part is None:
-                    raise ConnectError("connection failed while waiting for a manifest")
-                digests += part.digests  # the protocol checked order and coverage
+                    raise ConnectError("connection failed while waiting for the receiver's answer")
+                yield part
                 if part.done:
-                    break
-            if not part.exists:
-                return None
-            return ExtentManifest(extent_size, part.size, digests)
+                    return
         finally:
             del self._manifests[rid]
 

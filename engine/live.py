@@ -35,7 +35,7 @@ from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
 from replicator.engine.scan import file_volume
 from replicator.engine.sender import MID_SESSION_RETRY, Sender, SenderState, sleep_or_stop
-from replicator.engine.tree import Tree, tree_records, walk
+from replicator.engine.tree import Tree, tree_records
 from replicator.engine.volumes import VolumeKind, VolumeSpec
 from replicator.journal import Journal, JournalFull, Record
 
@@ -62,12 +62,9 @@ class LiveCapture(Protocol):
     # files the capture does not see itself, polled and shipped whole (NBD: the VM's XML)
     watched: list[VolumeSpec]
 
-    def prelude(self, state: SenderState) -> list[Record]:
-        """Records the initial sync journals before file contents (tree changes)."""
-        ...
-
-    def prelude_durable(self, state: SenderState) -> None:
-        """The initial sync's epoch, prelude included, is durable in the journal."""
+    def prelude(self, replica: Tree | None) -> list[Record]:
+        """Records the initial sync journals before file contents: the layout changes
+        that turn the replica folder (``replica``, listed by the receiver) into ours."""
         ...
 
     async def start(self, state: SenderState) -> None:
@@ -132,9 +129,8 @@ class LiveSender:
                 break
             link, kind, basis = opened
             try:
-                prelude = self.capture.prelude(state)
+                prelude = self.capture.prelude(self.sender.replica_tree)
                 manifests, stats, lsn = await self.sender.cycle(state, link, basis, prelude=prelude)
-                self.capture.prelude_durable(state)
                 log.warning(
                     "sender.initial_sync",
                     basis=kind,
@@ -273,11 +269,8 @@ class NbdCapture:
         self._exports: list[JournaledFileExport] = []
         self._server: NbdServer | None = None
 
-    def prelude(self, state: SenderState) -> list[Record]:
+    def prelude(self, replica: Tree | None) -> list[Record]:
         return []
-
-    def prelude_durable(self, state: SenderState) -> None:
-        pass
 
     async def start(self, state: SenderState) -> None:
         journal = state.journal
@@ -322,8 +315,6 @@ class NbdCapture:
 class FuseFolderCapture:
     """Mount the VM folder through the journaling FUSE filter (``--capture fuse``)."""
 
-    TREE_STATE = "tree.state"
-
     def __init__(self, source: Path, mountpoint: Path, tree: Tree) -> None:
         from replicator.engine.fuse.mount import check_paths
 
@@ -334,14 +325,10 @@ class FuseFolderCapture:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def prelude(self, state: SenderState) -> list[Record]:
-        """What changed in the folder's layout since the tree last saved (kept until durable)."""
-        return tree_records(Tree.load(state.dir / self.TREE_STATE), self.tree)
-
-    def prelude_durable(self, state: SenderState) -> None:
-        # Saved only now: saved earlier, a crash or a lost link before the records were
-        # durable would make the next start diff the tree against itself and lose them.
-        self.tree.save(state.dir / self.TREE_STATE)
+    def prelude(self, replica: Tree | None) -> list[Record]:
+        if replica is None:
+            raise ReplicatorError("the replica folder's layout was not listed")  # a bug
+        return tree_records(replica, self.tree)
 
     async def start(self, state: SenderState) -> None:
         from replicator.engine.fuse.capture import FuseCapture
@@ -368,6 +355,3 @@ class FuseFolderCapture:
         self._stop.set()
         if self._task is not None:
             await self._task  # syncs the journal and unmounts
-        # everything done through the mount is journaled: the folder as it is now is what
-        # the replica will hold once the journal is applied
-        await asyncio.to_thread(lambda: walk(self.source).save(state.dir / self.TREE_STATE))

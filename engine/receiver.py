@@ -64,6 +64,14 @@ from replicator.transport import (
     VersionMismatchError,
     Welcome,
 )
+from replicator.transport.messages import (
+    MAX_TREE_PART,
+    MessageError,
+    Tree,
+    TreeEntry,
+    TreeRequest,
+    encode_tree,
+)
 
 log = structlog.get_logger()
 
@@ -675,6 +683,8 @@ class Session:
                 self._sync_wake.set()
             elif isinstance(msg, ManifestRequest):
                 tg.create_task(self._answer_manifest(msg))
+            elif isinstance(msg, TreeRequest):
+                tg.create_task(self._answer_tree(msg))
             elif isinstance(msg, Ping):
                 await self.conn.send(Pong(msg.nonce, msg.ts_ns))
             elif isinstance(msg, Pong):
@@ -764,6 +774,47 @@ class Session:
                 return
             first += len(digests) // DIGEST_SIZE
             part = nxt
+
+    async def _answer_tree(self, req: TreeRequest) -> None:
+        # as for manifests: the listing is of the replica with everything received applied
+        await self.replica.apply_pending(force=True)
+        parts = await asyncio.to_thread(replica_tree_parts, self.replica.replica_dir)
+        for i, part in enumerate(parts):
+            await self.conn.send(Tree(req.request_id, i == len(parts) - 1, part))
+
+
+def replica_tree_parts(root: Path, part_bytes: int = MAX_TREE_PART // 2) -> list[bytes]:
+    """The replica folder ``root`` as Tree listings of about ``part_bytes`` each (at least
+    one, empty when the folder does not exist). Symlinks are listed, never followed; names
+    that could not come from a sender are left out (the sender cannot name them either)."""
+    entries: list[TreeEntry] = []
+    parts: list[bytes] = []
+    size = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for name in sorted([*dirnames, *filenames]):
+            path = name if rel == "." else f"{rel}/{name}"
+            if path_problem(path) is not None:
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISLNK(st.st_mode):
+                    entry = TreeEntry(path, "l", 0, os.readlink(os.path.join(dirpath, name)))
+                elif stat.S_ISDIR(st.st_mode):
+                    entry = TreeEntry(path, "d", st.st_mode & 0o7777, "")
+                elif stat.S_ISREG(st.st_mode):
+                    entry = TreeEntry(path, "f", st.st_mode & 0o7777, "")
+                else:
+                    continue
+            except (OSError, MessageError):  # gone meanwhile, or a target we cannot carry
+                continue
+            entries.append(entry)
+            size += len(path) + len(entry.target) + 16
+            if size >= part_bytes:
+                parts.append(encode_tree(entries))
+                entries, size = [], 0
+    parts.append(encode_tree(entries))
+    return parts
 
 
 def _real_dirs(root: Path, names: tuple[str, ...]) -> None:

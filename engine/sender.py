@@ -51,6 +51,7 @@ from replicator.engine.scan import (
     scan_epoch,
 )
 from replicator.engine.statedir import StateDirLock
+from replicator.engine.tree import Tree, fold, from_entries
 from replicator.engine.volumes import (
     DEFAULT_EXTENT,
     VolumeKind,
@@ -91,9 +92,11 @@ class SenderConfig:
     journal_max_bytes: int = JOURNAL_CAP
     connect_timeout: float = 10.0
     # what to do with a damaged journal: "cut" it and compare with the replica (the
-    # volumes hold every change the lost records made), or "refuse" where a comparison
-    # cannot see everything the records did (FUSE capture: renames and deletions)
+    # volumes hold every change the lost records made), or "refuse"
     journal_damage: OnDamage = "cut"
+    # the volumes are a folder's files (FUSE capture): the replica folder's layout is
+    # listed at every connect with a basis, to find what the folder no longer has
+    folder: bool = False
 
 
 @dataclass(slots=True)
@@ -288,6 +291,17 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
     return basis, kind
 
 
+async def replica_layout(state: SenderState, link: Link) -> Tree:
+    """The replica folder as it will be once the records still in our journal after what
+    the receiver has are applied: its listing, folded with those records."""
+    journal = state.journal
+    assert journal is not None
+    tree = from_entries(await link.request_tree())
+    async for record in journal.read_from(max(link.received_lsn + 1, journal.first_lsn)):
+        fold(tree, record)
+    return tree
+
+
 async def run_hook(command: str | None, what: str) -> None:
     if not command:
         return
@@ -302,6 +316,7 @@ class Sender:
         check_job_name(config.job)
         self.config = config
         self._lsn_floor = 1
+        self.replica_tree: Tree | None = None  # the replica folder's layout (folder jobs)
 
     def _sizes(self) -> dict[str, int]:
         """Sizes of the volumes that exist now (a FUSE folder's files come and go)."""
@@ -349,6 +364,8 @@ class Sender:
             link.start_reader()
             if with_basis:
                 basis, kind = await choose_basis(state, link)
+                if self.config.folder:  # before shipping: the listing is at received_lsn
+                    self.replica_tree = await replica_layout(state, link)
             else:
                 basis, kind = ManifestSet(0, self.config.extent_size), "none"
             link.start_shipper(max(link.received_lsn + 1, journal.first_lsn))

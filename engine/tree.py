@@ -2,22 +2,31 @@
 
 Regular files become volumes named by their path relative to the folder (disk images by
 extent, small files whole); directories and symlinks become MKDIR/SYMLINK records; what
-vanished since the last sync of the folder becomes UNLINK/RMDIR records (deepest first).
-The last tree is kept in the sender's state folder.
+the replica holds that the folder does not becomes UNLINK/RMDIR records (deepest first).
+
+What the replica holds is asked of the receiver at every (re)connect (a TreeRequest: the
+replica folder as it is, after applying what the receiver has), then ``fold``ed with the
+records still on their way from our journal. No layout is kept on the sender's side: a lost
+or damaged state folder, a damaged journal or records a crash took along cannot leave
+files on the replica that the folder no longer has.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from replicator.engine.errors import ConfigError
 from replicator.engine.names import path_problem
 from replicator.engine.volumes import VolumeSpec, classify
-from replicator.journal import Record
-from replicator.journal.durable import read_state, write_state
+from replicator.journal import Record, RecordType
+from replicator.transport.messages import TreeEntry
+
+_V = TypeVar("_V")
 
 
 @dataclass(slots=True)
@@ -26,15 +35,55 @@ class Tree:
     dirs: dict[str, int] = field(default_factory=dict)  # path -> mode
     links: dict[str, str] = field(default_factory=dict)  # path -> target
 
-    def save(self, path: Path) -> None:
-        write_state(path, {"files": self.files, "dirs": self.dirs, "links": self.links})
 
-    @classmethod
-    def load(cls, path: Path) -> Tree | None:
-        state = read_state(path)
-        if state is None:
-            return None
-        return cls(dict(state["files"]), dict(state["dirs"]), dict(state["links"]))
+def from_entries(entries: Iterable[TreeEntry]) -> Tree:
+    tree = Tree()
+    for entry in entries:
+        if entry.kind == "f":
+            tree.files[entry.path] = entry.mode
+        elif entry.kind == "d":
+            tree.dirs[entry.path] = entry.mode
+        else:
+            tree.links[entry.path] = entry.target
+    return tree
+
+
+def fold(tree: Tree, record: Record) -> None:
+    """Update ``tree`` with what ``record`` will do to the replica's layout when applied."""
+    path, kind = record.volume, record.type
+    if not path:
+        return
+    if kind in (RecordType.CREATE, RecordType.FILE):
+        tree.links.pop(path, None)
+        tree.files[path] = record.offset & 0o7777
+    elif kind in (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM, RecordType.RESIZE):
+        tree.files.setdefault(path, 0o600)  # the applier creates a file it writes to
+    elif kind is RecordType.UNLINK:
+        tree.files.pop(path, None)
+        tree.links.pop(path, None)
+    elif kind is RecordType.MKDIR:
+        tree.dirs.setdefault(path, record.offset & 0o7777)
+    elif kind is RecordType.RMDIR:
+        tree.dirs.pop(path, None)
+    elif kind is RecordType.SYMLINK:
+        tree.files.pop(path, None)
+        tree.links[path] = record.target
+    elif kind is RecordType.CHMOD:
+        for table in (tree.files, tree.dirs):
+            if path in table:
+                table[path] = record.offset & 0o7777
+    elif kind is RecordType.RENAME:
+        _move(tree.files, path, record.target)
+        _move(tree.dirs, path, record.target)
+        _move(tree.links, path, record.target)
+
+
+def _move(table: dict[str, _V], old: str, new: str) -> None:
+    """A rename in one table: ``new`` and what was below it go, ``old``'s entries move."""
+    for name in [n for n in table if n == new or n.startswith(new + "/")]:
+        del table[name]
+    for name in [n for n in table if n == old or n.startswith(old + "/")]:
+        table[new + name[len(old) :]] = table.pop(name)
 
 
 def walk(source: Path) -> Tree:

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final, TypeAlias
 
+import msgpack
+
 from replicator.journal.records import HEADER_SIZE, MAX_NAME, RecordError, peek_length, peek_lsn
 
-# 2: Refuse code "diverged", Hello capability "resync" (see docs/PROTOCOL.md)
+# 2: Refuse code "diverged"; Hello capabilities "resync", "verify"; TreeRequest/Tree
 PROTOCOL_VERSION: Final = 2
 
 U64_MAX: Final = 2**64 - 1
@@ -67,6 +69,8 @@ class MessageType(IntEnum):
     PONG = 10
     GOODBYE = 11
     ERROR = 12
+    TREE_REQUEST = 13
+    TREE = 14
 
 
 # --- field checks -------------------------------------------------------------------------
@@ -417,6 +421,82 @@ class Error:
         _set(self, "message", _text("Error", "message", self.message))
 
 
+TREE_KINDS: Final = frozenset({"f", "d", "l"})  # regular file, directory, symlink
+MAX_TREE_PART: Final = 1024 * 1024  # listing bytes in one Tree part
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One entry of a replica folder: ``kind`` "f" file, "d" directory, "l" symlink
+    (``target`` is its link target); ``mode`` the permission bits."""
+
+    path: str
+    kind: str
+    mode: int
+    target: str
+
+    def __post_init__(self) -> None:
+        _name("TreeEntry", "path", self.path, MAX_VOLUME_NAME)
+        if self.kind not in TREE_KINDS:
+            raise MessageError(f"TreeEntry.kind {self.kind!r} must be one of f, d, l")
+        _uint("TreeEntry", "mode", self.mode, 0o7777)
+        if type(self.target) is not str or len(self.target.encode()) > MAX_VOLUME_NAME:
+            raise MessageError("TreeEntry.target must be a str of at most 4096 bytes")
+        if (self.kind == "l") != bool(self.target):
+            raise MessageError("TreeEntry.target is set for symlinks, and only for them")
+
+
+def encode_tree(entries: tuple[TreeEntry, ...] | list[TreeEntry]) -> bytes:
+    """The listing payload of a Tree part: a msgpack array of [path, kind, mode, target]."""
+    return bytes(msgpack.packb([(e.path, e.kind, e.mode, e.target) for e in entries]))
+
+
+def decode_tree(listing: bytes) -> tuple[TreeEntry, ...]:
+    try:
+        rows = msgpack.unpackb(listing, use_list=False, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MessageError(f"Tree.listing is not msgpack: {exc}") from exc
+    if type(rows) is not tuple or not all(type(r) is tuple and len(r) == 4 for r in rows):
+        raise MessageError("Tree.listing must be an array of [path, kind, mode, target]")
+    return tuple(TreeEntry(*row) for row in rows)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeRequest:
+    """Sender -> receiver: list the job's replica folder (after applying what it holds)."""
+
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _uint("TreeRequest", "request_id", self.request_id)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Tree:
+    """Receiver -> sender: one part of the answer to a TreeRequest; ``done`` on the last.
+
+    ``listing`` (the payload) is ``encode_tree`` of the part's entries, at most
+    MAX_TREE_PART bytes; ``entries()`` decodes it (checked on construction)."""
+
+    request_id: int
+    done: bool
+    listing: bytes
+
+    def __post_init__(self) -> None:
+        _uint("Tree", "request_id", self.request_id)
+        _bool("Tree", "done", self.done)
+        _set(self, "listing", _blob("Tree", "listing", self.listing))
+        if len(self.listing) > MAX_TREE_PART:
+            raise MessageError(f"Tree.listing of {len(self.listing)} bytes exceeds {MAX_TREE_PART}")
+        decode_tree(self.listing)
+
+    def entries(self) -> tuple[TreeEntry, ...]:
+        return decode_tree(self.listing)
+
+    def __repr__(self) -> str:
+        return f"Tree(request_id={self.request_id}, done={self.done}, <{len(self.listing)} bytes>)"
+
+
 Message: TypeAlias = (
     Hello
     | Welcome
@@ -430,6 +510,8 @@ Message: TypeAlias = (
     | Pong
     | Goodbye
     | Error
+    | TreeRequest
+    | Tree
 )
 
 MESSAGE_TYPES: Final[dict[type[Message], MessageType]] = {
@@ -445,11 +527,17 @@ MESSAGE_TYPES: Final[dict[type[Message], MessageType]] = {
     Pong: MessageType.PONG,
     Goodbye: MessageType.GOODBYE,
     Error: MessageType.ERROR,
+    TreeRequest: MessageType.TREE_REQUEST,
+    Tree: MessageType.TREE,
 }
 MESSAGE_CLASSES: Final[dict[MessageType, type[Message]]] = {v: k for k, v in MESSAGE_TYPES.items()}
 
 # The bulk field of a message: sent after the msgpack header, never packed into it.
-PAYLOAD_FIELD: Final[dict[type[Message], str]] = {Records: "payload", Manifest: "digests"}
+PAYLOAD_FIELD: Final[dict[type[Message], str]] = {
+    Records: "payload",
+    Manifest: "digests",
+    Tree: "listing",
+}
 
 
 def message_type(msg: Message) -> MessageType:

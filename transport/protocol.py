@@ -44,6 +44,7 @@ from replicator.transport.frames import (
 )
 from replicator.transport.messages import (
     I64_MAX,
+    MAX_TREE_PART,
     MESSAGE_CLASSES,
     PROTOCOL_VERSION,
     Ack,
@@ -54,6 +55,8 @@ from replicator.transport.messages import (
     Message,
     MessageType,
     Records,
+    Tree,
+    TreeRequest,
     Welcome,
     message_type,
 )
@@ -157,8 +160,8 @@ class TransferStats:
 
 _S, _R = Role.SENDER, Role.RECEIVER
 _T = MessageType
-_SENDER_SENDS = (_T.RECORDS, _T.MANIFEST_REQUEST, _T.PING, _T.PONG)
-_RECEIVER_SENDS = (_T.ACK, _T.CREDIT, _T.MANIFEST, _T.PING, _T.PONG)
+_SENDER_SENDS = (_T.RECORDS, _T.MANIFEST_REQUEST, _T.TREE_REQUEST, _T.PING, _T.PONG)
+_RECEIVER_SENDS = (_T.ACK, _T.CREDIT, _T.MANIFEST, _T.TREE, _T.PING, _T.PONG)
 _DATA = {_S: _SENDER_SENDS, _R: _RECEIVER_SENDS}
 _PRE = {_S: (State.START, State.HELLO_SENT), _R: (State.START, State.HELLO_RECEIVED)}
 
@@ -274,6 +277,7 @@ class ProtocolConnection:
         self._last_lsn = 0
         self._acked = (0, 0)  # (received_lsn, applied_lsn) of the latest Welcome/Ack
         self._manifests: dict[int, _PendingManifest] = {}
+        self._trees: set[int] = set()  # outstanding TreeRequest ids
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -332,6 +336,12 @@ class ProtocolConnection:
             return (MAX_BULK_HEADER, self._credit, "the credit window")
         if mtype is MessageType.HELLO:
             return _HELLO_LIMIT
+        if mtype is MessageType.TREE:
+            if not self._trees:
+                raise RemoteProtocolError(
+                    "peer sent a Tree for a request that is not outstanding (none is)"
+                )
+            return _TREE_LIMIT
         if mtype is MessageType.MANIFEST:
             if not self._manifests:
                 raise RemoteProtocolError(
@@ -486,6 +496,8 @@ class ProtocolConnection:
             self._check_manifest_request(msg, err)
         elif isinstance(msg, Manifest):
             self._check_manifest(msg, err)
+        elif isinstance(msg, TreeRequest | Tree):
+            self._check_tree(msg, err)
 
     def _check_recv(self, msg: Message) -> None:
         err = RemoteProtocolError
@@ -508,6 +520,17 @@ class ProtocolConnection:
             self._check_manifest_request(msg, err)
         elif isinstance(msg, Manifest):
             self._check_manifest(msg, err)
+        elif isinstance(msg, TreeRequest | Tree):
+            self._check_tree(msg, err)
+
+    def _check_tree(self, msg: TreeRequest | Tree, err: type[ProtocolError]) -> None:
+        outstanding = msg.request_id in self._trees
+        if isinstance(msg, Tree) and not outstanding:
+            raise err(f"Tree for request {msg.request_id}, which is not outstanding")
+        if isinstance(msg, TreeRequest) and (
+            outstanding or len(self._trees) >= MAX_PENDING_MANIFESTS
+        ):
+            raise err(f"TreeRequest id {msg.request_id} is in use, or too many outstanding")
 
     def _check_lsn_order(self, msg: Records, err: type[ProtocolError]) -> None:
         if msg.first_lsn <= self._last_lsn:
@@ -587,6 +610,10 @@ class ProtocolConnection:
                 pending = self._manifests[msg.request_id]
                 pending.exists, pending.size = msg.exists, msg.size
                 pending.next_extent = msg.end_extent
+        elif isinstance(msg, TreeRequest):
+            self._trees.add(msg.request_id)
+        elif isinstance(msg, Tree) and msg.done:
+            self._trees.discard(msg.request_id)
 
 
 _HELLO_LIMIT: Final[FrameLimit] = (
@@ -595,6 +622,7 @@ _HELLO_LIMIT: Final[FrameLimit] = (
     f"the {MAX_HELLO_FRAME}-byte Hello limit",
 )
 _MANIFEST_LIMIT: Final[FrameLimit] = (MAX_BULK_HEADER, MAX_MANIFEST_PART, "the Manifest part limit")
+_TREE_LIMIT: Final[FrameLimit] = (MAX_BULK_HEADER, MAX_TREE_PART, "the Tree part limit")
 _CONTROL_LIMIT: Final[FrameLimit] = (
     MAX_CONTROL_FRAME - PREFIX_SIZE,
     0,
@@ -605,7 +633,7 @@ _CONTROL_LIMIT: Final[FrameLimit] = (
 def _header_bound(mtype: MessageType) -> int:
     if mtype is MessageType.HELLO:
         return MAX_HELLO_FRAME - PREFIX_SIZE
-    if mtype in (MessageType.RECORDS, MessageType.MANIFEST):
+    if mtype in (MessageType.RECORDS, MessageType.MANIFEST, MessageType.TREE):
         return MAX_BULK_HEADER
     return MAX_CONTROL_FRAME - PREFIX_SIZE
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -170,5 +171,56 @@ def test_sigkill_under_load_then_restart_loses_nothing_fsynced(
         replica = receiver.dir / "fvm" / "log.bin"
         _wait_same(source / "log.bin", replica)
         assert replica.stat().st_size >= synced
+    finally:
+        _stop(proc, mnt)
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_lost_state_and_damaged_journal_leave_no_stale_files(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """The sender's layout used to live in its state folder: with it gone (or its journal
+    damaged, which used to be refused) files deleted at the source stayed on the replica.
+    The replica folder is listed by the receiver at every start now."""
+    source, mnt = folder
+    proc = _start(receiver, tmp_path, source, mnt)
+    try:
+        (mnt / "old").mkdir()
+        (mnt / "old" / "a.img").write_bytes(os.urandom(65536))
+        (mnt / "b.xml").write_text("<b/>")
+        target = receiver.dir / "fvm"
+        _wait_same(source / "b.xml", target / "b.xml")
+        _wait_same(source / "old" / "a.img", target / "old" / "a.img")
+    finally:
+        _stop(proc, mnt)
+    # behind the sender's back, while it is stopped; then its state is lost
+    (source / "old" / "a.img").unlink()
+    (source / "old").rmdir()
+    (source / "c.xml").write_text("<c/>")
+    shutil.rmtree(tmp_path / "state")
+    proc = _start(receiver, tmp_path, source, mnt)
+    try:
+        deadline = time.monotonic() + 30
+        while _tree(receiver.dir / "fvm") != _tree(source):
+            assert time.monotonic() < deadline, (_tree(receiver.dir / "fvm"), _tree(source))
+            time.sleep(0.1)
+    finally:
+        _stop(proc, mnt)
+    # a damaged journal: cut, compared, nothing stale either
+    (source / "b.xml").unlink()
+    (segment,) = sorted((tmp_path / "state" / "journal").glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    segment.write_bytes(bytes(data))
+    proc = _start(receiver, tmp_path, source, mnt)
+    try:
+        deadline = time.monotonic() + 30
+        while _tree(receiver.dir / "fvm") != _tree(source):
+            assert time.monotonic() < deadline, (_tree(receiver.dir / "fvm"), _tree(source))
+            time.sleep(0.1)
+        assert b3(target / "c.xml") == b3(source / "c.xml")
     finally:
         _stop(proc, mnt)

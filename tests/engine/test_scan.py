@@ -20,7 +20,9 @@ def test_a_disk_that_grew_since_its_size_was_taken_is_scanned_to_that_size(
     spec = VolumeSpec(path, "disk.img", VolumeKind.DISK)
     new = Manifest(EXT, 2 * EXT)
     records = [
-        r for batch in _disk_batches(spec, Manifest(EXT, 2 * EXT), new, ScanStats(), BATCH_BYTES) for r in batch
+        r
+        for batch in _disk_batches(spec, Manifest(EXT, 2 * EXT), new, ScanStats(), BATCH_BYTES)
+        for r in batch
     ]
     assert len(new.digests) == 2 * DIGEST_SIZE
     assert max(r.offset + len(r.data) for r in records) == 2 * EXT

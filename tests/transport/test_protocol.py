@@ -34,6 +34,7 @@ from replicator.transport import (
     Welcome,
 )
 from replicator.transport.frames import encode_frame
+from replicator.transport.messages import Tree, TreeEntry, TreeRequest, encode_tree
 from replicator.transport.protocol import TRANSITIONS
 
 from .helpers import HELLO, pack_records, random_records, welcome
@@ -194,7 +195,8 @@ def _frame(msg: Message) -> bytes:
 
 
 def _pair_in(role: Role, state: State) -> ProtocolConnection:
-    """A connection of ``role`` driven into ``state`` (with one manifest request pending)."""
+    """A connection of ``role`` driven into ``state`` (with a manifest and a tree request
+    pending)."""
     sender = ProtocolConnection(Role.SENDER)
     receiver = ProtocolConnection(Role.RECEIVER, window=1 << 20)
     me = sender if role is Role.SENDER else receiver
@@ -217,6 +219,7 @@ def _pair_in(role: Role, state: State) -> ProtocolConnection:
         return receiver
     r_to_s(welcome(1 << 20))
     s_to_r(ManifestRequest(1, "disk.img", 4096, False))
+    s_to_r(TreeRequest(1))
     if state is State.ESTABLISHED:
         return me
     if state is State.CLOSED:
@@ -246,6 +249,8 @@ SAMPLES: dict[MessageType, Message] = {
     MessageType.PONG: Pong(1, 1),
     MessageType.GOODBYE: Goodbye("bye"),
     MessageType.ERROR: Error("internal", "oops"),
+    MessageType.TREE_REQUEST: TreeRequest(2),
+    MessageType.TREE: Tree(1, True, encode_tree([TreeEntry("d.img", "f", 0o644, "")])),
 }
 REACHABLE = [s for s in State if s is not State.ERROR]
 CASES = [
