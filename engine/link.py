@@ -192,6 +192,11 @@ class Link:
         if self._failure is not None:
             raise self._failure
 
+    @property
+    def failed(self) -> bool:
+        """True once the link's tasks ended with an error (the connection is unusable)."""
+        return self._failure is not None
+
     def raise_if_failed(self) -> None:
         """Raise the error that ended the link's tasks, if any."""
         self._check()

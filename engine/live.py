@@ -25,11 +25,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from replicator.engine.errors import ConfigError, ReplicatorError
+
+if TYPE_CHECKING:
+    from replicator.engine.fuse.capture import FuseCapture
 from replicator.engine.link import Link
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
@@ -206,9 +209,9 @@ class LiveSender:
         """The journal is full in the middle of a resync: drop what the receiver holds
         durably, then wait a while for acks. False when the link is gone (or stuck)."""
         link = self._link
-        if link is None:
+        if link is None or link.failed:
             return False
-        link.space_freed.clear()
+        link.space_freed.clear()  # set by every ack, and when the link fails
         before = link.journal.bytes_used
         await link.relieve()
         if link.journal.bytes_used < before:
@@ -218,7 +221,7 @@ class LiveSender:
                 await link.space_freed.wait()
         except TimeoutError:
             return False
-        return link is self._link
+        return link is self._link and not link.failed
 
     async def _watch_files(self, journal: Journal, stop: asyncio.Event) -> None:
         """Ship configuration files again whenever their content changes."""
@@ -322,6 +325,7 @@ class FuseFolderCapture:
         self.mountpoint = mountpoint
         self.tree = tree
         self.watched: list[VolumeSpec] = []  # every change goes through the filter
+        self._capture: FuseCapture | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -335,7 +339,7 @@ class FuseFolderCapture:
 
         journal = state.journal
         assert journal is not None
-        capture = FuseCapture(self.source, self.mountpoint, journal)
+        capture = self._capture = FuseCapture(self.source, self.mountpoint, journal, overflow=True)
         self._task = asyncio.create_task(capture.run(self._stop), name="fuse")
         mounted = asyncio.create_task(capture.mounted.wait())
         await asyncio.wait({self._task, mounted}, return_when=asyncio.FIRST_COMPLETED)
@@ -346,10 +350,12 @@ class FuseFolderCapture:
         log.warning("sender.fuse_serving", source=str(self.source), mount=str(self.mountpoint))
 
     def barriers_allowed(self) -> bool:
-        return True  # a full journal fails the folder's writes with ENOSPC (docs/FUSE.md)
+        return self._capture is None or self._capture.filter.barriers_allowed
 
     async def resync(self, make_room: Callable[[], Awaitable[bool]]) -> int:
-        return 0
+        if self._capture is None:
+            return 0
+        return await self._capture.filter.resync(make_room)
 
     async def stop(self, state: SenderState) -> None:
         self._stop.set()

@@ -40,13 +40,14 @@ class FuseCapture:
         *,
         allow_other: bool = True,
         max_tasks: int = MAX_TASKS,
+        overflow: bool = False,
     ) -> None:
         self.source = check_paths(Path(source), Path(mountpoint), journal.path)
         self.mountpoint = Path(os.path.abspath(mountpoint))
         self.journal = journal
         self.allow_other = allow_other
         self.max_tasks = max_tasks
-        self.filter = JournalingFilter(self.source, journal)
+        self.filter = JournalingFilter(self.source, journal, overflow=overflow)
         self.mounted = asyncio.Event()  # set once the mount is live
         self._active = False
 

@@ -50,6 +50,7 @@ import pyfuse3
 import structlog
 
 from replicator.engine.fuse.nodes import Node, NodeTable
+from replicator.engine.fuse.overflow import FolderOverflow, read_records, snapshot
 from replicator.engine.names import path_problem
 from replicator.engine.reconcile import truth_records
 from replicator.engine.volumes import (
@@ -176,10 +177,15 @@ class JournalingFilter(pyfuse3.Operations):
     enable_writeback_cache = False  # see the module docstring
     supports_dot_lookup = False
 
-    def __init__(self, source: Path, journal: Journal) -> None:
+    def __init__(self, source: Path, journal: Journal, *, overflow: bool = False) -> None:
+        """``overflow``: at a full journal keep serving and track changes (overflow.py)
+        instead of answering ENOSPC."""
         super().__init__()
         self.source = source
         self.journal = journal
+        self.overflow_ok = overflow
+        self._overflow: FolderOverflow | None = None
+        self._resyncing = False
         self.stats = FilterStats()
         self._nodes = NodeTable()
         self._handles: dict[int, _Handle] = {}
@@ -240,7 +246,25 @@ class JournalingFilter(pyfuse3.Operations):
         or renamed, so that record must not die with the process.
         """
         self._check_healthy()
-        await self.journal.append_many(records)
+        if self._overflow is None:
+            try:
+                await self.journal.append_many(records)
+            except JournalFull as exc:
+                if not self.overflow_ok:
+                    raise
+                # before the operation is made: the folder now is the replica's layout to be
+                self._overflow = FolderOverflow(await asyncio.to_thread(snapshot, self.source))
+                log.warning(
+                    "fuse.journal_overflow",
+                    journal_bytes=exc.used,
+                    cap=exc.cap,
+                    action="changes continue unjournaled and are tracked; the replica stays "
+                    "at its last consistency point until they are resynced",
+                )
+        if self._overflow is not None:
+            for record in records:
+                self._overflow.absorb(record)
+            return
         if any(r.type in _NAMESPACE for r in records):
             await self.journal.write_out()
         self._unflushed = True
@@ -755,11 +779,16 @@ class JournalingFilter(pyfuse3.Operations):
             if records:
                 node.dirty = True
 
+    @property
+    def barriers_allowed(self) -> bool:
+        """False from the first unjournaled change until its resync ends (overflow.py)."""
+        return self._overflow is None and not self._resyncing
+
     async def _barrier(self) -> None:
         """Append a FLUSH record when anything was journaled since the last one."""
-        if self._unflushed:
+        if self._unflushed and self.barriers_allowed:
             async with self._seq:
-                if self._unflushed:
+                if self._unflushed and self.barriers_allowed:
                     await self._append(Record.flush())
                     self._unflushed = False
 
@@ -799,6 +828,82 @@ class JournalingFilter(pyfuse3.Operations):
         os.close(handle.fd)
 
     # ------------------------------------------------------------------ shutdown
+    async def resync(self, make_room: Callable[[], Awaitable[bool]]) -> int:
+        """Journal what changed while the journal was full, then a barrier (overflow.py).
+        Returns the bytes of content sent; JournalFull when ``make_room`` gives up (the
+        rest is tracked again)."""
+        work: dict[int, tuple[str, set[int]]] = {}
+        sent = 0
+        while True:  # step 1: layout, sizes and modes, from one look, all or nothing
+            async with self._seq:
+                overflow = self._overflow
+                if overflow is None:
+                    return 0
+                now = await asyncio.to_thread(snapshot, self.source)
+                records, work = overflow.plan(now)
+                try:
+                    if records:
+                        await self.journal.append_many(records)
+                    self._overflow, self._resyncing = None, True  # journaling resumes
+                    break
+                except JournalFull:
+                    pass  # still in overflow: the VM's changes keep being tracked
+            if not await make_room():
+                raise JournalFull(self.journal.bytes_used, self.journal.max_bytes or 0, 0)
+        try:
+            for ino in list(work):  # step 2: content, by inode, a run at a time
+                path, marks = work[ino]
+                ordered = sorted(marks)
+                while ordered:
+                    run = ordered[:16]
+                    async with self._seq:
+                        self._resync_still_valid()
+                        batch = await asyncio.to_thread(read_records, self.source, path, ino, run)
+                        try:
+                            if batch:
+                                await self.journal.append_many(batch)
+                            done = True
+                        except JournalFull:
+                            done = False
+                    if not done:
+                        if not await make_room():
+                            raise JournalFull(
+                                self.journal.bytes_used, self.journal.max_bytes or 0, 0
+                            )
+                        continue
+                    sent += sum(len(r.data) for r in batch or ())
+                    ordered = ordered[16:]
+                    marks.difference_update(run)
+                    if batch is None:
+                        break  # removed since: its UNLINK is journaled
+                work.pop(ino)
+            while True:  # step 3: the consistency point
+                async with self._seq:
+                    self._resync_still_valid()
+                    try:
+                        await self.journal.append(Record.flush())
+                        self._resyncing = False
+                        self._unflushed = False
+                        break
+                    except JournalFull:
+                        pass
+                if not await make_room():
+                    raise JournalFull(self.journal.bytes_used, self.journal.max_bytes or 0, 0)
+        except JournalFull:
+            async with self._seq:  # everything journaled so far stands: track the rest
+                if self._overflow is None:
+                    self._overflow = FolderOverflow(await asyncio.to_thread(snapshot, self.source))
+                self._overflow.merge_work(work)
+            raise
+        await self.journal.sync()
+        return sent
+
+    def _resync_still_valid(self) -> None:
+        """A new overflow began during the resync (the journal filled up under the VM's own
+        changes): no barrier may close this epoch now; the rest goes into that overflow."""
+        if self._overflow is not None:
+            raise JournalFull(self.journal.bytes_used, self.journal.max_bytes or 0, 0)
+
     async def aclose(self) -> None:
         """Make everything journaled durable and close the real files. Idempotent."""
         try:

@@ -84,3 +84,74 @@ def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
     assert rc == 0, err[-3000:]
     events = _events(err)
     assert "nbd.journal_overflow" in events and "sender.overflow_resynced" in events
+
+
+def _is_mounted(mnt: Path) -> bool:
+    return any(
+        line.split()[1] == str(mnt) for line in Path("/proc/mounts").read_text().splitlines()
+    )
+
+
+def test_a_fuse_folder_keeps_working_past_the_journal_cap(tmp_path: Path) -> None:
+    """The same promise through the FUSE filter: writes, renames and removals with a full
+    journal succeed; the replica stays at its consistency point, then the folder resyncs."""
+    import os
+
+    from tests.killcycles import tree_digest
+
+    source, mnt, state = tmp_path / "vm", tmp_path / "mnt", tmp_path / "state"
+    source.mkdir()
+    mnt.mkdir()
+    (source / "vm.xml").write_text("<domain/>\n")
+    (source / "disks").mkdir()
+    (source / "disks" / "a.img").write_bytes(os.urandom(2 * MiB))
+    port = free_port()
+    target = tmp_path / "target"
+    receiver = start_receiver(target, port)
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", "fovf", "--state-dir",
+         str(state), "--capture", "fuse", "--mount", str(mnt), "--journal-max", "4M",
+         "--insecure", str(source)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    replica = target / "fovf"
+    try:
+        deadline = time.monotonic() + 60
+        while not _is_mounted(mnt) or tree_digest(replica) != tree_digest(source):
+            assert sender.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        receiver.stop()
+        before = tree_digest(replica)
+        # 12 MiB of writes and a reshuffled folder with a 4 MiB journal, receiver away
+        with (mnt / "disks" / "a.img").open("r+b") as f:
+            for i in range(24):
+                f.seek((i * 331 * 4096) % (2 * MiB))
+                f.write(os.urandom(512 * 1024))
+        (mnt / "disks" / "b.img").write_bytes(os.urandom(3 * MiB))
+        os.rename(mnt / "disks" / "a.img", mnt / "disks" / "c.img")
+        (mnt / "snap").mkdir()
+        (mnt / "snap" / "s1.xml").write_text("<snapshot/>")
+        os.unlink(mnt / "vm.xml")
+        (mnt / "vm.xml").write_text("<domain><memory>2</memory></domain>\n")
+        assert tree_digest(replica) == before  # nothing applied meanwhile
+        receiver = start_receiver(target, port)
+        deadline = time.monotonic() + 90
+        while tree_digest(replica) != tree_digest(source):
+            assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
+            assert time.monotonic() < deadline, "the replica folder did not catch up"
+            time.sleep(0.2)
+        (mnt / "after.txt").write_text("and it goes on")  # journaled as usual again
+        while tree_digest(replica) != tree_digest(source):
+            assert time.monotonic() < deadline, "changes after the resync did not replicate"
+            time.sleep(0.2)
+    finally:
+        if sender.poll() is None:
+            sender.send_signal(signal.SIGTERM)
+        rc = sender.wait(timeout=60)
+        if _is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        receiver.stop()
+    err = sender.stderr.read() if sender.stderr else ""
+    assert rc == 0, err[-3000:]
+    events = _events(err)
+    assert "fuse.journal_overflow" in events and "sender.overflow_resynced" in events
