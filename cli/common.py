@@ -9,8 +9,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
-from replicator.engine.errors import ConfigError, ReplicatorError
-from replicator.engine.sender import unwrap
+from replicator.engine.errors import ConfigError, ReplicatorError, unwrap
 
 T = TypeVar("T")
 

@@ -1,72 +1,47 @@
-"""Errors a user can hit, each with a one-line message and a distinct exit code.
-
-Commands catch ``ReplicatorError`` at the top, print ``str(error)`` on one line and
-exit with ``error.exit_code``. The codes are part of the CLI contract (scripts rely on
-them) and are listed in ``docs/OPERATIONS.md``.
+"""Errors a user can hit: the classes live in ``replicator.journal.errors`` (the bottom of
+the import graph, so the journal and the transport can raise them too) and are re-exported
+here for the engine and the command line. ``first_error`` picks the one that matters out of
+a TaskGroup's exception group, ``as_user_error`` maps transport failures to what they mean
+to a user, and ``unwrap`` turns whatever ended a command into the error it reports.
 """
 
 from __future__ import annotations
 
 import asyncio
-from enum import IntEnum
 
+from replicator.journal.errors import (
+    BusyError,
+    ConfigError,
+    ConnectError,
+    ExitCode,
+    Interrupted,
+    PeerProtocolError,
+    RefusedError,
+    ReplicatorError,
+    StorageError,
+    VersionMismatch,
+)
+from replicator.transport import (
+    ConnectionClosedError,
+    RemoteProtocolError,
+    VersionMismatchError,
+)
 
-class ExitCode(IntEnum):
-    OK = 0
-    DIFFERENT = 1  # verify: replica differs from source
-    USAGE = 2  # bad command line (typer/click uses 2 as well)
-    CONFIG = 3  # bad input: missing volume, invalid job name, unwritable dir
-    CONNECT = 4  # cannot connect / connection lost
-    VERSION = 5  # protocol version mismatch
-    REFUSED = 6  # receiver refused (name invalid, disk full, ...)
-    PROTOCOL = 7  # peer sent something malformed
-    JOURNAL = 8  # journal corrupt or full
-    STORAGE = 9  # local disk full or I/O error
-    INTERRUPTED = 130  # SIGINT/SIGTERM before the work completed
-
-
-class ReplicatorError(Exception):
-    """Base for errors that end a command with a message and an exit code."""
-
-    exit_code: ExitCode = ExitCode.CONFIG
-
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        self.message = message
-        self.hint = hint
-        super().__init__(message if hint is None else f"{message} ({hint})")
-
-
-class ConfigError(ReplicatorError):
-    exit_code = ExitCode.CONFIG
-
-
-class ConnectError(ReplicatorError):
-    exit_code = ExitCode.CONNECT
-
-
-class VersionMismatch(ReplicatorError):
-    exit_code = ExitCode.VERSION
-
-
-class RefusedError(ReplicatorError):
-    exit_code = ExitCode.REFUSED
-
-
-class BusyError(RefusedError):
-    """The receiver has another session for the job: often the previous run of this very
-    sender, killed a moment ago, whose session the receiver has not torn down yet."""
-
-
-class PeerProtocolError(ReplicatorError):
-    exit_code = ExitCode.PROTOCOL
-
-
-class StorageError(ReplicatorError):
-    exit_code = ExitCode.STORAGE
-
-
-class Interrupted(ReplicatorError):
-    exit_code = ExitCode.INTERRUPTED
+__all__ = [
+    "BusyError",
+    "ConfigError",
+    "ConnectError",
+    "ExitCode",
+    "Interrupted",
+    "PeerProtocolError",
+    "RefusedError",
+    "ReplicatorError",
+    "StorageError",
+    "VersionMismatch",
+    "as_user_error",
+    "first_error",
+    "unwrap",
+]
 
 
 def first_error(exc: BaseException) -> BaseException:
@@ -85,3 +60,35 @@ def first_error(exc: BaseException) -> BaseException:
         if not isinstance(leaf, asyncio.CancelledError):
             return leaf
     return leaves[0]
+
+
+def as_user_error(exc: BaseException) -> BaseException:
+    """Map transport-level failures to the user-facing error (and exit code) they mean."""
+    if isinstance(exc, ReplicatorError):
+        return exc
+    if isinstance(exc, ConnectionClosedError | ConnectionError | EOFError):
+        return ConnectError(
+            f"connection to the receiver was lost ({exc or type(exc).__name__}); "
+            "run the same command again to resume: nothing acknowledged is lost"
+        )
+    if isinstance(exc, TimeoutError):
+        return ConnectError("the receiver stopped answering (timeout); check it and run again")
+    if isinstance(exc, VersionMismatchError):
+        return VersionMismatch(f"protocol version mismatch with the receiver: {exc}")
+    if isinstance(exc, RemoteProtocolError):
+        return PeerProtocolError(f"the receiver sent something malformed: {exc}")
+    return exc
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The user-facing error for whatever ended a command."""
+    exc = first_error(exc)
+    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+        return Interrupted("interrupted before the work completed; run again to resume")
+    mapped = as_user_error(exc)
+    if isinstance(mapped, OSError):  # local I/O: the connection errors were mapped above
+        return StorageError(
+            f"local storage error: {mapped}",
+            hint="check the disk (free space, permissions) and run the same command again",
+        )
+    return mapped

@@ -31,14 +31,14 @@ from replicator.engine.errors import (
     RefusedError,
     ReplicatorError,
     VersionMismatch,
+    as_user_error,
 )
-from replicator.engine.manifest import Manifest as ExtentManifest
+from replicator.engine.manifest import ExtentManifest
 from replicator.engine.volumes import VolumeSpec
 from replicator.journal import EncodedRecord, Journal
 from replicator.transport import (
     PROTOCOL_VERSION,
     Ack,
-    ConnectionClosedError,
     Credit,
     Error,
     FramedConnection,
@@ -50,11 +50,9 @@ from replicator.transport import (
     Pong,
     Records,
     Refuse,
-    RemoteProtocolError,
     Tree,
     TreeEntry,
     TreeRequest,
-    VersionMismatchError,
     VolumeInfo,
     Welcome,
 )
@@ -387,21 +385,3 @@ async def _get_or_fail(
     getter.cancel()
     tailer.result()  # raises the tailer's error
     raise ConnectError("journal follower ended")
-
-
-def as_user_error(exc: BaseException) -> BaseException:
-    """Map transport-level failures to the user-facing error (and exit code) they mean."""
-    if isinstance(exc, ReplicatorError):
-        return exc
-    if isinstance(exc, ConnectionClosedError | ConnectionError | EOFError):
-        return ConnectError(
-            f"connection to the receiver was lost ({exc or type(exc).__name__}); "
-            "run the same command again to resume: nothing acknowledged is lost"
-        )
-    if isinstance(exc, TimeoutError):
-        return ConnectError("the receiver stopped answering (timeout); check it and run again")
-    if isinstance(exc, VersionMismatchError):
-        return VersionMismatch(f"protocol version mismatch with the receiver: {exc}")
-    if isinstance(exc, RemoteProtocolError):
-        return PeerProtocolError(f"the receiver sent something malformed: {exc}")
-    return exc

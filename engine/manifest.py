@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replicator.engine.volumes import DIGEST_SIZE, iter_extents
+from replicator.engine.volumes import iter_extents
 from replicator.journal.durable import StateFileError, read_state, write_state
+from replicator.transport.messages import DIGEST_SIZE
 
 UNKNOWN = b"\0" * DIGEST_SIZE
 
@@ -35,7 +36,7 @@ def digest_chunks(fd: int, size: int, extent_size: int, chunk_extents: int) -> I
 
 
 @dataclass(slots=True)
-class Manifest:
+class ExtentManifest:
     extent_size: int
     size: int
     digests: bytearray = field(default_factory=bytearray)
@@ -50,6 +51,9 @@ class Manifest:
     @property
     def count(self) -> int:
         return (self.size + self.extent_size - 1) // self.extent_size
+
+    def copy(self) -> ExtentManifest:
+        return ExtentManifest(self.extent_size, self.size, bytearray(self.digests))
 
     def get(self, index: int) -> bytes:
         if index >= self.count:
@@ -87,7 +91,7 @@ class Manifest:
     def invalidate_all(self) -> None:
         self.digests[:] = UNKNOWN * self.count
 
-    def differing(self, other: Manifest) -> Iterator[int]:
+    def differing(self, other: ExtentManifest) -> Iterator[int]:
         """Indexes of extents whose digests differ (or are unknown on either side)."""
         if other.extent_size != self.extent_size:
             raise ValueError("manifests with different extent sizes cannot be compared")
@@ -100,7 +104,7 @@ class Manifest:
         return {"extent_size": self.extent_size, "size": self.size, "digests": bytes(self.digests)}
 
     @classmethod
-    def of_file(cls, path: Path, extent_size: int) -> Manifest:
+    def of_file(cls, path: Path, extent_size: int) -> ExtentManifest:
         """The manifest of a file as it is now. Blocking."""
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -111,7 +115,7 @@ class Manifest:
             os.close(fd)
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Manifest:
+    def from_state(cls, state: dict[str, Any]) -> ExtentManifest:
         return cls(int(state["extent_size"]), int(state["size"]), bytearray(state["digests"]))
 
 
@@ -122,7 +126,7 @@ class ManifestSet:
     lsn: int
     extent_size: int
     epoch: int = 0
-    disks: dict[str, Manifest] = field(default_factory=dict)
+    disks: dict[str, ExtentManifest] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)  # whole-file digests
 
     def save(self, path: Path) -> None:
@@ -148,7 +152,7 @@ class ManifestSet:
                 int(state["lsn"]),
                 int(state["extent_size"]),
                 int(state["epoch"]),
-                {k: Manifest.from_state(v) for k, v in state["disks"].items()},
+                {k: ExtentManifest.from_state(v) for k, v in state["disks"].items()},
                 {k: bytes(v) for k, v in state["files"].items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -34,7 +34,6 @@ from replicator.engine.manifest import digest_chunks
 from replicator.engine.names import check_job_name, path_problem
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.replica_state import ReplicaState
-from replicator.engine.volumes import DIGEST_SIZE
 from replicator.journal import (
     Journal,
     JournalError,
@@ -65,6 +64,7 @@ from replicator.transport import (
     Welcome,
 )
 from replicator.transport.messages import (
+    DIGEST_SIZE,
     MAX_TREE_PART,
     MessageError,
     Tree,

@@ -15,7 +15,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from replicator.engine.manifest import UNKNOWN, Manifest, ManifestSet
+from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.volumes import (
     ExtentState,
     VolumeKind,
@@ -54,7 +54,7 @@ class ScanStats:
 
 
 def _disk_batches(
-    spec: VolumeSpec, basis: Manifest, new: Manifest, stats: ScanStats, batch_limit: int
+    spec: VolumeSpec, basis: ExtentManifest, new: ExtentManifest, stats: ScanStats, batch_limit: int
 ) -> Iterator[list[Record]]:
     """Yield batches of records for one disk; fills ``new`` with the digests seen."""
     fd = os.open(spec.path, os.O_RDONLY)
@@ -125,7 +125,7 @@ def _disk_batches(
         os.close(fd)
 
 
-def resize_basis(basis: Manifest, size: int) -> None:
+def resize_basis(basis: ExtentManifest, size: int) -> None:
     """Grow or shrink the basis as the RESIZE record will do to the replica (zero-filled)."""
     old_size = basis.size
     basis.resize(size)
@@ -226,16 +226,16 @@ async def scan_epoch(
         size = os.stat(spec.path).st_size
         old = basis.disks.get(spec.name)
         work = (
-            Manifest(basis.extent_size, old.size, bytearray(old.digests))
+            ExtentManifest(basis.extent_size, old.size, bytearray(old.digests))
             if old is not None
-            else Manifest(basis.extent_size, 0)
+            else ExtentManifest(basis.extent_size, 0)
         )
         if work.size != size or old is None:
             await append([Record.resize(spec.name, size)])
             stats.records += 1
             stats.resized.append(spec.name)
             resize_basis(work, size)
-        new = Manifest(basis.extent_size, size)
+        new = ExtentManifest(basis.extent_size, size)
         gen = _disk_batches(spec, work, new, stats, batch_limit)
         while True:
             batch = await asyncio.to_thread(next, gen, None)

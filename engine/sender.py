@@ -34,14 +34,12 @@ from replicator.engine.errors import (
     BusyError,
     ConfigError,
     ConnectError,
-    Interrupted,
     PeerProtocolError,
-    StorageError,
-    first_error,
+    as_user_error,
 )
 from replicator.engine.imagelock import ImageLocks
-from replicator.engine.link import Link, SessionPurpose, as_user_error
-from replicator.engine.manifest import UNKNOWN, Manifest, ManifestSet
+from replicator.engine.link import Link, SessionPurpose
+from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.scan import (
     Progress,
@@ -213,7 +211,7 @@ def _apply_effect(basis: ManifestSet, record: Record) -> None:
         basis.disks.pop(record.volume, None)
         basis.files.pop(record.volume, None)
         if record.type is RecordType.CREATE:  # an empty file
-            basis.disks[record.volume] = Manifest(basis.extent_size, 0)
+            basis.disks[record.volume] = ExtentManifest(basis.extent_size, 0)
             basis.files[record.volume] = extent_digest(b"")
         return
     if record.type is RecordType.RENAME:  # content moves with the name
@@ -227,7 +225,7 @@ def _apply_effect(basis: ManifestSet, record: Record) -> None:
             basis.files[record.target] = digest
         return
     if record.type is RecordType.RESIZE:
-        resized = basis.disks.setdefault(record.volume, Manifest(basis.extent_size, 0))
+        resized = basis.disks.setdefault(record.volume, ExtentManifest(basis.extent_size, 0))
         resize_basis(resized, record.size)
         return
     if record.type not in (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM):
@@ -269,9 +267,7 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
     if trusted:
         assert local is not None
         basis = ManifestSet(local.lsn, local.extent_size, local.epoch)
-        basis.disks = {
-            k: Manifest(v.extent_size, v.size, bytearray(v.digests)) for k, v in local.disks.items()
-        }
+        basis.disks = {k: v.copy() for k, v in local.disks.items()}
         basis.files = dict(local.files)
         since = local.lsn + 1
         kind = "local"
@@ -508,17 +504,3 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None =
             await stop.wait()
     if link is not None:
         link.raise_if_failed()
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The user-facing error for whatever ended a command."""
-    exc = first_error(exc)
-    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-        return Interrupted("interrupted before the work completed; run again to resume")
-    mapped = as_user_error(exc)
-    if isinstance(mapped, OSError):  # local I/O: the connection errors were mapped above
-        return StorageError(
-            f"local storage error: {mapped}",
-            hint="check the disk (free space, permissions) and run the same command again",
-        )
-    return mapped

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from replicator.engine.link import Link, SessionPurpose
-from replicator.engine.manifest import Manifest
+from replicator.engine.manifest import ExtentManifest
 from replicator.engine.sender import Sender, SenderState
 from replicator.engine.volumes import VolumeSpec, pread_all
 from replicator.journal import Record
@@ -64,7 +64,7 @@ async def compare(link: Link, volumes: list[VolumeSpec], extent_size: int) -> Ve
     for spec in volumes:
         # the receiver hashes its replica while we hash the source
         local, remote = await asyncio.gather(
-            asyncio.to_thread(Manifest.of_file, spec.path, extent_size),
+            asyncio.to_thread(ExtentManifest.of_file, spec.path, extent_size),
             link.request_manifest(spec.name, extent_size),
         )
         if remote is None:

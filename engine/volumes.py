@@ -24,11 +24,11 @@ import blake3
 
 from replicator.engine.errors import ConfigError
 from replicator.engine.names import check_volume_name
+from replicator.transport.messages import DIGEST_SIZE  # one extent digest, on the wire too
 
 DEFAULT_EXTENT = 64 * 1024
 READ_CHUNK = 4 * 1024 * 1024
 CONFIG_FILE_MAX = 1024 * 1024  # files up to this size that are not disk images ship whole
-DIGEST_SIZE = 16
 _DISK_SUFFIXES = {".vhd", ".vhdx", ".avhd", ".avhdx", ".qcow2", ".qcow", ".img", ".raw", ".vmdk"}
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import blake3
 import msgpack
 
-from replicator.engine.errors import ExitCode, ReplicatorError
+from replicator.journal.errors import ExitCode, ReplicatorError
 
 STATE_MAGIC = b"RPST"
 STATE_VERSION = 1

@@ -1,14 +1,78 @@
-"""Errors raised by the journal.
+"""Errors and exit codes: the bottom of the import graph.
 
-They derive from ``ReplicatorError`` so a command that lets one escape prints the message
-on one line and exits with ``ExitCode.JOURNAL`` (8).
+``journal``, ``transport`` and ``engine`` all import this module and it imports none of
+them, so every layer can raise an error that ends a command with a one-line message and a
+distinct exit code. Commands catch ``ReplicatorError`` at the top, print ``str(error)`` and
+exit with ``error.exit_code``; the codes are part of the CLI contract (scripts rely on
+them) and are listed in ``docs/OPERATIONS.md``. The journal's own errors follow the
+general ones.
 """
 
 from __future__ import annotations
 
 import os
+from enum import IntEnum
 
-from replicator.engine.errors import ExitCode, ReplicatorError
+
+class ExitCode(IntEnum):
+    OK = 0
+    DIFFERENT = 1  # verify: replica differs from source
+    USAGE = 2  # bad command line (typer/click uses 2 as well)
+    CONFIG = 3  # bad input: missing volume, invalid job name, unwritable dir
+    CONNECT = 4  # cannot connect / connection lost
+    VERSION = 5  # protocol version mismatch
+    REFUSED = 6  # receiver refused (name invalid, disk full, ...)
+    PROTOCOL = 7  # peer sent something malformed
+    JOURNAL = 8  # journal corrupt or full
+    STORAGE = 9  # local disk full or I/O error
+    INTERRUPTED = 130  # SIGINT/SIGTERM before the work completed
+
+
+class ReplicatorError(Exception):
+    """Base for errors that end a command with a message and an exit code."""
+
+    exit_code: ExitCode = ExitCode.CONFIG
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message} ({hint})")
+
+
+class ConfigError(ReplicatorError):
+    exit_code = ExitCode.CONFIG
+
+
+class ConnectError(ReplicatorError):
+    exit_code = ExitCode.CONNECT
+
+
+class VersionMismatch(ReplicatorError):
+    exit_code = ExitCode.VERSION
+
+
+class RefusedError(ReplicatorError):
+    exit_code = ExitCode.REFUSED
+
+
+class BusyError(RefusedError):
+    """The receiver has another session for the job: often the previous run of this very
+    sender, killed a moment ago, whose session the receiver has not torn down yet."""
+
+
+class PeerProtocolError(ReplicatorError):
+    exit_code = ExitCode.PROTOCOL
+
+
+class StorageError(ReplicatorError):
+    exit_code = ExitCode.STORAGE
+
+
+class Interrupted(ReplicatorError):
+    exit_code = ExitCode.INTERRUPTED
+
+
+# -- the journal's errors --------------------------------------------------------------
 
 
 class JournalError(ReplicatorError):

@@ -41,12 +41,17 @@ from typing import Any, Literal
 
 import structlog
 
-from replicator.engine.errors import ConfigError
 from replicator.journal import durable
-from replicator.journal.errors import JournalCorrupt, JournalError, JournalFull, JournalIOError
+from replicator.journal.errors import (
+    ConfigError,
+    JournalCorrupt,
+    JournalError,
+    JournalFull,
+    JournalIOError,
+)
 from replicator.journal.inspect import JournalReport, Problem, SegmentInfo, scan_journal
 from replicator.journal.locking import lock_directory
-from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record
+from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record, encode_parts
 from replicator.journal.segment import (
     HEADER_BYTES,
     SEAL_BYTES,
@@ -54,7 +59,6 @@ from replicator.journal.segment import (
     Seal,
     SegmentHeader,
     SegmentReader,
-    encode_stamped,
     parse_segment_name,
     segment_name,
 )
@@ -476,7 +480,7 @@ class Journal:
         while not self._admit(size):
             await self._make_room()
         lsn = self._check_lsn(record.lsn or self._next_lsn)
-        head, data = encode_stamped(record, lsn, record.ts_ns or time.time_ns())
+        head, data = encode_parts(record, lsn, record.ts_ns or time.time_ns())
         seg = self._segments[-1]
         if not seg.count:
             seg.first_lsn = lsn
@@ -522,7 +526,7 @@ class Journal:
             now = time.time_ns()
             parts: list[bytes] = []  # complete before anything is staged
             for record, lsn in zip(records, lsns, strict=True):
-                head, data = encode_stamped(record, lsn, record.ts_ns or now)
+                head, data = encode_parts(record, lsn, record.ts_ns or now)
                 parts.append(head)
                 if data:
                     parts.append(data)

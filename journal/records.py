@@ -39,6 +39,7 @@ CHECKED_HEADER_SIZE = 42  # header bytes covered by the checksum (all but the ch
 _LSN = struct.Struct("<Q")
 _LSN_AT = struct.calcsize("<2sBBHI")  # the lsn follows magic, version, type and two lengths
 _JOIN_BELOW = 64 * 1024
+_NO_DIGEST = b"\0" * 16
 MAX_NAME = 4096
 MAX_DATA = 64 * 1024 * 1024  # one record never carries more than 64 MiB
 
@@ -225,23 +226,40 @@ def record_digest(head: bytes | memoryview, *rest: bytes | memoryview) -> bytes:
     return h.digest(16)
 
 
+def encode_parts(record: Record, lsn: int, ts_ns: int) -> tuple[bytes, bytes]:
+    """The record format's one encoder: ``record`` stamped with ``lsn`` and ``ts_ns``, as
+    (header + checksum + name, payload).
+
+    In two parts so the append path can hand the payload to ``pwritev`` without copying
+    it, and without building (and validating again) a stamped Record first.
+    """
+    name = record.volume.encode()
+    data = record.data
+    try:
+        head = RECORD_HEADER.pack(
+            RECORD_MAGIC,
+            RECORD_VERSION,
+            record.type,
+            len(name),
+            len(data),
+            lsn,
+            ts_ns,
+            record.offset,
+            record.length,
+            _NO_DIGEST,
+        )[:CHECKED_HEADER_SIZE]
+    except struct.error as exc:
+        raise RecordError(
+            f"record field out of range ({exc}): {record.type.name} "
+            f"offset {record.offset} length {record.length}"
+        ) from exc
+    return head + record_digest(head, name, data) + name, data
+
+
 def encode_record(record: Record) -> bytes:
     """Serialise a record (its lsn must be assigned) with its checksum."""
-    name = record.volume.encode()
-    head = RECORD_HEADER.pack(
-        RECORD_MAGIC,
-        RECORD_VERSION,
-        record.type,
-        len(name),
-        len(record.data),
-        record.lsn,
-        record.ts_ns,
-        record.offset,
-        record.length,
-        b"\0" * 16,
-    )
-    checked = head[:CHECKED_HEADER_SIZE]
-    return b"".join((checked, record_digest(checked, name, record.data), name, record.data))
+    head, data = encode_parts(record, record.lsn, record.ts_ns)
+    return head + data
 
 
 def peek_length(buf: bytes | memoryview, pos: int = 0) -> int:

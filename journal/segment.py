@@ -51,9 +51,7 @@ import blake3
 
 from replicator.journal.errors import JournalCorrupt
 from replicator.journal.records import (
-    CHECKED_HEADER_SIZE,
     HEADER_SIZE,
-    RECORD_HEADER,
     RECORD_MAGIC,
     RECORD_VERSION,
     EncodedRecord,
@@ -62,7 +60,6 @@ from replicator.journal.records import (
     check_record,
     decode_record,
     peek_length,
-    record_digest,
 )
 
 
@@ -175,39 +172,6 @@ class Seal:
         if not ok:
             raise SegmentFormatError(f"segment seal fields inconsistent: {seal}")
         return seal
-
-
-_NO_DIGEST = b"\0" * 16
-
-
-def encode_stamped(record: Record, lsn: int, ts_ns: int) -> tuple[bytes, bytes]:
-    """``encode_record(record.with_lsn(lsn, ts_ns))`` as (header + name, payload).
-
-    The append path uses this instead: it skips building (and re-validating) the stamped
-    Record and lets the payload go to ``pwritev`` without being copied. The bytes are the
-    record format of ``records.py``; a test holds the two encoders equal.
-    """
-    name = record.volume.encode()
-    data = record.data
-    try:
-        head = RECORD_HEADER.pack(
-            RECORD_MAGIC,
-            RECORD_VERSION,
-            record.type,
-            len(name),
-            len(data),
-            lsn,
-            ts_ns,
-            record.offset,
-            record.length,
-            _NO_DIGEST,
-        )[:CHECKED_HEADER_SIZE]
-    except struct.error as exc:
-        raise RecordError(
-            f"record field out of range ({exc}): {record.type.name} "
-            f"offset {record.offset} length {record.length}"
-        ) from exc
-    return head + record_digest(head, name, data) + name, data
 
 
 def read_exact(fd: int, size: int, offset: int) -> bytes:

@@ -4,8 +4,8 @@
 """
 
 from replicator.transport.connection import (
-    ConnectError,
     ConnectionClosedError,
+    DialError,
     FramedConnection,
     Shaper,
     connect,
@@ -62,10 +62,10 @@ __all__ = [
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "Ack",
-    "ConnectError",
     "ConnectionClosed",
     "ConnectionClosedError",
     "Credit",
+    "DialError",
     "Error",
     "FramedConnection",
     "Goodbye",

@@ -122,7 +122,7 @@ class ConnectionClosedError(ConnectionError):
         self.clean = clean
 
 
-class ConnectError(ConnectionError):
+class DialError(ConnectionError):
     """A connection could not be established; ``str()`` is a one-line explanation.
 
     ``errno``/``strerror`` are set like any OSError's (``strerror`` is the short reason,
@@ -602,7 +602,7 @@ async def connect(
     """Open a TCP (or TLS, with ``ssl``) connection.
 
     Extra keywords go to FramedConnection (max_frame, window, compress, shaper). Raises
-    ConnectError (an OSError) with a one-line message, e.g. "cannot connect to
+    DialError (an OSError) with a one-line message, e.g. "cannot connect to
     127.0.0.1:9: connection refused".
     """
     target = _target(host, port)
@@ -615,7 +615,7 @@ async def connect(
             )
     except (OSError, TimeoutError) as exc:
         reason, err = _connect_reason(exc, timeout)
-        raise ConnectError(target, reason, err) from exc
+        raise DialError(target, reason, err) from exc
     return made[0]
 
 
@@ -639,7 +639,7 @@ async def connect_unix(
             )
     except (OSError, TimeoutError) as exc:
         reason, err = _connect_reason(exc, timeout)
-        raise ConnectError(target, reason, err) from exc
+        raise DialError(target, reason, err) from exc
     return made[0]
 
 

@@ -149,15 +149,15 @@ class Errno(IntEnum):
     ESHUTDOWN = 108
 
 
-class ProtocolError(Exception):
+class NbdProtocolError(Exception):
     """Base of the two codec errors; either one moves the connection to ERROR."""
 
 
-class RemoteProtocolError(ProtocolError):
+class NbdClientError(NbdProtocolError):
     """The client broke the protocol; the only safe reaction is to hang up."""
 
 
-class LocalProtocolError(ProtocolError):
+class NbdUsageError(NbdProtocolError):
     """The server code misused this codec (a bug on our side)."""
 
 
@@ -259,7 +259,7 @@ Event = OptionEvent | Request | OversizedRequest | Disconnect
 # --- state machine -------------------------------------------------------------------
 
 
-class State(Enum):
+class Phase(Enum):
     CLIENT_FLAGS = auto()  # greeting sent, waiting for the client's flags
     OPTIONS = auto()  # option haggling, ready to read the next option
     OPTION_PENDING = auto()  # an option was handed out; waiting for our final reply
@@ -277,15 +277,15 @@ class _Step(Enum):
     REQUEST = auto()
 
 
-# Every transition the codec can make; anything absent is a LocalProtocolError.
-_TRANSITIONS: Final[dict[tuple[State, _Step], State]] = {
-    (State.CLIENT_FLAGS, _Step.CLIENT_FLAGS): State.OPTIONS,
-    (State.OPTIONS, _Step.OPTION): State.OPTION_PENDING,
-    (State.OPTION_PENDING, _Step.OPTION_REPLIED): State.OPTIONS,
-    (State.OPTION_PENDING, _Step.ENTER_TRANSMISSION): State.TRANSMISSION,
-    (State.OPTION_PENDING, _Step.CLOSE): State.CLOSED,
-    (State.TRANSMISSION, _Step.REQUEST): State.TRANSMISSION,
-    (State.TRANSMISSION, _Step.CLOSE): State.CLOSED,
+# Every transition the codec can make; anything absent is a NbdUsageError.
+_TRANSITIONS: Final[dict[tuple[Phase, _Step], Phase]] = {
+    (Phase.CLIENT_FLAGS, _Step.CLIENT_FLAGS): Phase.OPTIONS,
+    (Phase.OPTIONS, _Step.OPTION): Phase.OPTION_PENDING,
+    (Phase.OPTION_PENDING, _Step.OPTION_REPLIED): Phase.OPTIONS,
+    (Phase.OPTION_PENDING, _Step.ENTER_TRANSMISSION): Phase.TRANSMISSION,
+    (Phase.OPTION_PENDING, _Step.CLOSE): Phase.CLOSED,
+    (Phase.TRANSMISSION, _Step.REQUEST): Phase.TRANSMISSION,
+    (Phase.TRANSMISSION, _Step.CLOSE): Phase.CLOSED,
 }
 
 
@@ -326,9 +326,9 @@ class ServerConnection:
 
     def __init__(self, *, max_request: int = DEFAULT_MAX_REQUEST) -> None:
         if not 0 < max_request <= MAX_SKIP:
-            raise LocalProtocolError(f"max_request must be in 1..{MAX_SKIP}")
+            raise NbdUsageError(f"max_request must be in 1..{MAX_SKIP}")
         self.max_request = max_request
-        self.state = State.CLIENT_FLAGS
+        self.state = Phase.CLIENT_FLAGS
         self.client_flags = ClientFlag(0)
         self._buf = bytearray()
         self._pos = 0
@@ -343,7 +343,7 @@ class ServerConnection:
         )
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if self.state in (State.CLOSED, State.ERROR):
+        if self.state in (Phase.CLOSED, Phase.ERROR):
             return  # nothing may follow DISC/ABORT; after an error we only wait to hang up
         if self._skip:
             n = min(self._skip, len(data))
@@ -374,22 +374,22 @@ class ServerConnection:
         try:
             self.state = _TRANSITIONS[(self.state, step)]
         except KeyError:
-            raise LocalProtocolError(f"cannot {step.name} in state {self.state.name}") from None
+            raise NbdUsageError(f"cannot {step.name} in state {self.state.name}") from None
 
-    def _fail(self, message: str) -> RemoteProtocolError:
-        self.state = State.ERROR
-        return RemoteProtocolError(message)
+    def _fail(self, message: str) -> NbdClientError:
+        self.state = Phase.ERROR
+        return NbdClientError(message)
 
     # -- events --------------------------------------------------------------------------
 
     def next_event(self) -> Event | _NeedData:
-        """The next complete event, or NEED_DATA. Raises RemoteProtocolError on garbage."""
+        """The next complete event, or NEED_DATA. Raises NbdClientError on garbage."""
         state = self.state
-        if state is State.TRANSMISSION:
+        if state is Phase.TRANSMISSION:
             return self._next_request()
-        if state is State.OPTIONS:
+        if state is Phase.OPTIONS:
             return self._next_option()
-        if state is State.CLIENT_FLAGS:
+        if state is Phase.CLIENT_FLAGS:
             if self._available() < _CLIENT_FLAGS.size:
                 return NEED_DATA
             (flags,) = _CLIENT_FLAGS.unpack(self._take(_CLIENT_FLAGS.size))
@@ -448,8 +448,8 @@ class ServerConnection:
     # -- option replies -----------------------------------------------------------------
 
     def _reply_to(self, option: int) -> None:
-        if self.state is not State.OPTION_PENDING or self._pending_option != option:
-            raise LocalProtocolError(f"no option {option} is waiting for a reply")
+        if self.state is not Phase.OPTION_PENDING or self._pending_option != option:
+            raise NbdUsageError(f"no option {option} is waiting for a reply")
 
     def _final(self, option: int, step: _Step) -> None:
         self._reply_to(option)
@@ -459,7 +459,7 @@ class ServerConnection:
     def reply_error(self, option: int, rep: Rep, message: str = "") -> bytes:
         """Final error reply (any ``Rep.ERR_*``) with an optional human-readable message."""
         if rep < (1 << 31):
-            raise LocalProtocolError(f"{rep!r} is not an error reply")
+            raise NbdUsageError(f"{rep!r} is not an error reply")
         self._final(option, _Step.OPTION_REPLIED)
         return option_reply(option, rep, message.encode()[:MAX_STRING])
 
@@ -509,8 +509,8 @@ class ServerConnection:
 
     def close(self) -> None:
         """The server is ending the session (after DISC or its own shutdown)."""
-        if self.state not in (State.CLOSED, State.ERROR):
-            self.state = State.CLOSED
+        if self.state not in (Phase.CLOSED, Phase.ERROR):
+            self.state = Phase.CLOSED
 
 
 # --- pure helpers ----------------------------------------------------------------------

@@ -39,17 +39,17 @@ from replicator.engine.nbd.proto import (
     CmdFlag,
     Disconnect,
     Errno,
+    NbdClientError,
     OptionAbort,
     OptionExportName,
     OptionGo,
     OptionList,
     OptionOther,
     OversizedRequest,
-    RemoteProtocolError,
+    Phase,
     Rep,
     Request,
     ServerConnection,
-    State,
     check_request,
     reply_header,
 )
@@ -277,7 +277,7 @@ class _Connection(asyncio.Protocol):
         while not self.disconnecting and not self._busy():
             try:
                 event = codec.next_event()
-            except RemoteProtocolError as exc:
+            except NbdClientError as exc:
                 self.log.warning("nbd.protocol_error", error=str(exc))
                 self._hang_up()
                 return
@@ -343,7 +343,7 @@ class _Connection(asyncio.Protocol):
         self._enter_transmission(export)
 
     def _enter_transmission(self, export: Export) -> None:
-        assert self.codec.state is State.TRANSMISSION
+        assert self.codec.state is Phase.TRANSMISSION
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -455,12 +455,12 @@ class _Connection(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         self._timer = None
-        if self.codec.state is not State.TRANSMISSION:
+        if self.codec.state is not Phase.TRANSMISSION:
             self.log.warning("nbd.handshake_timeout", timeout=self.server.handshake_timeout)
             self._hang_up()
 
     def begin_shutdown(self) -> None:
-        if self.codec.state is not State.TRANSMISSION:
+        if self.codec.state is not Phase.TRANSMISSION:
             self._hang_up()
 
     async def wait_idle(self) -> None:

@@ -66,7 +66,7 @@ async def test_replica_manifest_streams_in_chunks(
 
     from replicator.engine import receiver as receiver_module
     from replicator.engine.link import Link
-    from replicator.engine.manifest import Manifest
+    from replicator.engine.manifest import ExtentManifest
     from replicator.engine.volumes import VolumeKind, VolumeSpec
     from replicator.journal import Journal
     from replicator.transport import connection_pair
@@ -86,7 +86,7 @@ async def test_replica_manifest_streams_in_chunks(
         link.start_reader()
         remote = await link.request_manifest("d.img", 4096)
         assert remote is not None
-        assert remote.digests == Manifest.of_file(spec.path, 4096).digests
+        assert remote.digests == ExtentManifest.of_file(spec.path, 4096).digests
         assert await link.request_manifest("missing.img", 4096) is None
         await link.goodbye()
     finally:

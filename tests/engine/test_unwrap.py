@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 
-from replicator.engine.errors import ConnectError, ExitCode, Interrupted, StorageError
-from replicator.engine.sender import unwrap
+from replicator.engine.errors import ConnectError, ExitCode, Interrupted, StorageError, unwrap
 
 
 def test_local_io_errors_are_storage_errors_with_what_to_do() -> None:

@@ -6,7 +6,7 @@ The oracle is a reference reading of the client stream written from the NBD spec
 (``MAX_OPTION_DATA``, ``MAX_SKIP``, ``max_request``): it decides where the handshake
 ends, which export is chosen, and which requests follow, up to the first protocol
 error. The codec must hand out exactly those requests, raising nothing but
-``RemoteProtocolError``; and the server must call the export exactly for the requests
+``NbdClientError``; and the server must call the export exactly for the requests
 the spec calls valid: never a write, trim or zeroing for garbage, for a request that
 was not complete, for a read-only export, out of bounds or with unknown flags.
 """
@@ -43,17 +43,17 @@ from replicator.engine.nbd.proto import (
     Cmd,
     CmdFlag,
     Disconnect,
+    NbdClientError,
     OptionAbort,
     OptionExportName,
     OptionGo,
     OptionList,
     OptionOther,
     OversizedRequest,
-    RemoteProtocolError,
+    Phase,
     Rep,
     Request,
     ServerConnection,
-    State,
     TransmissionFlag,
     check_request,
 )
@@ -362,7 +362,7 @@ def transmission_streams() -> st.SearchStrategy[bytes]:
 # --- the sans-IO codec ------------------------------------------------------------------
 
 
-def state_of(codec: ServerConnection) -> State:
+def state_of(codec: ServerConnection) -> Phase:
     """The state, read through a call (so mypy does not narrow it across calls)."""
     return codec.state
 
@@ -379,7 +379,7 @@ class CodecRun:
         self.ended = False
         if transmission is not None:  # a proper handshake first
             self.feed(struct.pack(">I", 3) + go(7, transmission.encode()))
-            assert self.codec.state is State.TRANSMISSION and self.export == transmission
+            assert self.codec.state is Phase.TRANSMISSION and self.export == transmission
 
     def feed(self, data: bytes) -> None:
         self.codec.receive_data(data)
@@ -391,8 +391,8 @@ class CodecRun:
             state = codec.state
             try:
                 event = codec.next_event()
-            except RemoteProtocolError:
-                assert not self.error and codec.state is State.ERROR
+            except NbdClientError:
+                assert not self.error and codec.state is Phase.ERROR
                 self.error = True
                 continue  # after an error: NEED_DATA, for good
             if event is NEED_DATA:
@@ -405,18 +405,18 @@ class CodecRun:
         """What waits in the buffer is less than one option or one request."""
         held = self.codec.buffered
         state = self.codec.state
-        if state is State.CLIENT_FLAGS:
+        if state is Phase.CLIENT_FLAGS:
             assert held < 4
-        elif state is State.OPTIONS:
+        elif state is Phase.OPTIONS:
             assert held < 16 + MAX_OPTION_DATA
-        elif state is State.TRANSMISSION:
+        elif state is Phase.TRANSMISSION:
             assert held < REQUEST_SIZE + MAX_REQUEST
-        assert state is not State.OPTION_PENDING  # every option was answered
+        assert state is not Phase.OPTION_PENDING  # every option was answered
 
-    def answer(self, event: object, state: State) -> None:
+    def answer(self, event: object, state: Phase) -> None:
         codec = self.codec
         if isinstance(event, Request | OversizedRequest):
-            assert state is State.TRANSMISSION and codec.state is State.TRANSMISSION
+            assert state is Phase.TRANSMISSION and codec.state is Phase.TRANSMISSION
             assert 0 <= event.cmd <= 0xFFFF and 0 <= event.flags <= 0xFFFF
             data = b""
             if isinstance(event, Request):
@@ -433,15 +433,15 @@ class CodecRun:
                 (event.cmd, event.flags, event.handle, event.offset, event.length, data)
             )
         elif isinstance(event, Disconnect):
-            assert codec.state is State.CLOSED
+            assert codec.state is Phase.CLOSED
             self.ended = True
         elif isinstance(event, OptionGo):
-            assert state_of(codec) is State.OPTION_PENDING
+            assert state_of(codec) is Phase.OPTION_PENDING
             if event.name in EXPORTS:
                 size, tflags = EXPORTS[event.name]
                 assert codec.accept_go(event, size, tflags, BLOCK)
                 if event.go:
-                    assert state_of(codec) is State.TRANSMISSION
+                    assert state_of(codec) is Phase.TRANSMISSION
                     self.export = event.name
             else:
                 codec.reply_error(event.option, Rep.ERR_UNKNOWN, "no such export")
@@ -465,7 +465,7 @@ class CodecRun:
 
     def finish(self) -> Reading:
         if self.ended or self.error:  # nothing more is read
-            assert self.codec.state in (State.CLOSED, State.ERROR)
+            assert self.codec.state in (Phase.CLOSED, Phase.ERROR)
             self.codec.receive_data(b"more bytes after the end")
             assert self.codec.next_event() is NEED_DATA
             self.drain()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator.journal.records import Record, RecordType, encode_record
+from replicator.journal.records import Record, RecordType, decode_record, encode_parts
 from replicator.journal.segment import (
     HEADER_BYTES,
     SEAL_BYTES,
@@ -18,7 +18,6 @@ from replicator.journal.segment import (
     Seal,
     SegmentFormatError,
     SegmentHeader,
-    encode_stamped,
     parse_segment_name,
     segment_name,
 )
@@ -113,6 +112,7 @@ def records(draw: st.DrawFn) -> Record:
 
 
 @given(records(), st.integers(1, 2**63 - 1), st.integers(-(2**63), 2**63 - 1))
-def test_encode_stamped_is_the_record_format(record: Record, lsn: int, ts: int) -> None:
-    head, data = encode_stamped(record, lsn, ts)
-    assert head + data == encode_record(record.with_lsn(lsn, ts))
+def test_encoded_parts_decode_to_the_stamped_record(record: Record, lsn: int, ts: int) -> None:
+    head, data = encode_parts(record, lsn, ts)
+    decoded, end = decode_record(head + data)
+    assert decoded == record.with_lsn(lsn, ts) and end == len(head) + len(data)

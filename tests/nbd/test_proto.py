@@ -17,9 +17,9 @@ from replicator.engine.nbd.proto import (
     CmdFlag,
     Errno,
     Opt,
+    Phase,
     Rep,
     ServerConnection,
-    State,
     TransmissionFlag,
 )
 from tests.nbd.helpers import OPT, REQ, go_data
@@ -52,7 +52,7 @@ def events(conn: ServerConnection) -> list[proto.Event]:
         out.append(ev)
 
 
-def state(conn: ServerConnection) -> State:
+def state(conn: ServerConnection) -> Phase:
     """Read the state through a call, so mypy does not narrow it across calls."""
     return conn.state
 
@@ -74,7 +74,7 @@ def in_transmission(max_request: int = 1 << 20) -> ServerConnection:
     (go,) = events(conn)
     assert isinstance(go, proto.OptionGo)
     conn.accept_go(go, 1 << 20, FLAGS, BlockSize.for_max_request(max_request))
-    assert conn.state is State.TRANSMISSION
+    assert conn.state is Phase.TRANSMISSION
     return conn
 
 
@@ -87,9 +87,9 @@ def test_greeting_advertises_fixed_newstyle_and_no_zeroes() -> None:
 def test_unknown_client_flags_are_a_remote_error() -> None:
     conn = ServerConnection()
     conn.receive_data(struct.pack(">I", 0x10))
-    with pytest.raises(proto.RemoteProtocolError, match="unknown handshake flags"):
+    with pytest.raises(proto.NbdClientError, match="unknown handshake flags"):
         conn.next_event()
-    assert conn.state is State.ERROR
+    assert conn.state is Phase.ERROR
 
 
 def test_go_with_info_requests_and_its_replies() -> None:
@@ -102,7 +102,7 @@ def test_go_with_info_requests_and_its_replies() -> None:
     assert [r[1] for r in replies] == [Rep.INFO, Rep.INFO, Rep.ACK]
     assert struct.unpack(">HQH", replies[0][2]) == (0, 12345, FLAGS | 1)
     assert struct.unpack(">HIII", replies[1][2]) == (3, 1, 4096, 1 << 25)
-    assert conn.state is State.TRANSMISSION
+    assert conn.state is Phase.TRANSMISSION
 
 
 def test_info_stays_in_option_phase_and_next_option_follows() -> None:
@@ -110,9 +110,9 @@ def test_info_stays_in_option_phase_and_next_option_follows() -> None:
     conn.receive_data(struct.pack(">I", 1) + option(Opt.INFO, go_data("x")) + option(Opt.LIST))
     (info,) = events(conn)  # the LIST is held back until INFO got its final reply
     assert isinstance(info, proto.OptionGo) and not info.go
-    assert state(conn) is State.OPTION_PENDING
+    assert state(conn) is Phase.OPTION_PENDING
     conn.accept_go(info, 1, FLAGS, BlockSize())
-    assert state(conn) is State.OPTIONS
+    assert state(conn) is Phase.OPTIONS
     (lst,) = events(conn)
     assert isinstance(lst, proto.OptionList)
     replies = parse_replies(conn.reply_list(["a", "bc"]))
@@ -127,9 +127,9 @@ def test_replying_to_an_option_that_was_not_asked_is_a_local_error() -> None:
     conn = ServerConnection()
     conn.receive_data(struct.pack(">I", 1) + option(Opt.LIST))
     events(conn)
-    with pytest.raises(proto.LocalProtocolError):
+    with pytest.raises(proto.NbdUsageError):
         conn.reply_abort()
-    with pytest.raises(proto.LocalProtocolError):
+    with pytest.raises(proto.NbdUsageError):
         conn.reply_error(Opt.LIST, Rep.ACK)
 
 
@@ -161,11 +161,11 @@ def test_unknown_option_is_passed_up_with_its_data() -> None:
 def test_bad_option_magic_and_huge_option_are_remote_errors() -> None:
     conn = ServerConnection()
     conn.receive_data(struct.pack(">I", 1) + b"X" * 16)
-    with pytest.raises(proto.RemoteProtocolError, match="option magic"):
+    with pytest.raises(proto.NbdClientError, match="option magic"):
         conn.next_event()
     conn = ServerConnection()
     conn.receive_data(struct.pack(">I", 1) + OPT.pack(proto.IHAVEOPT, Opt.GO, 1 << 30))
-    with pytest.raises(proto.RemoteProtocolError, match="limit"):
+    with pytest.raises(proto.NbdClientError, match="limit"):
         conn.next_event()
 
 
@@ -177,7 +177,7 @@ def test_export_name_reply_with_and_without_zeroes() -> None:
         assert ev == proto.OptionExportName("disk")
         raw = conn.accept_export_name(4096, FLAGS)
         assert len(raw) == length and struct.unpack(">QH", raw[:10]) == (4096, FLAGS | 1)
-        assert conn.state is State.TRANSMISSION
+        assert conn.state is Phase.TRANSMISSION
 
 
 def test_export_name_that_is_not_a_string_matches_nothing() -> None:
@@ -185,7 +185,7 @@ def test_export_name_that_is_not_a_string_matches_nothing() -> None:
     conn.receive_data(struct.pack(">I", 1) + option(Opt.EXPORT_NAME, b"a\0b"))
     assert events(conn) == [proto.OptionExportName(None)]
     assert conn.reject_export_name() == b""
-    assert conn.state is State.CLOSED
+    assert conn.state is Phase.CLOSED
 
 
 def test_abort_closes() -> None:
@@ -193,7 +193,7 @@ def test_abort_closes() -> None:
     conn.receive_data(struct.pack(">I", 1) + option(Opt.ABORT))
     assert events(conn) == [proto.OptionAbort()]
     assert parse_replies(conn.reply_abort()) == [(Opt.ABORT, Rep.ACK, b"")]
-    assert conn.state is State.CLOSED
+    assert conn.state is Phase.CLOSED
     conn.receive_data(b"anything")
     assert conn.next_event() is NEED_DATA
 
@@ -213,7 +213,7 @@ def test_requests_and_write_payload() -> None:
         proto.Request(Cmd.FLUSH, 0, 9, 0, 0),
         proto.Disconnect(),
     ]
-    assert conn.state is State.CLOSED
+    assert conn.state is Phase.CLOSED
 
 
 def test_reply_header_layout() -> None:
@@ -223,7 +223,7 @@ def test_reply_header_layout() -> None:
 def test_bad_request_magic_is_a_remote_error() -> None:
     conn = in_transmission()
     conn.receive_data(b"\x25\x60\x95\x14" + bytes(24))
-    with pytest.raises(proto.RemoteProtocolError, match="request magic"):
+    with pytest.raises(proto.NbdClientError, match="request magic"):
         conn.next_event()
 
 
@@ -243,7 +243,7 @@ def test_oversized_read_and_unskippable_write() -> None:
     conn.receive_data(request(Cmd.READ, 1, 0, 2048))
     assert events(conn) == [proto.OversizedRequest(Cmd.READ, 0, 1, 0, 2048)]
     conn.receive_data(request(Cmd.WRITE, 2, 0, proto.MAX_SKIP + 1))
-    with pytest.raises(proto.RemoteProtocolError, match="too large"):
+    with pytest.raises(proto.NbdClientError, match="too large"):
         conn.next_event()
 
 
@@ -371,5 +371,5 @@ def test_garbage_never_escapes_as_anything_but_remote_error(garbage: bytes) -> N
                     conn.reply_error(ev.option, Rep.ERR_UNSUP)
                 elif isinstance(ev, proto.OptionList | proto.OptionAbort | proto.OptionExportName):
                     break
-        except proto.RemoteProtocolError:
-            assert conn.state is State.ERROR
+        except proto.NbdClientError:
+            assert conn.state is Phase.ERROR

@@ -18,9 +18,9 @@ import uvloop
 
 from replicator.transport import (
     Ack,
-    ConnectError,
     ConnectionClosedError,
     Credit,
+    DialError,
     Error,
     FramedConnection,
     Goodbye,
@@ -348,7 +348,7 @@ async def test_connection_refused_has_a_one_line_message() -> None:
     with socket.socket() as sock:  # a port that was free a moment ago
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(ConnectError) as info:
+    with pytest.raises(DialError) as info:
         await connect("127.0.0.1", port)
     assert str(info.value) == f"cannot connect to 127.0.0.1:{port}: connection refused"
     assert isinstance(info.value, OSError) and info.value.errno == errno.ECONNREFUSED
@@ -356,7 +356,7 @@ async def test_connection_refused_has_a_one_line_message() -> None:
 
 
 async def test_missing_unix_socket(tmp_path: Path) -> None:
-    with pytest.raises(ConnectError, match=r"cannot connect to unix:.*nope\.sock: no such socket"):
+    with pytest.raises(DialError, match=r"cannot connect to unix:.*nope\.sock: no such socket"):
         await connect_unix(str(tmp_path / "nope.sock"))
 
 
@@ -374,7 +374,7 @@ async def test_connect_timeout() -> None:
                 filler.connect(("127.0.0.1", port))
             fillers.append(filler)
         try:
-            with pytest.raises(ConnectError, match=r"127\.0\.0\.1:\d+: timed out after 0\.3 s"):
+            with pytest.raises(DialError, match=r"127\.0\.0\.1:\d+: timed out after 0\.3 s"):
                 await connect("127.0.0.1", port, timeout=0.3)
         finally:
             for filler in fillers:
@@ -547,7 +547,7 @@ async def test_tls_client_against_a_plain_receiver(tls_files: tuple[Path, Path])
 
     server = await serve("127.0.0.1", 0, handler)
     port = server.sockets[0].getsockname()[1]
-    with pytest.raises(ConnectError, match=f"cannot connect to 127.0.0.1:{port}"):
+    with pytest.raises(DialError, match=f"cannot connect to 127.0.0.1:{port}"):
         await connect("127.0.0.1", port, ssl=client_ctx, server_hostname="localhost", timeout=5)
     error = await asyncio.wait_for(seen, 5)
     assert isinstance(error, RemoteProtocolError) and "speak TLS" in str(error)
