@@ -119,12 +119,22 @@ def _start_nbd_sender(port: int, state: Path, sock: Path, disk: Path) -> subproc
     return proc
 
 
-def _converged(receiver: ReceiverProc, disk: Path, timeout: float = 90) -> None:
+def _converged(
+    receiver: ReceiverProc,
+    disk: Path,
+    sender: subprocess.Popen[str] | None = None,
+    timeout: float = 90,
+) -> None:
     replica = receiver.dir / JOB / "disk.img"
     deadline = time.monotonic() + timeout
     while not (replica.exists() and b3(replica) == b3(disk)):
         assert receiver.proc.poll() is None, "the receiver died"
-        assert time.monotonic() < deadline, "the replica did not catch up with the source"
+        if sender is not None and sender.poll() is not None:
+            err = sender.stderr.read() if sender.stderr else ""
+            raise AssertionError(f"the sender exited {sender.returncode}: {err[-3000:]}")
+        if time.monotonic() > deadline:
+            state = replica_state.load(receiver.dir / ".replicator" / JOB, JOB)
+            raise AssertionError(f"the replica did not catch up with the source ({state})")
         time.sleep(0.1)
 
 
@@ -163,7 +173,7 @@ def _nbd_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
             assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
             tally.cycles += 1
         writer.pause()
-        _converged(receiver, disk)
+        _converged(receiver, disk, sender)
         k = prefix_state(block_tags(receiver.dir / JOB / "disk.img", BLOCKS), writer.history())
         assert k == writer.log[-1][0]
     finally:
@@ -222,7 +232,7 @@ def _scan_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
             assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
             tally.cycles += 1
         writer.quiesce()
-        _converged(receiver, disk)
+        _converged(receiver, disk, sender)
     finally:
         writer.stop()
         _kill(sender)

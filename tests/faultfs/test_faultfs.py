@@ -452,9 +452,7 @@ def test_cleanup_when_the_block_raises_with_the_mount_busy(tmp_path: Path) -> No
         raise RuntimeError("test failed")
     assert fs.proc is None and pid is not None
     assert not is_mounted(tmp_path / "mnt")
-    assert _mounts_under(tmp_path) == []
-    with open("/proc/mounts") as f:
-        assert "faultfs" not in f.read()
+    assert _mounts_under(tmp_path) == []  # (other runs may have mounts of their own)
     assert not Path(f"/proc/{pid}").exists()
     try:
         os.close(fd)  # the connection is gone; closing may report it
