@@ -38,6 +38,7 @@ from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
 from replicator.engine.scan import file_volume
 from replicator.engine.sender import MID_SESSION_RETRY, Sender, SenderState, sleep_or_stop
+from replicator.engine.status import SenderPhase
 from replicator.engine.tree import Tree, tree_records
 from replicator.engine.volumes import VolumeKind, VolumeSpec
 from replicator.journal import Journal, JournalFull, Record
@@ -95,6 +96,8 @@ class LiveSender:
     def __init__(self, sender: Sender, capture: LiveCapture) -> None:
         self.sender = sender
         self.capture = capture
+        self.status = sender.status
+        self.status.capture = "nbd" if isinstance(capture, NbdCapture) else "fuse"
         self.files = capture.watched
         self._link: Link | None = None
         self._file_digests: dict[str, bytes] = {}
@@ -119,10 +122,12 @@ class LiveSender:
                     for task in helpers:
                         task.cancel()
             finally:
+                self.status.set_state(SenderPhase.STOPPING)
                 await self.capture.stop(state)
                 await self._drain(journal)
                 if self._link is not None:
-                    await self._link.aclose()
+                    await self.sender.close_link(self._link)
+                self.status.set_state(SenderPhase.STOPPED)
 
     async def _initial_sync(self, state: SenderState, stop: asyncio.Event) -> Link | None:
         """Bring the replica up to date before serving; retry while the receiver is away."""
@@ -131,6 +136,7 @@ class LiveSender:
             if opened is None:
                 break
             link, kind, basis = opened
+            self.status.set_state(SenderPhase.INITIAL_SYNC)
             try:
                 prelude = self.capture.prelude(self.sender.replica_tree)
                 manifests, stats, lsn = await self.sender.cycle(state, link, basis, prelude=prelude)
@@ -142,10 +148,13 @@ class LiveSender:
                     scanned=stats.bytes_scanned,
                 )
                 self._file_digests = dict(manifests.files)
+                self.status.progress = None
+                self.status.set_state(SenderPhase.REPLICATING)
                 return link
             except MID_SESSION_RETRY as exc:
                 log.warning("sender.link_lost", error=str(exc))
-                await link.aclose()
+                self.status.error("connection", str(exc))
+                await self.sender.close_link(link)
         return None
 
     async def _ship_until(self, state: SenderState, stop: asyncio.Event) -> None:
@@ -161,7 +170,7 @@ class LiveSender:
                     break
                 link = opened[0]
                 if link.received_lsn + 1 < journal.first_lsn:
-                    await link.aclose()
+                    await self.sender.close_link(link)
                     raise ReplicatorError(
                         f"the receiver lacks records {link.received_lsn + 1}.."
                         f"{journal.first_lsn - 1} that were already trimmed here (it lost its "
@@ -173,7 +182,8 @@ class LiveSender:
                 await sleep_or_stop(stop, 1.0, link)
             except MID_SESSION_RETRY as exc:
                 log.warning("sender.link_lost", error=str(exc))
-                await link.aclose()
+                self.status.error("connection", str(exc))
+                await self.sender.close_link(link)
                 self._link = None
                 continue
             now = time.monotonic()
@@ -184,9 +194,15 @@ class LiveSender:
     async def _ticker(self, journal: Journal, stop: asyncio.Event) -> None:
         """Turn new writes into a durable consistency point every TICK seconds."""
         barrier_after = journal.last_lsn
+        status = self.status
         while not stop.is_set():
             await asyncio.sleep(TICK)
-            if journal.last_lsn > barrier_after and self.capture.barriers_allowed():
+            allowed = self.capture.barriers_allowed()
+            if not allowed:
+                status.set_state(SenderPhase.OVERFLOW)
+            elif self._link is not None and status.state is not SenderPhase.INITIAL_SYNC:
+                status.set_state(SenderPhase.REPLICATING)
+            if journal.last_lsn > barrier_after and allowed:
                 with contextlib.suppress(JournalFull):  # the capture tracks what follows
                     barrier_after = await journal.append(Record.flush())
                 await journal.sync()

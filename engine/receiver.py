@@ -34,6 +34,7 @@ from replicator.engine.manifest import digest_chunks
 from replicator.engine.names import check_job_name, path_problem
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.replica_state import ReplicaState
+from replicator.engine.status import ReceiverJobStatus, StatusBoard
 from replicator.journal import (
     Journal,
     JournalError,
@@ -135,6 +136,7 @@ class JobReplica:
         self.journal = journal
         self.state = state
         self.files = files if files is not None else ReplicaFiles()
+        self.status = ReceiverJobStatus(self)
         self.replica_dir = config.replica_root / job
         self.state_dir = config.state_root / job
         self.session_lock = asyncio.Lock()
@@ -496,7 +498,9 @@ class Receiver:
         self._jobs: dict[str, JobReplica] = {}
         self._jobs_lock = asyncio.Lock()
         self._sessions: set[asyncio.Task[Any]] = set()
+        self._serving: dict[FramedConnection, JobReplica] = {}  # sessions past the Hello
         self._closing = False
+        self.status = StatusBoard("receiver")
 
     async def job(self, name: str) -> JobReplica:
         async with self._jobs_lock:
@@ -509,6 +513,7 @@ class Receiver:
                 replica = None
             if replica is None:
                 replica = self._jobs[name] = await JobReplica.open(name, self.config)
+                self.status.add(name, replica.status)
             return replica
 
     async def handle(self, conn: FramedConnection) -> None:
@@ -516,6 +521,7 @@ class Receiver:
         task = asyncio.current_task()
         if task is not None:
             self._sessions.add(task)
+        kind, message = "", ""
         try:
             try:
                 await self._handle(conn)
@@ -523,22 +529,33 @@ class Receiver:
                 raise first_error(group) from group
         except (ConnectionClosedError, ConnectionError, TimeoutError) as exc:
             log.info("receiver.session_lost", peer=conn.peer, reason=str(exc) or type(exc).__name__)
+            kind, message = "connection", str(exc) or type(exc).__name__
         except StorageFailed as exc:
             log.warning("receiver.session_ended", peer=conn.peer, reason=str(exc))
+            kind, message = "storage", str(exc)
         except RemoteProtocolError as exc:
             log.warning("receiver.protocol_error", peer=conn.peer, error=str(exc))
             await _send_quietly(conn, Error("protocol", str(exc)))
+            kind, message = "protocol", str(exc)
         except ReplicaDiverged as exc:
             log.error("receiver.replica_diverged", peer=conn.peer, files=[str(exc)])
             await _send_quietly(conn, Error("diverged", f"receiver cannot apply: {exc}"))
+            kind, message = "diverged", str(exc)
         except (ApplyError, JournalError, OSError) as exc:
             log.error("receiver.storage", peer=conn.peer, error=str(exc))
             await _send_quietly(conn, Error("storage", f"receiver cannot apply: {exc}"))
+            kind, message = "storage", str(exc)
         except Exception as exc:
             log.exception("receiver.session_failed", peer=conn.peer)
             await _send_quietly(conn, Error("internal", f"receiver failed: {exc}"))
+            kind, message = "internal", str(exc)
         finally:
             await conn.aclose()
+            replica = self._serving.pop(conn, None)
+            if replica is not None:
+                replica.status.attach(None)
+                if kind:
+                    replica.status.error(kind, message)
             if task is not None:
                 self._sessions.discard(task)
 
@@ -582,6 +599,8 @@ class Receiver:
                 await conn.send(Refuse("diverged", f"job {hello.job!r}: {why}"))
                 return
             log.info("receiver.session", job=hello.job, peer=conn.peer, session=hello.session)
+            self._serving[conn] = replica
+            replica.status.attach(conn)
             await Session(conn, replica, self.config, adopt=not verifying).run()
 
     def _check_hello(self, hello: Hello) -> Refuse | None:
@@ -644,7 +663,7 @@ class Session:
                 applied_lsn=replica.applied_lsn,
                 window=self.config.window,
                 capabilities=("lz4", "manifest"),
-                generation=0,
+                generation=replica.state.generation,
             )
         )
         try:

@@ -12,7 +12,9 @@ map:
 - ``applying`` (bool): an apply round was under way: the files may hold writes past
   ``applied_lsn`` and past their stamps in ``files.state``;
 - ``point_lsn`` (int): the last consistency point (EPOCH or FLUSH) fully applied;
-- ``point_ts_ns`` (int): the source's wall-clock time of that point (0: unknown).
+- ``point_ts_ns`` (int): the source's wall-clock time of that point (0: unknown);
+- ``generation`` (int): the replica's history generation (failover bumps it; see
+  docs/PROTOCOL.md); carried in Welcome.
 
 Write order around an apply round: ``applying`` True (and ``consistent`` False) durably
 *before* the first replica byte is written; then the records; fsync of the replica files;
@@ -44,6 +46,7 @@ class ReplicaState:
     applying: bool = False
     point_lsn: int = 0
     point_ts_ns: int = 0
+    generation: int = 0
 
     def replace(self, **changes: int | bool) -> ReplicaState:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -72,6 +75,7 @@ def load(state_dir: Path, job: str) -> ReplicaState | None:
             applying=bool(raw.get("applying", False)),
             point_lsn=_int(raw, "point_lsn", _int(raw, "applied_lsn")),
             point_ts_ns=_int(raw, "point_ts_ns", 0),
+            generation=_int(raw, "generation", 0),
         )
     except (TypeError, ValueError) as exc:
         log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
@@ -90,6 +94,7 @@ def save(state_dir: Path, job: str, state: ReplicaState) -> None:
             "applying": state.applying,
             "point_lsn": state.point_lsn,
             "point_ts_ns": state.point_ts_ns,
+            "generation": state.generation,
         },
     )
 

@@ -49,6 +49,7 @@ from replicator.engine.scan import (
     scan_epoch,
 )
 from replicator.engine.statedir import StateDirLock
+from replicator.engine.status import SenderJobStatus, SenderPhase
 from replicator.engine.tree import Tree, fold, from_entries
 from replicator.engine.volumes import (
     DEFAULT_EXTENT,
@@ -311,6 +312,7 @@ class Sender:
     def __init__(self, config: SenderConfig) -> None:
         check_job_name(config.job)
         self.config = config
+        self.status = SenderJobStatus(config.job, "scan", f"{config.host}:{config.port}")
         self._lsn_floor = 1
         self.replica_tree: Tree | None = None  # the replica folder's layout (folder jobs)
 
@@ -367,11 +369,19 @@ class Sender:
             link.start_shipper(max(link.received_lsn + 1, journal.first_lsn))
         except BaseException as exc:
             await link.aclose()
+            self.status.error("connect", str(exc))
             mapped = as_user_error(exc)  # e.g. the receiver went away mid-handshake
             if mapped is not exc:
                 raise mapped from exc
             raise
+        self.status.journal = journal
+        self.status.attach(link)
         return link, kind, basis
+
+    async def close_link(self, link: Link) -> None:
+        """Close ``link`` and say so in the status (the job is disconnected until the next)."""
+        await link.aclose()
+        self.status.attach(None)
 
     async def append(self, journal: Journal, link: Link, records: list[Record]) -> int:
         """Journal records for ``link``, waiting while the journal is full; the last LSN.
@@ -405,6 +415,13 @@ class Sender:
         async def append(records: list[Record]) -> int:
             return await self.append(journal, link, records)
 
+        status = self.status
+
+        def seen(done: int, total: int) -> None:
+            status.progress = (done, total)
+            if progress is not None:
+                progress(done, total)
+
         await run_hook(self.config.pre_hook, "pre")
         try:
             result = await scan_epoch(
@@ -412,12 +429,13 @@ class Sender:
                 journal,
                 basis,
                 append=append,
-                progress=progress,
+                progress=seen,
                 prelude=prelude,
             )
         finally:
             await run_hook(self.config.post_hook, "post")
         await state.save(result[0])
+        status.last_epoch = result[0].epoch
         return result
 
     async def run_once(self, progress: Progress | None = None) -> Summary:
@@ -430,7 +448,7 @@ class Sender:
                 await link.wait_applied(epoch_lsn)
                 await link.goodbye()
             finally:
-                await link.aclose()
+                await self.close_link(link)
         payload, wire = link.conn.stats.payload_sent, link.conn.bytes_sent  # sent: Records only
         return Summary(
             job=self.config.job,
@@ -464,6 +482,7 @@ class Sender:
                 return await self.open_link(state, with_basis=with_basis)
             except (ConnectError, BusyError) as exc:
                 log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
+                self.status.set_state(SenderPhase.CONNECTING)
                 await sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 60.0)
         return None
@@ -476,6 +495,7 @@ class Sender:
                 if opened is None:
                     break
                 link, _, basis = opened
+                self.status.set_state(SenderPhase.REPLICATING)
                 try:
                     while not stop.is_set():
                         manifests, stats, lsn = await self.cycle(state, link, basis)
@@ -493,8 +513,10 @@ class Sender:
                     await link.goodbye("sender stopping")
                 except MID_SESSION_RETRY as exc:
                     log.warning("sender.link_lost", error=str(exc))
+                    self.status.error("connection", str(exc))
                 finally:
-                    await link.aclose()
+                    await self.close_link(link)
+            self.status.set_state(SenderPhase.STOPPED)
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None = None) -> None:

@@ -1,0 +1,316 @@
+"""One status object per job and side: what ``replicator status``, the metrics and (later)
+failover read.
+
+The engine *pushes* the few facts only it knows when they change (the job's state, the
+initial sync's progress, errors by kind, the peer) and the status *pulls* everything else
+from the engine's own objects when a snapshot is taken (LSNs from the journal and the link,
+byte counters from the connection, journal use, lag). So the write path (NBD requests, FUSE
+operations, records applied) pays nothing for it.
+
+A snapshot is a plain JSON-ready dict; its keys are documented in ``docs/OPERATIONS.md``
+("Status") and are what ``status --json`` prints and the metrics export.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from replicator.engine.link import Link
+    from replicator.engine.replica_files import ReplicaFiles
+    from replicator.engine.replica_state import ReplicaState
+    from replicator.journal import Journal
+    from replicator.transport import FramedConnection
+
+
+class ReplicaView(Protocol):
+    """What a receiver's status reads of a job's replica (``receiver.JobReplica``)."""
+
+    job: str
+    state: ReplicaState
+    files: ReplicaFiles
+    journal: Journal
+    failure: BaseException | None
+
+    @property
+    def received_lsn(self) -> int: ...
+
+    @property
+    def applied_lsn(self) -> int: ...
+
+
+LAGGING_SECONDS = 10.0  # lag above this (with a live link) makes a sender "lagging"
+_RATE_WINDOW = 10.0  # seconds of byte-counter history behind the rates
+
+
+class SenderPhase(StrEnum):
+    STARTING = "starting"
+    CONNECTING = "connecting"  # no link, retrying
+    INITIAL_SYNC = "initial_sync"
+    REPLICATING = "replicating"
+    LAGGING = "lagging"  # replicating, but the lag is above LAGGING_SECONDS
+    OVERFLOW = "overflow"  # the journal is full: changes are tracked, resynced later
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class ReceiverPhase(StrEnum):
+    IDLE = "idle"  # no sender connected
+    RECEIVING = "receiving"
+    RECOVERING = "recovering"  # an interrupted apply is not finished: not a consistency point
+    DIVERGED = "diverged"  # replica files changed outside replication (needs a --resync)
+    FAILED = "failed"  # an apply failed (disk full...): the next session retries
+
+
+@dataclass(slots=True)
+class _Rate:
+    """Bytes per second over the last few seconds, from samples taken at snapshot time."""
+
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
+
+    def update(self, total: int, now: float) -> float:
+        self.samples.append((now, total))
+        while len(self.samples) > 2 and now - self.samples[0][0] > _RATE_WINDOW:
+            self.samples.popleft()
+        t0, b0 = self.samples[0]
+        return (total - b0) / (now - t0) if now > t0 else 0.0
+
+
+@dataclass(slots=True)
+class _Totals:
+    """Bytes that connections already closed carried (the live one is added at snapshot)."""
+
+    payload: int = 0
+    wire: int = 0
+
+    def add(self, conn: FramedConnection, sent: bool) -> None:
+        stats = conn.stats
+        self.payload += stats.payload_sent if sent else stats.payload_received
+        self.wire += stats.payload_sent_wire if sent else stats.payload_received_wire
+
+
+class SenderJobStatus:
+    """A sending job, in one process (``send``)."""
+
+    def __init__(self, job: str, capture: str, peer: str) -> None:
+        self.job = job
+        self.capture = capture
+        self.peer = peer
+        self.state = SenderPhase.STARTING
+        self.started = time.time()
+        self.journal: Journal | None = None
+        self.link: Link | None = None
+        self.progress: tuple[int, int] | None = None  # initial sync: bytes scanned, total
+        self.errors: dict[str, int] = {}
+        self.last_error = ""
+        self.generation = 0
+        self.last_epoch = 0
+        self._totals = _Totals()
+        self._rate = _Rate()
+        self._applied = 0  # the receiver's applied LSN, kept while no link is up
+        self._received = 0
+
+    # -- pushed by the engine ------------------------------------------------------------
+    def set_state(self, state: SenderPhase) -> None:
+        self.state = state
+
+    def attach(self, link: Link | None) -> None:
+        """The link in use (None: disconnected). A link that goes is folded into totals."""
+        old = self.link
+        if old is not None and old is not link:
+            self._totals.add(old.conn, sent=True)
+            self._applied = max(self._applied, old.applied_lsn)
+            self._received = max(self._received, old.received_lsn)
+        self.link = link
+        if link is None and self.state not in (SenderPhase.STOPPING, SenderPhase.STOPPED):
+            self.state = SenderPhase.CONNECTING
+
+    def error(self, kind: str, message: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.last_error = message
+
+    # -- read at snapshot time -----------------------------------------------------------
+    async def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        journal, link = self.journal, self.link
+        applied = max(self._applied, link.applied_lsn if link else 0)
+        received = max(self._received, link.received_lsn if link else 0)
+        journaled = journal.last_lsn if journal else 0
+        payload, wire = self._totals.payload, self._totals.wire
+        if link is not None:
+            stats = link.conn.stats
+            payload += stats.payload_sent
+            wire += stats.payload_sent_wire
+        lag_seconds = 0.0
+        if link is not None:
+            lag = link.lag()
+            lag_seconds = float(lag["seconds"])
+        elif journal is not None and journaled > applied:
+            lag_seconds = await _oldest_age(journal, applied, now)
+        state = self.state
+        if state is SenderPhase.REPLICATING and link is not None and lag_seconds > LAGGING_SECONDS:
+            state = SenderPhase.LAGGING
+        return {
+            "job": self.job,
+            "role": "sender",
+            "capture": self.capture,
+            "state": str(state),
+            "peer": self.peer,
+            "connected": link is not None,
+            "generation": self.generation,
+            "lsn": {
+                "journaled": journaled,
+                "durable": journal.durable_lsn if journal else 0,
+                "received": received,
+                "applied": applied,
+            },
+            "lag": {
+                "records": max(0, journaled - applied),
+                "bytes": max(0, _journal_bytes(journal)),
+                "seconds": round(lag_seconds, 3),
+            },
+            "initial_sync": _progress(self.progress),
+            "bytes": {"payload": payload, "wire": wire},
+            "compression_ratio": round(payload / wire, 3) if wire else 1.0,
+            "rate_bytes_per_second": round(self._rate.update(wire, now), 1),
+            "journal": {
+                "bytes": _journal_bytes(journal),
+                "cap": journal.max_bytes if journal else None,
+            },
+            "last_epoch": self.last_epoch,
+            "errors": dict(self.errors),
+            "last_error": self.last_error,
+            "uptime_seconds": round(now - self.started, 1),
+        }
+
+
+class ReceiverJobStatus:
+    """A job on a receiver (``receive``): its replica and the session feeding it."""
+
+    def __init__(self, replica: ReplicaView) -> None:
+        self.replica = replica
+        self.conn: FramedConnection | None = None
+        self.errors: dict[str, int] = {}
+        self.last_error = ""
+        self._totals = _Totals()
+        self._rate = _Rate()
+
+    def attach(self, conn: FramedConnection | None) -> None:
+        old = self.conn
+        if old is not None and old is not conn:
+            self._totals.add(old, sent=False)
+        self.conn = conn
+
+    def error(self, kind: str, message: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.last_error = message
+
+    async def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        replica, conn = self.replica, self.conn
+        point = replica.state
+        payload, wire = self._totals.payload, self._totals.wire
+        if conn is not None:
+            payload += conn.stats.payload_received
+            wire += conn.stats.payload_received_wire
+        if replica.files.diverged:
+            state = ReceiverPhase.DIVERGED
+        elif replica.failure is not None:
+            state = ReceiverPhase.FAILED
+        elif point.applying or not point.consistent:
+            state = ReceiverPhase.RECOVERING
+        elif conn is not None:
+            state = ReceiverPhase.RECEIVING
+        else:
+            state = ReceiverPhase.IDLE
+        point_age = (now - point.point_ts_ns / 1e9) if point.point_ts_ns else None
+        return {
+            "job": replica.job,
+            "role": "receiver",
+            "state": str(state),
+            "peer": conn.peer if conn is not None else None,
+            "connected": conn is not None,
+            "generation": point.generation,
+            "lsn": {"received": replica.received_lsn, "applied": replica.applied_lsn},
+            "lag": {
+                "records": max(0, replica.received_lsn - replica.applied_lsn),
+                # seconds since the source time of the consistency point the replica holds
+                "seconds": round(point_age, 3) if point_age is not None else None,
+            },
+            "consistency_point": {
+                "lsn": point.point_lsn,
+                "source_time": _iso(point.point_ts_ns),
+                "consistent": point.consistent and not point.applying,
+            },
+            "diverged": dict(replica.files.diverged),
+            "bytes": {"payload": payload, "wire": wire},
+            "compression_ratio": round(payload / wire, 3) if wire else 1.0,
+            "rate_bytes_per_second": round(self._rate.update(wire, now), 1),
+            "journal": {"bytes": replica.journal.bytes_used, "cap": replica.journal.max_bytes},
+            "errors": dict(self.errors),
+            "last_error": self.last_error if replica.failure is None else str(replica.failure),
+        }
+
+
+class StatusBoard:
+    """The jobs of one process, for the control socket and the metrics."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.started = time.time()
+        self.jobs: dict[str, SenderJobStatus | ReceiverJobStatus] = {}
+
+    def add(self, job: str, status: SenderJobStatus | ReceiverJobStatus) -> None:
+        self.jobs[job] = status
+
+    async def snapshot(self) -> dict[str, Any]:
+        jobs = [await status.snapshot() for _, status in sorted(self.jobs.items())]
+        return {
+            "role": self.role,
+            "pid": _pid(),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "jobs": jobs,
+        }
+
+
+async def _oldest_age(journal: Journal, applied: int, now: float) -> float:
+    """Seconds since the source time of the oldest record the receiver has not applied."""
+    try:
+        async for record in journal.read_from(max(applied + 1, journal.first_lsn)):
+            return max(0.0, now - record.ts_ns / 1e9)
+    except Exception:  # a closed or failed journal: no figure rather than a failed status
+        return 0.0
+    return 0.0
+
+
+def _journal_bytes(journal: Journal | None) -> int:
+    return journal.bytes_used if journal is not None else 0
+
+
+def _progress(progress: tuple[int, int] | None) -> dict[str, Any] | None:
+    if progress is None:
+        return None
+    done, total = progress
+    return {
+        "bytes": done,
+        "total": total,
+        "percent": round(100 * done / total, 1) if total else 100.0,
+    }
+
+
+def _iso(ts_ns: int) -> str | None:
+    if not ts_ns:
+        return None
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts_ns / 1e9))
+        + f".{ts_ns % 10**9 // 10**6:03d}Z"
+    )
+
+
+def _pid() -> int:
+    return os.getpid()

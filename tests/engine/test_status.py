@@ -1,0 +1,56 @@
+"""Job status on both sides: what a snapshot says after a real sync, and while disconnected."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from replicator.engine.receiver import Receiver, ReceiverConfig
+from replicator.engine.sender import Sender, SenderConfig
+from replicator.engine.status import StatusBoard
+from replicator.engine.volumes import resolve_volumes
+from replicator.journal import Record
+from replicator.transport import serve
+
+
+async def test_snapshots_after_a_sync_and_while_the_receiver_is_away(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    receiver = Receiver(ReceiverConfig(tmp_path / "replicas", tmp_path / "rstate"))
+    server = await serve("127.0.0.1", 0, receiver.handle)
+    port = server.sockets[0].getsockname()[1]
+    config = SenderConfig("127.0.0.1", port, "job", resolve_volumes([disk]), tmp_path / "state")
+    sender = Sender(config)
+    board = StatusBoard("sender")
+    board.add("job", sender.status)
+    try:
+        summary = await sender.run_once()
+        snap = (await board.snapshot())["jobs"][0]
+        assert snap["job"] == "job" and snap["role"] == "sender" and not snap["connected"]
+        assert snap["lsn"]["applied"] == summary.lsn == snap["lsn"]["received"]
+        assert snap["lag"]["records"] == 0 and snap["lag"]["seconds"] == 0.0
+        assert snap["bytes"]["payload"] >= 1 << 20 and snap["initial_sync"]["percent"] == 100.0
+        assert snap["last_epoch"] == 1
+        rsnap = (await receiver.status.snapshot())["jobs"][0]
+        assert rsnap["state"] == "idle" and rsnap["lsn"]["applied"] == summary.lsn
+        assert rsnap["consistency_point"]["consistent"]
+        assert rsnap["consistency_point"]["lsn"] == summary.lsn
+        assert rsnap["bytes"]["payload"] == snap["bytes"]["payload"]
+    finally:
+        server.close()
+        await receiver.aclose()
+        await server.wait_closed()
+    # the receiver is gone; a change is journaled but cannot ship: the lag grows
+    from replicator.engine.sender import SenderState
+
+    async with SenderState(config) as state:
+        assert state.journal is not None
+        sender.status.journal = state.journal
+        await state.journal.append(
+            Record.write("disk.img", 0, b"x" * 512).with_lsn(0, time.time_ns() - 5 * 10**9)
+        )
+        await state.journal.sync()
+        lagging = (await board.snapshot())["jobs"][0]
+        assert lagging["lag"]["records"] == 1
+        assert lagging["lag"]["seconds"] >= 5.0  # since the source time of that change
