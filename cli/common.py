@@ -9,7 +9,9 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
+from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.errors import ConfigError, ReplicatorError, unwrap
+from replicator.engine.sender import SenderConfig
 
 T = TypeVar("T")
 
@@ -38,6 +40,12 @@ def parse_size(value: str, option: str) -> int:
     if not number.isdigit() or int(number) <= 0:
         raise ConfigError(f"{option} wants a size such as 512M or 16G, got {value!r}")
     return int(number) * _SIZE_UNITS[unit]
+
+
+def connector_for(config: SenderConfig) -> Connector:
+    """Where the job's connections come from: the command line's one decision about them
+    (TCP today; TLS and rate limits wrap it, so they survive reconnects)."""
+    return TcpConnector(config.host, config.port, timeout=config.connect_timeout)
 
 
 def require_insecure(insecure: bool) -> None:

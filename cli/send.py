@@ -22,7 +22,14 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
-from replicator.cli.common import fail, parse_endpoint, parse_size, require_insecure, run
+from replicator.cli.common import (
+    connector_for,
+    fail,
+    parse_endpoint,
+    parse_size,
+    require_insecure,
+    run,
+)
 from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.live import FuseFolderCapture, LiveSender, NbdCapture, NbdOptions
 from replicator.engine.names import check_job_name
@@ -157,7 +164,7 @@ def _fuse_sender(
         resync=resync,
         folder=True,  # the replica folder's layout is listed at each start
     )
-    return LiveSender(Sender(config), FuseFolderCapture(source, mount, tree))
+    return LiveSender(Sender(config, connector_for(config)), FuseFolderCapture(source, mount, tree))
 
 
 def _mib(n: int) -> str:
@@ -269,7 +276,7 @@ def send(
                 resync=resync,
                 journal_max=cap,
             )
-            sender = Sender(config)
+            sender = Sender(config, connector_for(config))
         if capture is Capture.nbd:
             live = _live_sender(sender, once, nbd_socket, nbd_listen, nbd_size)
     except ReplicatorError as exc:

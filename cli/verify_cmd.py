@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from replicator.cli.common import fail, require_insecure, run
+from replicator.cli.common import connector_for, fail, require_insecure, run
 from replicator.cli.send import (
     InsecureOption,
     JobOption,
@@ -39,7 +39,7 @@ def verify_command(
         config = build_config(to, job, state_dir, volumes)
     except ReplicatorError as exc:
         fail(exc)
-    sender = Sender(config)
+    sender = Sender(config, connector_for(config))
 
     async def main(stop: asyncio.Event) -> VerifyResult:
         return await verify(sender, repair=repair)

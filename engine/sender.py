@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.errors import (
     BusyError,
     ConfigError,
@@ -61,7 +62,6 @@ from replicator.engine.volumes import (
 from replicator.journal import Journal, Record, RecordType
 from replicator.journal.durable import StateFileError
 from replicator.journal.journal import OnDamage
-from replicator.transport import connect
 
 log = structlog.get_logger()
 
@@ -309,10 +309,15 @@ async def run_hook(command: str | None, what: str) -> None:
 
 
 class Sender:
-    def __init__(self, config: SenderConfig) -> None:
+    def __init__(self, config: SenderConfig, connector: Connector | None = None) -> None:
+        """``connector``: where connections come from (default: TCP to the configured
+        host and port); it outlives them, so what it owns survives reconnects."""
         check_job_name(config.job)
         self.config = config
-        self.status = SenderJobStatus(config.job, "scan", f"{config.host}:{config.port}")
+        self.connector: Connector = connector or TcpConnector(
+            config.host, config.port, timeout=config.connect_timeout
+        )
+        self.status = SenderJobStatus(config.job, "scan", self.connector.target)
         self._lsn_floor = 1
         self.replica_tree: Tree | None = None  # the replica folder's layout (folder jobs)
 
@@ -339,17 +344,7 @@ class Sender:
             purpose = SessionPurpose.RESYNC if resync else SessionPurpose.REPLICATE
         journal = state.journal
         assert journal is not None
-        try:
-            conn = await connect(
-                self.config.host, self.config.port, timeout=self.config.connect_timeout
-            )
-        except OSError as exc:
-            raise ConnectError(
-                f"cannot connect to receiver {self.config.host}:{self.config.port}: "
-                f"{exc.strerror or exc}",
-                hint="is `replicator receive` running there and reachable?",
-            ) from exc
-        link = Link(conn, journal)
+        link = Link(await self.connector.connect(), journal)
         try:
             await link.handshake(
                 self.config.job,

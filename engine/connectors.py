@@ -1,0 +1,163 @@
+"""Where a sender's byte streams come from: injected, so the engine never dials by itself.
+
+A ``Connector`` opens a new ``FramedConnection`` each time the engine needs one (the first
+connection, every reconnection, ``verify``). The command line decides which one a job uses;
+tests and embedders pass their own. What must outlive a single connection (a rate limiter
+with its bucket, later TLS settings and certificates) belongs to the connector, so it
+survives reconnects:
+
+* ``TcpConnector``: TCP to HOST:PORT (the default), with an optional shaper;
+* ``UnixConnector``: a unix socket (a receiver served with ``serve_unix``);
+* ``MemoryConnector``: a socket pair whose far end a handler in the same process serves (an
+  in-process ``Receiver``): a whole sender/receiver pair in one test process, no ports.
+
+Connection failures raise ``ConnectError`` with a one-line reason (exit code 4), which the
+continuous modes retry with their backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from replicator.engine.errors import ConnectError
+from replicator.transport import (
+    FramedConnection,
+    Shaper,
+    connect,
+    connect_unix,
+    connection_pair,
+)
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+class Connector(Protocol):
+    """Opens connections to one receiver."""
+
+    @property
+    def target(self) -> str:
+        """Where it connects, for messages and the status ("host:port", "unix:PATH")."""
+        ...
+
+    async def connect(self) -> FramedConnection: ...
+
+    async def aclose(self) -> None:
+        """Release what the connector owns (tasks it serves, not connections it made)."""
+        ...
+
+
+class TcpConnector:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        shaper: Shaper | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.shaper = shaper
+
+    @property
+    def target(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def connect(self) -> FramedConnection:
+        try:
+            return await connect(self.host, self.port, timeout=self.timeout, shaper=self.shaper)
+        except OSError as exc:
+            raise _connect_error(self.target, exc) from exc
+
+    async def aclose(self) -> None:
+        pass
+
+
+class UnixConnector:
+    def __init__(
+        self, path: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT, shaper: Shaper | None = None
+    ) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.shaper = shaper
+
+    @property
+    def target(self) -> str:
+        return f"unix:{self.path}"
+
+    async def connect(self) -> FramedConnection:
+        try:
+            return await connect_unix(self.path, timeout=self.timeout, shaper=self.shaper)
+        except OSError as exc:
+            raise _connect_error(self.target, exc) from exc
+
+    async def aclose(self) -> None:
+        pass
+
+
+Handler = Callable[[FramedConnection], Awaitable[None]]
+
+
+class MemoryConnector:
+    """Each connect() makes a socket pair and hands the far end to ``handler`` (e.g. an
+    in-process ``Receiver.handle``), which runs as a task this connector owns.
+
+    ``refuse`` makes the next connects fail as if nobody listened (a receiver that is
+    down), for tests of the reconnect paths.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.refuse = False
+        self.connections = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ends: list[FramedConnection] = []
+
+    @property
+    def target(self) -> str:
+        return "memory"
+
+    async def connect(self) -> FramedConnection:
+        if self.refuse:
+            raise ConnectError(
+                "cannot connect to receiver memory: connection refused",
+                hint="is `replicator receive` running there and reachable?",
+            )
+        near, far = await connection_pair()
+        task = asyncio.get_running_loop().create_task(self._serve(far), name="memory-receiver")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._ends.append(near)
+        self.connections += 1
+        return near
+
+    async def _serve(self, conn: FramedConnection) -> None:
+        try:
+            await self.handler(conn)
+        finally:
+            await conn.aclose()
+
+    def cut(self) -> None:
+        """Break every connection made so far (a lost network), at once."""
+        for end in self._ends:
+            end.abort()
+        self._ends.clear()
+
+    async def aclose(self) -> None:
+        self.cut()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _connect_error(target: str, exc: OSError) -> ConnectError:
+    return ConnectError(
+        f"cannot connect to receiver {target}: {exc.strerror or exc}",
+        hint="is `replicator receive` running there and reachable?",
+    )
