@@ -1,12 +1,12 @@
-"""The sender's end of one connection: handshake, shipping from the journal, acknowledgements.
+"""The sender's end of one connection: the asyncio driver of ``SenderCore``.
 
-``Link`` owns two tasks while connected: the *shipper* tails the journal (durable
-records only) and packs records into RECORDS frames of about ``FRAME_TARGET`` bytes,
-never exceeding the credit the receiver granted; the *reader* handles what the
-receiver says (acks, credit, manifests, pongs, errors). On every *applied* ack the
-journal is trimmed below it. Records the receiver has only *received* are kept: if its
-journal is damaged before it applies them, it asks for them again. Only when our journal
-is full are they given up early (``relieve``); a receiver that then loses them gets a
+``Link`` owns two tasks while connected: the *shipper* tails the journal (durable records
+only) and sends the Records frames the core packs, each once the protocol's credit covers
+it; the *reader* hands what the receiver says to the core and carries out its actions (trim
+the journal, wake waiters, send a Pong, deliver a Manifest or Tree answer). The rules
+themselves (packing, what an ack means, the lag, what a refusal means) are the core's: see
+``engine/session_core.py``. Only when our journal is full are records the receiver holds
+but has not applied given up early (``relieve``); a receiver that then loses them gets a
 comparison against its replica instead (basis "remote").
 """
 
@@ -24,22 +24,20 @@ from typing import Any
 
 import structlog
 
-from replicator.engine.errors import (
-    BusyError,
-    ConnectError,
-    PeerProtocolError,
-    RefusedError,
-    ReplicatorError,
-    VersionMismatch,
-    as_user_error,
-)
+from replicator.engine.errors import ConnectError, PeerProtocolError, as_user_error
 from replicator.engine.manifest import ExtentManifest
+from replicator.engine.session_core import (
+    FRAME_TARGET,
+    Deliver,
+    Send,
+    SenderCore,
+    Trim,
+    refusal_error,
+)
 from replicator.engine.volumes import VolumeSpec
 from replicator.journal import EncodedRecord, Journal
 from replicator.transport import (
     PROTOCOL_VERSION,
-    Ack,
-    Credit,
     Error,
     FramedConnection,
     Goodbye,
@@ -47,8 +45,6 @@ from replicator.transport import (
     Manifest,
     ManifestRequest,
     Ping,
-    Pong,
-    Records,
     Refuse,
     Tree,
     TreeEntry,
@@ -60,7 +56,6 @@ from replicator.transport.messages import MAX_VOLUMES
 
 log = structlog.get_logger()
 
-FRAME_TARGET = 2 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 PING_INTERVAL = 15.0
 REPLY_TIMEOUT = 120.0  # a silent receiver is declared gone after this long
@@ -84,41 +79,27 @@ class SessionPurpose(enum.Enum):
         return tuple(self.value)
 
 
-def refusal_error(code: str, message: str) -> ReplicatorError:
-    if code == "version":
-        return VersionMismatch(f"protocol version mismatch: {message}")
-    if code == "protocol":
-        return PeerProtocolError(f"receiver reported a protocol error: {message}")
-    if code == "diverged":
-        return RefusedError(
-            f"receiver refused (diverged): {message}; nothing was written",
-            hint="the replica was changed on the target outside replication: run send again "
-            "with --resync to compare with the replica as it is now and send what differs",
-        )
-    if code == "busy":
-        return BusyError(f"receiver refused (busy): {message}")
-    return RefusedError(f"receiver refused ({code}): {message}")
-
-
 class Link:
     def __init__(self, conn: FramedConnection, journal: Journal) -> None:
         self.conn = conn
         self.journal = journal
-        self.received_lsn = 0
-        self.applied_lsn = 0
-        self.credit = 0
-        self.window = 0
+        self.core: SenderCore | None = None  # set by the handshake
         self.space_freed = asyncio.Event()
         self._changed = asyncio.Condition()
         # answers to ManifestRequests and TreeRequests (one id space), by request id
-        self._manifests: dict[int, asyncio.Queue[Manifest | Tree | None]] = {}
+        self._answer_queues: dict[int, asyncio.Queue[Manifest | Tree | None]] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: BaseException | None = None
         self._closed = False
-        # (last lsn, source ts of first record, payload bytes) of frames not yet applied
-        self._in_flight: collections.deque[tuple[int, int, int]] = collections.deque()
-        self._oldest_queued_ts = 0
+
+    @property
+    def received_lsn(self) -> int:
+        return self.core.received_lsn if self.core else 0
+
+    @property
+    def applied_lsn(self) -> int:
+        return self.core.applied_lsn if self.core else 0
 
     async def handshake(
         self,
@@ -150,13 +131,17 @@ class Link:
             raise refusal_error(reply.code, reply.message)
         if not isinstance(reply, Welcome):
             raise PeerProtocolError(f"receiver answered Hello with {type(reply).__name__}")
-        self.received_lsn = reply.received_lsn
-        self.applied_lsn = reply.applied_lsn
-        self.credit = self.window = reply.window
+        self.core = SenderCore(reply)
         return reply
+
+    def _started(self) -> SenderCore:
+        if self.core is None:
+            raise RuntimeError("Link used before its handshake")
+        return self.core
 
     def start_reader(self) -> None:
         """Start handling what the receiver says (acks, credit, manifests) and heartbeats."""
+        self._started()
         self._tasks += [
             asyncio.create_task(self._guard(self._reader()), name="link-reader"),
             asyncio.create_task(self._guard(self._pinger()), name="link-pinger"),
@@ -168,6 +153,7 @@ class Link:
         Started only after the basis is chosen: records shipped and acknowledged are
         trimmed, and basis selection must still see every record after ``received_lsn``.
         """
+        self._started()
         self._tasks.append(
             asyncio.create_task(self._guard(self._shipper(ship_from)), name="link-shipper")
         )
@@ -183,8 +169,8 @@ class Link:
             self.space_freed.set()
             async with self._changed:
                 self._changed.notify_all()
-            for q in self._manifests.values():
-                q.put_nowait(None)  # wakes request_manifest, which re-raises
+            for q in self._answer_queues.values():
+                q.put_nowait(None)  # wakes the request, which re-raises
 
     def _check(self) -> None:
         if self._failure is not None:
@@ -200,36 +186,26 @@ class Link:
         self._check()
 
     async def _reader(self) -> None:
+        core = self._started()
         while not self._closed:
             msg = await self.conn.recv(timeout=REPLY_TIMEOUT)
-            if isinstance(msg, Ack):
-                async with self._changed:
-                    self.received_lsn = max(self.received_lsn, msg.received_lsn)
-                    self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
-                    while self._in_flight and self._in_flight[0][0] <= self.applied_lsn:
-                        self._in_flight.popleft()
-                    self._changed.notify_all()
-                await self.journal.trim(self.applied_lsn + 1)
-                self.space_freed.set()
-            elif isinstance(msg, Credit):
-                async with self._changed:
-                    self.credit += msg.window_bytes
-                    self._changed.notify_all()
-            elif isinstance(msg, Manifest | Tree):
-                queue = self._manifests.get(msg.request_id)
-                if queue is None:
-                    raise PeerProtocolError(f"answer for unknown request {msg.request_id}")
-                queue.put_nowait(msg)
-            elif isinstance(msg, Ping):
-                await self.conn.send(Pong(msg.nonce, msg.ts_ns))
-            elif isinstance(msg, Pong):
-                continue
-            elif isinstance(msg, Error):
-                raise refusal_error(msg.code, msg.message)
-            elif isinstance(msg, Goodbye):
-                raise ConnectError(f"receiver closed the session: {msg.reason}")
-            else:
-                raise PeerProtocolError(f"unexpected {type(msg).__name__} from the receiver")
+            for action in core.receive(msg):
+                if isinstance(action, Trim):
+                    await self.journal.trim(action.upto)
+                elif isinstance(action, Send):
+                    await self.conn.send(action.message)
+                elif isinstance(action, Deliver):
+                    queue = self._answer_queues.get(action.message.request_id)
+                    if queue is None:
+                        raise PeerProtocolError(
+                            f"answer for unknown request {action.message.request_id}"
+                        )
+                    queue.put_nowait(action.message)
+                else:  # Woken: credit, or an ack (room in the journal, applied LSN)
+                    async with self._changed:
+                        self._changed.notify_all()
+                    if action.room:
+                        self.space_freed.set()
 
     async def _pinger(self) -> None:
         nonce = itertools.count(1)
@@ -238,6 +214,7 @@ class Link:
             await self.conn.send(Ping(next(nonce), time.time_ns()))
 
     async def _shipper(self, ship_from: int) -> None:
+        core = self._started()
         # batches as the journal reads them (about READ_CHUNK bytes): a frame fills up to
         # FRAME_TARGET from several small records without an await per record
         queue: asyncio.Queue[list[EncodedRecord]] = asyncio.Queue(maxsize=2)
@@ -251,29 +228,15 @@ class Link:
         try:
             while True:
                 if not pending:
-                    self._oldest_queued_ts = 0
+                    core.oldest_queued_ts = 0
                     pending.extend(await _get_or_fail(queue, tailer))
-                first = last = pending.popleft()
-                self._oldest_queued_ts = first.ts_ns
-                parts = [first.raw]
-                size = len(first.raw)
-                # pack records up to FRAME_TARGET, never beyond what the window can cover
-                while size < FRAME_TARGET:
-                    if not pending:
-                        if queue.empty():
-                            break
-                        pending.extend(queue.get_nowait())
-                    if size + len(pending[0].raw) > self.window:
-                        break
-                    last = pending.popleft()
-                    parts.append(last.raw)
-                    size += len(last.raw)
-                await self._wait_credit(size)
-                payload = b"".join(parts)
-                async with self._changed:
-                    self.credit -= len(payload)
-                self._in_flight.append((last.lsn, first.ts_ns, len(payload)))
-                await self.conn.send(Records(first.lsn, last.lsn, len(parts), first.ts_ns, payload))
+                while not queue.empty() and sum(len(r.raw) for r in pending) < FRAME_TARGET:
+                    pending.extend(queue.get_nowait())
+                core.oldest_queued_ts = pending[0].ts_ns
+                frame = core.pack(pending)
+                await self._wait_credit(len(frame.payload))
+                core.shipped(frame)
+                await self.conn.send(frame)
         finally:
             tailer.cancel()
             with contextlib.suppress(BaseException):
@@ -281,7 +244,7 @@ class Link:
 
     async def _wait_credit(self, size: int) -> None:
         async with self._changed:
-            while self.credit < size:
+            while self.conn.credit < size:
                 self._check()
                 await self._changed.wait()
             self._check()
@@ -290,9 +253,10 @@ class Link:
         """Our journal is full: drop records the receiver holds durably but has not applied
         yet (a whole epoch being received, say), instead of waiting for an apply that
         waits for the rest of the epoch."""
-        if self.received_lsn > self.applied_lsn:
-            log.info("sender.journal_pressure", trim_below=self.received_lsn + 1)
-            await self.journal.trim(self.received_lsn + 1)
+        below = self._started().relieve_below()
+        if below is not None:
+            log.info("sender.journal_pressure", trim_below=below)
+            await self.journal.trim(below)
 
     async def request_manifest(self, volume: str, extent_size: int) -> ExtentManifest | None:
         """The receiver's manifest of a replica, or None when the replica does not exist."""
@@ -323,7 +287,7 @@ class Link:
         """Send ``request`` and yield its answer's parts up to the one marked done."""
         rid = request.request_id
         queue: asyncio.Queue[Manifest | Tree | None] = asyncio.Queue()
-        self._manifests[rid] = queue
+        self._answer_queues[rid] = queue
         try:
             await self.conn.send(request)
             while True:
@@ -336,7 +300,7 @@ class Link:
                 if part.done:
                     return
         finally:
-            del self._manifests[rid]
+            del self._answer_queues[rid]
 
     async def wait_applied(self, lsn: int, timeout: float | None = None) -> None:
         async with asyncio.timeout(timeout), self._changed:
@@ -346,18 +310,10 @@ class Link:
             self._check()
 
     def lag(self) -> dict[str, float]:
-        """What the receiver has not applied yet: records, bytes shipped, age in seconds.
-
-        The age is measured from the source timestamp of the oldest record not yet
-        applied (shipped or still queued), so it is the replica's RPO right now.
-        """
-        oldest = self._in_flight[0][1] if self._in_flight else self._oldest_queued_ts
-        age = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
-        return {
-            "records": max(0, self.journal.last_lsn - self.applied_lsn),
-            "bytes": sum(size for _, _, size in self._in_flight),
-            "seconds": round(age, 3) if self.journal.last_lsn > self.applied_lsn else 0.0,
-        }
+        """What the receiver has not applied yet (see ``SenderCore.lag``): the RPO now."""
+        if self.core is None:
+            return {"records": 0, "bytes": 0, "seconds": 0.0}
+        return self.core.lag(self.journal.last_lsn)
 
     async def goodbye(self, reason: str = "done") -> None:
         with contextlib.suppress(Exception):
@@ -379,9 +335,12 @@ async def _get_or_fail(
     queue: asyncio.Queue[list[EncodedRecord]], tailer: asyncio.Task[None]
 ) -> list[EncodedRecord]:
     getter = asyncio.ensure_future(queue.get())
-    done, _ = await asyncio.wait({getter, tailer}, return_when=asyncio.FIRST_COMPLETED)
-    if getter in done:
+    try:
+        done, _ = await asyncio.wait({getter, tailer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()  # also when we are cancelled: no orphan task left pending
+    if getter in done and not getter.cancelled():
         return getter.result()
-    getter.cancel()
     tailer.result()  # raises the tailer's error
     raise ConnectError("journal follower ended")

@@ -34,22 +34,19 @@ from replicator.engine.manifest import digest_chunks
 from replicator.engine.names import check_job_name, path_problem
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.replica_state import ReplicaState
+from replicator.engine.session_core import ReceiverCore, Send
 from replicator.engine.status import ReceiverJobStatus, StatusBoard
 from replicator.journal import (
     Journal,
     JournalError,
     JournalFull,
     Record,
-    RecordError,
     RecordType,
-    decode_records,
 )
 from replicator.journal.durable import makedirs_durable, sync_dir
 from replicator.transport import (
     PROTOCOL_VERSION,
-    Ack,
     ConnectionClosedError,
-    Credit,
     Error,
     FramedConnection,
     Goodbye,
@@ -80,11 +77,8 @@ APPLY_BATCH_BYTES = 8 * 1024 * 1024
 MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the applier
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
 HELLO_TIMEOUT = 30.0
+SESSION_WAIT = 3.0  # how long a sender waits for the job's last session to end
 IDLE_TIMEOUT = 120.0
-# No file system holds more than 2^63 bytes in one file: a record reaching past it is
-# malformed (refused on arrival), not a storage error to retry forever.
-MAX_FILE_BYTES = 2**63 - 1
-_RANGED = frozenset({RecordType.WRITE, RecordType.ZERO, RecordType.TRIM, RecordType.RESIZE})
 # records that change which file a name leads to (see _apply_upto)
 _NAMESPACE = frozenset(
     {
@@ -243,25 +237,9 @@ class JobReplica:
         return max(self.journal.durable_lsn, self.state.applied_lsn)
 
     async def ingest(self, records: list[Record], encoded: bytes | None = None) -> None:
-        """Append records (already checksum-verified) to the receive journal.
-
-        ``encoded`` is their exact encoding (the RECORDS payload they were decoded from).
-        """
-        for record in records:
-            paths = [record.volume] if record.volume else []
-            if record.type is RecordType.RENAME:
-                paths.append(record.target)
-            for path in paths:
-                problem = path_problem(path)
-                if problem is not None:
-                    raise ApplyError(f"refusing record lsn {record.lsn}: {problem}")
-            if record.offset + max(record.length, len(record.data)) > MAX_FILE_BYTES and (
-                record.type in _RANGED
-            ):
-                raise RemoteProtocolError(
-                    f"record lsn {record.lsn} ({record.type.name}) reaches past "
-                    f"{MAX_FILE_BYTES} bytes"
-                )
+        """Append records (checksum-verified and checked by ``ReceiverCore.records``) to
+        the receive journal. ``encoded`` is their exact encoding (the Records payload they
+        were decoded from)."""
         await self.journal.append_many(records, encoded=encoded)
 
     def note_durable(self, records: list[Record]) -> None:
@@ -581,27 +559,35 @@ class Receiver:
             code = "storage" if isinstance(exc, OSError) else "config"
             await conn.send(Refuse(code, f"receiver cannot open job {hello.job!r}: {exc}"))
             return
-        if replica.session_lock.locked():
+        try:
+            # a sender that reconnects may be here before the end of its last session is
+            # (the old connection's EOF is on its way): wait a moment before saying busy
+            async with asyncio.timeout(SESSION_WAIT):
+                await replica.session_lock.acquire()
+        except TimeoutError:
             await conn.send(
                 Refuse("busy", f"job {hello.job!r} already has a sender connected to this receiver")
             )
             return
-        async with replica.session_lock:
-            verifying = "verify" in hello.capabilities
-            diverged = await replica.check_replica(adopt="resync" in hello.capabilities)
-            if diverged and not verifying:
-                why = "; ".join(diverged[:3]) + (
-                    f" (and {len(diverged) - 3} more)" if len(diverged) > 3 else ""
-                )
-                log.error(
-                    "receiver.replica_diverged", job=hello.job, peer=conn.peer, files=diverged
-                )
-                await conn.send(Refuse("diverged", f"job {hello.job!r}: {why}"))
-                return
-            log.info("receiver.session", job=hello.job, peer=conn.peer, session=hello.session)
-            self._serving[conn] = replica
-            replica.status.attach(conn)
-            await Session(conn, replica, self.config, adopt=not verifying).run()
+        try:
+            await self._serve_job(conn, hello, replica)
+        finally:
+            replica.session_lock.release()
+
+    async def _serve_job(self, conn: FramedConnection, hello: Hello, replica: JobReplica) -> None:
+        verifying = "verify" in hello.capabilities
+        diverged = await replica.check_replica(adopt="resync" in hello.capabilities)
+        if diverged and not verifying:
+            why = "; ".join(diverged[:3]) + (
+                f" (and {len(diverged) - 3} more)" if len(diverged) > 3 else ""
+            )
+            log.error("receiver.replica_diverged", job=hello.job, peer=conn.peer, files=diverged)
+            await conn.send(Refuse("diverged", f"job {hello.job!r}: {why}"))
+            return
+        log.info("receiver.session", job=hello.job, peer=conn.peer, session=hello.session)
+        self._serving[conn] = replica
+        replica.status.attach(conn)
+        await Session(conn, replica, self.config, adopt=not verifying).run()
 
     def _check_hello(self, hello: Hello) -> Refuse | None:
         if self._closing:
@@ -636,7 +622,8 @@ class Receiver:
 
 
 class Session:
-    """One connected sender: ingest, sync, acknowledge, answer manifest requests."""
+    """One connected sender: the asyncio driver of ``ReceiverCore`` (ingest, sync,
+    acknowledge) that also answers manifest and tree requests."""
 
     def __init__(
         self, conn: FramedConnection, replica: JobReplica, config: ReceiverConfig, *, adopt: bool
@@ -645,8 +632,7 @@ class Session:
         self.conn = conn
         self.replica = replica
         self.config = config
-        self._unsynced: list[Record] = []
-        self._unsynced_bytes = 0
+        self.core = ReceiverCore(replica.received_lsn, replica.applied_lsn)
         self._sync_wake = asyncio.Event()
         self._sync_lock = asyncio.Lock()
 
@@ -656,6 +642,7 @@ class Session:
         # make them durable so the resume point we announce covers them
         await replica.journal.sync()
         replica.session_started()
+        self.core = ReceiverCore(replica.received_lsn, replica.applied_lsn)
         await self.conn.send(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,
@@ -675,18 +662,15 @@ class Session:
         except* _SessionOver:
             pass
 
+    async def _send_all(self, actions: list[Send]) -> None:
+        for action in actions:
+            await self.conn.send(action.message)
+
     async def _reader(self, tg: asyncio.TaskGroup) -> None:
         while True:
             msg = await self.conn.recv(timeout=IDLE_TIMEOUT)
             if isinstance(msg, Records):
-                try:  # count and LSN order were checked with the frame: see Records
-                    records = decode_records(msg.payload)
-                except RecordError as exc:
-                    raise RemoteProtocolError(f"malformed record in Records: {exc}") from exc
-                if records[0].lsn <= self.replica.journal.last_lsn:
-                    raise RemoteProtocolError(
-                        f"records lsn {records[0].lsn} not after {self.replica.journal.last_lsn}"
-                    )
+                records = self.core.records(msg)  # the protocol checked count and LSN order
                 try:
                     await self.replica.ingest(records, msg.payload)
                 except (JournalError, OSError) as exc:
@@ -694,31 +678,25 @@ class Session:
                     log.error("receiver.storage", job=self.replica.job, error=reason)
                     await self.conn.send(Error("storage", reason))
                     return
-                except ApplyError as exc:
-                    await self.conn.send(Error("name", str(exc)))
-                    return
-                self._unsynced.extend(records)
-                self._unsynced_bytes += len(msg.payload)
+                self.core.ingested(records, len(msg.payload))
                 self._sync_wake.set()
             elif isinstance(msg, ManifestRequest):
                 tg.create_task(self._answer_manifest(msg))
             elif isinstance(msg, TreeRequest):
                 tg.create_task(self._answer_tree(msg))
-            elif isinstance(msg, Ping):
-                await self.conn.send(Pong(msg.nonce, msg.ts_ns))
-            elif isinstance(msg, Pong):
-                continue
             elif isinstance(msg, Goodbye):
                 await self._flush_sync()
                 return
             elif isinstance(msg, Error):
                 log.warning("receiver.peer_error", code=msg.code, message=msg.message)
                 return
+            elif isinstance(msg, Ping | Pong):
+                await self._send_all(self.core.control(msg))
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a sender")
 
     async def _flush_sync(self) -> None:
-        if self._unsynced_bytes or self._unsynced:
+        if self.core.unsynced:
             await self._sync_once()
 
     async def _sync_once(self) -> None:
@@ -726,8 +704,7 @@ class Session:
             await self._sync_locked()
 
     async def _sync_locked(self) -> None:
-        records, self._unsynced = self._unsynced, []
-        granted, self._unsynced_bytes = self._unsynced_bytes, 0
+        records, granted = self.core.take_unsynced()
         try:
             await self.replica.journal.sync()
         except (JournalError, OSError) as exc:
@@ -736,9 +713,8 @@ class Session:
             await self.conn.send(Error("storage", reason))
             raise StorageFailed(reason) from exc
         self.replica.note_durable(records)
-        await self.conn.send(Ack(self.replica.received_lsn, self.replica.applied_lsn))
-        if granted:
-            await self.conn.send(Credit(granted))
+        replica = self.replica
+        await self._send_all(self.core.synced(replica.received_lsn, replica.applied_lsn, granted))
 
     async def _syncer(self) -> None:
         """Runs until the session's TaskGroup cancels it when the reader ends."""
@@ -748,18 +724,16 @@ class Session:
             await self._sync_once()
 
     async def _applied_acker(self) -> None:
-        last = self.replica.applied_lsn
+        replica = self.replica
         while True:
-            async with self.replica.applied_changed:
-                await self.replica.applied_changed.wait()
-            failure = self.replica.failure
+            async with replica.applied_changed:
+                await replica.applied_changed.wait()
+            failure = replica.failure
             if failure is not None:
                 code = "diverged" if isinstance(failure, ReplicaDiverged) else "storage"
                 await self.conn.send(Error(code, f"receiver cannot apply: {failure}"))
                 raise ConnectionClosedError("apply failed")
-            if self.replica.applied_lsn != last:
-                last = self.replica.applied_lsn
-                await self.conn.send(Ack(self.replica.received_lsn, last))
+            await self._send_all(self.core.applied(replica.received_lsn, replica.applied_lsn))
 
     async def _answer_manifest(self, req: ManifestRequest) -> None:
         problem = path_problem(req.volume)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import ConnectError, RefusedError
@@ -121,3 +124,75 @@ async def test_a_refusal_reaches_the_sender_and_nothing_is_written(pair: Pair) -
     with pytest.raises(RefusedError, match="diverged"):
         await pair.sender.run_once()
     assert pair.replica.read_bytes().startswith(b"edited")
+
+
+# -- random interleavings -----------------------------------------------------------------
+
+_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 63), st.integers(1, 8)),
+        st.tuples(st.just("send"), st.just(0), st.just(0)),
+        st.tuples(st.just("cut"), st.integers(0, 30), st.just(0)),
+        st.tuples(st.just("restart"), st.just(0), st.just(0)),
+        st.tuples(st.just("down"), st.just(0), st.just(0)),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(steps=_steps)
+def test_random_writes_cuts_and_restarts_end_in_an_exact_replica(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    """Whatever happens between them (writes, cut connections at any moment, receiver
+    restarts, a receiver that is down), every send that succeeds leaves the replica equal
+    to the source, and a last send always gets there."""
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(_scenario(Path(tmp), steps))
+
+
+async def _scenario(tmp: Path, steps: list[tuple[str, int, int]]) -> None:
+    disk = tmp / "disk.img"
+    disk.write_bytes(os.urandom(4 * MiB))
+    holder: list[Receiver] = [Receiver(_receiver_config(tmp))]
+
+    async def handle(conn: FramedConnection) -> None:
+        await holder[0].handle(conn)
+
+    connector = MemoryConnector(handle)
+    config = SenderConfig("memory", 0, "job", resolve_volumes([disk]), tmp / "state")
+    sender = Sender(config, connector)
+    replica = tmp / "replicas" / "job" / disk.name
+    try:
+        for step, a, b in steps:
+            if step == "write":
+                with disk.open("r+b") as f:
+                    f.seek(a * 64 * 1024)
+                    f.write(os.urandom(b * 16 * 1024))
+            elif step == "send":
+                await sender.run_once()
+                assert replica.read_bytes() == disk.read_bytes()
+            elif step == "cut":
+                job = asyncio.create_task(sender.run_once())
+                await asyncio.sleep(a / 1000)
+                connector.cut()
+                try:
+                    await job
+                except ConnectError:
+                    continue
+                assert replica.read_bytes() == disk.read_bytes()  # it finished before the cut
+            elif step == "restart":
+                await holder[0].aclose()
+                holder[0] = Receiver(_receiver_config(tmp))
+            else:
+                connector.refuse = True
+                with pytest.raises(ConnectError):
+                    await sender.run_once()
+                connector.refuse = False
+        await sender.run_once()
+        assert replica.read_bytes() == disk.read_bytes()
+    finally:
+        await connector.aclose()
+        await holder[0].aclose()

@@ -1,0 +1,300 @@
+"""The rules of a replication session, without I/O: one core per side.
+
+In the style of the wire protocol (``transport/protocol.py``): messages and facts go in,
+*actions* come out, and nothing here awaits, reads a file or touches a socket. The asyncio
+drivers (``engine/link.py`` for the sender, ``Session`` in ``engine/receiver.py``) only carry
+the actions out. So every replication rule lives once, here, where tests (and hypothesis)
+can drive it with any interleaving:
+
+Sender (``SenderCore``):
+
+* frame packing: records as stored, back to back, one Records frame of about
+  ``FRAME_TARGET`` bytes, never more than the window the receiver granted can cover (a
+  record larger than the target goes alone);
+* what each Ack means: records up to ``applied`` may be trimmed (the receiver can ask again
+  for anything it only *received*: see ``relieve_below`` for the exception), appenders
+  waiting for room are woken, the frames in flight behind it are done (the lag);
+* the lag: records not applied, bytes shipped and not applied, and the age of the oldest
+  change not applied (the RPO);
+* what the receiver's Error and Goodbye mean to the sender (``refusal_error``).
+
+Receiver (``ReceiverCore``):
+
+* a Records frame becomes records, each checked (a name that cannot be a path under the
+  replica folder, a range past what a file can hold: refused);
+* what was ingested but not synced; once synced: an Ack (received, applied) and Credit for
+  exactly the payload bytes made durable, so the window bounds the receiver's memory;
+* an Ack when the applied LSN moves.
+
+Credit itself and the order of LSNs are the protocol's (``ProtocolConnection`` checks them
+on both ends): the cores read its figures rather than keep counters of their own.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from replicator.engine.errors import (
+    BusyError,
+    ConnectError,
+    PeerProtocolError,
+    RefusedError,
+    ReplicatorError,
+    VersionMismatch,
+)
+from replicator.engine.names import path_problem
+from replicator.journal import EncodedRecord, Record, RecordError, RecordType, decode_records
+from replicator.transport import (
+    Ack,
+    Credit,
+    Error,
+    Goodbye,
+    Manifest,
+    Message,
+    Ping,
+    Pong,
+    Records,
+    RemoteProtocolError,
+    Tree,
+    Welcome,
+)
+
+FRAME_TARGET = 2 * 1024 * 1024
+# No file system holds more than 2^63 bytes in one file: a record reaching past it is
+# malformed (refused on arrival), not a storage error to retry forever.
+MAX_FILE_BYTES = 2**63 - 1
+_RANGED = frozenset({RecordType.WRITE, RecordType.ZERO, RecordType.TRIM, RecordType.RESIZE})
+
+
+# -- actions --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send this message to the peer."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Trim:
+    """Records below ``upto`` may go from the journal."""
+
+    upto: int
+
+
+@dataclass(frozen=True, slots=True)
+class Woken:
+    """Something waiters care about moved: credit, or (``room``) an ack, which may have
+    freed journal space and moved the applied LSN."""
+
+    room: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """An answer (part) to a request this side made (Manifest, Tree)."""
+
+    message: Manifest | Tree
+
+
+Action = Send | Trim | Woken | Deliver
+
+
+def refusal_error(code: str, message: str) -> ReplicatorError:
+    """What the receiver's Refuse or Error means to the sender, as the user sees it."""
+    if code == "version":
+        return VersionMismatch(f"protocol version mismatch: {message}")
+    if code == "protocol":
+        return PeerProtocolError(f"receiver reported a protocol error: {message}")
+    if code == "diverged":
+        return RefusedError(
+            f"receiver refused (diverged): {message}; nothing was written",
+            hint="the replica was changed on the target outside replication: run send again "
+            "with --resync to compare with the replica as it is now and send what differs",
+        )
+    if code == "busy":
+        return BusyError(f"receiver refused (busy): {message}")
+    return RefusedError(f"receiver refused ({code}): {message}")
+
+
+# -- the sender -----------------------------------------------------------------------------
+
+
+class SenderCore:
+    """A sending session's rules (see the module docstring). Starts from the Welcome."""
+
+    def __init__(self, welcome: Welcome) -> None:
+        self.window = welcome.window
+        self.received_lsn = welcome.received_lsn
+        self.applied_lsn = welcome.applied_lsn
+        self.shipped_lsn = welcome.received_lsn
+        # (last lsn, source time of its first record, payload bytes) of frames not applied
+        self._in_flight: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.oldest_queued_ts = 0  # source time of the oldest record read, not yet shipped
+
+    # -- what the receiver says -----------------------------------------------------------
+    def receive(self, msg: Message) -> list[Action]:
+        if isinstance(msg, Ack):
+            return self._ack(msg)
+        if isinstance(msg, Credit):
+            return [Woken(room=False)]  # the protocol counted it; waiters look again
+        if isinstance(msg, Manifest | Tree):
+            return [Deliver(msg)]
+        if isinstance(msg, Ping):
+            return [Send(Pong(msg.nonce, msg.ts_ns))]
+        if isinstance(msg, Pong):
+            return []
+        if isinstance(msg, Error):
+            raise refusal_error(msg.code, msg.message)
+        if isinstance(msg, Goodbye):
+            raise ConnectError(f"receiver closed the session: {msg.reason}")
+        raise PeerProtocolError(f"unexpected {type(msg).__name__} from the receiver")
+
+    def _ack(self, msg: Ack) -> list[Action]:
+        self.received_lsn = max(self.received_lsn, msg.received_lsn)
+        moved = msg.applied_lsn > self.applied_lsn
+        self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
+        while self._in_flight and self._in_flight[0][0] <= self.applied_lsn:
+            self._in_flight.popleft()
+        actions: list[Action] = [Woken(room=True)]
+        if moved:
+            actions.insert(0, Trim(self.applied_lsn + 1))
+        return actions
+
+    def relieve_below(self) -> int | None:
+        """Our journal is full: the LSN below which records may go anyway (the receiver
+        holds them durably), or None when that frees nothing beyond the applied ack."""
+        return self.received_lsn + 1 if self.received_lsn > self.applied_lsn else None
+
+    # -- what we send ---------------------------------------------------------------------
+    def pack(self, pending: collections.deque[EncodedRecord]) -> Records:
+        """Take records from the front of ``pending`` (not empty) into one Records frame."""
+        first = last = pending.popleft()
+        parts = [first.raw]
+        size = len(first.raw)
+        while pending and size < FRAME_TARGET and size + len(pending[0].raw) <= self.window:
+            last = pending.popleft()
+            parts.append(last.raw)
+            size += len(last.raw)
+        return Records(first.lsn, last.lsn, len(parts), first.ts_ns, b"".join(parts))
+
+    def shipped(self, msg: Records) -> None:
+        self.shipped_lsn = msg.last_lsn
+        self._in_flight.append((msg.last_lsn, msg.source_ts_ns, len(msg.payload)))
+
+    def lag(self, journal_last_lsn: int, now_ns: int | None = None) -> dict[str, float]:
+        """What the receiver has not applied yet: records, bytes shipped, age in seconds
+        (from the source time of the oldest record not applied, shipped or queued: the
+        replica's RPO right now)."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        oldest = self._in_flight[0][1] if self._in_flight else self.oldest_queued_ts
+        behind = journal_last_lsn > self.applied_lsn
+        age = max(0.0, (now_ns - oldest) / 1e9) if oldest and behind else 0.0
+        return {
+            "records": max(0, journal_last_lsn - self.applied_lsn),
+            "bytes": sum(size for _, _, size in self._in_flight),
+            "seconds": round(age, 3),
+        }
+
+
+# -- the receiver ---------------------------------------------------------------------------
+
+
+class ReceiverCore:
+    """A receiving session's rules (see the module docstring)."""
+
+    def __init__(self, received_lsn: int, applied_lsn: int) -> None:
+        self._unsynced: list[Record] = []
+        self._unsynced_bytes = 0
+        self._acked_applied = applied_lsn
+        self.received_lsn = received_lsn
+
+    @staticmethod
+    def records(msg: Records) -> list[Record]:
+        """The records of a Records frame, each checked; RemoteProtocolError when one is
+        malformed or names something that cannot be under a replica folder."""
+        try:  # count and LSN order were checked with the frame: see Records
+            records = decode_records(msg.payload)
+        except RecordError as exc:
+            raise RemoteProtocolError(f"malformed record in Records: {exc}") from exc
+        for record in records:
+            check_record(record)
+        return records
+
+    def ingested(self, records: list[Record], payload_bytes: int) -> None:
+        """``records`` are in the journal, not yet synced."""
+        self._unsynced.extend(records)
+        self._unsynced_bytes += payload_bytes
+
+    @property
+    def unsynced(self) -> bool:
+        return bool(self._unsynced or self._unsynced_bytes)
+
+    def take_unsynced(self) -> tuple[list[Record], int]:
+        """What a sync about to start covers: the records, and the credit it may grant."""
+        records, self._unsynced = self._unsynced, []
+        granted, self._unsynced_bytes = self._unsynced_bytes, 0
+        return records, granted
+
+    def synced(self, received_lsn: int, applied_lsn: int, granted: int) -> list[Send]:
+        """A sync covering ``granted`` payload bytes finished: acknowledge, grant again."""
+        self.received_lsn = received_lsn
+        self._acked_applied = max(self._acked_applied, applied_lsn)
+        out = [Send(Ack(received_lsn, applied_lsn))]
+        if granted:
+            out.append(Send(Credit(granted)))
+        return out
+
+    def applied(self, received_lsn: int, applied_lsn: int) -> list[Send]:
+        """The applied LSN may have moved: acknowledge it (once per move)."""
+        if applied_lsn == self._acked_applied:
+            return []
+        self._acked_applied = applied_lsn
+        return [Send(Ack(received_lsn, applied_lsn))]
+
+    @staticmethod
+    def control(msg: Message) -> list[Send]:
+        """Answers that need nothing but the message (heartbeats)."""
+        if isinstance(msg, Ping):
+            return [Send(Pong(msg.nonce, msg.ts_ns))]
+        return []
+
+
+def check_record(record: Record) -> None:
+    """Refuse a record no sender of ours makes: a path outside the replica folder, a range
+    past what a file can hold. Raises RemoteProtocolError naming the record."""
+    for path in _paths(record):
+        problem = path_problem(path)
+        if problem is not None:
+            raise RemoteProtocolError(f"refusing record lsn {record.lsn}: {problem}")
+    if record.type in _RANGED and record.offset + max(record.length, len(record.data)) > (
+        MAX_FILE_BYTES
+    ):
+        raise RemoteProtocolError(
+            f"record lsn {record.lsn} ({record.type.name}) reaches past {MAX_FILE_BYTES} bytes"
+        )
+
+
+def _paths(record: Record) -> Iterable[str]:
+    if record.volume:
+        yield record.volume
+    if record.type is RecordType.RENAME:
+        yield record.target
+
+
+__all__ = [
+    "FRAME_TARGET",
+    "Action",
+    "Deliver",
+    "ReceiverCore",
+    "Send",
+    "SenderCore",
+    "Trim",
+    "Woken",
+    "check_record",
+    "refusal_error",
+]
