@@ -8,9 +8,13 @@ renames move the marks, removals drop them. The folder's layout as it was when t
 began (``snapshot``, taken before the operation that found the journal full) is what the
 replica's layout will be once the journaled records are applied.
 
-``resync`` (``JournalingFilter.resync``) then brings the replica forward, with no barrier
-journaled from the first unjournaled change to its end, so the replica stays at its last
-consistency point meanwhile:
+The hand-off itself (the tracker made under the sequencer when an append finds the journal
+full, no barrier until the resync is complete) is the policy shared with NBD capture,
+``engine/journal_first.py``.
+
+:func:`resync_folder` (``JournalingFilter.resync``) then brings the replica forward, with no
+barrier journaled from the first unjournaled change to its end, so the replica stays at its
+last consistency point meanwhile:
 
 1. under the filter's sequencer: the layout now against the snapshot (``tree_records``:
    removals, folders, symlinks), and for every file marked, new, or no longer the same
@@ -21,22 +25,30 @@ consistency point meanwhile:
    journaled);
 3. a FLUSH barrier under the sequencer.
 
-When the journal fills up during a resync, what is left is marked again in a fresh overflow
-whose snapshot is the layout at that moment (everything up to then is journaled).
+When the journal fills up during a resync (for lack of acks, or under the VM's own changes),
+what is left is marked again in a fresh overflow whose snapshot is the layout at that moment
+(everything up to then is journaled), and a later resync completes the same epoch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from replicator.engine.journal_first import JournalFirst
 from replicator.engine.names import path_problem
 from replicator.engine.tree import Tree, tree_records
-from replicator.journal import Record, RecordType
+from replicator.journal import JournalFull, Record, RecordType
 
 EXTENT = 64 * 1024
+RESYNC_RUN = 16  # extents read and journaled per hold of the sequencer
+
+Work = dict[int, tuple[str, set[int]]]  # inode -> (path now, extents still to send)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +132,11 @@ class FolderOverflow:
         for names in (self.touched, self.whole):
             names -= {n for n in names if n == path or n.startswith(path + "/")}
 
-    def plan(self, now: dict[str, Entry]) -> tuple[list[Record], dict[int, tuple[str, set[int]]]]:
+    def plan(self, now: dict[str, Entry]) -> tuple[list[Record], Work]:
         """Step 1 of the resync: the records that bring the replica's layout (and sizes and
         modes) to ``now``, and the content still to send, by inode: (path now, extents)."""
         records = tree_records(as_tree(self.layout), as_tree(now))
-        work: dict[int, tuple[str, set[int]]] = {}
+        work: Work = {}
         for path, entry in sorted(now.items()):
             if entry.kind != "f":
                 continue
@@ -145,7 +157,7 @@ class FolderOverflow:
                 work[entry.ino] = (path, {m for m in marks if m * EXTENT < entry.size})
         return records, work
 
-    def merge_work(self, work: dict[int, tuple[str, set[int]]]) -> None:
+    def merge_work(self, work: Work) -> None:
         """Extents a resync could not send go back into a (fresh) overflow, under the
         name their file has now (found by inode in this overflow's snapshot)."""
         names = {e.ino: p for p, e in self.layout.items() if e.kind == "f"}
@@ -153,6 +165,51 @@ class FolderOverflow:
             current = names.get(ino, path)
             if marks:
                 self.extents.setdefault(current, set()).update(marks)
+
+
+async def track_folder(source: Path) -> FolderOverflow:
+    """A tracker for a folder whose journal just filled up: its layout now (taken before
+    the change that did not fit) is what the replica's layout will be."""
+    return FolderOverflow(await asyncio.to_thread(snapshot, source))
+
+
+async def resync_folder(
+    capture: JournalFirst[FolderOverflow], source: Path, make_room: Callable[[], Awaitable[bool]]
+) -> int:
+    """Journal what changed while the journal was full, then a barrier (the module
+    docstring). Returns the bytes of content sent; JournalFull when ``make_room`` gives up
+    (the rest is tracked again)."""
+
+    async def plan(overflow: FolderOverflow) -> tuple[list[Record], Work]:
+        return overflow.plan(await asyncio.to_thread(snapshot, source))
+
+    async def read(path: str, ino: int, run: list[int]) -> list[Record] | None:
+        return await asyncio.to_thread(read_records, source, path, ino, run)
+
+    work = await capture.resync_start(plan, make_room)  # step 1: layout, sizes and modes
+    if work is None:
+        return 0
+    sent = 0
+    try:
+        for ino in list(work):  # step 2: content, by inode, a run at a time
+            path, marks = work[ino]
+            ordered = sorted(marks)
+            while ordered:
+                run = ordered[:RESYNC_RUN]
+                step = functools.partial(read, path, ino, run)
+                batch = await capture.resync_step(step, make_room)
+                sent += sum(len(r.data) for r in batch or ())
+                ordered = ordered[RESYNC_RUN:]
+                marks.difference_update(run)
+                if batch is None:
+                    break  # removed since: its UNLINK is journaled
+            work.pop(ino)
+        await capture.resync_close(make_room)  # step 3: the consistency point
+    except JournalFull:
+        await capture.resync_requeue(lambda overflow: overflow.merge_work(work))
+        raise
+    await capture.journal.sync()
+    return sent
 
 
 def read_records(source: Path, path: str, ino: int, extents: list[int]) -> list[Record] | None:

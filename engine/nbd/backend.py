@@ -4,11 +4,13 @@
 write-order journal *before* it touches the file, and the client is answered after
 both; FLUSH and FUA are answered only once the journal and the file are durable.
 
-Ordering. All exports sharing one journal share one :class:`_Sequencer` lock, held
-from the journal append until the file has been changed. So the journal order is the
-order in which changes reached the files, for overlapping writes too, and when a FLUSH
-record is appended every earlier record is already in the files and no later one is:
-the sources really passed through the state each FLUSH barrier describes.
+The journal-first rules themselves (one FIFO order from the append until the file has
+changed, FLUSH barriers only after a change, the hand-off to ``overflow.py`` when the
+journal is full, a volume that *diverged* from its journal) are shared with the FUSE
+filter: ``engine/journal_first.py``. All exports of one journal share one
+:class:`~replicator.engine.journal_first.JournalFirst`, so the journal order is the
+order in which changes reached the files, for overlapping writes and across volumes,
+and the sources really passed through the state each FLUSH barrier describes.
 
 Growable images (dynamic VHD, qcow2) are exported larger than the file (see
 ``images.py``). Reads past the real end return zeros; a write past it extends the
@@ -19,7 +21,8 @@ If changing the file fails after the record was journaled (disk full, I/O error)
 journal is reconciled: the file's real size and the range's real content are appended
 as RESIZE/WRITE records, so the replica still ends up equal to the source. If even
 that fails, or fdatasync fails (after which the page cache may have dropped writes),
-the export refuses further changes with EIO and logs that the volume needs a resync.
+the volume has diverged: the export refuses further changes with EIO and logs
+``nbd.volume_diverged`` (the volume needs a resync).
 
 Record semantics the applier must mirror: ZERO and TRIM both mean "the range reads as
 zeros afterwards" (the source punches a hole or writes zeros); RESIZE truncates or
@@ -29,23 +32,20 @@ extends the file to the new size.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import errno
-import functools
 import os
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Final, Protocol
 
 import structlog
 
 from replicator.engine.errors import ConfigError
+from replicator.engine.journal_first import Events, JournalFirst
 from replicator.engine.nbd.images import ImageInfo, export_size_for, probe_fd
 from replicator.engine.nbd.overflow import EXTENT, DirtyMap
+from replicator.engine.nbd.overflow import resync_overflow as resync_overflow  # engine/live.py
 from replicator.engine.nbd.proto import Errno, TransmissionFlag
-from replicator.engine.reconcile import truth_records
 from replicator.engine.volumes import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -55,7 +55,7 @@ from replicator.engine.volumes import (
     write_zeros,
 )
 from replicator.engine.volumes import pwrite_all as pwrite_all  # tests patch it
-from replicator.journal import Journal, JournalFull, Record, RecordType
+from replicator.journal import Journal, JournalFull, Record
 from replicator.journal.durable import fdatasync_async as fdatasync_async  # tests patch it
 
 log = structlog.get_logger("replicator.nbd")
@@ -65,6 +65,10 @@ log = structlog.get_logger("replicator.nbd")
 # anyway, and the thread hop measured slower for 1 MiB sequential writes.
 THREAD_MIN: Final = 2 * 1024 * 1024
 _ZERO_CHUNK: Final = 1024 * 1024
+
+EVENTS: Final = Events(
+    "replicator.nbd", overflow="nbd.journal_overflow", diverged="nbd.volume_diverged"
+)
 
 
 class NbdIOError(Exception):
@@ -104,74 +108,29 @@ def nbd_errno(exc: OSError) -> int:
     return Errno.EIO
 
 
-class _Sequencer:
-    """Shared by every export of one journal: see "Ordering" in the module docstring.
+async def _new_dirty_map() -> DirtyMap:
+    return DirtyMap()
 
-    A FIFO lock whose uncontended acquire (``acquire_nowait``) is a plain call: with
-    ``asyncio.Lock`` the three coroutines of ``async with`` cost ~5% of a 4 KiB write.
+
+_captures: weakref.WeakKeyDictionary[Journal, JournalFirst[DirtyMap]] = weakref.WeakKeyDictionary()
+
+
+def capture_for(journal: Journal, overflow: bool) -> JournalFirst[DirtyMap]:
+    """The journal-first state every export of ``journal`` shares (made by the first).
+
+    Overflow is a property of the journal's capture, not of one export: a full journal
+    switches every export of it to tracking at once.
     """
-
-    def __init__(self) -> None:
-        self._locked = False
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self.dirty = False  # a change was journaled since the last FLUSH record
-        # the journal was full: changes go unjournaled and are marked here (overflow.py)
-        self.overflow: DirtyMap | None = None
-        self.resyncing = False  # a resync epoch is being journaled
-
-    @property
-    def barriers_allowed(self) -> bool:
-        """False from the first unjournaled change until its resync's closing barrier:
-        a barrier meanwhile would make the receiver apply a state the volumes never had."""
-        return self.overflow is None and not self.resyncing
-
-    def acquire_nowait(self) -> bool:
-        if self._locked:
-            return False
-        self._locked = True
-        return True
-
-    async def acquire(self) -> None:
-        if self.acquire_nowait():
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut  # release() hands the lock straight to the first waiter
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()  # handed over just as we were cancelled: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            raise
-
-    def release(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # stays locked, now owned by that waiter
-                return
-        self._locked = False
-
-    @contextlib.asynccontextmanager
-    async def held(self) -> AsyncIterator[None]:
-        """For the paths where speed does not matter (flush, zeroing)."""
-        await self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
-
-_sequencers: weakref.WeakKeyDictionary[Journal, _Sequencer] = weakref.WeakKeyDictionary()
-
-
-def _sequencer_for(journal: Journal) -> _Sequencer:
-    seq = _sequencers.get(journal)
-    if seq is None:
-        seq = _sequencers[journal] = _Sequencer()
-    return seq
+    capture = _captures.get(journal)
+    if capture is None:
+        capture = JournalFirst(journal, EVENTS, overflow=_new_dirty_map if overflow else None)
+        _captures[journal] = capture
+    elif capture.overflows != overflow:
+        raise ConfigError(
+            f"the exports of journal {journal.path} disagree about overflow "
+            f"(an earlier one has overflow={capture.overflows})"
+        )
+    return capture
 
 
 class JournaledFileExport:
@@ -202,13 +161,13 @@ class JournaledFileExport:
         overflow: bool = False,
     ) -> None:
         """``overflow``: when the journal is full, track changed extents and keep serving
-        writes (see ``overflow.py``) instead of answering ENOSPC."""
+        writes (see ``overflow.py``) instead of answering ENOSPC. Every export of one
+        journal must say the same."""
         self.path = Path(path)
-        self._overflow_ok = overflow
         self.volume = volume
         self._name = name if name is not None else self.path.name
         self._journal = journal
-        self._seq = _sequencer_for(journal)
+        self._seq = capture_for(journal, overflow)
         self._thread_min = thread_min
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
@@ -228,7 +187,6 @@ class JournaledFileExport:
         self._sync_task: asyncio.Future[None] | None = None
         self._can_punch = True
         self._can_zero_range = True
-        self._broken: str | None = None
         self._closing = False
         self._closed = False
         self._ops = 0
@@ -255,9 +213,19 @@ class JournaledFileExport:
         return self._file_size
 
     @property
+    def capture(self) -> JournalFirst[DirtyMap]:
+        """The journal-first state shared by every export of this journal."""
+        return self._seq
+
+    @property
     def barriers_allowed(self) -> bool:
-        """See ``_Sequencer.barriers_allowed`` (shared by every export of the journal)."""
+        """See ``JournalFirst.barriers_allowed`` (shared by every export of the journal)."""
         return self._seq.barriers_allowed
+
+    @property
+    def diverged(self) -> str | None:
+        """Why this volume no longer matches its journal (None while all is well)."""
+        return self._seq.diverged.get(self.volume)
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -267,8 +235,10 @@ class JournaledFileExport:
     def _enter(self, *, modifies: bool) -> None:
         if self._closing:
             raise NbdIOError(Errno.ESHUTDOWN, f"export {self._name} is closing")
-        if modifies and self._broken is not None:
-            raise NbdIOError(Errno.EIO, self._broken)
+        if modifies and self._seq.diverged:
+            reason = self._seq.diverged.get(self.volume)
+            if reason is not None:
+                raise NbdIOError(Errno.EIO, reason)
         self._ops += 1
         if self._ops == 1:
             self._idle.clear()
@@ -278,40 +248,12 @@ class JournaledFileExport:
         if not self._ops:
             self._idle.set()
 
-    async def _append(self, records: list[Record]) -> bool:
-        """Journal ``records`` (sequencer held); False when the journal is full and the
-        change is tracked in the overflow map instead (the caller marks it)."""
-        if self._seq.overflow is not None:
-            return False
-        cap = self._journal.max_bytes
-        try:
-            if self._overflow_ok and cap is not None:
-                size = sum(r.encoded_size for r in records)
-                if size > cap // 2:  # could never fit beside the records waiting for acks
-                    raise JournalFull(self._journal.bytes_used, cap, size)
-            await self._journal.append_many(records)
-        except JournalFull as exc:
-            if not self._overflow_ok:
-                raise NbdIOError(Errno.ENOSPC, f"journal full: {exc}") from exc
-            self._seq.overflow = DirtyMap()
-            log.warning(
-                "nbd.journal_overflow",
-                export=self._name,
-                journal_bytes=exc.used,
-                cap=exc.cap,
-                action="writes continue unjournaled and their extents are tracked; the "
-                "replica stays at its last consistency point until they are resynced",
-            )
-            return False
-        except Exception as exc:
-            log.error("nbd.journal_append_failed", export=self._name, error=str(exc))
-            raise NbdIOError(Errno.EIO, f"journal append failed: {exc}") from exc
-        return True
-
-    def _mark(self, offset: int, length: int) -> None:
-        overflow = self._seq.overflow
-        assert overflow is not None
-        overflow.mark(self.volume, offset, length, self._file_size)
+    def _journal_error(self, exc: Exception) -> NbdIOError:
+        """The reply for a journal that could not take a change (nothing was changed)."""
+        if isinstance(exc, JournalFull):
+            return NbdIOError(Errno.ENOSPC, f"journal full: {exc}")
+        log.error("nbd.journal_append_failed", export=self._name, error=str(exc))
+        return NbdIOError(Errno.EIO, f"journal append failed: {exc}")
 
     # -- reads ------------------------------------------------------------------------
 
@@ -346,14 +288,14 @@ class JournaledFileExport:
                 await seq.acquire()
             try:
                 record = Record.write(self.volume, offset, data)
-                if end > self._file_size:
-                    journaled = await self._append([Record.resize(self.volume, end), record])
-                else:
-                    journaled = await self._append([record])
-                seq.dirty |= journaled
+                try:
+                    if end > self._file_size:
+                        journaled = await seq.append([Record.resize(self.volume, end), record])
+                    else:
+                        journaled = await seq.append([record])
+                except Exception as exc:
+                    raise self._journal_error(exc) from exc
                 self._file_size = max(self._file_size, end)
-                if not journaled:
-                    self._mark(offset, len(data))  # before the file: a failure is marked too
                 try:
                     if len(data) >= self._thread_min:
                         await asyncio.to_thread(pwrite_all, self._fd, data, offset)
@@ -381,14 +323,14 @@ class JournaledFileExport:
     ) -> None:
         self._enter(modifies=True)
         try:
-            async with self._seq.held():
+            async with self._seq:
                 end = min(offset + length, self._file_size)  # never extend the file
                 if end <= offset:
                     return
-                journaled = await self._append([make(self.volume, offset, end - offset)])
-                self._seq.dirty |= journaled
-                if not journaled:
-                    self._mark(offset, end - offset)
+                try:
+                    journaled = await self._seq.append([make(self.volume, offset, end - offset)])
+                except Exception as exc:
+                    raise self._journal_error(exc) from exc
                 try:
                     if end - offset > _ZERO_CHUNK:
                         await asyncio.to_thread(self._zero_range, offset, end - offset, punch)
@@ -426,28 +368,17 @@ class JournaledFileExport:
     async def _reconcile(self, offset: int, length: int, exc: OSError, journaled: bool) -> None:
         """Journal what the file really holds after a failed change, then raise.
 
-        The record of the failed change is already in the journal; the records
-        appended here override it, so the replica converges to the source again. An
-        unjournaled change (overflow) is already marked: its resync reads the truth.
+        An unjournaled change (overflow) is already tracked: its resync reads the truth.
         """
         log.error(
             "nbd.write_failed", export=self._name, offset=offset, length=length, error=str(exc)
         )
-        if not journaled:
-            raise NbdIOError(nbd_errno(exc), str(exc)) from exc
-        try:
-            for record in truth_records(self._fd, self.volume, offset, length, self._file_size):
-                if not await self._append([record]):  # the journal filled up meanwhile
-                    self._mark(offset, length)
-                    break
-                if record.type is RecordType.RESIZE:
-                    self._file_size = record.size
-        except (OSError, NbdIOError) as again:
-            self._broken = (
-                f"volume {self.volume} ({self.path}) may differ from its journal after a "
-                f"failed write ({exc}) and a failed recovery ({again}); a full resync is needed"
+        if journaled:
+            size = await self._seq.reconcile(
+                self.volume, self._fd, self.volume, offset, length, exc, known_size=self._file_size
             )
-            log.critical("nbd.volume_diverged", export=self._name, reason=self._broken)
+            if size is not None:
+                self._file_size = size
         raise NbdIOError(nbd_errno(exc), str(exc)) from exc
 
     def extent_records(self, offset: int, length: int) -> list[Record]:
@@ -469,11 +400,10 @@ class JournaledFileExport:
     async def flush(self) -> None:
         self._enter(modifies=True)
         try:
-            seq = self._seq
-            if seq.dirty and seq.barriers_allowed:
-                async with seq.held():
-                    if seq.dirty and seq.barriers_allowed and await self._append([Record.flush()]):
-                        seq.dirty = False
+            try:
+                await self._seq.barrier()
+            except Exception as exc:
+                raise self._journal_error(exc) from exc
             await self._commit()
         finally:
             self._leave()
@@ -505,12 +435,12 @@ class JournaledFileExport:
         try:
             await fdatasync_async(self._fd)
         except OSError as exc:
-            self._broken = (
+            reason = (
                 f"fdatasync of {self.path} failed ({exc}); acknowledged writes may be lost "
                 "from the source file, a full resync is needed"
             )
-            log.critical("nbd.volume_diverged", export=self._name, reason=self._broken)
-            raise NbdIOError(Errno.EIO, self._broken) from exc
+            self._seq.diverge(self.volume, reason)
+            raise NbdIOError(Errno.EIO, reason) from exc
         finally:
             self._sync_task = None
         self._synced_gen = max(self._synced_gen, gen)
@@ -520,7 +450,7 @@ class JournaledFileExport:
         if self._closed:
             return
         try:
-            if not self._closing and self._broken is None:
+            if not self._closing and self.diverged is None:
                 await self.flush()
         finally:
             self._closing = True
@@ -537,67 +467,3 @@ class _RangeRecord(Protocol):
 def _retrieve(task: asyncio.Future[None]) -> None:
     if not task.cancelled():
         task.exception()  # each waiter gets it through shield; silence "never retrieved"
-
-
-async def resync_overflow(
-    exports: list[JournaledFileExport], make_room: Callable[[], Awaitable[bool]]
-) -> int:
-    """Journal every extent changed while the journal was full, then a barrier (see
-    ``overflow.py``). Returns the bytes journaled.
-
-    The epoch can be larger than the journal: when it fills up, ``make_room`` is awaited
-    outside the sequencer (the sender drops records the receiver already holds durably,
-    then waits for acks) and the run is read again. When it says there is no way
-    (``False``: the receiver is gone) the rest goes back into the overflow map, the epoch
-    stays open (no barrier), and JournalFull is raised.
-    """
-    if not exports:
-        return 0
-    journal = exports[0]._journal
-    seq = exports[0]._seq
-    by_volume = {e.volume: e for e in exports}
-    async with seq.held():
-        if seq.overflow is None:
-            return 0
-        work = seq.overflow.take()
-        seq.overflow = None
-        seq.resyncing = True
-    sent = 0
-
-    async def journaled(read: Callable[[], list[Record]]) -> list[Record]:
-        while True:
-            async with seq.held():
-                records = read()
-                try:
-                    if records:
-                        await journal.append_many(records)
-                    return records
-                except JournalFull:
-                    pass
-            if not await make_room():
-                raise JournalFull(journal.bytes_used, journal.max_bytes or 0, 0)
-
-    try:
-        # grown files first: writes past the old end need the room
-        grown = [v for v, dirt in work.volumes.items() if dirt.grown_to]
-        await journaled(lambda: [Record.resize(v, by_volume[v]._file_size) for v in grown])
-        for v in grown:
-            work.volumes[v].grown_to = 0
-        for volume in list(work.volumes):
-            export = by_volume[volume]
-            for offset, length in list(work.runs(volume)):
-                records = await journaled(functools.partial(export.extent_records, offset, length))
-                work.without(volume, offset, length)
-                sent += sum(len(r.data) for r in records)
-        await journaled(lambda: [Record.flush()])
-        async with seq.held():
-            seq.dirty = False
-            seq.resyncing = False
-    except JournalFull:
-        async with seq.held():
-            if seq.overflow is None:
-                seq.overflow = DirtyMap()
-            seq.overflow.merge(work)  # resyncing stays set: no barrier until it is all in
-        raise
-    await journal.sync()
-    return sent

@@ -290,40 +290,6 @@ async def test_vhdx_is_refused_at_export_creation(tmp_path: Path, journal: Journ
         JournaledFileExport(journal, path, "d")
 
 
-async def test_sequencer_is_fifo_and_survives_cancelled_waiters() -> None:
-    seq = backend._Sequencer()
-    assert seq.acquire_nowait()
-    order: list[str] = []
-
-    async def take(name: str) -> None:
-        await seq.acquire()
-        order.append(name)
-        await asyncio.sleep(0)
-        seq.release()
-
-    b = asyncio.ensure_future(take("b"))
-    c = asyncio.ensure_future(take("c"))
-    d = asyncio.ensure_future(take("d"))
-    await asyncio.sleep(0)
-    b.cancel()  # cancelled while waiting
-    await asyncio.sleep(0)
-    seq.release()  # hands the lock to c
-    e = asyncio.ensure_future(take("e"))
-    await asyncio.gather(c, d, e)
-    assert b.cancelled()
-    assert order == ["c", "d", "e"]
-    # a waiter cancelled right after the lock was handed to it passes the lock on
-    assert seq.acquire_nowait()
-    f = asyncio.ensure_future(take("f"))
-    g = asyncio.ensure_future(take("g"))
-    await asyncio.sleep(0)
-    seq.release()  # f now owns the lock but has not run yet
-    f.cancel()
-    await g
-    assert order[-1] == "g" and f.cancelled()
-    assert seq.acquire_nowait()
-
-
 async def test_unopenable_volume_is_a_config_error(tmp_path: Path, journal: Journal) -> None:
     with pytest.raises(ConfigError, match="cannot open the volume"):
         JournaledFileExport(journal, tmp_path / "missing.img", "m")

@@ -9,7 +9,7 @@ from pathlib import Path
 from replicator.engine.nbd.backend import JournaledFileExport, resync_overflow
 from replicator.engine.nbd.overflow import EXTENT, DirtyMap
 from replicator.journal import Journal, JournalFull, Record, RecordType
-from tests.nbd.helpers import replay
+from tests.nbd.helpers import apply_record, replay
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -118,6 +118,71 @@ async def test_a_resync_that_fills_the_journal_again_keeps_the_epoch_open(
         assert await resync_overflow([export], acked) > 0  # larger than the journal
         assert rooms >= 1
         assert _allowed(export)
+    finally:
+        await export.aclose()
+        await journal.aclose()
+
+
+async def test_guest_writes_that_fill_the_journal_during_a_resync_keep_the_epoch_open(
+    tmp_path: Path,
+) -> None:
+    """No barrier may close a resync once new writes go unjournaled again: it would make
+    the receiver apply extents read after those writes without the others they touched."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8 * MiB))
+    replica = tmp_path / "replica.img"
+    replica.write_bytes(bytes(8 * MiB))
+    journal = await Journal.open(tmp_path / "j", segment_bytes=MiB, max_bytes=CAP)
+    export = JournaledFileExport(journal, disk, "disk.img", overflow=True)
+    rng = random.Random(5)
+    barriers: list[int] = []
+
+    async def ship() -> None:  # the receiver applies and acknowledges what is journaled
+        records = await _records(journal, journal.first_lsn)
+        barriers.extend(r.lsn for r in records if r.is_barrier)
+        fd = os.open(replica, os.O_RDWR)
+        try:
+            for record in records:
+                apply_record(fd, record)
+        finally:
+            os.close(fd)
+        await journal.trim(journal.last_lsn + 1)
+
+    async def guest_writes(count: int) -> None:
+        for _ in range(count):
+            offset = rng.randrange(0, 8 * MiB - 64 * KiB, 4096)
+            await export.write(offset, rng.randbytes(64 * KiB), fua=False)
+
+    try:
+        await guest_writes(128)  # ~8 MiB into a 4 MiB journal
+        await ship()
+        busy = True
+
+        async def busy_guest() -> bool:  # acks come, but the guest fills the journal again
+            nonlocal busy
+            await ship()
+            if busy:
+                busy = False
+                await guest_writes(100)
+            return True
+
+        try:
+            await resync_overflow([export], busy_guest)
+            raise AssertionError("the resync must not close its epoch")
+        except JournalFull:
+            pass
+        await ship()
+        assert not _allowed(export) and barriers == []
+
+        async def acked() -> bool:
+            await ship()
+            return True
+
+        assert await resync_overflow([export], acked) > 0
+        assert _allowed(export)
+        await ship()
+        assert len(barriers) == 1
+        assert replica.read_bytes() == disk.read_bytes()
     finally:
         await export.aclose()
         await journal.aclose()
