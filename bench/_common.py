@@ -25,16 +25,18 @@ def start_receiver(
     stderr: IO[Any] | int | None = subprocess.DEVNULL,
     cli_args: tuple[str, ...] = (),
     timeout: float = 20.0,
+    security: tuple[str, ...] = ("--insecure",),
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``replicator receive`` on a free loopback port; returns once it accepts connections.
 
-    ``cli_args`` go before the command (e.g. ``-vv``). Raises RuntimeError when the
-    receiver exits or does not listen within ``timeout`` seconds.
+    ``cli_args`` go before the command (e.g. ``-vv``); ``security`` after it (--insecure,
+    or --tls-dir DIR). Raises RuntimeError when the receiver exits or does not listen
+    within ``timeout`` seconds.
     """
     port = free_port()
     proc = subprocess.Popen(
         [*REPLICATOR, *cli_args, "receive", "--listen", f"127.0.0.1:{port}", "--dir",
-         str(directory), "--insecure"],
+         str(directory), *security],
         stdout=subprocess.DEVNULL, stderr=stderr,
     )  # fmt: skip
     deadline = time.monotonic() + timeout

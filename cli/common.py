@@ -3,21 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
+import structlog
 import typer
 
 from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.errors import ConfigError, ReplicatorError, unwrap
 from replicator.engine.sender import SenderConfig
+from replicator.engine.tls import RECEIVER, SENDER, TlsIdentity
+from replicator.transport import Shaper
 
 T = TypeVar("T")
+log = structlog.get_logger()
 
-INSECURE_REQUIRED = (
-    "TLS is not available yet: pass --insecure to replicate unencrypted and "
-    "unauthenticated (only on a network you trust)"
+# How a command talks to its peer: --tls-dir (mutual TLS) or --insecure. Every command that
+# connects to a peer or serves one takes these three (send, receive, verify; status and
+# failback for their remote parts) and calls ``transport_security``.
+TlsDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-dir",
+        help="Mutual TLS 1.3 with the keys `replicator keygen --out DIR` made: DIR's ca.crt "
+        "and this side's certificate (sender.crt/.key or receiver.crt/.key).",
+    ),
+]
+TlsNameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tls-name",
+        help="Use NAME.crt and NAME.key from --tls-dir instead (a `keygen --name NAME` one).",
+    ),
+]
+InsecureOption = Annotated[
+    bool, typer.Option("--insecure", help="No TLS or authentication (trusted networks only).")
+]
+NO_SECURITY = (
+    "no --tls-dir: make keys with `replicator keygen --out DIR`, copy DIR's ca.crt and each "
+    "side's certificate to that side, and pass --tls-dir DIR to both; or pass --insecure to "
+    "replicate unencrypted and unauthenticated (only on a network you trust)"
 )
 
 
@@ -42,15 +70,70 @@ def parse_size(value: str, option: str) -> int:
     return int(number) * _SIZE_UNITS[unit]
 
 
-def connector_for(config: SenderConfig) -> Connector:
+def connector_for(
+    config: SenderConfig, tls: TlsIdentity | None = None, shaper: Shaper | None = None
+) -> Connector:
     """Where the job's connections come from: the command line's one decision about them
-    (TCP today; TLS and rate limits wrap it, so they survive reconnects)."""
-    return TcpConnector(config.host, config.port, timeout=config.connect_timeout)
+    (TCP, with TLS around it when ``tls``, bulk frames shaped by ``shaper``; the connector
+    owns them, so they survive reconnects)."""
+    return TcpConnector(
+        config.host, config.port, timeout=config.connect_timeout, tls=tls, shaper=shaper
+    )
 
 
-def require_insecure(insecure: bool) -> None:
-    if not insecure:
-        raise ConfigError(INSECURE_REQUIRED)
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (no DNS lookup: a name is not loopback)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def transport_security(
+    *,
+    tls_dir: Path | None,
+    tls_name: str | None,
+    insecure: bool,
+    side: Literal["sender", "receiver"],
+    host: str,
+) -> TlsIdentity | None:
+    """The TLS identity this side uses (its SSL context loaded once now, so missing or
+    expired files fail the command at start), or None for --insecure.
+
+    ``host`` is the peer's address (a sender) or the one listened on (a receiver):
+    --insecure anywhere but on loopback is warned about loudly.
+    """
+    if tls_dir is not None and insecure:
+        raise ConfigError(
+            "--tls-dir and --insecure exclude each other", hint="keep --tls-dir: it is the safe one"
+        )
+    if tls_name is not None and tls_dir is None:
+        raise ConfigError("--tls-name needs --tls-dir DIR (the folder holding NAME.crt)")
+    if tls_dir is None:
+        if not insecure:
+            raise ConfigError(NO_SECURITY)
+        if not is_loopback(host):
+            what = "listening on" if side == "receiver" else "sending to"
+            risk = (
+                "anyone who can reach this port can overwrite the replicas"
+                if side == "receiver"
+                else "the disk contents cross the network unencrypted, to whoever answers there"
+            )
+            log.warning("security.insecure", address=host, risk=risk)
+            typer.echo(
+                f"replicator: WARNING: --insecure while {what} {host}: no encryption and no "
+                f"authentication; {risk}. Use --tls-dir (see `replicator keygen`) unless "
+                "this network is trusted.",
+                err=True,
+            )
+        return None
+    identity = TlsIdentity(
+        tls_dir, tls_name or (RECEIVER if side == "receiver" else SENDER), server=side == "receiver"
+    )
+    identity.load()
+    return identity
 
 
 def fail(error: BaseException) -> NoReturn:

@@ -63,11 +63,27 @@ def root(
 
 
 def _register() -> None:
-    from replicator.cli import journal_cmd, receive, send, verify_cmd
+    from replicator.cli import (
+        discover_cmd,
+        failover_cmd,
+        journal_cmd,
+        keygen_cmd,
+        rate_cmd,
+        receive,
+        send,
+        status_cmd,
+        verify_cmd,
+    )
 
     app.command("send")(send.send)
     app.command("receive")(receive.receive)
     app.command("verify")(verify_cmd.verify_command)
+    app.command("status")(status_cmd.status_command)
+    app.command("keygen")(keygen_cmd.keygen_command)
+    app.command("failover")(failover_cmd.failover_command)
+    app.command("demote")(failover_cmd.demote_command)
+    app.command("rate")(rate_cmd.rate_command)
+    app.command("discover")(discover_cmd.discover_command)
     app.add_typer(journal_cmd.app, name="journal")
 
 

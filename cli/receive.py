@@ -10,8 +10,19 @@ from typing import Annotated
 import structlog
 import typer
 
-from replicator.cli.common import fail, parse_endpoint, require_insecure, run
+from replicator.cli.common import (
+    InsecureOption,
+    TlsDirOption,
+    TlsNameOption,
+    fail,
+    parse_endpoint,
+    run,
+    transport_security,
+)
+from replicator.cli.monitoring import MetricsListenOption, metrics_endpoint
+from replicator.engine.authz import Authorizer, parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.monitor import receiver_monitor
 from replicator.engine.receiver import Receiver, ReceiverConfig, check_receiver_dirs
 from replicator.engine.statedir import StateDirLock
 from replicator.transport import serve
@@ -26,21 +37,43 @@ def receive(
         Path | None,
         typer.Option("--state-dir", help="Receiver state (journals). Default: DIR/.replicator."),
     ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="No TLS or authentication (trusted networks only).")
-    ] = False,
+    insecure: InsecureOption = False,
+    tls_dir: TlsDirOption = None,
+    tls_name: TlsNameOption = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="NAME:JOB: only the certificate named NAME may write JOB ('*': every job); "
+            "repeatable. Default: any certificate signed by the --tls-dir CA writes any job.",
+        ),
+    ] = None,
+    metrics_listen: MetricsListenOption = None,
 ) -> None:
     """Receive replication streams until SIGTERM/SIGINT, then finish applying and exit 0."""
     try:
-        require_insecure(insecure)
         host, port = parse_endpoint(listen, "--listen")
+        rules = [parse_allow(value) for value in allow or ()]
+        if rules and tls_dir is None:
+            raise ConfigError(
+                "--allow needs --tls-dir: without TLS a sender has no certificate name",
+                hint="make keys with `replicator keygen --out DIR`",
+            )
+        tls = transport_security(
+            tls_dir=tls_dir, tls_name=tls_name, insecure=insecure, side="receiver", host=host
+        )
+        metrics = metrics_endpoint(metrics_listen)
         default_state = directory / ".replicator"
         if state_dir is None and default_state.is_symlink():
             raise ConfigError(
                 f"{default_state} is a symlink: receiver state stays inside --dir",
                 hint="remove it, or name the folder you want with --state-dir",
             )
-        config = ReceiverConfig(replica_root=directory, state_root=state_dir or default_state)
+        config = ReceiverConfig(
+            replica_root=directory,
+            state_root=state_dir or default_state,
+            authorize=Authorizer(rules) if rules else None,
+        )
         check_receiver_dirs(config)
     except ReplicatorError as exc:
         fail(exc)
@@ -54,14 +87,22 @@ def receive(
     async def serve_until(stop: asyncio.Event) -> None:
         receiver = Receiver(config)
         try:
-            server = await serve(host, port, receiver.handle)
+            # TLS: the context is asked for at every accept (rebuilt when its files change)
+            server = await serve(host, port, receiver.handle, ssl=tls.context if tls else None)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
         bound = [s.getsockname() for s in server.sockets]
-        log.warning("receiver.listening", addresses=[f"{a[0]}:{a[1]}" for a in bound])
+        log.warning(
+            "receiver.listening",
+            addresses=[f"{a[0]}:{a[1]}" for a in bound],
+            security=f"TLS 1.3 as {tls.name!r}" if tls else "insecure",
+            allow=[str(rule) for rule in rules]
+            or ("any certificate signed by the CA" if tls else "anyone (--insecure)"),
+        )
         typer.echo(f"listening on {', '.join(f'{a[0]}:{a[1]}' for a in bound)}", err=True)
         try:
-            await stop.wait()
+            async with receiver_monitor(receiver, metrics):  # the control socket, metrics
+                await stop.wait()
         finally:
             server.close()
             await receiver.aclose()

@@ -23,21 +23,35 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 from replicator.cli.common import (
+    InsecureOption,
+    TlsDirOption,
+    TlsNameOption,
     connector_for,
     fail,
     parse_endpoint,
     parse_size,
-    require_insecure,
     run,
+    transport_security,
+)
+from replicator.cli.monitoring import MetricsListenOption, metrics_endpoint
+from replicator.cli.shaping_opts import (
+    BurstOption,
+    RateOption,
+    ScheduleOption,
+    following,
+    make_shaping,
 )
 from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.live import FuseFolderCapture, LiveSender, NbdCapture, NbdOptions
+from replicator.engine.monitor import sender_monitor
 from replicator.engine.names import check_job_name
 from replicator.engine.scan import Progress
 from replicator.engine.sender import JOURNAL_CAP, LIVE_JOURNAL_CAP, Sender, SenderConfig, Summary
 from replicator.engine.statedir import default_state_dir
+from replicator.engine.tls import TlsIdentity
 from replicator.engine.tree import volumes_of, walk
 from replicator.engine.volumes import DEFAULT_EXTENT, resolve_volumes
+from replicator.transport import Shaper
 
 MIN_JOURNAL_CAP = 4 * 1024 * 1024
 
@@ -51,9 +65,6 @@ StateDirOption = Annotated[
         "--state-dir",
         help="Sender state (journal, manifests). Default: /var/lib/replicator/send/JOB as root.",
     ),
-]
-InsecureOption = Annotated[
-    bool, typer.Option("--insecure", help="No TLS or authentication (trusted networks only).")
 ]
 VolumesArgument = Annotated[
     list[Path],
@@ -143,6 +154,8 @@ def _fuse_sender(
     mount: Path | None,
     journal_max: int,
     resync: bool,
+    tls: TlsIdentity | None,
+    shaper: Shaper,
 ) -> LiveSender:
     if once:
         raise ConfigError("--once applies to --capture scan; --capture fuse runs until stopped")
@@ -164,7 +177,9 @@ def _fuse_sender(
         resync=resync,
         folder=True,  # the replica folder's layout is listed at each start
     )
-    return LiveSender(Sender(config, connector_for(config)), FuseFolderCapture(source, mount, tree))
+    return LiveSender(
+        Sender(config, connector_for(config, tls, shaper)), FuseFolderCapture(source, mount, tree)
+    )
 
 
 def _mib(n: int) -> str:
@@ -199,6 +214,8 @@ def send(
     ] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     insecure: InsecureOption = False,
+    tls_dir: TlsDirOption = None,
+    tls_name: TlsNameOption = None,
     capture: Annotated[
         Capture,
         typer.Option(
@@ -252,10 +269,22 @@ def send(
         bool,
         typer.Option("--resync", help="Compare with the replica itself instead of local state."),
     ] = False,
+    metrics_listen: MetricsListenOption = None,
+    rate: RateOption = None,
+    burst: BurstOption = None,
+    schedule: ScheduleOption = None,
 ) -> None:
     """Replicate VOLUMES to a receiver: changed extents only, in write order, durably."""
     try:
-        require_insecure(insecure)
+        tls = transport_security(
+            tls_dir=tls_dir,
+            tls_name=tls_name,
+            insecure=insecure,
+            side="sender",
+            host=parse_endpoint(to, "--to")[0],
+        )
+        metrics = metrics_endpoint(metrics_listen)
+        shaping = make_shaping(rate, burst, schedule)
         default_cap = JOURNAL_CAP if capture is Capture.scan else LIVE_JOURNAL_CAP
         cap = parse_size(journal_max, "--journal-max") if journal_max else default_cap
         if cap < MIN_JOURNAL_CAP:
@@ -264,7 +293,9 @@ def send(
                 "must fit while earlier ones wait for the receiver)"
             )
         if capture is Capture.fuse:
-            live = _fuse_sender(to, job, state_dir, volumes, once, mount, cap, resync)
+            live = _fuse_sender(
+                to, job, state_dir, volumes, once, mount, cap, resync, tls, shaping.bucket
+            )
         else:
             config = build_config(
                 to,
@@ -276,7 +307,7 @@ def send(
                 resync=resync,
                 journal_max=cap,
             )
-            sender = Sender(config, connector_for(config))
+            sender = Sender(config, connector_for(config, tls, shaping.bucket))
         if capture is Capture.nbd:
             live = _live_sender(sender, once, nbd_socket, nbd_listen, nbd_size)
     except ReplicatorError as exc:
@@ -284,7 +315,8 @@ def send(
     if capture is not Capture.scan:
 
         async def main_live(stop: asyncio.Event) -> None:
-            await live.run(stop)
+            async with following(shaping), sender_monitor(live.sender, metrics, shaping):
+                await live.run(stop)
 
         run(main_live, graceful=True)
         return
@@ -292,13 +324,15 @@ def send(
         with scan_progress(enabled=not as_json) as progress:
 
             async def main_once(stop: asyncio.Event) -> Summary:
-                return await sender.run_once(progress)
+                async with following(shaping), sender_monitor(sender, metrics, shaping):
+                    return await sender.run_once(progress)
 
             summary = run(main_once, graceful=False)
         print_summary(summary, as_json)
         return
 
     async def main_forever(stop: asyncio.Event) -> None:
-        await sender.run_forever(interval, stop)
+        async with following(shaping), sender_monitor(sender, metrics, shaping):
+            await sender.run_forever(interval, stop)
 
     run(main_forever, graceful=True)

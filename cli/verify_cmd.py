@@ -8,15 +8,23 @@ from typing import Annotated
 
 import typer
 
-from replicator.cli.common import connector_for, fail, require_insecure, run
-from replicator.cli.send import (
+from replicator.cli.common import (
     InsecureOption,
+    TlsDirOption,
+    TlsNameOption,
+    connector_for,
+    fail,
+    run,
+    transport_security,
+)
+from replicator.cli.send import (
     JobOption,
     StateDirOption,
     ToOption,
     VolumesArgument,
     build_config,
 )
+from replicator.cli.shaping_opts import BurstOption, RateOption, make_shaping
 from replicator.engine.errors import ExitCode, ReplicatorError
 from replicator.engine.sender import Sender
 from replicator.engine.verify import VerifyResult, verify
@@ -28,18 +36,25 @@ def verify_command(
     volumes: VolumesArgument,
     state_dir: StateDirOption = None,
     insecure: InsecureOption = False,
+    tls_dir: TlsDirOption = None,
+    tls_name: TlsNameOption = None,
     repair: Annotated[
         bool, typer.Option("--repair", help="Send the differing extents, then verify again.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    rate: RateOption = None,
+    burst: BurstOption = None,
 ) -> None:
     """Read both sides afresh and compare blake3 extent manifests (exit 0 identical, 1 not)."""
     try:
-        require_insecure(insecure)
         config = build_config(to, job, state_dir, volumes)
+        tls = transport_security(
+            tls_dir=tls_dir, tls_name=tls_name, insecure=insecure, side="sender", host=config.host
+        )
+        shaping = make_shaping(rate, burst, None)
     except ReplicatorError as exc:
         fail(exc)
-    sender = Sender(config, connector_for(config))
+    sender = Sender(config, connector_for(config, tls, shaping.bucket))
 
     async def main(stop: asyncio.Event) -> VerifyResult:
         return await verify(sender, repair=repair)

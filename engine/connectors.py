@@ -3,26 +3,31 @@
 A ``Connector`` opens a new ``FramedConnection`` each time the engine needs one (the first
 connection, every reconnection, ``verify``). The command line decides which one a job uses;
 tests and embedders pass their own. What must outlive a single connection (a rate limiter
-with its bucket, later TLS settings and certificates) belongs to the connector, so it
-survives reconnects:
+with its bucket, TLS settings and certificates) belongs to the connector, so it survives
+reconnects:
 
-* ``TcpConnector``: TCP to HOST:PORT (the default), with an optional shaper;
+* ``TcpConnector``: TCP to HOST:PORT (the default), with an optional shaper, and TLS
+  around it when given ``tls`` (a ``TlsIdentity``, asked for its context at every connect
+  so replaced certificates are used from the next connection on, or a fixed
+  ``ssl.SSLContext``);
 * ``UnixConnector``: a unix socket (a receiver served with ``serve_unix``);
 * ``MemoryConnector``: a socket pair whose far end a handler in the same process serves (an
   in-process ``Receiver``): a whole sender/receiver pair in one test process, no ports.
 
 Connection failures raise ``ConnectError`` with a one-line reason (exit code 4), which the
-continuous modes retry with their backoff.
+continuous modes retry with their backoff; a TLS handshake that fails on a certificate
+raises ``AuthError`` (exit code 10), which they do not retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from replicator.engine.errors import ConnectError
+from replicator.engine.errors import AuthError, ConnectError, tls_refusal
 from replicator.transport import (
     FramedConnection,
     Shaper,
@@ -49,6 +54,16 @@ class Connector(Protocol):
         ...
 
 
+class TlsSource(Protocol):
+    """Gives the SSL context for the next connection (e.g. ``engine.tls.TlsIdentity``)."""
+
+    def context(self) -> ssl.SSLContext: ...
+
+
+def _context(tls: TlsSource | ssl.SSLContext | None) -> ssl.SSLContext | None:
+    return tls if tls is None or isinstance(tls, ssl.SSLContext) else tls.context()
+
+
 class TcpConnector:
     def __init__(
         self,
@@ -57,11 +72,13 @@ class TcpConnector:
         *,
         timeout: float = DEFAULT_CONNECT_TIMEOUT,
         shaper: Shaper | None = None,
+        tls: TlsSource | ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         self.shaper = shaper
+        self.tls = tls
 
     @property
     def target(self) -> str:
@@ -69,7 +86,13 @@ class TcpConnector:
 
     async def connect(self) -> FramedConnection:
         try:
-            return await connect(self.host, self.port, timeout=self.timeout, shaper=self.shaper)
+            return await connect(
+                self.host,
+                self.port,
+                timeout=self.timeout,
+                shaper=self.shaper,
+                ssl=_context(self.tls),
+            )
         except OSError as exc:
             raise _connect_error(self.target, exc) from exc
 
@@ -79,11 +102,17 @@ class TcpConnector:
 
 class UnixConnector:
     def __init__(
-        self, path: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT, shaper: Shaper | None = None
+        self,
+        path: str,
+        *,
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        shaper: Shaper | None = None,
+        tls: TlsSource | ssl.SSLContext | None = None,
     ) -> None:
         self.path = path
         self.timeout = timeout
         self.shaper = shaper
+        self.tls = tls
 
     @property
     def target(self) -> str:
@@ -91,7 +120,9 @@ class UnixConnector:
 
     async def connect(self) -> FramedConnection:
         try:
-            return await connect_unix(self.path, timeout=self.timeout, shaper=self.shaper)
+            return await connect_unix(
+                self.path, timeout=self.timeout, shaper=self.shaper, ssl=_context(self.tls)
+            )
         except OSError as exc:
             raise _connect_error(self.target, exc) from exc
 
@@ -156,7 +187,10 @@ class MemoryConnector:
                 await task
 
 
-def _connect_error(target: str, exc: OSError) -> ConnectError:
+def _connect_error(target: str, exc: OSError) -> ConnectError | AuthError:
+    refused = tls_refusal(exc)
+    if refused is not None:
+        return refused
     return ConnectError(
         f"cannot connect to receiver {target}: {exc.strerror or exc}",
         hint="is `replicator receive` running there and reachable?",

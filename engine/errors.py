@@ -8,8 +8,10 @@ to a user, and ``unwrap`` turns whatever ended a command into the error it repor
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 from replicator.journal.errors import (
+    AuthError,
     BusyError,
     ConfigError,
     ConnectError,
@@ -17,17 +19,21 @@ from replicator.journal.errors import (
     Interrupted,
     PeerProtocolError,
     RefusedError,
+    ReplicaInconsistent,
     ReplicatorError,
+    SplitBrainError,
     StorageError,
     VersionMismatch,
 )
 from replicator.transport import (
+    CERT_PROBLEMS,
     ConnectionClosedError,
     RemoteProtocolError,
     VersionMismatchError,
 )
 
 __all__ = [
+    "AuthError",
     "BusyError",
     "ConfigError",
     "ConnectError",
@@ -35,13 +41,69 @@ __all__ = [
     "Interrupted",
     "PeerProtocolError",
     "RefusedError",
+    "ReplicaInconsistent",
     "ReplicatorError",
+    "SplitBrainError",
     "StorageError",
     "VersionMismatch",
     "as_user_error",
     "first_error",
+    "tls_refusal",
     "unwrap",
 ]
+
+# TLS errors that say the stream was damaged or cut, not that a certificate was refused:
+# they end a session like any lost connection (and a continuous sender reconnects)
+_TLS_DAMAGE = ("BAD_RECORD_MAC", "DECRYPTION_FAILED", "UNEXPECTED_EOF", "BAD_LENGTH")
+_TLS_KEYS_HINT = (
+    "both sides need keys from the same `replicator keygen --out DIR` folder (the same ca.crt), "
+    "valid now; see docs/OPERATIONS.md, 'Security: TLS and keys'"
+)
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl.SSLError behind ``exc`` (itself, or its cause or context), if any."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def tls_refusal(exc: BaseException) -> AuthError | None:
+    """The user error for a TLS handshake that failed on a certificate (or on one side not
+    speaking TLS), when that is what ended a connection; None for anything else."""
+    error = _ssl_error(exc)
+    if error is None or isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return None
+    reason = str(error.reason or "")
+    if any(mark in reason for mark in _TLS_DAMAGE):
+        return None
+    if isinstance(error, ssl.SSLCertVerificationError):
+        why = CERT_PROBLEMS.get(error.verify_code, "")
+        return AuthError(
+            f"the receiver's certificate was refused: {error.verify_message or reason}{why}",
+            hint=_TLS_KEYS_HINT,
+        )
+    if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        why = "it wants a certificate and got none"
+    elif reason == "TLSV1_ALERT_UNKNOWN_CA":
+        why = "our certificate is signed by a CA it does not trust (keys from another folder?)"
+    elif reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
+        why = "our certificate has expired or is not valid yet"
+    elif "ALERT" in reason:
+        why = f"TLS alert {reason.lower()}"
+    elif reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+        return AuthError(
+            f"the receiver does not speak TLS ({reason.lower()})",
+            hint="is it running with --insecure? Give both sides --tls-dir, or neither",
+        )
+    else:
+        return AuthError(f"TLS handshake with the receiver failed: {error}", hint=_TLS_KEYS_HINT)
+    return AuthError(f"the receiver refused our certificate: {why}", hint=_TLS_KEYS_HINT)
 
 
 def first_error(exc: BaseException) -> BaseException:
@@ -66,6 +128,9 @@ def as_user_error(exc: BaseException) -> BaseException:
     """Map transport-level failures to the user-facing error (and exit code) they mean."""
     if isinstance(exc, ReplicatorError):
         return exc
+    refused = tls_refusal(exc)
+    if refused is not None:
+        return refused
     if isinstance(exc, ConnectionClosedError | ConnectionError | EOFError):
         return ConnectError(
             f"connection to the receiver was lost ({exc or type(exc).__name__}); "

@@ -108,9 +108,11 @@ class Link:
         sizes: dict[str, int],
         *,
         purpose: SessionPurpose = SessionPurpose.REPLICATE,
+        generation: int = 0,
     ) -> Welcome:
         """``purpose`` tells the receiver how to treat replica files changed outside
-        replication (see ``SessionPurpose``)."""
+        replication (see ``SessionPurpose``); ``generation`` is the history this sender
+        last replicated under (0: unknown; see ``engine/generations.py``)."""
         hello = Hello(
             protocol_version=PROTOCOL_VERSION,
             job=job,
@@ -122,7 +124,7 @@ class Link:
                 for v in [v for v in volumes if v.name in sizes][:MAX_VOLUMES]
             ),
             capabilities=("lz4", "manifest", *purpose.capabilities),
-            generation=0,
+            generation=generation,
             session=uuid.uuid4().hex,
         )
         await self.conn.send(hello)

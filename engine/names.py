@@ -16,12 +16,21 @@ _JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_VOLUME_BYTES = 255
 
 
+# files a receiver keeps beside the job folders in its state folder
+RESERVED_JOB_NAMES = frozenset({"control.sock"})
+
+
 def check_job_name(job: str) -> str:
     """Return ``job`` when it is a safe job name, else raise ConfigError."""
     if not _JOB.fullmatch(job) or ".." in job:
         raise ConfigError(
             f"invalid job name {job!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/' or '..')"
+        )
+    if job in RESERVED_JOB_NAMES:
+        raise ConfigError(
+            f"invalid job name {job!r}: the receiver keeps a file of that name in its state "
+            "folder; pick another"
         )
     return job
 

@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from replicator.engine import generations
 from replicator.engine.errors import (
     BusyError,
     ConnectError,
@@ -118,6 +119,8 @@ def refusal_error(code: str, message: str) -> ReplicatorError:
         )
     if code == "busy":
         return BusyError(f"receiver refused (busy): {message}")
+    if code in ("promoted", "generation"):
+        return generations.refusal_error(code, message)
     return RefusedError(f"receiver refused ({code}): {message}")
 
 

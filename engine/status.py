@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from replicator.engine.replica_state import ReplicaState
     from replicator.journal import Journal
     from replicator.transport import FramedConnection
+    from replicator.transport.shaper import Shaping
 
 
 class ReplicaView(Protocol):
@@ -109,6 +110,7 @@ class SenderJobStatus:
         self.errors: dict[str, int] = {}
         self.last_error = ""
         self.generation = 0
+        self.shaping: Shaping | None = None  # the rate in force (send --rate/--schedule)
         self.last_epoch = 0
         self._totals = _Totals()
         self._rate = _Rate()
@@ -171,7 +173,8 @@ class SenderJobStatus:
             },
             "lag": {
                 "records": max(0, journaled - applied),
-                "bytes": max(0, _journal_bytes(journal)),
+                # at most this much (the journal's size: it drops whole segments only)
+                "bytes": max(0, _journal_bytes(journal)) if journaled > applied else 0,
                 "seconds": round(lag_seconds, 3),
             },
             "initial_sync": _progress(self.progress),
@@ -182,6 +185,7 @@ class SenderJobStatus:
                 "bytes": _journal_bytes(journal),
                 "cap": journal.max_bytes if journal else None,
             },
+            "shaping": self.shaping.status() if self.shaping is not None else None,
             "last_epoch": self.last_epoch,
             "errors": dict(self.errors),
             "last_error": self.last_error,
@@ -244,7 +248,7 @@ class ReceiverJobStatus:
             },
             "consistency_point": {
                 "lsn": point.point_lsn,
-                "source_time": _iso(point.point_ts_ns),
+                "source_time": iso_time(point.point_ts_ns),
                 "consistent": point.consistent and not point.applying,
             },
             "diverged": dict(replica.files.diverged),
@@ -303,7 +307,7 @@ def _progress(progress: tuple[int, int] | None) -> dict[str, Any] | None:
     }
 
 
-def _iso(ts_ns: int) -> str | None:
+def iso_time(ts_ns: int) -> str | None:
     if not ts_ns:
         return None
     return (

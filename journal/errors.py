@@ -25,6 +25,8 @@ class ExitCode(IntEnum):
     PROTOCOL = 7  # peer sent something malformed
     JOURNAL = 8  # journal corrupt or full
     STORAGE = 9  # local disk full or I/O error
+    AUTH = 10  # TLS: a certificate was refused (missing, expired, another CA) or TLS on one side
+    SPLIT_BRAIN = 11  # the replica was promoted (failover) or has another history
     INTERRUPTED = 130  # SIGINT/SIGTERM before the work completed
 
 
@@ -62,6 +64,26 @@ class BusyError(RefusedError):
 
 class PeerProtocolError(ReplicatorError):
     exit_code = ExitCode.PROTOCOL
+
+
+class AuthError(ReplicatorError):
+    """The TLS handshake failed on a certificate: ours or the peer's was refused (none,
+    expired, signed by another CA), or only one side speaks TLS. Retrying cannot help."""
+
+    exit_code = ExitCode.AUTH
+
+
+class SplitBrainError(ReplicatorError):
+    """The receiver's replica was promoted by failover, or follows another history
+    (generation): writing it would overwrite data nobody chose to lose."""
+
+    exit_code = ExitCode.SPLIT_BRAIN
+
+
+class ReplicaInconsistent(ReplicatorError):
+    """Failover refused: the replica is not at a consistency point."""
+
+    exit_code = ExitCode.REFUSED
 
 
 class StorageError(ReplicatorError):

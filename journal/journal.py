@@ -29,37 +29,40 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import errno
 import functools
-import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
 from replicator.journal import durable
 from replicator.journal.errors import (
     ConfigError,
-    JournalCorrupt,
     JournalError,
     JournalFull,
     JournalIOError,
 )
-from replicator.journal.inspect import JournalReport, Problem, SegmentInfo, scan_journal
-from replicator.journal.locking import lock_directory
 from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record, encode_parts
+from replicator.journal.recovery import (
+    OnDamage,
+    Recovery,
+    SegmentFile,
+    lock_dir,
+    log_safely,
+    prepare_dir,
+    recover,
+    seal_and_create,
+    write_all,
+)
 from replicator.journal.segment import (
     HEADER_BYTES,
     SEAL_BYTES,
     ReadItem,
     Seal,
-    SegmentHeader,
     SegmentReader,
-    parse_segment_name,
     segment_name,
 )
 
@@ -72,239 +75,6 @@ _IOV_MAX = 1024
 _log = structlog.get_logger()
 
 
-@dataclass(slots=True, eq=False)
-class _Segment:
-    path: Path
-    base_lsn: int
-    count: int
-    first_lsn: int
-    last_lsn: int
-    end: int  # header + records written to the file (staged bytes not included)
-    durable_end: int  # bytes below this offset are on stable storage
-    sealed: bool
-    created: bool = True  # False while a roll is still creating the file
-
-    @property
-    def next_lsn(self) -> int:
-        return self.last_lsn + 1 if self.count else self.base_lsn
-
-    @property
-    def file_bytes(self) -> int:
-        return self.end + (SEAL_BYTES if self.sealed else 0)
-
-    @classmethod
-    def from_info(cls, info: SegmentInfo) -> _Segment:
-        return cls(
-            info.path,
-            info.base_lsn,
-            info.count,
-            info.first_lsn,
-            info.last_lsn,
-            info.records_end,
-            info.records_end,
-            info.sealed,
-        )
-
-
-def _write_all(fd: int, parts: Sequence[bytes], offset: int) -> int:
-    """pwritev ``parts`` at ``offset`` completely (short writes resumed); returns the bytes."""
-    total = 0
-    index = 0
-    carry: list[bytes | memoryview] = []  # what a short write left of the last batch
-    while carry or index < len(parts):
-        fresh = parts[index : index + _IOV_MAX - len(carry)]
-        index += len(fresh)
-        batch = [*carry, *fresh]
-        want = sum(len(p) for p in batch)
-        n = os.pwritev(fd, batch, offset + total)
-        if n <= 0 and want:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        total += n
-        carry = []
-        if n < want:
-            for k, part in enumerate(batch):
-                if n < len(part):
-                    carry = [memoryview(part)[n:], *batch[k + 1 :]]
-                    break
-                n -= len(part)
-    return total
-
-
-def _create_segment(directory: Path, base_lsn: int) -> tuple[int, Path]:
-    """Create a segment holding only its header, durably (file and directory entry)."""
-    path = directory / segment_name(base_lsn)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, [SegmentHeader(base_lsn, time.time_ns()).encode()], 0)
-        durable.fdatasync_fd(fd)
-        durable.sync_dir(directory)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, path
-
-
-def _seal_and_create(directory: Path, old_fd: int, seg_end: int, seal: Seal) -> tuple[int, Path]:
-    """Worker-thread half of a roll: seal + fdatasync the old segment, then create the next.
-
-    The old fd stays open (the caller closes it once the roll succeeded).
-    """
-    _write_all(old_fd, [seal.encode()], seg_end)
-    durable.fdatasync_fd(old_fd)
-    return _create_segment(directory, seal.next_lsn)
-
-
-def _prepare_dir(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"journal path {directory} exists and is not a directory")
-    durable.makedirs_durable(directory)
-
-
-def _lock_dir(directory: Path) -> int:
-    fd = lock_directory(directory)
-    if fd is None:
-        raise JournalError(
-            f"journal {directory} is already open",
-            hint="another replicator process (or Journal object) is using it",
-        )
-    return fd
-
-
-OnDamage = Literal["refuse", "cut"]
-
-
-@dataclass(frozen=True, slots=True)
-class Recovery:
-    """What open-time recovery cut away; ``Journal.recovery`` (None when nothing was cut).
-
-    ``kind`` "torn_tail": records that were never synced (a crash). "damage": bytes that
-    were synced once no longer check out; every record from ``next_lsn`` on is gone, and
-    the caller must get them back from somewhere else (a receiver from its sender, a
-    sender from its volumes).
-    """
-
-    kind: Literal["torn_tail", "damage"]
-    path: str
-    offset: int
-    reason: str
-    dropped_bytes: int
-    dropped_segments: int
-    next_lsn: int
-
-
-def _discard_below(directory: Path, lsn: int) -> None:
-    """Delete segments whose successor starts at or below ``lsn`` (all their records are
-    below it), oldest first, without reading them: they are never needed again, so damage
-    in them must not cost the records after them."""
-    names = sorted(
-        (base, entry.name)
-        for entry in os.scandir(directory)
-        if (base := parse_segment_name(entry.name)) is not None
-    )
-    for (_, name), (next_base, _) in itertools.pairwise(names):
-        if next_base > lsn:
-            break
-        os.unlink(directory / name)
-        durable.sync_dir(directory)
-
-
-def _cut(directory: Path, report: JournalReport, problem: Problem) -> tuple[int, int]:
-    """Remove everything from ``problem`` on: later segments newest first (a crash midway
-    leaves a prefix, and the next open finds the same problem and finishes), then the
-    problem segment from the bad offset (the whole file when its header is bad).
-    Returns (bytes dropped, segment files removed)."""
-    index = next(i for i, s in enumerate(report.segments) if s.path == problem.path)
-    target, later = report.segments[index], report.segments[index + 1 :]
-    dropped = sum(s.size for s in later)
-    for seg in reversed(later):
-        os.unlink(seg.path)
-        durable.sync_dir(directory)
-    if problem.offset < HEADER_BYTES:
-        os.unlink(target.path)
-        durable.sync_dir(directory)
-        return dropped + target.size, len(later) + 1
-    fd = os.open(target.path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.ftruncate(fd, problem.offset)
-        durable.fdatasync_fd(fd)
-    finally:
-        os.close(fd)
-    return dropped + max(0, target.size - problem.offset), len(later)
-
-
-def _recover(
-    directory: Path, on_damage: OnDamage, discard_below: int
-) -> tuple[list[_Segment], int, Recovery | None]:
-    """Open-time recovery (worker thread): verify, cut a torn tail (and, with ``on_damage``
-    "cut", damage), make everything durable.
-
-    Returns the segments (the last one active), a writable fd of the active segment and
-    what was cut.
-    """
-    if discard_below > 1:
-        _discard_below(directory, discard_below)
-    # "cut" verifies every record now: damage found later, while reading, would end the
-    # session that reads it, while at open it costs one cut and a re-fetch
-    report = scan_journal(directory, verify_sealed=on_damage == "cut")
-    problem = report.problem
-    recovery: Recovery | None = None
-    next_base = report.segments[0].base_lsn if report.segments else 1
-    if problem is not None:
-        if problem.fatal and on_damage == "refuse":
-            raise JournalCorrupt(problem.path, problem.offset, problem.reason)
-        cut_seg = next(s for s in report.segments if s.path == problem.path)
-        next_base = cut_seg.base_lsn
-        dropped, files = _cut(directory, report, problem)
-        report = scan_journal(directory, verify_sealed=False)
-        if report.problem is not None:  # the cut left only checked bytes: never expected
-            raise JournalCorrupt(report.problem.path, report.problem.offset, report.problem.reason)
-        if report.segments:
-            next_base = report.segments[-1].next_lsn
-        recovery = Recovery(
-            "damage" if problem.fatal else "torn_tail",
-            str(problem.path),
-            problem.offset,
-            problem.reason,
-            dropped,
-            files,
-            next_base,
-        )
-        if problem.fatal:
-            _report(
-                "error",
-                "journal.damage_cut",
-                segment=str(problem.path),
-                offset=problem.offset,
-                reason=problem.reason,
-                dropped_bytes=dropped,
-                dropped_segments=files,
-                next_lsn=next_base,
-            )
-        else:
-            _report(
-                "warning",
-                "journal.tail_truncated",
-                segment=str(problem.path),
-                offset=problem.offset,
-                reason=problem.reason,
-                dropped_bytes=dropped,
-            )
-    segments = [_Segment.from_info(info) for info in report.segments]
-    if segments and not segments[-1].sealed:
-        active = segments[-1]
-        fd = os.open(active.path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            durable.fdatasync_fd(fd)  # whatever a dead writer left in the page cache
-        except BaseException:
-            os.close(fd)
-            raise
-        return segments, fd, recovery
-    base = segments[-1].next_lsn if segments else next_base
-    fd, path = _create_segment(directory, base)
-    segments.append(_Segment(path, base, 0, 0, 0, HEADER_BYTES, HEADER_BYTES, False))
-    return segments, fd, recovery
-
-
 class Journal:
     """A segmented, append-only, write-order log of records in one directory.
 
@@ -315,7 +85,7 @@ class Journal:
     def __init__(
         self,
         directory: Path,
-        segments: list[_Segment],
+        segments: list[SegmentFile],
         fd: int,
         lock_fd: int,
         segment_bytes: int,
@@ -379,11 +149,11 @@ class Journal:
                 f"({segment_bytes}), or trimming could never make room"
             )
         directory = Path(path)
-        await asyncio.to_thread(_prepare_dir, directory)
-        lock_fd = _lock_dir(directory)
+        await asyncio.to_thread(prepare_dir, directory)
+        lock_fd = lock_dir(directory)
         try:
             segments, fd, recovery = await asyncio.to_thread(
-                _recover, directory, on_damage, discard_below
+                recover, directory, on_damage, discard_below
             )
         except BaseException:
             os.close(lock_fd)
@@ -586,7 +356,7 @@ class Journal:
             task = self._roll_task = _spawn(self._roll(self._segments[-1]))
         await asyncio.shield(task)
 
-    async def _roll(self, seg: _Segment) -> None:
+    async def _roll(self, seg: SegmentFile) -> None:
         async with self._io_lock:
             self._check_usable()
             if self._segments[-1] is seg and self._rolling is None:
@@ -600,7 +370,7 @@ class Journal:
         staged, self._staged = self._staged, []
         size, self._staged_bytes = self._staged_bytes, 0
         try:
-            _write_all(self._fd, staged, seg.end)
+            write_all(self._fd, staged, seg.end)
         except OSError as exc:
             raise self._fail(exc, f"journal write to {seg.path} failed: {exc}") from exc
         seg.end += size
@@ -681,7 +451,7 @@ class Journal:
 
     def _round_done(
         self,
-        seg: _Segment,
+        seg: SegmentFile,
         end: int,
         lsn: int,
         waiters: list[tuple[int, asyncio.Future[None]]],
@@ -738,7 +508,7 @@ class Journal:
             seg = self._segments[-1]
             records_bytes = seg.end - HEADER_BYTES
             seal = Seal(seg.count, seg.first_lsn, seg.last_lsn, seg.next_lsn, records_bytes)
-            new = _Segment(
+            new = SegmentFile(
                 self._dir / segment_name(seal.next_lsn),
                 seal.next_lsn,
                 0,
@@ -754,7 +524,7 @@ class Journal:
             while self._inflight:  # no sync round may use the old fd any more
                 await self._idle.wait()
             try:
-                fd, _ = await asyncio.to_thread(_seal_and_create, self._dir, old_fd, seg.end, seal)
+                fd, _ = await asyncio.to_thread(seal_and_create, self._dir, old_fd, seg.end, seal)
             except OSError as exc:
                 raise self._fail(exc, f"journal could not start a new segment: {exc}") from exc
             self._fd, self._fd_seg = fd, new
@@ -787,7 +557,7 @@ class Journal:
             full = active.end + self._staged_bytes + HEADER_SIZE > self._segment_bytes
             if full and active.count and active.last_lsn < upto_lsn:
                 await self._roll_locked()
-            victims: list[_Segment] = []
+            victims: list[SegmentFile] = []
             for seg in self._segments[:-1]:
                 if not seg.sealed or seg.next_lsn > upto_lsn:
                     break
@@ -863,7 +633,7 @@ class Journal:
             if reader is not None:
                 reader.close()
 
-    def _reader(self, seg: _Segment) -> SegmentReader:
+    def _reader(self, seg: SegmentFile) -> SegmentReader:
         try:
             return SegmentReader(seg.path, seg.base_lsn)
         except FileNotFoundError:
@@ -875,7 +645,7 @@ class Journal:
             hint="trim only below what every reader has consumed",
         )
 
-    def _locate(self, lsn: int) -> _Segment:
+    def _locate(self, lsn: int) -> SegmentFile:
         """The segment where records with LSN >= ``lsn`` start."""
         segs = self._segments
         lsn = max(lsn, 1)
@@ -884,7 +654,7 @@ class Journal:
         index = bisect.bisect_right(segs, lsn, key=lambda s: s.base_lsn) - 1
         return segs[index]
 
-    def _segment_at(self, base_lsn: int) -> _Segment:
+    def _segment_at(self, base_lsn: int) -> SegmentFile:
         segs = self._segments
         index = bisect.bisect_left(segs, base_lsn, key=lambda s: s.base_lsn)
         if index < len(segs) and segs[index].base_lsn == base_lsn:
@@ -912,7 +682,7 @@ class Journal:
         error.__cause__ = exc
         if self._failure is None:
             self._failure = exc
-            _report("error", "journal.failed", path=str(self._dir), error=str(exc))
+            log_safely("error", "journal.failed", path=str(self._dir), error=str(exc))
             self._reject_waiters(error)
             self._notify()
         return error
@@ -922,12 +692,6 @@ class Journal:
         for _, waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(error)
-
-
-def _report(level: str, event: str, **fields: Any) -> None:
-    """Log, but never let a broken log sink (closed stderr) stop recovery or error handling."""
-    with contextlib.suppress(OSError, ValueError):
-        getattr(_log, level)(event, **fields)
 
 
 def _unlink_segments(directory: Path, paths: list[Path]) -> None:

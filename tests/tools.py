@@ -110,15 +110,19 @@ class ReceiverProc:
 
 
 def start_receiver(
-    directory: Path, port: int | None = None, log: Path | None = None
+    directory: Path,
+    port: int | None = None,
+    log: Path | None = None,
+    security: tuple[str, ...] = ("--insecure",),
 ) -> ReceiverProc:
     """A real receiver; its log goes to a pipe, or appended to ``log`` for long runs
-    (a pipe nobody reads fills up and blocks the receiver's logging)."""
+    (a pipe nobody reads fills up and blocks the receiver's logging). ``security``:
+    --insecure, or e.g. ("--tls-dir", DIR, "--allow", "sender:vm1")."""
     port = port or free_port()
     stderr: Any = subprocess.PIPE if log is None else log.open("a")
     proc = subprocess.Popen(
         [*REPLICATOR, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(directory),
-         "--insecure"],
+         *security],
         stdout=subprocess.DEVNULL,
         stderr=stderr,
         text=True,
@@ -131,11 +135,16 @@ def start_receiver(
 
 
 def send_once(
-    receiver: ReceiverProc, job: str, state: Path, *volumes: Path, extra: tuple[str, ...] = ()
+    receiver: ReceiverProc,
+    job: str,
+    state: Path,
+    *volumes: Path,
+    extra: tuple[str, ...] = (),
+    security: tuple[str, ...] = ("--insecure",),
 ) -> dict[str, Any]:
     out = replicator(
         "send", "--to", receiver.address, "--job", job, "--state-dir", str(state),
-        "--once", "--json", "--insecure", *extra, *map(str, volumes),
+        "--once", "--json", *security, *extra, *map(str, volumes),
     )  # fmt: skip
     assert out.returncode == 0, f"send failed ({out.returncode}): {out.stderr[-3000:]}"
     summary: dict[str, Any] = json.loads(out.stdout)

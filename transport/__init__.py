@@ -4,6 +4,8 @@
 """
 
 from replicator.transport.connection import (
+    CERT_PROBLEMS,
+    PLAINTEXT_REFUSAL,
     ConnectionClosedError,
     DialError,
     FramedConnection,
@@ -56,10 +58,12 @@ from replicator.transport.protocol import (
 )
 
 __all__ = [
+    "CERT_PROBLEMS",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_WINDOW",
     "FRAME_VERSION",
     "NEED_DATA",
+    "PLAINTEXT_REFUSAL",
     "PROTOCOL_VERSION",
     "Ack",
     "ConnectionClosed",

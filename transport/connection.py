@@ -26,11 +26,20 @@ completed its part of the handshake (closing the oldest of them to make room for
 one), and aborts any that has not done so within ``handshake_timeout``. Together with the
 frame limits of ``ProtocolConnection`` this bounds what peers that never say Hello can
 make a receiver hold (docs/PROTOCOL.md, "Memory bounds").
+
+TLS on a server (``serve(ssl=...)``): each accepted TCP connection gets its TLS layer
+from us, not from ``create_server``, so a connection still in its TLS handshake is one of
+those pending connections too (same count, same deadline), and the handler runs only
+once the handshake has succeeded: a peer whose certificate is refused never reaches it.
+``ssl`` may be a function returning the context, called at every accept (certificates
+replaced on disk take effect without a restart). A peer that speaks our plaintext
+protocol to a TLS server is answered with ``Refuse("auth")`` saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import ctypes
 import errno
@@ -42,7 +51,7 @@ from typing import Any, Protocol, cast
 
 import structlog
 
-from replicator.transport.frames import DEFAULT_MAX_FRAME, LocalProtocolError
+from replicator.transport.frames import DEFAULT_MAX_FRAME, FRAME_MAGIC, LocalProtocolError
 from replicator.transport.messages import (
     PAYLOAD_FIELD,
     Error,
@@ -103,6 +112,19 @@ WRITE_LOW_WATER = 1024 * 1024
 DEFAULT_OFFLOAD: int | None = None
 
 Handler = Callable[["FramedConnection"], Awaitable[None]]
+# serve(ssl=...): a context, or a function returning one (called at every accept)
+ServerTls = _ssl.SSLContext | Callable[[], _ssl.SSLContext]
+# what a TLS receiver answers a peer that speaks our protocol in plaintext
+PLAINTEXT_REFUSAL = (
+    "this receiver accepts TLS connections only: give the sender --tls-dir DIR with keys "
+    "from `replicator keygen --out DIR` (the receiver's CA)"
+)
+# served TLS: asyncio's TLS read size once the handshake is done; before, a small buffer
+_TLS_READ_BUFFER = 256 * 1024
+_TLS_HANDSHAKE_BUFFER = 16 * 1024
+# a peer refused that way: how long its remaining input is read and dropped, so that the
+# refusal is not lost to a reset
+_REFUSAL_LINGER = 2.0
 
 
 class Shaper(Protocol):
@@ -181,6 +203,9 @@ class FramedConnection:
         # set by serve() while the peer has not completed its part of the handshake
         self._pending_over: Callable[[FramedConnection], None] | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        # serve(ssl=...): the TCP transport under TLS, known before the TLS handshake is done
+        # (``_transport`` is the TLS one, set once it is)
+        self._raw_transport: asyncio.Transport | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -296,6 +321,8 @@ class FramedConnection:
         self._closing = True
         if self._transport is not None:
             self._transport.abort()
+        elif self._raw_transport is not None:  # still in its TLS handshake
+            self._raw_transport.abort()
         self._wake_all()
 
     def _abort(self, reason: str) -> None:
@@ -565,6 +592,8 @@ def _connect_reason(exc: BaseException, timeout: float) -> tuple[str, int | None
         return f"cannot resolve the host name ({exc.strerror})", None
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused", exc.errno
+    if isinstance(exc, ConnectionResetError) and not exc.strerror:  # a TLS handshake cut
+        return "the peer reset the connection during the TLS handshake", errno.ECONNRESET
     if isinstance(exc, FileNotFoundError):
         return "no such socket", exc.errno
     if isinstance(exc, OSError):
@@ -668,12 +697,22 @@ class _Sessions:
         self._burst_closed = 0
 
     def start(self, conn: FramedConnection) -> None:
+        """A connection was accepted: count it as pending and run its handler."""
+        self.admit(conn)
+        self.run(conn)
+
+    def admit(self, conn: FramedConnection) -> None:
+        """Count ``conn`` as pending until its peer has completed its part of the
+        handshake (for TLS: from the TCP accept, the TLS handshake included)."""
         if self._max_pending is not None or self._handshake_timeout is not None:
             if self._max_pending is not None:
                 while len(self._pending) >= self._max_pending:
                     self._make_room(conn)
             self._pending[conn] = None
             conn._watch_handshake(self._handshake_timeout, self._pending_over)
+
+    def run(self, conn: FramedConnection) -> None:
+        """Run the handler of an admitted connection."""
         task = asyncio.get_running_loop().create_task(
             self._run(conn), name=f"replicator-session {conn.peer}"
         )
@@ -721,19 +760,205 @@ class _Sessions:
             await conn.aclose()
 
 
+class _TlsGate(asyncio.BufferedProtocol):
+    """The TCP side of a connection served with TLS, while its TLS handshake runs.
+
+    It sits between the TCP transport and the TLS layer (a ``_ServedTls`` built for this
+    connection, whose application protocol is the connection's ``_StreamProtocol``): it
+    counts the connection as pending from the accept on, looks at the first bytes (a
+    plaintext replicator peer gets a Refuse it can read), then passes everything to the
+    TLS layer. The handler starts when the TLS layer reports the handshake done; a
+    connection that ends before that is logged with the reason and never reaches it.
+    """
+
+    def __init__(
+        self,
+        conn: FramedConnection,
+        tls: _ServedTls,
+        sessions: _Sessions,
+        refusal: bytes | None,
+    ) -> None:
+        self._conn = conn
+        self._tls = tls
+        self._sessions = sessions
+        self._refusal = refusal
+        self._head: bytearray | None = bytearray(len(FRAME_MAGIC))  # until it is known
+        self._seen = 0
+        self._raw: asyncio.Transport | None = None
+        self._refused: str | None = None
+        self._drop: bytearray | None = None  # a refused plaintext peer's input goes here
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        raw = cast(asyncio.Transport, transport)
+        self._raw = raw
+        conn = self._conn
+        conn._raw_transport = raw
+        conn.peer = _describe_peer(raw)
+        self._sessions.admit(conn)
+        self._tls.connection_made(raw)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._drop is not None:
+            return memoryview(self._drop)
+        if self._head is not None:
+            return memoryview(self._head)[self._seen :]
+        return self._tls.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._drop is not None:
+            return  # a refused plaintext peer: its input is dropped
+        head = self._head
+        if head is None:
+            self._tls.buffer_updated(nbytes)
+            return
+        self._seen += nbytes
+        # a TLS ClientHello starts with 0x16; our frames with FRAME_MAGIC
+        if head[0] == FRAME_MAGIC[0] and self._seen < len(head):
+            return
+        if bytes(head[: self._seen]) == FRAME_MAGIC and self._refusal is not None:
+            self._refuse_plaintext()
+            return
+        self._head = None
+        view = memoryview(head)[: self._seen]
+        while view:  # hand what we looked at to the TLS layer
+            buffer = self._tls.get_buffer(len(view))
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            self._tls.buffer_updated(n)
+            view = view[n:]
+
+    def _refuse_plaintext(self) -> None:
+        raw = self._raw
+        assert raw is not None and self._refusal is not None
+        self._head = None
+        self._refused = "the peer does not use TLS (a sender run with --insecure?)"
+        self._drop = bytearray(_DISCARD_STRANGER)
+        raw.write(self._refusal)
+        if raw.can_write_eof():
+            raw.write_eof()  # a lingering close: the peer reads the Refuse, then closes
+            asyncio.get_running_loop().call_later(_REFUSAL_LINGER, raw.abort)
+        else:
+            raw.close()
+
+    def eof_received(self) -> bool | None:
+        if self._refused is not None:
+            return False
+        self._tls.eof_received()  # it closes the connection itself
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self._conn
+        if conn._transport is None:  # the handshake never completed
+            if self._head is not None and self._seen == 0 and conn._abort_reason is None:
+                # closed without a byte: a port probe or a health check, not an attempt
+                log.info("transport.closed_before_tls", peer=conn.peer)
+            else:
+                reason = self._refused or conn._abort_reason or _tls_failure(exc)
+                log.warning("transport.tls_refused", peer=conn.peer, reason=reason)
+            conn._end_pending()
+            _trim_soon(conn._loop)  # what OpenSSL held for the handshake goes back too
+        self._tls.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._tls.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._tls.resume_writing()
+
+
+# OpenSSL's verify codes (X509_V_ERR_*) that a misconfiguration causes, in plain words
+CERT_PROBLEMS = {
+    9: " (not valid yet: check the clocks)",
+    10: " (expired: make a new one with `replicator keygen --name NAME --force`)",
+    18: " (not signed by our CA: keys from another `replicator keygen` folder?)",
+    19: " (not signed by our CA: keys from another `replicator keygen` folder?)",
+    20: " (not signed by our CA: keys from another `replicator keygen` folder?)",
+    21: " (not signed by our CA: keys from another `replicator keygen` folder?)",
+}
+
+
+def _tls_failure(exc: BaseException | None) -> str:
+    """Why a TLS handshake failed, in words a log reader can act on."""
+    if exc is None or isinstance(exc, ConnectionResetError | BrokenPipeError):
+        how = "closed" if exc is None else "reset"
+        return (
+            f"the peer {how} the connection during the TLS handshake; a peer that refuses "
+            "our certificate (another CA, expired) does that"
+        )
+    if isinstance(exc, _ssl.SSLCertVerificationError):
+        why = CERT_PROBLEMS.get(exc.verify_code, "")
+        return f"certificate refused: {exc.verify_message or exc.reason}{why}"
+    if isinstance(exc, _ssl.SSLError):
+        reason = str(exc.reason or exc)
+        if reason == "WRONG_VERSION_NUMBER" or reason.startswith("HTTP"):
+            return f"the peer does not speak TLS ({reason})"
+        if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "NO_CERTIFICATE_RETURNED"):
+            return "the peer sent no certificate"
+        return f"TLS handshake failed: {reason}"
+    return f"TLS handshake failed: {exc}"
+
+
+class _ServedTls(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS layer (on any loop, uvloop's too) with two changes for a server.
+
+    * A handshake that fails sends its alert before the connection is cut: asyncio and
+      uvloop both drop it, so a TLS 1.3 client whose certificate is refused (which it
+      learns only after its side of the handshake is done) would just see the connection
+      close, and could not tell the user why.
+    * Its receive buffer is small until the handshake is done (asyncio's is 256 KiB from
+      the start): connections still in their handshake are the ones a flood is made of.
+    """
+
+    max_size = _TLS_HANDSHAKE_BUFFER  # asyncio's read size; raised once the handshake is done
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        # (typeshed knows neither the instance attribute nor the method)
+        if handshake_exc is None:
+            self.max_size = _TLS_READ_BUFFER  # type: ignore[misc]
+        else:
+            with contextlib.suppress(Exception):
+                self._process_outgoing()  # type: ignore[attr-defined]  # the alert saying why
+        super()._on_handshake_complete(handshake_exc)
+
+
 def _server_factory(
     role: Role,
     handler: Handler,
     kw: dict[str, Any],
     max_pending: int | None,
     handshake_timeout: float | None,
-) -> Callable[[], _StreamProtocol]:
+    tls: ServerTls | None = None,
+) -> Callable[[], asyncio.BaseProtocol]:
     sessions = _Sessions(handler, max_pending, handshake_timeout)
+    if tls is None:
 
-    def build() -> _StreamProtocol:
-        return _StreamProtocol(FramedConnection(role, **kw), sessions.start)
+        def build() -> _StreamProtocol:
+            return _StreamProtocol(FramedConnection(role, **kw), sessions.start)
 
-    return build
+        return build
+
+    loop = asyncio.get_running_loop()
+    refusal = None
+    if role is Role.RECEIVER:
+        frame = ProtocolConnection(Role.RECEIVER).encode(Refuse("auth", PLAINTEXT_REFUSAL))
+        refusal = b"".join(frame.buffers)
+
+    def build_tls() -> _TlsGate:
+        conn = FramedConnection(role, **kw)
+        context = tls() if callable(tls) else tls
+        waiter: Any = None  # nobody waits: the gate and the application protocol see it all
+        timeout: Any = handshake_timeout or DEFAULT_HANDSHAKE_TIMEOUT
+        layer = _ServedTls(
+            loop,
+            _StreamProtocol(conn, sessions.run),
+            context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=timeout,
+        )
+        return _TlsGate(conn, layer, sessions, refusal)
+
+    return build_tls
 
 
 async def serve(
@@ -742,7 +967,7 @@ async def serve(
     handler: Handler,
     *,
     role: Role = Role.RECEIVER,
-    ssl: _ssl.SSLContext | None = None,
+    ssl: ServerTls | None = None,
     backlog: int = 100,
     max_pending: int | None = DEFAULT_MAX_PENDING,
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -756,13 +981,17 @@ async def serve(
     completed its part of the handshake within ``handshake_timeout`` seconds is aborted;
     the handler must read the Hello promptly (``conn.recv()``), as it counts only once
     read. None disables either bound.
+
+    ``ssl``: TLS (a context, or a function called at every accept that returns one). The
+    TLS handshake counts against both bounds (its own timeout is ``handshake_timeout``
+    as well); the handler runs only for connections whose handshake succeeded, and a
+    failed one is logged (``transport.tls_refused``, with the peer and the reason).
     """
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        _server_factory(role, handler, kw, max_pending, handshake_timeout),
+        _server_factory(role, handler, kw, max_pending, handshake_timeout, ssl),
         host,
         port,
-        ssl=ssl,
         backlog=backlog,
     )
 
@@ -772,7 +1001,7 @@ async def serve_unix(
     handler: Handler,
     *,
     role: Role = Role.RECEIVER,
-    ssl: _ssl.SSLContext | None = None,
+    ssl: ServerTls | None = None,
     backlog: int = 100,
     max_pending: int | None = DEFAULT_MAX_PENDING,
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -781,9 +1010,8 @@ async def serve_unix(
     """Listen on a unix socket; as serve()."""
     loop = asyncio.get_running_loop()
     return await loop.create_unix_server(
-        _server_factory(role, handler, kw, max_pending, handshake_timeout),
+        _server_factory(role, handler, kw, max_pending, handshake_timeout, ssl),
         path,
-        ssl=ssl,
         backlog=backlog,
     )
 

@@ -445,6 +445,7 @@ class FrameDecoder:
         self._eof = False
         self._released = False
         self.high_water = len(self._buf)  # the most `allocated` has been
+        self.frames = 0  # frames decoded so far
 
     # -- input ------------------------------------------------------------------------------
 
@@ -596,6 +597,7 @@ class FrameDecoder:
                 self._start = self._end = 0
                 if len(self._buf) > self._staging_keep():
                     self._buf = bytearray(_STAGING)  # give back what a burst made us grow
+        self.frames += 1
         return DecodedFrame(msg, PREFIX_SIZE + prefix.body_len, prefix.raw_len, prefix.wire_len)
 
     # -- internals --------------------------------------------------------------------------
@@ -620,6 +622,12 @@ class FrameDecoder:
             if self._limits is not None:
                 _admit(head, self._limits())
         except RemoteProtocolError as exc:
+            if isinstance(exc, VersionMismatchError) and self.frames:
+                # a stream that already spoke our version does not change it: damage
+                exc = RemoteProtocolError(
+                    f"damaged frame: {exc} after {self.frames} frames of version "
+                    f"{FRAME_VERSION} (a byte changed on the path?)"
+                )
             self._fail(detached(exc))
             return
         if head.body_len <= _BIG_FRAME or avail >= PREFIX_SIZE + head.body_len:

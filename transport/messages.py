@@ -22,7 +22,8 @@ import msgpack
 from replicator.journal.records import HEADER_SIZE, MAX_NAME, RecordError, peek_length, peek_lsn
 
 # 2: Refuse code "diverged"; Hello capabilities "resync", "verify"; TreeRequest/Tree
-PROTOCOL_VERSION: Final = 2
+# 3: generations interpreted (split brain); Refuse codes "promoted", "generation"
+PROTOCOL_VERSION: Final = 3
 
 U64_MAX: Final = 2**64 - 1
 I64_MIN: Final = -(2**63)
@@ -44,7 +45,7 @@ DIGEST_SIZE: Final = 16  # blake3-128 per extent in a Manifest
 
 VOLUME_KINDS: Final = frozenset({"disk", "file"})
 REFUSE_CODES: Final = frozenset(
-    {"version", "name", "busy", "storage", "auth", "config", "diverged"}
+    {"version", "name", "busy", "storage", "auth", "config", "diverged", "promoted", "generation"}
 )
 
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9_.\-]*\Z")

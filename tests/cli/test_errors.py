@@ -60,12 +60,13 @@ def test_receiver_not_there(tmp_path: Path) -> None:
     assert "cannot connect" in _one_line_error(out.stderr)
 
 
-def test_insecure_is_required_until_tls_exists(tmp_path: Path) -> None:
+def test_tls_dir_or_insecure_is_required(tmp_path: Path) -> None:
     disk = tmp_path / "d.img"
     disk.write_bytes(b"x")
     out = replicator("send", "--to", "127.0.0.1:1", "--job", "j", "--once", str(disk))
     assert out.returncode == ExitCode.CONFIG
     assert "--insecure" in _one_line_error(out.stderr)
+    assert "replicator keygen --out DIR" in _one_line_error(out.stderr)
 
 
 def test_bad_endpoint(tmp_path: Path) -> None:

@@ -265,6 +265,13 @@ def _observe_tree(receiver: ReceiverProc, writer: TreeWriter, tally: Tally) -> N
                 tally.observed_mid_apply += 1
                 return False
             digest = tree_digest(receiver.dir / JOB)
+            # the writer records a state after its operation returns: one that the sender
+            # already shipped and the receiver applied may not be listed yet (seen under
+            # load). The replica is frozen meanwhile (SIGSTOP), so waiting is sound.
+            deadline = time.monotonic() + 10
+            while digest not in history and time.monotonic() < deadline:
+                time.sleep(0.05)
+                history = writer.history()
             assert digest in history, "the replica folder is a state the source never had"
             tally.observed_at_rest += 1
             tally.states.add(history.index(digest))

@@ -64,6 +64,7 @@ async def test_replica_manifest_streams_in_chunks(
 ) -> None:
     import os
 
+    from replicator.engine import job_replica
     from replicator.engine import receiver as receiver_module
     from replicator.engine.link import Link
     from replicator.engine.manifest import ExtentManifest
@@ -71,7 +72,7 @@ async def test_replica_manifest_streams_in_chunks(
     from replicator.journal import Journal
     from replicator.transport import connection_pair
 
-    monkeypatch.setattr(receiver_module, "MANIFEST_CHUNK", 7)  # 100 extents -> 15 messages
+    monkeypatch.setattr(job_replica, "MANIFEST_CHUNK", 7)  # 100 extents -> 15 messages
     replica = tmp_path / "replicas" / "job" / "d.img"
     replica.parent.mkdir(parents=True)
     replica.write_bytes(os.urandom(100 * 4096))

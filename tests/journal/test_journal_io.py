@@ -13,7 +13,7 @@ import pytest
 from replicator.journal import Journal
 from replicator.journal import durable as durable_mod
 from replicator.journal.inspect import scan_journal
-from replicator.journal.journal import _write_all
+from replicator.journal.recovery import write_all as _write_all
 from tests.journal.helpers import check_record, read_all, segment_files, write_for
 
 

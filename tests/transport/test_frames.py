@@ -312,3 +312,24 @@ def test_partial_frame_is_reported_as_partial() -> None:
     frame = decoder.next_frame()
     assert frame is not None and isinstance(frame.message, Hello)
     assert not decoder.has_partial()
+
+
+def test_a_version_byte_damaged_mid_stream_is_damage_not_another_peer() -> None:
+    """Seen in the 1,000-fault soak: one flipped byte in a frame's version field made a
+    continuous sender give up with "protocol version mismatch". A stream that already
+    spoke our version does not change it: that is a damaged frame (retried), while the
+    same byte in the first frame is still reported as another version."""
+    first = b"".join(encode_frame(Ping(1, 2)).buffers)
+    damaged = bytearray(b"".join(encode_frame(Ping(3, 4)).buffers))
+    damaged[4] = 254
+    dec = FrameDecoder()
+    dec.feed(first + bytes(damaged))
+    assert dec.next_frame() is not None
+    with pytest.raises(RemoteProtocolError) as caught:
+        dec.next_frame()
+    assert not isinstance(caught.value, VersionMismatchError)
+    assert "damaged frame" in str(caught.value)
+    fresh = FrameDecoder()
+    fresh.feed(bytes(damaged))
+    with pytest.raises(VersionMismatchError):
+        fresh.next_frame()

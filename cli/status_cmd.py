@@ -1,0 +1,327 @@
+"""``replicator status``: what a sender or receiver is doing, or what its files say.
+
+Asks the running process through its control socket (engine/control.py); when nothing
+answers, reads the state folder at rest (engine/at_rest.py) and says so. ``--watch`` asks
+again every second until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from replicator.cli.common import fail
+from replicator.engine.at_rest import receiver_at_rest, sender_at_rest
+from replicator.engine.control import (
+    SOCKET_NAME,
+    ControlUnavailable,
+    claim_held,
+    read_claim,
+    request,
+)
+from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
+
+WATCH_INTERVAL = 1.0
+AT_REST = "not running (read from files at rest)"
+
+
+def status_command(
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="A sender's state folder; with --dir, the receiver's (default DIR/.replicator).",
+        ),
+    ] = None,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="A receiver's --dir (its replicas).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Refresh every second until Ctrl-C.")
+    ] = False,
+) -> None:
+    """Show a sender's (--state-dir) or a receiver's (--dir) jobs: state, LSNs, lag, traffic."""
+    if state_dir is None and directory is None:
+        typer.echo(
+            "replicator: error: say whose status: --state-dir S for a sender, "
+            "--dir DIR [--state-dir S] for a receiver (see `replicator status -h`)",
+            err=True,
+        )
+        raise typer.Exit(ExitCode.USAGE)
+    try:
+        role, root = _where(state_dir, directory)
+        if not watch:
+            _show(_fetch(role, root), as_json, _console())
+            return
+        _watch(role, root, as_json)
+    except ReplicatorError as exc:
+        fail(exc)
+
+
+def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
+    if directory is None:
+        assert state_dir is not None
+        if not state_dir.is_dir():
+            raise ConfigError(
+                f"sender state folder {state_dir} does not exist",
+                hint="give the --state-dir the sender runs with (default "
+                "~/.local/state/replicator/send/JOB, or /var/lib/replicator/send/JOB as root)",
+            )
+        return "sender", state_dir
+    if not directory.is_dir():
+        raise ConfigError(
+            f"receiver folder {directory} does not exist",
+            hint="give the --dir that `replicator receive` was started with",
+        )
+    root = state_dir or directory / ".replicator"
+    if not root.is_dir():
+        raise ConfigError(
+            f"no receiver state in {root}",
+            hint="has `replicator receive --dir DIR` run here? if it was given --state-dir, "
+            "give that here too",
+        )
+    return "receiver", root
+
+
+def _fetch(role: str, root: Path) -> dict[str, Any]:
+    """The live status from the process, else the files at rest (saying which)."""
+    path = root / SOCKET_NAME
+    try:
+        snapshot = request(path, "status", timeout=5.0)
+    except ControlUnavailable as exc:
+        reason = str(exc)
+    else:
+        if not isinstance(snapshot, dict):
+            raise ConfigError(
+                f"the process behind {path} gave an answer that is not a status",
+                hint="is another program using this socket?",
+            )
+        snapshot.update(running=True, source="process", note=None)
+        return snapshot
+    rest = sender_at_rest(root) if role == "sender" else receiver_at_rest(root)
+    rest["source"] = "files"
+    if role == "sender" and claim_held(root):
+        pid = (read_claim(root) or {}).get("pid")
+        rest["running"] = True
+        rest["note"] = (
+            f"a sender runs{f' (pid {pid})' if pid else ''} but does not answer on its control "
+            f"socket ({reason}); read from files at rest"
+        )
+    else:
+        rest["note"] = AT_REST
+    return rest
+
+
+def _watch(role: str, root: Path, as_json: bool) -> None:
+    from rich.live import Live
+
+    # Ctrl-C (or SIGTERM) ends the watch; the entry point's early handler would exit 130
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    console = _console()
+    try:
+        if as_json:
+            while True:
+                typer.echo(json.dumps(_fetch(role, root), sort_keys=True))
+                time.sleep(WATCH_INTERVAL)
+        with Live(_render(_fetch(role, root)), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(WATCH_INTERVAL)
+                live.update(_render(_fetch(role, root)), refresh=True)
+    except KeyboardInterrupt:
+        raise typer.Exit(ExitCode.OK) from None
+
+
+def _console() -> Console:
+    """The terminal's width on a terminal; wide enough for a row per job otherwise."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def _show(snapshot: dict[str, Any], as_json: bool, console: Console) -> None:
+    if as_json:
+        typer.echo(json.dumps(snapshot, sort_keys=True))
+    else:
+        console.print(_render(snapshot))
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def _render(snap: dict[str, Any]) -> Group:
+    role = snap.get("role", "?")
+    if snap.get("source") == "process":
+        head = Text(
+            f"{role}, pid {snap.get('pid')}, up {_duration(snap.get('uptime_seconds'))}"
+            f" (state folder {snap.get('state_dir')})",
+            style="bold",
+        )
+    else:
+        head = Text(f"{role}: {snap.get('note')} (state folder {snap.get('state_dir')})")
+        head.stylize("bold yellow", 0, len(role) + 2 + len(str(snap.get("note"))))
+    jobs: list[dict[str, Any]] = list(snap.get("jobs", []))
+    if not jobs:
+        return Group(head, Text("no jobs yet"))
+    rows = _SENDER if role == "sender" else _RECEIVER
+    blocks: list[Table] = []
+    for job in jobs:  # one block per job: fits any terminal width
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column(overflow="fold")
+        for label, cell in rows:
+            grid.add_row(label, cell(job))
+        blocks.append(grid)
+    return Group(head, *_spaced(blocks))
+
+
+def _spaced(blocks: list[Table]) -> list[Table | Text]:
+    out: list[Table | Text] = []
+    for block in blocks:
+        out += [Text(""), block]
+    return out
+
+
+def _get(job: dict[str, Any], *keys: str) -> Any:
+    value: Any = job
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _state(job: dict[str, Any]) -> str:
+    text = str(job.get("state", "?")).replace("_", " ")
+    sync = job.get("initial_sync")
+    if job.get("state") == "initial_sync" and isinstance(sync, dict):
+        text += f" {sync.get('percent', 0)}%"
+    if job.get("source") == "files" and job.get("state") != "not_running":
+        text += " (no sender since the receiver started; from files)"
+    if job.get("recovery_pending"):
+        text += " (apply pending)"
+    return text
+
+
+def _lag(job: dict[str, Any]) -> str:
+    lag = job.get("lag") or {}
+    at_most = lag.get("at_most")
+    if lag.get("records") is None and isinstance(at_most, dict):
+        return (
+            f"at most {at_most.get('records')} records, {_bytes(at_most.get('bytes'))}, "
+            f"{_duration(at_most.get('seconds'))} (what the receiver applied is not known at rest)"
+        )
+    parts = [f"{lag.get('records', '-')} records"]
+    if lag.get("bytes") is not None and lag.get("records"):  # journal bytes: an upper bound
+        parts.append(f"<= {_bytes(lag['bytes'])}")
+    parts.append(_duration(lag.get("seconds")))
+    return ", ".join(parts)
+
+
+def _traffic(job: dict[str, Any]) -> str:
+    moved = job.get("bytes")
+    if not isinstance(moved, dict):
+        return "-"
+    return (
+        f"{_bytes(moved.get('payload'))} as {_bytes(moved.get('wire'))} "
+        f"(x{job.get('compression_ratio', 1.0)}), {_bytes(job.get('rate_bytes_per_second'))}/s"
+    )
+
+
+def _point(job: dict[str, Any]) -> str:
+    point = job.get("consistency_point") or {}
+    if not point.get("lsn"):
+        return "-"
+    text = f"LSN {point.get('lsn')}, source time {point.get('source_time') or 'unknown'}"
+    return text + ("" if point.get("consistent") else " (an apply is unfinished)")
+
+
+def _errors(job: dict[str, Any]) -> str:
+    errors = job.get("errors") or {}
+    text = ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "-"
+    if job.get("last_error"):
+        text += f": {job['last_error']}"
+    return text
+
+
+def _s(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _lsns(job: dict[str, Any]) -> str:
+    lsn = job.get("lsn") or {}
+    return ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in lsn.items()) or "-"
+
+
+def _peer(job: dict[str, Any]) -> str:
+    peer = job.get("peer")
+    if job.get("connected"):
+        return f"{peer} (connected)"
+    return f"{peer} (not connected)" if peer else "not connected"
+
+
+def _journal(job: dict[str, Any]) -> str:
+    journal = job.get("journal") or {}
+    text = _bytes(journal.get("bytes"))
+    if journal.get("cap"):
+        text += f" of {_bytes(journal['cap'])}"
+    if journal.get("problem"):
+        text += f"; {journal['problem']}"
+    return text
+
+
+_SENDER: list[tuple[str, Any]] = [
+    ("job", lambda j: _s(j.get("job"))),
+    ("state", _state),
+    ("receiver", _peer),
+    ("LSN", _lsns),
+    ("lag (RPO)", _lag),
+    ("sent", _traffic),
+    ("journal", _journal),
+    ("last epoch", lambda j: _s(j.get("last_epoch"))),
+    ("errors", _errors),
+]
+_RECEIVER: list[tuple[str, Any]] = [
+    ("job", lambda j: _s(j.get("job"))),
+    ("state", _state),
+    ("sender", _peer),
+    ("LSN", _lsns),
+    ("consistency point", _point),
+    ("lag (RPO)", _lag),
+    ("received", _traffic),
+    ("journal", _journal),
+    ("generation", lambda j: _s(j.get("generation"))),
+    ("errors", _errors),
+]
+
+
+def _bytes(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _duration(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    seconds = float(value)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

@@ -1,0 +1,197 @@
+"""Status read from the files at rest: what ``replicator status`` says when nothing runs.
+
+Nothing here locks, creates or repairs anything: journals are walked read-only
+(``journal/inspect.py``), state files are only read. The dicts use the keys of the live
+snapshots (engine/status.py) where the figure exists at rest, plus ``"source": "files"``.
+
+* a sender's state folder: the job (``sender.json``, else the folder's name), the
+  journal's LSN range and size, the last epoch (``manifests.state``). Whether the receiver
+  applied what the journal holds is not known without it: ``lag.at_most`` says how much
+  it can be at most (every record still in the journal, since the oldest one's time);
+* a receiver's state folder: per job, what ``applied.state`` says (applied LSN,
+  consistency point and its source time, generation, an apply left unfinished) and the
+  receive journal's last LSN.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from replicator.engine import replica_state
+from replicator.engine.control import read_claim
+from replicator.engine.errors import ConfigError
+from replicator.engine.manifest import ManifestSet
+from replicator.engine.names import check_job_name
+from replicator.engine.status import iso_time
+from replicator.journal.durable import StateFileError
+from replicator.journal.inspect import JournalReport, scan_journal
+from replicator.journal.segment import SegmentReader
+
+NOT_RUNNING = "not_running"
+
+
+def sender_at_rest(state_dir: Path) -> dict[str, Any]:
+    """A sender's status (one job) from its state folder."""
+    now = time.time()
+    claim = read_claim(state_dir) or {}
+    job = claim.get("job") if isinstance(claim.get("job"), str) else None
+    report = _journal(state_dir / "journal")
+    manifests, manifest_problem = _manifests(state_dir / "manifests.state")
+    oldest = _oldest_ts(report) if report is not None else None
+    first = report.first_lsn if report is not None else None
+    last = report.last_lsn if report is not None else None
+    records = report.records if report is not None else 0
+    used = report.total_bytes if report is not None else 0
+    entry: dict[str, Any] = {
+        "job": job or state_dir.name,
+        "job_from": "sender.json" if job else "folder name",
+        "role": "sender",
+        "source": "files",
+        "state": NOT_RUNNING,
+        "capture": claim.get("capture"),
+        "peer": claim.get("peer"),
+        "volumes": claim.get("volumes"),
+        "connected": False,
+        "last_pid": claim.get("pid"),
+        "lsn": {
+            "journaled": last if last is not None else (report.next_lsn - 1 if report else 0),
+            # records below the journal's first were trimmed: the receiver had them
+            "trimmed_below": first if first is not None else (report.next_lsn if report else 1),
+        },
+        "lag": {
+            "records": None,
+            "bytes": None,
+            "seconds": None,
+            # the receiver may have applied any part of what is still journaled
+            "at_most": {
+                "records": records,
+                "bytes": used,
+                "seconds": round(max(0.0, now - oldest / 1e9), 3) if oldest else 0.0,
+            },
+        },
+        "journal": {
+            "bytes": used,
+            "records": records,
+            "problem": report.problem.describe() if report and report.problem else None,
+        },
+        "last_epoch": manifests.epoch if manifests is not None else 0,
+        "manifests": (
+            {
+                "lsn": manifests.lsn,
+                "epoch": manifests.epoch,
+                "extent_size": manifests.extent_size,
+                "disks": sorted(manifests.disks),
+                "files": sorted(manifests.files),
+            }
+            if manifests is not None
+            else None
+        ),
+        "manifests_problem": manifest_problem,
+    }
+    return {"role": "sender", "running": False, "state_dir": str(state_dir), "jobs": [entry]}
+
+
+def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> list[dict[str, Any]]:
+    """Each job's status from ``state_root/JOB`` (those named in ``skip`` left out)."""
+    now = time.time()
+    jobs: list[dict[str, Any]] = []
+    try:
+        entries = sorted(p for p in state_root.iterdir() if p.is_dir() and not p.is_symlink())
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read receiver state folder {state_root}: {exc.strerror}",
+            hint="check the path and its permissions",
+        ) from exc
+    for folder in entries:
+        job = folder.name
+        try:
+            check_job_name(job)
+        except ConfigError:
+            continue
+        if skip and job in skip:
+            continue
+        has_state = (folder / replica_state.FILE_NAME).exists()
+        if not has_state and not (folder / "journal").is_dir():
+            continue
+        saved = replica_state.load(folder, job) if has_state else None
+        report = _journal(folder / "journal")
+        last = report.last_lsn if report is not None and report.last_lsn is not None else 0
+        point = saved or replica_state.ReplicaState()
+        applied = point.applied_lsn
+        received = max(applied, last)
+        consistent = point.consistent and not point.applying
+        age = (now - point.point_ts_ns / 1e9) if point.point_ts_ns else None
+        jobs.append(
+            {
+                "job": job,
+                "role": "receiver",
+                "source": "files",
+                "state": NOT_RUNNING,
+                "connected": False,
+                "generation": point.generation,
+                "lsn": {"received": received, "applied": applied},
+                "lag": {
+                    "records": max(0, received - applied),
+                    "seconds": round(age, 3) if age is not None else None,
+                },
+                "consistency_point": {
+                    "lsn": point.point_lsn,
+                    "source_time": iso_time(point.point_ts_ns),
+                    "consistent": consistent,
+                },
+                # an apply was cut short: the receiver finishes it when it starts
+                "recovery_pending": not consistent,
+                "state_file": "ok" if saved is not None else ("damaged" if has_state else None),
+                "journal": {
+                    "bytes": report.total_bytes if report is not None else 0,
+                    "problem": report.problem.describe() if report and report.problem else None,
+                },
+            }
+        )
+    return jobs
+
+
+def receiver_at_rest(state_root: Path) -> dict[str, Any]:
+    return {
+        "role": "receiver",
+        "running": False,
+        "state_dir": str(state_root),
+        "jobs": receiver_jobs_at_rest(state_root),
+    }
+
+
+def _journal(path: Path) -> JournalReport | None:
+    if not path.is_dir():
+        return None
+    try:
+        return scan_journal(path, verify_sealed=False)
+    except OSError:
+        return None
+
+
+def _manifests(path: Path) -> tuple[ManifestSet | None, str | None]:
+    try:
+        return ManifestSet.load(path), None
+    except (StateFileError, OSError) as exc:
+        return None, str(exc)
+
+
+def _oldest_ts(report: JournalReport) -> int | None:
+    """Source time (ns) of the oldest record still in the journal."""
+    for info in report.segments:
+        if not info.count:
+            continue
+        try:
+            reader = SegmentReader(info.path, info.base_lsn)
+        except OSError:
+            return None
+        try:
+            records = reader.read(info.records_end, budget=1)
+            return records[0].ts_ns if records else None
+        except Exception:  # damaged: no figure rather than no status
+            return None
+        finally:
+            reader.close()
+    return None

@@ -1,0 +1,519 @@
+"""One job on the receiving side: its journal, its replica state and the apply loop.
+
+``JobReplica`` keeps the job's receive journal and ``applied.state`` in the state folder.
+Sessions (``receiver_session.Session``) append what arrives and hand over what became
+durable; an applier task applies records to the replicas only up to the last received
+barrier (EPOCH or FLUSH), so the replica moves from one consistency point to the next. An
+epoch interrupted by a crash is completed from the journal when the job is opened, before
+anyone is served. After each round it fsyncs the replicas, persists the applied LSN and
+trims the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from replicator.engine import replica_state
+from replicator.engine.applier import Applier, ApplyError
+from replicator.engine.errors import ConfigError, ReplicaInconsistent
+from replicator.engine.generations import (
+    Promotion,
+    clear_promotion,
+    load_promotion,
+    new_promotion,
+    save_promotion,
+)
+from replicator.engine.manifest import digest_chunks
+from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
+from replicator.engine.replica_state import ReplicaState
+from replicator.engine.status import ReceiverJobStatus
+from replicator.journal import (
+    Journal,
+    JournalError,
+    Record,
+    RecordType,
+)
+from replicator.journal.durable import makedirs_durable, sync_dir
+
+log = structlog.get_logger()
+
+APPLY_BATCH_BYTES = 8 * 1024 * 1024
+MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
+MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the applier
+# records that change which file a name leads to (see _apply_upto)
+_NAMESPACE = frozenset(
+    {
+        RecordType.CREATE,
+        RecordType.UNLINK,
+        RecordType.RENAME,
+        RecordType.MKDIR,
+        RecordType.RMDIR,
+        RecordType.SYMLINK,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverConfig:
+    replica_root: Path
+    state_root: Path
+    window: int = 66 * 1024 * 1024  # >= the largest record (64 MiB) plus framing
+    journal_max_bytes: int | None = None
+    segment_bytes: int = 64 * 1024 * 1024
+    authorize: Any = None  # an engine.authz.Authorizer (--allow): who may write which job
+
+
+def check_receiver_dirs(config: ReceiverConfig) -> None:
+    """Fail early, with a message, when the replica or state folder cannot be used."""
+    for what, path in (("replica", config.replica_root), ("state", config.state_root)):
+        try:
+            makedirs_durable(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {what} folder {path}: {exc.strerror}") from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"{what} folder {path} is not writable", hint="fix its permissions or pick another"
+            )
+
+
+class JobReplica:
+    """Receiver-side state of one job: journal, replica state, the applier."""
+
+    def __init__(
+        self,
+        job: str,
+        config: ReceiverConfig,
+        journal: Journal,
+        state: ReplicaState,
+        files: ReplicaFiles | None = None,
+    ) -> None:
+        self.job = job
+        self.config = config
+        self.journal = journal
+        self.state = state
+        self.files = files if files is not None else ReplicaFiles()
+        self.status = ReceiverJobStatus(self)
+        self.replica_dir = config.replica_root / job
+        self.state_dir = config.state_root / job
+        self.session_lock = asyncio.Lock()
+        self.last_barrier = state.applied_lsn
+        # Records made durable by a session, kept so the applier need not read them back
+        # from the journal. Valid only while it holds *every* durable record after the
+        # applied LSN; dropped (and the journal read instead) when it would grow too big,
+        # and after a failed apply (which may have consumed part of it).
+        self._mem: collections.deque[Record] = collections.deque()
+        self._mem_bytes = 0
+        self._mem_ok = journal.durable_lsn <= state.applied_lsn
+        self._noted = self.received_lsn  # highest LSN handed to note_durable (or applied)
+        self._applier: Applier | None = None
+        self._wake = asyncio.Event()
+        self.applied_changed = asyncio.Condition()
+        self._apply_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
+        self.promotion: Promotion | None = None  # set by open(): see engine/generations.py
+        self._closed = False
+
+    @classmethod
+    async def open(cls, job: str, config: ReceiverConfig) -> JobReplica:
+        """Open the job's state and bring the replica to its last complete consistency point.
+
+        Recovery, in order: the saved replica state (damaged: rebuilt from the journal);
+        the journal, cut at any damage (records above the applied LSN that it loses are
+        sent again by the sender, which keeps them until they are applied); then the
+        records up to the last complete barrier are applied again (the redo of an apply
+        that a crash interrupted), before any session is served.
+        """
+        state_dir = config.state_root / job
+        await asyncio.to_thread(_real_dirs, config.state_root, (job, f"{job}/journal"))
+        saved = await asyncio.to_thread(replica_state.load, state_dir, job)
+        files = await asyncio.to_thread(ReplicaFiles.load, state_dir, job)
+        journal = await Journal.open(
+            state_dir / "journal",
+            segment_bytes=config.segment_bytes,
+            max_bytes=config.journal_max_bytes,
+            on_damage="cut",
+            discard_below=saved.applied_lsn + 1 if saved is not None else 0,
+        )
+        lost_track = saved is None or (
+            journal.recovery is not None and journal.recovery.kind == "damage"
+        )
+        if saved is None:
+            # Unknown (damaged or missing): everything below the journal's first record
+            # was applied (trim follows the state write), the rest is applied again.
+            applied = max(0, journal.first_lsn - 1)
+            empty = journal.first_lsn >= journal.next_lsn
+            saved = ReplicaState(applied, consistent=empty, applying=not empty)
+        if journal.recovery is not None and journal.recovery.kind == "damage":
+            log.error(
+                "receiver.journal_damaged",
+                job=job,
+                applied=saved.applied_lsn,
+                kept_upto=journal.last_lsn,
+                action="records after the kept ones are asked from the sender again",
+            )
+        self = cls(job, config, journal, saved, files)
+        self.promotion = await asyncio.to_thread(load_promotion, state_dir)
+        try:
+            # the last complete barrier already received (a crash may have cut an apply short)
+            pending: set[str] = set()
+            async for record in journal.read_from(max(saved.applied_lsn + 1, journal.first_lsn)):
+                if record.is_barrier:
+                    self.last_barrier = record.lsn
+                pending.update(_paths(record))
+            if saved.applying:
+                # the interrupted round may have written any of these past their stamps
+                files.unstamp(files.stamps if lost_track else pending)
+            if self.last_barrier > saved.applied_lsn:
+                log.info(
+                    "receiver.recover", job=job, applied=saved.applied_lsn, upto=self.last_barrier
+                )
+                try:
+                    await self.apply_pending()
+                except ReplicaDiverged as exc:  # sessions are refused until a --resync
+                    log.error("receiver.replica_diverged", job=job, files=[str(exc)])
+            elif not saved.consistent:
+                log.warning(
+                    "receiver.replica_inconsistent",
+                    job=job,
+                    applied=saved.applied_lsn,
+                    why="the records that complete the interrupted epoch are not here yet; "
+                    "the replica is not a consistency point until the sender resends them",
+                )
+        except BaseException:
+            await self.aclose()
+            raise
+        self._task = asyncio.create_task(self._apply_loop(), name=f"apply-{job}")
+        return self
+
+    @property
+    def broken(self) -> bool:
+        return self.failure is not None or self.journal.failed
+
+    @property
+    def applied_lsn(self) -> int:
+        return self.state.applied_lsn
+
+    @property
+    def received_lsn(self) -> int:
+        """Highest LSN the replica has durably: in the journal, or already applied (a
+        journal cut after damage may end below the applied LSN)."""
+        return max(self.journal.durable_lsn, self.state.applied_lsn)
+
+    async def ingest(self, records: list[Record], encoded: bytes | None = None) -> None:
+        """Append records (checksum-verified and checked by ``ReceiverCore.records``) to
+        the receive journal. ``encoded`` is their exact encoding (the Records payload they
+        were decoded from)."""
+        await self.journal.append_many(records, encoded=encoded)
+
+    def note_durable(self, records: list[Record]) -> None:
+        """Called once records are durable, in LSN order: barriers become applicable."""
+        for record in records:
+            if record.is_barrier:
+                self.last_barrier = max(self.last_barrier, record.lsn)
+        if records:
+            self._noted = max(self._noted, records[-1].lsn)
+        if self._mem_ok:
+            self._mem.extend(records)
+            self._mem_bytes += sum(r.encoded_size for r in records)
+            if self._mem_bytes > MEM_APPLY_BYTES:  # the applier is behind: use the journal
+                self._drop_memory()
+        self._wake.set()
+
+    def session_started(self) -> None:
+        """A new session begins: records an earlier one made durable without handing them
+        over (it ended between its append and its sync) exist only in the journal."""
+        if self.journal.durable_lsn > self._noted:
+            self._drop_memory()
+
+    def _drop_memory(self) -> None:
+        self._mem.clear()
+        self._mem_bytes = 0
+        self._mem_ok = False
+
+    async def _records_upto(self, target: int) -> AsyncIterator[Record]:
+        """Durable records after the applied LSN up to ``target``, from memory or the journal."""
+        if self._mem_ok:
+            while self._mem and self._mem[0].lsn <= target:
+                record = self._mem.popleft()
+                self._mem_bytes -= record.encoded_size
+                yield record
+            return
+        start = max(self.state.applied_lsn + 1, self.journal.first_lsn)
+        async for record in self.journal.read_from(start):
+            if record.lsn > target:
+                break
+            yield record
+
+    async def _apply_loop(self) -> None:
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake.clear()
+                await self.apply_pending()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # surfaced to sessions through acks and errors
+            self.failure = exc
+            log.error("receiver.apply_failed", job=self.job, error=str(exc))
+            async with self.applied_changed:
+                self.applied_changed.notify_all()
+
+    async def apply_pending(self, *, force: bool = False) -> int:
+        """Apply records up to the last durable barrier (or all durable ones when ``force``).
+
+        All or nothing for the applied LSN: it moves only after every record up to the
+        target is in the replica files and they are fsynced. When anything fails, it stays
+        where it was, the records stay in the journal (never consumed from memory), and
+        the next attempt applies them again from the journal.
+        """
+        async with self._apply_lock:
+            if self.promotion is not None:  # the replica belongs to the target's VM now
+                return self.state.applied_lsn
+            t0 = time.perf_counter()
+            target = self.journal.durable_lsn if force else self.last_barrier
+            if target <= self.state.applied_lsn:
+                return self.state.applied_lsn
+            try:
+                applied, point = await self._apply_upto(target)
+            except ReplicaDiverged as exc:
+                self._after_failed_apply()
+                self.files.mark_diverged(exc.path, exc.why)
+                with contextlib.suppress(OSError):  # also refused at the next session start
+                    await asyncio.to_thread(self.files.save, self.state_dir)
+                raise
+            except BaseException:
+                self._after_failed_apply()
+                raise
+            t1 = time.perf_counter()
+            consistent = point is not None and point.lsn == target
+            new = self.state.replace(applied_lsn=applied, consistent=consistent, applying=False)
+            if point is not None:
+                new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
+            await self._save_state(new)
+            if not self._mem_ok and self.journal.durable_lsn == target:
+                self._mem_ok = True  # caught up: nothing durable is left unapplied
+                self._noted = max(self._noted, target)
+            await self.journal.trim(target + 1)
+            async with self.applied_changed:
+                self.applied_changed.notify_all()
+            log.debug(
+                "receiver.applied",
+                job=self.job,
+                lsn=target,
+                consistent=consistent,
+                apply_ms=round((t1 - t0) * 1000, 1),
+                total_ms=round((time.perf_counter() - t0) * 1000, 1),
+            )
+            return target
+
+    async def _apply_upto(self, target: int) -> tuple[int, Record | None]:
+        """Apply and fsync every record after the applied LSN up to ``target``.
+
+        Returns the LSN reached (always ``target``) and the last barrier applied.
+
+        Redo after a crash applies the round's records again over whatever part of them
+        reached the files. Writes to a fixed set of files are idempotent that way; a
+        namespace change is not (a WRITE redone after the file was renamed away would
+        create a fresh, sparse file under the old name). So before each namespace record
+        everything applied so far is made durable and the applied LSN saved: a redo window
+        then starts at the latest namespace record at most (whose redo is recognised as
+        done) and holds only data records after it.
+        """
+        if not self.state.applying:  # durably "under way" before any replica byte moves
+            await self._save_state(self.state.replace(applying=True, consistent=False))
+        applier = self._get_applier()
+        batch: list[Record] = []
+        size = 0
+        last = saved = self.state.applied_lsn
+        point: Record | None = None
+        async for record in self._records_upto(target):
+            if record.lsn <= last:
+                raise ApplyError(f"record lsn {record.lsn} is not after {last} (internal error)")
+            if record.type in _NAMESPACE and last > saved:
+                if batch:
+                    await asyncio.to_thread(applier.apply_many, batch)
+                    batch, size = [], 0
+                await asyncio.to_thread(applier.barrier)
+                await asyncio.to_thread(self.files.save, self.state_dir)
+                await self._save_state(self.state.replace(applied_lsn=last))
+                saved = last
+            last = record.lsn
+            if record.is_barrier:
+                point = record
+            batch.append(record)
+            size += record.encoded_size
+            if size >= APPLY_BATCH_BYTES:
+                await asyncio.to_thread(applier.apply_many, batch)
+                batch, size = [], 0
+        if batch:
+            await asyncio.to_thread(applier.apply_many, batch)
+        if last != target:  # never call "applied" what was not: the records must all be there
+            raise ApplyError(
+                f"records up to lsn {target} should be durable here, but they end at {last}"
+            )
+        await asyncio.to_thread(applier.barrier)
+        await asyncio.to_thread(self.files.save, self.state_dir)
+        return last, point
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing was ever received or applied: any history may start this replica."""
+        return self.received_lsn == 0
+
+    async def set_generation(self, generation: int) -> None:
+        """The replica follows history ``generation`` from now on (durably)."""
+        async with self._apply_lock:
+            if generation != self.state.generation:
+                await self._save_state(self.state.replace(generation=generation))
+
+    async def promote(self) -> Promotion:
+        """Failover: apply every complete epoch received, then make the replica the
+        primary copy: durably promoted (``promoted.state`` first), generation bumped.
+        Raises ReplicatorError when the replica is not at a consistency point."""
+        if self.promotion is not None and not self.promotion.damaged:
+            return self.promotion  # already promoted: failover is idempotent
+        await self.apply_pending()
+        async with self._apply_lock:
+            state = self.state
+            if not state.consistent or state.applying:
+                raise ReplicaInconsistent(
+                    f"job {self.job!r}: the replica is not at a consistency point (an epoch "
+                    f"or a --resync comparison was cut short after lsn {state.applied_lsn}); "
+                    "promoting it would start a VM on a disk that never existed",
+                    hint="let the source finish sending (run `replicator send` again), then "
+                    "fail over; or restore the replica from a backup",
+                )
+            promotion = new_promotion(state.generation, state.point_lsn, state.point_ts_ns)
+            await asyncio.to_thread(save_promotion, self.state_dir, promotion)
+            await self._save_state(state.replace(generation=promotion.generation))
+            self.promotion = promotion
+            self._reset_applier()  # replication writes nothing more
+        log.warning(
+            "receiver.promoted",
+            job=self.job,
+            generation=promotion.generation,
+            point_lsn=promotion.point_lsn,
+        )
+        return promotion
+
+    async def demote(self) -> None:
+        """The replica follows replication again (``replicator demote``)."""
+        async with self._apply_lock:
+            await asyncio.to_thread(clear_promotion, self.state_dir)
+            self.promotion = None
+        log.warning("receiver.demoted", job=self.job, generation=self.state.generation)
+
+    async def _save_state(self, state: ReplicaState) -> None:
+        await asyncio.to_thread(replica_state.save, self.state_dir, self.job, state)
+        self.state = state
+
+    def _get_applier(self) -> Applier:
+        if self._applier is None:
+            self._applier = Applier(self.replica_dir, self.files)
+        return self._applier
+
+    def _after_failed_apply(self) -> None:
+        self._drop_memory()
+        if self._applier is not None:
+            self.files.unstamp(self._applier.unstamped)  # our own writes moved past them
+        self._reset_applier()
+
+    async def check_replica(self, *, adopt: bool) -> list[str]:
+        """Replica files not as replication left them (see ``replica_files.py``); with
+        ``adopt`` (the sender compares with the replica) they are all taken as they are."""
+        async with self._apply_lock:
+            if adopt:
+                self.files.forget_all()
+            else:
+                applier = self._get_applier()
+                for path in list(self.files.stamps):
+                    try:
+                        self.files.check(path, await asyncio.to_thread(applier.lstat, path))
+                    except ReplicaDiverged as exc:
+                        self.files.mark_diverged(exc.path, exc.why)
+            await asyncio.to_thread(self.files.save, self.state_dir)
+            return [f"{path!r} {why}" for path, why in sorted(self.files.diverged.items())]
+
+    async def adopt(self, path: str) -> None:
+        """The sender is about to compare with replica file ``path`` as it is now."""
+        async with self._apply_lock:
+            await asyncio.to_thread(self._get_applier().adopt, path)
+            await asyncio.to_thread(self.files.save, self.state_dir)
+
+    def _reset_applier(self) -> None:
+        """After a failed write or fsync nothing about the open files can be trusted (the
+        kernel may have dropped dirty pages): the next apply starts with fresh ones."""
+        if self._applier is not None:
+            with contextlib.suppress(OSError):
+                self._applier.close()
+            self._applier = None
+
+    def replica_manifest(self, volume: str, extent_size: int) -> Iterator[tuple[bool, int, bytes]]:
+        """(exists, size, digests of up to MANIFEST_CHUNK extents) of a replica, read afresh.
+
+        A generator, so a huge replica is hashed and sent a chunk at a time, never held
+        whole in memory. Blocking: drive it from a worker thread.
+        """
+        fd = self._get_applier().open_readonly(volume)  # never reads outside the replica
+        if fd is None:
+            yield False, 0, b""
+            return
+        try:
+            size = os.fstat(fd).st_size
+            for digests in digest_chunks(fd, size, extent_size, MANIFEST_CHUNK):
+                yield True, size, digests
+        finally:
+            os.close(fd)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if not self.broken:
+            with contextlib.suppress(Exception):
+                await self.apply_pending()
+        self._reset_applier()
+        with contextlib.suppress(JournalError):
+            await self.journal.aclose()
+
+
+def _real_dirs(root: Path, names: tuple[str, ...]) -> None:
+    """Create ``root/name`` for each name (in order) as a real folder, never through a
+    symlink: a job name comes from the peer, and a symlink planted in the state root
+    would put journals and state files outside it. ``root`` itself is the operator's."""
+    makedirs_durable(root)
+    for name in names:
+        path = root / name
+        try:
+            os.mkdir(path, 0o700)
+            sync_dir(path.parent)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(
+                f"{path} is not a folder (a symlink?): refusing to keep job state there",
+                hint="remove it; the receiver creates the folder itself",
+            )
+
+
+def _paths(record: Record) -> list[str]:
+    if not record.volume:
+        return []
+    return [record.volume, record.target] if record.type is RecordType.RENAME else [record.volume]

@@ -1,0 +1,253 @@
+"""The sender's configuration, its state folder, and the choice of a basis.
+
+``SenderConfig`` is what a sending job is (the CLI, tests and embedders build it);
+``SenderState`` is the state folder a sender owns (locked): its journal and the manifests
+of the last epoch. ``choose_basis`` decides what the replica is assumed to hold before a
+cycle scans against it.
+
+Choosing the basis (what the replica is assumed to hold):
+
+* the local manifests, when every record journaled after them is still in our journal
+  and the receiver's position is consistent with that journal;
+* otherwise the receiver's manifests, read afresh from the replicas after it applied all
+  it has received. This covers a first sync onto a seeded replica, a resumed initial
+  sync, a wiped sender state folder, a receiver that lost its state, and ``--resync``.
+
+In both cases the records journaled after the basis (they reach the replica before the
+next epoch) are folded into it by ``_apply_effect``, so nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from replicator.engine.imagelock import ImageLocks
+from replicator.engine.link import Link
+from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
+from replicator.engine.scan import (
+    resize_basis,
+)
+from replicator.engine.statedir import StateDirLock
+from replicator.engine.tree import Tree, fold, from_entries
+from replicator.engine.volumes import (
+    DEFAULT_EXTENT,
+    VolumeKind,
+    VolumeSpec,
+    extent_digest,
+    zero_digest,
+)
+from replicator.journal import Journal, Record, RecordType
+from replicator.journal.durable import StateFileError
+from replicator.journal.recovery import OnDamage
+
+log = structlog.get_logger()
+
+JOURNAL_CAP = 1024 * 1024 * 1024  # scan capture waits for acks beyond this
+# Live capture cannot wait: past the cap, writers get ENOSPC. Sized for a long outage.
+LIVE_JOURNAL_CAP = 16 * 1024 * 1024 * 1024
+DEFAULT_SEGMENT = 64 * 1024 * 1024
+MIN_SEGMENT = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    host: str
+    port: int
+    job: str
+    volumes: list[VolumeSpec]
+    state_dir: Path
+    extent_size: int = DEFAULT_EXTENT
+    pre_hook: str | None = None
+    post_hook: str | None = None
+    resync: bool = False
+    journal_max_bytes: int = JOURNAL_CAP
+    connect_timeout: float = 10.0
+    # what to do with a damaged journal: "cut" it and compare with the replica (the
+    # volumes hold every change the lost records made), or "refuse"
+    journal_damage: OnDamage = "cut"
+    # the volumes are a folder's files (FUSE capture): the replica folder's layout is
+    # listed at every connect with a basis, to find what the folder no longer has
+    folder: bool = False
+
+
+class SenderState:
+    """The locked state folder: journal and manifests."""
+
+    def __init__(self, config: SenderConfig) -> None:
+        self.config = config
+        self.dir = config.state_dir
+        self._lock = StateDirLock(config.state_dir, f"a sender for job {config.job!r}")
+        self.journal: Journal | None = None
+        self.manifests: ManifestSet | None = None
+        self.damaged = False  # the journal lost synced records: compare with the replica
+        self.locks = ImageLocks([v.path for v in config.volumes if v.kind is VolumeKind.DISK])
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifests.state"
+
+    async def __aenter__(self) -> SenderState:
+        self._lock.__enter__()
+        try:
+            await asyncio.to_thread(self.locks.acquire)
+            self.journal = await Journal.open(
+                self.dir / "journal",
+                max_bytes=self.config.journal_max_bytes,
+                # a quarter of the cap at most, so a small cap still trims as acks arrive
+                segment_bytes=max(
+                    MIN_SEGMENT, min(DEFAULT_SEGMENT, self.config.journal_max_bytes // 4)
+                ),
+                on_damage=self.config.journal_damage,
+            )
+            self.manifests = await asyncio.to_thread(self._load_manifests)
+        except BaseException:
+            if self.journal is not None:
+                await self.journal.aclose()
+            self.locks.release()
+            self._lock.__exit__(None, None, None)
+            raise
+        recovery = self.journal.recovery
+        if recovery is not None and recovery.kind == "damage":
+            self.damaged = True
+            log.error(
+                "sender.journal_damaged",
+                job=self.config.job,
+                segment=recovery.path,
+                offset=recovery.offset,
+                lost_from_lsn=recovery.next_lsn,
+                action="the next cycle compares the volumes with the replica (basis remote)",
+            )
+        if self.manifests is not None and self.manifests.extent_size != self.config.extent_size:
+            log.info("sender.extent_size_changed", old=self.manifests.extent_size)
+            self.manifests = None
+        return self
+
+    def _load_manifests(self) -> ManifestSet | None:
+        try:
+            return ManifestSet.load(self.manifest_path)
+        except StateFileError as exc:
+            # the manifests only save work: without them the replica itself is compared
+            log.error(
+                "sender.state_damaged",
+                job=self.config.job,
+                path=str(self.manifest_path),
+                error=str(exc),
+                action="comparing with the replica instead (basis remote)",
+            )
+            return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self.journal is not None:
+                await self.journal.aclose()
+        finally:
+            self.locks.release()
+            self._lock.__exit__(None, None, None)
+
+    async def save(self, manifests: ManifestSet) -> None:
+        await asyncio.to_thread(manifests.save, self.manifest_path)
+        self.manifests = manifests
+
+
+def _apply_effect(basis: ManifestSet, record: Record) -> None:
+    """Update ``basis`` with what ``record`` will do to the replica when it is applied.
+
+    Extents a record covers completely get the digest of their new content; partly
+    covered ones become unknown (sent again by the next scan).
+    """
+    if record.type is RecordType.FILE:
+        basis.files[record.volume] = extent_digest(record.data)
+        return
+    if record.type in (RecordType.UNLINK, RecordType.CREATE):
+        basis.disks.pop(record.volume, None)
+        basis.files.pop(record.volume, None)
+        if record.type is RecordType.CREATE:  # an empty file
+            basis.disks[record.volume] = ExtentManifest(basis.extent_size, 0)
+            basis.files[record.volume] = extent_digest(b"")
+        return
+    if record.type is RecordType.RENAME:  # content moves with the name
+        disk = basis.disks.pop(record.volume, None)
+        digest = basis.files.pop(record.volume, None)
+        basis.disks.pop(record.target, None)
+        basis.files.pop(record.target, None)
+        if disk is not None:
+            basis.disks[record.target] = disk
+        if digest is not None:
+            basis.files[record.target] = digest
+        return
+    if record.type is RecordType.RESIZE:
+        resized = basis.disks.setdefault(record.volume, ExtentManifest(basis.extent_size, 0))
+        resize_basis(resized, record.size)
+        return
+    if record.type not in (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM):
+        return
+    disk = basis.disks.get(record.volume)
+    if disk is None:
+        return
+    ext = disk.extent_size
+    start, end = record.offset, record.offset + record.length
+    for index in range(start // ext, min(disk.count, (end + ext - 1) // ext)):
+        e_start = index * ext
+        e_end = min(e_start + ext, disk.size)
+        if start <= e_start and e_end <= end:
+            if record.type is RecordType.WRITE:
+                digest = extent_digest(record.data[e_start - start : e_end - start])
+            else:
+                digest = zero_digest(e_end - e_start)
+            disk.set(index, digest)
+        else:
+            disk.set(index, UNKNOWN)
+
+
+async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str]:
+    """Pick what the replica is assumed to hold (see the module docstring)."""
+    journal = state.journal
+    assert journal is not None
+    local = state.manifests
+    received = link.received_lsn
+    trusted = (
+        local is not None
+        and not state.config.resync
+        and not state.damaged
+        # every record after the manifests is still here to fold in, or the receiver has it
+        and journal.first_lsn <= local.lsn + 1
+        and local.lsn <= max(journal.last_lsn, received)
+        and received + 1 >= journal.first_lsn
+        and received <= journal.last_lsn
+    )
+    if trusted:
+        assert local is not None
+        basis = ManifestSet(local.lsn, local.extent_size, local.epoch)
+        basis.disks = {k: v.copy() for k, v in local.disks.items()}
+        basis.files = dict(local.files)
+        since = local.lsn + 1
+        kind = "local"
+    else:
+        epoch = local.epoch if local is not None else 0
+        basis = ManifestSet(received, state.config.extent_size, epoch)
+        for spec in state.config.volumes:
+            if spec.kind is VolumeKind.DISK:
+                remote = await link.request_manifest(spec.name, state.config.extent_size)
+                if remote is not None:
+                    basis.disks[spec.name] = remote
+        since = received + 1
+        kind = "remote"
+    async for record in journal.read_from(max(since, journal.first_lsn)):
+        _apply_effect(basis, record)
+    log.info("sender.basis", kind=kind, lsn=basis.lsn, received=received)
+    return basis, kind
+
+
+async def replica_layout(state: SenderState, link: Link) -> Tree:
+    """The replica folder as it will be once the records still in our journal after what
+    the receiver has are applied: its listing, folded with those records."""
+    journal = state.journal
+    assert journal is not None
+    tree = from_entries(await link.request_tree())
+    async for record in journal.read_from(max(link.received_lsn + 1, journal.first_lsn)):
+        fold(tree, record)
+    return tree

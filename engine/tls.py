@@ -1,0 +1,229 @@
+"""Mutual TLS for replication connections: the files ``replicator keygen`` makes, the SSL
+contexts built from them, and the name a peer's certificate gives it.
+
+Choices (docs/OPERATIONS.md, "Security: TLS and keys"):
+
+* TLS 1.3 only. Both sides present a certificate, and only certificates signed by the
+  folder's CA (``ca.crt``) are accepted: that CA is pinned, the system's trust store is
+  never consulted.
+* Peers are identified by their certificate, not by a DNS name: the sender does not match
+  the receiver's host name against its certificate (``check_hostname`` off,
+  ``CERT_REQUIRED``, the CA pinned), as DRBD and zrepl do. A receiver can restrict which
+  certificate names may write which jobs (``engine/authz.py``).
+* No session tickets: every connection runs a full handshake, so a certificate replaced
+  or expired is never carried over by a resumed session.
+* A context is built once and rebuilt only when one of its files changes, which is checked
+  at every use: every connection a sender opens, every connection a receiver accepts.
+  Replacing the files therefore rotates certificates without a restart (no SIGHUP needed);
+  sessions already running keep theirs. A replacement that does not load (a key that does
+  not match its certificate, a half-copied file) is logged and the previous context stays.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import ssl
+import stat
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from replicator.engine.errors import AuthError, ConfigError
+
+log = structlog.get_logger()
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+SENDER = "sender"
+RECEIVER = "receiver"
+EXPIRY_WARNING = datetime.timedelta(days=30)
+DEFAULT_DAYS = 825  # keygen's certificates: about 27 months, long enough to be rare
+KEYGEN_HINT = "make keys with `replicator keygen --out DIR` and copy them as it says"
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_cert_name(name: str) -> str:
+    """A certificate name: its files are NAME.crt and NAME.key, its subject CN is NAME."""
+    if not _NAME.fullmatch(name) or ".." in name or name == "ca":
+        raise ConfigError(
+            f"invalid certificate name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit ('ca' is the CA's)"
+        )
+    return name
+
+
+def cert_path(directory: Path, name: str) -> Path:
+    return directory / f"{name}.crt"
+
+
+def key_path(directory: Path, name: str) -> Path:
+    return directory / f"{name}.key"
+
+
+def peer_name(conn: Any) -> str | None:
+    """The name in the peer's certificate (subject CN, else its first DNS SAN); None
+    without TLS. ``conn`` is anything with ``get_extra_info`` (a FramedConnection)."""
+    cert = conn.get_extra_info("peercert")
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "DNS":
+            return str(value)
+    return None
+
+
+class TlsIdentity:
+    """One side's TLS settings, from a keygen folder: trust ``ca.crt``, present
+    ``NAME.crt`` with ``NAME.key``. ``context()`` gives the SSL context for the next
+    connection (built once, rebuilt when a file changes; see the module docstring).
+
+    Owned by what makes connections (a sender's connector, a receiver's server), so it
+    outlives every single connection.
+    """
+
+    def __init__(self, directory: Path, name: str, *, server: bool) -> None:
+        self.directory = directory
+        self.name = check_cert_name(name)
+        self.server = server
+        self.ca = directory / CA_CERT
+        self.cert = cert_path(directory, name)
+        self.key = key_path(directory, name)
+        self._context: ssl.SSLContext | None = None
+        self._signature: tuple[object, ...] | None = None
+        self._failed: tuple[object, ...] | None = None
+
+    def load(self) -> ssl.SSLContext:
+        """The first context; raises ConfigError (missing or unusable files) or AuthError
+        (our certificate expired) so a command fails at start with what to do."""
+        self._context = None
+        return self.context()
+
+    def context(self) -> ssl.SSLContext:
+        signature = self._stat()
+        if self._context is not None and signature == self._signature:
+            return self._context
+        try:
+            context = self._build()
+        except (ConfigError, AuthError) as exc:
+            if self._context is None:
+                raise
+            if signature != self._failed:  # once per change, not per connection
+                self._failed = signature
+                log.warning(
+                    "tls.reload_failed", error=str(exc), action="kept the certificates in use"
+                )
+            return self._context
+        if self._context is not None:
+            log.warning("tls.reloaded", certificate=str(self.cert), ca=str(self.ca))
+        self._context, self._signature, self._failed = context, signature, None
+        return context
+
+    def _stat(self) -> tuple[object, ...]:
+        out: list[object] = []
+        for path in (self.ca, self.cert, self.key):
+            try:
+                st = path.stat()
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(out)
+
+    def _build(self) -> ssl.SSLContext:
+        where = self.directory
+        for path in (self.ca, self.cert, self.key):
+            if not path.is_file():
+                raise ConfigError(
+                    f"--tls-dir {where}: {path.name} is missing",
+                    hint=f"{KEYGEN_HINT}; this side uses {CA_CERT}, {self.cert.name} and "
+                    f"{self.key.name} (another name: --tls-name NAME)",
+                )
+        self._check_key_mode()
+        protocol = ssl.PROTOCOL_TLS_SERVER if self.server else ssl.PROTOCOL_TLS_CLIENT
+        context = ssl.SSLContext(protocol)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.check_hostname = False  # peers are named by their certificate, not by DNS
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.options |= ssl.OP_NO_TICKET
+        if self.server:
+            context.num_tickets = 0
+        try:
+            context.load_verify_locations(cafile=str(self.ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"--tls-dir {where}: cannot load {CA_CERT}: {_why(exc)}", hint=KEYGEN_HINT
+            ) from exc
+        try:
+            context.load_cert_chain(str(self.cert), str(self.key))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"--tls-dir {where}: cannot load {self.cert.name} with {self.key.name}: "
+                f"{_why(exc)}",
+                hint="the two files must come from the same `replicator keygen` run; "
+                f"make them again with `replicator keygen --out DIR --name {self.name} --force`",
+            ) from exc
+        self._check_validity()
+        return context
+
+    def _check_key_mode(self) -> None:
+        mode = self.key.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning(
+                "tls.key_readable_by_others",
+                key=str(self.key),
+                mode=oct(stat.S_IMODE(mode)),
+                fix=f"chmod 600 {self.key}",
+            )
+
+    def _check_validity(self) -> None:
+        """Our own certificate and the CA must be valid now; warn 30 days ahead."""
+        from cryptography import x509  # 70 ms: only for commands that use TLS
+
+        now = datetime.datetime.now(datetime.UTC)
+        for path, what in ((self.cert, f"certificate {self.cert.name}"), (self.ca, "CA")):
+            try:
+                cert = x509.load_pem_x509_certificate(path.read_bytes())
+            except (ValueError, OSError) as exc:
+                raise ConfigError(
+                    f"--tls-dir {self.directory}: cannot read {path.name}: {exc}",
+                    hint=KEYGEN_HINT,
+                ) from exc
+            start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+            renew = (
+                f"make a new one with `replicator keygen --out DIR --name {self.name} --force` "
+                "where the CA key is, and copy it here (no restart needed)"
+                if path == self.cert
+                else "make a new CA folder with `replicator keygen --out NEWDIR` and new keys "
+                "for both sides"
+            )
+            if now < start or now > end:
+                state = "expired on" if now > end else "is not valid before"
+                when = end if now > end else start
+                raise AuthError(f"{path}: the {what} {state} {when:%Y-%m-%d %H:%M} UTC", hint=renew)
+            if end - now < EXPIRY_WARNING:
+                log.warning(
+                    "tls.certificate_expires_soon",
+                    certificate=str(path),
+                    expires=f"{end:%Y-%m-%d %H:%M} UTC",
+                    action=renew,
+                )
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc).lower().replace("_", " ")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def describe(identity: TlsIdentity | None) -> str:
+    """For log lines: 'TLS as NAME' or 'plaintext'."""
+    return "plaintext" if identity is None else f"TLS 1.3 as {identity.name!r}"

@@ -1,0 +1,332 @@
+"""``replicator status`` and ``--metrics-listen`` against real processes: a continuous scan
+sender and a receiver answer while replicating, the lag moves when the receiver stops,
+the files answer when nothing runs, and nothing listens that was not asked for."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicator.engine.control import ControlUnavailable, request
+from replicator.engine.errors import ExitCode
+from tests.tools import ENV, REPLICATOR, ReceiverProc, free_port, replicator, wait_port
+
+AT_REST = "not running (read from files at rest)"
+
+
+def _status(*args: str) -> dict[str, Any]:
+    out = replicator("status", *args, "--json", timeout=60)
+    assert out.returncode == 0, out.stderr
+    answer: dict[str, Any] = json.loads(out.stdout)
+    return answer
+
+
+def _ask(socket_path: Path) -> dict[str, Any] | None:
+    """The live status through the control socket (in process: fast enough to poll)."""
+    try:
+        answer: dict[str, Any] = request(socket_path, "status", timeout=5)
+    except ControlUnavailable:
+        return None
+    return answer
+
+
+def _until(
+    what: str, probe: Callable[[], dict[str, Any] | None], ok: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last is not None and ok(last):
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: last status {json.dumps(last)[:2000]}")
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        return str(answer.read().decode())
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    want = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    for line in text.splitlines():
+        if line.startswith(name + want + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{want} in the metrics")
+
+
+def _receiver(directory: Path, *extra: str) -> ReceiverProc:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*REPLICATOR, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(directory),
+         "--insecure", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    wait_port(port, proc)
+    return ReceiverProc(port, directory, proc)
+
+
+def _sender(address: str, job: str, state: Path, disk: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*REPLICATOR, "send", "--to", address, "--job", job, "--state-dir", str(state),
+         "--interval", "0.2", "--insecure", *extra, str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
+
+
+def test_a_running_pair_answers_status_and_metrics_and_the_lag_moves(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(2 * 1024 * 1024))
+    state, target = tmp_path / "state", tmp_path / "target"
+    rmetrics, smetrics = free_port(), free_port()
+    receiver = _receiver(target, "--metrics-listen", f"127.0.0.1:{rmetrics}")
+    sender = _sender(
+        receiver.address, "st", state, disk, "--metrics-listen", f"127.0.0.1:{smetrics}"
+    )
+    sock = state / "control.sock"
+    try:
+        _until(
+            "the sender replicates",
+            lambda: _ask(sock),
+            lambda s: (
+                s["jobs"][0]["connected"]
+                and 0 < s["jobs"][0]["lsn"]["applied"] == s["jobs"][0]["lsn"]["journaled"]
+            ),
+        )
+        live = _status("--state-dir", str(state))
+        assert live["running"] and live["source"] == "process" and live["pid"] == sender.pid
+        job = live["jobs"][0]
+        assert job["job"] == "st" and job["role"] == "sender" and job["capture"] == "scan"
+        assert job["peer"] == receiver.address and job["state"] in ("replicating", "lagging")
+        assert set(job["lag"]) >= {"records", "bytes", "seconds"}
+        assert job["bytes"]["payload"] >= disk.stat().st_size
+        rlive = _status("--dir", str(target))
+        assert rlive["running"] and rlive["role"] == "receiver"
+        rjob = rlive["jobs"][0]
+        assert rjob["job"] == "st" and rjob["lsn"]["applied"] > 0
+        assert rjob["consistency_point"]["consistent"] and rjob["lag"]["seconds"] is not None
+        generation = rjob["generation"]
+
+        text = _metrics(smetrics)
+        me = {"job": "st", "role": "sender"}
+        assert _sample(text, "replicator_connected", **me) == 1
+        assert _sample(text, "replicator_replicated_bytes_total", **me) >= disk.stat().st_size
+        assert _sample(text, "replicator_lag_seconds", **me) >= 0
+        assert _sample(text, "replicator_applied_lsn", **me) > 0
+        rtext = _metrics(rmetrics)
+        them = {"job": "st", "role": "receiver"}
+        assert _sample(rtext, "replicator_applied_lsn", **them) > 0
+        assert _sample(rtext, "replicator_wire_received_bytes_total", **them) > 0
+        assert _sample(rtext, "replicator_state", state="receiving", **them) == 1
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{smetrics}/", timeout=10)
+            raise AssertionError("/ answered")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
+
+        # the receiver stops answering: new writes are journaled, shipped, never applied
+        receiver.proc.send_signal(signal.SIGSTOP)
+        with disk.open("r+b") as f:
+            f.seek(1024 * 1024)
+            f.write(os.urandom(65536))
+        _until(
+            "the lag grows while the receiver is stopped",
+            lambda: _ask(sock),
+            lambda s: s["jobs"][0]["lag"]["records"] > 0 and s["jobs"][0]["lag"]["seconds"] > 0.3,
+        )
+        receiver.proc.kill()  # and now it is gone: the sender says so, the lag stays
+        receiver.proc.wait(timeout=30)
+        away = _until(
+            "the sender notices the receiver is gone",
+            lambda: _ask(sock),
+            lambda s: not s["jobs"][0]["connected"],
+        )["jobs"][0]
+        assert away["state"] == "connecting"
+        assert away["lag"]["records"] > 0 and away["lag"]["seconds"] > 0.3
+        text = _metrics(smetrics)
+        assert _sample(text, "replicator_connected", **me) == 0
+        assert _sample(text, "replicator_state", state="connecting", **me) == 1
+        assert _sample(text, "replicator_lag_records", **me) > 0
+        assert _sample(text, "replicator_errors_total", kind="connection", **me) >= 1
+    finally:
+        if receiver.proc.poll() is None:
+            receiver.proc.kill()
+            receiver.proc.wait(timeout=30)
+        assert _stop(sender) == 0, sender.stderr.read() if sender.stderr else ""
+    assert not sock.exists()  # removed on a clean exit
+
+    rest = _status("--state-dir", str(state))
+    assert rest["running"] is False and rest["note"] == AT_REST
+    job = rest["jobs"][0]
+    assert job["job"] == "st" and job["state"] == "not_running" and job["peer"]
+    assert job["lag"]["at_most"]["records"] > 0 and job["last_epoch"] > 0
+    rrest = _status("--dir", str(target))
+    assert rrest["running"] is False and rrest["note"] == AT_REST
+    rjob = rrest["jobs"][0]
+    assert rjob["job"] == "st" and rjob["lsn"]["applied"] > 0
+    assert rjob["consistency_point"]["source_time"]
+    assert rjob["generation"] == generation  # as the running receiver said
+    table = replicator("status", "--dir", str(target))
+    assert table.returncode == 0 and AT_REST in table.stdout and "st" in table.stdout
+
+
+def _listening_tcp_ports(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_nothing_listens_unless_asked_and_the_control_sockets_are_private(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(256 * 1024))
+    state = tmp_path / "state"
+    sender = _sender(receiver.address, "quiet", state, disk)
+    try:
+        _until(
+            "the sender replicates",
+            lambda: _ask(state / "control.sock"),
+            lambda s: s["jobs"][0]["lsn"]["applied"] > 0,
+        )
+        assert _listening_tcp_ports(sender.pid) == set()
+        assert _listening_tcp_ports(receiver.proc.pid) == {receiver.port}
+        for sock in (state / "control.sock", receiver.dir / ".replicator" / "control.sock"):
+            st = sock.lstat()
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, sock
+            assert st.st_uid == os.geteuid()
+        claim = json.loads((state / "sender.json").read_text())
+        assert claim["job"] == "quiet" and claim["pid"] == sender.pid
+        # a second sender on the same state folder is told who runs there
+        second = replicator(
+            "send", "--to", receiver.address, "--job", "quiet", "--state-dir", str(state),
+            "--insecure", str(disk), timeout=60,
+        )  # fmt: skip
+        assert second.returncode == ExitCode.CONFIG
+        assert f"(pid {sender.pid}) already runs with state folder" in second.stderr
+    finally:
+        assert _stop(sender) == 0
+
+
+def test_status_errors_and_watch(tmp_path: Path) -> None:
+    none = replicator("status")
+    assert none.returncode == ExitCode.USAGE and "--state-dir" in none.stderr
+    missing = replicator("status", "--state-dir", str(tmp_path / "nope"))
+    assert missing.returncode == ExitCode.CONFIG and "does not exist" in missing.stderr
+    assert "--state-dir the sender runs with" in missing.stderr  # and what to do
+    nodir = replicator("status", "--dir", str(tmp_path / "nope"))
+    assert nodir.returncode == ExitCode.CONFIG and "receive" in nodir.stderr
+    (tmp_path / "empty").mkdir()
+    nostate = replicator("status", "--dir", str(tmp_path / "empty"))
+    assert nostate.returncode == ExitCode.CONFIG and "no receiver state" in nostate.stderr
+    for command in (
+        ("send", "--to", "127.0.0.1:1", "--job", "j", "--insecure", str(tmp_path)),
+        ("receive", "--listen", "127.0.0.1:1", "--dir", str(tmp_path / "r"), "--insecure"),
+    ):
+        bad = replicator(*command, "--metrics-listen", "bogus")
+        assert bad.returncode == ExitCode.CONFIG, bad.stderr
+        assert "'bogus'" in bad.stderr and "--metrics-listen 127.0.0.1:" in bad.stderr
+
+    # --watch until Ctrl-C: exit 0 (a state folder at rest answers every second)
+    state = tmp_path / "state"
+    state.mkdir()
+    watch = subprocess.Popen(
+        [*REPLICATOR, "status", "--state-dir", str(state), "--watch", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    assert watch.stdout is not None
+    first = json.loads(watch.stdout.readline())
+    assert first["running"] is False and first["jobs"][0]["job"] == "state"
+    assert json.loads(watch.stdout.readline())["note"] == AT_REST  # a second later
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(timeout=30) == 0
+
+
+_AS_NOBODY = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except PermissionError:
+    print("EACCES")
+    raise SystemExit
+try:
+    s.sendall(b'{"op": "status"}\\n')
+except (BrokenPipeError, ConnectionResetError):
+    pass  # refused before it read anything: the answer is there all the same
+print(s.makefile("rb").readline().decode().strip())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_the_control_socket_refuses_other_users() -> None:
+    """Mode 0600 keeps them out; a socket made wider by hand still answers them no
+    (SO_PEERCRED), in a real receiver (uvloop)."""
+    python = shutil.which("python3", path="/usr/bin:/bin")  # one any user may run
+    if python is None:
+        pytest.skip("no system python3 for the other user")
+    where = Path(tempfile.mkdtemp(prefix="replicator-status-"))  # tmp_path is 0700
+    try:
+        where.chmod(0o755)
+        receiver = _receiver(where / "target")
+        sock = where / "target" / ".replicator" / "control.sock"
+        try:
+            _until("the control socket answers", lambda: _ask(sock), lambda s: True)
+
+            def nobody() -> None:
+                os.setgid(65534)
+                os.setuid(65534)
+
+            def ask_as_nobody() -> str:
+                out = subprocess.run(
+                    [python, "-I", "-S", "-c", _AS_NOBODY, str(sock)],
+                    capture_output=True, text=True, timeout=30, preexec_fn=nobody,
+                )  # fmt: skip
+                assert out.returncode == 0, out.stderr
+                return out.stdout.strip()
+
+            assert ask_as_nobody() == "EACCES"
+            sock.chmod(0o666)
+            answer = json.loads(ask_as_nobody())
+            assert answer == {"ok": False, "code": "forbidden", "error": answer["error"]}
+            assert "uid 65534" in answer["error"]
+            assert _ask(sock) is not None  # its owner still gets answers
+        finally:
+            assert receiver.stop() == 0
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
