@@ -45,23 +45,13 @@ from replicator.journal import (
     RecordType,
 )
 from replicator.journal.durable import makedirs_durable, sync_dir
+from replicator.journal.records import NAMESPACE_TYPES
 
 log = structlog.get_logger()
 
 APPLY_BATCH_BYTES = 8 * 1024 * 1024
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
 MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the applier
-# records that change which file a name leads to (see _apply_upto)
-_NAMESPACE = frozenset(
-    {
-        RecordType.CREATE,
-        RecordType.UNLINK,
-        RecordType.RENAME,
-        RecordType.MKDIR,
-        RecordType.RMDIR,
-        RecordType.SYMLINK,
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +331,7 @@ class JobReplica:
         async for record in self._records_upto(target):
             if record.lsn <= last:
                 raise ApplyError(f"record lsn {record.lsn} is not after {last} (internal error)")
-            if record.type in _NAMESPACE and last > saved:
+            if record.type in NAMESPACE_TYPES and last > saved:
                 if batch:
                     await asyncio.to_thread(applier.apply_many, batch)
                     batch, size = [], 0

@@ -62,6 +62,19 @@ class RecordType(IntEnum):
     CHMOD = 14  # offset = mode
 
 
+# Records that change which file a name leads to: not idempotent when redone over a later
+# state, so appliers and capture treat them as ordering points (see job_replica.py).
+NAMESPACE_TYPES = frozenset(
+    {
+        RecordType.CREATE,
+        RecordType.UNLINK,
+        RecordType.RENAME,
+        RecordType.MKDIR,
+        RecordType.RMDIR,
+        RecordType.SYMLINK,
+    }
+)
+
 _NAMED = {
     RecordType.WRITE,
     RecordType.ZERO,

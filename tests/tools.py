@@ -41,6 +41,13 @@ def replicator(
     )
 
 
+def one_line_error(stderr: str) -> str:
+    """The one ``replicator: error:`` line a failed command prints (asserts there is one)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("replicator: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
 def qemu_img(*args: str) -> str:
     require_tool("qemu-img")
     return subprocess.run(

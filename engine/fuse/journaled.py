@@ -41,22 +41,12 @@ from replicator.engine.fuse.view import Handle, SourceView
 from replicator.engine.journal_first import Events, JournalFirst
 from replicator.journal import durable
 from replicator.journal.journal import Journal
-from replicator.journal.records import Record, RecordType
+from replicator.journal.records import NAMESPACE_TYPES, Record
 
 log = structlog.get_logger("replicator.fuse")
 
 EVENTS: Final = Events(
     "replicator.fuse", overflow="fuse.journal_overflow", diverged="fuse.replica_diverged"
-)
-_NAMESPACE: Final = frozenset(
-    {
-        RecordType.CREATE,
-        RecordType.UNLINK,
-        RecordType.RENAME,
-        RecordType.MKDIR,
-        RecordType.RMDIR,
-        RecordType.SYMLINK,
-    }
 )
 
 
@@ -126,7 +116,7 @@ class JournaledOps(pyfuse3.Operations):
         unjournaled. A namespace record is written out to the kernel first.
         """
         self._check_healthy()
-        if await self._seq.append(records) and any(r.type in _NAMESPACE for r in records):
+        if await self._seq.append(records) and any(r.type in NAMESPACE_TYPES for r in records):
             await self.journal.write_out()
 
     async def _undo(self, record: Record, what: str) -> None:

@@ -7,13 +7,7 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ExitCode
-from tests.tools import ReceiverProc, free_port, replicator
-
-
-def _one_line_error(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("replicator: error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
+from tests.tools import ReceiverProc, free_port, one_line_error, replicator
 
 
 def test_missing_volume(tmp_path: Path, receiver: ReceiverProc) -> None:
@@ -22,7 +16,7 @@ def test_missing_volume(tmp_path: Path, receiver: ReceiverProc) -> None:
         "--state-dir", str(tmp_path / "s"), str(tmp_path / "nope.vhd"),
     )  # fmt: skip
     assert out.returncode == ExitCode.CONFIG
-    assert "does not exist" in _one_line_error(out.stderr)
+    assert "does not exist" in one_line_error(out.stderr)
 
 
 @pytest.mark.parametrize("job", ["../evil", "a/b", "..", ".hidden"])
@@ -34,7 +28,7 @@ def test_job_name_with_path_tricks(tmp_path: Path, receiver: ReceiverProc, job: 
         "--state-dir", str(tmp_path / "s"), str(disk),
     )  # fmt: skip
     assert out.returncode == ExitCode.CONFIG
-    assert "invalid job name" in _one_line_error(out.stderr)
+    assert "invalid job name" in one_line_error(out.stderr)
     assert not (receiver.dir.parent / "evil").exists()
 
 
@@ -46,7 +40,7 @@ def test_receiver_dir_not_writable(tmp_path: Path) -> None:
         "--insecure",
     )  # fmt: skip
     assert out.returncode == ExitCode.CONFIG
-    assert "cannot create replica folder" in _one_line_error(out.stderr)
+    assert "cannot create replica folder" in one_line_error(out.stderr)
 
 
 def test_receiver_not_there(tmp_path: Path) -> None:
@@ -57,7 +51,7 @@ def test_receiver_not_there(tmp_path: Path) -> None:
         "--state-dir", str(tmp_path / "s"), str(disk),
     )  # fmt: skip
     assert out.returncode == ExitCode.CONNECT
-    assert "cannot connect" in _one_line_error(out.stderr)
+    assert "cannot connect" in one_line_error(out.stderr)
 
 
 def test_tls_dir_or_insecure_is_required(tmp_path: Path) -> None:
@@ -65,14 +59,14 @@ def test_tls_dir_or_insecure_is_required(tmp_path: Path) -> None:
     disk.write_bytes(b"x")
     out = replicator("send", "--to", "127.0.0.1:1", "--job", "j", "--once", str(disk))
     assert out.returncode == ExitCode.CONFIG
-    assert "--insecure" in _one_line_error(out.stderr)
-    assert "replicator keygen --out DIR" in _one_line_error(out.stderr)
+    assert "--insecure" in one_line_error(out.stderr)
+    assert "replicator keygen --out DIR" in one_line_error(out.stderr)
 
 
 def test_bad_endpoint(tmp_path: Path) -> None:
     out = replicator("receive", "--listen", "nowhere", "--dir", str(tmp_path), "--insecure")
     assert out.returncode == ExitCode.CONFIG
-    assert "HOST:PORT" in _one_line_error(out.stderr)
+    assert "HOST:PORT" in one_line_error(out.stderr)
 
 
 def test_help_on_every_command() -> None:
@@ -99,7 +93,7 @@ def test_bad_journal_max(tmp_path: Path) -> None:
         "--journal-max", "lots", str(disk),
     )  # fmt: skip
     assert out.returncode == ExitCode.CONFIG
-    assert "--journal-max" in _one_line_error(out.stderr)
+    assert "--journal-max" in one_line_error(out.stderr)
 
 
 def test_second_sender_for_a_connected_job_is_refused(
@@ -131,19 +125,19 @@ def test_second_sender_for_a_connected_job_is_refused(
             str(tmp_path / "s2"), "--once", "--insecure", str(copy),
         )  # fmt: skip
         assert second.returncode == ExitCode.REFUSED
-        assert "already has a sender" in _one_line_error(second.stderr)
+        assert "already has a sender" in one_line_error(second.stderr)
         same_image = replicator(  # the same image under another job: one sender per image
             "send", "--to", receiver.address, "--job", "other", "--state-dir",
             str(tmp_path / "s3"), "--once", "--insecure", str(disk),
         )  # fmt: skip
         assert same_image.returncode == ExitCode.CONFIG
-        assert "already being replicated" in _one_line_error(same_image.stderr)
+        assert "already being replicated" in one_line_error(same_image.stderr)
         same_state = replicator(
             "send", "--to", receiver.address, "--job", "busy", "--state-dir",
             str(tmp_path / "s1"), "--once", "--insecure", str(disk),
         )  # fmt: skip
         assert same_state.returncode == ExitCode.CONFIG
-        assert "already runs with state folder" in _one_line_error(same_state.stderr)
+        assert "already runs with state folder" in one_line_error(same_state.stderr)
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0
@@ -153,4 +147,4 @@ def test_receiver_port_in_use(tmp_path: Path, receiver: ReceiverProc) -> None:
     out = replicator("receive", "--listen", receiver.address, "--dir", str(tmp_path / "x"),
                      "--insecure")  # fmt: skip
     assert out.returncode == ExitCode.CONFIG
-    assert "cannot listen" in _one_line_error(out.stderr)
+    assert "cannot listen" in one_line_error(out.stderr)

@@ -21,6 +21,7 @@ from tests.tools import (
     ENV,
     REPLICATOR,
     b3,
+    one_line_error,
     qemu_compare,
     qemu_img,
     qemu_io,
@@ -43,12 +44,6 @@ DOMAIN = """<domain type='kvm'>
   </devices>
 </domain>
 """
-
-
-def _one_line_error(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("replicator: error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -127,7 +122,7 @@ def test_forced_failover_promotes_and_a_stale_source_is_refused(
                 "--once", "--insecure", *extra, str(disk), str(xml),
             )  # fmt: skip
             assert stale.returncode == ExitCode.SPLIT_BRAIN, stale.stderr
-            line = _one_line_error(stale.stderr)
+            line = one_line_error(stale.stderr)
             assert "split brain" in line and "generation 2" in line and "failback" in line
         assert b3(replica) == before  # untouched
     finally:
@@ -150,7 +145,7 @@ def test_forced_failover_promotes_and_a_stale_source_is_refused(
             "--once", "--insecure", str(disk), str(xml),
         )  # fmt: skip
         assert plain.returncode == ExitCode.SPLIT_BRAIN
-        assert "generation 2, this source at 1" in _one_line_error(plain.stderr)
+        assert "generation 2, this source at 1" in one_line_error(plain.stderr)
         send_once(rcv, "vm1", state, disk, xml, extra=("--resync",))
         assert qemu_compare("qcow2", disk, replica).returncode == 0
         qemu_io("qcow2", disk, "write -P 0x55 40M 64k")
@@ -165,7 +160,7 @@ def test_failover_of_an_unknown_job(tmp_path: Path) -> None:
     (tmp_path / "target").mkdir()
     out = replicator("failover", "--dir", str(tmp_path / "target"), "--job", "nope", "--force")
     assert out.returncode == ExitCode.CONFIG
-    assert "unknown job" in _one_line_error(out.stderr)
+    assert "unknown job" in one_line_error(out.stderr)
 
 
 def test_a_damaged_promotion_refuses_every_writer(tmp_path: Path) -> None:
