@@ -243,8 +243,14 @@ class FileWriter:
 
     @property
     def hooks(self) -> tuple[str, str]:
+        # each freeze has its own token, and the hook waits for the writer to answer that
+        # token: an answer left over from the last freeze (the writer can race the post-
+        # hook's rm) must not let a scan start while the writer still writes
         req, ok = self.control / "freeze.req", self.control / "freeze.ok"
-        pre = f"touch {req} && while [ ! -e {ok} ]; do sleep 0.002; done"
+        pre = (
+            f"t=$$-$(date +%s%N); echo $t > {req}.tmp && mv {req}.tmp {req} && "
+            f'while [ "$(cat {ok} 2>/dev/null)" != "$t" ]; do sleep 0.002; done'
+        )
         return pre, f"rm -f {req} {ok}"
 
     def thaw(self) -> None:
@@ -270,11 +276,19 @@ class FileWriter:
         fd = os.open(self.path, os.O_WRONLY)
         index = 0
         try:
+            answered = ""
             while not self._stop.is_set():
-                if req.exists():
-                    if not ok.exists():
+                try:
+                    token = req.read_text().strip()
+                except FileNotFoundError:
+                    token = ""
+                if token:
+                    if token != answered:  # a new freeze: note where we are, then answer
                         self.freezes.append(index)
-                        ok.touch()
+                        tmp = ok.with_name(ok.name + ".tmp")
+                        tmp.write_text(token + "\n")
+                        os.replace(tmp, ok)
+                        answered = token
                     time.sleep(0.001)
                     continue
                 if not self._writing.is_set():
