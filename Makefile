@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests and the demo drive for real (command:package).
 SYSTOOLS := qemu-img:qemu-utils qemu-io:qemu-utils fio:fio nbdkit:nbdkit nbdcopy:libnbd-bin \
             rsync:rsync ip:iproute2 openssl:openssl fusermount3:fuse3 bindfs:bindfs \
-            pkg-config:pkg-config gcc:gcc patch:patch
+            pkg-config:pkg-config gcc:gcc patch:patch systemd-analyze:systemd
 # headers pyfuse3 compiles against (checked with pkg-config, so they are not commands)
 SYSLIBS := fuse3:libfuse3-dev
 PYTEST := $(PY) -bb -m pytest
@@ -74,8 +74,13 @@ install: $(STAMP) ## create .venv with an editable (strict) install and the dev 
 demo: sysdeps install ## replicate a real VHD over loopback, change it, replicate again, verify
 	$(PY) bench/demo.py
 
+# Most tests wait on the processes they start, so they run in parallel workers; the few
+# that measure a rate or a deadline (marked serial) run alone afterwards.
+TEST_WORKERS ?= 3
+
 test: sysdeps install ## run the test suite (unit, property, integration, fault injection)
-	$(PYTEST) -q -p no:cacheprovider
+	$(PYTEST) -q -p no:cacheprovider -n $(TEST_WORKERS) -m 'not long and not serial' && \
+	  $(PYTEST) -q -p no:cacheprovider -m 'serial and not long'
 
 test-long: sysdeps install ## run the long soak tests as well
 	$(PYTEST) -q -p no:cacheprovider -m '' --timeout 3600

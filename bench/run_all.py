@@ -15,6 +15,7 @@ BENCHES = [
     "bench_lag.py",
     "bench_fuse.py",
     "bench_wan.py",
+    "bench_failover.py",
 ]
 
 

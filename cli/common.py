@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal, NoReturn, TypeVar
 import structlog
 import typer
 
+from replicator.cli.logging_setup import json_logs
 from replicator.engine.connectors import Connector, TcpConnector
-from replicator.engine.errors import ConfigError, ReplicatorError, unwrap
+from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, unwrap
 from replicator.engine.sender import SenderConfig
 from replicator.engine.tls import RECEIVER, SENDER, TlsIdentity
 from replicator.transport import Shaper
@@ -49,11 +50,22 @@ NO_SECURITY = (
 )
 
 
+class UsageError(ConfigError):
+    """A malformed option value: a bad command line (exit 2, as click's own usage errors),
+    not a bad input such as a missing file (3). A ConfigError, so every handler of bad
+    input handles it too."""
+
+    exit_code = ExitCode.USAGE
+
+
 def parse_endpoint(value: str, option: str) -> tuple[str, int]:
     """HOST:PORT or [IPv6]:PORT."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{option} wants HOST:PORT, got {value!r}")
+        raise UsageError(
+            f"{option} wants HOST:PORT, got {value!r}",
+            hint="e.g. 192.0.2.10:7070 or [2001:db8::1]:7070",
+        )
     return host.strip("[]"), int(port)
 
 
@@ -139,10 +151,13 @@ def transport_security(
 def fail(error: BaseException) -> NoReturn:
     """Print one line naming what went wrong and what to do; exit with its code."""
     if isinstance(error, ReplicatorError):
-        typer.echo(f"replicator: error: {error}", err=True)
-        raise typer.Exit(int(error.exit_code))
-    typer.echo(f"replicator: unexpected error: {type(error).__name__}: {error}", err=True)
-    raise typer.Exit(70)
+        code, text = int(error.exit_code), f"replicator: error: {error}"
+    else:
+        code, text = 70, f"replicator: unexpected error: {type(error).__name__}: {error}"
+    if json_logs():  # log collectors read the JSON lines: the end belongs there too
+        log.error("command.failed", error=str(error), exit_code=code)
+    typer.echo(text, err=True)
+    raise typer.Exit(code)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

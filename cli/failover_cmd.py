@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from replicator.cli.common import fail, run
-from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.errors import ConfigError, ConnectError, ExitCode, ReplicatorError
 
 if TYPE_CHECKING:
     from replicator.engine.job_replica import ReceiverConfig
@@ -49,8 +49,21 @@ def failover_command(
     ] = False,
     planned: Annotated[
         bool,
-        typer.Option("--planned", help="Not available yet: stop the source's sender first."),
+        typer.Option(
+            "--planned",
+            help="The source is up: its sender stops capture and ships everything, then the "
+            "replicas are promoted at exactly that point (zero loss). Needs the receiver "
+            "running and the sender connected.",
+        ),
     ] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            min=1,
+            help="--planned: how long to wait for the sender to connect and to hand over.",
+        ),
+    ] = 60.0,
     exec_cmd: Annotated[
         str | None,
         typer.Option("--exec", help="Command to start once promoted (e.g. `virsh start VM`)."),
@@ -64,17 +77,12 @@ def failover_command(
     from replicator.engine.failover import failover_at_rest
 
     try:
-        if planned:
+        if planned and force:
+            raise ConfigError("--planned and --force exclude each other", hint="pick one")
+        if not force and not planned:
             raise ConfigError(
-                "--planned failover is not built yet",
-                hint="stop the VM and `replicator send` on the source (SIGTERM: it ships "
-                "everything first), then run `replicator failover --force` here",
-            )
-        if not force:
-            raise ConfigError(
-                "say which failover: --force (the source is gone or stopped: promote what "
-                "was received)",
-                hint="a planned failover is: stop the source's sender, then --force",
+                "say which failover: --planned (the source is up: it ships everything, "
+                "zero loss) or --force (the source is gone: promote what was received)",
             )
         config = _config(directory, state_dir)
     except ReplicatorError as exc:
@@ -84,17 +92,32 @@ def failover_command(
         from replicator.engine import control
 
         socket_path = config.state_root / control.SOCKET_NAME
+        extra: dict[str, object] = {"planned": True, "wait": timeout} if planned else {}
         try:  # a running receiver promotes (it holds the folder)
             answer = await asyncio.to_thread(
-                control.request, socket_path, "failover", timeout=FAILOVER_TIMEOUT,
-                job=job, exec=exec_cmd,
+                control.request, socket_path, "failover", timeout=FAILOVER_TIMEOUT + timeout,
+                job=job, exec=exec_cmd, **extra,
             )  # fmt: skip
-        except control.ControlUnavailable:
+        except control.ControlUnavailable as exc:
+            if planned:
+                raise ConnectError(
+                    f"no receiver answers on {socket_path}: a planned failover goes through "
+                    "the running receiver, with the source's sender connected; nothing was "
+                    "promoted",
+                    hint="start `replicator receive` here (and `send` on the source), or, if "
+                    "the source is gone, use `replicator failover --force`",
+                ) from exc
             result = await failover_at_rest(config, job, exec_cmd=exec_cmd, started=started)
             return result.as_dict()
         assert isinstance(answer, dict)
+        if "error" in answer:  # a planned failover that did not happen, and why
+            code = answer.get("exit_code")
+            error = ReplicatorError(str(answer["error"]))
+            error.exit_code = ExitCode(code) if code in set(ExitCode) else ExitCode.CONNECT
+            raise error
         answer["rto_seconds"] = round(time.monotonic() - started, 3)  # as this command saw it
         answer["through"] = "the running receiver"
+        answer["planned"] = planned
         return answer
 
     result = run(main, graceful=False)

@@ -1,4 +1,9 @@
-"""structlog configured once, from the root callback: console on a TTY, JSON otherwise."""
+"""structlog configured once, from the root callback: console on a TTY, JSON otherwise.
+
+Routine events (a sender started, a cycle's summary, a connection made) are logged at
+info, which is the default level: a new admin sees what a continuous sender does without
+asking. ``-q`` keeps warnings and errors only (and no progress bars); ``-v`` adds debug.
+"""
 
 from __future__ import annotations
 
@@ -34,10 +39,31 @@ def _stderr_logger(*_args: object) -> _StderrLogger:
     return _StderrLogger()
 
 
-def configure_logging(fmt: LogFormat = LogFormat.auto, verbosity: int = 0) -> None:
+class _Settings:
+    """What the root callback chose, for commands that render more than log lines."""
+
+    quiet = False
+    json = False
+
+
+def quiet() -> bool:
+    """``-q``: no progress bars or progress lines, warnings and errors only."""
+    return _Settings.quiet
+
+
+def json_logs() -> bool:
+    """True when log lines are JSON (chosen, or stderr is not a terminal)."""
+    return _Settings.json
+
+
+def configure_logging(
+    fmt: LogFormat = LogFormat.auto, verbosity: int = 0, *, quiet: bool = False
+) -> None:
     """Configure structlog for the process; logs go to stderr so stdout stays for results."""
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    # -v wins over -q (REPLICATOR_QUIET in a service's environment, -v to look closer)
+    level = logging.DEBUG if verbosity > 0 else logging.WARNING if quiet else logging.INFO
     use_console = fmt is LogFormat.console or (fmt is LogFormat.auto and sys.stderr.isatty())
+    _Settings.quiet, _Settings.json = quiet, not use_console
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if use_console

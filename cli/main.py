@@ -6,15 +6,21 @@ from typing import Annotated
 
 import typer
 
+from replicator.cli.help_format import HelpGroup
 from replicator.cli.logging_setup import LogFormat, configure_logging
 
 app = typer.Typer(
     name="replicator",
     help="Continuous, write-order replication of VM disks and configuration files.",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # help wraps to the terminal, up to 120 columns (80 when not a terminal: $COLUMNS)
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # plain click help: every default shown in full and wrapped to the terminal (80
+    # columns when not a terminal), no "<bool>" type column (rich tables cut text off)
+    rich_markup_mode=None,
+    cls=HelpGroup,
 )
 
 
@@ -46,8 +52,17 @@ def root(
     ] = LogFormat.auto,
     verbose: Annotated[
         int,
-        typer.Option("--verbose", "-v", count=True, help="More logs (-v info, -vv debug)."),
+        typer.Option("--verbose", "-v", count=True, help="More logs: debug events too."),
     ] = 0,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="Warnings and errors only; no progress bars or progress lines.",
+            envvar="REPLICATOR_QUIET",
+        ),
+    ] = False,
     show_version: Annotated[
         bool,
         typer.Option(
@@ -59,13 +74,17 @@ def root(
     ] = False,
 ) -> None:
     """Continuous, write-order replication of VM disks and configuration files."""
-    configure_logging(log_format, verbose)
+    configure_logging(log_format, verbose, quiet=quiet)
 
 
 def _register() -> None:
     from replicator.cli import (
+        bench_cmd,
+        check_config_cmd,
         discover_cmd,
+        failback_cmd,
         failover_cmd,
+        jobfile_command,
         journal_cmd,
         keygen_cmd,
         rate_cmd,
@@ -75,15 +94,18 @@ def _register() -> None:
         verify_cmd,
     )
 
-    app.command("send")(send.send)
-    app.command("receive")(receive.receive)
+    app.command("send", cls=jobfile_command.SendCommand)(send.send)
+    app.command("receive", cls=jobfile_command.ReceiveCommand)(receive.receive)
     app.command("verify")(verify_cmd.verify_command)
     app.command("status")(status_cmd.status_command)
     app.command("keygen")(keygen_cmd.keygen_command)
     app.command("failover")(failover_cmd.failover_command)
     app.command("demote")(failover_cmd.demote_command)
+    app.command("failback")(failback_cmd.failback_command)
     app.command("rate")(rate_cmd.rate_command)
     app.command("discover")(discover_cmd.discover_command)
+    app.command("check-config")(check_config_cmd.check_config_command)
+    app.command("bench")(bench_cmd.bench_command)
     app.add_typer(journal_cmd.app, name="journal")
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from replicator.cli.common import parse_endpoint
+from replicator.cli.common import UsageError, parse_endpoint
 from replicator.engine.errors import ConfigError
 
 MetricsListenOption = Annotated[
@@ -19,10 +19,10 @@ MetricsListenOption = Annotated[
 
 
 def metrics_endpoint(value: str | None) -> tuple[str, int] | None:
-    """The metrics address, or None when not asked for; ConfigError (exit 3) when malformed."""
+    """The metrics address, or None when not asked for; UsageError (exit 2) when malformed."""
     if value is None:
         return None
     try:
         return parse_endpoint(value, "--metrics-listen")
     except ConfigError as exc:
-        raise ConfigError(exc.message, hint="e.g. --metrics-listen 127.0.0.1:9308") from exc
+        raise UsageError(exc.message, hint="e.g. --metrics-listen 127.0.0.1:9308") from exc

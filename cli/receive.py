@@ -19,6 +19,7 @@ from replicator.cli.common import (
     run,
     transport_security,
 )
+from replicator.cli.jobfile_command import ConfigOption
 from replicator.cli.monitoring import MetricsListenOption, metrics_endpoint
 from replicator.engine.authz import Authorizer, parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError
@@ -49,6 +50,7 @@ def receive(
         ),
     ] = None,
     metrics_listen: MetricsListenOption = None,
+    config_file: ConfigOption = None,  # read by ReceiveCommand before the other options
 ) -> None:
     """Receive replication streams until SIGTERM/SIGINT, then finish applying and exit 0."""
     try:
@@ -92,7 +94,7 @@ def receive(
         except OSError as exc:
             raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
         bound = [s.getsockname() for s in server.sockets]
-        log.warning(
+        log.info(
             "receiver.listening",
             addresses=[f"{a[0]}:{a[1]}" for a in bound],
             security=f"TLS 1.3 as {tls.name!r}" if tls else "insecure",
@@ -107,6 +109,6 @@ def receive(
             server.close()
             await receiver.aclose()
             await server.wait_closed()
-        log.warning("receiver.stopped")
+        log.info("receiver.stopped")
 
     run(main, graceful=True)

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sys
-from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.progress import Progress as RichProgress
 
 from replicator.cli.common import (
     InsecureOption,
     TlsDirOption,
     TlsNameOption,
+    UsageError,
     connector_for,
     fail,
     parse_endpoint,
@@ -33,11 +22,14 @@ from replicator.cli.common import (
     run,
     transport_security,
 )
+from replicator.cli.jobfile_command import JobFileOption
 from replicator.cli.monitoring import MetricsListenOption, metrics_endpoint
+from replicator.cli.progress import mib, progress_report
 from replicator.cli.shaping_opts import (
     BurstOption,
     RateOption,
     ScheduleOption,
+    TargetRpoOption,
     following,
     make_shaping,
 )
@@ -45,7 +37,6 @@ from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.live import FuseFolderCapture, LiveSender, NbdCapture, NbdOptions
 from replicator.engine.monitor import sender_monitor
 from replicator.engine.names import check_job_name
-from replicator.engine.scan import Progress
 from replicator.engine.sender import JOURNAL_CAP, LIVE_JOURNAL_CAP, Sender, SenderConfig, Summary
 from replicator.engine.statedir import default_state_dir
 from replicator.engine.tls import TlsIdentity
@@ -101,28 +92,6 @@ def build_config(
     )
 
 
-@contextlib.contextmanager
-def scan_progress(*, enabled: bool) -> Iterator[Progress | None]:
-    """A rich progress bar on stderr while scanning, when stderr is a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    columns = (
-        TextColumn("scanning"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with RichProgress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("scan", total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
 class Capture(StrEnum):
     scan = "scan"
     nbd = "nbd"
@@ -161,6 +130,8 @@ def _fuse_sender(
         raise ConfigError("--once applies to --capture scan; --capture fuse runs until stopped")
     if mount is None:
         raise ConfigError("--capture fuse needs --mount MOUNTPOINT")
+    if len(volumes) == 1 and not volumes[0].exists():
+        raise ConfigError(f"source folder {volumes[0]} does not exist", hint="check the path")
     if len(volumes) != 1 or not volumes[0].is_dir():
         raise ConfigError("--capture fuse takes exactly one VOLUME: the VM's folder")
     source = volumes[0]
@@ -182,23 +153,58 @@ def _fuse_sender(
     )
 
 
-def _mib(n: int) -> str:
-    return f"{n / 1048576:.1f} MiB"
+def basis_words(summary: Summary, resync: bool) -> str:
+    """What the changes were found against, in words (``Summary.basis`` is a token)."""
+    if summary.basis == "local":
+        return "compared against this sender's record of the last sync"
+    if resync:
+        return "compared against the replica itself (--resync)"
+    if summary.epoch <= 1:
+        return "compared against the replica (first sync from this state folder)"
+    return "compared against the replica (the sender's manifests were not usable)"
 
 
-def print_summary(summary: Summary, as_json: bool) -> None:
+def wire_words(summary: Summary) -> str:
+    """Bytes on the wire, and what lz4 saved of the records' size (when it saved any)."""
+    sent = f"sent {mib(summary.wire_bytes)} on the wire"
+    if summary.payload_bytes > summary.wire_bytes > 0:
+        saved = 100 * (1 - summary.wire_bytes / summary.payload_bytes)
+        return f"{sent} (lz4 saved {saved:.0f}% of {mib(summary.payload_bytes)})"
+    return sent
+
+
+def print_summary(summary: Summary, as_json: bool, *, resync: bool = False) -> None:
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), sort_keys=True))
         return
+    zeroed = f", zeroed {mib(summary.bytes_zeroed)}" if summary.bytes_zeroed else ""
+    files = f" and {summary.files_changed} files" if summary.files_changed else ""
     typer.echo(
-        f"job {summary.job}: epoch {summary.epoch} durable on the receiver (lsn {summary.lsn}, "
-        f"basis {summary.basis})\n"
-        f"  scanned {_mib(summary.bytes_scanned)}, changed {_mib(summary.bytes_changed)} "
-        f"in {summary.extents_changed} extents, {summary.files_changed} files, "
-        f"zeroed {_mib(summary.bytes_zeroed)}\n"
-        f"  sent {_mib(summary.payload_bytes)} of records as {_mib(summary.wire_bytes)} on the "
-        f"wire (compression {summary.compression_ratio:.2f}x) in {summary.seconds:.2f} s"
+        f"job {summary.job}: epoch {summary.epoch} is durable on the receiver "
+        f"(lsn {summary.lsn}) after {summary.seconds:.2f} s\n"
+        f"  read {mib(summary.bytes_scanned)}; changed {mib(summary.bytes_changed)} in "
+        f"{summary.extents_changed} extents{files}{zeroed}\n"
+        f"  {wire_words(summary)}\n"
+        f"  {basis_words(summary, resync)}"
     )
+
+
+def check_capture_options(capture: Capture, nbd: dict[str, object], mount: Path | None) -> None:
+    """Options of one capture mode given with another: a mistake, not something to ignore."""
+    if capture is not Capture.nbd:
+        given = [name for name, value in nbd.items() if value is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UsageError(
+                f"{', '.join(given)} only {verb} to --capture nbd (this is --capture "
+                f"{capture.value})",
+                hint="did you mean --capture nbd?",
+            )
+    if capture is not Capture.fuse and mount is not None:
+        raise UsageError(
+            f"--mount only applies to --capture fuse (this is --capture {capture.value})",
+            hint="did you mean --capture fuse?",
+        )
 
 
 def send(
@@ -273,6 +279,8 @@ def send(
     rate: RateOption = None,
     burst: BurstOption = None,
     schedule: ScheduleOption = None,
+    target_rpo: TargetRpoOption = None,
+    job_file: JobFileOption = None,  # read by SendCommand before the other options (jobfile)
 ) -> None:
     """Replicate VOLUMES to a receiver: changed extents only, in write order, durably."""
     try:
@@ -283,8 +291,13 @@ def send(
             side="sender",
             host=parse_endpoint(to, "--to")[0],
         )
+        check_capture_options(
+            capture,
+            {"--nbd-socket": nbd_socket, "--nbd-listen": nbd_listen, "--nbd-size": nbd_size},
+            mount,
+        )
         metrics = metrics_endpoint(metrics_listen)
-        shaping = make_shaping(rate, burst, schedule)
+        shaping = make_shaping(rate, burst, schedule, target_rpo)
         default_cap = JOURNAL_CAP if capture is Capture.scan else LIVE_JOURNAL_CAP
         cap = parse_size(journal_max, "--journal-max") if journal_max else default_cap
         if cap < MIN_JOURNAL_CAP:
@@ -313,6 +326,7 @@ def send(
     except ReplicatorError as exc:
         fail(exc)
     if capture is not Capture.scan:
+        live.sender.progress = progress_report("initial sync")
 
         async def main_live(stop: asyncio.Event) -> None:
             async with following(shaping), sender_monitor(live.sender, metrics, shaping):
@@ -320,15 +334,15 @@ def send(
 
         run(main_live, graceful=True)
         return
+    sender.progress = progress_report("sync")
     if once:
-        with scan_progress(enabled=not as_json) as progress:
 
-            async def main_once(stop: asyncio.Event) -> Summary:
-                async with following(shaping), sender_monitor(sender, metrics, shaping):
-                    return await sender.run_once(progress)
+        async def main_once(stop: asyncio.Event) -> Summary:
+            async with following(shaping), sender_monitor(sender, metrics, shaping):
+                return await sender.run_once()
 
-            summary = run(main_once, graceful=False)
-        print_summary(summary, as_json)
+        summary = run(main_once, graceful=False)
+        print_summary(summary, as_json, resync=resync)
         return
 
     async def main_forever(stop: asyncio.Event) -> None:

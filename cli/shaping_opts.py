@@ -1,6 +1,6 @@
-"""``--rate``, ``--burst`` and ``--schedule``: the options, and the one ``Shaping`` a
-sending command builds from them (its token bucket goes to the connector, so it outlives
-reconnects; its schedule runs as a task beside the command)."""
+"""``--rate``, ``--burst``, ``--schedule`` and ``--target-rpo``: the options, and the one
+``Shaping`` a sending command builds from them (its token bucket goes to the connector, so
+it outlives reconnects; its schedule and pacer run as a task beside the command)."""
 
 from __future__ import annotations
 
@@ -36,17 +36,29 @@ ScheduleOption = Annotated[
 ]
 
 
-def make_shaping(rate: str | None, burst: str | None, schedule: str | None) -> Shaping:
+TargetRpoOption = Annotated[
+    str | None,
+    typer.Option(
+        "--target-rpo",
+        help="Use the least bandwidth that keeps the lag under this many seconds (30, 5m), "
+        "within --rate and --schedule; warns in the log, status and metrics when it cannot.",
+    ),
+]
+
+
+def make_shaping(
+    rate: str | None, burst: str | None, schedule: str | None, target_rpo: str | None = None
+) -> Shaping:
     """The command's shaping; a bad option is a ConfigError (exit 3) quoting the bad part."""
     try:
-        return Shaping.from_options(rate, burst, schedule)
+        return Shaping.from_options(rate, burst, schedule, target_rpo)
     except SpecError as exc:
         raise ConfigError(str(exc), hint="see docs/OPERATIONS.md, 'Bandwidth'") from None
 
 
 @contextlib.asynccontextmanager
 async def following(shaping: Shaping) -> AsyncIterator[Shaping]:
-    """Run the schedule (if any) while the body runs."""
+    """Run the schedule and the target-RPO pacer (if any) while the body runs."""
     task = asyncio.create_task(shaping.run(), name="schedule")
     try:
         yield shaping

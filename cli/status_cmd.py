@@ -204,6 +204,8 @@ def _state(job: dict[str, Any]) -> str:
     sync = job.get("initial_sync")
     if job.get("state") == "initial_sync" and isinstance(sync, dict):
         text += f" {sync.get('percent', 0)}%"
+    if job.get("role_change"):  # a sender at rest after a planned failover / in a failback
+        return f"{text}: {job['role_change'].get('note')}; next: {job['role_change'].get('next')}"
     if job.get("source") == "files" and job.get("state") != "not_running":
         text += " (no sender since the receiver started; from files)"
     if job.get("recovery_pending"):
@@ -278,6 +280,21 @@ def _journal(job: dict[str, Any]) -> str:
     return text
 
 
+def _bandwidth(job: dict[str, Any]) -> str:
+    shaping = job.get("shaping")
+    if not isinstance(shaping, dict):
+        return "-"
+    text = f"rate {shaping.get('rate', '-')} ({shaping.get('source', '-')})"
+    rpo = shaping.get("rpo")
+    if isinstance(rpo, dict):
+        text += (
+            f", target RPO {_duration(rpo.get('target_seconds'))}, "
+            f"pace {_bytes(rpo.get('pace_bytes_per_second'))}/s"
+        )
+        text += f"; WARNING: {rpo['warning']}" if rpo.get("warning") else ", held"
+    return text
+
+
 _SENDER: list[tuple[str, Any]] = [
     ("job", lambda j: _s(j.get("job"))),
     ("state", _state),
@@ -285,6 +302,7 @@ _SENDER: list[tuple[str, Any]] = [
     ("LSN", _lsns),
     ("lag (RPO)", _lag),
     ("sent", _traffic),
+    ("bandwidth", _bandwidth),
     ("journal", _journal),
     ("last epoch", lambda j: _s(j.get("last_epoch"))),
     ("errors", _errors),

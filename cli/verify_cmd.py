@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +22,7 @@ from replicator.cli.common import (
     run,
     transport_security,
 )
+from replicator.cli.progress import progress_report
 from replicator.cli.send import (
     JobOption,
     StateDirOption,
@@ -25,9 +31,21 @@ from replicator.cli.send import (
     build_config,
 )
 from replicator.cli.shaping_opts import BurstOption, RateOption, make_shaping
-from replicator.engine.errors import ExitCode, ReplicatorError
-from replicator.engine.sender import Sender
+from replicator.engine.control import ControlBusy
+from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
+from replicator.engine.sender import Sender, SenderConfig
 from replicator.engine.verify import VerifyResult, verify
+
+
+@contextlib.contextmanager
+def _state_for_verify(config: SenderConfig) -> Iterator[SenderConfig]:
+    """The job's state folder, or a scratch one when it has none: verify only reads, so
+    it leaves no state folder behind for a job that was never sent from here."""
+    if config.state_dir.exists():
+        yield config
+        return
+    with tempfile.TemporaryDirectory(prefix="replicator-verify-") as scratch:
+        yield dataclasses.replace(config, state_dir=Path(scratch) / config.job)
 
 
 def verify_command(
@@ -54,12 +72,23 @@ def verify_command(
         shaping = make_shaping(rate, burst, None)
     except ReplicatorError as exc:
         fail(exc)
-    sender = Sender(config, connector_for(config, tls, shaping.bucket))
+    progress = progress_report("verify")
 
     async def main(stop: asyncio.Event) -> VerifyResult:
-        return await verify(sender, repair=repair)
+        try:
+            return await verify(sender, repair=repair, progress=progress)
+        except ConfigError as exc:
+            if not isinstance(exc, ControlBusy) and "already runs" not in exc.message:
+                raise
+            raise ConfigError(
+                exc.message,
+                hint="verify needs the job to itself on both sides: stop that sender (SIGTERM "
+                "finishes its work), run verify, then start the sender again",
+            ) from exc
 
-    result = run(main, graceful=False)
+    with _state_for_verify(config) as config:
+        sender = Sender(config, connector_for(config, tls, shaping.bucket))
+        result = run(main, graceful=False)
     if as_json:
         typer.echo(
             json.dumps(

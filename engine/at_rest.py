@@ -22,6 +22,7 @@ from typing import Any
 from replicator.engine import replica_state
 from replicator.engine.control import read_claim
 from replicator.engine.errors import ConfigError
+from replicator.engine.failback_state import describe, load_marker
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.status import iso_time
@@ -90,6 +91,15 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
         ),
         "manifests_problem": manifest_problem,
     }
+    marker = load_marker(state_dir)  # a planned failover or a failback (failback_state.py)
+    if marker is not None:
+        entry["state"] = "handed_over" if marker.phase == "handed-over" else "failback_incomplete"
+        entry["role_change"] = {
+            "phase": marker.phase,
+            "note": describe(marker),
+            "next": "replicator failback --from HOST:PORT --job JOB VOLUME... (send refuses "
+            "until it has run)",
+        }
     return {"role": "sender", "running": False, "state_dir": str(state_dir), "jobs": [entry]}
 
 

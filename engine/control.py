@@ -141,14 +141,7 @@ class ControlServer:
         server, self._server = self._server, None
         if server is None:
             return
-        server.close()
-        for task in list(self._clients):
-            task.cancel()
-        for task in list(self._clients):
-            with contextlib.suppress(BaseException):
-                await task
-        with contextlib.suppress(Exception):
-            await server.wait_closed()
+        await close_server(server, self._clients)
         self._unlink()
 
     # -- setting up the socket file ------------------------------------------------------
@@ -283,6 +276,19 @@ class ControlServer:
 
     async def _ping(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "owner": self.owner, "ops": sorted(self.handlers)}
+
+
+async def close_server(server: asyncio.AbstractServer, clients: set[asyncio.Task[None]]) -> None:
+    """Stop a small asyncio server (this socket, the metrics endpoint): no new clients,
+    the ones being answered cancelled and awaited."""
+    server.close()
+    for task in list(clients):
+        task.cancel()
+    for task in list(clients):
+        with contextlib.suppress(BaseException):
+            await task
+    with contextlib.suppress(Exception):
+        await server.wait_closed()
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ to a user, and ``unwrap`` turns whatever ended a command into the error it repor
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 
 from replicator.journal.errors import (
@@ -78,15 +77,7 @@ def tls_refusal(exc: BaseException) -> AuthError | None:
     """The user error for a TLS handshake that failed on a certificate (or on one side not
     speaking TLS), when that is what ended a connection; None for anything else."""
     error = _ssl_error(exc)
-    if error is None:
-        # TLS 1.3: the receiver checks our certificate after our side finished the
-        # handshake, so its alert can arrive as the end of the connection, in words only
-        found = re.search(r"\[SSL: ([A-Z0-9_]+)\]", str(exc))
-        if found is None or "ALERT" not in found.group(1):
-            return None
-        error = ssl.SSLError(1, str(exc))
-        error.reason = found.group(1)
-    if isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+    if error is None or isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return None
     reason = str(error.reason or "")
     if any(mark in reason for mark in _TLS_DAMAGE):

@@ -38,6 +38,7 @@ from replicator.engine.manifest import digest_chunks
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.replica_state import ReplicaState
 from replicator.engine.status import ReceiverJobStatus
+from replicator.engine.window import BACKLOG_MAX, MAX_WINDOW
 from replicator.journal import (
     Journal,
     JournalError,
@@ -59,6 +60,9 @@ class ReceiverConfig:
     replica_root: Path
     state_root: Path
     window: int = 66 * 1024 * 1024  # >= the largest record (64 MiB) plus framing
+    # the window grows up to this (memory) and shrinks past this backlog: engine/window.py
+    window_cap: int = MAX_WINDOW
+    backlog_max: int = BACKLOG_MAX
     journal_max_bytes: int | None = None
     segment_bytes: int = 64 * 1024 * 1024
     authorize: Any = None  # an engine.authz.Authorizer (--allow): who may write which job
@@ -154,7 +158,15 @@ class JobReplica:
                 action="records after the kept ones are asked from the sender again",
             )
         self = cls(job, config, journal, saved, files)
-        self.promotion = await asyncio.to_thread(load_promotion, state_dir)
+        self.promotion = promotion = await asyncio.to_thread(load_promotion, state_dir)
+        if promotion is not None and saved.generation < promotion.generation:
+            # promote() writes promoted.state, then the generation: a crash (or a failed
+            # write) between the two is finished here
+            try:
+                await self._save_state(saved.replace(generation=promotion.generation))
+            except BaseException:
+                await self.journal.aclose()
+                raise
         try:
             # the last complete barrier already received (a crash may have cut an apply short)
             pending: set[str] = set()
@@ -404,6 +416,55 @@ class JobReplica:
             await asyncio.to_thread(clear_promotion, self.state_dir)
             self.promotion = None
         log.warning("receiver.demoted", job=self.job, generation=self.state.generation)
+
+    async def handback(self, lsn: int) -> None:
+        """Failback finished: the old source now holds exactly what this promoted replica
+        holds, and replication resumes from ``lsn`` (above every LSN either side used, so
+        records received before the failback are never applied). Applied and consistent
+        at ``lsn``, generation kept (the source takes the promoted history), files taken
+        as they are; ``promoted.state`` goes last, so a crash before it leaves the job
+        promoted (the failback is run again)."""
+        async with self._apply_lock:
+            if self.promotion is None or self.promotion.damaged:
+                raise ConfigError(
+                    f"job {self.job!r} is not promoted: there is nothing to hand back",
+                    hint="run `replicator status --dir DIR` on the target",
+                )
+            if lsn <= self.received_lsn:
+                raise ConfigError(
+                    f"hand-back at lsn {lsn} is not above lsn {self.received_lsn} received here"
+                )
+            self.files.forget_all()
+            await asyncio.to_thread(self.files.save, self.state_dir)
+            await self._save_state(
+                self.state.replace(
+                    applied_lsn=lsn,
+                    point_lsn=lsn,
+                    point_ts_ns=time.time_ns(),
+                    consistent=True,
+                    applying=False,
+                )
+            )
+            await asyncio.to_thread(clear_promotion, self.state_dir)
+            self.promotion = None
+            self.last_barrier = self._noted = lsn
+            self._mem.clear()
+            self._mem_bytes = 0
+            self._mem_ok = True  # nothing durable lies above the applied LSN
+        with contextlib.suppress(JournalError):
+            await self.journal.trim(lsn + 1)  # records from before the failback: never applied
+        log.warning("receiver.handed_back", job=self.job, lsn=lsn, generation=self.state.generation)
+
+    def read_replica(self, volume: str, offset: int, length: int) -> bytes | None:
+        """Up to ``length`` bytes of replica ``volume`` at ``offset`` (fewer where it
+        ends), or None when there is no such replica file. Blocking."""
+        fd = self._get_applier().open_readonly(volume)  # never reads outside the replica
+        if fd is None:
+            return None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
 
     async def _save_state(self, state: ReplicaState) -> None:
         await asyncio.to_thread(replica_state.save, self.state_dir, self.job, state)

@@ -16,10 +16,11 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -29,6 +30,7 @@ from replicator.engine.manifest import ExtentManifest
 from replicator.engine.session_core import (
     FRAME_TARGET,
     Deliver,
+    HandoverStep,
     Send,
     SenderCore,
     Trim,
@@ -41,22 +43,33 @@ from replicator.transport import (
     Error,
     FramedConnection,
     Goodbye,
+    Handover,
     Hello,
     Manifest,
     ManifestRequest,
     Ping,
+    ReadData,
+    ReadRequest,
     Refuse,
+    RemoteProtocolError,
     Tree,
     TreeEntry,
     TreeRequest,
+    VersionMismatchError,
     VolumeInfo,
     Welcome,
 )
-from replicator.transport.messages import MAX_VOLUMES
+from replicator.transport.frames import NOT_A_PEER
+from replicator.transport.messages import MAX_VOLUMES, Message
 
 log = structlog.get_logger()
 
 HANDSHAKE_TIMEOUT = 30.0
+# a receiver answers a Hello at once, or pings while it opens the job (recovering its
+# journal after a crash); something silent for this long is not one (a web server waiting
+# for a request line). After a ping, HANDSHAKE_TIMEOUT is the silence allowed.
+FIRST_ANSWER_TIMEOUT = 5.0
+_NOT_A_RECEIVER_HINT = "check --to: it must be the HOST:PORT `replicator receive --listen` uses"
 PING_INTERVAL = 15.0
 REPLY_TIMEOUT = 120.0  # a silent receiver is declared gone after this long
 
@@ -68,11 +81,13 @@ class SessionPurpose(enum.Enum):
     RESYNC (``send --resync``, ``verify --repair``): compare with the replica as it is and
     send what differs; the receiver takes its files as they are.
     VERIFY: only compare; nothing is refused or taken over, differences are reported.
+    FAILBACK (``replicator failback``): read a promoted replica, then hand the roles back.
     """
 
     REPLICATE = ()
     RESYNC = ("resync",)
     VERIFY = ("verify",)
+    FAILBACK = ("failback",)
 
     @property
     def capabilities(self) -> tuple[str, ...]:
@@ -87,7 +102,9 @@ class Link:
         self.space_freed = asyncio.Event()
         self._changed = asyncio.Condition()
         # answers to ManifestRequests and TreeRequests (one id space), by request id
-        self._answer_queues: dict[int, asyncio.Queue[Manifest | Tree | None]] = {}
+        self._answer_queues: dict[int, asyncio.Queue[Manifest | Tree | ReadData | None]] = {}
+        # Handover steps the receiver took (planned failover, failback); None: link failed
+        self.handover_steps: asyncio.Queue[Handover | None] = asyncio.Queue()
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: BaseException | None = None
@@ -128,13 +145,42 @@ class Link:
             session=uuid.uuid4().hex,
         )
         await self.conn.send(hello)
-        reply = await self.conn.recv(timeout=HANDSHAKE_TIMEOUT)  # callers map errors
+        reply = await self._first_answer()
         if isinstance(reply, Refuse | Error):
             raise refusal_error(reply.code, reply.message)
         if not isinstance(reply, Welcome):
             raise PeerProtocolError(f"receiver answered Hello with {type(reply).__name__}")
         self.core = SenderCore(reply)
         return reply
+
+    async def _first_answer(self) -> Message:
+        """The reply to our Hello; a peer whose first bytes are not a frame, or who says
+        nothing at all, is "not a replicator receiver" (exit 7), not a lost connection."""
+        peer = self.conn.peer
+        try:
+            try:
+                reply = await self.conn.recv(timeout=FIRST_ANSWER_TIMEOUT)
+            except TimeoutError:
+                if self.conn.bytes_received:  # part of a frame: a receiver, slow to answer
+                    return await self.conn.recv(timeout=HANDSHAKE_TIMEOUT)  # callers map errors
+                self.conn.abort()  # no goodbye to wait for from something that is not ours
+                raise PeerProtocolError(
+                    f"{peer} is not a replicator receiver: it sent nothing within "
+                    f"{FIRST_ANSWER_TIMEOUT:g} s of our Hello (a receiver answers at once, "
+                    "or pings while it opens the job)",
+                    hint=_NOT_A_RECEIVER_HINT,
+                ) from None
+            while isinstance(reply, Ping):  # a receiver still opening the job
+                reply = await self.conn.recv(timeout=HANDSHAKE_TIMEOUT)  # callers map errors
+            return reply
+        except RemoteProtocolError as exc:
+            if isinstance(exc, VersionMismatchError) or not str(exc).startswith(NOT_A_PEER):
+                raise
+            self.conn.abort()
+            raise PeerProtocolError(
+                f"{peer} is not a replicator receiver: {str(exc).removeprefix(NOT_A_PEER)}",
+                hint=_NOT_A_RECEIVER_HINT,
+            ) from exc
 
     def _started(self) -> SenderCore:
         if self.core is None:
@@ -145,8 +191,8 @@ class Link:
         """Start handling what the receiver says (acks, credit, manifests) and heartbeats."""
         self._started()
         self._tasks += [
-            asyncio.create_task(self._guard(self._reader()), name="link-reader"),
-            asyncio.create_task(self._guard(self._pinger()), name="link-pinger"),
+            asyncio.create_task(self._guard(self._reader), name="link-reader"),
+            asyncio.create_task(self._guard(self._pinger), name="link-pinger"),
         ]
 
     def start_shipper(self, ship_from: int) -> None:
@@ -156,13 +202,14 @@ class Link:
         trimmed, and basis selection must still see every record after ``received_lsn``.
         """
         self._started()
-        self._tasks.append(
-            asyncio.create_task(self._guard(self._shipper(ship_from)), name="link-shipper")
-        )
+        ship = functools.partial(self._shipper, ship_from)
+        self._tasks.append(asyncio.create_task(self._guard(ship), name="link-shipper"))
 
-    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
+    async def _guard(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``work`` (made here, so a task cancelled before it starts leaves no
+        coroutine behind unawaited), keeping its failure for the link's users."""
         try:
-            await coro
+            await work()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -173,6 +220,7 @@ class Link:
                 self._changed.notify_all()
             for q in self._answer_queues.values():
                 q.put_nowait(None)  # wakes the request, which re-raises
+            self.handover_steps.put_nowait(None)
 
     def _check(self) -> None:
         if self._failure is not None:
@@ -203,6 +251,8 @@ class Link:
                             f"answer for unknown request {action.message.request_id}"
                         )
                     queue.put_nowait(action.message)
+                elif isinstance(action, HandoverStep):
+                    self.handover_steps.put_nowait(action.message)
                 else:  # Woken: credit, or an ack (room in the journal, applied LSN)
                     async with self._changed:
                         self._changed.notify_all()
@@ -228,14 +278,20 @@ class Link:
         tailer = asyncio.create_task(tail(), name="link-tail")
         pending: collections.deque[EncodedRecord] = collections.deque()
         try:
+            queued = 0  # bytes in pending: refill only what one frame can take
             while True:
                 if not pending:
                     core.oldest_queued_ts = 0
-                    pending.extend(await _get_or_fail(queue, tailer))
-                while not queue.empty() and sum(len(r.raw) for r in pending) < FRAME_TARGET:
-                    pending.extend(queue.get_nowait())
+                    batch = await _get_or_fail(queue, tailer)
+                    pending.extend(batch)
+                    queued = sum(len(r.raw) for r in batch)
+                while queued < FRAME_TARGET and not queue.empty():
+                    batch = queue.get_nowait()
+                    pending.extend(batch)
+                    queued += sum(len(r.raw) for r in batch)
                 core.oldest_queued_ts = pending[0].ts_ns
                 frame = core.pack(pending)
+                queued -= len(frame.payload)
                 await self._wait_credit(len(frame.payload))
                 core.shipped(frame)
                 await self.conn.send(frame)
@@ -283,12 +339,41 @@ class Link:
             entries.extend(part.entries())
         return entries
 
+    async def read(self, volume: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of replica ``volume`` at ``offset`` (fewer where it ends):
+        failback sessions only."""
+        rid = next(self._ids)
+        queue: asyncio.Queue[Manifest | Tree | ReadData | None] = asyncio.Queue()
+        self._answer_queues[rid] = queue
+        try:
+            await self.conn.send(ReadRequest(rid, volume, offset, length))
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                answer = await queue.get()
+            self._check()
+            if not isinstance(answer, ReadData):
+                raise ConnectError("connection failed while waiting for the receiver's answer")
+            return answer.data
+        finally:
+            del self._answer_queues[rid]
+
+    async def handover(self, timeout: float) -> Handover:
+        """The receiver's next Handover step (waits at most ``timeout`` seconds)."""
+        async with asyncio.timeout(timeout):
+            step = await self.handover_steps.get()
+        self._check()
+        if step is None:
+            raise ConnectError("connection to the receiver was lost during the handover")
+        return step
+
+    async def send_handover(self, step: str, lsn: int = 0, generation: int = 0) -> None:
+        await self.conn.send(Handover(step, lsn, generation))
+
     async def _answers(
         self, request: ManifestRequest | TreeRequest
     ) -> AsyncIterator[Manifest | Tree]:
         """Send ``request`` and yield its answer's parts up to the one marked done."""
         rid = request.request_id
-        queue: asyncio.Queue[Manifest | Tree | None] = asyncio.Queue()
+        queue: asyncio.Queue[Manifest | Tree | ReadData | None] = asyncio.Queue()
         self._answer_queues[rid] = queue
         try:
             await self.conn.send(request)
@@ -296,7 +381,7 @@ class Link:
                 async with asyncio.timeout(REPLY_TIMEOUT * 10):
                     part = await queue.get()
                 self._check()
-                if part is None:
+                if part is None or isinstance(part, ReadData):
                     raise ConnectError("connection failed while waiting for the receiver's answer")
                 yield part
                 if part.done:

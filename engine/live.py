@@ -33,11 +33,18 @@ from replicator.engine.errors import ConfigError, ReplicatorError
 
 if TYPE_CHECKING:
     from replicator.engine.fuse.capture import FuseCapture
+from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.link import Link
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
+from replicator.engine.nbd.images import export_size_for, probe_path
 from replicator.engine.scan import file_volume
-from replicator.engine.sender import MID_SESSION_RETRY, Sender, SenderState, sleep_or_stop
+from replicator.engine.sender import (
+    MID_SESSION_RETRY,
+    Sender,
+    SenderState,
+    log_cycle,
+)
 from replicator.engine.status import SenderPhase
 from replicator.engine.tree import Tree, tree_records
 from replicator.engine.volumes import VolumeKind, VolumeSpec
@@ -101,13 +108,16 @@ class LiveSender:
         self.files = capture.watched
         self._link: Link | None = None
         self._file_digests: dict[str, bytes] = {}
+        self._handover: Link | None = None  # a planned failover asked on this link
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.sender.log_start(self.status.capture)
         async with SenderState(self.sender.config) as state:
             journal = state.journal
             assert journal is not None
             link = await self._initial_sync(state, stop)
             if link is None:
+                self.sender.log_stop(state)  # raises when the receiver was never reached
                 return
             self._link = link
             try:
@@ -123,11 +133,20 @@ class LiveSender:
                         task.cancel()
             finally:
                 self.status.set_state(SenderPhase.STOPPING)
-                await self.capture.stop(state)
-                await self._drain(journal)
-                if self._link is not None:
-                    await self.sender.close_link(self._link)
-                self.status.set_state(SenderPhase.STOPPED)
+                await self.capture.stop(state)  # in-flight writes finish; no new ones
+                try:
+                    if self._handover is not None:  # raises HandedOver (engine/handover.py)
+                        for spec in self.files:  # configuration files as they are now
+                            await self._ship_file_if_changed(journal, spec)
+                        final = await journal.append(Record.flush())
+                        await journal.sync()
+                        await hand_over(self._handover, final, state.dir, self.sender.config.job)
+                    await self._drain(journal)
+                finally:
+                    if self._link is not None:
+                        await self.sender.close_link(self._link)
+                    self.status.set_state(SenderPhase.STOPPED)
+                log.info("sender.stopped", last_lsn=journal.last_lsn)
 
     async def _initial_sync(self, state: SenderState, stop: asyncio.Event) -> Link | None:
         """Bring the replica up to date before serving; retry while the receiver is away."""
@@ -139,8 +158,10 @@ class LiveSender:
             self.status.set_state(SenderPhase.INITIAL_SYNC)
             try:
                 prelude = self.capture.prelude(self.sender.replica_tree)
+                started = time.monotonic()
                 manifests, stats, lsn = await self.sender.cycle(state, link, basis, prelude=prelude)
-                log.warning(
+                log_cycle(manifests.epoch, lsn, stats, link, time.monotonic() - started)
+                log.info(
                     "sender.initial_sync",
                     basis=kind,
                     lsn=lsn,
@@ -179,7 +200,14 @@ class LiveSender:
                     )
                 self._link = link
             try:
-                await sleep_or_stop(stop, 1.0, link)
+                if await wait_for_request(link, stop, 1.0):
+                    if not self.capture.barriers_allowed():
+                        # changes made while the journal was full are not journaled yet: no
+                        # final point can hold them (the receiver's request times out)
+                        log.error("sender.handover_refused", why="journal overflow")
+                        continue
+                    self._handover = link
+                    return
             except MID_SESSION_RETRY as exc:
                 log.warning("sender.link_lost", error=str(exc))
                 self.status.error("connection", str(exc))
@@ -257,7 +285,7 @@ class LiveSender:
             except JournalFull:
                 return  # the next poll tries again
             self._file_digests[spec.name] = digest
-            log.info("sender.file_changed", volume=spec.name, bytes=len(record.data))
+            log.debug("sender.file_changed", volume=spec.name, bytes=len(record.data))
 
     async def _drain(self, journal: Journal) -> None:
         """Make the last writes durable, ship them and wait (bounded) until applied."""
@@ -271,7 +299,7 @@ class LiveSender:
         try:
             await link.wait_applied(journal.last_lsn, DRAIN_TIMEOUT)
             await link.goodbye("sender stopping")
-            log.warning("sender.drained", lsn=journal.last_lsn)
+            log.info("sender.drained", lsn=journal.last_lsn)
         except (TimeoutError, ReplicatorError) as exc:
             log.warning("sender.stopped_with_backlog", error=str(exc), last_lsn=journal.last_lsn)
 
@@ -284,6 +312,8 @@ class NbdCapture:
         self.watched = [v for v in volumes if v.kind is VolumeKind.FILE]
         if not self.disks:
             raise ConfigError("--capture nbd needs at least one disk image to export")
+        for spec in self.disks:  # an image that cannot be served fails now, before any sync
+            export_size_for(probe_path(spec.path), str(spec.path), options.export_size)
         self.options = options
         self._exports: list[JournaledFileExport] = []
         self._server: NbdServer | None = None
@@ -306,7 +336,7 @@ class NbdCapture:
         await self._server.start_unix(self.options.socket)
         if self.options.listen is not None:
             await self._server.start_tcp(*self.options.listen)
-        log.warning(
+        log.info(
             "sender.nbd_serving",
             socket=self.options.socket,
             exports=[e.name for e in self._exports],
@@ -335,9 +365,10 @@ class FuseFolderCapture:
     """Mount the VM folder through the journaling FUSE filter (``--capture fuse``)."""
 
     def __init__(self, source: Path, mountpoint: Path, tree: Tree) -> None:
-        from replicator.engine.fuse.mount import check_paths
+        from replicator.engine.fuse.mount import check_mountpoint, check_paths
 
         self.source = check_paths(source, mountpoint)
+        check_mountpoint(mountpoint)  # now, not after the initial sync
         self.mountpoint = mountpoint
         self.tree = tree
         self.watched: list[VolumeSpec] = []  # every change goes through the filter
@@ -363,7 +394,7 @@ class FuseFolderCapture:
         if self._task.done():
             self._task.result()  # raises why the mount failed
             raise ReplicatorError(f"the FUSE mount at {self.mountpoint} ended at once")
-        log.warning("sender.fuse_serving", source=str(self.source), mount=str(self.mountpoint))
+        log.info("sender.fuse_serving", source=str(self.source), mount=str(self.mountpoint))
 
     def barriers_allowed(self) -> bool:
         return self._capture is None or self._capture.filter.barriers_allowed

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from replicator.engine.control import close_server
 from replicator.engine.errors import ConfigError
 from replicator.engine.status import ReceiverPhase, SenderPhase, StatusBoard
 
@@ -117,6 +118,15 @@ class SnapshotCollector(Collector):
         progress = gauge(
             "initial_sync_ratio", "How much of the last scan (initial sync) is done, 0..1."
         )
+        rpo_target = gauge("rpo_target_seconds", "The sender's --target-rpo.")
+        rpo_met = gauge(
+            "rpo_target_met",
+            "0 while the lag has stayed above --target-rpo longer than its grace, else 1.",
+        )
+        pace = gauge(
+            "shaping_pace_bytes_per_second",
+            "The rate the sender's shaper uses now (--target-rpo's pace within the cap).",
+        )
 
         for job in jobs:
             name = str(job.get("job", ""))
@@ -161,6 +171,12 @@ class SnapshotCollector(Collector):
             sync = job.get("initial_sync")
             if sync:
                 progress.add_metric(key, round(float(sync.get("percent", 0.0)) / 100, 4))
+            rpo = _get(job, "shaping", "rpo")
+            if isinstance(rpo, dict):
+                rpo_target.add_metric(key, float(rpo["target_seconds"]))
+                rpo_met.add_metric(key, 1.0 if rpo.get("met") else 0.0)
+                if rpo.get("pace_bytes_per_second") is not None:
+                    pace.add_metric(key, float(rpo["pace_bytes_per_second"]))
         yield from (
             connected,
             state,
@@ -179,7 +195,17 @@ class SnapshotCollector(Collector):
             point,
             consistent,
             progress,
+            rpo_target,
+            rpo_met,
+            pace,
         )
+
+
+def _get(job: dict[str, Any], *keys: str) -> Any:
+    value: Any = job
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _parse_iso(text: Any) -> float | None:
@@ -248,16 +274,8 @@ class MetricsServer:
 
     async def aclose(self) -> None:
         server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        for task in list(self._clients):
-            task.cancel()
-        for task in list(self._clients):
-            with contextlib.suppress(BaseException):
-                await task
-        with contextlib.suppress(Exception):
-            await server.wait_closed()
+        if server is not None:
+            await close_server(server, self._clients)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -33,6 +33,8 @@ from replicator.engine.control import (
     RequestError,
     SenderClaim,
 )
+from replicator.engine.errors import ReplicatorError
+from replicator.engine.pacing import backlog_probe
 from replicator.engine.status import StatusBoard
 from replicator.transport.schedule import SpecError, parse_rate
 from replicator.transport.shaper import Shaping
@@ -148,6 +150,7 @@ def sender_monitor(
     handlers: dict[str, Handler] = {}
     if shaping is not None:
         sender.status.shaping = shaping
+        shaping.probe = backlog_probe(sender.status)  # --target-rpo's pacer reads the lag
 
         async def rate(request: dict[str, Any]) -> dict[str, Any]:
             text = request.get("rate")
@@ -157,7 +160,7 @@ def sender_monitor(
                 shaping.set_rate(parse_rate(text))
             except SpecError as exc:
                 raise RequestError(str(exc)) from None
-            log.warning("sender.rate_changed", job=config.job, rate=text)
+            log.info("sender.rate_changed", job=config.job, rate=text)
             return shaping.status()
 
         handlers["rate"] = rate
@@ -184,12 +187,21 @@ def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None)
 
     async def failover(request: dict[str, Any]) -> dict[str, Any]:
         job, command = request.get("job"), request.get("exec")
+        planned, timeout = request.get("planned", False), request.get("wait", 60)
         if not isinstance(job, str) or not (command is None or isinstance(command, str)):
             raise RequestError('"job" is a job name, "exec" a command or null')
+        if not isinstance(planned, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise RequestError('"planned" is a bool, "timeout" a number of seconds')
         from replicator.engine.failover import finish_failover  # only when asked
 
         started = time.monotonic()
-        promotion, already = await receiver.failover(job)
+        if planned:  # a refusal is an answer (with its exit code), not a failed request
+            try:
+                promotion, already = await receiver.failover_planned(job, float(timeout))
+            except ReplicatorError as exc:
+                return {"error": str(exc), "exit_code": int(exc.exit_code)}
+        else:
+            promotion, already = await receiver.failover(job)
         result = await finish_failover(
             receiver.config, job, promotion, exec_cmd=command, started=started, already=already
         )

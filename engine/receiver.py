@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import contextvars
+import itertools
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import structlog
 
 from replicator.engine.applier import ApplyError
-from replicator.engine.errors import ConfigError, ReplicatorError, first_error
+from replicator.engine.errors import (
+    ConfigError,
+    ConnectError,
+    ReplicaInconsistent,
+    ReplicatorError,
+    first_error,
+)
+from replicator.engine.failback_serve import FailbackSession
 from replicator.engine.generations import Promotion, session_refusal
 from replicator.engine.job_replica import JobReplica, ReceiverConfig, check_receiver_dirs
 from replicator.engine.names import check_job_name, path_problem
@@ -36,16 +47,26 @@ from replicator.transport import (
     Error,
     FramedConnection,
     Hello,
+    Ping,
     Refuse,
     RemoteProtocolError,
     VersionMismatchError,
 )
 
 log = structlog.get_logger()
+_T = TypeVar("_T")
 
 HELLO_TIMEOUT = 30.0
+# while a job opens (journal recovery, apply), the sender is pinged this often, so that it
+# can tell a busy receiver from something that is not a receiver (docs/PROTOCOL.md)
+OPENING_PING = 1.0
 SESSION_WAIT = 3.0  # how long a sender waits for the job's last session to end
 FAILOVER_SESSION_WAIT = 60.0  # for an aborted session to let go of its job
+
+
+def _clock(when: float) -> str:
+    """A wall-clock time for messages, in the receiver's local time zone."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(when))
 
 
 class Receiver:
@@ -57,6 +78,8 @@ class Receiver:
         self._jobs_lock = asyncio.Lock()
         self._sessions: set[asyncio.Task[Any]] = set()
         self._serving: dict[FramedConnection, JobReplica] = {}  # sessions past the Hello
+        self._holders: dict[str, tuple[str, float]] = {}  # job: (peer, since) of its session
+        self._replicating: dict[str, Session] = {}  # writing sessions, by job (handover)
         self._closing = False
         self.status = StatusBoard("receiver")
 
@@ -70,7 +93,11 @@ class Receiver:
                     await replica.aclose()
                 replica = None
             if replica is None:
-                replica = self._jobs[name] = await JobReplica.open(name, self.config)
+                # opened outside the session's log context: the job's apply task outlives
+                # the session, and must not name its peer on every line
+                opening = JobReplica.open(name, self.config)
+                replica = await asyncio.create_task(opening, context=contextvars.Context())
+                self._jobs[name] = replica
                 self.status.add(name, replica.status)
             return replica
 
@@ -127,7 +154,8 @@ class Receiver:
             return
         if not isinstance(hello, Hello):
             raise RemoteProtocolError(f"expected Hello, got {type(hello).__name__}")
-        refusal = self._check_hello(hello)
+        structlog.contextvars.bind_contextvars(job=hello.job, peer=conn.peer)  # this session's
+        refusal = self._check_hello(hello) or self._unknown_job(hello)
         if refusal is None and self.config.authorize is not None:  # --allow (engine/authz.py)
             why = self.config.authorize.refusal(conn, hello.job)
             refusal = None if why is None else Refuse("auth", why)
@@ -136,7 +164,7 @@ class Receiver:
             await conn.send(refusal)
             return
         try:
-            replica = await self.job(hello.job)
+            replica = await pinging_meanwhile(conn, self.job(hello.job))
         except (OSError, ReplicatorError) as exc:
             log.error("receiver.job_unusable", job=hello.job, peer=conn.peer, error=str(exc))
             code = "storage" if isinstance(exc, OSError) else "config"
@@ -148,16 +176,45 @@ class Receiver:
             async with asyncio.timeout(SESSION_WAIT):
                 await replica.session_lock.acquire()
         except TimeoutError:
+            holder = self._holders.get(hello.job)
+            who = "" if holder is None else f" ({holder[0]}, connected since {_clock(holder[1])})"
             await conn.send(
-                Refuse("busy", f"job {hello.job!r} already has a sender connected to this receiver")
+                Refuse(
+                    "busy",
+                    f"job {hello.job!r} already has a sender connected to this receiver{who}",
+                )
             )
             return
+        self._holders[hello.job] = (conn.peer, time.time())
         try:
             await self._serve_job(conn, hello, replica)
         finally:
+            del self._holders[hello.job]
             replica.session_lock.release()
 
+    def _unknown_job(self, hello: Hello) -> Refuse | None:
+        """``verify`` compares and writes nothing: a job the receiver has no state for is
+        refused before anything is created for it (naming the jobs it has)."""
+        if "verify" not in hello.capabilities:
+            return None
+        root = self.config.state_root
+        if (root / hello.job).is_dir():
+            return None
+        try:
+            jobs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+        except OSError:
+            jobs = []
+        return Refuse(
+            "config",
+            f"unknown job {hello.job!r} on the receiver (jobs there: "
+            f"{', '.join(jobs) if jobs else 'none'})",
+        )
+
     async def _serve_job(self, conn: FramedConnection, hello: Hello, replica: JobReplica) -> None:
+        if "failback" in hello.capabilities:  # reads a promoted replica, then hands it back
+            self._serving[conn] = replica
+            await FailbackSession(conn, replica, self.config).run()
+            return
         purpose = frozenset(hello.capabilities) & {"verify", "resync"}
         refusal = session_refusal(
             hello.job,
@@ -189,7 +246,14 @@ class Receiver:
         log.info("receiver.session", job=hello.job, peer=conn.peer, session=hello.session)
         self._serving[conn] = replica
         replica.status.attach(conn)
-        await Session(conn, replica, self.config, adopt=not verifying).run()
+        session = Session(conn, replica, self.config, adopt=not verifying)
+        if not verifying:
+            self._replicating[hello.job] = session
+        try:
+            await session.run()
+        finally:
+            if self._replicating.get(hello.job) is session:
+                del self._replicating[hello.job]
 
     def _check_hello(self, hello: Hello) -> Refuse | None:
         if self._closing:
@@ -234,6 +298,67 @@ class Receiver:
         finally:
             replica.session_lock.release()
 
+    async def failover_planned(self, name: str, timeout: float) -> tuple[Promotion, bool]:
+        """Planned failover of job ``name``: its connected sender stops capture, ships
+        everything and says its final point; the replica is promoted exactly there (see
+        docs/PROTOCOL.md, "Failover and failback"). Never promotes without that point:
+        no sender within ``timeout`` seconds, or one that goes away first, is an error
+        that leaves the job as it was."""
+        check_job_name(name)
+        if not (self.config.state_root / name).is_dir():
+            raise ConfigError(
+                f"unknown job {name!r}: no receiver state in {self.config.state_root}",
+                hint="check the job name; `replicator status --dir DIR` lists the jobs",
+            )
+        replica = await self.job(name)
+        if replica.promotion is not None and not replica.promotion.damaged:
+            return replica.promotion, True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        session = self._replicating.get(name)
+        while session is None and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+            session = self._replicating.get(name)
+        if session is None:
+            raise ConnectError(
+                f"job {name!r}: no sender is connected for it (waited {timeout:g} s); a "
+                "planned failover needs the source's final point, nothing was promoted",
+                hint="start `replicator send` on the source and run this again; if the "
+                "source is gone, `replicator failover --force` promotes the last complete "
+                "consistency point received",
+            )
+        log.warning("receiver.handover_requested", job=name)
+        try:
+            async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                final = await session.request_handover()
+                async with replica.applied_changed:
+                    while replica.applied_lsn < final and not replica.broken:
+                        await replica.applied_changed.wait()
+        except (TimeoutError, ConnectionClosedError) as exc:
+            session.conn.abort()  # the sender learns at once that nothing was promoted
+            why = "did not finish in time" if isinstance(exc, TimeoutError) else str(exc)
+            raise ConnectError(
+                f"job {name!r}: the sender's handover {why}; nothing was promoted",
+                hint="run `replicator failover --planned` again (a longer --timeout for a "
+                "large backlog); if the source is gone, use --force",
+            ) from exc
+        state = replica.state
+        if replica.broken or replica.received_lsn != final or state.point_lsn != final:
+            raise ReplicaInconsistent(
+                f"job {name!r}: the replica is not at the sender's final point (lsn {final}; "
+                f"applied {state.applied_lsn}, point {state.point_lsn}, received "
+                f"{replica.received_lsn}); nothing was promoted",
+                hint="run `replicator failover --planned` again; `replicator status` shows "
+                "what failed",
+            )
+        promotion = await replica.promote()
+        try:
+            await session.confirm_handover(promotion.generation)
+        except Exception as exc:  # promoted all the same: the sender learns it when refused
+            log.warning("receiver.handover_unconfirmed", job=name, error=str(exc))
+        log.warning("receiver.planned_failover", job=name, lsn=final)
+        return promotion, False
+
     async def aclose(self) -> None:
         """Stop sessions, then finish applying whatever complete epochs were received."""
         self._closing = True
@@ -254,3 +379,25 @@ __all__ = [
     "check_receiver_dirs",
     "replica_tree_parts",
 ]
+
+
+async def pinging_meanwhile(conn: FramedConnection, work: Coroutine[Any, Any, _T]) -> _T:
+    """Await ``work``, sending the sender a Ping every ``OPENING_PING`` seconds until it
+    ends: a Hello is answered at once or pinged (a receiver recovering a job is slow to
+    Welcome; a peer that says nothing is not a receiver at all)."""
+    task = asyncio.ensure_future(work)
+    nonce = itertools.count(1)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=OPENING_PING)
+            if done:
+                return task.result()
+            try:
+                await conn.send(Ping(next(nonce), time.time_ns()))
+            except (ConnectionError, ConnectionClosedError, OSError):
+                return await task  # the sender went; the job still opens (and is kept)
+    except asyncio.CancelledError:
+        task.cancel()  # and wait: a job half opened must not outlive the receiver's close
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ import structlog
 
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import path_problem
+from replicator.engine.pacing import unapplied_bytes
 from replicator.engine.replica_files import ReplicaDiverged
 from replicator.engine.session_core import ReceiverCore, Send
+from replicator.engine.window import CreditWindow
 from replicator.journal import (
     JournalError,
     JournalFull,
@@ -29,9 +32,11 @@ from replicator.journal import (
 from replicator.transport import (
     PROTOCOL_VERSION,
     ConnectionClosedError,
+    Credit,
     Error,
     FramedConnection,
     Goodbye,
+    Handover,
     Manifest,
     ManifestRequest,
     Ping,
@@ -53,6 +58,7 @@ from replicator.transport.messages import (
 log = structlog.get_logger()
 
 IDLE_TIMEOUT = 120.0
+RTT_PING_INTERVAL = 5.0  # the window follows the round trip: measured this often
 
 
 class Session:
@@ -66,9 +72,16 @@ class Session:
         self.conn = conn
         self.replica = replica
         self.config = config
-        self.core = ReceiverCore(replica.received_lsn, replica.applied_lsn)
+        self.core: ReceiverCore  # made by run(), from the position the Welcome announces
         self._sync_wake = asyncio.Event()
         self._sync_lock = asyncio.Lock()
+        # how much credit to grant: follows the link (RTT, rate) and the disk (backlog)
+        self.window = CreditWindow(
+            config.window, cap=config.window_cap, backlog_max=config.backlog_max
+        )
+        # a planned failover asked the sender for its final point (``request_handover``)
+        self._handover: asyncio.Future[int] | None = None
+        self.final_lsn: int | None = None  # the sender's final point: nothing may follow it
 
     async def run(self) -> None:
         replica = self.replica
@@ -76,7 +89,7 @@ class Session:
         # make them durable so the resume point we announce covers them
         await replica.journal.sync()
         replica.session_started()
-        self.core = ReceiverCore(replica.received_lsn, replica.applied_lsn)
+        self.core = ReceiverCore(replica.applied_lsn)
         await self.conn.send(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,
@@ -91,10 +104,31 @@ class Session:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._syncer())
                 tg.create_task(self._applied_acker())
+                tg.create_task(self._pinger())
                 await self._reader(tg)
                 raise _SessionOver  # the reader ended the session: cancel syncer and acker
         except* _SessionOver:
             pass
+        finally:
+            if self._handover is not None and not self._handover.done():
+                self._handover.set_exception(
+                    ConnectionClosedError("the sender's session ended before its final point")
+                )
+
+    async def request_handover(self) -> int:
+        """Planned failover: ask the sender to stop capture and ship everything; the LSN
+        of its final point (a barrier it waited to see applied). Raises
+        ConnectionClosedError when the session ends first."""
+        if self._handover is not None:
+            raise RuntimeError("a handover was already requested in this session")
+        self._handover = asyncio.get_running_loop().create_future()
+        self._handover.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await self.conn.send(Handover("request", 0, 0))
+        return await asyncio.shield(self._handover)
+
+    async def confirm_handover(self, generation: int) -> None:
+        """The replica is promoted at the sender's final point: tell the sender."""
+        await self.conn.send(Handover("promoted", 0, generation))
 
     async def _send_all(self, actions: list[Send]) -> None:
         for action in actions:
@@ -104,6 +138,10 @@ class Session:
         while True:
             msg = await self.conn.recv(timeout=IDLE_TIMEOUT)
             if isinstance(msg, Records):
+                if self.final_lsn is not None:
+                    raise RemoteProtocolError(
+                        f"Records after the handover's final point (lsn {self.final_lsn})"
+                    )
                 records = self.core.records(msg)  # the protocol checked count and LSN order
                 try:
                     await self.replica.ingest(records, msg.payload)
@@ -113,6 +151,7 @@ class Session:
                     await self.conn.send(Error("storage", reason))
                     return
                 self.core.ingested(records, len(msg.payload))
+                self.window.received(time.monotonic(), len(msg.payload))
                 self._sync_wake.set()
             elif isinstance(msg, ManifestRequest):
                 tg.create_task(self._answer_manifest(msg))
@@ -124,8 +163,17 @@ class Session:
             elif isinstance(msg, Error):
                 log.warning("receiver.peer_error", code=msg.code, message=msg.message)
                 return
-            elif isinstance(msg, Ping | Pong):
+            elif isinstance(msg, Pong):  # an answer to our _pinger
+                self.window.observe_rtt((time.monotonic_ns() - msg.ts_ns) / 1e9)
+            elif isinstance(msg, Ping):
                 await self._send_all(self.core.control(msg))
+            elif isinstance(msg, Handover):
+                future = self._handover
+                if msg.step != "final" or future is None or self.final_lsn is not None:
+                    raise RemoteProtocolError(f"unexpected Handover step {msg.step!r}")
+                await self._flush_sync()
+                self.final_lsn = msg.lsn
+                future.set_result(msg.lsn)
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a sender")
 
@@ -138,7 +186,8 @@ class Session:
             await self._sync_locked()
 
     async def _sync_locked(self) -> None:
-        records, granted = self.core.take_unsynced()
+        records, _ = self.core.take_unsynced()
+        started = time.monotonic()
         try:
             await self.replica.journal.sync()
         except (JournalError, OSError) as exc:
@@ -146,9 +195,32 @@ class Session:
             log.error("receiver.storage", job=self.replica.job, error=reason)
             await self.conn.send(Error("storage", reason))
             raise StorageFailed(reason) from exc
+        self.window.observe_sync(time.monotonic() - started)
         self.replica.note_durable(records)
         replica = self.replica
+        granted = self._grant()
         await self._send_all(self.core.synced(replica.received_lsn, replica.applied_lsn, granted))
+
+    def _grant(self) -> int:
+        """Credit to grant now (engine/window.py); call it with the sync lock held."""
+        replica, journal = self.replica, self.replica.journal
+        return self.window.grant(
+            time.monotonic(),
+            outstanding=self.conn.credit,
+            unsynced=self.core.unsynced_bytes,
+            backlog=unapplied_bytes(
+                journal.bytes_used, journal.first_lsn, journal.last_lsn, replica.applied_lsn
+            ),
+            applicable=replica.last_barrier > replica.applied_lsn,
+        )
+
+    async def _pinger(self) -> None:
+        """Measure the round trip (the sender answers our Ping with a Pong)."""
+        nonce = 0
+        while True:
+            nonce += 1
+            await self.conn.send(Ping(nonce, time.monotonic_ns()))
+            await asyncio.sleep(RTT_PING_INTERVAL)
 
     async def _syncer(self) -> None:
         """Runs until the session's TaskGroup cancels it when the reader ends."""
@@ -168,6 +240,11 @@ class Session:
                 await self.conn.send(Error(code, f"receiver cannot apply: {failure}"))
                 raise ConnectionClosedError("apply failed")
             await self._send_all(self.core.applied(replica.received_lsn, replica.applied_lsn))
+            if self.window.throttled:  # the backlog shrank: the window opens again
+                async with self._sync_lock:
+                    granted = self._grant()
+                    if granted:
+                        await self.conn.send(Credit(granted))
 
     async def _answer_manifest(self, req: ManifestRequest) -> None:
         problem = path_problem(req.volume)

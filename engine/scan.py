@@ -231,8 +231,11 @@ async def scan_epoch(
             else ExtentManifest(basis.extent_size, 0)
         )
         if work.size != size or old is None:
-            await append([Record.resize(spec.name, size)])
-            stats.records += 1
+            first = [Record.resize(spec.name, size)]
+            if old is None:  # a new replica follows the source's mode (it is made 0600)
+                first.append(Record.chmod(spec.name, os.stat(spec.path).st_mode & 0o777))
+            await append(first)
+            stats.records += len(first)
             stats.resized.append(spec.name)
             resize_basis(work, size)
         new = ExtentManifest(basis.extent_size, size)

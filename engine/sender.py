@@ -28,9 +28,11 @@ from replicator.engine.errors import (
     ConfigError,
     ConnectError,
     PeerProtocolError,
+    ReplicatorError,
     VersionMismatch,
     as_user_error,
 )
+from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.link import Link, SessionPurpose
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
@@ -105,6 +107,35 @@ class Sender:
         self.status = SenderJobStatus(config.job, "scan", self.connector.target)
         self._lsn_floor = 1
         self.replica_tree: Tree | None = None  # the replica folder's layout (folder jobs)
+        self.progress: Progress | None = None  # sees every cycle's scan (bars, log lines)
+        self.reached = False  # a session was established at least once
+        self.connect_failure: ReplicatorError | None = None  # the last, while not reached
+
+    def bind_log_context(self) -> None:
+        """Name the job and the receiver on every log line of the calling task (and of
+        the tasks and threads it starts)."""
+        structlog.contextvars.bind_contextvars(job=self.config.job, peer=self.connector.target)
+
+    def log_start(self, capture: str) -> None:
+        """The start line: what is replicated, to where, how."""
+        self.bind_log_context()
+        log.info(
+            "sender.started",
+            capture=capture,
+            volumes=[v.name for v in self.config.volumes],
+            state_dir=str(self.config.state_dir),
+        )
+
+    def unreached_error(self) -> ReplicatorError | None:
+        """Why a sender stopped before any session: the last connect failure, said so."""
+        failure = self.connect_failure
+        if self.reached or failure is None:
+            return None
+        return type(failure)(
+            f"stopped without having reached the receiver {self.connector.target}; "
+            f"last attempt: {failure.message}",
+            hint=failure.hint,
+        )
 
     def _sizes(self) -> dict[str, int]:
         """Sizes of the volumes that exist now (a FUSE folder's files come and go)."""
@@ -164,6 +195,13 @@ class Sender:
             raise
         self.status.journal = journal
         self.status.attach(link)
+        self.reached, self.connect_failure = True, None
+        log.info(
+            "sender.connected",
+            basis=kind,
+            received_lsn=link.received_lsn,
+            generation=self.status.generation,
+        )
         return link, kind, basis
 
     async def close_link(self, link: Link) -> None:
@@ -179,7 +217,7 @@ class Sender:
         """
         if journal.next_lsn < self._lsn_floor:
             records = [records[0].with_lsn(self._lsn_floor), *records[1:]]
-        return await append_waiting(
+        last = await append_waiting(
             journal,
             records,
             link.space_freed,
@@ -187,6 +225,8 @@ class Sender:
             link.raise_if_failed,
             link.relieve,
         )
+        self.status.changed("lag")  # more journaled than applied (the embedding API's events)
+        return last
 
     async def cycle(
         self,
@@ -205,10 +245,12 @@ class Sender:
 
         status = self.status
 
+        shown = progress or self.progress
+
         def seen(done: int, total: int) -> None:
             status.progress = (done, total)
-            if progress is not None:
-                progress(done, total)
+            if shown is not None:
+                shown(done, total)
 
         await run_hook(self.config.pre_hook, "pre")
         try:
@@ -222,6 +264,8 @@ class Sender:
             )
         finally:
             await run_hook(self.config.post_hook, "post")
+        if status.progress is not None:  # the scan is complete: all of it was seen
+            seen(status.progress[1], status.progress[1])
         await state.save(result[0])
         status.last_epoch = result[0].epoch
         return result
@@ -229,6 +273,7 @@ class Sender:
     async def run_once(self, progress: Progress | None = None) -> Summary:
         """One cycle, then wait until the receiver has applied it; ``progress`` sees the scan."""
         started = time.monotonic()
+        self.bind_log_context()
         async with SenderState(self.config) as state:
             link, kind, basis = await self.open_link(state)
             try:
@@ -271,6 +316,8 @@ class Sender:
                 return await self.open_link(state, with_basis=with_basis)
             except (ConnectError, BusyError) as exc:
                 log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
+                if not self.reached:
+                    self.connect_failure = exc
             except (PeerProtocolError, VersionMismatch) as exc:
                 # a byte damaged on the path in the receiver's first frame looks just like
                 # a peer of another version (or no peer of ours); a real one answers the
@@ -285,7 +332,10 @@ class Sender:
         return None
 
     async def run_forever(self, interval: float, stop: asyncio.Event) -> None:
-        """Cycle every ``interval`` seconds until ``stop``; reconnect after interruptions."""
+        """Cycle every ``interval`` seconds until ``stop``; reconnect after interruptions.
+
+        Stopped before any session: the last connect failure, said so (not a silent 0)."""
+        self.log_start("scan")
         async with SenderState(self.config) as state:
             while not stop.is_set():
                 opened = await self.connect_retrying(state, stop)
@@ -295,16 +345,13 @@ class Sender:
                 self.status.set_state(SenderPhase.REPLICATING)
                 try:
                     while not stop.is_set():
+                        started = time.monotonic()
                         manifests, stats, lsn = await self.cycle(state, link, basis)
-                        log.info(
-                            "sender.epoch",
-                            epoch=manifests.epoch,
-                            lsn=lsn,
-                            changed=stats.bytes_changed,
-                            scanned=stats.bytes_scanned,
-                        )
+                        log_cycle(manifests.epoch, lsn, stats, link, time.monotonic() - started)
                         basis = manifests
-                        await sleep_or_stop(stop, interval, link)
+                        if await wait_for_request(link, stop, interval):  # planned failover
+                            _, _, final = await self.cycle(state, link, basis)  # the last scan
+                            await hand_over(link, final, self.config.state_dir, self.config.job)
                     with contextlib.suppress(Exception):
                         await link.wait_applied(state.journal.last_lsn if state.journal else 0, 30)
                     await link.goodbye("sender stopping")
@@ -314,6 +361,43 @@ class Sender:
                 finally:
                     await self.close_link(link)
             self.status.set_state(SenderPhase.STOPPED)
+        self.log_stop(state)
+
+    def log_stop(self, state: SenderState) -> None:
+        """The stop line; raises the connect failure when no session was ever made."""
+        unreached = self.unreached_error()
+        if unreached is not None:
+            log.warning("sender.stopped_unreached", error=unreached.message)
+            raise unreached
+        journal = state.journal
+        log.info(
+            "sender.stopped",
+            last_epoch=self.status.last_epoch,
+            last_lsn=journal.last_lsn if journal is not None else None,
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
+
+
+def log_cycle(epoch: int, lsn: int, stats: ScanStats, link: Link, seconds: float) -> None:
+    """The one line per sync cycle (what changed, what the link has sent so far)."""
+    log.info(
+        "sender.cycle",
+        epoch=epoch,
+        lsn=lsn,
+        scanned=stats.bytes_scanned,
+        changed=stats.bytes_changed,
+        extents=stats.extents_changed,
+        files=stats.files_changed,
+        seconds=round(seconds, 3),
+        wire_total=link.conn.bytes_sent,
+        text=f"epoch {epoch} journaled: scanned {_mib(stats.bytes_scanned)}, changed "
+        f"{_mib(stats.bytes_changed)} in {stats.extents_changed} extents and "
+        f"{stats.files_changed} files in {seconds:.1f} s; {_mib(link.conn.bytes_sent)} sent on "
+        "the wire on this connection",
+    )
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None = None) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from replicator.engine.failback_state import refuse_if_marked
 from replicator.engine.imagelock import ImageLocks
 from replicator.engine.link import Link
 from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
@@ -77,8 +78,11 @@ class SenderConfig:
 class SenderState:
     """The locked state folder: journal and manifests."""
 
-    def __init__(self, config: SenderConfig) -> None:
+    def __init__(self, config: SenderConfig, *, failback: bool = False) -> None:
+        """``failback``: opened by ``replicator failback``, the one user allowed while
+        ``failback.state`` says the volumes are not ours to send (engine/failback_state.py)."""
         self.config = config
+        self.failback = failback
         self.dir = config.state_dir
         self._lock = StateDirLock(config.state_dir, f"a sender for job {config.job!r}")
         self.journal: Journal | None = None
@@ -93,6 +97,8 @@ class SenderState:
     async def __aenter__(self) -> SenderState:
         self._lock.__enter__()
         try:
+            if not self.failback:
+                await asyncio.to_thread(refuse_if_marked, self.dir, self.config.job)
             await asyncio.to_thread(self.locks.acquire)
             self.journal = await Journal.open(
                 self.dir / "journal",

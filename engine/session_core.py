@@ -53,10 +53,12 @@ from replicator.transport import (
     Credit,
     Error,
     Goodbye,
+    Handover,
     Manifest,
     Message,
     Ping,
     Pong,
+    ReadData,
     Records,
     RemoteProtocolError,
     Tree,
@@ -97,12 +99,19 @@ class Woken:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """An answer (part) to a request this side made (Manifest, Tree)."""
+    """An answer (part) to a request this side made (Manifest, Tree, ReadData)."""
 
-    message: Manifest | Tree
+    message: Manifest | Tree | ReadData
 
 
-Action = Send | Trim | Woken | Deliver
+@dataclass(frozen=True, slots=True)
+class HandoverStep:
+    """The receiver took a step of a role change (engine/failback.py, docs/PROTOCOL.md)."""
+
+    message: Handover
+
+
+Action = Send | Trim | Woken | Deliver | HandoverStep
 
 
 def refusal_error(code: str, message: str) -> ReplicatorError:
@@ -134,7 +143,6 @@ class SenderCore:
         self.window = welcome.window
         self.received_lsn = welcome.received_lsn
         self.applied_lsn = welcome.applied_lsn
-        self.shipped_lsn = welcome.received_lsn
         # (last lsn, source time of its first record, payload bytes) of frames not applied
         self._in_flight: collections.deque[tuple[int, int, int]] = collections.deque()
         self.oldest_queued_ts = 0  # source time of the oldest record read, not yet shipped
@@ -145,8 +153,10 @@ class SenderCore:
             return self._ack(msg)
         if isinstance(msg, Credit):
             return [Woken(room=False)]  # the protocol counted it; waiters look again
-        if isinstance(msg, Manifest | Tree):
+        if isinstance(msg, Manifest | Tree | ReadData):
             return [Deliver(msg)]
+        if isinstance(msg, Handover):
+            return [HandoverStep(msg)]
         if isinstance(msg, Ping):
             return [Send(Pong(msg.nonce, msg.ts_ns))]
         if isinstance(msg, Pong):
@@ -186,7 +196,6 @@ class SenderCore:
         return Records(first.lsn, last.lsn, len(parts), first.ts_ns, b"".join(parts))
 
     def shipped(self, msg: Records) -> None:
-        self.shipped_lsn = msg.last_lsn
         self._in_flight.append((msg.last_lsn, msg.source_ts_ns, len(msg.payload)))
 
     def lag(self, journal_last_lsn: int, now_ns: int | None = None) -> dict[str, float]:
@@ -210,11 +219,11 @@ class SenderCore:
 class ReceiverCore:
     """A receiving session's rules (see the module docstring)."""
 
-    def __init__(self, received_lsn: int, applied_lsn: int) -> None:
+    def __init__(self, applied_lsn: int) -> None:
+        """``applied_lsn``: what the Welcome announced (acks start from there)."""
         self._unsynced: list[Record] = []
         self._unsynced_bytes = 0
         self._acked_applied = applied_lsn
-        self.received_lsn = received_lsn
 
     @staticmethod
     def records(msg: Records) -> list[Record]:
@@ -237,6 +246,11 @@ class ReceiverCore:
     def unsynced(self) -> bool:
         return bool(self._unsynced or self._unsynced_bytes)
 
+    @property
+    def unsynced_bytes(self) -> int:
+        """Payload bytes ingested and not yet taken by a sync."""
+        return self._unsynced_bytes
+
     def take_unsynced(self) -> tuple[list[Record], int]:
         """What a sync about to start covers: the records, and the credit it may grant."""
         records, self._unsynced = self._unsynced, []
@@ -245,7 +259,6 @@ class ReceiverCore:
 
     def synced(self, received_lsn: int, applied_lsn: int, granted: int) -> list[Send]:
         """A sync covering ``granted`` payload bytes finished: acknowledge, grant again."""
-        self.received_lsn = received_lsn
         self._acked_applied = max(self._acked_applied, applied_lsn)
         out = [Send(Ack(received_lsn, applied_lsn))]
         if granted:
@@ -293,6 +306,7 @@ __all__ = [
     "FRAME_TARGET",
     "Action",
     "Deliver",
+    "HandoverStep",
     "ReceiverCore",
     "Send",
     "SenderCore",

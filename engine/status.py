@@ -9,6 +9,10 @@ operations, records applied) pays nothing for it.
 
 A snapshot is a plain JSON-ready dict; its keys are documented in ``docs/OPERATIONS.md``
 ("Status") and are what ``status --json`` prints and the metrics export.
+
+Pushed facts also tell ``listeners`` (the embedding API's events, ``engine/api.py``): a
+listener is called on the event loop, inline, with the job and what changed (one of
+``CHANGES``); it must not block, and an error in one is logged, never raised into the engine.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
 
 if TYPE_CHECKING:
     from replicator.engine.link import Link
@@ -45,6 +52,8 @@ class ReplicaView(Protocol):
     def applied_lsn(self) -> int: ...
 
 
+log = structlog.get_logger()
+
 LAGGING_SECONDS = 10.0  # lag above this (with a live link) makes a sender "lagging"
 _RATE_WINDOW = 10.0  # seconds of byte-counter history behind the rates
 
@@ -66,6 +75,37 @@ class ReceiverPhase(StrEnum):
     RECOVERING = "recovering"  # an interrupted apply is not finished: not a consistency point
     DIVERGED = "diverged"  # replica files changed outside replication (needs a --resync)
     FAILED = "failed"  # an apply failed (disk full...): the next session retries
+
+
+# What a listener is told changed: the job's state (a ``SenderPhase``), a connection that
+# came or went, an error counted, the lag (records journaled, or acknowledged as applied),
+# a job opened on a receiver (``StatusBoard.add``).
+CHANGES = ("state", "connected", "disconnected", "error", "lag", "job")
+Listener = Callable[[str, str], None]  # (job, what changed)
+
+
+class Listeners:
+    """Who is told about pushed changes (the embedding API); nobody by default."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def add(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(job, what)`` on every change; returns the function that stops it."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def tell(self, job: str, what: str) -> None:
+        for listener in tuple(self._listeners):
+            try:
+                listener(job, what)
+            except Exception:  # a listener's bug must not stop replication
+                log.exception("status.listener_failed", job=job, change=what)
 
 
 @dataclass(slots=True)
@@ -116,10 +156,17 @@ class SenderJobStatus:
         self._rate = _Rate()
         self._applied = 0  # the receiver's applied LSN, kept while no link is up
         self._received = 0
+        self.listeners = Listeners()
 
     # -- pushed by the engine ------------------------------------------------------------
+    def changed(self, what: str) -> None:
+        """Tell the listeners that ``what`` (one of ``CHANGES``) changed."""
+        self.listeners.tell(self.job, what)
+
     def set_state(self, state: SenderPhase) -> None:
-        self.state = state
+        if state is not self.state:
+            self.state = state
+            self.changed("state")
 
     def attach(self, link: Link | None) -> None:
         """The link in use (None: disconnected). A link that goes is folded into totals."""
@@ -131,10 +178,13 @@ class SenderJobStatus:
         self.link = link
         if link is None and self.state not in (SenderPhase.STOPPING, SenderPhase.STOPPED):
             self.state = SenderPhase.CONNECTING
+        if link is not old:
+            self.changed("disconnected" if link is None else "connected")
 
     def error(self, kind: str, message: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
         self.last_error = message
+        self.changed("error")
 
     # -- read at snapshot time -----------------------------------------------------------
     async def snapshot(self) -> dict[str, Any]:
@@ -203,16 +253,24 @@ class ReceiverJobStatus:
         self.last_error = ""
         self._totals = _Totals()
         self._rate = _Rate()
+        self.listeners = Listeners()
+
+    def changed(self, what: str) -> None:
+        """Tell the listeners that ``what`` (one of ``CHANGES``) changed."""
+        self.listeners.tell(self.replica.job, what)
 
     def attach(self, conn: FramedConnection | None) -> None:
         old = self.conn
         if old is not None and old is not conn:
             self._totals.add(old, sent=False)
         self.conn = conn
+        if conn is not old:
+            self.changed("disconnected" if conn is None else "connected")
 
     def error(self, kind: str, message: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
         self.last_error = message
+        self.changed("error")
 
     async def snapshot(self) -> dict[str, Any]:
         now = time.time()
@@ -268,9 +326,11 @@ class StatusBoard:
         self.role = role
         self.started = time.time()
         self.jobs: dict[str, SenderJobStatus | ReceiverJobStatus] = {}
+        self.listeners = Listeners()  # told (job, "job") when a job is added (or replaced)
 
     def add(self, job: str, status: SenderJobStatus | ReceiverJobStatus) -> None:
         self.jobs[job] = status
+        self.listeners.tell(job, "job")
 
     async def snapshot(self) -> dict[str, Any]:
         jobs = [await status.snapshot() for _, status in sorted(self.jobs.items())]

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from replicator.engine.link import Link, SessionPurpose
-from replicator.engine.manifest import ExtentManifest
+from replicator.engine.manifest import ExtentManifest, digest_chunks
+from replicator.engine.scan import Progress
 from replicator.engine.sender import Sender, SenderState
 from replicator.engine.volumes import VolumeSpec, pread_all
 from replicator.journal import Record
+from replicator.transport.messages import DIGEST_SIZE
 
 
 @dataclass(slots=True)
@@ -59,14 +62,52 @@ def _ranges(indexes: list[int], extent_size: int, size: int) -> list[tuple[int, 
     return out
 
 
-async def compare(link: Link, volumes: list[VolumeSpec], extent_size: int) -> VerifyResult:
+_PROGRESS_EXTENTS = 64  # extents hashed between progress reports (4 MiB at 64 KiB)
+
+
+def _source_manifest(
+    path: Path, extent_size: int, seen: Callable[[int], None] | None
+) -> ExtentManifest:
+    """``ExtentManifest.of_file``, telling ``seen`` the bytes hashed so far. Blocking."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        parts: list[bytes] = []
+        hashed = 0
+        for chunk in digest_chunks(fd, size, extent_size, _PROGRESS_EXTENTS):
+            parts.append(chunk)
+            hashed += len(chunk) // DIGEST_SIZE
+            if seen is not None:
+                seen(min(size, hashed * extent_size))
+        return ExtentManifest(extent_size, size, bytearray(b"".join(parts)))
+    finally:
+        os.close(fd)
+
+
+async def compare(
+    link: Link, volumes: list[VolumeSpec], extent_size: int, progress: Progress | None = None
+) -> VerifyResult:
+    """Compare every volume with its replica; ``progress`` sees the bytes of the sources
+    hashed (the receiver hashes its replicas at the same time)."""
     diffs: list[VolumeDiff] = []
+    loop = asyncio.get_running_loop()
+    total = sum(os.stat(spec.path).st_size for spec in volumes)
+    before = 0
+
+    def seen_from(base: int) -> Callable[[int], None]:
+        def seen(done: int) -> None:  # called in the hashing thread
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, base + done, total)
+
+        return seen
+
     for spec in volumes:
         # the receiver hashes its replica while we hash the source
         local, remote = await asyncio.gather(
-            asyncio.to_thread(ExtentManifest.of_file, spec.path, extent_size),
+            asyncio.to_thread(_source_manifest, spec.path, extent_size, seen_from(before)),
             link.request_manifest(spec.name, extent_size),
         )
+        before += local.size
         if remote is None:
             diffs.append(
                 VolumeDiff(
@@ -86,6 +127,8 @@ async def compare(link: Link, volumes: list[VolumeSpec], extent_size: int) -> Ve
                 _ranges(indexes, extent_size, max(local.size, remote.size)),
             )
         )
+    if progress is not None:
+        progress(total, total)  # done: the display ends
     return VerifyResult(diffs)
 
 
@@ -134,17 +177,20 @@ async def _repair(sender: Sender, state: SenderState, link: Link, result: Verify
     return sent
 
 
-async def verify(sender: Sender, *, repair: bool) -> VerifyResult:
+async def verify(sender: Sender, *, repair: bool, progress: Progress | None = None) -> VerifyResult:
+    """Compare (and with ``repair`` make equal) the sources and their replicas."""
+    sender.bind_log_context()
     async with SenderState(sender.config) as state:
         purpose = SessionPurpose.RESYNC if repair else SessionPurpose.VERIFY
         link, _, _ = await sender.open_link(state, with_basis=False, purpose=purpose)
         try:
-            result = await compare(link, sender.config.volumes, sender.config.extent_size)
+            volumes, extent_size = sender.config.volumes, sender.config.extent_size
+            result = await compare(link, volumes, extent_size, progress)
             if repair and not result.identical:
                 repaired = await _repair(sender, state, link, result)
-                result = await compare(link, sender.config.volumes, sender.config.extent_size)
+                result = await compare(link, volumes, extent_size, progress)
                 result.repaired = repaired
             await link.goodbye("verify done")
         finally:
-            await link.aclose()
+            await sender.close_link(link)  # the status: disconnected again
     return result

@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     STORAGE = 9  # local disk full or I/O error
     AUTH = 10  # TLS: a certificate was refused (missing, expired, another CA) or TLS on one side
     SPLIT_BRAIN = 11  # the replica was promoted (failover) or has another history
+    HANDED_OVER = 12  # send: a planned failover handed the job to the target; do not restart
     INTERRUPTED = 130  # SIGINT/SIGTERM before the work completed
 
 

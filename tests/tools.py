@@ -18,7 +18,10 @@ from typing import Any
 import blake3
 
 REPLICATOR = [sys.executable, "-m", "replicator.cli"]
-ENV = {**os.environ, "REPLICATOR_LOG_FORMAT": "json"}
+# -q: warnings and errors only. Info lines (one per cycle, per connection) would fill the
+# pipes of long runs that nobody reads; tests of those lines use LOUD_ENV
+ENV = {**os.environ, "REPLICATOR_LOG_FORMAT": "json", "REPLICATOR_QUIET": "1"}
+LOUD_ENV = {k: v for k, v in ENV.items() if k != "REPLICATOR_QUIET"}
 
 
 def require_tool(name: str) -> str:

@@ -45,12 +45,14 @@ import ctypes
 import errno
 import socket
 import ssl as _ssl
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
 import structlog
 
+from replicator.transport.compression import CompressionChoice
 from replicator.transport.frames import DEFAULT_MAX_FRAME, FRAME_MAGIC, LocalProtocolError
 from replicator.transport.messages import (
     PAYLOAD_FIELD,
@@ -160,6 +162,12 @@ class DialError(ConnectionError):
         return f"cannot connect to {self.target}: {self.reason}"
 
 
+def _shaper_rate(shaper: Shaper | None) -> float | None:
+    """The rate a shaper holds the link to (bytes/s), when it says (a TokenBucket does)."""
+    rate = getattr(shaper, "effective_rate", None)
+    return float(rate) if isinstance(rate, int | float) else None
+
+
 class FramedConnection:
     """One replication connection over an asyncio transport.
 
@@ -185,6 +193,9 @@ class FramedConnection:
         self.peer = peer
         self._shaper = shaper
         self._offload = offload
+        # lz4 per connection: off while the CPU, not the link, would be the bottleneck
+        self._may_compress = compress
+        self.compression = CompressionChoice()
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._bulk_lock = asyncio.Lock()
@@ -252,11 +263,25 @@ class FramedConnection:
             return
         async with self._bulk_lock:  # bulk frames, and final frames behind them, keep order
             encoded = None
-            if self._offload is not None and _payload_size(msg) >= self._offload:
-                try:
+            choice = self.compression
+            compress = self.protocol.compress = (
+                self._may_compress and bulk and choice.use(_shaper_rate(self._shaper))
+            )
+            started = time.perf_counter()
+            try:
+                if self._offload is not None and _payload_size(msg) >= self._offload:
                     encoded = await asyncio.to_thread(self.protocol.encode, msg)
-                except LocalProtocolError:
-                    encoded = None  # send() below raises it again and records the failure
+                else:
+                    encoded = self.protocol.encode(msg)
+            except LocalProtocolError:
+                encoded = None  # send() below raises it again and records the failure
+            else:
+                choice.observe(
+                    encoded.payload_raw,
+                    encoded.payload_wire,
+                    time.perf_counter() - started,
+                    compress,
+                )
             self._check_writable()
             buffers = self.protocol.send(msg, encoded=encoded)
             if bulk and self._shaper is not None:
@@ -402,7 +427,9 @@ class FramedConnection:
     def _check_writable(self) -> None:
         if self._lost or self._closing or self._transport is None:
             reason = f": {self._lost_exc}" if self._lost_exc is not None else ""
-            raise ConnectionClosedError(f"connection to {self.peer} is closed{reason}")
+            error = ConnectionClosedError(f"connection to {self.peer} is closed{reason}")
+            # what ended it (a TLS alert, a reset) stays findable, as in _closed_error
+            raise error from self._lost_exc
 
     def _write(self, buffers: list[bytes]) -> None:
         transport = self._transport

@@ -323,6 +323,9 @@ class DecodedFrame:
     payload_wire: int
 
 
+NOT_A_PEER: Final = "not a replicator peer: "  # how a foreign stream's error starts
+
+
 def _not_a_peer(head: bytes) -> RemoteProtocolError:
     hint = ""
     if head[:1] == b"\x16":
@@ -330,7 +333,7 @@ def _not_a_peer(head: bytes) -> RemoteProtocolError:
     elif head[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"HTTP"):
         hint = " (it speaks HTTP)"
     return RemoteProtocolError(
-        f"not a replicator peer: stream starts with {head[:8]!r}, expected {FRAME_MAGIC!r}{hint}"
+        f"{NOT_A_PEER}stream starts with {head[:8]!r}, expected {FRAME_MAGIC!r}{hint}"
     )
 
 

@@ -23,7 +23,9 @@ from replicator.journal.records import HEADER_SIZE, MAX_NAME, RecordError, peek_
 
 # 2: Refuse code "diverged"; Hello capabilities "resync", "verify"; TreeRequest/Tree
 # 3: generations interpreted (split brain); Refuse codes "promoted", "generation"
-PROTOCOL_VERSION: Final = 3
+# 4: Handover (planned failover, failback hand-back), ReadRequest/ReadData (failback reads);
+#    Hello capability "failback"
+PROTOCOL_VERSION: Final = 4
 
 U64_MAX: Final = 2**64 - 1
 I64_MIN: Final = -(2**63)
@@ -72,6 +74,9 @@ class MessageType(IntEnum):
     ERROR = 12
     TREE_REQUEST = 13
     TREE = 14
+    HANDOVER = 15
+    READ_REQUEST = 16
+    READ_DATA = 17
 
 
 # --- field checks -------------------------------------------------------------------------
@@ -498,6 +503,71 @@ class Tree:
         return f"Tree(request_id={self.request_id}, done={self.done}, <{len(self.listing)} bytes>)"
 
 
+# The steps of a role change, in the order they happen (docs/PROTOCOL.md, "Handover"):
+# planned failover: "request" R->S, "final" S->R (lsn: the last record, a barrier),
+# "promoted" R->S (generation: the promoted one); failback: "handback" S->R (lsn: where
+# both histories continue), "demoted" R->S (generation: the one both sides follow).
+HANDOVER_STEPS: Final = frozenset({"request", "final", "promoted", "handback", "demoted"})
+MAX_READ: Final = 4 * 1024 * 1024  # bytes one ReadRequest may ask for
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Either way: one step of a planned failover or of a failback's hand-back."""
+
+    step: str
+    lsn: int
+    generation: int
+
+    def __post_init__(self) -> None:
+        if self.step not in HANDOVER_STEPS:
+            raise MessageError(
+                f"Handover.step {self.step!r} must be one of {sorted(HANDOVER_STEPS)}"
+            )
+        _uint("Handover", "lsn", self.lsn)
+        _uint("Handover", "generation", self.generation)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """Sender -> receiver (failback sessions only): send ``length`` bytes of a replica
+    volume from ``offset``."""
+
+    request_id: int
+    volume: str
+    offset: int
+    length: int
+
+    def __post_init__(self) -> None:
+        _uint("ReadRequest", "request_id", self.request_id)
+        _name("ReadRequest", "volume", self.volume, MAX_VOLUME_NAME)
+        _uint("ReadRequest", "offset", self.offset, I64_MAX)
+        _uint("ReadRequest", "length", self.length, MAX_READ)
+        if self.length == 0:
+            raise MessageError("ReadRequest.length must be > 0")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ReadData:
+    """Receiver -> sender: the answer to a ReadRequest; ``data`` (the payload) is the
+    bytes asked for, shorter only where the volume ends."""
+
+    request_id: int
+    offset: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _uint("ReadData", "request_id", self.request_id)
+        _uint("ReadData", "offset", self.offset, I64_MAX)
+        _set(self, "data", _blob("ReadData", "data", self.data))
+        if len(self.data) > MAX_READ:
+            raise MessageError(f"ReadData of {len(self.data)} bytes exceeds {MAX_READ}")
+
+    def __repr__(self) -> str:
+        size = len(self.data)
+        return f"ReadData(request_id={self.request_id}, offset={self.offset}, <{size} bytes>)"
+
+
 Message: TypeAlias = (
     Hello
     | Welcome
@@ -513,6 +583,9 @@ Message: TypeAlias = (
     | Error
     | TreeRequest
     | Tree
+    | Handover
+    | ReadRequest
+    | ReadData
 )
 
 MESSAGE_TYPES: Final[dict[type[Message], MessageType]] = {
@@ -530,6 +603,9 @@ MESSAGE_TYPES: Final[dict[type[Message], MessageType]] = {
     Error: MessageType.ERROR,
     TreeRequest: MessageType.TREE_REQUEST,
     Tree: MessageType.TREE,
+    Handover: MessageType.HANDOVER,
+    ReadRequest: MessageType.READ_REQUEST,
+    ReadData: MessageType.READ_DATA,
 }
 MESSAGE_CLASSES: Final[dict[MessageType, type[Message]]] = {v: k for k, v in MESSAGE_TYPES.items()}
 
@@ -538,6 +614,7 @@ PAYLOAD_FIELD: Final[dict[type[Message], str]] = {
     Records: "payload",
     Manifest: "digests",
     Tree: "listing",
+    ReadData: "data",
 }
 
 

@@ -44,6 +44,7 @@ from replicator.transport.frames import (
 )
 from replicator.transport.messages import (
     I64_MAX,
+    MAX_READ,
     MAX_TREE_PART,
     MESSAGE_CLASSES,
     PROTOCOL_VERSION,
@@ -54,6 +55,8 @@ from replicator.transport.messages import (
     ManifestRequest,
     Message,
     MessageType,
+    ReadData,
+    ReadRequest,
     Records,
     Tree,
     TreeRequest,
@@ -160,8 +163,25 @@ class TransferStats:
 
 _S, _R = Role.SENDER, Role.RECEIVER
 _T = MessageType
-_SENDER_SENDS = (_T.RECORDS, _T.MANIFEST_REQUEST, _T.TREE_REQUEST, _T.PING, _T.PONG)
-_RECEIVER_SENDS = (_T.ACK, _T.CREDIT, _T.MANIFEST, _T.TREE, _T.PING, _T.PONG)
+_SENDER_SENDS = (
+    _T.RECORDS,
+    _T.MANIFEST_REQUEST,
+    _T.TREE_REQUEST,
+    _T.READ_REQUEST,
+    _T.HANDOVER,
+    _T.PING,
+    _T.PONG,
+)
+_RECEIVER_SENDS = (
+    _T.ACK,
+    _T.CREDIT,
+    _T.MANIFEST,
+    _T.TREE,
+    _T.READ_DATA,
+    _T.HANDOVER,
+    _T.PING,
+    _T.PONG,
+)
 _DATA = {_S: _SENDER_SENDS, _R: _RECEIVER_SENDS}
 _PRE = {_S: (State.START, State.HELLO_SENT), _R: (State.START, State.HELLO_RECEIVED)}
 
@@ -196,9 +216,13 @@ def _rules() -> Iterable[tuple[Role, Iterable[State], Direction, Iterable[Messag
         (_S, [State.START], "send", [_T.HELLO], State.HELLO_SENT),
         (_S, [State.HELLO_SENT], "recv", [_T.WELCOME], State.ESTABLISHED),
         (_S, [State.START, State.HELLO_SENT], "recv", [_T.REFUSE], State.CLOSED),
+        # a receiver that takes a while to answer (opening a job, recovering its journal)
+        # pings meanwhile, so a silent peer is known not to be a receiver at all
+        (_S, [State.HELLO_SENT], "recv", [_T.PING], State.HELLO_SENT),
         (_R, [State.START], "recv", [_T.HELLO], State.HELLO_RECEIVED),
         (_R, [State.HELLO_RECEIVED], "send", [_T.WELCOME], State.ESTABLISHED),
         (_R, [State.START, State.HELLO_RECEIVED], "send", [_T.REFUSE], State.CLOSED),
+        (_R, [State.HELLO_RECEIVED], "send", [_T.PING], State.HELLO_RECEIVED),
         # a receiver that could not accept a Hello (bad version, bad fields) refuses it
         (_R, [State.ERROR], "send", [_T.REFUSE], State.ERROR),
     )
@@ -278,6 +302,7 @@ class ProtocolConnection:
         self._acked = (0, 0)  # (received_lsn, applied_lsn) of the latest Welcome/Ack
         self._manifests: dict[int, _PendingManifest] = {}
         self._trees: set[int] = set()  # outstanding TreeRequest ids
+        self._reads: dict[int, tuple[int, int]] = {}  # outstanding ReadRequests: (offset, length)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -342,6 +367,12 @@ class ProtocolConnection:
                     "peer sent a Tree for a request that is not outstanding (none is)"
                 )
             return _TREE_LIMIT
+        if mtype is MessageType.READ_DATA:
+            if not self._reads:
+                raise RemoteProtocolError(
+                    "peer sent ReadData for a request that is not outstanding (none is)"
+                )
+            return _READ_LIMIT
         if mtype is MessageType.MANIFEST:
             if not self._manifests:
                 raise RemoteProtocolError(
@@ -498,6 +529,8 @@ class ProtocolConnection:
             self._check_manifest(msg, err)
         elif isinstance(msg, TreeRequest | Tree):
             self._check_tree(msg, err)
+        elif isinstance(msg, ReadRequest | ReadData):
+            self._check_read(msg, err)
 
     def _check_recv(self, msg: Message) -> None:
         err = RemoteProtocolError
@@ -522,6 +555,23 @@ class ProtocolConnection:
             self._check_manifest(msg, err)
         elif isinstance(msg, TreeRequest | Tree):
             self._check_tree(msg, err)
+        elif isinstance(msg, ReadRequest | ReadData):
+            self._check_read(msg, err)
+
+    def _check_read(self, msg: ReadRequest | ReadData, err: type[ProtocolError]) -> None:
+        pending = self._reads.get(msg.request_id)
+        if isinstance(msg, ReadRequest):
+            if pending is not None or len(self._reads) >= MAX_PENDING_MANIFESTS:
+                raise err(f"ReadRequest id {msg.request_id} is in use, or too many outstanding")
+            return
+        if pending is None:
+            raise err(f"ReadData for request {msg.request_id}, which is not outstanding")
+        offset, length = pending
+        if msg.offset != offset or len(msg.data) > length:
+            raise err(
+                f"ReadData for request {msg.request_id} carries {len(msg.data)} bytes at "
+                f"{msg.offset}; the request was {length} bytes at {offset}"
+            )
 
     def _check_tree(self, msg: TreeRequest | Tree, err: type[ProtocolError]) -> None:
         outstanding = msg.request_id in self._trees
@@ -614,6 +664,10 @@ class ProtocolConnection:
             self._trees.add(msg.request_id)
         elif isinstance(msg, Tree) and msg.done:
             self._trees.discard(msg.request_id)
+        elif isinstance(msg, ReadRequest):
+            self._reads[msg.request_id] = (msg.offset, msg.length)
+        elif isinstance(msg, ReadData):
+            del self._reads[msg.request_id]
 
 
 _HELLO_LIMIT: Final[FrameLimit] = (
@@ -623,6 +677,7 @@ _HELLO_LIMIT: Final[FrameLimit] = (
 )
 _MANIFEST_LIMIT: Final[FrameLimit] = (MAX_BULK_HEADER, MAX_MANIFEST_PART, "the Manifest part limit")
 _TREE_LIMIT: Final[FrameLimit] = (MAX_BULK_HEADER, MAX_TREE_PART, "the Tree part limit")
+_READ_LIMIT: Final[FrameLimit] = (MAX_BULK_HEADER, MAX_READ, "the ReadData limit")
 _CONTROL_LIMIT: Final[FrameLimit] = (
     MAX_CONTROL_FRAME - PREFIX_SIZE,
     0,
@@ -633,7 +688,12 @@ _CONTROL_LIMIT: Final[FrameLimit] = (
 def _header_bound(mtype: MessageType) -> int:
     if mtype is MessageType.HELLO:
         return MAX_HELLO_FRAME - PREFIX_SIZE
-    if mtype in (MessageType.RECORDS, MessageType.MANIFEST, MessageType.TREE):
+    if mtype in (
+        MessageType.RECORDS,
+        MessageType.MANIFEST,
+        MessageType.TREE,
+        MessageType.READ_DATA,
+    ):
         return MAX_BULK_HEADER
     return MAX_CONTROL_FRAME - PREFIX_SIZE
 

@@ -31,7 +31,11 @@ the schedule's rate changes, so a rate set by hand (``Shaping.set_rate``, the ``
 control op) holds until the schedule's next change.
 
 ``Shaping`` bundles what a sender needs (one bucket for all of a job's connections, and the
-schedule task) and builds it from the command-line strings.
+schedule task) and builds it from the command-line strings. With a target RPO
+(``--target-rpo``) it also runs the pacer: every ``PACE_TICK`` seconds it asks ``probe`` (set
+by the engine: the bytes not applied yet and the age of the oldest) and sets the bucket's
+pace from ``transport/rpo.py``'s controller, below the rate in force; it logs once when the
+target is missed and once when it is held again.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Final
 
+import structlog
+
+from replicator.transport.rpo import RpoController, parse_target
 from replicator.transport.schedule import (
     Rule,
     Schedule,
@@ -57,6 +64,7 @@ from replicator.transport.schedule import (
 __all__ = [
     "BURST_TIME",
     "MIN_BURST",
+    "PACE_TICK",
     "RECHECK",
     "ScheduledRate",
     "Shaping",
@@ -67,11 +75,17 @@ __all__ = [
 MIN_BURST: Final = 64 * 1024
 BURST_TIME: Final = 0.05  # the default burst is this many seconds at the rate
 RECHECK: Final = 60.0  # ScheduledRate reads the clock at least this often
+PACE_TICK: Final = 0.25  # the --target-rpo pacer looks at the lag this often
 # tokens within this of what a waiter needs count as enough (float rounding after a sleep)
 _EPSILON = 1e-6
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[Any]]
+# the engine's answer to "how far behind is the receiver": (bytes not applied, age of the
+# oldest in seconds), or None while there is no connection to pace
+Probe = Callable[[], tuple[float, float] | None]
+
+log = structlog.get_logger(__name__)
 
 
 def default_burst(rate: float | None) -> int:
@@ -103,6 +117,7 @@ class TokenBucket:
         if burst is not None and burst < 1:
             raise ValueError(f"burst must be at least 1 byte, got {burst}")
         self._rate = _check_rate(rate)
+        self._pace: float | None = None  # a ceiling below the rate (see set_pace)
         self._fixed_burst = burst
         self._burst = burst if burst is not None else default_burst(self._rate)
         self._clock = clock
@@ -120,6 +135,19 @@ class TokenBucket:
     def rate(self) -> float | None:
         """Bytes per second; None is unlimited, 0 paused."""
         return self._rate
+
+    @property
+    def pace(self) -> float | None:
+        """The ceiling ``set_pace`` set (None: none)."""
+        return self._pace
+
+    @property
+    def effective_rate(self) -> float | None:
+        """The rate the bucket fills at: the rate, or the pace when that is lower."""
+        rate, pace = self._rate, self._pace
+        if rate is None:
+            return pace
+        return rate if pace is None else min(rate, pace)
 
     @property
     def burst(self) -> int:
@@ -147,6 +175,17 @@ class TokenBucket:
         if self._fixed_burst is None:
             self._burst = default_burst(rate)
         self._tokens = self._burst if rate is None else min(self._tokens, self._burst)
+        self._poke()
+
+    def set_pace(self, pace: float | None) -> None:
+        """A ceiling below the rate (``--target-rpo``'s pace; None: none). The rate stays
+        the cap and decides the burst; the bucket fills at the lower of the two. Waiters see
+        it at once."""
+        pace = _check_rate(pace)
+        if pace == self._pace:
+            return
+        self._refill()
+        self._pace = pace
         self._poke()
 
     def set_burst(self, burst: int | None) -> None:
@@ -181,16 +220,18 @@ class TokenBucket:
         now = self._clock()
         elapsed = max(0.0, now - self._stamp)
         self._stamp = now
-        if self._rate is None:
+        rate = self.effective_rate
+        if rate is None:
             self._tokens = float(self._burst)
-        elif self._rate > 0 and self._tokens < self._burst:
-            self._tokens = min(float(self._burst), self._tokens + elapsed * self._rate)
+        elif rate > 0 and self._tokens < self._burst:
+            self._tokens = min(float(self._burst), self._tokens + elapsed * rate)
 
     def _take(self, nbytes: int) -> bool:
         self._refill()
-        if self._rate == 0:
+        rate = self.effective_rate
+        if rate == 0:
             return False  # paused: nothing goes, whatever the bucket holds
-        if self._rate is not None:
+        if rate is not None:
             need = min(nbytes, self._burst)
             if self._tokens + _EPSILON < need:
                 return False
@@ -200,11 +241,12 @@ class TokenBucket:
 
     def _delay(self, nbytes: int) -> float | None:
         """Seconds until ``nbytes`` could go at the current rate; None while paused."""
-        if self._rate is None:
+        rate = self.effective_rate
+        if rate is None:
             return 0.0
-        if self._rate == 0:
+        if rate == 0:
             return None
-        return max(0.0, (min(nbytes, self._burst) - self._tokens) / self._rate)
+        return max(0.0, (min(nbytes, self._burst) - self._tokens) / rate)
 
     async def _nap(self, delay: float | None) -> None:
         """Sleep ``delay`` seconds (forever if None), or until ``_poke``."""
@@ -338,11 +380,16 @@ class Shaping:
         burst: int | None = None,
         schedule: Schedule | None = None,
         *,
+        target_rpo: float | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep | None = None,
         wall_clock: Callable[[], datetime] = datetime.now,
     ) -> None:
         start = rate if schedule is None else schedule.rate_at(wall_clock())
+        self._clock = clock
+        self._sleep: Sleep = sleep or asyncio.sleep
+        self.rpo = None if target_rpo is None else RpoController(target_rpo)
+        self.probe: Probe | None = None  # set by the engine (see the module docstring)
         self.bucket = TokenBucket(start, burst, clock=clock, sleep=sleep)
         self.scheduler: ScheduledRate | None = None
         if schedule is not None:
@@ -358,10 +405,15 @@ class Shaping:
         rate: str | None = None,
         burst: str | None = None,
         schedule: str | None = None,
+        target_rpo: str | None = None,
         **kw: Any,
     ) -> Shaping:
-        """From --rate, --burst and --schedule as typed; raises SpecError (a ValueError)
-        naming the option and quoting the bad part."""
+        """From --rate, --burst, --schedule and --target-rpo as typed; raises SpecError (a
+        ValueError) naming the option and quoting the bad part."""
+        try:
+            target = None if target_rpo is None else parse_target(target_rpo)
+        except SpecError as exc:
+            raise SpecError(f"--target-rpo: {exc}", exc.part) from None
         try:
             cap = None if rate is None else parse_rate(rate, allow_zero=False)
         except SpecError as exc:
@@ -374,7 +426,7 @@ class Shaping:
             plan = None if schedule is None else parse_schedule(schedule, default=cap)
         except SpecError as exc:
             raise SpecError(f"--schedule: {exc}", exc.part) from None
-        return cls(cap, size, plan, **kw)
+        return cls(cap, size, plan, target_rpo=target, **kw)
 
     @property
     def rate(self) -> float | None:
@@ -396,9 +448,42 @@ class Shaping:
         return "rate" if scheduler is None or scheduler.rule is None else "schedule"
 
     async def run(self) -> None:
-        """Follow the schedule until cancelled; returns at once without one."""
-        if self.scheduler is not None:
-            await self.scheduler.run()
+        """Follow the schedule and pace to the target RPO until cancelled; returns at once
+        without either."""
+        async with asyncio.TaskGroup() as group:
+            if self.scheduler is not None:
+                group.create_task(self.scheduler.run(), name="schedule")
+            if self.rpo is not None:
+                group.create_task(self._pace(), name="rpo-pacer")
+
+    async def _pace(self) -> None:
+        while True:
+            self.pace_once()
+            await self._sleep(PACE_TICK)
+
+    def pace_once(self) -> None:
+        """One pacer tick (``run`` does them; tests call it with an injected clock)."""
+        rpo, probe = self.rpo, self.probe
+        if rpo is None or probe is None:
+            return
+        seen = probe()
+        if seen is None:
+            return  # no connection: nothing to pace, the pace in force stays
+        backlog, age = seen
+        decision = rpo.update(self._clock(), backlog, age, self.bucket.rate)
+        # the bucket takes the lower of rate and pace: a cap raised later applies at once
+        self.bucket.set_pace(max(decision.pace, rpo.floor))
+        if decision.event == "missed":
+            log.warning(
+                "sender.rpo_target_missed",
+                target_seconds=rpo.target,
+                lag_seconds=round(age, 3),
+                rate=format_rate(self.bucket.rate),
+                hint="the link, --rate or --schedule cannot carry the writes at this target: "
+                "raise the rate or the target (see docs/OPERATIONS.md, 'Bandwidth')",
+            )
+        elif decision.event == "held":
+            log.info("sender.rpo_target_held", target_seconds=rpo.target, lag_seconds=age)
 
     def status(self) -> dict[str, Any]:
         """For ``status`` and the metrics: the rate in force and where it comes from."""
@@ -415,4 +500,24 @@ class Shaping:
             "next_change": None if nxt is None else nxt.isoformat(timespec="minutes"),
             "waiting": bucket.waiting,
             "bytes_shaped": bucket.acquired,
+            "rpo": self._rpo_status(),
+        }
+
+    def _rpo_status(self) -> dict[str, Any] | None:
+        rpo = self.rpo
+        if rpo is None:
+            return None
+        pace = self.bucket.effective_rate
+        return {
+            "target_seconds": rpo.target,
+            "met": rpo.met,
+            "pace_bytes_per_second": None if pace is None else round(pace, 1),
+            "need_bytes_per_second": round(rpo.last.need, 1),
+            "missed_episodes": rpo.episodes,
+            "warning": (
+                f"the lag is above the {rpo.target:g} s target RPO at "
+                f"{format_rate(self.bucket.rate)}: raise the rate or the target"
+                if rpo.missed
+                else None
+            ),
         }

@@ -101,6 +101,15 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         lazy_unmount(mountpoint)
         if is_stale_mount(mountpoint):
             raise ConfigError(f"mount point {mountpoint} is still a stale FUSE mount")
+    check_mountpoint(mountpoint)
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """What ``prepare_mountpoint`` requires, checked without changing anything: done when
+    the command starts, so a bad ``--mount`` fails before the initial sync. A stale mount
+    passes (the mount unmounts it)."""
+    if is_stale_mount(mountpoint):
+        return
     if not mountpoint.exists():
         raise ConfigError(f"mount point {mountpoint} does not exist", hint="create the directory")
     if not mountpoint.is_dir():

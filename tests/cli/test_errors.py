@@ -65,7 +65,7 @@ def test_tls_dir_or_insecure_is_required(tmp_path: Path) -> None:
 
 def test_bad_endpoint(tmp_path: Path) -> None:
     out = replicator("receive", "--listen", "nowhere", "--dir", str(tmp_path), "--insecure")
-    assert out.returncode == ExitCode.CONFIG
+    assert out.returncode == ExitCode.USAGE  # a bad command line, as docs/OPERATIONS.md says
     assert "HOST:PORT" in one_line_error(out.stderr)
 
 
@@ -125,7 +125,9 @@ def test_second_sender_for_a_connected_job_is_refused(
             str(tmp_path / "s2"), "--once", "--insecure", str(copy),
         )  # fmt: skip
         assert second.returncode == ExitCode.REFUSED
-        assert "already has a sender" in one_line_error(second.stderr)
+        busy = one_line_error(second.stderr)
+        assert "already has a sender" in busy
+        assert "(127.0.0.1:" in busy and "connected since 20" in busy  # who holds it, since when
         same_image = replicator(  # the same image under another job: one sender per image
             "send", "--to", receiver.address, "--job", "other", "--state-dir",
             str(tmp_path / "s3"), "--once", "--insecure", str(disk),

@@ -79,7 +79,7 @@ def test_refusal_is_reported_with_its_reason(
 def test_not_a_replicator_peer(tmp_path: Path, fake_receiver: Callable[[Reply], int]) -> None:
     rc, err = _send(tmp_path, fake_receiver(lambda _: b"HTTP/1.1 400 Bad Request\r\n\r\n"))
     assert rc == ExitCode.PROTOCOL, err
-    assert "not a replicator peer" in err
+    assert "is not a replicator receiver" in err and "it speaks HTTP" in err
 
 
 def test_receiver_survives_garbage_and_keeps_serving(

@@ -15,6 +15,8 @@ import pytest
 from replicator.engine.errors import ExitCode
 from tests.tools import ENV, REPLICATOR, b3, replicator, start_receiver
 
+pytestmark = pytest.mark.serial  # measures rates and deadlines: not beside other tests
+
 MiB = 1024 * 1024
 
 

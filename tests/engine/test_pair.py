@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator.engine.connectors import MemoryConnector
-from replicator.engine.errors import ConnectError, RefusedError
+from replicator.engine.errors import ConnectError, PeerProtocolError, RefusedError
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.sender import Sender, SenderConfig
 from replicator.engine.volumes import resolve_volumes
@@ -196,3 +196,45 @@ async def _scenario(tmp: Path, steps: list[tuple[str, int, int]]) -> None:
     finally:
         await connector.aclose()
         await holder[0].aclose()
+
+
+async def test_a_receiver_slow_to_open_the_job_pings_and_is_waited_for(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a job can take long (journal recovery after a crash): the receiver pings
+    meanwhile, so the sender does not take its silence for "not a receiver"."""
+    import replicator.engine.link as link
+    import replicator.engine.receiver as receiver
+
+    monkeypatch.setattr(link, "FIRST_ANSWER_TIMEOUT", 0.3)
+    monkeypatch.setattr(receiver, "OPENING_PING", 0.05)
+    opening = Receiver.job
+
+    async def slow_job(self: Receiver, name: str) -> object:
+        await asyncio.sleep(1.0)  # a recovery more than three first-answer timeouts long
+        return await opening(self, name)
+
+    monkeypatch.setattr(Receiver, "job", slow_job)
+    summary = await pair.sender.run_once()
+    assert summary.lsn > 0 and pair.replica.read_bytes() == pair.disk.read_bytes()
+
+
+async def test_a_peer_that_says_nothing_is_not_a_receiver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import replicator.engine.link as link
+
+    monkeypatch.setattr(link, "FIRST_ANSWER_TIMEOUT", 0.3)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"x" * 4096)
+
+    async def silent(conn: FramedConnection) -> None:
+        await asyncio.sleep(30)
+
+    connector = MemoryConnector(silent)
+    config = SenderConfig("memory", 0, "job", resolve_volumes([disk]), tmp_path / "state")
+    try:
+        with pytest.raises(PeerProtocolError, match="is not a replicator receiver"):
+            await Sender(config, connector).run_once()
+    finally:
+        await connector.aclose()

@@ -97,7 +97,7 @@ class Replication(RuleBasedStateMachine):
         assert isinstance(_events(self.rp)[0], Hello)
         received = self.durable[-1].lsn if self.durable else self.applied
         received = max(received, self.applied)
-        self.receiver = ReceiverCore(received, self.applied)
+        self.receiver = ReceiverCore(self.applied)
         welcome = Welcome(PROTOCOL_VERSION, received, self.applied, WINDOW, ("lz4",), 0)
         self.sp.receive_data(b"".join(self.rp.send(welcome)))
         assert _events(self.sp) == [welcome]
@@ -326,7 +326,7 @@ def test_refusals_and_goodbyes_become_user_errors() -> None:
 
 
 def test_the_receiver_acks_applied_once_per_move() -> None:
-    core = ReceiverCore(0, 0)
+    core = ReceiverCore(0)
     assert core.applied(4, 0) == []
     assert core.applied(4, 2) == [Send(Ack(4, 2))]
     assert core.applied(4, 2) == []

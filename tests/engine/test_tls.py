@@ -401,3 +401,25 @@ def test_tls_refusal_leaves_other_connection_errors_alone() -> None:
     assert isinstance(as_user_error(wrapped), AuthError)
     assert tls_refusal(ssl.SSLEOFError()) is None
     _ = Authorizer([])
+
+
+async def test_a_tls_alert_that_ended_the_connection_still_names_the_certificate() -> None:
+    """TLS 1.3: the receiver checks our certificate after our side of the handshake is
+    done, so its alert can end the connection while we write. The error raised by that
+    write keeps the alert as its cause, and the sender reports exit 10, not a lost
+    connection to retry (a flaky test_tls.py case, 2 of 5 full runs)."""
+    from replicator.transport import Ping, connection_pair
+
+    sender, receiver = await connection_pair()
+    try:
+        alert = ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+        alert.reason = "TLSV1_ALERT_UNKNOWN_CA"
+        sender._connection_lost(alert)  # what the TLS layer reports when the alert arrives
+        with pytest.raises(Exception) as caught:
+            await sender.send(Ping(1, 2))
+        mapped = as_user_error(caught.value)
+        assert isinstance(mapped, AuthError) and mapped.exit_code == ExitCode.AUTH
+        assert "CA it does not trust" in str(mapped)
+    finally:
+        await sender.aclose()
+        await receiver.aclose()

@@ -34,7 +34,15 @@ from replicator.transport import (
     Welcome,
 )
 from replicator.transport.frames import encode_frame
-from replicator.transport.messages import Tree, TreeEntry, TreeRequest, encode_tree
+from replicator.transport.messages import (
+    Handover,
+    ReadData,
+    ReadRequest,
+    Tree,
+    TreeEntry,
+    TreeRequest,
+    encode_tree,
+)
 from replicator.transport.protocol import TRANSITIONS
 
 from .helpers import HELLO, pack_records, random_records, welcome
@@ -195,8 +203,8 @@ def _frame(msg: Message) -> bytes:
 
 
 def _pair_in(role: Role, state: State) -> ProtocolConnection:
-    """A connection of ``role`` driven into ``state`` (with a manifest and a tree request
-    pending)."""
+    """A connection of ``role`` driven into ``state`` (with a manifest, a tree and a read
+    request pending)."""
     sender = ProtocolConnection(Role.SENDER)
     receiver = ProtocolConnection(Role.RECEIVER, window=1 << 20)
     me = sender if role is Role.SENDER else receiver
@@ -220,6 +228,7 @@ def _pair_in(role: Role, state: State) -> ProtocolConnection:
     r_to_s(welcome(1 << 20))
     s_to_r(ManifestRequest(1, "disk.img", 4096, False))
     s_to_r(TreeRequest(1))
+    s_to_r(ReadRequest(1, "disk.img", 0, 4096))
     if state is State.ESTABLISHED:
         return me
     if state is State.CLOSED:
@@ -251,6 +260,9 @@ SAMPLES: dict[MessageType, Message] = {
     MessageType.ERROR: Error("internal", "oops"),
     MessageType.TREE_REQUEST: TreeRequest(2),
     MessageType.TREE: Tree(1, True, encode_tree([TreeEntry("d.img", "f", 0o644, "")])),
+    MessageType.HANDOVER: Handover("request", 0, 0),
+    MessageType.READ_REQUEST: ReadRequest(2, "disk.img", 4096, 4096),
+    MessageType.READ_DATA: ReadData(1, 0, b"x" * 4096),
 }
 REACHABLE = [s for s in State if s is not State.ERROR]
 CASES = [
@@ -576,3 +588,28 @@ def test_a_precomputed_encoding_must_be_of_the_same_message() -> None:
         sender.send(msg, encoded=sender.encode(random_records(1)))
     receiver.receive_data(b"".join(sender.send(msg, encoded=sender.encode(msg))))
     assert receiver.next_event() == msg
+
+
+def test_read_data_answers_only_an_outstanding_read_with_what_it_asked() -> None:
+    sender = _pair_in(Role.SENDER, State.ESTABLISHED)  # ReadRequest(1, 0, 4096) outstanding
+    receiver = ProtocolConnection(Role.RECEIVER, window=1 << 20)
+    receiver.receive_data(_frame(HELLO))
+    receiver.next_event()
+    receiver.send(welcome(1 << 20))
+    receiver.receive_data(_frame(ReadRequest(7, "disk.img", 8192, 512)))
+    assert receiver.next_event() == ReadRequest(7, "disk.img", 8192, 512)
+    with pytest.raises(LocalProtocolError, match="carries 1024 bytes"):
+        receiver.send(ReadData(7, 8192, b"x" * 1024))  # more than asked
+    sender.receive_data(_frame(ReadData(1, 0, b"y" * 100)))  # short: the volume ends
+    assert sender.next_event() == ReadData(1, 0, b"y" * 100)
+    sender.receive_data(_frame(ReadData(1, 0, b"y")))  # answered already
+    with pytest.raises(RemoteProtocolError, match="not outstanding"):
+        sender.next_event()
+
+
+def test_handover_steps_are_checked_on_construction() -> None:
+    assert Handover("final", 12, 0).lsn == 12
+    with pytest.raises(ValueError, match="step"):
+        Handover("surrender", 0, 0)
+    with pytest.raises(ValueError, match="length"):
+        ReadRequest(1, "disk.img", 0, 0)

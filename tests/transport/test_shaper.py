@@ -27,6 +27,8 @@ from replicator.transport.shaper import MIN_BURST, Shaping, TokenBucket, default
 
 from .helpers import HELLO, pack_records, welcome
 
+pytestmark = pytest.mark.serial  # measures rates and deadlines: not beside other tests
+
 MB = 1_000_000
 
 

@@ -24,6 +24,8 @@ from replicator.transport.wan import (
     parse_rate,
 )
 
+pytestmark = pytest.mark.serial  # measures rates and deadlines: not beside other tests
+
 MIB = 1 << 20
 WAIT = 10.0  # seconds before a test gives up waiting for bytes
 

@@ -1,0 +1,128 @@
+"""``send --job-file`` and ``receive --config``: the file's values become the command's
+defaults (click's ``default_map``), so the command line overrides the file, and every
+option is checked exactly as it is when typed.
+
+The file is read before click processes the parameters (``parse_args``, after a first,
+side-effect-free pass of click's own parser to see what the command line gives), because
+the file decides whether required options such as ``--to`` are present. A send job file
+with several jobs and no ``--job`` runs each job in a child process of its own
+(``jobfile_fanout``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer._click import Context  # what click's Command.parse_args is typed with
+from typer.core import TyperCommand
+
+from replicator.cli.common import fail
+from replicator.cli.jobfile import ConfigFile, load_receive, load_send
+from replicator.cli.jobfile_checks import check_values
+from replicator.cli.jobfile_fanout import run_jobs
+from replicator.engine.errors import ConfigError, ReplicatorError
+
+JobFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--job-file",
+        help="TOML job file (docs/JOBFILES.md): options per job (jobs.NAME tables); the "
+        "command line overrides it. With several jobs and no --job, every job runs.",
+    ),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML file of receive options (docs/JOBFILES.md); the command line overrides it.",
+    ),
+]
+# options that name one job's own things: given on the command line, they cannot apply to
+# several jobs at once (two senders would fight over them)
+PER_JOB = ("volumes", "state_dir", "mount", "nbd_socket", "nbd_listen", "metrics_listen")
+_HELP = ("-h", "--help")
+
+
+def _given(opts: Mapping[str, Any]) -> set[str]:
+    """The parameters the command line sets (click's parser leaves absent arguments None)."""
+    return {name for name, value in opts.items() if value not in (None, (), [])}
+
+
+class _FileCommand(TyperCommand):
+    """A command whose defaults come from a TOML file named by one of its options."""
+
+    file_param = ""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        if not any(arg in _HELP for arg in args):  # -h shows help, whatever the file holds
+            opts, _, _ = self.make_parser(ctx).parse_args(args=list(args))
+            path = opts.get(self.file_param)
+            if path is not None:
+                try:
+                    ctx.default_map = self.defaults(ctx, Path(path), opts, args)
+                except ReplicatorError as exc:
+                    fail(exc)
+        return super().parse_args(ctx, args)
+
+    def defaults(
+        self, ctx: Context, path: Path, opts: Mapping[str, Any], args: list[str]
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class SendCommand(_FileCommand):
+    """``replicator send``: ``--job-file F [--job NAME]``."""
+
+    file_param = "job_file"
+
+    def defaults(
+        self, ctx: Context, path: Path, opts: Mapping[str, Any], args: list[str]
+    ) -> dict[str, Any]:
+        given = _given(opts)
+        jobs = load_send(path, self, given)
+        name = opts.get("job")
+        if name is None and len(jobs.sections) > 1:
+            raise typer.Exit(self._several(jobs, given, args))
+        if name is None:
+            name = next(iter(jobs.sections))
+        section = jobs.sections.get(name)
+        if section is None:
+            raise ConfigError(
+                f"{path} has no job {name!r}",
+                hint="its jobs: " + ", ".join(jobs.sections) + "; or leave out --job to run all",
+            )
+        check_values(jobs, section, given)
+        return {**section.values, "job": name}
+
+    @staticmethod
+    def _several(jobs: ConfigFile, given: set[str], args: list[str]) -> int:
+        clash = [name for name in PER_JOB if name in given]
+        if clash:
+            which = ", ".join(
+                "VOLUMEs" if n == "volumes" else "--" + n.replace("_", "-") for n in clash
+            )
+            raise ConfigError(
+                f"{which} on the command line would apply to all {len(jobs.sections)} jobs "
+                f"of {jobs.path}",
+                hint="pick one job with --job NAME, or set it per job in the file",
+            )
+        for section in jobs.sections.values():  # all of them, before any job starts
+            check_values(jobs, section, given)
+        return run_jobs(jobs.path, list(jobs.sections), args)
+
+
+class ReceiveCommand(_FileCommand):
+    """``replicator receive``: ``--config F``."""
+
+    file_param = "config_file"
+
+    def defaults(
+        self, ctx: Context, path: Path, opts: Mapping[str, Any], args: list[str]
+    ) -> dict[str, Any]:
+        given = _given(opts)
+        config = load_receive(path, self, given)
+        check_values(config, config.sections[""], given)
+        return config.sections[""].values

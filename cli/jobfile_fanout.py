@@ -1,0 +1,76 @@
+"""``send --job-file F`` without ``--job`` when F holds several jobs: one child process per
+job (``replicator send ... --job NAME``), so a job that fails cannot take the others down,
+and each job's exit code is its own.
+
+The children run in their own process group: signals reach them through this process only,
+once each (SIGINT and SIGTERM forwarded as they came, so a second Ctrl-C still means
+"stop now"; SIGHUP as SIGTERM). Under systemd the unit uses ``KillMode=mixed`` for the
+same reason (contrib/replicator-send@.service). This process exits with 0 when every job
+did, else with the exit code of the first job, in file order, that failed; a line on
+stderr names every job that failed and its code.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+
+import typer
+
+from replicator.engine.errors import ExitCode
+
+
+def child_argv(args: list[str], job: str) -> list[str]:
+    """This process's command line (global options, ``send``, ``args``) plus ``--job``."""
+    full = sys.argv[1:]
+    prefix = full[: len(full) - len(args)] if full[len(full) - len(args) :] == args else ["send"]
+    tail = list(args)
+    at = tail.index("--") if "--" in tail else len(tail)
+    tail[at:at] = ["--job", job]
+    return [sys.executable, "-m", "replicator.cli", *prefix, *tail]
+
+
+def _meaning(code: int) -> str:
+    try:
+        return ExitCode(code).name.lower().replace("_", " ")
+    except ValueError:
+        return f"killed by signal {-code}" if code < 0 else "unexpected"
+
+
+def run_jobs(path: Path, jobs: list[str], args: list[str]) -> int:
+    """Run every job of ``path`` at once, each in a child process; their combined exit code."""
+    typer.echo(
+        f"replicator: running {len(jobs)} jobs from {path}, one process each: {', '.join(jobs)}",
+        err=True,
+    )
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    stopping: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        stopping.append(signum)  # jobs not started yet are not started
+        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(sent)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for job in jobs:
+        if stopping:
+            break
+        children[job] = subprocess.Popen(
+            child_argv(args, job), stdin=subprocess.DEVNULL, process_group=0
+        )
+    codes = {job: child.wait() for job, child in children.items()}
+    failed = [(job, code) for job, code in codes.items() if code != 0]
+    for job, code in failed:
+        typer.echo(
+            f"replicator: job {job} ended with exit code {code} ({_meaning(code)})", err=True
+        )
+    if not failed:
+        return ExitCode.INTERRUPTED if len(codes) < len(jobs) else 0
+    code = failed[0][1]
+    return code if code > 0 else 128 - code  # a child killed by signal N: 128 + N

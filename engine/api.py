@@ -1,0 +1,735 @@
+"""The embedding API: run a sender or a receiver inside your own asyncio program.
+
+A thin, stable façade over the engine for HA tooling (``docs/EMBEDDING.md`` is its manual).
+It takes the configuration objects the command line builds (``SenderConfig``,
+``ReceiverConfig``), runs on the caller's event loop, and hands out the engine's own
+objects, never copies: ``Sender.status`` *is* the job status ``replicator status`` reads,
+``Sender.engine`` the ``engine.sender.Sender`` that replicates.
+
+::
+
+    async with Receiver(ReceiverConfig(replicas, state)) as receiver:
+        host, port = receiver.address
+        config = SenderConfig(host, port, "vm1", resolve_volumes([disk]), sender_state)
+        async with Sender(config, interval=5.0) as sender, sender.events() as events:
+            async for event in events:
+                if event.kind is EventKind.LAG and event.lag.records == 0:
+                    break
+            result = await sender.verify()
+
+Events come from the engine as it changes (``engine/status.py`` ``Listeners``; on the
+sender also each acknowledgement that moves the applied LSN, on the receiver each apply
+round), not from polling files. Each ``StatusEvent`` carries the job's status snapshot (the
+dict ``replicator status --json`` prints) taken as soon as the loop runs after the change.
+
+What the façade adds is lifecycle only: ``async with`` (or ``start()``/``aclose()``,
+idempotent), the folder locks and the control socket the CLI's ``send``/``receive`` hold,
+the pause a sender takes while it verifies, and the fan-out of events to subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import structlog
+
+from replicator.engine.connectors import Connector, MemoryConnector, TcpConnector, TlsSource
+from replicator.engine.errors import (
+    AuthError,
+    BusyError,
+    ConfigError,
+    ConnectError,
+    ExitCode,
+    Interrupted,
+    PeerProtocolError,
+    RefusedError,
+    ReplicaInconsistent,
+    ReplicatorError,
+    SplitBrainError,
+    StorageError,
+    VersionMismatch,
+    unwrap,
+)
+from replicator.engine.failover import FailoverResult, finish_failover
+from replicator.engine.job_replica import JobReplica, ReceiverConfig, check_receiver_dirs
+from replicator.engine.monitor import Monitor, receiver_monitor, sender_monitor
+from replicator.engine.receiver import Receiver as EngineReceiver
+from replicator.engine.scan import Progress
+from replicator.engine.sender import Sender as EngineSender
+from replicator.engine.sender import SenderConfig, Summary
+from replicator.engine.statedir import StateDirLock
+from replicator.engine.status import (
+    ReceiverJobStatus,
+    SenderJobStatus,
+    SenderPhase,
+    StatusBoard,
+)
+from replicator.engine.tls import TlsIdentity
+from replicator.engine.verify import VerifyResult, verify
+from replicator.engine.volumes import VolumeSpec, resolve_volumes
+from replicator.journal.errors import JournalError
+from replicator.transport import serve
+
+log = structlog.get_logger()
+
+Role = Literal["sender", "receiver"]
+EVENT_BUFFER = 1024  # events kept per subscriber that does not read; older ones are dropped
+
+
+class EventKind(StrEnum):
+    """What an event reports (the status's ``CHANGES``, plus the end of a run)."""
+
+    STATE = "state"  # the sender's phase changed (``SenderPhase``)
+    CONNECTED = "connected"  # a session began (sender: connected; receiver: a sender came)
+    DISCONNECTED = "disconnected"  # the session ended
+    ERROR = "error"  # an error was counted (``snapshot["last_error"]`` says which)
+    LAG = "lag"  # records journaled (sender), or applied on the receiver (both sides)
+    JOB = "job"  # receiver: a job was opened (its first sender since start)
+    # a sender's continuous run ended (stop(), aclose(), or ``error``; not a verify's
+    # pause), or a receiver closed (its event has job "")
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """What the replica lacks: records not applied, bytes shipped and not applied (sender
+    only), seconds since the source time of the oldest change not applied (sender: the RPO
+    now; receiver: the age of the consistency point it holds, None before the first)."""
+
+    records: int
+    bytes: int | None
+    seconds: float | None
+
+    @classmethod
+    def of(cls, snapshot: Mapping[str, Any]) -> Lag:
+        lag = snapshot.get("lag") or {}
+        return cls(int(lag.get("records", 0)), lag.get("bytes"), lag.get("seconds"))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """One change of a job, with the job's status snapshot taken right after it.
+
+    ``snapshot`` is the engine's own ``snapshot()`` of the job (keys documented in
+    docs/OPERATIONS.md, "Status"); empty for a STOPPED event of a job never opened.
+    """
+
+    kind: EventKind
+    job: str
+    role: Role
+    snapshot: Mapping[str, Any]
+    error: ReplicatorError | None = None
+
+    @property
+    def state(self) -> str:
+        """The job's state then (``SenderPhase`` or ``ReceiverPhase`` value)."""
+        return str(self.snapshot.get("state", ""))
+
+    @property
+    def lag(self) -> Lag:
+        return Lag.of(self.snapshot)
+
+    @property
+    def applied_lsn(self) -> int:
+        return int((self.snapshot.get("lsn") or {}).get("applied", 0))
+
+
+class EventStream:
+    """An async iterator of ``StatusEvent``; it ends when the façade is closed.
+
+    Subscribed from the moment ``events()`` returns. A reader that falls more than
+    ``EVENT_BUFFER`` events behind loses the oldest (``dropped`` counts them). Use it as
+    ``async with`` (or call ``close()``) to unsubscribe early.
+    """
+
+    def __init__(self, hub: _Hub) -> None:
+        self._hub = hub
+        self._queue: deque[StatusEvent] = deque()
+        self._wake = asyncio.Event()
+        self.closed = False
+        self.dropped = 0
+
+    def _put(self, event: StatusEvent) -> None:
+        if len(self._queue) >= EVENT_BUFFER:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append(event)
+        self._wake.set()
+
+    def _end(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop receiving events (the ones queued can still be read)."""
+        self._hub.unsubscribe(self)
+        self._end()
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> StatusEvent:
+        while not self._queue:
+            if self.closed:
+                raise StopAsyncIteration
+            self._wake.clear()
+            await self._wake.wait()
+        return self._queue.popleft()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+StatusOf = Callable[[str], SenderJobStatus | ReceiverJobStatus | None]
+
+
+class _Hub:
+    """Fan-out of engine changes to event streams, coalesced per (job, kind) while a
+    snapshot is being taken, so a burst of acknowledgements costs one snapshot."""
+
+    def __init__(self, role: Role, status_of: StatusOf) -> None:
+        self.role = role
+        self._status_of = status_of
+        self._streams: list[EventStream] = []
+        self._pending: dict[tuple[str, EventKind], None] = {}  # an ordered set
+        self._pump: asyncio.Task[None] | None = None
+        self.ended = False
+
+    def subscribe(self) -> EventStream:
+        stream = EventStream(self)
+        if self.ended:
+            stream._end()
+        else:
+            self._streams.append(stream)
+        return stream
+
+    def unsubscribe(self, stream: EventStream) -> None:
+        if stream in self._streams:
+            self._streams.remove(stream)
+
+    def tell(self, job: str, what: str) -> None:
+        """A status listener (``engine/status.py``): called inline by the engine."""
+        if self.ended or not self._streams:
+            return
+        self._pending[(job, EventKind(what))] = None
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._deliver_pending())
+
+    async def _deliver_pending(self) -> None:
+        while self._pending:
+            batch = list(self._pending)
+            self._pending.clear()
+            snapshots: dict[str, Mapping[str, Any]] = {}
+            for job, kind in batch:
+                if job not in snapshots:
+                    snapshots[job] = await self._snapshot(job)
+                self._publish(StatusEvent(kind, job, self.role, snapshots[job]))
+
+    async def _snapshot(self, job: str) -> Mapping[str, Any]:
+        status = self._status_of(job)
+        if status is None:
+            return {}
+        try:
+            return await status.snapshot()
+        except Exception:  # a status that cannot be read must not end the events
+            log.exception("api.snapshot_failed", job=job)
+            return {"job": job, "role": self.role}
+
+    def _publish(self, event: StatusEvent) -> None:
+        for stream in tuple(self._streams):
+            stream._put(event)
+
+    async def _drain(self) -> None:
+        """Until every change reported so far is delivered (one deliverer at a time)."""
+        while True:
+            if self._pump is not None and not self._pump.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._pump)
+            elif self._pending:
+                self._pump = asyncio.get_running_loop().create_task(self._deliver_pending())
+            else:
+                return
+
+    async def publish_last(self, event: StatusEvent) -> None:
+        """Publish ``event`` after every change reported before it."""
+        if not self.ended:
+            await self._drain()
+            self._publish(event)
+
+    async def end(self) -> None:
+        """Deliver what is pending, then end every stream."""
+        if self.ended:
+            return
+        await self._drain()
+        self.ended = True
+        for stream in self._streams:
+            stream._end()
+        self._streams.clear()
+
+
+class _Tasks:
+    """Background tasks of a façade, cancelled and awaited on close."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+class Sender:
+    """A sending job (snapshot-diff capture, as ``replicator send``) in this process.
+
+    ``async with Sender(config)`` starts replicating every ``interval`` seconds (and
+    reconnects after interruptions, as a continuous ``send``); leaving the block stops it
+    gracefully (what is journaled is shipped and applied, waiting at most 30 s) and
+    raises the error that ended the run, if one did. Without ``async with``: ``start()``,
+    ``stop()``, ``aclose()``; or ``run_once()`` for one cycle.
+
+    ``connector`` decides where connections go (default: TCP to ``config.host:port``,
+    with ``tls`` around it: a ``TlsIdentity`` or an ``ssl.SSLContext``; None is insecure).
+    ``control``: serve ``STATE_DIR/control.sock`` so ``replicator status --state-dir``
+    sees this job (and claim ``sender.json``, as ``send`` does). ``metrics``: a
+    Prometheus endpoint (HOST, PORT).
+    """
+
+    def __init__(
+        self,
+        config: SenderConfig,
+        *,
+        interval: float = 60.0,
+        connector: Connector | None = None,
+        tls: TlsSource | ssl.SSLContext | None = None,
+        control: bool = True,
+        metrics: tuple[str, int] | None = None,
+    ) -> None:
+        if not interval > 0:
+            raise ConfigError(f"interval must be positive, got {interval!r}")
+        if connector is not None and tls is not None:
+            raise ConfigError("give tls to the connector, not to the Sender, when passing both")
+        self._own_connector = connector is None  # one passed in stays the caller's
+        if connector is None:
+            connector = TcpConnector(
+                config.host, config.port, timeout=config.connect_timeout, tls=tls
+            )
+        self.interval = interval
+        self.engine = EngineSender(config, connector)  # checks the job name (ConfigError)
+        self._hub = _Hub("sender", lambda job: self.engine.status)
+        self._monitor = sender_monitor(self.engine, metrics) if control else None
+        self._monitoring = False
+        self._tasks = _Tasks()
+        self._run: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._acks: asyncio.Task[None] | None = None
+        self._busy = asyncio.Lock()  # one of start/stop/verify/run_once at a time
+        self._pausing = False  # verify() stops the run to start it again: no STOPPED event
+        self._unlisten = self.engine.status.listeners.add(self._changed)
+        self.failure: ReplicatorError | None = None  # what ended the run, if anything did
+        self.closed = False
+
+    # -- the engine's own objects --------------------------------------------------------
+    @property
+    def config(self) -> SenderConfig:
+        return self.engine.config
+
+    @property
+    def status(self) -> SenderJobStatus:
+        """The live job status (the object ``replicator status`` and the metrics read)."""
+        return self.engine.status
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The job's status now: what ``replicator status --json`` prints for it."""
+        return await self.engine.status.snapshot()
+
+    @property
+    def running(self) -> bool:
+        """True while the continuous run is on (also while it reconnects)."""
+        return self._run is not None and not self._run.done()
+
+    def events(self) -> EventStream:
+        """Subscribe to this job's events (see ``StatusEvent``)."""
+        return self._hub.subscribe()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start replicating continuously; returns at once (events say when it connects).
+
+        Raises ConfigError (exit code 3) when the state folder is in use by another sender
+        or the control socket is another process's; RuntimeError when already running or
+        closed."""
+        async with self._busy:
+            self._check_open()
+            if self.running:
+                raise RuntimeError("this Sender is already running")
+            await self._enter_monitor()
+            self._begin()
+
+    def _begin(self) -> None:
+        self._stop = asyncio.Event()
+        self.failure = None
+        self.engine.status.set_state(SenderPhase.STARTING)  # not "stopped" from a last run
+        self._run = self._tasks.start(self._replicate(), f"api-sender-{self.config.job}")
+
+    async def _replicate(self) -> None:
+        try:
+            await self.engine.run_forever(self.interval, self._stop)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.failure = _user_error(exc)
+            log.error("api.sender_failed", job=self.config.job, error=str(self.failure))
+        if not self._pausing:
+            await self._hub.publish_last(self._stopped_event())
+
+    async def wait(self) -> None:
+        """Wait until the continuous run ends (``stop()``, or an error, which is raised)."""
+        if self._run is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._run)
+        if self.failure is not None:
+            raise self.failure
+
+    async def stop(self) -> None:
+        """Stop the continuous run gracefully (ships and waits for what is journaled, at
+        most 30 s); raises the error that ended it, if one did. Idempotent."""
+        async with self._busy:
+            await self._halt()
+        if self.failure is not None:
+            raise self.failure
+
+    async def _halt(self) -> None:
+        run = self._run
+        if run is None:
+            return
+        self._stop.set()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(run)
+
+    async def aclose(self) -> None:
+        """Stop (as ``stop()``) and release everything: the control socket, the state
+        folder's claim, the event streams (they end, after a STOPPED event when it was
+        running). Never raises the run's error (``failure`` keeps it); safe to call any
+        number of times. A ``connector`` passed in is left open (it is the caller's)."""
+        if self.closed:
+            return
+        self.closed = True
+        async with self._busy:
+            await self._halt()
+            self._unlisten()
+            await self._tasks.cancel()
+            try:
+                if self._monitoring and self._monitor is not None:
+                    self._monitoring = False
+                    await self._monitor.__aexit__(None, None, None)
+            finally:
+                if self._own_connector:
+                    await self.engine.connector.aclose()
+                await self._hub.end()
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+        if exc is None and self.failure is not None:
+            raise self.failure
+
+    # -- one cycle, verify ----------------------------------------------------------------
+    async def run_once(self, progress: Progress | None = None) -> Summary:
+        """One cycle (as ``send --once``): scan, ship, wait until the receiver applied it.
+        Only while not running continuously (RuntimeError otherwise)."""
+        async with self._busy:
+            self._check_open()
+            if self.running:
+                raise RuntimeError("run_once() while running continuously: stop() first")
+            await self._enter_monitor()
+            return await self.engine.run_once(progress)
+
+    async def verify(self, *, repair: bool = False) -> VerifyResult:
+        """Compare sources and replicas afresh (as ``replicator verify``); ``repair`` sends
+        what differs and compares again. A continuous run is paused meanwhile (stopped
+        gracefully, so everything journaled is applied first, then started again): the
+        receiver serves one session per job."""
+        async with self._busy:
+            self._check_open()
+            resume = self.running
+            if resume:
+                self._pausing = True
+                try:
+                    await self._halt()
+                finally:
+                    self._pausing = False
+                if self.failure is not None:
+                    await self._hub.publish_last(self._stopped_event())
+                    raise self.failure
+            try:
+                await self._enter_monitor()
+                return await verify(self.engine, repair=repair)
+            finally:
+                if resume:
+                    self._begin()
+
+    # -- internals ------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this Sender is closed")
+
+    async def _enter_monitor(self) -> None:
+        if self._monitor is not None and not self._monitoring:
+            await self._monitor.__aenter__()
+            self._monitoring = True
+
+    def _changed(self, job: str, what: str) -> None:
+        if what in ("connected", "disconnected"):
+            self._watch_acks()
+        self._hub.tell(job, what)
+
+    def _watch_acks(self) -> None:
+        """Follow the current link's applied acknowledgements (``Link.wait_applied``):
+        each one that moves the applied LSN is a LAG event."""
+        if self._acks is not None:
+            self._acks.cancel()  # it ends when cancelled; _Tasks awaits it at close
+            self._acks = None
+        link = self.engine.status.link
+        if link is None or self.closed:
+            return
+        job = self.config.job
+
+        async def follow() -> None:
+            while True:
+                try:
+                    await link.wait_applied(link.applied_lsn + 1)
+                except Exception:  # the link failed: attach(None) reports its end
+                    return
+                self._hub.tell(job, "lag")
+
+        self._acks = self._tasks.start(follow(), f"api-acks-{job}")
+
+    def _stopped_event(self) -> StatusEvent:
+        return StatusEvent(EventKind.STOPPED, self.config.job, "sender", {}, error=self.failure)
+
+
+class Receiver:
+    """A receiver (as ``replicator receive``) in this process: it locks the replica and
+    state folders, listens on ``host:port`` (port 0: a free one, see ``address``), and
+    serves senders until ``aclose()``, which finishes applying complete epochs first.
+
+    ``tls``: a ``TlsIdentity`` (server side, from a keygen folder) or an ``ssl.
+    SSLContext``; None is insecure. ``config.authorize`` takes the ``--allow`` rules.
+    ``control``: serve ``STATE_ROOT/control.sock`` (``replicator status --dir``,
+    ``replicator failover`` reach this receiver). ``metrics``: a Prometheus endpoint.
+    """
+
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: TlsIdentity | ssl.SSLContext | None = None,
+        control: bool = True,
+        metrics: tuple[str, int] | None = None,
+    ) -> None:
+        if not 0 <= port < 65536:
+            raise ConfigError(f"port must be 0..65535, got {port}")
+        self.config = config
+        self.host, self.port = host, port
+        self._tls = tls
+        self.engine = EngineReceiver(config)
+        self._hub = _Hub("receiver", self.engine.status.jobs.get)
+        self._monitor: Monitor | None = receiver_monitor(self.engine, metrics) if control else None
+        self._stack = contextlib.AsyncExitStack()
+        self._server: asyncio.Server | None = None
+        self._tasks = _Tasks()
+        self._unlisten: list[Callable[[], None]] = []
+        self.started = False
+        self.closed = False
+
+    @property
+    def status(self) -> StatusBoard:
+        """The live status board: one ``ReceiverJobStatus`` per job opened since start."""
+        return self.engine.status
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Every job's status now (the jobs opened since start; ``replicator status``
+        adds the others from their files)."""
+        return await self.engine.status.snapshot()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The address listened on (the real port when 0 was asked for)."""
+        if self._server is None:
+            raise RuntimeError("the Receiver is not started")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    def events(self) -> EventStream:
+        """Subscribe to the events of every job on this receiver."""
+        return self._hub.subscribe()
+
+    async def start(self) -> None:
+        """Check and lock the folders, listen, serve the control socket. ConfigError (exit
+        code 3) for a folder that cannot be used or is another receiver's, an address
+        that cannot be listened on; RuntimeError when started twice or closed."""
+        if self.closed or self.started:
+            raise RuntimeError(f"this Receiver is {'closed' if self.closed else 'started'}")
+        self.started = True
+        config = self.config
+        try:
+            await asyncio.to_thread(check_receiver_dirs, config)
+            for folder in {config.state_root, config.replica_root}:
+                self._stack.enter_context(StateDirLock(folder, "a receiver"))
+            self._unlisten.append(self.engine.status.listeners.add(self._job_added))
+            tls = self._tls
+            context = tls.context if isinstance(tls, TlsIdentity) else tls
+            try:
+                self._server = await serve(self.host, self.port, self.engine.handle, ssl=context)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
+                    hint="pick another port (0: any free one)",
+                ) from exc
+            if self._monitor is not None:
+                await self._stack.enter_async_context(self._monitor)
+        except BaseException:
+            await self.aclose()
+            raise
+        host, port = self.address
+        log.info("api.receiver_listening", address=f"{host}:{port}")
+
+    async def failover(self, job: str, *, exec_cmd: str | None = None) -> FailoverResult:
+        """Promote ``job`` here (as ``replicator failover --force`` through a running
+        receiver): its session, if any, is ended; every complete epoch received is
+        applied; the replicas must be at a consistency point (ReplicaInconsistent, exit
+        code 6, otherwise); configuration files are pointed at them; ``exec_cmd`` starts.
+        ConfigError for an unknown job. Idempotent."""
+        started = time.monotonic()
+        if not self.started or self.closed:
+            raise RuntimeError("failover needs a started Receiver (or engine.failover_at_rest)")
+        promotion, already = await self.engine.failover(job)
+        return await finish_failover(
+            self.config, job, promotion, exec_cmd=exec_cmd, started=started, already=already
+        )
+
+    async def aclose(self) -> None:
+        """Stop listening, end the sessions, finish applying complete epochs, release the
+        folders; the event streams end after a STOPPED event. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for unlisten in self._unlisten:
+            unlisten()
+        server, self._server = self._server, None
+        try:
+            if server is not None:
+                server.close()
+            await self.engine.aclose()
+            if server is not None:
+                await server.wait_closed()
+        finally:
+            await self._tasks.cancel()
+            await self._stack.aclose()  # the control socket, then the folder locks
+            await self._hub.publish_last(StatusEvent(EventKind.STOPPED, "", "receiver", {}))
+            await self._hub.end()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _job_added(self, job: str, what: str) -> None:
+        """A job opened (first session since start, or reopened after a failed apply):
+        its changes become events, and so does each apply round."""
+        status = self.engine.status.jobs.get(job)
+        if isinstance(status, ReceiverJobStatus):
+            self._unlisten.append(status.listeners.add(self._hub.tell))
+            replica = status.replica
+            if isinstance(replica, JobReplica):
+                self._tasks.start(self._follow_applies(replica), f"api-applies-{job}")
+        self._hub.tell(job, what)
+
+    async def _follow_applies(self, replica: JobReplica) -> None:
+        async with replica.applied_changed:
+            while True:
+                await replica.applied_changed.wait()
+                self._hub.tell(replica.job, "lag")
+
+
+def _user_error(exc: BaseException) -> ReplicatorError:
+    """The ``ReplicatorError`` (with its exit code) for whatever ended a run."""
+    error = unwrap(exc)
+    if isinstance(error, ReplicatorError):
+        return error
+    wrapped = ReplicatorError(f"internal error: {type(error).__name__}: {error}")
+    wrapped.exit_code = ExitCode.CONFIG
+    wrapped.__cause__ = error
+    return wrapped
+
+
+__all__ = [
+    "EVENT_BUFFER",
+    "AuthError",
+    "BusyError",
+    "ConfigError",
+    "ConnectError",
+    "Connector",
+    "EventKind",
+    "EventStream",
+    "ExitCode",
+    "FailoverResult",
+    "Interrupted",
+    "JournalError",
+    "Lag",
+    "MemoryConnector",
+    "PeerProtocolError",
+    "Receiver",
+    "ReceiverConfig",
+    "RefusedError",
+    "ReplicaInconsistent",
+    "ReplicatorError",
+    "Sender",
+    "SenderConfig",
+    "SplitBrainError",
+    "StatusEvent",
+    "StorageError",
+    "Summary",
+    "TcpConnector",
+    "TlsIdentity",
+    "VerifyResult",
+    "VersionMismatch",
+    "VolumeSpec",
+    "resolve_volumes",
+]

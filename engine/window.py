@@ -1,0 +1,108 @@
+"""How much credit a receiver grants: a window that follows the link and the disk.
+
+Sans-IO, like ``session_core``: the receiving session tells ``CreditWindow`` what it sees
+(payload bytes received, round-trip times from its own pings, how long syncs take) and
+asks ``grant(...)`` after each sync and each apply how many bytes of Credit to send.
+
+* **The window** (bytes the sender may have in flight, counting what was received and not
+  yet synced) is ``2 x rate x loop``: two bandwidth-delay products, where ``rate`` is the
+  payload rate received over the last ``max(1 s, 4 x loop)`` and ``loop`` the time credit
+  takes to come back (the round trip plus a sync). It is never below ``base`` (the
+  Welcome's window, which holds the largest record, so the sender can always go on) and
+  never above ``cap`` (the memory cap: records received and not yet synced are held in
+  memory). A link that the window limits delivers ``window / loop``, so the next window is
+  twice as large: it grows like TCP's slow start until the link, not the window, is the
+  limit, or it reaches the cap. On a link that the window does not limit it stays at
+  ``base`` (66 MiB: two BDPs of a 2.6 Gbit/s, 100 ms link).
+* **The disk**: when the replica's disk is the bottleneck, records received pile up in the
+  receive journal unapplied. Once that backlog passes ``backlog_max`` bytes, the window
+  shrinks to what is left below it (``backlog_max - backlog``, down to 0: the sender
+  waits), and it opens again as the applier drains the backlog (the session asks again
+  after each apply). Only while the applier *has* applicable work (a complete epoch not
+  yet applied): a backlog that is one epoch still being received is never throttled, or
+  the epoch could never complete.
+
+``grant`` keeps ``credit outstanding + received not synced + grant <= window``; with a
+fixed window that is exactly "grant again what was synced", the rule before.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Final
+
+MAX_WINDOW: Final = 256 * 1024 * 1024  # memory cap per session (bytes not yet synced)
+BACKLOG_MAX: Final = 1024 * 1024 * 1024  # received, not applied: beyond this, less credit
+MIN_SPAN: Final = 1.0  # seconds of history behind the rate, at least
+MIN_ELAPSED: Final = 0.05  # the rate is bytes over at least this many seconds
+
+
+class CreditWindow:
+    """See the module docstring. Times in seconds (monotonic, from the caller)."""
+
+    def __init__(self, base: int, *, cap: int = MAX_WINDOW, backlog_max: int = BACKLOG_MAX) -> None:
+        if base < 1 or backlog_max < 1:
+            raise ValueError("base and backlog_max must be positive")
+        self.base = base
+        self.cap = max(cap, base)
+        self.backlog_max = backlog_max
+        self.rtt: float | None = None
+        self.sync_time = 0.0  # seconds a sync takes, smoothed
+        self._received: collections.deque[tuple[float, int]] = collections.deque()
+        self._span_bytes = 0
+        self.window = base  # the window as of the last ``grant``
+        self.throttled = False  # the last ``grant`` was cut by the backlog
+
+    @property
+    def loop(self) -> float:
+        """Seconds credit takes to come back: a round trip and a sync."""
+        return (self.rtt or 0.0) + self.sync_time
+
+    def observe_rtt(self, seconds: float) -> None:
+        if seconds >= 0:
+            self.rtt = seconds if self.rtt is None else 0.75 * self.rtt + 0.25 * seconds
+
+    def observe_sync(self, seconds: float) -> None:
+        if seconds >= 0:
+            self.sync_time = 0.75 * self.sync_time + 0.25 * seconds
+
+    def received(self, now: float, nbytes: int) -> None:
+        self._received.append((now, nbytes))
+        self._span_bytes += nbytes
+        self._forget(now)
+
+    def rate(self, now: float) -> float:
+        """Payload bytes per second received lately."""
+        self._forget(now)
+        if not self._received:
+            return 0.0
+        # over the history kept (a young session has less), but at least one loop: a
+        # first burst is not taken for a rate
+        elapsed = now - self._received[0][0]
+        return self._span_bytes / max(elapsed, self.loop, MIN_ELAPSED)
+
+    def _span(self) -> float:
+        return max(MIN_SPAN, 4 * self.loop)
+
+    def _forget(self, now: float) -> None:
+        span = self._span()
+        while self._received and now - self._received[0][0] > span:
+            self._span_bytes -= self._received.popleft()[1]
+
+    def target(self, now: float) -> int:
+        """The window the link needs: two bandwidth-delay products, within base..cap."""
+        bdp2 = 2 * self.rate(now) * self.loop
+        return int(min(self.cap, max(self.base, bdp2)))
+
+    def grant(
+        self, now: float, *, outstanding: int, unsynced: int, backlog: int, applicable: bool
+    ) -> int:
+        """Bytes of Credit to send now. ``outstanding``: credit the sender still holds;
+        ``unsynced``: bytes received and not yet synced; ``backlog``: bytes received and
+        not applied; ``applicable``: the applier has a complete epoch to apply."""
+        window = self.target(now)
+        self.throttled = applicable and backlog + window > self.backlog_max
+        if self.throttled:
+            window = max(0, self.backlog_max - backlog)
+        self.window = window
+        return max(0, window - outstanding - unsynced)

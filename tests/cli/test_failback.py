@@ -1,0 +1,333 @@
+"""Planned failover and failback without a full resync, as an admin would run them: real
+receiver and sender processes, qemu-io writing through the NBD shim and on the images,
+qemu-img compare and blake3 on both sides."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from replicator.engine.at_rest import sender_at_rest
+from replicator.engine.errors import ExitCode
+from replicator.engine.failback_state import MARKER_FILE, save_marker
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    b3,
+    one_line_error,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    replicator,
+    require_tool,
+    send_once,
+    start_receiver,
+)
+
+MiB = 1024 * 1024
+KiB = 1024
+EXTENT = 64 * KiB
+
+
+def _live(rcv: ReceiverProc, state: Path, sock: Path, disk: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm", "--state-dir", str(state),
+         "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "NBD socket did not appear"
+        time.sleep(0.02)
+    return proc
+
+
+def _nbd_write(sock: Path, offset: int, pattern: int) -> bool:
+    """One 64 KiB write and a flush through the NBD shim; True when acknowledged."""
+    out = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset} 64k", "-c", "flush",
+         f"nbd+unix:///disk.img?socket={sock}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return out.returncode == 0 and "error" not in (out.stdout + out.stderr).lower()
+
+
+class Workload(threading.Thread):
+    """Writes 64 KiB blocks at distinct offsets through NBD until stopped; remembers which
+    writes were acknowledged (offset -> pattern)."""
+
+    def __init__(self, sock: Path, first: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.next = sock, first
+        self.acked: dict[int, int] = {}
+        self.failed = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set() and self.next < 16 * MiB:
+            pattern = (self.next // EXTENT) % 250 + 1
+            if _nbd_write(self.sock, self.next, pattern):
+                self.acked[self.next] = pattern
+            else:
+                self.failed += 1
+                time.sleep(0.02)
+            self.next += EXTENT
+
+
+def _pattern_at(path: Path, offset: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(EXTENT)
+
+
+def _failback(rcv: ReceiverProc, state: Path, disk: Path) -> subprocess.CompletedProcess[str]:
+    return replicator(
+        "failback", "--from", rcv.address, "--job", "vm", "--state-dir", str(state), "--json",
+        "--insecure", str(disk),
+    )  # fmt: skip
+
+
+def _identical(disk: Path, replica: Path) -> None:
+    assert qemu_compare("raw", disk, replica).returncode == 0
+    assert b3(disk) == b3(replica)
+
+
+def test_planned_failover_under_an_nbd_workload_loses_nothing(tmp_path: Path) -> None:
+    require_tool("qemu-io")
+    disk, sock, state = tmp_path / "disk.img", tmp_path / "nbd.sock", tmp_path / "state"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "64M")
+    rcv = start_receiver(tmp_path / "target")
+    replica = tmp_path / "target" / "vm" / disk.name
+    sender = _live(rcv, state, sock, disk)
+    work = Workload(sock)
+    try:
+        work.start()
+        time.sleep(1.0)  # the workload runs: some writes replicated, some in flight
+        out = replicator(
+            "failover", "--dir", str(tmp_path / "target"), "--job", "vm", "--planned",
+            "--timeout", "20", "--json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        _, err = sender.communicate(timeout=30)
+        assert sender.returncode == ExitCode.HANDED_OVER, err[-3000:]
+        assert "handed over" in one_line_error(err)
+        time.sleep(0.3)  # writes after the handover find no NBD server: none is acknowledged
+        work.halt.set()
+        work.join(timeout=30)
+    finally:
+        work.halt.set()
+        if sender.poll() is None:
+            sender.kill()
+        assert rcv.stop() == 0
+    assert result["planned"] is True and result["generation"] == 2
+    assert 0 < result["rto_seconds"] < 10
+    assert len(work.acked) >= 3 and work.failed >= 1  # writes on both sides of the handover
+    # every acknowledged write is in the promoted replica; it equals the source exactly
+    for offset, pattern in work.acked.items():
+        assert _pattern_at(replica, offset) == bytes([pattern]) * EXTENT, offset
+    _identical(disk, replica)
+    assert not sock.exists()  # the source's capture has stopped
+    # the source may not send again until it takes the job back
+    again = replicator(
+        "send", "--to", rcv.address, "--job", "vm", "--state-dir", str(state), "--once",
+        "--insecure", str(disk),
+    )  # fmt: skip
+    assert again.returncode == ExitCode.SPLIT_BRAIN
+    line = one_line_error(again.stderr)
+    assert "handed over" in line and "replicator failback" in line
+    assert sender_at_rest(state)["jobs"][0]["state"] == "handed_over"  # what `status` shows
+
+    # the VM runs on the target and writes 2 MiB; failback moves just that
+    qemu_io("raw", replica, "write -P 0x61 40M 2M")
+    rcv = start_receiver(tmp_path / "target")
+    try:
+        back = _failback(rcv, state, disk)
+        assert back.returncode == 0, back.stderr
+        moved = json.loads(back.stdout)["bytes_moved"]
+        assert moved == 2 * MiB
+        _identical(disk, replica)
+        summary = send_once(rcv, "vm", state, disk)  # the original direction, no resync
+        assert summary["basis"] == "local" and summary["bytes_changed"] == 0
+    finally:
+        assert rcv.stop() == 0
+
+
+def test_planned_failover_of_a_scanning_sender_takes_a_last_scan(tmp_path: Path) -> None:
+    disk, state, target = tmp_path / "disk.img", tmp_path / "state", tmp_path / "target"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "16M")
+    rcv = start_receiver(target)
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm", "--state-dir", str(state),
+         "--interval", "300", "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        replica = target / "vm" / disk.name
+        deadline = time.monotonic() + 30
+        while not replica.exists():  # the first scan is in
+            assert sender.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        qemu_io("raw", disk, "write -P 0x77 1M 1M")  # only the last scan can carry it
+        out = replicator("failover", "--dir", str(target), "--job", "vm", "--planned", "--json")
+        assert out.returncode == 0, out.stderr
+        _, err = sender.communicate(timeout=30)
+        assert sender.returncode == ExitCode.HANDED_OVER, err[-3000:]
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+        assert rcv.stop() == 0
+    assert json.loads(out.stdout)["rto_seconds"] < 10  # not the 300 s interval
+    _identical(disk, replica)
+
+
+def test_planned_failover_without_a_connected_sender_promotes_nothing(tmp_path: Path) -> None:
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "8M")
+    target = tmp_path / "target"
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm", state, disk)
+        started = time.monotonic()
+        out = replicator(
+            "failover", "--dir", str(target), "--job", "vm", "--planned", "--timeout", "1",
+        )  # fmt: skip
+        assert out.returncode == ExitCode.CONNECT, out.stderr
+        line = one_line_error(out.stderr)
+        assert "no sender is connected" in line and "--force" in line
+        assert time.monotonic() - started < 15
+        assert not (target / ".replicator" / "vm" / "promoted.state").exists()
+        # nothing to fail back from: refused before anything here changes
+        before = b3(disk)
+        no = _failback(rcv, state, disk)
+        assert no.returncode == ExitCode.REFUSED and "not promoted" in one_line_error(no.stderr)
+        assert b3(disk) == before and not (state / MARKER_FILE).exists()
+    finally:
+        assert rcv.stop() == 0
+    at_rest = replicator("failover", "--dir", str(target), "--job", "vm", "--planned")
+    assert at_rest.returncode == ExitCode.CONNECT and "--force" in one_line_error(at_rest.stderr)
+
+
+def _unplanned(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """A live sender SIGKILLed mid-workload, `failover --force` on the target; returns
+    (disk, state, target, replica)."""
+    disk, sock, state = tmp_path / "disk.img", tmp_path / "nbd.sock", tmp_path / "state"
+    target = tmp_path / "target"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "64M")
+    qemu_io("raw", disk, "write -P 0x11 0 8M")  # data both sides start with
+    rcv = start_receiver(target)
+    sender = _live(rcv, state, sock, disk)
+    work = Workload(sock, first=0)
+    try:
+        work.start()
+        time.sleep(0.6)
+        sender.send_signal(signal.SIGKILL)
+        sender.wait(timeout=10)
+        work.halt.set()
+        work.join(timeout=30)
+    finally:
+        work.halt.set()
+        if sender.poll() is None:
+            sender.kill()
+        assert rcv.stop() == 0
+    out = replicator("failover", "--dir", str(target), "--job", "vm", "--force", "--json")
+    assert out.returncode == 0, out.stderr
+    return disk, state, target, target / "vm" / disk.name
+
+
+def test_failback_after_a_forced_failover_moves_only_what_changed(tmp_path: Path) -> None:
+    require_tool("qemu-io")
+    disk, state, target, replica = _unplanned(tmp_path)
+    # the promoted VM writes 3 MiB; the old source wrote 2 MiB that never reached the target
+    qemu_io("raw", replica, "write -P 0x33 20M 1M", "write -P 0x34 30M 2M")
+    qemu_io("raw", disk, "write -P 0x44 48M 2M")
+    expected = b3(replica)
+    stale = tmp_path / "stale"  # a copy of the old source, to count what differs
+    stale.write_bytes(disk.read_bytes())
+    rcv = start_receiver(target)
+    try:
+        out = _failback(rcv, state, disk)
+        assert out.returncode == 0, out.stderr
+        result: dict[str, Any] = json.loads(out.stdout)
+        _identical(disk, replica)
+        assert b3(disk) == expected  # the promoted side's data won
+        # what differed: the 3 MiB written on the target, the 2 MiB here (zeros on the
+        # target: zeroed without being carried) and what the killed sender never shipped
+        # (its workload wrote the first 16 MiB at most)
+        assert 3 * MiB <= result["bytes_moved"] <= 3 * MiB + 16 * MiB
+        assert result["bytes_zeroed"] == 2 * MiB
+        assert result["bytes_moved"] + result["bytes_zeroed"] == _differing(stale, replica)
+        assert result["bytes_moved"] <= 0.35 * result["bytes_compared"]
+        # killed after the receiver's hand-back, before our record of it went: a rerun
+        # sees the receiver at the hand-back point and only removes the record
+        save_marker(state, "handing-back", generation=result["generation"], lsn=result["lsn"])
+        rerun = _failback(rcv, state, disk)
+        assert rerun.returncode == 0, rerun.stderr
+        assert json.loads(rerun.stdout)["already_done"] is True
+        assert not (state / MARKER_FILE).exists()
+        # the original direction resumes from a local basis: only the new write moves
+        qemu_io("raw", disk, "write -P 0x55 60M 64k")
+        summary = send_once(rcv, "vm", state, disk)
+        assert summary["basis"] == "local"
+        assert summary["bytes_changed"] == 64 * KiB and summary["payload_bytes"] < 256 * KiB
+        _identical(disk, replica)
+    finally:
+        assert rcv.stop() == 0
+
+
+def _differing(a: Path, b: Path) -> int:
+    """Bytes in 64 KiB extents that differ between two files of one size."""
+    total = 0
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while chunk := fa.read(EXTENT):
+            if chunk != fb.read(EXTENT):
+                total += len(chunk)
+    return total
+
+
+def test_an_interrupted_failback_is_refused_by_send_and_resumes(tmp_path: Path) -> None:
+    require_tool("qemu-io")
+    disk, state, target, replica = _unplanned(tmp_path)
+    qemu_io("raw", replica, "write -P 0x66 8M 48M")  # much to move: time to interrupt it
+    rcv = start_receiver(target)
+    try:
+        proc = subprocess.Popen(
+            [*REPLICATOR, "failback", "--from", rcv.address, "--job", "vm", "--state-dir",
+             str(state), "--insecure", str(disk)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
+        marker, new = state / MARKER_FILE, bytes([0x66]) * EXTENT
+        deadline = time.monotonic() + 30
+        while _pattern_at(disk, 8 * MiB) != new:  # the first changed extent arrived
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert marker.exists()
+        arrived = sum(_pattern_at(disk, o) == new for o in range(8 * MiB, 56 * MiB, EXTENT))
+        assert 0 < arrived < 48 * MiB // EXTENT  # half old, half new
+        refused = replicator(
+            "send", "--to", rcv.address, "--job", "vm", "--state-dir", str(state), "--once",
+            "--insecure", str(disk),
+        )  # fmt: skip
+        assert refused.returncode == ExitCode.SPLIT_BRAIN
+        line = one_line_error(refused.stderr)
+        assert "failback is under way" in line and "replicator failback" in line
+        assert sender_at_rest(state)["jobs"][0]["state"] == "failback_incomplete"
+        again = _failback(rcv, state, disk)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["resumed"] is True
+        assert not marker.exists()
+        _identical(disk, replica)
+        summary = send_once(rcv, "vm", state, disk)
+        assert summary["basis"] == "local" and summary["bytes_changed"] == 0
+    finally:
+        assert rcv.stop() == 0

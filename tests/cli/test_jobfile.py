@@ -1,0 +1,251 @@
+"""Job files as an admin uses them, with real CLI runs: ``discover --out``, filled in,
+``check-config``, ``send --job-file`` against a running receiver; bad files; the command line
+over the file; ``receive --config``; several jobs in child processes of their own."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.errors import ExitCode
+from tests.cli.test_discover import Site
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    b3,
+    free_port,
+    one_line_error,
+    qemu_io,
+    replicator,
+    wait_port,
+)
+
+pytestmark = pytest.mark.tools
+
+
+def _fill_in(job_file: Path, receiver: str) -> None:
+    """What the admin does to discover's output: uncomment `to`, choose insecure, and give
+    each job a state folder (relative: it is the job file's folder's)."""
+    text = job_file.read_text()
+    text = re.sub(
+        r'^\[jobs\.(.+)\]\n(# .*\n)# to = "HOST:PORT"\n# tls_dir = .*\n',
+        lambda m: (
+            f'[jobs.{m[1]}]\n{m[2]}to = {receiver!r}\ninsecure = true\nstate_dir = "state/{m[1]}"\n'
+        ),
+        text,
+        flags=re.M,
+    )
+    assert text.count("insecure = true") == 3, text
+    job_file.write_text(text)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    site = Site(tmp_path / "srv")
+    qemu_io("qcow2", site.qcow2, "write -P 0x11 0 1M", "write -P 0x12 1G 64k")
+    qemu_io("vpc", site.vhd, "write -P 0x21 4M 2M")
+    qemu_io("vhdx", site.vhdx, "write -P 0x31 0 3M")
+    qemu_io("raw", site.raw, "write -P 0x41 10M 1M")
+    return site
+
+
+def test_discover_check_config_then_send_replicates_every_file(
+    site: Site, tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    job_file = tmp_path / "etc" / "job.toml"
+    job_file.parent.mkdir()
+    out = replicator("discover", str(site.root), "--out", str(job_file))
+    assert out.returncode == 0, out.stderr
+
+    out = replicator("check-config", str(job_file))
+    assert out.returncode == ExitCode.CONFIG, out.stdout  # `to` is still commented out
+    assert f"{job_file}:" in one_line_error(out.stderr) and "has no 'to'" in out.stderr
+
+    _fill_in(job_file, receiver.address)
+    out = replicator("check-config", str(job_file))
+    assert out.returncode == 0, out.stderr
+    assert f"{job_file}: send job file, 3 job(s)" in out.stdout
+    for job in ("web01", "SQL01", "scratch"):
+        assert f"job {job}: to {receiver.address}, capture scan, insecure" in out.stdout
+    for path in (site.qcow2, site.vhd, site.vhdx, site.raw):
+        assert f"  disk {path}\n" in out.stdout
+    assert f"  file {site.xml}\n" in out.stdout
+
+    out = replicator("send", "--job-file", str(job_file), "--once")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "running 3 jobs" in out.stderr
+    replicas = {
+        site.qcow2: "web01",
+        site.vhd: "web01",
+        site.xml: "web01",
+        site.vhdx: "SQL01",
+        site.vmcx: "SQL01",
+        site.raw: "scratch",
+    }
+    for source, job in replicas.items():
+        replica = receiver.dir / job / source.name
+        assert b3(replica) == b3(source), f"{replica} differs from {source}"
+    for job in ("web01", "SQL01", "scratch"):  # state_dir = "state/JOB": the file's folder's
+        assert (job_file.parent / "state" / job).is_dir()
+
+
+def _job_file(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(body)
+    return path
+
+
+GOOD = """\
+# a job
+[jobs.vm1]
+to = "127.0.0.1:1"
+insecure = true
+interval = 30
+volumes = ["disk.img"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "line", "words"),
+    [
+        (("interval = 30", "interval = 30 s"), 5, ["not valid TOML", "interval = 30 s"]),
+        (("interval = 30", "intervall = 30"), 5, ["'intervall'", "did you mean 'interval'"]),
+        (("interval = 30", 'interval = "30"'), 5, ["'interval'", "wants a number"]),
+        (('volumes = ["disk.img"]', 'volumes = "disk.img"'), 6, ["'volumes'", "array"]),
+        (('to = "127.0.0.1:1"', 'to = "nowhere"'), 3, ["'to'", "wants HOST:PORT"]),
+    ],
+    ids=["syntax", "unknown-key", "wrong-type-number", "wrong-type-array", "bad-address"],
+)
+@pytest.mark.parametrize("command", ["check-config", "send"])
+def test_a_bad_job_file_names_file_line_and_key(
+    tmp_path: Path, edit: tuple[str, str], line: int, words: list[str], command: str
+) -> None:
+    (tmp_path / "disk.img").write_bytes(b"x" * 4096)
+    path = _job_file(tmp_path, GOOD.replace(*edit))
+    args = ["check-config", str(path)] if command == "check-config" else ["send", "--job-file"]
+    out = replicator(*args, *([str(path), "--once"] if command == "send" else []))
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    assert f"{path}:{line}:" in error, error
+    for word in words:
+        assert word in error, error
+
+
+def test_the_command_line_overrides_the_file(tmp_path: Path, receiver: ReceiverProc) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(range(256)) * 4096)
+    path = _job_file(tmp_path, GOOD + 'state_dir = "st"\n')  # `to`: nothing listens there
+    out = replicator("send", "--job-file", str(path), "--once", "--json")
+    assert out.returncode == ExitCode.CONNECT, out.stderr
+    out = replicator("send", "--job-file", str(path), "--to", receiver.address, "--once")
+    assert out.returncode == 0, out.stderr
+    assert b3(receiver.dir / "vm1" / "disk.img") == b3(disk)
+
+
+def test_receive_config_with_an_override_and_relative_dir(tmp_path: Path) -> None:
+    config = tmp_path / "etc" / "receive.toml"
+    config.parent.mkdir()
+    config.write_text('listen = "127.0.0.1:1"\ndir = "../replicas"\ninsecure = true\n')
+    out = replicator("check-config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert f"replicas in {config.parent}/../replicas" in out.stdout
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [*REPLICATOR, "receive", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    rcv = ReceiverProc(port, tmp_path / "replicas", proc)
+    try:
+        wait_port(port, proc)
+        disk = tmp_path / "disk.img"
+        disk.write_bytes(b"\x5a" * 65536)
+        job = _job_file(tmp_path, GOOD.replace("127.0.0.1:1", rcv.address) + 'state_dir = "s"\n')
+        out = replicator("send", "--job-file", str(job), "--once")
+        assert out.returncode == 0, out.stderr
+        assert b3(tmp_path / "replicas" / "vm1" / "disk.img") == b3(disk)
+    finally:
+        assert rcv.stop() == 0
+
+
+def test_a_bad_receive_config_names_file_line_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "receive.toml"
+    config.write_text('listen = "127.0.0.1:7000"\n\ndirectory = "/srv"\ninsecure = true\n')
+    out = replicator("receive", "--config", str(config))
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    assert f"{config}:3: unknown key 'directory'" in error and "did you mean 'dir'" in error
+
+
+TWO_JOBS = """\
+[jobs.good]
+to = "{to}"
+insecure = true
+interval = 0.5
+state_dir = "state/good"
+volumes = ["good.img"]
+
+[jobs.broken]
+to = "{to}"
+insecure = true
+interval = 0.5
+state_dir = "state/broken"
+volumes = ["{broken}"]
+"""
+
+
+def test_several_jobs_fail_alone_and_the_exit_code_is_the_failed_ones(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    (tmp_path / "good.img").write_bytes(b"\x77" * 1048576)
+    path = _job_file(tmp_path, TWO_JOBS.format(to=receiver.address, broken="gone.img"))
+    assert replicator("check-config", str(path)).returncode == ExitCode.CONFIG  # gone.img
+    out = replicator("send", "--job-file", str(path), "--once")
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    assert "gone.img does not exist" in out.stderr
+    assert "job broken ended with exit code 3 (config)" in out.stderr
+    assert "job good ended" not in out.stderr
+    assert b3(receiver.dir / "good" / "good.img") == b3(tmp_path / "good.img")
+    out = replicator("send", "--job-file", str(path), "--state-dir", "x", "--once")
+    assert out.returncode == ExitCode.CONFIG
+    assert "--state-dir on the command line would apply to all 2 jobs" in out.stderr
+
+
+def test_sigterm_stops_every_job_of_a_continuous_job_file(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    for name in ("good.img", "other.img"):
+        (tmp_path / name).write_bytes(name.encode() * 65536)
+    path = _job_file(tmp_path, TWO_JOBS.format(to=receiver.address, broken="other.img"))
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--job-file", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    pairs = [
+        (tmp_path / "good.img", receiver.dir / "good" / "good.img"),
+        (tmp_path / "other.img", receiver.dir / "broken" / "other.img"),
+    ]
+    deadline = time.monotonic() + 30
+    while not all(replica.exists() and b3(replica) == b3(src) for src, replica in pairs):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the two jobs did not both replicate in 30 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "running 2 jobs" in stderr and "ended with exit code" not in stderr
+    # each job's process is gone: their state folders are unlocked for a new sender
+    out = replicator("send", "--job-file", str(path), "--once")
+    assert out.returncode == 0, out.stderr[-3000:]

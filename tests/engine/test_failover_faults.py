@@ -1,0 +1,140 @@
+"""Failover's durable steps, each made to fail (a real OSError where the step writes) or
+cut short as a crash would: promotion is all or nothing for the sender's view, the
+replica is never half promoted, and running failover again finishes the job."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicator.engine import failover, job_replica, replica_state
+from replicator.engine.generations import PROMOTED_FILE, load_promotion, session_refusal
+from replicator.engine.receiver import JobReplica, ReceiverConfig
+from replicator.journal import Record, durable
+
+BLOCK = 4096
+
+
+def _config(tmp_path: Path) -> ReceiverConfig:
+    return ReceiverConfig(replica_root=tmp_path / "replicas", state_root=tmp_path / "state")
+
+
+async def _replica_with_one_epoch(tmp_path: Path) -> None:
+    """A job whose sender replicated one epoch under generation 1."""
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        records = [
+            Record.write("d", 0, b"\x01" * BLOCK).with_lsn(1, 1),
+            Record.epoch(1).with_lsn(2, 1),
+        ]
+        await replica.ingest(records)
+        await replica.journal.sync()
+        replica.note_durable(records)
+        await replica.apply_pending()
+        await replica.set_generation(1)
+    finally:
+        await replica.aclose()
+
+
+def _stale_sender_refused(replica: JobReplica) -> bool:
+    return (
+        session_refusal(
+            "job",
+            sender_generation=1,
+            replica_generation=replica.state.generation,
+            promotion=replica.promotion,
+            fresh=replica.fresh,
+            purpose=frozenset(),
+        )
+        is not None
+    )
+
+
+def _fail(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, err: int) -> None:
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+async def test_a_failed_promotion_write_promotes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _replica_with_one_epoch(tmp_path)
+    with monkeypatch.context() as m:
+        _fail(m, job_replica, "save_promotion", errno.ENOSPC)
+        with pytest.raises(OSError):
+            await failover.failover_at_rest(_config(tmp_path), "job")
+    assert not (tmp_path / "state" / "job" / PROMOTED_FILE).exists()
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert replica.promotion is None and replica.state.generation == 1
+        assert not _stale_sender_refused(replica)  # still a plain replica: replication goes on
+    finally:
+        await replica.aclose()
+    result = await failover.failover_at_rest(_config(tmp_path), "job")  # the fault is gone
+    assert result.generation == 2 and not result.already_promoted
+
+
+async def test_a_crash_between_the_promotion_and_the_generation_is_finished_on_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _replica_with_one_epoch(tmp_path)
+    saved = replica_state.save
+    calls = [0]
+
+    def dies_after_promotion(*args: Any, **kwargs: Any) -> None:
+        if (tmp_path / "state" / "job" / PROMOTED_FILE).exists():
+            calls[0] += 1
+            raise OSError(errno.EIO, "the process died here")
+        saved(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(replica_state, "save", dies_after_promotion)
+        with pytest.raises(OSError):
+            await failover.failover_at_rest(_config(tmp_path), "job")
+    assert calls[0] >= 1
+    on_disk = replica_state.load(tmp_path / "state" / "job", "job")
+    assert on_disk is not None and on_disk.generation == 1  # the second write never happened
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert replica.promotion is not None and replica.promotion.generation == 2
+        assert replica.state.generation == 2  # finished on open
+        assert _stale_sender_refused(replica)
+    finally:
+        await replica.aclose()
+    again = await failover.failover_at_rest(_config(tmp_path), "job")
+    assert again.already_promoted and again.generation == 2
+
+
+async def test_a_config_rewrite_cut_short_is_finished_by_running_failover_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _replica_with_one_epoch(tmp_path)
+    folder = tmp_path / "replicas" / "job"
+    original = "<domain><devices><disk><source file='/src/d'/></disk></devices></domain>\n"
+    (folder / "vm.xml").write_text(original)
+    real = durable.atomic_write
+    writes = [0]
+
+    def second_write_fails(path: Any, data: bytes, mode: int = 0o600) -> None:
+        writes[0] += 1
+        if writes[0] == 2:  # the backup is written, the rewrite is not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data, mode)
+
+    with monkeypatch.context() as m:
+        m.setattr(failover, "atomic_write", second_write_fails)
+        with pytest.raises(OSError):
+            await failover.failover_at_rest(_config(tmp_path), "job")
+    assert (folder / "vm.xml").read_text() == original  # never half written
+    promotion = load_promotion(tmp_path / "state" / "job")
+    assert promotion is not None  # promoted before the configuration step
+    result = await failover.failover_at_rest(_config(tmp_path), "job")
+    assert result.already_promoted and result.rewritten == [str(folder / "vm.xml")]
+    assert str(folder / "d") in (folder / "vm.xml").read_text()
+    assert (folder / "vm.xml.pre-failover").read_text() == original

@@ -1,0 +1,164 @@
+"""The receiver's credit window (engine/window.py): two bandwidth-delay products within the
+memory cap, slow-start growth on a long fat link, less credit while the disk is behind;
+then a sender/receiver pair whose epoch is larger than the backlog limit (never stuck)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replicator.engine.connectors import MemoryConnector
+from replicator.engine.receiver import Receiver, ReceiverConfig
+from replicator.engine.sender import Sender, SenderConfig
+from replicator.engine.volumes import resolve_volumes
+from replicator.engine.window import CreditWindow
+from replicator.transport import FramedConnection
+from tests.tools import b3
+
+MiB = 1024 * 1024
+BASE = 66 * MiB
+CAP = 256 * MiB
+
+
+def _feed(window: CreditWindow, rate: float, seconds: float, start: float = 0.0) -> float:
+    """Payload arriving at ``rate`` bytes/s in 10 ms steps; returns the end time."""
+    now = start
+    for _ in range(int(seconds / 0.01)):
+        now += 0.01
+        window.received(now, int(rate * 0.01))
+    return now
+
+
+def _grant(window: CreditWindow, now: float, **kw: int | bool) -> int:
+    args: dict[str, int | bool] = {"outstanding": 0, "unsynced": 0, "backlog": 0}
+    args.update(kw)
+    args.setdefault("applicable", False)
+    return window.grant(now, **args)  # type: ignore[arg-type]
+
+
+def _throttled(window: CreditWindow) -> bool:
+    return window.throttled
+
+
+def test_a_fixed_window_grants_again_what_was_synced() -> None:
+    window = CreditWindow(BASE)
+    # Welcome granted BASE; 3 MiB received, 2 MiB of it synced (1 MiB still unsynced)
+    assert _grant(window, 1.0, outstanding=BASE - 3 * MiB, unsynced=MiB) == 2 * MiB
+    assert window.window == BASE and not window.throttled
+
+
+def test_two_bdps_in_flight_within_the_cap() -> None:
+    """1.25 GB/s at 100 ms: a BDP of 125 MB; the window is two of them, up to the cap."""
+    window = CreditWindow(BASE, cap=CAP)
+    window.observe_rtt(0.1)
+    now = _feed(window, 1.25e9 / 8, 2.0)  # 1 Gbit/s: 2 BDPs = 25 MB, under the base
+    assert window.target(now) == BASE
+    window = CreditWindow(BASE, cap=1024 * MiB)
+    window.observe_rtt(0.1)
+    now = _feed(window, 1.25e9, 2.0)  # 10 Gbit/s
+    assert 2 * 1.25e9 * 0.1 * 0.95 <= window.target(now) <= 2 * 1.25e9 * 0.1 * 1.05
+    window = CreditWindow(BASE, cap=128 * MiB)
+    window.observe_rtt(0.1)
+    now = _feed(window, 1.25e9, 2.0)
+    assert window.target(now) == 128 * MiB  # the memory cap holds
+
+
+def test_a_window_limited_link_grows_like_slow_start_up_to_the_cap() -> None:
+    """The link could carry 2 GB/s at 100 ms but gets window / RTT: each round the window
+    doubles until the cap."""
+    window = CreditWindow(BASE, cap=CAP)
+    window.observe_rtt(0.1)
+    now, sizes = 0.0, [BASE]
+    for _ in range(6):
+        rate = min(2e9, sizes[-1] / window.loop)
+        now = _feed(window, rate, 1.0, now)
+        sizes.append(window.target(now))
+    assert sizes[1] > 1.8 * sizes[0]
+    assert sizes[-1] == CAP
+    assert sizes == sorted(sizes)
+
+
+def test_the_sync_time_counts_in_the_loop() -> None:
+    window = CreditWindow(BASE, cap=CAP)
+    window.observe_rtt(0.05)
+    for _ in range(30):
+        window.observe_sync(0.05)
+    assert abs(window.loop - 0.1) < 0.001
+
+
+def test_a_disk_behind_shrinks_the_window_and_it_opens_as_the_backlog_drains() -> None:
+    window = CreditWindow(8 * MiB, cap=CAP, backlog_max=64 * MiB)
+    assert _grant(window, 1.0, backlog=40 * MiB, applicable=True) == 8 * MiB
+    assert not _throttled(window)
+    # 60 MiB waiting to be applied: only 4 MiB more may come
+    assert _grant(window, 1.0, backlog=60 * MiB, applicable=True) == 4 * MiB
+    assert _throttled(window) and window.window == 4 * MiB
+    assert _grant(window, 1.0, backlog=70 * MiB, applicable=True) == 0
+    assert _grant(window, 1.0, outstanding=3 * MiB, backlog=58 * MiB, applicable=True) == 3 * MiB
+    # an epoch still arriving (nothing applicable): never throttled, or it could not complete
+    assert _grant(window, 1.0, backlog=70 * MiB, applicable=False) == 8 * MiB
+    assert not window.throttled
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.integers(1, 128 * MiB),
+    outstanding=st.integers(0, 512 * MiB),
+    unsynced=st.integers(0, 512 * MiB),
+    backlog=st.integers(0, 2048 * MiB),
+    backlog_max=st.integers(1, 1024 * MiB),
+    applicable=st.booleans(),
+    rate=st.floats(0, 1e10),
+    rtt=st.floats(0, 2),
+)
+def test_credit_never_takes_the_sender_past_the_window(
+    base: int,
+    outstanding: int,
+    unsynced: int,
+    backlog: int,
+    backlog_max: int,
+    applicable: bool,
+    rate: float,
+    rtt: float,
+) -> None:
+    window = CreditWindow(base, cap=CAP, backlog_max=backlog_max)
+    window.observe_rtt(rtt)
+    window.received(0.0, int(rate))
+    granted = window.grant(
+        0.5, outstanding=outstanding, unsynced=unsynced, backlog=backlog, applicable=applicable
+    )
+    assert granted >= 0
+    assert granted == 0 or outstanding + unsynced + granted == window.window
+    assert window.window <= max(CAP, base)
+    if not applicable:
+        assert window.window >= base  # the largest record always fits in the end
+    else:
+        assert window.window + backlog <= max(backlog_max, backlog)  # the disk's limit
+
+
+async def test_an_epoch_larger_than_the_backlog_limit_still_replicates(tmp_path: Path) -> None:
+    """A 4 MiB backlog limit and a 16 MiB epoch in 64 KiB records: the epoch cannot be
+    applied before it is complete, so credit must keep coming until it is."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(16 * MiB))
+    config = ReceiverConfig(
+        tmp_path / "replicas", tmp_path / "rstate", window=4 * MiB, backlog_max=4 * MiB
+    )
+    receiver = Receiver(config)
+
+    async def handle(conn: FramedConnection) -> None:
+        await receiver.handle(conn)
+
+    connector = MemoryConnector(handle)
+    sending = SenderConfig("memory", 0, "job", resolve_volumes([disk]), tmp_path / "sstate")
+    sender = Sender(sending, connector)
+    try:
+        summary = await sender.run_once()
+    finally:
+        await connector.aclose()
+        await receiver.aclose()
+    assert summary.payload_bytes >= 16 * MiB
+    assert b3(tmp_path / "replicas" / "job" / disk.name) == b3(disk)
