@@ -1,4 +1,5 @@
-"""The ``replicator`` command: a root callback for global options, one module per group."""
+"""The ``replicator`` command: a root callback for global options; the commands, one module
+each, are loaded by name when used (``cli/commands.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from replicator.cli.help_format import HelpGroup
+from replicator.cli.commands import CommandGroup
 from replicator.cli.logging_setup import LogFormat, configure_logging
 
 app = typer.Typer(
@@ -20,7 +21,7 @@ app = typer.Typer(
     # plain click help: every default shown in full and wrapped to the terminal (80
     # columns when not a terminal), no "<bool>" type column (rich tables cut text off)
     rich_markup_mode=None,
-    cls=HelpGroup,
+    cls=CommandGroup,  # each command imported when it runs (cli/commands.py)
 )
 
 
@@ -75,41 +76,6 @@ def root(
 ) -> None:
     """Continuous, write-order replication of VM disks and configuration files."""
     configure_logging(log_format, verbose, quiet=quiet)
-
-
-def _register() -> None:
-    from replicator.cli import (
-        bench_cmd,
-        check_config_cmd,
-        discover_cmd,
-        failback_cmd,
-        failover_cmd,
-        jobfile_command,
-        journal_cmd,
-        keygen_cmd,
-        rate_cmd,
-        receive,
-        send,
-        status_cmd,
-        verify_cmd,
-    )
-
-    app.command("send", cls=jobfile_command.SendCommand)(send.send)
-    app.command("receive", cls=jobfile_command.ReceiveCommand)(receive.receive)
-    app.command("verify")(verify_cmd.verify_command)
-    app.command("status")(status_cmd.status_command)
-    app.command("keygen")(keygen_cmd.keygen_command)
-    app.command("failover")(failover_cmd.failover_command)
-    app.command("demote")(failover_cmd.demote_command)
-    app.command("failback")(failback_cmd.failback_command)
-    app.command("rate")(rate_cmd.rate_command)
-    app.command("discover")(discover_cmd.discover_command)
-    app.command("check-config")(check_config_cmd.check_config_command)
-    app.command("bench")(bench_cmd.bench_command)
-    app.add_typer(journal_cmd.app, name="journal")
-
-
-_register()
 
 
 def main() -> None:

@@ -220,6 +220,9 @@ def _recv(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
+HOOK_POLLS = 30_000  # the pre-hook waits for the writer's answer at most this many 2 ms polls
+
+
 class FileWriter:
     """Tagged writes straight into a source file, paused at the sender's freeze points.
 
@@ -249,7 +252,9 @@ class FileWriter:
         req, ok = self.control / "freeze.req", self.control / "freeze.ok"
         pre = (
             f"t=$$-$(date +%s%N); echo $t > {req}.tmp && mv {req}.tmp {req} && "
-            f'while [ "$(cat {ok} 2>/dev/null)" != "$t" ]; do sleep 0.002; done'
+            f'n=0; while [ "$(cat {ok} 2>/dev/null)" != "$t" ]; do sleep 0.002; '
+            # a sender killed during its hook leaves the hook behind: give up in time
+            f"n=$((n+1)); [ $n -lt {HOOK_POLLS} ] || exit 1; done"
         )
         return pre, f"rm -f {req} {ok}"
 

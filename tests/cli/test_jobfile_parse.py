@@ -7,19 +7,18 @@ import re
 from pathlib import Path
 
 import pytest
-import typer.main
 from typer.core import TyperCommand
 
+from replicator.cli.commands import load
 from replicator.cli.common import parse_endpoint
 from replicator.cli.jobfile import key_lines, keys_of, load_receive, load_send
 from replicator.cli.jobfile_checks import check_values
-from replicator.cli.main import app
 from replicator.cli.shaping_opts import make_shaping
 from replicator.engine.errors import ConfigError
 
 
 def _command(name: str) -> TyperCommand:
-    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    command = load(name)
     assert isinstance(command, TyperCommand)
     return command
 

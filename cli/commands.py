@@ -1,0 +1,69 @@
+"""The program's commands, each imported only when it runs (or when help lists them).
+
+Building every typer command and importing what each one needs (the engine, TLS, the
+benchmark, the FUSE and NBD capture) took most of a second before any command started,
+``replicator --version`` and ``replicator status`` included. The root group knows the
+commands by name here and loads one when click asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import typer
+import typer.main
+from typer import _click as click  # typer carries its own click
+
+from replicator.cli.help_format import HelpGroup
+
+# name: (module of replicator.cli, its attribute, the command class as (module, name) or None);
+# in the order `replicator -h` lists them
+COMMANDS: dict[str, tuple[str, str, tuple[str, str] | None]] = {
+    "send": ("send", "send", ("jobfile_command", "SendCommand")),
+    "receive": ("receive", "receive", ("jobfile_command", "ReceiveCommand")),
+    "verify": ("verify_cmd", "verify_command", None),
+    "status": ("status_cmd", "status_command", None),
+    "keygen": ("keygen_cmd", "keygen_command", None),
+    "failover": ("failover_cmd", "failover_command", None),
+    "demote": ("failover_cmd", "demote_command", None),
+    "failback": ("failback_cmd", "failback_command", None),
+    "rate": ("rate_cmd", "rate_command", None),
+    "discover": ("discover_cmd", "discover_command", None),
+    "check-config": ("check_config_cmd", "check_config_command", None),
+    "bench": ("bench_cmd", "bench_command", None),
+    "journal": ("journal_cmd", "app", None),
+}
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(f"replicator.cli.{name}")
+
+
+def load(name: str) -> click.Command:
+    """The click command ``replicator NAME`` runs, built now."""
+    module, attribute, cls = COMMANDS[name]
+    target = getattr(_module(module), attribute)
+    if isinstance(target, typer.Typer):  # a group of its own (journal)
+        command = typer.main.get_command(target)
+    else:
+        # built as a one-command program: typer then returns the command itself; plain
+        # click help, as the root's (cli/help_format.py)
+        one = typer.Typer(rich_markup_mode=None, add_completion=False)
+        extra = {} if cls is None else {"cls": getattr(_module(cls[0]), cls[1])}
+        one.command(name, **extra)(target)
+        command = typer.main.get_command(one)
+    command.name = name
+    return command
+
+
+class CommandGroup(HelpGroup):
+    """The root group: commands loaded by name when click looks one up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*COMMANDS, *(name for name in self.commands if name not in COMMANDS)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in COMMANDS and cmd_name not in self.commands:
+            self.add_command(load(cmd_name), cmd_name)
+        return super().get_command(ctx, cmd_name)
