@@ -3,6 +3,9 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3
+# Some images set PYTHONDONTWRITEBYTECODE: then every `replicator` process (hundreds in the
+# tests) compiles the package's modules again, ~0.25 s of CPU each. Let Python cache them.
+unexport PYTHONDONTWRITEBYTECODE
 VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
@@ -10,7 +13,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests and the demo drive for real (command:package).
 SYSTOOLS := qemu-img:qemu-utils qemu-io:qemu-utils fio:fio nbdkit:nbdkit nbdcopy:libnbd-bin \
             rsync:rsync ip:iproute2 openssl:openssl fusermount3:fuse3 bindfs:bindfs \
-            pkg-config:pkg-config gcc:gcc patch:patch systemd-analyze:systemd
+            pkg-config:pkg-config gcc:gcc patch:patch systemd-analyze:systemd etcd:etcd-server
 # headers pyfuse3 compiles against (checked with pkg-config, so they are not commands)
 SYSLIBS := fuse3:libfuse3-dev
 PYTEST := $(PY) -bb -m pytest

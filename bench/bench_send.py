@@ -10,28 +10,51 @@ Both run in the same session on the same files, warm page cache for both:
   copied); payload bytes / changed bytes;
 * peak RSS of the sender and of the receiver (from wait4 / VmHWM).
 
-Usage: python bench/bench_send.py [--size-mib 1024] [--json]
+The 1%-changed step runs ``--repeat`` times (a different 1% each time, which tool goes
+first alternating) and reports the median and the range. ``--data-mib`` makes the image
+sparse: that much mixed data spread evenly over ``--size-mib`` (e.g. 8 GiB with 1 GiB of
+data, where fixed costs matter less); rsync then gets ``--sparse`` for the initial copy.
+The package is byte-compiled first, as ``pip install`` does (see _common.compile_bytecode).
+
+Usage: python bench/bench_send.py [--size-mib 1024] [--data-mib N] [--repeat 3] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import REPLICATOR, ROOT, start_receiver
+from _common import REPLICATOR, ROOT, compile_bytecode, load_average, start_receiver
 
 MIB = 1024 * 1024
 
 
-def make_mixed_image(path: Path, size_mib: int, seed: int = 7) -> None:
-    """Quarter text, quarter binaries, quarter zeros, quarter random, in shuffled 1 MiB blocks."""
+def make_mixed_image(path: Path, size_mib: int, seed: int = 7, data_mib: int | None = None) -> None:
+    """Quarter text, quarter binaries, quarter zeros, quarter random, in shuffled 1 MiB blocks.
+
+    ``data_mib`` (less than ``size_mib``): a sparse image with that many such blocks
+    spread evenly over it, holes between them.
+    """
+    blocks = size_mib if data_mib is None else min(data_mib, size_mib)
+    with path.open("wb") as f:
+        f.truncate(size_mib * MIB)
+        for i, block in enumerate(mixed_blocks(blocks, seed)):
+            f.seek((i * size_mib // blocks) * MIB)
+            f.write(block)
+
+
+def mixed_blocks(count: int, seed: int) -> Iterator[bytes]:
+    """``count`` 1 MiB blocks of mixed content (see ``make_mixed_image``)."""
     rng = random.Random(seed)
     words = [b"replica", b"journal", b"extent", b"epoch", b"barrier", b"volume", b"sector"]
     text = b" ".join(rng.choice(words) for _ in range(400_000))[:MIB]
@@ -40,20 +63,18 @@ def make_mixed_image(path: Path, size_mib: int, seed: int = 7) -> None:
         for p in sorted(Path("/usr/bin").iterdir())[:60]
         if p.is_file() and not p.is_symlink()
     )
-    kinds = ["text", "bin", "zero", "rand"] * (size_mib // 4 + 1)
+    kinds = ["text", "bin", "zero", "rand"] * (count // 4 + 1)
     rng.shuffle(kinds)
-    with path.open("wb") as f:
-        for i, kind in enumerate(kinds[:size_mib]):
-            if kind == "text":
-                block = text[i % 997 :] + text[: i % 997]
-            elif kind == "bin":
-                start = (i * MIB) % max(1, len(binaries) - MIB)
-                block = binaries[start : start + MIB].ljust(MIB, b"\0")
-            elif kind == "zero":
-                block = bytes(MIB)
-            else:
-                block = rng.randbytes(MIB)
-            f.write(block)
+    for i, kind in enumerate(kinds[:count]):
+        if kind == "text":
+            yield text[i % 997 :] + text[: i % 997]
+        elif kind == "bin":
+            start = (i * MIB) % max(1, len(binaries) - MIB)
+            yield binaries[start : start + MIB].ljust(MIB, b"\0")
+        elif kind == "zero":
+            yield bytes(MIB)
+        else:
+            yield rng.randbytes(MIB)
 
 
 def change_one_percent(path: Path, seed: int = 11) -> int:
@@ -101,17 +122,55 @@ def vm_hwm_kib(pid: int) -> int:
     return 0
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and range of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def changed_round(
+    send: list[str], image: Path, copy: Path, seed: int, ours_first: bool
+) -> dict[str, Any]:
+    """Change a new 1% of ``image``; time ``send --once`` and rsync onto ``copy``."""
+    changed = change_one_percent(image, seed)
+    warm(image)
+    rsync = ["rsync", "--inplace", "--no-whole-file", "--ignore-times", str(image), f"{copy}/"]
+    times: dict[str, float] = {}
+    rss = 0
+    out = ""
+    for tool in ("ours", "rsync") if ours_first else ("rsync", "ours"):
+        if tool == "ours":
+            times["ours"], rss, out = timed(send)
+        else:
+            times["rsync"], _, _ = timed(rsync)
+    summary = json.loads(out)
+    return {
+        "changed_bytes": changed,
+        "replicator_s": times["ours"],
+        "rsync_inplace_s": times["rsync"],
+        "ratio": times["ours"] / times["rsync"],
+        "payload_bytes": summary["payload_bytes"],
+        "data_bytes": summary["bytes_changed"],
+        "sender_rss_kib": rss,
+        "load_average": load_average(),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument(
+        "--data-mib", type=int, default=None, help="sparse image: this much data (default: full)"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the 1%% change")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "send")
     args = parser.parse_args()
     work: Path = args.work
+    compile_bytecode()
     shutil.rmtree(work, ignore_errors=True)
     (work / "src").mkdir(parents=True)
     image = work / "src" / "disk.img"
-    make_mixed_image(image, args.size_mib)
+    make_mixed_image(image, args.size_mib, data_mib=args.data_mib)
     warm(image)  # warm page cache for both tools
     receiver, port = start_receiver(work / "rcv")
     send = [
@@ -128,42 +187,39 @@ def main() -> int:
         "--insecure",
         str(image),
     ]
-    results: dict[str, Any] = {"size_bytes": image.stat().st_size}
+    results: dict[str, Any] = {
+        "size_bytes": image.stat().st_size,
+        "data_bytes": os.stat(image).st_blocks * 512,
+        "load_average_start": load_average(),
+    }
     try:
         t_ours, rss_send, out = timed(send)
         first = json.loads(out)
-        t_rsync, _, _ = timed(["rsync", "--whole-file", str(image), str(work / "rsync") + "/"])
+        sparse = ["--sparse"] if args.data_mib else []
+        t_rsync, _, _ = timed(["rsync", "--whole-file", *sparse, str(image), f"{work / 'rsync'}/"])
         results["initial"] = {
             "replicator_s": t_ours,
             "rsync_whole_file_s": t_rsync,
             "ratio": t_ours / t_rsync,
             "wire_bytes": first["wire_bytes"],
+            "load_average": load_average(),
         }
-        changed = change_one_percent(image)
-        warm(image)
-        t_ours2, rss_send2, out2 = timed(send)
-        second = json.loads(out2)
-        t_rsync2, _, _ = timed(
-            [
-                "rsync",
-                "--inplace",
-                "--no-whole-file",
-                "--ignore-times",
-                str(image),
-                str(work / "rsync") + "/",
-            ]
-        )
+        rounds = [
+            changed_round(send, image, work / "rsync", 11 + k, ours_first=k % 2 == 0)
+            for k in range(args.repeat)
+        ]
+        last = rounds[-1]
         results["changed_1pct"] = {
-            "changed_bytes": changed,
-            "replicator_s": t_ours2,
-            "rsync_inplace_s": t_rsync2,
-            "ratio": t_ours2 / t_rsync2,
-            "payload_bytes": second["payload_bytes"],
-            "data_bytes": second["bytes_changed"],
-            "payload_over_changed": second["payload_bytes"] / changed,
+            "rounds": rounds,
+            "replicator_s": spread([r["replicator_s"] for r in rounds]),
+            "rsync_inplace_s": spread([r["rsync_inplace_s"] for r in rounds]),
+            "ratio": spread([r["ratio"] for r in rounds]),
+            "changed_bytes": last["changed_bytes"],
+            "payload_bytes": last["payload_bytes"],
+            "payload_over_changed": last["payload_bytes"] / last["changed_bytes"],
         }
         results["peak_rss_mib"] = {
-            "sender": max(rss_send, rss_send2) / 1024,
+            "sender": max(rss_send, *(r["sender_rss_kib"] for r in rounds)) / 1024,
             "receiver": vm_hwm_kib(receiver.pid) / 1024,
         }
     finally:
@@ -172,25 +228,36 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        i, c, r = results["initial"], results["changed_1pct"], results["peak_rss_mib"]
-        print(f"image {results['size_bytes'] / MIB:.0f} MiB mixed (text/binaries/zeros/random)")
-        print(
-            f"initial sync     replicator {i['replicator_s']:.2f} s   rsync --whole-file "
-            f"{i['rsync_whole_file_s']:.2f} s   ratio {i['ratio']:.2f}x (target <= 1.0)"
-        )
-        print(
-            f"1% changed       replicator {c['replicator_s']:.2f} s   rsync --inplace "
-            f"{c['rsync_inplace_s']:.2f} s   ratio {c['ratio']:.2f}x (target <= 0.5)"
-        )
-        print(
-            f"payload on wire  {c['payload_bytes']} B for {c['changed_bytes']} B changed: "
-            f"{c['payload_over_changed']:.3f}x (target <= 1.1)"
-        )
-        print(
-            f"peak RSS         sender {r['sender']:.0f} MiB, receiver {r['receiver']:.0f} MiB "
-            "(target <= 200)"
-        )
+        print_results(results)
     return 0
+
+
+def print_results(results: dict[str, Any]) -> None:
+    i, c, r = results["initial"], results["changed_1pct"], results["peak_rss_mib"]
+    ours, peer, ratio = c["replicator_s"], c["rsync_inplace_s"], c["ratio"]
+    print(
+        f"image {results['size_bytes'] / MIB:.0f} MiB mixed (text/binaries/zeros/random), "
+        f"{results['data_bytes'] / MIB:.0f} MiB allocated; load average at start "
+        f"{results['load_average_start']}"
+    )
+    print(
+        f"initial sync     replicator {i['replicator_s']:.2f} s   rsync --whole-file "
+        f"{i['rsync_whole_file_s']:.2f} s   ratio {i['ratio']:.2f}x (target <= 1.0)"
+    )
+    print(
+        f"1% changed x{len(c['rounds'])}    replicator {ours['median']:.2f} s "
+        f"({ours['min']:.2f}-{ours['max']:.2f})   rsync --inplace {peer['median']:.2f} s "
+        f"({peer['min']:.2f}-{peer['max']:.2f})   ratio {ratio['median']:.2f}x "
+        f"({ratio['min']:.2f}-{ratio['max']:.2f}) (target <= 0.5)"
+    )
+    print(
+        f"payload on wire  {c['payload_bytes']} B for {c['changed_bytes']} B changed: "
+        f"{c['payload_over_changed']:.3f}x (target <= 1.1)"
+    )
+    print(
+        f"peak RSS         sender {r['sender']:.0f} MiB, receiver {r['receiver']:.0f} MiB "
+        f"(target <= 200); load average at the end {load_average()}"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = [
     "bench_journal.py",
     "bench_send.py",
+    "bench_many.py",
     "bench_tls.py",
     "bench_nbd.py",
     "bench_lag.py",

@@ -31,7 +31,10 @@ from replicator.cli.common import (
     run,
     transport_security,
 )
-from replicator.engine.benchmark import STEPS, BenchConfig, Scenario, Step, run_bench
+from replicator.engine.benchmark import BenchConfig, Scenario, Step, run_bench
+from replicator.engine.benchmark_netns import require_netns
+from replicator.engine.benchmark_replay import journal_folder
+from replicator.engine.benchmark_rsync import require_rsync
 from replicator.engine.benchmark_workload import Mix
 from replicator.engine.errors import ConfigError, Interrupted, ReplicatorError
 from replicator.transport.rpo import parse_target
@@ -60,7 +63,23 @@ scans, so its RPO is this lag plus its --interval.
 it (its goodput is then not the link's capacity); "RPO held" is lag p99 <= S.
 
 Several --rtt/--rate values (repeat the option or give a comma list) make a sweep of
-every combination."""
+every combination.
+
+--rsync also times `rsync --inplace --no-whole-file` of the same changed image onto a copy
+of the unchanged one, through its own rsync daemon behind the same emulated link, and
+reports both change-sync times (start to exit) and ours/rsync.
+
+--replay STATE_DIR replays a recorded sender journal instead (its records at the pace they
+were journaled) through the same link to a receiver, and reports the lag it held (p50, p99,
+max) and whether --target-rpo held: what RPO the link would give that workload. A state dir
+keeps only what its receiver has not acknowledged: to record, run a live capture (send
+--nbd or --fuse) with a --to no receiver answers for the workload's duration (see
+docs/OPERATIONS.md).
+
+--netns (root) runs the sender and the receiver (and the plain TCP and rsync peers) in two
+network namespaces it creates, linked through this one by veth pairs; the rate is then
+enforced by the kernel (tc tbf on the sender's link), the emulator only delays. They are
+removed at the end, also after an error or Ctrl-C."""
 
 
 def _split(values: list[str] | None, default: str) -> list[str]:
@@ -191,6 +210,32 @@ def bench_command(
             "--size free; default: the system's temporary folder).",
         ),
     ] = None,
+    rsync: Annotated[
+        bool,
+        typer.Option(
+            "--rsync",
+            help="Also time `rsync --inplace --no-whole-file` of the same changed image over "
+            "the same emulated link (its own daemon on loopback) and report ours/rsync.",
+        ),
+    ] = False,
+    replay: Annotated[
+        Path | None,
+        typer.Option(
+            "--replay",
+            metavar="STATE_DIR",
+            help="Replay a recorded sender journal (a --state-dir, or a journal folder) at its "
+            "original pace instead of the synthetic workload; reports the lag it would hold.",
+        ),
+    ] = None,
+    netns: Annotated[
+        bool,
+        typer.Option(
+            "--netns",
+            help="Run sender and receiver in two network namespaces it creates (root only), "
+            "the rate enforced by the kernel (tc tbf), the delay by the emulator; removed at "
+            "the end, also on error or Ctrl-C.",
+        ),
+    ] = False,
     insecure: InsecureOption = False,
     tls_dir: TlsDirOption = None,
     tls_name: TlsNameOption = None,
@@ -198,11 +243,11 @@ def bench_command(
     try:
         config = check_options(
             rtt, rate, size, change, mix, to, plot, target_rpo, work_dir, insecure, tls_dir,
-            tls_name,
+            tls_name, rsync=rsync, replay=replay, netns=netns,
         )  # fmt: skip
     except ReplicatorError as exc:
         fail(exc)
-    with _progress(len(config.scenarios)) as step:
+    with _progress(len(config.scenarios), len(config.steps)) as step:
 
         async def main(stop: asyncio.Event) -> list[dict[str, Any]]:
             bench = asyncio.create_task(run_bench(config, step))
@@ -245,6 +290,10 @@ def check_options(
     insecure: bool,
     tls_dir: Path | None,
     tls_name: str | None,
+    *,
+    rsync: bool = False,
+    replay: Path | None = None,
+    netns: bool = False,
 ) -> BenchConfig:
     """Every option checked and parsed (ConfigError, exit 3, quoting the bad value)."""
     rtts, rates = _rtts(rtt), _rates(rate)
@@ -262,6 +311,30 @@ def check_options(
         raise ConfigError(f"--work-dir {str(work_dir)!r} is not a folder")
     endpoint = None
     security: tuple[str, ...] = ("--insecure",)
+    if netns:
+        if to is not None or replay is not None:
+            raise ConfigError(
+                "--netns puts the benchmark's own sender and receiver in namespaces; "
+                "--to and --replay have no sender child to put there",
+                hint="leave out --netns, or --to/--replay",
+            )
+        require_netns()
+    if replay is not None:
+        if rsync:
+            raise ConfigError(
+                "--rsync compares the synthetic change sync; --replay has none",
+                hint="leave out --rsync or --replay",
+            )
+        if tls_dir is not None:
+            raise ConfigError("--replay sends without TLS: use it with --insecure")
+        journal_folder(replay)  # exit 3 now when it holds no journal
+    if rsync:
+        if to is not None:
+            raise ConfigError(
+                "--rsync compares with rsync over the emulated link; with --to there is none",
+                hint="leave out --rsync, or --to",
+            )
+        require_rsync()
     if to is not None:
         if rtt or rate:
             raise ConfigError(
@@ -291,11 +364,14 @@ def check_options(
         # the sender paces itself to the target (the least bandwidth that holds it)
         send_args=("--target-rpo", target_rpo) if target_rpo is not None else (),
         work_dir=work_dir,
+        rsync=rsync,
+        replay=replay,
+        netns=netns,
     )
 
 
 @contextlib.contextmanager
-def _progress(scenarios: int) -> Iterator[Step]:
+def _progress(scenarios: int, steps: int) -> Iterator[Step]:
     """A progress bar on stderr on a terminal (one tick per step); silent otherwise."""
     if not sys.stderr.isatty():
         yield lambda index, name: None
@@ -307,7 +383,7 @@ def _progress(scenarios: int) -> Iterator[Step]:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("bench", total=scenarios * len(STEPS))
+        task = bar.add_task("bench", total=scenarios * steps)
         started = [0]
 
         def step(index: int, name: str) -> None:
@@ -331,22 +407,36 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.0f}"
 
 
+def _verified(value: bool | None) -> str:
+    return "-" if value is None else ("equal" if value else "DIFFERS")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _table(results: list[dict[str, Any]]) -> None:
-    table = Table(
-        title="replicator bench",
-        caption="initial sync: goodput (ours, plain TCP) and file-data rate in Mbit/s, "
-        "compression; change sync: lag p50/p99 in ms; RPO held: lag p99 <= --target-rpo",
-        box=box.SIMPLE_HEAD,
+    rsync = any(r.get("rsync_change_seconds") is not None for r in results)
+    caption = (
+        "initial sync: goodput (ours, plain TCP) and file-data rate in Mbit/s, "
+        "compression; change sync: lag p50/p99 in ms; RPO held: lag p99 <= --target-rpo"
     )
+    if rsync:
+        caption += "; change sync in s: ours, rsync --inplace --no-whole-file, ours/rsync"
+    if any(str(r["mode"]).startswith("replay") for r in results):
+        caption += "; --replay: lag during the replay, lz4 of its records"
+    table = Table(title="replicator bench", caption=caption, box=box.SIMPLE_HEAD)
     table.add_column("link", no_wrap=True)
-    for column in ("ours", "TCP", "ratio", "data", "lz4", "lag", "RPO", "replica"):
+    columns = ["ours", "TCP", "ratio", "data", "lz4", "lag", "RPO", "replica"]
+    columns += ["change", "rsync", "vs rsync"] if rsync else []
+    for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     for r in results:
-        remote = r["mode"] == "remote"
+        remote = r["mode"] in ("remote", "replay-remote")
         held = r["rpo_held"]
         link = "real" if remote else f"{r['rtt_s'] * 1e3:g}ms "
         link += "" if remote else format_rate(r["link_rate_limit_bytes_per_s"])
-        table.add_row(
+        row = [
             link,
             _mbit(r["wire_goodput_bytes_per_s"]),
             _mbit(r["plain_tcp_goodput_bytes_per_s"]),
@@ -355,6 +445,13 @@ def _table(results: list[dict[str, Any]]) -> None:
             _ratio(r["compression_ratio"]),
             f"{_ms(r['lag_p50_s'])}/{_ms(r['lag_p99_s'])}",
             "-" if held is None else ("yes" if held else "NO"),
-            "equal" if r["replica_verified"] else "DIFFERS",
-        )
+            _verified(r["replica_verified"]),
+        ]
+        if rsync:
+            row += [
+                _seconds(r["change_seconds"]),
+                _seconds(r["rsync_change_seconds"]),
+                _ratio(r["change_time_over_rsync"]),
+            ]
+        table.add_row(*row)
     Console().print(table)

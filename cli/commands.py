@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, str] | None]] = {
     "failover": ("failover_cmd", "failover_command", None),
     "demote": ("failover_cmd", "demote_command", None),
     "failback": ("failback_cmd", "failback_command", None),
+    "witness": ("witness_cmd", "witness_command", None),
     "rate": ("rate_cmd", "rate_command", None),
     "discover": ("discover_cmd", "discover_command", None),
     "check-config": ("check_config_cmd", "check_config_command", None),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -21,11 +22,13 @@ from replicator.cli.common import (
 )
 from replicator.cli.jobfile_command import ConfigOption
 from replicator.cli.monitoring import MetricsListenOption, metrics_endpoint
+from replicator.cli.witness_opts import WitnessOption, auto_failover, until_stopped
 from replicator.engine.authz import Authorizer, parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.monitor import receiver_monitor
 from replicator.engine.receiver import Receiver, ReceiverConfig, check_receiver_dirs
 from replicator.engine.statedir import StateDirLock
+from replicator.engine.witness_roles import AutoFailover
 from replicator.transport import serve
 
 log = structlog.get_logger()
@@ -50,6 +53,16 @@ def receive(
         ),
     ] = None,
     metrics_listen: MetricsListenOption = None,
+    auto_failover_after: Annotated[
+        float | None,
+        typer.Option(
+            "--auto-failover-after",
+            help="Promote a job after SECONDS without its source, when --witness agrees "
+            "(docs/OPERATIONS.md, 'Automatic failover').",
+            min=0.1,
+        ),
+    ] = None,
+    witness: WitnessOption = None,
     config_file: ConfigOption = None,  # read by ReceiveCommand before the other options
 ) -> None:
     """Receive replication streams until SIGTERM/SIGINT, then finish applying and exit 0."""
@@ -77,6 +90,13 @@ def receive(
             authorize=Authorizer(rules) if rules else None,
         )
         check_receiver_dirs(config)
+        auto = auto_failover(
+            auto_failover_after,
+            witness,
+            who=f"{tls.name if tls else 'receiver'}@{socket.gethostname()}:{directory}",
+            tls_dir=tls_dir,
+            tls_name=tls.name if tls else None,
+        )
     except ReplicatorError as exc:
         fail(exc)
 
@@ -104,8 +124,13 @@ def receive(
         typer.echo(f"listening on {', '.join(f'{a[0]}:{a[1]}' for a in bound)}", err=True)
         try:
             async with receiver_monitor(receiver, metrics):  # the control socket, metrics
-                await stop.wait()
+                if auto is None:
+                    await stop.wait()
+                else:
+                    await until_stopped(stop, AutoFailover(receiver, *auto).run())
         finally:
+            if auto is not None:
+                await auto[0].aclose()
             server.close()
             await receiver.aclose()
             await server.wait_closed()

@@ -6,7 +6,7 @@ import asyncio
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -33,8 +33,13 @@ from replicator.cli.shaping_opts import (
     following,
     make_shaping,
 )
+from replicator.cli.witness_opts import (
+    LeaseIntervalOption,
+    WitnessOption,
+    source_lease,
+    with_lease,
+)
 from replicator.engine.errors import ConfigError, ReplicatorError
-from replicator.engine.live import FuseFolderCapture, LiveSender, NbdCapture, NbdOptions
 from replicator.engine.monitor import sender_monitor
 from replicator.engine.names import check_job_name
 from replicator.engine.sender import JOURNAL_CAP, LIVE_JOURNAL_CAP, Sender, SenderConfig, Summary
@@ -43,6 +48,9 @@ from replicator.engine.tls import TlsIdentity
 from replicator.engine.tree import volumes_of, walk
 from replicator.engine.volumes import DEFAULT_EXTENT, resolve_volumes
 from replicator.transport import Shaper
+
+if TYPE_CHECKING:  # live capture (NBD, FUSE) is imported only when chosen: ~50 ms
+    from replicator.engine.live import LiveSender
 
 MIN_JOURNAL_CAP = 4 * 1024 * 1024
 
@@ -105,6 +113,8 @@ def _live_sender(
     listen: str | None,
     size: int | None,
 ) -> LiveSender:
+    from replicator.engine.live import LiveSender, NbdCapture, NbdOptions
+
     if once:
         raise ConfigError("--once applies to --capture scan; --capture nbd runs until stopped")
     if socket is None:
@@ -126,6 +136,8 @@ def _fuse_sender(
     tls: TlsIdentity | None,
     shaper: Shaper,
 ) -> LiveSender:
+    from replicator.engine.live import FuseFolderCapture, LiveSender
+
     if once:
         raise ConfigError("--once applies to --capture scan; --capture fuse runs until stopped")
     if mount is None:
@@ -280,6 +292,8 @@ def send(
     burst: BurstOption = None,
     schedule: ScheduleOption = None,
     target_rpo: TargetRpoOption = None,
+    witness: WitnessOption = None,
+    witness_interval: LeaseIntervalOption = 2.0,
     job_file: JobFileOption = None,  # read by SendCommand before the other options (jobfile)
 ) -> None:
     """Replicate VOLUMES to a receiver: changed extents only, in write order, durably."""
@@ -323,6 +337,13 @@ def send(
             sender = Sender(config, connector_for(config, tls, shaping.bucket))
         if capture is Capture.nbd:
             live = _live_sender(sender, once, nbd_socket, nbd_listen, nbd_size)
+        lease = source_lease(
+            live.sender if capture is not Capture.scan else sender,
+            witness,
+            witness_interval,
+            tls_dir=tls_dir,
+            tls_name=tls.name if tls else None,
+        )
     except ReplicatorError as exc:
         fail(exc)
     if capture is not Capture.scan:
@@ -330,7 +351,7 @@ def send(
 
         async def main_live(stop: asyncio.Event) -> None:
             async with following(shaping), sender_monitor(live.sender, metrics, shaping):
-                await live.run(stop)
+                await with_lease(live.run(stop), lease and lease())
 
         run(main_live, graceful=True)
         return
@@ -339,7 +360,7 @@ def send(
 
         async def main_once(stop: asyncio.Event) -> Summary:
             async with following(shaping), sender_monitor(sender, metrics, shaping):
-                return await sender.run_once()
+                return await with_lease(sender.run_once(), lease and lease())
 
         summary = run(main_once, graceful=False)
         print_summary(summary, as_json, resync=resync)
@@ -347,6 +368,6 @@ def send(
 
     async def main_forever(stop: asyncio.Event) -> None:
         async with following(shaping), sender_monitor(sender, metrics, shaping):
-            await sender.run_forever(interval, stop)
+            await with_lease(sender.run_forever(interval, stop), lease and lease())
 
     run(main_forever, graceful=True)

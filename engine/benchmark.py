@@ -12,6 +12,9 @@ One scenario (one RTT and rate of the emulated link):
 4. change ``change`` of the image in 64 KiB extents, then ``send --once`` again;
 5. verify: blake3 of the source and of the replica must be equal, else ``BenchError``
    (exit 1): the benchmark never reports figures for a replica that is wrong.
+6. with ``rsync``: ``rsync --inplace --no-whole-file`` of the same changed image onto a copy
+   of the image as it was before the change, through its own daemon behind an emulator with
+   the same profile (engine/benchmark_rsync.py); its time next to our change sync's.
 
 With ``to`` (a remote ``replicator receive``) there is no emulator: the real link is
 measured, plain TCP is not (there is no sink on the far side), and step 5 runs
@@ -35,6 +38,9 @@ What is measured:
   The headline lag figures are the change sync's (steady replication), the initial
   sync's are in its own section.
 * RPO held: the change sync's lag p99 is at most ``target_rpo``.
+* change time: the change sync's ``send --once``, start to exit (``change_seconds``), and
+  with ``rsync`` rsync's for the same change (``rsync_change_seconds``) and their ratio
+  (``change_time_over_rsync``: the issue's target is at most 0.3).
 
 Everything (child processes, emulators, the work folder) is cleaned up on success, on
 failure and on cancellation (Ctrl-C).
@@ -57,6 +63,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replicator.engine.benchmark_netns import LOOPBACK, Place, namespaces
+from replicator.engine.benchmark_replay import Recording, load_recording, replay
+from replicator.engine.benchmark_rsync import rsync_change, seed
 from replicator.engine.benchmark_workload import Mix, blake3_file, change_image, write_image
 from replicator.engine.control import SOCKET_NAME, ControlRefused, ControlUnavailable, request
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
@@ -75,6 +84,8 @@ REPLICATOR = (sys.executable, "-m", "replicator.cli")
 JOB = "bench"
 VOLUME = "disk.img"
 STEPS = ("write image", "plain TCP", "initial sync", "change", "change sync", "verify")
+RSYNC_STEP = "rsync"  # after verify, with --rsync
+REPLAY_STEPS = ("replay",)  # the steps of a --replay scenario
 WIRE_SAMPLE = 0.002  # seconds between reads of the emulator's byte counter
 STATUS_SAMPLE = 0.020  # seconds between status requests to the sender
 PLAIN_TCP_SECONDS = 10.0  # plain TCP sends at most this long at the rate cap
@@ -85,8 +96,8 @@ STOP_TIMEOUT = 10.0
 
 # The plain TCP peers: separate processes, so they do not share the emulator's event loop.
 _SINK = """
-import socket
-listener = socket.create_server(("127.0.0.1", 0))
+import socket, sys
+listener = socket.create_server((sys.argv[1], 0))
 print(listener.getsockname()[1], flush=True)
 conn, _ = listener.accept()
 buf = bytearray(1 << 20)
@@ -99,7 +110,7 @@ _SOURCE = """
 import os, socket, sys
 chunk = os.urandom(1 << 20)
 left = int(sys.argv[2])
-with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as s:
+with socket.create_connection((sys.argv[3], int(sys.argv[1]))) as s:
     while left > 0:
         s.sendall(chunk[:left])
         left -= len(chunk)
@@ -131,6 +142,16 @@ class BenchConfig:
     target_rpo: float | None = None
     send_args: tuple[str, ...] = ()  # more `send` options (e.g. --target-rpo)
     work_dir: Path | None = None  # where the temporary folder goes (default: the system's)
+    rsync: bool = False  # also time rsync's change sync (engine/benchmark_rsync.py)
+    replay: Path | None = None  # replay this recorded journal (engine/benchmark_replay.py)
+    netns: bool = False  # sender and receiver in namespaces, tbf rate (benchmark_netns.py)
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The steps of one scenario, in order (for a progress bar)."""
+        if self.replay is not None:
+            return REPLAY_STEPS
+        return (*STEPS, RSYNC_STEP) if self.rsync else STEPS
 
 
 Step = Callable[[int, str], None]  # (scenario index, step name): a step begins
@@ -256,15 +277,17 @@ def _log_tail(log: Path, limit: int = 1500) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _receiver(directory: Path, log: Path) -> AsyncIterator[int]:
-    """``replicator receive`` on a free loopback port; yields the port once it listens."""
+async def _receiver(directory: Path, log: Path, place: Place) -> AsyncIterator[int]:
+    """``replicator receive`` on a free port (loopback, or its namespace's address); yields
+    the port once it listens."""
+    host = place.receiver_host
     port = _free_port()
-    args = ("receive", "--listen", f"127.0.0.1:{port}", "--dir", str(directory), "--insecure")
-    async with _child(*REPLICATOR, *args, log=log) as proc:
+    args = ("receive", "--listen", f"{host}:{port}", "--dir", str(directory), "--insecure")
+    async with _child(*place.receiver((*REPLICATOR, *args)), log=log) as proc:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                _, writer = await asyncio.open_connection(host, port)
             except OSError:
                 if proc.returncode is not None:
                     raise _child_failed("replicator receive", proc.returncode, log) from None
@@ -364,15 +387,27 @@ async def _running(coro_fn: Callable[[], Any]) -> AsyncIterator[None]:
 # -- the steps --------------------------------------------------------------------------------
 
 
-async def _plain_tcp(profile: LinkProfile, nbytes: int) -> dict[str, Any]:
+async def _plain_tcp(profile: LinkProfile, nbytes: int, place: Place) -> dict[str, Any]:
     """A bulk TCP transfer of ``nbytes`` through an emulator with ``profile``."""
-    async with _child(sys.executable, "-c", _SINK, stdout=asyncio.subprocess.PIPE) as sink:
+    sink_args = place.receiver((sys.executable, "-c", _SINK, place.receiver_host))
+    async with _child(*sink_args, stdout=asyncio.subprocess.PIPE) as sink:
         assert sink.stdout is not None
         port = int(await asyncio.wait_for(sink.stdout.readline(), START_TIMEOUT))
-        async with WanEmulator(("127.0.0.1", port), profile=profile) as wan:
+        async with WanEmulator(
+            (place.receiver_host, port), listen=(place.proxy_host, 0), profile=profile
+        ) as wan:
             clock = _WireClock(wan)
             async with _running(clock.run):
-                source = (sys.executable, "-c", _SOURCE, str(wan.address[1]), str(nbytes))
+                source = place.sender(
+                    (
+                        sys.executable,
+                        "-c",
+                        _SOURCE,
+                        str(wan.address[1]),
+                        str(nbytes),
+                        wan.address[0],
+                    )
+                )
                 async with _child(*source) as proc:
                     if await proc.wait() != 0:
                         raise ConfigError(f"the plain TCP source failed (exit {proc.returncode})")
@@ -397,11 +432,12 @@ async def _send_once(
     log: Path,
     lsn_before: int,
     wan: WanEmulator | None,
+    place: Place,
 ) -> _Phase:
-    args = (
+    args = place.sender((
         *REPLICATOR, "send", "--to", f"{to[0]}:{to[1]}", "--job", job, "--state-dir",
         str(state_dir), "--once", "--json", *config.security, *config.send_args, str(image),
-    )  # fmt: skip
+    ))  # fmt: skip
     sampler = _StatusSampler(state_dir, lsn_before)
     clock = _WireClock(wan) if wan is not None else None
     started = time.monotonic()
@@ -459,21 +495,32 @@ def _plain_tcp_bytes(config: BenchConfig, scenario: Scenario) -> int:
 
 @contextlib.asynccontextmanager
 async def _link(
-    config: BenchConfig, profile: LinkProfile, rcv_dir: Path, log: Path
+    config: BenchConfig, profile: LinkProfile, rcv_dir: Path, log: Path, place: Place = LOOPBACK
 ) -> AsyncIterator[tuple[tuple[str, int], WanEmulator | None]]:
     """Where the sender connects: the emulator in front of a local receiver, or ``to``."""
     if config.to is not None:
         yield config.to, None
         return
     async with (
-        _receiver(rcv_dir, log) as port,
-        WanEmulator(("127.0.0.1", port), profile=profile) as wan,
+        _receiver(rcv_dir, log, place) as port,
+        WanEmulator(
+            (place.receiver_host, port), listen=(place.proxy_host, 0), profile=profile
+        ) as wan,
     ):
         yield wan.address, wan
 
 
 async def _scenario(
     config: BenchConfig, index: int, scenario: Scenario, root: Path, step: Step
+) -> dict[str, Any]:
+    if not config.netns:
+        return await _scenario_at(config, index, scenario, root, step, LOOPBACK)
+    async with namespaces(scenario.rate) as place:  # removed however the scenario ends
+        return await _scenario_at(config, index, scenario, root, step, place)
+
+
+async def _scenario_at(
+    config: BenchConfig, index: int, scenario: Scenario, root: Path, step: Step, place: Place
 ) -> dict[str, Any]:
     work = root / f"scenario-{index}"
     work.mkdir()
@@ -482,26 +529,37 @@ async def _scenario(
     state = work / "state"
     remote = config.to is not None
     job = f"{JOB}-{os.getpid()}-{int(time.time())}-{index}" if remote else JOB
-    profile = LinkProfile(delay=scenario.rtt / 2, rate=scenario.rate)
+    # in namespaces the rate is the kernel's (tbf on the sender's link), the delay ours
+    rate = None if config.netns else scenario.rate
+    profile = LinkProfile(delay=scenario.rtt / 2, rate=rate)
 
     step(index, "write image")
     await asyncio.to_thread(write_image, image, config.size, config.mix)
     step(index, "plain TCP")
-    plain = None if remote else await _plain_tcp(profile, _plain_tcp_bytes(config, scenario))
-    async with _link(config, profile, work / "target", work / "receiver.log") as (to, wan):
+    plain_bytes = _plain_tcp_bytes(config, scenario)
+    plain = None if remote else await _plain_tcp(profile, plain_bytes, place)
+    link = _link(config, profile, work / "target", work / "receiver.log", place)
+    async with link as (to, wan):
         step(index, "initial sync")
-        initial = await _send_once(config, to, job, state, image, work / "send.log", 0, wan)
+        sync_log = work / "send.log"
+        initial = await _send_once(config, to, job, state, image, sync_log, 0, wan, place)
+        if config.rsync:  # rsync's side starts from the same image
+            await asyncio.to_thread(seed, image, work / "rsync")
         step(index, "change")
         changed = await asyncio.to_thread(change_image, image, config.change, config.mix)
         step(index, "change sync")
         lsn = int(initial.summary["lsn"])
-        again = await _send_once(config, to, job, state, image, work / "send.log", lsn, wan)
+        again = await _send_once(config, to, job, state, image, sync_log, lsn, wan, place)
         step(index, "verify")
         if remote:
             digest = await _verify_remote(config, to, job, state, image, work / "verify.log")
         else:
             replica = work / "target" / job / VOLUME
             digest = await asyncio.to_thread(verify_local, image, replica)
+    rsync = None
+    if config.rsync:
+        step(index, RSYNC_STEP)
+        rsync = await rsync_change(image, work / "rsync", work / "rsyncd", profile, place)
     first, second = initial.as_dict(), again.as_dict()
     ours = first["wire_goodput_bytes_per_s"]
     theirs = plain["goodput_bytes_per_s"] if plain else None
@@ -511,7 +569,7 @@ async def _scenario(
         "rtt_s": scenario.rtt,
         "one_way_delay_s": None if remote else scenario.rtt / 2,
         "link_rate_limit_bytes_per_s": None if remote else scenario.rate,
-        "mode": "remote" if remote else "emulator",
+        "mode": "remote" if remote else ("netns" if config.netns else "emulator"),
         "mix": str(config.mix),
         "size_bytes": config.size,
         "changed_bytes": changed,
@@ -530,11 +588,61 @@ async def _scenario(
         "rpo_held": (
             None if config.target_rpo is None or lag_p99 is None else lag_p99 <= config.target_rpo
         ),
+        # the change sync, start to exit: ours (send --once) and rsync's (--rsync)
+        "change_seconds": second["seconds"],
+        "rsync_change_seconds": rsync["seconds"] if rsync else None,
+        "change_time_over_rsync": (
+            round(second["seconds"] / rsync["seconds"], 4) if rsync and rsync["seconds"] else None
+        ),
         "replica_verified": True,  # verify_local / _verify_remote raised otherwise
         "replica_blake3": digest,
         "plain_tcp": plain,
+        "rsync": rsync,
         "initial_sync": first,
         "change_sync": second,
+    }
+
+
+async def _replay_scenario(
+    config: BenchConfig, index: int, scenario: Scenario, root: Path, step: Step, rec: Recording
+) -> dict[str, Any]:
+    """A recorded journal replayed at its pace through the link (engine/benchmark_replay.py)."""
+    work = root / f"scenario-{index}"
+    work.mkdir()
+    remote = config.to is not None
+    job = f"{JOB}-replay-{os.getpid()}-{int(time.time())}-{index}" if remote else f"{JOB}-replay"
+    profile = LinkProfile(delay=scenario.rtt / 2, rate=scenario.rate)
+    step(index, REPLAY_STEPS[0])
+    async with _link(config, profile, work / "target", work / "receiver.log") as (to, _):
+        figures = await replay(rec, to, job, work)
+    lags: list[float] = figures.pop("lags")
+    lag_p99 = _round(percentile(lags, 0.99))
+    return {
+        "rtt_s": scenario.rtt,
+        "one_way_delay_s": None if remote else scenario.rtt / 2,
+        "link_rate_limit_bytes_per_s": None if remote else scenario.rate,
+        "mode": "replay-remote" if remote else "replay",
+        "replayed_from": str(rec.source),
+        "wire_goodput_bytes_per_s": None,
+        "plain_tcp_goodput_bytes_per_s": None,
+        "goodput_ratio": None,
+        "file_data_rate_bytes_per_s": None,
+        "compression_ratio": (
+            round(figures["payload_bytes"] / figures["wire_bytes"], 4)
+            if figures["wire_bytes"]
+            else None
+        ),
+        "lag_p50_s": _round(percentile(lags, 0.50)),
+        "lag_p99_s": lag_p99,
+        "lag_max_s": _round(max(lags) if lags else None),
+        "target_rpo_s": config.target_rpo,
+        "rpo_held": (
+            None if config.target_rpo is None or lag_p99 is None else lag_p99 <= config.target_rpo
+        ),
+        # the receiver applied every record (replay() waited for it); there is no source
+        # image to compare the replica with
+        "replica_verified": None,
+        "replay": figures,
     }
 
 
@@ -544,11 +652,17 @@ async def run_bench(config: BenchConfig, step: Step | None = None) -> list[dict[
     parent = config.work_dir
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
+    recording = None if config.replay is None else await load_recording(config.replay)
     root = Path(tempfile.mkdtemp(prefix="replicator-bench-", dir=parent))
     try:
         results = []
         for index, scenario in enumerate(config.scenarios):
-            results.append(await _scenario(config, index, scenario, root, report))
+            if recording is not None:
+                results.append(
+                    await _replay_scenario(config, index, scenario, root, report, recording)
+                )
+            else:
+                results.append(await _scenario(config, index, scenario, root, report))
         return results
     finally:
         await asyncio.to_thread(shutil.rmtree, root, True)

@@ -239,20 +239,31 @@ class JobReplica:
         if self.journal.durable_lsn > self._noted:
             self._drop_memory()
 
+    def _memory_still_used(self) -> bool:
+        """False once ``_drop_memory`` ran (re-read: a round awaits between records)."""
+        return self._mem_ok
+
     def _drop_memory(self) -> None:
         self._mem.clear()
         self._mem_bytes = 0
         self._mem_ok = False
 
     async def _records_upto(self, target: int) -> AsyncIterator[Record]:
-        """Durable records after the applied LSN up to ``target``, from memory or the journal."""
+        """Durable records after the applied LSN up to ``target``, from memory or the journal.
+
+        The memory can be dropped while a round applies from it (records arriving faster
+        than they are applied pass ``MEM_APPLY_BYTES``): the rest of the round then comes
+        from the journal, which holds every durable record until the round ends."""
+        last = self.state.applied_lsn
         if self._mem_ok:
             while self._mem and self._mem[0].lsn <= target:
                 record = self._mem.popleft()
                 self._mem_bytes -= record.encoded_size
+                last = record.lsn
                 yield record
-            return
-        start = max(self.state.applied_lsn + 1, self.journal.first_lsn)
+            if self._memory_still_used() or last >= target:
+                return
+        start = max(last + 1, self.journal.first_lsn)
         async for record in self.journal.read_from(start):
             if record.lsn > target:
                 break

@@ -72,6 +72,11 @@ FIRST_ANSWER_TIMEOUT = 5.0
 _NOT_A_RECEIVER_HINT = "check --to: it must be the HOST:PORT `replicator receive --listen` uses"
 PING_INTERVAL = 15.0
 REPLY_TIMEOUT = 120.0  # a silent receiver is declared gone after this long
+# a stopping sender ships on for this long while the receiver applies everything (a stop
+# right after a sync cycle ends tidy), then ships nothing more ...
+STOP_GRACE = 2.0
+# ... and waits this long for what it had sent to be applied (and trimmed from the journal)
+STOP_SETTLE = 2.0
 
 
 class SessionPurpose(enum.Enum):
@@ -107,6 +112,8 @@ class Link:
         self.handover_steps: asyncio.Queue[Handover | None] = asyncio.Queue()
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
+        self._shipper_task: asyncio.Task[None] | None = None
+        self.sent_lsn = 0  # the last LSN of the last Records frame written
         self._failure: BaseException | None = None
         self._closed = False
 
@@ -203,7 +210,36 @@ class Link:
         """
         self._started()
         ship = functools.partial(self._shipper, ship_from)
-        self._tasks.append(asyncio.create_task(self._guard(ship), name="link-shipper"))
+        self._shipper_task = asyncio.create_task(self._guard(ship), name="link-shipper")
+        self._tasks.append(self._shipper_task)
+
+    async def stop_shipping(self) -> None:
+        """Ship nothing more on this link: the shipper ends, also while a frame waits for
+        the shaper (paused at rate 0, say), which then never goes. Records not shipped stay
+        in the journal for the next session; nothing acknowledged is undone."""
+        task = self._shipper_task
+        if task is None or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def finish(self, reason: str, grace: float = STOP_GRACE) -> bool:
+        """A sender stopping: ship on for up to ``grace`` seconds while the receiver
+        applies everything journaled, then stop shipping, give what was sent
+        ``STOP_SETTLE`` seconds to be applied, and say Goodbye. Bounded, whatever the rate
+        (a low rate, or paused at 0, does not hold the stop for a cycle's worth of bytes):
+        what is not applied stays in the journal, and the next run ships it. True when the
+        receiver applied all that was journaled."""
+        last = self.journal.last_lsn
+        with contextlib.suppress(Exception):
+            await self.wait_applied(last, grace)
+        if self.applied_lsn < last:
+            await self.stop_shipping()
+            with contextlib.suppress(Exception):
+                await self.wait_applied(self.sent_lsn, STOP_SETTLE)
+        await self.goodbye(reason)
+        return self.applied_lsn >= last
 
     async def _guard(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``work`` (made here, so a task cancelled before it starts leaves no
@@ -295,6 +331,7 @@ class Link:
                 await self._wait_credit(len(frame.payload))
                 core.shipped(frame)
                 await self.conn.send(frame)
+                self.sent_lsn = frame.last_lsn
         finally:
             tailer.cancel()
             with contextlib.suppress(BaseException):
@@ -403,6 +440,9 @@ class Link:
         return self.core.lag(self.journal.last_lsn)
 
     async def goodbye(self, reason: str = "done") -> None:
+        """Say the session ends (no more records: the shipper stops first, so the Goodbye
+        is never stuck behind a frame the shaper holds)."""
+        await self.stop_shipping()
         with contextlib.suppress(Exception):
             await self.conn.send(Goodbye(reason))
 

@@ -83,6 +83,10 @@ class Receiver:
         self._closing = False
         self.status = StatusBoard("receiver")
 
+    def has_session(self, job: str) -> bool:
+        """True while a sender's session holds ``job`` (automatic failover's "source seen")."""
+        return job in self._holders
+
     async def job(self, name: str) -> JobReplica:
         async with self._jobs_lock:
             replica = self._jobs.get(name)

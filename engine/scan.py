@@ -25,6 +25,7 @@ from replicator.engine.volumes import (
     zero_digest,
 )
 from replicator.journal import Journal, JournalFull, Record
+from replicator.transport.messages import DIGEST_SIZE
 
 MAX_WRITE = 1024 * 1024  # bytes of data per WRITE record
 BATCH_BYTES = 4 * 1024 * 1024  # records handed from the scan thread to the loop per hop
@@ -86,12 +87,20 @@ def _disk_batches(
                 stats.bytes_zeroed += zero_len
             zero_off, zero_len = -1, 0
 
+        # the common case, an unchanged extent, costs two slices and a compare (no method
+        # calls): it runs once per 64 KiB, 16,384 times per GiB, holding the GIL the
+        # reading and hashing threads also want
+        new_digests, old_digests, old_count = new.digests, basis.digests, basis.count
         for ext in iter_extents(fd, size, new.extent_size):
             stats.bytes_scanned += ext.length
-            new.set(ext.index, ext.digest)
-            if basis.get(ext.index) == ext.digest:
-                flush_write()
-                flush_zero()
+            at = ext.index * DIGEST_SIZE
+            new_digests[at : at + DIGEST_SIZE] = ext.digest
+            # as ``basis.get(index) == digest``: beyond the basis is UNKNOWN, never a digest
+            if ext.index < old_count and old_digests[at : at + DIGEST_SIZE] == ext.digest:
+                if write_buf:
+                    flush_write()
+                if zero_len:
+                    flush_zero()
             elif ext.state is ExtentState.DATA:
                 assert ext.data is not None
                 flush_zero()

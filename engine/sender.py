@@ -236,7 +236,10 @@ class Sender:
         progress: Progress | None = None,
         *,
         prelude: list[Record] | None = None,
+        save: bool = True,
     ) -> tuple[ManifestSet, ScanStats, int]:
+        """One scan journaled as an EPOCH; the new manifests are saved unless ``save`` is
+        False (the caller then saves them with ``state.save``)."""
         journal = state.journal
         assert journal is not None
 
@@ -266,7 +269,8 @@ class Sender:
             await run_hook(self.config.post_hook, "post")
         if status.progress is not None:  # the scan is complete: all of it was seen
             seen(status.progress[1], status.progress[1])
-        await state.save(result[0])
+        if save:
+            await state.save(result[0])
         status.last_epoch = result[0].epoch
         return result
 
@@ -277,8 +281,16 @@ class Sender:
         async with SenderState(self.config) as state:
             link, kind, basis = await self.open_link(state)
             try:
-                manifests, stats, epoch_lsn = await self.cycle(state, link, basis, progress)
-                await link.wait_applied(epoch_lsn)
+                manifests, stats, epoch_lsn = await self.cycle(
+                    state, link, basis, progress, save=False
+                )
+                # the manifests' fsync overlaps the receiver's apply (neither needs the
+                # other); both are done before this returns and the state folder is let go
+                saving = asyncio.ensure_future(state.save(manifests))
+                try:
+                    await link.wait_applied(epoch_lsn)
+                finally:
+                    await saving
                 await link.goodbye()
             finally:
                 await self.close_link(link)
@@ -352,9 +364,8 @@ class Sender:
                         if await wait_for_request(link, stop, interval):  # planned failover
                             _, _, final = await self.cycle(state, link, basis)  # the last scan
                             await hand_over(link, final, self.config.state_dir, self.config.job)
-                    with contextlib.suppress(Exception):
-                        await link.wait_applied(state.journal.last_lsn if state.journal else 0, 30)
-                    await link.goodbye("sender stopping")
+                    # bounded at any rate: what is not applied waits in the journal
+                    await link.finish("sender stopping")
                 except MID_SESSION_RETRY as exc:
                     log.warning("sender.link_lost", error=str(exc))
                     self.status.error("connection", str(exc))

@@ -242,8 +242,13 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
                     basis.disks[spec.name] = remote
         since = received + 1
         kind = "remote"
-    async for record in journal.read_from(max(since, journal.first_lsn)):
-        _apply_effect(basis, record)
+    if since <= journal.last_lsn:
+        # only when there is something to fold: the journal's reader starts at the
+        # beginning of the segment holding ``since`` and checks every record up to it
+        # (tens of MiB after a sync, all below ``since``), which a cycle with no
+        # record after its basis does not need
+        async for record in journal.read_from(max(since, journal.first_lsn)):
+            _apply_effect(basis, record)
     log.info("sender.basis", kind=kind, lsn=basis.lsn, received=received)
     return basis, kind
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 if TYPE_CHECKING:
+    from replicator.engine.generations import Promotion
     from replicator.engine.link import Link
     from replicator.engine.replica_files import ReplicaFiles
     from replicator.engine.replica_state import ReplicaState
@@ -44,6 +45,7 @@ class ReplicaView(Protocol):
     files: ReplicaFiles
     journal: Journal
     failure: BaseException | None
+    promotion: Promotion | None  # set while the job is promoted (failover)
 
     @property
     def received_lsn(self) -> int: ...
@@ -298,6 +300,7 @@ class ReceiverJobStatus:
             "peer": conn.peer if conn is not None else None,
             "connected": conn is not None,
             "generation": point.generation,
+            "promoted": replica.promotion is not None,
             "lsn": {"received": replica.received_lsn, "applied": replica.applied_lsn},
             "lag": {
                 "records": max(0, replica.received_lsn - replica.applied_lsn),

@@ -19,7 +19,9 @@ when incompressible); ``offload=`` moves it to a worker thread for large bulk fr
 Shaping: an optional ``shaper`` (anything with ``async acquire(nbytes)``) is awaited
 before each bulk frame (Records, Manifest) with its wire size. Control frames (acks,
 credit, pings, goodbye) never wait for it. Bulk frames keep their order among
-themselves; final frames (Goodbye, Error, Refuse) wait for bulk frames in progress.
+themselves; final frames (Goodbye, Error, Refuse) wait for bulk frames in progress. A bulk
+frame whose send is cancelled while it waits for the shaper never goes (nothing of it was
+written or counted), and the connection stays usable.
 
 Strangers: ``serve`` keeps at most ``max_pending`` connections whose peer has not
 completed its part of the handshake (closing the oldest of them to make room for a new
@@ -282,17 +284,13 @@ class FramedConnection:
                     time.perf_counter() - started,
                     compress,
                 )
+            if bulk and self._shaper is not None and encoded is not None:
+                # tokens first, then the protocol counts the frame as sent: a wait cancelled
+                # here (a sender stopping while paused at rate 0) leaves the stream usable
+                # for the Goodbye, the frame never went
+                await self._shaper.acquire(sum(map(len, encoded.buffers)))
             self._check_writable()
-            buffers = self.protocol.send(msg, encoded=encoded)
-            if bulk and self._shaper is not None:
-                try:
-                    await self._shaper.acquire(sum(map(len, buffers)))
-                except BaseException:
-                    # the protocol counted the frame as sent: the stream is unusable now
-                    self.abort()
-                    raise
-                self._check_writable()
-            self._write(buffers)
+            self._write(self.protocol.send(msg, encoded=encoded))
         await self._drain()
 
     async def recv(self, timeout: float | None = None) -> Message:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -65,6 +67,30 @@ def test_bench_json_through_the_emulator(tmp_path: Path) -> None:
     assert s["target_rpo_s"] == 30.0
     assert s["rpo_held"] is (s["lag_p99_s"] is not None and s["lag_p99_s"] <= 30)
     assert list(work.iterdir()) == []  # the temporary folder was removed
+
+
+def test_bench_rsync_times_the_same_change_over_the_same_link(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    [s] = _bench(
+        "--size", "8M", "--rtt", "20ms", "--rate", "200Mbit", "--mix", "random", "--rsync",
+        "--work-dir", str(work),
+    )  # fmt: skip
+    rsync = s["rsync"]
+    assert s["rsync_change_seconds"] == rsync["seconds"] > 0
+    assert s["change_seconds"] == s["change_sync"]["seconds"] > 0
+    assert s["change_time_over_rsync"] == pytest.approx(
+        s["change_seconds"] / s["rsync_change_seconds"], rel=1e-3
+    )
+    # the delta algorithm went through the emulator: block checksums down, one changed
+    # 64 KiB extent and the matches up (far less than the 8 MiB image)
+    assert 64 * 1024 <= rsync["link_bytes_up"] < 2 * 1024 * 1024
+    assert rsync["link_bytes_down"] > 0
+    assert _processes_using(work) == [] and list(work.iterdir()) == []  # daemon gone too
+
+
+def test_rsync_with_to_is_refused() -> None:
+    out = replicator("bench", "--to", "127.0.0.1:9", "--insecure", "--rsync")
+    assert out.returncode == ExitCode.CONFIG and "--rsync" in out.stderr
 
 
 def test_sweep_of_two_rtts_and_a_plot(tmp_path: Path) -> None:
@@ -221,3 +247,104 @@ def test_a_differing_replica_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="missing"):
         verify_local(source, tmp_path / "none")
     assert verify_local(source, source) == blake3.blake3(b"x" * 100_000).hexdigest()
+
+
+def _record(journal_dir: Path, writes: int, size: int, seconds: float) -> int:
+    """A recorded journal: ``writes`` random writes of ``size`` bytes spread evenly over
+    ``seconds`` (their record times), a barrier after every tenth; the record count."""
+    import asyncio
+
+    from replicator.journal import Journal, Record
+
+    async def write() -> int:
+        journal = await Journal.open(journal_dir)
+        start = time.time_ns() - 3600 * 10**9  # recorded an hour ago
+        try:
+            for i in range(writes):
+                ts = start + int(i * seconds / (writes - 1) * 1e9)
+                record = Record.write("disk.img", i * size, os.urandom(size))
+                await journal.append(dataclasses.replace(record, ts_ns=ts))
+                if i % 10 == 9:
+                    await journal.append(dataclasses.replace(Record.flush(), ts_ns=ts))
+            await journal.sync()
+            return journal.last_lsn
+        finally:
+            await journal.aclose()
+
+    return asyncio.run(write())
+
+
+def test_replay_of_a_recorded_journal_predicts_the_lag(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    count = _record(state / "journal", writes=40, size=16 * 1024, seconds=2.0)
+    before = {p.name: p.read_bytes() for p in (state / "journal").iterdir()}
+    fast, slow = _bench(
+        "--replay", str(state), "--rtt", "20ms", "--rate", "100Mbit,1Mbit", "--target-rpo", "1"
+    )
+    for s in (fast, slow):
+        replayed = s["replay"]
+        assert s["mode"] == "replay" and replayed["records"] == count
+        assert replayed["applied_lsn"] == count  # the receiver applied every record
+        assert replayed["recorded_seconds"] == pytest.approx(2.0, abs=0.01)
+        assert replayed["replay_seconds"] >= 2.0  # at the recorded pace, not at once
+        assert replayed["payload_bytes"] == 40 * 16 * 1024 and replayed["lag_samples"] > 0
+    # 640 KiB in 2 s fits 100 Mbit at once; at 1 Mbit (125 kB/s) it takes over 5 s
+    assert fast["lag_p99_s"] < 1 and fast["rpo_held"] is True
+    assert slow["lag_max_s"] > 2 and slow["rpo_held"] is False
+    after = {p.name: p.read_bytes() for p in (state / "journal").iterdir()}
+    assert after == before  # the recording was read from a copy, untouched
+
+
+def test_replay_of_a_folder_without_a_journal_exits_3(tmp_path: Path) -> None:
+    out = replicator("bench", "--replay", str(tmp_path))
+    assert out.returncode == ExitCode.CONFIG and "--replay" in out.stderr
+    assert "no journal" in out.stderr
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.startswith("rbench-")}
+
+
+def test_netns_mode_has_the_kernel_enforce_the_rate(tmp_path: Path) -> None:
+    if os.geteuid() != 0:  # not root: refused before anything runs, saying why
+        out = replicator("bench", "--netns", "--size", "8M")
+        assert out.returncode == ExitCode.CONFIG and "needs root" in out.stderr
+        return
+    before = _namespaces()
+    [s] = _bench("--netns", "--size", "8M", "--rtt", "20ms", "--rate", "40Mbit", "--rsync")
+    assert s["mode"] == "netns" and s["replica_verified"] is True
+    # the emulator only delays here: tbf holds plain TCP to 5 MB/s (it counts headers too)
+    assert 5e6 * 0.6 < s["plain_tcp_goodput_bytes_per_s"] < 5e6 * 1.05
+    assert s["rsync_change_seconds"] > 0
+    assert _namespaces() == before  # its namespaces (and their veth links) are gone
+
+
+def test_netns_is_removed_after_ctrl_c(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        out = replicator("bench", "--netns", "--work-dir", str(tmp_path / "work"))
+        assert out.returncode == ExitCode.CONFIG and "needs root" in out.stderr
+        assert not (tmp_path / "work").exists()  # refused before anything ran
+        return
+    before = _namespaces()
+    work = tmp_path / "work"
+    bench = subprocess.Popen(
+        [*REPLICATOR, "bench", "--netns", "--size", "16M", "--rtt", "100ms", "--rate", "20Mbit",
+         "--work-dir", str(work)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any("send" in args for args in _processes_using(work)):  # mid-sync
+            assert bench.poll() is None and time.monotonic() < deadline, bench.stderr
+            time.sleep(0.1)
+        assert len(_namespaces() - before) == 2
+        bench.send_signal(signal.SIGINT)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == ExitCode.INTERRUPTED, err
+    assert _namespaces() == before
+    assert _processes_using(work) == [] and list(work.iterdir()) == []

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import ConnectError, PeerProtocolError, RefusedError
 from replicator.engine.receiver import Receiver, ReceiverConfig
-from replicator.engine.sender import Sender, SenderConfig
+from replicator.engine.sender import Sender, SenderConfig, SenderState
 from replicator.engine.volumes import resolve_volumes
 from replicator.transport import FramedConnection
 
@@ -124,6 +124,31 @@ async def test_a_refusal_reaches_the_sender_and_nothing_is_written(pair: Pair) -
     with pytest.raises(RefusedError, match="diverged"):
         await pair.sender.run_once()
     assert pair.replica.read_bytes().startswith(b"edited")
+
+
+async def test_an_epoch_journaled_but_not_in_the_manifests_is_folded_not_sent_again(
+    pair: Pair,
+) -> None:
+    """The local basis plus the records journaled after it (the fold in choose_basis):
+    a cycle whose manifests were never saved (a crash between the two) is not sent twice."""
+    await pair.sender.run_once()
+    _change(pair.disk, [MiB, 3 * MiB])
+    async with SenderState(pair.sender.config) as state:
+        link, kind, basis = await pair.sender.open_link(state)
+        try:
+            _, stats, lsn = await pair.sender.cycle(state, link, basis, save=False)
+            await link.wait_applied(lsn)
+        finally:
+            await pair.sender.close_link(link)
+    assert kind == "local" and stats.bytes_changed == 2 * 64 * 1024
+    again = await pair.sender.run_once()
+    assert again.basis == "local"
+    assert again.bytes_changed == 0 and again.payload_bytes < 64 * 1024
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    _change(pair.disk, [5 * MiB])  # and with nothing left to fold, only the new change moves
+    third = await pair.sender.run_once()
+    assert third.basis == "local" and third.bytes_changed == 64 * 1024
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
 
 
 # -- random interleavings -----------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""``--witness`` and ``--auto-failover-after`` for ``send`` and ``receive`` (docs/WITNESS.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from replicator.engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from replicator.engine.sender import Sender
+    from replicator.engine.witness_client import Witness
+
+T = TypeVar("T")
+
+WitnessOption = Annotated[
+    str | None,
+    typer.Option(
+        "--witness",
+        help="The tie-breaker for automatic failover: HOST:PORT of `replicator witness` "
+        "(TLS with this side's --tls-dir) or etcd://HOST:PORT.",
+    ),
+]
+LeaseIntervalOption = Annotated[
+    float,
+    typer.Option(
+        "--witness-interval",
+        help="Seconds between the source's lease renewals at the witness.",
+        min=0.1,
+    ),
+]
+NO_TIE_BREAKER = (
+    "--auto-failover-after needs --witness HOST:PORT (or etcd://HOST:PORT): without a "
+    "tie-breaker this side cannot tell a dead source from a cut network, and promoting "
+    "then makes two primaries (split brain)"
+)
+
+
+def source_lease(
+    sender: Sender,
+    witness: str | None,
+    interval: float,
+    *,
+    tls_dir: Path | None,
+    tls_name: str | None,
+) -> Callable[[], Coroutine[Any, Any, Any]] | None:
+    """The sender's lease keeper for ``--witness`` (None without): a coroutine factory, so
+    the client is made here (bad options fail at start) and the loop runs in ``run``."""
+    if witness is None:
+        return None
+    from replicator.engine.generations import load_peer_generation
+    from replicator.engine.witness_client import witness_for
+    from replicator.engine.witness_roles import keep_lease
+
+    config = sender.config
+    client = witness_for(
+        witness,
+        who=f"{tls_name or 'sender'}@{socket.gethostname()}:{config.job}",
+        tls_dir=None if tls_dir is None else str(tls_dir),
+        tls_name=tls_name,
+        lease_seconds=3 * interval,
+    )
+    known = load_peer_generation(config.state_dir)  # before the first session says it
+
+    def generation() -> int:
+        return max(known, sender.status.generation)
+
+    async def renewing() -> None:
+        try:
+            await keep_lease(client, config.job, generation, interval)
+        finally:
+            await client.aclose()
+
+    return renewing
+
+
+def auto_failover(
+    after: float | None,
+    witness: str | None,
+    *,
+    who: str,
+    tls_dir: Path | None,
+    tls_name: str | None,
+) -> tuple[Witness, float] | None:
+    """The receiver's witness and delay, or None without --auto-failover-after; refuses
+    --auto-failover-after without --witness (and the reverse: nothing would use it)."""
+    if after is None:
+        if witness is not None:
+            raise ConfigError(
+                "--witness on receive needs --auto-failover-after SECONDS",
+                hint="give how long the source may be silent before the target promotes",
+            )
+        return None
+    if witness is None:
+        raise ConfigError(
+            NO_TIE_BREAKER,
+            hint="run `replicator witness --listen HOST:PORT` on a third machine and pass "
+            "--witness HOST:PORT to send and receive; or fail over by hand with "
+            "`replicator failover --force`",
+        )
+    from replicator.engine.witness_client import witness_for
+
+    client = witness_for(
+        witness,
+        who=who,
+        tls_dir=None if tls_dir is None else str(tls_dir),
+        tls_name=tls_name,
+        lease_seconds=after,
+    )
+    return client, after
+
+
+async def until_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, Any]) -> None:
+    """Run ``work`` until ``stop`` is set (its errors end the command)."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, waiter):
+            t.cancel()
+        await asyncio.gather(task, waiter, return_exceptions=True)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise error
+
+
+async def with_lease(work: Coroutine[Any, Any, T], lease: Coroutine[Any, Any, Any] | None) -> T:
+    """``work``'s result, with the source's lease renewed meanwhile (``keep_lease``): when
+    the witness says the target took over, ``work`` is cancelled and that error ends the
+    command (exit 11)."""
+    if lease is None:
+        return await work
+    async with asyncio.TaskGroup() as group:
+        job = group.create_task(work)
+        renewing = group.create_task(lease)
+        job.add_done_callback(lambda _: renewing.cancel())
+    return job.result()

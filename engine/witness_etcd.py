@@ -1,0 +1,116 @@
+"""The witness as etcd keys (``--witness etcd://HOST:PORT``; docs/WITNESS.md).
+
+* ``/replicator/witness/JOB/source``: the source's key, attached to an etcd lease of
+  ``lease_seconds``; the sender refreshes the lease and rewrites the key at every renewal
+  (in a transaction that fails once the job's current generation was granted).
+* ``/replicator/witness/JOB/promoted/G``: created (never overwritten) by the target that
+  promotes generation G, in one transaction that checks the source's key is gone. etcd
+  serialises transactions, so exactly one target ever creates it.
+
+The client is aetcd (optional extra ``[etcd]``), imported only here. It speaks plain
+gRPC: run etcd on a network you trust (or loopback behind a proxy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from replicator.engine.errors import ConfigError, ConnectError
+from replicator.engine.witness_state import Decision, Renewal
+
+PREFIX = "/replicator/witness/"
+TIMEOUT = 5
+
+
+def _source(job: str) -> bytes:
+    return f"{PREFIX}{job}/source".encode()
+
+
+def _promoted(job: str, generation: int) -> bytes:
+    return f"{PREFIX}{job}/promoted/{generation}".encode()
+
+
+class EtcdWitness:
+    def __init__(self, host: str, port: int, *, who: str, lease_seconds: float) -> None:
+        try:
+            import aetcd
+        except ImportError as exc:
+            raise ConfigError(
+                "--witness etcd://… needs the aetcd client",
+                hint="install replicator with the etcd extra: pip install 'replicator[etcd]'",
+            ) from exc
+        self._aetcd = aetcd
+        self.host, self.port, self.who = host, port, who
+        self.ttl = max(1, round(lease_seconds))
+        self._client: Any = aetcd.Client(host, port, timeout=TIMEOUT)
+        self._lease: Any = None
+
+    @property
+    def where(self) -> str:
+        return f"etcd://{self.host}:{self.port}"
+
+    async def renew(self, job: str, generation: int) -> Renewal:
+        try:
+            return await self._renew(job, generation)
+        except self._aetcd.exceptions.ClientError as exc:
+            self._lease = None  # granted anew once etcd answers again
+            raise ConnectError(f"cannot reach etcd at {self.where}: {exc}") from exc
+
+    async def _renew(self, job: str, generation: int) -> Renewal:
+        client = self._client
+        await client.connect()
+        if self._lease is not None:
+            reply = await self._lease.refresh()
+            if reply is None or reply.TTL <= 0:  # expired meanwhile: the key went with it
+                self._lease = None
+        if self._lease is None:
+            self._lease = await client.lease(self.ttl)
+        txn = client.transactions
+        granted = _promoted(job, generation)
+        ok, responses = await client.transaction(
+            compare=[txn.version(granted) == 0],
+            success=[txn.put(_source(job), str(generation).encode(), lease=self._lease)],
+            failure=[txn.get(granted)],
+        )
+        if ok:
+            return Renewal(True)
+        return Renewal(False, promoted_to=generation + 1, grantee=_value(responses))
+
+    async def may_promote(self, job: str, generation: int, after: float) -> Decision:
+        try:
+            return await self._may_promote(job, generation)
+        except self._aetcd.exceptions.ClientError as exc:
+            raise ConnectError(f"cannot reach etcd at {self.where}: {exc}") from exc
+
+    async def _may_promote(self, job: str, generation: int) -> Decision:
+        client = self._client
+        await client.connect()
+        txn = client.transactions
+        granted = _promoted(job, generation)
+        ok, responses = await client.transaction(
+            compare=[txn.version(_source(job)) == 0, txn.version(granted) == 0],
+            success=[txn.put(granted, self.who.encode())],
+            failure=[txn.get(granted), txn.get(_source(job))],
+        )
+        if ok:
+            return Decision(True, new=True)
+        holder = _value(responses[:1])
+        if holder == self.who:
+            return Decision(True)  # our own grant, asked again
+        if holder:
+            return Decision(False, reason=f"generation {generation} was granted to {holder!r}")
+        return Decision(False, reason="the source still holds its etcd lease")
+
+    async def aclose(self) -> None:
+        # the lease is left to expire, not revoked: a source that stops is as gone as one
+        # that dies (the target decides after its own --auto-failover-after)
+        self._lease = None
+        await self._client.close()
+
+
+def _value(responses: list[Any]) -> str:
+    """The value of the first key a transaction's failure branch read ('' when absent)."""
+    for kvs in responses:
+        if isinstance(kvs, list) and kvs:
+            return bytes(kvs[0][0]).decode(errors="replace")
+    return ""

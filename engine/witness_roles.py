@@ -1,0 +1,146 @@
+"""The two sides' part in automatic failover (docs/WITNESS.md).
+
+* ``keep_lease`` (the sender): renew "primary for job J at generation G" every few
+  seconds. When the witness says the target was promoted, raise SplitBrainError: the
+  command stops (exit 11) and writes nothing more. A witness that cannot be reached is
+  logged and replication goes on: losing the witness never stops the source.
+* ``AutoFailover`` (the receiver, ``--auto-failover-after``): a job with no session for
+  that long is offered to the witness; only its grant promotes (``Receiver.failover``,
+  the path ``replicator failover --force`` takes). A witness that cannot be reached
+  promotes nobody: the job keeps waiting, and its status and log say why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+import structlog
+
+from replicator.engine.errors import ReplicatorError, SplitBrainError
+from replicator.engine.failover import finish_failover
+from replicator.engine.receiver import Receiver
+from replicator.engine.witness_client import Witness
+
+log = structlog.get_logger()
+
+RETRY = 1.0  # seconds between questions to the witness while a job waits
+
+
+async def keep_lease(
+    witness: Witness, job: str, generation: Callable[[], int], interval: float
+) -> NoReturn:
+    """Renew the source's lease until the witness says the target took over (raises)."""
+    unreachable = False
+    while True:
+        gen = generation()
+        try:
+            renewal = await witness.renew(job, gen)
+        except ReplicatorError as exc:
+            if not unreachable:
+                log.warning(
+                    "sender.witness_unreachable",
+                    witness=witness.where,
+                    error=str(exc),
+                    action="replication goes on; the target cannot promote meanwhile",
+                )
+            unreachable = True
+        else:
+            if not renewal.ok:
+                log.error(
+                    "sender.demoted_by_witness",
+                    job=job,
+                    generation=gen,
+                    promoted_to=renewal.promoted_to,
+                    by=renewal.grantee,
+                )
+                raise SplitBrainError(
+                    f"the witness at {witness.where} says job {job!r} was promoted on the "
+                    f"target (generation {renewal.promoted_to}"
+                    f"{', by ' + repr(renewal.grantee) if renewal.grantee else ''}); this "
+                    f"source was at generation {gen} and stopped: it writes nothing more",
+                    hint="do not start the VM here; bring this side up to date with "
+                    "`replicator failback` (docs/OPERATIONS.md, 'Automatic failover')",
+                )
+            if unreachable:
+                log.warning("sender.witness_back", witness=witness.where)
+            unreachable = False
+        await asyncio.sleep(interval)
+
+
+class AutoFailover:
+    """Promote jobs whose source went quiet, when the witness agrees."""
+
+    def __init__(
+        self, receiver: Receiver, witness: Witness, after: float, *, poll: float = 0.25
+    ) -> None:
+        self.receiver, self.witness, self.after, self.poll = receiver, witness, after, poll
+        self._seen: dict[str, float] = {}  # job: when a session last held it (monotonic)
+        self._next: dict[str, float] = {}  # job: when to ask the witness again
+        self._said: dict[str, str] = {}  # job: the last reason logged (log once per change)
+
+    def jobs(self) -> list[str]:
+        root = self.receiver.config.state_root
+        try:
+            entries = sorted(root.iterdir())
+        except FileNotFoundError:
+            return []
+        return [
+            p.name
+            for p in entries
+            if p.is_dir() and ((p / "applied.state").exists() or (p / "journal").is_dir())
+        ]
+
+    async def run(self) -> NoReturn:
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(self.poll)
+            for job in self.jobs():
+                try:
+                    await self.check(job, started)
+                except (OSError, ReplicatorError) as exc:  # one job's trouble: the others go on
+                    log.error("receiver.auto_failover_error", job=job, error=str(exc))
+
+    async def check(self, job: str, started: float) -> None:
+        now = time.monotonic()
+        if self.receiver.has_session(job):
+            self._seen[job] = now
+            self._said.pop(job, None)
+            return
+        if now - self._seen.get(job, started) <= self.after or self._next.get(job, 0) > now:
+            return
+        self._next[job] = now + RETRY
+        replica = await self.receiver.job(job)
+        if replica.promotion is not None:
+            return
+        generation = replica.state.generation
+        try:
+            decision = await self.witness.may_promote(job, generation, self.after)
+        except ReplicatorError as exc:
+            self._say(job, "receiver.auto_failover_waiting", f"witness unreachable: {exc}")
+            replica.status.error(
+                "witness", f"automatic failover waits: the witness cannot be reached ({exc})"
+            )
+            return
+        if not decision.granted:
+            self._say(job, "receiver.auto_failover_refused", decision.reason)
+            return
+        t0 = time.monotonic()
+        log.warning(
+            "receiver.auto_failover", job=job, generation=generation, witness=self.witness.where
+        )
+        try:
+            promotion, already = await self.receiver.failover(job)
+            await finish_failover(
+                self.receiver.config, job, promotion, exec_cmd=None, started=t0, already=already
+            )
+        except ReplicatorError as exc:  # granted: asking again gets the same grant
+            log.error("receiver.auto_failover_failed", job=job, error=str(exc))
+            replica.status.error("failover", f"automatic failover failed: {exc}")
+
+    def _say(self, job: str, event: str, why: str) -> None:
+        if self._said.get(job) != why:
+            self._said[job] = why
+            log.warning(event, job=job, witness=self.witness.where, why=why)

@@ -1,0 +1,96 @@
+"""``replicator witness``: the tie-breaker both sides of a job talk to (docs/WITNESS.md).
+
+Serves ``renew`` (the source: "I am alive as primary for job J at generation G") and
+``promote`` (the target: "may I promote job J at generation G?") from a ``WitnessBook``;
+grants are written to ``DIR/witness.state`` (fsync, write-temp-rename) before the answer
+leaves, so a restarted witness never grants a job's generation twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from replicator.engine.errors import ReplicatorError
+from replicator.engine.names import check_job_name
+from replicator.engine.tls import peer_name
+from replicator.engine.witness_protocol import encode, read_message
+from replicator.engine.witness_state import STATE_FILE, WitnessBook
+from replicator.journal.durable import makedirs_durable, read_state, write_state_async
+
+log = structlog.get_logger()
+
+REQUEST_TIMEOUT = 10.0
+
+
+class WitnessServer:
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / STATE_FILE
+        makedirs_durable(directory)
+        self.book = WitnessBook.from_state(read_state(self.path), time.monotonic())
+        self._lock = asyncio.Lock()  # one decision (and its durable write) at a time
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                message = await read_message(reader)
+                reply = await self.answer(message, peer_name(writer))
+                writer.write(encode(reply))
+                await writer.drain()
+        except (ReplicatorError, TimeoutError, OSError, ssl.SSLError) as exc:
+            log.warning("witness.request_failed", peer=str(peer), error=str(exc))
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+    async def answer(self, message: dict[str, Any], certificate: str | None) -> dict[str, Any]:
+        op, job, generation = message.get("op"), message.get("job"), message.get("generation")
+        try:
+            if not isinstance(job, str) or type(generation) is not int or generation < 0:
+                raise ValueError("a request needs a job name and a generation >= 0")
+            check_job_name(job)
+        except (ValueError, ReplicatorError) as exc:
+            return {"error": f"bad request: {exc}"}
+        # with TLS the requester is its certificate; without, what it says it is
+        who = certificate or str(message.get("who") or "?")
+        now = time.monotonic()
+        if op == "renew":
+            renewal = self.book.renew(job, generation, now)
+            if renewal.ok:
+                return {"ok": True}
+            log.warning(
+                "witness.renewal_refused",
+                job=job,
+                generation=generation,
+                promoted_to=renewal.promoted_to,
+                by=renewal.grantee,
+            )
+            return {"ok": False, "promoted_to": renewal.promoted_to, "grantee": renewal.grantee}
+        if op == "promote":
+            after = message.get("after")
+            if not isinstance(after, int | float) or after <= 0:
+                return {"error": "bad request: 'after' must be a positive number of seconds"}
+            async with self._lock:
+                decision = self.book.decide(job, generation, float(after), who, now)
+                if decision.new:
+                    self.book.record(job, generation, who)
+                    try:
+                        await write_state_async(self.path, self.book.to_state())
+                    except OSError as exc:
+                        self.book.forget(job, generation)
+                        log.error("witness.state_write_failed", path=str(self.path), error=str(exc))
+                        return {"granted": False, "reason": f"the witness cannot write: {exc}"}
+                    log.warning("witness.granted", job=job, generation=generation + 1, to=who)
+            if decision.granted:
+                return {"granted": True, "generation": generation + 1}
+            log.info("witness.refused", job=job, generation=generation, why=decision.reason)
+            return {"granted": False, "reason": decision.reason}
+        return {"error": f"bad request: unknown op {op!r}"}

@@ -1,0 +1,196 @@
+"""Automatic failover with the built-in witness, as an admin would run it: real
+`replicator witness`, `receive --auto-failover-after` and `send --witness` processes;
+the sender and the witness are SIGKILLed (docs/OPERATIONS.md, "Automatic failover")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.errors import ExitCode
+from replicator.engine.witness_client import BuiltinWitness
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    b3,
+    free_port,
+    one_line_error,
+    qemu_img,
+    qemu_io,
+    replicator,
+    start_receiver,
+    wait_port,
+)
+
+AFTER = 1.5  # --auto-failover-after: short, so each case takes a few seconds
+LEASE = ("--witness-interval", "0.3")
+
+
+def start_witness(state: Path, port: int | None = None) -> tuple[subprocess.Popen[str], str]:
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [*REPLICATOR, "witness", "--listen", f"127.0.0.1:{port}", "--dir", str(state),
+         "--insecure"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    wait_port(port, proc)
+    return proc, f"127.0.0.1:{port}"
+
+
+def start_sender(rcv: ReceiverProc, state: Path, disk: Path, witness: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
+         "--insecure", "--interval", "0.2", "--witness", witness, *LEASE, str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+def receiver_job(rcv: ReceiverProc) -> dict[str, object]:
+    out = replicator("status", "--dir", str(rcv.dir), "--json")
+    assert out.returncode == 0, out.stderr
+    jobs = json.loads(out.stdout)["jobs"]
+    assert [j["job"] for j in jobs] == ["vm1"], jobs
+    job: dict[str, object] = jobs[0]
+    return job
+
+
+def wait_for(what: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if what():
+            return True
+        time.sleep(step)
+    return what()
+
+
+def replicating(rcv: ReceiverProc) -> Callable[[], bool]:
+    """True once the sender's first consistency point was applied on the receiver."""
+    state = rcv.dir / ".replicator" / "vm1" / "applied.state"
+    return lambda: state.exists() and receiver_job(rcv)["consistency_point"]["lsn"] > 0  # type: ignore[index]
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "vm1.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "16M")
+    qemu_io("qcow2", path, "write -P 0x11 0 2M")
+    return path
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes to kill at the end, whatever happened."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_the_target_promotes_when_the_witness_agrees(
+    tmp_path: Path, disk: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    rcv = start_receiver(
+        tmp_path / "target",
+        security=("--insecure", "--auto-failover-after", str(AFTER), "--witness", address),
+    )
+    procs.append(rcv.proc)
+    sender = start_sender(rcv, tmp_path / "state", disk, address)
+    procs.append(sender)
+    assert wait_for(replicating(rcv), 10), "the sender never replicated"
+    time.sleep(2 * AFTER)  # the source is alive: nothing is promoted meanwhile
+    assert receiver_job(rcv)["promoted"] is False
+
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    killed = time.monotonic()
+    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 10), receiver_job(rcv)
+    took = time.monotonic() - killed
+    assert AFTER < took < AFTER + 5, took
+    job = receiver_job(rcv)
+    assert job["generation"] == 2  # the first session made it 1, the promotion 2
+    replica = rcv.dir / "vm1" / disk.name
+    before = b3(replica)
+
+    # the witness answers the old source's renewal "promoted"...
+    host, port = address.rsplit(":", 1)
+    old = BuiltinWitness(host, int(port), who="test", tls=None)
+    renewal = asyncio.run(old.renew("vm1", 1))
+    assert not renewal.ok and renewal.promoted_to == 2 and renewal.grantee.startswith("receiver@")
+    # ...so when it comes back it stops (exit 11): told by the witness or, when its
+    # session got there first, refused by the receiver; the replica is untouched
+    again = start_sender(rcv, tmp_path / "state", disk, address)
+    procs.append(again)
+    _, err = again.communicate(timeout=20)
+    assert again.returncode == ExitCode.SPLIT_BRAIN, err[-2000:]
+    line = one_line_error(err)
+    assert "promoted" in line and "failback" in line
+    assert b3(replica) == before
+    assert rcv.stop() == 0
+
+
+def test_automatic_failover_without_a_witness_is_refused_at_start(tmp_path: Path) -> None:
+    out = replicator(
+        "receive", "--listen", f"127.0.0.1:{free_port()}", "--dir", str(tmp_path / "t"),
+        "--insecure", "--auto-failover-after", "5",
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    line = one_line_error(out.stderr)
+    assert "--witness" in line and "split brain" in line and "failover --force" in line
+    bad = replicator(
+        "receive", "--listen", f"127.0.0.1:{free_port()}", "--dir", str(tmp_path / "t"),
+        "--insecure", "--auto-failover-after", "5", "--witness", "nowhere",
+    )  # fmt: skip
+    assert bad.returncode == ExitCode.CONFIG and "HOST:PORT" in one_line_error(bad.stderr)
+
+
+def test_no_promotion_while_the_witness_is_down(
+    tmp_path: Path, disk: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    rcv = start_receiver(
+        tmp_path / "target",
+        security=("--insecure", "--auto-failover-after", str(AFTER), "--witness", address),
+    )
+    procs.append(rcv.proc)
+    sender = start_sender(rcv, tmp_path / "state", disk, address)
+    procs.append(sender)
+    assert wait_for(replicating(rcv), 10), "the sender never replicated"
+
+    witness.send_signal(signal.SIGKILL)
+    witness.wait(timeout=10)
+    # losing the witness does not stop replication: a change still reaches the replica
+    qemu_io("qcow2", disk, "write -P 0x22 4M 1M")
+    point = receiver_job(rcv)["consistency_point"]["lsn"]  # type: ignore[index]
+    assert wait_for(
+        lambda: receiver_job(rcv)["consistency_point"]["lsn"] > point,  # type: ignore[index]
+        10,
+    )
+    assert sender.poll() is None
+
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    time.sleep(3 * AFTER)  # several timeouts: the target asks, nobody answers
+    job = receiver_job(rcv)
+    assert job["promoted"] is False and job["generation"] == 1
+    assert "witness cannot be reached" in str(job["last_error"])
+
+    # the witness comes back: it counts the source's silence from its own start, then agrees
+    back, _ = start_witness(tmp_path / "witness", int(address.rsplit(":", 1)[1]))
+    procs.append(back)
+    restarted = time.monotonic()
+    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 10)
+    assert time.monotonic() - restarted > AFTER
+    assert rcv.stop() == 0

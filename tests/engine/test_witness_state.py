@@ -1,0 +1,141 @@
+"""The built-in witness's state machine (engine/witness_state.py) and its server's
+answers (engine/witness_server.py): never two grants for one job generation, also
+across restarts; a source renewing is never overtaken; a promoted source is told."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replicator.engine.witness_server import WitnessServer
+from replicator.engine.witness_state import STATE_FILE, WitnessBook
+from replicator.journal.durable import read_state
+
+JOBS = ("vm1", "vm2")
+WHO = ("target-a", "target-b", "target-c")
+
+# one step: (kind, job, generation, requester, seconds that pass first)
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(("renew", "promote", "restart")),
+        st.sampled_from(JOBS),
+        st.integers(0, 3),
+        st.sampled_from(WHO),
+        st.floats(0, 4, allow_nan=False),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps, st.floats(0.5, 3, allow_nan=False))
+def test_never_two_grants_for_one_generation(script: list[tuple[str, str, int, str, float]],
+                                             after: float) -> None:  # fmt: skip
+    now = 0.0
+    book = WitnessBook(started=now)
+    saved = book.to_state()
+    granted: dict[tuple[str, int], set[str]] = {}
+    last_renewal: dict[str, float] = {}
+    for kind, job, gen, who, wait in script:
+        now += wait
+        if kind == "restart":  # what was durably written survives, leases do not
+            book = WitnessBook.from_state(saved, started=now)
+            last_renewal.clear()
+            continue
+        if kind == "renew":
+            renewal = book.renew(job, gen, now)
+            later = [g for (j, g) in granted if j == job and g >= gen]
+            assert renewal.ok == (not later)  # told exactly when a grant overtook it
+            if renewal.ok:
+                last_renewal[job] = now
+            continue
+        decision = book.decide(job, gen, after, who, now)
+        if decision.new:
+            book.record(job, gen, who)
+            saved = book.to_state()  # the server writes it before answering
+        if decision.granted:
+            granted.setdefault((job, gen), set()).add(who)
+            # a grant only after the source was quiet for longer than `after`
+            if decision.new and job in last_renewal:
+                assert now - last_renewal[job] > after
+    for (job, gen), whom in granted.items():
+        assert len(whom) == 1, f"{job} generation {gen} granted to {whom}"
+
+
+def test_quiet_time_counts_from_the_witness_start_after_a_restart() -> None:
+    book = WitnessBook(started=100.0)
+    assert not book.decide("vm1", 0, 5.0, "t", 104.0).granted  # may have renewed meanwhile
+    assert book.decide("vm1", 0, 5.0, "t", 105.5).granted
+
+
+def test_renewal_keeps_the_target_waiting_and_a_grant_stops_the_source() -> None:
+    book = WitnessBook(started=0.0)
+    assert book.renew("vm1", 1, 10.0).ok
+    refused = book.decide("vm1", 1, 2.0, "t", 11.0)
+    assert not refused.granted and "renewed its lease 1.0s ago" in refused.reason
+    decision = book.decide("vm1", 1, 2.0, "t", 12.5)
+    assert decision.granted and decision.new
+    book.record("vm1", 1, "t")
+    stale = book.renew("vm1", 1, 13.0)
+    assert not stale.ok and stale.promoted_to == 2 and stale.grantee == "t"
+    assert book.renew("vm1", 2, 13.0).ok  # the source after failback holds the new history
+    assert not book.decide("vm1", 1, 2.0, "other", 20.0).granted
+    assert book.decide("vm1", 1, 2.0, "t", 20.0).granted  # the same target, asking again
+
+
+async def test_server_writes_the_grant_before_answering_and_keeps_it(tmp_path: Path) -> None:
+    server = WitnessServer(tmp_path)
+    server.book.started -= 10  # the witness has run for 10 s without a renewal for vm1
+    ask = {"op": "promote", "job": "vm1", "generation": 3, "after": 2.0, "who": "a"}
+    assert await server.answer(ask, None) == {"granted": True, "generation": 4}
+    assert read_state(tmp_path / STATE_FILE) == {"grants": {"vm1": [[3, "a"]]}}
+    restarted = WitnessServer(tmp_path)
+    restarted.book.started -= 10
+    other = await restarted.answer({**ask, "who": "b"}, None)
+    assert other["granted"] is False and "granted to 'a'" in str(other["reason"])
+    # with TLS the certificate names the requester, whatever the message says
+    assert (await restarted.answer({**ask, "who": "b"}, "a"))["granted"] is True
+    renewal = await restarted.answer({"op": "renew", "job": "vm1", "generation": 3}, None)
+    assert renewal == {"ok": False, "promoted_to": 4, "grantee": "a"}
+    bad = await restarted.answer({"op": "renew", "job": "../x", "generation": 1}, None)
+    assert "bad request" in str(bad["error"])
+
+
+async def test_over_mutual_tls_the_certificate_names_the_requester(tmp_path: Path) -> None:
+    """Both clients and the witness with keygen's files: the grant goes to the certificate
+    name, and a client without a certificate of the CA gets no answer."""
+    import asyncio
+
+    from replicator.engine import keys
+    from replicator.engine.errors import ConnectError
+    from replicator.engine.tls import TlsIdentity
+    from replicator.engine.witness_client import BuiltinWitness
+
+    keys.keygen(tmp_path / "keys", ["witness", "receiver", "sender"])
+    keys.keygen(tmp_path / "other", ["receiver"])  # another CA
+    witness = WitnessServer(tmp_path / "state")
+    witness.book.started -= 10
+    tls = TlsIdentity(tmp_path / "keys", "witness", server=True)
+    server = await asyncio.start_server(witness.handle, "127.0.0.1", 0, ssl=tls.load())
+    port = server.sockets[0].getsockname()[1]
+
+    def client(folder: str, name: str) -> BuiltinWitness:
+        identity = TlsIdentity(tmp_path / folder, name, server=False)
+        identity.load()
+        return BuiltinWitness("127.0.0.1", port, who="claims-anything", tls=identity)
+
+    try:
+        assert (await client("keys", "sender").renew("vm1", 0)).ok
+        witness.book.leases.clear()  # as if the source had been silent since the start
+        assert (await client("keys", "receiver").may_promote("vm1", 0, 2.0)).granted
+        assert witness.book.grants == {"vm1": {0: "receiver"}}
+        stale = await client("keys", "sender").renew("vm1", 0)
+        assert not stale.ok and stale.promoted_to == 1 and stale.grantee == "receiver"
+        with pytest.raises(ConnectError):
+            await client("other", "receiver").may_promote("vm1", 0, 2.0)
+    finally:
+        server.close()
+        await server.wait_closed()
