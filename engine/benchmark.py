@@ -54,7 +54,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from replicator.engine.benchmark_netns import LOOPBACK, Place, namespaces
+from replicator.engine.benchmark_procs import free_port, stop_process
 from replicator.engine.benchmark_replay import Recording, load_recording, replay
 from replicator.engine.benchmark_rsync import rsync_change, seed
 from replicator.engine.benchmark_workload import Mix, blake3_file, change_image, write_image
@@ -92,7 +92,6 @@ PLAIN_TCP_SECONDS = 10.0  # plain TCP sends at most this long at the rate cap
 PLAIN_TCP_MIN = 4 * 1024 * 1024
 PLAIN_TCP_MAX = 1024 * 1024 * 1024
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 
 # The plain TCP peers: separate processes, so they do not share the emulator's event loop.
 _SINK = """
@@ -225,19 +224,6 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "REPLICATOR_LOG_FORMAT": "json"}
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM, then SIGKILL after STOP_TIMEOUT; reaped either way."""
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-
 @contextlib.asynccontextmanager
 async def _child(
     *args: str, log: Path | None = None, stdout: int | None = None
@@ -255,13 +241,7 @@ async def _child(
     try:
         yield proc
     finally:
-        await _stop(proc)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        await stop_process(proc)
 
 
 def _log_tail(log: Path, limit: int = 1500) -> str:
@@ -281,7 +261,7 @@ async def _receiver(directory: Path, log: Path, place: Place) -> AsyncIterator[i
     """``replicator receive`` on a free port (loopback, or its namespace's address); yields
     the port once it listens."""
     host = place.receiver_host
-    port = _free_port()
+    port = free_port()
     args = ("receive", "--listen", f"{host}:{port}", "--dir", str(directory), "--insecure")
     async with _child(*place.receiver((*REPLICATOR, *args)), log=log) as proc:
         deadline = time.monotonic() + START_TIMEOUT

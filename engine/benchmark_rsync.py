@@ -22,13 +22,13 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from replicator.engine.benchmark_netns import LOOPBACK, Place
+from replicator.engine.benchmark_procs import free_port, stop_process
 from replicator.engine.benchmark_workload import blake3_file
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
 from replicator.transport.wan import LinkProfile, WanEmulator
@@ -37,7 +37,6 @@ __all__ = ["MODULE", "require_rsync", "rsync_change", "seed"]
 
 MODULE = "bench"
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 
 
 class RsyncDiffers(ReplicatorError):
@@ -84,30 +83,12 @@ def _config(folder: Path, work: Path) -> Path:
     return conf
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-
 @contextlib.asynccontextmanager
 async def _daemon(rsync: str, folder: Path, work: Path, place: Place) -> AsyncIterator[int]:
     """``rsync --daemon --no-detach`` on a free port where a receiver would listen (loopback,
     or the receiver's namespace); yields the port once it listens."""
     host = place.receiver_host
-    port = _free_port()
+    port = free_port()
     conf = await asyncio.to_thread(_config, folder, work)
     daemon = (rsync, "--daemon", "--no-detach", f"--config={conf}", f"--address={host}")
     proc = await asyncio.create_subprocess_exec(
@@ -135,7 +116,7 @@ async def _daemon(rsync: str, folder: Path, work: Path, place: Place) -> AsyncIt
             break
         yield port
     finally:
-        await _stop(proc)
+        await stop_process(proc)
 
 
 def _tail(path: Path, limit: int = 800) -> str:
@@ -167,7 +148,7 @@ async def rsync_change(
         try:
             _, err = await proc.communicate()
         finally:
-            await _stop(proc)
+            await stop_process(proc)
         seconds = time.monotonic() - started
         up, down = wan.stats.bytes_up, wan.stats.bytes_down
     if proc.returncode != 0:
