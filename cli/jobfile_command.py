@@ -11,6 +11,7 @@ with several jobs and no ``--job`` runs each job in a child process of its own
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,7 +52,7 @@ def _given(opts: Mapping[str, Any]) -> set[str]:
     return {name for name, value in opts.items() if value not in (None, (), [])}
 
 
-class _FileCommand(TyperCommand):
+class _FileCommand(TyperCommand, metaclass=abc.ABCMeta):
     """A command whose defaults come from a TOML file named by one of its options."""
 
     file_param = ""
@@ -67,10 +68,11 @@ class _FileCommand(TyperCommand):
                     fail(exc)
         return super().parse_args(ctx, args)
 
+    @abc.abstractmethod
     def defaults(
         self, ctx: Context, path: Path, opts: Mapping[str, Any], args: list[str]
     ) -> dict[str, Any]:
-        raise NotImplementedError
+        """The command's defaults from the file at ``path`` (``opts``: the command line)."""
 
 
 class SendCommand(_FileCommand):

@@ -23,14 +23,13 @@ import structlog
 
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import path_problem
-from replicator.engine.receiver_session import IDLE_TIMEOUT
+from replicator.engine.receiver_session import IDLE_TIMEOUT, send_manifest
 from replicator.transport import (
     PROTOCOL_VERSION,
     Error,
     FramedConnection,
     Goodbye,
     Handover,
-    Manifest,
     ManifestRequest,
     Ping,
     Pong,
@@ -39,7 +38,6 @@ from replicator.transport import (
     RemoteProtocolError,
     Welcome,
 )
-from replicator.transport.messages import DIGEST_SIZE
 
 log = structlog.get_logger()
 
@@ -113,22 +111,7 @@ class FailbackSession:
         if problem is not None:
             await self.conn.send(Error("name", problem))
             return
-        chunks = self.replica.replica_manifest(req.volume, req.extent_size)
-        first = 0
-        part = await asyncio.to_thread(next, chunks)
-        while True:
-            nxt = await asyncio.to_thread(next, chunks, None)
-            exists, size, digests = part
-            done = nxt is None
-            await self.conn.send(
-                Manifest(
-                    req.request_id, req.volume, exists, size, req.extent_size, first, digests, done
-                )
-            )
-            if nxt is None:
-                return
-            first += len(digests) // DIGEST_SIZE
-            part = nxt
+        await send_manifest(self.conn, self.replica, req)
 
     async def _read(self, req: ReadRequest) -> None:
         problem = path_problem(req.volume)

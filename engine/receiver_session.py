@@ -256,28 +256,7 @@ class Session:
         await self.replica.apply_pending(force=True)
         if self.adopt:
             await self.replica.adopt(req.volume)
-        chunks = self.replica.replica_manifest(req.volume, req.extent_size)
-        first = 0
-        part = await asyncio.to_thread(next, chunks)
-        while True:
-            nxt = await asyncio.to_thread(next, chunks, None)
-            exists, size, digests = part
-            await self.conn.send(
-                Manifest(
-                    req.request_id,
-                    req.volume,
-                    exists,
-                    size,
-                    req.extent_size,
-                    first,
-                    digests,
-                    nxt is None,
-                )
-            )
-            if nxt is None:
-                return
-            first += len(digests) // DIGEST_SIZE
-            part = nxt
+        await send_manifest(self.conn, self.replica, req)
 
     async def _answer_tree(self, req: TreeRequest) -> None:
         # as for manifests: the listing is of the replica with everything received applied
@@ -343,3 +322,24 @@ def _storage_reason(exc: BaseException) -> str:
 async def send_quietly(conn: FramedConnection, msg: Any) -> None:
     with contextlib.suppress(Exception):
         await conn.send(msg)
+
+
+async def send_manifest(conn: FramedConnection, replica: JobReplica, req: ManifestRequest) -> None:
+    """Answer ``req`` with the replica's manifest as it is now, in Manifest parts (the
+    last marked done); the volume name was checked by the caller."""
+    chunks = replica.replica_manifest(req.volume, req.extent_size)
+    first = 0
+    part = await asyncio.to_thread(next, chunks)
+    while True:
+        nxt = await asyncio.to_thread(next, chunks, None)
+        exists, size, digests = part
+        done = nxt is None
+        await conn.send(
+            Manifest(
+                req.request_id, req.volume, exists, size, req.extent_size, first, digests, done
+            )
+        )
+        if nxt is None:
+            return
+        first += len(digests) // DIGEST_SIZE
+        part = nxt

@@ -53,6 +53,22 @@ def start_sender(rcv: ReceiverProc, state: Path, disk: Path, witness: str) -> su
     )  # fmt: skip
 
 
+def replicating_pair(
+    tmp_path: Path, disk: Path, procs: list[subprocess.Popen[str]], witness: str
+) -> tuple[ReceiverProc, subprocess.Popen[str]]:
+    """A receiver that fails over automatically and a sender renewing its lease with
+    ``witness``, replicating; both in ``procs`` (killed at the end)."""
+    rcv = start_receiver(
+        tmp_path / "target",
+        security=("--insecure", "--auto-failover-after", str(AFTER), "--witness", witness),
+    )
+    procs.append(rcv.proc)
+    sender = start_sender(rcv, tmp_path / "state", disk, witness)
+    procs.append(sender)
+    assert wait_for(replicating(rcv), 10), "the sender never replicated"
+    return rcv, sender
+
+
 def receiver_job(rcv: ReceiverProc) -> dict[str, object]:
     out = replicator("status", "--dir", str(rcv.dir), "--json")
     assert out.returncode == 0, out.stderr
@@ -101,14 +117,7 @@ def test_the_target_promotes_when_the_witness_agrees(
 ) -> None:
     witness, address = start_witness(tmp_path / "witness")
     procs.append(witness)
-    rcv = start_receiver(
-        tmp_path / "target",
-        security=("--insecure", "--auto-failover-after", str(AFTER), "--witness", address),
-    )
-    procs.append(rcv.proc)
-    sender = start_sender(rcv, tmp_path / "state", disk, address)
-    procs.append(sender)
-    assert wait_for(replicating(rcv), 10), "the sender never replicated"
+    rcv, sender = replicating_pair(tmp_path, disk, procs, address)
     time.sleep(2 * AFTER)  # the source is alive: nothing is promoted meanwhile
     assert receiver_job(rcv)["promoted"] is False
 
@@ -160,14 +169,7 @@ def test_no_promotion_while_the_witness_is_down(
 ) -> None:
     witness, address = start_witness(tmp_path / "witness")
     procs.append(witness)
-    rcv = start_receiver(
-        tmp_path / "target",
-        security=("--insecure", "--auto-failover-after", str(AFTER), "--witness", address),
-    )
-    procs.append(rcv.proc)
-    sender = start_sender(rcv, tmp_path / "state", disk, address)
-    procs.append(sender)
-    assert wait_for(replicating(rcv), 10), "the sender never replicated"
+    rcv, sender = replicating_pair(tmp_path, disk, procs, address)
 
     witness.send_signal(signal.SIGKILL)
     witness.wait(timeout=10)

@@ -20,11 +20,11 @@ from tests.cli.test_witness import (
     disk,  # noqa: F401 - a fixture
     procs,  # noqa: F401 - a fixture
     receiver_job,
-    replicating,
+    replicating_pair,
     start_sender,
     wait_for,
 )
-from tests.tools import b3, free_port, one_line_error, require_tool, start_receiver, wait_port
+from tests.tools import b3, free_port, one_line_error, require_tool, wait_port
 
 pytestmark = pytest.mark.tools
 
@@ -57,14 +57,7 @@ def test_etcd_the_target_promotes_when_the_source_key_is_gone(
     etcd: tuple[subprocess.Popen[str], str],
 ) -> None:
     _, address = etcd
-    rcv = start_receiver(
-        tmp_path / "target",
-        security=("--insecure", "--auto-failover-after", str(AFTER), "--witness", address),
-    )
-    procs.append(rcv.proc)
-    sender = start_sender(rcv, tmp_path / "state", disk, address)
-    procs.append(sender)
-    assert wait_for(replicating(rcv), 10), "the sender never replicated"
+    rcv, sender = replicating_pair(tmp_path, disk, procs, address)
     time.sleep(2 * AFTER)
     assert receiver_job(rcv)["promoted"] is False  # the source holds its key
 
@@ -107,14 +100,7 @@ def test_etcd_down_promotes_nobody(
     etcd: tuple[subprocess.Popen[str], str],
 ) -> None:
     server, address = etcd
-    rcv = start_receiver(
-        tmp_path / "target",
-        security=("--insecure", "--auto-failover-after", str(AFTER), "--witness", address),
-    )
-    procs.append(rcv.proc)
-    sender = start_sender(rcv, tmp_path / "state", disk, address)
-    procs.append(sender)
-    assert wait_for(replicating(rcv), 10), "the sender never replicated"
+    rcv, sender = replicating_pair(tmp_path, disk, procs, address)
 
     server.send_signal(signal.SIGKILL)
     server.wait(timeout=10)
