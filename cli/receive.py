@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -34,6 +35,28 @@ from replicator.transport import serve
 log = structlog.get_logger()
 
 
+def check_exec(command: str, after: float | None) -> None:
+    """``--auto-failover-exec`` is refused at start when nothing would run it, or when it
+    is no command at all: finding out at the promotion would be too late."""
+    if after is None:
+        raise ConfigError(
+            "--auto-failover-exec runs after an automatic promotion: it needs "
+            "--auto-failover-after SECONDS and --witness",
+            hint="add them, or fail over by hand with `replicator failover --force --exec CMD`",
+        )
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--auto-failover-exec {command!r} cannot be split into a command: {exc}",
+            hint="quote it as a shell would (it is run without one)",
+        ) from exc
+    if not argv:
+        raise ConfigError(
+            "--auto-failover-exec is empty", hint="give the command that starts the VM"
+        )
+
+
 def receive(
     listen: Annotated[str, typer.Option("--listen", help="Address to listen on, HOST:PORT.")],
     directory: Annotated[Path, typer.Option("--dir", help="Replicas land in DIR/JOB/<file name>.")],
@@ -60,6 +83,16 @@ def receive(
             help="Promote a job after SECONDS without its source, when --witness agrees "
             "(docs/OPERATIONS.md, 'Automatic failover').",
             min=0.1,
+        ),
+    ] = None,
+    auto_failover_exec: Annotated[
+        str | None,
+        typer.Option(
+            "--auto-failover-exec",
+            help="After an automatic promotion, run CMD as `failover --exec` does (no shell; "
+            "in the replica folder, REPLICATOR_JOB and REPLICATOR_REPLICA_DIR set): the "
+            "command that starts the VM.",
+            metavar="CMD",
         ),
     ] = None,
     witness: WitnessOption = None,
@@ -90,6 +123,8 @@ def receive(
             authorize=Authorizer(rules) if rules else None,
         )
         check_receiver_dirs(config)
+        if auto_failover_exec is not None:
+            check_exec(auto_failover_exec, auto_failover_after)
         auto = auto_failover(
             auto_failover_after,
             witness,
@@ -127,7 +162,8 @@ def receive(
                 if auto is None:
                     await stop.wait()
                 else:
-                    await until_stopped(stop, AutoFailover(receiver, *auto).run())
+                    watch = AutoFailover(receiver, *auto, exec_cmd=auto_failover_exec)
+                    await until_stopped(stop, watch.run())
         finally:
             if auto is not None:
                 await auto[0].aclose()

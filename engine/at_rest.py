@@ -9,8 +9,9 @@ snapshots (engine/status.py) where the figure exists at rest, plus ``"source": "
   applied what the journal holds is not known without it: ``lag.at_most`` says how much
   it can be at most (every record still in the journal, since the oldest one's time);
 * a receiver's state folder: per job, what ``applied.state`` says (applied LSN,
-  consistency point and its source time, generation, an apply left unfinished) and the
-  receive journal's last LSN.
+  consistency point and its source time, generation, an apply left unfinished), the
+  receive journal's last LSN, and ``promoted.state`` (a failover made the replica the
+  primary copy: state ``promoted``, when and at which generation, and the way back).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from replicator.engine import replica_state
 from replicator.engine.control import read_claim
 from replicator.engine.errors import ConfigError
 from replicator.engine.failback_state import describe, load_marker
+from replicator.engine.generations import load_promotion
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
-from replicator.engine.status import iso_time
+from replicator.engine.status import ReceiverPhase, iso_time, promotion_fields
 from replicator.journal.durable import StateFileError
 from replicator.journal.inspect import JournalReport, scan_journal
 from replicator.journal.segment import SegmentReader
@@ -133,14 +135,19 @@ def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> lis
         received = max(applied, last)
         consistent = point.consistent and not point.applying
         age = (now - point.point_ts_ns / 1e9) if point.point_ts_ns else None
+        promotion = load_promotion(folder)  # failover: the replica is the primary copy now
+        # promoted.state is written before applied.state's generation (a crash between
+        # them is finished when the job is opened): the promotion's is the one that counts
+        generation = max(point.generation, promotion.generation if promotion else 0)
         jobs.append(
             {
                 "job": job,
                 "role": "receiver",
                 "source": "files",
-                "state": NOT_RUNNING,
+                "state": str(ReceiverPhase.PROMOTED) if promotion is not None else NOT_RUNNING,
                 "connected": False,
-                "generation": point.generation,
+                "generation": generation,
+                **promotion_fields(job, promotion),
                 "lsn": {"received": received, "applied": applied},
                 "lag": {
                     "records": max(0, received - applied),

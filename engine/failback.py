@@ -32,14 +32,21 @@ import asyncio
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from replicator.engine import generations
 from replicator.engine.connectors import Connector
-from replicator.engine.errors import ConfigError, PeerProtocolError, RefusedError, as_user_error
-from replicator.engine.failback_state import clear_marker, load_marker, save_marker
+from replicator.engine.errors import (
+    ConfigError,
+    PeerProtocolError,
+    RefusedError,
+    StorageError,
+    as_user_error,
+)
+from replicator.engine.failback_state import MARKER_FILE, clear_marker, load_marker, save_marker
 from replicator.engine.link import Link, SessionPurpose
 from replicator.engine.manifest import ExtentManifest, ManifestSet
 from replicator.engine.names import check_job_name
@@ -127,8 +134,8 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
                     "status --dir DIR` there shows the job",
                 )
             # from here on the volumes may be half old, half new until the hand-back
-            await asyncio.to_thread(
-                save_marker, config.state_dir, "failback", generation=generation
+            await _record(
+                config.state_dir, "failback", generation=generation, resumed=result.resumed
             )
             remote: dict[str, ExtentManifest] = {}
             for spec in disks:
@@ -141,9 +148,7 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
             manifests = ManifestSet(handback, config.extent_size, epoch, dict(remote))
             await state.save(manifests)  # file volumes are shipped again by the next send
             await asyncio.to_thread(generations.save_peer_generation, config.state_dir, generation)
-            await asyncio.to_thread(
-                save_marker, config.state_dir, "handing-back", generation=generation, lsn=handback
-            )
+            await _record(config.state_dir, "handing-back", generation=generation, lsn=handback)
             await link.send_handover("handback", handback, generation)
             step = await link.handover(HANDBACK_TIMEOUT)
             if step.step != "demoted" or step.lsn != handback:
@@ -164,6 +169,28 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
     result.seconds = round(time.monotonic() - started, 3)
     log.warning("failback.done", **{k: v for k, v in result.as_dict().items() if k != "per_volume"})
     return result
+
+
+async def _record(
+    state_dir: Path, phase: str, *, generation: int, lsn: int = 0, resumed: bool = False
+) -> None:
+    """Durably record ``phase`` in failback.state before the step it protects: the first
+    volume byte changed ("failback"), the receiver told to take the job back
+    ("handing-back"). When that fails, the step does not happen."""
+    try:
+        await asyncio.to_thread(save_marker, state_dir, phase, generation=generation, lsn=lsn)
+    except OSError as exc:
+        if phase == "handing-back":
+            done = "the volumes equal the target's replica, which stays promoted"
+        elif resumed:
+            done = "the volumes are as the interrupted failback left them (`send` still refuses)"
+        else:
+            done = "nothing was changed here or on the target"
+        raise StorageError(
+            f"cannot record the failback's progress in {state_dir / MARKER_FILE} ({exc}); {done}",
+            hint="free space on (or repair) that disk, then run the same `replicator "
+            "failback` again: it goes on from here",
+        ) from exc
 
 
 async def _restore(

@@ -23,8 +23,8 @@ from typing import NoReturn
 
 import structlog
 
-from replicator.engine.errors import ConnectError, PeerProtocolError
-from replicator.engine.failback_state import HandedOver, save_marker
+from replicator.engine.errors import ConnectError, PeerProtocolError, StorageError
+from replicator.engine.failback_state import MARKER_FILE, HandedOver, save_marker
 from replicator.engine.link import Link
 
 log = structlog.get_logger()
@@ -73,9 +73,19 @@ async def hand_over(link: Link, final_lsn: int, state_dir: Path, job: str) -> No
         ) from exc
     if step.step != "promoted":
         raise PeerProtocolError(f"the receiver answered the final point with {step.step!r}")
-    await asyncio.to_thread(
-        save_marker, state_dir, "handed-over", generation=step.generation, lsn=final_lsn
-    )
+    try:
+        await asyncio.to_thread(
+            save_marker, state_dir, "handed-over", generation=step.generation, lsn=final_lsn
+        )
+    except OSError as exc:  # promoted all the same: the target refuses this source from now on
+        raise StorageError(
+            f"job {job!r}: the target promoted its replicas at lsn {final_lsn} (generation "
+            f"{step.generation}), but this source could not record the handover in "
+            f"{state_dir / MARKER_FILE} ({exc}); its capture has stopped",
+            hint="do not start the VM here: it runs on the target now, and `send` is refused "
+            "there (split brain); fix the disk, then take the job back with `replicator "
+            "failback` when you want it here",
+        ) from exc
     await link.goodbye("handed over")
     log.warning("sender.handed_over", job=job, lsn=final_lsn, generation=step.generation)
     raise HandedOver(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from replicator.engine.at_rest import receiver_jobs_at_rest
+from replicator.engine.at_rest import NOT_RUNNING, receiver_jobs_at_rest
 from replicator.engine.control import (
     SOCKET_NAME,
     ControlBusy,
@@ -133,7 +133,8 @@ class Monitor:
             with contextlib.suppress(Exception):  # the live jobs are the answer that matters
                 more = await asyncio.to_thread(self.at_rest, known)
                 for entry in more:
-                    entry["state"] = "idle"  # no sender since this receiver started
+                    if entry["state"] == NOT_RUNNING:
+                        entry["state"] = "idle"  # no sender since this receiver started
                 snapshot["jobs"] = sorted([*snapshot["jobs"], *more], key=lambda j: j["job"])
         if job is not None:
             snapshot["jobs"] = [j for j in snapshot["jobs"] if j.get("job") == job]

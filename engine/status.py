@@ -72,6 +72,7 @@ class SenderPhase(StrEnum):
 
 
 class ReceiverPhase(StrEnum):
+    PROMOTED = "promoted"  # failover made the replica the primary copy: nothing is applied
     IDLE = "idle"  # no sender connected
     RECEIVING = "receiving"
     RECOVERING = "recovering"  # an interrupted apply is not finished: not a consistency point
@@ -282,7 +283,9 @@ class ReceiverJobStatus:
         if conn is not None:
             payload += conn.stats.payload_received
             wire += conn.stats.payload_received_wire
-        if replica.files.diverged:
+        if replica.promotion is not None:
+            state = ReceiverPhase.PROMOTED
+        elif replica.files.diverged:
             state = ReceiverPhase.DIVERGED
         elif replica.failure is not None:
             state = ReceiverPhase.FAILED
@@ -300,7 +303,7 @@ class ReceiverJobStatus:
             "peer": conn.peer if conn is not None else None,
             "connected": conn is not None,
             "generation": point.generation,
-            "promoted": replica.promotion is not None,
+            **promotion_fields(replica.job, replica.promotion),
             "lsn": {"received": replica.received_lsn, "applied": replica.applied_lsn},
             "lag": {
                 "records": max(0, replica.received_lsn - replica.applied_lsn),
@@ -367,6 +370,46 @@ def _progress(progress: tuple[int, int] | None) -> dict[str, Any] | None:
         "bytes": done,
         "total": total,
         "percent": round(100 * done / total, 1) if total else 100.0,
+    }
+
+
+def promotion_fields(job: str, promotion: Promotion | None) -> dict[str, Any]:
+    """A receiver job's ``promoted``, ``promotion`` and (while promoted) ``role_change``
+    keys: the same for a running receiver and for the files at rest (engine/at_rest.py)."""
+    if promotion is None:
+        return {"promoted": False, "promotion": None}
+    back = (
+        "stop the VM here, then on the old source: `replicator failback --from THIS_RECEIVER:PORT "
+        f"--job {job} VOLUME...` (with `replicator receive` running here); or, to throw away "
+        f"what was written here: `replicator demote --dir DIR --job {job} --discard-changes`"
+    )
+    if promotion.damaged:
+        return {
+            "promoted": True,
+            "promotion": {"damaged": promotion.damaged},
+            "role_change": {
+                "phase": "promoted",
+                "note": f"maybe ({promotion.damaged}): every sender is refused",
+                "next": back,
+            },
+        }
+    at = iso_time(promotion.at_ns)
+    return {
+        "promoted": True,
+        "promotion": {
+            "generation": promotion.generation,
+            "previous_generation": promotion.previous,
+            "at": at,
+            "point_lsn": promotion.point_lsn,
+            "point_time": iso_time(promotion.point_ts_ns),
+        },
+        "role_change": {
+            "phase": "promoted",
+            "note": f"by failover at {at} (generation {promotion.previous} -> "
+            f"{promotion.generation}, consistency point lsn {promotion.point_lsn}); "
+            "replication writes nothing to it",
+            "next": back,
+        },
     }
 
 

@@ -6,7 +6,8 @@
   logged and replication goes on: losing the witness never stops the source.
 * ``AutoFailover`` (the receiver, ``--auto-failover-after``): a job with no session for
   that long is offered to the witness; only its grant promotes (``Receiver.failover``,
-  the path ``replicator failover --force`` takes). A witness that cannot be reached
+  the path ``replicator failover --force`` takes), then ``--auto-failover-exec`` runs as
+  ``failover --exec`` runs its command (``finish_failover``). A witness that cannot be reached
   promotes nobody: the job keeps waiting, and its status and log say why.
 """
 
@@ -74,9 +75,16 @@ class AutoFailover:
     """Promote jobs whose source went quiet, when the witness agrees."""
 
     def __init__(
-        self, receiver: Receiver, witness: Witness, after: float, *, poll: float = 0.25
+        self,
+        receiver: Receiver,
+        witness: Witness,
+        after: float,
+        *,
+        exec_cmd: str | None = None,
+        poll: float = 0.25,
     ) -> None:
         self.receiver, self.witness, self.after, self.poll = receiver, witness, after, poll
+        self.exec_cmd = exec_cmd  # run after each promotion, as `failover --exec` runs it
         self._seen: dict[str, float] = {}  # job: when a session last held it (monotonic)
         self._next: dict[str, float] = {}  # job: when to ask the witness again
         self._said: dict[str, str] = {}  # job: the last reason logged (log once per change)
@@ -133,9 +141,18 @@ class AutoFailover:
         )
         try:
             promotion, already = await self.receiver.failover(job)
-            await finish_failover(
-                self.receiver.config, job, promotion, exec_cmd=None, started=t0, already=already
+            # promoted: a failing --auto-failover-exec is logged, never retried (the job is
+            # promoted now, so it is not offered again; start the VM by hand)
+            result = await finish_failover(
+                self.receiver.config,
+                job,
+                promotion,
+                exec_cmd=self.exec_cmd,
+                started=t0,
+                already=already,
             )
+            if result.exec_pid is not None:
+                log.warning("receiver.auto_failover_exec", job=job, pid=result.exec_pid)
         except ReplicatorError as exc:  # granted: asking again gets the same grant
             log.error("receiver.auto_failover_failed", job=job, error=str(exc))
             replica.status.error("failover", f"automatic failover failed: {exc}")

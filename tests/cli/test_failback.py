@@ -4,17 +4,23 @@ qemu-img compare and blake3 on both sides."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
+import struct
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from replicator.engine.at_rest import sender_at_rest
 from replicator.engine.errors import ExitCode
 from replicator.engine.failback_state import MARKER_FILE, save_marker
+from tests.faultfs import FaultFS
 from tests.tools import (
     ENV,
     REPLICATOR,
@@ -331,3 +337,216 @@ def test_an_interrupted_failback_is_refused_by_send_and_resumes(tmp_path: Path) 
         assert summary["basis"] == "local" and summary["bytes_changed"] == 0
     finally:
         assert rcv.stop() == 0
+
+
+class ReplicaWriter(threading.Thread):
+    """The target's VM still running: rewrites one extent of the replica every half
+    millisecond with content it never wrote before (a counter), until stopped."""
+
+    def __init__(self, replica: Path, offset: int) -> None:
+        super().__init__(daemon=True)
+        self.replica, self.offset = replica, offset
+        self.writes = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        fd = os.open(self.replica, os.O_WRONLY)
+        try:
+            while not self.halt.is_set():
+                self.writes += 1
+                os.pwrite(fd, struct.pack("<Q", self.writes) * (EXTENT // 8), self.offset)
+                time.sleep(0.0005)
+        finally:
+            os.close(fd)
+
+
+def _forced_failover(
+    tmp_path: Path, state: Path | None = None, size: str = "64M"
+) -> tuple[Path, Path, Path, Path]:
+    """One `send --once` of a ``size`` disk, the receiver stopped, `failover --force` at
+    rest; returns (disk, state, target, replica)."""
+    disk, target = tmp_path / "disk.img", tmp_path / "target"
+    state = state or tmp_path / "state"
+    qemu_img("create", "-q", "-f", "raw", str(disk), size)
+    qemu_io("raw", disk, "write -P 0x11 0 8M")
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm", state, disk)
+    finally:
+        assert rcv.stop() == 0
+    out = replicator("failover", "--dir", str(target), "--job", "vm", "--force", "--json")
+    assert out.returncode == 0, out.stderr
+    return disk, state, target, target / "vm" / disk.name
+
+
+def test_a_replica_that_changes_during_the_failback_stops_it(tmp_path: Path) -> None:
+    require_tool("qemu-io")
+    disk, state, target, replica = _forced_failover(tmp_path, size="256M")
+    qemu_io("raw", replica, "write -P 0x22 16M 8M")  # what the promoted VM wrote
+    # the VM is still running there: one extent keeps changing. Failback reads it after
+    # the receiver hashed the replica and this side hashed its whole disk (256 MiB: tens
+    # of milliseconds at least), while the writer replaces it every half millisecond
+    writer = ReplicaWriter(replica, 200 * MiB)
+    rcv = start_receiver(target)
+    try:
+        writer.start()
+        while writer.writes < 20:
+            time.sleep(0.01)
+        out = _failback(rcv, state, disk)
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-3000:]
+        line = one_line_error(out.stderr)
+        assert "changed during the failback" in line and "is the VM still running" in line
+        assert "stop the VM on the target" in line and "replicator failback" in line
+        assert writer.is_alive()  # it was still changing the replica when failback stopped
+        # the volumes may be half restored: send still refuses them
+        assert (state / MARKER_FILE).exists()
+        refused = replicator(
+            "send", "--to", rcv.address, "--job", "vm", "--state-dir", str(state), "--once",
+            "--insecure", str(disk),
+        )  # fmt: skip
+        assert refused.returncode == ExitCode.SPLIT_BRAIN
+        assert "failback is under way" in one_line_error(refused.stderr)
+        assert sender_at_rest(state)["jobs"][0]["state"] == "failback_incomplete"
+        # the VM stops: the same failback finishes, both sides are identical
+        writer.halt.set()
+        writer.join(timeout=10)
+        again = _failback(rcv, state, disk)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["resumed"] is True
+        assert not (state / MARKER_FILE).exists()
+        _identical(disk, replica)
+        summary = send_once(rcv, "vm", state, disk)
+        assert summary["basis"] == "local" and summary["bytes_changed"] == 0
+    finally:
+        writer.halt.set()
+        assert rcv.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("op", "err", "kill"),
+    [
+        pytest.param("create", errno.EIO, True, id="sigkilled-at-the-record"),
+        pytest.param("write", errno.ENOSPC, False, id="enospc-on-the-record"),
+        pytest.param("fsync", errno.EIO, False, id="eio-on-its-fsync", marks=pytest.mark.long),
+    ],
+)
+def test_a_sender_stopped_before_recording_the_handover_is_refused(
+    tmp_path: Path, op: str, err: int, kill: bool
+) -> None:
+    """Planned failover: the receiver has promoted, and the sender's `handed-over` record
+    (failback.state) never becomes durable: faultfs fails it exactly there, and the sender
+    is SIGKILLed at that point (``kill``) or ends by itself, saying what happened. Started
+    again it is refused by the promoted receiver; the promoted replica does not change."""
+    disk, target = tmp_path / "disk.img", tmp_path / "target"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "16M")
+    qemu_io("raw", disk, "write -P 0x11 0 2M")
+    replica = target / "vm" / disk.name
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        state = fs.mountpoint / "state"
+        rcv = start_receiver(target)
+        sender = subprocess.Popen(
+            [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm", "--state-dir",
+             str(state), "--interval", "300", "--insecure", str(disk)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not replica.exists():  # the first scan is in
+                assert sender.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            qemu_io("raw", disk, "write -P 0x22 4M 1M")  # only the last scan carries it
+            rule = fs.add(op, err, path="*failback.state*")
+            out = replicator("failover", "--dir", str(target), "--job", "vm", "--planned")
+            assert out.returncode == 0, out.stderr  # promoted
+            fs.wait_for_hit(rule)
+            if kill:
+                sender.send_signal(signal.SIGKILL)
+            _, stderr = sender.communicate(timeout=30)
+            if kill:  # (unless it had already ended on the error)
+                assert sender.returncode in (-signal.SIGKILL, ExitCode.STORAGE), stderr[-3000:]
+            else:  # it says what happened, and what not to do
+                assert sender.returncode == ExitCode.STORAGE, stderr[-3000:]
+                line = one_line_error(stderr)
+                assert "the target promoted its replicas" in line and "could not record" in line
+                assert "do not start the VM here" in line and "replicator failback" in line
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+        fs.clear()
+        assert not (state / MARKER_FILE).exists()  # nothing says "handed over" here
+        _identical(disk, replica)  # the last scan is in the promoted replica
+        before = b3(replica)
+        try:
+            again = replicator(
+                "send", "--to", rcv.address, "--job", "vm", "--state-dir", str(state),
+                "--once", "--insecure", str(disk),
+            )  # fmt: skip
+            assert again.returncode == ExitCode.SPLIT_BRAIN, again.stderr[-3000:]
+            line = one_line_error(again.stderr)
+            assert "split brain" in line and "promoted by failover" in line
+            assert "generation 2" in line and "generation 1" in line and "failback" in line
+            assert b3(replica) == before
+            # the way back works from this state too
+            back = _failback(rcv, state, disk)
+            assert back.returncode == 0, back.stderr
+            assert json.loads(back.stdout)["bytes_moved"] == 0
+            summary = send_once(rcv, "vm", state, disk)
+            assert summary["basis"] == "local" and summary["bytes_changed"] == 0
+        finally:
+            assert rcv.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("op", "err", "after"),
+    [
+        pytest.param("write", errno.ENOSPC, 0, id="enospc-before-the-first-byte"),
+        pytest.param("write", errno.ENOSPC, 1, id="enospc-at-the-handback"),
+        pytest.param("fsync", errno.EIO, 0, id="eio-before-the-first-byte", marks=pytest.mark.long),
+        pytest.param("fsync", errno.EIO, 1, id="eio-at-the-handback", marks=pytest.mark.long),
+    ],
+)
+def test_failback_changes_nothing_it_could_not_record(
+    tmp_path: Path, op: str, err: int, after: int
+) -> None:
+    """failback.state's writes fail (faultfs: real ENOSPC/EIO on the sender's state
+    folder): before the first volume byte changes (``after`` 0: the "failback" record)
+    the volumes stay exactly as they were; before the receiver is told to take the job
+    back (1: the "handing-back" record) the target stays promoted and `send` refuses.
+    Either way the error says so, and the same failback finishes once the disk is fine."""
+    require_tool("qemu-io")
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        disk, state, target, replica = _forced_failover(tmp_path, fs.mountpoint / "state")
+        qemu_io("raw", replica, "write -P 0x22 16M 8M")  # what the promoted VM wrote
+        before = b3(disk)
+        rcv = start_receiver(target)
+        try:
+            rule = fs.add(op, err, path="*failback.state*", after=after)
+            out = _failback(rcv, state, disk)
+            assert fs.hits()[str(rule)] >= 1
+            assert out.returncode == ExitCode.STORAGE, out.stderr[-3000:]
+            line = one_line_error(out.stderr)
+            assert "cannot record the failback's progress" in line and MARKER_FILE in line
+            assert "run the same `replicator failback` again" in line
+            promoted = json.loads(replicator("status", "--dir", str(target), "--json").stdout)
+            assert promoted["jobs"][0]["promoted"] is True  # the target was not told
+            if after == 0:
+                assert "nothing was changed here or on the target" in line
+                assert b3(disk) == before and not (state / MARKER_FILE).exists()
+            else:  # the volumes are the replica's, the record still says "failback"
+                assert "which stays promoted" in line
+                assert b3(disk) == b3(replica)
+                assert sender_at_rest(state)["jobs"][0]["state"] == "failback_incomplete"
+                refused = replicator(
+                    "send", "--to", rcv.address, "--job", "vm", "--state-dir", str(state),
+                    "--once", "--insecure", str(disk),
+                )  # fmt: skip
+                assert refused.returncode == ExitCode.SPLIT_BRAIN
+            fs.clear()
+            again = _failback(rcv, state, disk)
+            assert again.returncode == 0, again.stderr
+            assert not (state / MARKER_FILE).exists()
+            _identical(disk, replica)
+            summary = send_once(rcv, "vm", state, disk)
+            assert summary["basis"] == "local" and summary["bytes_changed"] == 0
+        finally:
+            assert rcv.stop() == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,65 @@ def test_the_split_brain_rule(
         fresh=fresh, purpose=frozenset(purpose),
     )  # fmt: skip
     assert (refusal[0] if refusal else None) == code
+
+
+PROMOTION_KEYS = ("state", "promoted", "generation", "promotion", "role_change")
+
+
+def test_status_shows_a_promoted_job_at_rest_and_live(tmp_path: Path) -> None:
+    disk, state, target = tmp_path / "vm1.raw", tmp_path / "state", tmp_path / "target"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "4M")
+    qemu_io("raw", disk, "write -P 0x11 0 1M")
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm1", state, disk)
+    finally:
+        assert rcv.stop() == 0
+
+    def status(*extra: str) -> subprocess.CompletedProcess[str]:
+        out = replicator("status", "--dir", str(target), *extra)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    plain = json.loads(status("--json").stdout)["jobs"][0]
+    assert plain["state"] == "not_running" and plain["promoted"] is False
+    assert plain["promotion"] is None and "role_change" not in plain
+    out = replicator("failover", "--dir", str(target), "--job", "vm1", "--force", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+
+    snap = json.loads(status("--json").stdout)
+    assert snap["running"] is False
+    job = snap["jobs"][0]
+    assert job["state"] == "promoted" and job["promoted"] is True and job["generation"] == 2
+    promotion = job["promotion"]
+    assert (promotion["generation"], promotion["previous_generation"]) == (2, 1)
+    assert promotion["point_lsn"] == result["point_lsn"] > 0
+    assert promotion["point_time"] == result["point_time"]
+    age = time.time() - datetime.fromisoformat(promotion["at"]).timestamp()
+    assert 0 <= age < 60, promotion["at"]
+    assert job["role_change"]["phase"] == "promoted"
+    assert "replicator failback" in job["role_change"]["next"]
+    text = " ".join(status().stdout.split())  # the table a person reads
+    assert f"promoted: by failover at {promotion['at']} (generation 1 -> 2" in text
+    assert "replicator failback --from" in text and "--discard-changes" in text
+
+    # a running receiver says the same: for a job it has not served since it started
+    # (read from its files), and once a session opened the job (its own snapshot)
+    rcv = start_receiver(target)
+    try:
+        live = json.loads(status("--json").stdout)
+        assert live["running"] is True and live["jobs"][0]["source"] == "files"
+        assert {k: live["jobs"][0][k] for k in PROMOTION_KEYS} == {
+            k: job[k] for k in PROMOTION_KEYS
+        }
+        stale = replicator(
+            "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state), "--once",
+            "--insecure", str(disk),
+        )  # fmt: skip
+        assert stale.returncode == ExitCode.SPLIT_BRAIN, stale.stderr
+        opened = json.loads(status("--json").stdout)["jobs"][0]
+        assert "source" not in opened  # the process's own view of the job
+        assert {k: opened[k] for k in PROMOTION_KEYS} == {k: job[k] for k in PROMOTION_KEYS}
+    finally:
+        assert rcv.stop() == 0

@@ -5,7 +5,9 @@ the sender and the witness are SIGKILLed (docs/OPERATIONS.md, "Automatic failove
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import shlex
 import signal
 import subprocess
 import time
@@ -16,6 +18,8 @@ import pytest
 
 from replicator.engine.errors import ExitCode
 from replicator.engine.witness_client import BuiltinWitness
+from replicator.journal.durable import read_state
+from tests.faultfs import FaultFS
 from tests.tools import (
     ENV,
     REPLICATOR,
@@ -54,14 +58,17 @@ def start_sender(rcv: ReceiverProc, state: Path, disk: Path, witness: str) -> su
 
 
 def replicating_pair(
-    tmp_path: Path, disk: Path, procs: list[subprocess.Popen[str]], witness: str
+    tmp_path: Path,
+    disk: Path,
+    procs: list[subprocess.Popen[str]],
+    witness: str,
+    receive_args: tuple[str, ...] = (),
 ) -> tuple[ReceiverProc, subprocess.Popen[str]]:
-    """A receiver that fails over automatically and a sender renewing its lease with
-    ``witness``, replicating; both in ``procs`` (killed at the end)."""
-    rcv = start_receiver(
-        tmp_path / "target",
-        security=("--insecure", "--auto-failover-after", str(AFTER), "--witness", witness),
-    )
+    """A receiver that fails over automatically (more options: ``receive_args``) and a
+    sender renewing its lease with ``witness``, replicating; both in ``procs`` (killed at
+    the end)."""
+    auto = ("--auto-failover-after", str(AFTER), "--witness", witness, *receive_args)
+    rcv = start_receiver(tmp_path / "target", security=("--insecure", *auto))
     procs.append(rcv.proc)
     sender = start_sender(rcv, tmp_path / "state", disk, witness)
     procs.append(sender)
@@ -196,3 +203,81 @@ def test_no_promotion_while_the_witness_is_down(
     assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 10)
     assert time.monotonic() - restarted > AFTER
     assert rcv.stop() == 0
+
+
+@pytest.mark.parametrize(("op", "err"), [("write", errno.ENOSPC), ("fsync", errno.EIO)])
+def test_the_witness_grants_nothing_it_could_not_persist(
+    tmp_path: Path, procs: list[subprocess.Popen[str]], op: str, err: int
+) -> None:
+    """witness.state's write fails (faultfs: real ENOSPC/EIO under `witness --dir`): the
+    request is refused, nothing is granted (the old source is not told to stop, another
+    target may still be granted), and what the witness says after a restart agrees."""
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        witness, address = start_witness(fs.mountpoint / "witness")
+        procs.append(witness)
+        host, port = address.rsplit(":", 1)
+
+        def ask(who: str) -> tuple[bool, str]:
+            client = BuiltinWitness(host, int(port), who=who, tls=None)
+            decision = asyncio.run(client.may_promote("vm1", 1, 0.2))
+            return decision.granted, decision.reason
+
+        on_disk = tmp_path / "real" / "witness" / "witness.state"
+        rule = fs.add(op, err, path="*witness.state*")
+        time.sleep(0.3)  # the source has been quiet for longer than `after`
+        granted, reason = ask("target-a")
+        assert fs.hits()[str(rule)] >= 1
+        assert not granted and "the witness cannot write" in reason
+        assert not on_disk.exists()
+        source = BuiltinWitness(host, int(port), who="source", tls=None)
+        assert asyncio.run(source.renew("vm1", 1)).ok  # not told it was promoted away
+
+        fs.clear()
+        time.sleep(0.3)
+        assert ask("target-b") == (True, "")  # nobody held generation 1
+        assert read_state(on_disk) == {"grants": {"vm1": [[1, "target-b"]]}}
+        witness.kill()
+        witness.wait(timeout=10)
+        again, _ = start_witness(fs.mountpoint / "witness", int(port))
+        procs.append(again)
+        granted, reason = ask("target-a")
+        assert not granted and "granted to 'target-b'" in reason
+        again.terminate()
+        again.wait(timeout=10)
+
+
+def test_the_auto_failover_command_runs_once_after_the_promotion(
+    tmp_path: Path, disk: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """``--auto-failover-exec``: run as `failover --exec` runs its command (no shell, in
+    the replica folder, REPLICATOR_JOB and REPLICATOR_REPLICA_DIR set), once."""
+    ran = tmp_path / "ran"
+    script = f'echo "$REPLICATOR_JOB $REPLICATOR_REPLICA_DIR $PWD" >> {shlex.quote(str(ran))}'
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    rcv, sender = replicating_pair(
+        tmp_path, disk, procs, address,
+        receive_args=("--auto-failover-exec", f"sh -c {shlex.quote(script)}"),
+    )  # fmt: skip
+    assert not ran.exists()  # the source is alive: nothing promoted, nothing run
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    assert wait_for(ran.exists, 10), receiver_job(rcv)
+    assert receiver_job(rcv)["promoted"] is True
+    time.sleep(AFTER + 0.5)  # more rounds of the automatic failover: it does not run again
+    replica_dir = rcv.dir / "vm1"
+    assert ran.read_text().splitlines() == [f"vm1 {replica_dir} {replica_dir}"]
+    assert rcv.stop() == 0
+
+
+def test_an_auto_failover_command_needs_automatic_failover(tmp_path: Path) -> None:
+    base = ("receive", "--listen", f"127.0.0.1:{free_port()}", "--dir", str(tmp_path / "t"),
+            "--insecure")  # fmt: skip
+    alone = replicator(*base, "--auto-failover-exec", "virsh start vm1")
+    assert alone.returncode == ExitCode.CONFIG, alone.stderr
+    assert "--auto-failover-after" in one_line_error(alone.stderr)
+    empty = replicator(
+        *base, "--auto-failover-after", "5", "--witness", "127.0.0.1:1",
+        "--auto-failover-exec", " ",
+    )  # fmt: skip
+    assert empty.returncode == ExitCode.CONFIG and "is empty" in one_line_error(empty.stderr)
