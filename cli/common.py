@@ -41,7 +41,12 @@ TlsNameOption = Annotated[
     ),
 ]
 InsecureOption = Annotated[
-    bool, typer.Option("--insecure", help="No TLS or authentication (trusted networks only).")
+    bool,
+    typer.Option(
+        "--insecure/--no-insecure",
+        help="No TLS or authentication (trusted networks only).",
+        show_default=False,
+    ),
 ]
 NO_SECURITY = (
     "no --tls-dir: make keys with `replicator keygen --out DIR`, copy DIR's ca.crt and each "

@@ -225,12 +225,20 @@ def send(
     volumes: VolumesArgument,
     state_dir: StateDirOption = None,
     once: Annotated[
-        bool, typer.Option("--once", help="Bring the replica up to date once, then exit.")
+        bool,
+        typer.Option(
+            "--once/--no-once",
+            help="Bring the replica up to date once, then exit.",
+            show_default=False,
+        ),
     ] = False,
     interval: Annotated[
         float, typer.Option("--interval", help="Seconds between scans when continuous.", min=0.1)
     ] = 60.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json/--no-json", help="Print the summary as JSON.", show_default=False),
+    ] = False,
     insecure: InsecureOption = False,
     tls_dir: TlsDirOption = None,
     tls_name: TlsNameOption = None,
@@ -285,7 +293,11 @@ def send(
     ] = None,
     resync: Annotated[
         bool,
-        typer.Option("--resync", help="Compare with the replica itself instead of local state."),
+        typer.Option(
+            "--resync/--no-resync",
+            help="Compare with the replica itself instead of local state.",
+            show_default=False,
+        ),
     ] = False,
     metrics_listen: MetricsListenOption = None,
     rate: RateOption = None,

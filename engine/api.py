@@ -25,12 +25,19 @@ dict ``replicator status --json`` prints) taken as soon as the loop runs after t
 What the façade adds is lifecycle only: ``async with`` (or ``start()``/``aclose()``,
 idempotent), the folder locks and the control socket the CLI's ``send``/``receive`` hold,
 the pause a sender takes while it verifies, and the fan-out of events to subscribers.
+
+The sender's other choices are the ones ``send`` offers, as keywords: ``shaping`` (a
+``Shaping`` from ``--rate``/``--burst``/``--schedule``/``--target-rpo`` as typed, its
+schedule and pacer run while the façade is open) and ``nbd`` (``NbdOptions``: capture
+every write through NBD exports instead of scanning, as ``--capture nbd``); ``failback()``
+is ``replicator failback``. FUSE capture is not offered (see docs/EMBEDDING.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import time
 from collections import deque
@@ -38,7 +45,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import structlog
 
@@ -59,9 +66,11 @@ from replicator.engine.errors import (
     VersionMismatch,
     unwrap,
 )
+from replicator.engine.failback import FailbackResult, failback
 from replicator.engine.failover import FailoverResult, finish_failover
 from replicator.engine.job_replica import JobReplica, ReceiverConfig, check_receiver_dirs
 from replicator.engine.monitor import Monitor, receiver_monitor, sender_monitor
+from replicator.engine.pacing import backlog_probe
 from replicator.engine.receiver import Receiver as EngineReceiver
 from replicator.engine.scan import Progress
 from replicator.engine.sender import Sender as EngineSender
@@ -78,6 +87,11 @@ from replicator.engine.verify import VerifyResult, verify
 from replicator.engine.volumes import VolumeSpec, resolve_volumes
 from replicator.journal.errors import JournalError
 from replicator.transport import serve
+from replicator.transport.schedule import SpecError
+from replicator.transport.shaper import Shaping
+
+if TYPE_CHECKING:  # NBD capture's modules are imported only when it is chosen
+    from replicator.engine.live import LiveSender, NbdOptions
 
 log = structlog.get_logger()
 
@@ -312,6 +326,14 @@ class Sender:
     ``control``: serve ``STATE_DIR/control.sock`` so ``replicator status --state-dir``
     sees this job (and claim ``sender.json``, as ``send`` does). ``metrics``: a
     Prometheus endpoint (HOST, PORT).
+
+    ``shaping``: bandwidth shaping as ``--rate``/``--burst``/``--schedule``/``--target-rpo``
+    (``shaping_from(rate="50Mbit", ...)``); its bucket goes to the default connector, its
+    schedule and target-RPO pacer run from the first start (or ``run_once``) to
+    ``aclose()``, and ``replicator rate --state-dir`` changes it (with ``control``).
+    ``nbd``: NBD capture (``--capture nbd``): the disks are served at ``nbd.socket`` from
+    ``start()`` on (after an initial sync) and every write is journaled before it is
+    acknowledged; ``interval`` does not apply, ``run_once()`` is refused.
     """
 
     def __init__(
@@ -323,20 +345,32 @@ class Sender:
         tls: TlsSource | ssl.SSLContext | None = None,
         control: bool = True,
         metrics: tuple[str, int] | None = None,
+        shaping: Shaping | None = None,
+        nbd: NbdOptions | None = None,
     ) -> None:
         if not interval > 0:
             raise ConfigError(f"interval must be positive, got {interval!r}")
-        if connector is not None and tls is not None:
-            raise ConfigError("give tls to the connector, not to the Sender, when passing both")
+        for given, what in ((tls, "tls"), (shaping, "shaping's bucket")):
+            if connector is not None and given is not None:
+                raise ConfigError(f"give {what} to the connector, not to the Sender")
         self._own_connector = connector is None  # one passed in stays the caller's
         if connector is None:
+            shaper = shaping.bucket if shaping is not None else None
             connector = TcpConnector(
-                config.host, config.port, timeout=config.connect_timeout, tls=tls
+                config.host, config.port, timeout=config.connect_timeout, tls=tls, shaper=shaper
             )
         self.interval = interval
         self.engine = EngineSender(config, connector)  # checks the job name (ConfigError)
+        self.shaping = shaping
+        self.nbd = nbd
+        if nbd is not None:
+            self._live()  # an image that cannot be served fails now; status says "nbd"
+        if shaping is not None:  # as sender_monitor does, also without the control socket
+            self.engine.status.shaping = shaping
+            shaping.probe = backlog_probe(self.engine.status)
+        self._shaping_task: asyncio.Task[None] | None = None
         self._hub = _Hub("sender", lambda job: self.engine.status)
-        self._monitor = sender_monitor(self.engine, metrics) if control else None
+        self._monitor = sender_monitor(self.engine, metrics, shaping) if control else None
         self._monitoring = False
         self._tasks = _Tasks()
         self._run: asyncio.Task[None] | None = None
@@ -393,7 +427,10 @@ class Sender:
 
     async def _replicate(self) -> None:
         try:
-            await self.engine.run_forever(self.interval, self._stop)
+            if self.nbd is not None:  # a new capture each run: its exports do not restart
+                await self._live().run(self._stop)
+            else:
+                await self.engine.run_forever(self.interval, self._stop)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -471,10 +508,25 @@ class Sender:
         Only while not running continuously (RuntimeError otherwise)."""
         async with self._busy:
             self._check_open()
+            if self.nbd is not None:
+                raise RuntimeError("run_once() is scan capture's: with nbd, start() and stop()")
             if self.running:
                 raise RuntimeError("run_once() while running continuously: stop() first")
             await self._enter_monitor()
             return await self.engine.run_once(progress)
+
+    async def failback(self) -> FailbackResult:
+        """Take the job back from its promoted target (as ``replicator failback``): bring
+        the volumes (the VM stopped on both sides) to the promoted replica's state, moving
+        only what differs, and make the target a replica again, so ``start()`` or
+        ``run_once()`` resume without a full copy. ``config.host:port`` is the target's
+        receiver. Not while running (RuntimeError); safe to call again after an error."""
+        async with self._busy:
+            self._check_open()
+            if self.running:
+                raise RuntimeError("failback() while running: stop() first")
+            await self._enter_monitor()
+            return await failback(self.config, self.engine.connector)
 
     async def verify(self, *, repair: bool = False) -> VerifyResult:
         """Compare sources and replicas afresh (as ``replicator verify``); ``repair`` sends
@@ -484,6 +536,11 @@ class Sender:
         async with self._busy:
             self._check_open()
             resume = self.running
+            if resume and self.nbd is not None:
+                raise RuntimeError(
+                    "verify() would stop the NBD exports the VM uses: stop() first, or verify "
+                    "the replica's consistency points with the receiver's status"
+                )
             if resume:
                 self._pausing = True
                 try:
@@ -506,9 +563,18 @@ class Sender:
             raise RuntimeError("this Sender is closed")
 
     async def _enter_monitor(self) -> None:
+        """What runs from the first start to ``aclose()``: the control socket, shaping."""
         if self._monitor is not None and not self._monitoring:
             await self._monitor.__aenter__()
             self._monitoring = True
+        if self.shaping is not None and self._shaping_task is None:
+            self._shaping_task = self._tasks.start(self.shaping.run(), "api-shaping")
+
+    def _live(self) -> LiveSender:
+        from replicator.engine.live import LiveSender, NbdCapture
+
+        assert self.nbd is not None
+        return LiveSender(self.engine, NbdCapture(self.config.volumes, self.nbd))
 
     def _changed(self, job: str, what: str) -> None:
         if what in ("connected", "disconnected"):
@@ -688,6 +754,32 @@ class Receiver:
                 self._hub.tell(replica.job, "lag")
 
 
+def shaping_from(
+    rate: str | None = None,
+    burst: str | None = None,
+    schedule: str | None = None,
+    target_rpo: str | None = None,
+) -> Shaping:
+    """A ``Shaping`` from the words ``send`` takes: ``rate`` "50Mbit", "12MB/s" or
+    "unlimited"; ``burst`` "256K"; ``schedule`` "mon-fri 08:00-18:00 20Mbit; * unlimited";
+    ``target_rpo`` "30" or "5m". ConfigError (exit code 3) quoting a bad part."""
+    try:
+        return Shaping.from_options(rate, burst, schedule, target_rpo)
+    except SpecError as exc:
+        raise ConfigError(str(exc), hint="see docs/OPERATIONS.md, 'Bandwidth'") from None
+
+
+def nbd_options(
+    socket: str | os.PathLike[str], listen: tuple[str, int] | None = None, size: int | None = None
+) -> NbdOptions:
+    """NBD capture's options (``--nbd-socket``, ``--nbd-listen``, ``--nbd-size``)."""
+    from replicator.engine.live import NbdOptions
+
+    if size is not None and size < 1:
+        raise ConfigError(f"the export size must be at least 1 byte, got {size}")
+    return NbdOptions(os.fspath(socket), listen, size)
+
+
 def _user_error(exc: BaseException) -> ReplicatorError:
     """The ``ReplicatorError`` (with its exit code) for whatever ended a run."""
     error = unwrap(exc)
@@ -709,6 +801,7 @@ __all__ = [
     "EventKind",
     "EventStream",
     "ExitCode",
+    "FailbackResult",
     "FailoverResult",
     "Interrupted",
     "JournalError",
@@ -722,6 +815,7 @@ __all__ = [
     "ReplicatorError",
     "Sender",
     "SenderConfig",
+    "Shaping",
     "SplitBrainError",
     "StatusEvent",
     "StorageError",
@@ -731,5 +825,7 @@ __all__ = [
     "VerifyResult",
     "VersionMismatch",
     "VolumeSpec",
+    "nbd_options",
     "resolve_volumes",
+    "shaping_from",
 ]

@@ -53,6 +53,9 @@ log = structlog.get_logger()
 APPLY_BATCH_BYTES = 8 * 1024 * 1024
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
 MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the applier
+# a replica that never held a consistency point is written as records arrive, a round per
+# this many durable bytes, instead of all at its first barrier (see JobReplica.eager)
+EAGER_APPLY_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,7 @@ class JobReplica:
         self._mem_bytes = 0
         self._mem_ok = journal.durable_lsn <= state.applied_lsn
         self._noted = self.received_lsn  # highest LSN handed to note_durable (or applied)
+        self._eager_bytes = 0  # durable bytes noted since the last eager round began
         self._applier: Applier | None = None
         self._wake = asyncio.Event()
         self.applied_changed = asyncio.Condition()
@@ -226,6 +230,7 @@ class JobReplica:
                 self.last_barrier = max(self.last_barrier, record.lsn)
         if records:
             self._noted = max(self._noted, records[-1].lsn)
+            self._eager_bytes += sum(r.encoded_size for r in records)
         if self._mem_ok:
             self._mem.extend(records)
             self._mem_bytes += sum(r.encoded_size for r in records)
@@ -269,6 +274,24 @@ class JobReplica:
                 break
             yield record
 
+    @property
+    def eager(self) -> bool:
+        """True while the replica has never been at a consistency point (a first sync):
+        there is no earlier point to keep, so records are applied as they become durable
+        (rounds of ``EAGER_APPLY_BYTES``) instead of all at the epoch's end. The replica
+        writes then overlap the transfer, and the sync ends with a short round, not with a
+        write of the whole epoch. Such a replica is "not consistent" until its first
+        barrier is applied, exactly as before (promotion refuses it either way)."""
+        return self.state.point_lsn == 0 and self.promotion is None
+
+    def _apply_target(self, force: bool) -> int:
+        if force:
+            return self.journal.durable_lsn
+        if self.eager and self._eager_bytes >= EAGER_APPLY_BYTES:
+            self._eager_bytes = 0
+            return max(self.last_barrier, self.journal.durable_lsn)
+        return self.last_barrier
+
     async def _apply_loop(self) -> None:
         try:
             while not self._closed:
@@ -295,7 +318,7 @@ class JobReplica:
             if self.promotion is not None:  # the replica belongs to the target's VM now
                 return self.state.applied_lsn
             t0 = time.perf_counter()
-            target = self.journal.durable_lsn if force else self.last_barrier
+            target = self._apply_target(force)
             if target <= self.state.applied_lsn:
                 return self.state.applied_lsn
             try:

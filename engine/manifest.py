@@ -128,6 +128,10 @@ class ManifestSet:
     epoch: int = 0
     disks: dict[str, ExtentManifest] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)  # whole-file digests
+    # permission bits (0o7777) the replica's volumes have; a volume not here has a mode
+    # not known to the sender (state saved before modes were kept, a basis read from the
+    # receiver): the next scan sends its mode once
+    modes: dict[str, int] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         write_state(
@@ -139,6 +143,7 @@ class ManifestSet:
                 "extent_size": self.extent_size,
                 "disks": {k: v.to_state() for k, v in self.disks.items()},
                 "files": dict(self.files),
+                "modes": dict(self.modes),
             },
         )
 
@@ -154,6 +159,7 @@ class ManifestSet:
                 int(state["epoch"]),
                 {k: ExtentManifest.from_state(v) for k, v in state["disks"].items()},
                 {k: bytes(v) for k, v in state["files"].items()},
+                {k: int(v) for k, v in state.get("modes", {}).items()},  # absent in older state
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateFileError(

@@ -167,23 +167,33 @@ def _apply_effect(basis: ManifestSet, record: Record) -> None:
     """
     if record.type is RecordType.FILE:
         basis.files[record.volume] = extent_digest(record.data)
+        basis.modes[record.volume] = record.offset & 0o7777
+        return
+    if record.type is RecordType.CHMOD:
+        basis.modes[record.volume] = record.offset & 0o7777
         return
     if record.type in (RecordType.UNLINK, RecordType.CREATE):
         basis.disks.pop(record.volume, None)
         basis.files.pop(record.volume, None)
+        basis.modes.pop(record.volume, None)
         if record.type is RecordType.CREATE:  # an empty file
             basis.disks[record.volume] = ExtentManifest(basis.extent_size, 0)
             basis.files[record.volume] = extent_digest(b"")
+            basis.modes[record.volume] = record.offset & 0o7777
         return
-    if record.type is RecordType.RENAME:  # content moves with the name
+    if record.type is RecordType.RENAME:  # content and mode move with the name
         disk = basis.disks.pop(record.volume, None)
         digest = basis.files.pop(record.volume, None)
+        mode = basis.modes.pop(record.volume, None)
         basis.disks.pop(record.target, None)
         basis.files.pop(record.target, None)
+        basis.modes.pop(record.target, None)
         if disk is not None:
             basis.disks[record.target] = disk
         if digest is not None:
             basis.files[record.target] = digest
+        if mode is not None:
+            basis.modes[record.target] = mode
         return
     if record.type is RecordType.RESIZE:
         resized = basis.disks.setdefault(record.volume, ExtentManifest(basis.extent_size, 0))
@@ -230,6 +240,7 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
         basis = ManifestSet(local.lsn, local.extent_size, local.epoch)
         basis.disks = {k: v.copy() for k, v in local.disks.items()}
         basis.files = dict(local.files)
+        basis.modes = dict(local.modes)
         since = local.lsn + 1
         kind = "local"
     else:

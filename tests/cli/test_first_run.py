@@ -369,6 +369,7 @@ def test_help_is_readable(width: int) -> None:
     assert "--to HOST:PORT" in text and "--interval SECONDS" in text
     assert "/var/lib/replicator/send/JOB as root" in text  # not cut off
     assert "[default: 60.0" in text
+    assert "--once / --no-once" in text and "[default: no-" not in text  # no noise on flags
 
 
 def test_verify_while_the_sender_runs_says_what_to_do(

@@ -249,3 +249,45 @@ def test_sigterm_stops_every_job_of_a_continuous_job_file(
     # each job's process is gone: their state folders are unlocked for a new sender
     out = replicator("send", "--job-file", str(path), "--once")
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_no_flags_turn_off_on_the_command_line_what_the_file_turns_on(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """``once = true`` and ``insecure = true`` in the file; ``--no-once`` and
+    ``--no-insecure`` on the command line win, for one job and for the several-jobs runner."""
+    for name in ("good.img", "other.img"):
+        (tmp_path / name).write_bytes(name.encode() * 65536)
+    text = TWO_JOBS.format(to=receiver.address, broken="other.img")
+    path = _job_file(tmp_path, text.replace("insecure = true\n", "insecure = true\nonce = true\n"))
+    out = replicator("send", "--job-file", str(path), "--job", "good")
+    assert out.returncode == 0, out.stderr[-3000:]  # the file's once: one cycle, then exit
+
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--job-file", str(path), "--no-once"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    source, replica = tmp_path / "other.img", receiver.dir / "broken" / "other.img"
+    try:
+        deadline = time.monotonic() + 30
+        for content in (b"first" * 65536, b"second" * 65536):  # continuous: a change follows
+            source.write_bytes(content)
+            while not (replica.exists() and b3(replica) == b3(source)):
+                assert proc.poll() is None, proc.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "the job did not keep replicating"
+                time.sleep(0.2)
+        assert proc.poll() is None  # still running after two cycles and more
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+
+    for job in (("--job", "good"), ()):  # one job; every job, each in its own process
+        out = replicator("send", "--job-file", str(path), *job, "--no-insecure")
+        assert out.returncode == ExitCode.CONFIG, out.stderr[-3000:]
+        assert "no --tls-dir" in out.stderr
+    assert "job good ended with exit code 3" in out.stderr
+    assert "job broken ended with exit code 3" in out.stderr
