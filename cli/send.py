@@ -34,8 +34,11 @@ from replicator.cli.shaping_opts import (
     make_shaping,
 )
 from replicator.cli.witness_opts import (
+    FenceAfterOption,
+    FenceExecOption,
     LeaseIntervalOption,
     WitnessOption,
+    source_fence,
     source_lease,
     with_lease,
 )
@@ -51,6 +54,7 @@ from replicator.transport import Shaper
 
 if TYPE_CHECKING:  # live capture (NBD, FUSE) is imported only when chosen: ~50 ms
     from replicator.engine.live import LiveSender
+    from replicator.engine.nbd.gate import WriteGate
 
 MIN_JOURNAL_CAP = 4 * 1024 * 1024
 
@@ -112,8 +116,13 @@ def _live_sender(
     socket: Path | None,
     listen: str | None,
     size: int | None,
-) -> LiveSender:
+    *,
+    fencing: bool,
+) -> tuple[LiveSender, WriteGate | None]:
+    """The NBD live sender; with ``fencing`` (send --witness) its writes pass a gate that
+    source self-fencing holds (engine/witness_fence.py)."""
     from replicator.engine.live import LiveSender, NbdCapture, NbdOptions
+    from replicator.engine.nbd.gate import WriteGate
 
     if once:
         raise ConfigError("--once applies to --capture scan; --capture nbd runs until stopped")
@@ -121,7 +130,8 @@ def _live_sender(
         raise ConfigError("--capture nbd needs --nbd-socket PATH")
     endpoint = parse_endpoint(listen, "--nbd-listen") if listen else None
     capture = NbdCapture(sender.config.volumes, NbdOptions(str(socket), endpoint, size))
-    return LiveSender(sender, capture)
+    capture.gate = WriteGate() if fencing else None
+    return LiveSender(sender, capture), capture.gate
 
 
 def _fuse_sender(
@@ -306,6 +316,8 @@ def send(
     target_rpo: TargetRpoOption = None,
     witness: WitnessOption = None,
     witness_interval: LeaseIntervalOption = 2.0,
+    fence_after: FenceAfterOption = None,
+    fence_exec: FenceExecOption = None,
     job_file: JobFileOption = None,  # read by SendCommand before the other options (jobfile)
 ) -> None:
     """Replicate VOLUMES to a receiver: changed extents only, in write order, durably."""
@@ -347,14 +359,19 @@ def send(
                 journal_max=cap,
             )
             sender = Sender(config, connector_for(config, tls, shaping.bucket))
+        gate = None
         if capture is Capture.nbd:
-            live = _live_sender(sender, once, nbd_socket, nbd_listen, nbd_size)
+            live, gate = _live_sender(
+                sender, once, nbd_socket, nbd_listen, nbd_size, fencing=witness is not None
+            )
+        fence = source_fence(job, witness, witness_interval, fence_after, fence_exec, gate)
         lease = source_lease(
             live.sender if capture is not Capture.scan else sender,
             witness,
             witness_interval,
             tls_dir=tls_dir,
             tls_name=tls.name if tls else None,
+            fence=fence,
         )
     except ReplicatorError as exc:
         fail(exc)

@@ -210,6 +210,12 @@ def _state(job: dict[str, Any]) -> str:
         text += " (no sender since the receiver started; from files)"
     if job.get("recovery_pending"):
         text += " (apply pending)"
+    fence = job.get("fence")
+    if isinstance(fence, dict) and fence.get("fenced"):
+        text += (
+            f" (no lease renewal at the witness for {fence.get('since_renewal_seconds')}s: "
+            "fenced; see docs/WITNESS.md, 'Fencing')"
+        )
     return text
 
 

@@ -13,8 +13,10 @@ import typer
 from replicator.engine.errors import ConfigError
 
 if TYPE_CHECKING:
+    from replicator.engine.nbd.gate import WriteGate
     from replicator.engine.sender import Sender
     from replicator.engine.witness_client import Witness
+    from replicator.engine.witness_fence import SourceFence
 
 T = TypeVar("T")
 
@@ -34,11 +36,64 @@ LeaseIntervalOption = Annotated[
         min=0.1,
     ),
 ]
+FenceAfterOption = Annotated[
+    float | None,
+    typer.Option(
+        "--fence-after",
+        help="With --witness: seconds without a successful lease renewal after which this "
+        "source fences itself (holds NBD writes, runs --fence-exec); the witness promotes "
+        "the target only later. Below 3 x --witness-interval. Default: 2 x --witness-interval.",
+        min=0.05,
+    ),
+]
+FenceExecOption = Annotated[
+    str | None,
+    typer.Option(
+        "--fence-exec",
+        help="With --witness: command run (no shell) when this source fences itself, e.g. "
+        "'virsh suspend vm1'; REPLICATOR_JOB is set.",
+    ),
+]
 NO_TIE_BREAKER = (
     "--auto-failover-after needs --witness HOST:PORT (or etcd://HOST:PORT): without a "
     "tie-breaker this side cannot tell a dead source from a cut network, and promoting "
     "then makes two primaries (split brain)"
 )
+
+
+def source_fence(
+    job: str,
+    witness: str | None,
+    interval: float,
+    fence_after: float | None,
+    fence_exec: str | None,
+    gate: WriteGate | None,
+) -> SourceFence | None:
+    """The sender's self-fencing for ``--witness`` (docs/WITNESS.md, "Fencing"); refuses
+    --fence-after/--fence-exec without --witness and a --fence-after the lease would not
+    outlast."""
+    if witness is None:
+        if fence_after is not None or fence_exec is not None:
+            raise ConfigError(
+                "--fence-after and --fence-exec need --witness: without a witness there is "
+                "no lease to lose",
+                hint="add --witness HOST:PORT (docs/WITNESS.md)",
+            )
+        return None
+    from replicator.engine.witness_fence import SourceFence, check_fence_exec
+
+    lease = 3 * interval
+    after = 2 * interval if fence_after is None else fence_after
+    if after >= lease:
+        raise ConfigError(
+            f"--fence-after {after:g} is not below the lease ({lease:g}s: 3 x "
+            f"--witness-interval {interval:g}): the source would fence after the target may "
+            "have been promoted",
+            hint=f"give --fence-after below {lease:g}, or a longer --witness-interval",
+        )
+    if fence_exec is not None:
+        check_fence_exec(fence_exec)
+    return SourceFence(job, after, exec_cmd=fence_exec, gate=gate)
 
 
 def source_lease(
@@ -48,6 +103,7 @@ def source_lease(
     *,
     tls_dir: Path | None,
     tls_name: str | None,
+    fence: SourceFence | None = None,
 ) -> Callable[[], Coroutine[Any, Any, Any]] | None:
     """The sender's lease keeper for ``--witness`` (None without): a coroutine factory, so
     the client is made here (bad options fail at start) and the loop runs in ``run``."""
@@ -58,6 +114,8 @@ def source_lease(
     from replicator.engine.witness_roles import keep_lease
 
     config = sender.config
+    if fence is not None:
+        sender.status.fence = fence.status
     client = witness_for(
         witness,
         who=f"{tls_name or 'sender'}@{socket.gethostname()}:{config.job}",
@@ -72,7 +130,7 @@ def source_lease(
 
     async def renewing() -> None:
         try:
-            await keep_lease(client, config.job, generation, interval)
+            await keep_lease(client, config.job, generation, interval, fence)
         finally:
             await client.aclose()
 

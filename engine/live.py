@@ -37,6 +37,7 @@ from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.link import Link
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
+from replicator.engine.nbd.gate import WriteGate
 from replicator.engine.nbd.images import export_size_for, probe_path
 from replicator.engine.scan import file_volume
 from replicator.engine.sender import (
@@ -317,6 +318,7 @@ class NbdCapture:
         self.options = options
         self._exports: list[JournaledFileExport] = []
         self._server: NbdServer | None = None
+        self.gate: WriteGate | None = None  # source self-fencing (send --witness)
 
     def prelude(self, replica: Tree | None) -> list[Record]:
         return []
@@ -332,7 +334,7 @@ class NbdCapture:
                     journal, spec.path, spec.name, self.options.export_size, overflow=True
                 )
             )
-        self._server = NbdServer({e.name: e for e in self._exports})
+        self._server = NbdServer({e.name: e for e in self._exports}, gate=self.gate)
         await self._server.start_unix(self.options.socket)
         if self.options.listen is not None:
             await self._server.start_tcp(*self.options.listen)

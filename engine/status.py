@@ -67,6 +67,7 @@ class SenderPhase(StrEnum):
     REPLICATING = "replicating"
     LAGGING = "lagging"  # replicating, but the lag is above LAGGING_SECONDS
     OVERFLOW = "overflow"  # the journal is full: changes are tracked, resynced later
+    FENCED = "fenced"  # no lease renewal at the witness: writes held (witness_fence.py)
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -154,6 +155,7 @@ class SenderJobStatus:
         self.last_error = ""
         self.generation = 0
         self.shaping: Shaping | None = None  # the rate in force (send --rate/--schedule)
+        self.fence: Callable[[], dict[str, Any]] | None = None  # send --witness: fencing state
         self.last_epoch = 0
         self._totals = _Totals()
         self._rate = _Rate()
@@ -210,6 +212,9 @@ class SenderJobStatus:
         state = self.state
         if state is SenderPhase.REPLICATING and link is not None and lag_seconds > LAGGING_SECONDS:
             state = SenderPhase.LAGGING
+        fence = self.fence() if self.fence is not None else None
+        if fence is not None and fence["fenced"]:
+            state = SenderPhase.FENCED
         return {
             "job": self.job,
             "role": "sender",
@@ -239,6 +244,7 @@ class SenderJobStatus:
                 "cap": journal.max_bytes if journal else None,
             },
             "shaping": self.shaping.status() if self.shaping is not None else None,
+            "fence": fence,
             "last_epoch": self.last_epoch,
             "errors": dict(self.errors),
             "last_error": self.last_error,

@@ -21,7 +21,16 @@ class Witness(Protocol):
     @property
     def where(self) -> str: ...
 
-    async def renew(self, job: str, generation: int) -> Renewal: ...
+    @property
+    def fence_bound(self) -> float | None:
+        """Seconds after a successful renewal's send by which the source must be fenced,
+        whatever it declared (etcd: before its lease's TTL runs out); None: no bound."""
+        ...
+
+    async def renew(self, job: str, generation: int, fence_after: float | None = None) -> Renewal:
+        """Renew the source's lease; ``fence_after``: the seconds without a successful
+        renewal after which it fences itself (the built-in witness waits for that)."""
+        ...
 
     async def may_promote(self, job: str, generation: int, after: float) -> Decision: ...
 
@@ -41,8 +50,15 @@ class BuiltinWitness:
     def _context(self) -> ssl.SSLContext | None:
         return None if self.tls is None else self.tls.context()
 
-    async def renew(self, job: str, generation: int) -> Renewal:
-        reply = await self._ask({"op": "renew", "job": job, "generation": generation})
+    @property
+    def fence_bound(self) -> float | None:
+        return None  # the witness waits for the declared fence_after
+
+    async def renew(self, job: str, generation: int, fence_after: float | None = None) -> Renewal:
+        message: dict[str, object] = {"op": "renew", "job": job, "generation": generation}
+        if fence_after is not None:
+            message["fence_after"] = fence_after
+        reply = await self._ask(message)
         if reply.get("ok") is True:
             return Renewal(True)
         promoted_to = reply.get("promoted_to")

@@ -13,6 +13,7 @@ gRPC: run etcd on a network you trust (or loopback behind a proxy).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from replicator.engine.errors import ConfigError, ConnectError
@@ -41,7 +42,7 @@ class EtcdWitness:
             ) from exc
         self._aetcd = aetcd
         self.host, self.port, self.who = host, port, who
-        self.ttl = max(1, round(lease_seconds))
+        self.ttl = max(1, math.ceil(lease_seconds))  # whole seconds, rounded up (docs)
         self._client: Any = aetcd.Client(host, port, timeout=TIMEOUT)
         self._lease: Any = None
 
@@ -49,7 +50,14 @@ class EtcdWitness:
     def where(self) -> str:
         return f"etcd://{self.host}:{self.port}"
 
-    async def renew(self, job: str, generation: int) -> Renewal:
+    @property
+    def fence_bound(self) -> float | None:
+        """The source's key goes with its lease TTL seconds after etcd saw the refresh (at
+        or after its send): fence a quarter of the TTL before that."""
+        return 0.75 * self.ttl
+
+    async def renew(self, job: str, generation: int, fence_after: float | None = None) -> Renewal:
+        # fence_after is not sent: the lease's TTL bounds it (``fence_bound``)
         try:
             return await self._renew(job, generation)
         except self._aetcd.exceptions.ClientError as exc:

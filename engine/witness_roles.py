@@ -3,7 +3,8 @@
 * ``keep_lease`` (the sender): renew "primary for job J at generation G" every few
   seconds. When the witness says the target was promoted, raise SplitBrainError: the
   command stops (exit 11) and writes nothing more. A witness that cannot be reached is
-  logged and replication goes on: losing the witness never stops the source.
+  logged and replication goes on; with a ``SourceFence``, after ``fence_after`` seconds
+  without a successful renewal the source fences itself (``engine/witness_fence.py``).
 * ``AutoFailover`` (the receiver, ``--auto-failover-after``): a job with no session for
   that long is offered to the witness; only its grant promotes (``Receiver.failover``,
   the path ``replicator failover --force`` takes), then ``--auto-failover-exec`` runs as
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import NoReturn
@@ -24,6 +26,7 @@ from replicator.engine.errors import ReplicatorError, SplitBrainError
 from replicator.engine.failover import finish_failover
 from replicator.engine.receiver import Receiver
 from replicator.engine.witness_client import Witness
+from replicator.engine.witness_fence import SourceFence
 
 log = structlog.get_logger()
 
@@ -31,14 +34,40 @@ RETRY = 1.0  # seconds between questions to the witness while a job waits
 
 
 async def keep_lease(
-    witness: Witness, job: str, generation: Callable[[], int], interval: float
+    witness: Witness,
+    job: str,
+    generation: Callable[[], int],
+    interval: float,
+    fence: SourceFence | None = None,
 ) -> NoReturn:
-    """Renew the source's lease until the witness says the target took over (raises)."""
+    """Renew the source's lease until the witness says the target took over (raises);
+    with ``fence``, the source fences itself when renewals stop succeeding."""
+    if fence is None:
+        await _renew_lease(witness, job, generation, interval, None)
+    fence.bound(witness.fence_bound)
+    watching = asyncio.ensure_future(fence.watch())
+    try:
+        await _renew_lease(witness, job, generation, interval, fence)
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+
+
+async def _renew_lease(
+    witness: Witness,
+    job: str,
+    generation: Callable[[], int],
+    interval: float,
+    fence: SourceFence | None,
+) -> NoReturn:
     unreachable = False
+    fence_after = None if fence is None else fence.fence_after
     while True:
         gen = generation()
+        sent = time.monotonic()
         try:
-            renewal = await witness.renew(job, gen)
+            renewal = await witness.renew(job, gen, fence_after)
         except ReplicatorError as exc:
             if not unreachable:
                 log.warning(
@@ -50,6 +79,8 @@ async def keep_lease(
             unreachable = True
         else:
             if not renewal.ok:
+                if fence is not None:
+                    fence.demoted()
                 log.error(
                     "sender.demoted_by_witness",
                     job=job,
@@ -65,10 +96,12 @@ async def keep_lease(
                     hint="do not start the VM here; bring this side up to date with "
                     "`replicator failback` (docs/OPERATIONS.md, 'Automatic failover')",
                 )
+            if fence is not None:
+                fence.renewed(sent)
             if unreachable:
                 log.warning("sender.witness_back", witness=witness.where)
             unreachable = False
-        await asyncio.sleep(interval)
+        await asyncio.sleep(max(0.0, sent + interval - time.monotonic()))
 
 
 class AutoFailover:

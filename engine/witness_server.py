@@ -21,7 +21,7 @@ from replicator.engine.errors import ReplicatorError
 from replicator.engine.names import check_job_name
 from replicator.engine.tls import peer_name
 from replicator.engine.witness_protocol import encode, read_message
-from replicator.engine.witness_state import STATE_FILE, WitnessBook
+from replicator.engine.witness_state import STATE_FILE, WitnessBook, positive_seconds
 from replicator.journal.durable import makedirs_durable, read_state, write_state_async
 
 log = structlog.get_logger()
@@ -63,7 +63,21 @@ class WitnessServer:
         who = certificate or str(message.get("who") or "?")
         now = time.monotonic()
         if op == "renew":
-            renewal = self.book.renew(job, generation, now)
+            fence_after = message.get("fence_after")  # absent: a source that does not fence
+            if fence_after is not None and not positive_seconds(fence_after):
+                return {"error": "bad request: 'fence_after' must be a positive number of seconds"}
+            async with self._lock:  # not between a grant's record and its write
+                declared = self.book.fences.get(job)
+                if self.book.declare_fence(
+                    job, None if fence_after is None else float(fence_after)
+                ):
+                    try:
+                        await write_state_async(self.path, self.book.to_state())
+                    except OSError as exc:  # not renewed: the source counts it as a failure
+                        self.book.declare_fence(job, declared)
+                        log.error("witness.state_write_failed", path=str(self.path), error=str(exc))
+                        return {"error": f"the witness cannot write: {exc}"}
+                renewal = self.book.renew(job, generation, now)
             if renewal.ok:
                 return {"ok": True}
             log.warning(

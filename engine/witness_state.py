@@ -9,8 +9,12 @@ in memory only) and the grants it made (durable: ``witness.state``). The rules:
 * a promotion request at generation G is granted only when no grant exists for G (or the
   same requester holds it: the answer it may have lost), none for a later generation, the
   source does not hold a newer generation, and the source has not renewed for more than
-  the requested quiet time. After a restart the witness counts the quiet time from its
-  own start: it cannot know what the source did while it was down.
+  the requested quiet time, and for longer than the source's declared ``fence_after``
+  plus a margin (``fence_wait``): by then a source cut off from the witness has fenced
+  itself (``engine/witness_fence.py``). After a restart the witness counts the quiet time
+  from its own start: it cannot know what the source did while it was down. The declared
+  ``fence_after`` is kept durably (it survives a restart: a source cut off from a
+  restarted witness still fences by the value it declared).
 
 Exactly one requester is ever granted a job's generation: grants are only added, and a
 new one is written durably (``journal/durable.py``) before it is answered.
@@ -24,6 +28,15 @@ from typing import Any
 from replicator.journal.durable import StateFileError
 
 STATE_FILE = "witness.state"
+FENCE_MARGIN = 1.0  # seconds; or a quarter of fence_after when that is more
+
+
+def fence_wait(fence_after: float | None) -> float:
+    """The quiet time after which a source that declared ``fence_after`` is surely fenced:
+    fence_after plus a margin for clock rates and scheduling (0 without a declaration)."""
+    if fence_after is None:
+        return 0.0
+    return fence_after + max(FENCE_MARGIN, 0.25 * fence_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +60,18 @@ class WitnessBook:
     started: float
     grants: dict[str, dict[int, str]] = field(default_factory=dict)  # job: {generation: who}
     leases: dict[str, tuple[int, float]] = field(default_factory=dict)  # job: (gen, renewed)
+    fences: dict[str, float] = field(default_factory=dict)  # job: the source's fence_after
+
+    def declare_fence(self, job: str, fence_after: float | None) -> bool:
+        """The source's ``fence_after`` from a renewal (None: an older source that does not
+        fence). True when it changed: the caller writes the state before answering."""
+        if self.fences.get(job) == fence_after:
+            return False
+        if fence_after is None:
+            del self.fences[job]
+        else:
+            self.fences[job] = fence_after
+        return True
 
     def renew(self, job: str, generation: int, now: float) -> Renewal:
         granted = self.grants.get(job, {})
@@ -85,13 +110,16 @@ class WitnessBook:
             )
         last = max(self.started, lease[1] if lease is not None else self.started)
         quiet = now - last
-        if quiet <= after:
+        needed = max(after, fence_wait(self.fences.get(job)))
+        if quiet <= needed:
             since = (
                 "renewed its lease" if lease is not None else "could have renewed (witness start)"
             )
+            why = "" if needed == after else " (until the source has fenced itself)"
             return Decision(
                 False,
-                reason=f"the source {since} {quiet:.1f}s ago; promotion needs more than {after:g}s",
+                reason=f"the source {since} {quiet:.1f}s ago; promotion needs more than "
+                f"{needed:g}s{why}",
             )
         return Decision(True, new=True)
 
@@ -103,12 +131,15 @@ class WitnessBook:
         self.grants.get(job, {}).pop(generation, None)
 
     def to_state(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "grants": {
                 job: [[gen, who] for gen, who in sorted(gens.items())]
                 for job, gens in self.grants.items()
             }
         }
+        if self.fences:  # absent when empty: the file older witnesses wrote
+            state["fences"] = dict(sorted(self.fences.items()))
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any] | None, started: float) -> WitnessBook:
@@ -130,4 +161,18 @@ class WitnessBook:
                 ):
                     raise StateFileError(f"witness state: bad grant {pair!r} for job {job!r}")
                 book.record(job, pair[0], pair[1])
+        fences = state.get("fences", {})
+        if not isinstance(fences, dict):
+            raise StateFileError("witness state: 'fences' is not a map")
+        for job, seconds in fences.items():
+            if not isinstance(job, str) or not positive_seconds(seconds):
+                raise StateFileError(f"witness state: bad fence_after {seconds!r} for {job!r}")
+            book.fences[job] = float(seconds)
         return book
+
+
+def positive_seconds(value: object) -> bool:
+    """A positive, finite number of seconds (not a bool)."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
+    )

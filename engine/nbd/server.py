@@ -31,6 +31,7 @@ import structlog
 
 from replicator.engine.errors import ConfigError
 from replicator.engine.nbd.backend import Export, NbdIOError
+from replicator.engine.nbd.gate import WriteGate
 from replicator.engine.nbd.proto import (
     DEFAULT_MAX_REQUEST,
     NEED_DATA,
@@ -77,8 +78,10 @@ class NbdServer:
         max_inflight_bytes: int = 128 * 1024 * 1024,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+        gate: WriteGate | None = None,
     ) -> None:
         self.exports = dict(exports)
+        self.gate = gate  # changes (write, zeroes, trim) wait while it is held
         self.max_request = max_request
         self.block_size = BlockSize.for_max_request(max_request)
         self.max_inflight = max_inflight
@@ -141,6 +144,8 @@ class NbdServer:
             return
         self._closed = True
         self.shutting_down = True
+        if self.gate is not None and self.gate.held:
+            self.gate.fail()  # held writes were never acknowledged: they fail, not land
         for server in self._servers:
             server.close()
         conns = list(self._connections)
@@ -383,8 +388,17 @@ class _Connection(asyncio.Protocol):
         data: bytes | None = None
         error = 0
         cmd = req.cmd
+        gate = self.server.gate
         try:
-            if cmd == _WRITE:  # the hot paths first, without a further coroutine
+            if (
+                gate is not None
+                and gate.closed
+                and cmd != _READ
+                and cmd != _FLUSH
+                and not await gate.passable()
+            ):
+                error = Errno.EIO  # fenced for good: the target was promoted
+            elif cmd == _WRITE:  # the hot paths first, without a further coroutine
                 await export.write(req.offset, req.data, fua=bool(req.flags & _FUA))
             elif cmd == _READ:
                 data = await export.read(req.offset, req.length)

@@ -49,10 +49,12 @@ def start_witness(state: Path, port: int | None = None) -> tuple[subprocess.Pope
     return proc, f"127.0.0.1:{port}"
 
 
-def start_sender(rcv: ReceiverProc, state: Path, disk: Path, witness: str) -> subprocess.Popen[str]:
+def start_sender(
+    rcv: ReceiverProc, state: Path, disk: Path, witness: str, *extra: str
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
-         "--insecure", "--interval", "0.2", "--witness", witness, *LEASE, str(disk)],
+         "--insecure", "--interval", "0.2", "--witness", witness, *LEASE, *extra, str(disk)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
 
@@ -63,14 +65,15 @@ def replicating_pair(
     procs: list[subprocess.Popen[str]],
     witness: str,
     receive_args: tuple[str, ...] = (),
+    send_args: tuple[str, ...] = (),
 ) -> tuple[ReceiverProc, subprocess.Popen[str]]:
     """A receiver that fails over automatically (more options: ``receive_args``) and a
-    sender renewing its lease with ``witness``, replicating; both in ``procs`` (killed at
-    the end)."""
+    sender renewing its lease with ``witness`` (more options: ``send_args``), replicating;
+    both in ``procs`` (killed at the end)."""
     auto = ("--auto-failover-after", str(AFTER), "--witness", witness, *receive_args)
     rcv = start_receiver(tmp_path / "target", security=("--insecure", *auto))
     procs.append(rcv.proc)
-    sender = start_sender(rcv, tmp_path / "state", disk, witness)
+    sender = start_sender(rcv, tmp_path / "state", disk, witness, *send_args)
     procs.append(sender)
     assert wait_for(replicating(rcv), 10), "the sender never replicated"
     return rcv, sender

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicator.engine.witness_server import WitnessServer
-from replicator.engine.witness_state import STATE_FILE, WitnessBook
-from replicator.journal.durable import read_state
+from replicator.engine.witness_state import STATE_FILE, WitnessBook, fence_wait
+from replicator.journal.durable import StateFileError, read_state
 
 JOBS = ("vm1", "vm2")
 WHO = ("target-a", "target-b", "target-c")
@@ -139,3 +139,93 @@ async def test_over_mutual_tls_the_certificate_names_the_requester(tmp_path: Pat
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- source self-fencing: the source declares fence_after with its renewals ---------------
+
+fence_steps = st.lists(
+    st.tuples(
+        st.sampled_from(("renew", "promote", "restart")),
+        st.sampled_from((None, 0.5, 2.0, 6.0)),  # the fence_after a renewal declares
+        st.floats(0, 4, allow_nan=False),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fence_steps, st.floats(0.1, 3, allow_nan=False))
+def test_never_granted_before_the_source_has_fenced_itself(
+    script: list[tuple[str, float | None, float]], after: float
+) -> None:
+    """Whatever the target's ``after``, a grant comes only once the source's last
+    renewal (or the witness's start) is more than fence_after + margin old."""
+    now = 0.0
+    book = WitnessBook(started=now)
+    saved = book.to_state()
+    last_heard = now  # the source's last renewal, or the witness's (re)start
+    declared: float | None = None
+    for kind, fence_after, wait in script:
+        now += wait
+        if kind == "restart":
+            book = WitnessBook.from_state(saved, started=now)
+            last_heard = now
+            continue
+        if kind == "renew":
+            if book.declare_fence("vm1", fence_after):
+                saved = book.to_state()  # the server writes it before answering
+            declared = fence_after
+            if book.renew("vm1", 0, now).ok:
+                last_heard = now
+            continue
+        decision = book.decide("vm1", 0, after, "t", now)
+        if decision.new:
+            book.record("vm1", 0, "t")
+            saved = book.to_state()
+            assert now - last_heard > max(after, fence_wait(declared))
+
+
+def test_a_promotion_waits_until_the_source_has_fenced_itself() -> None:
+    book = WitnessBook(started=0.0)
+    book.declare_fence("vm1", 4.0)
+    assert book.renew("vm1", 1, 10.0).ok
+    assert fence_wait(4.0) == 5.0 and fence_wait(10.0) == 12.5  # 1 s, or 25 % when more
+    early = book.decide("vm1", 1, 1.0, "t", 12.0)  # the target's own 1 s is long past
+    assert not early.granted and "until the source has fenced itself" in early.reason
+    assert not book.decide("vm1", 1, 1.0, "t", 15.0).granted  # exactly 5 s: not more
+    assert book.decide("vm1", 1, 1.0, "t", 15.1).granted
+    assert book.decide("vm1", 1, 9.0, "t", 15.1).granted is False  # a longer `after` wins
+
+
+def test_declared_fences_survive_a_restart_and_an_old_source_clears_them() -> None:
+    book = WitnessBook(started=0.0)
+    assert book.declare_fence("vm1", 4.0) and not book.declare_fence("vm1", 4.0)
+    state = book.to_state()
+    assert state["fences"] == {"vm1": 4.0}
+    restarted = WitnessBook.from_state(state, started=100.0)
+    # nothing heard since the restart: counted from the witness's start, fence included
+    assert not restarted.decide("vm1", 1, 1.0, "t", 104.0).granted
+    assert restarted.decide("vm1", 1, 1.0, "t", 105.5).granted
+    # a renewal without fence_after (a source that does not fence): as before
+    assert restarted.declare_fence("vm1", None)
+    assert "fences" not in restarted.to_state()
+    assert WitnessBook.from_state({"grants": {}}, started=0.0).fences == {}  # older files
+    with pytest.raises(StateFileError):
+        WitnessBook.from_state({"grants": {}, "fences": {"vm1": -1}}, started=0.0)
+
+
+async def test_server_keeps_a_declared_fence_durably(tmp_path: Path) -> None:
+    server = WitnessServer(tmp_path)
+    server.book.started -= 10  # the witness has run for 10 s
+    renew = {"op": "renew", "job": "vm1", "generation": 1, "who": "s"}
+    assert await server.answer({**renew, "fence_after": 0.6}, None) == {"ok": True}
+    assert read_state(tmp_path / STATE_FILE) == {"grants": {}, "fences": {"vm1": 0.6}}
+    for bad in (0, -1, "2", True):
+        answer = await server.answer({**renew, "fence_after": bad}, None)
+        assert "'fence_after' must be a positive number" in str(answer["error"])
+    server.book.leases["vm1"] = (1, server.book.leases["vm1"][1] - 1.2)  # renewed 1.2 s ago
+    promote = {"op": "promote", "job": "vm1", "generation": 1, "after": 0.5, "who": "t"}
+    refused = await server.answer(promote, None)
+    assert refused["granted"] is False and "fenced itself" in str(refused["reason"])
+    server.book.leases["vm1"] = (1, server.book.leases["vm1"][1] - 0.5)  # 1.7 s > 0.6 + 1
+    assert (await server.answer(promote, None))["granted"] is True

@@ -1,0 +1,103 @@
+"""Source self-fencing's clock and NBD write gate (engine/witness_fence.py,
+engine/nbd/gate.py): fenced fence_after after the last successful renewal's send, the
+command run once per fencing, writes held from the deadline on (even before the fence's
+timer has run: a frozen process), released by a fresh renewal, failed once promoted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from replicator.engine.nbd.gate import WriteGate
+from replicator.engine.witness_fence import SourceFence
+
+
+def fenced(fence: SourceFence) -> bool:  # read afresh (no narrowing across awaits)
+    return fence.fenced
+
+
+def closed(gate: WriteGate) -> bool:
+    return gate.closed
+
+
+async def test_fenced_after_fence_after_and_unfenced_by_a_fresh_renewal(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    gate = WriteGate()
+    fence = SourceFence(
+        "vm1",
+        0.3,
+        exec_cmd=f"touch {marker}",
+        gate=gate,
+    )
+    watching = asyncio.ensure_future(fence.watch())
+    try:
+        start = time.monotonic()
+        fence.renewed(start)
+        await asyncio.sleep(0.2)
+        assert not fenced(fence) and not closed(gate)
+        fence.renewed(time.monotonic())  # renewing in time: never fenced
+        await asyncio.sleep(0.2)
+        assert not fenced(fence)
+        await asyncio.sleep(0.25)  # 0.45 s since the last renewal
+        assert fenced(fence) and gate.held and fence.status()["fenced"] is True
+        for _ in range(50):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.02)
+        assert marker.exists()
+        write = asyncio.ensure_future(gate.passable())
+        await asyncio.sleep(0.05)
+        assert not write.done()  # held
+        fence.renewed(time.monotonic() - 0.5)  # succeeded, but sent too long ago
+        await asyncio.sleep(0.05)
+        assert fenced(fence) and not write.done()
+        fence.renewed(time.monotonic())
+        assert not fenced(fence) and await write is True
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+
+
+async def test_a_write_after_the_deadline_holds_before_the_timer_runs() -> None:
+    gate = WriteGate()
+    fence = SourceFence("vm1", 0.05, gate=gate)  # no watch: as if its timer had not run
+    fence.renewed(time.monotonic())
+    assert not closed(gate)
+    await asyncio.sleep(0.1)  # past the deadline; no watch task runs to fence
+    assert closed(gate)
+    write = asyncio.ensure_future(gate.passable())
+    await asyncio.sleep(0.02)
+    assert not write.done() and gate.held
+    fence.renewed(time.monotonic())  # fresh: released though the fence never fired
+    assert await write is True and not closed(gate)
+
+
+async def test_promoted_fails_held_and_later_writes() -> None:
+    gate = WriteGate()
+    fence = SourceFence("vm1", 10.0, gate=gate)
+    gate.hold()
+    held = asyncio.ensure_future(gate.passable())
+    await asyncio.sleep(0.01)
+    fence.demoted()
+    assert await held is False and await gate.passable() is False
+    gate.hold()  # nothing reopens or re-holds a failed gate
+    assert closed(gate) and await gate.passable() is False
+
+
+async def test_etcd_fences_before_its_lease_can_expire() -> None:
+    """etcd leases are whole seconds (rounded up): a 0.9 s lease is a 1 s TTL, so a
+    declared fence_after of 0.8 s is cut to 75 % of it."""
+    from replicator.engine.witness_etcd import EtcdWitness
+
+    etcd = EtcdWitness("127.0.0.1", 1, who="t", lease_seconds=0.9)
+    try:
+        gate = WriteGate()
+        fence = SourceFence("vm1", 2 * 0.4, gate=gate)
+        fence.bound(etcd.fence_bound)
+        assert etcd.ttl == 1 and fence.fence_after == 0.75
+        assert gate.deadline == fence.last_ok + 0.75
+        fence.bound(None)  # the built-in witness: the declared value stands
+        assert fence.fence_after == 0.75
+    finally:
+        await etcd.aclose()
