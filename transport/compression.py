@@ -15,10 +15,27 @@ frames', each the least of the last few frames (a frame's time only ever grows w
 process is preempted, so the least is the cost itself).
 At 100 Mbit/s it always pays (lz4 is 20-50x faster than the link); it stops paying near
 1 Gbit/s for binaries (ratio 0.62 at 350 MB/s) and near 2.7 Gbit/s for mixed data (0.5 at
-670 MB/s). Without a known rate (no cap) the link might be slow, so lz4 stays on.
+670 MB/s).
+
+Without a cap the rate is measured (``observe_send``): over each ``WINDOW_FRAMES`` bulk
+frames the connection reports the seconds spent encoding, waiting for the transport to
+drain (the link, or the receiver reading, is slower than us) and between frames (making
+the next one: the journal, the scan, credit, or nothing to send). Mostly waiting to drain
+means the link is the bottleneck, and the wire bytes per second of that window are its
+rate, used as a cap's would be. Never waiting while encoding is a real share of the time
+means the CPU is the bottleneck and the link took all we made: until a window shows the
+link's limit, lz4 only costs, and is skipped (the probe frames still measure it). Windows
+that are mostly between frames say nothing about either and change nothing.
 
 While lz4 is off, one bulk frame in ``PROBE_EVERY`` is still compressed, so a change in the
 data (or the rate) is noticed. Sans-IO: the connection times the encoding and reports it.
+
+On a slow link lz4's high-compression mode (``HC_LEVEL``: the same block format, so the
+receiver decodes it as any lz4 frame) packs tighter at a tenth of the speed: on the
+benchmark's mixed data 1.75x against 1.52x, at 60 MB/s against 560 (lz4's best, level 12,
+reaches 1.82x at 15 MB/s). ``level`` picks the mode that moves more file bytes per second,
+min(encode speed, link rate / ratio), from both modes' measured speed and ratio; the
+high mode is tried on one compressed frame in ``PROBE_EVERY`` while a rate is known.
 """
 
 from __future__ import annotations
@@ -26,11 +43,16 @@ from __future__ import annotations
 import collections
 from typing import Final
 
-__all__ = ["PROBE_EVERY", "CompressionChoice"]
+__all__ = ["HC_LEVEL", "PROBE_EVERY", "CompressionChoice"]
 
 PROBE_EVERY: Final = 32
+HC_LEVEL: Final = 3  # lz4 high compression: most of level 12's gain at 4x its speed
 _WEIGHT: Final = 0.25  # of the newest frame in the ratio's moving average
 _KEEP: Final = 8  # encode times kept per kind
+WINDOW_FRAMES: Final = 16  # bulk frames per observation of the link
+_LINK_BOUND: Final = 0.5  # share of a window's time spent waiting to drain: link-bound
+_NEVER_WAITED: Final = 0.05  # at most this share waiting ...
+_CPU_SHARE: Final = 0.25  # ... and at least this share encoding: CPU-bound
 
 
 class CompressionChoice:
@@ -43,6 +65,16 @@ class CompressionChoice:
         self._raw: collections.deque[float] = collections.deque(maxlen=_KEEP)
         self._skipped = 0
         self.skipping = False  # the last ``use`` said no
+        self.hc_ratio: float | None = None  # as ``ratio``, of frames in the high mode
+        self._hc: collections.deque[float] = collections.deque(maxlen=_KEEP)
+        self._since_hc = 0  # compressed frames since the high mode was last tried
+        # the link as measured (see the module docstring): its rate in bytes/s once a
+        # window was link-bound; cpu_bound while windows show the link waiting for us
+        self.link_rate: float | None = None
+        self.cpu_bound = False
+        self._frames = 0  # in the window being observed, and their ...
+        self._seconds = [0.0, 0.0, 0.0]  # ... encode, drain wait, between; and wire bytes
+        self._wire = 0
 
     @property
     def lz4_cost(self) -> float | None:
@@ -53,12 +85,23 @@ class CompressionChoice:
     def raw_cost(self) -> float:
         return min(self._raw) if self._raw else 0.0
 
-    def observe(self, raw: int, wire: int, seconds: float, compressed: bool) -> None:
+    def observe(
+        self, raw: int, wire: int, seconds: float, compressed: bool, level: int = 0
+    ) -> None:
         """A bulk frame of ``raw`` payload bytes was encoded in ``seconds``; ``compressed``:
-        lz4 was tried (whether or not its result was kept: ``wire`` is what went)."""
+        lz4 was tried (whether or not its result was kept: ``wire`` is what went), at
+        ``level`` (0: the fast mode)."""
         if raw <= 0 or seconds < 0:
             return
-        if compressed:
+        if compressed and level > 0:
+            ratio = min(1.0, wire / raw)
+            self.hc_ratio = (
+                ratio
+                if self.hc_ratio is None
+                else self.hc_ratio + _WEIGHT * (ratio - self.hc_ratio)
+            )
+            self._hc.append(seconds / raw)
+        elif compressed:
             ratio = min(1.0, wire / raw)
             self.ratio = (
                 ratio if self.ratio is None else self.ratio + _WEIGHT * (ratio - self.ratio)
@@ -67,14 +110,67 @@ class CompressionChoice:
         else:
             self._raw.append(seconds / raw)
 
+    def observe_send(self, wire: int, encode: float, waited: float, between: float) -> None:
+        """A bulk frame of ``wire`` bytes went: ``encode`` seconds encoding it, ``waited``
+        seconds for the transport to drain after it, ``between`` seconds since the
+        previous frame's send ended."""
+        seconds = self._seconds
+        for i, value in enumerate((encode, waited, between)):
+            seconds[i] += max(0.0, value)
+        self._frames += 1
+        self._wire += wire
+        if self._frames < WINDOW_FRAMES:
+            return
+        (encoding, waiting, gaps), nbytes = seconds, self._wire
+        self._frames, self._seconds, self._wire = 0, [0.0, 0.0, 0.0], 0
+        total = encoding + waiting + gaps
+        if total <= 0:
+            return
+        if waiting / total >= _LINK_BOUND:
+            self.link_rate = nbytes / total
+            self.cpu_bound = False
+        elif waiting / total <= _NEVER_WAITED and encoding / total >= _CPU_SHARE:
+            self.cpu_bound = True
+            if self.link_rate is not None:  # it carried more than it did when it limited us
+                self.link_rate = max(self.link_rate, nbytes / total)
+
+    def _rate(self, cap: float | None) -> float | None:
+        """The rate to judge lz4 by: the cap, else the link's measured rate."""
+        return cap if cap is not None else self.link_rate
+
     def pays(self, rate: float | None) -> bool:
         """Whether lz4 saves more wire time than it costs at ``rate`` (bytes/s; None:
         unknown, 0: paused)."""
         lz4_cost = self.lz4_cost
+        if rate is None and self.link_rate is None and self.cpu_bound:
+            return False  # the link takes all we make: lz4 would only slow us down
+        rate = self._rate(rate)
         if not rate or self.ratio is None or lz4_cost is None:
             return True
         extra = max(0.0, lz4_cost - self.raw_cost)
         return (1.0 - self.ratio) / rate > extra
+
+    def level(self, rate: float | None) -> int:
+        """The lz4 level for a frame ``use`` said to compress: 0 (fast) or ``HC_LEVEL``.
+
+        Only with a known rate (a cap, or the link measured): the faster mode in file
+        bytes per second; the mode not in use is tried once every ``PROBE_EVERY`` frames
+        (and the high one until it has been measured)."""
+        rate = self._rate(rate)
+        fast_cost = self.lz4_cost
+        if not rate or self.ratio is None or fast_cost is None:
+            return 0
+        hc_cost = min(self._hc) if self._hc else None
+        if self.hc_ratio is None or hc_cost is None:
+            return HC_LEVEL  # not measured yet
+        fast = min(1.0 / max(fast_cost, 1e-12), rate / max(self.ratio, 1e-3))
+        high = min(1.0 / max(hc_cost, 1e-12), rate / max(self.hc_ratio, 1e-3))
+        best = HC_LEVEL if high > fast else 0
+        self._since_hc += 1
+        if self._since_hc >= PROBE_EVERY:
+            self._since_hc = 0
+            return 0 if best else HC_LEVEL  # measure the other one again
+        return best
 
     def use(self, rate: float | None) -> bool:
         """Compress the next bulk frame? (``pays``, with a probe now and then.)"""

@@ -198,6 +198,7 @@ class FramedConnection:
         # lz4 per connection: off while the CPU, not the link, would be the bottleneck
         self._may_compress = compress
         self.compression = CompressionChoice()
+        self._bulk_ended = 0.0  # perf_counter when the last bulk frame's send returned
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._bulk_lock = asyncio.Lock()
@@ -266,9 +267,9 @@ class FramedConnection:
         async with self._bulk_lock:  # bulk frames, and final frames behind them, keep order
             encoded = None
             choice = self.compression
-            compress = self.protocol.compress = (
-                self._may_compress and bulk and choice.use(_shaper_rate(self._shaper))
-            )
+            cap = _shaper_rate(self._shaper)
+            compress = self.protocol.compress = self._may_compress and bulk and choice.use(cap)
+            level = self.protocol.compress_level = choice.level(cap) if compress else 0
             started = time.perf_counter()
             try:
                 if self._offload is not None and _payload_size(msg) >= self._offload:
@@ -283,7 +284,9 @@ class FramedConnection:
                     encoded.payload_wire,
                     time.perf_counter() - started,
                     compress,
+                    level,
                 )
+            encode_seconds = time.perf_counter() - started
             if bulk and self._shaper is not None and encoded is not None:
                 # tokens first, then the protocol counts the frame as sent: a wait cancelled
                 # here (a sender stopping while paused at rate 0) leaves the stream usable
@@ -291,7 +294,13 @@ class FramedConnection:
                 await self._shaper.acquire(sum(map(len, encoded.buffers)))
             self._check_writable()
             self._write(self.protocol.send(msg, encoded=encoded))
+            drain_from = time.perf_counter()
         await self._drain()
+        if bulk and encoded is not None:  # what the frame's sending says of the link: lz4's choice
+            ended = time.perf_counter()
+            between = started - self._bulk_ended if self._bulk_ended else 0.0
+            choice.observe_send(encoded.wire_size, encode_seconds, ended - drain_from, between)
+            self._bulk_ended = ended
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message from the peer.

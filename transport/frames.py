@@ -249,8 +249,12 @@ def encode_frame(
     compress: bool = True,
     compress_threshold: int = COMPRESS_THRESHOLD,
     max_frame: int = DEFAULT_MAX_FRAME,
+    level: int = 0,
 ) -> EncodedFrame:
-    """Encode one message. Raises LocalProtocolError when it does not fit in a frame."""
+    """Encode one message. Raises LocalProtocolError when it does not fit in a frame.
+
+    ``level`` > 0 uses lz4's high-compression mode at that level (the same block format).
+    """
     mtype = message_type(msg)
     header = msgpack.packb(_header_values(msg), use_bin_type=True)
     field = PAYLOAD_FIELD.get(type(msg))
@@ -259,7 +263,12 @@ def encode_frame(
     codec = Codec.RAW
     wire = payload
     if compress and raw_len >= compress_threshold and _sample_compresses(payload):
-        packed = lz4.block.compress(payload, store_size=False)
+        if level > 0:
+            packed = lz4.block.compress(
+                payload, mode="high_compression", compression=level, store_size=False
+            )
+        else:
+            packed = lz4.block.compress(payload, store_size=False)
         if len(packed) * _PAYS_DEN < raw_len * _PAYS_NUM:
             codec = Codec.LZ4
             wire = packed

@@ -287,6 +287,7 @@ class ProtocolConnection:
         self.max_frame = max_frame
         self.window = window
         self.compress = compress
+        self.compress_level = 0  # lz4 level when compressing (0: fast; see encode_frame)
         self.compress_threshold = compress_threshold
         self.state = State.START
         self.stats = TransferStats()
@@ -455,6 +456,7 @@ class ProtocolConnection:
             compress=self.compress,
             compress_threshold=self.compress_threshold,
             max_frame=self.max_frame,
+            level=self.compress_level,
         )
 
     def send(self, msg: Message, *, encoded: EncodedFrame | None = None) -> list[bytes]:

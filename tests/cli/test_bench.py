@@ -51,8 +51,8 @@ def test_bench_json_through_the_emulator(tmp_path: Path) -> None:
     assert s["plain_tcp_goodput_bytes_per_s"] > 0
     # the emulator's cap holds for plain TCP (a burst of 250 KB over a 16 MiB transfer)
     assert s["plain_tcp_goodput_bytes_per_s"] < 25e6 * 1.05
-    assert s["goodput_ratio"] == pytest.approx(
-        s["wire_goodput_bytes_per_s"] / s["plain_tcp_goodput_bytes_per_s"], rel=1e-3
+    assert s["goodput_ratio"] == pytest.approx(  # rounded to 4 places: small under --target-rpo
+        s["wire_goodput_bytes_per_s"] / s["plain_tcp_goodput_bytes_per_s"], rel=1e-3, abs=1e-4
     )
     assert s["replica_verified"] is True
     assert len(s["replica_blake3"]) == 64

@@ -142,3 +142,55 @@ async def test_memory_dropped_during_a_round_is_made_up_from_the_journal(
         await replica.aclose()
     data = (tmp_path / "replicas" / "job" / "d").read_bytes()
     assert data == b"z" * 4096 + b"".join(bytes([i + 1]) * 4096 for i in range(1, 8))
+
+
+async def _durable(replica: JobReplica, records: list[Record]) -> None:
+    await replica.ingest(records)
+    await replica.journal.sync()
+    replica.note_durable(records)
+
+
+async def test_a_first_sync_is_applied_as_it_arrives_and_is_no_consistency_point_until_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from replicator.engine.errors import ReplicaInconsistent
+
+    monkeypatch.setattr(job_replica, "EAGER_APPLY_BYTES", 8192)
+    replica = await JobReplica.open("job", _config(tmp_path))
+    target = tmp_path / "replicas" / "job" / "d"
+    try:
+        await _durable(replica, [Record.write("d", 0, b"x" * 4096).with_lsn(1, 1)])
+        assert await replica.apply_pending() == 0  # below a round's worth: waits
+        await _durable(replica, [Record.write("d", 4096, b"y" * 8192).with_lsn(2, 1)])
+        assert await replica.apply_pending() == 2  # no earlier point to keep: written now
+        assert target.read_bytes() == b"x" * 4096 + b"y" * 8192
+        assert not replica.state.consistent and replica.state.point_lsn == 0
+        with pytest.raises(ReplicaInconsistent):  # half a first sync is never promoted
+            await replica.promote()
+        await _durable(replica, [Record.epoch(1).with_lsn(3, 1)])
+        assert await replica.apply_pending() == 3
+        done = replica.state  # a new state object: mypy narrowed the old one
+        assert done.consistent and done.point_lsn == 3
+    finally:
+        await replica.aclose()
+
+
+async def test_after_its_first_point_a_replica_moves_only_from_barrier_to_barrier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(job_replica, "EAGER_APPLY_BYTES", 8192)
+    replica = await JobReplica.open("job", _config(tmp_path))
+    target = tmp_path / "replicas" / "job" / "d"
+    try:
+        await _durable(
+            replica,
+            [Record.write("d", 0, b"a" * 4096).with_lsn(1, 1), Record.epoch(1).with_lsn(2, 1)],
+        )
+        assert await replica.apply_pending() == 2
+        big = [Record.write("d", 0, b"b" * 65536).with_lsn(3, 1)]
+        await _durable(replica, big)
+        assert await replica.apply_pending() == 2  # the point at lsn 2 is kept
+        assert target.read_bytes() == b"a" * 4096
+        assert replica.state.consistent and replica.state.point_lsn == 2
+    finally:
+        await replica.aclose()

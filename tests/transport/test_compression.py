@@ -8,7 +8,12 @@ import asyncio
 import random
 
 from replicator.transport import Credit, Records, connection_pair
-from replicator.transport.compression import PROBE_EVERY, CompressionChoice
+from replicator.transport.compression import (
+    HC_LEVEL,
+    PROBE_EVERY,
+    WINDOW_FRAMES,
+    CompressionChoice,
+)
 from replicator.transport.shaper import TokenBucket
 
 from .helpers import HELLO, pack_records, welcome
@@ -82,3 +87,63 @@ async def test_a_connection_drops_lz4_when_the_link_outruns_it() -> None:
     assert fast[0] < 0.6  # the first frame measures lz4 ...
     assert sum(r > 0.99 for r in fast[2:]) >= PROBE_EVERY - 2, fast  # ... then raw
     assert any(r < 0.6 for r in fast[2:]), fast  # a probe now and then
+
+
+def _window(
+    choice: CompressionChoice, wire: int, encode: float, waited: float, between: float
+) -> None:
+    """One observation window of identical frames."""
+    for _ in range(WINDOW_FRAMES):
+        choice.observe_send(wire, encode, waited, between)
+
+
+def test_without_a_cap_lz4_is_dropped_when_the_cpu_not_the_link_is_the_bottleneck() -> None:
+    mixed = _measured(0.5, 670e6)
+    _window(mixed, MiB, 0.0015, 0.0, 0.002)  # never waits for the link, a third encoding
+    assert mixed.cpu_bound and mixed.link_rate is None
+    assert not mixed.pays(None)  # the link took all we made: lz4 only costs
+    assert mixed.pays(12.5e6)  # a cap still decides by its rate
+
+
+def _cpu_bound(choice: CompressionChoice) -> bool:
+    return choice.cpu_bound  # read again after a call (mypy keeps the earlier narrowing)
+
+
+def test_without_a_cap_a_link_that_makes_us_wait_is_measured_and_lz4_kept() -> None:
+    mixed = _measured(0.5, 670e6)
+    _window(mixed, MiB, 0.0015, 0.08, 0.001)  # 100 Mbit/s: mostly waiting to drain
+    assert mixed.link_rate is not None and 10e6 < mixed.link_rate < 13e6
+    assert not mixed.cpu_bound and mixed.pays(None)
+    # later the CPU limits us (lz4 on): the measured link still says lz4 pays
+    _window(mixed, MiB // 2, 0.0015, 0.0, 0.002)
+    assert _cpu_bound(mixed) and mixed.pays(None)
+
+
+def test_idle_windows_change_nothing() -> None:
+    mixed = _measured(0.5, 670e6)
+    _window(mixed, MiB, 0.0015, 0.0, 1.0)  # mostly nothing to send: says nothing
+    assert not mixed.cpu_bound and mixed.link_rate is None and mixed.pays(None)
+
+
+def test_on_a_slow_link_the_high_mode_is_measured_then_kept_when_it_moves_more() -> None:
+    choice = _measured(0.66, 560e6)  # the benchmark's mixed data, fast mode
+    assert choice.level(None) == 0  # no rate known: fast
+    assert choice.level(12.5e6) == HC_LEVEL  # a slow link: the high mode is tried first
+    choice.observe(MiB, int(MiB * 0.57), MiB / 60e6, compressed=True, level=HC_LEVEL)
+    levels = [choice.level(12.5e6) for _ in range(2 * PROBE_EVERY)]
+    assert levels.count(HC_LEVEL) == len(levels) - 2  # kept, the fast mode re-measured twice
+    assert choice.level(1.25e9) == 0  # 10 Gbit/s: the high mode could not keep up
+
+
+def test_a_high_mode_frame_is_an_ordinary_lz4_frame() -> None:
+    from replicator.transport.frames import FrameDecoder, encode_frame
+
+    data = _compressible(256 * 1024)
+    msg = pack_records(1, [data])
+    fast = encode_frame(msg, compress=True)
+    high = encode_frame(msg, compress=True, level=HC_LEVEL)
+    assert high.payload_wire < fast.payload_wire < len(data)
+    decoder = FrameDecoder()
+    decoder.feed(b"".join(high.buffers))
+    frame = decoder.next_frame()
+    assert frame is not None and frame.message == msg
