@@ -2,7 +2,8 @@
 
 Both run in the same session on the same files, warm page cache for both:
 
-* initial: `replicator send --once` to a fresh receiver on loopback vs `rsync --whole-file`
+* initial: `replicator send --once` to a fresh receiver on loopback vs `rsync --whole-file
+  --fsync` (durable, as ours is: the target's peer) and plain `rsync --whole-file`
   into an empty folder;
 * after changing 1% of the image in random 64 KiB extents: `send --once` vs
   `rsync --inplace --no-whole-file --ignore-times` onto the previous copy (without
@@ -196,11 +197,19 @@ def main() -> int:
         t_ours, rss_send, out = timed(send)
         first = json.loads(out)
         sparse = ["--sparse"] if args.data_mib else []
+        # durable like ours (the peer), then plain (page cache only) for reference
+        fsync_copy = work / "rsync-fsync"
+        t_fsync, _, _ = timed(
+            ["rsync", "--whole-file", "--fsync", *sparse, str(image), f"{fsync_copy}/"]
+        )
+        shutil.rmtree(fsync_copy)
         t_rsync, _, _ = timed(["rsync", "--whole-file", *sparse, str(image), f"{work / 'rsync'}/"])
         results["initial"] = {
             "replicator_s": t_ours,
+            "rsync_whole_file_fsync_s": t_fsync,
             "rsync_whole_file_s": t_rsync,
-            "ratio": t_ours / t_rsync,
+            "ratio": t_ours / t_fsync,
+            "ratio_to_plain": t_ours / t_rsync,
             "wire_bytes": first["wire_bytes"],
             "load_average": load_average(),
         }
@@ -241,8 +250,9 @@ def print_results(results: dict[str, Any]) -> None:
         f"{results['load_average_start']}"
     )
     print(
-        f"initial sync     replicator {i['replicator_s']:.2f} s   rsync --whole-file "
-        f"{i['rsync_whole_file_s']:.2f} s   ratio {i['ratio']:.2f}x (target <= 1.0)"
+        f"initial sync     replicator {i['replicator_s']:.2f} s   rsync --whole-file --fsync "
+        f"{i['rsync_whole_file_fsync_s']:.2f} s   ratio {i['ratio']:.2f}x (target <= 1.0); "
+        f"without --fsync {i['rsync_whole_file_s']:.2f} s ({i['ratio_to_plain']:.2f}x)"
     )
     print(
         f"1% changed x{len(c['rounds'])}    replicator {ours['median']:.2f} s "
