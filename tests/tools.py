@@ -167,3 +167,27 @@ def receiver_fixture(tmp_path: Path) -> Iterator[ReceiverProc]:
         yield rcv
     finally:
         rcv.stop()
+
+
+def is_mounted(mnt: Path) -> bool:
+    return any(
+        line.split()[1] == str(mnt) for line in Path("/proc/mounts").read_text().splitlines()
+    )
+
+
+def start_fuse_sender(
+    receiver: ReceiverProc, tmp_path: Path, source: Path, mnt: Path
+) -> subprocess.Popen[str]:
+    """A continuous `send --capture fuse` of ``source`` (job fvm), once its mount is up."""
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "fvm", "--state-dir",
+         str(tmp_path / "state"), "--capture", "fuse", "--mount", str(mnt), "--insecure",
+         str(source)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not is_mounted(mnt):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "mount did not appear"
+        time.sleep(0.05)
+    return proc

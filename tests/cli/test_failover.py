@@ -4,13 +4,16 @@ processes, a qcow2 disk made by qemu-img, a libvirt domain XML sent with it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from replicator.engine.at_rest import sender_at_rest
 from replicator.engine.errors import ExitCode
 from replicator.engine.generations import (
     PROMOTED_FILE,
@@ -22,12 +25,14 @@ from tests.tools import (
     ENV,
     REPLICATOR,
     b3,
+    is_mounted,
     one_line_error,
     qemu_compare,
     qemu_img,
     qemu_io,
     replicator,
     send_once,
+    start_fuse_sender,
     start_receiver,
 )
 
@@ -260,3 +265,112 @@ def test_status_shows_a_promoted_job_at_rest_and_live(tmp_path: Path) -> None:
         assert {k: opened[k] for k in PROMOTION_KEYS} == {k: job[k] for k in PROMOTION_KEYS}
     finally:
         assert rcv.stop() == 0
+
+
+EXTENT = 64 * 1024
+
+
+class MountWriter(threading.Thread):
+    """Writes 64 KiB blocks at distinct offsets of a raw disk through the FUSE mount, one
+    ``qemu-io`` (write, flush) each, until stopped; remembers the acknowledged ones
+    (offset -> pattern) and counts the refused ones."""
+
+    def __init__(self, disk: Path) -> None:
+        super().__init__(daemon=True)
+        self.disk, self.next = disk, 0
+        self.disk_size = disk.stat().st_size  # distinct offsets: room for ~10 s of writes
+        self.acked: dict[int, int] = {}
+        self.failed = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set() and self.next < self.disk_size:
+            pattern = (self.next // EXTENT) % 250 + 1
+            out = subprocess.run(
+                ["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {self.next} 64k",
+                 "-c", "flush", str(self.disk)],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            if out.returncode == 0 and "error" not in (out.stdout + out.stderr).lower():
+                self.acked[self.next] = pattern
+            else:
+                self.failed += 1
+                time.sleep(0.02)
+            self.next += EXTENT
+
+
+def test_planned_failover_of_a_fuse_capturing_sender_loses_nothing(tmp_path: Path) -> None:
+    """The FUSE counterpart of test_failback.py's NBD test: at the handover the mount is
+    removed (engine/live.py stops the capture before the final point), so every write
+    acknowledged through it is in the promoted replica and later ones find no disk."""
+    source, mnt, state = tmp_path / "vm", tmp_path / "mnt", tmp_path / "state"
+    source.mkdir()
+    mnt.mkdir()
+    disk, xml = source / "disk.raw", source / "vm.xml"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "64M")
+    xml.write_text(DOMAIN.format(disk=disk))
+    target = tmp_path / "target"
+    replica = target / "fvm"
+    rcv = start_receiver(target)
+    sender = start_fuse_sender(rcv, tmp_path, source, mnt)  # job fvm, state in tmp_path/state
+    work = MountWriter(mnt / disk.name)
+    try:
+        work.start()
+        with (mnt / xml.name).open("a") as f:  # the admin edits the configuration
+            f.write("<!-- memory 4096 -->\n")
+            f.flush()
+            os.fsync(f.fileno())
+        time.sleep(1.0)  # the workload runs: some writes replicated, some in flight
+        out = replicator(
+            "failover", "--dir", str(target), "--job", "fvm", "--planned", "--timeout", "20",
+            "--json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        _, err = sender.communicate(timeout=30)
+        assert sender.returncode == ExitCode.HANDED_OVER, err[-3000:]
+        assert "handed over" in one_line_error(err)
+        # the capture has stopped: the mount is gone, writes through it find no disk
+        assert not is_mounted(mnt)
+        assert not (mnt / disk.name).exists()
+        time.sleep(0.3)  # writes after the handover: none is acknowledged
+        work.halt.set()
+        work.join(timeout=30)
+    finally:
+        work.halt.set()
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait(timeout=30)
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        assert rcv.stop() == 0
+    assert result["planned"] is True and result["generation"] == 2
+    assert 0 < result["rto_seconds"] < 10
+    assert len(work.acked) >= 3 and work.failed >= 1  # writes on both sides of the handover
+    # every acknowledged write is in the promoted replica; it equals the source exactly
+    with (replica / disk.name).open("rb") as f:
+        for offset, pattern in work.acked.items():
+            f.seek(offset)
+            assert f.read(EXTENT) == bytes([pattern]) * EXTENT, offset
+    assert qemu_compare("raw", disk, replica / disk.name).returncode == 0
+    assert b3(disk) == b3(replica / disk.name)
+    # the configuration as the source last wrote it; promotion points the domain at the replica
+    assert "memory 4096" in xml.read_text()
+    assert b3(xml) == b3(replica / (xml.name + ".pre-failover"))
+    promoted_xml = (replica / xml.name).read_text()
+    path = replica / disk.name
+    assert f"file='{path}'" in promoted_xml or f'file="{path}"' in promoted_xml
+    assert "memory 4096" in promoted_xml
+    # the source may not send again until it takes the job back
+    rcv = start_receiver(target)
+    try:
+        again = replicator(
+            "send", "--to", rcv.address, "--job", "fvm", "--state-dir", str(state), "--once",
+            "--insecure", str(disk), str(xml),
+        )  # fmt: skip
+        assert again.returncode == ExitCode.SPLIT_BRAIN, again.stderr
+        line = one_line_error(again.stderr)
+        assert "handed over" in line and "replicator failback" in line
+    finally:
+        assert rcv.stop() == 0
+    assert sender_at_rest(state)["jobs"][0]["state"] == "handed_over"  # what `status` shows

@@ -12,37 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import ENV, REPLICATOR, ReceiverProc, b3, qemu_compare, qemu_img, qemu_io
-
-
-def _is_mounted(mnt: Path) -> bool:
-    return any(
-        line.split()[1] == str(mnt) for line in Path("/proc/mounts").read_text().splitlines()
-    )
-
-
-def _start(
-    receiver: ReceiverProc, tmp_path: Path, source: Path, mnt: Path
-) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [*REPLICATOR, "send", "--to", receiver.address, "--job", "fvm", "--state-dir",
-         str(tmp_path / "state"), "--capture", "fuse", "--mount", str(mnt), "--insecure",
-         str(source)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not _is_mounted(mnt):
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "mount did not appear"
-        time.sleep(0.05)
-    return proc
+from tests.tools import (
+    ReceiverProc,
+    b3,
+    is_mounted,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    start_fuse_sender,
+)
 
 
 def _stop(proc: subprocess.Popen[str], mnt: Path) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=60)
-    if _is_mounted(mnt):
+    if is_mounted(mnt):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
     assert rc in (0, -signal.SIGKILL), proc.stderr.read() if proc.stderr else rc
 
@@ -61,7 +46,7 @@ def folder(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     mnt.mkdir()
     (source / "vm.xml").write_text("<domain><name>vm</name></domain>\n")
     yield source, mnt
-    if _is_mounted(mnt):
+    if is_mounted(mnt):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
@@ -72,7 +57,7 @@ def test_images_created_and_written_under_the_mount(
     tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path], fmt: str, name: str
 ) -> None:
     source, mnt = folder
-    proc = _start(receiver, tmp_path, source, mnt)
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
     try:
         qemu_img("create", "-q", "-f", fmt, str(mnt / name), "128M")
         qemu_io(fmt, mnt / name, "write -P 0x31 0 3M", "write -P 0x32 90M 1M", "flush")
@@ -83,14 +68,14 @@ def test_images_created_and_written_under_the_mount(
             qemu_img("check", "-q", "-f", fmt, str(replica))
     finally:
         _stop(proc, mnt)
-    assert not _is_mounted(mnt)
+    assert not is_mounted(mnt)
 
 
 def test_editor_save_and_folder_changes(
     tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
 ) -> None:
     source, mnt = folder
-    proc = _start(receiver, tmp_path, source, mnt)
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
     try:
         tmp = mnt / ".vm.xml.swp"
         with tmp.open("w") as f:
@@ -135,7 +120,7 @@ def test_guest_discard_replicates_as_a_hole(
     tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
 ) -> None:
     source, mnt = folder
-    proc = _start(receiver, tmp_path, source, mnt)
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
     mib = 1 << 20
     try:
         qemu_img("create", "-q", "-f", "raw", str(mnt / "d.raw"), "8M")
@@ -155,7 +140,7 @@ def test_sigkill_under_load_then_restart_loses_nothing_fsynced(
     tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
 ) -> None:
     source, mnt = folder
-    proc = _start(receiver, tmp_path, source, mnt)
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
     synced = 0
     with (mnt / "log.bin").open("wb") as f:
         for i in range(200):
@@ -166,7 +151,7 @@ def test_sigkill_under_load_then_restart_loses_nothing_fsynced(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     subprocess.run(["umount", "-l", str(mnt)], check=False)
-    proc = _start(receiver, tmp_path, source, mnt)  # remount, resync what the crash left
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)  # remount, resync what the crash left
     try:
         replica = receiver.dir / "fvm" / "log.bin"
         _wait_same(source / "log.bin", replica)
@@ -186,7 +171,7 @@ def test_lost_state_and_damaged_journal_leave_no_stale_files(
     damaged, which used to be refused) files deleted at the source stayed on the replica.
     The replica folder is listed by the receiver at every start now."""
     source, mnt = folder
-    proc = _start(receiver, tmp_path, source, mnt)
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
     try:
         (mnt / "old").mkdir()
         (mnt / "old" / "a.img").write_bytes(os.urandom(65536))
@@ -201,7 +186,7 @@ def test_lost_state_and_damaged_journal_leave_no_stale_files(
     (source / "old").rmdir()
     (source / "c.xml").write_text("<c/>")
     shutil.rmtree(tmp_path / "state")
-    proc = _start(receiver, tmp_path, source, mnt)
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
     try:
         deadline = time.monotonic() + 30
         while _tree(receiver.dir / "fvm") != _tree(source):
@@ -215,7 +200,7 @@ def test_lost_state_and_damaged_journal_leave_no_stale_files(
     data = bytearray(segment.read_bytes())
     data[len(data) // 2] ^= 0x10
     segment.write_bytes(bytes(data))
-    proc = _start(receiver, tmp_path, source, mnt)
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
     try:
         deadline = time.monotonic() + 30
         while _tree(receiver.dir / "fvm") != _tree(source):
