@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shlex
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +28,7 @@ from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.monitor import receiver_monitor
 from replicator.engine.receiver import Receiver, ReceiverConfig, check_receiver_dirs
 from replicator.engine.statedir import StateDirLock
+from replicator.engine.user_command import split_command
 from replicator.engine.witness_roles import AutoFailover
 from replicator.transport import serve
 
@@ -44,17 +44,7 @@ def check_exec(command: str, after: float | None) -> None:
             "--auto-failover-after SECONDS and --witness",
             hint="add them, or fail over by hand with `replicator failover --force --exec CMD`",
         )
-    try:
-        argv = shlex.split(command)
-    except ValueError as exc:
-        raise ConfigError(
-            f"--auto-failover-exec {command!r} cannot be split into a command: {exc}",
-            hint="quote it as a shell would (it is run without one)",
-        ) from exc
-    if not argv:
-        raise ConfigError(
-            "--auto-failover-exec is empty", hint="give the command that starts the VM"
-        )
+    split_command("--auto-failover-exec", command, "starts the VM")
 
 
 def receive(

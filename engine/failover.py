@@ -37,6 +37,7 @@ from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import check_job_name
 from replicator.engine.statedir import StateDirLock
 from replicator.engine.status import iso_time
+from replicator.engine.user_command import split_command
 from replicator.journal.durable import atomic_write
 
 log = structlog.get_logger()
@@ -143,9 +144,7 @@ async def _start(command: str, job: str, replica_dir: Path) -> int:
     """Start ``command`` (split like a shell would, run without one) and return its pid;
     it runs on after failover ends (it usually starts the VM). A command that cannot be
     started is an error; what it does afterwards is its own business."""
-    argv = shlex.split(command)
-    if not argv:
-        raise ConfigError("--exec is empty", hint="give the command that starts the VM")
+    argv = split_command("--exec", command, "starts the VM")
     env = {**os.environ, "REPLICATOR_JOB": job, "REPLICATOR_REPLICA_DIR": str(replica_dir)}
     try:
         proc = await asyncio.create_subprocess_exec(

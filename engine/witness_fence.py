@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
 from replicator.engine.errors import ConfigError
+from replicator.engine.user_command import split_command
 
 if TYPE_CHECKING:
     from replicator.engine.nbd.gate import WriteGate
@@ -125,16 +125,7 @@ class SourceFence:
 
 def check_fence_exec(command: str) -> list[str]:
     """``--fence-exec`` split like a shell would; ConfigError (at start) when it cannot be."""
-    try:
-        argv = shlex.split(command)
-    except ValueError as exc:
-        raise ConfigError(
-            f"--fence-exec {command!r} cannot be split into a command: {exc}",
-            hint="quote it as a shell would, e.g. --fence-exec 'virsh suspend vm1'",
-        ) from exc
-    if not argv:
-        raise ConfigError("--fence-exec is empty", hint="give the command that stops the VM")
-    return argv
+    return split_command("--fence-exec", command, "stops the VM, e.g. 'virsh suspend vm1'")
 
 
 async def run_fence_exec(command: str, job: str) -> int | None:
