@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from replicator.engine.benchmark_netns import LOOPBACK, Place, namespaces
-from replicator.engine.benchmark_procs import free_port, stop_process
+from replicator.engine.benchmark_procs import free_port, stop_process, wait_listening
 from replicator.engine.benchmark_replay import Recording, load_recording, replay
 from replicator.engine.benchmark_rsync import rsync_change, seed
 from replicator.engine.benchmark_workload import Mix, blake3_file, change_image, write_image
@@ -264,24 +264,14 @@ async def _receiver(directory: Path, log: Path, place: Place) -> AsyncIterator[i
     port = free_port()
     args = ("receive", "--listen", f"{host}:{port}", "--dir", str(directory), "--insecure")
     async with _child(*place.receiver((*REPLICATOR, *args)), log=log) as proc:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                _, writer = await asyncio.open_connection(host, port)
-            except OSError:
-                if proc.returncode is not None:
-                    raise _child_failed("replicator receive", proc.returncode, log) from None
-                if time.monotonic() > deadline:
-                    raise ConfigError(
-                        f"the benchmark's receiver did not listen within {START_TIMEOUT:g} s: "
-                        f"{_log_tail(log)}"
-                    ) from None
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            break
+        why = await wait_listening(proc, host, port, START_TIMEOUT)
+        if why == "exited":
+            raise _child_failed("replicator receive", proc.returncode or 0, log)
+        if why is not None:
+            raise ConfigError(
+                f"the benchmark's receiver did not listen within {START_TIMEOUT:g} s: "
+                f"{_log_tail(log)}"
+            )
         yield port
 
 

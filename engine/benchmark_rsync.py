@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from replicator.engine.benchmark_netns import LOOPBACK, Place
-from replicator.engine.benchmark_procs import free_port, stop_process
+from replicator.engine.benchmark_procs import free_port, stop_process, wait_listening
 from replicator.engine.benchmark_workload import blake3_file
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
 from replicator.transport.wan import LinkProfile, WanEmulator
@@ -97,23 +97,12 @@ async def _daemon(rsync: str, folder: Path, work: Path, place: Place) -> AsyncIt
         stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                _, writer = await asyncio.open_connection(host, port)
-            except OSError:
-                if proc.returncode is not None or time.monotonic() > deadline:
-                    raise ConfigError(
-                        f"the benchmark's rsync daemon did not listen on port {port} "
-                        f"(exit {proc.returncode}): {_tail(work / 'rsyncd.log')}",
-                        hint="check that `rsync --daemon` runs on this machine",
-                    ) from None
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            break
+        if await wait_listening(proc, host, port, START_TIMEOUT) is not None:
+            raise ConfigError(
+                f"the benchmark's rsync daemon did not listen on port {port} "
+                f"(exit {proc.returncode}): {_tail(work / 'rsyncd.log')}",
+                hint="check that `rsync --daemon` runs on this machine",
+            )
         yield port
     finally:
         await stop_process(proc)

@@ -225,15 +225,17 @@ class JobReplica:
 
     def note_durable(self, records: list[Record]) -> None:
         """Called once records are durable, in LSN order: barriers become applicable."""
+        size = 0
         for record in records:
+            size += record.encoded_size
             if record.is_barrier:
                 self.last_barrier = max(self.last_barrier, record.lsn)
         if records:
             self._noted = max(self._noted, records[-1].lsn)
-            self._eager_bytes += sum(r.encoded_size for r in records)
+            self._eager_bytes += size
         if self._mem_ok:
             self._mem.extend(records)
-            self._mem_bytes += sum(r.encoded_size for r in records)
+            self._mem_bytes += size
             if self._mem_bytes > MEM_APPLY_BYTES:  # the applier is behind: use the journal
                 self._drop_memory()
         self._wake.set()

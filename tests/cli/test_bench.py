@@ -132,6 +132,14 @@ def _processes_using(folder: Path) -> list[list[str]]:
     return found
 
 
+def _wait_mid_sync(bench: subprocess.Popen[str], work: Path) -> None:
+    """Until a sender the benchmark started is running (the bench must still run)."""
+    deadline = time.monotonic() + 60
+    while not any("send" in args for args in _processes_using(work)):
+        assert bench.poll() is None and time.monotonic() < deadline, bench.stderr
+        time.sleep(0.1)
+
+
 def test_ctrl_c_stops_the_children_and_removes_the_files(tmp_path: Path) -> None:
     work = tmp_path / "work"
     bench = subprocess.Popen(
@@ -140,10 +148,7 @@ def test_ctrl_c_stops_the_children_and_removes_the_files(tmp_path: Path) -> None
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not any("send" in args for args in _processes_using(work)):  # mid-sync
-            assert bench.poll() is None and time.monotonic() < deadline, bench.stderr
-            time.sleep(0.1)
+        _wait_mid_sync(bench, work)
         assert any("receive" in args for args in _processes_using(work))
         bench.send_signal(signal.SIGINT)
         _, err = bench.communicate(timeout=60)
@@ -334,10 +339,7 @@ def test_netns_is_removed_after_ctrl_c(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not any("send" in args for args in _processes_using(work)):  # mid-sync
-            assert bench.poll() is None and time.monotonic() < deadline, bench.stderr
-            time.sleep(0.1)
+        _wait_mid_sync(bench, work)
         assert len(_namespaces() - before) == 2
         bench.send_signal(signal.SIGINT)
         _, err = bench.communicate(timeout=60)

@@ -194,3 +194,39 @@ async def test_after_its_first_point_a_replica_moves_only_from_barrier_to_barrie
         assert replica.state.consistent and replica.state.point_lsn == 2
     finally:
         await replica.aclose()
+
+
+async def test_a_failed_first_sync_round_moves_nothing_and_the_next_one_converges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eager round is a round like any other: a write failing in it (ENOSPC) leaves
+    the applied LSN where it was, and the records are applied again from the journal."""
+    import errno
+
+    from replicator.engine.applier import Applier
+
+    monkeypatch.setattr(job_replica, "EAGER_APPLY_BYTES", 8192)
+    real = Applier.apply_many
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def flaky(self: Applier, records: list[Record]) -> None:
+        if failures:
+            raise failures.pop()
+        real(self, records)
+
+    monkeypatch.setattr(Applier, "apply_many", flaky)
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _durable(replica, [Record.write("d", 0, b"z" * 16384).with_lsn(1, 1)])
+        with pytest.raises(OSError):
+            await replica.apply_pending()
+        assert replica.applied_lsn == 0 and not replica.state.consistent
+        await _durable(replica, [Record.write("d", 16384, b"w" * 16384).with_lsn(2, 1)])
+        assert await replica.apply_pending() == 2  # from the journal: lsn 1 too
+        await _durable(replica, [Record.epoch(1).with_lsn(3, 1)])
+        assert await replica.apply_pending() == 3
+        done = replica.state
+        assert done.consistent and done.point_lsn == 3
+    finally:
+        await replica.aclose()
+    assert (tmp_path / "replicas" / "job" / "d").read_bytes() == b"z" * 16384 + b"w" * 16384
