@@ -48,7 +48,6 @@ from replicator.engine.names import check_job_name
 from replicator.engine.sender import JOURNAL_CAP, LIVE_JOURNAL_CAP, Sender, SenderConfig, Summary
 from replicator.engine.statedir import default_state_dir
 from replicator.engine.tls import TlsIdentity
-from replicator.engine.tree import volumes_of, walk
 from replicator.engine.volumes import DEFAULT_EXTENT, resolve_volumes
 from replicator.transport import Shaper
 
@@ -146,33 +145,27 @@ def _fuse_sender(
     tls: TlsIdentity | None,
     shaper: Shaper,
 ) -> LiveSender:
-    from replicator.engine.live import FuseFolderCapture, LiveSender
+    from replicator.engine.fuse_folder import FuseOptions, folder_source, fuse_folder_job
+    from replicator.engine.live import LiveSender
 
     if once:
         raise ConfigError("--once applies to --capture scan; --capture fuse runs until stopped")
     if mount is None:
         raise ConfigError("--capture fuse needs --mount MOUNTPOINT")
-    if len(volumes) == 1 and not volumes[0].exists():
-        raise ConfigError(f"source folder {volumes[0]} does not exist", hint="check the path")
-    if len(volumes) != 1 or not volumes[0].is_dir():
-        raise ConfigError("--capture fuse takes exactly one VOLUME: the VM's folder")
-    source = volumes[0]
+    source = folder_source(volumes, "--capture fuse takes exactly one VOLUME: the VM's folder")
     host, port = parse_endpoint(to, "--to")
     check_job_name(job)
-    tree = walk(source)
     config = SenderConfig(
         host=host,
         port=port,
         job=job,
-        volumes=volumes_of(source, tree),
+        volumes=[],  # the folder's files: fuse_folder_job walks it
         state_dir=state_dir or default_state_dir("send", job),
         journal_max_bytes=journal_max,
         resync=resync,
-        folder=True,  # the replica folder's layout is listed at each start
     )
-    return LiveSender(
-        Sender(config, connector_for(config, tls, shaper)), FuseFolderCapture(source, mount, tree)
-    )
+    config, capture = fuse_folder_job(config, FuseOptions(source, mount))
+    return LiveSender(Sender(config, connector_for(config, tls, shaper)), capture)
 
 
 def basis_words(summary: Summary, resync: bool) -> str:

@@ -28,9 +28,10 @@ the pause a sender takes while it verifies, and the fan-out of events to subscri
 
 The sender's other choices are the ones ``send`` offers, as keywords: ``shaping`` (a
 ``Shaping`` from ``--rate``/``--burst``/``--schedule``/``--target-rpo`` as typed, its
-schedule and pacer run while the façade is open) and ``nbd`` (``NbdOptions``: capture
-every write through NBD exports instead of scanning, as ``--capture nbd``); ``failback()``
-is ``replicator failback``. FUSE capture is not offered (see docs/EMBEDDING.md).
+schedule and pacer run while the façade is open), ``nbd`` (``NbdOptions``: capture
+every write through NBD exports instead of scanning, as ``--capture nbd``) and ``fuse``
+(``FuseOptions``: mount the VM folder through the journaling filter and capture every
+change, as ``--capture fuse``); ``failback()`` is ``replicator failback``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -90,13 +92,16 @@ from replicator.transport import serve
 from replicator.transport.schedule import SpecError
 from replicator.transport.shaper import Shaping
 
-if TYPE_CHECKING:  # NBD capture's modules are imported only when it is chosen
+if TYPE_CHECKING:  # live capture's modules are imported only when it is chosen
+    from replicator.engine.fuse_folder import FuseOptions
     from replicator.engine.live import LiveSender, NbdOptions
 
 log = structlog.get_logger()
 
 Role = Literal["sender", "receiver"]
 EVENT_BUFFER = 1024  # events kept per subscriber that does not read; older ones are dropped
+# the Sender whose FUSE capture runs in this process: pyfuse3 keeps one session per process
+_fuse_running: list[Sender] = []
 
 
 class EventKind(StrEnum):
@@ -334,6 +339,15 @@ class Sender:
     ``nbd``: NBD capture (``--capture nbd``): the disks are served at ``nbd.socket`` from
     ``start()`` on (after an initial sync) and every write is journaled before it is
     acknowledged; ``interval`` does not apply, ``run_once()`` is refused.
+    ``fuse``: FUSE capture (``--capture fuse``), with ``config.volumes`` empty: the job's
+    volumes are the files of ``fuse.source`` (walked again at each start; ``config.folder``
+    is set). ``start()`` mounts that folder at ``fuse.mount`` after an initial sync; every
+    change made through the mount is journaled before it is acknowledged; the mount is gone
+    once the run ends (``stop()``, ``aclose()``, an error). The folder and the mount point
+    (existing, empty, not mounted) are checked by the constructor (ConfigError). As with
+    ``nbd``, ``interval`` does not apply and ``run_once()`` is refused. This loop serves the
+    mount: use it from other processes or threads, never with blocking calls on the loop.
+    One FUSE Sender per process runs at a time (pyfuse3 has one session per process).
     """
 
     def __init__(
@@ -347,12 +361,20 @@ class Sender:
         metrics: tuple[str, int] | None = None,
         shaping: Shaping | None = None,
         nbd: NbdOptions | None = None,
+        fuse: FuseOptions | None = None,
     ) -> None:
         if not interval > 0:
             raise ConfigError(f"interval must be positive, got {interval!r}")
         for given, what in ((tls, "tls"), (shaping, "shaping's bucket")):
             if connector is not None and given is not None:
                 raise ConfigError(f"give {what} to the connector, not to the Sender")
+        if fuse is not None and nbd is not None:
+            raise ConfigError("nbd and fuse are two ways of capturing: give one of them")
+        if fuse is not None and config.volumes:
+            raise ConfigError(
+                f"with fuse, the volumes are the files of {fuse.source}: give SenderConfig "
+                "volumes=[]"
+            )
         self._own_connector = connector is None  # one passed in stays the caller's
         if connector is None:
             shaper = shaping.bucket if shaping is not None else None
@@ -363,8 +385,13 @@ class Sender:
         self.engine = EngineSender(config, connector)  # checks the job name (ConfigError)
         self.shaping = shaping
         self.nbd = nbd
-        if nbd is not None:
-            self._live()  # an image that cannot be served fails now; status says "nbd"
+        self.fuse = fuse
+        if fuse is not None:  # before its checks: they would stat a mount this loop serves
+            _check_fuse_free()
+        if nbd is not None or fuse is not None:
+            # an image that cannot be served, a folder or mount point that cannot be used
+            # fail now (ConfigError); the status says "nbd" or "fuse"
+            self._live()
         if shaping is not None:  # as sender_monitor does, also without the control socket
             self.engine.status.shaping = shaping
             shaping.probe = backlog_probe(self.engine.status)
@@ -420,14 +447,20 @@ class Sender:
             self._begin()
 
     def _begin(self) -> None:
+        if self.fuse is not None:
+            _check_fuse_free()
+            _fuse_running.append(self)
         self._stop = asyncio.Event()
         self.failure = None
         self.engine.status.set_state(SenderPhase.STARTING)  # not "stopped" from a last run
         self._run = self._tasks.start(self._replicate(), f"api-sender-{self.config.job}")
+        if self.fuse is not None:  # also when cancelled before it began
+            self._run.add_done_callback(lambda _: self._fuse_done())
 
     async def _replicate(self) -> None:
         try:
-            if self.nbd is not None:  # a new capture each run: its exports do not restart
+            if self.nbd is not None or self.fuse is not None:
+                # a new capture each run: its exports or mount do not restart
                 await self._live().run(self._stop)
             else:
                 await self.engine.run_forever(self.interval, self._stop)
@@ -436,6 +469,8 @@ class Sender:
         except BaseException as exc:
             self.failure = _user_error(exc)
             log.error("api.sender_failed", job=self.config.job, error=str(self.failure))
+        finally:
+            self._fuse_done()
         if not self._pausing:
             await self._hub.publish_last(self._stopped_event())
 
@@ -508,8 +543,10 @@ class Sender:
         Only while not running continuously (RuntimeError otherwise)."""
         async with self._busy:
             self._check_open()
-            if self.nbd is not None:
-                raise RuntimeError("run_once() is scan capture's: with nbd, start() and stop()")
+            if self.nbd is not None or self.fuse is not None:
+                raise RuntimeError(
+                    f"run_once() is scan capture's: with {self.status.capture}, start() and stop()"
+                )
             if self.running:
                 raise RuntimeError("run_once() while running continuously: stop() first")
             await self._enter_monitor()
@@ -536,9 +573,10 @@ class Sender:
         async with self._busy:
             self._check_open()
             resume = self.running
-            if resume and self.nbd is not None:
+            if resume and (self.nbd is not None or self.fuse is not None):
+                what = "NBD exports" if self.nbd is not None else "FUSE mount"
                 raise RuntimeError(
-                    "verify() would stop the NBD exports the VM uses: stop() first, or verify "
+                    f"verify() would stop the {what} the VM uses: stop() first, or verify "
                     "the replica's consistency points with the receiver's status"
                 )
             if resume:
@@ -573,8 +611,20 @@ class Sender:
     def _live(self) -> LiveSender:
         from replicator.engine.live import LiveSender, NbdCapture
 
+        if self.fuse is not None:
+            from replicator.engine.fuse_folder import fuse_folder_job
+
+            # the folder as it is now (files made through the last mount are volumes now)
+            self.engine.config, capture = fuse_folder_job(self.engine.config, self.fuse)
+            return LiveSender(self.engine, capture)
         assert self.nbd is not None
         return LiveSender(self.engine, NbdCapture(self.config.volumes, self.nbd))
+
+    def _fuse_done(self) -> None:
+        """The run ended, its mount with it (``LiveSender.run`` stops its capture, which
+        unmounts, whatever ended the run): another FUSE Sender may start."""
+        if self in _fuse_running:
+            _fuse_running.remove(self)
 
     def _changed(self, job: str, what: str) -> None:
         if what in ("connected", "disconnected"):
@@ -780,6 +830,28 @@ def nbd_options(
     return NbdOptions(os.fspath(socket), listen, size)
 
 
+def _check_fuse_free() -> None:
+    """ConfigError while a Sender of this process runs FUSE capture: pyfuse3 serves one
+    mount per process, and this loop serves it (a check that looked at it would wait on
+    itself)."""
+    if _fuse_running:
+        raise ConfigError(
+            f"a Sender of this process runs FUSE capture (job {_fuse_running[0].config.job}): "
+            "one FUSE mount per process",
+            hint="stop that Sender first, or run the other job as a `replicator send` process",
+        )
+
+
+def fuse_options(source: str | os.PathLike[str], mount: str | os.PathLike[str]) -> FuseOptions:
+    """FUSE capture's options: the VM folder (``send --capture fuse``'s one VOLUME) and
+    where it is mounted (``--mount``). ConfigError when ``source`` is not a folder."""
+    from replicator.engine.fuse_folder import FuseOptions, folder_source
+
+    folder = Path(source)
+    folder_source([folder], f"fuse capture mounts a folder: {folder} is not one")
+    return FuseOptions(folder, Path(mount))
+
+
 def _user_error(exc: BaseException) -> ReplicatorError:
     """The ``ReplicatorError`` (with its exit code) for whatever ended a run."""
     error = unwrap(exc)
@@ -825,6 +897,7 @@ __all__ = [
     "VerifyResult",
     "VersionMismatch",
     "VolumeSpec",
+    "fuse_options",
     "nbd_options",
     "resolve_volumes",
     "shaping_from",
