@@ -53,6 +53,7 @@ WINDOW_FRAMES: Final = 16  # bulk frames per observation of the link
 _LINK_BOUND: Final = 0.5  # share of a window's time spent waiting to drain: link-bound
 _NEVER_WAITED: Final = 0.05  # at most this share waiting ...
 _CPU_SHARE: Final = 0.25  # ... and at least this share encoding: CPU-bound
+_MIN_EXTRA_SHARE: Final = 0.5  # of lz4's encode time: its least cost beyond a raw frame's
 
 
 class CompressionChoice:
@@ -147,7 +148,10 @@ class CompressionChoice:
         rate = self._rate(rate)
         if not rate or self.ratio is None or lz4_cost is None:
             return True
-        extra = max(0.0, lz4_cost - self.raw_cost)
+        # lz4 does all a raw frame's work and more, so it never costs less than half its
+        # own encode time extra; a raw frame measured while the process was descheduled
+        # would otherwise make lz4 look free for good (raw is not measured while on)
+        extra = max(lz4_cost - self.raw_cost, lz4_cost * _MIN_EXTRA_SHARE)
         return (1.0 - self.ratio) / rate > extra
 
     def level(self, rate: float | None) -> int:

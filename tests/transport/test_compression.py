@@ -147,3 +147,12 @@ def test_a_high_mode_frame_is_an_ordinary_lz4_frame() -> None:
     decoder.feed(b"".join(high.buffers))
     frame = decoder.next_frame()
     assert frame is not None and frame.message == msg
+
+
+def test_a_raw_frame_measured_slow_does_not_make_lz4_look_free() -> None:
+    """The process descheduled while a raw frame was encoded: lz4 still costs something."""
+    choice = CompressionChoice()
+    choice.observe(1_000_000, 340_000, 0.001, True)  # lz4: 1 ns a byte
+    choice.observe(1_000_000, 1_000_000, 0.005, False)  # raw, but slowed down 5 ms
+    assert not choice.pays(1e12)  # a link far faster than lz4: raw
+    assert choice.pays(12.5e6)  # 100 Mbit/s: compressed
