@@ -57,6 +57,28 @@ def _parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
+class PendingSync:
+    """Descriptors to sync (files: fdatasync, then folders: fsync), then close. Blocking."""
+
+    def __init__(self, files: list[int], dirs: list[int]) -> None:
+        self.files = files
+        self.dirs = dirs
+
+    def sync(self) -> None:
+        try:
+            for fd in self.files:
+                fdatasync_fd(fd)
+            for fd in self.dirs:
+                fsync_fd(fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for fd in (*self.files, *self.dirs):
+            os.close(fd)
+        self.files, self.dirs = [], []
+
+
 class Applier:
     """Writes records into the replica folder of one job. Blocking: run it in a worker thread."""
 
@@ -347,19 +369,31 @@ class Applier:
 
     def barrier(self) -> None:
         """Make every applied record durable, then stamp the files this round changed."""
-        for name in sorted(self._dirty):
-            fdatasync_fd(self._fds[name])
+        self.detach_dirty().sync()
+        self.stamp_changed()
+
+    def detach_dirty(self) -> PendingSync:
+        """What makes the records applied so far durable, as descriptors of its own: the
+        caller may sync them in another thread while this applier goes on writing (the
+        fsync of a file covers every write done to it before the fsync began)."""
+        files = [os.dup(self._fds[name]) for name in sorted(self._dirty)]
         self._dirty.clear()
-        for rel in sorted(self._dirty_dirs):
-            try:
-                dfd = self._open_dir(rel, create=False)
-            except FileNotFoundError:
-                continue  # removed by a later record
-            try:
-                fsync_fd(dfd)
-            finally:
-                os.close(dfd)
+        dirs: list[int] = []
+        try:
+            for rel in sorted(self._dirty_dirs):
+                try:
+                    dirs.append(self._open_dir(rel, create=False))
+                except FileNotFoundError:
+                    continue  # removed by a later record
+        except BaseException:
+            PendingSync(files, dirs).close()
+            raise
         self._dirty_dirs.clear()
+        return PendingSync(files, dirs)
+
+    def stamp_changed(self) -> None:
+        """Stamp the files changed since the last stamping as they are now; the next
+        change to any of them is checked against that stamp first."""
         for path in sorted(self._changed):
             st = self.lstat(path)
             if st is not None and stat.S_ISREG(st.st_mode):

@@ -7,6 +7,14 @@ barrier (EPOCH or FLUSH), so the replica moves from one consistency point to the
 epoch interrupted by a crash is completed from the journal when the job is opened, before
 anyone is served. After each round it fsyncs the replicas, persists the applied LSN and
 trims the journal.
+
+A first sync (a replica that never held a consistency point) skips the journal: its records
+are written straight into the replica files as they arrive (the *direct path*), and the
+session's sync commits them (fsync of the files, ``files.state``, ``applied.state``) before
+acknowledging them as received. There is no earlier point to keep, so nothing is lost by
+writing in place, and every byte is written durably once instead of twice. The direct path
+ends with the first barrier; from then on every record goes through the journal and the
+replica moves from barrier to barrier.
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ import contextlib
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -49,6 +57,7 @@ from replicator.journal.durable import makedirs_durable, sync_dir
 from replicator.journal.records import NAMESPACE_TYPES
 
 log = structlog.get_logger()
+_T = TypeVar("_T")
 
 APPLY_BATCH_BYTES = 8 * 1024 * 1024
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
@@ -56,6 +65,8 @@ MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the app
 # a replica that never held a consistency point is written as records arrive, a round per
 # this many durable bytes, instead of all at its first barrier (see JobReplica.eager)
 EAGER_APPLY_BYTES = 16 * 1024 * 1024
+# the direct path (a first sync written straight into the replica) commits this often
+DIRECT_COMMIT_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +125,12 @@ class JobReplica:
         self._mem_ok = journal.durable_lsn <= state.applied_lsn
         self._noted = self.received_lsn  # highest LSN handed to note_durable (or applied)
         self._eager_bytes = 0  # durable bytes noted since the last eager round began
+        # the direct path: the last LSN written into the replica (committed once it is
+        # the applied LSN), the bytes since the last commit, the barrier that ends it
+        self._direct_lsn = state.applied_lsn
+        self._direct_bytes = 0
+        self._direct_point: Record | None = None
+        self._direct_failures = 0  # a commit that overlapped a failure claims nothing
         self._applier: Applier | None = None
         self._wake = asyncio.Event()
         self.applied_changed = asyncio.Condition()
@@ -180,7 +197,7 @@ class JobReplica:
                 pending.update(_paths(record))
             if saved.applying:
                 # the interrupted round may have written any of these past their stamps
-                files.unstamp(files.stamps if lost_track else pending)
+                files.unstamp(files.stamps if lost_track else pending | files.writing)
             if self.last_barrier > saved.applied_lsn:
                 log.info(
                     "receiver.recover", job=job, applied=saved.applied_lsn, upto=self.last_barrier
@@ -217,14 +234,182 @@ class JobReplica:
         journal cut after damage may end below the applied LSN)."""
         return max(self.journal.durable_lsn, self.state.applied_lsn)
 
+    async def receive(self, records: list[Record], encoded: bytes | None = None) -> None:
+        """Take records from a session (checksum-verified and checked by
+        ``ReceiverCore.records``): into the replica files on the direct path (a first
+        sync, see the module docstring), into the receive journal otherwise. Neither is
+        durable before ``make_durable``. ``encoded`` is their exact encoding (the Records
+        payload they were decoded from)."""
+        direct = self._direct_count(records)
+        if direct:
+            await self._write_direct(records[:direct])
+        if direct < len(records):
+            await self.ingest(records[direct:], None if direct else encoded)
+
     async def ingest(self, records: list[Record], encoded: bytes | None = None) -> None:
-        """Append records (checksum-verified and checked by ``ReceiverCore.records``) to
-        the receive journal. ``encoded`` is their exact encoding (the Records payload they
-        were decoded from)."""
+        """Append records to the receive journal (the path of every record but a first
+        sync's): durable after ``make_durable`` (or ``journal.sync()``)."""
         await self.journal.append_many(records, encoded=encoded)
 
+    @property
+    def commit_can_wait(self) -> bool:
+        """Only direct writes wait to be made durable, fewer than ``DIRECT_COMMIT_BYTES``
+        and without their barrier: the sync may wait a little to commit more at once."""
+        return (
+            self._direct_lsn > self.state.applied_lsn
+            and self._direct_point is None
+            and self._direct_bytes < DIRECT_COMMIT_BYTES
+            and self.journal.last_lsn <= self.journal.durable_lsn
+        )
+
+    async def make_durable(self) -> None:
+        """Everything ingested so far durable: direct writes committed, the journal synced."""
+        if self._direct_lsn > self.state.applied_lsn:
+            await self._commit_direct_overlapped()
+        await self.journal.sync()
+
+    def _direct_count(self, records: list[Record]) -> int:
+        """How many of ``records`` (a prefix) go straight into the replica: all of them up
+        to and including the first barrier while the replica never held a point, nothing
+        in the journal waits to be applied and no barrier was written directly yet."""
+        if (
+            not self.eager
+            or self.broken
+            or self._direct_point is not None
+            or self.journal.last_lsn > self.state.applied_lsn
+            or (self._mem_ok and self._mem)
+        ):
+            return 0
+        for count, record in enumerate(records, 1):
+            if record.is_barrier:
+                return count
+        return len(records)
+
+    async def _write_direct(self, records: list[Record]) -> None:
+        """Write ``records`` into the replica files (not durable: see ``_commit_direct``).
+
+        The write order keeps recovery exact: ``applying`` is durable before the first byte
+        moves and each file is in ``files.state``'s ``writing`` list before it is written
+        (recovery unstamps those; no journal tells it what an interrupted round touched);
+        before a namespace record everything written is committed, so that a redo (the
+        sender sends again from the applied LSN) starts at that record at most, as in
+        ``_apply_upto``."""
+        async with self._apply_lock:
+            try:
+                if not self.state.applying:
+                    await self._save_state(self.state.replace(applying=True, consistent=False))
+                if self.files.will_write(p for record in records for p in _paths(record)):
+                    await _settled(self.files.save, self.state_dir)
+                start = 0
+                for i, record in enumerate(records):
+                    if record.type in NAMESPACE_TYPES and (
+                        i > start or self._direct_lsn > self.state.applied_lsn
+                    ):
+                        await self._apply_direct(records[start:i])
+                        start = i
+                        await self._commit_direct()
+                await self._apply_direct(records[start:])
+            except BaseException as exc:  # cancelled too: a write may have landed uncounted
+                if isinstance(exc, ReplicaDiverged):
+                    self.files.mark_diverged(exc.path, exc.why)
+                    with contextlib.suppress(OSError):
+                        await _settled(self.files.save, self.state_dir)
+                self._direct_failed()
+                raise
+
+    async def _apply_direct(self, records: list[Record]) -> None:
+        if not records:
+            return
+        await _settled(self._get_applier().apply_many, records)
+        self._direct_lsn = records[-1].lsn  # counted once written, never before
+        self._direct_bytes += sum(record.encoded_size for record in records)
+        if records[-1].is_barrier:
+            self._direct_point = records[-1]
+
+    async def _commit_direct(self) -> None:
+        """Make the direct writes durable and move the applied LSN to the last of them,
+        with the apply lock held throughout. Ends the direct path when they end on its
+        barrier."""
+        upto, point, size = self._direct_lsn, self._direct_point, self._direct_bytes
+        if upto <= self.state.applied_lsn:
+            return
+        try:
+            await _settled(self._get_applier().detach_dirty().sync)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self._direct_failed()
+            raise
+        await self._finish_commit(upto, point, size)
+
+    async def _commit_direct_overlapped(self) -> None:
+        """``_commit_direct`` for a session's sync: the replica files are fsynced without
+        the apply lock, so the session goes on writing the next frames meanwhile (the
+        fsync is the long part; without the overlap the network waits for the disk)."""
+        async with self._apply_lock:
+            upto, point, size = self._direct_lsn, self._direct_point, self._direct_bytes
+            if upto <= self.state.applied_lsn:
+                return
+            failures = self._direct_failures
+            try:
+                pending = self._get_applier().detach_dirty()
+            except BaseException:
+                self._direct_failed()
+                raise
+        try:
+            await _settled(pending.sync)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            async with self._apply_lock:
+                self._direct_failed()
+            raise
+        async with self._apply_lock:
+            if failures != self._direct_failures or upto <= self.state.applied_lsn:
+                return  # a write failed meanwhile (sent again), or committed meanwhile
+            await self._finish_commit(upto, point, size)
+
+    async def _finish_commit(self, upto: int, point: Record | None, size: int) -> None:
+        """The direct writes up to ``upto`` are in the files durably: stamp, save the
+        stamps, then the applied LSN (apply lock held)."""
+        try:
+            self._get_applier().stamp_changed()
+            done = point is not None and point.lsn == upto
+            if done:
+                self.files.written()
+            await _settled(self.files.save, self.state_dir)
+            new = self.state.replace(applied_lsn=upto, applying=not done, consistent=done)
+            if done and point is not None:
+                new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
+                self.last_barrier = max(self.last_barrier, upto)
+            await _settled(replica_state.save, self.state_dir, self.job, new)
+            self.state = new
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self._direct_failed()
+            raise
+        self._direct_bytes = max(0, self._direct_bytes - size)
+        if point is not None and point.lsn == upto:
+            self._direct_point = None
+        self._noted = max(self._noted, upto)
+        async with self.applied_changed:
+            self.applied_changed.notify_all()
+
+    def _direct_failed(self) -> None:
+        """A direct write or commit failed: what was written past the applied LSN is
+        not trusted (the sender sends it again); the next session starts afresh."""
+        self._after_failed_apply()
+        self._direct_lsn = self.state.applied_lsn
+        self._direct_bytes = 0
+        self._direct_point = None
+        self._direct_failures += 1
+
     def note_durable(self, records: list[Record]) -> None:
-        """Called once records are durable, in LSN order: barriers become applicable."""
+        """Called once records are durable, in LSN order: barriers become applicable.
+        Records the direct path already applied are passed over."""
+        if records and records[0].lsn <= self.state.applied_lsn:
+            records = [r for r in records if r.lsn > self.state.applied_lsn]
         size = 0
         for record in records:
             size += record.encoded_size
@@ -319,6 +504,8 @@ class JobReplica:
         async with self._apply_lock:
             if self.promotion is not None:  # the replica belongs to the target's VM now
                 return self.state.applied_lsn
+            # direct writes below any journal record: committed first (see ingest)
+            await self._commit_direct()
             t0 = time.perf_counter()
             target = self._apply_target(force)
             if target <= self.state.applied_lsn:
@@ -521,6 +708,9 @@ class JobReplica:
         """Replica files not as replication left them (see ``replica_files.py``); with
         ``adopt`` (the sender compares with the replica) they are all taken as they are."""
         async with self._apply_lock:
+            # a first sync's writes an ended session left uncommitted are ours, not an edit
+            with contextlib.suppress(Exception):  # failed: unstamped, so taken as they are
+                await self._commit_direct()
             if adopt:
                 self.files.forget_all()
             else:
@@ -578,6 +768,19 @@ class JobReplica:
         self._reset_applier()
         with contextlib.suppress(JournalError):
             await self.journal.aclose()
+
+
+async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a worker thread that is never left running behind the caller: when
+    the caller is cancelled it still waits for the thread (which holds replica files and
+    the applier) before the cancellation goes on."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait([task])
+        raise
 
 
 def _real_dirs(root: Path, names: tuple[str, ...]) -> None:

@@ -37,7 +37,8 @@ from replicator.engine.session_core import (
     refusal_error,
 )
 from replicator.engine.volumes import VolumeSpec
-from replicator.journal import EncodedRecord, Journal
+from replicator.journal import EncodedRecord, Journal, Record
+from replicator.journal.records import encode_parts
 from replicator.transport import (
     PROTOCOL_VERSION,
     Error,
@@ -114,6 +115,12 @@ class Link:
         self._tasks: list[asyncio.Task[None]] = []
         self._shipper_task: asyncio.Task[None] | None = None
         self.sent_lsn = 0  # the last LSN of the last Records frame written
+        # batches for the shipper: the journal's tail, and records shipped without the
+        # journal (``ship_direct``); made by start_shipper
+        self._out: asyncio.Queue[list[EncodedRecord]] = asyncio.Queue(maxsize=2)
+        self._ship_from = 0
+        self.direct_lsn = 0  # the last LSN shipped without the journal (0: none)
+        self._direct_batches: collections.deque[tuple[int, int]] = collections.deque()
         self._failure: BaseException | None = None
         self._closed = False
 
@@ -209,6 +216,7 @@ class Link:
         trimmed, and basis selection must still see every record after ``received_lsn``.
         """
         self._started()
+        self._ship_from = ship_from
         ship = functools.partial(self._shipper, ship_from)
         self._shipper_task = asyncio.create_task(self._guard(ship), name="link-shipper")
         self._tasks.append(self._shipper_task)
@@ -305,7 +313,7 @@ class Link:
         core = self._started()
         # batches as the journal reads them (about READ_CHUNK bytes): a frame fills up to
         # FRAME_TARGET from several small records without an await per record
-        queue: asyncio.Queue[list[EncodedRecord]] = asyncio.Queue(maxsize=2)
+        queue = self._out
 
         async def tail() -> None:
             async for batch in self.journal.follow_encoded(ship_from):
@@ -336,6 +344,57 @@ class Link:
             tailer.cancel()
             with contextlib.suppress(BaseException):
                 await tailer
+
+    async def ship_direct(self, records: list[Record], floor: int = 0) -> int:
+        """Ship ``records`` without journaling them; returns the last LSN.
+
+        For a first sync (docs/ARCHITECTURE.md, "Initial sync"): the bulk of a disk goes
+        from the source to the wire without being written and read back here. They are
+        numbered after everything journaled (and at least ``floor``), and go after the
+        journal's records before them. Until the receiver acknowledges them as received
+        they exist nowhere else: a link that fails first loses them, so the caller must
+        journal no barrier after them before ``wait_received(direct_lsn)`` (a barrier
+        shipped after a gap would make a replica that lacks them a consistency point).
+        """
+        journal = self.journal
+        if not self.direct_lsn:  # the first: everything journaled before ships first
+            await journal.sync()
+            while max(self.sent_lsn, self._ship_from - 1) < journal.last_record_lsn:
+                self._check()
+                await asyncio.sleep(0.005)
+        first = max(journal.next_lsn, floor)
+        journal.skip_to(first + len(records))
+        now = time.time_ns()
+        batch = [
+            EncodedRecord(lsn, now, b"".join(encode_parts(record, lsn, now)))
+            for lsn, record in enumerate(records, first)
+        ]
+        shipper = self._shipper_task
+        assert shipper is not None, "start_shipper first"
+        put = asyncio.ensure_future(self._out.put(batch))
+        await asyncio.wait({put, shipper}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            self._check()
+            raise ConnectError("the link stopped shipping before a first sync was sent")
+        self.direct_lsn = batch[-1].lsn
+        self._direct_batches.append((self.direct_lsn, sum(len(r.raw) for r in batch)))
+        return self.direct_lsn
+
+    def direct_backlog(self) -> int:
+        """Bytes shipped (or queued) without the journal that the receiver has not applied."""
+        batches, applied = self._direct_batches, self.applied_lsn
+        while batches and batches[0][0] <= applied:
+            batches.popleft()
+        return sum(size for _, size in batches)
+
+    async def wait_received(self, lsn: int) -> None:
+        """Until the receiver holds every record up to ``lsn`` durably (or the link fails)."""
+        async with self._changed:
+            while self.received_lsn < lsn:
+                self._check()
+                await self._changed.wait()
+            self._check()
 
     async def _wait_credit(self, size: int) -> None:
         async with self._changed:

@@ -42,6 +42,7 @@ from replicator.engine.nbd.images import export_size_for, probe_path
 from replicator.engine.scan import file_volume
 from replicator.engine.sender import (
     MID_SESSION_RETRY,
+    CycleStopped,
     Sender,
     SenderState,
     log_cycle,
@@ -151,6 +152,7 @@ class LiveSender:
 
     async def _initial_sync(self, state: SenderState, stop: asyncio.Event) -> Link | None:
         """Bring the replica up to date before serving; retry while the receiver is away."""
+        self.sender.stopping = stop
         while not stop.is_set():
             opened = await self.sender.connect_retrying(state, stop)
             if opened is None:
@@ -173,6 +175,11 @@ class LiveSender:
                 self.status.progress = None
                 self.status.set_state(SenderPhase.REPLICATING)
                 return link
+            except CycleStopped:  # stopped while a first sync waited for the link
+                with contextlib.suppress(Exception):
+                    await link.finish("sender stopping", grace=0)
+                await self.sender.close_link(link)
+                break
             except MID_SESSION_RETRY as exc:
                 log.warning("sender.link_lost", error=str(exc))
                 self.status.error("connection", str(exc))
@@ -394,7 +401,8 @@ class FuseFolderCapture:
         await asyncio.wait({self._task, mounted}, return_when=asyncio.FIRST_COMPLETED)
         mounted.cancel()
         if self._task.done():
-            self._task.result()  # raises why the mount failed
+            task, self._task = self._task, None  # stop() must not raise it a second time
+            task.result()  # raises why the mount failed
             raise ReplicatorError(f"the FUSE mount at {self.mountpoint} ended at once")
         log.info("sender.fuse_serving", source=str(self.source), mount=str(self.mountpoint))
 

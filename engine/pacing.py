@@ -6,7 +6,9 @@ applied, shipped or read for shipping). The bytes are estimated from the journal
 reading it: the journal keeps whole segments until every record in them is applied, so
 its size overstates the backlog by up to a segment (64 MiB); the records not applied
 (``last_lsn - applied``) are its share of the records it holds, in proportion. That is
-exact for records of one size, and close for a mix.
+exact for records of one size, and close for a mix. A first sync is not in the journal
+(``Link.ship_direct``): its backlog is what was shipped or queued and not applied, plus
+what its scan has still to read (all of which it may have to send).
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ def backlog_probe(status: SenderJobStatus) -> Callable[[], tuple[float, float] |
         if link is None or journal is None or link.core is None:
             return None
         age = float(link.lag()["seconds"])
-        return float(unapplied_bytes(journal.bytes_used, journal.first_lsn,
-                                     journal.last_lsn, link.applied_lsn)), age  # fmt: skip
+        backlog = unapplied_bytes(journal.bytes_used, journal.first_lsn,
+                                  journal.last_lsn, link.applied_lsn)  # fmt: skip
+        backlog += link.direct_backlog()
+        if link.direct_lsn > link.applied_lsn and status.progress is not None:
+            done, total = status.progress  # a first sync: the rest of the scan may follow
+            backlog += max(0, total - done)
+        return float(backlog), age
 
     return probe
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from replicator.engine.applier import ApplyError
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import path_problem
 from replicator.engine.pacing import unapplied_bytes
@@ -28,6 +29,7 @@ from replicator.engine.window import CreditWindow
 from replicator.journal import (
     JournalError,
     JournalFull,
+    Record,
 )
 from replicator.transport import (
     PROTOCOL_VERSION,
@@ -59,6 +61,7 @@ log = structlog.get_logger()
 
 IDLE_TIMEOUT = 120.0
 RTT_PING_INTERVAL = 5.0  # the window follows the round trip: measured this often
+DIRECT_LINGER = 0.2  # a first sync's direct writes wait this long for more before a commit
 
 
 class Session:
@@ -82,12 +85,14 @@ class Session:
         # a planned failover asked the sender for its final point (``request_handover``)
         self._handover: asyncio.Future[int] | None = None
         self.final_lsn: int | None = None  # the sender's final point: nothing may follow it
+        self._linger: asyncio.TimerHandle | None = None  # a delayed sync (_wake_syncer)
+        self._taking: asyncio.Future[None] | None = None  # the last frame, being taken
 
     async def run(self) -> None:
         replica = self.replica
         # records a previous session appended but did not sync yet are valid (checksummed):
         # make them durable so the resume point we announce covers them
-        await replica.journal.sync()
+        await replica.make_durable()
         replica.session_started()
         self.core = ReceiverCore(replica.applied_lsn)
         await self.conn.send(
@@ -134,7 +139,46 @@ class Session:
         for action in actions:
             await self.conn.send(action.message)
 
+    async def _take(self, records: list[Record], size: int, payload: bytes) -> None:
+        """Hand a Records frame to the replica, then count it as ingested (and wake the
+        syncer). Raises _TakeFailed when that failed; the sender was told why."""
+        try:
+            await self.replica.receive(records, payload)
+        except ReplicaDiverged as exc:
+            log.error("receiver.replica_diverged", job=self.replica.job, files=[str(exc)])
+            await self.conn.send(Error("diverged", f"receiver cannot apply: {exc}"))
+            raise _TakeFailed from exc
+        except (JournalError, OSError, ApplyError) as exc:
+            reason = _storage_reason(exc)
+            log.error("receiver.storage", job=self.replica.job, error=reason)
+            await self.conn.send(Error("storage", reason))
+            raise _TakeFailed from exc
+        self.core.ingested(records, size)
+        self.window.received(time.monotonic(), size)
+        self._wake_syncer()
+
+    async def _taken(self) -> bool:
+        """Wait until the last Records frame is in the replica's hands; False when that
+        failed (the sender was told why: the session ends)."""
+        taking, self._taking = self._taking, None
+        if taking is None:
+            return True
+        try:
+            await asyncio.shield(taking)  # the session ending does not cut a write short
+        except _TakeFailed:
+            return False
+        return True
+
     async def _reader(self, tg: asyncio.TaskGroup) -> None:
+        try:
+            await self._read(tg)
+        finally:
+            taking, self._taking = self._taking, None
+            if taking is not None:  # never leave a write running behind the session
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(taking)
+
+    async def _read(self, tg: asyncio.TaskGroup) -> None:
         while True:
             msg = await self.conn.recv(timeout=IDLE_TIMEOUT)
             if isinstance(msg, Records):
@@ -143,17 +187,17 @@ class Session:
                         f"Records after the handover's final point (lsn {self.final_lsn})"
                     )
                 records = self.core.records(msg)  # the protocol checked count and LSN order
-                try:
-                    await self.replica.ingest(records, msg.payload)
-                except (JournalError, OSError) as exc:
-                    reason = _storage_reason(exc)
-                    log.error("receiver.storage", job=self.replica.job, error=reason)
-                    await self.conn.send(Error("storage", reason))
+                if not await self._taken():
                     return
-                self.core.ingested(records, len(msg.payload))
-                self.window.received(time.monotonic(), len(msg.payload))
-                self._sync_wake.set()
-            elif isinstance(msg, ManifestRequest):
+                # written while the next frame is read and checked (the write is a thread
+                # hop, and a reader waiting for it would stop the socket meanwhile)
+                self._taking = asyncio.ensure_future(
+                    self._take(records, len(msg.payload), msg.payload)
+                )
+                continue
+            if not await self._taken():  # everything else comes after the frames before it
+                return
+            if isinstance(msg, ManifestRequest):
                 tg.create_task(self._answer_manifest(msg))
             elif isinstance(msg, TreeRequest):
                 tg.create_task(self._answer_tree(msg))
@@ -177,6 +221,14 @@ class Session:
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a sender")
 
+    def _wake_syncer(self) -> None:
+        """Sync now, or, when only a few direct writes of a first sync wait (see
+        ``JobReplica.ingest``), a little later with more: each commit costs three fsyncs."""
+        if not self.replica.commit_can_wait:
+            self._sync_wake.set()
+        elif self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(DIRECT_LINGER, self._sync_wake.set)
+
     async def _flush_sync(self) -> None:
         if self.core.unsynced:
             await self._sync_once()
@@ -186,11 +238,14 @@ class Session:
             await self._sync_locked()
 
     async def _sync_locked(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         records, _ = self.core.take_unsynced()
         started = time.monotonic()
         try:
-            await self.replica.journal.sync()
-        except (JournalError, OSError) as exc:
+            await self.replica.make_durable()
+        except (JournalError, OSError, ApplyError) as exc:
             reason = _storage_reason(exc)
             log.error("receiver.storage", job=self.replica.job, error=reason)
             await self.conn.send(Error("storage", reason))
@@ -302,6 +357,10 @@ def replica_tree_parts(root: Path, part_bytes: int = MAX_TREE_PART // 2) -> list
 
 class _SessionOver(Exception):
     pass
+
+
+class _TakeFailed(Exception):
+    """A Records frame could not be taken; the sender was told (Error)."""
 
 
 class StorageFailed(Exception):

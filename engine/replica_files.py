@@ -15,7 +15,11 @@ State file (``journal/durable.py`` framing), a msgpack map:
 - ``files`` (map path -> [ino, ctime_ns]): every regular replica file replication wrote
   or adopted;
 - ``diverged`` (map path -> text): files found changed outside replication; sessions are
-  refused until a sender compares with the replica (``send --resync``).
+  refused until a sender compares with the replica (``send --resync``);
+- ``writing`` (list of paths, absent when empty): files a first sync writes straight from
+  the wire (``JobReplica``'s direct path, which keeps no journal to tell what a round
+  interrupted by a crash touched); recovery unstamps them, as it does the paths of the
+  journal records it redoes.
 
 Files nobody stamped yet (a seeded replica, the first session) are *adopted* when the
 sender compares against them (a manifest request) or writes them whole. A file an apply
@@ -54,6 +58,7 @@ class ReplicaDiverged(Exception):
 class ReplicaFiles:
     stamps: dict[str, tuple[int, int]] = field(default_factory=dict)
     diverged: dict[str, str] = field(default_factory=dict)
+    writing: set[str] = field(default_factory=set)  # written straight from the wire
     dirty: bool = False  # changed since the last save
 
     @classmethod
@@ -65,21 +70,25 @@ class ReplicaFiles:
                 return cls()
             stamps = {str(k): (int(v[0]), int(v[1])) for k, v in raw["files"].items()}
             diverged = {str(k): str(v) for k, v in raw.get("diverged", {}).items()}
+            writing = {str(k) for k in raw.get("writing", ())}
         except (StateFileError, OSError, KeyError, TypeError, ValueError, IndexError) as exc:
             # without stamps nothing can be compared: every file is adopted again, as for
             # a seeded replica (the sender's comparison covers content)
             log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
             return cls(dirty=True)
-        return cls(stamps, diverged)
+        return cls(stamps, diverged, writing)
 
     def save(self, state_dir: Path) -> None:
         """Durably replace the state file when stamps changed (blocking: worker thread)."""
         if not self.dirty:
             return
-        write_state(
-            state_dir / FILE_NAME,
-            {"files": {k: list(v) for k, v in self.stamps.items()}, "diverged": self.diverged},
-        )
+        state: dict[str, object] = {
+            "files": {k: list(v) for k, v in self.stamps.items()},
+            "diverged": self.diverged,
+        }
+        if self.writing:
+            state["writing"] = sorted(self.writing)
+        write_state(state_dir / FILE_NAME, state)
         self.dirty = False
 
     def check(self, path: str, st: os.stat_result | None) -> None:
@@ -131,9 +140,25 @@ class ReplicaFiles:
             self.diverged[path] = why
             self.dirty = True
 
+    def will_write(self, paths: Iterable[str]) -> bool:
+        """Note ``paths`` as written straight from the wire (see ``writing``); True when
+        that is news, and the state must be saved before they are written."""
+        new = set(paths) - self.writing
+        if new:
+            self.writing |= new
+            self.dirty = True
+        return bool(new)
+
+    def written(self) -> None:
+        """The direct writes are done and stamped: no redo will touch them any more."""
+        if self.writing:
+            self.writing.clear()
+            self.dirty = True
+
     def forget_all(self) -> None:
         """Adopt the replica as it is now (``send --resync`` compares with it)."""
-        if self.stamps or self.diverged:
+        if self.stamps or self.diverged or self.writing:
             self.stamps.clear()
             self.diverged.clear()
+            self.writing.clear()
             self.dirty = True

@@ -16,8 +16,9 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -52,7 +53,7 @@ from replicator.engine.sender_state import (
 )
 from replicator.engine.status import SenderJobStatus, SenderPhase
 from replicator.engine.tree import Tree
-from replicator.journal import Journal, Record
+from replicator.journal import Journal, Record, RecordType
 
 log = structlog.get_logger()
 
@@ -60,6 +61,7 @@ FULL_WAIT_TIMEOUT = 600.0
 # What ends an established session but not the job: the link broke, or a frame arrived
 # damaged (a flipped bit on the path; every frame is checksummed, so it is caught, never
 # applied). A continuous sender reconnects and resumes from the receiver's last ack.
+_T = TypeVar("_T")
 MID_SESSION_RETRY = (ConnectError, PeerProtocolError)
 HANDSHAKE_DAMAGE_RETRIES = 2  # then a protocol or version error at connect is believed
 
@@ -106,6 +108,8 @@ class Sender:
         )
         self.status = SenderJobStatus(config.job, "scan", self.connector.target)
         self._lsn_floor = 1
+        # set by a continuous run: a first sync waiting on the link gives up when it is set
+        self.stopping: asyncio.Event | None = None
         self.replica_tree: Tree | None = None  # the replica folder's layout (folder jobs)
         self.progress: Progress | None = None  # sees every cycle's scan (bars, log lines)
         self.reached = False  # a session was established at least once
@@ -242,8 +246,20 @@ class Sender:
         False (the caller then saves them with ``state.save``)."""
         journal = state.journal
         assert journal is not None
+        # A first sync from this state folder (no manifests: the basis is the replica's) is
+        # shipped without the journal; its EPOCH is journaled once the receiver holds all
+        # of it. A failure before that loses the records, and the next cycle compares with
+        # the replica again (still no manifests), so nothing is missed. Later cycles fold
+        # the journal into their basis and must find every record there: they journal.
+        direct = state.manifests is None
 
         async def append(records: list[Record]) -> int:
+            if direct and records[-1].type is not RecordType.EPOCH:
+                last = await self._unless_stopped(link.ship_direct(records, self._lsn_floor))
+                self.status.changed("lag")
+                return last
+            if direct:
+                await self._unless_stopped(link.wait_received(link.direct_lsn))
             return await self.append(journal, link, records)
 
         status = self.status
@@ -273,6 +289,26 @@ class Sender:
             await state.save(result[0])
         status.last_epoch = result[0].epoch
         return result
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """``work``, unless ``stopping`` is set first: then CycleStopped. A first sync waits
+        for the link (a low rate, paused at 0); what it sent is not journaled here and
+        needs no shipping on stop (the next run compares with the replica)."""
+        stop = self.stopping
+        if stop is None:
+            return await work
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise CycleStopped("stopped during a first sync")
+        return task.result()
 
     async def run_once(self, progress: Progress | None = None) -> Summary:
         """One cycle, then wait until the receiver has applied it; ``progress`` sees the scan."""
@@ -348,6 +384,7 @@ class Sender:
 
         Stopped before any session: the last connect failure, said so (not a silent 0)."""
         self.log_start("scan")
+        self.stopping = stop
         async with SenderState(self.config) as state:
             while not stop.is_set():
                 opened = await self.connect_retrying(state, stop)
@@ -366,6 +403,8 @@ class Sender:
                             await hand_over(link, final, self.config.state_dir, self.config.job)
                     # bounded at any rate: what is not applied waits in the journal
                     await link.finish("sender stopping")
+                except CycleStopped:  # a first sync: nothing journaled waits to be shipped
+                    await link.finish("sender stopping", grace=0)
                 except MID_SESSION_RETRY as exc:
                     log.warning("sender.link_lost", error=str(exc))
                     self.status.error("connection", str(exc))
@@ -386,6 +425,10 @@ class Sender:
             last_epoch=self.status.last_epoch,
             last_lsn=journal.last_lsn if journal is not None else None,
         )
+
+
+class CycleStopped(Exception):
+    """The sender was asked to stop while a first sync waited for the link."""
 
 
 def _mib(n: int) -> str:

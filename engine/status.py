@@ -76,7 +76,8 @@ class ReceiverPhase(StrEnum):
     PROMOTED = "promoted"  # failover made the replica the primary copy: nothing is applied
     IDLE = "idle"  # no sender connected
     RECEIVING = "receiving"
-    RECOVERING = "recovering"  # an interrupted apply is not finished: not a consistency point
+    # no sender, and not at a consistency point (an interrupted first sync or apply)
+    RECOVERING = "recovering"
     DIVERGED = "diverged"  # replica files changed outside replication (needs a --resync)
     FAILED = "failed"  # an apply failed (disk full...): the next session retries
 
@@ -295,10 +296,10 @@ class ReceiverJobStatus:
             state = ReceiverPhase.DIVERGED
         elif replica.failure is not None:
             state = ReceiverPhase.FAILED
+        elif conn is not None:  # moving: between points during a round or a first sync
+            state = ReceiverPhase.RECEIVING
         elif point.applying or not point.consistent:
             state = ReceiverPhase.RECOVERING
-        elif conn is not None:
-            state = ReceiverPhase.RECEIVING
         else:
             state = ReceiverPhase.IDLE
         point_age = (now - point.point_ts_ns / 1e9) if point.point_ts_ns else None

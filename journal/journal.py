@@ -102,6 +102,7 @@ class Journal:
         self._max_bytes = max_bytes
         self._next_lsn = segments[-1].next_lsn
         self._durable_lsn = self._next_lsn - 1
+        self._last_record_lsn = self._next_lsn - 1  # below ``skip_to``'s LSNs
         self._file_bytes = sum(s.file_bytes for s in segments)
         self._staged: list[bytes] = []  # encoded records of the active segment, unwritten
         self._staged_bytes = 0
@@ -219,6 +220,12 @@ class Journal:
         return self._next_lsn - 1
 
     @property
+    def last_record_lsn(self) -> int:
+        """LSN of the last record stored (``last_lsn`` also counts LSNs ``skip_to`` passed
+        over)."""
+        return self._last_record_lsn
+
+    @property
     def next_lsn(self) -> int:
         return self._next_lsn
 
@@ -257,6 +264,7 @@ class Journal:
         seg.count += 1
         seg.last_lsn = lsn
         self._next_lsn = lsn + 1
+        self._last_record_lsn = lsn
         self._staged.append(head)
         if data:
             self._staged.append(data)
@@ -307,10 +315,21 @@ class Journal:
         seg.count += len(lsns)
         seg.last_lsn = lsns[-1]
         self._next_lsn = nxt
+        self._last_record_lsn = nxt - 1
         self._staged_bytes += size
         if self._staged_bytes >= FLUSH_BYTES:
             self._flush()
         return seg.last_lsn
+
+    def skip_to(self, next_lsn: int) -> None:
+        """Number the next record ``next_lsn`` at least, storing nothing for the LSNs passed
+        over: they belong to records that travel without the journal (a first sync's,
+        ``Link.ship_direct``). Not persistent: after a restart the journal numbers on
+        from its last record (the sender then numbers past what the receiver holds)."""
+        self._check_usable()
+        if next_lsn > MAX_LSN:
+            raise JournalError(f"record lsn {next_lsn} is out of range")
+        self._next_lsn = max(self._next_lsn, next_lsn)
 
     def _check_lsn(self, lsn: int, nxt: int = 0) -> int:
         nxt = nxt or self._next_lsn

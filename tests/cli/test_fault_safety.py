@@ -51,10 +51,10 @@ def _events(stderr: str) -> list[dict[str, object]]:
     return out
 
 
-def test_replica_write_out_of_space_is_never_reported_durable(tmp_path: Path, tmpfs: Path) -> None:
-    """The issue's first case: the journal fits, the replica write does not."""
+def test_a_first_sync_out_of_space_is_never_reported_durable(tmp_path: Path, tmpfs: Path) -> None:
+    """A first sync is written straight into the replica: 48 MiB do not fit in 40."""
     disk = tmp_path / "disk.img"
-    disk.write_bytes(os.urandom(24 * MiB))
+    disk.write_bytes(os.urandom(48 * MiB))
     receiver = start_receiver(tmpfs)
     try:
         state = tmp_path / "state"
@@ -62,16 +62,45 @@ def test_replica_write_out_of_space_is_never_reported_durable(tmp_path: Path, tm
         assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
         assert "No space left on device" in out.stderr or "disk is full" in out.stderr
         assert receiver.proc.poll() is None
-        subprocess.run(["mount", "-o", "remount,size=256m", str(tmpfs)], check=True)
-        summary = send_once(receiver, "full", state, disk)
-        assert b3(tmpfs / "full" / "disk.img") == b3(disk), summary
-        verify = replicator(
-            "verify", "--to", receiver.address, "--job", "full", "--state-dir", str(state),
-            "--insecure", str(disk),
-        )  # fmt: skip
-        assert verify.returncode == 0, verify.stdout + verify.stderr
+        _converges_once_there_is_room(receiver, tmpfs, state, disk)
     finally:
         receiver.stop()
+
+
+def test_replica_write_out_of_space_is_never_reported_durable(tmp_path: Path, tmpfs: Path) -> None:
+    """The issue's first case: the journal fits, the replica write does not (a later sync
+    goes through the receive journal: 16 MiB of new data there and in the replica)."""
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as f:
+        f.write(os.urandom(8 * MiB))
+        f.truncate(24 * MiB)  # a sparse tail: the replica holds 8 MiB after the first sync
+    receiver = start_receiver(tmpfs)
+    try:
+        state = tmp_path / "state"
+        send_once(receiver, "full", state, disk)
+        with disk.open("r+b") as f:
+            f.seek(8 * MiB)
+            f.write(os.urandom(16 * MiB))  # journal 16 + replica 8 + 16 > 40 MiB
+        out = _send(receiver, "full", state, disk)
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+        assert "No space left on device" in out.stderr or "disk is full" in out.stderr
+        assert receiver.proc.poll() is None
+        _converges_once_there_is_room(receiver, tmpfs, state, disk)
+    finally:
+        receiver.stop()
+
+
+def _converges_once_there_is_room(
+    receiver: ReceiverProc, tmpfs: Path, state: Path, disk: Path
+) -> None:
+    subprocess.run(["mount", "-o", "remount,size=256m", str(tmpfs)], check=True)
+    summary = send_once(receiver, "full", state, disk)
+    assert b3(tmpfs / "full" / "disk.img") == b3(disk), summary
+    verify = replicator(
+        "verify", "--to", receiver.address, "--job", "full", "--state-dir", str(state),
+        "--insecure", str(disk),
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def test_a_symlink_planted_at_the_replica_is_refused_then_the_replica_converges(
@@ -114,7 +143,10 @@ def test_a_flipped_byte_in_the_receive_journal_does_not_wedge_the_job(tmp_path: 
     receiver = start_receiver(target)
     state = tmp_path / "state"
     try:
-        send_once(receiver, "rot", state, disk)
+        send_once(receiver, "rot", state, disk)  # a first sync: written past the journal
+        with disk.open("r+b") as f:
+            f.write(os.urandom(4 * MiB))
+        send_once(receiver, "rot", state, disk)  # through the journal: records stay there
     finally:
         receiver.stop()
     segments = sorted((target / ".replicator" / "rot" / "journal").glob("*.seg"))
@@ -140,7 +172,10 @@ def test_a_flipped_byte_in_the_sender_journal_is_recovered_by_comparing(
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(8 * MiB))
     state = tmp_path / "state"
-    send_once(receiver, "srot", state, disk)
+    send_once(receiver, "srot", state, disk)  # a first sync: past the journal
+    with disk.open("r+b") as f:
+        f.write(os.urandom(4 * MiB))
+    send_once(receiver, "srot", state, disk)  # journaled: records stay in the segment
     (segment,) = sorted((state / "journal").glob("*.seg"))
     _flip(segment, HEADER_BYTES + segment.stat().st_size // 3)
     with disk.open("r+b") as f:

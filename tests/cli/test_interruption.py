@@ -21,7 +21,11 @@ def _make_disk(path: Path) -> None:
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+    """Bytes allocated to the files under ``path`` (a first sync is written in place: the
+    replica's size is set first, its blocks fill as data arrives)."""
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
 
 
 def _start_send(receiver: ReceiverProc, state: Path, disk: Path) -> subprocess.Popen[str]:
@@ -33,9 +37,9 @@ def _start_send(receiver: ReceiverProc, state: Path, disk: Path) -> subprocess.P
 
 
 def _wait_received(receiver: ReceiverProc, at_least: int, proc: subprocess.Popen[str]) -> None:
-    journal = receiver.dir / ".replicator" / "big"
+    job = receiver.dir / "big"  # the replica (the receive journal is bypassed: first sync)
     deadline = time.monotonic() + 60
-    while _dir_bytes(journal) < at_least:
+    while _dir_bytes(job) < at_least:
         assert proc.poll() is None, "sender finished before it could be interrupted"
         assert time.monotonic() < deadline, "sync did not progress"
         time.sleep(0.02)
