@@ -110,6 +110,7 @@ class LiveSender:
         self.files = capture.watched
         self._link: Link | None = None
         self._file_digests: dict[str, bytes] = {}
+        self._file_modes: dict[str, int] = {}  # as the replica has them (the FILE/CHMOD sent)
         self._handover: Link | None = None  # a planned failover asked on this link
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -172,6 +173,8 @@ class LiveSender:
                     scanned=stats.bytes_scanned,
                 )
                 self._file_digests = dict(manifests.files)
+                modes = manifests.modes
+                self._file_modes = {k: modes[k] for k in manifests.files if k in modes}
                 self.status.progress = None
                 self.status.set_state(SenderPhase.REPLICATING)
                 return link
@@ -287,13 +290,22 @@ class LiveSender:
             record, digest = await asyncio.to_thread(file_volume, spec)
         except FileNotFoundError:
             return  # mid rename-over by an editor; the next poll sees the new file
+        mode = record.offset  # a FILE record carries the mode
         if self._file_digests.get(spec.name) != digest:
             try:
                 await journal.append(record)
             except JournalFull:
                 return  # the next poll tries again
             self._file_digests[spec.name] = digest
+            self._file_modes[spec.name] = mode
             log.debug("sender.file_changed", volume=spec.name, bytes=len(record.data))
+        elif self._file_modes.get(spec.name) != mode:  # a chmod alone: no bytes to send
+            try:
+                await journal.append(Record.chmod(spec.name, mode))
+            except JournalFull:
+                return
+            self._file_modes[spec.name] = mode
+            log.debug("sender.file_mode_changed", volume=spec.name, mode=oct(mode))
 
     async def _drain(self, journal: Journal) -> None:
         """Make the last writes durable, ship them and wait (bounded) until applied."""

@@ -96,6 +96,11 @@ def test_configuration_file_changes_ship_in_order(
     while replica.read_text() != (tmp_path / "vm.xml").read_text():
         assert time.monotonic() < deadline, "the XML change did not replicate"
         time.sleep(0.1)
+    (tmp_path / "vm.xml").chmod(0o600)  # the mode alone: no byte changes
+    while replica.stat().st_mode & 0o7777 != 0o600:
+        assert time.monotonic() < deadline, "the chmod did not replicate"
+        time.sleep(0.1)
+    assert replica.read_text() == (tmp_path / "vm.xml").read_text()
 
 
 def test_qemu_img_convert_and_nbdcopy_into_exports(
