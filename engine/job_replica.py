@@ -568,9 +568,9 @@ class JobReplica:
                 raise ApplyError(f"record lsn {record.lsn} is not after {last} (internal error)")
             if record.type in NAMESPACE_TYPES and last > saved:
                 if batch:
-                    await asyncio.to_thread(applier.apply_many, batch)
+                    await _settled(applier.apply_many, batch)
                     batch, size = [], 0
-                await asyncio.to_thread(applier.barrier)
+                await _settled(applier.barrier)
                 await asyncio.to_thread(self.files.save, self.state_dir)
                 await self._save_state(self.state.replace(applied_lsn=last))
                 saved = last
@@ -580,15 +580,15 @@ class JobReplica:
             batch.append(record)
             size += record.encoded_size
             if size >= APPLY_BATCH_BYTES:
-                await asyncio.to_thread(applier.apply_many, batch)
+                await _settled(applier.apply_many, batch)
                 batch, size = [], 0
         if batch:
-            await asyncio.to_thread(applier.apply_many, batch)
+            await _settled(applier.apply_many, batch)
         if last != target:  # never call "applied" what was not: the records must all be there
             raise ApplyError(
                 f"records up to lsn {target} should be durable here, but they end at {last}"
             )
-        await asyncio.to_thread(applier.barrier)
+        await _settled(applier.barrier)
         await asyncio.to_thread(self.files.save, self.state_dir)
         return last, point
 
