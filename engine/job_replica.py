@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import structlog
 
 from replicator.engine import replica_state
-from replicator.engine.applier import Applier, ApplyError
+from replicator.engine.applier import Applier, ApplyError, PendingSync
 from replicator.engine.errors import ConfigError, ReplicaInconsistent
 from replicator.engine.generations import (
     Promotion,
@@ -277,7 +277,6 @@ class JobReplica:
             or self.broken
             or self._direct_point is not None
             or self.journal.last_lsn > self.state.applied_lsn
-            or (self._mem_ok and self._mem)
         ):
             return 0
         for count, record in enumerate(records, 1):
@@ -326,62 +325,72 @@ class JobReplica:
         if records[-1].is_barrier:
             self._direct_point = records[-1]
 
+    def _take_commit(self) -> _DirectCommit | None:
+        """What the next commit covers, with the descriptors that make it durable (apply
+        lock held); None when every direct write is committed."""
+        upto = self._direct_lsn
+        if upto <= self.state.applied_lsn:
+            return None
+        point = self._direct_point
+        try:
+            pending = self._get_applier().detach_dirty()
+        except BaseException:
+            self._direct_failed()
+            raise
+        done = point if point is not None and point.lsn == upto else None
+        return _DirectCommit(upto, done, self._direct_bytes, pending, self._direct_failures)
+
     async def _commit_direct(self) -> None:
         """Make the direct writes durable and move the applied LSN to the last of them,
         with the apply lock held throughout. Ends the direct path when they end on its
         barrier."""
-        upto, point, size = self._direct_lsn, self._direct_point, self._direct_bytes
-        if upto <= self.state.applied_lsn:
-            return
-        try:
-            await _settled(self._get_applier().detach_dirty().sync)
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            self._direct_failed()
-            raise
-        await self._finish_commit(upto, point, size)
+        commit = self._take_commit()
+        if commit is not None:
+            await self._sync_commit(commit, locked=True)
+            await self._finish_commit(commit)
 
     async def _commit_direct_overlapped(self) -> None:
         """``_commit_direct`` for a session's sync: the replica files are fsynced without
         the apply lock, so the session goes on writing the next frames meanwhile (the
         fsync is the long part; without the overlap the network waits for the disk)."""
         async with self._apply_lock:
-            upto, point, size = self._direct_lsn, self._direct_point, self._direct_bytes
-            if upto <= self.state.applied_lsn:
-                return
-            failures = self._direct_failures
-            try:
-                pending = self._get_applier().detach_dirty()
-            except BaseException:
-                self._direct_failed()
-                raise
+            commit = self._take_commit()
+        if commit is None:
+            return
+        await self._sync_commit(commit, locked=False)
+        async with self._apply_lock:
+            if commit.failures != self._direct_failures or commit.upto <= self.state.applied_lsn:
+                return  # a write failed meanwhile (sent again), or committed meanwhile
+            await self._finish_commit(commit)
+
+    async def _sync_commit(self, commit: _DirectCommit, *, locked: bool) -> None:
         try:
-            await _settled(pending.sync)
+            await _settled(commit.pending.sync)
         except asyncio.CancelledError:
             raise
         except BaseException:
-            async with self._apply_lock:
+            if locked:
                 self._direct_failed()
+            else:
+                async with self._apply_lock:
+                    self._direct_failed()
             raise
-        async with self._apply_lock:
-            if failures != self._direct_failures or upto <= self.state.applied_lsn:
-                return  # a write failed meanwhile (sent again), or committed meanwhile
-            await self._finish_commit(upto, point, size)
 
-    async def _finish_commit(self, upto: int, point: Record | None, size: int) -> None:
-        """The direct writes up to ``upto`` are in the files durably: stamp, save the
-        stamps, then the applied LSN (apply lock held)."""
+    async def _finish_commit(self, commit: _DirectCommit) -> None:
+        """The direct writes up to ``commit.upto`` are in the files durably: stamp, save
+        the stamps, then the applied LSN (apply lock held)."""
+        point = commit.point
         try:
             self._get_applier().stamp_changed()
-            done = point is not None and point.lsn == upto
-            if done:
+            if point is not None:
                 self.files.written()
             await _settled(self.files.save, self.state_dir)
-            new = self.state.replace(applied_lsn=upto, applying=not done, consistent=done)
-            if done and point is not None:
+            new = self.state.replace(
+                applied_lsn=commit.upto, applying=point is None, consistent=point is not None
+            )
+            if point is not None:
                 new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
-                self.last_barrier = max(self.last_barrier, upto)
+                self.last_barrier = max(self.last_barrier, point.lsn)
             await _settled(replica_state.save, self.state_dir, self.job, new)
             self.state = new
         except asyncio.CancelledError:
@@ -389,10 +398,10 @@ class JobReplica:
         except BaseException:
             self._direct_failed()
             raise
-        self._direct_bytes = max(0, self._direct_bytes - size)
-        if point is not None and point.lsn == upto:
+        self._direct_bytes = max(0, self._direct_bytes - commit.size)
+        if point is not None:
             self._direct_point = None
-        self._noted = max(self._noted, upto)
+        self._noted = max(self._noted, commit.upto)
         async with self.applied_changed:
             self.applied_changed.notify_all()
 
@@ -768,6 +777,19 @@ class JobReplica:
         self._reset_applier()
         with contextlib.suppress(JournalError):
             await self.journal.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _DirectCommit:
+    """One commit of direct writes: up to ``upto``; ``point``: the first barrier, when the
+    writes end on it (the commit ends the direct path); ``size``: the bytes it covers;
+    ``failures``: ``JobReplica._direct_failures`` when it was taken."""
+
+    upto: int
+    point: Record | None
+    size: int
+    pending: PendingSync
+    failures: int
 
 
 async def _settled(fn: Callable[..., _T], *args: Any) -> _T:

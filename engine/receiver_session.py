@@ -139,7 +139,7 @@ class Session:
         for action in actions:
             await self.conn.send(action.message)
 
-    async def _take(self, records: list[Record], size: int, payload: bytes) -> None:
+    async def _take(self, records: list[Record], payload: bytes) -> None:
         """Hand a Records frame to the replica, then count it as ingested (and wake the
         syncer). Raises _TakeFailed when that failed; the sender was told why."""
         try:
@@ -153,8 +153,8 @@ class Session:
             log.error("receiver.storage", job=self.replica.job, error=reason)
             await self.conn.send(Error("storage", reason))
             raise _TakeFailed from exc
-        self.core.ingested(records, size)
-        self.window.received(time.monotonic(), size)
+        self.core.ingested(records, len(payload))
+        self.window.received(time.monotonic(), len(payload))
         self._wake_syncer()
 
     async def _taken(self) -> bool:
@@ -191,9 +191,7 @@ class Session:
                     return
                 # written while the next frame is read and checked (the write is a thread
                 # hop, and a reader waiting for it would stop the socket meanwhile)
-                self._taking = asyncio.ensure_future(
-                    self._take(records, len(msg.payload), msg.payload)
-                )
+                self._taking = asyncio.ensure_future(self._take(records, msg.payload))
                 continue
             if not await self._taken():  # everything else comes after the frames before it
                 return
