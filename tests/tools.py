@@ -81,6 +81,15 @@ def qemu_compare(
     )
 
 
+def distinct_random_disk(path: Path, size: int) -> None:
+    """``size`` bytes (whole MiB) of incompressible data, every 1 MiB block distinct: a
+    rotation of one random MiB, far cheaper than ``os.urandom(size)``."""
+    block = os.urandom(1024 * 1024)
+    with path.open("wb") as f:
+        for i in range(size // len(block)):
+            f.write(block[i:] + block[:i])
+
+
 def b3(path: Path) -> str:
     h = blake3.blake3()
     with path.open("rb") as f:

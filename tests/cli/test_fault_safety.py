@@ -58,11 +58,7 @@ def test_a_first_sync_out_of_space_is_never_reported_durable(tmp_path: Path, tmp
     receiver = start_receiver(tmpfs)
     try:
         state = tmp_path / "state"
-        out = _send(receiver, "full", state, disk)
-        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
-        assert "No space left on device" in out.stderr or "disk is full" in out.stderr
-        assert receiver.proc.poll() is None
-        _converges_once_there_is_room(receiver, tmpfs, state, disk)
+        _refused_for_space_then_converges(receiver, tmpfs, state, disk)
     finally:
         receiver.stop()
 
@@ -81,18 +77,20 @@ def test_replica_write_out_of_space_is_never_reported_durable(tmp_path: Path, tm
         with disk.open("r+b") as f:
             f.seek(8 * MiB)
             f.write(os.urandom(16 * MiB))  # journal 16 + replica 8 + 16 > 40 MiB
-        out = _send(receiver, "full", state, disk)
-        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
-        assert "No space left on device" in out.stderr or "disk is full" in out.stderr
-        assert receiver.proc.poll() is None
-        _converges_once_there_is_room(receiver, tmpfs, state, disk)
+        _refused_for_space_then_converges(receiver, tmpfs, state, disk)
     finally:
         receiver.stop()
 
 
-def _converges_once_there_is_room(
+def _refused_for_space_then_converges(
     receiver: ReceiverProc, tmpfs: Path, state: Path, disk: Path
 ) -> None:
+    """A send into the full tmpfs is refused (never "durable") and the receiver lives on;
+    with room, the next plain send makes the replica equal and verify agrees."""
+    out = _send(receiver, "full", state, disk)
+    assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+    assert "No space left on device" in out.stderr or "disk is full" in out.stderr
+    assert receiver.proc.poll() is None
     subprocess.run(["mount", "-o", "remount,size=256m", str(tmpfs)], check=True)
     summary = send_once(receiver, "full", state, disk)
     assert b3(tmpfs / "full" / "disk.img") == b3(disk), summary

@@ -17,7 +17,7 @@ from pathlib import Path
 from replicator.engine import replica_state
 from replicator.engine.errors import ExitCode
 from tests.cli.test_network_faults import ProxyThread
-from tests.tools import ReceiverProc, b3, replicator, send_once
+from tests.tools import ReceiverProc, b3, distinct_random_disk, replicator, send_once
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -27,18 +27,11 @@ def _journal_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.seg"))
 
 
-def _random_disk(path: Path) -> None:
-    block = os.urandom(MiB)
-    with path.open("wb") as f:
-        for i in range(SIZE // MiB):
-            f.write(block[i:] + block[:i])  # distinct, incompressible extents
-
-
 def test_a_first_sync_is_journaled_nowhere_and_later_syncs_are(
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
     disk = tmp_path / "disk.img"
-    _random_disk(disk)
+    distinct_random_disk(disk, SIZE)
     state = tmp_path / "state"
     summary = send_once(receiver, "bulk", state, disk)
     assert summary["payload_bytes"] >= SIZE
@@ -62,7 +55,7 @@ def test_a_first_sync_cut_half_way_is_no_consistency_point_and_resumes(
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
     disk = tmp_path / "disk.img"
-    _random_disk(disk)
+    distinct_random_disk(disk, SIZE)
     state = tmp_path / "state"
     host, port = receiver.address.rsplit(":", 1)
     proxy = ProxyThread((host, int(port)))

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from tests.tools import ENV, REPLICATOR, ReceiverProc, b3, send_once, start_receiver
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    b3,
+    distinct_random_disk,
+    send_once,
+    start_receiver,
+)
 
 SIZE = 192 * 1024 * 1024
-
-
-def _make_disk(path: Path) -> None:
-    block = os.urandom(1024 * 1024)
-    with path.open("wb") as f:
-        for i in range(SIZE // len(block)):
-            f.write(block[i:] + block[:i])  # distinct, incompressible extents
 
 
 def _dir_bytes(path: Path) -> int:
@@ -47,7 +47,7 @@ def _wait_received(receiver: ReceiverProc, at_least: int, proc: subprocess.Popen
 
 def test_sigkill_sender_mid_sync_then_resume(tmp_path: Path, receiver: ReceiverProc) -> None:
     disk = tmp_path / "disk.img"
-    _make_disk(disk)
+    distinct_random_disk(disk, SIZE)
     state = tmp_path / "state"
     proc = _start_send(receiver, state, disk)
     _wait_received(receiver, SIZE // 3, proc)
@@ -61,7 +61,7 @@ def test_sigkill_sender_mid_sync_then_resume(tmp_path: Path, receiver: ReceiverP
 
 def test_sigkill_receiver_mid_sync_then_resume(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
-    _make_disk(disk)
+    distinct_random_disk(disk, SIZE)
     target = tmp_path / "target"
     receiver = start_receiver(target)
     state = tmp_path / "state"

@@ -59,13 +59,16 @@ async def _crash(replica: JobReplica) -> None:
     await replica.journal.aclose()
 
 
-def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> Callable[[], int]:
+def _fail_once(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, nth: int = 1
+) -> Callable[[], int]:
+    """Make ``owner.name`` raise EIO on its ``nth`` call; returns a call counter."""
     real = getattr(owner, name)
     calls = [0]
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
-        if calls[0] == 1:
+        if calls[0] == nth:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real(*args, **kwargs)
 
@@ -284,3 +287,62 @@ async def test_a_write_cancelled_with_its_session_is_not_taken_for_an_edit(
         assert replica.applied_lsn == 35 and replica.state.consistent
     finally:
         await replica.aclose()
+
+
+_FIRST_COMMIT = [
+    ((ReplicaFiles, "save"), 1, "files.state writing list"),
+    ((replica_state, "save"), 1, "applied.state applying"),
+    ((Applier, "apply_many"), 1, "replica write"),
+    ((applier, "fdatasync_fd"), 1, "replica fsync"),
+    ((ReplicaFiles, "save"), 2, "files.state stamps"),
+    ((replica_state, "save"), 2, "applied.state applied LSN"),
+]
+# after a first commit the file is stamped: a crash later leaves it past its stamp
+_LATER_COMMIT = [
+    ((Applier, "apply_many"), 1, "later replica write"),
+    ((applier, "fdatasync_fd"), 1, "later replica fsync"),
+    ((ReplicaFiles, "save"), 1, "later files.state stamps"),
+    ((replica_state, "save"), 1, "later applied.state applied LSN"),
+]
+
+
+@pytest.mark.parametrize(
+    ("step", "nth", "committed"),
+    [pytest.param(step, nth, 0, id=name) for step, nth, name in _FIRST_COMMIT]
+    + [pytest.param(step, nth, 2, id=name) for step, nth, name in _LATER_COMMIT],
+)
+async def test_killed_at_each_durable_step_of_a_first_sync_it_resumes_and_converges(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    step: tuple[Any, str],
+    nth: int,
+    committed: int,
+) -> None:
+    """Each durable step of a first sync's commit fails, and the process dies right there
+    (nothing more is written: the failure leaves disk as a SIGKILL would). Reopened, the
+    job claims nothing past its last commit, takes its own writes for its own, and the
+    resend converges."""
+    batch = [*_writes(1, 3, 0xA1), Record.epoch(1).with_lsn(4, 7)]
+    replica = await JobReplica.open("job", _config(tmp_path))
+    if committed:
+        await replica.receive(batch[:committed])
+        await replica.make_durable()
+    calls = _fail_once(monkeypatch, *step, nth=nth)
+    with pytest.raises(OSError):
+        await replica.receive(batch[committed:])
+        await replica.make_durable()
+    assert calls() == nth
+    await _crash(replica)
+    monkeypatch.undo()
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        # no false "durable": what the sender sends again starts after the last commit
+        assert reopened.received_lsn == reopened.applied_lsn == committed
+        assert reopened.state.point_lsn == 0
+        assert await reopened.check_replica(adopt=False) == []
+        await reopened.receive(batch[committed:])
+        await reopened.make_durable()
+        assert reopened.applied_lsn == 4 and reopened.state.consistent
+    finally:
+        await reopened.aclose()
+    assert _replica(tmp_path)[BLOCK:] == b"\xa1" * 3 * BLOCK
