@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,6 +51,31 @@ def check_paths(source: Path, mountpoint: Path, journal_dir: Path | None = None)
     return src
 
 
+def _unescape_mountinfo(field: str) -> str:
+    """Undo the kernel's octal escapes (``\\040`` for a space) in a mountinfo path."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def is_mount_point(path: Path) -> bool:
+    """True when something is mounted on ``path``.
+
+    ``os.path.ismount`` compares device numbers with the parent's, so it misses a bind mount
+    of a folder of the same file system; the kernel's table of this process's mounts does
+    not. ``os.path.ismount`` stays as the answer where ``/proc`` is not mounted.
+    """
+    if os.path.ismount(path):
+        return True
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+            return any(
+                len(fields) > 4 and _unescape_mountinfo(fields[4]) == target
+                for fields in (line.split(" ") for line in table)
+            )
+    except OSError:
+        return False
+
+
 def is_stale_mount(mountpoint: Path) -> bool:
     """True when a FUSE mount whose daemon died sits at ``mountpoint``.
 
@@ -59,7 +85,7 @@ def is_stale_mount(mountpoint: Path) -> bool:
     """
     try:
         os.stat(mountpoint)
-        if os.path.ismount(mountpoint):
+        if is_mount_point(mountpoint):
             with os.scandir(mountpoint):
                 pass
     except OSError as exc:
@@ -114,7 +140,7 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise ConfigError(f"mount point {mountpoint} does not exist", hint="create the directory")
     if not mountpoint.is_dir():
         raise ConfigError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
+    if is_mount_point(mountpoint):
         raise ConfigError(
             f"{mountpoint} is already a mount point",
             hint="another filter may be running; unmount it first",

@@ -200,15 +200,20 @@ async def test_a_bad_mount_point_or_folder_is_refused_before_any_connection(
     (source / "vm.xml").write_text(XML)
     config = SenderConfig("127.0.0.1", port, "vm1", [], tmp_path / "sstate")
     full, bound, empty = tmp_path / "full", tmp_path / "tmpfs", tmp_path / "empty"
-    for made in (full, bound, empty):
+    same_fs, bind_source = tmp_path / "bind mount", tmp_path / "elsewhere"
+    for made in (full, bound, empty, same_fs, bind_source):
         made.mkdir()
     (full / "leftover").write_text("x")
     command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(bound))
+    # An empty folder of the same file system bound over another: same device as its
+    # parent, so only the mount table shows it (os.path.ismount does not).
+    command("mount", "--bind", str(bind_source), str(same_fs))
     try:
         cases = [
             (tmp_path / "missing", "mount point .* does not exist"),
             (full, "mount point .* is not empty"),
             (bound, "already a mount point"),
+            (same_fs, "already a mount point"),
             (source / "mnt", "overlap"),
         ]
         for mount, message in cases:
@@ -216,6 +221,7 @@ async def test_a_bad_mount_point_or_folder_is_refused_before_any_connection(
                 Sender(config, fuse=fuse_options(source, mount))
     finally:
         command("umount", str(bound))
+        command("umount", str(same_fs))
     with pytest.raises(ConfigError, match=r"source folder .* does not exist"):
         fuse_options(tmp_path / "nothing", empty)
     with pytest.raises(ConfigError, match="mounts a folder"):
