@@ -179,15 +179,17 @@ class JobReplica:
                 action="records after the kept ones are asked from the sender again",
             )
         self = cls(job, config, journal, saved, files)
-        self.promotion = promotion = await asyncio.to_thread(load_promotion, state_dir)
-        if promotion is not None and saved.generation < promotion.generation:
-            # promote() writes promoted.state, then the generation: a crash (or a failed
-            # write) between the two is finished here
-            try:
+        # from here on a failure or a cancellation (the receiver closing while a job opens)
+        # closes what was opened: a journal left open would hold its lock for good
+        try:
+            self.promotion = promotion = await asyncio.to_thread(load_promotion, state_dir)
+            if promotion is not None and saved.generation < promotion.generation:
+                # promote() writes promoted.state, then the generation: a crash (or a failed
+                # write) between the two is finished here
                 await self._save_state(saved.replace(generation=promotion.generation))
-            except BaseException:
-                await self.journal.aclose()
-                raise
+        except BaseException:
+            await self.journal.aclose()
+            raise
         try:
             # the last complete barrier already received (a crash may have cut an apply short)
             pending: set[str] = set()

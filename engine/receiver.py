@@ -99,11 +99,24 @@ class Receiver:
             if replica is None:
                 # opened outside the session's log context: the job's apply task outlives
                 # the session, and must not name its peer on every line
-                opening = JobReplica.open(name, self.config)
-                replica = await asyncio.create_task(opening, context=contextvars.Context())
-                self._jobs[name] = replica
-                self.status.add(name, replica.status)
+                opening = asyncio.create_task(
+                    JobReplica.open(name, self.config), context=contextvars.Context()
+                )
+                try:
+                    replica = await asyncio.shield(opening)
+                except asyncio.CancelledError:
+                    # the session ends (the receiver closing, say) while the job opens: the
+                    # open runs to its end and the job is kept where aclose finds it, so its
+                    # journal is closed rather than left open, holding its lock
+                    with contextlib.suppress(Exception):
+                        self._keep(name, await opening)
+                    raise
+                self._keep(name, replica)
             return replica
+
+    def _keep(self, name: str, replica: JobReplica) -> None:
+        self._jobs[name] = replica
+        self.status.add(name, replica.status)
 
     async def handle(self, conn: FramedConnection) -> None:
         """Run one sender session to its end; never raises (errors are logged and sent)."""
