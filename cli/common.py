@@ -13,6 +13,7 @@ import structlog
 import typer
 
 from replicator.cli.logging_setup import json_logs
+from replicator.engine.allocator import keep_freed_buffers
 from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, unwrap
 from replicator.engine.sender import SenderConfig
@@ -180,6 +181,7 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], *, graceful: bo
     SIGINT/SIGTERM set ``stop`` when ``graceful`` (the command finishes its work and
     exits 0); otherwise they cancel the work, which ends with exit code 130.
     """
+    keep_freed_buffers()  # bulk buffers reused, not faulted in afresh (engine/allocator.py)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         loop = runner.get_loop()
         stop = asyncio.Event()
