@@ -47,6 +47,7 @@ from replicator.transport import (
     RemoteProtocolError,
     Welcome,
 )
+from replicator.transport.frames import CAP_RECORDS_CHECKED
 from replicator.transport.messages import (
     DIGEST_SIZE,
     MAX_TREE_PART,
@@ -101,7 +102,9 @@ class Session:
                 received_lsn=replica.received_lsn,
                 applied_lsn=replica.applied_lsn,
                 window=self.config.window,
-                capabilities=("lz4", "manifest"),
+                # records-checked: every Records frame goes through ReceiverCore.records,
+                # which checks each record's checksum before any is used
+                capabilities=("lz4", "manifest", CAP_RECORDS_CHECKED),
                 generation=replica.state.generation,
             )
         )

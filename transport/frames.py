@@ -7,13 +7,21 @@ Layout (little endian; ``docs/PROTOCOL.md`` has the table and the rules)::
     4      1    version        frame format version (1)
     5      1    type           MessageType
     6      1    codec          0 raw, 1 lz4 block (payload only)
-    7      1    flags          0 (reserved)
+    7      1    flags          0, or RECORDS_CHECKED on a Records frame (see below)
     8      4    header_len     bytes of the msgpack header that follows the prefix
     12     4    wire_len       bytes of the payload as sent
     16     4    raw_len        bytes of the payload after decompression
     20     16   checksum       blake3-128 over prefix[0:20] + header + uncompressed payload
+                                   (without the payload when RECORDS_CHECKED is set)
     36     -    header (msgpack array of the message's fields except the payload),
                 then the payload (Records.payload / Manifest.digests)
+
+``RECORDS_CHECKED`` (only on a Records frame, only to a receiver whose Welcome lists the
+capability ``records-checked``): the payload is a run of records that each carry their
+own blake3 checksum, which the receiver verifies before it uses any record of the frame
+(``ReceiverCore.records``), so the frame's checksum leaves the payload out instead of
+hashing the same bytes a second time on each side (a first sync of 768 MiB of data spent
+~0.4 s of each side's one busy thread on it). Headers and prefixes stay covered.
 
 Magic and version (bytes 0..4) keep their place in every future format, so a peer
 that speaks another version is always recognised as such (``VersionMismatchError``)
@@ -57,6 +65,8 @@ from replicator.transport.messages import (
 
 FRAME_MAGIC: Final = b"RPLW"
 FRAME_VERSION: Final = 1
+RECORDS_CHECKED: Final = 0x01  # frame flag: the payload's records are checked, not the frame
+CAP_RECORDS_CHECKED: Final = "records-checked"  # the Welcome capability that allows it
 _FIELDS = struct.Struct("<4sBBBBIII")  # the checksummed part of the prefix
 PREFIX = struct.Struct("<4sBBBBIII16s")
 PREFIX_SIZE: Final = PREFIX.size  # 36
@@ -250,12 +260,16 @@ def encode_frame(
     compress_threshold: int = COMPRESS_THRESHOLD,
     max_frame: int = DEFAULT_MAX_FRAME,
     level: int = 0,
+    records_checked: bool = False,
 ) -> EncodedFrame:
     """Encode one message. Raises LocalProtocolError when it does not fit in a frame.
 
     ``level`` > 0 uses lz4's high-compression mode at that level (the same block format).
+    ``records_checked``: a Records frame gets the RECORDS_CHECKED flag and a checksum
+    without its payload (only for a peer whose Welcome allowed it; other types ignore it).
     """
     mtype = message_type(msg)
+    flags = RECORDS_CHECKED if records_checked and mtype is MessageType.RECORDS else 0
     header = msgpack.packb(_header_values(msg), use_bin_type=True)
     field = PAYLOAD_FIELD.get(type(msg))
     payload: bytes = getattr(msg, field) if field is not None else b""
@@ -280,11 +294,12 @@ def encode_frame(
             f"{type(msg).__name__} frame of {size} bytes exceeds the frame limit of {max_frame}"
         )
     fields = _FIELDS.pack(
-        FRAME_MAGIC, FRAME_VERSION, mtype, codec, 0, len(header), len(wire), raw_len
+        FRAME_MAGIC, FRAME_VERSION, mtype, codec, flags, len(header), len(wire), raw_len
     )
     digest = blake3.blake3(fields)
     digest.update(header)
-    digest.update(payload)
+    if not flags:
+        digest.update(payload)
     head = b"".join((fields, digest.digest(CHECKSUM_SIZE), header))
     buffers = [head, wire] if wire else [head]
     return EncodedFrame(msg, buffers, len(head) + len(wire), raw_len, len(wire), codec)
@@ -302,6 +317,7 @@ class _Prefix:
     raw_len: int
     fields: bytes  # the checksummed 20 bytes
     checksum: bytes
+    records_checked: bool  # the RECORDS_CHECKED flag: the checksum leaves the payload out
 
     @property
     def body_len(self) -> int:
@@ -359,7 +375,7 @@ def parse_prefix(head: bytes | bytearray | memoryview, max_frame: int) -> _Prefi
         raise RemoteProtocolError(f"unknown message type {mtype}")
     if codec not in Codec._value2member_map_:
         raise RemoteProtocolError(f"unknown frame codec {codec}")
-    if flags:
+    if flags and not (flags == RECORDS_CHECKED and mtype == MessageType.RECORDS):
         raise RemoteProtocolError(f"unknown frame flags {flags:#x}")
     if header_len > min(MAX_HEADER, max_frame):
         raise RemoteProtocolError(f"frame header of {header_len} bytes exceeds {MAX_HEADER}")
@@ -380,6 +396,7 @@ def parse_prefix(head: bytes | bytearray | memoryview, max_frame: int) -> _Prefi
         raw_len,
         bytes(head[: _FIELDS.size]),
         bytes(checksum),
+        bool(flags),
     )
 
 
@@ -399,7 +416,8 @@ def decode_body(prefix: _Prefix, body: memoryview) -> Message:
             )
     digest = blake3.blake3(prefix.fields)
     digest.update(header)
-    digest.update(checked)
+    if not prefix.records_checked:  # else each record's own checksum covers it
+        digest.update(checked)
     if digest.digest(CHECKSUM_SIZE) != prefix.checksum:
         raise RemoteProtocolError(f"frame checksum mismatch ({prefix.mtype.name} frame)")
     payload = checked.tobytes() if isinstance(checked, memoryview) else checked

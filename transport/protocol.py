@@ -25,6 +25,7 @@ from enum import Enum
 from typing import Final, Literal
 
 from replicator.transport.frames import (
+    CAP_RECORDS_CHECKED,
     COMPRESS_THRESHOLD,
     DEFAULT_MAX_FRAME,
     MAX_BULK_HEADER,
@@ -289,6 +290,9 @@ class ProtocolConnection:
         self.compress = compress
         self.compress_level = 0  # lz4 level when compressing (0: fast; see encode_frame)
         self.compress_threshold = compress_threshold
+        # the peer's Welcome allowed Records frames whose checksum leaves out the payload
+        # (frames.RECORDS_CHECKED: the receiver checks each record's own checksum)
+        self.records_checked = False
         self.state = State.START
         self.stats = TransferStats()
         self.error: ProtocolError | None = None  # what moved us to ERROR (a detached copy)
@@ -457,6 +461,7 @@ class ProtocolConnection:
             compress_threshold=self.compress_threshold,
             max_frame=self.max_frame,
             level=self.compress_level,
+            records_checked=self.records_checked,
         )
 
     def send(self, msg: Message, *, encoded: EncodedFrame | None = None) -> list[bytes]:
@@ -642,6 +647,7 @@ class ProtocolConnection:
             if not sending_side:
                 self.window = msg.window
                 self._greeted = True
+                self.records_checked = CAP_RECORDS_CHECKED in msg.capabilities
             # the peer is a session partner now: read a run of small frames in few calls
             self._decoder.readahead = READAHEAD
         elif isinstance(msg, Hello) and not sending_side:
