@@ -35,7 +35,10 @@ receiver decodes it as any lz4 frame) packs tighter at a tenth of the speed: on 
 benchmark's mixed data 1.75x against 1.52x, at 60 MB/s against 560 (lz4's best, level 12,
 reaches 1.82x at 15 MB/s). ``level`` picks the mode that moves more file bytes per second,
 min(encode speed, link rate / ratio), from both modes' measured speed and ratio; the
-high mode is tried on one compressed frame in ``PROBE_EVERY`` while a rate is known.
+high mode is tried on one compressed frame in ``PROBE_EVERY`` while a rate is known and
+it could win, and only one in ``PROBE_EVERY * HOPELESS_PROBES`` while its own encode
+speed is below what the fast mode moves: at loopback rates a 2 MiB frame in the high
+mode takes ~35 ms against ~3 ms, so probing it every 32 frames cost a first sync ~10%.
 """
 
 from __future__ import annotations
@@ -43,10 +46,11 @@ from __future__ import annotations
 import collections
 from typing import Final
 
-__all__ = ["HC_LEVEL", "PROBE_EVERY", "CompressionChoice"]
+__all__ = ["HC_LEVEL", "HOPELESS_PROBES", "PROBE_EVERY", "CompressionChoice"]
 
 PROBE_EVERY: Final = 32
 HC_LEVEL: Final = 3  # lz4 high compression: most of level 12's gain at 4x its speed
+HOPELESS_PROBES: Final = 16  # probes of a high mode slower than the fast one moves: rarer
 _WEIGHT: Final = 0.25  # of the newest frame in the ratio's moving average
 _KEEP: Final = 8  # encode times kept per kind
 WINDOW_FRAMES: Final = 16  # bulk frames per observation of the link
@@ -171,7 +175,10 @@ class CompressionChoice:
         high = min(1.0 / max(hc_cost, 1e-12), rate / max(self.hc_ratio, 1e-3))
         best = HC_LEVEL if high > fast else 0
         self._since_hc += 1
-        if self._since_hc >= PROBE_EVERY:
+        # the high mode cannot win while its own speed is below what the fast one moves
+        # (only a change in the data could speed it up): measured again only rarely
+        hopeless = not best and 1.0 / max(hc_cost, 1e-12) < fast
+        if self._since_hc >= PROBE_EVERY * (HOPELESS_PROBES if hopeless else 1):
             self._since_hc = 0
             return 0 if best else HC_LEVEL  # measure the other one again
         return best

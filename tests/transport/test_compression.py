@@ -10,6 +10,7 @@ import random
 from replicator.transport import Credit, Records, connection_pair
 from replicator.transport.compression import (
     HC_LEVEL,
+    HOPELESS_PROBES,
     PROBE_EVERY,
     WINDOW_FRAMES,
     CompressionChoice,
@@ -133,6 +134,21 @@ def test_on_a_slow_link_the_high_mode_is_measured_then_kept_when_it_moves_more()
     levels = [choice.level(12.5e6) for _ in range(2 * PROBE_EVERY)]
     assert levels.count(HC_LEVEL) == len(levels) - 2  # kept, the fast mode re-measured twice
     assert choice.level(1.25e9) == 0  # 10 Gbit/s: the high mode could not keep up
+
+
+def test_a_high_mode_slower_than_the_fast_one_moves_is_rarely_tried_again() -> None:
+    choice = _measured(0.66, 560e6)
+    choice.observe(MiB, int(MiB * 0.57), MiB / 60e6, compressed=True, level=HC_LEVEL)
+    # 300 MB/s (a receiver on loopback): fast moves min(560, 300 / 0.66) = 454 MB/s of
+    # file data; the high mode encodes 60 MB/s, so it cannot win and costs ~10x per frame
+    frames = PROBE_EVERY * HOPELESS_PROBES
+    levels = [choice.level(300e6) for _ in range(frames)]
+    assert levels.count(HC_LEVEL) == 1
+    # 20 MB/s: fast moves 30.3 MB/s and the high mode could reach 60: tried every PROBE_EVERY
+    choice = _measured(0.66, 560e6)
+    choice.observe(MiB, int(MiB * 0.7), MiB / 60e6, compressed=True, level=HC_LEVEL)
+    levels = [choice.level(20e6) for _ in range(2 * PROBE_EVERY)]
+    assert levels.count(HC_LEVEL) == 2  # high (28.6 MB/s) loses now, may win: measured
 
 
 def test_a_high_mode_frame_is_an_ordinary_lz4_frame() -> None:
