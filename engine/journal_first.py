@@ -201,6 +201,24 @@ class JournalFirst(Generic[T]):
                 return True
         return False
 
+    async def barrier_now(self) -> int | None:
+        """Journal a FLUSH record now, whatever was journaled since the last one (the live
+        ticker: configuration files are journaled beside the capture); its LSN, or None
+        while barriers are not allowed. Raises JournalFull.
+
+        Under the lock, like every change: a change holds it from its journal append until
+        it is made at its source, so no barrier ever follows a change its source has not
+        had yet. Without the lock, a sender killed between the two left a consistency
+        point the source never passed through (the replica held the change, the source
+        did not, until the restarted sender compared them).
+        """
+        async with self:
+            if not self.barriers_allowed:
+                return None
+            lsn = await self.journal.append(Record.flush())
+            self.unflushed = False
+            return lsn
+
     async def reconcile(
         self,
         scope: str,

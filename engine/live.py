@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -34,6 +34,7 @@ from replicator.engine.errors import ConfigError, ReplicatorError
 if TYPE_CHECKING:
     from replicator.engine.fuse.capture import FuseCapture
 from replicator.engine.handover import hand_over, wait_for_request
+from replicator.engine.journal_first import JournalFirst
 from replicator.engine.link import Link
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
@@ -91,6 +92,12 @@ class LiveCapture(Protocol):
     def barriers_allowed(self) -> bool:
         """False while changes are tracked outside the journal (it was full) and until
         their resync is complete: a barrier then would describe a state never had."""
+        ...
+
+    def sequence(self) -> JournalFirst[Any] | None:
+        """What orders the capture's changes with the journal (None before ``start``):
+        the ticker's barriers go through it, never between a change's journal append and
+        the change itself."""
         ...
 
     async def resync(self, make_room: Callable[[], Awaitable[bool]]) -> int:
@@ -242,8 +249,12 @@ class LiveSender:
             elif self._link is not None and status.state is not SenderPhase.INITIAL_SYNC:
                 status.set_state(SenderPhase.REPLICATING)
             if journal.last_lsn > barrier_after and allowed:
+                sequence = self.capture.sequence()
                 with contextlib.suppress(JournalFull):  # the capture tracks what follows
-                    barrier_after = await journal.append(Record.flush())
+                    if sequence is None:  # nothing captured yet: configuration files only
+                        barrier_after = await journal.append(Record.flush())
+                    elif (lsn := await sequence.barrier_now()) is not None:
+                        barrier_after = lsn
                 await journal.sync()
 
     async def _catch_up(self, journal: Journal, stop: asyncio.Event) -> None:
@@ -378,6 +389,9 @@ class NbdCapture:
     def barriers_allowed(self) -> bool:
         return not self._exports or self._exports[0].barriers_allowed
 
+    def sequence(self) -> JournalFirst[Any] | None:
+        return self._exports[0].capture if self._exports else None
+
     async def resync(self, make_room: Callable[[], Awaitable[bool]]) -> int:
         return await resync_overflow(self._exports, make_room)
 
@@ -420,6 +434,9 @@ class FuseFolderCapture:
 
     def barriers_allowed(self) -> bool:
         return self._capture is None or self._capture.filter.barriers_allowed
+
+    def sequence(self) -> JournalFirst[Any] | None:
+        return None if self._capture is None else self._capture.filter.journal_first
 
     async def resync(self, make_room: Callable[[], Awaitable[bool]]) -> int:
         if self._capture is None:

@@ -241,10 +241,12 @@ class Refuse:
 class Records:
     """Sender -> receiver: journal records (``encode_record`` bytes) packed back to back.
 
-    The constructor walks the record headers (not their checksums; the frame checksum
-    covers the payload in transit and the receiver's journal checks each record): the
-    payload must hold exactly ``count`` whole records with strictly increasing LSNs from
-    ``first_lsn`` to ``last_lsn``. ``source_ts_ns`` is the timestamp of the oldest record.
+    The constructor walks the record headers, not their checksums: the receiver checks
+    each record's checksum when it takes the frame (``ReceiverCore.records``), and the
+    frame checksum covers the payload too unless the frame is flagged RECORDS_CHECKED
+    (frames.py). The payload must hold exactly ``count`` whole records with strictly
+    increasing LSNs from ``first_lsn`` to ``last_lsn``. ``source_ts_ns`` is the timestamp
+    of the oldest record.
     """
 
     first_lsn: int

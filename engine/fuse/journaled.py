@@ -85,6 +85,11 @@ class JournaledOps(pyfuse3.Operations):
         self._chown = os.geteuid() == 0
 
     @property
+    def journal_first(self) -> JournalFirst[FolderOverflow]:
+        """The lock and state that order every change with the journal (see barrier_now)."""
+        return self._seq
+
+    @property
     def diverged(self) -> str | None:
         """Why the replica can no longer follow the source (None while all is well)."""
         return self._seq.diverged.get(self._scope)

@@ -126,6 +126,26 @@ async def test_barrier_only_after_a_journaled_change(journal: Journal) -> None:
     assert seq.journaled == 2
 
 
+async def test_barrier_now_waits_for_a_change_journaled_but_not_yet_made(
+    journal: Journal,
+) -> None:
+    """The live ticker's barrier: never between a change's journal append and the change
+    itself (a sender killed there left a consistency point its source never had)."""
+    seq: JournalFirst[Tracker] = JournalFirst(journal, EVENTS)
+    await journal.append(Record.file("vm.xml", b"<domain/>"))  # journaled beside the capture
+    async with seq:  # a change: journaled, then made at its source, under the lock
+        assert await seq.append([write(10)])
+        ticker = asyncio.ensure_future(seq.barrier_now())
+        await asyncio.sleep(0.05)
+        assert not ticker.done()  # the change is not made yet: no barrier after it
+        assert [r.type for r in await records_of(journal)] == [RecordType.FILE, RecordType.WRITE]
+    lsn = await ticker
+    assert lsn == journal.last_lsn and not seq.unflushed
+    types = [r.type for r in await records_of(journal)]
+    assert types == [RecordType.FILE, RecordType.WRITE, RecordType.FLUSH]
+    assert await seq.barrier_now() == journal.last_lsn  # a FLUSH whatever came before
+
+
 async def test_without_overflow_a_full_journal_fails_the_change(small: Journal) -> None:
     seq: JournalFirst[Tracker] = JournalFirst(small, EVENTS)
     with pytest.raises(JournalFull):
