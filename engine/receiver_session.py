@@ -224,7 +224,8 @@ class Session:
 
     def _wake_syncer(self) -> None:
         """Sync now, or, when only a few direct writes of a first sync wait (see
-        ``JobReplica.ingest``), a little later with more: each commit costs three fsyncs."""
+        ``JobReplica.commit_can_wait``), a little later with more: each commit costs three
+        fsyncs."""
         if not self.replica.commit_can_wait:
             self._sync_wake.set()
         elif self._linger is None:

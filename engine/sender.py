@@ -56,12 +56,12 @@ from replicator.engine.tree import Tree
 from replicator.journal import Journal, Record, RecordType
 
 log = structlog.get_logger()
+_T = TypeVar("_T")
 
 FULL_WAIT_TIMEOUT = 600.0
 # What ends an established session but not the job: the link broke, or a frame arrived
 # damaged (a flipped bit on the path; every frame is checksummed, so it is caught, never
 # applied). A continuous sender reconnects and resumes from the receiver's last ack.
-_T = TypeVar("_T")
 MID_SESSION_RETRY = (ConnectError, PeerProtocolError)
 HANDSHAKE_DAMAGE_RETRIES = 2  # then a protocol or version error at connect is believed
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import blake3
 from hypothesis import strategies as st
@@ -27,7 +27,7 @@ from replicator.transport import (
     VolumeInfo,
     Welcome,
 )
-from replicator.transport.frames import FRAME_MAGIC
+from replicator.transport.frames import FRAME_MAGIC, FrameDecoder
 from replicator.transport.messages import DIGEST_SIZE, REFUSE_CODES
 
 
@@ -68,6 +68,24 @@ def raw_frame(
     )
     digest = blake3.blake3(fields + header + payload).digest(16)
     return fields + digest + header + wire
+
+
+def flipped_frames(data: bytes) -> Iterator[tuple[int, int, FrameDecoder]]:
+    """For each byte of the encoded frame ``data`` and each of 0x01, 0x80, 0xFF: the
+    position, the flip, and a decoder fed the frame with that byte flipped."""
+    for pos in range(len(data)):
+        for flip in (0x01, 0x80, 0xFF):
+            bad = bytearray(data)
+            bad[pos] ^= flip
+            decoder = FrameDecoder()
+            decoder.feed(bad)
+            yield pos, flip, decoder
+
+
+def payload_start(data: bytes) -> int:
+    """Where the payload of the encoded frame ``data`` begins (wire_len is at byte 12)."""
+    (wire_len,) = struct.unpack_from("<I", data, 12)
+    return len(data) - int(wire_len)
 
 
 HELLO = Hello(PROTOCOL_VERSION, "job", (VolumeInfo("disk.img", 1 << 20, "disk"),), (), 7, "s1")

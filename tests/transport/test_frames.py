@@ -31,7 +31,16 @@ from replicator.transport.frames import (
     encode_frame,
 )
 
-from .helpers import HELLO, messages, pack_records, random_records, raw_frame, zero_records
+from .helpers import (
+    HELLO,
+    flipped_frames,
+    messages,
+    pack_records,
+    payload_start,
+    random_records,
+    raw_frame,
+    zero_records,
+)
 
 MIB = 1 << 20
 
@@ -95,25 +104,20 @@ def test_every_single_byte_corruption_is_detected(name: str) -> None:
     data = frame_bytes(msg)
     if name == "records lz4":
         assert data[6] == Codec.LZ4
-    payload_start = len(data) - struct.unpack_from("<I", data, 12)[0]
-    for pos in range(len(data)):
-        for flip in (0x01, 0x80, 0xFF):
-            bad = bytearray(data)
-            bad[pos] ^= flip
-            decoder = FrameDecoder()
-            decoder.feed(bad)
-            try:
-                frame = decoder.next_frame()
-            except RemoteProtocolError:
-                continue
-            if frame is None:  # looks incomplete: an error at EOF
-                assert decoder.buffered > 0
-                continue
-            # lz4 has redundant encodings (in a run of zeros any match offset yields
-            # zeros): a flip there may still decompress to the very same bytes, which the
-            # checksum of the uncompressed payload then proves. Anything else is a bug.
-            assert name == "records lz4" and pos >= payload_start, f"byte {pos} ^ {flip:#x}"
-            assert frame.message == msg, f"byte {pos} ^ {flip:#x} decoded to a wrong message"
+    payload = payload_start(data)
+    for pos, flip, decoder in flipped_frames(data):
+        try:
+            frame = decoder.next_frame()
+        except RemoteProtocolError:
+            continue
+        if frame is None:  # looks incomplete: an error at EOF
+            assert decoder.buffered > 0
+            continue
+        # lz4 has redundant encodings (in a run of zeros any match offset yields
+        # zeros): a flip there may still decompress to the very same bytes, which the
+        # checksum of the uncompressed payload then proves. Anything else is a bug.
+        assert name == "records lz4" and pos >= payload, f"byte {pos} ^ {flip:#x}"
+        assert frame.message == msg, f"byte {pos} ^ {flip:#x} decoded to a wrong message"
 
 
 def test_oversized_frame_is_rejected_from_its_prefix() -> None:

@@ -8,7 +8,6 @@ Every single-byte corruption must still be caught by one of the two.
 from __future__ import annotations
 
 import os
-import struct
 
 import pytest
 
@@ -23,7 +22,15 @@ from replicator.transport.frames import (
 )
 from replicator.transport.protocol import ProtocolConnection, Role
 
-from .helpers import HELLO, pack_records, random_records, raw_frame, zero_records
+from .helpers import (
+    HELLO,
+    flipped_frames,
+    pack_records,
+    payload_start,
+    random_records,
+    raw_frame,
+    zero_records,
+)
 
 FLAGS_AT = 7  # the prefix's flags byte
 
@@ -58,27 +65,22 @@ def test_every_single_byte_corruption_is_caught_by_the_frame_or_its_records(
     msg = zero_records(9, n=2, size=2000) if compress else random_records(9, n=2, size=600)
     data = _frame(msg, compress=compress)
     assert data[6] == (Codec.LZ4 if compress else Codec.RAW)
-    payload_start = len(data) - struct.unpack_from("<I", data, 12)[0]
+    payload = payload_start(data)
     caught_by_records = 0
-    for pos in range(len(data)):
-        for flip in (0x01, 0x80, 0xFF):
-            bad = bytearray(data)
-            bad[pos] ^= flip
-            decoder = FrameDecoder()
-            decoder.feed(bad)
-            try:
-                frame = decoder.next_frame()
-                if frame is None:  # looks incomplete: an error at EOF
-                    assert decoder.buffered > 0
-                    continue
-                assert isinstance(frame.message, Records)
-                ReceiverCore.records(frame.message)
-            except RemoteProtocolError:
-                caught_by_records += pos >= payload_start
+    for pos, flip, decoder in flipped_frames(data):
+        try:
+            frame = decoder.next_frame()
+            if frame is None:  # looks incomplete: an error at EOF
+                assert decoder.buffered > 0
                 continue
-            # lz4 has redundant encodings: a flip may decompress to the very same bytes
-            assert compress and pos >= payload_start, f"byte {pos} ^ {flip:#x} undetected"
-            assert frame.message == msg, f"byte {pos} ^ {flip:#x} decoded to a wrong message"
+            assert isinstance(frame.message, Records)
+            ReceiverCore.records(frame.message)
+        except RemoteProtocolError:
+            caught_by_records += pos >= payload
+            continue
+        # lz4 has redundant encodings: a flip may decompress to the very same bytes
+        assert compress and pos >= payload, f"byte {pos} ^ {flip:#x} undetected"
+        assert frame.message == msg, f"byte {pos} ^ {flip:#x} decoded to a wrong message"
     assert caught_by_records > 0
 
 
