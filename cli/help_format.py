@@ -9,10 +9,11 @@ type, before click renders the help or parses the line (metavars do not change p
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer.core
 from typer import _click as click  # typer carries its own click
+from typer._click import types as click_types
+from typer._types import TyperChoice
+from typer.models import TyperPath
 
 # by option name: what the value is, in the words docs/OPERATIONS.md uses
 METAVARS = {
@@ -43,7 +44,6 @@ METAVARS = {
     "--days": "N",
     "--log-format": "auto|json|console",
 }
-_BY_TYPE: dict[Any, str] = {int: "N", float: "NUMBER", str: "TEXT"}
 
 
 def _metavar(param: typer.core.TyperOption | typer.core.TyperArgument) -> str | None:
@@ -52,12 +52,18 @@ def _metavar(param: typer.core.TyperOption | typer.core.TyperArgument) -> str | 
             return METAVARS[name]
     if isinstance(param, typer.core.TyperArgument):
         return (param.name or "value").upper().removesuffix("S")  # usage adds "..."
-    desc = param.type_descriptor
-    if desc.is_choice:
+    kind = param.type
+    if isinstance(kind, TyperChoice):
         return None  # typer shows the choices
-    if desc.is_path:
+    if isinstance(kind, TyperPath):
         return "PATH"
-    return _BY_TYPE.get(desc.annotation, "VALUE")
+    if isinstance(kind, click_types.IntParamType):
+        return "N"
+    if isinstance(kind, click_types.FloatParamType):
+        return "NUMBER"
+    if isinstance(kind, click_types.StringParamType):
+        return "TEXT"
+    return "VALUE"
 
 
 def name_values(command: click.Command) -> None:

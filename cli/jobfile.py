@@ -18,8 +18,10 @@ Schema: docs/JOBFILES.md (and docs/DISCOVERY.md, which writes send job files).
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Set
 from dataclasses import dataclass, field
@@ -53,14 +55,11 @@ class KeySpec:
 
     key: str
     param: TyperOption | TyperArgument
-
-    @property
-    def annotation(self) -> Any:
-        return self.param.type_descriptor.annotation
+    annotation: Any  # the command function's type for it, ``X | None`` as ``X``
 
     @property
     def is_list(self) -> bool:
-        return self.param.type_descriptor.is_list
+        return typing.get_origin(self.annotation) is list
 
     @property
     def element(self) -> Any:
@@ -101,6 +100,15 @@ class KeySpec:
         return "a string"
 
 
+def _without_none(annotation: Any) -> Any:
+    """``X`` for ``X | None`` (an option that may be left out), else ``annotation``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        kinds = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(kinds) == 1:
+            return kinds[0]
+    return annotation
+
+
 def _long_opt(param: TyperOption) -> str:
     longs = [o for o in param.opts if o.startswith("--")]
     return max(longs, key=len) if longs else param.opts[0]
@@ -110,6 +118,7 @@ def keys_of(command: TyperCommand, *, skip: set[str]) -> dict[str, KeySpec]:
     """The file keys of ``command``: one per option (long name, dashes as underscores) and
     argument (its name), except the parameters named in ``skip``."""
     keys: dict[str, KeySpec] = {}
+    hints = typing.get_type_hints(inspect.unwrap(command.callback)) if command.callback else {}
     for param in command.params:
         if param.name is None or param.name in skip:
             continue
@@ -119,7 +128,7 @@ def keys_of(command: TyperCommand, *, skip: set[str]) -> dict[str, KeySpec]:
             key = param.name
         else:  # pragma: no cover - typer builds only these two
             continue
-        keys[key] = KeySpec(key, param)
+        keys[key] = KeySpec(key, param, _without_none(hints.get(param.name, str)))
     return keys
 
 

@@ -98,7 +98,7 @@ def test_values_become_defaults_with_paths_relative_to_the_file(tmp_path: Path) 
         ("to = 2025-01-01", "wants a string, got a date or time"),
         ("to = { host = 'a' }", "wants a string, got a table"),
         ("capture = 'tape'", "'tape' is not one of"),
-        ("nbd_size = 0", "greater than or equal to 1"),
+        ("nbd_size = 0", "not in the range x>=1"),
         ("state-dir = 'x'", "did you mean 'state_dir'"),
         ("as_json = true", "did you mean 'json'"),
     ],
