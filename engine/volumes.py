@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -235,7 +234,9 @@ def iter_extents(
             submit_more(ahead + 1)  # the buffer of the chunk just consumed is free again
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the symbols already loaded into this process (libc among them): find_library("c") would
+# run `ldconfig -p` in a subprocess at import, ~20 ms of every command's start
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
