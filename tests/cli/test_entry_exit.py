@@ -1,0 +1,79 @@
+"""The entry point leaves without the interpreter's teardown, and loses nothing by it.
+
+``cli/entry._leave`` ends a finished command with ``os._exit``: these run it in a child
+Python and check what a normal exit would have given: the status for every kind of exit
+code, output still buffered in a pipe, exit handlers, and a running non-daemon thread
+(which the normal exit waits for, so ``_leave`` takes the normal exit then).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.tools import REPLICATOR
+
+
+def _child(body: str) -> subprocess.CompletedProcess[str]:
+    code = "from replicator.cli.entry import _leave\n" + textwrap.dedent(body)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(("code", "status"), [("None", 0), ("0", 0), ("3", 3), ("130", 130)])
+def test_status_is_what_sys_exit_gives(code: str, status: int) -> None:
+    assert _child(f"_leave({code})").returncode == status
+
+
+def test_a_message_is_printed_and_exits_1() -> None:
+    out = _child("_leave('replicator: error: nothing to do')")
+    assert out.returncode == 1
+    assert out.stderr.strip() == "replicator: error: nothing to do"
+
+
+def test_buffered_output_and_exit_handlers_are_not_lost() -> None:
+    out = _child(
+        """
+        import atexit, sys
+        atexit.register(lambda: print("handler ran", file=sys.stderr))
+        sys.stdout.write("x" * 100_000)  # a pipe: block-buffered, most of it still buffered
+        sys.stdout.write("end")
+        _leave(0)
+        """
+    )
+    assert out.returncode == 0
+    assert out.stdout == "x" * 100_000 + "end"
+    assert out.stderr.strip() == "handler ran"
+
+
+def test_a_running_thread_is_waited_for() -> None:
+    out = _child(
+        """
+        import threading, time
+        def work():
+            time.sleep(0.5)
+            print("thread finished", flush=True)
+        threading.Thread(target=work).start()
+        _leave(4)
+        """
+    )
+    assert out.returncode == 4
+    assert out.stdout.strip() == "thread finished"
+
+
+def test_the_program_exits_with_its_documented_codes() -> None:
+    """Through the console entry point: a usage error (2), a success with output (0)."""
+    bad = subprocess.run(
+        [*REPLICATOR, "send", "--bogus"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert "--bogus" in bad.stderr
+    good = subprocess.run(
+        [*REPLICATOR, "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.strip()
