@@ -328,11 +328,11 @@ class Link:
                     core.oldest_queued_ts = 0
                     batch = await _get_or_fail(queue, tailer)
                     pending.extend(batch)
-                    queued = sum(len(r.raw) for r in batch)
+                    queued = sum(r.size for r in batch)
                 while queued < FRAME_TARGET and not queue.empty():
                     batch = queue.get_nowait()
                     pending.extend(batch)
-                    queued += sum(len(r.raw) for r in batch)
+                    queued += sum(r.size for r in batch)
                 core.oldest_queued_ts = pending[0].ts_ns
                 frame = core.pack(pending)
                 queued -= len(frame.payload)
@@ -366,7 +366,7 @@ class Link:
         journal.skip_to(first + len(records))
         now = time.time_ns()
         batch = [
-            EncodedRecord(lsn, now, b"".join(encode_parts(record, lsn, now)))
+            EncodedRecord(lsn, now, *encode_parts(record, lsn, now))
             for lsn, record in enumerate(records, first)
         ]
         shipper = self._shipper_task
@@ -378,7 +378,7 @@ class Link:
             self._check()
             raise ConnectError("the link stopped shipping before a first sync was sent")
         self.direct_lsn = batch[-1].lsn
-        self._direct_batches.append((self.direct_lsn, sum(len(r.raw) for r in batch)))
+        self._direct_batches.append((self.direct_lsn, sum(r.size for r in batch)))
         return self.direct_lsn
 
     def direct_backlog(self) -> int:

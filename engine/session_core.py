@@ -187,13 +187,15 @@ class SenderCore:
     def pack(self, pending: collections.deque[EncodedRecord]) -> Records:
         """Take records from the front of ``pending`` (not empty) into one Records frame."""
         first = last = pending.popleft()
-        parts = [first.raw]
-        size = len(first.raw)
-        while pending and size < FRAME_TARGET and size + len(pending[0].raw) <= self.window:
+        parts = [first.raw, first.payload]
+        size = first.size
+        count = 1
+        while pending and size < FRAME_TARGET and size + pending[0].size <= self.window:
             last = pending.popleft()
-            parts.append(last.raw)
-            size += len(last.raw)
-        return Records(first.lsn, last.lsn, len(parts), first.ts_ns, b"".join(parts))
+            parts += (last.raw, last.payload)
+            size += last.size
+            count += 1
+        return Records(first.lsn, last.lsn, count, first.ts_ns, b"".join(parts))
 
     def shipped(self, msg: Records) -> None:
         self._in_flight.append((msg.last_lsn, msg.source_ts_ns, len(msg.payload)))

@@ -304,11 +304,22 @@ class EncodedRecord:
 
     What the sender ships and the receiver journals: nobody in between needs the
     decoded fields, so the bytes travel as they are instead of being re-encoded.
+
+    The record's bytes are ``raw`` followed by ``payload``: a record read from a journal
+    has them all in ``raw``; one encoded to be shipped at once (a first sync's, never
+    journaled here) keeps its payload apart, so the megabytes are not copied behind the
+    header only to be copied again into a frame.
     """
 
     lsn: int
     ts_ns: int
     raw: bytes
+    payload: bytes = b""
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole encoded record."""
+        return len(self.raw) + len(self.payload)
 
 
 def _verified(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
