@@ -8,6 +8,7 @@ code, output still buffered in a pipe, exit handlers, and a running non-daemon t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,14 @@ from tests.tools import REPLICATOR
 
 def _child(body: str) -> subprocess.CompletedProcess[str]:
     code = "from replicator.cli.entry import _leave\n" + textwrap.dedent(body)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as usual
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
     )
 
 
