@@ -146,6 +146,26 @@ async def test_barrier_now_waits_for_a_change_journaled_but_not_yet_made(
     assert await seq.barrier_now() == journal.last_lsn  # a FLUSH whatever came before
 
 
+async def test_barrier_now_on_a_full_journal_fails_cleanly(small: Journal) -> None:
+    """The ticker's barrier when no record fits: JournalFull (the ticker lets the capture
+    track what follows), no barrier counted, and the lock free for the next change."""
+    seq: JournalFirst[Tracker] = JournalFirst(small, EVENTS)
+    with pytest.raises(JournalFull):
+        await fill(seq)
+    with pytest.raises(JournalFull):  # then even the smallest change
+        while True:
+            await seq.append([write(1)])
+    assert seq.unflushed
+    with pytest.raises(JournalFull):
+        await seq.barrier_now()
+    assert seq.unflushed  # still owed: the next barrier that fits closes these changes
+    assert seq.acquire_nowait()  # the failed barrier released the lock
+    seq.release()
+    assert not any(r.is_barrier for r in await records_of(small))
+    await small.trim(small.last_lsn + 1)  # the receiver holds everything
+    assert await seq.barrier_now() == small.last_lsn and not seq.unflushed
+
+
 async def test_without_overflow_a_full_journal_fails_the_change(small: Journal) -> None:
     seq: JournalFirst[Tracker] = JournalFirst(small, EVENTS)
     with pytest.raises(JournalFull):
