@@ -44,6 +44,13 @@ METAVARS = {
     "--days": "N",
     "--log-format": "auto|json|console",
 }
+# by click type, for the rest (ranges are subclasses of their number types)
+_BY_TYPE: tuple[tuple[type[click_types.ParamType], str], ...] = (
+    (TyperPath, "PATH"),
+    (click_types.IntParamType, "N"),
+    (click_types.FloatParamType, "NUMBER"),
+    (click_types.StringParamType, "TEXT"),
+)
 
 
 def _metavar(param: typer.core.TyperOption | typer.core.TyperArgument) -> str | None:
@@ -52,18 +59,9 @@ def _metavar(param: typer.core.TyperOption | typer.core.TyperArgument) -> str | 
             return METAVARS[name]
     if isinstance(param, typer.core.TyperArgument):
         return (param.name or "value").upper().removesuffix("S")  # usage adds "..."
-    kind = param.type
-    if isinstance(kind, TyperChoice):
+    if isinstance(param.type, TyperChoice):
         return None  # typer shows the choices
-    if isinstance(kind, TyperPath):
-        return "PATH"
-    if isinstance(kind, click_types.IntParamType):
-        return "N"
-    if isinstance(kind, click_types.FloatParamType):
-        return "NUMBER"
-    if isinstance(kind, click_types.StringParamType):
-        return "TEXT"
-    return "VALUE"
+    return next((name for kind, name in _BY_TYPE if isinstance(param.type, kind)), "VALUE")
 
 
 def name_values(command: click.Command) -> None:

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from tests.tools import REPLICATOR
+from tests.tools import replicator
 
 
 def _child(body: str) -> subprocess.CompletedProcess[str]:
@@ -74,13 +74,9 @@ def test_a_running_thread_is_waited_for() -> None:
 
 def test_the_program_exits_with_its_documented_codes() -> None:
     """Through the console entry point: a usage error (2), a success with output (0)."""
-    bad = subprocess.run(
-        [*REPLICATOR, "send", "--bogus"], capture_output=True, text=True, timeout=60, check=False
-    )
+    bad = replicator("send", "--bogus", timeout=60)
     assert bad.returncode == 2, bad.stderr
     assert "--bogus" in bad.stderr
-    good = subprocess.run(
-        [*REPLICATOR, "--version"], capture_output=True, text=True, timeout=60, check=False
-    )
+    good = replicator("--version", timeout=60)
     assert good.returncode == 0, good.stderr
     assert good.stdout.strip()
