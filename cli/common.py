@@ -7,18 +7,20 @@ import ipaddress
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import structlog
 import typer
 
 from replicator.cli.logging_setup import json_logs
 from replicator.engine.allocator import keep_freed_buffers
-from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, unwrap
-from replicator.engine.sender import SenderConfig
-from replicator.engine.tls import RECEIVER, SENDER, TlsIdentity
-from replicator.transport import Shaper
+
+if TYPE_CHECKING:  # loaded by the commands that connect, not by every command
+    from replicator.engine.connectors import Connector
+    from replicator.engine.sender import SenderConfig
+    from replicator.engine.tls import TlsIdentity
+    from replicator.transport import Shaper
 
 T = TypeVar("T")
 log = structlog.get_logger()
@@ -94,6 +96,8 @@ def connector_for(
     """Where the job's connections come from: the command line's one decision about them
     (TCP, with TLS around it when ``tls``, bulk frames shaped by ``shaper``; the connector
     owns them, so they survive reconnects)."""
+    from replicator.engine.connectors import TcpConnector
+
     return TcpConnector(
         config.host, config.port, timeout=config.connect_timeout, tls=tls, shaper=shaper
     )
@@ -147,6 +151,8 @@ def transport_security(
                 err=True,
             )
         return None
+    from replicator.engine.tls import RECEIVER, SENDER, TlsIdentity
+
     identity = TlsIdentity(
         tls_dir, tls_name or (RECEIVER if side == "receiver" else SENDER), server=side == "receiver"
     )

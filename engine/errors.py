@@ -25,7 +25,7 @@ from replicator.journal.errors import (
     StorageError,
     VersionMismatch,
 )
-from replicator.transport import (
+from replicator.transport.errors import (
     CERT_PROBLEMS,
     ConnectionClosedError,
     RemoteProtocolError,

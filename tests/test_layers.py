@@ -9,6 +9,9 @@ takes to tangle the layers again.
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,40 @@ def test_layers_import_only_what_is_below_them(layer: str) -> None:
         for path in sorted((ROOT / layer).rglob("*.py"))
     }
     assert {k: v for k, v in wrong.items() if v} == {}
+
+
+# The wire code (frames, the protocol state machine, sockets and TLS) and the sender.
+_WIRE = (
+    "replicator.transport.connection",
+    "replicator.transport.frames",
+    "replicator.transport.protocol",
+    "replicator.engine.sender",
+    "replicator.engine.connectors",
+)
+
+
+@pytest.mark.parametrize("command", ["status_cmd", "failover_cmd", "rate_cmd", "journal_cmd"])
+def test_commands_that_never_connect_load_no_wire_code(command: str) -> None:
+    """``status`` and ``failover`` are what an operator runs while things are on fire:
+    they start without loading what only a connection needs (the transport package
+    loads its names lazily, its error classes live apart in ``transport/errors.py``)."""
+    code = (
+        f"import sys, replicator.cli.{command}\n"
+        f"print(' '.join(m for m in {_WIRE!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == []
+
+
+def test_the_transport_package_names_load_from_their_modules() -> None:
+    import replicator.transport as transport
+
+    assert set(transport.__all__) == set(transport._HOME)
+    for name in transport.__all__:
+        assert getattr(transport, name) is getattr(
+            importlib.import_module(f"replicator.transport.{transport._HOME[name]}"), name
+        )
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        transport.nothing  # noqa: B018 - the lookup is the test

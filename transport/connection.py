@@ -55,6 +55,9 @@ from typing import Any, Protocol, cast
 import structlog
 
 from replicator.transport.compression import CompressionChoice
+from replicator.transport.errors import CERT_PROBLEMS as CERT_PROBLEMS
+from replicator.transport.errors import ConnectionClosedError as ConnectionClosedError
+from replicator.transport.errors import DialError as DialError
 from replicator.transport.frames import DEFAULT_MAX_FRAME, FRAME_MAGIC, LocalProtocolError
 from replicator.transport.messages import (
     PAYLOAD_FIELD,
@@ -135,33 +138,6 @@ class Shaper(Protocol):
     """A rate limiter for bulk frames (e.g. a token bucket); awaited before each one."""
 
     async def acquire(self, nbytes: int) -> None: ...
-
-
-class ConnectionClosedError(ConnectionError):
-    """The connection ended: EOF from the peer, reset, or closed locally.
-
-    ``clean`` is True when the peer ended the session properly (Goodbye/Error/Refuse).
-    """
-
-    def __init__(self, message: str, *, clean: bool = False) -> None:
-        super().__init__(message)
-        self.clean = clean
-
-
-class DialError(ConnectionError):
-    """A connection could not be established; ``str()`` is a one-line explanation.
-
-    ``errno``/``strerror`` are set like any OSError's (``strerror`` is the short reason,
-    e.g. "connection refused"); ``target`` is "host:port" or the socket path.
-    """
-
-    def __init__(self, target: str, reason: str, err: int | None = None) -> None:
-        super().__init__(err, reason)
-        self.target = target
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"cannot connect to {self.target}: {self.reason}"
 
 
 def _shaper_rate(shaper: Shaper | None) -> float | None:
@@ -898,17 +874,6 @@ class _TlsGate(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._tls.resume_writing()
-
-
-# OpenSSL's verify codes (X509_V_ERR_*) that a misconfiguration causes, in plain words
-CERT_PROBLEMS = {
-    9: " (not valid yet: check the clocks)",
-    10: " (expired: make a new one with `replicator keygen --name NAME --force`)",
-    18: " (not signed by our CA: keys from another `replicator keygen` folder?)",
-    19: " (not signed by our CA: keys from another `replicator keygen` folder?)",
-    20: " (not signed by our CA: keys from another `replicator keygen` folder?)",
-    21: " (not signed by our CA: keys from another `replicator keygen` folder?)",
-}
 
 
 def _tls_failure(exc: BaseException | None) -> str:

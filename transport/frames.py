@@ -52,6 +52,10 @@ import msgpack
 
 from replicator.journal.records import HEADER_SIZE as RECORD_HEADER_SIZE
 from replicator.journal.records import MAX_DATA, MAX_NAME
+from replicator.transport.errors import LocalProtocolError as LocalProtocolError
+from replicator.transport.errors import ProtocolError as ProtocolError
+from replicator.transport.errors import RemoteProtocolError as RemoteProtocolError
+from replicator.transport.errors import VersionMismatchError as VersionMismatchError
 from replicator.transport.messages import (
     MESSAGE_CLASSES,
     PAYLOAD_FIELD,
@@ -127,39 +131,6 @@ _SCRAP = bytearray(4 * 1024)  # where input goes after a failure or release: it 
 class Codec(IntEnum):
     RAW = 0
     LZ4 = 1
-
-
-class ProtocolError(Exception):
-    """Base of the two protocol error classes."""
-
-
-class LocalProtocolError(ProtocolError):
-    """We tried to send something the protocol does not allow (a bug on our side)."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something malformed or out of turn."""
-
-
-class VersionMismatchError(RemoteProtocolError):
-    """The peer speaks another frame format or protocol version.
-
-    The receiver answers with ``Refuse(code="version")``; the sender reports
-    "protocol version mismatch". ``what`` is "frame format" or "protocol".
-    """
-
-    def __init__(self, peer_version: int, our_version: int, what: str = "frame format") -> None:
-        self.peer_version = peer_version
-        self.our_version = our_version
-        self.what = what
-        super().__init__(
-            f"protocol version mismatch: peer speaks {what} version {peer_version}, "
-            f"we speak {our_version}"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # copy and pickle rebuild an exception from args; ours are not the message
-        return (type(self), (self.peer_version, self.our_version, self.what))
 
 
 _E = TypeVar("_E", bound=ProtocolError)
