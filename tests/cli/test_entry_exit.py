@@ -80,3 +80,26 @@ def test_the_program_exits_with_its_documented_codes() -> None:
     good = replicator("--version", timeout=60)
     assert good.returncode == 0, good.stderr
     assert good.stdout.strip()
+
+
+def test_structlog_is_imported_without_rich_tracebacks_and_still_logs_them() -> None:
+    out = _child(
+        """
+        import sys
+        from replicator.cli.entry import _import_structlog
+        _import_structlog()
+        import structlog
+        assert "rich.traceback" not in sys.modules and "rich.pretty" not in sys.modules
+        import rich.traceback  # importable again afterwards
+        from replicator.cli.logging_setup import LogFormat, configure_logging
+        for fmt in (LogFormat.console, LogFormat.json):
+            configure_logging(fmt)
+            try:
+                raise ValueError("the detail")
+            except ValueError:
+                structlog.get_logger().exception("it.failed")
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("Traceback (most recent call last)") == 2, out.stderr
+    assert out.stderr.count("ValueError: the detail") == 2, out.stderr
