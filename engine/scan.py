@@ -15,6 +15,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
+from replicator.engine.extent_hasher import iter_extents_against
 from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.volumes import (
     ExtentState,
@@ -93,7 +94,12 @@ def _disk_batches(
         # calls): it runs once per 64 KiB, 16,384 times per GiB, holding the GIL the
         # reading and hashing threads also want
         new_digests, old_digests, old_count = new.digests, basis.digests, basis.count
-        for ext in iter_extents(fd, size, new.extent_size):
+        extents = (
+            iter_extents_against(fd, size, old_digests, new.extent_size)
+            if old_count
+            else iter_extents(fd, size, new.extent_size)  # a first sync reads it all anyway
+        )
+        for ext in extents:
             stats.bytes_scanned += ext.length
             at = ext.index * DIGEST_SIZE
             new_digests[at : at + DIGEST_SIZE] = ext.digest

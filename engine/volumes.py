@@ -147,14 +147,15 @@ class Extent:
     data: memoryview | None  # set for DATA extents; valid until the iterator advances
 
 
-def _plan(
-    ranges: list[tuple[int, int]], size: int, extent_size: int
+def plan_reads(
+    ranges: list[tuple[int, int]], size: int, extent_size: int, first: int = 0
 ) -> Iterator[tuple[bool, int, int]]:
-    """(read?, first extent, extent count) jobs: holes are never read, data in chunks."""
+    """(read?, first extent, extent count) jobs from extent ``first`` on: holes are never
+    read, data in chunks."""
     n_extents = (size + extent_size - 1) // extent_size
     chunk_extents = max(1, READ_CHUNK // extent_size)
     r = 0
-    idx = 0
+    idx = first
     while idx < n_extents:
         off = idx * extent_size
         length = min(extent_size, size - off)
@@ -197,15 +198,16 @@ def _read_chunk(
 
 
 def iter_extents(
-    fd: int, size: int, extent_size: int = DEFAULT_EXTENT, workers: int = 2
+    fd: int, size: int, extent_size: int = DEFAULT_EXTENT, workers: int = 2, *, first: int = 0
 ) -> Iterator[Extent]:
-    """Every extent of ``fd`` up to ``size``, in order, with its state and digest.
+    """Every extent of ``fd`` up to ``size`` (from extent ``first`` on), in order, with its
+    state and digest.
 
     Holes are not read. Data is read and hashed a chunk at a time by ``workers`` threads
     (pread and blake3 release the GIL), a couple of chunks ahead of the consumer. An
     extent's ``data`` view is valid until the iterator moves past its chunk.
     """
-    jobs = list(_plan(data_ranges(fd, size), size, extent_size))
+    jobs = list(plan_reads(data_ranges(fd, size), size, extent_size, first))
     ahead = workers  # chunks being read while the consumer works on one
     buffers = [bytearray(READ_CHUNK) for _ in range(ahead + 2)]
     pending: collections.deque[Future[list[Extent]]] = collections.deque()

@@ -155,3 +155,29 @@ def test_verify_finds_and_repairs_damage(tmp_path: Path, receiver: ReceiverProc)
     fixed = replicator("verify", *args, "--repair", str(disk))
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert b3(replica) == b3(disk)
+
+
+def test_a_large_disk_is_hashed_in_helper_processes(tmp_path: Path, receiver: ReceiverProc) -> None:
+    """Past engine/extent_hasher.HELPER_MIN_SIZE a scan with a basis hashes the image in
+    helper processes mapping it; the replica still ends up equal, changes only moved."""
+    disk = tmp_path / "big.img"
+    with disk.open("wb") as f:  # allocated throughout, so every extent is hashed
+        for _ in range(160):
+            f.write(os.urandom(1024 * 1024))
+    state = tmp_path / "state"
+    send_once(receiver, "big", state, disk)
+    qemu_io("raw", disk, "write -P 0x33 5M 64k", "write -z 90M 1M", "write -P 0x44 159M 4k")
+    out = replicator(
+        "-v", "--log-format", "json", "send", "--to", receiver.address, "--job", "big",
+        "--state-dir", str(state), "--once", "--json", "--insecure", str(disk),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    assert any(e["event"] == "scan.hashing_in_helpers" for e in events), out.stderr[-3000:]
+    assert not any(e["event"].startswith("scan.helper") and e["event"] != "scan.hashing_in_helpers"
+                   for e in events)  # fmt: skip
+    second = json.loads(out.stdout)
+    assert 64 * 1024 + 4096 <= second["bytes_changed"] <= 2 * 1024 * 1024
+    replica = receiver.dir / "big" / disk.name
+    assert qemu_compare("raw", disk, replica).returncode == 0
+    assert b3(disk) == b3(replica)

@@ -1,0 +1,259 @@
+"""The differential scan's helper processes (engine/extent_hasher.py, mapped_hasher.py).
+
+The oracle is ``volumes.iter_extents``: whatever the helpers do (hash everything, die part
+way, give up because most of it changed), the extents that come out are the same, in the
+same order, and every extent whose digest differs from the basis carries the bytes the
+file holds.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replicator.engine import extent_hasher, mapped_hasher
+from replicator.engine.extent_hasher import iter_extents_against, split_runs
+from replicator.engine.volumes import (
+    Extent,
+    ExtentState,
+    extent_digest,
+    iter_extents,
+    pread_all,
+    zeros,
+)
+from replicator.transport.messages import DIGEST_SIZE
+
+EXT = 4096
+
+
+def _layout(path: Path, size: int, pieces: list[tuple[int, str]]) -> None:
+    """A sparse file: ``pieces`` are (extent, kind) with kind data, zeros or hole."""
+    with path.open("wb") as f:
+        f.truncate(size)
+        for index, kind in pieces:
+            if kind == "hole":
+                continue
+            f.seek(index * EXT)
+            body = os.urandom(EXT) if kind == "data" else bytes(EXT)
+            f.write(body[: max(0, min(EXT, size - index * EXT))])
+
+
+def _oracle(fd: int, size: int) -> list[tuple[int, ExtentState, bytes]]:
+    return [(e.index, e.state, e.digest) for e in iter_extents(fd, size, EXT)]
+
+
+def _check(fd: int, size: int, basis: bytes | bytearray, got: list[Extent]) -> None:
+    """Same extents as the oracle; data exactly where the digest moved from the basis."""
+    assert [(e.index, e.state, e.digest) for e in got] == _oracle(fd, size)
+    for e in got:
+        moved = basis[e.index * DIGEST_SIZE : (e.index + 1) * DIGEST_SIZE] != e.digest
+        if e.state is ExtentState.DATA and moved:
+            assert e.data is not None
+            assert bytes(e.data) == pread_all(fd, e.length, e.offset).ljust(e.length, b"\0")
+
+
+def _scan(fd: int, size: int, basis: bytes | bytearray) -> list[Extent]:
+    out = []
+    for e in iter_extents_against(fd, size, basis, EXT, min_size=0):
+        if e.data is not None:
+            e.data = memoryview(bytes(e.data))  # iter_extents' views die with the next chunk
+        out.append(e)
+    return out
+
+
+def _basis(fd: int, size: int, keep: list[bool]) -> bytearray:
+    """The oracle's digests, with the ones ``keep`` says False about replaced."""
+    digests = bytearray()
+    for (_, _, digest), kept in zip(_oracle(fd, size), keep + [True] * size, strict=False):
+        digests += digest if kept else b"\x01" * DIGEST_SIZE
+    return digests
+
+
+kinds = st.sampled_from(["data", "data", "zeros", "hole"])
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    extents=st.integers(1, 300),
+    tail=st.integers(0, EXT - 1),
+    pieces=st.lists(st.tuples(st.integers(0, 300), kinds), max_size=60),
+    keep=st.lists(st.booleans(), max_size=300),
+    short_basis=st.integers(0, 300),
+    helpers=st.integers(1, 3),
+)
+def test_the_same_extents_as_one_reading_pass(
+    tmp_path: Path,
+    extents: int,
+    tail: int,
+    pieces: list[tuple[int, str]],
+    keep: list[bool],
+    short_basis: int,
+    helpers: int,
+) -> None:
+    size = extents * EXT + tail
+    path = tmp_path / f"disk-{extents}-{tail}-{len(pieces)}"
+    _layout(path, size, pieces)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        basis = _basis(fd, size, keep)[: short_basis * DIGEST_SIZE or None]
+        got = []
+        for e in iter_extents_against(fd, size, basis, EXT, helpers=helpers, min_size=0):
+            if e.data is not None:
+                e.data = memoryview(bytes(e.data))
+            got.append(e)
+        _check(fd, size, basis, got)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> tuple[Path, int]:
+    size = 2000 * EXT + 123
+    path = tmp_path / "disk.raw"
+    _layout(path, size, [(i, "data") for i in range(0, 2001, 3)] + [(7, "zeros")])
+    return path, size
+
+
+def test_unchanged_extents_come_without_data_and_changed_ones_with(disk: tuple[Path, int]) -> None:
+    path, size = disk
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        keep = [i % 50 != 0 for i in range(2001)]  # 2% changed: the helpers stay to the end
+        basis = _basis(fd, size, keep)
+        got = _scan(fd, size, basis)
+        _check(fd, size, basis, got)
+        with_data = {e.index for e in got if e.data is not None}
+        assert with_data == {i for i in range(0, 2001, 50) if i % 3 == 0}
+    finally:
+        os.close(fd)
+
+
+def test_a_helper_that_dies_part_way_leaves_the_rest_to_the_threads(
+    disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """It answers its first run of extents, then dies of SIGBUS, as a helper whose file
+    shrank under its mapping does."""
+    script = tmp_path / "dying_helper.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import io, os, signal, sys
+            from replicator.engine import mapped_hasher as m
+            req = sys.stdin.buffer.read()
+            size, ext, dsz, n = m.HEAD.unpack_from(req)
+            first = m.RUN.unpack_from(req, m.HEAD.size)
+            one = io.BytesIO(m.request(size, ext, dsz, [first]))
+            m.serve(int(sys.argv[1]), one, sys.stdout.buffer)
+            os.kill(os.getpid(), signal.SIGBUS)
+            """
+        )
+    )
+    monkeypatch.setattr(extent_hasher, "HELPER_COMMAND", [sys.executable, str(script)])
+    path, size = disk
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        basis = _basis(fd, size, [i % 50 != 0 for i in range(2001)])
+        _check(fd, size, basis, _scan(fd, size, basis))
+    finally:
+        os.close(fd)
+
+
+def test_a_helper_that_cannot_start_leaves_it_all_to_the_threads(
+    disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extent_hasher, "HELPER_COMMAND", ["/nonexistent/python"])
+    path, size = disk
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        basis = _basis(fd, size, [True] * 2001)
+        _check(fd, size, basis, _scan(fd, size, basis))
+    finally:
+        os.close(fd)
+
+
+def test_mostly_changed_goes_over_to_one_reading_pass(
+    disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, size = disk
+    fd = os.open(path, os.O_RDONLY)
+    switched: list[int] = []
+    real = iter_extents
+
+    def spy(*args: object, first: int = 0, **kwargs: object) -> object:
+        switched.append(first)
+        return real(*args, first=first, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(extent_hasher, "iter_extents", spy)
+    try:
+        basis = bytearray(b"\x01" * DIGEST_SIZE * 2001)  # nothing as it was
+        got = _scan(fd, size, basis)
+        _check(fd, size, basis, got)
+    finally:
+        os.close(fd)
+    assert len(switched) == 1 and 0 < switched[0] < 2001 // 2
+
+
+def test_a_file_shorter_than_the_scan_reads_as_zeros_at_its_end(tmp_path: Path) -> None:
+    """The size was taken before the file shrank: both scans see zeros past its end."""
+    path = tmp_path / "shrunk.raw"
+    path.write_bytes(os.urandom(100 * EXT + 10))
+    size = 300 * EXT
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        basis = bytearray(b"\x02" * DIGEST_SIZE * 40) + _basis(fd, size, [])[40 * DIGEST_SIZE :]
+        got = _scan(fd, size, basis)
+        _check(fd, size, basis, got)
+        assert got[100].state is ExtentState.DATA and got[101].state is ExtentState.HOLE
+    finally:
+        os.close(fd)
+
+
+@given(
+    runs=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 500)), max_size=30),
+    parts=st.integers(1, 4),
+)
+def test_split_runs_shares_every_extent_once_in_order(
+    runs: list[tuple[int, int]], parts: int
+) -> None:
+    shares = split_runs(runs, parts)
+    assert len(shares) <= parts
+    flat = [(first + k) for share in shares for first, count in share for k in range(count)]
+    assert flat == [first + k for first, count in runs for k in range(count)]
+    sizes = [sum(count for _, count in share) for share in shares]
+    assert all(sizes)
+    share = -(-sum(sizes) // parts)
+    assert all(size == share for size in sizes[:-1]) and sizes[-1:] <= [share]
+
+
+def test_the_helper_process_hashes_what_it_maps(tmp_path: Path) -> None:
+    """mapped_hasher on its own: one digest per extent asked for, zero-padded past the
+    file's end, in the order asked."""
+    body = os.urandom(5 * EXT + 7)
+    path = tmp_path / "f"
+    path.write_bytes(body)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = io.BytesIO()
+        size = 8 * EXT
+        mapped_hasher.serve(
+            fd, io.BytesIO(mapped_hasher.request(size, EXT, DIGEST_SIZE, [(4, 3), (0, 1)])), out
+        )
+        want = [
+            extent_digest(body[4 * EXT : 5 * EXT]),
+            extent_digest(body[5 * EXT :] + zeros(EXT - 7)),
+            extent_digest(zeros(EXT)),
+            extent_digest(body[:EXT]),
+        ]
+        assert out.getvalue() == b"".join(want)
+    finally:
+        os.close(fd)
