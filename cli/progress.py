@@ -14,20 +14,15 @@ import atexit
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import structlog
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.progress import Progress as RichProgress
 
 from replicator.cli.logging_setup import quiet
+
+if TYPE_CHECKING:  # rich is loaded only to draw a bar (a terminal): ~40 ms of every start
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 log = structlog.get_logger()
 
@@ -89,6 +84,16 @@ class ProgressReport:
     def _open(self) -> None:
         if not self._use_bar:
             return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
         columns = (
             TextColumn(self.what),
             BarColumn(),
