@@ -7,8 +7,8 @@ it copies the whole image out of the page cache, which costs more CPU than the h
 read-only ``mmap`` copies nothing; but a file that shrinks while it is mapped kills the
 process touching the lost pages with SIGBUS, and a scan must survive a source that
 shrinks (it reads as zeros, see ``volumes._read_chunk``). So the mapping lives in helper
-processes (``engine/mapped_hasher.py``), two by default, each hashing a contiguous share
-of the allocated extents and streaming one digest per extent back on a pipe. The scan
+processes (``engine/mapped_hasher.py``), two by default, hashing the allocated extents
+a read chunk (4 MiB) each in turn and streaming one digest per extent back on a pipe. The scan
 reads (``pread``) and hashes again only the extents whose digest differs from the basis:
 the digest a manifest keeps is always the one of the bytes shipped.
 
@@ -51,6 +51,8 @@ log = structlog.get_logger("replicator.scan")
 HELPER_MIN_SIZE: Final = 128 * 1024 * 1024
 HELPERS: Final = 2
 HELPER_COMMAND = [sys.executable, "-m", "replicator.engine.mapped_hasher"]  # + the fd
+# Digests a helper may send beyond what the scan took: 16,384 (1 GiB of 64 KiB extents).
+AHEAD: Final = 16_384 * DIGEST_SIZE
 # More changed extents than this share (past the first CHANGED_MIN): leave the helpers.
 CHANGED_MIN: Final = 64
 CHANGED_SHARE: Final = 0.25
@@ -61,8 +63,12 @@ class _HelperFailed(Exception):
 
 
 class _Helper:
-    """One helper process and the digests it has sent so far. A reader thread drains its
-    pipe, so a helper never waits for the scan to catch up."""
+    """One helper process and the digests it has sent that the scan has not taken yet.
+
+    A reader thread drains its pipe up to AHEAD bytes of digests beyond what the scan took
+    (then the helper waits on the full pipe): memory stays bounded on any disk, and the
+    shares are dealt out in turns (``deal``), so every helper hashes near the scan.
+    """
 
     def __init__(self, fd: int, request: bytes) -> None:
         self.proc = subprocess.Popen(
@@ -77,8 +83,10 @@ class _Helper:
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._out = self.proc.stdout.fileno()
-        self._digests = bytearray()
+        self._digests = bytearray()  # received, from digest number ``_taken`` on
+        self._taken = 0
         self._ended = False
+        self._closing = False
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="scan-hasher", daemon=True)
         self._reader.start()
@@ -91,7 +99,15 @@ class _Helper:
 
     def _read(self) -> None:
         try:
-            while chunk := os.read(self._out, 256 * 1024):
+            while True:
+                with self._changed:
+                    while len(self._digests) >= AHEAD and not self._closing:
+                        self._changed.wait()
+                    if self._closing:
+                        return
+                chunk = os.read(self._out, 64 * 1024)
+                if not chunk:
+                    return
                 with self._changed:
                     self._digests += chunk
                     self._changed.notify_all()
@@ -103,16 +119,25 @@ class _Helper:
                 self._changed.notify_all()
 
     def digest(self, position: int) -> bytes:
-        """The ``position``-th digest this helper sends (waits for it)."""
-        end = (position + 1) * DIGEST_SIZE
+        """The ``position``-th digest this helper sends (waits for it); the ones before
+        it are dropped (positions are asked for in order)."""
+        start = (position - self._taken) * DIGEST_SIZE
+        end = start + DIGEST_SIZE
         with self._changed:
             while len(self._digests) < end and not self._ended:
                 self._changed.wait()
             if len(self._digests) < end:
                 raise _HelperFailed(f"the hashing helper ended early (status {self.proc.wait()})")
-            return bytes(self._digests[end - DIGEST_SIZE : end])
+            digest = bytes(self._digests[start:end])
+            del self._digests[:end]  # bytearray drops a prefix without moving the rest
+            self._taken = position + 1
+            self._changed.notify_all()
+            return digest
 
     def close(self) -> None:
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
         self.proc.wait()
@@ -121,22 +146,10 @@ class _Helper:
         self.proc.stdout.close()
 
 
-def split_runs(runs: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
-    """``runs`` of extents cut into at most ``parts`` contiguous shares of about the same
-    number of extents (a run is cut where a share ends); empty shares left out."""
-    total = sum(count for _, count in runs)
-    share = max(1, -(-total // parts))
-    out: list[list[tuple[int, int]]] = [[]]
-    filled = 0
-    for first, count in runs:
-        while count:
-            if filled == share and len(out) < parts:
-                out.append([])
-                filled = 0
-            take = count if len(out) == parts else min(count, share - filled)
-            out[-1].append((first, take))
-            first, count, filled = first + take, count - take, filled + take
-    return [part for part in out if part]
+def deal(runs: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
+    """``runs`` dealt out in turns to at most ``parts`` helpers (empty hands left out):
+    each hashes every ``parts``-th run, so all of them work near where the scan is."""
+    return [hand for hand in (runs[k::parts] for k in range(parts)) if hand]
 
 
 def _changed_extent(fd: int, index: int, offset: int, length: int) -> Extent:
@@ -169,7 +182,7 @@ def iter_extents_against(
     if size < min_size or not reads:
         yield from iter_extents(fd, size, extent_size)
         return
-    shares = split_runs(reads, helpers)
+    shares = deal(reads, helpers)
     started: list[_Helper] = []
     try:
         for share in shares:

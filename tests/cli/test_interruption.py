@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -13,6 +14,8 @@ from tests.tools import (
     ReceiverProc,
     b3,
     distinct_random_disk,
+    qemu_compare,
+    qemu_io,
     send_once,
     start_receiver,
 )
@@ -114,3 +117,67 @@ def test_ctrl_c_while_the_program_is_still_starting(tmp_path: Path) -> None:
         assert "Traceback" not in err and "interrupted" in err, err
         interrupted += 1
     assert interrupted  # the imports take far longer than reaching the entry point
+
+
+def _helpers_of(pid: int) -> list[int]:
+    """The hashing helpers (engine/mapped_hasher.py) that process ``pid`` started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"replicator.engine.mapped_hasher" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may take its time)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_sender_killed_while_helpers_hash_leaves_none_behind(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """SIGKILL the sender while its helpers hash: they go with it (their next write hits
+    the closed pipe), and the next send brings the replica up to date."""
+    disk = tmp_path / "big.img"
+    with disk.open("wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(1024 * 1024))
+    state = tmp_path / "state"
+    send_once(receiver, "big", state, disk)
+    args = [
+        *REPLICATOR, "send", "--to", receiver.address, "--job", "big", "--state-dir",
+        str(state), "--once", "--json", "--insecure", str(disk),
+    ]  # fmt: skip
+    helpers: list[int] = []
+    for attempt in range(8):  # each try changes the disk and kills the send once it hashes
+        qemu_io("raw", disk, f"write -P {0x40 + attempt} {attempt * 7}M 64k")
+        sender = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while sender.poll() is None and not helpers:
+            helpers = _helpers_of(sender.pid)
+            time.sleep(0.002)
+        if helpers:
+            sender.kill()
+            sender.wait()
+            break
+        sender.wait()
+    assert helpers, "no scan ever ran its hashing helpers"
+    deadline = time.monotonic() + 5
+    while any(map(_running, helpers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [pid for pid in helpers if _running(pid)]
+    assert not alive, f"helpers outlived their sender: {alive}"
+    send_once(receiver, "big", state, disk)
+    replica = receiver.dir / "big" / disk.name
+    assert qemu_compare("raw", disk, replica).returncode == 0
+    assert b3(disk) == b3(replica)
