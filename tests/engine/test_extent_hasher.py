@@ -76,6 +76,19 @@ def _basis(fd: int, size: int, keep: list[bool]) -> bytearray:
     return digests
 
 
+def _scan_checked(disk: tuple[Path, int], keep: list[bool]) -> list[Extent]:
+    """Scan ``disk`` against its own digests but where ``keep`` is False, and check it."""
+    path, size = disk
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        basis = _basis(fd, size, keep)
+        got = _scan(fd, size, basis)
+        _check(fd, size, basis, got)
+        return got
+    finally:
+        os.close(fd)
+
+
 kinds = st.sampled_from(["data", "data", "zeros", "hole"])
 
 
@@ -125,17 +138,9 @@ def disk(tmp_path: Path) -> tuple[Path, int]:
 
 
 def test_unchanged_extents_come_without_data_and_changed_ones_with(disk: tuple[Path, int]) -> None:
-    path, size = disk
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        keep = [i % 50 != 0 for i in range(2001)]  # 2% changed: the helpers stay to the end
-        basis = _basis(fd, size, keep)
-        got = _scan(fd, size, basis)
-        _check(fd, size, basis, got)
-        with_data = {e.index for e in got if e.data is not None}
-        assert with_data == {i for i in range(0, 2001, 50) if i % 3 == 0}
-    finally:
-        os.close(fd)
+    got = _scan_checked(disk, [i % 50 != 0 for i in range(2001)])  # 2%: helpers to the end
+    with_data = {e.index for e in got if e.data is not None}
+    assert with_data == {i for i in range(0, 2001, 50) if i % 3 == 0}
 
 
 def test_a_helper_that_dies_part_way_leaves_the_rest_to_the_threads(
@@ -159,13 +164,7 @@ def test_a_helper_that_dies_part_way_leaves_the_rest_to_the_threads(
         )
     )
     monkeypatch.setattr(extent_hasher, "HELPER_COMMAND", [sys.executable, str(script)])
-    path, size = disk
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        basis = _basis(fd, size, [i % 50 != 0 for i in range(2001)])
-        _check(fd, size, basis, _scan(fd, size, basis))
-    finally:
-        os.close(fd)
+    _scan_checked(disk, [i % 50 != 0 for i in range(2001)])
 
 
 def test_a_helper_that_cannot_start_leaves_it_all_to_the_threads(
@@ -184,8 +183,6 @@ def test_a_helper_that_cannot_start_leaves_it_all_to_the_threads(
 def test_mostly_changed_goes_over_to_one_reading_pass(
     disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path, size = disk
-    fd = os.open(path, os.O_RDONLY)
     switched: list[int] = []
     real = iter_extents
 
@@ -194,12 +191,7 @@ def test_mostly_changed_goes_over_to_one_reading_pass(
         return real(*args, first=first, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(extent_hasher, "iter_extents", spy)
-    try:
-        basis = bytearray(b"\x01" * DIGEST_SIZE * 2001)  # nothing as it was
-        got = _scan(fd, size, basis)
-        _check(fd, size, basis, got)
-    finally:
-        os.close(fd)
+    _scan_checked(disk, [False] * 2001)  # nothing as it was
     assert len(switched) == 1 and 0 < switched[0] < 2001 // 2
 
 
@@ -238,13 +230,7 @@ def test_helpers_that_may_run_only_a_little_ahead_give_the_same_extents(
     """With room for three digests beyond what the scan took, the readers stop and go
     all the time (the helpers wait on full pipes): nothing is lost or reordered."""
     monkeypatch.setattr(extent_hasher, "AHEAD", 3 * DIGEST_SIZE)
-    path, size = disk
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        basis = _basis(fd, size, [i % 50 != 0 for i in range(2001)])
-        _check(fd, size, basis, _scan(fd, size, basis))
-    finally:
-        os.close(fd)
+    _scan_checked(disk, [i % 50 != 0 for i in range(2001)])
 
 
 def test_the_helper_process_hashes_what_it_maps(tmp_path: Path) -> None:
