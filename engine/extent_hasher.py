@@ -51,7 +51,8 @@ log = structlog.get_logger("replicator.scan")
 HELPER_MIN_SIZE: Final = 128 * 1024 * 1024
 HELPERS: Final = 2
 HELPER_COMMAND = [sys.executable, "-m", "replicator.engine.mapped_hasher"]  # + the fd
-# Digests a helper may send beyond what the scan took: 16,384 (1 GiB of 64 KiB extents).
+# Digests a helper may send beyond what the scan took: 16,384 (1 GiB of 64 KiB extents),
+# or the run the scan waits for when that is longer.
 AHEAD: Final = 16_384 * DIGEST_SIZE
 # More changed extents than this share (past the first CHANGED_MIN): leave the helpers.
 CHANGED_MIN: Final = 64
@@ -83,8 +84,8 @@ class _Helper:
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._out = self.proc.stdout.fileno()
-        self._digests = bytearray()  # received, from digest number ``_taken`` on
-        self._taken = 0
+        self._digests = bytearray()  # received and not taken yet
+        self._wanted = 0  # bytes a take() waits for: the reader goes on until it has them
         self._ended = False
         self._closing = False
         self._changed = threading.Condition()
@@ -101,7 +102,7 @@ class _Helper:
         try:
             while True:
                 with self._changed:
-                    while len(self._digests) >= AHEAD and not self._closing:
+                    while len(self._digests) >= max(AHEAD, self._wanted) and not self._closing:
                         self._changed.wait()
                     if self._closing:
                         return
@@ -112,27 +113,28 @@ class _Helper:
                     self._digests += chunk
                     self._changed.notify_all()
         except OSError:
-            pass  # the helper is gone; digest() says so
+            pass  # the helper is gone; take() says so
         finally:
             with self._changed:
                 self._ended = True
                 self._changed.notify_all()
 
-    def digest(self, position: int) -> bytes:
-        """The ``position``-th digest this helper sends (waits for it); the ones before
-        it are dropped (positions are asked for in order)."""
-        start = (position - self._taken) * DIGEST_SIZE
-        end = start + DIGEST_SIZE
+    def take(self, count: int) -> bytes:
+        """The next ``count`` digests this helper sends, in the order of its runs (waits
+        for them); one call per run, not per extent."""
+        end = count * DIGEST_SIZE
         with self._changed:
+            self._wanted = end
+            self._changed.notify_all()
             while len(self._digests) < end and not self._ended:
                 self._changed.wait()
+            self._wanted = 0
             if len(self._digests) < end:
                 raise _HelperFailed(f"the hashing helper ended early (status {self.proc.wait()})")
-            digest = bytes(self._digests[start:end])
+            digests = bytes(self._digests[:end])
             del self._digests[:end]  # bytearray drops a prefix without moving the rest
-            self._taken = position + 1
-            self._changed.notify_all()
-            return digest
+            self._changed.notify_all()  # room again for the reader
+            return digests
 
     def close(self) -> None:
         with self._changed:
@@ -220,27 +222,28 @@ def _hashed(
 ) -> Generator[Extent, None, int | None]:
     """The extents of ``segments`` (holes, or runs a helper hashes); returns where the
     threaded scan must take over, or None when done."""
-    positions: dict[_Helper, int] = {}
     seen = changed = 0
     for first, count, helper in segments:
-        for idx in range(first, first + count):
+        if helper is None:
+            for idx in range(first, first + count):
+                off = idx * extent_size
+                length = min(extent_size, size - off)
+                yield Extent(idx, off, length, ExtentState.HOLE, zero_digest(length), None)
+            continue
+        try:
+            digests = helper.take(count)
+        except _HelperFailed as exc:
+            log.info("scan.helper_failed", error=str(exc), extent=first)
+            return first
+        for k, idx in enumerate(range(first, first + count)):
             off = idx * extent_size
             length = min(extent_size, size - off)
-            if helper is None:
-                yield Extent(idx, off, length, ExtentState.HOLE, zero_digest(length), None)
-                continue
-            position = positions.get(helper, 0)
-            try:
-                digest = helper.digest(position)
-            except _HelperFailed as exc:
-                log.info("scan.helper_failed", error=str(exc), extent=idx)
-                return idx
-            positions[helper] = position + 1
+            digest = digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE]
             at = idx * DIGEST_SIZE
             if basis[at : at + DIGEST_SIZE] == digest:
                 state = ExtentState.ZERO if digest == zero_digest(length) else ExtentState.DATA
                 yield Extent(idx, off, length, state, digest, None)
-            else:
+            else:  # what ships, and its digest, come from reading it now (not the helper)
                 changed += 1
                 yield _changed_extent(fd, idx, off, length)
             seen += 1

@@ -144,7 +144,9 @@ class Extent:
     length: int
     state: ExtentState
     digest: bytes
-    data: memoryview | None  # set for DATA extents; valid until the iterator advances
+    # set for DATA extents (extent_hasher leaves it None where the digest matches the
+    # basis); valid until the iterator advances
+    data: memoryview | None
 
 
 def plan_reads(

@@ -167,6 +167,35 @@ def test_a_helper_that_dies_part_way_leaves_the_rest_to_the_threads(
     _scan_checked(disk, [i % 50 != 0 for i in range(2001)])
 
 
+def test_a_digest_a_helper_saw_is_never_the_one_kept_for_a_changed_extent(
+    disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The extent changes between a helper's hash and the scan's read (here: the helper
+    reports a digest nobody will find): the scan ships what it reads and keeps that
+    read's digest, so the manifest never names bytes the replica did not get."""
+    script = tmp_path / "stale_helper.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import io, sys
+            from replicator.engine import mapped_hasher as m
+            out = io.BytesIO()
+            m.serve(int(sys.argv[1]), sys.stdin.buffer, out)
+            digests = bytearray(out.getvalue())
+            digests[4 * 16 : 5 * 16] = b"\\x07" * 16  # its fifth extent: seen before a write
+            sys.stdout.buffer.write(digests)
+            """
+        )
+    )
+    monkeypatch.setattr(extent_hasher, "HELPER_COMMAND", [sys.executable, str(script)])
+    got = _scan_checked(disk, [True] * 2001)  # nothing changed against the basis
+    with_data = [e for e in got if e.data is not None]
+    assert len(with_data) == 2  # the fifth extent of each of the two helpers' hands
+    path, _ = disk
+    for e in with_data:
+        assert e.digest == extent_digest(path.read_bytes()[e.offset : e.offset + e.length])
+
+
 def test_a_helper_that_cannot_start_leaves_it_all_to_the_threads(
     disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
