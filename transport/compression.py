@@ -25,7 +25,11 @@ means the link is the bottleneck, and the wire bytes per second of that window a
 rate, used as a cap's would be. Never waiting while encoding is a real share of the time
 means the CPU is the bottleneck and the link took all we made: until a window shows the
 link's limit, lz4 only costs, and is skipped (the probe frames still measure it). Windows
-that are mostly between frames say nothing about either and change nothing.
+that are mostly between frames say nothing about either and change nothing. The link's
+rate is the best of the last ``RATE_WINDOWS`` windows, not the last one: a receiver that
+stalls for a second in an fsync makes one window look like a slow link, and a sender that
+took it for one chose the high mode below, became CPU-bound in it (~60 MB/s) and measured
+only its own output from then on (a loopback first sync took 7-8 s instead of 5).
 
 While lz4 is off, one bulk frame in ``PROBE_EVERY`` is still compressed, so a change in the
 data (or the rate) is noticed. Sans-IO: the connection times the encoding and reports it.
@@ -39,6 +43,8 @@ high mode is tried on one compressed frame in ``PROBE_EVERY`` while a rate is kn
 it could win, and only one in ``PROBE_EVERY * HOPELESS_PROBES`` while its own encode
 speed is below what the fast mode moves: at loopback rates a 2 MiB frame in the high
 mode takes ~35 ms against ~3 ms, so probing it every 32 frames cost a first sync ~10%.
+Without a cap, while windows show the CPU as the bottleneck, the high mode is neither used
+nor probed: a slower encoder can only move less (a cap is a known rate: it decides).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from __future__ import annotations
 import collections
 from typing import Final
 
-__all__ = ["HC_LEVEL", "HOPELESS_PROBES", "PROBE_EVERY", "CompressionChoice"]
+__all__ = ["HC_LEVEL", "HOPELESS_PROBES", "PROBE_EVERY", "RATE_WINDOWS", "CompressionChoice"]
 
 PROBE_EVERY: Final = 32
 HC_LEVEL: Final = 3  # lz4 high compression: most of level 12's gain at 4x its speed
@@ -54,6 +60,7 @@ HOPELESS_PROBES: Final = 16  # probes of a high mode slower than the fast one mo
 _WEIGHT: Final = 0.25  # of the newest frame in the ratio's moving average
 _KEEP: Final = 8  # encode times kept per kind
 WINDOW_FRAMES: Final = 16  # bulk frames per observation of the link
+RATE_WINDOWS: Final = 4  # the link's rate: the best of this many recent windows
 _LINK_BOUND: Final = 0.5  # share of a window's time spent waiting to drain: link-bound
 _NEVER_WAITED: Final = 0.05  # at most this share waiting ...
 _CPU_SHARE: Final = 0.25  # ... and at least this share encoding: CPU-bound
@@ -75,11 +82,16 @@ class CompressionChoice:
         self._since_hc = 0  # compressed frames since the high mode was last tried
         # the link as measured (see the module docstring): its rate in bytes/s once a
         # window was link-bound; cpu_bound while windows show the link waiting for us
-        self.link_rate: float | None = None
+        self._link_rates: collections.deque[float] = collections.deque(maxlen=RATE_WINDOWS)
         self.cpu_bound = False
         self._frames = 0  # in the window being observed, and their ...
         self._seconds = [0.0, 0.0, 0.0]  # ... encode, drain wait, between; and wire bytes
         self._wire = 0
+
+    @property
+    def link_rate(self) -> float | None:
+        """The link's rate in bytes/s as measured (None: not yet), see the module docstring."""
+        return max(self._link_rates) if self._link_rates else None
 
     @property
     def lz4_cost(self) -> float | None:
@@ -94,8 +106,10 @@ class CompressionChoice:
         self, raw: int, wire: int, seconds: float, compressed: bool, level: int = 0
     ) -> None:
         """A bulk frame of ``raw`` payload bytes was encoded in ``seconds``; ``compressed``:
-        lz4 was tried (whether or not its result was kept: ``wire`` is what went), at
-        ``level`` (0: the fast mode)."""
+        lz4 ran over the payload (whether or not its result was kept: ``wire`` is what
+        went), at ``level`` (0: the fast mode). A frame whose samples said lz4 would not
+        pay is a raw frame here: its few microseconds taken for lz4's cost made either
+        mode look free (the least of the last costs is the one used)."""
         if raw <= 0 or seconds < 0:
             return
         if compressed and level > 0:
@@ -132,12 +146,12 @@ class CompressionChoice:
         if total <= 0:
             return
         if waiting / total >= _LINK_BOUND:
-            self.link_rate = nbytes / total
+            self._link_rates.append(nbytes / total)
             self.cpu_bound = False
         elif waiting / total <= _NEVER_WAITED and encoding / total >= _CPU_SHARE:
             self.cpu_bound = True
-            if self.link_rate is not None:  # it carried more than it did when it limited us
-                self.link_rate = max(self.link_rate, nbytes / total)
+            if self._link_rates:  # it carries at least this: a lower bound, kept as a window
+                self._link_rates.append(nbytes / total)
 
     def _rate(self, cap: float | None) -> float | None:
         """The rate to judge lz4 by: the cap, else the link's measured rate."""
@@ -164,6 +178,8 @@ class CompressionChoice:
         Only with a known rate (a cap, or the link measured): the faster mode in file
         bytes per second; the mode not in use is tried once every ``PROBE_EVERY`` frames
         (and the high one until it has been measured)."""
+        if rate is None and self.cpu_bound:
+            return 0  # no cap, and the link takes all we make: a slower encoder moves less
         rate = self._rate(rate)
         fast_cost = self.lz4_cost
         if not rate or self.ratio is None or fast_cost is None:

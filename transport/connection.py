@@ -259,7 +259,7 @@ class FramedConnection:
                     encoded.payload_raw,
                     encoded.payload_wire,
                     time.perf_counter() - started,
-                    compress,
+                    encoded.lz4_ran,  # not ``compress``: a frame the samples skipped is raw
                     level,
                 )
             encode_seconds = time.perf_counter() - started

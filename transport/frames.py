@@ -157,6 +157,9 @@ class EncodedFrame:
     payload_raw: int  # uncompressed payload bytes
     payload_wire: int  # payload bytes as sent
     codec: Codec
+    # lz4 ran over the payload (its result kept or not); False when it was not asked for,
+    # or samples said it would not pay: only such frames measure lz4's cost and ratio
+    lz4_ran: bool = False
 
 
 # --- header fields --------------------------------------------------------------------------
@@ -247,7 +250,8 @@ def encode_frame(
     raw_len = len(payload)
     codec = Codec.RAW
     wire = payload
-    if compress and raw_len >= compress_threshold and _sample_compresses(payload):
+    lz4_ran = compress and raw_len >= compress_threshold and _sample_compresses(payload)
+    if lz4_ran:
         if level > 0:
             packed = lz4.block.compress(
                 payload, mode="high_compression", compression=level, store_size=False
@@ -273,7 +277,7 @@ def encode_frame(
         digest.update(payload)
     head = b"".join((fields, digest.digest(CHECKSUM_SIZE), header))
     buffers = [head, wire] if wire else [head]
-    return EncodedFrame(msg, buffers, len(head) + len(wire), raw_len, len(wire), codec)
+    return EncodedFrame(msg, buffers, len(head) + len(wire), raw_len, len(wire), codec, lz4_ran)
 
 
 # --- decoding -------------------------------------------------------------------------------

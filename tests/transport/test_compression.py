@@ -12,6 +12,7 @@ from replicator.transport.compression import (
     HC_LEVEL,
     HOPELESS_PROBES,
     PROBE_EVERY,
+    RATE_WINDOWS,
     WINDOW_FRAMES,
     CompressionChoice,
 )
@@ -172,3 +173,61 @@ def test_a_raw_frame_measured_slow_does_not_make_lz4_look_free() -> None:
     choice.observe(1_000_000, 1_000_000, 0.005, False)  # raw, but slowed down 5 ms
     assert not choice.pays(1e12)  # a link far faster than lz4: raw
     assert choice.pays(12.5e6)  # 100 Mbit/s: compressed
+
+
+def _with_high_mode(ratio: float = 0.57, speed: float = 60e6) -> CompressionChoice:
+    """The benchmark's mixed data in both modes: fast 0.66 at 560 MB/s, high as given."""
+    choice = _measured(0.66, 560e6)
+    choice.observe(MiB, int(MiB * ratio), MiB / speed, compressed=True, level=HC_LEVEL)
+    return choice
+
+
+def test_one_stalled_window_is_not_taken_for_a_slow_link() -> None:
+    """A receiver stalled in an fsync makes one window wait long: the link's rate stays the
+    best of the recent windows, so the fast mode stays (a loopback first sync took the high
+    mode at ~60 MB/s for good)."""
+    choice = _with_high_mode()
+    _window(choice, MiB, 0.0015, 0.0025, 0.0)  # a receiver on loopback: ~262 MB/s
+    _window(choice, MiB, 0.0015, 0.05, 0.0)  # then one second-long fsync: ~20 MB/s
+    assert choice.link_rate is not None and choice.link_rate > 250e6
+    assert [choice.level(None) for _ in range(PROBE_EVERY)] == [0] * PROBE_EVERY
+    for _ in range(RATE_WINDOWS):  # a link that stays slow is taken for one
+        _window(choice, MiB, 0.0015, 0.05, 0.0)
+    assert choice.link_rate is not None and choice.link_rate < 25e6
+    levels = [choice.level(None) for _ in range(PROBE_EVERY)]
+    assert levels.count(HC_LEVEL) == PROBE_EVERY - 1  # and the fast one probed once
+
+
+def test_without_a_cap_a_cpu_bound_sender_leaves_the_high_mode() -> None:
+    choice = _with_high_mode()
+    _window(choice, MiB, 0.0015, 0.05, 0.0)  # a link measured at ~20 MB/s
+    assert choice.level(None) == HC_LEVEL
+    _window(choice, int(MiB * 0.57), 0.035, 0.0, 0.001)  # the high mode: never waits
+    assert _cpu_bound(choice)
+    frames = PROBE_EVERY * HOPELESS_PROBES + 1
+    assert [choice.level(None) for _ in range(frames)] == [0] * frames  # not even probed
+    assert choice.level(12.5e6) == HC_LEVEL  # a cap is a known rate: it decides
+    _window(choice, MiB, 0.0015, 0.05, 0.0)  # the link limits us again
+    assert not _cpu_bound(choice) and choice.level(None) == HC_LEVEL
+
+
+async def test_frames_the_samples_skip_do_not_measure_lz4() -> None:
+    """A payload the samples say lz4 cannot shrink is sent raw in microseconds: taken for
+    an lz4 frame, its cost made lz4 (and the high mode) look free."""
+    sender, receiver = await connection_pair()
+    try:
+        await sender.send(HELLO)
+        assert await receiver.recv(5) == HELLO
+        await receiver.send(welcome(64 * MiB))
+        await sender.recv(5)
+        noise = random.Random(1).randbytes(MiB)
+        for lsn, data in enumerate((noise, noise, _compressible(MiB)), start=1):
+            await sender.send(pack_records(lsn, [data]))
+            assert isinstance(await receiver.recv(5), Records)
+            if lsn == 2:
+                assert sender.compression.lz4_cost is None and sender.compression.ratio is None
+        assert sender.compression.ratio is not None and sender.compression.ratio < 0.6
+        cost = sender.compression.lz4_cost
+        assert cost is not None and cost > 1 / 20e9  # lz4 at most 20 GB/s, never "free"
+    finally:
+        await asyncio.gather(sender.aclose(), receiver.aclose())
