@@ -12,6 +12,8 @@ import io
 import os
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -284,3 +286,30 @@ def test_the_helper_process_hashes_what_it_maps(tmp_path: Path) -> None:
         assert out.getvalue() == b"".join(want)
     finally:
         os.close(fd)
+
+
+def test_the_scan_ends_without_waiting_for_its_helpers_to_die(
+    disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper that mapped a large image takes tens of milliseconds to die: the scan kills
+    its helpers and returns; each is reaped in a thread of its own, and none is left."""
+    released = threading.Event()
+    helpers: list[extent_hasher._Helper] = []
+    waited_for_release: list[bool] = []
+    reap = extent_hasher._Helper._reap
+
+    def slow_reap(self: extent_hasher._Helper) -> None:
+        helpers.append(self)
+        waited_for_release.append(released.wait(10))  # False: the scan waited for this
+        reap(self)
+
+    monkeypatch.setattr(extent_hasher._Helper, "_reap", slow_reap)
+    _scan_checked(disk, [i % 5 != 0 for i in range(2001)])
+    released.set()  # the scan has returned: only now may a reaping go on
+    for _ in range(500):
+        if len(waited_for_release) == len(helpers) == extent_hasher.HELPERS:
+            break
+        time.sleep(0.01)
+    assert waited_for_release == [True] * extent_hasher.HELPERS
+    for helper in helpers:
+        assert helper.proc.wait(5) is not None  # killed, and reaped
