@@ -43,7 +43,7 @@ from replicator.engine.image_formats import (
     ImageHeaderError,
     read_header_file,
 )
-from replicator.engine.names import check_job_name, volume_name_problem
+from replicator.engine.names import RESERVED_JOB_NAMES, check_job_name, volume_name_problem
 
 XML_MAX_BYTES = 4 * 1024 * 1024  # a domain XML is a few KiB; larger ones are not read
 BACKING_CHAIN_MAX = 16
@@ -751,14 +751,15 @@ class _Discoverer:
 
 
 def job_name_for(name: str, taken: set[str]) -> str:
-    """A valid job name (engine/names.py) from a VM name, not in ``taken`` (compared
-    case-insensitively, as some receivers' file systems do); adds it to ``taken``."""
+    """A valid job name (engine/names.py) from a VM name, not in ``taken`` nor reserved
+    (compared case-insensitively, as some receivers' file systems do); adds it to
+    ``taken``. A VM named like a reserved name (``control.sock``) gets a suffix too."""
     text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
     text = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
     text = re.sub(r"\.{2,}", ".", text)
     text = re.sub(r"-{2,}", "-", text).lstrip("._-")[:64].rstrip("._-") or "vm"
     candidate, n = text, 2
-    while candidate.casefold() in taken:
+    while candidate.casefold() in taken or candidate.casefold() in RESERVED_JOB_NAMES:
         suffix = f"-{n}"
         candidate = text[: 64 - len(suffix)].rstrip("._-") + suffix
         n += 1

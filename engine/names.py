@@ -17,7 +17,7 @@ _MAX_VOLUME_BYTES = 255
 
 
 # files a receiver keeps beside the job folders in its state folder
-RESERVED_JOB_NAMES = frozenset({"control.sock"})
+RESERVED_JOB_NAMES = frozenset({"control.sock"})  # lower case: compared casefolded
 
 
 def check_job_name(job: str) -> str:
@@ -27,7 +27,7 @@ def check_job_name(job: str) -> str:
             f"invalid job name {job!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/' or '..')"
         )
-    if job in RESERVED_JOB_NAMES:
+    if job.casefold() in RESERVED_JOB_NAMES:  # any case: some file systems ignore it
         raise ConfigError(
             f"invalid job name {job!r}: the receiver keeps a file of that name in its state "
             "folder; pick another"

@@ -359,7 +359,20 @@ def test_job_names_are_deduplicated_case_insensitively() -> None:
     assert names == ["web", "Web-2", "web-3", "w" * 64, "w" * 62 + "-2"]
 
 
-@given(st.lists(st.text(max_size=80), min_size=1, max_size=8))
+def test_a_vm_named_like_a_receiver_file_gets_a_suffix() -> None:
+    """Found by the property below: a VM named ``control.sock`` made discovery fail."""
+    taken: set[str] = set()
+    names = [job_name_for(n, taken) for n in ("control.sock", "Control.SOCK", "control.sock-2")]
+    assert names == ["control.sock-2", "Control.SOCK-3", "control.sock-2-2"]
+
+
+@given(
+    st.lists(
+        st.text(max_size=80) | st.sampled_from(["control.sock", "Control.Sock"]),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_any_vm_names_give_distinct_valid_job_names(names: list[str]) -> None:
     taken: set[str] = set()
     jobs = [job_name_for(name, taken) for name in names]

@@ -30,6 +30,12 @@ def test_invalid_job_names(job: str) -> None:
         check_job_name(job)
 
 
+@pytest.mark.parametrize("job", ["control.sock", "Control.Sock", "CONTROL.SOCK"])
+def test_a_file_the_receiver_keeps_is_no_job_name_in_any_case(job: str) -> None:
+    with pytest.raises(ConfigError, match="receiver keeps a file of that name"):
+        check_job_name(job)
+
+
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", ".lock", "a\\b", "x\0", "\n"])
 def test_invalid_volume_names(name: str) -> None:
     assert volume_name_problem(name) is not None
