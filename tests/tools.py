@@ -98,6 +98,35 @@ def b3(path: Path) -> str:
     return str(h.hexdigest())
 
 
+@dataclass(frozen=True)
+class ProcessEntry:
+    """One process as /proc shows it: its parent, its state letter ("Z": a zombie) and
+    its arguments."""
+
+    pid: int
+    ppid: int
+    state: str
+    argv: list[bytes]
+
+
+def process_entry(pid: int) -> ProcessEntry | None:
+    """``pid`` as /proc shows it now, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and ")"
+    return ProcessEntry(pid, int(fields[1]), fields[0], argv)
+
+
+def processes() -> Iterator[ProcessEntry]:
+    """Every process /proc lists (one that ends while being read is left out)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (found := process_entry(int(entry))) is not None:
+            yield found
+
+
 def wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while True:

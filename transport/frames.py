@@ -159,7 +159,7 @@ class EncodedFrame:
     codec: Codec
     # lz4 ran over the payload (its result kept or not); False when it was not asked for,
     # or samples said it would not pay: only such frames measure lz4's cost and ratio
-    lz4_ran: bool = False
+    lz4_ran: bool
 
 
 # --- header fields --------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from tests.tools import (
     ReceiverProc,
     b3,
     distinct_random_disk,
+    process_entry,
+    processes,
     qemu_compare,
     qemu_io,
     send_once,
@@ -121,27 +123,14 @@ def test_ctrl_c_while_the_program_is_still_starting(tmp_path: Path) -> None:
 
 def _helpers_of(pid: int) -> list[int]:
     """The hashing helpers (engine/mapped_hasher.py) that process ``pid`` started."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid and b"replicator.engine.mapped_hasher" in cmdline:
-            found.append(int(entry))
-    return found
+    helper = b"replicator.engine.mapped_hasher"
+    return [p.pid for p in processes() if p.ppid == pid and helper in p.argv]
 
 
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's reaper may take its time)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    entry = process_entry(pid)
+    return entry is not None and entry.state != "Z"
 
 
 def test_a_sender_killed_while_helpers_hash_leaves_none_behind(

@@ -27,6 +27,7 @@ from tests.faultfs.fs import (
     fallocate,
     renameat2,
 )
+from tests.tools import processes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,19 +40,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _faultfs_procs(marker: str) -> list[int]:
     """Live faultfs processes whose command line names ``marker`` (zombies excluded)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        named = any(marker.encode() in a for a in cmdline)
-        if b"tests.faultfs" in cmdline and named and state != "Z":
-            out.append(int(entry))
-    return out
+    return [
+        p.pid
+        for p in processes()
+        if b"tests.faultfs" in p.argv
+        and any(marker.encode() in a for a in p.argv)
+        and p.state != "Z"
+    ]
 
 
 def _mounts_under(root: Path) -> list[str]:

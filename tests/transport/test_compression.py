@@ -127,6 +127,13 @@ def test_idle_windows_change_nothing() -> None:
     assert not mixed.cpu_bound and mixed.link_rate is None and mixed.pays(None)
 
 
+def _with_high_mode(ratio: float = 0.57, speed: float = 60e6) -> CompressionChoice:
+    """The benchmark's mixed data in both modes: fast 0.66 at 560 MB/s, high as given."""
+    choice = _measured(0.66, 560e6)
+    choice.observe(MiB, int(MiB * ratio), MiB / speed, compressed=True, level=HC_LEVEL)
+    return choice
+
+
 def test_on_a_slow_link_the_high_mode_is_measured_then_kept_when_it_moves_more() -> None:
     choice = _measured(0.66, 560e6)  # the benchmark's mixed data, fast mode
     assert choice.level(None) == 0  # no rate known: fast
@@ -138,16 +145,14 @@ def test_on_a_slow_link_the_high_mode_is_measured_then_kept_when_it_moves_more()
 
 
 def test_a_high_mode_slower_than_the_fast_one_moves_is_rarely_tried_again() -> None:
-    choice = _measured(0.66, 560e6)
-    choice.observe(MiB, int(MiB * 0.57), MiB / 60e6, compressed=True, level=HC_LEVEL)
+    choice = _with_high_mode()
     # 300 MB/s (a receiver on loopback): fast moves min(560, 300 / 0.66) = 454 MB/s of
     # file data; the high mode encodes 60 MB/s, so it cannot win and costs ~10x per frame
     frames = PROBE_EVERY * HOPELESS_PROBES
     levels = [choice.level(300e6) for _ in range(frames)]
     assert levels.count(HC_LEVEL) == 1
     # 20 MB/s: fast moves 30.3 MB/s and the high mode could reach 60: tried every PROBE_EVERY
-    choice = _measured(0.66, 560e6)
-    choice.observe(MiB, int(MiB * 0.7), MiB / 60e6, compressed=True, level=HC_LEVEL)
+    choice = _with_high_mode(ratio=0.7)
     levels = [choice.level(20e6) for _ in range(2 * PROBE_EVERY)]
     assert levels.count(HC_LEVEL) == 2  # high (28.6 MB/s) loses now, may win: measured
 
@@ -173,13 +178,6 @@ def test_a_raw_frame_measured_slow_does_not_make_lz4_look_free() -> None:
     choice.observe(1_000_000, 1_000_000, 0.005, False)  # raw, but slowed down 5 ms
     assert not choice.pays(1e12)  # a link far faster than lz4: raw
     assert choice.pays(12.5e6)  # 100 Mbit/s: compressed
-
-
-def _with_high_mode(ratio: float = 0.57, speed: float = 60e6) -> CompressionChoice:
-    """The benchmark's mixed data in both modes: fast 0.66 at 560 MB/s, high as given."""
-    choice = _measured(0.66, 560e6)
-    choice.observe(MiB, int(MiB * ratio), MiB / speed, compressed=True, level=HC_LEVEL)
-    return choice
 
 
 def test_one_stalled_window_is_not_taken_for_a_slow_link() -> None:
