@@ -247,7 +247,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
     view = memoryview(data)
     while view:

@@ -128,7 +128,7 @@ class Record:
 
     # Constructors name the fields each type uses.
     @classmethod
-    def write(cls, volume: str, offset: int, data: bytes) -> Record:
+    def write(cls, volume: str, offset: int, data: bytes | bytearray) -> Record:
         return cls(RecordType.WRITE, volume, offset, len(data), bytes(data))
 
     @classmethod

@@ -1,9 +1,15 @@
 """Sans-IO codec for the server side of the NBD fixed-newstyle protocol.
 
-No sockets here: the I/O adapter (``server.py``) feeds received bytes to
-:meth:`ServerConnection.receive_data`, pulls events with
+No sockets here: the I/O adapter (``server.py``) lets the socket read straight into
+:meth:`ServerConnection.get_buffer` and reports with
+:meth:`ServerConnection.buffer_updated` (or hands over bytes it has with
+:meth:`ServerConnection.receive_data`), pulls events with
 :meth:`ServerConnection.next_event` and writes the bytes the reply methods return.
 The same object serves asyncio, the unit tests and the fuzzers.
+
+A large WRITE's payload is read into a buffer of its own, which becomes the request's
+``data``: the bytes cross from the socket to the request in one copy, and a 1 MiB request
+is not gathered piecewise in a buffer that grows and shifts.
 
 Wire formats (all integers big endian; NetworkBlockDevice/nbd ``doc/proto.md``)::
 
@@ -39,6 +45,11 @@ DEFAULT_MAX_REQUEST: Final = 32 * 1024 * 1024
 # An over-long WRITE payload up to this size is read and thrown away so the client gets
 # a clean EINVAL; beyond it we cannot trust the length field and hang up instead.
 MAX_SKIP: Final = 256 * 1024 * 1024
+# WRITE payloads at least this long, not yet all received, are read straight into a
+# buffer of their own; shorter ones wait in the receive buffer with the headers.
+DIRECT_PAYLOAD: Final = 64 * 1024
+# The least room get_buffer offers outside a payload (a read of headers and small writes).
+MIN_READ: Final = 128 * 1024
 
 _GREETING = struct.Struct(">QQH")
 _CLIENT_FLAGS = struct.Struct(">I")
@@ -221,7 +232,9 @@ class Request(NamedTuple):
     handle: int
     offset: int
     length: int
-    data: bytes = b""
+    # a large payload is the buffer it was received into, handed over: nothing else
+    # holds or changes it
+    data: bytes | bytearray = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,16 +337,36 @@ class ServerConnection:
     the module-level :func:`reply_header` in any order.
     """
 
-    def __init__(self, *, max_request: int = DEFAULT_MAX_REQUEST) -> None:
+    def __init__(
+        self,
+        *,
+        max_request: int = DEFAULT_MAX_REQUEST,
+        direct_payload: int = DIRECT_PAYLOAD,
+        read_size: int = MIN_READ,
+    ) -> None:
+        """``direct_payload``: the least WRITE payload read into a buffer of its own;
+        ``read_size``: the least room :meth:`get_buffer` offers outside a payload."""
         if not 0 < max_request <= MAX_SKIP:
             raise NbdUsageError(f"max_request must be in 1..{MAX_SKIP}")
+        if direct_payload < 1 or read_size < 1:
+            raise NbdUsageError("direct_payload and read_size must be at least 1")
         self.max_request = max_request
+        self.direct_payload = direct_payload
+        self._read_size = read_size
         self.state = Phase.CLIENT_FLAGS
         self.client_flags = ClientFlag(0)
-        self._buf = bytearray()
+        # Received bytes are _buf[_pos:_end]. _buf never changes size (a reader may still
+        # hold a view of it); it is replaced when it must grow.
+        self._buf = bytearray(2 * read_size)
         self._pos = 0
+        self._end = 0
         self._skip = 0  # payload bytes of an oversized WRITE still to discard
         self._pending_option: int | None = None
+        # A large WRITE whose payload is being read into a buffer of its own.
+        self._payload: bytearray | None = None
+        self._payload_have = 0
+        self._payload_head = (0, 0, 0)  # flags, handle, offset
+        self._into_payload = False  # where the last get_buffer pointed
 
     # -- byte plumbing -----------------------------------------------------------------
 
@@ -342,27 +375,66 @@ class ServerConnection:
             NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
         )
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go (never empty); report them with
+        :meth:`buffer_updated`. asyncio's ``BufferedProtocol.get_buffer``."""
+        payload = self._payload
+        if payload is not None and self._payload_have < len(payload):
+            self._into_payload = True
+            return memoryview(payload)[self._payload_have :]
+        self._into_payload = False
+        pos, end = self._pos, self._end
+        if pos == end:
+            self._pos = self._end = pos = end = 0
+        least = self._read_size
+        room = len(self._buf) - end
+        if room < least and pos:
+            held = end - pos
+            if held:
+                self._buf[:held] = self._buf[pos:end]
+            self._pos, self._end = 0, held
+            end = held
+            room = len(self._buf) - end
+        if room < least:  # more held than a read's worth: only while events wait
+            grown = bytearray(max(2 * len(self._buf), end + least))
+            grown[:end] = self._buf[:end]
+            self._buf = grown
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer`'s view."""
+        if self._into_payload:
+            self._payload_have += nbytes
+            return
         if self.state in (Phase.CLOSED, Phase.ERROR):
             return  # nothing may follow DISC/ABORT; after an error we only wait to hang up
         if self._skip:
-            n = min(self._skip, len(data))
-            self._skip -= n
-            data = memoryview(data)[n:]
-            if not data:
-                return
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+            dropped = min(self._skip, nbytes)
+            self._skip -= dropped
+            nbytes -= dropped
+            if nbytes:
+                end = self._end
+                self._buf[end : end + nbytes] = self._buf[end + dropped : end + dropped + nbytes]
+        self._end += nbytes
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Take bytes already received elsewhere (one copy into the codec's buffers)."""
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                with self.get_buffer() as target:
+                    n = min(len(target), len(view) - done)
+                    target[:n] = view[done : done + n]
+                self.buffer_updated(n)
+                done += n
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into events (for flow control)."""
-        return len(self._buf) - self._pos
+        return self._end - self._pos + (self._payload_have if self._payload is not None else 0)
 
     def _available(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def _take(self, n: int) -> bytes:
         with memoryview(self._buf) as view:
@@ -417,6 +489,13 @@ class ServerConnection:
         return _parse_option(option, data)
 
     def _next_request(self) -> Request | OversizedRequest | Disconnect | _NeedData:
+        payload = self._payload
+        if payload is not None:
+            if self._payload_have < len(payload):
+                return NEED_DATA
+            self._payload = None
+            flags, handle, offset = self._payload_head
+            return Request(_WRITE, flags, handle, offset, len(payload), payload)
         if self._available() < REQUEST_SIZE:
             return NEED_DATA
         magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(self._buf, self._pos)
@@ -432,18 +511,33 @@ class ServerConnection:
                 self._skip = length - have
                 return OversizedRequest(cmd, flags, handle, offset, length)
             if self._available() < REQUEST_SIZE + length:
-                return NEED_DATA
+                if length < self.direct_payload:
+                    return NEED_DATA
+                self._pos += REQUEST_SIZE
+                return self._receive_payload(flags, handle, offset, length)
             self._pos += REQUEST_SIZE
             return Request(cmd, flags, handle, offset, length, self._take(length))
         self._pos += REQUEST_SIZE
         if cmd == _DISC:
             self._step(_Step.CLOSE)
-            self._buf.clear()
-            self._pos = 0
+            self._pos = self._end = 0
             return Disconnect()
         if cmd == _READ and length > self.max_request:
             return OversizedRequest(cmd, flags, handle, offset, length)
         return Request(cmd, flags, handle, offset, length)
+
+    def _receive_payload(self, flags: int, handle: int, offset: int, length: int) -> _NeedData:
+        """Go on reading a WRITE's payload into a buffer of its own (what has arrived of
+        it moves there now)."""
+        have = self._available()
+        payload = bytearray(length)
+        with memoryview(self._buf) as view:
+            payload[:have] = view[self._pos : self._end]
+        self._pos = self._end
+        self._payload = payload
+        self._payload_have = have
+        self._payload_head = (flags, handle, offset)
+        return NEED_DATA
 
     # -- option replies -----------------------------------------------------------------
 

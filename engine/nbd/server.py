@@ -1,7 +1,7 @@
 """asyncio NBD server: the I/O adapter around the sans-IO codec in ``proto.py``.
 
-Each connection is an ``asyncio.Protocol``: received bytes go into its
-``ServerConnection``; option events are answered on the spot. Each transmission
+Each connection is an ``asyncio.BufferedProtocol``: the socket reads straight into its
+``ServerConnection``'s buffers; option events are answered on the spot. Each transmission
 request starts at once and runs until it first has to wait (most small writes and
 reads never do and finish right there); only then does it become a task. So pipelined
 requests proceed concurrently and replies go out in completion order (the protocol
@@ -171,7 +171,7 @@ class NbdServer:
         log.info("nbd.closed")
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
         self.codec = ServerConnection(max_request=server.max_request)
@@ -216,8 +216,13 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timeout)
 
-    def data_received(self, data: bytes) -> None:
-        self.codec.receive_data(data)
+    # The socket reads straight into the codec's buffers: a large WRITE's payload lands in
+    # the buffer that becomes the request's data (see proto.py).
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.codec.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.codec.buffer_updated(nbytes)
         self._process()
 
     def eof_received(self) -> bool | None:

@@ -370,8 +370,15 @@ def state_of(codec: ServerConnection) -> Phase:
 class CodecRun:
     """Drives a ServerConnection as server.py does (same answers), checking each event."""
 
-    def __init__(self, transmission: str | None = None) -> None:
-        self.codec = ServerConnection(max_request=MAX_REQUEST)
+    def __init__(
+        self,
+        transmission: str | None = None,
+        direct_payload: int = MAX_REQUEST,
+        read_size: int = MAX_REQUEST,
+    ) -> None:
+        self.codec = ServerConnection(
+            max_request=MAX_REQUEST, direct_payload=direct_payload, read_size=read_size
+        )
         self.export: str | None = None
         self.requests: list[tuple[int, int, int, int, int, bytes]] = []
         self.oversized: set[int] = set()
@@ -421,7 +428,7 @@ class CodecRun:
             data = b""
             if isinstance(event, Request):
                 assert event.length == len(event.data) if event.cmd == Cmd.WRITE else not event.data
-                data = event.data
+                data = bytes(event.data)
                 size, tflags = EXPORTS[self.export or ""]
                 got = check_request(event, size, tflags)
                 want = spec_error(event.cmd, event.flags, event.offset, event.length, size, tflags)
@@ -473,8 +480,15 @@ class CodecRun:
 
 
 def codec_reading(stream: bytes, seed: int, transmission: str | None = None) -> Reading:
-    run = CodecRun(transmission)
     rnd = random.Random(seed)
+    # payloads from this size on are read into buffers of their own, and the receive
+    # buffer compacts and grows around reads this small (the defaults are larger than
+    # anything here, so draw them: 1 sends every payload to its own buffer)
+    run = CodecRun(
+        transmission,
+        direct_payload=rnd.choice([1, 3, 512, MAX_REQUEST]),
+        read_size=rnd.choice([1, 7, 100, MAX_REQUEST]),
+    )
     for chunk in support.splits(rnd, stream):
         run.feed(chunk)
     return run.finish()
@@ -546,7 +560,7 @@ class RecordingExport:
         self.calls.append(("read", offset, length))
         return bytes(length)
 
-    async def write(self, offset: int, data: bytes, *, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
         self.calls.append(("write", offset, bytes(data), fua))
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool, may_trim: bool) -> None:

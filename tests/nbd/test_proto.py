@@ -68,8 +68,14 @@ def parse_replies(raw: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
-def in_transmission(max_request: int = 1 << 20) -> ServerConnection:
-    conn = ServerConnection(max_request=max_request)
+def in_transmission(
+    max_request: int = 1 << 20,
+    direct_payload: int = proto.DIRECT_PAYLOAD,
+    read_size: int = proto.MIN_READ,
+) -> ServerConnection:
+    conn = ServerConnection(
+        max_request=max_request, direct_payload=direct_payload, read_size=read_size
+    )
     conn.receive_data(struct.pack(">I", 3) + option(Opt.GO, go_data("disk")))
     (go,) = events(conn)
     assert isinstance(go, proto.OptionGo)
@@ -216,6 +222,59 @@ def test_requests_and_write_payload() -> None:
     assert conn.state is Phase.CLOSED
 
 
+def test_a_large_payload_is_read_into_the_buffer_that_becomes_the_request() -> None:
+    """The socket writes a large WRITE's payload where it ends up: no gathering, no copy."""
+    conn = in_transmission(direct_payload=1024)
+    payload = bytes(range(256)) * 16  # 4 KiB
+    conn.receive_data(request(Cmd.WRITE, 5, 4096, len(payload), payload[:100]))
+    assert events(conn) == []
+    assert conn.buffered == 100
+    targets: list[object] = []
+    done = 100
+    while done < len(payload):
+        with conn.get_buffer(-1) as view:
+            assert len(view) == len(payload) - done  # exactly the rest of the payload
+            n = min(len(view), 1500)
+            view[:n] = payload[done : done + n]
+            targets.append(view.obj)
+        conn.buffer_updated(n)
+        done += n
+    tail = request(Cmd.FLUSH, 6, 0, 0)
+    with conn.get_buffer(-1) as view:  # what follows the payload goes with the headers
+        assert view.obj is not targets[0]
+        view[: len(tail)] = tail
+    conn.buffer_updated(len(tail))
+    write, flush = events(conn)
+    assert write == proto.Request(Cmd.WRITE, 0, 5, 4096, len(payload), payload)
+    assert isinstance(write, proto.Request)
+    assert all(t is write.data for t in targets)
+    assert flush == proto.Request(Cmd.FLUSH, 0, 6, 0, 0)
+    assert conn.buffered == 0
+
+
+def test_a_small_payload_waits_with_the_headers() -> None:
+    conn = in_transmission(direct_payload=1024)
+    conn.receive_data(request(Cmd.WRITE, 5, 0, 1000, b"a" * 10))
+    assert events(conn) == []
+    with conn.get_buffer(-1) as view:
+        assert len(view) >= proto.MIN_READ  # not a buffer cut to the payload
+        view[:990] = b"b" * 990
+    conn.buffer_updated(990)
+    assert events(conn) == [proto.Request(Cmd.WRITE, 0, 5, 0, 1000, b"a" * 10 + b"b" * 990)]
+
+
+def test_bytes_after_the_end_are_dropped_however_they_arrive() -> None:
+    conn = in_transmission(direct_payload=1)
+    conn.receive_data(request(Cmd.DISC, 1, 0, 0))
+    assert events(conn) == [proto.Disconnect()]
+    with conn.get_buffer(-1) as view:
+        assert len(view) > 0  # a socket must always be given somewhere to read into
+        view[:5] = b"after"
+    conn.buffer_updated(5)
+    assert conn.buffered == 0
+    assert conn.next_event() is NEED_DATA
+
+
 def test_reply_header_layout() -> None:
     assert proto.reply_header(0x1122, 28) == struct.pack(">IIQ", 0x67446698, 28, 0x1122)
 
@@ -316,10 +375,21 @@ request_st = st.one_of(
 
 
 @settings(max_examples=200, deadline=None)
-@given(reqs=st.lists(request_st, max_size=20), cuts=st.lists(st.integers(0, 10_000), max_size=30))
+@given(
+    reqs=st.lists(request_st, max_size=20),
+    cuts=st.lists(st.integers(0, 10_000), max_size=30),
+    direct_payload=st.sampled_from([1, 2, 50, proto.DIRECT_PAYLOAD]),
+    read_size=st.sampled_from([1, 30, 200, proto.MIN_READ]),
+)
 def test_request_stream_parses_the_same_in_any_split(
-    reqs: list[tuple[int, int, int, int, int, bytes]], cuts: list[int]
+    reqs: list[tuple[int, int, int, int, int, bytes]],
+    cuts: list[int],
+    direct_payload: int,
+    read_size: int,
 ) -> None:
+    """Whether a payload waits with the headers or goes to a buffer of its own, and
+    however small the receive buffer (it compacts and grows), the requests come out the
+    same."""
     max_request = proto.MAX_SKIP
     stream = b"".join(request(c, h, o, n, d, f) for c, f, h, o, n, d in reqs)
     expected = [
@@ -328,7 +398,9 @@ def test_request_stream_parses_the_same_in_any_split(
         else proto.Request(c, f, h, o, n, d)
         for c, f, h, o, n, d in reqs
     ]
-    conn = in_transmission(max_request=max_request)
+    conn = in_transmission(
+        max_request=max_request, direct_payload=direct_payload, read_size=read_size
+    )
     got: list[proto.Event] = []
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     for a, b in itertools.pairwise(points):
