@@ -31,8 +31,7 @@ from replicator.transport.messages import DIGEST_SIZE
 MAX_WRITE = 1024 * 1024  # bytes of data per WRITE record
 BATCH_BYTES = 4 * 1024 * 1024  # records handed from the scan thread to the loop per hop
 PROGRESS_BYTES = 64 * 1024 * 1024  # the scan thread reports back at least this often
-FIRST_SYNC = 1024 * 1024  # changed bytes before an epoch's first journal sync ...
-SYNC_EVERY = 64 * 1024 * 1024  # ... growing to this (see scan_epoch)
+SYNC_EVERY = 64 * 1024 * 1024  # changed bytes the scan may get ahead of a running sync
 
 Progress = Callable[[int, int], None]  # (bytes scanned so far, bytes to scan in all)
 
@@ -160,6 +159,47 @@ def resize_basis(basis: ExtentManifest, size: int) -> None:
 Appender = Callable[[list[Record]], Awaitable[int]]
 
 
+class BackgroundSync:
+    """Makes an epoch's records durable while the scan goes on.
+
+    The shipper sends durable records only. One journal sync at a time runs beside the
+    scan; after each batch, when none is running, the next starts for what was appended
+    meanwhile. The link gets each part of the epoch as soon as the disk has made it durable,
+    and the scan waits for an fsync only when ``limit`` bytes have piled up behind a running
+    one (an inline sync used to stop the scan for every fsync, and its growing steps held
+    back most of a small epoch until its end).
+    """
+
+    def __init__(self, journal: Journal, limit: int) -> None:
+        self._journal = journal
+        self._limit = limit
+        self._running: asyncio.Future[int] | None = None
+        self._behind = 0  # bytes appended since the running sync started
+
+    async def appended(self, nbytes: int) -> None:
+        self._behind += nbytes
+        running = self._running
+        if running is not None:
+            if not running.done() and self._behind < self._limit:
+                return
+            await running  # done, or too far behind; a failed sync ends the scan here
+        self._running = asyncio.ensure_future(self._journal.sync())
+        self._behind = 0
+
+    async def finish(self) -> None:
+        """Wait for the running sync; its failure is raised here."""
+        running, self._running = self._running, None
+        if running is not None:
+            await running
+
+    def abandon(self) -> None:
+        """The scan failed: stop waiting for the running sync (the journal finishes its
+        round on its own) without leaving its result unretrieved."""
+        running, self._running = self._running, None
+        if running is not None and not running.cancel() and not running.cancelled():
+            running.exception()
+
+
 async def append_waiting(
     journal: Journal,
     records: list[Record],
@@ -217,19 +257,41 @@ async def scan_epoch(
     Records go to the journal in batches of at most BATCH_BYTES (less for a small
     journal: a quarter of its cap, so a batch always fits beside what waits for acks).
 
-    The shipper sends only durable records, so the journal is synced as the scan goes:
-    first after ``FIRST_SYNC`` bytes of changes, then after twice as many each time up to
-    ``sync_every``. The link has data from the first milliseconds of a big epoch (one
-    64 MiB step up front kept a 100 ms link idle for ~0.4 s) and a big epoch still costs
-    few fsyncs.
+    The shipper sends only durable records, so the journal is synced as the scan goes,
+    beside it (``BackgroundSync``): the scan gets at most ``sync_every`` bytes of changes
+    ahead of a running sync.
 
     Returns the manifests of the sources as scanned, the statistics and the LSN of the
     EPOCH record (durable when this returns). ``basis`` is not modified.
     """
+    syncing = BackgroundSync(journal, sync_every)
+    try:
+        new_set, stats = await _scan_volumes(
+            volumes, journal, basis, append, syncing, progress, prelude
+        )
+        await syncing.finish()
+    except BaseException:
+        syncing.abandon()
+        raise
+    epoch_lsn = await append([Record.epoch(new_set.epoch)])
+    await journal.sync()
+    new_set.lsn = epoch_lsn
+    stats.records += 1
+    return new_set, stats, epoch_lsn
+
+
+async def _scan_volumes(
+    volumes: list[VolumeSpec],
+    journal: Journal,
+    basis: ManifestSet,
+    append: Appender,
+    syncing: BackgroundSync,
+    progress: Progress | None,
+    prelude: list[Record] | None,
+) -> tuple[ManifestSet, ScanStats]:
+    """scan_epoch's walk over the volumes, up to (not including) the EPOCH record."""
     stats = ScanStats()
-    sync_step = min(FIRST_SYNC, sync_every)
     new_set = ManifestSet(lsn=0, extent_size=basis.extent_size, epoch=basis.epoch + 1)
-    unsynced = 0
     cap = journal.max_bytes
     batch_limit = BATCH_BYTES if cap is None else max(MAX_WRITE, min(BATCH_BYTES, cap // 4))
     total = sum(os.stat(spec.path).st_size for spec in volumes)
@@ -284,14 +346,6 @@ async def scan_epoch(
             if not batch:
                 continue
             await append(batch)
-            unsynced += sum(len(r.data) for r in batch)
-            if unsynced >= sync_step:
-                await journal.sync()  # lets the shipper start on this part of the epoch
-                unsynced = 0
-                sync_step = min(sync_step * 2, sync_every)
+            await syncing.appended(sum(len(r.data) for r in batch))
         new_set.disks[spec.name] = new
-    epoch_lsn = await append([Record.epoch(new_set.epoch)])
-    await journal.sync()
-    new_set.lsn = epoch_lsn
-    stats.records += 1
-    return new_set, stats, epoch_lsn
+    return new_set, stats

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from replicator.engine.manifest import ExtentManifest
+import pytest
+
+from replicator.engine import scan
+from replicator.engine.manifest import ExtentManifest, ManifestSet
 from replicator.engine.scan import BATCH_BYTES, ScanStats, _disk_batches
 from replicator.engine.volumes import VolumeKind, VolumeSpec
+from replicator.journal import Journal, Record
+from replicator.journal.errors import JournalIOError
 from replicator.transport.messages import DIGEST_SIZE
 
 EXT = 64 * 1024
+MiB = 1024 * 1024
 
 
 def test_a_disk_that_grew_since_its_size_was_taken_is_scanned_to_that_size(
@@ -32,19 +39,16 @@ def test_a_disk_that_grew_since_its_size_was_taken_is_scanned_to_that_size(
     assert max(r.offset + len(r.data) for r in records) == 2 * EXT
 
 
-async def test_an_epoch_is_made_durable_early_then_in_growing_steps(tmp_path: Path) -> None:
-    """The shipper sends durable records only: a big epoch's first sync comes after about
-    FIRST_SYNC bytes, not after SYNC_EVERY, and the steps then double."""
-    from replicator.engine import scan
-    from replicator.engine.manifest import ManifestSet
-    from replicator.journal import Journal, Record
-
+async def _scan_with_sync(
+    tmp_path: Path, sync: Callable[[Callable[[], Awaitable[int]], int], Awaitable[int]]
+) -> tuple[asyncio.Task[tuple[ManifestSet, ScanStats, int]], Journal, Callable[[], int]]:
+    """scan_epoch of a 24 MiB random disk (every extent changed: 4 MiB batches) in a task,
+    with ``journal.sync`` replaced by ``sync(real_sync, bytes appended so far)``."""
     path = tmp_path / "disk.img"
     path.write_bytes(os.urandom(24 * 1024 * 1024))
     spec = VolumeSpec(path, "disk.img", VolumeKind.DISK)
     journal = await Journal.open(tmp_path / "journal")
     appended = 0
-    at_sync: list[int] = []
 
     async def append(records: list[Record]) -> int:
         nonlocal appended
@@ -53,19 +57,63 @@ async def test_an_epoch_is_made_durable_early_then_in_growing_steps(tmp_path: Pa
 
     real_sync = journal.sync
 
-    async def sync() -> int:
-        at_sync.append(appended)
+    async def patched() -> int:
+        return await sync(real_sync, appended)
+
+    journal.sync = patched  # type: ignore[method-assign]
+    task = asyncio.ensure_future(
+        scan.scan_epoch([spec], journal, ManifestSet(0, EXT), append=append, sync_every=8 * MiB)
+    )
+    return task, journal, lambda: appended
+
+
+async def test_the_scan_goes_on_while_its_journal_sync_runs(tmp_path: Path) -> None:
+    """The shipper sends durable records only; a sync runs beside the scan from its first
+    batch on, and the scan gets at most ``sync_every`` ahead of a running sync."""
+    release = asyncio.Event()
+    started_at: list[int] = []
+
+    async def held_first(real_sync: Callable[[], Awaitable[int]], appended: int) -> int:
+        started_at.append(appended)
+        if len(started_at) == 1:
+            await release.wait()
         return await real_sync()
 
-    journal.sync = sync  # type: ignore[method-assign]
+    task, journal, appended = await _scan_with_sync(tmp_path, held_first)
     try:
-        await scan.scan_epoch(
-            [spec], journal, ManifestSet(0, EXT), append=append, sync_every=16 * 1024 * 1024
-        )
+        async with asyncio.timeout(20):
+            while len(started_at) < 1 or appended() < started_at[0] + 8 * MiB:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # the scan goes on while the first sync is held
+        assert started_at == [BATCH_BYTES]  # from the first batch on, one at a time
+        reached = appended()
+        await asyncio.sleep(0.3)
+        assert appended() == reached <= BATCH_BYTES + 8 * MiB + BATCH_BYTES  # then it waits
+        assert not task.done()
+        release.set()
+        _, stats, epoch_lsn = await asyncio.wait_for(task, 20)
+        assert stats.bytes_changed == 24 * MiB
+        assert journal.durable_lsn >= epoch_lsn
+        assert len(started_at) >= 2  # later parts of the epoch were synced as they came
+    finally:
+        release.set()
+        await journal.aclose()
+
+
+async def test_a_failed_journal_sync_ends_the_scan_with_its_error(tmp_path: Path) -> None:
+    """Even a sync that ran beside the scan: the scan may not go on to its EPOCH."""
+    calls = 0
+
+    async def first_fails(real_sync: Callable[[], Awaitable[int]], appended: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return await real_sync()
+        await asyncio.sleep(0.05)
+        raise JournalIOError("fdatasync failed: EIO")
+
+    task, journal, _ = await _scan_with_sync(tmp_path, first_fails)
+    try:
+        with pytest.raises(JournalIOError, match="EIO"):
+            await asyncio.wait_for(task, 20)
     finally:
         await journal.aclose()
-    first = at_sync[0]
-    assert scan.FIRST_SYNC <= first <= scan.FIRST_SYNC + BATCH_BYTES
-    steps = [b - a for a, b in itertools.pairwise(at_sync[:-1])]  # the last: the EPOCH
-    assert steps == sorted(steps) and max(steps) <= 16 * 1024 * 1024 + BATCH_BYTES
-    assert len(at_sync) <= 8  # 24 MiB in 1, 2, 4, 8 ... MiB steps, then the final sync
