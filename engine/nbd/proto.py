@@ -50,6 +50,9 @@ MAX_SKIP: Final = 256 * 1024 * 1024
 DIRECT_PAYLOAD: Final = 64 * 1024
 # The least room get_buffer offers outside a payload (a read of headers and small writes).
 MIN_READ: Final = 128 * 1024
+# ... and before transmission: a connection costs memory only as its client sends bytes
+# (one option is at most 16 + MAX_OPTION_DATA), not a read buffer per idle connection.
+HANDSHAKE_READ: Final = 4096
 
 _GREETING = struct.Struct(">QQH")
 _CLIENT_FLAGS = struct.Struct(">I")
@@ -356,8 +359,8 @@ class ServerConnection:
         self.state = Phase.CLIENT_FLAGS
         self.client_flags = ClientFlag(0)
         # Received bytes are _buf[_pos:_end]. _buf never changes size (a reader may still
-        # hold a view of it); it is replaced when it must grow.
-        self._buf = bytearray(2 * read_size)
+        # hold a view of it); it is replaced when it must grow (the first get_buffer).
+        self._buf = bytearray()
         self._pos = 0
         self._end = 0
         self._skip = 0  # payload bytes of an oversized WRITE still to discard
@@ -387,6 +390,8 @@ class ServerConnection:
         if pos == end:
             self._pos = self._end = pos = end = 0
         least = self._read_size
+        if self.state is not Phase.TRANSMISSION:
+            least = min(least, HANDSHAKE_READ)
         room = len(self._buf) - end
         if room < least and pos:
             held = end - pos

@@ -263,6 +263,22 @@ def test_a_small_payload_waits_with_the_headers() -> None:
     assert events(conn) == [proto.Request(Cmd.WRITE, 0, 5, 0, 1000, b"a" * 10 + b"b" * 990)]
 
 
+def test_a_connection_holds_a_read_buffer_only_once_it_transmits() -> None:
+    """Before the handshake a connection costs what its client sent, not a read buffer:
+    idle connections must not add up to memory (as the old growing buffer promised)."""
+    conn = ServerConnection()
+    with conn.get_buffer(-1) as view:
+        assert 0 < len(view) <= proto.HANDSHAKE_READ
+        assert len(view.obj) <= proto.HANDSHAKE_READ  # type: ignore[arg-type]
+    big = option(Opt.GO, go_data("d" * 4000))  # an option larger than a handshake read
+    conn.receive_data(struct.pack(">I", 3) + big)
+    (go,) = events(conn)
+    assert isinstance(go, proto.OptionGo) and go.name == "d" * 4000
+    conn.accept_go(go, 1 << 20, FLAGS, BlockSize.for_max_request(1 << 20))
+    with conn.get_buffer(-1) as view:
+        assert len(view) >= proto.MIN_READ
+
+
 def test_bytes_after_the_end_are_dropped_however_they_arrive() -> None:
     conn = in_transmission(direct_payload=1)
     conn.receive_data(request(Cmd.DISC, 1, 0, 0))
