@@ -5,6 +5,7 @@ from __future__ import annotations
 import compileall
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
 REPLICATOR = [sys.executable, "-m", "replicator.cli"]
 
 
@@ -74,3 +76,35 @@ def compile_bytecode() -> None:
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, for the report (the machine is shared)."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def journal_pattern_limit(directory: Path, total: int = 1024 * MiB) -> float:
+    """MB/s the disk takes the journal's writes at, with no journal code: 1 MiB writes
+    into fresh 64 MiB files, an fdatasync every tick of the sender (``live.TICK``) and at
+    each file's end, the file two back deleted (a trim). The physical limit of any
+    journal-first capture of large writes on this disk."""
+    from replicator.engine.live import TICK
+
+    os.makedirs(directory, exist_ok=True)
+    block = os.urandom(MiB)
+    files: list[Path] = []
+    start = time.perf_counter()
+    last_sync = start
+    for index in range(total // (64 * MiB)):
+        path = directory / f"segment-{index}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for i in range(64):
+                os.pwrite(fd, block, i * MiB)
+                if time.perf_counter() - last_sync >= TICK:
+                    os.fdatasync(fd)
+                    last_sync = time.perf_counter()
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        files.append(path)
+        if len(files) > 2:
+            files.pop(0).unlink()
+    rate = total / (time.perf_counter() - start) / 1e6
+    shutil.rmtree(directory, ignore_errors=True)
+    return rate

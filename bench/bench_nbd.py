@@ -27,11 +27,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvloop
+from _common import journal_pattern_limit
 
 from replicator.engine.allocator import keep_freed_buffers
 from replicator.engine.live import TICK
@@ -133,35 +133,6 @@ async def shim(image: Path, sock: str, journal_dir: Path) -> AsyncIterator[str]:
         await server.aclose()
         await export.aclose()
         await journal.aclose()
-
-
-def journal_pattern_limit(directory: Path, total: int = 1024 * MiB) -> float:
-    """MB/s the disk takes the journal's writes at, with no journal code: 1 MiB writes
-    into fresh 64 MiB files, an fdatasync every TICK and at each file's end, the file two
-    back deleted (a trim)."""
-    os.makedirs(directory, exist_ok=True)
-    block = os.urandom(MiB)
-    files: list[Path] = []
-    start = time.perf_counter()
-    last_sync = start
-    for index in range(total // (64 * MiB)):
-        path = directory / f"segment-{index}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for i in range(64):
-                os.pwrite(fd, block, i * MiB)
-                if time.perf_counter() - last_sync >= TICK:
-                    os.fdatasync(fd)
-                    last_sync = time.perf_counter()
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        files.append(path)
-        if len(files) > 2:
-            files.pop(0).unlink()
-    rate = total / (time.perf_counter() - start) / 1e6
-    shutil.rmtree(directory, ignore_errors=True)
-    return rate
 
 
 async def main() -> None:
