@@ -43,7 +43,7 @@ from replicator.engine.image_formats import (
     ImageHeaderError,
     read_header_file,
 )
-from replicator.engine.names import RESERVED_JOB_NAMES, check_job_name, volume_name_problem
+from replicator.engine.names import check_job_name, is_reserved_job_name, volume_name_problem
 
 XML_MAX_BYTES = 4 * 1024 * 1024  # a domain XML is a few KiB; larger ones are not read
 BACKING_CHAIN_MAX = 16
@@ -759,7 +759,7 @@ def job_name_for(name: str, taken: set[str]) -> str:
     text = re.sub(r"\.{2,}", ".", text)
     text = re.sub(r"-{2,}", "-", text).lstrip("._-")[:64].rstrip("._-") or "vm"
     candidate, n = text, 2
-    while candidate.casefold() in taken or candidate.casefold() in RESERVED_JOB_NAMES:
+    while candidate.casefold() in taken or is_reserved_job_name(candidate):
         suffix = f"-{n}"
         candidate = text[: 64 - len(suffix)].rstrip("._-") + suffix
         n += 1

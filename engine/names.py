@@ -20,6 +20,12 @@ _MAX_VOLUME_BYTES = 255
 RESERVED_JOB_NAMES = frozenset({"control.sock"})  # lower case: compared casefolded
 
 
+def is_reserved_job_name(job: str) -> bool:
+    """True when ``job`` names, in any case, a file the receiver keeps in its state folder
+    (some file systems ignore case, so ``Control.Sock`` would be the same file)."""
+    return job.casefold() in RESERVED_JOB_NAMES
+
+
 def check_job_name(job: str) -> str:
     """Return ``job`` when it is a safe job name, else raise ConfigError."""
     if not _JOB.fullmatch(job) or ".." in job:
@@ -27,7 +33,7 @@ def check_job_name(job: str) -> str:
             f"invalid job name {job!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/' or '..')"
         )
-    if job.casefold() in RESERVED_JOB_NAMES:  # any case: some file systems ignore it
+    if is_reserved_job_name(job):
         raise ConfigError(
             f"invalid job name {job!r}: the receiver keeps a file of that name in its state "
             "folder; pick another"
