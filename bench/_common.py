@@ -11,7 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from replicator.journal import Journal
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -78,33 +81,53 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+async def stand_in_shipper(journal: Journal) -> None:
+    """Run until cancelled as the sender does with its journal, minus the network: every
+    tick (``live.TICK``) make what was appended durable, then trim it (a receiver that
+    acknowledges at once). Keeps a journal-only benchmark's journal from filling the disk."""
+    import asyncio
+
+    from replicator.engine.live import TICK
+
+    while True:
+        await asyncio.sleep(TICK)
+        await journal.trim(await journal.sync())
+
+
 def journal_pattern_limit(directory: Path, total: int = 1024 * MiB) -> float:
     """MB/s the disk takes the journal's writes at, with no journal code: 1 MiB writes
     into fresh 64 MiB files, an fdatasync every tick of the sender (``live.TICK``) and at
-    each file's end, the file two back deleted (a trim). The physical limit of any
-    journal-first capture of large writes on this disk."""
+    each file's end, the file two back deleted (a trim); the directory synced after each
+    create and each delete, as the journal does. The physical limit of any journal-first
+    capture of large writes on this disk."""
     from replicator.engine.live import TICK
 
     os.makedirs(directory, exist_ok=True)
     block = os.urandom(MiB)
     files: list[Path] = []
-    start = time.perf_counter()
-    last_sync = start
-    for index in range(total // (64 * MiB)):
-        path = directory / f"segment-{index}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for i in range(64):
-                os.pwrite(fd, block, i * MiB)
-                if time.perf_counter() - last_sync >= TICK:
-                    os.fdatasync(fd)
-                    last_sync = time.perf_counter()
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        files.append(path)
-        if len(files) > 2:
-            files.pop(0).unlink()
-    rate = total / (time.perf_counter() - start) / 1e6
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        start = time.perf_counter()
+        last_sync = start
+        for index in range(total // (64 * MiB)):
+            path = directory / f"segment-{index}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.fsync(dir_fd)
+                for i in range(64):
+                    os.pwrite(fd, block, i * MiB)
+                    if time.perf_counter() - last_sync >= TICK:
+                        os.fdatasync(fd)
+                        last_sync = time.perf_counter()
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            files.append(path)
+            if len(files) > 2:
+                files.pop(0).unlink()
+                os.fsync(dir_fd)
+        rate = total / (time.perf_counter() - start) / 1e6
+    finally:
+        os.close(dir_fd)
     shutil.rmtree(directory, ignore_errors=True)
     return rate

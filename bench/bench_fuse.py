@@ -45,7 +45,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from _common import REPLICATOR, journal_pattern_limit, start_receiver
+from _common import REPLICATOR, journal_pattern_limit, stand_in_shipper, start_receiver
 
 MiB = 1024 * 1024
 LOG_JSON = ("--log-format", "json")
@@ -150,21 +150,13 @@ def replicating_mount(src: Path, mnt: Path, work: Path) -> Iterator[Path]:
 async def serve(src: Path, mnt: Path, journal_dir: Path) -> None:
     """The filter, plus a stand-in sender that syncs and trims the journal."""
     from replicator.engine.fuse import FuseCapture
-    from replicator.engine.live import TICK
     from replicator.journal.journal import Journal
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with await Journal.open(journal_dir, segment_bytes=64 * MiB) as journal:
-
-        async def ship() -> None:
-            while True:
-                await asyncio.sleep(TICK)
-                durable = await journal.sync()
-                await journal.trim(durable)
-
-        shipper = asyncio.ensure_future(ship())
+        shipper = asyncio.ensure_future(stand_in_shipper(journal))
         try:
             await FuseCapture(src, mnt, journal).run(stop)
         finally:

@@ -31,10 +31,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvloop
-from _common import journal_pattern_limit
+from _common import journal_pattern_limit, stand_in_shipper
 
 from replicator.engine.allocator import keep_freed_buffers
-from replicator.engine.live import TICK
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.journal import Journal
 
@@ -118,12 +117,7 @@ async def shim(image: Path, sock: str, journal_dir: Path) -> AsyncIterator[str]:
     server = NbdServer({export.name: export})
     await server.start_unix(sock)
 
-    async def ship() -> None:  # stands in for the sender: sync, then trim what is durable
-        while True:
-            await asyncio.sleep(TICK)
-            await journal.trim(await journal.sync())
-
-    shipper = asyncio.ensure_future(ship())
+    shipper = asyncio.ensure_future(stand_in_shipper(journal))
     try:
         yield f"nbd+unix:///{export.name}?socket={sock}"
     finally:
