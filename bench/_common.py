@@ -94,24 +94,33 @@ async def stand_in_shipper(journal: Journal) -> None:
         await journal.trim(await journal.sync())
 
 
-def journal_pattern_limit(directory: Path, total: int = 1024 * MiB) -> float:
-    """MB/s the disk takes the journal's writes at, with no journal code: 1 MiB writes
-    into fresh 64 MiB files, an fdatasync every tick of the sender (``live.TICK``) and at
-    each file's end, the file two back deleted (a trim); the directory synced after each
-    create and each delete, as the journal does. The physical limit of any journal-first
-    capture of large writes on this disk."""
+def journal_pattern_limit(directory: Path, total: int = 1024 * MiB, *, reuse: bool = True) -> float:
+    """MB/s the disk takes the journal's writes at, with no journal code: 1 MiB writes into
+    64 MiB files, an fdatasync every tick of the sender (``live.TICK``) and at each file's
+    end; the file two back trimmed; the directory synced after each create, rename and
+    delete, as the journal does. ``reuse`` (what the journal does): a trimmed file is renamed
+    and written over by the next file but one, its header rewritten and synced first;
+    otherwise each file is new and trimmed files are deleted. The physical limit of any
+    journal-first capture of large writes on this disk."""
     from replicator.engine.live import TICK
 
     os.makedirs(directory, exist_ok=True)
     block = os.urandom(MiB)
     files: list[Path] = []
+    spares: list[Path] = []
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         start = time.perf_counter()
         last_sync = start
         for index in range(total // (64 * MiB)):
             path = directory / f"segment-{index}"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if spares:
+                fd = os.open(spares[0], os.O_WRONLY)
+                os.pwrite(fd, block[:40], 0)
+                os.fdatasync(fd)
+                os.rename(spares.pop(0), path)
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.fsync(dir_fd)
                 for i in range(64):
@@ -124,7 +133,12 @@ def journal_pattern_limit(directory: Path, total: int = 1024 * MiB) -> float:
                 os.close(fd)
             files.append(path)
             if len(files) > 2:
-                files.pop(0).unlink()
+                old = files.pop(0)
+                if reuse:
+                    spares.append(old.with_name(f"spare-{index}"))
+                    old.rename(spares[-1])
+                else:
+                    old.unlink()
                 os.fsync(dir_fd)
         rate = total / (time.perf_counter() - start) / 1e6
     finally:

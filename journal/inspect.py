@@ -26,6 +26,7 @@ from replicator.journal.segment import (
     SegmentFormatError,
     SegmentHeader,
     find_valid_record,
+    is_spare_name,
     parse_segment_name,
     read_exact,
     scan_segment,
@@ -41,6 +42,7 @@ class SegmentInfo:
     base_lsn: int
     size: int  # file bytes
     sealed: bool = False
+    reused: bool = False  # the header's REUSED flag: the file held an earlier segment
     verified: bool = False  # every record was read and checked
     count: int = 0
     first_lsn: int = 0
@@ -61,6 +63,7 @@ class SegmentInfo:
             "records": self.count,
             "bytes": self.size,
             "sealed": self.sealed,
+            "reused": self.reused,
             "verified": self.verified,
             "by_type": dict(sorted(self.by_type.items())) if self.verified else None,
         }
@@ -80,7 +83,8 @@ class Problem:
             "damage: records are never skipped: open refuses the journal or, where the lost "
             "records can be had again (a receiver asks its sender), cuts it here"
             if self.fatal
-            else "torn tail: the next open cuts the segment here (unsynced writes of a crash)"
+            else "torn tail: the next open cuts the segment here (unsynced writes of a crash, "
+            "or the earlier contents of a reused file)"
         )
         return f"{self.path} at offset {self.offset}: {self.reason}; {action}"
 
@@ -100,6 +104,7 @@ class JournalReport:
     segments: list[SegmentInfo] = field(default_factory=list)
     problem: Problem | None = None
     ignored: list[str] = field(default_factory=list)  # files that are not segments
+    spares: list[str] = field(default_factory=list)  # trimmed segments kept for reuse
 
     @property
     def records(self) -> int:
@@ -153,20 +158,27 @@ class JournalReport:
             "last_segment_sealed": bool(self.segments) and self.segments[-1].sealed,
             "problem": self.problem.to_dict() if self.problem else None,
             "ignored_files": self.ignored,
+            "spare_files": self.spares,
         }
 
 
-def _segment_files(path: Path) -> tuple[list[tuple[int, str]], list[str]]:
+def _segment_files(path: Path) -> tuple[list[tuple[int, str]], list[str], list[str]]:
+    """(segments as (base LSN, name), spare file names, names of other entries)."""
     found: list[tuple[int, str]] = []
+    spares: list[str] = []
     ignored: list[str] = []
     for entry in os.scandir(path):
         base = parse_segment_name(entry.name)
-        if base is None or not entry.is_file(follow_symlinks=False):
+        if not entry.is_file(follow_symlinks=False):
             ignored.append(entry.name)
-        else:
+        elif base is not None:
             found.append((base, entry.name))
+        elif is_spare_name(entry.name):
+            spares.append(entry.name)
+        else:
+            ignored.append(entry.name)
     found.sort()
-    return found, sorted(ignored)
+    return found, sorted(spares), sorted(ignored)
 
 
 def scan_journal(path: str | os.PathLike[str], *, verify_sealed: bool = True) -> JournalReport:
@@ -176,7 +188,7 @@ def scan_journal(path: str | os.PathLike[str], *, verify_sealed: bool = True) ->
     The last segment is always scanned record by record.
     """
     report = JournalReport(Path(path))
-    files, report.ignored = _segment_files(report.path)
+    files, report.spares, report.ignored = _segment_files(report.path)
     expect_base: int | None = None
 
     def problem(info: SegmentInfo, offset: int, reason: str, fatal: bool) -> None:
@@ -196,6 +208,7 @@ def scan_journal(path: str | os.PathLike[str], *, verify_sealed: bool = True) ->
             except SegmentFormatError as exc:
                 problem(info, 0, str(exc), fatal=not last)
                 continue
+            info.reused = header.reused
             if header.base_lsn != name_base:
                 problem(info, 0, f"header says base LSN {header.base_lsn}", fatal=True)
             if expect_base is not None and name_base != expect_base:
@@ -289,6 +302,8 @@ def format_report(report: JournalReport) -> str:
         f"lsn: first {report.first_lsn or '-'}  last {report.last_lsn or '-'}  next "
         f"{report.next_lsn}  trim floor {report.trim_floor}"
     )
+    if report.spares:
+        lines.append(f"spare files (trimmed, kept for reuse): {', '.join(report.spares)}")
     if report.ignored:
         lines.append(f"ignored files: {', '.join(report.ignored)}")
     if not report.segments:

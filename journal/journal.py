@@ -19,7 +19,12 @@ Concurrency model (one event loop, one Journal object per directory):
   that a reader has already handed on.
 * ``trim`` deletes whole sealed segments, oldest first, with a directory sync after each
   (a crash leaves a contiguous suffix). The active segment is never deleted, so the LSN
-  floor survives a reopen even when everything was trimmed.
+  floor survives a reopen even when everything was trimmed. Up to MAX_SPARES trimmed files
+  are renamed to spares instead and a roll writes the next segment over one: overwriting
+  allocated blocks spares the file system an allocation, a journal commit per fdatasync and
+  (on a ``discard`` mount) a trim of 64 MiB per segment. A file a reader still has open is
+  never reused (the reader would read the next segment's records through it), and spares
+  count against ``max_bytes``: they are deleted before an append would fail for room.
 
 The directory is locked with ``flock`` while open: a second writer is refused.
 """
@@ -28,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import functools
 import os
 import time
@@ -47,14 +51,19 @@ from replicator.journal.errors import (
 )
 from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record, encode_parts
 from replicator.journal.recovery import (
+    MAX_SPARES,
     OnDamage,
     Recovery,
     SegmentFile,
+    Spare,
+    cut_to_end,
     lock_dir,
     log_safely,
     prepare_dir,
     recover,
+    retire_segments,
     seal_and_create,
+    spare_path,
     write_all,
 )
 from replicator.journal.segment import (
@@ -91,6 +100,7 @@ class Journal:
         segment_bytes: int,
         max_bytes: int | None,
         recovery: Recovery | None = None,
+        spares: Sequence[Spare] = (),
     ) -> None:
         self._dir = directory
         self.recovery = recovery  # what open-time recovery cut away, if anything
@@ -104,6 +114,9 @@ class Journal:
         self._durable_lsn = self._next_lsn - 1
         self._last_record_lsn = self._next_lsn - 1  # below ``skip_to``'s LSNs
         self._file_bytes = sum(s.file_bytes for s in segments)
+        self._spares = list(spares)  # trimmed files the next rolls write over
+        self._spare_bytes = sum(s.size for s in self._spares)
+        self._drop_spares = False  # an append needs the room the spares take
         self._staged: list[bytes] = []  # encoded records of the active segment, unwritten
         self._staged_bytes = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (lsn, sync caller)
@@ -153,13 +166,20 @@ class Journal:
         await asyncio.to_thread(prepare_dir, directory)
         lock_fd = lock_dir(directory)
         try:
-            segments, fd, recovery = await asyncio.to_thread(
-                recover, directory, on_damage, discard_below
-            )
+            found = await asyncio.to_thread(recover, directory, on_damage, discard_below)
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(directory, segments, fd, lock_fd, segment_bytes, max_bytes, recovery)
+        return cls(
+            directory,
+            found.segments,
+            found.fd,
+            lock_fd,
+            segment_bytes,
+            max_bytes,
+            found.recovery,
+            found.spares,
+        )
 
     async def aclose(self) -> None:
         """Sync what was appended, close files and end followers. Idempotent.
@@ -180,6 +200,12 @@ class Journal:
         try:
             if self._failure is None:
                 await self._sync_to(self._next_lsn - 1)
+                active = self._segments[-1]
+                if active.size > active.end:  # a reused file: its old bytes go now
+                    async with self._io_lock:
+                        while self._inflight:
+                            await self._idle.wait()
+                        await self._cut_active(active)
         finally:
             async with self._io_lock:
                 while self._inflight:  # a round may still hold the fd
@@ -189,6 +215,14 @@ class Journal:
                 os.close(self._lock_fd)
                 self._reject_waiters(JournalError(f"journal {self._dir} is closed"))
                 self._notify()
+
+    async def _cut_active(self, active: SegmentFile) -> None:
+        try:
+            await asyncio.to_thread(cut_to_end, self._fd, active.end)
+        except OSError as exc:
+            raise self._fail(exc, f"journal could not truncate {active.path}: {exc}") from exc
+        self._file_bytes -= active.size - active.end
+        active.size = active.end
 
     async def __aenter__(self) -> Journal:
         return self
@@ -235,8 +269,28 @@ class Journal:
 
     @property
     def bytes_used(self) -> int:
-        """Bytes of all segment files, plus records staged for the active one."""
-        return self._file_bytes + self._staged_bytes
+        """Bytes the journal's contents take: its segments up to their last record (and
+        seal), plus the records staged for the active one. What the records in it weigh."""
+        seg = self._segments[-1]
+        return self._file_bytes - (seg.size - seg.end) + self._staged_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the journal's files on disk, once the staged records are written: the
+        segments, a reused active segment's file at its full size, the spares. What
+        ``max_bytes`` caps."""
+        return self._file_bytes + self._spare_bytes + self._growth(0)
+
+    def _growth(self, extra: int) -> int:
+        """Bytes the active segment's file grows by when the staged records and ``extra``
+        more are written (a reused file grows only past its old size)."""
+        seg = self._segments[-1]
+        return max(0, seg.end + self._staged_bytes + extra - seg.size)
+
+    @property
+    def spare_count(self) -> int:
+        """Trimmed segment files kept for the next rolls to write over."""
+        return len(self._spares)
 
     @property
     def max_bytes(self) -> int | None:
@@ -358,13 +412,25 @@ class Journal:
                     f"an append of {size} bytes can never fit in a journal capped at "
                     f"{self._max_bytes} bytes"
                 )
-            # the active segment's seal is reserved so sealing never breaks the cap
-            needed = size + (SEAL_BYTES + HEADER_BYTES if roll else 0)
-            if self.bytes_used + needed + SEAL_BYTES > self._max_bytes:
-                raise JournalFull(self.bytes_used, self._max_bytes, needed)
+            # the active segment's seal is reserved so sealing never breaks the cap; a roll
+            # adds a new file, or writes over the spare it takes (counted already)
+            used = self.disk_bytes
+            if roll:
+                reuse = self._spares[-1].size if self._spares else 0
+                needed = SEAL_BYTES + max(0, HEADER_BYTES + size - reuse)
+            else:
+                needed = self._growth(size) - self._growth(0)
+            if used + needed + SEAL_BYTES > self._max_bytes:
+                if self._spares:
+                    self._drop_spares = True  # _make_room deletes them; then try again
+                    return False
+                raise JournalFull(used, self._max_bytes, needed)
         return not roll
 
     async def _make_room(self) -> None:
+        if self._drop_spares:
+            await asyncio.shield(_spawn(self._delete_spares()))
+            return
         if self._rolling is not None:
             await asyncio.shield(self._rolling)
             return
@@ -381,6 +447,19 @@ class Journal:
             if self._segments[-1] is seg and self._rolling is None:
                 await self._roll_locked()
 
+    async def _delete_spares(self) -> None:
+        async with self._io_lock:
+            self._check_usable()
+            self._drop_spares = False
+            spares, self._spares = self._spares, []
+            self._spare_bytes = 0
+            if spares:
+                try:
+                    paths = [spare.path for spare in spares]
+                    await asyncio.to_thread(retire_segments, self._dir, paths, [])
+                except OSError as exc:
+                    raise self._fail(exc, f"journal could not delete spare files: {exc}") from exc
+
     def _flush(self) -> None:
         """Write staged records to the active segment (page cache; no fsync)."""
         seg = self._fd_seg
@@ -393,7 +472,9 @@ class Journal:
         except OSError as exc:
             raise self._fail(exc, f"journal write to {seg.path} failed: {exc}") from exc
         seg.end += size
-        self._file_bytes += size
+        if seg.end > seg.size:
+            self._file_bytes += seg.end - seg.size
+            seg.size = seg.end
 
     async def write_out(self) -> None:
         """Hand every appended record to the kernel now (a write, no fsync).
@@ -539,18 +620,27 @@ class Journal:
                 created=False,
             )
             self._segments.append(new)
-            self._file_bytes += SEAL_BYTES + HEADER_BYTES
+            # counted as sealed (a reused file is cut after its seal) and a fresh new file
+            self._file_bytes += seg.end + SEAL_BYTES - seg.size + HEADER_BYTES
             while self._inflight:  # no sync round may use the old fd any more
                 await self._idle.wait()
+            spare = self._spares.pop() if self._spares else None
+            if spare is not None:
+                self._spare_bytes -= spare.size
             try:
-                fd, _ = await asyncio.to_thread(seal_and_create, self._dir, old_fd, seg.end, seal)
+                fd, _, size = await asyncio.to_thread(
+                    seal_and_create, self._dir, old_fd, seg.end, seal, spare
+                )
             except OSError as exc:
                 raise self._fail(exc, f"journal could not start a new segment: {exc}") from exc
             self._fd, self._fd_seg = fd, new
             os.close(old_fd)
             new.created = True
+            self._file_bytes += size - new.size
+            new.size = size
             seg.sealed = True
             seg.durable_end = seg.end
+            seg.size = seg.end + SEAL_BYTES
             self._advance(seg.last_lsn)
         finally:
             self._rolling = None
@@ -584,11 +674,39 @@ class Journal:
             if not victims:
                 return
             del self._segments[: len(victims)]
+            for seg in victims:
+                seg.retired = True  # from here on no reader may open it
+            self._file_bytes -= sum(s.file_bytes for s in victims)
+            keep = self._spares_from(victims)
             try:
-                await asyncio.to_thread(_unlink_segments, self._dir, [s.path for s in victims])
+                await asyncio.to_thread(
+                    retire_segments, self._dir, [s.path for s in victims], [s.path for s in keep]
+                )
             except OSError as exc:
                 raise self._fail(exc, f"journal trim failed: {exc}") from exc
-            self._file_bytes -= sum(s.file_bytes for s in victims)
+            for seg in keep:
+                self._spares.append(Spare(spare_path(seg.path), seg.file_bytes))
+                self._spare_bytes += seg.file_bytes
+
+    def _spares_from(self, victims: list[SegmentFile]) -> list[SegmentFile]:
+        """The trimmed segments to keep as spares: the newest, up to MAX_SPARES, each about
+        a segment long, none a reader has open, and only while the cap leaves room for two
+        more segments beside them."""
+        keep: list[SegmentFile] = []
+        used = self.disk_bytes
+        for seg in reversed(victims):
+            if len(self._spares) + len(keep) >= MAX_SPARES:
+                break
+            if seg.readers or seg.file_bytes < self._segment_bytes // 2:
+                continue
+            room = self._max_bytes is None or (
+                used + seg.file_bytes + 2 * self._segment_bytes <= self._max_bytes
+            )
+            if not room:
+                break
+            keep.append(seg)
+            used += seg.file_bytes
+        return keep
 
     # ------------------------------------------------------------------ read
     async def read_from(self, lsn: int) -> AsyncIterator[Record]:
@@ -624,6 +742,7 @@ class Journal:
         self._check_usable()
         seg = self._locate(lsn)
         reader: SegmentReader | None = None
+        reader_seg = seg  # the segment ``reader`` reads
         try:
             while not self._closed:
                 if self._failure is not None:
@@ -631,6 +750,7 @@ class Journal:
                 end = seg.end if seg.sealed else seg.durable_end
                 if reader is None and end > HEADER_BYTES:
                     reader = self._reader(seg)
+                    reader_seg = seg
                 if reader is not None and reader.offset < end:
                     batch = read(reader, end)
                     if batch and batch[0].lsn < lsn:
@@ -644,6 +764,7 @@ class Journal:
                     if reader is not None:
                         reader.close()
                         reader = None
+                        reader_seg.readers -= 1
                     continue
                 if not follow:
                     return
@@ -651,12 +772,19 @@ class Journal:
         finally:
             if reader is not None:
                 reader.close()
+                reader_seg.readers -= 1
 
     def _reader(self, seg: SegmentFile) -> SegmentReader:
+        """A reader of ``seg``'s file, counted in ``seg.readers`` (the caller uncounts it
+        when it closes the reader): trim never makes a file that is being read a spare."""
+        if seg.retired:
+            raise self._trimmed_error(seg.base_lsn)
         try:
-            return SegmentReader(seg.path, seg.base_lsn)
+            reader = SegmentReader(seg.path, seg.base_lsn)
         except FileNotFoundError:
             raise self._trimmed_error(seg.base_lsn) from None
+        seg.readers += 1
+        return reader
 
     def _trimmed_error(self, lsn: int) -> JournalError:
         return JournalError(
@@ -711,13 +839,6 @@ class Journal:
         for _, waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(error)
-
-
-def _unlink_segments(directory: Path, paths: list[Path]) -> None:
-    for path in paths:  # oldest first, each made durable before the next
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        durable.sync_dir(directory)
 
 
 def _spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

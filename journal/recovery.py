@@ -27,15 +27,19 @@ from replicator.journal.errors import ConfigError, JournalCorrupt, JournalError
 from replicator.journal.inspect import JournalReport, Problem, SegmentInfo, scan_journal
 from replicator.journal.locking import lock_directory
 from replicator.journal.segment import (
+    FLAG_REUSED,
     HEADER_BYTES,
     SEAL_BYTES,
     Seal,
     SegmentHeader,
+    is_spare_name,
     parse_segment_name,
     segment_name,
+    spare_name,
 )
 
 _IOV_MAX = 1024
+MAX_SPARES = 2  # trimmed segment files kept for reuse (each about segment_bytes)
 _log = structlog.get_logger()
 
 
@@ -50,6 +54,12 @@ class SegmentFile:
     durable_end: int  # bytes below this offset are on stable storage
     sealed: bool
     created: bool = True  # False while a roll is still creating the file
+    size: int = 0  # the file's size: at least ``end``; more while a reused file's old bytes last
+    readers: int = 0  # SegmentReaders open on the file (it is not reused while one is)
+    retired: bool = False  # trimmed: no reader may open it any more
+
+    def __post_init__(self) -> None:
+        self.size = max(self.size, self.end)
 
     @property
     def next_lsn(self) -> int:
@@ -57,7 +67,7 @@ class SegmentFile:
 
     @property
     def file_bytes(self) -> int:
-        return self.end + (SEAL_BYTES if self.sealed else 0)
+        return self.end + SEAL_BYTES if self.sealed else self.size
 
     @classmethod
     def from_info(cls, info: SegmentInfo) -> SegmentFile:
@@ -70,7 +80,16 @@ class SegmentFile:
             info.records_end,
             info.records_end,
             info.sealed,
+            size=info.size,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Spare:
+    """A trimmed segment's file, renamed, waiting to become a new segment."""
+
+    path: Path
+    size: int
 
 
 def write_all(fd: int, parts: Sequence[bytes], offset: int) -> int:
@@ -111,14 +130,95 @@ def create_segment(directory: Path, base_lsn: int) -> tuple[int, Path]:
     return fd, path
 
 
-def seal_and_create(directory: Path, old_fd: int, seg_end: int, seal: Seal) -> tuple[int, Path]:
-    """Worker-thread half of a roll: seal + fdatasync the old segment, then create the next.
+def reuse_segment(directory: Path, spare: Spare, base_lsn: int) -> tuple[int, Path]:
+    """Make ``spare`` the segment starting at ``base_lsn``, durably, keeping its blocks.
 
-    The old fd stays open (the caller closes it once the roll succeeded).
+    The new header (REUSED set) and the zeroed last ``SEAL_BYTES`` (so the old seal can
+    never be read as this segment's) are made durable under the spare's name first; only
+    then is the file renamed into the journal. A crash before the rename leaves a spare, one
+    after it a segment whose old bytes recovery cuts like a torn tail.
+    """
+    fd = os.open(spare.path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        header = SegmentHeader(base_lsn, time.time_ns(), FLAG_REUSED).encode()
+        write_all(fd, [header], 0)
+        if spare.size >= HEADER_BYTES + SEAL_BYTES:
+            write_all(fd, [bytes(SEAL_BYTES)], spare.size - SEAL_BYTES)
+        durable.fdatasync_fd(fd)
+        path = directory / segment_name(base_lsn)
+        os.rename(spare.path, path)
+        durable.sync_dir(directory)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, path
+
+
+def seal_and_create(
+    directory: Path, old_fd: int, seg_end: int, seal: Seal, spare: Spare | None
+) -> tuple[int, Path, int]:
+    """Worker-thread half of a roll: seal + fdatasync the old segment, then create the next
+    (in ``spare``'s file when given). Returns the new segment's fd, path and file size.
+
+    The old file is cut right after its seal (a reused file may hold more), so that the seal
+    is its last bytes. The old fd stays open (the caller closes it once the roll succeeded).
     """
     write_all(old_fd, [seal.encode()], seg_end)
+    if os.fstat(old_fd).st_size > seg_end + SEAL_BYTES:
+        os.ftruncate(old_fd, seg_end + SEAL_BYTES)
     durable.fdatasync_fd(old_fd)
-    return create_segment(directory, seal.next_lsn)
+    if spare is None:
+        fd, path = create_segment(directory, seal.next_lsn)
+        return fd, path, HEADER_BYTES
+    fd, path = reuse_segment(directory, spare, seal.next_lsn)
+    return fd, path, spare.size
+
+
+def retire_segments(directory: Path, paths: list[Path], keep: list[Path]) -> None:
+    """Trim's file work: each of ``paths`` (oldest first) is deleted, or renamed to its
+    spare name when listed in ``keep``; each made durable before the next, so a crash
+    leaves a contiguous suffix of segments."""
+    for path in paths:
+        if path in keep:
+            os.rename(path, spare_path(path))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        durable.sync_dir(directory)
+
+
+def spare_path(segment: Path) -> Path:
+    """Where a trimmed segment waits for reuse: its name with the spare suffix."""
+    base = parse_segment_name(segment.name)
+    if base is None:
+        raise ValueError(f"{segment} is not a segment file")
+    return segment.with_name(spare_name(base))
+
+
+def cut_to_end(fd: int, end: int) -> None:
+    """Cut the active segment's file to its records (a clean close of a reused file), so
+    the next open finds nothing after them."""
+    if os.fstat(fd).st_size > end:
+        os.ftruncate(fd, end)
+        durable.fdatasync_fd(fd)
+
+
+def adopt_spares(directory: Path) -> list[Spare]:
+    """The spare files of ``directory`` to reuse, at most MAX_SPARES, largest first; the
+    others (more than a journal keeps, or too short to hold a header and a seal) are
+    deleted. A spare's contents never matter: reuse rewrites what a reader could see."""
+    found: list[Spare] = []
+    for entry in os.scandir(directory):
+        if is_spare_name(entry.name) and entry.is_file(follow_symlinks=False):
+            found.append(Spare(Path(entry.path), entry.stat(follow_symlinks=False).st_size))
+    found.sort(key=lambda s: (-s.size, s.path.name))
+    keep = [s for s in found if s.size >= HEADER_BYTES + SEAL_BYTES][:MAX_SPARES]
+    extra = [s for s in found if s not in keep]
+    for spare in extra:
+        os.unlink(spare.path)
+    if extra:
+        durable.sync_dir(directory)
+    return keep
 
 
 def prepare_dir(directory: Path) -> None:
@@ -199,14 +299,19 @@ def _cut(directory: Path, report: JournalReport, problem: Problem) -> tuple[int,
     return dropped + max(0, target.size - problem.offset), len(later)
 
 
-def recover(
-    directory: Path, on_damage: OnDamage, discard_below: int
-) -> tuple[list[SegmentFile], int, Recovery | None]:
-    """Open-time recovery (worker thread): verify, cut a torn tail (and, with ``on_damage``
-    "cut", damage), make everything durable.
+@dataclass(slots=True)
+class Recovered:
+    """What ``recover`` hands the journal."""
 
-    Returns the segments (the last one active), a writable fd of the active segment and
-    what was cut.
+    segments: list[SegmentFile]  # the last one active
+    fd: int  # writable, of the active segment
+    recovery: Recovery | None  # what was cut
+    spares: list[Spare]
+
+
+def recover(directory: Path, on_damage: OnDamage, discard_below: int) -> Recovered:
+    """Open-time recovery (worker thread): verify, cut a torn tail (and, with ``on_damage``
+    "cut", damage), make everything durable, adopt the spare files.
     """
     if discard_below > 1:
         _discard_below(directory, discard_below)
@@ -236,26 +341,23 @@ def recover(
             files,
             next_base,
         )
+        where = {
+            "segment": str(problem.path),
+            "offset": problem.offset,
+            "reason": problem.reason,
+            "dropped_bytes": dropped,
+        }
         if problem.fatal:
             log_safely(
-                "error",
-                "journal.damage_cut",
-                segment=str(problem.path),
-                offset=problem.offset,
-                reason=problem.reason,
-                dropped_bytes=dropped,
-                dropped_segments=files,
-                next_lsn=next_base,
+                "error", "journal.damage_cut", **where, dropped_segments=files, next_lsn=next_base
             )
+        elif cut_seg.reused:
+            # the end of a reused file's records: what follows may be unsynced writes or
+            # the file's earlier contents, which are there after every crash
+            log_safely("info", "journal.reused_tail_cut", **where)
         else:
-            log_safely(
-                "warning",
-                "journal.tail_truncated",
-                segment=str(problem.path),
-                offset=problem.offset,
-                reason=problem.reason,
-                dropped_bytes=dropped,
-            )
+            log_safely("warning", "journal.tail_truncated", **where)
+    spares = adopt_spares(directory)
     segments = [SegmentFile.from_info(info) for info in report.segments]
     if segments and not segments[-1].sealed:
         active = segments[-1]
@@ -265,11 +367,11 @@ def recover(
         except BaseException:
             os.close(fd)
             raise
-        return segments, fd, recovery
+        return Recovered(segments, fd, recovery, spares)
     base = segments[-1].next_lsn if segments else next_base
     fd, path = create_segment(directory, base)
     segments.append(SegmentFile(path, base, 0, 0, 0, HEADER_BYTES, HEADER_BYTES, False))
-    return segments, fd, recovery
+    return Recovered(segments, fd, recovery, spares)
 
 
 def log_safely(level: str, event: str, **fields: Any) -> None:

@@ -11,7 +11,8 @@ Header (little endian)::
     offset size field
     0      4    magic       b"RJSG"
     4      2    version     1
-    6      2    reserved    0
+    6      2    flags       bit 0 REUSED: the file held an earlier segment (see below);
+                            other bits 0
     8      8    base_lsn    every record in the segment has lsn >= base_lsn; equals the
                             journal's next LSN when the segment was created
     16     8    created_ns  wall clock at creation (informational)
@@ -31,6 +32,15 @@ next segment exists, so every segment but the last is complete)::
                               base_lsn must equal it (gap and overlap checks)
     40     8    records_bytes bytes of records between header and seal
     48     16   checksum      blake3-128 over bytes 0..48
+
+Segment files are reused: a trimmed segment may be kept as a spare (``{n:020d}.spare``)
+and become a later segment, its blocks overwritten in place (an overwrite needs no block
+allocation, and its fdatasync no file-system journal commit). Such a segment's header has
+REUSED set and its file may hold, after the last record, bytes of its earlier life: whole
+records with LSNs below ``base_lsn`` or parts of them, never a seal (the last 64 bytes are
+zeroed before reuse). Recovery cuts them like a torn tail: every record of the earlier life
+is below ``base_lsn``, so none can pass for a record of this one. A sealed segment and the
+active one at a clean close are truncated to their end.
 
 This module is the format and the byte-level readers. It does no fsync and keeps no
 journal state; ``journal.py`` drives it and ``inspect.py`` walks a directory with it.
@@ -79,7 +89,10 @@ SEAL_VERSION = 1
 SEAL = struct.Struct("<4sHHQQQQQ16s")
 SEAL_BYTES = SEAL.size  # 64
 SEGMENT_SUFFIX = ".seg"
+SPARE_SUFFIX = ".spare"
+FLAG_REUSED = 1
 _NAME = re.compile(r"^(\d{20})\.seg$")
+_SPARE_NAME = re.compile(r"^(\d{20})\.spare$")
 READ_CHUNK = 4 * 1024 * 1024  # bytes per pread when scanning or replaying
 
 
@@ -97,6 +110,15 @@ def parse_segment_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def spare_name(base_lsn: int) -> str:
+    """The name a trimmed segment takes while it waits to be reused."""
+    return f"{base_lsn:020d}{SPARE_SUFFIX}"
+
+
+def is_spare_name(name: str) -> bool:
+    return _SPARE_NAME.match(name) is not None
+
+
 def _digest(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest(16)
 
@@ -105,10 +127,21 @@ def _digest(data: bytes | memoryview) -> bytes:
 class SegmentHeader:
     base_lsn: int
     created_ns: int
+    flags: int = 0
+
+    @property
+    def reused(self) -> bool:
+        """The file held an earlier segment: bytes after the last record may be its."""
+        return bool(self.flags & FLAG_REUSED)
 
     def encode(self) -> bytes:
         head = SEGMENT_HEADER.pack(
-            SEGMENT_MAGIC, SEGMENT_VERSION, 0, self.base_lsn, self.created_ns, b"\0" * 16
+            SEGMENT_MAGIC,
+            SEGMENT_VERSION,
+            self.flags,
+            self.base_lsn,
+            self.created_ns,
+            b"\0" * 16,
         )
         return head[:24] + _digest(head[:24])
 
@@ -116,7 +149,7 @@ class SegmentHeader:
     def decode(cls, buf: bytes | memoryview) -> SegmentHeader:
         if len(buf) < HEADER_BYTES:
             raise SegmentFormatError(f"segment header truncated ({len(buf)} of {HEADER_BYTES})")
-        magic, version, _, base, created, digest = SEGMENT_HEADER.unpack_from(buf)
+        magic, version, flags, base, created, digest = SEGMENT_HEADER.unpack_from(buf)
         if magic != SEGMENT_MAGIC:
             raise SegmentFormatError(f"not a journal segment (magic {bytes(magic)!r})")
         if _digest(memoryview(buf)[:24]) != digest:
@@ -128,7 +161,7 @@ class SegmentHeader:
             )
         if base < 1:
             raise SegmentFormatError(f"segment base LSN {base} is invalid")
-        return cls(int(base), int(created))
+        return cls(int(base), int(created), int(flags))
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import blake3
 
 from replicator.journal import Journal, Record
-from replicator.journal.segment import SEGMENT_SUFFIX
+from replicator.journal.segment import SEGMENT_SUFFIX, SPARE_SUFFIX
 
 
 def payload(lsn: int, size: int | None = None) -> bytes:
@@ -37,8 +37,18 @@ def segment_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.name.endswith(SEGMENT_SUFFIX))
 
 
-def dir_bytes(path: Path) -> int:
+def spare_files(path: Path) -> list[Path]:
+    """Trimmed segment files the journal keeps for reuse."""
+    return sorted(p for p in path.iterdir() if p.name.endswith(SPARE_SUFFIX))
+
+
+def segments_bytes(path: Path) -> int:
     return sum(os.path.getsize(p) for p in segment_files(path))
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of the journal's files: segments and the spares kept for reuse."""
+    return segments_bytes(path) + sum(os.path.getsize(p) for p in spare_files(path))
 
 
 async def filled(path: Path, count: int, *, segment_bytes: int = 1024) -> Journal:

@@ -26,6 +26,7 @@ from tests.journal.helpers import (
     filled,
     read_all,
     segment_files,
+    segments_bytes,
     write_for,
 )
 
@@ -246,21 +247,30 @@ async def test_journal_full_then_trim_frees_space(tmp_path: Path) -> None:
                 lsn = await j.append(write_for(lsn + 1, 150))
         full = info.value
         assert full.cap == 4096
-        assert full.used == j.bytes_used
+        assert full.used == j.disk_bytes
         assert full.used + full.needed + SEAL_BYTES > full.cap
         assert full.exit_code == ExitCode.JOURNAL
-        assert j.bytes_used <= 4096
+        assert j.disk_bytes <= 4096
         assert j.last_lsn == lsn  # nothing of the refused append was written
         with pytest.raises(JournalFull):  # still full, still usable
             await j.append(write_for(lsn + 1, 150))
         await j.sync()
         await j.trim(j.last_lsn + 1)  # everything acknowledged
-        assert j.bytes_used < 1024 + HEADER_BYTES + SEAL_BYTES
+        assert segments_bytes(tmp_path) < 1024 + HEADER_BYTES + SEAL_BYTES
+        assert j.bytes_used == segments_bytes(tmp_path)  # what the records weigh
+        assert j.disk_bytes == dir_bytes(tmp_path)  # and the spare files kept for reuse
         for n in range(lsn + 1, lsn + 6):
             assert await j.append(write_for(n, 150)) == n
         await j.sync()
         assert [r.lsn for r in await read_all(j, j.first_lsn)][-5:] == list(range(lsn + 1, lsn + 6))
-        assert j.bytes_used == dir_bytes(tmp_path)
+        assert j.disk_bytes == dir_bytes(tmp_path)
+        # the spares give their room back: the journal holds as many records as before
+        with pytest.raises(JournalFull):
+            for n in range(lsn + 6, 3 * lsn):
+                await j.append(write_for(n, 150))
+        assert j.last_lsn - j.first_lsn + 1 == lsn
+        assert j.spare_count == 0
+        assert j.bytes_used <= j.disk_bytes <= 4096
 
 
 async def test_a_record_that_can_never_fit_is_not_journal_full(tmp_path: Path) -> None:
@@ -295,7 +305,8 @@ async def test_trim_drops_sealed_segments_only(tmp_path: Path) -> None:
             await read_all(j, 1)
         await j.trim(10**6)  # all records acknowledged; the active segment stays
         assert j.segment_count == 1
-        assert j.bytes_used == dir_bytes(tmp_path)
+        assert j.disk_bytes == dir_bytes(tmp_path)
+        assert j.bytes_used == HEADER_BYTES  # an empty segment (its file perhaps a spare's)
     finally:
         await j.aclose()
 

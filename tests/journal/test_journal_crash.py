@@ -76,11 +76,14 @@ async def _check(path: Path, reported: int) -> int:
 async def _crash_loop(path: Path, kills: int, seed: int) -> None:
     rng = random.Random(seed)
     last = 0
+    killed_in_reused = 0
     for _ in range(kills):
         reported = await _run_child(path, rng.randrange(2**32), rng)
         assert reported >= last  # a new child never reports less than what survived
+        killed_in_reused += any(s.reused for s in scan_journal(path).segments)
         last = await _check(path, reported)
     assert last > kills  # the children made progress
+    assert killed_in_reused  # trimmed files were written over before some of the kills
 
 
 async def test_sigkill_never_loses_a_synced_record(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from replicator.journal import Journal
 from replicator.journal import durable as durable_mod
 from replicator.journal.inspect import scan_journal
 from replicator.journal.recovery import write_all as _write_all
-from tests.journal.helpers import check_record, read_all, segment_files, write_for
+from replicator.journal.segment import SEGMENT_SUFFIX, SPARE_SUFFIX
+from tests.journal.helpers import check_record, read_all, segment_files, spare_files, write_for
 
 
 @pytest.mark.parametrize("limit", [5, 333, 1 << 20])
@@ -158,31 +159,45 @@ async def test_durability_order_of_rolls_and_syncs(
 async def test_trim_syncs_the_directory_after_each_unlink(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Oldest first, each deletion durable before the next: a crash leaves a suffix."""
+    """Oldest first, each deletion (or rename to a spare) durable before the next: a crash
+    leaves a suffix."""
     async with await Journal.open(tmp_path, segment_bytes=1024) as j:
         for lsn in range(1, 41):
             await j.append(write_for(lsn, 150))
         await j.sync()
         before = [p.name for p in segment_files(tmp_path)]
         events: list[str] = []
-        real_unlink, real_sync_dir = os.unlink, durable_mod.sync_dir
+        real_unlink, real_rename, real_sync_dir = os.unlink, os.rename, durable_mod.sync_dir
 
         def unlink(path: str | os.PathLike[str]) -> None:
             events.append(f"unlink {os.path.basename(path)}")
             real_unlink(path)
+
+        def rename(path: str | os.PathLike[str], to: str | os.PathLike[str]) -> None:
+            events.append(f"rename {os.path.basename(path)}")
+            real_rename(path, to)
 
         def sync_dir(path: str | os.PathLike[str]) -> None:
             events.append("sync_dir")
             real_sync_dir(path)
 
         monkeypatch.setattr(os, "unlink", unlink)
+        monkeypatch.setattr(os, "rename", rename)
         monkeypatch.setattr(durable_mod, "sync_dir", sync_dir)
         await j.trim(25)
         monkeypatch.undo()
         after = {p.name for p in segment_files(tmp_path)}
+        spares = {p.name.removesuffix(SPARE_SUFFIX) for p in spare_files(tmp_path)}
         dropped = [n for n in before if n not in after]
         assert len(dropped) >= 2
-        assert events == [e for n in dropped for e in (f"unlink {n}", "sync_dir")]
+        assert 0 < len(spares) < len(dropped)  # some kept for reuse, the rest deleted
+        actions = [
+            "rename" if n.removesuffix(SEGMENT_SUFFIX) in spares else "unlink" for n in dropped
+        ]
+        expected = [
+            e for a, n in zip(actions, dropped, strict=True) for e in (f"{a} {n}", "sync_dir")
+        ]
+        assert events == expected
 
 
 def test_atomic_write_sets_the_mode_before_the_bytes_are_synced(
