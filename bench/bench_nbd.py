@@ -16,7 +16,8 @@ Jobs (targets from the NBD issue):
   * 4 KiB random writes, iodepth 16: IOPS, target >= 0.5x nbdkit
   * 1 MiB sequential writes, iodepth 4: MB/s, target >= 0.7x nbdkit
 
-Run: ``.venv/bin/python bench/bench_nbd.py [--runtime 10] [--size-mib 512] [--repeat 1]``.
+Run: ``.venv/bin/python bench/bench_nbd.py [--runtime 10] [--size-mib 512] [--repeat 1]
+[--job NAME]``.
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ async def main() -> None:
     parser.add_argument("--size-mib", type=int, default=512, help="size of the test file")
     parser.add_argument("--dir", type=Path, default=None, help="work directory")
     parser.add_argument(
+        "--job", choices=sorted(JOBS), action="append", help="run only this job (repeatable)"
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -158,6 +162,8 @@ async def main() -> None:
     print(f"{'job':<20} {'nbdkit file':>14} {'replicator shim':>16} {'ratio':>7} {'target':>7}")
     try:
         for name, (args, figure, target) in JOBS.items():
+            if opts.job and name not in opts.job:
+                continue
             peers, ours_runs = [], []
             for _ in range(opts.repeat):
                 await asyncio.to_thread(settle, image)
