@@ -320,3 +320,40 @@ async def test_a_follower_never_opens_a_segment_trimmed_before_it_got_there(
             await waiting
         assert j.spare_count == 1
         await follower.aclose()
+
+
+@pytest.mark.parametrize("step", ["trim_rename", "close_cut"])
+async def test_a_failed_spare_step_fails_the_journal_and_loses_no_synced_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """EIO where trim renames a segment to a spare, or where a clean close cuts a reused
+    file to its records: the journal says so, and the reopen has every synced record."""
+
+    def broken(*args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    j = await Journal.open(tmp_path, segment_bytes=SEG)
+    await _fill(j, 60)
+    if step == "trim_rename":
+        monkeypatch.setattr(os, "rename", broken)
+        with pytest.raises(JournalError, match="trim failed"):
+            await j.trim(j.last_lsn)
+        monkeypatch.undo()
+        assert j.failed
+        await j.aclose()
+    else:
+        await j.trim(j.last_lsn)
+        await _fill(j, 75)  # rolls into a spare: old bytes after the records
+        assert _header(segment_files(tmp_path)[-1]).reused
+        monkeypatch.setattr(os, "ftruncate", broken)
+        with pytest.raises(JournalError, match="truncate"):
+            await j.aclose()
+        monkeypatch.undo()
+    synced = 60 if step == "trim_rename" else 75
+    async with await Journal.open(tmp_path, segment_bytes=SEG) as j:
+        assert j.last_lsn == synced
+        records = await read_all(j, j.first_lsn)
+        assert [r.lsn for r in records] == list(range(j.first_lsn, synced + 1))
+        for record in records:
+            check_record(record)
+    assert scan_journal(tmp_path).problem is None
