@@ -11,6 +11,7 @@ import typer
 
 from replicator.engine.errors import ExitCode
 from replicator.journal.inspect import JournalReport, format_report, scan_journal
+from replicator.journal.segment import SEGMENT_SUFFIX, SPARE_SUFFIX
 
 app = typer.Typer(
     help="Inspect write-order journals.",
@@ -27,7 +28,11 @@ def journal() -> None:
 @app.command("inspect")
 def inspect(
     directory: Annotated[
-        Path, typer.Argument(help="Journal directory (holds the *.seg segment files).")
+        Path,
+        typer.Argument(
+            help="Journal directory (holds the *.seg segment files), or a sender's state "
+            "folder or a receiver's folder with one job: the journal it holds."
+        ),
     ],
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
@@ -41,6 +46,17 @@ def inspect(
     if not directory.is_dir():
         typer.echo(f"error: journal directory {directory} does not exist", err=True)
         raise typer.Exit(ExitCode.CONFIG)
+    held = journals_held(directory)
+    if len(held) > 1:
+        listed = "\n  ".join(str(path) for path in held)
+        typer.echo(
+            f"error: {directory} holds {len(held)} journals; inspect one of them:\n  {listed}",
+            err=True,
+        )
+        raise typer.Exit(ExitCode.CONFIG)
+    if held:
+        typer.echo(f"{directory} is not a journal; inspecting the one it holds", err=True)
+        directory = held[0]
     try:
         report = scan_journal(directory, verify_sealed=True)
     except OSError as exc:
@@ -53,6 +69,18 @@ def inspect(
     else:
         typer.echo(format_report(report))
     raise typer.Exit(ExitCode.OK if report.clean else ExitCode.JOURNAL)
+
+
+def journals_held(folder: Path) -> list[Path]:
+    """The journals inside ``folder`` when it is not a journal itself: a sender's state
+    folder (``STATE/journal``), a receiver's ``--dir`` (``DIR/.replicator/JOB/journal``) or
+    its ``--state-dir`` (``STATE/JOB/journal``). An operator knows these folders; the
+    journal's own is one level further down."""
+    if any(folder.glob(f"*{SEGMENT_SUFFIX}")) or any(folder.glob(f"*{SPARE_SUFFIX}")):
+        return []
+    found = [folder / "journal"]
+    found += sorted(folder.glob(".replicator/*/journal")) + sorted(folder.glob("*/journal"))
+    return [path for path in found if path.is_dir()]
 
 
 def _print_rich(report: JournalReport) -> None:

@@ -92,3 +92,31 @@ def test_inspect_directory_without_segments(tmp_path: Path) -> None:
     result = runner.invoke(app, ["journal", "inspect", str(tmp_path), "--json"])
     assert result.exit_code == ExitCode.JOURNAL
     assert json.loads(result.output)["segments"] == []
+
+
+async def test_inspect_a_sender_state_folder_reads_its_journal(tmp_path: Path) -> None:
+    """The folder an operator knows (``send --state-dir``) is enough."""
+    await _journal(tmp_path / "state" / "journal")
+    (tmp_path / "state" / "sender.json").write_text("{}")
+    result = runner.invoke(app, ["journal", "inspect", str(tmp_path / "state"), "--json"])
+    assert result.exit_code == ExitCode.OK, result.output
+    doc = json.loads(result.stdout)
+    assert doc["path"] == str(tmp_path / "state" / "journal") and doc["records"] == 17
+    assert "inspecting the one it holds" in result.stderr
+
+
+async def test_inspect_a_receiver_folder_with_one_job_reads_its_journal(tmp_path: Path) -> None:
+    await _journal(tmp_path / "replicas" / ".replicator" / "vm1" / "journal")
+    result = runner.invoke(app, ["journal", "inspect", str(tmp_path / "replicas")])
+    assert result.exit_code == ExitCode.OK, result.output
+    assert f"journal {tmp_path / 'replicas' / '.replicator' / 'vm1' / 'journal'}" in result.stdout
+
+
+async def test_inspect_a_folder_of_several_journals_names_them(tmp_path: Path) -> None:
+    for job in ("vm1", "vm2"):
+        await _journal(tmp_path / "state" / job / "journal")
+    result = runner.invoke(app, ["journal", "inspect", str(tmp_path / "state")])
+    assert result.exit_code == ExitCode.CONFIG
+    assert str(tmp_path / "state" / "vm1" / "journal") in result.stderr
+    assert str(tmp_path / "state" / "vm2" / "journal") in result.stderr
+    assert result.stdout == ""
