@@ -223,9 +223,16 @@ def _lag(job: dict[str, Any]) -> str:
     lag = job.get("lag") or {}
     at_most = lag.get("at_most")
     if lag.get("records") is None and isinstance(at_most, dict):
+        heard = job.get("applied_heard")
+        known = (
+            f"the receiver had applied LSN {heard.get('lsn')} at {heard.get('at')}, when this "
+            "sender last heard from it"
+            if isinstance(heard, dict)
+            else "what the receiver applied is not known at rest"
+        )
         return (
             f"at most {at_most.get('records')} records, {_bytes(at_most.get('bytes'))}, "
-            f"{_duration(at_most.get('seconds'))} (what the receiver applied is not known at rest)"
+            f"{_duration(at_most.get('seconds'))} ({known})"
         )
     parts = [f"{lag.get('records', '-')} records"]
     if lag.get("bytes") is not None and lag.get("records"):  # journal bytes: an upper bound

@@ -17,6 +17,7 @@ snapshots (engine/status.py) where the figure exists at rest, plus ``"source": "
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,12 @@ from replicator.engine.failback_state import describe, load_marker
 from replicator.engine.generations import load_promotion
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
+from replicator.engine.peer_applied import PeerApplied, load_peer_applied
 from replicator.engine.status import ReceiverPhase, iso_time, promotion_fields
 from replicator.journal.durable import StateFileError
-from replicator.journal.inspect import JournalReport, scan_journal
-from replicator.journal.segment import SegmentReader
+from replicator.journal.inspect import JournalReport, SegmentInfo, scan_journal
+from replicator.journal.records import EncodedRecord
+from replicator.journal.segment import HEADER_BYTES, SegmentReader
 
 NOT_RUNNING = "not_running"
 
@@ -42,11 +45,12 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
     job = claim.get("job") if isinstance(claim.get("job"), str) else None
     report = _journal(state_dir / "journal")
     manifests, manifest_problem = _manifests(state_dir / "manifests.state")
-    oldest = _oldest_ts(report) if report is not None else None
+    heard = load_peer_applied(state_dir)
     first = report.first_lsn if report is not None else None
     last = report.last_lsn if report is not None else None
     records = report.records if report is not None else 0
     used = report.total_bytes if report is not None else 0
+    pending = _unapplied(report, heard) if report is not None else Unapplied(0, 0, None)
     entry: dict[str, Any] = {
         "job": job or state_dir.name,
         "job_from": "sender.json" if job else "folder name",
@@ -67,13 +71,19 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
             "records": None,
             "bytes": None,
             "seconds": None,
-            # the receiver may have applied any part of what is still journaled
+            # the receiver may have applied any of these since this sender last heard
             "at_most": {
-                "records": records,
-                "bytes": used,
-                "seconds": round(max(0.0, now - oldest / 1e9), 3) if oldest else 0.0,
+                "records": pending.records,
+                "bytes": pending.bytes,
+                "seconds": (
+                    round(max(0.0, now - pending.oldest_ts / 1e9), 3) if pending.oldest_ts else 0.0
+                ),
             },
         },
+        # what the receiver had applied when this sender last heard from it
+        "applied_heard": (
+            None if heard is None else {"lsn": heard.lsn, "at": iso_time(heard.at_ns)}
+        ),
         "journal": {
             "bytes": used,
             "records": records,
@@ -195,20 +205,63 @@ def _manifests(path: Path) -> tuple[ManifestSet | None, str | None]:
         return None, str(exc)
 
 
-def _oldest_ts(report: JournalReport) -> int | None:
-    """Source time (ns) of the oldest record still in the journal."""
+@dataclass(frozen=True, slots=True)
+class Unapplied:
+    """Journaled records the receiver may not have applied: count, record bytes, and the
+    source time (ns) of the oldest (None: none, or unreadable)."""
+
+    records: int
+    bytes: int
+    oldest_ts: int | None
+
+
+def _unapplied(report: JournalReport, heard: PeerApplied | None) -> Unapplied:
+    """What is journaled past ``heard`` (everything when None). A record counts as applied
+    when its LSN is at most the one heard and it was journaled before it was heard; a
+    segment wholly below that LSN is judged by its first record's time, the segment holding
+    the LSN record by record."""
+    records = size = 0
+    oldest: int | None = None
     for info in report.segments:
         if not info.count:
             continue
-        try:
-            reader = SegmentReader(info.path, info.base_lsn)
-        except OSError:
-            return None
-        try:
-            records = reader.read(info.records_end, budget=1)
-            return records[0].ts_ns if records else None
-        except Exception:  # damaged: no figure rather than no status
-            return None
-        finally:
-            reader.close()
-    return None
+        if heard is not None and info.last_lsn <= heard.lsn:
+            first = _read_encoded(info, budget=1)
+            if first and first[0].ts_ns <= heard.at_ns:
+                continue  # applied (a newer first record: a journal begun again)
+            heard_here = None
+        else:
+            heard_here = heard if heard is not None and info.first_lsn <= heard.lsn else None
+        stored = _read_encoded(info, budget=info.records_end) if heard_here is not None else []
+        if len(stored) != info.count:  # not the boundary, or unreadable: all of it counts
+            heard_here = None
+        if heard_here is None:
+            records += info.count
+            size += info.records_end - HEADER_BYTES
+            if oldest is None:
+                first = _read_encoded(info, budget=1)
+                oldest = first[0].ts_ns if first else None
+            continue
+        for record in stored:
+            if record.lsn <= heard_here.lsn and record.ts_ns <= heard_here.at_ns:
+                continue
+            records += 1
+            size += len(record.raw) + len(record.payload)
+            if oldest is None:
+                oldest = record.ts_ns
+    return Unapplied(records, size, oldest)
+
+
+def _read_encoded(info: SegmentInfo, *, budget: int) -> list[EncodedRecord]:
+    """Up to ``budget`` bytes of ``info``'s records from its start; [] when unreadable (a
+    damaged journal gives no figure rather than no status)."""
+    try:
+        reader = SegmentReader(info.path, info.base_lsn)
+    except OSError:
+        return []
+    try:
+        return reader.read_encoded(info.records_end, budget=budget)
+    except Exception:
+        return []
+    finally:
+        reader.close()

@@ -37,6 +37,7 @@ from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.link import Link, SessionPurpose
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
+from replicator.engine.peer_applied import PeerApplied, save_peer_applied
 from replicator.engine.scan import (
     Progress,
     ScanStats,
@@ -108,6 +109,7 @@ class Sender:
         )
         self.status = SenderJobStatus(config.job, "scan", self.connector.target)
         self._lsn_floor = 1
+        self._applied_noted = 0  # the applied LSN last written to peer_applied.state
         # set by a continuous run: a first sync waiting on the link gives up when it is set
         self.stopping: asyncio.Event | None = None
         self.replica_tree: Tree | None = None  # the replica folder's layout (folder jobs)
@@ -209,9 +211,15 @@ class Sender:
         return link, kind, basis
 
     async def close_link(self, link: Link) -> None:
-        """Close ``link`` and say so in the status (the job is disconnected until the next)."""
+        """Close ``link`` and say so in the status (the job is disconnected until the next);
+        note what the receiver had applied, for ``status`` at rest (engine/peer_applied.py)."""
         await link.aclose()
         self.status.attach(None)
+        applied = link.applied_lsn
+        if applied > self._applied_noted:
+            noted = PeerApplied(applied, time.time_ns())
+            if await save_peer_applied(self.config.state_dir, noted):
+                self._applied_noted = applied
 
     async def append(self, journal: Journal, link: Link, records: list[Record]) -> int:
         """Journal records for ``link``, waiting while the journal is full; the last LSN.

@@ -22,7 +22,7 @@ from typing import Any
 
 from replicator.engine.control import ControlUnavailable, request
 from replicator.engine.errors import ExitCode
-from tests.tools import ENV, REPLICATOR, ReceiverProc, free_port, replicator, wait_port
+from tests.tools import ENV, REPLICATOR, ReceiverProc, free_port, replicator, send_once, wait_port
 
 AT_REST = "not running (read from files at rest)"
 
@@ -343,3 +343,23 @@ def test_the_control_socket_refuses_other_users() -> None:
             assert receiver.stop() == 0
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_status_at_rest_after_send_once_counts_nothing_the_receiver_applied(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A cron-driven `send --once`: the journal keeps acknowledged records (it drops whole
+    segments only), but `status` at rest knows the receiver applied them."""
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    disk.write_bytes(os.urandom(2 * 1024 * 1024))
+    send_once(receiver, "cron", state, disk)
+    with disk.open("r+b") as f:
+        f.write(os.urandom(256 * 1024))
+    send_once(receiver, "cron", state, disk)
+    job = _status("--state-dir", str(state))["jobs"][0]
+    assert job["lsn"]["journaled"] > job["lsn"]["trimmed_below"]  # records still journaled
+    assert job["applied_heard"]["lsn"] == job["lsn"]["journaled"]
+    assert job["lag"]["at_most"] == {"records": 0, "bytes": 0, "seconds": 0.0}
+    table = replicator("status", "--state-dir", str(state))
+    assert table.returncode == 0
+    assert f"had applied LSN {job['lsn']['journaled']}" in " ".join(table.stdout.split())

@@ -1,0 +1,126 @@
+"""``status`` at rest counts only what the receiver had not applied when the sender last
+heard from it (``peer_applied.state``), and falls back to every journaled record."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from replicator.engine import peer_applied
+from replicator.engine.at_rest import sender_at_rest
+from replicator.engine.peer_applied import (
+    APPLIED_FILE,
+    PeerApplied,
+    load_peer_applied,
+    save_peer_applied,
+)
+from replicator.journal import Journal
+from replicator.journal.records import EncodedRecord
+from tests.journal.helpers import filled
+
+
+async def _state(tmp_path: Path, count: int = 10) -> tuple[Path, list[tuple[int, int, int]]]:
+    """A sender state folder whose journal holds ``count`` records over several segments;
+    each record's (lsn, ts_ns, stored bytes)."""
+    state = tmp_path / "state"
+    journal = await filled(state / "journal", count, segment_bytes=600)
+    seen = [(r.lsn, r.ts_ns, len(r.raw)) async for batch in _batches(journal) for r in batch]
+    await journal.aclose()
+    return state, seen
+
+
+async def _batches(journal: Journal) -> AsyncIterator[list[EncodedRecord]]:
+    async for batch in journal.follow_encoded(1):
+        yield batch
+        if batch[-1].lsn >= journal.last_lsn:
+            return
+
+
+def _at_most(state: Path) -> dict[str, float]:
+    job = sender_at_rest(state)["jobs"][0]
+    return dict(job["lag"]["at_most"])
+
+
+async def test_only_records_past_the_applied_lsn_count(tmp_path: Path) -> None:
+    state, seen = await _state(tmp_path)
+    await save_peer_applied(state, PeerApplied(6, time.time_ns()))
+    at_most = _at_most(state)
+    rest = [r for r in seen if r[0] > 6]
+    assert at_most["records"] == 4
+    assert at_most["bytes"] == sum(size for _, _, size in rest)
+    assert at_most["seconds"] >= 0
+    job = sender_at_rest(state)["jobs"][0]
+    assert job["applied_heard"]["lsn"] == 6 and job["applied_heard"]["at"]
+
+
+async def test_everything_applied_is_no_lag(tmp_path: Path) -> None:
+    state, _ = await _state(tmp_path)
+    await save_peer_applied(state, PeerApplied(10, time.time_ns()))
+    assert _at_most(state) == {"records": 0, "bytes": 0, "seconds": 0.0}
+
+
+async def test_records_journaled_after_it_was_heard_count_whatever_their_lsn(
+    tmp_path: Path,
+) -> None:
+    """A journal begun again under the same folder reuses low LSNs: a record newer than
+    what was heard cannot have been covered by it."""
+    heard_before = time.time_ns()
+    await asyncio.sleep(0.01)
+    state, seen = await _state(tmp_path)
+    await save_peer_applied(state, PeerApplied(8, heard_before))
+    at_most = _at_most(state)
+    assert at_most["records"] == 10
+    assert at_most["bytes"] == sum(size for _, _, size in seen)
+
+
+async def test_without_the_file_or_with_a_damaged_one_every_record_counts(
+    tmp_path: Path,
+) -> None:
+    state, seen = await _state(tmp_path)
+    everything = {"records": 10, "bytes": sum(size for _, _, size in seen)}
+    assert {k: _at_most(state)[k] for k in everything} == everything
+    (state / APPLIED_FILE).write_bytes(b"\x00garbage")
+    assert load_peer_applied(state) is None
+    assert {k: _at_most(state)[k] for k in everything} == everything
+    assert sender_at_rest(state)["jobs"][0]["applied_heard"] is None
+
+
+async def test_a_failed_write_is_a_warning_and_leaves_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the at-rest view depends on the file: a full disk must not stop replication."""
+    await save_peer_applied(tmp_path, PeerApplied(3, 111))
+
+    async def full(path: object, state: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(peer_applied, "write_state_async", full)
+    with structlog.testing.capture_logs() as logs:
+        assert await save_peer_applied(tmp_path, PeerApplied(9, 222)) is False
+    assert [e["event"] for e in logs] == ["sender.applied_state_unwritten"]
+    assert load_peer_applied(tmp_path) == PeerApplied(3, 111)
+
+
+async def test_a_damaged_segment_holding_the_applied_lsn_counts_whole(tmp_path: Path) -> None:
+    """Records that cannot be read are never taken for applied ones."""
+    state, seen = await _state(tmp_path)
+    segments = sorted((state / "journal").glob("*.seg"))
+    holding = next(p for p in segments if int(p.name.split(".")[0]) <= 5 < _next_base(p, segments))
+    data = bytearray(holding.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the records, past the first
+    holding.write_bytes(bytes(data))
+    await save_peer_applied(state, PeerApplied(5, time.time_ns()))
+    base = int(holding.name.split(".")[0])
+    in_or_after = [r for r in seen if r[0] >= base]
+    assert _at_most(state)["records"] >= len(in_or_after)
+
+
+def _next_base(path: Path, segments: list[Path]) -> int:
+    later = [int(p.name.split(".")[0]) for p in segments if p.name > path.name]
+    return min(later) if later else 1 << 62
