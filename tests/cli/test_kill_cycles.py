@@ -289,6 +289,14 @@ def _observe_tree(receiver: ReceiverProc, writer: TreeWriter, tally: Tally) -> N
                 return
 
 
+def _tail(path: Path, lines: int = 80) -> str:
+    """The last ``lines`` lines of a log file ("" when there is none)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
 def _digest_or_none(path: Path) -> str | None:
     """The folder's digest, or None when the receiver changed it under the walk."""
     try:
@@ -305,17 +313,21 @@ def _fuse_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
     (source / "a").mkdir()
     (source / "vm.xml").write_text("<domain/>\n")
     (source / "a" / "disk.img").write_bytes(rng.randbytes(256 * 1024))
-    receiver = start_receiver(tmp_path / "target")
+    logs = tmp_path / "logs"  # every sender's and receiver's log, shown when a check fails
+    logs.mkdir()
+    receiver = start_receiver(tmp_path / "target", log=logs / "receiver.log")
 
     def start_sender() -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [*REPLICATOR, "send", "--to", receiver.address, "--job", JOB, "--state-dir",
-             str(state), "--capture", "fuse", "--mount", str(mnt), "--insecure", str(source)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-        )  # fmt: skip
+        with (logs / "sender.log").open("a") as err:
+            proc = subprocess.Popen(
+                [*REPLICATOR, "send", "--to", receiver.address, "--job", JOB, "--state-dir",
+                 str(state), "--capture", "fuse", "--mount", str(mnt), "--insecure",
+                 str(source)],
+                stdout=subprocess.DEVNULL, stderr=err, text=True, env=ENV,
+            )  # fmt: skip
         deadline = time.monotonic() + 60
         while not _mount_works(mnt):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None, _tail(logs / "sender.log")
             assert time.monotonic() < deadline, "the FUSE mount did not come up"
             time.sleep(0.02)
         return proc
@@ -336,18 +348,20 @@ def _fuse_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
                 _kill(sender)
                 tally.kill("sender")
             if receiver.proc.poll() is not None:
-                receiver = start_receiver(receiver.dir, receiver.port)
+                receiver = start_receiver(receiver.dir, receiver.port, log=logs / "receiver.log")
                 if rng.random() < 0.3:
                     time.sleep(rng.uniform(0.0, 0.4))
                     _kill(receiver.proc)
                     tally.kill("receiver_in_recovery")
                     _observe_tree(receiver, writer, tally)
-                    receiver = start_receiver(receiver.dir, receiver.port)
+                    receiver = start_receiver(
+                        receiver.dir, receiver.port, log=logs / "receiver.log"
+                    )
             if sender.poll() is not None:
                 sender = start_sender()
             time.sleep(rng.uniform(0.2, 0.5))
             _observe_tree(receiver, writer, tally)
-            assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
+            assert sender.poll() is None, _tail(logs / "sender.log")
             tally.cycles += 1
         writer.pause()
         deadline = time.monotonic() + 90
@@ -355,6 +369,10 @@ def _fuse_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
             assert time.monotonic() < deadline, "the replica folder did not catch up"
             time.sleep(0.1)
         print(json.dumps({"fuse_ops": writer.ops}))
+    except AssertionError:
+        for name in ("sender.log", "receiver.log"):
+            print(f"--- the end of {name}\n{_tail(logs / name)}")
+        raise
     finally:
         writer.stop()
         if sender.poll() is None:
