@@ -173,11 +173,14 @@ class Wire:
     def push(self, msg: Message, data: bytes) -> None:
         if self.closing:
             return  # the peer's end is gone: what it sends now is lost
+        # A deletion at the very end leaves ``actual`` a prefix of ``clean`` (no taint
+        # yet); bytes pushed after it land where others were, so that is a taint too.
+        diverged = self.taint is not None or len(self.actual) != len(self.clean)
         start = len(self.clean)
         self.clean += data
         self.actual += data
         self.frames.append((msg, start, len(self.clean)))
-        if self.taint is not None:
+        if diverged:
             self.taint = first_difference(self.actual, self.clean)
 
     def intact(self, frame: tuple[Message, int, int]) -> bool:
