@@ -11,7 +11,6 @@ import typer
 
 from replicator.engine.errors import ExitCode
 from replicator.journal.inspect import JournalReport, format_report, scan_journal
-from replicator.journal.segment import SEGMENT_SUFFIX, SPARE_SUFFIX
 
 app = typer.Typer(
     help="Inspect write-order journals.",
@@ -46,7 +45,8 @@ def inspect(
     if not directory.is_dir():
         typer.echo(f"error: journal directory {directory} does not exist", err=True)
         raise typer.Exit(ExitCode.CONFIG)
-    held = journals_held(directory)
+    report = _scan(directory)
+    held = [] if report.segments or report.spares else journals_held(directory)
     if len(held) > 1:
         listed = "\n  ".join(str(path) for path in held)
         typer.echo(
@@ -56,12 +56,7 @@ def inspect(
         raise typer.Exit(ExitCode.CONFIG)
     if held:
         typer.echo(f"{directory} is not a journal; inspecting the one it holds", err=True)
-        directory = held[0]
-    try:
-        report = scan_journal(directory, verify_sealed=True)
-    except OSError as exc:
-        typer.echo(f"error: cannot read journal {directory}: {exc}", err=True)
-        raise typer.Exit(ExitCode.STORAGE) from exc
+        report = _scan(held[0])
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     elif sys.stdout.isatty():
@@ -71,13 +66,19 @@ def inspect(
     raise typer.Exit(ExitCode.OK if report.clean else ExitCode.JOURNAL)
 
 
+def _scan(directory: Path) -> JournalReport:
+    try:
+        return scan_journal(directory, verify_sealed=True)
+    except OSError as exc:
+        typer.echo(f"error: cannot read journal {directory}: {exc}", err=True)
+        raise typer.Exit(ExitCode.STORAGE) from exc
+
+
 def journals_held(folder: Path) -> list[Path]:
-    """The journals inside ``folder`` when it is not a journal itself: a sender's state
+    """The journals inside ``folder``, which is not a journal itself: a sender's state
     folder (``STATE/journal``), a receiver's ``--dir`` (``DIR/.replicator/JOB/journal``) or
     its ``--state-dir`` (``STATE/JOB/journal``). An operator knows these folders; the
     journal's own is one level further down."""
-    if any(folder.glob(f"*{SEGMENT_SUFFIX}")) or any(folder.glob(f"*{SPARE_SUFFIX}")):
-        return []
     found = [folder / "journal"]
     found += sorted(folder.glob(".replicator/*/journal")) + sorted(folder.glob("*/journal"))
     return [path for path in found if path.is_dir()]
