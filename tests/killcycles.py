@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BLOCK = 4096
+PAGE = os.sysconf("SC_PAGE_SIZE")  # writes are split (FUSE) and torn (SIGKILL) at pages
 _TAG = struct.Struct("<Q")
 
 # NBD (fixed newstyle; https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md)
@@ -318,6 +319,7 @@ class Tally:
     kills: dict[str, int] = field(default_factory=dict)
     observed_at_rest: int = 0
     observed_mid_apply: int = 0
+    observed_mid_write: int = 0  # a folder holding part of a write (FUSE: TreeWriter)
     states: set[int] = field(default_factory=set)
 
     def kill(self, what: str) -> None:
@@ -331,6 +333,7 @@ class Tally:
                 "kills": self.kills,
                 "observed_at_rest": self.observed_at_rest,
                 "observed_mid_apply": self.observed_mid_apply,
+                "observed_mid_write": self.observed_mid_write,
                 "distinct_states_seen": len(self.states),
                 "bytes_lost_or_misapplied": 0,
             },
@@ -341,8 +344,10 @@ class Tally:
 # -- a folder (FUSE capture) ---------------------------------------------------------------
 
 
-def tree_digest(root: Path) -> str:
-    """What a folder holds (paths, kinds, contents, link targets), as one digest."""
+def tree_digest(root: Path, changed: tuple[str, bytes] | None = None) -> str:
+    """What a folder holds (paths, kinds, contents, link targets), as one digest;
+    ``changed`` (a path relative to ``root``, and bytes) is counted as holding those
+    bytes instead of what it holds."""
     import blake3
 
     h = blake3.blake3()
@@ -354,10 +359,53 @@ def tree_digest(root: Path) -> str:
             full = os.path.join(dirpath, name)
             if os.path.islink(full):
                 h.update(f"l {rel}/{name} {os.readlink(full)}\n".encode())
+                continue
+            if changed is not None and os.path.relpath(full, root) == changed[0]:
+                data = changed[1]
             else:
                 with open(full, "rb") as f:
-                    h.update(f"f {rel}/{name} {blake3.blake3(f.read()).hexdigest()}\n".encode())
+                    data = f.read()
+            h.update(f"f {rel}/{name} {blake3.blake3(data).hexdigest()}\n".encode())
     return str(h.hexdigest())
+
+
+def tree_difference(replica: Path, source: Path) -> str:
+    """Which files of ``replica`` differ from ``source`` now (sizes and the first
+    differing 4 KiB block), for a failure message."""
+
+    def files(root: Path) -> dict[str, bytes]:
+        out = {}
+        for dirpath, _, filenames in os.walk(root):
+            for name in filenames:
+                full = Path(dirpath, name)
+                link = full.is_symlink()
+                out[str(full.relative_to(root))] = (
+                    f"-> {os.readlink(full)}".encode() if link else full.read_bytes()
+                )
+        return out
+
+    def size(data: bytes | None) -> str:
+        return "missing" if data is None else f"{len(data)} B"
+
+    mine, theirs = files(replica), files(source)
+    lines = []
+    for path in sorted(mine.keys() | theirs.keys()):
+        a, b = mine.get(path), theirs.get(path)
+        if a == b:
+            continue
+        x, y = a or b"", b or b""
+        first = next(
+            (
+                i
+                for i in range(0, max(len(x), len(y)), BLOCK)
+                if x[i : i + BLOCK] != y[i : i + BLOCK]
+            ),
+            None,
+        )
+        lines.append(
+            f"{path}: replica {size(a)}, source {size(b)}, first differing block at {first}"
+        )
+    return "; ".join(lines) or "no file differs from the source now"
 
 
 class TreeWriter:
@@ -378,6 +426,7 @@ class TreeWriter:
         self.source = source
         self.rng = random.Random(seed)
         self.states: list[str] = [tree_digest(source)]
+        self.partial: set[str] = set()  # states in ``states`` holding part of a write
         self.ops: dict[str, int] = {}
         self._root_fd: int | None = None
         self._lock = threading.Lock()
@@ -412,6 +461,26 @@ class TreeWriter:
         self._drop_root()
         if self.error is not None:
             raise self.error
+
+    def _partly_written(self, path: str, payload: bytes, offset: int) -> list[str]:
+        """The folder with the write of ``payload`` at ``offset`` into ``path`` done up to
+        each page boundary inside it: states the source can pass through.
+
+        The kernel sends an unaligned write into pages it does not cache as several FUSE
+        requests (the first ends with the first page), which the filter journals and
+        makes one at a time, and the sender's ticker may journal a barrier between them;
+        SIGKILL can also cut the filter's own write of the source between two pages.
+        Either way the source holds a page-aligned prefix of the write for a while."""
+        try:
+            before = (self.source / path).read_bytes()
+        except FileNotFoundError:
+            return []
+        states = []
+        for boundary in range((offset // PAGE + 1) * PAGE, offset + len(payload), PAGE):
+            data = bytearray(before.ljust(offset, b"\0"))
+            data[offset:boundary] = payload[: boundary - offset]
+            states.append(tree_digest(self.source, (path, bytes(data))))
+        return states
 
     def history(self) -> list[str]:
         with self._lock:
@@ -502,6 +571,11 @@ class TreeWriter:
                 op, args = self._pick_op()
                 payload = self.rng.randbytes(self.rng.choice((1, 512, 4096, 20000)))
                 offset = self.rng.randrange(self.MAX_FILE - len(payload))
+                if op == "write":
+                    partial = self._partly_written(args[0], payload, offset)
+                    with self._lock:
+                        self.states += partial
+                        self.partial.update(partial)
                 deadline = time.monotonic() + 120
                 while True:
                     try:

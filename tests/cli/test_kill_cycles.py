@@ -32,6 +32,7 @@ from tests.killcycles import (
     TreeWriter,
     block_tags,
     prefix_state,
+    tree_difference,
     tree_digest,
 )
 from tests.tools import ENV, REPLICATOR, ReceiverProc, b3, qemu_img, start_receiver
@@ -272,8 +273,12 @@ def _observe_tree(receiver: ReceiverProc, writer: TreeWriter, tally: Tally) -> N
             while digest not in history and time.monotonic() < deadline:
                 time.sleep(0.05)
                 history = writer.history()
-            assert digest in history, "the replica folder is a state the source never had"
+            assert digest in history, (
+                "the replica folder is a state the source never had; against the source "
+                f"now: {tree_difference(receiver.dir / JOB, writer.source)}"
+            )
             tally.observed_at_rest += 1
+            tally.observed_mid_write += digest in writer.partial
             tally.states.add(history.index(digest))
             return True
         finally:
