@@ -28,6 +28,7 @@ from replicator.journal.errors import (
 from replicator.transport.errors import (
     CERT_PROBLEMS,
     ConnectionClosedError,
+    ConnectionFailedError,
     RemoteProtocolError,
     VersionMismatchError,
 )
@@ -110,9 +111,13 @@ def first_error(exc: BaseException) -> BaseException:
     """The error that matters inside (nested) exception groups from a TaskGroup.
 
     A user-facing ReplicatorError wins; otherwise the first error that is not a
-    cancellation (the others were cancelled because of it).
+    cancellation (the others were cancelled because of it). A send refused because the
+    connection had already failed (``ConnectionFailedError``) counts as what failed it:
+    the task that saw the failure may be listed after the one that tried to send.
     """
     if not isinstance(exc, BaseExceptionGroup):
+        if isinstance(exc, ConnectionFailedError) and exc.cause is not None:
+            return exc.cause
         return exc
     leaves = [first_error(inner) for inner in exc.exceptions]
     for leaf in leaves:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from replicator.transport.errors import (
         CERT_PROBLEMS,
         ConnectionClosedError,
+        ConnectionFailedError,
         DialError,
         LocalProtocolError,
         ProtocolError,
@@ -80,6 +81,7 @@ _HOME = {
     "Credit": "messages",
     "DEFAULT_MAX_FRAME": "frames",
     "DEFAULT_WINDOW": "protocol",
+    "ConnectionFailedError": "errors",
     "DialError": "errors",
     "Error": "messages",
     "FRAME_VERSION": "frames",
@@ -148,6 +150,7 @@ __all__ = [
     "Ack",
     "ConnectionClosed",
     "ConnectionClosedError",
+    "ConnectionFailedError",
     "Credit",
     "DialError",
     "Error",

@@ -20,6 +20,22 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something malformed or out of turn."""
 
 
+class ConnectionFailedError(LocalProtocolError):
+    """A send on a connection that has already failed (state ERROR).
+
+    Not a bug of the sending task: another task's receive or send failed the connection
+    first (often the peer's malformed frame), and ``cause`` (a copy of that error) is the
+    error that matters; ``engine.errors.first_error`` reports it instead of this one.
+    """
+
+    def __init__(self, message: str, cause: ProtocolError | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.cause))
+
+
 class VersionMismatchError(RemoteProtocolError):
     """The peer speaks another frame format or protocol version.
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final, Literal
 
+from replicator.transport.errors import ConnectionFailedError
 from replicator.transport.frames import (
     CAP_RECORDS_CHECKED,
     COMPRESS_THRESHOLD,
@@ -500,6 +501,12 @@ class ProtocolConnection:
         new = TRANSITIONS.get((self.role, self.state, direction, mtype))
         if new is not None:
             return new
+        if direction == "send" and self.state is State.ERROR:
+            raise ConnectionFailedError(
+                f"a {self.role.value} cannot send {type(msg).__name__}: the connection "
+                f"failed earlier ({self.error})",
+                None if self.error is None else detached(self.error),
+            )
         if direction == "send":
             raise LocalProtocolError(
                 f"a {self.role.value} cannot send {type(msg).__name__} in state {self.state.value}"

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 
-from replicator.engine.errors import ConnectError, ExitCode, Interrupted, StorageError, unwrap
+from replicator.engine.errors import (
+    ConnectError,
+    ExitCode,
+    Interrupted,
+    PeerProtocolError,
+    StorageError,
+    first_error,
+    unwrap,
+)
+from replicator.transport.errors import ConnectionFailedError, RemoteProtocolError
 
 
 def test_local_io_errors_are_storage_errors_with_what_to_do() -> None:
@@ -18,3 +28,23 @@ def test_connection_errors_and_cancellation_keep_their_own_codes() -> None:
     assert isinstance(unwrap(ConnectionResetError(errno.ECONNRESET, "reset")), ConnectError)
     assert isinstance(unwrap(ExceptionGroup("g", [BrokenPipeError()])), ConnectError)
     assert isinstance(unwrap(asyncio.CancelledError()), Interrupted)
+
+
+def test_a_send_refused_after_a_failure_reports_the_failure() -> None:
+    """The receiver's syncer sent an Ack after its reader had failed the connection on a
+    corrupted frame; the session was reported as an internal error and the sender, told
+    so, gave up (exit 6) instead of reconnecting. Whichever task the group lists first,
+    the error that matters is the corrupted frame."""
+    bad_frame = RemoteProtocolError(
+        "frame payload decompressed to 1439404 bytes, announced 1442056"
+    )
+    refused = ConnectionFailedError("a receiver cannot send Ack", copy.copy(bad_frame))
+    for tasks in ([refused, bad_frame], [bad_frame, refused], [refused]):
+        error = first_error(ExceptionGroup("session", list(tasks)))
+        assert type(error) is RemoteProtocolError and str(error) == str(bad_frame)
+    nested = BaseExceptionGroup(
+        "outer", [ExceptionGroup("inner", [refused]), asyncio.CancelledError()]
+    )
+    assert type(first_error(nested)) is RemoteProtocolError
+    assert isinstance(unwrap(refused), PeerProtocolError)  # the sender's side: "malformed"
+    assert first_error(ConnectionFailedError("no cause known")).__class__ is ConnectionFailedError

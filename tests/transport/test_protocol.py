@@ -13,6 +13,7 @@ from replicator.transport import (
     PROTOCOL_VERSION,
     Ack,
     ConnectionClosed,
+    ConnectionFailedError,
     Credit,
     Error,
     Goodbye,
@@ -320,6 +321,25 @@ def test_error_state_allows_only_last_words() -> None:
         receiver.send(Ping(1, 1))
     assert receiver.send(Error("protocol", "you sent Welcome"))
     assert receiver.state is State.ERROR
+
+
+def test_a_send_after_a_failure_names_the_failure_as_its_cause() -> None:
+    """Another task may send (an Ack) after the reader failed the connection on a bad
+    frame: the send is refused, and the error carries the bad frame's error as its cause,
+    so the session reports that (a corrupted frame), not a bug of ours."""
+    receiver = _pair_in(Role.RECEIVER, State.ESTABLISHED)
+    receiver.receive_data(_frame(Welcome(PROTOCOL_VERSION, 0, 0, 1, (), 0)))
+    with pytest.raises(RemoteProtocolError, match="out of turn") as failed:
+        receiver.next_event()
+    with pytest.raises(ConnectionFailedError, match="failed earlier") as refused:
+        receiver.send(Ack(0, 0))
+    assert isinstance(refused.value, LocalProtocolError)  # still a refused send
+    assert type(refused.value.cause) is RemoteProtocolError
+    assert str(refused.value.cause) == str(failed.value)
+    fresh = _pair_in(Role.RECEIVER, State.ESTABLISHED)
+    with pytest.raises(LocalProtocolError) as illegal:
+        fresh.send(Welcome(PROTOCOL_VERSION, 0, 0, 1, (), 0))  # our own mistake: no cause
+    assert not isinstance(illegal.value, ConnectionFailedError)
 
 
 def test_version_mismatch_in_hello_can_be_refused() -> None:
