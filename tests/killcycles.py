@@ -344,53 +344,51 @@ class Tally:
 # -- a folder (FUSE capture) ---------------------------------------------------------------
 
 
-def tree_digest(root: Path, changed: tuple[str, bytes] | None = None) -> str:
-    """What a folder holds (paths, kinds, contents, link targets), as one digest;
-    ``changed`` (a path relative to ``root``, and bytes) is counted as holding those
-    bytes instead of what it holds."""
+def tree_contents(root: Path) -> dict[str, bytes]:
+    """What a folder holds, keyed by kind and path relative to ``root``: ``"d PATH"`` for
+    a directory (b""), ``"f PATH"`` for a file (its bytes), ``"l PATH"`` for a symlink (its
+    target)."""
+    out: dict[str, bytes] = {}
+    for dirpath, _, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        out[f"d {rel}"] = b""
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            path = os.path.normpath(os.path.join(rel, name))
+            if os.path.islink(full):
+                out[f"l {path}"] = os.fsencode(os.readlink(full))
+            else:
+                with open(full, "rb") as f:
+                    out[f"f {path}"] = f.read()
+    return out
+
+
+def digest_of(contents: dict[str, bytes]) -> str:
+    """One digest of what ``tree_contents`` returned."""
     import blake3
 
     h = blake3.blake3()
-    for dirpath, dirnames, filenames in sorted(os.walk(root)):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, root)
-        h.update(f"d {rel}\n".encode())
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                h.update(f"l {rel}/{name} {os.readlink(full)}\n".encode())
-                continue
-            if changed is not None and os.path.relpath(full, root) == changed[0]:
-                data = changed[1]
-            else:
-                with open(full, "rb") as f:
-                    data = f.read()
-            h.update(f"f {rel}/{name} {blake3.blake3(data).hexdigest()}\n".encode())
+    for key in sorted(contents):
+        h.update(f"{key} {blake3.blake3(contents[key]).hexdigest()}\n".encode())
     return str(h.hexdigest())
 
 
-def tree_difference(replica: Path, source: Path) -> str:
-    """Which files of ``replica`` differ from ``source`` now (sizes and the first
-    differing 4 KiB block), for a failure message."""
+def tree_digest(root: Path) -> str:
+    """What a folder holds (paths, kinds, contents, link targets), as one digest."""
+    return digest_of(tree_contents(root))
 
-    def files(root: Path) -> dict[str, bytes]:
-        out = {}
-        for dirpath, _, filenames in os.walk(root):
-            for name in filenames:
-                full = Path(dirpath, name)
-                link = full.is_symlink()
-                out[str(full.relative_to(root))] = (
-                    f"-> {os.readlink(full)}".encode() if link else full.read_bytes()
-                )
-        return out
+
+def tree_difference(replica: Path, source: Path) -> str:
+    """Which entries of ``replica`` differ from ``source`` now (sizes and the first
+    differing 4 KiB block), for a failure message."""
 
     def size(data: bytes | None) -> str:
         return "missing" if data is None else f"{len(data)} B"
 
-    mine, theirs = files(replica), files(source)
+    mine, theirs = tree_contents(replica), tree_contents(source)
     lines = []
-    for path in sorted(mine.keys() | theirs.keys()):
-        a, b = mine.get(path), theirs.get(path)
+    for key in sorted(mine.keys() | theirs.keys()):
+        a, b = mine.get(key), theirs.get(key)
         if a == b:
             continue
         x, y = a or b"", b or b""
@@ -403,9 +401,9 @@ def tree_difference(replica: Path, source: Path) -> str:
             None,
         )
         lines.append(
-            f"{path}: replica {size(a)}, source {size(b)}, first differing block at {first}"
+            f"{key}: replica {size(a)}, source {size(b)}, first differing block at {first}"
         )
-    return "; ".join(lines) or "no file differs from the source now"
+    return "; ".join(lines) or "nothing differs from the source now"
 
 
 class TreeWriter:
@@ -471,15 +469,16 @@ class TreeWriter:
         makes one at a time, and the sender's ticker may journal a barrier between them;
         SIGKILL can also cut the filter's own write of the source between two pages.
         Either way the source holds a page-aligned prefix of the write for a while."""
-        try:
-            before = (self.source / path).read_bytes()
-        except FileNotFoundError:
+        contents = tree_contents(self.source)
+        key = f"f {os.path.normpath(path)}"
+        before = contents.get(key)
+        if before is None:
             return []
         states = []
         for boundary in range((offset // PAGE + 1) * PAGE, offset + len(payload), PAGE):
             data = bytearray(before.ljust(offset, b"\0"))
             data[offset:boundary] = payload[: boundary - offset]
-            states.append(tree_digest(self.source, (path, bytes(data))))
+            states.append(digest_of({**contents, key: bytes(data)}))
         return states
 
     def history(self) -> list[str]:
