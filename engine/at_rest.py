@@ -217,38 +217,35 @@ class Unapplied:
 
 def _unapplied(report: JournalReport, heard: PeerApplied | None) -> Unapplied:
     """What is journaled past ``heard`` (everything when None). A record counts as applied
-    when its LSN is at most the one heard and it was journaled before it was heard; a
-    segment wholly below that LSN is judged by its first record's time, the segment holding
-    the LSN record by record."""
+    when its LSN is at most the one heard and it was journaled before it was heard: a
+    segment wholly below that LSN is judged by its first record alone, the segment holding
+    the LSN record by record, and one that cannot be read counts whole."""
     records = size = 0
     oldest: int | None = None
     for info in report.segments:
         if not info.count:
             continue
+        first: list[EncodedRecord] = []
+        counted: list[EncodedRecord] | None = None  # None: the whole segment counts
         if heard is not None and info.last_lsn <= heard.lsn:
             first = _read_encoded(info, budget=1)
             if first and first[0].ts_ns <= heard.at_ns:
                 continue  # applied (a newer first record: a journal begun again)
-            heard_here = None
+        elif heard is not None and info.first_lsn <= heard.lsn:
+            stored = _read_encoded(info, budget=info.records_end)
+            if len(stored) == info.count:
+                counted = [r for r in stored if r.lsn > heard.lsn or r.ts_ns > heard.at_ns]
+        if counted is not None:
+            records += len(counted)
+            size += sum(len(r.raw) + len(r.payload) for r in counted)
+            first = counted[:1]
         else:
-            heard_here = heard if heard is not None and info.first_lsn <= heard.lsn else None
-        stored = _read_encoded(info, budget=info.records_end) if heard_here is not None else []
-        if len(stored) != info.count:  # not the boundary, or unreadable: all of it counts
-            heard_here = None
-        if heard_here is None:
             records += info.count
             size += info.records_end - HEADER_BYTES
-            if oldest is None:
+            if oldest is None and not first:
                 first = _read_encoded(info, budget=1)
-                oldest = first[0].ts_ns if first else None
-            continue
-        for record in stored:
-            if record.lsn <= heard_here.lsn and record.ts_ns <= heard_here.at_ns:
-                continue
-            records += 1
-            size += len(record.raw) + len(record.payload)
-            if oldest is None:
-                oldest = record.ts_ns
+        if oldest is None and first:
+            oldest = first[0].ts_ns
     return Unapplied(records, size, oldest)
 
 
