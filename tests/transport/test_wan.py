@@ -12,6 +12,7 @@ import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -385,12 +386,25 @@ async def test_reset_after_n_bytes_down(net: Net) -> None:
     assert client.data == payload[:12_345]
 
 
+def _socket_buffers_max() -> int:
+    """The most one TCP connection's send and receive buffers can grow to here."""
+    total = 0
+    for name in ("tcp_wmem", "tcp_rmem"):
+        try:
+            total += int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+        except (OSError, IndexError, ValueError):
+            total += 8 * MIB
+    return total
+
+
 async def test_stall_forwards_nothing_then_resume_loses_nothing(net: Net) -> None:
     wan = await net.wan()
     client, peer = await net.connect(wan)
     await ping(client, peer, b"x")
     wan.stall(None)
-    payload = os.urandom(12 * MIB)  # more than the link holds: backpressure reaches the client
+    # more than the link's queue and both kernels' socket buffers hold, so backpressure
+    # reaches the client (12 MiB did not always: a receive buffer may grow to tcp_rmem's max)
+    payload = os.urandom(_socket_buffers_max() + wan.profile.queue_of("up") + 8 * MIB)
     client.write(payload)
     await asyncio.sleep(0.3)
     assert peer.data == b"x" and client.data == b"x"
