@@ -20,7 +20,6 @@ replica moves from barrier to barrier.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import stat
@@ -34,6 +33,7 @@ import structlog
 
 from replicator.engine import replica_state
 from replicator.engine.applier import Applier, ApplyError, PendingSync
+from replicator.engine.durable_tail import DurableTail
 from replicator.engine.errors import ConfigError, ReplicaInconsistent
 from replicator.engine.generations import (
     Promotion,
@@ -116,13 +116,9 @@ class JobReplica:
         self.state_dir = config.state_root / job
         self.session_lock = asyncio.Lock()
         self.last_barrier = state.applied_lsn
-        # Records made durable by a session, kept so the applier need not read them back
-        # from the journal. Valid only while it holds *every* durable record after the
-        # applied LSN; dropped (and the journal read instead) when it would grow too big,
-        # and after a failed apply (which may have consumed part of it).
-        self._mem: collections.deque[Record] = collections.deque()
-        self._mem_bytes = 0
-        self._mem_ok = journal.durable_lsn <= state.applied_lsn
+        # records made durable by a session, kept so the applier need not read them back
+        # from the journal (engine/durable_tail.py)
+        self._tail = DurableTail(max(state.applied_lsn, journal.durable_lsn), MEM_APPLY_BYTES)
         self._noted = self.received_lsn  # highest LSN handed to note_durable (or applied)
         self._eager_bytes = 0  # durable bytes noted since the last eager round began
         # the direct path: the last LSN written into the replica (committed once it is
@@ -429,48 +425,46 @@ class JobReplica:
         if records:
             self._noted = max(self._noted, records[-1].lsn)
             self._eager_bytes += size
-        if self._mem_ok:
-            self._mem.extend(records)
-            self._mem_bytes += size
-            if self._mem_bytes > MEM_APPLY_BYTES:  # the applier is behind: use the journal
-                self._drop_memory()
+        self._tail.extend(records)
         self._wake.set()
 
     def session_started(self) -> None:
         """A new session begins: records an earlier one made durable without handing them
         over (it ended between its append and its sync) exist only in the journal."""
         if self.journal.durable_lsn > self._noted:
-            self._drop_memory()
-
-    def _memory_still_used(self) -> bool:
-        """False once ``_drop_memory`` ran (re-read: a round awaits between records)."""
-        return self._mem_ok
-
-    def _drop_memory(self) -> None:
-        self._mem.clear()
-        self._mem_bytes = 0
-        self._mem_ok = False
+            self._noted = self.journal.durable_lsn
+            self._tail.reset(self.journal.durable_lsn)
 
     async def _records_upto(self, target: int) -> AsyncIterator[Record]:
-        """Durable records after the applied LSN up to ``target``, from memory or the journal.
+        """Durable records after the applied LSN up to ``target``, from memory where it
+        holds them (``DurableTail``), from the journal where it does not.
 
-        The memory can be dropped while a round applies from it (records arriving faster
-        than they are applied pass ``MEM_APPLY_BYTES``): the rest of the round then comes
-        from the journal, which holds every durable record until the round ends."""
+        The tail can drop records while a round awaits between them (records arriving
+        faster than they are applied): the round reads those from the journal, which
+        holds every durable record until the round ends, and goes back to memory as soon
+        as it holds the next one."""
         last = self.state.applied_lsn
-        if self._mem_ok:
-            while self._mem and self._mem[0].lsn <= target:
-                record = self._mem.popleft()
-                self._mem_bytes -= record.encoded_size
-                last = record.lsn
+        tail = self._tail
+        while last < target:
+            record = tail.next_after(last)
+            if record is not None:
+                if record.lsn > target:
+                    return
+                last = tail.pop().lsn
                 yield record
-            if self._memory_still_used() or last >= target:
-                return
-        start = max(last + 1, self.journal.first_lsn)
-        async for record in self.journal.read_from(start):
-            if record.lsn > target:
-                break
-            yield record
+                continue
+            moved = False
+            start = max(last + 1, self.journal.first_lsn)
+            async with contextlib.aclosing(self.journal.read_from(start)) as stored:
+                async for record in stored:
+                    if record.lsn > target:
+                        return
+                    last, moved = record.lsn, True
+                    yield record
+                    if tail.next_after(last) is not None:
+                        break  # memory holds the rest
+            if not moved:
+                return  # nothing durable after ``last``: the caller names the gap
 
     @property
     def eager(self) -> bool:
@@ -538,9 +532,6 @@ class JobReplica:
             if point is not None:
                 new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
             await self._save_state(new)
-            if not self._mem_ok and self.journal.durable_lsn == target:
-                self._mem_ok = True  # caught up: nothing durable is left unapplied
-                self._noted = max(self._noted, target)
             await self.journal.trim(target + 1)
             async with self.applied_changed:
                 self.applied_changed.notify_all()
@@ -682,9 +673,7 @@ class JobReplica:
             await asyncio.to_thread(clear_promotion, self.state_dir)
             self.promotion = None
             self.last_barrier = self._noted = lsn
-            self._mem.clear()
-            self._mem_bytes = 0
-            self._mem_ok = True  # nothing durable lies above the applied LSN
+            self._tail.reset(lsn)  # nothing durable lies above the applied LSN
         with contextlib.suppress(JournalError):
             await self.journal.trim(lsn + 1)  # records from before the failback: never applied
         log.warning("receiver.handed_back", job=self.job, lsn=lsn, generation=self.state.generation)
@@ -710,7 +699,8 @@ class JobReplica:
         return self._applier
 
     def _after_failed_apply(self) -> None:
-        self._drop_memory()
+        # the round may have taken records from memory without applying them
+        self._tail.reset(self.journal.durable_lsn)
         if self._applier is not None:
             self.files.unstamp(self._applier.unstamped)  # our own writes moved past them
         self._reset_applier()

@@ -36,7 +36,7 @@ import bisect
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -709,7 +709,7 @@ class Journal:
         return keep
 
     # ------------------------------------------------------------------ read
-    async def read_from(self, lsn: int) -> AsyncIterator[Record]:
+    async def read_from(self, lsn: int) -> AsyncGenerator[Record, None]:
         """Durable records with ``record.lsn >= lsn`` in order, up to the durable end.
 
         Raises JournalError when ``lsn`` is below the first stored segment (those records

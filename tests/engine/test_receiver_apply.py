@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import tempfile
 import threading
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from replicator.engine import job_replica
 from replicator.engine.receiver import JobReplica, ReceiverConfig
@@ -127,7 +134,7 @@ async def test_memory_dropped_during_a_round_is_made_up_from_the_journal(
 
         def first_batch_then_more_arrives(batch: list[Record]) -> None:
             if not arrived.is_set():  # mid-round: the next records push memory over its cap
-                monkeypatch.setattr(job_replica, "MEM_APPLY_BYTES", 0)
+                replica._tail.cap = 0
                 loop.call_soon_threadsafe(arrive)
                 assert arrived.wait(10)
             apply_many(batch)
@@ -232,3 +239,132 @@ async def test_a_failed_first_sync_round_moves_nothing_and_the_next_one_converge
     finally:
         await replica.aclose()
     assert (tmp_path / "replicas" / "job" / "d").read_bytes() == b"z" * 16384 + b"w" * 16384
+
+
+def _count_journal_reads(replica: JobReplica, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The LSNs the replica reads back from its journal (not from memory), in order."""
+    read_back: list[int] = []
+    real = replica.journal.read_from
+
+    async def counted(lsn: int) -> AsyncGenerator[Record, None]:
+        async with contextlib.aclosing(real(lsn)) as records:
+            async for record in records:
+                read_back.append(record.lsn)
+                yield record
+
+    monkeypatch.setattr(replica.journal, "read_from", counted)
+    return read_back
+
+
+async def test_a_receiver_that_fell_behind_applies_from_memory_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory keeps the newest records when the applier falls behind: the applier reads
+    the older ones from the journal and comes back to memory for the rest. (It used to
+    drop memory whole and take it back only once nothing durable was left unapplied,
+    which under a steady stream, with records always durable after the last barrier,
+    never happened: every record was read back from the journal from then on.)"""
+    replica = await JobReplica.open("job", _config(tmp_path))
+    read_back = _count_journal_reads(replica, monkeypatch)
+    page = 4096
+    replica._tail.cap = 3 * Record.write("d", 0, b"x" * page).encoded_size
+    try:
+        epoch = [
+            Record.write("d", i * page, bytes([i + 1]) * page).with_lsn(i + 1, 1) for i in range(8)
+        ]
+        epoch.append(Record.flush().with_lsn(9, 1))
+        await _durable(replica, epoch)  # over the cap: the oldest are dropped
+        # a steady stream: the next epoch has begun before this one is applied
+        await _durable(replica, [Record.write("d", 0, b"y" * page).with_lsn(10, 1)])
+        assert await replica.apply_pending() == 9
+        assert read_back and max(read_back) < 9  # the newest came from memory already
+        before = len(read_back)
+        await _durable(
+            replica,
+            [Record.write("d", page, b"z" * page).with_lsn(11, 1), Record.flush().with_lsn(12, 1)],
+        )
+        assert await replica.apply_pending() == 12
+        assert read_back[before:] == []  # all from memory: it came back
+    finally:
+        await replica.aclose()
+    data = (tmp_path / "replicas" / "job" / "d").read_bytes()
+    assert data == b"y" * page + b"z" * page + b"".join(bytes([i + 1]) * page for i in range(2, 8))
+
+
+@dataclass
+class _Model:
+    """What the replica file must hold: every durable write in LSN order."""
+
+    writes: list[tuple[int, int, bytes]] = field(default_factory=list)  # (lsn, offset, data)
+    lsn: int = 0
+
+    def content_at(self, lsn: int) -> bytes:
+        image = bytearray()
+        for at, offset, data in self.writes:
+            if at > lsn:
+                break
+            image[len(image) : offset + len(data)] = bytes(max(0, offset + len(data) - len(image)))
+            image[offset : offset + len(data)] = data
+        return bytes(image)
+
+    def batch(self, pages: list[int], barrier: bool) -> list[Record]:
+        records = []
+        for page in pages:
+            self.lsn += 1
+            data = self.lsn.to_bytes(4, "big") * 1024
+            self.writes.append((self.lsn, page * 4096, data))
+            records.append(Record.write("d", page * 4096, data).with_lsn(self.lsn, 1))
+        if barrier:
+            self.lsn += 1
+            records.append(Record.flush().with_lsn(self.lsn, 1))
+        return records
+
+
+_STEP = st.one_of(
+    st.tuples(st.just("note"), st.lists(st.integers(0, 7), min_size=1, max_size=6), st.booleans()),
+    st.tuples(
+        st.just("orphans"), st.lists(st.integers(0, 7), min_size=1, max_size=3), st.just(False)
+    ),
+    st.tuples(st.just("cap"), st.integers(0, 12), st.just(False)),
+    st.tuples(st.just("apply"), st.just(0), st.booleans()),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(_STEP, min_size=1, max_size=25))
+def test_memory_and_journal_together_apply_every_record_once_in_order(
+    steps: list[tuple[str, Any, bool]],
+) -> None:
+    """Whatever memory keeps or drops (its cap changing under it), records a dead session
+    left unhanded, rounds forced or not: the replica holds exactly the writes up to the
+    applied LSN, and at the end every durable record is applied."""
+
+    async def run(root: Path) -> None:
+        model = _Model()
+        replica = await JobReplica.open("job", _config(root))
+        target = root / "replicas" / "job" / "d"
+        try:
+            for kind, arg, flag in steps:
+                if kind == "note":
+                    await _durable(replica, model.batch(arg, flag))
+                elif kind == "orphans":  # appended and synced, never handed over
+                    await replica.ingest(model.batch(arg, False))
+                    await replica.journal.sync()
+                    replica.session_started()
+                elif kind == "cap":
+                    replica._tail.cap = arg * 4200
+                else:
+                    await replica.apply_pending(force=flag)
+                async with replica._apply_lock:  # the job's own apply loop is between rounds
+                    applied = replica.applied_lsn
+                    found = target.read_bytes() if target.exists() else b""
+                assert found == model.content_at(applied), f"wrong replica at lsn {applied}"
+                assert replica.failure is None
+            assert await replica.apply_pending(force=True) == model.lsn
+            assert replica.failure is None
+        finally:
+            await replica.aclose()
+        assert (target.read_bytes() if target.exists() else b"") == model.content_at(model.lsn)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(Path(tmp)))

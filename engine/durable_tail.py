@@ -1,0 +1,77 @@
+"""The receiver's memory of durable records it has not applied yet: a bounded tail.
+
+A session hands the applier each batch of records once its receive journal holds them
+durably (``JobReplica.note_durable``), so the applier need not read them back from the
+journal, decode them and check their checksums again. The journal keeps every durable
+record until it is applied; this memory is only a shortcut, and it must never make the
+applier skip a record or apply one twice.
+
+What it promises: every durable record *after* ``base`` that was handed over is here, in
+LSN order (records at or below ``base`` may be here too, stale; they are passed over).
+So when the applier has applied up to an LSN at or above ``base``, the next record here is
+the next durable record, and otherwise it reads the journal until it is.
+
+When the applier falls behind, the oldest records are dropped and ``base`` moves past
+them: the applier reads those from the journal and comes back to memory for the rest.
+(Before, memory was dropped whole and came back only once the applier caught up with
+the journal's durable end, which under a steady stream of writes never happened: a
+receiver that fell behind once read every record back for the rest of its session.)
+When the records here may not be all of them (records a dead session made durable and
+never handed over, a failed apply that consumed part of them), ``reset`` empties it and
+moves ``base`` to the journal's durable end.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from replicator.journal import Record
+
+
+class DurableTail:
+    """Durable, unapplied records kept for the applier (see the module docstring)."""
+
+    def __init__(self, base: int, cap: int) -> None:
+        """``base``: every durable record after it will be handed over (the journal's
+        durable end when the tail starts); ``cap``: bytes kept at most (encoded size)."""
+        self.base = base
+        self.cap = cap
+        self.bytes = 0
+        self._records: collections.deque[Record] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def extend(self, records: list[Record]) -> None:
+        """Records just made durable, in LSN order, following the ones handed over before.
+        Over the cap, the oldest are dropped and ``base`` moves past them."""
+        kept = self._records
+        for record in records:
+            kept.append(record)
+            self.bytes += record.encoded_size
+        while self.bytes > self.cap and kept:
+            dropped = kept.popleft()
+            self.bytes -= dropped.encoded_size
+            self.base = max(self.base, dropped.lsn)
+
+    def next_after(self, lsn: int) -> Record | None:
+        """The durable record that follows ``lsn`` (applied up to it) if it is here; None
+        when the journal must be read for it (or nothing durable follows yet)."""
+        if lsn < self.base:
+            return None
+        kept = self._records
+        while kept and kept[0].lsn <= lsn:  # applied from the journal meanwhile
+            self.bytes -= kept.popleft().encoded_size
+        return kept[0] if kept else None
+
+    def pop(self) -> Record:
+        """Take the record ``next_after`` returned."""
+        record = self._records.popleft()
+        self.bytes -= record.encoded_size
+        return record
+
+    def reset(self, base: int) -> None:
+        """Forget every record: from now on only those after ``base`` are kept."""
+        self._records.clear()
+        self.bytes = 0
+        self.base = base
