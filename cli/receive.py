@@ -137,7 +137,11 @@ def receive(
             # TLS: the context is asked for at every accept (rebuilt when its files change)
             server = await serve(host, port, receiver.handle, ssl=tls.context if tls else None)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+            raise ConfigError(
+                f"cannot listen on {listen}: {exc.strerror or exc}",
+                hint="is another receiver listening there? Stop it, or give --listen a free "
+                "port or an address of this host",
+            ) from exc
         bound = [s.getsockname() for s in server.sockets]
         log.info(
             "receiver.listening",

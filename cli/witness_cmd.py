@@ -72,7 +72,11 @@ def witness_command(
                     witness.handle, host, port, ssl=tls.context() if tls else None
                 )
             except OSError as exc:
-                raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+                raise ConfigError(
+                    f"cannot listen on {listen}: {exc.strerror or exc}",
+                    hint="is another witness listening there? Stop it, or give --listen a "
+                    "free port or an address of this host",
+                ) from exc
             bound = [s.getsockname() for s in server.sockets]
             where = ", ".join(f"{a[0]}:{a[1]}" for a in bound)
             log.info("witness.listening", addresses=where, state=str(witness.path))

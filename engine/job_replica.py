@@ -89,6 +89,11 @@ def check_receiver_dirs(config: ReceiverConfig) -> None:
             makedirs_durable(path)
         except OSError as exc:
             raise ConfigError(f"cannot create {what} folder {path}: {exc.strerror}") from exc
+        if not path.is_dir():
+            raise ConfigError(
+                f"{what} folder {path} is a file, not a folder",
+                hint="give a folder (created when missing) or remove the file",
+            )
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(
                 f"{what} folder {path} is not writable", hint="fix its permissions or pick another"

@@ -32,7 +32,10 @@ class StateDirLock:
             makedirs_durable(self.path)
             fd = lock_directory(self.path)
         except OSError as exc:
-            raise ConfigError(f"cannot use state folder {self.path}: {exc.strerror}") from exc
+            raise ConfigError(
+                f"cannot use state folder {self.path}: {exc.strerror}",
+                hint="create it, fix its permissions, or pick another folder",
+            ) from exc
         if fd is None:
             raise ConfigError(
                 f"{self.what} already runs with state folder {self.path}",

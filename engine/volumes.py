@@ -72,7 +72,13 @@ def resolve_volumes(paths: list[Path]) -> list[VolumeSpec]:
         if not path.exists():
             raise ConfigError(f"volume {path} does not exist", hint="check the path")
         if not path.is_file():
-            raise ConfigError(f"volume {path} is not a regular file")
+            raise ConfigError(
+                f"volume {path} is not a regular file",
+                hint="name the disk images and files to replicate; a whole folder replicates "
+                "with --capture fuse --mount MOUNTPOINT"
+                if path.is_dir()
+                else "name the disk images and files to replicate",
+            )
         try:
             with path.open("rb"):
                 pass

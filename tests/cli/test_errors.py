@@ -145,8 +145,17 @@ def test_second_sender_for_a_connected_job_is_refused(
         assert first.wait(timeout=60) == 0
 
 
+def test_receiver_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_bytes(b"")
+    out = replicator("receive", "--listen", f"127.0.0.1:{free_port()}", "--dir",
+                     str(tmp_path / "afile"), "--insecure")  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG
+    assert "is a file, not a folder" in one_line_error(out.stderr)
+
+
 def test_receiver_port_in_use(tmp_path: Path, receiver: ReceiverProc) -> None:
     out = replicator("receive", "--listen", receiver.address, "--dir", str(tmp_path / "x"),
                      "--insecure")  # fmt: skip
     assert out.returncode == ExitCode.CONFIG
-    assert "cannot listen" in one_line_error(out.stderr)
+    error = one_line_error(out.stderr)
+    assert "cannot listen" in error and "another receiver" in error  # says what to do next

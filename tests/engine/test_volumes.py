@@ -82,8 +82,9 @@ def test_punch_hole_reads_zeros_and_keeps_size(tmp_path: Path) -> None:
 def test_resolve_volumes_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_volumes([tmp_path / "missing.vhd"])
-    with pytest.raises(ConfigError, match="not a regular file"):
+    with pytest.raises(ConfigError, match="not a regular file") as folder:
         resolve_volumes([tmp_path])
+    assert folder.value.hint is not None and "--capture fuse" in folder.value.hint
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "disk.img").write_bytes(b"x")
