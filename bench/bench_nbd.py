@@ -116,7 +116,7 @@ async def nbdkit(image: Path, sock: str) -> AsyncIterator[str]:
 async def shim(image: Path, sock: str, journal_dir: Path) -> AsyncIterator[str]:
     shutil.rmtree(journal_dir, ignore_errors=True)
     journal = await Journal.open(journal_dir)
-    export = JournaledFileExport(journal, image, "bench")
+    export = JournaledFileExport(journal, image, "bench", overflow=True)  # as `send` does
     server = NbdServer({export.name: export})
     await server.start_unix(sock)
 
