@@ -11,13 +11,25 @@ Both run in the same session on the same files, warm page cache for both:
   copied); payload bytes / changed bytes;
 * peak RSS of the sender and of the receiver (from wait4 / VmHWM).
 
-The 1%-changed step runs ``--repeat`` times (a different 1% each time, which tool goes
-first alternating) and reports the median and the range. ``--data-mib`` makes the image
-sparse: that much mixed data spread evenly over ``--size-mib`` (e.g. 8 GiB with 1 GiB of
-data, where fixed costs matter less); rsync then gets ``--sparse`` for the initial copy.
+Before every timed run the page cache is written out (``sync``), so no tool pays for the
+dirty pages another step left. This VM's disk writes at a rate that depends on what was
+written and deleted before (the same ``rsync --fsync`` of the image into a new folder took
+1.8 s in one place of a sequence and 4.4-4.7 s in another; ext4 is mounted with
+``discard`` here, so a freed block the host dropped must be allocated again), so one
+initial copy per tool says little. ``dd conv=fdatasync,sparse`` of the image into a new
+file in each round gives the disk's own time for the same bytes (the zeros skipped, as
+ours skips them), and ``--settle`` adds seconds of quiet before each copy.
+The initial step runs ``--initial-rounds`` times into fresh targets (a fresh receiver
+folder, fresh rsync folders, all deleted after the round), the 1%-changed step
+``--repeat`` times (a different 1% each time); in both, which tool goes first
+alternates, and the median and the range are reported.
+``--data-mib`` makes the image sparse: that much mixed data spread evenly over
+``--size-mib`` (e.g. 8 GiB with 1 GiB of data, where fixed costs matter less); rsync then
+gets ``--sparse`` for the initial copy.
 The package is byte-compiled first, as ``pip install`` does (see _common.compile_bytecode).
 
-Usage: python bench/bench_send.py [--size-mib 1024] [--data-mib N] [--repeat 3] [--json]
+Usage: python bench/bench_send.py [--size-mib 1024] [--data-mib N] [--initial-rounds 3]
+[--settle 0] [--repeat 3] [--json]
 """
 
 from __future__ import annotations
@@ -90,11 +102,14 @@ def change_one_percent(path: Path, seed: int = 11) -> int:
     return len(chosen) * 64 * 1024
 
 
-def timed(cmd: list[str]) -> tuple[float, int, str]:
-    """Run ``cmd``; (seconds, peak RSS KiB sampled from /proc VmHWM, stdout).
+def timed(cmd: list[str], settle: float = 0.0) -> tuple[float, int, str]:
+    """Run ``cmd`` after writing out the page cache and ``settle`` seconds more; (seconds,
+    peak RSS KiB sampled from /proc VmHWM, stdout).
 
     wait4's ru_maxrss is not used: after a vfork+exec it can report the parent's RSS.
     """
+    os.sync()  # nothing dirty from an earlier step: each tool writes only its own bytes
+    time.sleep(settle)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak = 0
@@ -162,6 +177,13 @@ def main() -> int:
     parser.add_argument(
         "--data-mib", type=int, default=None, help="sparse image: this much data (default: full)"
     )
+    parser.add_argument("--initial-rounds", type=int, default=3, help="initial syncs of each")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds of quiet before each initial copy (see the module docstring)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the 1%% change")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "send")
@@ -173,44 +195,74 @@ def main() -> int:
     image = work / "src" / "disk.img"
     make_mixed_image(image, args.size_mib, data_mib=args.data_mib)
     warm(image)  # warm page cache for both tools
-    receiver, port = start_receiver(work / "rcv")
-    send = [
-        *REPLICATOR,
-        "send",
-        "--to",
-        f"127.0.0.1:{port}",
-        "--job",
-        "bench",
-        "--state-dir",
-        str(work / "state"),
-        "--once",
-        "--json",
-        "--insecure",
-        str(image),
-    ]
+
+    def send_to(port: int, state: Path) -> list[str]:
+        return [
+            *REPLICATOR,
+            "send",
+            "--to",
+            f"127.0.0.1:{port}",
+            "--job",
+            "bench",
+            "--state-dir",
+            str(state),
+            "--once",
+            "--json",
+            "--insecure",
+            str(image),
+        ]
+
     results: dict[str, Any] = {
         "size_bytes": image.stat().st_size,
         "data_bytes": os.stat(image).st_blocks * 512,
         "load_average_start": load_average(),
     }
+    sparse = ["--sparse"] if args.data_mib else []
+    rsync = ["rsync", "--whole-file", *sparse, str(image)]
+    initial: list[dict[str, float]] = []
+    wire_bytes = rss_send = rss_receive = 0
+    settle = args.settle
+    dd = ["dd", f"if={image}", "bs=1M", "conv=fdatasync,sparse", "status=none"]
+    for k in range(args.initial_rounds):  # each into fresh targets, deleted after the round
+        t: dict[str, float] = {}
+        rcv, port = start_receiver(work / "rcv-initial")
+        (work / "disk-limit").mkdir()
+        try:
+            for tool in ("ours", "rsync") if k % 2 == 0 else ("rsync", "ours"):
+                if tool == "ours":
+                    t["ours"], rss, out = timed(send_to(port, work / "state-initial"), settle)
+                    wire_bytes, rss_send = json.loads(out)["wire_bytes"], max(rss_send, rss)
+                else:  # durable like ours (the issue's peer), and plain for reference
+                    fsync_copy = work / "rsync-fsync"
+                    flags = [*rsync[:2], "--fsync", *rsync[2:]]
+                    t["fsync"], _, _ = timed([*flags, f"{fsync_copy}/"], settle)
+                    t["plain"], _, _ = timed([*rsync, f"{work / 'rsync-plain'}/"], settle)
+            # the disk's own rate for writing these bytes into a new file, nothing else
+            t["disk"], _, _ = timed([*dd, f"of={work / 'disk-limit' / 'disk.img'}"], settle)
+            rss_receive = max(rss_receive, vm_hwm_kib(rcv.pid))
+        finally:
+            rcv.send_signal(signal.SIGTERM)
+            rcv.wait(timeout=60)
+        for done in ("rcv-initial", "state-initial", "rsync-fsync", "rsync-plain", "disk-limit"):
+            shutil.rmtree(work / done)
+        initial.append(t)
+    # the changed rounds start from a replica and a copy of the image as it is now
+    receiver, port = start_receiver(work / "rcv")
+    send = send_to(port, work / "state")
     try:
-        t_ours, rss_send, out = timed(send)
-        first = json.loads(out)
-        sparse = ["--sparse"] if args.data_mib else []
-        # durable like ours (the issue's peer), then plain (page cache only) for reference
-        fsync_copy = work / "rsync-fsync"
-        t_fsync, _, _ = timed(
-            ["rsync", "--whole-file", "--fsync", *sparse, str(image), f"{fsync_copy}/"]
-        )
-        shutil.rmtree(fsync_copy)
-        t_rsync, _, _ = timed(["rsync", "--whole-file", *sparse, str(image), f"{work / 'rsync'}/"])
+        timed(send)
+        timed([*rsync, f"{work / 'rsync'}/"])
         results["initial"] = {
-            "replicator_s": t_ours,
-            "rsync_whole_file_fsync_s": t_fsync,
-            "rsync_whole_file_s": t_rsync,
-            "ratio": t_ours / t_fsync,
-            "ratio_to_plain": t_ours / t_rsync,
-            "wire_bytes": first["wire_bytes"],
+            "rounds": initial,
+            "replicator_s": spread([r["ours"] for r in initial]),
+            "rsync_whole_file_fsync_s": spread([r["fsync"] for r in initial]),
+            "rsync_whole_file_s": spread([r["plain"] for r in initial]),
+            "ratio": spread([r["ours"] / r["fsync"] for r in initial]),
+            "ratio_to_plain": spread([r["ours"] / r["plain"] for r in initial]),
+            "disk_s": spread([r["disk"] for r in initial]),
+            "ratio_to_disk": spread([r["ours"] / r["disk"] for r in initial]),
+            "settle_s": settle,
+            "wire_bytes": wire_bytes,
             "load_average": load_average(),
         }
         rounds = [
@@ -229,7 +281,7 @@ def main() -> int:
         }
         results["peak_rss_mib"] = {
             "sender": max(rss_send, *(r["sender_rss_kib"] for r in rounds)) / 1024,
-            "receiver": vm_hwm_kib(receiver.pid) / 1024,
+            "receiver": max(rss_receive, vm_hwm_kib(receiver.pid)) / 1024,
         }
     finally:
         receiver.send_signal(signal.SIGTERM)
@@ -250,9 +302,11 @@ def print_results(results: dict[str, Any]) -> None:
         f"{results['load_average_start']}"
     )
     print(
-        f"initial sync     replicator {i['replicator_s']:.2f} s   rsync --whole-file --fsync "
-        f"{i['rsync_whole_file_fsync_s']:.2f} s   ratio {i['ratio']:.2f}x (target <= 1.0); "
-        f"without --fsync {i['rsync_whole_file_s']:.2f} s ({i['ratio_to_plain']:.2f}x)"
+        f"initial x{len(i['rounds'])}       replicator {_spread(i['replicator_s'], 's')}   "
+        f"rsync --whole-file --fsync {_spread(i['rsync_whole_file_fsync_s'], 's')}   ratio "
+        f"{_spread(i['ratio'], 'x')} (target <= 1.0); without --fsync "
+        f"{_spread(i['rsync_whole_file_s'], 's')} ({_spread(i['ratio_to_plain'], 'x')}); "
+        f"dd conv=fdatasync {_spread(i['disk_s'], 's')} ({_spread(i['ratio_to_disk'], 'x')})"
     )
     print(
         f"1% changed x{len(c['rounds'])}    replicator {ours['median']:.2f} s "
@@ -268,6 +322,10 @@ def print_results(results: dict[str, Any]) -> None:
         f"peak RSS         sender {r['sender']:.0f} MiB, receiver {r['receiver']:.0f} MiB "
         f"(target <= 200); load average at the end {load_average()}"
     )
+
+
+def _spread(figure: dict[str, float], unit: str) -> str:
+    return f"{figure['median']:.2f}{unit} ({figure['min']:.2f}-{figure['max']:.2f})"
 
 
 if __name__ == "__main__":
