@@ -22,27 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPLICATOR, ROOT, compile_bytecode, load_average, start_receiver
-from bench_send import make_mixed_image, vm_hwm_kib, warm
+from _common import ROOT, compile_bytecode, load_average, start_receiver
+from bench_send import make_mixed_image, send_command, vm_hwm_kib, warm
 
 MB = 1_000_000
-
-
-def send_command(port: int, job: str, state: Path, image: Path) -> list[str]:
-    return [
-        *REPLICATOR,
-        "send",
-        "--to",
-        f"127.0.0.1:{port}",
-        "--job",
-        job,
-        "--state-dir",
-        str(state),
-        "--once",
-        "--json",
-        "--insecure",
-        str(image),
-    ]
 
 
 def run_jobs(work: Path, images: list[Path], tag: str) -> dict[str, Any]:

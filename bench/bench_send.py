@@ -102,6 +102,24 @@ def change_one_percent(path: Path, seed: int = 11) -> int:
     return len(chosen) * 64 * 1024
 
 
+def send_command(port: int, job: str, state: Path, image: Path) -> list[str]:
+    """``replicator send --once --json`` of ``image`` to a receiver on loopback."""
+    return [
+        *REPLICATOR,
+        "send",
+        "--to",
+        f"127.0.0.1:{port}",
+        "--job",
+        job,
+        "--state-dir",
+        str(state),
+        "--once",
+        "--json",
+        "--insecure",
+        str(image),
+    ]
+
+
 def timed(cmd: list[str], settle: float = 0.0) -> tuple[float, int, str]:
     """Run ``cmd`` after writing out the page cache and ``settle`` seconds more; (seconds,
     peak RSS KiB sampled from /proc VmHWM, stdout).
@@ -197,20 +215,7 @@ def main() -> int:
     warm(image)  # warm page cache for both tools
 
     def send_to(port: int, state: Path) -> list[str]:
-        return [
-            *REPLICATOR,
-            "send",
-            "--to",
-            f"127.0.0.1:{port}",
-            "--job",
-            "bench",
-            "--state-dir",
-            str(state),
-            "--once",
-            "--json",
-            "--insecure",
-            str(image),
-        ]
+        return send_command(port, "bench", state, image)
 
     results: dict[str, Any] = {
         "size_bytes": image.stat().st_size,
