@@ -87,13 +87,13 @@ def check_receiver_dirs(config: ReceiverConfig) -> None:
     for what, path in (("replica", config.replica_root), ("state", config.state_root)):
         try:
             makedirs_durable(path)
+        except NotADirectoryError as exc:
+            raise ConfigError(
+                f"cannot create {what} folder {path}: {exc.filename} is a file, not a folder",
+                hint="give a folder (created when missing) or remove the file",
+            ) from exc
         except OSError as exc:
             raise ConfigError(f"cannot create {what} folder {path}: {exc.strerror}") from exc
-        if not path.is_dir():
-            raise ConfigError(
-                f"{what} folder {path} is a file, not a folder",
-                hint="give a folder (created when missing) or remove the file",
-            )
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(
                 f"{what} folder {path} is not writable", hint="fix its permissions or pick another"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import struct
 from collections.abc import Mapping
@@ -63,12 +64,18 @@ def sync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def makedirs_durable(path: str | os.PathLike[str]) -> None:
-    """Create ``path`` and its parents, syncing each parent whose entries changed."""
+    """Create ``path`` and its parents, syncing each parent whose entries changed.
+
+    Raises NotADirectoryError (its ``filename`` the culprit) when ``path`` or a parent
+    exists as something other than a folder, instead of returning as if it were one.
+    """
     p = Path(path)
     missing: list[Path] = []
     while not p.exists():
         missing.append(p)
         p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p))
     for d in reversed(missing):
         with contextlib.suppress(FileExistsError):
             d.mkdir()

@@ -215,3 +215,16 @@ def test_atomic_write_sets_the_mode_before_the_bytes_are_synced(
     assert modes[0] == 0o640  # the temp file's fsync covers the mode too
     assert (tmp_path / "vm.xml").stat().st_mode & 0o7777 == 0o640
     assert (tmp_path / "vm.xml").read_bytes() == b"<domain/>"
+
+
+def test_makedirs_durable_refuses_a_file_in_the_way(tmp_path: Path) -> None:
+    """A file where a folder (or one of its parents) should be is an error naming it, not
+    a folder taken as made: callers would fail later with a less helpful error."""
+    (tmp_path / "afile").write_bytes(b"")
+    for path in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        with pytest.raises(NotADirectoryError) as err:
+            durable_mod.makedirs_durable(path)
+        assert err.value.filename == str(tmp_path / "afile")
+    durable_mod.makedirs_durable(tmp_path / "a" / "b")  # the normal case still works
+    durable_mod.makedirs_durable(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
