@@ -24,7 +24,7 @@ from replicator.cli.jobfile_command import ConfigOption
 from replicator.cli.monitoring import MetricsListenOption, metrics_endpoint
 from replicator.cli.witness_opts import WitnessOption, auto_failover, until_stopped
 from replicator.engine.authz import Authorizer, parse_allow
-from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.errors import ConfigError, ReplicatorError, cannot_listen
 from replicator.engine.monitor import receiver_monitor
 from replicator.engine.receiver import Receiver, ReceiverConfig, check_receiver_dirs
 from replicator.engine.statedir import StateDirLock
@@ -137,11 +137,7 @@ def receive(
             # TLS: the context is asked for at every accept (rebuilt when its files change)
             server = await serve(host, port, receiver.handle, ssl=tls.context if tls else None)
         except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {listen}: {exc.strerror or exc}",
-                hint="is another receiver listening there? Stop it, or give --listen a free "
-                "port or an address of this host",
-            ) from exc
+            raise cannot_listen(listen, exc, who="receiver", option="--listen") from exc
         bound = [s.getsockname() for s in server.sockets]
         log.info(
             "receiver.listening",

@@ -18,7 +18,7 @@ from replicator.cli.common import (
     run,
     transport_security,
 )
-from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.errors import ConfigError, ReplicatorError, cannot_listen
 from replicator.engine.statedir import StateDirLock
 from replicator.engine.tls import TlsIdentity
 
@@ -72,11 +72,7 @@ def witness_command(
                     witness.handle, host, port, ssl=tls.context() if tls else None
                 )
             except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {listen}: {exc.strerror or exc}",
-                    hint="is another witness listening there? Stop it, or give --listen a "
-                    "free port or an address of this host",
-                ) from exc
+                raise cannot_listen(listen, exc, who="witness", option="--listen") from exc
             bound = [s.getsockname() for s in server.sockets]
             where = ", ".join(f"{a[0]}:{a[1]}" for a in bound)
             log.info("witness.listening", addresses=where, state=str(witness.path))

@@ -66,6 +66,7 @@ from replicator.engine.errors import (
     SplitBrainError,
     StorageError,
     VersionMismatch,
+    cannot_listen,
     unwrap,
 )
 from replicator.engine.failback import FailbackResult, failback
@@ -732,9 +733,9 @@ class Receiver:
             try:
                 self._server = await serve(self.host, self.port, self.engine.handle, ssl=context)
             except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
-                    hint="pick another port (0: any free one)",
+                where = f"{self.host}:{self.port}"
+                raise cannot_listen(
+                    where, exc, who="receiver", option="the port (0: any free one)"
                 ) from exc
             if self._monitor is not None:
                 await self._stack.enter_async_context(self._monitor)

@@ -8,6 +8,7 @@ to a user, and ``unwrap`` turns whatever ended a command into the error it repor
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 
 from replicator.journal.errors import (
@@ -48,6 +49,7 @@ __all__ = [
     "StorageError",
     "VersionMismatch",
     "as_user_error",
+    "cannot_listen",
     "first_error",
     "tls_refusal",
     "unwrap",
@@ -105,6 +107,22 @@ def tls_refusal(exc: BaseException) -> AuthError | None:
     else:
         return AuthError(f"TLS handshake with the receiver failed: {error}", hint=_TLS_KEYS_HINT)
     return AuthError(f"the receiver refused our certificate: {why}", hint=_TLS_KEYS_HINT)
+
+
+def cannot_listen(
+    address: str, exc: OSError, *, who: str, option: str, doing: str = "listen on"
+) -> ConfigError:
+    """The error for a server that could not bind ``address`` (``--listen`` and the like):
+    what to do next depends on why (``who`` names the server, ``option`` the setting)."""
+    if exc.errno == errno.EADDRINUSE:
+        hint = f"is another {who} listening there? Stop it, or give {option} a free port"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        hint = f"give {option} an address of this host (or 0.0.0.0 for all of them)"
+    elif exc.errno == errno.EACCES:
+        hint = f"ports below 1024 need root: give {option} a port from 1024 up"
+    else:
+        hint = f"give {option} a free port and an address of this host"
+    return ConfigError(f"cannot {doing} {address}: {exc.strerror or exc}", hint=hint)
 
 
 def first_error(exc: BaseException) -> BaseException:

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from replicator.engine.control import close_server
-from replicator.engine.errors import ConfigError
+from replicator.engine.errors import cannot_listen
 from replicator.engine.status import ReceiverPhase, SenderPhase, StatusBoard
 
 log = structlog.get_logger()
@@ -266,9 +266,13 @@ class MetricsServer:
                 self._client, self.host, self.port, limit=MAX_HEAD
             )
         except OSError as exc:
-            raise ConfigError(
-                f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror or exc}",
-                hint="pick a free port, or an address of this host, for --metrics-listen",
+            where = f"{self.host}:{self.port}"
+            raise cannot_listen(
+                where,
+                exc,
+                who="metrics server",
+                option="--metrics-listen",
+                doing="serve metrics on",
             ) from exc
         log.info("metrics.listening", addresses=self.addresses)
 

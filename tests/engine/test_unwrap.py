@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import errno
+import os
 
 from replicator.engine.errors import (
     ConnectError,
@@ -48,3 +49,21 @@ def test_a_send_refused_after_a_failure_reports_the_failure() -> None:
     assert type(first_error(nested)) is RemoteProtocolError
     assert isinstance(unwrap(refused), PeerProtocolError)  # the sender's side: "malformed"
     assert first_error(ConnectionFailedError("no cause known")).__class__ is ConnectionFailedError
+
+
+def test_cannot_listen_says_what_to_do_for_each_reason() -> None:
+    """One error for every server that cannot bind (receiver, witness, metrics, the
+    embedding API): its hint follows the reason the kernel gave."""
+    from replicator.engine.errors import ConfigError, cannot_listen
+
+    def hint(code: int) -> str:
+        error = cannot_listen("192.0.2.1:80", OSError(code, os.strerror(code)), who="receiver",
+                              option="--listen")  # fmt: skip
+        assert isinstance(error, ConfigError) and str(error).startswith("cannot listen on")
+        assert error.hint is not None
+        return error.hint
+
+    assert "another receiver" in hint(errno.EADDRINUSE)
+    assert "address of this host" in hint(errno.EADDRNOTAVAIL)
+    assert "need root" in hint(errno.EACCES)
+    assert "--listen" in hint(errno.EINVAL)
