@@ -214,9 +214,6 @@ def main() -> int:
     make_mixed_image(image, args.size_mib, data_mib=args.data_mib)
     warm(image)  # warm page cache for both tools
 
-    def send_to(port: int, state: Path) -> list[str]:
-        return send_command(port, "bench", state, image)
-
     results: dict[str, Any] = {
         "size_bytes": image.stat().st_size,
         "data_bytes": os.stat(image).st_blocks * 512,
@@ -224,6 +221,7 @@ def main() -> int:
     }
     sparse = ["--sparse"] if args.data_mib else []
     rsync = ["rsync", "--whole-file", *sparse, str(image)]
+    rsync_fsync = ["rsync", "--whole-file", "--fsync", *sparse, str(image)]
     initial: list[dict[str, float]] = []
     wire_bytes = rss_send = rss_receive = 0
     settle = args.settle
@@ -235,12 +233,11 @@ def main() -> int:
         try:
             for tool in ("ours", "rsync") if k % 2 == 0 else ("rsync", "ours"):
                 if tool == "ours":
-                    t["ours"], rss, out = timed(send_to(port, work / "state-initial"), settle)
+                    ours = send_command(port, "bench", work / "state-initial", image)
+                    t["ours"], rss, out = timed(ours, settle)
                     wire_bytes, rss_send = json.loads(out)["wire_bytes"], max(rss_send, rss)
                 else:  # durable like ours (the peer), and plain for reference
-                    fsync_copy = work / "rsync-fsync"
-                    flags = [*rsync[:2], "--fsync", *rsync[2:]]
-                    t["fsync"], _, _ = timed([*flags, f"{fsync_copy}/"], settle)
+                    t["fsync"], _, _ = timed([*rsync_fsync, f"{work / 'rsync-fsync'}/"], settle)
                     t["plain"], _, _ = timed([*rsync, f"{work / 'rsync-plain'}/"], settle)
             # the disk's own rate for writing these bytes into a new file, nothing else
             t["disk"], _, _ = timed([*dd, f"of={work / 'disk-limit' / 'disk.img'}"], settle)
@@ -253,7 +250,7 @@ def main() -> int:
         initial.append(t)
     # the changed rounds start from a replica and a copy of the image as it is now
     receiver, port = start_receiver(work / "rcv")
-    send = send_to(port, work / "state")
+    send = send_command(port, "bench", work / "state", image)
     try:
         timed(send)
         timed([*rsync, f"{work / 'rsync'}/"])
@@ -300,7 +297,6 @@ def main() -> int:
 
 def print_results(results: dict[str, Any]) -> None:
     i, c, r = results["initial"], results["changed_1pct"], results["peak_rss_mib"]
-    ours, peer, ratio = c["replicator_s"], c["rsync_inplace_s"], c["ratio"]
     print(
         f"image {results['size_bytes'] / MIB:.0f} MiB mixed (text/binaries/zeros/random), "
         f"{results['data_bytes'] / MIB:.0f} MiB allocated; load average at start "
@@ -314,10 +310,9 @@ def print_results(results: dict[str, Any]) -> None:
         f"dd conv=fdatasync {_spread(i['disk_s'], 's')} ({_spread(i['ratio_to_disk'], 'x')})"
     )
     print(
-        f"1% changed x{len(c['rounds'])}    replicator {ours['median']:.2f} s "
-        f"({ours['min']:.2f}-{ours['max']:.2f})   rsync --inplace {peer['median']:.2f} s "
-        f"({peer['min']:.2f}-{peer['max']:.2f})   ratio {ratio['median']:.2f}x "
-        f"({ratio['min']:.2f}-{ratio['max']:.2f}) (target <= 0.5)"
+        f"1% changed x{len(c['rounds'])}    replicator {_spread(c['replicator_s'], 's')}   "
+        f"rsync --inplace {_spread(c['rsync_inplace_s'], 's')}   ratio "
+        f"{_spread(c['ratio'], 'x')} (target <= 0.5)"
     )
     print(
         f"payload on wire  {c['payload_bytes']} B for {c['changed_bytes']} B changed: "

@@ -303,8 +303,9 @@ class _Model:
         for at, offset, data in self.writes:
             if at > lsn:
                 break
-            image[len(image) : offset + len(data)] = bytes(max(0, offset + len(data) - len(image)))
-            image[offset : offset + len(data)] = data
+            end = offset + len(data)
+            image.extend(bytes(max(0, end - len(image))))  # a write past the end grows it
+            image[offset:end] = data
         return bytes(image)
 
     def batch(self, pages: list[int], barrier: bool) -> list[Record]:
