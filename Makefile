@@ -96,8 +96,8 @@ format: install ## apply ruff formatting and fixes
 	$(BIN)/ruff check --fix engine transport journal cli tests bench
 	$(BIN)/ruff format engine transport journal cli tests bench
 
-typecheck: install ## mypy --strict over the package and the tests
-	$(BIN)/mypy --strict engine transport journal cli tests
+typecheck: install ## mypy --strict over the package, the tests and the benchmarks
+	$(BIN)/mypy --strict engine transport journal cli tests bench
 
 bench: sysdeps install ## run the benchmarks and print figures side by side with their peers
 	$(PY) bench/run_all.py

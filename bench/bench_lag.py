@@ -137,7 +137,10 @@ def main() -> int:
         rcv.send_signal(signal.SIGTERM)
         rcv.wait(timeout=60)
     lags.sort()
-    p = lambda q: lags[min(len(lags) - 1, int(q * len(lags)))] * 1000  # noqa: E731
+
+    def p(q: float) -> float:
+        return lags[min(len(lags) - 1, int(q * len(lags)))] * 1000
+
     print(f"shim max 4k random write IOPS (qd16, replicating): {max_iops:,.0f}")
     print(f"background load during probes: {background_iops:,.0f} IOPS (target rate {rate:,})")
     print(

@@ -124,7 +124,7 @@ async def main() -> None:
     args = parser.parse_args()
     profile = LinkProfile(delay=args.delay, rate=parse_rate(args.rate))
     caps = {"fixed": [WINDOW], "adaptive": [256 * MIB], "both": [WINDOW, 256 * MIB]}
-    runs = []
+    runs: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="bench-window-"))
     try:
         image = work / "disk.img"
@@ -139,21 +139,21 @@ async def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     tcp = await bulk(profile, min(args.mib, 100))
-    for run in runs:
-        steady = run["steady_goodput_bytes_per_second"]
-        run["steady_vs_tcp"] = round(steady / tcp, 3) if tcp else None
+    for result in runs:
+        steady = result["steady_goodput_bytes_per_second"]
+        result["steady_vs_tcp"] = round(steady / tcp, 3) if tcp else None
     result = {"rtt_seconds": 2 * args.delay, "rate": args.rate, "tcp_goodput": tcp, "runs": runs}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{2 * args.delay * 1000:.0f} ms RTT, {args.rate}: plain TCP {tcp * 8 / 1e6:.1f} Mbit/s")
-    for run in runs:
-        steady = run["steady_goodput_bytes_per_second"]
+    for result in runs:
+        steady = result["steady_goodput_bytes_per_second"]
         print(
-            f"  {run['window']:>8} window: steady {steady * 8 / 1e6:.1f}"
-            f" Mbit/s ({run['steady_vs_tcp']}x TCP), whole run "
-            f"{run['whole_goodput_bytes_per_second'] * 8 / 1e6:.1f} Mbit/s "
-            f"({run['payload_bytes'] / MIB:.0f} MiB in {run['send_seconds']} s)"
+            f"  {result['window']:>8} window: steady {steady * 8 / 1e6:.1f}"
+            f" Mbit/s ({result['steady_vs_tcp']}x TCP), whole run "
+            f"{result['whole_goodput_bytes_per_second'] * 8 / 1e6:.1f} Mbit/s "
+            f"({result['payload_bytes'] / MIB:.0f} MiB in {result['send_seconds']} s)"
         )
 
 
