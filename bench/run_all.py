@@ -16,6 +16,7 @@ BENCHES = [
     "bench_lag.py",
     "bench_fuse.py",
     "bench_wan.py",
+    "bench_codecs.py",
     "bench_failover.py",
 ]
 
