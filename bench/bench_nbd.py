@@ -17,9 +17,13 @@ nbdkit's file plugin does (``pwrite`` into the page cache, the same thread polic
 shim, nothing journaled). It is what CPython on this event loop reaches with no journal at
 all, so it bounds what any journal-first shim in this stack can reach.
 
-Jobs (targets from the speed issue, journal only, as a ratio to nbdkit):
-  * 4 KiB random writes, iodepth 16: IOPS, target >= 0.5x nbdkit
-  * 1 MiB sequential writes, iodepth 4: MB/s, target >= 0.45x nbdkit
+And a fourth, as a user runs it: ``replicator send --capture nbd`` replicating to a
+``replicator receive`` on loopback (the receiver on the same two vCPUs), each run with a
+fresh state folder and replica, fio started once the initial sync is done (``status``).
+
+Jobs (targets from the speed issue, as a ratio to nbdkit, journal only / replicating):
+  * 4 KiB random writes, iodepth 16: IOPS, target >= 0.5x / >= 0.35x nbdkit
+  * 1 MiB sequential writes, iodepth 4: MB/s, target >= 0.45x / >= 0.25x nbdkit
 
 Run: ``.venv/bin/python bench/bench_nbd.py [--runtime 10] [--size-mib 512] [--repeat 1]
 [--job NAME]``.
@@ -37,9 +41,10 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import uvloop
-from _common import journal_pattern_limit, stand_in_shipper
+from _common import REPLICATOR, journal_pattern_limit, stand_in_shipper, start_receiver
 
 from replicator.engine.allocator import keep_freed_buffers
 from replicator.engine.nbd import JournaledFileExport, NbdServer
@@ -49,10 +54,10 @@ from replicator.engine.volumes import pwrite_all
 from replicator.journal import Journal
 
 MiB = 1024 * 1024
-JOBS: dict[str, tuple[list[str], str, float]] = {
-    # name: (fio arguments, figure, target ratio)
-    "4k randwrite qd16": (["--rw=randwrite", "--bs=4k", "--iodepth=16"], "iops", 0.5),
-    "1M seqwrite qd4": (["--rw=write", "--bs=1M", "--iodepth=4"], "MB/s", 0.45),
+JOBS: dict[str, tuple[list[str], str, float, float]] = {
+    # name: (fio arguments, figure, target ratio journal only, target ratio replicating)
+    "4k randwrite qd16": (["--rw=randwrite", "--bs=4k", "--iodepth=16"], "iops", 0.5, 0.35),
+    "1M seqwrite qd4": (["--rw=write", "--bs=1M", "--iodepth=4"], "MB/s", 0.45, 0.25),
 }
 
 
@@ -197,6 +202,58 @@ async def plain_python(image: Path, sock: str) -> AsyncIterator[str]:
         await export.aclose()
 
 
+async def sender_status(state: Path) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        *REPLICATOR, "status", "--state-dir", str(state), "--json",
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    jobs: list[dict[str, Any]] = json.loads(out).get("jobs", []) if out.strip() else []
+    return jobs[0] if jobs else {}
+
+
+async def stop(proc: asyncio.subprocess.Process | subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    if isinstance(proc, subprocess.Popen):
+        await asyncio.to_thread(proc.wait)
+    else:
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def replicating(image: Path, sock: str, work: Path) -> AsyncIterator[str]:
+    """`send --capture nbd` to `receive` on loopback; yields once the initial sync is done."""
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    receiver, port = await asyncio.to_thread(start_receiver, work / "target")
+    sender = await asyncio.create_subprocess_exec(
+        *REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", "bench",
+        "--state-dir", str(work / "state"), "--capture", "nbd", "--nbd-socket", sock,
+        "--insecure", str(image),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        while True:
+            if sender.returncode is not None or receiver.poll() is not None:
+                raise RuntimeError("the sender or the receiver exited before fio ran")
+            job = await sender_status(work / "state")
+            lag = job.get("lag") or {}
+            if (
+                job.get("state") == "replicating"
+                and job.get("initial_sync") is None
+                and (lag.get("records") == 0)
+            ):
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.to_thread(settle, image)
+        yield f"nbd+unix:///{image.name}?socket={sock}"
+    finally:
+        await stop(sender)
+        await stop(receiver)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 async def main() -> None:
     keep_freed_buffers()  # as the command line does for every engine command
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -213,6 +270,11 @@ async def main() -> None:
         help="runs per side, interleaved; the best of each side is compared (other load "
         "on the machine only ever makes a run slower)",
     )
+    parser.add_argument(
+        "--no-replicating",
+        action="store_true",
+        help="skip the runs of `send --capture nbd` replicating to a local `receive`",
+    )
     opts = parser.parse_args()
     work = Path(opts.dir or tempfile.mkdtemp(prefix="bench-nbd-"))
     os.makedirs(work, exist_ok=True)
@@ -228,26 +290,33 @@ async def main() -> None:
         f"{'job':<20} {'nbdkit file':>14} {'replicator shim':>16} {'ratio':>7} {'target':>7}"
         f"      {'Python, pwrite only':>20} {'ratio':>6}"
     )
+    servers = ["nbdkit", "shim", "plain"] + ([] if opts.no_replicating else ["replicating"])
+
+    def serve(server: str) -> contextlib.AbstractAsyncContextManager[str]:
+        if server == "nbdkit":
+            return nbdkit(image, sock)
+        if server == "shim":
+            return shim(image, sock, work / "journal")
+        if server == "plain":
+            return plain_python(image, sock)
+        return replicating(image, sock, work / "replicating")
+
     try:
-        for name, (args, figure, target) in JOBS.items():
+        for name, (args, figure, target, target_replicating) in JOBS.items():
             if opts.job and name not in opts.job:
                 continue
-            peers, ours_runs, plain_runs = [], [], []
+            runs: dict[str, list[float]] = {server: [] for server in servers}
             for _ in range(opts.repeat):
-                await asyncio.to_thread(settle, image)
-                async with nbdkit(image, sock) as uri:
-                    peers.append((await fio(uri, args, opts.runtime, size))[figure])
-                await asyncio.to_thread(settle, image)
-                async with shim(image, sock, work / "journal") as uri:
-                    ours_runs.append((await fio(uri, args, opts.runtime, size))[figure])
-                await asyncio.to_thread(settle, image)
-                async with plain_python(image, sock) as uri:
-                    plain_runs.append((await fio(uri, args, opts.runtime, size))[figure])
+                for server in servers:
+                    await asyncio.to_thread(settle, image)
+                    async with serve(server) as uri:
+                        runs[server].append((await fio(uri, args, opts.runtime, size))[figure])
             if opts.repeat > 1:
-                triples = zip(peers, ours_runs, plain_runs, strict=True)
-                runs = " ".join(f"{a:.0f}/{b:.0f}/{c:.0f}" for a, b, c in triples)
-                print(f"  runs (nbdkit/shim/Python pwrite only): {runs}")
-            peer, ours, plain = max(peers), max(ours_runs), max(plain_runs)
+                rounds = zip(*runs.values(), strict=True)
+                text = " ".join("/".join(f"{value:.0f}" for value in r) for r in rounds)
+                print(f"  runs ({'/'.join(servers)}): {text}")
+            best = {server: max(values) for server, values in runs.items()}
+            peer, ours, plain = best["nbdkit"], best["shim"], best["plain"]
             ratio = ours / peer
             verdict = "ok" if ratio >= target else "MISS"
             print(
@@ -260,14 +329,24 @@ async def main() -> None:
                 f"{'':<20} the shim reaches {ours / plain:.2f}x of the same server with no journal",
                 flush=True,
             )
+            if "replicating" in best:
+                live = best["replicating"]
+                verdict = "ok" if live / peer >= target_replicating else "MISS"
+                print(
+                    f"{'':<20} replicating (send + receive on loopback): {live:.0f} {figure},"
+                    f" {live / peer:.2f}x of nbdkit (target {target_replicating:.2f}x {verdict})",
+                    flush=True,
+                )
             if figure == "MB/s":
                 limit = await asyncio.to_thread(journal_pattern_limit, work / "pattern")
                 fresh = await asyncio.to_thread(
                     journal_pattern_limit, work / "pattern", reuse=False
                 )
+                serial = 1 / (1 / limit + 1 / plain)  # the journal's write, then the image's
                 print(
                     f"{'':<20} the disk takes the journal's writes at {limit:.0f} MB/s"
-                    f" (into new files: {fresh:.0f}): the shim reaches {ours / limit:.2f}x of it",
+                    f" (into new files: {fresh:.0f}); that and the image's write ({plain:.0f})"
+                    f" in series allow {serial:.0f}: the shim reaches {ours / serial:.2f}x of it",
                     flush=True,
                 )
     finally:
