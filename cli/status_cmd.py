@@ -241,13 +241,27 @@ def _lag(job: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _replica_lag(job: dict[str, Any]) -> str:
+    """A receiver's lag: it sees only what arrived, so its seconds are a bound, not the RPO."""
+    lag = job.get("lag") or {}
+    text = f"{lag.get('records', '-')} records to apply"
+    if lag.get("seconds") is None:
+        return text
+    return (
+        f"{text}; at most {_duration(lag['seconds'])} of source writes missing (now less"
+        " the consistency point's source time: it grows on an idle source too)"
+    )
+
+
 def _traffic(job: dict[str, Any]) -> str:
     moved = job.get("bytes")
     if not isinstance(moved, dict):
         return "-"
+    ratio = job.get("compression_ratio")
+    shrunk = f"{ratio:.2f}x smaller" if isinstance(ratio, int | float) else "-"
     return (
         f"{_bytes(moved.get('payload'))} as {_bytes(moved.get('wire'))} "
-        f"(x{job.get('compression_ratio', 1.0)}), {_bytes(job.get('rate_bytes_per_second'))}/s"
+        f"({shrunk}), {_bytes(job.get('rate_bytes_per_second'))}/s"
     )
 
 
@@ -326,7 +340,7 @@ _RECEIVER: list[tuple[str, Any]] = [
     ("sender", _peer),
     ("LSN", _lsns),
     ("consistency point", _point),
-    ("lag (RPO)", _lag),
+    ("lag (RPO bound)", _replica_lag),
     ("received", _traffic),
     ("journal", _journal),
     ("generation", lambda j: _s(j.get("generation"))),

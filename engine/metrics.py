@@ -95,7 +95,7 @@ class SnapshotCollector(Collector):
             "lag_seconds",
             "Replication lag (RPO) in seconds: sender, since the source time of the oldest "
             "change not yet applied; receiver, since the source time of the consistency point "
-            "the replica holds.",
+            "the replica holds (a bound: it also grows while the source writes nothing).",
         )
         lag_bytes = gauge("lag_bytes", "Bytes journaled on the sender and not yet applied.")
         lag_records = gauge(

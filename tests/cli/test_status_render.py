@@ -1,0 +1,54 @@
+"""How ``replicator status`` words a job's lag: the sender knows its RPO, the receiver only a
+bound of it (it cannot see what was never sent, and an idle source looks like a stale one)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from replicator.cli.status_cmd import _render
+
+
+def _text(snapshot: dict[str, Any]) -> str:
+    console = Console(record=True, width=300, color_system=None)
+    console.print(_render(snapshot))
+    return console.export_text()
+
+
+def _row(text: str, label: str) -> str:
+    lines = [line for line in text.splitlines() if line.startswith(label)]
+    assert len(lines) == 1, text
+    return lines[0][len(label) :].strip()
+
+
+def test_the_receiver_shows_its_lag_as_a_bound_of_the_rpo() -> None:
+    job = {"job": "vm1", "state": "idle", "lag": {"records": 0, "seconds": 12.3}}
+    text = _text({"role": "receiver", "source": "process", "jobs": [job]})
+    row = _row(text, "lag (RPO bound)")
+    assert row.startswith("0 records to apply; at most 12.3 s of source writes missing"), row
+    assert "idle source" in row
+    assert "lag (RPO) " not in text  # the receiver does not claim to know the RPO
+
+
+def test_the_receiver_without_a_point_shows_only_what_it_has_to_apply() -> None:
+    job = {"job": "vm1", "state": "idle", "lag": {"records": 3, "seconds": None}}
+    text = _text({"role": "receiver", "source": "process", "jobs": [job]})
+    assert _row(text, "lag (RPO bound)") == "3 records to apply"
+
+
+def test_the_sender_shows_its_rpo() -> None:
+    job = {"job": "vm1", "state": "replicating", "lag": {"records": 2, "seconds": 0.5}}
+    text = _text({"role": "sender", "source": "process", "jobs": [job]})
+    assert _row(text, "lag (RPO)") == "2 records, 0.5 s"
+
+
+def test_traffic_names_the_compression_as_a_factor() -> None:
+    job = {
+        "job": "vm1",
+        "bytes": {"payload": 131_482, "wire": 946},
+        "compression_ratio": 139.004,
+        "rate_bytes_per_second": 0.0,
+    }
+    text = _text({"role": "receiver", "source": "process", "jobs": [job]})
+    assert _row(text, "received") == "128.4 KiB as 946 B (139.00x smaller), 0 B/s"
