@@ -234,18 +234,16 @@ async def replicating(image: Path, sock: str, work: Path) -> AsyncIterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        while True:
-            if sender.returncode is not None or receiver.poll() is not None:
-                raise RuntimeError("the sender or the receiver exited before fio ran")
-            job = await sender_status(work / "state")
-            lag = job.get("lag") or {}
-            if (
-                job.get("state") == "replicating"
-                and job.get("initial_sync") is None
-                and (lag.get("records") == 0)
-            ):
-                break
-            await asyncio.sleep(0.2)
+        async with asyncio.timeout(600):  # a 512 MiB initial sync takes seconds here
+            while True:
+                if sender.returncode is not None or receiver.poll() is not None:
+                    raise RuntimeError("the sender or the receiver exited before fio ran")
+                job = await sender_status(work / "state")
+                lag = job.get("lag") or {}
+                synced = job.get("state") == "replicating" and job.get("initial_sync") is None
+                if synced and lag.get("records") == 0:
+                    break
+                await asyncio.sleep(0.2)
         await asyncio.to_thread(settle, image)
         yield f"nbd+unix:///{image.name}?socket={sock}"
     finally:
