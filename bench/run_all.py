@@ -13,6 +13,7 @@ BENCHES = [
     "bench_many.py",
     "bench_tls.py",
     "bench_nbd.py",
+    "bench_nbd_offload.py",
     "bench_lag.py",
     "bench_fuse.py",
     "bench_wan.py",
