@@ -21,8 +21,9 @@ faster of the two. Figures move between runs on this shared
 machine, so every column is run ``--repeat`` times, interleaved in a rotating order after
 a ``sync``, and the median is reported with the range.
 
-Jobs (targets from the FUSE issue):
-  * 1 MiB sequential writes, buffered, one writer + end fsync: MB/s, target >= 0.7x bindfs
+Jobs (targets: the speed issue's for 1 MiB, which replaced the FUSE issue's 0.7x; the FUSE
+issue's for 4 KiB):
+  * 1 MiB sequential writes, buffered, one writer + end fsync: MB/s, target >= 0.45x bindfs
   * 4 KiB random writes, O_DIRECT, libaio iodepth 16: IOPS, target >= 0.5x bindfs
 
 Run: ``.venv/bin/python bench/bench_fuse.py [--runtime 10] [--size-mib 512] [--repeat 3]
@@ -56,7 +57,7 @@ JOBS: dict[str, tuple[list[str], str, float]] = {
     "1M seqwrite": (
         ["--rw=write", "--bs=1M", "--ioengine=psync", "--end_fsync=1"],
         "MB/s",
-        0.7,
+        0.45,
     ),
     "4k randwrite direct qd16": (
         ["--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=16"],
