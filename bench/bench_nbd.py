@@ -191,8 +191,8 @@ class PlainFileExport:
 
 
 @contextlib.asynccontextmanager
-async def plain_python(image: Path, sock: str) -> AsyncIterator[str]:
-    export = PlainFileExport(image)
+async def serving(export: PlainFileExport, sock: str) -> AsyncIterator[str]:
+    """Our ``NbdServer`` serving ``export`` alone on ``sock``; yields the fio URI."""
     server = NbdServer({export.name: export})
     await server.start_unix(sock)
     try:
@@ -200,6 +200,10 @@ async def plain_python(image: Path, sock: str) -> AsyncIterator[str]:
     finally:
         await server.aclose()
         await export.aclose()
+
+
+def plain_python(image: Path, sock: str) -> contextlib.AbstractAsyncContextManager[str]:
+    return serving(PlainFileExport(image), sock)
 
 
 async def sender_status(state: Path) -> dict[str, Any]:

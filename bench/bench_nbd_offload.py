@@ -23,13 +23,11 @@ import os
 import shutil
 import statistics
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvloop
-from bench_nbd import MiB, PlainFileExport, fio, plain_python, settle
+from bench_nbd import MiB, PlainFileExport, fio, plain_python, serving, settle
 
-from replicator.engine.nbd import NbdServer
 from replicator.engine.volumes import pwrite_all
 
 JOB = ["--rw=randwrite", "--bs=4k", "--iodepth=16"]
@@ -76,16 +74,8 @@ class BatchedWriteExport(PlainFileExport):
         await super().aclose()
 
 
-@contextlib.asynccontextmanager
-async def batched(image: Path, sock: str) -> AsyncIterator[str]:
-    export = BatchedWriteExport(image)
-    server = NbdServer({export.name: export})
-    await server.start_unix(sock)
-    try:
-        yield f"nbd+unix:///{export.name}?socket={sock}"
-    finally:
-        await server.aclose()
-        await export.aclose()
+def batched(image: Path, sock: str) -> contextlib.AbstractAsyncContextManager[str]:
+    return serving(BatchedWriteExport(image), sock)
 
 
 async def main() -> None:
