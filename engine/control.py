@@ -49,7 +49,7 @@ from typing import Any
 
 import structlog
 
-from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
+from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, cannot_use_folder
 from replicator.journal.durable import makedirs_durable
 
 log = structlog.get_logger()
@@ -404,8 +404,9 @@ class SenderClaim:
         try:
             makedirs_durable(self.state_dir)
         except OSError as exc:
-            raise ConfigError(
-                f"cannot use state folder {self.state_dir}: {exc.strerror}",
+            raise cannot_use_folder(
+                f"state folder {self.state_dir}",
+                exc,
                 hint="create it, fix its permissions, or pick another with --state-dir",
             ) from exc
         try:

@@ -50,6 +50,7 @@ __all__ = [
     "VersionMismatch",
     "as_user_error",
     "cannot_listen",
+    "cannot_use_folder",
     "first_error",
     "tls_refusal",
     "unwrap",
@@ -123,6 +124,23 @@ def cannot_listen(
     else:
         hint = f"give {option} a free port and an address of this host"
     return ConfigError(f"cannot {doing} {address}: {exc.strerror or exc}", hint=hint)
+
+
+def cannot_use_folder(
+    path: object, exc: OSError, *, doing: str = "use", hint: str | None = None
+) -> ConfigError:
+    """The error for a folder ``makedirs_durable`` (or what follows it) could not give us.
+
+    A file where the folder or one of its parents should be is named (``makedirs_durable``
+    raises NotADirectoryError with the culprit as ``filename``): "not a directory" alone
+    does not say which part of the path is wrong.
+    """
+    if isinstance(exc, NotADirectoryError) and exc.filename:
+        why = f"{exc.filename} is a file, not a folder"
+        hint = "give a folder (created when missing) or remove the file"
+    else:
+        why = str(exc.strerror or exc)
+    return ConfigError(f"cannot {doing} {path}: {why}", hint=hint)
 
 
 def first_error(exc: BaseException) -> BaseException:

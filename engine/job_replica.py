@@ -34,7 +34,7 @@ import structlog
 from replicator.engine import replica_state
 from replicator.engine.applier import Applier, ApplyError, PendingSync
 from replicator.engine.durable_tail import DurableTail
-from replicator.engine.errors import ConfigError, ReplicaInconsistent
+from replicator.engine.errors import ConfigError, ReplicaInconsistent, cannot_use_folder
 from replicator.engine.generations import (
     Promotion,
     clear_promotion,
@@ -87,13 +87,8 @@ def check_receiver_dirs(config: ReceiverConfig) -> None:
     for what, path in (("replica", config.replica_root), ("state", config.state_root)):
         try:
             makedirs_durable(path)
-        except NotADirectoryError as exc:
-            raise ConfigError(
-                f"cannot create {what} folder {path}: {exc.filename} is a file, not a folder",
-                hint="give a folder (created when missing) or remove the file",
-            ) from exc
         except OSError as exc:
-            raise ConfigError(f"cannot create {what} folder {path}: {exc.strerror}") from exc
+            raise cannot_use_folder(f"{what} folder {path}", exc, doing="create") from exc
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(
                 f"{what} folder {path} is not writable", hint="fix its permissions or pick another"

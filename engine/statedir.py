@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from replicator.engine.errors import ConfigError
+from replicator.engine.errors import ConfigError, cannot_use_folder
 from replicator.journal.durable import makedirs_durable
 from replicator.journal.locking import lock_directory
 
@@ -32,8 +32,9 @@ class StateDirLock:
             makedirs_durable(self.path)
             fd = lock_directory(self.path)
         except OSError as exc:
-            raise ConfigError(
-                f"cannot use state folder {self.path}: {exc.strerror}",
+            raise cannot_use_folder(
+                f"state folder {self.path}",
+                exc,
                 hint="create it, fix its permissions, or pick another folder",
             ) from exc
         if fd is None:

@@ -6,6 +6,9 @@ import asyncio
 import copy
 import errno
 import os
+from pathlib import Path
+
+import pytest
 
 from replicator.engine.errors import (
     ConnectError,
@@ -67,3 +70,25 @@ def test_cannot_listen_says_what_to_do_for_each_reason() -> None:
     assert "address of this host" in hint(errno.EADDRNOTAVAIL)
     assert "need root" in hint(errno.EACCES)
     assert "--listen" in hint(errno.EINVAL)
+
+
+def test_a_folder_that_cannot_be_made_names_the_file_in_its_way(tmp_path: Path) -> None:
+    """The receiver's folders, a state folder and a sender's claim: each says which part
+    of the path is a file, from the one place that words it."""
+    from replicator.engine.control import SenderClaim
+    from replicator.engine.errors import ConfigError, cannot_use_folder
+    from replicator.engine.statedir import StateDirLock
+
+    blocker = tmp_path / "afile"
+    blocker.write_bytes(b"")
+    below = blocker / "state"
+    for enter in (
+        lambda: StateDirLock(below, "sender").__enter__(),
+        lambda: SenderClaim(below, {}).__enter__(),
+    ):
+        with pytest.raises(ConfigError) as err:
+            enter()
+        assert f"{blocker} is a file, not a folder" in str(err.value)
+        assert err.value.hint is not None and "remove the file" in err.value.hint
+    other = cannot_use_folder("x", PermissionError(errno.EACCES, "Permission denied"), hint="h")
+    assert str(other).startswith("cannot use x: Permission denied") and other.hint == "h"
