@@ -47,6 +47,7 @@ import uvloop
 from _common import REPLICATOR, journal_pattern_limit, stand_in_shipper, start_receiver
 
 from replicator.engine.allocator import keep_freed_buffers
+from replicator.engine.control import SOCKET_NAME, ControlUnavailable, request
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import THREAD_MIN
 from replicator.engine.nbd.proto import TransmissionFlag
@@ -207,12 +208,12 @@ def plain_python(image: Path, sock: str) -> contextlib.AbstractAsyncContextManag
 
 
 async def sender_status(state: Path) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        *REPLICATOR, "status", "--state-dir", str(state), "--json",
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    jobs: list[dict[str, Any]] = json.loads(out).get("jobs", []) if out.strip() else []
+    """The running sender's one job as ``status`` shows it ({} until its socket answers)."""
+    try:
+        answer = await asyncio.to_thread(request, state / SOCKET_NAME, "status")
+    except ControlUnavailable:
+        return {}
+    jobs: list[dict[str, Any]] = answer.get("jobs", [])
     return jobs[0] if jobs else {}
 
 

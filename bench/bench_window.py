@@ -142,9 +142,9 @@ async def main() -> None:
     for result in runs:
         steady = result["steady_goodput_bytes_per_second"]
         result["steady_vs_tcp"] = round(steady / tcp, 3) if tcp else None
-    result = {"rtt_seconds": 2 * args.delay, "rate": args.rate, "tcp_goodput": tcp, "runs": runs}
+    summary = {"rtt_seconds": 2 * args.delay, "rate": args.rate, "tcp_goodput": tcp, "runs": runs}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(summary, indent=2))
         return
     print(f"{2 * args.delay * 1000:.0f} ms RTT, {args.rate}: plain TCP {tcp * 8 / 1e6:.1f} Mbit/s")
     for result in runs:
