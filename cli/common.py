@@ -164,10 +164,16 @@ def fail(error: BaseException) -> NoReturn:
     """Print one line naming what went wrong and what to do; exit with its code."""
     if isinstance(error, ReplicatorError):
         code, text = int(error.exit_code), f"replicator: error: {error}"
-    else:
-        code, text = 70, f"replicator: unexpected error: {type(error).__name__}: {error}"
-    if json_logs():  # log collectors read the JSON lines: the end belongs there too
-        log.error("command.failed", error=str(error), exit_code=code)
+        if json_logs():  # log collectors read the JSON lines: the end belongs there too
+            log.error("command.failed", error=str(error), exit_code=code)
+    else:  # a bug: without its traceback nobody can say where, so it is logged in any format
+        code = int(ExitCode.BUG)
+        text = (
+            f"replicator: unexpected error: {type(error).__name__}: {error}\n"
+            "  This is a bug in replicator; its traceback is logged above. Please report it "
+            "with that and `replicator --version`."
+        )
+        log.error("command.failed", error=str(error), exit_code=code, exc_info=error)
     typer.echo(text, err=True)
     raise typer.Exit(code)
 

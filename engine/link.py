@@ -90,14 +90,17 @@ class SessionPurpose(enum.Enum):
     FAILBACK (``replicator failback``): read a promoted replica, then hand the roles back.
     """
 
-    REPLICATE = ()
-    RESYNC = ("resync",)
-    VERIFY = ("verify",)
-    FAILBACK = ("failback",)
+    # Each value is the capability announcing it (REPLICATE announces none). Not tuples:
+    # Debian 12's Python 3.11.2 turns an empty-tuple member value into a bare object()
+    # (later 3.11 releases do not), and every plain `send` failed there with a TypeError.
+    REPLICATE = ""
+    RESYNC = "resync"
+    VERIFY = "verify"
+    FAILBACK = "failback"
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        return tuple(self.value)
+        return (self.value,) if self.value else ()
 
 
 class Link:

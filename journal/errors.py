@@ -28,6 +28,7 @@ class ExitCode(IntEnum):
     AUTH = 10  # TLS: a certificate was refused (missing, expired, another CA) or TLS on one side
     SPLIT_BRAIN = 11  # the replica was promoted (failover) or has another history
     HANDED_OVER = 12  # send: a planned failover handed the job to the target; do not restart
+    BUG = 70  # sysexits' EX_SOFTWARE: an error none of ours names, i.e. a bug in replicator
     INTERRUPTED = 130  # SIGINT/SIGTERM before the work completed
 
 

@@ -103,3 +103,32 @@ def test_structlog_is_imported_without_rich_and_still_logs_tracebacks() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("Traceback (most recent call last)") == 2, out.stderr
     assert out.stderr.count("ValueError: the detail") == 2, out.stderr
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_a_bug_exits_70_with_its_traceback(fmt: str) -> None:
+    """An error no exit code names (a bug) says so, and logs where it happened in either
+    log format: a one-line TypeError with no traceback is all an operator got before."""
+    out = _child(
+        f"""
+        from replicator.cli.common import fail
+        from replicator.cli.logging_setup import LogFormat, configure_logging
+        configure_logging(LogFormat.{fmt})
+        def a_broken_step():
+            return tuple(object())
+        import sys, typer
+        try:
+            try:
+                a_broken_step()
+            except TypeError as exc:
+                fail(exc)
+        except typer.Exit as done:  # what typer's runner turns into the exit status
+            sys.exit(done.exit_code)
+        """
+    )
+    assert out.returncode == 70, out.stderr
+    assert "Traceback (most recent call last)" in out.stderr, out.stderr
+    assert "a_broken_step" in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-2:]
+    assert last[0] == "replicator: unexpected error: TypeError: 'object' object is not iterable"
+    assert "This is a bug in replicator" in last[1], last
