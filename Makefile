@@ -2,7 +2,14 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3
+# The distribution's Python when there is one: what a fresh Debian machine runs (the README's
+# two commands), so what the tests must pass on, and built with PGO and LTO. On the build
+# machine `python3` on PATH is a pyenv build without them (the engine's loop-bound paths ran
+# 3-15% slower), and the tests passed there while Debian 12's 3.11.2 met a bug of its own
+# (bench/RESULTS.md, "2026-12-02, 18:30").
+# PYTHON=python3 (or any Python 3.11+) picks another; so does a distribution's older than 3.11.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+            2>/dev/null && echo /usr/bin/python3 || echo python3)
 # Some images set PYTHONDONTWRITEBYTECODE: then every `replicator` process (hundreds in the
 # tests) compiles the package's modules again, ~0.25 s of CPU each. Let Python cache them.
 unexport PYTHONDONTWRITEBYTECODE
