@@ -31,7 +31,7 @@ PYFUSE3_LOCAL := $(PYFUSE3_VERSION)+replicator.2
 PYFUSE3_BUILD := build/pyfuse3
 PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3_LOCAL)
 
-.PHONY: help install sysdeps demo test test-long lint format typecheck bench clean
+.PHONY: help install sysdeps rootcheck demo test test-long lint format typecheck bench clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -88,11 +88,16 @@ demo: sysdeps install ## replicate a real VHD over loopback, change it, replicat
 # that measure a rate or a deadline (marked serial) run alone afterwards.
 TEST_WORKERS ?= 3
 
-test: sysdeps install ## run the test suite (unit, property, integration, fault injection)
+# The tests mount FUSE file systems and make network namespaces: as another user they fail by
+# the hundred, so say why once, before anything is installed.
+rootcheck:
+	@[ "$$(id -u)" = 0 ] || { echo "make test needs root: the tests mount FUSE file systems and make network namespaces (run: sudo make test)"; exit 1; }
+
+test: rootcheck sysdeps install ## run the test suite (unit, property, integration, fault injection)
 	$(PYTEST) -q -p no:cacheprovider -n $(TEST_WORKERS) -m 'not long and not serial' && \
 	  $(PYTEST) -q -p no:cacheprovider -m 'serial and not long'
 
-test-long: sysdeps install ## run the long soak tests as well
+test-long: rootcheck sysdeps install ## run the long soak tests as well
 	$(PYTEST) -q -p no:cacheprovider -m '' --timeout 3600
 
 lint: install ## ruff check and format check

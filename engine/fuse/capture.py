@@ -24,6 +24,37 @@ log = structlog.get_logger("replicator.fuse")
 
 STOP_TIMEOUT: Final = 60.0  # for requests still running when a stop is asked for
 MAX_TASKS: Final = 64  # concurrent requests (pyfuse3 worker tasks)
+FUSE_DEVICE: Final = "/dev/fuse"
+FUSE_CONF: Final = "/etc/fuse.conf"  # where libfuse reads user_allow_other
+
+
+def mount_failure_hint(
+    *,
+    allow_other: bool,
+    device: str = FUSE_DEVICE,
+    fuse_conf: str = FUSE_CONF,
+    root: bool | None = None,
+) -> str:
+    """What to do when the kernel refused the mount: libfuse only says it failed (and
+    prints its reason to stderr, outside our log)."""
+    if root is None:
+        root = os.geteuid() == 0
+    if not os.access(device, os.R_OK | os.W_OK):
+        return f"this user cannot open {device}: run as root, or give it access to {device}"
+    if allow_other and not root and not _allows_other(fuse_conf):
+        return (
+            "as a non-root user, a mount the VM's user may use (allow_other) needs the line "
+            f"'user_allow_other' in {fuse_conf}; or run as root"
+        )
+    return "check that fuse3 is installed (fusermount3) and the mount point is an empty folder"
+
+
+def _allows_other(fuse_conf: str) -> bool:
+    try:
+        with open(fuse_conf, encoding="utf-8", errors="replace") as f:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 class FuseCapture:
@@ -71,7 +102,10 @@ class FuseCapture:
         try:
             pyfuse3.init(self.filter, str(self.mountpoint), self.options())
         except RuntimeError as exc:
-            raise ReplicatorError(f"cannot mount FUSE at {self.mountpoint}: {exc}") from exc
+            raise ReplicatorError(
+                f"cannot mount FUSE at {self.mountpoint}: {exc}",
+                hint=mount_failure_hint(allow_other=self.allow_other),
+            ) from exc
         log.info("fuse.mounted", source=str(self.source), mountpoint=str(self.mountpoint))
         if not hasattr(pyfuse3.Operations, "fallocate"):
             log.warning(
