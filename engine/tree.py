@@ -96,7 +96,12 @@ def walk(source: Path) -> Tree:
             rel = name if rel_root == "." else f"{rel_root}/{name}"
             problem = path_problem(rel)
             if problem is not None:
-                raise ConfigError(f"cannot replicate {full}: {problem}")
+                shown = os.fsencode(full).decode("utf-8", "backslashreplace")  # as bytes: \xe9
+                raise ConfigError(
+                    f"cannot replicate {shown}: {problem}",
+                    hint="rename it, or move it out of the folder: replicas are named as the "
+                    "source's files are",
+                )
             st = os.lstat(full)  # one stat per entry; os.walk does not descend into links
             if stat.S_ISLNK(st.st_mode):
                 tree.links[rel] = os.readlink(full)

@@ -30,3 +30,16 @@ def test_walk_refuses_what_it_cannot_replicate(tmp_path: Path) -> None:
     os.mkfifo(vm / "pipe")
     with pytest.raises(ConfigError, match="not a file, folder or symlink"):
         walk(vm)
+
+
+def test_a_name_that_is_not_utf8_is_shown_as_its_bytes_and_what_to_do(tmp_path: Path) -> None:
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    (vm / "ok.xml").write_text("<domain/>")
+    with open(os.fsencode(vm) + b"/\xe9t\xe9.cfg", "wb") as f:
+        f.write(b"a name in latin-1")
+    with pytest.raises(ConfigError) as caught:
+        walk(vm)
+    message = str(caught.value)
+    assert f"cannot replicate {vm}/\\xe9t\\xe9.cfg: path" in message
+    assert "is not valid UTF-8 (rename it, or move it out of the folder" in message
