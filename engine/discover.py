@@ -43,7 +43,12 @@ from replicator.engine.image_formats import (
     ImageHeaderError,
     read_header_file,
 )
-from replicator.engine.names import check_job_name, is_reserved_job_name, volume_name_problem
+from replicator.engine.names import (
+    check_job_name,
+    is_reserved_job_name,
+    printable,
+    volume_name_problem,
+)
 
 XML_MAX_BYTES = 4 * 1024 * 1024  # a domain XML is a few KiB; larger ones are not read
 BACKING_CHAIN_MAX = 16
@@ -786,7 +791,7 @@ def _check_replica_names(vm: VM) -> None:
             item.path.encode()
             problem = volume_name_problem(name)
         except UnicodeEncodeError:
-            problem = f"path {item.path!r} is not valid UTF-8"
+            problem = f"path '{printable(item.path)}' is not valid UTF-8"
         if problem is None and name in seen:
             problem = f"its replica name {name!r} is taken by {seen[name]} in the same job"
         if problem is not None:
@@ -853,20 +858,6 @@ def toml_string(text: str) -> str:
 
 def toml_key(key: str) -> str:
     return key if _BARE_KEY.fullmatch(key) else toml_string(key)
-
-
-def printable(text: str) -> str:
-    """``text`` for a terminal or a TOML comment: control characters escaped, bytes that
-    are not UTF-8 (surrogate escapes) shown as U+FFFD."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return "".join(_printable_char(ch) for ch in text)
-
-
-def _printable_char(ch: str) -> str:
-    if ch == " " or not unicodedata.category(ch).startswith("C"):
-        return ch
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _comment(text: str) -> str:

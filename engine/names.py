@@ -8,7 +8,9 @@ with a clear message, the receiver because it must not trust the sender).
 from __future__ import annotations
 
 import functools
+import os
 import re
+import unicodedata
 
 from replicator.engine.errors import ConfigError
 
@@ -61,6 +63,25 @@ def check_volume_name(name: str) -> str:
     return name
 
 
+def printable(text: str | os.PathLike[str]) -> str:
+    """``text`` for a message, a terminal or a TOML comment: bytes that are not UTF-8 (held
+    by Python as surrogate escapes, '\\udce9') shown as '\\xe9', as ``ls -b`` shows them,
+    so the name can be typed to rename the file; control characters escaped alike."""
+    text = os.fspath(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: not from the disk
+        raw = text.encode("utf-8", "backslashreplace")
+    return "".join(_printable_char(ch) for ch in raw.decode("utf-8", "backslashreplace"))
+
+
+def _printable_char(ch: str) -> str:
+    if ch == " " or not unicodedata.category(ch).startswith("C"):
+        return ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 _MAX_PATH_BYTES = 4096
 
 
@@ -79,7 +100,7 @@ def path_problem(path: str) -> str | None:
     try:
         encoded = path.encode()
     except UnicodeEncodeError:
-        return f"path {path!r} is not valid UTF-8"
+        return f"path '{printable(path)}' is not valid UTF-8"
     if len(encoded) > _MAX_PATH_BYTES:
         return f"path {path[:64]!r}... is longer than {_MAX_PATH_BYTES} bytes"
     if path.startswith("/") or "\\" in path:

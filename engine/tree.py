@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from replicator.engine.errors import ConfigError
-from replicator.engine.names import path_problem
+from replicator.engine.names import path_problem, printable
 from replicator.engine.volumes import VolumeSpec, classify
 from replicator.journal import Record, RecordType
 from replicator.transport.messages import TreeEntry
@@ -96,9 +96,8 @@ def walk(source: Path) -> Tree:
             rel = name if rel_root == "." else f"{rel_root}/{name}"
             problem = path_problem(rel)
             if problem is not None:
-                shown = os.fsencode(full).decode("utf-8", "backslashreplace")  # as bytes: \xe9
                 raise ConfigError(
-                    f"cannot replicate {shown}: {problem}",
+                    f"cannot replicate {printable(full)}: {problem}",
                     hint="rename it, or move it out of the folder: replicas are named as the "
                     "source's files are",
                 )

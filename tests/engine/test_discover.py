@@ -20,7 +20,6 @@ from replicator.engine.discover import (
     discover,
     job_name_for,
     parse_xml,
-    printable,
     render_job_file,
     toml_string,
 )
@@ -34,7 +33,7 @@ from replicator.engine.image_formats import (
     read_header_file,
     vhd_checksum,
 )
-from replicator.engine.names import check_job_name
+from replicator.engine.names import check_job_name, printable
 from tests.tools import qemu_img
 
 MIB = 1 << 20

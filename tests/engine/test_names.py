@@ -12,6 +12,7 @@ from replicator.engine.names import (
     check_job_name,
     check_volume_name,
     path_problem,
+    printable,
     volume_name_problem,
 )
 from replicator.engine.tree import walk
@@ -58,3 +59,12 @@ def test_names_that_are_not_utf8_are_refused_not_a_crash(tmp_path: Path) -> None
         pass
     with pytest.raises(ConfigError, match="not valid UTF-8"):
         walk(tmp_path / "vm")
+
+
+def test_a_name_that_is_not_utf8_is_shown_as_ls_b_shows_it() -> None:
+    """Not as Python holds it ('\\udcff'): nobody can type that to rename the file."""
+    undecodable = os.fsdecode(b"disk\xff.img")
+    assert path_problem(undecodable) == "path 'disk\\xff.img' is not valid UTF-8"
+    assert printable(undecodable) == "disk\\xff.img"
+    assert printable("caf\u00e9") == "caf\u00e9"  # valid UTF-8 stays as it is
+    assert printable("x\ud800") == "x\\ud800"  # a surrogate no file name decodes to
