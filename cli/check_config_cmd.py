@@ -20,7 +20,8 @@ from replicator.cli.common import fail, parse_endpoint, transport_security
 from replicator.cli.jobfile import ConfigFile, Section, kind_of, load_receive, load_send
 from replicator.cli.jobfile_checks import at, check_values
 from replicator.engine.errors import ConfigError, ReplicatorError
-from replicator.engine.volumes import resolve_volumes
+from replicator.engine.image_deps import unreplicated
+from replicator.engine.volumes import VolumeKind, resolve_volumes
 
 
 def _command(ctx: typer.Context, name: str) -> TyperCommand:
@@ -45,7 +46,10 @@ def _check_send_job(config: ConfigFile, section: Section) -> list[str]:
                 )
             listed = [f"folder {paths[0]}"]
         else:
-            listed = [f"{spec.kind.value} {spec.path}" for spec in resolve_volumes(paths)]
+            specs = resolve_volumes(paths)
+            listed = [f"{spec.kind.value} {spec.path}" for spec in specs]
+            disks = [spec.path for spec in specs if spec.kind is VolumeKind.DISK]
+            listed += [f"warning: {problem}" for problem in unreplicated(disks)]
     security = _security(config, section, "sender", host)
     return [f"job {section.name}: to {host}:{port}, capture {capture}, {security}"] + [
         f"  {item}" for item in listed

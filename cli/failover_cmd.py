@@ -134,6 +134,8 @@ def failover_command(
         typer.echo(f"  pointed {path} at the replicas")
     for step in result["next_steps"]:  # type: ignore[attr-defined]
         typer.echo(f"  next: {step}")
+    for problem in result.get("warnings", ()):  # type: ignore[attr-defined]
+        typer.echo(f"  warning: {problem}")
 
 
 def demote_command(

@@ -10,10 +10,11 @@ replication writes nothing more to the job until it is demoted.
 
 After promotion, configuration files of the job that name disk paths are pointed at the
 replicas (libvirt domain XML ``<disk><source file=…>``; the original kept beside it as
-``NAME.pre-failover``), so the VM can be defined and started on the target, and ``--exec``
-runs (the command that starts the VM). The result says the measured RTO (from the start of
-the command to the promoted replicas, and to ``--exec`` started) and the consistency point
-the replicas hold.
+``NAME.pre-failover``), so the VM can be defined and started on the target; a backing
+file, data file or parent that a replica's header names and this host lacks is warned
+about (``engine/image_deps.py``); and ``--exec`` runs (the command that starts the VM). The
+result says the measured RTO (from the start of the command to the promoted replicas, and to
+``--exec`` started) and the consistency point the replicas hold.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import structlog
 
 from replicator.engine.errors import ConfigError
 from replicator.engine.generations import Promotion
+from replicator.engine.image_deps import missing_on_target
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import check_job_name
 from replicator.engine.statedir import StateDirLock
@@ -60,6 +62,8 @@ class FailoverResult:
     rewritten: list[str] = field(default_factory=list)  # configuration files pointed here
     exec_pid: int | None = None
     next_steps: list[str] = field(default_factory=list)
+    # backing files, data files or parents a replica needs and this host lacks
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +116,9 @@ async def finish_failover(
     promoted_at = time.monotonic()
     replica_dir = config.replica_root / job
     rewritten = await asyncio.to_thread(point_configs_at_replicas, replica_dir)
+    missing = await asyncio.to_thread(missing_on_target, replica_dir)
+    for problem in missing:
+        log.warning("failover.image_dependency", job=job, problem=problem)
     result = FailoverResult(
         job=job,
         generation=promotion.generation,
@@ -123,6 +130,7 @@ async def finish_failover(
         rto_seconds=round(promoted_at - started, 3),
         already_promoted=already,
         rewritten=[str(p) for p in rewritten],
+        warnings=missing,
     )
     if exec_cmd:
         result.exec_pid = await _start(exec_cmd, job, replica_dir)

@@ -374,3 +374,39 @@ def test_planned_failover_of_a_fuse_capturing_sender_loses_nothing(tmp_path: Pat
     finally:
         assert rcv.stop() == 0
     assert sender_at_rest(state)["jobs"][0]["state"] == "handed_over"  # what `status` shows
+
+
+def test_an_overlay_sent_without_its_backing_file_is_told_at_send_and_at_failover(
+    tmp_path: Path,
+) -> None:
+    """A qcow2 overlay replicated alone is a faithful copy no VM can start from: `send` says
+    so while it can be fixed, and `failover` says so again before the VM is started."""
+    src = tmp_path / "src"
+    src.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", str(src / "base.qcow2"), "16M")
+    qemu_io("qcow2", src / "base.qcow2", "write -P 0x11 0 1M")
+    over = src / "over.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(over))
+    qemu_io("qcow2", over, "write -P 0x22 1M 64k")
+    target = tmp_path / "target"
+    rcv = start_receiver(target)
+    try:
+        out = replicator("send", "--to", rcv.address, "--job", "vm1", "--state-dir",
+                         str(tmp_path / "state"), "--once", "--insecure", str(over))  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "send.image_dependency" in out.stderr
+        assert "backing file 'base.qcow2'" in out.stderr and "not replicated" in out.stderr
+        assert b3(target / "vm1" / over.name) == b3(over)  # replicated byte for byte all the same
+    finally:
+        assert rcv.stop() == 0
+    promoted = replicator("failover", "--force", "--dir", str(target), "--job", "vm1")
+    assert promoted.returncode == 0, promoted.stderr
+    replica = target / "vm1" / over.name
+    assert f"warning: {replica}'s backing file 'base.qcow2' is not at" in promoted.stdout
+    opened = subprocess.run(["qemu-img", "info", "--backing-chain", str(replica)],
+                            capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert opened.returncode != 0  # what the warning spares the operator from finding later
+    as_json = replicator("failover", "--force", "--json", "--dir", str(target), "--job", "vm1")
+    assert as_json.returncode == 0, as_json.stderr
+    (warning,) = json.loads(as_json.stdout)["warnings"]
+    assert "is not at" in warning

@@ -291,3 +291,33 @@ def test_no_flags_turn_off_on_the_command_line_what_the_file_turns_on(
         assert "no --tls-dir" in out.stderr
     assert "job good ended with exit code 3" in out.stderr
     assert "job broken ended with exit code 3" in out.stderr
+
+
+def test_discover_keeps_a_chain_whole_and_check_config_warns_when_it_is_cut(
+    tmp_path: Path,
+) -> None:
+    """discover's job holds an overlay with its backing file, so check-config has nothing to
+    say; with the backing file taken out of the volumes, it warns what the replica lacks."""
+    images = tmp_path / "images"
+    images.mkdir()
+    base, over = images / "base.qcow2", images / "web.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "8M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
+                    "qcow2", str(over)], check=True)  # fmt: skip
+    job_file = tmp_path / "job.toml"
+    assert replicator("discover", str(images), "--out", str(job_file)).returncode == 0
+    text = job_file.read_text().replace('# to = "HOST:PORT"', 'to = "127.0.0.1:9"')
+    text = text.replace("# tls_dir =", "insecure = true\n# tls_dir =")
+    job_file.write_text(text)
+    out = replicator("check-config", str(job_file))
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert f"  disk {base}\n" in out.stdout and f"  disk {over}\n" in out.stdout
+    assert "warning:" not in out.stdout
+
+    job_file.write_text(re.sub(rf'^\s*"{re.escape(str(base))}",.*\n', "", text, flags=re.M))
+    out = replicator("check-config", str(job_file))
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert f"  disk {base}\n" not in out.stdout
+    assert f"  warning: {over}'s backing file 'base.qcow2' ({base}) is not replicated" in (
+        out.stdout
+    )
