@@ -75,6 +75,13 @@ class ImageLock:
             raise
         self._fd = fd
 
+    def written_by_another(self) -> bool:
+        """True while another program (a running QEMU, ``qemu-io``) holds QEMU's lock that
+        says it uses the image for writing; never true of the image's own NBD shim."""
+        if self._fd < 0 or self.serving:
+            return False
+        return _holder(self._fd, fcntl.F_WRLCK, _QEMU_USE + _WRITE)
+
     def serve(self) -> None:
         """Add QEMU's locks for a writer that does not share writing (the NBD shim)."""
         if self._fd < 0:
@@ -125,6 +132,10 @@ class ImageLocks:
 
     def serve(self, path: Path) -> None:
         self.locks[path].serve()
+
+    def written_by_others(self) -> list[Path]:
+        """The images another program has open for writing now (``written_by_another``)."""
+        return [path for path, lock in self.locks.items() if lock.written_by_another()]
 
     def release(self) -> None:
         for lock in self.locks.values():

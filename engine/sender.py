@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -109,6 +110,7 @@ class Sender:
         )
         self.status = SenderJobStatus(config.job, "scan", self.connector.target)
         self._lsn_floor = 1
+        self._unfrozen_warned: set[Path] = set()  # images scanned while another wrote them
         self._applied_noted = 0  # the applied LSN last written to peer_applied.state
         # set by a continuous run: a first sync waiting on the link gives up when it is set
         self.stopping: asyncio.Event | None = None
@@ -279,6 +281,8 @@ class Sender:
             if shown is not None:
                 shown(done, total)
 
+        if self.config.pre_hook is None:
+            await self._warn_unfrozen_writers(state)
         await run_hook(self.config.pre_hook, "pre")
         try:
             result = await scan_epoch(
@@ -297,6 +301,25 @@ class Sender:
             await state.save(result[0])
         status.last_epoch = result[0].epoch
         return result
+
+    async def _warn_unfrozen_writers(self, state: SenderState) -> None:
+        """A scan reads an image while a running VM writes it: its epoch mixes blocks from
+        before and after writes, which no moment of the disk ever held. Said once per image
+        per run (the VM may start after the sender), since nothing can see inside the guest."""
+        for path in await asyncio.to_thread(state.locks.written_by_others):
+            if path in self._unfrozen_warned:
+                continue
+            self._unfrozen_warned.add(path)
+            log.warning(
+                "sender.scanning_a_running_vm",
+                path=str(path),
+                problem=f"{path} is open for writing by another program (QEMU's write lock): "
+                "a scan copies it while it changes, so a replica point may not be one the "
+                "disk ever held (not crash-consistent)",
+                hint="freeze the guest around each scan (--pre-hook 'virsh domfsfreeze VM' "
+                "--post-hook 'virsh domfsthaw VM'), or capture its writes with --capture nbd "
+                "or --capture fuse",
+            )
 
     async def _unless_stopped(self, work: Coroutine[Any, Any, _T]) -> _T:
         """``work``, unless ``stopping`` is set first: then CycleStopped. A first sync waits

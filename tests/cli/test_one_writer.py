@@ -123,3 +123,54 @@ def test_a_symlinked_job_state_folder_is_refused(tmp_path: Path, receiver: Recei
     assert list(outside.iterdir()) == []  # nothing written outside DIR
     assert not (receiver.dir / "trap").exists()
     send_once(receiver, "fine", tmp_path / "s2", disk)  # and the receiver keeps serving
+
+
+def test_a_scan_of_an_image_a_running_qemu_writes_warns_unless_frozen(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A scan copies an image while a VM writes it: not crash-consistent. A QEMU that has
+    it open for writing (here qemu-io, idle) holds QEMU's write lock, and the scan says so,
+    with what to do; a --pre-hook (the freeze) or no writer at all is not warned about."""
+    disk = tmp_path / "vm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
+    qemu_io("qcow2", disk, "write -P 0x5a 0 1M")
+
+    def send(*extra: str) -> str:
+        state = str(tmp_path / "state")
+        out = replicator("send", "--to", receiver.address, "--job", "vm1", "--state-dir", state,
+                         "--once", "--insecure", *extra, str(disk))  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    assert "sender.scanning_a_running_vm" not in send()
+    vm = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 60000", str(disk)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not _holds_a_lock(vm.pid, disk):  # seen by the kernel, not by our code
+            assert time.monotonic() < deadline and vm.poll() is None
+            time.sleep(0.05)
+        warned = send()
+        assert "sender.scanning_a_running_vm" in warned and "not crash-consistent" in warned
+        assert "--pre-hook" in warned and "--capture nbd" in warned
+        assert "sender.scanning_a_running_vm" not in send("--pre-hook", "true")
+        assert vm.poll() is None  # it kept the image open throughout
+    finally:
+        vm.kill()
+        vm.wait()
+    assert "sender.scanning_a_running_vm" not in send()
+
+
+def _holds_a_lock(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open with a lock on it (/proc fdinfo)."""
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        try:
+            if Path(os.readlink(fd)) != path:
+                continue
+            info = (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text()
+        except OSError:
+            continue
+        if "lock:" in info:
+            return True
+    return False
