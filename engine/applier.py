@@ -86,7 +86,16 @@ class Applier:
         self.replica_dir = replica_dir
         self.files = files if files is not None else ReplicaFiles()
         makedirs_durable(replica_dir)
-        self._root = os.open(replica_dir, _DIR_FLAGS)
+        try:
+            self._root = os.open(replica_dir, _DIR_FLAGS)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            raise ApplyError(
+                f"{replica_dir} is not a folder (a symlink?): refusing to write replicas "
+                "there, since they must stay inside the receiver's --dir; remove it on the "
+                "target (the receiver creates the folder itself)"
+            ) from exc
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
         self._dirty: set[str] = set()
         self._dirty_dirs: set[str] = set()

@@ -130,7 +130,15 @@ def refusal_error(code: str, message: str) -> ReplicatorError:
         return BusyError(f"receiver refused (busy): {message}")
     if code in ("promoted", "generation"):
         return generations.refusal_error(code, message)
-    return RefusedError(f"receiver refused ({code}): {message}")
+    hint = _STORAGE_HINT if code == "storage" else None
+    return RefusedError(f"receiver refused ({code}): {message}", hint=hint)
+
+
+_STORAGE_HINT = (
+    "the target could not write or sync the job's replicas or state: fix what the message "
+    "names there (space, permissions, the disk; the receiver logs it as receiver.storage) and "
+    "run send again; nothing past the last durable point was acknowledged, so nothing is lost"
+)
 
 
 # -- the sender -----------------------------------------------------------------------------

@@ -159,3 +159,25 @@ def test_receiver_port_in_use(tmp_path: Path, receiver: ReceiverProc) -> None:
     assert out.returncode == ExitCode.CONFIG
     error = one_line_error(out.stderr)
     assert "cannot listen" in error and "another receiver" in error  # says what to do next
+
+
+def test_a_job_folder_that_is_a_symlink_is_refused_with_what_to_do(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """DIR/JOB planted as a symlink to a folder elsewhere: nothing is written through it,
+    and the sender is told what is wrong and what to do (not a bare errno)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    receiver.dir.mkdir(parents=True, exist_ok=True)
+    (receiver.dir / "vm1").symlink_to(outside)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x" * 65536)
+    out = replicator(
+        "send", "--to", receiver.address, "--job", "vm1", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), str(disk),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.REFUSED
+    line = one_line_error(out.stderr)
+    assert f"{receiver.dir / 'vm1'} is not a folder (a symlink?)" in line
+    assert "remove it on the target" in line and "nothing is lost" in line
+    assert list(outside.iterdir()) == []
