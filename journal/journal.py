@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import functools
 import os
 import time
@@ -825,7 +826,7 @@ class Journal:
         may have dropped the dirty pages), so the journal refuses all further work; a
         reopen recovers from what is on disk.
         """
-        error = JournalIOError(message)
+        error = JournalIOError(message, hint=_io_hint(exc, self._dir))
         error.__cause__ = exc
         if self._failure is None:
             self._failure = exc
@@ -839,6 +840,20 @@ class Journal:
         for _, waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(error)
+
+
+def _io_hint(exc: BaseException, folder: Path) -> str:
+    """What to do about a journal write or sync that failed with ``exc``."""
+    recovered = "what was synced before is recovered when the journal is opened again"
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"the file system holding {folder} is full: free space there, or move the state "
+            f"folder to a larger one (--state-dir), then run again; {recovered}"
+        )
+    if code == errno.EIO:
+        return f"the disk under {folder} reported an I/O error: check it (dmesg); {recovered}"
+    return f"check the file system holding {folder}, then run again; {recovered}"
 
 
 def _spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
