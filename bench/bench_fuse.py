@@ -67,7 +67,20 @@ JOBS: dict[str, tuple[list[str], str, float]] = {
 }
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, all) CPU-seconds of the whole machine since boot, from /proc/stat: busy is
+    user, nice, system, irq and softirq; iowait counts as idle (a CPU that could run)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, idle, iowait, irq, softirq = fields
+    busy = user + nice + system + irq + softirq
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, (busy + idle + iowait) / tick
+
+
 def fio(path: Path, args: list[str], runtime: int, size: int, cwd: Path) -> dict[str, float]:
+    """fio's figures, and the machine's CPU over its run: ``cpu s/GB`` (busy CPU-seconds of
+    every process and the kernel per GB fio wrote) and ``busy`` (the share of all vCPUs)."""
+    busy0, all0 = machine_cpu()
     res = subprocess.run(
         [
             "fio",
@@ -85,8 +98,14 @@ def fio(path: Path, args: list[str], runtime: int, size: int, cwd: Path) -> dict
         check=True,
         timeout=runtime * 6 + 60,
     )
+    busy1, all1 = machine_cpu()
     job = json.loads(res.stdout)["jobs"][0]["write"]
-    return {"MB/s": job["bw_bytes"] / 1e6, "iops": job["iops"]}
+    return {
+        "MB/s": job["bw_bytes"] / 1e6,
+        "iops": job["iops"],
+        "cpu s/GB": (busy1 - busy0) / (job["io_bytes"] / 1e9),
+        "busy": (busy1 - busy0) / (all1 - all0),
+    }
 
 
 def wait_mounted(mnt: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -223,14 +242,17 @@ def main() -> None:
     jobs = {name: spec for name, spec in JOBS.items() if not args.job or name in args.job}
     columns = tuple(c for c in COLUMNS if not args.column or c in args.column)
     runs: dict[tuple[str, str], list[float]] = {}
+    cpu_runs: dict[tuple[str, str, str], list[float]] = {}
     try:
         for job, (fio_args, figure, _) in jobs.items():
             for rep in range(args.repeat):
                 for k in range(len(columns)):  # rotated, so no column always follows another
                     column = columns[(k + rep) % len(columns)]
                     os.sync()  # the previous run's dirty pages must not slow this one down
-                    value = measure(column, work, fio_args, args.runtime, size)[figure]
-                    runs.setdefault((job, column), []).append(value)
+                    figures = measure(column, work, fio_args, args.runtime, size)
+                    for name in (figure, "cpu s/GB", "busy"):
+                        cpu_runs.setdefault((job, column, name), []).append(figures[name])
+                    runs.setdefault((job, column), []).append(figures[figure])
         disk = journal_pattern_limit(work / "pattern")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -249,6 +271,8 @@ def main() -> None:
             ratio = medians["replicating"] / max(peers)
             verdict = f"{ratio:5.2f} >= {goal} {'ok' if ratio >= goal else 'MISS'}"
         print(f"{job:26} {figure:6}" + "".join(f" {c:>20}" for c in cells) + f"  {verdict}")
+        if figure == "MB/s":
+            cpu_report(job, columns, cpu_runs, peers)
         if figure == "MB/s" and {"journal only", "replicating"} <= medians.keys():
             print(
                 f"{'':26} the disk takes the journal's write pattern at {disk:.0f} MB/s:"
@@ -256,6 +280,39 @@ def main() -> None:
                 f" replicating {medians['replicating'] / disk:.2f}x (its receiver writes"
                 " the same disk)"
             )
+
+
+def cpu_report(
+    job: str,
+    columns: tuple[str, ...],
+    cpu_runs: dict[tuple[str, str, str], list[float]],
+    peers: list[float],
+) -> None:
+    """Each column's CPU per GB and the vCPUs' busy share over its fio run (medians), and
+    the replicating job's CPU ceiling: its figure if the same work per byte had every
+    vCPU busy, i.e. the most any schedule of this work reaches on this machine."""
+    cells = []
+    for column in columns:
+        per_gb = statistics.median(cpu_runs[(job, column, "cpu s/GB")])
+        busy = statistics.median(cpu_runs[(job, column, "busy")])
+        cells.append(f"{per_gb:.2f} s/GB, {busy:.0%} busy")
+    print(f"{'':26} {'CPU':6}" + "".join(f" {c:>20}" for c in cells))
+    if "replicating" not in columns:
+        return
+    ceilings = [
+        mbs / busy
+        for mbs, busy in zip(
+            cpu_runs[(job, "replicating", "MB/s")],
+            cpu_runs[(job, "replicating", "busy")],
+            strict=True,
+        )
+    ]
+    ceiling = statistics.median(ceilings)
+    versus = f" = {ceiling / max(peers):.2f}x the faster bindfs" if peers else ""
+    print(
+        f"{'':26} replicating with all {os.cpu_count()} vCPUs busy (the same CPU per byte):"
+        f" {ceiling:.0f} MB/s{versus}"
+    )
 
 
 if __name__ == "__main__":
