@@ -117,8 +117,12 @@ def unreplicated(images: Iterable[Path], *, tree: bool = False) -> list[str]:
                 where = "" if str(dep.path) == dep.name else f" ({printable(dep.path)})"
                 found.append(
                     f"{what}{where} is not replicated by this job{missing}: "
-                    "the replica cannot be opened on the target without it. Add it to the "
-                    "volumes (`replicator discover` lists the whole chain)"
+                    "the replica cannot be opened on the target without it. "
+                    + (
+                        "Move it into the replicated folder"
+                        if tree
+                        else "Add it to the volumes (`replicator discover` lists the whole chain)"
+                    )
                     + (
                         " (it holds the disk's data)"
                         if dep.role == "data file"

@@ -209,3 +209,21 @@ def test_lost_state_and_damaged_journal_leave_no_stale_files(
         assert b3(target / "c.xml") == b3(source / "c.xml")
     finally:
         _stop(proc, mnt)
+
+
+def test_an_image_whose_backing_file_is_outside_the_folder_is_told(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """A VM folder holding an overlay of a golden image kept elsewhere: the folder job
+    cannot carry the golden image, and the sender says so at its start."""
+    source, mnt = folder
+    golden = tmp_path / "golden.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(golden), "16M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(golden), "-F", "qcow2",
+             str(source / "vm.qcow2"))  # fmt: skip
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
+    _stop(proc, mnt)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert "send.image_dependency" in stderr
+    assert f"backing file '{golden}' is not replicated" in stderr
+    assert "Move it into the replicated folder" in stderr

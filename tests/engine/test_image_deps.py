@@ -166,3 +166,5 @@ def test_a_folder_job_keeps_relative_names_but_not_absolute_ones(tmp_path: Path)
     (problem,) = unreplicated([relative, absolute, base], tree=True)
     assert problem.startswith(f"{absolute}'s backing file") and "names it by a path" in problem
     assert len(unreplicated([relative, absolute, base])) == 2
+    (outside,) = unreplicated([relative], tree=True)  # the base is not in the folder
+    assert "Move it into the replicated folder" in outside and "volumes" not in outside
