@@ -8,7 +8,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import structlog
 import typer
 
 from replicator.cli.common import (
@@ -49,10 +48,8 @@ from replicator.engine.names import check_job_name
 from replicator.engine.sender import JOURNAL_CAP, LIVE_JOURNAL_CAP, Sender, SenderConfig, Summary
 from replicator.engine.statedir import default_state_dir
 from replicator.engine.tls import TlsIdentity
-from replicator.engine.volumes import DEFAULT_EXTENT, VolumeKind, VolumeSpec, resolve_volumes
+from replicator.engine.volumes import DEFAULT_EXTENT, resolve_volumes
 from replicator.transport import Shaper
-
-log = structlog.get_logger()
 
 if TYPE_CHECKING:  # live capture (NBD, FUSE) is imported only when chosen: ~50 ms
     from replicator.engine.live import LiveSender
@@ -104,16 +101,6 @@ def build_config(
         resync=resync,
         journal_max_bytes=journal_max,
     )
-
-
-def warn_image_dependencies(volumes: list[VolumeSpec], *, tree: bool = False) -> None:
-    """Say, before replicating, which backing files, data files or parents the disks need
-    and the job leaves out: a replica without them cannot be opened on the target."""
-    from replicator.engine.image_deps import unreplicated
-
-    disks = [spec.path for spec in volumes if spec.kind is VolumeKind.DISK]
-    for problem in unreplicated(disks, tree=tree):
-        log.warning("send.image_dependency", problem=problem)
 
 
 class Capture(StrEnum):
@@ -178,7 +165,6 @@ def _fuse_sender(
         resync=resync,
     )
     config, capture = fuse_folder_job(config, FuseOptions(source, mount))
-    warn_image_dependencies(config.volumes, tree=True)
     return LiveSender(Sender(config, connector_for(config, tls, shaper)), capture)
 
 
@@ -365,7 +351,6 @@ def send(
                 resync=resync,
                 journal_max=cap,
             )
-            warn_image_dependencies(config.volumes)
             sender = Sender(config, connector_for(config, tls, shaping.bucket))
         gate = None
         if capture is Capture.nbd:

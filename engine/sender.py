@@ -35,6 +35,7 @@ from replicator.engine.errors import (
     as_user_error,
 )
 from replicator.engine.handover import hand_over, wait_for_request
+from replicator.engine.image_deps import unreplicated
 from replicator.engine.link import Link, SessionPurpose
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
@@ -55,6 +56,7 @@ from replicator.engine.sender_state import (
 )
 from replicator.engine.status import SenderJobStatus, SenderPhase
 from replicator.engine.tree import Tree
+from replicator.engine.volumes import VolumeKind
 from replicator.journal import Journal, Record, RecordType
 
 log = structlog.get_logger()
@@ -133,6 +135,15 @@ class Sender:
             volumes=[v.name for v in self.config.volumes],
             state_dir=str(self.config.state_dir),
         )
+        self.warn_image_dependencies()
+
+    def warn_image_dependencies(self) -> None:
+        """Say, before replicating, which backing files, data files or parents the disks
+        need and the job leaves out: a replica without them cannot be opened on the target
+        (engine/image_deps.py). A folder job keeps relative names working."""
+        disks = [v.path for v in self.config.volumes if v.kind is VolumeKind.DISK]
+        for problem in unreplicated(disks, tree=self.config.folder):
+            log.warning("send.image_dependency", problem=problem)
 
     def unreached_error(self) -> ReplicatorError | None:
         """Why a sender stopped before any session: the last connect failure, said so."""
@@ -345,6 +356,7 @@ class Sender:
         """One cycle, then wait until the receiver has applied it; ``progress`` sees the scan."""
         started = time.monotonic()
         self.bind_log_context()
+        self.warn_image_dependencies()
         async with SenderState(self.config) as state:
             link, kind, basis = await self.open_link(state)
             try:
