@@ -77,6 +77,9 @@ def resolve_volumes(paths: list[Path]) -> list[VolumeSpec]:
                 hint="name the disk images and files to replicate; a whole folder replicates "
                 "with --capture fuse --mount MOUNTPOINT"
                 if path.is_dir()
+                else "replicator replicates disk image files, not block devices: a VM whose "
+                "disk is a block device (an LVM volume, a partition) is not supported"
+                if path.is_block_device()
                 else "name the disk images and files to replicate",
             )
         try:

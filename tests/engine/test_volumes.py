@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,11 @@ def test_resolve_volumes_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a regular file") as folder:
         resolve_volumes([tmp_path])
     assert folder.value.hint is not None and "--capture fuse" in folder.value.hint
+    device = tmp_path / "lv"
+    os.mknod(device, stat.S_IFBLK | 0o600, os.makedev(7, 0))  # as root, like the suite
+    with pytest.raises(ConfigError, match="not a regular file") as block:
+        resolve_volumes([device])
+    assert block.value.hint is not None and "not block devices" in block.value.hint
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "disk.img").write_bytes(b"x")
