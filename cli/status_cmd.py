@@ -28,6 +28,7 @@ from replicator.engine.control import (
     request,
 )
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
+from replicator.engine.status import SILENT_AFTER
 
 WATCH_INTERVAL = 1.0
 AT_REST = "not running (read from files at rest)"
@@ -293,6 +294,9 @@ def _lsns(job: dict[str, Any]) -> str:
 def _peer(job: dict[str, Any]) -> str:
     peer = job.get("peer")
     if job.get("connected"):
+        silent = job.get("receiver_silent_seconds")
+        if isinstance(silent, int | float) and silent >= SILENT_AFTER:
+            return f"{peer} (connected, but silent for {silent:.0f} s: stuck, or the path is)"
         return f"{peer} (connected)"
     return f"{peer} (not connected)" if peer else "not connected"
 

@@ -102,6 +102,11 @@ class SnapshotCollector(Collector):
             "lag_records",
             "Records not yet applied (sender: journaled; receiver: received).",
         )
+        silent = gauge(
+            "receiver_silent_seconds",
+            "Seconds since the connected receiver last sent anything (sender; it pings every "
+            "5 s, so more than ~12 s means it or the path is stuck).",
+        )
         journal_bytes = gauge("journal_bytes", "Bytes the job's journal uses on disk.")
         journal_cap = gauge("journal_cap_bytes", "The cap on the job's journal.")
         errors = counter("errors", "Errors by kind since the process started.", ["kind"])
@@ -139,6 +144,8 @@ class SnapshotCollector(Collector):
             wire = wire_sent if role == "sender" else wire_received
             wire.add_metric(key, float(moved.get("wire", 0)))
             ratio.add_metric(key, float(job.get("compression_ratio", 1.0)))
+            if job.get("receiver_silent_seconds") is not None:
+                silent.add_metric(key, float(job["receiver_silent_seconds"]))
             lag = job.get("lag") or {}
             if lag.get("seconds") is not None:
                 lag_seconds.add_metric(key, float(lag["seconds"]))
@@ -187,6 +194,7 @@ class SnapshotCollector(Collector):
             lag_seconds,
             lag_bytes,
             lag_records,
+            silent,
             journal_bytes,
             journal_cap,
             errors,

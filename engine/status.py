@@ -85,6 +85,9 @@ class ReceiverPhase(StrEnum):
 # What a listener is told changed: the job's state (a ``SenderPhase``), a connection that
 # came or went, an error counted, the lag (records journaled, or acknowledged as applied),
 # a job opened on a receiver (``StatusBoard.add``).
+# a connected receiver that said nothing for this long is shown as silent (it pings every
+# 5 s); the link is declared gone only after engine/link.py's REPLY_TIMEOUT (120 s)
+SILENT_AFTER = 12.0
 CHANGES = ("state", "connected", "disconnected", "error", "lag", "job")
 Listener = Callable[[str, str], None]  # (job, what changed)
 
@@ -223,6 +226,8 @@ class SenderJobStatus:
             "state": str(state),
             "peer": self.peer,
             "connected": link is not None,
+            # seconds since the receiver last said anything (None: not connected)
+            "receiver_silent_seconds": None if link is None else round(link.silent_seconds, 1),
             "generation": self.generation,
             "lsn": {
                 "journaled": journaled,

@@ -363,3 +363,41 @@ def test_status_at_rest_after_send_once_counts_nothing_the_receiver_applied(
     table = replicator("status", "--state-dir", str(state))
     assert table.returncode == 0
     assert f"had applied LSN {job['lsn']['journaled']}" in " ".join(table.stdout.split())
+
+
+def test_a_stuck_receiver_shows_as_silent_in_status_and_metrics(tmp_path: Path) -> None:
+    """A receiver that stops answering (SIGSTOP: a hung disk, a stuck path) keeps its TCP
+    connection up; `status` must not just say "connected": the receiver pings every 5 s,
+    so from 12 s of silence on the table and the metrics say so, and once it runs again
+    they do not."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    receiver = _receiver(tmp_path / "target")
+    port = free_port()
+    state = tmp_path / "state"
+    sender = _sender(receiver.address, "st", state, disk, "--metrics-listen", f"127.0.0.1:{port}")
+    sock = state / "control.sock"
+    try:
+        job = _until("replicating", lambda: _ask(sock), lambda s: bool(s["jobs"][0]["connected"]))
+        assert job["jobs"][0]["receiver_silent_seconds"] < 12
+        receiver.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(13)
+            silent = _status("--state-dir", str(state))["jobs"][0]
+            assert silent["connected"] and silent["receiver_silent_seconds"] >= 12, silent
+            table = replicator("status", "--state-dir", str(state))
+            assert "(connected, but silent for " in table.stdout, table.stdout
+            wait_port(port, sender)
+            assert _sample(_metrics(port), "replicator_receiver_silent_seconds",
+                           role="sender", job="st") >= 12  # fmt: skip
+        finally:
+            receiver.proc.send_signal(signal.SIGCONT)
+        _until(
+            "heard again",
+            lambda: _ask(sock),
+            lambda s: (s["jobs"][0]["receiver_silent_seconds"] or 99) < 12,
+        )
+        assert "silent" not in replicator("status", "--state-dir", str(state)).stdout
+    finally:
+        assert _stop(sender) == 0
+        receiver.stop()
