@@ -294,7 +294,7 @@ def _lsns(job: dict[str, Any]) -> str:
 def _peer(job: dict[str, Any]) -> str:
     peer = job.get("peer")
     if job.get("connected"):
-        silent = job.get("receiver_silent_seconds")
+        silent = job.get("peer_silent_seconds")
         if isinstance(silent, int | float) and silent >= SILENT_AFTER:
             return f"{peer} (connected, but silent for {silent:.0f} s: stuck, or the path is)"
         return f"{peer} (connected)"

@@ -126,14 +126,6 @@ class Link:
         self._direct_batches: collections.deque[tuple[int, int]] = collections.deque()
         self._failure: BaseException | None = None
         self._closed = False
-        self.last_heard = time.monotonic()  # the receiver's last frame (it pings every 5 s)
-
-    @property
-    def silent_seconds(self) -> float:
-        """How long the receiver has said nothing: it pings every few seconds, so more
-        than ``status.SILENT_AFTER`` means it is stuck (or the path is), long before
-        REPLY_TIMEOUT ends the link."""
-        return time.monotonic() - self.last_heard
 
     @property
     def received_lsn(self) -> int:
@@ -294,7 +286,6 @@ class Link:
         core = self._started()
         while not self._closed:
             msg = await self.conn.recv(timeout=REPLY_TIMEOUT)
-            self.last_heard = time.monotonic()
             for action in core.receive(msg):
                 if isinstance(action, Trim):
                     await self.journal.trim(action.upto)

@@ -103,9 +103,9 @@ class SnapshotCollector(Collector):
             "Records not yet applied (sender: journaled; receiver: received).",
         )
         silent = gauge(
-            "receiver_silent_seconds",
-            "Seconds since the connected receiver last sent anything (sender; it pings every "
-            "5 s, so more than ~12 s means it or the path is stuck).",
+            "peer_silent_seconds",
+            "Seconds since the connected peer last sent anything (the receiver pings every "
+            "5 s and the sender answers: more than ~12 s means the peer or the path is stuck).",
         )
         journal_bytes = gauge("journal_bytes", "Bytes the job's journal uses on disk.")
         journal_cap = gauge("journal_cap_bytes", "The cap on the job's journal.")
@@ -144,8 +144,8 @@ class SnapshotCollector(Collector):
             wire = wire_sent if role == "sender" else wire_received
             wire.add_metric(key, float(moved.get("wire", 0)))
             ratio.add_metric(key, float(job.get("compression_ratio", 1.0)))
-            if job.get("receiver_silent_seconds") is not None:
-                silent.add_metric(key, float(job["receiver_silent_seconds"]))
+            if job.get("peer_silent_seconds") is not None:
+                silent.add_metric(key, float(job["peer_silent_seconds"]))
             lag = job.get("lag") or {}
             if lag.get("seconds") is not None:
                 lag_seconds.add_metric(key, float(lag["seconds"]))

@@ -85,8 +85,9 @@ class ReceiverPhase(StrEnum):
 # What a listener is told changed: the job's state (a ``SenderPhase``), a connection that
 # came or went, an error counted, the lag (records journaled, or acknowledged as applied),
 # a job opened on a receiver (``StatusBoard.add``).
-# a connected receiver that said nothing for this long is shown as silent (it pings every
-# 5 s); the link is declared gone only after engine/link.py's REPLY_TIMEOUT (120 s)
+# a connected peer that said nothing for this long is shown as silent: the receiver pings
+# every 5 s and the sender answers, so both hear each other at least that often; a link is
+# declared gone only after engine/link.py's REPLY_TIMEOUT (120 s)
 SILENT_AFTER = 12.0
 CHANGES = ("state", "connected", "disconnected", "error", "lag", "job")
 Listener = Callable[[str, str], None]  # (job, what changed)
@@ -226,8 +227,7 @@ class SenderJobStatus:
             "state": str(state),
             "peer": self.peer,
             "connected": link is not None,
-            # seconds since the receiver last said anything (None: not connected)
-            "receiver_silent_seconds": None if link is None else round(link.silent_seconds, 1),
+            "peer_silent_seconds": _silent(link.conn if link is not None else None),
             "generation": self.generation,
             "lsn": {
                 "journaled": journaled,
@@ -256,6 +256,11 @@ class SenderJobStatus:
             "last_error": self.last_error,
             "uptime_seconds": round(now - self.started, 1),
         }
+
+
+def _silent(conn: FramedConnection | None) -> float | None:
+    """Seconds since the connected peer last sent anything (None: not connected)."""
+    return None if conn is None else round(time.monotonic() - conn.last_received, 1)
 
 
 class ReceiverJobStatus:
@@ -314,6 +319,7 @@ class ReceiverJobStatus:
             "state": str(state),
             "peer": conn.peer if conn is not None else None,
             "connected": conn is not None,
+            "peer_silent_seconds": _silent(conn),
             "generation": point.generation,
             **promotion_fields(replica.job, replica.promotion),
             "lsn": {"received": replica.received_lsn, "applied": replica.applied_lsn},

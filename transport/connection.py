@@ -169,6 +169,7 @@ class FramedConnection:
             role, max_frame=max_frame, window=window, compress=compress
         )
         self.peer = peer
+        self.last_received = time.monotonic()  # when the peer's last message arrived
         self._shaper = shaper
         self._offload = offload
         # lz4 per connection: off while the CPU, not the link, would be the bottleneck
@@ -359,6 +360,7 @@ class FramedConnection:
             if not isinstance(event, NeedData):
                 if self._pending_over is not None and protocol.handshake_received:
                     self._end_pending()
+                self.last_received = time.monotonic()
                 return event
             if self._closing and not self._lost:
                 raise ConnectionClosedError(f"connection to {self.peer} was closed locally")

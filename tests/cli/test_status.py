@@ -365,11 +365,11 @@ def test_status_at_rest_after_send_once_counts_nothing_the_receiver_applied(
     assert f"had applied LSN {job['lsn']['journaled']}" in " ".join(table.stdout.split())
 
 
-def test_a_stuck_receiver_shows_as_silent_in_status_and_metrics(tmp_path: Path) -> None:
+def test_a_stuck_peer_shows_as_silent_in_status_and_metrics(tmp_path: Path) -> None:
     """A receiver that stops answering (SIGSTOP: a hung disk, a stuck path) keeps its TCP
-    connection up; `status` must not just say "connected": the receiver pings every 5 s,
-    so from 12 s of silence on the table and the metrics say so, and once it runs again
-    they do not."""
+    connection up; `status` must not just say "connected": the receiver pings every 5 s
+    and the sender answers, so from 12 s of silence on the table and the metrics say so,
+    and once it runs again they do not. The receiver sees a stuck sender the same way."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(1 << 20))
     receiver = _receiver(tmp_path / "target")
@@ -379,25 +379,36 @@ def test_a_stuck_receiver_shows_as_silent_in_status_and_metrics(tmp_path: Path) 
     sock = state / "control.sock"
     try:
         job = _until("replicating", lambda: _ask(sock), lambda s: bool(s["jobs"][0]["connected"]))
-        assert job["jobs"][0]["receiver_silent_seconds"] < 12
+        assert job["jobs"][0]["peer_silent_seconds"] < 12
         receiver.proc.send_signal(signal.SIGSTOP)
         try:
             time.sleep(13)
             silent = _status("--state-dir", str(state))["jobs"][0]
-            assert silent["connected"] and silent["receiver_silent_seconds"] >= 12, silent
+            assert silent["connected"] and silent["peer_silent_seconds"] >= 12, silent
             table = replicator("status", "--state-dir", str(state))
             assert "(connected, but silent for " in table.stdout, table.stdout
             wait_port(port, sender)
-            assert _sample(_metrics(port), "replicator_receiver_silent_seconds",
+            assert _sample(_metrics(port), "replicator_peer_silent_seconds",
                            role="sender", job="st") >= 12  # fmt: skip
         finally:
             receiver.proc.send_signal(signal.SIGCONT)
         _until(
             "heard again",
             lambda: _ask(sock),
-            lambda s: (s["jobs"][0]["receiver_silent_seconds"] or 99) < 12,
+            lambda s: (s["jobs"][0]["peer_silent_seconds"] or 99) < 12,
         )
         assert "silent" not in replicator("status", "--state-dir", str(state)).stdout
+
+        # and the other way round: the receiver tells a sender that stopped answering
+        target = str(tmp_path / "target")
+        sender.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(13)
+            (job,) = _status("--dir", target)["jobs"]
+            assert job["connected"] and job["peer_silent_seconds"] >= 12, job
+            assert "(connected, but silent for " in replicator("status", "--dir", target).stdout
+        finally:
+            sender.send_signal(signal.SIGCONT)
     finally:
         assert _stop(sender) == 0
         receiver.stop()
