@@ -1,4 +1,5 @@
-"""One writer per image: the advisory locks a sender holds on the disk images it captures.
+"""One writer per image: the advisory locks a sender holds on the disk images it captures,
+and those a receiver holds on the replicas it keeps.
 
 All are open-file-description byte-range locks (``fcntl`` ``F_OFD_SETLK``): the kernel
 drops them when the process ends, SIGKILL included, so a crash never leaves a stale lock,
@@ -14,7 +15,14 @@ and unlike ``flock`` they stay byte-range locks on NFS, where VM images often li
   consistent read, 1 write, 3 resize). The shim holds 100, 101, 103 and 201, 203 (shared):
   a QEMU, ``qemu-io`` or ``qemu-img`` that opens the image for writing behind the shim's
   back fails with 'Failed to get "write" lock', and one that already has it open for
-  writing makes the shim refuse to start. Readers (``qemu-img info``, ``compare``) work.
+  writing makes the shim refuse to start. Readers need QEMU's ``-U`` (``qemu-img info -U``,
+  ``compare -U``), as with any image a running VM writes.
+* **The replica guard** (``ReplicaGuard``), on a receiver's replica disk images while it
+  keeps them (until a failover promotes them): QEMU's "nobody else may write / resize"
+  bytes only, shared. A VM started on a replica by hand, ``qemu-io`` or ``qemu-img rebase``
+  fail with QEMU's own 'Failed to get "write" lock', as a DRBD secondary cannot be opened,
+  instead of writing under replication; readers (``qemu-img info``, ``compare``, an overlay
+  reading it as its backing file) open it as before, without ``-U``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Container
 from pathlib import Path
 
 from replicator.engine.errors import ConfigError
@@ -141,3 +150,79 @@ class ImageLocks:
         for lock in self.locks.values():
             with contextlib.suppress(OSError):
                 lock.release()
+
+
+class ReplicaGuard:
+    """The replica guard of one job (see the module docstring): an open descriptor per
+    replica disk image, by replica path, holding QEMU's deny-write and deny-resize bytes.
+
+    Blocking calls. ``writers`` names the replicas another program had open for writing
+    before the guard was taken (their "I use write" byte is held): a VM already running on
+    a replica, which the receiver must not write under.
+    """
+
+    MAX_FILES = 256  # per job: a folder job's disk images, never one descriptor per file
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[int, int]] = {}  # path -> (descriptor, inode)
+        self._passed: dict[str, int] = {}  # path -> inode of a file that is not a disk image
+        self._refused: set[str] = set()  # paths whose deny bytes someone holds exclusively
+
+    def wants(self, path: str, ino: int | None) -> bool:
+        """Whether ``path`` (at inode ``ino``, None: any) is not covered yet."""
+        held = self._held.get(path)
+        if held is not None and ino in (None, held[1]):
+            return False
+        passed = self._passed.get(path)
+        return passed is None or (ino is not None and passed != ino)
+
+    @property
+    def full(self) -> bool:
+        return len(self._held) >= self.MAX_FILES
+
+    def hold(self, path: str, fd: int) -> None:
+        """Guard replica ``path`` through ``fd`` (read-only is enough; the guard owns it)."""
+        self.drop(path)
+        ino = os.fstat(fd).st_ino
+        try:
+            for byte in (_QEMU_DENY + _WRITE, _QEMU_DENY + _RESIZE):
+                _lock(fd, fcntl.F_RDLCK, byte)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            self._refused.add(path)  # QEMU never locks these bytes exclusively: not QEMU
+            return
+        self._held[path] = (fd, ino)
+
+    def pass_over(self, path: str, ino: int) -> None:
+        """``path`` is not a disk image: nothing to guard (until it is another file)."""
+        self.drop(path)
+        self._passed[path] = ino
+
+    def keep_only(self, paths: Container[str]) -> None:
+        """Let go of every path not in ``paths`` (removed or renamed away: a descriptor
+        kept would keep a deleted image's space)."""
+        for path in [p for p in (*self._held, *self._passed, *self._refused) if p not in paths]:
+            self.drop(path)
+
+    def drop(self, path: str) -> None:
+        held = self._held.pop(path, None)
+        if held is not None:
+            os.close(held[0])
+        self._passed.pop(path, None)
+        self._refused.discard(path)
+
+    def writers(self) -> list[str]:
+        """The guarded replicas another program has open for writing, sorted."""
+        found = {
+            p for p, (fd, _) in self._held.items() if _holder(fd, fcntl.F_WRLCK, _QEMU_USE + _WRITE)
+        }
+        return sorted(found | self._refused)
+
+    def release(self) -> None:
+        for path in list(self._held):
+            with contextlib.suppress(OSError):
+                self.drop(path)
+        self._passed.clear()
+        self._refused.clear()

@@ -24,7 +24,7 @@ import contextlib
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,10 +42,12 @@ from replicator.engine.generations import (
     new_promotion,
     save_promotion,
 )
+from replicator.engine.imagelock import ReplicaGuard
 from replicator.engine.manifest import digest_chunks
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.replica_state import ReplicaState
 from replicator.engine.status import ReceiverJobStatus
+from replicator.engine.volumes import is_disk_image
 from replicator.engine.window import BACKLOG_MAX, MAX_WINDOW
 from replicator.journal import (
     Journal,
@@ -67,6 +69,10 @@ MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the app
 EAGER_APPLY_BYTES = 16 * 1024 * 1024
 # the direct path (a first sync written straight into the replica) commits this often
 DIRECT_COMMIT_BYTES = 32 * 1024 * 1024
+IN_USE_WHY = (
+    "another program on the target has it open for writing (a VM started on the replica "
+    "by hand?): replication does not write under it"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +140,10 @@ class JobReplica:
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
         self.promotion: Promotion | None = None  # set by open(): see engine/generations.py
+        # QEMU's "no other writer" locks on the replica disk images while replication keeps
+        # them (engine/imagelock.py); ``_guarded``: the ``files.layout`` they last followed
+        self.guard = ReplicaGuard()
+        self._guarded = -1
         self._closed = False
 
     @classmethod
@@ -399,6 +409,7 @@ class JobReplica:
         self._direct_bytes = max(0, self._direct_bytes - commit.size)
         if point is not None:
             self._direct_point = None
+        await self._follow_layout()
         self._noted = max(self._noted, commit.upto)
         async with self.applied_changed:
             self.applied_changed.notify_all()
@@ -532,6 +543,7 @@ class JobReplica:
             if point is not None:
                 new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
             await self._save_state(new)
+            await self._follow_layout()
             await self.journal.trim(target + 1)
             async with self.applied_changed:
                 self.applied_changed.notify_all()
@@ -627,6 +639,7 @@ class JobReplica:
             await self._save_state(state.replace(generation=promotion.generation))
             self.promotion = promotion
             self._reset_applier()  # replication writes nothing more
+            self._release_guard()  # and the VM may now open the replicas for writing
         log.warning(
             "receiver.promoted",
             job=self.job,
@@ -677,6 +690,63 @@ class JobReplica:
         with contextlib.suppress(JournalError):
             await self.journal.trim(lsn + 1)  # records from before the failback: never applied
         log.warning("receiver.handed_back", job=self.job, lsn=lsn, generation=self.state.generation)
+
+    async def replica_writers(self, volumes: Collection[str]) -> list[str]:
+        """Before a session writes: guard the job's replica disk images (those replication
+        wrote and the session's ``volumes``) against other writers, and name those another
+        program already has open for writing (a VM started on a replica by hand), which
+        replication must not write under."""
+        async with self._apply_lock:
+            if self.promotion is not None:
+                return []
+            return await asyncio.to_thread(self._cover, volumes)
+
+    async def _follow_layout(self) -> None:
+        """After an apply or commit (apply lock held): guard replica files it created or
+        replaced, let go of those it removed. A failure here fails no apply: it is logged."""
+        if self._guarded == self.files.layout or self.promotion is not None:
+            return
+        try:
+            writers = await asyncio.to_thread(self._cover, ())
+        except (OSError, ApplyError) as exc:
+            log.warning("receiver.guard_failed", job=self.job, error=str(exc))
+            return
+        if writers:
+            log.error("receiver.replica_in_use", job=self.job, files=writers, why=IN_USE_WHY)
+
+    def _cover(self, volumes: Collection[str]) -> list[str]:
+        """Blocking (apply lock held): see ``replica_writers``."""
+        layout = self.files.layout
+        applier = self._get_applier()
+        wanted = set(self.files.stamps).union(volumes)
+        self.guard.keep_only(wanted)
+        for path in sorted(wanted):
+            stamp = self.files.stamps.get(path)
+            if not self.guard.wants(path, stamp[0] if stamp is not None else None):
+                continue
+            if self.guard.full:
+                log.warning("receiver.guard_full", job=self.job, most=ReplicaGuard.MAX_FILES)
+                break
+            fd = applier.open_readonly(path)  # never outside the replica folder
+            if fd is None:
+                continue
+            try:
+                st = os.fstat(fd)
+                image = stat.S_ISREG(st.st_mode) and is_disk_image(path, fd)
+            except OSError:
+                os.close(fd)
+                continue
+            if image:
+                self.guard.hold(path, fd)
+            else:
+                os.close(fd)
+                self.guard.pass_over(path, st.st_ino)
+        self._guarded = layout
+        return self.guard.writers()
+
+    def _release_guard(self) -> None:
+        self.guard.release()
+        self._guarded = -1
 
     def read_replica(self, volume: str, offset: int, length: int) -> bytes | None:
         """Up to ``length`` bytes of replica ``volume`` at ``offset`` (fewer where it
@@ -767,6 +837,7 @@ class JobReplica:
             with contextlib.suppress(Exception):
                 await self.apply_pending()
         self._reset_applier()
+        self._release_guard()
         with contextlib.suppress(JournalError):
             await self.journal.aclose()
 

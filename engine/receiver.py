@@ -28,7 +28,12 @@ from replicator.engine.errors import (
 )
 from replicator.engine.failback_serve import FailbackSession
 from replicator.engine.generations import Promotion, session_refusal
-from replicator.engine.job_replica import JobReplica, ReceiverConfig, check_receiver_dirs
+from replicator.engine.job_replica import (
+    IN_USE_WHY,
+    JobReplica,
+    ReceiverConfig,
+    check_receiver_dirs,
+)
 from replicator.engine.names import check_job_name, path_problem
 from replicator.engine.receiver_session import (
     Session,
@@ -246,6 +251,26 @@ class Receiver:
             await conn.send(Refuse(*refusal))
             return
         if "verify" not in purpose:
+            writers = await replica.replica_writers([volume.name for volume in hello.volumes])
+            if writers:
+                log.error(
+                    "receiver.replica_in_use",
+                    job=hello.job,
+                    peer=conn.peer,
+                    files=writers,
+                    why=IN_USE_WHY,
+                )
+                names = ", ".join(repr(w) for w in writers[:3])
+                await conn.send(  # "busy": a continuous sender retries until it is closed
+                    Refuse(
+                        "busy",
+                        f"job {hello.job!r}: replica {names} is open for writing by another "
+                        "program on the target (a VM started on the replica by hand?), and "
+                        "replication does not write under it; nothing was written. Stop it "
+                        "(to run the VM on the target, `replicator failover` first)",
+                    )
+                )
+                return
             # one history on both sides: a new replica takes the sender's, a --resync the
             # later of the two (the sender learns it from the Welcome)
             generation = max(hello.generation, replica.state.generation, 1)

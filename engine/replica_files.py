@@ -60,6 +60,9 @@ class ReplicaFiles:
     diverged: dict[str, str] = field(default_factory=dict)
     writing: set[str] = field(default_factory=set)  # written straight from the wire
     dirty: bool = False  # changed since the last save
+    # bumped when a path is stamped anew or at another inode, or forgotten: what the
+    # receiver's replica guard (engine/imagelock.py) follows; not saved
+    layout: int = 0
 
     @classmethod
     def load(cls, state_dir: Path, job: str) -> ReplicaFiles:
@@ -108,7 +111,10 @@ class ReplicaFiles:
 
     def stamp(self, path: str, st: os.stat_result) -> None:
         value = (st.st_ino, st.st_ctime_ns)
-        if self.stamps.get(path) != value:
+        old = self.stamps.get(path)
+        if old != value:
+            if old is None or old[0] != st.st_ino:
+                self.layout += 1
             self.stamps[path] = value
             self.dirty = True
 
@@ -118,6 +124,7 @@ class ReplicaFiles:
         for name in [n for n in self.stamps if n == path or n.startswith(prefix)]:
             del self.stamps[name]
             self.dirty = True
+            self.layout += 1
 
     def move(self, old: str, new: str) -> None:
         """A rename: stamps travel with the names (the ctime changes: restamped later)."""
@@ -126,6 +133,7 @@ class ReplicaFiles:
         for name in [n for n in self.stamps if n == old or n.startswith(prefix)]:
             self.stamps[new + name[len(old) :]] = self.stamps.pop(name)
             self.dirty = True
+            self.layout += 1
 
     def unstamp(self, paths: Iterable[str]) -> None:
         """Forget the stamps of ``paths`` (written past them by a round that did not
@@ -134,6 +142,7 @@ class ReplicaFiles:
             if path not in self.diverged and path in self.stamps:
                 del self.stamps[path]
                 self.dirty = True
+                self.layout += 1
 
     def mark_diverged(self, path: str, why: str) -> None:
         if self.diverged.get(path) != why:
@@ -162,3 +171,4 @@ class ReplicaFiles:
             self.diverged.clear()
             self.writing.clear()
             self.dirty = True
+            self.layout += 1

@@ -43,23 +43,31 @@ class VolumeSpec:
     kind: VolumeKind
 
 
-def _has_image_magic(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(8)
-        if head[:4] == b"QFI\xfb" or head == b"vhdxfile" or head == b"conectix":
-            return True
-        size = f.seek(0, os.SEEK_END)
-        if size >= 512:
-            f.seek(size - 512)
-            return f.read(8) == b"conectix"
-    return False
+def _has_image_magic(fd: int) -> bool:
+    head = os.pread(fd, 8, 0)
+    if head[:4] == b"QFI\xfb" or head == b"vhdxfile" or head == b"conectix":
+        return True
+    size = os.fstat(fd).st_size
+    return size >= 512 and os.pread(fd, 8, size - 512) == b"conectix"
+
+
+def is_disk_image(name: str, fd: int) -> bool:
+    """The rule ``classify`` applies, on an open file: a disk image's suffix or header, or
+    larger than a configuration file may be."""
+    if Path(name).suffix.lower() in _DISK_SUFFIXES or _has_image_magic(fd):
+        return True
+    return os.fstat(fd).st_size > CONFIG_FILE_MAX
 
 
 def classify(path: Path) -> VolumeKind:
     """Disk images replicate by extent; small other files replicate whole (FILE records)."""
-    if path.suffix.lower() in _DISK_SUFFIXES or _has_image_magic(path):
+    if path.suffix.lower() in _DISK_SUFFIXES:
         return VolumeKind.DISK
-    return VolumeKind.FILE if path.stat().st_size <= CONFIG_FILE_MAX else VolumeKind.DISK
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return VolumeKind.DISK if is_disk_image(path.name, fd) else VolumeKind.FILE
+    finally:
+        os.close(fd)
 
 
 def resolve_volumes(paths: list[Path]) -> list[VolumeSpec]:

@@ -229,3 +229,32 @@ def start_fuse_sender(
         assert time.monotonic() < deadline, "mount did not appear"
         time.sleep(0.05)
     return proc
+
+
+def idle_qemu_writer(fmt: str, path: Path) -> subprocess.Popen[bytes]:
+    """An idle ``qemu-io`` with ``path`` open for writing, as a running VM has its disk:
+    returned once the kernel shows its locks (/proc fdinfo, not our code). Kill it."""
+    require_tool("qemu-io")
+    proc = subprocess.Popen(["qemu-io", "-f", fmt, "-c", "sleep 60000", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not _holds_a_lock(proc.pid, path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"qemu-io could not open {path} for writing")
+        time.sleep(0.05)
+    return proc
+
+
+def _holds_a_lock(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open with a lock on it (/proc fdinfo)."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if Path(os.readlink(fd)) != path:
+                continue
+            info = (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text()
+        except OSError:
+            continue
+        if "lock:" in info:
+            return True
+    return False

@@ -16,10 +16,12 @@ from tests.tools import (
     REPLICATOR,
     ReceiverProc,
     free_port,
+    idle_qemu_writer,
     qemu_img,
     qemu_io,
     replicator,
     send_once,
+    start_receiver,
 )
 
 
@@ -143,13 +145,8 @@ def test_a_scan_of_an_image_a_running_qemu_writes_warns_unless_frozen(
         return out.stderr
 
     assert "sender.scanning_a_running_vm" not in send()
-    vm = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 60000", str(disk)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    vm = idle_qemu_writer("qcow2", disk)
     try:
-        deadline = time.monotonic() + 30
-        while not _holds_a_lock(vm.pid, disk):  # seen by the kernel, not by our code
-            assert time.monotonic() < deadline and vm.poll() is None
-            time.sleep(0.05)
         warned = send()
         assert "sender.scanning_a_running_vm" in warned and "not crash-consistent" in warned
         assert "--pre-hook" in warned and "--capture nbd" in warned
@@ -161,16 +158,65 @@ def test_a_scan_of_an_image_a_running_qemu_writes_warns_unless_frozen(
     assert "sender.scanning_a_running_vm" not in send()
 
 
-def _holds_a_lock(pid: int, path: Path) -> bool:
-    """Whether process ``pid`` has ``path`` open with a lock on it (/proc fdinfo)."""
-    fds = Path(f"/proc/{pid}/fd")
-    for fd in fds.iterdir():
+@pytest.mark.tools
+def test_a_vm_started_on_a_replica_by_hand_is_stopped_or_waited_for(tmp_path: Path) -> None:
+    """A receiver used to write under a VM someone started on a replica (a "test boot"),
+    noticing only once the VM wrote. Now, as a DRBD secondary cannot be opened: while the
+    receiver keeps a replica, QEMU cannot open it for writing (readers can); a VM that had
+    it open before the receiver started makes sessions wait, writing nothing, until it is
+    gone; a failover lets the VM in."""
+    disk = tmp_path / "vm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "32M")
+    qemu_io("qcow2", disk, "write -P 0x11 0 4M")
+    rcv = start_receiver(tmp_path / "target")
+    replica = rcv.dir / "vm1" / "vm.qcow2"
+    state = tmp_path / "state"
+    sender: subprocess.Popen[str] | None = None
+    try:
+        send_once(rcv, "vm1", state, disk)
+        refused = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 4k", str(replica)],
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert refused.returncode != 0
+        assert 'Failed to get "write" lock' in refused.stderr + refused.stdout
+        assert "identical" in qemu_img("compare", str(disk), str(replica))  # readers: no -U
+
+        rcv.stop()  # the VM starts on the replica while no receiver runs
+        vm = idle_qemu_writer("qcow2", replica)
         try:
-            if Path(os.readlink(fd)) != path:
-                continue
-            info = (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text()
-        except OSError:
-            continue
-        if "lock:" in info:
-            return True
-    return False
+            rcv = start_receiver(rcv.dir, port=rcv.port)
+            qemu_io("qcow2", disk, "write -P 0x22 8M 2M")
+            out = replicator("send", "--to", rcv.address, "--job", "vm1", "--state-dir",
+                             str(state), "--once", "--insecure", str(disk))  # fmt: skip
+            assert out.returncode == ExitCode.REFUSED, out.stderr
+            assert "'vm.qcow2' is open for writing by another program" in out.stderr
+            assert "replicator failover" in out.stderr
+            assert "Content mismatch" in _compare(disk, replica)
+            sender = subprocess.Popen(
+                [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir",
+                 str(state), "--interval", "0.5", "--insecure", str(disk)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=ENV,
+            )  # fmt: skip
+            time.sleep(2)
+            assert "Content mismatch" in _compare(disk, replica)
+        finally:
+            vm.kill()
+            vm.wait()
+        deadline = time.monotonic() + 60  # the continuous sender retries and gets in
+        while "identical" not in _compare(disk, replica):
+            assert time.monotonic() < deadline and sender.poll() is None
+            time.sleep(0.2)
+        assert _stop(sender) == 0
+
+        failover = replicator("failover", "--dir", str(rcv.dir), "--job", "vm1", "--force")
+        assert failover.returncode == 0, failover.stderr
+        qemu_io("qcow2", replica, "write -P 0x33 0 4k")  # the VM's now
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+        rcv.stop()
+
+
+def _compare(a: Path, b: Path) -> str:
+    out = subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    return out.stdout + out.stderr

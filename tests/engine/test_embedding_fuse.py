@@ -42,6 +42,8 @@ def qemu_io(path: Path, *commands: str) -> str:
     """qemu-io on a qcow2 image; fails on any error or pattern mismatch (a thread's call:
     the image may be under this loop's mount)."""
     cmd = [require_tool("qemu-io"), "-f", "qcow2"]
+    if all(command.startswith("read") for command in commands):
+        cmd.append("-r")  # a replica the receiver keeps opens for reading only
     for command in commands:
         cmd += ["-c", command]
     out = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120)

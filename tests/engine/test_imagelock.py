@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ConfigError
-from replicator.engine.imagelock import ImageLock, ImageLocks
-from tests.tools import qemu_img, require_tool
+from replicator.engine.imagelock import ImageLock, ImageLocks, ReplicaGuard
+from tests.tools import idle_qemu_writer, qemu_img, require_tool
 
 pytestmark = pytest.mark.tools
 
@@ -99,3 +100,72 @@ def test_locks_are_taken_all_or_none(tmp_path: Path, image: Path) -> None:
         alone.release()
     finally:
         held.release()
+
+
+def _qemu_io(fmt: str, path: Path, command: str) -> subprocess.CompletedProcess[str]:
+    require_tool("qemu-io")
+    return subprocess.run(
+        ["qemu-io", "-f", fmt, "-c", command, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_replica_guard_stops_qemu_writers_and_lets_readers_in(tmp_path: Path) -> None:
+    """A receiver's replica: a VM started on it by hand (here qemu-io writing), or a
+    rebase, fails with QEMU's own lock error; info, compare and an overlay that reads it as
+    its backing file work without -U; released (a failover), it is an ordinary image."""
+    replica = tmp_path / "vm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(replica), "4M")
+    guard = ReplicaGuard()
+    guard.hold("vm.qcow2", os.open(replica, os.O_RDONLY))
+    try:
+        for command in ("write 0 4k", "truncate 8M"):
+            out = _qemu_io("qcow2", replica, command)
+            assert out.returncode != 0, command
+            assert 'Failed to get "write" lock' in out.stderr + out.stdout
+        rebase = subprocess.run(
+            ["qemu-img", "rebase", "-u", "-b", "", str(replica)], capture_output=True, text=True
+        )
+        assert rebase.returncode != 0 and "lock" in rebase.stderr
+        assert "virtual size: 4 MiB" in qemu_img("info", str(replica))
+        assert "identical" in qemu_img("compare", str(replica), str(replica))
+        overlay = tmp_path / "test-boot.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-b", str(replica), "-F", "qcow2", str(overlay))
+        assert _qemu_io("qcow2", overlay, "write 0 4k").returncode == 0
+        assert guard.writers() == []
+    finally:
+        guard.release()
+    assert _qemu_io("qcow2", replica, "write 0 4k").returncode == 0
+
+
+def test_the_replica_guard_names_a_writer_that_came_first(image: Path) -> None:
+    vm = idle_qemu_writer("raw", image)
+    guard = ReplicaGuard()
+    try:
+        guard.hold("disk.img", os.open(image, os.O_RDONLY))
+        assert guard.writers() == ["disk.img"]
+    finally:
+        vm.kill()
+        vm.wait()
+    assert guard.writers() == []  # its locks went with it
+    guard.release()
+
+
+def test_the_replica_guard_lets_go_of_what_is_gone(tmp_path: Path, image: Path) -> None:
+    """A replica removed or renamed away is let go (a descriptor kept would keep a deleted
+    image's space); a file that is not an image is remembered by inode, not held."""
+    before = len(os.listdir("/proc/self/fd"))
+    guard = ReplicaGuard()
+    guard.hold("disk.img", os.open(image, os.O_RDONLY))
+    ino = image.stat().st_ino
+    assert not guard.wants("disk.img", ino) and guard.wants("disk.img", ino + 1)
+    guard.pass_over("vm.xml", 7)
+    assert not guard.wants("vm.xml", 7) and guard.wants("vm.xml", 8)
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    guard.keep_only({"vm.xml"})
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert guard.wants("disk.img", ino) and not guard.wants("vm.xml", 7)
+    guard.release()
+    assert guard.wants("vm.xml", 7)
