@@ -84,6 +84,36 @@ class ImageLock:
             raise
         self._fd = fd
 
+    def follow(self) -> bool:
+        """The image was replaced at its path (a restore, ``qemu-img convert`` or ``mv``
+        over it): lock the file now there and let go of the old one, whose space the
+        descriptor kept. True when it moved. Raises ConfigError when another sender has
+        the new file; the old lock stays then."""
+        if self._fd < 0 or self.serving:
+            return False
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # gone: the scan says so
+        held = os.fstat(self._fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return False
+        old, self._fd = self._fd, -1
+        try:
+            self.acquire()
+        except ConfigError as exc:
+            self._fd = old
+            raise ConfigError(
+                f"{self.path} was replaced by another file, which another replicator "
+                "sender already replicates",
+                hint=exc.hint,
+            ) from None
+        except BaseException:
+            self._fd = old
+            raise
+        os.close(old)
+        return True
+
     def written_by_another(self) -> bool:
         """True while another program (a running QEMU, ``qemu-io``) holds QEMU's lock that
         says it uses the image for writing; never true of the image's own NBD shim."""
@@ -141,6 +171,10 @@ class ImageLocks:
 
     def serve(self, path: Path) -> None:
         self.locks[path].serve()
+
+    def follow(self) -> list[Path]:
+        """``ImageLock.follow`` for each image: the images that were replaced."""
+        return [path for path, lock in self.locks.items() if lock.follow()]
 
     def written_by_others(self) -> list[Path]:
         """The images another program has open for writing now (``written_by_another``)."""

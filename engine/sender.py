@@ -292,6 +292,13 @@ class Sender:
             if shown is not None:
                 shown(done, total)
 
+        for path in await asyncio.to_thread(state.locks.follow):
+            log.warning(
+                "sender.image_replaced",
+                path=str(path),
+                problem=f"{path} is another file now (replaced at its path): this sender "
+                "replicates the new one and let go of the old",
+            )
         if self.config.pre_hook is None:
             await self._warn_unfrozen_writers(state)
         await run_hook(self.config.pre_hook, "pre")

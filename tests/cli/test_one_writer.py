@@ -201,10 +201,7 @@ def test_a_vm_started_on_a_replica_by_hand_is_stopped_or_waited_for(tmp_path: Pa
         finally:
             vm.kill()
             vm.wait()
-        deadline = time.monotonic() + 60  # the continuous sender retries and gets in
-        while "identical" not in _compare(disk, replica):
-            assert time.monotonic() < deadline and sender.poll() is None
-            time.sleep(0.2)
+        _wait_equal(disk, replica, sender)  # the continuous sender retries and gets in
         assert _stop(sender) == 0
 
         failover = replicator("failover", "--dir", str(rcv.dir), "--job", "vm1", "--force")
@@ -220,3 +217,58 @@ def _compare(a: Path, b: Path) -> str:
     out = subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     return out.stdout + out.stderr
+
+
+def test_an_image_replaced_under_a_scanning_sender_is_followed_and_stays_one_senders(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A disk restored from a backup or converted over its own name (a new file at the
+    same path): the scan replicated the new file, but the sender's lock stayed on the
+    deleted one, keeping its space and letting a second sender take the new file."""
+    disk = tmp_path / "vm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
+    qemu_io("qcow2", disk, "write -P 0x11 0 1M")
+    replica = receiver.dir / "vm1" / "vm.qcow2"
+    log = tmp_path / "sender.log"
+    with log.open("w") as sink:  # a pipe nobody reads would fill up and stop the sender
+        sender = subprocess.Popen(
+            [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+             str(tmp_path / "s1"), "--interval", "0.3", "--insecure", str(disk)],
+            stdout=subprocess.DEVNULL, stderr=sink, text=True, env=ENV,
+        )  # fmt: skip
+    try:
+        _wait_equal(disk, replica, sender)
+        restored = tmp_path / "restored.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", str(restored), "16M")
+        qemu_io("qcow2", restored, "write -P 0x77 0 2M")
+        restored.rename(disk)
+        _wait_equal(disk, replica, sender)
+        deadline = time.monotonic() + 30
+        while _deleted_files(sender.pid):  # the old file is let go at the next scan
+            assert time.monotonic() < deadline, _deleted_files(sender.pid)
+            time.sleep(0.1)
+        second = replicator("send", "--to", receiver.address, "--job", "vm2", "--state-dir",
+                            str(tmp_path / "s2"), "--once", "--insecure", str(disk))  # fmt: skip
+        assert second.returncode == ExitCode.CONFIG, second.stderr
+        assert "already being replicated by another replicator sender" in second.stderr
+    finally:
+        code = _stop(sender)
+    assert code == 0
+    assert "sender.image_replaced" in log.read_text()
+
+
+def _wait_equal(a: Path, b: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while "identical" not in _compare(a, b):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+
+
+def _deleted_files(pid: int) -> list[str]:
+    links = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            continue
+    return [link for link in links if link.endswith(" (deleted)")]

@@ -169,3 +169,21 @@ def test_the_replica_guard_lets_go_of_what_is_gone(tmp_path: Path, image: Path) 
     assert guard.wants("disk.img", ino) and not guard.wants("vm.xml", 7)
     guard.release()
     assert guard.wants("vm.xml", 7)
+
+
+def test_a_lock_follows_its_image_when_the_file_is_replaced(tmp_path: Path, image: Path) -> None:
+    lock = ImageLock(image)
+    lock.acquire()
+    assert not lock.follow()  # the same file
+    (tmp_path / "new.img").write_bytes(b"\0" * 4096)
+    (tmp_path / "new.img").rename(image)
+    other = ImageLock(image)
+    other.acquire()  # nobody holds the new file yet: a second sender got in
+    with pytest.raises(ConfigError, match="was replaced by another file, which another"):
+        lock.follow()
+    other.release()
+    assert lock.follow()
+    with pytest.raises(ConfigError, match="already being replicated"):
+        ImageLock(image).acquire()
+    assert not lock.follow()
+    lock.release()
