@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -79,6 +80,23 @@ class PendingSync:
         self.files, self.dirs = [], []
 
 
+def _refuse_if_held(fd: int, rel: str) -> None:
+    """A folder another replicator process holds (a receiver's ``--dir``, a state folder:
+    each is flocked by its owner) is never written into, renamed or removed: receivers
+    nested in one tree would otherwise overwrite or delete each other's replicas and
+    journals (a folder job's first sync removes what its source lacks)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        where = f"the job folder's {rel!r}" if rel else "the job folder"
+        raise ApplyError(
+            f"refusing record: {where} is held by another replicator process (another "
+            "receiver's --dir, or a state folder), whose files replication would overwrite "
+            "or delete; give that one a folder outside this receiver's --dir"
+        ) from None
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 class Applier:
     """Writes records into the replica folder of one job. Blocking: run it in a worker thread."""
 
@@ -96,6 +114,11 @@ class Applier:
                 "there, since they must stay inside the receiver's --dir; remove it on the "
                 "target (the receiver creates the folder itself)"
             ) from exc
+        try:
+            _refuse_if_held(self._root, "")
+        except BaseException:
+            os.close(self._root)
+            raise
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
         self._dirty: set[str] = set()
         self._dirty_dirs: set[str] = set()
@@ -128,7 +151,24 @@ class Applier:
             os.close(fd)
             fd = nxt
             walked = f"{walked}/{part}" if walked else part
+            try:
+                _refuse_if_held(fd, walked)
+            except BaseException:
+                os.close(fd)
+                raise
         return fd
+
+    def _refuse_held_entry(self, dfd: int, leaf: str, rel: str) -> None:
+        """Before a folder entry is removed or renamed: when it is a folder, it is not
+        another replicator process's (see ``_refuse_if_held``)."""
+        try:
+            fd = os.open(leaf, _DIR_FLAGS, dir_fd=dfd)
+        except OSError:
+            return  # missing, a file or a symlink: nobody's folder
+        try:
+            _refuse_if_held(fd, rel)
+        finally:
+            os.close(fd)
 
     def open_readonly(self, path: str) -> int | None:
         """A read-only descriptor of replica file ``path``, or None when there is no such
@@ -323,6 +363,7 @@ class Applier:
                     os.unlink(leaf, dir_fd=dfd)
             elif kind is RecordType.RMDIR:
                 self._forget(path)
+                self._refuse_held_entry(dfd, leaf, path)
                 with contextlib.suppress(FileNotFoundError):
                     os.rmdir(leaf, dir_fd=dfd)
             elif kind is RecordType.MKDIR:
@@ -353,6 +394,8 @@ class Applier:
         try:
             dst = self._open_dir(new_parent, create=True)
             try:
+                self._refuse_held_entry(src, old_leaf, old)
+                self._refuse_held_entry(dst, new_leaf, new)
                 os.rename(old_leaf, new_leaf, src_dir_fd=src, dst_dir_fd=dst)
             except FileNotFoundError:
                 # re-applied after a crash: the rename happened if the target is there

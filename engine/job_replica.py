@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import stat
 import time
@@ -89,7 +90,16 @@ class ReceiverConfig:
 
 
 def check_receiver_dirs(config: ReceiverConfig) -> None:
-    """Fail early, with a message, when the replica or state folder cannot be used."""
+    """Fail early, with a message, when the replica or state folder cannot be used
+    (before creating either)."""
+    holder = _held_ancestor(config.replica_root)
+    if holder is not None:
+        raise ConfigError(
+            f"replica folder {config.replica_root} is inside {holder}, which another "
+            "replicator process holds (another receiver's --dir, or a state folder): a job "
+            "there could overwrite or delete this receiver's replicas and state",
+            hint="give each receiver a --dir outside every other's",
+        )
     for what, path in (("replica", config.replica_root), ("state", config.state_root)):
         try:
             makedirs_durable(path)
@@ -99,6 +109,25 @@ def check_receiver_dirs(config: ReceiverConfig) -> None:
             raise ConfigError(
                 f"{what} folder {path} is not writable", hint="fix its permissions or pick another"
             )
+
+
+def _held_ancestor(path: Path) -> Path | None:
+    """The nearest folder above ``path`` that another process holds with an exclusive
+    flock (every receiver holds its ``--dir``, every sender and receiver its state
+    folder); None when there is none (folders that cannot be opened are passed over)."""
+    for folder in path.resolve().parents:
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            return folder
+        finally:
+            os.close(fd)
+    return None
 
 
 class JobReplica:

@@ -272,3 +272,35 @@ def _deleted_files(pid: int) -> list[str]:
         except OSError:
             continue
     return [link for link in links if link.endswith(" (deleted)")]
+
+
+def test_receivers_nested_in_one_tree_never_write_into_each_other(tmp_path: Path) -> None:
+    """A receiver whose --dir is inside another's (or holds another's): a job named after
+    the inner folder used to write the outer receiver's replicas into the inner one, and a
+    folder job's first sync deleted the inner receiver's journals and replicas."""
+    outer = start_receiver(tmp_path / "replicas")
+    try:
+        inside = replicator("receive", "--listen", f"127.0.0.1:{free_port()}", "--dir",
+                            str(outer.dir / "site-b"), "--insecure", timeout=30)  # fmt: skip
+        assert inside.returncode == ExitCode.CONFIG, inside.stderr
+        assert f"is inside {outer.dir}, which another replicator process holds" in inside.stderr
+        assert not (outer.dir / "site-b").exists()  # nothing created
+    finally:
+        outer.stop()
+
+    inner = start_receiver(tmp_path / "top" / "vm1")  # the inner one first, this time
+    outer = start_receiver(tmp_path / "top")
+    try:
+        disk = tmp_path / "d.img"
+        disk.write_bytes(os.urandom(1 << 20))
+        send_once(inner, "job", tmp_path / "s-inner", disk)
+        before = sorted(p.relative_to(inner.dir) for p in inner.dir.rglob("*"))
+        out = replicator("send", "--to", outer.address, "--job", "vm1", "--state-dir",
+                         str(tmp_path / "s-outer"), "--once", "--insecure", str(disk))  # fmt: skip
+        assert out.returncode == ExitCode.REFUSED, out.stderr
+        assert "the job folder is held by another replicator process" in out.stderr
+        assert sorted(p.relative_to(inner.dir) for p in inner.dir.rglob("*")) == before
+        send_once(inner, "job", tmp_path / "s-inner", disk)  # the inner one is unharmed
+    finally:
+        outer.stop()
+        inner.stop()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from replicator.engine.applier import Applier, ApplyError
 from replicator.journal import Record
+from replicator.journal.locking import lock_directory
 
 
 def test_apply_is_idempotent_and_sparse(tmp_path: Path) -> None:
@@ -140,3 +142,56 @@ def test_open_readonly_never_leaves_the_replica(tmp_path: Path) -> None:
     for path in ("link/secret", "dir/file-link", "../outside/secret", "missing"):
         assert applier.open_readonly(path) is None
     applier.close()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        Record.write("vm/other/disk.img", 0, b"x" * 512),
+        Record.unlink("vm/other/disk.img"),
+        Record.rmdir("vm/other/empty"),
+        Record.rmdir("vm/other"),
+        Record.rename("vm/other", "vm/moved"),
+        Record.rename("vm/x", "vm/other"),
+    ],
+    ids=["write-into", "unlink-in", "rmdir-in", "rmdir-it", "rename-it", "rename-onto"],
+)
+def test_a_folder_another_replicator_process_holds_is_never_touched(
+    tmp_path: Path, record: Record
+) -> None:
+    """Another receiver's --dir (or a state folder) nested inside this job's folder: a
+    folder job's first sync removes what its source lacks, which was that receiver's
+    replicas and journals. Every receiver and sender holds its folders with a flock."""
+    other = tmp_path / "job" / "vm" / "other"
+    (other / "empty").mkdir(parents=True)
+    (other / "disk.img").write_bytes(b"replica")
+    (tmp_path / "job" / "vm" / "x").mkdir()
+    held = lock_directory(other)
+    assert held is not None
+    try:
+        applier = Applier(tmp_path / "job")
+        with pytest.raises(ApplyError, match="held by another replicator process"):
+            applier.apply(record)
+        applier.close()
+        assert (other / "disk.img").read_bytes() == b"replica"
+        assert (other / "empty").is_dir()
+    finally:
+        os.close(held)
+    applier = Applier(tmp_path / "job")  # let go: an ordinary folder again
+    try:
+        applier.apply(record)
+    except OSError as exc:  # what a folder with files in it answers, nothing of ours
+        assert exc.errno == errno.ENOTEMPTY, exc
+    applier.close()
+
+
+def test_a_job_folder_another_replicator_process_holds_is_refused(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    held = lock_directory(job)
+    try:
+        with pytest.raises(ApplyError, match="the job folder is held by another"):
+            Applier(job)
+    finally:
+        assert held is not None
+        os.close(held)
