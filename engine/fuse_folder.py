@@ -45,6 +45,15 @@ def fuse_folder_job(
     """``config`` with the folder's files as its volumes (walked now) and ``folder=True``,
     and the capture that mounts the folder (its paths and mount point checked now:
     ConfigError). Call it again for each run: the folder's files change while mounted."""
+    source, state = options.source.resolve(), config.state_dir.resolve()
+    if state == source or source in state.parents:
+        raise ConfigError(
+            f"state folder {config.state_dir} is inside the VM folder {options.source}: FUSE "
+            "capture would replicate the sender's own journal with the VM and show it to the "
+            "VM through the mount",
+            hint="give --state-dir a folder outside the VM folder (the default is "
+            "/var/lib/replicator/send/JOB)",
+        )
     tree = walk(options.source)
     config = replace(config, volumes=volumes_of(options.source, tree), folder=True)
     return config, FuseFolderCapture(options.source, options.mount, tree)

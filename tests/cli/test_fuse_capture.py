@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from replicator.engine.errors import ExitCode
 from tests.tools import (
     ReceiverProc,
     b3,
@@ -19,6 +20,7 @@ from tests.tools import (
     qemu_compare,
     qemu_img,
     qemu_io,
+    replicator,
     start_fuse_sender,
 )
 
@@ -227,3 +229,19 @@ def test_an_image_whose_backing_file_is_outside_the_folder_is_told(
     assert "send.image_dependency" in stderr
     assert f"backing file '{golden}' is not replicated" in stderr
     assert "Move it into the replicated folder" in stderr
+
+
+def test_a_state_folder_inside_the_vm_folder_is_refused(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """It used to run: the sender's own journal went to the replica with the VM's files
+    and showed through the mount, where the VM could write into it."""
+    source, mnt = folder
+    before = sorted(os.listdir(source))
+    out = replicator("send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+                     str(source / ".replicator-state"), "--capture", "fuse", "--mount",
+                     str(mnt), "--insecure", str(source))  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    assert "is inside the VM folder" in out.stderr and "--state-dir" in out.stderr
+    assert sorted(os.listdir(source)) == before and not is_mounted(mnt)
+    assert not (receiver.dir / "vm1").exists()
