@@ -9,6 +9,14 @@ and unlike ``flock`` they stay byte-range locks on NFS, where VM images often li
   taken by every sender (scan, NBD, FUSE) on each disk image for as long as it runs. A
   second sender on the same image, under another job or state folder, is refused at start.
   It overlaps nothing QEMU locks, so a VM running on the image (scan capture) is unaffected.
+* **The session mark**: one more byte, ``SESSION_MARK_BASE + mark``, locked with the sender
+  lock, where ``mark`` is a random 32-bit number per sender run that also starts every
+  session id the sender sends (its first 8 hex digits; ``ImageLocks.session_id``). A
+  receiver that finds that byte locked on one of its replicas knows the replica *is* the
+  source of the sender it serves (its ``--dir`` holds the sources: the same folder on one
+  host, or a datastore both hosts mount), where applying would overwrite the source with
+  its own past. Any other sender's mark is another byte, so a replica that a second sender
+  reads onward (A to B to C) is not mistaken for it.
 * **QEMU's image locks**, while the NBD shim serves an image and writes it. QEMU locks byte
   ``100 + n`` of an image to say "I use permission n" and ``200 + n`` for "nobody else may
   have permission n" (``raw_apply_lock_bytes`` in QEMU's ``block/file-posix.c``; n is 0
@@ -31,13 +39,17 @@ import contextlib
 import errno
 import fcntl
 import os
+import secrets
+import string
 import struct
+import uuid
 from collections.abc import Container
 from pathlib import Path
 
 from replicator.engine.errors import ConfigError
 
 SENDER_LOCK_BYTE = 2**62
+SESSION_MARK_BASE = SENDER_LOCK_BYTE + 1  # + the sender's 32-bit mark
 _QEMU_USE = 100  # + permission bit: "I use it"
 _QEMU_DENY = 200  # + permission bit: "nobody else may have it"
 _CONSISTENT_READ, _WRITE, _RESIZE = 0, 1, 3
@@ -54,11 +66,21 @@ def _holder(fd: int, kind: int, start: int) -> bool:
     return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
 
 
+def session_mark(session: str) -> int | None:
+    """The sender's mark a session id starts with, or None when it does not start with
+    8 hex digits. An older sender's id (a random uuid) gives a mark no sender holds."""
+    head = session[:8]
+    if len(head) == 8 and all(c in string.hexdigits for c in head):
+        return int(head, 16)
+    return None
+
+
 class ImageLock:
     """The locks of one image; ``release`` (or process exit) drops them. Blocking calls."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mark: int | None = None) -> None:
         self.path = path
+        self.mark = mark  # the session mark (module docstring), locked with the sender lock
         self._fd = -1
         self.serving = False
 
@@ -72,6 +94,8 @@ class ImageLock:
             kind = fcntl.F_WRLCK if _writable(fd) else fcntl.F_RDLCK
             try:
                 _lock(fd, kind, SENDER_LOCK_BYTE)
+                if self.mark is not None:
+                    _lock(fd, kind, SESSION_MARK_BASE + self.mark)
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
@@ -159,7 +183,12 @@ class ImageLocks:
     """The sender locks of a job's disk images, taken together (all or none)."""
 
     def __init__(self, paths: list[Path]) -> None:
-        self.locks = {path: ImageLock(path) for path in paths}
+        self.mark = secrets.randbelow(2**32)
+        self.locks = {path: ImageLock(path, self.mark) for path in paths}
+
+    def session_id(self) -> str:
+        """A new session id that starts with this sender's mark (see ``session_mark``)."""
+        return f"{self.mark:08x}{uuid.uuid4().hex[8:]}"
 
     def acquire(self) -> None:
         try:
@@ -246,6 +275,15 @@ class ReplicaGuard:
             os.close(held[0])
         self._passed.pop(path, None)
         self._refused.discard(path)
+
+    def sources(self, mark: int) -> list[str]:
+        """The guarded replicas on which the sender with session mark ``mark`` holds its
+        lock: that sender's own source images, sorted."""
+        return sorted(
+            p
+            for p, (fd, _) in self._held.items()
+            if _holder(fd, fcntl.F_WRLCK, SESSION_MARK_BASE + mark)
+        )
 
     def writers(self) -> list[str]:
         """The guarded replicas another program has open for writing, sorted."""

@@ -720,15 +720,23 @@ class JobReplica:
             await self.journal.trim(lsn + 1)  # records from before the failback: never applied
         log.warning("receiver.handed_back", job=self.job, lsn=lsn, generation=self.state.generation)
 
-    async def replica_writers(self, volumes: Collection[str]) -> list[str]:
+    async def replica_conflicts(
+        self, volumes: Collection[str], mark: int | None
+    ) -> tuple[list[str], list[str]]:
         """Before a session writes: guard the job's replica disk images (those replication
-        wrote and the session's ``volumes``) against other writers, and name those another
-        program already has open for writing (a VM started on a replica by hand), which
-        replication must not write under."""
+        wrote and the session's ``volumes``) against other writers. Returns the replicas
+        that are the session's sender's own sources (its lock, session mark ``mark``, is on
+        them: the guard lets go of everything, since it would lock the source's VM out),
+        and those another program already has open for writing (a VM started on a replica
+        by hand); replication must not write into either."""
         async with self._apply_lock:
             if self.promotion is not None:
-                return []
-            return await asyncio.to_thread(self._cover, volumes)
+                return [], []
+            writers = await asyncio.to_thread(self._cover, volumes)
+            sources = self.guard.sources(mark) if mark is not None else []
+            if sources:
+                self._release_guard()
+            return sources, writers
 
     async def _follow_layout(self) -> None:
         """After an apply or commit (apply lock held): guard replica files it created or

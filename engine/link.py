@@ -143,10 +143,12 @@ class Link:
         *,
         purpose: SessionPurpose = SessionPurpose.REPLICATE,
         generation: int = 0,
+        session: str | None = None,
     ) -> Welcome:
         """``purpose`` tells the receiver how to treat replica files changed outside
         replication (see ``SessionPurpose``); ``generation`` is the history this sender
-        last replicated under (0: unknown; see ``engine/generations.py``)."""
+        last replicated under (0: unknown; see ``engine/generations.py``); ``session`` the
+        session id (``ImageLocks.session_id``: it names the sender's lock mark)."""
         hello = Hello(
             protocol_version=PROTOCOL_VERSION,
             job=job,
@@ -159,7 +161,7 @@ class Link:
             ),
             capabilities=("lz4", "manifest", *purpose.capabilities),
             generation=generation,
-            session=uuid.uuid4().hex,
+            session=session or uuid.uuid4().hex,
         )
         await self.conn.send(hello)
         reply = await self._first_answer()

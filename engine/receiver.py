@@ -28,6 +28,7 @@ from replicator.engine.errors import (
 )
 from replicator.engine.failback_serve import FailbackSession
 from replicator.engine.generations import Promotion, session_refusal
+from replicator.engine.imagelock import session_mark
 from replicator.engine.job_replica import (
     IN_USE_WHY,
     JobReplica,
@@ -251,7 +252,23 @@ class Receiver:
             await conn.send(Refuse(*refusal))
             return
         if "verify" not in purpose:
-            writers = await replica.replica_writers([volume.name for volume in hello.volumes])
+            sources, writers = await replica.replica_conflicts(
+                [volume.name for volume in hello.volumes], session_mark(hello.session)
+            )
+            if sources:
+                log.error("receiver.replica_is_the_source", job=hello.job, files=sources)
+                names = ", ".join(repr(s) for s in sources[:3])
+                await conn.send(
+                    Refuse(
+                        "config",
+                        f"job {hello.job!r}: replica {names} is this sender's own source "
+                        "image (its lock is on it): the receiver's --dir holds the sources "
+                        "themselves (the same folder on one host, or a datastore both hosts "
+                        "mount), and replicating would overwrite them with their own past; "
+                        "nothing was written. Give the receiver a --dir on other storage",
+                    )
+                )
+                return
             if writers:
                 log.error(
                     "receiver.replica_in_use",

@@ -189,6 +189,7 @@ class Sender:
                 self._sizes(),
                 purpose=purpose,
                 generation=known,
+                session=state.locks.session_id(),
             )
             if welcome.generation != known:  # a new history (first contact, --resync)
                 await asyncio.to_thread(

@@ -304,3 +304,49 @@ def test_receivers_nested_in_one_tree_never_write_into_each_other(tmp_path: Path
     finally:
         outer.stop()
         inner.stop()
+
+
+def test_a_receiver_whose_folder_holds_the_sources_themselves_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Both hosts mount one datastore, and the receiver's --dir is its root: job vm1's
+    replica was the source itself. A scan said "durable" with no replica anywhere, and a
+    live capture's receiver wrote the source's past over it. A sender reading a replica
+    onward (A to B to C) is another sender, and is not mistaken for it."""
+    store = tmp_path / "datastore"
+    (store / "vm1").mkdir(parents=True)
+    disk = store / "vm1" / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
+    qemu_io("qcow2", disk, "write -P 0x11 0 2M")
+    rcv = start_receiver(store)
+    try:
+        before = disk.read_bytes()
+        out = replicator("send", "--to", rcv.address, "--job", "vm1", "--state-dir",
+                         str(tmp_path / "s"), "--once", "--insecure", str(disk))  # fmt: skip
+        assert out.returncode == ExitCode.REFUSED, out.stderr
+        assert "'disk.qcow2' is this sender's own source image" in out.stderr
+        assert disk.read_bytes() == before
+        qemu_io("qcow2", disk, "write -P 0x22 0 4k")  # the receiver let go: the VM starts
+    finally:
+        rcv.stop()
+
+    site_b, site_c = start_receiver(tmp_path / "b"), start_receiver(tmp_path / "c")
+    onward: subprocess.Popen[str] | None = None
+    try:
+        send_once(site_b, "vm1", tmp_path / "to-b", disk)
+        replica_b = site_b.dir / "vm1" / "disk.qcow2"
+        onward = subprocess.Popen(
+            [*REPLICATOR, "send", "--to", site_c.address, "--job", "vm1", "--state-dir",
+             str(tmp_path / "to-c"), "--interval", "0.5", "--insecure", str(replica_b)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=ENV,
+        )  # fmt: skip
+        _wait_equal(replica_b, site_c.dir / "vm1" / "disk.qcow2", onward)
+        qemu_io("qcow2", disk, "write -P 0x33 1M 64k")
+        send_once(site_b, "vm1", tmp_path / "to-b", disk)  # B is still served
+        _wait_equal(disk, site_c.dir / "vm1" / "disk.qcow2", onward)
+        assert _stop(onward) == 0
+    finally:
+        if onward is not None and onward.poll() is None:
+            onward.kill()
+        site_b.stop()
+        site_c.stop()

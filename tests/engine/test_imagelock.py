@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ConfigError
-from replicator.engine.imagelock import ImageLock, ImageLocks, ReplicaGuard
+from replicator.engine.imagelock import ImageLock, ImageLocks, ReplicaGuard, session_mark
 from tests.tools import idle_qemu_writer, qemu_img, require_tool
 
 pytestmark = pytest.mark.tools
@@ -187,3 +187,23 @@ def test_a_lock_follows_its_image_when_the_file_is_replaced(tmp_path: Path, imag
         ImageLock(image).acquire()
     assert not lock.follow()
     lock.release()
+
+
+def test_a_replica_that_is_the_senders_own_source_is_named_by_its_mark(image: Path) -> None:
+    """The receiver's --dir holding the sources themselves (one folder on one host, a
+    datastore both hosts mount): the session's mark says whose lock is on the replica."""
+    locks = ImageLocks([image])
+    locks.acquire()
+    other = ImageLocks([])  # another sender, e.g. one that reads the replica onward
+    assert session_mark(locks.session_id()) == locks.mark != other.mark
+    assert session_mark("not-hex!" + "0" * 24) is None
+    guard = ReplicaGuard()
+    try:
+        guard.hold("disk.img", os.open(image, os.O_RDONLY))
+        assert guard.sources(locks.mark) == ["disk.img"]
+        assert guard.sources(other.mark) == []
+        locks.release()
+        assert guard.sources(locks.mark) == []
+    finally:
+        guard.release()
+        locks.release()
