@@ -76,6 +76,7 @@ def resolve_volumes(paths: list[Path]) -> list[VolumeSpec]:
         raise ConfigError("no volumes given", hint="name at least one disk image or file")
     specs: list[VolumeSpec] = []
     seen: dict[str, Path] = {}
+    files: dict[tuple[int, int], Path] = {}  # (device, inode) -> the volume that named it
     for path in paths:
         if not path.exists():
             raise ConfigError(f"volume {path} does not exist", hint="check the path")
@@ -95,6 +96,15 @@ def resolve_volumes(paths: list[Path]) -> list[VolumeSpec]:
                 pass
         except PermissionError as exc:
             raise ConfigError(f"volume {path} is not readable: {exc.strerror}") from exc
+        st = path.stat()
+        same = files.get((st.st_dev, st.st_ino))
+        if same is not None:
+            raise ConfigError(
+                f"volumes {same} and {path} are the same file (named twice, or through a "
+                "hard link or symlink)",
+                hint="name each disk once",
+            )
+        files[(st.st_dev, st.st_ino)] = path
         name = check_volume_name(path.name)
         if name in seen:
             raise ConfigError(

@@ -97,6 +97,13 @@ def test_resolve_volumes_errors(tmp_path: Path) -> None:
     (tmp_path / "b" / "disk.img").write_bytes(b"y")
     with pytest.raises(ConfigError, match="share the name"):
         resolve_volumes([tmp_path / "a" / "disk.img", tmp_path / "b" / "disk.img"])
+    # one file under two names: the second lock used to say "another replicator sender"
+    os.link(tmp_path / "a" / "disk.img", tmp_path / "a" / "copy.img")
+    (tmp_path / "a" / "current.img").symlink_to("disk.img")
+    for other in ("copy.img", "current.img", "./disk.img"):
+        with pytest.raises(ConfigError, match="are the same file") as same:
+            resolve_volumes([tmp_path / "a" / "disk.img", tmp_path / "a" / other])
+        assert same.value.hint == "name each disk once"
 
 
 def test_classify_disks_and_config_files(tmp_path: Path) -> None:
