@@ -260,6 +260,11 @@ class Applier:
             self._fds[path] = fd
         return fd
 
+    def let_go(self, path: str) -> None:
+        """Close any descriptor of ``path`` (found deleted or replaced outside replication:
+        a descriptor kept would keep the deleted file's space)."""
+        self._close(path)
+
     def _close(self, path: str) -> None:
         """Close the cached descriptor of ``path``, if any (synced first when dirty)."""
         fd = self._fds.pop(path, None)

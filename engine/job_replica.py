@@ -757,6 +757,10 @@ class JobReplica:
         applier = self._get_applier()
         wanted = set(self.files.stamps).union(volumes)
         self.guard.keep_only(wanted)
+        for path, ino in self.guard.held().items():
+            st = applier.lstat(path)
+            if st is None or st.st_ino != ino:  # deleted or replaced on the target: a
+                self.guard.drop(path)  # descriptor kept would keep a deleted file's space
         for path in sorted(wanted):
             stamp = self.files.stamps.get(path)
             if not self.guard.wants(path, stamp[0] if stamp is not None else None):
@@ -828,6 +832,7 @@ class JobReplica:
                         self.files.check(path, await asyncio.to_thread(applier.lstat, path))
                     except ReplicaDiverged as exc:
                         self.files.mark_diverged(exc.path, exc.why)
+                        applier.let_go(exc.path)
             await asyncio.to_thread(self.files.save, self.state_dir)
             return [f"{path!r} {why}" for path, why in sorted(self.files.diverged.items())]
 

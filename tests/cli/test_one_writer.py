@@ -350,3 +350,25 @@ def test_a_receiver_whose_folder_holds_the_sources_themselves_writes_nothing(
             onward.kill()
         site_b.stop()
         site_c.stop()
+
+
+def test_a_replica_deleted_on_the_target_gives_its_space_back(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """An operator deletes a replica to free space on the target: the next session is
+    refused as diverged, and the receiver holds no descriptor of the deleted file (the
+    space comes back); `send --resync` makes a new replica."""
+    disk = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
+    qemu_io("qcow2", disk, "write -P 0x11 0 8M")
+    state = tmp_path / "state"
+    send_once(receiver, "vm1", state, disk)
+    replica = receiver.dir / "vm1" / "d.qcow2"
+    replica.unlink()
+    out = replicator("send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+                     str(state), "--once", "--insecure", str(disk))  # fmt: skip
+    assert out.returncode == ExitCode.REFUSED, out.stderr
+    assert "deleted outside replication" in out.stderr
+    assert _deleted_files(receiver.proc.pid) == []
+    send_once(receiver, "vm1", state, disk, extra=("--resync",))
+    assert "identical" in _compare(disk, replica)
