@@ -260,6 +260,15 @@ class Applier:
             self._fds[path] = fd
         return fd
 
+    def at_its_path(self) -> bool:
+        """Whether the replica folder this applier writes is still the one at its path."""
+        try:
+            now = os.stat(self.replica_dir, follow_symlinks=False)
+        except OSError:
+            return False
+        held = os.fstat(self._root)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
     def let_go(self, path: str) -> None:
         """Close any descriptor of ``path`` (found deleted or replaced outside replication:
         a descriptor kept would keep the deleted file's space)."""

@@ -173,6 +173,7 @@ class JobReplica:
         # them (engine/imagelock.py); ``_guarded``: the ``files.layout`` they last followed
         self.guard = ReplicaGuard()
         self._guarded = -1
+        self._state_id = _folder_id(self.state_dir)  # see moved_away
         self._closed = False
 
     @classmethod
@@ -256,6 +257,14 @@ class JobReplica:
             raise
         self._task = asyncio.create_task(self._apply_loop(), name=f"apply-{job}")
         return self
+
+    def moved_away(self) -> bool:
+        """Whether the job's state folder, or the replica folder it writes, is no longer
+        the one it opened (deleted or replaced on the target, to start the job over or to
+        free space): its descriptors lead to deleted files. Blocking (a stat or two)."""
+        if _folder_id(self.state_dir) != self._state_id:
+            return True
+        return self._applier is not None and not self._applier.at_its_path()
 
     @property
     def broken(self) -> bool:
@@ -908,6 +917,14 @@ async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
         with contextlib.suppress(BaseException):
             await asyncio.wait([task])
         raise
+
+
+def _folder_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _real_dirs(root: Path, names: tuple[str, ...]) -> None:

@@ -96,9 +96,14 @@ class Receiver:
     async def job(self, name: str) -> JobReplica:
         async with self._jobs_lock:
             replica = self._jobs.get(name)
-            if replica is not None and replica.broken and not replica.session_lock.locked():
-                # a write, fsync or apply failed (disk full?): reopening recovers from disk
-                log.warning("receiver.reopen_job", job=name)
+            if (
+                replica is not None
+                and not replica.session_lock.locked()
+                and (replica.broken or await asyncio.to_thread(replica.moved_away))
+            ):
+                # a write, fsync or apply failed (disk full?), or its folders were deleted
+                # on the target (the job started over): reopening recovers from disk
+                log.warning("receiver.reopen_job", job=name, broken=replica.broken)
                 with contextlib.suppress(Exception):
                     await replica.aclose()
                 replica = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -372,3 +373,34 @@ def test_a_replica_deleted_on_the_target_gives_its_space_back(
     assert _deleted_files(receiver.proc.pid) == []
     send_once(receiver, "vm1", state, disk, extra=("--resync",))
     assert "identical" in _compare(disk, replica)
+
+
+def test_a_job_deleted_on_the_target_under_a_running_receiver_starts_over(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """An operator starts a job over on the target (rm -rf DIR/JOB DIR/.replicator/JOB)
+    with the receiver running: it kept the job open on the deleted files, and every later
+    session failed with "No such file or directory" until the receiver was restarted.
+    Now the job reopens from disk as a new replica; with only the replica folder deleted
+    it is the documented "diverged" until --resync."""
+    disk = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
+    qemu_io("qcow2", disk, "write -P 0x11 0 4M")
+    state = tmp_path / "state"
+    replica = receiver.dir / "vm1" / "d.qcow2"
+    send_once(receiver, "vm1", state, disk)
+    shutil.rmtree(receiver.dir / "vm1")
+    shutil.rmtree(receiver.dir / ".replicator" / "vm1")
+    qemu_io("qcow2", disk, "write -P 0x22 0 1M")
+    send_once(receiver, "vm1", state, disk)
+    assert "identical" in _compare(disk, replica)
+    assert _deleted_files(receiver.proc.pid) == []
+
+    shutil.rmtree(receiver.dir / "vm1")
+    out = replicator("send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+                     str(state), "--once", "--insecure", str(disk))  # fmt: skip
+    assert out.returncode == ExitCode.REFUSED, out.stderr
+    assert "'d.qcow2' was deleted outside replication" in out.stderr
+    send_once(receiver, "vm1", state, disk, extra=("--resync",))
+    assert "identical" in _compare(disk, replica)
+    assert _deleted_files(receiver.proc.pid) == []
