@@ -263,16 +263,15 @@ class Receiver:
             if sources:
                 log.error("receiver.replica_is_the_source", job=hello.job, files=sources)
                 names = ", ".join(repr(s) for s in sources[:3])
-                await conn.send(
-                    Refuse(
-                        "config",
-                        f"job {hello.job!r}: replica {names} is this sender's own source "
-                        "image (its lock is on it): the receiver's --dir holds the sources "
-                        "themselves (the same folder on one host, or a datastore both hosts "
-                        "mount), and replicating would overwrite them with their own past; "
-                        "nothing was written. Give the receiver a --dir on other storage",
-                    )
+                why = (
+                    f"job {hello.job!r}: replica {names} is this sender's own source "
+                    "image (its lock is on it): the receiver's --dir holds the sources "
+                    "themselves (the same folder on one host, or a datastore both hosts "
+                    "mount), and replicating would overwrite them with their own past; "
+                    "nothing was written. Give the receiver a --dir on other storage"
                 )
+                replica.status.error("config", why)  # `status` on the target says why too
+                await conn.send(Refuse("config", why))
                 return
             if writers:
                 log.error(
@@ -283,15 +282,15 @@ class Receiver:
                     why=IN_USE_WHY,
                 )
                 names = ", ".join(repr(w) for w in writers[:3])
-                await conn.send(  # "busy": a continuous sender retries until it is closed
-                    Refuse(
-                        "busy",
-                        f"job {hello.job!r}: replica {names} is open for writing by another "
-                        "program on the target (a VM started on the replica by hand?), and "
-                        "replication does not write under it; nothing was written. Stop it "
-                        "(to run the VM on the target, `replicator failover` first)",
-                    )
+                why = (
+                    f"job {hello.job!r}: replica {names} is open for writing by another "
+                    "program on the target (a VM started on the replica by hand?), and "
+                    "replication does not write under it; nothing was written. Stop it "
+                    "(to run the VM on the target, `replicator failover` first)"
                 )
+                replica.status.error("in_use", why)
+                # "busy": a continuous sender retries until it is closed
+                await conn.send(Refuse("busy", why))
                 return
             # one history on both sides: a new replica takes the sender's, a --resync the
             # later of the two (the sender learns it from the Welcome)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -191,6 +192,9 @@ def test_a_vm_started_on_a_replica_by_hand_is_stopped_or_waited_for(tmp_path: Pa
             assert out.returncode == ExitCode.REFUSED, out.stderr
             assert "'vm.qcow2' is open for writing by another program" in out.stderr
             assert "replicator failover" in out.stderr
+            status = json.loads(replicator("status", "--dir", str(rcv.dir), "--json").stdout)
+            job = status["jobs"][0]  # the target's own status says why, too
+            assert job["errors"]["in_use"] >= 1 and "open for writing" in job["last_error"]
             assert "Content mismatch" in _compare(disk, replica)
             sender = subprocess.Popen(
                 [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir",
@@ -326,6 +330,8 @@ def test_a_receiver_whose_folder_holds_the_sources_themselves_writes_nothing(
                          str(tmp_path / "s"), "--once", "--insecure", str(disk))  # fmt: skip
         assert out.returncode == ExitCode.REFUSED, out.stderr
         assert "'disk.qcow2' is this sender's own source image" in out.stderr
+        status = json.loads(replicator("status", "--dir", str(store), "--json").stdout)
+        assert "own source image" in status["jobs"][0]["last_error"]
         assert disk.read_bytes() == before
         qemu_io("qcow2", disk, "write -P 0x22 0 4k")  # the receiver let go: the VM starts
     finally:
