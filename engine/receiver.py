@@ -30,7 +30,6 @@ from replicator.engine.failback_serve import FailbackSession
 from replicator.engine.generations import Promotion, session_refusal
 from replicator.engine.imagelock import session_mark
 from replicator.engine.job_replica import (
-    IN_USE_WHY,
     JobReplica,
     ReceiverConfig,
     check_receiver_dirs,
@@ -60,6 +59,18 @@ from replicator.transport import (
 )
 
 log = structlog.get_logger()
+
+IN_USE = (
+    "is open for writing by another program on the target (a VM started on the replica by "
+    "hand?), and replication does not write under it. Stop it (to run the VM on the "
+    "target, `replicator failover` first)"
+)
+IS_THE_SOURCE = (
+    "is this sender's own source image (its lock is on it): the receiver's --dir holds the "
+    "sources themselves (the same folder on one host, or a datastore both hosts mount), and "
+    "replicating would overwrite them with their own past. Give the receiver a --dir on "
+    "other storage"
+)
 _T = TypeVar("_T")
 
 HELLO_TIMEOUT = 30.0
@@ -261,36 +272,14 @@ class Receiver:
                 [volume.name for volume in hello.volumes], session_mark(hello.session)
             )
             if sources:
-                log.error("receiver.replica_is_the_source", job=hello.job, files=sources)
-                names = ", ".join(repr(s) for s in sources[:3])
-                why = (
-                    f"job {hello.job!r}: replica {names} is this sender's own source "
-                    "image (its lock is on it): the receiver's --dir holds the sources "
-                    "themselves (the same folder on one host, or a datastore both hosts "
-                    "mount), and replicating would overwrite them with their own past; "
-                    "nothing was written. Give the receiver a --dir on other storage"
+                await self._refuse_replicas(
+                    conn, replica, hello.job, sources, "is_the_source", "config", IS_THE_SOURCE
                 )
-                replica.status.error("config", why)  # `status` on the target says why too
-                await conn.send(Refuse("config", why))
                 return
-            if writers:
-                log.error(
-                    "receiver.replica_in_use",
-                    job=hello.job,
-                    peer=conn.peer,
-                    files=writers,
-                    why=IN_USE_WHY,
+            if writers:  # "busy": a continuous sender retries until the program is gone
+                await self._refuse_replicas(
+                    conn, replica, hello.job, writers, "in_use", "busy", IN_USE
                 )
-                names = ", ".join(repr(w) for w in writers[:3])
-                why = (
-                    f"job {hello.job!r}: replica {names} is open for writing by another "
-                    "program on the target (a VM started on the replica by hand?), and "
-                    "replication does not write under it; nothing was written. Stop it "
-                    "(to run the VM on the target, `replicator failover` first)"
-                )
-                replica.status.error("in_use", why)
-                # "busy": a continuous sender retries until it is closed
-                await conn.send(Refuse("busy", why))
                 return
             # one history on both sides: a new replica takes the sender's, a --resync the
             # later of the two (the sender learns it from the Welcome)
@@ -317,6 +306,25 @@ class Receiver:
         finally:
             if self._replicating.get(hello.job) is session:
                 del self._replicating[hello.job]
+
+    async def _refuse_replicas(
+        self,
+        conn: FramedConnection,
+        replica: JobReplica,
+        job: str,
+        files: list[str],
+        what: str,
+        code: str,
+        why: str,
+    ) -> None:
+        """Refuse a session over some of the job's replica ``files``: the log
+        (``receiver.replica_<what>``), the job's status on the target (error kind ``in_use``
+        or ``config``, as the Refuse code says) and the sender all say which and ``why``."""
+        names = ", ".join(repr(f) for f in files[:3])
+        text = f"job {job!r}: replica {names} {why}; nothing was written"
+        log.error(f"receiver.replica_{what}", job=job, peer=conn.peer, files=files)
+        replica.status.error("in_use" if code == "busy" else code, text)
+        await conn.send(Refuse(code, text))
 
     def _check_hello(self, hello: Hello) -> Refuse | None:
         if self._closing:
