@@ -163,13 +163,18 @@ class Session:
     async def _taken(self) -> bool:
         """Wait until the last Records frame is in the replica's hands; False when that
         failed (the sender was told why: the session ends)."""
-        taking, self._taking = self._taking, None
+        taking = self._taking
         if taking is None:
             return True
         try:
-            await asyncio.shield(taking)  # the session ending does not cut a write short
+            # the session ending does not cut a write short; and it stays in ``_taking``
+            # until done, so a reader cancelled here still waits for it (``_reader``)
+            await asyncio.shield(taking)
         except _TakeFailed:
             return False
+        finally:
+            if taking.done() and self._taking is taking:
+                self._taking = None
         return True
 
     async def _reader(self, tg: asyncio.TaskGroup) -> None:
@@ -177,7 +182,10 @@ class Session:
             await self._read(tg)
         finally:
             taking, self._taking = self._taking, None
-            if taking is not None:  # never leave a write running behind the session
+            # never leave a write running behind the session: the next session announces
+            # its resume point from what is durable, and a frame appended after that
+            # would stand in the way of the records it resends
+            while taking is not None and not taking.done():
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(taking)
 

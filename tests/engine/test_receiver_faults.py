@@ -8,6 +8,7 @@ attempt (same object, or the job reopened) brings the replica to the source's by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from collections.abc import Callable
@@ -373,3 +374,49 @@ async def test_a_write_at_an_absurd_offset_is_never_marked_applied(tmp_path: Pat
     assert "lsn 1" in answer.message
     saved = replica_state.load(tmp_path / "state" / "job", "job")
     assert saved is None or saved.applied_lsn == 0
+
+
+async def test_a_session_cut_short_never_leaves_a_frame_being_written_behind_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session ended (its link failed, the receiver closing) while its reader waited
+    for the last frame's write: the write went on after the session had ended, so the
+    next session could announce a resume point below it, and the records the sender then
+    resent were refused as a storage error ("not after the journal's last lsn"), which
+    stops a sender (the thousand-network-faults soak found it)."""
+    from replicator.engine.receiver import Receiver
+    from replicator.journal.records import encode_record
+    from replicator.transport import PROTOCOL_VERSION, Hello, Records, Welcome, connection_pair
+
+    gate = asyncio.Event()
+    taken: list[int] = []
+    real_receive = JobReplica.receive
+
+    async def slow_receive(self: JobReplica, records: list[Record], encoded: Any = None) -> None:
+        await gate.wait()  # a slow disk
+        await real_receive(self, records, encoded)
+        taken.append(records[0].lsn)
+
+    monkeypatch.setattr(JobReplica, "receive", slow_receive)
+    receiver = Receiver(_config(tmp_path))
+    sender, server = await connection_pair()
+    serving = asyncio.create_task(receiver.handle(server))
+    try:
+        await sender.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), 0, "s"))
+        assert isinstance(await sender.recv(timeout=10), Welcome)
+        for first in (1, 3):  # the second frame makes the reader wait for the first
+            payload = b"".join(encode_record(r) for r in _epoch(first, 1, first))
+            await sender.send(Records(first, first + 1, 2, 1, payload))
+        await asyncio.sleep(0.3)
+        serving.cancel()  # the session ends while the first frame is being written
+        await asyncio.sleep(0.3)
+        replica = await receiver.job("job")
+        assert taken == [] and replica.session_lock.locked()  # the session waits for it
+        gate.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        assert taken == [1]  # written before the session ended; the second never taken
+    finally:
+        gate.set()
+        await sender.aclose()
+        await receiver.aclose()
