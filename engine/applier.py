@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import fcntl
 import os
 import stat
 from pathlib import Path
@@ -31,6 +30,7 @@ from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.volumes import punch_hole, pwrite_all
 from replicator.journal import Record, RecordType
 from replicator.journal.durable import atomic_write, fdatasync_fd, fsync_fd, makedirs_durable
+from replicator.journal.locking import held_elsewhere
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -85,16 +85,13 @@ def _refuse_if_held(fd: int, rel: str) -> None:
     each is flocked by its owner) is never written into, renamed or removed: receivers
     nested in one tree would otherwise overwrite or delete each other's replicas and
     journals (a folder job's first sync removes what its source lacks)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if held_elsewhere(fd):
         where = f"the job folder's {rel!r}" if rel else "the job folder"
         raise ApplyError(
             f"refusing record: {where} is held by another replicator process (another "
             "receiver's --dir, or a state folder), whose files replication would overwrite "
             "or delete; give that one a folder outside this receiver's --dir"
-        ) from None
-    fcntl.flock(fd, fcntl.LOCK_UN)
+        )
 
 
 class Applier:

@@ -263,10 +263,6 @@ class ReplicaGuard:
         self.drop(path)
         self._passed[path] = ino
 
-    def held(self) -> dict[str, int]:
-        """The guarded replica paths and the inode each descriptor holds."""
-        return {path: ino for path, (_, ino) in self._held.items()}
-
     def keep_only(self, paths: Container[str]) -> None:
         """Let go of every path not in ``paths`` (removed or renamed away: a descriptor
         kept would keep a deleted image's space)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import stat
 import time
@@ -57,6 +56,7 @@ from replicator.journal import (
     RecordType,
 )
 from replicator.journal.durable import makedirs_durable, sync_dir
+from replicator.journal.locking import held_elsewhere
 from replicator.journal.records import NAMESPACE_TYPES
 
 log = structlog.get_logger()
@@ -70,9 +70,11 @@ MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the app
 EAGER_APPLY_BYTES = 16 * 1024 * 1024
 # the direct path (a first sync written straight into the replica) commits this often
 DIRECT_COMMIT_BYTES = 32 * 1024 * 1024
-IN_USE_WHY = (
-    "another program on the target has it open for writing (a VM started on the replica "
-    "by hand?): replication does not write under it"
+# why a replica is not written (``replica_conflicts``): the log, the status, the sender
+IN_USE = (
+    "is open for writing by another program on the target (a VM started on the replica by "
+    "hand?), and replication does not write under it. Stop it (to run the VM on the "
+    "target, `replicator failover` first)"
 )
 
 
@@ -121,10 +123,8 @@ def _held_ancestor(path: Path) -> Path | None:
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except BlockingIOError:
-            return folder
+            if held_elsewhere(fd):
+                return folder
         finally:
             os.close(fd)
     return None
@@ -569,6 +569,7 @@ class JobReplica:
             except ReplicaDiverged as exc:
                 self._after_failed_apply()
                 self.files.mark_diverged(exc.path, exc.why)
+                self._let_go(exc.path)
                 with contextlib.suppress(OSError):  # also refused at the next session start
                     await asyncio.to_thread(self.files.save, self.state_dir)
                 raise
@@ -758,18 +759,14 @@ class JobReplica:
             log.warning("receiver.guard_failed", job=self.job, error=str(exc))
             return
         if writers:
-            log.error("receiver.replica_in_use", job=self.job, files=writers, why=IN_USE_WHY)
+            log.error("receiver.replica_in_use", job=self.job, files=writers, why=IN_USE)
 
     def _cover(self, volumes: Collection[str]) -> list[str]:
-        """Blocking (apply lock held): see ``replica_writers``."""
+        """Blocking (apply lock held): see ``replica_conflicts``; the writers."""
         layout = self.files.layout
         applier = self._get_applier()
         wanted = set(self.files.stamps).union(volumes)
-        self.guard.keep_only(wanted)
-        for path, ino in self.guard.held().items():
-            st = applier.lstat(path)
-            if st is None or st.st_ino != ino:  # deleted or replaced on the target: a
-                self.guard.drop(path)  # descriptor kept would keep a deleted file's space
+        self.guard.keep_only(wanted)  # files found deleted or replaced: ``_let_go``
         for path in sorted(wanted):
             stamp = self.files.stamps.get(path)
             if not self.guard.wants(path, stamp[0] if stamp is not None else None):
@@ -793,6 +790,14 @@ class JobReplica:
                 self.guard.pass_over(path, st.st_ino)
         self._guarded = layout
         return self.guard.writers()
+
+    def _let_go(self, path: str) -> None:
+        """Replica ``path`` was found deleted or replaced outside replication: hold no
+        descriptor of the old file (the applier's, the guard's), which would keep a
+        deleted file's space until the receiver stops."""
+        if self._applier is not None:
+            self._applier.let_go(path)
+        self.guard.drop(path)
 
     def _release_guard(self) -> None:
         self.guard.release()
@@ -841,7 +846,7 @@ class JobReplica:
                         self.files.check(path, await asyncio.to_thread(applier.lstat, path))
                     except ReplicaDiverged as exc:
                         self.files.mark_diverged(exc.path, exc.why)
-                        applier.let_go(exc.path)
+                        self._let_go(exc.path)
             await asyncio.to_thread(self.files.save, self.state_dir)
             return [f"{path!r} {why}" for path, why in sorted(self.files.diverged.items())]
 

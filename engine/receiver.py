@@ -30,6 +30,7 @@ from replicator.engine.failback_serve import FailbackSession
 from replicator.engine.generations import Promotion, session_refusal
 from replicator.engine.imagelock import session_mark
 from replicator.engine.job_replica import (
+    IN_USE,
     JobReplica,
     ReceiverConfig,
     check_receiver_dirs,
@@ -60,11 +61,6 @@ from replicator.transport import (
 
 log = structlog.get_logger()
 
-IN_USE = (
-    "is open for writing by another program on the target (a VM started on the replica by "
-    "hand?), and replication does not write under it. Stop it (to run the VM on the "
-    "target, `replicator failover` first)"
-)
 IS_THE_SOURCE = (
     "is this sender's own source image (its lock is on it): the receiver's --dir holds the "
     "sources themselves (the same folder on one host, or a datastore both hosts mount), and "
@@ -313,17 +309,17 @@ class Receiver:
         replica: JobReplica,
         job: str,
         files: list[str],
-        what: str,
+        kind: str,
         code: str,
         why: str,
     ) -> None:
-        """Refuse a session over some of the job's replica ``files``: the log
-        (``receiver.replica_<what>``), the job's status on the target (error kind ``in_use``
-        or ``config``, as the Refuse code says) and the sender all say which and ``why``."""
+        """Refuse a session (Refuse ``code``) over some of the job's replica ``files``:
+        the log (``receiver.replica_<kind>``), the job's status on the target (error
+        ``kind``) and the sender all say which and ``why``."""
         names = ", ".join(repr(f) for f in files[:3])
         text = f"job {job!r}: replica {names} {why}; nothing was written"
-        log.error(f"receiver.replica_{what}", job=job, peer=conn.peer, files=files)
-        replica.status.error("in_use" if code == "busy" else code, text)
+        log.error(f"receiver.replica_{kind}", job=job, peer=conn.peer, files=files)
+        replica.status.error(kind, text)
         await conn.send(Refuse(code, text))
 
     def _check_hello(self, hello: Hello) -> Refuse | None:

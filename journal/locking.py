@@ -19,3 +19,15 @@ def lock_directory(directory: str | os.PathLike[str]) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def held_elsewhere(fd: int) -> bool:
+    """Whether another open file description holds an exclusive flock on ``fd``'s file
+    (another process's ``lock_directory``, or another descriptor of this one): tested with
+    a shared, non-blocking flock that is let go at once."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -326,14 +326,23 @@ def _raw_record(rtype: int, name: bytes, offset: int, data: bytes, lsn: int) -> 
 
 async def _session_answer(tmp_path: Path, payload: bytes, first: int, last: int) -> object:
     """What a receiver answers to one Records frame carrying ``payload``."""
+    from replicator.transport import Records
+
+    async with _welcomed(tmp_path) as (_, sender, _serving):
+        count = payload.count(b"RJ\x01")
+        await sender.send(Records(first, last, count, 1, payload))
+        while True:
+            msg = await sender.recv(timeout=10)
+            if type(msg).__name__ in ("Error", "Refuse"):
+                return msg
+
+
+@contextlib.asynccontextmanager
+async def _welcomed(tmp_path: Path) -> AsyncIterator[tuple[Any, Any, asyncio.Task[None]]]:
+    """A real Receiver serving one session over a connection pair, past its Welcome:
+    (receiver, the sender's end, the session's task)."""
     from replicator.engine.receiver import Receiver
-    from replicator.transport import (
-        PROTOCOL_VERSION,
-        Hello,
-        Records,
-        Welcome,
-        connection_pair,
-    )
+    from replicator.transport import PROTOCOL_VERSION, Hello, Welcome, connection_pair
 
     receiver = Receiver(_config(tmp_path))
     sender, server = await connection_pair()
@@ -341,15 +350,11 @@ async def _session_answer(tmp_path: Path, payload: bytes, first: int, last: int)
     try:
         await sender.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), 0, "s"))
         assert isinstance(await sender.recv(timeout=10), Welcome)
-        count = payload.count(b"RJ\x01")
-        await sender.send(Records(first, last, count, 1, payload))
-        while True:
-            msg = await sender.recv(timeout=10)
-            if type(msg).__name__ in ("Error", "Refuse"):
-                return msg
+        yield receiver, sender, serving
     finally:
         await sender.aclose()
-        await serving
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
         await receiver.aclose()
 
 
@@ -384,9 +389,8 @@ async def test_a_session_cut_short_never_leaves_a_frame_being_written_behind_it(
     next session could announce a resume point below it, and the records the sender then
     resent were refused as a storage error ("not after the journal's last lsn"), which
     stops a sender (the thousand-network-faults soak found it)."""
-    from replicator.engine.receiver import Receiver
     from replicator.journal.records import encode_record
-    from replicator.transport import PROTOCOL_VERSION, Hello, Records, Welcome, connection_pair
+    from replicator.transport import Records
 
     gate = asyncio.Event()
     taken: list[int] = []
@@ -398,25 +402,19 @@ async def test_a_session_cut_short_never_leaves_a_frame_being_written_behind_it(
         taken.append(records[0].lsn)
 
     monkeypatch.setattr(JobReplica, "receive", slow_receive)
-    receiver = Receiver(_config(tmp_path))
-    sender, server = await connection_pair()
-    serving = asyncio.create_task(receiver.handle(server))
     try:
-        await sender.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), 0, "s"))
-        assert isinstance(await sender.recv(timeout=10), Welcome)
-        for first in (1, 3):  # the second frame makes the reader wait for the first
-            payload = b"".join(encode_record(r) for r in _epoch(first, 1, first))
-            await sender.send(Records(first, first + 1, 2, 1, payload))
-        await asyncio.sleep(0.3)
-        serving.cancel()  # the session ends while the first frame is being written
-        await asyncio.sleep(0.3)
-        replica = await receiver.job("job")
-        assert taken == [] and replica.session_lock.locked()  # the session waits for it
-        gate.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
-        assert taken == [1]  # written before the session ended; the second never taken
+        async with _welcomed(tmp_path) as (receiver, sender, serving):
+            for first in (1, 3):  # the second frame makes the reader wait for the first
+                payload = b"".join(encode_record(r) for r in _epoch(first, 1, first))
+                await sender.send(Records(first, first + 1, 2, 1, payload))
+            await asyncio.sleep(0.3)
+            serving.cancel()  # the session ends while the first frame is being written
+            await asyncio.sleep(0.3)
+            replica = await receiver.job("job")
+            assert taken == [] and replica.session_lock.locked()  # the session waits for it
+            gate.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+            assert taken == [1]  # written before the session ended; the second never taken
     finally:
         gate.set()
-        await sender.aclose()
-        await receiver.aclose()
