@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import ssl
+from pathlib import Path
 
 from replicator.journal.errors import (
     AuthError,
@@ -138,9 +140,33 @@ def cannot_use_folder(
     if isinstance(exc, NotADirectoryError) and exc.filename:
         why = f"{exc.filename} is a file, not a folder"
         hint = "give a folder (created when missing) or remove the file"
+    elif exc.errno == errno.EROFS:
+        why = "it is on a read-only file system"
+        hint = READ_ONLY_HINT
     else:
         why = str(exc.strerror or exc)
     return ConfigError(f"cannot {doing} {path}: {why}", hint=hint)
+
+
+READ_ONLY_HINT = (
+    "a disk that had errors is often remounted read-only: check it (dmesg), repair it and "
+    "remount it read-write, or pick a folder on another disk"
+)
+
+
+def unwritable_folder(path: Path, label: str) -> ConfigError | None:
+    """The error for an existing folder this process cannot write into; None when it can.
+
+    A read-only file system is told apart from permissions: as root, only the first
+    happens, and "fix its permissions" would send the operator the wrong way.
+    """
+    if os.access(path, os.W_OK | os.X_OK):
+        return None
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        return cannot_use_folder(
+            label, OSError(errno.EROFS, os.strerror(errno.EROFS)), doing="write to"
+        )
+    return ConfigError(f"{label} is not writable", hint="fix its permissions or pick another")
 
 
 def first_error(exc: BaseException) -> BaseException:
@@ -193,8 +219,9 @@ def unwrap(exc: BaseException) -> BaseException:
         return Interrupted("interrupted before the work completed; run again to resume")
     mapped = as_user_error(exc)
     if isinstance(mapped, OSError):  # local I/O: the connection errors were mapped above
-        return StorageError(
-            f"local storage error: {mapped}",
-            hint="check the disk (free space, permissions) and run the same command again",
-        )
+        if mapped.errno == errno.EROFS:
+            hint = f"{READ_ONLY_HINT}; then run the same command again"
+        else:
+            hint = "check the disk (free space, permissions) and run the same command again"
+        return StorageError(f"local storage error: {mapped}", hint=hint)
     return mapped

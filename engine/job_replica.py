@@ -34,7 +34,12 @@ import structlog
 from replicator.engine import replica_state
 from replicator.engine.applier import Applier, ApplyError, PendingSync
 from replicator.engine.durable_tail import DurableTail
-from replicator.engine.errors import ConfigError, ReplicaInconsistent, cannot_use_folder
+from replicator.engine.errors import (
+    ConfigError,
+    ReplicaInconsistent,
+    cannot_use_folder,
+    unwritable_folder,
+)
 from replicator.engine.generations import (
     Promotion,
     clear_promotion,
@@ -107,10 +112,9 @@ def check_receiver_dirs(config: ReceiverConfig) -> None:
             makedirs_durable(path)
         except OSError as exc:
             raise cannot_use_folder(f"{what} folder {path}", exc, doing="create") from exc
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(
-                f"{what} folder {path} is not writable", hint="fix its permissions or pick another"
-            )
+        error = unwritable_folder(path, f"{what} folder {path}")
+        if error is not None:
+            raise error
 
 
 def _held_ancestor(path: Path) -> Path | None:

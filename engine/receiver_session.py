@@ -384,6 +384,13 @@ def _storage_reason(exc: BaseException) -> str:
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
             return "receiver disk is full; free space on the receiver, then send again"
+        if isinstance(cause, OSError) and cause.errno == errno.EROFS:
+            if isinstance(exc, JournalError):  # its message says so, and what to do
+                break
+            return (
+                f"receiver file system is read-only: {exc}; check the receiver's disk "
+                "(dmesg), remount it read-write, then send again"
+            )
         cause = cause.__cause__
     return f"receiver storage error: {exc}"
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from replicator.engine.errors import ConfigError, cannot_use_folder
+from replicator.engine.errors import ConfigError, cannot_use_folder, unwritable_folder
 from replicator.journal.durable import makedirs_durable
 from replicator.journal.locking import lock_directory
 
@@ -42,6 +42,10 @@ class StateDirLock:
                 f"{self.what} already runs with state folder {self.path}",
                 hint="stop it first, or give this one its own --state-dir",
             )
+        error = unwritable_folder(self.path, f"state folder {self.path}")
+        if error is not None:
+            os.close(fd)
+            raise error
         self._fd = fd
         return self
 

@@ -851,6 +851,11 @@ def _io_hint(exc: BaseException, folder: Path) -> str:
             f"the file system holding {folder} is full: free space there, or move the state "
             f"folder to a larger one (--state-dir), then run again; {recovered}"
         )
+    if code == errno.EROFS:
+        return (
+            f"the file system holding {folder} is read-only (remounted so after disk errors?): "
+            f"check it (dmesg), remount it read-write, then run again; {recovered}"
+        )
     if code == errno.EIO:
         return f"the disk under {folder} reported an I/O error: check it (dmesg); {recovered}"
     return f"check the file system holding {folder}, then run again; {recovered}"

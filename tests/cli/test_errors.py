@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,47 @@ def test_receiver_dir_not_writable(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == ExitCode.CONFIG
     assert "cannot create replica folder" in one_line_error(out.stderr)
+
+
+@pytest.fixture
+def read_only_fs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs holding an empty folder ``existing``, remounted read-only (as the kernel
+    does to an ext4 that hit disk errors)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        (mount / "existing").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("side", ["receiver", "sender"])
+@pytest.mark.parametrize("folder", ["existing", "to-be-created"])
+def test_a_folder_on_a_read_only_file_system_is_named_so(
+    tmp_path: Path, read_only_fs: Path, side: str, folder: str
+) -> None:
+    """It said "not writable (fix its permissions ...)", or a sender failed later on its
+    journal: permissions are not what to look at, the disk is."""
+    where = read_only_fs / folder
+    if side == "receiver":
+        out = replicator(
+            "receive", "--listen", f"127.0.0.1:{free_port()}", "--dir", str(where),
+            "--state-dir", str(where / ".replicator"), "--insecure",
+        )  # fmt: skip
+    else:
+        disk = tmp_path / "d.img"
+        disk.write_bytes(b"x" * 4096)
+        out = replicator(
+            "send", "--to", f"127.0.0.1:{free_port()}", "--job", "j", "--once", "--insecure",
+            "--state-dir", str(where), str(disk),
+        )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    line = one_line_error(out.stderr)
+    assert f"{where}" in line and "read-only file system" in line, line
+    assert "remount it read-write" in line and "permissions" not in line, line
 
 
 def test_receiver_not_there(tmp_path: Path) -> None:

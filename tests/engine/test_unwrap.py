@@ -19,6 +19,8 @@ from replicator.engine.errors import (
     first_error,
     unwrap,
 )
+from replicator.engine.receiver_session import _storage_reason
+from replicator.journal.journal import _io_hint
 from replicator.transport.errors import ConnectionFailedError, RemoteProtocolError
 
 
@@ -26,6 +28,16 @@ def test_local_io_errors_are_storage_errors_with_what_to_do() -> None:
     error = unwrap(OSError(errno.ENOSPC, "No space left on device", "/var/lib/x/manifests.state"))
     assert isinstance(error, StorageError) and error.exit_code == ExitCode.STORAGE
     assert "manifests.state" in str(error) and "free space" in str(error)
+
+
+def test_a_read_only_file_system_is_named_on_each_side(tmp_path: Path) -> None:
+    """A disk remounted read-only after errors: "check permissions" is the wrong way."""
+    erofs = OSError(errno.EROFS, os.strerror(errno.EROFS), "/var/lib/x/manifests.state")
+    error = unwrap(erofs)
+    assert isinstance(error, StorageError) and "remount it read-write" in str(error)
+    assert "permissions" not in str(error)
+    assert "remount it read-write" in _storage_reason(erofs)  # told to the sender
+    assert "remount it read-write" in _io_hint(erofs, tmp_path)  # a journal's write
 
 
 def test_connection_errors_and_cancellation_keep_their_own_codes() -> None:

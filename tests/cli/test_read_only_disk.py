@@ -1,0 +1,148 @@
+"""A disk the kernel remounts read-only under a running side (ext4's errors=remount-ro).
+
+The file system is a real ext4 on a loop device; the error is raised by ext4 itself
+(``/sys/fs/ext4/DEV/trigger_fs_error``), which aborts its journal and makes it read-only
+at once, as a failing disk would. Each side must say "read-only" and how to get out
+(not "check permissions"), acknowledge nothing it could not write, and, once the disk
+is checked and mounted read-write again, finish the job with a replica equal to its
+source.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.errors import ExitCode
+from tests.tools import (
+    b3,
+    one_line_error,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    replicator,
+    require_tool,
+    send_once,
+    start_receiver,
+)
+
+
+class Ext4Disk:
+    """An ext4 file system in a file, mounted through a loop device."""
+
+    def __init__(self, image: Path, mountpoint: Path) -> None:
+        self.image = image
+        self.mountpoint = mountpoint
+
+    def mount(self) -> None:
+        subprocess.run(
+            ["mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.mountpoint)],
+            check=True,
+        )
+
+    def fail(self) -> None:
+        """ext4 reports an error on itself: journal aborted, remounted read-only."""
+        source = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", str(self.mountpoint)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        Path(f"/sys/fs/ext4/{Path(source).name}/trigger_fs_error").write_text("1")
+        with pytest.raises(OSError, match="Read-only file system"):
+            (self.mountpoint / "probe").write_text("x")
+
+    def repair(self) -> None:
+        """What an operator does: unmount, check, mount read-write again."""
+        subprocess.run(["umount", str(self.mountpoint)], check=True)
+        fsck = subprocess.run(["e2fsck", "-fy", str(self.image)], capture_output=True, text=True)
+        assert fsck.returncode in (0, 1), fsck.stdout + fsck.stderr  # 1: errors corrected
+        self.mount()
+
+
+@pytest.fixture
+def ext4(tmp_path: Path) -> Iterator[Ext4Disk]:
+    require_tool("mkfs.ext4")
+    image = tmp_path / "ext4.img"
+    with image.open("wb") as f:
+        f.truncate(128 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    mountpoint = tmp_path / "ext4"
+    mountpoint.mkdir()
+    disk = Ext4Disk(image, mountpoint)
+    disk.mount()
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def _vhd(path: Path) -> Path:
+    qemu_img("create", "-q", "-f", "vpc", str(path), "32M")
+    qemu_io("vpc", path, "write -P 0x11 0 8M", "write -P 0x22 20M 4M")
+    return path
+
+
+def test_a_receivers_disk_made_read_only_is_named_and_the_job_resumes_once_repaired(
+    tmp_path: Path, ext4: Ext4Disk
+) -> None:
+    source = _vhd(tmp_path / "vm.vhd")
+    state = tmp_path / "state"
+    target = ext4.mountpoint / "replicas"
+    log = tmp_path / "receiver.log"
+    receiver = start_receiver(target, log=log)
+    try:
+        send_once(receiver, "vm1", state, source)
+        ext4.fail()
+        qemu_io("vpc", source, "write -P 0x33 4M 8M")
+        out = replicator(
+            "send", "--to", receiver.address, "--job", "vm1", "--state-dir", str(state),
+            "--once", "--insecure", str(source),
+        )  # fmt: skip
+        assert out.returncode == ExitCode.REFUSED, out.stderr
+        line = one_line_error(out.stderr)
+        assert "read-only" in line and "remount it read-write" in line, line
+        assert receiver.proc.poll() is None, log.read_text()[-3000:]  # still serving
+    finally:
+        receiver.stop()
+    ext4.repair()
+    receiver = start_receiver(target, log=log)
+    try:
+        send_once(receiver, "vm1", state, source)
+    finally:
+        assert receiver.stop() == 0, log.read_text()[-3000:]
+    replica = target / "vm1" / "vm.vhd"
+    compared = qemu_compare("vpc", source, replica)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert b3(replica) == b3(source)
+
+
+def test_a_senders_state_disk_made_read_only_is_named_and_the_job_resumes_once_repaired(
+    tmp_path: Path, ext4: Ext4Disk
+) -> None:
+    source = _vhd(tmp_path / "vm.vhd")
+    state = ext4.mountpoint / "state"
+    receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
+    try:
+        send_once(receiver, "vm1", state, source)
+        ext4.fail()
+        qemu_io("vpc", source, "write -P 0x44 4M 8M")
+        out = replicator(
+            "send", "--to", receiver.address, "--job", "vm1", "--state-dir", str(state),
+            "--once", "--insecure", str(source),
+        )  # fmt: skip
+        assert out.returncode == ExitCode.STORAGE, out.stderr
+        line = one_line_error(out.stderr)
+        assert "read-only" in line.lower() and "remount it read-write" in line, line
+        assert "permissions" not in line, line
+        ext4.repair()
+        send_once(receiver, "vm1", state, source)
+        replica = tmp_path / "target" / "vm1" / "vm.vhd"
+        compared = qemu_compare("vpc", source, replica)
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        assert b3(replica) == b3(source)
+    finally:
+        receiver.stop()
