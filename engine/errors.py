@@ -26,6 +26,7 @@ from replicator.journal.errors import (
     ReplicatorError,
     SplitBrainError,
     StorageError,
+    TargetStorageError,
     VersionMismatch,
 )
 from replicator.transport.errors import (
@@ -49,6 +50,7 @@ __all__ = [
     "ReplicatorError",
     "SplitBrainError",
     "StorageError",
+    "TargetStorageError",
     "VersionMismatch",
     "as_user_error",
     "cannot_listen",

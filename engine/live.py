@@ -191,9 +191,7 @@ class LiveSender:
                 await self.sender.close_link(link)
                 break
             except MID_SESSION_RETRY as exc:
-                log.warning("sender.link_lost", error=str(exc))
-                self.status.error("connection", str(exc))
-                await self.sender.close_link(link)
+                await self.sender.session_failed(exc, link, stop)
         return None
 
     async def _ship_until(self, state: SenderState, stop: asyncio.Event) -> None:
@@ -227,10 +225,8 @@ class LiveSender:
                     self._handover = link
                     return
             except MID_SESSION_RETRY as exc:
-                log.warning("sender.link_lost", error=str(exc))
-                self.status.error("connection", str(exc))
-                await self.sender.close_link(link)
                 self._link = None
+                await self.sender.session_failed(exc, link, stop)
                 continue
             now = time.monotonic()
             if now - last_lag_log >= LAG_LOG_INTERVAL:

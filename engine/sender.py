@@ -31,6 +31,7 @@ from replicator.engine.errors import (
     ConnectError,
     PeerProtocolError,
     ReplicatorError,
+    TargetStorageError,
     VersionMismatch,
     as_user_error,
 )
@@ -63,10 +64,14 @@ log = structlog.get_logger()
 _T = TypeVar("_T")
 
 FULL_WAIT_TIMEOUT = 600.0
-# What ends an established session but not the job: the link broke, or a frame arrived
+# What ends an established session but not the job: the link broke, a frame arrived
 # damaged (a flipped bit on the path; every frame is checksummed, so it is caught, never
-# applied). A continuous sender reconnects and resumes from the receiver's last ack.
-MID_SESSION_RETRY = (ConnectError, PeerProtocolError)
+# applied), or the target could not store what it was sent (its disk full, failing or
+# remounted read-only: fixed there, while the source goes on). A continuous sender
+# reconnects and resumes from the receiver's last ack; a live one keeps capturing meanwhile,
+# as DRBD's primary goes on when its peer's disk fails.
+MID_SESSION_RETRY = (ConnectError, PeerProtocolError, TargetStorageError)
+RETRY_FIRST, RETRY_MOST = 1.0, 60.0  # seconds between tries: doubling from the first
 HANDSHAKE_DAMAGE_RETRIES = 2  # then a protocol or version error at connect is believed
 
 
@@ -118,6 +123,8 @@ class Sender:
         self.stopping: asyncio.Event | None = None
         self.replica_tree: Tree | None = None  # the replica folder's layout (folder jobs)
         self.progress: Progress | None = None  # sees every cycle's scan (bars, log lines)
+        self._storage_retry = RETRY_FIRST  # after the target's storage refused (session_failed)
+        self._storage_stuck_at = -1  # the receiver's durable LSN at that refusal
         self.reached = False  # a session was established at least once
         self.connect_failure: ReplicatorError | None = None  # the last, while not reached
 
@@ -208,7 +215,7 @@ class Sender:
             link.start_shipper(max(link.received_lsn + 1, journal.first_lsn))
         except BaseException as exc:
             await link.aclose()
-            self.status.error("connect", str(exc))
+            self.status.error(_error_kind(exc), str(exc))
             mapped = as_user_error(exc)  # e.g. the receiver went away mid-handshake
             if mapped is not exc:
                 raise mapped from exc
@@ -408,11 +415,15 @@ class Sender:
 
         None when ``stop`` is set first. Other errors are not retried.
         """
-        backoff = 1.0
+        backoff = RETRY_FIRST
         damaged = 0
         while not stop.is_set():
             try:
                 return await self.open_link(state, with_basis=with_basis)
+            except TargetStorageError as exc:  # the target's disk: an operator must look
+                log.error("sender.receiver_storage", error=str(exc), retry_in=backoff)
+                if not self.reached:
+                    self.connect_failure = exc
             except (ConnectError, BusyError) as exc:
                 log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
                 if not self.reached:
@@ -427,8 +438,29 @@ class Sender:
                 log.warning("sender.handshake_damaged", error=str(exc), retry_in=backoff)
             self.status.set_state(SenderPhase.CONNECTING)
             await sleep_or_stop(stop, backoff)
-            backoff = min(backoff * 2, 60.0)
+            backoff = min(backoff * 2, RETRY_MOST)
         return None
+
+    async def session_failed(self, exc: ReplicatorError, link: Link, stop: asyncio.Event) -> None:
+        """End a continuous sender's session that failed with one of MID_SESSION_RETRY:
+        say why (in the status before it shows the link closed), close the link, and
+        after a refusal of the target's storage, wait before the caller reconnects,
+        longer at each refusal in a row (until the receiver makes something durable
+        again): a target with a full or failed disk is not sent the same backlog at once."""
+        storage = isinstance(exc, TargetStorageError)
+        if storage:
+            if link.received_lsn > self._storage_stuck_at:  # durable progress since then
+                self._storage_retry = RETRY_FIRST
+            self._storage_stuck_at = link.received_lsn
+            log.error("sender.receiver_storage", error=str(exc), retry_in=self._storage_retry)
+            self.status.error("storage", str(exc))
+        else:
+            log.warning("sender.link_lost", error=str(exc))
+            self.status.error("connection", str(exc))
+        await self.close_link(link)
+        if storage:
+            await sleep_or_stop(stop, self._storage_retry)
+            self._storage_retry = min(self._storage_retry * 2, RETRY_MOST)
 
     async def run_forever(self, interval: float, stop: asyncio.Event) -> None:
         """Cycle every ``interval`` seconds until ``stop``; reconnect after interruptions.
@@ -457,8 +489,7 @@ class Sender:
                 except CycleStopped:  # a first sync: nothing journaled waits to be shipped
                     await link.finish("sender stopping", grace=0)
                 except MID_SESSION_RETRY as exc:
-                    log.warning("sender.link_lost", error=str(exc))
-                    self.status.error("connection", str(exc))
+                    await self.session_failed(exc, link, stop)
                 finally:
                     await self.close_link(link)
             self.status.set_state(SenderPhase.STOPPED)
@@ -503,6 +534,11 @@ def log_cycle(epoch: int, lsn: int, stats: ScanStats, link: Link, seconds: float
         f"{stats.files_changed} files in {seconds:.1f} s; {_mib(link.conn.bytes_sent)} sent on "
         "the wire on this connection",
     )
+
+
+def _error_kind(exc: BaseException) -> str:
+    """The ``errors`` kind of the job status for a session that could not be opened."""
+    return "storage" if isinstance(exc, TargetStorageError) else "connect"
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None = None) -> None:

@@ -44,6 +44,7 @@ from replicator.engine.errors import (
     PeerProtocolError,
     RefusedError,
     ReplicatorError,
+    TargetStorageError,
     VersionMismatch,
 )
 from replicator.engine.names import path_problem
@@ -130,14 +131,16 @@ def refusal_error(code: str, message: str) -> ReplicatorError:
         return BusyError(f"receiver refused (busy): {message}")
     if code in ("promoted", "generation"):
         return generations.refusal_error(code, message)
-    hint = _STORAGE_HINT if code == "storage" else None
-    return RefusedError(f"receiver refused ({code}): {message}", hint=hint)
+    if code == "storage":
+        return TargetStorageError(f"receiver refused (storage): {message}", hint=_STORAGE_HINT)
+    return RefusedError(f"receiver refused ({code}): {message}")
 
 
 _STORAGE_HINT = (
     "the target could not write or sync the job's replicas or state: fix what the message "
     "names there (space, permissions, the disk; the receiver logs it as receiver.storage) and "
-    "run send again; nothing past the last durable point was acknowledged, so nothing is lost"
+    "run send again (a continuous sender retries by itself, capturing meanwhile); nothing "
+    "past the last durable point was acknowledged, so nothing is lost"
 )
 
 

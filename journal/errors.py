@@ -64,6 +64,12 @@ class BusyError(RefusedError):
     sender, killed a moment ago, whose session the receiver has not torn down yet."""
 
 
+class TargetStorageError(RefusedError):
+    """The receiver could not write or sync the job (disk full, I/O error, read-only file
+    system). Fixed on the target, not here: a continuous sender keeps capturing and
+    retries, as it does while the receiver is away; ``send --once`` exits with it."""
+
+
 class PeerProtocolError(ReplicatorError):
     exit_code = ExitCode.PROTOCOL
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,28 @@ def receiver_fixture(tmp_path: Path) -> Iterator[ReceiverProc]:
         yield rcv
     finally:
         rcv.stop()
+
+
+def wait_for(
+    done: Callable[[], bool], proc: subprocess.Popen[str], what: str, timeout: float = 90
+) -> None:
+    """Poll ``done`` until it holds; fail with ``proc``'s stderr if it exits first."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"exited {proc.returncode} waiting for {what}: {err[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def sender_errors(state: Path) -> dict[str, int]:
+    """A running sender's error counts by kind (``status --json``); {} before it has one."""
+    out = replicator("status", "--state-dir", str(state), "--json")
+    if out.returncode != 0:
+        return {}
+    errors: dict[str, int] = json.loads(out.stdout)["jobs"][0].get("errors", {})
+    return errors
 
 
 def is_mounted(mnt: Path) -> bool:

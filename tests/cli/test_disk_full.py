@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,24 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ExitCode
-from tests.tools import b3, one_line_error, replicator, send_once, start_receiver
+from tests.killcycles import tree_digest
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    b3,
+    is_mounted,
+    one_line_error,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    replicator,
+    send_once,
+    sender_errors,
+    start_receiver,
+    wait_for,
+)
+
+MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -75,3 +93,73 @@ def test_a_sender_whose_state_disk_fills_says_so_and_resumes_after_space_is_free
         assert b3(tmp_path / "target" / "vm1" / "disk.img") == b3(disk)
     finally:
         receiver.stop()
+
+
+@pytest.mark.parametrize("capture", ["scan", "nbd", "fuse"])
+def test_a_continuous_sender_outlives_a_full_target_and_resumes_once_space_is_freed(
+    tmp_path: Path, small_disk: Path, capture: str
+) -> None:
+    """A receiver whose disk fills up refuses (storage). The source must not pay for the
+    target's disk: a continuous sender keeps running (a live one keeps serving its VM's
+    writes), says why in its status, and retries; once space is freed, the replica
+    catches up with nothing restarted. (It used to exit 6, which took the NBD export or
+    the FUSE folder away from the VM using them.)"""
+    receiver = start_receiver(small_disk, log=tmp_path / "receiver.log")
+    state, job = tmp_path / "state", "vm1"
+    common = ["send", "--to", receiver.address, "--job", job, "--state-dir", str(state),
+              "--insecure"]  # fmt: skip
+    source, sock, mnt = tmp_path / "vm", tmp_path / "nbd.sock", tmp_path / "mnt"
+    if capture == "fuse":
+        source.mkdir()
+        mnt.mkdir()
+        (source / "vm.xml").write_text("<domain/>\n")
+        extra = ["--capture", "fuse", "--mount", str(mnt), str(source)]
+        replica, written = small_disk / job, mnt / "disk.img"
+    else:
+        source = tmp_path / "disk.img"
+        qemu_img("create", "-q", "-f", "raw", str(source), "32M")
+        extra = ["--interval", "0.5", str(source)]
+        if capture == "nbd":
+            extra = ["--capture", "nbd", "--nbd-socket", str(sock), str(source)]
+        replica, written = small_disk / job / "disk.img", source
+
+    def write(pattern: int) -> None:  # as the VM would: through the capture
+        if capture == "nbd":
+            uri = f"nbd+unix:///disk.img?socket={sock}"
+            qemu_io("raw", uri, f"write -P {pattern} 0 24M", "flush")
+        elif capture == "fuse":
+            with written.open("wb") as f:
+                f.write(bytes([pattern]) * 24 * MiB)
+                os.fsync(f.fileno())
+        else:
+            qemu_io("raw", written, f"write -P {pattern} 0 24M")
+
+    def same() -> bool:
+        if capture == "fuse":
+            return tree_digest(replica) == tree_digest(source)
+        return (
+            replica.exists() and qemu_compare("raw", source, replica, shared=True).returncode == 0
+        )
+
+    def serving() -> bool:  # the VM could use it
+        return {"scan": True, "nbd": sock.exists(), "fuse": is_mounted(mnt)}[capture]
+
+    sender = subprocess.Popen([*REPLICATOR, *common, *extra], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+    try:
+        wait_for(lambda: same() and serving(), sender, "the first sync")
+        write(7)  # 24 MiB into a 16 MiB file system
+        wait_for(lambda: "storage" in sender_errors(state), sender, "a storage refusal")
+        write(8)  # the source still takes writes, after the refusal
+        assert sender.poll() is None
+        subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
+        wait_for(same, sender, "the replica to catch up once space was freed")
+        assert b3(replica if capture != "fuse" else replica / "disk.img") == b3(written)
+    finally:
+        if sender.poll() is None:
+            sender.send_signal(signal.SIGTERM)
+        rc = sender.wait(timeout=60)
+        receiver.stop()
+    err = sender.stderr.read() if sender.stderr else ""
+    assert rc == 0, err[-3000:]
+    assert "sender.receiver_storage" in err

@@ -10,6 +10,7 @@ source.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 
 from replicator.engine.errors import ExitCode
 from tests.tools import (
+    ENV,
+    REPLICATOR,
     b3,
     one_line_error,
     qemu_compare,
@@ -26,7 +29,9 @@ from tests.tools import (
     replicator,
     require_tool,
     send_once,
+    sender_errors,
     start_receiver,
+    wait_for,
 )
 
 
@@ -146,3 +151,48 @@ def test_a_senders_state_disk_made_read_only_is_named_and_the_job_resumes_once_r
         assert b3(replica) == b3(source)
     finally:
         receiver.stop()
+
+
+def test_a_live_sender_keeps_serving_its_vm_while_the_targets_disk_is_read_only(
+    tmp_path: Path, ext4: Ext4Disk
+) -> None:
+    """The NBD export stays up and takes the VM's writes while the target's disk is
+    read-only, through the target's repair (receiver stopped, e2fsck, mounted again,
+    receiver started); then the replica catches up, with nothing restarted here."""
+    source, sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
+    qemu_img("create", "-q", "-f", "raw", str(source), "64M")
+    state, target, log = tmp_path / "state", ext4.mountpoint / "replicas", tmp_path / "r.log"
+    receiver = start_receiver(target, log=log)
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+         str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(source)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    uri = f"nbd+unix:///disk.raw?socket={sock}"
+    replica = target / "vm1" / "disk.raw"
+
+    def caught_up() -> bool:
+        return (
+            replica.exists() and qemu_compare("raw", source, replica, shared=True).returncode == 0
+        )
+
+    try:
+        wait_for(lambda: sock.exists() and caught_up(), sender, "the first sync")
+        qemu_io("raw", uri, "write -P 0x11 0 16M", "flush")
+        wait_for(caught_up, sender, "the first writes to reach the replica")
+        ext4.fail()
+        qemu_io("raw", uri, "write -P 0x22 16M 16M", "flush")  # the VM goes on
+        wait_for(lambda: "storage" in sender_errors(state), sender, "the storage refusal")
+        receiver.stop()
+        ext4.repair()
+        qemu_io("raw", uri, "write -P 0x33 40M 4M", "flush")  # and on, the target away
+        receiver = start_receiver(target, receiver.port, log=log)
+        wait_for(caught_up, sender, "the replica to catch up after the repair")
+        assert b3(replica) == b3(source)
+    finally:
+        if sender.poll() is None:
+            sender.send_signal(signal.SIGTERM)
+        rc = sender.wait(timeout=60)
+        receiver.stop()
+    err = sender.stderr.read() if sender.stderr else ""
+    assert rc == 0, err[-3000:]
