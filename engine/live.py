@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.errors import (
+    AuthError,
+    ConfigError,
+    PeerProtocolError,
+    RefusedError,
+    ReplicatorError,
+    VersionMismatch,
+)
 
 if TYPE_CHECKING:
     from replicator.engine.fuse.capture import FuseCapture
@@ -54,6 +61,15 @@ from replicator.engine.volumes import VolumeKind, VolumeSpec
 from replicator.journal import Journal, JournalFull, Record
 
 log = structlog.get_logger()
+
+# What stops replication but never a live capture once its VM may be writing through it
+# (after the first sync): the receiver refused the job (a replica changed on the target,
+# the job not allowed, a TLS certificate refused or expired, another version), or lost
+# the records it had. The capture goes on, the journal absorbs the writes (tracked past
+# its cap), the refusal shows in `status` and the log, and the sender tries again (1 s,
+# doubling to 60 s) until it is let in or stopped; only split brain (a promoted replica)
+# ends it. Hyper-V Replica likewise leaves the VM running with replication in "critical".
+REPLICATION_REFUSED = (RefusedError, AuthError, VersionMismatch, PeerProtocolError)
 
 TICK = 0.02
 FILE_POLL = 1.0
@@ -202,18 +218,17 @@ class LiveSender:
         while not stop.is_set():
             link = self._link
             if link is None:
-                opened = await self.sender.connect_retrying(state, stop, with_basis=False)
+                try:
+                    opened = await self.sender.connect_retrying(state, stop, with_basis=False)
+                except REPLICATION_REFUSED as exc:
+                    await self.sender.refused_pause(exc, None, stop)
+                    continue
                 if opened is None:
                     break
                 link = opened[0]
                 if link.received_lsn + 1 < journal.first_lsn:
-                    await self.sender.close_link(link)
-                    raise ReplicatorError(
-                        f"the receiver lacks records {link.received_lsn + 1}.."
-                        f"{journal.first_lsn - 1} that were already trimmed here (it lost its "
-                        "state)",
-                        hint="restart this sender: it resynchronises before serving again",
-                    )
+                    await self.sender.refused_pause(_lost_state(link, journal), link, stop)
+                    continue
                 self._link = link
             try:
                 if await wait_for_request(link, stop, 1.0):
@@ -227,6 +242,10 @@ class LiveSender:
             except MID_SESSION_RETRY as exc:
                 self._link = None
                 await self.sender.session_failed(exc, link, stop)
+                continue
+            except REPLICATION_REFUSED as exc:
+                self._link = None
+                await self.sender.refused_pause(exc, link, stop)
                 continue
             now = time.monotonic()
             if now - last_lag_log >= LAG_LOG_INTERVAL:
@@ -443,3 +462,14 @@ class FuseFolderCapture:
         self._stop.set()
         if self._task is not None:
             await self._task  # syncs the journal and unmounts
+
+
+def _lost_state(link: Link, journal: Journal) -> RefusedError:
+    """The receiver holds less than this journal still has: it lost its state (its job
+    folders deleted or restored from an old backup), and what it lacks was trimmed here."""
+    return RefusedError(
+        f"the receiver lacks records {link.received_lsn + 1}..{journal.first_lsn - 1}, "
+        "which were already trimmed here (it lost its state)",
+        hint="restart this sender when its VM can pause: it compares with the replica and "
+        "resynchronises before serving again; until then it keeps capturing",
+    )

@@ -26,10 +26,12 @@ import structlog
 from replicator.engine import generations
 from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.errors import (
+    AuthError,
     BusyError,
     ConfigError,
     ConnectError,
     PeerProtocolError,
+    RefusedError,
     ReplicatorError,
     TargetStorageError,
     VersionMismatch,
@@ -123,8 +125,8 @@ class Sender:
         self.stopping: asyncio.Event | None = None
         self.replica_tree: Tree | None = None  # the replica folder's layout (folder jobs)
         self.progress: Progress | None = None  # sees every cycle's scan (bars, log lines)
-        self._storage_retry = RETRY_FIRST  # after the target's storage refused (session_failed)
-        self._storage_stuck_at = -1  # the receiver's durable LSN at that refusal
+        self._refused_retry = RETRY_FIRST  # the wait after a refusal (refused_pause)
+        self._refused_at = -1  # the receiver's durable LSN at the last refusal
         self.reached = False  # a session was established at least once
         self.connect_failure: ReplicatorError | None = None  # the last, while not reached
 
@@ -215,7 +217,7 @@ class Sender:
             link.start_shipper(max(link.received_lsn + 1, journal.first_lsn))
         except BaseException as exc:
             await link.aclose()
-            self.status.error(_error_kind(exc), str(exc))
+            self.status.error(error_kind(exc), str(exc))
             mapped = as_user_error(exc)  # e.g. the receiver went away mid-handshake
             if mapped is not exc:
                 raise mapped from exc
@@ -443,24 +445,34 @@ class Sender:
 
     async def session_failed(self, exc: ReplicatorError, link: Link, stop: asyncio.Event) -> None:
         """End a continuous sender's session that failed with one of MID_SESSION_RETRY:
-        say why (in the status before it shows the link closed), close the link, and
-        after a refusal of the target's storage, wait before the caller reconnects,
-        longer at each refusal in a row (until the receiver makes something durable
-        again): a target with a full or failed disk is not sent the same backlog at once."""
-        storage = isinstance(exc, TargetStorageError)
-        if storage:
-            if link.received_lsn > self._storage_stuck_at:  # durable progress since then
-                self._storage_retry = RETRY_FIRST
-            self._storage_stuck_at = link.received_lsn
-            log.error("sender.receiver_storage", error=str(exc), retry_in=self._storage_retry)
-            self.status.error("storage", str(exc))
-        else:
-            log.warning("sender.link_lost", error=str(exc))
-            self.status.error("connection", str(exc))
+        say why (in the status before it shows the link closed) and close the link; after
+        a refusal of the target's storage, pause (``refused_pause``)."""
+        if isinstance(exc, TargetStorageError):
+            await self.refused_pause(exc, link, stop)
+            return
+        log.warning("sender.link_lost", error=str(exc))
+        self.status.error("connection", str(exc))
         await self.close_link(link)
-        if storage:
-            await sleep_or_stop(stop, self._storage_retry)
-            self._storage_retry = min(self._storage_retry * 2, RETRY_MOST)
+
+    async def refused_pause(
+        self, exc: ReplicatorError, link: Link | None, stop: asyncio.Event
+    ) -> None:
+        """Say that the receiver refused (with ``link``: in the status too, before the
+        link is closed; a refusal at connect, without one, was counted by ``open_link``),
+        then wait before the caller tries again: longer at each refusal in a row, until
+        the receiver makes something durable again, so a target that cannot take the job
+        is not sent the same backlog at once (1 s, doubling to 60 s)."""
+        if link is not None and link.received_lsn > self._refused_at:  # progress since
+            self._refused_retry = RETRY_FIRST
+            self._refused_at = link.received_lsn
+        kind = error_kind(exc)
+        event = "sender.receiver_storage" if kind == "storage" else "sender.replication_refused"
+        log.error(event, error=str(exc), retry_in=self._refused_retry)
+        if link is not None:
+            self.status.error(kind, str(exc))
+            await self.close_link(link)
+        await sleep_or_stop(stop, self._refused_retry)
+        self._refused_retry = min(self._refused_retry * 2, RETRY_MOST)
 
     async def run_forever(self, interval: float, stop: asyncio.Event) -> None:
         """Cycle every ``interval`` seconds until ``stop``; reconnect after interruptions.
@@ -536,9 +548,21 @@ def log_cycle(epoch: int, lsn: int, stats: ScanStats, link: Link, seconds: float
     )
 
 
-def _error_kind(exc: BaseException) -> str:
-    """The ``errors`` kind of the job status for a session that could not be opened."""
-    return "storage" if isinstance(exc, TargetStorageError) else "connect"
+def error_kind(exc: BaseException) -> str:
+    """The ``errors`` kind of the job status for what refused or ended a session."""
+    for cls, kind in _ERROR_KINDS:
+        if isinstance(exc, cls):
+            return kind
+    return "connect"
+
+
+_ERROR_KINDS: tuple[tuple[type[ReplicatorError], str], ...] = (
+    (TargetStorageError, "storage"),
+    (AuthError, "auth"),
+    (VersionMismatch, "version"),
+    (PeerProtocolError, "protocol"),
+    (RefusedError, "refused"),
+)
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float, link: Link | None = None) -> None:

@@ -1,0 +1,122 @@
+"""A live sender keeps serving its VM whatever the target refuses, split brain aside.
+
+Once an NBD or FUSE capture serves a VM, stopping the sender takes the VM's disk away:
+the target's problems must never do that. Each case here makes the receiver refuse a
+running live sender in a different way and checks that the VM's writes still succeed,
+the refusal shows in `status`, SIGTERM still stops the sender cleanly, and the way out
+the message names brings the replica level with the source (qemu-img compare, blake3).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    b3,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    send_once,
+    sender_errors,
+    start_receiver,
+    wait_for,
+)
+
+MiB = 1024 * 1024
+
+
+class LiveNbd:
+    """A continuous `send --capture nbd` of one raw image, job vm1."""
+
+    def __init__(self, tmp_path: Path, receiver: ReceiverProc, *extra: str) -> None:
+        self.source, self.sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
+        self.state = tmp_path / "state"
+        qemu_img("create", "-q", "-f", "raw", str(self.source), "64M")
+        self.replica = receiver.dir / "vm1" / "disk.raw"
+        self.proc = subprocess.Popen(
+            [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+             str(self.state), "--capture", "nbd", "--nbd-socket", str(self.sock), *extra,
+             "--insecure", str(self.source)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
+        wait_for(lambda: self.sock.exists() and self.caught_up(), self.proc, "the first sync")
+
+    def write(self, command: str) -> None:
+        """As the VM would: through the export (fails if it is gone)."""
+        qemu_io("raw", f"nbd+unix:///disk.raw?socket={self.sock}", command, "flush")
+
+    def caught_up(self) -> bool:
+        return (
+            self.replica.exists()
+            and qemu_compare("raw", self.source, self.replica, shared=True).returncode == 0
+        )
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=60)
+        return rc, self.proc.stderr.read() if self.proc.stderr else ""
+
+
+def _level(sender: LiveNbd, receiver: ReceiverProc) -> None:
+    compared = qemu_compare("raw", sender.source, sender.replica)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert b3(sender.replica) == b3(sender.source)
+
+
+def test_a_replica_changed_on_the_target_does_not_stop_a_live_sender(tmp_path: Path) -> None:
+    receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
+    sender = LiveNbd(tmp_path, receiver)
+    try:
+        sender.write("write -P 0x11 0 4M")
+        wait_for(sender.caught_up, sender.proc, "the first write to be replicated")
+        with sender.replica.open("r+b") as f:  # a hand edit on the target
+            f.seek(8 * MiB)
+            f.write(b"edited on the target")
+        sender.write("write -P 0x22 4M 4M")
+        wait_for(lambda: "refused" in sender_errors(sender.state), sender.proc, "the refusal")
+        sender.write("write -P 0x33 16M 4M")  # the VM goes on
+        assert sender.proc.poll() is None
+        rc, err = sender.stop()
+        assert rc == 0, err[-3000:]
+        assert "sender.replication_refused" in err and "diverged" in err
+        # the way out the refusal names: --resync, once the operator has chosen to
+        send_once(receiver, "vm1", sender.state, sender.source, extra=("--resync",))
+        _level(sender, receiver)
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+def test_a_receiver_that_lost_its_state_does_not_stop_a_live_sender(tmp_path: Path) -> None:
+    """The target's job folders are deleted while its receiver is down: the records the
+    replica lacks were trimmed from the sender's small journal, so only a comparison can
+    bring it level. The live sender says so and goes on serving until it is restarted."""
+    target, log = tmp_path / "target", tmp_path / "receiver.log"
+    receiver = start_receiver(target, log=log)
+    sender = LiveNbd(tmp_path, receiver, "--journal-max", "8M")
+    try:
+        for i in range(4):  # 16 MiB through an 8 MiB journal: its first records trimmed
+            sender.write(f"write -P {i + 1} {i * 4}M 4M")
+            wait_for(sender.caught_up, sender.proc, "each write to be replicated")
+        receiver.stop()
+        shutil.rmtree(target / "vm1")
+        shutil.rmtree(target / ".replicator" / "vm1")
+        receiver = start_receiver(target, receiver.port, log=log)
+        wait_for(lambda: "refused" in sender_errors(sender.state), sender.proc, "the refusal")
+        sender.write("write -P 0x44 32M 4M")  # the VM goes on
+        assert sender.proc.poll() is None
+        rc, err = sender.stop()
+        assert rc == 0, err[-3000:]
+        assert "it lost its state" in err
+        send_once(receiver, "vm1", sender.state, sender.source)  # what a restart does
+        _level(sender, receiver)
+    finally:
+        sender.stop()
+        receiver.stop()
