@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from replicator.engine.errors import (
     PeerProtocolError,
     RefusedError,
     ReplicatorError,
+    StorageError,
     VersionMismatch,
 )
 
@@ -158,8 +160,9 @@ class LiveSender:
                     for task in helpers:
                         task.cancel()
             finally:
+                ending = sys.exc_info()[1]  # what ended the run, if it failed
                 self.status.set_state(SenderPhase.STOPPING)
-                await self.capture.stop(state)  # in-flight writes finish; no new ones
+                await self._stop_capture(state, ending)  # in-flight writes finish; no new ones
                 try:
                     if self._handover is not None:  # raises HandedOver (engine/handover.py)
                         for spec in self.files:  # configuration files as they are now
@@ -173,6 +176,25 @@ class LiveSender:
                         await self.sender.close_link(self._link)
                     self.status.set_state(SenderPhase.STOPPED)
                 log.info("sender.stopped", last_lsn=journal.last_lsn)
+
+    async def _stop_capture(self, state: SenderState, ending: BaseException | None) -> None:
+        """Stop the capture. If its last flush fails, that is the error the user sees (a
+        storage error, not the export's own), unless the run failed already: then that
+        first error is what ends it (its cause, often the same), and this one is logged."""
+        try:
+            await self.capture.stop(state)
+        except Exception as exc:
+            if ending is not None:
+                log.error("sender.capture_stop_failed", error=str(exc))
+                return
+            cause = exc.__cause__
+            if isinstance(cause, ReplicatorError):
+                raise cause from exc
+            raise StorageError(
+                f"the capture could not flush its last writes: {exc}",
+                hint="check the disk of the volumes and of --state-dir, then start again: "
+                "the next start compares with the replica",
+            ) from exc
 
     async def _initial_sync(self, state: SenderState, stop: asyncio.Event) -> Link | None:
         """Bring the replica up to date before serving; retry while the receiver is away."""

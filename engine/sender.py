@@ -188,7 +188,12 @@ class Sender:
             purpose = SessionPurpose.RESYNC if resync else SessionPurpose.REPLICATE
         journal = state.journal
         assert journal is not None
-        link = Link(await self.connector.connect(), journal)
+        try:
+            conn = await self.connector.connect()
+        except AuthError as exc:  # TLS refused: in the status as any refusal (not so a
+            self.status.error("auth", str(exc))  # receiver that is simply away)
+            raise
+        link = Link(conn, journal)
         try:
             state_dir = self.config.state_dir
             known = await asyncio.to_thread(generations.load_peer_generation, state_dir)

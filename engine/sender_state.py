@@ -20,6 +20,8 @@ next epoch) are folded into it by ``_apply_effect``, so nothing is sent twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,34 @@ JOURNAL_CAP = 1024 * 1024 * 1024  # scan capture waits for acks beyond this
 LIVE_JOURNAL_CAP = 16 * 1024 * 1024 * 1024
 DEFAULT_SEGMENT = 64 * 1024 * 1024
 MIN_SEGMENT = 1024 * 1024
+
+
+def journal_cap(state_dir: Path, asked: int) -> int:
+    """The journal's cap: ``asked`` (``--journal-max``), or less when the state folder's
+    file system has not the room for it: what the journal holds now and half the free
+    space, the other half left to whatever shares the file system (often the VM's own
+    images, which may grow). At the cap a live capture tracks changes and resyncs them
+    later (its VM's writes go on) and a scan waits for acks; a journal that ran its file
+    system out of space would instead fail the capture and the VM's writes with it."""
+    held = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(state_dir / "journal") as entries:
+        held = sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+    fs = os.statvfs(state_dir)
+    room = held + fs.f_bavail * fs.f_frsize // 2
+    if room >= asked:
+        return asked
+    cap = max(room, 2 * MIN_SEGMENT)  # the least a journal can trim in; with less room,
+    # the file system's own "full" is what the first write meets, and it says so
+    log.warning(
+        "sender.journal_capped",
+        cap=cap,
+        asked=asked,
+        free=fs.f_bavail * fs.f_frsize,
+        action=f"the file system of {state_dir} has not the room for --journal-max: the "
+        "journal stops at half its free space (then changes are tracked and resynced); "
+        "free space there or move --state-dir to a larger one",
+    )
+    return cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +130,12 @@ class SenderState:
             if not self.failback:
                 await asyncio.to_thread(refuse_if_marked, self.dir, self.config.job)
             await asyncio.to_thread(self.locks.acquire)
+            cap = await asyncio.to_thread(journal_cap, self.dir, self.config.journal_max_bytes)
             self.journal = await Journal.open(
                 self.dir / "journal",
-                max_bytes=self.config.journal_max_bytes,
+                max_bytes=cap,
                 # a quarter of the cap at most, so a small cap still trims as acks arrive
-                segment_bytes=max(
-                    MIN_SEGMENT, min(DEFAULT_SEGMENT, self.config.journal_max_bytes // 4)
-                ),
+                segment_bytes=max(MIN_SEGMENT, min(DEFAULT_SEGMENT, cap // 4)),
                 on_damage=self.config.journal_damage,
             )
             self.manifests = await asyncio.to_thread(self._load_manifests)

@@ -811,10 +811,10 @@ class Journal:
 
     # ------------------------------------------------------------------ state
     def _check_usable(self) -> None:
-        if self._failure is not None:
-            raise JournalError(
+        if self._failure is not None:  # a storage problem (exit 9), as when it happened
+            raise JournalIOError(
                 f"journal {self._dir} failed earlier ({self._failure}); reopen it",
-                hint="recovery re-reads the segments and keeps every record that was synced",
+                hint=_io_hint(self._failure, self._dir),
             ) from self._failure
         if self._closing:
             raise JournalError(f"journal {self._dir} is closed")

@@ -65,32 +65,37 @@ def test_disk_full_is_refused_then_resumes_after_space_is_freed(
         receiver.stop()
 
 
-def test_a_sender_whose_state_disk_fills_says_so_and_resumes_after_space_is_freed(
+def test_a_sender_with_a_small_state_disk_sends_an_epoch_larger_than_it(
     tmp_path: Path, small_disk: Path
 ) -> None:
-    """The sender's journal cannot be written (its state folder's file system is full):
-    exit 9 naming the folder and what to do; once there is room, the next run completes
-    and the replica equals the source."""
+    """A state folder on a 16 MiB file system: an epoch larger than it is sent through
+    a journal capped at half the free space (it waits at the cap for acks) rather than
+    running the file system out of space, which failed the send (exit 9) until space was
+    freed. Filled to the last byte by another program, it still sends, within the
+    segment files the journal already has. (A file system filled during a run is told
+    as exit 9: test_a_live_sender_whose_state_disk_is_filled_by_another_says_so.)"""
     disk = tmp_path / "disk.img"
-    disk.write_bytes(os.urandom(8 * 1024 * 1024) + bytes(24 * 1024 * 1024))
+    disk.write_bytes(os.urandom(8 * MiB) + bytes(24 * MiB))
     receiver = start_receiver(tmp_path / "target")
+    replica = tmp_path / "target" / "vm1" / "disk.img"
     try:
         state = small_disk / "state"
         send_once(receiver, "vm1", state, disk)  # the first sync skips the journal
         with disk.open("r+b") as f:
-            f.write(os.urandom(24 * 1024 * 1024))  # more than the 16 MiB file system holds
+            f.write(os.urandom(24 * MiB))  # more than the 16 MiB file system holds
         out = replicator(
             "send", "--to", receiver.address, "--job", "vm1", "--state-dir", str(state),
             "--once", "--insecure", str(disk),
         )  # fmt: skip
-        assert out.returncode == ExitCode.STORAGE, out.stderr
-        line = one_line_error(out.stderr)
-        assert "No space left on device" in line
-        assert f"the file system holding {state / 'journal'} is full" in line
-        assert "--state-dir" in line
-        subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
-        send_once(receiver, "vm1", state, disk)
-        assert b3(tmp_path / "target" / "vm1" / "disk.img") == b3(disk)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "sender.journal_capped" in out.stderr
+        assert b3(replica) == b3(disk)
+        with (small_disk / "filler").open("wb") as f:  # another program fills it
+            f.write(bytes(os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize))
+        with disk.open("r+b") as f:
+            f.write(os.urandom(8 * MiB))
+        send_once(receiver, "vm1", state, disk)  # within the journal's files, reused
+        assert b3(replica) == b3(disk)
     finally:
         receiver.stop()
 
@@ -163,3 +168,87 @@ def test_a_continuous_sender_outlives_a_full_target_and_resumes_once_space_is_fr
     err = sender.stderr.read() if sender.stderr else ""
     assert rc == 0, err[-3000:]
     assert "sender.receiver_storage" in err
+
+
+def test_a_live_senders_small_state_disk_never_fails_its_vms_writes(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """The state folder's file system holds 16 MiB, far less than the live journal's
+    16 GiB default cap, and the receiver stops answering while the VM writes 24 MiB. The
+    journal used to run its file system out of space: the VM's write failed (EIO), the
+    export went away and the sender exited 70 ("unexpected error"). The journal now
+    stops at half the free space, so the writes go on (tracked past the cap), and the
+    replica catches up once the receiver answers again."""
+    source, sock, state = tmp_path / "disk.raw", tmp_path / "nbd.sock", small_disk / "state"
+    qemu_img("create", "-q", "-f", "raw", str(source), "64M")
+    receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
+    replica = receiver.dir / "vm1" / "disk.raw"
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+         str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(source)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+    def caught_up() -> bool:
+        return (
+            replica.exists() and qemu_compare("raw", source, replica, shared=True).returncode == 0
+        )
+
+    try:
+        wait_for(lambda: sock.exists() and caught_up(), sender, "the first sync")
+        receiver.proc.send_signal(signal.SIGSTOP)  # it stops answering
+        uri = f"nbd+unix:///disk.raw?socket={sock}"
+        qemu_io("raw", uri, *(f"write -P {i + 1} {i * 4}M 4M" for i in range(6)), "flush")
+        assert sender.poll() is None
+        receiver.proc.send_signal(signal.SIGCONT)
+        wait_for(caught_up, sender, "the replica to catch up")
+        assert b3(replica) == b3(source)
+    finally:
+        receiver.proc.send_signal(signal.SIGCONT)
+        if sender.poll() is None:
+            sender.send_signal(signal.SIGTERM)
+        rc = sender.wait(timeout=60)
+        receiver.stop()
+    err = sender.stderr.read() if sender.stderr else ""
+    assert rc == 0, err[-3000:]
+    assert "sender.journal_capped" in err and "nbd.journal_overflow" in err
+
+
+def test_a_live_sender_whose_state_disk_is_filled_by_another_says_so(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """Another program fills the state folder's file system under a running live sender:
+    the journal cannot grow and the capture must stop (the journal is its promise to the
+    VM's writes). It exits 9 naming the full file system and what to do, not 70
+    "unexpected error" as it did, and the next start compares and catches up."""
+    source, sock, state = tmp_path / "disk.raw", tmp_path / "nbd.sock", small_disk / "state"
+    qemu_img("create", "-q", "-f", "raw", str(source), "64M")
+    receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+         str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(source)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        wait_for(sock.exists, sender, "the export")
+        receiver.proc.send_signal(signal.SIGSTOP)
+        with (small_disk / "filler").open("wb") as f:  # all but a little of what is free
+            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+            f.write(bytes(max(0, free - 512 * 1024)))
+        uri = f"nbd+unix:///disk.raw?socket={sock}"
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 9 0 4M", uri],
+                       capture_output=True, timeout=60)  # fmt: skip
+        rc = sender.wait(timeout=60)
+        err = sender.stderr.read() if sender.stderr else ""
+        assert rc == ExitCode.STORAGE, err[-3000:]
+        line = one_line_error(err)
+        assert "is full" in line and "unexpected" not in line, line
+    finally:
+        receiver.proc.send_signal(signal.SIGCONT)
+        if sender.poll() is None:
+            sender.kill()
+    (small_disk / "filler").unlink()
+    send_once(receiver, "vm1", state, source)
+    receiver.stop()
+    compared = qemu_compare("raw", source, receiver.dir / "vm1" / "disk.raw")
+    assert compared.returncode == 0, compared.stdout

@@ -22,6 +22,7 @@ from tests.tools import (
     qemu_compare,
     qemu_img,
     qemu_io,
+    replicator,
     send_once,
     sender_errors,
     start_receiver,
@@ -34,7 +35,13 @@ MiB = 1024 * 1024
 class LiveNbd:
     """A continuous `send --capture nbd` of one raw image, job vm1."""
 
-    def __init__(self, tmp_path: Path, receiver: ReceiverProc, *extra: str) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        receiver: ReceiverProc,
+        *extra: str,
+        security: tuple[str, ...] = ("--insecure",),
+    ) -> None:
         self.source, self.sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
         self.state = tmp_path / "state"
         qemu_img("create", "-q", "-f", "raw", str(self.source), "64M")
@@ -42,7 +49,7 @@ class LiveNbd:
         self.proc = subprocess.Popen(
             [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
              str(self.state), "--capture", "nbd", "--nbd-socket", str(self.sock), *extra,
-             "--insecure", str(self.source)],
+             *security, str(self.source)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
         )  # fmt: skip
         wait_for(lambda: self.sock.exists() and self.caught_up(), self.proc, "the first sync")
@@ -116,6 +123,39 @@ def test_a_receiver_that_lost_its_state_does_not_stop_a_live_sender(tmp_path: Pa
         assert rc == 0, err[-3000:]
         assert "it lost its state" in err
         send_once(receiver, "vm1", sender.state, sender.source)  # what a restart does
+        _level(sender, receiver)
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+def test_a_receiver_that_no_longer_trusts_the_sender_does_not_stop_a_live_sender(
+    tmp_path: Path,
+) -> None:
+    """The target's TLS keys are replaced by another CA's (a certificate that expired is
+    refused the same way, at the next handshake): the sender cannot get in, and says so,
+    until the target trusts it again; its VM's writes go on meanwhile."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder in (ours, theirs):
+        made = replicator("keygen", "--out", str(folder))
+        assert made.returncode == 0, made.stderr
+    target, log = tmp_path / "target", tmp_path / "receiver.log"
+    receiver = start_receiver(target, log=log, security=("--tls-dir", str(ours)))
+    sender = LiveNbd(tmp_path, receiver, security=("--tls-dir", str(ours)))
+    try:
+        receiver.stop()
+        receiver = start_receiver(
+            target, receiver.port, log=log, security=("--tls-dir", str(theirs))
+        )
+        sender.write("write -P 0x55 0 4M")
+        wait_for(lambda: "auth" in sender_errors(sender.state), sender.proc, "the refusal")
+        sender.write("write -P 0x66 8M 4M")  # the VM goes on
+        receiver.stop()
+        receiver = start_receiver(target, receiver.port, log=log, security=("--tls-dir", str(ours)))
+        wait_for(sender.caught_up, sender.proc, "the replica to catch up once trusted again")
+        rc, err = sender.stop()
+        assert rc == 0, err[-3000:]
+        assert "sender.replication_refused" in err
         _level(sender, receiver)
     finally:
         sender.stop()
