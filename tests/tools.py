@@ -229,6 +229,53 @@ def sender_errors(state: Path) -> dict[str, int]:
     return errors
 
 
+class LiveNbdSender:
+    """A continuous `send --capture nbd` of one 64 MiB raw image (``disk.raw`` under
+    ``tmp_path``), job vm1, to ``receiver``; made once its first sync is done and its
+    export serves."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        receiver: ReceiverProc,
+        *extra: str,
+        state: Path | None = None,
+        security: tuple[str, ...] = ("--insecure",),
+    ) -> None:
+        self.source, self.sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
+        self.state = state or tmp_path / "state"
+        qemu_img("create", "-q", "-f", "raw", str(self.source), "64M")
+        self.replica = receiver.dir / "vm1" / "disk.raw"
+        self.proc = subprocess.Popen(
+            [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+             str(self.state), "--capture", "nbd", "--nbd-socket", str(self.sock), *extra,
+             *security, str(self.source)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
+        wait_for(lambda: self.sock.exists() and self.caught_up(), self.proc, "the first sync")
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///disk.raw?socket={self.sock}"
+
+    def write(self, *commands: str) -> None:
+        """qemu-io commands, as the VM would write: through the export (fails if gone)."""
+        qemu_io("raw", self.uri, *commands, "flush")
+
+    def caught_up(self) -> bool:
+        return (
+            self.replica.exists()
+            and qemu_compare("raw", self.source, self.replica, shared=True).returncode == 0
+        )
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM (if it still runs): its exit code and stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=60)
+        return rc, self.proc.stderr.read() if self.proc.stderr else ""
+
+
 def is_mounted(mnt: Path) -> bool:
     return any(
         line.split()[1] == str(mnt) for line in Path("/proc/mounts").read_text().splitlines()

@@ -15,6 +15,7 @@ from tests.killcycles import tree_digest
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LiveNbdSender,
     b3,
     is_mounted,
     one_line_error,
@@ -179,37 +180,19 @@ def test_a_live_senders_small_state_disk_never_fails_its_vms_writes(
     export went away and the sender exited 70 ("unexpected error"). The journal now
     stops at half the free space, so the writes go on (tracked past the cap), and the
     replica catches up once the receiver answers again."""
-    source, sock, state = tmp_path / "disk.raw", tmp_path / "nbd.sock", small_disk / "state"
-    qemu_img("create", "-q", "-f", "raw", str(source), "64M")
     receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
-    replica = receiver.dir / "vm1" / "disk.raw"
-    sender = subprocess.Popen(
-        [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
-         str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(source)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
-
-    def caught_up() -> bool:
-        return (
-            replica.exists() and qemu_compare("raw", source, replica, shared=True).returncode == 0
-        )
-
+    sender = LiveNbdSender(tmp_path, receiver, state=small_disk / "state")
     try:
-        wait_for(lambda: sock.exists() and caught_up(), sender, "the first sync")
         receiver.proc.send_signal(signal.SIGSTOP)  # it stops answering
-        uri = f"nbd+unix:///disk.raw?socket={sock}"
-        qemu_io("raw", uri, *(f"write -P {i + 1} {i * 4}M 4M" for i in range(6)), "flush")
-        assert sender.poll() is None
+        sender.write(*(f"write -P {i + 1} {i * 4}M 4M" for i in range(6)))
+        assert sender.proc.poll() is None
         receiver.proc.send_signal(signal.SIGCONT)
-        wait_for(caught_up, sender, "the replica to catch up")
-        assert b3(replica) == b3(source)
+        wait_for(sender.caught_up, sender.proc, "the replica to catch up")
+        assert b3(sender.replica) == b3(sender.source)
     finally:
         receiver.proc.send_signal(signal.SIGCONT)
-        if sender.poll() is None:
-            sender.send_signal(signal.SIGTERM)
-        rc = sender.wait(timeout=60)
+        rc, err = sender.stop()
         receiver.stop()
-    err = sender.stderr.read() if sender.stderr else ""
     assert rc == 0, err[-3000:]
     assert "sender.journal_capped" in err and "nbd.journal_overflow" in err
 
@@ -221,34 +204,26 @@ def test_a_live_sender_whose_state_disk_is_filled_by_another_says_so(
     the journal cannot grow and the capture must stop (the journal is its promise to the
     VM's writes). It exits 9 naming the full file system and what to do, not 70
     "unexpected error" as it did, and the next start compares and catches up."""
-    source, sock, state = tmp_path / "disk.raw", tmp_path / "nbd.sock", small_disk / "state"
-    qemu_img("create", "-q", "-f", "raw", str(source), "64M")
     receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
-    sender = subprocess.Popen(
-        [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
-         str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(source)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    sender = LiveNbdSender(tmp_path, receiver, state=small_disk / "state")
     try:
-        wait_for(sock.exists, sender, "the export")
         receiver.proc.send_signal(signal.SIGSTOP)
         with (small_disk / "filler").open("wb") as f:  # all but a little of what is free
             free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
             f.write(bytes(max(0, free - 512 * 1024)))
-        uri = f"nbd+unix:///disk.raw?socket={sock}"
-        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 9 0 4M", uri],
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 9 0 4M", sender.uri],
                        capture_output=True, timeout=60)  # fmt: skip
-        rc = sender.wait(timeout=60)
-        err = sender.stderr.read() if sender.stderr else ""
+        sender.proc.wait(timeout=60)
+        rc, err = sender.stop()
         assert rc == ExitCode.STORAGE, err[-3000:]
         line = one_line_error(err)
         assert "is full" in line and "unexpected" not in line, line
     finally:
         receiver.proc.send_signal(signal.SIGCONT)
-        if sender.poll() is None:
-            sender.kill()
+        if sender.proc.poll() is None:
+            sender.proc.kill()
     (small_disk / "filler").unlink()
-    send_once(receiver, "vm1", state, source)
+    send_once(receiver, "vm1", sender.state, sender.source)
     receiver.stop()
-    compared = qemu_compare("raw", source, receiver.dir / "vm1" / "disk.raw")
+    compared = qemu_compare("raw", sender.source, sender.replica)
     assert compared.returncode == 0, compared.stdout

@@ -10,18 +10,13 @@ the message names brings the replica level with the source (qemu-img compare, bl
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 from tests.tools import (
-    ENV,
-    REPLICATOR,
+    LiveNbdSender,
     ReceiverProc,
     b3,
     qemu_compare,
-    qemu_img,
-    qemu_io,
     replicator,
     send_once,
     sender_errors,
@@ -32,46 +27,7 @@ from tests.tools import (
 MiB = 1024 * 1024
 
 
-class LiveNbd:
-    """A continuous `send --capture nbd` of one raw image, job vm1."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        receiver: ReceiverProc,
-        *extra: str,
-        security: tuple[str, ...] = ("--insecure",),
-    ) -> None:
-        self.source, self.sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
-        self.state = tmp_path / "state"
-        qemu_img("create", "-q", "-f", "raw", str(self.source), "64M")
-        self.replica = receiver.dir / "vm1" / "disk.raw"
-        self.proc = subprocess.Popen(
-            [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
-             str(self.state), "--capture", "nbd", "--nbd-socket", str(self.sock), *extra,
-             *security, str(self.source)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-        )  # fmt: skip
-        wait_for(lambda: self.sock.exists() and self.caught_up(), self.proc, "the first sync")
-
-    def write(self, command: str) -> None:
-        """As the VM would: through the export (fails if it is gone)."""
-        qemu_io("raw", f"nbd+unix:///disk.raw?socket={self.sock}", command, "flush")
-
-    def caught_up(self) -> bool:
-        return (
-            self.replica.exists()
-            and qemu_compare("raw", self.source, self.replica, shared=True).returncode == 0
-        )
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=60)
-        return rc, self.proc.stderr.read() if self.proc.stderr else ""
-
-
-def _level(sender: LiveNbd, receiver: ReceiverProc) -> None:
+def _level(sender: LiveNbdSender, receiver: ReceiverProc) -> None:
     compared = qemu_compare("raw", sender.source, sender.replica)
     assert compared.returncode == 0, compared.stdout + compared.stderr
     assert b3(sender.replica) == b3(sender.source)
@@ -79,7 +35,7 @@ def _level(sender: LiveNbd, receiver: ReceiverProc) -> None:
 
 def test_a_replica_changed_on_the_target_does_not_stop_a_live_sender(tmp_path: Path) -> None:
     receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
-    sender = LiveNbd(tmp_path, receiver)
+    sender = LiveNbdSender(tmp_path, receiver)
     try:
         sender.write("write -P 0x11 0 4M")
         wait_for(sender.caught_up, sender.proc, "the first write to be replicated")
@@ -107,7 +63,7 @@ def test_a_receiver_that_lost_its_state_does_not_stop_a_live_sender(tmp_path: Pa
     bring it level. The live sender says so and goes on serving until it is restarted."""
     target, log = tmp_path / "target", tmp_path / "receiver.log"
     receiver = start_receiver(target, log=log)
-    sender = LiveNbd(tmp_path, receiver, "--journal-max", "8M")
+    sender = LiveNbdSender(tmp_path, receiver, "--journal-max", "8M")
     try:
         for i in range(4):  # 16 MiB through an 8 MiB journal: its first records trimmed
             sender.write(f"write -P {i + 1} {i * 4}M 4M")
@@ -141,7 +97,7 @@ def test_a_receiver_that_no_longer_trusts_the_sender_does_not_stop_a_live_sender
         assert made.returncode == 0, made.stderr
     target, log = tmp_path / "target", tmp_path / "receiver.log"
     receiver = start_receiver(target, log=log, security=("--tls-dir", str(ours)))
-    sender = LiveNbd(tmp_path, receiver, security=("--tls-dir", str(ours)))
+    sender = LiveNbdSender(tmp_path, receiver, security=("--tls-dir", str(ours)))
     try:
         receiver.stop()
         receiver = start_receiver(

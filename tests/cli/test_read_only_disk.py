@@ -10,7 +10,6 @@ source.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,8 @@ import pytest
 
 from replicator.engine.errors import ExitCode
 from tests.tools import (
-    ENV,
-    REPLICATOR,
+    LiveNbdSender,
+    ReceiverProc,
     b3,
     one_line_error,
     qemu_compare,
@@ -91,6 +90,16 @@ def _vhd(path: Path) -> Path:
     return path
 
 
+def _send_fails(receiver: ReceiverProc, state: Path, source: Path, code: ExitCode) -> str:
+    """``send --once`` of job vm1, which must fail with ``code``: its one error line."""
+    out = replicator(
+        "send", "--to", receiver.address, "--job", "vm1", "--state-dir", str(state),
+        "--once", "--insecure", str(source),
+    )  # fmt: skip
+    assert out.returncode == code, out.stderr
+    return one_line_error(out.stderr)
+
+
 def test_a_receivers_disk_made_read_only_is_named_and_the_job_resumes_once_repaired(
     tmp_path: Path, ext4: Ext4Disk
 ) -> None:
@@ -103,12 +112,7 @@ def test_a_receivers_disk_made_read_only_is_named_and_the_job_resumes_once_repai
         send_once(receiver, "vm1", state, source)
         ext4.fail()
         qemu_io("vpc", source, "write -P 0x33 4M 8M")
-        out = replicator(
-            "send", "--to", receiver.address, "--job", "vm1", "--state-dir", str(state),
-            "--once", "--insecure", str(source),
-        )  # fmt: skip
-        assert out.returncode == ExitCode.REFUSED, out.stderr
-        line = one_line_error(out.stderr)
+        line = _send_fails(receiver, state, source, ExitCode.REFUSED)
         assert "read-only" in line and "remount it read-write" in line, line
         assert receiver.proc.poll() is None, log.read_text()[-3000:]  # still serving
     finally:
@@ -135,12 +139,7 @@ def test_a_senders_state_disk_made_read_only_is_named_and_the_job_resumes_once_r
         send_once(receiver, "vm1", state, source)
         ext4.fail()
         qemu_io("vpc", source, "write -P 0x44 4M 8M")
-        out = replicator(
-            "send", "--to", receiver.address, "--job", "vm1", "--state-dir", str(state),
-            "--once", "--insecure", str(source),
-        )  # fmt: skip
-        assert out.returncode == ExitCode.STORAGE, out.stderr
-        line = one_line_error(out.stderr)
+        line = _send_fails(receiver, state, source, ExitCode.STORAGE)
         assert "read-only" in line.lower() and "remount it read-write" in line, line
         assert "permissions" not in line, line
         ext4.repair()
@@ -159,40 +158,22 @@ def test_a_live_sender_keeps_serving_its_vm_while_the_targets_disk_is_read_only(
     """The NBD export stays up and takes the VM's writes while the target's disk is
     read-only, through the target's repair (receiver stopped, e2fsck, mounted again,
     receiver started); then the replica catches up, with nothing restarted here."""
-    source, sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
-    qemu_img("create", "-q", "-f", "raw", str(source), "64M")
-    state, target, log = tmp_path / "state", ext4.mountpoint / "replicas", tmp_path / "r.log"
+    target, log = ext4.mountpoint / "replicas", tmp_path / "r.log"
     receiver = start_receiver(target, log=log)
-    sender = subprocess.Popen(
-        [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
-         str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(source)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
-    uri = f"nbd+unix:///disk.raw?socket={sock}"
-    replica = target / "vm1" / "disk.raw"
-
-    def caught_up() -> bool:
-        return (
-            replica.exists() and qemu_compare("raw", source, replica, shared=True).returncode == 0
-        )
-
+    sender = LiveNbdSender(tmp_path, receiver)
     try:
-        wait_for(lambda: sock.exists() and caught_up(), sender, "the first sync")
-        qemu_io("raw", uri, "write -P 0x11 0 16M", "flush")
-        wait_for(caught_up, sender, "the first writes to reach the replica")
+        sender.write("write -P 0x11 0 16M")
+        wait_for(sender.caught_up, sender.proc, "the first writes to reach the replica")
         ext4.fail()
-        qemu_io("raw", uri, "write -P 0x22 16M 16M", "flush")  # the VM goes on
-        wait_for(lambda: "storage" in sender_errors(state), sender, "the storage refusal")
+        sender.write("write -P 0x22 16M 16M")  # the VM goes on
+        wait_for(lambda: "storage" in sender_errors(sender.state), sender.proc, "the refusal")
         receiver.stop()
         ext4.repair()
-        qemu_io("raw", uri, "write -P 0x33 40M 4M", "flush")  # and on, the target away
+        sender.write("write -P 0x33 40M 4M")  # and on, the target away
         receiver = start_receiver(target, receiver.port, log=log)
-        wait_for(caught_up, sender, "the replica to catch up after the repair")
-        assert b3(replica) == b3(source)
+        wait_for(sender.caught_up, sender.proc, "the replica to catch up after the repair")
+        assert b3(sender.replica) == b3(sender.source)
     finally:
-        if sender.poll() is None:
-            sender.send_signal(signal.SIGTERM)
-        rc = sender.wait(timeout=60)
+        rc, err = sender.stop()
         receiver.stop()
-    err = sender.stderr.read() if sender.stderr else ""
     assert rc == 0, err[-3000:]
