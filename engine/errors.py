@@ -14,6 +14,7 @@ import ssl
 from pathlib import Path
 
 from replicator.journal.errors import (
+    READ_ONLY_HINT,
     AuthError,
     BusyError,
     ConfigError,
@@ -144,16 +145,10 @@ def cannot_use_folder(
         hint = "give a folder (created when missing) or remove the file"
     elif exc.errno == errno.EROFS:
         why = "it is on a read-only file system"
-        hint = READ_ONLY_HINT
+        hint = f"{READ_ONLY_HINT}, or pick a folder on another disk"
     else:
         why = str(exc.strerror or exc)
     return ConfigError(f"cannot {doing} {path}: {why}", hint=hint)
-
-
-READ_ONLY_HINT = (
-    "a disk that had errors is often remounted read-only: check it (dmesg), repair it and "
-    "remount it read-write, or pick a folder on another disk"
-)
 
 
 def unwritable_folder(path: Path, label: str) -> ConfigError | None:

@@ -188,8 +188,8 @@ class LiveSender:
                 log.error("sender.capture_stop_failed", error=str(exc))
                 return
             cause = exc.__cause__
-            if isinstance(cause, ReplicatorError):
-                raise cause from exc
+            if isinstance(cause, ReplicatorError):  # its own cause kept (what failed)
+                raise cause from cause.__cause__
             raise StorageError(
                 f"the capture could not flush its last writes: {exc}",
                 hint="check the disk of the volumes and of --state-dir, then start again: "

@@ -31,6 +31,7 @@ from replicator.journal import (
     JournalFull,
     Record,
 )
+from replicator.journal.errors import READ_ONLY_HINT
 from replicator.transport import (
     PROTOCOL_VERSION,
     ConnectionClosedError,
@@ -385,12 +386,9 @@ def _storage_reason(exc: BaseException) -> str:
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
             return "receiver disk is full; free space on the receiver, then send again"
         if isinstance(cause, OSError) and cause.errno == errno.EROFS:
-            if isinstance(exc, JournalError):  # its message says so, and what to do
+            if isinstance(exc, JournalError):  # its message says so already (_io_hint)
                 break
-            return (
-                f"receiver file system is read-only: {exc}; check the receiver's disk "
-                "(dmesg), remount it read-write, then send again"
-            )
+            return f"receiver file system is read-only: {exc}; {READ_ONLY_HINT}, then send again"
         cause = cause.__cause__
     return f"receiver storage error: {exc}"
 

@@ -427,10 +427,12 @@ class Sender:
         while not stop.is_set():
             try:
                 return await self.open_link(state, with_basis=with_basis)
-            except TargetStorageError as exc:  # the target's disk: an operator must look
-                log.error("sender.receiver_storage", error=str(exc), retry_in=backoff)
+            except TargetStorageError as exc:  # the target's disk: waited on as mid-session
                 if not self.reached:
                     self.connect_failure = exc
+                self.status.set_state(SenderPhase.CONNECTING)
+                await self.refused_pause(exc, None, stop)
+                continue
             except (ConnectError, BusyError) as exc:
                 log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
                 if not self.reached:

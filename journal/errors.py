@@ -70,6 +70,14 @@ class TargetStorageError(RefusedError):
     retries, as it does while the receiver is away; ``send --once`` exits with it."""
 
 
+# what to do about a file system found read-only (EROFS), said wherever it is met: as
+# root it is never permissions, but a disk the kernel remounted after errors
+READ_ONLY_HINT = (
+    "a disk that had errors is often remounted read-only: check it (dmesg), repair it and "
+    "remount it read-write"
+)
+
+
 class PeerProtocolError(ReplicatorError):
     exit_code = ExitCode.PROTOCOL
 

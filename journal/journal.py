@@ -45,6 +45,7 @@ import structlog
 
 from replicator.journal import durable
 from replicator.journal.errors import (
+    READ_ONLY_HINT,
     ConfigError,
     JournalError,
     JournalFull,
@@ -853,8 +854,8 @@ def _io_hint(exc: BaseException, folder: Path) -> str:
         )
     if code == errno.EROFS:
         return (
-            f"the file system holding {folder} is read-only (remounted so after disk errors?): "
-            f"check it (dmesg), remount it read-write, then run again; {recovered}"
+            f"the file system holding {folder} is read-only; {READ_ONLY_HINT}, then run "
+            f"again; {recovered}"
         )
     if code == errno.EIO:
         return f"the disk under {folder} reported an I/O error: check it (dmesg); {recovered}"
