@@ -85,6 +85,7 @@ def build_config(
     resync: bool = False,
     extent_size: int = DEFAULT_EXTENT,
     journal_max: int = JOURNAL_CAP,
+    wait_for_receiver: float | None = None,
 ) -> SenderConfig:
     host, port = parse_endpoint(to, "--to")
     check_job_name(job)
@@ -100,6 +101,7 @@ def build_config(
         post_hook=post_hook,
         resync=resync,
         journal_max_bytes=journal_max,
+        wait_for_receiver=wait_for_receiver,
     )
 
 
@@ -268,8 +270,8 @@ def send(
         typer.Option(
             "--journal-max",
             help="Cap on the sender's journal (e.g. 2G). At the cap, scan capture waits for "
-            "the receiver, NBD capture tracks changed extents and resyncs them later, FUSE "
-            "capture fails writes with ENOSPC. Default 1G scan, 16G live.",
+            "the receiver; NBD and FUSE capture track what changed and resync it later. "
+            "Default 1G scan, 16G live (less when its file system has not the room).",
         ),
     ] = None,
     nbd_socket: Annotated[
@@ -286,6 +288,18 @@ def send(
             "--nbd-size",
             help="Export size in bytes (default: the most a growable image can grow to).",
             min=1,
+        ),
+    ] = None,
+    wait_for_receiver: Annotated[
+        float | None,
+        typer.Option(
+            "--wait-for-receiver",
+            metavar="SECONDS",
+            help="Serve the disks without the receiver if it is not reached in SECONDS at "
+            "start (--capture nbd): they are compared with this sender's last sync, and "
+            "every write is shipped once the receiver answers. Default: wait for it (so a "
+            "promoted replica is never written beside; see --witness).",
+            min=0,
         ),
     ] = None,
     pre_hook: Annotated[
@@ -324,7 +338,12 @@ def send(
         )
         check_capture_options(
             capture,
-            {"--nbd-socket": nbd_socket, "--nbd-listen": nbd_listen, "--nbd-size": nbd_size},
+            {
+                "--nbd-socket": nbd_socket,
+                "--nbd-listen": nbd_listen,
+                "--nbd-size": nbd_size,
+                "--wait-for-receiver": wait_for_receiver,
+            },
             mount,
         )
         metrics = metrics_endpoint(metrics_listen)
@@ -350,6 +369,7 @@ def send(
                 post_hook=post_hook,
                 resync=resync,
                 journal_max=cap,
+                wait_for_receiver=wait_for_receiver,
             )
             sender = Sender(config, connector_for(config, tls, shaping.bucket))
         gate = None
@@ -358,6 +378,8 @@ def send(
                 sender, once, nbd_socket, nbd_listen, nbd_size, fencing=witness is not None
             )
         fence = source_fence(job, witness, witness_interval, fence_after, fence_exec, gate)
+        if capture is not Capture.scan:
+            live.sender.fence = fence
         lease = source_lease(
             live.sender if capture is not Capture.scan else sender,
             witness,

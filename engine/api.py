@@ -372,6 +372,11 @@ class Sender:
                 raise ConfigError(f"give {what} to the connector, not to the Sender")
         if fuse is not None and nbd is not None:
             raise ConfigError("nbd and fuse are two ways of capturing: give one of them")
+        if config.wait_for_receiver is not None and nbd is None:
+            raise ConfigError(
+                "wait_for_receiver applies to nbd capture: a scan serves nothing, and a "
+                "fuse folder's layout is compared with the replica's listing"
+            )
         if fuse is not None and config.volumes:
             raise ConfigError(
                 f"with fuse, the volumes are the files of {fuse.source}: give SenderConfig "

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.journal_first import JournalFirst
 from replicator.engine.link import Link
+from replicator.engine.manifest import ManifestSet
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
 from replicator.engine.nbd.gate import WriteGate
@@ -57,6 +58,8 @@ from replicator.engine.sender import (
     SenderState,
     log_cycle,
 )
+from replicator.engine.sender_state import basis_alone
+from replicator.engine.served_alone import save_served_alone
 from replicator.engine.status import SenderPhase
 from replicator.engine.tree import Tree, tree_records
 from replicator.engine.volumes import VolumeKind, VolumeSpec
@@ -78,6 +81,7 @@ FILE_POLL = 1.0
 CATCH_UP_POLL = 0.5
 RESYNC_ROOM_WAIT = 30.0  # a resync waiting longer than this for acks gives up for now
 DRAIN_TIMEOUT = 30.0
+ALONE_RETRY = 2.0  # at least this long between two tries at serving alone (--witness)
 LAG_LOG_INTERVAL = 10.0
 
 
@@ -137,17 +141,16 @@ class LiveSender:
         self._file_digests: dict[str, bytes] = {}
         self._file_modes: dict[str, int] = {}  # as the replica has them (the FILE/CHMOD sent)
         self._handover: Link | None = None  # a planned failover asked on this link
+        self._alone_refused = ""  # why serving alone was refused, as last logged
 
     async def run(self, stop: asyncio.Event) -> None:
         self.sender.log_start(self.status.capture)
         async with SenderState(self.sender.config) as state:
             journal = state.journal
             assert journal is not None
-            link = await self._initial_sync(state, stop)
-            if link is None:
+            if not await self._initial_sync(state, stop):
                 self.sender.log_stop(state)  # raises when the receiver was never reached
                 return
-            self._link = link
             try:
                 await self.capture.start(state)
                 async with asyncio.TaskGroup() as tg:
@@ -196,13 +199,27 @@ class LiveSender:
                 "the next start compares with the replica",
             ) from exc
 
-    async def _initial_sync(self, state: SenderState, stop: asyncio.Event) -> Link | None:
-        """Bring the replica up to date before serving; retry while the receiver is away."""
+    async def _initial_sync(self, state: SenderState, stop: asyncio.Event) -> bool:
+        """Bring the replica up to date before serving; retry while the receiver is away.
+        With ``wait_for_receiver``, serve alone once it has passed (``_serve_alone``).
+        False when stopped first."""
         self.sender.stopping = stop
+        wait = self.sender.config.wait_for_receiver
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
         while not stop.is_set():
-            opened = await self.sender.connect_retrying(state, stop)
+            opened = await self._connect_until(state, stop, deadline)
             if opened is None:
-                break
+                if stop.is_set():
+                    break
+                assert wait is not None
+                served = await self._serve_alone(state, wait)
+                if served:
+                    return True
+                # None: not yet (the witness); False: not from this state, the receiver only
+                later = loop.time() + max(wait, ALONE_RETRY)
+                deadline = later if served is None else None
+                continue
             link, kind, basis = opened
             self.status.set_state(SenderPhase.INITIAL_SYNC)
             try:
@@ -217,12 +234,10 @@ class LiveSender:
                     changed=stats.bytes_changed,
                     scanned=stats.bytes_scanned,
                 )
-                self._file_digests = dict(manifests.files)
-                modes = manifests.modes
-                self._file_modes = {k: modes[k] for k in manifests.files if k in modes}
-                self.status.progress = None
+                self._synced(manifests)
                 self.status.set_state(SenderPhase.REPLICATING)
-                return link
+                self._link = link
+                return True
             except CycleStopped:  # stopped while a first sync waited for the link
                 with contextlib.suppress(Exception):
                     await link.finish("sender stopping", grace=0)
@@ -230,7 +245,100 @@ class LiveSender:
                 break
             except MID_SESSION_RETRY as exc:
                 await self.sender.session_failed(exc, link, stop)
-        return None
+        return False
+
+    def _synced(self, manifests: ManifestSet) -> None:
+        """The configuration files as the sync left them (shipped again when they change)."""
+        self._file_digests = dict(manifests.files)
+        modes = manifests.modes
+        self._file_modes = {k: modes[k] for k in manifests.files if k in modes}
+        self.status.progress = None
+
+    async def _connect_until(
+        self, state: SenderState, stop: asyncio.Event, deadline: float | None
+    ) -> tuple[Link, str, ManifestSet] | None:
+        """``connect_retrying`` until ``stop``, or until ``deadline`` (loop time) passes
+        between two tries (a handshake under way is let finish)."""
+        if deadline is None:
+            return await self.sender.connect_retrying(state, stop)
+        give_up = asyncio.Event()
+
+        async def watch() -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await stop.wait()
+            give_up.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await self.sender.connect_retrying(state, give_up)
+        finally:
+            watcher.cancel()
+
+    async def _serve_alone(self, state: SenderState, waited: float) -> bool | None:
+        """The receiver was not reached in ``--wait-for-receiver`` seconds: compare the
+        volumes with this sender's own last manifests (what it journaled since folded in),
+        journal what differs as an epoch, and serve; replication starts when the receiver
+        is reached (engine/served_alone.py). When it cannot, it says why (once) and the
+        sender goes on waiting for the receiver: None while the witness (``--witness``)
+        has not confirmed this source as the primary (tried again later; a target it
+        promoted ends the run, split brain), False for good."""
+        fence = self.sender.fence
+        if fence is not None and not fence.renewals:
+            self._cannot_serve_alone(
+                "the witness has not confirmed this source as the primary yet", waited
+            )
+            return None
+        if self.sender.config.folder:
+            basis: ManifestSet | str = "a folder's layout is compared with the replica's listing"
+        else:
+            basis = await basis_alone(state)
+        if isinstance(basis, str):
+            self._cannot_serve_alone(basis, waited)
+            return False
+        journal = state.journal
+        assert journal is not None
+        since = state.served_alone  # an earlier run served alone and never reached it
+        if since is None:
+            since = journal.last_lsn
+            await asyncio.to_thread(save_served_alone, state.dir, since)  # before any new LSN
+            state.served_alone = since
+        self.status.set_state(SenderPhase.INITIAL_SYNC)
+        started = time.monotonic()
+        try:
+            manifests, stats, lsn = await self.sender.cycle(state, None, basis)
+        except JournalFull:
+            why = "what changed since the last sync does not fit in the journal (--journal-max)"
+            self._cannot_serve_alone(why, waited)
+            self.status.set_state(SenderPhase.CONNECTING)
+            return False
+        await journal.sync()
+        self._synced(manifests)
+        self.status.set_state(SenderPhase.CONNECTING)
+        log.warning(
+            "sender.serving_alone",
+            waited=waited,
+            since_lsn=since,
+            lsn=lsn,
+            changed=stats.bytes_changed,
+            scanned=stats.bytes_scanned,
+            seconds=round(time.monotonic() - started, 3),
+            action="the receiver was not reached: serving from this sender's own state; "
+            "every write is journaled and shipped once the receiver answers",
+        )
+        return True
+
+    def _cannot_serve_alone(self, why: str, waited: float) -> None:
+        if why == self._alone_refused:
+            return
+        self._alone_refused = why
+        log.error(
+            "sender.cannot_serve_alone",
+            why=why,
+            waited=waited,
+            action="still waiting for the receiver: the volumes are served once it is "
+            "reached and they are synced",
+        )
 
     async def _ship_until(self, state: SenderState, stop: asyncio.Event) -> None:
         """Keep a link shipping until ``stop``; reconnect (without rescanning) when it fails."""

@@ -19,7 +19,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -57,10 +57,14 @@ from replicator.engine.sender_state import (
     choose_basis,
     replica_layout,
 )
+from replicator.engine.served_alone import clear_served_alone, receiver_ahead
 from replicator.engine.status import SenderJobStatus, SenderPhase
 from replicator.engine.tree import Tree
 from replicator.engine.volumes import VolumeKind
 from replicator.journal import Journal, Record, RecordType
+
+if TYPE_CHECKING:
+    from replicator.engine.witness_fence import SourceFence
 
 log = structlog.get_logger()
 _T = TypeVar("_T")
@@ -128,6 +132,8 @@ class Sender:
         self._refused_retry = RETRY_FIRST  # the wait after a refusal (refused_pause)
         self._refused_at = -1  # the receiver's durable LSN at the last refusal
         self.reached = False  # a session was established at least once
+        # source self-fencing (send --witness): serving alone waits for its first renewal
+        self.fence: SourceFence | None = None
         self.connect_failure: ReplicatorError | None = None  # the last, while not reached
 
     def bind_log_context(self) -> None:
@@ -210,6 +216,12 @@ class Sender:
                     generations.save_peer_generation, state_dir, welcome.generation
                 )
             self.status.generation = welcome.generation
+            if state.served_alone is not None:  # engine/served_alone.py
+                ahead = receiver_ahead(link.received_lsn, state.served_alone)
+                if ahead is not None:
+                    raise ahead
+                await asyncio.to_thread(clear_served_alone, state_dir)
+                state.served_alone = None
             # the receiver may be ahead of us (our state was lost): never reuse its LSNs
             self._lsn_floor = link.received_lsn + 1
             link.start_reader()
@@ -271,7 +283,7 @@ class Sender:
     async def cycle(
         self,
         state: SenderState,
-        link: Link,
+        link: Link | None,
         basis: ManifestSet,
         progress: Progress | None = None,
         *,
@@ -279,7 +291,8 @@ class Sender:
         save: bool = True,
     ) -> tuple[ManifestSet, ScanStats, int]:
         """One scan journaled as an EPOCH; the new manifests are saved unless ``save`` is
-        False (the caller then saves them with ``state.save``)."""
+        False (the caller then saves them with ``state.save``). Without a ``link`` (a live
+        sender serving alone) the journal must hold the whole epoch: JournalFull if not."""
         journal = state.journal
         assert journal is not None
         # A first sync from this state folder (no manifests: the basis is the replica's) is
@@ -290,6 +303,8 @@ class Sender:
         direct = state.manifests is None
 
         async def append(records: list[Record]) -> int:
+            if link is None:
+                return await journal.append_many(records)
             if direct and records[-1].type is not RecordType.EPOCH:
                 last = await self._unless_stopped(link.ship_direct(records, self._lsn_floor))
                 self.status.changed("lag")

@@ -34,6 +34,7 @@ from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.scan import (
     resize_basis,
 )
+from replicator.engine.served_alone import load_served_alone
 from replicator.engine.statedir import StateDirLock
 from replicator.engine.tree import Tree, fold, from_entries
 from replicator.engine.volumes import (
@@ -103,6 +104,9 @@ class SenderConfig:
     # the volumes are a folder's files (FUSE capture): the replica folder's layout is
     # listed at every connect with a basis, to find what the folder no longer has
     folder: bool = False
+    # a live sender not connected after this many seconds at start serves from its own
+    # state (engine/served_alone.py); None: it waits for the receiver however long
+    wait_for_receiver: float | None = None
 
 
 class SenderState:
@@ -118,6 +122,9 @@ class SenderState:
         self.journal: Journal | None = None
         self.manifests: ManifestSet | None = None
         self.damaged = False  # the journal lost synced records: compare with the replica
+        # the LSN this folder's sender last served from without its receiver, until a
+        # session finds the receiver at or below it (engine/served_alone.py)
+        self.served_alone: int | None = None
         self.locks = ImageLocks([v.path for v in config.volumes if v.kind is VolumeKind.DISK])
 
     @property
@@ -139,6 +146,7 @@ class SenderState:
                 on_damage=self.config.journal_damage,
             )
             self.manifests = await asyncio.to_thread(self._load_manifests)
+            self.served_alone = await asyncio.to_thread(load_served_alone, self.dir)
         except BaseException:
             if self.journal is not None:
                 await self.journal.aclose()
@@ -266,11 +274,7 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
     )
     if trusted:
         assert local is not None
-        basis = ManifestSet(local.lsn, local.extent_size, local.epoch)
-        basis.disks = {k: v.copy() for k, v in local.disks.items()}
-        basis.files = dict(local.files)
-        basis.modes = dict(local.modes)
-        since = local.lsn + 1
+        basis = _copy(local)
         kind = "local"
     else:
         epoch = local.epoch if local is not None else 0
@@ -280,8 +284,45 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
                 remote = await link.request_manifest(spec.name, state.config.extent_size)
                 if remote is not None:
                     basis.disks[spec.name] = remote
-        since = received + 1
         kind = "remote"
+    await _fold_journal(journal, basis)
+    log.info("sender.basis", kind=kind, lsn=basis.lsn, received=received)
+    return basis, kind
+
+
+async def basis_alone(state: SenderState) -> ManifestSet | str:
+    """The basis of a scan made without the receiver (a live sender serving alone,
+    engine/served_alone.py): the local manifests with every later record of the journal
+    folded in. Or why there is none: the receiver's own manifests are then needed."""
+    journal = state.journal
+    assert journal is not None
+    local = state.manifests
+    if local is None:
+        return "no sync from this state folder has completed yet"
+    if state.config.resync:
+        return "--resync compares with the replica"
+    if state.damaged:
+        return "the journal was damaged: the replica must be compared"
+    if not journal.first_lsn <= local.lsn + 1 or local.lsn > journal.last_lsn:
+        return "the journal no longer holds every record since the last sync"
+    basis = _copy(local)
+    await _fold_journal(journal, basis)
+    log.info("sender.basis", kind="local", lsn=basis.lsn, received=None)
+    return basis
+
+
+def _copy(local: ManifestSet) -> ManifestSet:
+    basis = ManifestSet(local.lsn, local.extent_size, local.epoch)
+    basis.disks = {k: v.copy() for k, v in local.disks.items()}
+    basis.files = dict(local.files)
+    basis.modes = dict(local.modes)
+    return basis
+
+
+async def _fold_journal(journal: Journal, basis: ManifestSet) -> None:
+    """Fold the records journaled after ``basis.lsn`` into it (they reach the replica
+    before the next epoch)."""
+    since = basis.lsn + 1
     if since <= journal.last_lsn:
         # only when there is something to fold: the journal's reader starts at the
         # beginning of the segment holding ``since`` and checks every record up to it
@@ -289,8 +330,6 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
         # record after its basis does not need
         async for record in journal.read_from(max(since, journal.first_lsn)):
             _apply_effect(basis, record)
-    log.info("sender.basis", kind=kind, lsn=basis.lsn, received=received)
-    return basis, kind
 
 
 async def replica_layout(state: SenderState, link: Link) -> Tree:

@@ -52,6 +52,7 @@ class SourceFence:
         self.last_ok = time.monotonic()
         self.fenced = False
         self.fenced_at = 0.0  # wall clock, for status
+        self.renewals = 0  # successful, since start (none: not known to be primary yet)
         self._moved = asyncio.Event()
         if gate is not None:
             gate.deadline = self.last_ok + fence_after
@@ -65,6 +66,7 @@ class SourceFence:
 
     def renewed(self, sent: float) -> None:
         """A renewal sent at ``sent`` (monotonic) succeeded."""
+        self.renewals += 1
         self.last_ok = max(self.last_ok, sent)
         fresh = time.monotonic() - self.last_ok < self.fence_after
         if self.gate is not None:

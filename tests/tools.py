@@ -232,7 +232,8 @@ def sender_errors(state: Path) -> dict[str, int]:
 class LiveNbdSender:
     """A continuous `send --capture nbd` of one 64 MiB raw image (``disk.raw`` under
     ``tmp_path``), job vm1, to ``receiver``; made once its first sync is done and its
-    export serves."""
+    export serves (``until``: "export", once it serves; "start", at once; ``fresh=False``:
+    the image is kept)."""
 
     def __init__(
         self,
@@ -241,10 +242,13 @@ class LiveNbdSender:
         *extra: str,
         state: Path | None = None,
         security: tuple[str, ...] = ("--insecure",),
+        fresh: bool = True,
+        until: str = "sync",
     ) -> None:
         self.source, self.sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
         self.state = state or tmp_path / "state"
-        qemu_img("create", "-q", "-f", "raw", str(self.source), "64M")
+        if fresh:
+            qemu_img("create", "-q", "-f", "raw", str(self.source), "64M")
         self.replica = receiver.dir / "vm1" / "disk.raw"
         self.proc = subprocess.Popen(
             [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
@@ -252,7 +256,10 @@ class LiveNbdSender:
              *security, str(self.source)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
         )  # fmt: skip
-        wait_for(lambda: self.sock.exists() and self.caught_up(), self.proc, "the first sync")
+        if until == "sync":
+            wait_for(lambda: self.sock.exists() and self.caught_up(), self.proc, "the first sync")
+        elif until == "export":
+            wait_for(self.sock.exists, self.proc, "the export")
 
     @property
     def uri(self) -> str:

@@ -136,7 +136,9 @@ def test_the_target_promotes_when_the_witness_agrees(
     killed = time.monotonic()
     assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 10), receiver_job(rcv)
     took = time.monotonic() - killed
-    assert AFTER < took < AFTER + 5, took
+    # AFTER counts from the receiver's last poll that saw the session (every 0.25 s), up
+    # to a poll before the kill: under load the promotion came 1.32 s after it
+    assert AFTER - 0.5 < took < AFTER + 5, took
     job = receiver_job(rcv)
     assert job["generation"] == 2  # the first session made it 1, the promotion 2
     replica = rcv.dir / "vm1" / disk.name

@@ -166,3 +166,13 @@ async def test_failback_after_a_failover_then_replication_resumes(setup: Setup) 
         assert setup.replica.read_bytes() == setup.disk.read_bytes()
     finally:
         await sender.aclose()
+
+
+def test_wait_for_receiver_is_refused_without_nbd_capture(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(65536))
+    config = SenderConfig(
+        "127.0.0.1", 1, "x", resolve_volumes([disk]), tmp_path / "state", wait_for_receiver=5
+    )
+    with pytest.raises(ConfigError, match="wait_for_receiver applies to nbd capture"):
+        Sender(config)
