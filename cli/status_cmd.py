@@ -211,6 +211,12 @@ def _state(job: dict[str, Any]) -> str:
         text += " (no sender since the receiver started; from files)"
     if job.get("recovery_pending"):
         text += " (apply pending)"
+    alone = job.get("served_alone")
+    if isinstance(alone, dict):
+        text += (
+            f" (serving alone from LSN {alone.get('since_lsn')}: the receiver was not reached "
+            "at start, --wait-for-receiver)"
+        )
     fence = job.get("fence")
     if isinstance(fence, dict) and fence.get("fenced"):
         text += (

@@ -42,6 +42,7 @@ from replicator.engine.errors import (
 
 if TYPE_CHECKING:
     from replicator.engine.fuse.capture import FuseCapture
+from replicator.engine.checkpoint import CHECKPOINT_MAX_BYTES, TouchedExtents, checkpoint_manifests
 from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.journal_first import JournalFirst
 from replicator.engine.link import Link
@@ -142,6 +143,7 @@ class LiveSender:
         self._file_modes: dict[str, int] = {}  # as the replica has them (the FILE/CHMOD sent)
         self._handover: Link | None = None  # a planned failover asked on this link
         self._alone_refused = ""  # why serving alone was refused, as last logged
+        self._touched: TouchedExtents | None = None  # what the journal changed (NBD)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.sender.log_start(self.status.capture)
@@ -151,6 +153,9 @@ class LiveSender:
             if not await self._initial_sync(state, stop):
                 self.sender.log_stop(state)  # raises when the receiver was never reached
                 return
+            if isinstance(self.capture, NbdCapture):  # engine/checkpoint.py
+                self._touched = TouchedExtents(self.sender.config.extent_size)
+                journal.observer = self._touched
             try:
                 await self.capture.start(state)
                 async with asyncio.TaskGroup() as tg:
@@ -174,11 +179,62 @@ class LiveSender:
                         await journal.sync()
                         await hand_over(self._handover, final, state.dir, self.sender.config.job)
                     await self._drain(journal)
+                    await self._checkpoint(state, ending)
                 finally:
                     if self._link is not None:
                         await self.sender.close_link(self._link)
                     self.status.set_state(SenderPhase.STOPPED)
                 log.info("sender.stopped", last_lsn=journal.last_lsn)
+
+    async def _checkpoint(self, state: SenderState, ending: BaseException | None) -> None:
+        """A clean stop: the manifests brought up to the journal's last LSN by hashing the
+        extents this run changed (engine/checkpoint.py), so the next start compares with
+        them, with or without the receiver. Skipped, said why, when they could be wrong."""
+        touched, journal, manifests = self._touched, state.journal, state.manifests
+        if touched is None or journal is None or manifests is None or ending is not None:
+            return
+        journal.observer = None
+        sequence = self.capture.sequence()
+        why = None
+        if not touched.valid:
+            why = "a change this checkpoint cannot follow was journaled"
+        elif not self.capture.barriers_allowed():
+            why = "changes made while the journal was full are not journaled yet"
+        elif sequence is not None and sequence.diverged:
+            why = "a volume diverged from its journal"
+        elif touched.bytes > CHECKPOINT_MAX_BYTES:
+            why = f"{touched.bytes} bytes of extents changed, more than a stop should read"
+        if why is not None:
+            log.info(  # routine after a run the journal overflowed in
+                "sender.checkpoint_skipped",
+                why=why,
+                action="the next start compares the disks with the receiver's manifests",
+            )
+            return
+        started = time.monotonic()
+        try:
+            await journal.sync()
+            lsn = journal.last_lsn
+            volumes = self.sender.config.volumes
+            new, read = await asyncio.to_thread(
+                checkpoint_manifests, manifests, touched, volumes, lsn
+            )
+            new.files = dict(self._file_digests)
+            new.modes.update(self._file_modes)
+            await state.save(new)
+        except (OSError, ReplicatorError) as exc:
+            log.warning(
+                "sender.checkpoint_failed",
+                error=str(exc),
+                action="the next start compares the disks with the receiver's manifests",
+            )
+            return
+        log.info(
+            "sender.checkpoint",
+            lsn=lsn,
+            bytes_read=read,
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     async def _stop_capture(self, state: SenderState, ending: BaseException | None) -> None:
         """Stop the capture. If its last flush fails, that is the error the user sees (a
@@ -201,14 +257,23 @@ class LiveSender:
 
     async def _initial_sync(self, state: SenderState, stop: asyncio.Event) -> bool:
         """Bring the replica up to date before serving; retry while the receiver is away.
-        With ``wait_for_receiver``, serve alone once it has passed (``_serve_alone``).
-        False when stopped first."""
+        With ``wait_for_receiver``, serve alone once it has passed (``_serve_alone``)
+        without a session, the receiver away or refusing (a refusal otherwise ends the
+        run, as it ends ``send --once``). False when stopped first."""
         self.sender.stopping = stop
         wait = self.sender.config.wait_for_receiver
         loop = asyncio.get_running_loop()
         deadline = None if wait is None else loop.time() + wait
         while not stop.is_set():
-            opened = await self._connect_until(state, stop, deadline)
+            try:
+                opened = await self._connect_until(state, stop, deadline)
+            except REPLICATION_REFUSED as exc:  # the target's trouble: as if away, once
+                if deadline is None:  # serving alone is allowed (split brain aside)
+                    raise
+                await self.sender.refused_pause(exc, None, stop)
+                if loop.time() < deadline:
+                    continue
+                opened = None
             if opened is None:
                 if stop.is_set():
                     break
@@ -303,6 +368,7 @@ class LiveSender:
             since = journal.last_lsn
             await asyncio.to_thread(save_served_alone, state.dir, since)  # before any new LSN
             state.served_alone = since
+        self.status.served_alone = since
         self.status.set_state(SenderPhase.INITIAL_SYNC)
         started = time.monotonic()
         try:

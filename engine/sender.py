@@ -221,7 +221,7 @@ class Sender:
                 if ahead is not None:
                     raise ahead
                 await asyncio.to_thread(clear_served_alone, state_dir)
-                state.served_alone = None
+                state.served_alone = self.status.served_alone = None
             # the receiver may be ahead of us (our state was lost): never reuse its LSNs
             self._lsn_floor = link.received_lsn + 1
             link.start_reader()

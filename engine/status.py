@@ -162,6 +162,9 @@ class SenderJobStatus:
         self.shaping: Shaping | None = None  # the rate in force (send --rate/--schedule)
         self.fence: Callable[[], dict[str, Any]] | None = None  # send --witness: fencing state
         self.last_epoch = 0
+        # a live sender serving without its receiver: the LSN it began from, until a
+        # session finds the receiver at or below it (engine/served_alone.py)
+        self.served_alone: int | None = None
         self._totals = _Totals()
         self._rate = _Rate()
         self._applied = 0  # the receiver's applied LSN, kept while no link is up
@@ -252,6 +255,9 @@ class SenderJobStatus:
             "shaping": self.shaping.status() if self.shaping is not None else None,
             "fence": fence,
             "last_epoch": self.last_epoch,
+            "served_alone": (
+                None if self.served_alone is None else {"since_lsn": self.served_alone}
+            ),
             "errors": dict(self.errors),
             "last_error": self.last_error,
             "uptime_seconds": round(now - self.started, 1),

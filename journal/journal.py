@@ -112,6 +112,9 @@ class Journal:
         self._lock_fd = lock_fd
         self._segment_bytes = segment_bytes
         self._max_bytes = max_bytes
+        # sees every record appended, in order, once staged (a live sender's checkpoint,
+        # engine/checkpoint.py); None on the hot paths that need nothing of it
+        self.observer: Callable[[Sequence[Record]], None] | None = None
         self._next_lsn = segments[-1].next_lsn
         self._durable_lsn = self._next_lsn - 1
         self._last_record_lsn = self._next_lsn - 1  # below ``skip_to``'s LSNs
@@ -327,6 +330,8 @@ class Journal:
         self._staged_bytes += size
         if self._staged_bytes >= FLUSH_BYTES:
             self._flush()
+        if self.observer is not None:
+            self.observer((record,))
         return lsn
 
     async def append_many(self, records: Sequence[Record], *, encoded: bytes | None = None) -> int:
@@ -375,6 +380,8 @@ class Journal:
         self._staged_bytes += size
         if self._staged_bytes >= FLUSH_BYTES:
             self._flush()
+        if self.observer is not None:
+            self.observer(records)
         return seg.last_lsn
 
     def skip_to(self, next_lsn: int) -> None:

@@ -233,7 +233,7 @@ class LiveNbdSender:
     """A continuous `send --capture nbd` of one 64 MiB raw image (``disk.raw`` under
     ``tmp_path``), job vm1, to ``receiver``; made once its first sync is done and its
     export serves (``until``: "export", once it serves; "start", at once; ``fresh=False``:
-    the image is kept)."""
+    the image is kept; ``loud``: info events logged too)."""
 
     def __init__(
         self,
@@ -244,6 +244,7 @@ class LiveNbdSender:
         security: tuple[str, ...] = ("--insecure",),
         fresh: bool = True,
         until: str = "sync",
+        loud: bool = False,
     ) -> None:
         self.source, self.sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
         self.state = state or tmp_path / "state"
@@ -254,7 +255,8 @@ class LiveNbdSender:
             [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
              str(self.state), "--capture", "nbd", "--nbd-socket", str(self.sock), *extra,
              *security, str(self.source)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=LOUD_ENV if loud else ENV,
         )  # fmt: skip
         if until == "sync":
             wait_for(lambda: self.sock.exists() and self.caught_up(), self.proc, "the first sync")

@@ -11,6 +11,7 @@ silently wrong.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -68,13 +69,19 @@ def test_a_live_sender_serves_alone_and_catches_up_when_the_receiver_returns(
         sender.write("write -P 0x33 8M 2M", "write -P 0x44 63M 1M")  # the VM runs
         assert sender.proc.poll() is None
         status = replicator("status", "--state-dir", str(sender.state), "--json")
-        assert '"state": "connecting"' in status.stdout, status.stdout
+        job = json.loads(status.stdout)["jobs"][0]
+        assert job["state"] == "connecting", job
+        assert job["served_alone"]["since_lsn"] > 0, job
+        table = replicator("status", "--state-dir", str(sender.state)).stdout
+        assert "serving alone from LSN" in table, table
         receiver = start_receiver(target, receiver.port, log=log)
         wait_for(sender.caught_up, sender.proc, "the replica to catch up")
         sender.write("write -P 0x55 20M 4M")
         wait_for(sender.caught_up, sender.proc, "a write after the receiver came back")
         _level(sender)
         assert not (sender.state / MARKER).exists()  # the receiver was found at its LSN
+        status = replicator("status", "--state-dir", str(sender.state), "--json")
+        assert json.loads(status.stdout)["jobs"][0]["served_alone"] is None
         rc, err = sender.stop()
         assert rc == 0, err[-3000:]
         assert "sender.serving_alone" in err
@@ -288,3 +295,90 @@ def test_with_a_witness_away_the_source_waits_for_it_before_serving_alone(
         receiver.stop()
         witness.kill()
         witness.wait(timeout=30)
+
+
+def test_a_target_that_refuses_at_start_is_served_alone_past_the_wait(tmp_path: Path) -> None:
+    """The replica was changed on the target while no sender ran: the receiver refuses the
+    job ("diverged"). Without the option the sender exits 6 and the VM stays down; with it,
+    the sender serves alone once the wait is over, the replica untouched, and the way out
+    the refusal names (--resync) brings it level."""
+    target, log = tmp_path / "target", tmp_path / "receiver.log"
+    receiver = start_receiver(target, log=log)
+    first = _synced_then_stopped(tmp_path, receiver)
+    with first.replica.open("r+b") as f:  # a hand edit on the target
+        f.seek(6 * 1024 * 1024)
+        f.write(b"edited on the target")
+    edited = b3(first.replica)
+    sender = LiveNbdSender(
+        tmp_path, receiver, "--wait-for-receiver", "1", fresh=False, until="export"
+    )
+    try:
+        sender.write("write -P 0x33 8M 2M")  # the VM runs
+        assert sender.proc.poll() is None
+        assert sender_errors(sender.state).get("refused", 0) >= 1
+        assert b3(sender.replica) == edited
+        rc, err = sender.stop()
+        assert rc == 0, err[-3000:]
+        assert "diverged" in err and "sender.serving_alone" in err
+        send_once(receiver, "vm1", sender.state, sender.source, extra=("--resync",))
+        _level(sender)
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+def test_after_a_long_run_a_clean_stop_leaves_a_state_to_serve_alone_from(
+    tmp_path: Path,
+) -> None:
+    """16 MiB through an 8 MiB journal: the records since the first sync are long
+    trimmed. A clean stop hashes the extents the run changed into the manifests
+    (`sender.checkpoint`), so the next start compares with them: alone when the receiver
+    is away, and with a local basis (no manifests read from the whole replica) when not.
+    A SIGKILLed sender leaves none: it waits for the receiver, as before."""
+    target, log = tmp_path / "target", tmp_path / "receiver.log"
+    receiver = start_receiver(target, log=log)
+    first = LiveNbdSender(tmp_path, receiver, "--journal-max", "8M", loud=True)
+    for i in range(4):
+        first.write(f"write -P {i + 1} {i * 4}M 4M")
+        wait_for(first.caught_up, first.proc, "each write to be replicated")
+    rc, err = first.stop()
+    assert rc == 0, err[-3000:]
+    assert "sender.checkpoint" in err and "sender.checkpoint_skipped" not in err
+    receiver.stop()
+    qemu_io("raw", first.source, "write -P 0x22 40M 1M")  # while no sender ran
+    alone = LiveNbdSender(
+        tmp_path, receiver, "--journal-max", "8M", "--wait-for-receiver", "1", fresh=False,
+        until="export", loud=True,
+    )  # fmt: skip
+    try:
+        for i in range(4):  # the run goes on trimming, now without the receiver
+            alone.write(f"write -P {i + 0x30} {20 + i * 4}M 4M")
+        receiver = start_receiver(target, receiver.port, log=log)
+        wait_for(alone.caught_up, alone.proc, "the replica to catch up")
+        _level(alone)
+        rc, err = alone.stop()
+        assert rc == 0, err[-3000:]
+        assert "sender.serving_alone" in err and '"sender.checkpoint"' in err
+        # with the receiver there: compared with the checkpoint, not the replica
+        again = LiveNbdSender(tmp_path, receiver, "--journal-max", "8M", fresh=False, loud=True)
+        for i in range(4):  # past its first sync's records again
+            again.write(f"write -P {i + 0x44} {i * 4}M 4M")
+            wait_for(again.caught_up, again.proc, "each write after the restart")
+        _level(again)
+        again.proc.kill()  # no clean stop: no checkpoint
+        again.proc.wait(timeout=30)
+        again.sock.unlink()
+        _, err = again.stop()
+        assert '"basis": "local"' in err, err[-3000:]
+        receiver.stop()
+        last = LiveNbdSender(
+            tmp_path, receiver, "--journal-max", "8M", "--wait-for-receiver", "1",
+            fresh=False, until="start",
+        )  # fmt: skip
+        time.sleep(4)
+        assert not last.sock.exists()
+        rc, err = last.stop()
+        assert "the journal no longer holds every record since the last sync" in err
+    finally:
+        alone.stop()
+        receiver.stop()
