@@ -12,6 +12,7 @@ silently wrong.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import time
@@ -381,4 +382,79 @@ def test_after_a_long_run_a_clean_stop_leaves_a_state_to_serve_alone_from(
         assert "the journal no longer holds every record since the last sync" in err
     finally:
         alone.stop()
+        receiver.stop()
+
+
+def test_restarts_from_checkpoints_never_leave_the_replica_behind(tmp_path: Path) -> None:
+    """Clean stops and starts in turn, each start compared with the last checkpoint (its
+    manifests claim what the replica holds: a wrong digest would skip an extent for
+    good). Unaligned writes through the export, writes to the image while no sender runs,
+    starts alone and with the receiver: the replica equals the source after each cycle
+    that reaches the receiver."""
+    rng = random.Random(20261203)
+    target, log = tmp_path / "target", tmp_path / "receiver.log"
+    receiver = start_receiver(target, log=log)
+    sender = LiveNbdSender(tmp_path, receiver, "--journal-max", "8M")
+    try:
+        for cycle in range(6):
+            for _ in range(rng.randrange(3, 8)):  # the VM, unaligned
+                length = rng.randrange(1, 3 << 20)
+                offset = rng.randrange(0, (64 << 20) - length)
+                sender.write(f"write -P {rng.randrange(1, 256)} {offset} {length}")
+            alone = cycle % 2 == 1
+            if not alone:
+                wait_for(sender.caught_up, sender.proc, f"cycle {cycle} to be replicated")
+                _level(sender)
+            rc, err = sender.stop()
+            assert rc == 0, err[-3000:]
+            if alone:
+                receiver.stop()
+            offset = rng.randrange(0, 60 << 20)  # while no sender runs
+            qemu_io("raw", sender.source, f"write -P {rng.randrange(1, 256)} {offset} 100k")
+            sender.sock.unlink(missing_ok=True)
+            extra = ("--wait-for-receiver", "0") if alone else ()
+            until = "export" if alone else "sync"
+            sender = LiveNbdSender(
+                tmp_path, receiver, "--journal-max", "8M", *extra, fresh=False, until=until
+            )
+            if alone:
+                receiver = start_receiver(target, receiver.port, log=log)
+        wait_for(sender.caught_up, sender.proc, "the last cycle to be replicated")
+        _level(sender)
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+def test_more_change_than_the_journal_holds_waits_for_the_receiver(tmp_path: Path) -> None:
+    """16 MiB written to the image while no sender ran, an 8 MiB journal: the comparison
+    cannot journal it all, so the disk is not served alone (said why); the part it did
+    journal is kept, and the receiver's return brings the replica level before serving."""
+    target, log = tmp_path / "target", tmp_path / "receiver.log"
+    receiver = start_receiver(target, log=log)
+    first = LiveNbdSender(tmp_path, receiver, "--journal-max", "8M")
+    first.write("write -P 0x11 0 4M")
+    wait_for(first.caught_up, first.proc, "the first write to be replicated")
+    assert first.stop()[0] == 0
+    receiver.stop()
+    qemu_io("raw", first.source, "write -P 0x22 16M 16M")
+    first.sock.unlink(missing_ok=True)
+    sender = LiveNbdSender(
+        tmp_path, receiver, "--journal-max", "8M", "--wait-for-receiver", "1", fresh=False,
+        until="start",
+    )  # fmt: skip
+    try:
+        time.sleep(5)
+        assert not sender.sock.exists()
+        assert sender.proc.poll() is None
+        receiver = start_receiver(target, receiver.port, log=log)
+        wait_for(sender.sock.exists, sender.proc, "the export once synced")
+        wait_for(sender.caught_up, sender.proc, "the replica to catch up")
+        _level(sender)
+        rc, err = sender.stop()
+        assert rc == 0, err[-3000:]
+        assert "does not fit in the journal" in err
+        assert "sender.serving_alone" not in err
+    finally:
+        sender.stop()
         receiver.stop()
