@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -42,7 +43,13 @@ from replicator.engine.errors import (
 
 if TYPE_CHECKING:
     from replicator.engine.fuse.capture import FuseCapture
-from replicator.engine.checkpoint import CHECKPOINT_MAX_BYTES, TouchedExtents, checkpoint_manifests
+from replicator.engine.checkpoint import (
+    CHECKPOINT_MAX_BYTES,
+    TouchedExtents,
+    checkpoint_manifests,
+    drop_touched,
+    save_touched,
+)
 from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.journal_first import JournalFirst
 from replicator.engine.link import Link
@@ -156,6 +163,7 @@ class LiveSender:
             if isinstance(self.capture, NbdCapture):  # engine/checkpoint.py
                 self._touched = TouchedExtents(self.sender.config.extent_size)
                 journal.observer = self._touched
+                journal.before_trim = functools.partial(self._note_touched, state)
             try:
                 await self.capture.start(state)
                 async with asyncio.TaskGroup() as tg:
@@ -186,6 +194,31 @@ class LiveSender:
                     self.status.set_state(SenderPhase.STOPPED)
                 log.info("sender.stopped", last_lsn=journal.last_lsn)
 
+    async def _note_touched(self, state: SenderState) -> bool:
+        """Before the journal drops records: the extents changed since the manifests made
+        durable (engine/checkpoint.py), so a start after a crash, the journal no longer
+        reaching back, can still compare with the manifests without the receiver. False
+        (the segments kept for now) when that cannot be written."""
+        touched, manifests = self._touched, state.manifests
+        if touched is None or manifests is None:
+            return True
+        snapshot = TouchedExtents(
+            touched.extent_size,
+            {k: bytearray(v) for k, v in touched.extents.items()},
+            set(touched.resized),
+            touched.valid,
+        )
+        try:
+            await asyncio.to_thread(save_touched, state.dir, manifests.lsn, snapshot)
+        except OSError as exc:
+            log.warning(
+                "sender.touched_unsaved",
+                error=str(exc),
+                action="the journal keeps its acknowledged records until this can be written",
+            )
+            return False
+        return True
+
     async def _checkpoint(self, state: SenderState, ending: BaseException | None) -> None:
         """A clean stop: the manifests brought up to the journal's last LSN by hashing the
         extents this run changed (engine/checkpoint.py), so the next start compares with
@@ -193,7 +226,7 @@ class LiveSender:
         touched, journal, manifests = self._touched, state.journal, state.manifests
         if touched is None or journal is None or manifests is None or ending is not None:
             return
-        journal.observer = None
+        journal.observer = journal.before_trim = None
         sequence = self.capture.sequence()
         why = None
         if not touched.valid:
@@ -222,6 +255,7 @@ class LiveSender:
             new.files = dict(self._file_digests)
             new.modes.update(self._file_modes)
             await state.save(new)
+            await asyncio.to_thread(drop_touched, state.dir)
         except (OSError, ReplicatorError) as exc:
             log.warning(
                 "sender.checkpoint_failed",

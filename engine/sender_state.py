@@ -27,6 +27,7 @@ from pathlib import Path
 
 import structlog
 
+from replicator.engine.checkpoint import TouchedExtents, load_touched
 from replicator.engine.failback_state import refuse_if_marked
 from replicator.engine.imagelock import ImageLocks
 from replicator.engine.link import Link
@@ -303,12 +304,38 @@ async def basis_alone(state: SenderState) -> ManifestSet | str:
         return "--resync compares with the replica"
     if state.damaged:
         return "the journal was damaged: the replica must be compared"
-    if not journal.first_lsn <= local.lsn + 1 or local.lsn > journal.last_lsn:
-        return "the journal no longer holds every record since the last sync"
+    if local.lsn > journal.last_lsn:
+        return "the manifests are ahead of the journal"
     basis = _copy(local)
+    if journal.first_lsn > local.lsn + 1:  # records since trimmed: their extents noted?
+        touched = await asyncio.to_thread(load_touched, state.dir, local.lsn, local.extent_size)
+        if touched is None:
+            return "the journal no longer holds every record since the last sync"
+        _unknown_where_touched(basis, touched, state.config.volumes)
     await _fold_journal(journal, basis)
     log.info("sender.basis", kind="local", lsn=basis.lsn, received=None)
     return basis
+
+
+def _unknown_where_touched(
+    basis: ManifestSet, touched: TouchedExtents, volumes: list[VolumeSpec]
+) -> None:
+    """Mark unknown (read and sent again by the scan) every extent records since trimmed
+    changed. A disk whose size changed meanwhile has an unknown size on the replica too:
+    its manifest is made one byte longer than the image, so the scan journals a RESIZE to
+    the image's size and takes every extent past the manifests' end as unknown, never as
+    the zeros a RESIZE leaves (the replica may hold data there from the records trimmed)."""
+    for spec in volumes:
+        disk = basis.disks.get(spec.name)
+        if disk is None or spec.kind is not VolumeKind.DISK:
+            continue
+        marked = list(touched.indices(spec.name))
+        if spec.name in touched.resized or (marked and marked[-1] >= disk.count):
+            with contextlib.suppress(FileNotFoundError):
+                disk.resize(os.stat(spec.path).st_size + 1)  # the new extents: UNKNOWN
+        for index in marked:
+            if index < disk.count:
+                disk.set(index, UNKNOWN)
 
 
 def _copy(local: ManifestSet) -> ManifestSet:

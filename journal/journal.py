@@ -37,7 +37,14 @@ import errno
 import functools
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +122,9 @@ class Journal:
         # sees every record appended, in order, once staged (a live sender's checkpoint,
         # engine/checkpoint.py); None on the hot paths that need nothing of it
         self.observer: Callable[[Sequence[Record]], None] | None = None
+        # awaited before a trim drops segments (the journal's lock held): what must outlive
+        # their records is made durable first (the observer's marks); False keeps them
+        self.before_trim: Callable[[], Awaitable[bool]] | None = None
         self._next_lsn = segments[-1].next_lsn
         self._durable_lsn = self._next_lsn - 1
         self._last_record_lsn = self._next_lsn - 1  # below ``skip_to``'s LSNs
@@ -681,6 +691,8 @@ class Journal:
                     break
                 victims.append(seg)
             if not victims:
+                return
+            if self.before_trim is not None and not await self.before_trim():
                 return
             del self._segments[: len(victims)]
             for seg in victims:

@@ -335,7 +335,9 @@ def test_after_a_long_run_a_clean_stop_leaves_a_state_to_serve_alone_from(
     trimmed. A clean stop hashes the extents the run changed into the manifests
     (`sender.checkpoint`), so the next start compares with them: alone when the receiver
     is away, and with a local basis (no manifests read from the whole replica) when not.
-    A SIGKILLed sender leaves none: it waits for the receiver, as before."""
+    A SIGKILLed sender leaves no checkpoint, but the extents it changed were noted before
+    each trim: the next start sends those again and serves alone; without that note it
+    waits for the receiver."""
     target, log = tmp_path / "target", tmp_path / "receiver.log"
     receiver = start_receiver(target, log=log)
     first = LiveNbdSender(tmp_path, receiver, "--journal-max", "8M", loud=True)
@@ -366,20 +368,33 @@ def test_after_a_long_run_a_clean_stop_leaves_a_state_to_serve_alone_from(
             again.write(f"write -P {i + 0x44} {i * 4}M 4M")
             wait_for(again.caught_up, again.proc, "each write after the restart")
         _level(again)
-        again.proc.kill()  # no clean stop: no checkpoint
-        again.proc.wait(timeout=30)
+        again.proc.kill()  # no clean stop: no checkpoint, but the extents it changed
+        again.proc.wait(timeout=30)  # were noted before each trim (touched.state)
         again.sock.unlink()
         _, err = again.stop()
         assert '"basis": "local"' in err, err[-3000:]
         receiver.stop()
-        last = LiveNbdSender(
+        (again.state / "touched.state").rename(tmp_path / "touched.state")
+        lost = LiveNbdSender(
             tmp_path, receiver, "--journal-max", "8M", "--wait-for-receiver", "1",
             fresh=False, until="start",
         )  # fmt: skip
-        time.sleep(4)
-        assert not last.sock.exists()
-        rc, err = last.stop()
+        time.sleep(4)  # without that note, only the receiver can say what it holds
+        assert not lost.sock.exists()
+        _, err = lost.stop()
         assert "the journal no longer holds every record since the last sync" in err
+        (tmp_path / "touched.state").rename(again.state / "touched.state")
+        last = LiveNbdSender(  # room for the 16 MiB it changed, sent again
+            tmp_path, receiver, "--journal-max", "64M", "--wait-for-receiver", "1",
+            fresh=False, until="export", loud=True,
+        )  # fmt: skip
+        last.write("write -P 0x55 50M 1M")
+        receiver = start_receiver(target, receiver.port, log=log)
+        wait_for(last.caught_up, last.proc, "the replica after a crash, served alone")
+        _level(last)
+        rc, err = last.stop()
+        assert rc == 0, err[-3000:]
+        assert "sender.serving_alone" in err
     finally:
         alone.stop()
         receiver.stop()

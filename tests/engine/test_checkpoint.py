@@ -9,7 +9,14 @@ from pathlib import Path
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from replicator.engine.checkpoint import TouchedExtents, checkpoint_manifests
+from replicator.engine.checkpoint import (
+    TOUCHED_FILE,
+    TouchedExtents,
+    checkpoint_manifests,
+    drop_touched,
+    load_touched,
+    save_touched,
+)
 from replicator.engine.manifest import ExtentManifest, ManifestSet
 from replicator.engine.volumes import VolumeKind, VolumeSpec, extent_digest
 from replicator.journal import Record
@@ -87,3 +94,57 @@ def test_a_folder_namespace_change_makes_the_tracker_give_up() -> None:
     assert touched.valid and touched.bytes == EXT
     touched([Record.unlink("a")])
     assert not touched.valid
+
+
+@given(st.lists(st.tuples(st.integers(0, 5_000), st.integers(1, 40_000)), max_size=30))
+def test_the_bitmap_marks_exactly_the_extents_written(writes: list[tuple[int, int]]) -> None:
+    touched = TouchedExtents(EXT)
+    model: set[int] = set()
+    for offset, length in writes:
+        touched([Record.zero("v", offset * 97, length)])
+        model.update(range(offset * 97 // EXT, (offset * 97 + length - 1) // EXT + 1))
+    assert list(touched.indices("v")) == sorted(model)
+    assert touched.bytes == len(model) * EXT
+
+
+def test_the_marks_persist_for_the_manifests_they_were_made_against(tmp_path: Path) -> None:
+    touched = TouchedExtents(EXT)
+    touched([Record.write("v", 0, b"x"), Record.write("v", 10 * EXT, b"y")])
+    touched([Record.resize("v", 20 * EXT)])
+    save_touched(tmp_path, 41, touched)
+    loaded = load_touched(tmp_path, 41, EXT)
+    assert loaded is not None
+    assert list(loaded.indices("v")) == [0, 10] and loaded.resized == {"v"}
+    assert load_touched(tmp_path, 40, EXT) is None  # other manifests: says nothing
+    assert load_touched(tmp_path, 41, 2 * EXT) is None
+    path = tmp_path / TOUCHED_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert load_touched(tmp_path, 41, EXT) is None  # damaged: only the receiver can tell
+    drop_touched(tmp_path)
+    drop_touched(tmp_path)
+    assert load_touched(tmp_path, 41, EXT) is None
+
+
+def test_a_disk_resized_since_its_manifests_gets_a_resize_and_no_assumed_zeros(
+    tmp_path: Path,
+) -> None:
+    """Records since trimmed grew the disk and wrote past the manifests' end: the basis
+    must make the scan send a RESIZE and every extent past that end, zeros included (the
+    replica may hold the trimmed writes' data there, the image zeros)."""
+    from replicator.engine.manifest import UNKNOWN
+    from replicator.engine.sender_state import _unknown_where_touched
+
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(3 * EXT))  # the image now: 3 extents of zeros
+    basis = ManifestSet(5, EXT, 1)
+    basis.disks["disk.raw"] = ExtentManifest(EXT, EXT)  # the manifests: 1 extent
+    basis.disks["disk.raw"].set(0, extent_digest(bytes(EXT)))
+    touched = TouchedExtents(EXT)
+    touched([Record.resize("disk.raw", 3 * EXT), Record.write("disk.raw", 2 * EXT, b"d")])
+    _unknown_where_touched(basis, touched, [VolumeSpec(disk, "disk.raw", VolumeKind.DISK)])
+    manifest = basis.disks["disk.raw"]
+    assert manifest.size == 3 * EXT + 1  # != the image's: the scan journals a RESIZE
+    assert manifest.get(0) == extent_digest(bytes(EXT))  # untouched, known
+    assert manifest.get(1) == UNKNOWN and manifest.get(2) == UNKNOWN

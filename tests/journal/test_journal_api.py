@@ -311,6 +311,40 @@ async def test_trim_drops_sealed_segments_only(tmp_path: Path) -> None:
         await j.aclose()
 
 
+async def test_observer_sees_every_append_and_before_trim_can_hold_a_trim(
+    tmp_path: Path,
+) -> None:
+    j = await filled(tmp_path, 60)
+    try:
+        seen: list[int] = []
+        j.observer = lambda records: seen.extend(r.offset for r in records)
+        await j.append(Record.write("d", 7, b"x"))
+        await j.append_many([Record.write("d", 8, b"y"), Record.write("d", 9, b"z")])
+        assert seen == [7, 8, 9]
+        asked: list[bool] = []
+
+        async def hold() -> bool:
+            asked.append(True)
+            return False
+
+        j.before_trim = hold
+        files = segment_files(tmp_path)
+        await j.trim(1)  # nothing to drop: not asked
+        assert asked == []
+        await j.trim(30)  # asked, and held: nothing dropped
+        assert asked == [True] and segment_files(tmp_path) == files and j.first_lsn == 1
+
+        async def allow() -> bool:
+            asked.append(True)
+            return True
+
+        j.before_trim = allow
+        await j.trim(30)
+        assert len(asked) == 2 and j.first_lsn > 1
+    finally:
+        await j.aclose()
+
+
 async def test_lsn_floor_survives_full_trim_and_reopen(tmp_path: Path) -> None:
     j = await filled(tmp_path, 40, segment_bytes=1024)
     await j.trim(41)
