@@ -67,7 +67,7 @@ from replicator.engine.sender import (
     log_cycle,
 )
 from replicator.engine.sender_state import basis_alone
-from replicator.engine.served_alone import save_served_alone
+from replicator.engine.served_alone import SERVED_ALONE_FILE, save_served_alone
 from replicator.engine.status import SenderPhase
 from replicator.engine.tree import Tree, tree_records
 from replicator.engine.volumes import VolumeKind, VolumeSpec
@@ -380,8 +380,9 @@ class LiveSender:
         journal what differs as an epoch, and serve; replication starts when the receiver
         is reached (engine/served_alone.py). When it cannot, it says why (once) and the
         sender goes on waiting for the receiver: None while the witness (``--witness``)
-        has not confirmed this source as the primary (tried again later; a target it
-        promoted ends the run, split brain), False for good."""
+        has not confirmed this source as the primary (a target it promoted ends the run,
+        split brain) or its note could not be written (tried again later), False for
+        good."""
         fence = self.sender.fence
         if fence is not None and not fence.renewals:
             self._cannot_serve_alone(
@@ -400,7 +401,11 @@ class LiveSender:
         since = state.served_alone  # an earlier run served alone and never reached it
         if since is None:
             since = journal.last_lsn
-            await asyncio.to_thread(save_served_alone, state.dir, since)  # before any new LSN
+            try:  # before any record is numbered without the receiver
+                await asyncio.to_thread(save_served_alone, state.dir, since)
+            except OSError as exc:  # nothing numbered yet: tried again later
+                self._cannot_serve_alone(f"{SERVED_ALONE_FILE} could not be written: {exc}", waited)
+                return None
             state.served_alone = since
         self.status.served_alone = since
         self.status.set_state(SenderPhase.INITIAL_SYNC)
