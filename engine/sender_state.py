@@ -265,8 +265,7 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
     received = link.received_lsn
     trusted = (
         local is not None
-        and not state.config.resync
-        and not state.damaged
+        and _local_unusable(state) is None
         # every record after the manifests is still here to fold in, or the receiver has it
         and journal.first_lsn <= local.lsn + 1
         and local.lsn <= max(journal.last_lsn, received)
@@ -300,10 +299,9 @@ async def basis_alone(state: SenderState) -> ManifestSet | str:
     local = state.manifests
     if local is None:
         return "no sync from this state folder has completed yet"
-    if state.config.resync:
-        return "--resync compares with the replica"
-    if state.damaged:
-        return "the journal was damaged: the replica must be compared"
+    unusable = _local_unusable(state)
+    if unusable is not None:
+        return unusable
     if local.lsn > journal.last_lsn:
         return "the manifests are ahead of the journal"
     basis = _copy(local)
@@ -315,6 +313,15 @@ async def basis_alone(state: SenderState) -> ManifestSet | str:
     await _fold_journal(journal, basis)
     log.info("sender.basis", kind="local", lsn=basis.lsn, received=None)
     return basis
+
+
+def _local_unusable(state: SenderState) -> str | None:
+    """Why the local manifests may not be the basis whatever the receiver holds."""
+    if state.config.resync:
+        return "--resync compares with the replica"
+    if state.damaged:
+        return "the journal was damaged: the replica must be compared"
+    return None
 
 
 def _unknown_where_touched(

@@ -43,6 +43,14 @@ def _level(sender: LiveNbdSender) -> None:
     assert b3(sender.replica) == b3(sender.source)
 
 
+def _stopped_having_served_alone(sender: LiveNbdSender) -> str:
+    """SIGTERM: a clean exit, having served alone at some point; its log."""
+    rc, err = sender.stop()
+    assert rc == 0, err[-3000:]
+    assert "sender.serving_alone" in err
+    return err
+
+
 def _synced_then_stopped(tmp_path: Path, receiver: ReceiverProc) -> LiveNbdSender:
     """A live sender's first sync and one write replicated, then the sender stopped."""
     sender = LiveNbdSender(tmp_path, receiver)
@@ -83,9 +91,7 @@ def test_a_live_sender_serves_alone_and_catches_up_when_the_receiver_returns(
         assert not (sender.state / MARKER).exists()  # the receiver was found at its LSN
         status = replicator("status", "--state-dir", str(sender.state), "--json")
         assert json.loads(status.stdout)["jobs"][0]["served_alone"] is None
-        rc, err = sender.stop()
-        assert rc == 0, err[-3000:]
-        assert "sender.serving_alone" in err
+        _stopped_having_served_alone(sender)
     finally:
         sender.stop()
         receiver.stop()
@@ -287,10 +293,7 @@ def test_with_a_witness_away_the_source_waits_for_it_before_serving_alone(
         receiver = start_receiver(target, receiver.port)
         wait_for(sender.caught_up, sender.proc, "the replica to catch up")
         _level(sender)
-        rc, err = sender.stop()
-        assert rc == 0, err[-3000:]
-        assert "the witness has not confirmed this source" in err
-        assert "sender.serving_alone" in err
+        assert "the witness has not confirmed this source" in _stopped_having_served_alone(sender)
     finally:
         sender.stop()
         receiver.stop()
@@ -359,9 +362,7 @@ def test_after_a_long_run_a_clean_stop_leaves_a_state_to_serve_alone_from(
         receiver = start_receiver(target, receiver.port, log=log)
         wait_for(alone.caught_up, alone.proc, "the replica to catch up")
         _level(alone)
-        rc, err = alone.stop()
-        assert rc == 0, err[-3000:]
-        assert "sender.serving_alone" in err and '"sender.checkpoint"' in err
+        assert '"sender.checkpoint"' in _stopped_having_served_alone(alone)
         # with the receiver there: compared with the checkpoint, not the replica
         again = LiveNbdSender(tmp_path, receiver, "--journal-max", "8M", fresh=False, loud=True)
         for i in range(4):  # past its first sync's records again
@@ -392,9 +393,7 @@ def test_after_a_long_run_a_clean_stop_leaves_a_state_to_serve_alone_from(
         receiver = start_receiver(target, receiver.port, log=log)
         wait_for(last.caught_up, last.proc, "the replica after a crash, served alone")
         _level(last)
-        rc, err = last.stop()
-        assert rc == 0, err[-3000:]
-        assert "sender.serving_alone" in err
+        _stopped_having_served_alone(last)
     finally:
         alone.stop()
         receiver.stop()
