@@ -203,7 +203,10 @@ class Session:
                     return
                 # written while the next frame is read and checked (the write is a thread
                 # hop, and a reader waiting for it would stop the socket meanwhile)
-                self._taking = asyncio.ensure_future(self._take(records, msg.payload))
+                payload = msg.payload  # bytes off the wire (only a sender's packing is a view)
+                if not isinstance(payload, bytes):
+                    payload = bytes(payload)
+                self._taking = asyncio.ensure_future(self._take(records, payload))
                 continue
             if not await self._taken():  # everything else comes after the frames before it
                 return

@@ -196,17 +196,28 @@ class SenderCore:
 
     # -- what we send ---------------------------------------------------------------------
     def pack(self, pending: collections.deque[EncodedRecord]) -> Records:
-        """Take records from the front of ``pending`` (not empty) into one Records frame."""
+        """Take records from the front of ``pending`` (not empty) into one Records frame.
+
+        Records that lie back to back in one read chunk (the journal's segments hold them
+        so) go out as one slice of it, without a copy; others are joined.
+        """
         first = last = pending.popleft()
         parts = [first.raw, first.payload]
         size = first.size
         count = 1
+        chunk = first.chunk
         while pending and size < FRAME_TARGET and size + pending[0].size <= self.window:
             last = pending.popleft()
             parts += (last.raw, last.payload)
+            if chunk is not None and (last.chunk is not chunk or last.at != first.at + size):
+                chunk = None
             size += last.size
             count += 1
-        return Records(first.lsn, last.lsn, count, first.ts_ns, b"".join(parts))
+        if chunk is not None:
+            payload: bytes | memoryview = memoryview(chunk)[first.at : first.at + size]
+        else:
+            payload = b"".join(parts)
+        return Records(first.lsn, last.lsn, count, first.ts_ns, payload)
 
     def shipped(self, msg: Records) -> None:
         self._in_flight.append((msg.last_lsn, msg.source_ts_ns, len(msg.payload)))

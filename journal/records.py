@@ -309,17 +309,30 @@ class EncodedRecord:
     has them all in ``raw``; one encoded to be shipped at once (a first sync's, never
     journaled here) keeps its payload apart, so the megabytes are not copied behind the
     header only to be copied again into a frame.
+
+    A record checked in an immutable read chunk (``bytes``) is not copied out of it:
+    ``raw`` is a view of the chunk and ``at`` its offset there (-1 otherwise), so that
+    records read back to back can go out as one slice of the chunk (``SenderCore.pack``).
     """
 
     lsn: int
     ts_ns: int
-    raw: bytes
+    raw: bytes | memoryview
     payload: bytes = b""
+    at: int = -1
 
     @property
     def size(self) -> int:
         """Bytes of the whole encoded record."""
         return len(self.raw) + len(self.payload)
+
+    @property
+    def chunk(self) -> bytes | None:
+        """The read chunk ``raw`` is a view of (at ``at``), or None."""
+        raw = self.raw
+        if self.at >= 0 and isinstance(raw, memoryview) and isinstance(raw.obj, bytes):
+            return raw.obj
+        return None
 
 
 def _verified(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
@@ -340,8 +353,16 @@ def _verified(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
 
 
 def check_record(buf: bytes | memoryview, pos: int = 0) -> tuple[EncodedRecord, int]:
-    """Verify the record at ``pos`` without decoding it; returns it and the position after."""
+    """Verify the record at ``pos`` without decoding it; returns it and the position after.
+
+    From ``bytes`` (immutable) the record is a view of ``buf``, which it keeps alive; from
+    anything else (a reused buffer) its bytes are copied out.
+    """
     total, fields = _verified(buf, pos)
+    if type(buf) is bytes:
+        return EncodedRecord(fields[5], fields[6], memoryview(buf)[pos : pos + total], at=pos), (
+            pos + total
+        )
     return EncodedRecord(
         fields[5], fields[6], bytes(memoryview(buf)[pos : pos + total])
     ), pos + total

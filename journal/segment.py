@@ -79,6 +79,7 @@ class _HasLsn(Protocol):
 
 
 ReadItem = TypeVar("ReadItem", bound=_HasLsn)  # what a SegmentReader yields: decoded or as stored
+_Buffer = TypeVar("_Buffer", bytes, memoryview)  # what a SegmentReader reads records from
 
 SEGMENT_MAGIC = b"RJSG"
 SEGMENT_VERSION = 1
@@ -253,6 +254,28 @@ class _Window:
         return view[:size]
 
 
+class _Chunks:
+    """Reads ahead into immutable chunks, a new one each time: a record checked in one is
+    shipped as a view of it (``check_record``), never copied out (a chunk lives while any
+    of its records does)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._chunk = b""
+        self._start = 0
+
+    def get(self, pos: int, size: int, limit: int) -> tuple[bytes, int] | None:
+        """The chunk holding the ``size`` bytes at ``pos`` and their offset in it (reading
+        ahead up to ``limit``), None when the file is short."""
+        off = pos - self._start
+        if off < 0 or off + size > len(self._chunk):
+            self._chunk = read_exact(self._fd, max(size, min(READ_CHUNK, limit - pos)), pos)
+            self._start, off = pos, 0
+        if len(self._chunk) < off + size:
+            return None
+        return self._chunk, off
+
+
 @dataclass(slots=True)
 class ScanResult:
     """What a scan of a segment's record area found."""
@@ -397,17 +420,27 @@ class SegmentReader:
         self.prev_lsn = base_lsn - 1
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._window = _Window(self._fd)
+        self._chunks = _Chunks(self._fd)
 
     def read(self, end: int, budget: int = READ_CHUNK) -> list[Record]:
         """Records from the current offset up to ``end``, about ``budget`` bytes of them."""
-        return self._read(end, budget, decode_record)
+        return self._read(end, budget, decode_record, self._window_get)
 
     def read_encoded(self, end: int, budget: int = READ_CHUNK) -> list[EncodedRecord]:
-        """Like ``read``, checked but not decoded: the bytes as stored (for shipping)."""
-        return self._read(end, budget, check_record)
+        """Like ``read``, checked but not decoded: the bytes as stored (for shipping), each
+        a view of the chunk it was read in."""
+        return self._read(end, budget, check_record, self._chunks.get)
+
+    def _window_get(self, pos: int, size: int, limit: int) -> tuple[memoryview, int] | None:
+        view = self._window.get(pos, size, limit)
+        return None if view is None else (view, 0)
 
     def _read(
-        self, end: int, budget: int, convert: Callable[[memoryview], tuple[ReadItem, int]]
+        self,
+        end: int,
+        budget: int,
+        convert: Callable[[_Buffer, int], tuple[ReadItem, int]],
+        get: Callable[[int, int, int], tuple[_Buffer, int] | None],
     ) -> list[ReadItem]:
         out: list[ReadItem] = []
         start = self.offset
@@ -416,16 +449,16 @@ class SegmentReader:
             while pos < end and pos - start < budget:
                 if end - pos < HEADER_SIZE:
                     raise RecordError(f"truncated record header ({end - pos} bytes left)")
-                head = self._window.get(pos, HEADER_SIZE, end)
-                if head is None:
+                found = get(pos, HEADER_SIZE, end)
+                if found is None:
                     raise RecordError("segment file is shorter than its durable size")
-                total = peek_length(head)
+                total = peek_length(*found)
                 if total > end - pos:
                     raise RecordError(f"record of {total} bytes runs past the end ({end})")
-                view = self._window.get(pos, total, end)
-                if view is None:
+                found = get(pos, total, end)
+                if found is None:
                     raise RecordError("segment file is shorter than its durable size")
-                item, _ = convert(view)
+                item, _ = convert(*found)
                 if item.lsn <= self.prev_lsn:
                     raise RecordError(f"record lsn {item.lsn} does not follow {self.prev_lsn}")
                 self.prev_lsn = item.lsn

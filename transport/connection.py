@@ -416,7 +416,7 @@ class FramedConnection:
             # what ended it (a TLS alert, a reset) stays findable, as in _closed_error
             raise error from self._lost_exc
 
-    def _write(self, buffers: list[bytes]) -> None:
+    def _write(self, buffers: list[bytes | memoryview]) -> None:
         transport = self._transport
         assert transport is not None
         if self._writelines:

@@ -152,7 +152,7 @@ class EncodedFrame:
     """Buffers of one frame, ready for ``writelines``, and its sizes for accounting."""
 
     message: Message
-    buffers: list[bytes]
+    buffers: list[bytes | memoryview]
     wire_size: int  # prefix + header + payload as sent
     payload_raw: int  # uncompressed payload bytes
     payload_wire: int  # payload bytes as sent
@@ -209,7 +209,7 @@ def _build(mtype: MessageType, values: object, payload: bytes) -> Message:
 # --- encoding -------------------------------------------------------------------------------
 
 
-def _sample_compresses(payload: bytes) -> bool:
+def _sample_compresses(payload: bytes | memoryview) -> bool:
     """Cheap guess whether lz4 can pay on a large payload, from evenly spread samples.
 
     Compressing a whole incompressible MiB costs a full output buffer and ~0.2-0.5 ms
@@ -246,7 +246,7 @@ def encode_frame(
     flags = RECORDS_CHECKED if records_checked and mtype is MessageType.RECORDS else 0
     header = msgpack.packb(_header_values(msg), use_bin_type=True)
     field = PAYLOAD_FIELD.get(type(msg))
-    payload: bytes = getattr(msg, field) if field is not None else b""
+    payload: bytes | memoryview = getattr(msg, field) if field is not None else b""
     raw_len = len(payload)
     codec = Codec.RAW
     wire = payload
@@ -276,7 +276,7 @@ def encode_frame(
     if not flags:
         digest.update(payload)
     head = b"".join((fields, digest.digest(CHECKSUM_SIZE), header))
-    buffers = [head, wire] if wire else [head]
+    buffers: list[bytes | memoryview] = [head, wire] if wire else [head]
     return EncodedFrame(msg, buffers, len(head) + len(wire), raw_len, len(wire), codec, lz4_ran)
 
 

@@ -146,6 +146,19 @@ def _blob(owner: str, name: str, value: object) -> bytes:
     raise MessageError(f"{owner}.{name} must be bytes, not {type(value).__name__}")
 
 
+def _immutable_blob(owner: str, name: str, value: object) -> bytes | memoryview:
+    """``_blob``, but a byte view of immutable ``bytes`` is kept as it is, not copied:
+    nothing can change under it (a Records payload sliced from a journal read chunk)."""
+    if (
+        isinstance(value, memoryview)
+        and type(value.obj) is bytes
+        and value.format == "B"
+        and value.c_contiguous
+    ):
+        return value
+    return _blob(owner, name, value)
+
+
 def _set(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)
 
@@ -253,14 +266,14 @@ class Records:
     last_lsn: int
     count: int
     source_ts_ns: int
-    payload: bytes
+    payload: bytes | memoryview
 
     def __post_init__(self) -> None:
         _uint("Records", "first_lsn", self.first_lsn)
         _uint("Records", "last_lsn", self.last_lsn)
         _uint("Records", "count", self.count)
         _int64("Records", "source_ts_ns", self.source_ts_ns)
-        _set(self, "payload", _blob("Records", "payload", self.payload))
+        _set(self, "payload", _immutable_blob("Records", "payload", self.payload))
         if self.first_lsn < 1:
             raise MessageError("Records.first_lsn must be >= 1 (LSN 0 means unassigned)")
         if self.last_lsn < self.first_lsn:

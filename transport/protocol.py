@@ -465,7 +465,9 @@ class ProtocolConnection:
             records_checked=self.records_checked,
         )
 
-    def send(self, msg: Message, *, encoded: EncodedFrame | None = None) -> list[bytes]:
+    def send(
+        self, msg: Message, *, encoded: EncodedFrame | None = None
+    ) -> list[bytes | memoryview]:
         """Check a message against the protocol, encode it (unless ``encoded`` is its
         encoding from ``encode()``), and return the buffers to write, in order."""
         if encoded is not None and encoded.message is not msg:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -36,6 +36,7 @@ from replicator.engine.session_core import (
     refusal_error,
 )
 from replicator.journal import EncodedRecord, Record, RecordType, encode_record
+from replicator.journal import check_record as check_stored
 from replicator.transport import (
     PROTOCOL_VERSION,
     Ack,
@@ -144,7 +145,7 @@ class Replication(RuleBasedStateMachine):
             self.held = None
 
     def _raw(self, lsn: int) -> bytes:
-        return self.journal[lsn - 1].raw
+        return bytes(self.journal[lsn - 1].raw)
 
     # -- the wire ------------------------------------------------------------------------
     @precondition(lambda self: self.to_receiver)
@@ -350,3 +351,50 @@ def test_the_receiver_acks_applied_once_per_move() -> None:
 def test_records_no_sender_makes_are_refused(record: Record) -> None:
     with pytest.raises(RemoteProtocolError, match="lsn 1"):
         check_record(record)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 300_000), min_size=1, max_size=30),
+    cuts=st.sets(st.integers(1, 29)),
+    copied=st.sets(st.integers(0, 29)),
+    dropped=st.sets(st.integers(0, 29)),
+    window=st.integers(64 * 1024, 8 * 1024 * 1024),
+)
+def test_frames_carry_every_record_once_slicing_a_chunk_when_they_can(
+    sizes: list[int], cuts: set[int], copied: set[int], dropped: set[int], window: int
+) -> None:
+    """Records that lie back to back in one read chunk go out as a slice of it; a frame
+    that spans two chunks, holds a copied record or skips one the chunk holds (``dropped``:
+    read, not shipped) is joined. Either way the frames carry exactly the records shipped."""
+    encoded = [
+        encode_record(Record.write("a", 0, bytes([i % 251]) * size).with_lsn(i + 1, i + 1))
+        for i, size in enumerate(sizes)
+    ]
+    chunk_of: dict[int, int | None] = {}  # lsn -> the chunk it was read in (None: copied)
+    pending: collections.deque[EncodedRecord] = collections.deque()
+    start = 0
+    for end in sorted({c for c in cuts if c < len(sizes)} | {len(sizes)}):
+        chunk, at = b"".join(encoded[start:end]), 0
+        for i in range(start, end):
+            if i in copied:  # checked in a reused buffer: copied out
+                record, _ = check_stored(memoryview(bytearray(encoded[i])))
+                chunk_of[i + 1] = None
+            else:
+                record, _ = check_stored(chunk, at)
+                chunk_of[i + 1] = end
+            if i not in dropped:
+                pending.append(record)
+            at += len(encoded[i])
+        start = end
+    shipped = [e for i, e in enumerate(encoded) if i not in dropped]
+    core = SenderCore(Welcome(PROTOCOL_VERSION, 0, 0, window, (), 0))
+    frames = []
+    while pending:
+        frames.append(core.pack(pending))
+    assert b"".join(bytes(f.payload) for f in frames) == b"".join(shipped)
+    for f in frames:
+        lsns = range(f.first_lsn, f.last_lsn + 1)
+        sources = {chunk_of[lsn] for lsn in lsns}
+        sliced = sources != {None} and len(sources) == 1 and not {n - 1 for n in lsns} & dropped
+        assert isinstance(f.payload, memoryview) == sliced, (f.first_lsn, f.last_lsn, sources)

@@ -57,7 +57,7 @@ class Wire:
         self.pending = bytearray()
         self.events: list[Message] = []
 
-    def push(self, buffers: list[bytes]) -> None:
+    def push(self, buffers: list[bytes | memoryview]) -> None:
         for buf in buffers:
             self.pending += buf
 
