@@ -128,12 +128,12 @@ async def model_group_commit(path: Path, records: int, writers: int, *, sync: bo
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     data = os.urandom(4096)
     per_writer = records // writers
-    staged: list[bytes] = []
+    staged: list[bytes | memoryview] = []
     next_round: asyncio.Future[None] | None = None  # what the staged records' writers await
     committing: asyncio.Task[None] | None = None
     offset = 0
 
-    def write(parts: list[bytes], at: int) -> None:
+    def write(parts: list[bytes | memoryview], at: int) -> None:
         os.pwritev(fd, parts, at)
         if sync:
             os.fdatasync(fd)

@@ -82,7 +82,7 @@ def makedirs_durable(path: str | os.PathLike[str]) -> None:
         sync_dir(d.parent)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes | memoryview, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` and permission bits ``mode``, atomically and durably."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")

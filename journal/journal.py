@@ -132,7 +132,8 @@ class Journal:
         self._spares = list(spares)  # trimmed files the next rolls write over
         self._spare_bytes = sum(s.size for s in self._spares)
         self._drop_spares = False  # an append needs the room the spares take
-        self._staged: list[bytes] = []  # encoded records of the active segment, unwritten
+        # encoded records of the active segment, unwritten (views only of immutable bytes)
+        self._staged: list[bytes | memoryview] = []
         self._staged_bytes = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (lsn, sync caller)
         self._inflight = 0  # sync rounds running
@@ -373,7 +374,7 @@ class Journal:
             self._staged.append(encoded)
         else:
             now = time.time_ns()
-            parts: list[bytes] = []  # complete before anything is staged
+            parts: list[bytes | memoryview] = []  # complete before anything is staged
             for record, lsn in zip(records, lsns, strict=True):
                 head, data = encode_parts(record, lsn, record.ts_ns or now)
                 parts.append(head)

@@ -98,13 +98,17 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One journal record. ``lsn``/``ts_ns`` of 0 mean "assign on append"."""
+    """One journal record. ``lsn``/``ts_ns`` of 0 mean "assign on append".
+
+    ``data`` is bytes, or a view of immutable bytes (a record decoded from a frame or a
+    read chunk keeps its payload there instead of copying it out).
+    """
 
     type: RecordType
     volume: str = ""
     offset: int = 0
     length: int = 0
-    data: bytes = b""
+    data: bytes | memoryview = b""
     lsn: int = 0
     ts_ns: int = 0
 
@@ -115,6 +119,8 @@ class Record:
             raise RecordError(f"{self.type.name} record needs a volume name")
         if len(self.volume.encode()) > MAX_NAME:
             raise RecordError(f"volume name longer than {MAX_NAME} bytes")
+        if isinstance(self.data, memoryview) and type(self.data.obj) is not bytes:
+            raise RecordError("a record's data may be a view of immutable bytes only")
         if len(self.data) > MAX_DATA:
             raise RecordError(f"record payload of {len(self.data)} bytes exceeds {MAX_DATA}")
         if self.type in _WITH_DATA and self.length != len(self.data):
@@ -188,7 +194,7 @@ class Record:
     @property
     def target(self) -> str:
         """New path of a RENAME, link target of a SYMLINK."""
-        return self.data.decode()
+        return bytes(self.data).decode()
 
     @property
     def epoch_id(self) -> int:
@@ -239,7 +245,7 @@ def record_digest(head: bytes | memoryview, *rest: bytes | memoryview) -> bytes:
     return h.digest(16)
 
 
-def encode_parts(record: Record, lsn: int, ts_ns: int) -> tuple[bytes, bytes]:
+def encode_parts(record: Record, lsn: int, ts_ns: int) -> tuple[bytes, bytes | memoryview]:
     """The record format's one encoder: ``record`` stamped with ``lsn`` and ``ts_ns``, as
     (header + checksum + name, payload).
 
@@ -318,7 +324,7 @@ class EncodedRecord:
     lsn: int
     ts_ns: int
     raw: bytes | memoryview
-    payload: bytes = b""
+    payload: bytes | memoryview = b""
     at: int = -1
 
     @property
@@ -369,11 +375,16 @@ def check_record(buf: bytes | memoryview, pos: int = 0) -> tuple[EncodedRecord, 
 
 
 def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
-    """Decode and verify the record at ``pos``; returns it and the position after it."""
+    """Decode and verify the record at ``pos``; returns it and the position after it.
+
+    From ``bytes`` (immutable) the record's data is a view of ``buf``, which it keeps
+    alive; from anything else (a reused buffer) it is copied out.
+    """
     total, fields = _verified(buf, pos)
     (_, _, rtype, name_len, data_len, lsn, ts_ns, offset, length, _) = fields
     view = memoryview(buf)
     name_end = pos + HEADER_SIZE + name_len
+    data = view[name_end : name_end + data_len]
     try:
         name = bytes(view[pos + HEADER_SIZE : name_end]).decode()
         record = Record(
@@ -381,7 +392,7 @@ def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
             name,
             offset,
             length,
-            bytes(view[name_end : name_end + data_len]),
+            data if type(buf) is bytes and data_len else bytes(data),
             lsn,
             ts_ns,
         )

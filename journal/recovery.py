@@ -92,7 +92,7 @@ class Spare:
     size: int
 
 
-def write_all(fd: int, parts: Sequence[bytes], offset: int) -> int:
+def write_all(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> int:
     """pwritev ``parts`` at ``offset`` completely (short writes resumed); returns the bytes."""
     total = 0
     index = 0

@@ -79,7 +79,6 @@ class _HasLsn(Protocol):
 
 
 ReadItem = TypeVar("ReadItem", bound=_HasLsn)  # what a SegmentReader yields: decoded or as stored
-_Buffer = TypeVar("_Buffer", bytes, memoryview)  # what a SegmentReader reads records from
 
 SEGMENT_MAGIC = b"RJSG"
 SEGMENT_VERSION = 1
@@ -419,29 +418,24 @@ class SegmentReader:
         self.offset = offset
         self.prev_lsn = base_lsn - 1
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._window = _Window(self._fd)
         self._chunks = _Chunks(self._fd)
 
     def read(self, end: int, budget: int = READ_CHUNK) -> list[Record]:
-        """Records from the current offset up to ``end``, about ``budget`` bytes of them."""
-        return self._read(end, budget, decode_record, self._window_get)
+        """Records from the current offset up to ``end``, about ``budget`` bytes of them;
+        their data are views of the chunk they were read in (``_Chunks``)."""
+        return self._read(end, budget, decode_record)
 
     def read_encoded(self, end: int, budget: int = READ_CHUNK) -> list[EncodedRecord]:
-        """Like ``read``, checked but not decoded: the bytes as stored (for shipping), each
-        a view of the chunk it was read in."""
-        return self._read(end, budget, check_record, self._chunks.get)
-
-    def _window_get(self, pos: int, size: int, limit: int) -> tuple[memoryview, int] | None:
-        view = self._window.get(pos, size, limit)
-        return None if view is None else (view, 0)
+        """Like ``read``, checked but not decoded: the bytes as stored (for shipping)."""
+        return self._read(end, budget, check_record)
 
     def _read(
         self,
         end: int,
         budget: int,
-        convert: Callable[[_Buffer, int], tuple[ReadItem, int]],
-        get: Callable[[int, int, int], tuple[_Buffer, int] | None],
+        convert: Callable[[bytes, int], tuple[ReadItem, int]],
     ) -> list[ReadItem]:
+        get = self._chunks.get  # immutable chunks: what ``convert`` returns may keep views
         out: list[ReadItem] = []
         start = self.offset
         pos = start
@@ -452,13 +446,16 @@ class SegmentReader:
                 found = get(pos, HEADER_SIZE, end)
                 if found is None:
                     raise RecordError("segment file is shorter than its durable size")
-                total = peek_length(*found)
+                chunk, off = found
+                total = peek_length(chunk, off)
                 if total > end - pos:
                     raise RecordError(f"record of {total} bytes runs past the end ({end})")
-                found = get(pos, total, end)
-                if found is None:
-                    raise RecordError("segment file is shorter than its durable size")
-                item, _ = convert(*found)
+                if off + total > len(chunk):  # the record runs past what was read ahead
+                    found = get(pos, total, end)
+                    if found is None:
+                        raise RecordError("segment file is shorter than its durable size")
+                    chunk, off = found
+                item, _ = convert(chunk, off)
                 if item.lsn <= self.prev_lsn:
                     raise RecordError(f"record lsn {item.lsn} does not follow {self.prev_lsn}")
                 self.prev_lsn = item.lsn

@@ -92,6 +92,9 @@ async def test_records_read_back_are_views_of_their_read_chunk(tmp_path: Path) -
                     return
 
         await asyncio.wait_for(take(), 10)
+        decoded = [r async for r in journal.read_from(1)]  # as a receiver applies them
+    assert decoded == records
+    assert all(isinstance(r.data, memoryview) for r in decoded if r.data)
     assert [bytes(e.raw) for e in got] == [encode_record(r) for r in records]
     assert all(e.chunk is not None and e.payload == b"" for e in got)
     chunks = [e.chunk for e in got]

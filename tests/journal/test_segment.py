@@ -116,3 +116,30 @@ def test_encoded_parts_decode_to_the_stamped_record(record: Record, lsn: int, ts
     head, data = encode_parts(record, lsn, ts)
     decoded, end = decode_record(head + data)
     assert decoded == record.with_lsn(lsn, ts) and end == len(head) + len(data)
+
+
+@given(records(), st.booleans())
+def test_a_decoded_record_views_immutable_bytes_and_copies_out_of_anything_else(
+    record: Record, immutable: bool
+) -> None:
+    """Records decoded from a frame payload or a read chunk (bytes) keep their data there;
+    from a buffer that may change (a reused one) they copy it out, and later changes to
+    that buffer do not reach them."""
+    head, data = encode_parts(record, 5, 6)
+    raw = head + bytes(data)
+    buf: bytes | memoryview = raw if immutable else memoryview(bytearray(raw))
+    decoded, _ = decode_record(buf)
+    viewed = isinstance(decoded.data, memoryview)
+    assert viewed == (immutable and len(record.data) > 0)
+    if isinstance(decoded.data, memoryview):
+        assert decoded.data.obj is buf
+    if isinstance(buf, memoryview):
+        buf[len(buf) - 1] ^= 0xFF  # the reused buffer is written over
+    assert decoded == record.with_lsn(5, 6)
+    assert hash(decoded) == hash(record.with_lsn(5, 6))
+
+
+def test_a_record_refuses_a_view_of_a_buffer_that_may_change() -> None:
+    with pytest.raises(ValueError, match="immutable"):
+        Record(RecordType.WRITE, "d", 0, 1, memoryview(bytearray(b"x")))
+    assert Record(RecordType.WRITE, "d", 0, 1, memoryview(b"x")).data == b"x"
