@@ -61,6 +61,16 @@ def start_receiver(
             time.sleep(0.05)
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, all) CPU-seconds of the whole machine since boot, from /proc/stat: busy is
+    user, nice, system, irq and softirq; iowait counts as idle (a CPU that could run)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, idle, iowait, irq, softirq = fields
+    busy = user + nice + system + irq + softirq
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, (busy + idle + iowait) / tick
+
+
 def compile_bytecode() -> None:
     """Byte-compile the installed package, as ``pip install`` does for a user.
 

@@ -48,7 +48,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from _common import REPLICATOR, journal_pattern_limit, stand_in_shipper, start_receiver
+from _common import (
+    REPLICATOR,
+    journal_pattern_limit,
+    machine_cpu,
+    stand_in_shipper,
+    start_receiver,
+)
 
 MiB = 1024 * 1024
 LOG_JSON = ("--log-format", "json")
@@ -65,16 +71,6 @@ JOBS: dict[str, tuple[list[str], str, float]] = {
         0.5,
     ),
 }
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, all) CPU-seconds of the whole machine since boot, from /proc/stat: busy is
-    user, nice, system, irq and softirq; iowait counts as idle (a CPU that could run)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    user, nice, system, idle, iowait, irq, softirq = fields
-    busy = user + nice + system + irq + softirq
-    tick = os.sysconf("SC_CLK_TCK")
-    return busy / tick, (busy + idle + iowait) / tick
 
 
 def fio(path: Path, args: list[str], runtime: int, size: int, cwd: Path) -> dict[str, float]:

@@ -21,6 +21,11 @@ And a fourth, as a user runs it: ``replicator send --capture nbd`` replicating t
 ``replicator receive`` on loopback (the receiver on the same two vCPUs), each run with a
 fresh state folder and replica, fio started once the initial sync is done (``status``).
 
+Each run also reads the whole machine's CPU over fio's run (``/proc/stat``): CPU-seconds per
+GB written and the share of the vCPUs busy, per server, and for the replicating server its
+CPU ceiling (its figure divided by that share: what the same work per byte would reach
+with every vCPU busy), as ``bench_fuse.py`` does.
+
 Jobs (targets from the speed issue, as a ratio to nbdkit, journal only / replicating):
   * 4 KiB random writes, iodepth 16: IOPS, target >= 0.5x / >= 0.35x nbdkit
   * 1 MiB sequential writes, iodepth 4: MB/s, target >= 0.45x / >= 0.25x nbdkit
@@ -44,7 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from _common import REPLICATOR, journal_pattern_limit, stand_in_shipper, start_receiver
+from _common import (
+    REPLICATOR,
+    journal_pattern_limit,
+    machine_cpu,
+    stand_in_shipper,
+    start_receiver,
+)
 
 from replicator.engine.allocator import keep_freed_buffers
 from replicator.engine.control import SOCKET_NAME, ControlUnavailable, request
@@ -79,6 +90,10 @@ def settle(image: Path) -> None:
 
 
 async def fio(uri: str, args: list[str], runtime: int, size: int) -> dict[str, float]:
+    """fio's figures, and the machine's CPU over its run (ramp included): ``cpu s/GB``
+    (busy CPU-seconds of every process and the kernel per GB fio counted) and ``busy``
+    (the share of all vCPUs)."""
+    busy0, all0 = machine_cpu()
     proc = await asyncio.create_subprocess_exec(
         "fio",
         "--name=bench",
@@ -96,8 +111,14 @@ async def fio(uri: str, args: list[str], runtime: int, size: int) -> dict[str, f
     out, err = await proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"fio failed: {err.decode()}")
+    busy1, all1 = machine_cpu()
     job = json.loads(out[out.index(b"{") :])["jobs"][0]["write"]
-    return {"iops": float(job["iops"]), "MB/s": float(job["bw_bytes"]) / 1e6}
+    return {
+        "iops": float(job["iops"]),
+        "MB/s": float(job["bw_bytes"]) / 1e6,
+        "cpu s/GB": (busy1 - busy0) / max(1e-9, job["io_bytes"] / 1e9),
+        "busy": (busy1 - busy0) / (all1 - all0),
+    }
 
 
 async def wait_for_socket(path: str) -> None:
@@ -257,6 +278,33 @@ async def replicating(image: Path, sock: str, work: Path) -> AsyncIterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def print_cpu(
+    job: str,
+    servers: list[str],
+    runs: dict[str, list[float]],
+    cpu: dict[str, list[tuple[float, float]]],
+    peer: float,
+    figure: str,
+) -> None:
+    """Each server's CPU per GB and the vCPUs' busy share (in its best run), and the
+    replicating job's CPU ceiling: its figure with the same CPU per byte and every vCPU
+    busy, i.e. the most any schedule of this work reaches on this machine."""
+    cells = []
+    for server in servers:
+        at = runs[server].index(max(runs[server]))
+        per_gb, busy = cpu[server][at]
+        cells.append(f"{server} {per_gb:.2f} s/GB ({busy:.0%} busy)")
+    print(f"{'':<20} CPU: " + ", ".join(cells), flush=True)
+    if "replicating" in servers:
+        at = runs["replicating"].index(max(runs["replicating"]))
+        ceiling = runs["replicating"][at] / cpu["replicating"][at][1]
+        print(
+            f"{'':<20} replicating with all {os.cpu_count()} vCPUs busy (the same CPU per"
+            f" byte): {ceiling:.0f} {figure} = {ceiling / peer:.2f}x of nbdkit ({job})",
+            flush=True,
+        )
+
+
 async def main() -> None:
     keep_freed_buffers()  # as the command line does for every engine command
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -309,11 +357,14 @@ async def main() -> None:
             if opts.job and name not in opts.job:
                 continue
             runs: dict[str, list[float]] = {server: [] for server in servers}
+            cpu: dict[str, list[tuple[float, float]]] = {server: [] for server in servers}
             for _ in range(opts.repeat):
                 for server in servers:
                     await asyncio.to_thread(settle, image)
                     async with serve(server) as uri:
-                        runs[server].append((await fio(uri, args, opts.runtime, size))[figure])
+                        got = await fio(uri, args, opts.runtime, size)
+                    runs[server].append(got[figure])
+                    cpu[server].append((got["cpu s/GB"], got["busy"]))
             if opts.repeat > 1:
                 rounds = zip(*runs.values(), strict=True)
                 text = " ".join("/".join(f"{value:.0f}" for value in r) for r in rounds)
@@ -340,6 +391,7 @@ async def main() -> None:
                     f" {live / peer:.2f}x of nbdkit (target {target_replicating:.2f}x {verdict})",
                     flush=True,
                 )
+            print_cpu(name, servers, runs, cpu, best["nbdkit"], figure)
             if figure == "MB/s":
                 limit = await asyncio.to_thread(journal_pattern_limit, work / "pattern")
                 fresh = await asyncio.to_thread(

@@ -254,9 +254,9 @@ class _Window:
 
 
 class _Chunks:
-    """Reads ahead into immutable chunks, a new one each time: a record checked in one is
-    shipped as a view of it (``check_record``), never copied out (a chunk lives while any
-    of its records does)."""
+    """Reads ahead into immutable chunks, a new one each time: a record checked or decoded
+    in one keeps views of it (``check_record``, ``decode_record``) instead of copying its
+    bytes out (a chunk lives while any of its records does)."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd

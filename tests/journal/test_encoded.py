@@ -28,20 +28,26 @@ def _stamped() -> list[Record]:
     ]
 
 
+async def _followed(journal: Journal, first: int, last: int) -> list[EncodedRecord]:
+    """What the shipper's follower yields from ``first`` until it has ``last``."""
+    got: list[EncodedRecord] = []
+
+    async def take() -> None:
+        async for batch in journal.follow_encoded(first):
+            got.extend(batch)
+            if got[-1].lsn == last:
+                return
+
+    await asyncio.wait_for(take(), 10)
+    return got
+
+
 async def test_follow_encoded_yields_the_bytes_as_encoded(tmp_path: Path) -> None:
     records = _stamped()
     async with await Journal.open(tmp_path / "j") as journal:
         await journal.append_many(records)
         await journal.sync()
-        got: list[EncodedRecord] = []
-
-        async def take() -> None:
-            async for batch in journal.follow_encoded(8):
-                got.extend(batch)
-                if got[-1].lsn == 10:
-                    return
-
-        await asyncio.wait_for(take(), 10)
+        got = await _followed(journal, 8, 10)
     assert [(e.lsn, e.ts_ns) for e in got] == [(9, 112), (10, 113)]
     assert [e.raw for e in got] == [encode_record(r) for r in records[1:]]
 
@@ -83,15 +89,7 @@ async def test_records_read_back_are_views_of_their_read_chunk(tmp_path: Path) -
     async with await Journal.open(tmp_path / "j") as journal:
         await journal.append_many(records)
         await journal.sync()
-        got: list[EncodedRecord] = []
-
-        async def take() -> None:
-            async for batch in journal.follow_encoded(1):
-                got.extend(batch)
-                if got[-1].lsn == len(records):
-                    return
-
-        await asyncio.wait_for(take(), 10)
+        got = await _followed(journal, 1, len(records))
         decoded = [r async for r in journal.read_from(1)]  # as a receiver applies them
     assert decoded == records
     assert all(isinstance(r.data, memoryview) for r in decoded if r.data)
