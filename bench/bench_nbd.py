@@ -289,14 +289,14 @@ def print_cpu(
     """Each server's CPU per GB and the vCPUs' busy share (in its best run), and the
     replicating job's CPU ceiling: its figure with the same CPU per byte and every vCPU
     busy, i.e. the most any schedule of this work reaches on this machine."""
+    best = {server: runs[server].index(max(runs[server])) for server in servers}
     cells = []
     for server in servers:
-        at = runs[server].index(max(runs[server]))
-        per_gb, busy = cpu[server][at]
+        per_gb, busy = cpu[server][best[server]]
         cells.append(f"{server} {per_gb:.2f} s/GB ({busy:.0%} busy)")
     print(f"{'':<20} CPU: " + ", ".join(cells), flush=True)
     if "replicating" in servers:
-        at = runs["replicating"].index(max(runs["replicating"]))
+        at = best["replicating"]
         ceiling = runs["replicating"][at] / cpu["replicating"][at][1]
         print(
             f"{'':<20} replicating with all {os.cpu_count()} vCPUs busy (the same CPU per"

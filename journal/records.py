@@ -336,7 +336,7 @@ class EncodedRecord:
     def chunk(self) -> bytes | None:
         """The read chunk ``raw`` is a view of (at ``at``), or None."""
         raw = self.raw
-        if self.at >= 0 and isinstance(raw, memoryview) and isinstance(raw.obj, bytes):
+        if self.at >= 0 and isinstance(raw, memoryview) and type(raw.obj) is bytes:
             return raw.obj
         return None
 

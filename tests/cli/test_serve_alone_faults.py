@@ -20,10 +20,16 @@ from tests.tools import (
 )
 
 
-def _level(sender: LiveNbdSender) -> None:
+def _converged_then_stopped(sender: LiveNbdSender, said: str) -> None:
+    """The replica catches up and equals the source (qemu-img and blake3); a clean stop
+    exits 0 and the sender's log says ``said``."""
+    wait_for(sender.caught_up, sender.proc, "the replica to catch up")
     compared = qemu_compare("raw", sender.source, sender.replica)
     assert compared.returncode == 0, compared.stdout + compared.stderr
     assert b3(sender.replica) == b3(sender.source)
+    rc, err = sender.stop()
+    assert rc == 0, err[-3000:]
+    assert said in err
 
 
 def test_a_note_that_cannot_be_written_defers_serving_alone(tmp_path: Path) -> None:
@@ -53,11 +59,7 @@ def test_a_note_that_cannot_be_written_defers_serving_alone(tmp_path: Path) -> N
             wait_for(sender.sock.exists, sender.proc, "serving alone once the note is written")
             sender.write("write -P 0x33 8M 1M")
             receiver = start_receiver(target, receiver.port, log=log)
-            wait_for(sender.caught_up, sender.proc, "the replica to catch up")
-            _level(sender)
-            rc, err = sender.stop()
-            assert rc == 0, err[-3000:]
-            assert "served_alone.state could not be written" in err
+            _converged_then_stopped(sender, "served_alone.state could not be written")
         finally:
             sender.stop()
             receiver.stop()
@@ -80,11 +82,7 @@ def test_marks_that_cannot_be_written_hold_the_trim_not_the_vm(tmp_path: Path) -
             assert sender.proc.poll() is None
             fs.clear()  # the disk heals: the next trim notes the marks and goes through
             sender.write("write -P 0x44 40M 4M")
-            wait_for(sender.caught_up, sender.proc, "the replica to catch up")
-            _level(sender)
-            rc, err = sender.stop()
-            assert rc == 0, err[-3000:]
-            assert "sender.touched_unsaved" in err
+            _converged_then_stopped(sender, "sender.touched_unsaved")
         finally:
             sender.stop()
             receiver.stop()
@@ -115,10 +113,7 @@ def test_a_checkpoint_that_cannot_be_saved_leaves_the_older_manifests(tmp_path: 
             tmp_path, receiver, "--journal-max", "8M", state=state, fresh=False, loud=True
         )
         try:
-            _level(sender)
-            rc, err = sender.stop()
-            assert rc == 0, err[-3000:]
-            assert '"basis": "remote"' in err
+            _converged_then_stopped(sender, '"basis": "remote"')
         finally:
             sender.stop()
             receiver.stop()
