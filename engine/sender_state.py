@@ -58,18 +58,38 @@ DEFAULT_SEGMENT = 64 * 1024 * 1024
 MIN_SEGMENT = 1024 * 1024
 
 
+# Block rounding of the journal's files (up to MAX_SPARES spares, the sealed segments the
+# acks have not trimmed yet, the active one) and the small state files' rewrites.
+STATE_SLACK = 64 * 1024
+
+
+def _files_bytes(folder: Path) -> int:
+    """The sizes of the regular files directly in ``folder`` (0 when it does not exist)."""
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        return sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+    return 0
+
+
+def state_reserve(state_dir: Path) -> int:
+    """Free room the state folder's own files need beside the journal: each is replaced
+    atomically (the old and the new side by side for a moment), so their sizes once more,
+    plus ``STATE_SLACK``. A journal that took this room would meet ENOSPC, or make a
+    manifest save meet it, on a file system that something else has filled."""
+    return _files_bytes(state_dir) + STATE_SLACK
+
+
 def journal_cap(state_dir: Path, asked: int) -> int:
     """The journal's cap: ``asked`` (``--journal-max``), or less when the state folder's
     file system has not the room for it: what the journal holds now and half the free
-    space, the other half left to whatever shares the file system (often the VM's own
-    images, which may grow). At the cap a live capture tracks changes and resyncs them
-    later (its VM's writes go on) and a scan waits for acks; a journal that ran its file
-    system out of space would instead fail the capture and the VM's writes with it."""
-    held = 0
-    with contextlib.suppress(FileNotFoundError), os.scandir(state_dir / "journal") as entries:
-        held = sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+    space beyond ``state_reserve``, the other half left to whatever shares the file system
+    (often the VM's own images, which may grow). At the cap a live capture tracks changes
+    and resyncs them later (its VM's writes go on) and a scan waits for acks; a journal
+    that ran its file system out of space would instead fail the capture and the VM's
+    writes with it."""
+    held = _files_bytes(state_dir / "journal")
     fs = os.statvfs(state_dir)
-    room = held + fs.f_bavail * fs.f_frsize // 2
+    free = fs.f_bavail * fs.f_frsize
+    room = held + max(0, free - state_reserve(state_dir)) // 2
     if room >= asked:
         return asked
     cap = max(room, 2 * MIN_SEGMENT)  # the least a journal can trim in; with less room,
@@ -78,7 +98,7 @@ def journal_cap(state_dir: Path, asked: int) -> int:
         "sender.journal_capped",
         cap=cap,
         asked=asked,
-        free=fs.f_bavail * fs.f_frsize,
+        free=free,
         action=f"the file system of {state_dir} has not the room for --journal-max: the "
         "journal stops at half its free space (then changes are tracked and resynced); "
         "free space there or move --state-dir to a larger one",

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import errno
 import functools
 import os
 import time
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterator,
     Awaitable,
     Callable,
     Coroutine,
@@ -436,7 +436,8 @@ class Journal:
             # adds a new file, or writes over the spare it takes (counted already)
             used = self.disk_bytes
             if roll:
-                reuse = self._spares[-1].size if self._spares else 0
+                spare = self._free_spare()
+                reuse = spare.size if spare is not None else 0
                 needed = SEAL_BYTES + max(0, HEADER_BYTES + size - reuse)
             else:
                 needed = self._growth(size) - self._growth(0)
@@ -644,8 +645,9 @@ class Journal:
             self._file_bytes += seg.end + SEAL_BYTES - seg.size + HEADER_BYTES
             while self._inflight:  # no sync round may use the old fd any more
                 await self._idle.wait()
-            spare = self._spares.pop() if self._spares else None
+            spare = self._free_spare()
             if spare is not None:
+                self._spares.remove(spare)
                 self._spare_bytes -= spare.size
             try:
                 fd, _, size = await asyncio.to_thread(
@@ -707,19 +709,22 @@ class Journal:
             except OSError as exc:
                 raise self._fail(exc, f"journal trim failed: {exc}") from exc
             for seg in keep:
-                self._spares.append(Spare(spare_path(seg.path), seg.file_bytes))
+                read_by = seg if seg.readers else None
+                self._spares.append(Spare(spare_path(seg.path), seg.file_bytes, read_by))
                 self._spare_bytes += seg.file_bytes
 
     def _spares_from(self, victims: list[SegmentFile]) -> list[SegmentFile]:
         """The trimmed segments to keep as spares: the newest, up to MAX_SPARES, each about
-        a segment long, none a reader has open, and only while the cap leaves room for two
-        more segments beside them."""
+        a segment long, and only while the cap leaves room for two more segments beside
+        them. One a reader still has open is kept too (the follower that shipped its last
+        records may not have moved on when their ack trims it): rolls pass it over until
+        the reader closes it (``Spare.free``)."""
         keep: list[SegmentFile] = []
         used = self.disk_bytes
         for seg in reversed(victims):
             if len(self._spares) + len(keep) >= MAX_SPARES:
                 break
-            if seg.readers or seg.file_bytes < self._segment_bytes // 2:
+            if seg.file_bytes < self._segment_bytes // 2:
                 continue
             room = self._max_bytes is None or (
                 used + seg.file_bytes + 2 * self._segment_bytes <= self._max_bytes
@@ -730,6 +735,10 @@ class Journal:
             used += seg.file_bytes
         return keep
 
+    def _free_spare(self) -> Spare | None:
+        """The spare the next roll writes over: the newest that no reader has open."""
+        return next((spare for spare in reversed(self._spares) if spare.free), None)
+
     # ------------------------------------------------------------------ read
     async def read_from(self, lsn: int) -> AsyncGenerator[Record, None]:
         """Durable records with ``record.lsn >= lsn`` in order, up to the durable end.
@@ -737,21 +746,30 @@ class Journal:
         Raises JournalError when ``lsn`` is below the first stored segment (those records
         were trimmed), JournalCorrupt when a stored record fails its checks.
         """
-        async for batch in self._batches(lsn, follow=False, read=SegmentReader.read):
-            for record in batch:
-                yield record
+        async with contextlib.aclosing(
+            self._batches(lsn, follow=False, read=SegmentReader.read)
+        ) as batches:
+            async for batch in batches:
+                for record in batch:
+                    yield record
 
-    async def follow(self, lsn: int) -> AsyncIterator[Record]:
+    async def follow(self, lsn: int) -> AsyncGenerator[Record, None]:
         """Like ``read_from``, then waits for newly synced records until ``aclose``."""
-        async for batch in self._batches(lsn, follow=True, read=SegmentReader.read):
-            for record in batch:
-                yield record
+        async with contextlib.aclosing(
+            self._batches(lsn, follow=True, read=SegmentReader.read)
+        ) as batches:
+            async for batch in batches:
+                for record in batch:
+                    yield record
 
-    async def follow_encoded(self, lsn: int) -> AsyncIterator[list[EncodedRecord]]:
+    async def follow_encoded(self, lsn: int) -> AsyncGenerator[list[EncodedRecord], None]:
         """``follow`` in batches as read (about ``READ_CHUNK`` bytes each), each record's
         checked bytes as stored: what the shipper packs into frames."""
-        async for batch in self._batches(lsn, follow=True, read=SegmentReader.read_encoded):
-            yield batch
+        async with contextlib.aclosing(
+            self._batches(lsn, follow=True, read=SegmentReader.read_encoded)
+        ) as batches:
+            async for batch in batches:
+                yield batch
 
     async def _batches(
         self,
@@ -759,7 +777,7 @@ class Journal:
         *,
         follow: bool,
         read: Callable[[SegmentReader, int], list[ReadItem]],
-    ) -> AsyncIterator[list[ReadItem]]:
+    ) -> AsyncGenerator[list[ReadItem], None]:
         """Non-empty lists of the records with ``record.lsn >= lsn``, in order."""
         self._check_usable()
         seg = self._locate(lsn)
@@ -798,7 +816,7 @@ class Journal:
 
     def _reader(self, seg: SegmentFile) -> SegmentReader:
         """A reader of ``seg``'s file, counted in ``seg.readers`` (the caller uncounts it
-        when it closes the reader): trim never makes a file that is being read a spare."""
+        when it closes the reader): no roll writes over a file that is being read."""
         if seg.retired:
             raise self._trimmed_error(seg.base_lsn)
         try:

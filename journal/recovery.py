@@ -16,7 +16,7 @@ import itertools
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +55,7 @@ class SegmentFile:
     sealed: bool
     created: bool = True  # False while a roll is still creating the file
     size: int = 0  # the file's size: at least ``end``; more while a reused file's old bytes last
-    readers: int = 0  # SegmentReaders open on the file (it is not reused while one is)
+    readers: int = 0  # SegmentReaders open on the file (no roll writes over it while one is)
     retired: bool = False  # trimmed: no reader may open it any more
 
     def __post_init__(self) -> None:
@@ -86,10 +86,20 @@ class SegmentFile:
 
 @dataclass(frozen=True, slots=True)
 class Spare:
-    """A trimmed segment's file, renamed, waiting to become a new segment."""
+    """A trimmed segment's file, renamed, waiting to become a new segment.
+
+    ``read_by`` is the trimmed segment when a reader still had its file open at the trim:
+    the file is kept (renaming an open file does not disturb its reader), but no roll
+    writes over it until that reader has closed it (``free``).
+    """
 
     path: Path
     size: int
+    read_by: SegmentFile | None = field(default=None, compare=False)
+
+    @property
+    def free(self) -> bool:
+        return self.read_by is None or self.read_by.readers == 0
 
 
 def write_all(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> int:

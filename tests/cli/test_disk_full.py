@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ExitCode
+from replicator.engine.sender_state import journal_cap, state_reserve
 from tests.killcycles import tree_digest
 from tests.tools import (
     ENV,
@@ -72,9 +73,12 @@ def test_a_sender_with_a_small_state_disk_sends_an_epoch_larger_than_it(
     """A state folder on a 16 MiB file system: an epoch larger than it is sent through
     a journal capped at half the free space (it waits at the cap for acks) rather than
     running the file system out of space, which failed the send (exit 9) until space was
-    freed. Filled to the last byte by another program, it still sends, within the
-    segment files the journal already has. (A file system filled during a run is told
-    as exit 9: test_a_live_sender_whose_state_disk_is_filled_by_another_says_so.)"""
+    freed. Filled by another program up to the room the state folder's own files need to
+    be rewritten (``state_reserve``), it still sends, within the segment files the
+    journal already has: the journal leaves that room alone. (It was filled to the last
+    byte here, and then whether the journal's next file or a manifest save met ENOSPC
+    first was a race. A file system filled during a run is told as exit 9:
+    test_a_live_sender_whose_state_disk_is_filled_by_another_says_so.)"""
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(8 * MiB) + bytes(24 * MiB))
     receiver = start_receiver(tmp_path / "target")
@@ -91,14 +95,34 @@ def test_a_sender_with_a_small_state_disk_sends_an_epoch_larger_than_it(
         assert out.returncode == 0, out.stderr[-3000:]
         assert "sender.journal_capped" in out.stderr
         assert b3(replica) == b3(disk)
+        fs = os.statvfs(small_disk)
         with (small_disk / "filler").open("wb") as f:  # another program fills it
-            f.write(bytes(os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize))
+            f.write(bytes(fs.f_bavail * fs.f_frsize - state_reserve(state)))
         with disk.open("r+b") as f:
             f.write(os.urandom(8 * MiB))
         send_once(receiver, "vm1", state, disk)  # within the journal's files, reused
         assert b3(replica) == b3(disk)
     finally:
         receiver.stop()
+
+
+def test_the_journal_cap_leaves_the_state_files_room_to_be_rewritten(small_disk: Path) -> None:
+    """The journal may take half the free space, but not the room the state folder's own
+    files need to be replaced (their sizes again, and some slack): with just that room
+    free, the cap is what the journal already holds."""
+    state = small_disk / "state"
+    (state / "journal").mkdir(parents=True)
+    (state / "journal" / f"{1:020d}.seg").write_bytes(bytes(3 * MiB))
+    (state / "manifests.state").write_bytes(bytes(MiB))
+    reserve = state_reserve(state)
+    assert reserve > MiB
+    fs = os.statvfs(small_disk)
+    with (small_disk / "filler").open("wb") as f:  # 2 MiB free beyond the reserve
+        f.write(bytes(fs.f_bavail * fs.f_frsize - reserve - 2 * MiB))
+    assert journal_cap(state, 1 << 30) == 4 * MiB  # what it holds and half of the rest
+    with (small_disk / "filler").open("ab") as f:
+        f.write(bytes(2 * MiB))
+    assert journal_cap(state, 1 << 30) == 3 * MiB  # nothing of the reserve
 
 
 @pytest.mark.parametrize("capture", ["scan", "nbd", "fuse"])

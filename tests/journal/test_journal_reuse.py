@@ -8,17 +8,17 @@ room under ``max_bytes``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from replicator.journal import Journal, JournalError, JournalFull, Record
+from replicator.journal import Journal, JournalError, JournalFull
 from replicator.journal.inspect import format_report, scan_journal
 from replicator.journal.segment import (
     HEADER_BYTES,
@@ -148,9 +148,10 @@ async def test_records_ending_where_the_old_seal_was_are_not_damage(tmp_path: Pa
 
 
 async def test_a_file_being_read_is_never_reused(tmp_path: Path) -> None:
-    """A reader part way through a segment whose file trim would reuse: its next reads go to
-    the same file, which must still hold that segment's records (segments larger than a read
-    batch, so the reader goes back to the file after the trim)."""
+    """A reader part way through a segment that trim keeps as a spare: its next reads go to
+    the same file, which must still hold that segment's records however many rolls come
+    first (segments larger than a read batch, so the reader goes back to the file after
+    the trim). Once the reader has closed it, the next roll writes over it."""
     seg = 12 * 1024 * 1024
     async with await Journal.open(tmp_path, segment_bytes=seg) as j:
         await _fill(j, 400, size=64 * 1024)
@@ -158,8 +159,10 @@ async def test_a_file_being_read_is_never_reused(tmp_path: Path) -> None:
         got = [await anext(reader) for _ in range(3)]
         second = scan_journal(tmp_path).segments[1].base_lsn
         await j.trim(second)  # the first segment: trimmed while read
-        assert j.spare_count == 0  # deleted, not kept
-        await _fill(j, 800, size=64 * 1024)  # rolls: a spare would have been written over
+        assert j.spare_count == 1 and len(_spares(tmp_path)) == 1  # kept, not deleted
+        read = _spares(tmp_path)[0].stat().st_ino
+        await _fill(j, 800, size=64 * 1024)  # rolls: none may write over the spare
+        assert [p.stat().st_ino for p in _spares(tmp_path)] == [read]
         async for record in reader:
             got.append(record)
             if record.lsn == second - 1:
@@ -168,8 +171,38 @@ async def test_a_file_being_read_is_never_reused(tmp_path: Path) -> None:
         for record in got:
             check_record(record)
         await reader.aclose()
-        await j.trim(j.last_lsn)  # nobody reads now: spares are kept
-        assert j.spare_count > 0
+        await _fill(j, 1000, size=64 * 1024)  # nobody reads it now: a roll writes over it
+        assert j.spare_count == 0 and not _spares(tmp_path)
+        assert read in {p.stat().st_ino for p in segment_files(tmp_path)}
+
+
+async def test_a_follower_left_on_the_segment_its_ack_trims_keeps_the_file_a_spare(
+    tmp_path: Path,
+) -> None:
+    """How a run ends: the follower has shipped the last records of a full segment and waits
+    for more; their ack trims the journal, which seals that segment (it is full) and drops
+    it while the follower still has it open. Its file is kept as a spare all the same: a
+    journal on a full file system starts its next run within the files it has (it used
+    to be deleted, depending on whether the follower had moved on first)."""
+    async with await Journal.open(tmp_path, segment_bytes=SEG) as j:
+        await _fill(j, 5, size=300)
+        assert j.segment_count == 1  # so bytes_used is where the next record goes
+        filler = write_for(6, 1)
+        room = SEG - j.bytes_used - filler.encoded_size + 1
+        await j.append(write_for(6, room))  # the segment is full to its last byte
+        await j.sync()
+        assert j.segment_count == 1 and j.bytes_used == SEG
+        follower = j.follow(1)
+        assert [(await anext(follower)).lsn for _ in range(6)] == [1, 2, 3, 4, 5, 6]
+        waiting = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0)  # the follower waits in the full active segment
+        await j.trim(j.last_lsn + 1)
+        assert j.segment_count == 1 and j.spare_count == 1
+        assert len(_spares(tmp_path)) == 1
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await follower.aclose()
 
 
 async def test_bytes_used_weighs_the_records_and_disk_bytes_the_files(tmp_path: Path) -> None:
@@ -307,7 +340,7 @@ async def test_a_follower_never_opens_a_segment_trimmed_before_it_got_there(
 
     monkeypatch.setattr(journal_mod, "retire_segments", slow)
     async with await Journal.open(tmp_path, segment_bytes=SEG) as j:
-        follower = cast(AsyncGenerator[Record], j.follow(1))
+        follower = j.follow(1)
         waiting = asyncio.ensure_future(anext(follower))
         for _ in range(5):
             await asyncio.sleep(0)
