@@ -212,7 +212,12 @@ def _state(job: dict[str, Any]) -> str:
     if job.get("recovery_pending"):
         text += " (apply pending)"
     alone = job.get("served_alone")
-    if isinstance(alone, dict):
+    if isinstance(alone, dict) and job.get("source") == "files":
+        text += (
+            f" (served alone from LSN {alone.get('since_lsn')}, the receiver away: the next "
+            "send ships from there only to a receiver that holds nothing past it)"
+        )
+    elif isinstance(alone, dict):
         text += (
             f" (serving alone from LSN {alone.get('since_lsn')}: the receiver was not reached "
             "at start, --wait-for-receiver)"

@@ -29,6 +29,7 @@ from replicator.engine.generations import load_promotion
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.peer_applied import PeerApplied, load_peer_applied
+from replicator.engine.served_alone import load_served_alone
 from replicator.engine.status import ReceiverPhase, iso_time, promotion_fields
 from replicator.journal.durable import StateFileError
 from replicator.journal.inspect import JournalReport, SegmentInfo, scan_journal
@@ -103,6 +104,8 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
         ),
         "manifests_problem": manifest_problem,
     }
+    alone = load_served_alone(state_dir)  # the next session checks the receiver against it
+    entry["served_alone"] = None if alone is None else {"since_lsn": alone}
     marker = load_marker(state_dir)  # a planned failover or a failback (failback_state.py)
     if marker is not None:
         entry["state"] = "handed_over" if marker.phase == "handed-over" else "failback_incomplete"

@@ -445,7 +445,6 @@ class Sender:
             except TargetStorageError as exc:  # the target's disk: waited on as mid-session
                 if not self.reached:
                     self.connect_failure = exc
-                self.status.set_state(SenderPhase.CONNECTING)
                 await self.refused_pause(exc, None, stop)
                 continue
             except (ConnectError, BusyError) as exc:
@@ -493,6 +492,7 @@ class Sender:
         if link is not None:
             self.status.error(kind, str(exc))
             await self.close_link(link)
+        self.status.set_state(SenderPhase.REFUSED)  # not "connecting": it was let in no further
         await sleep_or_stop(stop, self._refused_retry)
         self._refused_retry = min(self._refused_retry * 2, RETRY_MOST)
 

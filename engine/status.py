@@ -63,6 +63,9 @@ _RATE_WINDOW = 10.0  # seconds of byte-counter history behind the rates
 class SenderPhase(StrEnum):
     STARTING = "starting"
     CONNECTING = "connecting"  # no link, retrying
+    # the receiver refused the job (diverged, auth, its storage...: ``last_error`` says
+    # which); a live capture goes on serving its VM and asks again, backing off
+    REFUSED = "refused"
     INITIAL_SYNC = "initial_sync"
     REPLICATING = "replicating"
     LAGGING = "lagging"  # replicating, but the lag is above LAGGING_SECONDS

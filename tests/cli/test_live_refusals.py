@@ -9,8 +9,10 @@ the message names brings the replica level with the source (qemu-img compare, bl
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 from tests.tools import (
     LiveNbdSender,
@@ -25,6 +27,22 @@ from tests.tools import (
 )
 
 MiB = 1024 * 1024
+
+
+def _refused_says(sender: LiveNbdSender, words: str) -> None:
+    """``status`` shows the job refused (not "connecting": the receiver was reached) and
+    why, while the sender waits to ask again."""
+
+    def job() -> dict[str, Any]:
+        out = replicator("status", "--state-dir", str(sender.state), "--json")
+        return (
+            cast(dict[str, Any], json.loads(out.stdout)["jobs"][0]) if out.returncode == 0 else {}
+        )
+
+    wait_for(lambda: job().get("state") == "refused", sender.proc, "the refused state")
+    assert words in str(job().get("last_error")), job()
+    table = replicator("status", "--state-dir", str(sender.state)).stdout
+    assert "refused" in table, table
 
 
 def _level(sender: LiveNbdSender, receiver: ReceiverProc) -> None:
@@ -44,6 +62,7 @@ def test_a_replica_changed_on_the_target_does_not_stop_a_live_sender(tmp_path: P
             f.write(b"edited on the target")
         sender.write("write -P 0x22 4M 4M")
         wait_for(lambda: "refused" in sender_errors(sender.state), sender.proc, "the refusal")
+        _refused_says(sender, "diverged")
         sender.write("write -P 0x33 16M 4M")  # the VM goes on
         assert sender.proc.poll() is None
         rc, err = sender.stop()
@@ -73,6 +92,7 @@ def test_a_receiver_that_lost_its_state_does_not_stop_a_live_sender(tmp_path: Pa
         shutil.rmtree(target / ".replicator" / "vm1")
         receiver = start_receiver(target, receiver.port, log=log)
         wait_for(lambda: "refused" in sender_errors(sender.state), sender.proc, "the refusal")
+        _refused_says(sender, "lost its state")
         sender.write("write -P 0x44 32M 4M")  # the VM goes on
         assert sender.proc.poll() is None
         rc, err = sender.stop()
@@ -105,6 +125,7 @@ def test_a_receiver_that_no_longer_trusts_the_sender_does_not_stop_a_live_sender
         )
         sender.write("write -P 0x55 0 4M")
         wait_for(lambda: "auth" in sender_errors(sender.state), sender.proc, "the refusal")
+        _refused_says(sender, "certificate")
         sender.write("write -P 0x66 8M 4M")  # the VM goes on
         receiver.stop()
         receiver = start_receiver(target, receiver.port, log=log, security=("--tls-dir", str(ours)))

@@ -97,6 +97,38 @@ def test_a_live_sender_serves_alone_and_catches_up_when_the_receiver_returns(
         receiver.stop()
 
 
+def test_status_at_rest_shows_a_sender_stopped_while_serving_alone(tmp_path: Path) -> None:
+    """Stopped while its receiver is still away, the sender's folder notes the LSN it
+    served alone from: `status` at rest says so (the next session checks the receiver
+    against it), and no longer once a session has found the receiver there."""
+    target, log = tmp_path / "target", tmp_path / "receiver.log"
+    receiver = start_receiver(target, log=log)
+    first = _synced_then_stopped(tmp_path, receiver)
+    receiver.stop()
+    alone = LiveNbdSender(
+        tmp_path, receiver, "--wait-for-receiver", "1", fresh=False, until="export"
+    )
+    try:
+        alone.write("write -P 0x33 8M 2M")
+        _stopped_having_served_alone(alone)
+        status = replicator("status", "--state-dir", str(first.state), "--json")
+        job = json.loads(status.stdout)["jobs"][0]
+        assert job["state"] == "not_running" and job["served_alone"]["since_lsn"] > 0, job
+        table = replicator("status", "--state-dir", str(first.state)).stdout
+        assert "served alone from LSN" in " ".join(table.split()), table
+        receiver = start_receiver(target, receiver.port, log=log)
+        back = LiveNbdSender(tmp_path, receiver, fresh=False)
+        wait_for(back.caught_up, back.proc, "the replica to catch up")
+        _level(back)
+        rc, err = back.stop()
+        assert rc == 0, err[-3000:]
+        status = replicator("status", "--state-dir", str(first.state), "--json")
+        assert json.loads(status.stdout)["jobs"][0]["served_alone"] is None
+    finally:
+        alone.stop()
+        receiver.stop()
+
+
 def test_without_a_sync_from_its_state_folder_it_waits_for_the_receiver(
     tmp_path: Path,
 ) -> None:
