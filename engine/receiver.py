@@ -382,10 +382,7 @@ class Receiver:
             return replica.promotion, True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        session = self._replicating.get(name)
-        while session is None and loop.time() < deadline:
-            await asyncio.sleep(0.1)
-            session = self._replicating.get(name)
+        session = await self._next_session(name, None, deadline)
         if session is None:
             raise ConnectError(
                 f"job {name!r}: no sender is connected for it (waited {timeout:g} s); a "
@@ -395,20 +392,36 @@ class Receiver:
                 "consistency point received",
             )
         log.warning("receiver.handover_requested", job=name)
-        try:
-            async with asyncio.timeout(max(0.1, deadline - loop.time())):
-                final = await session.request_handover()
-                async with replica.applied_changed:
-                    while replica.applied_lsn < final and not replica.broken:
-                        await replica.applied_changed.wait()
-        except (TimeoutError, ConnectionClosedError) as exc:
-            session.conn.abort()  # the sender learns at once that nothing was promoted
-            why = "did not finish in time" if isinstance(exc, TimeoutError) else str(exc)
-            raise ConnectError(
-                f"job {name!r}: the sender's handover {why}; nothing was promoted",
-                hint="run `replicator failover --planned` again (a longer --timeout for a "
-                "large backlog); if the source is gone, use --force",
-            ) from exc
+        while True:
+            try:
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    final = await session.request_handover()
+                    async with replica.applied_changed:
+                        while replica.applied_lsn < final and not replica.broken:
+                            await replica.applied_changed.wait()
+                break
+            except (TimeoutError, ConnectionClosedError) as exc:
+                session.conn.abort()  # the sender learns at once that nothing was promoted
+                # A session that ended before its final point (the link lost, say) may not
+                # have passed the request on: the sender's next session is asked, within
+                # the same timeout. One that did pass it on has stopped capturing and ends
+                # without a next session (engine/handover.py): nothing is promoted.
+                again = None
+                if isinstance(exc, ConnectionClosedError):
+                    again = await self._next_session(name, session, deadline)
+                if again is None:
+                    why = (
+                        "did not finish in time"
+                        if isinstance(exc, TimeoutError)
+                        else f"failed: {exc}"
+                    )
+                    raise ConnectError(
+                        f"job {name!r}: the sender's handover {why}; nothing was promoted",
+                        hint="run `replicator failover --planned` again (a longer --timeout "
+                        "for a large backlog); if the source is gone, use --force",
+                    ) from exc
+                log.warning("receiver.handover_retried", job=name, after=str(exc))
+                session = again
         state = replica.state
         if replica.broken or replica.received_lsn != final or state.point_lsn != final:
             raise ReplicaInconsistent(
@@ -425,6 +438,20 @@ class Receiver:
             log.warning("receiver.handover_unconfirmed", job=name, error=str(exc))
         log.warning("receiver.planned_failover", job=name, lsn=final)
         return promotion, False
+
+    async def _next_session(
+        self, name: str, previous: Session | None, deadline: float
+    ) -> Session | None:
+        """The job's replicating session other than ``previous``, waited for until the
+        loop's ``deadline``; None when none came."""
+        loop = asyncio.get_running_loop()
+        while True:
+            session = self._replicating.get(name)
+            if session is not None and session is not previous:
+                return session
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.1)
 
     async def aclose(self) -> None:
         """Stop sessions, then finish applying whatever complete epochs were received."""

@@ -3,6 +3,7 @@ processes, a qcow2 disk made by qemu-img, a libvirt domain XML sent with it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,9 +22,12 @@ from replicator.engine.generations import (
     load_promotion,
     session_refusal,
 )
+from replicator.transport.wan import LinkProfile
+from tests.cli.test_network_faults import ProxyThread
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LiveNbdSender,
     b3,
     is_mounted,
     one_line_error,
@@ -34,6 +38,7 @@ from tests.tools import (
     send_once,
     start_fuse_sender,
     start_receiver,
+    wait_for,
 )
 
 DOMAIN = """<domain type='kvm'>
@@ -374,6 +379,50 @@ def test_planned_failover_of_a_fuse_capturing_sender_loses_nothing(tmp_path: Pat
     finally:
         assert rcv.stop() == 0
     assert sender_at_rest(state)["jobs"][0]["state"] == "handed_over"  # what `status` shows
+
+
+def test_a_planned_failover_whose_request_the_link_lost_asks_the_senders_next_session(
+    tmp_path: Path,
+) -> None:
+    """The link drops while the handover request is on its way (held in the WAN
+    emulator's delay line, then cut): the sender never heard it, and reconnects. The
+    failover asks its new session, within the same --timeout, and promotes at that
+    session's final point. (It failed at once, "the sender's session ended before its
+    final point", leaving an operator to run it again.)"""
+    log = tmp_path / "receiver.log"
+    rcv = start_receiver(tmp_path / "target", log=log)
+    proxy = ProxyThread(("127.0.0.1", rcv.port))
+    sender = LiveNbdSender(tmp_path, dataclasses.replace(rcv, port=proxy.address[1]))
+    failover: subprocess.Popen[str] | None = None
+    try:
+        sender.write("write -P 0x11 0 4M")
+        wait_for(sender.caught_up, sender.proc, "the first write to be replicated")
+        proxy.call(lambda: setattr(proxy.wan, "profile", LinkProfile(delay=3.0)))
+        failover = subprocess.Popen(
+            [*REPLICATOR, "failover", "--dir", str(rcv.dir), "--job", "vm1", "--planned",
+             "--timeout", "60", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
+        wait_for(lambda: "handover_requested" in log.read_text(), failover, "the request")
+        proxy.call(proxy.wan.cut)  # the request, 3 s from the sender, is lost with the link
+        proxy.call(lambda: setattr(proxy.wan, "profile", LinkProfile(delay=0.002)))
+        out, err = failover.communicate(timeout=90)
+        assert failover.returncode == 0, err[-3000:]
+        assert json.loads(out)["planned"] is True
+        assert "handover_retried" in log.read_text()
+        rc, err = sender.stop()
+        assert rc == ExitCode.HANDED_OVER, err[-3000:]
+        assert "handed over" in one_line_error(err)
+        sender.sock.unlink(missing_ok=True)
+        compared = qemu_compare("raw", sender.source, sender.replica)
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        assert b3(sender.source) == b3(sender.replica)
+    finally:
+        if failover is not None and failover.poll() is None:
+            failover.kill()
+        sender.stop()
+        proxy.close()
+        rcv.stop()
 
 
 def test_an_overlay_sent_without_its_backing_file_is_told_at_send_and_at_failover(
