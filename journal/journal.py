@@ -740,36 +740,33 @@ class Journal:
         return next((spare for spare in reversed(self._spares) if spare.free), None)
 
     # ------------------------------------------------------------------ read
-    async def read_from(self, lsn: int) -> AsyncGenerator[Record, None]:
+    def read_from(self, lsn: int) -> AsyncGenerator[Record, None]:
         """Durable records with ``record.lsn >= lsn`` in order, up to the durable end.
 
         Raises JournalError when ``lsn`` is below the first stored segment (those records
         were trimmed), JournalCorrupt when a stored record fails its checks.
         """
-        async with contextlib.aclosing(
-            self._batches(lsn, follow=False, read=SegmentReader.read)
-        ) as batches:
-            async for batch in batches:
-                for record in batch:
-                    yield record
+        return self._records(lsn, follow=False)
 
-    async def follow(self, lsn: int) -> AsyncGenerator[Record, None]:
+    def follow(self, lsn: int) -> AsyncGenerator[Record, None]:
         """Like ``read_from``, then waits for newly synced records until ``aclose``."""
-        async with contextlib.aclosing(
-            self._batches(lsn, follow=True, read=SegmentReader.read)
-        ) as batches:
-            async for batch in batches:
-                for record in batch:
-                    yield record
+        return self._records(lsn, follow=True)
 
-    async def follow_encoded(self, lsn: int) -> AsyncGenerator[list[EncodedRecord], None]:
+    def follow_encoded(self, lsn: int) -> AsyncGenerator[list[EncodedRecord], None]:
         """``follow`` in batches as read (about ``READ_CHUNK`` bytes each), each record's
         checked bytes as stored: what the shipper packs into frames."""
+        return self._batches(lsn, follow=True, read=SegmentReader.read_encoded)
+
+    async def _records(self, lsn: int, *, follow: bool) -> AsyncGenerator[Record, None]:
+        """``_batches`` one record at a time. Closing this closes the batches at once, so
+        the segment file being read is released then, not when the collector finds the
+        inner generator (a spare is not written over while it is read)."""
         async with contextlib.aclosing(
-            self._batches(lsn, follow=True, read=SegmentReader.read_encoded)
+            self._batches(lsn, follow=follow, read=SegmentReader.read)
         ) as batches:
             async for batch in batches:
-                yield batch
+                for record in batch:
+                    yield record
 
     async def _batches(
         self,
