@@ -71,6 +71,15 @@ def machine_cpu() -> tuple[float, float]:
     return busy / tick, (busy + idle + iowait) / tick
 
 
+def cpu_since(start: tuple[float, float], io_bytes: float) -> dict[str, float]:
+    """The machine's CPU from ``start`` (a ``machine_cpu()``) to now, for ``io_bytes``
+    written: ``cpu s/GB`` (busy CPU-seconds of every process and the kernel per GB) and
+    ``busy`` (the share of all vCPUs)."""
+    busy1, all1 = machine_cpu()
+    busy = busy1 - start[0]
+    return {"cpu s/GB": busy / max(1e-9, io_bytes / 1e9), "busy": busy / (all1 - start[1])}
+
+
 def compile_bytecode() -> None:
     """Byte-compile the installed package, as ``pip install`` does for a user.
 

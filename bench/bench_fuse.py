@@ -50,6 +50,7 @@ from pathlib import Path
 
 from _common import (
     REPLICATOR,
+    cpu_since,
     journal_pattern_limit,
     machine_cpu,
     stand_in_shipper,
@@ -76,7 +77,7 @@ JOBS: dict[str, tuple[list[str], str, float]] = {
 def fio(path: Path, args: list[str], runtime: int, size: int, cwd: Path) -> dict[str, float]:
     """fio's figures, and the machine's CPU over its run: ``cpu s/GB`` (busy CPU-seconds of
     every process and the kernel per GB fio wrote) and ``busy`` (the share of all vCPUs)."""
-    busy0, all0 = machine_cpu()
+    start = machine_cpu()
     res = subprocess.run(
         [
             "fio",
@@ -94,14 +95,8 @@ def fio(path: Path, args: list[str], runtime: int, size: int, cwd: Path) -> dict
         check=True,
         timeout=runtime * 6 + 60,
     )
-    busy1, all1 = machine_cpu()
     job = json.loads(res.stdout)["jobs"][0]["write"]
-    return {
-        "MB/s": job["bw_bytes"] / 1e6,
-        "iops": job["iops"],
-        "cpu s/GB": (busy1 - busy0) / (job["io_bytes"] / 1e9),
-        "busy": (busy1 - busy0) / (all1 - all0),
-    }
+    return {"MB/s": job["bw_bytes"] / 1e6, "iops": job["iops"], **cpu_since(start, job["io_bytes"])}
 
 
 def wait_mounted(mnt: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:

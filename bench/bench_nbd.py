@@ -51,6 +51,7 @@ from typing import Any
 import uvloop
 from _common import (
     REPLICATOR,
+    cpu_since,
     journal_pattern_limit,
     machine_cpu,
     stand_in_shipper,
@@ -93,7 +94,7 @@ async def fio(uri: str, args: list[str], runtime: int, size: int) -> dict[str, f
     """fio's figures, and the machine's CPU over its run (ramp included): ``cpu s/GB``
     (busy CPU-seconds of every process and the kernel per GB fio counted) and ``busy``
     (the share of all vCPUs)."""
-    busy0, all0 = machine_cpu()
+    start = machine_cpu()
     proc = await asyncio.create_subprocess_exec(
         "fio",
         "--name=bench",
@@ -111,13 +112,11 @@ async def fio(uri: str, args: list[str], runtime: int, size: int) -> dict[str, f
     out, err = await proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"fio failed: {err.decode()}")
-    busy1, all1 = machine_cpu()
     job = json.loads(out[out.index(b"{") :])["jobs"][0]["write"]
     return {
         "iops": float(job["iops"]),
         "MB/s": float(job["bw_bytes"]) / 1e6,
-        "cpu s/GB": (busy1 - busy0) / max(1e-9, job["io_bytes"] / 1e9),
-        "busy": (busy1 - busy0) / (all1 - all0),
+        **cpu_since(start, job["io_bytes"]),
     }
 
 

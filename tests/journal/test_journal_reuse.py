@@ -355,24 +355,34 @@ async def test_a_follower_never_opens_a_segment_trimmed_before_it_got_there(
         await follower.aclose()
 
 
-@pytest.mark.parametrize("step", ["trim_rename", "close_cut"])
+@pytest.mark.parametrize("step", ["trim_rename", "trim_rename_while_read", "close_cut"])
 async def test_a_failed_spare_step_fails_the_journal_and_loses_no_synced_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
-    """EIO where trim renames a segment to a spare, or where a clean close cuts a reused
-    file to its records: the journal says so, and the reopen has every synced record."""
+    """EIO where trim renames a segment to a spare (also one a reader still has open, which
+    is kept a spare since f142e78), or where a clean close cuts a reused file to its
+    records: the journal says so, a reader on it gets the error instead of more records,
+    and the reopen has every synced record."""
 
     def broken(*args: object) -> None:
         raise OSError(5, "Input/output error")
 
     j = await Journal.open(tmp_path, segment_bytes=SEG)
     await _fill(j, 60)
-    if step == "trim_rename":
+    if step.startswith("trim_rename"):
+        reader = j.read_from(1) if step == "trim_rename_while_read" else None
+        if reader is not None:
+            assert [(await anext(reader)).lsn for _ in range(3)] == [1, 2, 3]
         monkeypatch.setattr(os, "rename", broken)
         with pytest.raises(JournalError, match="trim failed"):
             await j.trim(j.last_lsn)
         monkeypatch.undo()
         assert j.failed
+        if reader is not None:
+            with pytest.raises(JournalError):
+                async for record in reader:  # what it had read ahead may still come
+                    check_record(record)
+            await reader.aclose()
         await j.aclose()
     else:
         await j.trim(j.last_lsn)
@@ -382,7 +392,7 @@ async def test_a_failed_spare_step_fails_the_journal_and_loses_no_synced_record(
         with pytest.raises(JournalError, match="truncate"):
             await j.aclose()
         monkeypatch.undo()
-    synced = 60 if step == "trim_rename" else 75
+    synced = 75 if step == "close_cut" else 60
     async with await Journal.open(tmp_path, segment_bytes=SEG) as j:
         assert j.last_lsn == synced
         records = await read_all(j, j.first_lsn)
