@@ -321,8 +321,12 @@ class Link:
         queue = self._out
 
         async def tail() -> None:
-            async for batch in self.journal.follow_encoded(ship_from):
-                await queue.put(batch)  # checked bytes as stored: shipped without re-encoding
+            # closed at once when the tailer is cancelled: the segment being read is
+            # released then (a spare is not written over while it is read), not whenever
+            # the collector finds the generator
+            async with contextlib.aclosing(self.journal.follow_encoded(ship_from)) as batches:
+                async for batch in batches:
+                    await queue.put(batch)  # checked bytes as stored: shipped without re-encoding
 
         tailer = asyncio.create_task(tail(), name="link-tail")
         pending: collections.deque[EncodedRecord] = collections.deque()

@@ -146,16 +146,24 @@ class JournalFull(JournalError):
 class JournalCorrupt(JournalError):
     """Bytes on disk that must have been written intact are not; never skipped over."""
 
-    def __init__(self, path: str | os.PathLike[str], offset: int, reason: str) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], offset: int, reason: str, *, cut_at_open: bool = False
+    ) -> None:
+        """``cut_at_open``: found while reading a journal opened with ``on_damage="cut"``
+        (every sender's, every receiver's), which its next open cuts at the damage."""
         self.path = os.fspath(path)
         self.offset = offset
         self.reason = reason
         directory = os.path.dirname(self.path) or "."
+        inspect = f"`replicator journal inspect {directory}` shows the damage"
         super().__init__(
             f"journal corrupt: {self.path} at offset {offset}: {reason}",
             hint=(
-                f"run `replicator journal inspect {directory}` for details; records are never "
-                "skipped, so restore the journal directory from a copy, or move it aside and "
-                "resynchronise the replica"
+                f"start it again: the journal is cut at the damage when it is opened, and what "
+                f"the lost records changed is found again (a sender compares its volumes with "
+                f"the replica, a receiver asks its sender); {inspect}"
+                if cut_at_open
+                else f"{inspect}; records are never skipped, so restore the journal directory "
+                "from a copy, or move it aside and resynchronise the replica"
             ),
         )

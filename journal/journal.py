@@ -54,6 +54,7 @@ from replicator.journal import durable
 from replicator.journal.errors import (
     READ_ONLY_HINT,
     ConfigError,
+    JournalCorrupt,
     JournalError,
     JournalFull,
     JournalIOError,
@@ -110,8 +111,10 @@ class Journal:
         max_bytes: int | None,
         recovery: Recovery | None = None,
         spares: Sequence[Spare] = (),
+        on_damage: OnDamage = "refuse",
     ) -> None:
         self._dir = directory
+        self._on_damage = on_damage  # what the next open does with damage a reader finds
         self.recovery = recovery  # what open-time recovery cut away, if anything
         self._segments = segments
         self._fd = fd  # writable fd of ``_fd_seg``
@@ -195,6 +198,7 @@ class Journal:
             max_bytes,
             found.recovery,
             found.spares,
+            on_damage,
         )
 
     async def aclose(self) -> None:
@@ -789,7 +793,14 @@ class Journal:
                     reader = self._reader(seg)
                     reader_seg = seg
                 if reader is not None and reader.offset < end:
-                    batch = read(reader, end)
+                    try:
+                        batch = read(reader, end)
+                    except JournalCorrupt as exc:
+                        if self._on_damage != "cut":
+                            raise
+                        raise JournalCorrupt(
+                            exc.path, exc.offset, exc.reason, cut_at_open=True
+                        ) from exc
                     if batch and batch[0].lsn < lsn:
                         batch = [record for record in batch if record.lsn >= lsn]
                     if batch:

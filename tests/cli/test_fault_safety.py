@@ -17,7 +17,16 @@ import pytest
 
 from replicator.engine.errors import ExitCode
 from replicator.journal.segment import HEADER_BYTES
-from tests.tools import ReceiverProc, b3, replicator, send_once, start_receiver
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    b3,
+    replicator,
+    send_once,
+    start_receiver,
+    wait_for,
+)
 
 MiB = 1024 * 1024
 
@@ -184,6 +193,47 @@ def test_a_flipped_byte_in_the_sender_journal_is_recovered_by_comparing(
     assert json.loads(out.stdout)["basis"] == "remote"
     assert "sender.journal_damaged" in [e["event"] for e in _events(out.stderr)]
     assert b3(receiver.dir / "srot" / "disk.img") == b3(disk)
+
+
+def test_a_byte_flipped_in_the_sender_journal_while_it_ships_stops_it_with_exit_8(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A record damaged on disk after it was journaled (checked from memory as it was
+    appended, and at open): the sender's read-back finds it before shipping it, and it
+    stops with exit 8 and a hint that a restart recovers (its journal is opened with
+    damage cut); the next run cuts, compares, and the replica equals the source. Never
+    shipped, never a session retried for ever."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(64 * MiB))
+    state = tmp_path / "state"
+    send_once(receiver, "live", state, disk)  # a first sync: past the journal
+    with disk.open("r+b") as f:
+        f.write(os.urandom(48 * MiB))
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "live", "--state-dir",
+         str(state), "--interval", "60", "--rate", "8MB/s", "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+
+        def journaled() -> bool:  # the cycle's records synced; shipping at 8 MB/s
+            return sum(p.stat().st_size for p in (state / "journal").glob("*.seg")) > 48 * MiB
+
+        wait_for(journaled, proc, "the change in the journal")
+        newest = max((state / "journal").glob("*.seg"))
+        _flip(newest, newest.stat().st_size - 3 * MiB // 2)  # not yet read at this rate
+        assert proc.wait(timeout=60) == ExitCode.JOURNAL
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert "checksum mismatch" in err and "journal inspect" in err, err[-3000:]
+    assert "start it again: the journal is cut at the damage" in err, err[-3000:]
+    out = _send(receiver, "live", state, disk)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["basis"] == "remote"
+    assert b3(receiver.dir / "live" / "disk.img") == b3(disk)
 
 
 def test_damaged_sender_manifests_fall_back_to_comparing(

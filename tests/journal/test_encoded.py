@@ -17,6 +17,7 @@ from replicator.journal import (
     decode_records,
     encode_record,
 )
+from replicator.journal.recovery import OnDamage
 from replicator.journal.segment import HEADER_BYTES
 
 
@@ -123,3 +124,27 @@ async def test_a_record_damaged_after_its_append_is_not_read_back(tmp_path: Path
             async for batch in journal.follow_encoded(1):
                 got.extend(e.lsn for e in batch)
     assert got == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("on_damage", "hint"),
+    [("refuse", "restore the journal directory"), ("cut", "start it again")],
+)
+async def test_damage_found_while_reading_says_what_the_next_open_does(
+    tmp_path: Path, on_damage: OnDamage, hint: str
+) -> None:
+    """A journal opened with damage cut (every sender's and receiver's) recovers at its
+    next open; one opened to refuse does not: the error's hint says which."""
+    records = [Record.write("d.img", 0, b"x" * 70_000).with_lsn(i + 1, 1) for i in range(3)]
+    async with await Journal.open(tmp_path / "j", on_damage=on_damage) as journal:
+        await journal.append_many(records)
+        await journal.sync()
+        (segment,) = (tmp_path / "j").glob("*.seg")
+        with segment.open("r+b") as f:
+            f.seek(HEADER_BYTES + len(encode_record(records[0])) + 1000)
+            f.write(b"y")
+        with pytest.raises(JournalCorrupt) as caught:
+            async for _ in journal.follow_encoded(1):
+                pass
+    assert hint in (caught.value.hint or ""), caught.value.hint
+    assert "journal inspect" in (caught.value.hint or "")
