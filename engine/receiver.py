@@ -394,11 +394,7 @@ class Receiver:
         log.warning("receiver.handover_requested", job=name)
         while True:
             try:
-                async with asyncio.timeout(max(0.1, deadline - loop.time())):
-                    final = await session.request_handover()
-                    async with replica.applied_changed:
-                        while replica.applied_lsn < final and not replica.broken:
-                            await replica.applied_changed.wait()
+                final = await _handed_over(session, replica, deadline - loop.time())
                 break
             except (TimeoutError, ConnectionClosedError) as exc:
                 session.conn.abort()  # the sender learns at once that nothing was promoted
@@ -410,16 +406,7 @@ class Receiver:
                 if isinstance(exc, ConnectionClosedError):
                     again = await self._next_session(name, session, deadline)
                 if again is None:
-                    why = (
-                        "did not finish in time"
-                        if isinstance(exc, TimeoutError)
-                        else f"failed: {exc}"
-                    )
-                    raise ConnectError(
-                        f"job {name!r}: the sender's handover {why}; nothing was promoted",
-                        hint="run `replicator failover --planned` again (a longer --timeout "
-                        "for a large backlog); if the source is gone, use --force",
-                    ) from exc
+                    raise _handover_failed(name, exc) from exc
                 log.warning("receiver.handover_retried", job=name, after=str(exc))
                 session = again
         state = replica.state
@@ -473,6 +460,27 @@ __all__ = [
     "check_receiver_dirs",
     "replica_tree_parts",
 ]
+
+
+async def _handed_over(session: Session, replica: JobReplica, timeout: float) -> int:
+    """Ask ``session``'s sender for its final point and wait until the replica has applied
+    it; that LSN. TimeoutError after ``timeout`` seconds (at least 0.1); ConnectionClosedError
+    when the session ends first."""
+    async with asyncio.timeout(max(0.1, timeout)):
+        final = await session.request_handover()
+        async with replica.applied_changed:
+            while replica.applied_lsn < final and not replica.broken:
+                await replica.applied_changed.wait()
+    return final
+
+
+def _handover_failed(name: str, exc: TimeoutError | ConnectionClosedError) -> ConnectError:
+    why = "did not finish in time" if isinstance(exc, TimeoutError) else f"failed: {exc}"
+    return ConnectError(
+        f"job {name!r}: the sender's handover {why}; nothing was promoted",
+        hint="run `replicator failover --planned` again (a longer --timeout for a large "
+        "backlog); if the source is gone, use --force",
+    )
 
 
 async def pinging_meanwhile(conn: FramedConnection, work: Coroutine[Any, Any, _T]) -> _T:

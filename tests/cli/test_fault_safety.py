@@ -173,15 +173,24 @@ def test_a_flipped_byte_in_the_receive_journal_does_not_wedge_the_job(tmp_path: 
     assert "journal.damage_cut" in events
 
 
+def _synced_then_changed(
+    tmp_path: Path, receiver: ReceiverProc, job: str, size: int, change: int
+) -> tuple[Path, Path]:
+    """A disk of ``size`` random bytes sent once (a first sync, past the journal), then its
+    first ``change`` bytes rewritten: what the next send journals. (disk, state dir)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(size))
+    state = tmp_path / "state"
+    send_once(receiver, job, state, disk)
+    with disk.open("r+b") as f:
+        f.write(os.urandom(change))
+    return disk, state
+
+
 def test_a_flipped_byte_in_the_sender_journal_is_recovered_by_comparing(
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(os.urandom(8 * MiB))
-    state = tmp_path / "state"
-    send_once(receiver, "srot", state, disk)  # a first sync: past the journal
-    with disk.open("r+b") as f:
-        f.write(os.urandom(4 * MiB))
+    disk, state = _synced_then_changed(tmp_path, receiver, "srot", 8 * MiB, 4 * MiB)
     send_once(receiver, "srot", state, disk)  # journaled: records stay in the segment
     (segment,) = sorted((state / "journal").glob("*.seg"))
     _flip(segment, HEADER_BYTES + segment.stat().st_size // 3)
@@ -203,12 +212,7 @@ def test_a_byte_flipped_in_the_sender_journal_while_it_ships_stops_it_with_exit_
     stops with exit 8 and a hint that a restart recovers (its journal is opened with
     damage cut); the next run cuts, compares, and the replica equals the source. Never
     shipped, never a session retried for ever."""
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(os.urandom(64 * MiB))
-    state = tmp_path / "state"
-    send_once(receiver, "live", state, disk)  # a first sync: past the journal
-    with disk.open("r+b") as f:
-        f.write(os.urandom(48 * MiB))
+    disk, state = _synced_then_changed(tmp_path, receiver, "live", 64 * MiB, 48 * MiB)
     proc = subprocess.Popen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "live", "--state-dir",
          str(state), "--interval", "60", "--rate", "8MB/s", "--insecure", str(disk)],
