@@ -22,6 +22,16 @@ asks ``grant(...)`` after each sync and each apply how many bytes of Credit to s
   yet applied): a backlog that is one epoch still being received is never throttled, or
   the epoch could never complete.
 
+  ``BACKLOG_MAX`` is two journal segments (128 MiB), not more, for three reasons measured
+  on the NBD 1 MiB job (bench/RESULTS.md, "2026-12-03, late"): a backlog that fits in the
+  receive journal's active segment and its spares is written over memory the page cache
+  already holds, where a larger one grows the journal into new files; the applier takes
+  recent records from memory (``MEM_APPLY_BYTES``) and reads older ones back, so a backlog
+  past that makes applying slower still, a feedback that took 2 of 5 runs into a regime
+  of 1.4x the CPU per byte with a 1 GiB limit; and a promotion applies the backlog before
+  the VM may start, so the limit bounds a failover's time as well. Records the receiver
+  does not take wait in the sender's journal, which is sized for that (``--journal-max``).
+
 ``grant`` keeps ``credit outstanding + received not synced + grant <= window``; with a
 fixed window that is exactly "grant again what was synced", the rule before.
 """
@@ -32,7 +42,7 @@ import collections
 from typing import Final
 
 MAX_WINDOW: Final = 256 * 1024 * 1024  # memory cap per session (bytes not yet synced)
-BACKLOG_MAX: Final = 1024 * 1024 * 1024  # received, not applied: beyond this, less credit
+BACKLOG_MAX: Final = 128 * 1024 * 1024  # received, not applied: beyond this, less credit
 MIN_SPAN: Final = 1.0  # seconds of history behind the rate, at least
 MIN_ELAPSED: Final = 0.05  # the rate is bytes over at least this many seconds
 

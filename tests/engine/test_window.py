@@ -1,21 +1,27 @@
 """The receiver's credit window (engine/window.py): two bandwidth-delay products within the
 memory cap, slow-start growth on a long fat link, less credit while the disk is behind;
-then a sender/receiver pair whose epoch is larger than the backlog limit (never stuck)."""
+then sender/receiver pairs: one whose epoch is larger than the backlog limit (never stuck),
+one whose replica applies slower than records arrive (its backlog stays at the limit)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicator.engine.connectors import MemoryConnector
+from replicator.engine.job_replica import JobReplica
+from replicator.engine.link import Link
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.sender import Sender, SenderConfig
-from replicator.engine.volumes import resolve_volumes
+from replicator.engine.volumes import VolumeKind, VolumeSpec, resolve_volumes
 from replicator.engine.window import CreditWindow
-from replicator.transport import FramedConnection
+from replicator.journal import Journal, Record, RecordType
+from replicator.transport import FramedConnection, connection_pair
 from tests.tools import b3
 
 MiB = 1024 * 1024
@@ -162,3 +168,89 @@ async def test_an_epoch_larger_than_the_backlog_limit_still_replicates(tmp_path:
         await receiver.aclose()
     assert summary.payload_bytes >= 16 * MiB
     assert b3(tmp_path / "replicas" / "job" / disk.name) == b3(disk)
+
+
+RECORD = 64 * 1024
+EPOCHS = 40
+PER_EPOCH = 4  # WRITE records, then a FLUSH barrier
+
+
+@pytest.fixture
+def slow_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every apply round of a receiver takes 30 ms longer: a disk slower than the link."""
+    real_apply = JobReplica._apply_upto
+
+    async def slow_apply(self: JobReplica, target: int) -> tuple[int, Record | None]:
+        await asyncio.sleep(0.03)
+        return await real_apply(self, target)
+
+    monkeypatch.setattr(JobReplica, "_apply_upto", slow_apply)
+
+
+async def _most_unapplied(tmp_path: Path, backlog_max: int) -> int:
+    """Ship EPOCHS epochs of PER_EPOCH 64 KiB records to a receiver, sampling its backlog:
+    the most LSNs it held received and not applied. Checks the replica at the end."""
+    image = bytearray(os.urandom(PER_EPOCH * RECORD))
+    records: list[Record] = []
+    for epoch in range(EPOCHS):
+        for i in range(PER_EPOCH):
+            data = os.urandom(RECORD) if epoch else bytes(image[i * RECORD : (i + 1) * RECORD])
+            image[i * RECORD : (i + 1) * RECORD] = data
+            records.append(Record(RecordType.WRITE, "d.img", i * RECORD, RECORD, data))
+        records.append(Record.flush())
+    journal = await Journal.open(tmp_path / "journal")
+    await journal.append_many(records)
+    await journal.sync()
+    config = ReceiverConfig(
+        tmp_path / "replicas",
+        tmp_path / "rstate",
+        window=512 * 1024,
+        window_cap=512 * 1024,
+        backlog_max=backlog_max,
+    )
+    receiver = Receiver(config)
+    most = 0
+
+    async def sample() -> None:
+        nonlocal most
+        while True:
+            replica = receiver._jobs.get("job")
+            if replica is not None:
+                most = max(most, replica.journal.last_lsn - replica.applied_lsn)
+            await asyncio.sleep(0.002)
+
+    sampler = asyncio.create_task(sample())
+    sender_conn, receiver_conn = await connection_pair()
+    serving = asyncio.create_task(receiver.handle(receiver_conn))
+    link = Link(sender_conn, journal)
+    try:
+        spec = VolumeSpec(tmp_path / "d.img", "d.img", VolumeKind.DISK)
+        await link.handshake("job", [spec], {"d.img": len(image)})
+        link.start_reader()
+        link.start_shipper(link.received_lsn + 1)
+        await link.wait_applied(journal.last_lsn, timeout=60)
+    finally:
+        sampler.cancel()
+        await link.aclose()
+        await serving
+        await receiver.aclose()
+        await journal.aclose()
+    assert (tmp_path / "replicas" / "job" / "d.img").read_bytes() == bytes(image)
+    return most
+
+
+@pytest.mark.usefixtures("slow_apply")
+async def test_a_replica_applying_slower_than_records_arrive_holds_the_sender_back(
+    tmp_path: Path,
+) -> None:
+    """A 2 MiB backlog limit, a 512 KiB window and 10 MiB to ship in 256 KiB epochs: the
+    receiver never holds much more than the limit unapplied (the limit, plus what a grant
+    made before it filled could still bring), where without the limit it takes in nearly
+    everything while its applier is still at the first rounds."""
+    limit = 2 * 1024 * 1024
+    most = await _most_unapplied(tmp_path / "limited", limit)
+    # in LSNs: PER_EPOCH + 1 per epoch of PER_EPOCH records
+    per_lsn = RECORD * PER_EPOCH / (PER_EPOCH + 1)
+    assert most * per_lsn <= limit + 512 * 1024 + PER_EPOCH * RECORD, most
+    unlimited = await _most_unapplied(tmp_path / "unlimited", 1024 * 1024 * 1024)
+    assert unlimited * per_lsn > 2 * limit, unlimited  # the slow applier really is behind
