@@ -21,6 +21,7 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -103,10 +104,41 @@ class SessionPurpose(enum.Enum):
         return (self.value,) if self.value else ()
 
 
+@dataclass(slots=True)
+class ShippedUnchecked:
+    """The last LSN a sender shipped without verifying its checksum itself (0: none).
+
+    To a receiver that checks every record's checksum on arrival (it announces
+    ``records-checked``), the shipper leaves checking to it, so each byte of a journaled
+    write is hashed twice on the way (capture, receiver) instead of three times, the middle
+    one on the sender's busiest thread. Every record was checked once already: at the
+    sender's start (a sender's journal is verified whole when opened) or from memory as it
+    was appended, so only damage done to the file while the sender runs goes unchecked
+    here. The receiver refuses such a record and the session ends; the next session of the
+    same sender checks every record up to this LSN itself before shipping it, so the damage
+    is found on our side (JournalCorrupt, exit 8; the journal is cut at the next start)
+    instead of the same record being shipped and refused again and again.
+
+    One per sender, shared by its sessions' links; raised before a frame is sent, so a
+    frame the receiver refused is always counted.
+    """
+
+    lsn: int = 0
+
+
 class Link:
-    def __init__(self, conn: FramedConnection, journal: Journal) -> None:
+    def __init__(
+        self,
+        conn: FramedConnection,
+        journal: Journal,
+        *,
+        unchecked: ShippedUnchecked | None = None,
+    ) -> None:
+        """``unchecked``: ship records the receiver checks without checking them here
+        (see ``ShippedUnchecked``); None: check every record before it is shipped."""
         self.conn = conn
         self.journal = journal
+        self._unchecked = unchecked
         self.core: SenderCore | None = None  # set by the handshake
         self.space_freed = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -319,14 +351,18 @@ class Link:
         # batches as the journal reads them (about READ_CHUNK bytes): a frame fills up to
         # FRAME_TARGET from several small records without an await per record
         queue = self._out
+        unchecked = self._unchecked if self.conn.protocol.records_checked else None
+        # None: every record checked here; else what earlier sessions shipped unchecked
+        check_through = unchecked.lsn if unchecked is not None else None
 
         async def tail() -> None:
             # closed at once when the tailer is cancelled: the segment being read is
             # released then (a spare is not written over while it is read), not whenever
             # the collector finds the generator
-            async with contextlib.aclosing(self.journal.follow_encoded(ship_from)) as batches:
+            follow = self.journal.follow_encoded(ship_from, check_through=check_through)
+            async with contextlib.aclosing(follow) as batches:
                 async for batch in batches:
-                    await queue.put(batch)  # checked bytes as stored: shipped without re-encoding
+                    await queue.put(batch)  # the bytes as stored: shipped without re-encoding
 
         tailer = asyncio.create_task(tail(), name="link-tail")
         pending: collections.deque[EncodedRecord] = collections.deque()
@@ -346,6 +382,8 @@ class Link:
                 frame = core.pack(pending)
                 queued -= len(frame.payload)
                 await self._wait_credit(len(frame.payload))
+                if unchecked is not None and frame.last_lsn > unchecked.lsn:
+                    unchecked.lsn = frame.last_lsn
                 core.shipped(frame)
                 await self.conn.send(frame)
                 self.sent_lsn = frame.last_lsn

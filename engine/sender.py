@@ -39,7 +39,7 @@ from replicator.engine.errors import (
 )
 from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.image_deps import unreplicated
-from replicator.engine.link import Link, SessionPurpose
+from replicator.engine.link import Link, SessionPurpose, ShippedUnchecked
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.peer_applied import PeerApplied, save_peer_applied
@@ -135,6 +135,8 @@ class Sender:
         # source self-fencing (send --witness): serving alone waits for its first renewal
         self.fence: SourceFence | None = None
         self.connect_failure: ReplicatorError | None = None  # the last, while not reached
+        # records its sessions shipped for the receiver alone to check (engine/link.py)
+        self.unchecked = ShippedUnchecked()
 
     def bind_log_context(self) -> None:
         """Name the job and the receiver on every log line of the calling task (and of
@@ -199,7 +201,7 @@ class Sender:
         except AuthError as exc:  # TLS refused: in the status as any refusal (not so a
             self.status.error("auth", str(exc))  # receiver that is simply away)
             raise
-        link = Link(conn, journal)
+        link = Link(conn, journal, unchecked=self.unchecked)
         try:
             state_dir = self.config.state_dir
             known = await asyncio.to_thread(generations.load_peer_generation, state_dir)

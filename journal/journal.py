@@ -756,10 +756,22 @@ class Journal:
         """Like ``read_from``, then waits for newly synced records until ``aclose``."""
         return self._records(lsn, follow=True)
 
-    def follow_encoded(self, lsn: int) -> AsyncGenerator[list[EncodedRecord], None]:
+    def follow_encoded(
+        self, lsn: int, *, check_through: int | None = None
+    ) -> AsyncGenerator[list[EncodedRecord], None]:
         """``follow`` in batches as read (about ``READ_CHUNK`` bytes each), each record's
-        checked bytes as stored: what the shipper packs into frames."""
-        return self._batches(lsn, follow=True, read=SegmentReader.read_encoded)
+        bytes as stored: what the shipper packs into frames.
+
+        Every record is checked (lengths, LSN order, checksum), except that with
+        ``check_through`` set the checksums of records past it are left to the consumer:
+        a sender shipping to a receiver that verifies every record on arrival (see
+        ``engine/link.py``) hashes each byte once fewer.
+        """
+        if check_through is None:
+            read = SegmentReader.read_encoded
+        else:
+            read = functools.partial(SegmentReader.read_encoded, check_through=check_through)
+        return self._batches(lsn, follow=True, read=read)
 
     async def _records(self, lsn: int, *, follow: bool) -> AsyncGenerator[Record, None]:
         """``_batches`` one record at a time. Closing this closes the batches at once, so

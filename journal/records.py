@@ -341,14 +341,20 @@ class EncodedRecord:
         return None
 
 
-def _verified(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
-    """Check the record at ``pos`` (lengths, checksum); its total length and header fields."""
+def _framed(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
+    """The record at ``pos`` found whole (header, lengths): its total length and header
+    fields. Its checksum is not looked at."""
     if len(buf) - pos < HEADER_SIZE:
         raise RecordError("truncated record header")
     total = peek_length(buf, pos)
     if len(buf) - pos < total:
         raise RecordError(f"truncated record: need {total} bytes, have {len(buf) - pos}")
-    fields = RECORD_HEADER.unpack_from(buf, pos)
+    return total, RECORD_HEADER.unpack_from(buf, pos)
+
+
+def _verified(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
+    """Check the record at ``pos`` (lengths, checksum); its total length and header fields."""
+    total, fields = _framed(buf, pos)
     lsn, digest = fields[5], fields[9]
     view = memoryview(buf)
     checked = view[pos : pos + CHECKED_HEADER_SIZE]
@@ -364,7 +370,19 @@ def check_record(buf: bytes | memoryview, pos: int = 0) -> tuple[EncodedRecord, 
     From ``bytes`` (immutable) the record is a view of ``buf``, which it keeps alive; from
     anything else (a reused buffer) its bytes are copied out.
     """
-    total, fields = _verified(buf, pos)
+    return _as_stored(buf, pos, *_verified(buf, pos))
+
+
+def frame_record(buf: bytes | memoryview, pos: int = 0) -> tuple[EncodedRecord, int]:
+    """``check_record`` without the checksum: the record found whole, for a reader whose
+    consumer verifies every record's checksum itself (a sender shipping to a receiver that
+    checks each record on arrival: see ``Journal.follow_encoded``)."""
+    return _as_stored(buf, pos, *_framed(buf, pos))
+
+
+def _as_stored(
+    buf: bytes | memoryview, pos: int, total: int, fields: tuple[Any, ...]
+) -> tuple[EncodedRecord, int]:
     if type(buf) is bytes:
         return EncodedRecord(fields[5], fields[6], memoryview(buf)[pos : pos + total], at=pos), (
             pos + total

@@ -69,7 +69,9 @@ from replicator.journal.records import (
     RecordError,
     check_record,
     decode_record,
+    frame_record,
     peek_length,
+    peek_lsn,
 )
 
 
@@ -425,9 +427,26 @@ class SegmentReader:
         their data are views of the chunk they were read in (``_Chunks``)."""
         return self._read(end, budget, decode_record)
 
-    def read_encoded(self, end: int, budget: int = READ_CHUNK) -> list[EncodedRecord]:
-        """Like ``read``, checked but not decoded: the bytes as stored (for shipping)."""
-        return self._read(end, budget, check_record)
+    def read_encoded(
+        self, end: int, budget: int = READ_CHUNK, check_through: int | None = None
+    ) -> list[EncodedRecord]:
+        """Like ``read``, checked but not decoded: the bytes as stored (for shipping).
+
+        ``check_through``: only records with an LSN up to it have their checksums verified
+        here; later ones are only found whole (``frame_record``). None: all are verified.
+        """
+        if check_through is None:
+            return self._read(end, budget, check_record)
+        if check_through <= self.prev_lsn:
+            return self._read(end, budget, frame_record)
+        limit = check_through
+
+        def convert(chunk: bytes, at: int) -> tuple[EncodedRecord, int]:
+            if peek_lsn(chunk, at) <= limit:
+                return check_record(chunk, at)
+            return frame_record(chunk, at)
+
+        return self._read(end, budget, convert)
 
     def _read(
         self,

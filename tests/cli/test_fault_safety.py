@@ -208,10 +208,11 @@ def test_a_byte_flipped_in_the_sender_journal_while_it_ships_stops_it_with_exit_
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
     """A record damaged on disk after it was journaled (checked from memory as it was
-    appended, and at open): the sender's read-back finds it before shipping it, and it
-    stops with exit 8 and a hint that a restart recovers (its journal is opened with
-    damage cut); the next run cuts, compares, and the replica equals the source. Never
-    shipped, never a session retried for ever."""
+    appended, and at open). The sender leaves record checksums to a receiver that checks
+    each one: the receiver refuses it, the sender's next session checks what was shipped
+    unchecked and finds it, and it stops with exit 8 and a hint that a restart recovers
+    (its journal is opened with damage cut); the next run cuts, compares, and the replica
+    equals the source. Never applied, never a session retried for ever."""
     disk, state = _synced_then_changed(tmp_path, receiver, "live", 64 * MiB, 48 * MiB)
     proc = subprocess.Popen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "live", "--state-dir",

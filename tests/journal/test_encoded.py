@@ -13,6 +13,7 @@ from replicator.journal import (
     JournalCorrupt,
     JournalError,
     Record,
+    RecordError,
     check_record,
     decode_records,
     encode_record,
@@ -148,3 +149,45 @@ async def test_damage_found_while_reading_says_what_the_next_open_does(
                 pass
     assert hint in (caught.value.hint or ""), caught.value.hint
     assert "journal inspect" in (caught.value.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("check_through", "raises"),
+    [(None, True), (3, True), (5, True), (2, False), (0, False)],
+)
+async def test_follow_encoded_checks_checksums_up_to_check_through_only(
+    tmp_path: Path, check_through: int | None, raises: bool
+) -> None:
+    """Past ``check_through`` a record is only found whole: its checksum is left to the
+    consumer (a receiver that checks every record), so the damaged third is handed over."""
+    records = [
+        Record.write("d.img", 0, bytes([i + 1]) * 70_000).with_lsn(i + 1, 1) for i in range(5)
+    ]
+    async with await Journal.open(tmp_path / "j") as journal:
+        await journal.append_many(records)
+        await journal.sync()
+        (segment,) = (tmp_path / "j").glob("*.seg")
+        third = HEADER_BYTES + 2 * len(encode_record(records[0]))
+        with segment.open("r+b") as f:
+            f.seek(third + 1000)
+            byte = f.read(1)
+            f.seek(third + 1000)
+            f.write(bytes([byte[0] ^ 0x10]))
+        got: list[EncodedRecord] = []
+        follow = journal.follow_encoded(1, check_through=check_through)
+        try:
+            async for batch in follow:
+                got.extend(batch)
+                if got[-1].lsn == 5:
+                    break
+        except JournalCorrupt as exc:
+            assert raises, exc
+            assert [e.lsn for e in got] == [1, 2]
+        else:
+            assert not raises
+            assert [e.lsn for e in got] == [1, 2, 3, 4, 5]
+            with pytest.raises(RecordError, match="checksum mismatch"):
+                check_record(bytes(got[2].raw))  # handed over as stored, damage and all
+            assert bytes(got[3].raw) == encode_record(records[3])
+        finally:
+            await follow.aclose()
