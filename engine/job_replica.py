@@ -69,7 +69,7 @@ _T = TypeVar("_T")
 
 APPLY_BATCH_BYTES = 8 * 1024 * 1024
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
-MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the applier
+MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the applier, at least
 # a replica that never held a consistency point is written as records arrive, a round per
 # this many durable bytes, instead of all at its first barrier (see JobReplica.eager)
 EAGER_APPLY_BYTES = 16 * 1024 * 1024
@@ -94,6 +94,17 @@ class ReceiverConfig:
     journal_max_bytes: int | None = None
     segment_bytes: int = 64 * 1024 * 1024
     authorize: Any = None  # an engine.authz.Authorizer (--allow): who may write which job
+
+
+def applier_memory(config: ReceiverConfig) -> int:
+    """Bytes of durable, unapplied records the applier keeps in memory (``DurableTail``).
+
+    The credit window keeps the unapplied backlog under ``backlog_max``, and an epoch
+    that completes may add one window more (credit granted while it was still arriving);
+    kept whole, such a backlog is applied without reading the journal back, decoding it
+    and hashing every byte again (22% of the receiver's samples in the FUSE 1 MiB job
+    with 48 MiB kept and a 128 MiB backlog: bench/RESULTS.md, "2026-12-03, late")."""
+    return max(MEM_APPLY_BYTES, config.backlog_max + config.window)
 
 
 def check_receiver_dirs(config: ReceiverConfig) -> None:
@@ -156,8 +167,11 @@ class JobReplica:
         self.session_lock = asyncio.Lock()
         self.last_barrier = state.applied_lsn
         # records made durable by a session, kept so the applier need not read them back
-        # from the journal (engine/durable_tail.py)
-        self._tail = DurableTail(max(state.applied_lsn, journal.durable_lsn), MEM_APPLY_BYTES)
+        # from the journal (engine/durable_tail.py): as many as the credit window lets
+        # the backlog reach (engine/window.py), so an applier behind never reads back
+        self._tail = DurableTail(
+            max(state.applied_lsn, journal.durable_lsn), applier_memory(config)
+        )
         self._noted = self.received_lsn  # highest LSN handed to note_durable (or applied)
         self._eager_bytes = 0  # durable bytes noted since the last eager round began
         # the direct path: the last LSN written into the replica (committed once it is

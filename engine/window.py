@@ -25,12 +25,14 @@ asks ``grant(...)`` after each sync and each apply how many bytes of Credit to s
   ``BACKLOG_MAX`` is two journal segments (128 MiB), not more, for three reasons measured
   on the NBD 1 MiB job (bench/RESULTS.md, "2026-12-03, late"): a backlog that fits in the
   receive journal's active segment and its spares is written over memory the page cache
-  already holds, where a larger one grows the journal into new files; the applier takes
-  recent records from memory (``MEM_APPLY_BYTES``) and reads older ones back, so a backlog
-  past that makes applying slower still, a feedback that took 2 of 5 runs into a regime
-  of 1.4x the CPU per byte with a 1 GiB limit; and a promotion applies the backlog before
-  the VM may start, so the limit bounds a failover's time as well. Records the receiver
-  does not take wait in the sender's journal, which is sized for that (``--journal-max``).
+  already holds, where a larger one grows the journal into new files; the applier keeps
+  the records of a backlog this size in memory (``applier_memory``) and would read a
+  larger one back, so applying slows as it falls behind, a feedback that took 2 of 5
+  runs into a regime of 1.4-1.8x the CPU per byte with a 1 GiB limit; and a promotion
+  applies the backlog before the VM may start, so the limit bounds a failover's time as
+  well. Records the receiver does not take wait in the sender's journal, which is sized
+  for that (``--journal-max``). Not less either: while an epoch waits to be applied the
+  limit caps the window too (at 128 MiB, one BDP of a 10 Gbit/s link at 100 ms).
 
 ``grant`` keeps ``credit outstanding + received not synced + grant <= window``; with a
 fixed window that is exactly "grant again what was synced", the rule before.

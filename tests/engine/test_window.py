@@ -6,13 +6,16 @@ one whose replica applies slower than records arrive (its backlog stays at the l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from replicator.engine import job_replica
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.job_replica import JobReplica
 from replicator.engine.link import Link
@@ -254,3 +257,28 @@ async def test_a_replica_applying_slower_than_records_arrive_holds_the_sender_ba
     assert most * per_lsn <= limit + 512 * 1024 + PER_EPOCH * RECORD, most
     unlimited = await _most_unapplied(tmp_path / "unlimited", 1024 * 1024 * 1024)
     assert unlimited * per_lsn > 2 * limit, unlimited  # the slow applier really is behind
+
+
+@pytest.mark.usefixtures("slow_apply")
+async def test_an_applier_behind_by_the_whole_backlog_applies_it_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The applier keeps as many records as the window lets the backlog reach, so one
+    that is behind never reads records back from the receive journal (a second read and
+    a second hash of every byte). Its own floor is made tiny here, so only the window's
+    bound keeps them."""
+    monkeypatch.setattr(job_replica, "MEM_APPLY_BYTES", RECORD)
+    read_back = 0
+    real_read_from = Journal.read_from
+
+    async def counting_read_from(self: Journal, lsn: int) -> AsyncIterator[Record]:
+        nonlocal read_back
+        async with contextlib.aclosing(real_read_from(self, lsn)) as records:
+            async for record in records:
+                read_back += 1
+                yield record
+
+    monkeypatch.setattr(Journal, "read_from", counting_read_from)
+    most = await _most_unapplied(tmp_path, 2 * 1024 * 1024)
+    assert most * RECORD > 1024 * 1024, most  # behind by more than the floor, by far
+    assert read_back == 0
