@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import compileall
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -164,3 +165,14 @@ def journal_pattern_limit(directory: Path, total: int = 1024 * MiB, *, reuse: bo
         os.close(dir_fd)
     shutil.rmtree(directory, ignore_errors=True)
     return rate
+
+
+def journal_files_bytes(folder: Path) -> int:
+    """The journal files under ``folder`` (segments and spares), in bytes; files removed
+    while it looks are skipped."""
+    total = 0
+    for path in folder.rglob("*"):
+        if path.suffix in (".seg", ".spare"):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+    return total

@@ -7,6 +7,12 @@
   including the CLI's Python start. The sender must exit 12 ("handed over").
 * forced: `failover --force --json --exec true` at rest (receiver stopped) for the same
   kind of job.
+* forced mid-burst: the same, but with both `send` and `receive` killed (SIGKILL) after
+  ``--burst`` seconds of fio writing 1 MiB blocks at queue depth 4 over the first 512 MiB
+  of the first disk (written once and replicated before, so overwritten in place):
+  the receiver holds what it took and had not applied, and the promotion applies it
+  first (the receiver's backlog limit, engine/window.py, bounds it). Also prints the
+  receive journal's size at the kill.
 * failback: a sparse 4 GiB disk holding 256 MiB of data, sent once, failed over at rest,
   then 1% changed on each side (promoted replica: over data and over a hole; old source:
   over data elsewhere); `replicator failback --from ... --json` moves ``bytes_moved``
@@ -17,7 +23,7 @@ Each planned/forced round starts from fresh state (a promoted job cannot be prom
 again). Everything runs in a temporary folder that is removed at the end, child
 processes included, also after an error.
 
-Usage: python bench/bench_failover.py [--rounds 3] [--disks 4] [--disk-gib 4] [--json]
+Usage: python bench/bench_failover.py [--rounds 3] [--disks 4] [--disk-gib 4] [--burst 5] [--json]
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import blake3
-from _common import REPLICATOR, start_receiver
+from _common import REPLICATOR, journal_files_bytes, start_receiver
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -191,20 +197,48 @@ def planned_round(root: Path, disks: int, gib: int) -> dict[str, float]:
         kids.close()
 
 
+def forced_failover(target: Path) -> dict[str, float]:
+    """`failover --force` of the job at rest: its figures."""
+    wall, r = cli(
+        "failover", "--dir", str(target), "--job", "vm", "--force", "--json", "--exec", "true"
+    )  # fmt: skip
+    return {"rto_s": r["rto_seconds"], "promote_s": r["promote_seconds"], "wall_s": round(wall, 3)}
+
+
 def forced_round(root: Path, disks: int, gib: int) -> dict[str, float]:
     kids = Children()
     try:
         target, _, _ = live_nbd_job(root, kids, disks, gib)
         kids.close()  # sender, then receiver: the job at rest
-        wall, r = cli(
-            "failover", "--dir", str(target), "--job", "vm", "--force", "--json",
-            "--exec", "true",
+        return forced_failover(target)
+    finally:
+        kids.close()
+
+
+def burst_round(root: Path, disks: int, gib: int, burst: float) -> dict[str, float]:
+    kids = Children()
+    try:
+        target, state, sender = live_nbd_job(root, kids, disks, gib)
+        fio = [
+            "fio", "--name=burst", "--ioengine=nbd",
+            f"--uri=nbd+unix:///disk0.img?socket={root / 'nbd.sock'}", "--rw=write",
+            "--bs=1M", "--iodepth=4", "--size=512M",
+        ]  # fmt: skip
+        subprocess.run(fio, check=True, capture_output=True, timeout=120)  # allocated
+        wait_caught_up(state, sender)
+        burst_writes = subprocess.Popen(
+            [*fio, f"--runtime={burst + 30}", "--time_based"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        return {
-            "rto_s": r["rto_seconds"],
-            "promote_s": r["promote_seconds"],
-            "wall_s": round(wall, 3),
-        }
+        time.sleep(burst)
+        for proc in kids.procs:  # the source and the target lost at once
+            proc.kill()
+        for proc in kids.procs:
+            proc.wait()
+        burst_writes.kill()
+        burst_writes.wait()
+        held = journal_files_bytes(target / ".replicator")
+        return {**forced_failover(target), "journal_mib": round(held / MIB, 1)}
     finally:
         kids.close()
 
@@ -272,6 +306,9 @@ def main() -> int:
     parser.add_argument("--disks", type=int, default=4)
     parser.add_argument("--disk-gib", type=int, default=4)
     parser.add_argument("--data-mib", type=int, default=256, help="data on the failback disk")
+    parser.add_argument(
+        "--burst", type=float, default=5.0, help="seconds of writes before the mid-burst kill"
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="parent of the temp folder")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -285,7 +322,11 @@ def main() -> int:
         forced = [
             forced_round(work / f"forced{i}", args.disks, args.disk_gib) for i in range(args.rounds)
         ]
-        for name, runs in (("planned", planned), ("forced", forced)):
+        burst = [
+            burst_round(work / f"burst{i}", args.disks, args.disk_gib, args.burst)
+            for i in range(args.rounds)
+        ]
+        for name, runs in (("planned", planned), ("forced", forced), ("burst", burst)):
             results[name] = {k: spread([r[k] for r in runs]) for k in runs[0]}
             results[name]["rounds"] = runs
         results["failback"] = failback(work / "failback", args.disk_gib, args.data_mib)
@@ -302,11 +343,20 @@ def main() -> int:
         f"{args.disks} sparse raw disks of {args.disk_gib} GiB, empty backlog, "
         f"{args.rounds} rounds: median (min-max)"
     )
-    print(f"{'':34}{'promote_seconds':>24}{'rto_seconds':>24}{'wall incl. CLI start':>24}")
-    labels = {"planned": "failover --planned (NBD, live)", "forced": "failover --force (at rest)"}
+    print(f"{'':36}{'promote_seconds':>24}{'rto_seconds':>24}{'wall incl. CLI start':>24}")
+    labels = {
+        "planned": "failover --planned (NBD, live)",
+        "forced": "failover --force (at rest)",
+        "burst": "failover --force (killed mid-burst)",
+    }
     for name, label in labels.items():
         p = results[name]
-        print(f"{label:34}{fig(p['promote_s']):>24}{fig(p['rto_s']):>24}{fig(p['wall_s']):>24}")
+        print(f"{label:36}{fig(p['promote_s']):>24}{fig(p['rto_s']):>24}{fig(p['wall_s']):>24}")
+    held = results["burst"]["journal_mib"]
+    print(
+        f"mid-burst: {args.burst:g} s of 1 MiB writes at QD4, then both sides SIGKILLed; the "
+        f"receive journal held {held['min']:.0f}-{held['max']:.0f} MiB (spares included)"
+    )
     print("target: RTO <= 2 s")
     fb = results["failback"]
     print(

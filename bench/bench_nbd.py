@@ -52,6 +52,7 @@ import uvloop
 from _common import (
     REPLICATOR,
     cpu_since,
+    journal_files_bytes,
     journal_pattern_limit,
     machine_cpu,
     stand_in_shipper,
@@ -270,7 +271,26 @@ async def replicating(image: Path, sock: str, work: Path) -> AsyncIterator[str]:
                     break
                 await asyncio.sleep(0.2)
         await asyncio.to_thread(settle, image)
-        yield f"nbd+unix:///{image.name}?socket={sock}"
+        peaks = {"sender": 0, "receiver": 0}
+        folders = {"sender": work / "state" / "journal", "receiver": work / "target"}
+
+        async def sample() -> None:  # how far the journals grow while fio runs
+            while True:
+                for side, folder in folders.items():
+                    size = await asyncio.to_thread(journal_files_bytes, folder)
+                    peaks[side] = max(peaks[side], size)
+                await asyncio.sleep(0.25)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            yield f"nbd+unix:///{image.name}?socket={sock}"
+        finally:
+            sampler.cancel()
+        print(
+            f"{'':<20} replicating run: journals at most {peaks['sender'] / MiB:.0f} MiB"
+            f" (sender), {peaks['receiver'] / MiB:.0f} MiB (receiver), spares included",
+            flush=True,
+        )
     finally:
         await stop(sender)
         await stop(receiver)

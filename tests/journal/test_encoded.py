@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -104,22 +106,34 @@ async def test_records_read_back_are_views_of_their_read_chunk(tmp_path: Path) -
         assert e.chunk[e.at : e.at + e.size] == bytes(e.raw)
 
 
+FIVE = [Record.write("d.img", 0, bytes([i + 1]) * 70_000).with_lsn(i + 1, 1) for i in range(5)]
+
+
+@contextlib.asynccontextmanager
+async def _third_damaged(folder: Path) -> AsyncIterator[Journal]:
+    """A running journal holding FIVE, a bit of the third record's payload flipped on
+    disk after the append (what the journal checked from memory then)."""
+    async with await Journal.open(folder) as journal:
+        await journal.append_many(FIVE)
+        await journal.sync()
+        _flip_a_bit_of_the_third(folder)
+        yield journal
+
+
+def _flip_a_bit_of_the_third(folder: Path) -> None:
+    (segment,) = folder.glob("*.seg")
+    at = HEADER_BYTES + 2 * len(encode_record(FIVE[0])) + 1000
+    with segment.open("r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
 async def test_a_record_damaged_after_its_append_is_not_read_back(tmp_path: Path) -> None:
     """A byte flipped on disk under a running journal: the records before it are read
     back, the damaged one raises (the chunk holds a copy of the file, checked as read)."""
-    records = [
-        Record.write("d.img", 0, bytes([i + 1]) * 70_000).with_lsn(i + 1, 1) for i in range(5)
-    ]
-    async with await Journal.open(tmp_path / "j") as journal:
-        await journal.append_many(records)
-        await journal.sync()
-        (segment,) = (tmp_path / "j").glob("*.seg")
-        third = HEADER_BYTES + 2 * len(encode_record(records[0]))
-        with segment.open("r+b") as f:  # a byte of the third record's payload
-            f.seek(third + 1000)
-            byte = f.read(1)
-            f.seek(third + 1000)
-            f.write(bytes([byte[0] ^ 0x10]))
+    async with _third_damaged(tmp_path / "j") as journal:
         got: list[int] = []
         with pytest.raises(JournalCorrupt, match="checksum"):
             async for batch in journal.follow_encoded(1):
@@ -160,19 +174,7 @@ async def test_follow_encoded_checks_checksums_up_to_check_through_only(
 ) -> None:
     """Past ``check_through`` a record is only found whole: its checksum is left to the
     consumer (a receiver that checks every record), so the damaged third is handed over."""
-    records = [
-        Record.write("d.img", 0, bytes([i + 1]) * 70_000).with_lsn(i + 1, 1) for i in range(5)
-    ]
-    async with await Journal.open(tmp_path / "j") as journal:
-        await journal.append_many(records)
-        await journal.sync()
-        (segment,) = (tmp_path / "j").glob("*.seg")
-        third = HEADER_BYTES + 2 * len(encode_record(records[0]))
-        with segment.open("r+b") as f:
-            f.seek(third + 1000)
-            byte = f.read(1)
-            f.seek(third + 1000)
-            f.write(bytes([byte[0] ^ 0x10]))
+    async with _third_damaged(tmp_path / "j") as journal:
         got: list[EncodedRecord] = []
         follow = journal.follow_encoded(1, check_through=check_through)
         try:
@@ -188,6 +190,6 @@ async def test_follow_encoded_checks_checksums_up_to_check_through_only(
             assert [e.lsn for e in got] == [1, 2, 3, 4, 5]
             with pytest.raises(RecordError, match="checksum mismatch"):
                 check_record(bytes(got[2].raw))  # handed over as stored, damage and all
-            assert bytes(got[3].raw) == encode_record(records[3])
+            assert bytes(got[3].raw) == encode_record(FIVE[3])
         finally:
             await follow.aclose()
