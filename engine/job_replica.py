@@ -100,10 +100,13 @@ def applier_memory(config: ReceiverConfig) -> int:
     """Bytes of durable, unapplied records the applier keeps in memory (``DurableTail``).
 
     The credit window keeps the unapplied backlog under ``backlog_max``, and an epoch
-    that completes may add one window more (credit granted while it was still arriving);
-    kept whole, such a backlog is applied without reading the journal back, decoding it
-    and hashing every byte again (22% of the receiver's samples in the FUSE 1 MiB job
-    with 48 MiB kept and a 128 MiB backlog: bench/RESULTS.md, "2026-12-03, late")."""
+    that completes may add one window more (credit granted while it was still arriving,
+    counted here at the Welcome's window: a window grown past it on a long fat link is
+    the one case where the oldest records are read back from the journal, which holds
+    them all until applied). Kept whole, such a backlog is applied without reading the
+    journal back, decoding it and hashing every byte again (22% of the receiver's samples
+    in the FUSE 1 MiB job with 48 MiB kept and a 128 MiB backlog: bench/RESULTS.md,
+    "2026-12-03, late")."""
     return max(MEM_APPLY_BYTES, config.backlog_max + config.window)
 
 

@@ -767,10 +767,7 @@ class Journal:
         a sender shipping to a receiver that verifies every record on arrival (see
         ``engine/link.py``) hashes each byte once fewer.
         """
-        if check_through is None:
-            read = SegmentReader.read_encoded
-        else:
-            read = functools.partial(SegmentReader.read_encoded, check_through=check_through)
+        read = functools.partial(SegmentReader.read_encoded, check_through=check_through)
         return self._batches(lsn, follow=True, read=read)
 
     async def _records(self, lsn: int, *, follow: bool) -> AsyncGenerator[Record, None]:

@@ -4,8 +4,6 @@ found on its own side, by the next session, and never applied on the target."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from replicator.journal import Journal, Record, RecordType
 from replicator.journal.errors import JournalCorrupt
 from replicator.journal.records import HEADER_SIZE
 from replicator.journal.segment import HEADER_BYTES
-from replicator.transport import connection_pair
+from tests.engine.sessions import ship_journal
 
 RECORD_DATA = 64 * 1024
 RECORDS = 8
@@ -37,20 +35,11 @@ class Setup:
     spec: VolumeSpec
 
     async def session(self, unchecked: ShippedUnchecked | None) -> Link:
-        """A session that ships the journal from what the receiver holds, until it fails."""
-        sender_conn, receiver_conn = await connection_pair()
-        serving = asyncio.create_task(self.receiver.handle(receiver_conn))
-        link = Link(sender_conn, self.journal, unchecked=unchecked)
-        try:
-            await link.handshake("job", [self.spec], {NAME: RECORDS * RECORD_DATA})
-            link.start_reader()
-            link.start_shipper(link.received_lsn + 1)
-            with contextlib.suppress(Exception):  # the link's failure: raised by the caller
-                await link.wait_applied(2**62, timeout=20)
-        finally:
-            await link.aclose()
-            await serving
-        return link
+        """A session that ships the journal from what the receiver holds, until it fails
+        (the failure is raised by the caller)."""
+        return await ship_journal(
+            self.receiver, self.journal, self.spec, RECORDS * RECORD_DATA, unchecked=unchecked
+        )
 
 
 @pytest.fixture

@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 from replicator.engine import job_replica
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.job_replica import JobReplica
-from replicator.engine.link import Link
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.sender import Sender, SenderConfig
 from replicator.engine.volumes import VolumeKind, VolumeSpec, resolve_volumes
 from replicator.engine.window import CreditWindow
 from replicator.journal import Journal, Record, RecordType
-from replicator.transport import FramedConnection, connection_pair
+from replicator.transport import FramedConnection
+from tests.engine.sessions import ship_journal
 from tests.tools import b3
 
 MiB = 1024 * 1024
@@ -223,19 +223,12 @@ async def _most_unapplied(tmp_path: Path, backlog_max: int) -> int:
             await asyncio.sleep(0.002)
 
     sampler = asyncio.create_task(sample())
-    sender_conn, receiver_conn = await connection_pair()
-    serving = asyncio.create_task(receiver.handle(receiver_conn))
-    link = Link(sender_conn, journal)
     try:
         spec = VolumeSpec(tmp_path / "d.img", "d.img", VolumeKind.DISK)
-        await link.handshake("job", [spec], {"d.img": len(image)})
-        link.start_reader()
-        link.start_shipper(link.received_lsn + 1)
-        await link.wait_applied(journal.last_lsn, timeout=60)
+        link = await ship_journal(receiver, journal, spec, len(image), timeout=60)
+        link.raise_if_failed()
     finally:
         sampler.cancel()
-        await link.aclose()
-        await serving
         await receiver.aclose()
         await journal.aclose()
     assert (tmp_path / "replicas" / "job" / "d.img").read_bytes() == bytes(image)
