@@ -111,8 +111,8 @@ format: install ## apply ruff formatting and fixes
 
 typecheck: install ## mypy --strict over the package, the tests and the benchmarks
 	$(BIN)/mypy --strict engine transport journal cli tests bench --exclude 'bench/probes/'
-	@# each probe is a sitecustomize module: one name, so one mypy run each
-	for probe in bench/probes/*/sitecustomize.py; do $(BIN)/mypy --strict $$probe || exit 1; done
+	@# the sitecustomize probes share one module name, so one mypy run each
+	for probe in bench/probes/*/sitecustomize.py bench/probes/*.py; do $(BIN)/mypy --strict $$probe || exit 1; done
 
 bench: sysdeps install ## run the benchmarks and print figures side by side with their peers
 	$(PY) bench/run_all.py
