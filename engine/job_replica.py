@@ -642,7 +642,7 @@ class JobReplica:
                 raise ApplyError(f"record lsn {record.lsn} is not after {last} (internal error)")
             if record.type in NAMESPACE_TYPES and last > saved:
                 if batch:
-                    await _settled(applier.apply_many, batch)
+                    await _settled(applier.apply_past_cache, batch)
                     batch, size = [], 0
                 await _settled(applier.barrier)
                 await asyncio.to_thread(self.files.save, self.state_dir)
@@ -654,10 +654,10 @@ class JobReplica:
             batch.append(record)
             size += record.encoded_size
             if size >= APPLY_BATCH_BYTES:
-                await _settled(applier.apply_many, batch)
+                await _settled(applier.apply_past_cache, batch)
                 batch, size = [], 0
         if batch:
-            await _settled(applier.apply_many, batch)
+            await _settled(applier.apply_past_cache, batch)
         if last != target:  # never call "applied" what was not: the records must all be there
             raise ApplyError(
                 f"records up to lsn {target} should be durable here, but they end at {last}"

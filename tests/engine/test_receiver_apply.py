@@ -132,12 +132,12 @@ async def test_memory_dropped_during_a_round_is_made_up_from_the_journal(
             replica.note_durable(more)
             arrived.set()
 
-        def first_batch_then_more_arrives(batch: list[Record]) -> None:
+        def first_batch_then_more_arrives(batch: list[Record], **kwargs: bool) -> None:
             if not arrived.is_set():  # mid-round: the next records push memory over its cap
                 replica._tail.cap = 0
                 loop.call_soon_threadsafe(arrive)
                 assert arrived.wait(10)
-            apply_many(batch)
+            apply_many(batch, **kwargs)
 
         monkeypatch.setattr(applier, "apply_many", first_batch_then_more_arrives)
         # the job's own apply loop and this call race for the round up to lsn 9; whichever
@@ -218,10 +218,10 @@ async def test_a_failed_first_sync_round_moves_nothing_and_the_next_one_converge
     real = Applier.apply_many
     failures = [OSError(errno.ENOSPC, "No space left on device")]
 
-    def flaky(self: Applier, records: list[Record]) -> None:
+    def flaky(self: Applier, records: list[Record], **kwargs: bool) -> None:
         if failures:
             raise failures.pop()
-        real(self, records)
+        real(self, records, **kwargs)
 
     monkeypatch.setattr(Applier, "apply_many", flaky)
     replica = await JobReplica.open("job", _config(tmp_path))
