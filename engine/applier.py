@@ -428,6 +428,7 @@ class Applier:
         self._dirty_dirs.update((old_parent, new_parent))
 
     def apply_many(self, records: list[Record], *, past_cache: bool = False) -> None:
+        """Apply ``records`` in order; ``past_cache`` as for ``apply``."""
         for record in records:
             try:
                 self.apply(record, past_cache=past_cache)
@@ -436,11 +437,6 @@ class Applier:
                     f"cannot apply lsn {record.lsn} ({record.type.name}) to "
                     f"{self.replica_dir / record.volume}: {exc.strerror or exc}"
                 ) from exc
-
-    def apply_past_cache(self, records: list[Record]) -> None:
-        """``apply_many`` with large aligned writes past the page cache: for the records a
-        journal holds, applied beside the session (direct_writes.py)."""
-        self.apply_many(records, past_cache=True)
 
     def barrier(self) -> None:
         """Make every applied record durable, then stamp the files this round changed."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat
 import time
@@ -633,6 +634,8 @@ class JobReplica:
         if not self.state.applying:  # durably "under way" before any replica byte moves
             await self._save_state(self.state.replace(applying=True, consistent=False))
         applier = self._get_applier()
+        # applied beside the session: large writes may wait for the device (direct_writes.py)
+        apply = functools.partial(applier.apply_many, past_cache=True)
         batch: list[Record] = []
         size = 0
         last = saved = self.state.applied_lsn
@@ -642,7 +645,7 @@ class JobReplica:
                 raise ApplyError(f"record lsn {record.lsn} is not after {last} (internal error)")
             if record.type in NAMESPACE_TYPES and last > saved:
                 if batch:
-                    await _settled(applier.apply_past_cache, batch)
+                    await _settled(apply, batch)
                     batch, size = [], 0
                 await _settled(applier.barrier)
                 await asyncio.to_thread(self.files.save, self.state_dir)
@@ -654,10 +657,10 @@ class JobReplica:
             batch.append(record)
             size += record.encoded_size
             if size >= APPLY_BATCH_BYTES:
-                await _settled(applier.apply_past_cache, batch)
+                await _settled(apply, batch)
                 batch, size = [], 0
         if batch:
-            await _settled(applier.apply_past_cache, batch)
+            await _settled(apply, batch)
         if last != target:  # never call "applied" what was not: the records must all be there
             raise ApplyError(
                 f"records up to lsn {target} should be durable here, but they end at {last}"

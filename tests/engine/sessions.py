@@ -1,13 +1,13 @@
-"""One sender session driven by hand: a ``Link`` shipping a journal to a ``Receiver``
-over an in-memory pipe, for tests that need the engine's own sender/receiver protocol
-without a process or a capture around it."""
+"""Sessions and jobs driven by hand: a ``Link`` shipping a journal to a ``Receiver`` over an
+in-memory pipe, for tests that need the engine's own sender/receiver protocol without a
+process or a capture around it; and a receiver's job ended as a SIGKILL would end it."""
 
 from __future__ import annotations
 
 import asyncio
 
 from replicator.engine.link import Link, ShippedUnchecked
-from replicator.engine.receiver import Receiver
+from replicator.engine.receiver import JobReplica, Receiver
 from replicator.engine.volumes import VolumeSpec
 from replicator.journal import Journal
 from replicator.transport import connection_pair
@@ -43,3 +43,12 @@ async def ship_journal(
         await link.aclose()
         await serving
     return link
+
+
+async def end_as_sigkill(replica: JobReplica) -> None:
+    """End the job as a SIGKILL would: no apply, no commit, nothing saved."""
+    replica._closed = True
+    if replica._task is not None:
+        replica._task.cancel()
+    replica._reset_applier()
+    await replica.journal.aclose()

@@ -57,7 +57,7 @@ def apply(folder: Path, records: list[Record], *, journaled: bool = True) -> Non
     applier = Applier(folder)
     try:
         if journaled:
-            applier.apply_past_cache(records)
+            applier.apply_many(records, past_cache=True)
         else:
             applier.apply_many(records)  # a first sync's records, applied as they arrive
         applier.barrier()

@@ -24,6 +24,7 @@ from replicator.engine.applier import Applier
 from replicator.engine.receiver import JobReplica, ReceiverConfig
 from replicator.engine.replica_files import ReplicaFiles
 from replicator.journal import Record
+from tests.engine.sessions import end_as_sigkill
 
 BLOCK = 4096
 
@@ -48,15 +49,6 @@ def _replica(tmp_path: Path, volume: str = "d") -> bytes:
 def _block(tmp_path: Path, lsn: int) -> bytes:
     data = _replica(tmp_path)
     return data[lsn * BLOCK : (lsn + 1) * BLOCK]
-
-
-async def _crash(replica: JobReplica) -> None:
-    """End the job as a SIGKILL would: no apply, no commit, nothing saved."""
-    replica._closed = True
-    if replica._task is not None:
-        replica._task.cancel()
-    replica._reset_applier()
-    await replica.journal.aclose()
 
 
 def _fail_once(
@@ -147,7 +139,7 @@ async def test_a_crash_before_the_commit_is_redone_not_refused_as_an_edit(
     await replica.receive(_writes(1, 2, 0x31))
     await replica.make_durable()  # committed and stamped: applied 2
     await replica.receive(_writes(3, 2, 0x32))  # written over the stamp, then the crash
-    await _crash(replica)
+    await end_as_sigkill(replica)
     reopened = await JobReplica.open("job", _config(tmp_path))
     try:
         recovered = reopened.state
@@ -332,7 +324,7 @@ async def test_killed_at_each_durable_step_of_a_first_sync_it_resumes_and_conver
         await replica.receive(batch[committed:])
         await replica.make_durable()
     assert calls() == nth
-    await _crash(replica)
+    await end_as_sigkill(replica)
     monkeypatch.undo()
     reopened = await JobReplica.open("job", _config(tmp_path))
     try:
