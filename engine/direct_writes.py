@@ -11,9 +11,9 @@ the same way.
 
 Only large, aligned writes go this way: ``DIRECT_MIN`` bytes or more, offset and length
 multiples of ``ALIGN``. Small writes keep the page cache, which gathers them for the
-barrier's ``fdatasync``. And only the applies of journaled records (``Applier.
-apply_past_cache``): they run beside the session, so a write waiting for the device holds
-nobody up. A first sync's records are applied as they arrive, on the receive path, where
+barrier's ``fdatasync``. And only the applies of journaled records (``past_cache`` in
+``Applier.apply_many``): they run beside the session, so a write waiting for the device
+holds nobody up. A first sync's records are applied as they arrive, on the receive path, where
 the device's latency would be the sender's wait: on loopback 1 GiB took 2.1-2.4 s that way
 against 1.7-1.9 s through the page cache (on a machine whose memory was all backed).
 
@@ -118,6 +118,7 @@ class DirectWrites:
     def close_all(self) -> None:
         for path in list(self._fds):
             self.close(path)
-        if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
+        # dropped, not closed: a view of it may outlive a failed write (held by the frame of
+        # a wrapped pwrite in the traceback), and mmap.close() would then raise BufferError
+        # over the error being reported; the map goes with its last reference
+        self._bounce = None

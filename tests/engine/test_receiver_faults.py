@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from replicator.engine.receiver import JobReplica, ReceiverConfig
 from replicator.engine.replica_files import ReplicaDiverged
 from replicator.journal import Record
 from replicator.journal.segment import HEADER_BYTES
+from tests.engine.sessions import end_as_sigkill
 
 BLOCK = 4096
 
@@ -120,6 +122,73 @@ async def test_a_reopened_job_applies_what_a_failed_apply_left(
     finally:
         await reopened.aclose()
     assert _replica(tmp_path) == b"\x33" * 3 * BLOCK
+
+
+MiB = 1024 * 1024
+
+
+def _big_epoch(first_lsn: int, fill: int) -> list[Record]:
+    """Two 2 MiB writes and their barrier: journaled writes the applier sends past the page
+    cache, each in two 1 MiB direct writes (``engine/direct_writes.py``)."""
+    data = bytes([fill]) * 2 * MiB
+    writes = [Record.write("d", n * 2 * MiB, data).with_lsn(first_lsn + n, 1) for n in (0, 1)]
+    return [*writes, Record.epoch(fill).with_lsn(first_lsn + 2, 1)]
+
+
+def _fail_direct_write(monkeypatch: pytest.MonkeyPatch, err: int, nth: int) -> list[int]:
+    """``os.pwrite`` raises ``err`` on the ``nth`` write through an O_DIRECT descriptor (a
+    full or failing disk under the replica); every other write goes through. Returns the
+    offsets of the direct writes asked for."""
+    real = os.pwrite
+    asked: list[int] = []
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            return real(fd, data, offset)
+        asked.append(offset)
+        if len(asked) == nth:
+            raise OSError(err, os.strerror(err))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return asked
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["retried", "killed there"])
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+async def test_a_direct_replica_write_failing_mid_record_counts_nothing_and_converges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, killed: bool
+) -> None:
+    """The first 1 MiB of a 2 MiB record lands past the page cache, the second fails: the
+    applied LSN stays at the last barrier, on disk too; the same job applies the epoch
+    again from its journal, or, killed right there, the reopened one does."""
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _big_epoch(1, 0xA1))
+        assert await replica.apply_pending() == 3
+        asked = _fail_direct_write(monkeypatch, err, nth=2)
+        await _feed(replica, _big_epoch(4, 0xB2))
+        with pytest.raises((OSError, ApplyError)):
+            await replica.apply_pending()
+        assert asked == [0, MiB]  # the record's first half went past the cache, then the fault
+        assert replica.applied_lsn == 3
+        saved = replica_state.load(tmp_path / "state" / "job", "job")
+        assert saved is not None and saved.applied_lsn == 3 and saved.point_lsn == 3
+        if not killed:
+            assert await replica.apply_pending() == 6 and replica.state.consistent
+    finally:
+        if killed:
+            await end_as_sigkill(replica)
+        else:
+            await replica.aclose()
+    if killed:
+        monkeypatch.undo()
+        reopened = await JobReplica.open("job", _config(tmp_path))  # recovery applies it
+        try:
+            assert reopened.applied_lsn == 6 and reopened.state.consistent
+        finally:
+            await reopened.aclose()
+    assert _replica(tmp_path) == b"\xb2" * 4 * MiB
 
 
 async def test_applying_past_the_last_barrier_is_not_a_consistency_point(tmp_path: Path) -> None:
