@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from replicator.engine import replica_state
+from replicator.engine import direct_writes, replica_state
 from replicator.engine.applier import Applier, ApplyError, PendingSync
 from replicator.engine.durable_tail import DurableTail
 from replicator.engine.errors import (
@@ -55,6 +55,7 @@ from replicator.engine.replica_state import ReplicaState
 from replicator.engine.status import ReceiverJobStatus
 from replicator.engine.volumes import is_disk_image
 from replicator.engine.window import BACKLOG_MAX, MAX_WINDOW
+from replicator.engine.write_path import WritePathChooser
 from replicator.journal import (
     Journal,
     JournalError,
@@ -184,6 +185,7 @@ class JobReplica:
         self._direct_bytes = 0
         self._direct_point: Record | None = None
         self._direct_failures = 0  # a commit that overlapped a failure claims nothing
+        self._write_path = WritePathChooser()
         self._applier: Applier | None = None
         self._wake = asyncio.Event()
         self.applied_changed = asyncio.Condition()
@@ -387,7 +389,13 @@ class JobReplica:
     async def _apply_direct(self, records: list[Record]) -> None:
         if not records:
             return
-        await _settled(self._get_applier().apply_many, records)
+        # through the page cache or past it: whichever this machine does faster right now
+        # (engine/write_path.py); the commit's fdatasync makes either durable
+        past_cache = self._write_path.choose()
+        started = time.perf_counter()
+        apply = functools.partial(self._get_applier().apply_many, past_cache=past_cache)
+        await _settled(apply, records)
+        self._write_path.observe(past_cache, time.perf_counter() - started, _direct_bytes(records))
         self._direct_lsn = records[-1].lsn  # counted once written, never before
         self._direct_bytes += sum(record.encoded_size for record in records)
         if records[-1].is_barrier:
@@ -469,6 +477,13 @@ class JobReplica:
         self._direct_bytes = max(0, self._direct_bytes - commit.size)
         if point is not None:
             self._direct_point = None
+            costs = self._write_path.costs  # what the first sync's writes measured each way
+            log.info(
+                "receiver.first_sync_written",
+                job=self.job,
+                ms_per_mib_past_cache=_ms_per_mib(costs.get(True)),
+                ms_per_mib_page_cache=_ms_per_mib(costs.get(False)),
+            )
         await self._follow_layout()
         self._noted = max(self._noted, commit.upto)
         async with self.applied_changed:
@@ -946,6 +961,20 @@ async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
         with contextlib.suppress(BaseException):
             await asyncio.wait([task])
         raise
+
+
+def _ms_per_mib(seconds_per_byte: float | None) -> float | None:
+    return None if seconds_per_byte is None else round(seconds_per_byte * 1e3 * (1 << 20), 2)
+
+
+def _direct_bytes(records: list[Record]) -> int:
+    """Bytes of ``records`` that may go past the page cache (large aligned WRITEs)."""
+    total = 0
+    for record in records:
+        size = len(record.data)
+        if record.type is RecordType.WRITE and direct_writes.eligible(record.offset, size):
+            total += size
+    return total
 
 
 def _folder_id(path: Path) -> tuple[int, int] | None:

@@ -52,3 +52,11 @@ async def end_as_sigkill(replica: JobReplica) -> None:
         replica._task.cancel()
     replica._reset_applier()
     await replica.journal.aclose()
+
+
+async def end_job(replica: JobReplica, *, killed: bool) -> None:
+    """Close the job, or (``killed``) end it as a SIGKILL would."""
+    if killed:
+        await end_as_sigkill(replica)
+    else:
+        await replica.aclose()

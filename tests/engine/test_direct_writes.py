@@ -3,10 +3,8 @@ system that refuses O_DIRECT, the ordinary way; the file's bytes are the same ei
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import tempfile
 from collections.abc import Callable
@@ -20,37 +18,9 @@ from hypothesis import strategies as st
 from replicator.engine.applier import Applier
 from replicator.engine.direct_writes import ALIGN, DIRECT_MIN
 from replicator.journal import Record
+from tests.engine.page_cache import PAGE, cached_pages, takes_o_direct
 
 MiB = 1024 * 1024
-PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-
-def cached_pages(path: Path) -> list[bool]:
-    """Which pages of ``path`` the page cache holds (mincore(2) over a private mapping,
-    which reads nothing in)."""
-    length = path.stat().st_size
-    with path.open("rb") as f:
-        area = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY)
-    try:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(area))
-        vector = (ctypes.c_ubyte * ((length + PAGE - 1) // PAGE))()
-        if _libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vector) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        return [bool(v & 1) for v in vector]
-    finally:
-        area.close()
-
-
-def takes_o_direct(folder: Path) -> bool:
-    try:
-        fd = os.open(folder / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(folder / ".probe")
-    return True
 
 
 def apply(folder: Path, records: list[Record], *, journaled: bool = True) -> None:

@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 
 from replicator.engine import applier, replica_state
-from replicator.engine.applier import Applier
+from replicator.engine.applier import Applier, ApplyError
 from replicator.engine.receiver import JobReplica, ReceiverConfig
 from replicator.engine.replica_files import ReplicaFiles
 from replicator.journal import Record
-from tests.engine.sessions import end_as_sigkill
+from tests.engine.page_cache import PAGE, cached_pages, fail_direct_write, takes_o_direct
+from tests.engine.sessions import end_as_sigkill, end_job
 
 BLOCK = 4096
 
@@ -338,3 +339,75 @@ async def test_killed_at_each_durable_step_of_a_first_sync_it_resumes_and_conver
     finally:
         await reopened.aclose()
     assert _replica(tmp_path)[BLOCK:] == b"\xa1" * 3 * BLOCK
+
+
+MiB = 1024 * 1024
+
+
+def _mib_writes(first_lsn: int, count: int, fill: int, size: int = MiB) -> list[Record]:
+    return [
+        Record.write("d", n * size, bytes([fill]) * size).with_lsn(first_lsn + n, 1)
+        for n in range(count)
+    ]
+
+
+async def test_a_first_sync_writes_past_the_page_cache_or_through_it_as_measured(
+    tmp_path: Path,
+) -> None:
+    """The first window (8 MiB) goes past the page cache, the next is measured through it
+    (engine/write_path.py), whatever this machine's costs: the way chosen is the way taken."""
+    assert takes_o_direct(tmp_path / "replicas"), "this test needs a folder that takes O_DIRECT"
+    writes = _mib_writes(1, 12, 0x5A)
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        for at in range(0, 12, 2):  # a Records frame of 2 MiB at a time, as a sender packs
+            await replica.receive(writes[at : at + 2])
+        pages = cached_pages(tmp_path / "replicas" / "job" / "d")
+        per_mib = MiB // PAGE
+        assert not any(pages[: 8 * per_mib]), "the first window went through the page cache"
+        assert all(pages[8 * per_mib : 10 * per_mib]), "the page cache was never measured"
+        await replica.receive([Record.epoch(1).with_lsn(13, 1)])
+        await replica.make_durable()
+        assert replica.applied_lsn == 13 and replica.state.consistent
+    finally:
+        await replica.aclose()
+    assert _replica(tmp_path) == b"\x5a" * 12 * MiB
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["sent again", "killed there"])
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+async def test_a_first_sync_write_failing_past_the_page_cache_counts_nothing_and_converges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, killed: bool
+) -> None:
+    """The first 1 MiB of a first sync's 2 MiB record lands past the page cache, the second
+    fails: nothing is counted, on disk either; the sender's next session (or, killed right
+    there, the reopened job's) sends the records again and the replica converges."""
+    batch = [*_mib_writes(1, 3, 0xC3, size=2 * MiB), Record.epoch(1).with_lsn(4, 1)]
+    replica = await JobReplica.open("job", _config(tmp_path))
+    asked = fail_direct_write(monkeypatch, err, nth=2)
+    try:
+        with pytest.raises(ApplyError):
+            await replica.receive(batch)
+            await replica.make_durable()
+        assert asked == [0, MiB]  # the record's first half went past the cache, then the fault
+        assert replica.applied_lsn == replica.received_lsn == 0
+        saved = replica_state.load(tmp_path / "state" / "job", "job")
+        assert saved is None or saved.applied_lsn == 0
+        if not killed:
+            await replica.receive(batch)
+            await replica.make_durable()
+            assert replica.applied_lsn == 4 and replica.state.consistent
+    finally:
+        await end_job(replica, killed=killed)
+    if killed:
+        monkeypatch.undo()
+        reopened = await JobReplica.open("job", _config(tmp_path))
+        try:
+            assert reopened.received_lsn == reopened.applied_lsn == 0
+            assert await reopened.check_replica(adopt=False) == []  # its own writes
+            await reopened.receive(batch)
+            await reopened.make_durable()
+            assert reopened.applied_lsn == 4 and reopened.state.consistent
+        finally:
+            await reopened.aclose()
+    assert _replica(tmp_path) == b"\xc3" * 6 * MiB

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,7 +23,8 @@ from replicator.engine.receiver import JobReplica, ReceiverConfig
 from replicator.engine.replica_files import ReplicaDiverged
 from replicator.journal import Record
 from replicator.journal.segment import HEADER_BYTES
-from tests.engine.sessions import end_as_sigkill
+from tests.engine.page_cache import fail_direct_write
+from tests.engine.sessions import end_job
 
 BLOCK = 4096
 
@@ -135,25 +135,6 @@ def _big_epoch(first_lsn: int, fill: int) -> list[Record]:
     return [*writes, Record.epoch(fill).with_lsn(first_lsn + 2, 1)]
 
 
-def _fail_direct_write(monkeypatch: pytest.MonkeyPatch, err: int, nth: int) -> list[int]:
-    """``os.pwrite`` raises ``err`` on the ``nth`` write through an O_DIRECT descriptor (a
-    full or failing disk under the replica); every other write goes through. Returns the
-    offsets of the direct writes asked for."""
-    real = os.pwrite
-    asked: list[int] = []
-
-    def pwrite(fd: int, data: Any, offset: int) -> int:
-        if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            return real(fd, data, offset)
-        asked.append(offset)
-        if len(asked) == nth:
-            raise OSError(err, os.strerror(err))
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    return asked
-
-
 @pytest.mark.parametrize("killed", [False, True], ids=["retried", "killed there"])
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 async def test_a_direct_replica_write_failing_mid_record_counts_nothing_and_converges(
@@ -166,7 +147,7 @@ async def test_a_direct_replica_write_failing_mid_record_counts_nothing_and_conv
     try:
         await _feed(replica, _big_epoch(1, 0xA1))
         assert await replica.apply_pending() == 3
-        asked = _fail_direct_write(monkeypatch, err, nth=2)
+        asked = fail_direct_write(monkeypatch, err, nth=2)
         await _feed(replica, _big_epoch(4, 0xB2))
         with pytest.raises((OSError, ApplyError)):
             await replica.apply_pending()
@@ -177,10 +158,7 @@ async def test_a_direct_replica_write_failing_mid_record_counts_nothing_and_conv
         if not killed:
             assert await replica.apply_pending() == 6 and replica.state.consistent
     finally:
-        if killed:
-            await end_as_sigkill(replica)
-        else:
-            await replica.aclose()
+        await end_job(replica, killed=killed)
     if killed:
         monkeypatch.undo()
         reopened = await JobReplica.open("job", _config(tmp_path))  # recovery applies it
