@@ -76,7 +76,8 @@ def test_send_at_100ms_rtt_with_a_cap_converges(tmp_path: Path) -> None:
 
 def test_target_rpo_paces_a_slow_writer_far_under_the_cap(tmp_path: Path) -> None:
     """1 MiB/s of writes, a 100 Mbit/s cap, a 4 s target: the pace stays far under the cap
-    (what the link leaves to other traffic), the lag under the target."""
+    (what the link leaves to other traffic), the link carries about the write rate, and the
+    lag stays under the target."""
     rng = random.Random(12)
     disk, state = tmp_path / "disk.img", tmp_path / "state"
     disk.write_bytes(rng.randbytes(4 * MiB))
@@ -119,7 +120,10 @@ def test_target_rpo_paces_a_slow_writer_far_under_the_cap(tmp_path: Path) -> Non
     paces.sort()
     # the link carried about the write rate (plus the scans' metadata), not more
     assert 0.5 * MiB < wire_rate < 3 * MiB, wire_rate
-    assert paces[len(paces) // 2] < 0.25 * CAP, paces  # median pace: a quarter of the cap
+    # median pace: half the cap at most. The pace follows the backlog a scan finds, which
+    # grows when the machine is busy (a quarter of the cap failed twice under `make test`'s
+    # load, at 0.251x once); a sender that ignored the target would pace at the cap.
+    assert paces[len(paces) // 2] < 0.5 * CAP, paces
     assert max(lags) < 4.0, lags
 
 
