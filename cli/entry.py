@@ -13,6 +13,11 @@ nothing is left to do by then. Exit handlers still run and the standard streams 
 flushed, as at a normal exit; if a thread that is not a daemon is still running, the
 normal exit (which waits for it) is taken instead.
 
+A fatal signal (a crash in native code: SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) writes
+every thread's Python stack to stderr before the process dies (``faulthandler``), so a
+service's log says where it was; nothing else about it changes (the exit status is the
+signal's).
+
 structlog is imported first, while rich cannot be imported (``_import_structlog``):
 structlog loads rich's console, traceback and pretty-printing modules at import for its
 rich exception renderer only, which our processors never reach (``format_exc_info`` turns
@@ -24,6 +29,7 @@ it when they do.
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import signal
 import sys
@@ -41,6 +47,7 @@ def _interrupted_early(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     """Console-script and ``python -m replicator.cli`` entry point."""
+    faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT...) logs every stack
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupted_early)
     _import_structlog()

@@ -285,6 +285,21 @@ class LiveNbdSender:
         return rc, self.proc.stderr.read() if self.proc.stderr else ""
 
 
+def logs_after_failure(**procs: subprocess.Popen[str]) -> str:
+    """SIGTERM each process still running and return the end of each one's stderr (a pipe),
+    for an assertion message: a failure that needs load to show up is diagnosed from it."""
+    parts = []
+    for name, proc in procs.items():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            err = proc.communicate(timeout=60)[1] or ""
+        except (subprocess.TimeoutExpired, ValueError) as exc:
+            err = f"(no log: {exc!r})"
+        parts.append(f"--- {name} (exit {proc.returncode}) ---\n{err[-6000:]}")
+    return "\n".join(parts)
+
+
 def is_mounted(mnt: Path) -> bool:
     return any(
         line.split()[1] == str(mnt) for line in Path("/proc/mounts").read_text().splitlines()

@@ -9,13 +9,15 @@ code, output still buffered in a pipe, exit handlers, and a running non-daemon t
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from tests.tools import replicator
+from tests.tools import replicator, start_receiver
 
 
 def _child(body: str) -> subprocess.CompletedProcess[str]:
@@ -132,3 +134,14 @@ def test_a_bug_exits_70_with_its_traceback(fmt: str) -> None:
     last = out.stderr.strip().splitlines()[-2:]
     assert last[0] == "replicator: unexpected error: TypeError: 'object' object is not iterable"
     assert "This is a bug in replicator" in last[1], last
+
+
+def test_a_crash_in_native_code_leaves_every_stack_in_the_log(tmp_path: Path) -> None:
+    """A receiver killed by SIGSEGV (as a crash in a C extension would) writes its Python
+    stacks to stderr before it dies, and still dies of the signal."""
+    rcv = start_receiver(tmp_path / "target")
+    rcv.proc.send_signal(signal.SIGSEGV)
+    _, err = rcv.proc.communicate(timeout=60)
+    assert rcv.proc.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in err
+    assert "most recent call first" in err and "File " in err

@@ -30,6 +30,7 @@ from tests.tools import (
     LiveNbdSender,
     b3,
     is_mounted,
+    logs_after_failure,
     one_line_error,
     qemu_compare,
     qemu_img,
@@ -330,7 +331,9 @@ def test_planned_failover_of_a_fuse_capturing_sender_loses_nothing(tmp_path: Pat
             "failover", "--dir", str(target), "--job", "fvm", "--planned", "--timeout", "20",
             "--json",
         )  # fmt: skip
-        assert out.returncode == 0, out.stderr
+        if out.returncode != 0:  # seen once in ~75 runs under load: keep what both logged
+            logs = logs_after_failure(sender=sender, receiver=rcv.proc)
+            raise AssertionError(f"{out.stderr}\n{logs}")
         result = json.loads(out.stdout)
         _, err = sender.communicate(timeout=30)
         assert sender.returncode == ExitCode.HANDED_OVER, err[-3000:]
