@@ -279,10 +279,15 @@ class LiveNbdSender:
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM (if it still runs): its exit code and stderr."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=60)
-        return rc, self.proc.stderr.read() if self.proc.stderr else ""
+        return stop_and_read(self.proc)
+
+
+def stop_and_read(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
+    """SIGTERM ``proc`` if it still runs; its exit code and stderr (a pipe, read to the end)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=timeout)[1]
+    return proc.returncode, err or ""
 
 
 def logs_after_failure(**procs: subprocess.Popen[str]) -> str:
@@ -290,10 +295,8 @@ def logs_after_failure(**procs: subprocess.Popen[str]) -> str:
     for an assertion message: a failure that needs load to show up is diagnosed from it."""
     parts = []
     for name, proc in procs.items():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
         try:
-            err = proc.communicate(timeout=60)[1] or ""
+            err = stop_and_read(proc)[1]
         except (subprocess.TimeoutExpired, ValueError) as exc:
             err = f"(no log: {exc!r})"
         parts.append(f"--- {name} (exit {proc.returncode}) ---\n{err[-6000:]}")
