@@ -16,7 +16,7 @@ normal exit (which waits for it) is taken instead.
 A fatal signal (a crash in native code: SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) writes
 every thread's Python stack to stderr before the process dies (``faulthandler``), so a
 service's log says where it was; nothing else about it changes (the exit status is the
-signal's).
+signal's), and a process started without a stderr goes on without them.
 
 structlog is imported first, while rich cannot be imported (``_import_structlog``):
 structlog loads rich's console, traceback and pretty-printing modules at import for its
@@ -29,6 +29,7 @@ it when they do.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import os
 import signal
@@ -47,7 +48,7 @@ def _interrupted_early(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     """Console-script and ``python -m replicator.cli`` entry point."""
-    faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT...) logs every stack
+    _enable_crash_stacks()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupted_early)
     _import_structlog()
@@ -58,6 +59,14 @@ def main() -> None:
     except SystemExit as stop:
         _leave(stop.code)
     _leave(0)
+
+
+def _enable_crash_stacks() -> None:
+    """A crash in native code (SIGSEGV, SIGABRT...) writes every thread's stack to stderr.
+    Started without a stderr (fd 2 closed) there is nowhere to write: the command goes on
+    without them instead of failing at its first line."""
+    with contextlib.suppress(RuntimeError, ValueError, OSError):  # sys.stderr None, bad fd
+        faulthandler.enable()
 
 
 # What structlog imports for rich tracebacks only (structlog/dev.py, structlog/tracebacks.py)

@@ -145,3 +145,18 @@ def test_a_crash_in_native_code_leaves_every_stack_in_the_log(tmp_path: Path) ->
     assert rcv.proc.returncode == -signal.SIGSEGV
     assert "Fatal Python error: Segmentation fault" in err
     assert "most recent call first" in err and "File " in err
+
+
+def test_crash_stacks_are_skipped_without_a_stderr() -> None:
+    """No stderr (fd 2 closed: ``sys.stderr`` is None): nowhere to write the stacks, and
+    that must not be the command's first failure."""
+    out = _child(
+        """
+        import sys
+        from replicator.cli.entry import _enable_crash_stacks
+        sys.stderr = None
+        _enable_crash_stacks()
+        print("ran on")
+        """
+    )
+    assert out.returncode == 0 and out.stdout == "ran on\n", out.stderr
