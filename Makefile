@@ -28,7 +28,7 @@ PYTEST := $(PY) -bb -m pytest
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PYFUSE3_PATCH := engine/fuse/pyfuse3.patch
-PYFUSE3_LOCAL := $(PYFUSE3_VERSION)+replicator.2
+PYFUSE3_LOCAL := $(PYFUSE3_VERSION)+replicator.3
 PYFUSE3_BUILD := build/pyfuse3
 PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3_LOCAL)
 

@@ -72,12 +72,14 @@ class FuseCapture:
         allow_other: bool = True,
         max_tasks: int = MAX_TASKS,
         overflow: bool = False,
+        stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self.source = check_paths(Path(source), Path(mountpoint), journal.path)
         self.mountpoint = Path(os.path.abspath(mountpoint))
         self.journal = journal
         self.allow_other = allow_other
         self.max_tasks = max_tasks
+        self.stop_timeout = stop_timeout
         self.filter = JournalingFilter(self.source, journal, overflow=overflow)
         self.mounted = asyncio.Event()  # set once the mount is live
         self._active = False
@@ -120,23 +122,21 @@ class FuseCapture:
         stopper = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if not main.done():
-                pyfuse3.terminate()
-                try:
-                    await asyncio.wait_for(asyncio.shield(main), STOP_TIMEOUT)
-                except TimeoutError:
-                    log.error("fuse.stop_timeout", seconds=STOP_TIMEOUT)
-                    main.cancel()
-            else:
+            if main.done():
                 log.warning("fuse.unmounted_externally", mountpoint=str(self.mountpoint))
-            if main.done() and not main.cancelled():
+            else:
+                await end_main_loop(main, self.stop_timeout)
+            if not main.cancelled():
                 main.result()
         finally:
             stopper.cancel()
             try:
-                await self.filter.aclose()
+                await end_main_loop(main, self.stop_timeout)  # if cancelled or failed first
             finally:
-                pyfuse3.close(unmount=True)
+                try:
+                    await self.filter.aclose()
+                finally:
+                    pyfuse3.close(unmount=True)
                 self.mounted.clear()
                 stats = self.filter.stats
                 log.info(
@@ -150,3 +150,37 @@ class FuseCapture:
                     durable_lsn=self.journal.durable_lsn,
                     diverged=self.filter.diverged,
                 )
+
+
+async def end_main_loop(main: asyncio.Future[None], timeout: float = STOP_TIMEOUT) -> None:
+    """Stop pyfuse3's main loop and return only once it has ended, with all its workers.
+
+    ``pyfuse3.close()`` sets the session to NULL; a worker that is still to resume then
+    calls libfuse with it and the process dies of SIGSEGV (a sender did, at a planned
+    failover under load). So ``close()`` waits for this, also when ``terminate()`` fails
+    and when the caller is cancelled meanwhile: requests still running get ``timeout``
+    seconds, then ``main`` is cancelled (the patched nursery cancels its workers
+    and ends when none runs) and waited for; a cancellation is raised after that.
+    """
+    if main.done():
+        return
+    try:
+        pyfuse3.terminate()
+    except Exception as exc:  # whatever it was, the loop must still end before close()
+        log.error("fuse.terminate_failed", error=repr(exc))
+    interrupted: asyncio.CancelledError | None = None
+    try:
+        await asyncio.wait({main}, timeout=timeout)
+    except asyncio.CancelledError as exc:
+        interrupted = exc
+    if not main.done():
+        if interrupted is None:
+            log.error("fuse.stop_timeout", seconds=timeout)
+        main.cancel()
+    while not main.done():
+        try:
+            await asyncio.wait({main})
+        except asyncio.CancelledError as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted

@@ -52,6 +52,7 @@ from typing import Any, Final, TypeVar, cast
 import pyfuse3
 import pyfuse3.asyncio
 
+from replicator.engine.fuse.capture import end_main_loop
 from tests.faultfs import OPS, is_mounted
 
 log = logging.getLogger("faultfs")
@@ -989,12 +990,7 @@ async def serve(
         if main.done():
             log.info("unmounted externally")
         else:
-            pyfuse3.terminate()
-            try:
-                await asyncio.wait_for(asyncio.shield(main), STOP_TIMEOUT)
-            except TimeoutError:
-                log.error("requests still running after %.0f s; stopping anyway", STOP_TIMEOUT)
-                main.cancel()
+            await end_main_loop(main, STOP_TIMEOUT)
         if main.done() and not main.cancelled() and main.exception() is not None:
             raise cast(BaseException, main.exception())
     finally:
@@ -1006,6 +1002,7 @@ async def serve(
         if not control.startswith("@"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
+        await end_main_loop(main, STOP_TIMEOUT)  # no worker may outlive the session
         fs.close_all()
         pyfuse3.close(unmount=is_mounted(mnt))
         log.info(
