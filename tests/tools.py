@@ -135,7 +135,8 @@ def wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 20) -> No
             return
         except OSError:
             if proc.poll() is not None:
-                raise AssertionError(f"receiver exited with {proc.returncode}") from None
+                said = proc.stderr.read()[-3000:] if proc.stderr is not None else ""
+                raise AssertionError(f"receiver exited with {proc.returncode}:\n{said}") from None
             if time.monotonic() > deadline:
                 raise AssertionError("receiver did not start listening") from None
             time.sleep(0.05)
