@@ -124,14 +124,10 @@ class FuseCapture:
             await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if main.done():
                 log.warning("fuse.unmounted_externally", mountpoint=str(self.mountpoint))
-            else:
-                await end_main_loop(main, self.stop_timeout)
-            if not main.cancelled():
-                main.result()
         finally:
             stopper.cancel()
             try:
-                await end_main_loop(main, self.stop_timeout)  # if cancelled or failed first
+                await end_main_loop(main, self.stop_timeout)  # also when cancelled or failed
             finally:
                 try:
                     await self.filter.aclose()
@@ -150,6 +146,8 @@ class FuseCapture:
                     durable_lsn=self.journal.durable_lsn,
                     diverged=self.filter.diverged,
                 )
+        if not main.cancelled():
+            main.result()  # the loop's own failure (e.g. reading /dev/fuse)
 
 
 async def end_main_loop(main: asyncio.Future[None], timeout: float = STOP_TIMEOUT) -> None:

@@ -989,10 +989,6 @@ async def serve(
         await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if main.done():
             log.info("unmounted externally")
-        else:
-            await end_main_loop(main, STOP_TIMEOUT)
-        if main.done() and not main.cancelled() and main.exception() is not None:
-            raise cast(BaseException, main.exception())
     finally:
         stopper.cancel()
         if watcher is not None:
@@ -1002,13 +998,17 @@ async def serve(
         if not control.startswith("@"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
-        await end_main_loop(main, STOP_TIMEOUT)  # no worker may outlive the session
-        fs.close_all()
-        pyfuse3.close(unmount=is_mounted(mnt))
-        log.info(
-            "stopped: %d writes, %d bytes written, max write %d, %d internal errors",
-            fs.stats.writes,
-            fs.stats.bytes_written,
-            fs.stats.max_write,
-            fs.stats.internal_errors,
-        )
+        try:
+            await end_main_loop(main, STOP_TIMEOUT)  # no worker may outlive the session
+        finally:
+            fs.close_all()
+            pyfuse3.close(unmount=is_mounted(mnt))
+            log.info(
+                "stopped: %d writes, %d bytes written, max write %d, %d internal errors",
+                fs.stats.writes,
+                fs.stats.bytes_written,
+                fs.stats.max_write,
+                fs.stats.internal_errors,
+            )
+    if not main.cancelled():
+        main.result()  # the loop's own failure
