@@ -6,6 +6,7 @@ running the capture is cancelled) or ``terminate-fails`` (``pyfuse3.terminate()`
 as it did when a woken future was already done). ``pyfuse3.close()`` is watched: it must
 find no worker task alive, since one that resumes after it calls libfuse with a NULL
 session. Prints one JSON line: the workers alive at ``close()`` and how the run ended.
+The caller puts ``disk.img`` (``SPAN`` bytes) in SOURCE first.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from replicator.engine.fuse import capture
 from replicator.engine.fuse.capture import FuseCapture
 from replicator.journal.journal import Journal
 
-WRITERS = 4
+WRITERS = 8
 PIECE = 128 * 1024
 SPAN = 16 * 1024 * 1024
 
@@ -38,7 +39,9 @@ def _live_workers() -> list[str]:
 
 
 def _write_until(path: Path, halt: threading.Event, errors: list[str]) -> None:
-    piece = os.urandom(PIECE)
+    piece = bytearray(os.urandom(PIECE))
+    stamp = os.urandom(8)  # this writer's, then a count: no write repeats what is there
+    count = 0
     offset = 0
     try:
         fd = os.open(path, os.O_WRONLY)
@@ -47,6 +50,8 @@ def _write_until(path: Path, halt: threading.Event, errors: list[str]) -> None:
         return
     try:
         while not halt.is_set():
+            count += 1
+            piece[:16] = stamp + count.to_bytes(8, "little")
             os.pwrite(fd, piece, offset)
             offset = (offset + PIECE) % SPAN
     except OSError as exc:  # the mount went away under the write: expected at the end
@@ -73,7 +78,6 @@ async def _probe(how: str, source: Path, mountpoint: Path, journal_dir: Path) ->
             raise RuntimeError("terminate failed (simulated)")
 
         pyfuse3.terminate = failing_terminate
-    (source / "disk.img").write_bytes(b"\0" * SPAN)
     stop = asyncio.Event()
     halt = threading.Event()
     errors: list[str] = []
