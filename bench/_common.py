@@ -96,6 +96,24 @@ def compile_bytecode() -> None:
     compileall.compile_dir(str(package), quiet=1)
 
 
+def machine() -> str:
+    """What the figures were taken on, for the report: figures from different hosts are
+    not comparable (a session's VM can land on another CPU model)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name", "unknown CPU")
+    if "cpu family" in fields:  # "AMD EPYC" alone names no generation
+        model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"machine: {model}, {os.cpu_count()} vCPU, {memory:.0f} GiB, Linux {os.uname().release}, "
+        f"Python {sys.version.split()[0]}"
+    )
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, for the report (the machine is shared)."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -52,6 +52,7 @@ from _common import (
     REPLICATOR,
     cpu_since,
     journal_pattern_limit,
+    machine,
     machine_cpu,
     stand_in_shipper,
     start_receiver,
@@ -247,6 +248,7 @@ def main() -> None:
         disk = journal_pattern_limit(work / "pattern")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(machine())
     print(f"median of {args.repeat} interleaved runs, {args.runtime} s each (min-max)")
     print("ratio: replicating / the faster bindfs")
     print(f"{'job':26} {'figure':6}" + "".join(f" {c:>20}" for c in columns) + "  ratio target")

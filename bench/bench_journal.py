@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import uvloop
+from _common import machine
 
 from replicator.journal import Journal, Record
 from replicator.journal import durable as durable_mod
@@ -252,6 +253,7 @@ async def main(args: argparse.Namespace) -> None:
             )
         )
         width = max(len(r[0]) for r in rows)
+        print(machine())
         print(f"{'benchmark':<{width}}  {'journal':>14}  peer / target")
         for name, value, peer_text in rows:
             print(f"{name:<{width}}  {value:>14}  {peer_text}")

@@ -54,6 +54,7 @@ from _common import (
     cpu_since,
     journal_files_bytes,
     journal_pattern_limit,
+    machine,
     machine_cpu,
     stand_in_shipper,
     start_receiver,
@@ -355,6 +356,7 @@ async def main() -> None:
         for _ in range(opts.size_mib):
             f.write(block)
     sock = str(work / "nbd.sock")
+    print(machine())
     print(f"file {image} ({opts.size_mib} MiB), fio {opts.runtime} s per run, unix sockets")
     print(
         f"{'job':<20} {'nbdkit file':>14} {'replicator shim':>16} {'ratio':>7} {'target':>7}"

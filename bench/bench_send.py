@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import REPLICATOR, ROOT, compile_bytecode, load_average, start_receiver
+from _common import REPLICATOR, ROOT, compile_bytecode, load_average, machine, start_receiver
 
 MIB = 1024 * 1024
 
@@ -217,6 +217,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "size_bytes": image.stat().st_size,
         "data_bytes": os.stat(image).st_blocks * 512,
+        "machine": machine(),
         "load_average_start": load_average(),
     }
     sparse = ["--sparse"] if args.data_mib else []
@@ -297,6 +298,7 @@ def main() -> int:
 
 def print_results(results: dict[str, Any]) -> None:
     i, c, r = results["initial"], results["changed_1pct"], results["peak_rss_mib"]
+    print(results["machine"])
     print(
         f"image {results['size_bytes'] / MIB:.0f} MiB mixed (text/binaries/zeros/random), "
         f"{results['data_bytes'] / MIB:.0f} MiB allocated; load average at start "

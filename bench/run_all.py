@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import machine
+
 HERE = Path(__file__).resolve().parent
 BENCHES = [
     "bench_journal.py",
@@ -23,6 +25,7 @@ BENCHES = [
 
 
 def main() -> int:
+    print(machine(), flush=True)
     failed = 0
     for name in BENCHES:
         path = HERE / name
