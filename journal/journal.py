@@ -618,8 +618,9 @@ class Journal:
         old.set()
 
     # ------------------------------------------------------------------ roll
-    async def _roll_locked(self) -> None:
-        """Seal the active segment and start the next one.
+    async def _roll_locked(self, *, reuse_spare: bool = True) -> None:
+        """Seal the active segment and start the next one (over a spare file unless
+        ``reuse_spare`` is False).
 
         The caller holds the io lock and runs in a journal-owned task (never cancelled by
         a caller). Appends go on meanwhile: they are staged for the new segment, which is
@@ -649,7 +650,7 @@ class Journal:
             self._file_bytes += seg.end + SEAL_BYTES - seg.size + HEADER_BYTES
             while self._inflight:  # no sync round may use the old fd any more
                 await self._idle.wait()
-            spare = self._free_spare()
+            spare = self._free_spare() if reuse_spare else None
             if spare is not None:
                 self._spares.remove(spare)
                 self._spare_bytes -= spare.size
@@ -676,22 +677,28 @@ class Journal:
         self._kick()
 
     # ------------------------------------------------------------------ trim
-    async def trim(self, upto_lsn: int) -> None:
+    async def trim(self, upto_lsn: int, *, retire_active: bool = False) -> None:
         """Drop whole sealed segments whose records are all below ``upto_lsn``; durable.
 
         An active segment that is full and entirely below ``upto_lsn`` is sealed first, so a
-        journal at its cap can always be emptied down to one segment.
+        journal at its cap can always be emptied down to one segment. With
+        ``retire_active`` it is sealed and dropped whenever its records are all below
+        ``upto_lsn``, full or not: for a writer about to close with nothing left to ship,
+        so that the next open has no records to read and verify (recovery reads every
+        record of the active segment to find where they end). Its successor is a new file,
+        not a spare: the close would cut a spare's blocks away, which the rolls of a
+        writer that goes on are spared allocating.
         """
         self._check_usable()
-        await asyncio.shield(_spawn(self._trim(upto_lsn)))
+        await asyncio.shield(_spawn(self._trim(upto_lsn, retire_active)))
 
-    async def _trim(self, upto_lsn: int) -> None:
+    async def _trim(self, upto_lsn: int, retire_active: bool = False) -> None:
         async with self._io_lock:
             self._check_usable()
             active = self._segments[-1]
             full = active.end + self._staged_bytes + HEADER_SIZE > self._segment_bytes
-            if full and active.count and active.last_lsn < upto_lsn:
-                await self._roll_locked()
+            if (full or retire_active) and active.count and active.last_lsn < upto_lsn:
+                await self._roll_locked(reuse_spare=not retire_active)
             victims: list[SegmentFile] = []
             for seg in self._segments[:-1]:
                 if not seg.sealed or seg.next_lsn > upto_lsn:

@@ -196,8 +196,22 @@ def test_a_flipped_byte_in_the_sender_journal_is_recovered_by_comparing(
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
     disk, state = _synced_then_changed(tmp_path, receiver, "srot", 8 * MiB, 4 * MiB)
-    send_once(receiver, "srot", state, disk)  # journaled: records stay in the segment
+    # a continuous sender stopped once the change is applied leaves its records at rest
+    # (a `send --once` retires them: nothing would be left to damage)
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "srot", "--state-dir",
+         str(state), "--interval", "60", "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        replica = receiver.dir / "srot" / "disk.img"
+        wait_for(lambda: b3(replica) == b3(disk), proc, "the change applied")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
     (segment,) = sorted((state / "journal").glob("*.seg"))
+    assert segment.stat().st_size > 4 * MiB  # the change's records, at rest
     _flip(segment, HEADER_BYTES + segment.stat().st_size // 3)
     with disk.open("r+b") as f:
         f.seek(3 * MiB)

@@ -44,9 +44,12 @@ def test_a_first_sync_is_journaled_nowhere_and_later_syncs_are(
     with disk.open("r+b") as f:
         f.seek(7 * MiB)
         f.write(os.urandom(2 * MiB))
-    send_once(receiver, "bulk", state, disk)
+    before = _journal_bytes(receiver_journal)
+    summary = send_once(receiver, "bulk", state, disk)
     assert b3(replica) == b3(disk)
-    assert _journal_bytes(sender_journal) > 2 * MiB  # a later sync is journaled
+    assert _journal_bytes(receiver_journal) > before + 2 * MiB  # a later sync is journaled
+    # on the sender too, and retired once the receiver applied it (nothing left to ship)
+    assert summary["records"] > 2 and _journal_bytes(sender_journal) < 64 * 1024
     saved = replica_state.load(receiver.dir / ".replicator" / "bulk", "bulk")
     assert saved is not None and saved.consistent
 

@@ -400,3 +400,41 @@ async def test_a_failed_spare_step_fails_the_journal_and_loses_no_synced_record(
         for record in records:
             check_record(record)
     assert scan_journal(tmp_path).problem is None
+
+
+async def test_retiring_the_active_segment_leaves_nothing_to_read_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    # a writer that closes with every record acknowledged (`send --once`) drops the active
+    # segment too, in a new file (the spares stay spares), so recovery reads no records
+    j = await Journal.open(tmp_path, segment_bytes=SEG)
+    await _fill(j, 40)  # several segments
+    await j.trim(30)  # the sealed ones below 30 become spares
+    spares = {p.name: _size(p) for p in _spares(tmp_path)}
+    assert spares
+    await _fill(j, 44)
+    active = segment_files(tmp_path)[-1]
+    assert j.last_lsn == 44 and _size(active) > HEADER_BYTES
+    await j.trim(44, retire_active=True)  # LSN 44 is not below 44: nothing is retired
+    assert segment_files(tmp_path)[-1] == active and (await read_all(j, 44))[0].lsn == 44
+    await j.trim(45, retire_active=True)
+    (new,) = segment_files(tmp_path)
+    assert new.name == f"{45:020d}.seg" and _size(new) == HEADER_BYTES
+    assert not _header(new).reused
+    assert {p.name: _size(p) for p in _spares(tmp_path)} == spares
+    assert (j.first_lsn, j.last_lsn, j.next_lsn) == (45, 44, 45)
+    await j.trim(45, retire_active=True)  # an empty active segment stays as it is
+    assert segment_files(tmp_path) == [new]
+    await j.aclose()
+    assert _size(new) == HEADER_BYTES
+    report = scan_journal(tmp_path)
+    assert report.problem is None and [s.count for s in report.segments] == [0]
+    async with await Journal.open(tmp_path, segment_bytes=SEG) as j:
+        assert (j.first_lsn, j.last_lsn, j.next_lsn) == (45, 44, 45)
+        with pytest.raises(JournalError, match="trimmed"):
+            await read_all(j, 44)
+        assert await j.append(write_for(45)) == 45
+        await j.sync()
+        (record,) = await read_all(j, 45)
+        assert record.lsn == 45
+        check_record(record)
