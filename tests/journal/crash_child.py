@@ -1,8 +1,10 @@
 """Child process for the crash test: append and sync forever, reporting each synced LSN.
 
 Usage: ``python crash_child.py DIR SEED``. Every line on stdout is an LSN that ``sync()``
-has returned for (so it must survive a SIGKILL). The parent kills this process at random
-moments. Records are ``write_for(lsn)`` so the parent can check their content.
+has returned for (so it must survive a SIGKILL), or ``R`` and an LSN before the child
+retires every record below it, active segment included (as a `send --once` does at its
+end: ``trim(..., retire_active=True)``). The parent kills this process at random moments.
+Records are ``write_for(lsn)`` so the parent can check their content.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tests.journal.helpers import write_for
 
 SEGMENT_BYTES = 64 * 1024
 KEEP = 200  # the child trims everything more than KEEP LSNs below what it synced
+RETIRE_SHARE = 0.03  # of the syncs, those after which it retires every record
 
 
 async def main(path: Path, seed: int) -> None:
@@ -39,6 +42,10 @@ async def main(path: Path, seed: int) -> None:
             out.flush()
             if rng.random() < 0.05 and synced > KEEP:
                 await journal.trim(synced - KEEP)
+            elif rng.random() < RETIRE_SHARE:
+                out.write(f"R {synced + 1}\n")
+                out.flush()
+                await journal.trim(synced + 1, retire_active=True)
 
 
 if __name__ == "__main__":

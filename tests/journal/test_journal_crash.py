@@ -25,8 +25,9 @@ from tests.journal.helpers import check_record
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def _run_child(path: Path, seed: int, rng: random.Random) -> int:
-    """Start a child, kill it at a random moment; returns the highest LSN it reported."""
+async def _run_child(path: Path, seed: int, rng: random.Random) -> tuple[int, int]:
+    """Start a child, kill it at a random moment; returns the highest LSN it reported
+    synced, and the highest below which it said it would retire every record (0: none)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -37,30 +38,31 @@ async def _run_child(path: Path, seed: int, rng: random.Random) -> int:
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
-    reported = 0
+    lines: list[str] = []
     try:
         # wait until it is writing, then let it run for a random while
         first = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert first, "crash child exited before syncing anything"
-        reported = int(first)
+        lines.append(first.decode())
         await asyncio.sleep(rng.uniform(0.0, 0.25))
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGKILL)
         rest = await proc.stdout.read()
         await proc.wait()
-    for line in rest.split():
-        reported = max(reported, int(line))
+    lines += rest.decode().splitlines()
     assert proc.returncode == -signal.SIGKILL
-    return reported
+    reported = max(int(line) for line in lines if not line.startswith("R"))
+    retired = max((int(line.split()[1]) for line in lines if line.startswith("R")), default=0)
+    return reported, retired
 
 
-async def _check(path: Path, reported: int) -> int:
+async def _check(path: Path, reported: int, retired: int) -> int:
     async with await Journal.open(path, segment_bytes=SEGMENT_BYTES) as journal:
         assert journal.last_lsn >= reported
         assert journal.durable_lsn == journal.last_lsn
         # everything above the child's last possible trim point must still be there
-        assert journal.first_lsn <= max(1, reported - KEEP)
+        assert journal.first_lsn <= max(1, reported - KEEP, retired)
         expected = journal.first_lsn
         async for record in journal.read_from(journal.first_lsn):
             assert record.lsn == expected  # contiguous: nothing lost, nothing skipped
@@ -76,14 +78,17 @@ async def _check(path: Path, reported: int) -> int:
 async def _crash_loop(path: Path, kills: int, seed: int) -> None:
     rng = random.Random(seed)
     last = 0
-    killed_in_reused = 0
+    killed_in_reused = retires = retired_below = 0
     for _ in range(kills):
-        reported = await _run_child(path, rng.randrange(2**32), rng)
+        reported, retired = await _run_child(path, rng.randrange(2**32), rng)
         assert reported >= last  # a new child never reports less than what survived
         killed_in_reused += any(s.reused for s in scan_journal(path).segments)
-        last = await _check(path, reported)
+        retires += retired > 0
+        retired_below = max(retired_below, retired)  # an earlier child's retire holds
+        last = await _check(path, reported, retired_below)
     assert last > kills  # the children made progress
     assert killed_in_reused  # trimmed files were written over before some of the kills
+    assert retires  # some children retired their whole journal before they were killed
 
 
 async def test_sigkill_never_loses_a_synced_record(tmp_path: Path) -> None:
