@@ -14,17 +14,21 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer._click import Context  # what click's Command.parse_args is typed with
 from typer.core import TyperCommand
 
 from replicator.cli.common import fail
-from replicator.cli.jobfile import ConfigFile, load_receive, load_send
-from replicator.cli.jobfile_checks import check_values
-from replicator.cli.jobfile_fanout import run_jobs
 from replicator.engine.errors import ConfigError, ReplicatorError
+
+if TYPE_CHECKING:
+    from replicator.cli.jobfile import ConfigFile
+
+# The file's reader and checks (replicator.cli.jobfile, jobfile_checks, jobfile_fanout) are
+# imported when a file is given: every send and receive imports this module for its option,
+# and they took ~6 ms of each start (bench/RESULTS.md, "2026-12-04, last session").
 
 JobFileOption = Annotated[
     Path | None,
@@ -83,6 +87,9 @@ class SendCommand(_FileCommand):
     def defaults(
         self, ctx: Context, path: Path, opts: Mapping[str, Any], args: list[str]
     ) -> dict[str, Any]:
+        from replicator.cli.jobfile import load_send
+        from replicator.cli.jobfile_checks import check_values
+
         given = _given(opts)
         jobs = load_send(path, self, given)
         name = opts.get("job")
@@ -101,6 +108,9 @@ class SendCommand(_FileCommand):
 
     @staticmethod
     def _several(jobs: ConfigFile, given: set[str], args: list[str]) -> int:
+        from replicator.cli.jobfile_checks import check_values
+        from replicator.cli.jobfile_fanout import run_jobs
+
         clash = [name for name in PER_JOB if name in given]
         if clash:
             which = ", ".join(
@@ -124,6 +134,9 @@ class ReceiveCommand(_FileCommand):
     def defaults(
         self, ctx: Context, path: Path, opts: Mapping[str, Any], args: list[str]
     ) -> dict[str, Any]:
+        from replicator.cli.jobfile import load_receive
+        from replicator.cli.jobfile_checks import check_values
+
         given = _given(opts)
         config = load_receive(path, self, given)
         check_values(config, config.sections[""], given)
