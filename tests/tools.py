@@ -200,6 +200,18 @@ def send_once(
     return summary
 
 
+def start_send(
+    address: str, job: str, state: Path, *volumes: Path, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
+    """A continuous ``send`` (``extra``: ``--interval`` and the like) to the receiver at
+    ``address``, insecure; its stderr is piped, for ``wait_for``'s message."""
+    return subprocess.Popen(
+        [*REPLICATOR, "send", "--to", address, "--job", job, "--state-dir", str(state),
+         "--insecure", *extra, *map(str, volumes)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
 def receiver_fixture(tmp_path: Path) -> Iterator[ReceiverProc]:
     rcv = start_receiver(tmp_path / "target")
     try:

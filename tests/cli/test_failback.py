@@ -34,6 +34,7 @@ from tests.tools import (
     require_tool,
     send_once,
     start_receiver,
+    start_send,
 )
 
 MiB = 1024 * 1024
@@ -444,11 +445,7 @@ def test_a_sender_stopped_before_recording_the_handover_is_refused(
     with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
         state = fs.mountpoint / "state"
         rcv = start_receiver(target)
-        sender = subprocess.Popen(
-            [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm", "--state-dir",
-             str(state), "--interval", "300", "--insecure", str(disk)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-        )  # fmt: skip
+        sender = start_send(rcv.address, "vm", state, disk, extra=("--interval", "300"))
         try:
             deadline = time.monotonic() + 30
             while not replica.exists():  # the first scan is in

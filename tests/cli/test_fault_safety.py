@@ -18,13 +18,12 @@ import pytest
 from replicator.engine.errors import ExitCode
 from replicator.journal.segment import HEADER_BYTES
 from tests.tools import (
-    ENV,
-    REPLICATOR,
     ReceiverProc,
     b3,
     replicator,
     send_once,
     start_receiver,
+    start_send,
     wait_for,
 )
 
@@ -198,11 +197,7 @@ def test_a_flipped_byte_in_the_sender_journal_is_recovered_by_comparing(
     disk, state = _synced_then_changed(tmp_path, receiver, "srot", 8 * MiB, 4 * MiB)
     # a continuous sender stopped once the change is applied leaves its records at rest
     # (a `send --once` retires them: nothing would be left to damage)
-    proc = subprocess.Popen(
-        [*REPLICATOR, "send", "--to", receiver.address, "--job", "srot", "--state-dir",
-         str(state), "--interval", "60", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    proc = start_send(receiver.address, "srot", state, disk, extra=("--interval", "60"))
     try:
         replica = receiver.dir / "srot" / "disk.img"
         wait_for(lambda: b3(replica) == b3(disk), proc, "the change applied")
@@ -233,11 +228,9 @@ def test_a_byte_flipped_in_the_sender_journal_while_it_ships_stops_it_with_exit_
     (its journal is opened with damage cut); the next run cuts, compares, and the replica
     equals the source. Never applied, never a session retried for ever."""
     disk, state = _synced_then_changed(tmp_path, receiver, "live", 64 * MiB, 48 * MiB)
-    proc = subprocess.Popen(
-        [*REPLICATOR, "send", "--to", receiver.address, "--job", "live", "--state-dir",
-         str(state), "--interval", "60", "--rate", "4MB/s", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    proc = start_send(
+        receiver.address, "live", state, disk, extra=("--interval", "60", "--rate", "4MB/s")
+    )
     try:
 
         def journaled() -> bool:  # the cycle's records synced; shipping at 4 MB/s
