@@ -692,7 +692,7 @@ class Journal:
         self._check_usable()
         await asyncio.shield(_spawn(self._trim(upto_lsn, retire_active)))
 
-    async def _trim(self, upto_lsn: int, retire_active: bool = False) -> None:
+    async def _trim(self, upto_lsn: int, retire_active: bool) -> None:
         async with self._io_lock:
             self._check_usable()
             active = self._segments[-1]

@@ -22,7 +22,16 @@ from typing import Any
 
 from replicator.engine.control import ControlUnavailable, request
 from replicator.engine.errors import ExitCode
-from tests.tools import ENV, REPLICATOR, ReceiverProc, free_port, replicator, send_once, wait_port
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    free_port,
+    replicator,
+    send_once,
+    start_send,
+    wait_port,
+)
 
 AT_REST = "not running (read from files at rest)"
 
@@ -83,11 +92,7 @@ def _receiver(directory: Path, *extra: str) -> ReceiverProc:
 
 
 def _sender(address: str, job: str, state: Path, disk: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*REPLICATOR, "send", "--to", address, "--job", job, "--state-dir", str(state),
-         "--interval", "0.2", "--insecure", *extra, str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    return start_send(address, job, state, disk, extra=("--interval", "0.2", *extra))
 
 
 def _stop(proc: subprocess.Popen[str]) -> int:
