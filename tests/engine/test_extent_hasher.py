@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -286,6 +287,44 @@ def test_the_helper_process_hashes_what_it_maps(tmp_path: Path) -> None:
         assert out.getvalue() == b"".join(want)
     finally:
         os.close(fd)
+
+
+def test_the_helper_hashes_no_extent_of_zeros(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zero extent gets the zero digest without being hashed (one hash per length, for
+    the digest itself); extents that only start with zeros, or end with a byte set, are
+    hashed, and every digest is the one of the bytes there."""
+    ext = 16 * 1024
+    pieces = [
+        bytes(ext),  # zeros
+        os.urandom(ext),
+        bytes(mapped_hasher.PROBE) + os.urandom(ext - mapped_hasher.PROBE),  # starts with zeros
+        bytes(ext - 1) + b"\x01",  # one byte set, at its end
+        bytes(ext),
+        bytes(4000),  # a last extent, shorter, of zeros
+    ]
+    path = tmp_path / "f"
+    path.write_bytes(b"".join(pieces))
+    hashed: list[int] = []
+    real = blake3.blake3
+
+    def counting(data: bytes | memoryview) -> object:
+        hashed.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(blake3, "blake3", counting)  # the module the helper calls
+    monkeypatch.setattr(mapped_hasher, "_zero_digests", {})  # as in a helper just started
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = io.BytesIO()
+        size = path.stat().st_size
+        request = mapped_hasher.request(size, ext, DIGEST_SIZE, [(0, 6)])
+        mapped_hasher.serve(fd, io.BytesIO(request), out)
+    finally:
+        os.close(fd)
+    assert out.getvalue() == b"".join(real(p).digest(DIGEST_SIZE) for p in pieces)
+    assert sorted(hashed) == sorted([ext, ext, ext, ext, 4000])  # 3 with data, 2 zero digests
 
 
 def test_the_scan_ends_without_waiting_for_its_helpers_to_die(
