@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # (typing took a third of this process's start)
 
 RUN = struct.Struct("<QQ")  # (first extent, count)
 PROBE = 64  # leading bytes of an extent compared before all of it is
+COMPARE = 1024 * 1024  # bytes copied out per compare: bounded whatever the extent size
 HEAD = struct.Struct("<QQQQ")  # size, extent size, digest size, number of runs
 
 
@@ -78,11 +79,18 @@ _zero_digests: dict[tuple[int, int], bytes] = {}
 
 
 def _all_zeros(region: mmap.mmap, off: int, length: int) -> bool:
-    """Whether ``length`` bytes at ``off`` are all zero: a few first, then the rest."""
+    """Whether ``length`` bytes at ``off`` are all zero: a few first, then the rest, at
+    most ``COMPARE`` bytes at a time."""
     probe = min(PROBE, length)
     if region[off : off + probe] != _zero_bytes(probe):
         return False
-    return region[off : off + length] == _zero_bytes(length)
+    end = off + length
+    while off < end:
+        n = min(COMPARE, end - off)
+        if region[off : off + n] != _zero_bytes(n):
+            return False
+        off += n
+    return True
 
 
 def _zero_bytes(length: int) -> bytes:

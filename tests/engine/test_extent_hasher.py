@@ -289,12 +289,15 @@ def test_the_helper_process_hashes_what_it_maps(tmp_path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.parametrize("compare", [mapped_hasher.COMPARE, 4096])
 def test_the_helper_hashes_no_extent_of_zeros(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compare: int
 ) -> None:
     """A zero extent gets the zero digest without being hashed (one hash per length, for
     the digest itself); extents that only start with zeros, or end with a byte set, are
-    hashed, and every digest is the one of the bytes there."""
+    hashed, and every digest is the one of the bytes there. Compared in pieces smaller
+    than an extent too (as an extent larger than ``COMPARE`` is)."""
+    monkeypatch.setattr(mapped_hasher, "COMPARE", compare)
     ext = 16 * 1024
     pieces = [
         bytes(ext),  # zeros
