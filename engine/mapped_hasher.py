@@ -10,9 +10,9 @@ rest itself. Imports nothing but the standard library and blake3, to start quick
 
 An extent of zeros is not hashed: its digest is the zero digest, computed once per length,
 as the scan's own reads do (``volumes._read_chunk``). A mapping has no in-place compare, so
-the extent is copied out and compared, which costs a third of hashing it; its first
-``PROBE`` bytes are compared first, so an extent with data pays next to nothing for the
-check. On the 1% bench's image (a quarter zeros) the helpers' CPU fell by 20-25%
+the extent is copied out and compared, ``COMPARE`` bytes at a time, which costs a third of
+hashing it; its first ``PROBE`` bytes are compared first, so an extent with data pays next
+to nothing for the check. On the 1% bench's image (a quarter zeros) the helpers' CPU fell by 20-25%
 (bench/RESULTS.md, "2026-12-04, night").
 """
 
