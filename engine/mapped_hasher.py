@@ -12,8 +12,8 @@ An extent of zeros is not hashed: its digest is the zero digest, computed once p
 as the scan's own reads do (``volumes._read_chunk``). A mapping has no in-place compare, so
 the extent is copied out and compared, ``COMPARE`` bytes at a time, which costs a third of
 hashing it; its first ``PROBE`` bytes are compared first, so an extent with data pays next
-to nothing for the check. On the 1% bench's image (a quarter zeros) the helpers' CPU fell by 20-25%
-(bench/RESULTS.md, "2026-12-04, night").
+to nothing for the check. On the 1% bench's image (a quarter zeros) the helpers' CPU fell
+by 20-25% (bench/RESULTS.md, "2026-12-04, night").
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def serve(fd: int, requests: BinaryIO, out: BinaryIO) -> None:
             region.close()
 
 
+# volumes.zeros and volumes.zero_digest, kept apart: importing engine/volumes.py brings in
+# the protocol's messages and the engine's errors, which this process starts without
 _zeros: dict[int, bytes] = {}
 _zero_digests: dict[tuple[int, int], bytes] = {}
 
@@ -85,6 +87,7 @@ def _all_zeros(region: mmap.mmap, off: int, length: int) -> bool:
     if region[off : off + probe] != _zero_bytes(probe):
         return False
     end = off + length
+    off += probe  # compared already
     while off < end:
         n = min(COMPARE, end - off)
         if region[off : off + n] != _zero_bytes(n):
