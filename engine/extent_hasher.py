@@ -1,20 +1,17 @@
-"""A differential scan that hashes the image in helper processes mapping it, not copying it.
+"""A differential scan that hashes the image in helper processes, beside the scan.
 
 A scan with a basis (the previous cycle's manifest) needs the data of the few extents that
-changed and only the digest of all the others. Reading every extent into a buffer to hash
-it copies the whole image out of the page cache, which costs more CPU than the hashing
-(bench/RESULTS.md: 0.6-0.8 s against 0.5 s per GiB on one core here). Hashing through a
-read-only ``mmap`` copies nothing; but a file that shrinks while it is mapped kills the
-process touching the lost pages with SIGBUS, and a scan must survive a source that
-shrinks (it reads as zeros, see ``volumes._read_chunk``). So the mapping lives in helper
-processes (``engine/mapped_hasher.py``), two by default, hashing the allocated extents
-a read chunk (4 MiB) each in turn and streaming one digest per extent back on a pipe. The scan
-reads (``pread``) and hashes again only the extents whose digest differs from the basis:
-the digest a manifest keeps is always the one of the bytes shipped.
+changed and only the digest of all the others. Hashing a GiB takes a core most of 0.2 s,
+and threads of the sending process would share its lock with the event loop that ships. So
+helper processes (``engine/hashing_helper.py``), two by default, hash the allocated extents
+a read chunk (4 MiB) each in turn, each reading through a small buffer of its own, and
+stream one digest per extent back on a pipe. The scan reads (``pread``) and hashes again
+only the extents whose digest differs from the basis: the digest a manifest keeps is always
+the one of the bytes shipped.
 
-When a helper cannot start, dies (SIGBUS: the source shrank) or more than a quarter of
-the extents turn out changed (a first sync against a stale replica: reading them all in
-one pass is cheaper), the rest of the volume is scanned by ``volumes.iter_extents``.
+When a helper cannot start, dies (killed, out of memory) or more than a quarter of the
+extents turn out changed (a first sync against a stale replica: reading them all in one
+pass is cheaper), the rest of the volume is scanned by ``volumes.iter_extents``.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from typing import Final
 
 import structlog
 
-from replicator.engine import mapped_hasher
+from replicator.engine import hashing_helper
 from replicator.engine.volumes import (
     DEFAULT_EXTENT,
     Extent,
@@ -50,7 +47,7 @@ log = structlog.get_logger("replicator.scan")
 # (a helper takes 25-40 ms to start here; a threaded scan of 128 MiB takes 50-100 ms).
 HELPER_MIN_SIZE: Final = 128 * 1024 * 1024
 HELPERS: Final = 2
-HELPER_COMMAND = [sys.executable, "-m", "replicator.engine.mapped_hasher"]  # + the fd
+HELPER_COMMAND = [sys.executable, "-m", "replicator.engine.hashing_helper"]  # + the fd
 # Digests a helper may send beyond what the scan took: 16,384 (1 GiB of 64 KiB extents),
 # or the run the scan waits for when that is longer.
 AHEAD: Final = 16_384 * DIGEST_SIZE
@@ -139,10 +136,10 @@ class _Helper:
     def close(self) -> None:
         """Kill the helper, and reap it in a thread of its own: the scan does not wait.
 
-        A helper that mapped half of a large image takes ~40 ms to die (the kernel tears
-        its page tables down; strace of a 1 GiB scan), and the scan's last batch and the
-        epoch's end used to wait for that. SIGKILL cannot be refused, so nothing is left
-        behind; only the reaping (and the pipe's close, after the reader's EOF) is later.
+        A process takes milliseconds to exit (tens when it had mapped the image, as the
+        helpers once did), and the scan's last batch and the epoch's end need not wait for
+        that. SIGKILL cannot be refused, so nothing is left behind; only the reaping (and
+        the pipe's close, after the reader's EOF) is later.
         """
         with self._changed:
             self._closing = True
@@ -199,7 +196,7 @@ def iter_extents_against(
     try:
         for share in shares:
             started.append(
-                _Helper(fd, mapped_hasher.request(size, extent_size, DIGEST_SIZE, share))
+                _Helper(fd, hashing_helper.request(size, extent_size, DIGEST_SIZE, share))
             )
     except (OSError, _HelperFailed) as exc:
         for helper in started:

@@ -122,8 +122,8 @@ def test_ctrl_c_while_the_program_is_still_starting(tmp_path: Path) -> None:
 
 
 def _helpers_of(pid: int) -> list[int]:
-    """The hashing helpers (engine/mapped_hasher.py) that process ``pid`` started."""
-    helper = b"replicator.engine.mapped_hasher"
+    """The hashing helpers (engine/hashing_helper.py) that process ``pid`` started."""
+    helper = b"replicator.engine.hashing_helper"
     return [p.pid for p in processes() if p.ppid == pid and helper in p.argv]
 
 

@@ -1,4 +1,4 @@
-"""The differential scan's helper processes (engine/extent_hasher.py, mapped_hasher.py).
+"""The differential scan's helper processes (engine/extent_hasher.py, hashing_helper.py).
 
 The oracle is ``volumes.iter_extents``: whatever the helpers do (hash everything, die part
 way, give up because most of it changed), the extents that come out are the same, in the
@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replicator.engine import extent_hasher, mapped_hasher
+from replicator.engine import extent_hasher, hashing_helper
 from replicator.engine.extent_hasher import deal, iter_extents_against
 from replicator.engine.volumes import (
     Extent,
@@ -149,20 +149,20 @@ def test_unchanged_extents_come_without_data_and_changed_ones_with(disk: tuple[P
 def test_a_helper_that_dies_part_way_leaves_the_rest_to_the_threads(
     disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """It answers its first run of extents, then dies of SIGBUS, as a helper whose file
-    shrank under its mapping does."""
+    """It answers its first run of extents, then dies (SIGKILL, as the kernel's OOM killer
+    would kill it)."""
     script = tmp_path / "dying_helper.py"
     script.write_text(
         textwrap.dedent(
             """
             import io, os, signal, sys
-            from replicator.engine import mapped_hasher as m
+            from replicator.engine import hashing_helper as m
             req = sys.stdin.buffer.read()
             size, ext, dsz, n = m.HEAD.unpack_from(req)
             first = m.RUN.unpack_from(req, m.HEAD.size)
             one = io.BytesIO(m.request(size, ext, dsz, [first]))
             m.serve(int(sys.argv[1]), one, sys.stdout.buffer)
-            os.kill(os.getpid(), signal.SIGBUS)
+            os.kill(os.getpid(), signal.SIGKILL)
             """
         )
     )
@@ -181,7 +181,7 @@ def test_a_digest_a_helper_saw_is_never_the_one_kept_for_a_changed_extent(
         textwrap.dedent(
             """
             import io, sys
-            from replicator.engine import mapped_hasher as m
+            from replicator.engine import hashing_helper as m
             out = io.BytesIO()
             m.serve(int(sys.argv[1]), sys.stdin.buffer, out)
             digests = bytearray(out.getvalue())
@@ -265,9 +265,14 @@ def test_helpers_that_may_run_only_a_little_ahead_give_the_same_extents(
     _scan_checked(disk, [i % 50 != 0 for i in range(2001)])
 
 
-def test_the_helper_process_hashes_what_it_maps(tmp_path: Path) -> None:
-    """mapped_hasher on its own: one digest per extent asked for, zero-padded past the
-    file's end, in the order asked."""
+@pytest.mark.parametrize("read", [hashing_helper.READ, 1024])
+def test_the_helper_process_hashes_what_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: int
+) -> None:
+    """hashing_helper on its own: one digest per extent asked for, zero-padded past the
+    file's end, in the order asked; extents larger than its buffer too (``read``)."""
+    monkeypatch.setattr(hashing_helper, "READ", read)
+    monkeypatch.setattr(hashing_helper, "_zero_digests", {})  # computed with this READ
     body = os.urandom(5 * EXT + 7)
     path = tmp_path / "f"
     path.write_bytes(body)
@@ -275,66 +280,83 @@ def test_the_helper_process_hashes_what_it_maps(tmp_path: Path) -> None:
     try:
         out = io.BytesIO()
         size = 8 * EXT
-        mapped_hasher.serve(
-            fd, io.BytesIO(mapped_hasher.request(size, EXT, DIGEST_SIZE, [(4, 3), (0, 1)])), out
+        runs = [(4, 3), (0, 1), (7, 1)]
+        hashing_helper.serve(
+            fd, io.BytesIO(hashing_helper.request(size, EXT, DIGEST_SIZE, runs)), out
         )
         want = [
             extent_digest(body[4 * EXT : 5 * EXT]),
             extent_digest(body[5 * EXT :] + zeros(EXT - 7)),
             extent_digest(zeros(EXT)),
             extent_digest(body[:EXT]),
+            extent_digest(zeros(EXT)),  # wholly past the file's end
         ]
         assert out.getvalue() == b"".join(want)
     finally:
         os.close(fd)
 
 
-@pytest.mark.parametrize("compare", [mapped_hasher.COMPARE, 4096])
+class _CountingHasher:
+    """blake3.blake3 that records, at each digest, how many bytes it was given."""
+
+    hashed: list[int] = []  # per test: each replaces it
+    real = blake3.blake3
+
+    def __init__(self, data: bytes | memoryview = b"") -> None:
+        self._inner = self.real(data)
+        self._bytes = len(data)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._inner.update(data)
+        self._bytes += len(data)
+
+    def digest(self, length: int) -> bytes:
+        self.hashed.append(self._bytes)
+        return bytes(self._inner.digest(length))
+
+
+@pytest.mark.parametrize("read", [hashing_helper.READ, 4096])
 def test_the_helper_hashes_no_extent_of_zeros(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compare: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: int
 ) -> None:
     """A zero extent gets the zero digest without being hashed (one hash per length, for
     the digest itself); extents that only start with zeros, or end with a byte set, are
-    hashed, and every digest is the one of the bytes there. Compared in pieces smaller
-    than an extent too (as an extent larger than ``COMPARE`` is)."""
-    monkeypatch.setattr(mapped_hasher, "COMPARE", compare)
+    hashed, and every digest is the one of the bytes there. Read in pieces smaller than an
+    extent too (``read``), as an extent larger than the helper's buffer is."""
+    monkeypatch.setattr(hashing_helper, "READ", read)
     ext = 16 * 1024
     pieces = [
         bytes(ext),  # zeros
         os.urandom(ext),
-        bytes(mapped_hasher.PROBE) + os.urandom(ext - mapped_hasher.PROBE),  # starts with zeros
+        bytes(64) + os.urandom(ext - 64),  # starts with zeros
         bytes(ext - 1) + b"\x01",  # one byte set, at its end
         bytes(ext),
         bytes(4000),  # a last extent, shorter, of zeros
     ]
     path = tmp_path / "f"
     path.write_bytes(b"".join(pieces))
-    hashed: list[int] = []
-    real = blake3.blake3
-
-    def counting(data: bytes | memoryview) -> object:
-        hashed.append(len(data))
-        return real(data)
-
-    monkeypatch.setattr(blake3, "blake3", counting)  # the module the helper calls
-    monkeypatch.setattr(mapped_hasher, "_zero_digests", {})  # as in a helper just started
+    monkeypatch.setattr(_CountingHasher, "hashed", [])
+    monkeypatch.setattr(blake3, "blake3", _CountingHasher)  # the module the helper calls
+    monkeypatch.setattr(hashing_helper, "_zero_digests", {})  # as in a helper just started
     fd = os.open(path, os.O_RDONLY)
     try:
         out = io.BytesIO()
         size = path.stat().st_size
-        request = mapped_hasher.request(size, ext, DIGEST_SIZE, [(0, 6)])
-        mapped_hasher.serve(fd, io.BytesIO(request), out)
+        request = hashing_helper.request(size, ext, DIGEST_SIZE, [(0, 6)])
+        hashing_helper.serve(fd, io.BytesIO(request), out)
     finally:
         os.close(fd)
+    real = _CountingHasher.real
     assert out.getvalue() == b"".join(real(p).digest(DIGEST_SIZE) for p in pieces)
-    assert sorted(hashed) == sorted([ext, ext, ext, ext, 4000])  # 3 with data, 2 zero digests
+    # 3 with data, and 2 zero digests (one per length)
+    assert sorted(_CountingHasher.hashed) == sorted([ext, ext, ext, ext, 4000])
 
 
 def test_the_scan_ends_without_waiting_for_its_helpers_to_die(
     disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A helper that mapped a large image takes tens of milliseconds to die: the scan kills
-    its helpers and returns; each is reaped in a thread of its own, and none is left."""
+    """A helper takes milliseconds to die: the scan kills its helpers and returns; each is
+    reaped in a thread of its own, and none is left."""
     released = threading.Event()
     helpers: list[extent_hasher._Helper] = []
     waited_for_release: list[bool] = []
