@@ -19,22 +19,19 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Generator, Iterator
 from typing import Final
 
 import structlog
 
-from replicator.engine import hashing_helper
+from replicator.engine import early_hashing, hashing_helper
+from replicator.engine.read_plan import DEFAULT_EXTENT, HELPER_MIN_SIZE, HELPERS, helper_plan
 from replicator.engine.volumes import (
-    DEFAULT_EXTENT,
     Extent,
     ExtentState,
-    data_ranges,
     extent_digest,
     iter_extents,
-    plan_reads,
     pread_all,
     zero_digest,
     zeros,
@@ -43,11 +40,6 @@ from replicator.transport.messages import DIGEST_SIZE
 
 log = structlog.get_logger("replicator.scan")
 
-# Below this size the threads of ``iter_extents`` finish before two helpers have started
-# (a helper takes 25-40 ms to start here; a threaded scan of 128 MiB takes 50-100 ms).
-HELPER_MIN_SIZE: Final = 128 * 1024 * 1024
-HELPERS: Final = 2
-HELPER_COMMAND = [sys.executable, "-m", "replicator.engine.hashing_helper"]  # + the fd
 # Digests a helper may send beyond what the scan took: 16,384 (1 GiB of 64 KiB extents),
 # or the run the scan waits for when that is longer.
 AHEAD: Final = 16_384 * DIGEST_SIZE
@@ -65,22 +57,14 @@ class _Helper:
 
     A reader thread drains its pipe up to AHEAD bytes of digests beyond what the scan took
     (then the helper waits on the full pipe): memory stays bounded on any disk, and the
-    shares are dealt out in turns (``deal``), so every helper hashes near the scan.
+    shares are dealt out in turns (``read_plan.deal``), so every helper hashes near the scan.
     """
 
-    def __init__(self, fd: int, request: bytes) -> None:
-        self.proc = subprocess.Popen(
-            [*HELPER_COMMAND, str(fd)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(fd,),
-            # not in the terminal's process group: a Ctrl-C is for the sender to handle
-            # (a helper whose sender is gone dies at its next write, on the closed pipe)
-            start_new_session=True,
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self._out = self.proc.stdout.fileno()
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        """Take over ``proc``, a helper started with its work (``hashing_helper.spawn``)."""
+        assert proc.stdout is not None
+        self.proc = proc
+        self._out = proc.stdout.fileno()
         self._digests = bytearray()  # received and not taken yet
         self._wanted = 0  # bytes a take() waits for: the reader goes on until it has them
         self._ended = False
@@ -88,12 +72,6 @@ class _Helper:
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="scan-hasher", daemon=True)
         self._reader.start()
-        try:
-            self.proc.stdin.write(request)
-            self.proc.stdin.close()
-        except OSError as exc:  # it died at once
-            self.close()
-            raise _HelperFailed(f"the hashing helper did not take its work: {exc}") from exc
 
     def _read(self) -> None:
         try:
@@ -155,12 +133,6 @@ class _Helper:
         self.proc.stdout.close()
 
 
-def deal(runs: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
-    """``runs`` dealt out in turns to at most ``parts`` helpers (empty hands left out):
-    each hashes every ``parts``-th run, so all of them work near where the scan is."""
-    return [hand for hand in (runs[k::parts] for k in range(parts)) if hand]
-
-
 def _changed_extent(fd: int, index: int, offset: int, length: int) -> Extent:
     """Read a changed extent; its digest is the one of the bytes read (what ships)."""
     data = pread_all(fd, length, offset)
@@ -186,25 +158,29 @@ def iter_extents_against(
     The difference: a DATA extent whose digest equals its basis digest comes without its
     data (``data`` is None); every other DATA extent carries its data.
     """
-    plan = list(plan_reads(data_ranges(fd, size), size, extent_size))
-    reads = [(first, count) for read, first, count in plan if read]
-    if size < min_size or not reads:
+    plan, shares = helper_plan(fd, size, extent_size, helpers) if size >= min_size else ([], [])
+    if not shares:
         yield from iter_extents(fd, size, extent_size)
         return
-    shares = deal(reads, helpers)
-    started: list[_Helper] = []
+    # started at the command's start (engine/early_hashing.py), when asked exactly this
+    early = early_hashing.take(fd, size, extent_size, DIGEST_SIZE, shares)
+    started = [_Helper(proc) for proc in early] if early is not None else []
     try:
-        for share in shares:
-            started.append(
-                _Helper(fd, hashing_helper.request(size, extent_size, DIGEST_SIZE, share))
-            )
-    except (OSError, _HelperFailed) as exc:
+        for share in shares[len(started) :]:
+            request = hashing_helper.request(size, extent_size, DIGEST_SIZE, share)
+            started.append(_Helper(hashing_helper.spawn(fd, request)))
+    except OSError as exc:
         for helper in started:
             helper.close()
         log.info("scan.helpers_unavailable", error=str(exc))
         yield from iter_extents(fd, size, extent_size)
         return
-    log.debug("scan.hashing_in_helpers", helpers=len(started), extents=sum(c for _, c in reads))
+    log.debug(
+        "scan.hashing_in_helpers",
+        helpers=len(started),
+        early=early is not None,
+        extents=sum(count for hand in shares for _, count in hand),
+    )
     segments: list[tuple[int, int, _Helper | None]] = [
         (first, count, None) for read, first, count in plan if not read
     ]

@@ -29,7 +29,10 @@ import blake3
 
 TYPE_CHECKING = False  # what mypy reads as typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:  # (typing took a third of this process's start)
+    import subprocess
     from typing import BinaryIO
+
+COMMAND = [sys.executable, "-m", "replicator.engine.hashing_helper"]  # + the fd
 
 RUN = struct.Struct("<QQ")  # (first extent, count)
 HEAD = struct.Struct("<QQQQ")  # size, extent size, digest size, number of runs
@@ -42,6 +45,43 @@ def request(size: int, extent_size: int, digest_size: int, runs: list[tuple[int,
     """What the scan writes to a helper's stdin."""
     head = HEAD.pack(size, extent_size, digest_size, len(runs))
     return head + b"".join(RUN.pack(first, count) for first, count in runs)
+
+
+def spawn(fd: int, request_bytes: bytes, *, pipe_bytes: int = 0) -> subprocess.Popen[bytes]:
+    """A helper hashing ``fd`` as ``request_bytes`` asks; its digests come on its stdout.
+
+    ``pipe_bytes`` widens that pipe (F_SETPIPE_SZ, best effort), so that a helper started
+    before anyone reads it can run that far ahead. Raises OSError when it cannot start or
+    dies before taking its work. (``subprocess`` is imported here: the helper process itself
+    never needs it.)
+    """
+    import contextlib
+    import fcntl
+    import subprocess
+
+    proc = subprocess.Popen(
+        [*COMMAND, str(fd)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(fd,),
+        # not in the terminal's process group: a Ctrl-C is for the sender to handle (a
+        # helper whose sender is gone dies at its next write, on the closed pipe)
+        start_new_session=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    if pipe_bytes:  # above /proc/sys/fs/pipe-max-size: the helper waits for a reader sooner
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, pipe_bytes)
+    try:
+        proc.stdin.write(request_bytes)  # read whole before any digest is written
+        proc.stdin.close()
+    except OSError:  # it died at once
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        raise
+    return proc
 
 
 def serve(fd: int, requests: BinaryIO, out: BinaryIO) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from replicator.engine import generations
+from replicator.engine import early_hashing, generations
 from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.errors import (
     AuthError,
@@ -333,6 +333,8 @@ class Sender:
             )
         if self.config.pre_hook is None:
             await self._warn_unfrozen_writers(state)
+        else:  # what early helpers saw is from before the freeze: never for this epoch
+            early_hashing.discard()
         await run_hook(self.config.pre_hook, "pre")
         try:
             result = await scan_epoch(
@@ -344,6 +346,7 @@ class Sender:
                 prelude=prelude,
             )
         finally:
+            early_hashing.discard()  # any the scan did not take: no later scan would
             await run_hook(self.config.post_hook, "post")
         if status.progress is not None:  # the scan is complete: all of it was seen
             seen(status.progress[1], status.progress[1])

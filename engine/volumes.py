@@ -23,10 +23,10 @@ import blake3
 
 from replicator.engine.errors import ConfigError
 from replicator.engine.names import check_volume_name
+from replicator.engine.read_plan import DEFAULT_EXTENT as DEFAULT_EXTENT  # the engine's, here too
+from replicator.engine.read_plan import READ_CHUNK, data_ranges, plan_reads
 from replicator.transport.messages import DIGEST_SIZE  # one extent digest, on the wire too
 
-DEFAULT_EXTENT = 64 * 1024
-READ_CHUNK = 4 * 1024 * 1024
 CONFIG_FILE_MAX = 1024 * 1024  # files up to this size that are not disk images ship whole
 _DISK_SUFFIXES = {".vhd", ".vhdx", ".avhd", ".avhdx", ".qcow2", ".qcow", ".img", ".raw", ".vmdk"}
 
@@ -135,29 +135,6 @@ def extent_digest(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest(DIGEST_SIZE)
 
 
-def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """Allocated (start, end) ranges via SEEK_DATA/SEEK_HOLE (the whole file if unsupported)."""
-    ranges: list[tuple[int, int]] = []
-    pos = 0
-    try:
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after pos
-                    break
-                raise
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            if end > start:
-                ranges.append((start, end))
-            pos = end
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return [(0, size)] if size else []
-        raise
-    return ranges
-
-
 class ExtentState(Enum):
     HOLE = 0
     ZERO = 1
@@ -174,32 +151,6 @@ class Extent:
     # set for DATA extents (extent_hasher leaves it None where the digest matches the
     # basis); valid until the iterator advances
     data: memoryview | None
-
-
-def plan_reads(
-    ranges: list[tuple[int, int]], size: int, extent_size: int, first: int = 0
-) -> Iterator[tuple[bool, int, int]]:
-    """(read?, first extent, extent count) jobs from extent ``first`` on: holes are never
-    read, data in chunks."""
-    n_extents = (size + extent_size - 1) // extent_size
-    chunk_extents = max(1, READ_CHUNK // extent_size)
-    r = 0
-    idx = first
-    while idx < n_extents:
-        off = idx * extent_size
-        length = min(extent_size, size - off)
-        while r < len(ranges) and ranges[r][1] <= off:
-            r += 1
-        if r >= len(ranges) or ranges[r][0] >= off + length:
-            next_data = ranges[r][0] if r < len(ranges) else size
-            last = min(n_extents, max(idx + 1, next_data // extent_size))
-            yield False, idx, last - idx
-            idx = last
-            continue
-        range_extents = (ranges[r][1] - off + extent_size - 1) // extent_size
-        count = min(chunk_extents, n_extents - idx, range_extents)  # stop where the data ends
-        yield True, idx, count
-        idx += count
 
 
 def _read_chunk(

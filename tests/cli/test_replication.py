@@ -158,8 +158,9 @@ def test_verify_finds_and_repairs_damage(tmp_path: Path, receiver: ReceiverProc)
 
 
 def test_a_large_disk_is_hashed_in_helper_processes(tmp_path: Path, receiver: ReceiverProc) -> None:
-    """Past engine/extent_hasher.HELPER_MIN_SIZE a scan with a basis hashes the image in
-    helper processes mapping it; the replica still ends up equal, changes only moved."""
+    """Past engine/read_plan.HELPER_MIN_SIZE a scan with a basis hashes the image in
+    helper processes, started before the command's imports (engine/early_hashing.py) and
+    taken by the scan; the replica still ends up equal, changes only moved."""
     disk = tmp_path / "big.img"
     with disk.open("wb") as f:  # allocated throughout, so every extent is hashed
         for _ in range(160):
@@ -173,7 +174,8 @@ def test_a_large_disk_is_hashed_in_helper_processes(tmp_path: Path, receiver: Re
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
-    assert any(e["event"] == "scan.hashing_in_helpers" for e in events), out.stderr[-3000:]
+    hashing = [e for e in events if e["event"] == "scan.hashing_in_helpers"]
+    assert [e["early"] for e in hashing] == [True], out.stderr[-3000:]
     assert not any(e["event"].startswith("scan.helper") and e["event"] != "scan.hashing_in_helpers"
                    for e in events)  # fmt: skip
     second = json.loads(out.stdout)

@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replicator.engine import extent_hasher, hashing_helper
-from replicator.engine.extent_hasher import deal, iter_extents_against
+from replicator.engine import extent_hasher, hashing_helper, read_plan
+from replicator.engine.extent_hasher import iter_extents_against
+from replicator.engine.read_plan import deal
 from replicator.engine.volumes import (
     Extent,
     ExtentState,
@@ -166,7 +167,7 @@ def test_a_helper_that_dies_part_way_leaves_the_rest_to_the_threads(
             """
         )
     )
-    monkeypatch.setattr(extent_hasher, "HELPER_COMMAND", [sys.executable, str(script)])
+    monkeypatch.setattr(hashing_helper, "COMMAND", [sys.executable, str(script)])
     _scan_checked(disk, [i % 50 != 0 for i in range(2001)])
 
 
@@ -190,7 +191,7 @@ def test_a_digest_a_helper_saw_is_never_the_one_kept_for_a_changed_extent(
             """
         )
     )
-    monkeypatch.setattr(extent_hasher, "HELPER_COMMAND", [sys.executable, str(script)])
+    monkeypatch.setattr(hashing_helper, "COMMAND", [sys.executable, str(script)])
     got = _scan_checked(disk, [True] * 2001)  # nothing changed against the basis
     with_data = [e for e in got if e.data is not None]
     assert len(with_data) == 2  # the fifth extent of each of the two helpers' hands
@@ -202,7 +203,7 @@ def test_a_digest_a_helper_saw_is_never_the_one_kept_for_a_changed_extent(
 def test_a_helper_that_cannot_start_leaves_it_all_to_the_threads(
     disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(extent_hasher, "HELPER_COMMAND", ["/nonexistent/python"])
+    monkeypatch.setattr(hashing_helper, "COMMAND", ["/nonexistent/python"])
     path, size = disk
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -371,9 +372,9 @@ def test_the_scan_ends_without_waiting_for_its_helpers_to_die(
     _scan_checked(disk, [i % 5 != 0 for i in range(2001)])
     released.set()  # the scan has returned: only now may a reaping go on
     for _ in range(500):
-        if len(waited_for_release) == len(helpers) == extent_hasher.HELPERS:
+        if len(waited_for_release) == len(helpers) == read_plan.HELPERS:
             break
         time.sleep(0.01)
-    assert waited_for_release == [True] * extent_hasher.HELPERS
+    assert waited_for_release == [True] * read_plan.HELPERS
     for helper in helpers:
         assert helper.proc.wait(5) is not None  # killed, and reaped

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from replicator.engine.errors import ConfigError
+from replicator.engine.read_plan import data_ranges
 from replicator.engine.volumes import (
     ExtentState,
     VolumeKind,
-    data_ranges,
     extent_digest,
     iter_extents,
     pread_all,
