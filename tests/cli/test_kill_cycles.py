@@ -5,7 +5,8 @@ After every kill and at the end of every cycle the replica is observed at rest: 
 receiver dead, or frozen with SIGSTOP, and ``applied.state`` saying no apply round is under
 way and the replica is at a consistency point. It must then be exactly some S_k of the
 write history (``tests/killcycles.py``); for scan capture, a k the source was frozen at.
-`make test` runs 10 cycles per capture mode, `make test-long` 200 more.
+`make test` runs 10 cycles per capture mode (6 for a scan large enough for its hashing
+helpers), `make test-long` 200 more (100 for that scan).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from replicator.engine import replica_state
+from replicator.engine.read_plan import HELPER_MIN_SIZE
 from tests.killcycles import (
     BLOCK,
     FileWriter,
@@ -198,11 +200,17 @@ def _nbd_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
     return tally
 
 
-def _scan_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
+def _scan_cycles(tmp_path: Path, cycles: int, seed: int, *, helpers: bool = False) -> Tally:
+    """``helpers``: the disk is as large as read_plan.HELPER_MIN_SIZE (sparse), with 8 MiB
+    that never change past the written blocks, so its scans hash in two helper processes
+    (engine/extent_hasher.py), which the kills then hit too."""
     rng = random.Random(seed)
     disk, state = tmp_path / "disk.img", tmp_path / "state"
     with disk.open("wb") as f:
-        f.truncate(BLOCKS * BLOCK)
+        f.truncate(HELPER_MIN_SIZE if helpers else BLOCKS * BLOCK)
+        if helpers:
+            f.seek(HELPER_MIN_SIZE // 2)
+            f.write(random.Random(seed).randbytes(8 * 1024 * 1024))
     control = tmp_path / "control"
     control.mkdir()
     writer = FileWriter(disk, BLOCKS, seed, control)
@@ -422,6 +430,12 @@ def test_scan_capture_survives_random_kills(tmp_path: Path) -> None:
     assert tally.observed_at_rest >= tally.cycles // 2
 
 
+def test_scan_capture_hashing_in_helpers_survives_random_kills(tmp_path: Path) -> None:
+    tally = _scan_cycles(tmp_path, 6, _seed(), helpers=True)
+    print(tally.report("scan-helpers"))
+    assert tally.observed_at_rest >= tally.cycles // 2
+
+
 def test_fuse_capture_survives_random_kills(tmp_path: Path) -> None:
     tally = _fuse_cycles(tmp_path, 10, _seed())
     print(tally.report("fuse"))
@@ -447,4 +461,11 @@ def test_nbd_capture_survives_200_random_kills(tmp_path: Path) -> None:
 def test_scan_capture_survives_200_random_kills(tmp_path: Path) -> None:
     tally = _scan_cycles(tmp_path, 200, _seed())
     print(tally.report("scan-long"))
+    assert tally.observed_at_rest >= tally.cycles // 2
+
+
+@pytest.mark.long
+def test_scan_capture_hashing_in_helpers_survives_100_random_kills(tmp_path: Path) -> None:
+    tally = _scan_cycles(tmp_path, 100, _seed(), helpers=True)
+    print(tally.report("scan-helpers-long"))
     assert tally.observed_at_rest >= tally.cycles // 2
