@@ -218,7 +218,7 @@ async def test_a_pre_hook_never_runs_with_early_helpers_waiting(
         assert hooks == [("pre", False), ("post", False)]
         assert summary.bytes_changed == 64 * 1024
         for proc in early:
-            assert proc.wait(timeout=10) == -9
+            assert proc.wait(timeout=10) in (0, -9)  # done hashing, or killed before the hook
         replica = tmp_path / "replicas" / "job" / disk.name
         assert replica.read_bytes() == disk.read_bytes()
     finally:
