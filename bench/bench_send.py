@@ -208,8 +208,8 @@ def changed_round(
         "replicator_s": ours.seconds,
         "rsync_inplace_s": runs["rsync"].seconds,
         "ratio": ours.seconds / runs["rsync"].seconds,
-        # the least any schedule of this work can take: its CPU with every vCPU busy, but
-        # for the start, which runs on one
+        # the least any schedule of this work can take: its CPU with every vCPU busy, or
+        # the start (one vCPU) when that is longer
         "replicator_cpu_s": ours.busy_cpu_s,
         "start_s": start,
         "cpu_floor_ratio": floor / runs["rsync"].seconds,

@@ -113,29 +113,19 @@ def take(
         if not _waiting:
             return None
         key = _key(os.fstat(fd), size, extent_size, digest_size, shares)
-        procs = _waiting.pop(key, None)
-        if procs is not None and len(procs) != len(shares):  # one failed to start
-            _waiting[key] = procs  # discarded below with the others
-            procs = None
+        procs = _waiting.pop(key, None)  # one per share: a failed start discarded them all
     discard()
     return procs
 
 
 def discard() -> None:
     """Kill every early helper not taken (a pre-hook is about to run, the first scan ended,
-    or the process exits). Each is reaped in a thread of its own."""
+    or the process exits); each is reaped in a thread of its own."""
     with _lock:
         procs = [proc for group in _waiting.values() for proc in group]
         _waiting.clear()
     for proc in procs:
-        proc.kill()
-        threading.Thread(target=_reap, args=(proc,), name="early-hash-reap", daemon=True).start()
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+        hashing_helper.stop(proc)
 
 
 def _key(

@@ -16,7 +16,6 @@ pass is cheaper), the rest of the volume is scanned by ``volumes.iter_extents``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import threading
@@ -112,19 +111,12 @@ class _Helper:
             return digests
 
     def close(self) -> None:
-        """Kill the helper, and reap it in a thread of its own: the scan does not wait.
-
-        A process takes milliseconds to exit (tens when it had mapped the image, as the
-        helpers once did), and the scan's last batch and the epoch's end need not wait for
-        that. SIGKILL cannot be refused, so nothing is left behind; only the reaping (and
-        the pipe's close, after the reader's EOF) is later.
-        """
+        """Kill the helper, and reap it in a thread of its own (``hashing_helper.stop``):
+        the scan's last batch and the epoch's end do not wait for its exit."""
         with self._changed:
             self._closing = True
             self._changed.notify_all()
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        threading.Thread(target=self._reap, name="scan-hasher-reap", daemon=True).start()
+        hashing_helper.stop(self.proc, self._reap)
 
     def _reap(self) -> None:
         self.proc.wait()

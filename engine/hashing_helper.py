@@ -30,6 +30,7 @@ import blake3
 TYPE_CHECKING = False  # what mypy reads as typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:  # (typing took a third of this process's start)
     import subprocess
+    from collections.abc import Callable
     from typing import BinaryIO
 
 COMMAND = [sys.executable, "-m", "replicator.engine.hashing_helper"]  # + the fd
@@ -82,6 +83,24 @@ def spawn(fd: int, request_bytes: bytes, *, pipe_bytes: int = 0) -> subprocess.P
         proc.stdout.close()
         raise
     return proc
+
+
+def stop(proc: subprocess.Popen[bytes], reap: Callable[[], None] | None = None) -> None:
+    """Kill a helper and reap it in a daemon thread of its own: the caller does not wait
+    for its exit (milliseconds; tens for a helper that had mapped a large image). SIGKILL
+    cannot be refused, so nothing is left behind. ``reap`` replaces the default reaping
+    (wait, then close its stdout) for a caller with more to do once the process is gone."""
+    import contextlib
+    import threading
+
+    def default_reap() -> None:
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    threading.Thread(target=reap or default_reap, name="hashing-helper-reap", daemon=True).start()
 
 
 def serve(fd: int, requests: BinaryIO, out: BinaryIO) -> None:

@@ -120,6 +120,12 @@ def process_entry(pid: int) -> ProcessEntry | None:
     return ProcessEntry(pid, int(fields[1]), fields[0], argv)
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may take its time)."""
+    entry = process_entry(pid)
+    return entry is not None and entry.state != "Z"
+
+
 def processes() -> Iterator[ProcessEntry]:
     """Every process /proc lists (one that ends while being read is left out)."""
     for entry in os.listdir("/proc"):

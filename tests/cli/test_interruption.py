@@ -14,10 +14,10 @@ from tests.tools import (
     ReceiverProc,
     b3,
     distinct_random_disk,
-    process_entry,
     processes,
     qemu_compare,
     qemu_io,
+    running,
     send_once,
     start_receiver,
 )
@@ -127,12 +127,6 @@ def _helpers_of(pid: int) -> list[int]:
     return [p.pid for p in processes() if p.ppid == pid and helper in p.argv]
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's reaper may take its time)."""
-    entry = process_entry(pid)
-    return entry is not None and entry.state != "Z"
-
-
 def test_a_sender_killed_while_helpers_hash_leaves_none_behind(
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
@@ -162,9 +156,9 @@ def test_a_sender_killed_while_helpers_hash_leaves_none_behind(
         sender.wait()
     assert helpers, "no scan ever ran its hashing helpers"
     deadline = time.monotonic() + 5
-    while any(map(_running, helpers)) and time.monotonic() < deadline:
+    while any(map(running, helpers)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    alive = [pid for pid in helpers if _running(pid)]
+    alive = [pid for pid in helpers if running(pid)]
     assert not alive, f"helpers outlived their sender: {alive}"
     send_once(receiver, "big", state, disk)
     replica = receiver.dir / "big" / disk.name

@@ -171,6 +171,31 @@ def test_a_helper_that_dies_part_way_leaves_the_rest_to_the_threads(
     _scan_checked(disk, [i % 50 != 0 for i in range(2001)])
 
 
+def test_a_helper_that_exits_before_taking_its_work_leaves_it_to_the_threads(
+    disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether its start sees the broken pipe (``spawn`` raises) or the scan sees its
+    output end at once, the extents are the oracle's."""
+    monkeypatch.setattr(hashing_helper, "COMMAND", [sys.executable, "-c", "pass"])
+    _scan_checked(disk, [i % 50 != 0 for i in range(2001)])
+
+
+def test_spawn_says_when_a_helper_died_before_taking_its_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request larger than the pipe, to a helper that exits at once: the write meets
+    the closed pipe, and ``spawn`` raises instead of returning a dead helper."""
+    monkeypatch.setattr(hashing_helper, "COMMAND", [sys.executable, "-c", "pass"])
+    path = tmp_path / "f"
+    path.write_bytes(bytes(EXT))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            hashing_helper.spawn(fd, bytes(4 * 1024 * 1024), pipe_bytes=0)
+    finally:
+        os.close(fd)
+
+
 def test_a_digest_a_helper_saw_is_never_the_one_kept_for_a_changed_extent(
     disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
