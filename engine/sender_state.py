@@ -7,8 +7,10 @@ cycle scans against it.
 
 Choosing the basis (what the replica is assumed to hold):
 
-* the local manifests, when every record journaled after them is still in our journal
-  and the receiver's position is consistent with that journal;
+* the local manifests, when every record journaled after them is still in our journal,
+  their LSNs follow each other without a gap, and the receiver's position is consistent
+  with that journal (a gap: records were numbered past a receiver found ahead of this
+  journal, and what the records in between changed is known nowhere here);
 * otherwise the receiver's manifests, read afresh from the replicas after it applied all
   it has received. This covers a first sync onto a seeded replica, a resumed initial
   sync, a wiped sender state folder, a receiver that lost its state, and ``--resync``.
@@ -295,19 +297,28 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
     if trusted:
         assert local is not None
         basis = _copy(local)
-        kind = "local"
-    else:
-        epoch = local.epoch if local is not None else 0
-        basis = ManifestSet(received, state.config.extent_size, epoch)
-        for spec in state.config.volumes:
-            if spec.kind is VolumeKind.DISK:
-                remote = await link.request_manifest(spec.name, state.config.extent_size)
-                if remote is not None:
-                    basis.disks[spec.name] = remote
-        kind = "remote"
-    await _fold_journal(journal, basis)
-    log.info("sender.basis", kind=kind, lsn=basis.lsn, received=received)
-    return basis, kind
+        gap = await _fold_journal(journal, basis)
+        if gap is None:
+            log.info("sender.basis", kind="local", lsn=basis.lsn, received=received)
+            return basis, "local"
+        log.warning(
+            "sender.journal_gap",
+            missing=gap[0],
+            next_lsn=gap[1],
+            problem=f"the journal skips from lsn {gap[0]} to {gap[1]} after the last sync: "
+            "the replica got records this state folder never held (was it restored from an "
+            "older copy?), so it is compared with the source instead",
+        )
+    epoch = local.epoch if local is not None else 0
+    basis = ManifestSet(received, state.config.extent_size, epoch)
+    for spec in state.config.volumes:
+        if spec.kind is VolumeKind.DISK:
+            remote = await link.request_manifest(spec.name, state.config.extent_size)
+            if remote is not None:
+                basis.disks[spec.name] = remote
+    await _fold_journal(journal, basis)  # a gap above what the receiver holds: never sent
+    log.info("sender.basis", kind="remote", lsn=basis.lsn, received=received)
+    return basis, "remote"
 
 
 async def basis_alone(state: SenderState) -> ManifestSet | str:
@@ -330,7 +341,9 @@ async def basis_alone(state: SenderState) -> ManifestSet | str:
         if touched is None:
             return "the journal no longer holds every record since the last sync"
         _unknown_where_touched(basis, touched, state.config.volumes)
-    await _fold_journal(journal, basis)
+    gap = await _fold_journal(journal, basis)
+    if gap is not None:
+        return f"the journal skips from lsn {gap[0]} to {gap[1]} after the last sync"
     log.info("sender.basis", kind="local", lsn=basis.lsn, received=None)
     return basis
 
@@ -373,17 +386,31 @@ def _copy(local: ManifestSet) -> ManifestSet:
     return basis
 
 
-async def _fold_journal(journal: Journal, basis: ManifestSet) -> None:
+async def _fold_journal(journal: Journal, basis: ManifestSet) -> tuple[int, int] | None:
     """Fold the records journaled after ``basis.lsn`` into it (they reach the replica
-    before the next epoch)."""
+    before the next epoch). Returns the first gap in their LSNs, as (the LSN missing, the
+    LSN found there), or None when they follow each other.
+
+    A gap means records were numbered past what the receiver held (``Sender.append``,
+    after a connect that found the receiver ahead of this journal): the records between
+    came from elsewhere (a newer copy of this state folder, say) and reached the replica,
+    and nothing here says what they changed. Only the records after ``basis.lsn`` count:
+    a first sync's records travel without the journal, so the gap before its EPOCH lies
+    below the manifests saved with it."""
     since = basis.lsn + 1
+    gap: tuple[int, int] | None = None
     if since <= journal.last_lsn:
         # only when there is something to fold: the journal's reader starts at the
         # beginning of the segment holding ``since`` and checks every record up to it
         # (tens of MiB after a sync, all below ``since``), which a cycle with no
         # record after its basis does not need
-        async for record in journal.read_from(max(since, journal.first_lsn)):
+        expected = max(since, journal.first_lsn)
+        async for record in journal.read_from(expected):
+            if gap is None and record.lsn != expected:
+                gap = (expected, record.lsn)
+            expected = record.lsn + 1
             _apply_effect(basis, record)
+    return gap
 
 
 async def replica_layout(state: SenderState, link: Link) -> Tree:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import ConnectError, PeerProtocolError, RefusedError
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.sender import Sender, SenderConfig, SenderState
+from replicator.engine.sender_state import basis_alone
 from replicator.engine.volumes import resolve_volumes
 from replicator.transport import FramedConnection
 
@@ -149,6 +151,57 @@ async def test_an_epoch_journaled_but_not_in_the_manifests_is_folded_not_sent_ag
     third = await pair.sender.run_once()
     assert third.basis == "local" and third.bytes_changed == 64 * 1024
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
+
+
+async def _cycle_without_saving(pair: Pair) -> str:
+    """One epoch journaled and applied, its manifests never saved (a kill between the two)."""
+    async with SenderState(pair.sender.config) as state:
+        link, kind, basis = await pair.sender.open_link(state)
+        try:
+            _, _, lsn = await pair.sender.cycle(state, link, basis, save=False)
+            await link.wait_applied(lsn)
+        finally:
+            await pair.sender.close_link(link)
+    return kind
+
+
+def _write(disk: Path, offset: int, data: bytes) -> None:
+    with disk.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+async def test_a_state_folder_restored_from_an_older_copy_is_never_trusted_past_its_gap(
+    pair: Pair,
+) -> None:
+    """A state folder copied back from before the replica's last epochs: the first session
+    compares with the replica (the receiver is ahead of this journal) and numbers its records
+    past what the receiver holds. When that session dies before saving its manifests, the
+    journal holds records from before and after a gap whose records it never saw; the
+    manifests plus the journal are not what the replica holds, and an extent that went back
+    to what the old manifests say would never be sent again."""
+    state_dir = pair.sender.config.state_dir
+    y, old = 2 * MiB, os.urandom(64 * 1024)
+    _write(pair.disk, y, old)
+    await pair.sender.run_once()
+    _change(pair.disk, [4 * MiB])
+    await _cycle_without_saving(pair)  # the journal holds an epoch past the manifests
+    older = pair.tmp / "state-copy"
+    shutil.copytree(state_dir, older)
+    _write(pair.disk, y, os.urandom(64 * 1024))
+    await pair.sender.run_once()  # the replica moves on: y is new there
+    shutil.rmtree(state_dir)
+    shutil.copytree(older, state_dir)  # the older copy comes back
+    _change(pair.disk, [6 * MiB])
+    assert await _cycle_without_saving(pair) == "remote"  # the receiver is ahead of it
+    _write(pair.disk, y, old)  # y goes back to what the old manifests say
+    async with SenderState(pair.sender.config) as state:
+        assert "skips" in str(await basis_alone(state))  # serving alone: not from these
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    again = await pair.sender.run_once()  # and once a sync completed, the local basis holds
+    assert again.basis == "local" and again.bytes_changed == 0
 
 
 # -- random interleavings -----------------------------------------------------------------
