@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import ConnectError, PeerProtocolError, RefusedError
 from replicator.engine.receiver import Receiver, ReceiverConfig
+from replicator.engine.scan import ScanStats
 from replicator.engine.sender import Sender, SenderConfig, SenderState
 from replicator.engine.sender_state import basis_alone
 from replicator.engine.volumes import resolve_volumes
@@ -79,6 +80,19 @@ def _change(disk: Path, offsets: list[int]) -> None:
             f.write(os.urandom(64 * 1024))
 
 
+async def _cycle_without_saving(pair: Pair) -> tuple[str, ScanStats]:
+    """One epoch journaled and applied, its manifests never saved (a kill between the two):
+    the basis it was scanned against, and what it found."""
+    async with SenderState(pair.sender.config) as state:
+        link, kind, basis = await pair.sender.open_link(state)
+        try:
+            _, stats, lsn = await pair.sender.cycle(state, link, basis, save=False)
+            await link.wait_applied(lsn)
+        finally:
+            await pair.sender.close_link(link)
+    return kind, stats
+
+
 async def test_initial_then_incremental(pair: Pair) -> None:
     first = await pair.sender.run_once()
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
@@ -135,13 +149,7 @@ async def test_an_epoch_journaled_but_not_in_the_manifests_is_folded_not_sent_ag
     a cycle whose manifests were never saved (a crash between the two) is not sent twice."""
     await pair.sender.run_once()
     _change(pair.disk, [MiB, 3 * MiB])
-    async with SenderState(pair.sender.config) as state:
-        link, kind, basis = await pair.sender.open_link(state)
-        try:
-            _, stats, lsn = await pair.sender.cycle(state, link, basis, save=False)
-            await link.wait_applied(lsn)
-        finally:
-            await pair.sender.close_link(link)
+    kind, stats = await _cycle_without_saving(pair)
     assert kind == "local" and stats.bytes_changed == 2 * 64 * 1024
     again = await pair.sender.run_once()
     assert again.basis == "local"
@@ -151,18 +159,6 @@ async def test_an_epoch_journaled_but_not_in_the_manifests_is_folded_not_sent_ag
     third = await pair.sender.run_once()
     assert third.basis == "local" and third.bytes_changed == 64 * 1024
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
-
-
-async def _cycle_without_saving(pair: Pair) -> str:
-    """One epoch journaled and applied, its manifests never saved (a kill between the two)."""
-    async with SenderState(pair.sender.config) as state:
-        link, kind, basis = await pair.sender.open_link(state)
-        try:
-            _, _, lsn = await pair.sender.cycle(state, link, basis, save=False)
-            await link.wait_applied(lsn)
-        finally:
-            await pair.sender.close_link(link)
-    return kind
 
 
 def _write(disk: Path, offset: int, data: bytes) -> None:
@@ -193,7 +189,7 @@ async def test_a_state_folder_restored_from_an_older_copy_is_never_trusted_past_
     shutil.rmtree(state_dir)
     shutil.copytree(older, state_dir)  # the older copy comes back
     _change(pair.disk, [6 * MiB])
-    assert await _cycle_without_saving(pair) == "remote"  # the receiver is ahead of it
+    assert (await _cycle_without_saving(pair))[0] == "remote"  # the receiver is ahead of it
     _write(pair.disk, y, old)  # y goes back to what the old manifests say
     async with SenderState(pair.sender.config) as state:
         assert "skips" in str(await basis_alone(state))  # serving alone: not from these
