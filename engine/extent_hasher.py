@@ -29,6 +29,7 @@ from replicator.engine.read_plan import DEFAULT_EXTENT, HELPER_MIN_SIZE, HELPERS
 from replicator.engine.volumes import (
     Extent,
     ExtentState,
+    Unchanged,
     extent_digest,
     iter_extents,
     pread_all,
@@ -45,6 +46,8 @@ AHEAD: Final = 16_384 * DIGEST_SIZE
 # More changed extents than this share (past the first CHANGED_MIN): leave the helpers.
 CHANGED_MIN: Final = 64
 CHANGED_SHARE: Final = 0.25
+# Extents whose digests are compared at once inside a run that differs from its basis.
+BLOCK: Final = 16
 
 
 class _HelperFailed(Exception):
@@ -143,12 +146,13 @@ def iter_extents_against(
     *,
     helpers: int = HELPERS,
     min_size: int = HELPER_MIN_SIZE,
-) -> Iterator[Extent]:
+) -> Iterator[Extent | Unchanged]:
     """Every extent of ``fd`` up to ``size``, as ``volumes.iter_extents`` gives it, for a
     scan whose previous digests are ``basis`` (DIGEST_SIZE bytes per extent).
 
-    The difference: a DATA extent whose digest equals its basis digest comes without its
-    data (``data`` is None); every other DATA extent carries its data.
+    The differences: where helpers hash, extents whose digests equal the basis's come in
+    runs (``Unchanged``), not one by one; where threads read, such a DATA extent comes
+    without its data (``data`` is None). Every other DATA extent carries its data.
     """
     plan, shares = helper_plan(fd, size, extent_size, helpers) if size >= min_size else ([], [])
     if not shares:
@@ -194,34 +198,60 @@ def _hashed(
     extent_size: int,
     basis: bytes | bytearray,
     segments: list[tuple[int, int, _Helper | None]],
-) -> Generator[Extent, None, int | None]:
+) -> Generator[Extent | Unchanged, None, int | None]:
     """The extents of ``segments`` (holes, or runs a helper hashes); returns where the
-    threaded scan must take over, or None when done."""
+    threaded scan must take over, or None when done.
+
+    A segment's digests are compared with the basis's at once, then a block of ``BLOCK``
+    at a time where they differ: only the extents that changed are visited one by one,
+    and every run between them comes out as one ``Unchanged``."""
     seen = changed = 0
     for first, count, helper in segments:
+        hole = helper is None
         if helper is None:
-            for idx in range(first, first + count):
-                off = idx * extent_size
-                length = min(extent_size, size - off)
-                yield Extent(idx, off, length, ExtentState.HOLE, zero_digest(length), None)
-            continue
-        try:
-            digests = helper.take(count)
-        except _HelperFailed as exc:
-            log.info("scan.helper_failed", error=str(exc), extent=first)
-            return first
-        for k, idx in enumerate(range(first, first + count)):
-            off = idx * extent_size
-            length = min(extent_size, size - off)
-            digest = digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE]
-            at = idx * DIGEST_SIZE
-            if basis[at : at + DIGEST_SIZE] == digest:
-                state = ExtentState.ZERO if digest == zero_digest(length) else ExtentState.DATA
-                yield Extent(idx, off, length, state, digest, None)
-            else:  # what ships, and its digest, come from reading it now (not the helper)
-                changed += 1
-                yield _changed_extent(fd, idx, off, length)
-            seen += 1
-            if changed > CHANGED_MIN and changed > seen * CHANGED_SHARE:
-                return idx + 1  # most of it changed: one reading pass is cheaper
+            new = _hole_digests(size, extent_size, first, count)
+        else:
+            try:
+                new = helper.take(count)
+            except _HelperFailed as exc:
+                log.info("scan.helper_failed", error=str(exc), extent=first)
+                return first
+        # shorter where the basis ends: an extent past it is UNKNOWN, never equal
+        old = basis[first * DIGEST_SIZE : (first + count) * DIGEST_SIZE]
+        start = 0  # where the run of unchanged extents not given out yet begins
+        if old != new:
+            for block in range(0, count, BLOCK):
+                lo, hi = block * DIGEST_SIZE, min(count, block + BLOCK) * DIGEST_SIZE
+                if old[lo:hi] == new[lo:hi]:
+                    continue
+                for k in range(block, min(count, block + BLOCK)):
+                    at = k * DIGEST_SIZE
+                    if old[at : at + DIGEST_SIZE] == new[at : at + DIGEST_SIZE]:
+                        continue
+                    if k > start:
+                        yield Unchanged(first + start, k - start, new[start * DIGEST_SIZE : at])
+                    start = k + 1
+                    idx = first + k
+                    off = idx * extent_size
+                    length = min(extent_size, size - off)
+                    if hole:
+                        yield Extent(idx, off, length, ExtentState.HOLE, zero_digest(length), None)
+                        continue
+                    # what ships, and its digest, come from reading it now (not the helper)
+                    changed += 1
+                    yield _changed_extent(fd, idx, off, length)
+                    if changed > CHANGED_MIN and changed > (seen + k + 1) * CHANGED_SHARE:
+                        return idx + 1  # most of it changed: one reading pass is cheaper
+        if count > start:
+            yield Unchanged(first + start, count - start, new[start * DIGEST_SIZE :])
+        if not hole:
+            seen += count
     return None
+
+
+def _hole_digests(size: int, extent_size: int, first: int, count: int) -> bytes:
+    """The digests of ``count`` extents of a hole from ``first`` (zeros; the file's last
+    extent may be short)."""
+    last = first + count - 1
+    tail = min(extent_size, size - last * extent_size)
+    return zero_digest(extent_size) * (count - 1) + zero_digest(tail)

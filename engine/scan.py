@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from replicator.engine.extent_hasher import iter_extents_against
 from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.volumes import (
+    Extent,
     ExtentState,
+    Unchanged,
     VolumeKind,
     VolumeSpec,
     extent_digest,
@@ -89,16 +91,11 @@ def _disk_batches(
                 stats.bytes_zeroed += zero_len
             zero_off, zero_len = -1, 0
 
-        # the common case, an unchanged extent, costs two slices and a compare (no method
-        # calls): it runs once per 64 KiB, 16,384 times per GiB, holding the GIL the
-        # reading and hashing threads also want
         new_digests, old_digests, old_count = new.digests, basis.digests, basis.count
-        extents = (
-            iter_extents_against(fd, size, old_digests, new.extent_size)
-            if old_count
-            else iter_extents(fd, size, new.extent_size)  # a first sync reads it all anyway
-        )
-        for ext in extents:
+
+        def one_extent(ext: Extent) -> None:
+            """An extent that changed, or one as the threads read it (every extent)."""
+            nonlocal write_off, write_buf, zero_off, zero_len
             stats.bytes_scanned += ext.length
             at = ext.index * DIGEST_SIZE
             new_digests[at : at + DIGEST_SIZE] = ext.digest
@@ -127,7 +124,28 @@ def _disk_batches(
                 else:
                     flush_zero()
                     zero_off, zero_len = ext.offset, ext.length
-            since_yield += ext.length
+
+        # where helpers hash, the extents that did not change come in runs (Unchanged): a
+        # GiB is 16,384 extents, and this loop holds the lock the event loop also wants
+        extents = (
+            iter_extents_against(fd, size, old_digests, new.extent_size)
+            if old_count
+            else iter_extents(fd, size, new.extent_size)  # a first sync reads it all anyway
+        )
+        for ext in extents:
+            if isinstance(ext, Unchanged):  # a run whose digests equal the basis's
+                at = ext.first * DIGEST_SIZE
+                new_digests[at : at + len(ext.digests)] = ext.digests
+                length = min(ext.count * new.extent_size, size - ext.first * new.extent_size)
+                stats.bytes_scanned += length
+                if write_buf:
+                    flush_write()
+                if zero_len:
+                    flush_zero()
+                since_yield += length
+            else:
+                one_extent(ext)
+                since_yield += ext.length
             if batch_bytes >= batch_limit or since_yield >= PROGRESS_BYTES:
                 stats.records += len(batch)
                 yield batch  # may be empty: lets the caller report progress

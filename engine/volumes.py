@@ -153,6 +153,20 @@ class Extent:
     data: memoryview | None
 
 
+@dataclass(slots=True)
+class Unchanged:
+    """``count`` extents from ``first`` whose digests (``DIGEST_SIZE`` bytes each) equal
+    the basis: what a differential scan gives for them instead of an Extent each
+    (``extent_hasher.iter_extents_against``). A scan's walk visits every extent of the
+    image; as one object each, a GiB costs 16,384 of them and ~15 ms of the scan thread's
+    time under the lock the event loop shipping the changes also needs, and a 100 GiB disk
+    a second and a half of it per cycle."""
+
+    first: int
+    count: int
+    digests: bytes
+
+
 def _read_chunk(
     fd: int, size: int, extent_size: int, first: int, count: int, buf: bytearray
 ) -> list[Extent]:

@@ -23,7 +23,13 @@ from replicator.engine.connectors import MemoryConnector
 from replicator.engine.extent_hasher import iter_extents_against
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.sender import Sender, SenderConfig
-from replicator.engine.volumes import ExtentState, iter_extents, resolve_volumes
+from replicator.engine.volumes import (
+    Extent,
+    ExtentState,
+    Unchanged,
+    iter_extents,
+    resolve_volumes,
+)
 from replicator.transport import FramedConnection
 from replicator.transport.messages import DIGEST_SIZE
 from tests.tools import process_entry, running
@@ -89,10 +95,15 @@ def _scan_checked(path: Path, basis: list[tuple[int, bytes]], *, exact: bool = T
     try:
         size = os.fstat(fd).st_size
         old = b"".join(d for _, d in basis).ljust(DIGEST_SIZE * len(_digests(path)), b"\0")
-        got = list(iter_extents_against(fd, size, old))
+        items = list(iter_extents_against(fd, size, old))
     finally:
         os.close(fd)
-    assert [(e.index, e.digest) for e in got] == _digests(path)
+    got = [e for e in items if isinstance(e, Extent)]
+    rows = [(e.index, e.digest) for e in got]
+    for run in (e for e in items if isinstance(e, Unchanged)):  # each as its basis says
+        rows += [basis[i] for i in range(run.first, run.first + run.count)]
+        assert b"".join(d for _, d in basis[run.first : run.first + run.count]) == run.digests
+    assert sorted(rows) == _digests(path)
     moved = {e.index for e in got if e.index >= len(basis) or basis[e.index][1] != e.digest}
     with_data = {e.index for e in got if e.data is not None}
     must = {e.index for e in got if e.index in moved and e.state is ExtentState.DATA}

@@ -27,9 +27,11 @@ from replicator.engine.read_plan import deal
 from replicator.engine.volumes import (
     Extent,
     ExtentState,
+    Unchanged,
     extent_digest,
     iter_extents,
     pread_all,
+    zero_digest,
     zeros,
 )
 from replicator.transport.messages import DIGEST_SIZE
@@ -53,23 +55,56 @@ def _oracle(fd: int, size: int) -> list[tuple[int, ExtentState, bytes]]:
     return [(e.index, e.state, e.digest) for e in iter_extents(fd, size, EXT)]
 
 
-def _check(fd: int, size: int, basis: bytes | bytearray, got: list[Extent]) -> None:
-    """Same extents as the oracle; data exactly where the digest moved from the basis."""
-    assert [(e.index, e.state, e.digest) for e in got] == _oracle(fd, size)
+Row = tuple[int, ExtentState | None, bytes]  # index, state (None: in a run), digest
+
+
+def _rows(got: list[Extent | Unchanged]) -> list[Row]:
+    """Every extent, runs of unchanged ones one by one (their state is not given)."""
+    rows: list[Row] = []
     for e in got:
+        if isinstance(e, Unchanged):
+            digests = e.digests
+            rows += [
+                (e.first + k, None, digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE])
+                for k in range(e.count)
+            ]
+        else:
+            rows.append((e.index, e.state, e.digest))
+    return rows
+
+
+def _check(fd: int, size: int, basis: bytes | bytearray, got: list[Extent | Unchanged]) -> None:
+    """Same extents as the oracle; data exactly where the digest moved from the basis; in
+    a run only extents whose digest did not."""
+    rows, oracle = _rows(got), _oracle(fd, size)
+    assert [(i, d) for i, _, d in rows] == [(i, d) for i, _, d in oracle]
+    for (index, state, digest), (_, want, _) in zip(rows, oracle, strict=True):
+        if state is None:
+            assert basis[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] == digest
+        else:
+            assert state is want
+    for e in got:
+        if not isinstance(e, Extent):
+            continue
         moved = basis[e.index * DIGEST_SIZE : (e.index + 1) * DIGEST_SIZE] != e.digest
         if e.state is ExtentState.DATA and moved:
             assert e.data is not None
             assert bytes(e.data) == pread_all(fd, e.length, e.offset).ljust(e.length, b"\0")
 
 
-def _scan(fd: int, size: int, basis: bytes | bytearray) -> list[Extent]:
-    out = []
-    for e in iter_extents_against(fd, size, basis, EXT, min_size=0):
-        if e.data is not None:
+def _scan(
+    fd: int, size: int, basis: bytes | bytearray, helpers: int = 2
+) -> list[Extent | Unchanged]:
+    out: list[Extent | Unchanged] = []
+    for e in iter_extents_against(fd, size, basis, EXT, helpers=helpers, min_size=0):
+        if isinstance(e, Extent) and e.data is not None:
             e.data = memoryview(bytes(e.data))  # iter_extents' views die with the next chunk
         out.append(e)
     return out
+
+
+def _with_data(got: list[Extent | Unchanged]) -> list[Extent]:
+    return [e for e in got if isinstance(e, Extent) and e.data is not None]
 
 
 def _basis(fd: int, size: int, keep: list[bool]) -> bytearray:
@@ -80,7 +115,7 @@ def _basis(fd: int, size: int, keep: list[bool]) -> bytearray:
     return digests
 
 
-def _scan_checked(disk: tuple[Path, int], keep: list[bool]) -> list[Extent]:
+def _scan_checked(disk: tuple[Path, int], keep: list[bool]) -> list[Extent | Unchanged]:
     """Scan ``disk`` against its own digests but where ``keep`` is False, and check it."""
     path, size = disk
     fd = os.open(path, os.O_RDONLY)
@@ -122,12 +157,7 @@ def test_the_same_extents_as_one_reading_pass(
     fd = os.open(path, os.O_RDONLY)
     try:
         basis = _basis(fd, size, keep)[: short_basis * DIGEST_SIZE or None]
-        got = []
-        for e in iter_extents_against(fd, size, basis, EXT, helpers=helpers, min_size=0):
-            if e.data is not None:
-                e.data = memoryview(bytes(e.data))
-            got.append(e)
-        _check(fd, size, basis, got)
+        _check(fd, size, basis, _scan(fd, size, basis, helpers))
     finally:
         os.close(fd)
         path.unlink()
@@ -143,8 +173,22 @@ def disk(tmp_path: Path) -> tuple[Path, int]:
 
 def test_unchanged_extents_come_without_data_and_changed_ones_with(disk: tuple[Path, int]) -> None:
     got = _scan_checked(disk, [i % 50 != 0 for i in range(2001)])  # 2%: helpers to the end
-    with_data = {e.index for e in got if e.data is not None}
+    with_data = {e.index for e in _with_data(got)}
     assert with_data == {i for i in range(0, 2001, 50) if i % 3 == 0}
+
+
+def test_extents_that_did_not_change_come_in_runs(tmp_path: Path) -> None:
+    """A walk over every extent of the image costs one object per run, not per extent:
+    only the changed ones come one by one (engine/scan.py visits every item)."""
+    path = tmp_path / "full.raw"
+    path.write_bytes(os.urandom(2001 * EXT))
+    moved = {0, 17, 18, 500, 1999, 2000}
+    got = _scan_checked((path, 2001 * EXT), [i not in moved for i in range(2001)])
+    assert {e.index for e in got if isinstance(e, Extent)} == moved
+    runs = [e for e in got if isinstance(e, Unchanged)]
+    assert sum(run.count for run in runs) == 2001 - len(moved)
+    # between the changed ones, and where a helper's run of extents (a read chunk) ends
+    assert len(runs) <= len(moved) + 2001 * EXT // read_plan.READ_CHUNK + 1
 
 
 def test_a_helper_that_dies_part_way_leaves_the_rest_to_the_threads(
@@ -218,7 +262,7 @@ def test_a_digest_a_helper_saw_is_never_the_one_kept_for_a_changed_extent(
     )
     monkeypatch.setattr(hashing_helper, "COMMAND", [sys.executable, str(script)])
     got = _scan_checked(disk, [True] * 2001)  # nothing changed against the basis
-    with_data = [e for e in got if e.data is not None]
+    with_data = _with_data(got)
     assert len(with_data) == 2  # the fifth extent of each of the two helpers' hands
     path, _ = disk
     for e in with_data:
@@ -263,7 +307,9 @@ def test_a_file_shorter_than_the_scan_reads_as_zeros_at_its_end(tmp_path: Path) 
         basis = bytearray(b"\x02" * DIGEST_SIZE * 40) + _basis(fd, size, [])[40 * DIGEST_SIZE :]
         got = _scan(fd, size, basis)
         _check(fd, size, basis, got)
-        assert got[100].state is ExtentState.DATA and got[101].state is ExtentState.HOLE
+        rows = _rows(got)  # the last bytes and zeros after them, then zeros
+        assert rows[100][2] == extent_digest(path.read_bytes()[100 * EXT :].ljust(EXT, b"\0"))
+        assert rows[101][2] == zero_digest(EXT)
     finally:
         os.close(fd)
 
