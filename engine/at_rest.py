@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from replicator.engine import replica_state
+from replicator.engine import direct_intent, replica_state
 from replicator.engine.control import read_claim
 from replicator.engine.errors import ConfigError
 from replicator.engine.failback_state import describe, load_marker
@@ -52,6 +52,8 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
     records = report.records if report is not None else 0
     used = report.total_bytes if report is not None else 0
     pending = _unapplied(report, heard) if report is not None else Unapplied(0, 0, None)
+    if manifests is not None:  # and what a cycle shipped without the journal
+        pending = _with_notes(pending, state_dir, manifests.lsn, manifests.extent_size, heard)
     entry: dict[str, Any] = {
         "job": job or state_dir.name,
         "job_from": "sender.json" if job else "folder name",
@@ -216,6 +218,28 @@ class Unapplied:
     records: int
     bytes: int
     oldest_ts: int | None
+
+
+def _with_notes(
+    pending: Unapplied, state_dir: Path, since: int, extent_size: int, heard: PeerApplied | None
+) -> Unapplied:
+    """``pending`` with what ``direct.intent`` notes past ``heard``: records shipped without
+    the journal that the receiver may not have applied, sent again by the next cycle. Notes
+    that cannot be read count nothing here (the next cycle compares with the replica)."""
+    try:
+        notes = direct_intent.load(state_dir, extent_size)
+    except direct_intent.IntentDamaged:
+        return pending
+    if notes is None or notes.since != since:
+        return pending
+    applied = heard.lsn if heard is not None else 0
+    records = sum(
+        last - max(first, applied + 1) + 1 for first, last in notes.lsns if last > applied
+    )
+    if not records:
+        return pending
+    oldest = min(notes.created_ns, pending.oldest_ts or notes.created_ns)
+    return Unapplied(pending.records + records, pending.bytes + notes.touched.bytes, oldest)
 
 
 def _unapplied(report: JournalReport, heard: PeerApplied | None) -> Unapplied:

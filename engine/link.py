@@ -409,7 +409,7 @@ class Link:
             while max(self.sent_lsn, self._ship_from - 1) < journal.last_record_lsn:
                 self._check()
                 await asyncio.sleep(0.005)
-        first = max(journal.next_lsn, floor)
+        first = self.direct_first(floor)
         journal.skip_to(first + len(records))
         now = time.time_ns()
         batch = [
@@ -427,6 +427,11 @@ class Link:
         self.direct_lsn = batch[-1].lsn
         self._direct_batches.append((self.direct_lsn, sum(r.size for r in batch)))
         return self.direct_lsn
+
+    def direct_first(self, floor: int = 0) -> int:
+        """The LSN ``ship_direct`` numbers its next records from, unless something is
+        journaled first."""
+        return max(self.journal.next_lsn, floor)
 
     def direct_backlog(self) -> int:
         """Bytes shipped (or queued) without the journal that the receiver has not applied."""

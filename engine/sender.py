@@ -25,6 +25,7 @@ import structlog
 
 from replicator.engine import early_hashing, generations
 from replicator.engine.connectors import Connector, TcpConnector
+from replicator.engine.direct_intent import IntentLog
 from replicator.engine.errors import (
     AuthError,
     BusyError,
@@ -291,24 +292,39 @@ class Sender:
         *,
         prelude: list[Record] | None = None,
         save: bool = True,
+        unjournaled: bool = False,
     ) -> tuple[ManifestSet, ScanStats, int]:
         """One scan journaled as an EPOCH; the new manifests are saved unless ``save`` is
         False (the caller then saves them with ``state.save``). Without a ``link`` (a live
-        sender serving alone) the journal must hold the whole epoch: JournalFull if not."""
+        sender serving alone) the journal must hold the whole epoch: JournalFull if not.
+        ``unjournaled``: ``basis`` is the local manifests', so a scan with a link may ship
+        its records without the journal, noting them first (engine/direct_intent.py)."""
         journal = state.journal
         assert journal is not None
         # A first sync from this state folder (no manifests: the basis is the replica's) is
         # shipped without the journal; its EPOCH is journaled once the receiver holds all
         # of it. A failure before that loses the records, and the next cycle compares with
-        # the replica again (still no manifests), so nothing is missed. Later cycles fold
-        # the journal into their basis and must find every record there: they journal.
-        direct = state.manifests is None
+        # the replica again (still no manifests), so nothing is missed. A later scan ships
+        # the same way when its basis is the local manifests: what it ships is noted before
+        # it goes, and the next basis from those manifests takes it as unknown.
+        since = state.manifests.lsn if state.manifests is not None else None
+        later = unjournaled and link is not None and since is not None and not prelude
+        direct = since is None or later
+        notes = None
+        if later:
+            assert since is not None
+            notes = await asyncio.to_thread(IntentLog.open, state.dir, since, basis.extent_size)
 
         async def append(records: list[Record]) -> int:
             if link is None:
                 return await journal.append_many(records)
             if direct and records[-1].type is not RecordType.EPOCH:
+                first = link.direct_first(self._lsn_floor)
+                if notes is not None:  # durably, before any of them can reach the receiver
+                    await asyncio.to_thread(notes.add, first, records)
                 last = await self._unless_stopped(link.ship_direct(records, self._lsn_floor))
+                if last != first + len(records) - 1:
+                    raise RuntimeError(f"records noted from lsn {first} were shipped up to {last}")
                 self.status.changed("lag")
                 return last
             if direct:
@@ -347,6 +363,8 @@ class Sender:
             )
         finally:
             early_hashing.discard()  # any the scan did not take: no later scan would
+            if notes is not None:
+                notes.close()
             await run_hook(self.config.post_hook, "post")
         if status.progress is not None:  # the scan is complete: all of it was seen
             seen(status.progress[1], status.progress[1])
@@ -375,9 +393,10 @@ class Sender:
             )
 
     async def _unless_stopped(self, work: Coroutine[Any, Any, _T]) -> _T:
-        """``work``, unless ``stopping`` is set first: then CycleStopped. A first sync waits
-        for the link (a low rate, paused at 0); what it sent is not journaled here and
-        needs no shipping on stop (the next run compares with the replica)."""
+        """``work``, unless ``stopping`` is set first: then CycleStopped. A cycle shipped
+        without the journal waits for the link (a low rate, paused at 0); what it sent is
+        not journaled here and needs no shipping on stop (the next run compares with the
+        replica, or takes what was noted as unknown: engine/direct_intent.py)."""
         stop = self.stopping
         if stop is None:
             return await work
@@ -391,7 +410,7 @@ class Sender:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-            raise CycleStopped("stopped during a first sync")
+            raise CycleStopped("stopped during a cycle shipped without the journal")
         return task.result()
 
     async def run_once(self, progress: Progress | None = None) -> Summary:
@@ -403,7 +422,7 @@ class Sender:
             link, kind, basis = await self.open_link(state)
             try:
                 manifests, stats, epoch_lsn = await self.cycle(
-                    state, link, basis, progress, save=False
+                    state, link, basis, progress, save=False, unjournaled=kind == "local"
                 )
                 # the manifests' fsync overlaps the receiver's apply (neither needs the
                 # other); both are done before this returns and the state folder is let go
@@ -517,20 +536,22 @@ class Sender:
                 opened = await self.connect_retrying(state, stop)
                 if opened is None:
                     break
-                link, _, basis = opened
+                link, kind, basis = opened
                 self.status.set_state(SenderPhase.REPLICATING)
                 try:
                     while not stop.is_set():
                         started = time.monotonic()
-                        manifests, stats, lsn = await self.cycle(state, link, basis)
+                        manifests, stats, lsn = await self.cycle(
+                            state, link, basis, unjournaled=kind == "local"
+                        )
                         log_cycle(manifests.epoch, lsn, stats, link, time.monotonic() - started)
-                        basis = manifests
+                        basis, kind = manifests, "local"  # saved: the next basis is local
                         if await wait_for_request(link, stop, interval):  # planned failover
                             _, _, final = await self.cycle(state, link, basis)  # the last scan
                             await hand_over(link, final, self.config.state_dir, self.config.job)
                     # bounded at any rate: what is not applied waits in the journal
                     await link.finish("sender stopping")
-                except CycleStopped:  # a first sync: nothing journaled waits to be shipped
+                except CycleStopped:  # shipped unjournaled: nothing journaled waits to go
                     await link.finish("sender stopping", grace=0)
                 except MID_SESSION_RETRY as exc:
                     await self.session_failed(exc, link, stop)
@@ -554,7 +575,8 @@ class Sender:
 
 
 class CycleStopped(Exception):
-    """The sender was asked to stop while a first sync waited for the link."""
+    """The sender was asked to stop while a cycle shipped without the journal waited for
+    the link."""
 
 
 def _mib(n: int) -> str:

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import structlog
 
+from replicator.engine import direct_intent
 from replicator.engine.checkpoint import TouchedExtents, load_touched
+from replicator.engine.direct_intent import IntentDamaged
 from replicator.engine.failback_state import refuse_if_marked
 from replicator.engine.imagelock import ImageLocks
 from replicator.engine.link import Link
@@ -217,6 +219,8 @@ class SenderState:
     async def save(self, manifests: ManifestSet) -> None:
         await asyncio.to_thread(manifests.save, self.manifest_path)
         self.manifests = manifests
+        # they hold what cycles shipped without the journal since the older ones
+        await asyncio.to_thread(direct_intent.drop, self.dir)
 
 
 def _apply_effect(basis: ManifestSet, record: Record) -> None:
@@ -285,30 +289,22 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
     assert journal is not None
     local = state.manifests
     received = link.received_lsn
-    trusted = (
-        local is not None
-        and _local_unusable(state) is None
-        # every record after the manifests is still here to fold in, or the receiver has it
-        and journal.first_lsn <= local.lsn + 1
-        and local.lsn <= max(journal.last_lsn, received)
-        and received + 1 >= journal.first_lsn
-        and received <= journal.last_lsn
-    )
-    if trusted:
-        assert local is not None
-        basis = _copy(local)
-        gap = await _fold_journal(journal, basis)
-        if gap is None:
-            log.info("sender.basis", kind="local", lsn=basis.lsn, received=received)
-            return basis, "local"
-        log.warning(
-            "sender.journal_gap",
-            missing=gap[0],
-            next_lsn=gap[1],
-            problem=f"the journal skips from lsn {gap[0]} to {gap[1]} after the last sync: "
-            "the replica got records this state folder never held (was it restored from an "
-            "older copy?), so it is compared with the source instead",
-        )
+    why = "no sync from this state folder has completed yet" if local is None else None
+    if local is not None:
+        why = _local_unusable(state)
+        if why is None:
+            found = await _local_basis(state, local, received)
+            if isinstance(found, ManifestSet):
+                log.info("sender.basis", kind="local", lsn=found.lsn, received=received)
+                return found, "local"
+            why = found
+            if found.startswith("the journal does not hold"):
+                log.warning(
+                    "sender.journal_gap",
+                    problem=f"{found}: the replica may have got records this state folder "
+                    "never held (was it restored from an older copy?), so it is compared "
+                    "with the source instead",
+                )
     epoch = local.epoch if local is not None else 0
     basis = ManifestSet(received, state.config.extent_size, epoch)
     for spec in state.config.volumes:
@@ -316,8 +312,8 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
             remote = await link.request_manifest(spec.name, state.config.extent_size)
             if remote is not None:
                 basis.disks[spec.name] = remote
-    await _fold_journal(journal, basis)  # a gap above what the receiver holds: never sent
-    log.info("sender.basis", kind="remote", lsn=basis.lsn, received=received)
+    await _fold_journal(journal, basis)  # what the receiver lacks reaches it before the scan
+    log.info("sender.basis", kind="remote", lsn=basis.lsn, received=received, why=why)
     return basis, "remote"
 
 
@@ -325,27 +321,77 @@ async def basis_alone(state: SenderState) -> ManifestSet | str:
     """The basis of a scan made without the receiver (a live sender serving alone,
     engine/served_alone.py): the local manifests with every later record of the journal
     folded in. Or why there is none: the receiver's own manifests are then needed."""
-    journal = state.journal
-    assert journal is not None
     local = state.manifests
     if local is None:
         return "no sync from this state folder has completed yet"
     unusable = _local_unusable(state)
     if unusable is not None:
         return unusable
-    if local.lsn > journal.last_lsn:
+    found = await _local_basis(state, local, None)
+    if isinstance(found, ManifestSet):
+        log.info("sender.basis", kind="local", lsn=found.lsn, received=None)
+    return found
+
+
+async def _local_basis(
+    state: SenderState, local: ManifestSet, received: int | None
+) -> ManifestSet | str:
+    """``local`` with what followed it: the records still journaled folded in, and what
+    ``direct.intent`` notes made unknown. Or why that is not what the replica will hold.
+
+    Every LSN after the manifests, up to the receiver's position (``received``; None:
+    serving alone) and the journal's end, must be a record still journaled here, or one
+    a cycle shipped without the journal and noted first (engine/direct_intent.py); serving
+    alone, records trimmed since are taken from their marks (``touched.state``) instead."""
+    journal = state.journal
+    assert journal is not None
+    try:
+        intent = await asyncio.to_thread(direct_intent.load, state.dir, local.extent_size)
+    except IntentDamaged as exc:
+        return f"the notes of a cycle shipped without the journal are damaged: {exc}"
+    if intent is not None and intent.since != local.lsn:
+        intent = None  # made against older manifests: the saved ones hold what they noted
+    if local.lsn > max(journal.last_lsn, received or 0):
         return "the manifests are ahead of the journal"
+    if received is not None and received < local.lsn and received + 1 < journal.first_lsn:
+        return "the receiver lacks records this journal no longer holds"
     basis = _copy(local)
-    if journal.first_lsn > local.lsn + 1:  # records since trimmed: their extents noted?
+    held = await _fold_journal(journal, basis)
+    after = local.lsn
+    if received is None and journal.first_lsn > local.lsn + 1:  # records trimmed since
         touched = await asyncio.to_thread(load_touched, state.dir, local.lsn, local.extent_size)
         if touched is None:
             return "the journal no longer holds every record since the last sync"
         _unknown_where_touched(basis, touched, state.config.volumes)
-    gap = await _fold_journal(journal, basis)
-    if gap is not None:
-        return f"the journal skips from lsn {gap[0]} to {gap[1]} after the last sync"
-    log.info("sender.basis", kind="local", lsn=basis.lsn, received=None)
+        after = journal.first_lsn - 1
+    upto = max(received or 0, journal.first_lsn - 1, held[-1][1] if held else 0)
+    for first, last in _missing(after, upto, held):
+        if intent is None or not intent.covers(first, last):
+            return f"the journal does not hold lsn {first} to {last}, after the last sync"
+    if intent is not None:
+        _unknown_where_touched(basis, intent.touched, state.config.volumes)
+        for volume in intent.whole:  # its content or mode was sent: unknown now
+            basis.files.pop(volume, None)
+            basis.modes.pop(volume, None)
     return basis
+
+
+def _missing(after: int, upto: int, held: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The LSN ranges from ``after + 1`` to ``upto`` that ``held`` (ascending, disjoint
+    ranges) leaves out."""
+    missing: list[tuple[int, int]] = []
+    nxt = after + 1
+    for first, last in held:
+        if last < nxt:
+            continue
+        if first > nxt:
+            missing.append((nxt, min(first - 1, upto)))
+        nxt = max(nxt, last + 1)
+        if nxt > upto:
+            break
+    if nxt <= upto:
+        missing.append((nxt, upto))
+    return [(first, last) for first, last in missing if first <= last]
 
 
 def _local_unusable(state: SenderState) -> str | None:
@@ -386,31 +432,28 @@ def _copy(local: ManifestSet) -> ManifestSet:
     return basis
 
 
-async def _fold_journal(journal: Journal, basis: ManifestSet) -> tuple[int, int] | None:
+async def _fold_journal(journal: Journal, basis: ManifestSet) -> list[tuple[int, int]]:
     """Fold the records journaled after ``basis.lsn`` into it (they reach the replica
-    before the next epoch). Returns the first gap in their LSNs, as (the LSN missing, the
-    LSN found there), or None when they follow each other.
+    before the next epoch); returns the LSN ranges they cover, in order.
 
-    A gap means records were numbered past what the receiver held (``Sender.append``,
-    after a connect that found the receiver ahead of this journal): the records between
-    came from elsewhere (a newer copy of this state folder, say) and reached the replica,
-    and nothing here says what they changed. Only the records after ``basis.lsn`` count:
-    a first sync's records travel without the journal, so the gap before its EPOCH lies
-    below the manifests saved with it."""
+    Records are numbered past what the receiver holds when a connect finds it ahead of this
+    journal (``Sender.append``), and a cycle shipped without the journal leaves its LSNs
+    out of it (``Link.ship_direct``): the ranges may have gaps."""
     since = basis.lsn + 1
-    gap: tuple[int, int] | None = None
+    held: list[tuple[int, int]] = []
     if since <= journal.last_lsn:
         # only when there is something to fold: the journal's reader starts at the
         # beginning of the segment holding ``since`` and checks every record up to it
         # (tens of MiB after a sync, all below ``since``), which a cycle with no
         # record after its basis does not need
-        expected = max(since, journal.first_lsn)
-        async for record in journal.read_from(expected):
-            if gap is None and record.lsn != expected:
-                gap = (expected, record.lsn)
-            expected = record.lsn + 1
+        async for record in journal.read_from(max(since, journal.first_lsn)):
+            lsn = record.lsn
+            if held and held[-1][1] == lsn - 1:
+                held[-1] = (held[-1][0], lsn)
+            else:
+                held.append((lsn, lsn))
             _apply_effect(basis, record)
-    return gap
+    return held
 
 
 async def replica_layout(state: SenderState, link: Link) -> Tree:

@@ -172,6 +172,10 @@ class SenderJobStatus:
         self._rate = _Rate()
         self._applied = 0  # the receiver's applied LSN, kept while no link is up
         self._received = 0
+        # (since, beyond) when a link went with changes unapplied that are in no journal
+        # here (shipped without it: a first sync, a later scan): their age counts in the
+        # lag until the receiver applies past the LSN ``beyond``
+        self._unapplied: tuple[float, int] | None = None
         self.listeners = Listeners()
 
     # -- pushed by the engine ------------------------------------------------------------
@@ -191,6 +195,12 @@ class SenderJobStatus:
             self._totals.add(old.conn, sent=True)
             self._applied = max(self._applied, old.applied_lsn)
             self._received = max(self._received, old.received_lsn)
+            lag = old.lag()
+            if lag["records"] > 0:
+                since = time.time() - float(lag["seconds"])
+                if self._unapplied is not None:
+                    since = min(since, self._unapplied[0])
+                self._unapplied = (since, old.journal.last_lsn)
         self.link = link
         if link is None and self.state not in (SenderPhase.STOPPING, SenderPhase.STOPPED):
             self.state = SenderPhase.CONNECTING
@@ -220,6 +230,12 @@ class SenderJobStatus:
             lag_seconds = float(lag["seconds"])
         elif journal is not None and journaled > applied:
             lag_seconds = await _oldest_age(journal, applied, now)
+        if self._unapplied is not None:
+            since, beyond = self._unapplied
+            if applied > beyond:  # sent again, and applied
+                self._unapplied = None
+            else:
+                lag_seconds = max(lag_seconds, now - since)
         state = self.state
         if state is SenderPhase.REPLICATING and link is not None and lag_seconds > LAGGING_SECONDS:
             state = SenderPhase.LAGGING

@@ -109,6 +109,9 @@ _STEPS = (
     Step("sender", "s-journal-fsync", "fsync", "journal/*.seg", (0, 1), big=True),
     Step("sender", "s-manifest-write", "write", "*manifests.state*", (0,)),
     Step("sender", "s-manifest-rename", "rename", "*manifests.state*", (0,)),
+    # a later scan notes what it ships without the journal first (engine/direct_intent.py)
+    Step("sender", "s-intent-write", "write", "*direct.intent*", (0, 1), first=False),
+    Step("sender", "s-intent-fsync", "fsync", "*direct.intent*", (0, 1), first=False),
 )
 # beyond the issue's list: run by the long set only
 _MORE_STEPS = (
@@ -130,6 +133,8 @@ _MORE_STEPS = (
     Step("sender", "s-manifest-fsync", "fsync", "*manifests.state*", (0,)),
     Step("sender", "s-manifest-create", "create", "*manifests.state*", (0,)),
     Step("sender", "s-manifest-read", "read", "*manifests.state*", (0,), first=False),
+    Step("sender", "s-intent-rename", "rename", "*direct.intent*", (0,), first=False),
+    Step("sender", "s-intent-unlink", "unlink", "*direct.intent*", (0,), first=False),
 )
 STEPS: dict[str, Step] = {s.name: s for s in (*_STEPS, *_MORE_STEPS)}
 
@@ -192,12 +197,15 @@ DEFAULT: list[Case] = [
     _case("s-journal-fsync", ENOSPC, after=1),  # 0: the fsync at open; 1: a group commit
     _case("s-manifest-write", ENOSPC),
     _case("s-manifest-rename", EIO, times=None),
+    _case("s-intent-write", ENOSPC, after=1),  # 0: the new file's head; 1: a batch's changes
+    _case("s-intent-fsync", EIO),
     _full_disk("receiver", 300 * KiB, "second"),
     _full_disk("receiver", 1024 * KiB, "first"),  # a first sync: the replica fills it
-    # a first sync writes no data to the sender's journal (docs/ARCHITECTURE.md, "Initial
-    # sync"): a full disk there is met by a later sync, or by one that is full at once
+    # no sync writes data to the sender's journal (docs/ARCHITECTURE.md, "Initial sync"; a
+    # later scan notes its changes in a few bytes: engine/direct_intent.py): a full disk
+    # there is one full at once
     _full_disk("sender", 0, "first"),
-    _full_disk("sender", 1024 * KiB, "second"),
+    _full_disk("sender", 0, "second"),
 ]
 
 
@@ -231,8 +239,8 @@ def _long_cases() -> list[Case]:
     for side in sides:
         for nbytes in (0, 64 * KiB, 300 * KiB, 1024 * KiB, 3072 * KiB):
             for phase in phases:
-                if side == "sender" and phase == "first" and nbytes:
-                    continue  # the first sync journals only its EPOCH: nothing to fill
+                if side == "sender" and nbytes:
+                    continue  # a scan journals its EPOCH, and notes: nothing to fill
                 add(_full_disk(side, nbytes, phase))
     return out
 

@@ -196,8 +196,10 @@ def test_a_flipped_byte_in_the_sender_journal_is_recovered_by_comparing(
 ) -> None:
     disk, state = _synced_then_changed(tmp_path, receiver, "srot", 8 * MiB, 4 * MiB)
     # a continuous sender stopped once the change is applied leaves its records at rest
-    # (a `send --once` retires them: nothing would be left to damage)
-    proc = start_send(receiver.address, "srot", state, disk, extra=("--interval", "60"))
+    # (a `send --once` retires them: nothing would be left to damage). Its scan compares
+    # with the replica (--resync) so that it journals them: one from the local manifests
+    # ships them without the journal (engine/direct_intent.py)
+    proc = start_send(receiver.address, "srot", state, disk, extra=("--interval", "60", "--resync"))
     try:
         replica = receiver.dir / "srot" / "disk.img"
         wait_for(lambda: b3(replica) == b3(disk), proc, "the change applied")
@@ -228,9 +230,9 @@ def test_a_byte_flipped_in_the_sender_journal_while_it_ships_stops_it_with_exit_
     (its journal is opened with damage cut); the next run cuts, compares, and the replica
     equals the source. Never applied, never a session retried for ever."""
     disk, state = _synced_then_changed(tmp_path, receiver, "live", 64 * MiB, 48 * MiB)
-    proc = start_send(
-        receiver.address, "live", state, disk, extra=("--interval", "60", "--rate", "4MB/s")
-    )
+    # --resync: a scan that compares with the replica journals what it ships
+    extra = ("--interval", "60", "--rate", "4MB/s", "--resync")
+    proc = start_send(receiver.address, "live", state, disk, extra=extra)
     try:
 
         def journaled() -> bool:  # the cycle's records synced; shipping at 4 MB/s

@@ -16,13 +16,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from replicator.engine import direct_intent
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import ConnectError, PeerProtocolError, RefusedError
+from replicator.engine.link import Link
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.scan import ScanStats
 from replicator.engine.sender import Sender, SenderConfig, SenderState
 from replicator.engine.sender_state import basis_alone
 from replicator.engine.volumes import resolve_volumes
+from replicator.journal import Journal, Record, RecordType
 from replicator.transport import FramedConnection
 
 MiB = 1024 * 1024
@@ -80,13 +83,15 @@ def _change(disk: Path, offsets: list[int]) -> None:
             f.write(os.urandom(64 * 1024))
 
 
-async def _cycle_without_saving(pair: Pair) -> tuple[str, ScanStats]:
-    """One epoch journaled and applied, its manifests never saved (a kill between the two):
-    the basis it was scanned against, and what it found."""
+async def _cycle_without_saving(pair: Pair, *, unjournaled: bool = False) -> tuple[str, ScanStats]:
+    """One epoch applied, its manifests never saved (a kill between the two): the basis
+    it was scanned against, and what it found."""
     async with SenderState(pair.sender.config) as state:
         link, kind, basis = await pair.sender.open_link(state)
         try:
-            _, stats, lsn = await pair.sender.cycle(state, link, basis, save=False)
+            _, stats, lsn = await pair.sender.cycle(
+                state, link, basis, save=False, unjournaled=unjournaled
+            )
             await link.wait_applied(lsn)
         finally:
             await pair.sender.close_link(link)
@@ -192,12 +197,85 @@ async def test_a_state_folder_restored_from_an_older_copy_is_never_trusted_past_
     assert (await _cycle_without_saving(pair))[0] == "remote"  # the receiver is ahead of it
     _write(pair.disk, y, old)  # y goes back to what the old manifests say
     async with SenderState(pair.sender.config) as state:
-        assert "skips" in str(await basis_alone(state))  # serving alone: not from these
+        assert "does not hold" in str(await basis_alone(state))  # nor serving alone
     summary = await pair.sender.run_once()
     assert summary.basis == "remote"
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
     again = await pair.sender.run_once()  # and once a sync completed, the local basis holds
     assert again.basis == "local" and again.bytes_changed == 0
+
+
+async def test_a_later_cycle_ships_unjournaled_and_notes_it_first(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await pair.sender.run_once()
+    journaled: list[RecordType] = []
+    real = Sender.append
+
+    async def spy(self: Sender, journal: Journal, link: Link, records: list[Record]) -> int:
+        journaled.extend(r.type for r in records)
+        return await real(self, journal, link, records)
+
+    monkeypatch.setattr(Sender, "append", spy)
+    _change(pair.disk, [MiB, 5 * MiB])
+    summary = await pair.sender.run_once()
+    assert summary.basis == "local" and summary.bytes_changed == 2 * 64 * 1024
+    assert journaled == [RecordType.EPOCH]  # the changes went straight to the receiver
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    assert not (pair.sender.config.state_dir / direct_intent.FILE_NAME).exists()
+
+
+async def test_a_cycle_cut_short_after_shipping_unjournaled_is_sent_again(pair: Pair) -> None:
+    """The receiver holds part of a cycle no journal here has, to be applied with the next
+    EPOCH. An extent it holds goes back to what the manifests say: the next cycle must send
+    it again all the same, or the receiver's copy of the cut cycle would win."""
+    pair.disk.write_bytes(os.urandom(48 * MiB))
+    first = await pair.sender.run_once()
+    was = pair.disk.read_bytes()[: 64 * 1024]
+    pair.disk.write_bytes(os.urandom(48 * MiB))
+    job = asyncio.create_task(pair.sender.run_once())
+    while pair.sender.status.link is None or pair.sender.status.link.received_lsn < first.lsn + 4:
+        assert not job.done(), job
+        await asyncio.sleep(0.001)
+    pair.connector.cut()
+    with pytest.raises(ConnectError):
+        await job
+    assert (pair.sender.config.state_dir / direct_intent.FILE_NAME).exists()
+    _write(pair.disk, 0, was)  # back to what the manifests say
+    summary = await pair.sender.run_once()
+    assert summary.basis == "local"  # not a comparison of the whole disk
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+
+
+async def test_a_cycle_applied_but_not_saved_is_sent_again(pair: Pair) -> None:
+    """Killed after the receiver applied it, before its manifests were saved: only the
+    notes say what it changed, and what they name is sent again."""
+    await pair.sender.run_once()
+    was = pair.disk.read_bytes()[MiB : MiB + 64 * 1024]
+    _change(pair.disk, [MiB, 3 * MiB])
+    kind, _ = await _cycle_without_saving(pair, unjournaled=True)
+    assert kind == "local"
+    _write(pair.disk, MiB, was)
+    summary = await pair.sender.run_once()
+    assert summary.basis == "local" and summary.bytes_changed == 2 * 64 * 1024
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    again = await pair.sender.run_once()
+    assert again.basis == "local" and again.bytes_changed == 0
+
+
+async def test_damaged_notes_send_the_sender_to_the_replica(pair: Pair) -> None:
+    await pair.sender.run_once()
+    _change(pair.disk, [2 * MiB])
+    await _cycle_without_saving(pair, unjournaled=True)
+    notes = pair.sender.config.state_dir / direct_intent.FILE_NAME
+    damaged = bytearray(notes.read_bytes())
+    damaged[-1] ^= 1
+    notes.write_bytes(bytes(damaged))
+    _change(pair.disk, [2 * MiB])
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    assert not notes.exists()  # the manifests saved since hold it all
 
 
 # -- random interleavings -----------------------------------------------------------------
