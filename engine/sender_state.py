@@ -406,11 +406,12 @@ def _local_unusable(state: SenderState) -> str | None:
 def _unknown_where_touched(
     basis: ManifestSet, touched: TouchedExtents, volumes: list[VolumeSpec]
 ) -> None:
-    """Mark unknown (read and sent again by the scan) every extent records since trimmed
-    changed. A disk whose size changed meanwhile has an unknown size on the replica too:
-    its manifest is made one byte longer than the image, so the scan journals a RESIZE to
-    the image's size and takes every extent past the manifests' end as unknown, never as
-    the zeros a RESIZE leaves (the replica may hold data there from the records trimmed)."""
+    """Mark unknown (read and sent again by the scan) every extent changed by records
+    since trimmed (``touched.state``) or shipped without the journal (``direct.intent``).
+    A disk whose size changed meanwhile has an unknown size on the replica too: its
+    manifest is made one byte longer than the image, so the scan sends a RESIZE to the
+    image's size and takes every extent past the manifests' end as unknown, never as the
+    zeros a RESIZE leaves (the replica may hold data there from those records)."""
     for spec in volumes:
         disk = basis.disks.get(spec.name)
         if disk is None or spec.kind is not VolumeKind.DISK:
