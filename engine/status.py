@@ -174,7 +174,7 @@ class SenderJobStatus:
         self._received = 0
         # (since, beyond) when a link went with changes unapplied that are in no journal
         # here (shipped without it: a first sync, a later scan): their age counts in the
-        # lag until the receiver applies past the LSN ``beyond``
+        # lag until the receiver has applied up to the LSN ``beyond``
         self._unapplied: tuple[float, int] | None = None
         self.listeners = Listeners()
 
@@ -232,7 +232,7 @@ class SenderJobStatus:
             lag_seconds = await _oldest_age(journal, applied, now)
         if self._unapplied is not None:
             since, beyond = self._unapplied
-            if applied > beyond:  # sent again, and applied
+            if applied >= beyond:  # sent again, and applied
                 self._unapplied = None
             else:
                 lag_seconds = max(lag_seconds, now - since)
