@@ -241,10 +241,14 @@ async def test_a_cycle_cut_short_after_shipping_unjournaled_is_sent_again(pair: 
     with pytest.raises(ConnectError):
         await job
     assert (pair.sender.config.state_dir / direct_intent.FILE_NAME).exists()
+    await asyncio.sleep(0.05)
+    away = await pair.sender.status.snapshot()  # in no journal here, and still unapplied
+    assert not away["connected"] and away["lag"]["seconds"] >= 0.05
     _write(pair.disk, 0, was)  # back to what the manifests say
     summary = await pair.sender.run_once()
     assert summary.basis == "local"  # not a comparison of the whole disk
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    assert (await pair.sender.status.snapshot())["lag"]["seconds"] == 0.0
 
 
 async def test_a_cycle_applied_but_not_saved_is_sent_again(pair: Pair) -> None:
