@@ -355,15 +355,30 @@ async def _scan_volumes(
             stats.records += len(first)
         new = ExtentManifest(basis.extent_size, size)
         gen = _disk_batches(spec, work, new, stats, batch_limit)
-        while True:
-            batch = await asyncio.to_thread(next, gen, None)
-            if batch is None:
-                break
-            if progress is not None:
-                progress(stats.bytes_scanned, total)
-            if not batch:
-                continue
-            await append(batch)
-            await syncing.appended(sum(len(r.data) for r in batch))
+        try:
+            while True:
+                batch = await asyncio.to_thread(next, gen, None)
+                if batch is None:
+                    break
+                if progress is not None:
+                    progress(stats.bytes_scanned, total)
+                if not batch:
+                    continue
+                await append(batch)
+                await syncing.appended(sum(len(r.data) for r in batch))
+        finally:  # a scan cut short (the link lost, a stop) closes its walk now
+            await asyncio.shield(asyncio.to_thread(_close_walk, gen))
         new_set.disks[spec.name] = new
     return new_set, stats
+
+
+def _close_walk(gen: Iterator[list[Record]]) -> None:
+    """End a walk left part way: its reading threads are joined and its file closed here,
+    not whenever the collector finds it. Found by the collector, it ran in whichever
+    thread allocated then; once that was a thread being started, inside the lock
+    ``threading`` holds while it starts one, and the join waited on that lock: the
+    process hung (one run of ``make test``)."""
+    close = getattr(gen, "close", None)
+    if close is not None:
+        with contextlib.suppress(ValueError):  # still in next() in a thread cancelled away
+            close()

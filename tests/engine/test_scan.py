@@ -117,3 +117,38 @@ async def test_a_failed_journal_sync_ends_the_scan_with_its_error(tmp_path: Path
             await asyncio.wait_for(task, 20)
     finally:
         await journal.aclose()
+
+
+async def test_a_scan_cut_short_closes_its_walk_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link lost mid-scan: the walk's generator is closed then (its reading threads
+    joined, its file closed), never left for the collector to finalize in whatever thread
+    it runs in (once a thread being started: the process hung)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(24 * 1024 * 1024))
+    spec = VolumeSpec(path, "disk.img", VolumeKind.DISK)
+    closed: list[bool] = []
+    real = scan._disk_batches
+
+    def watched(*args: object) -> object:
+        walk = real(*args)  # type: ignore[arg-type]
+        try:
+            yield from walk
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(scan, "_disk_batches", watched)
+
+    async def lost(records: list[Record]) -> int:
+        if any(r.data for r in records):  # the walk's first batch: the disk's RESIZE went
+            raise ConnectionError("the link went")
+        return await journal.append_many(records)
+
+    journal = await Journal.open(tmp_path / "journal")
+    try:
+        with pytest.raises(ConnectionError):
+            await scan.scan_epoch([spec], journal, ManifestSet(0, EXT), append=lost)
+        assert closed == [True]
+    finally:
+        await journal.aclose()
