@@ -42,7 +42,7 @@ from replicator.journal.durable import StateFileError, read_state, write_state
 
 CHECKPOINT_MAX_BYTES = 4 << 30  # at most this much read and hashed at a stop
 TOUCHED_FILE = "touched.state"
-_RANGES = (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM)
+RANGE_TYPES = (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM)  # a range of a volume
 _UNTRACKED = (RecordType.CREATE, RecordType.UNLINK, RecordType.RENAME)
 
 
@@ -57,17 +57,20 @@ class TouchedExtents:
     valid: bool = True  # False: a record this cannot follow (a folder's namespace)
 
     def __call__(self, records: Sequence[Record]) -> None:
-        ext = self.extent_size
         for record in records:
             kind = record.type
-            if kind in _RANGES:
-                if record.length > 0:
-                    first = record.offset // ext
-                    self._mark(record.volume, first, (record.offset + record.length - 1) // ext)
+            if kind in RANGE_TYPES:
+                self.mark_range(record.volume, record.offset, record.length)
             elif kind is RecordType.RESIZE:
                 self.resized.add(record.volume)
             elif kind in _UNTRACKED:
                 self.valid = False
+
+    def mark_range(self, volume: str, offset: int, length: int) -> None:
+        """Mark the extents of ``volume`` that ``length`` bytes at ``offset`` touch."""
+        if length > 0:
+            ext = self.extent_size
+            self._mark(volume, offset // ext, (offset + length - 1) // ext)
 
     def _mark(self, volume: str, first: int, last: int) -> None:
         bits = self.extents.get(volume)

@@ -42,14 +42,13 @@ from pathlib import Path
 import blake3
 import msgpack
 
-from replicator.engine.checkpoint import TouchedExtents
+from replicator.engine.checkpoint import RANGE_TYPES, TouchedExtents
 from replicator.journal import Record, RecordType
 from replicator.journal.durable import fdatasync_fd, sync_dir
 
 FILE_NAME = "direct.intent"
 _HEAD = struct.Struct("<I16s")
 _MAX_ENTRY = 64 * 1024 * 1024
-_RANGES = (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM)
 _WHOLE = (RecordType.FILE, RecordType.CHMOD)
 _RANGE, _RESIZE, _CONTENT = 0, 1, 2
 
@@ -88,9 +87,9 @@ class Intent:
             ):
                 raise ValueError(f"entry {[kind, volume, offset, length]!r} is not a change")
             if kind == _RANGE:
-                self.touched([Record.zero(volume, offset, length)])
+                self.touched.mark_range(volume, offset, length)
             elif kind == _RESIZE:
-                self.touched([Record.resize(volume, length)])
+                self.touched.resized.add(volume)
             elif kind == _CONTENT:
                 self.whole.add(volume)
             else:
@@ -100,7 +99,7 @@ class Intent:
 def _entries(records: Sequence[Record]) -> list[list[object]]:
     entries: list[list[object]] = []
     for record in records:
-        if record.type in _RANGES:
+        if record.type in RANGE_TYPES:
             entries.append([_RANGE, record.volume, record.offset, record.length])
         elif record.type is RecordType.RESIZE:
             entries.append([_RESIZE, record.volume, 0, record.size])
@@ -165,57 +164,74 @@ def load(state_dir: Path, extent_size: int) -> Intent | None:
 
 
 class IntentLog:
-    """``direct.intent``, open to add what the next batch will change (blocking calls)."""
+    """``direct.intent`` for a cycle from the manifests at ``since``: opened (or created)
+    at the first ``add``, so a cycle that ships nothing leaves the folder as it was
+    (blocking calls)."""
 
-    def __init__(self, fd: int, path: Path) -> None:
-        self._fd = fd
-        self._path = path
+    def __init__(self, state_dir: Path, since: int, extent_size: int) -> None:
+        self._dir = state_dir
+        self._since = since
+        self._extent_size = extent_size
+        self._fd: int | None = None
 
     @classmethod
     def open(cls, state_dir: Path, since: int, extent_size: int) -> IntentLog:
+        """The log, its file open already."""
+        log = cls(state_dir, since, extent_size)
+        log._opened()
+        return log
+
+    def _opened(self) -> int:
         """Add to the notes of a cycle from the same manifests that was cut short (the
         receiver may hold what it shipped), or start new ones, durably, replacing notes
         made against older manifests (the saved ones hold what those cycles did)."""
-        path = state_dir / FILE_NAME
+        if self._fd is not None:
+            return self._fd
+        path = self._dir / FILE_NAME
         with contextlib.suppress(IntentDamaged):  # damaged: the basis came from the replica
-            kept = load(state_dir, extent_size)
-            if kept is not None and kept.since == since:
-                return cls(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC), path)
-        tmp = state_dir / f".{FILE_NAME}.tmp"
+            kept = load(self._dir, self._extent_size)
+            if kept is not None and kept.since == self._since:
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                return self._fd
+        tmp = self._dir / f".{FILE_NAME}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
-        log = cls(fd, path)
         try:
-            log._write(_frame([since, extent_size, time.time_ns()]))
+            _write_durably(fd, _frame([self._since, self._extent_size, time.time_ns()]))
             os.replace(tmp, path)
-            sync_dir(state_dir)
+            sync_dir(self._dir)
         except OSError as exc:
-            log.close()
+            os.close(fd)
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        return log
+        self._fd = fd
+        return fd
 
     def add(self, first_lsn: int, records: Sequence[Record]) -> None:
         """Note ``records``, to be numbered from ``first_lsn``, before they are shipped."""
         frame = _frame([first_lsn, first_lsn + len(records) - 1, _entries(records)])
         if len(frame) > _MAX_ENTRY:
             raise ValueError("a batch too large to note")
+        fd = self._opened()
         try:
-            self._write(frame)
+            _write_durably(fd, frame)
         except OSError as exc:  # named: the message says which file the disk refused
-            raise OSError(exc.errno, exc.strerror, str(self._path)) from exc
-
-    def _write(self, frame: bytes) -> None:
-        """``frame`` written whole and made durable (a short write ends in the error the
-        next write gets: a full disk)."""
-        view = memoryview(frame)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        fdatasync_fd(self._fd)
+            raise OSError(exc.errno, exc.strerror, str(self._dir / FILE_NAME)) from exc
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _write_durably(fd: int, frame: bytes) -> None:
+    """``frame`` written whole and made durable (a short write ends in the error the next
+    write gets: a full disk)."""
+    view = memoryview(frame)
+    while view:
+        view = view[os.write(fd, view) :]
+    fdatasync_fd(fd)
 
 
 def drop(state_dir: Path) -> None:

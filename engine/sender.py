@@ -310,21 +310,17 @@ class Sender:
         since = state.manifests.lsn if state.manifests is not None else None
         later = unjournaled and link is not None and since is not None and not prelude
         direct = since is None or later
-        notes: list[IntentLog] = []  # opened at the first batch: a cycle may ship nothing
+        notes = (
+            IntentLog(state.dir, since, basis.extent_size) if later and since is not None else None
+        )
 
         async def append(records: list[Record]) -> int:
             if link is None:
                 return await journal.append_many(records)
             if direct and records[-1].type is not RecordType.EPOCH:
                 first = link.direct_first(self._lsn_floor)
-                if later:  # durably, before any of them can reach the receiver
-                    assert since is not None
-                    if not notes:
-                        extent = basis.extent_size
-                        notes.append(
-                            await asyncio.to_thread(IntentLog.open, state.dir, since, extent)
-                        )
-                    await asyncio.to_thread(notes[0].add, first, records)
+                if notes is not None:  # durably, before any of them can reach the receiver
+                    await asyncio.to_thread(notes.add, first, records)
                 last = await self._unless_stopped(link.ship_direct(records, self._lsn_floor))
                 if last != first + len(records) - 1:
                     raise RuntimeError(f"records noted from lsn {first} were shipped up to {last}")
@@ -366,8 +362,8 @@ class Sender:
             )
         finally:
             early_hashing.discard()  # any the scan did not take: no later scan would
-            for log_open in notes:
-                log_open.close()
+            if notes is not None:
+                notes.close()
             await run_hook(self.config.post_hook, "post")
         if status.progress is not None:  # the scan is complete: all of it was seen
             seen(status.progress[1], status.progress[1])

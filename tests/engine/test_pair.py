@@ -251,6 +251,29 @@ async def test_a_cycle_cut_short_after_shipping_unjournaled_is_sent_again(pair: 
     assert (await pair.sender.status.snapshot())["lag"]["seconds"] == 0.0
 
 
+async def test_a_cycle_that_dies_once_its_notes_are_durable_converges(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed right after the notes' fdatasync, before a record left: the notes name
+    changes the receiver never got, which the next cycle sends anyway; no "durable" before."""
+    await pair.sender.run_once()
+    _change(pair.disk, [MiB, 6 * MiB])
+
+    async def dies(self: Link, records: list[Record], floor: int = 0) -> int:
+        raise ConnectError("killed right after the notes")
+
+    monkeypatch.setattr(Link, "ship_direct", dies)
+    with pytest.raises(ConnectError):
+        await pair.sender.run_once()
+    monkeypatch.undo()
+    notes = direct_intent.load(pair.sender.config.state_dir, 64 * 1024)
+    assert notes is not None and sorted(notes.touched.indices("disk.img")) == [16, 96]
+    assert pair.replica.read_bytes() != pair.disk.read_bytes()  # nothing claimed durable
+    summary = await pair.sender.run_once()
+    assert summary.basis == "local" and summary.bytes_changed == 2 * 64 * 1024
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+
+
 async def test_a_cycle_applied_but_not_saved_is_sent_again(pair: Pair) -> None:
     """Killed after the receiver applied it, before its manifests were saved: only the
     notes say what it changed, and what they name is sent again."""
