@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 
 from replicator.engine.extent_hasher import iter_extents_against
@@ -60,7 +60,7 @@ class ScanStats:
 
 def _disk_batches(
     spec: VolumeSpec, basis: ExtentManifest, new: ExtentManifest, stats: ScanStats, batch_limit: int
-) -> Iterator[list[Record]]:
+) -> Generator[list[Record], None, None]:
     """Yield batches of records for one disk; fills ``new`` with the digests seen."""
     fd = os.open(spec.path, os.O_RDONLY)
     try:
@@ -372,13 +372,11 @@ async def _scan_volumes(
     return new_set, stats
 
 
-def _close_walk(gen: Iterator[list[Record]]) -> None:
+def _close_walk(gen: Generator[list[Record], None, None]) -> None:
     """End a walk left part way: its reading threads are joined and its file closed here,
     not whenever the collector finds it. Found by the collector, it ran in whichever
     thread allocated then; once that was a thread being started, inside the lock
     ``threading`` holds while it starts one, and the join waited on that lock: the
     process hung (one run of ``make test``)."""
-    close = getattr(gen, "close", None)
-    if close is not None:
-        with contextlib.suppress(ValueError):  # still in next() in a thread cancelled away
-            close()
+    with contextlib.suppress(ValueError):  # still in next() in a thread cancelled away
+        gen.close()
