@@ -461,12 +461,15 @@ class JobReplica:
             if point is not None:
                 self.files.written()
             await _settled(self.files.save, self.state_dir)
+            # a barrier below the floor (PointFloor) follows lost records: not a point
+            ends = point is not None and self.state.ends_point(point.lsn)
             new = self.state.replace(
-                applied_lsn=commit.upto, applying=point is None, consistent=point is not None
+                applied_lsn=commit.upto, applying=point is None, consistent=ends
             )
             if point is not None:
-                new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
                 self.last_barrier = max(self.last_barrier, point.lsn)
+            if ends and point is not None:
+                new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
             await _settled(replica_state.save, self.state_dir, self.job, new)
             self.state = new
         except asyncio.CancelledError:
@@ -614,6 +617,8 @@ class JobReplica:
                 self._after_failed_apply()
                 raise
             t1 = time.perf_counter()
+            if point is not None and not self.state.ends_point(point.lsn):
+                point = None  # records before it were lost (PointFloor): not a point
             consistent = point is not None and point.lsn == target
             new = self.state.replace(applied_lsn=applied, consistent=consistent, applying=False)
             if point is not None:
@@ -689,6 +694,22 @@ class JobReplica:
         """Nothing was ever received or applied: any history may start this replica."""
         return self.received_lsn == 0
 
+    async def raise_point_floor(self, lsn: int) -> None:
+        """No barrier below ``lsn`` ends a consistency point from now on (durably): the
+        sender found this replica lacking records it cannot send again (PointFloor,
+        docs/PROTOCOL.md). The point already applied stays what it is."""
+        async with self._apply_lock:
+            if lsn > self.state.point_floor:
+                await self._save_state(self.state.replace(point_floor=lsn))
+                log.warning(
+                    "receiver.point_floor",
+                    job=self.job,
+                    lsn=lsn,
+                    why="records this replica acknowledged were lost and the sender cannot "
+                    "send them again; the sender compares the replica, and until that "
+                    "comparison's epoch it is not a consistency point",
+                )
+
     async def set_generation(self, generation: int) -> None:
         """The replica follows history ``generation`` from now on (durably)."""
         async with self._apply_lock:
@@ -707,7 +728,8 @@ class JobReplica:
             if not state.consistent or state.applying:
                 raise ReplicaInconsistent(
                     f"job {self.job!r}: the replica is not at a consistency point (an epoch "
-                    f"or a --resync comparison was cut short after lsn {state.applied_lsn}); "
+                    f"or a --resync comparison was cut short after lsn {state.applied_lsn}"
+                    f"{_floor_note(state)}); "
                     "promoting it would start a VM on a disk that never existed",
                     hint="let the source finish sending (run `replicator send` again), then "
                     "fail over; or restore the replica from a backup",
@@ -961,6 +983,15 @@ async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
         with contextlib.suppress(BaseException):
             await asyncio.wait([task])
         raise
+
+
+def _floor_note(state: ReplicaState) -> str:
+    if state.point_floor <= state.applied_lsn:
+        return ""
+    return (
+        f", or records it had acknowledged were lost and no epoch at or after lsn "
+        f"{state.point_floor} has been applied since"
+    )
 
 
 def _ms_per_mib(seconds_per_byte: float | None) -> float | None:

@@ -50,6 +50,7 @@ from replicator.transport import (
     Manifest,
     ManifestRequest,
     Ping,
+    PointFloor,
     ReadData,
     ReadRequest,
     Refuse,
@@ -515,6 +516,11 @@ class Link:
 
     async def send_handover(self, step: str, lsn: int = 0, generation: int = 0) -> None:
         await self.conn.send(Handover(step, lsn, generation))
+
+    async def send_point_floor(self, lsn: int) -> None:
+        """Before shipping anything: no barrier below ``lsn`` ends a consistency point on
+        the replica (engine/lost_records.py)."""
+        await self.conn.send(PointFloor(lsn))
 
     async def _answers(
         self, request: ManifestRequest | TreeRequest

@@ -43,6 +43,7 @@ from replicator.engine.errors import (
 
 if TYPE_CHECKING:
     from replicator.engine.fuse.capture import FuseCapture
+from replicator.engine import lost_records
 from replicator.engine.checkpoint import (
     CHECKPOINT_MAX_BYTES,
     TouchedExtents,
@@ -701,10 +702,6 @@ class FuseFolderCapture:
 
 def _lost_state(link: Link, journal: Journal) -> RefusedError:
     """The receiver holds less than this journal still has: it lost its state (its job
-    folders deleted or restored from an old backup), and what it lacks was trimmed here."""
-    return RefusedError(
-        f"the receiver lacks records {link.received_lsn + 1}..{journal.first_lsn - 1}, "
-        "which were already trimmed here (it lost its state)",
-        hint="restart this sender when its VM can pause: it compares with the replica and "
-        "resynchronises before serving again; until then it keeps capturing",
-    )
+    folders deleted or restored from an old backup), and what it lacks was trimmed here.
+    (With records journaled after the gap, ``Sender.open_link`` refuses it first.)"""
+    return lost_records.refusal((link.received_lsn + 1, journal.first_lsn - 1))

@@ -43,6 +43,7 @@ from replicator.transport import (
     Manifest,
     ManifestRequest,
     Ping,
+    PointFloor,
     Pong,
     Records,
     RemoteProtocolError,
@@ -224,6 +225,8 @@ class Session:
                 self.window.observe_rtt((time.monotonic_ns() - msg.ts_ns) / 1e9)
             elif isinstance(msg, Ping):
                 await self._send_all(self.core.control(msg))
+            elif isinstance(msg, PointFloor):  # durable before the next frame is taken
+                await self.replica.raise_point_floor(msg.lsn)
             elif isinstance(msg, Handover):
                 future = self._handover
                 if msg.step != "final" or future is None or self.final_lsn is not None:

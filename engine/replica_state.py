@@ -14,7 +14,10 @@ map:
 - ``point_lsn`` (int): the last consistency point (EPOCH or FLUSH) fully applied;
 - ``point_ts_ns`` (int): the source's wall-clock time of that point (0: unknown);
 - ``generation`` (int): the replica's history generation (failover bumps it; see
-  docs/PROTOCOL.md); carried in Welcome.
+  docs/PROTOCOL.md); carried in Welcome;
+- ``point_floor`` (int): no barrier below it ends a consistency point. A sender raises it
+  (PointFloor, docs/PROTOCOL.md) when this replica lacks records it cannot send again:
+  barriers it journaled after them would describe a state the replica never held.
 
 Write order around an apply round: ``applying`` True (and ``consistent`` False) durably
 *before* the first replica byte is written; then the records; fsync of the replica files;
@@ -47,6 +50,11 @@ class ReplicaState:
     point_lsn: int = 0
     point_ts_ns: int = 0
     generation: int = 0
+    point_floor: int = 0
+
+    def ends_point(self, barrier_lsn: int) -> bool:
+        """Whether applying the barrier at ``barrier_lsn`` makes a consistency point."""
+        return barrier_lsn >= self.point_floor
 
     def replace(self, **changes: int | bool) -> ReplicaState:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -76,6 +84,7 @@ def load(state_dir: Path, job: str) -> ReplicaState | None:
             point_lsn=_int(raw, "point_lsn", _int(raw, "applied_lsn")),
             point_ts_ns=_int(raw, "point_ts_ns", 0),
             generation=_int(raw, "generation", 0),
+            point_floor=_int(raw, "point_floor", 0),
         )
     except (TypeError, ValueError) as exc:
         log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
@@ -95,6 +104,7 @@ def save(state_dir: Path, job: str, state: ReplicaState) -> None:
             "point_lsn": state.point_lsn,
             "point_ts_ns": state.point_ts_ns,
             "generation": state.generation,
+            "point_floor": state.point_floor,
         },
     )
 

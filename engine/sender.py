@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from replicator.engine import early_hashing, generations
+from replicator.engine import early_hashing, generations, lost_records
 from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.direct_intent import IntentLog
 from replicator.engine.errors import (
@@ -227,6 +227,9 @@ class Sender:
                 state.served_alone = self.status.served_alone = None
             # the receiver may be ahead of us (our state was lost): never reuse its LSNs
             self._lsn_floor = link.received_lsn + 1
+            gap = await lost_records.receiver_gap(journal, link.received_lsn)
+            if gap is not None:  # before anything is shipped across it
+                await self._receiver_lost(state, link, gap, with_basis)
             link.start_reader()
             if with_basis:
                 basis, kind = await choose_basis(state, link)
@@ -252,6 +255,28 @@ class Sender:
             generation=self.status.generation,
         )
         return link, kind, basis
+
+    async def _receiver_lost(
+        self, state: SenderState, link: Link, gap: tuple[int, int], with_basis: bool
+    ) -> None:
+        """The receiver lacks ``gap``, and the journal holds records after it
+        (engine/lost_records.py): compare, and tell the receiver which barriers are no
+        consistency point; or, for a session that compares nothing, refuse it."""
+        journal = state.journal
+        assert journal is not None
+        await state.require_compare(lost_records.why(gap))
+        if not with_basis:
+            raise lost_records.refusal(gap)
+        floor = journal.next_lsn  # above every record journaled before
+        await link.send_point_floor(floor)
+        log.warning(
+            "sender.receiver_lacks_records",
+            lsn_from=gap[0],
+            lsn_to=gap[1],
+            point_floor=floor,
+            action="comparing every volume with the replica; the receiver takes no barrier "
+            f"below lsn {floor} as a consistency point",
+        )
 
     async def close_link(self, link: Link) -> None:
         """Close ``link`` and say so in the status (the job is disconnected until the next);

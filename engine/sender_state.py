@@ -29,7 +29,7 @@ from pathlib import Path
 
 import structlog
 
-from replicator.engine import direct_intent
+from replicator.engine import direct_intent, lost_records
 from replicator.engine.checkpoint import TouchedExtents, load_touched
 from replicator.engine.direct_intent import IntentDamaged
 from replicator.engine.failback_state import refuse_if_marked
@@ -147,6 +147,8 @@ class SenderState:
         self.journal: Journal | None = None
         self.manifests: ManifestSet | None = None
         self.damaged = False  # the journal lost synced records: compare with the replica
+        # why the replica must be compared until a comparison completes (lost_records.py)
+        self.compare: str | None = None
         # the LSN this folder's sender last served from without its receiver, until a
         # session finds the receiver at or below it (engine/served_alone.py)
         self.served_alone: int | None = None
@@ -172,6 +174,7 @@ class SenderState:
             )
             self.manifests = await asyncio.to_thread(self._load_manifests)
             self.served_alone = await asyncio.to_thread(load_served_alone, self.dir)
+            self.compare = await asyncio.to_thread(lost_records.load, self.dir)
         except BaseException:
             if self.journal is not None:
                 await self.journal.aclose()
@@ -221,6 +224,14 @@ class SenderState:
         self.manifests = manifests
         # they hold what cycles shipped without the journal since the older ones
         await asyncio.to_thread(direct_intent.drop, self.dir)
+        if self.compare is not None:  # the basis was the replica's (_local_unusable)
+            await asyncio.to_thread(lost_records.clear, self.dir)
+            self.compare = None
+
+    async def require_compare(self, reason: str) -> None:
+        """Durably: every basis is the replica's until a cycle's manifests are saved."""
+        await asyncio.to_thread(lost_records.save, self.dir, reason)
+        self.compare = reason
 
 
 def _apply_effect(basis: ManifestSet, record: Record) -> None:
@@ -400,7 +411,7 @@ def _local_unusable(state: SenderState) -> str | None:
         return "--resync compares with the replica"
     if state.damaged:
         return "the journal was damaged: the replica must be compared"
-    return None
+    return state.compare
 
 
 def _unknown_where_touched(

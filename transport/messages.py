@@ -25,7 +25,8 @@ from replicator.journal.records import HEADER_SIZE, MAX_NAME, RecordError, peek_
 # 3: generations interpreted (split brain); Refuse codes "promoted", "generation"
 # 4: Handover (planned failover, failback hand-back), ReadRequest/ReadData (failback reads);
 #    Hello capability "failback"
-PROTOCOL_VERSION: Final = 4
+# 5: PointFloor (a receiver that lost records the sender cannot send again)
+PROTOCOL_VERSION: Final = 5
 
 U64_MAX: Final = 2**64 - 1
 I64_MIN: Final = -(2**63)
@@ -77,6 +78,7 @@ class MessageType(IntEnum):
     HANDOVER = 15
     READ_REQUEST = 16
     READ_DATA = 17
+    POINT_FLOOR = 18
 
 
 # --- field checks -------------------------------------------------------------------------
@@ -544,6 +546,20 @@ class Handover:
 
 
 @dataclass(frozen=True, slots=True)
+class PointFloor:
+    """Sender to receiver, before the records it applies to: no barrier below ``lsn`` ends
+    a consistency point. The receiver lacks records the sender cannot send again (lost to
+    a damaged journal, or trimmed here), so barriers the sender journaled after them would
+    mark a replica without them consistent; the comparison that follows ends at a barrier
+    at or above ``lsn``. Durable on the receiver before it takes the next frame."""
+
+    lsn: int
+
+    def __post_init__(self) -> None:
+        _uint("PointFloor", "lsn", self.lsn)
+
+
+@dataclass(frozen=True, slots=True)
 class ReadRequest:
     """Sender -> receiver (failback sessions only): send ``length`` bytes of a replica
     volume from ``offset``."""
@@ -599,6 +615,7 @@ Message: TypeAlias = (
     | TreeRequest
     | Tree
     | Handover
+    | PointFloor
     | ReadRequest
     | ReadData
 )
@@ -621,6 +638,7 @@ MESSAGE_TYPES: Final[dict[type[Message], MessageType]] = {
     Handover: MessageType.HANDOVER,
     ReadRequest: MessageType.READ_REQUEST,
     ReadData: MessageType.READ_DATA,
+    PointFloor: MessageType.POINT_FLOOR,
 }
 MESSAGE_CLASSES: Final[dict[MessageType, type[Message]]] = {v: k for k, v in MESSAGE_TYPES.items()}
 

@@ -171,6 +171,7 @@ _SENDER_SENDS = (
     _T.TREE_REQUEST,
     _T.READ_REQUEST,
     _T.HANDOVER,
+    _T.POINT_FLOOR,
     _T.PING,
     _T.PONG,
 )

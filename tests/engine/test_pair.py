@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replicator.engine import direct_intent
+from replicator.engine import direct_intent, lost_records, replica_state
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import ConnectError, PeerProtocolError, RefusedError
+from replicator.engine.job_replica import JobReplica
 from replicator.engine.link import Link
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.scan import ScanStats
@@ -303,6 +304,89 @@ async def test_damaged_notes_send_the_sender_to_the_replica(pair: Pair) -> None:
     assert summary.basis == "remote"
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
     assert not notes.exists()  # the manifests saved since hold it all
+
+
+def _flip_a_byte_after_the_first_records(journal_dir: Path) -> None:
+    seg = max(journal_dir.iterdir(), key=lambda path: path.stat().st_size)
+    damaged = bytearray(seg.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    seg.write_bytes(bytes(damaged))
+
+
+async def test_records_the_receiver_lost_are_compared_and_make_no_point(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later cycle ships without the sender's journal; the receiver holds it all, durably,
+    but a damaged journal costs it some of those records before it applies them. The
+    sender's journal still holds the cycle's EPOCH, which it ships again: over the gap, a
+    replica without those records would be a consistency point, and the manifests saved
+    after that EPOCH would never send them again."""
+    await pair.sender.run_once()
+    rstate = pair.tmp / "rstate" / "job"
+    point = replica_state.load(rstate, "job")
+    assert point is not None and point.consistent
+    _change(pair.disk, [MiB, 3 * MiB, 5 * MiB, 7 * MiB])
+    # the receiver takes the cycle durably and is killed before it applies it
+    monkeypatch.setattr(JobReplica, "_apply_target", lambda self, force: self.state.applied_lsn)
+    async with SenderState(pair.sender.config) as state:
+        link, kind, basis = await pair.sender.open_link(state)
+        try:
+            _, _, epoch = await pair.sender.cycle(state, link, basis, unjournaled=True)
+            await link.wait_received(epoch)
+        finally:
+            await pair.sender.close_link(link)
+    assert kind == "local"
+    await pair.receiver.aclose()
+    monkeypatch.undo()
+    _flip_a_byte_after_the_first_records(rstate / "journal")
+    await pair.restart_receiver()
+    # the next session ships the EPOCH across the gap, then dies before comparing
+    async with SenderState(pair.sender.config) as state:
+        link, kind, _ = await pair.sender.open_link(state)
+        try:
+            await link.wait_applied(epoch, timeout=10)
+        finally:
+            await pair.sender.close_link(link)
+    assert kind == "remote"
+    after = replica_state.load(rstate, "job")
+    assert after is not None and after.applied_lsn == epoch
+    assert not after.consistent and after.point_lsn == point.point_lsn  # not a point
+    assert pair.replica.read_bytes() != pair.disk.read_bytes()
+    assert (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
+    # the receiver holds every LSN up to the EPOCH now: only the note sends it to the replica
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    healed = replica_state.load(rstate, "job")
+    assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
+    assert not (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
+    again = await pair.sender.run_once()
+    assert again.basis == "local" and again.bytes_changed == 0
+
+
+async def test_a_session_that_compares_nothing_is_refused_across_lost_records(
+    pair: Pair,
+) -> None:
+    """A live sender reconnecting (or ``verify``) ships its journal without comparing: past
+    records the receiver lost, it is refused before it ships anything, and the next session
+    with a basis compares."""
+    first = await pair.sender.run_once()
+    _change(pair.disk, [2 * MiB])
+    async with SenderState(pair.sender.config) as state:
+        journal = state.journal
+        assert journal is not None
+        await journal.append(Record.epoch(2))  # held, then LSNs it never held, then held
+        journal.skip_to(journal.next_lsn + 5)
+        await journal.append(Record.epoch(3))
+        await journal.sync()
+        with pytest.raises(RefusedError, match=f"lacks lsn {first.lsn + 2} to {first.lsn + 6}"):
+            await pair.sender.open_link(state, with_basis=False)
+        assert state.compare is not None
+    rstate = replica_state.load(pair.tmp / "rstate" / "job", "job")
+    assert rstate is not None and rstate.applied_lsn == first.lsn  # nothing was shipped
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
 
 
 # -- random interleavings -----------------------------------------------------------------

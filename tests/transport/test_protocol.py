@@ -37,6 +37,7 @@ from replicator.transport import (
 from replicator.transport.frames import encode_frame
 from replicator.transport.messages import (
     Handover,
+    PointFloor,
     ReadData,
     ReadRequest,
     Tree,
@@ -264,6 +265,7 @@ SAMPLES: dict[MessageType, Message] = {
     MessageType.HANDOVER: Handover("request", 0, 0),
     MessageType.READ_REQUEST: ReadRequest(2, "disk.img", 4096, 4096),
     MessageType.READ_DATA: ReadData(1, 0, b"x" * 4096),
+    MessageType.POINT_FLOOR: PointFloor(7),
 }
 REACHABLE = [s for s in State if s is not State.ERROR]
 CASES = [
