@@ -364,6 +364,37 @@ async def test_records_the_receiver_lost_are_compared_and_make_no_point(
     assert again.basis == "local" and again.bytes_changed == 0
 
 
+async def test_lost_records_behind_a_record_still_journaled_are_compared(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with a journaled cycle before the unjournaled one, both unapplied: the
+    sender's journal reaches below the receiver's position, and only the gap in its LSNs
+    says the receiver lost records (the local basis would never send them again)."""
+    await pair.sender.run_once()
+    rstate = pair.tmp / "rstate" / "job"
+    monkeypatch.setattr(JobReplica, "_apply_target", lambda self, force: self.state.applied_lsn)
+    async with SenderState(pair.sender.config) as state:
+        link, _, basis = await pair.sender.open_link(state)
+        try:
+            _change(pair.disk, [MiB, 2 * MiB])
+            basis, _, _ = await pair.sender.cycle(state, link, basis)  # journaled
+            _change(pair.disk, [4 * MiB, 5 * MiB, 6 * MiB, 7 * MiB])
+            _, _, epoch = await pair.sender.cycle(state, link, basis, unjournaled=True)
+            await link.wait_received(epoch)
+        finally:
+            await pair.sender.close_link(link)
+    await pair.receiver.aclose()
+    monkeypatch.undo()
+    seg = max((rstate / "journal").iterdir(), key=lambda path: path.stat().st_size)
+    damaged = bytearray(seg.read_bytes())
+    damaged[len(damaged) * 7 // 8] ^= 1  # in the unjournaled cycle's records
+    seg.write_bytes(bytes(damaged))
+    await pair.restart_receiver()
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+
+
 async def test_a_session_that_compares_nothing_is_refused_across_lost_records(
     pair: Pair,
 ) -> None:
