@@ -1,9 +1,13 @@
 """Whether lz4 pays on this connection: a per-connection choice on top of the per-frame one.
 
 Per frame, ``encode_frame`` already sends a payload raw when samples say it will not shrink
-by 5% or the result does not save 10%. That says nothing about time: lz4 costs CPU (on a
-2-core machine, shared: 350-700 MB/s of mixed or binary data, measured), and encoding runs
-in the sender's event loop, so every second it compresses is a second it does not send.
+by 5% or the result does not save 10%. Data between the two (fio's buffers through its NBD
+engine: samples 0.93-0.94) was compressed in full and thrown away on every frame; once the
+ratio shows that (``_NO_GAIN``), lz4 stops until a probe frame saves again.
+
+None of that says anything about time: lz4 costs CPU (on a 2-core machine, shared:
+350-700 MB/s of mixed or binary data, measured), and encoding runs in the sender's event
+loop, so every second it compresses is a second it does not send.
 Compression pays only while the wire time it saves is more than the CPU time it costs:
 
     (1 - ratio) / rate  >  extra encode seconds per raw byte
@@ -65,6 +69,8 @@ _LINK_BOUND: Final = 0.5  # share of a window's time spent waiting to drain: lin
 _NEVER_WAITED: Final = 0.05  # at most this share waiting ...
 _CPU_SHARE: Final = 0.25  # ... and at least this share encoding: CPU-bound
 _MIN_EXTRA_SHARE: Final = 0.5  # of lz4's encode time: its least cost beyond a raw frame's
+# the ratio once every recent compressed frame was sent raw (about 25 in a row)
+_NO_GAIN: Final = 0.999
 
 
 class CompressionChoice:
@@ -163,6 +169,10 @@ class CompressionChoice:
         lz4_cost = self.lz4_cost
         if rate is None and self.link_rate is None and self.cpu_bound:
             return False  # the link takes all we make: lz4 would only slow us down
+        if self.ratio is not None and self.ratio >= _NO_GAIN:
+            # every recent frame went raw after lz4 ran (it saved under the 10% a frame
+            # needs): it costs the CPU whatever the rate, and saves no wire time at all
+            return False
         rate = self._rate(rate)
         if not rate or self.ratio is None or lz4_cost is None:
             return True

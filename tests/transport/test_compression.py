@@ -44,6 +44,20 @@ def test_lz4_pays_on_a_slow_link_and_not_on_a_fast_one() -> None:
     assert mixed.pays(None) and mixed.pays(0)  # no known rate: the link may be slow
 
 
+def test_lz4_whose_output_always_goes_raw_stops_at_any_rate_until_a_probe_saves() -> None:
+    """Data that samples say may shrink by 5% but that lz4 shrinks by less than the 10% a
+    frame needs: every frame was compressed, then sent raw. With no rate known (a shipper
+    mostly waiting for its journal measures none), it used to go on for good."""
+    choice = _measured(0.5, 700e6)  # compressible at first
+    for _ in range(30):
+        choice.observe(MiB, MiB, MiB / 700e6, compressed=True)  # lz4 ran, the frame went raw
+    assert not choice.pays(None) and not choice.pays(12.5e6) and not choice.pays(0)
+    used = [choice.use(None) for _ in range(PROBE_EVERY)]
+    assert used.count(True) == 1  # probed now and then
+    choice.observe(MiB, MiB // 2, MiB / 700e6, compressed=True)  # the data changed
+    assert choice.pays(None)
+
+
 def test_while_off_one_frame_in_probe_every_is_compressed() -> None:
     choice = _measured(0.5, 670e6)
     uses = [choice.use(1.25e9) for _ in range(3 * PROBE_EVERY)]
