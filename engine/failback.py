@@ -145,7 +145,9 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
             await journal.append(Record.flush().with_lsn(handback))
             await journal.sync()
             epoch = state.manifests.epoch if state.manifests is not None else 0
-            manifests = ManifestSet(handback, config.extent_size, epoch, dict(remote))
+            manifests = ManifestSet(
+                handback, config.extent_size, epoch, dict(remote), compared=True
+            )
             await state.save(manifests)  # file volumes are shipped again by the next send
             await asyncio.to_thread(generations.save_peer_generation, config.state_dir, generation)
             await _record(config.state_dir, "handing-back", generation=generation, lsn=handback)

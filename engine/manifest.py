@@ -132,6 +132,9 @@ class ManifestSet:
     # not known to the sender (state saved before modes were kept, a basis read from the
     # receiver): the next scan sends its mode once
     modes: dict[str, int] = field(default_factory=dict)
+    # made by a scan against the replica's own manifests (a basis "remote"), or from them:
+    # a comparison completed (engine/lost_records.py). Not saved.
+    compared: bool = field(default=False, compare=False)
 
     def save(self, path: Path) -> None:
         write_state(

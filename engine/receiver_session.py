@@ -226,7 +226,8 @@ class Session:
             elif isinstance(msg, Ping):
                 await self._send_all(self.core.control(msg))
             elif isinstance(msg, PointFloor):  # durable before the next frame is taken
-                await self.replica.raise_point_floor(msg.lsn)
+                if not await self._raise_point_floor(msg.lsn):
+                    return
             elif isinstance(msg, Handover):
                 future = self._handover
                 if msg.step != "final" or future is None or self.final_lsn is not None:
@@ -236,6 +237,17 @@ class Session:
                 future.set_result(msg.lsn)
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a sender")
+
+    async def _raise_point_floor(self, lsn: int) -> bool:
+        """False when it could not be saved (the sender was told why: the session ends)."""
+        try:
+            await self.replica.raise_point_floor(lsn)
+        except OSError as exc:
+            reason = _storage_reason(exc)
+            log.error("receiver.storage", job=self.replica.job, error=reason)
+            await self.conn.send(Error("storage", reason))
+            return False
+        return True
 
     def _wake_syncer(self) -> None:
         """Sync now, or, when only a few direct writes of a first sync wait (see

@@ -309,7 +309,9 @@ async def _scan_volumes(
 ) -> tuple[ManifestSet, ScanStats]:
     """scan_epoch's walk over the volumes, up to (not including) the EPOCH record."""
     stats = ScanStats()
-    new_set = ManifestSet(lsn=0, extent_size=basis.extent_size, epoch=basis.epoch + 1)
+    new_set = ManifestSet(
+        lsn=0, extent_size=basis.extent_size, epoch=basis.epoch + 1, compared=basis.compared
+    )
     cap = journal.max_bytes
     batch_limit = BATCH_BYTES if cap is None else max(MAX_WRITE, min(BATCH_BYTES, cap // 4))
     total = sum(os.stat(spec.path).st_size for spec in volumes)

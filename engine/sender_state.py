@@ -224,7 +224,7 @@ class SenderState:
         self.manifests = manifests
         # they hold what cycles shipped without the journal since the older ones
         await asyncio.to_thread(direct_intent.drop, self.dir)
-        if self.compare is not None:  # the basis was the replica's (_local_unusable)
+        if self.compare is not None and manifests.compared:  # not a checkpoint's, say
             await asyncio.to_thread(lost_records.clear, self.dir)
             self.compare = None
 
@@ -317,7 +317,7 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
                     "with the source instead",
                 )
     epoch = local.epoch if local is not None else 0
-    basis = ManifestSet(received, state.config.extent_size, epoch)
+    basis = ManifestSet(received, state.config.extent_size, epoch, compared=True)
     for spec in state.config.volumes:
         if spec.kind is VolumeKind.DISK:
             remote = await link.request_manifest(spec.name, state.config.extent_size)

@@ -5,6 +5,7 @@ refusal."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import tempfile
@@ -18,7 +19,12 @@ from hypothesis import strategies as st
 
 from replicator.engine import direct_intent, lost_records, replica_state
 from replicator.engine.connectors import MemoryConnector
-from replicator.engine.errors import ConnectError, PeerProtocolError, RefusedError
+from replicator.engine.errors import (
+    ConnectError,
+    PeerProtocolError,
+    RefusedError,
+    ReplicatorError,
+)
 from replicator.engine.job_replica import JobReplica
 from replicator.engine.link import Link
 from replicator.engine.receiver import Receiver, ReceiverConfig
@@ -413,8 +419,40 @@ async def test_a_session_that_compares_nothing_is_refused_across_lost_records(
         with pytest.raises(RefusedError, match=f"lacks lsn {first.lsn + 2} to {first.lsn + 6}"):
             await pair.sender.open_link(state, with_basis=False)
         assert state.compare is not None
+        assert state.manifests is not None
+        await state.save(state.manifests)  # a live sender's checkpoint at its stop, say
+    assert (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()  # compared nothing
     rstate = replica_state.load(pair.tmp / "rstate" / "job", "job")
     assert rstate is not None and rstate.applied_lsn == first.lsn  # nothing was shipped
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+
+
+async def test_a_point_floor_the_receiver_cannot_save_ends_the_session_with_why(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await pair.sender.run_once()
+    async with SenderState(pair.sender.config) as state:
+        journal = state.journal
+        assert journal is not None
+        journal.skip_to(journal.next_lsn + 3)  # LSNs the receiver lacks, then a record
+        await journal.append(Record.epoch(2))
+        await journal.sync()
+    real = replica_state.save
+
+    def full(state_dir: Path, job: str, state: replica_state.ReplicaState) -> None:
+        if state.point_floor:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(state_dir, job, state)
+
+    monkeypatch.setattr(replica_state, "save", full)
+    with pytest.raises(ReplicatorError, match="receiver disk is full"):
+        await pair.sender.run_once()
+    saved = replica_state.load(pair.tmp / "rstate" / "job", "job")
+    assert saved is not None and saved.point_floor == 0 and saved.applied_lsn == first.lsn
+    monkeypatch.undo()
+    _change(pair.disk, [3 * MiB])
     summary = await pair.sender.run_once()
     assert summary.basis == "remote"
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
