@@ -222,6 +222,8 @@ def _state(job: dict[str, Any]) -> str:
             f" (serving alone from LSN {alone.get('since_lsn')}: the receiver was not reached "
             "at start, --wait-for-receiver)"
         )
+    if job.get("compare_pending"):
+        text += f" (the next cycle compares with the replica: {job['compare_pending']})"
     fence = job.get("fence")
     if isinstance(fence, dict) and fence.get("fenced"):
         text += (

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from replicator.engine import direct_intent, replica_state
+from replicator.engine import direct_intent, lost_records, replica_state
 from replicator.engine.control import read_claim
 from replicator.engine.errors import ConfigError
 from replicator.engine.failback_state import describe, load_marker
@@ -108,6 +108,7 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
     }
     alone = load_served_alone(state_dir)  # the next session checks the receiver against it
     entry["served_alone"] = None if alone is None else {"since_lsn": alone}
+    entry["compare_pending"] = lost_records.load(state_dir)  # the next cycle compares
     marker = load_marker(state_dir)  # a planned failover or a failback (failback_state.py)
     if marker is not None:
         entry["state"] = "handed_over" if marker.phase == "handed-over" else "failback_incomplete"

@@ -52,3 +52,10 @@ def test_traffic_names_the_compression_as_a_factor() -> None:
     }
     text = _text({"role": "receiver", "source": "process", "jobs": [job]})
     assert _row(text, "received") == "128.4 KiB as 946 B (139.00x smaller), 0 B/s"
+
+
+def test_a_sender_that_must_compare_says_why() -> None:
+    why = "the receiver lacks lsn 14 to 15, which no journal here holds"
+    job = {"job": "vm1", "state": "not_running", "compare_pending": why}
+    text = _text({"role": "sender", "source": "files", "jobs": [job]})
+    assert f"the next cycle compares with the replica: {why}" in " ".join(text.split()), text

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator.engine import direct_intent, lost_records, replica_state
+from replicator.engine.at_rest import sender_at_rest
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import (
     ConnectError,
@@ -359,6 +360,10 @@ async def test_records_the_receiver_lost_are_compared_and_make_no_point(
     assert not after.consistent and after.point_lsn == point.point_lsn  # not a point
     assert pair.replica.read_bytes() != pair.disk.read_bytes()
     assert (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
+    pending = (await pair.sender.status.snapshot())["compare_pending"]
+    assert pending is not None and "lacks lsn" in pending
+    at_rest = sender_at_rest(pair.sender.config.state_dir)["jobs"][0]["compare_pending"]
+    assert at_rest == pending
     # the receiver holds every LSN up to the EPOCH now: only the note sends it to the replica
     summary = await pair.sender.run_once()
     assert summary.basis == "remote"
@@ -366,6 +371,8 @@ async def test_records_the_receiver_lost_are_compared_and_make_no_point(
     healed = replica_state.load(rstate, "job")
     assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
     assert not (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
+    assert (await pair.sender.status.snapshot())["compare_pending"] is None
+    assert sender_at_rest(pair.sender.config.state_dir)["jobs"][0]["compare_pending"] is None
     again = await pair.sender.run_once()
     assert again.basis == "local" and again.bytes_changed == 0
 
