@@ -284,7 +284,14 @@ def _point(job: dict[str, Any]) -> str:
     if not point.get("lsn"):
         return "-"
     text = f"LSN {point.get('lsn')}, source time {point.get('source_time') or 'unknown'}"
-    return text + ("" if point.get("consistent") else " (an apply is unfinished)")
+    if point.get("consistent"):
+        return text
+    if point.get("floor_lsn"):
+        return text + (
+            " (not consistent: records it had acknowledged were lost; the sender compares, "
+            f"and its epoch at or after LSN {point['floor_lsn']} makes it consistent again)"
+        )
+    return text + " (an apply is unfinished)"
 
 
 def _errors(job: dict[str, Any]) -> str:

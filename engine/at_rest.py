@@ -173,6 +173,7 @@ def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> lis
                     "lsn": point.point_lsn,
                     "source_time": iso_time(point.point_ts_ns),
                     "consistent": consistent,
+                    "floor_lsn": point.floor_ahead,
                 },
                 # an apply was cut short: the receiver finishes it when it starts
                 "recovery_pending": not consistent,

@@ -56,6 +56,12 @@ class ReplicaState:
         """Whether applying the barrier at ``barrier_lsn`` makes a consistency point."""
         return barrier_lsn >= self.point_floor
 
+    @property
+    def floor_ahead(self) -> int | None:
+        """The point floor while it is what keeps the replica from being consistent (no
+        barrier at or above it applied yet); None otherwise. For status."""
+        return self.point_floor if self.point_floor > self.applied_lsn else None
+
     def replace(self, **changes: int | bool) -> ReplicaState:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 

@@ -360,6 +360,7 @@ class ReceiverJobStatus:
                 "lsn": point.point_lsn,
                 "source_time": iso_time(point.point_ts_ns),
                 "consistent": point.consistent and not point.applying,
+                "floor_lsn": point.floor_ahead,
             },
             "diverged": dict(replica.files.diverged),
             "bytes": {"payload": payload, "wire": wire},

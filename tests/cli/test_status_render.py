@@ -59,3 +59,14 @@ def test_a_sender_that_must_compare_says_why() -> None:
     job = {"job": "vm1", "state": "not_running", "compare_pending": why}
     text = _text({"role": "sender", "source": "files", "jobs": [job]})
     assert f"the next cycle compares with the replica: {why}" in " ".join(text.split()), text
+
+
+def test_a_replica_that_lost_records_says_what_makes_it_consistent_again() -> None:
+    point = {"lsn": 11, "source_time": None, "consistent": False, "floor_lsn": 17}
+    job = {"job": "vm1", "state": "idle", "consistency_point": point}
+    text = " ".join(_text({"role": "receiver", "source": "files", "jobs": [job]}).split())
+    assert "records it had acknowledged were lost" in text, text
+    assert "at or after LSN 17" in text and "an apply is unfinished" not in text
+    point["floor_lsn"] = None
+    text = " ".join(_text({"role": "receiver", "source": "files", "jobs": [job]}).split())
+    assert "an apply is unfinished" in text, text

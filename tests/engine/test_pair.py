@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator.engine import direct_intent, lost_records, replica_state
-from replicator.engine.at_rest import sender_at_rest
+from replicator.engine.at_rest import receiver_jobs_at_rest, sender_at_rest
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import (
     ConnectError,
@@ -358,6 +358,8 @@ async def test_records_the_receiver_lost_are_compared_and_make_no_point(
     after = replica_state.load(rstate, "job")
     assert after is not None and after.applied_lsn == epoch
     assert not after.consistent and after.point_lsn == point.point_lsn  # not a point
+    (job,) = receiver_jobs_at_rest(pair.tmp / "rstate")
+    assert job["consistency_point"]["floor_lsn"] == after.point_floor > epoch
     assert pair.replica.read_bytes() != pair.disk.read_bytes()
     assert (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
     pending = (await pair.sender.status.snapshot())["compare_pending"]
@@ -370,6 +372,8 @@ async def test_records_the_receiver_lost_are_compared_and_make_no_point(
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
     healed = replica_state.load(rstate, "job")
     assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
+    (job,) = receiver_jobs_at_rest(pair.tmp / "rstate")
+    assert job["consistency_point"]["floor_lsn"] is None
     assert not (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
     assert (await pair.sender.status.snapshot())["compare_pending"] is None
     assert sender_at_rest(pair.sender.config.state_dir)["jobs"][0]["compare_pending"] is None
