@@ -29,7 +29,7 @@ from pathlib import Path
 import structlog
 
 from replicator.engine.errors import ExitCode, ReplicatorError, SplitBrainError
-from replicator.journal.durable import StateFileError, read_state, sync_dir, write_state
+from replicator.journal.durable import StateFileError, read_state, remove_state, write_state
 
 log = structlog.get_logger()
 
@@ -82,11 +82,7 @@ def save_marker(state_dir: Path, phase: str, *, generation: int = 0, lsn: int = 
 
 def clear_marker(state_dir: Path) -> None:
     """The roles are back in the original direction (blocking, durable)."""
-    try:
-        (state_dir / MARKER_FILE).unlink()
-    except FileNotFoundError:
-        return
-    sync_dir(state_dir)
+    remove_state(state_dir / MARKER_FILE)
 
 
 def describe(marker: Marker) -> str:

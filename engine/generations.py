@@ -86,13 +86,9 @@ def save_promotion(state_dir: Path, promotion: Promotion) -> None:
 
 def clear_promotion(state_dir: Path) -> None:
     """Demote: the job is a replica again (blocking, durable)."""
-    from replicator.journal.durable import sync_dir
+    from replicator.journal.durable import remove_state
 
-    try:
-        (state_dir / PROMOTED_FILE).unlink()
-    except FileNotFoundError:
-        return
-    sync_dir(state_dir)
+    remove_state(state_dir / PROMOTED_FILE)
 
 
 def new_promotion(generation: int, point_lsn: int, point_ts_ns: int) -> Promotion:

@@ -986,11 +986,12 @@ async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
 
 
 def _floor_note(state: ReplicaState) -> str:
-    if state.point_floor <= state.applied_lsn:
+    floor = state.floor_ahead
+    if floor is None:
         return ""
     return (
         f", or records it had acknowledged were lost and no epoch at or after lsn "
-        f"{state.point_floor} has been applied since"
+        f"{floor} has been applied since"
     )
 
 

@@ -18,13 +18,11 @@ receiver that no barrier below the journal's next LSN ends a consistency point
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 from replicator.engine.errors import RefusedError
 from replicator.journal import Journal
-from replicator.journal.durable import StateFileError, read_state, sync_dir, write_state
+from replicator.journal.durable import StateFileError, read_state, remove_state, write_state
 
 FILE_NAME = "compare.state"
 
@@ -65,9 +63,7 @@ def save(state_dir: Path, reason: str) -> None:
 
 def clear(state_dir: Path) -> None:
     """A comparison's manifests are saved (blocking)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(state_dir / FILE_NAME)
-        sync_dir(state_dir)
+    remove_state(state_dir / FILE_NAME)
 
 
 def refusal(gap: tuple[int, int]) -> RefusedError:

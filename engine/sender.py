@@ -230,7 +230,7 @@ class Sender:
             gap = await lost_records.receiver_gap(journal, link.received_lsn)
             if gap is not None:  # before anything is shipped across it
                 await self._receiver_lost(state, link, gap, with_basis)
-            self.status.compare_pending = state.compare
+            self.status.compare_pending = lambda: state.compare
             link.start_reader()
             if with_basis:
                 basis, kind = await choose_basis(state, link)
@@ -395,7 +395,6 @@ class Sender:
             seen(status.progress[1], status.progress[1])
         if save:
             await state.save(result[0])
-            status.compare_pending = state.compare
         status.last_epoch = result[0].epoch
         return result
 
@@ -457,7 +456,6 @@ class Sender:
                     await link.wait_applied(epoch_lsn)
                 finally:
                     await saving
-                self.status.compare_pending = state.compare
                 await link.goodbye()  # the shipper stops first
                 # the receiver applied everything and the manifests hold it: the next run
                 # opens a journal with no records to read and verify (a cron job's

@@ -17,12 +17,10 @@ journal follows, and the file is removed; one above it is refused with what to d
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 from replicator.engine.errors import RefusedError
-from replicator.journal.durable import StateFileError, read_state, sync_dir, write_state
+from replicator.journal.durable import StateFileError, read_state, remove_state, write_state
 
 SERVED_ALONE_FILE = "served_alone.state"
 
@@ -50,9 +48,7 @@ def save_served_alone(state_dir: Path, since: int) -> None:
 
 def clear_served_alone(state_dir: Path) -> None:
     """The receiver was found at or below ``since``: its history is this journal's."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(state_dir / SERVED_ALONE_FILE)
-        sync_dir(state_dir)
+    remove_state(state_dir / SERVED_ALONE_FILE)
 
 
 def receiver_ahead(received: int, since: int) -> RefusedError | None:

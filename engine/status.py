@@ -168,8 +168,9 @@ class SenderJobStatus:
         # a live sender serving without its receiver: the LSN it began from, until a
         # session finds the receiver at or below it (engine/served_alone.py)
         self.served_alone: int | None = None
-        # why every basis is the replica's until a comparison completes (lost_records.py)
-        self.compare_pending: str | None = None
+        # why every basis is the replica's until a comparison completes (lost_records.py):
+        # read from the state folder the sender has open (set at its connects)
+        self.compare_pending: Callable[[], str | None] = lambda: None
         self._totals = _Totals()
         self._rate = _Rate()
         self._applied = 0  # the receiver's applied LSN, kept while no link is up
@@ -279,7 +280,7 @@ class SenderJobStatus:
             "served_alone": (
                 None if self.served_alone is None else {"since_lsn": self.served_alone}
             ),
-            "compare_pending": self.compare_pending,
+            "compare_pending": self.compare_pending(),
             "errors": dict(self.errors),
             "last_error": self.last_error,
             "uptime_seconds": round(now - self.started, 1),

@@ -135,6 +135,15 @@ def write_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
     atomic_write(path, encode_state(state))
 
 
+def remove_state(path: Path) -> None:
+    """Durably remove the state file at ``path`` (unlink, dir fsync); gone already: nothing."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    sync_dir(path.parent)
+
+
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """Read a state file; ``None`` when it does not exist, StateFileError when untrustworthy."""
     try:
