@@ -440,16 +440,69 @@ async def test_a_session_that_compares_nothing_is_refused_across_lost_records(
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
 
 
+async def _an_epoch_past_lsns_the_receiver_lacks(pair: Pair) -> None:
+    async with SenderState(pair.sender.config) as state:
+        journal = state.journal
+        assert journal is not None
+        journal.skip_to(journal.next_lsn + 3)
+        await journal.append(Record.epoch(2))
+        await journal.sync()
+
+
+async def test_a_compare_note_that_cannot_be_written_ships_nothing(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compare.state`` is the first durable step when the receiver lost records: a full
+    disk there ends the run before anything is sent across the gap."""
+    first = await pair.sender.run_once()
+    await _an_epoch_past_lsns_the_receiver_lacks(pair)
+
+    def full(state_dir: Path, reason: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lost_records, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        await pair.sender.run_once()
+    saved = replica_state.load(pair.tmp / "rstate" / "job", "job")
+    assert saved is not None and saved.point_floor == 0
+    assert saved.applied_lsn == first.lsn and saved.consistent  # nothing came across
+    monkeypatch.undo()
+    _change(pair.disk, [3 * MiB])
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+
+
+async def test_a_sender_killed_right_after_its_compare_note_compares_at_the_next_start(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await pair.sender.run_once()
+    await _an_epoch_past_lsns_the_receiver_lacks(pair)
+
+    async def killed(self: Link, lsn: int) -> None:
+        raise ConnectError("killed right after compare.state")
+
+    monkeypatch.setattr(Link, "send_point_floor", killed)
+    with pytest.raises(ConnectError):
+        await pair.sender.run_once()
+    monkeypatch.undo()
+    assert (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
+    saved = replica_state.load(pair.tmp / "rstate" / "job", "job")
+    assert saved is not None and saved.applied_lsn == first.lsn and saved.consistent
+    _change(pair.disk, [5 * MiB])
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    healed = replica_state.load(pair.tmp / "rstate" / "job", "job")
+    assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
+    assert not (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
+
+
 async def test_a_point_floor_the_receiver_cannot_save_ends_the_session_with_why(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = await pair.sender.run_once()
-    async with SenderState(pair.sender.config) as state:
-        journal = state.journal
-        assert journal is not None
-        journal.skip_to(journal.next_lsn + 3)  # LSNs the receiver lacks, then a record
-        await journal.append(Record.epoch(2))
-        await journal.sync()
+    await _an_epoch_past_lsns_the_receiver_lacks(pair)
     real = replica_state.save
 
     def full(state_dir: Path, job: str, state: replica_state.ReplicaState) -> None:
