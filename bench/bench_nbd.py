@@ -192,7 +192,7 @@ class PlainFileExport:
             return await asyncio.to_thread(os.pread, self._fd, length, offset)
         return os.pread(self._fd, length, offset)
 
-    async def write(self, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
         if len(data) >= THREAD_MIN:
             await asyncio.to_thread(pwrite_all, self._fd, data, offset)
         else:

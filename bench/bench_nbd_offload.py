@@ -39,9 +39,9 @@ class BatchedWriteExport(PlainFileExport):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "image-writer")
-        self._batch: list[tuple[bytes | bytearray, int, asyncio.Future[None]]] = []
+        self._batch: list[tuple[bytes | memoryview, int, asyncio.Future[None]]] = []
 
-    async def write(self, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         if not self._batch:

@@ -241,7 +241,13 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
-    view = memoryview(data)
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):
+        return  # the usual case, without a view (one per captured write)
+    if n <= 0:
+        raise OSError(errno.EIO, "pwrite wrote nothing")
+    view = memoryview(data)[n:]
+    offset += n
     while view:
         n = os.pwrite(fd, view, offset)
         if n <= 0:

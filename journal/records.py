@@ -100,8 +100,11 @@ class RecordError(ValueError):
 class Record:
     """One journal record. ``lsn``/``ts_ns`` of 0 mean "assign on append".
 
-    ``data`` is bytes, or a view of immutable bytes (a record decoded from a frame or a
-    read chunk keeps its payload there instead of copying it out).
+    ``data`` is bytes, or a read-only byte view that nothing changes: of immutable bytes
+    (a record decoded from a frame or a read chunk keeps its payload there instead of
+    copying it out), or of a buffer its owner handed over (the NBD codec's large WRITE
+    payloads, received into a buffer of their own: copying 1 MiB per request out of it
+    halved the shim's 1 MiB throughput on a VM where fresh memory faults slowly).
     """
 
     type: RecordType
@@ -119,8 +122,8 @@ class Record:
             raise RecordError(f"{self.type.name} record needs a volume name")
         if len(self.volume.encode()) > MAX_NAME:
             raise RecordError(f"volume name longer than {MAX_NAME} bytes")
-        if isinstance(self.data, memoryview) and type(self.data.obj) is not bytes:
-            raise RecordError("a record's data may be a view of immutable bytes only")
+        if isinstance(self.data, memoryview) and not _handed_over(self.data):
+            raise RecordError("a record's data may be a read-only byte view only")
         if len(self.data) > MAX_DATA:
             raise RecordError(f"record payload of {len(self.data)} bytes exceeds {MAX_DATA}")
         if self.type in _WITH_DATA and self.length != len(self.data):
@@ -134,8 +137,21 @@ class Record:
 
     # Constructors name the fields each type uses.
     @classmethod
-    def write(cls, volume: str, offset: int, data: bytes | bytearray) -> Record:
-        return cls(RecordType.WRITE, volume, offset, len(data), bytes(data))
+    def write(cls, volume: str, offset: int, data: bytes | bytearray | memoryview) -> Record:
+        kept: bytes | memoryview
+        if isinstance(data, bytes) or (isinstance(data, memoryview) and _handed_over(data)):
+            kept = data
+        else:
+            kept = bytes(data)
+        if (
+            cls is Record
+            and volume
+            and offset >= 0
+            and len(kept) <= MAX_DATA
+            and len(volume.encode()) <= MAX_NAME  # raises as __post_init__ does
+        ):
+            return _valid_write(volume, offset, kept)
+        return cls(RecordType.WRITE, volume, offset, len(kept), kept)
 
     @classmethod
     def zero(cls, volume: str, offset: int, length: int) -> Record:
@@ -226,22 +242,58 @@ class Record:
         )
 
 
+def _handed_over(data: object) -> bool:
+    """A read-only view of bytes: of immutable ``bytes``, or of a buffer its owner
+    handed over and never changes again (``memoryview(buf).toreadonly()``)."""
+    return (
+        isinstance(data, memoryview) and data.readonly and data.format == "B" and data.c_contiguous
+    )
+
+
+_SET_FIELDS = tuple(
+    getattr(Record, name).__set__
+    for name in ("type", "volume", "offset", "length", "data", "lsn", "ts_ns")
+)
+
+
+def _valid_write(volume: str, offset: int, data: bytes | memoryview) -> Record:
+    """A WRITE record whose fields ``Record.write`` has checked, built without the frozen
+    dataclass's ``__init__`` and ``__post_init__``: one per captured write, where they
+    took 1.0 us of a 4 KiB write's ~16 us in the NBD shim (this takes 0.25)."""
+    record = object.__new__(Record)
+    set_type, set_volume, set_offset, set_length, set_data, set_lsn, set_ts = _SET_FIELDS
+    set_type(record, RecordType.WRITE)
+    set_volume(record, volume)
+    set_offset(record, offset)
+    set_length(record, len(data))
+    set_data(record, data)
+    set_lsn(record, 0)
+    set_ts(record, 0)
+    return record
+
+
 def now_ns() -> int:
     return time.time_ns()
 
 
-def record_digest(head: bytes | memoryview, *rest: bytes | memoryview) -> bytes:
-    """The record checksum: blake3-128 over the checked header bytes, the name, the payload.
+def record_digest(
+    head: bytes | memoryview, body: bytes | memoryview, more: bytes | memoryview = b""
+) -> bytes:
+    """The record checksum: blake3-128 over the checked header bytes, then ``body`` and
+    ``more`` (the name and the payload, in one part or two).
 
     Small records are joined and hashed in one call: a hasher started with the 42 header
     bytes takes the rest a chunk at a time without blake3's SIMD path (a 4 KiB record:
     2.9 us in parts, 1.5 us joined). Large payloads are hashed in parts, without a copy.
+    Fixed arguments, no ``*rest``: this runs once per record written and once per record
+    read, and a generator over the parts cost a tenth of it at 4 KiB.
     """
-    if sum(len(part) for part in rest) <= _JOIN_BELOW:
-        return blake3.blake3(b"".join((head, *rest))).digest(16)
+    if len(body) + len(more) <= _JOIN_BELOW:
+        return blake3.blake3(b"".join((head, body, more))).digest(16)
     h = blake3.blake3(head)
-    for part in rest:
-        h.update(part)
+    h.update(body)
+    if more:
+        h.update(more)
     return h.digest(16)
 
 

@@ -90,7 +90,7 @@ class Export(Protocol):
     def flags(self) -> int: ...
 
     async def read(self, offset: int, length: int) -> bytes: ...
-    async def write(self, offset: int, data: bytes | bytearray, *, fua: bool) -> None: ...
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None: ...
     async def write_zeroes(
         self, offset: int, length: int, *, fua: bool, may_trim: bool
     ) -> None: ...
@@ -279,7 +279,7 @@ class JournaledFileExport:
 
     # -- changes ----------------------------------------------------------------------
 
-    async def write(self, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
         self._enter(modifies=True)
         try:
             end = offset + len(data)

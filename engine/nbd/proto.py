@@ -235,9 +235,9 @@ class Request(NamedTuple):
     handle: int
     offset: int
     length: int
-    # a large payload is the buffer it was received into, handed over: nothing else
-    # holds or changes it
-    data: bytes | bytearray = b""
+    # a large payload is a read-only view of the buffer it was received into, handed
+    # over: nothing else holds or changes that buffer
+    data: bytes | memoryview = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,7 +500,10 @@ class ServerConnection:
                 return NEED_DATA
             self._payload = None
             flags, handle, offset = self._payload_head
-            return Request(_WRITE, flags, handle, offset, len(payload), payload)
+            # handed over read-only: the record keeps it without a copy (journal/records.py)
+            return Request(
+                _WRITE, flags, handle, offset, len(payload), memoryview(payload).toreadonly()
+            )
         if self._available() < REQUEST_SIZE:
             return NEED_DATA
         magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(self._buf, self._pos)

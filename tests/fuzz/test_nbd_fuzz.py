@@ -560,7 +560,7 @@ class RecordingExport:
         self.calls.append(("read", offset, length))
         return bytes(length)
 
-    async def write(self, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
         self.calls.append(("write", offset, bytes(data), fua))
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool, may_trim: bool) -> None:

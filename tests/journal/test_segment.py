@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator.journal.records import Record, RecordType, decode_record, encode_parts
+from replicator.journal.records import (
+    MAX_NAME,
+    Record,
+    RecordType,
+    decode_record,
+    encode_parts,
+)
 from replicator.journal.segment import (
     HEADER_BYTES,
     SEAL_BYTES,
@@ -140,6 +146,55 @@ def test_a_decoded_record_views_immutable_bytes_and_copies_out_of_anything_else(
 
 
 def test_a_record_refuses_a_view_of_a_buffer_that_may_change() -> None:
-    with pytest.raises(ValueError, match="immutable"):
+    with pytest.raises(ValueError, match="read-only"):
         Record(RecordType.WRITE, "d", 0, 1, memoryview(bytearray(b"x")))
     assert Record(RecordType.WRITE, "d", 0, 1, memoryview(b"x")).data == b"x"
+
+
+def test_a_write_record_keeps_a_handed_over_buffer_and_copies_one_that_may_change() -> None:
+    """The NBD codec hands a large payload over read-only: kept, not copied. A writable
+    buffer is copied, so later changes to it do not reach the record."""
+    buf = bytearray(b"abcd")
+    handed = Record.write("d", 4096, memoryview(buf).toreadonly())
+    assert isinstance(handed.data, memoryview) and handed.data.obj is buf
+    assert handed == Record(RecordType.WRITE, "d", 4096, 4, b"abcd")
+    copied = Record.write("d", 0, buf)
+    buf[0] = ord("z")
+    assert copied.data == b"abcd" and type(copied.data) is bytes
+    kept = b"wxyz"
+    assert Record.write("d", 0, kept).data is kept
+    for bad in (memoryview(bytearray(4)), memoryview(b"abcd").cast("I")):
+        with pytest.raises(ValueError, match="read-only byte view"):
+            Record(RecordType.WRITE, "d", 0, len(bad), bad)
+
+
+@pytest.mark.parametrize(
+    ("volume", "offset", "size"),
+    [("", 0, 1), ("d", -1, 1), ("x" * (MAX_NAME + 1), 0, 1), ("é" * 2049, 0, 1), ("\udcff", 0, 1)],
+)
+def test_the_fast_write_constructor_refuses_what_the_dataclass_refuses(
+    volume: str, offset: int, size: int
+) -> None:
+    """``Record.write`` builds valid records without the dataclass's checks; whatever
+    those checks refuse must still reach them."""
+    with pytest.raises(ValueError):
+        Record.write(volume, offset, bytes(size))
+
+
+@given(
+    st.text(st.characters(blacklist_categories=()), min_size=1, max_size=1100),
+    st.integers(min_value=0, max_value=2**63 - 1),
+    st.binary(max_size=64),
+)
+def test_the_fast_write_constructor_builds_what_the_dataclass_builds(
+    volume: str, offset: int, data: bytes
+) -> None:
+    try:
+        expected = Record(RecordType.WRITE, volume, offset, len(data), data)
+    except ValueError:
+        with pytest.raises(ValueError):
+            Record.write(volume, offset, data)
+        return
+    got = Record.write(volume, offset, data)
+    assert got == expected and hash(got) == hash(expected)
+    assert encode_parts(got, 7, 8) == encode_parts(expected, 7, 8)

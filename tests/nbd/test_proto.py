@@ -247,7 +247,8 @@ def test_a_large_payload_is_read_into_the_buffer_that_becomes_the_request() -> N
     write, flush = events(conn)
     assert write == proto.Request(Cmd.WRITE, 0, 5, 4096, len(payload), payload)
     assert isinstance(write, proto.Request)
-    assert all(t is write.data for t in targets)
+    assert isinstance(write.data, memoryview) and write.data.readonly  # handed over as it is
+    assert all(t is write.data.obj for t in targets)
     assert flush == proto.Request(Cmd.FLUSH, 0, 6, 0, 0)
     assert conn.buffered == 0
 
