@@ -124,6 +124,22 @@ def test_encoded_parts_decode_to_the_stamped_record(record: Record, lsn: int, ts
     assert decoded == record.with_lsn(lsn, ts) and end == len(head) + len(data)
 
 
+@pytest.mark.parametrize(
+    ("name", "length", "payload"), [(b"", 4, b"abcd"), (b"d", 5, b"abcd"), (b"d", 0, b"abcd")]
+)
+def test_a_decoded_write_whose_fields_disagree_is_refused(
+    name: bytes, length: int, payload: bytes
+) -> None:
+    """A WRITE with a valid checksum but no volume, or a length that is not its payload's,
+    is refused as the dataclass refuses it (the decoder's fast path must not keep it)."""
+    head = struct.pack(
+        "<2sBBHIQqQQ", b"RJ", 1, int(RecordType.WRITE), len(name), len(payload), 9, 1, 0, length
+    )
+    raw = head + blake3.blake3(head + name + payload).digest(16) + name + payload
+    with pytest.raises(ValueError, match="record fields invalid"):
+        decode_record(raw)
+
+
 @given(records(), st.booleans())
 def test_a_decoded_record_views_immutable_bytes_and_copies_out_of_anything_else(
     record: Record, immutable: bool
