@@ -102,9 +102,10 @@ class Record:
 
     ``data`` is bytes, or a read-only byte view that nothing changes: of immutable bytes
     (a record decoded from a frame or a read chunk keeps its payload there instead of
-    copying it out), or of a buffer its owner handed over (the NBD codec's large WRITE
-    payloads, received into a buffer of their own: copying 1 MiB per request out of it
-    halved the shim's 1 MiB throughput on a VM where fresh memory faults slowly).
+    copying it out), or of a buffer its owner handed over and never changes again (the
+    NBD codec's large WRITE payloads, received into a buffer of their own: copying each
+    MiB out cost ~30 us of CPU per request, and half the 1 MiB throughput in a process
+    without ``engine/allocator.py``'s settings, where each copy is fresh memory).
     """
 
     type: RecordType
