@@ -385,6 +385,20 @@ async def flowing(
             await server.wait_closed()
 
 
+async def stalls_during(seconds: float, *, beyond: float) -> float:
+    """Sleep ``seconds`` in 5 ms steps; the seconds by which the loop's gaps between
+    steps exceeded ``beyond`` (the process, or the whole VM, was not running)."""
+    lost = 0.0
+    end = time.monotonic() + seconds
+    last = time.monotonic()
+    while last < end:
+        await asyncio.sleep(0.005)
+        now = time.monotonic()
+        lost += max(0.0, now - last - 0.005 - beyond)
+        last = now
+    return lost
+
+
 def busiest_second(log: list[tuple[float, int]], since: float, until: float) -> int:
     """The most bytes in any 1 s window [t, t+1] starting at an event in [since, until]."""
     events = [(t, n) for t, n in log if since <= t <= until + 1]
@@ -414,7 +428,7 @@ async def test_bulk_traffic_keeps_to_the_rate(seconds: int) -> None:
     assert shaper.bucket.burst == burst
     async with flowing(shaper) as (sender, arrivals):
         started = time.monotonic()
-        await asyncio.sleep(seconds)
+        stalled = await stalls_during(seconds, beyond=burst / rate)
         ended = time.monotonic()
         # while bulk frames wait for the bucket, a ping goes at once
         sent = time.monotonic()
@@ -423,8 +437,14 @@ async def test_bulk_traffic_keeps_to_the_rate(seconds: int) -> None:
     # on the wire (what arrived): the average over the run
     wire = received_between(arrivals, started, ended)
     average = wire / (ended - started)
-    print(f"\n{seconds} s at {rate / MB:g} MB/s: average {average / MB:.3f} MB/s on the wire")
-    assert average == pytest.approx(rate, rel=0.03)
+    print(
+        f"\n{seconds} s at {rate / MB:g} MB/s: average {average / MB:.3f} MB/s on the wire; "
+        f"the process stalled {stalled:.3f} s beyond the burst"
+    )
+    # a bucket holds one burst: time the whole process was stalled beyond it (a busy VM's
+    # host) is sending time lost, not a shaper's error (once 0.3 s in a 5 s run: -6%)
+    assert average <= rate * 1.03
+    assert average >= rate * (0.97 - stalled / (ended - started))
     # what the shaper let go: no 1 s window above rate + burst (frames are below the burst)
     frame = max(n for _, n in shaper.log)
     assert frame < burst
