@@ -28,6 +28,7 @@ from replicator.engine.errors import (
 )
 from replicator.engine.job_replica import JobReplica
 from replicator.engine.link import Link
+from replicator.engine.manifest import ManifestSet
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.scan import ScanStats
 from replicator.engine.sender import Sender, SenderConfig, SenderState
@@ -634,3 +635,78 @@ async def test_a_peer_that_says_nothing_is_not_a_receiver(
             await Sender(config, connector).run_once()
     finally:
         await connector.aclose()
+
+
+@pytest.mark.parametrize("failing", ["manifests", "note"])
+async def test_a_comparison_whose_last_steps_fail_compares_again(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A comparison ends with two durable steps: its manifests saved, then ``compare.state``
+    removed. When either fails (ENOSPC, EIO; or the sender is killed there) the run ends
+    with the error and the note is kept: the next run compares again, and only that run's
+    removal ends it. Nothing is taken as compared that was not."""
+    await pair.sender.run_once()
+    await _an_epoch_past_lsns_the_receiver_lacks(pair)
+    note = pair.sender.config.state_dir / lost_records.FILE_NAME
+
+    def full(self: ManifestSet, path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def broken(state_dir: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    if failing == "manifests":
+        monkeypatch.setattr(ManifestSet, "save", full)
+    else:
+        monkeypatch.setattr(lost_records, "clear", broken)
+    _change(pair.disk, [3 * MiB])
+    with pytest.raises(OSError, match="No space left" if failing == "manifests" else "I/O|Input"):
+        await pair.sender.run_once()
+    assert note.exists()
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()  # the comparison itself ran
+    monkeypatch.undo()
+    assert sender_at_rest(pair.sender.config.state_dir)["jobs"][0]["compare_pending"]
+    _change(pair.disk, [6 * MiB])
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"  # the note still sends it to the replica
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    assert not note.exists()
+    healed = replica_state.load(pair.tmp / "rstate" / "job", "job")
+    assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
+    again = await pair.sender.run_once()
+    assert again.basis == "local" and again.bytes_changed == 0
+
+
+async def test_a_receiver_killed_right_after_saving_its_point_floor_keeps_it(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The floor is durable before the receiver takes another frame: killed right after
+    saving it, the receiver restarts with the floor, at its old consistency point, having
+    applied nothing past it; the next run compares and ends above the floor."""
+    first = await pair.sender.run_once()
+    await _an_epoch_past_lsns_the_receiver_lacks(pair)
+    saving = JobReplica.raise_point_floor
+
+    async def killed(self: JobReplica, lsn: int) -> None:
+        await saving(self, lsn)
+        raise RuntimeError("receiver killed right after saving its point floor")
+
+    monkeypatch.setattr(JobReplica, "raise_point_floor", killed)
+    with pytest.raises(ReplicatorError):
+        await pair.sender.run_once()
+    await pair.receiver.aclose()
+    monkeypatch.undo()
+    rstate = pair.tmp / "rstate" / "job"
+    kept = replica_state.load(rstate, "job")
+    assert kept is not None and kept.point_floor > first.lsn
+    assert kept.applied_lsn == first.lsn and kept.consistent  # nothing past it was taken
+    assert kept.point_lsn == first.lsn
+    await pair.restart_receiver()
+    _change(pair.disk, [7 * MiB])
+    summary = await pair.sender.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    healed = replica_state.load(rstate, "job")
+    assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
+    assert summary.lsn >= kept.point_floor
+    assert not (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
