@@ -47,6 +47,15 @@ def failover_command(
             help="The source is gone: promote at the last complete consistency point received.",
         ),
     ] = False,
+    allow_inconsistent: Annotated[
+        bool,
+        typer.Option(
+            "--allow-inconsistent",
+            help="With --force: promote even a replica that is not at a consistency point "
+            "(a comparison cut short, its state lost), as it is. For when the source is gone "
+            "for good and this is the best copy left; check its file systems before use.",
+        ),
+    ] = False,
     planned: Annotated[
         bool,
         typer.Option(
@@ -79,6 +88,11 @@ def failover_command(
     try:
         if planned and force:
             raise ConfigError("--planned and --force exclude each other", hint="pick one")
+        if allow_inconsistent and not force:
+            raise ConfigError(
+                "--allow-inconsistent goes with --force only",
+                hint="a planned failover promotes the source's own final point",
+            )
         if not force and not planned:
             raise ConfigError(
                 "say which failover: --planned (the source is up: it ships everything, "
@@ -93,6 +107,8 @@ def failover_command(
 
         socket_path = config.state_root / control.SOCKET_NAME
         extra: dict[str, object] = {"planned": True, "wait": timeout} if planned else {}
+        if allow_inconsistent:
+            extra["allow_inconsistent"] = True
         try:  # a running receiver promotes (it holds the folder)
             answer = await asyncio.to_thread(
                 control.request, socket_path, "failover", timeout=FAILOVER_TIMEOUT + timeout,
@@ -107,7 +123,13 @@ def failover_command(
                     hint="start `replicator receive` here (and `send` on the source), or, if "
                     "the source is gone, use `replicator failover --force`",
                 ) from exc
-            result = await failover_at_rest(config, job, exec_cmd=exec_cmd, started=started)
+            result = await failover_at_rest(
+                config,
+                job,
+                exec_cmd=exec_cmd,
+                started=started,
+                allow_inconsistent=allow_inconsistent,
+            )
             return result.as_dict()
         assert isinstance(answer, dict)
         if "error" in answer:  # a planned failover that did not happen, and why
@@ -124,10 +146,16 @@ def failover_command(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
+    held = (
+        f"hold the consistency point at lsn {result['point_lsn']} "
+        f"(source time {result['point_time'] or 'unknown'})"
+        if result.get("consistent", True)
+        else "are NOT at a consistency point: taken as they were (--allow-inconsistent); "
+        "check their file systems before trusting them"
+    )
     typer.echo(
         f"job {result['job']} promoted (generation {result['generation']}): replicas in "
-        f"{result['replica_dir']} hold the consistency point at lsn {result['point_lsn']} "
-        f"(source time {result['point_time'] or 'unknown'}); RTO {result['rto_seconds']} s"
+        f"{result['replica_dir']} {held}; RTO {result['rto_seconds']} s"
         + (" (it was already promoted)" if result["already_promoted"] else "")
     )
     for path in result["rewritten"]:  # type: ignore[attr-defined]

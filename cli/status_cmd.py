@@ -281,6 +281,11 @@ def _traffic(job: dict[str, Any]) -> str:
 
 def _point(job: dict[str, Any]) -> str:
     point = job.get("consistency_point") or {}
+    if point.get("unknown"):
+        return (
+            f"none known: {point['unknown']} (`replicator send --resync` compares it and "
+            "makes it a consistency point again)"
+        )
     if not point.get("lsn"):
         return "-"
     text = f"LSN {point.get('lsn')}, source time {point.get('source_time') or 'unknown'}"

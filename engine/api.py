@@ -751,16 +751,19 @@ class Receiver:
         host, port = self.address
         log.info("api.receiver_listening", address=f"{host}:{port}")
 
-    async def failover(self, job: str, *, exec_cmd: str | None = None) -> FailoverResult:
+    async def failover(
+        self, job: str, *, exec_cmd: str | None = None, allow_inconsistent: bool = False
+    ) -> FailoverResult:
         """Promote ``job`` here (as ``replicator failover --force`` through a running
         receiver): its session, if any, is ended; every complete epoch received is
         applied; the replicas must be at a consistency point (ReplicaInconsistent, exit
-        code 6, otherwise); configuration files are pointed at them; ``exec_cmd`` starts.
-        ConfigError for an unknown job. Idempotent."""
+        code 6, otherwise), unless ``allow_inconsistent`` (``--allow-inconsistent``: taken
+        as they are, and the result's ``consistent`` says False); configuration files are
+        pointed at them; ``exec_cmd`` starts. ConfigError for an unknown job. Idempotent."""
         started = time.monotonic()
         if not self.started or self.closed:
             raise RuntimeError("failover needs a started Receiver (or engine.failover_at_rest)")
-        promotion, already = await self.engine.failover(job)
+        promotion, already = await self.engine.failover(job, allow_inconsistent=allow_inconsistent)
         return await finish_failover(
             self.config, job, promotion, exec_cmd=exec_cmd, started=started, already=already
         )

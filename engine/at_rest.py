@@ -146,7 +146,13 @@ def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> lis
         saved = replica_state.load(folder, job) if has_state else None
         report = _journal(folder / "journal")
         last = report.last_lsn if report is not None and report.last_lsn is not None else 0
-        point = saved or replica_state.ReplicaState()
+        if saved is None:  # as JobReplica.open will take it (replica_state.rebuilt)
+            trimmed = report.trim_floor - 1 if report is not None else 0
+            point = replica_state.rebuilt(
+                folder, damaged=has_state, applied=trimmed, empty=last <= trimmed
+            )
+        else:
+            point = saved
         applied = point.applied_lsn
         received = max(applied, last)
         consistent = point.consistent and not point.applying
@@ -174,6 +180,7 @@ def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> lis
                     "source_time": iso_time(point.point_ts_ns),
                     "consistent": consistent,
                     "floor_lsn": point.floor_ahead,
+                    "unknown": point.unknown or None,
                 },
                 # an apply was cut short: the receiver finishes it when it starts
                 "recovery_pending": not consistent,

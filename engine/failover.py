@@ -54,6 +54,7 @@ class FailoverResult:
     generation: int
     previous_generation: int
     point_lsn: int
+    consistent: bool  # False: promoted as it was (--allow-inconsistent)
     point_time: str | None  # the source's wall-clock time of the consistency point (ISO)
     replica_dir: str
     promote_seconds: float  # from the start of the command to the replicas promoted
@@ -70,7 +71,12 @@ class FailoverResult:
 
 
 async def failover_at_rest(
-    config: ReceiverConfig, job: str, *, exec_cmd: str | None = None, started: float | None = None
+    config: ReceiverConfig,
+    job: str,
+    *,
+    exec_cmd: str | None = None,
+    started: float | None = None,
+    allow_inconsistent: bool = False,
 ) -> FailoverResult:
     """Promote ``job`` with no receiver running on the folder (it is locked meanwhile)."""
     t0 = time.monotonic() if started is None else started
@@ -95,7 +101,7 @@ async def failover_at_rest(
         replica = await JobReplica.open(job, config)
         try:
             before = replica.promotion
-            promotion = await replica.promote()
+            promotion = await replica.promote(allow_inconsistent=allow_inconsistent)
         finally:
             await replica.aclose()
     return await finish_failover(
@@ -124,6 +130,7 @@ async def finish_failover(
         generation=promotion.generation,
         previous_generation=promotion.previous,
         point_lsn=promotion.point_lsn,
+        consistent=promotion.consistent,
         point_time=iso_time(promotion.point_ts_ns),
         replica_dir=str(replica_dir),
         promote_seconds=round(promoted_at - started, 3),

@@ -47,6 +47,8 @@ class Promotion:
     point_lsn: int  # the consistency point the replica held when promoted
     point_ts_ns: int  # its source time
     damaged: str = ""  # non-empty: promoted.state could not be read (refuse everyone)
+    # False: promoted although not at a consistency point (failover --allow-inconsistent)
+    consistent: bool = True
 
 
 def load_promotion(state_dir: Path) -> Promotion | None:
@@ -64,6 +66,7 @@ def load_promotion(state_dir: Path) -> Promotion | None:
             at_ns=_int(raw, "at_ns"),
             point_lsn=_int(raw, "point_lsn"),
             point_ts_ns=_int(raw, "point_ts_ns"),
+            consistent=raw.get("consistent", True) is not False,
         )
     except (StateFileError, OSError, TypeError, ValueError) as exc:
         log.error("receiver.promotion_unreadable", path=str(path), error=str(exc))
@@ -72,16 +75,16 @@ def load_promotion(state_dir: Path) -> Promotion | None:
 
 def save_promotion(state_dir: Path, promotion: Promotion) -> None:
     """Durably record the promotion (blocking)."""
-    write_state(
-        state_dir / PROMOTED_FILE,
-        {
-            "generation": promotion.generation,
-            "previous": promotion.previous,
-            "at_ns": promotion.at_ns,
-            "point_lsn": promotion.point_lsn,
-            "point_ts_ns": promotion.point_ts_ns,
-        },
-    )
+    saved: dict[str, object] = {
+        "generation": promotion.generation,
+        "previous": promotion.previous,
+        "at_ns": promotion.at_ns,
+        "point_lsn": promotion.point_lsn,
+        "point_ts_ns": promotion.point_ts_ns,
+    }
+    if not promotion.consistent:
+        saved["consistent"] = False
+    write_state(state_dir / PROMOTED_FILE, saved)
 
 
 def clear_promotion(state_dir: Path) -> None:
@@ -91,8 +94,12 @@ def clear_promotion(state_dir: Path) -> None:
     remove_state(state_dir / PROMOTED_FILE)
 
 
-def new_promotion(generation: int, point_lsn: int, point_ts_ns: int) -> Promotion:
-    return Promotion(generation + 1, generation, time.time_ns(), point_lsn, point_ts_ns)
+def new_promotion(
+    generation: int, point_lsn: int, point_ts_ns: int, *, consistent: bool = True
+) -> Promotion:
+    return Promotion(
+        generation + 1, generation, time.time_ns(), point_lsn, point_ts_ns, consistent=consistent
+    )
 
 
 def session_refusal(

@@ -225,11 +225,23 @@ class JobReplica:
             journal.recovery is not None and journal.recovery.kind == "damage"
         )
         if saved is None:
-            # Unknown (damaged or missing): everything below the journal's first record
-            # was applied (trim follows the state write), the rest is applied again.
-            applied = max(0, journal.first_lsn - 1)
-            empty = journal.first_lsn >= journal.next_lsn
-            saved = ReplicaState(applied, consistent=empty, applying=not empty)
+            # Damaged or missing: everything below the journal's first record was applied
+            # (trim follows the state write), the rest is applied again; unless the job is
+            # new, nothing says what the replica holds (replica_state.rebuilt)
+            saved = replica_state.rebuilt(
+                state_dir,
+                damaged=(state_dir / replica_state.FILE_NAME).exists(),
+                applied=max(0, journal.first_lsn - 1),
+                empty=journal.first_lsn >= journal.next_lsn,
+            )
+            if saved.unknown:
+                log.error(
+                    "receiver.replica_unknown",
+                    job=job,
+                    why=saved.unknown,
+                    action="sessions are refused until `replicator send --resync` compares "
+                    "the replica; failover refuses it without --allow-inconsistent",
+                )
         if journal.recovery is not None and journal.recovery.kind == "damage":
             log.error(
                 "receiver.journal_damaged",
@@ -268,7 +280,7 @@ class JobReplica:
                     await self.apply_pending()
                 except ReplicaDiverged as exc:  # sessions are refused until a --resync
                     log.error("receiver.replica_diverged", job=job, files=[str(exc)])
-            elif not saved.consistent:
+            elif not saved.consistent and not saved.unknown:
                 log.warning(
                     "receiver.replica_inconsistent",
                     job=job,
@@ -699,7 +711,19 @@ class JobReplica:
         sender found this replica lacking records it cannot send again (PointFloor,
         docs/PROTOCOL.md). The point already applied stays what it is."""
         async with self._apply_lock:
-            if lsn > self.state.point_floor:
+            if self.state.unknown:
+                # the sender compares before it ships a barrier at or above ``lsn``
+                # (engine/lost_records.py): that comparison's epoch is a point again
+                floor = max(lsn, self.state.point_floor)
+                await self._save_state(self.state.replace(point_floor=floor, unknown=""))
+                log.warning(
+                    "receiver.replica_compared",
+                    job=self.job,
+                    lsn=floor,
+                    why="the sender compares the replica whose state was unknown; its "
+                    f"epoch at or after lsn {floor} makes it a consistency point",
+                )
+            elif lsn > self.state.point_floor:
                 await self._save_state(self.state.replace(point_floor=lsn))
                 log.warning(
                     "receiver.point_floor",
@@ -716,25 +740,41 @@ class JobReplica:
             if generation != self.state.generation:
                 await self._save_state(self.state.replace(generation=generation))
 
-    async def promote(self) -> Promotion:
+    async def promote(self, *, allow_inconsistent: bool = False) -> Promotion:
         """Failover: apply every complete epoch received, then make the replica the
         primary copy: durably promoted (``promoted.state`` first), generation bumped.
-        Raises ReplicatorError when the replica is not at a consistency point."""
+        Raises ReplicatorError when the replica is not at a consistency point, unless
+        ``allow_inconsistent`` (the operator takes the replica as it is: the source is
+        gone for good and this is the best copy left)."""
         if self.promotion is not None and not self.promotion.damaged:
             return self.promotion  # already promoted: failover is idempotent
         await self.apply_pending()
         async with self._apply_lock:
             state = self.state
-            if not state.consistent or state.applying:
+            inconsistent = not state.consistent or state.applying
+            if inconsistent and not allow_inconsistent:
                 raise ReplicaInconsistent(
-                    f"job {self.job!r}: the replica is not at a consistency point (an epoch "
-                    f"or a --resync comparison was cut short after lsn {state.applied_lsn}"
-                    f"{_floor_note(state)}); "
-                    "promoting it would start a VM on a disk that never existed",
-                    hint="let the source finish sending (run `replicator send` again), then "
-                    "fail over; or restore the replica from a backup",
+                    f"job {self.job!r}: the replica is not at a consistency point "
+                    f"({_why_inconsistent(state)}); "
+                    "promoting it could start a VM on a disk that never existed",
+                    hint="let the source finish sending (run `replicator send` again, with "
+                    "--resync if the receiver asks for it), then fail over; if the source is "
+                    "gone for good, `replicator failover --force --allow-inconsistent` takes "
+                    "the replica as it is (check its file systems before trusting it), or "
+                    "restore it from a backup",
                 )
-            promotion = new_promotion(state.generation, state.point_lsn, state.point_ts_ns)
+            if inconsistent:
+                log.warning(
+                    "receiver.promoting_inconsistent",
+                    job=self.job,
+                    applied=state.applied_lsn,
+                    why=_why_inconsistent(state),
+                    action="promoted as asked (--allow-inconsistent): check the file "
+                    "systems in the replicas before starting anything on them",
+                )
+            promotion = new_promotion(
+                state.generation, state.point_lsn, state.point_ts_ns, consistent=not inconsistent
+            )
             await asyncio.to_thread(save_promotion, self.state_dir, promotion)
             await self._save_state(state.replace(generation=promotion.generation))
             self.promotion = promotion
@@ -898,7 +938,7 @@ class JobReplica:
             # a first sync's writes an ended session left uncommitted are ours, not an edit
             with contextlib.suppress(Exception):  # failed: unstamped, so taken as they are
                 await self._commit_direct()
-            if adopt:
+            if adopt:  # the sender's PointFloor then settles an unknown state
                 self.files.forget_all()
             else:
                 applier = self._get_applier()
@@ -909,7 +949,10 @@ class JobReplica:
                         self.files.mark_diverged(exc.path, exc.why)
                         self._let_go(exc.path)
             await asyncio.to_thread(self.files.save, self.state_dir)
-            return [f"{path!r} {why}" for path, why in sorted(self.files.diverged.items())]
+            found = [f"{path!r} {why}" for path, why in sorted(self.files.diverged.items())]
+            if self.state.unknown and not adopt:
+                found.insert(0, f"the replica is not known: {self.state.unknown}")
+            return found
 
     async def adopt(self, path: str) -> None:
         """The sender is about to compare with replica file ``path`` as it is now."""
@@ -985,12 +1028,15 @@ async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
         raise
 
 
-def _floor_note(state: ReplicaState) -> str:
+def _why_inconsistent(state: ReplicaState) -> str:
+    if state.unknown:
+        return state.unknown
+    why = f"an epoch or a --resync comparison was cut short after lsn {state.applied_lsn}"
     floor = state.floor_ahead
     if floor is None:
-        return ""
+        return why
     return (
-        f", or records it had acknowledged were lost and no epoch at or after lsn "
+        f"{why}, or records it had acknowledged were lost and no epoch at or after lsn "
         f"{floor} has been applied since"
     )
 

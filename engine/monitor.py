@@ -193,6 +193,9 @@ def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None)
             raise RequestError('"job" is a job name, "exec" a command or null')
         if not isinstance(planned, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise RequestError('"planned" is a bool, "timeout" a number of seconds')
+        allow_inconsistent = request.get("allow_inconsistent", False)
+        if not isinstance(allow_inconsistent, bool):
+            raise RequestError('"allow_inconsistent" is a bool')
         from replicator.engine.failover import finish_failover  # only when asked
 
         started = time.monotonic()
@@ -202,7 +205,7 @@ def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None)
             except ReplicatorError as exc:
                 return {"error": str(exc), "exit_code": int(exc.exit_code)}
         else:
-            promotion, already = await receiver.failover(job)
+            promotion, already = await receiver.failover(job, allow_inconsistent=allow_inconsistent)
         result = await finish_failover(
             receiver.config, job, promotion, exec_cmd=command, started=started, already=already
         )

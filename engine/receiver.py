@@ -341,7 +341,9 @@ class Receiver:
                 return Refuse("name", problem)
         return None
 
-    async def failover(self, name: str) -> tuple[Promotion, bool]:
+    async def failover(
+        self, name: str, *, allow_inconsistent: bool = False
+    ) -> tuple[Promotion, bool]:
         """Promote job ``name`` (``replicator failover`` through the control socket): end
         its session if one is still connected (the source is gone, or must be: promotion
         wins), then ``JobReplica.promote``. Returns the promotion and whether the job was
@@ -361,7 +363,7 @@ class Receiver:
             await replica.session_lock.acquire()
         try:
             already = replica.promotion is not None and not replica.promotion.damaged
-            return await replica.promote(), already
+            return await replica.promote(allow_inconsistent=allow_inconsistent), already
         finally:
             replica.session_lock.release()
 

@@ -17,7 +17,11 @@ map:
   docs/PROTOCOL.md); carried in Welcome;
 - ``point_floor`` (int): no barrier below it ends a consistency point. A sender raises it
   (PointFloor, docs/PROTOCOL.md) when this replica lacks records it cannot send again:
-  barriers it journaled after them would describe a state the replica never held.
+  barriers it journaled after them would describe a state the replica never held;
+- ``unknown`` (str, absent when empty): why what the replica files hold cannot be vouched
+  for: this file was found damaged, or missing where the job has a history (see
+  ``rebuilt``). No barrier ends a consistency point while it is set, plain sessions are
+  refused, and a comparison (``send --resync``) clears it (``JobReplica.check_replica``).
 
 Write order around an apply round: ``applying`` True (and ``consistent`` False) durably
 *before* the first replica byte is written; then the records; fsync of the replica files;
@@ -51,10 +55,11 @@ class ReplicaState:
     point_ts_ns: int = 0
     generation: int = 0
     point_floor: int = 0
+    unknown: str = ""
 
     def ends_point(self, barrier_lsn: int) -> bool:
         """Whether applying the barrier at ``barrier_lsn`` makes a consistency point."""
-        return barrier_lsn >= self.point_floor
+        return barrier_lsn >= self.point_floor and not self.unknown
 
     @property
     def floor_ahead(self) -> int | None:
@@ -62,7 +67,7 @@ class ReplicaState:
         barrier at or above it applied yet); None otherwise. For status."""
         return self.point_floor if self.point_floor > self.applied_lsn else None
 
-    def replace(self, **changes: int | bool) -> ReplicaState:
+    def replace(self, **changes: int | bool | str) -> ReplicaState:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
@@ -91,6 +96,7 @@ def load(state_dir: Path, job: str) -> ReplicaState | None:
             point_ts_ns=_int(raw, "point_ts_ns", 0),
             generation=_int(raw, "generation", 0),
             point_floor=_int(raw, "point_floor", 0),
+            unknown=_text(raw, "unknown"),
         )
     except (TypeError, ValueError) as exc:
         log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
@@ -98,21 +104,55 @@ def load(state_dir: Path, job: str) -> ReplicaState | None:
     return state
 
 
+def rebuilt(state_dir: Path, *, damaged: bool, applied: int, empty: bool) -> ReplicaState:
+    """The state to start from when ``load`` had none: ``applied`` is what the journal says
+    was applied (everything below its first record: trim follows the state write), and
+    ``empty`` whether it holds records to apply again.
+
+    A new job has no file and a journal that starts at lsn 1: exactly known. A damaged
+    file, or a missing one where the journal was trimmed already (so the file existed),
+    loses what only it held: whether the replica was at a consistency point, its point
+    floor, its generation. Claiming a point there could put a VM on a disk that never
+    existed (a comparison cut short, records lost), so the replica is *unknown* until a
+    sender compares it (DRBD, with its metadata lost, will not call a disk UpToDate either).
+    """
+    if damaged or applied > 0:
+        why = (
+            f"its replica state ({state_dir / FILE_NAME}) was damaged"
+            if damaged
+            else f"its replica state ({state_dir / FILE_NAME}) is missing"
+        )
+        return ReplicaState(
+            applied,
+            consistent=False,
+            applying=not empty,
+            unknown=f"{why}: what the replica holds cannot be vouched for",
+        )
+    return ReplicaState(applied, consistent=empty, applying=not empty)
+
+
 def save(state_dir: Path, job: str, state: ReplicaState) -> None:
     """Durably replace the state file (blocking: run it in a worker thread)."""
-    write_state(
-        state_dir / FILE_NAME,
-        {
-            "job": job,
-            "applied_lsn": state.applied_lsn,
-            "consistent": state.consistent,
-            "applying": state.applying,
-            "point_lsn": state.point_lsn,
-            "point_ts_ns": state.point_ts_ns,
-            "generation": state.generation,
-            "point_floor": state.point_floor,
-        },
-    )
+    saved: dict[str, object] = {
+        "job": job,
+        "applied_lsn": state.applied_lsn,
+        "consistent": state.consistent,
+        "applying": state.applying,
+        "point_lsn": state.point_lsn,
+        "point_ts_ns": state.point_ts_ns,
+        "generation": state.generation,
+        "point_floor": state.point_floor,
+    }
+    if state.unknown:
+        saved["unknown"] = state.unknown
+    write_state(state_dir / FILE_NAME, saved)
+
+
+def _text(raw: dict[str, object], key: str) -> str:
+    value = raw.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"{key} is {value!r}, not a text")
+    return value
 
 
 def _int(raw: dict[str, object], key: str, default: int | None = None) -> int:

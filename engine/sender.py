@@ -230,6 +230,11 @@ class Sender:
             gap = await lost_records.receiver_gap(journal, link.received_lsn)
             if gap is not None:  # before anything is shipped across it
                 await self._receiver_lost(state, link, gap, with_basis)
+            resync = purpose is SessionPurpose.RESYNC
+            if gap is None and resync and with_basis:  # until its comparison completes
+                await state.require_compare("--resync: the replica is compared with the source")
+            if resync or (with_basis and state.compare is not None):  # `verify --repair` too
+                await link.send_point_floor(self._compare_floor(link))
             self.status.compare_pending = lambda: state.compare
             link.start_reader()
             if with_basis:
@@ -263,13 +268,10 @@ class Sender:
         """The receiver lacks ``gap``, and the journal holds records after it
         (engine/lost_records.py): compare, and tell the receiver which barriers are no
         consistency point; or, for a session that compares nothing, refuse it."""
-        journal = state.journal
-        assert journal is not None
         await state.require_compare(lost_records.why(gap))
         if not with_basis:
             raise lost_records.refusal(gap)
-        floor = journal.next_lsn  # above every record journaled before
-        await link.send_point_floor(floor)
+        floor = self._compare_floor(link)
         log.warning(
             "sender.receiver_lacks_records",
             lsn_from=gap[0],
@@ -278,6 +280,14 @@ class Sender:
             action="comparing every volume with the replica; the receiver takes no barrier "
             f"below lsn {floor} as a consistency point",
         )
+
+    def _compare_floor(self, link: Link) -> int:
+        """The PointFloor of a session that compares (engine/lost_records.py): above every
+        LSN journaled here or received there, so only the comparison's epoch (numbered
+        after both) ends a consistency point. Sent at every such session, not once: a
+        receiver whose state was damaged since has lost the floor it was told."""
+        journal = link.journal
+        return max(journal.next_lsn, link.received_lsn + 1)
 
     async def close_link(self, link: Link) -> None:
         """Close ``link`` and say so in the status (the job is disconnected until the next);

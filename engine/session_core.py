@@ -124,8 +124,9 @@ def refusal_error(code: str, message: str) -> ReplicatorError:
     if code == "diverged":
         return RefusedError(
             f"receiver refused (diverged): {message}; nothing was written",
-            hint="the replica was changed on the target outside replication: run send again "
-            "with --resync to compare with the replica as it is now and send what differs",
+            hint="the replica is not as replication left it (changed on the target, or its "
+            "state there lost): run send again with --resync to compare with the replica as "
+            "it is now and send what differs",
         )
     if code == "busy":
         return BusyError(f"receiver refused (busy): {message}")

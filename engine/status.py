@@ -362,6 +362,7 @@ class ReceiverJobStatus:
                 "source_time": iso_time(point.point_ts_ns),
                 "consistent": point.consistent and not point.applying,
                 "floor_lsn": point.floor_ahead,
+                "unknown": point.unknown or None,
             },
             "diverged": dict(replica.files.diverged),
             "bytes": {"payload": payload, "wire": wire},
@@ -450,12 +451,18 @@ def promotion_fields(job: str, promotion: Promotion | None) -> dict[str, Any]:
             "at": at,
             "point_lsn": promotion.point_lsn,
             "point_time": iso_time(promotion.point_ts_ns),
+            "consistent": promotion.consistent,
         },
         "role_change": {
             "phase": "promoted",
             "note": f"by failover at {at} (generation {promotion.previous} -> "
-            f"{promotion.generation}, consistency point lsn {promotion.point_lsn}); "
-            "replication writes nothing to it",
+            f"{promotion.generation}, "
+            + (
+                f"consistency point lsn {promotion.point_lsn}"
+                if promotion.consistent
+                else "not at a consistency point: taken as it was, --allow-inconsistent"
+            )
+            + "); replication writes nothing to it",
             "next": back,
         },
     }

@@ -462,3 +462,97 @@ def test_an_overlay_sent_without_its_backing_file_is_told_at_send_and_at_failove
     assert as_json.returncode == 0, as_json.stderr
     (warning,) = json.loads(as_json.stdout)["warnings"]
     assert "is not at" in warning
+
+
+def _damage_applied_state(target: Path, job: str) -> None:
+    path = target / ".replicator" / job / "applied.state"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _receiver_job_at_rest(target: Path) -> dict[str, object]:
+    out = replicator("status", "--dir", str(target), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (job,) = json.loads(out.stdout)["jobs"]
+    assert isinstance(job, dict)
+    return job
+
+
+def test_a_replica_whose_state_was_damaged_is_compared_before_it_is_trusted(
+    tmp_path: Path, source: tuple[Path, Path]
+) -> None:
+    """Used to be rebuilt "consistent" with its point floor and generation forgotten: a
+    comparison cut short or lost records would have been promotable as a point."""
+    disk, xml = source
+    target, state = tmp_path / "target", tmp_path / "state"
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm1", state, disk, xml)
+    finally:
+        assert rcv.stop() == 0
+    replica = target / "vm1" / disk.name
+    _damage_applied_state(target, "vm1")
+
+    point = _receiver_job_at_rest(target)["consistency_point"]
+    assert isinstance(point, dict)
+    assert point["consistent"] is False and "was damaged" in point["unknown"]
+    table = replicator("status", "--dir", str(target))
+    assert "none known" in table.stdout and "--resync" in table.stdout
+    refused = replicator("failover", "--dir", str(target), "--job", "vm1", "--force")
+    assert refused.returncode == ExitCode.REFUSED, refused.stderr[-2000:]
+    assert "was damaged" in refused.stderr and "--allow-inconsistent" in refused.stderr
+
+    qemu_io("qcow2", disk, "write -P 0x33 8M 1M")
+    rcv = start_receiver(target)
+    try:
+        plain = replicator(
+            "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
+            "--once", "--json", "--insecure", str(disk), str(xml),
+        )  # fmt: skip
+        assert plain.returncode == ExitCode.REFUSED, plain.stderr[-2000:]
+        assert "the replica is not known" in one_line_error(plain.stderr)
+        assert "--resync" in plain.stderr
+        assert send_once(rcv, "vm1", state, disk, xml, extra=("--resync",))["basis"] == "remote"
+        assert qemu_compare("qcow2", disk, replica).returncode == 0
+        qemu_io("qcow2", disk, "write -P 0x44 16M 64k")
+        assert send_once(rcv, "vm1", state, disk, xml)["basis"] == "local"  # compared: done
+    finally:
+        assert rcv.stop() == 0
+    assert qemu_compare("qcow2", disk, replica).returncode == 0
+    assert b3(replica) == b3(disk)
+    point = _receiver_job_at_rest(target)["consistency_point"]
+    assert isinstance(point, dict)
+    assert point["consistent"] is True and point["unknown"] is None and point["lsn"] > 0
+
+
+def test_failover_allow_inconsistent_takes_the_replica_as_it_is(
+    tmp_path: Path, source: tuple[Path, Path]
+) -> None:
+    """The source is gone for good and the replica's state was lost: the operator may still
+    take it, told plainly that it is no consistency point, and the promotion says so."""
+    disk, xml = source
+    target, state = tmp_path / "target", tmp_path / "state"
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm1", state, disk, xml)
+    finally:
+        assert rcv.stop() == 0
+    _damage_applied_state(target, "vm1")
+    alone = replicator("failover", "--dir", str(target), "--job", "vm1", "--allow-inconsistent")
+    assert alone.returncode == ExitCode.CONFIG and "--force" in alone.stderr
+
+    out = replicator(
+        "failover", "--dir", str(target), "--job", "vm1", "--force", "--allow-inconsistent",
+        "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["consistent"] is False and result["generation"] >= 1
+    again = replicator("failover", "--dir", str(target), "--job", "vm1", "--force")
+    assert again.returncode == 0, again.stderr[-2000:]  # promoted already: kept as it was
+    assert "NOT at a consistency point" in again.stdout and "already promoted" in again.stdout
+    job = _receiver_job_at_rest(target)
+    promotion = job["promotion"]
+    assert isinstance(promotion, dict) and promotion["consistent"] is False
+    assert b3(target / "vm1" / disk.name) == b3(disk)  # nothing was lost either

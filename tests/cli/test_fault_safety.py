@@ -275,7 +275,9 @@ def test_damaged_sender_manifests_fall_back_to_comparing(
     assert b3(receiver.dir / "mrot" / "disk.img") == b3(disk)
 
 
-def test_damaged_receiver_state_file_is_rebuilt(tmp_path: Path) -> None:
+def test_damaged_receiver_state_file_is_rebuilt_and_compared(tmp_path: Path) -> None:
+    """Rebuilt from the journal, but not trusted as a point: a plain send is refused with
+    the way out (tests/cli/test_failover.py has the qcow2 case with status and failover)."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(4 * MiB))
     target = tmp_path / "target"
@@ -290,7 +292,16 @@ def test_damaged_receiver_state_file_is_rebuilt(tmp_path: Path) -> None:
         f.write(os.urandom(65536))
     receiver = start_receiver(target)
     try:
-        send_once(receiver, "arot", state, disk)
+        out = _send(receiver, "arot", state, disk)
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+        assert "receiver.replica_unknown" not in out.stderr  # the receiver's log, not ours
+        assert "the replica is not known" in out.stderr and "--resync" in out.stderr
+        send_once(receiver, "arot", state, disk, extra=("--resync",))
+        assert b3(target / "arot" / "disk.img") == b3(disk)
+        with disk.open("r+b") as f:
+            f.seek(MiB)
+            f.write(os.urandom(65536))
+        assert send_once(receiver, "arot", state, disk)["basis"] == "local"
         assert b3(target / "arot" / "disk.img") == b3(disk)
     finally:
         receiver.stop()

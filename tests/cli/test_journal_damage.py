@@ -2,7 +2,9 @@
 
 A flipped byte, a zeroed 4 KiB page or a truncation, while both sides are stopped; then the
 source changes and a plain `send --once` runs. It must either bring the replica to the
-source by itself, or refuse with exit code 8 and the documented way out, which then works.
+source by itself, or refuse with the documented way out, which then works: exit code 8
+naming `journal inspect` (FUSE capture), or, for the receiver's `applied.state`, exit 6
+naming `send --resync` (whether the replica was at a consistency point is lost with it).
 Never exit 0 with a replica that differs. `make test` runs 8 random cases, `make
 test-long` 300 more.
 """
@@ -64,7 +66,8 @@ def _one_case(tmp_path: Path, seed: int) -> str:
             _change(disk, rng)
     finally:
         receiver.stop()
-    what = _damage(rng.choice(_targets(target, state)), rng)
+    damaged = rng.choice(_targets(target, state))
+    what = _damage(damaged, rng)
     _change(disk, rng)
     receiver = start_receiver(target)
     try:
@@ -74,6 +77,15 @@ def _one_case(tmp_path: Path, seed: int) -> str:
         if out.returncode == 0:
             assert b3(target / JOB / "disk.img") == b3(disk), f"durable but wrong after {what}"
             return f"recovered: {what} (basis {json.loads(out.stdout)['basis']})"
+        if damaged.name == "applied.state" and out.returncode == ExitCode.REFUSED:
+            assert "the replica is not known" in out.stderr and "--resync" in out.stderr
+            resync = replicator(*args, "--resync")
+            assert resync.returncode == 0, f"{what}: --resync: {resync.stderr[-2000:]}"
+            assert b3(target / JOB / "disk.img") == b3(disk), f"--resync wrong after {what}"
+            _change(disk, rng)
+            assert replicator(*args).returncode == 0, f"{what}: after --resync"
+            assert b3(target / JOB / "disk.img") == b3(disk), f"wrong after --resync, {what}"
+            return f"compared (--resync): {what}"
         assert out.returncode == ExitCode.JOURNAL, f"{what}: exit {out.returncode}: {out.stderr}"
         assert "journal inspect" in out.stderr, out.stderr  # the documented way out
         # FUSE capture only, documented in OPERATIONS.md: scan capture always recovers

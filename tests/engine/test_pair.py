@@ -5,6 +5,7 @@ refusal."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import shutil
@@ -710,3 +711,40 @@ async def test_a_receiver_killed_right_after_saving_its_point_floor_keeps_it(
     assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
     assert summary.lsn >= kept.point_floor
     assert not (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
+
+
+async def test_a_resync_cut_short_is_finished_by_the_next_plain_run(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--resync`` takes the replica's files as they are (an edit there is no longer
+    refused). Cut short before its comparison completed, the plain run after it used to
+    scan against the old manifests, leave the edit in place and call that replica a
+    consistency point. The note makes every later run compare until one completes."""
+    await pair.sender.run_once()
+    with pair.replica.open("r+b") as f:  # the replica VM was started by hand, say
+        f.seek(2 * MiB)
+        f.write(b"written on the target" * 1000)
+    resync = Sender(dataclasses.replace(pair.sender.config, resync=True), pair.connector)
+
+    async def cut(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("killed before the comparison completed")
+
+    monkeypatch.setattr(Sender, "cycle", cut)
+    with pytest.raises(RuntimeError, match="killed before"):
+        await resync.run_once()
+    monkeypatch.undo()
+    note = pair.sender.config.state_dir / lost_records.FILE_NAME
+    assert note.exists()
+    assert sender_at_rest(pair.sender.config.state_dir)["jobs"][0]["compare_pending"]
+    rstate = pair.tmp / "rstate" / "job"
+    cut_short = replica_state.load(rstate, "job")
+    assert cut_short is not None and cut_short.point_floor > cut_short.applied_lsn
+    _change(pair.disk, [5 * MiB])
+    summary = await pair.sender.run_once()  # no --resync
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    healed = replica_state.load(rstate, "job")
+    assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
+    assert not note.exists()
+    again = await pair.sender.run_once()
+    assert again.basis == "local" and again.bytes_changed == 0

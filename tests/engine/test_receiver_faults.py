@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ import pytest
 
 from replicator.engine import replica_state
 from replicator.engine.applier import Applier, ApplyError
+from replicator.engine.errors import ReplicaInconsistent
 from replicator.engine.receiver import JobReplica, ReceiverConfig
 from replicator.engine.replica_files import ReplicaDiverged
 from replicator.journal import Record
@@ -205,12 +207,95 @@ async def test_damaged_state_file_is_rebuilt_from_the_journal(tmp_path: Path) ->
     _flip(state_file, state_file.stat().st_size - 3)
     reopened = await JobReplica.open("job", _config(tmp_path))
     try:
-        # every record still in the journal is applied again, ending at its last barrier
+        # every record still in the journal is applied again, ending at its last barrier,
+        # but whether the replica was at a point (a floor, a comparison cut short) is lost
         assert reopened.applied_lsn == 8 and reopened.received_lsn == 8
-        assert reopened.state.consistent
+        assert not reopened.state.consistent and "was damaged" in reopened.state.unknown
+        assert replica_state.load(state_file.parent, "job") == reopened.state  # durable
+        (refusal,) = await reopened.check_replica(adopt=False)  # a plain session
+        assert refusal.startswith("the replica is not known: its replica state")
+        await _feed(reopened, _epoch(9, 1, 0x66))
+        assert await reopened.apply_pending() == 10
+        assert not reopened.state.consistent  # no barrier is a point until compared
+        with pytest.raises(ReplicaInconsistent, match="was damaged"):
+            await reopened.promote()
+        # a --resync session: taken as it is, then the sender's floor (it compares)
+        assert await reopened.check_replica(adopt=True) == []
+        await reopened.raise_point_floor(12)
+        assert reopened.state.unknown == "" and reopened.state.point_floor == 12
+        await _feed(reopened, _epoch(11, 1, 0x77))  # journaled before the comparison
+        assert await reopened.apply_pending() == 12
+        await _feed(reopened, _epoch(13, 3, 0x88))  # the comparison's epoch
+        assert await reopened.apply_pending() == 16
+        state = reopened.state
+        assert (state.consistent, state.point_lsn, state.unknown) == (True, 16, "")
     finally:
         await reopened.aclose()
-    assert _replica(tmp_path) == b"\x55" * 3 * BLOCK
+    assert _replica(tmp_path) == b"\x88" * 3 * BLOCK
+    assert replica_state.load(state_file.parent, "job") == state
+
+
+async def test_damaged_state_file_barrier_below_the_floor_is_no_point(tmp_path: Path) -> None:
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 2, 0x44))
+        assert await replica.apply_pending() == 3
+    finally:
+        await replica.aclose()
+    state_file = tmp_path / "state" / "job" / "applied.state"
+    _flip(state_file, 20)
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await reopened.raise_point_floor(9)
+        await _feed(reopened, _epoch(4, 1, 0x55))
+        assert await reopened.apply_pending() == 5
+        assert not reopened.state.consistent and reopened.state.point_lsn == 0
+    finally:
+        await reopened.aclose()
+
+
+async def test_a_missing_state_file_is_unknown_once_the_journal_was_trimmed(
+    tmp_path: Path,
+) -> None:
+    """The file is written before the journal is trimmed: a trimmed journal without it
+    means it was there and is gone (deleted by hand, say), and with it what it held."""
+    config = dataclasses.replace(_config(tmp_path), segment_bytes=64 * 1024)
+    replica = await JobReplica.open("job", config)
+    try:
+        for i in range(8):
+            await _feed(replica, _epoch(1 + 5 * i, 4, 0x10 + i))
+            assert await replica.apply_pending() == 5 + 5 * i
+        assert replica.journal.first_lsn > 1
+    finally:
+        await replica.aclose()
+    (tmp_path / "state" / "job" / "applied.state").unlink()
+    reopened = await JobReplica.open("job", config)
+    try:
+        assert not reopened.state.consistent and "is missing" in reopened.state.unknown
+        assert reopened.applied_lsn == 40 and reopened.journal.first_lsn > 1
+    finally:
+        await reopened.aclose()
+
+
+async def test_a_new_job_without_a_state_file_is_known(tmp_path: Path) -> None:
+    """Nothing was trimmed yet: the journal holds the replica's whole history, so the
+    redo of all of it is exact, whatever the file said."""
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await replica.ingest(_epoch(1, 2, 0x44))  # journaled, not the direct path
+        await _feed(replica, [])
+        await replica.journal.sync()
+    finally:
+        await replica.aclose()
+    (tmp_path / "state" / "job" / "applied.state").unlink(missing_ok=True)
+    assert (tmp_path / "state" / "job" / "journal").is_dir()
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        state = reopened.state
+        assert (state.applied_lsn, state.consistent, state.unknown) == (3, True, "")
+    finally:
+        await reopened.aclose()
+    assert _replica(tmp_path) == b"\x44" * 2 * BLOCK
 
 
 async def test_journal_damage_below_the_applied_lsn_costs_nothing(tmp_path: Path) -> None:
