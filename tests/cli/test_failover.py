@@ -464,8 +464,14 @@ def test_an_overlay_sent_without_its_backing_file_is_told_at_send_and_at_failove
     assert "is not at" in warning
 
 
-def _damage_applied_state(target: Path, job: str) -> None:
-    path = target / ".replicator" / job / "applied.state"
+def _synced_then_state_damaged(disk: Path, xml: Path, target: Path, state: Path) -> None:
+    """One sync of job vm1, the receiver stopped, then a byte of its applied.state flipped."""
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm1", state, disk, xml)
+    finally:
+        assert rcv.stop() == 0
+    path = target / ".replicator" / "vm1" / "applied.state"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x40
     path.write_bytes(bytes(data))
@@ -486,13 +492,8 @@ def test_a_replica_whose_state_was_damaged_is_compared_before_it_is_trusted(
     comparison cut short or lost records would have been promotable as a point."""
     disk, xml = source
     target, state = tmp_path / "target", tmp_path / "state"
-    rcv = start_receiver(target)
-    try:
-        send_once(rcv, "vm1", state, disk, xml)
-    finally:
-        assert rcv.stop() == 0
+    _synced_then_state_damaged(disk, xml, target, state)
     replica = target / "vm1" / disk.name
-    _damage_applied_state(target, "vm1")
 
     point = _receiver_job_at_rest(target)["consistency_point"]
     assert isinstance(point, dict)
@@ -533,12 +534,7 @@ def test_failover_allow_inconsistent_takes_the_replica_as_it_is(
     take it, told plainly that it is no consistency point, and the promotion says so."""
     disk, xml = source
     target, state = tmp_path / "target", tmp_path / "state"
-    rcv = start_receiver(target)
-    try:
-        send_once(rcv, "vm1", state, disk, xml)
-    finally:
-        assert rcv.stop() == 0
-    _damage_applied_state(target, "vm1")
+    _synced_then_state_damaged(disk, xml, target, state)
     alone = replicator("failover", "--dir", str(target), "--job", "vm1", "--allow-inconsistent")
     assert alone.returncode == ExitCode.CONFIG and "--force" in alone.stderr
 
