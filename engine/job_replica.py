@@ -316,7 +316,9 @@ class JobReplica:
         journal cut after damage may end below the applied LSN)."""
         return max(self.journal.durable_lsn, self.state.applied_lsn)
 
-    async def receive(self, records: list[Record], encoded: bytes | None = None) -> None:
+    async def receive(
+        self, records: list[Record], encoded: bytes | memoryview | None = None
+    ) -> None:
         """Take records from a session (checksum-verified and checked by
         ``ReceiverCore.records``): into the replica files on the direct path (a first
         sync, see the module docstring), into the receive journal otherwise. Neither is
@@ -328,7 +330,9 @@ class JobReplica:
         if direct < len(records):
             await self.ingest(records[direct:], None if direct else encoded)
 
-    async def ingest(self, records: list[Record], encoded: bytes | None = None) -> None:
+    async def ingest(
+        self, records: list[Record], encoded: bytes | memoryview | None = None
+    ) -> None:
         """Append records to the receive journal (the path of every record but a first
         sync's): durable after ``make_durable`` (or ``journal.sync()``)."""
         await self.journal.append_many(records, encoded=encoded)

@@ -144,7 +144,7 @@ class Session:
         for action in actions:
             await self.conn.send(action.message)
 
-    async def _take(self, records: list[Record], payload: bytes) -> None:
+    async def _take(self, records: list[Record], payload: bytes | memoryview) -> None:
         """Hand a Records frame to the replica, then count it as ingested (and wake the
         syncer). Raises _TakeFailed when that failed; the sender was told why."""
         try:
@@ -204,10 +204,8 @@ class Session:
                     return
                 # written while the next frame is read and checked (the write is a thread
                 # hop, and a reader waiting for it would stop the socket meanwhile)
-                payload = msg.payload  # bytes off the wire (only a sender's packing is a view)
-                if not isinstance(payload, bytes):
-                    payload = bytes(payload)
-                self._taking = asyncio.ensure_future(self._take(records, payload))
+                # off the wire: bytes, or a read-only view of the frame's own buffer
+                self._taking = asyncio.ensure_future(self._take(records, msg.payload))
                 continue
             if not await self._taken():  # everything else comes after the frames before it
                 return

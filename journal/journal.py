@@ -135,7 +135,8 @@ class Journal:
         self._spares = list(spares)  # trimmed files the next rolls write over
         self._spare_bytes = sum(s.size for s in self._spares)
         self._drop_spares = False  # an append needs the room the spares take
-        # encoded records of the active segment, unwritten (views only of immutable bytes)
+        # encoded records of the active segment, unwritten (views only of buffers nothing
+        # changes: bytes, or handed over read-only, see Record)
         self._staged: list[bytes | memoryview] = []
         self._staged_bytes = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (lsn, sync caller)
@@ -349,7 +350,9 @@ class Journal:
             self.observer((record,))
         return lsn
 
-    async def append_many(self, records: Sequence[Record], *, encoded: bytes | None = None) -> int:
+    async def append_many(
+        self, records: Sequence[Record], *, encoded: bytes | memoryview | None = None
+    ) -> int:
         """Append records in order with one write; returns the last LSN. All or nothing.
 
         ``encoded``: the records' exact encoding, already checked (a receiver's RECORDS

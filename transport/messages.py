@@ -149,11 +149,13 @@ def _blob(owner: str, name: str, value: object) -> bytes:
 
 
 def _immutable_blob(owner: str, name: str, value: object) -> bytes | memoryview:
-    """``_blob``, but a byte view of immutable ``bytes`` is kept as it is, not copied:
-    nothing can change under it (a Records payload sliced from a journal read chunk)."""
+    """``_blob``, but a byte view nothing can change is kept as it is, not copied: a view
+    of ``bytes`` (a Records payload sliced from a journal read chunk), or a read-only view
+    (handed over: its buffer is never written again, as ``FrameDecoder`` does with a large
+    Records frame's own buffer; the rule of ``journal.records.Record``)."""
     if (
         isinstance(value, memoryview)
-        and type(value.obj) is bytes
+        and (value.readonly or type(value.obj) is bytes)
         and value.format == "B"
         and value.c_contiguous
     ):

@@ -64,7 +64,7 @@ from replicator.transport.messages import (
 )
 from replicator.transport.protocol import MAX_MANIFEST_PART
 
-from .helpers import HELLO, pack_records, random_records, raw_frame, welcome
+from .helpers import HELLO, pack_records, random_records, raw_frame, welcome, zero_records
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -335,16 +335,35 @@ def test_a_frame_cut_short_by_eof_releases_its_buffer_at_once() -> None:
 
 def test_the_spare_buffer_goes_at_eof_and_complete_frames_stay_readable() -> None:
     sender, receiver = established(window=8 * MIB)
-    big = random_records(1, n=1, size=2 * MIB)
-    receiver.receive_data(frame_bytes(sender, big))
+    big = zero_records(1, n=1, size=2 * MIB)  # lz4: decompressed into bytes of its own
+    wire = frame_bytes(sender, big)
+    assert len(wire) < MIB
+    receiver.receive_data(wire)
     assert receiver.next_event() == big
-    assert receiver.buffer_bytes > 2 * MIB  # the spare, kept for the next large frame
+    assert receiver.buffer_bytes > len(wire) - MIB // 2  # the spare, for the next frame
     receiver.receive_data(b"".join(sender.send(Goodbye("done"))))
     receiver.receive_data(b"")
     assert receiver.buffer_bytes <= SESSION_STAGING  # the spare went; the Goodbye is there
     assert receiver.next_event() == Goodbye("done")
     assert receiver.next_event() == ConnectionClosed(clean=True)
     assert receiver.buffer_bytes == 0
+
+
+def test_a_large_raw_records_payload_is_handed_over_not_copied() -> None:
+    """Its frame's own buffer, exactly sized, becomes the payload (read-only); the decoder
+    keeps no reference, so the next large frame never writes into it."""
+    sender, receiver = established(window=8 * MIB)
+    first, second = random_records(1, n=1, size=2 * MIB), random_records(2, n=1, size=2 * MIB)
+    receiver.receive_data(frame_bytes(sender, first))
+    got = receiver.next_event()
+    assert got == first and isinstance(got, Records)
+    payload = got.payload
+    assert isinstance(payload, memoryview) and payload.readonly
+    assert isinstance(payload.obj, bytearray) and len(payload.obj) - len(payload) < 64
+    assert receiver.buffer_bytes <= SESSION_STAGING  # no spare: the payload has it
+    receiver.receive_data(frame_bytes(sender, second))
+    assert receiver.next_event() == second
+    assert bytes(payload) == first.payload and got == first  # untouched by the second
 
 
 def test_the_staging_buffer_shrinks_after_a_burst() -> None:
