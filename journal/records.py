@@ -456,7 +456,8 @@ def _as_stored(
 def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     """Decode and verify the record at ``pos``; returns it and the position after it.
 
-    From ``bytes`` (immutable) the record's data is a view of ``buf``, which it keeps
+    From ``bytes`` (immutable) or a read-only view (a buffer handed over: nothing
+    changes it, see ``Record``) the record's data is a view of ``buf``, which it keeps
     alive; from anything else (a reused buffer) it is copied out.
     """
     total, fields = _verified(buf, pos)
@@ -466,7 +467,7 @@ def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     data = view[name_end : name_end + data_len]
     try:
         name = bytes(view[pos + HEADER_SIZE : name_end]).decode()
-        kept = data if type(buf) is bytes and data_len else bytes(data)
+        kept = data if data_len and (type(buf) is bytes or _handed_over(view)) else bytes(data)
         if rtype == _WRITE and name and length == data_len:
             # every other WRITE check passed with the header (peek_length: lengths; the
             # fields are unsigned): one per replicated write, on the receiver's loop

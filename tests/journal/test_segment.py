@@ -161,6 +161,18 @@ def test_a_decoded_record_views_immutable_bytes_and_copies_out_of_anything_else(
     assert hash(decoded) == hash(record.with_lsn(5, 6))
 
 
+@given(records())
+def test_a_decoded_record_views_a_handed_over_buffer(record: Record) -> None:
+    """A read-only view (a large Records frame's own buffer, handed over by the frame
+    decoder) is kept as immutable bytes are: nothing writes into it again."""
+    head, data = encode_parts(record, 5, 6)
+    backing = bytearray(head + bytes(data))
+    decoded, _ = decode_record(memoryview(backing).toreadonly())
+    if record.data:
+        assert isinstance(decoded.data, memoryview) and decoded.data.obj is backing
+    assert decoded == record.with_lsn(5, 6)
+
+
 def test_a_record_refuses_a_view_of_a_buffer_that_may_change() -> None:
     with pytest.raises(ValueError, match="read-only"):
         Record(RecordType.WRITE, "d", 0, 1, memoryview(bytearray(b"x")))
