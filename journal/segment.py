@@ -63,7 +63,6 @@ from replicator.journal.errors import JournalCorrupt
 from replicator.journal.records import (
     HEADER_SIZE,
     RECORD_MAGIC,
-    RECORD_VERSION,
     EncodedRecord,
     Record,
     RecordError,
@@ -356,7 +355,8 @@ def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) 
     return result
 
 
-_RECORD_START = RECORD_MAGIC + bytes([RECORD_VERSION])
+# every record version's start: the magic (peek_length then checks the version)
+_RECORD_START = RECORD_MAGIC
 
 
 def find_valid_record(fd: int, start: int, end: int, after_lsn: int) -> tuple[int, int] | None:

@@ -26,7 +26,7 @@ from replicator.journal.records import HEADER_SIZE, MAX_NAME, RecordError, peek_
 # 4: Handover (planned failover, failback hand-back), ReadRequest/ReadData (failback reads);
 #    Hello capability "failback"
 # 5: PointFloor (a receiver that lost records the sender cannot send again)
-PROTOCOL_VERSION: Final = 5
+PROTOCOL_VERSION: Final = 6
 
 U64_MAX: Final = 2**64 - 1
 I64_MIN: Final = -(2**63)

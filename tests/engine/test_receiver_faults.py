@@ -461,7 +461,7 @@ async def _session_answer(tmp_path: Path, payload: bytes, first: int, last: int)
     from replicator.transport import Records
 
     async with _welcomed(tmp_path) as (_, sender, _serving):
-        count = payload.count(b"RJ\x01")
+        count = payload.count(b"RJ\x02")  # RECORD_MAGIC + RECORD_VERSION
         await sender.send(Records(first, last, count, 1, payload))
         while True:
             msg = await sender.recv(timeout=10)

@@ -1,0 +1,123 @@
+"""Record format versions: 2 (XXH3-128) is written, 1 (blake3-128) is still read.
+
+A journal written before the upgrade must replay, ship and apply after it: records
+travel as they are stored, so the receiver checks each with its own version's checksum.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import blake3
+import pytest
+import xxhash
+from hypothesis import given
+from hypothesis import strategies as st
+
+from replicator.journal import Journal, Record, RecordError, decode_records, encode_record
+from replicator.journal import records as records_module
+from replicator.journal.records import (
+    CHECKED_HEADER_SIZE,
+    HEADER_SIZE,
+    RECORD_VERSION,
+    check_record,
+    decode_record,
+)
+from replicator.journal.segment import HEADER_BYTES, find_valid_record
+
+
+def _blake3_digest(head: bytes | memoryview, body: bytes | memoryview, more: object = b"") -> bytes:
+    """What version 1 wrote: blake3-128 over the header, the name and the payload."""
+    assert isinstance(more, bytes | memoryview)
+    return blake3.blake3(bytes(head) + bytes(body) + bytes(more)).digest(16)
+
+
+def _as_version_1(encoded: bytes) -> bytes:
+    """A version 2 record's bytes as version 1 wrote them (same layout, blake3-128)."""
+    head = encoded[:2] + b"\x01" + encoded[3:CHECKED_HEADER_SIZE]
+    return head + _blake3_digest(head, encoded[HEADER_SIZE:]) + encoded[HEADER_SIZE:]
+
+
+@given(
+    st.binary(max_size=70_000),
+    st.integers(0, 2**40),
+    st.sampled_from(["d.img", "vm/disk.qcow2", "é"]),
+)
+def test_version_2_is_xxh3_128_and_version_1_still_checks(
+    data: bytes, offset: int, name: str
+) -> None:
+    record = (
+        Record.write(name, offset, data).with_lsn(3, 4) if data else Record.flush().with_lsn(3, 4)
+    )
+    encoded = encode_record(record)
+    assert encoded[2] == RECORD_VERSION == 2
+    body = encoded[:CHECKED_HEADER_SIZE] + encoded[HEADER_SIZE:]
+    assert encoded[CHECKED_HEADER_SIZE:HEADER_SIZE] == xxhash.xxh3_128_digest(body)
+    old = _as_version_1(encoded)
+    assert decode_record(old)[0] == record == decode_record(encoded)[0]
+    assert check_record(old)[0].raw == old
+
+
+def test_each_version_is_checked_with_its_own_checksum() -> None:
+    encoded = encode_record(Record.write("d", 0, os.urandom(4096)).with_lsn(1, 1))
+    old = _as_version_1(encoded)
+    # the version byte is checked with the rest: swapping it makes the checksum wrong
+    swapped = [encoded[:2] + b"\x01" + encoded[3:], old[:2] + b"\x02" + old[3:]]
+    for bad in swapped:
+        with pytest.raises(RecordError, match="checksum mismatch"):
+            decode_record(bad)
+    for good in (encoded, old):
+        flipped = bytearray(good)
+        flipped[HEADER_SIZE + 100] ^= 0x01
+        with pytest.raises(RecordError, match="checksum mismatch"):
+            check_record(bytes(flipped))
+    with pytest.raises(RecordError, match="version 3 not supported"):
+        decode_record(encoded[:2] + b"\x03" + encoded[3:])
+
+
+async def test_a_journal_written_before_the_upgrade_replays_and_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 1 records in a segment (the code before the upgrade wrote them), then
+    version 2 records appended behind them: both read back, in order, checked."""
+    old = [Record.write("d", i * 4096, os.urandom(4096)) for i in range(5)] + [Record.flush()]
+    new = [Record.write("d", 0, os.urandom(70_000)), Record.epoch(7)]
+    monkeypatch.setattr(records_module, "RECORD_VERSION", 1)
+    monkeypatch.setattr(records_module, "record_digest", _blake3_digest)
+    async with await Journal.open(tmp_path / "j") as journal:
+        await journal.append_many(old)
+        await journal.sync()
+    monkeypatch.undo()
+    (segment,) = (tmp_path / "j").glob("*.seg")
+    assert segment.read_bytes()[HEADER_BYTES + 2] == 1  # really written as version 1
+    async with await Journal.open(tmp_path / "j") as journal:
+        assert journal.recovery is None or journal.recovery.kind != "damage"
+        await journal.append_many(new)
+        await journal.sync()
+    async with await Journal.open(tmp_path / "j") as journal:
+        got = [r async for r in journal.read_from(1)]
+    assert [r.with_lsn(0, 0) for r in got] == [r.with_lsn(0, 0) for r in old + new]
+    assert [r.lsn for r in got] == list(range(1, 9))
+    # a Records frame's payload may mix them (a sender ships its old journal as it is)
+    mixed = _as_version_1(encode_record(got[0])) + encode_record(got[-2])
+    assert decode_records(mixed) == [got[0], got[-2]]
+
+
+def test_recovery_finds_an_intact_record_of_either_version_behind_damage(
+    tmp_path: Path,
+) -> None:
+    first = encode_record(Record.write("d", 0, os.urandom(4096)).with_lsn(1, 1))
+    second = _as_version_1(encode_record(Record.write("d", 4096, b"x" * 4096).with_lsn(2, 1)))
+    third = encode_record(Record.flush().with_lsn(3, 1))
+    path = tmp_path / "seg"
+    path.write_bytes(first + second + third)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert find_valid_record(fd, 0, len(first + second + third), 0) == (len(first), 2)
+        assert find_valid_record(fd, len(first), len(first + second + third), 0) == (
+            len(first + second),
+            3,
+        )
+    finally:
+        os.close(fd)
