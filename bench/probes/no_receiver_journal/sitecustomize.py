@@ -29,7 +29,10 @@ if "receive" in sys.argv:
     _append_many = journal_module.Journal.append_many
 
     async def _append_without_bytes(
-        self: journal_module.Journal, records: Sequence[Record], *, encoded: bytes | memoryview | None = None
+        self: journal_module.Journal,
+        records: Sequence[Record],
+        *,
+        encoded: bytes | memoryview | None = None,
     ) -> int:
         lsn = await _append_many(self, records, encoded=encoded)
         dropped = sum(len(part) for part in self._staged)
