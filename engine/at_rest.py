@@ -29,6 +29,7 @@ from replicator.engine.generations import load_promotion
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.peer_applied import PeerApplied, load_peer_applied
+from replicator.engine.replica_files import ReplicaFiles
 from replicator.engine.served_alone import load_served_alone
 from replicator.engine.status import ReceiverPhase, iso_time, promotion_fields
 from replicator.journal.durable import StateFileError
@@ -153,6 +154,10 @@ def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> lis
             )
         else:
             point = saved
+        files = ReplicaFiles.load(folder, job)
+        if files.damaged:  # as JobReplica.open will take it
+            history = point.applied_lsn > 0 or point.applying or last > 0
+            point = replica_state.files_lost(point, files.damaged, history=history)
         applied = point.applied_lsn
         received = max(applied, last)
         consistent = point.consistent and not point.applying

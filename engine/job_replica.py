@@ -234,14 +234,24 @@ class JobReplica:
                 applied=max(0, journal.first_lsn - 1),
                 empty=journal.first_lsn >= journal.next_lsn,
             )
-            if saved.unknown:
-                log.error(
-                    "receiver.replica_unknown",
-                    job=job,
-                    why=saved.unknown,
-                    action="sessions are refused until `replicator send --resync` compares "
-                    "the replica; failover refuses it without --allow-inconsistent",
-                )
+        if files.damaged:
+            history = saved.applied_lsn > 0 or saved.applying or journal.next_lsn > 1
+            lost = replica_state.files_lost(saved, files.damaged, history=history)
+            if lost is not saved:
+                try:  # durable before files.state is written again (replica_state.files_lost)
+                    await asyncio.to_thread(replica_state.save, state_dir, job, lost)
+                except BaseException:
+                    await journal.aclose()
+                    raise
+                saved = lost
+        if saved.unknown:
+            log.error(
+                "receiver.replica_unknown",
+                job=job,
+                why=saved.unknown,
+                action="sessions are refused until `replicator send --resync` compares "
+                "the replica; failover refuses it without --allow-inconsistent",
+            )
         if journal.recovery is not None and journal.recovery.kind == "damage":
             log.error(
                 "receiver.journal_damaged",

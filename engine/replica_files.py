@@ -63,6 +63,7 @@ class ReplicaFiles:
     # bumped when a path is stamped anew or at another inode, or forgotten: what the
     # receiver's replica guard (engine/imagelock.py) follows; not saved
     layout: int = 0
+    damaged: str = ""  # why the file could not be read (load); not saved
 
     @classmethod
     def load(cls, state_dir: Path, job: str) -> ReplicaFiles:
@@ -75,10 +76,11 @@ class ReplicaFiles:
             diverged = {str(k): str(v) for k, v in raw.get("diverged", {}).items()}
             writing = {str(k) for k in raw.get("writing", ())}
         except (StateFileError, OSError, KeyError, TypeError, ValueError, IndexError) as exc:
-            # without stamps nothing can be compared: every file is adopted again, as for
-            # a seeded replica (the sender's comparison covers content)
+            # without stamps (and the files found diverged) nothing says the replica is
+            # as replication left it: the job's replica state becomes unknown until a
+            # sender compares it (replica_state.files_lost)
             log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
-            return cls(dirty=True)
+            return cls(dirty=True, damaged=f"{path} cannot be read: {exc}")
         return cls(stamps, diverged, writing)
 
     def save(self, state_dir: Path) -> None:

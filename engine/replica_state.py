@@ -20,8 +20,9 @@ map:
   barriers it journaled after them would describe a state the replica never held;
 - ``unknown`` (str, absent when empty): why what the replica files hold cannot be vouched
   for: this file was found damaged, or missing where the job has a history (see
-  ``rebuilt``). No barrier ends a consistency point while it is set, plain sessions are
-  refused, and a comparison (``send --resync``) clears it (``JobReplica.check_replica``).
+  ``rebuilt``), or ``files.state`` was (``files_lost``). No barrier ends a consistency
+  point while it is set, plain sessions are refused, and the PointFloor of a session that
+  compares (``send --resync``) clears it (``JobReplica.raise_point_floor``).
 
 Write order around an apply round: ``applying`` True (and ``consistent`` False) durably
 *before* the first replica byte is written; then the records; fsync of the replica files;
@@ -129,6 +130,20 @@ def rebuilt(state_dir: Path, *, damaged: bool, applied: int, empty: bool) -> Rep
             unknown=f"{why}: what the replica holds cannot be vouched for",
         )
     return ReplicaState(applied, consistent=empty, applying=not empty)
+
+
+def files_lost(state: ReplicaState, why: str, *, history: bool) -> ReplicaState:
+    """``state`` once ``files.state`` (the stamps that tell an edit of the replica outside
+    replication, and the files already found edited) could not be read (``why``): unknown
+    as well, unless the job has no history yet (nothing was written to stamp). Saved
+    before ``files.state`` is written again, or the evidence would go with the file."""
+    if state.unknown or not history:
+        return state
+    return state.replace(
+        consistent=False,
+        unknown=f"its replica file stamps were lost ({why}): a change made to the replica "
+        "outside replication can no longer be told",
+    )
 
 
 def save(state_dir: Path, job: str, state: ReplicaState) -> None:

@@ -3,8 +3,9 @@
 A flipped byte, a zeroed 4 KiB page or a truncation, while both sides are stopped; then the
 source changes and a plain `send --once` runs. It must either bring the replica to the
 source by itself, or refuse with the documented way out, which then works: exit code 8
-naming `journal inspect` (FUSE capture), or, for the receiver's `applied.state`, exit 6
-naming `send --resync` (whether the replica was at a consistency point is lost with it).
+naming `journal inspect` (FUSE capture), or, for the receiver's `applied.state` and
+`files.state`, exit 6 naming `send --resync` (whether the replica was at a consistency
+point, or is as replication left it, is lost with them).
 Never exit 0 with a replica that differs. `make test` runs 8 random cases, `make
 test-long` 300 more.
 """
@@ -77,7 +78,7 @@ def _one_case(tmp_path: Path, seed: int) -> str:
         if out.returncode == 0:
             assert b3(target / JOB / "disk.img") == b3(disk), f"durable but wrong after {what}"
             return f"recovered: {what} (basis {json.loads(out.stdout)['basis']})"
-        if damaged.name == "applied.state" and out.returncode == ExitCode.REFUSED:
+        if damaged.name in ("applied.state", "files.state") and out.returncode == ExitCode.REFUSED:
             assert "the replica is not known" in out.stderr and "--resync" in out.stderr
             resync = replicator(*args, "--resync")
             assert resync.returncode == 0, f"{what}: --resync: {resync.stderr[-2000:]}"

@@ -20,6 +20,7 @@ import pytest
 
 from replicator.engine import replica_state
 from replicator.engine.applier import Applier, ApplyError
+from replicator.engine.at_rest import receiver_jobs_at_rest
 from replicator.engine.errors import ReplicaInconsistent
 from replicator.engine.receiver import JobReplica, ReceiverConfig
 from replicator.engine.replica_files import ReplicaDiverged
@@ -252,6 +253,51 @@ async def test_damaged_state_file_barrier_below_the_floor_is_no_point(tmp_path: 
         assert not reopened.state.consistent and reopened.state.point_lsn == 0
     finally:
         await reopened.aclose()
+
+
+async def test_damaged_file_stamps_make_the_replica_unknown_and_it_stays_so(
+    tmp_path: Path,
+) -> None:
+    """Without ``files.state`` an edit of the replica made meanwhile (or one already found)
+    can no longer be told: unknown, saved at once, so that writing ``files.state`` again
+    (every session start does) does not take the evidence away."""
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 2, 0x44))
+        assert await replica.apply_pending() == 3
+    finally:
+        await replica.aclose()
+    state_dir = tmp_path / "state" / "job"
+    _flip(state_dir / "files.state", 30)
+    (at_rest,) = receiver_jobs_at_rest(tmp_path / "state")  # as the job will open
+    assert "stamps were lost" in at_rest["consistency_point"]["unknown"]
+    assert at_rest["consistency_point"]["consistent"] is False
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert not reopened.state.consistent and "stamps were lost" in reopened.state.unknown
+        saved = replica_state.load(state_dir, "job")
+        assert saved is not None and saved.unknown == reopened.state.unknown  # at once
+        (refusal,) = await reopened.check_replica(adopt=False)  # writes files.state again
+        assert "stamps were lost" in refusal
+    finally:
+        await reopened.aclose()
+    again = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert "stamps were lost" in again.state.unknown  # the file is readable now
+    finally:
+        await again.aclose()
+
+
+async def test_damaged_file_stamps_of_a_job_with_no_history_cost_nothing(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state" / "job"
+    state_dir.mkdir(parents=True)
+    (state_dir / "files.state").write_bytes(b"garbage")
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert replica.state.consistent and replica.state.unknown == ""
+        assert await replica.check_replica(adopt=False) == []
+    finally:
+        await replica.aclose()
 
 
 async def test_a_missing_state_file_is_unknown_once_the_journal_was_trimmed(
