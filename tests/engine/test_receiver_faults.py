@@ -50,6 +50,16 @@ async def _feed(replica: JobReplica, records: list[Record]) -> None:
     replica.note_durable(records)
 
 
+async def _applied_once(tmp_path: Path, fill: int) -> None:
+    """A job that applied one epoch of two blocks of ``fill``, then closed."""
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        await _feed(replica, _epoch(1, 2, fill))
+        assert await replica.apply_pending() == 3
+    finally:
+        await replica.aclose()
+
+
 def _replica(tmp_path: Path) -> bytes:
     return (tmp_path / "replicas" / "job" / "d").read_bytes()
 
@@ -237,12 +247,7 @@ async def test_damaged_state_file_is_rebuilt_from_the_journal(tmp_path: Path) ->
 
 
 async def test_damaged_state_file_barrier_below_the_floor_is_no_point(tmp_path: Path) -> None:
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
-        await _feed(replica, _epoch(1, 2, 0x44))
-        assert await replica.apply_pending() == 3
-    finally:
-        await replica.aclose()
+    await _applied_once(tmp_path, 0x44)
     state_file = tmp_path / "state" / "job" / "applied.state"
     _flip(state_file, 20)
     reopened = await JobReplica.open("job", _config(tmp_path))
@@ -261,12 +266,7 @@ async def test_damaged_file_stamps_make_the_replica_unknown_and_it_stays_so(
     """Without ``files.state`` an edit of the replica made meanwhile (or one already found)
     can no longer be told: unknown, saved at once, so that writing ``files.state`` again
     (every session start does) does not take the evidence away."""
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
-        await _feed(replica, _epoch(1, 2, 0x44))
-        assert await replica.apply_pending() == 3
-    finally:
-        await replica.aclose()
+    await _applied_once(tmp_path, 0x44)
     state_dir = tmp_path / "state" / "job"
     _flip(state_dir / "files.state", 30)
     (at_rest,) = receiver_jobs_at_rest(tmp_path / "state")  # as the job will open
@@ -429,12 +429,7 @@ async def test_an_edit_between_applies_is_refused_before_anything_is_written(
 async def test_a_change_while_the_receiver_is_down_is_found_at_the_next_session(
     tmp_path: Path, change: str
 ) -> None:
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
-        await _feed(replica, _epoch(1, 2, 0x01))
-        assert await replica.apply_pending() == 3
-    finally:
-        await replica.aclose()
+    await _applied_once(tmp_path, 0x01)
     path = tmp_path / "replicas" / "job" / "d"
     if change == "edit":
         os.truncate(path, BLOCK)
