@@ -246,6 +246,28 @@ async def test_damaged_state_file_is_rebuilt_from_the_journal(tmp_path: Path) ->
     assert replica_state.load(state_file.parent, "job") == state
 
 
+async def test_a_resync_that_ends_before_its_floor_leaves_the_replica_unknown(
+    tmp_path: Path,
+) -> None:
+    """A --resync session adopts the files first; until the sender's PointFloor arrives
+    nothing says a comparison will follow, so a receiver that dies in between (or a
+    session that ends there) is as unknown as before, and a plain session is refused."""
+    await _applied_once(tmp_path, 0x44)
+    _flip(tmp_path / "state" / "job" / "applied.state", 20)
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert await replica.check_replica(adopt=True) == []
+    finally:
+        await replica.aclose()
+    again = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert "was damaged" in again.state.unknown and not again.state.consistent
+        (refusal,) = await again.check_replica(adopt=False)
+        assert refusal.startswith("the replica is not known")
+    finally:
+        await again.aclose()
+
+
 async def test_damaged_state_file_barrier_below_the_floor_is_no_point(tmp_path: Path) -> None:
     await _applied_once(tmp_path, 0x44)
     state_file = tmp_path / "state" / "job" / "applied.state"
