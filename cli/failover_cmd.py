@@ -132,7 +132,7 @@ def failover_command(
             )
             return result.as_dict()
         assert isinstance(answer, dict)
-        if "error" in answer:  # a planned failover that did not happen, and why
+        if "error" in answer:  # a failover that did not happen, and why
             code = answer.get("exit_code")
             error = ReplicatorError(str(answer["error"]))
             error.exit_code = ExitCode(code) if code in set(ExitCode) else ExitCode.CONNECT

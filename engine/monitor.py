@@ -199,13 +199,15 @@ def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None)
         from replicator.engine.failover import finish_failover  # only when asked
 
         started = time.monotonic()
-        if planned:  # a refusal is an answer (with its exit code), not a failed request
-            try:
+        try:  # a refusal is an answer (with its exit code), not a failed request
+            if planned:
                 promotion, already = await receiver.failover_planned(job, float(timeout))
-            except ReplicatorError as exc:
-                return {"error": str(exc), "exit_code": int(exc.exit_code)}
-        else:
-            promotion, already = await receiver.failover(job, allow_inconsistent=allow_inconsistent)
+            else:
+                promotion, already = await receiver.failover(
+                    job, allow_inconsistent=allow_inconsistent
+                )
+        except ReplicatorError as exc:  # e.g. a replica not at a consistency point (exit 6)
+            return {"error": str(exc), "exit_code": int(exc.exit_code)}
         result = await finish_failover(
             receiver.config, job, promotion, exec_cmd=command, started=started, already=already
         )

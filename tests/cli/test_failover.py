@@ -552,3 +552,28 @@ def test_failover_allow_inconsistent_takes_the_replica_as_it_is(
     promotion = job["promotion"]
     assert isinstance(promotion, dict) and promotion["consistent"] is False
     assert b3(target / "vm1" / disk.name) == b3(disk)  # nothing was lost either
+
+
+def test_a_running_receiver_refuses_an_unknown_replica_with_the_way_out(
+    tmp_path: Path, source: tuple[Path, Path]
+) -> None:
+    """Through the control socket, as at rest: exit 6 naming --allow-inconsistent (it
+    used to come back as a failed request, exit 3, "check the request")."""
+    disk, xml = source
+    target, state = tmp_path / "target", tmp_path / "state"
+    _synced_then_state_damaged(disk, xml, target, state)
+    rcv = start_receiver(target)
+    try:
+        refused = replicator("failover", "--dir", str(target), "--job", "vm1", "--force")
+        assert refused.returncode == ExitCode.REFUSED, refused.stderr[-2000:]
+        error = one_line_error(refused.stderr)
+        assert "--allow-inconsistent" in error and "check the request" not in error
+        out = replicator(
+            "failover", "--dir", str(target), "--job", "vm1", "--force", "--allow-inconsistent",
+            "--json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out.stdout)
+        assert result["through"] == "the running receiver" and result["consistent"] is False
+    finally:
+        assert rcv.stop() == 0
