@@ -163,7 +163,8 @@ def _repair_batches(volumes: list[VolumeSpec], result: VerifyResult) -> Iterator
 
 
 async def _repair(sender: Sender, state: SenderState, link: Link, result: VerifyResult) -> int:
-    """Journal and ship the differing extents as one epoch; wait until it is applied."""
+    """Journal and ship the differing extents (none: an empty epoch) as one epoch; wait
+    until it is applied."""
     journal = state.journal
     assert journal is not None
     sent = 0
@@ -186,9 +187,13 @@ async def verify(sender: Sender, *, repair: bool, progress: Progress | None = No
         try:
             volumes, extent_size = sender.config.volumes, sender.config.extent_size
             result = await compare(link, volumes, extent_size, progress)
-            if repair and not result.identical:
+            if repair:
+                # an epoch even when nothing differs: this session raised the receiver's
+                # point floor (Sender.open_link), and only an epoch at or above it makes
+                # the replica a consistency point again
                 repaired = await _repair(sender, state, link, result)
-                result = await compare(link, volumes, extent_size, progress)
+                if not result.identical:
+                    result = await compare(link, volumes, extent_size, progress)
                 result.repaired = repaired
             await link.goodbye("verify done")
         finally:

@@ -577,3 +577,24 @@ def test_a_running_receiver_refuses_an_unknown_replica_with_the_way_out(
         assert result["through"] == "the running receiver" and result["consistent"] is False
     finally:
         assert rcv.stop() == 0
+
+
+def test_verify_repair_also_brings_an_unknown_replica_back(
+    tmp_path: Path, source: tuple[Path, Path]
+) -> None:
+    disk, xml = source
+    target, state = tmp_path / "target", tmp_path / "state"
+    _synced_then_state_damaged(disk, xml, target, state)
+    rcv = start_receiver(target)
+    try:
+        fixed = replicator(
+            "verify", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
+            "--insecure", "--repair", str(disk), str(xml),
+        )  # fmt: skip
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    finally:
+        assert rcv.stop() == 0
+    point = _receiver_job_at_rest(target)["consistency_point"]
+    assert isinstance(point, dict)
+    assert point["consistent"] is True and point["unknown"] is None
+    assert qemu_compare("qcow2", disk, target / "vm1" / disk.name).returncode == 0

@@ -157,6 +157,34 @@ def test_verify_finds_and_repairs_damage(tmp_path: Path, receiver: ReceiverProc)
     assert b3(replica) == b3(disk)
 
 
+def _point(receiver: ReceiverProc, job: str) -> dict[str, Any]:
+    out = replicator("status", "--dir", str(receiver.dir), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (found,) = [j for j in json.loads(out.stdout)["jobs"] if j["job"] == job]
+    point: dict[str, Any] = found["consistency_point"]
+    return point
+
+
+def test_verify_repair_of_an_identical_replica_leaves_it_a_consistency_point(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A repairing session raises the receiver's point floor (it compares), so it ends
+    with an epoch even when nothing differed; else the replica stayed "not consistent"
+    (and failover refused it) until the next send."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 * 1024 * 1024))
+    state = tmp_path / "state"
+    send_once(receiver, "same", state, disk)
+    before = _point(receiver, "same")
+    args = ("--to", receiver.address, "--job", "same", "--state-dir", str(state), "--insecure")
+    fixed = replicator("verify", *args, "--repair", str(disk))
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    after = _point(receiver, "same")
+    assert after["consistent"] is True and after["floor_lsn"] is None
+    assert after["lsn"] > before["lsn"]
+    assert send_once(receiver, "same", state, disk)["basis"] == "local"
+
+
 def test_a_large_disk_is_hashed_in_helper_processes(tmp_path: Path, receiver: ReceiverProc) -> None:
     """Past engine/read_plan.HELPER_MIN_SIZE a scan with a basis hashes the image in
     helper processes, started before the command's imports (engine/early_hashing.py) and
