@@ -147,17 +147,13 @@ def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> lis
         saved = replica_state.load(folder, job) if has_state else None
         report = _journal(folder / "journal")
         last = report.last_lsn if report is not None and report.last_lsn is not None else 0
-        if saved is None:  # as JobReplica.open will take it (replica_state.rebuilt)
-            trimmed = report.trim_floor - 1 if report is not None else 0
-            point = replica_state.rebuilt(
-                folder, damaged=has_state, applied=trimmed, empty=last <= trimmed
-            )
-        else:
-            point = saved
-        files = ReplicaFiles.load(folder, job)
-        if files.damaged:  # as JobReplica.open will take it
-            history = point.applied_lsn > 0 or point.applying or last > 0
-            point = replica_state.files_lost(point, files.damaged, history=history)
+        point = replica_state.recovered(  # as JobReplica.open will take it
+            folder,
+            saved,
+            files_damaged=ReplicaFiles.load(folder, job).damaged,
+            first_lsn=report.trim_floor if report is not None else 1,
+            next_lsn=last + 1,
+        )
         applied = point.applied_lsn
         received = max(applied, last)
         consistent = point.consistent and not point.applying

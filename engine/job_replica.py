@@ -224,26 +224,23 @@ class JobReplica:
         lost_track = saved is None or (
             journal.recovery is not None and journal.recovery.kind == "damage"
         )
-        if saved is None:
-            # Damaged or missing: everything below the journal's first record was applied
-            # (trim follows the state write), the rest is applied again; unless the job is
-            # new, nothing says what the replica holds (replica_state.rebuilt)
-            saved = replica_state.rebuilt(
-                state_dir,
-                damaged=(state_dir / replica_state.FILE_NAME).exists(),
-                applied=max(0, journal.first_lsn - 1),
-                empty=journal.first_lsn >= journal.next_lsn,
-            )
-        if files.damaged:
-            history = saved.applied_lsn > 0 or saved.applying or journal.next_lsn > 1
-            lost = replica_state.files_lost(saved, files.damaged, history=history)
-            if lost is not saved:
-                try:  # durable before files.state is written again (replica_state.files_lost)
-                    await asyncio.to_thread(replica_state.save, state_dir, job, lost)
-                except BaseException:
-                    await journal.aclose()
-                    raise
-                saved = lost
+        # Damaged or missing: everything below the journal's first record was applied
+        # (trim follows the state write), the rest is applied again; unless the job is
+        # new, nothing says what the replica holds (replica_state.rebuilt, files_lost)
+        state = replica_state.recovered(
+            state_dir,
+            saved,
+            files_damaged=files.damaged,
+            first_lsn=journal.first_lsn,
+            next_lsn=journal.next_lsn,
+        )
+        if state.unknown and (saved is None or saved.unknown != state.unknown):
+            try:  # durable before files.state is written again: the evidence goes with it
+                await asyncio.to_thread(replica_state.save, state_dir, job, state)
+            except BaseException:
+                await journal.aclose()
+                raise
+        saved = state
         if saved.unknown:
             log.error(
                 "receiver.replica_unknown",

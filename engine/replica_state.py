@@ -146,6 +146,31 @@ def files_lost(state: ReplicaState, why: str, *, history: bool) -> ReplicaState:
     )
 
 
+def recovered(
+    state_dir: Path,
+    saved: ReplicaState | None,
+    *,
+    files_damaged: str,
+    first_lsn: int,
+    next_lsn: int,
+) -> ReplicaState:
+    """The state a job opens with, from what ``load`` gave (``saved``), why ``files.state``
+    could not be read (empty: it could) and its journal's first stored LSN and next LSN.
+    The one place that says so: ``JobReplica.open`` and status at rest both ask it."""
+    state = saved
+    if state is None:
+        state = rebuilt(
+            state_dir,
+            damaged=(state_dir / FILE_NAME).exists(),
+            applied=max(0, first_lsn - 1),
+            empty=first_lsn >= next_lsn,
+        )
+    if files_damaged:
+        history = state.applied_lsn > 0 or state.applying or next_lsn > 1
+        state = files_lost(state, files_damaged, history=history)
+    return state
+
+
 def save(state_dir: Path, job: str, state: ReplicaState) -> None:
     """Durably replace the state file (blocking: run it in a worker thread)."""
     saved: dict[str, object] = {

@@ -310,6 +310,54 @@ async def test_damaged_file_stamps_make_the_replica_unknown_and_it_stays_so(
         await again.aclose()
 
 
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+async def test_unknown_that_cannot_be_saved_opens_nothing_and_loses_no_evidence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """The state saved at once when the stamps are lost fails: the job does not open (no
+    session can rewrite files.state meanwhile), and the next open finds the same damage."""
+    await _applied_once(tmp_path, 0x44)
+    state_dir = tmp_path / "state" / "job"
+    _flip(state_dir / "files.state", 30)
+    damaged = (state_dir / "files.state").read_bytes()
+    calls = _fail_once(monkeypatch, replica_state, "save", err)
+    with pytest.raises(OSError):
+        await JobReplica.open("job", _config(tmp_path))
+    assert calls() == 1
+    assert (state_dir / "files.state").read_bytes() == damaged
+    saved = replica_state.load(state_dir, "job")
+    assert saved is not None and saved.consistent and not saved.unknown  # not yet written
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert "stamps were lost" in reopened.state.unknown
+    finally:
+        await reopened.aclose()
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+async def test_a_floor_that_cannot_be_saved_leaves_the_replica_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """Clearing ``unknown`` is the floor's one durable write: when it fails, the replica is
+    still unknown, in memory and on disk, and the sender's next comparing session clears
+    it."""
+    await _applied_once(tmp_path, 0x44)
+    _flip(tmp_path / "state" / "job" / "applied.state", 20)
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert replica.state.unknown
+        _fail_once(monkeypatch, replica_state, "save", err)
+        with pytest.raises(OSError):
+            await replica.raise_point_floor(9)
+        assert replica.state.unknown and replica.state.point_floor == 0
+        saved = replica_state.load(tmp_path / "state" / "job", "job")
+        assert saved is not None and saved.unknown
+        await replica.raise_point_floor(9)
+        assert (replica.state.unknown, replica.state.point_floor) == ("", 9)
+    finally:
+        await replica.aclose()
+
+
 async def test_damaged_file_stamps_of_a_job_with_no_history_cost_nothing(tmp_path: Path) -> None:
     state_dir = tmp_path / "state" / "job"
     state_dir.mkdir(parents=True)
