@@ -11,6 +11,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -477,6 +478,17 @@ def _synced_then_state_damaged(disk: Path, xml: Path, target: Path, state: Path)
     path.write_bytes(bytes(data))
 
 
+def _promoted_as_it_is(target: Path) -> dict[str, Any]:
+    """``failover --force --allow-inconsistent --json`` of job vm1, which must succeed."""
+    out = replicator(
+        "failover", "--dir", str(target), "--job", "vm1", "--force", "--allow-inconsistent",
+        "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
 def _receiver_job_at_rest(target: Path) -> dict[str, object]:
     out = replicator("status", "--dir", str(target), "--json")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -538,12 +550,7 @@ def test_failover_allow_inconsistent_takes_the_replica_as_it_is(
     alone = replicator("failover", "--dir", str(target), "--job", "vm1", "--allow-inconsistent")
     assert alone.returncode == ExitCode.CONFIG and "--force" in alone.stderr
 
-    out = replicator(
-        "failover", "--dir", str(target), "--job", "vm1", "--force", "--allow-inconsistent",
-        "--json",
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout)
+    result = _promoted_as_it_is(target)
     assert result["consistent"] is False and result["generation"] >= 1
     again = replicator("failover", "--dir", str(target), "--job", "vm1", "--force")
     assert again.returncode == 0, again.stderr[-2000:]  # promoted already: kept as it was
@@ -568,12 +575,7 @@ def test_a_running_receiver_refuses_an_unknown_replica_with_the_way_out(
         assert refused.returncode == ExitCode.REFUSED, refused.stderr[-2000:]
         error = one_line_error(refused.stderr)
         assert "--allow-inconsistent" in error and "check the request" not in error
-        out = replicator(
-            "failover", "--dir", str(target), "--job", "vm1", "--force", "--allow-inconsistent",
-            "--json",
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-        result = json.loads(out.stdout)
+        result = _promoted_as_it_is(target)
         assert result["through"] == "the running receiver" and result["consistent"] is False
     finally:
         assert rcv.stop() == 0
