@@ -475,6 +475,34 @@ async def test_a_compare_note_that_cannot_be_written_ships_nothing(
     assert pair.replica.read_bytes() == pair.disk.read_bytes()
 
 
+async def test_a_resync_whose_compare_note_cannot_be_written_ships_nothing(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``--resync`` notes ``compare.state`` before its PointFloor: a full disk there ends
+    the run before the floor or anything else goes; the replica keeps its point, and the
+    next ``--resync`` converges."""
+    first = await pair.sender.run_once()
+    resync = Sender(dataclasses.replace(pair.sender.config, resync=True), pair.connector)
+
+    def full(state_dir: Path, reason: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lost_records, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        await resync.run_once()
+    saved = replica_state.load(pair.tmp / "rstate" / "job", "job")
+    assert saved is not None and saved.point_floor == 0  # no floor went
+    assert saved.applied_lsn == first.lsn and saved.consistent
+    assert not (pair.sender.config.state_dir / lost_records.FILE_NAME).exists()
+    monkeypatch.undo()
+    _change(pair.disk, [3 * MiB])
+    summary = await resync.run_once()
+    assert summary.basis == "remote"
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    healed = replica_state.load(pair.tmp / "rstate" / "job", "job")
+    assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
+
+
 async def test_a_sender_killed_right_after_its_compare_note_compares_at_the_next_start(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
