@@ -27,7 +27,7 @@ from replicator.engine.authz import Authorizer, parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError, cannot_listen
 from replicator.engine.monitor import receiver_monitor
 from replicator.engine.receiver import Receiver, ReceiverConfig, check_receiver_dirs
-from replicator.engine.statedir import StateDirLock
+from replicator.engine.statedir import receiver_folder_locks
 from replicator.engine.user_command import split_command
 from replicator.engine.witness_roles import AutoFailover
 from replicator.transport import serve
@@ -127,8 +127,8 @@ def receive(
 
     async def main(stop: asyncio.Event) -> None:
         with contextlib.ExitStack() as owned:  # one receiver per folder, before listening
-            for folder in {config.state_root, config.replica_root}:
-                owned.enter_context(StateDirLock(folder, "a receiver"))
+            for lock in receiver_folder_locks(config.state_root, config.replica_root):
+                owned.enter_context(lock)
             await serve_until(stop)
 
     async def serve_until(stop: asyncio.Event) -> None:

@@ -79,7 +79,7 @@ from replicator.engine.receiver import Receiver as EngineReceiver
 from replicator.engine.scan import Progress
 from replicator.engine.sender import Sender as EngineSender
 from replicator.engine.sender import SenderConfig, Summary
-from replicator.engine.statedir import StateDirLock
+from replicator.engine.statedir import receiver_folder_locks
 from replicator.engine.status import (
     ReceiverJobStatus,
     SenderJobStatus,
@@ -731,8 +731,8 @@ class Receiver:
         config = self.config
         try:
             await asyncio.to_thread(check_receiver_dirs, config)
-            for folder in {config.state_root, config.replica_root}:
-                self._stack.enter_context(StateDirLock(folder, "a receiver"))
+            for lock in receiver_folder_locks(config.state_root, config.replica_root):
+                self._stack.enter_context(lock)
             self._unlisten.append(self.engine.status.listeners.add(self._job_added))
             tls = self._tls
             context = tls.context if isinstance(tls, TlsIdentity) else tls

@@ -37,7 +37,7 @@ from replicator.engine.generations import Promotion
 from replicator.engine.image_deps import missing_on_target
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import check_job_name
-from replicator.engine.statedir import StateDirLock
+from replicator.engine.statedir import receiver_folder_locks
 from replicator.engine.status import iso_time
 from replicator.engine.user_command import split_command
 from replicator.journal.durable import atomic_write
@@ -89,15 +89,12 @@ async def failover_at_rest(
             "DIR` lists the jobs",
         )
     with contextlib.ExitStack() as owned:
-        for folder in {config.state_root, config.replica_root}:
-            try:
-                owned.enter_context(StateDirLock(folder, "a receiver"))
-            except ConfigError as exc:
-                raise ConfigError(
-                    f"a receiver runs on {folder}: {exc.message}",
-                    hint="fail over through it (it answers on its control socket), or stop "
-                    "it with SIGTERM and run failover again",
-                ) from exc
+        running = (
+            "fail over through it (it answers on its control socket), or stop it with "
+            "SIGTERM and run failover again"
+        )
+        for lock in receiver_folder_locks(config.state_root, config.replica_root, hint=running):
+            owned.enter_context(lock)
         replica = await JobReplica.open(job, config)
         try:
             before = replica.promotion
@@ -229,8 +226,12 @@ async def demote_at_rest(config: ReceiverConfig, job: str) -> int:
     """Make a promoted job a replica again (no receiver running); its generation."""
     check_job_name(job)
     with contextlib.ExitStack() as owned:
-        for folder in {config.state_root, config.replica_root}:
-            owned.enter_context(StateDirLock(folder, "a receiver"))
+        running = (
+            "demote runs with the receiver stopped: stop it with SIGTERM, run demote, then "
+            "start it again"
+        )
+        for lock in receiver_folder_locks(config.state_root, config.replica_root, hint=running):
+            owned.enter_context(lock)
         replica = await JobReplica.open(job, config)
         try:
             if replica.promotion is None:

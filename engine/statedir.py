@@ -1,4 +1,5 @@
-"""The sender's state folder: journal, manifests, and a lock so one process owns it."""
+"""A process's folders (a sender's state folder, a receiver's replica and state folders),
+each locked so one process owns it."""
 
 from __future__ import annotations
 
@@ -20,11 +21,24 @@ def default_state_dir(side: str, job: str) -> Path:
 
 
 class StateDirLock:
-    """The state folder, locked for one process (see replicator.journal.locking)."""
+    """A folder, locked for one process (see replicator.journal.locking).
 
-    def __init__(self, path: Path, what: str) -> None:
+    ``kind`` names the folder in errors, ``hint`` says what to do when another process
+    holds it.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        what: str,
+        *,
+        kind: str = "state folder",
+        hint: str = "stop it first, or give this one its own --state-dir",
+    ) -> None:
         self.path = path
         self.what = what
+        self.kind = kind
+        self.hint = hint
         self._fd: int | None = None
 
     def __enter__(self) -> StateDirLock:
@@ -33,16 +47,15 @@ class StateDirLock:
             fd = lock_directory(self.path)
         except OSError as exc:
             raise cannot_use_folder(
-                f"state folder {self.path}",
+                f"{self.kind} {self.path}",
                 exc,
                 hint="create it, fix its permissions, or pick another folder",
             ) from exc
         if fd is None:
             raise ConfigError(
-                f"{self.what} already runs with state folder {self.path}",
-                hint="stop it first, or give this one its own --state-dir",
+                f"{self.what} already runs with {self.kind} {self.path}", hint=self.hint
             )
-        error = unwritable_folder(self.path, f"state folder {self.path}")
+        error = unwritable_folder(self.path, f"{self.kind} {self.path}")
         if error is not None:
             os.close(fd)
             raise error
@@ -58,3 +71,22 @@ class StateDirLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+_SECOND_RECEIVER = (
+    "stop it first; another receiver on this host needs a --dir of its own (and a "
+    "--state-dir of its own, when one is given)"
+)
+
+
+def receiver_folder_locks(
+    state_root: Path, replica_root: Path, *, hint: str = _SECOND_RECEIVER
+) -> list[StateDirLock]:
+    """The locks that make a receiver the only one on its folders: the state folder (the
+    journals) and the replica folder (the replicas themselves: two receivers with state
+    folders of their own would still write the same replicas). ``hint``: what to do when
+    a receiver holds one."""
+    locks = [StateDirLock(state_root, "a receiver", hint=hint)]
+    if replica_root != state_root:
+        locks.append(StateDirLock(replica_root, "a receiver", kind="replica folder", hint=hint))
+    return locks

@@ -19,6 +19,7 @@ from tests.tools import (
     ReceiverProc,
     free_port,
     idle_qemu_writer,
+    one_line_error,
     qemu_compare,
     qemu_img,
     qemu_io,
@@ -110,6 +111,28 @@ def test_a_second_receiver_on_the_same_folder_is_refused_at_start(
     )  # fmt: skip
     assert out.returncode == ExitCode.CONFIG, out.stderr
     assert "already runs" in out.stderr
+
+
+def test_a_second_receiver_with_its_own_state_folder_is_refused_the_same_replicas(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A state folder of its own does not make the replica folder its own: the refusal
+    names the folder both would write and the way out (used to say "state folder" and
+    to advise the --state-dir it already had)."""
+    out = replicator(
+        "receive", "--listen", f"127.0.0.1:{free_port()}", "--dir", str(receiver.dir),
+        "--state-dir", str(tmp_path / "own-state"), "--insecure", timeout=30,
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    assert f"a receiver already runs with replica folder {receiver.dir}" in error
+    assert "needs a --dir of its own" in error and "own --state-dir" not in error
+    # at rest, demote says the receiver must be stopped
+    demote = replicator(
+        "demote", "--dir", str(receiver.dir), "--job", "none", "--discard-changes", timeout=30
+    )
+    assert demote.returncode == ExitCode.CONFIG, demote.stderr
+    assert "demote runs with the receiver stopped" in one_line_error(demote.stderr)
 
 
 def test_a_symlinked_job_state_folder_is_refused(tmp_path: Path, receiver: ReceiverProc) -> None:
