@@ -16,6 +16,10 @@ app = typer.Typer(
     help="Inspect write-order journals.",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
+    # plain click help and no completion options, as every other command (cli/main.py)
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
 )
 
 

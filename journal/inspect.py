@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replicator.journal.records import CHECKSUM_NAMES
 from replicator.journal.segment import (
     HEADER_BYTES,
     SEAL_BYTES,
@@ -49,6 +50,7 @@ class SegmentInfo:
     last_lsn: int = 0
     records_end: int = HEADER_BYTES  # offset just after the last good record
     by_type: Counter[str] = field(default_factory=Counter)
+    by_version: Counter[int] = field(default_factory=Counter)  # record format versions
 
     @property
     def next_lsn(self) -> int:
@@ -66,6 +68,7 @@ class SegmentInfo:
             "reused": self.reused,
             "verified": self.verified,
             "by_type": dict(sorted(self.by_type.items())) if self.verified else None,
+            "by_format_version": _versions(self.by_version) if self.verified else None,
         }
 
 
@@ -122,6 +125,13 @@ class JournalReport:
         return total
 
     @property
+    def by_version(self) -> Counter[int]:
+        total: Counter[int] = Counter()
+        for s in self.segments:
+            total.update(s.by_version)
+        return total
+
+    @property
     def trim_floor(self) -> int:
         """Records below this LSN were trimmed (or never existed)."""
         return self.segments[0].base_lsn if self.segments else 1
@@ -151,6 +161,7 @@ class JournalReport:
             "records": self.records,
             "bytes": self.total_bytes,
             "by_type": dict(sorted(self.by_type.items())) if all_verified else None,
+            "by_format_version": _versions(self.by_version) if all_verified else None,
             "first_lsn": self.first_lsn,
             "last_lsn": self.last_lsn,
             "next_lsn": self.next_lsn,
@@ -233,7 +244,7 @@ def scan_journal(path: str | os.PathLike[str], *, verify_sealed: bool = True) ->
 def _scan_last(fd: int, info: SegmentInfo, problem: Any) -> None:
     scan = scan_segment(fd, info.size, info.base_lsn, allow_seal=True)
     info.count, info.first_lsn, info.last_lsn = scan.count, scan.first_lsn, scan.last_lsn
-    info.records_end, info.by_type = scan.end, scan.by_type
+    info.records_end, info.by_type, info.by_version = scan.end, scan.by_type, scan.by_version
     info.sealed = scan.seal is not None
     info.verified = True
     if scan.problem is not None and scan.problem_offset is not None:
@@ -271,7 +282,7 @@ def _check_sealed(fd: int, info: SegmentInfo, verify: bool, problem: Any) -> Non
     if not verify:
         return
     scan = scan_segment(fd, seal_at, info.base_lsn, allow_seal=False)
-    info.by_type = scan.by_type
+    info.by_type, info.by_version = scan.by_type, scan.by_version
     info.verified = True
     if scan.problem is not None and scan.problem_offset is not None:
         problem(info, scan.problem_offset, scan.problem, True)
@@ -283,6 +294,11 @@ def _check_sealed(fd: int, info: SegmentInfo, verify: bool, problem: Any) -> Non
             f"seal ({seal.count}, lsn {seal.first_lsn}..{seal.last_lsn})",
             True,
         )
+
+
+def _versions(counts: Counter[int]) -> dict[str, int]:
+    """JSON's object keys are strings."""
+    return {str(version): count for version, count in sorted(counts.items())}
 
 
 def format_report(report: JournalReport) -> str:
@@ -298,6 +314,12 @@ def format_report(report: JournalReport) -> str:
         lines.append(f"{s.name:<26} {first:>12} {last:>12} {s.count:>9} {s.size:>12}  {state}")
     by_type = ", ".join(f"{k} {v}" for k, v in sorted(report.by_type.items())) or "none"
     lines.append(f"records: {report.records}  bytes: {report.total_bytes}  by type: {by_type}")
+    if report.by_version:
+        formats = ", ".join(
+            f"{version} ({CHECKSUM_NAMES.get(version, '?')}) {count}"
+            for version, count in sorted(report.by_version.items())
+        )
+        lines.append(f"record format versions: {formats}")
     lines.append(
         f"lsn: first {report.first_lsn or '-'}  last {report.last_lsn or '-'}  next "
         f"{report.next_lsn}  trim floor {report.trim_floor}"

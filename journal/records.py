@@ -44,6 +44,7 @@ RECORD_MAGIC = b"RJ"
 RECORD_VERSION = 2  # what is written
 BLAKE3_RECORD_VERSION = 1  # read and checked as before
 RECORD_VERSIONS = frozenset({BLAKE3_RECORD_VERSION, RECORD_VERSION})
+CHECKSUM_NAMES = {BLAKE3_RECORD_VERSION: "blake3", RECORD_VERSION: "XXH3-128"}  # for people
 RECORD_HEADER = struct.Struct("<2sBBHIQqQQ16s")
 HEADER_SIZE = RECORD_HEADER.size  # 58
 CHECKED_HEADER_SIZE = 42  # header bytes covered by the checksum (all but the checksum itself)

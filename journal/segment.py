@@ -285,6 +285,7 @@ class ScanResult:
     last_lsn: int = 0
     end: int = HEADER_BYTES  # offset just after the last good record
     by_type: Counter[str] = field(default_factory=Counter)
+    by_version: Counter[int] = field(default_factory=Counter)  # record format versions
     seal: Seal | None = None  # a valid seal found right after the records
     problem_offset: int | None = None
     problem: str | None = None
@@ -350,6 +351,7 @@ def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) 
         result.count += 1
         result.last_lsn = prev = record.lsn
         result.by_type[record.type.name] += 1
+        result.by_version[view[2]] += 1  # the byte after the magic (records.py)
         pos += total
         result.end = pos
     return result

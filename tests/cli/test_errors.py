@@ -117,6 +117,8 @@ def test_help_on_every_command() -> None:
         out = replicator(*cmd, "-h")
         assert out.returncode == 0, (cmd, out.stderr)
         assert "Usage" in out.stdout
+        # one style everywhere: plain click help, no shell-completion options, no boxes
+        assert "--install-completion" not in out.stdout and "╭" not in out.stdout, cmd
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from replicator.journal import Journal, Record, RecordError, decode_records, encode_record
 from replicator.journal import records as records_module
+from replicator.journal.inspect import format_report, scan_journal
 from replicator.journal.records import (
     CHECKED_HEADER_SIZE,
     HEADER_SIZE,
@@ -102,6 +103,11 @@ async def test_a_journal_written_before_the_upgrade_replays_and_grows(
     # a Records frame's payload may mix them (a sender ships its old journal as it is)
     mixed = _as_version_1(encode_record(got[0])) + encode_record(got[-2])
     assert decode_records(mixed) == [got[0], got[-2]]
+    # `journal inspect` says which records are which
+    report = scan_journal(tmp_path / "j")
+    assert report.clean and report.by_version == {1: 6, 2: 2}
+    assert "record format versions: 1 (blake3) 6, 2 (XXH3-128) 2" in format_report(report)
+    assert report.to_dict()["by_format_version"] == {"1": 6, "2": 2}
 
 
 def test_recovery_finds_an_intact_record_of_either_version_behind_damage(
