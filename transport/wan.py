@@ -198,6 +198,7 @@ class WanStats:
     upstream_failed: int = 0  # the upstream connect failed (the client got a reset)
     bytes_up: int = 0
     bytes_down: int = 0
+    up_at: float = 0.0  # loop.time() of the latest write upstream (0: none yet)
     corrupted: int = 0  # bytes corrupted
     cuts: int = 0  # connections cut (a FIN both ways) by cut()
     resets: int = 0  # connections reset by reset()
@@ -402,6 +403,7 @@ class _Pipe:
             self.out_count += nbytes
             if self.up:
                 self.emu.stats.bytes_up += nbytes
+                self.emu.stats.up_at = self.loop.time()
             else:
                 self.emu.stats.bytes_down += nbytes
             if dst.get_write_buffer_size():
@@ -502,6 +504,7 @@ class _Pipe:
             self.out_count += take
             if self.up:
                 stats.bytes_up += take
+                stats.up_at = now
             else:
                 stats.bytes_down += take
             if self._dst_full():

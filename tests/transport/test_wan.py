@@ -21,6 +21,7 @@ import uvloop
 from replicator.transport.wan import (
     LinkProfile,
     WanEmulator,
+    WanStats,
     parse_duration,
     parse_rate,
 )
@@ -333,6 +334,47 @@ async def test_rate_cap_average_and_windows(net: Net) -> None:
         worst = max(worst, inside)
         inside -= arrivals[i][1]
     assert worst <= rate + burst + rate * 0.010, (worst, rate + burst)
+
+
+async def test_the_benchmark_clock_never_makes_a_link_beat_its_cap(net: Net) -> None:
+    """``replicator bench`` times the bytes the emulator forwards (engine/benchmark.py's
+    wire clock). A read of it delayed by the loop's other work, right as the first bytes
+    went, must not shorten the window: it made plain TCP beat the emulator's own cap by 5%
+    on a loaded machine. Here the loop is held for 50 ms inside the first write upstream."""
+    from replicator.engine.benchmark import _WireClock
+
+    class StallOnce(WanStats):
+        stalled = False
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            super().__setattr__(name, value)
+            if name == "bytes_up" and value and not StallOnce.stalled:
+                StallOnce.stalled = True
+                time.sleep(0.05)
+
+    rate = 8e6
+    profile = LinkProfile(rate=rate)
+    net.echo = False
+    wan = await net.wan(profile)
+    client, peer = await net.connect(wan)
+    wan.stats = StallOnce()
+    clock = _WireClock(wan)
+    reading = asyncio.create_task(clock.run())
+    try:
+        await asyncio.sleep(0.02)  # the clock reads an unchanged count first
+        total = 2_000_000
+        client.write(os.urandom(total))
+        await peer.wait_bytes(total)
+        await asyncio.sleep(0.02)
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+    assert StallOnce.stalled and clock.bytes == total
+    window = clock.window
+    assert window is not None
+    # over any window of T seconds at most burst + rate x T bytes leave (wan.py)
+    assert total <= (profile.burst_of("up") + rate * window) * 1.01, (total / window, rate)
 
 
 async def test_rates_up_and_down_differ(net: Net) -> None:
