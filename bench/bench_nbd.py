@@ -65,6 +65,7 @@ from replicator.engine.control import SOCKET_NAME, ControlUnavailable, request
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import THREAD_MIN
 from replicator.engine.nbd.proto import TransmissionFlag
+from replicator.engine.sender_state import LIVE_JOURNAL_CAP, journal_cap
 from replicator.engine.volumes import pwrite_all
 from replicator.journal import Journal
 
@@ -151,7 +152,9 @@ async def nbdkit(image: Path, sock: str) -> AsyncIterator[str]:
 @contextlib.asynccontextmanager
 async def shim(image: Path, sock: str, journal_dir: Path) -> AsyncIterator[str]:
     shutil.rmtree(journal_dir, ignore_errors=True)
-    journal = await Journal.open(journal_dir)
+    # capped as `send --capture nbd` caps it (a cap costs every append a check)
+    cap = journal_cap(journal_dir.parent, LIVE_JOURNAL_CAP)
+    journal = await Journal.open(journal_dir, max_bytes=cap)
     export = JournaledFileExport(journal, image, "bench", overflow=True)  # as `send` does
     server = NbdServer({export.name: export})
     await server.start_unix(sock)
