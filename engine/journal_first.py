@@ -98,6 +98,10 @@ class JournalFirst(Generic[T]):
         self.events = events
         self._log = structlog.get_logger(events.logger)
         self._new_tracker = overflow
+        # a change above this never fits beside the records awaiting acks: with a tracker,
+        # it is tracked, not journaled (None: no cap, or no tracker to take it)
+        self._cap = journal.max_bytes or 0
+        self._largest = self._cap // 2 if overflow is not None and self._cap else None
         self._locked = False
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.unflushed = False  # a change was journaled since the last FLUSH record
@@ -171,10 +175,11 @@ class JournalFirst(Generic[T]):
             return False
         journal = self.journal
         try:
-            if self._new_tracker is not None and journal.max_bytes is not None:
-                size = sum(r.encoded_size for r in records)
-                if size > journal.max_bytes // 2:  # never fits beside records awaiting acks
-                    raise JournalFull(journal.bytes_used, journal.max_bytes, size)
+            largest = self._largest
+            if largest is not None:
+                size = records[0].encoded_size if len(records) == 1 else _size(records)
+                if size > largest:
+                    raise JournalFull(journal.bytes_used, self._cap, size)
             if len(records) == 1:  # a captured write: one coroutine fewer per write
                 await journal.append(records[0])
             else:
@@ -348,3 +353,7 @@ class JournalFirst(Generic[T]):
     async def _room(self, make_room: Callable[[], Awaitable[bool]]) -> None:
         if not await make_room():
             raise JournalFull(self.journal.bytes_used, self.journal.max_bytes or 0, 0)
+
+
+def _size(records: Sequence[Record]) -> int:
+    return sum(record.encoded_size for record in records)

@@ -441,6 +441,11 @@ class Journal:
                 )
             # the active segment's seal is reserved so sealing never breaks the cap; a roll
             # adds a new file, or writes over the spare it takes (counted already)
+            if not roll and (
+                self._file_bytes + self._spare_bytes + self._growth(size) + SEAL_BYTES
+                <= self._max_bytes
+            ):
+                return True  # the usual case, once per captured write: the sum below
             used = self.disk_bytes
             if roll:
                 spare = self._free_spare()

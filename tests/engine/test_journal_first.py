@@ -196,6 +196,11 @@ async def test_a_change_larger_than_half_the_cap_overflows_at_once(small: Journa
     seq = JournalFirst(small, EVENTS, overflow=new_tracker)
     assert not await seq.append([write(40 * KiB)])  # would never fit beside unacked records
     assert seq.overflow is not None and small.last_lsn == 0
+    # a change of several records counts them all (a write that grows its file, 2 x 17 KiB)
+    seq = JournalFirst(small, EVENTS, overflow=new_tracker)
+    assert await seq.append([write(17 * KiB)])  # fits
+    assert not await seq.append([write(17 * KiB), write(17 * KiB, 17 * KiB)])
+    assert seq.overflow is not None and small.last_lsn == 1
 
 
 async def test_diverge_keeps_the_first_reason_per_scope_and_logs_it_once(
