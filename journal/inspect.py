@@ -119,17 +119,11 @@ class JournalReport:
 
     @property
     def by_type(self) -> Counter[str]:
-        total: Counter[str] = Counter()
-        for s in self.segments:
-            total.update(s.by_type)
-        return total
+        return sum((s.by_type for s in self.segments), Counter())
 
     @property
     def by_version(self) -> Counter[int]:
-        total: Counter[int] = Counter()
-        for s in self.segments:
-            total.update(s.by_version)
-        return total
+        return sum((s.by_version for s in self.segments), Counter())
 
     @property
     def trim_floor(self) -> int:
