@@ -100,8 +100,8 @@ class JournalFirst(Generic[T]):
         self._new_tracker = overflow
         # a change above this never fits beside the records awaiting acks: with a tracker,
         # it is tracked, not journaled (None: no cap, or no tracker to take it)
-        self._cap = journal.max_bytes or 0
-        self._largest = self._cap // 2 if overflow is not None and self._cap else None
+        cap = journal.max_bytes  # fixed when the journal opened
+        self._largest = cap // 2 if overflow is not None and cap is not None else None
         self._locked = False
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.unflushed = False  # a change was journaled since the last FLUSH record
@@ -179,7 +179,7 @@ class JournalFirst(Generic[T]):
             if largest is not None:
                 size = records[0].encoded_size if len(records) == 1 else _size(records)
                 if size > largest:
-                    raise JournalFull(journal.bytes_used, self._cap, size)
+                    raise JournalFull(journal.bytes_used, journal.max_bytes or 0, size)
             if len(records) == 1:  # a captured write: one coroutine fewer per write
                 await journal.append(records[0])
             else:

@@ -49,6 +49,7 @@ RECORD_HEADER = struct.Struct("<2sBBHIQqQQ16s")
 HEADER_SIZE = RECORD_HEADER.size  # 58
 CHECKED_HEADER_SIZE = 42  # header bytes covered by the checksum (all but the checksum itself)
 _LSN = struct.Struct("<Q")
+VERSION_AT = len(RECORD_MAGIC)  # a record's format version: the byte after the magic
 _LSN_AT = struct.calcsize("<2sBBHI")  # the lsn follows magic, version, type and two lengths
 _JOIN_BELOW = 64 * 1024
 _NO_DIGEST = b"\0" * 16
@@ -137,7 +138,7 @@ class Record:
             raise RecordError(f"{self.type.name} record needs a volume name")
         if len(self.volume.encode()) > MAX_NAME:
             raise RecordError(f"volume name longer than {MAX_NAME} bytes")
-        if isinstance(self.data, memoryview) and not _handed_over(self.data):
+        if isinstance(self.data, memoryview) and not handed_over(self.data):
             raise RecordError("a record's data may be a read-only byte view only")
         if len(self.data) > MAX_DATA:
             raise RecordError(f"record payload of {len(self.data)} bytes exceeds {MAX_DATA}")
@@ -153,7 +154,7 @@ class Record:
     # Constructors name the fields each type uses.
     @classmethod
     def write(cls, volume: str, offset: int, data: bytes | bytearray | memoryview) -> Record:
-        kept = data if isinstance(data, bytes) or _handed_over(data) else bytes(data)
+        kept = data if isinstance(data, bytes) or handed_over(data) else bytes(data)
         if (
             cls is Record
             and volume
@@ -253,7 +254,7 @@ class Record:
         )
 
 
-def _handed_over(data: object) -> TypeGuard[memoryview]:
+def handed_over(data: object) -> TypeGuard[memoryview]:
     """A read-only view of bytes: of immutable ``bytes``, or of a buffer its owner
     handed over and never changes again (``memoryview(buf).toreadonly()``)."""
     return (
@@ -483,7 +484,7 @@ def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     alive; from anything else (a reused buffer) it is copied out.
     """
     view = memoryview(buf)
-    return _decode(buf, pos, view, type(buf) is bytes or _handed_over(view))
+    return _decode(buf, pos, view, type(buf) is bytes or handed_over(view))
 
 
 def _decode(buf: bytes | memoryview, pos: int, view: memoryview, keep: bool) -> tuple[Record, int]:
@@ -511,7 +512,7 @@ def decode_records(buf: bytes | memoryview) -> list[Record]:
     out: list[Record] = []
     pos = 0
     view = memoryview(buf)
-    keep = type(buf) is bytes or _handed_over(view)  # as decode_record, once per frame
+    keep = type(buf) is bytes or handed_over(view)  # as decode_record, once per frame
     while pos < len(buf):
         record, pos = _decode(buf, pos, view, keep)
         out.append(record)

@@ -63,6 +63,7 @@ from replicator.journal.errors import JournalCorrupt
 from replicator.journal.records import (
     HEADER_SIZE,
     RECORD_MAGIC,
+    VERSION_AT,
     EncodedRecord,
     Record,
     RecordError,
@@ -351,7 +352,7 @@ def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) 
         result.count += 1
         result.last_lsn = prev = record.lsn
         result.by_type[record.type.name] += 1
-        result.by_version[view[2]] += 1  # the byte after the magic (records.py)
+        result.by_version[view[VERSION_AT]] += 1
         pos += total
         result.end = pos
     return result

@@ -582,7 +582,7 @@ class FrameDecoder:
             assert prefix is not None and backing is not None
             self._big = self._big_backing = self._big_prefix = None
             self._big_filled = 0
-            handed = _handed_over(prefix)
+            handed = _keeps_its_buffer(prefix)
             msg = decode_body(prefix, body, hand_over=handed)
             del body
             if (  # the message holds copies: the buffer serves the next large frame
@@ -647,7 +647,7 @@ class FrameDecoder:
             self._head = head
             return
         backing = self._spare
-        if backing is not None and len(backing) >= head.body_len and not _handed_over(head):
+        if backing is not None and len(backing) >= head.body_len and not _keeps_its_buffer(head):
             self._spare = None
         else:  # exactly sized: a handed-over payload keeps all of its buffer alive
             backing = bytearray(head.body_len)
@@ -706,7 +706,7 @@ class FrameDecoder:
         self._spare = None
 
 
-def _handed_over(head: _Prefix) -> bool:
+def _keeps_its_buffer(head: _Prefix) -> bool:
     """Whether a large frame's payload leaves in a view of its buffer, not a copy: raw
     Records (the bulk of replication: a copy per byte received was ~2% of a 2-vCPU
     machine's CPU in a 1 MiB replicating run). The records and the receive journal's

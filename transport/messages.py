@@ -19,13 +19,21 @@ from typing import Final, TypeAlias
 
 import msgpack
 
-from replicator.journal.records import HEADER_SIZE, MAX_NAME, RecordError, peek_length, peek_lsn
+from replicator.journal.records import (
+    HEADER_SIZE,
+    MAX_NAME,
+    RecordError,
+    handed_over,
+    peek_length,
+    peek_lsn,
+)
 
 # 2: Refuse code "diverged"; Hello capabilities "resync", "verify"; TreeRequest/Tree
 # 3: generations interpreted (split brain); Refuse codes "promoted", "generation"
 # 4: Handover (planned failover, failback hand-back), ReadRequest/ReadData (failback reads);
 #    Hello capability "failback"
 # 5: PointFloor (a receiver that lost records the sender cannot send again)
+# 6: Records payloads carry journal record format version 2 (XXH3-128 checksums)
 PROTOCOL_VERSION: Final = 6
 
 U64_MAX: Final = 2**64 - 1
@@ -153,14 +161,7 @@ def _immutable_blob(owner: str, name: str, value: object) -> bytes | memoryview:
     of ``bytes`` (a Records payload sliced from a journal read chunk), or a read-only view
     (handed over: its buffer is never written again, as ``FrameDecoder`` does with a large
     Records frame's own buffer; the rule of ``journal.records.Record``)."""
-    if (
-        isinstance(value, memoryview)
-        and (value.readonly or type(value.obj) is bytes)
-        and value.format == "B"
-        and value.c_contiguous
-    ):
-        return value
-    return _blob(owner, name, value)
+    return value if handed_over(value) else _blob(owner, name, value)
 
 
 def _set(obj: object, name: str, value: object) -> None:
