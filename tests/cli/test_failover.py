@@ -29,6 +29,7 @@ from tests.tools import (
     ENV,
     REPLICATOR,
     LiveNbdSender,
+    ReceiverProc,
     b3,
     is_mounted,
     logs_after_failure,
@@ -130,10 +131,7 @@ def test_forced_failover_promotes_and_a_stale_source_is_refused(
     rcv = start_receiver(target)
     try:
         for extra in ((), ("--resync",)):
-            stale = replicator(
-                "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
-                "--once", "--insecure", *extra, str(disk), str(xml),
-            )  # fmt: skip
+            stale = _from_source("send", rcv, state, "--once", *extra, str(disk), str(xml))
             assert stale.returncode == ExitCode.SPLIT_BRAIN, stale.stderr
             line = one_line_error(stale.stderr)
             assert "split brain" in line and "generation 2" in line and "failback" in line
@@ -153,10 +151,7 @@ def test_forced_failover_promotes_and_a_stale_source_is_refused(
     assert ok.returncode == 0, ok.stderr
     rcv = start_receiver(target)
     try:
-        plain = replicator(
-            "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
-            "--once", "--insecure", str(disk), str(xml),
-        )  # fmt: skip
+        plain = _from_source("send", rcv, state, "--once", str(disk), str(xml))
         assert plain.returncode == ExitCode.SPLIT_BRAIN
         assert "generation 2, this source at 1" in one_line_error(plain.stderr)
         send_once(rcv, "vm1", state, disk, xml, extra=("--resync",))
@@ -262,10 +257,7 @@ def test_status_shows_a_promoted_job_at_rest_and_live(tmp_path: Path) -> None:
         assert {k: live["jobs"][0][k] for k in PROMOTION_KEYS} == {
             k: job[k] for k in PROMOTION_KEYS
         }
-        stale = replicator(
-            "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state), "--once",
-            "--insecure", str(disk),
-        )  # fmt: skip
+        stale = _from_source("send", rcv, state, "--once", str(disk))
         assert stale.returncode == ExitCode.SPLIT_BRAIN, stale.stderr
         opened = json.loads(status("--json").stdout)["jobs"][0]
         assert "source" not in opened  # the process's own view of the job
@@ -465,6 +457,17 @@ def test_an_overlay_sent_without_its_backing_file_is_told_at_send_and_at_failove
     assert "is not at" in warning
 
 
+def _from_source(
+    command: str, rcv: ReceiverProc, state: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``replicator COMMAND`` for job vm1 from the source's state folder, to ``rcv``
+    (its outcome is the caller's to check)."""
+    return replicator(
+        command, "--to", rcv.address, "--job", "vm1", "--state-dir", str(state), "--insecure",
+        *args,
+    )  # fmt: skip
+
+
 def _synced_then_state_damaged(disk: Path, xml: Path, target: Path, state: Path) -> None:
     """One sync of job vm1, the receiver stopped, then a byte of its applied.state flipped."""
     rcv = start_receiver(target)
@@ -519,10 +522,7 @@ def test_a_replica_whose_state_was_damaged_is_compared_before_it_is_trusted(
     qemu_io("qcow2", disk, "write -P 0x33 8M 1M")
     rcv = start_receiver(target)
     try:
-        plain = replicator(
-            "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
-            "--once", "--json", "--insecure", str(disk), str(xml),
-        )  # fmt: skip
+        plain = _from_source("send", rcv, state, "--once", "--json", str(disk), str(xml))
         assert plain.returncode == ExitCode.REFUSED, plain.stderr[-2000:]
         assert "the replica is not known" in one_line_error(plain.stderr)
         assert "--resync" in plain.stderr
@@ -589,10 +589,7 @@ def test_verify_repair_also_brings_an_unknown_replica_back(
     _synced_then_state_damaged(disk, xml, target, state)
     rcv = start_receiver(target)
     try:
-        fixed = replicator(
-            "verify", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
-            "--insecure", "--repair", str(disk), str(xml),
-        )  # fmt: skip
+        fixed = _from_source("verify", rcv, state, "--repair", str(disk), str(xml))
         assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     finally:
         assert rcv.stop() == 0

@@ -50,14 +50,21 @@ async def _feed(replica: JobReplica, records: list[Record]) -> None:
     replica.note_durable(records)
 
 
-async def _applied_once(tmp_path: Path, fill: int) -> None:
-    """A job that applied one epoch of two blocks of ``fill``, then closed."""
+@contextlib.asynccontextmanager
+async def _opened(tmp_path: Path) -> AsyncIterator[JobReplica]:
+    """The job's replica as a receiver opens it (recovery included), closed after."""
     replica = await JobReplica.open("job", _config(tmp_path))
     try:
-        await _feed(replica, _epoch(1, 2, fill))
-        assert await replica.apply_pending() == 3
+        yield replica
     finally:
         await replica.aclose()
+
+
+async def _applied_once(tmp_path: Path, fill: int) -> None:
+    """A job that applied one epoch of two blocks of ``fill``, then closed."""
+    async with _opened(tmp_path) as replica:
+        await _feed(replica, _epoch(1, 2, fill))
+        assert await replica.apply_pending() == 3
 
 
 def _replica(tmp_path: Path) -> bytes:
@@ -94,8 +101,7 @@ STEPS = {
 async def test_a_failed_apply_step_leaves_everything_to_apply_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, err: int
 ) -> None:
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as replica:
         await _feed(replica, _epoch(1, 4, 0xA1))
         assert await replica.apply_pending() == 5
         owner, name = STEPS[step]
@@ -110,8 +116,6 @@ async def test_a_failed_apply_step_leaves_everything_to_apply_again(
         # the same object tries again: the records come from the journal now
         assert await replica.apply_pending() == 10
         assert replica.state.consistent
-    finally:
-        await replica.aclose()
     assert _replica(tmp_path) == b"\xb2" * 4 * BLOCK
 
 
@@ -129,11 +133,8 @@ async def test_a_reopened_job_applies_what_a_failed_apply_left(
     monkeypatch.undo()
     saved = replica_state.load(tmp_path / "state" / "job", "job")
     assert saved is not None and saved.applied_lsn == 0 and not saved.consistent
-    reopened = await JobReplica.open("job", _config(tmp_path))  # recovery applies the epoch
-    try:
+    async with _opened(tmp_path) as reopened:  # recovery applies the epoch
         assert reopened.applied_lsn == 4 and reopened.state.consistent
-    finally:
-        await reopened.aclose()
     assert _replica(tmp_path) == b"\x33" * 3 * BLOCK
 
 
@@ -174,17 +175,13 @@ async def test_a_direct_replica_write_failing_mid_record_counts_nothing_and_conv
         await end_job(replica, killed=killed)
     if killed:
         monkeypatch.undo()
-        reopened = await JobReplica.open("job", _config(tmp_path))  # recovery applies it
-        try:
+        async with _opened(tmp_path) as reopened:  # recovery applies it
             assert reopened.applied_lsn == 6 and reopened.state.consistent
-        finally:
-            await reopened.aclose()
     assert _replica(tmp_path) == b"\xb2" * 4 * MiB
 
 
 async def test_applying_past_the_last_barrier_is_not_a_consistency_point(tmp_path: Path) -> None:
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as replica:
         await _feed(replica, _epoch(1, 2, 0x11))
         assert await replica.apply_pending() == 3
         assert (replica.state.consistent, replica.state.point_lsn) == (True, 3)
@@ -195,8 +192,6 @@ async def test_applying_past_the_last_barrier_is_not_a_consistency_point(tmp_pat
         assert await replica.apply_pending() == 5
         state = replica.state
         assert (state.consistent, state.point_lsn, state.point_ts_ns) == (True, 5, 9)
-    finally:
-        await replica.aclose()
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -206,18 +201,14 @@ def _flip(path: Path, offset: int) -> None:
 
 
 async def test_damaged_state_file_is_rebuilt_from_the_journal(tmp_path: Path) -> None:
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as replica:
         await _feed(replica, _epoch(1, 3, 0x44))
         assert await replica.apply_pending() == 4
         await _feed(replica, _epoch(5, 3, 0x55))
         assert await replica.apply_pending() == 8
-    finally:
-        await replica.aclose()
     state_file = tmp_path / "state" / "job" / "applied.state"
     _flip(state_file, state_file.stat().st_size - 3)
-    reopened = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as reopened:
         # every record still in the journal is applied again, ending at its last barrier,
         # but whether the replica was at a point (a floor, a comparison cut short) is lost
         assert reopened.applied_lsn == 8 and reopened.received_lsn == 8
@@ -240,8 +231,6 @@ async def test_damaged_state_file_is_rebuilt_from_the_journal(tmp_path: Path) ->
         assert await reopened.apply_pending() == 16
         state = reopened.state
         assert (state.consistent, state.point_lsn, state.unknown) == (True, 16, "")
-    finally:
-        await reopened.aclose()
     assert _replica(tmp_path) == b"\x88" * 3 * BLOCK
     assert replica_state.load(state_file.parent, "job") == state
 
@@ -254,32 +243,23 @@ async def test_a_resync_that_ends_before_its_floor_leaves_the_replica_unknown(
     session that ends there) is as unknown as before, and a plain session is refused."""
     await _applied_once(tmp_path, 0x44)
     _flip(tmp_path / "state" / "job" / "applied.state", 20)
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as replica:
         assert await replica.check_replica(adopt=True) == []
-    finally:
-        await replica.aclose()
-    again = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as again:
         assert "was damaged" in again.state.unknown and not again.state.consistent
         (refusal,) = await again.check_replica(adopt=False)
         assert refusal.startswith("the replica is not known")
-    finally:
-        await again.aclose()
 
 
 async def test_damaged_state_file_barrier_below_the_floor_is_no_point(tmp_path: Path) -> None:
     await _applied_once(tmp_path, 0x44)
     state_file = tmp_path / "state" / "job" / "applied.state"
     _flip(state_file, 20)
-    reopened = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as reopened:
         await reopened.raise_point_floor(9)
         await _feed(reopened, _epoch(4, 1, 0x55))
         assert await reopened.apply_pending() == 5
         assert not reopened.state.consistent and reopened.state.point_lsn == 0
-    finally:
-        await reopened.aclose()
 
 
 async def test_damaged_file_stamps_make_the_replica_unknown_and_it_stays_so(
@@ -294,20 +274,14 @@ async def test_damaged_file_stamps_make_the_replica_unknown_and_it_stays_so(
     (at_rest,) = receiver_jobs_at_rest(tmp_path / "state")  # as the job will open
     assert "stamps were lost" in at_rest["consistency_point"]["unknown"]
     assert at_rest["consistency_point"]["consistent"] is False
-    reopened = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as reopened:
         assert not reopened.state.consistent and "stamps were lost" in reopened.state.unknown
         saved = replica_state.load(state_dir, "job")
         assert saved is not None and saved.unknown == reopened.state.unknown  # at once
         (refusal,) = await reopened.check_replica(adopt=False)  # writes files.state again
         assert "stamps were lost" in refusal
-    finally:
-        await reopened.aclose()
-    again = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as again:
         assert "stamps were lost" in again.state.unknown  # the file is readable now
-    finally:
-        await again.aclose()
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
@@ -327,11 +301,8 @@ async def test_unknown_that_cannot_be_saved_opens_nothing_and_loses_no_evidence(
     assert (state_dir / "files.state").read_bytes() == damaged
     saved = replica_state.load(state_dir, "job")
     assert saved is not None and saved.consistent and not saved.unknown  # not yet written
-    reopened = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as reopened:
         assert "stamps were lost" in reopened.state.unknown
-    finally:
-        await reopened.aclose()
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
@@ -343,8 +314,7 @@ async def test_a_floor_that_cannot_be_saved_leaves_the_replica_unknown(
     it."""
     await _applied_once(tmp_path, 0x44)
     _flip(tmp_path / "state" / "job" / "applied.state", 20)
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as replica:
         assert replica.state.unknown
         _fail_once(monkeypatch, replica_state, "save", err)
         with pytest.raises(OSError):
@@ -354,20 +324,15 @@ async def test_a_floor_that_cannot_be_saved_leaves_the_replica_unknown(
         assert saved is not None and saved.unknown
         await replica.raise_point_floor(9)
         assert (replica.state.unknown, replica.state.point_floor) == ("", 9)
-    finally:
-        await replica.aclose()
 
 
 async def test_damaged_file_stamps_of_a_job_with_no_history_cost_nothing(tmp_path: Path) -> None:
     state_dir = tmp_path / "state" / "job"
     state_dir.mkdir(parents=True)
     (state_dir / "files.state").write_bytes(b"garbage")
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as replica:
         assert replica.state.consistent and replica.state.unknown == ""
         assert await replica.check_replica(adopt=False) == []
-    finally:
-        await replica.aclose()
 
 
 async def test_a_missing_state_file_is_unknown_once_the_journal_was_trimmed(
@@ -396,44 +361,32 @@ async def test_a_missing_state_file_is_unknown_once_the_journal_was_trimmed(
 async def test_a_new_job_without_a_state_file_is_known(tmp_path: Path) -> None:
     """Nothing was trimmed yet: the journal holds the replica's whole history, so the
     redo of all of it is exact, whatever the file said."""
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as replica:
         await replica.ingest(_epoch(1, 2, 0x44))  # journaled, not the direct path
         await _feed(replica, [])
         await replica.journal.sync()
-    finally:
-        await replica.aclose()
     (tmp_path / "state" / "job" / "applied.state").unlink(missing_ok=True)
     assert (tmp_path / "state" / "job" / "journal").is_dir()
-    reopened = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as reopened:
         state = reopened.state
         assert (state.applied_lsn, state.consistent, state.unknown) == (3, True, "")
-    finally:
-        await reopened.aclose()
     assert _replica(tmp_path) == b"\x44" * 2 * BLOCK
 
 
 async def test_journal_damage_below_the_applied_lsn_costs_nothing(tmp_path: Path) -> None:
     """The issue's case: a flipped byte among records applied long ago used to be cut as a
     torn tail, leaving received < applied and a job that refused every later session."""
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as replica:
         await _feed(replica, _epoch(1, 6, 0x66))
         assert await replica.apply_pending() == 7
-    finally:
-        await replica.aclose()
     (segment,) = sorted((tmp_path / "state" / "job" / "journal").glob("*.seg"))
     _flip(segment, HEADER_BYTES + 2 * (58 + 1 + BLOCK) + 100)  # inside the third record
-    reopened = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as reopened:
         assert reopened.journal.recovery is not None
         assert reopened.journal.recovery.kind == "damage"
         assert reopened.applied_lsn == 7 and reopened.received_lsn == 7  # never below applied
         await _feed(reopened, _epoch(8, 2, 0x77))
         assert await reopened.apply_pending() == 10
-    finally:
-        await reopened.aclose()
     assert _replica(tmp_path) == b"\x77" * 2 * BLOCK + b"\x66" * 4 * BLOCK
 
 
@@ -452,14 +405,11 @@ async def test_journal_damage_above_the_applied_lsn_is_fetched_again(tmp_path: P
     record = 58 + 1 + BLOCK
     epoch = 58  # an EPOCH record is a bare header
     _flip(segment, HEADER_BYTES + 2 * record + epoch + 80)  # inside lsn 4; lsn 5 is intact
-    reopened = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as reopened:
         assert reopened.received_lsn == 3  # the sender resends 4 onwards
         assert reopened.applied_lsn == 3
         await _feed(reopened, _epoch(4, 2, 0x30))
         assert await reopened.apply_pending() == 6
-    finally:
-        await reopened.aclose()
     assert _replica(tmp_path) == b"\x30" * 2 * BLOCK
 
 
@@ -469,8 +419,7 @@ async def test_journal_damage_above_the_applied_lsn_is_fetched_again(tmp_path: P
 async def test_an_edit_between_applies_is_refused_before_anything_is_written(
     tmp_path: Path,
 ) -> None:
-    replica = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as replica:
         await _feed(replica, _epoch(1, 2, 0x01))
         assert await replica.apply_pending() == 3
         with (tmp_path / "replicas" / "job" / "d").open("r+b") as f:
@@ -482,8 +431,6 @@ async def test_an_edit_between_applies_is_refused_before_anything_is_written(
         assert await replica.check_replica(adopt=False) == [
             "'d' was changed outside replication (its ctime moved)"
         ]
-    finally:
-        await replica.aclose()
     assert _replica(tmp_path).startswith(b"hand edit")  # nothing built on it
     reopened = await JobReplica.open("job", _config(tmp_path))
     try:  # remembered across restarts, until a sender compares with the replica
@@ -512,12 +459,9 @@ async def test_a_change_while_the_receiver_is_down_is_found_at_the_next_session(
     else:
         path.unlink()
         path.symlink_to(tmp_path / "elsewhere")
-    reopened = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as reopened:
         (problem,) = await reopened.check_replica(adopt=False)
         assert problem.startswith("'d' ")
-    finally:
-        await reopened.aclose()
 
 
 async def test_a_crash_mid_apply_does_not_look_like_an_edit(tmp_path: Path) -> None:
@@ -538,12 +482,9 @@ async def test_a_crash_mid_apply_does_not_look_like_an_edit(tmp_path: Path) -> N
         if replica._task is not None:
             replica._task.cancel()
         await replica.journal.aclose()
-    reopened = await JobReplica.open("job", _config(tmp_path))
-    try:
+    async with _opened(tmp_path) as reopened:
         assert reopened.applied_lsn == 6 and reopened.state.consistent
         assert await reopened.check_replica(adopt=False) == []
-    finally:
-        await reopened.aclose()
     assert _replica(tmp_path) == b"\x02" * 2 * BLOCK
 
 
