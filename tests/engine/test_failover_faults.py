@@ -138,3 +138,36 @@ async def test_a_config_rewrite_cut_short_is_finished_by_running_failover_again(
     assert result.already_promoted and result.rewritten == [str(folder / "vm.xml")]
     assert str(folder / "d") in (folder / "vm.xml").read_text()
     assert (folder / "vm.xml.pre-failover").read_text() == original
+
+
+async def test_a_forced_promotion_of_an_unknown_replica_cut_short_stays_marked_inconsistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`failover --force --allow-inconsistent` of a replica whose state file was damaged,
+    killed between ``promoted.state`` and the generation's write: the open that finishes
+    it, and every failover after, still say the replica was not at a consistency point."""
+    await _replica_with_one_epoch(tmp_path)
+    state_dir = tmp_path / "state" / "job"
+    (state_dir / "applied.state").write_bytes(b"not a state file")
+    saved = replica_state.save
+
+    def dies_after_promotion(*args: Any, **kwargs: Any) -> None:
+        if (state_dir / PROMOTED_FILE).exists():
+            raise OSError(errno.EIO, "the process died here")
+        saved(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(replica_state, "save", dies_after_promotion)
+        with pytest.raises(OSError):
+            await failover.failover_at_rest(_config(tmp_path), "job", allow_inconsistent=True)
+    promotion = load_promotion(state_dir)
+    assert promotion is not None and promotion.consistent is False
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert replica.promotion is not None and replica.promotion.consistent is False
+        assert replica.state.generation == promotion.generation  # finished on open
+        assert _stale_sender_refused(replica)
+    finally:
+        await replica.aclose()
+    again = await failover.failover_at_rest(_config(tmp_path), "job")  # no override needed
+    assert again.already_promoted and again.consistent is False
