@@ -321,6 +321,7 @@ class Tally:
     observed_mid_apply: int = 0
     observed_mid_write: int = 0  # a folder holding part of a write (FUSE: TreeWriter)
     states: set[int] = field(default_factory=set)
+    undone: int = 0  # changes of file data a power cut took back (no fsync had covered)
 
     def kill(self, what: str) -> None:
         self.kills[what] = self.kills.get(what, 0) + 1
@@ -335,6 +336,7 @@ class Tally:
                 "observed_mid_apply": self.observed_mid_apply,
                 "observed_mid_write": self.observed_mid_write,
                 "distinct_states_seen": len(self.states),
+                "unsynced_changes_undone": self.undone,
                 "bytes_lost_or_misapplied": 0,
             },
             sort_keys=True,

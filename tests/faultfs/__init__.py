@@ -37,8 +37,9 @@ growing a file with truncate are free, and nothing is given back by unlink.
 The control socket speaks JSON lines: one object per request (``{"cmd": "add", "op":
 "write", "errno": 28, "path": "*.dat"}``), one per answer (``{"ok": true, "id": 1}`` or
 ``{"ok": false, "error": "..."}``); commands are ping, add, remove, clear, hits, count,
-budget and stats. :class:`FaultControl` is the client for a mount started elsewhere, for
-instance by a helper process that was handed the socket address.
+budget and stats, and track_unsynced and power_cut (a machine losing power: see
+:mod:`tests.faultfs.volatile`). :class:`FaultControl` is the client for a mount started
+elsewhere, for instance by a helper process that was handed the socket address.
 
 Limits: no hard links (``link`` fails with EPERM), no xattrs, no ``lseek``
 SEEK_DATA/SEEK_HOLE through the mount (the kernel treats the file as all data; look in
@@ -171,6 +172,19 @@ class FaultControl:
     def budget(self, nbytes: int | None) -> None:
         """Allow ``nbytes`` more bytes of writes/fallocate, then ENOSPC (None: no limit)."""
         self._call("budget", bytes=nbytes)
+
+    # ------------------------------------------------------------------ power cut
+    def track_unsynced(self) -> None:
+        """From now on, keep what each change of a file's data replaces until an fsync
+        of the file covers it (``tests/faultfs/volatile.py``), for ``power_cut``."""
+        self._call("track_unsynced")
+
+    def power_cut(self) -> dict[str, int]:
+        """The machine loses power: every op from now on fails with EIO, and every change
+        no fsync covered since ``track_unsynced`` is taken back, newest first. Kill the
+        processes using the mount next, then stop it; what is left in ``source`` is what
+        the disk would hold after a reboot. Returns files, changes_undone, changes_seen."""
+        return {k: int(v) for k, v in self._call("power_cut")["undone"].items()}
 
     # ------------------------------------------------------------------ counters
     def hits(self) -> dict[str, int]:

@@ -14,9 +14,11 @@ Why these choices:
   test aimed at. Zero timeouts keep the kernel's idea of sizes in step with SOURCE_DIR
   after a failed or partial write, and when a test looks at or changes SOURCE_DIR
   directly.
-* Inode numbers are our own, one per path, so every request can be matched against the
+* Inodes are our own nodes, one per path, so every request can be matched against the
   rules by its *current* relative path (renames move the node, an unlinked file keeps its
-  last name), independently of the source file system's inode numbers.
+  last name). A node takes the real file's inode number when no live node has it (else
+  one above any real one), so what ``stat`` shows stays the same across a remount, as on
+  a disk after a reboot: the code under test may recognise its files by inode.
 * Everything runs on one event loop (pyfuse3's asyncio mode) with the control server, so
   the rule table needs no locks: a rule added through the socket applies to the very next
   request. Only fsync/fsyncdir go to a thread, so a slow disk flush does not stall other
@@ -54,10 +56,12 @@ import pyfuse3.asyncio
 
 from replicator.engine.fuse.capture import end_main_loop
 from tests.faultfs import OPS, is_mounted
+from tests.faultfs.volatile import VolatileWrites
 
 log = logging.getLogger("faultfs")
 
 ROOT_INO: Final = 1  # pyfuse3.ROOT_INODE
+_OWN_INOS: Final = 1 << 60  # numbers of our own start here, above real ones
 MAX_TASKS: Final = 32  # concurrent requests
 STOP_TIMEOUT: Final = 10.0  # for requests still running when asked to stop
 
@@ -280,7 +284,7 @@ class NodeTable:
         root = Node(ROOT_INO, "", "", lookups=1)
         self._by_ino: dict[int, Node] = {ROOT_INO: root}
         self._by_path: dict[str, Node] = {"": root}
-        self._next_ino = ROOT_INO + 1
+        self._next_ino = _OWN_INOS  # when a real file's number is taken by a live node
 
     def __len__(self) -> int:
         return len(self._by_ino)
@@ -288,12 +292,16 @@ class NodeTable:
     def get(self, ino: int) -> Node:
         return self._by_ino[ino]
 
-    def lookup(self, path: str) -> Node:
-        """The node at ``path`` (created if needed) with its lookup count raised by one."""
+    def lookup(self, path: str, real_ino: int) -> Node:
+        """The node at ``path`` (created if needed, numbered ``real_ino`` when free) with
+        its lookup count raised by one."""
         node = self._by_path.get(path)
         if node is None:
-            node = Node(self._next_ino, path, path)
-            self._next_ino += 1
+            ino = real_ino
+            if ino in self._by_ino or ino <= ROOT_INO or ino >= _OWN_INOS:
+                ino = self._next_ino
+                self._next_ino += 1
+            node = Node(ino, path, path)
             self._by_ino[node.ino] = node
             self._by_path[path] = node
         node.lookups += 1
@@ -369,6 +377,8 @@ def _handler(fn: _F) -> _F:
 
     @functools.wraps(fn)
     async def wrapper(self: FaultyPassthrough, *args: Any) -> Any:
+        if self.powered_off:
+            raise pyfuse3.FUSEError(errno.EIO)  # after a power cut nothing reaches the disk
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -440,6 +450,8 @@ class FaultyPassthrough(pyfuse3.Operations):
         self._dirs: dict[int, _Dir] = {}
         self._next_dir_fh = 1
         self._chown = os.geteuid() == 0
+        self.volatile = VolatileWrites()  # what a power cut takes back, once armed
+        self.powered_off = False
 
     # ------------------------------------------------------------------ helpers
     def _real(self, path: str) -> str:
@@ -486,7 +498,7 @@ class FaultyPassthrough(pyfuse3.Operations):
 
     def _new_entry(self, path: str) -> pyfuse3.EntryAttributes:
         st = os.lstat(self._real(path))
-        return _entry(st, self._nodes.lookup(path).ino)
+        return _entry(st, self._nodes.lookup(path, st.st_ino).ino)
 
     def _open_handle(self, node: Node, fd: int, flags: int) -> pyfuse3.FileInfo:
         self._files[fd] = _File(fd, node)
@@ -494,6 +506,19 @@ class FaultyPassthrough(pyfuse3.Operations):
         return pyfuse3.FileInfo(
             fh=pyfuse3.FileHandleT(fd), direct_io=bool(flags & os.O_DIRECT), keep_cache=False
         )
+
+    def _open_real(self, real: str, flags: int, mode: int = 0o777) -> int:
+        """os.open, with an O_TRUNC the power-cut model sees (it saves what it cuts)."""
+        if not (self.volatile.armed and flags & os.O_TRUNC):
+            return os.open(real, flags, mode)
+        fd = os.open(real, flags & ~os.O_TRUNC, mode)
+        try:
+            self.volatile.before_truncate(fd, 0)
+            os.ftruncate(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def close_all(self) -> None:
         for f in self._files.values():
@@ -537,10 +562,12 @@ class FaultyPassthrough(pyfuse3.Operations):
         if fields.update_size:
             self._fault("truncate", node.name)
             if fd is not None:
+                self.volatile.before_truncate(fd, attr.st_size)
                 os.ftruncate(fd, attr.st_size)
             else:
                 tfd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 try:
+                    self.volatile.before_truncate(tfd, attr.st_size)
                     os.ftruncate(tfd, attr.st_size)
                 finally:
                     os.close(tfd)
@@ -628,7 +655,7 @@ class FaultyPassthrough(pyfuse3.Operations):
                 st = os.lstat(self._real(path))
             except FileNotFoundError:
                 continue  # removed since the snapshot
-            node = self._nodes.lookup(path)  # readdirplus entries count as lookups
+            node = self._nodes.lookup(path, st.st_ino)  # readdirplus entries are lookups
             if not pyfuse3.readdir_reply(token, name, _entry(st, node.ino), index + 1):
                 self._nodes.forget(node.ino, 1)
                 break
@@ -754,7 +781,7 @@ class FaultyPassthrough(pyfuse3.Operations):
         if flags & os.O_TRUNC and flags & _WRITABLE:
             self._fault("truncate", path)
         real_flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(self._real(path), real_flags)
+        fd = self._open_real(self._real(path), real_flags)
         return self._open_handle(node, fd, flags)
 
     @_handler
@@ -770,10 +797,10 @@ class FaultyPassthrough(pyfuse3.Operations):
         self._fault("create", path)
         real = self._real(path)
         real_flags = (flags & ~_CREATE_STRIP) | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(real, real_flags, mode & 0o7777)
+        fd = self._open_real(real, real_flags, mode & 0o7777)
         try:
             self._own(real, ctx)
-            node = self._nodes.lookup(path)
+            node = self._nodes.lookup(path, os.fstat(fd).st_ino)
         except BaseException:
             os.close(fd)
             raise
@@ -802,6 +829,7 @@ class FaultyPassthrough(pyfuse3.Operations):
         rule = self._fault("write", f.node.name)
         if rule is not None:  # a partial rule (others raised already)
             half = self.faults.take(len(buf) // 2)
+            self.volatile.before_change(f.fd, off, half)
             pwrite_all(f.fd, memoryview(buf)[:half], off)
             stats.bytes_written += half
             raise pyfuse3.FUSEError(rule.errno)
@@ -809,6 +837,7 @@ class FaultyPassthrough(pyfuse3.Operations):
         if n == 0 and buf:
             log.info("budget exhausted: write %s refused with ENOSPC", f.node.name)
             raise pyfuse3.FUSEError(errno.ENOSPC)
+        self.volatile.before_change(f.fd, off, n)
         pwrite_all(f.fd, memoryview(buf)[:n], off)
         stats.bytes_written += n
         return n
@@ -821,6 +850,7 @@ class FaultyPassthrough(pyfuse3.Operations):
         if not mode & FALLOC_FL_PUNCH_HOLE and not self.faults.take_all(length):
             log.info("budget exhausted: fallocate %s refused with ENOSPC", f.node.name)
             raise pyfuse3.FUSEError(errno.ENOSPC)
+        self.volatile.before_change(f.fd, offset, length)
         fallocate(f.fd, mode, offset, length)
 
     @_handler
@@ -831,7 +861,11 @@ class FaultyPassthrough(pyfuse3.Operations):
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         f = self._files[fh]
         self._fault("fsync", f.node.name)
+        covered = self.volatile.sync_starts(f.fd)
         await asyncio.to_thread(os.fdatasync if datasync else os.fsync, f.fd)
+        if self.powered_off:  # the power went while the disk flushed: not known durable
+            raise pyfuse3.FUSEError(errno.EIO)
+        self.volatile.synced(covered)
 
     @_handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
@@ -877,6 +911,15 @@ def handle_command(fs: FaultyPassthrough, req: Any) -> dict[str, Any]:
             faults.set_budget(req.get("bytes"))
             log.info("budget set to %s bytes", faults.budget_left)
             return {"ok": True}
+        if cmd == "track_unsynced":
+            fs.volatile.arm()
+            log.info("tracking unsynced changes for a power cut")
+            return {"ok": True}
+        if cmd == "power_cut":
+            fs.powered_off = True
+            undone = fs.volatile.cut()
+            log.info("power cut: %s", undone)
+            return {"ok": True, "undone": undone}
         if cmd == "stats":
             return {
                 "ok": True,

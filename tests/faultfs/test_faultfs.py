@@ -91,6 +91,9 @@ def test_passthrough_files_and_names(ffs: FaultFS) -> None:
     _write(m / "f", data)
     assert (m / "f").read_bytes() == data == (s / "f").read_bytes()
     assert os.stat(m / "f").st_size == len(data)
+    # the real inode numbers, as a remount (a reboot) would show them again
+    assert os.stat(m / "f").st_ino == os.stat(s / "f").st_ino
+    assert os.stat(m / "pre").st_ino == os.stat(s / "pre").st_ino
 
     fd = os.open(m / "f", os.O_RDWR)
     try:
@@ -368,6 +371,75 @@ def test_budget_is_a_small_disk(ffs: FaultFS) -> None:
         os.close(fd)
     assert (s / "big").stat().st_size == 3 * MiB + 10
     assert ffs.stats()["budget_refusals"] == 3
+
+
+# ---------------------------------------------------------------------------- power cut
+
+
+def test_power_cut_takes_back_what_no_fsync_covered(ffs: FaultFS) -> None:
+    """Each file holds what its last fsync covered: later writes, growth, truncates, punched
+    holes and an O_TRUNC are taken back; an atomic write renamed into place without an
+    fsync comes back empty; an fsync through another descriptor covers the file."""
+    m, s = ffs.mountpoint, ffs.source
+    _write(m / "kept", b"a" * 8192)
+    _write(m / "old", b"o" * 100)
+    ffs.track_unsynced()
+    fd = os.open(m / "data", os.O_RDWR | os.O_CREAT, 0o644)
+    other = os.open(m / "data", os.O_RDONLY)
+    try:
+        os.pwrite(fd, b"1" * 8192, 0)
+        os.fsync(other)  # any descriptor of the file: the write above is durable
+        os.pwrite(fd, b"2" * 4096, 4096)  # after the sync: taken back
+        os.pwrite(fd, b"3" * 4096, 16384)  # grows the file: cut off again
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+    finally:
+        os.close(other)
+        os.close(fd)
+    fd = os.open(m / "kept", os.O_RDWR)
+    try:
+        os.ftruncate(fd, 100)
+        os.fdatasync(fd)  # the truncate is durable
+        os.pwrite(fd, b"b" * 50, 50)
+    finally:
+        os.close(fd)
+    _write(m / "new.tmp", b"n" * 300)
+    os.rename(m / "new.tmp", m / "old")  # over "old", never synced
+    _write(m / "kept2", b"z")  # O_TRUNC of a new file, never synced
+    undone = ffs.power_cut()
+    with pytest.raises(OSError) as e:
+        os.stat(m / "kept")
+    assert e.value.errno == errno.EIO  # the machine is off
+    assert (s / "data").read_bytes() == b"1" * 8192
+    assert (s / "kept").read_bytes() == b"a" * 100
+    assert (s / "old").read_bytes() == b""
+    assert (s / "kept2").read_bytes() == b""
+    assert undone["files"] == 4 and undone["changes_undone"] == 8  # O_TRUNC counts too
+
+
+def test_a_sync_covers_only_changes_made_before_it_started(tmp_path: Path) -> None:
+    """The model's bookkeeping on its own: a sync mark taken before later changes drops
+    only the earlier ones, and marks that end out of order are both honoured."""
+    from tests.faultfs.volatile import VolatileWrites
+
+    path = tmp_path / "f"
+    path.write_bytes(b"0" * 30)
+    model = VolatileWrites()
+    model.arm()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for i, byte in enumerate(b"abc"):
+            if i == 1:
+                first = model.sync_starts(fd)  # covers change 0
+            if i == 2:
+                second = model.sync_starts(fd)  # covers changes 0 and 1
+            model.before_change(fd, 10 * i, 10)
+            os.pwrite(fd, bytes([byte]) * 10, 10 * i)
+        model.synced(second)
+        model.synced(first)  # ended later: covers nothing new
+        assert model.cut()["changes_undone"] == 1
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"a" * 10 + b"b" * 10 + b"0" * 10
 
 
 # ---------------------------------------------------------------------------- control

@@ -1,0 +1,115 @@
+"""A power cut for faultfs: what a machine that loses power takes back from a file's data.
+
+Once armed, every change to a file's bytes or size that goes through the mount (write,
+truncate, open with O_TRUNC, fallocate in any mode) first saves what it replaces: the old
+bytes of the range and the file's size. An ``fsync``/``fdatasync`` of any descriptor of the
+file, once it has returned, makes every change made before it started permanent (its
+saved bytes are dropped); changes that arrived while it ran stay volatile, as POSIX
+allows. ``cut`` then puts back, newest first, every change no sync has covered: the files
+hold exactly what a disk that wrote nothing past the last fsync would hold after a reboot,
+the worst case a power cut may leave (and a legal one: the kernel may write back nothing
+on its own before the power goes).
+
+Keyed by the real file's (device, inode), so a change follows the file through renames,
+and a file renamed over another keeps its own history: a temporary file written, renamed
+into place and never synced comes back empty under its final name, which is what breaks
+an atomic write that forgot its fsync.
+
+What this model does not take back: the namespace (creates, renames, unlinks, mkdir are
+kept as if every directory were synced) and metadata (modes, times). It checks the order
+of data and its syncs, not the directory fsyncs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class _Change:
+    offset: int
+    old: bytes  # the bytes the change replaced (within the file's old size)
+    size_before: int
+
+
+@dataclass(slots=True)
+class _History:
+    fd: int  # our own O_RDWR descriptor of the file: reads what a change replaces
+    changes: list[_Change] = field(default_factory=list)
+    dropped: int = 0  # changes made durable and forgotten; changes[0] is number ``dropped``
+
+
+class VolatileWrites:
+    """The unsynced changes of every file written through the mount since ``arm``."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self._files: dict[tuple[int, int], _History] = {}
+        self.changes_seen = 0
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def _history(self, fd: int) -> _History:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        history = self._files.get(key)
+        if history is None:
+            # a new descriptor, readable whatever the handle's flags (and for a file
+            # already unlinked: /proc's link reaches the inode)
+            own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+            history = self._files[key] = _History(own)
+        return history
+
+    def before_change(self, fd: int, offset: int, length: int) -> None:
+        """Save what a change of ``length`` bytes at ``offset`` (or of the size) replaces."""
+        if not self.armed:
+            return
+        history = self._history(fd)
+        size = os.fstat(history.fd).st_size
+        old = os.pread(history.fd, max(0, min(length, size - offset)), offset)
+        history.changes.append(_Change(offset, old, size))
+        self.changes_seen += 1
+
+    def before_truncate(self, fd: int, new_size: int) -> None:
+        if not self.armed:
+            return
+        size = os.fstat(fd).st_size
+        self.before_change(fd, new_size, max(0, size - new_size))
+
+    def sync_starts(self, fd: int) -> tuple[_History, int] | None:
+        """What a sync starting now covers, for ``synced`` once it has returned."""
+        if not self.armed:
+            return None
+        history = self._history(fd)
+        return history, history.dropped + len(history.changes)
+
+    def synced(self, mark: tuple[_History, int] | None) -> None:
+        """A sync returned: the changes made before it started are durable."""
+        if mark is None:
+            return
+        history, upto = mark
+        covered = upto - history.dropped
+        if covered > 0:
+            del history.changes[:covered]
+            history.dropped = upto
+
+    def cut(self) -> dict[str, int]:
+        """Take back every unsynced change, newest first; make the result durable."""
+        files = undone = 0
+        for history in self._files.values():
+            if history.changes:
+                files += 1
+            for change in reversed(history.changes):
+                undone += 1
+                view, at = memoryview(change.old), change.offset
+                while view:
+                    n = os.pwrite(history.fd, view, at)
+                    view, at = view[n:], at + n
+                os.ftruncate(history.fd, change.size_before)
+            os.fsync(history.fd)
+            os.close(history.fd)
+        self._files.clear()
+        self.armed = False
+        return {"files": files, "changes_undone": undone, "changes_seen": self.changes_seen}
