@@ -1,0 +1,120 @@
+"""The receiver's machine loses power during full and differential syncs.
+
+A sync writes the replica straight from the wire (no journal on either side), so what a
+power cut leaves depends only on the receiver's fsyncs and the order of its state files.
+The receiver's folder is on a faultfs mount that keeps only what an fsync covered when
+the power goes (``tests/faultfs/volatile.py``). After each cut, with the receiver dead and
+its disk as a reboot would find it, a replica its state calls a consistency point must be
+exactly one of the versions of the source that were sent; then a plain `send --once`
+brings it level with the source (`qemu-img compare`), without `--resync`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from replicator.engine import replica_state
+from tests.cli.faults import equal
+from tests.faultfs import FaultFS
+from tests.tools import ENV, REPLICATOR, b3, qemu_img, start_receiver
+
+MiB = 1 << 20
+IMAGE = 48 * MiB
+JOB = "pc"
+CYCLES = 8
+
+
+def _write_random(path: Path, rng: random.Random, regions: int) -> int:
+    """Random data over ``regions`` 1-4 MiB stretches of the image, one of them zeroed;
+    how many bytes that wrote."""
+    written = 0
+    with path.open("r+b") as f:
+        for i in range(regions):
+            length = rng.randrange(1, 5) * MiB
+            f.seek(rng.randrange(0, IMAGE - length))
+            f.write(bytes(length) if i == 0 else rng.randbytes(length))
+            written += length
+    return written
+
+
+def _cut_during(fs: FaultFS, sender: subprocess.Popen[str], after: int) -> dict[str, int]:
+    """Cut the power once ``after`` more bytes reached the receiver's disk, or as soon as
+    the send has ended (then the receiver has said all of it is durable)."""
+    start = fs.stats()["bytes_written"] or 0
+    deadline = time.monotonic() + 60
+    while (fs.stats()["bytes_written"] or 0) - start < after and sender.poll() is None:
+        assert time.monotonic() < deadline, "the sync wrote nothing for a minute"
+        time.sleep(0.002)
+    return fs.power_cut()
+
+
+def _sender(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*REPLICATOR, "send", "--to", address, "--job", JOB, "--state-dir", str(state),
+         "--once", "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(300)
+def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"power-cut seed {seed}")
+    rng = random.Random(seed)
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    disk.write_bytes(rng.randbytes(IMAGE))
+    real, mnt = tmp_path / "receiver-disk", tmp_path / "mnt"
+    log = tmp_path / "receiver.log"
+    fs = FaultFS(real, mnt)
+    fs.start()
+    fs.track_unsynced()
+    receiver = start_receiver(mnt / "target", log=log)
+    replica = receiver.dir / JOB / "disk.img"
+    sent: set[str] = set()  # digests of the source at every send started
+    cut_mid_send = undone = 0
+    try:
+        for cycle in range(CYCLES):
+            changed = _write_random(disk, rng, rng.randrange(1, 6)) if cycle else IMAGE
+            sent.add(b3(disk))
+            sender = _sender(receiver.address, state, disk)
+            # a third of the cuts come once the send has finished (and said so)
+            after = rng.randrange(changed // 20, changed) if rng.random() < 0.67 else 1 << 62
+            undone += _cut_during(fs, sender, after)["changes_undone"]
+            receiver.proc.kill()
+            receiver.proc.wait(timeout=30)
+            rc = sender.wait(timeout=120)  # its machine runs on: it fails, or had finished
+            cut_mid_send += rc != 0
+            fs.stop()
+            fs = FaultFS(real, mnt)  # the machine is back, with what its disk kept
+            fs.start()
+            at_rest = replica_state.load(receiver.dir / ".replicator" / JOB, JOB)
+            if at_rest is not None and at_rest.consistent and not at_rest.applying:
+                assert replica.exists() and b3(replica) in sent, (
+                    f"cycle {cycle}: the replica is called a consistency point ({at_rest}) "
+                    "but holds no version of the source that was sent"
+                )
+            fs.track_unsynced()
+            receiver = start_receiver(receiver.dir, receiver.port, log=log)
+        done = subprocess.run(
+            [*REPLICATOR, "send", "--to", receiver.address, "--job", JOB, "--state-dir",
+             str(state), "--once", "--insecure", str(disk)],
+            capture_output=True, text=True, env=ENV, timeout=180,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert equal(disk, replica)
+        qemu_img("compare", "-q", "-f", "raw", "-F", "raw", str(disk), str(replica))
+    except BaseException:
+        print(log.read_text(errors="replace")[-6000:] if log.exists() else "")
+        raise
+    finally:
+        receiver.stop()
+        fs.stop()
+    print(f"power cuts: {cut_mid_send} of {CYCLES} during a send; {undone} changes undone")
+    assert undone > 0
