@@ -322,6 +322,7 @@ class Tally:
     observed_mid_write: int = 0  # a folder holding part of a write (FUSE: TreeWriter)
     states: set[int] = field(default_factory=set)
     undone: int = 0  # changes of file data a power cut took back (no fsync had covered)
+    names_undone: int = 0  # entries made, renamed or removed that no folder fsync covered
 
     def kill(self, what: str) -> None:
         self.kills[what] = self.kills.get(what, 0) + 1
@@ -337,6 +338,7 @@ class Tally:
                 "observed_mid_write": self.observed_mid_write,
                 "distinct_states_seen": len(self.states),
                 "unsynced_changes_undone": self.undone,
+                "unsynced_names_undone": self.names_undone,
                 "bytes_lost_or_misapplied": 0,
             },
             sort_keys=True,

@@ -9,7 +9,8 @@ write history (``tests/killcycles.py``); for scan capture, a k the source was fr
 helpers), `make test-long` 200 more (100 for that scan).
 
 Power cuts: one machine's folder is on a faultfs mount that keeps only what an fsync
-covered when the power goes (``tests/faultfs/volatile.py``); a cycle cuts the power, kills
+covered when the power goes, data and names (``tests/faultfs/volatile.py``,
+``volatile_names.py``); a cycle cuts the power, kills
 the process on that machine, remounts what the disk kept and starts it again. For the
 receiver (``_power_cycles``) the replica is observed at rest as after a kill; for the
 source (``_sender_power_cycles``: the image and the sender's journal) the writes the VM
@@ -448,6 +449,7 @@ def _power_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
             _kill(receiver.proc)
             tally.kill("receiver_power_cut")
             tally.undone += undone["changes_undone"]
+            tally.names_undone += undone["names_undone"]
             fs.stop()
             fs = FaultFS(real, mnt)  # the machine is back, with what its disk kept
             fs.start()
@@ -495,7 +497,9 @@ def _sender_power_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
     try:
         for _ in range(cycles):
             time.sleep(rng.uniform(0.2, 0.8))
-            tally.undone += fs.power_cut()["changes_undone"]
+            undone = fs.power_cut()
+            tally.undone += undone["changes_undone"]
+            tally.names_undone += undone["names_undone"]
             _kill(sender)
             tally.kill("sender_power_cut")
             fs.stop()

@@ -3,10 +3,11 @@
 A sync writes the replica straight from the wire (no journal on either side), so what a
 power cut leaves depends only on the receiver's fsyncs and the order of its state files.
 The receiver's folder is on a faultfs mount that keeps only what an fsync covered when
-the power goes (``tests/faultfs/volatile.py``). After each cut, with the receiver dead and
-its disk as a reboot would find it, a replica its state calls a consistency point must be
-exactly one of the versions of the source that were sent; then a plain `send --once`
-brings it level with the source (`qemu-img compare`), without `--resync`.
+the power goes, data and names (``tests/faultfs/volatile.py``, ``volatile_names.py``).
+After each cut, with the receiver dead and its disk as a reboot would find it, a replica
+its state calls a consistency point must be exactly one of the versions of the source
+that were sent; then a plain `send --once` brings it level with the source (`qemu-img
+compare`), without `--resync`.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ import pyfuse3.asyncio
 from replicator.engine.fuse.capture import end_main_loop
 from tests.faultfs import OPS, is_mounted
 from tests.faultfs.volatile import VolatileWrites
+from tests.faultfs.volatile_names import VolatileNames
 
 log = logging.getLogger("faultfs")
 
@@ -102,6 +103,10 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 def renameat2(old: str, new: str, flags: int) -> None:
     """renameat2(2), for RENAME_NOREPLACE / RENAME_EXCHANGE (os.rename has no flags)."""
     _check(_libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags))
+
+
+def _exchange(a: str, b: str) -> None:
+    renameat2(a, b, pyfuse3.RENAME_EXCHANGE)
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -451,6 +456,7 @@ class FaultyPassthrough(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._chown = os.geteuid() == 0
         self.volatile = VolatileWrites()  # what a power cut takes back, once armed
+        self.names = VolatileNames(self.source, _exchange)
         self.powered_off = False
 
     # ------------------------------------------------------------------ helpers
@@ -668,11 +674,16 @@ class FaultyPassthrough(pyfuse3.Operations):
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         node = self._dirs[fh].node
         self._fault("fsyncdir", node.name)
-        fd = os.open(self._real(self._path(node)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        real = self._real(self._path(node))
+        fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        covered = self.names.sync_starts()
         try:
             await asyncio.to_thread(os.fsync, fd)
         finally:
             os.close(fd)
+        if self.powered_off:  # see fsync
+            raise pyfuse3.FUSEError(errno.EIO)
+        self.names.folder_synced(real, covered)
 
     @_handler
     async def mkdir(
@@ -682,6 +693,7 @@ class FaultyPassthrough(pyfuse3.Operations):
         self._fault("mkdir", path)
         real = self._real(path)
         os.mkdir(real, mode & 0o7777)  # the kernel applied the caller's umask; ours is 0
+        self.names.created(real, folder=True)
         self._own(real, ctx)
         return self._new_entry(path)
 
@@ -691,7 +703,10 @@ class FaultyPassthrough(pyfuse3.Operations):
     ) -> None:
         path = self._child(parent_inode, name)
         self._fault("rmdir", path)
-        os.rmdir(self._real(path))
+        real = self._real(path)
+        mode = os.lstat(real).st_mode & 0o7777
+        os.rmdir(real)
+        self.names.removed_folder(real, mode)
         self._nodes.removed(path)
 
     # ------------------------------------------------------------------ names
@@ -708,6 +723,7 @@ class FaultyPassthrough(pyfuse3.Operations):
         self._fault("create", path)
         real = self._real(path)
         os.mknod(real, mode, rdev)
+        self.names.created(real)
         self._own(real, ctx)
         return self._new_entry(path)
 
@@ -723,6 +739,7 @@ class FaultyPassthrough(pyfuse3.Operations):
         self._fault("symlink", path)
         real = self._real(path)
         os.symlink(target, os.fsencode(real))
+        self.names.created(real)
         self._own(real, ctx)
         return self._new_entry(path)
 
@@ -732,7 +749,15 @@ class FaultyPassthrough(pyfuse3.Operations):
     ) -> None:
         path = self._child(parent_inode, name)
         self._fault("unlink", path)
-        os.unlink(self._real(path))
+        real = self._real(path)
+        stash = self.names.before_unlink(real)
+        try:
+            os.unlink(real)
+        except BaseException:
+            if stash:
+                os.unlink(stash)
+            raise
+        self.names.unlinked(real, stash)
         self._nodes.removed(path)
 
     @_handler
@@ -751,10 +776,17 @@ class FaultyPassthrough(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)  # e.g. RENAME_WHITEOUT
         self._fault("rename", old, new)
         real_old, real_new = self._real(old), self._real(new)
-        if flags == 0:
-            os.rename(real_old, real_new)
-        else:
-            renameat2(real_old, real_new, flags)
+        stash = self.names.before_rename(real_new, flags)
+        try:
+            if flags == 0:
+                os.rename(real_old, real_new)
+            else:
+                renameat2(real_old, real_new, flags)
+        except BaseException:
+            if stash:
+                os.unlink(stash)
+            raise
+        self.names.renamed(real_old, real_new, stash, flags)
         if flags == pyfuse3.RENAME_EXCHANGE:
             self._nodes.exchanged(old, new)
         else:
@@ -799,6 +831,7 @@ class FaultyPassthrough(pyfuse3.Operations):
         real_flags = (flags & ~_CREATE_STRIP) | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = self._open_real(real, real_flags, mode & 0o7777)
         try:
+            self.names.created(real)
             self._own(real, ctx)
             node = self._nodes.lookup(path, os.fstat(fd).st_ino)
         except BaseException:
@@ -913,11 +946,12 @@ def handle_command(fs: FaultyPassthrough, req: Any) -> dict[str, Any]:
             return {"ok": True}
         if cmd == "track_unsynced":
             fs.volatile.arm()
+            fs.names.arm()
             log.info("tracking unsynced changes for a power cut")
             return {"ok": True}
         if cmd == "power_cut":
             fs.powered_off = True
-            undone = fs.volatile.cut()
+            undone = fs.volatile.cut() | fs.names.cut()  # data by inode first, then names
             log.info("power cut: %s", undone)
             return {"ok": True, "undone": undone}
         if cmd == "stats":

@@ -376,6 +376,14 @@ def test_budget_is_a_small_disk(ffs: FaultFS) -> None:
 # ---------------------------------------------------------------------------- power cut
 
 
+def _sync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def test_power_cut_takes_back_what_no_fsync_covered(ffs: FaultFS) -> None:
     """Each file holds what its last fsync covered: later writes, growth, truncates, punched
     holes and an O_TRUNC are taken back; an atomic write renamed into place without an
@@ -405,6 +413,7 @@ def test_power_cut_takes_back_what_no_fsync_covered(ffs: FaultFS) -> None:
     _write(m / "new.tmp", b"n" * 300)
     os.rename(m / "new.tmp", m / "old")  # over "old", never synced
     _write(m / "kept2", b"z")  # O_TRUNC of a new file, never synced
+    _sync_folder(m)  # every name is durable: only data is taken back
     undone = ffs.power_cut()
     with pytest.raises(OSError) as e:
         os.stat(m / "kept")
@@ -414,6 +423,42 @@ def test_power_cut_takes_back_what_no_fsync_covered(ffs: FaultFS) -> None:
     assert (s / "old").read_bytes() == b""
     assert (s / "kept2").read_bytes() == b""
     assert undone["files"] == 4 and undone["changes_undone"] == 8  # O_TRUNC counts too
+
+
+def test_power_cut_takes_back_names_no_folder_fsync_covered(ffs: FaultFS) -> None:
+    """A new file, a rename over another, an unlink, a new folder: each stays only if the
+    folders it changed were fsynced after it; the file's own fsync is not enough."""
+    m, s = ffs.mountpoint, ffs.source
+    (m / "d").mkdir()
+    _write(m / "d" / "gone", b"g")
+    _write(m / "d" / "target", b"t")
+    ffs.track_unsynced()
+
+    def write_synced(path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    write_synced(m / "kept", b"k")
+    _sync_folder(m)  # "kept" is durable
+    write_synced(m / "lost", b"l")  # its data synced, its name never
+    write_synced(m / "d" / "new", b"n")
+    os.rename(m / "d" / "new", m / "d" / "target")  # replaces "target"
+    os.unlink(m / "d" / "gone")
+    (m / "e").mkdir()
+    write_synced(m / "e" / "inner", b"i")
+    _sync_folder(m / "e")  # durable in "e", but "e" itself is not
+    undone = ffs.power_cut()
+    assert sorted(p.name for p in s.iterdir()) == ["d", "kept"]
+    assert (s / "kept").read_bytes() == b"k"
+    assert sorted(p.name for p in (s / "d").iterdir()) == ["gone", "target"]
+    assert (s / "d" / "target").read_bytes() == b"t"  # the old file, back in its place
+    assert (s / "d" / "gone").read_bytes() == b"g"
+    assert undone["names_undone"] == 5  # e/inner was durable in e
+    assert not Path(f"{s}.stash").exists()
 
 
 def test_a_sync_covers_only_changes_made_before_it_started(tmp_path: Path) -> None:

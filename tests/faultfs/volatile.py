@@ -15,9 +15,8 @@ and a file renamed over another keeps its own history: a temporary file written,
 into place and never synced comes back empty under its final name, which is what breaks
 an atomic write that forgot its fsync.
 
-What this model does not take back: the namespace (creates, renames, unlinks, mkdir are
-kept as if every directory were synced) and metadata (modes, times). It checks the order
-of data and its syncs, not the directory fsyncs.
+The names (creates, renames, unlinks, folders) are ``volatile_names.py``'s, taken back
+after the data. Metadata (modes, owners, times) is not taken back.
 """
 
 from __future__ import annotations
