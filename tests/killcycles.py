@@ -62,6 +62,28 @@ def block_tags(path: Path, blocks: int) -> list[int] | None:
     return tags
 
 
+def flushed_writes_kept(
+    tags: list[int] | None, before: list[int], log: list[tuple[int, int]], flushed: int
+) -> str:
+    """Why ``tags`` (an image after a power cut) lost a write a FLUSH had made durable, or
+    "" when each block holds what it held durably ``before`` the run the cut ended, or
+    its last write up to ``flushed`` of that run (``log``), or a later write.
+
+    Only writes of the run that was cut count: a write acknowledged and lost at an
+    earlier cut is gone for good, and no later FLUSH covers it."""
+    if tags is None:
+        return "a block is torn or holds foreign bytes"
+    durable = list(before)
+    for index, block in log:
+        if index > flushed:
+            break
+        durable[block] = index
+    for block, (tag, need) in enumerate(zip(tags, durable, strict=True)):
+        if tag < need:
+            return f"block {block} holds write {tag}, but write {need} was flushed"
+    return ""
+
+
 def prefix_state(tags: list[int] | None, log: list[tuple[int, int]]) -> int | None:
     """k when ``tags`` are exactly S_k of the write ``log`` [(index, block), ...], else None."""
     if tags is None:
@@ -81,13 +103,29 @@ class NbdWriter:
     A write whose reply never came (the sender was killed) is sent again with the same
     number once the socket answers again, so whatever became of the first attempt, the
     source goes through S_0, S_1, ... in order. ``log`` lists the acknowledged writes.
+
+    With ``flush_every`` (a probability), a write is followed by an NBD FLUSH that often;
+    ``flushed`` is the number of the last write a FLUSH covered whose reply came: every
+    write up to it was promised durable, a power cut included. ``pace`` (seconds) is a
+    pause after each write, for a writer the far side must keep up with over many cycles.
     """
 
-    def __init__(self, socket_path: Path, export: str, blocks: int, seed: int) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        export: str,
+        blocks: int,
+        seed: int,
+        flush_every: float = 0.0,
+        pace: float = 0.0,
+    ) -> None:
         self.socket_path = socket_path
         self.export = export
         self.blocks = blocks
         self.rng = random.Random(seed)
+        self.flush_every = flush_every
+        self.flushed = 0
+        self.pace = pace
         self.log: list[tuple[int, int]] = []
         self.inflight: tuple[int, int] | None = None  # sent, its reply not seen yet
         self.reconnects = 0
@@ -161,6 +199,16 @@ class NbdWriter:
                 with self._lock:
                     self.log.append((index, block))
                     self.inflight = None
+                if self.flush_every and self.rng.random() < self.flush_every:
+                    try:
+                        self._flush()
+                    except OSError:  # no reply, or an error: nothing promised
+                        self._close()
+                    else:
+                        with self._lock:
+                            self.flushed = index
+                if self.pace:
+                    time.sleep(self.pace)
         except BaseException as exc:
             self.error = exc
         finally:
@@ -175,6 +223,18 @@ class NbdWriter:
         magic, error, _ = struct.unpack(">IIQ", _recv(sock, 16))
         if magic != _SIMPLE_REPLY_MAGIC or error:
             raise OSError(f"NBD write failed: magic {magic:#x} error {error}")
+
+    def _flush(self) -> None:
+        sock = self._connect()
+        sock.sendall(struct.pack(">IHHQQI", _REQUEST_MAGIC, 0, _CMD_FLUSH, 2, 0, 0))
+        magic, error, _ = struct.unpack(">IIQ", _recv(sock, 16))
+        if magic != _SIMPLE_REPLY_MAGIC or error:
+            raise OSError(f"NBD flush failed: magic {magic:#x} error {error}")
+
+    def flushed_history(self) -> tuple[list[tuple[int, int]], int]:
+        """The acknowledged writes and the last one a FLUSH made durable."""
+        with self._lock:
+            return list(self.log), self.flushed
 
     def _connect(self) -> socket.socket:
         if self._sock is not None:
@@ -323,6 +383,7 @@ class Tally:
     states: set[int] = field(default_factory=set)
     undone: int = 0  # changes of file data a power cut took back (no fsync had covered)
     names_undone: int = 0  # entries made, renamed or removed that no folder fsync covered
+    flushes_checked: int = 0  # power cuts after which flushed writes were looked for
 
     def kill(self, what: str) -> None:
         self.kills[what] = self.kills.get(what, 0) + 1
@@ -339,6 +400,7 @@ class Tally:
                 "distinct_states_seen": len(self.states),
                 "unsynced_changes_undone": self.undone,
                 "unsynced_names_undone": self.names_undone,
+                "flushed_writes_checked": self.flushes_checked,
                 "bytes_lost_or_misapplied": 0,
             },
             sort_keys=True,
