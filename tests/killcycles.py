@@ -42,6 +42,13 @@ _CMD_FLUSH = 3
 _CMD_DISC = 2
 
 
+def seeded(what: str) -> random.Random:
+    """A random generator with a fresh seed, printed so that a failure can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"{what} seed {seed}")
+    return random.Random(seed)
+
+
 def tagged(index: int) -> bytes:
     """The 4 KiB a write numbered ``index`` puts in its block."""
     return _TAG.pack(index) * (BLOCK // _TAG.size)
@@ -442,6 +449,14 @@ def digest_of(contents: dict[str, bytes]) -> str:
 def tree_digest(root: Path) -> str:
     """What a folder holds (paths, kinds, contents, link targets), as one digest."""
     return digest_of(tree_contents(root))
+
+
+def digest_or_none(path: Path) -> str | None:
+    """``tree_digest``, or None when the receiver changed the folder under the walk."""
+    try:
+        return tree_digest(path)
+    except FileNotFoundError:
+        return None
 
 
 def tree_difference(replica: Path, source: Path) -> str:

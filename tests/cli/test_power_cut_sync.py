@@ -23,6 +23,7 @@ import pytest
 from replicator.engine import replica_state
 from tests.cli.faults import equal
 from tests.faultfs import FaultFS
+from tests.killcycles import seeded
 from tests.tools import ENV, REPLICATOR, b3, qemu_img, start_receiver
 
 MiB = 1 << 20
@@ -63,12 +64,23 @@ def _sender(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+def _synced_level(address: str, state: Path, disk: Path, image: Path, replica: Path) -> None:
+    """A plain `send --once` of ``disk`` ends well, and the replica is ``image`` (the
+    same file, seen where the power cuts cannot reach)."""
+    done = subprocess.run(
+        [*REPLICATOR, "send", "--to", address, "--job", JOB, "--state-dir", str(state),
+         "--once", "--insecure", str(disk)],
+        capture_output=True, text=True, env=ENV, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert equal(image, replica)
+    qemu_img("compare", "-q", "-f", "raw", "-F", "raw", str(image), str(replica))
+
+
 @pytest.mark.tools
 @pytest.mark.timeout(300)
 def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"power-cut seed {seed}")
-    rng = random.Random(seed)
+    rng = seeded("power-cut")
     disk, state = tmp_path / "disk.img", tmp_path / "state"
     disk.write_bytes(rng.randbytes(IMAGE))
     real, mnt = tmp_path / "receiver-disk", tmp_path / "mnt"
@@ -103,14 +115,7 @@ def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
                 )
             fs.track_unsynced()
             receiver = start_receiver(receiver.dir, receiver.port, log=log)
-        done = subprocess.run(
-            [*REPLICATOR, "send", "--to", receiver.address, "--job", JOB, "--state-dir",
-             str(state), "--once", "--insecure", str(disk)],
-            capture_output=True, text=True, env=ENV, timeout=180,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert equal(disk, replica)
-        qemu_img("compare", "-q", "-f", "raw", "-F", "raw", str(disk), str(replica))
+        _synced_level(receiver.address, state, disk, disk, replica)
     except BaseException:
         print(log.read_text(errors="replace")[-6000:] if log.exists() else "")
         raise
@@ -128,9 +133,7 @@ def test_source_power_cuts_during_syncs(tmp_path: Path) -> None:
     between runs, only sometimes fsynced) and the sender's state folder keep what an fsync
     covered. A run after the reboot brings the replica level with the image as it came
     back, whatever the replica got of the writes the image lost."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"power-cut seed {seed}")
-    rng = random.Random(seed)
+    rng = seeded("power-cut")
     real, mnt = tmp_path / "source-disk", tmp_path / "mnt"
     fs = FaultFS(real, mnt)
     fs.start()
@@ -164,14 +167,7 @@ def test_source_power_cuts_during_syncs(tmp_path: Path) -> None:
             fs = FaultFS(real, mnt)  # the machine is back, with what its disk kept
             fs.start()
             fs.track_unsynced()
-        done = subprocess.run(
-            [*REPLICATOR, "send", "--to", receiver.address, "--job", JOB, "--state-dir",
-             str(state), "--once", "--insecure", str(disk)],
-            capture_output=True, text=True, env=ENV, timeout=180,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert equal(real / "disk.img", replica)
-        qemu_img("compare", "-q", "-f", "raw", "-F", "raw", str(real / "disk.img"), str(replica))
+        _synced_level(receiver.address, state, disk, real / "disk.img", replica)
     finally:
         receiver.stop()
         fs.stop()
