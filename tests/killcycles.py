@@ -49,6 +49,12 @@ def seeded(what: str) -> random.Random:
     return random.Random(seed)
 
 
+def writeback(rng: random.Random) -> int | None:
+    """A power cut's seed: half the time a random writeback keeps part of what no fsync
+    covered (faultfs ``power_cut(seed)``), else None: none of it (the worst case)."""
+    return rng.randrange(1 << 32) if rng.random() < 0.5 else None
+
+
 def tagged(index: int) -> bytes:
     """The 4 KiB a write numbered ``index`` puts in its block."""
     return _TAG.pack(index) * (BLOCK // _TAG.size)

@@ -48,6 +48,7 @@ from tests.killcycles import (
     prefix_state,
     tree_difference,
     tree_digest,
+    writeback,
 )
 from tests.tools import ENV, REPLICATOR, ReceiverProc, b3, qemu_img, start_receiver
 
@@ -416,9 +417,10 @@ def _fuse_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
     return tally
 
 
-def _cut(fs: FaultFS, tally: Tally) -> None:
-    """The power goes: the mount keeps only what an fsync covered."""
-    undone = fs.power_cut()
+def _cut(fs: FaultFS, tally: Tally, rng: random.Random) -> None:
+    """The power goes: the mount keeps what an fsync covered, and half the time some of
+    the rest (written back in a random order), else none of it."""
+    undone = fs.power_cut(writeback(rng))
     tally.undone += undone["changes_undone"]
     tally.names_undone += undone["names_undone"]
 
@@ -456,7 +458,7 @@ def _power_cycles(tmp_path: Path, cycles: int, seed: int, pace: float = 0.0) -> 
     try:
         for _ in range(cycles):
             time.sleep(rng.uniform(0.2, 0.8))
-            _cut(fs, tally)
+            _cut(fs, tally, rng)
             _kill(receiver.proc)
             tally.kill("receiver_power_cut")
             fs = _rebooted(fs)
@@ -506,7 +508,7 @@ def _sender_power_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
     try:
         for _ in range(cycles):
             time.sleep(rng.uniform(0.2, 0.8))
-            _cut(fs, tally)
+            _cut(fs, tally, rng)
             _kill(sender)
             tally.kill("sender_power_cut")
             fs.stop()

@@ -32,6 +32,7 @@ from tests.killcycles import (
     seeded,
     tagged,
     tree_digest,
+    writeback,
 )
 from tests.tools import ENV, REPLICATOR, start_receiver
 
@@ -156,7 +157,7 @@ def test_fsynced_writes_survive_power_cuts_under_fuse_capture(tmp_path: Path) ->
         for _ in range(CYCLES):
             writer.start()
             time.sleep(rng.uniform(0.3, 1.0))
-            cut = fs.power_cut()
+            cut = fs.power_cut(writeback(rng))
             undone += cut["changes_undone"] + cut["names_undone"]
             sender.kill()
             sender.wait(timeout=30)

@@ -23,7 +23,7 @@ import pytest
 from replicator.engine import replica_state
 from tests.cli.faults import equal
 from tests.faultfs import FaultFS
-from tests.killcycles import seeded
+from tests.killcycles import seeded, writeback
 from tests.tools import ENV, REPLICATOR, b3, qemu_img, start_receiver
 
 MiB = 1 << 20
@@ -45,7 +45,9 @@ def _write_random(path: Path, rng: random.Random, regions: int) -> int:
     return written
 
 
-def _cut_during(fs: FaultFS, sender: subprocess.Popen[str], after: int) -> dict[str, int]:
+def _cut_during(
+    fs: FaultFS, sender: subprocess.Popen[str], after: int, seed: int | None
+) -> dict[str, int]:
     """Cut the power once ``after`` more bytes reached the receiver's disk, or as soon as
     the send has ended (then the receiver has said all of it is durable)."""
     start = fs.stats()["bytes_written"] or 0
@@ -53,7 +55,7 @@ def _cut_during(fs: FaultFS, sender: subprocess.Popen[str], after: int) -> dict[
     while (fs.stats()["bytes_written"] or 0) - start < after and sender.poll() is None:
         assert time.monotonic() < deadline, "the sync wrote nothing for a minute"
         time.sleep(0.002)
-    return fs.power_cut()
+    return fs.power_cut(seed)
 
 
 def _sender(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
@@ -99,7 +101,7 @@ def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
             sender = _sender(receiver.address, state, disk)
             # a third of the cuts come once the send has finished (and said so)
             after = rng.randrange(changed // 20, changed) if rng.random() < 0.67 else 1 << 62
-            undone += _cut_during(fs, sender, after)["changes_undone"]
+            undone += _cut_during(fs, sender, after, writeback(rng))["changes_undone"]
             receiver.proc.kill()
             receiver.proc.wait(timeout=30)
             rc = sender.wait(timeout=120)  # its machine runs on: it fails, or had finished
@@ -159,7 +161,7 @@ def test_source_power_cuts_during_syncs(tmp_path: Path) -> None:
             while fs.count("disk.img").get("read", 0) < reads and sender.poll() is None:
                 assert time.monotonic() < deadline, "the send read nothing for a minute"
                 time.sleep(0.001)
-            cut = fs.power_cut()
+            cut = fs.power_cut(writeback(rng))
             undone, names = undone + cut["changes_undone"], names + cut["names_undone"]
             mid_send += sender.poll() is None
             sender.wait(timeout=30)

@@ -179,12 +179,14 @@ class FaultControl:
         of the file covers it (``tests/faultfs/volatile.py``), for ``power_cut``."""
         self._call("track_unsynced")
 
-    def power_cut(self) -> dict[str, int]:
+    def power_cut(self, seed: int | None = None) -> dict[str, int]:
         """The machine loses power: every op from now on fails with EIO, and every change
-        no fsync covered since ``track_unsynced`` is taken back, newest first. Kill the
-        processes using the mount next, then stop it; what is left in ``source`` is what
-        the disk would hold after a reboot. Returns files, changes_undone, changes_seen."""
-        return {k: int(v) for k, v in self._call("power_cut")["undone"].items()}
+        no fsync covered since ``track_unsynced`` is taken back, newest first (the worst
+        case), or with ``seed`` what a random writeback had not written yet (pages in any
+        order, names in order). Kill the processes using the mount next, then stop it;
+        what is left in ``source`` is what the disk would hold after a reboot. Returns
+        files, changes_undone, changes_seen and names_undone."""
+        return {k: int(v) for k, v in self._call("power_cut", seed=seed)["undone"].items()}
 
     # ------------------------------------------------------------------ counters
     def hits(self) -> dict[str, int]:

@@ -42,6 +42,7 @@ import functools
 import json
 import logging
 import os
+import random
 import signal
 import stat
 from collections import Counter
@@ -951,7 +952,10 @@ def handle_command(fs: FaultyPassthrough, req: Any) -> dict[str, Any]:
             return {"ok": True}
         if cmd == "power_cut":
             fs.powered_off = True
-            undone = fs.volatile.cut() | fs.names.cut()  # data by inode first, then names
+            seed = req.get("seed")
+            rng = None if seed is None else random.Random(int(seed))
+            # data by inode first, then names
+            undone = fs.volatile.cut(rng) | fs.names.cut(rng)
             log.info("power cut: %s", undone)
             return {"ok": True, "undone": undone}
         if cmd == "stats":

@@ -22,7 +22,11 @@ after the data. Metadata (modes, owners, times) is not taken back.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, field
+from typing import Final
+
+PAGE: Final = 4096  # what writeback writes, in any order
 
 
 @dataclass(slots=True)
@@ -94,21 +98,56 @@ class VolatileWrites:
             del history.changes[:covered]
             history.dropped = upto
 
-    def cut(self) -> dict[str, int]:
-        """Take back every unsynced change, newest first; make the result durable."""
+    def cut(self, rng: random.Random | None = None) -> dict[str, int]:
+        """Take back every unsynced change, newest first, or with ``rng`` what a random
+        writeback had not written: each page keeps a random number of the unsynced changes
+        that touched it (all, none or the first few, whichever page its neighbours chose:
+        pages reach the disk in any order) and the size one of the sizes it had."""
         files = undone = 0
         for history in self._files.values():
             if history.changes:
                 files += 1
-            for change in reversed(history.changes):
-                undone += 1
-                view, at = memoryview(change.old), change.offset
-                while view:
-                    n = os.pwrite(history.fd, view, at)
-                    view, at = view[n:], at + n
-                os.ftruncate(history.fd, change.size_before)
+            if rng is None:
+                for change in reversed(history.changes):
+                    undone += 1
+                    _put_back(history.fd, change.old, change.offset)
+                    os.ftruncate(history.fd, change.size_before)
+            elif history.changes:  # (a file with none is left alone: not even its ctime)
+                undone += _random_writeback(history, rng)
             os.fsync(history.fd)
             os.close(history.fd)
         self._files.clear()
         self.armed = False
         return {"files": files, "changes_undone": undone, "changes_seen": self.changes_seen}
+
+
+def _put_back(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view, at = memoryview(data), offset
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
+def _random_writeback(history: _History, rng: random.Random) -> int:
+    """Undo, page by page, a random suffix of the changes that touched each page; cut the
+    file to a random one of its sizes. Returns how many (change, page) pairs it undid."""
+    current = os.fstat(history.fd).st_size  # before any old bytes go back
+    pages: dict[int, list[_Change]] = {}
+    for change in history.changes:
+        first, end = change.offset // PAGE, (change.offset + len(change.old) + PAGE - 1) // PAGE
+        for page in range(first, end):
+            pages.setdefault(page, []).append(change)
+    undone = 0
+    for page, changes in pages.items():
+        kept = rng.randrange(len(changes) + 1)
+        lo, hi = page * PAGE, (page + 1) * PAGE
+        for change in reversed(changes[kept:]):
+            start, stop = max(lo, change.offset), min(hi, change.offset + len(change.old))
+            if start < stop:
+                old = memoryview(change.old)[start - change.offset : stop - change.offset]
+                _put_back(history.fd, old, start)
+                undone += 1
+    size = rng.choice([*(c.size_before for c in history.changes), current])
+    if size != os.fstat(history.fd).st_size:
+        os.ftruncate(history.fd, size)
+    return undone

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,10 +116,15 @@ class VolatileNames:
         self._entries = keep
 
     # -- the cut ----------------------------------------------------------------------
-    def cut(self) -> dict[str, int]:
-        """Take back every entry not yet durable, newest first."""
+    def cut(self, rng: random.Random | None = None) -> dict[str, int]:
+        """Take back every entry not yet durable, newest first; with ``rng``, only those
+        after a random one (metadata reaches the disk in order, as a file system's
+        journal commits it)."""
         undone = 0
-        for entry in reversed(self._entries):
+        entries = self._entries
+        if rng is not None:
+            entries = entries[rng.randrange(len(entries) + 1) :]
+        for entry in reversed(entries):
             undone += 1
             if entry.kind == "create":
                 if os.path.lexists(entry.path):
