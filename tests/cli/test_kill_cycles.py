@@ -35,7 +35,7 @@ import pytest
 
 from replicator.engine import replica_state
 from replicator.engine.read_plan import HELPER_MIN_SIZE
-from tests.faultfs import FaultFS
+from tests.faultfs import FaultFS, powered, rebooted
 from tests.killcycles import (
     BLOCK,
     FileWriter,
@@ -425,16 +425,6 @@ def _cut(fs: FaultFS, tally: Tally, rng: random.Random) -> None:
     tally.names_undone += undone["names_undone"]
 
 
-def _rebooted(fs: FaultFS) -> FaultFS:
-    """The machine is back with what its disk kept: the same folder mounted again, its
-    unsynced changes tracked for the next cut (``fs`` stopped here if it was not)."""
-    fs.stop()
-    again = FaultFS(fs.source, fs.mountpoint)
-    again.start()
-    again.track_unsynced()
-    return again
-
-
 def _power_cycles(tmp_path: Path, cycles: int, seed: int, pace: float = 0.0) -> Tally:
     """The receiver's machine loses power at random moments (NBD capture, the sender's
     machine keeps running): its disk keeps only what an fsync covered (faultfs's
@@ -446,9 +436,7 @@ def _power_cycles(tmp_path: Path, cycles: int, seed: int, pace: float = 0.0) -> 
     disk, sock, state = tmp_path / "disk.img", tmp_path / "nbd.sock", tmp_path / "state"
     real, mnt = tmp_path / "receiver-disk", tmp_path / "mnt"
     qemu_img("create", "-q", "-f", "raw", str(disk), f"{BLOCKS * BLOCK}")
-    fs = FaultFS(real, mnt)
-    fs.start()
-    fs.track_unsynced()
+    fs = powered(real, mnt)
     log = tmp_path / "receiver.log"
     receiver = start_receiver(mnt / "target", log=log)
     sender = _start_nbd_sender(receiver.port, state, sock, disk)
@@ -461,7 +449,7 @@ def _power_cycles(tmp_path: Path, cycles: int, seed: int, pace: float = 0.0) -> 
             _cut(fs, tally, rng)
             _kill(receiver.proc)
             tally.kill("receiver_power_cut")
-            fs = _rebooted(fs)
+            fs = rebooted(fs)
             _observe(receiver, writer.history, tally)  # dead: at rest if not mid-apply
             receiver = start_receiver(receiver.dir, receiver.port, log=log)
             time.sleep(rng.uniform(0.1, 0.4))
@@ -494,11 +482,10 @@ def _sender_power_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
     it."""
     rng = random.Random(seed)
     real, mnt = tmp_path / "source-disk", tmp_path / "mnt"
-    fs = FaultFS(real, mnt)
-    fs.start()
+    real.mkdir()  # the disk as it is before the machine first starts
+    qemu_img("create", "-q", "-f", "raw", str(real / "disk.img"), f"{BLOCKS * BLOCK}")
+    fs = powered(real, mnt)
     disk, sock, state = mnt / "disk.img", tmp_path / "nbd.sock", mnt / "state"
-    qemu_img("create", "-q", "-f", "raw", str(disk), f"{BLOCKS * BLOCK}")
-    fs.track_unsynced()
     receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
     sender = _start_nbd_sender(receiver.port, state, sock, disk)
     writer = NbdWriter(sock, "disk.img", BLOCKS, seed, flush_every=0.05)
@@ -518,7 +505,7 @@ def _sender_power_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
             assert not lost, f"after a power cut: {lost}"
             tally.flushes_checked += bool(log[checked:]) and flushed >= log[checked][0]
             durable, checked = tags or durable, len(log)
-            fs = _rebooted(fs)
+            fs = rebooted(fs)
             sender = _start_nbd_sender(receiver.port, state, sock, disk)
             tally.cycles += 1
         writer.pause()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faultfs import FaultFS
+from tests.faultfs import powered, rebooted
 from tests.killcycles import (
     BLOCK,
     block_tags,
@@ -141,13 +141,11 @@ def test_fsynced_writes_survive_power_cuts_under_fuse_capture(tmp_path: Path) ->
     real, disk_mnt, capture = tmp_path / "source-disk", tmp_path / "disk", tmp_path / "capture"
     capture.mkdir()
     log = tmp_path / "sender.log"
-    fs = FaultFS(real, disk_mnt)
-    fs.start()
+    (real / "vm").mkdir(parents=True)  # the disk as it is before the machine first starts
+    (real / "vm" / "disk.img").write_bytes(bytes(BLOCKS * BLOCK))
+    (real / "vm" / "vm.xml").write_text("<domain/>\n")
+    fs = powered(real, disk_mnt)
     vm, state = disk_mnt / "vm", disk_mnt / "state"
-    vm.mkdir()
-    (vm / "disk.img").write_bytes(bytes(BLOCKS * BLOCK))
-    (vm / "vm.xml").write_text("<domain/>\n")
-    fs.track_unsynced()
     receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
     sender = _start_sender(receiver.address, state, capture, vm, log)
     writer = _Writer(capture, rng.randrange(1 << 32))
@@ -173,9 +171,7 @@ def test_fsynced_writes_survive_power_cuts_under_fuse_capture(tmp_path: Path) ->
                 assert path.exists(), f"{name} was fsynced with its folder, and is gone"
                 assert path.read_bytes() == data, f"{name} lost data it had fsynced"
             durable, checked = tags or durable, len(writer.log)
-            fs = FaultFS(real, disk_mnt)  # the machine is back, with what its disk kept
-            fs.start()
-            fs.track_unsynced()
+            fs = rebooted(fs)  # the machine is back, with what its disk kept
             sender = _start_sender(receiver.address, state, capture, vm, log)
         deadline = time.monotonic() + 90
         while digest_or_none(receiver.dir / JOB) != tree_digest(real / "vm"):

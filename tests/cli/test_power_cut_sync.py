@@ -22,7 +22,7 @@ import pytest
 
 from replicator.engine import replica_state
 from tests.cli.faults import equal
-from tests.faultfs import FaultFS
+from tests.faultfs import FaultFS, powered, rebooted
 from tests.killcycles import seeded, writeback
 from tests.tools import ENV, REPLICATOR, b3, qemu_img, start_receiver
 
@@ -87,9 +87,7 @@ def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
     disk.write_bytes(rng.randbytes(IMAGE))
     real, mnt = tmp_path / "receiver-disk", tmp_path / "mnt"
     log = tmp_path / "receiver.log"
-    fs = FaultFS(real, mnt)
-    fs.start()
-    fs.track_unsynced()
+    fs = powered(real, mnt)
     receiver = start_receiver(mnt / "target", log=log)
     replica = receiver.dir / JOB / "disk.img"
     sent: set[str] = set()  # digests of the source at every send started
@@ -106,16 +104,13 @@ def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
             receiver.proc.wait(timeout=30)
             rc = sender.wait(timeout=120)  # its machine runs on: it fails, or had finished
             cut_mid_send += rc != 0
-            fs.stop()
-            fs = FaultFS(real, mnt)  # the machine is back, with what its disk kept
-            fs.start()
+            fs = rebooted(fs)
             at_rest = replica_state.load(receiver.dir / ".replicator" / JOB, JOB)
             if at_rest is not None and at_rest.consistent and not at_rest.applying:
                 assert replica.exists() and b3(replica) in sent, (
                     f"cycle {cycle}: the replica is called a consistency point ({at_rest}) "
                     "but holds no version of the source that was sent"
                 )
-            fs.track_unsynced()
             receiver = start_receiver(receiver.dir, receiver.port, log=log)
         _synced_level(receiver.address, state, disk, disk, replica)
     except BaseException:
@@ -137,11 +132,10 @@ def test_source_power_cuts_during_syncs(tmp_path: Path) -> None:
     back, whatever the replica got of the writes the image lost."""
     rng = seeded("power-cut")
     real, mnt = tmp_path / "source-disk", tmp_path / "mnt"
-    fs = FaultFS(real, mnt)
-    fs.start()
+    real.mkdir()  # the disk as it is before the machine first starts
+    (real / "disk.img").write_bytes(rng.randbytes(IMAGE))
+    fs = powered(real, mnt)
     disk, state = mnt / "disk.img", mnt / "state"
-    disk.write_bytes(rng.randbytes(IMAGE))
-    fs.track_unsynced()
     receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
     replica = receiver.dir / JOB / "disk.img"
     undone = names = mid_send = 0
@@ -165,10 +159,7 @@ def test_source_power_cuts_during_syncs(tmp_path: Path) -> None:
             undone, names = undone + cut["changes_undone"], names + cut["names_undone"]
             mid_send += sender.poll() is None
             sender.wait(timeout=30)
-            fs.stop()
-            fs = FaultFS(real, mnt)  # the machine is back, with what its disk kept
-            fs.start()
-            fs.track_unsynced()
+            fs = rebooted(fs)
         _synced_level(receiver.address, state, disk, real / "disk.img", replica)
     finally:
         receiver.stop()

@@ -69,7 +69,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-__all__ = ["OPS", "FaultControl", "FaultFS", "FaultFSError", "is_mounted"]
+__all__ = ["OPS", "FaultControl", "FaultFS", "FaultFSError", "is_mounted", "powered", "rebooted"]
 
 OPS: Final = frozenset(
     {
@@ -401,6 +401,26 @@ class FaultFS(FaultControl):
                 self._logf = None
             self.proc = None
         return forced
+
+
+def powered(source: Path, mountpoint: Path) -> FaultFS:
+    """A started mount whose unsynced changes a ``power_cut`` takes back (the caller
+    stops it, or hands it to ``rebooted``)."""
+    fs = FaultFS(source, mountpoint)
+    fs.start()
+    try:
+        fs.track_unsynced()
+    except BaseException:
+        fs.stop()
+        raise
+    return fs
+
+
+def rebooted(fs: FaultFS) -> FaultFS:
+    """The machine is back with what its disk kept after a ``power_cut``: ``fs`` stopped
+    (if it was not) and the same folder mounted again by ``powered``."""
+    fs.stop()
+    return powered(fs.source, fs.mountpoint)
 
 
 def _unmount(target: str, *, lazy: bool) -> bool:
