@@ -30,7 +30,7 @@ from replicator.engine.names import path_problem
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.volumes import punch_hole, pwrite_all
 from replicator.journal import Record, RecordType
-from replicator.journal.durable import atomic_write, fdatasync_fd, fsync_fd, makedirs_durable
+from replicator.journal.durable import atomic_write, fsync_fd, makedirs_durable
 from replicator.journal.locking import held_elsewhere
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -60,7 +60,15 @@ def _parent_of(path: str) -> str:
 
 
 class PendingSync:
-    """Descriptors to sync (files: fdatasync, then folders: fsync), then close. Blocking."""
+    """Descriptors to sync (files, then folders), then close. Blocking.
+
+    Files get ``fsync``, not ``fdatasync``: the barrier stamps each file with its ctime
+    (``replica_files.py``), and an overwrite's new ctime is metadata ``fdatasync`` leaves
+    behind. With the state folder on another file system (``--state-dir``), or a
+    ``lazytime`` mount, the stamp in ``files.state`` would outlive the ctime on disk after
+    a power cut, and the receiver would refuse its own replica as changed outside
+    replication until a ``send --resync`` (tests/cli/test_power_cut_ext4.py).
+    """
 
     def __init__(self, files: list[int], dirs: list[int]) -> None:
         self.files = files
@@ -69,7 +77,7 @@ class PendingSync:
     def sync(self) -> None:
         try:
             for fd in self.files:
-                fdatasync_fd(fd)
+                fsync_fd(fd)
             for fd in self.dirs:
                 fsync_fd(fd)
         finally:
@@ -181,7 +189,9 @@ class Applier:
         except (OSError, ApplyError):
             return None
         try:
-            return os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            # O_NONBLOCK: a FIFO planted under the name must not hang the open
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            return os.open(leaf, flags, dir_fd=dfd)
         except OSError:
             return None
         finally:
@@ -226,13 +236,22 @@ class Applier:
         return set(self._changed)
 
     def adopt(self, path: str) -> None:
-        """Take ``path`` as it is now (the sender compares with it): stamp it afresh."""
-        st = self.lstat(path)
+        """Take ``path`` as it is now (the sender compares with it): stamp it afresh, once
+        its bytes and ctime are on disk, as a barrier's stamps are (whoever changed it
+        last may not have synced it)."""
         self._close(path)
-        if st is not None and stat.S_ISREG(st.st_mode):
-            self.files.stamp(path, st)
-        else:
+        st = self.lstat(path)
+        if st is None or not stat.S_ISREG(st.st_mode):
             self.files.forget(path)
+            return
+        fd = self.open_readonly(path)
+        if fd is not None:
+            try:
+                fsync_fd(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        self.files.stamp(path, st)
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -280,7 +299,7 @@ class Applier:
             return
         self._direct.close(path)
         if path in self._dirty:
-            fdatasync_fd(fd)
+            fsync_fd(fd)  # data and ctime, as PendingSync
             self._dirty.discard(path)
         os.close(fd)
 
@@ -360,6 +379,9 @@ class Applier:
             os.close(dfd)
         try:
             os.fchmod(fd, mode)
+            # durable now, with the ctime the barrier stamps: a mode change is no data, so
+            # no descriptor in the barrier's files would carry it (chmods are rare)
+            fsync_fd(fd)
         finally:
             os.close(fd)
 

@@ -11,7 +11,7 @@ the same way.
 
 Only large, aligned writes go this way: ``DIRECT_MIN`` bytes or more, offset and length
 multiples of ``ALIGN``. Small writes keep the page cache, which gathers them for the
-barrier's ``fdatasync``. The caller says when (``past_cache`` in ``Applier.apply_many``):
+barrier's ``fsync``. The caller says when (``past_cache`` in ``Applier.apply_many``):
 the applies of journaled records always, since they run beside the session and a write
 waiting for the device holds nobody up; a first sync's, applied as they arrive on the
 receive path where the device's latency is the sender's wait, whenever the receiver
@@ -19,7 +19,7 @@ measures it faster than the page cache at the time (``engine/write_path.py``): o
 1 GiB took 2.1-2.4 s past the cache against 1.7-1.9 s through it on a machine whose memory
 was all backed, and 1.9-2.0 s against 6-10 s on the same machine once it was not.
 
-Durability does not change: the barrier still ``fdatasync``s every file written since the
+Durability does not change: the barrier still ``fsync``s every file written since the
 last one, through its ordinary descriptor, and that covers writes through any descriptor
 of the file (the data, the blocks they allocated, the device's write cache). The kernel
 keeps the two kinds coherent: a direct write first writes back and then drops cached

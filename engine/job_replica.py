@@ -413,7 +413,7 @@ class JobReplica:
         if not records:
             return
         # through the page cache or past it: whichever this machine does faster right now
-        # (engine/write_path.py); the commit's fdatasync makes either durable
+        # (engine/write_path.py); the commit's fsync makes either durable
         past_cache = self._write_path.choose()
         started = time.perf_counter()
         apply = functools.partial(self._get_applier().apply_many, past_cache=past_cache)

@@ -16,7 +16,7 @@ other for one window now and then: after ``PROBE_FIRST`` windows, doubling while
 the dearer, up to ``PROBE_MOST``; a window that is already ``GIVE_UP`` times dearer than
 the other way ends at once. A change of state is noticed within a few hundred MiB at most,
 and a clear loser costs a frame or two in that many. Both ways write the same bytes, and the
-commit's ``fdatasync`` makes either durable (``engine/direct_writes.py``): the choice moves
+commit's ``fsync`` makes either durable (``engine/direct_writes.py``): the choice moves
 speed, never a promise.
 """
 

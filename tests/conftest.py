@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.crashdisk import Ext4, ext4_pair
 from tests.tools import ReceiverProc, receiver_fixture
 
 
@@ -12,6 +13,13 @@ from tests.tools import ReceiverProc, receiver_fixture
 def receiver(tmp_path: Path) -> Iterator[ReceiverProc]:
     """A real `replicator receive` process on a free loopback port."""
     yield from receiver_fixture(tmp_path)
+
+
+@pytest.fixture
+def ext4_disks(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Ext4, Ext4]]:
+    """Two loop-mounted ext4 file systems that can lose power (tests/crashdisk.py):
+    parametrize with their mount options, ``indirect=True``."""
+    yield from ext4_pair(tmp_path, request.param)
 
 
 # The suite runs in parallel workers (make test): a worker that picks up one of these

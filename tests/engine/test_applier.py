@@ -195,3 +195,17 @@ def test_a_job_folder_another_replicator_process_holds_is_refused(tmp_path: Path
     finally:
         assert held is not None
         os.close(held)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_planted_under_a_replica_name_hangs_nothing(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: the compare (and ``adopt``) of a
+    replica name someone replaced with one must not wait forever."""
+    applier = Applier(tmp_path / "job")
+    os.mkfifo(tmp_path / "job" / "disk.img")
+    fd = applier.open_readonly("disk.img")
+    assert fd is not None
+    os.close(fd)
+    applier.adopt("disk.img")  # not a regular file: not adopted
+    assert "disk.img" not in applier.files.stamps
+    applier.close()

@@ -172,7 +172,7 @@ async def test_an_edit_between_commits_is_still_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "step",
-    [(Applier, "apply_many"), (applier, "fdatasync_fd"), (ReplicaFiles, "save"),
+    [(Applier, "apply_many"), (applier, "fsync_fd"), (ReplicaFiles, "save"),
      (replica_state, "save")],
     ids=["replica write", "replica fsync", "files.state", "applied.state"],
 )  # fmt: skip
@@ -286,14 +286,14 @@ _FIRST_COMMIT = [
     ((ReplicaFiles, "save"), 1, "files.state writing list"),
     ((replica_state, "save"), 1, "applied.state applying"),
     ((Applier, "apply_many"), 1, "replica write"),
-    ((applier, "fdatasync_fd"), 1, "replica fsync"),
+    ((applier, "fsync_fd"), 1, "replica fsync"),
     ((ReplicaFiles, "save"), 2, "files.state stamps"),
     ((replica_state, "save"), 2, "applied.state applied LSN"),
 ]
 # after a first commit the file is stamped: a crash later leaves it past its stamp
 _LATER_COMMIT = [
     ((Applier, "apply_many"), 1, "later replica write"),
-    ((applier, "fdatasync_fd"), 1, "later replica fsync"),
+    ((applier, "fsync_fd"), 1, "later replica fsync"),
     ((ReplicaFiles, "save"), 1, "later files.state stamps"),
     ((replica_state, "save"), 1, "later applied.state applied LSN"),
 ]
