@@ -734,25 +734,38 @@ class Journal:
 
     def _spares_from(self, victims: list[SegmentFile]) -> list[SegmentFile]:
         """The trimmed segments to keep as spares: the newest, up to MAX_SPARES, each about
-        a segment long, and only while the cap leaves room for two more segments beside
+        a segment long, and only while the cap (without one: the file system's free space,
+        which a spare's blocks are kept from) leaves room for two more segments beside
         them. One a reader still has open is kept too (the follower that shipped its last
         records may not have moved on when their ack trims it): rolls pass it over until
         the reader closes it (``Spare.free``)."""
         keep: list[SegmentFile] = []
         used = self.disk_bytes
+        if self._max_bytes is None:  # free space once every victim is deleted
+            free = self._free_bytes() + sum(seg.file_bytes for seg in victims)
         for seg in reversed(victims):
             if len(self._spares) + len(keep) >= MAX_SPARES:
                 break
             if seg.file_bytes < self._segment_bytes // 2:
                 continue
-            room = self._max_bytes is None or (
-                used + seg.file_bytes + 2 * self._segment_bytes <= self._max_bytes
-            )
+            if self._max_bytes is None:
+                room = free - seg.file_bytes >= 2 * self._segment_bytes
+                free -= seg.file_bytes
+            else:
+                room = used + seg.file_bytes + 2 * self._segment_bytes <= self._max_bytes
             if not room:
                 break
             keep.append(seg)
             used += seg.file_bytes
         return keep
+
+    def _free_bytes(self) -> int:
+        """Free bytes on the journal's file system (for an unprivileged writer)."""
+        try:
+            fs = os.statvfs(self._dir)
+        except OSError:
+            return 0  # keep no spares when we cannot tell
+        return fs.f_bavail * fs.f_frsize
 
     def _free_spare(self) -> Spare | None:
         """The spare the next roll writes over: the newest that no reader has open."""
@@ -928,9 +941,26 @@ class Journal:
         if self._failure is None:
             self._failure = exc
             log_safely("error", "journal.failed", path=str(self._dir), error=str(exc))
+            if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                self._release_spares()
             self._reject_waiters(error)
             self._notify()
         return error
+
+    def _release_spares(self) -> None:
+        """The file system is full: give back the blocks the spares keep, so the reopen
+        that follows finds the room (else it would meet the same "full", held by our own
+        spare files, until someone deleted them by hand). Best effort; a crash before the
+        deletions reach the disk brings back spares, which the next failure releases."""
+        spares, self._spares = self._spares, []
+        self._spare_bytes = 0
+        freed = 0
+        for spare in spares:
+            with contextlib.suppress(OSError):
+                os.unlink(spare.path)
+                freed += spare.size
+        if freed:
+            log_safely("warning", "journal.spares_released", path=str(self._dir), bytes=freed)
 
     def _reject_waiters(self, error: JournalError) -> None:
         waiters, self._waiters = self._waiters, []

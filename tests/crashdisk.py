@@ -17,7 +17,6 @@ commit on one file system does not carry to another.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ class Ext4:
     mountpoint: Path
     options: str = "relatime"
 
-    def make(self, size: int = 256 * MiB) -> None:
+    def make(self, size: int = 128 * MiB) -> None:
         require_tool("mkfs.ext4")
         with self.image.open("wb") as f:
             f.truncate(size)
@@ -51,7 +50,7 @@ class Ext4:
     def crash_image(self) -> Path:
         """What the disk holds now."""
         copy = self.image.with_suffix(".crashed")
-        shutil.copyfile(self.image, copy)
+        subprocess.run(["cp", "--sparse=always", str(self.image), str(copy)], check=True)
         return copy
 
     def boot(self, crashed: Path) -> None:
