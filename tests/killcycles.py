@@ -17,6 +17,7 @@ import json
 import os
 import random
 import socket
+import stat
 import struct
 import threading
 import time
@@ -426,7 +427,7 @@ class Tally:
 def tree_contents(root: Path) -> dict[str, bytes]:
     """What a folder holds, keyed by kind and path relative to ``root``: ``"d PATH"`` for
     a directory (b""), ``"f PATH"`` for a file (its bytes), ``"l PATH"`` for a symlink (its
-    target)."""
+    target), ``"s PATH"`` for anything else (a socket, a FIFO: b"")."""
     out: dict[str, bytes] = {}
     for dirpath, _, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
@@ -434,8 +435,11 @@ def tree_contents(root: Path) -> dict[str, bytes]:
         for name in filenames:
             full = os.path.join(dirpath, name)
             path = os.path.normpath(os.path.join(rel, name))
-            if os.path.islink(full):
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode):
                 out[f"l {path}"] = os.fsencode(os.readlink(full))
+            elif not stat.S_ISREG(mode):
+                out[f"s {path}"] = b""
             else:
                 with open(full, "rb") as f:
                     out[f"f {path}"] = f.read()

@@ -153,10 +153,16 @@ class ReceiverProc:
     port: int
     dir: Path
     proc: subprocess.Popen[str]
+    state_dir: Path | None = None  # --state-dir, when not the default DIR/.replicator
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def state_root(self) -> Path:
+        """The folder of the receiver's job state folders."""
+        return self.state_dir or self.dir / ".replicator"
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -169,15 +175,17 @@ def start_receiver(
     port: int | None = None,
     log: Path | None = None,
     security: tuple[str, ...] = ("--insecure",),
+    state_dir: Path | None = None,
 ) -> ReceiverProc:
     """A real receiver; its log goes to a pipe, or appended to ``log`` for long runs
     (a pipe nobody reads fills up and blocks the receiver's logging). ``security``:
     --insecure, or e.g. ("--tls-dir", DIR, "--allow", "sender:vm1")."""
     port = port or free_port()
     stderr: Any = subprocess.PIPE if log is None else log.open("a")
+    state = ("--state-dir", str(state_dir)) if state_dir is not None else ()
     proc = subprocess.Popen(
         [*REPLICATOR, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(directory),
-         *security],
+         *state, *security],
         stdout=subprocess.DEVNULL,
         stderr=stderr,
         text=True,
@@ -186,7 +194,7 @@ def start_receiver(
     if log is not None:
         stderr.close()
     wait_port(port, proc)
-    return ReceiverProc(port, directory, proc)
+    return ReceiverProc(port, directory, proc, state_dir)
 
 
 def send_once(

@@ -35,6 +35,7 @@ import pytest
 
 from replicator.engine import replica_state
 from replicator.engine.read_plan import HELPER_MIN_SIZE
+from tests.crashdisk import Ext4, power_cut
 from tests.faultfs import FaultFS, powered, rebooted
 from tests.killcycles import (
     BLOCK,
@@ -87,7 +88,7 @@ def _observe_once(
         receiver.proc.send_signal(signal.SIGSTOP)
     try:
         log = history()  # taken after the freeze: the replica cannot hold a later write
-        state = replica_state.load(receiver.dir / ".replicator" / JOB, JOB)
+        state = replica_state.load(receiver.state_root / JOB, JOB)
         if state is None or state.applying or not state.consistent:
             tally.observed_mid_apply += 1
             return False
@@ -159,7 +160,7 @@ def _converged(
             err = sender.stderr.read() if sender.stderr else ""
             raise AssertionError(f"the sender exited {sender.returncode}: {err[-3000:]}")
         if time.monotonic() > deadline:
-            state = replica_state.load(receiver.dir / ".replicator" / JOB, JOB)
+            state = replica_state.load(receiver.state_root / JOB, JOB)
             raise AssertionError(f"the replica did not catch up with the source ({state})")
         time.sleep(0.1)
 
@@ -297,7 +298,7 @@ def _observe_tree(receiver: ReceiverProc, writer: TreeWriter, tally: Tally) -> N
             receiver.proc.send_signal(signal.SIGSTOP)
         try:
             history = writer.history()
-            state = replica_state.load(receiver.dir / ".replicator" / JOB, JOB)
+            state = replica_state.load(receiver.state_root / JOB, JOB)
             if state is None or state.applying or not state.consistent:
                 tally.observed_mid_apply += 1
                 return False
@@ -472,6 +473,51 @@ def _power_cycles(tmp_path: Path, cycles: int, seed: int, pace: float = 0.0) -> 
     return tally
 
 
+def _ext4_power_cycles(tmp_path: Path, disks: tuple[Ext4, Ext4], cycles: int, seed: int) -> Tally:
+    """``_power_cycles`` on real ext4 (tests/crashdisk.py), the replicas on one file
+    system and the receiver's state on another: the file system's own metadata (the
+    ctimes the receiver stamps, what one file system's journal commit does not carry to
+    the other) comes back as ext4 writes it. A cut counts as taking something back when
+    either file system came back other than the receiver had left it in memory."""
+    rng = random.Random(seed)
+    replicas, states = disks
+    disk, sock, state = tmp_path / "disk.img", tmp_path / "nbd.sock", tmp_path / "state"
+    qemu_img("create", "-q", "-f", "raw", str(disk), f"{BLOCKS * BLOCK}")
+    log = tmp_path / "receiver.log"
+    target, receiver_state = replicas.mountpoint / "target", states.mountpoint / "state"
+    receiver = start_receiver(target, log=log, state_dir=receiver_state)
+    sender = _start_nbd_sender(receiver.port, state, sock, disk)
+    writer = NbdWriter(sock, "disk.img", BLOCKS, seed)
+    tally = Tally()
+    writer.start()
+    try:
+        for _ in range(cycles):
+            time.sleep(rng.uniform(0.2, 0.8))
+            _kill(receiver.proc)  # the power goes: nothing more reaches either disk
+            tally.kill("receiver_power_cut")
+            cached = [tree_digest(d.mountpoint) for d in disks]
+            power_cut(*disks)
+            tally.undone += cached != [tree_digest(d.mountpoint) for d in disks]
+            _observe(receiver, writer.history, tally)  # dead: at rest if not mid-apply
+            receiver = start_receiver(target, receiver.port, log=log, state_dir=receiver_state)
+            time.sleep(rng.uniform(0.1, 0.4))
+            _observe(receiver, writer.history, tally, quiet=writer.held, tries=400)
+            assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
+            tally.cycles += 1
+        writer.pause()
+        _converged(receiver, disk, sender)
+        k = prefix_state(block_tags(receiver.dir / JOB / "disk.img", BLOCKS), writer.history())
+        assert k == writer.log[-1][0]
+    except BaseException:
+        print(_tail(log))
+        raise
+    finally:
+        writer.stop()
+        _kill(sender)
+        receiver.stop()
+    return tally
+
+
 def _sender_power_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
     """The source machine loses power at random moments (NBD capture): the disk image and
     the sender's journal keep only what an fsync covered, the writes the VM had not
@@ -567,6 +613,14 @@ def test_receiver_survives_power_cuts(tmp_path: Path) -> None:
 
 
 @pytest.mark.tools
+@pytest.mark.parametrize("ext4_disks", ["relatime"], indirect=True)
+def test_receiver_survives_power_cuts_on_ext4(
+    tmp_path: Path, ext4_disks: tuple[Ext4, Ext4]
+) -> None:
+    _checked_power_cuts(_ext4_power_cycles(tmp_path, ext4_disks, 6, _seed()), "power-ext4")
+
+
+@pytest.mark.tools
 def test_source_survives_power_cuts(tmp_path: Path) -> None:
     _checked_power_cuts(_sender_power_cycles(tmp_path, 6, _seed()), "source-power")
 
@@ -583,6 +637,16 @@ def test_receiver_survives_100_power_cuts(tmp_path: Path) -> None:
     # paced: through the power-cut model the receiver applies a few thousand records a
     # second, and a backlog growing over 100 cycles would outlast the final catch-up
     _checked_power_cuts(_power_cycles(tmp_path, 100, _seed(), pace=0.001), "power-long")
+
+
+@pytest.mark.long
+@pytest.mark.tools
+@pytest.mark.parametrize("ext4_disks", ["relatime", "lazytime"], indirect=True)
+def test_receiver_survives_50_power_cuts_on_ext4(
+    tmp_path: Path, ext4_disks: tuple[Ext4, Ext4]
+) -> None:
+    tally = _ext4_power_cycles(tmp_path, ext4_disks, 50, _seed())
+    _checked_power_cuts(tally, "power-ext4-long")
 
 
 @pytest.mark.long
