@@ -369,8 +369,9 @@ class Applier:
             dfd = self._open_dir(parent, create=False)
         except FileNotFoundError:
             return  # its folder was removed later: so was the file
-        try:
-            fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:  # O_NONBLOCK: a FIFO under the name must not hang the open
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(leaf, flags, dir_fd=dfd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOENT):
                 return  # symlinks have no mode of their own; a vanished file was unlinked later
@@ -381,7 +382,9 @@ class Applier:
             os.fchmod(fd, mode)
             # durable now, with the ctime the barrier stamps: a mode change is no data, so
             # no descriptor in the barrier's files would carry it (chmods are rare)
-            fsync_fd(fd)
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            if kind in (stat.S_IFREG, stat.S_IFDIR):  # a FIFO or a device has no fsync
+                fsync_fd(fd)
         finally:
             os.close(fd)
 

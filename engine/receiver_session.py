@@ -190,6 +190,8 @@ class Session:
             while taking is not None and not taking.done():
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(taking)
+            if taking is not None and not taking.cancelled():
+                taking.exception()  # a failed write was answered already: read, not logged
 
     async def _read(self, tg: asyncio.TaskGroup) -> None:
         while True:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -208,4 +209,6 @@ def test_a_fifo_planted_under_a_replica_name_hangs_nothing(tmp_path: Path) -> No
     os.close(fd)
     applier.adopt("disk.img")  # not a regular file: not adopted
     assert "disk.img" not in applier.files.stamps
+    applier.apply(Record.chmod("disk.img", 0o640))  # nor does a mode change hang on it
+    assert stat.S_IMODE(os.lstat(tmp_path / "job" / "disk.img").st_mode) == 0o640
     applier.close()

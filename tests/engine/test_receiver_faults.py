@@ -602,3 +602,32 @@ async def test_a_session_cut_short_never_leaves_a_frame_being_written_behind_it(
             assert taken == [1]  # written before the session ended; the second never taken
     finally:
         gate.set()
+
+
+async def test_a_frame_the_replica_could_not_take_leaves_no_task_unretrieved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame whose write failed (a full disk) is answered Error('storage') and the
+    session ends; its write task, failed, used to be left with nobody reading its
+    exception, and asyncio logged "Task exception was never retrieved" with a traceback
+    in the receiver's log (found with a receiver on a full ext4)."""
+    import gc
+
+    from replicator.journal.records import encode_record
+
+    unretrieved: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(str(context["message"])))
+
+    async def full(self: JobReplica, records: list[Record], encoded: Any = None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(JobReplica, "receive", full)
+    try:
+        payload = b"".join(encode_record(r) for r in _epoch(1, 1, 1))
+        answer = await _session_answer(tmp_path, payload, 1, 2)
+        assert getattr(answer, "code", None) == "storage", answer
+        gc.collect()
+        assert unretrieved == []
+    finally:
+        loop.set_exception_handler(None)
