@@ -191,7 +191,11 @@ class Session:
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(taking)
             if taking is not None and not taking.cancelled():
-                taking.exception()  # a failed write was answered already: read, not logged
+                # read it, or asyncio logs the task as lost: a _TakeFailed was answered and
+                # logged already; anything else is a fault of ours, and said so
+                failure = taking.exception()
+                if failure is not None and not isinstance(failure, _TakeFailed):
+                    log.error("receiver.write_failed", job=self.replica.job, error=repr(failure))
 
     async def _read(self, tg: asyncio.TaskGroup) -> None:
         while True:

@@ -604,8 +604,9 @@ async def test_a_session_cut_short_never_leaves_a_frame_being_written_behind_it(
         gate.set()
 
 
+@pytest.mark.parametrize("failure", ["full disk", "our fault"])
 async def test_a_frame_the_replica_could_not_take_leaves_no_task_unretrieved(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
     """A frame whose write failed (a full disk) is answered Error('storage') and the
     session ends; its write task, failed, used to be left with nobody reading its
@@ -613,21 +614,34 @@ async def test_a_frame_the_replica_could_not_take_leaves_no_task_unretrieved(
     in the receiver's log (found with a receiver on a full ext4)."""
     import gc
 
+    from structlog.testing import capture_logs
+
     from replicator.journal.records import encode_record
+    from replicator.transport import Records
 
     unretrieved: list[str] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _, context: unretrieved.append(str(context["message"])))
 
-    async def full(self: JobReplica, records: list[Record], encoded: Any = None) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    async def fails(self: JobReplica, records: list[Record], encoded: Any = None) -> None:
+        if failure == "full disk":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("a bug")  # not one the session answers: it must still be told
 
-    monkeypatch.setattr(JobReplica, "receive", full)
+    monkeypatch.setattr(JobReplica, "receive", fails)
+    payload = b"".join(encode_record(r) for r in _epoch(1, 1, 1))
     try:
-        payload = b"".join(encode_record(r) for r in _epoch(1, 1, 1))
-        answer = await _session_answer(tmp_path, payload, 1, 2)
-        assert getattr(answer, "code", None) == "storage", answer
+        with capture_logs() as logs:
+            if failure == "full disk":
+                answer = await _session_answer(tmp_path, payload, 1, 2)
+                assert getattr(answer, "code", None) == "storage", answer
+            else:
+                async with _welcomed(tmp_path) as (_, sender, _serving):
+                    await sender.send(Records(1, 2, 2, 1, payload))
+                    await asyncio.sleep(0.3)  # the write fails; then the sender goes
         gc.collect()
         assert unretrieved == []
+        events = [entry["event"] for entry in logs]
+        assert ("receiver.write_failed" in events) == (failure == "our fault"), events
     finally:
         loop.set_exception_handler(None)
