@@ -154,7 +154,7 @@ class Session:
             await self.conn.send(Error("diverged", f"receiver cannot apply: {exc}"))
             raise _TakeFailed from exc
         except (JournalError, OSError, ApplyError) as exc:
-            reason = _storage_reason(exc)
+            reason = _storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
             log.error("receiver.storage", job=self.replica.job, error=reason)
             await self.conn.send(Error("storage", reason))
             raise _TakeFailed from exc
@@ -247,7 +247,7 @@ class Session:
         try:
             await self.replica.raise_point_floor(lsn)
         except OSError as exc:
-            reason = _storage_reason(exc)
+            reason = _storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
             log.error("receiver.storage", job=self.replica.job, error=reason)
             await self.conn.send(Error("storage", reason))
             return False
@@ -279,7 +279,7 @@ class Session:
         try:
             await self.replica.make_durable()
         except (JournalError, OSError, ApplyError) as exc:
-            reason = _storage_reason(exc)
+            reason = _storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
             log.error("receiver.storage", job=self.replica.job, error=reason)
             await self.conn.send(Error("storage", reason))
             raise StorageFailed(reason) from exc
@@ -400,19 +400,41 @@ class StorageFailed(Exception):
     """The receiver could not make records durable; the sender was told why."""
 
 
-def _storage_reason(exc: BaseException) -> str:
+def _storage_reason(exc: BaseException, folders: tuple[Path, ...] = ()) -> str:
+    """What a storage failure tells the sender (and logs); a full disk names the room
+    left where ``folders`` (the job's replica and state folders) are, so the operator
+    knows which file system to free."""
     if isinstance(exc, JournalFull):
         return f"receiver journal is full ({exc}); free space or raise its cap"
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-            return "receiver disk is full; free space on the receiver, then send again"
+            room = _room_left(folders)
+            if not room:
+                return "receiver disk is full; free space on the receiver, then send again"
+            return f"receiver disk is full ({room}); free space there, then send again"
         if isinstance(cause, OSError) and cause.errno == errno.EROFS:
             if isinstance(exc, JournalError):  # its message says so already (_io_hint)
                 break
             return f"receiver file system is read-only: {exc}; {READ_ONLY_HINT}, then send again"
         cause = cause.__cause__
     return f"receiver storage error: {exc}"
+
+
+def _room_left(folders: tuple[Path, ...]) -> str:
+    """'N MiB free for FOLDER' for each file system under ``folders`` (once each)."""
+    seen: set[int] = set()
+    parts: list[str] = []
+    for folder in folders:
+        try:
+            device = os.stat(folder).st_dev
+            fs = os.statvfs(folder)
+        except OSError:
+            continue
+        if device not in seen:
+            seen.add(device)
+            parts.append(f"{fs.f_bavail * fs.f_frsize // (1024 * 1024)} MiB free for {folder}")
+    return "; ".join(parts)
 
 
 async def send_quietly(conn: FramedConnection, msg: Any) -> None:
