@@ -214,6 +214,27 @@ def send_once(
     return summary
 
 
+def forced_failover(
+    tmp_path: Path, state: Path | None = None, size: str = "64M", target: Path | None = None
+) -> tuple[Path, Path, Path, Path]:
+    """One `send --once` of a ``size`` raw disk (job ``vm``) to a receiver on ``target``
+    (default ``tmp_path/target``), the receiver stopped, `failover --force` at rest (it must
+    answer generation 2); returns (disk, state, target, replica)."""
+    disk, target = tmp_path / "disk.img", target or tmp_path / "target"
+    state = state or tmp_path / "state"
+    qemu_img("create", "-q", "-f", "raw", str(disk), size)
+    qemu_io("raw", disk, "write -P 0x11 0 8M")
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm", state, disk)
+    finally:
+        assert rcv.stop() == 0
+    out = replicator("failover", "--dir", str(target), "--job", "vm", "--force", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["generation"] == 2, out.stdout
+    return disk, state, target, target / "vm" / disk.name
+
+
 def start_send(
     address: str, job: str, state: Path, *volumes: Path, extra: tuple[str, ...] = ()
 ) -> subprocess.Popen[str]:

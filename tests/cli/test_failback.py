@@ -26,6 +26,7 @@ from tests.tools import (
     REPLICATOR,
     ReceiverProc,
     b3,
+    forced_failover,
     one_line_error,
     qemu_compare,
     qemu_img,
@@ -361,28 +362,9 @@ class ReplicaWriter(threading.Thread):
             os.close(fd)
 
 
-def _forced_failover(
-    tmp_path: Path, state: Path | None = None, size: str = "64M"
-) -> tuple[Path, Path, Path, Path]:
-    """One `send --once` of a ``size`` disk, the receiver stopped, `failover --force` at
-    rest; returns (disk, state, target, replica)."""
-    disk, target = tmp_path / "disk.img", tmp_path / "target"
-    state = state or tmp_path / "state"
-    qemu_img("create", "-q", "-f", "raw", str(disk), size)
-    qemu_io("raw", disk, "write -P 0x11 0 8M")
-    rcv = start_receiver(target)
-    try:
-        send_once(rcv, "vm", state, disk)
-    finally:
-        assert rcv.stop() == 0
-    out = replicator("failover", "--dir", str(target), "--job", "vm", "--force", "--json")
-    assert out.returncode == 0, out.stderr
-    return disk, state, target, target / "vm" / disk.name
-
-
 def test_a_replica_that_changes_during_the_failback_stops_it(tmp_path: Path) -> None:
     require_tool("qemu-io")
-    disk, state, target, replica = _forced_failover(tmp_path, size="256M")
+    disk, state, target, replica = forced_failover(tmp_path, size="256M")
     qemu_io("raw", replica, "write -P 0x22 16M 8M")  # what the promoted VM wrote
     # the VM is still running there: one extent keeps changing. Failback reads it after
     # the receiver hashed the replica and this side hashed its whole disk (256 MiB: tens
@@ -512,7 +494,7 @@ def test_failback_changes_nothing_it_could_not_record(
     Either way the error says so, and the same failback finishes once the disk is fine."""
     require_tool("qemu-io")
     with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
-        disk, state, target, replica = _forced_failover(tmp_path, fs.mountpoint / "state")
+        disk, state, target, replica = forced_failover(tmp_path, fs.mountpoint / "state")
         qemu_io("raw", replica, "write -P 0x22 16M 8M")  # what the promoted VM wrote
         before = b3(disk)
         rcv = start_receiver(target)

@@ -21,14 +21,14 @@ from replicator.engine.errors import ExitCode
 from replicator.engine.witness_client import BuiltinWitness
 from tests.cli.test_witness import start_witness
 from tests.crashdisk import Ext4, power_cut
-from tests.tools import one_line_error, qemu_img, qemu_io, replicator, send_once, start_receiver
+from tests.tools import forced_failover, one_line_error, qemu_io, replicator, start_receiver
 
 MiB = 1 << 20
 QUIET = 0.2  # what a promotion asks the source to have been silent for
 
 
 def _disk(tmp_path: Path) -> Ext4:
-    disk = Ext4(tmp_path / "disk.img", tmp_path / "disk")
+    disk = Ext4(tmp_path / "ext4.img", tmp_path / "ext4")  # not the helpers' disk.img
     disk.make(64 * MiB)
     return disk
 
@@ -69,32 +69,23 @@ def test_a_witness_grant_survives_a_power_cut(tmp_path: Path) -> None:
 
 def test_a_failover_survives_a_power_cut(tmp_path: Path) -> None:
     disk = _disk(tmp_path)
-    source, state = tmp_path / "vm.vhd", tmp_path / "sender"
-    qemu_img("create", "-q", "-f", "vpc", str(source), "16M")
-    qemu_io("vpc", source, "write -P 0x11 0 4M")
-    target = disk.mountpoint / "target"
     try:
-        receiver = start_receiver(target)
-        try:
-            send_once(receiver, "vm1", state, source)
-        finally:
-            assert receiver.stop() == 0
-        out = replicator("failover", "--dir", str(target), "--job", "vm1", "--force", "--json")
-        assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["generation"] == 2
+        source, state, target, _ = forced_failover(
+            tmp_path, size="16M", target=disk.mountpoint / "target"
+        )
         power_cut(disk)  # at once after the answer: the VM is starting on the target
-        qemu_io("vpc", source, "write -P 0x22 1M 1M")  # the old source comes back
+        qemu_io("raw", source, "write -P 0x22 1M 1M")  # the old source comes back
         receiver = start_receiver(target)
         try:
             stale = replicator(
-                "send", "--to", receiver.address, "--job", "vm1", "--state-dir", str(state),
+                "send", "--to", receiver.address, "--job", "vm", "--state-dir", str(state),
                 "--once", "--insecure", str(source),
             )  # fmt: skip
             assert stale.returncode == ExitCode.SPLIT_BRAIN, stale.stderr
             assert "generation 2" in one_line_error(stale.stderr)
         finally:
             assert receiver.stop() == 0
-        again = replicator("failover", "--dir", str(target), "--job", "vm1", "--force", "--json")
+        again = replicator("failover", "--dir", str(target), "--job", "vm", "--force", "--json")
         assert again.returncode == 0 and json.loads(again.stdout)["already_promoted"] is True
     finally:
         disk.unmount()

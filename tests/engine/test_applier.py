@@ -212,3 +212,33 @@ def test_a_fifo_planted_under_a_replica_name_hangs_nothing(tmp_path: Path) -> No
     applier.apply(Record.chmod("disk.img", 0o640))  # nor does a mode change hang on it
     assert stat.S_IMODE(os.lstat(tmp_path / "job" / "disk.img").st_mode) == 0o640
     applier.close()
+
+
+def test_the_new_durable_steps_failing_stamp_nothing_and_a_retry_converges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CHMOD's fsync and an adoption's fsync (both before a stamp) fail with EIO: the
+    stamp stays the last durable one, and the same work redone succeeds."""
+    from replicator.engine import applier as applier_mod
+
+    applier = Applier(tmp_path / "job")
+    applier.apply_many([Record.create("notes", 0o600), Record.epoch(1)])
+    applier.barrier()
+    durable = applier.files.stamps["notes"]
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(applier_mod, "fsync_fd", eio)
+    with pytest.raises(OSError):
+        applier.apply(Record.chmod("notes", 0o644))
+    with pytest.raises(OSError):
+        applier.adopt("notes")
+    assert applier.files.stamps["notes"] == durable
+    monkeypatch.undo()
+    applier.apply_many([Record.chmod("notes", 0o644), Record.epoch(2)])
+    applier.barrier()
+    applier.adopt("notes")
+    applier.files.check("notes", os.lstat(tmp_path / "job" / "notes"))
+    assert stat.S_IMODE(os.lstat(tmp_path / "job" / "notes").st_mode) == 0o644
+    applier.close()
