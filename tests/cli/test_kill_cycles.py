@@ -511,20 +511,31 @@ def _power_cycles(
     return tally
 
 
-def _sender_power_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
+def _sender_power_cycles(
+    tmp_path: Path, cycles: int, seed: int, ext4: tuple[Ext4, Ext4] | None = None
+) -> Tally:
     """The source machine loses power at random moments (NBD capture): the disk image and
     the sender's journal keep only what an fsync covered, the writes the VM had not
     flushed included (NBD acknowledges a write before it is durable; a FLUSH makes it
     so). After each cut the image must hold every write a FLUSH covered (the VM's
     durability); the sender comes back on what is left, and the replica must end as the
     image is, not as the journal was: a record of a write the image lost must not reach
-    it."""
+    it.
+
+    With ``ext4``, on real ext4 (tests/crashdisk.py): the image on one file system, the
+    sender's state on the other."""
     rng = random.Random(seed)
-    real, mnt = tmp_path / "source-disk", tmp_path / "mnt"
-    real.mkdir()  # the disk as it is before the machine first starts
-    qemu_img("create", "-q", "-f", "raw", str(real / "disk.img"), f"{BLOCKS * BLOCK}")
-    fs = powered(real, mnt)
-    disk, sock, state = mnt / "disk.img", tmp_path / "nbd.sock", mnt / "state"
+    fs: FaultFS | None = None
+    if ext4 is None:
+        real, mnt = tmp_path / "source-disk", tmp_path / "mnt"
+        real.mkdir()  # the disk as it is before the machine first starts
+        qemu_img("create", "-q", "-f", "raw", str(real / "disk.img"), f"{BLOCKS * BLOCK}")
+        fs = powered(real, mnt)
+        disk, state = mnt / "disk.img", mnt / "state"
+    else:
+        disk, state = ext4[0].mountpoint / "disk.img", ext4[1].mountpoint / "state"
+        qemu_img("create", "-q", "-f", "raw", str(disk), f"{BLOCKS * BLOCK}")
+    sock = tmp_path / "nbd.sock"
     receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
     sender = _start_nbd_sender(receiver.port, state, sock, disk)
     writer = NbdWriter(sock, "disk.img", BLOCKS, seed, flush_every=0.05)
@@ -534,26 +545,42 @@ def _sender_power_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
     try:
         for _ in range(cycles):
             time.sleep(rng.uniform(0.2, 0.8))
-            _cut(fs, tally, rng)
-            _kill(sender)
+            if fs is not None:
+                _cut(fs, tally, rng)
+                _kill(sender)
+                fs.stop()
+                image = fs.source / "disk.img"
+            else:
+                assert ext4 is not None
+                _kill(sender)  # the power goes: nothing more reaches either disk
+                cached = [tree_digest(d.mountpoint) for d in ext4]
+                power_cut(*ext4)
+                tally.undone += cached != [tree_digest(d.mountpoint) for d in ext4]
+                image = disk
             tally.kill("sender_power_cut")
-            fs.stop()
             log, flushed = writer.flushed_history()  # the run ended with the kill
-            tags = block_tags(real / "disk.img", BLOCKS)
+            tags = block_tags(image, BLOCKS)
             lost = flushed_writes_kept(tags, durable, log[checked:], flushed)
             assert not lost, f"after a power cut: {lost}"
             tally.flushes_checked += bool(log[checked:]) and flushed >= log[checked][0]
             durable, checked = tags or durable, len(log)
-            fs = rebooted(fs)
+            if fs is not None:
+                fs = rebooted(fs)
             sender = _start_nbd_sender(receiver.port, state, sock, disk)
             tally.cycles += 1
         writer.pause()
         _converged(receiver, disk, sender)
+    except BaseException:
+        print(_tail(tmp_path / "receiver.log"))
+        if sender.stderr is not None and sender.poll() is not None:
+            print(sender.stderr.read()[-5000:])
+        raise
     finally:
         writer.stop()
         _kill(sender)
         receiver.stop()
-        fs.stop()
+        if fs is not None:
+            fs.stop()
     return tally
 
 
@@ -618,10 +645,27 @@ def test_source_survives_power_cuts(tmp_path: Path) -> None:
     _checked_power_cuts(_sender_power_cycles(tmp_path, 6, _seed()), "source-power")
 
 
+@pytest.mark.tools
+@pytest.mark.parametrize("ext4_disks", ["relatime"], indirect=True)
+def test_source_survives_power_cuts_on_ext4(tmp_path: Path, ext4_disks: tuple[Ext4, Ext4]) -> None:
+    tally = _sender_power_cycles(tmp_path, 6, _seed(), ext4=ext4_disks)
+    _checked_power_cuts(tally, "source-power-ext4")
+
+
 @pytest.mark.long
 @pytest.mark.tools
 def test_source_survives_100_power_cuts(tmp_path: Path) -> None:
     _checked_power_cuts(_sender_power_cycles(tmp_path, 100, _seed()), "source-power-long")
+
+
+@pytest.mark.long
+@pytest.mark.tools
+@pytest.mark.parametrize("ext4_disks", ["relatime", "lazytime"], indirect=True)
+def test_source_survives_50_power_cuts_on_ext4(
+    tmp_path: Path, ext4_disks: tuple[Ext4, Ext4]
+) -> None:
+    tally = _sender_power_cycles(tmp_path, 50, _seed(), ext4=ext4_disks)
+    _checked_power_cuts(tally, "source-power-ext4-long")
 
 
 @pytest.mark.long
