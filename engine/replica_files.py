@@ -9,10 +9,12 @@ in an apply round) or starts a session, it compares. ctime changes with every da
 metadata change and cannot be set back by a user, so "same inode, same ctime" means
 "exactly as replication left it". (A change within the same coarse clock tick as our own
 last write keeps the ctime; that window is a few milliseconds.) A stamp is saved only once
-the ctime it names is on disk (the barrier fsyncs, not fdatasyncs, every file it stamps;
-adopting a file fsyncs it first): otherwise, after a power cut, the receiver would refuse
-its own replica as changed, whenever nothing else committed the replica file system's
-metadata (``--state-dir`` on another file system, a ``lazytime`` mount).
+the ctime it names is on disk (the barrier fsyncs, not fdatasyncs, every file it stamps,
+a file that was only renamed too; adopting a file fsyncs it first): otherwise, after a
+power cut, the receiver would refuse its own replica as changed, whenever nothing else
+committed the replica file system's metadata (``--state-dir`` on another file system, a
+``lazytime`` mount, a rename on btrfs). A folder's rename moves the stamps of the files
+under it with their names (their ctimes do not change).
 
 State file (``journal/durable.py`` framing), a msgpack map:
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crashdisk import Ext4, ext4_pair
+from tests.crashdisk import CrashDisk, disk_pair
 from tests.tools import ReceiverProc, receiver_fixture
 
 
@@ -16,10 +16,12 @@ def receiver(tmp_path: Path) -> Iterator[ReceiverProc]:
 
 
 @pytest.fixture
-def ext4_disks(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Ext4, Ext4]]:
-    """Two loop-mounted ext4 file systems that can lose power (tests/crashdisk.py):
-    parametrize with their mount options, ``indirect=True``."""
-    yield from ext4_pair(tmp_path, request.param)
+def crash_disks(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[CrashDisk, CrashDisk]]:
+    """Two loop-mounted file systems that can lose power (tests/crashdisk.py):
+    parametrize with their kind ("ext4-lazytime", "xfs"), ``indirect=True``."""
+    yield from disk_pair(tmp_path, request.param)
 
 
 # The suite runs in parallel workers (make test): a worker that picks up one of these

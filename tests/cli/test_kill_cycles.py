@@ -35,7 +35,7 @@ import pytest
 
 from replicator.engine import replica_state
 from replicator.engine.read_plan import HELPER_MIN_SIZE
-from tests.crashdisk import Ext4, power_cut
+from tests.crashdisk import CrashDisk, power_cut
 from tests.faultfs import FaultFS, powered, rebooted
 from tests.killcycles import (
     BLOCK,
@@ -441,7 +441,7 @@ def _power_cycles(
     cycles: int,
     seed: int,
     pace: float = 0.0,
-    ext4: tuple[Ext4, Ext4] | None = None,
+    disks: tuple[CrashDisk, CrashDisk] | None = None,
 ) -> Tally:
     """The receiver's machine loses power at random moments (NBD capture, the sender's
     machine keeps running): its disk keeps only what an fsync covered (faultfs's
@@ -450,20 +450,20 @@ def _power_cycles(
     cannot send it again, so a lost acknowledged record would leave the replica short
     of the source for good.
 
-    With ``ext4``, on real ext4 instead (tests/crashdisk.py), the replicas on one file
+    With ``disks``, on a real file system instead (tests/crashdisk.py), the replicas on one
     system and the receiver's state on the other: the file systems' own metadata (the
     ctimes the receiver stamps, what one file system's journal commit does not carry to
-    the other) comes back as ext4 wrote it. Such a cut counts as taking something back
+    the other) comes back as the file system wrote it. Such a cut counts as taking something back
     when either file system came back other than the receiver had left it in memory."""
     rng = random.Random(seed)
     disk, sock, state = tmp_path / "disk.img", tmp_path / "nbd.sock", tmp_path / "state"
     qemu_img("create", "-q", "-f", "raw", str(disk), f"{BLOCKS * BLOCK}")
     fs: FaultFS | None = None
-    if ext4 is None:
+    if disks is None:
         fs = powered(tmp_path / "receiver-disk", tmp_path / "mnt")
         target, receiver_state = fs.mountpoint / "target", None
     else:
-        target, receiver_state = ext4[0].mountpoint / "target", ext4[1].mountpoint / "state"
+        target, receiver_state = disks[0].mountpoint / "target", disks[1].mountpoint / "state"
     log = tmp_path / "receiver.log"
     receiver = start_receiver(target, log=log, state_dir=receiver_state)
     sender = _start_nbd_sender(receiver.port, state, sock, disk)
@@ -471,10 +471,10 @@ def _power_cycles(
     tally = Tally()
     writer.start()
     try:
-        # on ext4 a cut takes something back only when the receiver held unsynced bytes
-        # (about half the cuts): up to 4 times the cycles until one did
-        while tally.cycles < cycles or (ext4 and not tally.undone and tally.cycles < 4 * cycles):
-            if ext4 is not None:  # cut while records arrive, not while the sender backs off
+        # on a real file system a cut takes something back only when the receiver held
+        # unsynced bytes (about half the cuts): up to 4 times the cycles until one did
+        while tally.cycles < cycles or (disks and not tally.undone and tally.cycles < 4 * cycles):
+            if disks is not None:  # cut while records arrive, not while the sender backs off
                 _replica_moves(receiver)
             time.sleep(rng.uniform(0.2, 0.8))
             if fs is not None:
@@ -482,11 +482,11 @@ def _power_cycles(
                 _kill(receiver.proc)
                 fs = rebooted(fs)
             else:
-                assert ext4 is not None
+                assert disks is not None
                 _kill(receiver.proc)  # the power goes: nothing more reaches either disk
-                cached = [tree_digest(d.mountpoint) for d in ext4]
-                power_cut(*ext4)
-                tally.undone += cached != [tree_digest(d.mountpoint) for d in ext4]
+                cached = [tree_digest(d.mountpoint) for d in disks]
+                power_cut(*disks)
+                tally.undone += cached != [tree_digest(d.mountpoint) for d in disks]
             tally.kill("receiver_power_cut")
             _observe(receiver, writer.history, tally)  # dead: at rest if not mid-apply
             receiver = start_receiver(target, receiver.port, log=log, state_dir=receiver_state)
@@ -512,7 +512,7 @@ def _power_cycles(
 
 
 def _sender_power_cycles(
-    tmp_path: Path, cycles: int, seed: int, ext4: tuple[Ext4, Ext4] | None = None
+    tmp_path: Path, cycles: int, seed: int, disks: tuple[CrashDisk, CrashDisk] | None = None
 ) -> Tally:
     """The source machine loses power at random moments (NBD capture): the disk image and
     the sender's journal keep only what an fsync covered, the writes the VM had not
@@ -522,18 +522,18 @@ def _sender_power_cycles(
     image is, not as the journal was: a record of a write the image lost must not reach
     it.
 
-    With ``ext4``, on real ext4 (tests/crashdisk.py): the image on one file system, the
+    With ``disks``, on a real file system (tests/crashdisk.py): the image on one, the
     sender's state on the other."""
     rng = random.Random(seed)
     fs: FaultFS | None = None
-    if ext4 is None:
+    if disks is None:
         real, mnt = tmp_path / "source-disk", tmp_path / "mnt"
         real.mkdir()  # the disk as it is before the machine first starts
         qemu_img("create", "-q", "-f", "raw", str(real / "disk.img"), f"{BLOCKS * BLOCK}")
         fs = powered(real, mnt)
         disk, state = mnt / "disk.img", mnt / "state"
     else:
-        disk, state = ext4[0].mountpoint / "disk.img", ext4[1].mountpoint / "state"
+        disk, state = disks[0].mountpoint / "disk.img", disks[1].mountpoint / "state"
         qemu_img("create", "-q", "-f", "raw", str(disk), f"{BLOCKS * BLOCK}")
     sock = tmp_path / "nbd.sock"
     receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
@@ -551,11 +551,11 @@ def _sender_power_cycles(
                 fs.stop()
                 image = fs.source / "disk.img"
             else:
-                assert ext4 is not None
+                assert disks is not None
                 _kill(sender)  # the power goes: nothing more reaches either disk
-                cached = [tree_digest(d.mountpoint) for d in ext4]
-                power_cut(*ext4)
-                tally.undone += cached != [tree_digest(d.mountpoint) for d in ext4]
+                cached = [tree_digest(d.mountpoint) for d in disks]
+                power_cut(*disks)
+                tally.undone += cached != [tree_digest(d.mountpoint) for d in disks]
                 image = disk
             tally.kill("sender_power_cut")
             log, flushed = writer.flushed_history()  # the run ended with the kill
@@ -582,6 +582,10 @@ def _sender_power_cycles(
         if fs is not None:
             fs.stop()
     return tally
+
+
+# the file systems the soak cuts the power of (tests/crashdisk.py)
+REAL_KINDS = ["ext4-relatime", "ext4-lazytime", "xfs", "btrfs"]
 
 
 def _seed() -> int:
@@ -633,11 +637,12 @@ def test_receiver_survives_power_cuts(tmp_path: Path) -> None:
 
 
 @pytest.mark.tools
-@pytest.mark.parametrize("ext4_disks", ["relatime"], indirect=True)
-def test_receiver_survives_power_cuts_on_ext4(
-    tmp_path: Path, ext4_disks: tuple[Ext4, Ext4]
+@pytest.mark.parametrize("crash_disks", ["ext4-relatime", "xfs"], indirect=True)
+def test_receiver_survives_real_power_cuts(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
 ) -> None:
-    _checked_power_cuts(_power_cycles(tmp_path, 6, _seed(), ext4=ext4_disks), "power-ext4")
+    tally = _power_cycles(tmp_path, 6, _seed(), disks=crash_disks)
+    _checked_power_cuts(tally, "power-real")
 
 
 @pytest.mark.tools
@@ -646,10 +651,12 @@ def test_source_survives_power_cuts(tmp_path: Path) -> None:
 
 
 @pytest.mark.tools
-@pytest.mark.parametrize("ext4_disks", ["relatime"], indirect=True)
-def test_source_survives_power_cuts_on_ext4(tmp_path: Path, ext4_disks: tuple[Ext4, Ext4]) -> None:
-    tally = _sender_power_cycles(tmp_path, 6, _seed(), ext4=ext4_disks)
-    _checked_power_cuts(tally, "source-power-ext4")
+@pytest.mark.parametrize("crash_disks", ["ext4-relatime"], indirect=True)
+def test_source_survives_real_power_cuts(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
+) -> None:
+    tally = _sender_power_cycles(tmp_path, 6, _seed(), disks=crash_disks)
+    _checked_power_cuts(tally, "source-power-real")
 
 
 @pytest.mark.long
@@ -660,12 +667,12 @@ def test_source_survives_100_power_cuts(tmp_path: Path) -> None:
 
 @pytest.mark.long
 @pytest.mark.tools
-@pytest.mark.parametrize("ext4_disks", ["relatime", "lazytime"], indirect=True)
-def test_source_survives_50_power_cuts_on_ext4(
-    tmp_path: Path, ext4_disks: tuple[Ext4, Ext4]
+@pytest.mark.parametrize("crash_disks", REAL_KINDS, indirect=True)
+def test_source_survives_50_real_power_cuts(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
 ) -> None:
-    tally = _sender_power_cycles(tmp_path, 50, _seed(), ext4=ext4_disks)
-    _checked_power_cuts(tally, "source-power-ext4-long")
+    tally = _sender_power_cycles(tmp_path, 50, _seed(), disks=crash_disks)
+    _checked_power_cuts(tally, "source-power-real-long")
 
 
 @pytest.mark.long
@@ -678,12 +685,12 @@ def test_receiver_survives_100_power_cuts(tmp_path: Path) -> None:
 
 @pytest.mark.long
 @pytest.mark.tools
-@pytest.mark.parametrize("ext4_disks", ["relatime", "lazytime"], indirect=True)
-def test_receiver_survives_50_power_cuts_on_ext4(
-    tmp_path: Path, ext4_disks: tuple[Ext4, Ext4]
+@pytest.mark.parametrize("crash_disks", REAL_KINDS, indirect=True)
+def test_receiver_survives_50_real_power_cuts(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
 ) -> None:
-    tally = _power_cycles(tmp_path, 50, _seed(), ext4=ext4_disks)
-    _checked_power_cuts(tally, "power-ext4-long")
+    tally = _power_cycles(tmp_path, 50, _seed(), disks=crash_disks)
+    _checked_power_cuts(tally, "power-real-long")
 
 
 @pytest.mark.long

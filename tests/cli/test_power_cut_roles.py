@@ -20,15 +20,15 @@ from pathlib import Path
 from replicator.engine.errors import ExitCode
 from replicator.engine.witness_client import BuiltinWitness
 from tests.cli.test_witness import start_witness
-from tests.crashdisk import Ext4, power_cut
+from tests.crashdisk import CrashDisk, power_cut
 from tests.tools import forced_failover, one_line_error, qemu_io, replicator, start_receiver
 
 MiB = 1 << 20
 QUIET = 0.2  # what a promotion asks the source to have been silent for
 
 
-def _disk(tmp_path: Path) -> Ext4:
-    disk = Ext4(tmp_path / "ext4.img", tmp_path / "ext4")  # not the helpers' disk.img
+def _disk(tmp_path: Path) -> CrashDisk:
+    disk = CrashDisk(tmp_path / "ext4.img", tmp_path / "ext4")  # not the helpers' disk.img
     disk.make(64 * MiB)
     return disk
 

@@ -22,8 +22,9 @@ import pytest
 
 from replicator.engine import replica_state
 from tests.cli.faults import equal
+from tests.crashdisk import CrashDisk, power_cut
 from tests.faultfs import FaultFS, powered, rebooted
-from tests.killcycles import seeded, writeback
+from tests.killcycles import seeded, tree_digest, writeback
 from tests.tools import ENV, REPLICATOR, b3, qemu_img, start_receiver
 
 MiB = 1 << 20
@@ -121,6 +122,59 @@ def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
         fs.stop()
     print(f"power cuts: {cut_mid_send} of {CYCLES} during a send; {undone} changes undone")
     assert undone > 0
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("crash_disks", ["ext4-lazytime", "xfs", "btrfs"], indirect=True)
+def test_real_power_cuts_during_syncs(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
+) -> None:
+    """The same on real file systems (tests/crashdisk.py), the replicas on one, the
+    receiver's state on the other: their metadata comes back as each wrote it, the ctimes
+    the receiver's stamps name included. So after each cut a plain `send --once` must not
+    find the replica "changed outside replication", and at the end it is level."""
+    rng = seeded("real-power-cut")
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    disk.write_bytes(rng.randbytes(IMAGE))
+    replicas, states = crash_disks
+    log = tmp_path / "receiver.log"
+    receiver = start_receiver(
+        replicas.mountpoint / "target", log=log, state_dir=states.mountpoint / "state"
+    )
+    replica = receiver.dir / JOB / "disk.img"
+    sent: set[str] = set()
+    cut_mid_send = undone = 0
+    try:
+        for cycle in range(CYCLES):
+            if cycle:
+                _write_random(disk, rng, rng.randrange(1, 6))
+            sent.add(b3(disk))
+            sender = _sender(receiver.address, state, disk)
+            time.sleep(rng.uniform(0.05, 0.7))  # mid-send, or after it said done
+            receiver.proc.kill()  # the power goes: nothing more reaches either disk
+            receiver.proc.wait(timeout=30)
+            cut_mid_send += sender.wait(timeout=120) != 0
+            cached = [tree_digest(d.mountpoint) for d in crash_disks]
+            power_cut(*crash_disks)
+            undone += cached != [tree_digest(d.mountpoint) for d in crash_disks]
+            at_rest = replica_state.load(receiver.state_root / JOB, JOB)
+            if at_rest is not None and at_rest.consistent and not at_rest.applying:
+                assert replica.exists() and b3(replica) in sent, (
+                    f"cycle {cycle}: the replica is called a consistency point ({at_rest}) "
+                    "but holds no version of the source that was sent"
+                )
+            receiver = start_receiver(
+                receiver.dir, receiver.port, log=log, state_dir=receiver.state_dir
+            )
+        _synced_level(receiver.address, state, disk, disk, replica)
+    except BaseException:
+        print(log.read_text(errors="replace")[-6000:] if log.exists() else "")
+        raise
+    finally:
+        receiver.stop()
+    print(f"power cuts: {cut_mid_send} of {CYCLES} during a send; {undone} took back changes")
+    assert cut_mid_send > 0 and undone > 0
 
 
 @pytest.mark.tools

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.applier import Applier, ApplyError
+from replicator.engine.replica_files import ReplicaDiverged
 from replicator.journal import Record
 from replicator.journal.locking import lock_directory
 
@@ -241,4 +242,49 @@ def test_the_new_durable_steps_failing_stamp_nothing_and_a_retry_converges(
     applier.adopt("notes")
     applier.files.check("notes", os.lstat(tmp_path / "job" / "notes"))
     assert stat.S_IMODE(os.lstat(tmp_path / "job" / "notes").st_mode) == 0o644
+    applier.close()
+
+
+def test_files_in_a_renamed_folder_stay_guarded(tmp_path: Path) -> None:
+    """A folder's rename moves its files' stamps with it: an edit outside replication of
+    a file in it is still refused (the stamps were dropped with the folder's rename)."""
+    job = tmp_path / "job"
+    applier = Applier(job)
+    applier.apply_many([Record.mkdir("vm", 0o755), Record.create("vm/disk", 0o600)])
+    applier.apply_many([Record.write("vm/disk", 0, b"a" * 4096), Record.epoch(1)])
+    applier.barrier()
+    applier.apply_many([Record.rename("vm", "vm.old"), Record.epoch(2)])
+    applier.barrier()
+    assert "vm.old/disk" in applier.files.stamps
+    applier.close()
+    with (job / "vm.old" / "disk").open("r+b") as f:
+        f.write(b"hand edit")
+    applier = Applier(job, applier.files)
+    with pytest.raises(ReplicaDiverged, match="changed outside replication"):
+        applier.apply(Record.write("vm.old/disk", 0, b"b" * 4096))
+    applier.close()
+
+
+def test_a_renamed_file_is_fsynced_before_its_new_ctime_is_stamped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename moves the file's ctime; nothing written, so only an fsync of the file
+    itself puts that ctime on disk before the stamp naming it (btrfs's fsync of the
+    folder does not: tests/engine/test_applier_power_cut.py)."""
+    from replicator.engine import applier as applier_mod
+
+    applier = Applier(tmp_path / "job")
+    applier.apply_many([Record.create("notes", 0o600), Record.epoch(1)])
+    applier.barrier()
+    synced: list[int] = []
+    real = applier_mod.fsync_fd
+
+    def noting(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(applier_mod, "fsync_fd", noting)
+    applier.apply_many([Record.rename("notes", "notes.old"), Record.epoch(2)])
+    applier.barrier()
+    assert os.lstat(tmp_path / "job" / "notes.old").st_ino in synced
     applier.close()

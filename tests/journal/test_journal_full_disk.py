@@ -19,7 +19,7 @@ import pytest
 from replicator.journal import Journal
 from replicator.journal.errors import JournalIOError
 from replicator.journal.segment import SPARE_SUFFIX
-from tests.crashdisk import Ext4
+from tests.crashdisk import CrashDisk
 from tests.journal.helpers import write_for
 
 MiB = 1 << 20
@@ -29,7 +29,7 @@ RECORD = 64 * 1024
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    disk = Ext4(tmp_path / "disk.img", tmp_path / "disk")
+    disk = CrashDisk(tmp_path / "disk.img", tmp_path / "disk")
     disk.make(64 * MiB)
     try:
         yield disk.mountpoint

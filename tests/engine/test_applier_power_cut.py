@@ -1,4 +1,4 @@
-"""Every kind of record, applied and stamped, then the power cut: on real ext4.
+"""Every kind of record, applied and stamped, then the power cut: on real ext4, XFS, btrfs.
 
 After a barrier the receiver saves ``files.state`` with each changed file's inode and
 ctime (``engine/replica_files.py``), and refuses a file whose ctime is not its stamp as
@@ -20,14 +20,17 @@ import pytest
 from replicator.engine.applier import Applier
 from replicator.engine.replica_files import ReplicaFiles
 from replicator.journal import Record
-from tests.crashdisk import Ext4, power_cut
+from tests.crashdisk import CrashDisk, power_cut
 
 MiB = 1 << 20
+KINDS = ["ext4-relatime", "ext4-lazytime", "xfs", "xfs-lazytime", "btrfs"]
 BASE = [
     Record.write("disk.img", 0, b"\x11" * MiB),
     Record.file("vm.xml", b"<domain/>", 0o640),
     Record.create("notes.txt", 0o600),
     Record.write("notes.txt", 0, b"notes"),
+    Record.mkdir("conf", 0o755),
+    Record.file("conf/vm.xml", b"<domain/>", 0o600),
     Record.epoch(1),
 ]
 CHANGES = {
@@ -37,6 +40,7 @@ CHANGES = {
     "chmod": [Record.chmod("notes.txt", 0o644)],
     "replace": [Record.file("vm.xml", b"<domain type='kvm'/>", 0o600)],
     "rename": [Record.rename("notes.txt", "notes.old")],
+    "rename-folder": [Record.rename("conf", "conf.old")],
 }
 
 
@@ -58,20 +62,21 @@ def _adopted(applier: Applier, files: ReplicaFiles, state: Path) -> None:
 
 
 def _as_left(replica: Path) -> dict[str, tuple[bytes, int]]:
+    """Each regular file under ``replica`` (by its path there): its bytes and mode."""
     out = {}
-    for name in sorted(os.listdir(replica)):
-        st = os.lstat(replica / name)
+    for path in sorted(replica.rglob("*")):
+        st = os.lstat(path)
         if stat.S_ISREG(st.st_mode):
-            out[name] = ((replica / name).read_bytes(), stat.S_IMODE(st.st_mode))
+            out[str(path.relative_to(replica))] = (path.read_bytes(), stat.S_IMODE(st.st_mode))
     return out
 
 
-@pytest.mark.parametrize("ext4_disks", ["relatime", "lazytime"], indirect=True)
+@pytest.mark.parametrize("crash_disks", KINDS, indirect=True)
 @pytest.mark.parametrize("change", [*sorted(CHANGES), "adopted"])
 def test_a_stamped_change_is_on_disk_with_its_stamp(
-    ext4_disks: tuple[Ext4, Ext4], change: str
+    crash_disks: tuple[CrashDisk, CrashDisk], change: str
 ) -> None:
-    replicas, states = ext4_disks
+    replicas, states = crash_disks
     replica, state = replicas.mountpoint / "job", states.mountpoint / "job"
     state.mkdir()
     files = ReplicaFiles()
