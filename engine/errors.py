@@ -218,6 +218,11 @@ def unwrap(exc: BaseException) -> BaseException:
     if isinstance(mapped, OSError):  # local I/O: the connection errors were mapped above
         if mapped.errno == errno.EROFS:
             hint = f"{READ_ONLY_HINT}; then run the same command again"
+        elif mapped.errno == errno.EDQUOT:
+            hint = (
+                "raise the disk quota of the user this runs as there (or free space), and "
+                "run the same command again"
+            )
         else:
             hint = "check the disk (free space, permissions) and run the same command again"
         return StorageError(f"local storage error: {mapped}", hint=hint)

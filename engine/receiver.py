@@ -41,6 +41,7 @@ from replicator.engine.receiver_session import (
     StorageFailed,
     replica_tree_parts,
     send_quietly,
+    storage_reason,
 )
 from replicator.engine.replica_files import ReplicaDiverged
 from replicator.engine.status import StatusBoard
@@ -201,9 +202,12 @@ class Receiver:
         try:
             replica = await pinging_meanwhile(conn, self.job(hello.job))
         except (OSError, ReplicatorError) as exc:
-            log.error("receiver.job_unusable", job=hello.job, peer=conn.peer, error=str(exc))
-            code = "storage" if isinstance(exc, OSError) else "config"
-            await conn.send(Refuse(code, f"receiver cannot open job {hello.job!r}: {exc}"))
+            code, why = "config", str(exc)
+            if isinstance(exc, OSError):  # a full disk says which, with the room left
+                folders = (self.config.replica_root, self.config.state_root)
+                code, why = "storage", storage_reason(exc, tuple(f / hello.job for f in folders))
+            log.error("receiver.job_unusable", job=hello.job, peer=conn.peer, error=why)
+            await conn.send(Refuse(code, f"receiver cannot open job {hello.job!r}: {why}"))
             return
         try:
             # a sender that reconnects may be here before the end of its last session is

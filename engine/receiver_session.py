@@ -154,7 +154,7 @@ class Session:
             await self.conn.send(Error("diverged", f"receiver cannot apply: {exc}"))
             raise _TakeFailed from exc
         except (JournalError, OSError, ApplyError) as exc:
-            reason = _storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
+            reason = storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
             log.error("receiver.storage", job=self.replica.job, error=reason)
             await self.conn.send(Error("storage", reason))
             raise _TakeFailed from exc
@@ -247,7 +247,7 @@ class Session:
         try:
             await self.replica.raise_point_floor(lsn)
         except OSError as exc:
-            reason = _storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
+            reason = storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
             log.error("receiver.storage", job=self.replica.job, error=reason)
             await self.conn.send(Error("storage", reason))
             return False
@@ -279,7 +279,7 @@ class Session:
         try:
             await self.replica.make_durable()
         except (JournalError, OSError, ApplyError) as exc:
-            reason = _storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
+            reason = storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
             log.error("receiver.storage", job=self.replica.job, error=reason)
             await self.conn.send(Error("storage", reason))
             raise StorageFailed(reason) from exc
@@ -400,7 +400,7 @@ class StorageFailed(Exception):
     """The receiver could not make records durable; the sender was told why."""
 
 
-def _storage_reason(exc: BaseException, folders: tuple[Path, ...] = ()) -> str:
+def storage_reason(exc: BaseException, folders: tuple[Path, ...] = ()) -> str:
     """What a storage failure tells the sender (and logs); a full disk names the room
     left where ``folders`` (the job's replica and state folders) are, so the operator
     knows which file system to free."""
@@ -413,6 +413,12 @@ def _storage_reason(exc: BaseException, folders: tuple[Path, ...] = ()) -> str:
             if not room:
                 return "receiver disk is full; free space on the receiver, then send again"
             return f"receiver disk is full ({room}); free space there, then send again"
+        if isinstance(cause, OSError) and cause.errno == errno.EDQUOT:
+            where = " and ".join(str(folder) for folder in folders) or "the receiver"
+            return (
+                f"receiver disk quota exceeded (the user the receiver runs as, in {where}); "
+                "raise the quota or free space there, then send again"
+            )
         if isinstance(cause, OSError) and cause.errno == errno.EROFS:
             if isinstance(exc, JournalError):  # its message says so already (_io_hint)
                 break
@@ -422,10 +428,13 @@ def _storage_reason(exc: BaseException, folders: tuple[Path, ...] = ()) -> str:
 
 
 def _room_left(folders: tuple[Path, ...]) -> str:
-    """'N MiB free for FOLDER' for each file system under ``folders`` (once each)."""
+    """'N MiB free for FOLDER' for each file system under ``folders`` (once each); a
+    folder not made yet (a new job's) is named by the nearest one above it."""
     seen: set[int] = set()
     parts: list[str] = []
     for folder in folders:
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
         try:
             device = os.stat(folder).st_dev
             fs = os.statvfs(folder)

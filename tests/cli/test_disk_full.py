@@ -255,3 +255,33 @@ def test_a_live_sender_whose_state_disk_is_filled_by_another_says_so(
     receiver.stop()
     compared = qemu_compare("raw", sender.source, sender.replica)
     assert compared.returncode == 0, compared.stdout
+
+
+def test_a_new_job_on_a_full_state_disk_is_refused_naming_it(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """The receiver's state file system is full before a new job's first session: the
+    job cannot even be opened (its journal has no room). The sender is told which file
+    system is full and how much room is left, not a bare "[Errno 28]"; once there is
+    room, the same command goes through."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 * MiB))
+    receiver = start_receiver(tmp_path / "target", state_dir=small_disk / "state")
+    try:
+        with (small_disk / "filler").open("wb") as f:
+            f.write(bytes(os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize))
+        state = tmp_path / "state"
+        out = replicator(
+            "send", "--to", receiver.address, "--job", "vm1", "--state-dir", str(state),
+            "--once", "--insecure", str(disk),
+        )  # fmt: skip
+        assert out.returncode == ExitCode.REFUSED, out.stderr
+        line = one_line_error(out.stderr)
+        assert "cannot open job 'vm1'" in line, line
+        where = re.escape(str(small_disk / "state"))
+        assert re.search(rf"disk is full \(.*\d+ MiB free for {where}/vm1\)", line), line
+        (small_disk / "filler").unlink()
+        send_once(receiver, "vm1", state, disk)
+        assert b3(tmp_path / "target" / "vm1" / "disk.img") == b3(disk)
+    finally:
+        receiver.stop()

@@ -67,6 +67,21 @@ def _sender(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+def _replica_written(replica: Path, sender: subprocess.Popen[str]) -> None:
+    """Wait until the receiver writes into ``replica`` (its mtime moves), or the send ended."""
+
+    def mtime() -> int:
+        try:
+            return replica.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    first, deadline = mtime(), time.monotonic() + 60
+    while mtime() == first and sender.poll() is None:
+        assert time.monotonic() < deadline, "the sync wrote nothing for a minute"
+        time.sleep(0.002)
+
+
 def _synced_level(address: str, state: Path, disk: Path, image: Path, replica: Path) -> None:
     """A plain `send --once` of ``disk`` ends well, and the replica is ``image`` (the
     same file, seen where the power cuts cannot reach)."""
@@ -144,14 +159,19 @@ def test_real_power_cuts_during_syncs(
     )
     replica = receiver.dir / JOB / "disk.img"
     sent: set[str] = set()
-    cut_mid_send = undone = 0
+    cycle = cut_mid_send = undone = 0
     try:
-        for cycle in range(CYCLES):
+        # until a cut came mid-send and one took something back (up to 3 times the cycles)
+        while cycle < CYCLES or (not (cut_mid_send and undone) and cycle < 3 * CYCLES):
             if cycle:
                 _write_random(disk, rng, rng.randrange(1, 6))
             sent.add(b3(disk))
             sender = _sender(receiver.address, state, disk)
-            time.sleep(rng.uniform(0.05, 0.7))  # mid-send, or after it said done
+            if rng.random() < 0.67:  # once the sync writes the replica, or after it said done
+                _replica_written(replica, sender)
+                time.sleep(rng.uniform(0.0, 0.03))
+            else:
+                sender.wait(timeout=120)
             receiver.proc.kill()  # the power goes: nothing more reaches either disk
             receiver.proc.wait(timeout=30)
             cut_mid_send += sender.wait(timeout=120) != 0
@@ -167,13 +187,14 @@ def test_real_power_cuts_during_syncs(
             receiver = start_receiver(
                 receiver.dir, receiver.port, log=log, state_dir=receiver.state_dir
             )
+            cycle += 1
         _synced_level(receiver.address, state, disk, disk, replica)
     except BaseException:
         print(log.read_text(errors="replace")[-6000:] if log.exists() else "")
         raise
     finally:
         receiver.stop()
-    print(f"power cuts: {cut_mid_send} of {CYCLES} during a send; {undone} took back changes")
+    print(f"power cuts: {cut_mid_send} of {cycle} during a send; {undone} took back changes")
     assert cut_mid_send > 0 and undone > 0
 
 

@@ -19,7 +19,7 @@ from replicator.engine.errors import (
     first_error,
     unwrap,
 )
-from replicator.engine.receiver_session import _storage_reason
+from replicator.engine.receiver_session import storage_reason
 from replicator.journal.journal import _io_hint
 from replicator.transport.errors import ConnectionFailedError, RemoteProtocolError
 
@@ -36,8 +36,17 @@ def test_a_read_only_file_system_is_named_on_each_side(tmp_path: Path) -> None:
     error = unwrap(erofs)
     assert isinstance(error, StorageError) and "remount it read-write" in str(error)
     assert "permissions" not in str(error)
-    assert "remount it read-write" in _storage_reason(erofs)  # told to the sender
+    assert "remount it read-write" in storage_reason(erofs)  # told to the sender
     assert "remount it read-write" in _io_hint(erofs, tmp_path)  # a journal's write
+
+
+def test_a_disk_quota_is_named_on_each_side(tmp_path: Path) -> None:
+    """EDQUOT is no full disk: statvfs shows room, and the way out is the quota."""
+    edquot = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/var/lib/x/manifests.state")
+    error = unwrap(edquot)
+    assert isinstance(error, StorageError) and "raise the disk quota" in str(error)
+    told = storage_reason(edquot, (tmp_path / "replicas" / "vm1", tmp_path / "state" / "vm1"))
+    assert "quota exceeded" in told and str(tmp_path / "replicas" / "vm1") in told
 
 
 def test_connection_errors_and_cancellation_keep_their_own_codes() -> None:
