@@ -24,6 +24,7 @@ from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import path_problem
 from replicator.engine.pacing import unapplied_bytes
 from replicator.engine.replica_files import ReplicaDiverged
+from replicator.engine.sender_state import state_reserve
 from replicator.engine.session_core import ReceiverCore, Send
 from replicator.engine.window import CreditWindow
 from replicator.journal import (
@@ -47,6 +48,7 @@ from replicator.transport import (
     Pong,
     Records,
     RemoteProtocolError,
+    State,
     Welcome,
 )
 from replicator.transport.frames import CAP_RECORDS_CHECKED
@@ -90,6 +92,7 @@ class Session:
         self.final_lsn: int | None = None  # the sender's final point: nothing may follow it
         self._linger: asyncio.TimerHandle | None = None  # a delayed sync (_wake_syncer)
         self._taking: asyncio.Future[None] | None = None  # the last frame, being taken
+        self._state_reserve = state_reserve(replica.state_dir)  # see _journal_room
 
     async def run(self) -> None:
         replica = self.replica
@@ -142,6 +145,8 @@ class Session:
 
     async def _send_all(self, actions: list[Send]) -> None:
         for action in actions:
+            if self.conn.state is State.CLOSED:  # we sent an Error: the session is over
+                raise _SessionOver
             await self.conn.send(action.message)
 
     async def _take(self, records: list[Record], payload: bytes | memoryview) -> None:
@@ -300,7 +305,17 @@ class Session:
                 journal.bytes_used, journal.first_lsn, journal.last_lsn, replica.applied_lsn
             ),
             applicable=replica.last_barrier > replica.applied_lsn,
+            room=self._journal_room(),
         )
+
+    def _journal_room(self) -> int | None:
+        """Bytes the receive journal may still grow by: its file system's free space less
+        what the state files need beside it (None when it cannot be read)."""
+        try:
+            fs = os.statvfs(self.replica.state_dir)
+        except OSError:
+            return None
+        return max(0, fs.f_bavail * fs.f_frsize - self._state_reserve)
 
     async def _pinger(self) -> None:
         """Measure the round trip (the sender answers our Ping with a Pong)."""

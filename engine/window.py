@@ -34,6 +34,14 @@ asks ``grant(...)`` after each sync and each apply how many bytes of Credit to s
   for that (``--journal-max``). Not less either: while an epoch waits to be applied the
   limit caps the window too (at 128 MiB, one BDP of a 10 Gbit/s link at 100 ms).
 
+* **The disk's room**: the receive journal has no cap, and its file system may be smaller
+  than the backlog limit and the window together. While the applier has work (whose trims
+  will free room), credit is also kept within the room its file system has left
+  (``room``): the sender waits for the applier instead of running the journal into ENOSPC,
+  which failed the session, and every reconnection after it, on a disk its own backlog
+  held full. Without applicable work nothing would free room: the sender goes on, and a
+  full disk is told as such.
+
 ``grant`` keeps ``credit outstanding + received not synced + grant <= window``; with a
 fixed window that is exactly "grant again what was synced", the rule before.
 """
@@ -107,14 +115,31 @@ class CreditWindow:
         return int(min(self.cap, max(self.base, bdp2)))
 
     def grant(
-        self, now: float, *, outstanding: int, unsynced: int, backlog: int, applicable: bool
+        self,
+        now: float,
+        *,
+        outstanding: int,
+        unsynced: int,
+        backlog: int,
+        applicable: bool,
+        room: int | None = None,
     ) -> int:
         """Bytes of Credit to send now. ``outstanding``: credit the sender still holds;
         ``unsynced``: bytes received and not yet synced; ``backlog``: bytes received and
-        not applied; ``applicable``: the applier has a complete epoch to apply."""
+        not applied; ``applicable``: the applier has a complete epoch to apply; ``room``:
+        bytes the receive journal's file system can still take (None: no limit)."""
         window = self.target(now)
         self.throttled = applicable and backlog + window > self.backlog_max
         if self.throttled:
             window = max(0, self.backlog_max - backlog)
         self.window = window
-        return max(0, window - outstanding - unsynced)
+        granted = max(0, window - outstanding - unsynced)
+        if room is not None and applicable and backlog > 0:
+            # the disk's room: what the applier will free (trimming what it applied) is
+            # worth waiting for; a journal that ran its file system full would fail the
+            # session instead. Without applicable work nothing would free room: the
+            # sender goes on, and a full disk is told as such.
+            fits = max(0, room - outstanding - unsynced)
+            if fits < granted:
+                self.throttled, granted = True, fits
+        return granted

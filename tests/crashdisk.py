@@ -62,7 +62,12 @@ class CrashDisk:
         self._mount()
 
     def _mount(self) -> None:
-        opts = f"loop,{self.options}" + (",commit=600" if self.fstype != "xfs" else "")
+        # XFS refuses a second file system with the same UUID while the first lives on,
+        # and a process in another mount namespace (a parallel test's `ip netns exec`)
+        # keeps the unmounted original alive: nouuid, as for a snapshot (btrfs gives such
+        # a clone a temporary fsid by itself; ext4 does not check)
+        extra = ",nouuid" if self.fstype == "xfs" else ",commit=600"
+        opts = f"loop,{self.options}{extra}"
         subprocess.run(["mount", "-o", opts, str(self.image), str(self.mountpoint)], check=True)
 
     def crash_image(self) -> Path:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,7 @@ def test_a_disk_behind_shrinks_the_window_and_it_opens_as_the_backlog_drains() -
     applicable=st.booleans(),
     rate=st.floats(0, 1e10),
     rtt=st.floats(0, 2),
+    room=st.none() | st.integers(0, 1024 * MiB),
 )
 def test_credit_never_takes_the_sender_past_the_window(
     base: int,
@@ -132,15 +134,28 @@ def test_credit_never_takes_the_sender_past_the_window(
     applicable: bool,
     rate: float,
     rtt: float,
+    room: int | None,
 ) -> None:
     window = CreditWindow(base, cap=CAP, backlog_max=backlog_max)
     window.observe_rtt(rtt)
     window.received(0.0, int(rate))
     granted = window.grant(
-        0.5, outstanding=outstanding, unsynced=unsynced, backlog=backlog, applicable=applicable
+        0.5,
+        outstanding=outstanding,
+        unsynced=unsynced,
+        backlog=backlog,
+        applicable=applicable,
+        room=room,
     )
     assert granted >= 0
-    assert granted == 0 or outstanding + unsynced + granted == window.window
+    in_flight = outstanding + unsynced + granted
+    assert granted == 0 or in_flight <= window.window
+    if room is not None and applicable and backlog > 0:
+        assert granted == 0 or in_flight <= room  # the journal's disk holds what comes
+        if granted and in_flight < window.window:
+            assert window.throttled  # cut by the room: granted again after an apply
+    elif granted:
+        assert in_flight == window.window
     assert window.window <= max(CAP, base)
     if not applicable:
         assert window.window >= base  # the largest record always fits in the end
@@ -190,7 +205,7 @@ def slow_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(JobReplica, "_apply_upto", slow_apply)
 
 
-async def _most_unapplied(tmp_path: Path, backlog_max: int) -> int:
+async def _most_unapplied(tmp_path: Path, backlog_max: int, segment_bytes: int = 64 * MiB) -> int:
     """Ship EPOCHS epochs of PER_EPOCH 64 KiB records to a receiver, sampling its backlog:
     the most LSNs it held received and not applied. Checks the replica at the end."""
     image = bytearray(os.urandom(PER_EPOCH * RECORD))
@@ -210,6 +225,7 @@ async def _most_unapplied(tmp_path: Path, backlog_max: int) -> int:
         window=512 * 1024,
         window_cap=512 * 1024,
         backlog_max=backlog_max,
+        segment_bytes=segment_bytes,
     )
     receiver = Receiver(config)
     most = 0
@@ -250,6 +266,32 @@ async def test_a_replica_applying_slower_than_records_arrive_holds_the_sender_ba
     assert most * per_lsn <= limit + 512 * 1024 + PER_EPOCH * RECORD, most
     unlimited = await _most_unapplied(tmp_path / "unlimited", 1024 * 1024 * 1024)
     assert unlimited * per_lsn > 2 * limit, unlimited  # the slow applier really is behind
+
+
+@pytest.fixture
+def small_state_disk(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path/rstate`` (the receiver's state folder in ``_most_unapplied``): a 4 MiB
+    tmpfs the test mounts itself (root, as in CI)."""
+    state = tmp_path / "rstate"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)], check=True)
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+@pytest.mark.usefixtures("slow_apply", "small_state_disk")
+async def test_a_receiver_whose_journal_disk_is_small_waits_for_its_applier(
+    tmp_path: Path,
+) -> None:
+    """The receive journal's file system has room for 3 MiB and the backlog limit is far
+    above it: a slower applier must hold the sender back by the room left (credit), not
+    let the journal run the disk full. Full, the journal failed the session, and every
+    reconnection met the same full disk, held by its own backlog: the receiver wedged."""
+    most = await _most_unapplied(tmp_path, 1024 * MiB, segment_bytes=256 * 1024)
+    per_lsn = RECORD * PER_EPOCH / (PER_EPOCH + 1)
+    assert most * per_lsn <= 4 * MiB, most
 
 
 @pytest.mark.usefixtures("slow_apply")
