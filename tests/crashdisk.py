@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.killcycles import tree_digest
 from tests.tools import require_tool
 
 MiB = 1 << 20
@@ -118,3 +119,11 @@ def power_cut(*disks: CrashDisk) -> None:
     crashed = [disk.crash_image() for disk in disks]
     for disk, image in zip(disks, crashed, strict=True):
         disk.boot(image)
+
+
+def cut_took_back(*disks: CrashDisk) -> bool:
+    """``power_cut``; whether any disk came back other than its files stood before (what
+    the page cache held and no fsync covered was lost)."""
+    before = [tree_digest(disk.mountpoint) for disk in disks]
+    power_cut(*disks)
+    return before != [tree_digest(disk.mountpoint) for disk in disks]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,19 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     assert path, f"{name} is missing: run `make test`, which installs the Debian packages"
     return path
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` ("16m") mounted at ``mountpoint`` (made) for the block: a small
+    disk a test fills (root, as in CI)."""
+    mountpoint.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+                   check=True)  # fmt: skip
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def free_port() -> int:

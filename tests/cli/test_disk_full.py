@@ -28,6 +28,7 @@ from tests.tools import (
     send_once,
     sender_errors,
     start_receiver,
+    tmpfs,
     wait_for,
 )
 
@@ -37,13 +38,8 @@ MiB = 1024 * 1024
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs the test mounts itself (root, as in CI)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "16m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_is_refused_then_resumes_after_space_is_freed(

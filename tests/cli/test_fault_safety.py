@@ -26,6 +26,7 @@ from tests.tools import (
     start_send,
     wait_for,
 )
+from tests.tools import tmpfs as small_tmpfs
 
 MiB = 1024 * 1024
 
@@ -33,13 +34,8 @@ MiB = 1024 * 1024
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 40 MiB tmpfs the test mounts itself (root, as in CI)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "40m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _send(

@@ -35,7 +35,7 @@ import pytest
 
 from replicator.engine import replica_state
 from replicator.engine.read_plan import HELPER_MIN_SIZE
-from tests.crashdisk import CrashDisk, power_cut
+from tests.crashdisk import CrashDisk, cut_took_back
 from tests.faultfs import FaultFS, powered, rebooted
 from tests.killcycles import (
     BLOCK,
@@ -484,9 +484,7 @@ def _power_cycles(
             else:
                 assert disks is not None
                 _kill(receiver.proc)  # the power goes: nothing more reaches either disk
-                cached = [tree_digest(d.mountpoint) for d in disks]
-                power_cut(*disks)
-                tally.undone += cached != [tree_digest(d.mountpoint) for d in disks]
+                tally.undone += cut_took_back(*disks)
             tally.kill("receiver_power_cut")
             _observe(receiver, writer.history, tally)  # dead: at rest if not mid-apply
             receiver = start_receiver(target, receiver.port, log=log, state_dir=receiver_state)
@@ -553,9 +551,7 @@ def _sender_power_cycles(
             else:
                 assert disks is not None
                 _kill(sender)  # the power goes: nothing more reaches either disk
-                cached = [tree_digest(d.mountpoint) for d in disks]
-                power_cut(*disks)
-                tally.undone += cached != [tree_digest(d.mountpoint) for d in disks]
+                tally.undone += cut_took_back(*disks)
                 image = disk
             tally.kill("sender_power_cut")
             log, flushed = writer.flushed_history()  # the run ended with the kill

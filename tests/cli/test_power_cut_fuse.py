@@ -2,7 +2,8 @@
 
 The VM's folder and the sender's state folder are on a faultfs mount that keeps only what
 an fsync covered when the power goes (file data: ``tests/faultfs/volatile.py``; names:
-``volatile_names.py``). Through the capture mount a writer puts tagged blocks into a disk
+``volatile_names.py``), or on two real file systems (ext4, XFS, btrfs:
+``tests/crashdisk.py``). Through the capture mount a writer puts tagged blocks into a disk
 image, fsyncs it now and then, and now and then makes a new file, fsyncs it and its
 folder. After each cut (the sender killed with the machine, the dead capture mount
 detached) the folder must hold every block write an fsync covered and every new file
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faultfs import powered, rebooted
+from tests.crashdisk import CrashDisk, cut_took_back
+from tests.faultfs import FaultFS, powered, rebooted
 from tests.killcycles import (
     BLOCK,
     block_tags,
@@ -134,18 +136,31 @@ def _start_sender(
         time.sleep(0.02)
 
 
-@pytest.mark.tools
-@pytest.mark.timeout(300)
-def test_fsynced_writes_survive_power_cuts_under_fuse_capture(tmp_path: Path) -> None:
+def _fuse_power_cycles(
+    tmp_path: Path, disks: tuple[CrashDisk, CrashDisk] | None = None
+) -> tuple[int, int, int]:
+    """Power cuts under FUSE capture; with ``disks``, on real file systems (the VM's
+    folder on one, the sender's state on the other) instead of faultfs. How many cuts
+    took back changes (faultfs: how many changes), how many covered fsynced writes, and
+    how many files were made durable with their folder."""
     rng = seeded("power-cut")
-    real, disk_mnt, capture = tmp_path / "source-disk", tmp_path / "disk", tmp_path / "capture"
+    capture = tmp_path / "capture"
     capture.mkdir()
     log = tmp_path / "sender.log"
-    (real / "vm").mkdir(parents=True)  # the disk as it is before the machine first starts
-    (real / "vm" / "disk.img").write_bytes(bytes(BLOCKS * BLOCK))
-    (real / "vm" / "vm.xml").write_text("<domain/>\n")
-    fs = powered(real, disk_mnt)
-    vm, state = disk_mnt / "vm", disk_mnt / "state"
+    fs: FaultFS | None = None
+    if disks is None:
+        real, disk_mnt = tmp_path / "source-disk", tmp_path / "disk"
+        (real / "vm").mkdir(parents=True)  # the disk as it is before the machine first starts
+        fs = powered(real, disk_mnt)
+        vm, state, kept = disk_mnt / "vm", disk_mnt / "state", real / "vm"
+    else:
+        vm, state = disks[0].mountpoint / "vm", disks[1].mountpoint / "state"
+        vm.mkdir()
+        kept = vm
+    (kept / "disk.img").write_bytes(bytes(BLOCKS * BLOCK))
+    (kept / "vm.xml").write_text("<domain/>\n")
+    if disks is not None:
+        os.sync()  # the machine's first start finds them on its disk
     receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
     sender = _start_sender(receiver.address, state, capture, vm, log)
     writer = _Writer(capture, rng.randrange(1 << 32))
@@ -155,26 +170,32 @@ def test_fsynced_writes_survive_power_cuts_under_fuse_capture(tmp_path: Path) ->
         for _ in range(CYCLES):
             writer.start()
             time.sleep(rng.uniform(0.3, 1.0))
-            cut = fs.power_cut(writeback(rng))
-            undone += cut["changes_undone"] + cut["names_undone"]
-            sender.kill()
+            if fs is not None:
+                cut = fs.power_cut(writeback(rng))
+                undone += cut["changes_undone"] + cut["names_undone"]
+            sender.kill()  # with a real disk: the power goes, nothing more reaches it
             sender.wait(timeout=30)
             subprocess.run(["umount", "-l", str(capture)], check=False, capture_output=True)
             writer.join()
-            fs.stop()
-            tags = block_tags(real / "vm" / "disk.img", BLOCKS)
+            if fs is not None:
+                fs.stop()
+            else:
+                assert disks is not None
+                undone += cut_took_back(*disks)
+            tags = block_tags(kept / "disk.img", BLOCKS)
             lost = flushed_writes_kept(tags, durable, writer.log[checked:], writer.flushed)
             assert not lost, f"after a power cut: {lost}"
             flushes += bool(writer.log[checked:]) and writer.flushed >= writer.log[checked][0]
             for name, data in writer.files.items():
-                path = real / "vm" / name
+                path = kept / name
                 assert path.exists(), f"{name} was fsynced with its folder, and is gone"
                 assert path.read_bytes() == data, f"{name} lost data it had fsynced"
             durable, checked = tags or durable, len(writer.log)
-            fs = rebooted(fs)  # the machine is back, with what its disk kept
+            if fs is not None:
+                fs = rebooted(fs)  # the machine is back, with what its disk kept
             sender = _start_sender(receiver.address, state, capture, vm, log)
         deadline = time.monotonic() + 90
-        while digest_or_none(receiver.dir / JOB) != tree_digest(real / "vm"):
+        while digest_or_none(receiver.dir / JOB) != tree_digest(kept):
             assert sender.poll() is None, log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the replica folder did not catch up"
             time.sleep(0.1)
@@ -188,6 +209,24 @@ def test_fsynced_writes_survive_power_cuts_under_fuse_capture(tmp_path: Path) ->
         if _mounted(capture):
             subprocess.run(["umount", "-l", str(capture)], check=False)
         receiver.stop()
-        fs.stop()
-    print(f"{CYCLES} power cuts: {undone} changes undone, {flushes} with fsynced writes")
-    assert undone > 0 and flushes > 0 and writer.files
+        if fs is not None:
+            fs.stop()
+    print(f"{CYCLES} power cuts: {undone} took back changes, {flushes} with fsynced writes")
+    return undone, flushes, len(writer.files)
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(300)
+def test_fsynced_writes_survive_power_cuts_under_fuse_capture(tmp_path: Path) -> None:
+    undone, flushes, files = _fuse_power_cycles(tmp_path)
+    assert undone > 0 and flushes > 0 and files
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("crash_disks", ["ext4-lazytime", "xfs", "btrfs"], indirect=True)
+def test_fsynced_writes_survive_real_power_cuts_under_fuse_capture(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
+) -> None:
+    undone, flushes, files = _fuse_power_cycles(tmp_path, crash_disks)
+    assert undone > 0 and flushes > 0 and files

@@ -5,36 +5,52 @@ told someone to act on it: the target starts the VM, the old source must stop. W
 grant or the promotion lost with the power, the next answer could contradict the first: a
 second target granted the same generation, or the old source's records written into the
 replicas a VM already runs from. The machine that answered loses its power at once after
-the answer, on real ext4 (``tests/crashdisk.py``: what no fsync covered is gone, names and
-metadata included), and comes back.
+the answer, on real ext4, XFS and btrfs (``tests/crashdisk.py``: what no fsync covered is
+gone, names and metadata included), and comes back. And a failback (the old source's
+image brought to the promoted replica's state), cut in its middle and at once after it
+said done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from replicator.engine.errors import ExitCode
 from replicator.engine.witness_client import BuiltinWitness
 from tests.cli.test_witness import start_witness
 from tests.crashdisk import CrashDisk, power_cut
-from tests.tools import forced_failover, one_line_error, qemu_io, replicator, start_receiver
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    b3,
+    forced_failover,
+    one_line_error,
+    qemu_io,
+    replicator,
+    send_once,
+    start_receiver,
+)
 
 MiB = 1 << 20
 QUIET = 0.2  # what a promotion asks the source to have been silent for
 
 
-def _disk(tmp_path: Path) -> CrashDisk:
-    disk = CrashDisk(tmp_path / "ext4.img", tmp_path / "ext4")  # not the helpers' disk.img
+def _disk(tmp_path: Path, fstype: str) -> CrashDisk:
+    disk = CrashDisk(tmp_path / "fs.img", tmp_path / "fs", fstype=fstype)  # not disk.img
     disk.make(64 * MiB)
     return disk
 
 
-def test_a_witness_grant_survives_a_power_cut(tmp_path: Path) -> None:
-    disk = _disk(tmp_path)
+@pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
+def test_a_witness_grant_survives_a_power_cut(tmp_path: Path, fstype: str) -> None:
+    disk = _disk(tmp_path, fstype)
     procs: list[subprocess.Popen[str]] = []
     try:
         witness, address = start_witness(disk.mountpoint / "witness")
@@ -67,8 +83,9 @@ def test_a_witness_grant_survives_a_power_cut(tmp_path: Path) -> None:
         disk.unmount()
 
 
-def test_a_failover_survives_a_power_cut(tmp_path: Path) -> None:
-    disk = _disk(tmp_path)
+@pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
+def test_a_failover_survives_a_power_cut(tmp_path: Path, fstype: str) -> None:
+    disk = _disk(tmp_path, fstype)
     try:
         source, state, target, _ = forced_failover(
             tmp_path, size="16M", target=disk.mountpoint / "target"
@@ -89,3 +106,65 @@ def test_a_failover_survives_a_power_cut(tmp_path: Path) -> None:
         assert again.returncode == 0 and json.loads(again.stdout)["already_promoted"] is True
     finally:
         disk.unmount()
+
+
+def _failback(address: str, state: Path, source: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*REPLICATOR, "failback", "--from", address, "--job", "vm", "--state-dir", str(state),
+         "--json", "--insecure", str(source)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("crash_disks", ["ext4-lazytime", "xfs", "btrfs"], indirect=True)
+def test_a_failback_survives_power_cuts_of_the_old_source(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
+) -> None:
+    """The old source's machine (its image on one file system, the sender's state on the
+    other) loses power in the middle of a failback, and again at once after a failback said
+    it was done. The first cut leaves the image half restored, which the failback's own
+    record says: run again, it finishes. After the second, the image must be the promoted
+    replica, as the failback's answer (and the sender's manifests) said: the next `send`
+    starts from a local basis, so an image short of the restored bytes would stay short."""
+    images, states = crash_disks
+    source, state, target, replica = forced_failover(
+        images.mountpoint, state=states.mountpoint / "state", target=tmp_path / "target"
+    )
+    qemu_io("raw", replica, "write -P 0x33 8M 40M")  # the promoted VM's writes: much to move
+    qemu_io("raw", source, "write -P 0x44 60M 2M")  # the old source's, never shipped
+    os.sync()  # all of the above on disk: only the failback is at stake
+    receiver = start_receiver(target)
+    try:
+        first = _failback(receiver.address, state, source)
+        deadline = time.monotonic() + 30
+        while not _restored_some(source):  # mid-failback: the first restored extents in
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the failback restored nothing in 30 s"
+            time.sleep(0.002)
+        first.kill()  # the power goes
+        first.wait(timeout=30)
+        power_cut(images, states)
+        refused = replicator(
+            "send", "--to", receiver.address, "--job", "vm", "--state-dir", str(state),
+            "--once", "--insecure", str(source),
+        )  # fmt: skip
+        assert refused.returncode == ExitCode.SPLIT_BRAIN, refused.stderr
+        second = _failback(receiver.address, state, source)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 0, err[-3000:]
+        assert json.loads(out)["resumed"] is True
+        power_cut(images, states)  # at once after the answer
+        assert b3(source) == b3(replica), "the failback said done; the image is not the replica"
+        qemu_io("raw", source, "write -P 0x55 1M 64k")  # the VM runs here again
+        resumed = send_once(receiver, "vm", state, source)
+        assert resumed["basis"] == "local"
+        assert b3(source) == b3(replica)
+    finally:
+        receiver.stop()
+
+
+def _restored_some(source: Path) -> bool:
+    """Whether the failback wrote any of the promoted VM's 0x33 extents into ``source``."""
+    with source.open("rb") as f:
+        f.seek(8 * MiB)
+        return b"\x33" * 4096 in f.read(40 * MiB)

@@ -272,12 +272,12 @@ def test_a_renamed_file_is_fsynced_before_its_new_ctime_is_stamped(
     itself puts that ctime on disk before the stamp naming it (btrfs's fsync of the
     folder does not: tests/engine/test_applier_power_cut.py)."""
     from replicator.engine import applier as applier_mod
+    from replicator.journal.durable import fsync_fd as real
 
     applier = Applier(tmp_path / "job")
     applier.apply_many([Record.create("notes", 0o600), Record.epoch(1)])
     applier.barrier()
     synced: list[int] = []
-    real = applier_mod.fsync_fd
 
     def noting(fd: int) -> None:
         synced.append(os.fstat(fd).st_ino)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from replicator.engine.window import CreditWindow
 from replicator.journal import Journal, Record, RecordType
 from replicator.transport import FramedConnection
 from tests.engine.sessions import ship_journal
-from tests.tools import b3
+from tests.tools import b3, tmpfs
 
 MiB = 1024 * 1024
 BASE = 66 * MiB
@@ -272,13 +271,8 @@ async def test_a_replica_applying_slower_than_records_arrive_holds_the_sender_ba
 def small_state_disk(tmp_path: Path) -> Iterator[Path]:
     """``tmp_path/rstate`` (the receiver's state folder in ``_most_unapplied``): a 4 MiB
     tmpfs the test mounts itself (root, as in CI)."""
-    state = tmp_path / "rstate"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)], check=True)
-    try:
+    with tmpfs(tmp_path / "rstate", "4m") as state:
         yield state
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 @pytest.mark.usefixtures("slow_apply", "small_state_disk")
