@@ -143,6 +143,12 @@ class Session:
         """The replica is promoted at the sender's final point: tell the sender."""
         await self.conn.send(Handover("promoted", 0, generation))
 
+    async def _send_error(self, error: Error) -> None:
+        """Tell the sender why the session ends, unless another of its tasks already did
+        (the protocol is closed then; the check and the send are one step of the loop)."""
+        if self.conn.state is not State.CLOSED:
+            await self.conn.send(error)
+
     async def _send_all(self, actions: list[Send]) -> None:
         for action in actions:
             if self.conn.state is State.CLOSED:  # we sent an Error: the session is over
@@ -156,12 +162,12 @@ class Session:
             await self.replica.receive(records, payload)
         except ReplicaDiverged as exc:
             log.error("receiver.replica_diverged", job=self.replica.job, files=[str(exc)])
-            await self.conn.send(Error("diverged", f"receiver cannot apply: {exc}"))
+            await self._send_error(Error("diverged", f"receiver cannot apply: {exc}"))
             raise _TakeFailed from exc
         except (JournalError, OSError, ApplyError) as exc:
             reason = storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
             log.error("receiver.storage", job=self.replica.job, error=reason)
-            await self.conn.send(Error("storage", reason))
+            await self._send_error(Error("storage", reason))
             raise _TakeFailed from exc
         self.core.ingested(records, len(payload))
         self.window.received(time.monotonic(), len(payload))
@@ -254,7 +260,7 @@ class Session:
         except OSError as exc:
             reason = storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
             log.error("receiver.storage", job=self.replica.job, error=reason)
-            await self.conn.send(Error("storage", reason))
+            await self._send_error(Error("storage", reason))
             return False
         return True
 
@@ -286,7 +292,7 @@ class Session:
         except (JournalError, OSError, ApplyError) as exc:
             reason = storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
             log.error("receiver.storage", job=self.replica.job, error=reason)
-            await self.conn.send(Error("storage", reason))
+            await self._send_error(Error("storage", reason))
             raise StorageFailed(reason) from exc
         self.window.observe_sync(time.monotonic() - started)
         self.replica.note_durable(records)
@@ -340,7 +346,7 @@ class Session:
             failure = replica.failure
             if failure is not None:
                 code = "diverged" if isinstance(failure, ReplicaDiverged) else "storage"
-                await self.conn.send(Error(code, f"receiver cannot apply: {failure}"))
+                await self._send_error(Error(code, f"receiver cannot apply: {failure}"))
                 raise ConnectionClosedError("apply failed")
             await self._send_all(self.core.applied(replica.received_lsn, replica.applied_lsn))
             if self.window.throttled:  # the backlog shrank: the window opens again

@@ -35,11 +35,12 @@ asks ``grant(...)`` after each sync and each apply how many bytes of Credit to s
   limit caps the window too (at 128 MiB, one BDP of a 10 Gbit/s link at 100 ms).
 
 * **The disk's room**: the receive journal has no cap, and its file system may be smaller
-  than the backlog limit and the window together. While the applier has work (whose trims
-  will free room), credit is also kept within the room its file system has left
-  (``room``): the sender waits for the applier instead of running the journal into ENOSPC,
-  which failed the session, and every reconnection after it, on a disk its own backlog
-  held full. Without applicable work nothing would free room: the sender goes on, and a
+  than the backlog limit and the window together. Credit is also kept within the room its
+  file system has left (``room``): the sender waits for the applier instead of running the
+  journal into ENOSPC, which failed the session, and every reconnection after it, on a
+  disk its own backlog held full. While the applier has work its trims will free room (the
+  session grants again after each apply); without it, only while the room still holds
+  the largest record (``base``): nothing would free more, so the sender goes on, and a
   full disk is told as such.
 
 ``grant`` keeps ``credit outstanding + received not synced + grant <= window``; with a
@@ -134,12 +135,13 @@ class CreditWindow:
             window = max(0, self.backlog_max - backlog)
         self.window = window
         granted = max(0, window - outstanding - unsynced)
-        if room is not None and applicable and backlog > 0:
-            # the disk's room: what the applier will free (trimming what it applied) is
-            # worth waiting for; a journal that ran its file system full would fail the
-            # session instead. Without applicable work nothing would free room: the
-            # sender goes on, and a full disk is told as such.
+        if room is not None:
+            # the disk's room: a journal that ran its file system full would fail the
+            # session. Within it, then, while the applier has work (its trims will free
+            # room: the session grants again after each apply), or while the room still
+            # holds the largest record; else nothing would ever free room, and the sender
+            # goes on until a full disk is told as such.
             fits = max(0, room - outstanding - unsynced)
-            if fits < granted:
-                self.throttled, granted = True, fits
+            if fits < granted and (applicable or fits >= self.base):
+                self.throttled, granted = self.throttled or applicable, fits
         return granted

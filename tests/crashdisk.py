@@ -52,7 +52,9 @@ class CrashDisk:
     options: str = "relatime"
     fstype: str = "ext4"
 
-    def make(self, size: int = 128 * MiB) -> None:
+    def make(self, size: int = 320 * MiB) -> None:
+        """Sparse: the image holds what is written. The default leaves a receiver's state
+        folder room for its journal's backlog (docs/OPERATIONS.md, "Where state lives")."""
         mkfs = _MKFS[self.fstype]
         require_tool(mkfs[0])
         require_tool(_CHECK[self.fstype][0])
