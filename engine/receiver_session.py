@@ -24,8 +24,8 @@ from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import path_problem
 from replicator.engine.pacing import unapplied_bytes
 from replicator.engine.replica_files import ReplicaDiverged
-from replicator.engine.sender_state import state_reserve
 from replicator.engine.session_core import ReceiverCore, Send
+from replicator.engine.statedir import free_bytes, state_reserve
 from replicator.engine.window import CreditWindow
 from replicator.journal import (
     JournalError,
@@ -149,6 +149,15 @@ class Session:
         if self.conn.state is not State.CLOSED:
             await self.conn.send(error)
 
+    async def _storage_failed(self, exc: BaseException) -> str:
+        """Log a failed write or sync of the job's replicas or state and tell the sender
+        why (a full disk with the room left where the job's folders are); the reason."""
+        replica = self.replica
+        reason = storage_reason(exc, (replica.replica_dir, replica.state_dir))
+        log.error("receiver.storage", job=replica.job, error=reason)
+        await self._send_error(Error("storage", reason))
+        return reason
+
     async def _send_all(self, actions: list[Send]) -> None:
         for action in actions:
             if self.conn.state is State.CLOSED:  # we sent an Error: the session is over
@@ -165,9 +174,7 @@ class Session:
             await self._send_error(Error("diverged", f"receiver cannot apply: {exc}"))
             raise _TakeFailed from exc
         except (JournalError, OSError, ApplyError) as exc:
-            reason = storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
-            log.error("receiver.storage", job=self.replica.job, error=reason)
-            await self._send_error(Error("storage", reason))
+            await self._storage_failed(exc)
             raise _TakeFailed from exc
         self.core.ingested(records, len(payload))
         self.window.received(time.monotonic(), len(payload))
@@ -258,9 +265,7 @@ class Session:
         try:
             await self.replica.raise_point_floor(lsn)
         except OSError as exc:
-            reason = storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
-            log.error("receiver.storage", job=self.replica.job, error=reason)
-            await self._send_error(Error("storage", reason))
+            await self._storage_failed(exc)
             return False
         return True
 
@@ -290,10 +295,7 @@ class Session:
         try:
             await self.replica.make_durable()
         except (JournalError, OSError, ApplyError) as exc:
-            reason = storage_reason(exc, (self.replica.replica_dir, self.replica.state_dir))
-            log.error("receiver.storage", job=self.replica.job, error=reason)
-            await self._send_error(Error("storage", reason))
-            raise StorageFailed(reason) from exc
+            raise StorageFailed(await self._storage_failed(exc)) from exc
         self.window.observe_sync(time.monotonic() - started)
         self.replica.note_durable(records)
         replica = self.replica
@@ -318,10 +320,9 @@ class Session:
         """Bytes the receive journal may still grow by: its file system's free space less
         what the state files need beside it (None when it cannot be read)."""
         try:
-            fs = os.statvfs(self.replica.state_dir)
+            return max(0, free_bytes(self.replica.state_dir) - self._state_reserve)
         except OSError:
             return None
-        return max(0, fs.f_bavail * fs.f_frsize - self._state_reserve)
 
     async def _pinger(self) -> None:
         """Measure the round trip (the sender answers our Ping with a Pong)."""
@@ -457,13 +458,12 @@ def _room_left(folders: tuple[Path, ...]) -> str:
         while not folder.exists() and folder.parent != folder:
             folder = folder.parent
         try:
-            device = os.stat(folder).st_dev
-            fs = os.statvfs(folder)
+            device, free = os.stat(folder).st_dev, free_bytes(folder)
         except OSError:
             continue
         if device not in seen:
             seen.add(device)
-            parts.append(f"{fs.f_bavail * fs.f_frsize // (1024 * 1024)} MiB free for {folder}")
+            parts.append(f"{free // (1024 * 1024)} MiB free for {folder}")
     return "; ".join(parts)
 
 

@@ -40,7 +40,7 @@ from replicator.engine.scan import (
     resize_basis,
 )
 from replicator.engine.served_alone import load_served_alone
-from replicator.engine.statedir import StateDirLock
+from replicator.engine.statedir import StateDirLock, files_bytes, free_bytes, state_reserve
 from replicator.engine.tree import Tree, fold, from_entries
 from replicator.engine.volumes import (
     DEFAULT_EXTENT,
@@ -62,26 +62,6 @@ DEFAULT_SEGMENT = 64 * 1024 * 1024
 MIN_SEGMENT = 1024 * 1024
 
 
-# Block rounding of the journal's files (up to MAX_SPARES spares, the sealed segments the
-# acks have not trimmed yet, the active one) and the small state files' rewrites.
-STATE_SLACK = 64 * 1024
-
-
-def _files_bytes(folder: Path) -> int:
-    """The sizes of the regular files directly in ``folder`` (0 when it does not exist)."""
-    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
-        return sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
-    return 0
-
-
-def state_reserve(state_dir: Path) -> int:
-    """Free room the state folder's own files need beside the journal: each is replaced
-    atomically (the old and the new side by side for a moment), so their sizes once more,
-    plus ``STATE_SLACK``. A journal that took this room would meet ENOSPC, or make a
-    manifest save meet it, on a file system that something else has filled."""
-    return _files_bytes(state_dir) + STATE_SLACK
-
-
 def journal_cap(state_dir: Path, asked: int) -> int:
     """The journal's cap: ``asked`` (``--journal-max``), or less when the state folder's
     file system has not the room for it: what the journal holds now and half the free
@@ -90,9 +70,8 @@ def journal_cap(state_dir: Path, asked: int) -> int:
     and resyncs them later (its VM's writes go on) and a scan waits for acks; a journal
     that ran its file system out of space would instead fail the capture and the VM's
     writes with it."""
-    held = _files_bytes(state_dir / "journal")
-    fs = os.statvfs(state_dir)
-    free = fs.f_bavail * fs.f_frsize
+    held = files_bytes(state_dir / "journal")
+    free = free_bytes(state_dir)
     room = held + max(0, free - state_reserve(state_dir)) // 2
     if room >= asked:
         return asked

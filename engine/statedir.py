@@ -3,6 +3,7 @@ each locked so one process owns it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from types import TracebackType
@@ -10,6 +11,31 @@ from types import TracebackType
 from replicator.engine.errors import ConfigError, cannot_use_folder, unwritable_folder
 from replicator.journal.durable import makedirs_durable
 from replicator.journal.locking import lock_directory
+
+# Block rounding of the journal's files (up to MAX_SPARES spares, the sealed segments the
+# acks have not trimmed yet, the active one) and the small state files' rewrites.
+STATE_SLACK = 64 * 1024
+
+
+def files_bytes(folder: Path) -> int:
+    """The sizes of the regular files directly in ``folder`` (0 when it does not exist)."""
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        return sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+    return 0
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes the file system holding ``folder`` still has for an unprivileged writer."""
+    fs = os.statvfs(folder)
+    return fs.f_bavail * fs.f_frsize
+
+
+def state_reserve(state_dir: Path) -> int:
+    """Free room a state folder's own files need beside its journal: each is replaced
+    atomically (the old and the new side by side for a moment), so their sizes once more,
+    plus ``STATE_SLACK``. A journal that took this room would meet ENOSPC, or make a
+    state save meet it (the sender's journal cap, the receiver's credit keep it free)."""
+    return files_bytes(state_dir) + STATE_SLACK
 
 
 def default_state_dir(side: str, job: str) -> Path:

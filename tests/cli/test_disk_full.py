@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ExitCode
-from replicator.engine.sender_state import journal_cap, state_reserve
+from replicator.engine.sender_state import journal_cap
+from replicator.engine.statedir import state_reserve
 from tests.killcycles import tree_digest
 from tests.tools import (
     ENV,
