@@ -21,7 +21,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -459,6 +459,24 @@ def digest_of(contents: dict[str, bytes]) -> str:
 def tree_digest(root: Path) -> str:
     """What a folder holds (paths, kinds, contents, link targets), as one digest."""
     return digest_of(tree_contents(root))
+
+
+def wait_written(
+    path: Path, ended: Callable[[], bool] = lambda: False, timeout: float = 60
+) -> None:
+    """Wait until something writes into ``path`` (its mtime moves; it may not exist
+    yet), or ``ended()`` says nothing will (the writer is done)."""
+
+    def mtime() -> int:
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    first, deadline = mtime(), time.monotonic() + timeout
+    while mtime() == first and not ended():
+        assert time.monotonic() < deadline, f"nothing wrote into {path.name} for {timeout:.0f} s"
+        time.sleep(0.002)
 
 
 def digest_or_none(path: Path) -> str | None:

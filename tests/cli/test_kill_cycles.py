@@ -49,6 +49,7 @@ from tests.killcycles import (
     prefix_state,
     tree_difference,
     tree_digest,
+    wait_written,
     writeback,
 )
 from tests.tools import ENV, REPLICATOR, ReceiverProc, b3, qemu_img, start_receiver
@@ -426,16 +427,6 @@ def _cut(fs: FaultFS, tally: Tally, rng: random.Random) -> None:
     tally.names_undone += undone["names_undone"]
 
 
-def _replica_moves(receiver: ReceiverProc, timeout: float = 60) -> None:
-    """Wait until the receiver writes into the replica (a session is streaming)."""
-    replica = receiver.dir / JOB / "disk.img"
-    first = b3(replica) if replica.exists() else ""
-    deadline = time.monotonic() + timeout
-    while not replica.exists() or b3(replica) == first:
-        assert time.monotonic() < deadline, "the receiver wrote nothing for a minute"
-        time.sleep(0.02)
-
-
 def _power_cycles(
     tmp_path: Path,
     cycles: int,
@@ -475,7 +466,7 @@ def _power_cycles(
         # unsynced bytes (about half the cuts): up to 4 times the cycles until one did
         while tally.cycles < cycles or (disks and not tally.undone and tally.cycles < 4 * cycles):
             if disks is not None:  # cut while records arrive, not while the sender backs off
-                _replica_moves(receiver)
+                wait_written(receiver.dir / JOB / "disk.img")  # a session is streaming
             time.sleep(rng.uniform(0.2, 0.8))
             if fs is not None:
                 _cut(fs, tally, rng)

@@ -7,11 +7,13 @@ the power goes, data and names (``tests/faultfs/volatile.py``, ``volatile_names.
 After each cut, with the receiver dead and its disk as a reboot would find it, a replica
 its state calls a consistency point must be exactly one of the versions of the source
 that were sent; then a plain `send --once` brings it level with the source (`qemu-img
-compare`), without `--resync`.
+compare`), without `--resync`. The same on real file systems (``tests/crashdisk.py``), and
+the source machine's power cut during scanned sends, on both.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -24,7 +26,7 @@ from replicator.engine import replica_state
 from tests.cli.faults import equal
 from tests.crashdisk import CrashDisk, cut_took_back
 from tests.faultfs import FaultFS, powered, rebooted
-from tests.killcycles import seeded, writeback
+from tests.killcycles import seeded, wait_written, writeback
 from tests.tools import ENV, REPLICATOR, b3, qemu_img, start_receiver
 
 MiB = 1 << 20
@@ -76,19 +78,8 @@ def _sender(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def _replica_written(replica: Path, sender: subprocess.Popen[str]) -> None:
-    """Wait until the receiver writes into ``replica`` (its mtime moves), or the send ended."""
-
-    def mtime() -> int:
-        try:
-            return replica.stat().st_mtime_ns
-        except FileNotFoundError:
-            return 0
-
-    first, deadline = mtime(), time.monotonic() + 60
-    while mtime() == first and sender.poll() is None:
-        assert time.monotonic() < deadline, "the sync wrote nothing for a minute"
-        time.sleep(0.002)
+def _ended(proc: subprocess.Popen[str]) -> bool:
+    return proc.poll() is not None
 
 
 def _synced_level(address: str, state: Path, disk: Path, image: Path, replica: Path) -> None:
@@ -104,92 +95,59 @@ def _synced_level(address: str, state: Path, disk: Path, image: Path, replica: P
     qemu_img("compare", "-q", "-f", "raw", "-F", "raw", str(image), str(replica))
 
 
-@pytest.mark.tools
-@pytest.mark.timeout(300)
-def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
-    rng = seeded("power-cut")
+def _receiver_cuts(
+    tmp_path: Path, disks: tuple[CrashDisk, CrashDisk] | None = None
+) -> tuple[int, int, int]:
+    """`send --once` runs, full then differential, each cut by the receiver machine's
+    power going mid-send or after it; after each cut a replica its state calls a
+    consistency point must be a version that was sent, and a plain send at the end brings
+    it level. On faultfs, or with ``disks`` on real file systems (tests/crashdisk.py:
+    replicas on one, the receiver's state on the other, their metadata coming back as
+    each wrote it, the ctimes the receiver's stamps name included, so a send after a cut
+    must not find the replica "changed outside replication"). Returns (cycles, cuts
+    mid-send, cuts that took something back: changes undone on faultfs)."""
+    rng = seeded("power-cut" if disks is None else "real-power-cut")
     disk, state = tmp_path / "disk.img", tmp_path / "state"
     disk.write_bytes(rng.randbytes(IMAGE))
-    real, mnt = tmp_path / "receiver-disk", tmp_path / "mnt"
     log = tmp_path / "receiver.log"
-    fs = powered(real, mnt)
-    receiver = start_receiver(mnt / "target", log=log)
+    fs: FaultFS | None = None
+    if disks is None:
+        fs = powered(tmp_path / "receiver-disk", tmp_path / "mnt")
+        target, state_dir = fs.mountpoint / "target", None
+    else:
+        target, state_dir = disks[0].mountpoint / "target", disks[1].mountpoint / "state"
+    receiver = start_receiver(target, log=log, state_dir=state_dir)
     replica = receiver.dir / JOB / "disk.img"
     sent: set[str] = set()  # digests of the source at every send started
     cycle = cut_mid_send = undone = 0
     try:
-        # until a cut took something back (up to 3 times the cycles): on a busy machine the
-        # receiver may have synced all it wrote by the time a cut lands, cycles on end
-        while cycle < CYCLES or (not undone and cycle < 3 * CYCLES):
+        # up to 3 times the cycles until what the run is about happened: on faultfs a cut
+        # that took something back (on a busy machine the receiver may have synced all it
+        # wrote by each cut); on a real disk a cut mid-send (whether it takes anything
+        # back is the machine's: the sync's large writes may go past the page cache,
+        # engine/write_path.py, and then the disk has them as they are written)
+        while cycle < CYCLES or (not (cut_mid_send if disks else undone) and cycle < 3 * CYCLES):
             changed = _write_random(disk, rng, rng.randrange(1, 6)) if cycle else IMAGE
             sent.add(b3(disk))
             sender = _sender(receiver.address, state, disk)
-            # a third of the cuts come once the send has finished (and said so)
-            after = rng.randrange(changed // 20, changed) if rng.random() < 0.67 else 1 << 62
-            undone += _cut_during(fs, sender, after, writeback(rng))["changes_undone"]
-            receiver.proc.kill()
-            receiver.proc.wait(timeout=30)
-            rc = sender.wait(timeout=120)  # its machine runs on: it fails, or had finished
-            cut_mid_send += rc != 0
-            fs = rebooted(fs)
-            at_rest = replica_state.load(receiver.dir / ".replicator" / JOB, JOB)
-            if at_rest is not None and at_rest.consistent and not at_rest.applying:
-                assert replica.exists() and b3(replica) in sent, (
-                    f"cycle {cycle}: the replica is called a consistency point ({at_rest}) "
-                    "but holds no version of the source that was sent"
-                )
-            receiver = start_receiver(receiver.dir, receiver.port, log=log)
-            cycle += 1
-        _synced_level(receiver.address, state, disk, disk, replica)
-    except BaseException:
-        print(log.read_text(errors="replace")[-6000:] if log.exists() else "")
-        raise
-    finally:
-        receiver.stop()
-        fs.stop()
-    print(f"power cuts: {cut_mid_send} of {cycle} during a send; {undone} changes undone")
-    assert undone > 0
-
-
-@pytest.mark.tools
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("crash_disks", ["ext4-lazytime", "xfs", "btrfs"], indirect=True)
-def test_real_power_cuts_during_syncs(
-    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
-) -> None:
-    """The same on real file systems (tests/crashdisk.py), the replicas on one, the
-    receiver's state on the other: their metadata comes back as each wrote it, the ctimes
-    the receiver's stamps name included. So after each cut a plain `send --once` must not
-    find the replica "changed outside replication", and at the end it is level."""
-    rng = seeded("real-power-cut")
-    disk, state = tmp_path / "disk.img", tmp_path / "state"
-    disk.write_bytes(rng.randbytes(IMAGE))
-    replicas, states = crash_disks
-    log = tmp_path / "receiver.log"
-    receiver = start_receiver(
-        replicas.mountpoint / "target", log=log, state_dir=states.mountpoint / "state"
-    )
-    replica = receiver.dir / JOB / "disk.img"
-    sent: set[str] = set()
-    cycle = cut_mid_send = undone = 0
-    try:
-        # until a cut came mid-send (up to 3 times the cycles). Whether a cut takes anything
-        # back is the machine's choice: the sync's large writes may go past the page cache
-        # (engine/write_path.py), and then the disk has them as they are written
-        while cycle < CYCLES or (not cut_mid_send and cycle < 3 * CYCLES):
-            if cycle:
-                _write_random(disk, rng, rng.randrange(1, 6))
-            sent.add(b3(disk))
-            sender = _sender(receiver.address, state, disk)
-            if rng.random() < 0.67:  # once the sync writes the replica, or after it said done
-                _replica_written(replica, sender)
+            mid_send = rng.random() < 0.67  # else once the send has finished (and said so)
+            if fs is not None:
+                after = rng.randrange(changed // 20, changed) if mid_send else 1 << 62
+                undone += _cut_during(fs, sender, after, writeback(rng))["changes_undone"]
+            elif mid_send:  # once the sync writes the replica
+                wait_written(replica, functools.partial(_ended, sender))
                 time.sleep(rng.uniform(0.0, 0.03))
             else:
                 sender.wait(timeout=120)
-            receiver.proc.kill()  # the power goes: nothing more reaches either disk
+            receiver.proc.kill()  # on a real disk: the power goes, nothing more reaches it
             receiver.proc.wait(timeout=30)
-            cut_mid_send += sender.wait(timeout=120) != 0
-            undone += cut_took_back(*crash_disks)
+            rc = sender.wait(timeout=120)  # its machine runs on: it fails, or had finished
+            cut_mid_send += rc != 0
+            if fs is not None:
+                fs = rebooted(fs)
+            else:
+                assert disks is not None
+                undone += cut_took_back(*disks)
             at_rest = replica_state.load(receiver.state_root / JOB, JOB)
             if at_rest is not None and at_rest.consistent and not at_rest.applying:
                 assert replica.exists() and b3(replica) in sent, (
@@ -206,7 +164,26 @@ def test_real_power_cuts_during_syncs(
         raise
     finally:
         receiver.stop()
+        if fs is not None:
+            fs.stop()
     print(f"power cuts: {cut_mid_send} of {cycle} during a send; {undone} took back changes")
+    return cycle, cut_mid_send, undone
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(300)
+def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
+    _, _, undone = _receiver_cuts(tmp_path)
+    assert undone > 0
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("crash_disks", ["ext4-lazytime", "xfs", "btrfs"], indirect=True)
+def test_real_power_cuts_during_syncs(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
+) -> None:
+    _, cut_mid_send, _ = _receiver_cuts(tmp_path, crash_disks)
     assert cut_mid_send > 0
 
 

@@ -288,3 +288,43 @@ def test_a_renamed_file_is_fsynced_before_its_new_ctime_is_stamped(
     applier.barrier()
     assert os.lstat(tmp_path / "job" / "notes.old").st_ino in synced
     applier.close()
+
+
+def test_a_renamed_files_fsync_failing_stamps_nothing_and_the_redo_converges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The barrier's fsync of a file that was only renamed fails with EIO: the barrier
+    fails before any stamp moves (the receiver saves none, and its redo applies the round
+    again from the journal); the same round redone stamps the file as it is."""
+    from replicator.engine import applier as applier_mod
+    from replicator.journal.durable import fsync_fd as real
+
+    job = tmp_path / "job"
+    applier = Applier(job)
+    applier.apply_many([Record.create("notes", 0o600), Record.epoch(1)])
+    applier.barrier()
+    before = dict(applier.files.stamps)
+    renamed = os.lstat(job / "notes").st_ino
+
+    def eio_for_the_renamed(fd: int) -> None:
+        if os.fstat(fd).st_ino == renamed:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(applier_mod, "fsync_fd", eio_for_the_renamed)
+    round_ = [Record.rename("notes", "notes.old"), Record.epoch(2)]
+    applier.apply_many(round_)
+    with pytest.raises(OSError):
+        applier.barrier()
+    # not stamped afresh: the stamp moved with the name still names the old ctime
+    assert applier.unstamped == {"notes.old"}
+    assert applier.files.stamps["notes.old"] == before["notes"]
+    applier.close()
+    monkeypatch.undo()
+    redo = Applier(job)  # the receiver's redo: a fresh applier, the round from the journal
+    redo.files.stamps.update(before)
+    redo.apply_many(round_)
+    redo.barrier()
+    redo.files.check("notes.old", os.lstat(job / "notes.old"))
+    assert "notes" not in redo.files.stamps
+    redo.close()
