@@ -360,6 +360,16 @@ class JobReplica:
         if self._direct_lsn > self.state.applied_lsn:
             await self._commit_direct_overlapped()
         await self.journal.sync()
+        await self._trim_applied()
+
+    async def _trim_applied(self) -> None:
+        """Drop the sealed segments the applier is done with. It trims after each apply,
+        but a segment still active then keeps its applied records until the next apply,
+        and on a small disk that apply may wait for an epoch the room left cannot hold
+        beside them: they go as soon as a roll has sealed them."""
+        upto = self.state.applied_lsn + 1
+        if self.journal.trimmable(upto):
+            await self.journal.trim(upto)
 
     def _direct_count(self, records: list[Record]) -> int:
         """How many of ``records`` (a prefix) go straight into the replica: all of them up

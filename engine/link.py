@@ -42,6 +42,7 @@ from replicator.journal import EncodedRecord, Journal, Record
 from replicator.journal.records import encode_parts
 from replicator.transport import (
     PROTOCOL_VERSION,
+    Credit,
     Error,
     FramedConnection,
     Goodbye,
@@ -321,6 +322,8 @@ class Link:
         core = self._started()
         while not self._closed:
             msg = await self.conn.recv(timeout=REPLY_TIMEOUT)
+            if isinstance(msg, Credit):
+                core.credit_seen(self.conn.credit)
             for action in core.receive(msg):
                 if isinstance(action, Trim):
                     await self.journal.trim(action.upto)

@@ -101,12 +101,16 @@ class Session:
         await replica.make_durable()
         replica.session_started()
         self.core = ReceiverCore(replica.applied_lsn)
+        welcomed = replica.applied_lsn
         await self.conn.send(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,
                 received_lsn=replica.received_lsn,
-                applied_lsn=replica.applied_lsn,
-                window=self.config.window,
+                applied_lsn=welcomed,
+                # the first credit, within the journal's room like every grant after it
+                # (a restart with a backlog on a small disk: the whole window at once ran
+                # the journal into ENOSPC); the applier's progress grants the rest
+                window=self._grant(),
                 # records-checked: every Records frame goes through ReceiverCore.records,
                 # which checks each record's checksum before any is used
                 capabilities=("lz4", "manifest", CAP_RECORDS_CHECKED),
@@ -116,7 +120,7 @@ class Session:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._syncer())
-                tg.create_task(self._applied_acker())
+                tg.create_task(self._applied_acker(welcomed))
                 tg.create_task(self._pinger())
                 await self._reader(tg)
                 raise _SessionOver  # the reader ended the session: cancel syncer and acker
@@ -308,11 +312,13 @@ class Session:
         return self.window.grant(
             time.monotonic(),
             outstanding=self.conn.credit,
-            unsynced=self.core.unsynced_bytes,
+            unsynced=self.core.in_hand_bytes,
             backlog=unapplied_bytes(
                 journal.bytes_used, journal.first_lsn, journal.last_lsn, replica.applied_lsn
             ),
-            applicable=replica.last_barrier > replica.applied_lsn,
+            # an epoch whose barrier was read is applicable once synced (the sync
+            # needs no credit), and its apply will free room: keep its credit within it
+            applicable=max(replica.last_barrier, self.core.barrier_read) > replica.applied_lsn,
             room=self._journal_room(),
         )
 
@@ -339,11 +345,22 @@ class Session:
             self._sync_wake.clear()
             await self._sync_once()
 
-    async def _applied_acker(self) -> None:
+    async def _applied_acker(self, welcomed: int) -> None:
+        """Acknowledge each move of the applied LSN (from ``welcomed``, the Welcome's) and
+        grant again what the applier freed of the backlog and the journal's room. It waits
+        for the move, not for a notification: one that came while this task was sending,
+        or before it started (the Welcome's credit may wait for the first apply), would
+        leave the sender waiting for credit with nothing left to apply."""
         replica = self.replica
+        seen = welcomed
+
+        def moved() -> bool:
+            return replica.failure is not None or replica.applied_lsn != seen
+
         while True:
             async with replica.applied_changed:
-                await replica.applied_changed.wait()
+                await replica.applied_changed.wait_for(moved)
+            seen = replica.applied_lsn
             failure = replica.failure
             if failure is not None:
                 code = "diverged" if isinstance(failure, ReplicaDiverged) else "storage"

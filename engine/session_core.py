@@ -152,7 +152,7 @@ class SenderCore:
     """A sending session's rules (see the module docstring). Starts from the Welcome."""
 
     def __init__(self, welcome: Welcome) -> None:
-        self.window = welcome.window
+        self.window = welcome.window  # frames never exceed it (see ``credit_seen``)
         self.received_lsn = welcome.received_lsn
         self.applied_lsn = welcome.applied_lsn
         # (last lsn, source time of its first record, payload bytes) of frames not applied
@@ -189,6 +189,13 @@ class SenderCore:
         if moved:
             actions.insert(0, Trim(self.applied_lsn + 1))
         return actions
+
+    def credit_seen(self, credit: int) -> None:
+        """The sender holds ``credit`` now: frames may grow to the most it has held, which
+        the receiver's window covers again once it has synced what it took. (A Welcome's
+        credit is kept within a small journal's room, so it may start low; frames capped
+        there would all be single records for the rest of the session.)"""
+        self.window = max(self.window, credit)
 
     def relieve_below(self) -> int | None:
         """Our journal is full: the LSN below which records may go anyway (the receiver
@@ -249,23 +256,33 @@ class ReceiverCore:
         self._unsynced: list[Record] = []
         self._unsynced_bytes = 0
         self._acked_applied = applied_lsn
+        # payload bytes of frames read and not yet ingested (the frame being written, the
+        # next one read meanwhile): neither credit the sender holds nor unsynced
+        self._held = 0
+        self.barrier_read = 0  # the last barrier's LSN read off the wire
 
-    @staticmethod
-    def records(msg: Records) -> list[Record]:
-        """The records of a Records frame, each checked; RemoteProtocolError when one is
-        malformed or names something that cannot be under a replica folder."""
-        try:  # count and LSN order were checked with the frame: see Records
-            records = decode_records(msg.payload)
-        except RecordError as exc:
-            raise RemoteProtocolError(f"malformed record in Records: {exc}") from exc
+    def records(self, msg: Records) -> list[Record]:
+        """The records of a Records frame just read, each checked (RemoteProtocolError
+        when one is malformed or names something that cannot be under a replica folder);
+        held until ``ingested``."""
+        records = check_records(msg)
+        self._held += len(msg.payload)
         for record in records:
-            check_record(record)
+            if record.is_barrier:
+                self.barrier_read = record.lsn
         return records
 
     def ingested(self, records: list[Record], payload_bytes: int) -> None:
-        """``records`` are in the journal, not yet synced."""
+        """``records`` (a frame ``records`` returned) are in the journal, not yet synced."""
+        self._held -= payload_bytes
         self._unsynced.extend(records)
         self._unsynced_bytes += payload_bytes
+
+    @property
+    def in_hand_bytes(self) -> int:
+        """Payload bytes read off the wire and not synced yet: with the credit the sender
+        holds, what may still reach the journal before the next sync."""
+        return self._held + self._unsynced_bytes
 
     @property
     def unsynced(self) -> bool:
@@ -303,6 +320,18 @@ class ReceiverCore:
         if isinstance(msg, Ping):
             return [Send(Pong(msg.nonce, msg.ts_ns))]
         return []
+
+
+def check_records(msg: Records) -> list[Record]:
+    """The records of a Records frame, each checked; RemoteProtocolError when one is
+    malformed or names something that cannot be under a replica folder."""
+    try:  # count and LSN order were checked with the frame: see Records
+        records = decode_records(msg.payload)
+    except RecordError as exc:
+        raise RemoteProtocolError(f"malformed record in Records: {exc}") from exc
+    for record in records:
+        check_record(record)
+    return records
 
 
 def check_record(record: Record) -> None:

@@ -38,10 +38,12 @@ asks ``grant(...)`` after each sync and each apply how many bytes of Credit to s
   than the backlog limit and the window together. Credit is also kept within the room its
   file system has left (``room``): the sender waits for the applier instead of running the
   journal into ENOSPC, which failed the session, and every reconnection after it, on a
-  disk its own backlog held full. While the applier has work its trims will free room (the
-  session grants again after each apply); without it, only while the room still holds
-  the largest record (``base``): nothing would free more, so the sender goes on, and a
-  full disk is told as such.
+  disk its own backlog held full. While the applier has work (or will have, once a
+  barrier already read is synced) its trims will free room (the session grants again
+  after each apply); without it, only while the room still holds the largest record
+  (``base``): nothing would free more, so the sender goes on, and a full disk is told as
+  such. The session asks ``grant`` for the Welcome's credit too, and counts as "received
+  not synced" the frames it has read and not written yet.
 
 ``grant`` keeps ``credit outstanding + received not synced + grant <= window``; with a
 fixed window that is exactly "grant again what was synced", the rule before.

@@ -321,6 +321,11 @@ class Journal:
     def segment_count(self) -> int:
         return len(self._segments)
 
+    def trimmable(self, upto_lsn: int) -> bool:
+        """True when ``trim(upto_lsn)`` would drop a sealed segment (cheap: no I/O)."""
+        first = self._segments[0]
+        return len(self._segments) > 1 and first.sealed and first.next_lsn <= upto_lsn
+
     # ------------------------------------------------------------------ append
     async def append(self, record: Record) -> int:
         """Append one record; returns its LSN. Durable only after ``sync``.

@@ -155,7 +155,13 @@ class Replication(RuleBasedStateMachine):
         self.rp.receive_data(bytes(chunk))
         for msg in _events(self.rp):
             if isinstance(msg, Records):
+                before = self.receiver.in_hand_bytes
                 records = self.receiver.records(msg)
+                # read: in hand (counted against the journal's room) before it is written
+                assert self.receiver.in_hand_bytes == before + len(msg.payload)
+                barriers = [r.lsn for r in records if r.is_barrier]
+                if barriers:
+                    assert self.receiver.barrier_read == barriers[-1]
                 self.unsynced += records
                 self.unsynced_bytes += len(msg.payload)
                 self.receiver.ingested(records, len(msg.payload))
@@ -324,6 +330,39 @@ def test_refusals_and_goodbyes_become_user_errors() -> None:
     with pytest.raises(Exception, match="closed the session: bye"):
         core.receive(Goodbye("bye"))
     assert "--resync" in (refusal_error("diverged", "x").hint or "")
+
+
+def test_frames_grow_to_the_most_credit_the_sender_has_held() -> None:
+    """A Welcome's credit may start low (within a small journal's room); frames capped
+    there for the whole session would all be single records."""
+    core = SenderCore(Welcome(PROTOCOL_VERSION, 0, 0, 0, (), 0))
+    pending = collections.deque(
+        _encoded(Record.write("a", i * 1000, b"z" * 1000), i + 1, i + 1) for i in range(20)
+    )
+    assert core.pack(pending).count == 1
+    core.credit_seen(5000)
+    assert core.pack(pending).count == 4  # what 5000 bytes of credit cover
+    core.credit_seen(3000)  # less credit now: the cap stays at the most seen
+    assert core.pack(pending).count == 4
+
+
+def test_the_receiver_holds_a_frame_in_hand_from_its_reading_to_its_sync() -> None:
+    """Bytes read off the wire count against the journal's room from the moment they are
+    read (the next frame is read while the last one is written), and a barrier read says
+    the applier will have an epoch to apply once they are synced."""
+    sender = SenderCore(Welcome(PROTOCOL_VERSION, 0, 0, WINDOW, (), 0))
+    pending = collections.deque(
+        [_encoded(Record.write("a", 0, b"q" * 100), 1, 1), _encoded(Record.epoch(1), 2, 2)]
+    )
+    frame = sender.pack(pending)
+    core = ReceiverCore(0)
+    records = core.records(frame)
+    assert (core.in_hand_bytes, core.unsynced_bytes) == (len(frame.payload), 0)
+    assert core.barrier_read == 2
+    core.ingested(records, len(frame.payload))
+    assert (core.in_hand_bytes, core.unsynced_bytes) == (len(frame.payload),) * 2
+    assert core.take_unsynced() == (records, len(frame.payload))
+    assert core.in_hand_bytes == 0
 
 
 def test_the_receiver_acks_applied_once_per_move() -> None:

@@ -311,6 +311,20 @@ async def test_trim_drops_sealed_segments_only(tmp_path: Path) -> None:
         await j.aclose()
 
 
+async def test_trimmable_says_whether_a_trim_would_drop_a_segment(tmp_path: Path) -> None:
+    j = await filled(tmp_path, 60)
+    try:
+        assert j.segment_count > 2
+        for upto in range(1, 62):
+            count = j.segment_count
+            would = j.trimmable(upto)
+            await j.trim(upto)
+            assert would == (j.segment_count < count), upto
+        assert not j.trimmable(10**6)  # one segment left: the active one stays
+    finally:
+        await j.aclose()
+
+
 async def test_observer_sees_every_append_and_before_trim_can_hold_a_trim(
     tmp_path: Path,
 ) -> None:
