@@ -66,6 +66,7 @@ log = structlog.get_logger()
 
 IDLE_TIMEOUT = 120.0
 RTT_PING_INTERVAL = 5.0  # the window follows the round trip: measured this often
+STALL_SECONDS = 1.0  # credit cut short by the room, no frame since: see _unstaller
 DIRECT_LINGER = 0.2  # a first sync's direct writes wait this long for more before a commit
 
 
@@ -122,6 +123,7 @@ class Session:
                 tg.create_task(self._syncer())
                 tg.create_task(self._applied_acker(welcomed))
                 tg.create_task(self._pinger())
+                tg.create_task(self._unstaller())
                 await self._reader(tg)
                 raise _SessionOver  # the reader ended the session: cancel syncer and acker
         except* _SessionOver:
@@ -337,6 +339,32 @@ class Session:
             nonce += 1
             await self.conn.send(Ping(nonce, time.monotonic_ns()))
             await asyncio.sleep(RTT_PING_INTERVAL)
+
+    async def _unstaller(self) -> None:
+        """The room cut the credit short with nothing to apply (``CreditWindow.short``)
+        and no frame has come for ``STALL_SECONDS``: the sender may be waiting for credit
+        for a record larger than the room, and nothing else would grant more. Grant up to
+        the base window rather than wait for ever (``CreditWindow.unstall``)."""
+        seen = -1
+        while True:
+            await asyncio.sleep(STALL_SECONDS)
+            read, seen = seen, self.core.frames_read
+            if not self.window.short or read != seen:
+                continue
+            async with self._sync_lock:
+                if self.core.frames_read != seen:  # a frame came while the lock was held
+                    continue
+                granted = self.window.unstall(
+                    outstanding=self.conn.credit, unsynced=self.core.in_hand_bytes
+                )
+                if granted:
+                    log.warning(
+                        "receiver.room_short",
+                        job=self.replica.job,
+                        room_mib=(self._journal_room() or 0) >> 20,
+                        granted_mib=granted >> 20,
+                    )
+                    await self.conn.send(Credit(granted))
 
     async def _syncer(self) -> None:
         """Runs until the session's TaskGroup cancels it when the reader ends."""

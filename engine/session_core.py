@@ -260,12 +260,14 @@ class ReceiverCore:
         # next one read meanwhile): neither credit the sender holds nor unsynced
         self._held = 0
         self.barrier_read = 0  # the last barrier's LSN read off the wire
+        self.frames_read = 0
 
     def records(self, msg: Records) -> list[Record]:
         """The records of a Records frame just read, each checked (RemoteProtocolError
         when one is malformed or names something that cannot be under a replica folder);
         held until ``ingested``."""
         records = check_records(msg)
+        self.frames_read += 1
         self._held += len(msg.payload)
         for record in records:
             if record.is_barrier:

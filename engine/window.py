@@ -39,11 +39,17 @@ asks ``grant(...)`` after each sync and each apply how many bytes of Credit to s
   file system has left (``room``): the sender waits for the applier instead of running the
   journal into ENOSPC, which failed the session, and every reconnection after it, on a
   disk its own backlog held full. While the applier has work (or will have, once a
-  barrier already read is synced) its trims will free room (the session grants again
-  after each apply); without it, only while the room still holds the largest record
-  (``base``): nothing would free more, so the sender goes on, and a full disk is told as
-  such. The session asks ``grant`` for the Welcome's credit too, and counts as "received
-  not synced" the frames it has read and not written yet.
+  barrier already read is synced) its trims will free room: the session grants again
+  after each apply. Without it (an epoch still arriving) the credit is cut to the room
+  too, and ``short`` says so: the records coming may complete the epoch, or fill a
+  segment whose applied records a roll then frees, and each sync grants again. But the
+  sender may be waiting for a record larger than the room: the stream stops. The session
+  then grants up to ``base`` (``unstall``) after a moment without frames, and a disk that
+  cannot hold the epoch is told as full. (Granting ``base`` at once, as it did, ran a
+  receiver restarted on a small disk into ENOSPC: its Welcome, with nothing to apply yet,
+  granted the whole window beside a segment of applied records a roll would have freed.)
+  The session asks ``grant`` for the Welcome's credit too, and counts as "received not
+  synced" the frames it has read and not written yet.
 
 ``grant`` keeps ``credit outstanding + received not synced + grant <= window``; with a
 fixed window that is exactly "grant again what was synced", the rule before.
@@ -74,7 +80,8 @@ class CreditWindow:
         self._received: collections.deque[tuple[float, int]] = collections.deque()
         self._span_bytes = 0
         self.window = base  # the window as of the last ``grant``
-        self.throttled = False  # the last ``grant`` was cut by the backlog
+        self.throttled = False  # the last ``grant`` was cut by the backlog or the room
+        self.short = False  # ... by the room, with nothing to apply: see ``unstall``
 
     @property
     def loop(self) -> float:
@@ -137,13 +144,22 @@ class CreditWindow:
             window = max(0, self.backlog_max - backlog)
         self.window = window
         granted = max(0, window - outstanding - unsynced)
+        self.short = False
         if room is not None:
             # the disk's room: a journal that ran its file system full would fail the
-            # session. Within it, then, while the applier has work (its trims will free
-            # room: the session grants again after each apply), or while the room still
-            # holds the largest record; else nothing would ever free room, and the sender
-            # goes on until a full disk is told as such.
+            # session. Within it, always; with nothing to apply, ``unstall`` gives way
+            # if the stream stops.
             fits = max(0, room - outstanding - unsynced)
-            if fits < granted and (applicable or fits >= self.base):
-                self.throttled, granted = self.throttled or applicable, fits
+            if fits < granted:
+                granted = fits
+                self.throttled = self.throttled or applicable
+                self.short = not applicable
         return granted
+
+    def unstall(self, *, outstanding: int, unsynced: int) -> int:
+        """Credit to grant when the last ``grant`` was ``short`` and no frame came since:
+        the sender may wait for a record the room cannot hold, and nothing else would
+        grant more. Up to ``base`` (which holds the largest record) in flight; the journal
+        may then fill its disk, and that is told as such."""
+        self.short = False
+        return max(0, self.base - outstanding - unsynced)

@@ -20,9 +20,11 @@ from replicator.engine.connectors import MemoryConnector
 from replicator.engine.job_replica import JobReplica
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.sender import Sender, SenderConfig
+from replicator.engine.statedir import state_reserve
 from replicator.engine.volumes import VolumeKind, VolumeSpec, resolve_volumes
 from replicator.engine.window import CreditWindow
 from replicator.journal import Journal, Record, RecordType
+from replicator.journal.errors import TargetStorageError
 from replicator.transport import FramedConnection
 from tests.engine.sessions import ship_journal
 from tests.tools import b3, tmpfs
@@ -150,12 +152,19 @@ def test_credit_never_takes_the_sender_past_the_window(
     in_flight = outstanding + unsynced + granted
     assert granted == 0 or in_flight <= window.window
     cut = granted < max(0, window.window - outstanding - unsynced)
-    if room is not None and (applicable or room - outstanding - unsynced >= base):
+    if room is not None:
         assert granted == 0 or in_flight <= room  # the journal's disk holds what comes
-        if cut and applicable:
+        by_room = room - outstanding - unsynced < window.window - outstanding - unsynced
+        if cut and by_room and applicable:
             assert window.throttled  # cut by the room: granted again after an apply
+        # cut by the room with nothing to apply: the session unstalls it if frames stop
+        assert window.short == (cut and by_room and not applicable)
     elif granted:
         assert in_flight == window.window
+    if window.short:
+        more = window.unstall(outstanding=outstanding, unsynced=unsynced)
+        assert more == max(0, base - outstanding - unsynced)  # the largest record can come
+        assert not window.short
     assert window.window <= max(CAP, base)
     if not applicable:
         assert window.window >= base  # the largest record always fits in the end
@@ -312,3 +321,77 @@ async def test_an_applier_behind_by_the_whole_backlog_applies_it_from_memory(
     most = await _most_unapplied(tmp_path, 2 * 1024 * 1024)
     assert most * RECORD > 1024 * 1024, most  # behind by more than the floor, by far
     assert read_back == 0
+
+
+@pytest.mark.usefixtures("slow_apply")
+async def test_a_receiver_restarted_beside_applied_records_keeps_its_first_credit_in_the_room(
+    tmp_path: Path,
+) -> None:
+    """A receiver comes back with its journal's active segment full of applied records
+    and its file system short of room: with nothing to apply, its Welcome granted the
+    whole window whatever the room (the largest record must be able to come), the records
+    filled the segment, rolled it with new ones that a slow applier had not applied yet,
+    and the journal met ENOSPC (found by real power cuts on a 128 MiB ext4 state disk).
+    The Welcome's credit is kept within the room now; were the stream to stop, the
+    session would grant up to the window after a moment (``CreditWindow.unstall``)."""
+    epoch = [
+        Record(RecordType.WRITE, "d.img", i * RECORD, RECORD, os.urandom(RECORD)) for i in range(4)
+    ]
+    journal = await Journal.open(tmp_path / "journal")
+    spec = VolumeSpec(tmp_path / "d.img", "d.img", VolumeKind.DISK)
+    with tmpfs(tmp_path / "rstate", "4m") as state:
+        config = ReceiverConfig(
+            tmp_path / "replicas", state, window=MiB, window_cap=MiB, segment_bytes=2 * MiB
+        )
+        try:
+            for _ in range(7):  # 1.75 MiB of the active segment's 2, all applied
+                await journal.append_many([*epoch, Record.flush()])
+            await journal.sync()
+            receiver = Receiver(config)
+            try:
+                (await ship_journal(receiver, journal, spec, 4 * RECORD)).raise_if_failed()
+            finally:
+                await receiver.aclose()
+            fs = os.statvfs(state)
+            room = MiB * 3 // 4  # less than the window: the Welcome's credit is cut to it
+            with (state / "filler").open("wb") as f:
+                f.write(bytes(fs.f_bavail * fs.f_frsize - state_reserve(state / "job") - room))
+            for _ in range(7):
+                await journal.append_many([*epoch, Record.flush()])
+            await journal.sync()
+            receiver = Receiver(config)
+            try:
+                link = await ship_journal(receiver, journal, spec, 4 * RECORD, timeout=60)
+            finally:
+                await receiver.aclose()
+            link.raise_if_failed()
+        finally:
+            await journal.aclose()
+
+
+async def test_an_epoch_larger_than_the_journals_room_is_told_as_a_full_disk(
+    tmp_path: Path,
+) -> None:
+    """One epoch of 6 MiB into a receive journal on a 4 MiB file system: it cannot be
+    applied before it is complete, and it cannot be complete. The credit is cut to the
+    room with nothing to apply; once the records stop coming, the session grants up to
+    the window (the sender may be waiting for a record larger than the room), and the
+    full disk is told as such, not waited on for ever."""
+    records = [Record(RecordType.WRITE, "d.img", i * MiB, MiB, os.urandom(MiB)) for i in range(6)]
+    journal = await Journal.open(tmp_path / "journal")
+    spec = VolumeSpec(tmp_path / "d.img", "d.img", VolumeKind.DISK)
+    try:
+        with tmpfs(tmp_path / "rstate", "4m") as state:
+            config = ReceiverConfig(tmp_path / "replicas", state, window=2 * MiB)
+            for epoch in ([records[0]], records):  # a consistency point first: then the
+                await journal.append_many([*epoch, Record.flush()])  # next epoch waits
+                await journal.sync()  # for its barrier to be applied
+                receiver = Receiver(config)
+                try:
+                    link = await ship_journal(receiver, journal, spec, 6 * MiB, timeout=30)
+                finally:
+                    await receiver.aclose()
+        with pytest.raises(TargetStorageError, match="disk is full"):
+            link.raise_if_failed()
+    finally:
+        await journal.aclose()
