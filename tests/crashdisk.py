@@ -99,15 +99,22 @@ class CrashDisk:
 
 def disk_pair(tmp_path: Path, kind: str) -> Iterator[tuple[CrashDisk, CrashDisk]]:
     """Two file systems, ``replicas`` and ``states``, of ``kind``: "FSTYPE" or
-    "FSTYPE-OPTIONS" ("ext4-lazytime"; the ``crash_disks`` fixture of tests/conftest.py)."""
+    "FSTYPE-OPTIONS" ("ext4-lazytime"; the ``crash_disks`` fixture of tests/conftest.py),
+    or "FSTYPE-small" (relatime, a states file system of 128 MiB)."""
     fstype, _, options = kind.partition("-")
+    # "-small": the states file system holds two journal segments, less its own overhead
+    # (docs/OPERATIONS.md, "Where state lives": it must work, if an epoch fits)
+    small = options == "small"
     made: list[CrashDisk] = []
     try:
         for name in ("replicas", "states"):
             disk = CrashDisk(
-                tmp_path / f"{name}.img", tmp_path / name, options or "relatime", fstype
+                tmp_path / f"{name}.img",
+                tmp_path / name,
+                "relatime" if small or not options else options,
+                fstype,
             )
-            disk.make()
+            disk.make(128 * MiB if small and name == "states" else 320 * MiB)
             made.append(disk)
         yield made[0], made[1]
     finally:
