@@ -24,11 +24,15 @@ STOP_WITHIN = 5.0  # seconds from SIGTERM to exit
 
 
 def _job(state: Path) -> dict[str, Any] | None:
+    """The running sender's own status of its job; None until it answers (a sender that
+    holds its state folder but has not opened its control socket yet is shown from its
+    files, without traffic: CI once read that and found no "bytes")."""
     out = replicator("status", "--state-dir", str(state), "--json")
     if out.returncode != 0 or "not running" in out.stdout:
         return None
-    jobs = json.loads(out.stdout)["jobs"]
-    return dict(jobs[0]) if jobs else None
+    status = json.loads(out.stdout)
+    jobs = status["jobs"]
+    return dict(jobs[0]) if jobs and status.get("source") == "process" else None
 
 
 def _wait(sender: subprocess.Popen[str], state: Path, ready: str) -> dict[str, Any]:
