@@ -266,12 +266,16 @@ class ReceiverCore:
         """The records of a Records frame just read, each checked (RemoteProtocolError
         when one is malformed or names something that cannot be under a replica folder);
         held until ``ingested``."""
-        records = check_records(msg)
-        self.frames_read += 1
-        self._held += len(msg.payload)
-        for record in records:
+        try:  # count and LSN order were checked with the frame: see Records
+            records = decode_records(msg.payload)
+        except RecordError as exc:
+            raise RemoteProtocolError(f"malformed record in Records: {exc}") from exc
+        for record in records:  # one pass: each record is checked, the barriers noted
+            check_record(record)
             if record.is_barrier:
                 self.barrier_read = record.lsn
+        self.frames_read += 1
+        self._held += len(msg.payload)
         return records
 
     def ingested(self, records: list[Record], payload_bytes: int) -> None:
@@ -322,18 +326,6 @@ class ReceiverCore:
         if isinstance(msg, Ping):
             return [Send(Pong(msg.nonce, msg.ts_ns))]
         return []
-
-
-def check_records(msg: Records) -> list[Record]:
-    """The records of a Records frame, each checked; RemoteProtocolError when one is
-    malformed or names something that cannot be under a replica folder."""
-    try:  # count and LSN order were checked with the frame: see Records
-        records = decode_records(msg.payload)
-    except RecordError as exc:
-        raise RemoteProtocolError(f"malformed record in Records: {exc}") from exc
-    for record in records:
-        check_record(record)
-    return records
 
 
 def check_record(record: Record) -> None:

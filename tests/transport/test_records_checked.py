@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from replicator.engine.session_core import check_records
+from replicator.engine.session_core import ReceiverCore
 from replicator.transport import PROTOCOL_VERSION, Records, RemoteProtocolError, Welcome
 from replicator.transport.frames import (
     CAP_RECORDS_CHECKED,
@@ -55,7 +55,7 @@ def test_a_flagged_frame_leaves_its_payload_out_of_the_frame_checksum() -> None:
     frame = decoder.next_frame()
     assert frame is not None and isinstance(frame.message, Records)
     # ... and is whole only if its records are: these are, with their own checksums
-    assert len(check_records(frame.message)) == 3
+    assert len(ReceiverCore(0).records(frame.message)) == 3
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["raw", "lz4"])
@@ -74,7 +74,7 @@ def test_every_single_byte_corruption_is_caught_by_the_frame_or_its_records(
                 assert decoder.buffered > 0
                 continue
             assert isinstance(frame.message, Records)
-            check_records(frame.message)
+            ReceiverCore(0).records(frame.message)
         except RemoteProtocolError:
             caught_by_records += pos >= payload
             continue
