@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.faultfs import FaultFS, powered
 from tests.killcycles import tree_digest
 from tests.tools import require_tool
 
@@ -120,6 +121,19 @@ def disk_pair(tmp_path: Path, kind: str) -> Iterator[tuple[CrashDisk, CrashDisk]
     finally:
         for disk in made:
             disk.unmount()
+
+
+def receiver_disks(
+    tmp_path: Path, disks: tuple[CrashDisk, CrashDisk] | None
+) -> tuple[FaultFS | None, Path, Path | None]:
+    """Where a power-cut test's receiver keeps things: (the faultfs mount to cut, its
+    ``--dir``, its ``--state-dir``). Without ``disks``, both on one faultfs mount (the
+    state in its default place under ``--dir``); with them, the replicas on the first
+    real file system and the state on the second, and nothing to cut but the disks."""
+    if disks is None:
+        fs = powered(tmp_path / "receiver-disk", tmp_path / "mnt")
+        return fs, fs.mountpoint / "target", None
+    return None, disks[0].mountpoint / "target", disks[1].mountpoint / "state"
 
 
 def power_cut(*disks: CrashDisk) -> None:

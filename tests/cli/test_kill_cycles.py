@@ -35,7 +35,7 @@ import pytest
 
 from replicator.engine import replica_state
 from replicator.engine.read_plan import HELPER_MIN_SIZE
-from tests.crashdisk import CrashDisk, cut_took_back
+from tests.crashdisk import CrashDisk, cut_took_back, receiver_disks
 from tests.faultfs import FaultFS, powered, rebooted
 from tests.killcycles import (
     BLOCK,
@@ -457,12 +457,7 @@ def _power_cycles(
     rng = random.Random(seed)
     disk, sock, state = tmp_path / "disk.img", tmp_path / "nbd.sock", tmp_path / "state"
     qemu_img("create", "-q", "-f", "raw", str(disk), f"{BLOCKS * BLOCK}")
-    fs: FaultFS | None = None
-    if disks is None:
-        fs = powered(tmp_path / "receiver-disk", tmp_path / "mnt")
-        target, receiver_state = fs.mountpoint / "target", None
-    else:
-        target, receiver_state = disks[0].mountpoint / "target", disks[1].mountpoint / "state"
+    fs, target, receiver_state = receiver_disks(tmp_path, disks)
     log = tmp_path / "receiver.log"
     receiver = start_receiver(target, log=log, state_dir=receiver_state)
     sender = _start_nbd_sender(receiver.port, state, sock, disk)

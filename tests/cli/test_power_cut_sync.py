@@ -24,7 +24,7 @@ import pytest
 
 from replicator.engine import replica_state
 from tests.cli.faults import equal
-from tests.crashdisk import CrashDisk, cut_took_back
+from tests.crashdisk import CrashDisk, cut_took_back, receiver_disks
 from tests.faultfs import FaultFS, powered, rebooted
 from tests.killcycles import seeded, wait_written, writeback
 from tests.tools import ENV, REPLICATOR, b3, qemu_img, start_receiver
@@ -110,12 +110,7 @@ def _receiver_cuts(
     disk, state = tmp_path / "disk.img", tmp_path / "state"
     disk.write_bytes(rng.randbytes(IMAGE))
     log = tmp_path / "receiver.log"
-    fs: FaultFS | None = None
-    if disks is None:
-        fs = powered(tmp_path / "receiver-disk", tmp_path / "mnt")
-        target, state_dir = fs.mountpoint / "target", None
-    else:
-        target, state_dir = disks[0].mountpoint / "target", disks[1].mountpoint / "state"
+    fs, target, state_dir = receiver_disks(tmp_path, disks)
     receiver = start_receiver(target, log=log, state_dir=state_dir)
     replica = receiver.dir / JOB / "disk.img"
     sent: set[str] = set()  # digests of the source at every send started

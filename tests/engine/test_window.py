@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -23,8 +25,9 @@ from replicator.engine.sender import Sender, SenderConfig
 from replicator.engine.statedir import state_reserve
 from replicator.engine.volumes import VolumeKind, VolumeSpec, resolve_volumes
 from replicator.engine.window import CreditWindow
-from replicator.journal import Journal, Record, RecordType
+from replicator.journal import Journal, Record, RecordType, recovery
 from replicator.journal.errors import TargetStorageError
+from replicator.journal.segment import HEADER_BYTES
 from replicator.transport import FramedConnection
 from tests.engine.sessions import ship_journal
 from tests.tools import b3, tmpfs
@@ -395,3 +398,81 @@ async def test_an_epoch_larger_than_the_journals_room_is_told_as_a_full_disk(
             link.raise_if_failed()
     finally:
         await journal.aclose()
+
+
+async def test_a_trim_after_a_roll_that_fails_is_told_and_the_next_session_converges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync drops the segments a roll sealed below the applied LSN
+    (``JobReplica._trim_applied``), a durable step in the sync's path: when its deletes
+    fail (EIO), the session ends with a storage error, nothing past the last durable point
+    is acknowledged as applied, and the next session applies the rest: the replica is the
+    image."""
+    image = bytearray(os.urandom(PER_EPOCH * RECORD))
+    records: list[Record] = []
+    for _ in range(12):
+        for i in range(PER_EPOCH):
+            data = os.urandom(RECORD)
+            image[i * RECORD : (i + 1) * RECORD] = data
+            records.append(Record(RecordType.WRITE, "d.img", i * RECORD, RECORD, data))
+        records.append(Record.flush())
+    journal = await Journal.open(tmp_path / "journal")
+    await journal.append_many(records)
+    await journal.sync()
+    # a segment holds one epoch and a little more, not the next record: the record after
+    # an epoch rolls it, and once that epoch is applied the sync after the roll drops it
+    epoch_bytes = sum(r.encoded_size for r in records[: PER_EPOCH + 1])
+    config = ReceiverConfig(
+        tmp_path / "replicas",
+        tmp_path / "rstate",
+        segment_bytes=HEADER_BYTES + epoch_bytes + RECORD // 2,
+        window=epoch_bytes,  # a frame an epoch: applied while the next one comes
+        window_cap=epoch_bytes,
+    )
+    spec = VolumeSpec(tmp_path / "d.img", "d.img", VolumeKind.DISK)
+    real_trim_applied = JobReplica._trim_applied
+    real_retire = recovery.retire_segments
+    in_sync_trim = failed = 0
+
+    async def trim_applied(self: JobReplica) -> None:
+        nonlocal in_sync_trim
+        in_sync_trim += 1
+        try:
+            await real_trim_applied(self)
+        finally:
+            in_sync_trim -= 1
+
+    def retire(directory: Path, paths: list[Path], keep: list[Path]) -> None:
+        nonlocal failed
+        if in_sync_trim and not failed:
+            failed += 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_retire(directory, paths, keep)
+
+    real_receive = JobReplica.receive
+
+    async def receive(self: JobReplica, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.03)  # the epoch before is applied (with the segment still
+        await real_receive(self, *args, **kwargs)  # active) before this frame rolls it
+
+    monkeypatch.setattr(JobReplica, "receive", receive)
+    monkeypatch.setattr(JobReplica, "_trim_applied", trim_applied)
+    monkeypatch.setattr("replicator.journal.journal.retire_segments", retire)
+    try:
+        receiver = Receiver(config)
+        try:
+            link = await ship_journal(receiver, journal, spec, len(image), timeout=30)
+        finally:
+            await receiver.aclose()
+        assert failed == 1  # the sync's trim was reached, and failed
+        with pytest.raises(TargetStorageError, match="Input/output error"):
+            link.raise_if_failed()
+        assert link.core is not None and link.core.applied_lsn < journal.last_lsn
+        receiver = Receiver(config)
+        try:
+            (await ship_journal(receiver, journal, spec, len(image), timeout=30)).raise_if_failed()
+        finally:
+            await receiver.aclose()
+    finally:
+        await journal.aclose()
+    assert (tmp_path / "replicas" / "job" / "d.img").read_bytes() == bytes(image)
