@@ -217,20 +217,27 @@ def slow_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(JobReplica, "_apply_upto", slow_apply)
 
 
-async def _most_unapplied(tmp_path: Path, backlog_max: int, segment_bytes: int = 64 * MiB) -> int:
-    """Ship EPOCHS epochs of PER_EPOCH 64 KiB records to a receiver, sampling its backlog:
-    the most LSNs it held received and not applied. Checks the replica at the end."""
-    image = bytearray(os.urandom(PER_EPOCH * RECORD))
+async def _sender_journal(tmp_path: Path, epochs: int) -> tuple[Journal, bytearray, list[Record]]:
+    """A sender's journal (open: close it) of ``epochs`` epochs, each PER_EPOCH random
+    RECORD-sized writes over one image and a FLUSH; the image they leave; the records."""
+    image = bytearray(PER_EPOCH * RECORD)
     records: list[Record] = []
-    for epoch in range(EPOCHS):
+    for _ in range(epochs):
         for i in range(PER_EPOCH):
-            data = os.urandom(RECORD) if epoch else bytes(image[i * RECORD : (i + 1) * RECORD])
+            data = os.urandom(RECORD)
             image[i * RECORD : (i + 1) * RECORD] = data
             records.append(Record(RecordType.WRITE, "d.img", i * RECORD, RECORD, data))
         records.append(Record.flush())
     journal = await Journal.open(tmp_path / "journal")
     await journal.append_many(records)
     await journal.sync()
+    return journal, image, records
+
+
+async def _most_unapplied(tmp_path: Path, backlog_max: int, segment_bytes: int = 64 * MiB) -> int:
+    """Ship EPOCHS epochs of PER_EPOCH 64 KiB records to a receiver, sampling its backlog:
+    the most LSNs it held received and not applied. Checks the replica at the end."""
+    journal, image, _ = await _sender_journal(tmp_path, EPOCHS)
     config = ReceiverConfig(
         tmp_path / "replicas",
         tmp_path / "rstate",
@@ -408,17 +415,7 @@ async def test_a_trim_after_a_roll_that_fails_is_told_and_the_next_session_conve
     fail (EIO), the session ends with a storage error, nothing past the last durable point
     is acknowledged as applied, and the next session applies the rest: the replica is the
     image."""
-    image = bytearray(os.urandom(PER_EPOCH * RECORD))
-    records: list[Record] = []
-    for _ in range(12):
-        for i in range(PER_EPOCH):
-            data = os.urandom(RECORD)
-            image[i * RECORD : (i + 1) * RECORD] = data
-            records.append(Record(RecordType.WRITE, "d.img", i * RECORD, RECORD, data))
-        records.append(Record.flush())
-    journal = await Journal.open(tmp_path / "journal")
-    await journal.append_many(records)
-    await journal.sync()
+    journal, image, records = await _sender_journal(tmp_path, 12)
     # a segment holds one epoch and a little more, not the next record: the record after
     # an epoch rolls it, and once that epoch is applied the sync after the roll drops it
     epoch_bytes = sum(r.encoded_size for r in records[: PER_EPOCH + 1])
