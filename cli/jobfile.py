@@ -284,7 +284,9 @@ class _Reader:
             if normal in valid
             else [by_name[normal]]
             if normal in by_name
-            else difflib.get_close_matches(normal, valid, n=1, cutoff=0.6)
+            # 0.75: a typo of a key (`intervall`, `capure`), not any word sharing letters
+            # with one (difflib's default 0.6 offered 'burst' for 'bogus')
+            else difflib.get_close_matches(normal, valid, n=1, cutoff=0.75)
         )
         hint = f"did you mean {close[0]!r}?" if close else "valid keys: " + ", ".join(valid)
         return located(

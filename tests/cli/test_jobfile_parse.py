@@ -101,6 +101,8 @@ def test_values_become_defaults_with_paths_relative_to_the_file(tmp_path: Path) 
         ("nbd_size = 0", "not in the range x>=1"),
         ("state-dir = 'x'", "did you mean 'state_dir'"),
         ("as_json = true", "did you mean 'json'"),
+        ("capure = 'nbd'", "did you mean 'capture'"),
+        ("bogus = 1", "not a `replicator send` option (valid keys: "),  # not 'burst'
     ],
 )
 def test_wrong_values_name_the_line_and_key(tmp_path: Path, line: str, words: str) -> None:
