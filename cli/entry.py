@@ -16,7 +16,8 @@ normal exit (which waits for it) is taken instead.
 A fatal signal (a crash in native code: SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) writes
 every thread's Python stack to stderr before the process dies (``faulthandler``), so a
 service's log says where it was; nothing else about it changes (the exit status is the
-signal's), and a process started without a stderr goes on without them.
+signal's). A process started with stderr (or stdin, stdout) closed gets ``/dev/null``
+there first (``_standard_fds``).
 
 A ``send`` whose command line names a large image starts hashing it before anything else
 is imported (``engine/early_hashing.py``): the imports take ~0.1 s of one vCPU, and the
@@ -52,6 +53,7 @@ def _interrupted_early(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     """Console-script and ``python -m replicator.cli`` entry point."""
+    _standard_fds()
     _enable_crash_stacks()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupted_early)
@@ -65,6 +67,32 @@ def main() -> None:
     except SystemExit as stop:
         _leave(stop.code)
     _leave(0)
+
+
+def _standard_fds() -> None:
+    """Started with stdin, stdout or stderr closed (``2>&-``, a careless supervisor), open
+    ``/dev/null`` in its place, as daemons do.
+
+    Otherwise the first file the command opens takes that number: a journal segment or a
+    replica at fd 2 would receive whatever writes "to stderr" (a log line, a native
+    library's warning, a child process's messages). And the command ran with
+    ``sys.stderr`` None, which its first log line turned into a failure (exit 1, for
+    ``--version`` too). Output to a closed stream is lost, as with any program.
+    """
+    for fd, flags in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, flags)  # the lowest free number: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdin is None:
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's stream, never closed
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)  # noqa: SIM115
 
 
 def _hash_early(argv: list[str]) -> None:

@@ -9,15 +9,17 @@ code, output still buffered in a pipe, exit handlers, and a running non-daemon t
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.tools import replicator, start_receiver
+from tests.tools import ENV, REPLICATOR, free_port, replicator, start_receiver, wait_port
 
 
 def _child(body: str) -> subprocess.CompletedProcess[str]:
@@ -160,3 +162,64 @@ def test_crash_stacks_are_skipped_without_a_stderr() -> None:
         """
     )
     assert out.returncode == 0 and out.stdout == "ran on\n", out.stderr
+
+
+def _with_fds_closed(fds: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
+    """The command started with some of its standard streams closed (``fds``: ``2>&-``)."""
+    command = " ".join(shlex.quote(arg) for arg in [*REPLICATOR, *args])
+    return subprocess.Popen(
+        ["sh", "-c", f"exec {command} {fds}"], text=True, env=ENV, stdout=subprocess.PIPE, **popen
+    )
+
+
+@pytest.mark.parametrize("fds", ["2>&-", "<&- 2>&-"])
+def test_commands_run_without_a_stderr(tmp_path: Path, fds: str) -> None:
+    """Started with fd 2 closed, a command did its job before: the first log line found
+    ``sys.stderr`` None and `--version`, `status`, `receive` and `send` all exited 1."""
+    version = _with_fds_closed(fds, "--version")
+    assert version.communicate(timeout=60)[0].startswith("replicator ")
+    assert version.returncode == 0
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
+    port = free_port()
+    rcv = _with_fds_closed(
+        fds, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(tmp_path / "t"), "--insecure"
+    )
+    try:
+        wait_port(port, rcv)
+        send = _with_fds_closed(
+            fds, "send", "--to", f"127.0.0.1:{port}", "--job", "vm", "--once", "--insecure",
+            "--state-dir", str(tmp_path / "state"), str(image),
+        )  # fmt: skip
+        out, _ = send.communicate(timeout=120)
+        assert send.returncode == 0, out
+        assert "durable on the receiver" in out
+        assert (tmp_path / "t" / "vm" / "disk.raw").read_bytes() == image.read_bytes()
+        status = _with_fds_closed(fds, "status", "--state-dir", str(tmp_path / "state"))
+        assert "not running" in status.communicate(timeout=60)[0]
+        assert status.returncode == 0
+    finally:
+        rcv.send_signal(signal.SIGTERM)
+        rcv.communicate(timeout=60)
+    assert rcv.returncode == 0
+
+
+def test_a_closed_stderr_is_reopened_before_anything_can_take_its_number(tmp_path: Path) -> None:
+    """Otherwise the first file opened becomes fd 2, and what is written "to stderr" (by
+    a native library, a child process) lands in it: a journal segment, a replica."""
+    out = _child(
+        f"""
+        import os, sys
+        os.close(2)
+        sys.stderr = None
+        from replicator.cli.entry import _standard_fds
+        _standard_fds()
+        fd = os.open({str(tmp_path / "segment")!r}, os.O_CREAT | os.O_WRONLY)
+        os.write(2, b"to stderr\\n")
+        print("a log line", file=sys.stderr, flush=True)
+        print(fd)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) > 2
+    assert (tmp_path / "segment").read_bytes() == b""
