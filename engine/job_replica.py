@@ -442,7 +442,8 @@ class JobReplica:
             return None
         point = self._direct_point
         try:
-            pending = self._get_applier().detach_dirty()
+            # the first sync's bulk leaves the page cache once durable (applier.py)
+            pending = self._get_applier().detach_dirty(drop_cache=True)
         except BaseException:
             self._direct_failed()
             raise
