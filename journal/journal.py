@@ -323,8 +323,17 @@ class Journal:
 
     def trimmable(self, upto_lsn: int) -> bool:
         """True when ``trim(upto_lsn)`` would drop a sealed segment (cheap: no I/O)."""
-        first = self._segments[0]
-        return len(self._segments) > 1 and first.sealed and first.next_lsn <= upto_lsn
+        return bool(self._victims(upto_lsn))
+
+    def _victims(self, upto_lsn: int) -> list[SegmentFile]:
+        """The sealed segments, oldest first, whose records are all below ``upto_lsn``:
+        what a trim drops (never the active one)."""
+        victims: list[SegmentFile] = []
+        for seg in self._segments[:-1]:
+            if not seg.sealed or seg.next_lsn > upto_lsn:
+                break
+            victims.append(seg)
+        return victims
 
     # ------------------------------------------------------------------ append
     async def append(self, record: Record) -> int:
@@ -712,11 +721,7 @@ class Journal:
             full = active.end + self._staged_bytes + HEADER_SIZE > self._segment_bytes
             if (full or retire_active) and active.count and active.last_lsn < upto_lsn:
                 await self._roll_locked(reuse_spare=not retire_active)
-            victims: list[SegmentFile] = []
-            for seg in self._segments[:-1]:
-                if not seg.sealed or seg.next_lsn > upto_lsn:
-                    break
-                victims.append(seg)
+            victims = self._victims(upto_lsn)
             if not victims:
                 return
             if self.before_trim is not None and not await self.before_trim():
