@@ -42,7 +42,6 @@ from replicator.journal import EncodedRecord, Journal, Record
 from replicator.journal.records import encode_parts
 from replicator.transport import (
     PROTOCOL_VERSION,
-    Credit,
     Error,
     FramedConnection,
     Goodbye,
@@ -322,9 +321,7 @@ class Link:
         core = self._started()
         while not self._closed:
             msg = await self.conn.recv(timeout=REPLY_TIMEOUT)
-            if isinstance(msg, Credit):
-                core.credit_seen(self.conn.credit)
-            for action in core.receive(msg):
+            for action in core.receive(msg, credit=self.conn.credit):
                 if isinstance(action, Trim):
                     await self.journal.trim(action.upto)
                 elif isinstance(action, Send):

@@ -101,8 +101,8 @@ class Session:
         # make them durable so the resume point we announce covers them
         await replica.make_durable()
         replica.session_started()
-        self.core = ReceiverCore(replica.applied_lsn)
         welcomed = replica.applied_lsn
+        self.core = ReceiverCore(welcomed)
         await self.conn.send(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,

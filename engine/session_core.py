@@ -152,7 +152,7 @@ class SenderCore:
     """A sending session's rules (see the module docstring). Starts from the Welcome."""
 
     def __init__(self, welcome: Welcome) -> None:
-        self.window = welcome.window  # frames never exceed it (see ``credit_seen``)
+        self.window = welcome.window  # frames never exceed it (it grows: see ``receive``)
         self.received_lsn = welcome.received_lsn
         self.applied_lsn = welcome.applied_lsn
         # (last lsn, source time of its first record, payload bytes) of frames not applied
@@ -160,11 +160,18 @@ class SenderCore:
         self.oldest_queued_ts = 0  # source time of the oldest record read, not yet shipped
 
     # -- what the receiver says -----------------------------------------------------------
-    def receive(self, msg: Message) -> list[Action]:
+    def receive(self, msg: Message, *, credit: int = 0) -> list[Action]:
+        """What to do about ``msg``; ``credit``: what the sender holds with it (the
+        protocol counts Credit: ``FramedConnection.credit``)."""
         if isinstance(msg, Ack):
             return self._ack(msg)
         if isinstance(msg, Credit):
-            return [Woken(room=False)]  # the protocol counted it; waiters look again
+            # frames may grow to the most credit held, which the receiver's window covers
+            # again once it has synced what it took (a Welcome's credit is kept within a
+            # small journal's room, so it may start low: frames capped there would all be
+            # single records for the rest of the session)
+            self.window = max(self.window, credit)
+            return [Woken(room=False)]  # waiters look again
         if isinstance(msg, Manifest | Tree | ReadData):
             return [Deliver(msg)]
         if isinstance(msg, Handover):
@@ -189,13 +196,6 @@ class SenderCore:
         if moved:
             actions.insert(0, Trim(self.applied_lsn + 1))
         return actions
-
-    def credit_seen(self, credit: int) -> None:
-        """The sender holds ``credit`` now: frames may grow to the most it has held, which
-        the receiver's window covers again once it has synced what it took. (A Welcome's
-        credit is kept within a small journal's room, so it may start low; frames capped
-        there would all be single records for the rest of the session.)"""
-        self.window = max(self.window, credit)
 
     def relieve_below(self) -> int | None:
         """Our journal is full: the LSN below which records may go anyway (the receiver

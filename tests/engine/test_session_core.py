@@ -340,9 +340,9 @@ def test_frames_grow_to_the_most_credit_the_sender_has_held() -> None:
         _encoded(Record.write("a", i * 1000, b"z" * 1000), i + 1, i + 1) for i in range(20)
     )
     assert core.pack(pending).count == 1
-    core.credit_seen(5000)
+    core.receive(Credit(5000), credit=5000)
     assert core.pack(pending).count == 4  # what 5000 bytes of credit cover
-    core.credit_seen(3000)  # less credit now: the cap stays at the most seen
+    core.receive(Credit(1000), credit=3000)  # less held now: the cap stays at the most seen
     assert core.pack(pending).count == 4
 
 
