@@ -381,6 +381,33 @@ async def test_a_first_sync_writes_past_the_page_cache_or_through_it_as_measured
     assert _replica(tmp_path) == b"\x5a" * 12 * MiB
 
 
+async def test_a_page_cache_drop_that_fails_costs_only_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit drops a first sync's pages after their fsync (applier._drop_clean_pages):
+    that step failing (EIO) fails nothing; the sync completes, consistent, the replica
+    whole."""
+    asked: list[int] = []
+
+    def failing_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        asked.append(advice)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "posix_fadvise", failing_fadvise)
+    writes = _mib_writes(1, 12, 0x3C)
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        for at in range(0, 12, 2):
+            await replica.receive(writes[at : at + 2])
+        await replica.receive([Record.epoch(1).with_lsn(13, 1)])
+        await replica.make_durable()
+        assert replica.applied_lsn == 13 and replica.state.consistent
+    finally:
+        await replica.aclose()
+    assert os.POSIX_FADV_DONTNEED in asked  # the step was reached, and failed
+    assert _replica(tmp_path) == b"\x3c" * 12 * MiB
+
+
 @pytest.mark.parametrize("killed", [False, True], ids=["sent again", "killed there"])
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 async def test_a_first_sync_write_failing_past_the_page_cache_counts_nothing_and_converges(
