@@ -21,6 +21,7 @@ from rich.text import Text
 from replicator.cli.common import fail
 from replicator.engine.at_rest import receiver_at_rest, sender_at_rest
 from replicator.engine.control import (
+    SENDER_CLAIM,
     SOCKET_NAME,
     ControlUnavailable,
     claim_held,
@@ -28,6 +29,7 @@ from replicator.engine.control import (
     request,
 )
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
+from replicator.engine.generations import PEER_FILE
 from replicator.engine.status import SILENT_AFTER
 
 WATCH_INTERVAL = 1.0
@@ -77,6 +79,16 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
                 hint="give the --state-dir the sender runs with (default "
                 "~/.local/state/replicator/send/JOB, or /var/lib/replicator/send/JOB as root)",
             )
+        if not _is_sender_state(state_dir):
+            held = sorted(sub.name for sub in state_dir.iterdir() if _is_sender_state(sub))
+            raise ConfigError(
+                f"{state_dir} is not a sender's state folder (it has no {SENDER_CLAIM}, "
+                "journal or manifests)",
+                hint=f"it holds the state folders of {', '.join(held)}: give one of them"
+                if held
+                else "give the --state-dir the sender runs with (default "
+                "~/.local/state/replicator/send/JOB, or /var/lib/replicator/send/JOB as root)",
+            )
         return "sender", state_dir
     if not directory.is_dir():
         raise ConfigError(
@@ -91,6 +103,13 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
             "give that here too",
         )
     return "receiver", root
+
+
+def _is_sender_state(folder: Path) -> bool:
+    """Whether ``folder`` is a sender's --state-dir: what every sender that ran leaves there
+    (at rest, an empty folder would read as a job with nothing to replicate: lag 0)."""
+    marks = (SENDER_CLAIM, "journal", "manifests.state", PEER_FILE, SOCKET_NAME)
+    return folder.is_dir() and any((folder / mark).exists() for mark in marks)
 
 
 def _fetch(role: str, root: Path) -> dict[str, Any]:
@@ -151,8 +170,12 @@ def _console() -> Console:
 def _show(snapshot: dict[str, Any], as_json: bool, console: Console) -> None:
     if as_json:
         typer.echo(json.dumps(snapshot, sort_keys=True))
-    else:
+    elif console.is_terminal:
         console.print(_render(snapshot))
+    else:  # a pipe or a file: the grid's padding would end every line in spaces
+        with console.capture() as captured:
+            console.print(_render(snapshot))
+        typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 # -- the table -------------------------------------------------------------------------------

@@ -265,6 +265,17 @@ def test_status_errors_and_watch(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     nostate = replicator("status", "--dir", str(tmp_path / "empty"))
     assert nostate.returncode == ExitCode.CONFIG and "no receiver state" in nostate.stderr
+    # a folder that is no sender's state (the VM's own, say) is not a job with no lag
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "vm" / "disk.qcow2").write_bytes(b"QFI\xfb")
+    wrong = replicator("status", "--state-dir", str(tmp_path / "vm"))
+    assert wrong.returncode == ExitCode.CONFIG and wrong.stdout == "", wrong.stdout
+    assert "is not a sender's state folder" in wrong.stderr
+    assert "--state-dir the sender runs with" in wrong.stderr
+    (tmp_path / "vm" / "web01" / "journal").mkdir(parents=True)  # the parent of job folders
+    parent = replicator("status", "--state-dir", str(tmp_path / "vm"))
+    assert parent.returncode == ExitCode.CONFIG
+    assert "it holds the state folders of web01: give one of them" in parent.stderr
     for command in (
         ("send", "--to", "127.0.0.1:1", "--job", "j", "--insecure", str(tmp_path)),
         ("receive", "--listen", "127.0.0.1:1", "--dir", str(tmp_path / "r"), "--insecure"),
@@ -275,7 +286,7 @@ def test_status_errors_and_watch(tmp_path: Path) -> None:
 
     # --watch until Ctrl-C: exit 0 (a state folder at rest answers every second)
     state = tmp_path / "state"
-    state.mkdir()
+    (state / "journal").mkdir(parents=True)  # a sender ran here
     watch = subprocess.Popen(
         [*REPLICATOR, "status", "--state-dir", str(state), "--watch", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
@@ -368,6 +379,9 @@ def test_status_at_rest_after_send_once_counts_nothing_the_receiver_applied(
     table = replicator("status", "--state-dir", str(state))
     assert table.returncode == 0
     assert f"had applied LSN {job['lsn']['journaled']}" in " ".join(table.stdout.split())
+    # piped, the table is plain lines: none padded out to the widest value
+    padded = [line for line in table.stdout.splitlines() if line != line.rstrip()]
+    assert not padded, padded
 
 
 def test_a_stuck_peer_shows_as_silent_in_status_and_metrics(tmp_path: Path) -> None:
