@@ -38,7 +38,7 @@ def discover_command(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            metavar="PATH",
+            metavar="PATH...",
             help="Folders to search (libvirt domain XMLs, Hyper-V VM folders, disk images) "
             "or single files.",
             show_default=False,

@@ -18,6 +18,8 @@ from typer.models import TyperPath
 # by option name: what the value is, in the words docs/OPERATIONS.md uses
 METAVARS = {
     "--to": "HOST:PORT",
+    "--from": "HOST:PORT",
+    "--witness": "ADDRESS",
     "--listen": "HOST:PORT",
     "--metrics-listen": "HOST:PORT",
     "--nbd-listen": "HOST:PORT",
@@ -34,6 +36,11 @@ METAVARS = {
     "--journal-max": "SIZE",
     "--interval": "SECONDS",
     "--timeout": "SECONDS",
+    "--target-rpo": "SECONDS",
+    "--witness-interval": "SECONDS",
+    "--fence-after": "SECONDS",
+    "--auto-failover-after": "SECONDS",
+    "--fence-exec": "CMD",
     "--pre-hook": "CMD",
     "--post-hook": "CMD",
     "--exec": "CMD",
@@ -58,7 +65,9 @@ def _metavar(param: typer.core.TyperOption | typer.core.TyperArgument) -> str | 
         if name in METAVARS:
             return METAVARS[name]
     if isinstance(param, typer.core.TyperArgument):
-        return (param.name or "value").upper().removesuffix("S")  # usage adds "..."
+        # typer prints an explicit metavar as given: the "..." that says "one or more" too
+        name = (param.name or "value").upper().removesuffix("S")
+        return f"{name}..." if param.nargs != 1 else name
     if isinstance(param.type, TyperChoice):
         return None  # typer shows the choices
     return next((name for kind, name in _BY_TYPE if isinstance(param.type, kind)), "VALUE")

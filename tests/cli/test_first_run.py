@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import signal
 import socket
 import subprocess
@@ -367,9 +368,32 @@ def test_help_is_readable(width: int) -> None:
     assert max(len(line) for line in text.splitlines()) <= width
     assert "<bool>" not in text and "<str>" not in text and "…" not in text
     assert "--to HOST:PORT" in text and "--interval SECONDS" in text
+    assert "[OPTIONS] {VOLUME...}" in text.splitlines()[0]  # one or more, as the docs say
     assert "/var/lib/replicator/send/JOB as root" in text  # not cut off
     assert "[default: 60.0" in text
     assert "--once / --no-once" in text and "[default: no-" not in text  # no noise on flags
+
+
+COMMANDS = ("send", "receive", "verify", "status", "keygen", "failover", "demote", "failback",
+            "witness", "rate", "discover", "check-config", "bench", "journal inspect")  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_value_in_help_is_named_for_what_to_give(command: str) -> None:
+    """Not typer's TEXT or NUMBER: an admin reads SECONDS, HOST:PORT, CMD; and an argument
+    that takes several says so (VOLUME...), as docs/OPERATIONS.md writes it."""
+    out = subprocess.run(
+        [*REPLICATOR, *command.split(), "-h"], capture_output=True, text=True, timeout=60,
+        env={**ENV, "COLUMNS": "100"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    generic = re.findall(r"^\s+(-\S+ (?:TEXT|NUMBER|VALUE))\b", out.stdout, re.MULTILINE)
+    assert not generic, generic
+    usage = out.stdout.splitlines()[0]
+    if command in ("send", "verify", "failback"):
+        assert usage.endswith("{VOLUME...}"), usage
+    if command == "discover":
+        assert usage.endswith("{PATH...}"), usage
 
 
 def test_verify_while_the_sender_runs_says_what_to_do(
