@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from replicator.engine.errors import ExitCode
+from replicator.cli.common import fail
+from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, StorageError
 from replicator.journal.inspect import JournalReport, format_report, scan_journal
 
 app = typer.Typer(
@@ -46,21 +47,10 @@ def inspect(
     Read-only: a torn tail is reported, not cut. Exit status 0 when clean, 8 when a
     problem was found.
     """
-    if not directory.is_dir():
-        typer.echo(f"error: journal directory {directory} does not exist", err=True)
-        raise typer.Exit(ExitCode.CONFIG)
-    report = _scan(directory)
-    held = [] if report.segments or report.spares else journals_held(directory)
-    if len(held) > 1:
-        listed = "\n  ".join(str(path) for path in held)
-        typer.echo(
-            f"error: {directory} holds {len(held)} journals; inspect one of them:\n  {listed}",
-            err=True,
-        )
-        raise typer.Exit(ExitCode.CONFIG)
-    if held:
-        typer.echo(f"{directory} is not a journal; inspecting the one it holds", err=True)
-        report = _scan(held[0])
+    try:
+        report = _report(directory)
+    except ReplicatorError as exc:
+        fail(exc)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     elif sys.stdout.isatty():
@@ -70,12 +60,43 @@ def inspect(
     raise typer.Exit(ExitCode.OK if report.clean else ExitCode.JOURNAL)
 
 
+_WHICH = (
+    "name a journal directory (the one holding *.seg files), a sender's --state-dir, or a "
+    "receiver's --dir or --state-dir holding one job"
+)
+
+
+def _report(directory: Path) -> JournalReport:
+    """The report of the journal ``directory`` is or holds; ConfigError when it is neither."""
+    if not directory.exists():
+        raise ConfigError(f"{directory} does not exist", hint=_WHICH)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a folder", hint=_WHICH)
+    report = _scan(directory)
+    if report.segments or report.spares:
+        return report
+    held = journals_held(directory)
+    if len(held) > 1:
+        listed = ", ".join(str(path) for path in held)
+        raise ConfigError(
+            f"{directory} holds {len(held)} journals", hint=f"inspect one of them: {listed}"
+        )
+    if held:
+        typer.echo(f"{directory} is not a journal; inspecting the one it holds", err=True)
+        return _scan(held[0])
+    if directory.name != "journal":  # where the product keeps one, an empty folder is damage
+        raise ConfigError(f"{directory} holds no journal (no *.seg segment files)", hint=_WHICH)
+    return report
+
+
 def _scan(directory: Path) -> JournalReport:
     try:
         return scan_journal(directory, verify_sealed=True)
     except OSError as exc:
-        typer.echo(f"error: cannot read journal {directory}: {exc}", err=True)
-        raise typer.Exit(ExitCode.STORAGE) from exc
+        raise StorageError(
+            f"cannot read journal {directory}: {exc.strerror or exc}",
+            hint="check the folder's permissions and the disk",
+        ) from exc
 
 
 def journals_held(folder: Path) -> list[Path]:

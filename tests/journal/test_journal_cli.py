@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from replicator.cli.main import app
@@ -82,14 +83,37 @@ async def test_inspect_real_process_on_a_corrupt_sealed_segment(tmp_path: Path) 
     assert "open refuses the journal" in stdout.decode()
 
 
-def test_inspect_missing_directory(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["journal", "inspect", str(tmp_path / "nope")])
-    assert result.exit_code == ExitCode.CONFIG
-    assert "does not exist" in result.output
+@pytest.mark.parametrize(
+    ("name", "make", "says"),
+    [
+        ("nope", None, "does not exist"),
+        ("disk.img", "file", "is not a folder"),
+        ("images", "folder", "holds no journal (no *.seg segment files)"),
+    ],
+)
+def test_inspect_something_that_is_no_journal_says_what_to_name(
+    tmp_path: Path, name: str, make: str | None, says: str
+) -> None:
+    """A wrong path is the user's mistake (exit 3, what to name instead), not a damaged
+    journal (exit 8 would send them to the damage procedure)."""
+    path = tmp_path / name
+    if make == "file":
+        path.write_bytes(b"\0" * 4096)
+    elif make == "folder":
+        path.mkdir()
+        (path / "disk.qcow2").write_bytes(b"QFI\xfb")
+    result = runner.invoke(app, ["journal", "inspect", str(path)])
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert result.stdout == ""
+    last = result.stderr.splitlines()[-1]  # after the JSON log line of the failure
+    assert last.startswith(f"replicator: error: {path} {says}"), result.stderr
+    assert "a sender's --state-dir" in last
 
 
-def test_inspect_directory_without_segments(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["journal", "inspect", str(tmp_path), "--json"])
+def test_inspect_a_journal_folder_without_segments_is_a_problem(tmp_path: Path) -> None:
+    """Where the product keeps a journal, a folder with no segment is damage."""
+    (tmp_path / "journal").mkdir()
+    result = runner.invoke(app, ["journal", "inspect", str(tmp_path / "journal"), "--json"])
     assert result.exit_code == ExitCode.JOURNAL
     assert json.loads(result.output)["segments"] == []
 
