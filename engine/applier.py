@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 
 from replicator.engine.direct_writes import DirectWrites
-from replicator.engine.names import path_problem
+from replicator.engine.names import node_kind, path_problem
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.volumes import punch_hole, pwrite_all
 from replicator.journal import Record, RecordType
@@ -53,6 +53,42 @@ def _checked(path: str) -> str:
     if problem is not None:
         raise ApplyError(f"refusing record: {problem}")
     return path
+
+
+def _open_planted(leaf: str, dfd: int, path: str) -> int:
+    """Open the existing replica file ``leaf``; refuse anything but a regular file planted
+    under its name: a FIFO would fail the first write obscurely, a device node would take
+    the bytes. O_NONBLOCK and O_NOCTTY: opening it neither waits nor takes a terminal."""
+    try:
+        fd = os.open(leaf, _FILE_FLAGS | os.O_NONBLOCK | os.O_NOCTTY, 0o600, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket, or a device node with no driver
+            _refuse_unless_regular(os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_mode, path)
+        raise
+    try:
+        _refuse_unless_regular(os.fstat(fd).st_mode, path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _what_is(path: str | Path, dir_fd: int | None = None) -> str:
+    """``path``'s kind in an error message: "a symlink", "a FIFO", ... (not followed)."""
+    try:
+        mode = os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except OSError:  # gone meanwhile
+        return "missing"
+    return f"a {node_kind(mode)}"
+
+
+def _refuse_unless_regular(mode: int, path: str) -> None:
+    if not stat.S_ISREG(mode):
+        raise ApplyError(
+            f"refusing record: {path} is a {node_kind(mode)}, not a regular file (remove "
+            "or rename it: replication writes only regular files in a replica folder)"
+        )
 
 
 def _parent_of(path: str) -> str:
@@ -128,16 +164,16 @@ class Applier:
     def __init__(self, replica_dir: Path, files: ReplicaFiles | None = None) -> None:
         self.replica_dir = replica_dir
         self.files = files if files is not None else ReplicaFiles()
-        makedirs_durable(replica_dir)
         try:
+            makedirs_durable(replica_dir)
             self._root = os.open(replica_dir, _DIR_FLAGS)
         except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
                 raise
             raise ApplyError(
-                f"{replica_dir} is not a folder (a symlink?): refusing to write replicas "
-                "there, since they must stay inside the receiver's --dir; remove it on the "
-                "target (the receiver creates the folder itself)"
+                f"{replica_dir} is {_what_is(replica_dir)}, not a folder: refusing to write "
+                "replicas there, since they must stay inside the receiver's --dir; remove it "
+                "on the target (the receiver creates the folder itself)"
             ) from exc
         try:
             _refuse_if_held(self._root, "")
@@ -173,10 +209,18 @@ class Applier:
                 self._dirty_dirs.add(walked)
                 nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise ApplyError(f"refusing record: {rel!r} passes through a symlink") from exc
-                raise
+                try:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        what = _what_is(part, dir_fd=fd)
+                        where = f"{self.replica_dir}/{walked}" if walked else self.replica_dir
+                        raise ApplyError(
+                            f"refusing record: {rel!r} passes through {part!r}, {what}, in "
+                            f"{where} (remove or rename it there: replication makes its own "
+                            "folders)"
+                        ) from exc
+                    raise
+                finally:
+                    os.close(fd)
             os.close(fd)
             fd = nxt
             walked = f"{walked}/{part}" if walked else part
@@ -290,7 +334,7 @@ class Applier:
                     fd = os.open(leaf, _FILE_FLAGS | os.O_EXCL, 0o600, dir_fd=dfd)
                     self._dirty_dirs.add(parent)
                 except FileExistsError:
-                    fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=dfd)
+                    fd = _open_planted(leaf, dfd, f"{self.replica_dir}/{path}")
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     raise ApplyError(f"refusing record: {path!r} is a symlink") from exc

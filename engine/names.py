@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import stat
 import unicodedata
 
 from replicator.engine.errors import ConfigError
@@ -113,3 +114,19 @@ def path_problem(path: str) -> str | None:
         if any(ord(c) < 32 for c in part):
             return f"path {path!r} contains control characters"
     return None
+
+
+_NODE_KINDS = {
+    stat.S_IFREG: "regular file",
+    stat.S_IFDIR: "folder",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def node_kind(mode: int) -> str:
+    """What a ``stat`` mode is, in the words of an error message ("FIFO", "socket")."""
+    return _NODE_KINDS.get(stat.S_IFMT(mode), "special file")

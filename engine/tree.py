@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from replicator.engine.errors import ConfigError
-from replicator.engine.names import path_problem, printable
+from replicator.engine.names import node_kind, path_problem, printable
 from replicator.engine.volumes import VolumeSpec, classify
 from replicator.journal import Record, RecordType
 from replicator.transport.messages import TreeEntry
@@ -108,8 +108,14 @@ def walk(source: Path) -> Tree:
                 tree.dirs[rel] = st.st_mode & 0o7777
             elif stat.S_ISREG(st.st_mode):
                 tree.files[rel] = st.st_mode & 0o7777
-            else:
-                raise ConfigError(f"cannot replicate {full}: not a file, folder or symlink")
+            else:  # a socket, FIFO or device node holds no data to replicate
+                raise ConfigError(
+                    f"cannot replicate {printable(full)}: a {node_kind(st.st_mode)}, not a "
+                    "file, folder or symlink",
+                    hint="move it out of the folder (a program that made it there, such as "
+                    "a QEMU monitor socket, can make it elsewhere): the FUSE filter "
+                    "replicates files, folders and symlinks only",
+                )
     return tree
 
 

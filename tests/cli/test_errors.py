@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,15 +207,22 @@ def test_receiver_port_in_use(tmp_path: Path, receiver: ReceiverProc) -> None:
     assert "cannot listen" in error and "another receiver" in error  # says what to do next
 
 
-def test_a_job_folder_that_is_a_symlink_is_refused_with_what_to_do(
-    tmp_path: Path, receiver: ReceiverProc
+@pytest.mark.parametrize("planted", ["symlink", "FIFO", "regular file"])
+def test_a_job_folder_that_is_not_a_folder_is_refused_with_what_to_do(
+    tmp_path: Path, receiver: ReceiverProc, planted: str
 ) -> None:
-    """DIR/JOB planted as a symlink to a folder elsewhere: nothing is written through it,
-    and the sender is told what is wrong and what to do (not a bare errno)."""
+    """DIR/JOB planted as a symlink to a folder elsewhere (or as anything but a folder):
+    nothing is written through it, and the sender is told what is wrong and what to do
+    (not a bare errno)."""
     outside = tmp_path / "outside"
     outside.mkdir()
     receiver.dir.mkdir(parents=True, exist_ok=True)
-    (receiver.dir / "vm1").symlink_to(outside)
+    if planted == "symlink":
+        (receiver.dir / "vm1").symlink_to(outside)
+    elif planted == "FIFO":
+        os.mkfifo(receiver.dir / "vm1")
+    else:
+        (receiver.dir / "vm1").write_bytes(b"not a folder")
     disk = tmp_path / "d.img"
     disk.write_bytes(b"x" * 65536)
     out = replicator(
@@ -223,6 +231,6 @@ def test_a_job_folder_that_is_a_symlink_is_refused_with_what_to_do(
     )  # fmt: skip
     assert out.returncode == ExitCode.REFUSED
     line = one_line_error(out.stderr)
-    assert f"{receiver.dir / 'vm1'} is not a folder (a symlink?)" in line
+    assert f"{receiver.dir / 'vm1'} is a {planted}, not a folder" in line
     assert "remove it on the target" in line and "nothing is lost" in line
     assert list(outside.iterdir()) == []

@@ -102,6 +102,52 @@ def test_bad_paths_are_refused(tmp_path: Path, path: str) -> None:
     applier.close()
 
 
+@pytest.mark.parametrize("kind", ["FIFO", "character device", "socket"])
+def test_anything_but_a_file_planted_under_a_replica_name_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    """Not written through: a FIFO failed the write with ESPIPE, a device node (here a
+    second /dev/null) took the bytes and the record counted as applied."""
+    job = tmp_path / "job"
+    job.mkdir()
+    planted = job / "disk.img"
+    if kind == "FIFO":
+        os.mkfifo(planted)
+    elif kind == "character device":
+        os.mknod(planted, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    else:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(planted))
+        sock.close()
+    applier = Applier(job)
+    with pytest.raises(ApplyError, match=f"disk.img is a {kind}, not a regular file"):
+        applier.apply_many([Record.write("disk.img", 0, b"x" * 4096)])
+    applier.close()
+    assert not stat.S_ISREG(planted.lstat().st_mode)  # left for the operator to look at
+
+
+@pytest.mark.parametrize("kind", ["symlink", "FIFO", "regular file"])
+def test_a_path_through_anything_but_a_folder_is_refused_naming_it(
+    tmp_path: Path, kind: str
+) -> None:
+    job = tmp_path / "job"
+    (job / "vm").mkdir(parents=True)
+    planted = job / "vm" / "disks"
+    if kind == "symlink":
+        planted.symlink_to(tmp_path)
+    elif kind == "FIFO":
+        os.mkfifo(planted)
+    else:
+        planted.write_bytes(b"x")
+    applier = Applier(job)
+    with pytest.raises(ApplyError, match=f"passes through 'disks', a {kind}, in {job}/vm "):
+        applier.apply_many([Record.write("vm/disks/a.img", 0, b"x")])
+    applier.close()
+    assert list(tmp_path.iterdir()) == [job]  # nothing written through it
+
+
 def test_a_planted_temp_symlink_cannot_redirect_a_file_record(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,15 @@ def test_walk_refuses_what_it_cannot_replicate(tmp_path: Path) -> None:
     vm = tmp_path / "vm"
     vm.mkdir()
     os.mkfifo(vm / "pipe")
-    with pytest.raises(ConfigError, match="not a file, folder or symlink"):
+    with pytest.raises(ConfigError, match="pipe: a FIFO, not a file, folder or symlink"):
         walk(vm)
+    os.unlink(vm / "pipe")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(vm / "qmp.sock"))  # a VM's monitor socket left in its folder
+    sock.close()
+    with pytest.raises(ConfigError, match=r"qmp\.sock: a socket") as caught:
+        walk(vm)
+    assert "move it out of the folder" in str(caught.value)
 
 
 def test_a_name_that_is_not_utf8_is_shown_as_its_bytes_and_what_to_do(tmp_path: Path) -> None:
