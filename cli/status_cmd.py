@@ -149,9 +149,9 @@ def _watch(role: str, root: Path, as_json: bool) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     console = _console()
     try:
-        if as_json:
+        if as_json or not console.is_terminal:  # piped: a table (or an object) per second
             while True:
-                typer.echo(json.dumps(_fetch(role, root), sort_keys=True))
+                _show(_fetch(role, root), as_json, console)
                 time.sleep(WATCH_INTERVAL)
         with Live(_render(_fetch(role, root)), console=console, auto_refresh=False) as live:
             while True:

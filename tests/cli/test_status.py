@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -297,6 +298,23 @@ def test_status_errors_and_watch(tmp_path: Path) -> None:
     assert json.loads(watch.stdout.readline())["note"] == AT_REST  # a second later
     watch.send_signal(signal.SIGINT)
     assert watch.wait(timeout=30) == 0
+    # piped without --json: a table each second, as it comes (not only one at Ctrl-C)
+    tables = subprocess.Popen(
+        [*REPLICATOR, "status", "--state-dir", str(state), "--watch"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    assert tables.stdout is not None
+    stop = threading.Timer(15, tables.send_signal, (signal.SIGINT,))  # if they never come
+    stop.start()
+    heads = 0
+    try:
+        while heads < 2 and (line := tables.stdout.readline()):
+            heads += line.startswith("sender: not running")
+    finally:
+        stop.cancel()
+    tables.send_signal(signal.SIGINT)
+    assert tables.wait(timeout=30) == 0
+    assert heads == 2, "the tables did not come one after another"
 
 
 def _ask_as(uid: int, sock: Path) -> str:
