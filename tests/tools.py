@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,10 +45,32 @@ def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
+_DRAW = random.SystemRandom()  # not the global generator, which hypothesis seeds per test
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, for a process to listen on later: drawn below the kernel's
+    ephemeral range, where the port 0 of a bind would come from, so the outgoing
+    connections of every test running meanwhile (which take ephemeral ports) cannot take
+    it before the listener binds it."""
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = _DRAW.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port found between 10000 and {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return low if low > 11_000 else 32768
 
 
 def replicator(
