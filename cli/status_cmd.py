@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from replicator.cli.common import fail
-from replicator.engine.at_rest import receiver_at_rest, sender_at_rest
+from replicator.engine.at_rest import is_sender_state, receiver_at_rest, sender_at_rest
 from replicator.engine.control import (
     SENDER_CLAIM,
     SOCKET_NAME,
@@ -29,10 +29,13 @@ from replicator.engine.control import (
     request,
 )
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
-from replicator.engine.generations import PEER_FILE
 from replicator.engine.status import SILENT_AFTER
 
 WATCH_INTERVAL = 1.0
+_GIVE_STATE_DIR = (
+    "give the --state-dir the sender runs with (default ~/.local/state/replicator/send/JOB, "
+    "or /var/lib/replicator/send/JOB as root)"
+)
 AT_REST = "not running (read from files at rest)"
 
 
@@ -75,19 +78,16 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
         assert state_dir is not None
         if not state_dir.is_dir():
             raise ConfigError(
-                f"sender state folder {state_dir} does not exist",
-                hint="give the --state-dir the sender runs with (default "
-                "~/.local/state/replicator/send/JOB, or /var/lib/replicator/send/JOB as root)",
+                f"sender state folder {state_dir} does not exist", hint=_GIVE_STATE_DIR
             )
-        if not _is_sender_state(state_dir):
-            held = sorted(sub.name for sub in state_dir.iterdir() if _is_sender_state(sub))
+        if not is_sender_state(state_dir):
+            held = sorted(sub.name for sub in state_dir.iterdir() if is_sender_state(sub))
             raise ConfigError(
                 f"{state_dir} is not a sender's state folder (it has no {SENDER_CLAIM}, "
                 "journal or manifests)",
                 hint=f"it holds the state folders of {', '.join(held)}: give one of them"
                 if held
-                else "give the --state-dir the sender runs with (default "
-                "~/.local/state/replicator/send/JOB, or /var/lib/replicator/send/JOB as root)",
+                else _GIVE_STATE_DIR,
             )
         return "sender", state_dir
     if not directory.is_dir():
@@ -103,13 +103,6 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
             "give that here too",
         )
     return "receiver", root
-
-
-def _is_sender_state(folder: Path) -> bool:
-    """Whether ``folder`` is a sender's --state-dir: what every sender that ran leaves there
-    (at rest, an empty folder would read as a job with nothing to replicate: lag 0)."""
-    marks = (SENDER_CLAIM, "journal", "manifests.state", PEER_FILE, SOCKET_NAME)
-    return folder.is_dir() and any((folder / mark).exists() for mark in marks)
 
 
 def _fetch(role: str, root: Path) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from replicator.engine import direct_intent, lost_records, replica_state
-from replicator.engine.control import read_claim
+from replicator.engine.control import SENDER_CLAIM, SOCKET_NAME, read_claim
 from replicator.engine.errors import ConfigError
 from replicator.engine.failback_state import describe, load_marker
-from replicator.engine.generations import load_promotion
+from replicator.engine.generations import PEER_FILE, load_promotion
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.peer_applied import PeerApplied, load_peer_applied
@@ -38,6 +38,14 @@ from replicator.journal.records import EncodedRecord
 from replicator.journal.segment import HEADER_BYTES, SegmentReader
 
 NOT_RUNNING = "not_running"
+
+
+def is_sender_state(folder: Path) -> bool:
+    """Whether ``folder`` is a sender's --state-dir: it holds what every sender that ran
+    there leaves (at rest, any other folder would read as a job with nothing to replicate,
+    a lag of 0)."""
+    marks = (SENDER_CLAIM, "journal", "manifests.state", PEER_FILE, SOCKET_NAME)
+    return folder.is_dir() and any((folder / mark).exists() for mark in marks)
 
 
 def sender_at_rest(state_dir: Path) -> dict[str, Any]:
