@@ -62,7 +62,7 @@ def _open_planted(leaf: str, dfd: int, path: str) -> int:
     try:
         fd = os.open(leaf, _FILE_FLAGS | os.O_NONBLOCK | os.O_NOCTTY, 0o600, dir_fd=dfd)
     except OSError as exc:
-        if exc.errno == errno.ENXIO:  # a socket, or a device node with no driver
+        if exc.errno in (errno.ENXIO, errno.ELOOP):  # a socket or driverless device; a symlink
             _refuse_unless_regular(os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_mode, path)
         raise
     try:
@@ -330,15 +330,10 @@ class Applier:
             parent, _, leaf = path.rpartition("/")
             dfd = self._open_dir(parent, create=True)
             try:
-                try:
-                    fd = os.open(leaf, _FILE_FLAGS | os.O_EXCL, 0o600, dir_fd=dfd)
-                    self._dirty_dirs.add(parent)
-                except FileExistsError:
-                    fd = _open_planted(leaf, dfd, f"{self.replica_dir}/{path}")
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise ApplyError(f"refusing record: {path!r} is a symlink") from exc
-                raise
+                fd = os.open(leaf, _FILE_FLAGS | os.O_EXCL, 0o600, dir_fd=dfd)
+                self._dirty_dirs.add(parent)
+            except FileExistsError:  # a symlink under the name too: O_EXCL does not follow
+                fd = _open_planted(leaf, dfd, f"{self.replica_dir}/{path}")
             finally:
                 os.close(dfd)
             self._fds[path] = fd

@@ -102,7 +102,7 @@ def test_bad_paths_are_refused(tmp_path: Path, path: str) -> None:
     applier.close()
 
 
-@pytest.mark.parametrize("kind", ["FIFO", "character device", "socket"])
+@pytest.mark.parametrize("kind", ["FIFO", "character device", "socket", "symlink"])
 def test_anything_but_a_file_planted_under_a_replica_name_is_refused(
     tmp_path: Path, kind: str
 ) -> None:
@@ -115,6 +115,8 @@ def test_anything_but_a_file_planted_under_a_replica_name_is_refused(
         os.mkfifo(planted)
     elif kind == "character device":
         os.mknod(planted, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    elif kind == "symlink":
+        planted.symlink_to(tmp_path / "victim")
     else:
         import socket
 
