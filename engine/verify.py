@@ -16,9 +16,9 @@ from pathlib import Path
 
 from replicator.engine.link import Link, SessionPurpose
 from replicator.engine.manifest import ExtentManifest, digest_chunks
-from replicator.engine.scan import Progress
+from replicator.engine.scan import Progress, file_volume
 from replicator.engine.sender import Sender, SenderState
-from replicator.engine.volumes import VolumeSpec, pread_all
+from replicator.engine.volumes import VolumeKind, VolumeSpec, pread_all
 from replicator.journal import Record
 from replicator.transport.messages import DIGEST_SIZE
 
@@ -142,11 +142,17 @@ def _repair_batches(volumes: list[VolumeSpec], result: VerifyResult) -> Iterator
         if diff.identical:
             continue
         spec = by_name[diff.volume]
+        if spec.kind is VolumeKind.FILE:  # whole, with its mode, as a scan sends it
+            yield [file_volume(spec)[0]]
+            continue
         with spec.path.open("rb") as f:
-            content_size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            content_size = st.st_size
             batch: list[Record] = []
             if diff.replica_size != content_size:
                 batch.append(Record.resize(spec.name, content_size))
+            if diff.replica_size is None:  # made anew (0600): the source's mode, as a scan
+                batch.append(Record.chmod(spec.name, st.st_mode & 0o777))
             batch_bytes = 0
             for off, length in diff.extents:
                 pos, end = off, min(off + length, content_size)

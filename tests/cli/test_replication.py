@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,34 @@ def test_verify_finds_and_repairs_damage(tmp_path: Path, receiver: ReceiverProc)
     fixed = replicator("verify", *args, "--repair", str(disk))
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert b3(replica) == b3(disk)
+
+
+def test_verify_repair_makes_a_removed_replica_anew_with_the_sources_mode(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A replica removed on the target comes back from `verify --repair` as a send makes
+    it: a disk with the source's mode (the receiver makes new files 0600, and the next
+    send does not chmod what its manifests say it already did), a configuration file
+    whole with its mode."""
+    disk, xml = tmp_path / "disk.img", tmp_path / "vm.xml"
+    disk.write_bytes(os.urandom(2 * 1024 * 1024))
+    xml.write_text("<domain><name>vm</name></domain>\n")
+    disk.chmod(0o640)
+    xml.chmod(0o604)
+    state = tmp_path / "state"
+    send_once(receiver, "gone", state, disk, xml)
+    replicas = receiver.dir / "gone"
+    for name in (disk.name, xml.name):
+        (replicas / name).unlink()
+    args = ("--to", receiver.address, "--job", "gone", "--state-dir", str(state), "--insecure")
+    fixed = replicator("verify", *args, "--repair", str(disk), str(xml))
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    for source in (disk, xml):
+        replica = replicas / source.name
+        assert b3(replica) == b3(source)
+        assert stat.S_IMODE(replica.stat().st_mode) == stat.S_IMODE(source.stat().st_mode)
+    assert send_once(receiver, "gone", state, disk, xml)["records"] == 1  # the epoch alone
+    assert stat.S_IMODE((replicas / disk.name).stat().st_mode) == 0o640
 
 
 def _point(receiver: ReceiverProc, job: str) -> dict[str, Any]:
