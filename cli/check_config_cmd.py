@@ -21,6 +21,7 @@ from replicator.cli.jobfile import ConfigFile, Section, kind_of, load_receive, l
 from replicator.cli.jobfile_checks import at, check_values
 from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.image_deps import unreplicated
+from replicator.engine.names import RECEIVER_STATE_NAME
 from replicator.engine.volumes import VolumeKind, resolve_volumes
 
 
@@ -82,7 +83,7 @@ def _check_receive(config: ConfigFile, section: Section) -> list[str]:
         with at(config, section, "allow"):
             raise ConfigError("allow needs tls_dir: without TLS a sender has no certificate name")
     security = _security(config, section, "receiver", host)
-    state = values.get("state_dir") or f"{folder}/.replicator"
+    state = values.get("state_dir") or f"{folder}/{RECEIVER_STATE_NAME}"
     allowed = ", ".join(rules) or "every certificate of the CA, every job"
     return [
         f"receiver: listen {host}:{port}, replicas in {folder}, state in {state}, {security}",

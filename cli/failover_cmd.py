@@ -13,6 +13,7 @@ import typer
 
 from replicator.cli.common import fail, run
 from replicator.engine.errors import ConfigError, ConnectError, ExitCode, ReplicatorError
+from replicator.engine.names import RECEIVER_STATE_NAME
 
 if TYPE_CHECKING:
     from replicator.engine.job_replica import ReceiverConfig
@@ -34,7 +35,7 @@ def _config(directory: Path, state_dir: Path | None) -> ReceiverConfig:
 
     if not directory.is_dir():
         raise ConfigError(f"{directory} is not a folder", hint="give the receiver's --dir")
-    return ReceiverConfig(directory, state_dir or directory / ".replicator")
+    return ReceiverConfig(directory, state_dir or directory / RECEIVER_STATE_NAME)
 
 
 def failover_command(

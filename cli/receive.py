@@ -26,6 +26,7 @@ from replicator.cli.witness_opts import WitnessOption, auto_failover, until_stop
 from replicator.engine.authz import Authorizer, parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError, cannot_listen
 from replicator.engine.monitor import receiver_monitor
+from replicator.engine.names import RECEIVER_STATE_NAME
 from replicator.engine.receiver import Receiver, ReceiverConfig, check_receiver_dirs
 from replicator.engine.statedir import receiver_folder_locks
 from replicator.engine.user_command import split_command
@@ -101,7 +102,7 @@ def receive(
             tls_dir=tls_dir, tls_name=tls_name, insecure=insecure, side="receiver", host=host
         )
         metrics = metrics_endpoint(metrics_listen)
-        default_state = directory / ".replicator"
+        default_state = directory / RECEIVER_STATE_NAME
         if state_dir is None and default_state.is_symlink():
             raise ConfigError(
                 f"{default_state} is a symlink: receiver state stays inside --dir",

@@ -29,6 +29,7 @@ from replicator.engine.control import (
     request,
 )
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
+from replicator.engine.names import RECEIVER_STATE_NAME
 from replicator.engine.status import SILENT_AFTER
 
 WATCH_INTERVAL = 1.0
@@ -95,7 +96,7 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
             f"receiver folder {directory} does not exist",
             hint="give the --dir that `replicator receive` was started with",
         )
-    root = state_dir or directory / ".replicator"
+    root = state_dir or directory / RECEIVER_STATE_NAME
     if not root.is_dir():
         raise ConfigError(
             f"no receiver state in {root}",

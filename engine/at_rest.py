@@ -29,6 +29,7 @@ from replicator.engine.generations import PEER_FILE, load_promotion
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.peer_applied import PeerApplied, load_peer_applied
+from replicator.engine.replica_files import FILE_NAME as REPLICA_FILES_NAME
 from replicator.engine.replica_files import ReplicaFiles
 from replicator.engine.served_alone import load_served_alone
 from replicator.engine.status import ReceiverPhase, iso_time, promotion_fields
@@ -46,6 +47,17 @@ def is_sender_state(folder: Path) -> bool:
     a lag of 0)."""
     marks = (SENDER_CLAIM, "journal", "manifests.state", PEER_FILE, SOCKET_NAME)
     return folder.is_dir() and any((folder / mark).exists() for mark in marks)
+
+
+def is_receiver_state(folder: Path) -> bool:
+    """Whether ``folder`` is a receiver's state folder: a job folder in it holds what the
+    receiver keeps for every job it applied to (``applied.state``, ``files.state``)."""
+    marks = (replica_state.FILE_NAME, REPLICA_FILES_NAME)
+    try:
+        jobs = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return False
+    return any((job / mark).exists() for job in jobs for mark in marks)
 
 
 def sender_at_rest(state_dir: Path) -> dict[str, Any]:

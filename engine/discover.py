@@ -32,9 +32,11 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, NoReturn
 from xml.parsers import expat
 
+from replicator.engine.at_rest import is_receiver_state
 from replicator.engine.errors import ConfigError
 from replicator.engine.image_formats import (
     SECTOR,
@@ -44,6 +46,7 @@ from replicator.engine.image_formats import (
     read_header_file,
 )
 from replicator.engine.names import (
+    RECEIVER_STATE_NAME,
     check_job_name,
     is_reserved_job_name,
     printable,
@@ -332,6 +335,15 @@ class _Discoverer:
                 dirnames[:] = []  # a folder met twice (a bind mount, nested PATHs)
                 continue
             self.seen_dirs.add(_identity(st))
+            if is_receiver_state(Path(dirpath, RECEIVER_STATE_NAME)):
+                self.warnings.append(
+                    f"not looking in {dirpath}: a receiver keeps its replicas there "
+                    f"({os.path.join(dirpath, RECEIVER_STATE_NAME)} is its state), and a "
+                    "replica is not a VM to replicate again (give DIR/JOB as a PATH to "
+                    "include one)"
+                )
+                dirnames[:] = []
+                continue
             keep: list[str] = []
             for name in dirnames:
                 full = os.path.join(dirpath, name)

@@ -19,6 +19,9 @@ _JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_VOLUME_BYTES = 255
 
 
+# a receiver's state folder inside its --dir, when no --state-dir is given
+RECEIVER_STATE_NAME = ".replicator"
+
 # files a receiver keeps beside the job folders in its state folder
 RESERVED_JOB_NAMES = frozenset({"control.sock"})  # lower case: compared casefolded
 

@@ -14,7 +14,7 @@ import pytest
 
 from replicator.engine.discover import human_size
 from replicator.engine.errors import ExitCode
-from tests.tools import ENV, REPLICATOR, qemu_img, replicator
+from tests.tools import ENV, REPLICATOR, qemu_img, replicator, send_once, start_receiver
 
 pytestmark = pytest.mark.tools
 
@@ -223,3 +223,29 @@ def test_an_existing_job_file_is_kept_without_force(site: Site, tmp_path: Path) 
 def test_no_path_is_a_usage_error() -> None:
     out = replicator("discover")
     assert out.returncode == ExitCode.USAGE
+
+
+def test_a_receivers_replica_folder_is_not_taken_for_vms(site: Site) -> None:
+    """A host that is both a source and a target keeps replicas beside its VMs: the
+    receiver's --dir (its state in DIR/.replicator) is left out with a warning, or
+    `--out` would write jobs replicating the replicas again; DIR/JOB named as a PATH is
+    still looked at."""
+    replicas = site.root / "replicas"
+    receiver = start_receiver(replicas)
+    try:
+        send_once(receiver, "web01", site.root.parent / "state", site.qcow2, site.xml)
+    finally:
+        assert receiver.stop() == 0
+    out = replicator("discover", "--json", str(site.root))
+    assert out.returncode == 0, out.stderr
+    paths = {disk["path"] for vm in json.loads(out.stdout)["vms"] for disk in vm["disks"]}
+    assert str(site.qcow2) in paths
+    assert not [p for p in paths if p.startswith(f"{replicas}/")]
+    assert (
+        f"replicator: warning: not looking in {replicas}: a receiver keeps its replicas there"
+        in out.stderr
+    )
+    named = replicator("discover", "--json", str(replicas / "web01"))
+    assert named.returncode == 0, named.stderr
+    named_paths = {d["path"] for vm in json.loads(named.stdout)["vms"] for d in vm["disks"]}
+    assert str(replicas / "web01" / site.qcow2.name) in named_paths
