@@ -74,4 +74,12 @@ def failback_command(
             f"differed, {compared} bytes compared) in {result['seconds']} s; the target is a "
             f"replica again (generation {result['generation']})"
         )
+    differing = result["files_differing"]
+    assert isinstance(differing, list)
+    for name in differing:
+        typer.echo(
+            f"  note: {name} differs on the target (changed there, or pointed at the replicas "
+            "by failover) and is not brought back: the next send replaces it with this "
+            "host's copy; copy what you want to keep from the target's first"
+        )
     typer.echo(f"  next: replicator send --to {source} --job {job} ... (as before)")

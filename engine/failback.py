@@ -83,6 +83,9 @@ class FailbackResult:
     resumed: bool = False  # an interrupted failback was found and finished
     already_done: bool = False  # only the hand-back's last step was left
     per_volume: dict[str, int] = field(default_factory=dict)  # bytes moved by volume
+    # configuration files whose replica differs from this side's: not brought back (the
+    # next send replaces the target's copy with this side's), so the operator is told
+    files_differing: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,6 +143,9 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
             remote: dict[str, ExtentManifest] = {}
             for spec in disks:
                 remote[spec.name] = await _restore(link, spec, config.extent_size, result)
+            for spec in config.volumes:
+                if spec.kind is VolumeKind.FILE and await _differs(link, spec, config.extent_size):
+                    result.files_differing.append(spec.name)
             # both sides continue above every LSN either has used (see the module docstring)
             handback = max(journal.last_lsn, welcome.received_lsn) + 1
             await journal.append(Record.flush().with_lsn(handback))
@@ -193,6 +199,13 @@ async def _record(
             hint="free space on (or repair) that disk, then run the same `replicator "
             "failback` again: it goes on from here",
         ) from exc
+
+
+async def _differs(link: Link, spec: VolumeSpec, extent_size: int) -> bool:
+    """Whether file volume ``spec``'s replica is missing or differs from it."""
+    remote = await link.request_manifest(spec.name, extent_size)
+    local = await asyncio.to_thread(ExtentManifest.of_file, spec.path, extent_size)
+    return remote is None or remote.size != local.size or any(local.differing(remote))
 
 
 async def _restore(

@@ -529,3 +529,42 @@ def test_failback_changes_nothing_it_could_not_record(
             assert summary["basis"] == "local" and summary["bytes_changed"] == 0
         finally:
             assert rcv.stop() == 0
+
+
+def test_failback_names_configuration_files_that_differ_on_the_target(tmp_path: Path) -> None:
+    """Disks come back from the promoted side, configuration files do not (failover
+    pointed the domain XML at the replicas; the next send ships this side's copy over the
+    target's). A file changed on the target is named, so its changes are not lost
+    unannounced; one that did not change is not."""
+    target, state = tmp_path / "target", tmp_path / "state"
+    disk, xml, notes = tmp_path / "disk.img", tmp_path / "vm.xml", tmp_path / "notes.txt"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "8M")
+    xml.write_text("<domain><name>vm</name><memory>512</memory></domain>\n")
+    notes.write_text("owner: ops\n")
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm", state, disk, xml, notes)
+    finally:
+        assert rcv.stop() == 0
+    promoted = replicator("failover", "--dir", str(target), "--job", "vm", "--force")
+    assert promoted.returncode == 0, promoted.stderr
+    changed = "<domain><name>vm</name><memory>4096</memory></domain>\n"
+    (target / "vm" / xml.name).write_text(changed)  # the admin grew the VM on the target
+    rcv = start_receiver(target)
+    try:
+        out = replicator(
+            "failback", "--from", rcv.address, "--job", "vm", "--state-dir", str(state),
+            "--insecure", str(disk), str(xml), str(notes),
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        lines = [line for line in out.stdout.splitlines() if line.startswith("  note: ")]
+        assert lines == [
+            "  note: vm.xml differs on the target (changed there, or pointed at the replicas "
+            "by failover) and is not brought back: the next send replaces it with this "
+            "host's copy; copy what you want to keep from the target's first"
+        ]
+        assert xml.read_text() != changed  # as said: not brought back
+        send_once(rcv, "vm", state, disk, xml, notes)
+        assert (target / "vm" / xml.name).read_text() == xml.read_text()
+    finally:
+        assert rcv.stop() == 0
