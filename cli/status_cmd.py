@@ -217,11 +217,22 @@ def _get(job: dict[str, Any], *keys: str) -> Any:
     return value
 
 
+def _paused(shaping: dict[str, Any]) -> str:
+    """Why a paused sender ships nothing, and what ends it."""
+    if shaping.get("source") == "schedule":
+        until = shaping.get("next_change")
+        return f"the schedule's rate 0{f' until {until}' if until else ''}"
+    return "rate 0: `replicator rate --state-dir DIR RATE` resumes it"
+
+
 def _state(job: dict[str, Any]) -> str:
     text = str(job.get("state", "?")).replace("_", " ")
     sync = job.get("initial_sync")
     if job.get("state") == "initial_sync" and isinstance(sync, dict):
         text += f" {sync.get('percent', 0)}%"
+    shaping = job.get("shaping")
+    if job.get("state") == "paused" and isinstance(shaping, dict):
+        text += f" ({_paused(shaping)})"
     if job.get("role_change"):  # a sender at rest after a planned failover / in a failback
         return f"{text}: {job['role_change'].get('note')}; next: {job['role_change'].get('next')}"
     if job.get("source") == "files" and job.get("state") != "not_running":

@@ -69,10 +69,16 @@ class SenderPhase(StrEnum):
     INITIAL_SYNC = "initial_sync"
     REPLICATING = "replicating"
     LAGGING = "lagging"  # replicating, but the lag is above LAGGING_SECONDS
+    # replicating, but the shaper's rate is 0 (`replicator rate 0`, --rate 0 or the
+    # schedule's): nothing is shipped until it changes, so the lag only grows
+    PAUSED = "paused"
     OVERFLOW = "overflow"  # the journal is full: changes are tracked, resynced later
     FENCED = "fenced"  # no lease renewal at the witness: writes held (witness_fence.py)
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+_SHIPPING = (SenderPhase.REPLICATING, SenderPhase.LAGGING)  # what a rate of 0 pauses
 
 
 class ReceiverPhase(StrEnum):
@@ -242,6 +248,9 @@ class SenderJobStatus:
         state = self.state
         if state is SenderPhase.REPLICATING and link is not None and lag_seconds > LAGGING_SECONDS:
             state = SenderPhase.LAGGING
+        shaping = self.shaping.status() if self.shaping is not None else None
+        if state in _SHIPPING and link is not None and shaping is not None and shaping["paused"]:
+            state = SenderPhase.PAUSED
         fence = self.fence() if self.fence is not None else None
         if fence is not None and fence["fenced"]:
             state = SenderPhase.FENCED
@@ -274,7 +283,7 @@ class SenderJobStatus:
                 "bytes": _journal_bytes(journal),
                 "cap": journal.max_bytes if journal else None,
             },
-            "shaping": self.shaping.status() if self.shaping is not None else None,
+            "shaping": shaping,
             "fence": fence,
             "last_epoch": self.last_epoch,
             "served_alone": (

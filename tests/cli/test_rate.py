@@ -58,9 +58,19 @@ def test_rate_caps_the_wire_and_changes_live(tmp_path: Path) -> None:
         assert rate < 2e6 * 1.1 + 2 * MiB / 3, rate
         assert rate > 2e6 * 0.5, rate  # and it does move
 
+        # paused: the state says so (not "replicating" while nothing moves), and how to resume
+        paused = replicator("rate", "--state-dir", str(state), "0")
+        assert paused.returncode == 0, paused.stderr
+        assert _status(state)["state"] == "paused"
+        text = replicator("status", "--state-dir", str(state))
+        assert (
+            "state       paused (rate 0: `replicator rate --state-dir DIR RATE` resumes it)"
+            in text.stdout.splitlines()
+        ), text.stdout
         changed = replicator("rate", "--state-dir", str(state), "unlimited", "--json")
         assert changed.returncode == 0, changed.stderr
         assert json.loads(changed.stdout)["source"] == "manual"
+        assert _status(state)["state"] in ("replicating", "lagging")
         deadline = time.monotonic() + 30
         while _status(state)["lsn"]["applied"] < 1 or _status(state)["lag"]["records"]:
             assert time.monotonic() < deadline, "did not catch up once unlimited"

@@ -70,3 +70,20 @@ def test_a_replica_that_lost_records_says_what_makes_it_consistent_again() -> No
     point["floor_lsn"] = None
     text = " ".join(_text({"role": "receiver", "source": "files", "jobs": [job]}).split())
     assert "an apply is unfinished" in text, text
+
+
+def test_a_paused_sender_says_what_resumes_it() -> None:
+    """Paused by its schedule, the state names when the schedule changes; by hand (or
+    --rate 0), the command that resumes it (tests/cli/test_rate.py runs the latter)."""
+    by_schedule = {
+        "job": "vm1",
+        "state": "paused",
+        "shaping": {"source": "schedule", "paused": True, "next_change": "2026-12-07T06:00"},
+    }
+    text = _text({"role": "sender", "source": "process", "jobs": [by_schedule]})
+    assert _row(text, "state") == "paused (the schedule's rate 0 until 2026-12-07T06:00)"
+    by_hand = {"job": "vm1", "state": "paused", "shaping": {"source": "manual", "paused": True}}
+    text = _text({"role": "sender", "source": "process", "jobs": [by_hand]})
+    assert _row(text, "state") == (
+        "paused (rate 0: `replicator rate --state-dir DIR RATE` resumes it)"
+    )
