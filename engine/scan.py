@@ -343,6 +343,11 @@ async def _scan_volumes(
             else ExtentManifest(basis.extent_size, 0)
         )
         first: list[Record] = []
+        if old is None:
+            # new to these manifests, the basis says zeros (the RESIZE's), but the replica may
+            # hold an older copy (the volume left the job for a cycle and is back, or a file
+            # was left there): emptied first, or its data would stay where this has holes
+            first.append(Record.resize(spec.name, 0))
         if work.size != size or old is None:
             first.append(Record.resize(spec.name, size))
             stats.resized.append(spec.name)
