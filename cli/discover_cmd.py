@@ -21,6 +21,7 @@ from rich.text import Text
 
 from replicator.cli.common import fail
 from replicator.engine.errors import ConfigError, ReplicatorError, StorageError
+from replicator.engine.units import human_size
 from replicator.journal.durable import atomic_write
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def render_table(found: Discovery) -> Table:
     for vm in found.vms:
         _vm_rows(table, vm)
     total = sum(vm.total_bytes for vm in found.vms)
-    table.caption = f"{len(found.vms)} VM(s), {_engine().human_size(total)} to replicate"
+    table.caption = f"{len(found.vms)} VM(s), {human_size(total)} to replicate"
     return table
 
 
@@ -154,8 +155,8 @@ def _vm_rows(table: Table, vm: VM) -> None:
                 Text(what),
                 Text(_engine().printable(disk.path)),
                 Text(_engine().describe_format(disk)),
-                Text(_engine().human_size(disk.virtual_size)),
-                Text(_engine().human_size(disk.file_size)),
+                Text(human_size(disk.virtual_size)),
+                Text(human_size(disk.file_size)),
                 Text(_engine().printable("; ".join(notes))),
             ]
         )
@@ -169,7 +170,7 @@ def _vm_rows(table: Table, vm: VM) -> None:
                 Text(_engine().printable(config.path)),
                 Text("config"),
                 Text("-"),
-                Text(_engine().human_size(config.size)),
+                Text(human_size(config.size)),
                 Text(_engine().printable("; ".join(notes))),
             ]
         )
@@ -178,8 +179,8 @@ def _vm_rows(table: Table, vm: VM) -> None:
             Text("total"),
             Text(f"{len(vm.volumes)} disk(s), {len(vm.config_files)} file(s)"),
             Text(""),
-            Text(_engine().human_size(sum(d.virtual_size or 0 for d in vm.disks if d.included))),
-            Text(_engine().human_size(vm.total_bytes)),
+            Text(human_size(sum(d.virtual_size or 0 for d in vm.disks if d.included))),
+            Text(human_size(vm.total_bytes)),
             Text(f"{len(vm.warnings)} warning(s)" if vm.warnings else ""),
         ]
     )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from replicator.cli.logging_setup import quiet
+from replicator.engine.units import human_size
 
 if TYPE_CHECKING:  # rich is loaded only to draw a bar (a terminal): ~40 ms of every start
     from rich.progress import Progress as RichProgress
@@ -28,10 +29,6 @@ log = structlog.get_logger()
 
 PERIOD_ENV = "REPLICATOR_PROGRESS_PERIOD"
 DEFAULT_PERIOD = 10.0
-
-
-def mib(n: int) -> str:
-    return f"{n / 1048576:.1f} MiB"
 
 
 def log_period() -> float:
@@ -114,9 +111,9 @@ class ProgressReport:
             done=done,
             total=total,
             percent=round(100 * done / total, 1) if total else None,
-            rate=f"{mib(int(rate))}/s",
+            rate=f"{human_size(rate)}/s",
             eta_s=round(left) if left is not None else None,
-            text=f"{self.what}: {mib(done)} of {mib(total)}, {mib(int(rate))}/s"
+            text=f"{self.what}: {human_size(done)} of {human_size(total)}, {human_size(rate)}/s"
             + (f", about {round(left)} s left" if left is not None else ""),
         )
 

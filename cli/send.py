@@ -24,7 +24,7 @@ from replicator.cli.common import (
 )
 from replicator.cli.jobfile_command import JobFileOption
 from replicator.cli.monitoring import MetricsListenOption, metrics_endpoint
-from replicator.cli.progress import mib, progress_report
+from replicator.cli.progress import progress_report
 from replicator.cli.shaping_opts import (
     BurstOption,
     RateOption,
@@ -48,6 +48,7 @@ from replicator.engine.names import check_job_name
 from replicator.engine.sender import JOURNAL_CAP, LIVE_JOURNAL_CAP, Sender, SenderConfig, Summary
 from replicator.engine.statedir import default_state_dir
 from replicator.engine.tls import TlsIdentity
+from replicator.engine.units import human_size
 from replicator.engine.volumes import DEFAULT_EXTENT, resolve_volumes
 from replicator.transport import Shaper
 
@@ -183,10 +184,10 @@ def basis_words(summary: Summary, resync: bool) -> str:
 
 def wire_words(summary: Summary) -> str:
     """Bytes on the wire, and what lz4 saved of the records' size (when it saved any)."""
-    sent = f"sent {mib(summary.wire_bytes)} on the wire"
+    sent = f"sent {human_size(summary.wire_bytes)} on the wire"
     if summary.payload_bytes > summary.wire_bytes > 0:
         saved = 100 * (1 - summary.wire_bytes / summary.payload_bytes)
-        return f"{sent} (lz4 saved {saved:.0f}% of {mib(summary.payload_bytes)})"
+        return f"{sent} (lz4 saved {saved:.0f}% of {human_size(summary.payload_bytes)})"
     return sent
 
 
@@ -194,13 +195,13 @@ def print_summary(summary: Summary, as_json: bool, *, resync: bool = False) -> N
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), sort_keys=True))
         return
-    zeroed = f", zeroed {mib(summary.bytes_zeroed)}" if summary.bytes_zeroed else ""
+    zeroed = f", zeroed {human_size(summary.bytes_zeroed)}" if summary.bytes_zeroed else ""
     files = f" and {summary.files_changed} files" if summary.files_changed else ""
     typer.echo(
         f"job {summary.job}: epoch {summary.epoch} is durable on the receiver "
         f"(lsn {summary.lsn}) after {summary.seconds:.2f} s\n"
-        f"  read {mib(summary.bytes_scanned)}; changed {mib(summary.bytes_changed)} in "
-        f"{summary.extents_changed} extents{files}{zeroed}\n"
+        f"  scanned {human_size(summary.bytes_scanned)}; changed "
+        f"{human_size(summary.bytes_changed)} in {summary.extents_changed} extents{files}{zeroed}\n"
         f"  {wire_words(summary)}\n"
         f"  {basis_words(summary, resync)}"
     )

@@ -31,6 +31,7 @@ from replicator.engine.control import (
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
 from replicator.engine.names import RECEIVER_STATE_NAME
 from replicator.engine.status import SILENT_AFTER
+from replicator.engine.units import human_size
 
 WATCH_INTERVAL = 1.0
 _GIVE_STATE_DIR = (
@@ -406,14 +407,7 @@ _RECEIVER: list[tuple[str, Any]] = [
 
 
 def _bytes(value: Any) -> str:
-    if not isinstance(value, int | float):
-        return "-"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+    return human_size(value) if isinstance(value, int | float) else "-"
 
 
 def _duration(value: Any) -> str:

@@ -52,6 +52,7 @@ from replicator.engine.names import (
     printable,
     volume_name_problem,
 )
+from replicator.engine.units import human_size
 
 XML_MAX_BYTES = 4 * 1024 * 1024  # a domain XML is a few KiB; larger ones are not read
 BACKING_CHAIN_MAX = 16
@@ -276,18 +277,6 @@ def _resolved(path: str) -> str | None:
 
 def _suffix(path: str) -> str:
     return os.path.splitext(path)[1].lower()
-
-
-def human_size(n: int | None) -> str:
-    """1536 -> '1.5 KiB' (binary units); None -> '-'."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def describe_format(disk: Disk) -> str:

@@ -61,6 +61,7 @@ from replicator.engine.sender_state import (
 from replicator.engine.served_alone import clear_served_alone, receiver_ahead
 from replicator.engine.status import SenderJobStatus, SenderPhase
 from replicator.engine.tree import Tree
+from replicator.engine.units import human_size
 from replicator.engine.volumes import VolumeKind
 from replicator.journal import Journal, Record, RecordType
 
@@ -614,10 +615,6 @@ class CycleStopped(Exception):
     the link."""
 
 
-def _mib(n: int) -> str:
-    return f"{n / 1048576:.1f} MiB"
-
-
 def log_cycle(epoch: int, lsn: int, stats: ScanStats, link: Link, seconds: float) -> None:
     """The one line per sync cycle (what changed, what the link has sent so far)."""
     log.info(
@@ -630,10 +627,10 @@ def log_cycle(epoch: int, lsn: int, stats: ScanStats, link: Link, seconds: float
         files=stats.files_changed,
         seconds=round(seconds, 3),
         wire_total=link.conn.bytes_sent,
-        text=f"epoch {epoch} journaled: scanned {_mib(stats.bytes_scanned)}, changed "
-        f"{_mib(stats.bytes_changed)} in {stats.extents_changed} extents and "
-        f"{stats.files_changed} files in {seconds:.1f} s; {_mib(link.conn.bytes_sent)} sent on "
-        "the wire on this connection",
+        text=f"epoch {epoch} journaled: scanned {human_size(stats.bytes_scanned)}, changed "
+        f"{human_size(stats.bytes_changed)} in {stats.extents_changed} extents and "
+        f"{stats.files_changed} files in {seconds:.1f} s; "
+        f"{human_size(link.conn.bytes_sent)} sent on the wire on this connection",
     )
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from replicator.engine.discover import human_size
 from replicator.engine.errors import ExitCode
+from replicator.engine.units import human_size
 from tests.tools import ENV, REPLICATOR, qemu_img, replicator, send_once, start_receiver
 
 pytestmark = pytest.mark.tools
