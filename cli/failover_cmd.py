@@ -132,12 +132,7 @@ def failover_command(
                 allow_inconsistent=allow_inconsistent,
             )
             return result.as_dict()
-        assert isinstance(answer, dict)
-        if "error" in answer:  # a failover that did not happen, and why
-            code = answer.get("exit_code")
-            error = ReplicatorError(str(answer["error"]))
-            error.exit_code = ExitCode(code) if code in set(ExitCode) else ExitCode.CONNECT
-            raise error
+        answer = _done(answer)  # or a failover that did not happen, and why
         answer["rto_seconds"] = round(time.monotonic() - started, 3)  # as this command saw it
         answer["through"] = "the running receiver"
         answer["planned"] = planned
@@ -167,6 +162,18 @@ def failover_command(
         typer.echo(f"  warning: {problem}")
 
 
+def _done(answer: object) -> dict[str, object]:
+    """The running receiver's answer to a request; its refusal (``{"error", "exit_code"}``:
+    nothing was done, and why) raised."""
+    assert isinstance(answer, dict)
+    if "error" in answer:
+        code = answer.get("exit_code")
+        error = ReplicatorError(str(answer["error"]))
+        error.exit_code = ExitCode(code) if code in set(ExitCode) else ExitCode.CONNECT
+        raise error
+    return answer
+
+
 def demote_command(
     directory: DirOption,
     job: JobNameOption,
@@ -180,7 +187,7 @@ def demote_command(
     state_dir: StateOption = None,
 ) -> None:
     """Give a promoted job back to replication (the source's next `send --resync`
-    overwrites what differs). Run with the receiver stopped."""
+    overwrites what differs). Through the running receiver, or on the folder at rest."""
     from replicator.engine.failover import demote_at_rest
 
     try:
@@ -194,7 +201,16 @@ def demote_command(
         fail(exc)
 
     async def main(stop: asyncio.Event) -> int:
-        return await demote_at_rest(config, job)
+        from replicator.engine import control
+
+        socket_path = config.state_root / control.SOCKET_NAME
+        try:  # a running receiver demotes (it holds the folder)
+            answer = await asyncio.to_thread(control.request, socket_path, "demote", job=job)
+        except control.ControlUnavailable:
+            return await demote_at_rest(config, job)
+        generation = _done(answer)["generation"]
+        assert isinstance(generation, int)
+        return generation
 
     generation = run(main, graceful=False)
     typer.echo(

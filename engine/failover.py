@@ -227,8 +227,8 @@ async def demote_at_rest(config: ReceiverConfig, job: str) -> int:
     check_job_name(job)
     with contextlib.ExitStack() as owned:
         running = (
-            "demote runs with the receiver stopped: stop it with SIGTERM, run demote, then "
-            "start it again"
+            "no receiver answers on this state folder's control socket: give demote the "
+            "--state-dir the running receiver uses (it demotes through it), or stop it first"
         )
         for lock in receiver_folder_locks(config.state_root, config.replica_root, hint=running):
             owned.enter_context(lock)

@@ -213,11 +213,20 @@ def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None)
         )
         return result.as_dict()
 
+    async def demote(request: dict[str, Any]) -> dict[str, Any]:
+        job = request.get("job")
+        if not isinstance(job, str):
+            raise RequestError('"job" is a job name')
+        try:  # a refusal is an answer (with its exit code), not a failed request
+            return {"job": job, "generation": await receiver.demote(job)}
+        except ReplicatorError as exc:
+            return {"error": str(exc), "exit_code": int(exc.exit_code)}
+
     return Monitor(
         receiver.status,
         state_root,
         owner="a receiver",
         metrics=metrics,
         at_rest=lambda known: receiver_jobs_at_rest(state_root, known),
-        handlers={"failover": failover},
+        handlers={"failover": failover, "demote": demote},
     )

@@ -352,13 +352,7 @@ class Receiver:
         its session if one is still connected (the source is gone, or must be: promotion
         wins), then ``JobReplica.promote``. Returns the promotion and whether the job was
         promoted already."""
-        check_job_name(name)
-        if not (self.config.state_root / name).is_dir():
-            raise ConfigError(
-                f"unknown job {name!r}: no receiver state in {self.config.state_root}",
-                hint="check the job name; `replicator status --dir DIR` lists the jobs",
-            )
-        replica = await self.job(name)
+        replica = await self._known_job(name)
         for conn, serving in list(self._serving.items()):
             if serving is replica:
                 log.warning("receiver.failover_ends_session", job=name, peer=conn.peer)
@@ -371,19 +365,38 @@ class Receiver:
         finally:
             replica.session_lock.release()
 
-    async def failover_planned(self, name: str, timeout: float) -> tuple[Promotion, bool]:
-        """Planned failover of job ``name``: its connected sender stops capture, ships
-        everything and says its final point; the replica is promoted exactly there (see
-        docs/PROTOCOL.md, "Failover and failback"). Never promotes without that point:
-        no sender within ``timeout`` seconds, or one that goes away first, is an error
-        that leaves the job as it was."""
+    async def demote(self, name: str) -> int:
+        """``replicator demote`` through the control socket: the promoted job ``name``
+        follows replication again (no session runs on a promoted job but a failback's,
+        which is waited for). Returns its generation."""
+        replica = await self._known_job(name)
+        if replica.promotion is None:
+            raise ConfigError(f"job {name!r} is not promoted", hint="nothing to demote")
+        async with asyncio.timeout(FAILOVER_SESSION_WAIT):
+            await replica.session_lock.acquire()
+        try:
+            await replica.demote()
+        finally:
+            replica.session_lock.release()
+        return replica.state.generation
+
+    async def _known_job(self, name: str) -> JobReplica:
+        """Job ``name``, which this receiver has state for (an operator's command names it)."""
         check_job_name(name)
         if not (self.config.state_root / name).is_dir():
             raise ConfigError(
                 f"unknown job {name!r}: no receiver state in {self.config.state_root}",
                 hint="check the job name; `replicator status --dir DIR` lists the jobs",
             )
-        replica = await self.job(name)
+        return await self.job(name)
+
+    async def failover_planned(self, name: str, timeout: float) -> tuple[Promotion, bool]:
+        """Planned failover of job ``name``: its connected sender stops capture, ships
+        everything and says its final point; the replica is promoted exactly there (see
+        docs/PROTOCOL.md, "Failover and failback"). Never promotes without that point:
+        no sender within ``timeout`` seconds, or one that goes away first, is an error
+        that leaves the job as it was."""
+        replica = await self._known_job(name)
         if replica.promotion is not None and not replica.promotion.damaged:
             return replica.promotion, True
         loop = asyncio.get_running_loop()

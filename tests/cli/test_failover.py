@@ -31,6 +31,7 @@ from tests.tools import (
     LiveNbdSender,
     ReceiverProc,
     b3,
+    forced_failover,
     is_mounted,
     logs_after_failure,
     one_line_error,
@@ -597,3 +598,30 @@ def test_verify_repair_also_brings_an_unknown_replica_back(
     assert isinstance(point, dict)
     assert point["consistent"] is True and point["unknown"] is None
     assert qemu_compare("qcow2", disk, target / "vm1" / disk.name).returncode == 0
+
+
+def test_demote_through_the_running_receiver(tmp_path: Path) -> None:
+    """Like failover, demote goes through a running receiver (stopping it to demote one
+    job would stop every job it serves); the receiver then takes the source's `--resync`
+    at once, with no restart."""
+    disk, state, target, replica = forced_failover(tmp_path)
+    qemu_io("raw", replica, "write -P 0x66 1M 64k")  # the promoted side's write, discarded
+    rcv = start_receiver(target)
+    try:
+        demote = ("demote", "--dir", str(target), "--discard-changes")
+        unknown = replicator(*demote, "--job", "nope")
+        assert unknown.returncode == ExitCode.CONFIG, unknown.stderr
+        assert "unknown job 'nope'" in one_line_error(unknown.stderr)
+        ok = replicator(*demote, "--job", "vm")
+        assert ok.returncode == 0, ok.stderr
+        assert "job vm is a replica again (generation 2)" in ok.stdout
+        again = replicator(*demote, "--job", "vm")
+        assert again.returncode == ExitCode.CONFIG, again.stderr
+        assert "job 'vm' is not promoted" in one_line_error(again.stderr)
+        send_once(rcv, "vm", state, disk, extra=("--resync",))
+        assert qemu_compare("raw", disk, replica).returncode == 0
+        status = replicator("status", "--dir", str(target), "--json")
+        [job] = json.loads(status.stdout)["jobs"]
+        assert job["promoted"] is False and job["generation"] == 2
+    finally:
+        assert rcv.stop() == 0

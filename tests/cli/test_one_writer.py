@@ -127,12 +127,14 @@ def test_a_second_receiver_with_its_own_state_folder_is_refused_the_same_replica
     error = one_line_error(out.stderr)
     assert f"a receiver already runs with replica folder {receiver.dir}" in error
     assert "needs a --dir of its own" in error and "own --state-dir" not in error
-    # at rest, demote says the receiver must be stopped
+    # demote on a state folder no receiver answers for: the replica folder is still held
     demote = replicator(
-        "demote", "--dir", str(receiver.dir), "--job", "none", "--discard-changes", timeout=30
-    )
+        "demote", "--dir", str(receiver.dir), "--state-dir", str(tmp_path / "own-state"),
+        "--job", "none", "--discard-changes", timeout=30,
+    )  # fmt: skip
     assert demote.returncode == ExitCode.CONFIG, demote.stderr
-    assert "demote runs with the receiver stopped" in one_line_error(demote.stderr)
+    error = one_line_error(demote.stderr)
+    assert f"a receiver already runs with replica folder {receiver.dir}" in error
 
 
 def test_a_symlinked_job_state_folder_is_refused(tmp_path: Path, receiver: ReceiverProc) -> None:
