@@ -79,7 +79,7 @@ def build_config(
     to: str,
     job: str,
     state_dir: Path | None,
-    volumes: list[Path],
+    volumes: list[Path] | None,
     *,
     pre_hook: str | None = None,
     post_hook: str | None = None,
@@ -88,9 +88,11 @@ def build_config(
     journal_max: int = JOURNAL_CAP,
     wait_for_receiver: float | None = None,
 ) -> SenderConfig:
+    """The sender's configuration; ``volumes`` None for a folder's job (FUSE capture,
+    a folder's verify), whose volumes ``engine.fuse_folder.folder_job`` fills in."""
     host, port = parse_endpoint(to, "--to")
     check_job_name(job)
-    specs = resolve_volumes(volumes)
+    specs = resolve_volumes(volumes) if volumes is not None else []
     return SenderConfig(
         host=host,
         port=port,
@@ -156,17 +158,7 @@ def _fuse_sender(
     if mount is None:
         raise ConfigError("--capture fuse needs --mount MOUNTPOINT")
     source = folder_source(volumes, "--capture fuse takes exactly one VOLUME: the VM's folder")
-    host, port = parse_endpoint(to, "--to")
-    check_job_name(job)
-    config = SenderConfig(
-        host=host,
-        port=port,
-        job=job,
-        volumes=[],  # the folder's files: fuse_folder_job walks it
-        state_dir=state_dir or default_state_dir("send", job),
-        journal_max_bytes=journal_max,
-        resync=resync,
-    )
+    config = build_config(to, job, state_dir, None, journal_max=journal_max, resync=resync)
     config, capture = fuse_folder_job(config, FuseOptions(source, mount))
     return LiveSender(Sender(config, connector_for(config, tls, shaper)), capture)
 

@@ -34,6 +34,7 @@ from replicator.cli.shaping_opts import BurstOption, RateOption, make_shaping
 from replicator.engine.control import ControlBusy
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
 from replicator.engine.sender import Sender, SenderConfig
+from replicator.engine.tree import Tree
 from replicator.engine.verify import VerifyResult, verify
 
 
@@ -63,9 +64,17 @@ def verify_command(
     rate: RateOption = None,
     burst: BurstOption = None,
 ) -> None:
-    """Read both sides afresh and compare blake3 extent manifests (exit 0 identical, 1 not)."""
+    """Read both sides afresh and compare blake3 extent manifests (exit 0 identical, 1 not).
+    A FUSE job's folder, given as the one VOLUME, is compared whole: its files, and the
+    replica folder's layout."""
+    folder: Tree | None = None
     try:
-        config = build_config(to, job, state_dir, volumes)
+        if len(volumes) == 1 and volumes[0].is_dir():  # a FUSE-captured job's folder
+            from replicator.engine.fuse_folder import folder_job
+
+            config, folder = folder_job(build_config(to, job, state_dir, None), volumes[0])
+        else:
+            config = build_config(to, job, state_dir, volumes)
         tls = transport_security(
             tls_dir=tls_dir, tls_name=tls_name, insecure=insecure, side="sender", host=config.host
         )
@@ -76,7 +85,7 @@ def verify_command(
 
     async def main(stop: asyncio.Event) -> VerifyResult:
         try:
-            return await verify(sender, repair=repair, progress=progress)
+            return await verify(sender, repair=repair, progress=progress, folder=folder)
         except ConfigError as exc:
             if not isinstance(exc, ControlBusy) and "already runs" not in exc.message:
                 raise
@@ -95,6 +104,7 @@ def verify_command(
                 {
                     "identical": result.identical,
                     "repaired_bytes": result.repaired,
+                    "layout": result.layout,
                     "volumes": [
                         {
                             "volume": v.volume,
@@ -109,6 +119,8 @@ def verify_command(
             )
         )
     else:
+        for difference in result.layout:
+            typer.echo(difference)
         for v in result.volumes:
             if v.identical:
                 typer.echo(f"{v.volume}: identical ({v.source_size} bytes)")

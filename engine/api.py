@@ -597,7 +597,12 @@ class Sender:
                     raise self.failure
             try:
                 await self._enter_monitor()
-                return await verify(self.engine, repair=repair)
+                folder = None
+                if self.fuse is not None:  # the folder as it is now, its layout compared too
+                    from replicator.engine.fuse_folder import folder_job
+
+                    self.engine.config, folder = folder_job(self.engine.config, self.fuse.source)
+                return await verify(self.engine, repair=repair, folder=folder)
             finally:
                 if resume:
                     self._begin()

@@ -17,7 +17,7 @@ from pathlib import Path
 from replicator.engine.errors import ConfigError
 from replicator.engine.live import FuseFolderCapture
 from replicator.engine.sender_state import SenderConfig
-from replicator.engine.tree import volumes_of, walk
+from replicator.engine.tree import Tree, volumes_of, walk
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,12 @@ def fuse_folder_job(
             hint="give --state-dir a folder outside the VM folder (the default is "
             "/var/lib/replicator/send/JOB)",
         )
-    tree = walk(options.source)
-    config = replace(config, volumes=volumes_of(options.source, tree), folder=True)
+    config, tree = folder_job(config, options.source)
     return config, FuseFolderCapture(options.source, options.mount, tree)
+
+
+def folder_job(config: SenderConfig, source: Path) -> tuple[SenderConfig, Tree]:
+    """``config`` with folder ``source``'s files as its volumes and ``folder=True``, and
+    the folder's tree, as walked now (ConfigError for what cannot be replicated)."""
+    tree = walk(source)
+    return replace(config, volumes=volumes_of(source, tree), folder=True), tree

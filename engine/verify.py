@@ -3,7 +3,9 @@
 The receiver hashes its replicas after applying everything it has received; the sender
 hashes the sources at the same extent size. ``repair`` journals the differing extents
 (current source content) as one EPOCH, ships it like any other epoch, waits until it is
-applied, and verifies again.
+applied, and verifies again. A FUSE job's folder is compared whole: its files, and the
+replica folder's layout (the receiver's listing against the folder walked now), which
+``repair`` makes the same with the records the FUSE capture's own sync uses.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from replicator.engine.link import Link, SessionPurpose
 from replicator.engine.manifest import ExtentManifest, digest_chunks
 from replicator.engine.scan import Progress, file_volume
 from replicator.engine.sender import Sender, SenderState
+from replicator.engine.tree import Tree, from_entries, tree_records
 from replicator.engine.volumes import VolumeKind, VolumeSpec, pread_all
 from replicator.journal import Record
 from replicator.transport.messages import DIGEST_SIZE
@@ -43,10 +46,12 @@ class VolumeDiff:
 class VerifyResult:
     volumes: list[VolumeDiff]
     repaired: int = 0  # bytes sent by --repair
+    # a folder's job (FUSE capture): how the replica folder's layout differs, in words
+    layout: list[str] = field(default_factory=list)
 
     @property
     def identical(self) -> bool:
-        return all(v.identical for v in self.volumes)
+        return all(v.identical for v in self.volumes) and not self.layout
 
 
 def _ranges(indexes: list[int], extent_size: int, size: int) -> list[tuple[int, int]]:
@@ -168,12 +173,48 @@ def _repair_batches(volumes: list[VolumeSpec], result: VerifyResult) -> Iterator
                 yield batch
 
 
-async def _repair(sender: Sender, state: SenderState, link: Link, result: VerifyResult) -> int:
-    """Journal and ship the differing extents (none: an empty epoch) as one epoch; wait
-    until it is applied."""
+def _layout(replica: Tree, source: Tree) -> tuple[list[str], list[Record]]:
+    """How the replica folder's layout differs from the source folder's, in words, and
+    the records that make it the same (before any file's content)."""
+    words: list[str] = []
+    for path in sorted(replica.files.keys() - source.files.keys()):
+        words.append(f"{path}: a file on the replica only")
+    for path in sorted(replica.dirs.keys() - source.dirs.keys()):
+        words.append(f"{path}/: a folder on the replica only")
+    for path in sorted(source.dirs):
+        if path not in replica.dirs:
+            words.append(f"{path}/: folder missing on the replica")
+        elif replica.dirs[path] != source.dirs[path]:
+            words.append(f"{path}/: mode {source.dirs[path]:04o}, replica {replica.dirs[path]:04o}")
+    for path in sorted(source.links.keys() | replica.links.keys()):
+        mine, theirs = source.links.get(path), replica.links.get(path)
+        if mine != theirs:
+            have = "missing" if theirs is None else f"-> {theirs}"
+            words.append(
+                f"{path}: a symlink on the replica only ({have})"
+                if mine is None
+                else f"{path}: symlink -> {mine}, replica {have}"
+            )
+    records = tree_records(replica, source)
+    for path in sorted(source.files.keys() & replica.files.keys()):
+        if replica.files[path] != source.files[path]:
+            words.append(
+                f"{path}: mode {source.files[path]:04o}, replica {replica.files[path]:04o}"
+            )
+            records.append(Record.chmod(path, source.files[path]))
+    return words, records
+
+
+async def _repair(
+    sender: Sender, state: SenderState, link: Link, result: VerifyResult, layout: list[Record]
+) -> int:
+    """Journal and ship what makes the layout and the content the same (nothing: an empty
+    epoch) as one epoch; wait until it is applied."""
     journal = state.journal
     assert journal is not None
     sent = 0
+    if layout:
+        await sender.append(journal, link, layout)
     gen = _repair_batches(sender.config.volumes, result)
     while (batch := await asyncio.to_thread(next, gen, None)) is not None:
         await sender.append(journal, link, batch)
@@ -184,22 +225,37 @@ async def _repair(sender: Sender, state: SenderState, link: Link, result: Verify
     return sent
 
 
-async def verify(sender: Sender, *, repair: bool, progress: Progress | None = None) -> VerifyResult:
-    """Compare (and with ``repair`` make equal) the sources and their replicas."""
+async def verify(
+    sender: Sender, *, repair: bool, progress: Progress | None = None, folder: Tree | None = None
+) -> VerifyResult:
+    """Compare (and with ``repair`` make equal) the sources and their replicas; with
+    ``folder`` (the source folder's tree: a FUSE-captured job), the replica folder's
+    layout too (files, folders and symlinks on one side only, modes, link targets)."""
     sender.bind_log_context()
     async with SenderState(sender.config) as state:
         purpose = SessionPurpose.RESYNC if repair else SessionPurpose.VERIFY
         link, _, _ = await sender.open_link(state, with_basis=False, purpose=purpose)
         try:
             volumes, extent_size = sender.config.volumes, sender.config.extent_size
-            result = await compare(link, volumes, extent_size, progress)
+
+            async def both() -> tuple[VerifyResult, list[Record]]:
+                words: list[str] = []
+                records: list[Record] = []
+                if folder is not None:
+                    replica = from_entries(await link.request_tree())
+                    words, records = _layout(replica, folder)
+                result = await compare(link, volumes, extent_size, progress)
+                result.layout = words
+                return result, records
+
+            result, layout = await both()
             if repair:
                 # an epoch even when nothing differs: this session raised the receiver's
                 # point floor (Sender.open_link), and only an epoch at or above it makes
                 # the replica a consistency point again
-                repaired = await _repair(sender, state, link, result)
+                repaired = await _repair(sender, state, link, result, layout)
                 if not result.identical:
-                    result = await compare(link, volumes, extent_size, progress)
+                    result, _ = await both()
                 result.repaired = repaired
             await link.goodbye("verify done")
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -250,3 +251,63 @@ def test_a_state_folder_inside_the_vm_folder_is_refused(
     assert "is inside the VM folder" in out.stderr and "--state-dir" in out.stderr
     assert sorted(os.listdir(source)) == before and not is_mounted(mnt)
     assert not (receiver.dir / "vm1").exists()
+
+
+def test_verify_compares_a_folder_whole_and_repairs_it(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """A FUSE job's folder, given to verify as its one VOLUME, is compared whole: every
+    file's content, and the layout (what is on the replica only, a missing file, a folder's
+    or a file's mode, a symlink's target); --repair makes them the same through the job's
+    own journal, and the live sender goes on from there."""
+    source, mnt = folder
+    (source / "snapshots").mkdir()
+    (source / "snapshots" / "s1.xml").write_text("<snapshot/>")
+    os.symlink("vm.xml", source / "current.xml")
+    qemu_img("create", "-q", "-f", "qcow2", str(source / "d.qcow2"), "16M")
+    qemu_io("qcow2", source / "d.qcow2", "write -P 0x21 0 1M")
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
+    _stop(proc, mnt)
+    args = ("--to", receiver.address, "--job", "fvm", "--state-dir", str(tmp_path / "state"))
+    same = replicator("verify", *args, "--insecure", "--json", str(source))
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert json.loads(same.stdout)["layout"] == []
+
+    replica = receiver.dir / "fvm"
+    (replica / "snapshots" / "s1.xml").unlink()
+    (replica / "stale.txt").write_text("left over")
+    (replica / "old").mkdir()
+    (replica / "snapshots").chmod(0o700)
+    (replica / "vm.xml").chmod(0o600)
+    (replica / "current.xml").unlink()
+    os.symlink("d.qcow2", replica / "current.xml")
+    with (replica / "d.qcow2").open("r+b") as f:  # bit rot (the receiver locks the image)
+        f.seek(5 * 65536 + 17)
+        f.write(b"\xff\x00\xff")
+    found = replicator("verify", *args, "--insecure", str(source))
+    assert found.returncode == ExitCode.DIFFERENT, found.stdout + found.stderr
+    lines = found.stdout.splitlines()
+    for line in (
+        "stale.txt: a file on the replica only",
+        "old/: a folder on the replica only",
+        "snapshots/: mode 0755, replica 0700",
+        "current.xml: symlink -> vm.xml, replica -> d.qcow2",
+        "vm.xml: mode 0644, replica 0600",
+        "snapshots/s1.xml: replica missing",
+    ):
+        assert line in lines, found.stdout
+    assert [line for line in lines if line.startswith("d.qcow2: 1 differing ranges")]
+
+    fixed = replicator("verify", *args, "--insecure", "--repair", "--json", str(source))
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert json.loads(fixed.stdout)["layout"] == []
+    assert qemu_compare("qcow2", source / "d.qcow2", replica / "d.qcow2").returncode == 0
+    assert not (replica / "stale.txt").exists() and not (replica / "old").exists()
+    assert os.readlink(replica / "current.xml") == "vm.xml"
+    assert (replica / "vm.xml").stat().st_mode & 0o777 == 0o644
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)  # the job goes on from here
+    try:
+        (mnt / "snapshots" / "s2.xml").write_text("<snapshot n='2'/>")
+        _wait_same(source / "snapshots" / "s2.xml", replica / "snapshots" / "s2.xml")
+    finally:
+        _stop(proc, mnt)

@@ -167,6 +167,14 @@ async def test_writes_through_the_mount_reach_the_replica_and_stop_unmounts(
         assert (folder.source / "vm.xml").read_text() == XML2
         assert (folder.replica / "nvram.bin").read_bytes() == b"\1" * 8192
         assert (await sender.verify()).identical  # stopped: the files are ours to compare
+        # the folder is walked as it is now (nvram.bin, made through the mount, is compared)
+        # and its layout too: a file on the replica only is a difference, repaired away
+        (folder.replica / "stray.txt").write_text("left over")
+        found = await sender.verify()
+        assert found.layout == ["stray.txt: a file on the replica only"]
+        assert "nvram.bin" in [v.volume for v in found.volumes] and not found.identical
+        assert (await sender.verify(repair=True)).identical
+        assert not (folder.replica / "stray.txt").exists()
 
         # started again: the folder is walked again, so a file made through the last mount
         # is a volume now and the new initial sync keeps it on the replica
