@@ -288,6 +288,15 @@ def _replica_lag(job: dict[str, Any]) -> str:
     """A receiver's lag: it sees only what arrived, so its seconds are a bound, not the RPO."""
     lag = job.get("lag") or {}
     text = f"{lag.get('records', '-')} records to apply"
+    promotion = job.get("promotion")
+    if job.get("promoted") and isinstance(promotion, dict) and "missing_seconds" in promotion:
+        missing = promotion["missing_seconds"]
+        if missing is None:
+            return f"{text}; promoted (its consistency point has no source time)"
+        return (
+            f"{text}; promoted: at most {_duration(missing)} of source writes were missing "
+            "then (the promotion's time less the consistency point's source time)"
+        )
     if lag.get("seconds") is None:
         return text
     return (

@@ -461,6 +461,13 @@ def promotion_fields(job: str, promotion: Promotion | None) -> dict[str, Any]:
             "point_lsn": promotion.point_lsn,
             "point_time": iso_time(promotion.point_ts_ns),
             "consistent": promotion.consistent,
+            # the RPO bound when promoted (the source's clock against ours): what the
+            # receiver's lag would have said at that moment; after it, nothing is missing
+            "missing_seconds": (
+                round(max(0, promotion.at_ns - promotion.point_ts_ns) / 1e9, 3)
+                if promotion.point_ts_ns
+                else None
+            ),
         },
         "role_change": {
             "phase": "promoted",

@@ -87,3 +87,26 @@ def test_a_paused_sender_says_what_resumes_it() -> None:
     assert _row(text, "state") == (
         "paused (rate 0: `replicator rate --state-dir DIR RATE` resumes it)"
     )
+
+
+def test_a_promoted_replica_shows_what_was_missing_when_it_was_promoted() -> None:
+    """After a failover nothing more is missing: the bound is the one at the promotion
+    (its time less the point's source time), not one that grows for ever."""
+    from replicator.engine.generations import Promotion
+    from replicator.engine.status import promotion_fields
+
+    second = 10**9
+    fields = promotion_fields("vm1", Promotion(2, 1, 1_000 * second, 17, 994 * second))
+    assert fields["promotion"]["missing_seconds"] == 6.0
+    job = {"job": "vm1", "state": "promoted", "lag": {"records": 0, "seconds": 5000.0}, **fields}
+    text = _text({"role": "receiver", "source": "process", "jobs": [job]})
+    assert _row(text, "lag (RPO bound)") == (
+        "0 records to apply; promoted: at most 6.0 s of source writes were missing then (the "
+        "promotion's time less the consistency point's source time)"
+    )
+    unknown = promotion_fields("vm1", Promotion(2, 1, 1_000 * second, 0, 0))
+    job.update(unknown)
+    text = _text({"role": "receiver", "source": "process", "jobs": [job]})
+    assert _row(text, "lag (RPO bound)") == (
+        "0 records to apply; promoted (its consistency point has no source time)"
+    )
