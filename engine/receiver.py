@@ -89,6 +89,9 @@ class Receiver:
     def __init__(self, config: ReceiverConfig) -> None:
         self.config = config
         self._jobs: dict[str, JobReplica] = {}
+        # job: when a demote through this receiver ended its promotion (monotonic): an
+        # automatic failover counts its wait from there, as from a restarted receiver's start
+        self.demoted: dict[str, float] = {}
         self._jobs_lock = asyncio.Lock()
         self._sessions: set[asyncio.Task[Any]] = set()
         self._serving: dict[FramedConnection, JobReplica] = {}  # sessions past the Hello
@@ -376,6 +379,7 @@ class Receiver:
             await replica.session_lock.acquire()
         try:
             await replica.demote()
+            self.demoted[name] = time.monotonic()
         finally:
             replica.session_lock.release()
         return replica.state.generation

@@ -150,7 +150,8 @@ class AutoFailover:
             self._seen[job] = now
             self._said.pop(job, None)
             return
-        if now - self._seen.get(job, started) <= self.after or self._next.get(job, 0) > now:
+        last = max(self._seen.get(job, started), self.receiver.demoted.get(job, started))
+        if now - last <= self.after or self._next.get(job, 0) > now:
             return
         self._next[job] = now + RETRY
         replica = await self.receiver.job(job)

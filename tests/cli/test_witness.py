@@ -161,6 +161,31 @@ def test_the_target_promotes_when_the_witness_agrees(
     assert rcv.stop() == 0
 
 
+def test_a_job_demoted_through_the_receiver_waits_the_full_time_again(
+    tmp_path: Path, disk: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """Demoted through the running receiver, a job that failed over automatically is not
+    promoted again at the next poll (its source went quiet long ago): the wait counts from
+    the demote, as from the start of a receiver restarted to demote at rest."""
+    after = 4.0
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    rcv, sender = replicating_pair(
+        tmp_path, disk, procs, address, receive_args=("--auto-failover-after", str(after))
+    )
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 20), receiver_job(rcv)
+    demote = replicator("demote", "--dir", str(rcv.dir), "--job", "vm1", "--discard-changes")
+    demoted = time.monotonic()
+    assert demote.returncode == 0, demote.stderr
+    assert not wait_for(lambda: receiver_job(rcv)["promoted"] is True, after - 1.5)
+    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 20), receiver_job(rcv)
+    assert time.monotonic() - demoted > after - 0.5
+    assert receiver_job(rcv)["generation"] == 3  # the source is still gone: promoted again
+    assert rcv.stop() == 0
+
+
 def test_automatic_failover_without_a_witness_is_refused_at_start(tmp_path: Path) -> None:
     out = replicator(
         "receive", "--listen", f"127.0.0.1:{free_port()}", "--dir", str(tmp_path / "t"),
