@@ -773,6 +773,15 @@ class Receiver:
             self.config, job, promotion, exec_cmd=exec_cmd, started=started, already=already
         )
 
+    async def demote(self, job: str) -> int:
+        """Give promoted ``job`` back to replication (as ``replicator demote
+        --discard-changes``): the source's next ``--resync`` overwrites what differs.
+        ConfigError for an unknown job or one not promoted; RefusedError while a session
+        (a failback) holds it. Returns the job's generation."""
+        if not self.started or self.closed:
+            raise RuntimeError("demote needs a started Receiver (or engine.demote_at_rest)")
+        return await self.engine.demote(job)
+
     async def aclose(self) -> None:
         """Stop listening, end the sessions, finish applying complete epochs, release the
         folders; the event streams end after a STOPPED event. Idempotent."""

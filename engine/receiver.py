@@ -22,6 +22,7 @@ from replicator.engine.applier import ApplyError
 from replicator.engine.errors import (
     ConfigError,
     ConnectError,
+    RefusedError,
     ReplicaInconsistent,
     ReplicatorError,
     first_error,
@@ -76,6 +77,9 @@ HELLO_TIMEOUT = 30.0
 OPENING_PING = 1.0
 SESSION_WAIT = 3.0  # how long a sender waits for the job's last session to end
 FAILOVER_SESSION_WAIT = 60.0  # for an aborted session to let go of its job
+# for a session to let go of a job to demote (only a failback's runs on a promoted job, and
+# it is not aborted: within the control request's 10 s the answer is a refusal instead)
+DEMOTE_SESSION_WAIT = 5.0
 
 
 def _clock(when: float) -> str:
@@ -375,8 +379,14 @@ class Receiver:
         replica = await self._known_job(name)
         if replica.promotion is None:
             raise ConfigError(f"job {name!r} is not promoted", hint="nothing to demote")
-        async with asyncio.timeout(FAILOVER_SESSION_WAIT):
-            await replica.session_lock.acquire()
+        try:
+            async with asyncio.timeout(DEMOTE_SESSION_WAIT):
+                await replica.session_lock.acquire()
+        except TimeoutError:
+            raise RefusedError(
+                f"job {name!r} has a session (a failback from the source?): nothing demoted",
+                hint="let it finish (a failback hands the job back by itself), then demote",
+            ) from None
         try:
             await replica.demote()
             self.demoted[name] = time.monotonic()

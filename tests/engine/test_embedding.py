@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -26,6 +27,7 @@ from replicator.engine.api import (
     MemoryConnector,
     Receiver,
     ReceiverConfig,
+    RefusedError,
     Sender,
     SenderConfig,
     SplitBrainError,
@@ -210,6 +212,25 @@ async def test_failover_then_the_sender_stops_with_split_brain(setup: Setup) -> 
     assert again.already_promoted and again.generation == result.generation
     with pytest.raises(ConfigError, match="unknown job"):
         await setup.receiver.failover("nosuchjob")
+
+    # demote: refused while a session (a failback's) holds the job, then done; once only
+    replica = await setup.receiver.engine.job("vm1")
+    async with replica.session_lock:
+        with (
+            patch("replicator.engine.receiver.DEMOTE_SESSION_WAIT", 0.2),
+            pytest.raises(RefusedError, match="has a session"),
+        ):
+            await setup.receiver.demote("vm1")
+
+    def promoted() -> bool:
+        return replica.promotion is not None
+
+    assert promoted()  # nothing demoted
+    assert await setup.receiver.demote("vm1") == result.generation
+    assert not promoted()
+    with pytest.raises(ConfigError, match="not promoted"):
+        await setup.receiver.demote("vm1")
+    await setup.receiver.failover("vm1")  # promoted again, for what follows
 
     sender = Sender(setup.config(), interval=0.2)
     events = sender.events()
