@@ -51,6 +51,7 @@ from replicator.engine.link import Link, SessionPurpose
 from replicator.engine.manifest import ExtentManifest, ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.sender_state import SenderConfig, SenderState
+from replicator.engine.verify import compare
 from replicator.engine.volumes import (
     VolumeKind,
     VolumeSpec,
@@ -143,9 +144,9 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
             remote: dict[str, ExtentManifest] = {}
             for spec in disks:
                 remote[spec.name] = await _restore(link, spec, config.extent_size, result)
-            for spec in config.volumes:
-                if spec.kind is VolumeKind.FILE and await _differs(link, spec, config.extent_size):
-                    result.files_differing.append(spec.name)
+            files = [v for v in config.volumes if v.kind is VolumeKind.FILE]
+            compared = await compare(link, files, config.extent_size)
+            result.files_differing = [d.volume for d in compared.volumes if not d.identical]
             # both sides continue above every LSN either has used (see the module docstring)
             handback = max(journal.last_lsn, welcome.received_lsn) + 1
             await journal.append(Record.flush().with_lsn(handback))
@@ -199,13 +200,6 @@ async def _record(
             hint="free space on (or repair) that disk, then run the same `replicator "
             "failback` again: it goes on from here",
         ) from exc
-
-
-async def _differs(link: Link, spec: VolumeSpec, extent_size: int) -> bool:
-    """Whether file volume ``spec``'s replica is missing or differs from it."""
-    remote = await link.request_manifest(spec.name, extent_size)
-    local = await asyncio.to_thread(ExtentManifest.of_file, spec.path, extent_size)
-    return remote is None or remote.size != local.size or any(local.differing(remote))
 
 
 async def _restore(
