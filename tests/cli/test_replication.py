@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.tools import (
+    ENV,
+    REPLICATOR,
     ReceiverProc,
     b3,
     qemu_compare,
@@ -21,6 +25,7 @@ from tests.tools import (
     send_once,
 )
 
+MiB = 1024 * 1024
 FORMATS = {"vpc": "disk0.vhd", "vhdx": "disk0.vhdx", "qcow2": "disk0.qcow2", "raw": "disk0.img"}
 
 
@@ -209,6 +214,55 @@ def test_a_volume_given_again_after_a_cycle_without_it_comes_out_equal(
     assert b3(replica) == b3(b)
     args = ("--to", receiver.address, "--job", "again", "--state-dir", str(state), "--insecure")
     assert replicator("verify", *args, str(a), str(b)).returncode == 0
+
+
+def test_a_volume_given_again_survives_its_sender_killed_after_the_emptying_went(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """The volume's RESIZE 0 has reached the receiver, its data is on the way (a slow
+    link), the sender is killed: nothing is reported durable, the replica keeps its last
+    consistency point untouched, and the next run brings it equal."""
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    qemu_img("create", "-q", "-f", "raw", str(a), "1M")
+    b.write_bytes(os.urandom(4 * MiB))
+    state = tmp_path / "state"
+    send_once(receiver, "cut", state, a, b)
+    send_once(receiver, "cut", state, a)  # b left out for a cycle
+    replica = receiver.dir / "cut" / b.name
+    before, point = b3(replica), _point(receiver, "cut")
+    b.unlink()  # made anew: a hole where the old one had its data, then 12 MiB of data
+    with b.open("wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(4 * MiB)
+        f.write(os.urandom(12 * MiB))
+    slow = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "cut", "--state-dir",
+         str(state), "--once", "--insecure", "--rate", "1MB/s", "--burst", "64K", str(a), str(b)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while _received(receiver, "cut") <= point["lsn"]:  # the epoch's first records
+            assert slow.poll() is None, slow.stderr.read() if slow.stderr else ""
+            assert time.monotonic() < deadline, "nothing of the new cycle was received"
+            time.sleep(0.05)
+    finally:
+        slow.kill()
+        slow.wait(timeout=30)
+    assert _point(receiver, "cut") == point  # no new consistency point
+    assert b3(replica) == before  # and nothing of the cut epoch applied
+    summary = send_once(receiver, "cut", state, a, b)
+    assert summary["lsn"] > point["lsn"]
+    assert b3(replica) == b3(b)
+    assert qemu_compare("raw", b, replica).returncode == 0
+
+
+def _received(receiver: ReceiverProc, job: str) -> int:
+    out = replicator("status", "--dir", str(receiver.dir), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (found,) = [j for j in json.loads(out.stdout)["jobs"] if j["job"] == job]
+    received: int = found["lsn"]["received"]
+    return received
 
 
 def _point(receiver: ReceiverProc, job: str) -> dict[str, Any]:
