@@ -136,11 +136,15 @@ def write_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
 
 
 def remove_state(path: Path) -> None:
-    """Durably remove the state file at ``path`` (unlink, dir fsync); gone already: nothing."""
+    """Durably remove the state file at ``path`` (unlink, dir fsync). Gone already, the
+    folder is still synced: an earlier removal whose sync failed is durable only then (a
+    caller tries again after a failure; none removes files it does not believe are there).
+    No folder: nothing to do."""
     try:
         path.unlink()
     except FileNotFoundError:
-        return
+        if not path.parent.is_dir():
+            return
     sync_dir(path.parent)
 
 

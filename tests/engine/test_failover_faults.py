@@ -13,7 +13,7 @@ import pytest
 
 from replicator.engine import failover, job_replica, replica_state
 from replicator.engine.generations import PROMOTED_FILE, load_promotion, session_refusal
-from replicator.engine.receiver import JobReplica, ReceiverConfig
+from replicator.engine.receiver import JobReplica, Receiver, ReceiverConfig
 from replicator.journal import Record, durable
 
 BLOCK = 4096
@@ -171,3 +171,45 @@ async def test_a_forced_promotion_of_an_unknown_replica_cut_short_stays_marked_i
         await replica.aclose()
     again = await failover.failover_at_rest(_config(tmp_path), "job")  # no override needed
     assert again.already_promoted and again.consistent is False
+
+
+async def test_a_demote_through_the_receiver_that_cannot_remove_the_promotion_demotes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demote's one durable step (promoted.state removed, the directory synced) fails:
+    the job stays promoted on disk and in the running receiver (a stale sender is still
+    refused, automatic failover's clock is not reset), and the next demote does it."""
+    await _replica_with_one_epoch(tmp_path)
+    receiver = Receiver(_config(tmp_path))
+    try:
+        await receiver.failover("job")
+        replica = await receiver.job("job")
+        for step in ("unlink", "sync_dir"):
+            with monkeypatch.context() as m:
+                if step == "unlink":
+                    _fail(m, Path, "unlink", errno.EIO)
+                else:
+                    _fail(m, durable, "sync_dir", errno.EIO)
+                with pytest.raises(OSError):
+                    await receiver.demote("job")
+            assert replica.promotion is not None and _stale_sender_refused(replica)
+            assert "job" not in receiver.demoted
+            # the unlink failed: still on disk; the sync failed: the receiver keeps
+            # refusing as promoted until a demote has been made durable (the next one
+            # syncs the folder although the file is gone: journal/durable.remove_state)
+            kept = (tmp_path / "state" / "job" / PROMOTED_FILE).exists()
+            assert kept is (step == "unlink")
+        synced: list[Path] = []
+        real_sync = durable.sync_dir
+
+        def sync_dir(path: Path) -> None:
+            synced.append(Path(path))
+            real_sync(path)
+
+        monkeypatch.setattr(durable, "sync_dir", sync_dir)
+        assert await receiver.demote("job") == 2  # the fault is gone
+        assert synced == [tmp_path / "state" / "job"]
+        assert replica.promotion is None and "job" in receiver.demoted
+        assert load_promotion(tmp_path / "state" / "job") is None
+    finally:
+        await receiver.aclose()
