@@ -43,6 +43,7 @@ from replicator.cli.witness_opts import (
     with_lease,
 )
 from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.hooks import HOOK_TIMEOUT
 from replicator.engine.monitor import sender_monitor
 from replicator.engine.names import check_job_name
 from replicator.engine.sender import JOURNAL_CAP, LIVE_JOURNAL_CAP, Sender, SenderConfig, Summary
@@ -83,6 +84,7 @@ def build_config(
     *,
     pre_hook: str | None = None,
     post_hook: str | None = None,
+    hook_timeout: float = HOOK_TIMEOUT,
     resync: bool = False,
     extent_size: int = DEFAULT_EXTENT,
     journal_max: int = JOURNAL_CAP,
@@ -102,6 +104,7 @@ def build_config(
         extent_size=extent_size,
         pre_hook=pre_hook,
         post_hook=post_hook,
+        hook_timeout=hook_timeout,
         resync=resync,
         journal_max_bytes=journal_max,
         wait_for_receiver=wait_for_receiver,
@@ -199,8 +202,18 @@ def print_summary(summary: Summary, as_json: bool, *, resync: bool = False) -> N
     )
 
 
-def check_capture_options(capture: Capture, nbd: dict[str, object], mount: Path | None) -> None:
+def check_capture_options(
+    capture: Capture, nbd: dict[str, object], mount: Path | None, hooks: dict[str, object]
+) -> None:
     """Options of one capture mode given with another: a mistake, not something to ignore."""
+    given = [name for name, value in hooks.items() if value]
+    if capture is not Capture.scan and given:
+        raise UsageError(
+            f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to --capture "
+            f"scan (this is --capture {capture.value}): NBD and FUSE capture journal every "
+            "write in order, so each point they ship is crash-consistent without a freeze",
+            hint="leave the hooks out, or use --capture scan",
+        )
     if capture is not Capture.nbd:
         given = [name for name, value in nbd.items() if value is not None]
         if given:
@@ -296,11 +309,32 @@ def send(
         ),
     ] = None,
     pre_hook: Annotated[
-        str | None, typer.Option("--pre-hook", help="Shell command run before each scan (freeze).")
+        str | None,
+        typer.Option(
+            "--pre-hook",
+            metavar="CMD",
+            help="Shell command run before each scan (freeze; --capture scan). If it fails "
+            "no point is taken: --once exits 3, a continuous sender tries again next interval.",
+        ),
     ] = None,
     post_hook: Annotated[
-        str | None, typer.Option("--post-hook", help="Shell command run after each scan (thaw).")
+        str | None,
+        typer.Option(
+            "--post-hook",
+            metavar="CMD",
+            help="Shell command run after each scan (thaw), also after a pre hook that failed "
+            "($REPLICATOR_PRE_RESULT says which), so it must be harmless on an unfrozen guest.",
+        ),
     ] = None,
+    hook_timeout: Annotated[
+        float,
+        typer.Option(
+            "--hook-timeout",
+            metavar="SECONDS",
+            help="A hook running longer is killed (with its process group) and counts as failed.",
+            min=0.1,
+        ),
+    ] = HOOK_TIMEOUT,
     resync: Annotated[
         bool,
         typer.Option(
@@ -338,6 +372,7 @@ def send(
                 "--wait-for-receiver": wait_for_receiver,
             },
             mount,
+            {"--pre-hook": pre_hook, "--post-hook": post_hook},
         )
         metrics = metrics_endpoint(metrics_listen)
         shaping = make_shaping(rate, burst, schedule, target_rpo)
@@ -360,6 +395,7 @@ def send(
                 volumes,
                 pre_hook=pre_hook,
                 post_hook=post_hook,
+                hook_timeout=hook_timeout,
                 resync=resync,
                 journal_max=cap,
                 wait_for_receiver=wait_for_receiver,
@@ -401,6 +437,8 @@ def send(
 
         summary = run(main_once, graceful=False)
         print_summary(summary, as_json, resync=resync)
+        if sender.quiesce.thaw_failure is not None:  # the point is durable; the guest may not be
+            fail(sender.quiesce.thaw_failure)
         return
 
     async def main_forever(stop: asyncio.Event) -> None:

@@ -234,6 +234,11 @@ def _state(job: dict[str, Any]) -> str:
     shaping = job.get("shaping")
     if job.get("state") == "paused" and isinstance(shaping, dict):
         text += f" ({_paused(shaping)})"
+    if job.get("state") == "hook_failed":
+        text += (
+            " (the pre hook failed at the last cycle: no consistency point is taken until it "
+            "succeeds; tried again every interval; errors says how it failed)"
+        )
     if job.get("role_change"):  # a sender at rest after a planned failover / in a failback
         return f"{text}: {job['role_change'].get('note')}; next: {job['role_change'].get('next')}"
     if job.get("source") == "files" and job.get("state") != "not_running":

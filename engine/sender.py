@@ -29,7 +29,6 @@ from replicator.engine.direct_intent import IntentLog
 from replicator.engine.errors import (
     AuthError,
     BusyError,
-    ConfigError,
     ConnectError,
     PeerProtocolError,
     RefusedError,
@@ -39,6 +38,7 @@ from replicator.engine.errors import (
     as_user_error,
 )
 from replicator.engine.handover import hand_over, wait_for_request
+from replicator.engine.hooks import HookFailed, Quiesce
 from replicator.engine.image_deps import unreplicated
 from replicator.engine.link import Link, SessionPurpose, ShippedUnchecked
 from replicator.engine.manifest import ManifestSet
@@ -100,18 +100,11 @@ class Summary:
     seconds: float = 0.0
     basis: str = "local"
     volumes: list[str] = field(default_factory=list)
+    # the post hook (thaw) failed after the scan: the point stands, the guest may be frozen
+    thaw_failed: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-async def run_hook(command: str | None, what: str) -> None:
-    if not command:
-        return
-    proc = await asyncio.create_subprocess_shell(command)
-    rc = await proc.wait()
-    if rc != 0:
-        raise ConfigError(f"{what} hook failed with exit code {rc}: {command}")
 
 
 class Sender:
@@ -124,6 +117,7 @@ class Sender:
             config.host, config.port, timeout=config.connect_timeout
         )
         self.status = SenderJobStatus(config.job, "scan", self.connector.target)
+        self.quiesce = Quiesce(config.pre_hook, config.post_hook, config.job, config.hook_timeout)
         self._lsn_floor = 1
         self._unfrozen_warned: set[Path] = set()  # images scanned while another wrote them
         self._applied_noted = 0  # the applied LSN last written to peer_applied.state
@@ -387,21 +381,22 @@ class Sender:
             await self._warn_unfrozen_writers(state)
         else:  # what early helpers saw is from before the freeze: never for this epoch
             early_hashing.discard()
-        await run_hook(self.config.pre_hook, "pre")
         try:
-            result = await scan_epoch(
-                self.config.volumes,
-                journal,
-                basis,
-                append=append,
-                progress=seen,
-                prelude=prelude,
-            )
+            async with self.quiesce.frozen():  # HookFailed if the freeze fails: no epoch
+                result = await scan_epoch(
+                    self.config.volumes,
+                    journal,
+                    basis,
+                    append=append,
+                    progress=seen,
+                    prelude=prelude,
+                )
         finally:
             early_hashing.discard()  # any the scan did not take: no later scan would
             if notes is not None:
                 notes.close()
-            await run_hook(self.config.post_hook, "post")
+        if self.quiesce.thaw_failure is not None:  # logged; the epoch was taken frozen
+            status.error("hook", self.quiesce.thaw_failure.message)
         if status.progress is not None:  # the scan is complete: all of it was seen
             seen(status.progress[1], status.progress[1])
         if save:
@@ -492,6 +487,7 @@ class Sender:
             wire_bytes=wire,
             compression_ratio=round(payload / wire, 3) if wire else 1.0,
             seconds=round(time.monotonic() - started, 3),
+            thaw_failed=thaw.message if (thaw := self.quiesce.thaw_failure) else None,
         )
 
     async def connect_retrying(
@@ -577,14 +573,18 @@ class Sender:
                 try:
                     while not stop.is_set():
                         started = time.monotonic()
-                        manifests, stats, lsn = await self.cycle(
-                            state, link, basis, unjournaled=kind == "local"
-                        )
-                        log_cycle(manifests.epoch, lsn, stats, link, time.monotonic() - started)
-                        basis, kind = manifests, "local"  # saved: the next basis is local
+                        try:
+                            manifests, stats, lsn = await self.cycle(
+                                state, link, basis, unjournaled=kind == "local"
+                            )
+                        except HookFailed as exc:  # no point this time: logged, tried again
+                            self.hook_failed(exc)
+                        else:
+                            log_cycle(manifests.epoch, lsn, stats, link, time.monotonic() - started)
+                            basis, kind = manifests, "local"  # saved: the next basis is local
+                            self.status.set_state(SenderPhase.REPLICATING)
                         if await wait_for_request(link, stop, interval):  # planned failover
-                            _, _, final = await self.cycle(state, link, basis)  # the last scan
-                            await hand_over(link, final, self.config.state_dir, self.config.job)
+                            await self.hand_over_scanned(state, link, basis)
                     # bounded at any rate: what is not applied waits in the journal
                     await link.finish("sender stopping")
                 except CycleStopped:  # shipped unjournaled: nothing journaled waits to go
@@ -595,6 +595,24 @@ class Sender:
                     await self.close_link(link)
             self.status.set_state(SenderPhase.STOPPED)
         self.log_stop(state)
+
+    def hook_failed(self, exc: HookFailed) -> None:
+        """A continuous sender's freeze failed (logged by engine/hooks.py): no consistency
+        point this cycle, and the status says why until one is taken."""
+        self.status.error("hook", exc.message)
+        self.status.set_state(SenderPhase.HOOK_FAILED)
+
+    async def hand_over_scanned(self, state: SenderState, link: Link, basis: ManifestSet) -> None:
+        """A planned failover of a scanning sender: one last scan, frozen, is the final point.
+        Without its freeze there is no such point: the handover is refused (the receiver's
+        request times out, nothing is promoted) and replication goes on."""
+        try:
+            _, _, final = await self.cycle(state, link, basis)  # the last scan
+        except HookFailed as exc:
+            self.hook_failed(exc)
+            log.error("sender.handover_refused", why="the pre hook failed")
+            return
+        await hand_over(link, final, self.config.state_dir, self.config.job)
 
     def log_stop(self, state: SenderState) -> None:
         """The stop line; raises the connect failure when no session was ever made."""

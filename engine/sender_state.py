@@ -33,6 +33,7 @@ from replicator.engine import direct_intent, lost_records
 from replicator.engine.checkpoint import TouchedExtents, load_touched
 from replicator.engine.direct_intent import IntentDamaged
 from replicator.engine.failback_state import refuse_if_marked
+from replicator.engine.hooks import HOOK_TIMEOUT
 from replicator.engine.imagelock import ImageLocks
 from replicator.engine.link import Link
 from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
@@ -99,6 +100,7 @@ class SenderConfig:
     extent_size: int = DEFAULT_EXTENT
     pre_hook: str | None = None
     post_hook: str | None = None
+    hook_timeout: float = HOOK_TIMEOUT  # seconds a hook may run (engine/hooks.py)
     resync: bool = False
     journal_max_bytes: int = JOURNAL_CAP
     connect_timeout: float = 10.0

@@ -73,6 +73,9 @@ class SenderPhase(StrEnum):
     # schedule's): nothing is shipped until it changes, so the lag only grows
     PAUSED = "paused"
     OVERFLOW = "overflow"  # the journal is full: changes are tracked, resynced later
+    # scan capture: the pre hook (freeze) failed at the last cycle, so no consistency point
+    # was taken; tried again every interval (``last_error`` says how it failed)
+    HOOK_FAILED = "hook_failed"
     FENCED = "fenced"  # no lease renewal at the witness: writes held (witness_fence.py)
     STOPPING = "stopping"
     STOPPED = "stopped"

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from replicator.engine.errors import ExitCode
-from tests.tools import ENV, REPLICATOR, ReceiverProc, b3, replicator, send_once
+from tests.tools import ENV, REPLICATOR, ReceiverProc, b3, send_once
 
 
 def _wait_same(source: Path, replica: Path, timeout: float = 30) -> None:
@@ -42,21 +42,14 @@ def test_continuous_mode_follows_changes_and_stops_cleanly(
     assert rc == 0, proc.stderr.read() if proc.stderr else rc
 
 
-def test_hooks_run_around_the_scan_and_a_failing_freeze_stops_it(
-    tmp_path: Path, receiver: ReceiverProc
-) -> None:
+def test_hooks_run_around_the_scan(tmp_path: Path, receiver: ReceiverProc) -> None:
+    """In order, once each (their failures: tests/cli/test_quiesce_hooks.py)."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\x05" * 65536)
     log = tmp_path / "hooks.log"
     hooks = ("--pre-hook", f"echo freeze >> {log}", "--post-hook", f"echo thaw >> {log}")
     send_once(receiver, "hooked", tmp_path / "state", disk, extra=hooks)
     assert log.read_text().split() == ["freeze", "thaw"]
-    out = replicator(
-        "send", "--to", receiver.address, "--job", "hooked", "--state-dir",
-        str(tmp_path / "state"), "--once", "--insecure", "--pre-hook", "exit 3", str(disk),
-    )  # fmt: skip
-    assert out.returncode == ExitCode.CONFIG
-    assert "pre hook failed" in out.stderr
 
 
 def test_sigint_mid_sync_exits_130_and_the_next_run_resumes(

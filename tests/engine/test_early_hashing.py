@@ -18,9 +18,10 @@ import pytest
 import typer
 
 from replicator.cli.main import app
-from replicator.engine import early_hashing, hashing_helper, read_plan, sender
+from replicator.engine import early_hashing, hashing_helper, read_plan
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.extent_hasher import iter_extents_against
+from replicator.engine.hooks import Quiesce
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.sender import Sender, SenderConfig
 from replicator.engine.volumes import (
@@ -233,13 +234,15 @@ async def test_a_pre_hook_never_runs_with_early_helpers_waiting(
         early = _early_procs()
         assert early
         hooks: list[tuple[str, bool]] = []
-        real_hook = sender.run_hook
+        real_hook = Quiesce._run
 
-        async def recording(command: str | None, what: str) -> None:
-            hooks.append((what, bool(early_hashing._waiting)))
-            await real_hook(command, what)
+        async def recording(
+            self: Quiesce, phase: str, command: str | None, pre_result: str = ""
+        ) -> None:
+            hooks.append((phase, bool(early_hashing._waiting)))
+            await real_hook(self, phase, command, pre_result)
 
-        monkeypatch.setattr(sender, "run_hook", recording)
+        monkeypatch.setattr(Quiesce, "_run", recording)
         config = SenderConfig(
             "memory", 0, "job", volumes, tmp_path / "state", pre_hook="true", post_hook="true"
         )

@@ -1,0 +1,168 @@
+"""The quiesce hooks as an operator meets them: a guest agent that fails, hangs or is
+slow, a thaw that fails, a sender stopped while the guest is frozen (engine/hooks.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from replicator.engine.errors import ExitCode
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    b3,
+    one_line_error,
+    replicator,
+    running,
+    start_send,
+    stop_and_read,
+    wait_for,
+)
+
+
+def _send(
+    receiver: ReceiverProc, tmp_path: Path, disk: Path, *hooks: str
+) -> subprocess.CompletedProcess[str]:
+    return replicator(
+        "send", "--to", receiver.address, "--job", "vm", "--state-dir", str(tmp_path / "state"),
+        "--once", "--json", "--insecure", *hooks, str(disk), timeout=60,
+    )  # fmt: skip
+
+
+def _disk(tmp_path: Path, size: int = 1024 * 1024) -> Path:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(size))
+    return disk
+
+
+def _status(state: Path) -> dict[str, object]:
+    out = replicator("status", "--state-dir", str(state), "--json")
+    if out.returncode != 0:
+        return {}
+    job: dict[str, object] = json.loads(out.stdout)["jobs"][0]
+    return job
+
+
+def test_a_failed_freeze_takes_no_point_thaws_and_says_what_the_hook_said(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    disk, thawed = _disk(tmp_path), tmp_path / "thawed"
+    out = _send(
+        receiver, tmp_path, disk,
+        "--pre-hook", "echo freezing; echo 'error: Guest agent is not responding' >&2; exit 3",
+        "--post-hook", f'echo "$REPLICATOR_JOB $REPLICATOR_HOOK $REPLICATOR_PRE_RESULT" > {thawed}',
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    assert "pre hook failed with exit code 3" in error
+    assert "it said: error: Guest agent is not responding" in error
+    assert thawed.read_text().split() == ["vm", "post", "failed"]  # the thaw ran all the same
+    assert out.stdout == ""  # neither a summary nor the hook's words on stdout
+    assert not (receiver.dir / "vm" / "disk.img").exists()  # no point was taken
+
+    said = _send(
+        receiver, tmp_path, disk, "--pre-hook", "echo frozen", "--post-hook", "echo thawed"
+    )
+    assert said.returncode == 0, said.stderr
+    assert json.loads(said.stdout)["epoch"] == 1  # stdout is the summary alone
+    assert b3(receiver.dir / "vm" / "disk.img") == b3(disk)
+
+
+def test_a_failed_thaw_keeps_the_durable_point_and_exits_3_after_the_summary(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    disk = _disk(tmp_path)
+    out = _send(receiver, tmp_path, disk, "--pre-hook", "true", "--post-hook", "echo no; exit 4")
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["epoch"] == 1  # the point was taken frozen: it stands
+    assert "post hook failed with exit code 4" in summary["thaw_failed"]
+    assert b3(receiver.dir / "vm" / "disk.img") == b3(disk)
+    error = one_line_error(out.stderr)
+    assert "post hook failed with exit code 4" in error and "may still be frozen" in error
+
+
+def test_a_hung_freeze_is_killed_with_its_children_at_the_timeout(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    disk, child, thawed = _disk(tmp_path), tmp_path / "child.pid", tmp_path / "thawed"
+    out = _send(
+        receiver, tmp_path, disk, "--hook-timeout", "1",
+        "--pre-hook", f"sleep 300 & echo $! > {child}; sleep 300",
+        "--post-hook", f"echo $REPLICATOR_PRE_RESULT > {thawed}",
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    assert "pre hook did not finish within 1 s (killed)" in one_line_error(out.stderr)
+    assert thawed.read_text().strip() == "failed"
+    pid = int(child.read_text())
+    deadline = time.monotonic() + 10
+    while running(pid):  # killed with the hook's process group, not left behind
+        assert time.monotonic() < deadline, f"the hook's child {pid} outlived the timeout"
+        time.sleep(0.1)
+
+
+def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_is_refused(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A guest agent down for a while (the VM rebooting): no point while the freeze fails,
+    the status says so, a planned failover has no final point (nothing promoted), and
+    replication goes on once the freeze works again."""
+    disk, failing, state = _disk(tmp_path), tmp_path / "failing", tmp_path / "state"
+    failing.touch()
+    proc = start_send(
+        receiver.address, "vm", state, disk,
+        extra=("--interval", "0.3", "--pre-hook", f"test ! -e {failing}", "--post-hook", "true"),
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _status(state).get("state") == "hook_failed", proc, "hook_failed")
+        job = _status(state)
+        assert "pre hook failed with exit code 1" in str(job["last_error"])
+        assert not (receiver.dir / "vm" / "disk.img").exists()
+        out = replicator(
+            "failover", "--dir", str(receiver.dir), "--job", "vm", "--planned", "--timeout", "3"
+        )
+        assert out.returncode == ExitCode.CONNECT, out.stderr
+        assert "nothing was promoted" in out.stderr
+        assert proc.poll() is None  # the sender goes on
+
+        failing.unlink()
+        replica = receiver.dir / "vm" / "disk.img"
+        wait_for(lambda: replica.exists() and b3(replica) == b3(disk), proc, "the replica")
+        wait_for(lambda: _status(state).get("state") == "replicating", proc, "replicating")
+        assert int(dict(_status(state)["errors"])["hook"]) >= 2  # type: ignore[call-overload]
+    finally:
+        rc, err = stop_and_read(proc)
+    assert rc == 0, err[-3000:]
+    assert '"event": "sender.handover_refused"' in err
+
+
+def test_a_sender_stopped_while_the_guest_is_frozen_thaws_it_first(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    disk, frozen = _disk(tmp_path, 16 * 1024 * 1024), tmp_path / "frozen"
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm", "--state-dir",
+         str(tmp_path / "state"), "--once", "--insecure", "--rate", "1MB/s",
+         "--pre-hook", f"touch {frozen}", "--post-hook", f"rm {frozen}", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    wait_for(frozen.exists, proc, "the freeze")
+    time.sleep(0.5)  # mid-scan: 16 MiB of random data at 1 MB/s
+    proc.send_signal(signal.SIGTERM)
+    rc, err = stop_and_read(proc)
+    assert rc == ExitCode.INTERRUPTED, err[-3000:]
+    assert not frozen.exists(), "the sender stopped and left the guest frozen"
+
+
+def test_hooks_with_live_capture_are_refused(tmp_path: Path) -> None:
+    out = replicator(
+        "send", "--to", "127.0.0.1:9", "--job", "vm", "--insecure", "--capture", "nbd",
+        "--nbd-socket", str(tmp_path / "nbd.sock"), "--pre-hook", "true", str(_disk(tmp_path)),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.USAGE, out.stderr
+    assert "--pre-hook only applies to --capture scan" in one_line_error(out.stderr)
