@@ -41,6 +41,7 @@ from replicator.engine.errors import ConfigError
 log = structlog.get_logger()
 
 HOOK_TIMEOUT = 60.0  # seconds; a freeze of a busy guest takes seconds, not minutes
+LONG_FREEZE = 10.0  # seconds frozen past which the log warns (a guest's I/O may time out)
 OUTPUT_KEPT = 4096  # bytes of a hook's output kept for the log (its end)
 
 _HINT = {
@@ -80,10 +81,28 @@ class Quiesce:
         except BaseException:  # failed, timed out or interrupted: thaw what it may have frozen
             await self._thaw("failed")
             raise
+        frozen_at = time.monotonic()
         try:
             yield
         finally:
+            self._frozen_for(time.monotonic() - frozen_at)
             await self._thaw("ok")
+
+    def _frozen_for(self, seconds: float) -> None:
+        """Say how long the guest was frozen; warn when its I/O may have timed out."""
+        if not self.pre:
+            return
+        log.info("sender.frozen", seconds=round(seconds, 3))
+        if seconds > LONG_FREEZE:
+            log.warning(
+                "sender.long_freeze",
+                seconds=round(seconds, 3),
+                problem=f"the guest was frozen for {seconds:.0f} s: a frozen scan reads every "
+                "image whole (and waits for the receiver when its changes do not fit in the "
+                "journal); a guest's I/O may time out meanwhile",
+                hint="capture with --capture nbd or --capture fuse, which journal every write "
+                "and need no freeze; or a larger --journal-max, or fewer images per job",
+            )
 
     async def _thaw(self, pre_result: str) -> None:
         try:
@@ -153,4 +172,4 @@ def _tail(out: BinaryIO) -> str:
     return out.read().decode(errors="replace").strip()
 
 
-__all__ = ["HOOK_TIMEOUT", "HookFailed", "Quiesce"]
+__all__ = ["HOOK_TIMEOUT", "LONG_FREEZE", "HookFailed", "Quiesce"]

@@ -282,6 +282,34 @@ async def scan_epoch(
     Returns the manifests of the sources as scanned, the statistics and the LSN of the
     EPOCH record (durable when this returns). ``basis`` is not modified.
     """
+    new_set, stats = await scan_changes(
+        volumes,
+        journal,
+        basis,
+        append=append,
+        sync_every=sync_every,
+        progress=progress,
+        prelude=prelude,
+    )
+    epoch_lsn = await append([Record.epoch(new_set.epoch)])
+    await journal.sync()
+    new_set.lsn = epoch_lsn
+    stats.records += 1
+    return new_set, stats, epoch_lsn
+
+
+async def scan_changes(
+    volumes: list[VolumeSpec],
+    journal: Journal,
+    basis: ManifestSet,
+    *,
+    append: Appender,
+    sync_every: int = SYNC_EVERY,
+    progress: Progress | None = None,
+    prelude: list[Record] | None = None,
+) -> tuple[ManifestSet, ScanStats]:
+    """``scan_epoch`` without its EPOCH: changes shipped that make no consistency point
+    (the copy a frozen scan is preceded by, engine/sender.py), the manifests as scanned."""
     syncing = BackgroundSync(journal, sync_every)
     try:
         new_set, stats = await _scan_volumes(
@@ -291,11 +319,7 @@ async def scan_epoch(
     except BaseException:
         syncing.abandon()
         raise
-    epoch_lsn = await append([Record.epoch(new_set.epoch)])
-    await journal.sync()
-    new_set.lsn = epoch_lsn
-    stats.records += 1
-    return new_set, stats, epoch_lsn
+    return new_set, stats
 
 
 async def _scan_volumes(

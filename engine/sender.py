@@ -48,6 +48,7 @@ from replicator.engine.scan import (
     Progress,
     ScanStats,
     append_waiting,
+    scan_changes,
     scan_epoch,
 )
 from replicator.engine.sender_state import (
@@ -119,6 +120,12 @@ class Sender:
         self.status = SenderJobStatus(config.job, "scan", self.connector.target)
         self.quiesce = Quiesce(config.pre_hook, config.post_hook, config.job, config.hook_timeout)
         self._lsn_floor = 1
+        # bytes the last cycle of this run changed (None: no cycle yet): whether the next
+        # frozen scan is preceded by a copy (``cycle``)
+        self._last_changed: int | None = None
+        # the manifests of a copy the receiver holds, made before a freeze that failed:
+        # the next cycle's basis (a continuous sender tries again from there)
+        self.copied_basis: ManifestSet | None = None
         self._unfrozen_warned: set[Path] = set()  # images scanned while another wrote them
         self._applied_noted = 0  # the applied LSN last written to peer_applied.state
         # set by a continuous run: a first sync waiting on the link gives up when it is set
@@ -324,14 +331,25 @@ class Sender:
         prelude: list[Record] | None = None,
         save: bool = True,
         unjournaled: bool = False,
+        remote: bool = False,
     ) -> tuple[ManifestSet, ScanStats, int]:
         """One scan journaled as an EPOCH; the new manifests are saved unless ``save`` is
         False (the caller then saves them with ``state.save``). Without a ``link`` (a live
         sender serving alone) the journal must hold the whole epoch: JournalFull if not.
         ``unjournaled``: ``basis`` is the local manifests', so a scan with a link may ship
-        its records without the journal, noting them first (engine/direct_intent.py)."""
+        its records without the journal, noting them first (engine/direct_intent.py).
+        ``remote``: ``basis`` is the replica's (the changes may be the whole disk).
+
+        With a pre hook the guest is frozen while the scan runs, so the frozen scan never
+        waits for the link: it journals (local disk speed), and whatever may be large (a
+        basis from the replica, a first sync, a run's first cycle, after a last cycle that
+        changed more than a quarter of the journal's cap) is copied first without the
+        freeze, by a pass that makes no consistency point; the frozen scan then finds only
+        what changed since. The guest stays frozen for a read of its images, not for a
+        transfer."""
         journal = state.journal
         assert journal is not None
+        hooked = self.quiesce.pre is not None
         # A first sync from this state folder (no manifests: the basis is the replica's) is
         # shipped without the journal; its EPOCH is journaled once the receiver holds all
         # of it. A failure before that loses the records, and the next cycle compares with
@@ -339,8 +357,13 @@ class Sender:
         # the same way when its basis is the local manifests: what it ships is noted before
         # it goes, and the next basis from those manifests takes it as unknown.
         since = state.manifests.lsn if state.manifests is not None else None
-        later = unjournaled and link is not None and since is not None and not prelude
+        later = (
+            unjournaled and link is not None and since is not None and not prelude and not hooked
+        )
         direct = since is None or later
+        cap, last = journal.max_bytes, self._last_changed
+        big = last is None or (cap is not None and last > cap // 4)  # None: not known yet
+        precopy = hooked and link is not None and (since is None or remote or big)
         notes = (
             IntentLog(state.dir, since, basis.extent_size) if later and since is not None else None
         )
@@ -381,9 +404,10 @@ class Sender:
             await self._warn_unfrozen_writers(state)
         else:  # what early helpers saw is from before the freeze: never for this epoch
             early_hashing.discard()
+        copied: ScanStats | None = None
         try:
-            async with self.quiesce.frozen():  # HookFailed if the freeze fails: no epoch
-                result = await scan_epoch(
+            if precopy:
+                basis, copied = await scan_changes(
                     self.config.volumes,
                     journal,
                     basis,
@@ -391,10 +415,40 @@ class Sender:
                     progress=seen,
                     prelude=prelude,
                 )
+                basis.epoch -= 1  # the copy's manifests, as the basis of the same epoch
+                prelude = None
+                # the copy is received before the freeze, so the frozen scan's records find
+                # the journal empty (and a first sync's shipped ones are held by the receiver
+                # before anything is journaled after them)
+                assert link is not None
+                await self._unless_stopped(link.wait_received(journal.last_lsn))
+                direct = False
+                log.info(
+                    "sender.copied_before_freeze",
+                    changed=copied.bytes_changed,
+                    text=f"copied {human_size(copied.bytes_changed)} of changes before the "
+                    "freeze; the frozen scan journals what changed since",
+                )
+            try:
+                async with self.quiesce.frozen():  # HookFailed if the freeze fails: no epoch
+                    result = await scan_epoch(
+                        self.config.volumes,
+                        journal,
+                        basis,
+                        append=append,
+                        progress=seen,
+                        prelude=prelude,
+                    )
+            except HookFailed:  # the copy is received: the next try goes on from it
+                self.copied_basis = basis if copied is not None else None
+                raise
         finally:
             early_hashing.discard()  # any the scan did not take: no later scan would
             if notes is not None:
                 notes.close()
+        if copied is not None:
+            result[1].add(copied)
+        self._last_changed = result[1].bytes_changed
         if self.quiesce.thaw_failure is not None:  # logged; the epoch was taken frozen
             status.error("hook", self.quiesce.thaw_failure.message)
         if status.progress is not None:  # the scan is complete: all of it was seen
@@ -453,7 +507,13 @@ class Sender:
             link, kind, basis = await self.open_link(state)
             try:
                 manifests, stats, epoch_lsn = await self.cycle(
-                    state, link, basis, progress, save=False, unjournaled=kind == "local"
+                    state,
+                    link,
+                    basis,
+                    progress,
+                    save=False,
+                    unjournaled=kind == "local",
+                    remote=kind == "remote",
                 )
                 # the manifests' fsync overlaps the receiver's apply (neither needs the
                 # other); both are done before this returns and the state folder is let go
@@ -575,16 +635,20 @@ class Sender:
                         started = time.monotonic()
                         try:
                             manifests, stats, lsn = await self.cycle(
-                                state, link, basis, unjournaled=kind == "local"
+                                state,
+                                link,
+                                basis,
+                                unjournaled=kind == "local",
+                                remote=kind == "remote",
                             )
                         except HookFailed as exc:  # no point this time: logged, tried again
-                            self.hook_failed(exc)
+                            basis = self.hook_failed(exc, basis)
                         else:
                             log_cycle(manifests.epoch, lsn, stats, link, time.monotonic() - started)
                             basis, kind = manifests, "local"  # saved: the next basis is local
                             self.status.set_state(SenderPhase.REPLICATING)
                         if await wait_for_request(link, stop, interval):  # planned failover
-                            await self.hand_over_scanned(state, link, basis)
+                            basis = await self.hand_over_scanned(state, link, basis)
                     # bounded at any rate: what is not applied waits in the journal
                     await link.finish("sender stopping")
                 except CycleStopped:  # shipped unjournaled: nothing journaled waits to go
@@ -596,22 +660,27 @@ class Sender:
             self.status.set_state(SenderPhase.STOPPED)
         self.log_stop(state)
 
-    def hook_failed(self, exc: HookFailed) -> None:
+    def hook_failed(self, exc: HookFailed, basis: ManifestSet) -> ManifestSet:
         """A continuous sender's freeze failed (logged by engine/hooks.py): no consistency
-        point this cycle, and the status says why until one is taken."""
+        point this cycle, and the status says why until one is taken. The next cycle's
+        basis: the copy made before the freeze, which the receiver holds, if there was one."""
         self.status.error("hook", exc.message)
         self.status.set_state(SenderPhase.HOOK_FAILED)
+        copied, self.copied_basis = self.copied_basis, None
+        return copied or basis
 
-    async def hand_over_scanned(self, state: SenderState, link: Link, basis: ManifestSet) -> None:
+    async def hand_over_scanned(
+        self, state: SenderState, link: Link, basis: ManifestSet
+    ) -> ManifestSet:
         """A planned failover of a scanning sender: one last scan, frozen, is the final point.
         Without its freeze there is no such point: the handover is refused (the receiver's
-        request times out, nothing is promoted) and replication goes on."""
+        request times out, nothing is promoted) and replication goes on from the basis
+        this returns."""
         try:
             _, _, final = await self.cycle(state, link, basis)  # the last scan
         except HookFailed as exc:
-            self.hook_failed(exc)
             log.error("sender.handover_refused", why="the pre hook failed")
-            return
+            return self.hook_failed(exc, basis)
         await hand_over(link, final, self.config.state_dir, self.config.job)
 
     def log_stop(self, state: SenderState) -> None:

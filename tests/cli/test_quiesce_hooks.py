@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from replicator.engine.errors import ExitCode
 from tests.tools import (
@@ -40,12 +41,21 @@ def _disk(tmp_path: Path, size: int = 1024 * 1024) -> Path:
     return disk
 
 
-def _status(state: Path) -> dict[str, object]:
+def _status(state: Path) -> dict[str, Any]:
     out = replicator("status", "--state-dir", str(state), "--json")
     if out.returncode != 0:
         return {}
-    job: dict[str, object] = json.loads(out.stdout)["jobs"][0]
+    job: dict[str, Any] = json.loads(out.stdout)["jobs"][0]
     return job
+
+
+def _point(receiver: ReceiverProc) -> dict[str, object]:
+    """The job's consistency point on the running receiver (``status --dir --json``)."""
+    out = replicator("status", "--dir", str(receiver.dir), "--json")
+    assert out.returncode == 0, out.stderr
+    jobs = [job for job in json.loads(out.stdout)["jobs"] if job["job"] == "vm"]
+    point: dict[str, object] = jobs[0]["consistency_point"]
+    return point
 
 
 def test_a_failed_freeze_takes_no_point_thaws_and_says_what_the_hook_said(
@@ -63,7 +73,8 @@ def test_a_failed_freeze_takes_no_point_thaws_and_says_what_the_hook_said(
     assert "it said: error: Guest agent is not responding" in error
     assert thawed.read_text().split() == ["vm", "post", "failed"]  # the thaw ran all the same
     assert out.stdout == ""  # neither a summary nor the hook's words on stdout
-    assert not (receiver.dir / "vm" / "disk.img").exists()  # no point was taken
+    point = _point(receiver)  # the copy made before the freeze went, but no point
+    assert point["lsn"] == 0 and point["consistent"] is False, point
 
     said = _send(
         receiver, tmp_path, disk, "--pre-hook", "echo frozen", "--post-hook", "echo thawed"
@@ -122,7 +133,19 @@ def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_i
         wait_for(lambda: _status(state).get("state") == "hook_failed", proc, "hook_failed")
         job = _status(state)
         assert "pre hook failed with exit code 1" in str(job["last_error"])
-        assert not (receiver.dir / "vm" / "disk.img").exists()
+        assert _point(receiver)["lsn"] == 0  # copied before each freeze, never a point
+
+        def tries() -> int:
+            return int((_status(state).get("errors") or {}).get("hook", 0))
+
+        def sent() -> int:
+            return int(_status(state)["bytes"]["payload"])
+
+        wait_for(lambda: tries() >= 2, proc, "two tries")
+        before, tried = sent(), tries()
+        wait_for(lambda: tries() >= tried + 2, proc, "two more tries")
+        # each try copies what changed since the copy the receiver holds: nothing here
+        assert sent() - before < 64 * 1024, (before, sent())
         out = replicator(
             "failover", "--dir", str(receiver.dir), "--job", "vm", "--planned", "--timeout", "3"
         )
@@ -134,7 +157,7 @@ def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_i
         replica = receiver.dir / "vm" / "disk.img"
         wait_for(lambda: replica.exists() and b3(replica) == b3(disk), proc, "the replica")
         wait_for(lambda: _status(state).get("state") == "replicating", proc, "replicating")
-        assert int(dict(_status(state)["errors"])["hook"]) >= 2  # type: ignore[call-overload]
+        assert int(_status(state)["errors"]["hook"]) >= 2
     finally:
         rc, err = stop_and_read(proc)
     assert rc == 0, err[-3000:]
@@ -144,19 +167,53 @@ def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_i
 def test_a_sender_stopped_while_the_guest_is_frozen_thaws_it_first(
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
-    disk, frozen = _disk(tmp_path, 16 * 1024 * 1024), tmp_path / "frozen"
+    disk, frozen = _disk(tmp_path, 8 * 1024 * 1024), tmp_path / "frozen"
+    # the guest's last writes before the freeze are large: the frozen scan finds 8 MiB
+    # that do not fit in the journal, and waits for the 2 MB/s link, frozen
+    last_writes = f"head -c 8M /dev/urandom | dd of={disk} conv=notrunc status=none"
     proc = subprocess.Popen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm", "--state-dir",
-         str(tmp_path / "state"), "--once", "--insecure", "--rate", "1MB/s",
-         "--pre-hook", f"touch {frozen}", "--post-hook", f"rm {frozen}", str(disk)],
+         str(tmp_path / "state"), "--once", "--insecure", "--rate", "2MB/s",
+         "--journal-max", "4M", "--pre-hook", f"{last_writes} && touch {frozen}",
+         "--post-hook", f"rm {frozen}", str(disk)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     wait_for(frozen.exists, proc, "the freeze")
-    time.sleep(0.5)  # mid-scan: 16 MiB of random data at 1 MB/s
+    time.sleep(0.5)  # mid-scan
     proc.send_signal(signal.SIGTERM)
     rc, err = stop_and_read(proc)
     assert rc == ExitCode.INTERRUPTED, err[-3000:]
     assert not frozen.exists(), "the sender stopped and left the guest frozen"
+
+
+def test_the_guest_is_frozen_for_a_scan_not_for_a_transfer(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A freeze held while a first sync (or a large change) crossed a slow link would stop
+    the guest for the transfer (hours over a WAN). The changes are copied before the
+    freeze, and the receiver holds them all when the pre hook runs: it asks the sender's
+    status then. The frozen scan finds (almost) nothing left and journals it."""
+    disk, state, seen = _disk(tmp_path, 6 * 1024 * 1024), tmp_path / "state", tmp_path / "seen"
+    status = " ".join([*REPLICATOR, "status", "--state-dir", str(state), "--json"])
+    hooks = ("--rate", "4MB/s", "--pre-hook", f"{status} > {seen}", "--post-hook", "true")
+
+    def at_freeze() -> tuple[int, dict[str, int]]:
+        job = json.loads(seen.read_text())["jobs"][0]
+        return job["bytes"]["payload"], job["lsn"]
+
+    assert _send(receiver, tmp_path, disk, *hooks).returncode == 0, "first sync"
+    sent, lsn = at_freeze()
+    assert sent >= 6 * 1024 * 1024, sent  # all of it had crossed the link
+    assert lsn["received"] == lsn["journaled"], lsn
+    with disk.open("r+b") as f:  # a large change: its cycle copies it before the freeze too
+        f.seek(1024 * 1024)
+        f.write(os.urandom(4 * 1024 * 1024))
+    out = _send(receiver, tmp_path, disk, *hooks)
+    assert out.returncode == 0, out.stderr
+    sent, lsn = at_freeze()
+    assert sent >= 4 * 1024 * 1024, sent
+    assert lsn["received"] == lsn["journaled"], lsn
+    assert b3(receiver.dir / "vm" / "disk.img") == b3(disk)
 
 
 def test_hooks_with_live_capture_are_refused(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from replicator.engine import hooks
 from replicator.engine.hooks import OUTPUT_KEPT, HookFailed, Quiesce
 
 
@@ -83,3 +85,17 @@ async def test_a_stop_during_the_thaw_leaves_it_to_finish(tmp_path: Path) -> Non
     assert not thawed.exists()
     await asyncio.sleep(1.0)
     assert thawed.exists()  # in a session of its own: it outlives the stop
+
+
+async def test_a_long_freeze_is_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hooks, "LONG_FREEZE", 0.2)
+    quiesce = Quiesce("true", "true", "vm")
+    with capture_logs() as logs:
+        async with quiesce.frozen():
+            await asyncio.sleep(0.05)
+        async with quiesce.frozen():
+            await asyncio.sleep(0.3)
+    frozen = [e["seconds"] for e in logs if e["event"] == "sender.frozen"]
+    assert len(frozen) == 2 and frozen[0] < 0.2 <= frozen[1]
+    warned = [e for e in logs if e["event"] == "sender.long_freeze"]
+    assert len(warned) == 1 and "--capture nbd" in warned[0]["hint"]
