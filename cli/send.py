@@ -186,6 +186,15 @@ def wire_words(summary: Summary) -> str:
     return sent
 
 
+def freeze_words(summary: Summary) -> str:
+    """With a pre hook: how long the guest was frozen (a line of its own)."""
+    if summary.frozen_seconds is None:
+        return ""
+    copied = summary.copied_before_freeze
+    before = f" ({human_size(copied)} of the changes copied before the freeze)" if copied else ""
+    return f"\n  guest frozen {summary.frozen_seconds:.2f} s{before}"
+
+
 def print_summary(summary: Summary, as_json: bool, *, resync: bool = False) -> None:
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), sort_keys=True))
@@ -198,7 +207,7 @@ def print_summary(summary: Summary, as_json: bool, *, resync: bool = False) -> N
         f"  scanned {human_size(summary.bytes_scanned)}; changed "
         f"{human_size(summary.bytes_changed)} in {summary.extents_changed} extents{files}{zeroed}\n"
         f"  {wire_words(summary)}\n"
-        f"  {basis_words(summary, resync)}"
+        f"  {basis_words(summary, resync)}{freeze_words(summary)}"
     )
 
 

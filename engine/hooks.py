@@ -72,6 +72,7 @@ class Quiesce:
     timeout: float = HOOK_TIMEOUT
     # the last thaw's failure, until a thaw succeeds (the caller reports it)
     thaw_failure: HookFailed | None = field(default=None, init=False)
+    frozen_seconds: float | None = field(default=None, init=False)  # the last freeze's
 
     @contextlib.asynccontextmanager
     async def frozen(self) -> AsyncIterator[None]:
@@ -92,7 +93,8 @@ class Quiesce:
         """Say how long the guest was frozen; warn when its I/O may have timed out."""
         if not self.pre:
             return
-        log.info("sender.frozen", seconds=round(seconds, 3))
+        self.frozen_seconds = round(seconds, 3)
+        log.info("sender.frozen", seconds=self.frozen_seconds)
         if seconds > LONG_FREEZE:
             log.warning(
                 "sender.long_freeze",

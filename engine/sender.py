@@ -103,6 +103,10 @@ class Summary:
     volumes: list[str] = field(default_factory=list)
     # the post hook (thaw) failed after the scan: the point stands, the guest may be frozen
     thaw_failed: str | None = None
+    # with a pre hook: how long the guest was frozen, and the changes (in bytes_changed)
+    # copied before the freeze (engine/hooks.py)
+    frozen_seconds: float | None = None
+    copied_before_freeze: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +130,7 @@ class Sender:
         # the manifests of a copy the receiver holds, made before a freeze that failed:
         # the next cycle's basis (a continuous sender tries again from there)
         self.copied_basis: ManifestSet | None = None
+        self.copied_before_freeze = 0  # bytes of changes the last cycle copied unfrozen
         self._unfrozen_warned: set[Path] = set()  # images scanned while another wrote them
         self._applied_noted = 0  # the applied LSN last written to peer_applied.state
         # set by a continuous run: a first sync waiting on the link gives up when it is set
@@ -446,8 +451,11 @@ class Sender:
             early_hashing.discard()  # any the scan did not take: no later scan would
             if notes is not None:
                 notes.close()
-        if copied is not None:
+        self.copied_before_freeze = 0 if copied is None else copied.bytes_changed
+        if copied is not None:  # changed: both passes; scanned: the point's scan
+            scanned = result[1].bytes_scanned
             result[1].add(copied)
+            result[1].bytes_scanned = scanned
         self._last_changed = result[1].bytes_changed
         if self.quiesce.thaw_failure is not None:  # logged; the epoch was taken frozen
             status.error("hook", self.quiesce.thaw_failure.message)
@@ -548,6 +556,8 @@ class Sender:
             compression_ratio=round(payload / wire, 3) if wire else 1.0,
             seconds=round(time.monotonic() - started, 3),
             thaw_failed=thaw.message if (thaw := self.quiesce.thaw_failure) else None,
+            frozen_seconds=self.quiesce.frozen_seconds,
+            copied_before_freeze=self.copied_before_freeze,
         )
 
     async def connect_retrying(

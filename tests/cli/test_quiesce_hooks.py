@@ -213,6 +213,10 @@ def test_the_guest_is_frozen_for_a_scan_not_for_a_transfer(
     sent, lsn = at_freeze()
     assert sent >= 4 * 1024 * 1024, sent
     assert lsn["received"] == lsn["journaled"], lsn
+    summary = json.loads(out.stdout)
+    assert summary["copied_before_freeze"] == summary["bytes_changed"] == 4 * 1024 * 1024
+    assert summary["bytes_scanned"] == 6 * 1024 * 1024  # the point's scan alone
+    assert summary["frozen_seconds"] is not None
     assert b3(receiver.dir / "vm" / "disk.img") == b3(disk)
 
 
