@@ -211,32 +211,54 @@ def print_summary(summary: Summary, as_json: bool, *, resync: bool = False) -> N
     )
 
 
-def check_capture_options(
-    capture: Capture, nbd: dict[str, object], mount: Path | None, hooks: dict[str, object]
-) -> None:
-    """Options of one capture mode given with another: a mistake, not something to ignore."""
-    given = [name for name, value in hooks.items() if value]
-    if capture is not Capture.scan and given:
-        raise UsageError(
-            f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to --capture "
-            f"scan (this is --capture {capture.value}): NBD and FUSE capture journal every "
-            "write in order, so each point they ship is crash-consistent without a freeze",
-            hint="leave the hooks out, or use --capture scan",
-        )
-    if capture is not Capture.nbd:
-        given = [name for name, value in nbd.items() if value is not None]
+# options that belong to one capture mode, by parameter name (a job file's key)
+CAPTURE_ONLY: dict[str, Capture] = {
+    "nbd_socket": Capture.nbd,
+    "nbd_listen": Capture.nbd,
+    "nbd_size": Capture.nbd,
+    "wait_for_receiver": Capture.nbd,
+    "mount": Capture.fuse,
+    "pre_hook": Capture.scan,
+    "post_hook": Capture.scan,
+}
+_WHY_ONLY = {
+    Capture.nbd: ("", "did you mean --capture nbd?"),
+    Capture.fuse: ("", "did you mean --capture fuse?"),
+    Capture.scan: (
+        ": NBD and FUSE capture journal every write in order, so each point they ship is "
+        "crash-consistent without a freeze",
+        "leave the hooks out, or use --capture scan",
+    ),
+}
+
+
+class MisplacedOption(UsageError):
+    """An option of another capture mode; ``param`` names the first (check-config)."""
+
+    def __init__(self, param: str, message: str, hint: str) -> None:
+        super().__init__(message, hint=hint)
+        self.param = param
+
+
+def check_capture_options(capture: Capture, values: dict[str, object]) -> None:
+    """Options of one capture mode given with another (``values`` by parameter name): a
+    mistake, not something to ignore."""
+    for mode in Capture:
+        given = [
+            name
+            for name, only in CAPTURE_ONLY.items()
+            if only is mode is not capture and values.get(name) not in (None, "")
+        ]
         if given:
+            options = ", ".join("--" + name.replace("_", "-") for name in given)
             verb = "applies" if len(given) == 1 else "apply"
-            raise UsageError(
-                f"{', '.join(given)} only {verb} to --capture nbd (this is --capture "
-                f"{capture.value})",
-                hint="did you mean --capture nbd?",
+            why, hint = _WHY_ONLY[mode]
+            raise MisplacedOption(
+                given[0],
+                f"{options} only {verb} to --capture {mode.value} (this is --capture "
+                f"{capture.value}){why}",
+                hint,
             )
-    if capture is not Capture.fuse and mount is not None:
-        raise UsageError(
-            f"--mount only applies to --capture fuse (this is --capture {capture.value})",
-            hint="did you mean --capture fuse?",
-        )
 
 
 def send(
@@ -375,13 +397,14 @@ def send(
         check_capture_options(
             capture,
             {
-                "--nbd-socket": nbd_socket,
-                "--nbd-listen": nbd_listen,
-                "--nbd-size": nbd_size,
-                "--wait-for-receiver": wait_for_receiver,
+                "nbd_socket": nbd_socket,
+                "nbd_listen": nbd_listen,
+                "nbd_size": nbd_size,
+                "wait_for_receiver": wait_for_receiver,
+                "mount": mount,
+                "pre_hook": pre_hook,
+                "post_hook": post_hook,
             },
-            mount,
-            {"--pre-hook": pre_hook, "--post-hook": post_hook},
         )
         metrics = metrics_endpoint(metrics_listen)
         shaping = make_shaping(rate, burst, schedule, target_rpo)

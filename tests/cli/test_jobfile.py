@@ -137,6 +137,31 @@ def test_a_bad_job_file_names_file_line_and_key(
         assert word in error, error
 
 
+@pytest.mark.parametrize(
+    ("extra", "line", "words"),
+    [
+        ('nbd_socket = "nbd.sock"\n', 7, ["'nbd_socket'", "only applies to --capture nbd"]),
+        ('capture = "nbd"\nnbd_socket = "s"\npost_hook = "true"\n', 9, ["'post_hook'", "scan"]),
+        ('mount = "mnt"\n', 7, ["'mount'", "only applies to --capture fuse"]),
+    ],
+    ids=["nbd-option-with-scan", "hook-with-nbd", "mount-with-scan"],
+)
+def test_check_config_refuses_an_option_of_another_capture_mode(
+    tmp_path: Path, extra: str, line: int, words: list[str]
+) -> None:
+    """As `send --job-file` refuses it (exit 2 there), where the file says it (exit 3)."""
+    (tmp_path / "disk.img").write_bytes(b"x" * 4096)
+    path = _job_file(tmp_path, GOOD + extra)
+    out = replicator("check-config", str(path))
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    assert f"{path}:{line}:" in error, error
+    for word in words:
+        assert word in error, error
+    sent = replicator("send", "--job-file", str(path), "--once")
+    assert sent.returncode == ExitCode.USAGE, sent.stderr
+
+
 def test_the_command_line_overrides_the_file(tmp_path: Path, receiver: ReceiverProc) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(range(256)) * 4096)
