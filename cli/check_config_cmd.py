@@ -11,7 +11,7 @@ locked or connected to. Exit 0 when it is usable, 3 (with the file, line and key
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperCommand
@@ -58,9 +58,14 @@ def _check_send_job(config: ConfigFile, section: Section) -> list[str]:
             disks = [spec.path for spec in specs if spec.kind is VolumeKind.DISK]
             listed += [f"warning: {problem}" for problem in unreplicated(disks)]
     security = _security(config, section, "sender", host)
-    return [f"job {section.name}: to {host}:{port}, capture {capture}, {security}"] + [
-        f"  {item}" for item in listed
-    ]
+    return [
+        f"job {section.name}: to {host}:{port}, capture {capture}, {security}{_metrics(values)}"
+    ] + [f"  {item}" for item in listed]
+
+
+def _metrics(values: dict[str, Any]) -> str:
+    listen = values.get("metrics_listen")
+    return f", metrics on http://{listen}/metrics" if listen else ""
 
 
 def _security(config: ConfigFile, section: Section, side: str, host: str) -> str:
@@ -92,7 +97,8 @@ def _check_receive(config: ConfigFile, section: Section) -> list[str]:
     state = values.get("state_dir") or f"{folder}/{RECEIVER_STATE_NAME}"
     allowed = ", ".join(rules) or "every certificate of the CA, every job"
     return [
-        f"receiver: listen {host}:{port}, replicas in {folder}, state in {state}, {security}",
+        f"receiver: listen {host}:{port}, replicas in {folder}, state in {state}, {security}"
+        f"{_metrics(values)}",
         f"  allow: {allowed}" if values.get("tls_dir") else "  allow: anyone who reaches the port",
     ]
 

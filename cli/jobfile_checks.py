@@ -35,7 +35,7 @@ def at(config: ConfigFile, section: Section, param: str) -> Iterator[None]:
 
 
 def _endpoint(value: Any) -> None:
-    parse_endpoint(value, "HOST:PORT")
+    parse_endpoint(value, "it")
 
 
 # by parameter name: what each value must parse as

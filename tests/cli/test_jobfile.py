@@ -180,6 +180,12 @@ def test_receive_config_with_an_override_and_relative_dir(tmp_path: Path) -> Non
     out = replicator("check-config", str(config))
     assert out.returncode == 0, out.stderr
     assert f"replicas in {config.parent}/../replicas" in out.stdout
+    assert "metrics" not in out.stdout  # nothing listens without metrics_listen
+    with config.open("a") as f:
+        f.write('metrics_listen = "127.0.0.1:9309"\n')
+    out = replicator("check-config", str(config))
+    assert "metrics on http://127.0.0.1:9309/metrics" in out.stdout, out.stdout
+    config.write_text('listen = "127.0.0.1:1"\ndir = "../replicas"\ninsecure = true\n')
 
     port = free_port()
     proc = subprocess.Popen(

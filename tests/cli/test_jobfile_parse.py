@@ -178,7 +178,7 @@ def test_the_examples_in_the_docs_are_valid(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "words"),
     [
-        ('to = "nowhere"', "key 'to': HOST:PORT wants HOST:PORT"),
+        ('to = "nowhere"', "key 'to': it wants HOST:PORT"),
         ('journal_max = "lots"', "key 'journal_max': journal_max wants a size"),
         ('schedule = "mon-fry 20Mbit"', "key 'schedule': "),
         ('metrics_listen = "9308"', "key 'metrics_listen': "),
