@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import stat
 import unicodedata
 import xml.etree.ElementTree as ET
@@ -75,6 +76,7 @@ HYPERV_SNAPSHOTS = "snapshots"
 HYPERV_CONFIG_SUFFIXES = (".vmcx", ".vmrs", ".vmgs", ".xml")
 # how libvirt's <driver type=...> names the formats we detect
 _LIBVIRT_FORMAT = {"vpc": DiskFormat.VHD}
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"  # <channel><target name=...> of a domain
 
 Identity = tuple[int, int]
 
@@ -166,6 +168,8 @@ class VM:
     disks: list[Disk] = field(default_factory=list)
     files: list[ConfigFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # libvirt: the domain has a QEMU guest agent channel (what `virsh domfsfreeze` needs)
+    guest_agent: bool = False
 
     @property
     def volumes(self) -> list[str]:
@@ -198,6 +202,7 @@ class VM:
             "config_files": self.config_files,
             "total_bytes": self.total_bytes,
             "allocated_bytes": self.allocated_bytes,
+            "guest_agent": self.guest_agent,
             "warnings": list(self.warnings),
         }
 
@@ -559,6 +564,10 @@ class _Discoverer:
         folder = os.path.dirname(path)
         for element in root.iterfind("devices/disk"):
             self._libvirt_disk(vm, element, path, folder)
+        vm.guest_agent = any(
+            target.get("name") == GUEST_AGENT_CHANNEL
+            for target in root.iterfind("devices/channel/target")
+        )
         nvram = root.find("os/nvram")
         if nvram is not None:
             source = nvram.find("source")
@@ -873,6 +882,23 @@ def _disk_comment(disk: Disk) -> str:
     return ", ".join(parts)
 
 
+def _freeze_hooks(vm: VM) -> list[str]:
+    """A libvirt VM's freeze and thaw, commented out: they fail (and no point is taken)
+    unless the QEMU guest agent runs in the guest, which only its admin knows."""
+    agent = (
+        "its domain has the agent's channel"
+        if vm.guest_agent
+        else f"its domain needs a channel {GUEST_AGENT_CHANNEL} first"
+    )
+    return [
+        f"# With the QEMU guest agent running in the VM ({agent}),",
+        "# freeze its file systems around each scan (docs/OPERATIONS.md, 'Scan capture",
+        "# and its quiesce hooks'):",
+        f"# pre_hook = {toml_string('virsh domfsfreeze ' + shlex.quote(vm.name))}",
+        f"# post_hook = {toml_string('virsh domfsthaw ' + shlex.quote(vm.name))}",
+    ]
+
+
 def render_job_file(discovery: Discovery, *, header: Iterable[str] = ()) -> str:
     """The jobs as a TOML job file (schema: docs/DISCOVERY.md)."""
     lines = [_comment(line) if line else "#" for line in header]
@@ -891,6 +917,8 @@ def render_job_file(discovery: Discovery, *, header: Iterable[str] = ()) -> str:
             '# tls_dir = "/etc/replicator/tls"',
             'capture = "scan"',
         ]
+        if vm.kind is VMKind.LIBVIRT:
+            lines += _freeze_hooks(vm)
         for key, items in (
             ("volumes", [(d.path, _disk_comment(d)) for d in vm.disks if d.included]),
             ("files", [(f.path, f.role) for f in vm.files if f.included]),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import struct
 import subprocess
 import tomllib
@@ -630,6 +632,23 @@ def test_job_file_round_trips_awkward_names(tmp_path: Path) -> None:
         assert f"#   {printable(str(path))}: path " in text
     assert sum("contains control characters" in w for w in found.warnings) == 2
     assert sum("is not relative" in w for w in found.warnings) == 1
+
+
+def test_a_libvirt_job_suggests_its_freeze_hooks_quoted_for_the_shell(tmp_path: Path) -> None:
+    """Commented out (they fail unless the guest agent runs); the channel is noted."""
+    agent = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+    (tmp_path / "a.xml").write_text(_domain("db prod's", [], extra=agent))
+    (tmp_path / "b.xml").write_text(_domain("web01", []))
+    found = discover([tmp_path])
+    assert {vm.name: vm.guest_agent for vm in found.vms} == {"db prod's": True, "web01": False}
+    text = render_job_file(found)
+    assert "needs a channel org.qemu.guest_agent.0 first" in text
+    uncommented = re.sub(r"(?m)^# ((pre|post)_hook = )", r"\1", text)
+    jobs = tomllib.loads(uncommented)["jobs"]
+    assert shlex.split(jobs["db-prod-s"]["pre_hook"]) == ["virsh", "domfsfreeze", "db prod's"]
+    assert shlex.split(jobs["db-prod-s"]["post_hook"]) == ["virsh", "domfsthaw", "db prod's"]
+    assert jobs["web01"]["pre_hook"] == "virsh domfsfreeze web01"
+    assert "pre_hook" not in tomllib.loads(text)["jobs"]["web01"]  # off until enabled
 
 
 def test_a_damaged_image_is_replicated_as_it_is_with_a_warning(tmp_path: Path) -> None:
