@@ -350,8 +350,10 @@ class Sender:
         basis from the replica, a first sync, a run's first cycle, after a last cycle that
         changed more than a quarter of the journal's cap) is copied first without the
         freeze, by a pass that makes no consistency point; the frozen scan then finds only
-        what changed since. The guest stays frozen for a read of its images, not for a
-        transfer."""
+        what changed since. So is a cycle that finds more than a quarter of the cap still
+        in the journal (the link paused or slow): the copy waits for the link, unfrozen,
+        until the receiver holds it all. The guest stays frozen for a read of its images,
+        not for a transfer."""
         journal = state.journal
         assert journal is not None
         hooked = self.quiesce.pre is not None
@@ -368,7 +370,10 @@ class Sender:
         direct = since is None or later
         cap, last = journal.max_bytes, self._last_changed
         big = last is None or (cap is not None and last > cap // 4)  # None: not known yet
-        precopy = hooked and link is not None and (since is None or remote or big)
+        # a backlog the link has not taken (rate 0, a night-only schedule, a slow link):
+        # the frozen scan could find the journal full and wait for the link, frozen
+        backlog = cap is not None and journal.bytes_used > cap // 4
+        precopy = hooked and link is not None and (since is None or remote or big or backlog)
         notes = (
             IntentLog(state.dir, since, basis.extent_size) if later and since is not None else None
         )

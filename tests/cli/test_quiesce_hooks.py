@@ -220,6 +220,45 @@ def test_the_guest_is_frozen_for_a_scan_not_for_a_transfer(
     assert b3(receiver.dir / "vm" / "disk.img") == b3(disk)
 
 
+def test_a_paused_link_never_holds_the_guest_frozen(tmp_path: Path, receiver: ReceiverProc) -> None:
+    """`replicator rate 0` (or a schedule's office hours at 0): the journal fills with
+    small changes, and a frozen scan that needed room in it would wait for the link, the
+    guest frozen until the rate came back. Such a cycle copies first, unfrozen."""
+    disk, frozen, state = _disk(tmp_path, 8 * 1024 * 1024), tmp_path / "frozen", tmp_path / "st"
+    hooks = ("--pre-hook", f"touch {frozen}", "--post-hook", f"rm -f {frozen}")
+    proc = start_send(
+        receiver.address, "vm", state, disk,
+        extra=("--interval", "0.5", "--journal-max", "4M", *hooks),
+    )  # fmt: skip
+    try:
+        replica = receiver.dir / "vm" / "disk.img"
+        wait_for(lambda: replica.exists() and b3(replica) == b3(disk), proc, "the first sync")
+        with disk.open("r+b") as f:  # a small change: the next cycles do not copy first
+            f.write(os.urandom(4096))
+        wait_for(lambda: b3(replica) == b3(disk), proc, "a small change")
+        assert replicator("rate", "--state-dir", str(state), "0").returncode == 0
+        for i in range(8):  # each under a quarter of the cap, a cycle each; then no room
+            epoch = _status(state)["last_epoch"]
+            with disk.open("r+b") as f:
+                f.seek(i * 1024 * 1024)
+                f.write(os.urandom(700 * 1024))
+            deadline = time.monotonic() + 3
+            while _status(state)["last_epoch"] == epoch and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _status(state)["last_epoch"] == epoch:
+                break  # the cycle waits for the link: frozen or not is the question
+        else:
+            raise AssertionError("eight cycles journaled past a 4 MiB cap with the link paused")
+        time.sleep(1.0)
+        assert not frozen.exists(), "the guest is frozen while the link is paused"
+        assert _status(state)["state"] == "paused"
+        assert replicator("rate", "--state-dir", str(state), "unlimited").returncode == 0
+        wait_for(lambda: b3(replica) == b3(disk), proc, "the replica after the pause")
+    finally:
+        rc, err = stop_and_read(proc)
+    assert rc == 0, err[-3000:]
+
+
 def test_hooks_with_live_capture_are_refused(tmp_path: Path) -> None:
     out = replicator(
         "send", "--to", "127.0.0.1:9", "--job", "vm", "--insecure", "--capture", "nbd",
