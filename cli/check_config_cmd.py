@@ -18,8 +18,7 @@ from typer.core import TyperCommand
 
 from replicator.cli.common import fail, parse_endpoint, transport_security
 from replicator.cli.jobfile import ConfigFile, Section, kind_of, load_receive, load_send
-from replicator.cli.jobfile_checks import at, check_values
-from replicator.cli.send import Capture, MisplacedOption, check_capture_options
+from replicator.cli.jobfile_checks import at, check_capture, check_values
 from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.image_deps import unreplicated
 from replicator.engine.names import RECEIVER_STATE_NAME
@@ -39,11 +38,7 @@ def _check_send_job(config: ConfigFile, section: Section) -> list[str]:
     values = section.values
     host, port = parse_endpoint(values["to"], "to")
     capture = str(values.get("capture", "scan")).lower()
-    try:
-        check_capture_options(Capture(capture), values)
-    except MisplacedOption as exc:  # as `send --job-file` would refuse it
-        with at(config, section, exc.param):
-            raise
+    check_capture(config, section, {})  # as `send --job-file` refuses it
     paths = [Path(p) for p in values["volumes"]]
     with at(config, section, "volumes"):
         if capture == "fuse":

@@ -9,7 +9,7 @@ and more (volumes, TLS keys). Values given on the command line are the command's
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from typing import Any
 
 from replicator.cli.common import parse_endpoint, parse_size
@@ -58,3 +58,24 @@ def check_values(config: ConfigFile, section: Section, skip: Set[str] = frozense
         if value is not None and param not in skip:
             with at(config, section, param):
                 check(value)
+
+
+def check_capture(config: ConfigFile, section: Section, command_line: Mapping[str, Any]) -> None:
+    """No key of ``section`` belongs to another capture mode than the job's, as `send`
+    refuses it, but said at the key's line. ``command_line``: the parameters the command
+    line sets (they override the file); a misplaced one of those is `send`'s to refuse as
+    typed (exit 2)."""
+    from replicator.cli.send import Capture, MisplacedOption, check_capture_options
+
+    values = {**section.values, **command_line}
+    try:
+        capture = Capture(str(values.get("capture") or "scan").lower())
+    except ValueError:
+        return  # not a mode at all: refused as the option's value
+    try:
+        check_capture_options(capture, values)
+    except MisplacedOption as exc:
+        if exc.param in command_line:
+            return
+        with at(config, section, exc.param):
+            raise

@@ -88,13 +88,14 @@ class SendCommand(_FileCommand):
         self, ctx: Context, path: Path, opts: Mapping[str, Any], args: list[str]
     ) -> dict[str, Any]:
         from replicator.cli.jobfile import load_send
-        from replicator.cli.jobfile_checks import check_values
+        from replicator.cli.jobfile_checks import check_capture, check_values
 
         given = _given(opts)
+        command_line = {name: opts[name] for name in given}
         jobs = load_send(path, self, given)
         name = opts.get("job")
         if name is None and len(jobs.sections) > 1:
-            raise typer.Exit(self._several(jobs, given, args))
+            raise typer.Exit(self._several(jobs, command_line, args))
         if name is None:
             name = next(iter(jobs.sections))
         section = jobs.sections.get(name)
@@ -104,13 +105,15 @@ class SendCommand(_FileCommand):
                 hint="its jobs: " + ", ".join(jobs.sections) + "; or leave out --job to run all",
             )
         check_values(jobs, section, given)
+        check_capture(jobs, section, command_line)
         return {**section.values, "job": name}
 
     @staticmethod
-    def _several(jobs: ConfigFile, given: set[str], args: list[str]) -> int:
-        from replicator.cli.jobfile_checks import check_values
+    def _several(jobs: ConfigFile, command_line: dict[str, Any], args: list[str]) -> int:
+        from replicator.cli.jobfile_checks import check_capture, check_values
         from replicator.cli.jobfile_fanout import run_jobs
 
+        given = set(command_line)
         clash = [name for name in PER_JOB if name in given]
         if clash:
             which = ", ".join(
@@ -123,6 +126,7 @@ class SendCommand(_FileCommand):
             )
         for section in jobs.sections.values():  # all of them, before any job starts
             check_values(jobs, section, given)
+            check_capture(jobs, section, command_line)
         return run_jobs(jobs.path, list(jobs.sections), args)
 
 

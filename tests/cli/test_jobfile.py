@@ -146,20 +146,27 @@ def test_a_bad_job_file_names_file_line_and_key(
     ],
     ids=["nbd-option-with-scan", "hook-with-nbd", "mount-with-scan"],
 )
-def test_check_config_refuses_an_option_of_another_capture_mode(
-    tmp_path: Path, extra: str, line: int, words: list[str]
+@pytest.mark.parametrize("command", ["check-config", "send"])
+def test_an_option_of_another_capture_mode_is_refused_at_its_line(
+    tmp_path: Path, extra: str, line: int, words: list[str], command: str
 ) -> None:
-    """As `send --job-file` refuses it (exit 2 there), where the file says it (exit 3)."""
+    """By check-config and by `send --job-file`, which also refuses it before any job of
+    the file starts (one bad job among good ones used to start the good ones alone)."""
     (tmp_path / "disk.img").write_bytes(b"x" * 4096)
-    path = _job_file(tmp_path, GOOD + extra)
-    out = replicator("check-config", str(path))
+    good = GOOD.replace(
+        "[jobs.vm1]",
+        '[jobs.vm0]\nto = "127.0.0.1:1"\ninsecure = true\n'
+        'state_dir = "st0"\nvolumes = ["disk.img"]\n\n[jobs.vm1]',
+    )
+    path = _job_file(tmp_path, good + extra)
+    args = ["check-config", str(path)] if command == "check-config" else ["send", "--job-file"]
+    out = replicator(*args, *([str(path)] if command == "send" else []))
     assert out.returncode == ExitCode.CONFIG, out.stderr
     error = one_line_error(out.stderr)
-    assert f"{path}:{line}:" in error, error
+    assert f"{path}:{line + 6}:" in error, error
     for word in words:
         assert word in error, error
-    sent = replicator("send", "--job-file", str(path), "--once")
-    assert sent.returncode == ExitCode.USAGE, sent.stderr
+    assert not (tmp_path / "st0").exists()  # the good job did not start either
 
 
 def test_the_command_line_overrides_the_file(tmp_path: Path, receiver: ReceiverProc) -> None:
