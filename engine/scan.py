@@ -47,8 +47,10 @@ class ScanStats:
     files_changed: int = 0
     records: int = 0
     resized: list[str] = field(default_factory=list)
+    bytes_copied: int = 0  # of bytes_changed: copied before a freeze (engine/sender.py)
 
     def add(self, other: ScanStats) -> None:
+        self.bytes_copied += other.bytes_copied
         self.bytes_scanned += other.bytes_scanned
         self.bytes_changed += other.bytes_changed
         self.bytes_zeroed += other.bytes_zeroed

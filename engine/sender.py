@@ -130,7 +130,6 @@ class Sender:
         # the manifests of a copy the receiver holds, made before a freeze that failed:
         # the next cycle's basis (a continuous sender tries again from there)
         self.copied_basis: ManifestSet | None = None
-        self.copied_before_freeze = 0  # bytes of changes the last cycle copied unfrozen
         self._unfrozen_warned: set[Path] = set()  # images scanned while another wrote them
         self._applied_noted = 0  # the applied LSN last written to peer_applied.state
         # set by a continuous run: a first sync waiting on the link gives up when it is set
@@ -456,11 +455,9 @@ class Sender:
             early_hashing.discard()  # any the scan did not take: no later scan would
             if notes is not None:
                 notes.close()
-        self.copied_before_freeze = 0 if copied is None else copied.bytes_changed
-        if copied is not None:  # changed: both passes; scanned: the point's scan
-            scanned = result[1].bytes_scanned
+        if copied is not None:  # changed: both passes; scanned: the point's scan alone
+            copied.bytes_copied, copied.bytes_scanned = copied.bytes_changed, 0
             result[1].add(copied)
-            result[1].bytes_scanned = scanned
         self._last_changed = result[1].bytes_changed
         if self.quiesce.thaw_failure is not None:  # logged; the epoch was taken frozen
             status.error("hook", self.quiesce.thaw_failure.message)
@@ -562,7 +559,7 @@ class Sender:
             seconds=round(time.monotonic() - started, 3),
             thaw_failed=thaw.message if (thaw := self.quiesce.thaw_failure) else None,
             frozen_seconds=self.quiesce.frozen_seconds,
-            copied_before_freeze=self.copied_before_freeze,
+            copied_before_freeze=stats.bytes_copied,
         )
 
     async def connect_retrying(

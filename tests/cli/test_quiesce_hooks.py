@@ -18,6 +18,7 @@ from tests.tools import (
     ReceiverProc,
     b3,
     one_line_error,
+    qemu_compare,
     replicator,
     running,
     start_send,
@@ -218,6 +219,47 @@ def test_the_guest_is_frozen_for_a_scan_not_for_a_transfer(
     assert summary["bytes_scanned"] == 6 * 1024 * 1024  # the point's scan alone
     assert summary["frozen_seconds"] is not None
     assert b3(receiver.dir / "vm" / "disk.img") == b3(disk)
+
+
+def test_a_sender_killed_at_the_freeze_after_its_copy_moves_no_point_and_converges(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """The copy before the freeze reaches the receiver as records with no barrier. SIGKILL
+    the sender right at the freeze (its pre hook kills it), after the guest wrote an
+    extent back to what the last point holds: the replica stays at that point (nothing
+    is called durable), and the next send, whose saved manifests still say the old
+    content, must not take the copy for the replica: it converges to the source."""
+    disk, state = _disk(tmp_path, 4 * 1024 * 1024), tmp_path / "state"
+    assert _send(receiver, tmp_path, disk).returncode == 0
+    replica, point = receiver.dir / "vm" / "disk.img", _point(receiver)
+    at_point = b3(replica)
+    old = tmp_path / "old.bin"
+    old.write_bytes(disk.read_bytes()[1024 * 1024 : 1024 * 1024 + 65536])
+    with disk.open("r+b") as f:  # the change the copy ships...
+        f.seek(1024 * 1024)
+        f.write(os.urandom(65536))
+    write_back = f"dd if={old} of={disk} bs=64K seek=16 conv=notrunc status=none"
+    out = _send(  # ...undone by the guest just before its freeze, which kills the sender
+        receiver, tmp_path, disk, "--pre-hook", f"{write_back} && kill -9 $PPID",
+        "--post-hook", "true",
+    )  # fmt: skip
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    now = _point(receiver)
+    assert (now["lsn"], now["consistent"]) == (point["lsn"], True), (point, now)
+    assert b3(replica) == at_point  # the copy waits unapplied: no point, no change
+    assert b3(disk) == at_point  # the source is back at the last point too
+    out = replicator("status", "--dir", str(receiver.dir), "--json")
+    [job] = [j for j in json.loads(out.stdout)["jobs"] if j["job"] == "vm"]
+    assert job["lsn"]["received"] > int(point["lsn"]), job["lsn"]  # the copy had arrived
+
+    assert _send(receiver, tmp_path, disk).returncode == 0
+    assert b3(replica) == b3(disk)
+    assert qemu_compare("raw", disk, replica).returncode == 0
+    verify = replicator(
+        "verify", "--to", receiver.address, "--job", "vm", "--state-dir", str(state),
+        "--insecure", str(disk),
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def test_a_paused_link_never_holds_the_guest_frozen(tmp_path: Path, receiver: ReceiverProc) -> None:
