@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Set
 from typing import Any
 
+from replicator.cli.capture_opts import Capture, MisplacedOption, check_capture_options
 from replicator.cli.common import parse_endpoint, parse_size
 from replicator.cli.jobfile import ConfigFile, Section, located
 from replicator.cli.shaping_opts import make_shaping
@@ -65,8 +66,6 @@ def check_capture(config: ConfigFile, section: Section, command_line: Mapping[st
     refuses it, but said at the key's line. ``command_line``: the parameters the command
     line sets (they override the file); a misplaced one of those is `send`'s to refuse as
     typed (exit 2)."""
-    from replicator.cli.send import Capture, MisplacedOption, check_capture_options
-
     values = {**section.values, **command_line}
     try:
         capture = Capture(str(values.get("capture") or "scan").lower())

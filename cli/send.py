@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from replicator.cli.capture_opts import Capture, check_capture_options
 from replicator.cli.common import (
     InsecureOption,
     TlsDirOption,
     TlsNameOption,
-    UsageError,
     connector_for,
     fail,
     parse_endpoint,
@@ -111,12 +110,6 @@ def build_config(
     )
 
 
-class Capture(StrEnum):
-    scan = "scan"
-    nbd = "nbd"
-    fuse = "fuse"
-
-
 def _live_sender(
     sender: Sender,
     once: bool,
@@ -209,56 +202,6 @@ def print_summary(summary: Summary, as_json: bool, *, resync: bool = False) -> N
         f"  {wire_words(summary)}\n"
         f"  {basis_words(summary, resync)}{freeze_words(summary)}"
     )
-
-
-# options that belong to one capture mode, by parameter name (a job file's key)
-CAPTURE_ONLY: dict[str, Capture] = {
-    "nbd_socket": Capture.nbd,
-    "nbd_listen": Capture.nbd,
-    "nbd_size": Capture.nbd,
-    "wait_for_receiver": Capture.nbd,
-    "mount": Capture.fuse,
-    "pre_hook": Capture.scan,
-    "post_hook": Capture.scan,
-}
-_WHY_ONLY = {
-    Capture.nbd: ("", "did you mean --capture nbd?"),
-    Capture.fuse: ("", "did you mean --capture fuse?"),
-    Capture.scan: (
-        ": NBD and FUSE capture journal every write in order, so each point they ship is "
-        "crash-consistent without a freeze",
-        "leave the hooks out, or use --capture scan",
-    ),
-}
-
-
-class MisplacedOption(UsageError):
-    """An option of another capture mode; ``param`` names the first (check-config)."""
-
-    def __init__(self, param: str, message: str, hint: str) -> None:
-        super().__init__(message, hint=hint)
-        self.param = param
-
-
-def check_capture_options(capture: Capture, values: dict[str, object]) -> None:
-    """Options of one capture mode given with another (``values`` by parameter name): a
-    mistake, not something to ignore."""
-    for mode in Capture:
-        given = [
-            name
-            for name, only in CAPTURE_ONLY.items()
-            if only is mode is not capture and values.get(name) not in (None, "")
-        ]
-        if given:
-            options = ", ".join("--" + name.replace("_", "-") for name in given)
-            verb = "applies" if len(given) == 1 else "apply"
-            why, hint = _WHY_ONLY[mode]
-            raise MisplacedOption(
-                given[0],
-                f"{options} only {verb} to --capture {mode.value} (this is --capture "
-                f"{capture.value}){why}",
-                hint,
-            )
 
 
 def send(

@@ -74,6 +74,11 @@ class Quiesce:
     thaw_failure: HookFailed | None = field(default=None, init=False)
     frozen_seconds: float | None = field(default=None, init=False)  # the last freeze's
 
+    @property
+    def freezes(self) -> bool:
+        """A pre hook is set (an empty command is none)."""
+        return bool(self.pre)
+
     @contextlib.asynccontextmanager
     async def frozen(self) -> AsyncIterator[None]:
         """Run the pre hook, the body, then the post hook (see the module docstring)."""
@@ -91,7 +96,7 @@ class Quiesce:
 
     def _frozen_for(self, seconds: float) -> None:
         """Say how long the guest was frozen; warn when its I/O may have timed out."""
-        if not self.pre:
+        if not self.freezes:
             return
         self.frozen_seconds = round(seconds, 3)
         log.info("sender.frozen", seconds=self.frozen_seconds)

@@ -355,7 +355,7 @@ class Sender:
         not for a transfer."""
         journal = state.journal
         assert journal is not None
-        hooked = self.quiesce.pre is not None
+        hooked = self.quiesce.freezes
         # A first sync from this state folder (no manifests: the basis is the replica's) is
         # shipped without the journal; its EPOCH is journaled once the receiver holds all
         # of it. A failure before that loses the records, and the next cycle compares with
@@ -409,7 +409,7 @@ class Sender:
                 problem=f"{path} is another file now (replaced at its path): this sender "
                 "replicates the new one and let go of the old",
             )
-        if self.config.pre_hook is None:
+        if not hooked:
             await self._warn_unfrozen_writers(state)
         else:  # what early helpers saw is from before the freeze: never for this epoch
             early_hashing.discard()
