@@ -284,7 +284,7 @@ def test_replay_of_a_recorded_journal_predicts_the_lag(tmp_path: Path) -> None:
     count = _record(state / "journal", writes=40, size=16 * 1024, seconds=2.0)
     before = {p.name: p.read_bytes() for p in (state / "journal").iterdir()}
     fast, slow = _bench(
-        "--replay", str(state), "--rtt", "20ms", "--rate", "100Mbit,1Mbit", "--target-rpo", "1"
+        "--replay", str(state), "--rtt", "20ms", "--rate", "100Mbit,512kbit", "--target-rpo", "3"
     )
     for s in (fast, slow):
         replayed = s["replay"]
@@ -293,9 +293,10 @@ def test_replay_of_a_recorded_journal_predicts_the_lag(tmp_path: Path) -> None:
         assert replayed["recorded_seconds"] == pytest.approx(2.0, abs=0.01)
         assert replayed["replay_seconds"] >= 2.0  # at the recorded pace, not at once
         assert replayed["payload_bytes"] == 40 * 16 * 1024 and replayed["lag_samples"] > 0
-    # 640 KiB in 2 s fits 100 Mbit at once; at 1 Mbit (125 kB/s) it takes over 5 s
-    assert fast["lag_p99_s"] < 1 and fast["rpo_held"] is True
-    assert slow["lag_max_s"] > 2 and slow["rpo_held"] is False
+    # 640 KiB in 2 s fits 100 Mbit at once (a lag well under the 3 s target, even on a
+    # busy 2-core machine); at 512 kbit (64 kB/s) it takes over 10 s
+    assert fast["lag_p99_s"] < 3 and fast["rpo_held"] is True
+    assert slow["lag_max_s"] > 5 and slow["rpo_held"] is False
     after = {p.name: p.read_bytes() for p in (state / "journal").iterdir()}
     assert after == before  # the recording was read from a copy, untouched
 
