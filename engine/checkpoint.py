@@ -44,6 +44,7 @@ CHECKPOINT_MAX_BYTES = 4 << 30  # at most this much read and hashed at a stop
 TOUCHED_FILE = "touched.state"
 RANGE_TYPES = (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM)  # a range of a volume
 _UNTRACKED = (RecordType.CREATE, RecordType.UNLINK, RecordType.RENAME)
+_WHOLE = (RecordType.FILE, RecordType.CHMOD)  # ``files``: in memory only (not save_touched's)
 
 
 @dataclass(slots=True)
@@ -55,6 +56,7 @@ class TouchedExtents:
     extents: dict[str, bytearray] = field(default_factory=dict)
     resized: set[str] = field(default_factory=set)
     valid: bool = True  # False: a record this cannot follow (a folder's namespace)
+    files: set[str] = field(default_factory=set)  # volumes set whole (FILE) or chmod-ed
 
     def __call__(self, records: Sequence[Record]) -> None:
         for record in records:
@@ -63,6 +65,8 @@ class TouchedExtents:
                 self.mark_range(record.volume, record.offset, record.length)
             elif kind is RecordType.RESIZE:
                 self.resized.add(record.volume)
+            elif kind in _WHOLE:
+                self.files.add(record.volume)
             elif kind in _UNTRACKED:
                 self.valid = False
 

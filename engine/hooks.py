@@ -105,10 +105,9 @@ class Quiesce:
                 "sender.long_freeze",
                 seconds=round(seconds, 3),
                 problem=f"the guest was frozen for {seconds:.0f} s: a frozen scan reads every "
-                "image whole (and waits for the receiver when its changes do not fit in the "
-                "journal); a guest's I/O may time out meanwhile",
+                "image whole; a guest's I/O may time out meanwhile",
                 hint="capture with --capture nbd or --capture fuse, which journal every write "
-                "and need no freeze; or a larger --journal-max, or fewer images per job",
+                "and need no freeze; or fewer images per job",
             )
 
     async def _thaw(self, pre_result: str) -> None:

@@ -59,10 +59,9 @@ from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
 from replicator.engine.nbd.gate import WriteGate
 from replicator.engine.nbd.images import export_size_for, probe_path
-from replicator.engine.scan import file_volume
+from replicator.engine.scan import CycleStopped, file_volume
 from replicator.engine.sender import (
     MID_SESSION_RETRY,
-    CycleStopped,
     Sender,
     SenderState,
     log_cycle,
@@ -338,7 +337,7 @@ class LiveSender:
                 self.status.set_state(SenderPhase.REPLICATING)
                 self._link = link
                 return True
-            except CycleStopped:  # stopped while a first sync waited for the link
+            except CycleStopped:  # stopped while the first sync waited for the link
                 with contextlib.suppress(Exception):
                     await link.finish("sender stopping", grace=0)
                 await self.sender.close_link(link)

@@ -220,21 +220,33 @@ class BackgroundSync:
             running.exception()
 
 
+class CycleStopped(Exception):
+    """The sender was asked to stop while a cycle waited for the link: to ship records
+    without the journal, or for room in a full journal."""
+
+
 async def append_waiting(
     journal: Journal,
     records: list[Record],
     space_freed: asyncio.Event,
-    timeout: float,
     check: Callable[[], None],
     relieve: Callable[[], Awaitable[None]],
+    stop: asyncio.Event | None = None,
+    *,
+    wait: bool = True,
 ) -> int:
-    """Append ``records``; while the journal is full, wait for the shipper to free space.
+    """Append ``records``; while the journal is full, wait for the shipper to free space
+    (``wait`` False: JournalFull instead, once what can be freed at once is).
 
-    ``check`` raises when shipping has failed, so a full journal never waits for acks
-    that cannot come. Before waiting, what is in the journal is synced (only durable
-    records ship, so nothing would come back otherwise), and ``relieve`` frees what can
-    be freed at once (records the receiver holds durably), so an epoch larger than the
-    journal never waits on itself.
+    ``check`` raises when shipping has failed (the link sets ``space_freed`` then, and a
+    silent receiver fails the link after its reply timeout), so a full journal never
+    waits for acks that cannot come. A link paused by its rate (0, a schedule's office
+    hours) is not a failure: the wait lasts until the rate comes back, or until ``stop``
+    (CycleStopped; what was journaled stays, synced, for the next run).
+    Before waiting, what is in the journal is synced (only durable records ship, so
+    nothing would come back otherwise), and ``relieve`` frees what can be freed at once
+    (records the receiver holds durably), so an epoch larger than the journal never waits
+    on itself.
     """
     while True:
         check()
@@ -244,10 +256,21 @@ async def append_waiting(
             space_freed.clear()
             await journal.sync()
             await relieve()
+            if not wait:
+                return await journal.append_many(records)
             with contextlib.suppress(JournalFull):
                 return await journal.append_many(records)
-            async with asyncio.timeout(timeout):
+            if stop is None:
                 await space_freed.wait()
+                continue
+            waits = {asyncio.ensure_future(space_freed.wait()), asyncio.ensure_future(stop.wait())}
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+            if stop.is_set():
+                raise CycleStopped("stopped while a full journal waited for the link") from None
 
 
 def file_volume(spec: VolumeSpec) -> tuple[Record, bytes]:

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from replicator.engine import early_hashing, generations, lost_records
+from replicator.engine.checkpoint import TouchedExtents
 from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.direct_intent import IntentLog
 from replicator.engine.errors import (
     AuthError,
     BusyError,
+    ConfigError,
     ConnectError,
     PeerProtocolError,
     RefusedError,
@@ -45,6 +47,8 @@ from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.peer_applied import PeerApplied, save_peer_applied
 from replicator.engine.scan import (
+    Appender,
+    CycleStopped,
     Progress,
     ScanStats,
     append_waiting,
@@ -58,13 +62,14 @@ from replicator.engine.sender_state import (
     SenderState,
     choose_basis,
     replica_layout,
+    unknown_where_journaled,
 )
 from replicator.engine.served_alone import clear_served_alone, receiver_ahead
 from replicator.engine.status import SenderJobStatus, SenderPhase
 from replicator.engine.tree import Tree
 from replicator.engine.units import human_size
 from replicator.engine.volumes import VolumeKind
-from replicator.journal import Journal, Record, RecordType
+from replicator.journal import Journal, JournalFull, Record, RecordType
 
 if TYPE_CHECKING:
     from replicator.engine.witness_fence import SourceFence
@@ -72,7 +77,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 _T = TypeVar("_T")
 
-FULL_WAIT_TIMEOUT = 600.0
 # What ends an established session but not the job: the link broke, a frame arrived
 # damaged (a flipped bit on the path; every frame is checksummed, so it is caught, never
 # applied), or the target could not store what it was sent (its disk full, failing or
@@ -80,7 +84,11 @@ FULL_WAIT_TIMEOUT = 600.0
 # reconnects and resumes from the receiver's last ack; a live one keeps capturing meanwhile,
 # as DRBD's primary goes on when its peer's disk fails.
 MID_SESSION_RETRY = (ConnectError, PeerProtocolError, TargetStorageError)
-RETRY_FIRST, RETRY_MOST = 1.0, 60.0  # seconds between tries: doubling from the first
+RETRY_FIRST, RETRY_MOST = 1.0, 60.0
+# a scan with a pre hook: passes of the copy before the freeze while each changed more than
+# a quarter of the journal's cap, and freezes released because the frozen scan's changes
+# did not fit in the journal, before the cycle gives up its point (FreezeOverflow)
+COPY_PASSES, MAX_FREEZES = 4, 3  # seconds between tries: doubling from the first
 HANDSHAKE_DAMAGE_RETRIES = 2  # then a protocol or version error at connect is believed
 
 
@@ -306,8 +314,11 @@ class Sender:
             if await save_peer_applied(self.config.state_dir, noted):
                 self._applied_noted = applied
 
-    async def append(self, journal: Journal, link: Link, records: list[Record]) -> int:
+    async def append(
+        self, journal: Journal, link: Link, records: list[Record], *, wait: bool = True
+    ) -> int:
         """Journal records for ``link``, waiting while the journal is full; the last LSN.
+        ``wait`` False: JournalFull rather than wait for the link.
 
         The first record after a reconnect is numbered past what the receiver already
         holds, so its LSNs are never reused (our state may have been lost).
@@ -318,9 +329,10 @@ class Sender:
             journal,
             records,
             link.space_freed,
-            FULL_WAIT_TIMEOUT,
             link.raise_if_failed,
             link.relieve,
+            self.stopping,
+            wait=wait,
         )
         self.status.changed("lag")  # more journaled than applied (the embedding API's events)
         return last
@@ -351,8 +363,11 @@ class Sender:
         freeze, by a pass that makes no consistency point; the frozen scan then finds only
         what changed since. So is a cycle that finds more than a quarter of the cap still
         in the journal (the link paused or slow): the copy waits for the link, unfrozen,
-        until the receiver holds it all. The guest stays frozen for a read of its images,
-        not for a transfer."""
+        until the receiver holds it all. A frozen scan that finds no room in the journal
+        anyway (the guest outwrote it during the copy) is released: thawed at once, what it
+        journaled marked unknown in the basis, the changes copied and the guest frozen again,
+        at most MAX_FREEZES times (then FreezeOverflow: no point). The guest stays frozen for
+        a read of its images, not for a transfer."""
         journal = state.journal
         assert journal is not None
         hooked = self.quiesce.freezes
@@ -376,6 +391,8 @@ class Sender:
         notes = (
             IntentLog(state.dir, since, basis.extent_size) if later and since is not None else None
         )
+        frozen: TouchedExtents | None = None  # while the frozen scan runs: what it journaled
+        journaled: TouchedExtents | None = None
 
         async def append(records: list[Record]) -> int:
             if link is None:
@@ -391,7 +408,14 @@ class Sender:
                 return last
             if direct:
                 await self._unless_stopped(link.wait_received(link.direct_lsn))
-            return await self.append(journal, link, records)
+            if frozen is None:
+                return await self.append(journal, link, records)
+            try:  # the guest is frozen: never wait for the link
+                last = await self.append(journal, link, records, wait=False)
+            except JournalFull as exc:
+                raise _NoRoomFrozen(str(exc)) from None
+            frozen(records)
+            return last
 
         status = self.status
 
@@ -415,42 +439,52 @@ class Sender:
             early_hashing.discard()
         copied: ScanStats | None = None
         try:
-            if precopy:
-                basis, copied = await scan_changes(
-                    self.config.volumes,
-                    journal,
-                    basis,
-                    append=append,
-                    progress=seen,
-                    prelude=prelude,
-                )
-                basis.epoch -= 1  # the copy's manifests, as the basis of the same epoch
-                prelude = None
-                # the copy is received before the freeze, so the frozen scan's records find
-                # the journal empty (and a first sync's shipped ones are held by the receiver
-                # before anything is journaled after them)
-                assert link is not None
-                await self._unless_stopped(link.wait_received(journal.last_lsn))
-                direct = False
-                log.info(
-                    "sender.copied_before_freeze",
-                    changed=copied.bytes_changed,
-                    text=f"copied {human_size(copied.bytes_changed)} of changes before the "
-                    "freeze; the frozen scan journals what changed since",
-                )
-            try:
-                async with self.quiesce.frozen():  # HookFailed if the freeze fails: no epoch
-                    result = await scan_epoch(
-                        self.config.volumes,
-                        journal,
-                        basis,
-                        append=append,
-                        progress=seen,
-                        prelude=prelude,
+            for freeze in range(1, MAX_FREEZES + 1):
+                if precopy:
+                    assert link is not None
+                    basis, copy = await self._copy_before_freeze(
+                        journal, link, basis, append, seen, prelude
                     )
-            except HookFailed:  # the copy is received: the next try goes on from it
-                self.copied_basis = basis if copied is not None else None
-                raise
+                    prelude, direct = None, False
+                    if copied is None:
+                        copied = copy
+                    else:
+                        copied.add(copy)
+                try:
+                    async with self.quiesce.frozen():  # HookFailed if the freeze fails: no epoch
+                        frozen = TouchedExtents(basis.extent_size) if hooked else None
+                        try:
+                            result = await scan_epoch(
+                                self.config.volumes,
+                                journal,
+                                basis,
+                                append=append,
+                                progress=seen,
+                                prelude=prelude,
+                            )
+                        finally:
+                            journaled, frozen = frozen, None
+                    break
+                except HookFailed:  # the copy is received: the next try goes on from it
+                    self.copied_basis = basis if copied is not None else None
+                    raise
+                except _NoRoomFrozen as exc:
+                    assert journaled is not None
+                    # what the frozen scan journaled reaches the replica before any point:
+                    # the next pass reads and sends it again (never the older content)
+                    basis = unknown_where_journaled(basis, journaled, self.config.volumes)
+                    log.warning(
+                        "sender.freeze_released",
+                        freeze=freeze,
+                        journal_max=journal.max_bytes,
+                        text=f"the guest changed more than the journal has room for ({exc}) "
+                        "while the last changes were copied: thawed at once rather than wait "
+                        "for the link frozen; copying those changes first",
+                    )
+                    if freeze == MAX_FREEZES:
+                        self.copied_basis = basis
+                        raise FreezeOverflow(journal.max_bytes) from None
+                    precopy = True
         finally:
             early_hashing.discard()  # any the scan did not take: no later scan would
             if notes is not None:
@@ -467,6 +501,46 @@ class Sender:
             await state.save(result[0])
         status.last_epoch = result[0].epoch
         return result
+
+    async def _copy_before_freeze(
+        self,
+        journal: Journal,
+        link: Link,
+        basis: ManifestSet,
+        append: Appender,
+        seen: Progress,
+        prelude: list[Record] | None,
+    ) -> tuple[ManifestSet, ScanStats]:
+        """Copy what changed since ``basis`` without the freeze, until the receiver holds it
+        all; again while a pass changed more than a quarter of the journal's cap (the guest
+        wrote that much while the last pass crossed the link), at most COPY_PASSES times.
+        The copy's manifests, as the basis of the same epoch, and what the passes changed."""
+        cap = journal.max_bytes
+        total: ScanStats | None = None
+        for _ in range(COPY_PASSES):
+            basis, stats = await scan_changes(
+                self.config.volumes, journal, basis, append=append, progress=seen, prelude=prelude
+            )
+            basis.epoch -= 1  # the copy's manifests, as the basis of the same epoch
+            prelude = None
+            # the copy is received before the freeze, so the frozen scan's records find the
+            # journal empty (and a first sync's shipped ones are held by the receiver before
+            # anything is journaled after them)
+            await self._unless_stopped(link.wait_received(journal.last_lsn))
+            log.info(
+                "sender.copied_before_freeze",
+                changed=stats.bytes_changed,
+                text=f"copied {human_size(stats.bytes_changed)} of changes before the freeze; "
+                "the frozen scan journals what changed since",
+            )
+            if total is None:
+                total = stats
+            else:
+                total.add(stats)
+            if cap is None or stats.bytes_changed <= cap // 4:
+                break
+        assert total is not None
+        return basis, total
 
     async def _warn_unfrozen_writers(self, state: SenderState) -> None:
         """A scan reads an image while a running VM writes it: its epoch mixes blocks from
@@ -653,8 +727,8 @@ class Sender:
                                 unjournaled=kind == "local",
                                 remote=kind == "remote",
                             )
-                        except HookFailed as exc:  # no point this time: logged, tried again
-                            basis = self.hook_failed(exc, basis)
+                        except (HookFailed, FreezeOverflow) as exc:  # no point: tried again
+                            basis = self.no_point(exc, basis)
                         else:
                             log_cycle(manifests.epoch, lsn, stats, link, time.monotonic() - started)
                             basis, kind = manifests, "local"  # saved: the next basis is local
@@ -663,7 +737,7 @@ class Sender:
                             basis = await self.hand_over_scanned(state, link, basis)
                     # bounded at any rate: what is not applied waits in the journal
                     await link.finish("sender stopping")
-                except CycleStopped:  # shipped unjournaled: nothing journaled waits to go
+                except CycleStopped:  # what was journaled waits for the next run
                     await link.finish("sender stopping", grace=0)
                 except MID_SESSION_RETRY as exc:
                     await self.session_failed(exc, link, stop)
@@ -672,12 +746,17 @@ class Sender:
             self.status.set_state(SenderPhase.STOPPED)
         self.log_stop(state)
 
-    def hook_failed(self, exc: HookFailed, basis: ManifestSet) -> ManifestSet:
-        """A continuous sender's freeze failed (logged by engine/hooks.py): no consistency
-        point this cycle, and the status says why until one is taken. The next cycle's
-        basis: the copy made before the freeze, which the receiver holds, if there was one."""
-        self.status.error("hook", exc.message)
-        self.status.set_state(SenderPhase.HOOK_FAILED)
+    def no_point(self, exc: HookFailed | FreezeOverflow, basis: ManifestSet) -> ManifestSet:
+        """A continuous sender's freeze failed (logged by engine/hooks.py) or could not
+        hold the changes (FreezeOverflow): no consistency point this cycle, and the status
+        says why until one is taken. The next cycle's basis: the copy made before the
+        freeze, which the receiver holds, if there was one."""
+        if isinstance(exc, HookFailed):
+            self.status.error("hook", exc.message)
+            self.status.set_state(SenderPhase.HOOK_FAILED)
+        else:
+            log.error("sender.freeze_overflow", error=exc.message, hint=exc.hint)
+            self.status.error("freeze", exc.message)
         copied, self.copied_basis = self.copied_basis, None
         return copied or basis
 
@@ -690,9 +769,10 @@ class Sender:
         this returns."""
         try:
             _, _, final = await self.cycle(state, link, basis)  # the last scan
-        except HookFailed as exc:
-            log.error("sender.handover_refused", why="the pre hook failed")
-            return self.hook_failed(exc, basis)
+        except (HookFailed, FreezeOverflow) as exc:
+            why = "the pre hook failed" if isinstance(exc, HookFailed) else "no room frozen"
+            log.error("sender.handover_refused", why=why)
+            return self.no_point(exc, basis)
         await hand_over(link, final, self.config.state_dir, self.config.job)
 
     def log_stop(self, state: SenderState) -> None:
@@ -709,9 +789,24 @@ class Sender:
         )
 
 
-class CycleStopped(Exception):
-    """The sender was asked to stop while a cycle shipped without the journal waited for
-    the link."""
+class _NoRoomFrozen(Exception):
+    """The frozen scan found the journal full: it thaws rather than wait for the link."""
+
+
+class FreezeOverflow(ConfigError):
+    """The guest changed more than the journal holds while its changes were copied, at
+    each of MAX_FREEZES freezes: no consistency point this cycle."""
+
+    def __init__(self, journal_max: int | None) -> None:
+        size = human_size(journal_max) if journal_max is not None else "its cap"
+        super().__init__(
+            f"no consistency point: at each of {MAX_FREEZES} freezes the guest had changed "
+            f"more than the journal holds ({size}) since its changes were copied, and a "
+            "frozen scan does not wait for the link (the guest was thawed each time)",
+            hint="raise --journal-max (journal_max in a job file) above what the guest writes "
+            "while its changes cross the link, or capture with --capture nbd or fuse, which "
+            "needs no freeze",
+        )
 
 
 def log_cycle(epoch: int, lsn: int, stats: ScanStats, link: Link, seconds: float) -> None:

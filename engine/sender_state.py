@@ -417,6 +417,28 @@ def _unknown_where_touched(
                 disk.set(index, UNKNOWN)
 
 
+def unknown_where_journaled(
+    basis: ManifestSet, journaled: TouchedExtents, volumes: list[VolumeSpec]
+) -> ManifestSet:
+    """A copy of ``basis`` with everything records journaled since it (by a scan that did
+    not end) may change marked unknown, so the next scan reads and sends it again: those
+    records reach the replica before any later point, and an extent written back to its
+    ``basis`` content since would otherwise never be sent. Configuration files are sent
+    again whole; a record this cannot follow makes every volume unknown."""
+    marked = _copy(basis)
+    if not journaled.valid:
+        for disk in marked.disks.values():
+            disk.invalidate_all()
+        marked.files.clear()
+        marked.modes.clear()
+        return marked
+    _unknown_where_touched(marked, journaled, volumes)
+    for name in journaled.files:
+        marked.files.pop(name, None)
+        marked.modes.pop(name, None)
+    return marked
+
+
 def _copy(local: ManifestSet) -> ManifestSet:
     basis = ManifestSet(local.lsn, local.extent_size, local.epoch)
     basis.disks = {k: v.copy() for k, v in local.disks.items()}

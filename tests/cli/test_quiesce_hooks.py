@@ -169,20 +169,17 @@ def test_a_sender_stopped_while_the_guest_is_frozen_thaws_it_first(
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
     disk, frozen = _disk(tmp_path, 8 * 1024 * 1024), tmp_path / "frozen"
-    # the guest's last writes before the freeze are large: the frozen scan finds 8 MiB
-    # that do not fit in the journal, and waits for the 2 MB/s link, frozen
-    last_writes = f"head -c 8M /dev/urandom | dd of={disk} conv=notrunc status=none"
+    # the freeze has frozen one file system and waits on the next one
     proc = subprocess.Popen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm", "--state-dir",
-         str(tmp_path / "state"), "--once", "--insecure", "--rate", "2MB/s",
-         "--journal-max", "4M", "--pre-hook", f"{last_writes} && touch {frozen}",
-         "--post-hook", f"rm {frozen}", str(disk)],
+         str(tmp_path / "state"), "--once", "--insecure", "--pre-hook",
+         f"touch {frozen} && sleep 30", "--post-hook", f"rm {frozen}", str(disk)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     wait_for(frozen.exists, proc, "the freeze")
-    time.sleep(0.5)  # mid-scan
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    rc, err = stop_and_read(proc)
+    rc, err = stop_and_read(proc, timeout=20)
     assert rc == ExitCode.INTERRUPTED, err[-3000:]
     assert not frozen.exists(), "the sender stopped and left the guest frozen"
 
@@ -308,3 +305,103 @@ def test_hooks_with_live_capture_are_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == ExitCode.USAGE, out.stderr
     assert "--pre-hook only applies to --capture scan" in one_line_error(out.stderr)
+
+
+def test_changes_larger_than_the_journal_made_during_the_copy_never_hold_the_guest_frozen(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """The guest wrote more than the journal holds while its last changes were copied
+    (a busy VM during a long first sync over a WAN), and the link is paused (`replicator
+    rate 0`): the frozen scan finds no room in the journal. It thaws at once rather than
+    wait for the link frozen, and the changes are copied first, unfrozen. SIGTERM stops the
+    sender at once; the next run converges (what was journaled frozen is sent again)."""
+    disk, frozen, trigger = _disk(tmp_path, 8 * 1024 * 1024), tmp_path / "frozen", tmp_path / "big"
+    state = tmp_path / "state"
+    pause = " ".join([*REPLICATOR, "rate", "--state-dir", str(state), "0"])
+    pre = (
+        f"if [ -e {trigger} ]; then rm {trigger} && {pause} >/dev/null && "
+        f"head -c 8M /dev/urandom | dd of={disk} conv=notrunc status=none; fi; touch {frozen}"
+    )
+    proc = start_send(
+        receiver.address, "vm", state, disk,
+        extra=("--interval", "0.5", "--journal-max", "4M", "--pre-hook", pre,
+               "--post-hook", f"rm -f {frozen}"),
+    )  # fmt: skip
+    try:
+        replica = receiver.dir / "vm" / "disk.img"
+        wait_for(lambda: replica.exists() and b3(replica) == b3(disk), proc, "the first sync")
+        trigger.touch()
+        wait_for(lambda: not trigger.exists(), proc, "the large freeze")
+        deadline = time.monotonic() + 10
+        while _status(state).get("state") != "paused" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # the copy waits for the link
+        assert _status(state)["state"] == "paused"
+        assert not frozen.exists(), "the guest is held frozen while the link is paused"
+        started = time.monotonic()
+        rc, err = stop_and_read(proc, timeout=30)  # one SIGTERM: a graceful stop
+        stopped_in = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, err[-3000:]
+    assert stopped_in < 10, f"the sender took {stopped_in:.1f} s to stop"
+    assert "sender.freeze_released" in err
+    out = _send(receiver, tmp_path, disk, "--rate", "unlimited", "--journal-max", "4M")
+    assert out.returncode == 0, out.stderr
+    assert b3(replica) == b3(disk)
+    assert qemu_compare("raw", replica, disk).returncode == 0
+
+
+def test_what_a_released_freeze_journaled_is_sent_again_even_if_written_back(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A frozen scan that found no room is released with part of its changes journaled;
+    they reach the replica before the next point. The guest writes those extents back to
+    their old content before the copy that follows: the copy must send them again, or the
+    replica would keep the journaled bytes the disk no longer holds."""
+    disk, wrote, trigger = _disk(tmp_path, 8 * 1024 * 1024), tmp_path / "wrote", tmp_path / "big"
+    assert _send(receiver, tmp_path, disk).returncode == 0, "first sync"
+    before = tmp_path / "before.img"
+    before.write_bytes(disk.read_bytes())
+    pre = (
+        f"if [ -e {trigger} ]; then rm {trigger} && touch {wrote} && "
+        f"head -c 8M /dev/urandom | dd of={disk} conv=notrunc status=none; fi"
+    )
+    post = f"if [ -e {wrote} ]; then rm {wrote} && dd if={before} of={disk} conv=notrunc; fi"
+    trigger.touch()
+    out = _send(
+        receiver, tmp_path, disk, "--rate", "2MB/s", "--journal-max", "4M",
+        "--pre-hook", pre, "--post-hook", post,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sender.freeze_released" in out.stderr
+    assert disk.read_bytes() == before.read_bytes()
+    replica = receiver.dir / "vm" / "disk.img"
+    assert b3(replica) == b3(disk)
+    assert qemu_compare("raw", replica, disk).returncode == 0
+
+
+def test_a_guest_that_outwrites_the_journal_at_every_freeze_gets_no_point_and_is_thawed(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    disk, frozen = _disk(tmp_path, 8 * 1024 * 1024), tmp_path / "frozen"
+    assert _send(receiver, tmp_path, disk).returncode == 0, "first sync"
+    point = _point(receiver)
+    pre = f"head -c 8M /dev/urandom | dd of={disk} conv=notrunc status=none && touch {frozen}"
+    out = _send(
+        receiver, tmp_path, disk, "--rate", "2MB/s", "--journal-max", "4M",
+        "--pre-hook", pre, "--post-hook", f"rm {frozen}",
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr[-3000:]
+    error = one_line_error(out.stderr)
+    assert "no consistency point" in error and "--journal-max" in error, error
+    assert out.stderr.count("sender.freeze_released") == 3
+    assert not frozen.exists(), "the guest was left frozen"
+    assert _point(receiver) == point  # what was copied and journaled waits for a point
+    out = _send(receiver, tmp_path, disk)
+    assert out.returncode == 0, out.stderr[-3000:]
+    replica = receiver.dir / "vm" / "disk.img"
+    assert b3(replica) == b3(disk)
+    assert qemu_compare("raw", replica, disk).returncode == 0

@@ -17,7 +17,8 @@ from replicator.engine.checkpoint import (
     load_touched,
     save_touched,
 )
-from replicator.engine.manifest import ExtentManifest, ManifestSet
+from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
+from replicator.engine.sender_state import unknown_where_journaled
 from replicator.engine.volumes import VolumeKind, VolumeSpec, extent_digest
 from replicator.journal import Record
 
@@ -148,3 +149,33 @@ def test_a_disk_resized_since_its_manifests_gets_a_resize_and_no_assumed_zeros(
     assert manifest.size == 3 * EXT + 1  # != the image's: the scan journals a RESIZE
     assert manifest.get(0) == extent_digest(bytes(EXT))  # untouched, known
     assert manifest.get(1) == UNKNOWN and manifest.get(2) == UNKNOWN
+
+
+def test_what_a_released_freeze_journaled_is_unknown_in_the_next_basis(tmp_path: Path) -> None:
+    """``unknown_where_journaled``: every extent, file and mode the records touched is sent
+    again; the rest of the basis is kept; the basis given is not changed."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(8 * EXT))
+    basis = ManifestSet(lsn=7, extent_size=EXT, epoch=3)
+    basis.disks["disk.raw"] = scanned(image)
+    basis.files["vm.xml"], basis.modes["vm.xml"] = extent_digest(b"<domain/>"), 0o644
+    basis.files["notes"], basis.modes["notes"] = extent_digest(b"n"), 0o600
+    volumes = [
+        VolumeSpec(image, "disk.raw", VolumeKind.DISK),
+        VolumeSpec(tmp_path / "vm.xml", "vm.xml", VolumeKind.FILE),
+        VolumeSpec(tmp_path / "notes", "notes", VolumeKind.FILE),
+    ]
+    touched = TouchedExtents(EXT)
+    touched([Record.write("disk.raw", EXT + 10, b"x" * EXT), Record.file("vm.xml", b"<x/>")])
+    before = basis.disks["disk.raw"].digests[:]
+    marked = unknown_where_journaled(basis, touched, volumes)
+    disk = marked.disks["disk.raw"]
+    assert [disk.get(i) == UNKNOWN for i in range(8)] == [False, True, True] + [False] * 5
+    assert "vm.xml" not in marked.files and "vm.xml" not in marked.modes
+    assert marked.files["notes"] == basis.files["notes"] and marked.modes["notes"] == 0o600
+    assert (marked.lsn, marked.epoch) == (7, 3)
+    assert basis.disks["disk.raw"].digests == before and "vm.xml" in basis.files
+    touched([Record.unlink("notes")])  # a record the marks cannot follow: all unknown
+    marked = unknown_where_journaled(basis, touched, volumes)
+    assert all(marked.disks["disk.raw"].get(i) == UNKNOWN for i in range(8))
+    assert not marked.files and not marked.modes

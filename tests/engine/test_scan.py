@@ -11,10 +11,17 @@ import pytest
 
 from replicator.engine import scan
 from replicator.engine.manifest import ExtentManifest, ManifestSet
-from replicator.engine.scan import BATCH_BYTES, ScanStats, _disk_batches
+from replicator.engine.scan import (
+    BATCH_BYTES,
+    CycleStopped,
+    ScanStats,
+    _disk_batches,
+    append_waiting,
+)
 from replicator.engine.volumes import VolumeKind, VolumeSpec
-from replicator.journal import Journal, Record
+from replicator.journal import Journal, JournalFull, Record
 from replicator.journal.errors import JournalIOError
+from replicator.journal.journal import MIN_SEGMENT_BYTES
 from replicator.transport.messages import DIGEST_SIZE
 
 EXT = 64 * 1024
@@ -150,5 +157,44 @@ async def test_a_scan_cut_short_closes_its_walk_at_once(
         with pytest.raises(ConnectionError):
             await scan.scan_epoch([spec], journal, ManifestSet(0, EXT), append=lost)
         assert closed == [True]
+    finally:
+        await journal.aclose()
+
+
+async def test_a_full_journal_waits_for_room_until_a_stop_or_not_at_all(tmp_path: Path) -> None:
+    """``append_waiting``: room frees the wait; a stop ends it (CycleStopped) with what
+    was journaled kept; ``wait=False`` (a frozen scan) raises JournalFull instead."""
+    journal = await Journal.open(
+        tmp_path / "journal", segment_bytes=MIN_SEGMENT_BYTES, max_bytes=2 * MIN_SEGMENT_BYTES
+    )
+    freed, stop = asyncio.Event(), asyncio.Event()
+
+    async def nothing() -> None:
+        return None
+
+    def fine() -> None:
+        return None
+
+    big = [Record.write("d", 0, b"x" * (MIN_SEGMENT_BYTES // 2))]
+    try:
+        with pytest.raises(JournalFull):
+            for _ in range(8):
+                await journal.append_many(big)
+        kept = journal.last_lsn
+        with pytest.raises(JournalFull):
+            await append_waiting(journal, big, freed, fine, nothing, stop, wait=False)
+        waiting = asyncio.ensure_future(append_waiting(journal, big, freed, fine, nothing, stop))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        freed.set()  # woken with still no room: waits again
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        stop.set()
+        with pytest.raises(CycleStopped):
+            await asyncio.wait_for(waiting, 5)
+        assert journal.last_lsn == kept
+        await journal.trim(kept + 1)
+        stop.clear()
+        assert await append_waiting(journal, big, freed, fine, nothing, stop) == kept + 1
     finally:
         await journal.aclose()
