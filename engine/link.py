@@ -63,7 +63,7 @@ from replicator.transport import (
     Welcome,
 )
 from replicator.transport.frames import NOT_A_PEER
-from replicator.transport.messages import MAX_VOLUMES, Message
+from replicator.transport.messages import CAP_HANDOVER_REFUSAL, MAX_VOLUMES, Message
 
 log = structlog.get_logger()
 
@@ -516,6 +516,12 @@ class Link:
 
     async def send_handover(self, step: str, lsn: int = 0, generation: int = 0) -> None:
         await self.conn.send(Handover(step, lsn, generation))
+
+    async def refuse_handover(self) -> None:
+        """Answer a planned failover's request: no final point can be taken now. A receiver
+        too old to read the answer is not sent one: its request times out, as it did."""
+        if CAP_HANDOVER_REFUSAL in self._started().capabilities:
+            await self.send_handover("refused")
 
     async def send_point_floor(self, lsn: int) -> None:
         """Before shipping anything: no barrier below ``lsn`` ends a consistency point on

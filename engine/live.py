@@ -471,6 +471,7 @@ class LiveSender:
                         # changes made while the journal was full are not journaled yet: no
                         # final point can hold them (the receiver's request times out)
                         log.error("sender.handover_refused", why="journal overflow")
+                        await link.refuse_handover()
                         continue
                     self._handover = link
                     return

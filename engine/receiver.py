@@ -38,6 +38,7 @@ from replicator.engine.job_replica import (
 )
 from replicator.engine.names import check_job_name, path_problem
 from replicator.engine.receiver_session import (
+    HandoverRefused,
     Session,
     StorageFailed,
     replica_tree_parts,
@@ -429,6 +430,17 @@ class Receiver:
             try:
                 final = await _handed_over(session, replica, deadline - loop.time())
                 break
+            except HandoverRefused:
+                log.warning("receiver.handover_refused", job=name)
+                raise RefusedError(
+                    f"job {name!r}: the source refused the planned failover: it cannot take a "
+                    "final point now (scan capture: its freeze failed or found no room in its "
+                    "journal; NBD or FUSE capture: its journal overflowed); nothing was "
+                    "promoted, and replication goes on",
+                    hint="see why on the source (`replicator status --state-dir DIR`: "
+                    "last_error; its log: sender.handover_refused), fix it and run this "
+                    "again; if the source is gone, use --force",
+                ) from None
             except (TimeoutError, ConnectionClosedError) as exc:
                 session.conn.abort()  # the sender learns at once that nothing was promoted
                 # A session that ended before its final point (the link lost, say) may not

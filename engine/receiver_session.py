@@ -53,6 +53,7 @@ from replicator.transport import (
 )
 from replicator.transport.frames import CAP_RECORDS_CHECKED
 from replicator.transport.messages import (
+    CAP_HANDOVER_REFUSAL,
     DIGEST_SIZE,
     MAX_TREE_PART,
     MessageError,
@@ -114,7 +115,9 @@ class Session:
                 window=self._grant(),
                 # records-checked: every Records frame goes through ReceiverCore.records,
                 # which checks each record's checksum before any is used
-                capabilities=("lz4", "manifest", CAP_RECORDS_CHECKED),
+                # handover-refusal: a sender that cannot take a final point says so at
+                # once, instead of letting `failover --planned` wait out its timeout
+                capabilities=("lz4", "manifest", CAP_RECORDS_CHECKED, CAP_HANDOVER_REFUSAL),
                 generation=replica.state.generation,
             )
         )
@@ -137,7 +140,8 @@ class Session:
     async def request_handover(self) -> int:
         """Planned failover: ask the sender to stop capture and ship everything; the LSN
         of its final point (a barrier it waited to see applied). Raises
-        ConnectionClosedError when the session ends first."""
+        ConnectionClosedError when the session ends first, HandoverRefused when the sender
+        cannot take a final point now."""
         if self._handover is not None:
             raise RuntimeError("a handover was already requested in this session")
         self._handover = asyncio.get_running_loop().create_future()
@@ -258,6 +262,10 @@ class Session:
                     return
             elif isinstance(msg, Handover):
                 future = self._handover
+                if msg.step == "refused" and future is not None and not future.done():
+                    self._handover = None  # asked again later in this session, it may go
+                    future.set_exception(HandoverRefused())
+                    continue
                 if msg.step != "final" or future is None or self.final_lsn is not None:
                     raise RemoteProtocolError(f"unexpected Handover step {msg.step!r}")
                 await self._flush_sync()
@@ -453,6 +461,11 @@ def replica_tree_parts(root: Path, part_bytes: int = MAX_TREE_PART // 2) -> list
                 entries, size = [], 0
     parts.append(encode_tree(entries))
     return parts
+
+
+class HandoverRefused(Exception):
+    """The sender answered a handover request with "refused": it cannot take a final
+    point now (its freeze failed, its journal overflowed); replication goes on."""
 
 
 class _SessionOver(Exception):

@@ -772,6 +772,7 @@ class Sender:
         except (HookFailed, FreezeOverflow) as exc:
             why = "the pre hook failed" if isinstance(exc, HookFailed) else "no room frozen"
             log.error("sender.handover_refused", why=why)
+            await link.refuse_handover()
             return self.no_point(exc, basis)
         await hand_over(link, final, self.config.state_dir, self.config.job)
 

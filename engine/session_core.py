@@ -153,6 +153,7 @@ class SenderCore:
 
     def __init__(self, welcome: Welcome) -> None:
         self.window = welcome.window  # frames never exceed it (it grows: see ``receive``)
+        self.capabilities = frozenset(welcome.capabilities)
         self.received_lsn = welcome.received_lsn
         self.applied_lsn = welcome.applied_lsn
         # (last lsn, source time of its first record, payload bytes) of frames not applied

@@ -525,9 +525,14 @@ class Tree:
 
 # The steps of a role change, in the order they happen (docs/PROTOCOL.md, "Handover"):
 # planned failover: "request" R->S, "final" S->R (lsn: the last record, a barrier),
-# "promoted" R->S (generation: the promoted one); failback: "handback" S->R (lsn: where
-# both histories continue), "demoted" R->S (generation: the one both sides follow).
-HANDOVER_STEPS: Final = frozenset({"request", "final", "promoted", "handback", "demoted"})
+# "promoted" R->S (generation: the promoted one), or "refused" S->R instead of "final" (no
+# final point can be taken now; sent only to a receiver whose Welcome lists
+# CAP_HANDOVER_REFUSAL); failback: "handback" S->R (lsn: where both histories continue),
+# "demoted" R->S (generation: the one both sides follow).
+HANDOVER_STEPS: Final = frozenset(
+    {"request", "final", "refused", "promoted", "handback", "demoted"}
+)
+CAP_HANDOVER_REFUSAL: Final = "handover-refusal"  # the Welcome capability: "refused" is read
 MAX_READ: Final = 4 * 1024 * 1024  # bytes one ReadRequest may ask for
 
 

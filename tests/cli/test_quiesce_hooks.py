@@ -147,12 +147,22 @@ def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_i
         wait_for(lambda: tries() >= tried + 2, proc, "two more tries")
         # each try copies what changed since the copy the receiver holds: nothing here
         assert sent() - before < 64 * 1024, (before, sent())
+        asked = time.monotonic()
         out = replicator(
-            "failover", "--dir", str(receiver.dir), "--job", "vm", "--planned", "--timeout", "3"
+            "failover", "--dir", str(receiver.dir), "--job", "vm", "--planned", "--timeout", "60"
         )
-        assert out.returncode == ExitCode.CONNECT, out.stderr
-        assert "nothing was promoted" in out.stderr
+        # refused at the sender's next try, not when the timeout runs out
+        assert time.monotonic() - asked < 30
+        assert out.returncode == ExitCode.REFUSED, out.stderr
+        error = one_line_error(out.stderr)
+        assert "the source refused the planned failover" in error, error
+        assert "nothing was promoted" in error and "last_error" in error, error
+        assert _point(receiver)["lsn"] == 0
         assert proc.poll() is None  # the sender goes on
+        out = replicator(  # asked again in the same session: refused again, not an error
+            "failover", "--dir", str(receiver.dir), "--job", "vm", "--planned", "--timeout", "60"
+        )
+        assert out.returncode == ExitCode.REFUSED, out.stderr
 
         failing.unlink()
         replica = receiver.dir / "vm" / "disk.img"

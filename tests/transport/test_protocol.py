@@ -629,6 +629,12 @@ def test_read_data_answers_only_an_outstanding_read_with_what_it_asked() -> None
         sender.next_event()
 
 
+def test_a_refused_handover_crosses_an_established_session() -> None:
+    sender, receiver = _established(window=1 << 20)
+    receiver.receive_data(b"".join(sender.send(Handover("refused", 0, 0))))
+    assert receiver.next_event() == Handover("refused", 0, 0)
+
+
 def test_handover_steps_are_checked_on_construction() -> None:
     assert Handover("final", 12, 0).lsn == 12
     with pytest.raises(ValueError, match="step"):
