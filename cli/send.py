@@ -250,7 +250,8 @@ def send(
         typer.Option(
             "--journal-max",
             help="Cap on the sender's journal (e.g. 2G). At the cap, scan capture waits for "
-            "the receiver; NBD and FUSE capture track what changed and resync it later. "
+            "the receiver (a frozen scan thaws instead, copies first and freezes again); NBD "
+            "and FUSE capture track what changed and resync it later. "
             "Default 1G scan, 16G live (less when its file system has not the room).",
         ),
     ] = None,

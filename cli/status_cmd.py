@@ -315,7 +315,12 @@ def _traffic(job: dict[str, Any]) -> str:
     if not isinstance(moved, dict):
         return "-"
     ratio = job.get("compression_ratio")
-    shrunk = f"{ratio:.2f}x smaller" if isinstance(ratio, int | float) else "-"
+    if not isinstance(ratio, int | float):
+        shrunk = "-"
+    elif ratio > 1.005:
+        shrunk = f"lz4: {ratio:.2f}x smaller"
+    else:  # lz4 is skipped where it does not pay (random, encrypted or compressed data)
+        shrunk = "not compressible"
     return (
         f"{_bytes(moved.get('payload'))} as {_bytes(moved.get('wire'))} "
         f"({shrunk}), {_bytes(job.get('rate_bytes_per_second'))}/s"

@@ -84,11 +84,11 @@ _T = TypeVar("_T")
 # reconnects and resumes from the receiver's last ack; a live one keeps capturing meanwhile,
 # as DRBD's primary goes on when its peer's disk fails.
 MID_SESSION_RETRY = (ConnectError, PeerProtocolError, TargetStorageError)
-RETRY_FIRST, RETRY_MOST = 1.0, 60.0
+RETRY_FIRST, RETRY_MOST = 1.0, 60.0  # seconds between tries: doubling from the first
 # a scan with a pre hook: passes of the copy before the freeze while each changed more than
 # a quarter of the journal's cap, and freezes released because the frozen scan's changes
 # did not fit in the journal, before the cycle gives up its point (FreezeOverflow)
-COPY_PASSES, MAX_FREEZES = 4, 3  # seconds between tries: doubling from the first
+COPY_PASSES, MAX_FREEZES = 4, 3
 HANDSHAKE_DAMAGE_RETRIES = 2  # then a protocol or version error at connect is believed
 
 

@@ -51,7 +51,10 @@ def test_traffic_names_the_compression_as_a_factor() -> None:
         "rate_bytes_per_second": 0.0,
     }
     text = _text({"role": "receiver", "source": "process", "jobs": [job]})
-    assert _row(text, "received") == "128.4 KiB as 946 B (139.00x smaller), 0 B/s"
+    assert _row(text, "received") == "128.4 KiB as 946 B (lz4: 139.00x smaller), 0 B/s"
+    job |= {"bytes": {"payload": 1 << 20, "wire": (1 << 20) + 60}, "compression_ratio": 0.99}
+    text = _text({"role": "receiver", "source": "process", "jobs": [job]})
+    assert _row(text, "received") == "1.0 MiB as 1.0 MiB (not compressible), 0 B/s"
 
 
 def test_a_sender_that_must_compare_says_why() -> None:
