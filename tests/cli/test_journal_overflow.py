@@ -155,3 +155,57 @@ def test_a_fuse_folder_keeps_working_past_the_journal_cap(tmp_path: Path) -> Non
     assert rc == 0, err[-3000:]
     events = _events(err)
     assert "fuse.journal_overflow" in events and "sender.overflow_resynced" in events
+
+
+@pytest.mark.tools
+def test_a_planned_failover_during_an_overflow_is_refused_at_once(tmp_path: Path) -> None:
+    """Changes past the cap are tracked, not journaled: no final point can hold them until
+    they are resynced, so the source refuses a planned failover at once (exit 6, nothing
+    promoted) and hands over once it has caught up."""
+    disk, sock, state = tmp_path / "disk.img", tmp_path / "nbd.sock", tmp_path / "state"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "64M")
+    port = free_port()
+    target = tmp_path / "target"
+    receiver = start_receiver(target, port)
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", "ovf", "--state-dir",
+         str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--journal-max", "8M",
+         "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    failover = (*REPLICATOR, "failover", "--dir", str(target), "--job", "ovf", "--planned")
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert sender.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        uri = f"nbd+unix:///disk.img?socket={sock}"
+        rate = (*REPLICATOR, "rate", "--state-dir", str(state))
+        subprocess.run([*rate, "0"], check=True, env=ENV, capture_output=True)
+        qemu_io("raw", uri, *(f"write -P {i + 2} {i * 2}M 2M" for i in range(12)), "flush")
+        asked = time.monotonic()
+        out = subprocess.run(
+            [*failover, "--timeout", "60"], capture_output=True, text=True, env=ENV, timeout=90
+        )
+        assert time.monotonic() - asked < 30, "refused only when the timeout ran out"
+        assert out.returncode == 6, out.stderr
+        assert "the source refused the planned failover" in out.stderr
+        assert sender.poll() is None
+        subprocess.run([*rate, "unlimited"], check=True, env=ENV, capture_output=True)
+        replica = target / "ovf" / "disk.img"
+        deadline = time.monotonic() + 90
+        while qemu_compare("raw", disk, replica, shared=True).returncode != 0:
+            assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
+            assert time.monotonic() < deadline, "the replica did not catch up"
+            time.sleep(0.2)
+        out = subprocess.run(
+            [*failover, "--timeout", "60"], capture_output=True, text=True, env=ENV, timeout=90
+        )
+        assert out.returncode == 0, out.stderr
+        assert sender.wait(timeout=30) == 12  # handed over
+        assert b3(disk) == b3(replica)
+    finally:
+        if sender.poll() is None:
+            sender.send_signal(signal.SIGTERM)
+            sender.wait(timeout=30)
+        receiver.stop()
