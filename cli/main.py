@@ -3,6 +3,7 @@ each, are loaded by name when used (``cli/commands.py``)."""
 
 from __future__ import annotations
 
+import errno
 from typing import Annotated
 
 import typer
@@ -79,5 +80,27 @@ def root(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    A command that runs on the event loop reports its own errors (``common.run``); what
+    escapes a command that does not, such as its output failing to go out (stdout on a full
+    disk), is reported the same way: one line and its exit code, not a traceback."""
+    try:
+        app()
+    except Exception as exc:
+        from replicator.cli.common import fail
+        from replicator.engine.errors import StorageError, unwrap
+
+        error = unwrap(exc)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno in _FULL_OR_FAILED:
+            error = StorageError(  # a write to no named file: the command's own output
+                f"could not write the command's output: {exc.strerror}",
+                hint="free space where its standard output goes, or send it elsewhere",
+            )
+        try:
+            fail(error)
+        except typer.Exit as done:
+            raise SystemExit(done.exit_code) from None
+
+
+_FULL_OR_FAILED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)

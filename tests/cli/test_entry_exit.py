@@ -223,3 +223,18 @@ def test_a_closed_stderr_is_reopened_before_anything_can_take_its_number(tmp_pat
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) > 2
     assert (tmp_path / "segment").read_bytes() == b""
+
+
+def test_output_that_cannot_be_written_is_an_error_with_its_exit_code(tmp_path: Path) -> None:
+    """``keygen > /dev/full``: one line saying so and exit 9, not a traceback and
+    exit 1 (which `verify` uses for "the replica differs")."""
+    (tmp_path / "keys").mkdir()
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(
+            [*REPLICATOR, "keygen", "--out", str(tmp_path / "keys"), "--name", "a"],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=ENV, timeout=60, check=False,
+        )  # fmt: skip
+    assert out.returncode == 9, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("replicator: error: could not write the command's output"), last
