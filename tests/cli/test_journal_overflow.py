@@ -36,25 +36,33 @@ def _events(text: str) -> list[str]:
     return [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.tools
-def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
-    disk, sock, state = tmp_path / "disk.img", tmp_path / "nbd.sock", tmp_path / "state"
+def _nbd_sender(disk: Path, state: Path, port: int) -> tuple[subprocess.Popen[str], str]:
+    """A 64 MiB raw ``disk`` served by an NBD sender with an 8 MiB journal, job "ovf"; the
+    sender, once its socket is up, and the export's URI."""
+    sock = state.parent / "nbd.sock"
     qemu_img("create", "-q", "-f", "raw", str(disk), "64M")
-    port = free_port()
-    target = tmp_path / "target"
-    receiver = start_receiver(target, port)
     sender = subprocess.Popen(
         [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", "ovf", "--state-dir",
          str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--journal-max", "8M",
          "--insecure", str(disk)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if sender.poll() is not None or time.monotonic() > deadline:
+            sender.kill()
+            raise AssertionError(f"no NBD socket: {sender.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    return sender, f"nbd+unix:///disk.img?socket={sock}"
+
+
+@pytest.mark.tools
+def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
+    disk, state, target = tmp_path / "disk.img", tmp_path / "state", tmp_path / "target"
+    port = free_port()
+    receiver = start_receiver(target, port)
+    sender, uri = _nbd_sender(disk, state, port)
     try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert sender.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        uri = f"nbd+unix:///disk.img?socket={sock}"
         qemu_io("raw", uri, "write -P 1 0 1M", "flush")
         time.sleep(1)  # that much reaches the replica: its last consistency point
         receiver.stop()
@@ -162,24 +170,12 @@ def test_a_planned_failover_during_an_overflow_is_refused_at_once(tmp_path: Path
     """Changes past the cap are tracked, not journaled: no final point can hold them until
     they are resynced, so the source refuses a planned failover at once (exit 6, nothing
     promoted) and hands over once it has caught up."""
-    disk, sock, state = tmp_path / "disk.img", tmp_path / "nbd.sock", tmp_path / "state"
-    qemu_img("create", "-q", "-f", "raw", str(disk), "64M")
+    disk, state, target = tmp_path / "disk.img", tmp_path / "state", tmp_path / "target"
     port = free_port()
-    target = tmp_path / "target"
     receiver = start_receiver(target, port)
-    sender = subprocess.Popen(
-        [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", "ovf", "--state-dir",
-         str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--journal-max", "8M",
-         "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    sender, uri = _nbd_sender(disk, state, port)
     failover = (*REPLICATOR, "failover", "--dir", str(target), "--job", "ovf", "--planned")
     try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert sender.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        uri = f"nbd+unix:///disk.img?socket={sock}"
         rate = (*REPLICATOR, "rate", "--state-dir", str(state))
         subprocess.run([*rate, "0"], check=True, env=ENV, capture_output=True)
         qemu_io("raw", uri, *(f"write -P {i + 2} {i * 2}M 2M" for i in range(12)), "flush")
