@@ -521,7 +521,10 @@ class Link:
         """Answer a planned failover's request: no final point can be taken now. A receiver
         too old to read the answer is not sent one: its request times out, as it did."""
         if CAP_HANDOVER_REFUSAL in self._started().capabilities:
-            await self.send_handover("refused")
+            try:
+                await self.send_handover("refused")
+            except Exception as exc:  # the link is gone: a session failure, retried as one
+                raise as_user_error(exc) from exc
 
     async def send_point_floor(self, lsn: int) -> None:
         """Before shipping anything: no barrier below ``lsn`` ends a consistency point on
