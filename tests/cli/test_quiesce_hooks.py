@@ -326,26 +326,26 @@ def test_changes_larger_than_the_journal_made_during_the_copy_never_hold_the_gue
     wait for the link frozen, and the changes are copied first, unfrozen. SIGTERM stops the
     sender at once; the next run converges (what was journaled frozen is sent again)."""
     disk, frozen, trigger = _disk(tmp_path, 8 * 1024 * 1024), tmp_path / "frozen", tmp_path / "big"
-    state = tmp_path / "state"
+    state, armed, thawed = tmp_path / "state", tmp_path / "armed", tmp_path / "thawed"
     pause = " ".join([*REPLICATOR, "rate", "--state-dir", str(state), "0"])
     pre = (
-        f"if [ -e {trigger} ]; then rm {trigger} && {pause} >/dev/null && "
+        f"if [ -e {trigger} ]; then rm {trigger} && touch {armed} && {pause} >/dev/null && "
         f"head -c 8M /dev/urandom | dd of={disk} conv=notrunc status=none; fi; touch {frozen}"
     )
+    post = f"rm -f {frozen}; if [ -e {armed} ]; then rm {armed} && touch {thawed}; fi"
     proc = start_send(
         receiver.address, "vm", state, disk,
         extra=("--interval", "0.5", "--journal-max", "4M", "--pre-hook", pre,
-               "--post-hook", f"rm -f {frozen}"),
+               "--post-hook", post),
     )  # fmt: skip
     try:
         replica = receiver.dir / "vm" / "disk.img"
         wait_for(lambda: replica.exists() and b3(replica) == b3(disk), proc, "the first sync")
         trigger.touch()
-        wait_for(lambda: not trigger.exists(), proc, "the large freeze")
-        deadline = time.monotonic() + 10
-        while _status(state).get("state") != "paused" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)  # the copy waits for the link
+        # the large freeze is released, however slow the machine: held frozen, it would
+        # stay so until the rate is above 0
+        wait_for(thawed.exists, proc, "the guest thawed with the link paused", 60)
+        time.sleep(1.0)  # the copy waits for the link, the guest not frozen again
         assert _status(state)["state"] == "paused"
         assert not frozen.exists(), "the guest is held frozen while the link is paused"
         started = time.monotonic()
