@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from replicator.engine.errors import ExitCode
 from tests.tools import (
     ENV,
@@ -317,14 +319,17 @@ def test_hooks_with_live_capture_are_refused(tmp_path: Path) -> None:
     assert "--pre-hook only applies to --capture scan" in one_line_error(out.stderr)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_changes_larger_than_the_journal_made_during_the_copy_never_hold_the_guest_frozen(
-    tmp_path: Path, receiver: ReceiverProc
+    tmp_path: Path, receiver: ReceiverProc, stop: signal.Signals
 ) -> None:
     """The guest wrote more than the journal holds while its last changes were copied
     (a busy VM during a long first sync over a WAN), and the link is paused (`replicator
     rate 0`): the frozen scan finds no room in the journal. It thaws at once rather than
     wait for the link frozen, and the changes are copied first, unfrozen. SIGTERM stops the
-    sender at once; the next run converges (what was journaled frozen is sent again)."""
+    sender at once; SIGKILL right there leaves the released scan's records journaled with
+    no barrier. Either way the replica's point does not move, and the next run converges
+    (what was journaled frozen is sent again)."""
     disk, frozen, trigger = _disk(tmp_path, 8 * 1024 * 1024), tmp_path / "frozen", tmp_path / "big"
     state, armed, thawed = tmp_path / "state", tmp_path / "armed", tmp_path / "thawed"
     pause = " ".join([*REPLICATOR, "rate", "--state-dir", str(state), "0"])
@@ -348,16 +353,20 @@ def test_changes_larger_than_the_journal_made_during_the_copy_never_hold_the_gue
         time.sleep(1.0)  # the copy waits for the link, the guest not frozen again
         assert _status(state)["state"] == "paused"
         assert not frozen.exists(), "the guest is held frozen while the link is paused"
+        held = _point(receiver)
         started = time.monotonic()
-        rc, err = stop_and_read(proc, timeout=30)  # one SIGTERM: a graceful stop
+        if stop is signal.SIGKILL:
+            proc.kill()
+        rc, err = stop_and_read(proc, timeout=30)  # else one SIGTERM: a graceful stop
         stopped_in = time.monotonic() - started
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert rc == 0, err[-3000:]
+    assert rc == (0 if stop is signal.SIGTERM else -signal.SIGKILL), err[-3000:]
     assert stopped_in < 10, f"the sender took {stopped_in:.1f} s to stop"
     assert "sender.freeze_released" in err
+    assert _point(receiver) == held  # nothing released or copied since counts as a point
     out = _send(receiver, tmp_path, disk, "--rate", "unlimited", "--journal-max", "4M")
     assert out.returncode == 0, out.stderr
     assert b3(replica) == b3(disk)
