@@ -334,7 +334,11 @@ async def scan_changes(
     prelude: list[Record] | None = None,
 ) -> tuple[ManifestSet, ScanStats]:
     """``scan_epoch`` without its EPOCH: changes shipped that make no consistency point
-    (the copy a frozen scan is preceded by, engine/sender.py), the manifests as scanned."""
+    (the copy a frozen scan is preceded by, engine/sender.py), the manifests as scanned.
+
+    The last records appended may not be durable yet (a configuration file's, or a batch
+    appended while a background sync ran): the caller syncs before it waits for them to
+    ship, since only durable records do."""
     syncing = BackgroundSync(journal, sync_every)
     try:
         new_set, stats = await _scan_volumes(

@@ -452,6 +452,7 @@ class Sender:
                         copied.add(copy)
                 try:
                     async with self.quiesce.frozen():  # HookFailed if the freeze fails: no epoch
+                        scan_began = time.time()
                         frozen = TouchedExtents(basis.extent_size) if hooked else None
                         try:
                             result = await scan_epoch(
@@ -500,6 +501,7 @@ class Sender:
         if save:
             await state.save(result[0])
         status.last_epoch = result[0].epoch
+        status.point_taken(result[2], scan_began)
         return result
 
     async def _copy_before_freeze(
@@ -525,7 +527,11 @@ class Sender:
             prelude = None
             # the copy is received before the freeze, so the frozen scan's records find the
             # journal empty (and a first sync's shipped ones are held by the receiver before
-            # anything is journaled after them)
+            # anything is journaled after them). Only durable records ship, and the scan
+            # leaves its last ones to the caller's sync (an epoch's comes with its EPOCH):
+            # without this one, a copy of a configuration file alone, or whose last batch
+            # came while a background sync ran, would wait for its receipt for ever.
+            await journal.sync()
             await self._unless_stopped(link.wait_received(journal.last_lsn))
             log.info(
                 "sender.copied_before_freeze",
@@ -709,6 +715,7 @@ class Sender:
         Stopped before any session: the last connect failure, said so (not a silent 0)."""
         self.log_start("scan")
         self.stopping = stop
+        self.status.interval = interval
         async with SenderState(self.config) as state:
             while not stop.is_set():
                 opened = await self.connect_retrying(state, stop)
@@ -751,6 +758,7 @@ class Sender:
         hold the changes (FreezeOverflow): no consistency point this cycle, and the status
         says why until one is taken. The next cycle's basis: the copy made before the
         freeze, which the receiver holds, if there was one."""
+        self.status.point_missed = True
         if isinstance(exc, HookFailed):
             self.status.error("hook", exc.message)
             self.status.set_state(SenderPhase.HOOK_FAILED)

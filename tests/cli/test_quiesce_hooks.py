@@ -145,6 +145,8 @@ def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_i
             return int(_status(state)["bytes"]["payload"])
 
         wait_for(lambda: tries() >= 2, proc, "two tries")
+        # no point is taken, so nothing is captured: the RPO grows (it read 0 here)
+        wait_for(lambda: float(_status(state)["lag"]["seconds"]) >= 1.0, proc, "the lag grows")
         before, tried = sent(), tries()
         wait_for(lambda: tries() >= tried + 2, proc, "two more tries")
         # each try copies what changed since the copy the receiver holds: nothing here
@@ -171,6 +173,7 @@ def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_i
         wait_for(lambda: replica.exists() and b3(replica) == b3(disk), proc, "the replica")
         wait_for(lambda: _status(state).get("state") == "replicating", proc, "replicating")
         assert int(_status(state)["errors"]["hook"]) >= 2
+        wait_for(lambda: float(_status(state)["lag"]["seconds"]) < 1.0, proc, "a small lag")
     finally:
         rc, err = stop_and_read(proc)
     assert rc == 0, err[-3000:]
@@ -228,6 +231,42 @@ def test_the_guest_is_frozen_for_a_scan_not_for_a_transfer(
     assert summary["bytes_scanned"] == 6 * 1024 * 1024  # the point's scan alone
     assert summary["frozen_seconds"] is not None
     assert b3(receiver.dir / "vm" / "disk.img") == b3(disk)
+
+
+def test_a_copy_before_the_freeze_that_ends_unsynced_still_ships(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A cycle that copies first (here `--resync`: its basis is the replica's) waits for the
+    receiver to hold the copy before it freezes the guest. When the copy's last records
+    were not synced yet (a configuration file alone changed; or a disk's last batch came
+    while a background sync ran), they never shipped, and the sender waited for ever, a
+    continuous one with its replica going stale and its status saying `replicating`."""
+    disk, config, state = _disk(tmp_path), tmp_path / "vm.xml", tmp_path / "state"
+    config.write_text("<domain>v1</domain>")
+    hooks = ("--pre-hook", "true", "--post-hook", "true")
+
+    def send(*extra: str) -> subprocess.CompletedProcess[str]:
+        return replicator(
+            "send", "--to", receiver.address, "--job", "vm", "--state-dir", str(state),
+            "--once", "--insecure", *hooks, *extra, str(disk), str(config), timeout=30,
+        )  # fmt: skip
+
+    assert send().returncode == 0
+    config.write_text("<domain>v2</domain>")
+    out = send("--resync")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (receiver.dir / "vm" / "vm.xml").read_text() == "<domain>v2</domain>"
+    assert b3(receiver.dir / "vm" / "disk.img") == b3(disk)
+    config.write_text("<domain>v3</domain>")
+    proc = start_send(  # the same in a continuous sender, whose first cycle copies first
+        receiver.address, "vm", state, disk, config, extra=("--interval", "0.5", *hooks)
+    )
+    try:
+        replica = receiver.dir / "vm" / "vm.xml"
+        wait_for(lambda: replica.read_text() == "<domain>v3</domain>", proc, "v3", timeout=30)
+    finally:
+        rc, err = stop_and_read(proc)
+    assert rc == 0, err[-3000:]
 
 
 def test_a_sender_killed_at_the_freeze_after_its_copy_moves_no_point_and_converges(
