@@ -174,6 +174,13 @@ class SenderJobStatus:
         self.shaping: Shaping | None = None  # the rate in force (send --rate/--schedule)
         self.fence: Callable[[], dict[str, Any]] | None = None  # send --witness: fencing state
         self.last_epoch = 0
+        # scan capture: (EPOCH LSN, wall time its scan began) of the points this run took,
+        # newest last; and whether the last cycle took none (its freeze failed or could not
+        # hold the changes). A scanning sender captures nothing while it has no link or
+        # takes no point, so its lag then counts from the newest point the receiver applied
+        self._points: deque[tuple[int, float]] = deque(maxlen=64)
+        self.point_missed = False
+        self.interval: float | None = None  # a continuous scanning sender's --interval
         # a live sender serving without its receiver: the LSN it began from, until a
         # session finds the receiver at or below it (engine/served_alone.py)
         self.served_alone: int | None = None
@@ -219,6 +226,23 @@ class SenderJobStatus:
         if link is not old:
             self.changed("disconnected" if link is None else "connected")
 
+    def point_taken(self, lsn: int, scan_began: float) -> None:
+        """A scanning sender journaled a consistency point at ``lsn``, of a scan that began
+        at ``scan_began`` (wall clock)."""
+        self._points.append((lsn, scan_began))
+        self.point_missed = False
+
+    def _uncaptured_since(self, applied: int) -> float:
+        """When the scan of the newest point the receiver has applied began: changes since
+        may be on the source only. Before any point of this run is applied, the process's
+        start (the receiver's point is older: a lower bound)."""
+        points = self._points
+        while len(points) > 1 and points[1][0] <= applied:
+            points.popleft()
+        if points and points[0][0] <= applied:
+            return points[0][1]
+        return self.started
+
     def error(self, kind: str, message: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
         self.last_error = message
@@ -242,6 +266,14 @@ class SenderJobStatus:
             lag_seconds = float(lag["seconds"])
         elif journal is not None and journaled > applied:
             lag_seconds = await _oldest_age(journal, applied, now)
+        if (
+            self.capture == "scan"
+            and self.interval is not None
+            and self.state not in (SenderPhase.STOPPING, SenderPhase.STOPPED)
+            and (link is None or self.point_missed)
+        ):  # a continuous scanning sender that captures nothing meanwhile: the RPO (this lag
+            # plus the interval, as while replicating) counts from the point the receiver holds
+            lag_seconds = max(lag_seconds, now - self._uncaptured_since(applied) - self.interval)
         if self._unapplied is not None:
             since, beyond = self._unapplied
             if applied >= beyond:  # sent again, and applied

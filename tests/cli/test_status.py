@@ -204,6 +204,57 @@ def test_a_running_pair_answers_status_and_metrics_and_the_lag_moves(tmp_path: P
     assert table.returncode == 0 and AT_REST in table.stdout and "st" in table.stdout
 
 
+def test_a_scanning_sender_without_its_receiver_reports_a_growing_lag(tmp_path: Path) -> None:
+    """A scanning sender captures changes only in its cycles, which need the receiver: while
+    the receiver is away, what the source writes is on the source alone, so the lag (the
+    RPO less the interval) counts from the scan of the point the receiver applied. It read
+    0 with nothing journaled, and an alert on `replicator_lag_seconds` never fired."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1024 * 1024))
+    state, target, metrics = tmp_path / "state", tmp_path / "target", free_port()
+    receiver = _receiver(target)
+    sender = _sender(
+        receiver.address, "st", state, disk, "--metrics-listen", f"127.0.0.1:{metrics}"
+    )
+    sock = state / "control.sock"
+    try:
+        _until(
+            "the sender replicates",
+            lambda: _ask(sock),
+            lambda s: 0 < s["jobs"][0]["lsn"]["applied"] == s["jobs"][0]["lsn"]["journaled"],
+        )
+        receiver.proc.kill()
+        receiver.proc.wait(timeout=30)
+        with disk.open("r+b") as f:  # written on the source alone
+            f.write(os.urandom(65536))
+        away = _until(
+            "the lag grows while the receiver is away",
+            lambda: _ask(sock),
+            lambda s: not s["jobs"][0]["connected"] and s["jobs"][0]["lag"]["seconds"] > 2,
+        )["jobs"][0]
+        assert away["lag"]["records"] == 0  # nothing captured: the age is not the journal's
+        assert _sample(_metrics(metrics), "replicator_lag_seconds", job="st", role="sender") > 2
+        back = subprocess.Popen(  # the receiver is back, where it was
+            [*REPLICATOR, "receive", "--listen", receiver.address, "--dir", str(target),
+             "--insecure"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+        )  # fmt: skip
+        try:
+            _until(
+                "the lag is small again once a new point is applied",
+                lambda: _ask(sock),
+                lambda s: s["jobs"][0]["connected"] and s["jobs"][0]["lag"]["seconds"] < 1.5,
+            )
+        finally:
+            back.terminate()
+            back.wait(timeout=60)
+    finally:
+        if receiver.proc.poll() is None:
+            receiver.proc.kill()
+            receiver.proc.wait(timeout=30)
+        assert _stop(sender) == 0, sender.stderr.read() if sender.stderr else ""
+
+
 def _listening_tcp_ports(pid: int) -> set[int]:
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
