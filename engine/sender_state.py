@@ -30,7 +30,7 @@ from pathlib import Path
 import structlog
 
 from replicator.engine import direct_intent, lost_records
-from replicator.engine.checkpoint import TouchedExtents, load_touched
+from replicator.engine.checkpoint import RANGE_TYPES, TouchedExtents, load_touched
 from replicator.engine.direct_intent import IntentDamaged
 from replicator.engine.failback_state import refuse_if_marked
 from replicator.engine.hooks import HOOK_TIMEOUT
@@ -251,6 +251,10 @@ def _apply_effect(basis: ManifestSet, record: Record) -> None:
         if mode is not None:
             basis.modes[record.target] = mode
         return
+    if record.type in RANGE_TYPES or record.type is RecordType.RESIZE:
+        # a file known by its whole-file digest (a configuration file, a FUSE folder's
+        # small file) has other content once the record is applied: unknown, sent again
+        basis.files.pop(record.volume, None)
     if record.type is RecordType.RESIZE:
         resized = basis.disks.setdefault(record.volume, ExtentManifest(basis.extent_size, 0))
         resize_basis(resized, record.size)

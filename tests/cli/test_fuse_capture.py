@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -159,6 +160,41 @@ def test_sigkill_under_load_then_restart_loses_nothing_fsynced(
         replica = receiver.dir / "fvm" / "log.bin"
         _wait_same(source / "log.bin", replica)
         assert replica.stat().st_size >= synced
+    finally:
+        _stop(proc, mnt)
+
+
+def test_a_small_file_written_back_before_a_kill_converges_after_the_restart(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """A small file is known to the sender's manifests by its whole-file digest. Written
+    (shipped, applied), then written back to its old content without an fsync and the
+    sender SIGKILLed: the restart's basis, the manifests with the journal's records folded
+    in, kept the old digest past the applied write, saw no change, and the replica kept
+    the intermediate content while both sides said it was caught up."""
+    source, mnt = folder
+    (source / "f.txt").write_bytes(b"XXXXXXXX")
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
+    replica = receiver.dir / "fvm" / "f.txt"
+    try:
+        _wait_same(source / "f.txt", replica)
+        fd = os.open(mnt / "f.txt", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"YYYYYYYY", 0)
+            os.fsync(fd)
+            _wait_same(source / "f.txt", replica)
+            os.pwrite(fd, b"XXXXXXXX", 0)  # back to what the manifests say, not fsynced
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            with contextlib.suppress(OSError):  # the filter is gone: ENOTCONN
+                os.close(fd)
+    finally:
+        _stop(proc, mnt)
+    assert (source / "f.txt").read_bytes() == b"XXXXXXXX"
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
+    try:
+        _wait_same(source / "f.txt", replica)
     finally:
         _stop(proc, mnt)
 
