@@ -401,7 +401,7 @@ class Applier:
             dfd = self._open_dir(_parent_of(path), create=True)
             os.close(dfd)  # the walk proved the parent is a real directory inside the replica
             target = self.replica_dir / path
-            atomic_write(target, record.data, record.offset & 0o7777)  # temp, fsync, rename
+            atomic_write(target, record.data, record.offset & 0o7777, shared_folder=True)
             self._mine(path)
             self._moved.add(path)
         elif kind is RecordType.CREATE:
@@ -473,8 +473,16 @@ class Applier:
                 with contextlib.suppress(FileNotFoundError):
                     os.rmdir(leaf, dir_fd=dfd)
             elif kind is RecordType.MKDIR:
+                mode = record.offset & 0o7777
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(leaf, record.offset & 0o7777, dir_fd=dfd)
+                    os.mkdir(leaf, mode, dir_fd=dfd)
+                # the mode as the source has it: not as this process's umask and the parent's
+                # setgid bit made it (mkdir applies both), nor as an earlier walk made it
+                fd = os.open(leaf, _DIR_FLAGS, dir_fd=dfd)
+                try:
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
             else:  # SYMLINK: replace whatever is there (idempotent re-apply)
                 self._close(path)
                 with contextlib.suppress(FileNotFoundError):

@@ -190,8 +190,8 @@ def point_configs_at_replicas(replica_dir: Path) -> list[Path]:
         mode = path.stat().st_mode & 0o7777
         backup = path.with_name(path.name + BACKUP_SUFFIX)
         if not backup.exists():
-            atomic_write(backup, text.encode(), mode)
-        atomic_write(path, new.encode(), mode)
+            atomic_write(backup, text.encode(), mode, shared_folder=True)
+        atomic_write(path, new.encode(), mode, shared_folder=True)
         rewritten.append(path)
         log.info("failover.config_rewritten", path=str(path), original=str(backup))
     return rewritten

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import secrets
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,15 +83,39 @@ def makedirs_durable(path: str | os.PathLike[str]) -> None:
         sync_dir(d.parent)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | memoryview, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` and permission bits ``mode``, atomically and durably."""
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: bytes | memoryview,
+    mode: int = 0o600,
+    *,
+    shared_folder: bool = False,
+) -> None:
+    """Replace ``path`` with ``data`` and permission bits ``mode``, atomically and durably.
+
+    The temp file is ``.NAME.tmp`` beside it: in a folder of our own (state, keys), where
+    that name is ours to remove first, even as a symlink someone planted. With
+    ``shared_folder`` (a replica folder, whose names are the source's) it is a fresh short
+    name made with O_EXCL instead: ``.NAME.tmp`` may be a file replicated there (it was
+    deleted), and is 5 bytes longer than NAME (a name of 251 to 255 bytes could never be
+    written). A crash may leave that temp file behind, as it may ``.NAME.tmp``.
+    """
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    # The temp name may already exist, even as a symlink a peer planted in a replica
-    # folder: remove it and create a fresh file, never following a link.
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if shared_folder:
+        while True:
+            tmp = target.with_name(f".rtmp-{secrets.token_hex(6)}")
+            try:
+                fd = os.open(tmp, _NEW_FILE, 0o600)
+                break
+            except FileExistsError:
+                continue  # a name in use (the source's, or a crash's leftover): another
+    else:
+        tmp = target.with_name(f".{target.name}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, _NEW_FILE, 0o600)
     try:
         view = memoryview(data)
         while view:

@@ -121,11 +121,11 @@ async def test_a_config_rewrite_cut_short_is_finished_by_running_failover_again(
     real = durable.atomic_write
     writes = [0]
 
-    def second_write_fails(path: Any, data: bytes, mode: int = 0o600) -> None:
+    def second_write_fails(path: Any, data: bytes, mode: int = 0o600, **kw: bool) -> None:
         writes[0] += 1
         if writes[0] == 2:  # the backup is written, the rewrite is not
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(path, data, mode)
+        real(path, data, mode, **kw)
 
     with monkeypatch.context() as m:
         m.setattr(failover, "atomic_write", second_write_fails)
