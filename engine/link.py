@@ -459,11 +459,15 @@ class Link:
     async def relieve(self) -> None:
         """Our journal is full: drop records the receiver holds durably but has not applied
         yet (a whole epoch being received, say), instead of waiting for an apply that
-        waits for the rest of the epoch."""
+        waits for the rest of the epoch; and the active segment when the receiver holds all
+        of it (a journal reopened with a smaller --journal-max: no ack that trims it is
+        coming, and an append would wait for room for ever)."""
         below = self._started().relieve_below()
         if below is not None:
             log.info("sender.journal_pressure", trim_below=below)
-            await self.journal.trim(below)
+        await self.journal.trim(
+            below if below is not None else self.applied_lsn + 1, retire_active=True
+        )
 
     async def request_manifest(self, volume: str, extent_size: int) -> ExtentManifest | None:
         """The receiver's manifest of a replica, or None when the replica does not exist."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Coroutine
@@ -192,8 +193,13 @@ class Sender:
         """Sizes of the volumes that exist now (a FUSE folder's files come and go)."""
         sizes: dict[str, int] = {}
         for v in self.config.volumes:
-            with contextlib.suppress(FileNotFoundError):
-                sizes[v.name] = os.stat(v.path).st_size
+            # gone, or a folder on its path is a file now: it is not there (ELOOP likewise)
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                try:
+                    sizes[v.name] = os.stat(v.path).st_size
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
         return sizes
 
     async def open_link(

@@ -707,9 +707,10 @@ class Journal:
         ``retire_active`` it is sealed and dropped whenever its records are all below
         ``upto_lsn``, full or not: for a writer about to close with nothing left to ship,
         so that the next open has no records to read and verify (recovery reads every
-        record of the active segment to find where they end). Its successor is a new file,
-        not a spare: the close would cut a spare's blocks away, which the rolls of a
-        writer that goes on are spared allocating.
+        record of the active segment to find where they end), and for one whose journal
+        has no room for an append (a journal reopened with a smaller cap). Its successor
+        is a new file, not a spare: the close would cut a spare's blocks away, which the
+        rolls of a writer that goes on are spared allocating.
         """
         self._check_usable()
         await asyncio.shield(_spawn(self._trim(upto_lsn, retire_active)))

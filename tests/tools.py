@@ -395,13 +395,17 @@ def is_mounted(mnt: Path) -> bool:
 
 
 def start_fuse_sender(
-    receiver: ReceiverProc, tmp_path: Path, source: Path, mnt: Path
+    receiver: ReceiverProc,
+    tmp_path: Path,
+    source: Path,
+    mnt: Path,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[str]:
     """A continuous `send --capture fuse` of ``source`` (job fvm), once its mount is up."""
     proc = subprocess.Popen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "fvm", "--state-dir",
          str(tmp_path / "state"), "--capture", "fuse", "--mount", str(mnt), "--insecure",
-         str(source)],
+         *extra, str(source)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     deadline = time.monotonic() + 60
