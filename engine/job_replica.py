@@ -926,6 +926,19 @@ class JobReplica:
         self.guard.release()
         self._guarded = -1
 
+    def stamps_now(self, paths: Collection[str]) -> dict[str, tuple[int, int] | None]:
+        """(inode, ctime) of each replica file of ``paths`` as it is now, None when it is
+        missing or unreadable as a name. Blocking."""
+        applier = self._get_applier()
+        now: dict[str, tuple[int, int] | None] = {}
+        for path in paths:
+            try:
+                st = applier.lstat(path)
+            except (OSError, ApplyError):
+                st = None
+            now[path] = None if st is None else (st.st_ino, st.st_ctime_ns)
+        return now
+
     def read_replica(self, volume: str, offset: int, length: int) -> bytes | None:
         """Up to ``length`` bytes of replica ``volume`` at ``offset`` (fewer where it
         ends), or None when there is no such replica file. Blocking."""

@@ -23,6 +23,7 @@ from replicator.engine.failback_state import MARKER_FILE, save_marker
 from tests.faultfs import FaultFS
 from tests.tools import (
     ENV,
+    LOUD_ENV,
     REPLICATOR,
     ReceiverProc,
     b3,
@@ -566,5 +567,103 @@ def test_failback_names_configuration_files_that_differ_on_the_target(tmp_path: 
         assert xml.read_text() != changed  # as said: not brought back
         send_once(rcv, "vm", state, disk, xml, notes)
         assert (target / "vm" / xml.name).read_text() == xml.read_text()
+    finally:
+        assert rcv.stop() == 0
+
+
+def _two_disks_failed_over(tmp_path: Path) -> tuple[Path, Path, Path, Path, Path]:
+    """Job `vm` of a small disk `a.img` and a larger `b.img` sent once, then `failover
+    --force`, and the promoted VM writes both; returns (a, b, state, target, replicas)."""
+    a, b, state, target = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "st", tmp_path / "t"
+    qemu_img("create", "-q", "-f", "raw", str(a), "16M")
+    qemu_img("create", "-q", "-f", "raw", str(b), "256M")
+    qemu_io("raw", a, "write -P 0x11 0 4M")
+    qemu_io("raw", b, "write -P 0x12 0 256M")  # all data: hashing it takes a while
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm", state, a, b)
+    finally:
+        assert rcv.stop() == 0
+    out = replicator("failover", "--dir", str(target), "--job", "vm", "--force")
+    assert out.returncode == 0, out.stderr
+    replicas = target / "vm"
+    qemu_io("raw", replicas / "a.img", "write -P 0x21 1M 64k")
+    qemu_io("raw", replicas / "b.img", "write -P 0x22 100M 1M")
+    return a, b, state, target, replicas
+
+
+def _failback_of(rcv: ReceiverProc, state: Path, *disks: Path) -> list[str]:
+    return [
+        *REPLICATOR, "failback", "--from", rcv.address, "--job", "vm", "--state-dir",
+        str(state), "--insecure", *map(str, disks),
+    ]  # fmt: skip
+
+
+def test_a_failback_not_given_a_changed_replica_hands_nothing_back(tmp_path: Path) -> None:
+    """Given only some of the job's disks, failback handed the whole job back, and the next
+    `send` of all of them replaced the promoted VM's writes to the others with the source's
+    old copy, both sides then identical and nobody told."""
+    require_tool("qemu-io")
+    a, b, state, target, replicas = _two_disks_failed_over(tmp_path)
+    wanted = b3(replicas / "b.img")
+    rcv = start_receiver(target)
+    try:
+        out = subprocess.run(
+            _failback_of(rcv, state, a), capture_output=True, text=True, env=ENV, timeout=120
+        )
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-3000:]
+        line = one_line_error(out.stderr)
+        assert "'b.img' changed while the job was promoted" in line, line
+        assert "every volume of the job" in line, line
+        status = replicator("status", "--dir", str(target), "--json")
+        assert json.loads(status.stdout)["jobs"][0]["promoted"] is True  # nothing handed back
+        out = subprocess.run(
+            _failback_of(rcv, state, a, b), capture_output=True, text=True, env=ENV, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        _identical(a, replicas / "a.img")
+        _identical(b, replicas / "b.img")
+        assert b3(b) == wanted
+        assert send_once(rcv, "vm", state, a, b)["bytes_changed"] == 0
+        assert b3(replicas / "b.img") == wanted  # the promoted VM's writes kept
+    finally:
+        assert rcv.stop() == 0
+
+
+def test_a_write_the_failback_never_reads_still_stops_it(tmp_path: Path) -> None:
+    """The VM still running on the target writes, during the failback, into an extent both
+    sides held the same when it was compared: failback never reads it, so only its reads'
+    checks could not see it. It handed back, and the next `send` said durable with the
+    replica differing from the source."""
+    require_tool("qemu-io")
+    a, b, state, target, replicas = _two_disks_failed_over(tmp_path)
+    rcv = start_receiver(target)
+    try:
+        proc = subprocess.Popen(  # with its info lines: when a.img is done
+            _failback_of(rcv, state, a, b), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=LOUD_ENV,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        for line in proc.stderr:  # a.img is restored; b.img (256 MiB) is being hashed
+            if '"failback.volume"' in line and '"a.img"' in line:
+                fd = os.open(replicas / "a.img", os.O_WRONLY)
+                try:
+                    os.pwrite(fd, b"\x31" * EXTENT, 8 * MiB)
+                finally:
+                    os.close(fd)
+                break
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) == ExitCode.REFUSED, rest[-3000:]
+        assert "changed during the failback" in one_line_error(rest)
+        assert (state / MARKER_FILE).exists()  # send refuses the half-restored volumes
+        again = _failback(rcv, state, a)
+        assert again.returncode == ExitCode.REFUSED  # b.img left out: refused too
+        out = subprocess.run(
+            _failback_of(rcv, state, a, b), capture_output=True, text=True, env=ENV, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        _identical(a, replicas / "a.img")
+        _identical(b, replicas / "b.img")
+        assert _pattern_at(a, 8 * MiB) == b"\x31" * EXTENT
     finally:
         assert rcv.stop() == 0
