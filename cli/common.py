@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -56,6 +57,14 @@ NO_SECURITY = (
     "side's certificate to that side, and pass --tls-dir DIR to both; or pass --insecure to "
     "replicate unencrypted and unauthenticated (only on a network you trust)"
 )
+
+
+def finite(value: float | None) -> float | None:
+    """A seconds option's callback: nan and inf pass click's minimum (every comparison
+    with nan is false) and ended the command later as a bug, or never woke it."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a number of seconds: give a finite number")
+    return value
 
 
 class UsageError(ConfigError):

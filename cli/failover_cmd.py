@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from replicator.cli.common import fail, run
+from replicator.cli.common import fail, finite, run
 from replicator.engine.errors import ConfigError, ConnectError, ExitCode, ReplicatorError
 from replicator.engine.names import RECEIVER_STATE_NAME
 
@@ -71,6 +71,7 @@ def failover_command(
         typer.Option(
             "--timeout",
             min=1,
+            callback=finite,
             help="--planned: how long to wait for the sender to connect and to hand over.",
         ),
     ] = 60.0,

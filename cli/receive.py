@@ -16,6 +16,7 @@ from replicator.cli.common import (
     TlsDirOption,
     TlsNameOption,
     fail,
+    finite,
     parse_endpoint,
     run,
     transport_security,
@@ -71,6 +72,7 @@ def receive(
         float | None,
         typer.Option(
             "--auto-failover-after",
+            callback=finite,
             help="Promote a job after SECONDS without its source, when --witness agrees "
             "(docs/OPERATIONS.md, 'Automatic failover').",
             min=0.1,

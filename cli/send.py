@@ -16,6 +16,7 @@ from replicator.cli.common import (
     TlsNameOption,
     connector_for,
     fail,
+    finite,
     parse_endpoint,
     parse_size,
     run,
@@ -218,7 +219,13 @@ def send(
         ),
     ] = False,
     interval: Annotated[
-        float, typer.Option("--interval", help="Seconds between scans when continuous.", min=0.1)
+        float,
+        typer.Option(
+            "--interval",
+            help="Seconds between scans when continuous.",
+            min=0.1,
+            callback=finite,
+        ),
     ] = 60.0,
     as_json: Annotated[
         bool,
@@ -276,6 +283,7 @@ def send(
         typer.Option(
             "--wait-for-receiver",
             metavar="SECONDS",
+            callback=finite,
             help="Serve the disks without the receiver if it is not reached in SECONDS at "
             "start (--capture nbd): they are compared with this sender's last sync, and "
             "every write is shipped once the receiver answers. Default: wait for it (so a "
@@ -306,6 +314,7 @@ def send(
         typer.Option(
             "--hook-timeout",
             metavar="SECONDS",
+            callback=finite,
             help="A hook running longer is killed (with its process group) and counts as failed.",
             min=0.1,
         ),

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from replicator.cli.common import finite
 from replicator.engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ LeaseIntervalOption = Annotated[
     float,
     typer.Option(
         "--witness-interval",
+        callback=finite,
         help="Seconds between the source's lease renewals at the witness.",
         min=0.1,
     ),
@@ -40,6 +42,7 @@ FenceAfterOption = Annotated[
     float | None,
     typer.Option(
         "--fence-after",
+        callback=finite,
         help="With --witness: seconds without a successful lease renewal after which this "
         "source fences itself (holds NBD writes, runs --fence-exec); the witness promotes "
         "the target only later. Below 3 x --witness-interval. Default: 2 x --witness-interval.",

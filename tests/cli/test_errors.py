@@ -113,6 +113,23 @@ def test_bad_endpoint(tmp_path: Path) -> None:
     assert "HOST:PORT" in one_line_error(out.stderr)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("send", "--to", "127.0.0.1:1", "--job", "j", "--insecure", "--interval", "nan", "x"),
+        ("send", "--to", "127.0.0.1:1", "--job", "j", "--insecure", "--hook-timeout", "inf", "x"),
+        ("receive", "--listen", "127.0.0.1:1", "--dir", "d", "--auto-failover-after", "nan"),
+        ("failover", "--dir", "d", "--job", "j", "--planned", "--timeout", "nan"),
+    ],
+)
+def test_seconds_that_are_not_finite_are_a_usage_error(args: tuple[str, ...]) -> None:
+    """`--interval nan` ran one cycle, then died as a bug (exit 70, restarted by systemd
+    every 30 s); inf never woke the sender again."""
+    out = replicator(*args)
+    assert out.returncode == ExitCode.USAGE, out.stderr
+    assert "is not a number of seconds: give a finite number" in out.stderr
+
+
 def test_help_on_every_command() -> None:
     for cmd in ([], ["send"], ["receive"], ["verify"], ["journal"], ["journal", "inspect"]):
         out = replicator(*cmd, "-h")

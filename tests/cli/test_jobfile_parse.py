@@ -103,6 +103,13 @@ def test_values_become_defaults_with_paths_relative_to_the_file(tmp_path: Path) 
         ("as_json = true", "did you mean 'json'"),
         ("capure = 'nbd'", "did you mean 'capture'"),
         ("bogus = 1", "not a `replicator send` option (valid keys: "),  # not 'burst'
+        # nan passes click's minimum (every comparison with it is false): exit 70 later
+        ("interval = nan", "nan is not a number of seconds"),
+        ("interval = inf", "inf is not a number of seconds"),
+        ("hook_timeout = nan", "nan is not a number of seconds"),
+        ("witness_interval = nan", "nan is not a number of seconds"),
+        ("fence_after = inf", "inf is not a number of seconds"),
+        ("wait_for_receiver = nan", "nan is not a number of seconds"),
     ],
 )
 def test_wrong_values_name_the_line_and_key(tmp_path: Path, line: str, words: str) -> None:
