@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from replicator.cli.common import UsageError
+from replicator.engine.errors import ConfigError
 
 
 class Capture(StrEnum):
@@ -45,6 +46,28 @@ class MisplacedOption(UsageError):
     def __init__(self, param: str, message: str, hint: str) -> None:
         super().__init__(message, hint=hint)
         self.param = param
+
+
+class CaptureNeeds(ConfigError):
+    """A capture mode run without what it needs; ``param`` names the key to point at."""
+
+    def __init__(self, param: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.param = param
+
+
+def check_capture_needs(capture: Capture, values: dict[str, object]) -> None:
+    """What ``capture`` cannot run without is given (``values`` by parameter name), and
+    ``once`` is given only to scan capture."""
+    if capture is not Capture.scan and values.get("once"):
+        raise CaptureNeeds(
+            "once",
+            f"--once applies to --capture scan; --capture {capture.value} runs until stopped",
+        )
+    if capture is Capture.nbd and values.get("nbd_socket") in (None, ""):
+        raise CaptureNeeds("capture", "--capture nbd needs --nbd-socket PATH")
+    if capture is Capture.fuse and values.get("mount") in (None, ""):
+        raise CaptureNeeds("capture", "--capture fuse needs --mount MOUNTPOINT")
 
 
 def check_capture_options(capture: Capture, values: dict[str, object]) -> None:

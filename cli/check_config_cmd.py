@@ -18,7 +18,13 @@ from typer.core import TyperCommand
 
 from replicator.cli.common import fail, parse_endpoint, transport_security
 from replicator.cli.jobfile import ConfigFile, Section, kind_of, load_receive, load_send
-from replicator.cli.jobfile_checks import at, check_capture, check_values
+from replicator.cli.jobfile_checks import (
+    at,
+    check_capture,
+    check_jobs_apart,
+    check_together,
+    check_values,
+)
 from replicator.engine.errors import ConfigError, ReplicatorError
 from replicator.engine.image_deps import unreplicated
 from replicator.engine.names import RECEIVER_STATE_NAME
@@ -39,6 +45,7 @@ def _check_send_job(config: ConfigFile, section: Section) -> list[str]:
     host, port = parse_endpoint(values["to"], "to")
     capture = str(values.get("capture", "scan")).lower()
     check_capture(config, section, {})  # as `send --job-file` refuses it
+    check_together(config, section, {})
     paths = [Path(p) for p in values["volumes"]]
     with at(config, section, "volumes"):
         if capture == "fuse":
@@ -78,6 +85,7 @@ def _security(config: ConfigFile, section: Section, side: str, host: str) -> str
 
 def _check_receive(config: ConfigFile, section: Section) -> list[str]:
     check_values(config, section)
+    check_together(config, section, {})
     values = section.values
     host, port = parse_endpoint(values["listen"], "listen")
     folder = Path(values["directory"])
@@ -112,6 +120,7 @@ def check_config_command(
             lines = [f"{file}: send job file, {len(config.sections)} job(s)"]
             for section in config.sections.values():
                 lines += _check_send_job(config, section)
+            check_jobs_apart(config, {})
         else:
             config = load_receive(file, _command(ctx, "receive"))
             lines = [f"{file}: receive config"]

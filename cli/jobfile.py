@@ -417,6 +417,15 @@ def load_receive(
             hint="give it to `replicator send --job-file`; a receive config holds "
             "`receive` options at the top level",
         )
+    for key, value in document.items():  # `[job.web01]`: a typo of a send job file's tables
+        if isinstance(value, dict) and difflib.get_close_matches(key.lower(), [JOBS], cutoff=0.7):
+            raise located(
+                path,
+                first_line(reader.lines, (key,)),
+                f"unknown table [{key}...]: did you mean [jobs.NAME]?",
+                hint="a send job file holds one [jobs.NAME] table per job; a receive config "
+                "holds `receive` options at the top level",
+            )
     section = reader.section("", (), document)
     reader.require(section, given)
     return ConfigFile(path, "receive", {"": section})

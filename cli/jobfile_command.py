@@ -88,7 +88,7 @@ class SendCommand(_FileCommand):
         self, ctx: Context, path: Path, opts: Mapping[str, Any], args: list[str]
     ) -> dict[str, Any]:
         from replicator.cli.jobfile import load_send
-        from replicator.cli.jobfile_checks import check_capture, check_values
+        from replicator.cli.jobfile_checks import check_capture, check_together, check_values
 
         given = _given(opts)
         command_line = {name: opts[name] for name in given}
@@ -106,11 +106,17 @@ class SendCommand(_FileCommand):
             )
         check_values(jobs, section, given)
         check_capture(jobs, section, command_line)
+        check_together(jobs, section, command_line)
         return {**section.values, "job": name}
 
     @staticmethod
     def _several(jobs: ConfigFile, command_line: dict[str, Any], args: list[str]) -> int:
-        from replicator.cli.jobfile_checks import check_capture, check_values
+        from replicator.cli.jobfile_checks import (
+            check_capture,
+            check_jobs_apart,
+            check_together,
+            check_values,
+        )
         from replicator.cli.jobfile_fanout import run_jobs
 
         given = set(command_line)
@@ -127,6 +133,8 @@ class SendCommand(_FileCommand):
         for section in jobs.sections.values():  # all of them, before any job starts
             check_values(jobs, section, given)
             check_capture(jobs, section, command_line)
+            check_together(jobs, section, command_line)
+        check_jobs_apart(jobs, command_line)
         return run_jobs(jobs.path, list(jobs.sections), args)
 
 
@@ -139,9 +147,10 @@ class ReceiveCommand(_FileCommand):
         self, ctx: Context, path: Path, opts: Mapping[str, Any], args: list[str]
     ) -> dict[str, Any]:
         from replicator.cli.jobfile import load_receive
-        from replicator.cli.jobfile_checks import check_values
+        from replicator.cli.jobfile_checks import check_together, check_values
 
         given = _given(opts)
         config = load_receive(path, self, given)
         check_values(config, config.sections[""], given)
+        check_together(config, config.sections[""], {name: opts[name] for name in given})
         return config.sections[""].values

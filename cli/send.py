@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from replicator.cli.capture_opts import Capture, check_capture_options
+from replicator.cli.capture_opts import Capture, check_capture_needs, check_capture_options
 from replicator.cli.common import (
     InsecureOption,
     TlsDirOption,
@@ -34,6 +34,7 @@ from replicator.cli.shaping_opts import (
     make_shaping,
 )
 from replicator.cli.witness_opts import (
+    WITNESS_INTERVAL,
     FenceAfterOption,
     FenceExecOption,
     LeaseIntervalOption,
@@ -125,10 +126,7 @@ def _live_sender(
     from replicator.engine.live import LiveSender, NbdCapture, NbdOptions
     from replicator.engine.nbd.gate import WriteGate
 
-    if once:
-        raise ConfigError("--once applies to --capture scan; --capture nbd runs until stopped")
-    if socket is None:
-        raise ConfigError("--capture nbd needs --nbd-socket PATH")
+    assert socket is not None  # check_capture_needs
     endpoint = parse_endpoint(listen, "--nbd-listen") if listen else None
     capture = NbdCapture(sender.config.volumes, NbdOptions(str(socket), endpoint, size))
     capture.gate = WriteGate() if fencing else None
@@ -150,10 +148,7 @@ def _fuse_sender(
     from replicator.engine.fuse_folder import FuseOptions, folder_source, fuse_folder_job
     from replicator.engine.live import LiveSender
 
-    if once:
-        raise ConfigError("--once applies to --capture scan; --capture fuse runs until stopped")
-    if mount is None:
-        raise ConfigError("--capture fuse needs --mount MOUNTPOINT")
+    assert mount is not None  # check_capture_needs
     source = folder_source(volumes, "--capture fuse takes exactly one VOLUME: the VM's folder")
     config = build_config(to, job, state_dir, None, journal_max=journal_max, resync=resync)
     config, capture = fuse_folder_job(config, FuseOptions(source, mount))
@@ -333,7 +328,7 @@ def send(
     schedule: ScheduleOption = None,
     target_rpo: TargetRpoOption = None,
     witness: WitnessOption = None,
-    witness_interval: LeaseIntervalOption = 2.0,
+    witness_interval: LeaseIntervalOption = WITNESS_INTERVAL,
     fence_after: FenceAfterOption = None,
     fence_exec: FenceExecOption = None,
     job_file: JobFileOption = None,  # read by SendCommand before the other options (jobfile)
@@ -359,6 +354,7 @@ def send(
                 "post_hook": post_hook,
             },
         )
+        check_capture_needs(capture, {"once": once, "nbd_socket": nbd_socket, "mount": mount})
         metrics = metrics_endpoint(metrics_listen)
         shaping = make_shaping(rate, burst, schedule, target_rpo)
         default_cap = JOURNAL_CAP if capture is Capture.scan else LIVE_JOURNAL_CAP

@@ -29,6 +29,7 @@ WitnessOption = Annotated[
         "(TLS with this side's --tls-dir) or etcd://HOST:PORT.",
     ),
 ]
+WITNESS_INTERVAL = 2.0  # --witness-interval's default
 LeaseIntervalOption = Annotated[
     float,
     typer.Option(
@@ -140,6 +141,22 @@ def source_lease(
     return renewing
 
 
+def check_auto_failover(after: float | None, witness: str | None) -> None:
+    """--auto-failover-after and --witness on receive go together (ConfigError)."""
+    if after is None and witness is not None:
+        raise ConfigError(
+            "--witness on receive needs --auto-failover-after SECONDS",
+            hint="give how long the source may be silent before the target promotes",
+        )
+    if after is not None and witness is None:
+        raise ConfigError(
+            NO_TIE_BREAKER,
+            hint="run `replicator witness --listen HOST:PORT` on a third machine and pass "
+            "--witness HOST:PORT to send and receive; or fail over by hand with "
+            "`replicator failover --force`",
+        )
+
+
 def auto_failover(
     after: float | None,
     witness: str | None,
@@ -150,20 +167,9 @@ def auto_failover(
 ) -> tuple[Witness, float] | None:
     """The receiver's witness and delay, or None without --auto-failover-after; refuses
     --auto-failover-after without --witness (and the reverse: nothing would use it)."""
-    if after is None:
-        if witness is not None:
-            raise ConfigError(
-                "--witness on receive needs --auto-failover-after SECONDS",
-                hint="give how long the source may be silent before the target promotes",
-            )
+    check_auto_failover(after, witness)
+    if after is None or witness is None:
         return None
-    if witness is None:
-        raise ConfigError(
-            NO_TIE_BREAKER,
-            hint="run `replicator witness --listen HOST:PORT` on a third machine and pass "
-            "--witness HOST:PORT to send and receive; or fail over by hand with "
-            "`replicator failover --force`",
-        )
     from replicator.engine.witness_client import witness_for
 
     client = witness_for(

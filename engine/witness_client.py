@@ -109,6 +109,11 @@ def witness_for(
     return BuiltinWitness(host, port, who=who, tls=tls)
 
 
+def check_witness_spec(spec: str) -> None:
+    """ConfigError unless ``spec`` is what --witness takes (HOST:PORT or etcd://HOST:PORT)."""
+    _endpoint(spec.removeprefix(ETCD_SCHEME), spec)
+
+
 def _endpoint(value: str, spec: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

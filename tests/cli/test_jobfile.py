@@ -169,6 +169,73 @@ def test_an_option_of_another_capture_mode_is_refused_at_its_line(
     assert not (tmp_path / "st0").exists()  # the good job did not start either
 
 
+@pytest.mark.parametrize(
+    ("extra", "line", "words"),
+    [
+        ('burst = "zz"\n', 7, ["'burst'", "bad size 'zz'"]),
+        ('target_rpo = "5x"\n', 7, ["'target_rpo'", "bad target RPO"]),
+        ('witness = "nope"\n', 7, ["'witness'", "wants HOST:PORT"]),
+        ("fence_after = 5.0\n", 7, ["'fence_after'", "need --witness"]),
+        ('witness = "h:1"\nfence_after = 10.0\n', 8, ["'fence_after'", "not below the lease"]),
+        ('capture = "nbd"\n', 7, ["'capture'", "needs --nbd-socket"]),
+        ('capture = "fuse"\n', 7, ["'capture'", "needs --mount"]),
+        ('state_dir = "st0"\n', 7, ["'state_dir'", "job 'vm0' has the same state folder"]),
+        ('volumes = ["other.img"]\n', 7, ["'volumes'", "job 'vm0' has the same volume"]),
+        ('metrics_listen = "127.0.0.1:9"\n', 7, ["job 'vm0' has the same metrics address"]),
+    ],
+    ids=[
+        "burst", "target-rpo", "witness", "fence-without-witness", "fence-after-the-lease",
+        "nbd-without-socket", "fuse-without-mount", "shared-state", "shared-volume",
+        "shared-metrics",
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["check-config", "send"])
+def test_what_send_would_refuse_is_refused_before_any_job_starts(
+    tmp_path: Path, extra: str, line: int, words: list[str], command: str
+) -> None:
+    """check-config said ok, and `send --job-file` started the good jobs, for options the
+    command refuses only once it runs (a burst, a witness, fencing, what a capture mode
+    needs) and for two jobs sharing what each needs to itself (one of them, by chance,
+    then died at start)."""
+    (tmp_path / "disk.img").write_bytes(b"x" * 4096)
+    (tmp_path / "other.img").write_bytes(b"y" * 4096)
+    good = GOOD.replace(
+        "[jobs.vm1]",
+        '[jobs.vm0]\nto = "127.0.0.1:1"\ninsecure = true\nstate_dir = "st0"\n'
+        'metrics_listen = "127.0.0.1:9"\nvolumes = ["other.img"]\n\n[jobs.vm1]',
+    )
+    if "metrics_listen" not in extra:  # only vm0 listens, but for the case that clashes
+        good = good.replace('metrics_listen = "127.0.0.1:9"\n', "")
+    if extra.startswith("volumes"):  # vm1's own list, then: the shared one
+        good = good.replace('interval = 30\nvolumes = ["disk.img"]\n', "interval = 30\n")
+    path = _job_file(tmp_path, good + extra)
+    args = ["check-config", str(path)] if command == "check-config" else ["send", "--job-file"]
+    out = replicator(*args, *([str(path)] if command == "send" else []))
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    shift = 6 if "metrics_listen" not in extra else 7
+    shift -= 1 if extra.startswith("volumes") else 0
+    assert f"{path}:{line + shift}:" in error, error
+    for word in words:
+        assert word in error, error
+    assert not (tmp_path / "st0").exists()  # the good job did not start either
+
+
+def test_a_receive_config_is_checked_as_receive_checks_it(tmp_path: Path) -> None:
+    config = tmp_path / "receive.toml"
+    config.write_text('listen = "127.0.0.1:7000"\ndir = "d"\ninsecure = true\n'
+                      "auto_failover_after = 5\n")  # fmt: skip
+    out = replicator("check-config", str(config))
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    assert f"{config}:4:" in error and "needs --witness" in error, error
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[job.web01]\nto = "h:1"\n')  # for [jobs.web01]
+    out = replicator("check-config", str(typo))
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    assert "did you mean [jobs.NAME]" in one_line_error(out.stderr)
+
+
 def test_the_command_line_overrides_the_file(tmp_path: Path, receiver: ReceiverProc) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(range(256)) * 4096)
