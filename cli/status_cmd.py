@@ -19,7 +19,13 @@ from rich.table import Table
 from rich.text import Text
 
 from replicator.cli.common import fail
-from replicator.engine.at_rest import is_sender_state, receiver_at_rest, sender_at_rest
+from replicator.engine.at_rest import (
+    is_receiver_job_state,
+    is_receiver_state,
+    is_sender_state,
+    receiver_at_rest,
+    sender_at_rest,
+)
 from replicator.engine.control import (
     SENDER_CLAIM,
     SOCKET_NAME,
@@ -82,6 +88,17 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
             raise ConfigError(
                 f"sender state folder {state_dir} does not exist", hint=_GIVE_STATE_DIR
             )
+        receiver = (
+            is_receiver_job_state(state_dir)
+            or is_receiver_state(state_dir)
+            or is_receiver_state(state_dir / RECEIVER_STATE_NAME)
+        )
+        if receiver:
+            raise ConfigError(
+                f"{state_dir} is a receiver's folder, not a sender's state folder",
+                hint="for a receiver's status give `--dir DIR`, the folder `replicator receive "
+                "--dir` was given (and its --state-dir, if it was given one)",
+            )
         if not is_sender_state(state_dir):
             held = sorted(sub.name for sub in state_dir.iterdir() if is_sender_state(sub))
             raise ConfigError(
@@ -98,6 +115,11 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
             hint="give the --dir that `replicator receive` was started with",
         )
     root = state_dir or directory / RECEIVER_STATE_NAME
+    if state_dir is not None and is_sender_state(state_dir):
+        raise ConfigError(
+            f"{state_dir} is a sender's state folder: with --dir, --state-dir is the receiver's",
+            hint="a sender's status: `replicator status --state-dir S` alone",
+        )
     if not root.is_dir():
         raise ConfigError(
             f"no receiver state in {root}",

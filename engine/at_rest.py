@@ -46,7 +46,17 @@ def is_sender_state(folder: Path) -> bool:
     there leaves (at rest, any other folder would read as a job with nothing to replicate,
     a lag of 0)."""
     marks = (SENDER_CLAIM, "journal", "manifests.state", PEER_FILE, SOCKET_NAME)
-    return folder.is_dir() and any((folder / mark).exists() for mark in marks)
+    return (
+        folder.is_dir()
+        and not is_receiver_job_state(folder)  # it has a journal too
+        and not is_receiver_state(folder)  # and a control socket
+        and any((folder / mark).exists() for mark in marks)
+    )
+
+
+def is_receiver_job_state(folder: Path) -> bool:
+    """Whether ``folder`` is one job's folder in a receiver's state folder."""
+    return any((folder / mark).exists() for mark in (replica_state.FILE_NAME, REPLICA_FILES_NAME))
 
 
 def is_receiver_state(folder: Path) -> bool:

@@ -328,6 +328,21 @@ def test_status_errors_and_watch(tmp_path: Path) -> None:
     parent = replicator("status", "--state-dir", str(tmp_path / "vm"))
     assert parent.returncode == ExitCode.CONFIG
     assert "it holds the state folders of web01: give one of them" in parent.stderr
+    # a receiver's folders hold a journal and a control socket too: never a sender's
+    replicas = tmp_path / "replicas"
+    (replicas / ".replicator" / "web01" / "journal").mkdir(parents=True)
+    (replicas / ".replicator" / "web01" / "applied.state").write_bytes(b"x")
+    (replicas / ".replicator" / "control.sock").touch()
+    for folder in (replicas, replicas / ".replicator", replicas / ".replicator" / "web01"):
+        theirs = replicator("status", "--state-dir", str(folder))
+        assert theirs.returncode == ExitCode.CONFIG and theirs.stdout == "", theirs.stdout
+        assert "is a receiver's folder, not a sender's state folder" in theirs.stderr
+        assert "give `--dir DIR`" in theirs.stderr
+    both = replicator(
+        "status", "--dir", str(replicas), "--state-dir", str(tmp_path / "vm" / "web01")
+    )
+    assert both.returncode == ExitCode.CONFIG
+    assert "is a sender's state folder: with --dir, --state-dir is the receiver's" in both.stderr
     for command in (
         ("send", "--to", "127.0.0.1:1", "--job", "j", "--insecure", str(tmp_path)),
         ("receive", "--listen", "127.0.0.1:1", "--dir", str(tmp_path / "r"), "--insecure"),
