@@ -32,7 +32,7 @@ from replicator.journal import (
     JournalFull,
     Record,
 )
-from replicator.journal.errors import READ_ONLY_HINT
+from replicator.journal.errors import READ_ONLY_HINT, BusyError
 from replicator.transport import (
     PROTOCOL_VERSION,
     ConnectionClosedError,
@@ -143,7 +143,12 @@ class Session:
         ConnectionClosedError when the session ends first, HandoverRefused when the sender
         cannot take a final point now."""
         if self._handover is not None:
-            raise RuntimeError("a handover was already requested in this session")
+            raise BusyError(
+                "a planned failover of this job is already under way (another `replicator "
+                "failover --planned`)",
+                hint="wait for it: its result is the job's (`replicator status --dir DIR` "
+                "shows the job promoted once it is done)",
+            )
         self._handover = asyncio.get_running_loop().create_future()
         self._handover.add_done_callback(lambda f: f.cancelled() or f.exception())
         await self.conn.send(Handover("request", 0, 0))

@@ -180,6 +180,37 @@ def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_i
     assert '"event": "sender.handover_refused"' in err
 
 
+def test_a_second_planned_failover_while_one_runs_is_told_so(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """Two `failover --planned` of one job at once: the second said "failover failed:
+    RuntimeError: a handover was already requested in this session", exit 3 (bad input)."""
+    disk, state = _disk(tmp_path), tmp_path / "state"
+    proc = start_send(  # each freeze lasts 2 s: the first failover's last scan too
+        receiver.address, "vm", state, disk,
+        extra=("--interval", "0.3", "--pre-hook", "sleep 2", "--post-hook", "true"),
+    )  # fmt: skip
+    try:
+        replica = receiver.dir / "vm" / "disk.img"
+        wait_for(lambda: replica.exists() and _point(receiver)["lsn"] > 0, proc, "a point")
+        first = subprocess.Popen(
+            [*REPLICATOR, "failover", "--dir", str(receiver.dir), "--job", "vm", "--planned"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
+        time.sleep(0.7)
+        second = replicator(
+            "failover", "--dir", str(receiver.dir), "--job", "vm", "--planned", timeout=60
+        )
+        assert second.returncode == ExitCode.REFUSED, second.stderr
+        assert "a planned failover of this job is already under way" in second.stderr
+        assert first.wait(timeout=60) == 0, first.stderr.read() if first.stderr else ""
+        assert proc.wait(timeout=60) == ExitCode.HANDED_OVER
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_sender_stopped_while_the_guest_is_frozen_thaws_it_first(
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
