@@ -363,6 +363,14 @@ async def _local_basis(
     upto = max(received or 0, journal.first_lsn - 1, held[-1][1] if held else 0)
     for first, last in _missing(after, upto, held):
         if intent is None or not intent.covers(first, last):
+            if received is not None and last < journal.first_lsn and last <= received:
+                # this journal held them, and dropped them once the receiver had them (a
+                # live sender killed before it saved manifests past them): no gap, but
+                # the replica is compared all the same
+                return (
+                    f"the journal no longer holds lsn {first} to {last} (dropped once the "
+                    "receiver had them), after the last sync"
+                )
             return f"the journal does not hold lsn {first} to {last}, after the last sync"
     if intent is not None:
         _unknown_where_touched(basis, intent.touched, state.config.volumes)

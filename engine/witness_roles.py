@@ -94,7 +94,11 @@ async def _renew_lease(
                     f"{', by ' + repr(renewal.grantee) if renewal.grantee else ''}); this "
                     f"source was at generation {gen} and stopped: it writes nothing more",
                     hint="do not start the VM here; bring this side up to date with "
-                    "`replicator failback` (docs/OPERATIONS.md, 'Automatic failover')",
+                    "`replicator failback`; or, to throw the target's changes away, "
+                    "`replicator demote --discard-changes` there, then one `send --once "
+                    "--resync` here without --witness (the witness still holds its grant), "
+                    "then send with --witness again (docs/OPERATIONS.md, 'Automatic "
+                    "failover')",
                 )
             if fence is not None:
                 fence.renewed(sent)

@@ -165,3 +165,37 @@ def test_a_journal_reopened_with_a_smaller_cap_makes_room_instead_of_waiting(
         )
     finally:
         _stop(proc, mnt)
+
+
+def test_a_restart_after_a_kill_is_not_taken_for_a_restored_state_folder(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """Records the receiver had were trimmed from the journal past the manifests of the
+    last sync; SIGKILLed, the sender saved no newer ones. The restart compares with the
+    replica, as it must, but warned "the journal does not hold lsn ... (was it restored
+    from an older copy?)" after every kill."""
+    source, mnt = folder
+    (source / "d.raw").write_bytes(b"\0" * (16 << 20))
+    small = ("--journal-max", "8M")  # 2 MiB segments: trimmed as they are applied
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt, extra=small)
+    replica = receiver.dir / "fvm"
+    try:
+        with (mnt / "d.raw").open("r+b") as f:
+            f.write(os.urandom(12 << 20))
+        _until(lambda: _same(source, replica), proc, "12 MiB written")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt, extra=small)
+    try:
+        with (mnt / "d.raw").open("r+b") as f:
+            f.write(os.urandom(1 << 20))
+        _until(lambda: _same(source, replica), proc, "a write after the restart")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert '"sender.journal_gap"' not in err, err[-3000:]
