@@ -477,12 +477,12 @@ class Applier:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(leaf, mode, dir_fd=dfd)
                 # the mode as the source has it: not as this process's umask and the parent's
-                # setgid bit made it (mkdir applies both), nor as an earlier walk made it
-                fd = os.open(leaf, _DIR_FLAGS, dir_fd=dfd)
-                try:
-                    os.fchmod(fd, mode)
-                finally:
-                    os.close(fd)
+                # setgid bit made it (mkdir applies both), nor as an earlier walk made it.
+                # By name (a folder without read permission cannot be opened but by root),
+                # once it is known to be a folder: never a link's target
+                if not stat.S_ISDIR(os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_mode):
+                    raise ApplyError(f"cannot make folder {path!r}: something else is there")
+                os.chmod(leaf, mode, dir_fd=dfd)
             else:  # SYMLINK: replace whatever is there (idempotent re-apply)
                 self._close(path)
                 with contextlib.suppress(FileNotFoundError):

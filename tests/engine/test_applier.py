@@ -376,3 +376,32 @@ def test_a_renamed_files_fsync_failing_stamps_nothing_and_the_redo_converges(
     redo.files.check("notes.old", os.lstat(job / "notes.old"))
     assert "notes" not in redo.files.stamps
     redo.close()
+
+
+def test_folders_get_the_records_mode_and_a_planted_link_is_refused(tmp_path: Path) -> None:
+    """mkdir applies the process's umask and drops setgid: the mode is set after it, also
+    on a folder that already exists; never through a link planted at the name."""
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "link").symlink_to(outside)
+    old = os.umask(0o077)
+    try:
+        applier = Applier(job)
+        applier.apply_many(
+            [
+                Record.mkdir("shared", 0o2775),
+                Record.mkdir("sticky", 0o1777),
+                Record.mkdir("locked", 0o000),
+                Record.mkdir("shared", 0o2770),  # already there: takes the new mode
+            ]
+        )
+        with pytest.raises(ApplyError, match="something else is there"):
+            applier.apply(Record.mkdir("link", 0o777))
+        applier.close()
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in job.iterdir() if not p.is_symlink()}
+    assert modes == {"shared": 0o2770, "sticky": 0o1777, "locked": 0o000}
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o700
