@@ -95,6 +95,14 @@ def check_values(config: ConfigFile, section: Section, skip: Set[str] = frozense
                 check(value)
 
 
+def _capture_of(values: Mapping[str, Any]) -> Capture | None:
+    """The job's capture mode; None when the value is none (refused as the option's)."""
+    try:
+        return Capture(str(values.get("capture") or "scan").lower())
+    except ValueError:
+        return None
+
+
 def check_together(config: ConfigFile, section: Section, command_line: Mapping[str, Any]) -> None:
     """What the section's options mean together, as the command checks it before it starts
     (a capture mode and what it needs, fencing and the witness, automatic failover and the
@@ -115,10 +123,9 @@ def check_together(config: ConfigFile, section: Section, command_line: Mapping[s
             with at(config, section, key("auto_failover_after", "witness")):
                 check_auto_failover(values.get("auto_failover_after"), values.get("witness"))
         return
-    try:
-        capture = Capture(str(values.get("capture") or "scan").lower())
-    except ValueError:
-        return  # not a mode at all: refused as the option's value
+    capture = _capture_of(values)
+    if capture is None:
+        return
     try:
         check_capture_needs(capture, values)
     except CaptureNeeds as exc:
@@ -170,10 +177,9 @@ def check_capture(config: ConfigFile, section: Section, command_line: Mapping[st
     line sets (they override the file); a misplaced one of those is `send`'s to refuse as
     typed (exit 2)."""
     values = {**section.values, **command_line}
-    try:
-        capture = Capture(str(values.get("capture") or "scan").lower())
-    except ValueError:
-        return  # not a mode at all: refused as the option's value
+    capture = _capture_of(values)
+    if capture is None:
+        return
     try:
         check_capture_options(capture, values)
     except MisplacedOption as exc:

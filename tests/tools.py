@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+import pytest
 
 REPLICATOR = [sys.executable, "-m", "replicator.cli"]
 # -q: warnings and errors only. Info lines (one per cycle, per connection) would fill the
@@ -392,6 +393,19 @@ def is_mounted(mnt: Path) -> bool:
     return any(
         line.split()[1] == str(mnt) for line in Path("/proc/mounts").read_text().splitlines()
     )
+
+
+@pytest.fixture(name="folder")
+def fuse_folder(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A VM folder with its domain XML, and an empty mount point (unmounted at the end):
+    import it as ``folder`` into a FUSE test module."""
+    source, mnt = tmp_path / "vm", tmp_path / "mnt"
+    source.mkdir()
+    mnt.mkdir()
+    (source / "vm.xml").write_text("<domain><name>vm</name></domain>\n")
+    yield source, mnt
+    if is_mounted(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def start_fuse_sender(

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from replicator.engine.errors import ExitCode
 from tests.tools import (
     ReceiverProc,
     b3,
+    fuse_folder,  # noqa: F401  (the fixture `folder`)
     is_mounted,
     qemu_compare,
     qemu_img,
@@ -41,17 +41,6 @@ def _wait_same(source: Path, replica: Path, timeout: float = 30) -> None:
     while not (replica.exists() and b3(replica) == b3(source)):
         assert time.monotonic() < deadline, f"{replica} did not converge"
         time.sleep(0.1)
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    source, mnt = tmp_path / "vm", tmp_path / "mnt"
-    source.mkdir()
-    mnt.mkdir()
-    (source / "vm.xml").write_text("<domain><name>vm</name></domain>\n")
-    yield source, mnt
-    if is_mounted(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize(

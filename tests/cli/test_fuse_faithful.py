@@ -9,12 +9,17 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from tests.tools import ReceiverProc, b3, is_mounted, start_fuse_sender, start_receiver
+from tests.tools import (
+    ReceiverProc,
+    b3,
+    fuse_folder,  # noqa: F401  (the fixture `folder`)
+    is_mounted,
+    start_fuse_sender,
+    start_receiver,
+)
 
 
 def _until(done: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:
@@ -48,17 +53,6 @@ def _same(source: Path, replica: Path) -> bool:
         return out
 
     return replica.is_dir() and tree(source) == tree(replica)
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    source, mnt = tmp_path / "vm", tmp_path / "mnt"
-    source.mkdir()
-    mnt.mkdir()
-    (source / "vm.xml").write_text("<domain><name>vm</name></domain>\n")
-    yield source, mnt
-    if is_mounted(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_names_the_apply_used_for_its_temp_file_are_replicated_like_any_other(
