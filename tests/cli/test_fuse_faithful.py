@@ -128,8 +128,10 @@ def test_a_folder_that_became_a_file_does_not_stop_the_sender_at_a_reconnect(
         _until(lambda: _same(source, replica), proc, "the replica after the reconnect")
         assert is_mounted(mnt)
     finally:
-        _stop(proc, mnt)
-        receiver.stop()
+        try:
+            _stop(proc, mnt)
+        finally:  # also when the sender failed: no receiver left running
+            receiver.stop()
 
 
 def test_a_journal_reopened_with_a_smaller_cap_makes_room_instead_of_waiting(
