@@ -483,6 +483,9 @@ class Applier:
                 if not stat.S_ISDIR(os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_mode):
                     raise ApplyError(f"cannot make folder {path!r}: something else is there")
                 os.chmod(leaf, mode, dir_fd=dfd)
+                # its inode durable at the barrier, as the walk's new folders are: the
+                # parent's fsync need not carry a chmod logged after the mkdir (XFS)
+                self._dirty_dirs.add(path)
             else:  # SYMLINK: replace whatever is there (idempotent re-apply)
                 self._close(path)
                 with contextlib.suppress(FileNotFoundError):

@@ -193,13 +193,11 @@ class Sender:
         """Sizes of the volumes that exist now (a FUSE folder's files come and go)."""
         sizes: dict[str, int] = {}
         for v in self.config.volumes:
-            # gone, or a folder on its path is a file now: it is not there (ELOOP likewise)
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                try:
-                    sizes[v.name] = os.stat(v.path).st_size
-                except OSError as exc:
-                    if exc.errno != errno.ELOOP:
-                        raise
+            try:
+                sizes[v.name] = os.stat(v.path).st_size
+            except OSError as exc:  # gone, or a folder on its path is a file or a loop now
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise
         return sizes
 
     async def open_link(
