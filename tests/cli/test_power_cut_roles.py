@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ import pytest
 
 from replicator.engine.errors import ExitCode
 from replicator.engine.witness_client import BuiltinWitness
+from replicator.transport.wan import LinkProfile
+from tests.cli.test_network_faults import ProxyThread
 from tests.cli.test_witness import start_witness
 from tests.crashdisk import CrashDisk, power_cut
 from tests.tools import (
@@ -39,6 +42,8 @@ from tests.tools import (
 )
 
 MiB = 1 << 20
+PROMOTED = 40 * MiB  # what the promoted VM wrote at 8 MiB, for the failback to move
+SLOW = LinkProfile(rate=8 * MiB)  # the first failback's link: seconds, not a race to win
 QUIET = 0.2  # what a promotion asks the source to have been silent for
 
 
@@ -130,19 +135,25 @@ def test_a_failback_survives_power_cuts_of_the_old_source(
     source, state, target, replica = forced_failover(
         images.mountpoint, state=states.mountpoint / "state", target=tmp_path / "target"
     )
-    qemu_io("raw", replica, "write -P 0x33 8M 40M")  # the promoted VM's writes: much to move
+    promoted = random.Random(13).randbytes(PROMOTED)  # incompressible: the slow link shows
+    with replica.open("r+b") as f:  # the promoted VM's writes: much to move
+        f.seek(8 * MiB)
+        f.write(promoted)
     qemu_io("raw", source, "write -P 0x44 60M 2M")  # the old source's, never shipped
     os.sync()  # all of the above on disk: only the failback is at stake
     receiver = start_receiver(target)
+    proxy = ProxyThread(("127.0.0.1", int(receiver.address.rsplit(":", 1)[1])))
     try:
-        first = _failback(receiver.address, state, source)
+        proxy.call(lambda: setattr(proxy.wan, "profile", SLOW))  # ~5 s for the whole restore
+        first = _failback(f"127.0.0.1:{proxy.address[1]}", state, source)
         deadline = time.monotonic() + 30
-        while not _restored_some(source):  # mid-failback: the first restored extents in
+        while not _restored_some(source, promoted):  # mid-failback: the first restored bytes
             assert first.poll() is None, first.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the failback restored nothing in 30 s"
             time.sleep(0.002)
         first.kill()  # the power goes
         first.wait(timeout=30)
+        assert not _restored_all(source, promoted), "the failback was not cut in its middle"
         power_cut(images, states)
         refused = replicator(
             "send", "--to", receiver.address, "--job", "vm", "--state-dir", str(state),
@@ -160,11 +171,26 @@ def test_a_failback_survives_power_cuts_of_the_old_source(
         assert resumed["basis"] == "local"
         assert b3(source) == b3(replica)
     finally:
+        proxy.close()
         receiver.stop()
 
 
-def _restored_some(source: Path) -> bool:
-    """Whether the failback wrote any of the promoted VM's 0x33 extents into ``source``."""
-    with source.open("rb") as f:
-        f.seek(8 * MiB)
-        return b"\x33" * 4096 in f.read(40 * MiB)
+def _probes(source: Path, promoted: bytes) -> list[bool]:
+    """For 4 KiB at each MiB of the promoted VM's writes: whether ``source`` holds it.
+    Cheap (a few dozen preads), so the poll sees the first restored extent at once."""
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        return [
+            os.pread(fd, 4096, 8 * MiB + at) == promoted[at : at + 4096]
+            for at in range(0, len(promoted), MiB)
+        ]
+    finally:
+        os.close(fd)
+
+
+def _restored_some(source: Path, promoted: bytes) -> bool:
+    return any(_probes(source, promoted))
+
+
+def _restored_all(source: Path, promoted: bytes) -> bool:
+    return all(_probes(source, promoted))
