@@ -11,7 +11,7 @@ the one of the bytes shipped.
 
 When a helper cannot start, dies (killed, out of memory) or more than a quarter of the
 extents turn out changed (a first sync against a stale replica: reading them all in one
-pass is cheaper), the rest of the volume is scanned by ``volumes.iter_extents``.
+pass is cheaper), the rest of the volume is scanned by ``volumes.iter_runs``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from replicator.engine.read_plan import DEFAULT_EXTENT, HELPER_MIN_SIZE, HELPERS
 from replicator.engine.volumes import (
     Extent,
     ExtentState,
+    Holes,
     Unchanged,
+    digest_runs,
     extent_digest,
-    iter_extents,
+    iter_runs,
     pread_all,
     zero_digest,
     zeros,
@@ -146,8 +148,8 @@ def iter_extents_against(
     *,
     helpers: int = HELPERS,
     min_size: int = HELPER_MIN_SIZE,
-) -> Iterator[Extent | Unchanged]:
-    """Every extent of ``fd`` up to ``size``, as ``volumes.iter_extents`` gives it, for a
+) -> Iterator[Extent | Unchanged | Holes]:
+    """Every extent of ``fd`` up to ``size``, as ``volumes.iter_runs`` gives it, for a
     scan whose previous digests are ``basis`` (DIGEST_SIZE bytes per extent).
 
     The differences: where helpers hash, extents whose digests equal the basis's come in
@@ -156,7 +158,7 @@ def iter_extents_against(
     """
     plan, shares = helper_plan(fd, size, extent_size, helpers) if size >= min_size else ([], [])
     if not shares:
-        yield from iter_extents(fd, size, extent_size)
+        yield from iter_runs(fd, size, extent_size)
         return
     # started at the command's start (engine/early_hashing.py), when asked exactly this
     early = early_hashing.take(fd, size, extent_size, DIGEST_SIZE, shares)
@@ -169,7 +171,7 @@ def iter_extents_against(
         for helper in started:
             helper.close()
         log.info("scan.helpers_unavailable", error=str(exc))
-        yield from iter_extents(fd, size, extent_size)
+        yield from iter_runs(fd, size, extent_size)
         return
     log.debug(
         "scan.hashing_in_helpers",
@@ -189,7 +191,7 @@ def iter_extents_against(
         for helper in started:
             helper.close()
     if resume_at is not None:
-        yield from iter_extents(fd, size, extent_size, first=resume_at)
+        yield from iter_runs(fd, size, extent_size, first=resume_at)
 
 
 def _hashed(
@@ -198,60 +200,37 @@ def _hashed(
     extent_size: int,
     basis: bytes | bytearray,
     segments: list[tuple[int, int, _Helper | None]],
-) -> Generator[Extent | Unchanged, None, int | None]:
+) -> Generator[Extent | Unchanged | Holes, None, int | None]:
     """The extents of ``segments`` (holes, or runs a helper hashes); returns where the
     threaded scan must take over, or None when done.
 
-    A segment's digests are compared with the basis's at once, then a block of ``BLOCK``
-    at a time where they differ: only the extents that changed are visited one by one,
-    and every run between them comes out as one ``Unchanged``."""
+    A hole comes out as one ``Holes`` (the scan compares its digests). A hashed segment's
+    digests are compared with the basis's at once, then a block of ``BLOCK`` at a time
+    where they differ: only the extents that changed are visited one by one, and every
+    run between them comes out as one ``Unchanged``."""
     seen = changed = 0
     for first, count, helper in segments:
-        hole = helper is None
         if helper is None:
-            new = _hole_digests(size, extent_size, first, count)
-        else:
-            try:
-                new = helper.take(count)
-            except _HelperFailed as exc:
-                log.info("scan.helper_failed", error=str(exc), extent=first)
-                return first
+            yield Holes(first, count)
+            continue
+        try:
+            new = helper.take(count)
+        except _HelperFailed as exc:
+            log.info("scan.helper_failed", error=str(exc), extent=first)
+            return first
         # shorter where the basis ends: an extent past it is UNKNOWN, never equal
         old = basis[first * DIGEST_SIZE : (first + count) * DIGEST_SIZE]
-        start = 0  # where the run of unchanged extents not given out yet begins
-        if old != new:
-            for block in range(0, count, BLOCK):
-                lo, hi = block * DIGEST_SIZE, min(count, block + BLOCK) * DIGEST_SIZE
-                if old[lo:hi] == new[lo:hi]:
-                    continue
-                for k in range(block, min(count, block + BLOCK)):
-                    at = k * DIGEST_SIZE
-                    if old[at : at + DIGEST_SIZE] == new[at : at + DIGEST_SIZE]:
-                        continue
-                    if k > start:
-                        yield Unchanged(first + start, k - start, new[start * DIGEST_SIZE : at])
-                    start = k + 1
-                    idx = first + k
-                    off = idx * extent_size
-                    length = min(extent_size, size - off)
-                    if hole:
-                        yield Extent(idx, off, length, ExtentState.HOLE, zero_digest(length), None)
-                        continue
-                    # what ships, and its digest, come from reading it now (not the helper)
-                    changed += 1
-                    yield _changed_extent(fd, idx, off, length)
-                    if changed > CHANGED_MIN and changed > (seen + k + 1) * CHANGED_SHARE:
-                        return idx + 1  # most of it changed: one reading pass is cheaper
-        if count > start:
-            yield Unchanged(first + start, count - start, new[start * DIGEST_SIZE :])
-        if not hole:
-            seen += count
+        for lo, hi, same in digest_runs(old, new, BLOCK):
+            if same:
+                yield Unchanged(first + lo, hi - lo, new[lo * DIGEST_SIZE : hi * DIGEST_SIZE])
+                continue
+            for k in range(lo, hi):
+                # what ships, and its digest, come from reading it now (not the helper)
+                idx = first + k
+                off = idx * extent_size
+                changed += 1
+                yield _changed_extent(fd, idx, off, min(extent_size, size - off))
+                if changed > CHANGED_MIN and changed > (seen + k + 1) * CHANGED_SHARE:
+                    return idx + 1  # most of it changed: one reading pass is cheaper
+        seen += count
     return None
-
-
-def _hole_digests(size: int, extent_size: int, first: int, count: int) -> bytes:
-    """The digests of ``count`` extents of a hole from ``first`` (zeros; the file's last
-    extent may be short)."""
-    last = first + count - 1
-    tail = min(extent_size, size - last * extent_size)
-    return zero_digest(extent_size) * (count - 1) + zero_digest(tail)

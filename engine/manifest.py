@@ -16,7 +16,7 @@ from typing import Any
 
 import lz4.frame
 
-from replicator.engine.volumes import iter_extents
+from replicator.engine.volumes import Holes, hole_digests, iter_runs
 from replicator.journal.durable import StateFileError, read_state, write_state
 from replicator.transport.messages import DIGEST_SIZE
 
@@ -29,9 +29,20 @@ def digest_chunks(fd: int, size: int, extent_size: int, chunk_extents: int) -> I
     Always yields at least once (an empty file yields b""). Blocking: run it in a thread.
     """
     out = bytearray()
-    for ext in iter_extents(fd, size, extent_size):
-        out += ext.digest
-        if len(out) >= chunk_extents * DIGEST_SIZE:
+    limit = chunk_extents * DIGEST_SIZE
+    for run in iter_runs(fd, size, extent_size):
+        if isinstance(run, Holes):
+            at, end = run.first, run.first + run.count
+            while at < end:  # a hole of a TiB is 16 bytes an extent too: chunk it as well
+                n = min(end - at, chunk_extents - len(out) // DIGEST_SIZE)
+                out += hole_digests(size, extent_size, at, n)
+                at += n
+                if len(out) >= limit:
+                    yield bytes(out)
+                    out.clear()
+            continue
+        out += run.digest
+        if len(out) >= limit:
             yield bytes(out)
             out.clear()
     yield bytes(out)
@@ -45,8 +56,10 @@ class ExtentManifest:
 
     def __post_init__(self) -> None:
         want = self.count * DIGEST_SIZE
-        if len(self.digests) < want:
-            self.digests.extend(UNKNOWN * ((want - len(self.digests)) // DIGEST_SIZE))
+        if not self.digests:  # all UNKNOWN (zero bytes), made at once: a TiB is 256 MiB
+            self.digests = bytearray(want)
+        elif len(self.digests) < want:
+            self.digests += bytes(want - len(self.digests))  # UNKNOWN is all zeros
         elif len(self.digests) > want:
             del self.digests[want:]
 
@@ -73,7 +86,7 @@ class ExtentManifest:
         self.size = size
         want = self.count * DIGEST_SIZE
         if len(self.digests) < want:
-            self.digests.extend(UNKNOWN * ((want - len(self.digests)) // DIGEST_SIZE))
+            self.digests += bytes(want - len(self.digests))  # UNKNOWN is all zeros
         else:
             del self.digests[want:]
         if old_count and old_size % self.extent_size and old_count - 1 < self.count:

@@ -20,12 +20,14 @@ from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.volumes import (
     Extent,
     ExtentState,
+    Holes,
     Unchanged,
     VolumeKind,
     VolumeSpec,
+    digest_runs,
     extent_digest,
-    iter_extents,
-    zero_digest,
+    hole_digests,
+    iter_runs,
 )
 from replicator.journal import Journal, JournalFull, Record
 from replicator.transport.messages import DIGEST_SIZE
@@ -34,6 +36,8 @@ MAX_WRITE = 1024 * 1024  # bytes of data per WRITE record
 BATCH_BYTES = 4 * 1024 * 1024  # records handed from the scan thread to the loop per hop
 PROGRESS_BYTES = 64 * 1024 * 1024  # the scan thread reports back at least this often
 SYNC_EVERY = 64 * 1024 * 1024  # changed bytes the scan may get ahead of a running sync
+HOLE_PIECE = 65_536  # hole extents whose digests are made and compared at once (1 MiB)
+HOLE_BLOCK = 1024  # of those, compared in blocks this long, one by one inside one that differs
 
 Progress = Callable[[int, int], None]  # (bytes scanned so far, bytes to scan in all)
 
@@ -94,6 +98,7 @@ def _disk_batches(
             zero_off, zero_len = -1, 0
 
         new_digests, old_digests, old_count = new.digests, basis.digests, basis.count
+        extent_size = new.extent_size
 
         def one_extent(ext: Extent) -> None:
             """An extent that changed, or one as the threads read it (every extent)."""
@@ -127,24 +132,51 @@ def _disk_batches(
                     flush_zero()
                     zero_off, zero_len = ext.offset, ext.length
 
+        def holes(run: Holes) -> None:
+            """A run of holes: ZERO records for the extents the basis does not know as
+            zeros, compared a piece at a time (a 2 TiB hole is 512 MiB of digests)."""
+            nonlocal zero_off, zero_len
+            for piece in range(run.first, run.first + run.count, HOLE_PIECE):
+                count = min(HOLE_PIECE, run.first + run.count - piece)
+                at = piece * DIGEST_SIZE
+                digests = hole_digests(size, extent_size, piece, count)
+                new_digests[at : at + len(digests)] = digests
+                old = old_digests[at : at + len(digests)]  # shorter where the basis ends
+                for lo, hi, same in digest_runs(old, digests, HOLE_BLOCK):
+                    off = (piece + lo) * extent_size
+                    length = min((hi - lo) * extent_size, size - off)
+                    stats.bytes_scanned += length
+                    flush_write()
+                    if same:
+                        flush_zero()
+                        continue
+                    stats.extents_changed += hi - lo
+                    if not (zero_len and zero_off + zero_len == off):
+                        flush_zero()
+                        zero_off = off
+                    zero_len += length
+
         # where helpers hash, the extents that did not change come in runs (Unchanged): a
         # GiB is 16,384 extents, and this loop holds the lock the event loop also wants
         extents = (
-            iter_extents_against(fd, size, old_digests, new.extent_size)
+            iter_extents_against(fd, size, old_digests, extent_size)
             if old_count
-            else iter_extents(fd, size, new.extent_size)  # a first sync reads it all anyway
+            else iter_runs(fd, size, extent_size)  # a first sync reads it all anyway
         )
         for ext in extents:
             if isinstance(ext, Unchanged):  # a run whose digests equal the basis's
                 at = ext.first * DIGEST_SIZE
                 new_digests[at : at + len(ext.digests)] = ext.digests
-                length = min(ext.count * new.extent_size, size - ext.first * new.extent_size)
+                length = min(ext.count * extent_size, size - ext.first * extent_size)
                 stats.bytes_scanned += length
                 if write_buf:
                     flush_write()
                 if zero_len:
                     flush_zero()
                 since_yield += length
+            elif isinstance(ext, Holes):
+                holes(ext)
+                since_yield += min(ext.count * extent_size, size - ext.first * extent_size)
             else:
                 one_extent(ext)
                 since_yield += ext.length
@@ -171,9 +203,9 @@ def resize_basis(basis: ExtentManifest, size: int) -> None:
             first_new -= 1  # the old partial extent grows: its content is unknown here
             basis.set(first_new, UNKNOWN)
             first_new += 1
-        for i in range(first_new, basis.count):
-            length = min(basis.extent_size, size - i * basis.extent_size)
-            basis.set(i, zero_digest(length))
+        basis.digests[first_new * DIGEST_SIZE :] = hole_digests(
+            size, basis.extent_size, first_new, basis.count - first_new
+        )
 
 
 Appender = Callable[[list[Record]], Awaitable[int]]
@@ -390,11 +422,7 @@ async def _scan_volumes(
         size, mode = st.st_size, st.st_mode & 0o777  # no set-id bits (docs/OPERATIONS.md)
         new_set.modes[spec.name] = mode
         old = basis.disks.get(spec.name)
-        work = (
-            ExtentManifest(basis.extent_size, old.size, bytearray(old.digests))
-            if old is not None
-            else ExtentManifest(basis.extent_size, 0)
-        )
+        work = old if old is not None else ExtentManifest(basis.extent_size, 0)
         first: list[Record] = []
         if old is None:
             # new to these manifests, the basis says zeros (the RESIZE's), but the replica may
@@ -404,6 +432,7 @@ async def _scan_volumes(
         if work.size != size or old is None:
             first.append(Record.resize(spec.name, size))
             stats.resized.append(spec.name)
+            work = work.copy()  # the basis stays as it was; the scan compares with this
             resize_basis(work, size)
         # the replica follows the source's mode: a new one (it is made 0600), one whose
         # mode is unknown here, and after every chmod of the source

@@ -191,11 +191,61 @@ def _read_chunk(
     return out
 
 
-def iter_extents(
+@dataclass(slots=True)
+class Holes:
+    """``count`` extents from ``first`` that are holes: never read, all zeros. What a scan
+    gives for a hole instead of an Extent each: a 2 TiB sparse image is 33 million
+    extents, and a Python object apiece cost its first sync about a minute."""
+
+    first: int
+    count: int
+
+
+def hole_digests(size: int, extent_size: int, first: int, count: int) -> bytes:
+    """The digests of ``count`` hole extents from ``first`` of a volume of ``size`` bytes
+    (those of zeros; the volume's last extent may be short)."""
+    if count <= 0:
+        return b""
+    tail = min(extent_size, size - (first + count - 1) * extent_size)
+    return zero_digest(extent_size) * (count - 1) + zero_digest(tail)
+
+
+def digest_runs(
+    old: bytes | bytearray, new: bytes | bytearray, block: int
+) -> Iterator[tuple[int, int, bool]]:
+    """(first, end, same) runs of extents, in order and covering all of ``new``: whether
+    their digests in ``old`` (``DIGEST_SIZE`` bytes each; shorter where a basis ends, and
+    past its end nothing is the same) equal those in ``new``. Compared ``block`` extents at
+    a time, one by one only inside a block that differs."""
+    count, known = len(new) // DIGEST_SIZE, min(len(old), len(new)) // DIGEST_SIZE
+    start, same = 0, True
+    for lo in range(0, known, block):
+        hi = min(known, lo + block)
+        if old[lo * DIGEST_SIZE : hi * DIGEST_SIZE] == new[lo * DIGEST_SIZE : hi * DIGEST_SIZE]:
+            if not same:
+                yield start, lo, False
+                start, same = lo, True
+            continue
+        for k in range(lo, hi):
+            at = k * DIGEST_SIZE
+            equal = old[at : at + DIGEST_SIZE] == new[at : at + DIGEST_SIZE]
+            if equal != same:
+                if k > start:
+                    yield start, k, same
+                start, same = k, equal
+    if known < count and same:  # past the basis nothing is the same
+        if known > start:
+            yield start, known, True
+        start, same = known, False
+    if count > start:
+        yield start, count, same
+
+
+def iter_runs(
     fd: int, size: int, extent_size: int = DEFAULT_EXTENT, workers: int = 2, *, first: int = 0
-) -> Iterator[Extent]:
+) -> Iterator[Extent | Holes]:
     """Every extent of ``fd`` up to ``size`` (from extent ``first`` on), in order, with its
-    state and digest.
+    state and digest; a run of holes as one ``Holes``.
 
     Holes are not read. Data is read and hashed a chunk at a time by ``workers`` threads
     (pread and blake3 release the GIL), a couple of chunks ahead of the consumer. An
@@ -220,14 +270,25 @@ def iter_extents(
         submit_more(ahead + 1)
         for read, first, count in jobs:
             if not read:
-                for idx in range(first, first + count):
-                    off = idx * extent_size
-                    length = min(extent_size, size - off)
-                    yield Extent(idx, off, length, ExtentState.HOLE, zero_digest(length), None)
+                yield Holes(first, count)
                 continue
             chunk = pending.popleft().result()
             yield from chunk
             submit_more(ahead + 1)  # the buffer of the chunk just consumed is free again
+
+
+def iter_extents(
+    fd: int, size: int, extent_size: int = DEFAULT_EXTENT, workers: int = 2, *, first: int = 0
+) -> Iterator[Extent]:
+    """``iter_runs`` one extent at a time, holes too (``ExtentState.HOLE``)."""
+    for run in iter_runs(fd, size, extent_size, workers, first=first):
+        if isinstance(run, Extent):
+            yield run
+            continue
+        for idx in range(run.first, run.first + run.count):
+            off = idx * extent_size
+            length = min(extent_size, size - off)
+            yield Extent(idx, off, length, ExtentState.HOLE, zero_digest(length), None)
 
 
 # the symbols already loaded into this process (libc among them): find_library("c") would

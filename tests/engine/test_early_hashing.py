@@ -25,9 +25,12 @@ from replicator.engine.hooks import Quiesce
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.sender import Sender, SenderConfig
 from replicator.engine.volumes import (
+    DEFAULT_EXTENT,
     Extent,
     ExtentState,
+    Holes,
     Unchanged,
+    hole_digests,
     iter_extents,
     resolve_volumes,
 )
@@ -101,6 +104,12 @@ def _scan_checked(path: Path, basis: list[tuple[int, bytes]], *, exact: bool = T
         os.close(fd)
     got = [e for e in items if isinstance(e, Extent)]
     rows = [(e.index, e.digest) for e in got]
+    for holes in (e for e in items if isinstance(e, Holes)):  # each with the digest of zeros
+        digests = hole_digests(size, DEFAULT_EXTENT, holes.first, holes.count)
+        rows += [
+            (holes.first + k, digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE])
+            for k in range(holes.count)
+        ]
     for run in (e for e in items if isinstance(e, Unchanged)):  # each as its basis says
         rows += [basis[i] for i in range(run.first, run.first + run.count)]
         assert b"".join(d for _, d in basis[run.first : run.first + run.count]) == run.digests

@@ -27,9 +27,12 @@ from replicator.engine.read_plan import deal
 from replicator.engine.volumes import (
     Extent,
     ExtentState,
+    Holes,
     Unchanged,
     extent_digest,
+    hole_digests,
     iter_extents,
+    iter_runs,
     pread_all,
     zero_digest,
     zeros,
@@ -58,11 +61,25 @@ def _oracle(fd: int, size: int) -> list[tuple[int, ExtentState, bytes]]:
 Row = tuple[int, ExtentState | None, bytes]  # index, state (None: in a run), digest
 
 
-def _rows(got: list[Extent | Unchanged]) -> list[Row]:
-    """Every extent, runs of unchanged ones one by one (their state is not given)."""
+def _split(digests: bytes) -> list[bytes]:
+    return [digests[k : k + DIGEST_SIZE] for k in range(0, len(digests), DIGEST_SIZE)]
+
+
+def _rows(got: list[Extent | Unchanged | Holes], size: int) -> list[Row]:
+    """Every extent, runs of unchanged ones one by one (their state is not given), holes
+    one by one."""
     rows: list[Row] = []
     for e in got:
-        if isinstance(e, Unchanged):
+        if isinstance(e, Holes):
+            rows += [
+                (k, ExtentState.HOLE, digest)
+                for k, digest in zip(
+                    range(e.first, e.first + e.count),
+                    _split(hole_digests(size, EXT, e.first, e.count)),
+                    strict=True,
+                )
+            ]
+        elif isinstance(e, Unchanged):
             digests = e.digests
             rows += [
                 (e.first + k, None, digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE])
@@ -73,10 +90,12 @@ def _rows(got: list[Extent | Unchanged]) -> list[Row]:
     return rows
 
 
-def _check(fd: int, size: int, basis: bytes | bytearray, got: list[Extent | Unchanged]) -> None:
+def _check(
+    fd: int, size: int, basis: bytes | bytearray, got: list[Extent | Unchanged | Holes]
+) -> None:
     """Same extents as the oracle; data exactly where the digest moved from the basis; in
     a run only extents whose digest did not."""
-    rows, oracle = _rows(got), _oracle(fd, size)
+    rows, oracle = _rows(got, size), _oracle(fd, size)
     assert [(i, d) for i, _, d in rows] == [(i, d) for i, _, d in oracle]
     for (index, state, digest), (_, want, _) in zip(rows, oracle, strict=True):
         if state is None:
@@ -94,8 +113,8 @@ def _check(fd: int, size: int, basis: bytes | bytearray, got: list[Extent | Unch
 
 def _scan(
     fd: int, size: int, basis: bytes | bytearray, helpers: int = 2
-) -> list[Extent | Unchanged]:
-    out: list[Extent | Unchanged] = []
+) -> list[Extent | Unchanged | Holes]:
+    out: list[Extent | Unchanged | Holes] = []
     for e in iter_extents_against(fd, size, basis, EXT, helpers=helpers, min_size=0):
         if isinstance(e, Extent) and e.data is not None:
             e.data = memoryview(bytes(e.data))  # iter_extents' views die with the next chunk
@@ -103,7 +122,7 @@ def _scan(
     return out
 
 
-def _with_data(got: list[Extent | Unchanged]) -> list[Extent]:
+def _with_data(got: list[Extent | Unchanged | Holes]) -> list[Extent]:
     return [e for e in got if isinstance(e, Extent) and e.data is not None]
 
 
@@ -115,7 +134,7 @@ def _basis(fd: int, size: int, keep: list[bool]) -> bytearray:
     return digests
 
 
-def _scan_checked(disk: tuple[Path, int], keep: list[bool]) -> list[Extent | Unchanged]:
+def _scan_checked(disk: tuple[Path, int], keep: list[bool]) -> list[Extent | Unchanged | Holes]:
     """Scan ``disk`` against its own digests but where ``keep`` is False, and check it."""
     path, size = disk
     fd = os.open(path, os.O_RDONLY)
@@ -286,13 +305,13 @@ def test_mostly_changed_goes_over_to_one_reading_pass(
     disk: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     switched: list[int] = []
-    real = iter_extents
+    real = iter_runs
 
     def spy(*args: object, first: int = 0, **kwargs: object) -> object:
         switched.append(first)
         return real(*args, first=first, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(extent_hasher, "iter_extents", spy)
+    monkeypatch.setattr(extent_hasher, "iter_runs", spy)
     _scan_checked(disk, [False] * 2001)  # nothing as it was
     assert len(switched) == 1 and 0 < switched[0] < 2001 // 2
 
@@ -307,7 +326,7 @@ def test_a_file_shorter_than_the_scan_reads_as_zeros_at_its_end(tmp_path: Path) 
         basis = bytearray(b"\x02" * DIGEST_SIZE * 40) + _basis(fd, size, [])[40 * DIGEST_SIZE :]
         got = _scan(fd, size, basis)
         _check(fd, size, basis, got)
-        rows = _rows(got)  # the last bytes and zeros after them, then zeros
+        rows = _rows(got, size)  # the last bytes and zeros after them, then zeros
         assert rows[100][2] == extent_digest(path.read_bytes()[100 * EXT :].ljust(EXT, b"\0"))
         assert rows[101][2] == zero_digest(EXT)
     finally:

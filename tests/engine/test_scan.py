@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from replicator.engine import scan
-from replicator.engine.manifest import ExtentManifest, ManifestSet
+from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.scan import (
     BATCH_BYTES,
     CycleStopped,
@@ -18,14 +18,15 @@ from replicator.engine.scan import (
     _disk_batches,
     append_waiting,
 )
-from replicator.engine.volumes import VolumeKind, VolumeSpec
-from replicator.journal import Journal, JournalFull, Record
+from replicator.engine.volumes import Holes, VolumeKind, VolumeSpec, iter_runs, zero_digest
+from replicator.journal import Journal, JournalFull, Record, RecordType
 from replicator.journal.errors import JournalIOError
 from replicator.journal.journal import MIN_SEGMENT_BYTES
 from replicator.transport.messages import DIGEST_SIZE
 
 EXT = 64 * 1024
 MiB = 1024 * 1024
+Zero = tuple[int, int]  # offset, length
 
 
 def test_a_disk_that_grew_since_its_size_was_taken_is_scanned_to_that_size(
@@ -198,3 +199,103 @@ async def test_a_full_journal_waits_for_room_until_a_stop_or_not_at_all(tmp_path
         assert await append_waiting(journal, big, freed, fine, nothing, stop) == kept + 1
     finally:
         await journal.aclose()
+
+
+def _records(spec: VolumeSpec, basis: ExtentManifest, size: int) -> tuple[list[Record], bytes]:
+    new = ExtentManifest(EXT, size)
+    batches = _disk_batches(spec, basis, new, ScanStats(), BATCH_BYTES)
+    return [r for batch in batches for r in batch], bytes(new.digests)
+
+
+def _expected_zeros(basis: ExtentManifest, truth: ExtentManifest, holes: set[int]) -> list[Zero]:
+    """The ZERO records a scan owes, found one extent at a time: every hole extent whose
+    digest in the basis is not the one of zeros, adjacent ones merged."""
+    zeros: list[Zero] = []
+    for index in range(truth.count):
+        if index not in holes or basis.get(index) == truth.get(index):
+            continue
+        off, length = index * EXT, min(EXT, truth.size - index * EXT)
+        if zeros and sum(zeros[-1]) == off:
+            zeros[-1] = (zeros[-1][0], zeros[-1][1] + length)
+        else:
+            zeros.append((off, length))
+    return zeros
+
+
+@pytest.mark.parametrize("size_mib", [64, 4608])  # threads only; helpers (and long holes)
+def test_holes_give_zero_records_exactly_where_the_basis_did_not_know_zeros(
+    tmp_path: Path, size_mib: int
+) -> None:
+    """Holes come as runs, not extents; what they owe is still found extent by extent:
+    across the blocks and pieces they are compared in, at the short last extent, past the
+    basis's end, and on a first sync (no basis)."""
+    size = size_mib * MiB + 100
+    data_at = [5, 1030 % (size // EXT), 70_000 % (size // EXT)]
+    path = tmp_path / "disk.img"
+    with path.open("wb") as f:
+        f.truncate(size)
+        for index in data_at:
+            f.seek(index * EXT)
+            f.write(os.urandom(EXT))
+    spec = VolumeSpec(path, "disk.img", VolumeKind.DISK)
+    truth = ExtentManifest.of_file(path, EXT)
+    holes = set(range(truth.count)) - set(data_at)
+    count = truth.count
+    moved = [0, 1, scan.HOLE_BLOCK - 1, scan.HOLE_BLOCK, scan.HOLE_BLOCK + 1, count - 2, count - 1]
+    if count > scan.HOLE_PIECE + 1:
+        moved += [scan.HOLE_PIECE - 1, scan.HOLE_PIECE]
+    stale = truth.copy()
+    for index in moved:
+        stale.set(index, b"\x01" * DIGEST_SIZE)
+    shorter = ExtentManifest(EXT, 1000 * EXT, bytearray(truth.digests[: 1000 * DIGEST_SIZE]))
+    for basis in (truth, stale, shorter, ExtentManifest(EXT, 0)):
+        records, digests = _records(spec, basis, size)
+        assert digests == bytes(truth.digests)
+        zeros = [(r.offset, r.length) for r in records if r.type is RecordType.ZERO]
+        assert zeros == _expected_zeros(basis, truth, holes)
+        written = {
+            index
+            for r in records
+            if r.type is RecordType.WRITE
+            for index in range(r.offset // EXT, (r.offset + r.length) // EXT)
+        }
+        assert written == {i for i in data_at if basis.get(i) != truth.get(i)}
+
+
+def test_a_huge_sparse_image_is_walked_in_runs_of_holes(tmp_path: Path) -> None:
+    """256 GiB with one extent of data: a few runs, one ZERO record on each side of it."""
+    path = tmp_path / "huge.img"
+    size = 256 << 30
+    with path.open("wb") as f:
+        f.truncate(size)
+        f.seek(size // 2)
+        f.write(os.urandom(EXT))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        runs = list(iter_runs(fd, size, EXT))
+    finally:
+        os.close(fd)
+    assert len(runs) == 3 and isinstance(runs[0], Holes) and isinstance(runs[2], Holes)
+    spec = VolumeSpec(path, "huge.img", VolumeKind.DISK)
+    records, _ = _records(spec, ExtentManifest(EXT, 0), size)
+    assert [(r.type, r.offset, r.length) for r in records] == [
+        (RecordType.ZERO, 0, size // 2),
+        (RecordType.WRITE, size // 2, EXT),
+        (RecordType.ZERO, size // 2 + EXT, size // 2 - EXT),
+    ]
+
+
+@pytest.mark.parametrize("old_size", [0, EXT, 3 * EXT + 17, 70_000 * EXT + 1])
+def test_a_grown_basis_knows_the_new_extents_as_zeros(old_size: int) -> None:
+    basis = ExtentManifest(EXT, old_size, bytearray(b"\x07" * DIGEST_SIZE * -(-old_size // EXT)))
+    new_size = 140_000 * EXT + 5
+    scan.resize_basis(basis, new_size)
+    partial = old_size % EXT != 0
+    for index in range(basis.count):
+        length = min(EXT, new_size - index * EXT)
+        if index * EXT < old_size and not (partial and index == old_size // EXT):
+            assert basis.get(index) == b"\x07" * DIGEST_SIZE
+        elif partial and index == old_size // EXT:
+            assert basis.get(index) == UNKNOWN  # the old short extent grew: unknown
+        else:
+            assert basis.get(index) == zero_digest(length), index

@@ -1,17 +1,21 @@
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from replicator.engine.errors import ConfigError
 from replicator.engine.read_plan import data_ranges
 from replicator.engine.volumes import (
     ExtentState,
     VolumeKind,
+    digest_runs,
     extent_digest,
     iter_extents,
     pread_all,
@@ -20,6 +24,7 @@ from replicator.engine.volumes import (
     resolve_volumes,
     zero_digest,
 )
+from replicator.transport.messages import DIGEST_SIZE
 
 EXT = 64 * 1024
 
@@ -145,3 +150,25 @@ def test_pwrite_all_finishes_short_writes_and_refuses_a_stuck_one(
         assert pread_all(fd, 100, 5) == b"0123456789"
     finally:
         os.close(fd)
+
+
+def _as_digests(values: list[int]) -> bytes:
+    return b"".join(bytes([v]) * DIGEST_SIZE for v in values)
+
+
+@given(
+    new=st.lists(st.integers(0, 2), max_size=80),
+    old=st.lists(st.integers(0, 2), max_size=80),
+    block=st.integers(1, 9),
+)
+def test_digest_runs_say_what_comparing_one_by_one_says(
+    new: list[int], old: list[int], block: int
+) -> None:
+    """Runs cover all of ``new`` in order, alternate between same and not, and say of each
+    extent what comparing it alone says (past the end of ``old``: not the same)."""
+    runs = list(digest_runs(_as_digests(old), _as_digests(new), block))
+    flat = [same for lo, hi, same in runs for _ in range(lo, hi)]
+    assert flat == [k < len(old) and old[k] == v for k, v in enumerate(new)]
+    assert all(lo < hi for lo, hi, _ in runs)
+    assert [lo for lo, _, _ in runs[1:]] == [hi for _, hi, _ in runs[:-1]]
+    assert all(a[2] != b[2] for a, b in itertools.pairwise(runs))
