@@ -74,9 +74,9 @@ def status_command(
     try:
         role, root = _where(state_dir, directory)
         if not watch:
-            _show(_fetch(role, root), as_json, _console())
+            _show(_fetch(role, root, directory), as_json, _console())
             return
-        _watch(role, root, as_json)
+        _watch(role, root, directory, as_json)
     except ReplicatorError as exc:
         fail(exc)
 
@@ -129,8 +129,9 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
     return "receiver", root
 
 
-def _fetch(role: str, root: Path) -> dict[str, Any]:
-    """The live status from the process, else the files at rest (saying which)."""
+def _fetch(role: str, root: Path, directory: Path | None) -> dict[str, Any]:
+    """The live status from the process, else the files at rest (saying which; a
+    receiver's replica files in ``directory`` compared with their stamps)."""
     path = root / SOCKET_NAME
     try:
         snapshot = request(path, "status", timeout=5.0)
@@ -144,7 +145,7 @@ def _fetch(role: str, root: Path) -> dict[str, Any]:
             )
         snapshot.update(running=True, source="process", note=None)
         return snapshot
-    rest = sender_at_rest(root) if role == "sender" else receiver_at_rest(root)
+    rest = sender_at_rest(root) if role == "sender" else receiver_at_rest(root, directory)
     rest["source"] = "files"
     if role == "sender" and claim_held(root):
         pid = (read_claim(root) or {}).get("pid")
@@ -158,7 +159,7 @@ def _fetch(role: str, root: Path) -> dict[str, Any]:
     return rest
 
 
-def _watch(role: str, root: Path, as_json: bool) -> None:
+def _watch(role: str, root: Path, directory: Path | None, as_json: bool) -> None:
     from rich.live import Live
 
     # Ctrl-C (or SIGTERM) ends the watch; the entry point's early handler would exit 130
@@ -168,12 +169,14 @@ def _watch(role: str, root: Path, as_json: bool) -> None:
     try:
         if as_json or not console.is_terminal:  # piped: a table (or an object) per second
             while True:
-                _show(_fetch(role, root), as_json, console)
+                _show(_fetch(role, root, directory), as_json, console)
                 time.sleep(WATCH_INTERVAL)
-        with Live(_render(_fetch(role, root)), console=console, auto_refresh=False) as live:
+        with Live(
+            _render(_fetch(role, root, directory)), console=console, auto_refresh=False
+        ) as live:
             while True:
                 time.sleep(WATCH_INTERVAL)
-                live.update(_render(_fetch(role, root)), refresh=True)
+                live.update(_render(_fetch(role, root, directory)), refresh=True)
     except KeyboardInterrupt:
         raise typer.Exit(ExitCode.OK) from None
 
@@ -361,6 +364,11 @@ def _point(job: dict[str, Any]) -> str:
     text = f"LSN {point.get('lsn')}, source time {point.get('source_time') or 'unknown'}"
     if point.get("consistent"):
         return text
+    if job.get("diverged"):
+        return text + (
+            " (not consistent: replica files were changed outside replication; "
+            "`replicator send --resync` repairs them)"
+        )
     if point.get("floor_lsn"):
         return text + (
             " (not consistent: records it had acknowledged were lost; the sender compares, "

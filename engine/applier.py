@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 
 from replicator.engine.direct_writes import DirectWrites
-from replicator.engine.names import node_kind, path_problem
+from replicator.engine.names import file_mode, node_kind, path_problem
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.volumes import punch_hole, pwrite_all
 from replicator.journal import Record, RecordType
@@ -58,7 +58,8 @@ def _checked(path: str) -> str:
 def _open_planted(leaf: str, dfd: int, path: str) -> int:
     """Open the existing replica file ``leaf``; refuse anything but a regular file planted
     under its name: a FIFO would fail the first write obscurely, a device node would take
-    the bytes. O_NONBLOCK and O_NOCTTY: opening it neither waits nor takes a terminal."""
+    the bytes, a hard link would carry the writes to a file outside the replica folder.
+    O_NONBLOCK and O_NOCTTY: opening it neither waits nor takes a terminal."""
     try:
         fd = os.open(leaf, _FILE_FLAGS | os.O_NONBLOCK | os.O_NOCTTY, 0o600, dir_fd=dfd)
     except OSError as exc:
@@ -66,7 +67,14 @@ def _open_planted(leaf: str, dfd: int, path: str) -> int:
             _refuse_unless_regular(os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_mode, path)
         raise
     try:
-        _refuse_unless_regular(os.fstat(fd).st_mode, path)
+        st = os.fstat(fd)
+        _refuse_unless_regular(st.st_mode, path)
+        if st.st_nlink > 1:
+            raise ApplyError(
+                f"refusing record: {path} has {st.st_nlink - 1} other hard link(s), which "
+                "a write would change too, wherever they are (replication never makes hard "
+                "links; remove the other names, or copy the file to a name of its own)"
+            )
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -401,14 +409,14 @@ class Applier:
             dfd = self._open_dir(_parent_of(path), create=True)
             os.close(dfd)  # the walk proved the parent is a real directory inside the replica
             target = self.replica_dir / path
-            atomic_write(target, record.data, record.offset & 0o7777, shared_folder=True)
+            atomic_write(target, record.data, file_mode(record.offset), shared_folder=True)
             self._mine(path)
             self._moved.add(path)
         elif kind is RecordType.CREATE:
             self._close(path)
             fd = self._fd(path)
             os.ftruncate(fd, 0)
-            os.fchmod(fd, record.offset & 0o7777)
+            os.fchmod(fd, file_mode(record.offset))
             self._dirty.add(path)
             self._dirty_dirs.add(_parent_of(path))
             self._mine(path)
@@ -442,10 +450,10 @@ class Applier:
         finally:
             os.close(dfd)
         try:
-            os.fchmod(fd, mode)
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            os.fchmod(fd, mode if kind == stat.S_IFDIR else file_mode(mode))
             # durable now, with the ctime the barrier stamps: a mode change is no data, so
             # no descriptor in the barrier's files would carry it (chmods are rare)
-            kind = stat.S_IFMT(os.fstat(fd).st_mode)
             if kind in (stat.S_IFREG, stat.S_IFDIR):  # a FIFO or a device has no fsync
                 fsync_fd(fd)
         finally:

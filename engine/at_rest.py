@@ -16,6 +16,7 @@ snapshots (engine/status.py) where the figure exists at rest, plus ``"source": "
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.peer_applied import PeerApplied, load_peer_applied
 from replicator.engine.replica_files import FILE_NAME as REPLICA_FILES_NAME
-from replicator.engine.replica_files import ReplicaFiles
+from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.served_alone import load_served_alone
 from replicator.engine.status import ReceiverPhase, iso_time, promotion_fields
 from replicator.journal.durable import StateFileError
@@ -152,8 +153,12 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
     return {"role": "sender", "running": False, "state_dir": str(state_dir), "jobs": [entry]}
 
 
-def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> list[dict[str, Any]]:
-    """Each job's status from ``state_root/JOB`` (those named in ``skip`` left out)."""
+def receiver_jobs_at_rest(
+    state_root: Path, skip: set[str] | None = None, replica_root: Path | None = None
+) -> list[dict[str, Any]]:
+    """Each job's status from ``state_root/JOB`` (those named in ``skip`` left out); with
+    ``replica_root`` (the receiver's --dir), its replica files are compared with their
+    stamps too, as a failover would."""
     now = time.time()
     jobs: list[dict[str, Any]] = []
     try:
@@ -175,18 +180,23 @@ def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> lis
         if not has_state and not (folder / "journal").is_dir():
             continue
         saved = replica_state.load(folder, job) if has_state else None
+        files = ReplicaFiles.load(folder, job)
+        diverged = dict(files.diverged)
+        if replica_root is not None:
+            diverged.update(changed_behind(replica_root / job, files))
         report = _journal(folder / "journal")
         last = report.last_lsn if report is not None and report.last_lsn is not None else 0
         point = replica_state.recovered(  # as JobReplica.open will take it
             folder,
             saved,
-            files_damaged=ReplicaFiles.load(folder, job).damaged,
+            files_damaged=files.damaged,
             first_lsn=report.trim_floor if report is not None else 1,
             next_lsn=last + 1,
         )
         applied = point.applied_lsn
         received = max(applied, last)
-        consistent = point.consistent and not point.applying
+        finished = point.consistent and not point.applying
+        consistent = finished and not diverged  # a file changed behind it holds no point
         age = (now - point.point_ts_ns / 1e9) if point.point_ts_ns else None
         promotion = load_promotion(folder)  # failover: the replica is the primary copy now
         # promoted.state is written before applied.state's generation (a crash between
@@ -213,8 +223,9 @@ def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> lis
                     "floor_lsn": point.floor_ahead,
                     "unknown": point.unknown or None,
                 },
+                "diverged": diverged,
                 # an apply was cut short: the receiver finishes it when it starts
-                "recovery_pending": not consistent,
+                "recovery_pending": not finished,
                 "state_file": "ok" if saved is not None else ("damaged" if has_state else None),
                 "journal": {
                     "bytes": report.total_bytes if report is not None else 0,
@@ -225,13 +236,32 @@ def receiver_jobs_at_rest(state_root: Path, skip: set[str] | None = None) -> lis
     return jobs
 
 
-def receiver_at_rest(state_root: Path) -> dict[str, Any]:
+def receiver_at_rest(state_root: Path, replica_root: Path | None = None) -> dict[str, Any]:
     return {
         "role": "receiver",
         "running": False,
         "state_dir": str(state_root),
-        "jobs": receiver_jobs_at_rest(state_root),
+        "jobs": receiver_jobs_at_rest(state_root, replica_root=replica_root),
     }
+
+
+def changed_behind(replica_dir: Path, files: ReplicaFiles) -> dict[str, str]:
+    """The stamped files of ``replica_dir`` that are not as replication left them: path ->
+    what happened (``ReplicaFiles.check``). Read only."""
+    changed: dict[str, str] = {}
+    for path in sorted(files.stamps):
+        try:
+            st: os.stat_result | None = os.lstat(replica_dir / path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            changed[path] = f"cannot be looked at ({exc.strerror})"
+            continue
+        try:
+            files.check(path, st)
+        except ReplicaDiverged as exc:
+            changed[path] = exc.why
+    return changed
 
 
 def _journal(path: Path) -> JournalReport | None:

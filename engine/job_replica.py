@@ -773,11 +773,16 @@ class JobReplica:
         await self.apply_pending()
         async with self._apply_lock:
             state = self.state
-            inconsistent = not state.consistent or state.applying
+            # a file changed on this target outside replication holds no point's content,
+            # whatever the state says (found now, or by a session that was refused for it)
+            await self._check_stamps()
+            await asyncio.to_thread(self.files.save, self.state_dir)
+            inconsistent = not state.consistent or state.applying or bool(self.files.diverged)
+            why = _why_not_a_point(state, self.files.diverged)
             if inconsistent and not allow_inconsistent:
                 raise ReplicaInconsistent(
                     f"job {self.job!r}: the replica is not at a consistency point "
-                    f"({_why_inconsistent(state)}); "
+                    f"({why}); "
                     "promoting it could start a VM on a disk that never existed",
                     hint="let the source finish sending (run `replicator send` again, with "
                     "--resync if the receiver asks for it), then fail over; if the source is "
@@ -790,7 +795,7 @@ class JobReplica:
                     "receiver.promoting_inconsistent",
                     job=self.job,
                     applied=state.applied_lsn,
-                    why=_why_inconsistent(state),
+                    why=why,
                     action="promoted as asked (--allow-inconsistent): check the file "
                     "systems in the replicas before starting anything on them",
                 )
@@ -970,24 +975,32 @@ class JobReplica:
         """Replica files not as replication left them (see ``replica_files.py``); with
         ``adopt`` (the sender compares with the replica) they are all taken as they are."""
         async with self._apply_lock:
-            # a first sync's writes an ended session left uncommitted are ours, not an edit
-            with contextlib.suppress(Exception):  # failed: unstamped, so taken as they are
-                await self._commit_direct()
             if adopt:  # the sender's PointFloor then settles an unknown state
+                await self._commit_ended_first_sync()
                 self.files.forget_all()
             else:
-                applier = self._get_applier()
-                for path in list(self.files.stamps):
-                    try:
-                        self.files.check(path, await asyncio.to_thread(applier.lstat, path))
-                    except ReplicaDiverged as exc:
-                        self.files.mark_diverged(exc.path, exc.why)
-                        self._let_go(exc.path)
+                await self._check_stamps()
             await asyncio.to_thread(self.files.save, self.state_dir)
             found = [f"{path!r} {why}" for path, why in sorted(self.files.diverged.items())]
             if self.state.unknown and not adopt:
                 found.insert(0, f"the replica is not known: {self.state.unknown}")
             return found
+
+    async def _commit_ended_first_sync(self) -> None:
+        """A first sync's writes an ended session left uncommitted are ours, not an edit."""
+        with contextlib.suppress(Exception):  # failed: unstamped, so taken as they are
+            await self._commit_direct()
+
+    async def _check_stamps(self) -> None:
+        """Mark diverged every replica file not as its stamp says (under the apply lock)."""
+        await self._commit_ended_first_sync()
+        applier = self._get_applier()
+        for path in list(self.files.stamps):
+            try:
+                self.files.check(path, await asyncio.to_thread(applier.lstat, path))
+            except ReplicaDiverged as exc:
+                self.files.mark_diverged(exc.path, exc.why)
+                self._let_go(exc.path)
 
     async def adopt(self, path: str) -> None:
         """The sender is about to compare with replica file ``path`` as it is now."""
@@ -1061,6 +1074,13 @@ async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
         with contextlib.suppress(BaseException):
             await asyncio.wait([task])
         raise
+
+
+def _why_not_a_point(state: ReplicaState, diverged: dict[str, str]) -> str:
+    """Why a promotion now would not take a consistency point ("" when it would)."""
+    whys = [_why_inconsistent(state)] if not state.consistent or state.applying else []
+    whys += [f"replica file {path!r} {why}" for path, why in sorted(diverged.items())]
+    return "; ".join(whys)
 
 
 def _why_inconsistent(state: ReplicaState) -> str:

@@ -227,6 +227,8 @@ def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None)
         state_root,
         owner="a receiver",
         metrics=metrics,
-        at_rest=lambda known: receiver_jobs_at_rest(state_root, known),
+        at_rest=lambda known: receiver_jobs_at_rest(
+            state_root, known, receiver.config.replica_root
+        ),
         handlers={"failover": failover, "demote": demote},
     )

@@ -130,6 +130,15 @@ _NODE_KINDS = {
 }
 
 
+def file_mode(mode: int) -> int:
+    """The permission bits a replica file gets from its source's ``mode``: all but the
+    set-user-ID and set-group-ID bits. The owner is not replicated (the replica belongs to
+    the receiver's user, root as a rule), so a set-id bit would let any user of the target
+    run the file as that user. Folders keep theirs (a setgid folder only passes its group
+    on)."""
+    return mode & 0o7777 & ~(stat.S_ISUID | stat.S_ISGID)
+
+
 def node_kind(mode: int) -> str:
     """What a ``stat`` mode is, in the words of an error message ("FIFO", "socket")."""
     return _NODE_KINDS.get(stat.S_IFMT(mode), "special file")

@@ -40,6 +40,7 @@ from replicator.engine.names import check_job_name, path_problem
 from replicator.engine.receiver_session import (
     HandoverRefused,
     Session,
+    SessionTold,
     StorageFailed,
     replica_tree_parts,
     send_quietly,
@@ -159,7 +160,12 @@ class Receiver:
         except (ConnectionClosedError, ConnectionError, TimeoutError) as exc:
             log.info("receiver.session_lost", peer=conn.peer, reason=str(exc) or type(exc).__name__)
             kind, message = "connection", str(exc) or type(exc).__name__
-        except StorageFailed as exc:
+        except SessionTold as exc:  # logged where it was told; counted once, by its kind
+            log.info("receiver.session_ended", peer=conn.peer, reason=str(exc))
+            code = exc.error.code
+            kind = code if code in ("storage", "diverged") else "protocol"
+            message = exc.error.message
+        except StorageFailed as exc:  # the connection was gone before it could be told
             log.warning("receiver.session_ended", peer=conn.peer, reason=str(exc))
             kind, message = "storage", str(exc)
         except RemoteProtocolError as exc:
@@ -310,7 +316,14 @@ class Receiver:
         if not verifying:
             self._replicating[hello.job] = session
         try:
-            await session.run()
+            try:
+                await session.run()
+            except Exception as exc:
+                if session.told is None:
+                    raise
+                raise SessionTold(session.told) from exc
+            if session.told is not None:
+                raise SessionTold(session.told)
         finally:
             if self._replicating.get(hello.job) is session:
                 del self._replicating[hello.job]

@@ -95,6 +95,7 @@ class Session:
         self._linger: asyncio.TimerHandle | None = None  # a delayed sync (_wake_syncer)
         self._taking: asyncio.Future[None] | None = None  # the last frame, being taken
         self._state_reserve = state_reserve(replica.state_dir)  # see _journal_room
+        self.told: Error | None = None  # the Error that ended the session, as we sent it
 
     async def run(self) -> None:
         replica = self.replica
@@ -163,6 +164,7 @@ class Session:
         (the protocol is closed then; the check and the send are one step of the loop)."""
         if self.conn.state is not State.CLOSED:
             await self.conn.send(error)
+            self.told = error
 
     async def _storage_failed(self, exc: BaseException) -> str:
         """Log a failed write or sync of the job's replicas or state and tell the sender
@@ -417,8 +419,9 @@ class Session:
     async def _answer_manifest(self, req: ManifestRequest) -> None:
         problem = path_problem(req.volume)
         if problem is not None:
-            await self.conn.send(Error("name", problem))
-            return
+            log.warning("receiver.protocol_error", job=self.replica.job, error=problem)
+            await self._send_error(Error("name", problem))
+            raise _SessionOver  # whoever sends Error ends the session (docs/PROTOCOL.md)
         # Everything received is applied first, so the manifest and the sender's view of
         # "what the receiver has" agree (see docs/ARCHITECTURE.md, differential sync).
         await self.replica.apply_pending(force=True)
@@ -483,6 +486,15 @@ class _TakeFailed(Exception):
 
 class StorageFailed(Exception):
     """The receiver could not make records durable; the sender was told why."""
+
+
+class SessionTold(Exception):
+    """A session ended with an Error we sent (``error``), whatever came after it: the
+    sender's frames already in flight read as out of turn, a closed connection."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
 
 
 def storage_reason(exc: BaseException, folders: tuple[Path, ...] = ()) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from replicator.engine.extent_hasher import iter_extents_against
 from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
+from replicator.engine.names import file_mode
 from replicator.engine.volumes import (
     Extent,
     ExtentState,
@@ -313,7 +314,7 @@ def file_volume(spec: VolumeSpec) -> tuple[Record, bytes]:
     """
     with open(spec.path, "rb") as f:
         content = f.read()
-        mode = os.fstat(f.fileno()).st_mode & 0o7777
+        mode = file_mode(os.fstat(f.fileno()).st_mode)
     return Record.file(spec.name, content, mode), extent_digest(content)
 
 

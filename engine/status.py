@@ -404,7 +404,10 @@ class ReceiverJobStatus:
             "consistency_point": {
                 "lsn": point.point_lsn,
                 "source_time": iso_time(point.point_ts_ns),
-                "consistent": point.consistent and not point.applying,
+                # a replica file changed outside replication is no point's content
+                "consistent": point.consistent
+                and not point.applying
+                and not replica.files.diverged,
                 "floor_lsn": point.floor_ahead,
                 "unknown": point.unknown or None,
             },

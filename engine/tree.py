@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from replicator.engine.errors import ConfigError
-from replicator.engine.names import node_kind, path_problem, printable
+from replicator.engine.names import file_mode, node_kind, path_problem, printable
 from replicator.engine.volumes import VolumeSpec, classify
 from replicator.journal import Record, RecordType
 from replicator.transport.messages import TreeEntry
@@ -55,7 +55,7 @@ def fold(tree: Tree, record: Record) -> None:
         return
     if kind in (RecordType.CREATE, RecordType.FILE):
         tree.links.pop(path, None)
-        tree.files[path] = record.offset & 0o7777
+        tree.files[path] = file_mode(record.offset)
     elif kind in (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM, RecordType.RESIZE):
         tree.files.setdefault(path, 0o600)  # the applier creates a file it writes to
     elif kind is RecordType.UNLINK:
@@ -69,9 +69,10 @@ def fold(tree: Tree, record: Record) -> None:
         tree.files.pop(path, None)
         tree.links[path] = record.target
     elif kind is RecordType.CHMOD:
-        for table in (tree.files, tree.dirs):
-            if path in table:
-                table[path] = record.offset & 0o7777
+        if path in tree.files:
+            tree.files[path] = file_mode(record.offset)
+        if path in tree.dirs:
+            tree.dirs[path] = record.offset & 0o7777
     elif kind is RecordType.RENAME:
         _move(tree.files, path, record.target)
         _move(tree.dirs, path, record.target)
@@ -107,7 +108,7 @@ def walk(source: Path) -> Tree:
             elif stat.S_ISDIR(st.st_mode):
                 tree.dirs[rel] = st.st_mode & 0o7777
             elif stat.S_ISREG(st.st_mode):
-                tree.files[rel] = st.st_mode & 0o7777
+                tree.files[rel] = file_mode(st.st_mode)  # as the replica will have it
             else:  # a socket, FIFO or device node holds no data to replicate
                 raise ConfigError(
                     f"cannot replicate {printable(full)}: a {node_kind(st.st_mode)}, not a "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -63,6 +64,12 @@ def test_disk_full_is_refused_then_resumes_after_space_is_freed(
         where = re.escape(str(small_disk / "full"))
         assert re.search(rf"disk is full \(\d+ MiB free for {where}\);", line), line
         assert receiver.proc.poll() is None  # still serving
+        # the job's status says so, once: not the sender's frames that were on their way
+        # ("Records out of turn"), counted as a protocol error
+        status = replicator("status", "--dir", str(small_disk), "--json")
+        (job,) = json.loads(status.stdout)["jobs"]
+        assert job["errors"] == {"storage": 1}, job
+        assert "disk is full" in job["last_error"], job
         subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
         send_once(receiver, "full", state, disk)
         assert b3(small_disk / "full" / "disk.img") == b3(disk)

@@ -625,3 +625,38 @@ def test_demote_through_the_running_receiver(tmp_path: Path) -> None:
         assert job["promoted"] is False and job["generation"] == 2
     finally:
         assert rcv.stop() == 0
+
+
+@pytest.mark.parametrize("refused_first", [False, True])
+def test_a_replica_changed_on_the_target_is_no_consistency_point(
+    tmp_path: Path, source: tuple[Path, Path], refused_first: bool
+) -> None:
+    """Bytes written into a replica on the target (by hand, by a VM started on it without
+    a failover): `failover --force` promoted it as "the consistency point at lsn N", with
+    the receiver itself holding it as diverged after a `send` it refused for it."""
+    disk, xml = source
+    target, state = tmp_path / "target", tmp_path / "state"
+    replica = target / "vm1" / disk.name
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm1", state, disk, xml)
+        with replica.open("r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"TAMPER")
+        if refused_first:
+            refused = _from_source("send", rcv, state, "--once", str(disk), str(xml))
+            assert refused.returncode == ExitCode.REFUSED, refused.stderr[-2000:]
+    finally:
+        assert rcv.stop() == 0
+    point = _receiver_job_at_rest(target)["consistency_point"]
+    assert isinstance(point, dict) and point["consistent"] is False  # status looks too
+    out = replicator("failover", "--dir", str(target), "--job", "vm1", "--force")
+    assert out.returncode == ExitCode.REFUSED, out.stdout + out.stderr[-2000:]
+    error = one_line_error(out.stderr)
+    assert f"{disk.name!r} was changed outside replication" in error, error
+    assert "--allow-inconsistent" in out.stderr and "--resync" in out.stderr
+    point = _receiver_job_at_rest(target)["consistency_point"]
+    assert isinstance(point, dict) and point["consistent"] is False
+    table = replicator("status", "--dir", str(target))
+    assert "changed outside replication" in table.stdout, table.stdout
+    assert _promoted_as_it_is(target)["consistent"] is False

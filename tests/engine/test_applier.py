@@ -405,3 +405,38 @@ def test_folders_get_the_records_mode_and_a_planted_link_is_refused(tmp_path: Pa
     modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in job.iterdir() if not p.is_symlink()}
     assert modes == {"shared": 0o2770, "sticky": 0o1777, "locked": 0o000}
     assert stat.S_IMODE(outside.stat().st_mode) == 0o700
+
+
+def test_a_hard_link_planted_under_a_replica_name_is_refused(tmp_path: Path) -> None:
+    """A second name of a file outside the replica folder: written through, the outside
+    file would take the replica's bytes (and a RESIZE its size)."""
+    victim = tmp_path / "victim.raw"
+    victim.write_bytes(b"v" * 65536)
+    job = tmp_path / "job"
+    job.mkdir()
+    os.link(victim, job / "disk.img")
+    for record in (Record.write("disk.img", 0, b"x" * 4096), Record.resize("disk.img", 0)):
+        applier = Applier(job)
+        with pytest.raises(ApplyError, match=r"disk\.img has 1 other hard link"):
+            applier.apply_many([record])
+        applier.close()
+    assert victim.read_bytes() == b"v" * 65536
+
+
+def test_files_never_get_set_id_bits_and_folders_keep_theirs(tmp_path: Path) -> None:
+    """The owner is not replicated: a set-id file would run as the receiver's user (root)."""
+    job = tmp_path / "job"
+    applier = Applier(job)
+    applier.apply_many(
+        [
+            Record.file("whole", b"#!/bin/sh\n", 0o4755),
+            Record.create("created", 0o6750),
+            Record.file("chmodded", b"x", 0o644),
+            Record.chmod("chmodded", 0o2711),
+            Record.mkdir("shared", 0o2775),
+            Record.chmod("shared", 0o3770),
+        ]
+    )
+    applier.close()
+    modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in job.iterdir()}
+    assert modes == {"whole": 0o755, "created": 0o750, "chmodded": 0o711, "shared": 0o3770}

@@ -645,3 +645,19 @@ async def test_a_frame_the_replica_could_not_take_leaves_no_task_unretrieved(
         assert ("receiver.write_failed" in events) == (failure == "our fault"), events
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_a_manifest_request_for_a_bad_name_ends_the_session_with_that_error(
+    tmp_path: Path,
+) -> None:
+    """Used to answer Error('name') and read on: the next Ping found the connection closed
+    and the sender got Error('internal'), the receiver's log a traceback."""
+    from replicator.transport import Error, ManifestRequest
+
+    async with _welcomed(tmp_path) as (_, sender, serving):
+        await sender.send(ManifestRequest(1, "../../etc/passwd", 65536, True))
+        answer = await sender.recv(timeout=10)
+        while type(answer).__name__ == "Ping":  # the receiver's pinger may come first
+            answer = await sender.recv(timeout=10)
+        assert isinstance(answer, Error) and answer.code == "name", answer
+        await asyncio.wait_for(serving, 10)  # the session is over, not waiting for more

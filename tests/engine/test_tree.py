@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ConfigError
-from replicator.engine.tree import walk
+from replicator.engine.tree import Tree, fold, walk
+from replicator.journal import Record
 
 
 def test_walk_records_links_without_following_them(tmp_path: Path) -> None:
@@ -51,3 +52,21 @@ def test_a_name_that_is_not_utf8_is_shown_as_its_bytes_and_what_to_do(tmp_path: 
     message = str(caught.value)
     assert f"cannot replicate {vm}/\\xe9t\\xe9.cfg: path" in message
     assert "is not valid UTF-8 (rename it, or move it out of the folder" in message
+
+
+def test_files_are_known_with_the_mode_their_replicas_get(tmp_path: Path) -> None:
+    """No set-id bits on a replica file (engine/names.py ``file_mode``): the source's walk
+    and the fold of records say so too, or every reconnect would find the modes apart."""
+    vm = tmp_path / "vm"
+    (vm / "shared").mkdir(parents=True)
+    os.chmod(vm / "shared", 0o2775)
+    (vm / "tool").write_bytes(b"x")
+    os.chmod(vm / "tool", 0o4755)
+    tree = walk(vm)
+    assert tree.files == {"tool": 0o755} and tree.dirs == {"shared": 0o2775}
+    folded = Tree()
+    for record in (Record.create("a", 0o6644), Record.file("b", b"", 0o2700)):
+        fold(folded, record)
+    fold(folded, Record.mkdir("d", 0o2770))
+    fold(folded, Record.chmod("a", 0o4711))
+    assert folded.files == {"a": 0o711, "b": 0o700} and folded.dirs == {"d": 0o2770}
