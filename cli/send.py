@@ -124,10 +124,12 @@ def _live_sender(
     """The NBD live sender; with ``fencing`` (send --witness) its writes pass a gate that
     source self-fencing holds (engine/witness_fence.py)."""
     from replicator.engine.live import LiveSender, NbdCapture, NbdOptions
+    from replicator.engine.nbd.endpoints import check_endpoints
     from replicator.engine.nbd.gate import WriteGate
 
     assert socket is not None  # check_capture_needs
     endpoint = parse_endpoint(listen, "--nbd-listen") if listen else None
+    check_endpoints(str(socket), endpoint)  # before the initial sync, which may take hours
     capture = NbdCapture(sender.config.volumes, NbdOptions(str(socket), endpoint, size))
     capture.gate = WriteGate() if fencing else None
     return LiveSender(sender, capture), capture.gate

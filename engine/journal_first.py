@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
@@ -109,6 +110,12 @@ class JournalFirst(Generic[T]):
         self.resyncing = False  # a resync epoch is being journaled
         self.diverged: dict[str, str] = {}  # scope -> why it no longer matches its journal
         self.journaled = 0  # records appended through this object
+        # wall time of the first change tracked outside the journal, until the barrier
+        # closing its resync is journaled: the oldest change the replica may lack
+        self.tracked_since: float | None = None
+        # told (that time, the closing barrier's LSN) as the resync closes: the change is
+        # in the journal from then on, but its age counts until that barrier is applied
+        self.on_resynced: Callable[[float, int], None] | None = None
 
     @property
     def overflows(self) -> bool:
@@ -188,6 +195,8 @@ class JournalFirst(Generic[T]):
             if self._new_tracker is None:
                 raise
             tracker = self.overflow = await self._new_tracker()
+            if self.tracked_since is None:
+                self.tracked_since = time.time()
             self._log.warning(
                 self.events.overflow, journal_bytes=exc.used, cap=exc.cap, action=OVERFLOW_ACTION
             )
@@ -325,12 +334,15 @@ class JournalFirst(Generic[T]):
             async with self:
                 self._check_resyncing()
                 try:
-                    await self.journal.append(Record.flush())
+                    closing = await self.journal.append(Record.flush())
                 except JournalFull:
                     pass
                 else:
                     self.journaled += 1
                     self.resyncing = self.unflushed = False
+                    since, self.tracked_since = self.tracked_since, None
+                    if since is not None and self.on_resynced is not None:
+                        self.on_resynced(since, closing)
                     return
             await self._room(make_room)
 

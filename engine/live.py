@@ -59,6 +59,7 @@ from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
 from replicator.engine.nbd.gate import WriteGate
 from replicator.engine.nbd.images import export_size_for, probe_path
+from replicator.engine.peer_applied import load_peer_applied
 from replicator.engine.scan import CycleStopped, file_volume
 from replicator.engine.sender import (
     MID_SESSION_RETRY,
@@ -157,6 +158,11 @@ class LiveSender:
         async with SenderState(self.sender.config) as state:
             journal = state.journal
             assert journal is not None
+            # its LSNs and the lag show before any link (serving alone, the receiver away)
+            self.status.journal = journal
+            heard = await asyncio.to_thread(load_peer_applied, state.dir)
+            if heard is not None:
+                self.status.heard_applied(heard.lsn)
             if not await self._initial_sync(state, stop):
                 self.sender.log_stop(state)  # raises when the receiver was never reached
                 return
@@ -166,6 +172,10 @@ class LiveSender:
                 journal.before_trim = functools.partial(self._note_touched, state)
             try:
                 await self.capture.start(state)
+                sequence = self.capture.sequence()
+                if sequence is not None:  # an overflow's changes count in the lag
+                    sequence.on_resynced = self.status.unapplied_until
+                    self.status.tracked_since = lambda: sequence.tracked_since
                 async with asyncio.TaskGroup() as tg:
                     helpers = [
                         tg.create_task(self._ticker(journal, stop)),
@@ -407,7 +417,6 @@ class LiveSender:
                 self._cannot_serve_alone(f"{SERVED_ALONE_FILE} could not be written: {exc}", waited)
                 return None
             state.served_alone = since
-        self.status.served_alone = since
         self.status.set_state(SenderPhase.INITIAL_SYNC)
         started = time.monotonic()
         try:
@@ -419,6 +428,7 @@ class LiveSender:
             return False
         await journal.sync()
         self._synced(manifests)
+        self.status.served_alone = since  # said once it does: not while it cannot
         self.status.set_state(SenderPhase.CONNECTING)
         log.warning(
             "sender.serving_alone",

@@ -195,6 +195,9 @@ class SenderJobStatus:
         # here (shipped without it: a first sync, a later scan): their age counts in the
         # lag until the receiver has applied up to the LSN ``beyond``
         self._unapplied: tuple[float, int] | None = None
+        # a live sender: when the first change it tracks outside its journal (the journal
+        # was full) was made, until that change's resync is journaled (JournalFirst)
+        self.tracked_since: Callable[[], float | None] = lambda: None
         self.listeners = Listeners()
 
     # -- pushed by the engine ------------------------------------------------------------
@@ -225,6 +228,19 @@ class SenderJobStatus:
             self.state = SenderPhase.CONNECTING
         if link is not old:
             self.changed("disconnected" if link is None else "connected")
+
+    def heard_applied(self, lsn: int) -> None:
+        """The receiver applied up to ``lsn`` (as last heard, before any link of this run)."""
+        self._applied = max(self._applied, lsn)
+
+    def unapplied_until(self, since: float, lsn: int) -> None:
+        """A change made at ``since`` reaches the replica only with the record at ``lsn``
+        (the barrier that closes an overflow's resync): its age counts in the lag until
+        the receiver has applied that LSN."""
+        if self._unapplied is not None:
+            since = min(since, self._unapplied[0])
+            lsn = max(lsn, self._unapplied[1])
+        self._unapplied = (since, lsn)
 
     def point_taken(self, lsn: int, scan_began: float) -> None:
         """A scanning sender journaled a consistency point at ``lsn``, of a scan that began
@@ -274,6 +290,9 @@ class SenderJobStatus:
         ):  # a continuous scanning sender that captures nothing meanwhile: the RPO (this lag
             # plus the interval, as while replicating) counts from the point the receiver holds
             lag_seconds = max(lag_seconds, now - self._uncaptured_since(applied) - self.interval)
+        tracked = self.tracked_since()
+        if tracked is not None:  # changes in no journal yet: the replica lacks them
+            lag_seconds = max(lag_seconds, now - tracked)
         if self._unapplied is not None:
             since, beyond = self._unapplied
             if applied >= beyond:  # sent again, and applied

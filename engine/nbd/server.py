@@ -23,14 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import stat
 from collections.abc import Coroutine, Generator, Mapping
 from typing import Any, Final, cast
 
 import structlog
 
-from replicator.engine.errors import ConfigError
 from replicator.engine.nbd.backend import Export, NbdIOError
+from replicator.engine.nbd.endpoints import stale_unix_socket
 from replicator.engine.nbd.gate import WriteGate
 from replicator.engine.nbd.proto import (
     DEFAULT_MAX_REQUEST,
@@ -96,17 +95,10 @@ class NbdServer:
 
     async def start_unix(self, path: str, *, mode: int = 0o600) -> None:
         """Listen on a unix socket. A stale socket file at ``path`` (nobody accepts on it) is
-        replaced; one that a live server answers on is refused: replacing it would send
-        that server's clients (another VM) to our exports."""
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
-            if await _answers(path):
-                raise ConfigError(
-                    f"NBD socket {path} is in use by another server (another sender?)",
-                    hint="give this sender its own --nbd-socket, or stop the other one",
-                )
-            os.unlink(path)
+        replaced; anything else there is refused (``endpoints.stale_unix_socket``)."""
+        if await asyncio.to_thread(stale_unix_socket, path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(lambda: _Connection(self), path)
         os.chmod(path, mode)
@@ -487,19 +479,6 @@ class _Connection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         self._close_transport()
-
-
-async def _answers(path: str) -> bool:
-    """True when something accepts connections on the unix socket ``path``."""
-    try:
-        async with asyncio.timeout(2.0):
-            _, writer = await asyncio.open_unix_connection(path)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:

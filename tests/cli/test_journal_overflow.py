@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ from tests.tools import (
     qemu_compare,
     qemu_img,
     qemu_io,
+    replicator,
     start_receiver,
 )
 
@@ -68,10 +70,17 @@ def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
         receiver.stop()
         point = replica_state.load(target / ".replicator" / "ovf", "ovf")
         assert point is not None and point.consistent
-        # 24 MiB with the receiver away, 8 MiB of journal: must all succeed
-        qemu_io("raw", uri, *(f"write -P {i + 2} {i * 2}M 2M" for i in range(12)), "flush")
+        # 24 MiB with the receiver away, 8 MiB of journal: must all succeed;
+        # the first larger than half the journal: tracked at once, nothing journaled
+        writes = ["write -P 2 0 6M", *(f"write -P {i + 3} {i * 2 + 6}M 2M" for i in range(9))]
+        qemu_io("raw", uri, *writes, "flush")
         replica = target / "ovf" / "disk.img"
         assert replica.read_bytes()[: 2 * MiB] == b"\x01" * MiB + bytes(MiB)  # unchanged
+        time.sleep(1.5)
+        # acknowledged writes the replica lacks, in no journal: the lag counts them (it
+        # read 0.0 s, the metric too: an RPO alert would never have fired)
+        job = _job_status(state)
+        assert job["state"] == "overflow" and job["lag"]["seconds"] >= 1.5, job
         receiver = start_receiver(target, port)
         deadline = time.monotonic() + 90
         while qemu_compare("raw", disk, replica, shared=True).returncode != 0:
@@ -79,6 +88,9 @@ def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the replica did not catch up"
             time.sleep(0.2)
         assert b3(disk) == b3(replica)
+        while (job := _job_status(state))["lag"]["seconds"] >= 1.0:  # and it says so
+            assert time.monotonic() < deadline, f"the lag stays after the resync: {job}"
+            time.sleep(0.2)
         qemu_io("raw", uri, "write -P 99 40M 64k", "flush")  # and it goes on as usual
         while qemu_compare("raw", disk, replica, shared=True).returncode != 0:
             assert time.monotonic() < deadline, "writes after the resync did not replicate"
@@ -92,6 +104,13 @@ def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
     assert rc == 0, err[-3000:]
     events = _events(err)
     assert "nbd.journal_overflow" in events and "sender.overflow_resynced" in events
+
+
+def _job_status(state: Path) -> dict[str, Any]:
+    out = replicator("status", "--state-dir", str(state), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    job: dict[str, Any] = json.loads(out.stdout)["jobs"][0]
+    return job
 
 
 def _is_mounted(mnt: Path) -> bool:

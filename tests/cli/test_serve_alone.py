@@ -81,6 +81,11 @@ def test_a_live_sender_serves_alone_and_catches_up_when_the_receiver_returns(
         job = json.loads(status.stdout)["jobs"][0]
         assert job["state"] == "connecting", job
         assert job["served_alone"]["since_lsn"] > 0, job
+        # what it journals alone shows, and the replica's age: it read LSN 0 and a lag
+        # of 0.0 s while every write went unreplicated
+        assert job["lsn"]["journaled"] > job["served_alone"]["since_lsn"], job
+        assert job["lsn"]["applied"] > 0 and job["lag"]["records"] > 0, job
+        assert job["lag"]["seconds"] > 0, job
         table = replicator("status", "--state-dir", str(sender.state)).stdout
         assert "serving alone from LSN" in table, table
         receiver = start_receiver(target, receiver.port, log=log)
@@ -493,6 +498,9 @@ def test_more_change_than_the_journal_holds_waits_for_the_receiver(tmp_path: Pat
         time.sleep(5)
         assert not sender.sock.exists()
         assert sender.proc.poll() is None
+        status = replicator("status", "--state-dir", str(sender.state), "--json")
+        job = json.loads(status.stdout)["jobs"][0]
+        assert job["served_alone"] is None, job  # it does not: the status said it did
         receiver = start_receiver(target, receiver.port, log=log)
         wait_for(sender.sock.exists, sender.proc, "the export once synced")
         wait_for(sender.caught_up, sender.proc, "the replica to catch up")
