@@ -29,6 +29,7 @@ from replicator.cli.common import (
     fail,
     parse_endpoint,
     run,
+    table_console,
     transport_security,
 )
 from replicator.engine.benchmark import BenchConfig, Scenario, Step, run_bench
@@ -454,4 +455,4 @@ def _table(results: list[dict[str, Any]]) -> None:
                 _ratio(r["change_time_over_rsync"]),
             ]
         table.add_row(*row)
-    Console().print(table)
+    table_console().print(table)

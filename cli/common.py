@@ -18,6 +18,8 @@ from replicator.engine.allocator import keep_freed_buffers
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, unwrap
 
 if TYPE_CHECKING:  # loaded by the commands that connect, not by every command
+    from rich.console import Console
+
     from replicator.engine.connectors import Connector
     from replicator.engine.sender import SenderConfig
     from replicator.engine.tls import TlsIdentity
@@ -73,6 +75,16 @@ class UsageError(ConfigError):
     input handles it too."""
 
     exit_code = ExitCode.USAGE
+
+
+def table_console(piped_width: int = 200) -> Console:
+    """Where a command prints its table: the terminal's width on a terminal; piped (a log,
+    ``| cat``), ``piped_width`` columns, so figures are not cut to "7…" at rich's default
+    of 80."""
+    from rich.console import Console  # rich's import costs every command's start
+
+    console = Console()
+    return console if console.is_terminal else Console(width=piped_width)
 
 
 def parse_endpoint(value: str, option: str) -> tuple[str, int]:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from replicator.cli.common import fail
+from replicator.cli.common import fail, table_console
 from replicator.engine.errors import ConfigError, ReplicatorError, StorageError
 from replicator.engine.units import human_size
 from replicator.journal.durable import atomic_write
@@ -119,8 +119,7 @@ def _write(out: Path, found: Discovery) -> str:
 
 def _console() -> Console:
     """The terminal's width on a terminal; no wrapping otherwise (paths stay whole)."""
-    console = Console()
-    return console if console.is_terminal else Console(width=1000)
+    return table_console(1000)
 
 
 def render_table(found: Discovery) -> Table:

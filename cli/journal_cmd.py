@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from replicator.cli.common import fail
+from replicator.cli.common import fail, table_console
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, StorageError
 from replicator.journal.inspect import JournalReport, format_report, scan_journal
 
@@ -110,7 +110,6 @@ def journals_held(folder: Path) -> list[Path]:
 
 
 def _print_rich(report: JournalReport) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"journal {report.path}")
@@ -125,7 +124,7 @@ def _print_rich(report: JournalReport) -> None:
             str(s.size),
             "sealed" if s.sealed else "active",
         )
-    console = Console()
+    console = table_console()
     console.print(table)
     # the summary lines are the plain-text report's, after its table
     summary = format_report(report).splitlines()[len(report.segments) + 2 :]

@@ -18,7 +18,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from replicator.cli.common import fail
+from replicator.cli.common import fail, table_console
 from replicator.engine.at_rest import (
     is_receiver_job_state,
     is_receiver_state,
@@ -183,8 +183,7 @@ def _watch(role: str, root: Path, directory: Path | None, as_json: bool) -> None
 
 def _console() -> Console:
     """The terminal's width on a terminal; wide enough for a row per job otherwise."""
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
+    return table_console(200)
 
 
 def _show(snapshot: dict[str, Any], as_json: bool, console: Console) -> None:
@@ -295,6 +294,11 @@ def _state(job: dict[str, Any]) -> str:
 def _lag(job: dict[str, Any]) -> str:
     lag = job.get("lag") or {}
     at_most = lag.get("at_most")
+    if job.get("source") == "files" and lag.get("records") is None and at_most is None:
+        return (
+            "not known: no sync from this state folder has completed (the replica may lack "
+            "anything; the next `replicator send` compares it)"
+        )
     if lag.get("records") is None and isinstance(at_most, dict):
         heard = job.get("applied_heard")
         known = (

@@ -106,8 +106,11 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
             "records": None,
             "bytes": None,
             "seconds": None,
-            # the receiver may have applied any of these since this sender last heard
-            "at_most": {
+            # the receiver may have applied any of these since this sender last heard;
+            # None before any sync from this folder completed: the replica may lack anything
+            "at_most": None
+            if manifests is None
+            else {
                 "records": pending.records,
                 "bytes": pending.bytes,
                 "seconds": (

@@ -67,6 +67,13 @@ from replicator.transport.messages import CAP_HANDOVER_REFUSAL, MAX_VOLUMES, Mes
 
 log = structlog.get_logger()
 
+
+class SilentPeerError(PeerProtocolError):
+    """The peer took the connection and answered our Hello with nothing: no replicator
+    receiver, or one that is stuck (stopped, overloaded): the caller knows which is
+    likelier (``Sender.connect_retrying``)."""
+
+
 HANDSHAKE_TIMEOUT = 30.0
 # a receiver answers a Hello at once, or pings while it opens the job (recovering its
 # journal after a crash); something silent for this long is not one (a web server waiting
@@ -74,6 +81,7 @@ HANDSHAKE_TIMEOUT = 30.0
 FIRST_ANSWER_TIMEOUT = 5.0
 _NOT_A_RECEIVER_HINT = "check --to: it must be the HOST:PORT `replicator receive --listen` uses"
 PING_INTERVAL = 15.0
+GOODBYE_TIMEOUT = 2.0  # a Goodbye the receiver does not take by then is not waited for
 REPLY_TIMEOUT = 120.0  # a silent receiver is declared gone after this long
 # a stopping sender ships on for this long while the receiver applies everything (a stop
 # right after a sync cycle ends tidy), then ships nothing more ...
@@ -216,7 +224,7 @@ class Link:
                 if self.conn.bytes_received:  # part of a frame: a receiver, slow to answer
                     return await self.conn.recv(timeout=HANDSHAKE_TIMEOUT)  # callers map errors
                 self.conn.abort()  # no goodbye to wait for from something that is not ours
-                raise PeerProtocolError(
+                raise SilentPeerError(
                     f"{peer} is not a replicator receiver: it sent nothing within "
                     f"{FIRST_ANSWER_TIMEOUT:g} s of our Hello (a receiver answers at once, "
                     "or pings while it opens the job)",
@@ -573,8 +581,11 @@ class Link:
         """Say the session ends (no more records: the shipper stops first, so the Goodbye
         is never stuck behind a frame the shaper holds)."""
         await self.stop_shipping()
+        # bounded: a receiver that reads nothing (stopped, stuck) must not hold a stopping
+        # sender: with a full socket buffer the send waited for ever, and SIGTERM with it
         with contextlib.suppress(Exception):
-            await self.conn.send(Goodbye(reason))
+            async with asyncio.timeout(GOODBYE_TIMEOUT):
+                await self.conn.send(Goodbye(reason))
 
     async def aclose(self) -> None:
         if self._closed:

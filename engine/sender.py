@@ -43,7 +43,7 @@ from replicator.engine.errors import (
 from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.hooks import HookFailed, Quiesce
 from replicator.engine.image_deps import unreplicated
-from replicator.engine.link import Link, SessionPurpose, ShippedUnchecked
+from replicator.engine.link import Link, SessionPurpose, ShippedUnchecked, SilentPeerError
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.peer_applied import PeerApplied, save_peer_applied
@@ -666,16 +666,31 @@ class Sender:
                 continue
             except (ConnectError, BusyError) as exc:
                 log.warning("sender.connect_failed", error=str(exc), retry_in=backoff)
+                self.status.error("connect", str(exc))
                 if not self.reached:
                     self.connect_failure = exc
             except (PeerProtocolError, VersionMismatch) as exc:
-                # a byte damaged on the path in the receiver's first frame looks just like
-                # a peer of another version (or no peer of ours); a real one answers the
-                # same way every time
-                damaged += 1
-                if damaged > HANDSHAKE_DAMAGE_RETRIES:
-                    raise
-                log.warning("sender.handshake_damaged", error=str(exc), retry_in=backoff)
+                if isinstance(exc, SilentPeerError) and (
+                    self.reached or state.manifests is not None
+                ):
+                    # the receiver this job synced with, silent now: stopped or overloaded
+                    # (the kernel takes connections for a stopped process), not another
+                    # service: waited for as a receiver away is, not given up on
+                    why = (
+                        f"{self.config.host}:{self.config.port} took the connection but "
+                        "answered nothing: the receiver runs but is stuck or overloaded "
+                        "(stopped? look at it there)"
+                    )
+                    log.warning("sender.connect_failed", error=why, retry_in=backoff)
+                    self.status.error("connect", why)
+                else:
+                    # a byte damaged on the path in the receiver's first frame looks just
+                    # like a peer of another version (or no peer of ours); a real one
+                    # answers the same way every time
+                    damaged += 1
+                    if damaged > HANDSHAKE_DAMAGE_RETRIES:
+                        raise
+                    log.warning("sender.handshake_damaged", error=str(exc), retry_in=backoff)
             self.status.set_state(SenderPhase.CONNECTING)
             await sleep_or_stop(stop, backoff)
             backoff = min(backoff * 2, RETRY_MOST)

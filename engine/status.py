@@ -293,6 +293,15 @@ class SenderJobStatus:
         tracked = self.tracked_since()
         if tracked is not None:  # changes in no journal yet: the replica lacks them
             lag_seconds = max(lag_seconds, now - tracked)
+        # the journal's size bounds what the receiver lacks only while everything it lacks
+        # is in the journal: not where data ships around it (a scan's cycles, a first sync,
+        # a link lost with such data unapplied, changes an overflow tracks)
+        around = (
+            self.capture == "scan"
+            or self.state is SenderPhase.INITIAL_SYNC
+            or self._unapplied is not None
+            or tracked is not None
+        )
         if self._unapplied is not None:
             since, beyond = self._unapplied
             if applied >= beyond:  # sent again, and applied
@@ -325,8 +334,11 @@ class SenderJobStatus:
             },
             "lag": {
                 "records": max(0, journaled - applied),
-                # at most this much (the journal's size: it drops whole segments only)
-                "bytes": max(0, _journal_bytes(journal)) if journaled > applied else 0,
+                # at most this much (the journal's size: it drops whole segments only);
+                # None where data ships around the journal: no bound is known
+                "bytes": None
+                if around
+                else (max(0, _journal_bytes(journal)) if journaled > applied else 0),
                 "seconds": round(lag_seconds, 3),
             },
             "initial_sync": _progress(self.progress),

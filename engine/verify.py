@@ -237,6 +237,15 @@ async def verify(
         link, _, _ = await sender.open_link(state, with_basis=False, purpose=purpose)
         try:
             volumes, extent_size = sender.config.volumes, sender.config.extent_size
+            # what this sender journaled and the receiver lacks ships first, as a send
+            # would ship it: compared while it was on its way, the first answer said
+            # "differs" and the next "identical" (the receiver applies what it has before
+            # it hashes)
+            journal = state.journal
+            assert journal is not None
+            shipped = min(journal.durable_lsn, journal.last_record_lsn)  # what can ship
+            if journal.first_lsn <= shipped:  # none when the journal holds no record
+                await link.wait_received(shipped)
 
             async def both() -> tuple[VerifyResult, list[Record]]:
                 words: list[str] = []

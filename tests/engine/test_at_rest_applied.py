@@ -14,6 +14,7 @@ import structlog
 
 from replicator.engine import peer_applied
 from replicator.engine.at_rest import sender_at_rest
+from replicator.engine.manifest import ManifestSet
 from replicator.engine.peer_applied import (
     APPLIED_FILE,
     PeerApplied,
@@ -32,6 +33,7 @@ async def _state(tmp_path: Path, count: int = 10) -> tuple[Path, list[tuple[int,
     journal = await filled(state / "journal", count, segment_bytes=600)
     seen = [(r.lsn, r.ts_ns, len(r.raw)) async for batch in _batches(journal) for r in batch]
     await journal.aclose()
+    ManifestSet(0, 65536).save(state / "manifests.state")  # a sync had completed
     return state, seen
 
 
@@ -124,3 +126,11 @@ async def test_a_damaged_segment_holding_the_applied_lsn_counts_whole(tmp_path: 
 def _next_base(path: Path, segments: list[Path]) -> int:
     later = [int(p.name.split(".")[0]) for p in segments if p.name > path.name]
     return min(later) if later else 1 << 62
+
+
+async def test_before_any_sync_completed_no_bound_is_given(tmp_path: Path) -> None:
+    """Killed in its first sync: what the replica lacks is not known, not "at most 0"."""
+    state, _ = await _state(tmp_path)
+    (state / "manifests.state").unlink()
+    assert await save_peer_applied(state, PeerApplied(10, time.time_ns()))
+    assert sender_at_rest(state)["jobs"][0]["lag"]["at_most"] is None

@@ -1,0 +1,145 @@
+"""A receiver that runs but is stuck (SIGSTOP: the kernel still takes its connections and
+buffers what is sent, nobody reads) is a receiver away for a while, not another service,
+and never holds a sender that is asked to stop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    LiveNbdSender,
+    b3,
+    qemu_compare,
+    replicator,
+    start_receiver,
+    stop_and_read,
+    wait_for,
+)
+
+MiB = 1 << 20
+
+
+def _continuous(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*REPLICATOR, "send", "--to", address, "--job", "vm", "--state-dir", str(state),
+         "--interval", "1", "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+def _job(state: Path) -> dict[str, Any]:
+    out = replicator("status", "--state-dir", str(state), "--json")
+    if out.returncode != 0:
+        return {}
+    job: dict[str, Any] = json.loads(out.stdout)["jobs"][0]
+    return job
+
+
+def _take_all(listener: socket.socket, taken: list[socket.socket]) -> None:
+    with contextlib.suppress(OSError):  # closed by the test
+        while True:
+            taken.append(listener.accept()[0])
+
+
+def _converged(disk: Path, replica: Path) -> bool:
+    return replica.exists() and qemu_compare("raw", disk, replica, shared=True).returncode == 0
+
+
+def test_a_stopping_sender_is_not_held_by_a_stopped_receiver(tmp_path: Path) -> None:
+    """Its Goodbye went into a socket nobody read: SIGTERM waited for as long as the
+    receiver stayed stopped (171 s seen), with no log line."""
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    disk.write_bytes(os.urandom(32 * MiB))
+    receiver = start_receiver(tmp_path / "target")
+    sender = _continuous(receiver.address, state, disk)
+    try:
+        wait_for(lambda: _converged(disk, receiver.dir / "vm" / disk.name), sender, "a sync")
+        os.kill(receiver.proc.pid, signal.SIGSTOP)
+        with disk.open("r+b") as f:  # more than the socket buffers take
+            f.write(os.urandom(28 * MiB))
+        time.sleep(3)  # a cycle is shipping into the full buffers
+        rc, err = stop_and_read(sender, timeout=60)  # raised TimeoutExpired
+        assert rc == 0, err[-3000:]
+    finally:
+        os.kill(receiver.proc.pid, signal.SIGCONT)
+        if sender.poll() is None:
+            sender.kill()
+        receiver.stop()
+
+
+def test_a_receiver_that_answers_nothing_is_waited_for_not_given_up(tmp_path: Path) -> None:
+    """After a sync, the receiver's port taken by something that accepts and says nothing
+    (as a stopped receiver's kernel does): the continuous sender said "not a replicator
+    receiver, check --to" and exited 7 after three tries, ending replication."""
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    disk.write_bytes(os.urandom(4 * MiB))
+    target = tmp_path / "target"
+    receiver = start_receiver(target)
+    port = receiver.port
+    sender = _continuous(receiver.address, state, disk)
+    silent = socket.socket()
+    try:
+        wait_for(lambda: _converged(disk, target / "vm" / disk.name), sender, "a sync")
+        assert receiver.stop() == 0
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        silent.bind(("127.0.0.1", port))
+        silent.listen(16)
+        taken: list[socket.socket] = []  # held open, never answered
+        threading.Thread(target=_take_all, args=(silent, taken), daemon=True).start()
+        # it gave up after the third such try
+        wait_for(lambda: len(taken) >= 4, sender, "a fourth try", timeout=120)
+        job = _job(state)
+        assert job["state"] == "connecting" and job["errors"].get("connect", 0) >= 2, job
+        assert "answered nothing" in job["last_error"], job
+        with contextlib.suppress(OSError):
+            silent.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
+        silent.close()
+        for held in taken:
+            held.close()
+        with disk.open("r+b") as f:
+            f.write(os.urandom(MiB))
+        receiver = start_receiver(target, port)
+        wait_for(lambda: _converged(disk, target / "vm" / disk.name), sender, "the catch-up")
+        assert b3(disk) == b3(target / "vm" / disk.name)
+    finally:
+        silent.close()
+        rc, err = stop_and_read(sender)
+        receiver.stop()
+    assert rc == 0, err[-3000:]
+
+
+def test_verify_ships_what_the_sender_journaled_before_it_compares(tmp_path: Path) -> None:
+    """Writes journaled and acknowledged while the receiver was stopped, the sender then
+    killed: verify compared while that backlog was on its way, said "differs" (exit 1),
+    and "identical" when run again."""
+    receiver = start_receiver(tmp_path / "target")
+    sender = LiveNbdSender(tmp_path, receiver)
+    os.kill(receiver.proc.pid, signal.SIGSTOP)
+    noise = tmp_path / "noise"
+    noise.write_bytes(os.urandom(48 * MiB))  # incompressible: it takes long to ship
+    try:
+        sender.write(f"write -s {noise} 0 48M")
+    finally:
+        sender.proc.kill()
+        sender.proc.wait(timeout=30)
+        os.kill(receiver.proc.pid, signal.SIGCONT)
+    try:
+        out = replicator(
+            "verify", "--to", receiver.address, "--job", "vm1", "--state-dir",
+            str(sender.state), "--insecure", str(sender.source),
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    finally:
+        receiver.stop()
+    assert qemu_compare("raw", sender.source, sender.replica).returncode == 0
