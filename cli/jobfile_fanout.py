@@ -20,6 +20,7 @@ from types import FrameType
 
 import typer
 
+from replicator.cli.logging_setup import quiet
 from replicator.engine.errors import ExitCode
 
 
@@ -42,10 +43,12 @@ def _meaning(code: int) -> str:
 
 def run_jobs(path: Path, jobs: list[str], args: list[str]) -> int:
     """Run every job of ``path`` at once, each in a child process; their combined exit code."""
-    typer.echo(
-        f"replicator: running {len(jobs)} jobs from {path}, one process each: {', '.join(jobs)}",
-        err=True,
-    )
+    if not quiet():  # -q: warnings and errors only
+        typer.echo(
+            f"replicator: running {len(jobs)} jobs from {path}, one process each: "
+            f"{', '.join(jobs)}",
+            err=True,
+        )
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping: list[int] = []
 

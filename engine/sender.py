@@ -595,8 +595,7 @@ class Sender:
     async def run_once(self, progress: Progress | None = None) -> Summary:
         """One cycle, then wait until the receiver has applied it; ``progress`` sees the scan."""
         started = time.monotonic()
-        self.bind_log_context()
-        self.warn_image_dependencies()
+        self.log_start("scan")  # `sender.started`, as every sender says it
         async with SenderState(self.config) as state:
             link, kind, basis = await self.open_link(state)
             try:

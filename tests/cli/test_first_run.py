@@ -457,3 +457,17 @@ def test_a_terminal_gets_a_progress_bar_unless_quiet(
     code, shown = _stderr_on_a_terminal("-q", *args)
     assert code == 0, shown
     assert "MiB" not in shown and "sync" not in shown
+
+
+def test_a_send_once_says_what_it_does_at_start(tmp_path: Path, receiver: ReceiverProc) -> None:
+    """`sender.started` is listed "at start" for every sender; `--once` logged none."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    out = subprocess.run(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "one", "--state-dir",
+         str(tmp_path / "state"), "--once", "--insecure", str(disk)],
+        capture_output=True, text=True, env=FAST_PROGRESS, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (start,) = named(out.stderr, "sender.started")
+    assert start["capture"] == "scan" and start["volumes"] == ["disk.img"]

@@ -618,7 +618,9 @@ def _checked_power_cuts(tally: Tally, run: str) -> None:
     checks after a cut was checked: the receiver's replica at rest, the source's flushed
     writes."""
     print(tally.report(run))
-    assert tally.undone > 0
+    # data or names: in 6 short cycles every cut can find the data synced (CI once: 0
+    # changes and 7 names undone, the model plainly running)
+    assert tally.undone + tally.names_undone > 0
     if tally.kills.get("receiver_power_cut"):
         assert tally.observed_at_rest >= tally.cycles // 2
     else:
