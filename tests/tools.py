@@ -306,12 +306,18 @@ def wait_for(
         time.sleep(0.2)
 
 
-def sender_errors(state: Path) -> dict[str, int]:
-    """A running sender's error counts by kind (``status --json``); {} before it has one."""
+def sender_job(state: Path) -> dict[str, Any]:
+    """A sender's job as ``status --json`` shows it ({} when that fails: not started yet)."""
     out = replicator("status", "--state-dir", str(state), "--json")
     if out.returncode != 0:
         return {}
-    errors: dict[str, int] = json.loads(out.stdout)["jobs"][0].get("errors", {})
+    job: dict[str, Any] = json.loads(out.stdout)["jobs"][0]
+    return job
+
+
+def sender_errors(state: Path) -> dict[str, int]:
+    """A running sender's error counts by kind (``status --json``); {} before it has one."""
+    errors: dict[str, int] = sender_job(state).get("errors", {})
     return errors
 
 

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,7 +26,7 @@ from tests.tools import (
     qemu_compare,
     qemu_img,
     qemu_io,
-    replicator,
+    sender_job,
     start_receiver,
 )
 
@@ -79,7 +78,7 @@ def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
         time.sleep(1.5)
         # acknowledged writes the replica lacks, in no journal: the lag counts them (it
         # read 0.0 s, the metric too: an RPO alert would never have fired)
-        job = _job_status(state)
+        job = sender_job(state)
         assert job["state"] == "overflow" and job["lag"]["seconds"] >= 1.5, job
         receiver = start_receiver(target, port)
         deadline = time.monotonic() + 90
@@ -88,7 +87,7 @@ def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the replica did not catch up"
             time.sleep(0.2)
         assert b3(disk) == b3(replica)
-        while (job := _job_status(state))["lag"]["seconds"] >= 1.0:  # and it says so
+        while (job := sender_job(state))["lag"]["seconds"] >= 1.0:  # and it says so
             assert time.monotonic() < deadline, f"the lag stays after the resync: {job}"
             time.sleep(0.2)
         qemu_io("raw", uri, "write -P 99 40M 64k", "flush")  # and it goes on as usual
@@ -104,13 +103,6 @@ def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
     assert rc == 0, err[-3000:]
     events = _events(err)
     assert "nbd.journal_overflow" in events and "sender.overflow_resynced" in events
-
-
-def _job_status(state: Path) -> dict[str, Any]:
-    out = replicator("status", "--state-dir", str(state), "--json")
-    assert out.returncode == 0, out.stderr[-2000:]
-    job: dict[str, Any] = json.loads(out.stdout)["jobs"][0]
-    return job
 
 
 def _is_mounted(mnt: Path) -> bool:

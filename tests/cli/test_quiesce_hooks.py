@@ -23,6 +23,7 @@ from tests.tools import (
     qemu_compare,
     replicator,
     running,
+    sender_job,
     start_send,
     stop_and_read,
     wait_for,
@@ -42,14 +43,6 @@ def _disk(tmp_path: Path, size: int = 1024 * 1024) -> Path:
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(size))
     return disk
-
-
-def _status(state: Path) -> dict[str, Any]:
-    out = replicator("status", "--state-dir", str(state), "--json")
-    if out.returncode != 0:
-        return {}
-    job: dict[str, Any] = json.loads(out.stdout)["jobs"][0]
-    return job
 
 
 def _point(receiver: ReceiverProc) -> dict[str, Any]:
@@ -133,20 +126,20 @@ def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_i
         extra=("--interval", "0.3", "--pre-hook", f"test ! -e {failing}", "--post-hook", "true"),
     )  # fmt: skip
     try:
-        wait_for(lambda: _status(state).get("state") == "hook_failed", proc, "hook_failed")
-        job = _status(state)
+        wait_for(lambda: sender_job(state).get("state") == "hook_failed", proc, "hook_failed")
+        job = sender_job(state)
         assert "pre hook failed with exit code 1" in str(job["last_error"])
         assert _point(receiver)["lsn"] == 0  # copied before each freeze, never a point
 
         def tries() -> int:
-            return int((_status(state).get("errors") or {}).get("hook", 0))
+            return int((sender_job(state).get("errors") or {}).get("hook", 0))
 
         def sent() -> int:
-            return int(_status(state)["bytes"]["payload"])
+            return int(sender_job(state)["bytes"]["payload"])
 
         wait_for(lambda: tries() >= 2, proc, "two tries")
         # no point is taken, so nothing is captured: the RPO grows (it read 0 here)
-        wait_for(lambda: float(_status(state)["lag"]["seconds"]) >= 1.0, proc, "the lag grows")
+        wait_for(lambda: float(sender_job(state)["lag"]["seconds"]) >= 1.0, proc, "the lag grows")
         before, tried = sent(), tries()
         wait_for(lambda: tries() >= tried + 2, proc, "two more tries")
         # each try copies what changed since the copy the receiver holds: nothing here
@@ -171,9 +164,9 @@ def test_a_continuous_sender_waits_out_a_failing_freeze_and_a_planned_failover_i
         failing.unlink()
         replica = receiver.dir / "vm" / "disk.img"
         wait_for(lambda: replica.exists() and b3(replica) == b3(disk), proc, "the replica")
-        wait_for(lambda: _status(state).get("state") == "replicating", proc, "replicating")
-        assert int(_status(state)["errors"]["hook"]) >= 2
-        wait_for(lambda: float(_status(state)["lag"]["seconds"]) < 1.0, proc, "a small lag")
+        wait_for(lambda: sender_job(state).get("state") == "replicating", proc, "replicating")
+        assert int(sender_job(state)["errors"]["hook"]) >= 2
+        wait_for(lambda: float(sender_job(state)["lag"]["seconds"]) < 1.0, proc, "a small lag")
     finally:
         rc, err = stop_and_read(proc)
     assert rc == 0, err[-3000:]
@@ -359,20 +352,20 @@ def test_a_paused_link_never_holds_the_guest_frozen(tmp_path: Path, receiver: Re
         wait_for(lambda: b3(replica) == b3(disk), proc, "a small change")
         assert replicator("rate", "--state-dir", str(state), "0").returncode == 0
         for i in range(8):  # each under a quarter of the cap, a cycle each; then no room
-            epoch = _status(state)["last_epoch"]
+            epoch = sender_job(state)["last_epoch"]
             with disk.open("r+b") as f:
                 f.seek(i * 1024 * 1024)
                 f.write(os.urandom(700 * 1024))
             deadline = time.monotonic() + 3
-            while _status(state)["last_epoch"] == epoch and time.monotonic() < deadline:
+            while sender_job(state)["last_epoch"] == epoch and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _status(state)["last_epoch"] == epoch:
+            if sender_job(state)["last_epoch"] == epoch:
                 break  # the cycle waits for the link: frozen or not is the question
         else:
             raise AssertionError("eight cycles journaled past a 4 MiB cap with the link paused")
         time.sleep(1.0)
         assert not frozen.exists(), "the guest is frozen while the link is paused"
-        assert _status(state)["state"] == "paused"
+        assert sender_job(state)["state"] == "paused"
         assert replicator("rate", "--state-dir", str(state), "unlimited").returncode == 0
         wait_for(lambda: b3(replica) == b3(disk), proc, "the replica after the pause")
     finally:
@@ -421,7 +414,7 @@ def test_changes_larger_than_the_journal_made_during_the_copy_never_hold_the_gue
         # stay so until the rate is above 0
         wait_for(thawed.exists, proc, "the guest thawed with the link paused", 60)
         time.sleep(1.0)  # the copy waits for the link, the guest not frozen again
-        assert _status(state)["state"] == "paused"
+        assert sender_job(state)["state"] == "paused"
         assert not frozen.exists(), "the guest is held frozen while the link is paused"
         held = _point(receiver)
         started = time.monotonic()

@@ -5,7 +5,6 @@ and never holds a sender that is asked to stop."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -13,7 +12,6 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from tests.tools import (
     ENV,
@@ -22,6 +20,7 @@ from tests.tools import (
     b3,
     qemu_compare,
     replicator,
+    sender_job,
     start_receiver,
     stop_and_read,
     wait_for,
@@ -36,14 +35,6 @@ def _continuous(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
          "--interval", "1", "--insecure", str(disk)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
-
-
-def _job(state: Path) -> dict[str, Any]:
-    out = replicator("status", "--state-dir", str(state), "--json")
-    if out.returncode != 0:
-        return {}
-    job: dict[str, Any] = json.loads(out.stdout)["jobs"][0]
-    return job
 
 
 def _take_all(listener: socket.socket, taken: list[socket.socket]) -> None:
@@ -99,7 +90,7 @@ def test_a_receiver_that_answers_nothing_is_waited_for_not_given_up(tmp_path: Pa
         threading.Thread(target=_take_all, args=(silent, taken), daemon=True).start()
         # it gave up after the third such try
         wait_for(lambda: len(taken) >= 4, sender, "a fourth try", timeout=120)
-        job = _job(state)
+        job = sender_job(state)
         assert job["state"] == "connecting" and job["errors"].get("connect", 0) >= 2, job
         assert "answered nothing" in job["last_error"], job
         with contextlib.suppress(OSError):
