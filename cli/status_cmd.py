@@ -85,9 +85,8 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
     if directory is None:
         assert state_dir is not None
         if not state_dir.is_dir():
-            raise ConfigError(
-                f"sender state folder {state_dir} does not exist", hint=_GIVE_STATE_DIR
-            )
+            what = "is not a folder" if state_dir.exists() else "does not exist"
+            raise ConfigError(f"sender state folder {state_dir} {what}", hint=_GIVE_STATE_DIR)
         receiver = (
             is_receiver_job_state(state_dir)
             or is_receiver_state(state_dir)

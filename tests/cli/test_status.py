@@ -312,6 +312,9 @@ def test_status_errors_and_watch(tmp_path: Path) -> None:
     missing = replicator("status", "--state-dir", str(tmp_path / "nope"))
     assert missing.returncode == ExitCode.CONFIG and "does not exist" in missing.stderr
     assert "--state-dir the sender runs with" in missing.stderr  # and what to do
+    (tmp_path / "a-file").write_text("x")  # it said "does not exist" of a file
+    afile = replicator("status", "--state-dir", str(tmp_path / "a-file"))
+    assert afile.returncode == ExitCode.CONFIG and "is not a folder" in afile.stderr
     nodir = replicator("status", "--dir", str(tmp_path / "nope"))
     assert nodir.returncode == ExitCode.CONFIG and "receive" in nodir.stderr
     (tmp_path / "empty").mkdir()
