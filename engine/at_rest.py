@@ -31,7 +31,7 @@ from replicator.engine.manifest import ManifestSet
 from replicator.engine.names import check_job_name
 from replicator.engine.peer_applied import PeerApplied, load_peer_applied
 from replicator.engine.replica_files import FILE_NAME as REPLICA_FILES_NAME
-from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
+from replicator.engine.replica_files import ReplicaFiles
 from replicator.engine.served_alone import load_served_alone
 from replicator.engine.status import ReceiverPhase, iso_time, promotion_fields
 from replicator.journal.durable import StateFileError
@@ -250,21 +250,16 @@ def receiver_at_rest(state_root: Path, replica_root: Path | None = None) -> dict
 
 def changed_behind(replica_dir: Path, files: ReplicaFiles) -> dict[str, str]:
     """The stamped files of ``replica_dir`` that are not as replication left them: path ->
-    what happened (``ReplicaFiles.check``). Read only."""
-    changed: dict[str, str] = {}
-    for path in sorted(files.stamps):
+    what happened (``ReplicaFiles.changed``). Read only; a file that cannot be looked at
+    counts as missing."""
+
+    def lstat(path: str) -> os.stat_result | None:
         try:
-            st: os.stat_result | None = os.lstat(replica_dir / path)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            changed[path] = f"cannot be looked at ({exc.strerror})"
-            continue
-        try:
-            files.check(path, st)
-        except ReplicaDiverged as exc:
-            changed[path] = exc.why
-    return changed
+            return os.lstat(replica_dir / path)
+        except OSError:
+            return None
+
+    return files.changed(lstat)
 
 
 def _journal(path: Path) -> JournalReport | None:

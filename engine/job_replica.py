@@ -994,13 +994,11 @@ class JobReplica:
     async def _check_stamps(self) -> None:
         """Mark diverged every replica file not as its stamp says (under the apply lock)."""
         await self._commit_ended_first_sync()
-        applier = self._get_applier()
-        for path in list(self.files.stamps):
-            try:
-                self.files.check(path, await asyncio.to_thread(applier.lstat, path))
-            except ReplicaDiverged as exc:
-                self.files.mark_diverged(exc.path, exc.why)
-                self._let_go(exc.path)
+        # one thread hop for every file, not one each
+        found = await asyncio.to_thread(self.files.changed, self._get_applier().lstat)
+        for path, why in found.items():
+            self.files.mark_diverged(path, why)
+            self._let_go(path)
 
     async def adopt(self, path: str) -> None:
         """The sender is about to compare with replica file ``path`` as it is now."""

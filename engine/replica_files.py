@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +116,17 @@ class ReplicaFiles:
             raise ReplicaDiverged(path, "was replaced by another file outside replication")
         if st.st_ctime_ns != stamp[1]:
             raise ReplicaDiverged(path, "was changed outside replication (its ctime moved)")
+
+    def changed(self, lstat: Callable[[str], os.stat_result | None]) -> dict[str, str]:
+        """Every stamped file not as its stamp says: path -> what happened (``check``'s
+        words); ``lstat`` looks a path up (None: missing). Blocking; nothing is marked."""
+        found: dict[str, str] = {}
+        for path in sorted(self.stamps):
+            try:
+                self.check(path, lstat(path))
+            except ReplicaDiverged as exc:
+                found[path] = exc.why
+        return found
 
     def stamp(self, path: str, st: os.stat_result) -> None:
         value = (st.st_ino, st.st_ctime_ns)
