@@ -374,8 +374,9 @@ def _point(job: dict[str, Any]) -> str:
         )
     if point.get("floor_lsn"):
         return text + (
-            " (not consistent: records it had acknowledged were lost; the sender compares, "
-            f"and its epoch at or after LSN {point['floor_lsn']} makes it consistent again)"
+            " (not consistent: records it had acknowledged were lost; the next comparison's "
+            "epoch makes it consistent again: a sender that noted the loss compares at its "
+            "next session, `replicator send --resync` compares now)"
         )
     return text + " (an apply is unfinished)"
 

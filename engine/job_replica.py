@@ -731,12 +731,20 @@ class JobReplica:
     async def raise_point_floor(self, lsn: int) -> None:
         """No barrier below ``lsn`` ends a consistency point from now on (durably): the
         sender found this replica lacking records it cannot send again (PointFloor,
-        docs/PROTOCOL.md). The point already applied stays what it is."""
+        docs/PROTOCOL.md). The point already applied stays what it is.
+
+        Only a session that compares sends one, and its comparison's epoch is numbered at
+        or after it: so a floor above every LSN received here replaces the one an earlier
+        session set, even a higher one. Otherwise a floor no sender's LSNs will reach (a
+        peer's bug, a sender whose state was replaced, a hostile peer's 2**64-1) would
+        keep every later comparison from making a consistency point, for ever. A floor at
+        or below what was received only raises it: records received under the old floor
+        wait in the journal, and a new floor must not turn their barriers into points."""
         async with self._apply_lock:
+            floor = lsn if lsn > self.received_lsn else max(lsn, self.state.point_floor)
             if self.state.unknown:
                 # the sender compares before it ships a barrier at or above ``lsn``
                 # (engine/lost_records.py): that comparison's epoch is a point again
-                floor = max(lsn, self.state.point_floor)
                 await self._save_state(self.state.replace(point_floor=floor, unknown=""))
                 log.warning(
                     "receiver.replica_compared",
@@ -745,12 +753,12 @@ class JobReplica:
                     why="the sender compares the replica whose state was unknown; its "
                     f"epoch at or after lsn {floor} makes it a consistency point",
                 )
-            elif lsn > self.state.point_floor:
-                await self._save_state(self.state.replace(point_floor=lsn))
+            elif floor != self.state.point_floor:
+                await self._save_state(self.state.replace(point_floor=floor))
                 log.warning(
                     "receiver.point_floor",
                     job=self.job,
-                    lsn=lsn,
+                    lsn=floor,
                     why="records this replica acknowledged were lost and the sender cannot "
                     "send them again; the sender compares the replica, and until that "
                     "comparison's epoch it is not a consistency point",
@@ -769,14 +777,20 @@ class JobReplica:
         ``allow_inconsistent`` (the operator takes the replica as it is: the source is
         gone for good and this is the best copy left)."""
         if self.promotion is not None and not self.promotion.damaged:
-            return self.promotion  # already promoted: failover is idempotent
+            # already promoted: failover is idempotent (and finishes a generation whose
+            # save failed after promoted.state, as open() does)
+            async with self._apply_lock:
+                if self.state.generation < self.promotion.generation:
+                    generation = self.promotion.generation
+                    await self._save_state(self.state.replace(generation=generation))
+            return self.promotion
         await self.apply_pending()
         async with self._apply_lock:
-            state = self.state
             # a file changed on this target outside replication holds no point's content,
             # whatever the state says (found now, or by a session that was refused for it)
             await self._check_stamps()
             await asyncio.to_thread(self.files.save, self.state_dir)
+            state = self.state  # after the check: it may commit a first sync's writes
             inconsistent = not state.consistent or state.applying or bool(self.files.diverged)
             why = _why_not_a_point(state, self.files.diverged)
             if inconsistent and not allow_inconsistent:
@@ -803,10 +817,12 @@ class JobReplica:
                 state.generation, state.point_lsn, state.point_ts_ns, consistent=not inconsistent
             )
             await asyncio.to_thread(save_promotion, self.state_dir, promotion)
-            await self._save_state(state.replace(generation=promotion.generation))
+            # promoted from here, whatever fails next: what this process does must match
+            # what a restarted one would find on disk
             self.promotion = promotion
             self._reset_applier()  # replication writes nothing more
             self._release_guard()  # and the VM may now open the replicas for writing
+            await self._save_state(state.replace(generation=promotion.generation))
         log.warning(
             "receiver.promoted",
             job=self.job,

@@ -17,7 +17,8 @@ map:
   docs/PROTOCOL.md); carried in Welcome;
 - ``point_floor`` (int): no barrier below it ends a consistency point. A sender raises it
   (PointFloor, docs/PROTOCOL.md) when this replica lacks records it cannot send again:
-  barriers it journaled after them would describe a state the replica never held;
+  barriers it journaled after them would describe a state the replica never held. The
+  next comparing session's floor replaces it (``JobReplica.raise_point_floor``);
 - ``unknown`` (str, absent when empty): why what the replica files hold cannot be vouched
   for: this file was found damaged, or missing where the job has a history (see
   ``rebuilt``), or ``files.state`` was (``files_lost``). No barrier ends a consistency

@@ -776,3 +776,53 @@ async def test_a_resync_cut_short_is_finished_by_the_next_plain_run(
     assert not note.exists()
     again = await pair.sender.run_once()
     assert again.basis == "local" and again.bytes_changed == 0
+
+
+async def _hostile_floor(pair: Pair, lsn: int) -> None:
+    """A peer holding the job's credentials says no barrier below ``lsn`` ends a point."""
+    from replicator.transport import (
+        PROTOCOL_VERSION,
+        Goodbye,
+        Hello,
+        PointFloor,
+        Welcome,
+        connection_pair,
+    )
+
+    peer, server = await connection_pair()
+    serving = asyncio.create_task(pair.handle(server))
+    try:
+        await peer.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), 0, "s"))
+        assert isinstance(await peer.recv(timeout=10), Welcome)
+        await peer.send(PointFloor(lsn))
+        await peer.send(Goodbye("done"))
+        await asyncio.wait_for(serving, 10)
+    finally:
+        await peer.aclose()
+
+
+async def test_a_floor_no_sender_will_reach_is_replaced_by_the_next_comparison(
+    pair: Pair,
+) -> None:
+    """A PointFloor of 2**64-1 (a hostile or broken peer) used to stay for ever: the floor
+    only rose, so no later epoch, a ``--resync`` comparison's included, was a consistency
+    point again, and failover refused the replica until its folder was deleted. A session
+    that compares replaces the floor with its own, and its epoch is a point again."""
+    first = await pair.sender.run_once()
+    await _hostile_floor(pair, 2**64 - 1)
+    rstate = pair.tmp / "rstate" / "job"
+    wedged = replica_state.load(rstate, "job")
+    assert wedged is not None and wedged.point_floor == 2**64 - 1
+    _change(pair.disk, [MiB])
+    plain = await pair.sender.run_once()  # compares nothing: no floor of its own
+    assert plain.lsn > first.lsn
+    after_plain = replica_state.load(rstate, "job")
+    assert after_plain is not None and not after_plain.consistent
+    assert after_plain.point_lsn == first.lsn
+    resync = Sender(dataclasses.replace(pair.sender.config, resync=True), pair.connector)
+    _change(pair.disk, [3 * MiB])
+    summary = await resync.run_once()
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    healed = replica_state.load(rstate, "job")
+    assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
+    assert healed.point_floor <= summary.lsn

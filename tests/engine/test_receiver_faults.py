@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 
-from replicator.engine import replica_state
+from replicator.engine import job_replica, replica_state
 from replicator.engine.applier import Applier, ApplyError
 from replicator.engine.at_rest import receiver_jobs_at_rest
 from replicator.engine.errors import ReplicaInconsistent
+from replicator.engine.generations import load_promotion
 from replicator.engine.receiver import JobReplica, ReceiverConfig
-from replicator.engine.replica_files import ReplicaDiverged
+from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.journal import Record
 from replicator.journal.segment import HEADER_BYTES
 from tests.engine.page_cache import fail_direct_write
@@ -661,3 +662,74 @@ async def test_a_manifest_request_for_a_bad_name_ends_the_session_with_that_erro
             answer = await sender.recv(timeout=10)
         assert isinstance(answer, Error) and answer.code == "name", answer
         await asyncio.wait_for(serving, 10)  # the session is over, not waiting for more
+
+
+async def test_a_floor_above_what_was_received_replaces_a_higher_one(tmp_path: Path) -> None:
+    """Only a comparing session sends a floor, numbered above what the receiver holds, and
+    its comparison's epoch comes at or after it: so it replaces any earlier floor, even a
+    higher one no sender will reach."""
+    await _applied_once(tmp_path, 0x44)
+    async with _opened(tmp_path) as replica:
+        await replica.raise_point_floor(2**64 - 1)
+        await _feed(replica, _epoch(4, 1, 0x55))
+        assert await replica.apply_pending() == 5
+        wedged = replica.state
+        assert not wedged.consistent and wedged.point_lsn == 3
+        await replica.raise_point_floor(6)
+        assert replica.state.point_floor == 6
+        await _feed(replica, _epoch(6, 1, 0x66))
+        assert await replica.apply_pending() == 7
+        healed = replica.state  # a new state object: mypy narrowed the old one
+        assert healed.consistent and healed.point_lsn == 7
+    saved = replica_state.load(tmp_path / "state" / "job", "job")
+    assert saved is not None and (saved.point_floor, saved.point_lsn) == (6, 7)
+
+
+async def test_a_floor_at_or_below_what_was_received_only_raises(tmp_path: Path) -> None:
+    """Records received under a floor wait in the journal: a floor at or below them (no
+    conforming sender sends one) must not make their barriers points."""
+    await _applied_once(tmp_path, 0x44)
+    async with _opened(tmp_path) as replica:
+        await replica.raise_point_floor(100)
+        await _feed(replica, _epoch(4, 1, 0x55))  # received, not applied yet
+        await replica.raise_point_floor(4)
+        assert replica.state.point_floor == 100
+        assert await replica.apply_pending() == 5
+        assert not replica.state.consistent and replica.state.point_lsn == 3
+
+
+PROMOTION_STEPS = {
+    "file stamps": (ReplicaFiles, "save"),
+    "promoted.state": (job_replica, "save_promotion"),
+    "applied.state": (replica_state, "save"),
+}
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("step", sorted(PROMOTION_STEPS))
+async def test_a_promotion_whose_durable_step_fails_is_all_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, err: int
+) -> None:
+    """Each durable write of a failover failing once: the failover fails, and this
+    process is promoted exactly when a restarted one would be (``promoted.state`` is the
+    truth); running it again promotes once, at the same generation, as a restart does."""
+    await _applied_once(tmp_path, 0x44)
+    state_dir = tmp_path / "state" / "job"
+    async with _opened(tmp_path) as replica:
+        before = replica.state.generation
+        calls = _fail_once(monkeypatch, *PROMOTION_STEPS[step], err)
+        with pytest.raises(OSError):
+            await replica.promote()
+        assert calls() == 1
+        on_disk = load_promotion(state_dir)
+        assert (replica.promotion is None) == (on_disk is None)
+        assert (on_disk is None) == (step != "applied.state")
+        promotion = await replica.promote()
+        assert promotion.generation == before + 1 and promotion.point_lsn == 3
+        assert load_promotion(state_dir) == promotion
+        saved = replica_state.load(state_dir, "job")
+        assert saved is not None and saved.generation == promotion.generation
+    async with _opened(tmp_path) as reopened:
+        assert reopened.promotion == promotion
+        assert reopened.state.generation == promotion.generation
+    assert _replica(tmp_path) == b"\x44" * 2 * BLOCK
