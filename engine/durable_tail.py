@@ -19,6 +19,11 @@ receiver that fell behind once read every record back for the rest of its sessio
 When the records here may not be all of them (records a dead session made durable and
 never handed over, a failed apply that consumed part of them), ``reset`` empties it and
 moves ``base`` to the journal's durable end.
+
+Every job of a receiver keeps its own tail, up to its own cap (a backlog and a window:
+194 MiB by default), so a receiver with many jobs behind at once held that much per
+job. ``KeptMemory`` bounds them together: a tail that grows past the receiver's limit
+drops its own oldest records, as past its own cap (the applier reads them back).
 """
 
 from __future__ import annotations
@@ -28,15 +33,27 @@ import collections
 from replicator.journal import Record
 
 
+class KeptMemory:
+    """The bytes every ``DurableTail`` of one receiver keeps, together, and their limit."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        self.limit = limit
+        self.bytes = 0
+
+
 class DurableTail:
     """Durable, unapplied records kept for the applier (see the module docstring)."""
 
-    def __init__(self, base: int, cap: int) -> None:
+    def __init__(self, base: int, cap: int, shared: KeptMemory | None = None) -> None:
         """``base``: every durable record after it will be handed over (the journal's
-        durable end when the tail starts); ``cap``: bytes kept at most (encoded size)."""
+        durable end when the tail starts); ``cap``: bytes kept at most (encoded size);
+        ``shared``: the receiver-wide limit this tail counts against, if any."""
         self.base = base
         self.cap = cap
         self.bytes = 0
+        self._shared = shared
         self._records: collections.deque[Record] = collections.deque()
 
     def __len__(self) -> int:
@@ -44,14 +61,17 @@ class DurableTail:
 
     def extend(self, records: list[Record]) -> None:
         """Records just made durable, in LSN order, following the ones handed over before.
-        Over the cap, the oldest are dropped and ``base`` moves past them."""
+        Over the cap (or the receiver's limit), the oldest are dropped and ``base`` moves
+        past them."""
         kept = self._records
+        size = 0
         for record in records:
             kept.append(record)
-            self.bytes += record.encoded_size
-        while self.bytes > self.cap and kept:
+            size += record.encoded_size
+        self._count(size)
+        while kept and self._over():
             dropped = kept.popleft()
-            self.bytes -= dropped.encoded_size
+            self._count(-dropped.encoded_size)
             self.base = max(self.base, dropped.lsn)
 
     def next_after(self, lsn: int) -> Record | None:
@@ -61,17 +81,26 @@ class DurableTail:
             return None
         kept = self._records
         while kept and kept[0].lsn <= lsn:  # applied from the journal meanwhile
-            self.bytes -= kept.popleft().encoded_size
+            self._count(-kept.popleft().encoded_size)
         return kept[0] if kept else None
 
     def pop(self) -> Record:
         """Take the record ``next_after`` returned."""
         record = self._records.popleft()
-        self.bytes -= record.encoded_size
+        self._count(-record.encoded_size)
         return record
 
     def reset(self, base: int) -> None:
         """Forget every record: from now on only those after ``base`` are kept."""
         self._records.clear()
-        self.bytes = 0
+        self._count(-self.bytes)
         self.base = base
+
+    def _count(self, delta: int) -> None:
+        self.bytes += delta
+        if self._shared is not None:
+            self._shared.bytes += delta
+
+    def _over(self) -> bool:
+        shared = self._shared
+        return self.bytes > self.cap or (shared is not None and shared.bytes > shared.limit)

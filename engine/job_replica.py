@@ -34,7 +34,7 @@ import structlog
 
 from replicator.engine import direct_writes, replica_state
 from replicator.engine.applier import Applier, ApplyError, PendingSync
-from replicator.engine.durable_tail import DurableTail
+from replicator.engine.durable_tail import DurableTail, KeptMemory
 from replicator.engine.errors import (
     ConfigError,
     ReplicaInconsistent,
@@ -72,6 +72,7 @@ _T = TypeVar("_T")
 APPLY_BATCH_BYTES = 8 * 1024 * 1024
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
 MEM_APPLY_BYTES = 48 * 1024 * 1024  # durable records kept in memory for the applier, at least
+KEPT_MAX = 512 * 1024 * 1024  # the same, all of a receiver's jobs together, at most
 # a replica that never held a consistency point is written as records arrive, a round per
 # this many durable bytes, instead of all at its first barrier (see JobReplica.eager)
 EAGER_APPLY_BYTES = 16 * 1024 * 1024
@@ -96,6 +97,9 @@ class ReceiverConfig:
     journal_max_bytes: int | None = None
     segment_bytes: int = 64 * 1024 * 1024
     authorize: Any = None  # an engine.authz.Authorizer (--allow): who may write which job
+    # durable, unapplied records all jobs together keep for their appliers (each job up to
+    # ``applier_memory``); beyond it they are read back from the journals
+    kept_max: int = KEPT_MAX
 
 
 def applier_memory(config: ReceiverConfig) -> int:
@@ -160,6 +164,7 @@ class JobReplica:
         journal: Journal,
         state: ReplicaState,
         files: ReplicaFiles | None = None,
+        kept: KeptMemory | None = None,
     ) -> None:
         self.job = job
         self.config = config
@@ -173,9 +178,10 @@ class JobReplica:
         self.last_barrier = state.applied_lsn
         # records made durable by a session, kept so the applier need not read them back
         # from the journal (engine/durable_tail.py): as many as the credit window lets
-        # the backlog reach (engine/window.py), so an applier behind never reads back
+        # the backlog reach (engine/window.py), so an applier behind never reads back;
+        # within the receiver's limit for all its jobs together (``kept``)
         self._tail = DurableTail(
-            max(state.applied_lsn, journal.durable_lsn), applier_memory(config)
+            max(state.applied_lsn, journal.durable_lsn), applier_memory(config), kept
         )
         self._noted = self.received_lsn  # highest LSN handed to note_durable (or applied)
         self._eager_bytes = 0  # durable bytes noted since the last eager round began
@@ -201,8 +207,11 @@ class JobReplica:
         self._closed = False
 
     @classmethod
-    async def open(cls, job: str, config: ReceiverConfig) -> JobReplica:
+    async def open(
+        cls, job: str, config: ReceiverConfig, kept: KeptMemory | None = None
+    ) -> JobReplica:
         """Open the job's state and bring the replica to its last complete consistency point.
+        ``kept``: the receiver's limit for the records all its jobs keep in memory.
 
         Recovery, in order: the saved replica state (damaged: rebuilt from the journal);
         the journal, cut at any damage (records above the applied LSN that it loses are
@@ -257,7 +266,7 @@ class JobReplica:
                 kept_upto=journal.last_lsn,
                 action="records after the kept ones are asked from the sender again",
             )
-        self = cls(job, config, journal, saved, files)
+        self = cls(job, config, journal, saved, files, kept)
         # from here on a failure or a cancellation (the receiver closing while a job opens)
         # closes what was opened: a journal left open would hold its lock for good
         try:
@@ -1060,6 +1069,7 @@ class JobReplica:
                 await self.apply_pending()
         self._reset_applier()
         self._release_guard()
+        self._tail.reset(self.state.applied_lsn)  # its memory goes back to the receiver
         with contextlib.suppress(JournalError):
             await self.journal.aclose()
 

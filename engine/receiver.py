@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import structlog
 
 from replicator.engine.applier import ApplyError
+from replicator.engine.durable_tail import KeptMemory
 from replicator.engine.errors import (
     ConfigError,
     ConnectError,
@@ -95,6 +96,7 @@ class Receiver:
     def __init__(self, config: ReceiverConfig) -> None:
         self.config = config
         self._jobs: dict[str, JobReplica] = {}
+        self._kept = KeptMemory(config.kept_max)  # what all jobs' appliers keep, together
         # job: when a demote through this receiver ended its promotion (monotonic): an
         # automatic failover counts its wait from there, as from a restarted receiver's start
         self.demoted: dict[str, float] = {}
@@ -128,7 +130,7 @@ class Receiver:
                 # opened outside the session's log context: the job's apply task outlives
                 # the session, and must not name its peer on every line
                 opening = asyncio.create_task(
-                    JobReplica.open(name, self.config), context=contextvars.Context()
+                    JobReplica.open(name, self.config, self._kept), context=contextvars.Context()
                 )
                 try:
                     replica = await asyncio.shield(opening)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import tempfile
 import threading
 from collections.abc import AsyncGenerator
@@ -16,8 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator.engine import job_replica
+from replicator.engine.durable_tail import KeptMemory
 from replicator.engine.receiver import JobReplica, ReceiverConfig
 from replicator.journal import Record
+
+MIB = 1024 * 1024
 
 
 def _config(tmp_path: Path) -> ReceiverConfig:
@@ -369,3 +373,50 @@ def test_memory_and_journal_together_apply_every_record_once_in_order(
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(Path(tmp)))
+
+
+async def _durable_records(replica: JobReplica, records: list[Record]) -> None:
+    await replica.ingest(records)
+    await replica.journal.sync()
+    replica.note_durable(records)
+
+
+async def test_jobs_behind_together_keep_no_more_than_the_receivers_limit(
+    tmp_path: Path,
+) -> None:
+    """Each job kept up to a backlog and a window (194 MiB) of records for its applier, so
+    a receiver with many jobs behind held that much per job. All jobs together keep at
+    most ``kept_max``; what does not fit is read back from the journals, and every
+    replica ends exactly as sent."""
+    config = dataclasses.replace(_config(tmp_path), kept_max=3 * MIB)
+    kept = KeptMemory(config.kept_max)
+    jobs = [await JobReplica.open(f"job{i}", config, kept) for i in range(3)]
+    try:
+        for replica in jobs:  # a first point, so the rest waits for a barrier
+            await _durable_records(replica, [Record.epoch(1).with_lsn(1, 1)])
+            assert await replica.apply_pending() == 1
+        for step in range(4):
+            for i, replica in enumerate(jobs):
+                data = bytes([i * 16 + step]) * MIB
+                await _durable_records(
+                    replica, [Record.write("d", step * MIB, data).with_lsn(2 + step, 1)]
+                )
+                assert kept.bytes <= config.kept_max
+        assert 2 * MIB < kept.bytes <= 3 * MIB
+        behind = max(range(3), key=lambda i: jobs[i]._tail.bytes)
+        held = kept.bytes - jobs[behind]._tail.bytes
+        assert held < kept.bytes
+        await jobs[behind].aclose()  # a job closed behind gives its memory back
+        assert kept.bytes == held
+        jobs[behind] = await JobReplica.open(f"job{behind}", config, kept)
+        for replica in jobs:
+            await _durable_records(replica, [Record.epoch(2).with_lsn(6, 1)])
+            assert await replica.apply_pending() == 6
+        assert kept.bytes == 0
+    finally:
+        for replica in jobs:
+            await replica.aclose()
+    assert kept.bytes == 0
+    for i in range(3):
+        data = (tmp_path / "replicas" / f"job{i}" / "d").read_bytes()
+        assert data == b"".join(bytes([i * 16 + step]) * MIB for step in range(4))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import replicator.engine.job_replica as job_replica
+from replicator.engine.durable_tail import KeptMemory
 from replicator.engine.job_replica import JobReplica
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.journal import Journal
@@ -30,8 +31,10 @@ async def test_a_session_cancelled_while_its_job_opens_leaves_the_job_to_aclose(
     (as when it lands while the opening task's result is on its way)."""
     real_open = JobReplica.open
 
-    async def open_then_linger(job: str, config: ReceiverConfig) -> JobReplica:
-        replica = await real_open(job, config)
+    async def open_then_linger(
+        job: str, config: ReceiverConfig, kept: KeptMemory | None = None
+    ) -> JobReplica:
+        replica = await real_open(job, config, kept)
         await asyncio.sleep(0.2)
         return replica
 
