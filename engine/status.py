@@ -76,6 +76,9 @@ class SenderPhase(StrEnum):
     # scan capture: the pre hook (freeze) failed at the last cycle, so no consistency point
     # was taken; tried again every interval (``last_error`` says how it failed)
     HOOK_FAILED = "hook_failed"
+    # scan capture: a volume was removed or replaced by something not a file during the
+    # last cycle, so no point was taken; tried again, backing off (``last_error`` says which)
+    VOLUME_GONE = "volume_gone"
     FENCED = "fenced"  # no lease renewal at the witness: writes held (witness_fence.py)
     STOPPING = "stopping"
     STOPPED = "stopped"
@@ -175,11 +178,9 @@ class SenderJobStatus:
         self.fence: Callable[[], dict[str, Any]] | None = None  # send --witness: fencing state
         self.last_epoch = 0
         # scan capture: (EPOCH LSN, wall time its scan began) of the points this run took,
-        # newest last; and whether the last cycle took none (its freeze failed or could not
-        # hold the changes). A scanning sender captures nothing while it has no link or
-        # takes no point, so its lag then counts from the newest point the receiver applied
+        # newest last. A scanning sender captures nothing between its scans, so its lag
+        # counts from the scan of the newest point the receiver applied
         self._points: deque[tuple[int, float]] = deque(maxlen=64)
-        self.point_missed = False
         self.interval: float | None = None  # a continuous scanning sender's --interval
         # a live sender serving without its receiver: the LSN it began from, until a
         # session finds the receiver at or below it (engine/served_alone.py)
@@ -246,7 +247,6 @@ class SenderJobStatus:
         """A scanning sender journaled a consistency point at ``lsn``, of a scan that began
         at ``scan_began`` (wall clock)."""
         self._points.append((lsn, scan_began))
-        self.point_missed = False
 
     def _uncaptured_since(self, applied: int) -> float:
         """When the scan of the newest point the receiver has applied began: changes since
@@ -286,9 +286,10 @@ class SenderJobStatus:
             self.capture == "scan"
             and self.interval is not None
             and self.state not in (SenderPhase.STOPPING, SenderPhase.STOPPED)
-            and (link is None or self.point_missed)
-        ):  # a continuous scanning sender that captures nothing meanwhile: the RPO (this lag
-            # plus the interval, as while replicating) counts from the point the receiver holds
+        ):  # a continuous scanning sender captures nothing between its scans: the RPO (this
+            # lag plus the interval) counts from the scan of the point the receiver holds,
+            # connected or not (a cycle held by a slow hook or a hung read said "lag 0.0 s"
+            # while connected, its journal empty, for as long as it was stuck)
             lag_seconds = max(lag_seconds, now - self._uncaptured_since(applied) - self.interval)
         tracked = self.tracked_since()
         if tracked is not None:  # changes in no journal yet: the replica lacks them

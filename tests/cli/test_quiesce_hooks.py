@@ -217,7 +217,8 @@ def test_a_sender_stopped_while_the_guest_is_frozen_thaws_it_first(
     )  # fmt: skip
     wait_for(frozen.exists, proc, "the freeze")
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    # one SIGTERM (stop_and_read's): a second one during the thaw would leave it to finish
+    # on its own after the sender exits (engine/hooks.py), and this check would race it
     rc, err = stop_and_read(proc, timeout=20)
     assert rc == ExitCode.INTERRUPTED, err[-3000:]
     assert not frozen.exists(), "the sender stopped and left the guest frozen"
@@ -487,3 +488,67 @@ def test_a_guest_that_outwrites_the_journal_at_every_freeze_gets_no_point_and_is
     replica = receiver.dir / "vm" / "disk.img"
     assert b3(replica) == b3(disk)
     assert qemu_compare("raw", replica, disk).returncode == 0
+
+
+def test_a_cycle_held_by_a_slow_freeze_shows_in_the_lag(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A guest agent that takes its time (or a hung read) holds a cycle: the sender is
+    connected and its journal is empty, and it said "lag 0.0 s" (and so did
+    replicator_lag_seconds) while a write made meanwhile was on the source only."""
+    disk, slow, state = _disk(tmp_path), tmp_path / "slow", tmp_path / "state"
+    proc = start_send(
+        receiver.address, "vm", state, disk,
+        extra=(
+            "--interval", "0.3", "--hook-timeout", "100",
+            "--pre-hook", f"while [ -e {slow} ]; do sleep 0.1; done", "--post-hook", "true",
+        ),
+    )  # fmt: skip
+    try:
+        replica = receiver.dir / "vm" / "disk.img"
+        wait_for(lambda: replica.exists() and b3(replica) == b3(disk), proc, "the first point")
+        wait_for(lambda: float(sender_job(state)["lag"]["seconds"]) < 1.0, proc, "a small lag")
+        slow.touch()
+        time.sleep(1.0)  # the next cycle's freeze waits now
+        with disk.open("r+b") as f:
+            f.write(os.urandom(4096))
+        wait_for(lambda: float(sender_job(state)["lag"]["seconds"]) >= 3.0, proc, "the lag grows")
+        assert b3(replica) != b3(disk)  # the write is on the source only
+        slow.unlink()
+        wait_for(lambda: b3(replica) == b3(disk), proc, "the write replicated")
+        wait_for(lambda: float(sender_job(state)["lag"]["seconds"]) < 1.0, proc, "a small lag")
+    finally:
+        rc, err = stop_and_read(proc)
+    assert rc == 0, err[-3000:]
+
+
+def test_a_stop_during_a_slow_freeze_does_not_wait_for_it(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """SIGTERM while a continuous sender's pre hook ran waited for the hook (up to
+    --hook-timeout: systemd's stop timeout could SIGKILL the sender with the guest
+    frozen). The freeze is killed, the thaw runs, and the sender stops at once."""
+    disk, slow, state = _disk(tmp_path), tmp_path / "slow", tmp_path / "state"
+    thawed = tmp_path / "thawed"
+    proc = start_send(
+        receiver.address, "vm", state, disk,
+        extra=(
+            "--interval", "0.3", "--hook-timeout", "100",
+            "--pre-hook", f"if [ -e {slow} ]; then touch {slow}.held; sleep 60; fi",
+            "--post-hook", f'echo "$REPLICATOR_PRE_RESULT" >> {thawed}',
+        ),
+    )  # fmt: skip
+    try:
+        wait_for(lambda: thawed.exists(), proc, "a first cycle")
+        slow.touch()
+        wait_for(lambda: (tmp_path / "slow.held").exists(), proc, "the slow freeze")
+        asked = time.monotonic()
+        rc, err = stop_and_read(proc, timeout=60)
+        waited = time.monotonic() - asked
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, err[-3000:]
+    assert waited < 10, f"the stop waited {waited:.1f} s for the freeze"
+    assert thawed.read_text().splitlines()[-1] == "failed"  # the thaw ran after it
+    assert '"event": "sender.hook_stopped"' in err
