@@ -37,6 +37,7 @@ from typing import BinaryIO, NoReturn
 import structlog
 
 from replicator.engine.errors import ConfigError
+from replicator.engine.scan import CycleStopped
 
 log = structlog.get_logger()
 
@@ -73,6 +74,9 @@ class Quiesce:
     # the last thaw's failure, until a thaw succeeds (the caller reports it)
     thaw_failure: HookFailed | None = field(default=None, init=False)
     frozen_seconds: float | None = field(default=None, init=False)  # the last freeze's
+    # a continuous sender's stop: a freeze under way when it is set is killed (CycleStopped)
+    # and the thaw runs, rather than holding the stop for up to the hook's timeout
+    stop: asyncio.Event | None = field(default=None, init=False)
 
     @property
     def freezes(self) -> bool:
@@ -141,7 +145,7 @@ class Quiesce:
                 self._failed(HookFailed(phase, command, f"could not be started ({exc})", ""))
             try:
                 async with asyncio.timeout(self.timeout):
-                    rc = await proc.wait()
+                    rc = await self._wait(proc, phase)
             except TimeoutError:
                 _kill_group(proc.pid)
                 await proc.wait()
@@ -159,6 +163,25 @@ class Quiesce:
             self._failed(HookFailed(phase, command, why, output))
         seconds = round(time.monotonic() - started, 3)
         log.info("sender.hook_ran", hook=phase, seconds=seconds, output=output or None)
+
+    async def _wait(self, proc: asyncio.subprocess.Process, phase: str) -> int:
+        """The hook's exit status; a freeze is given up (killed, CycleStopped) as soon
+        as the sender is asked to stop: a thaw is never cut short."""
+        stop = self.stop
+        if phase != "pre" or stop is None:
+            return await proc.wait()
+        waiting = asyncio.ensure_future(proc.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if waiting.done():
+            return waiting.result()
+        _kill_group(proc.pid)
+        await waiting
+        log.warning("sender.hook_stopped", hook=phase, why="the sender is stopping")
+        raise CycleStopped("stopped while the pre hook ran")
 
     @staticmethod
     def _failed(exc: HookFailed) -> NoReturn:

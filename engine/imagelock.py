@@ -40,6 +40,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 import string
 import struct
 import uuid
@@ -88,7 +89,9 @@ class ImageLock:
         """Take the sender lock, or raise ConfigError naming the image."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except PermissionError:
+        except OSError as exc:  # not ours to write, or on a read-only mount (a snapshot's)
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # a read lock is all we can
         try:
             kind = fcntl.F_WRLCK if _writable(fd) else fcntl.F_RDLCK
@@ -119,6 +122,8 @@ class ImageLock:
             now = os.stat(self.path)
         except FileNotFoundError:
             return False  # gone: the scan says so
+        if not stat.S_ISREG(now.st_mode):
+            return False  # not a file any more (a FIFO would hold the open): the scan says so
         held = os.fstat(self._fd)
         if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
             return False

@@ -29,6 +29,8 @@ from replicator.engine.volumes import (
     extent_digest,
     hole_digests,
     iter_runs,
+    open_volume,
+    volume_stat,
 )
 from replicator.journal import Journal, JournalFull, Record
 from replicator.transport.messages import DIGEST_SIZE
@@ -69,7 +71,7 @@ def _disk_batches(
     spec: VolumeSpec, basis: ExtentManifest, new: ExtentManifest, stats: ScanStats, batch_limit: int
 ) -> Generator[list[Record], None, None]:
     """Yield batches of records for one disk; fills ``new`` with the digests seen."""
-    fd = os.open(spec.path, os.O_RDONLY)
+    fd = open_volume(spec)
     try:
         # the size the RESIZE record and ``new`` were made for: a file that grew since is
         # read up to it (the next scan sees the growth), one that shrank reads as zeros
@@ -312,7 +314,7 @@ def file_volume(spec: VolumeSpec) -> tuple[Record, bytes]:
     Content and mode come from one open: an editor's rename-over between two opens
     could pair one file's bytes with the other's mode.
     """
-    with open(spec.path, "rb") as f:
+    with os.fdopen(open_volume(spec), "rb") as f:
         content = f.read()
         mode = file_mode(os.fstat(f.fileno()).st_mode)
     return Record.file(spec.name, content, mode), extent_digest(content)
@@ -400,7 +402,7 @@ async def _scan_volumes(
     )
     cap = journal.max_bytes
     batch_limit = BATCH_BYTES if cap is None else max(MAX_WRITE, min(BATCH_BYTES, cap // 4))
-    total = sum(os.stat(spec.path).st_size for spec in volumes)
+    total = sum(volume_stat(spec).st_size for spec in volumes)
     if prelude:  # tree changes (folders, links, deletions) come before file contents
         await append(prelude)
         stats.records += len(prelude)
@@ -419,7 +421,7 @@ async def _scan_volumes(
                 await append([Record.chmod(spec.name, record.offset)])
                 stats.records += 1
             continue
-        st = os.stat(spec.path)
+        st = volume_stat(spec)
         size, mode = st.st_size, st.st_mode & 0o777  # no set-id bits (docs/OPERATIONS.md)
         new_set.modes[spec.name] = mode
         old = basis.disks.get(spec.name)

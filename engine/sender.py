@@ -69,7 +69,7 @@ from replicator.engine.served_alone import clear_served_alone, receiver_ahead
 from replicator.engine.status import SenderJobStatus, SenderPhase
 from replicator.engine.tree import Tree
 from replicator.engine.units import human_size
-from replicator.engine.volumes import VolumeKind
+from replicator.engine.volumes import VolumeGone, VolumeKind
 from replicator.journal import Journal, JournalFull, Record, RecordType
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ class Sender:
         self.progress: Progress | None = None  # sees every cycle's scan (bars, log lines)
         self._refused_retry = RETRY_FIRST  # the wait after a refusal (refused_pause)
         self._refused_at = -1  # the receiver's durable LSN at the last refusal
+        self._gone_retry = RETRY_FIRST  # the wait after a volume went (volume_gone)
         self.reached = False  # a session was established at least once
         # source self-fencing (send --witness): serving alone waits for its first renewal
         self.fence: SourceFence | None = None
@@ -733,6 +734,7 @@ class Sender:
         Stopped before any session: the last connect failure, said so (not a silent 0)."""
         self.log_start("scan")
         self.stopping = stop
+        self.quiesce.stop = stop
         self.status.interval = interval
         async with SenderState(self.config) as state:
             while not stop.is_set():
@@ -757,6 +759,7 @@ class Sender:
                         else:
                             log_cycle(manifests.epoch, lsn, stats, link, time.monotonic() - started)
                             basis, kind = manifests, "local"  # saved: the next basis is local
+                            self._gone_retry = RETRY_FIRST
                             self.status.set_state(SenderPhase.REPLICATING)
                         if await wait_for_request(link, stop, interval):  # planned failover
                             basis = await self.hand_over_scanned(state, link, basis)
@@ -766,17 +769,31 @@ class Sender:
                     await link.finish("sender stopping", grace=0)
                 except MID_SESSION_RETRY as exc:
                     await self.session_failed(exc, link, stop)
+                except VolumeGone as exc:
+                    await self.volume_gone(exc, link, stop)
                 finally:
                     await self.close_link(link)
             self.status.set_state(SenderPhase.STOPPED)
         self.log_stop(state)
+
+    async def volume_gone(self, exc: VolumeGone, link: Link, stop: asyncio.Event) -> None:
+        """A volume was removed, renamed or replaced by something not a file during a
+        cycle (a restore by ``rm`` and ``cp``, say): no point this cycle. The link closes,
+        so what the cycle shipped is taken as after a lost link, and the sender tries
+        again after a pause (1 s, doubling to 60 s while it stays gone), instead of ending
+        replication for every volume of the job."""
+        log.error("sender.volume_gone", error=exc.message, hint=exc.hint, retry_in=self._gone_retry)
+        self.status.error("volume", exc.message)
+        await self.close_link(link)
+        self.status.set_state(SenderPhase.VOLUME_GONE)
+        await sleep_or_stop(stop, self._gone_retry)
+        self._gone_retry = min(self._gone_retry * 2, RETRY_MOST)
 
     def no_point(self, exc: HookFailed | FreezeOverflow, basis: ManifestSet) -> ManifestSet:
         """A continuous sender's freeze failed (logged by engine/hooks.py) or could not
         hold the changes (FreezeOverflow): no consistency point this cycle, and the status
         says why until one is taken. The next cycle's basis: the copy made before the
         freeze, which the receiver holds, if there was one."""
-        self.status.point_missed = True
         if isinstance(exc, HookFailed):
             self.status.error("hook", exc.message)
             self.status.set_state(SenderPhase.HOOK_FAILED)

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import functools
 import os
+import stat
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,44 @@ class VolumeSpec:
     path: Path
     name: str
     kind: VolumeKind
+
+
+class VolumeGone(ConfigError):
+    """A volume was removed, renamed, or replaced by something that is not a regular file
+    while the sender ran (a restore by ``rm`` and ``cp``, an editor's odd save, a FIFO)."""
+
+
+def _gone(spec: VolumeSpec, why: str) -> VolumeGone:
+    return VolumeGone(
+        f"volume {spec.name!r} ({spec.path}) {why} while the sender ran",
+        hint="put the file back (a continuous sender tries again, 1 s doubling to 60 s), "
+        "or restart the sender without it",
+    )
+
+
+def volume_stat(spec: VolumeSpec) -> os.stat_result:
+    """The volume's ``stat``, or VolumeGone when it is missing or not a regular file."""
+    try:
+        st = os.stat(spec.path)
+    except FileNotFoundError:
+        raise _gone(spec, "was removed or renamed") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _gone(spec, "was replaced by something that is not a regular file")
+    return st
+
+
+def open_volume(spec: VolumeSpec) -> int:
+    """A read-only descriptor of the volume. Never blocks in the open: a FIFO put in a
+    volume's place held the sender in ``open`` for good, deaf to SIGTERM (its thread
+    cannot be interrupted); it is VolumeGone, as a missing file is."""
+    try:
+        fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise _gone(spec, "was removed or renamed") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _gone(spec, "was replaced by something that is not a regular file")
+    return fd
 
 
 def _has_image_magic(fd: int) -> bool:

@@ -177,3 +177,22 @@ def test_a_live_sender_keeps_serving_its_vm_while_the_targets_disk_is_read_only(
         rc, err = sender.stop()
         receiver.stop()
     assert rc == 0, err[-3000:]
+
+
+def test_images_on_a_read_only_mount_replicate(tmp_path: Path, receiver: ReceiverProc) -> None:
+    """A snapshot or a backup mounted read-only is a fair source. The sender's image lock
+    opened it for writing, and the mount's EROFS was taken for a failed disk ("a disk that
+    had errors is often remounted read-only: check it (dmesg)"), exit 9."""
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    qemu_img("create", "-f", "qcow2", str(src / "disk.qcow2"), "16M")
+    qemu_io("qcow2", src / "disk.qcow2", "write -P 0x5a 1M 3M")
+    subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        send_once(receiver, "vm", tmp_path / "state", ro / "disk.qcow2")
+        same = qemu_compare("qcow2", src / "disk.qcow2", receiver.dir / "vm" / "disk.qcow2")
+        assert same.returncode == 0, same.stdout + same.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
