@@ -112,8 +112,8 @@ def failover_command(
         if allow_inconsistent:
             extra["allow_inconsistent"] = True
         try:  # a running receiver promotes (it holds the folder)
-            answer = await asyncio.to_thread(
-                control.request, socket_path, "failover", timeout=FAILOVER_TIMEOUT + timeout,
+            answer = await control.request_async(
+                socket_path, "failover", timeout=FAILOVER_TIMEOUT + timeout,
                 job=job, exec=exec_cmd, **extra,
             )  # fmt: skip
         except control.ControlUnavailable as exc:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import fcntl
 import json
@@ -41,6 +42,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -265,6 +267,7 @@ class ControlServer:
         if handler is None:
             known = ", ".join(sorted(self.handlers))
             return _error("unknown_op", f"unknown op {op!r} (known: {known})")
+        token = _REQUESTER.set(writer)
         try:
             result = await handler(request)
         except RequestError as exc:
@@ -272,6 +275,8 @@ class ControlServer:
         except Exception as exc:
             log.exception("control.op_failed", op=op)
             return _error("failed", f"{op} failed: {type(exc).__name__}: {exc}")
+        finally:
+            _REQUESTER.reset(token)
         return {"ok": True, "result": result}
 
     async def _ping(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -289,6 +294,31 @@ async def close_server(server: asyncio.AbstractServer, clients: set[asyncio.Task
             await task
     with contextlib.suppress(Exception):
         await server.wait_closed()
+
+
+# the connection of the request a handler is answering (set around each handler call)
+_REQUESTER: contextvars.ContextVar[asyncio.StreamWriter | None] = contextvars.ContextVar(
+    "control_requester", default=None
+)
+
+
+def requester_gone() -> bool:
+    """Whether the client of the request being answered has closed its end: it was
+    interrupted, or it gave up waiting (a receiver stopped for minutes reads the request
+    only when it runs again). An operation with lasting effects (a promotion) asks this
+    before it acts, so an abandoned request never acts unwatched. False outside a request."""
+    writer = _REQUESTER.get()
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is None:
+        return False
+    try:  # on a duplicate: the loop's own socket object offers no recv
+        with socket.socket(fileno=os.dup(sock.fileno())) as peer:
+            peeked: bytes = peer.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False  # open, and nothing more sent: still waiting for the answer
+    except OSError:
+        return True
+    return peeked == b""
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -361,6 +391,33 @@ def request(path: Path, op: str, *, timeout: float = CLIENT_TIMEOUT, **args: Any
             else "check the request; `ping` lists the operations it knows",
         )
     return response.get("result")
+
+
+async def request_async(
+    path: Path, op: str, *, timeout: float = CLIENT_TIMEOUT, **args: Any
+) -> Any:
+    """``request`` from a coroutine, in a daemon thread: a command interrupted while it
+    waits (SIGINT, SIGTERM) exits at once, where ``asyncio.to_thread`` held the exit until
+    the answer or the timeout came (minutes, with a stuck receiver). The socket closes
+    with the process, and the server sees its requester gone (``requester_gone``)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            result = request(path, op, timeout=timeout, **args)
+        except BaseException as exc:
+            error = exc
+            loop.call_soon_threadsafe(settle, lambda: future.set_exception(error))
+        else:
+            loop.call_soon_threadsafe(settle, lambda: future.set_result(result))
+
+    threading.Thread(target=run, name=f"control-{op}", daemon=True).start()
+    return await future
 
 
 def _read_line(sock: socket.socket) -> bytes:

@@ -33,7 +33,7 @@ from replicator.engine.control import (
     RequestError,
     SenderClaim,
 )
-from replicator.engine.errors import ReplicatorError
+from replicator.engine.errors import ExitCode, ReplicatorError, unwrap
 from replicator.engine.pacing import backlog_probe
 from replicator.engine.status import StatusBoard
 from replicator.transport.schedule import SpecError, parse_rate
@@ -182,6 +182,15 @@ def sender_monitor(
     )
 
 
+def _refusal(exc: ReplicatorError | OSError) -> dict[str, Any]:
+    """An operation that did not happen, and why, with its exit code: a full or failing
+    disk (OSError) as the command at rest says it (``local storage error``, exit 9), not as
+    a failed request (exit 3) with a traceback in the receiver's log."""
+    mapped = unwrap(exc)
+    code = mapped.exit_code if isinstance(mapped, ReplicatorError) else ExitCode.STORAGE
+    return {"error": str(mapped), "exit_code": int(code)}
+
+
 def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None) -> Monitor:
     """The monitor of a ``receive`` process (call it once the receiver's folders are locked)."""
     state_root = receiver.config.state_root
@@ -206,8 +215,8 @@ def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None)
                 promotion, already = await receiver.failover(
                     job, allow_inconsistent=allow_inconsistent
                 )
-        except ReplicatorError as exc:  # e.g. a replica not at a consistency point (exit 6)
-            return {"error": str(exc), "exit_code": int(exc.exit_code)}
+        except (ReplicatorError, OSError) as exc:  # e.g. not at a consistency point (exit 6)
+            return _refusal(exc)
         result = await finish_failover(
             receiver.config, job, promotion, exec_cmd=command, started=started, already=already
         )
@@ -219,8 +228,8 @@ def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None)
             raise RequestError('"job" is a job name')
         try:  # a refusal is an answer (with its exit code), not a failed request
             return {"job": job, "generation": await receiver.demote(job)}
-        except ReplicatorError as exc:
-            return {"error": str(exc), "exit_code": int(exc.exit_code)}
+        except (ReplicatorError, OSError) as exc:
+            return _refusal(exc)
 
     return Monitor(
         receiver.status,

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import structlog
 
 from replicator.engine.applier import ApplyError
+from replicator.engine.control import requester_gone
 from replicator.engine.durable_tail import KeptMemory
 from replicator.engine.errors import (
     ConfigError,
@@ -376,6 +377,7 @@ class Receiver:
         wins), then ``JobReplica.promote``. Returns the promotion and whether the job was
         promoted already."""
         replica = await self._known_job(name)
+        _still_asked(name)  # before its session is ended
         for conn, serving in list(self._serving.items()):
             if serving is replica:
                 log.warning("receiver.failover_ends_session", job=name, peer=conn.peer)
@@ -384,6 +386,7 @@ class Receiver:
             await replica.session_lock.acquire()
         try:
             already = replica.promotion is not None and not replica.promotion.damaged
+            _still_asked(name)
             return await replica.promote(allow_inconsistent=allow_inconsistent), already
         finally:
             replica.session_lock.release()
@@ -429,6 +432,7 @@ class Receiver:
         replica = await self._known_job(name)
         if replica.promotion is not None and not replica.promotion.damaged:
             return replica.promotion, True
+        _still_asked(name)  # before the source is asked to stop its capture
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         session = await self._next_session(name, None, deadline)
@@ -478,6 +482,9 @@ class Receiver:
                 hint="run `replicator failover --planned` again; `replicator status` shows "
                 "what failed",
             )
+        if requester_gone():  # the source stopped its capture, and waits: it is told
+            session.conn.abort()
+            _still_asked(name)
         promotion = await replica.promote()
         try:
             await session.confirm_handover(promotion.generation)
@@ -532,6 +539,18 @@ async def _handed_over(session: Session, replica: JobReplica, timeout: float) ->
             while replica.applied_lsn < final and not replica.broken:
                 await replica.applied_changed.wait()
     return final
+
+
+def _still_asked(name: str) -> None:
+    """Raise RefusedError when the failover's requester has gone (``requester_gone``)."""
+    if requester_gone():
+        log.warning("receiver.failover_abandoned", job=name)
+        raise RefusedError(
+            f"job {name!r}: the failover request was given up by its client (interrupted, "
+            "or it stopped waiting: was this receiver stopped or stuck?) before it could be "
+            "carried out; nothing was promoted",
+            hint="run `replicator failover` again if it is still wanted",
+        )
 
 
 def _handover_failed(name: str, exc: TimeoutError | ConnectionClosedError) -> ConnectError:

@@ -1,0 +1,80 @@
+"""A failover asked of a receiver that is stopped or stuck (SIGSTOP: the kernel still
+queues the request on its control socket): the operator gives up, and the receiver, run
+again minutes later, must not carry the request out unwatched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.errors import ExitCode
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    replicator,
+    send_once,
+    sender_job,
+    start_receiver,
+    start_send,
+    stop_and_read,
+    wait_for,
+)
+
+
+def _job(target: Path) -> dict[str, object]:
+    out = replicator("status", "--dir", str(target), "--json")
+    assert out.returncode == 0, out.stderr
+    [job] = json.loads(out.stdout)["jobs"]
+    assert isinstance(job, dict)
+    return job
+
+
+@pytest.mark.parametrize("how", ["--force", "--planned"])
+def test_a_failover_given_up_on_a_stopped_receiver_is_never_carried_out(
+    tmp_path: Path, how: str
+) -> None:
+    """Seen: `failover` hung on a SIGSTOPped receiver, SIGTERM printed "interrupted" and
+    went on hanging, and after SIGCONT the receiver promoted the job with nobody there
+    (a planned one also stopped the source's capture: its sender exited 12)."""
+    disk, state, log = tmp_path / "disk.raw", tmp_path / "state", tmp_path / "receiver.log"
+    disk.write_bytes(os.urandom(1024 * 1024))
+    target = tmp_path / "target"
+    rcv = start_receiver(target, log=log)
+    sender = None
+    try:
+        send_once(rcv, "vm", state, disk)
+        if how == "--planned":  # the source's sender, connected: the one a handover stops
+            sender = start_send(rcv.address, "vm", state, disk, extra=("--interval", "0.3"))
+            wait_for(lambda: sender_job(state).get("connected") is True, sender, "connected")
+        os.kill(rcv.proc.pid, signal.SIGSTOP)
+        try:
+            asked = subprocess.Popen(
+                [*REPLICATOR, "failover", "--dir", str(target), "--job", "vm", how],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+            )  # fmt: skip
+            time.sleep(2.0)  # the request waits on the stopped receiver's socket
+            assert asked.poll() is None
+            asked.send_signal(signal.SIGTERM)  # the operator gives up
+            t0 = time.monotonic()
+            _, err = asked.communicate(timeout=30)
+            assert time.monotonic() - t0 < 5, "the interrupted command went on waiting"
+            assert asked.returncode == ExitCode.INTERRUPTED, err
+        finally:
+            os.kill(rcv.proc.pid, signal.SIGCONT)
+        wait_for(lambda: "receiver.failover_abandoned" in log.read_text(), rcv.proc, "abandoned")
+        assert _job(target)["promoted"] is False
+        assert not (target / ".replicator" / "vm" / "promoted.state").exists()
+        if sender is not None:  # replication goes on
+            time.sleep(1.0)
+            assert sender.poll() is None
+    finally:
+        if sender is not None:
+            rc, err = stop_and_read(sender)
+            assert rc == 0, err[-3000:]
+        assert rcv.stop() == 0
