@@ -175,8 +175,22 @@ def load_peer_generation(state_dir: Path) -> int:
         return 0  # unknown: a promoted receiver still refuses, a plain one tells us again
 
 
-def save_peer_generation(state_dir: Path, generation: int) -> None:
-    write_state(state_dir / PEER_FILE, {"generation": generation})
+def load_peer_replica(state_dir: Path) -> str:
+    """The replica identity the receiver last welcomed this sender with ("": unknown;
+    engine/replica_id.py)."""
+    try:
+        raw = read_state(state_dir / PEER_FILE)
+    except (StateFileError, OSError):
+        return ""  # said by load_peer_generation
+    value = raw.get("replica") if raw is not None else None
+    return value if isinstance(value, str) else ""
+
+
+def save_peer_generation(state_dir: Path, generation: int, replica: str = "") -> None:
+    saved: dict[str, object] = {"generation": generation}
+    if replica:
+        saved["replica"] = replica
+    write_state(state_dir / PEER_FILE, saved)
 
 
 def _int(raw: dict[str, object], key: str) -> int:

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import structlog
 
 from replicator.engine import direct_writes, replica_state
+from replicator.engine import replica_id as replica_ids
 from replicator.engine.applier import Applier, ApplyError, PendingSync
 from replicator.engine.durable_tail import DurableTail, KeptMemory
 from replicator.engine.errors import (
@@ -199,6 +200,7 @@ class JobReplica:
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
         self.promotion: Promotion | None = None  # set by open(): see engine/generations.py
+        self.replica_id = ""  # set by open(): which replica this is (engine/replica_id.py)
         # QEMU's "no other writer" locks on the replica disk images while replication keeps
         # them (engine/imagelock.py); ``_guarded``: the ``files.layout`` they last followed
         self.guard = ReplicaGuard()
@@ -223,6 +225,7 @@ class JobReplica:
         await asyncio.to_thread(_real_dirs, config.state_root, (job, f"{job}/journal"))
         saved = await asyncio.to_thread(replica_state.load, state_dir, job)
         files = await asyncio.to_thread(ReplicaFiles.load, state_dir, job)
+        replica_id = await asyncio.to_thread(replica_ids.load_or_make, state_dir, job)
         journal = await Journal.open(
             state_dir / "journal",
             segment_bytes=config.segment_bytes,
@@ -267,6 +270,7 @@ class JobReplica:
                 action="records after the kept ones are asked from the sender again",
             )
         self = cls(job, config, journal, saved, files, kept)
+        self.replica_id = replica_id
         # from here on a failure or a cancellation (the receiver closing while a job opens)
         # closes what was opened: a journal left open would hold its lock for good
         try:

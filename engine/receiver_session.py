@@ -24,6 +24,7 @@ from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import path_problem
 from replicator.engine.pacing import unapplied_bytes
 from replicator.engine.replica_files import ReplicaDiverged
+from replicator.engine.replica_id import capability
 from replicator.engine.session_core import ReceiverCore, Send
 from replicator.engine.statedir import free_bytes, state_reserve
 from replicator.engine.window import CreditWindow
@@ -118,7 +119,14 @@ class Session:
                 # which checks each record's checksum before any is used
                 # handover-refusal: a sender that cannot take a final point says so at
                 # once, instead of letting `failover --planned` wait out its timeout
-                capabilities=("lz4", "manifest", CAP_RECORDS_CHECKED, CAP_HANDOVER_REFUSAL),
+                # replica-<id>: which replica this is (engine/replica_id.py)
+                capabilities=(
+                    "lz4",
+                    "manifest",
+                    CAP_RECORDS_CHECKED,
+                    CAP_HANDOVER_REFUSAL,
+                    *([capability(replica.replica_id)] if replica.replica_id else []),
+                ),
                 generation=replica.state.generation,
             )
         )

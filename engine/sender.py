@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from replicator.engine import early_hashing, generations, lost_records
+from replicator.engine import replica_id as replica_ids
 from replicator.engine.checkpoint import TouchedExtents
 from replicator.engine.connectors import Connector, TcpConnector
 from replicator.engine.direct_intent import IntentLog
@@ -36,6 +37,7 @@ from replicator.engine.errors import (
     PeerProtocolError,
     RefusedError,
     ReplicatorError,
+    SplitBrainError,
     TargetStorageError,
     VersionMismatch,
     as_user_error,
@@ -233,9 +235,16 @@ class Sender:
                 generation=known,
                 session=state.locks.session_id(),
             )
-            if welcome.generation != known:  # a new history (first contact, --resync)
+            theirs = replica_ids.from_capabilities(welcome.capabilities)
+            mine = await asyncio.to_thread(generations.load_peer_replica, state_dir)
+            if theirs and mine and theirs != mine:
+                another_replica(self.config.job, link, purpose)  # raises, unless taken over
+            taken = theirs and theirs != mine and purpose is not SessionPurpose.VERIFY
+            if welcome.generation != known or taken:
+                # a new history (first contact, --resync), or another replica taken over
+                keep = theirs if theirs and (taken or not mine) else mine
                 await asyncio.to_thread(
-                    generations.save_peer_generation, state_dir, welcome.generation
+                    generations.save_peer_generation, state_dir, welcome.generation, keep
                 )
             self.status.generation = welcome.generation
             if state.served_alone is not None:  # engine/served_alone.py
@@ -831,6 +840,25 @@ class Sender:
             last_epoch=self.status.last_epoch,
             last_lsn=journal.last_lsn if journal is not None else None,
         )
+
+
+def another_replica(job: str, link: Link, purpose: SessionPurpose) -> None:
+    """The receiver holds another replica of ``job`` than this state folder replicated to
+    (engine/replica_id.py). A session that builds on it is refused (SplitBrainError); one
+    that compares (``--resync``, ``verify``) goes on, and a replica that holds nothing yet
+    (a new job folder there) is simply taken."""
+    if link.received_lsn == 0 or purpose is not SessionPurpose.REPLICATE:
+        log.warning("sender.another_replica", job=job, received_lsn=link.received_lsn)
+        return
+    raise SplitBrainError(
+        f"the receiver at {link.conn.peer} holds another replica of job {job!r} than the one "
+        "this state folder replicates to (its history reaches lsn "
+        f"{link.received_lsn}): --to may name the wrong receiver, or the job folder there "
+        "was replaced; nothing was written",
+        hint="check --to (and --job); if that replica is the one to use from now on, "
+        "`replicator send --resync` compares with it and overwrites what differs with this "
+        "source's data",
+    )
 
 
 class _NoRoomFrozen(Exception):
