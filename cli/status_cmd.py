@@ -298,6 +298,8 @@ def _state(job: dict[str, Any]) -> str:
 def _lag(job: dict[str, Any]) -> str:
     lag = job.get("lag") or {}
     at_most = lag.get("at_most")
+    if lag.get("not_known"):
+        return f"not known: {lag['not_known']} (the receiver's `status --dir` says what it holds)"
     if job.get("source") == "files" and lag.get("records") is None and at_most is None:
         return (
             "not known: no sync from this state folder has completed (the replica may lack "

@@ -86,6 +86,17 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
     pending = _unapplied(report, heard) if report is not None else Unapplied(0, 0, None)
     if manifests is not None:  # and what a cycle shipped without the journal
         pending = _with_notes(pending, state_dir, manifests.lsn, manifests.extent_size, heard)
+    trimmed_below = first if first is not None else (report.next_lsn if report else 1)
+    # received and trimmed here, but not applied when last heard: their age is gone with
+    # them, so no bound is known (it said "at most 6 records, 3.3 s" with 54 such records
+    # and a point 20 s old on the receiver)
+    unknown = (
+        f"the receiver held LSN {heard.lsn + 1} to {trimmed_below - 1} unapplied when this "
+        "sender last heard from it, and this journal no longer holds them (it had received "
+        "them)"
+        if heard is not None and trimmed_below > heard.lsn + 1
+        else None
+    )
     entry: dict[str, Any] = {
         "job": job or state_dir.name,
         "job_from": "sender.json" if job else "folder name",
@@ -100,16 +111,17 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
         "lsn": {
             "journaled": last if last is not None else (report.next_lsn - 1 if report else 0),
             # records below the journal's first were trimmed: the receiver had them
-            "trimmed_below": first if first is not None else (report.next_lsn if report else 1),
+            "trimmed_below": trimmed_below,
         },
         "lag": {
             "records": None,
             "bytes": None,
             "seconds": None,
             # the receiver may have applied any of these since this sender last heard;
-            # None before any sync from this folder completed: the replica may lack anything
+            # None before any sync from this folder completed: the replica may lack anything;
+            # and while records it had not applied are no longer here (``not_known``)
             "at_most": None
-            if manifests is None
+            if manifests is None or unknown is not None
             else {
                 "records": pending.records,
                 "bytes": pending.bytes,
@@ -117,6 +129,7 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
                     round(max(0.0, now - pending.oldest_ts / 1e9), 3) if pending.oldest_ts else 0.0
                 ),
             },
+            "not_known": unknown,
         },
         # what the receiver had applied when this sender last heard from it
         "applied_heard": (

@@ -114,3 +114,12 @@ def test_a_promoted_replica_shows_what_was_missing_when_it_was_promoted() -> Non
     assert _row(text, "lag (RPO bound)") == (
         "0 records to apply; promoted (its consistency point has no source time)"
     )
+
+
+def test_a_sender_at_rest_that_cannot_bound_its_lag_says_why() -> None:
+    why = "the receiver held LSN 69 to 121 unapplied when this sender last heard from it"
+    lag = {"records": None, "at_most": None, "not_known": why}
+    job = {"job": "vm1", "state": "not_running", "source": "files", "lag": lag}
+    text = " ".join(_text({"role": "sender", "source": "files", "jobs": [job]}).split())
+    assert f"not known: {why}" in text, text
+    assert "no sync from this state folder has completed" not in text

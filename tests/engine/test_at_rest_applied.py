@@ -134,3 +134,24 @@ async def test_before_any_sync_completed_no_bound_is_given(tmp_path: Path) -> No
     (state / "manifests.state").unlink()
     assert await save_peer_applied(state, PeerApplied(10, time.time_ns()))
     assert sender_at_rest(state)["jobs"][0]["lag"]["at_most"] is None
+
+
+async def test_records_received_but_unapplied_and_trimmed_here_make_no_bound(
+    tmp_path: Path,
+) -> None:
+    """The journal drops what the receiver has received; what it had not applied when last
+    heard is then in neither count: "at most 6 records, 3.3 s" was said with 54 such
+    records and a point 20 s old on the receiver. No bound is claimed then."""
+    state, _ = await _state(tmp_path)
+    journal = await Journal.open(state / "journal", segment_bytes=600)
+    await journal.trim(9)  # received up to 8: the segments below it go
+    first = journal.first_lsn
+    await journal.aclose()
+    assert first > 4
+    await save_peer_applied(state, PeerApplied(3, time.time_ns()))
+    job = sender_at_rest(state)["jobs"][0]
+    assert job["lag"]["at_most"] is None
+    assert f"LSN 4 to {first - 1} unapplied" in job["lag"]["not_known"]
+    await save_peer_applied(state, PeerApplied(first - 1, time.time_ns()))
+    job = sender_at_rest(state)["jobs"][0]
+    assert job["lag"]["not_known"] is None and job["lag"]["at_most"] is not None
