@@ -63,7 +63,18 @@ __all__ = [
 
 # TLS errors that say the stream was damaged or cut, not that a certificate was refused:
 # they end a session like any lost connection (and a continuous sender reconnects)
-_TLS_DAMAGE = ("BAD_RECORD_MAC", "DECRYPTION_FAILED", "UNEXPECTED_EOF", "BAD_LENGTH")
+# a handshake damaged on the path (a flipped bit: the peer cannot parse what we sent), not
+# a certificate refused: a connection error, retried, never exit 10 (which a continuous
+# sender does not retry)
+_TLS_DAMAGE = (
+    "BAD_RECORD_MAC",
+    "DECRYPTION_FAILED",
+    "UNEXPECTED_EOF",
+    "BAD_LENGTH",
+    "DECODE_ERROR",
+    "ILLEGAL_PARAMETER",
+    "BAD_EXTENSION",
+)
 _TLS_KEYS_HINT = (
     "both sides need keys from the same `replicator keygen --out DIR` folder (the same ca.crt), "
     "valid now; see docs/OPERATIONS.md, 'Security: TLS and keys'"

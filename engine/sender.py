@@ -172,6 +172,14 @@ class Sender:
             state_dir=str(self.config.state_dir),
         )
         self.warn_image_dependencies()
+        if self.config.pre_hook and not self.config.post_hook:
+            log.warning(
+                "sender.pre_hook_alone",
+                problem="--pre-hook without --post-hook: nothing thaws what the pre hook "
+                "froze, after the scan or when it fails",
+                hint="add --post-hook (e.g. 'virsh domfsthaw VM'); ignore this if the pre "
+                "hook freezes nothing",
+            )
 
     def warn_image_dependencies(self) -> None:
         """Say, before replicating, which backing files, data files or parents the disks

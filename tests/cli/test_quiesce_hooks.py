@@ -552,3 +552,14 @@ def test_a_stop_during_a_slow_freeze_does_not_wait_for_it(
     assert waited < 10, f"the stop waited {waited:.1f} s for the freeze"
     assert thawed.read_text().splitlines()[-1] == "failed"  # the thaw ran after it
     assert '"event": "sender.hook_stopped"' in err
+
+
+def test_a_pre_hook_without_a_post_hook_is_warned_about(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """Nothing would thaw what such a freeze froze; it was accepted silently (and the
+    summary said "guest frozen 0.01 s")."""
+    out = _send(receiver, tmp_path, _disk(tmp_path), "--pre-hook", "true")
+    assert out.returncode == 0, out.stderr
+    assert '"event": "sender.pre_hook_alone"' in out.stderr
+    assert "--post-hook" in out.stderr

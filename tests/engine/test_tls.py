@@ -394,6 +394,13 @@ def test_tls_refusal_leaves_other_connection_errors_alone() -> None:
     damaged = ssl.SSLError(1, "bad mac")
     damaged.reason = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
     assert tls_refusal(damaged) is None
+    # one flipped bit in our ClientHello: the receiver cannot decode it (seen with the WAN
+    # emulator's corruption: "refused our certificate", exit 10, and a continuous sender
+    # gave up)
+    for reason in ("TLSV1_ALERT_DECODE_ERROR", "TLSV1_ALERT_ILLEGAL_PARAMETER", "BAD_EXTENSION"):
+        garbled = ssl.SSLError(1, "alert")
+        garbled.reason = reason
+        assert tls_refusal(garbled) is None, reason
     alert = ssl.SSLError(1, "alert")
     alert.reason = "TLSV1_ALERT_UNKNOWN_CA"
     wrapped = ConnectionClosedError("lost")
