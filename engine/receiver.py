@@ -201,6 +201,7 @@ class Receiver:
         try:
             hello = await conn.recv(timeout=HELLO_TIMEOUT)
         except VersionMismatchError as exc:
+            log.warning("receiver.refused", peer=conn.peer, code="version", why=str(exc))
             await send_quietly(
                 conn, Refuse("version", f"receiver speaks protocol {PROTOCOL_VERSION}: {exc}")
             )
@@ -208,10 +209,13 @@ class Receiver:
         if not isinstance(hello, Hello):
             raise RemoteProtocolError(f"expected Hello, got {type(hello).__name__}")
         structlog.contextvars.bind_contextvars(job=hello.job, peer=conn.peer)  # this session's
-        refusal = self._check_hello(hello) or self._unknown_job(hello)
+        refusal = self._check_hello(hello)
         if refusal is None and self.config.authorize is not None:  # --allow (engine/authz.py)
             why = self.config.authorize.refusal(conn, hello.job)
             refusal = None if why is None else Refuse("auth", why)
+        # only then: an unknown job's refusal lists the jobs here, which a peer not allowed
+        # the job it named must not learn
+        refusal = refusal or self._unknown_job(hello)
         if refusal is not None:
             log.warning("receiver.refused", peer=conn.peer, code=refusal.code, why=refusal.message)
             await conn.send(refusal)

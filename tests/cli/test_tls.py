@@ -196,6 +196,16 @@ def test_peers_without_a_valid_certificate_are_refused_before_anything_is_writte
         # still serving: the allowed sender gets its job
         send_once(rcv, "vm1", tmp_path / "state", disk, security=tls)
         assert b3(disk) == b3(rcv.dir / "vm1" / disk.name)
+        # a job it may not touch, unknown there: refused for --allow, before the unknown
+        # job's refusal, which lists the receiver's jobs (it named vm1 to a peer that may
+        # not know of it)
+        out = replicator(
+            "verify", "--to", rcv.address, "--job", "payroll", "--state-dir",
+            str(tmp_path / "s-payroll"), *tls, str(disk),
+        )  # fmt: skip
+        assert out.returncode == ExitCode.REFUSED, out.stderr
+        assert "may not write job 'payroll'" in last_error(out.stderr)
+        assert "vm1" not in out.stderr
     finally:
         assert rcv.stop() == 0
     reasons = [e["reason"] for e in log_events(log, "transport.tls_refused")]
@@ -206,7 +216,8 @@ def test_peers_without_a_valid_certificate_are_refused_before_anything_is_writte
     assert any("certificate has expired" in r for r in reasons), reasons
     assert all(e["peer"].startswith("127.0.0.1:") for e in log_events(log, "transport.tls_refused"))
     refused = log_events(log, "receiver.refused")
-    assert [e["code"] for e in refused] == ["auth"] and "vm2" in refused[0]["why"]
+    assert [e["code"] for e in refused] == ["auth", "auth"], refused
+    assert "vm2" in refused[0]["why"] and "payroll" in refused[1]["why"]
 
 
 def test_a_tls_sender_against_a_plaintext_receiver(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from replicator.engine import job_replica, replica_state
 from replicator.engine.applier import Applier, ApplyError
@@ -733,3 +734,28 @@ async def test_a_promotion_whose_durable_step_fails_is_all_or_nothing(
         assert reopened.promotion == promotion
         assert reopened.state.generation == promotion.generation
     assert _replica(tmp_path) == b"\x44" * 2 * BLOCK
+
+
+async def test_a_hello_of_another_protocol_version_is_refused_and_logged(tmp_path: Path) -> None:
+    """Every other refusal logged `receiver.refused`; this one nothing at all."""
+    from replicator.engine.receiver import Receiver
+    from replicator.transport import PROTOCOL_VERSION, Hello, Refuse, connection_pair
+    from replicator.transport.frames import encode_frame
+
+    receiver = Receiver(_config(tmp_path))
+    sender, server = await connection_pair()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            serving = asyncio.create_task(receiver.handle(server))
+            newer = Hello(PROTOCOL_VERSION + 1, "job", (), ("lz4",), 0, "s")
+            transport = sender._transport
+            assert transport is not None
+            transport.write(b"".join(encode_frame(newer).buffers))  # as a newer peer would
+            answer = await sender.recv(timeout=10)
+            await asyncio.wait_for(serving, 10)
+    finally:
+        await sender.aclose()
+        await receiver.aclose()
+    assert isinstance(answer, Refuse) and answer.code == "version", answer
+    refused = [e for e in logs if e["event"] == "receiver.refused"]
+    assert [e["code"] for e in refused] == ["version"], logs
