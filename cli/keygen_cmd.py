@@ -26,7 +26,13 @@ def keygen_command(
         ),
     ] = None,
     days: Annotated[
-        int, typer.Option("--days", help="Days the certificates are valid.", min=1)
+        int,
+        typer.Option(
+            "--days",
+            help="Days the certificates are valid (at most 36500: 100 years).",
+            min=1,
+            max=36500,  # an X.509 date ends at 9999; 3,000,000 ended in an OverflowError
+        ),
     ] = DEFAULT_DAYS,
     force: Annotated[
         bool, typer.Option("--force", help="Replace existing certificates (never the CA).")

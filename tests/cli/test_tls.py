@@ -77,6 +77,11 @@ def test_keygen_command(tmp_path: Path) -> None:
     assert (out / "site-b.crt").is_file() and (out / "site-b.key").is_file()
     keygen(out, "--force")
     assert (out / "sender.key").read_bytes() != before
+    # past X.509's last date: a usage error, nothing made (was an OverflowError, exit 70,
+    # and an empty key folder)
+    far = replicator("keygen", "--out", str(tmp_path / "far"), "--days", "3000000")
+    assert far.returncode == ExitCode.USAGE, far.stderr
+    assert "36500" in far.stderr and not (tmp_path / "far").exists()
 
 
 def test_a_command_without_tls_or_insecure_says_how_to_make_keys(tmp_path: Path) -> None:
