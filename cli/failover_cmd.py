@@ -206,7 +206,7 @@ def demote_command(
 
         socket_path = config.state_root / control.SOCKET_NAME
         try:  # a running receiver demotes (it holds the folder)
-            answer = await asyncio.to_thread(control.request, socket_path, "demote", job=job)
+            answer = await control.request_async(socket_path, "demote", job=job)
         except control.ControlUnavailable:
             return await demote_at_rest(config, job)
         generation = _done(answer)["generation"]

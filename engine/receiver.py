@@ -402,6 +402,7 @@ class Receiver:
         replica = await self._known_job(name)
         if replica.promotion is None:
             raise ConfigError(f"job {name!r} is not promoted", hint="nothing to demote")
+        _still_asked(name, "demote")
         try:
             async with asyncio.timeout(DEMOTE_SESSION_WAIT):
                 await replica.session_lock.acquire()
@@ -411,6 +412,7 @@ class Receiver:
                 hint="let it finish (a failback hands the job back by itself), then demote",
             ) from None
         try:
+            _still_asked(name, "demote")
             await replica.demote()
             self.demoted[name] = time.monotonic()
         finally:
@@ -545,15 +547,16 @@ async def _handed_over(session: Session, replica: JobReplica, timeout: float) ->
     return final
 
 
-def _still_asked(name: str) -> None:
-    """Raise RefusedError when the failover's requester has gone (``requester_gone``)."""
+def _still_asked(name: str, op: str = "failover") -> None:
+    """Raise RefusedError when the requester of ``op`` has gone (``requester_gone``)."""
     if requester_gone():
-        log.warning("receiver.failover_abandoned", job=name)
+        log.warning(f"receiver.{op}_abandoned", job=name)
+        done = "nothing was promoted" if op == "failover" else "the job is still promoted"
         raise RefusedError(
-            f"job {name!r}: the failover request was given up by its client (interrupted, "
-            "or it stopped waiting: was this receiver stopped or stuck?) before it could be "
-            "carried out; nothing was promoted",
-            hint="run `replicator failover` again if it is still wanted",
+            f"job {name!r}: the {op} request was given up by its client (interrupted, or it "
+            f"stopped waiting: was this receiver stopped or stuck?) before it could be "
+            f"carried out; {done}",
+            hint=f"run `replicator {op}` again if it is still wanted",
         )
 
 

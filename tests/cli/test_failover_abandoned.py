@@ -17,6 +17,7 @@ from replicator.engine.errors import ExitCode
 from tests.tools import (
     ENV,
     REPLICATOR,
+    forced_failover,
     replicator,
     send_once,
     sender_job,
@@ -77,4 +78,32 @@ def test_a_failover_given_up_on_a_stopped_receiver_is_never_carried_out(
         if sender is not None:
             rc, err = stop_and_read(sender)
             assert rc == 0, err[-3000:]
+        assert rcv.stop() == 0
+
+
+def test_a_demote_given_up_on_a_stopped_receiver_is_never_carried_out(tmp_path: Path) -> None:
+    """The same for `demote`: an abandoned one gave a promoted job (perhaps running its VM
+    by now) back to replication, unwatched."""
+    _, _, target, _ = forced_failover(tmp_path)
+    log = tmp_path / "receiver.log"
+    rcv = start_receiver(target, log=log)
+    try:
+        os.kill(rcv.proc.pid, signal.SIGSTOP)
+        try:
+            asked = subprocess.Popen(
+                [*REPLICATOR, "demote", "--dir", str(target), "--job", "vm", "--discard-changes"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+            )  # fmt: skip
+            time.sleep(2.0)
+            assert asked.poll() is None
+            asked.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            _, err = asked.communicate(timeout=30)
+            assert time.monotonic() - t0 < 5, "the interrupted command went on waiting"
+            assert asked.returncode == ExitCode.INTERRUPTED, err
+        finally:
+            os.kill(rcv.proc.pid, signal.SIGCONT)
+        wait_for(lambda: "receiver.demote_abandoned" in log.read_text(), rcv.proc, "abandoned")
+        assert _job(target)["promoted"] is True
+    finally:
         assert rcv.stop() == 0
