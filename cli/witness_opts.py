@@ -113,7 +113,7 @@ def source_lease(
     the client is made here (bad options fail at start) and the loop runs in ``run``."""
     if witness is None:
         return None
-    from replicator.engine.generations import load_peer_generation
+    from replicator.engine.generations import load_peer
     from replicator.engine.witness_client import witness_for
     from replicator.engine.witness_roles import keep_lease
 
@@ -127,7 +127,7 @@ def source_lease(
         tls_name=tls_name,
         lease_seconds=3 * interval,
     )
-    known = load_peer_generation(config.state_dir)  # before the first session says it
+    known = load_peer(config.state_dir).generation  # before the first session says it
 
     def generation() -> int:
         return max(known, sender.status.generation)

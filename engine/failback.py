@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,11 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
         result.resumed = marker is not None and marker.phase in ("failback", "handing-back")
         link = Link(await connector.connect(), journal)
         try:
-            known = await asyncio.to_thread(generations.load_peer_generation, config.state_dir)
+            peer = await asyncio.to_thread(generations.load_peer, config.state_dir)
             sizes = {v.name: os.stat(v.path).st_size for v in config.volumes if v.path.exists()}
             welcome = await link.handshake(
                 config.job, config.volumes, sizes, purpose=SessionPurpose.FAILBACK,
-                generation=known,
+                generation=peer.generation,
             )  # fmt: skip
             link.start_reader()
             generation = welcome.generation
@@ -156,7 +156,9 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
                 handback, config.extent_size, epoch, dict(remote), compared=True
             )
             await state.save(manifests)  # file volumes are shipped again by the next send
-            await asyncio.to_thread(generations.save_peer_generation, config.state_dir, generation)
+            # the same replica (the promoted one), in the generation it hands back
+            handed = replace(peer, generation=generation)
+            await asyncio.to_thread(generations.save_peer, config.state_dir, handed)
             await _record(config.state_dir, "handing-back", generation=generation, lsn=handback)
             await link.send_handover("handback", handback, generation)
             step = await link.handover(HANDBACK_TIMEOUT)

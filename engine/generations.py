@@ -164,32 +164,34 @@ def refusal_error(code: str, message: str) -> SplitBrainError:
 # -- the sender's side --------------------------------------------------------------------
 
 
-def load_peer_generation(state_dir: Path) -> int:
-    """The generation the receiver last welcomed this sender with (0: unknown)."""
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """What the receiver last welcomed this sender with (``peer.state``): its generation
+    (sent back in every Hello; 0: unknown) and the identity of its replica ("": unknown;
+    engine/replica_id.py)."""
+
+    generation: int = 0
+    replica: str = ""
+
+
+def load_peer(state_dir: Path) -> Peer:
+    """``peer.state``; damaged or missing: unknown (logged)."""
     path = state_dir / PEER_FILE
     try:
         raw = read_state(path)
-        return 0 if raw is None else _int(raw, "generation")
+        if raw is None:
+            return Peer()
+        replica = raw.get("replica", "")
+        return Peer(_int(raw, "generation"), replica if isinstance(replica, str) else "")
     except (StateFileError, OSError, TypeError, ValueError) as exc:
         log.error("sender.state_damaged", path=str(path), error=str(exc))
-        return 0  # unknown: a promoted receiver still refuses, a plain one tells us again
+        return Peer()  # unknown: a promoted receiver still refuses, a plain one tells us again
 
 
-def load_peer_replica(state_dir: Path) -> str:
-    """The replica identity the receiver last welcomed this sender with ("": unknown;
-    engine/replica_id.py)."""
-    try:
-        raw = read_state(state_dir / PEER_FILE)
-    except (StateFileError, OSError):
-        return ""  # said by load_peer_generation
-    value = raw.get("replica") if raw is not None else None
-    return value if isinstance(value, str) else ""
-
-
-def save_peer_generation(state_dir: Path, generation: int, replica: str = "") -> None:
-    saved: dict[str, object] = {"generation": generation}
-    if replica:
-        saved["replica"] = replica
+def save_peer(state_dir: Path, peer: Peer) -> None:
+    saved: dict[str, object] = {"generation": peer.generation}
+    if peer.replica:
+        saved["replica"] = peer.replica
     write_state(state_dir / PEER_FILE, saved)
 
 

@@ -488,9 +488,11 @@ class Receiver:
                 hint="run `replicator failover --planned` again; `replicator status` shows "
                 "what failed",
             )
-        if requester_gone():  # the source stopped its capture, and waits: it is told
-            session.conn.abort()
+        try:
             _still_asked(name)
+        except RefusedError:  # the source stopped its capture and waits: cut, it is told
+            session.conn.abort()
+            raise
         promotion = await replica.promote()
         try:
             await session.confirm_handover(promotion.generation)

@@ -234,26 +234,23 @@ class Sender:
         link = Link(conn, journal, unchecked=self.unchecked)
         try:
             state_dir = self.config.state_dir
-            known = await asyncio.to_thread(generations.load_peer_generation, state_dir)
+            known = await asyncio.to_thread(generations.load_peer, state_dir)
             welcome = await link.handshake(
                 self.config.job,
                 self.config.volumes,
                 self._sizes(),
                 purpose=purpose,
-                generation=known,
+                generation=known.generation,
                 session=state.locks.session_id(),
             )
             theirs = replica_ids.from_capabilities(welcome.capabilities)
-            mine = await asyncio.to_thread(generations.load_peer_replica, state_dir)
-            if theirs and mine and theirs != mine:
+            if theirs and known.replica and theirs != known.replica:
                 another_replica(self.config.job, link, purpose)  # raises, unless taken over
-            taken = theirs and theirs != mine and purpose is not SessionPurpose.VERIFY
-            if welcome.generation != known or taken:
-                # a new history (first contact, --resync), or another replica taken over
-                keep = theirs if theirs and (taken or not mine) else mine
-                await asyncio.to_thread(
-                    generations.save_peer_generation, state_dir, welcome.generation, keep
-                )
+            # a new history (first contact, --resync), or a replica taken (verify takes none)
+            taking = theirs and purpose is not SessionPurpose.VERIFY
+            now = generations.Peer(welcome.generation, theirs if taking else known.replica)
+            if now != known:
+                await asyncio.to_thread(generations.save_peer, state_dir, now)
             self.status.generation = welcome.generation
             if state.served_alone is not None:  # engine/served_alone.py
                 ahead = receiver_ahead(link.received_lsn, state.served_alone)

@@ -17,6 +17,7 @@ from replicator.engine.errors import ExitCode
 from tests.tools import (
     ENV,
     REPLICATOR,
+    ReceiverProc,
     forced_failover,
     replicator,
     send_once,
@@ -36,6 +37,27 @@ def _job(target: Path) -> dict[str, object]:
     return job
 
 
+def _asked_then_given_up(rcv: ReceiverProc, *command: str) -> None:
+    """Run ``command`` against the receiver stopped (SIGSTOP: its control socket still
+    queues the request), then give up on it as an operator would (SIGTERM): the command
+    must end at once, interrupted; the receiver runs again after."""
+    os.kill(rcv.proc.pid, signal.SIGSTOP)
+    try:
+        asked = subprocess.Popen(
+            [*REPLICATOR, *command],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
+        time.sleep(2.0)  # the request waits on the stopped receiver's socket
+        assert asked.poll() is None
+        asked.send_signal(signal.SIGTERM)  # the operator gives up
+        t0 = time.monotonic()
+        _, err = asked.communicate(timeout=30)
+        assert time.monotonic() - t0 < 5, "the interrupted command went on waiting"
+        assert asked.returncode == ExitCode.INTERRUPTED, err
+    finally:
+        os.kill(rcv.proc.pid, signal.SIGCONT)
+
+
 @pytest.mark.parametrize("how", ["--force", "--planned"])
 def test_a_failover_given_up_on_a_stopped_receiver_is_never_carried_out(
     tmp_path: Path, how: str
@@ -53,21 +75,7 @@ def test_a_failover_given_up_on_a_stopped_receiver_is_never_carried_out(
         if how == "--planned":  # the source's sender, connected: the one a handover stops
             sender = start_send(rcv.address, "vm", state, disk, extra=("--interval", "0.3"))
             wait_for(lambda: sender_job(state).get("connected") is True, sender, "connected")
-        os.kill(rcv.proc.pid, signal.SIGSTOP)
-        try:
-            asked = subprocess.Popen(
-                [*REPLICATOR, "failover", "--dir", str(target), "--job", "vm", how],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-            )  # fmt: skip
-            time.sleep(2.0)  # the request waits on the stopped receiver's socket
-            assert asked.poll() is None
-            asked.send_signal(signal.SIGTERM)  # the operator gives up
-            t0 = time.monotonic()
-            _, err = asked.communicate(timeout=30)
-            assert time.monotonic() - t0 < 5, "the interrupted command went on waiting"
-            assert asked.returncode == ExitCode.INTERRUPTED, err
-        finally:
-            os.kill(rcv.proc.pid, signal.SIGCONT)
+        _asked_then_given_up(rcv, "failover", "--dir", str(target), "--job", "vm", how)
         wait_for(lambda: "receiver.failover_abandoned" in log.read_text(), rcv.proc, "abandoned")
         assert _job(target)["promoted"] is False
         assert not (target / ".replicator" / "vm" / "promoted.state").exists()
@@ -88,21 +96,9 @@ def test_a_demote_given_up_on_a_stopped_receiver_is_never_carried_out(tmp_path: 
     log = tmp_path / "receiver.log"
     rcv = start_receiver(target, log=log)
     try:
-        os.kill(rcv.proc.pid, signal.SIGSTOP)
-        try:
-            asked = subprocess.Popen(
-                [*REPLICATOR, "demote", "--dir", str(target), "--job", "vm", "--discard-changes"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-            )  # fmt: skip
-            time.sleep(2.0)
-            assert asked.poll() is None
-            asked.send_signal(signal.SIGTERM)
-            t0 = time.monotonic()
-            _, err = asked.communicate(timeout=30)
-            assert time.monotonic() - t0 < 5, "the interrupted command went on waiting"
-            assert asked.returncode == ExitCode.INTERRUPTED, err
-        finally:
-            os.kill(rcv.proc.pid, signal.SIGCONT)
+        _asked_then_given_up(
+            rcv, "demote", "--dir", str(target), "--job", "vm", "--discard-changes"
+        )
         wait_for(lambda: "receiver.demote_abandoned" in log.read_text(), rcv.proc, "abandoned")
         assert _job(target)["promoted"] is True
     finally:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replicator.engine import direct_intent, lost_records, replica_state
+from replicator.engine import direct_intent, generations, lost_records, replica_id, replica_state
 from replicator.engine.at_rest import receiver_jobs_at_rest, sender_at_rest
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import (
@@ -26,6 +26,7 @@ from replicator.engine.errors import (
     PeerProtocolError,
     RefusedError,
     ReplicatorError,
+    SplitBrainError,
 )
 from replicator.engine.job_replica import JobReplica
 from replicator.engine.link import Link
@@ -36,6 +37,7 @@ from replicator.engine.sender import Sender, SenderConfig, SenderState
 from replicator.engine.sender_state import basis_alone
 from replicator.engine.volumes import resolve_volumes
 from replicator.journal import Journal, Record, RecordType
+from replicator.journal.durable import write_state
 from replicator.transport import FramedConnection
 
 MiB = 1024 * 1024
@@ -826,3 +828,53 @@ async def test_a_floor_no_sender_will_reach_is_replaced_by_the_next_comparison(
     healed = replica_state.load(rstate, "job")
     assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
     assert healed.point_floor <= summary.lsn
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+async def test_the_replica_identitys_durable_steps_fail_and_converge(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """The identity's two writes (engine/replica_id.py), each failing once: the receiver's
+    ``replica.id`` at a job's open (the session is refused for storage, nothing written)
+    and the sender's ``peer.state`` when a ``--resync`` takes another replica over
+    (nothing shipped); each retry converges, and a replica whose identity was lost is
+    never built on by a plain run."""
+    first = await pair.sender.run_once()
+    rstate = pair.tmp / "rstate" / "job"
+    before = pair.replica.read_bytes()
+    # the receiver's identity lost (its file damaged): a new one, made at the next open
+    (rstate / replica_id.FILE_NAME).write_bytes(b"\x00damaged")
+    await pair.restart_receiver()
+    real_write = write_state
+
+    def failing_write(path: Path, state: dict[str, object]) -> None:
+        monkeypatch.setattr(replica_id, "write_state", real_write)
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(replica_id, "write_state", failing_write)
+    _change(pair.disk, [2 * MiB])
+    with pytest.raises(ReplicatorError):
+        await pair.sender.run_once()  # refused: the job could not be opened
+    assert pair.replica.read_bytes() == before
+    with pytest.raises(SplitBrainError, match="holds another replica"):
+        await pair.sender.run_once()  # opened with a new identity: not built on
+    assert pair.replica.read_bytes() == before
+    saved = replica_state.load(rstate, "job")
+    assert saved is not None and saved.point_lsn == first.lsn and saved.consistent
+    resync = Sender(dataclasses.replace(pair.sender.config, resync=True), pair.connector)
+    real_save = generations.save_peer
+
+    def failing_save(state_dir: Path, peer: generations.Peer) -> None:
+        monkeypatch.setattr(generations, "save_peer", real_save)
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(generations, "save_peer", failing_save)
+    with pytest.raises(OSError):
+        await resync.run_once()  # before anything is shipped
+    assert pair.replica.read_bytes() == before
+    summary = await resync.run_once()
+    assert pair.replica.read_bytes() == pair.disk.read_bytes()
+    healed = replica_state.load(rstate, "job")
+    assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
+    again = await pair.sender.run_once()  # a plain run builds on it again
+    assert again.bytes_changed == 0
