@@ -26,6 +26,7 @@ from replicator.cli.common import (
     InsecureOption,
     TlsDirOption,
     TlsNameOption,
+    TlsPeerOption,
     fail,
     parse_endpoint,
     run,
@@ -240,11 +241,12 @@ def bench_command(
     insecure: InsecureOption = False,
     tls_dir: TlsDirOption = None,
     tls_name: TlsNameOption = None,
+    tls_peer: TlsPeerOption = None,
 ) -> None:
     try:
         config = check_options(
             rtt, rate, size, change, mix, to, plot, target_rpo, work_dir, insecure, tls_dir,
-            tls_name, rsync=rsync, replay=replay, netns=netns,
+            tls_name, rsync=rsync, replay=replay, netns=netns, tls_peer=tls_peer,
         )  # fmt: skip
     except ReplicatorError as exc:
         fail(exc)
@@ -295,6 +297,7 @@ def check_options(
     rsync: bool = False,
     replay: Path | None = None,
     netns: bool = False,
+    tls_peer: str | None = None,
 ) -> BenchConfig:
     """Every option checked and parsed (ConfigError, exit 3, quoting the bad value)."""
     rtts, rates = _rtts(rtt), _rates(rate)
@@ -344,15 +347,23 @@ def check_options(
             )
         endpoint = parse_endpoint(to, "--to")
         transport_security(
-            tls_dir=tls_dir, tls_name=tls_name, insecure=insecure, side="sender", host=endpoint[0]
+            tls_dir=tls_dir,
+            tls_name=tls_name,
+            insecure=insecure,
+            side="sender",
+            host=endpoint[0],
+            tls_peer=tls_peer,
         )
         if tls_dir is not None:
             security = ("--tls-dir", str(tls_dir))
             security += ("--tls-name", tls_name) if tls_name else ()
+            security += ("--tls-peer", tls_peer) if tls_peer else ()
         scenarios: tuple[Scenario, ...] = (Scenario(0.0, None),)
     else:
-        if tls_dir is not None or tls_name is not None:
-            raise ConfigError("--tls-dir/--tls-name are for --to: the local link is loopback")
+        if tls_dir is not None or tls_name is not None or tls_peer is not None:
+            raise ConfigError(
+                "--tls-dir/--tls-name/--tls-peer are for --to: the local link is loopback"
+            )
         scenarios = tuple(Scenario(r, c) for r, c in itertools.product(rtts, rates))
     return BenchConfig(
         scenarios=scenarios,

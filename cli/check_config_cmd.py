@@ -79,8 +79,12 @@ def _security(config: ConfigFile, section: Section, side: str, host: str) -> str
             insecure=bool(values.get("insecure")),
             side="sender" if side == "sender" else "receiver",
             host=host,
+            tls_peer=values.get("tls_peer") if side == "sender" else None,
         )
-    return f"TLS as {tls.name!r} from {values['tls_dir']}" if tls else "insecure (no TLS)"
+    if tls is None:
+        return "insecure (no TLS)"
+    to = f" to {tls.peer!r}" if tls.peer is not None else ""
+    return f"TLS as {tls.name!r}{to} from {values['tls_dir']}"
 
 
 def _check_receive(config: ConfigFile, section: Section) -> list[str]:

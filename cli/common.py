@@ -46,6 +46,14 @@ TlsNameOption = Annotated[
         help="Use NAME.crt and NAME.key from --tls-dir instead (a `keygen --name NAME` one).",
     ),
 ]
+TlsPeerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tls-peer",
+        help="The name the receiver's certificate must carry (default: receiver; a receiver "
+        "run with --tls-name NAME presents NAME). Any other certificate of the CA is refused.",
+    ),
+]
 InsecureOption = Annotated[
     bool,
     typer.Option(
@@ -141,9 +149,11 @@ def transport_security(
     insecure: bool,
     side: Literal["sender", "receiver"],
     host: str,
+    tls_peer: str | None = None,
 ) -> TlsIdentity | None:
     """The TLS identity this side uses (its SSL context loaded once now, so missing or
-    expired files fail the command at start), or None for --insecure.
+    expired files fail the command at start), or None for --insecure. A sender's expects
+    the receiver's certificate to be named ``tls_peer`` (``receiver`` by default).
 
     ``host`` is the peer's address (a sender) or the one listened on (a receiver):
     --insecure anywhere but on loopback is warned about loudly.
@@ -154,6 +164,10 @@ def transport_security(
         )
     if tls_name is not None and tls_dir is None:
         raise ConfigError("--tls-name needs --tls-dir DIR (the folder holding NAME.crt)")
+    if tls_peer is not None and tls_dir is None:
+        raise ConfigError(
+            "--tls-peer needs --tls-dir DIR: without TLS the receiver has no certificate name"
+        )
     if tls_dir is None:
         if not insecure:
             raise ConfigError(NO_SECURITY)
@@ -174,8 +188,12 @@ def transport_security(
         return None
     from replicator.engine.tls import RECEIVER, SENDER, TlsIdentity
 
+    server = side == "receiver"
     identity = TlsIdentity(
-        tls_dir, tls_name or (RECEIVER if side == "receiver" else SENDER), server=side == "receiver"
+        tls_dir,
+        tls_name or (RECEIVER if server else SENDER),
+        server=server,
+        peer=None if server else tls_peer or RECEIVER,
     )
     identity.load()
     return identity

@@ -13,6 +13,7 @@ from replicator.cli.common import (
     InsecureOption,
     TlsDirOption,
     TlsNameOption,
+    TlsPeerOption,
     connector_for,
     fail,
     parse_endpoint,
@@ -37,6 +38,7 @@ def failback_command(
     insecure: InsecureOption = False,
     tls_dir: TlsDirOption = None,
     tls_name: TlsNameOption = None,
+    tls_peer: TlsPeerOption = None,
 ) -> None:
     """Bring VOLUMES (the ones this source sends, its VM stopped) to the promoted replica's
     state, moving only the extents that differ, and hand the job back: the target becomes
@@ -48,6 +50,7 @@ def failback_command(
         tls = transport_security(
             tls_dir=tls_dir,
             tls_name=tls_name,
+            tls_peer=tls_peer,
             insecure=insecure,
             side="sender",
             host=parse_endpoint(source, "--from")[0],

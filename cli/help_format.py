@@ -25,6 +25,8 @@ METAVARS = {
     "--nbd-listen": "HOST:PORT",
     "--job": "NAME",
     "--tls-name": "NAME",
+    "--tls-peer": "NAME",
+    "--witness-peer": "NAME",
     "--name": "NAME",
     "--dir": "DIR",
     "--tls-dir": "DIR",

@@ -9,7 +9,7 @@ import typer
 
 from replicator.cli.common import fail
 from replicator.engine.errors import ReplicatorError
-from replicator.engine.tls import CA_CERT, CA_KEY, DEFAULT_DAYS, RECEIVER, SENDER
+from replicator.engine.tls import CA_CERT, CA_KEY, DEFAULT_DAYS, RECEIVER, SENDER, WITNESS
 
 
 def keygen_command(
@@ -22,7 +22,9 @@ def keygen_command(
         typer.Option(
             "--name",
             help="Make one more certificate, NAME.crt and NAME.key (default: receiver and "
-            "sender). Peers use it with --tls-name NAME; --allow rules match NAME.",
+            "sender; `--name witness` for `replicator witness`). A host presents it with "
+            "--tls-name NAME; --allow rules match NAME; a sender expects a receiver named "
+            "NAME with --tls-peer NAME.",
         ),
     ] = None,
     days: Annotated[
@@ -57,7 +59,12 @@ def keygen_command(
         use = {
             RECEIVER: "the receiving host (`replicator receive --tls-dir DIR`)",
             SENDER: "the sending host (`replicator send --tls-dir DIR`, `verify`)",
-        }.get(made, f"a host that runs with `--tls-dir DIR --tls-name {made}`")
+            WITNESS: "the witness's host (`replicator witness --tls-dir DIR`)",
+        }.get(
+            made,
+            f"a host that runs with `--tls-dir DIR --tls-name {made}` (a receiver named so: "
+            f"its senders give `--tls-peer {made}`)",
+        )
         typer.echo(
             f"made {where / (made + '.crt')} and {made}.key (valid {days} days) for {use}: "
             f"copy both and {CA_CERT} into its DIR"

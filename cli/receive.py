@@ -23,7 +23,12 @@ from replicator.cli.common import (
 )
 from replicator.cli.jobfile_command import ConfigOption
 from replicator.cli.monitoring import MetricsListenOption, metrics_endpoint
-from replicator.cli.witness_opts import WitnessOption, auto_failover, until_stopped
+from replicator.cli.witness_opts import (
+    WitnessOption,
+    WitnessPeerOption,
+    auto_failover,
+    until_stopped,
+)
 from replicator.engine.authz import Authorizer, parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError, cannot_listen
 from replicator.engine.monitor import receiver_monitor
@@ -89,6 +94,7 @@ def receive(
         ),
     ] = None,
     witness: WitnessOption = None,
+    witness_peer: WitnessPeerOption = None,
     config_file: ConfigOption = None,  # read by ReceiveCommand before the other options
 ) -> None:
     """Receive replication streams until SIGTERM/SIGINT, then finish applying and exit 0."""
@@ -124,6 +130,7 @@ def receive(
             who=f"{tls.name if tls else 'receiver'}@{socket.gethostname()}:{directory}",
             tls_dir=tls_dir,
             tls_name=tls.name if tls else None,
+            peer=witness_peer,
         )
     except ReplicatorError as exc:
         fail(exc)

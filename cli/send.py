@@ -14,6 +14,7 @@ from replicator.cli.common import (
     InsecureOption,
     TlsDirOption,
     TlsNameOption,
+    TlsPeerOption,
     connector_for,
     fail,
     finite,
@@ -39,6 +40,7 @@ from replicator.cli.witness_opts import (
     FenceExecOption,
     LeaseIntervalOption,
     WitnessOption,
+    WitnessPeerOption,
     source_fence,
     source_lease,
     with_lease,
@@ -231,6 +233,7 @@ def send(
     insecure: InsecureOption = False,
     tls_dir: TlsDirOption = None,
     tls_name: TlsNameOption = None,
+    tls_peer: TlsPeerOption = None,
     capture: Annotated[
         Capture,
         typer.Option(
@@ -330,6 +333,7 @@ def send(
     schedule: ScheduleOption = None,
     target_rpo: TargetRpoOption = None,
     witness: WitnessOption = None,
+    witness_peer: WitnessPeerOption = None,
     witness_interval: LeaseIntervalOption = WITNESS_INTERVAL,
     fence_after: FenceAfterOption = None,
     fence_exec: FenceExecOption = None,
@@ -343,6 +347,7 @@ def send(
             insecure=insecure,
             side="sender",
             host=parse_endpoint(to, "--to")[0],
+            tls_peer=tls_peer,
         )
         check_capture_options(
             capture,
@@ -398,6 +403,7 @@ def send(
             witness_interval,
             tls_dir=tls_dir,
             tls_name=tls.name if tls else None,
+            peer=witness_peer,
             fence=fence,
         )
     except ReplicatorError as exc:

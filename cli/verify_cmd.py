@@ -17,6 +17,7 @@ from replicator.cli.common import (
     InsecureOption,
     TlsDirOption,
     TlsNameOption,
+    TlsPeerOption,
     connector_for,
     fail,
     run,
@@ -57,6 +58,7 @@ def verify_command(
     insecure: InsecureOption = False,
     tls_dir: TlsDirOption = None,
     tls_name: TlsNameOption = None,
+    tls_peer: TlsPeerOption = None,
     repair: Annotated[
         bool, typer.Option("--repair", help="Send the differing extents, then verify again.")
     ] = False,
@@ -76,7 +78,12 @@ def verify_command(
         else:
             config = build_config(to, job, state_dir, volumes)
         tls = transport_security(
-            tls_dir=tls_dir, tls_name=tls_name, insecure=insecure, side="sender", host=config.host
+            tls_dir=tls_dir,
+            tls_name=tls_name,
+            insecure=insecure,
+            side="sender",
+            host=config.host,
+            tls_peer=tls_peer,
         )
         shaping = make_shaping(rate, burst, None)
     except ReplicatorError as exc:

@@ -18,9 +18,10 @@ from replicator.cli.common import (
     run,
     transport_security,
 )
+from replicator.engine.authz import parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError, cannot_listen
 from replicator.engine.statedir import StateDirLock
-from replicator.engine.tls import TlsIdentity
+from replicator.engine.tls import WITNESS, TlsIdentity
 
 log = structlog.get_logger()
 
@@ -43,14 +44,29 @@ def witness_command(
             "with `replicator keygen --out DIR --name witness`).",
         ),
     ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="NAME:JOB: only the certificate named NAME may renew or promote JOB ('*': "
+            "every job); repeatable, one per side of each job. Default: any certificate "
+            "signed by the --tls-dir CA, any job.",
+        ),
+    ] = None,
 ) -> None:
     """Decide, for automatic failover, which side of a job is primary; until SIGTERM."""
     from replicator.engine.witness_server import WitnessServer
 
     try:
         host, port = parse_endpoint(listen, "--listen")
+        rules = [parse_allow(value) for value in allow or ()]
+        if rules and tls_dir is None:
+            raise ConfigError(
+                "--allow needs --tls-dir: without TLS a peer has no certificate name",
+                hint="make keys with `replicator keygen --out DIR --name witness`",
+            )
         tls: TlsIdentity | None = transport_security(
-            tls_dir=tls_dir, tls_name=tls_name or ("witness" if tls_dir else None),
+            tls_dir=tls_dir, tls_name=tls_name or (WITNESS if tls_dir else None),
             insecure=insecure, side="receiver", host=host,
         )  # fmt: skip
     except ReplicatorError as exc:
@@ -66,7 +82,7 @@ def witness_command(
                     hint="give a folder this user may write",
                 ) from exc
             owned.enter_context(StateDirLock(directory, "a witness"))
-            witness = WitnessServer(directory)
+            witness = WitnessServer(directory, rules)
             try:
                 server = await asyncio.start_server(
                     witness.handle, host, port, ssl=tls.context() if tls else None
@@ -75,7 +91,12 @@ def witness_command(
                 raise cannot_listen(listen, exc, who="witness", option="--listen") from exc
             bound = [s.getsockname() for s in server.sockets]
             where = ", ".join(f"{a[0]}:{a[1]}" for a in bound)
-            log.info("witness.listening", addresses=where, state=str(witness.path))
+            log.info(
+                "witness.listening",
+                addresses=where,
+                state=str(witness.path),
+                allow=[str(rule) for rule in rules] or "any certificate of the CA, any job",
+            )
             typer.echo(f"witness listening on {where}", err=True)
             try:
                 await stop.wait()

@@ -29,6 +29,14 @@ WitnessOption = Annotated[
         "(TLS with this side's --tls-dir) or etcd://HOST:PORT.",
     ),
 ]
+WitnessPeerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--witness-peer",
+        help="The name the witness's certificate must carry (default: witness, the name "
+        "`replicator witness` presents). Any other certificate of the CA is refused.",
+    ),
+]
 WITNESS_INTERVAL = 2.0  # --witness-interval's default
 LeaseIntervalOption = Annotated[
     float,
@@ -107,10 +115,12 @@ def source_lease(
     *,
     tls_dir: Path | None,
     tls_name: str | None,
+    peer: str | None = None,
     fence: SourceFence | None = None,
 ) -> Callable[[], Coroutine[Any, Any, Any]] | None:
     """The sender's lease keeper for ``--witness`` (None without): a coroutine factory, so
     the client is made here (bad options fail at start) and the loop runs in ``run``."""
+    check_witness_peer(peer, witness, tls_dir)
     if witness is None:
         return None
     from replicator.engine.generations import load_peer
@@ -125,6 +135,7 @@ def source_lease(
         who=f"{tls_name or 'sender'}@{socket.gethostname()}:{config.job}",
         tls_dir=None if tls_dir is None else str(tls_dir),
         tls_name=tls_name,
+        peer=peer,
         lease_seconds=3 * interval,
     )
     known = load_peer(config.state_dir).generation  # before the first session says it
@@ -139,6 +150,25 @@ def source_lease(
             await client.aclose()
 
     return renewing
+
+
+def check_witness_peer(peer: str | None, witness: str | None, tls_dir: Path | None) -> None:
+    """--witness-peer names the built-in witness's certificate: it needs both."""
+    if peer is None:
+        return
+    if witness is None or witness.startswith("etcd://"):
+        raise ConfigError(
+            "--witness-peer names the certificate of a `replicator witness`: it needs "
+            "--witness HOST:PORT",
+            hint="leave --witness-peer out, or give --witness",
+        )
+    if tls_dir is None:
+        raise ConfigError(
+            "--witness-peer needs --tls-dir DIR: without TLS the witness has no certificate name"
+        )
+    from replicator.engine.tls import check_cert_name
+
+    check_cert_name(peer)
 
 
 def check_auto_failover(after: float | None, witness: str | None) -> None:
@@ -164,10 +194,12 @@ def auto_failover(
     who: str,
     tls_dir: Path | None,
     tls_name: str | None,
+    peer: str | None = None,
 ) -> tuple[Witness, float] | None:
     """The receiver's witness and delay, or None without --auto-failover-after; refuses
     --auto-failover-after without --witness (and the reverse: nothing would use it)."""
     check_auto_failover(after, witness)
+    check_witness_peer(peer, witness, tls_dir)
     if after is None or witness is None:
         return None
     from replicator.engine.witness_client import witness_for
@@ -177,6 +209,7 @@ def auto_failover(
         who=who,
         tls_dir=None if tls_dir is None else str(tls_dir),
         tls_name=tls_name,
+        peer=peer,
         lease_seconds=after,
     )
     return client, after

@@ -1,4 +1,5 @@
-"""Which certificate may write which job: the receiver's ``--allow NAME:JOB`` rules.
+"""Which certificate may write which job: the ``--allow NAME:JOB`` rules of a receiver
+(who may write a job) and of a witness (who may renew or promote it).
 
 Pure functions of the rules, the peer's certificate name and the job. Without rules every
 peer the TLS handshake let in (any certificate signed by the receiver's CA) may write

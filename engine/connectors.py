@@ -9,14 +9,16 @@ reconnects:
 * ``TcpConnector``: TCP to HOST:PORT (the default), with an optional shaper, and TLS
   around it when given ``tls`` (a ``TlsIdentity``, asked for its context at every connect
   so replaced certificates are used from the next connection on, or a fixed
-  ``ssl.SSLContext``);
+  ``ssl.SSLContext``); with a ``TlsIdentity`` the receiver's certificate must carry the
+  identity's ``peer`` name (``receiver`` by default), checked before anything is sent;
 * ``UnixConnector``: a unix socket (a receiver served with ``serve_unix``);
 * ``MemoryConnector``: a socket pair whose far end a handler in the same process serves (an
   in-process ``Receiver``): a whole sender/receiver pair in one test process, no ports.
 
 Connection failures raise ``ConnectError`` with a one-line reason (exit code 4), which the
 continuous modes retry with their backoff; a TLS handshake that fails on a certificate
-raises ``AuthError`` (exit code 10), which they do not retry.
+raises ``AuthError`` (exit code 10), which they do not retry; so does a receiver whose
+certificate has another name than the one expected.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from replicator.engine.errors import AuthError, ConnectError, tls_refusal
+from replicator.engine.tls import TlsIdentity, check_peer
 from replicator.transport import (
     FramedConnection,
     Shaper,
@@ -64,6 +67,17 @@ def _context(tls: TlsSource | ssl.SSLContext | None) -> ssl.SSLContext | None:
     return tls if tls is None or isinstance(tls, ssl.SSLContext) else tls.context()
 
 
+def _checked(conn: FramedConnection, tls: TlsSource | ssl.SSLContext | None, target: str) -> None:
+    """Abort ``conn`` and raise when its receiver's certificate is not the expected one."""
+    if not isinstance(tls, TlsIdentity):
+        return
+    try:
+        check_peer(conn, tls.peer, role="receiver", where=target, option="--tls-peer")
+    except AuthError:
+        conn.abort()
+        raise
+
+
 class TcpConnector:
     def __init__(
         self,
@@ -86,7 +100,7 @@ class TcpConnector:
 
     async def connect(self) -> FramedConnection:
         try:
-            return await connect(
+            conn = await connect(
                 self.host,
                 self.port,
                 timeout=self.timeout,
@@ -95,6 +109,8 @@ class TcpConnector:
             )
         except OSError as exc:
             raise _connect_error(self.target, exc) from exc
+        _checked(conn, self.tls, self.target)
+        return conn
 
     async def aclose(self) -> None:
         pass
@@ -120,11 +136,13 @@ class UnixConnector:
 
     async def connect(self) -> FramedConnection:
         try:
-            return await connect_unix(
+            conn = await connect_unix(
                 self.path, timeout=self.timeout, shaper=self.shaper, ssl=_context(self.tls)
             )
         except OSError as exc:
             raise _connect_error(self.target, exc) from exc
+        _checked(conn, self.tls, self.target)
+        return conn
 
     async def aclose(self) -> None:
         pass

@@ -6,10 +6,13 @@ Choices (docs/OPERATIONS.md, "Security: TLS and keys"):
 * TLS 1.3 only. Both sides present a certificate, and only certificates signed by the
   folder's CA (``ca.crt``) are accepted: that CA is pinned, the system's trust store is
   never consulted.
-* Peers are identified by their certificate, not by a DNS name: the sender does not match
-  the receiver's host name against its certificate (``check_hostname`` off,
-  ``CERT_REQUIRED``, the CA pinned), as DRBD and zrepl do. A receiver can restrict which
-  certificate names may write which jobs (``engine/authz.py``).
+* Peers are identified by their certificate's name, not by a DNS name (``check_hostname``
+  off, ``CERT_REQUIRED``, the CA pinned). A client checks the name the server's certificate
+  carries (``TlsIdentity.peer``: ``receiver`` by default, ``witness`` for a witness) once
+  the handshake is done and before it sends a byte of its own (``check_peer``): another
+  certificate of the same CA (a host trusted to write one job) cannot pose as the
+  receiver or the witness. A server restricts which certificate names may do what with
+  ``--allow`` rules (``engine/authz.py``).
 * No session tickets: every connection runs a full handshake, so a certificate replaced
   or expired is never carried over by a resumed session.
 * A context is built once and rebuilt only when one of its files changes, which is checked
@@ -38,6 +41,7 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SENDER = "sender"
 RECEIVER = "receiver"
+WITNESS = "witness"
 EXPIRY_WARNING = datetime.timedelta(days=30)
 DEFAULT_DAYS = 825  # keygen's certificates: about 27 months, long enough to be rare
 KEYGEN_HINT = "make keys with `replicator keygen --out DIR` and copy them as it says"
@@ -79,19 +83,47 @@ def peer_name(conn: Any) -> str | None:
     return None
 
 
+class PeerNameError(AuthError):
+    """The server's certificate is valid but carries another name than the one expected."""
+
+
+def check_peer(conn: Any, expected: str | None, *, role: str, where: str, option: str) -> None:
+    """Raise PeerNameError unless the certificate on ``conn`` (anything with
+    ``get_extra_info``) is named ``expected``; None expects nothing. ``role`` and ``option``
+    word the error: what was dialled ("receiver") and the option that names it."""
+    if expected is None:
+        return
+    presented = peer_name(conn)
+    if presented == expected:
+        return
+    shown = "no certificate name" if presented is None else f"certificate {presented!r}"
+    raise PeerNameError(
+        f"the {role} at {where} presented {shown}, not {expected!r}: refused, nothing was "
+        "sent (another certificate of the same CA answers there)",
+        hint=f"check the address; if that host is the {role} and its certificate has "
+        f"another name, pass {option} {presented or 'NAME'}",
+    )
+
+
 class TlsIdentity:
     """One side's TLS settings, from a keygen folder: trust ``ca.crt``, present
-    ``NAME.crt`` with ``NAME.key``. ``context()`` gives the SSL context for the next
+    ``NAME.crt`` with ``NAME.key``; a client also expects its server's certificate to be
+    named ``peer`` (``check_peer``). ``context()`` gives the SSL context for the next
     connection (built once, rebuilt when a file changes; see the module docstring).
 
     Owned by what makes connections (a sender's connector, a receiver's server), so it
     outlives every single connection.
     """
 
-    def __init__(self, directory: Path, name: str, *, server: bool) -> None:
+    def __init__(
+        self, directory: Path, name: str, *, server: bool, peer: str | None = RECEIVER
+    ) -> None:
         self.directory = directory
         self.name = check_cert_name(name)
         self.server = server
+        # a client's server must present this name (None: any certificate of the CA);
+        # a server's peers are checked by its --allow rules instead
+        self.peer = None if server or peer is None else check_cert_name(peer)
         self.ca = directory / CA_CERT
         self.cert = cert_path(directory, name)
         self.key = key_path(directory, name)
@@ -222,8 +254,3 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
-
-
-def describe(identity: TlsIdentity | None) -> str:
-    """For log lines: 'TLS as NAME' or 'plaintext'."""
-    return "plaintext" if identity is None else f"TLS 1.3 as {identity.name!r}"

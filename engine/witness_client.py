@@ -10,7 +10,7 @@ import ssl
 from typing import Protocol
 
 from replicator.engine.errors import ConfigError, PeerProtocolError
-from replicator.engine.tls import TlsIdentity
+from replicator.engine.tls import WITNESS, TlsIdentity
 from replicator.engine.witness_protocol import request
 from replicator.engine.witness_state import Decision, Renewal
 
@@ -38,7 +38,8 @@ class Witness(Protocol):
 
 
 class BuiltinWitness:
-    """A ``replicator witness`` at HOST:PORT (TLS with ``tls``, a client-side identity)."""
+    """A ``replicator witness`` at HOST:PORT (TLS with ``tls``, a client-side identity whose
+    ``peer`` is the name the witness's certificate must carry)."""
 
     def __init__(self, host: str, port: int, *, who: str, tls: TlsIdentity | None) -> None:
         self.host, self.port, self.who, self.tls = host, port, who, tls
@@ -75,7 +76,10 @@ class BuiltinWitness:
         return Decision(False, reason=str(reply.get("reason", "refused")))
 
     async def _ask(self, message: dict[str, object]) -> dict[str, object]:
-        reply = await request(self.host, self.port, {**message, "who": self.who}, self._context())
+        expect = None if self.tls is None else self.tls.peer
+        reply = await request(
+            self.host, self.port, {**message, "who": self.who}, self._context(), expect=expect
+        )
         if "error" in reply:
             raise PeerProtocolError(f"the witness at {self.where} says: {reply['error']}")
         return reply
@@ -90,10 +94,12 @@ def witness_for(
     who: str,
     tls_dir: str | None = None,
     tls_name: str | None = None,
+    peer: str | None = None,
     lease_seconds: float = 6.0,
 ) -> Witness:
     """The witness ``--witness SPEC`` names: HOST:PORT (built-in; mutual TLS with the
-    side's --tls-dir, as a client) or etcd://HOST:PORT."""
+    side's --tls-dir, as a client, the witness's certificate named ``peer``, ``witness``
+    by default) or etcd://HOST:PORT."""
     from pathlib import Path
 
     if spec.startswith(ETCD_SCHEME):
@@ -104,7 +110,7 @@ def witness_for(
     host, port = _endpoint(spec, spec)
     tls = None
     if tls_dir is not None:
-        tls = TlsIdentity(Path(tls_dir), tls_name or "sender", server=False)
+        tls = TlsIdentity(Path(tls_dir), tls_name or "sender", server=False, peer=peer or WITNESS)
         tls.load()
     return BuiltinWitness(host, port, who=who, tls=tls)
 

@@ -14,6 +14,7 @@ from typing import Any
 import msgpack
 
 from replicator.engine.errors import ConnectError, PeerProtocolError
+from replicator.engine.tls import check_peer
 
 MAGIC = b"RPWN"
 VERSION = 1
@@ -59,15 +60,22 @@ async def read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
 
 
 async def request(
-    host: str, port: int, message: dict[str, Any], ssl_context: ssl.SSLContext | None
+    host: str,
+    port: int,
+    message: dict[str, Any],
+    ssl_context: ssl.SSLContext | None,
+    *,
+    expect: str | None = None,
 ) -> dict[str, Any]:
     """Send ``message`` to the witness at HOST:PORT and return its reply. Raises
-    ConnectError when it cannot be reached or does not answer in time."""
+    ConnectError when it cannot be reached or does not answer in time, and PeerNameError
+    (nothing sent) when its certificate is not named ``expect``."""
     where = f"{host}:{port}"
     try:
         async with asyncio.timeout(TIMEOUT):
             reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
             try:
+                check_peer(writer, expect, role="witness", where=where, option="--witness-peer")
                 writer.write(encode(message))
                 await writer.drain()
                 return await read_message(reader)

@@ -4,6 +4,10 @@ Serves ``renew`` (the source: "I am alive as primary for job J at generation G")
 ``promote`` (the target: "may I promote job J at generation G?") from a ``WitnessBook``;
 grants are written to ``DIR/witness.state`` (fsync, write-temp-rename) before the answer
 leaves, so a restarted witness never grants a job's generation twice.
+
+With ``--allow NAME:JOB`` rules (TLS), a certificate may renew or ask to promote only the
+jobs a rule gives it (``engine/authz.py``): another host holding a certificate of the CA
+cannot keep a job's lease alive to block its failover, nor take its grant.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from replicator.engine.authz import Allow, allowed
 from replicator.engine.errors import ReplicatorError
 from replicator.engine.names import check_job_name
 from replicator.engine.tls import peer_name
@@ -30,7 +36,8 @@ REQUEST_TIMEOUT = 10.0
 
 
 class WitnessServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, rules: Sequence[Allow] = ()) -> None:
+        self.rules = tuple(rules)
         self.path = directory / STATE_FILE
         makedirs_durable(directory)
         self.book = WitnessBook.from_state(read_state(self.path), time.monotonic())
@@ -59,6 +66,13 @@ class WitnessServer:
             check_job_name(job)
         except (ValueError, ReplicatorError) as exc:
             return {"error": f"bad request: {exc}"}
+        if not allowed(self.rules, certificate, job):
+            log.warning("witness.refused_certificate", job=job, op=op, certificate=certificate)
+            who = f"certificate {certificate!r}" if certificate else "a peer without a certificate"
+            return {
+                "error": f"{who} may not renew or promote job {job!r} at this witness "
+                f"(on the witness: --allow {certificate or 'NAME'}:{job})"
+            }
         # with TLS the requester is its certificate; without, what it says it is
         who = certificate or str(message.get("who") or "?")
         now = time.monotonic()

@@ -225,6 +225,59 @@ def test_peers_without_a_valid_certificate_are_refused_before_anything_is_writte
     assert "vm2" in refused[0]["why"] and "payroll" in refused[1]["why"]
 
 
+@pytest.mark.tools
+def test_another_certificate_of_the_ca_cannot_pose_as_the_receiver(tmp_path: Path) -> None:
+    """A host holding only site-b's key (the real receiver lets it write one job) runs a
+    receiver with it: a sender, `verify` and `failback` aimed there are refused before
+    sending anything (exit 10, naming the certificate), and nothing lands there; a sender
+    told that name with --tls-peer replicates to it."""
+    out = tmp_path / "keys"
+    keygen(out)
+    keygen(out, "--name", "site-b")
+    disk = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "64M")
+    qemu_io("qcow2", disk, "write -P 0x5a 0 4M")
+    tls = ("--tls-dir", str(out))
+    state = tmp_path / "state"
+    log = tmp_path / "impostor.log"
+    impostor = start_receiver(
+        tmp_path / "impostor", log=log, security=(*tls, "--tls-name", "site-b")
+    )
+    try:
+        sent = send(impostor, "web01", state, disk, *tls)
+        assert sent.returncode == ExitCode.AUTH, sent.stderr
+        error = last_error(sent.stderr)
+        assert "presented certificate 'site-b', not 'receiver'" in error, error
+        assert "--tls-peer site-b" in error
+        for command, where in (("verify", "--to"), ("failback", "--from")):
+            done = replicator(
+                command, where, impostor.address, "--job", "web01", "--state-dir", str(state),
+                *tls, str(disk), timeout=60,
+            )  # fmt: skip
+            assert done.returncode == ExitCode.AUTH, (command, done.stderr)
+            assert "presented certificate 'site-b'" in last_error(done.stderr), command
+        # a continuous sender gives up too (a certificate refusal is not retried)
+        endless = replicator(
+            "send", "--to", impostor.address, "--job", "web01", "--state-dir", str(state),
+            "--interval", "0.2", *tls, str(disk), timeout=60,
+        )  # fmt: skip
+        assert endless.returncode == ExitCode.AUTH, endless.stderr
+        assert not (impostor.dir / "web01").exists()
+        assert not (impostor.dir / ".replicator" / "web01").exists()
+        assert not log_events(log, "receiver.session")
+        # named on purpose, it is the receiver
+        named = send_once(impostor, "web01", state, disk, security=(*tls, "--tls-peer", "site-b"))
+        assert named["bytes_changed"] >= 4 * MIB
+        assert qemu_compare("qcow2", disk, impostor.dir / "web01" / disk.name).returncode == 0
+    finally:
+        assert impostor.stop() == 0
+    wrong = replicator(
+        "send", "--to", "127.0.0.1:1", "--job", "web01", "--once", "--insecure",
+        "--tls-peer", "receiver", str(disk),
+    )  # fmt: skip
+    assert wrong.returncode == ExitCode.CONFIG and "--tls-peer needs --tls-dir" in wrong.stderr
+
+
 def test_a_tls_sender_against_a_plaintext_receiver(tmp_path: Path) -> None:
     keygen(tmp_path / "keys")
     disk = tmp_path / "disk.img"

@@ -311,3 +311,79 @@ def test_an_auto_failover_command_needs_automatic_failover(tmp_path: Path) -> No
         "--auto-failover-exec", " ",
     )  # fmt: skip
     assert empty.returncode == ExitCode.CONFIG and "is empty" in one_line_error(empty.stderr)
+
+
+def test_over_tls_another_certificate_of_the_ca_is_no_witness(
+    tmp_path: Path, disk: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A host holding only site-b's key serves as the witness: the source does not renew
+    its lease there and the target never promotes on its word (nothing reaches it); named
+    with --witness-peer it is asked. The real witness's --allow keeps site-b off vm1."""
+    from replicator.engine.errors import PeerProtocolError
+    from replicator.engine.tls import TlsIdentity
+
+    keys = tmp_path / "keys"
+    for extra in ((), ("--name", "witness"), ("--name", "site-b")):
+        made = replicator("keygen", "--out", str(keys), *extra)
+        assert made.returncode == 0, made.stderr
+    tls = ("--tls-dir", str(keys))
+
+    def serve(folder: str, *args: str) -> str:
+        port = free_port()
+        proc = subprocess.Popen(
+            [*REPLICATOR, "witness", "--listen", f"127.0.0.1:{port}", "--dir",
+             str(tmp_path / folder), *tls, *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=ENV,
+        )  # fmt: skip
+        procs.append(proc)
+        wait_port(port, proc)
+        return f"127.0.0.1:{port}"
+
+    impostor = serve("impostor", "--tls-name", "site-b")
+    auto = ("--auto-failover-after", str(AFTER), "--witness", impostor)
+    rcv = start_receiver(tmp_path / "target", security=(*tls, *auto))
+    procs.append(rcv.proc)
+
+    def source(*extra: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir",
+             str(tmp_path / "state"), *tls, "--interval", "0.2", "--witness", impostor,
+             *LEASE, *extra, str(disk)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    sender = source()
+    assert wait_for(replicating(rcv), 10), "the sender never replicated"
+    sender.send_signal(signal.SIGKILL)
+    _, err = sender.communicate(timeout=10)
+    assert "presented certificate 'site-b', not 'witness'" in err, err[-3000:]
+    time.sleep(3 * AFTER)  # the target asks several times; the impostor is never asked
+    job = receiver_job(rcv)
+    assert job["promoted"] is False, job
+    assert "presented certificate 'site-b'" in str(job["last_error"]), job
+    assert not (tmp_path / "impostor" / "witness.state").exists()
+
+    named = source("--witness-peer", "site-b")  # asked on purpose: its renewal lands
+    assert wait_for((tmp_path / "impostor" / "witness.state").exists, 10)
+    named.send_signal(signal.SIGKILL)
+    named.wait(timeout=10)
+    assert rcv.stop() == 0
+
+    real = serve("real", "--allow", "sender:vm1", "--allow", "receiver:vm1")
+    host, port = real.rsplit(":", 1)
+    identity = TlsIdentity(keys, "site-b", server=False, peer="witness")
+    identity.load()
+    site_b = BuiltinWitness(host, int(port), who="sender", tls=identity)
+    with pytest.raises(PeerProtocolError, match="'site-b' may not renew or promote job 'vm1'"):
+        asyncio.run(site_b.renew("vm1", 1, 0.6))
+    assert not (tmp_path / "real" / "witness.state").exists()
+    for args, words in (
+        (("witness", "--listen", "127.0.0.1:1", "--insecure", "--allow", "a:vm1"), "--allow"),
+        (("receive", "--listen", "127.0.0.1:1", "--dir", str(tmp_path / "t"), "--insecure",
+          "--auto-failover-after", "5", "--witness", real, "--witness-peer", "w"), "--tls-dir"),
+    ):  # fmt: skip
+        out = replicator(*args)
+        assert out.returncode == ExitCode.CONFIG, out.stderr
+        assert words in one_line_error(out.stderr), out.stderr

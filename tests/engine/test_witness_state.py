@@ -123,7 +123,7 @@ async def test_over_mutual_tls_the_certificate_names_the_requester(tmp_path: Pat
     port = server.sockets[0].getsockname()[1]
 
     def client(folder: str, name: str) -> BuiltinWitness:
-        identity = TlsIdentity(tmp_path / folder, name, server=False)
+        identity = TlsIdentity(tmp_path / folder, name, server=False, peer="witness")
         identity.load()
         return BuiltinWitness("127.0.0.1", port, who="claims-anything", tls=identity)
 
@@ -139,6 +139,67 @@ async def test_over_mutual_tls_the_certificate_names_the_requester(tmp_path: Pat
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_another_certificate_of_the_ca_can_neither_pose_as_the_witness_nor_use_it(
+    tmp_path: Path,
+) -> None:
+    """A host holding only ``site-b``'s key: serving as the witness, its clients refuse it
+    before sending anything (the request would keep a lease alive or take a grant); asking
+    a witness whose ``--allow`` rules give it nothing, it is refused and changes nothing."""
+    import asyncio
+
+    from replicator.engine import keys
+    from replicator.engine.authz import Allow
+    from replicator.engine.errors import PeerProtocolError
+    from replicator.engine.tls import PeerNameError, TlsIdentity
+    from replicator.engine.witness_client import BuiltinWitness
+
+    keys.keygen(tmp_path / "keys", ["witness", "receiver", "sender", "site-b"])
+    rules = [Allow("sender", "vm1"), Allow("receiver", "vm1"), Allow("site-b", "vm2")]
+    witness = WitnessServer(tmp_path / "state", rules)
+    witness.book.started -= 10
+    impostor = WitnessServer(tmp_path / "impostor")
+    servers = []
+    for book, name in ((witness, "witness"), (impostor, "site-b")):
+        tls = TlsIdentity(tmp_path / "keys", name, server=True)
+        servers.append(await asyncio.start_server(book.handle, "127.0.0.1", 0, ssl=tls.load()))
+    port, impostor_port = (server.sockets[0].getsockname()[1] for server in servers)
+
+    def client(name: str, at: int, peer: str = "witness") -> BuiltinWitness:
+        identity = TlsIdentity(tmp_path / "keys", name, server=False, peer=peer)
+        identity.load()
+        return BuiltinWitness("127.0.0.1", at, who="claims-anything", tls=identity)
+
+    try:
+        with pytest.raises(PeerNameError, match="presented certificate 'site-b', not 'witness'"):
+            await client("sender", impostor_port).renew("vm1", 0, 4.0)
+        with pytest.raises(PeerNameError, match="--witness-peer site-b"):
+            await client("receiver", impostor_port).may_promote("vm1", 0, 2.0)
+        assert impostor.book.leases == {} and impostor.book.fences == {}
+        assert not impostor.path.exists()  # a renewal declaring fence_after writes it
+        # the same witness named on purpose is asked
+        assert (await client("sender", impostor_port, peer="site-b").renew("vm1", 0, 4.0)).ok
+        assert impostor.book.fences == {"vm1": 4.0}
+
+        # the real witness: site-b may not keep vm1's lease alive nor take its grant
+        for ask in (
+            client("site-b", port).renew("vm1", 0, 4.0),
+            client("site-b", port).may_promote("vm1", 0, 2.0),
+        ):
+            with pytest.raises(PeerProtocolError, match="'site-b' may not renew or promote"):
+                await ask
+        assert witness.book.leases == {} and witness.book.grants == {}
+        assert witness.book.fences == {}
+        assert (await client("site-b", port).renew("vm2", 0)).ok  # its own job
+        assert (await client("sender", port).renew("vm1", 0)).ok
+        witness.book.leases.pop("vm1")
+        assert (await client("receiver", port).may_promote("vm1", 0, 2.0)).granted
+        assert witness.book.grants == {"vm1": {0: "receiver"}}
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
 
 
 # -- source self-fencing: the source declares fence_after with its renewals ---------------
