@@ -24,8 +24,9 @@ frame whose send is cancelled while it waits for the shaper never goes (nothing 
 written or counted), and the connection stays usable.
 
 Strangers: ``serve`` keeps at most ``max_pending`` connections whose peer has not
-completed its part of the handshake (closing the oldest of them to make room for a new
-one), and aborts any that has not done so within ``handshake_timeout``. Together with the
+completed its part of the handshake (closing one of them to make room for a new one: the
+oldest of the source address holding the most, so one flooding address evicts its own),
+and aborts any that has not done so within ``handshake_timeout``. Together with the
 frame limits of ``ProtocolConnection`` this bounds what peers that never say Hello can
 make a receiver hold (docs/PROTOCOL.md, "Memory bounds").
 
@@ -45,6 +46,7 @@ import asyncio.sslproto
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import socket
 import ssl as _ssl
 import time
@@ -342,10 +344,12 @@ class FramedConnection:
         self.abort()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """Transport details: "peername", "sockname", "ssl_object", "peercert", ..."""
-        if self._transport is None:
+        """Transport details: "peername", "sockname", "ssl_object", "peercert", ... (during
+        a served TLS handshake, the TCP connection's: its addresses, no certificate yet)."""
+        transport = self._transport or self._raw_transport
+        if transport is None:
             return default
-        return self._transport.get_extra_info(name, default)
+        return transport.get_extra_info(name, default)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -684,15 +688,35 @@ async def connect_unix(
     return made[0]
 
 
+def _source(conn: FramedConnection) -> object:
+    """Whom a pending connection counts against: its IPv4 address, or its IPv6 /64 (one
+    host is commonly given a whole /64); one source for unix sockets and socket pairs."""
+    peer = conn.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:
+        return None
+    try:
+        address = ipaddress.ip_address(str(peer[0]).split("%")[0])
+    except ValueError:
+        return peer[0]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        return ipaddress.IPv6Network((address, 64), strict=False)
+    return address
+
+
 class _Sessions:
     """Runs the handler of each accepted connection in its own task, then closes it.
 
     Connections whose peer has not completed its part of the handshake are "pending";
-    at most ``max_pending`` are kept. When a new one would exceed that, the oldest pending
-    connection is closed at once: a legitimate sender says Hello within a round trip of
-    connecting, so it is rarely the oldest, whereas refusing the newcomer instead would
+    at most ``max_pending`` are kept. When a new one would exceed that, a pending
+    connection is closed at once: the oldest of the source (``_source``) that holds the
+    most of them, the newcomer counted. A legitimate sender says Hello within a round trip
+    of connecting, so it is rarely the oldest, whereas refusing the newcomer instead would
     let max_pending silent connections (renewed every handshake_timeout) lock every
-    sender out.
+    sender out; and choosing within the largest source keeps one flooding address from
+    evicting a slow sender elsewhere (a 300 ms round trip spends several of them in a TLS
+    handshake), however fast it connects.
     """
 
     def __init__(
@@ -704,7 +728,8 @@ class _Sessions:
         self._max_pending = max_pending
         self._handshake_timeout = handshake_timeout
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending: dict[FramedConnection, None] = {}  # in the order they arrived
+        # in the order they arrived, with their source
+        self._pending: dict[FramedConnection, object] = {}
         self._burst: asyncio.TimerHandle | None = None
         self._burst_closed = 0
 
@@ -720,7 +745,7 @@ class _Sessions:
             if self._max_pending is not None:
                 while len(self._pending) >= self._max_pending:
                     self._make_room(conn)
-            self._pending[conn] = None
+            self._pending[conn] = _source(conn)
             conn._watch_handshake(self._handshake_timeout, self._pending_over)
 
     def run(self, conn: FramedConnection) -> None:
@@ -735,7 +760,11 @@ class _Sessions:
         self._pending.pop(conn, None)
 
     def _make_room(self, newcomer: FramedConnection) -> None:
-        oldest = next(iter(self._pending))
+        counts: dict[object, int] = {_source(newcomer): 1}
+        for source in self._pending.values():
+            counts[source] = counts.get(source, 0) + 1
+        most = max(counts.values())  # a source holding that many has one pending at least
+        oldest = next(c for c, source in self._pending.items() if counts[source] == most)
         del self._pending[oldest]
         oldest._pending_over = None  # it is not counted any more
         oldest._abort(

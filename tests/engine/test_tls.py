@@ -389,6 +389,32 @@ def test_the_tls_handshake_is_pending_and_has_the_deadline(folder: Path, loop: s
     run(loop, main)
 
 
+def test_a_tls_handshake_under_way_counts_against_its_own_address(folder: Path) -> None:
+    """Pending in its TLS handshake, a connection from 127.0.0.2 is not evicted by a flood
+    of strangers from 127.0.0.1 (its address is known before the handshake is)."""
+
+    async def main() -> None:
+        async with tls_server(answer, folder, max_pending=3, handshake_timeout=10) as port:
+            slow = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            await asyncio.sleep(0.02)
+            strangers = []
+            for _ in range(5):
+                strangers.append(await asyncio.open_connection("127.0.0.1", port))
+                await asyncio.sleep(0.02)
+            for reader, _ in strangers[:3]:
+                async with asyncio.timeout(5):
+                    with contextlib.suppress(ConnectionError):
+                        assert await reader.read() == b""
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await slow[0].read()
+            for _, writer in [slow, *strangers]:
+                writer.close()
+            await asyncio.sleep(0.05)
+
+    uvloop.run(main())
+
+
 def test_tls_refusal_leaves_other_connection_errors_alone() -> None:
     assert tls_refusal(ConnectionResetError()) is None
     damaged = ssl.SSLError(1, "bad mac")

@@ -108,6 +108,30 @@ async def test_the_oldest_pending_connection_makes_room_for_a_new_one() -> None:
             writer.close()
 
 
+async def test_a_flooding_address_evicts_its_own_pending_connections() -> None:
+    """A slow sender from 127.0.0.2 (a long round trip: still in its handshake) and a
+    flood from 127.0.0.1: the flood's own oldest make room, the slow one stays (it was
+    the oldest, and went first)."""
+    async with server(answer_hello, max_pending=4, handshake_timeout=None) as port:
+        slow = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        await asyncio.sleep(0.02)
+        flood = []
+        for _ in range(8):  # one at a time, so the server sees them in this order
+            flood.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.02)
+        for reader, _ in flood[:5]:
+            assert await closed_by_peer(reader)
+        assert not await closed_by_peer(slow[0], 0.3)
+        for reader, _ in flood[5:]:
+            assert not await closed_by_peer(reader, 0.1)
+        # one more from the slow one's address: the flood still holds the most
+        more = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        assert await closed_by_peer(flood[5][0])
+        assert not await closed_by_peer(slow[0], 0.1)
+        for _, writer in [slow, more, *flood]:
+            writer.close()
+
+
 async def test_a_silent_peer_is_cut_off_at_the_handshake_deadline() -> None:
     errors: list[BaseException] = []
 
