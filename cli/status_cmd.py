@@ -135,7 +135,7 @@ def _fetch(role: str, root: Path, directory: Path | None) -> dict[str, Any]:
     try:
         snapshot = request(path, "status", timeout=5.0)
     except ControlUnavailable as exc:
-        reason = str(exc)
+        reason, taker = str(exc), exc.pid
     else:
         if not isinstance(snapshot, dict):
             raise ConfigError(
@@ -146,15 +146,21 @@ def _fetch(role: str, root: Path, directory: Path | None) -> dict[str, Any]:
         return snapshot
     rest = sender_at_rest(root) if role == "sender" else receiver_at_rest(root, directory)
     rest["source"] = "files"
+    # running, but not answering (stopped, stuck): a sender holds its claim (and names its
+    # pid there); a receiver took the connection to its control socket
+    pid: object = None
     if role == "sender" and claim_held(root):
         pid = (read_claim(root) or {}).get("pid")
-        rest["running"] = True
-        rest["note"] = (
-            f"a sender runs{f' (pid {pid})' if pid else ''} but does not answer on its control "
-            f"socket ({reason}); read from files at rest"
-        )
+    elif role == "receiver" and taker is not None:
+        pid = taker
     else:
         rest["note"] = AT_REST
+        return rest
+    rest["running"] = True
+    rest["note"] = (
+        f"a {role} runs{f' (pid {pid})' if pid else ''} but does not answer on its control "
+        f"socket ({reason}); read from files at rest"
+    )
     return rest
 
 

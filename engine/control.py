@@ -74,9 +74,15 @@ class ControlBusy(ConfigError):
 
 
 class ControlUnavailable(ReplicatorError):
-    """Nothing answers on a control socket (no process runs, or it does not answer)."""
+    """Nothing answers on a control socket (no process runs, or it does not answer).
+    ``pid``: the process that took the connection and then gave no answer (stopped, or
+    stuck), None when none took it."""
 
     exit_code = ExitCode.CONNECT
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class ControlRefused(ConfigError):
@@ -337,6 +343,17 @@ def _peer(writer: asyncio.StreamWriter) -> tuple[int | None, int | None]:
     return uid, pid
 
 
+def _listener_pid(sock: socket.socket) -> int | None:
+    """The pid of the process listening at the far end of connected ``sock`` (the kernel
+    records it at connect, whether that process runs, is stopped or is stuck)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except OSError:
+        return None
+    pid: int = _PEERCRED.unpack(raw)[0]
+    return pid or None  # 0: not visible from here (another pid namespace)
+
+
 def _sun_path(path: Path, dir_fd: int) -> str:
     """``path`` as a bindable address: through /proc/self/fd when it is too long."""
     text = os.fspath(path)
@@ -360,10 +377,12 @@ def request(path: Path, op: str, *, timeout: float = CLIENT_TIMEOUT, **args: Any
     ControlUnavailable when nothing answers (no socket, nothing listening, no answer in
     time); ControlRefused when we may not ask (permissions) or the answer is an error.
     """
+    taker: int | None = None  # the process that took the connection (SO_PEERCRED)
     try:
         with _dir_fd(path) as dir_fd, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(_sun_path(path, dir_fd))
+            taker = _listener_pid(sock)
             # a server that refuses us answers without reading: its answer is still there
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
@@ -375,13 +394,15 @@ def request(path: Path, op: str, *, timeout: float = CLIENT_TIMEOUT, **args: Any
         ) from exc
     except (TimeoutError, OSError) as exc:
         reason = "no answer in time" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-        raise ControlUnavailable(f"control socket {path}: {reason}") from exc
+        raise ControlUnavailable(f"control socket {path}: {reason}", pid=taker) from exc
     try:
         response = json.loads(data)
     except ValueError as exc:
-        raise ControlUnavailable(f"control socket {path}: answer is not JSON ({exc})") from exc
+        raise ControlUnavailable(
+            f"control socket {path}: answer is not JSON ({exc})", pid=taker
+        ) from exc
     if not isinstance(response, dict):
-        raise ControlUnavailable(f"control socket {path}: answer is not a JSON object")
+        raise ControlUnavailable(f"control socket {path}: answer is not a JSON object", pid=taker)
     if not response.get("ok"):
         code = response.get("code")
         raise ControlRefused(

@@ -471,6 +471,35 @@ def test_status_at_rest_after_send_once_counts_nothing_the_receiver_applied(
     assert not padded, padded
 
 
+def test_a_stopped_receiver_is_said_to_run_but_not_to_answer(tmp_path: Path) -> None:
+    """A receiver that runs but does not answer on its control socket (SIGSTOP: stuck) is
+    read from its files, as a sender in that state is, and said to run, with its pid: not
+    "not running", which would invite starting a second one or failing over at rest."""
+    target = tmp_path / "target"
+    receiver = _receiver(target)
+    try:
+        sock = target / ".replicator" / "control.sock"
+        _until("the receiver answers", lambda: _ask(sock), lambda s: s["role"] == "receiver")
+        receiver.proc.send_signal(signal.SIGSTOP)
+        try:
+            stopped = _status("--dir", str(target))
+            table = replicator("status", "--dir", str(target), timeout=60)
+        finally:
+            receiver.proc.send_signal(signal.SIGCONT)
+        pid = receiver.proc.pid
+        assert stopped["running"] is True and stopped["source"] == "files", stopped
+        assert stopped["note"] == (
+            f"a receiver runs (pid {pid}) but does not answer on its control socket (control "
+            f"socket {sock}: no answer in time); read from files at rest"
+        )
+        assert table.returncode == 0
+        assert f"receiver: a receiver runs (pid {pid}) but does not answer" in table.stdout
+        assert _status("--dir", str(target))["source"] == "process"  # running again
+    finally:
+        receiver.stop()
+    assert _status("--dir", str(target))["note"] == AT_REST
+
+
 def test_a_stuck_peer_shows_as_silent_in_status_and_metrics(tmp_path: Path) -> None:
     """A receiver that stops answering (SIGSTOP: a hung disk, a stuck path) keeps its TCP
     connection up; `status` must not just say "connected": the receiver pings every 5 s
