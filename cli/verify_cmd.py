@@ -112,6 +112,9 @@ def verify_command(
                     "identical": result.identical,
                     "repaired_bytes": result.repaired,
                     "layout": result.layout,
+                    "unapplied": None
+                    if result.unapplied is None
+                    else {"first_lsn": result.unapplied[0], "last_lsn": result.unapplied[1]},
                     "volumes": [
                         {
                             "volume": v.volume,
@@ -150,5 +153,12 @@ def verify_command(
                 typer.echo(f"  ... {len(v.extents) - 20} more ranges")
         if result.repaired:
             typer.echo(f"repaired: sent {result.repaired} bytes")
+        if result.unapplied is not None:
+            first, last = result.unapplied
+            typer.echo(
+                f"note: the receiver holds lsn {first}-{last} past the last barrier it applied "
+                f"(lsn {first - 1}): they wait for the next one a send ships, and were compared "
+                "as they will leave the replica, which verify left as it was"
+            )
     if not result.identical:
         raise typer.Exit(int(ExitCode.DIFFERENT))

@@ -54,6 +54,8 @@ from replicator.engine.manifest import digest_chunks
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.replica_state import ReplicaState
 from replicator.engine.status import ReceiverJobStatus
+from replicator.engine.unapplied import NotComparable
+from replicator.engine.unapplied import manifest as unapplied_manifest
 from replicator.engine.volumes import is_disk_image
 from replicator.engine.window import BACKLOG_MAX, MAX_WINDOW
 from replicator.engine.write_path import WritePathChooser
@@ -1043,22 +1045,56 @@ class JobReplica:
                 self._applier.close()
             self._applier = None
 
-    def replica_manifest(self, volume: str, extent_size: int) -> Iterator[tuple[bool, int, bytes]]:
-        """(exists, size, digests of up to MANIFEST_CHUNK extents) of a replica, read afresh.
+    def replica_manifest(
+        self, volume: str, extent_size: int, unapplied: list[Record] | None = None
+    ) -> Iterator[tuple[bool, int, bytes]]:
+        """(exists, size, digests of up to MANIFEST_CHUNK extents) of a replica, read afresh;
+        with ``unapplied`` (``unapplied.of_file``'s records), of the replica as they will
+        leave it (engine/unapplied.py: NotComparable before the first chunk).
 
         A generator, so a huge replica is hashed and sent a chunk at a time, never held
         whole in memory. Blocking: drive it from a worker thread.
         """
         fd = self._get_applier().open_readonly(volume)  # never reads outside the replica
-        if fd is None:
-            yield False, 0, b""
-            return
         try:
-            size = os.fstat(fd).st_size
-            for digests in digest_chunks(fd, size, extent_size, MANIFEST_CHUNK):
-                yield True, size, digests
+            if unapplied:
+                if fd is None and not self._absent(volume):  # the applier refuses it
+                    raise NotComparable(f"replica {volume!r} is not a file (a symlink?)")
+                yield from unapplied_manifest(fd, unapplied, extent_size, MANIFEST_CHUNK)
+            elif fd is None:
+                yield False, 0, b""
+            else:
+                size = os.fstat(fd).st_size
+                for digests in digest_chunks(fd, size, extent_size, MANIFEST_CHUNK):
+                    yield True, size, digests
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+
+    def _absent(self, path: str) -> bool:
+        """Nothing is under replica name ``path`` (not even a symlink). Blocking."""
+        try:
+            return self._get_applier().lstat(path) is None
+        except (OSError, ApplyError):
+            return False
+
+    async def unapplied(self) -> list[Record]:
+        """The durable records after the applied LSN, in order: once ``apply_pending`` ran,
+        those past the last barrier, which wait for the next one (engine/unapplied.py).
+        Nothing for a promoted replica: they are never applied to it."""
+        if self.promotion is not None:
+            return []
+        records: list[Record] = []
+        upto = self.journal.durable_lsn
+        start = max(self.state.applied_lsn + 1, self.journal.first_lsn)
+        if start > upto:
+            return records
+        async with contextlib.aclosing(self.journal.read_from(start)) as stored:
+            async for record in stored:
+                if record.lsn > upto:
+                    break
+                records.append(record)
+        return records
 
     async def aclose(self) -> None:
         if self._closed:

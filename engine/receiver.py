@@ -319,7 +319,7 @@ class Receiver:
         log.info("receiver.session", job=hello.job, peer=conn.peer, session=hello.session)
         self._serving[conn] = replica
         replica.status.attach(conn)
-        session = Session(conn, replica, self.config, adopt=not verifying)
+        session = Session(conn, replica, self.config, verifying=verifying)
         if not verifying:
             self._replicating[hello.job] = session
         try:

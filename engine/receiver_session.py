@@ -3,7 +3,9 @@
 A session appends each Records frame to its job's receive journal; a sync task makes
 appended records durable, then acknowledges them as *received* and grants the sender the
 same credit again; an acker acknowledges the applied LSN when the job's applier moves it.
-It also answers manifest and tree requests (after applying everything received).
+It also answers manifest and tree requests: after applying everything received; in a
+verify session, after applying up to the last barrier, with the records after it worked
+out, not applied (engine/unapplied.py), so the replica keeps its consistency point.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -27,6 +29,8 @@ from replicator.engine.replica_files import ReplicaDiverged
 from replicator.engine.replica_id import capability
 from replicator.engine.session_core import ReceiverCore, Send
 from replicator.engine.statedir import free_bytes, state_reserve
+from replicator.engine.unapplied import NotComparable, of_file
+from replicator.engine.unapplied import tree as unapplied_tree
 from replicator.engine.window import CreditWindow
 from replicator.journal import (
     JournalError,
@@ -77,9 +81,16 @@ class Session:
     acknowledge) that also answers manifest and tree requests."""
 
     def __init__(
-        self, conn: FramedConnection, replica: JobReplica, config: ReceiverConfig, *, adopt: bool
+        self,
+        conn: FramedConnection,
+        replica: JobReplica,
+        config: ReceiverConfig,
+        *,
+        verifying: bool,
     ) -> None:
-        self.adopt = adopt  # a replica file the sender asks a manifest of is taken as it is
+        # a verify session only compares (engine/unapplied.py); any other takes a replica
+        # file the sender asks a manifest of as it is
+        self.verifying = verifying
         self.conn = conn
         self.replica = replica
         self.config = config
@@ -430,28 +441,74 @@ class Session:
             log.warning("receiver.protocol_error", job=self.replica.job, error=problem)
             await self._send_error(Error("name", problem))
             raise _SessionOver  # whoever sends Error ends the session (docs/PROTOCOL.md)
-        # Everything received is applied first, so the manifest and the sender's view of
-        # "what the receiver has" agree (see docs/ARCHITECTURE.md, differential sync).
-        await self.replica.apply_pending(force=True)
-        if self.adopt:
+        if not self.verifying:
+            # Everything received is applied first, so the manifest and the sender's view
+            # of "what the receiver has" agree (docs/ARCHITECTURE.md, differential sync).
+            await self.replica.apply_pending(force=True)
             await self.replica.adopt(req.volume)
-        await send_manifest(self.conn, self.replica, req)
+            await send_manifest(self.conn, self.replica, req)
+            return
+        # verify: the replica stays at its consistency point; what it holds past it is
+        # worked out, not applied (engine/unapplied.py)
+        unapplied = await self._unapplied()
+        try:
+            mine = of_file(unapplied, req.volume)
+            await send_manifest(self.conn, self.replica, req, mine)
+        except NotComparable as exc:
+            await self._not_comparable(exc, unapplied)
 
     async def _answer_tree(self, req: TreeRequest) -> None:
         # as for manifests: the listing is of the replica with everything received applied
-        await self.replica.apply_pending(force=True)
-        parts = await asyncio.to_thread(replica_tree_parts, self.replica.replica_dir)
+        # (verify: as what it holds past its consistency point will leave it)
+        if not self.verifying:
+            await self.replica.apply_pending(force=True)
+            entries = await asyncio.to_thread(replica_tree, self.replica.replica_dir)
+        else:
+            unapplied = await self._unapplied()
+            listed = await asyncio.to_thread(replica_tree, self.replica.replica_dir)
+            try:
+                entries = unapplied_tree(listed, unapplied)
+            except NotComparable as exc:
+                await self._not_comparable(exc, unapplied)
+        parts = tree_parts(entries)
         for i, part in enumerate(parts):
             await self.conn.send(Tree(req.request_id, i == len(parts) - 1, part))
+
+    async def _unapplied(self) -> list[Record]:
+        """Apply what the replica holds up to its last barrier; the records after it. The
+        applied LSN is acknowledged before the answer: the sender tells from it what was
+        compared as not applied (``VerifyResult.unapplied``)."""
+        replica = self.replica
+        await replica.apply_pending()
+        await self._send_all(self.core.applied(replica.received_lsn, replica.applied_lsn))
+        return await replica.unapplied()
+
+    async def _not_comparable(self, exc: NotComparable, unapplied: list[Record]) -> NoReturn:
+        """Refuse the verify (Error "unapplied"): its records past the consistency point
+        change the replica in a way it does not work out without applying them."""
+        replica = self.replica
+        message = (
+            f"job {replica.job!r}: the replica holds lsn {unapplied[0].lsn}-"
+            f"{unapplied[-1].lsn} past the last barrier it applied (lsn {replica.applied_lsn}), "
+            f"waiting for the next one; {exc}, which verify does not work out without "
+            "applying it, and applying it would take the replica off its consistency point"
+        )
+        log.warning("receiver.verify_refused", job=replica.job, why=message)
+        await self._send_error(Error("unapplied", message))
+        raise _SessionOver  # whoever sends Error ends the session (docs/PROTOCOL.md)
 
 
 def replica_tree_parts(root: Path, part_bytes: int = MAX_TREE_PART // 2) -> list[bytes]:
     """The replica folder ``root`` as Tree listings of about ``part_bytes`` each (at least
-    one, empty when the folder does not exist). Symlinks are listed, never followed; names
-    that could not come from a sender are left out (the sender cannot name them either)."""
+    one, empty when the folder does not exist)."""
+    return tree_parts(replica_tree(root), part_bytes)
+
+
+def replica_tree(root: Path) -> list[TreeEntry]:
+    """What the replica folder ``root`` holds (nothing when it does not exist). Symlinks
+    are listed, never followed; names that could not come from a sender are left out (the
+    sender cannot name them either)."""
     entries: list[TreeEntry] = []
-    parts: list[bytes] = []
-    size = 0
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
         for name in sorted([*dirnames, *filenames]):
@@ -471,11 +528,19 @@ def replica_tree_parts(root: Path, part_bytes: int = MAX_TREE_PART // 2) -> list
             except (OSError, MessageError):  # gone meanwhile, or a target we cannot carry
                 continue
             entries.append(entry)
-            size += len(path) + len(entry.target) + 16
-            if size >= part_bytes:
-                parts.append(encode_tree(entries))
-                entries, size = [], 0
-    parts.append(encode_tree(entries))
+    return entries
+
+
+def tree_parts(entries: list[TreeEntry], part_bytes: int = MAX_TREE_PART // 2) -> list[bytes]:
+    """``entries`` as Tree listings of about ``part_bytes`` each (at least one)."""
+    parts: list[bytes] = []
+    start, size = 0, 0
+    for i, entry in enumerate(entries):
+        size += len(entry.path) + len(entry.target) + 16
+        if size >= part_bytes:
+            parts.append(encode_tree(entries[start : i + 1]))
+            start, size = i + 1, 0
+    parts.append(encode_tree(entries[start:]))
     return parts
 
 
@@ -555,10 +620,16 @@ async def send_quietly(conn: FramedConnection, msg: Any) -> None:
         await conn.send(msg)
 
 
-async def send_manifest(conn: FramedConnection, replica: JobReplica, req: ManifestRequest) -> None:
-    """Answer ``req`` with the replica's manifest as it is now, in Manifest parts (the
-    last marked done); the volume name was checked by the caller."""
-    chunks = replica.replica_manifest(req.volume, req.extent_size)
+async def send_manifest(
+    conn: FramedConnection,
+    replica: JobReplica,
+    req: ManifestRequest,
+    unapplied: list[Record] | None = None,
+) -> None:
+    """Answer ``req`` with the replica's manifest as it is now (as ``unapplied`` will leave
+    it: ``JobReplica.replica_manifest``), in Manifest parts (the last marked done); the
+    volume name was checked by the caller."""
+    chunks = replica.replica_manifest(req.volume, req.extent_size, unapplied)
     first = 0
     part = await asyncio.to_thread(next, chunks)
     while True:

@@ -134,6 +134,12 @@ def refusal_error(code: str, message: str) -> ReplicatorError:
         return generations.refusal_error(code, message)
     if code == "storage":
         return TargetStorageError(f"receiver refused (storage): {message}", hint=_STORAGE_HINT)
+    if code == "unapplied":
+        return RefusedError(
+            f"receiver refused (unapplied): {message}; nothing was written",
+            hint="let `replicator send` ship the job's next consistency point (a continuous "
+            "sender stopped with SIGTERM applies everything it shipped), then verify again",
+        )
     return RefusedError(f"receiver refused ({code}): {message}")
 
 

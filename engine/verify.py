@@ -1,11 +1,14 @@
 """Online verify: read source and replica afresh, compare blake3 extent manifests.
 
-The receiver hashes its replicas after applying everything it has received; the sender
-hashes the sources at the same extent size. ``repair`` journals the differing extents
-(current source content) as one EPOCH, ships it like any other epoch, waits until it is
-applied, and verifies again. A FUSE job's folder is compared whole: its files, and the
-replica folder's layout (the receiver's listing against the folder walked now), which
-``repair`` makes the same with the records the FUSE capture's own sync uses.
+The receiver hashes its replicas as everything it has received will leave them: what
+follows the last consistency point it holds is worked out, not applied, so the replica
+keeps that point (engine/unapplied.py); the sender hashes the sources at the same extent
+size. The result says which LSNs were compared so (``VerifyResult.unapplied``).
+``repair`` journals the differing extents (current source content) as one EPOCH, ships it
+like any other epoch, waits until it is applied, and verifies again. A FUSE job's folder
+is compared whole: its files, and the replica folder's layout (the receiver's listing
+against the folder walked now), which ``repair`` makes the same with the records the FUSE
+capture's own sync uses.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class VerifyResult:
     repaired: int = 0  # bytes sent by --repair
     # a folder's job (FUSE capture): how the replica folder's layout differs, in words
     layout: list[str] = field(default_factory=list)
+    # (first, last) LSN the receiver holds past the consistency point its replica is at:
+    # compared as they will leave the replica, which they reach with the next point a
+    # send ships (None: the replica holds all it received)
+    unapplied: tuple[int, int] | None = None
 
     @property
     def identical(self) -> bool:
@@ -266,6 +273,8 @@ async def verify(
                 if not result.identical:
                     result, _ = await both()
                 result.repaired = repaired
+            elif link.received_lsn > link.applied_lsn:  # known before the last manifest
+                result.unapplied = (link.applied_lsn + 1, link.received_lsn)
             await link.goodbye("verify done")
         finally:
             await sender.close_link(link)  # the status: disconnected again

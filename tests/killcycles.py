@@ -39,6 +39,7 @@ _OPT_GO = 7
 _REP_ACK = 1
 _REP_INFO = 3
 _CMD_WRITE = 1
+_FLAG_FUA = 1
 _CMD_FLUSH = 3
 _CMD_DISC = 2
 
@@ -183,7 +184,8 @@ class NbdWriter:
     def stop(self) -> None:
         self._stop.set()
         self._run.set()
-        self._thread.join(60)
+        if self._thread.ident is not None:  # started (``write_now`` alone does not)
+            self._thread.join(60)
         self._close()
         if self.error is not None:
             raise self.error
@@ -228,10 +230,15 @@ class NbdWriter:
         finally:
             self._idle.set()
 
-    def _write(self, block: int, data: bytes) -> None:
+    def write_now(self, block: int, data: bytes, *, fua: bool = False) -> None:
+        """One write from the calling thread (the writer's own not started), answered:
+        with ``fua``, durable in the journal once answered, and no barrier after it."""
+        self._write(block, data, _FLAG_FUA if fua else 0)
+
+    def _write(self, block: int, data: bytes, flags: int = 0) -> None:
         sock = self._connect()
         sock.sendall(
-            struct.pack(">IHHQQI", _REQUEST_MAGIC, 0, _CMD_WRITE, 1, block * BLOCK, len(data))
+            struct.pack(">IHHQQI", _REQUEST_MAGIC, flags, _CMD_WRITE, 1, block * BLOCK, len(data))
             + data
         )
         magic, error, _ = struct.unpack(">IIQ", _recv(sock, 16))
