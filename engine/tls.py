@@ -213,6 +213,17 @@ class TlsIdentity:
                 mode=oct(stat.S_IMODE(mode)),
                 fix=f"chmod 600 {self.key}",
             )
+        # whoever may write the folder or ca.crt may add a CA of their own, then certificates
+        for path, fix in ((self.directory, "chmod go-w"), (self.ca, "chmod 644")):
+            mode = path.stat().st_mode
+            if mode & (stat.S_IWGRP | stat.S_IWOTH):
+                log.warning(
+                    "tls.writable_by_others",
+                    path=str(path),
+                    mode=oct(stat.S_IMODE(mode)),
+                    risk="another local user could add a CA of their own and be trusted",
+                    fix=f"{fix} {path}",
+                )
 
     def _check_validity(self) -> None:
         """Our own certificate and the CA must be valid now; warn 30 days ahead."""

@@ -23,6 +23,15 @@ TIMEOUT = 5.0  # a witness that does not answer in this long counts as unreachab
 _HEAD = struct.Struct("<4sB3xI")
 
 
+class ForeignFrame(PeerProtocolError):
+    """A frame that is not the witness's, with the magic it has (e.g. a sender's Hello:
+    a sender aimed at the witness's port)."""
+
+    def __init__(self, magic: bytes) -> None:
+        super().__init__(f"not a replicator witness frame (magic {magic!r})")
+        self.magic = magic
+
+
 def encode(message: dict[str, Any]) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     if len(body) > MAX_BODY:
@@ -38,7 +47,7 @@ async def read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
         raise ConnectError("the witness connection closed before a whole frame") from exc
     magic, version, length = _HEAD.unpack(head)
     if magic != MAGIC:
-        raise PeerProtocolError(f"not a replicator witness frame (magic {magic!r})")
+        raise ForeignFrame(magic)
     if version != VERSION:
         raise PeerProtocolError(
             f"witness protocol version {version}; this build speaks {VERSION}",

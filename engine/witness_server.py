@@ -26,9 +26,11 @@ from replicator.engine.authz import Allow, allowed
 from replicator.engine.errors import ReplicatorError
 from replicator.engine.names import check_job_name
 from replicator.engine.tls import peer_name
-from replicator.engine.witness_protocol import encode, read_message
+from replicator.engine.witness_protocol import ForeignFrame, encode, read_message
 from replicator.engine.witness_state import STATE_FILE, WitnessBook, positive_seconds
 from replicator.journal.durable import makedirs_durable, read_state, write_state_async
+from replicator.transport.frames import FRAME_MAGIC, encode_frame
+from replicator.transport.messages import Error
 
 log = structlog.get_logger()
 
@@ -51,6 +53,10 @@ class WitnessServer:
                 reply = await self.answer(message, peer_name(writer))
                 writer.write(encode(reply))
                 await writer.drain()
+        except ForeignFrame as exc:
+            log.warning("witness.request_failed", peer=str(peer), error=str(exc))
+            if exc.magic == FRAME_MAGIC:  # a sender (or verify) aimed at this port
+                await _not_a_receiver(reader, writer)
         except (ReplicatorError, TimeoutError, OSError, ssl.SSLError) as exc:
             log.warning("witness.request_failed", peer=str(peer), error=str(exc))
         finally:
@@ -122,3 +128,23 @@ class WitnessServer:
             log.info("witness.refused", job=job, generation=generation, why=decision.reason)
             return {"granted": False, "reason": decision.reason}
         return {"error": f"bad request: unknown op {op!r}"}
+
+
+async def _not_a_receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Tell a replication peer, in its own protocol, that this is no receiver: it stops
+    with that (exit 7) instead of retrying a connection "lost mid-session" for ever. Its
+    unread input is read and dropped until it closes (2 s at most): closing with input
+    unread would send a reset, which may reach it before our answer."""
+    where = writer.get_extra_info("sockname")
+    port = f" (port {where[1]})" if isinstance(where, tuple) and len(where) > 1 else ""
+    refusal = Error(
+        "protocol",
+        f"this is a replicator witness{port}, not a receiver: give `send --to` (and "
+        "`verify --to`) the receiver's address; the witness's goes to --witness",
+    )
+    writer.writelines(encode_frame(refusal, compress=False).buffers)
+    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+        await writer.drain()
+        async with asyncio.timeout(2.0):
+            while await reader.read(65536):
+                pass

@@ -387,3 +387,23 @@ def test_over_tls_another_certificate_of_the_ca_is_no_witness(
         out = replicator(*args)
         assert out.returncode == ExitCode.CONFIG, out.stderr
         assert words in one_line_error(out.stderr), out.stderr
+
+
+def test_a_sender_aimed_at_the_witness_is_told_it_is_no_receiver(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """It was "lost mid-session, run again" (exit 4), retried for ever by a continuous
+    sender: the witness answers a replication Hello, in that protocol, that it is none."""
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    image = tmp_path / "d.img"
+    image.write_bytes(b"\x01" * 65536)
+    for once in (("--once",), ()):
+        out = replicator(
+            "send", "--to", address, "--job", "vm1", "--state-dir", str(tmp_path / "s"),
+            "--insecure", *once, str(image), timeout=60,
+        )  # fmt: skip
+        assert out.returncode == ExitCode.PROTOCOL, out.stderr[-2000:]
+        line = one_line_error(out.stderr)
+        assert "is a replicator witness" in line and "not a receiver" in line, line
+    assert witness.poll() is None

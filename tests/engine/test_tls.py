@@ -415,6 +415,27 @@ def test_a_tls_handshake_under_way_counts_against_its_own_address(folder: Path) 
     uvloop.run(main())
 
 
+def test_keys_anyone_could_change_are_warned_about(tmp_path: Path) -> None:
+    """A key others may read, a folder or ca.crt others may write (they could add a CA of
+    their own): each warned at load, naming the fix; keygen's modes give no warning."""
+    where = tmp_path / "keys"
+    keys.keygen(where, ["sender"])
+    with capture_logs() as logs:
+        TlsIdentity(where, "sender", server=False).load()
+    assert [e for e in logs if e["log_level"] == "warning"] == []
+    where.chmod(0o777)
+    (where / "ca.crt").chmod(0o666)
+    (where / "sender.key").chmod(0o640)
+    with capture_logs() as logs:
+        TlsIdentity(where, "sender", server=False).load()
+    warned = {(e["event"], e.get("path", e.get("key"))): e["fix"] for e in logs}
+    assert warned == {
+        ("tls.key_readable_by_others", str(where / "sender.key")): f"chmod 600 {where}/sender.key",
+        ("tls.writable_by_others", str(where)): f"chmod go-w {where}",
+        ("tls.writable_by_others", str(where / "ca.crt")): f"chmod 644 {where}/ca.crt",
+    }
+
+
 def test_tls_refusal_leaves_other_connection_errors_alone() -> None:
     assert tls_refusal(ConnectionResetError()) is None
     damaged = ssl.SSLError(1, "bad mac")
