@@ -108,8 +108,10 @@ class FailbackSession:
         log.info("receiver.failback_session", job=replica.job, peer=self.conn.peer)
         if promoted:
             self._at_start = await asyncio.to_thread(replica.stamps_now, list(replica.files.stamps))
+        # not recv(timeout): a ReadData blocked in drain would wait out TCP's retransmissions
+        self.conn.abort_when_silent(IDLE_TIMEOUT)
         while True:
-            msg = await self.conn.recv(timeout=IDLE_TIMEOUT)
+            msg = await self.conn.recv()
             if isinstance(msg, Goodbye):
                 return
             if isinstance(msg, Error):

@@ -82,7 +82,9 @@ FIRST_ANSWER_TIMEOUT = 5.0
 _NOT_A_RECEIVER_HINT = "check --to: it must be the HOST:PORT `replicator receive --listen` uses"
 PING_INTERVAL = 15.0
 GOODBYE_TIMEOUT = 2.0  # a Goodbye the receiver does not take by then is not waited for
-REPLY_TIMEOUT = 120.0  # a silent receiver is declared gone after this long
+# a receiver that sent nothing for this long is declared gone: the connection is aborted
+# (``FramedConnection.abort_when_silent``), which also wakes a send blocked in drain
+REPLY_TIMEOUT = 120.0
 # a stopping sender ships on for this long while the receiver applies everything (a stop
 # right after a sync cycle ends tidy), then ships nothing more ...
 STOP_GRACE = 2.0
@@ -248,8 +250,10 @@ class Link:
         return self.core
 
     def start_reader(self) -> None:
-        """Start handling what the receiver says (acks, credit, manifests) and heartbeats."""
+        """Start handling what the receiver says (acks, credit, manifests) and heartbeats;
+        from now on a receiver silent for REPLY_TIMEOUT is gone."""
         self._started()
+        self.conn.abort_when_silent(REPLY_TIMEOUT)
         self._tasks += [
             asyncio.create_task(self._guard(self._reader), name="link-reader"),
             asyncio.create_task(self._guard(self._pinger), name="link-pinger"),
@@ -328,7 +332,7 @@ class Link:
     async def _reader(self) -> None:
         core = self._started()
         while not self._closed:
-            msg = await self.conn.recv(timeout=REPLY_TIMEOUT)
+            msg = await self.conn.recv()  # a silent receiver: see start_reader
             for action in core.receive(msg, credit=self.conn.credit):
                 if isinstance(action, Trim):
                     await self.journal.trim(action.upto)

@@ -70,6 +70,8 @@ from replicator.transport.messages import (
 
 log = structlog.get_logger()
 
+# a sender that sent nothing for this long is gone (it pings every 15 s): the connection
+# is aborted (``FramedConnection.abort_when_silent``), whatever the session's tasks await
 IDLE_TIMEOUT = 120.0
 RTT_PING_INTERVAL = 5.0  # the window follows the round trip: measured this often
 STALL_SECONDS = 1.0  # credit cut short by the room, no frame since: see _unstaller
@@ -141,6 +143,7 @@ class Session:
                 generation=replica.state.generation,
             )
         )
+        self.conn.abort_when_silent(IDLE_TIMEOUT)  # the reader may wait in a Pong's drain
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._syncer())
@@ -253,7 +256,7 @@ class Session:
 
     async def _read(self, tg: asyncio.TaskGroup) -> None:
         while True:
-            msg = await self.conn.recv(timeout=IDLE_TIMEOUT)
+            msg = await self.conn.recv()  # a silent sender: see run
             if isinstance(msg, Records):
                 if self.final_lsn is not None:
                     raise RemoteProtocolError(

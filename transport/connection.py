@@ -23,6 +23,11 @@ themselves; final frames (Goodbye, Error, Refuse) wait for bulk frames in progre
 frame whose send is cancelled while it waits for the shaper never goes (nothing of it was
 written or counted), and the connection stays usable.
 
+Silence: ``abort_when_silent(seconds)`` cuts the connection once no message has come from
+the peer for that long, so that every task waiting on it wakes, a send blocked in
+``drain`` included (a peer gone without a reset: a path that drops packets, a host cut off,
+sends no RST, and TCP retransmits for about 15 minutes before it gives up).
+
 Strangers: ``serve`` keeps at most ``max_pending`` connections whose peer has not
 completed its part of the handshake (closing one of them to make room for a new one: the
 oldest of the source address holding the most, so one flooding address evicts its own),
@@ -193,6 +198,9 @@ class FramedConnection:
         self._writelines = False
         self._discard: bytearray | None = None  # set by a lingering close: input is dropped
         self._abort_reason: str | None = None  # why we cut the connection, for recv errors
+        self._silence: float | None = None  # abort_when_silent: the silence allowed ...
+        self._silence_from = 0.0  # ... counted from the later of this and last_received
+        self._silence_timer: asyncio.TimerHandle | None = None
         # set by serve() while the peer has not completed its part of the handshake
         self._pending_over: Callable[[FramedConnection], None] | None = None
         self._deadline: asyncio.TimerHandle | None = None
@@ -343,6 +351,38 @@ class FramedConnection:
             self._abort_reason = reason
         self.abort()
 
+    def abort_when_silent(self, seconds: float) -> None:
+        """From now on, abort the connection once no message has come from the peer for
+        ``seconds`` (counted from now, then from ``last_received``): every ``recv`` and
+        ``send`` waiting on it raises ConnectionClosedError saying so.
+
+        ``recv(timeout)`` alone does not keep that rule: it fails only the task in
+        ``recv``, and its clock runs only while that task waits there. A peer gone
+        without a reset (its packets dropped) left a send blocked in ``drain`` (our
+        buffers full, nobody reading them) asleep until TCP gave up retransmitting, about
+        15 minutes later; and a reader answering a Ping waited in the Pong's ``drain``,
+        where no timeout of its ``recv`` ran at all. A peer that sends but is not read
+        (our reader busy) counts as silent too: a frame is heard when ``recv`` takes it.
+        """
+        self._silence, self._silence_from = seconds, time.monotonic()
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+        self._silence_timer = self._loop.call_later(seconds, self._check_silence)
+
+    def _check_silence(self) -> None:
+        self._silence_timer = None
+        seconds = self._silence
+        if seconds is None or self.closed:
+            return
+        quiet = time.monotonic() - max(self.last_received, self._silence_from)
+        if quiet < seconds:  # a message came meanwhile: wait for the rest of the silence
+            self._silence_timer = self._loop.call_later(seconds - quiet, self._check_silence)
+            return
+        self._abort(
+            f"{self.peer} sent nothing for {seconds:g} s: stopped or stuck, or the network "
+            "between us drops everything"
+        )
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """Transport details: "peername", "sockname", "ssl_object", "peercert", ... (during
         a served TLS handshake, the TCP connection's: its addresses, no certificate yet)."""
@@ -441,7 +481,7 @@ class FramedConnection:
         finally:
             with contextlib.suppress(ValueError):
                 self._drain_waiters.remove(waiter)
-        if self._lost:
+        if self._lost or self._abort_reason is not None:  # woken by our cut (abort)
             raise self._closed_error(False)
 
     def _wake_all(self) -> None:
@@ -465,6 +505,9 @@ class FramedConnection:
     def _connection_lost(self, exc: BaseException | None) -> None:
         self._lost = True
         self._lost_exc = exc
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
         self._discard = None
         self.protocol.receive_data(b"")  # EOF: the decoder drops a frame cut short
         self._end_pending()

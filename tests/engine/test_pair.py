@@ -1,15 +1,17 @@
 """A whole sender/receiver pair in one process, over in-memory connections: no subprocess,
 no port. Initial sync, incremental, a connection cut mid-frame, a receiver restart, a
-refusal."""
+refusal, a peer gone silent."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import errno
+import itertools
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,17 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
-from replicator.engine import direct_intent, generations, lost_records, replica_id, replica_state
+from replicator.engine import (
+    direct_intent,
+    generations,
+    lost_records,
+    receiver_session,
+    replica_id,
+    replica_state,
+)
+from replicator.engine import link as link_module
 from replicator.engine.at_rest import receiver_jobs_at_rest, sender_at_rest
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import (
@@ -35,10 +46,20 @@ from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.scan import ScanStats
 from replicator.engine.sender import Sender, SenderConfig, SenderState
 from replicator.engine.sender_state import basis_alone
-from replicator.engine.volumes import resolve_volumes
+from replicator.engine.volumes import VolumeKind, VolumeSpec, resolve_volumes
 from replicator.journal import Journal, Record, RecordType
 from replicator.journal.durable import write_state
-from replicator.transport import FramedConnection
+from replicator.transport import (
+    PROTOCOL_VERSION,
+    FramedConnection,
+    Hello,
+    Manifest,
+    ManifestRequest,
+    Ping,
+    VolumeInfo,
+    Welcome,
+    connection_pair,
+)
 
 MiB = 1024 * 1024
 
@@ -878,3 +899,146 @@ async def test_the_replica_identitys_durable_steps_fail_and_converge(
     assert healed is not None and healed.consistent and healed.point_lsn == summary.lsn
     again = await pair.sender.run_once()  # a plain run builds on it again
     assert again.bytes_changed == 0
+
+
+# --- a peer gone silent (a black hole: packets dropped, no reset) ---------------------------
+
+
+async def _welcome_then_black_hole(conn: FramedConnection) -> None:
+    """A receiver that welcomes the sender and answers its manifest request (no replica
+    yet), then turns into a path that drops every packet: reads nothing, sends nothing."""
+    assert isinstance(await conn.recv(5), Hello)
+    await conn.send(Welcome(PROTOCOL_VERSION, 0, 0, 256 * MiB, ("lz4", "manifest"), 0))
+    request = await conn.recv(5)
+    assert isinstance(request, ManifestRequest)
+    await conn.send(
+        Manifest(request.request_id, request.volume, False, 0, request.extent_size, 0, b"", True)
+    )
+    await asyncio.Event().wait()  # until the connector ends it
+
+
+async def _in_drain(conn: FramedConnection, tasks: int) -> None:
+    """Until ``tasks`` tasks wait in ``conn``'s drain (its buffers full, nobody reading)."""
+    while len(conn._drain_waiters) < tasks:  # noqa: ASYNC110 (nothing to wait on but this)
+        await asyncio.sleep(0.01)
+
+
+async def test_a_receiver_gone_silent_mid_sync_is_lost_and_the_sender_reconnects(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first sync fills the buffers and waits in drain when the path starts dropping
+    everything: the link's silence timeout failed the link but woke nobody, so the
+    sender stayed "connected" until TCP gave up retransmitting (~15 minutes)."""
+    monkeypatch.setattr(link_module, "REPLY_TIMEOUT", 1.0)
+    pair.disk.write_bytes(os.urandom(32 * MiB))  # far more than the buffers hold
+
+    async def first_a_black_hole(conn: FramedConnection) -> None:
+        if pair.connector.connections == 1:
+            await _welcome_then_black_hole(conn)
+        else:
+            await pair.handle(conn)
+
+    pair.connector.handler = first_a_black_hole
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        running = asyncio.create_task(pair.sender.run_forever(0.2, stop))
+        try:
+            async with asyncio.timeout(30):  # 1 s of silence, the retry's 1 s, the sync
+                while pair.connector.connections < 2 or not (
+                    pair.replica.exists() and pair.replica.read_bytes() == pair.disk.read_bytes()
+                ):
+                    assert not running.done(), running
+                    await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await running
+    (lost,) = [e for e in logs if e["event"] == "sender.link_lost"]
+    assert "sent nothing for 1 s" in lost["error"]
+    assert pair.connector.connections == 2
+
+
+async def test_a_reader_waiting_to_send_a_pong_still_sees_the_receiver_gone_silent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver's Ping came while the shipper had filled the buffers: the reader's Pong
+    waited in drain behind them, where no timeout of its recv ran, when the path started
+    dropping everything. The link never failed, and the shipper slept on in drain."""
+    monkeypatch.setattr(link_module, "REPLY_TIMEOUT", 1.0)
+    journal = await Journal.open(tmp_path / "journal")
+    near, far = await connection_pair()
+    link = Link(near, journal)
+
+    async def welcome() -> None:
+        assert isinstance(await far.recv(5), Hello)
+        await far.send(Welcome(PROTOCOL_VERSION, 0, 0, 256 * MiB, ("lz4", "manifest"), 0))
+
+    async def ship() -> None:
+        for lsn in itertools.count():
+            await link.ship_direct(
+                [Record(RecordType.WRITE, "d.img", lsn * MiB, MiB, os.urandom(MiB))]
+            )
+
+    try:
+        welcoming = asyncio.create_task(welcome())
+        spec = VolumeSpec(tmp_path / "d.img", "d.img", VolumeKind.DISK)
+        await link.handshake("job", [spec], {spec.name: 1 << 40})
+        await welcoming
+        link.start_reader()
+        link.start_shipper(1)
+        shipping = asyncio.create_task(ship())
+        async with asyncio.timeout(10):
+            await _in_drain(near, 1)  # the shipper
+            await far.send(Ping(1, time.time_ns()))  # then nothing more: the black hole
+            await _in_drain(near, 2)  # the reader's Pong, behind the shipper's frames
+        started = time.monotonic()
+        with pytest.raises(ConnectError, match="sent nothing for 1 s"):
+            async with asyncio.timeout(10):
+                await shipping
+        assert time.monotonic() - started < 5
+        with pytest.raises(ConnectError, match="sent nothing for 1 s"):
+            link.raise_if_failed()
+    finally:
+        await link.aclose()
+        far.abort()
+        await journal.aclose()
+
+
+async def test_a_receiver_answering_a_ping_into_a_full_buffer_still_sees_the_sender_gone_silent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest being sent filled the receiver's buffers, so the Pong its reader owed a
+    Ping waited in drain behind it when the path started dropping everything: no timeout
+    of the reader's recv ran there, and the session (its job busy to the next sender)
+    lasted until TCP gave up retransmitting."""
+    monkeypatch.setattr(receiver_session, "IDLE_TIMEOUT", 1.0)
+    size = 384 * MiB  # 12 MiB of digests at 512-byte extents: more than the buffers hold
+    (tmp_path / "replicas" / "job").mkdir(parents=True)
+    with (tmp_path / "replicas" / "job" / "big.img").open("wb") as f:
+        f.truncate(size)
+    receiver = Receiver(_receiver_config(tmp_path))
+    # uncompressed: the digests of a sparse file are all alike, and lz4 would shrink them
+    near, far = await connection_pair(compress=False)
+    serving = asyncio.create_task(receiver.handle(far))
+    try:
+        volumes = (VolumeInfo("big.img", size, "disk"),)
+        await near.send(Hello(PROTOCOL_VERSION, "job", volumes, ("manifest", "resync"), 0, "s"))
+        assert isinstance(await near.recv(10), Welcome)
+        await near.send(ManifestRequest(1, "big.img", 512, True))
+        async with asyncio.timeout(30):  # pings keep the session alive meanwhile
+            for nonce in itertools.count(1):
+                if len(far._drain_waiters) >= 2:  # the manifest's part, then a Pong
+                    break
+                assert not serving.done()
+                await near.send(Ping(nonce, time.time_ns()))
+                await asyncio.sleep(0.1)
+        started = time.monotonic()  # then nothing more from the sender, nothing read
+        with capture_logs() as logs:
+            async with asyncio.timeout(10):
+                await serving
+        assert time.monotonic() - started < 5
+        (lost,) = [e for e in logs if e["event"] == "receiver.session_lost"]
+        assert "sent nothing for 1 s" in lost["reason"]
+    finally:
+        near.abort()
+        await serving
+        await receiver.aclose()

@@ -408,6 +408,45 @@ async def test_a_reader_that_does_not_read_stops_the_sender() -> None:
     await asyncio.gather(sender.aclose(), receiver.aclose())
 
 
+async def test_a_silent_peer_is_cut_off_and_a_send_blocked_in_drain_wakes() -> None:
+    """A peer gone without a reset (a path that drops every packet) sends nothing and reads
+    nothing: a send waiting for the full buffer to drain waited until TCP gave up
+    retransmitting (about 15 minutes), whatever timeout the reader had."""
+    sender, receiver = await connection_pair()
+    await _handshake(sender, receiver, window=64 * MIB)
+    sender.abort_when_silent(0.5)
+    started = asyncio.get_running_loop().time()
+    sent = 0
+    with pytest.raises(ConnectionClosedError, match=r"sent nothing for 0\.5 s"):
+        async with asyncio.timeout(10):
+            for lsn in range(1, 60):
+                await sender.send(random_records(lsn, n=1, size=MIB - 100))
+                sent += 1
+    assert sent < 40, "backpressure never reached the sender"  # the send in drain failed
+    assert asyncio.get_running_loop().time() - started < 5
+    with pytest.raises(ConnectionClosedError, match=r"sent nothing for 0\.5 s"):
+        await sender.recv(1)  # the reader is told the same
+    await asyncio.gather(sender.aclose(), receiver.aclose())
+
+
+async def test_each_message_taken_restarts_the_silence_and_a_frame_not_taken_does_not() -> None:
+    sender, receiver = await connection_pair()
+    await _handshake(sender, receiver, window=MIB)
+    sender.abort_when_silent(1.0)
+    for nonce in range(15):  # 1.5 s in all, a message every 0.1 s
+        await receiver.send(Ping(nonce, 0))
+        assert await sender.recv(5) == Ping(nonce, 0)
+        await asyncio.sleep(0.1)
+    # arrives, but our reader does not take it: no sign of life, or a peer that pings but
+    # reads nothing (stuck) would keep our reader waiting to send it a Pong for ever
+    await receiver.send(Ping(99, 0))
+    await asyncio.sleep(1.5)
+    assert sender.closed
+    with pytest.raises(ConnectionClosedError, match="sent nothing for 1 s"):
+        await sender.recv(1)
+    await asyncio.gather(sender.aclose(), receiver.aclose())
+
+
 class RecordingShaper:
     def __init__(self) -> None:
         self.calls: list[int] = []
