@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -30,6 +32,7 @@ from tests.killcycles import BLOCK, FileWriter, Tally
 from tests.tools import ENV, REPLICATOR, start_receiver
 
 T = TypeVar("T")
+MIB = 1 << 20
 
 
 class ProxyThread:
@@ -193,3 +196,65 @@ def test_a_thousand_network_faults(tmp_path: Path) -> None:
     print(json.dumps(report))
     assert sum(report["faults_fired"].values()) >= 1000 * 3 // 4
     assert report["reconnections"] >= 250
+
+
+# No option sets the sender's silence timeout (120 s), and none is added for a test: the
+# sender runs with the engine's constant lowered
+_SILENT_AFTER_2S = (
+    "import sys; import replicator.engine.link as link; link.REPLY_TIMEOUT = 2.0; "
+    "sys.argv = ['replicator', *sys.argv[1:]]; from replicator.cli.main import main; main()"
+)
+
+
+def test_a_black_hole_mid_sync_is_a_lost_link_after_the_silence_timeout(tmp_path: Path) -> None:
+    """The path starts dropping everything (no reset) while a first sync fills the buffers:
+    the sender stayed "connected", asleep in drain, until TCP gave up retransmitting
+    (about 15 minutes); now the link is lost once the receiver was silent for the
+    timeout, and the sender reconnects and converges once the path is back."""
+    disk, state, log = tmp_path / "disk.img", tmp_path / "state", tmp_path / "sender.log"
+    disk.write_bytes(os.urandom(48 * MIB))
+    receiver = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
+    proxy = ProxyThread(("127.0.0.1", receiver.port))
+    proxy.call(lambda: setattr(proxy.wan, "profile", LinkProfile(delay=0.002, rate=8e6)))
+    sender = subprocess.Popen(
+        [sys.executable, "-c", _SILENT_AFTER_2S, "send", "--to",
+         f"127.0.0.1:{proxy.address[1]}", "--job", JOB, "--state-dir", str(state),
+         "--interval", "1", "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True, env=ENV,
+    )  # fmt: skip
+
+    def lost() -> list[dict[str, Any]]:
+        lines = log.read_text().splitlines()
+        events = [json.loads(line) for line in lines if line[:1] == "{"]
+        return [e for e in events if e["event"] == "sender.link_lost"]
+
+    try:
+        deadline = time.monotonic() + 60
+        while proxy.wan.stats.bytes_up < 8 * MIB:  # the sync is under way, at 8 MB/s
+            assert sender.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        proxy.call(proxy.wan.stall)  # until resume()
+        stalled = time.monotonic()
+        while not lost():
+            assert sender.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() - stalled < 30, "no sender.link_lost"
+            time.sleep(0.05)
+        print(f"sender.link_lost {time.monotonic() - stalled:.1f} s after the stall")
+        assert time.monotonic() - stalled < 10
+        assert "sent nothing for 2 s" in lost()[0]["error"]
+        proxy.call(proxy.wan.resume)
+        replica = receiver.dir / JOB / disk.name
+        deadline = time.monotonic() + 90
+        while not (replica.exists() and replica.read_bytes() == disk.read_bytes()):
+            assert sender.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the replica did not converge"
+            time.sleep(0.2)
+    finally:
+        if sender.poll() is None:
+            sender.send_signal(signal.SIGTERM)
+            try:
+                sender.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _kill(sender)
+        proxy.close()
+        receiver.stop()
