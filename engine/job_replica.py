@@ -552,9 +552,11 @@ class JobReplica:
 
     def note_durable(self, records: list[Record]) -> None:
         """Called once records are durable, in LSN order: barriers become applicable.
-        Records the direct path already applied are passed over."""
-        if records and records[0].lsn <= self.state.applied_lsn:
-            records = [r for r in records if r.lsn > self.state.applied_lsn]
+        Records the direct path already applied, and those ``take_durable`` took from the
+        journal, are passed over."""
+        taken = max(self._noted, self.state.applied_lsn)
+        if records and records[0].lsn <= taken:
+            records = [r for r in records if r.lsn > taken]
         size = 0
         for record in records:
             size += record.encoded_size
@@ -566,12 +568,32 @@ class JobReplica:
         self._tail.extend(records)
         self._wake.set()
 
-    def session_started(self) -> None:
-        """A new session begins: records an earlier one made durable without handing them
-        over (it ended between its append and its sync) exist only in the journal."""
-        if self.journal.durable_lsn > self._noted:
-            self._noted = self.journal.durable_lsn
-            self._tail.reset(self.journal.durable_lsn)
+    async def take_durable(self) -> None:
+        """Take over the durable records no session handed over (``note_durable``): a
+        session ended between its append and its sync, or while its sync ran, and its end
+        or the next session's start made them durable. Their barriers become applicable
+        and the applier is woken, as for records handed over, so the running receiver's
+        last barrier (what it applies, what status and a failover through it see) is the
+        one a job opened from the same files finds. They exist only in the journal: the
+        applier reads them from there, and memory starts again after them."""
+        if self.journal.durable_lsn <= self._noted:
+            return  # all handed over: the usual case, which waits for no apply round
+        async with self._apply_lock:  # no apply round trims the journal under the reading
+            upto = self.journal.durable_lsn
+            start = max(self._noted + 1, self.state.applied_lsn + 1, self.journal.first_lsn)
+            size = 0
+            if start <= upto:
+                async with contextlib.aclosing(self.journal.read_from(start)) as stored:
+                    async for record in stored:
+                        if record.lsn > upto:
+                            break
+                        size += record.encoded_size
+                        if record.is_barrier:
+                            self.last_barrier = max(self.last_barrier, record.lsn)
+            self._noted = upto
+            self._eager_bytes += size
+            self._tail.reset(upto)
+        self._wake.set()
 
     async def _records_upto(self, target: int) -> AsyncIterator[Record]:
         """Durable records after the applied LSN up to ``target``, from memory where it
@@ -1105,6 +1127,10 @@ class JobReplica:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if not self.broken:
+            with contextlib.suppress(Exception):
+                # what a session left appended counts, as when the job is opened again
+                await self.journal.sync()
+                await self.take_durable()
             with contextlib.suppress(Exception):
                 await self.apply_pending()
         self._reset_applier()

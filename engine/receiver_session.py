@@ -2,7 +2,9 @@
 
 A session appends each Records frame to its job's receive journal; a sync task makes
 appended records durable, then acknowledges them as *received* and grants the sender the
-same credit again; an acker acknowledges the applied LSN when the job's applier moves it.
+same credit again (what it has not when the session ends, the end makes durable and hands
+to the job, unacknowledged); an acker acknowledges the applied LSN when the job's applier
+moves it.
 It also answers manifest and tree requests: after applying everything received; in a
 verify session, after applying up to the last barrier, with the records after it worked
 out, not applied (engine/unapplied.py), so the replica keeps its consistency point.
@@ -114,9 +116,10 @@ class Session:
     async def run(self) -> None:
         replica = self.replica
         # records a previous session appended but did not sync yet are valid (checksummed):
-        # make them durable so the resume point we announce covers them
+        # make them durable so the resume point we announce covers them, and let the job
+        # take them over (its end does both, unless it failed: _hand_over_the_rest)
         await replica.make_durable()
-        replica.session_started()
+        await replica.take_durable()
         welcomed = replica.applied_lsn
         self.core = ReceiverCore(welcomed)
         await self.conn.send(
@@ -159,6 +162,22 @@ class Session:
                 self._handover.set_exception(
                     ConnectionClosedError("the sender's session ended before its final point")
                 )
+            await self._hand_over_the_rest()
+
+    async def _hand_over_the_rest(self) -> None:
+        """The session ends: what it appended and did not hand over (its sync had not run,
+        or the end cut it short) is made durable and taken over by the job before the job
+        is free for anyone else, so the epochs it completes are applied now, and a failover
+        through this receiver promotes the point a job opened from the same files would.
+        Not acknowledged: the sender hears of it from the next Welcome."""
+        replica = self.replica
+        if replica.broken:  # reopened, and recovered from its files, by the next session
+            return
+        try:
+            await replica.make_durable()
+            await replica.take_durable()
+        except (JournalError, OSError, ApplyError, ReplicaDiverged) as exc:
+            log.warning("receiver.session_end_sync", job=replica.job, error=str(exc))
 
     async def request_handover(self) -> int:
         """Planned failover: ask the sender to stop capture and ship everything; the LSN

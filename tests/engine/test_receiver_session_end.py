@@ -1,0 +1,152 @@
+"""Records a session appended and never handed over (it ended between its append and its
+sync) count like any other once durable: the running receiver applies the epochs they
+complete, its status says so, and a failover through it promotes the point that the same
+folder at rest gives. Before, their barriers were known only to a job opened afresh: the
+running applier waited for the next barrier a sender shipped, and `failover --force`
+through the running receiver promoted an older point than the one found at rest."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.failover import failover_at_rest
+from replicator.engine.receiver import JobReplica, Receiver, ReceiverConfig
+from replicator.engine.receiver_session import Session
+from replicator.journal import Record
+from replicator.journal.records import encode_record
+from replicator.transport import (
+    PROTOCOL_VERSION,
+    FramedConnection,
+    Hello,
+    Records,
+    Welcome,
+    connection_pair,
+)
+
+BLOCK = 4096
+FIRST = 3  # epoch one: lsn 1-3, applied and acknowledged
+SECOND = 6  # epoch two: lsn 4-6, appended by a session cut before it handed them over
+
+
+def _config(tmp_path: Path) -> ReceiverConfig:
+    return ReceiverConfig(replica_root=tmp_path / "replicas", state_root=tmp_path / "state")
+
+
+def _epoch(first_lsn: int, fill: int) -> Records:
+    """Two blocks of ``fill`` and an EPOCH, as one Records frame."""
+    records = [
+        Record.write("d", i * BLOCK, bytes([fill]) * BLOCK).with_lsn(first_lsn + i, 1)
+        for i in range(2)
+    ]
+    records.append(Record.epoch(fill).with_lsn(first_lsn + 2, 1))
+    payload = b"".join(encode_record(r) for r in records)
+    return Records(first_lsn, first_lsn + 2, len(records), 1, payload)
+
+
+@contextlib.asynccontextmanager
+async def _session(
+    receiver: Receiver, generation: int
+) -> AsyncIterator[tuple[FramedConnection, Welcome, asyncio.Task[None]]]:
+    """A session of job ``job`` past its Welcome: (the sender's end, the Welcome, the
+    session's task); on exit the sender's end is cut and the session has ended."""
+    sender, server = await connection_pair()
+    serving = asyncio.create_task(receiver.handle(server))
+    try:
+        await sender.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), generation, "s"))
+        welcome = await sender.recv(timeout=10)
+        assert isinstance(welcome, Welcome), welcome
+        yield sender, welcome, serving
+    finally:
+        sender.abort()
+        await serving
+
+
+async def _applied(replica: JobReplica, lsn: int, timeout: float = 5) -> int:
+    """The applied LSN once it reaches ``lsn``, or where it stands after ``timeout``."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout), replica.applied_changed:
+            await replica.applied_changed.wait_for(lambda: replica.applied_lsn >= lsn)
+    return replica.applied_lsn
+
+
+async def _cut(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, *, during_sync: bool
+) -> tuple[JobReplica, int]:
+    """Session one: epoch one applied, then epoch two appended to the receive journal and
+    the session cut before its sync task ran, or (``during_sync``) once that task had
+    made them durable but before it handed them over. Returns the job and its
+    generation."""
+    async with _session(receiver, 0) as (sender, welcome, _):
+        replica = await receiver.job("job")
+        await sender.send(_epoch(1, 1))
+        assert await _applied(replica, FIRST) == FIRST
+        taken = asyncio.Event()  # the frame is in the journal (durable: ``during_sync``)
+        with monkeypatch.context() as patched:
+            if during_sync:
+                make_durable = JobReplica.make_durable
+
+                async def durable_then_cut(self: JobReplica) -> None:
+                    await make_durable(self)
+                    taken.set()
+                    await asyncio.Event().wait()  # the session ends here
+
+                patched.setattr(JobReplica, "make_durable", durable_then_cut)
+            else:
+                patched.setattr(Session, "_wake_syncer", lambda self: taken.set())
+            await sender.send(_epoch(FIRST + 1, 2))
+            async with asyncio.timeout(5):
+                await taken.wait()
+        assert replica.journal.last_lsn == SECOND
+        # never acknowledged as received: that needs the hand-over the cut prevents
+        assert replica.received_lsn == (SECOND if during_sync else FIRST)
+    return replica, max(welcome.generation, 1)
+
+
+async def _running_view(receiver: Receiver, replica: JobReplica) -> None:
+    """The applier, the status and a failover through the running receiver all take
+    epoch two."""
+    assert await _applied(replica, SECOND) == SECOND
+    status = await replica.status.snapshot()
+    assert status["consistency_point"]["lsn"] == SECOND, status
+    assert status["consistency_point"]["consistent"], status
+    promotion, _ = await receiver.failover("job")
+    assert promotion.point_lsn == SECOND and promotion.consistent
+
+
+@pytest.mark.parametrize("during_sync", [False, True], ids=["before sync", "during sync"])
+@pytest.mark.parametrize("next_session", [False, True], ids=["alone", "next session"])
+@pytest.mark.parametrize("where", ["running", "at rest"])
+async def test_a_session_cut_before_it_handed_records_over_loses_no_point(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    during_sync: bool,
+    next_session: bool,
+    where: str,
+) -> None:
+    """Alone: no session follows (a sender that never comes back); next session: the
+    sender's next session makes them durable before its Welcome. At rest is the
+    reference: the same folder, the receiver stopped, failed over from its files."""
+    config = _config(tmp_path)
+    receiver = Receiver(config)
+    try:
+        replica, generation = await _cut(receiver, monkeypatch, during_sync=during_sync)
+        if next_session:
+            async with _session(receiver, generation) as (_, welcome, _):
+                # the sender resends from here: nothing it sent is appended twice
+                assert welcome.received_lsn == SECOND
+                if where == "running":  # while the next session is connected
+                    await _running_view(receiver, replica)
+        elif where == "running":
+            await _running_view(receiver, replica)
+    finally:
+        await receiver.aclose()
+    if where == "at rest":
+        result = await failover_at_rest(config, "job")
+        assert result.point_lsn == SECOND and result.consistent
+    replica_file = (tmp_path / "replicas" / "job" / "d").read_bytes()
+    assert replica_file == bytes([2]) * 2 * BLOCK
