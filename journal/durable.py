@@ -21,14 +21,17 @@ import errno
 import os
 import secrets
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import blake3
 import msgpack
 
 from replicator.journal.errors import ExitCode, ReplicatorError
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 STATE_MAGIC = b"RPST"
 STATE_VERSION = 1
@@ -182,9 +185,31 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return decode_state(raw, source=str(path))
 
 
+async def settled(fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """``fn(*args, **kwargs)`` in a worker thread that never outlives its caller.
+
+    Cancelling a task that awaits ``asyncio.to_thread`` does not stop the thread: a state
+    write would go on after the caller is gone, while a close, a retry or the next
+    request writes the same file (through the same temporary name: a rename failed with
+    ENOENT, or the older state landed last). Here a cancelled caller still waits for the
+    thread to end (cancelled again meanwhile, it waits on), then the cancellation goes
+    on. For writes, which end in an fsync: never for a call that may block for good."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller raises
+        raise
+
+
 async def write_state_async(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
-    """``write_state`` in a worker thread, so the event loop never waits on fsync."""
-    await asyncio.to_thread(write_state, path, state)
+    """``write_state`` in a worker thread, so the event loop never waits on fsync; settled
+    (see ``settled``): a cancelled caller's write has ended when the cancellation goes on."""
+    await settled(write_state, path, state)
 
 
 async def fdatasync_async(fd: int) -> None:

@@ -8,12 +8,14 @@ import errno
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import structlog
 
 from replicator.engine import peer_applied
 from replicator.engine.at_rest import sender_at_rest
+from replicator.engine.link import Link
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.peer_applied import (
     APPLIED_FILE,
@@ -21,9 +23,10 @@ from replicator.engine.peer_applied import (
     load_peer_applied,
     save_peer_applied,
 )
-from replicator.journal import Journal
+from replicator.engine.sender import Sender, SenderConfig
+from replicator.journal import Journal, durable
 from replicator.journal.records import EncodedRecord
-from tests.journal.helpers import filled
+from tests.journal.helpers import FirstWriteHeld, filled
 
 
 async def _state(tmp_path: Path, count: int = 10) -> tuple[Path, list[tuple[int, int, int]]]:
@@ -155,3 +158,37 @@ async def test_records_received_but_unapplied_and_trimmed_here_make_no_bound(
     await save_peer_applied(state, PeerApplied(first - 1, time.time_ns()))
     job = sender_at_rest(state)["jobs"][0]
     assert job["lag"]["not_known"] is None and job["lag"]["at_most"] is not None
+
+
+class _ClosedLink:
+    """What ``Sender.close_link`` uses of a link: a close, and what it heard applied."""
+
+    def __init__(self, applied_lsn: int) -> None:
+        self.applied_lsn = applied_lsn
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_close_cancelled_in_its_write_is_not_undone_by_the_close_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_forever`` closes a failed session's link (``session_failed``) and closes it
+    again in a ``finally``: cancelled (a second SIGTERM) during the first close's write of
+    peer_applied.state, the second close writes it again. The first write must have ended
+    by then, or it lands last, its older time with it."""
+    sender = Sender(SenderConfig("127.0.0.1", 1, "job", [], tmp_path))
+    link = cast(Link, _ClosedLink(7))
+    held = FirstWriteHeld(durable.write_state)
+    monkeypatch.setattr(durable, "write_state", held)
+    first = asyncio.create_task(sender.close_link(link))
+    await held.wait_started()
+    older = load_peer_applied(tmp_path)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await sender.close_link(link)  # the finally's close: not noted yet, so written again
+    newer = load_peer_applied(tmp_path)
+    await asyncio.get_running_loop().shutdown_default_executor()
+    assert older is None and newer is not None and newer.lsn == 7
+    assert load_peer_applied(tmp_path) == newer

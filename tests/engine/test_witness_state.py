@@ -4,6 +4,7 @@ across restarts; a source renewing is never overtaken; a promoted source is told
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from hypothesis import strategies as st
 
 from replicator.engine.witness_server import WitnessServer
 from replicator.engine.witness_state import STATE_FILE, WitnessBook, fence_wait
+from replicator.journal import durable
 from replicator.journal.durable import StateFileError, read_state
+from tests.journal.helpers import FirstWriteHeld
 
 JOBS = ("vm1", "vm2")
 WHO = ("target-a", "target-b", "target-c")
@@ -290,3 +293,29 @@ async def test_server_keeps_a_declared_fence_durably(tmp_path: Path) -> None:
     assert refused["granted"] is False and "fenced itself" in str(refused["reason"])
     server.book.leases["vm1"] = (1, server.book.leases["vm1"][1] - 0.5)  # 1.7 s > 0.6 + 1
     assert (await server.answer(promote, None))["granted"] is True
+
+
+async def test_a_request_timed_out_in_its_write_cannot_undo_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``handle`` gives up on a request after REQUEST_TIMEOUT, also during its write of
+    witness.state; the lock is then free and the next request writes the file. The timed
+    out write must have ended by then: landing after it, it would take back a grant (a
+    restarted witness could grant that generation again: two primaries)."""
+    server = WitnessServer(tmp_path)
+    server.book.started -= 10  # the witness has run for 10 s without a renewal
+    held = FirstWriteHeld(durable.write_state)
+    monkeypatch.setattr(durable, "write_state", held)
+    renew = {"op": "renew", "job": "vm1", "generation": 1, "who": "s", "fence_after": 0.6}
+    timed_out = asyncio.create_task(server.answer(renew, None))
+    await held.wait_started()
+    timed_out.cancel()  # what asyncio.timeout(REQUEST_TIMEOUT) does
+    with pytest.raises(asyncio.CancelledError):
+        await timed_out
+    promote = {"op": "promote", "job": "vm2", "generation": 3, "after": 2.0, "who": "t"}
+    assert await server.answer(promote, None) == {"granted": True, "generation": 4}
+    await asyncio.get_running_loop().shutdown_default_executor()
+    assert read_state(tmp_path / STATE_FILE) == {
+        "grants": {"vm2": [[3, "t"]]},
+        "fences": {"vm1": 0.6},
+    }

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, ParamSpec
 
 import blake3
 
 from replicator.journal import Journal, Record
 from replicator.journal.segment import SEGMENT_SUFFIX, SPARE_SUFFIX
+
+_P = ParamSpec("_P")
 
 
 def payload(lsn: int, size: int | None = None) -> bytes:
@@ -58,3 +64,33 @@ async def filled(path: Path, count: int, *, segment_bytes: int = 1024) -> Journa
         assert await journal.append(write_for(lsn, 100)) == lsn
     await journal.sync()
     return journal
+
+
+class FirstWriteHeld(Generic[_P]):
+    """A blocking write whose first call, in its worker thread, waits until a later call
+    has written (or ``hold`` seconds have passed) before it writes: without settling, a
+    cancelled caller's write lands after the newer one. Made in a coroutine."""
+
+    def __init__(self, write: Callable[_P, None], hold: float = 0.5) -> None:
+        self._write = write
+        self._hold = hold
+        self._calls = 0
+        self._count = threading.Lock()
+        self._loop = asyncio.get_running_loop()  # made in a test's coroutine
+        self._started = asyncio.Event()
+        self._later_written = threading.Event()
+
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        with self._count:
+            self._calls += 1
+            first = self._calls == 1
+        if first:
+            self._loop.call_soon_threadsafe(self._started.set)
+            self._later_written.wait(self._hold)
+            self._write(*args, **kwargs)
+        else:
+            self._write(*args, **kwargs)
+            self._later_written.set()
+
+    async def wait_started(self) -> None:
+        await self._started.wait()
