@@ -277,7 +277,13 @@ def _state(job: dict[str, Any]) -> str:
         return f"{text}: {job['role_change'].get('note')}; next: {job['role_change'].get('next')}"
     if job.get("source") == "files" and job.get("state") != "not_running":
         text += " (no sender since the receiver started; from files)"
-    if job.get("recovery_pending"):
+    pending = (job.get("consistency_point") or {}).get("pending_lsn")
+    if pending:
+        text += (
+            f" (apply pending up to LSN {pending}, durable here: the receiver applies it when "
+            "it starts, and so does a failover)"
+        )
+    elif job.get("recovery_pending"):
         text += " (apply pending)"
     alone = job.get("served_alone")
     if isinstance(alone, dict) and job.get("source") == "files":

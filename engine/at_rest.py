@@ -200,7 +200,8 @@ def receiver_jobs_at_rest(
         diverged = dict(files.diverged)
         if replica_root is not None:
             diverged.update(changed_behind(replica_root / job, files))
-        report = _journal(folder / "journal")
+        # every barrier past the applied LSN is read: the job's opening applies up to it
+        report = _journal(folder / "journal", verify_after=saved.applied_lsn if saved else 0)
         last = report.last_lsn if report is not None and report.last_lsn is not None else 0
         point = replica_state.recovered(  # as JobReplica.open will take it
             folder,
@@ -213,8 +214,11 @@ def receiver_jobs_at_rest(
         received = max(applied, last)
         finished = point.consistent and not point.applying
         consistent = finished and not diverged  # a file changed behind it holds no point
-        age = (now - point.point_ts_ns / 1e9) if point.point_ts_ns else None
         promotion = load_promotion(folder)  # failover: the replica is the primary copy now
+        # a complete epoch durable past the applied point (the receiver stopped before it
+        # applied it): its start, or a failover at rest, applies up to it first
+        pending = _pending_barrier(report, applied) if promotion is None and not diverged else 0
+        age = (now - point.point_ts_ns / 1e9) if point.point_ts_ns else None
         # promoted.state is written before applied.state's generation (a crash between
         # them is finished when the job is opened): the promotion's is the one that counts
         generation = max(point.generation, promotion.generation if promotion else 0)
@@ -238,10 +242,11 @@ def receiver_jobs_at_rest(
                     "consistent": consistent,
                     "floor_lsn": point.floor_ahead,
                     "unknown": point.unknown or None,
+                    "pending_lsn": pending or None,
                 },
                 "diverged": diverged,
-                # an apply was cut short: the receiver finishes it when it starts
-                "recovery_pending": not finished,
+                # an apply was cut short, or one is due: the receiver does it when it starts
+                "recovery_pending": not finished or bool(pending),
                 "state_file": "ok" if saved is not None else ("damaged" if has_state else None),
                 "journal": {
                     "bytes": report.total_bytes if report is not None else 0,
@@ -275,13 +280,22 @@ def changed_behind(replica_dir: Path, files: ReplicaFiles) -> dict[str, str]:
     return files.changed(lstat)
 
 
-def _journal(path: Path) -> JournalReport | None:
+def _journal(path: Path, verify_after: int | None = None) -> JournalReport | None:
     if not path.is_dir():
         return None
     try:
-        return scan_journal(path, verify_sealed=False)
+        return scan_journal(path, verify_sealed=False, verify_after=verify_after)
     except OSError:
         return None
+
+
+def _pending_barrier(report: JournalReport | None, applied: int) -> int:
+    """The last barrier a receiver's journal holds past ``applied`` (0: none, or a damaged
+    journal, which the job's opening reports instead of applying)."""
+    if report is None or (report.problem is not None and report.problem.fatal):
+        return 0
+    barrier = report.last_barrier
+    return barrier if barrier > applied else 0
 
 
 def _manifests(path: Path) -> tuple[ManifestSet | None, str | None]:

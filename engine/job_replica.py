@@ -25,10 +25,10 @@ import functools
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
@@ -66,11 +66,11 @@ from replicator.journal import (
     RecordType,
 )
 from replicator.journal.durable import makedirs_durable, sync_dir
+from replicator.journal.durable import settled as _settled  # writes a cancellation waits for
 from replicator.journal.locking import held_elsewhere
 from replicator.journal.records import NAMESPACE_TYPES
 
 log = structlog.get_logger()
-_T = TypeVar("_T")
 
 APPLY_BATCH_BYTES = 8 * 1024 * 1024
 MANIFEST_CHUNK = 64 * 1024  # digests per Manifest message (1 MiB)
@@ -682,7 +682,7 @@ class JobReplica:
                 self.files.mark_diverged(exc.path, exc.why)
                 self._let_go(exc.path)
                 with contextlib.suppress(OSError):  # also refused at the next session start
-                    await asyncio.to_thread(self.files.save, self.state_dir)
+                    await _settled(self.files.save, self.state_dir)
                 raise
             except BaseException:
                 self._after_failed_apply()
@@ -739,7 +739,7 @@ class JobReplica:
                     await _settled(apply, batch)
                     batch, size = [], 0
                 await _settled(applier.barrier)
-                await asyncio.to_thread(self.files.save, self.state_dir)
+                await _settled(self.files.save, self.state_dir)
                 await self._save_state(self.state.replace(applied_lsn=last))
                 saved = last
             last = record.lsn
@@ -757,7 +757,7 @@ class JobReplica:
                 f"records up to lsn {target} should be durable here, but they end at {last}"
             )
         await _settled(applier.barrier)
-        await asyncio.to_thread(self.files.save, self.state_dir)
+        await _settled(self.files.save, self.state_dir)
         return last, point
 
     @property
@@ -826,7 +826,7 @@ class JobReplica:
             # a file changed on this target outside replication holds no point's content,
             # whatever the state says (found now, or by a session that was refused for it)
             await self._check_stamps()
-            await asyncio.to_thread(self.files.save, self.state_dir)
+            await _settled(self.files.save, self.state_dir)
             state = self.state  # after the check: it may commit a first sync's writes
             inconsistent = not state.consistent or state.applying or bool(self.files.diverged)
             why = _why_not_a_point(state, self.files.diverged)
@@ -853,7 +853,7 @@ class JobReplica:
             promotion = new_promotion(
                 state.generation, state.point_lsn, state.point_ts_ns, consistent=not inconsistent
             )
-            await asyncio.to_thread(save_promotion, self.state_dir, promotion)
+            await _settled(save_promotion, self.state_dir, promotion)
             # promoted from here, whatever fails next: what this process does must match
             # what a restarted one would find on disk
             self.promotion = promotion
@@ -871,7 +871,7 @@ class JobReplica:
     async def demote(self) -> None:
         """The replica follows replication again (``replicator demote``)."""
         async with self._apply_lock:
-            await asyncio.to_thread(clear_promotion, self.state_dir)
+            await _settled(clear_promotion, self.state_dir)
             self.promotion = None
         log.warning("receiver.demoted", job=self.job, generation=self.state.generation)
 
@@ -893,7 +893,7 @@ class JobReplica:
                     f"hand-back at lsn {lsn} is not above lsn {self.received_lsn} received here"
                 )
             self.files.forget_all()
-            await asyncio.to_thread(self.files.save, self.state_dir)
+            await _settled(self.files.save, self.state_dir)
             await self._save_state(
                 self.state.replace(
                     applied_lsn=lsn,
@@ -903,7 +903,7 @@ class JobReplica:
                     applying=False,
                 )
             )
-            await asyncio.to_thread(clear_promotion, self.state_dir)
+            await _settled(clear_promotion, self.state_dir)
             self.promotion = None
             self.last_barrier = self._noted = lsn
             self._tail.reset(lsn)  # nothing durable lies above the applied LSN
@@ -1009,7 +1009,10 @@ class JobReplica:
             os.close(fd)
 
     async def _save_state(self, state: ReplicaState) -> None:
-        await asyncio.to_thread(replica_state.save, self.state_dir, self.job, state)
+        # settled: a cancelled apply round (a close) must not leave its write running while
+        # the next one writes the same file (both through one temporary name: the second
+        # rename failed, ENOENT, or the older state could land last)
+        await _settled(replica_state.save, self.state_dir, self.job, state)
         self.state = state
 
     def _get_applier(self) -> Applier:
@@ -1033,7 +1036,7 @@ class JobReplica:
                 self.files.forget_all()
             else:
                 await self._check_stamps()
-            await asyncio.to_thread(self.files.save, self.state_dir)
+            await _settled(self.files.save, self.state_dir)
             found = [f"{path!r} {why}" for path, why in sorted(self.files.diverged.items())]
             if self.state.unknown and not adopt:
                 found.insert(0, f"the replica is not known: {self.state.unknown}")
@@ -1057,7 +1060,7 @@ class JobReplica:
         """The sender is about to compare with replica file ``path`` as it is now."""
         async with self._apply_lock:
             await asyncio.to_thread(self._get_applier().adopt, path)
-            await asyncio.to_thread(self.files.save, self.state_dir)
+            await _settled(self.files.save, self.state_dir)
 
     def _reset_applier(self) -> None:
         """After a failed write or fsync nothing about the open files can be trusted (the
@@ -1151,19 +1154,6 @@ class _DirectCommit:
     size: int
     pending: PendingSync
     failures: int
-
-
-async def _settled(fn: Callable[..., _T], *args: Any) -> _T:
-    """``fn(*args)`` in a worker thread that is never left running behind the caller: when
-    the caller is cancelled it still waits for the thread (which holds replica files and
-    the applier) before the cancellation goes on."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await asyncio.wait([task])
-        raise
 
 
 def _why_not_a_point(state: ReplicaState, diverged: dict[str, str]) -> str:

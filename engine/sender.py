@@ -73,6 +73,7 @@ from replicator.engine.tree import Tree
 from replicator.engine.units import human_size
 from replicator.engine.volumes import VolumeGone, VolumeKind
 from replicator.journal import Journal, JournalFull, Record, RecordType
+from replicator.journal.durable import settled
 
 if TYPE_CHECKING:
     from replicator.engine.witness_fence import SourceFence
@@ -419,7 +420,10 @@ class Sender:
             if direct and records[-1].type is not RecordType.EPOCH:
                 first = link.direct_first(self._lsn_floor)
                 if notes is not None:  # durably, before any of them can reach the receiver
-                    await asyncio.to_thread(notes.add, first, records)
+                    # settled: a cancelled cycle closes ``notes`` only once the thread that
+                    # writes through its descriptor is done (a number reused meanwhile
+                    # would have taken the note)
+                    await settled(notes.add, first, records)
                 last = await self._unless_stopped(link.ship_direct(records, self._lsn_floor))
                 if last != first + len(records) - 1:
                     raise RuntimeError(f"records noted from lsn {first} were shipped up to {last}")

@@ -51,6 +51,7 @@ class SegmentInfo:
     records_end: int = HEADER_BYTES  # offset just after the last good record
     by_type: Counter[str] = field(default_factory=Counter)
     by_version: Counter[int] = field(default_factory=Counter)  # record format versions
+    last_barrier: int = 0  # the last FLUSH or EPOCH record's LSN, when ``verified`` (0: none)
 
     @property
     def next_lsn(self) -> int:
@@ -126,6 +127,11 @@ class JournalReport:
         return sum((s.by_version for s in self.segments), Counter())
 
     @property
+    def last_barrier(self) -> int:
+        """The last barrier's LSN among the segments read record by record (0: none)."""
+        return max((s.last_barrier for s in self.segments if s.verified), default=0)
+
+    @property
     def trim_floor(self) -> int:
         """Records below this LSN were trimmed (or never existed)."""
         return self.segments[0].base_lsn if self.segments else 1
@@ -186,11 +192,14 @@ def _segment_files(path: Path) -> tuple[list[tuple[int, str]], list[str], list[s
     return found, sorted(spares), sorted(ignored)
 
 
-def scan_journal(path: str | os.PathLike[str], *, verify_sealed: bool = True) -> JournalReport:
+def scan_journal(
+    path: str | os.PathLike[str], *, verify_sealed: bool = True, verify_after: int | None = None
+) -> JournalReport:
     """Walk the journal at ``path`` and report segments and the first problem; read-only.
 
-    With ``verify_sealed`` False only the header and seal of sealed segments are read.
-    The last segment is always scanned record by record.
+    With ``verify_sealed`` False only the header and seal of sealed segments are read,
+    except those holding records after LSN ``verify_after`` (so ``last_barrier`` knows
+    every barrier after it). The last segment is always scanned record by record.
     """
     report = JournalReport(Path(path))
     files, report.spares, report.ignored = _segment_files(report.path)
@@ -228,7 +237,7 @@ def scan_journal(path: str | os.PathLike[str], *, verify_sealed: bool = True) ->
             if last:
                 _scan_last(fd, info, problem)
             else:
-                _check_sealed(fd, info, verify_sealed, problem)
+                _check_sealed(fd, info, verify_sealed, problem, verify_after)
             expect_base = info.next_lsn
         finally:
             os.close(fd)
@@ -239,6 +248,7 @@ def _scan_last(fd: int, info: SegmentInfo, problem: Any) -> None:
     scan = scan_segment(fd, info.size, info.base_lsn, allow_seal=True)
     info.count, info.first_lsn, info.last_lsn = scan.count, scan.first_lsn, scan.last_lsn
     info.records_end, info.by_type, info.by_version = scan.end, scan.by_type, scan.by_version
+    info.last_barrier = scan.last_barrier
     info.sealed = scan.seal is not None
     info.verified = True
     if scan.problem is not None and scan.problem_offset is not None:
@@ -256,7 +266,9 @@ def _scan_last(fd: int, info: SegmentInfo, problem: Any) -> None:
             problem(info, scan.problem_offset, reason, True)
 
 
-def _check_sealed(fd: int, info: SegmentInfo, verify: bool, problem: Any) -> None:
+def _check_sealed(
+    fd: int, info: SegmentInfo, verify: bool, problem: Any, verify_after: int | None = None
+) -> None:
     info.sealed = True
     if info.size < HEADER_BYTES + SEAL_BYTES:
         problem(info, info.size, "sealed segment is too short to hold its seal", True)
@@ -273,10 +285,11 @@ def _check_sealed(fd: int, info: SegmentInfo, verify: bool, problem: Any) -> Non
         problem(info, seal_at, f"seal says {seal.records_bytes} record bytes", True)
     elif seal.next_lsn != info.next_lsn or (seal.count and seal.first_lsn < info.base_lsn):
         problem(info, seal_at, f"seal LSNs {seal} do not fit base {info.base_lsn}", True)
-    if not verify:
+    if not verify and (verify_after is None or not info.count or info.last_lsn <= verify_after):
         return
     scan = scan_segment(fd, seal_at, info.base_lsn, allow_seal=False)
     info.by_type, info.by_version = scan.by_type, scan.by_version
+    info.last_barrier = scan.last_barrier
     info.verified = True
     if scan.problem is not None and scan.problem_offset is not None:
         problem(info, scan.problem_offset, scan.problem, True)

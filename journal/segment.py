@@ -288,6 +288,7 @@ class ScanResult:
     by_type: Counter[str] = field(default_factory=Counter)
     by_version: Counter[int] = field(default_factory=Counter)  # record format versions
     seal: Seal | None = None  # a valid seal found right after the records
+    last_barrier: int = 0  # the LSN of the last FLUSH or EPOCH record (0: none)
     problem_offset: int | None = None
     problem: str | None = None
 
@@ -353,6 +354,8 @@ def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) 
         result.last_lsn = prev = record.lsn
         result.by_type[record.type.name] += 1
         result.by_version[view[VERSION_AT]] += 1
+        if record.is_barrier:
+            result.last_barrier = record.lsn
         pos += total
         result.end = pos
     return result

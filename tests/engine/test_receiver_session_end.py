@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from replicator.cli.status_cmd import _state
+from replicator.engine.at_rest import receiver_jobs_at_rest
 from replicator.engine.failover import failover_at_rest
 from replicator.engine.receiver import JobReplica, Receiver, ReceiverConfig
 from replicator.engine.receiver_session import Session
@@ -150,3 +153,84 @@ async def test_a_session_cut_before_it_handed_records_over_loses_no_point(
         assert result.point_lsn == SECOND and result.consistent
     replica_file = (tmp_path / "replicas" / "job" / "d").read_bytes()
     assert replica_file == bytes([2]) * 2 * BLOCK
+
+
+async def test_status_at_rest_names_an_epoch_durable_past_the_applied_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files a receiver killed right after it made epoch two durable leaves: `status`
+    at rest said point 3 and nothing pending, while its start (and a failover at rest)
+    applies up to 6; it names 6 as pending now."""
+    config = _config(tmp_path)
+    receiver = Receiver(config)
+    try:
+        async with _session(receiver, 0) as (sender, _, _):
+            replica = await receiver.job("job")
+            await sender.send(_epoch(1, 1))
+            assert await _applied(replica, FIRST) == FIRST
+            durable = asyncio.Event()
+            make_durable = JobReplica.make_durable
+
+            async def durable_then_stuck(self: JobReplica) -> None:
+                await make_durable(self)
+                durable.set()
+                await asyncio.Event().wait()  # killed here, as far as the files tell
+
+            with monkeypatch.context() as patched:
+                patched.setattr(JobReplica, "make_durable", durable_then_stuck)
+                await sender.send(_epoch(FIRST + 1, 2))
+                async with asyncio.timeout(5):
+                    await durable.wait()
+                (job,) = receiver_jobs_at_rest(config.state_root)
+    finally:
+        await receiver.aclose()
+    point = job["consistency_point"]
+    assert (point["lsn"], point["pending_lsn"], job["recovery_pending"]) == (FIRST, SECOND, True)
+    assert f"apply pending up to LSN {SECOND}" in _state(job)
+    # applied since (the receiver's close): nothing pending any more
+    (after,) = receiver_jobs_at_rest(config.state_root)
+    assert after["consistency_point"]["lsn"] == SECOND
+    assert after["consistency_point"]["pending_lsn"] is None and not after["recovery_pending"]
+
+
+async def test_a_close_during_an_apply_rounds_state_write_leaves_one_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver closes while its applier's thread writes ``applied.state``: the
+    cancelled round's write was left running while the close's own apply wrote the same
+    file through the same temporary name: the older state landed last here (applied 3,
+    an apply under way), or, the two at once, the second rename failed (ENOENT,
+    swallowed: the epoch was left unapplied). Now the close waits for that write."""
+    import threading
+
+    from replicator.engine import replica_state
+
+    config = _config(tmp_path)
+    receiver = Receiver(config)
+    real_save = replica_state.save
+    writing = threading.Event()
+
+    def slow_save(*args: object, **kwargs: object) -> None:
+        if not writing.is_set():  # the round's first write only: the close's are quick
+            writing.set()
+            time.sleep(0.3)  # the close comes meanwhile
+        real_save(*args, **kwargs)  # type: ignore[arg-type]
+
+    try:
+        async with _session(receiver, 0) as (sender, _, _):
+            replica = await receiver.job("job")
+            await sender.send(_epoch(1, 1))
+            assert await _applied(replica, FIRST) == FIRST
+            monkeypatch.setattr(replica_state, "save", slow_save)
+            await sender.send(_epoch(FIRST + 1, 2))
+            async with asyncio.timeout(5):
+                await asyncio.to_thread(writing.wait)
+            await replica.aclose()  # while the round's first state write runs
+    finally:
+        monkeypatch.setattr(replica_state, "save", real_save)
+        await receiver.aclose()
+    # every write a thread still runs lands (as a process's exit waits for them)
+    await asyncio.get_running_loop().shutdown_default_executor()
+    (job,) = receiver_jobs_at_rest(config.state_root)
+    assert job["consistency_point"]["lsn"] == SECOND, job
+    assert not job["recovery_pending"], job

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator.journal import Journal
+from replicator.journal import Journal, Record
 from replicator.journal import durable as durable_mod
 from replicator.journal.inspect import scan_journal
 from replicator.journal.recovery import write_all as _write_all
@@ -228,3 +228,25 @@ def test_makedirs_durable_refuses_a_file_in_the_way(tmp_path: Path) -> None:
     durable_mod.makedirs_durable(tmp_path / "a" / "b")  # the normal case still works
     durable_mod.makedirs_durable(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir()
+
+
+async def test_the_last_barrier_is_known_past_a_given_lsn_in_sealed_segments(
+    tmp_path: Path,
+) -> None:
+    """``scan_journal(verify_sealed=False, verify_after=N)`` reads record by record the
+    sealed segments holding records after N, so ``last_barrier`` knows every barrier after
+    it (a receiver's status at rest: the epoch its start would apply)."""
+    async with await Journal.open(tmp_path, segment_bytes=512) as j:
+        for lsn in range(1, 41):
+            record = Record.epoch(lsn) if lsn in (5, 22) else write_for(lsn, 100)
+            await j.append(record)
+        await j.sync()
+    sealed = [s for s in scan_journal(tmp_path, verify_sealed=False).segments if s.sealed]
+    holding = next(s for s in sealed if s.first_lsn <= 22 <= s.last_lsn)
+    assert holding is not scan_journal(tmp_path).segments[-1]  # 22 is in a sealed one
+    assert scan_journal(tmp_path, verify_sealed=False).last_barrier < 22  # not read
+    assert scan_journal(tmp_path, verify_sealed=False, verify_after=21).last_barrier == 22
+    assert scan_journal(tmp_path).last_barrier == 22
+    quick = scan_journal(tmp_path, verify_sealed=False, verify_after=30)
+    assert quick.last_barrier == 0  # nothing after 30 is a barrier; earlier ones not read
+    assert sum(s.verified for s in quick.segments) < len(quick.segments)
