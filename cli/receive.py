@@ -143,6 +143,7 @@ def receive(
 
     async def serve_until(stop: asyncio.Event) -> None:
         receiver = Receiver(config)
+        receiver.status.tls = tls  # status and the metrics show when its certificate expires
         try:
             # TLS: the context is asked for at every accept (rebuilt when its files change)
             server = await serve(host, port, receiver.handle, ssl=tls.context if tls else None)

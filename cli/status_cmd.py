@@ -216,9 +216,11 @@ def _render(snap: dict[str, Any]) -> Group:
     else:
         head = Text(f"{role}: {snap.get('note')} (state folder {snap.get('state_dir')})")
         head.stylize("bold yellow", 0, len(role) + 2 + len(str(snap.get("note"))))
+    tls = _tls(snap.get("tls"))
+    heads = [head] if tls is None else [head, tls]
     jobs: list[dict[str, Any]] = list(snap.get("jobs", []))
     if not jobs:
-        return Group(head, Text("no jobs yet"))
+        return Group(*heads, Text("no jobs yet"))
     rows = _SENDER if role == "sender" else _RECEIVER
     blocks: list[Table] = []
     for job in jobs:  # one block per job: fits any terminal width
@@ -228,7 +230,25 @@ def _render(snap: dict[str, Any]) -> Group:
         for label, cell in rows:
             grid.add_row(label, cell(job))
         blocks.append(grid)
-    return Group(head, *_spaced(blocks))
+    return Group(*heads, *_spaced(blocks))
+
+
+def _tls(tls: Any) -> Text | None:
+    """When this process's TLS certificate (or its CA) expires; loud in its last 30 days."""
+    if not isinstance(tls, dict) or not tls.get("expires"):
+        return None
+    days = tls.get("days_left")
+    text = (
+        f"TLS as {tls.get('certificate')!r}: certificate expires {str(tls['expires'])[:10]}, "
+        f"CA {str(tls.get('ca_expires'))[:10]}"
+    )
+    if isinstance(days, int | float) and days < 30:
+        return Text(
+            f"{text}: {days:g} days left; renew it (`replicator keygen --name "
+            f"{tls.get('certificate')} --force` where the CA key is, then copy it here)",
+            style="bold yellow",
+        )
+    return Text(text)
 
 
 def _spaced(blocks: list[Table]) -> list[Table | Text]:

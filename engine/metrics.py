@@ -72,6 +72,19 @@ class SnapshotCollector(Collector):
         uptime = float(snap.get("uptime_seconds", 0.0))
         start.add_metric([role], round(time.time() - uptime, 3))
         yield start
+        tls = snap.get("tls")
+        if isinstance(tls, dict):
+            expiry = GaugeMetricFamily(
+                PREFIX + "tls_certificate_expiry_timestamp_seconds",
+                "Unix time this process's TLS certificate (certificate=NAME) and its CA "
+                "(certificate=ca) expire: alert well before (keygen --name NAME --force).",
+                labels=["role", "certificate"],
+            )
+            for label, field in ((str(tls.get("certificate")), "expires"), ("ca", "ca_expires")):
+                when = _parse_iso(tls.get(field))
+                if when is not None:
+                    expiry.add_metric([role, label], when)
+            yield expiry
 
         connected = gauge("connected", "1 while the job has a live replication connection.")
         state = gauge("state", "1 for the job's current state, 0 for the others.", ["state"])

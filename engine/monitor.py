@@ -36,6 +36,7 @@ from replicator.engine.control import (
 from replicator.engine.errors import ExitCode, ReplicatorError, unwrap
 from replicator.engine.pacing import backlog_probe
 from replicator.engine.status import StatusBoard
+from replicator.engine.tls import TlsIdentity
 from replicator.transport.schedule import SpecError, parse_rate
 from replicator.transport.shaper import Shaping
 
@@ -167,6 +168,8 @@ def sender_monitor(
         handlers["rate"] = rate
     board = StatusBoard("sender")
     board.add(config.job, sender.status)
+    tls = getattr(sender.connector, "tls", None)  # TcpConnector's: what it presents
+    board.tls = tls if isinstance(tls, TlsIdentity) else None
     claim = SenderClaim(
         config.state_dir,
         {

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from replicator.engine.link import Link
     from replicator.engine.replica_files import ReplicaFiles
     from replicator.engine.replica_state import ReplicaState
+    from replicator.engine.tls import TlsIdentity
     from replicator.journal import Journal
     from replicator.transport import FramedConnection
     from replicator.transport.shaper import Shaping
@@ -460,6 +461,7 @@ class StatusBoard:
         self.role = role
         self.started = time.time()
         self.jobs: dict[str, SenderJobStatus | ReceiverJobStatus] = {}
+        self.tls: TlsIdentity | None = None  # its certificate's expiry is shown
         self.listeners = Listeners()  # told (job, "job") when a job is added (or replaced)
 
     def add(self, job: str, status: SenderJobStatus | ReceiverJobStatus) -> None:
@@ -472,6 +474,7 @@ class StatusBoard:
             "role": self.role,
             "pid": _pid(),
             "uptime_seconds": round(time.time() - self.started, 1),
+            "tls": None if self.tls is None else self.tls.expiry(),
             "jobs": jobs,
         }
 

@@ -20,6 +20,9 @@ Choices (docs/OPERATIONS.md, "Security: TLS and keys"):
   Replacing the files therefore rotates certificates without a restart (no SIGHUP needed);
   sessions already running keep theirs. A replacement that does not load (a key that does
   not match its certificate, a half-copied file) is logged and the previous context stays.
+* Expiry: checked at load (an expired certificate of ours stops the command), warned 30
+  days ahead at load and then at most once a day while connections are made, and shown
+  by ``status`` and the metrics (``TlsIdentity.expiry``) so monitoring can alert on it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ SENDER = "sender"
 RECEIVER = "receiver"
 WITNESS = "witness"
 EXPIRY_WARNING = datetime.timedelta(days=30)
+EXPIRY_RECHECK = datetime.timedelta(days=1)  # a long-running process warns again this often
 DEFAULT_DAYS = 825  # keygen's certificates: about 27 months, long enough to be rare
 KEYGEN_HINT = "make keys with `replicator keygen --out DIR` and copy them as it says"
 
@@ -130,6 +134,10 @@ class TlsIdentity:
         self._context: ssl.SSLContext | None = None
         self._signature: tuple[object, ...] | None = None
         self._failed: tuple[object, ...] | None = None
+        # not_valid_after of our certificate and of the CA, as last loaded
+        self.expires: datetime.datetime | None = None
+        self.ca_expires: datetime.datetime | None = None
+        self._rechecked = datetime.datetime.now(datetime.UTC)
 
     def load(self) -> ssl.SSLContext:
         """The first context; raises ConfigError (missing or unusable files) or AuthError
@@ -137,9 +145,21 @@ class TlsIdentity:
         self._context = None
         return self.context()
 
+    def expiry(self) -> dict[str, object]:
+        """When our certificate and the CA expire (``status``, the metrics)."""
+        now = datetime.datetime.now(datetime.UTC)
+        ends = [end for end in (self.expires, self.ca_expires) if end is not None]
+        return {
+            "certificate": self.name,
+            "expires": _iso(self.expires),
+            "ca_expires": _iso(self.ca_expires),
+            "days_left": None if not ends else round((min(ends) - now).total_seconds() / 86400, 1),
+        }
+
     def context(self) -> ssl.SSLContext:
         signature = self._stat()
         if self._context is not None and signature == self._signature:
+            self._recheck()
             return self._context
         try:
             context = self._build()
@@ -225,11 +245,47 @@ class TlsIdentity:
                     fix=f"{fix} {path}",
                 )
 
+    def _recheck(self) -> None:
+        """Once a day, from what was loaded: the warning a process started months ago gave
+        only then (no file is read)."""
+        now = datetime.datetime.now(datetime.UTC)
+        if now - self._rechecked < EXPIRY_RECHECK:
+            return
+        self._rechecked = now
+        for end, what in ((self.expires, str(self.cert)), (self.ca_expires, str(self.ca))):
+            if end is None:
+                continue
+            if now > end:
+                log.error(
+                    "tls.certificate_expired",
+                    certificate=what,
+                    expired=f"{end:%Y-%m-%d %H:%M} UTC",
+                    action=self._renew_hint(what == str(self.cert)),
+                )
+            elif end - now < EXPIRY_WARNING:
+                log.warning(
+                    "tls.certificate_expires_soon",
+                    certificate=what,
+                    expires=f"{end:%Y-%m-%d %H:%M} UTC",
+                    action=self._renew_hint(what == str(self.cert)),
+                )
+
+    def _renew_hint(self, ours: bool) -> str:
+        if ours:
+            return (
+                f"make a new one with `replicator keygen --out DIR --name {self.name} --force` "
+                "where the CA key is, and copy it here (no restart needed)"
+            )
+        return (
+            "make a new CA folder with `replicator keygen --out NEWDIR` and new keys for both sides"
+        )
+
     def _check_validity(self) -> None:
         """Our own certificate and the CA must be valid now; warn 30 days ahead."""
         from cryptography import x509  # 70 ms: only for commands that use TLS
 
         now = datetime.datetime.now(datetime.UTC)
+        ends: list[datetime.datetime] = []  # kept only when both are valid now
         for path, what in ((self.cert, f"certificate {self.cert.name}"), (self.ca, "CA")):
             try:
                 cert = x509.load_pem_x509_certificate(path.read_bytes())
@@ -239,13 +295,8 @@ class TlsIdentity:
                     hint=KEYGEN_HINT,
                 ) from exc
             start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-            renew = (
-                f"make a new one with `replicator keygen --out DIR --name {self.name} --force` "
-                "where the CA key is, and copy it here (no restart needed)"
-                if path == self.cert
-                else "make a new CA folder with `replicator keygen --out NEWDIR` and new keys "
-                "for both sides"
-            )
+            renew = self._renew_hint(path == self.cert)
+            ends.append(end)
             if now < start or now > end:
                 state = "expired on" if now > end else "is not valid before"
                 when = end if now > end else start
@@ -257,6 +308,12 @@ class TlsIdentity:
                     expires=f"{end:%Y-%m-%d %H:%M} UTC",
                     action=renew,
                 )
+        self.expires, self.ca_expires = ends
+
+
+def _iso(when: datetime.datetime | None) -> str | None:
+    """As ``status`` writes times: '2026-01-02T03:04:05.000Z'."""
+    return None if when is None else when.strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 def _why(exc: BaseException) -> str:

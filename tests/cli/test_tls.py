@@ -9,6 +9,7 @@ import resource
 import socket
 import ssl
 import stat
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import pytest
 from replicator.engine.errors import ExitCode
 from tests.engine.test_tls import expired_copy
 from tests.tools import (
+    ENV,
+    REPLICATOR,
     ReceiverProc,
     b3,
     free_port,
@@ -135,6 +138,26 @@ def test_a_send_over_mutual_tls_reproduces_the_image(tmp_path: Path) -> None:
             str(tmp_path / "state"), *tls, str(disk),
         )  # fmt: skip
         assert check.returncode == 0, check.stdout + check.stderr
+        # both processes say when their certificates expire (status, and so the metrics)
+        live = subprocess.Popen(
+            [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir",
+             str(tmp_path / "state"), "--interval", "0.5", *tls, str(disk)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+        )  # fmt: skip
+        try:
+            shown: dict[str, Any] = {}
+            deadline = time.monotonic() + 30
+            while not shown.get("running") and time.monotonic() < deadline:
+                asked = replicator("status", "--state-dir", str(tmp_path / "state"), "--json")
+                shown = json.loads(asked.stdout) if asked.returncode == 0 else {}
+                time.sleep(0.2)
+            assert shown.get("tls", {}).get("certificate") == "sender", shown
+            assert shown["tls"]["days_left"] > 800
+        finally:
+            live.terminate()
+            assert live.wait(timeout=60) == 0
+        answer = json.loads(replicator("status", "--dir", str(rcv.dir), "--json").stdout)
+        assert answer["tls"]["certificate"] == "receiver", answer
     finally:
         assert rcv.stop() == 0
 

@@ -9,6 +9,7 @@ import datetime
 import os
 import ssl
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -434,6 +435,52 @@ def test_keys_anyone_could_change_are_warned_about(tmp_path: Path) -> None:
         ("tls.writable_by_others", str(where)): f"chmod go-w {where}",
         ("tls.writable_by_others", str(where / "ca.crt")): f"chmod 644 {where}/ca.crt",
     }
+
+
+async def test_a_certificate_near_its_end_is_shown_and_warned_about_while_running(
+    tmp_path: Path,
+) -> None:
+    """A process started months ago warned only then: its expiry is in the status and the
+    metrics (loud in the last 30 days), and it is warned about again once a day."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from replicator.cli.status_cmd import _tls
+    from replicator.engine.metrics import Metrics
+    from replicator.engine.status import StatusBoard
+
+    where = tmp_path / "keys"
+    keys.keygen(where, ["sender"], days=10)
+    identity = TlsIdentity(where, "sender", server=False)
+    identity.load()
+    board = StatusBoard("sender")
+    board.tls = identity
+    snap = await board.snapshot()
+    tls = snap["tls"]
+    assert tls["certificate"] == "sender" and 9.9 < tls["days_left"] <= 10
+    assert tls["expires"].endswith("Z") and tls["ca_expires"] > tls["expires"]
+    shown = _tls(tls)
+    assert shown is not None and "days left; renew it" in shown.plain, shown
+
+    async def take() -> dict[str, Any]:
+        return snap
+
+    text = (await Metrics(take).render()).decode()
+    expiry = {
+        sample.labels["certificate"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "replicator_tls_certificate_expiry_timestamp_seconds"
+    }
+    assert set(expiry) == {"sender", "ca"}
+    assert expiry["sender"] - time.time() == pytest.approx(10 * 86400, abs=400)
+    with capture_logs() as logs:
+        identity.context()  # the same day: not again
+        identity._rechecked -= datetime.timedelta(days=2)
+        identity.context()
+        identity.context()
+    warned = [e for e in logs if e["event"] == "tls.certificate_expires_soon"]
+    assert len(warned) == 1 and warned[0]["certificate"] == str(where / "sender.crt")
+    assert "--name sender --force" in warned[0]["action"]
 
 
 def test_tls_refusal_leaves_other_connection_errors_alone() -> None:
