@@ -161,4 +161,10 @@ def verify_command(
                 "as they will leave the replica, which verify left as it was"
             )
     if not result.identical:
+        if not as_json:
+            typer.echo(
+                "next: a change made since the last send shows here until a send ships it "
+                "(a running sender's next cycle, or `replicator send --once`); "
+                "`replicator verify --repair` sends the differing extents now"
+            )
         raise typer.Exit(int(ExitCode.DIFFERENT))

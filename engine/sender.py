@@ -617,6 +617,7 @@ class Sender:
         self.log_start("scan")  # `sender.started`, as every sender says it
         async with SenderState(self.config) as state:
             link, kind, basis = await self.open_link(state)
+            self.status.set_state(SenderPhase.REPLICATING)  # not "starting" while it ships
             try:
                 manifests, stats, epoch_lsn = await self.cycle(
                     state,

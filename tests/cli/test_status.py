@@ -471,6 +471,32 @@ def test_status_at_rest_after_send_once_counts_nothing_the_receiver_applied(
     assert not padded, padded
 
 
+def test_a_send_once_under_way_says_it_replicates(tmp_path: Path, receiver: ReceiverProc) -> None:
+    """It said "starting" for as long as it shipped (8 MiB at 4 MB/s here)."""
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    disk.write_bytes(os.urandom(8 * 1024 * 1024))
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "once", "--state-dir",
+         str(state), "--once", "--insecure", "--rate", "4M", "--burst", "1M", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    seen: set[str] = set()
+    try:
+        while proc.poll() is None:
+            out = replicator("status", "--state-dir", str(state), "--json")
+            if out.returncode == 0:
+                snap = json.loads(out.stdout)
+                if snap.get("running"):
+                    seen.add(snap["jobs"][0]["state"])
+            time.sleep(0.2)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert "replicating" in seen, seen
+
+
 def test_a_stopped_receiver_is_said_to_run_but_not_to_answer(tmp_path: Path) -> None:
     """A receiver that runs but does not answer on its control socket (SIGSTOP: stuck) is
     read from its files, as a sender in that state is, and said to run, with its pid: not
