@@ -12,24 +12,9 @@ import time
 from pathlib import Path
 
 from replicator.engine.connectors import TcpConnector
-from replicator.journal import Record
-from replicator.journal.records import encode_record
-from replicator.transport import PROTOCOL_VERSION, Ack, Hello, Records, Welcome
+from replicator.transport import PROTOCOL_VERSION, Ack, Hello, Welcome
+from tests.engine.test_receiver_session_end import BLOCK, FIRST, SECOND, _epoch
 from tests.tools import replicator, start_receiver
-
-BLOCK = 4096
-FIRST, SECOND = 3, 6  # the two epochs' barriers
-
-
-def _epoch(first_lsn: int, fill: int) -> Records:
-    """Two blocks of ``fill`` and an EPOCH, as one Records frame."""
-    records = [
-        Record.write("d", i * BLOCK, bytes([fill]) * BLOCK).with_lsn(first_lsn + i, 1)
-        for i in range(2)
-    ]
-    records.append(Record.epoch(fill).with_lsn(first_lsn + 2, 1))
-    payload = b"".join(encode_record(r) for r in records)
-    return Records(first_lsn, first_lsn + 2, len(records), 1, payload)
 
 
 async def _ship_then_cut(port: int) -> None:

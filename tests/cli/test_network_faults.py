@@ -137,12 +137,7 @@ def _run(tmp_path: Path, faults: int, seed: int) -> dict[str, Any]:
         stats = proxy.wan.stats
     finally:
         writer.stop()
-        if sender.poll() is None:
-            sender.send_signal(signal.SIGTERM)
-            try:
-                sender.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                _kill(sender)
+        _stop(sender)
         writer.thaw()
         proxy.close()
         receiver.stop()
@@ -250,11 +245,16 @@ def test_a_black_hole_mid_sync_is_a_lost_link_after_the_silence_timeout(tmp_path
             assert time.monotonic() < deadline, "the replica did not converge"
             time.sleep(0.2)
     finally:
-        if sender.poll() is None:
-            sender.send_signal(signal.SIGTERM)
-            try:
-                sender.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                _kill(sender)
+        _stop(sender)
         proxy.close()
         receiver.stop()
+
+
+def _stop(sender: subprocess.Popen[str]) -> None:
+    """SIGTERM a sender still running; SIGKILL it if it has not stopped in 60 s."""
+    if sender.poll() is None:
+        sender.send_signal(signal.SIGTERM)
+        try:
+            sender.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            _kill(sender)
