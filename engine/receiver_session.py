@@ -95,6 +95,8 @@ class Session:
         # a verify session only compares (engine/unapplied.py); any other takes a replica
         # file the sender asks a manifest of as it is
         self.verifying = verifying
+        # verify: the records past the last barrier, read for (applied, durable) LSNs
+        self._held_past: tuple[tuple[int, int], list[Record]] | None = None
         self.conn = conn
         self.replica = replica
         self.config = config
@@ -503,7 +505,11 @@ class Session:
         replica = self.replica
         await replica.apply_pending()
         await self._send_all(self.core.applied(replica.received_lsn, replica.applied_lsn))
-        return await replica.unapplied()
+        # read once per state, not once per volume asked: a verify session appends nothing
+        key = (replica.applied_lsn, replica.journal.durable_lsn)
+        if self._held_past is None or self._held_past[0] != key:
+            self._held_past = (key, await replica.unapplied())
+        return self._held_past[1]
 
     async def _not_comparable(self, exc: NotComparable, unapplied: list[Record]) -> NoReturn:
         """Refuse the verify (Error "unapplied"): its records past the consistency point
