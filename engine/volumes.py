@@ -118,6 +118,12 @@ def resolve_volumes(paths: list[Path]) -> list[VolumeSpec]:
     files: dict[tuple[int, int], Path] = {}  # (device, inode) -> the volume that named it
     for path in paths:
         if not path.exists():
+            if path.is_symlink():
+                raise ConfigError(
+                    f"volume {path} is a symbolic link to {os.readlink(path)}, which does not "
+                    "exist",
+                    hint="point the link at the disk image, or name the image itself",
+                )
             raise ConfigError(f"volume {path} does not exist", hint="check the path")
         if not path.is_file():
             raise ConfigError(

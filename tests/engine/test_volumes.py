@@ -88,6 +88,9 @@ def test_punch_hole_reads_zeros_and_keeps_size(tmp_path: Path) -> None:
 def test_resolve_volumes_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_volumes([tmp_path / "missing.vhd"])
+    (tmp_path / "dangling.vhd").symlink_to(tmp_path / "moved" / "disk.vhd")
+    with pytest.raises(ConfigError, match=r"is a symbolic link to .*moved/disk\.vhd, which does"):
+        resolve_volumes([tmp_path / "dangling.vhd"])
     with pytest.raises(ConfigError, match="not a regular file") as folder:
         resolve_volumes([tmp_path])
     assert folder.value.hint is not None and "--capture fuse" in folder.value.hint
