@@ -229,6 +229,8 @@ def _render(snap: dict[str, Any]) -> Group:
         grid.add_column(overflow="fold")
         for label, cell in rows:
             grid.add_row(label, cell(job))
+        if job.get("last_run"):  # at rest: how the last sender there ended
+            grid.add_row("last run", _last_run(job["last_run"]))
         blocks.append(grid)
     return Group(*heads, *_spaced(blocks))
 
@@ -423,9 +425,26 @@ def _point(job: dict[str, Any]) -> str:
 def _errors(job: dict[str, Any]) -> str:
     errors = job.get("errors") or {}
     text = ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "-"
-    if job.get("last_error"):
+    if job.get("last_error") and not job.get("last_run"):  # at rest, "last run" says it
         text += f": {job['last_error']}"
     return text
+
+
+def _last_run(run: dict[str, Any]) -> Text:
+    started = str(run.get("started"))
+    if run.get("outcome") == "failed":
+        return Text(
+            f"failed at {run.get('ended')} (exit {run.get('exit_code')}; started "
+            f"{started}): {run.get('error')}",
+            style="bold red",
+        )
+    if run.get("outcome") == "unrecorded":
+        return Text(
+            f"started {started}; ended without saying how (killed, or the machine "
+            "stopped): its journal holds what it had captured, the next `send` ships it",
+            style="yellow",
+        )
+    return Text(f"ended {run.get('ended')} without error (started {started})")
 
 
 def _s(value: Any) -> str:

@@ -414,6 +414,7 @@ class Sender:
         self._pausing = False  # verify() stops the run to start it again: no STOPPED event
         self._unlisten = self.engine.status.listeners.add(self._changed)
         self.failure: ReplicatorError | None = None  # what ended the run, if anything did
+        self._once_failure: BaseException | None = None  # the last run_once()'s error
         self.closed = False
 
     # -- the engine's own objects --------------------------------------------------------
@@ -520,7 +521,11 @@ class Sender:
             try:
                 if self._monitoring and self._monitor is not None:
                     self._monitoring = False
-                    await self._monitor.__aexit__(None, None, None)
+                    # what ended the last run or cycle, for the claim's record (status)
+                    failure = self.failure or self._once_failure
+                    await self._monitor.__aexit__(
+                        None if failure is None else type(failure), failure, None
+                    )
             finally:
                 if self._own_connector:
                     await self.engine.connector.aclose()
@@ -557,7 +562,13 @@ class Sender:
             if self.running:
                 raise RuntimeError("run_once() while running continuously: stop() first")
             await self._enter_monitor()
-            return await self.engine.run_once(progress)
+            try:
+                summary = await self.engine.run_once(progress)
+            except BaseException as exc:
+                self._once_failure = unwrap(exc)
+                raise
+            self._once_failure = None
+            return summary
 
     async def failback(self) -> FailbackResult:
         """Take the job back from its promoted target (as ``replicator failback``): bring

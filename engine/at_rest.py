@@ -108,6 +108,7 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
         "volumes": claim.get("volumes"),
         "connected": False,
         "last_pid": claim.get("pid"),
+        "last_run": last_run(claim),
         "lsn": {
             "journaled": last if last is not None else (report.next_lsn - 1 if report else 0),
             # records below the journal's first were trimmed: the receiver had them
@@ -154,6 +155,8 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
         ),
         "manifests_problem": manifest_problem,
     }
+    if entry["last_run"] is not None and entry["last_run"]["error"]:
+        entry["last_error"] = entry["last_run"]["error"]
     alone = load_served_alone(state_dir)  # the next session checks the receiver against it
     entry["served_alone"] = None if alone is None else {"since_lsn": alone}
     entry["compare_pending"] = lost_records.load(state_dir)  # the next cycle compares
@@ -167,6 +170,25 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
             "until it has run)",
         }
     return {"role": "sender", "running": False, "state_dir": str(state_dir), "jobs": [entry]}
+
+
+def last_run(claim: dict[str, Any]) -> dict[str, Any] | None:
+    """How the last sender of a state folder ended, from its claim (``sender.json``,
+    ``SenderClaim.record_end``): ``ok``, ``failed`` (with its error and exit code) or
+    ``unrecorded`` (killed, or the machine stopped, before it could say). None before any."""
+    started = claim.get("started")
+    if not isinstance(started, int | float):
+        return None
+    ended = claim.get("ended")
+    error = claim.get("error")
+    said = isinstance(ended, int | float)
+    return {
+        "started": iso_time(int(started * 1e9)),
+        "ended": iso_time(int(ended * 1e9)) if isinstance(ended, int | float) else None,
+        "outcome": ("failed" if error else "ok") if said else "unrecorded",
+        "error": str(error) if error else None,
+        "exit_code": claim.get("exit_code") if error else None,
+    }
 
 
 def receiver_jobs_at_rest(

@@ -510,13 +510,32 @@ class SenderClaim:
             return self
         self._fd = fd
         self.held = True
-        info = {**self.info, "pid": os.getpid(), "started": time.time()}
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info, sort_keys=True).encode() + b"\n", 0)
+        self.info = {**self.info, "pid": os.getpid(), "started": time.time()}
+        self._write(self.info)
+        return self
+
+    def record_end(self, error: BaseException | None) -> None:
+        """Say in the claim how this sender ended (``ended``; ``error`` and ``exit_code``
+        when a failure ended it), so that ``status`` at rest can tell a run that failed
+        (a ``send --once`` from cron that could not reach its receiver) from one that
+        completed; a sender killed before it could say leaves no ``ended``."""
+        if self._fd is None:
+            return
+        end: dict[str, Any] = {"ended": time.time(), "error": None, "exit_code": None}
+        if error is not None:
+            code = error.exit_code if isinstance(error, ReplicatorError) else ExitCode.BUG
+            end.update(error=str(error) or type(error).__name__, exit_code=int(code))
+        self._write({**self.info, **end})
+
+    def _write(self, info: dict[str, Any]) -> None:
+        assert self._fd is not None
+        data = json.dumps(info, sort_keys=True).encode() + b"\n"
+        try:  # written over (padded with the blanks JSON allows), then cut: never empty
+            old = os.fstat(self._fd).st_size
+            os.pwrite(self._fd, data.ljust(old, b" "), 0)
+            os.ftruncate(self._fd, len(data))
         except OSError as exc:  # the file names the job for `status` at rest; not vital
             log.warning("control.claim_unwritable", path=str(self.path), error=str(exc))
-        return self
 
     def __exit__(
         self,

@@ -20,6 +20,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -85,8 +86,8 @@ class Monitor:
             await self._start_control()
             if self.metrics is not None:
                 await self.metrics.start()
-        except BaseException:
-            await self.__aexit__(None, None, None)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, None)
             raise
         return self
 
@@ -114,7 +115,14 @@ class Monitor:
                 hint="`replicator status` reads the files at rest instead",
             )
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
+        """``exc``: what ended the command, if anything did; a sender's claim records it
+        (``SenderClaim.record_end``) for ``status`` at rest."""
         try:
             if self.metrics is not None:
                 await self.metrics.aclose()
@@ -122,6 +130,7 @@ class Monitor:
                 await self.control.aclose()
         finally:
             if self.claim is not None:
+                self.claim.record_end(None if exc is None else unwrap(exc))
                 self.claim.__exit__(None, None, None)
 
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:

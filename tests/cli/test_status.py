@@ -471,6 +471,40 @@ def test_status_at_rest_after_send_once_counts_nothing_the_receiver_applied(
     assert not padded, padded
 
 
+def test_status_at_rest_says_how_the_last_sender_ended(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A `send --once` from cron that failed showed nothing at rest ("errors -"): the
+    claim now records how each sender ended, and one killed leaves no record to say so."""
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    disk.write_bytes(os.urandom(1024 * 1024))
+    away = f"127.0.0.1:{free_port()}"
+    failed = replicator("send", "--to", away, "--job", "cron", "--state-dir", str(state),
+                        "--once", "--insecure", str(disk))  # fmt: skip
+    assert failed.returncode == ExitCode.CONNECT, failed.stderr
+    job = _status("--state-dir", str(state))["jobs"][0]
+    run = job["last_run"]
+    assert run["outcome"] == "failed" and run["exit_code"] == ExitCode.CONNECT, run
+    assert f"cannot connect to receiver {away}" in run["error"] and run["ended"], run
+    assert job["last_error"] == run["error"]
+    table = " ".join(replicator("status", "--state-dir", str(state)).stdout.split())
+    assert f"last run failed at {run['ended']} (exit {int(ExitCode.CONNECT)};" in table
+    assert f"cannot connect to receiver {away}" in table
+
+    send_once(receiver, "cron", state, disk)
+    run = _status("--state-dir", str(state))["jobs"][0]["last_run"]
+    assert run["outcome"] == "ok" and run["error"] is None and run["ended"], run
+    assert "without error" in replicator("status", "--state-dir", str(state)).stdout
+
+    proc = _sender(receiver.address, "cron", state, disk)
+    _until("connected", lambda: _ask(state / "control.sock"), lambda s: s["jobs"][0]["connected"])
+    proc.kill()
+    proc.wait(timeout=30)
+    job = _status("--state-dir", str(state))["jobs"][0]
+    assert job["last_run"]["outcome"] == "unrecorded" and job["last_run"]["ended"] is None
+    assert "ended without saying how" in replicator("status", "--state-dir", str(state)).stdout
+
+
 def test_a_send_once_under_way_says_it_replicates(tmp_path: Path, receiver: ReceiverProc) -> None:
     """It said "starting" for as long as it shipped (8 MiB at 4 MB/s here)."""
     disk, state = tmp_path / "disk.img", tmp_path / "state"

@@ -21,6 +21,7 @@ import pytest
 from replicator.engine.api import (
     AuthError,
     ConfigError,
+    ConnectError,
     EventKind,
     EventStream,
     ExitCode,
@@ -35,6 +36,7 @@ from replicator.engine.api import (
     TlsIdentity,
     resolve_volumes,
 )
+from replicator.engine.at_rest import sender_at_rest
 from replicator.engine.control import SOCKET_NAME, request
 from replicator.engine.keys import keygen
 from replicator.engine.status import SenderJobStatus, SenderPhase
@@ -241,6 +243,23 @@ async def test_failover_then_the_sender_stops_with_split_brain(setup: Setup) -> 
             assert not sender.running
     assert raised.value.exit_code is ExitCode.SPLIT_BRAIN
     assert sender.closed
+
+
+async def test_the_state_folder_records_how_a_run_once_ended(setup: Setup) -> None:
+    """`status` at rest says the last cycle failed (sender.json's record of it), also when
+    the embedder caught the error and closed the Sender afterwards."""
+    away = SenderConfig("127.0.0.1", free_port(), "vm1", setup.config().volumes, setup.tmp / "st")
+    sender = Sender(away)
+    with pytest.raises(ConnectError, match="cannot connect"):
+        await sender.run_once()
+    await sender.aclose()
+    run = sender_at_rest(setup.tmp / "st")["jobs"][0]["last_run"]
+    assert run["outcome"] == "failed" and run["exit_code"] == ExitCode.CONNECT, run
+    assert "cannot connect to receiver" in run["error"]
+    again = SenderConfig(*setup.receiver.address, "vm1", away.volumes, setup.tmp / "st")
+    async with Sender(again, control=True) as sender:
+        pass  # started and stopped: nothing failed
+    assert sender_at_rest(setup.tmp / "st")["jobs"][0]["last_run"]["outcome"] == "ok"
 
 
 async def test_bad_configuration_is_a_config_error(setup: Setup, tmp_path: Path) -> None:
