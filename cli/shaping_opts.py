@@ -9,11 +9,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import structlog
 import typer
 
 from replicator.engine.errors import ConfigError
-from replicator.transport.schedule import SpecError
+from replicator.transport.schedule import SpecError, format_rate, parse_size
 from replicator.transport.shaper import Shaping
+
+log = structlog.get_logger()
 
 RateOption = Annotated[
     str | None,
@@ -46,14 +49,43 @@ TargetRpoOption = Annotated[
 ]
 
 
+# a --burst worth more seconds than this at the slowest rate given is warned about
+BURST_WARNING_SECONDS = 10.0
+
+
 def make_shaping(
     rate: str | None, burst: str | None, schedule: str | None, target_rpo: str | None = None
 ) -> Shaping:
     """The command's shaping; a bad option is a ConfigError (exit 3) quoting the bad part."""
     try:
-        return Shaping.from_options(rate, burst, schedule, target_rpo)
+        shaping = Shaping.from_options(rate, burst, schedule, target_rpo)
     except SpecError as exc:
         raise ConfigError(str(exc), hint="see docs/OPERATIONS.md, 'Bandwidth'") from None
+    if burst is not None:
+        warning = burst_warning(shaping, burst, parse_size(burst))
+        if warning is not None:
+            log.warning("shaping.burst_large", burst=burst, why=warning)
+            typer.echo(f"replicator: WARNING: {warning}", err=True)
+    return shaping
+
+
+def burst_warning(shaping: Shaping, burst: str, size: int) -> str | None:
+    """Why ``--burst`` looks like a mistake: after a quiet spell the whole bucket goes at
+    the link's full speed, and one worth many seconds at the rate (``--burst 1G`` with
+    ``--rate 10Mbit``: 14 minutes' worth) floods the link the rate was meant to protect."""
+    rates = [] if shaping.bucket.rate is None else [shaping.bucket.rate]
+    if shaping.scheduler is not None:
+        plan = shaping.scheduler.schedule
+        rates += [rule.rate for rule in plan.rules if rule.rate is not None]
+        rates += [] if plan.default is None else [plan.default]
+    slowest = min((r for r in rates if r > 0), default=None)
+    if slowest is None or size / slowest <= BURST_WARNING_SECONDS:
+        return None
+    return (
+        f"--burst {burst} is {size / slowest:,.0f} s of sending at "
+        f"{format_rate(slowest)}: after a quiet spell that much goes at the link's full "
+        "speed, unshaped. Leave --burst out (50 ms at the rate) unless the link can take it"
+    )
 
 
 @contextlib.asynccontextmanager

@@ -104,6 +104,32 @@ def test_bad_shaping_options_exit_3_quoting_the_bad_part(
     assert quoted in out.stderr and args[0] in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "warned"),
+    [
+        (("--rate", "10Mbit", "--burst", "1G"), "--burst 1G is 859 s of sending at 10Mbit"),
+        (("--schedule", "mon-fri 20Mbit; * unlimited", "--burst", "64M"), "--burst 64M is 27 s of"),
+        (("--rate", "1G", "--burst", "64M"), None),  # half a second's worth
+        (("--burst", "1G"), None),  # no rate: nothing to compare with
+    ],
+)
+def test_a_burst_worth_many_seconds_at_the_rate_is_warned(
+    tmp_path: Path, args: tuple[str, ...], warned: str | None
+) -> None:
+    """--burst 1G with --rate 10Mbit let 14 minutes' worth go unshaped after each pause."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x" * 4096)
+    out = replicator(
+        "send", "--to", "127.0.0.1:9", "--job", "j", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), *args, str(disk),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONNECT, out.stderr  # warned, not refused
+    if warned is None:
+        assert "--burst" not in out.stderr
+    else:
+        assert f"replicator: WARNING: {warned}" in out.stderr
+
+
 def test_rate_without_a_running_sender(tmp_path: Path) -> None:
     out = replicator("rate", "--state-dir", str(tmp_path), "10Mbit")
     assert out.returncode == ExitCode.CONFIG
