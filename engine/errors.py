@@ -15,6 +15,7 @@ from pathlib import Path
 
 from replicator.journal.errors import (
     READ_ONLY_HINT,
+    VERSION_HINT,
     AuthError,
     BusyError,
     ConfigError,
@@ -214,7 +215,11 @@ def as_user_error(exc: BaseException) -> BaseException:
     if isinstance(exc, TimeoutError):
         return ConnectError("the receiver stopped answering (timeout); check it and run again")
     if isinstance(exc, VersionMismatchError):
-        return VersionMismatch(f"protocol version mismatch with the receiver: {exc}")
+        return VersionMismatch(
+            f"protocol version mismatch: the receiver speaks {exc.what} version "
+            f"{exc.peer_version}, this sender {exc.our_version}",
+            hint=VERSION_HINT,
+        )
     if isinstance(exc, RemoteProtocolError):
         return PeerProtocolError(f"the receiver sent something malformed: {exc}")
     return exc

@@ -203,7 +203,12 @@ class Receiver:
         except VersionMismatchError as exc:
             log.warning("receiver.refused", peer=conn.peer, code="version", why=str(exc))
             await send_quietly(
-                conn, Refuse("version", f"receiver speaks protocol {PROTOCOL_VERSION}: {exc}")
+                conn,
+                Refuse(
+                    "version",
+                    f"the sender speaks {exc.what} version {exc.peer_version}, this receiver "
+                    f"{exc.our_version}",
+                ),
             )
             return
         if not isinstance(hello, Hello):
@@ -360,8 +365,8 @@ class Receiver:
         if hello.protocol_version != PROTOCOL_VERSION:
             return Refuse(
                 "version",
-                f"protocol version mismatch: sender {hello.protocol_version}, "
-                f"receiver {PROTOCOL_VERSION}",
+                f"the sender speaks protocol version {hello.protocol_version}, this receiver "
+                f"{PROTOCOL_VERSION}",
             )
         try:
             check_job_name(hello.job)

@@ -78,6 +78,13 @@ READ_ONLY_HINT = (
 )
 
 
+# both sides of a protocol version mismatch say it
+VERSION_HINT = (
+    "run the same replicator release on both sides: compare `replicator --version` on each "
+    "and upgrade the older one"
+)
+
+
 class PeerProtocolError(ReplicatorError):
     exit_code = ExitCode.PROTOCOL
 

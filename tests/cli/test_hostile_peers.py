@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ExitCode
-from replicator.transport import ProtocolConnection, Refuse, Role
+from replicator.transport import PROTOCOL_VERSION, ProtocolConnection, Refuse, Role
 from replicator.transport.frames import FRAME_VERSION
-from tests.tools import ReceiverProc, replicator
+from tests.tools import ENV, ReceiverProc, replicator
 
 Reply = Callable[[bytes], bytes]
 
@@ -66,6 +68,40 @@ def test_newer_frame_version_is_a_version_mismatch(
     rc, err = _send(tmp_path, fake_receiver(reply))
     assert rc == ExitCode.VERSION, err
     assert "version mismatch" in err
+
+
+# a sender of a newer release: the protocol version it says in its Hello is one higher
+_NEWER_SENDER = """
+import sys
+import replicator.transport.messages as messages
+import replicator.transport.protocol as protocol
+messages.PROTOCOL_VERSION = protocol.PROTOCOL_VERSION = messages.PROTOCOL_VERSION + 1
+from replicator.cli.main import app
+sys.argv = ["replicator", *sys.argv[1:]]
+app()
+"""
+
+
+def test_a_sender_of_another_release_is_told_which_versions_and_what_to_do(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """It read "protocol version mismatch: receiver speaks protocol 6: protocol version
+    mismatch: peer speaks protocol version 7, we speak 6", and no way out."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\x01" * 65536)
+    out = subprocess.run(
+        [sys.executable, "-c", _NEWER_SENDER, "send", "--to", receiver.address, "--job", "j",
+         "--once", "--insecure", "--state-dir", str(tmp_path / "s"), str(disk)],
+        capture_output=True, text=True, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == ExitCode.VERSION, out.stderr
+    ours = PROTOCOL_VERSION
+    assert (
+        f"replicator: error: protocol version mismatch: the sender speaks protocol version "
+        f"{ours + 1}, this receiver {ours} (run the same replicator release on both sides: "
+        "compare `replicator --version` on each and upgrade the older one)"
+    ) in out.stderr
+    assert out.stderr.strip().splitlines()[-1].count("mismatch") == 1, out.stderr
 
 
 def test_refusal_is_reported_with_its_reason(
