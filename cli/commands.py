@@ -14,6 +14,7 @@ from typing import Any
 import typer
 import typer.main
 from typer import _click as click  # typer carries its own click
+from typer._click.exceptions import UsageError
 
 from replicator.cli.help_format import HelpGroup
 
@@ -61,6 +62,10 @@ def load(name: str) -> click.Command:
 class CommandGroup(HelpGroup):
     """The root group: commands loaded by name when click looks one up."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_empty(args)
+        return super().parse_args(ctx, args)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*COMMANDS, *(name for name in self.commands if name not in COMMANDS)]
 
@@ -68,3 +73,25 @@ class CommandGroup(HelpGroup):
         if cmd_name in COMMANDS and cmd_name not in self.commands:
             self.add_command(load(cmd_name), cmd_name)
         return super().get_command(ctx, cmd_name)
+
+
+def refuse_empty(args: list[str]) -> None:
+    """An empty value (``--dir ""``, ``--dir=``) is what an unset variable in a script or
+    a unit file gives; as a path it would be ``.``, the current folder (``/`` for a
+    service): a receiver's replicas and state would land there. No option takes one, so
+    every empty argument is refused (exit 2), naming its option."""
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return
+        if arg.startswith("--") and arg.endswith("=") and len(arg) > 3:
+            option = arg[:-1]
+        elif arg == "":
+            before = args[index - 1] if index else ""
+            option = before if before.startswith("-") and "=" not in before else ""
+        else:
+            continue
+        what = f"{option} is given an empty value" if option else "an argument is empty"
+        raise UsageError(
+            f"{what} (an unset variable in a script or a unit file?): give it a value, or "
+            "leave the option out"
+        )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ExitCode
-from tests.tools import ReceiverProc, free_port, one_line_error, replicator
+from tests.tools import ENV, REPLICATOR, ReceiverProc, free_port, one_line_error, replicator
 
 
 def test_missing_volume(tmp_path: Path, receiver: ReceiverProc) -> None:
@@ -33,6 +33,42 @@ def test_job_name_with_path_tricks(tmp_path: Path, receiver: ReceiverProc, job: 
     assert out.returncode == ExitCode.CONFIG
     assert "invalid job name" in one_line_error(out.stderr)
     assert not (receiver.dir.parent / "evil").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("receive", "--listen", "127.0.0.1:{port}", "--insecure", "--dir", ""), "--dir"),
+        (("receive", "--listen", "127.0.0.1:{port}", "--insecure", "--dir=."), None),
+        (("receive", "--listen", "127.0.0.1:{port}", "--insecure", "--dir", "r",
+          "--state-dir="), "--state-dir"),
+        (("send", "--to", "127.0.0.1:{port}", "--job", "j", "--insecure", "--once",
+          "--state-dir", "s", ""), "an argument"),
+    ],
+)  # fmt: skip
+def test_an_empty_value_is_refused_not_read_as_the_current_folder(
+    tmp_path: Path, args: tuple[str, ...], named: str | None
+) -> None:
+    """`--dir "$REPLICA_DIR"` with the variable unset was `--dir .`: a receiver run by
+    systemd put its replicas and state in `/`."""
+    port = free_port()
+    argv = [a.format(port=port) for a in args]
+    if named is None:  # a real value: the command runs (stopped at once here)
+        proc = subprocess.Popen(
+            ["timeout", "--preserve-status", "-s", "INT", "2", *REPLICATOR, *argv],
+            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert (tmp_path / ".replicator").is_dir()
+        return
+    out = subprocess.run(
+        [*REPLICATOR, *argv], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == ExitCode.USAGE, out.stderr
+    assert f"{named} is" in out.stderr and "an unset variable" in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing made in the current folder
 
 
 def test_receiver_dir_not_writable(tmp_path: Path) -> None:
