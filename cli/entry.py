@@ -55,7 +55,7 @@ def main() -> None:
     """Console-script and ``python -m replicator.cli`` entry point."""
     _standard_fds()
     _enable_crash_stacks()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupted_early)
     if "send" in sys.argv:  # (no other command pays for the import)
         _hash_early(sys.argv[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -164,3 +165,33 @@ def test_a_sender_killed_while_helpers_hash_leaves_none_behind(
     replica = receiver.dir / "big" / disk.name
     assert qemu_compare("raw", disk, replica).returncode == 0
     assert b3(disk) == b3(replica)
+
+
+def test_sighup_stops_a_sender_and_a_receiver_as_sigterm_does_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """A closed terminal, or `kill -HUP` meant as "reload", ended both at once (the
+    default action) with no line in their logs and no graceful finish."""
+    receiver = start_receiver(tmp_path / "replicas")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 * 1024 * 1024))
+    state = tmp_path / "state"
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "hup", "--state-dir",
+         str(state), "--interval", "0.2", "--insecure", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    replica = receiver.dir / "hup" / disk.name
+    deadline = time.monotonic() + 60
+    while not (replica.exists() and b3(replica) == b3(disk)):
+        assert sender.poll() is None and time.monotonic() < deadline, "no first sync"
+        time.sleep(0.1)
+    logs = []
+    for proc in (sender, receiver.proc):
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=60) == 0  # the default action: -SIGHUP, at once
+        logs.append(proc.stderr.read() if proc.stderr else "")
+        assert '"event": "signal.hangup"' in logs[-1], logs[-1]
+        assert "stopping as for SIGTERM" in logs[-1]
+    # the sender's graceful end, not a kill: it said so in its state folder
+    assert json.loads((state / "sender.json").read_text())["ended"] > 0
