@@ -10,7 +10,6 @@ from __future__ import annotations
 from enum import StrEnum
 
 from replicator.cli.common import UsageError
-from replicator.engine.errors import ConfigError
 
 
 class Capture(StrEnum):
@@ -48,7 +47,7 @@ class MisplacedOption(UsageError):
         self.param = param
 
 
-class CaptureNeeds(ConfigError):
+class CaptureNeeds(UsageError):
     """A capture mode run without what it needs; ``param`` names the key to point at."""
 
     def __init__(self, param: str, message: str, hint: str | None = None) -> None:

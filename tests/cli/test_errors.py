@@ -166,6 +166,26 @@ def test_seconds_that_are_not_finite_are_a_usage_error(args: tuple[str, ...]) ->
     assert "is not a number of seconds: give a finite number" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("mode", "needs"),
+    [("nbd", "--nbd-socket PATH"), ("fuse", "--mount MOUNTPOINT"), ("scan", None)],
+)
+def test_a_capture_mode_without_what_it_needs_is_a_usage_error(
+    tmp_path: Path, mode: str, needs: str | None
+) -> None:
+    """`--capture nbd` without `--nbd-socket` exited 3 (bad input) where an option of
+    another mode exits 2: both are a bad command line."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x" * 4096)
+    extra = ("--once",) if needs is None else ()
+    args = ("--capture", mode, *extra) if needs is not None else ("--nbd-socket", "s", *extra)
+    out = replicator("send", "--to", "127.0.0.1:1", "--job", "j", "--insecure",
+                     "--state-dir", str(tmp_path / "s"), *args, str(disk))  # fmt: skip
+    assert out.returncode == ExitCode.USAGE, out.stderr
+    error = one_line_error(out.stderr)
+    assert (f"--capture {mode} needs {needs}" if needs else "--nbd-socket only applies") in error
+
+
 def test_help_on_every_command() -> None:
     for cmd in ([], ["send"], ["receive"], ["verify"], ["journal"], ["journal", "inspect"]):
         out = replicator(*cmd, "-h")
