@@ -107,8 +107,10 @@ def path_problem(path: str) -> str | None:
         return f"path '{printable(path)}' is not valid UTF-8"
     if len(encoded) > _MAX_PATH_BYTES:
         return f"path {path[:64]!r}... is longer than {_MAX_PATH_BYTES} bytes"
-    if path.startswith("/") or "\\" in path:
+    if path.startswith("/"):
         return f"path {path!r} is not relative"
+    if "\\" in path:  # a Windows separator: the replica might be read on such a host
+        return f"path {path!r} contains a backslash (a path separator on Windows hosts)"
     for part in path.split("/"):
         if part in ("", ".", ".."):
             return f"path {path!r} has an empty, '.' or '..' component"

@@ -44,6 +44,14 @@ def test_invalid_volume_names(name: str) -> None:
         check_volume_name(name)
 
 
+def test_a_backslash_is_named_as_such_not_as_an_absolute_path() -> None:
+    """'a\\b.img' read "is not relative", which sent an operator looking for a slash."""
+    assert path_problem("a\\b.img") == (
+        "path 'a\\\\b.img' contains a backslash (a path separator on Windows hosts)"
+    )
+    assert path_problem("/a.img") == "path '/a.img' is not relative"
+
+
 @given(st.text(min_size=1, max_size=80))
 def test_accepted_volume_names_stay_inside_their_folder(name: str) -> None:
     if volume_name_problem(name) is None:
