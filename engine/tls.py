@@ -87,6 +87,21 @@ def peer_name(conn: Any) -> str | None:
     return None
 
 
+def _not_a_file(path: Path) -> str:
+    """What stands where a TLS file should be: "is missing" only when nothing does."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "is a symbolic link to nothing" if path.is_symlink() else "is missing"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return "is a device (such as /dev/null), not a file"
+    return "is not a regular file"
+
+
 class PeerNameError(AuthError):
     """The server's certificate is valid but carries another name than the one expected."""
 
@@ -192,8 +207,9 @@ class TlsIdentity:
         where = self.directory
         for path in (self.ca, self.cert, self.key):
             if not path.is_file():
+                what = _not_a_file(path)
                 raise ConfigError(
-                    f"--tls-dir {where}: {path.name} is missing",
+                    f"--tls-dir {where}: {path.name} {what}",
                     hint=f"{KEYGEN_HINT}; this side uses {CA_CERT}, {self.cert.name} and "
                     f"{self.key.name} (another name: --tls-name NAME)",
                 )

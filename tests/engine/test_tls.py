@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime
 import os
+import shutil
 import ssl
 import stat
 import time
@@ -151,6 +152,22 @@ def test_missing_files_and_an_expired_certificate_fail_at_start(
     with pytest.raises(ConfigError, match=r"site-z\.crt is missing") as missing:
         TlsIdentity(folder, "site-z", server=False).load()
     assert "replicator keygen --out DIR" in str(missing.value)
+    # what stands in a file's place is named: "is missing" sent an operator looking for it
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    key = odd / "sender.key"
+    key.unlink()
+    key.mkdir()
+    with pytest.raises(ConfigError, match=r"sender\.key is a folder, not a file"):
+        TlsIdentity(odd, "sender", server=False).load()
+    key.rmdir()
+    key.symlink_to("/dev/null")
+    with pytest.raises(ConfigError, match=r"sender\.key is a device \(such as /dev/null\)"):
+        TlsIdentity(odd, "sender", server=False).load()
+    key.unlink()
+    key.symlink_to(odd / "moved.key")
+    with pytest.raises(ConfigError, match=r"sender\.key is a symbolic link to nothing"):
+        TlsIdentity(odd, "sender", server=False).load()
     stale = expired_copy(folder, tmp_path / "stale")
     with pytest.raises(AuthError, match="expired on") as expired:
         TlsIdentity(stale, "sender", server=False).load()
