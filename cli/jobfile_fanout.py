@@ -5,16 +5,20 @@ and each job's exit code is its own.
 The children run in their own process group: signals reach them through this process only,
 once each (SIGINT and SIGTERM forwarded as they came, so a second Ctrl-C still means
 "stop now"; SIGHUP as SIGTERM). Under systemd the unit uses ``KillMode=mixed`` for the
-same reason (contrib/replicator-send@.service). This process exits with 0 when every job
-did, else with the exit code of the first job, in file order, that failed; a line on
-stderr names every job that failed and its code.
+same reason (contrib/replicator-send@.service). Should this process die without passing
+a signal on (SIGKILL), each child gets SIGTERM and stops as it would on one. This process
+exits with 0 when every job did, else with the exit code of the first job, in file order,
+that failed; a line on stderr names every job that failed and its code.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -32,6 +36,25 @@ def child_argv(args: list[str], job: str) -> list[str]:
     at = tail.index("--") if "--" in tail else len(tail)
     tail[at:at] = ["--job", job]
     return [sys.executable, "-m", "replicator.cli", *prefix, *tail]
+
+
+def _stop_with(parent: int) -> Callable[[], None]:
+    """Run in each child before it starts: SIGTERM it when this process dies. Without
+    it, a runner killed outside systemd (SIGKILL, the OOM killer) left its jobs running
+    unsupervised in their own process group, and its restart found every state folder
+    held ("already runs"). Forked from this (main) thread, which lives as long as the
+    process: PR_SET_PDEATHSIG fires when the forking thread ends."""
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died before the line above: no signal will come
+            os._exit(128 + signal.SIGTERM)  # not yet started: nothing to stop gracefully
+
+    return arm
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _meaning(code: int) -> str:
@@ -65,7 +88,10 @@ def run_jobs(path: Path, jobs: list[str], args: list[str]) -> int:
         if stopping:
             break
         children[job] = subprocess.Popen(
-            child_argv(args, job), stdin=subprocess.DEVNULL, process_group=0
+            child_argv(args, job),
+            stdin=subprocess.DEVNULL,
+            process_group=0,
+            preexec_fn=_stop_with(os.getpid()),
         )
     codes = {job: child.wait() for job, child in children.items()}
     failed = [(job, code) for job, code in codes.items() if code != 0]

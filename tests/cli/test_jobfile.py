@@ -4,6 +4,7 @@ over the file; ``receive --config``; several jobs in child processes of their ow
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from tests.tools import (
     one_line_error,
     qemu_io,
     replicator,
+    running,
     wait_port,
 )
 
@@ -355,6 +357,36 @@ def test_sigterm_stops_every_job_of_a_continuous_job_file(
     out = replicator("send", "--job-file", str(path), "--once")  # REPLICATOR_QUIET, as -q
     assert out.returncode == 0, out.stderr[-3000:]
     assert "running 2 jobs" not in out.stderr  # warnings and errors only
+
+
+def test_a_killed_runner_takes_its_jobs_down_gracefully(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """SIGKILL to `send --job-file` (the OOM killer, a supervisor other than systemd)
+    left both jobs running unsupervised, and a restart found their folders held."""
+    for name in ("good.img", "other.img"):
+        (tmp_path / name).write_bytes(name.encode() * 65536)
+    path = _job_file(tmp_path, TWO_JOBS.format(to=receiver.address, broken="other.img"))
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--job-file", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+    )  # fmt: skip
+    states = [tmp_path / "state" / "good", tmp_path / "state" / "broken"]
+    deadline = time.monotonic() + 30
+    while not all((s / "control.sock").exists() for s in states):
+        assert proc.poll() is None and time.monotonic() < deadline, "the jobs did not start"
+        time.sleep(0.1)
+    pids = [json.loads((s / "sender.json").read_text())["pid"] for s in states]
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in pids):
+        assert time.monotonic() < deadline, "the jobs outlived their runner"
+        time.sleep(0.1)
+    for state in states:  # stopped as on SIGTERM: each said how it ended
+        assert json.loads((state / "sender.json").read_text())["error"] is None
+    out = replicator("send", "--job-file", str(path), "--once")
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_no_flags_turn_off_on_the_command_line_what_the_file_turns_on(
