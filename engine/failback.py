@@ -61,7 +61,7 @@ from replicator.engine.volumes import (
     zero_digest,
 )
 from replicator.journal import Record
-from replicator.journal.durable import fsync_fd
+from replicator.journal.durable import fsync_fd, settled
 from replicator.transport.messages import MAX_READ
 
 log = structlog.get_logger()
@@ -122,7 +122,7 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
                     and marker.phase == "handing-back"
                     and (welcome.applied_lsn, generation) == (marker.lsn, marker.generation)
                 ):  # the receiver took the job back; only our record of it was left
-                    await asyncio.to_thread(clear_marker, config.state_dir)
+                    await settled(clear_marker, config.state_dir)
                     await link.goodbye("failback done")
                     result.generation, result.lsn, result.already_done = (
                         generation,
@@ -158,7 +158,7 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
             await state.save(manifests)  # file volumes are shipped again by the next send
             # the same replica (the promoted one), in the generation it hands back
             handed = replace(peer, generation=generation)
-            await asyncio.to_thread(generations.save_peer, config.state_dir, handed)
+            await settled(generations.save_peer, config.state_dir, handed)
             await _record(config.state_dir, "handing-back", generation=generation, lsn=handback)
             await link.send_handover("handback", handback, generation)
             step = await link.handover(HANDBACK_TIMEOUT)
@@ -167,7 +167,7 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
                     f"the receiver answered the hand-back at lsn {handback} with {step.step!r} "
                     f"at {step.lsn}"
                 )
-            await asyncio.to_thread(clear_marker, config.state_dir)
+            await settled(clear_marker, config.state_dir)
             await link.goodbye("failback done")
             result.generation, result.lsn = step.generation, handback
         except BaseException as exc:
@@ -189,7 +189,7 @@ async def _record(
     volume byte changed ("failback"), the receiver told to take the job back
     ("handing-back"). When that fails, the step does not happen."""
     try:
-        await asyncio.to_thread(save_marker, state_dir, phase, generation=generation, lsn=lsn)
+        await settled(save_marker, state_dir, phase, generation=generation, lsn=lsn)
     except OSError as exc:
         if phase == "handing-back":
             done = "the volumes equal the target's replica, which stays promoted"

@@ -73,6 +73,7 @@ from replicator.engine.status import SenderPhase
 from replicator.engine.tree import Tree, tree_records
 from replicator.engine.volumes import VolumeKind, VolumeSpec
 from replicator.journal import Journal, JournalFull, Record
+from replicator.journal.durable import settled
 
 log = structlog.get_logger()
 
@@ -219,7 +220,7 @@ class LiveSender:
             touched.valid,
         )
         try:
-            await asyncio.to_thread(save_touched, state.dir, manifests.lsn, snapshot)
+            await settled(save_touched, state.dir, manifests.lsn, snapshot)
         except OSError as exc:
             log.warning(
                 "sender.touched_unsaved",
@@ -265,7 +266,7 @@ class LiveSender:
             new.files = dict(self._file_digests)
             new.modes.update(self._file_modes)
             await state.save(new)
-            await asyncio.to_thread(drop_touched, state.dir)
+            await settled(drop_touched, state.dir)
         except (OSError, ReplicatorError) as exc:
             log.warning(
                 "sender.checkpoint_failed",
@@ -412,7 +413,7 @@ class LiveSender:
         if since is None:
             since = journal.last_lsn
             try:  # before any record is numbered without the receiver
-                await asyncio.to_thread(save_served_alone, state.dir, since)
+                await settled(save_served_alone, state.dir, since)
             except OSError as exc:  # nothing numbered yet: tried again later
                 self._cannot_serve_alone(f"{SERVED_ALONE_FILE} could not be written: {exc}", waited)
                 return None

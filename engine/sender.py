@@ -251,13 +251,13 @@ class Sender:
             taking = theirs and purpose is not SessionPurpose.VERIFY
             now = generations.Peer(welcome.generation, theirs if taking else known.replica)
             if now != known:
-                await asyncio.to_thread(generations.save_peer, state_dir, now)
+                await settled(generations.save_peer, state_dir, now)
             self.status.generation = welcome.generation
             if state.served_alone is not None:  # engine/served_alone.py
                 ahead = receiver_ahead(link.received_lsn, state.served_alone)
                 if ahead is not None:
                     raise ahead
-                await asyncio.to_thread(clear_served_alone, state_dir)
+                await settled(clear_served_alone, state_dir)
                 state.served_alone = self.status.served_alone = None
             # the receiver may be ahead of us (our state was lost): never reuse its LSNs
             self._lsn_floor = link.received_lsn + 1

@@ -51,7 +51,7 @@ from replicator.engine.volumes import (
     zero_digest,
 )
 from replicator.journal import Journal, Record, RecordType
-from replicator.journal.durable import StateFileError
+from replicator.journal.durable import StateFileError, settled
 from replicator.journal.recovery import OnDamage
 
 log = structlog.get_logger()
@@ -201,17 +201,17 @@ class SenderState:
             self._lock.__exit__(None, None, None)
 
     async def save(self, manifests: ManifestSet) -> None:
-        await asyncio.to_thread(manifests.save, self.manifest_path)
+        await settled(manifests.save, self.manifest_path)
         self.manifests = manifests
         # they hold what cycles shipped without the journal since the older ones
-        await asyncio.to_thread(direct_intent.drop, self.dir)
+        await settled(direct_intent.drop, self.dir)
         if self.compare is not None and manifests.compared:  # not a checkpoint's, say
-            await asyncio.to_thread(lost_records.clear, self.dir)
+            await settled(lost_records.clear, self.dir)
             self.compare = None
 
     async def require_compare(self, reason: str) -> None:
         """Durably: every basis is the replica's until a cycle's manifests are saved."""
-        await asyncio.to_thread(lost_records.save, self.dir, reason)
+        await settled(lost_records.save, self.dir, reason)
         self.compare = reason
 
 
