@@ -20,6 +20,7 @@ from replicator.cli.common import fail, parse_endpoint, transport_security
 from replicator.cli.jobfile import ConfigFile, Section, kind_of, load_receive, load_send
 from replicator.cli.jobfile_checks import (
     at,
+    at_item,
     check_capture,
     check_jobs_apart,
     check_together,
@@ -47,6 +48,10 @@ def _check_send_job(config: ConfigFile, section: Section) -> list[str]:
     check_capture(config, section, {})  # as `send --job-file` refuses it
     check_together(config, section, {})
     paths = [Path(p) for p in values["volumes"]]
+    if capture != "fuse":
+        for path in paths:  # each first alone, at the key that gave it (`volumes`, `files`)
+            with at_item(config, section, "volumes", str(path)):
+                resolve_volumes([path])
     with at(config, section, "volumes"):
         if capture == "fuse":
             if len(paths) != 1 or not paths[0].is_dir():

@@ -188,6 +188,8 @@ class Section:
     values: dict[str, Any] = field(default_factory=dict)
     lines: dict[str, int | None] = field(default_factory=dict)  # parameter name -> key's line
     keys: dict[str, str] = field(default_factory=dict)  # parameter name -> key (`dir`)
+    # (parameter name, item of its list) -> the key and line that gave it (`files`, 5)
+    items: dict[tuple[str, str], tuple[str, int | None]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -265,6 +267,9 @@ class _Reader:
                 raise self.unknown(key, line, section)
             checked = self.value(spec, key, value, line, section)
             param_name = spec.param.name or key
+            if spec.is_list:
+                for item in checked:
+                    section.items.setdefault((param_name, str(item)), (key, line))
             if key in self.aliases:  # `files` follow `volumes`
                 section.values[param_name] = [*section.values.get(param_name, []), *checked]
             elif param_name in section.values:  # `files` came first

@@ -42,6 +42,22 @@ def at(config: ConfigFile, section: Section, param: str) -> Iterator[None]:
         ) from None
 
 
+@contextlib.contextmanager
+def at_item(config: ConfigFile, section: Section, param: str, item: str) -> Iterator[None]:
+    """As ``at``, for one item of a list parameter: at the key that gave it (a path in
+    ``files`` is reported at ``files``' line, not at ``volumes``')."""
+    key, line = section.items.get((param, item), (section.keys.get(param, param), None))
+    try:
+        yield
+    except ConfigError as exc:
+        raise located(
+            config.path,
+            line or section.lines.get(param, section.line),
+            f"{section.label}, key {key!r}: {exc.message}",
+            exc.hint,
+        ) from None
+
+
 def _endpoint(value: Any) -> None:
     parse_endpoint(value, "it")
 

@@ -139,6 +139,22 @@ def test_a_bad_job_file_names_file_line_and_key(
         assert word in error, error
 
 
+@pytest.mark.parametrize("order", ["volumes-first", "files-first"])
+def test_a_missing_file_is_reported_at_the_key_that_names_it(tmp_path: Path, order: str) -> None:
+    """check-config said "jf.toml:4: key 'volumes': volume vm.xml does not exist" for a
+    path given in `files` on line 5."""
+    (tmp_path / "disk.img").write_bytes(b"x" * 4096)
+    keys = ['volumes = ["disk.img"]\n', 'files = ["vm.xml"]\n']
+    if order == "files-first":
+        keys.reverse()
+    path = _job_file(tmp_path, GOOD.replace('volumes = ["disk.img"]\n', "".join(keys)))
+    out = replicator("check-config", str(path))
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    line = 6 if order == "files-first" else 7
+    error = one_line_error(out.stderr)
+    assert f"{path}:{line}: [jobs.vm1], key 'files': volume {tmp_path}/vm.xml does not" in error
+
+
 @pytest.mark.parametrize(
     ("extra", "line", "words"),
     [
