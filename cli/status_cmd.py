@@ -318,6 +318,11 @@ def _state(job: dict[str, Any]) -> str:
             f" (serving alone from LSN {alone.get('since_lsn')}: the receiver was not reached "
             "at start, --wait-for-receiver)"
         )
+    if job.get("not_served"):
+        text += (
+            f" (the VM's disks are not served yet, and cannot be without the receiver: "
+            f"{job['not_served']}; served once it is reached and they are synced)"
+        )
     if job.get("compare_pending"):
         text += f" (the next cycle compares with the replica: {job['compare_pending']})"
     fence = job.get("fence")

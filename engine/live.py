@@ -363,6 +363,7 @@ class LiveSender:
         modes = manifests.modes
         self._file_modes = {k: modes[k] for k in manifests.files if k in modes}
         self.status.progress = None
+        self.status.not_served = None
 
     async def _connect_until(
         self, state: SenderState, stop: asyncio.Event, deadline: float | None
@@ -448,6 +449,7 @@ class LiveSender:
         if why == self._alone_refused:
             return
         self._alone_refused = why
+        self.status.not_served = why  # status: the log alone said why, once
         log.error(
             "sender.cannot_serve_alone",
             why=why,

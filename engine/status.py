@@ -186,6 +186,9 @@ class SenderJobStatus:
         # a live sender serving without its receiver: the LSN it began from, until a
         # session finds the receiver at or below it (engine/served_alone.py)
         self.served_alone: int | None = None
+        # a live sender that has not served its VM's disks yet and cannot without its
+        # receiver (--wait-for-receiver passed): why, until they are served
+        self.not_served: str | None = None
         # why every basis is the replica's until a comparison completes (lost_records.py):
         # read from the state folder the sender has open (set at its connects)
         self.compare_pending: Callable[[], str | None] = lambda: None
@@ -358,6 +361,7 @@ class SenderJobStatus:
                 None if self.served_alone is None else {"since_lsn": self.served_alone}
             ),
             "compare_pending": self.compare_pending(),
+            "not_served": self.not_served,
             "errors": dict(self.errors),
             "last_error": self.last_error,
             "uptime_seconds": round(now - self.started, 1),

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.tools import (
     ENV,
@@ -149,8 +150,16 @@ def test_without_a_sync_from_its_state_folder_it_waits_for_the_receiver(
         time.sleep(4)  # past the 1 s wait and a few tries
         assert not sock.exists()
         assert proc.poll() is None
+        # and status says why (it said "connecting", the reason in the log only)
+        job = _live_job(tmp_path / "state")
+        assert "no sync from this state folder has completed yet" in job["not_served"], job
+        table = " ".join(
+            replicator("status", "--state-dir", str(tmp_path / "state")).stdout.split()
+        )
+        assert "the VM's disks are not served yet, and cannot be without the receiver" in table
         receiver = start_receiver(target, receiver.port)
         wait_for(sock.exists, proc, "the export once synced")
+        assert _live_job(tmp_path / "state")["not_served"] is None
         proc.terminate()
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
@@ -161,6 +170,15 @@ def test_without_a_sync_from_its_state_folder_it_waits_for_the_receiver(
         if proc.poll() is None:
             proc.kill()
         receiver.stop()
+
+
+def _live_job(state: Path) -> dict[str, Any]:
+    out = replicator("status", "--state-dir", str(state), "--json")
+    assert out.returncode == 0, out.stderr
+    snapshot = json.loads(out.stdout)
+    assert snapshot["running"] and snapshot["jobs"][0].get("source") != "files", snapshot
+    job: dict[str, Any] = snapshot["jobs"][0]
+    return job
 
 
 def _start(receiver: ReceiverProc, state: Path, sock: Path, source: Path) -> subprocess.Popen[str]:
