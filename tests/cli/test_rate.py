@@ -83,6 +83,16 @@ def test_rate_caps_the_wire_and_changes_live(tmp_path: Path) -> None:
     assert b3(tmp_path / "target" / "j" / disk.name) == b3(disk)
 
 
+def _send_nowhere(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`send --once` of a small disk to a port nothing listens on, with ``args``."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x" * 4096)
+    return replicator(
+        "send", "--to", "127.0.0.1:9", "--job", "j", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), *args, str(disk),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("args", "quoted"),
     [
@@ -94,12 +104,7 @@ def test_rate_caps_the_wire_and_changes_live(tmp_path: Path) -> None:
 def test_bad_shaping_options_exit_3_quoting_the_bad_part(
     tmp_path: Path, args: tuple[str, str], quoted: str
 ) -> None:
-    disk = tmp_path / "d.img"
-    disk.write_bytes(b"x" * 4096)
-    out = replicator(
-        "send", "--to", "127.0.0.1:9", "--job", "j", "--once", "--insecure",
-        "--state-dir", str(tmp_path / "s"), *args, str(disk),
-    )  # fmt: skip
+    out = _send_nowhere(tmp_path, *args)
     assert out.returncode == ExitCode.CONFIG, out.stderr
     assert quoted in out.stderr and args[0] in out.stderr
 
@@ -117,12 +122,7 @@ def test_a_burst_worth_many_seconds_at_the_rate_is_warned(
     tmp_path: Path, args: tuple[str, ...], warned: str | None
 ) -> None:
     """--burst 1G with --rate 10Mbit let 14 minutes' worth go unshaped after each pause."""
-    disk = tmp_path / "d.img"
-    disk.write_bytes(b"x" * 4096)
-    out = replicator(
-        "send", "--to", "127.0.0.1:9", "--job", "j", "--once", "--insecure",
-        "--state-dir", str(tmp_path / "s"), *args, str(disk),
-    )  # fmt: skip
+    out = _send_nowhere(tmp_path, *args)
     assert out.returncode == ExitCode.CONNECT, out.stderr  # warned, not refused
     if warned is None:
         assert "--burst" not in out.stderr
