@@ -146,7 +146,13 @@ def receive(
         receiver.status.tls = tls  # status and the metrics show when its certificate expires
         try:
             # TLS: the context is asked for at every accept (rebuilt when its files change)
-            server = await serve(host, port, receiver.handle, ssl=tls.context if tls else None)
+            server = await serve(
+                host,
+                port,
+                receiver.handle,
+                ssl=tls.context if tls else None,
+                on_refused=receiver.status.refused_connection,
+            )
         except OSError as exc:
             raise cannot_listen(listen, exc, who="receiver", option="--listen") from exc
         bound = [s.getsockname() for s in server.sockets]

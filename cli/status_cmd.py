@@ -218,6 +218,15 @@ def _render(snap: dict[str, Any]) -> Group:
         head.stylize("bold yellow", 0, len(role) + 2 + len(str(snap.get("note"))))
     tls = _tls(snap.get("tls"))
     heads = [head] if tls is None else [head, tls]
+    refused = snap.get("refused_connections")
+    if isinstance(refused, dict) and refused:
+        counts = ", ".join(f"{reason} {count}" for reason, count in sorted(refused.items()))
+        heads.append(
+            Text(
+                f"refused connections since start: {counts} (the log says each: "
+                "transport.tls_refused, receiver.refused)"
+            )
+        )
     jobs: list[dict[str, Any]] = list(snap.get("jobs", []))
     if not jobs:
         return Group(*heads, Text("no jobs yet"))

@@ -753,7 +753,13 @@ class Receiver:
             tls = self._tls
             context = tls.context if isinstance(tls, TlsIdentity) else tls
             try:
-                self._server = await serve(self.host, self.port, self.engine.handle, ssl=context)
+                self._server = await serve(
+                    self.host,
+                    self.port,
+                    self.engine.handle,
+                    ssl=context,
+                    on_refused=self.engine.status.refused_connection,
+                )
             except OSError as exc:
                 where = f"{self.host}:{self.port}"
                 raise cannot_listen(

@@ -85,6 +85,18 @@ class SnapshotCollector(Collector):
                 if when is not None:
                     expiry.add_metric([role, label], when)
             yield expiry
+        refused = snap.get("refused_connections")
+        if isinstance(refused, dict):
+            refusals = CounterMetricFamily(
+                PREFIX + "refused_connections",
+                "Connections refused before any job's session ran, by reason: tls (a failed "
+                "TLS handshake: another CA, no certificate, a plaintext peer), "
+                "too_many_pending (closed to make room), auth (--allow), version, name, busy.",
+                labels=["role", "reason"],
+            )
+            for reason, count in sorted(refused.items()):
+                refusals.add_metric([role, str(reason)], float(count))
+            yield refusals
 
         connected = gauge("connected", "1 while the job has a live replication connection.")
         state = gauge("state", "1 for the job's current state, 0 for the others.", ["state"])

@@ -202,6 +202,7 @@ class Receiver:
             hello = await conn.recv(timeout=HELLO_TIMEOUT)
         except VersionMismatchError as exc:
             log.warning("receiver.refused", peer=conn.peer, code="version", why=str(exc))
+            self.status.refused_connection("version")
             await send_quietly(
                 conn,
                 Refuse(
@@ -223,6 +224,7 @@ class Receiver:
         refusal = refusal or self._unknown_job(hello)
         if refusal is not None:
             log.warning("receiver.refused", peer=conn.peer, code=refusal.code, why=refusal.message)
+            self.status.refused_connection(refusal.code)
             await conn.send(refusal)
             return
         try:
@@ -241,6 +243,7 @@ class Receiver:
             async with asyncio.timeout(SESSION_WAIT):
                 await replica.session_lock.acquire()
         except TimeoutError:
+            self.status.refused_connection("busy")
             holder = self._holders.get(hello.job)
             who = "" if holder is None else f" ({holder[0]}, connected since {_clock(holder[1])})"
             await conn.send(

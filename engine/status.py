@@ -467,6 +467,14 @@ class StatusBoard:
         self.jobs: dict[str, SenderJobStatus | ReceiverJobStatus] = {}
         self.tls: TlsIdentity | None = None  # its certificate's expiry is shown
         self.listeners = Listeners()  # told (job, "job") when a job is added (or replaced)
+        # a server's connections refused before any job's session ran, by reason (a
+        # certificate refused, not allowed the job it named, another version, ...)
+        self.refused: dict[str, int] = {}
+
+    def refused_connection(self, reason: str) -> None:
+        """Count a connection refused for ``reason`` (``serve(on_refused=...)`` and the
+        receiver's own refusals): monitoring alerts on them, the log says each one."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def add(self, job: str, status: SenderJobStatus | ReceiverJobStatus) -> None:
         self.jobs[job] = status
@@ -479,6 +487,7 @@ class StatusBoard:
             "pid": _pid(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "tls": None if self.tls is None else self.tls.expiry(),
+            "refused_connections": dict(sorted(self.refused.items())),
             "jobs": jobs,
         }
 

@@ -128,6 +128,8 @@ DEFAULT_OFFLOAD: int | None = None
 Handler = Callable[["FramedConnection"], Awaitable[None]]
 # serve(ssl=...): a context, or a function returning one (called at every accept)
 ServerTls = _ssl.SSLContext | Callable[[], _ssl.SSLContext]
+# serve(on_refused=...): told why a connection was refused before its handler ran
+Refused = Callable[[str], None]
 # what a TLS receiver answers a peer that speaks our protocol in plaintext
 PLAINTEXT_REFUSAL = (
     "this receiver accepts TLS connections only: give the sender --tls-dir DIR with keys "
@@ -198,6 +200,7 @@ class FramedConnection:
         self._writelines = False
         self._discard: bytearray | None = None  # set by a lingering close: input is dropped
         self._abort_reason: str | None = None  # why we cut the connection, for recv errors
+        self._evicted = False  # serve() closed it to make room for a newer one
         self._silence: float | None = None  # abort_when_silent: the silence allowed ...
         self._silence_from = 0.0  # ... counted from the later of this and last_received
         self._silence_timer: asyncio.TimerHandle | None = None
@@ -763,11 +766,16 @@ class _Sessions:
     """
 
     def __init__(
-        self, handler: Handler, max_pending: int | None, handshake_timeout: float | None
+        self,
+        handler: Handler,
+        max_pending: int | None,
+        handshake_timeout: float | None,
+        on_refused: Refused | None = None,
     ) -> None:
         if max_pending is not None and max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         self._handler = handler
+        self.refused: Refused = on_refused or (lambda reason: None)
         self._max_pending = max_pending
         self._handshake_timeout = handshake_timeout
         self._tasks: set[asyncio.Task[None]] = set()
@@ -810,11 +818,13 @@ class _Sessions:
         oldest = next(c for c, source in self._pending.items() if counts[source] == most)
         del self._pending[oldest]
         oldest._pending_over = None  # it is not counted any more
+        oldest._evicted = True
         oldest._abort(
             f"closed {oldest.peer}: more than {self._max_pending} connections were waiting "
             "for a handshake"
         )
         self._burst_closed += 1
+        self.refused("too_many_pending")
         if self._burst is None:
             log.warning(
                 "transport.too_many_pending",
@@ -939,6 +949,8 @@ class _TlsGate(asyncio.BufferedProtocol):
             else:
                 reason = self._refused or conn._abort_reason or _tls_failure(exc)
                 log.warning("transport.tls_refused", peer=conn.peer, reason=reason)
+                if not conn._evicted:  # counted as such by _make_room
+                    self._sessions.refused("tls")
             conn._end_pending()
             _trim_soon(conn._loop)  # what OpenSSL held for the handshake goes back too
         self._tls.connection_lost(exc)
@@ -1001,8 +1013,9 @@ def _server_factory(
     max_pending: int | None,
     handshake_timeout: float | None,
     tls: ServerTls | None = None,
+    on_refused: Refused | None = None,
 ) -> Callable[[], asyncio.BaseProtocol]:
-    sessions = _Sessions(handler, max_pending, handshake_timeout)
+    sessions = _Sessions(handler, max_pending, handshake_timeout, on_refused)
     if tls is None:
 
         def build() -> _StreamProtocol:
@@ -1044,6 +1057,7 @@ async def serve(
     backlog: int = 100,
     max_pending: int | None = DEFAULT_MAX_PENDING,
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    on_refused: Refused | None = None,
     **kw: Any,
 ) -> asyncio.Server:
     """Listen on TCP; run ``handler(conn)`` for each connection (the connection is closed
@@ -1059,10 +1073,14 @@ async def serve(
     TLS handshake counts against both bounds (its own timeout is ``handshake_timeout``
     as well); the handler runs only for connections whose handshake succeeded, and a
     failed one is logged (``transport.tls_refused``, with the peer and the reason).
+
+    ``on_refused(reason)`` counts the connections refused before the handler could see
+    them: "tls" (a failed TLS handshake, a plaintext peer), "too_many_pending" (closed to
+    make room; see ``max_pending``).
     """
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        _server_factory(role, handler, kw, max_pending, handshake_timeout, ssl),
+        _server_factory(role, handler, kw, max_pending, handshake_timeout, ssl, on_refused),
         host,
         port,
         backlog=backlog,
@@ -1078,12 +1096,13 @@ async def serve_unix(
     backlog: int = 100,
     max_pending: int | None = DEFAULT_MAX_PENDING,
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    on_refused: Refused | None = None,
     **kw: Any,
 ) -> asyncio.Server:
     """Listen on a unix socket; as serve()."""
     loop = asyncio.get_running_loop()
     return await loop.create_unix_server(
-        _server_factory(role, handler, kw, max_pending, handshake_timeout, ssl),
+        _server_factory(role, handler, kw, max_pending, handshake_timeout, ssl, on_refused),
         path,
         backlog=backlog,
     )

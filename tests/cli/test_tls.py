@@ -234,6 +234,12 @@ def test_peers_without_a_valid_certificate_are_refused_before_anything_is_writte
         assert out.returncode == ExitCode.REFUSED, out.stderr
         assert "may not write job 'payroll'" in last_error(out.stderr)
         assert "vm1" not in out.stderr
+        # counted for monitoring, by reason (they were in the log only)
+        snap = json.loads(replicator("status", "--dir", str(rcv.dir), "--json").stdout)
+        refused = snap["refused_connections"]
+        assert refused["auth"] == 2 and refused["tls"] >= 5, refused
+        table = replicator("status", "--dir", str(rcv.dir)).stdout
+        assert f"refused connections since start: auth 2, tls {refused['tls']}" in table
     finally:
         assert rcv.stop() == 0
     reasons = [e["reason"] for e in log_events(log, "transport.tls_refused")]

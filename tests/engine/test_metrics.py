@@ -36,6 +36,7 @@ SENDER_SNAPSHOT: dict[str, Any] = {
 RECEIVER_SNAPSHOT: dict[str, Any] = {
     "role": "receiver",
     "uptime_seconds": 3.0,
+    "refused_connections": {"auth": 2, "tls": 5},
     "jobs": [
         {
             "job": "vm1",
@@ -118,6 +119,9 @@ async def test_receiver_families() -> None:
     assert point == pytest.approx(1767323045.25)
     assert _key("replicator_lag_seconds", **job) not in got  # unknown: no sample
     assert _key("replicator_journal_cap_bytes", **job) not in got
+    refused = "replicator_refused_connections_total"
+    assert got[_key(refused, role="receiver", reason="tls")] == 5
+    assert got[_key(refused, role="receiver", reason="auth")] == 2
 
 
 async def _http(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:

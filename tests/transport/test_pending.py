@@ -87,7 +87,10 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5) -> bo
 
 
 async def test_the_oldest_pending_connection_makes_room_for_a_new_one() -> None:
-    async with server(answer_hello, max_pending=4, handshake_timeout=None) as port:
+    refused: list[str] = []
+    async with server(
+        answer_hello, max_pending=4, handshake_timeout=None, on_refused=refused.append
+    ) as port:
         clients = []
         with capture_logs() as logs:
             for _ in range(6):  # one at a time, so the server sees them in this order
@@ -104,6 +107,7 @@ async def test_the_oldest_pending_connection_makes_room_for_a_new_one() -> None:
         first_port = clients[0][1].get_extra_info("sockname")[1]
         assert warnings[0]["peer"] == f"127.0.0.1:{first_port}"
         assert warnings[0]["max_pending"] == 4
+        assert refused == ["too_many_pending"] * 3  # each counted (monitoring)
         for _, writer in clients:
             writer.close()
 
