@@ -19,6 +19,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 # Debian packages the tests and the demo drive for real (command:package).
 SYSTOOLS := qemu-img:qemu-utils qemu-io:qemu-utils fio:fio nbdkit:nbdkit nbdcopy:libnbd-bin \
+            nbdsh:python3-libnbd \
             rsync:rsync ip:iproute2 openssl:openssl fusermount3:fuse3 bindfs:bindfs \
             pkg-config:pkg-config gcc:gcc patch:patch systemd-analyze:systemd etcd:etcd-server \
             mkfs.ext4:e2fsprogs findmnt:util-linux \

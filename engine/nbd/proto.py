@@ -364,6 +364,9 @@ class ServerConnection:
         self._pos = 0
         self._end = 0
         self._skip = 0  # payload bytes of an oversized WRITE still to discard
+        # ... and that WRITE, handed out once its payload is through (not before: a client
+        # still sending it takes a reply to it for a server bug; libnbd hangs up)
+        self._skipping: OversizedRequest | None = None
         self._pending_option: int | None = None
         # A large WRITE whose payload is being read into a buffer of its own.
         self._payload: bytearray | None = None
@@ -494,6 +497,12 @@ class ServerConnection:
         return _parse_option(option, data)
 
     def _next_request(self) -> Request | OversizedRequest | Disconnect | _NeedData:
+        skipping = self._skipping
+        if skipping is not None:
+            if self._skip:
+                return NEED_DATA
+            self._skipping = None
+            return skipping
         payload = self._payload
         if payload is not None:
             if self._payload_have < len(payload):
@@ -517,7 +526,11 @@ class ServerConnection:
                 have = min(self._available(), length)
                 self._pos += have
                 self._skip = length - have
-                return OversizedRequest(cmd, flags, handle, offset, length)
+                refused = OversizedRequest(cmd, flags, handle, offset, length)
+                if self._skip:
+                    self._skipping = refused
+                    return NEED_DATA
+                return refused
             if self._available() < REQUEST_SIZE + length:
                 if length < self.direct_payload:
                     return NEED_DATA

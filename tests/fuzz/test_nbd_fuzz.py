@@ -179,6 +179,8 @@ def read_requests(stream: bytes, pos: int, out: Reading, max_request: int) -> Re
             if length > MAX_SKIP:
                 out.error = True
                 break
+            if len(stream) - pos < length:
+                break  # refused only once its payload is through (a client is still sending)
             pos += length
             out.oversized.add(len(out.requests))
         elif cmd == Cmd.READ and length > max_request:

@@ -19,7 +19,7 @@ from replicator.engine.nbd import JournaledFileExport
 from replicator.engine.nbd.images import ImageError, ImageFormat, probe_path
 from replicator.journal import Journal, RecordType
 from tests.nbd.conftest import Served, ServeFactory
-from tests.nbd.helpers import journal_records, loop_policy, replay, run, tool
+from tests.nbd.helpers import journal_records, loop_policy, nbdsh, replay, run, tool
 
 pytestmark = pytest.mark.tools
 MiB = 1024 * 1024
@@ -174,6 +174,36 @@ async def test_nbdcopy_with_multiple_connections(tmp_path: Path, serve: ServeFac
     await run(tool("nbdcopy"), "--connections=4", "--flush", str(src), s.uri(target.name))
     assert same_bytes(target, src)
     await stop_and_replay(serve, s, target, copy)
+
+
+async def test_libnbd_write_over_the_maximum_gets_einval_and_goes_on(
+    tmp_path: Path, serve: ServeFactory
+) -> None:
+    """A client that ignores NBD_INFO_BLOCK_SIZE's maximum (libnbd without its strict
+    checks; old clients never ask) gets EINVAL for that WRITE and keeps its connection."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(4 * MiB))
+    s = await serve(path, max_request=MiB)
+    out = await nbdsh(
+        f"""
+h.set_strict_mode(0)
+h.connect_uri({s.uri(path.name)!r})
+assert h.get_block_size(nbd.SIZE_MAXIMUM) == {MiB}
+try:
+    h.pwrite(b"x" * ({MiB} + 4096), 0)
+except nbd.Error as exc:
+    print("refused", nbd_errno(exc))
+h.pwrite(b"y" * 4096, 0, nbd.CMD_FLAG_FUA)
+print("then", h.pread(4, 0))
+h.shutdown()
+"""
+    )
+    assert out.split() == ["refused", "EINVAL", "then", "bytearray(b'yyyy')"], out
+    await serve.stop()
+    assert [(r.type, r.offset, r.length) for r in await journal_records(s.journal)] == [
+        (RecordType.WRITE, 0, 4096),
+        (RecordType.FLUSH, 0, 0),
+    ]
 
 
 async def test_fio_random_4k_writes_with_verify(tmp_path: Path, serve: ServeFactory) -> None:

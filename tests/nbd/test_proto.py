@@ -308,10 +308,19 @@ def test_oversized_write_payload_is_skipped_across_chunks() -> None:
     payload = b"x" * 5000
     stream = request(Cmd.WRITE, 1, 0, 5000, payload) + request(Cmd.READ, 2, 0, 512)
     conn.receive_data(stream[:100])
-    assert events(conn) == [proto.OversizedRequest(Cmd.WRITE, 0, 1, 0, 5000)]
+    # not answered before its payload is through: a client (libnbd) takes a reply to a
+    # request it is still sending for a server bug and drops the connection
+    assert events(conn) == []
+    got = []
     for i in range(100, len(stream), 777):
         conn.receive_data(stream[i : i + 777])
-    assert events(conn) == [proto.Request(Cmd.READ, 0, 2, 0, 512)]
+        got.extend(events(conn))
+        if i + 777 < 28 + 5000:
+            assert got == []
+    assert got == [
+        proto.OversizedRequest(Cmd.WRITE, 0, 1, 0, 5000),
+        proto.Request(Cmd.READ, 0, 2, 0, 512),
+    ]
 
 
 def test_oversized_read_and_unskippable_write() -> None:

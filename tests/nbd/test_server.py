@@ -270,6 +270,24 @@ async def test_oversized_write_is_refused_and_skipped(tmp_path: Path, serve: Ser
     await assert_serves(s.socket)
 
 
+async def test_oversized_write_is_answered_only_after_its_payload(
+    tmp_path: Path, serve: ServeFactory
+) -> None:
+    """A reply to a request the client is still sending looks like a reply to no request
+    (libnbd: "no matching cookie found for server reply"; it hangs up)."""
+    s = await serve(disk(tmp_path), max_request=64 * KiB)
+    c = await RawClient.open(s.socket, "disk0.img")
+    c.send_request(Cmd.WRITE, 7, 0, 256 * KiB, b"x" * 100 * KiB)
+    await c.writer.drain()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(c.reader.readexactly(1), 0.3)
+    c.writer.write(b"x" * 156 * KiB)
+    assert await c.read_reply() == (7, Errno.EINVAL, b"")
+    assert await c.request(Cmd.READ, 0, 4) == (0, bytes(4))
+    await c.disconnect()
+    assert await journal_records(s.journal) == []
+
+
 async def test_disconnect_mid_payload_applies_nothing_of_it(
     tmp_path: Path, serve: ServeFactory
 ) -> None:
