@@ -700,8 +700,8 @@ def check_request(req: Request, size: int, flags: int) -> int:
     """The NBD error a request deserves before it touches the export (0 when valid).
 
     ``flags`` are the transmission flags the export advertised. Follows the spec's
-    SHOULDs: EINVAL for unknown commands and flags, ENOSPC for writes past the end,
-    EPERM for writes to a read-only export.
+    SHOULDs: EINVAL for unknown commands and flags, ENOSPC for a WRITE or WRITE_ZEROES
+    past the end (EINVAL for a READ or TRIM), EPERM for changes to a read-only export.
     """
     cmd = req.cmd
     allowed = _FUA if flags & _T_FUA else 0
@@ -729,5 +729,5 @@ def check_request(req: Request, size: int, flags: int) -> int:
     if req.length == 0:
         return _EINVAL
     if req.offset + req.length > size:
-        return _ENOSPC if writes else _EINVAL
+        return _ENOSPC if cmd in (_WRITE, _WRITE_ZEROES) else _EINVAL
     return 0

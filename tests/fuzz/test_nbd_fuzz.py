@@ -202,7 +202,8 @@ def spec_error(cmd: int, flags: int, offset: int, length: int, size: int, tflags
     """The error a request deserves before it touches the export (0: it may run).
 
     The spec: a command or flag the server did not advertise is EINVAL; a write to a
-    read-only export EPERM; a write beyond the end ENOSPC, a read beyond it EINVAL;
+    read-only export EPERM; a WRITE or WRITE_ZEROES beyond the end ENOSPC, a READ or TRIM
+    beyond it EINVAL;
     FLUSH has offset and length 0. proto.py adds: length 0 is EINVAL.
     """
     fua = int(CmdFlag.FUA) if tflags & _T.SEND_FUA else 0
@@ -224,7 +225,7 @@ def spec_error(cmd: int, flags: int, offset: int, length: int, size: int, tflags
     if length == 0:
         return errno.EINVAL
     if offset + length > size:
-        return errno.ENOSPC if mutates else errno.EINVAL
+        return errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else errno.EINVAL
     return 0
 
 

@@ -356,7 +356,8 @@ SIZE = 1 << 20
         (Cmd.WRITE, CmdFlag.NO_HOLE, 0, 1, Errno.EINVAL),
         (Cmd.WRITE_ZEROES, CmdFlag.NO_HOLE | CmdFlag.FUA, 0, SIZE, 0),
         (Cmd.WRITE_ZEROES, CmdFlag.FAST_ZERO, 0, 512, Errno.EINVAL),
-        (Cmd.TRIM, 0, SIZE - 512, 1024, Errno.ENOSPC),
+        (Cmd.TRIM, 0, SIZE - 512, 1024, Errno.EINVAL),  # the spec: ENOSPC only for writes
+        (Cmd.WRITE_ZEROES, 0, SIZE - 512, 1024, Errno.ENOSPC),
         (Cmd.FLUSH, 0, 0, 0, 0),
         (Cmd.FLUSH, 0, 0, 512, Errno.EINVAL),
         (Cmd.CACHE, 0, 0, 512, Errno.EINVAL),

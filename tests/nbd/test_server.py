@@ -163,6 +163,7 @@ async def test_io_round_trip_and_spec_errors(tmp_path: Path, serve: ServeFactory
     assert (await c.request(Cmd.READ, SIZE - 1, 2))[0] == Errno.EINVAL
     assert (await c.request(Cmd.WRITE, SIZE - 1, 2, b"xx"))[0] == Errno.ENOSPC
     assert (await c.request(Cmd.WRITE_ZEROES, SIZE, 1))[0] == Errno.ENOSPC
+    assert (await c.request(Cmd.TRIM, SIZE - 1, 2))[0] == Errno.EINVAL
     assert (await c.request(Cmd.CACHE, 0, 512))[0] == Errno.EINVAL
     assert (await c.request(42, 0, 512))[0] == Errno.EINVAL
     assert (await c.request(Cmd.READ, 0, 512, flags=CmdFlag.DF))[0] == Errno.EINVAL
