@@ -576,7 +576,9 @@ class ServerConnection:
         if rep < (1 << 31):
             raise NbdUsageError(f"{rep!r} is not an error reply")
         self._final(option, _Step.OPTION_REPLIED)
-        return option_reply(option, rep, message.encode()[:MAX_STRING])
+        # cut to the spec's limit on a character boundary (the message is UTF-8)
+        raw = message.encode()[:MAX_STRING].decode(errors="ignore").encode()
+        return option_reply(option, rep, raw)
 
     def reply_ack(self, option: int) -> bytes:
         """Final NBD_REP_ACK for an option that needs no data (the connection continues)."""

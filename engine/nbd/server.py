@@ -59,6 +59,7 @@ log = structlog.get_logger("replicator.nbd")
 HANDSHAKE_TIMEOUT: Final = 30.0
 SHUTDOWN_TIMEOUT: Final = 60.0
 _SMALL_REPLY: Final = 64 * 1024  # below this, header and data are joined into one write
+_NAMES_SHOWN: Final = 8  # export names an unknown-export error lists
 # plain ints for the per-request path (IntEnum/IntFlag operators run Python code)
 _READ, _WRITE, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.FLUSH)
 _TRIM, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)
@@ -326,13 +327,23 @@ class _Connection(asyncio.BufferedProtocol):
             return
         export = self.server.lookup(event.name)
         if export is None:
-            self._write(
-                codec.reply_error(event.option, Rep.ERR_UNKNOWN, f"no export named {event.name!r}")
-            )
+            self._write(codec.reply_error(event.option, Rep.ERR_UNKNOWN, self._unknown(event.name)))
             return
         self._write(codec.accept_go(event, export.size, export.flags, self.server.block_size))
         if event.go:
             self._enter_transmission(export)
+
+    def _unknown(self, name: str) -> str:
+        """Why ``name`` selects nothing, with the names that would (qemu prints it)."""
+        names = sorted(self.server.exports)
+        shown = ", ".join(repr(n) for n in names[:_NAMES_SHOWN])
+        if len(names) > _NAMES_SHOWN:
+            shown += f", ... ({len(names)} in all; NBD_OPT_LIST, nbdinfo --list, has them)"
+        if name == "" and names:
+            return f"no default export: this server has {len(names)}, name one ({shown})"
+        if not names:
+            return f"no export named {name!r} (this server exports nothing)"
+        return f"no export named {name!r} (exported here: {shown})"
 
     def _on_export_name(self, event: OptionExportName) -> None:
         export = None if event.name is None else self.server.lookup(event.name)

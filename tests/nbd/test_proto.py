@@ -157,6 +157,14 @@ def test_malformed_go_is_reported_as_invalid(data: bytes, reason: str) -> None:
     assert reply[1] == Rep.ERR_INVALID and reply[2] == ev.invalid.encode()
 
 
+def test_a_long_error_message_is_cut_on_a_character_boundary() -> None:
+    conn = ServerConnection()
+    conn.receive_data(struct.pack(">I", 1) + option(0x7777))
+    assert events(conn) == [proto.OptionOther(0x7777, b"")]
+    (reply,) = parse_replies(conn.reply_error(0x7777, Rep.ERR_UNSUP, "x" + "é" * 3000))
+    assert reply[2].decode() == "x" + "é" * 2047  # 4095 bytes: no half of a character
+
+
 def test_unknown_option_is_passed_up_with_its_data() -> None:
     conn = ServerConnection()
     conn.receive_data(struct.pack(">I", 1) + option(0x7777, b"xyz"))

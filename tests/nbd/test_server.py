@@ -104,6 +104,27 @@ async def test_refused_options_keep_the_session_usable(tmp_path: Path, serve: Se
     await c.disconnect()
 
 
+async def test_an_unknown_export_name_is_answered_with_the_names_served(
+    tmp_path: Path, serve: ServeFactory
+) -> None:
+    """What qemu prints ("server reported: ...") says which names would work."""
+    s = await serve(disk(tmp_path), disk(tmp_path, "disk1.img"))
+    c = await RawClient.connect(s.socket)
+    await c.greet()
+    (reply,) = await c.option_replies(Opt.GO, go_data("disk2.img"))
+    assert (reply.rep, reply.data.decode()) == (
+        Rep.ERR_UNKNOWN,
+        "no export named 'disk2.img' (exported here: 'disk0.img', 'disk1.img')",
+    )
+    (reply,) = await c.option_replies(Opt.INFO, go_data(""))
+    assert (reply.rep, reply.data.decode()) == (
+        Rep.ERR_UNKNOWN,
+        "no default export: this server has 2, name one ('disk0.img', 'disk1.img')",
+    )
+    assert [r.rep for r in await c.option_replies(Opt.ABORT)] == [Rep.ACK]
+    c.writer.close()
+
+
 async def test_default_export_when_there_is_only_one(tmp_path: Path, serve: ServeFactory) -> None:
     s = await serve(disk(tmp_path))
     c = await RawClient.open(s.socket, "")
