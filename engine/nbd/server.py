@@ -64,6 +64,7 @@ _NAMES_SHOWN: Final = 8  # export names an unknown-export error lists
 _READ, _WRITE, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.FLUSH)
 _TRIM, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)
 _FUA, _NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE)
+_ENOSPC = int(Errno.ENOSPC)
 
 
 class NbdServer:
@@ -91,6 +92,7 @@ class NbdServer:
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._connections: set[_Connection] = set()
+        self._past_end: set[str] = set()  # exports a WRITE past the end was reported for
         self.shutting_down = False
         self._closed = False
 
@@ -120,6 +122,26 @@ class NbdServer:
         if name == "" and len(self.exports) == 1:
             return next(iter(self.exports.values()))  # the default export
         return self.exports.get(name)
+
+    def wrote_past_end(self, export: Export) -> None:
+        """A WRITE reached past the export (refused, ENOSPC): said once per export, as a
+        warning with what to do, because for a growable image it means that the image
+        outgrew the room measured when serving began, and the VM now stops on ENOSPC."""
+        if export.name in self._past_end:
+            return
+        self._past_end.add(export.name)
+        log.warning(
+            "nbd.write_past_export_end",
+            export=export.name,
+            size=export.size,
+            hint=(
+                "a client wrote past the end of the export and got ENOSPC. For a qcow2 or "
+                "dynamic VHD image this means the image needs more room than was measured "
+                "when serving began (it was resized while served, e.g. block_resize or "
+                "qemu-img resize through NBD): restart `replicator send` to measure it "
+                "again, or give a larger --nbd-size"
+            ),
+        )
 
     def _register(self, conn: _Connection) -> None:
         self._connections.add(conn)
@@ -374,6 +396,8 @@ class _Connection(asyncio.BufferedProtocol):
             return
         error = check_request(req, export.size, self.export_flags)
         if error:
+            if error == _ENOSPC and req.cmd == _WRITE:
+                self.server.wrote_past_end(export)
             self.log.info(
                 "nbd.request_refused",
                 cmd=req.cmd,

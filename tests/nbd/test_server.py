@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from replicator.engine.nbd import backend
 from replicator.engine.nbd.proto import (
@@ -193,6 +194,24 @@ async def test_io_round_trip_and_spec_errors(tmp_path: Path, serve: ServeFactory
     await c.disconnect()
     records = await journal_records(s.journal)
     assert [r.type.name for r in records] == ["WRITE", "ZERO", "TRIM", "FLUSH"]
+
+
+async def test_a_write_past_the_end_is_reported_once_with_what_to_do(
+    tmp_path: Path, serve: ServeFactory
+) -> None:
+    """A qcow2 resized through NBD outgrows the export measured at start: the VM stops on
+    ENOSPC, and the sender's log must say why and what to do (an info line did not)."""
+    s = await serve(disk(tmp_path))
+    c = await RawClient.open(s.socket, "disk0.img")
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert (await c.request(Cmd.WRITE, SIZE - 2, 4, b"full"))[0] == Errno.ENOSPC
+        assert (await c.request(Cmd.READ, SIZE - 2, 4))[0] == Errno.EINVAL
+    await c.disconnect()
+    warned = [e for e in logs if e["event"] == "nbd.write_past_export_end"]
+    assert len(warned) == 1, logs
+    assert warned[0]["log_level"] == "warning" and warned[0]["size"] == SIZE
+    assert "restart `replicator send`" in warned[0]["hint"]
 
 
 async def test_replies_complete_out_of_order(
