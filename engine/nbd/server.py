@@ -137,9 +137,9 @@ class NbdServer:
             hint=(
                 "a client wrote past the end of the export and got ENOSPC. For a qcow2 or "
                 "dynamic VHD image this means the image needs more room than was measured "
-                "when serving began (it was resized while served, e.g. block_resize or "
-                "qemu-img resize through NBD): restart `replicator send` to measure it "
-                "again, or give a larger --nbd-size"
+                "when serving began (it was resized or snapshotted while served, e.g. "
+                "block_resize, or qemu-img resize or snapshot through NBD): restart "
+                "`replicator send` to measure it again, or give a larger --nbd-size"
             ),
         )
 

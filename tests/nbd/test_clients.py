@@ -176,6 +176,93 @@ async def test_nbdcopy_with_multiple_connections(tmp_path: Path, serve: ServeFac
     await stop_and_replay(serve, s, target, copy)
 
 
+async def test_libnbd_every_command_and_flag_as_the_spec_says(
+    tmp_path: Path, serve: ServeFactory
+) -> None:
+    """libnbd, its own checks off, sends each command with each flag: what is advertised
+    works, everything else gets the error the spec names, and the connection survives all
+    of it; the journal then replays to the served file byte for byte."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(4 * MiB))
+    copy = tmp_path / "replica.img"
+    shutil.copyfile(path, copy)
+    s = await serve(path, max_request=MiB)
+    out = await nbdsh(
+        f"""
+h.set_strict_mode(0)
+h.connect_uri({s.uri(path.name)!r})
+size = h.get_size()
+print("can", [f for f in ("flush", "fua", "trim", "zero", "multi_conn", "fast_zero", "cache",
+                          "df", "meta_context") if getattr(h, "can_" + f)(*(
+                          ["base:allocation"] if f == "meta_context" else []))])
+def run(name, call):
+    try:
+        call()
+        print(name, "ok")
+    except nbd.Error as exc:
+        print(name, nbd_errno(exc))
+run("write+fua", lambda: h.pwrite(b"a" * 65536, 0, nbd.CMD_FLAG_FUA))
+run("write-unaligned", lambda: h.pwrite(b"b" * 3, 65537))
+run("zero+no_hole", lambda: h.zero(4096, 8192, nbd.CMD_FLAG_NO_HOLE))
+run("zero+fua", lambda: h.zero(4096, 16384, nbd.CMD_FLAG_FUA))
+run("zero+fast", lambda: h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO))
+run("zero-over-max", lambda: h.zero(2 * {MiB}, {MiB}))
+run("trim+fua", lambda: h.trim(4096, 32768, nbd.CMD_FLAG_FUA))
+run("trim-over-max", lambda: h.trim(2 * {MiB}, {MiB}))
+run("flush", lambda: h.flush())
+run("read+fua", lambda: h.pread(512, 0, nbd.CMD_FLAG_FUA))
+run("read+df", lambda: h.pread(512, 0, nbd.CMD_FLAG_DF))
+run("read-over-max", lambda: h.pread({MiB} + 1, 0))
+run("write+no_hole", lambda: h.pwrite(b"c", 0, nbd.CMD_FLAG_NO_HOLE))
+run("cache", lambda: h.cache(4096, 0))
+run("block_status", lambda: h.block_status(4096, 0, lambda *args: 0))
+run("read-past-end", lambda: h.pread(512, size - 256))
+run("write-past-end", lambda: h.pwrite(b"d" * 512, size - 256))
+run("zero-past-end", lambda: h.zero(512, size - 256))
+run("trim-past-end", lambda: h.trim(512, size - 256))
+run("read-offset-wraps", lambda: h.pread(4096, 2**64 - 512))
+run("write-offset-wraps", lambda: h.pwrite(b"e" * 4096, 2**64 - 512))
+run("read-empty", lambda: h.pread(0, 0))
+run("write-empty", lambda: h.pwrite(b"", 0))
+run("trim-empty", lambda: h.trim(0, 0))
+run("zero-empty", lambda: h.zero(0, 0))
+print("alive", h.pread(4, 0) == b"aaaa")
+h.shutdown()
+"""
+    )
+    lines = out.splitlines()
+    assert lines[0] == "can ['flush', 'fua', 'trim', 'zero', 'multi_conn']", out
+    assert dict(line.split() for line in lines[1:]) == {
+        "write+fua": "ok",
+        "write-unaligned": "ok",  # NBD_INFO_BLOCK_SIZE says minimum 1
+        "zero+no_hole": "ok",
+        "zero+fua": "ok",
+        "zero+fast": "EINVAL",  # FAST_ZERO not advertised: EINVAL, never ENOTSUP
+        "zero-over-max": "ok",  # no payload: the maximum does not apply
+        "trim+fua": "ok",
+        "trim-over-max": "ok",
+        "flush": "ok",
+        "read+fua": "ok",  # FUA is valid on every command once advertised
+        "read+df": "EINVAL",  # no structured replies
+        "read-over-max": "EINVAL",
+        "write+no_hole": "EINVAL",
+        "cache": "EINVAL",
+        "block_status": "EINVAL",
+        "read-past-end": "EINVAL",
+        "write-past-end": "ENOSPC",
+        "zero-past-end": "ENOSPC",
+        "trim-past-end": "EINVAL",
+        "read-offset-wraps": "EINVAL",
+        "write-offset-wraps": "ENOSPC",
+        "read-empty": "EINVAL",
+        "write-empty": "EINVAL",
+        "trim-empty": "EINVAL",
+        "zero-empty": "EINVAL",
+        "alive": "True",
+    }, out
+    await stop_and_replay(serve, s, path, copy)
+
+
 async def test_libnbd_write_over_the_maximum_gets_einval_and_goes_on(
     tmp_path: Path, serve: ServeFactory
 ) -> None:
