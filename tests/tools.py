@@ -106,6 +106,31 @@ def qemu_io(fmt: str, path: Path | str, *commands: str) -> None:
     assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
 
 
+# what every nbdsh script may use: nbd_errno(exc), an nbd.Error's errno name
+_NBDSH_PRELUDE = (
+    "import errno\n"
+    "def nbd_errno(exc):\n"  # a name in libnbd 1.14, a number in later versions
+    "    return exc.errno if isinstance(exc.errno, str) else errno.errorcode[exc.errno]\n"
+)
+
+
+def nbdsh(script: str, timeout: float = 120) -> str:
+    """Run a Python ``script`` in libnbd's ``nbdsh`` (``h`` is an unconnected handle,
+    ``nbd`` the module); returns its output, failing with it when nbdsh exits non-zero.
+
+    nbdsh runs ``python3 -m nbd``: the Python beside it is the one its package installed
+    the module for (not a pyenv or venv ``python3`` earlier on ``PATH``).
+    """
+    path = require_tool("nbdsh")
+    env = {**os.environ, "PATH": f"{os.path.dirname(path)}:{os.environ.get('PATH', '')}"}
+    out = subprocess.run(
+        [path, "-c", _NBDSH_PRELUDE + script],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, f"nbdsh exited {out.returncode}:\n{out.stdout}{out.stderr}"
+    return out.stdout
+
+
 def qemu_compare(
     fmt: str, a: Path, b: Path, *, shared: bool = False
 ) -> subprocess.CompletedProcess[str]:

@@ -16,6 +16,7 @@ from tests.tools import (
     REPLICATOR,
     ReceiverProc,
     b3,
+    nbdsh,
     qemu_compare,
     qemu_img,
     qemu_io,
@@ -121,6 +122,65 @@ def test_qemu_img_convert_and_nbdcopy_into_exports(
     subprocess.run(["nbdcopy", str(image), _uri(sock, "disk1.img")], check=True, timeout=60)
     _converges("raw", raw, receiver.dir / "live" / "disk1.img")
     assert b3(receiver.dir / "live" / "disk1.img") == b3(image)
+
+
+def test_libnbd_every_change_on_two_connections_reaches_the_replica(
+    tmp_path: Path, live_vm: tuple[Path, Path, Path], receiver: ReceiverProc
+) -> None:
+    """What a libnbd user sends the sender's shim: FUA writes, zeroes with and without
+    NO_HOLE, trims, a WRITE over the advertised maximum (refused; it used to cost the
+    connection), writes on one connection flushed by the other (multi-conn is advertised).
+    Every acknowledged change is in the source and reaches the replica."""
+    _, raw, sock = live_vm
+    max_request = 32 * 1024 * 1024
+    out = nbdsh(
+        f"""
+uri = {_uri(sock, "disk1.img")!r}
+h.set_strict_mode(0)
+h.connect_uri(uri)
+other = nbd.NBD()
+other.connect_uri(uri)
+assert h.can_multi_conn()
+h.pwrite(b"\\x11" * 1048576, 0, nbd.CMD_FLAG_FUA)
+h.zero(65536, 4096, nbd.CMD_FLAG_NO_HOLE)  # (length, offset)
+h.zero(65536, 262144)
+h.trim(65536, 524288, nbd.CMD_FLAG_FUA)
+try:
+    h.pwrite(b"\\x22" * ({max_request} + 4096), 2097152)
+except nbd.Error as exc:
+    print("oversized", nbd_errno(exc))
+cookies = [
+    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([i + 1]) * 65536), (4 + i) * 1048576)
+    for i in range(16)
+]
+while h.aio_in_flight():
+    h.poll(-1)
+for cookie in cookies:
+    assert h.aio_command_completed(cookie)  # raises the command's error
+other.flush()
+print("read back", other.pread(4, 4 * 1048576))
+h.shutdown()
+other.shutdown()
+"""
+    )
+    assert out.split() == [
+        "oversized",
+        "EINVAL",
+        "read",
+        "back",
+        "bytearray(b'\\x01\\x01\\x01\\x01')",
+    ]
+    data = raw.read_bytes()
+    expected = bytearray(32 * 1024 * 1024)
+    expected[:1048576] = b"\x11" * 1048576
+    expected[4096 : 4096 + 65536] = bytes(65536)
+    expected[262144 : 262144 + 65536] = bytes(65536)
+    expected[524288 : 524288 + 65536] = bytes(65536)
+    for i in range(16):
+        expected[(4 + i) * 1048576 : (4 + i) * 1048576 + 65536] = bytes([i + 1]) * 65536
+    assert data == expected
+    _converges("raw", raw, receiver.dir / "live" / "disk1.img")
+    assert b3(receiver.dir / "live" / "disk1.img") == b3(raw)
 
 
 def test_fio_nbd_random_writes_with_verify(

@@ -15,6 +15,7 @@ import uvloop
 
 from replicator.engine.nbd import proto
 from replicator.journal import Journal, Record, RecordType
+from tests import tools
 
 OPT = struct.Struct(">QII")
 OPT_REPLY = struct.Struct(">QIII")
@@ -193,27 +194,8 @@ async def run(*argv: str, timeout: float = 120) -> str:
 
 
 async def nbdsh(script: str, timeout: float = 60) -> str:
-    """Run a Python ``script`` in libnbd's ``nbdsh`` (``h`` is an unconnected handle;
-    ``nbd_errno(exc)`` gives an ``nbd.Error``'s errno name). Fails with its output when
-    it exits non-zero.
-
-    nbdsh runs ``python3 -m nbd``: the Python beside it is the one its package installed
-    the module for (not a pyenv or venv ``python3`` earlier on ``PATH``).
-    """
-    path = tool("nbdsh")
-    env = {**os.environ, "PATH": f"{os.path.dirname(path)}:{os.environ.get('PATH', '')}"}
-    prelude = (
-        "import errno\n"
-        "def nbd_errno(exc):\n"  # a name in libnbd 1.14, a number in later versions
-        "    return exc.errno if isinstance(exc.errno, str) else errno.errorcode[exc.errno]\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        path, "-c", prelude + script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, f"nbdsh exited {proc.returncode}:\n{text}"
-    return text
+    """``tests.tools.nbdsh`` off the event loop (the server under test runs on it)."""
+    return await asyncio.to_thread(tools.nbdsh, script, timeout)
 
 
 def tool(name: str) -> str:
