@@ -396,7 +396,8 @@ request_st = st.one_of(
         lambda h, o, d, f: (Cmd.WRITE, f, h, o, len(d), d),
         st.integers(0, 2**64 - 1),
         st.integers(0, 2**64 - 1),
-        st.binary(min_size=0, max_size=300),
+        # some over the 512 a test's max_request may be
+        st.one_of(st.binary(max_size=300), st.binary(min_size=513, max_size=700)),
         st.sampled_from([0, 1]),
     ),
     st.builds(
@@ -415,24 +416,26 @@ request_st = st.one_of(
     cuts=st.lists(st.integers(0, 10_000), max_size=30),
     direct_payload=st.sampled_from([1, 2, 50, proto.DIRECT_PAYLOAD]),
     read_size=st.sampled_from([1, 30, 200, proto.MIN_READ]),
+    max_request=st.sampled_from([512, proto.MAX_SKIP]),
 )
 def test_request_stream_parses_the_same_in_any_split(
     reqs: list[tuple[int, int, int, int, int, bytes]],
     cuts: list[int],
     direct_payload: int,
     read_size: int,
+    max_request: int,
 ) -> None:
     """Whether a payload waits with the headers or goes to a buffer of its own, and
     however small the receive buffer (it compacts and grows), the requests come out the
-    same."""
-    max_request = proto.MAX_SKIP
+    same; a WRITE over the maximum comes out refused only once its payload has passed."""
     stream = b"".join(request(c, h, o, n, d, f) for c, f, h, o, n, d in reqs)
     expected = [
         proto.OversizedRequest(c, f, h, o, n)
-        if c == Cmd.READ and n > max_request
+        if c in (Cmd.READ, Cmd.WRITE) and n > max_request
         else proto.Request(c, f, h, o, n, d)
         for c, f, h, o, n, d in reqs
     ]
+    ends = list(itertools.accumulate(REQ.size + len(d) for *_, d in reqs))
     conn = in_transmission(
         max_request=max_request, direct_payload=direct_payload, read_size=read_size
     )
@@ -441,6 +444,8 @@ def test_request_stream_parses_the_same_in_any_split(
     for a, b in itertools.pairwise(points):
         conn.receive_data(stream[a:b])
         got.extend(events(conn))
+        # nothing is handed out before all of its bytes (payload included) were received
+        assert len(got) == sum(1 for end in ends if end <= b)
     assert got == expected
     assert conn.buffered == 0
 
