@@ -15,7 +15,8 @@ above its high-water mark (a client that does not read its replies).
 
 A client that breaks the protocol is disconnected; it never affects other clients.
 A client that disconnects mid-request loses nothing that was acknowledged: requests
-already received run to completion (their replies are dropped).
+already received run to completion (their replies are dropped). One that only shuts down
+its sending side still gets every reply, then the connection closes.
 """
 
 from __future__ import annotations
@@ -203,6 +204,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.writing_paused = False
         self.disconnecting = False  # DISC received, protocol error or shutdown
         self.lost = False
+        self.eof = False  # the client shut down its sending side
+        self._starved = False  # the codec has no complete event left (it said NEED_DATA)
         self._idle = asyncio.Event()
         self._idle.set()
         self._timer: asyncio.TimerHandle | None = None
@@ -238,10 +241,16 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.codec.buffer_updated(nbytes)
+        self._starved = False  # until the codec says again that it needs more
         self._process()
 
-    def eof_received(self) -> bool | None:
-        return None  # close our side; requests already received still complete
+    def eof_received(self) -> bool:
+        # The client sends nothing more (a half-close, or it is gone). Keep our side open:
+        # the requests it sent still run, and are answered while it reads; close once they
+        # are (nbdkit does the same). A client that is gone makes the replies fail instead.
+        self.eof = True
+        self._process()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -296,6 +305,8 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self._processing = False
         self._update_reading()
+        if self.eof and self._starved and not self.inflight and not self.disconnecting:
+            self._hang_up()  # nothing more will come, and every request was answered
 
     def _process_events(self) -> None:
         codec = self.codec
@@ -307,7 +318,9 @@ class _Connection(asyncio.BufferedProtocol):
                 self._hang_up()
                 return
             if event is NEED_DATA:
+                self._starved = True
                 break
+            self._starved = False
             if isinstance(event, Request):
                 self._on_request(event)
             elif isinstance(event, OversizedRequest):
@@ -459,7 +472,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.server._unregister(self)
         if self.disconnecting:
             self._close_when_idle()
-        elif self.reading_paused and not self._processing:
+        elif (self.reading_paused or self.eof) and not self._processing:
             self._update_reading()
             self._process()
 

@@ -373,6 +373,29 @@ async def test_requests_sent_before_a_hang_up_still_complete(
 # -- shutdown ----------------------------------------------------------------------
 
 
+async def test_a_client_that_half_closes_still_gets_every_reply(
+    tmp_path: Path, serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that shuts down its sending side after its last request (no DISC) and
+    reads on: each request it sent is answered, then the server closes (nbdkit does the
+    same; the shim used to close at once and drop the replies of requests it ran)."""
+    slow_datasync(monkeypatch, 0.2)  # the FUA writes are still running at the EOF
+    path = disk(tmp_path)
+    s = await serve(path, max_inflight=4)  # and some wait in the codec, not yet started
+    c = await RawClient.open(s.socket, "disk0.img")
+    for i in range(10):
+        c.send_request(Cmd.WRITE, i, i * 4096, 4096, bytes([i + 1]) * 4096, CmdFlag.FUA)
+    c.send_request(Cmd.FLUSH, 10)
+    c.send_request(Cmd.WRITE, 11, 0, 4096, b"cut")  # incomplete: never answered
+    await c.writer.drain()
+    c.writer.write_eof()
+    replies = sorted([(await c.read_reply())[:2] for _ in range(11)])
+    assert replies == [(i, 0) for i in range(11)]
+    assert await c.closed_by_server()
+    assert path.read_bytes()[: 10 * 4096] == b"".join(bytes([i + 1]) * 4096 for i in range(10))
+    await assert_serves(s.socket)
+
+
 async def test_aclose_finishes_inflight_requests_then_closes(
     tmp_path: Path, serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
