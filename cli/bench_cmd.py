@@ -75,7 +75,7 @@ reports both change-sync times (start to exit) and ours/rsync.
 were journaled) through the same link to a receiver, and reports the lag it held (p50, p99,
 max) and whether --target-rpo held: what RPO the link would give that workload. A state dir
 keeps only what its receiver has not acknowledged: to record, run a live capture (send
---nbd or --fuse) with a --to no receiver answers for the workload's duration (see
+--capture nbd or fuse) with a --to no receiver answers for the workload's duration (see
 docs/OPERATIONS.md).
 
 --netns (root) runs the sender and the receiver (and the plain TCP and rsync peers) in two

@@ -12,7 +12,6 @@ import typer
 
 from replicator.cli.common import (
     InsecureOption,
-    TlsDirOption,
     fail,
     parse_endpoint,
     run,
@@ -35,7 +34,14 @@ def witness_command(
         typer.Option("--dir", help="Where the grants are kept (witness.state), durably."),
     ] = DEFAULT_DIR,
     insecure: InsecureOption = False,
-    tls_dir: TlsDirOption = None,
+    tls_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-dir",
+            help="Mutual TLS 1.3 with the keys `replicator keygen --out DIR` made: DIR's "
+            "ca.crt and the witness's certificate (witness.crt/.key, or --tls-name's).",
+        ),
+    ] = None,
     tls_name: Annotated[
         str | None,
         typer.Option(

@@ -14,8 +14,8 @@ age of the oldest record not applied by the receiver); when the last record is j
 it waits until the receiver has applied everything.
 
 What a recording holds: a state dir keeps only records its receiver has not acknowledged
-(acknowledged ones are trimmed). To record a workload, run the capture (``send --nbd`` or
-``--fuse``) with a ``--to`` no receiver answers, for as long as the workload should be
+(acknowledged ones are trimmed). To record a workload, run the capture (``send --capture nbd``
+or ``fuse``) with a ``--to`` no receiver answers, for as long as the workload should be
 recorded (every write stays journaled, up to the journal's cap), then stop it; or point
 ``--replay`` at a journal copied from a sender's state dir.
 """
