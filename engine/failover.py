@@ -117,7 +117,9 @@ async def finish_failover(
 ) -> FailoverResult:
     """After promotion: point configuration files at the replicas, run ``exec_cmd``."""
     promoted_at = time.monotonic()
-    replica_dir = config.replica_root / job
+    # absolute: libvirt takes only absolute disk paths, and --exec runs in the folder, so
+    # a REPLICATOR_REPLICA_DIR relative to this process's folder would name another one
+    replica_dir = (config.replica_root / job).absolute()
     rewritten = await asyncio.to_thread(point_configs_at_replicas, replica_dir)
     missing = await asyncio.to_thread(missing_on_target, replica_dir)
     for problem in missing:

@@ -458,6 +458,37 @@ def test_an_overlay_sent_without_its_backing_file_is_told_at_send_and_at_failove
     assert "is not at" in warning
 
 
+def test_failover_with_a_relative_dir_names_absolute_paths(
+    tmp_path: Path, source: tuple[Path, Path]
+) -> None:
+    """`failover --dir replicas` run from the folder above it (as docs/OPERATIONS.md writes
+    it, `--dir DIR`): libvirt takes only absolute disk paths, and --exec runs in the replica
+    folder, so the domain XML and REPLICATOR_REPLICA_DIR must not be relative to where
+    failover ran (they said `replicas/vm1/vm1.qcow2`, `replicas/vm1`)."""
+    disk, xml = source
+    target = tmp_path / "replicas"
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm1", tmp_path / "state", disk, xml)
+    finally:
+        assert rcv.stop() == 0
+    ran = tmp_path / "exec.txt"
+    out = subprocess.run(
+        [*REPLICATOR, "failover", "--dir", "replicas", "--job", "vm1", "--force",
+         "--exec", f"sh -c 'echo \"$REPLICATOR_REPLICA_DIR\" > {ran}'"],
+        capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    replica = target / "vm1" / disk.name
+    promoted_xml = (target / "vm1" / xml.name).read_text()
+    assert f"file='{replica}'" in promoted_xml or f'file="{replica}"' in promoted_xml
+    for _ in range(600):  # --exec is left running: wait for what it wrote
+        if ran.exists() and ran.read_text().endswith("\n"):
+            break
+        time.sleep(0.05)
+    assert ran.read_text().strip() == str(target / "vm1")
+
+
 def _from_source(
     command: str, rcv: ReceiverProc, state: Path, *args: str
 ) -> subprocess.CompletedProcess[str]:
