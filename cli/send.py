@@ -70,7 +70,8 @@ StateDirOption = Annotated[
     Path | None,
     typer.Option(
         "--state-dir",
-        help="Sender state (journal, manifests). Default: /var/lib/replicator/send/JOB as root.",
+        help="Sender state (journal, manifests). Default: /var/lib/replicator/send/JOB as root, "
+        "else $XDG_STATE_HOME (~/.local/state)/replicator/send/JOB.",
     ),
 ]
 VolumesArgument = Annotated[

@@ -87,3 +87,12 @@ def test_witness_help_names_the_witness_certificate() -> None:
     )
     tls_dir = text[text.index("--tls-dir DIR") : text.index("--tls-name")]
     assert "witness.crt" in tls_dir and "sender.crt" not in tls_dir, tls_dir
+
+
+@pytest.mark.parametrize("name", ["send", "verify", "failback"])
+def test_state_dir_help_names_both_defaults(name: str) -> None:
+    """Not root, the default is under ~/.local/state (engine/statedir.py), as
+    docs/OPERATIONS.md says; -h named only root's."""
+    command = COMMANDS[name]
+    text = " ".join(command.get_help(click.Context(command, info_name=name)).split())
+    assert "/var/lib/replicator/send/JOB as root" in text and "~/.local/state" in text, text
