@@ -116,11 +116,22 @@ def check_peer(conn: Any, expected: str | None, *, role: str, where: str, option
     if presented == expected:
         return
     shown = "no certificate name" if presented is None else f"certificate {presented!r}"
+    hint = (
+        f"check the address; if that host is the {role} and its certificate has another "
+        f"name, pass {option} {presented or 'NAME'}"
+    )
+    if presented in (RECEIVER, WITNESS) and presented != role:
+        # a receiver's port given as the witness's, or the other way round: the way out
+        # is the address, not an option that would send to the wrong service
+        listen = "witness" if role == WITNESS else "receive"
+        hint = (
+            f"that is the default name of a replicator {presented}, not a {role}: give "
+            f"the {role}'s address (the one `replicator {listen} --listen` uses)"
+        )
     raise PeerNameError(
         f"the {role} at {where} presented {shown}, not {expected!r}: refused, nothing was "
         "sent (another certificate of the same CA answers there)",
-        hint=f"check the address; if that host is the {role} and its certificate has "
-        f"another name, pass {option} {presented or 'NAME'}",
+        hint=hint,
     )
 
 

@@ -26,7 +26,7 @@ from replicator.engine import keys
 from replicator.engine.authz import Allow, Authorizer, allowed, parse_allow, refusal
 from replicator.engine.connectors import TcpConnector
 from replicator.engine.errors import AuthError, ConfigError, ExitCode, as_user_error, tls_refusal
-from replicator.engine.tls import TlsIdentity, peer_name
+from replicator.engine.tls import PeerNameError, TlsIdentity, check_peer, peer_name
 from replicator.transport import (
     PLAINTEXT_REFUSAL,
     ConnectionClosedError,
@@ -541,3 +541,35 @@ async def test_a_tls_alert_that_ended_the_connection_still_names_the_certificate
     finally:
         await sender.aclose()
         await receiver.aclose()
+
+
+class _Presents:
+    """A connection whose peer presented a valid certificate named ``name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def get_extra_info(self, key: str) -> object:
+        assert key == "peercert"
+        return {"subject": ((("commonName", self.name),),)}
+
+
+@pytest.mark.parametrize(
+    ("presented", "role", "option", "listen"),
+    [
+        ("witness", "receiver", "--tls-peer", "receive"),
+        ("receiver", "witness", "--witness-peer", "witness"),
+    ],
+)
+def test_the_other_service_s_port_says_to_fix_the_address(
+    presented: str, role: str, option: str, listen: str
+) -> None:
+    """`send --to` given the witness's port (or --witness the receiver's) told to pass
+    `--tls-peer witness`, which would send replication to the witness."""
+    with pytest.raises(PeerNameError) as caught:
+        check_peer(_Presents(presented), role, role=role, where="h:1", option=option)
+    assert f"replicator {listen} --listen" in str(caught.value.hint)
+    assert option not in str(caught.value.hint)
+    # a name of the admin's own still gets the option that accepts it
+    with pytest.raises(PeerNameError, match=f"pass {option} site-b"):
+        check_peer(_Presents("site-b"), role, role=role, where="h:1", option=option)
