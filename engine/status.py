@@ -235,8 +235,10 @@ class SenderJobStatus:
             self.changed("disconnected" if link is None else "connected")
 
     def heard_applied(self, lsn: int) -> None:
-        """The receiver applied up to ``lsn`` (as last heard, before any link of this run)."""
+        """The receiver applied up to ``lsn`` (as last heard, before any link of this run),
+        so it had received that much too (status said "received 0, applied 15")."""
         self._applied = max(self._applied, lsn)
+        self._received = max(self._received, lsn)
 
     def unapplied_until(self, since: float, lsn: int) -> None:
         """A change made at ``since`` reaches the replica only with the record at ``lsn``

@@ -54,3 +54,15 @@ async def test_snapshots_after_a_sync_and_while_the_receiver_is_away(tmp_path: P
         lagging = (await board.snapshot())["jobs"][0]
         assert lagging["lag"]["records"] == 1
         assert lagging["lag"]["seconds"] >= 5.0  # since the source time of that change
+
+
+async def test_an_applied_lsn_heard_before_any_link_was_received_too() -> None:
+    """A live sender serving alone (--wait-for-receiver) starts from the receiver's applied
+    LSN as last heard: its status said "received 0, applied 15", as if the receiver held
+    less than it had applied."""
+    from replicator.engine.status import SenderJobStatus
+
+    status = SenderJobStatus("vm1", "nbd", "127.0.0.1:1")
+    status.heard_applied(15)
+    lsn = (await status.snapshot())["lsn"]
+    assert lsn["applied"] == 15 and lsn["received"] == 15, lsn
