@@ -175,8 +175,9 @@ def wire_words(summary: Summary) -> str:
     """Bytes on the wire, and what lz4 saved of the records' size (when it saved any)."""
     sent = f"sent {human_size(summary.wire_bytes)} on the wire"
     if summary.payload_bytes > summary.wire_bytes > 0:
-        saved = 100 * (1 - summary.wire_bytes / summary.payload_bytes)
-        return f"{sent} (lz4 saved {saved:.0f}% of {human_size(summary.payload_bytes)})"
+        # rounded down: "saved 100%" said of 19 KiB sent for 4.3 MiB read as nothing sent
+        saved = 100 * (summary.payload_bytes - summary.wire_bytes) // summary.payload_bytes
+        return f"{sent} (lz4 saved {saved}% of {human_size(summary.payload_bytes)})"
     return sent
 
 
