@@ -96,3 +96,16 @@ def test_state_dir_help_names_both_defaults(name: str) -> None:
     command = COMMANDS[name]
     text = " ".join(command.get_help(click.Context(command, info_name=name)).split())
     assert "/var/lib/replicator/send/JOB as root" in text and "~/.local/state" in text, text
+
+
+def test_every_json_key_of_a_command_result_is_documented() -> None:
+    """`send --once --json`, `failover --json`, `failback --json` print these objects'
+    fields; docs/OPERATIONS.md names each, so a script author finds what a key means."""
+    import dataclasses
+
+    from replicator.engine.api import FailbackResult, FailoverResult, Summary
+
+    text = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    for result in (Summary, FailoverResult, FailbackResult):
+        missing = [f.name for f in dataclasses.fields(result) if f"`{f.name}`" not in text]
+        assert not missing, (result.__name__, missing)
