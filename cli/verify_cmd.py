@@ -167,4 +167,12 @@ def verify_command(
                 "(a running sender's next cycle, or `replicator send --once`); "
                 "`replicator verify --repair` sends the differing extents now"
             )
+            if any(v.replica_size is None for v in result.volumes):
+                # deleted on the target, a plain send refuses the job: saying only "a send
+                # ships it" sent the admin to a refusal
+                typer.echo(
+                    "next: a replica missing on the target was deleted there (a plain send is "
+                    "refused until `replicator send --resync`) or not sent yet; "
+                    "`replicator verify --repair` makes it either way"
+                )
         raise typer.Exit(int(ExitCode.DIFFERENT))

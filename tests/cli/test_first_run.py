@@ -301,6 +301,29 @@ def test_verify_of_an_unknown_job_changes_nothing(tmp_path: Path, receiver: Rece
     assert not (receiver.dir / ".replicator" / "nosuch").exists()  # ... nor receiver state
 
 
+def test_verify_of_a_replica_deleted_on_the_target_says_what_makes_it(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A replica deleted on the target: verify's next: line said only that a send ships
+    the difference, and the plain send it pointed to is refused ("deleted outside
+    replication", exit 6) until --resync."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    state = tmp_path / "s"
+    send_once(receiver, "gone", state, disk)
+    (receiver.dir / "gone" / disk.name).unlink()
+    args = ("--to", receiver.address, "--job", "gone", "--insecure", "--state-dir", str(state))
+    out = replicator("verify", *args, str(disk))
+    assert out.returncode == ExitCode.DIFFERENT, out.stderr
+    assert "d.img: replica missing" in out.stdout
+    assert "`replicator send --resync`" in out.stdout and "deleted there" in out.stdout
+    # what it says holds: a plain send is refused, verify --repair makes the replica
+    plain = replicator("send", *args, "--once", str(disk))
+    assert plain.returncode == ExitCode.REFUSED, plain.stderr
+    assert replicator("verify", *args, "--repair", str(disk)).returncode == 0
+    assert (receiver.dir / "gone" / disk.name).read_bytes() == disk.read_bytes()
+
+
 def test_verify_shows_progress_and_quiet_hides_it(tmp_path: Path, receiver: ReceiverProc) -> None:
     disk = tmp_path / "d.img"
     disk.write_bytes(os.urandom(16 << 20))
