@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w-])")
 
-# other programs' options the docs quote (rsync, nbdcopy, fio, bindfs, nbdkit, systemd,
+# other programs' options the docs quote (rsync, nbdcopy, nbdinfo, fio, bindfs, nbdkit, systemd,
 # the benchmark scripts in bench/), and the data-flow diagram's "--scan-->" arrow
 FOREIGN = {
     "--inplace", "--no-whole-file", "--daemon", "--connections", "--ioengine",
     "--multithreaded", "--filter", "--full", "--now", "--punch-hole", "--strict",
-    "--runtime", "--size-mib", "--repeat", "--scan",
+    "--runtime", "--size-mib", "--repeat", "--scan", "--map",
 }  # fmt: skip
 
 
