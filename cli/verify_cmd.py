@@ -163,9 +163,11 @@ def verify_command(
     if not result.identical:
         if not as_json:
             typer.echo(
-                "next: a change made since the last send shows here until a send ships it "
-                "(a running sender's next cycle, or `replicator send --once`); "
-                "`replicator verify --repair` sends the differing extents now"
+                "next: a change made on the source since the last send shows here until a "
+                "send ships it (a running sender's next cycle, or `replicator send --once`); "
+                "a replica written on the target, outside replication, makes a plain send "
+                "refuse the job (diverged) until `replicator send --resync`; "
+                "`replicator verify --repair` sends the differing extents now, either way"
             )
             if any(v.replica_size is None for v in result.volumes):
                 # deleted on the target, a plain send refuses the job: saying only "a send

@@ -331,6 +331,10 @@ def test_a_replica_edited_on_the_target_is_never_silently_built_upon(tmp_path: P
             "--insecure", str(disk),
         )  # fmt: skip
         assert verify.returncode == ExitCode.DIFFERENT, verify.stdout + verify.stderr
+        # its next: line named only "a send ships it", which is refused here
+        said = " ".join(verify.stdout.split())
+        assert "a replica written on the target, outside replication, makes a plain send" in said
+        assert "until `replicator send --resync`" in said
         assert _send(receiver, "edited", state, disk).returncode == ExitCode.REFUSED  # still
         summary = send_once(receiver, "edited", state, disk, extra=("--resync",))
         assert summary["basis"] == "remote"

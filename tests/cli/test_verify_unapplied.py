@@ -89,7 +89,7 @@ def test_verify_leaves_the_point_and_compares_what_the_records_will_make(tmp_pat
         differs = replicator(*args, str(sender.source), timeout=120)
         assert differs.returncode == 1, differs.stdout + differs.stderr
         assert f"offset {40 << 20} length 65536" in differs.stdout
-        assert "next: a change made since the last send" in differs.stdout
+        assert "next: a change made on the source since the last send" in differs.stdout
         assert "`replicator verify --repair`" in differs.stdout
         last = _job(rcv)
         assert (last["lsn"], last["consistency_point"]) == (
