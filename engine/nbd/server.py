@@ -449,6 +449,18 @@ class _Connection(asyncio.BufferedProtocol):
                 data = await export.read(req.offset, req.length)
             else:
                 error = await _execute(export, req)
+            if (
+                gate is not None
+                and not error
+                and cmd != _READ
+                and cmd != _FLUSH
+                and gate.closed
+                and not await gate.passable()
+            ):
+                # let through in time, done past the fence's deadline (a frozen process, a
+                # stalled journal): acknowledged only once a renewal says this source is
+                # still the primary; the target promoted meanwhile, never
+                error = Errno.EIO
         except NbdIOError as exc:
             error = exc.errno
         except Exception:
