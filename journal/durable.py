@@ -58,6 +58,27 @@ def fdatasync_fd(fd: int) -> None:
     os.fdatasync(fd)
 
 
+def rewrite_durably(fd: int, end: int, chunk: int = 1 << 20) -> None:
+    """Write the file's first ``end`` bytes over themselves, then fdatasync it.
+
+    For data whose earlier fsync may have failed, in this process or a previous one:
+    Linux then marks the pages it could not write clean (or drops them), and a later
+    fdatasync succeeds without writing them ("fsyncgate"). Written again, the copy the
+    page cache still holds is dirty and goes to the disk with this fdatasync; a page the
+    kernel dropped reads back as what the disk holds, which the caller checked already.
+    """
+    offset = 0
+    while offset < end:
+        data = os.pread(fd, min(chunk, end - offset), offset)
+        if not data:
+            break  # shorter than ``end``: nothing past it to write back
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    os.fdatasync(fd)
+
+
 def sync_dir(path: str | os.PathLike[str]) -> None:
     """Make creations, renames and unlinks inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

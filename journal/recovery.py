@@ -369,15 +369,26 @@ def recover(directory: Path, on_damage: OnDamage, discard_below: int) -> Recover
             log_safely("warning", "journal.tail_truncated", **where)
     spares = adopt_spares(directory)
     segments = [SegmentFile.from_info(info) for info in report.segments]
-    if segments and not segments[-1].sealed:
-        active = segments[-1]
-        fd = os.open(active.path, os.O_RDWR | os.O_CLOEXEC)
+    # The segment a writer may not have synced: the last one (a roll syncs the segment
+    # it seals before it creates the next). Whatever a dead writer left of it in the
+    # page cache is made durable, and written again first: a failed fsync (the writer's,
+    # which is why it stopped) may have left clean pages that never reached the disk,
+    # and an fdatasync alone would count them (durable.rewrite_durably)
+    active_fd: int | None = None
+    if segments:
+        last = segments[-1]
+        fd = os.open(last.path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            durable.fdatasync_fd(fd)  # whatever a dead writer left in the page cache
+            durable.rewrite_durably(fd, last.end + (SEAL_BYTES if last.sealed else 0))
         except BaseException:
             os.close(fd)
             raise
-        return Recovered(segments, fd, recovery, spares)
+        if last.sealed:
+            os.close(fd)
+        else:
+            active_fd = fd
+    if active_fd is not None:
+        return Recovered(segments, active_fd, recovery, spares)
     base = segments[-1].next_lsn if segments else next_base
     fd, path = create_segment(directory, base)
     segments.append(SegmentFile(path, base, 0, 0, 0, HEADER_BYTES, HEADER_BYTES, False))

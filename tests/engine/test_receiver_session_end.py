@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,15 +41,17 @@ def _config(tmp_path: Path) -> ReceiverConfig:
     return ReceiverConfig(replica_root=tmp_path / "replicas", state_root=tmp_path / "state")
 
 
-def _epoch(first_lsn: int, fill: int) -> Records:
-    """Two blocks of ``fill`` and an EPOCH, as one Records frame."""
+def _epoch(first_lsn: int, fill: int, *, barrier: bool = True) -> Records:
+    """Two blocks of ``fill`` and an EPOCH (without ``barrier``: not yet), as one Records
+    frame."""
     records = [
         Record.write("d", i * BLOCK, bytes([fill]) * BLOCK).with_lsn(first_lsn + i, 1)
         for i in range(2)
     ]
-    records.append(Record.epoch(fill).with_lsn(first_lsn + 2, 1))
+    if barrier:
+        records.append(Record.epoch(fill).with_lsn(first_lsn + 2, 1))
     payload = b"".join(encode_record(r) for r in records)
-    return Records(first_lsn, first_lsn + 2, len(records), 1, payload)
+    return Records(first_lsn, records[-1].lsn, len(records), 1, payload)
 
 
 @contextlib.asynccontextmanager
@@ -234,3 +237,59 @@ async def test_a_close_during_an_apply_rounds_state_write_leaves_one_writer(
     (job,) = receiver_jobs_at_rest(config.state_root)
     assert job["consistency_point"]["lsn"] == SECOND, job
     assert not job["recovery_pending"], job
+
+
+@pytest.mark.parametrize("where", ["session end", "sync"])
+async def test_records_whose_journal_fsync_failed_are_never_acknowledged_as_received(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """fsyncgate: the receive journal's fdatasync fails with EIO (the kernel dropped the
+    pages it could not write) at the end of a session that had not synced epoch two, or
+    in that session's own sync; the job is reopened for the next session, whose open
+    fdatasyncs the journal again, and that one succeeds without writing anything. The
+    Welcome said received 5 while the disk held 3: a power cut then lost records the
+    sender had been told were durable (and trims). (Epoch two's writes only, its EPOCH
+    still to come: a complete epoch would be applied, into the replica, from the page
+    cache's copy, and so be durable after all.) Now the journal's open writes its last
+    segment's records again before that fdatasync, so what it counts is on the disk."""
+    from replicator.engine.job_replica import JobReplica as Job
+    from tests.faultfs import powered
+
+    fs = powered(tmp_path / "real", tmp_path / "mnt")
+    try:
+        config = _config(tmp_path / "mnt")
+        receiver = Receiver(config)
+        try:
+            async with _session(receiver, 0) as (sender, welcome, _):
+                generation = max(welcome.generation, 1)
+                replica = await receiver.job("job")
+                await sender.send(_epoch(1, 1))
+                assert await _applied(replica, FIRST) == FIRST
+                rule = fs.add("fsync", errno.EIO, path="*.seg", times=1)
+                with monkeypatch.context() as patched:
+                    if where == "session end":  # the session's sync never runs
+                        taken = asyncio.Event()
+                        patched.setattr(Session, "_wake_syncer", lambda self: taken.set())
+                        await sender.send(_epoch(FIRST + 1, 2, barrier=False))
+                        async with asyncio.timeout(5):
+                            await taken.wait()
+                    else:
+                        await sender.send(_epoch(FIRST + 1, 2, barrier=False))
+                        with contextlib.suppress(ConnectionError, TimeoutError):
+                            while True:  # the receiver says why and ends the session
+                                await sender.recv(timeout=5)
+                    assert replica.journal.last_lsn == SECOND - 1
+            await asyncio.to_thread(fs.wait_for_hit, rule)
+            assert replica.broken  # the journal refuses everything after the failure
+            async with _session(receiver, generation) as (_, welcome, _):
+                acknowledged = welcome.received_lsn
+        finally:
+            await receiver.aclose()
+        fs.power_cut()
+    finally:
+        fs.stop()
+    after = await Job.open("job", _config(tmp_path / "real"))
+    try:
+        assert after.received_lsn >= acknowledged, (after.received_lsn, acknowledged)
+    finally:
+        await after.aclose()

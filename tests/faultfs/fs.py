@@ -894,7 +894,11 @@ class FaultyPassthrough(pyfuse3.Operations):
     @_handler
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         f = self._files[fh]
-        self._fault("fsync", f.node.name)
+        try:
+            self._fault("fsync", f.node.name)
+        except pyfuse3.FUSEError:  # a writeback error: what it would have covered is lost
+            self.volatile.sync_failed(self.volatile.sync_starts(f.fd))
+            raise
         covered = self.volatile.sync_starts(f.fd)
         await asyncio.to_thread(os.fdatasync if datasync else os.fsync, f.fd)
         if self.powered_off:  # the power went while the disk flushed: not known durable

@@ -425,6 +425,35 @@ def test_power_cut_takes_back_what_no_fsync_covered(ffs: FaultFS) -> None:
     assert undone["files"] == 4 and undone["changes_undone"] == 8  # O_TRUNC counts too
 
 
+def test_what_a_failed_fsync_covered_is_lost_until_written_and_synced_again(
+    ffs: FaultFS,
+) -> None:
+    """fsyncgate: after an fsync failed, a later one that succeeds does not make the bytes
+    the failed one covered durable (the kernel dropped them); writing them again does."""
+    m, s = ffs.mountpoint, ffs.source
+    _write(m / "a", b"0" * 8192)
+    _write(m / "b", b"0" * 8192)
+    ffs.track_unsynced()
+    for name in ("a", "b"):
+        fd = os.open(m / name, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"1" * 8192, 0)
+            rule = ffs.add("fsync", errno.EIO, path=name, times=1)
+            with pytest.raises(OSError) as e:
+                os.fsync(fd)
+            assert e.value.errno == errno.EIO
+            ffs.remove(rule)
+            if name == "b":  # rewritten in two parts, then synced: durable
+                os.pwrite(fd, os.pread(fd, 4096, 0), 0)
+                os.pwrite(fd, os.pread(fd, 4096, 4096), 4096)
+            os.fsync(fd)  # succeeds
+        finally:
+            os.close(fd)
+    ffs.power_cut()
+    assert (s / "a").read_bytes() == b"0" * 8192  # the successful fsync did not save it
+    assert (s / "b").read_bytes() == b"1" * 8192
+
+
 def test_power_cut_takes_back_names_no_folder_fsync_covered(ffs: FaultFS) -> None:
     """A new file, a rename over another, an unlink, a new folder: each stays only if the
     folders it changed were fsynced after it; the file's own fsync is not enough."""

@@ -15,6 +15,14 @@ and a file renamed over another keeps its own history: a temporary file written,
 into place and never synced comes back empty under its final name, which is what breaks
 an atomic write that forgot its fsync.
 
+A sync that fails (a rule fired on it) is Linux's writeback error ("fsyncgate"): the
+kernel may have dropped the dirty pages it could not write, or marked them clean with the
+disk never having them, and a later fsync that succeeds does not bring them back. So the
+changes that sync would have covered are *lost*: a later sync does not make them durable,
+and ``cut`` takes them back, unless the bytes were written again after the failure and a
+sync covered that rewrite (each byte of a lost change covered by one: a program that
+rewrites what it cannot trust, as recovery may).
+
 The names (creates, renames, unlinks, folders) are ``volatile_names.py``'s, taken back
 after the data. Metadata (modes, owners, times) is not taken back.
 """
@@ -41,6 +49,9 @@ class _History:
     fd: int  # our own O_RDWR descriptor of the file: reads what a change replaces
     changes: list[_Change] = field(default_factory=list)
     dropped: int = 0  # changes made durable and forgotten; changes[0] is number ``dropped``
+    # changes a failed sync would have covered (never durable but by a synced rewrite)
+    lost: list[_Change] = field(default_factory=list)
+    rewritten: list[tuple[int, int]] = field(default_factory=list)  # synced since, [lo, hi)
 
 
 class VolatileWrites:
@@ -89,12 +100,32 @@ class VolatileWrites:
         return history, history.dropped + len(history.changes)
 
     def synced(self, mark: tuple[_History, int] | None) -> None:
-        """A sync returned: the changes made before it started are durable."""
+        """A sync returned: the changes made before it started are durable (and so is a
+        lost change whose every byte they wrote again)."""
         if mark is None:
             return
         history, upto = mark
         covered = upto - history.dropped
         if covered > 0:
+            if history.lost:
+                history.rewritten.extend(
+                    (c.offset, c.offset + len(c.old)) for c in history.changes[:covered]
+                )
+                history.rewritten = _merged(history.rewritten)
+                history.lost = [c for c in history.lost if not _inside(c, history.rewritten)]
+                if not history.lost:
+                    history.rewritten = []
+            del history.changes[:covered]
+            history.dropped = upto
+
+    def sync_failed(self, mark: tuple[_History, int] | None) -> None:
+        """A sync failed: the changes it would have covered are lost (module docstring)."""
+        if mark is None:
+            return
+        history, upto = mark
+        covered = upto - history.dropped
+        if covered > 0:
+            history.lost.extend(history.changes[:covered])
             del history.changes[:covered]
             history.dropped = upto
 
@@ -105,6 +136,9 @@ class VolatileWrites:
         pages reach the disk in any order) and the size one of the sizes it had."""
         files = undone = 0
         for history in self._files.values():
+            # the lost changes are older than every unsynced one: undone after them
+            history.changes[:0] = history.lost
+            history.lost = []
             if history.changes:
                 files += 1
             if rng is None:
@@ -119,6 +153,22 @@ class VolatileWrites:
         self._files.clear()
         self.armed = False
         return {"files": files, "changes_undone": undone, "changes_seen": self.changes_seen}
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _inside(change: _Change, ranges: list[tuple[int, int]]) -> bool:
+    """Whether every byte ``change`` replaced lies in one of the (merged) ``ranges``."""
+    lo, hi = change.offset, change.offset + len(change.old)
+    return any(a <= lo and hi <= b for a, b in ranges)
 
 
 def _put_back(fd: int, data: bytes | memoryview, offset: int) -> None:
