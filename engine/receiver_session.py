@@ -171,7 +171,9 @@ class Session:
         or the end cut it short) is made durable and taken over by the job before the job
         is free for anyone else, so the epochs it completes are applied now, and a failover
         through this receiver promotes the point a job opened from the same files would.
-        Not acknowledged: the sender hears of it from the next Welcome."""
+        Not acknowledged: the sender hears of it from the next Welcome. When that fails
+        (the journal's fsync, a direct write's commit), the session ends as a storage
+        failure (StorageFailed): the job's status says so, not "connection lost"."""
         replica = self.replica
         if replica.broken:  # reopened, and recovered from its files, by the next session
             return
@@ -179,7 +181,19 @@ class Session:
             await replica.make_durable()
             await replica.take_durable()
         except (JournalError, OSError, ApplyError, ReplicaDiverged) as exc:
-            log.warning("receiver.session_end_sync", job=replica.job, error=str(exc))
+            reason = storage_reason(exc, (replica.replica_dir, replica.state_dir))
+            log.error(
+                "receiver.session_end_sync",
+                job=replica.job,
+                error=reason,
+                action="nothing past the last acknowledgement counts: the job's next "
+                "session (or a failover) reopens it from its files, and the sender sends "
+                "the rest again",
+            )
+            raise StorageFailed(
+                f"{reason} (at the end of the session: what it had not synced was not "
+                "acknowledged; the sender sends it again)"
+            ) from exc
 
     async def request_handover(self) -> int:
         """Planned failover: ask the sender to stop capture and ship everything; the LSN

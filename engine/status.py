@@ -95,7 +95,9 @@ class ReceiverPhase(StrEnum):
     # no sender, and not at a consistency point (an interrupted first sync or apply)
     RECOVERING = "recovering"
     DIVERGED = "diverged"  # replica files changed outside replication (needs a --resync)
-    FAILED = "failed"  # an apply failed (disk full...): the next session retries
+    # an apply, or the receive journal's write or fsync, failed (disk full...): the next
+    # session (or a failover) reopens the job from its files and retries
+    FAILED = "failed"
 
 
 # What a listener is told changed: the job's state (a ``SenderPhase``), a connection that
@@ -416,7 +418,7 @@ class ReceiverJobStatus:
             state = ReceiverPhase.PROMOTED
         elif replica.files.diverged:
             state = ReceiverPhase.DIVERGED
-        elif replica.failure is not None:
+        elif replica.failure is not None or replica.journal.failed:
             state = ReceiverPhase.FAILED
         elif conn is not None:  # moving: between points during a round or a first sync
             state = ReceiverPhase.RECEIVING

@@ -293,3 +293,46 @@ async def test_records_whose_journal_fsync_failed_are_never_acknowledged_as_rece
         assert after.received_lsn >= acknowledged, (after.received_lsn, acknowledged)
     finally:
         await after.aclose()
+
+
+async def test_a_session_end_that_cannot_sync_says_so_and_the_next_session_converges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session ends with epoch two appended and not synced, and its end's fdatasync of
+    the receive journal fails (EIO): it was logged as a warning only, and the job's status
+    said "idle", consistent at 3, its last error "connection lost", as if nothing was
+    wrong with its disk. Now it says "failed" and why; the next session reopens the job
+    from its files and the replica reaches epoch two."""
+    from tests.faultfs import FaultFS
+
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        receiver = Receiver(_config(tmp_path / "mnt"))
+        try:
+            async with _session(receiver, 0) as (sender, welcome, _):
+                generation = max(welcome.generation, 1)
+                replica = await receiver.job("job")
+                await sender.send(_epoch(1, 1))
+                assert await _applied(replica, FIRST) == FIRST
+                rule = fs.add("fsync", errno.EIO, path="*.seg", times=1)
+                taken = asyncio.Event()
+                with monkeypatch.context() as patched:  # the session's sync never runs
+                    patched.setattr(Session, "_wake_syncer", lambda self: taken.set())
+                    await sender.send(_epoch(FIRST + 1, 2))
+                    async with asyncio.timeout(5):
+                        await taken.wait()
+            assert fs.hits()[str(rule)] == 1
+            status = await replica.status.snapshot()
+            assert status["state"] == "failed", status
+            assert status["errors"].get("storage") == 1, status
+            assert "Input/output error" in status["last_error"], status
+            assert "sends it again" in status["last_error"], status
+            assert status["lsn"] == {"received": FIRST, "applied": FIRST}, status
+            async with _session(receiver, generation) as (_, welcome, _):
+                assert welcome.received_lsn == SECOND
+                replica = await receiver.job("job")
+                assert await _applied(replica, SECOND) == SECOND
+                status = await replica.status.snapshot()
+                assert status["state"] == "receiving", status
+        finally:
+            await receiver.aclose()
+    assert (tmp_path / "real" / "replicas" / "job" / "d").read_bytes() == bytes([2]) * 2 * BLOCK
