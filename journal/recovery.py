@@ -380,6 +380,11 @@ def recover(directory: Path, on_damage: OnDamage, discard_below: int) -> Recover
         fd = os.open(last.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             durable.rewrite_durably(fd, last.end + (SEAL_BYTES if last.sealed else 0))
+        except OSError as exc:
+            os.close(fd)
+            if exc.filename is None:  # an fsync's error names no file: say which it was
+                raise OSError(exc.errno, exc.strerror, str(last.path)) from exc
+            raise
         except BaseException:
             os.close(fd)
             raise
