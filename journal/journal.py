@@ -934,7 +934,8 @@ class Journal:
     def _check_usable(self) -> None:
         if self._failure is not None:  # a storage problem (exit 9), as when it happened
             raise JournalIOError(
-                f"journal {self._dir} failed earlier ({self._failure}); reopen it",
+                f"journal {self._dir} failed earlier ({self._failure}) and takes nothing "
+                "more until it is opened again",
                 hint=_io_hint(self._failure, self._dir),
             ) from self._failure
         if self._closing:
@@ -995,7 +996,10 @@ def _io_hint(exc: BaseException, folder: Path) -> str:
             f"again; {recovered}"
         )
     if code == errno.EIO:
-        return f"the disk under {folder} reported an I/O error: check it (dmesg); {recovered}"
+        return (
+            f"the disk under {folder} reported an I/O error: check it (dmesg), then run "
+            f"again; {recovered}"
+        )
     return f"check the file system holding {folder}, then run again; {recovered}"
 
 

@@ -439,8 +439,12 @@ async def test_fsync_failure_poisons_the_journal(
     await j.append(write_for(4))
     with pytest.raises(JournalError, match="fdatasync"):
         await j.sync()
-    with pytest.raises(JournalError, match="failed earlier"):
+    with pytest.raises(JournalError, match="failed earlier") as refused:
         await j.append(write_for(5))
+    # what the user reads: the cause, and what to do (no "reopen it": not theirs to do)
+    said = str(refused.value)
+    assert "Input/output error" in said and "reopen it" not in said
+    assert "check it (dmesg), then run again" in said
     await asyncio.wait_for(task, 2)
     assert follower_error
     await j.aclose()  # closes the files without another sync
