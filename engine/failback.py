@@ -44,6 +44,7 @@ from replicator.engine.errors import (
     PeerProtocolError,
     RefusedError,
     StorageError,
+    TargetStorageError,
     as_user_error,
 )
 from replicator.engine.failback_state import MARKER_FILE, clear_marker, load_marker, save_marker
@@ -107,6 +108,7 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
         marker = await asyncio.to_thread(load_marker, config.state_dir)
         result.resumed = marker is not None and marker.phase in ("failback", "handing-back")
         link = Link(await connector.connect(), journal)
+        handing_back = False  # the receiver was told to take the job back
         try:
             peer = await asyncio.to_thread(generations.load_peer, config.state_dir)
             sizes = {v.name: os.stat(v.path).st_size for v in config.volumes if v.path.exists()}
@@ -160,6 +162,7 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
             handed = replace(peer, generation=generation)
             await settled(generations.save_peer, config.state_dir, handed)
             await _record(config.state_dir, "handing-back", generation=generation, lsn=handback)
+            handing_back = True
             await link.send_handover("handback", handback, generation)
             step = await link.handover(HANDBACK_TIMEOUT)
             if step.step != "demoted" or step.lsn != handback:
@@ -172,6 +175,10 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
             result.generation, result.lsn = step.generation, handback
         except BaseException as exc:
             mapped = as_user_error(exc)
+            if handing_back and isinstance(mapped, TargetStorageError):
+                # not the send's advice ("run send again": send refuses until the failback
+                # is done): the target could not record taking the job back
+                raise TargetStorageError(mapped.message, hint=_HANDBACK_STORAGE_HINT) from exc
             if mapped is not exc:
                 raise mapped from exc
             raise
@@ -180,6 +187,14 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
     result.seconds = round(time.monotonic() - started, 3)
     log.warning("failback.done", **{k: v for k, v in result.as_dict().items() if k != "per_volume"})
     return result
+
+
+_HANDBACK_STORAGE_HINT = (
+    "the target could not record taking the job back, so it stays promoted, and the "
+    "volumes here equal its replica: fix what the message names there (space, the disk; "
+    "the receiver logs it as receiver.storage), then run the same `replicator failback` "
+    "again (`send` refuses until it is done)"
+)
 
 
 async def _record(

@@ -532,6 +532,47 @@ def test_failback_changes_nothing_it_could_not_record(
             assert rcv.stop() == 0
 
 
+@pytest.mark.parametrize(
+    ("op", "err", "path"),
+    [
+        pytest.param("write", errno.ENOSPC, "*applied.state*", id="enospc-applied-state"),
+        pytest.param("unlink", errno.EIO, "*promoted.state*", id="eio-promoted-state"),
+    ],
+)
+def test_a_target_that_cannot_record_the_handback_stays_promoted_and_says_run_failback(
+    tmp_path: Path, op: str, err: int, path: str
+) -> None:
+    """The receiver's own writes of the hand-back fail (faultfs under its --dir: the
+    applied point, or the removal of the promotion): the target stays promoted and the
+    failback exits 6. Its message gave a send's advice ("run send again"), which `send`
+    refuses then; it now says to run the same failback again, which finishes it."""
+    require_tool("qemu-io")
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        disk, state, target, replica = forced_failover(tmp_path, target=fs.mountpoint)
+        qemu_io("raw", replica, "write -P 0x22 16M 8M")  # what the promoted VM wrote
+        rcv = start_receiver(target, log=tmp_path / "receiver.log")
+        try:
+            rule = fs.add(op, err, path=path, times=1)
+            out = _failback(rcv, state, disk)
+            assert fs.hits()[str(rule)] == 1
+            assert out.returncode == ExitCode.REFUSED, out.stderr[-3000:]
+            line = one_line_error(out.stderr)
+            assert "receiver refused (storage)" in line and os.strerror(err) in line, line
+            assert "run the same `replicator failback` again" in line, line
+            assert "run send again" not in line, line
+            promoted = json.loads(replicator("status", "--dir", str(target), "--json").stdout)
+            assert promoted["jobs"][0]["promoted"] is True
+            assert b3(disk) == b3(replica)  # the volumes are the replica's already
+            again = _failback(rcv, state, disk)
+            assert again.returncode == 0, again.stderr[-3000:]
+            assert not (state / MARKER_FILE).exists()
+            _identical(disk, replica)
+            summary = send_once(rcv, "vm", state, disk)
+            assert summary["bytes_changed"] == 0
+        finally:
+            assert rcv.stop() == 0
+
+
 def test_failback_names_configuration_files_that_differ_on_the_target(tmp_path: Path) -> None:
     """Disks come back from the promoted side, configuration files do not (failover
     pointed the domain XML at the replicas; the next send ships this side's copy over the
