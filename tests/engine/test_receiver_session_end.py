@@ -336,3 +336,41 @@ async def test_a_session_end_that_cannot_sync_says_so_and_the_next_session_conve
         finally:
             await receiver.aclose()
     assert (tmp_path / "real" / "replicas" / "job" / "d").read_bytes() == bytes([2]) * 2 * BLOCK
+
+
+async def test_a_first_sync_whose_commit_fails_at_the_session_end_is_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first sync writes straight into the replica; its session ends before its sync
+    ran, and the end's commit (the replica file's fsync) fails with EIO: nothing of it is
+    acknowledged, the status says why, and the sender's next session, told applied and
+    received 0, sends it again, which lands."""
+    from tests.faultfs import FaultFS
+
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        receiver = Receiver(_config(tmp_path / "mnt"))
+        try:
+            rule = fs.add("fsync", errno.EIO, path="replicas/job/d", times=1)
+            async with _session(receiver, 0) as (sender, welcome, _):
+                generation = max(welcome.generation, 1)
+                replica = await receiver.job("job")
+                taken = asyncio.Event()
+                with monkeypatch.context() as patched:  # the session's sync never runs
+                    patched.setattr(Session, "_wake_syncer", lambda self: taken.set())
+                    await sender.send(_epoch(1, 1))
+                    async with asyncio.timeout(5):
+                        await taken.wait()
+            assert fs.hits()[str(rule)] == 1
+            status = await replica.status.snapshot()
+            assert status["errors"].get("storage") == 1, status
+            assert "Input/output error" in status["last_error"], status
+            assert status["lsn"] == {"received": 0, "applied": 0}, status
+            assert not status["consistency_point"]["consistent"], status
+            async with _session(receiver, generation) as (sender, welcome, _):
+                assert (welcome.received_lsn, welcome.applied_lsn) == (0, 0)
+                await sender.send(_epoch(1, 1))
+                replica = await receiver.job("job")
+                assert await _applied(replica, FIRST) == FIRST
+        finally:
+            await receiver.aclose()
+    assert (tmp_path / "real" / "replicas" / "job" / "d").read_bytes() == bytes([1]) * 2 * BLOCK
