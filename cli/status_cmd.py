@@ -304,6 +304,8 @@ def _state(job: dict[str, Any]) -> str:
             f" ({job.get('last_error')}: no consistency point is taken until it is back; "
             "tried again, 1 s doubling to 60 s)"
         )
+    if job.get("state") == "diverged" and job.get("role") == "sender":
+        text += f" ({job.get('last_error')})"
     if job.get("role_change"):  # a sender at rest after a planned failover / in a failback
         return f"{text}: {job['role_change'].get('note')}; next: {job['role_change'].get('next')}"
     if job.get("source") == "files" and job.get("state") != "not_running":

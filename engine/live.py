@@ -177,6 +177,7 @@ class LiveSender:
                 if sequence is not None:  # an overflow's changes count in the lag
                     sequence.on_resynced = self.status.unapplied_until
                     self.status.tracked_since = lambda: sequence.tracked_since
+                    self.status.diverged = lambda: sequence.diverged
                 async with asyncio.TaskGroup() as tg:
                     helpers = [
                         tg.create_task(self._ticker(journal, stop)),

@@ -81,6 +81,10 @@ class SenderPhase(StrEnum):
     # last cycle, so no point was taken; tried again, backing off (``last_error`` says which)
     VOLUME_GONE = "volume_gone"
     FENCED = "fenced"  # no lease renewal at the witness: writes held (witness_fence.py)
+    # live capture: a volume no longer matches its journal (its source's fsync failed, or a
+    # failed change could not be reconciled): its VM's writes are refused with EIO until
+    # the sender is restarted, whose start compares everything (``last_error`` says which)
+    DIVERGED = "diverged"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -205,6 +209,9 @@ class SenderJobStatus:
         # a live sender: when the first change it tracks outside its journal (the journal
         # was full) was made, until that change's resync is journaled (JournalFirst)
         self.tracked_since: Callable[[], float | None] = lambda: None
+        # a live sender: the volumes (or FUSE folder) no longer matching its journal, and
+        # why (JournalFirst.diverged)
+        self.diverged: Callable[[], dict[str, str]] = dict
         self.listeners = Listeners()
 
     # -- pushed by the engine ------------------------------------------------------------
@@ -326,6 +333,16 @@ class SenderJobStatus:
         fence = self.fence() if self.fence is not None else None
         if fence is not None and fence["fenced"]:
             state = SenderPhase.FENCED
+        last_error = self.last_error
+        diverged = self.diverged()
+        if diverged and state not in (SenderPhase.STOPPING, SenderPhase.STOPPED):
+            # replicating what was journaled goes on, but the VM can write nothing more
+            state = SenderPhase.DIVERGED
+            scope, why = next(iter(diverged.items()))
+            last_error = (
+                f"{scope}: {why}; its writes are refused with EIO: stop this sender and "
+                "start it again (its start compares every volume with the replica)"
+            )
         return {
             "job": self.job,
             "role": "sender",
@@ -367,7 +384,7 @@ class SenderJobStatus:
             "compare_pending": self.compare_pending(),
             "not_served": self.not_served,
             "errors": dict(self.errors),
-            "last_error": self.last_error,
+            "last_error": last_error,
             "uptime_seconds": round(now - self.started, 1),
         }
 
