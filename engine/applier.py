@@ -103,6 +103,21 @@ def _parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
+def _fsync_named(fd: int) -> None:
+    """``fsync_fd``, whose error names the file (an fsync's OSError names none: "receiver
+    cannot apply: [Errno 5] Input/output error" said nothing of which disk to check)."""
+    try:
+        fsync_fd(fd)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            raise exc from None
+        raise OSError(exc.errno, exc.strerror, name) from exc
+
+
 class PendingSync:
     """Descriptors to sync (files, then folders), then close. Blocking.
 
@@ -124,11 +139,11 @@ class PendingSync:
     def sync(self) -> None:
         try:
             for fd in self.files:
-                fsync_fd(fd)
+                _fsync_named(fd)
                 if self.drop_cache:
                     _drop_clean_pages(fd)
             for fd in self.dirs:
-                fsync_fd(fd)
+                _fsync_named(fd)
         finally:
             self.close()
 
@@ -321,7 +336,7 @@ class Applier:
         fd = self.open_readonly(path)
         if fd is not None:
             try:
-                fsync_fd(fd)
+                _fsync_named(fd)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
@@ -368,7 +383,7 @@ class Applier:
             return
         self._direct.close(path)
         if path in self._dirty:
-            fsync_fd(fd)  # data and ctime, as PendingSync
+            _fsync_named(fd)  # data and ctime, as PendingSync
             self._dirty.discard(path)
         os.close(fd)
 
@@ -455,7 +470,7 @@ class Applier:
             # durable now, with the ctime the barrier stamps: a mode change is no data, so
             # no descriptor in the barrier's files would carry it (chmods are rare)
             if kind in (stat.S_IFREG, stat.S_IFDIR):  # a FIFO or a device has no fsync
-                fsync_fd(fd)
+                _fsync_named(fd)
         finally:
             os.close(fd)
 

@@ -440,3 +440,28 @@ def test_files_never_get_set_id_bits_and_folders_keep_theirs(tmp_path: Path) -> 
     applier.close()
     modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in job.iterdir()}
     assert modes == {"whole": 0o755, "created": 0o750, "chmodded": 0o711, "shared": 0o3770}
+
+
+@pytest.mark.parametrize("step", ["barrier", "adopt"])
+def test_a_failed_fsync_of_a_replica_file_names_it(tmp_path: Path, step: str) -> None:
+    """An fsync's OSError names no file: the receiver's error read "receiver cannot
+    apply: [Errno 5] Input/output error", whatever disk it was. It names the file now."""
+    from tests.faultfs import FaultFS
+
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        applier = Applier(fs.mountpoint / "job")
+        try:
+            applier.apply_many([Record.write("disk", 0, b"a" * 4096)])
+            if step == "adopt":
+                applier.barrier()
+            rule = fs.add("fsync", errno.EIO, path="job/disk", times=1)
+            with pytest.raises(OSError) as caught:
+                if step == "barrier":
+                    applier.detach_dirty().sync()
+                else:
+                    applier.adopt("disk")
+            assert fs.hits()[str(rule)] == 1
+            assert caught.value.errno == errno.EIO
+            assert caught.value.filename == str(fs.mountpoint / "job" / "disk")
+        finally:
+            applier.close()
