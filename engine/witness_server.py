@@ -64,6 +64,24 @@ class WitnessServer:
             with contextlib.suppress(OSError, ssl.SSLError):
                 await writer.wait_closed()
 
+    async def _write_failed(self, exc: OSError) -> None:
+        """A write of witness.state failed, and the change was taken back in memory (the
+        request is refused). The write may have failed after its rename (the folder's
+        fsync), leaving the file holding the refused change: a restart would read a grant
+        nobody was told of and tell the live source it was promoted away. So the state as
+        it was is written again (lock held), so that the file says what was answered."""
+        log.error("witness.state_write_failed", path=str(self.path), error=str(exc))
+        try:
+            await write_state_async(self.path, self.book.to_state())
+        except OSError as again:
+            log.critical(
+                "witness.state_unsure",
+                path=str(self.path),
+                error=str(again),
+                action="the file may hold a change this witness refused: do not restart the "
+                "witness until its disk is fixed; its next write makes the file right again",
+            )
+
     async def answer(self, message: dict[str, Any], certificate: str | None) -> dict[str, Any]:
         op, job, generation = message.get("op"), message.get("job"), message.get("generation")
         try:
@@ -95,7 +113,7 @@ class WitnessServer:
                         await write_state_async(self.path, self.book.to_state())
                     except OSError as exc:  # not renewed: the source counts it as a failure
                         self.book.declare_fence(job, declared)
-                        log.error("witness.state_write_failed", path=str(self.path), error=str(exc))
+                        await self._write_failed(exc)
                         return {"error": f"the witness cannot write: {exc}"}
                 renewal = self.book.renew(job, generation, now)
             if renewal.ok:
@@ -120,7 +138,7 @@ class WitnessServer:
                         await write_state_async(self.path, self.book.to_state())
                     except OSError as exc:
                         self.book.forget(job, generation)
-                        log.error("witness.state_write_failed", path=str(self.path), error=str(exc))
+                        await self._write_failed(exc)
                         return {"granted": False, "reason": f"the witness cannot write: {exc}"}
                     log.warning("witness.granted", job=job, generation=generation + 1, to=who)
             if decision.granted:

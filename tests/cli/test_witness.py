@@ -276,6 +276,33 @@ def test_the_witness_grants_nothing_it_could_not_persist(
         again.wait(timeout=10)
 
 
+def test_a_grant_whose_folder_fsync_failed_is_not_found_by_the_next_start(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """witness.state's write fails after its rename (the folder's fsync, EIO): the request
+    is refused, but the file held the grant all the same, and the witness restarted told
+    the live source it was promoted away (to a target that was told no, and may never
+    ask again). Now the refused grant is taken back on disk too."""
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        witness, address = start_witness(fs.mountpoint / "witness")
+        procs.append(witness)
+        host, port = address.rsplit(":", 1)
+        rule = fs.add("fsyncdir", errno.EIO, path="witness", times=1)
+        time.sleep(0.3)  # the source has been quiet for longer than `after`
+        client = BuiltinWitness(host, int(port), who="target-a", tls=None)
+        decision = asyncio.run(client.may_promote("vm1", 1, 0.2))
+        assert fs.hits()[str(rule)] == 1
+        assert not decision.granted and "the witness cannot write" in decision.reason
+        witness.kill()
+        witness.wait(timeout=10)
+        again, _ = start_witness(fs.mountpoint / "witness", int(port))
+        procs.append(again)
+        source = BuiltinWitness(host, int(port), who="source", tls=None)
+        assert asyncio.run(source.renew("vm1", 1)).ok  # not told it was promoted away
+        again.terminate()
+        again.wait(timeout=10)
+
+
 def test_the_auto_failover_command_runs_once_after_the_promotion(
     tmp_path: Path, disk: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
