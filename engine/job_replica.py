@@ -853,7 +853,15 @@ class JobReplica:
             promotion = new_promotion(
                 state.generation, state.point_lsn, state.point_ts_ns, consistent=not inconsistent
             )
-            await _settled(save_promotion, self.state_dir, promotion)
+            try:
+                await _settled(save_promotion, self.state_dir, promotion)
+            except OSError:
+                if self.promotion is None:
+                    # it may have failed after its rename (the folder's sync): not
+                    # promoted here, so not in the file either, or the next start would
+                    # find a promotion the operator was told had failed
+                    await self._file_says(None)
+                raise
             # promoted from here, whatever fails next: what this process does must match
             # what a restarted one would find on disk
             self.promotion = promotion
@@ -871,9 +879,35 @@ class JobReplica:
     async def demote(self) -> None:
         """The replica follows replication again (``replicator demote``)."""
         async with self._apply_lock:
-            await _settled(clear_promotion, self.state_dir)
+            try:
+                await _settled(clear_promotion, self.state_dir)
+            except OSError:
+                # the file may be gone with its folder's sync failed: still promoted here,
+                # so in the file too, or the next start would find the job demoted and
+                # replicate into the replica the operator was told was still promoted
+                if self.promotion is not None and not self.promotion.damaged:
+                    await self._file_says(self.promotion)
+                raise
             self.promotion = None
         log.warning("receiver.demoted", job=self.job, generation=self.state.generation)
+
+    async def _file_says(self, promotion: Promotion | None) -> None:
+        """After a failed write of promoted.state: make the file say ``promotion`` (None:
+        no file), what this process goes on with; best effort, said when it fails."""
+        try:
+            if promotion is None:
+                await _settled(clear_promotion, self.state_dir)
+            else:
+                await _settled(save_promotion, self.state_dir, promotion)
+        except OSError as exc:
+            log.critical(
+                "receiver.promotion_unsure",
+                job=self.job,
+                promoted=promotion is not None,
+                error=str(exc),
+                action="the job's promoted.state may not say what this receiver does: fix "
+                "the disk and run the same failover or demote again before restarting it",
+            )
 
     async def handback(self, lsn: int) -> None:
         """Failback finished: the old source now holds exactly what this promoted replica

@@ -194,11 +194,11 @@ async def test_a_demote_through_the_receiver_that_cannot_remove_the_promotion_de
                     await receiver.demote("job")
             assert replica.promotion is not None and _stale_sender_refused(replica)
             assert "job" not in receiver.demoted
-            # the unlink failed: still on disk; the sync failed: the receiver keeps
-            # refusing as promoted until a demote has been made durable (the next one
-            # syncs the folder although the file is gone: journal/durable.remove_state)
-            kept = (tmp_path / "state" / "job" / PROMOTED_FILE).exists()
-            assert kept is (step == "unlink")
+            # the unlink failed: still on disk; the sync failed: the file was gone, and
+            # a restart would have found the job demoted, which the operator was told had
+            # failed: it is written again (the next demote syncs the folder either way:
+            # journal/durable.remove_state)
+            assert load_promotion(tmp_path / "state" / "job") == replica.promotion
         synced: list[Path] = []
         real_sync = durable.sync_dir
 
@@ -213,3 +213,35 @@ async def test_a_demote_through_the_receiver_that_cannot_remove_the_promotion_de
         assert load_promotion(tmp_path / "state" / "job") is None
     finally:
         await receiver.aclose()
+
+
+async def test_a_promotion_that_failed_after_its_rename_leaves_no_promotion_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """promoted.state is renamed into place, then its folder's sync fails (EIO): the
+    failover fails and the running receiver is not promoted, but the file was there, and
+    the next start found the job promoted, which the operator was told had failed."""
+    from replicator.engine import generations
+
+    await _replica_with_one_epoch(tmp_path)
+    receiver = Receiver(_config(tmp_path))
+    try:
+        with monkeypatch.context() as m:
+
+            def renamed_then_failed(state_dir: Path, promotion: generations.Promotion) -> None:
+                generations.save_promotion(state_dir, promotion)
+                raise OSError(errno.EIO, "Input/output error")
+
+            m.setattr(job_replica, "save_promotion", renamed_then_failed)
+            with pytest.raises(OSError):
+                await receiver.failover("job")
+        replica = await receiver.job("job")
+        assert replica.promotion is None
+    finally:
+        await receiver.aclose()
+    assert load_promotion(tmp_path / "state" / "job") is None
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert reopened.promotion is None and not _stale_sender_refused(reopened)
+    finally:
+        await reopened.aclose()
