@@ -254,11 +254,7 @@ def _tls(tls: Any) -> Text | None:
         f"CA {str(tls.get('ca_expires'))[:10]}"
     )
     if isinstance(days, int | float) and days < 30:
-        return Text(
-            f"{text}: {days:g} days left; renew it (`replicator keygen --name "
-            f"{tls.get('certificate')} --force` where the CA key is, then copy it here)",
-            style="bold yellow",
-        )
+        return Text(f"{text}: {days:g} days left; {tls.get('renew')}", style="bold yellow")
     return Text(text)
 
 

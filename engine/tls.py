@@ -175,11 +175,16 @@ class TlsIdentity:
         """When our certificate and the CA expire (``status``, the metrics)."""
         now = datetime.datetime.now(datetime.UTC)
         ends = [end for end in (self.expires, self.ca_expires) if end is not None]
+        ours_first = self.ca_expires is None or (
+            self.expires is not None and self.expires <= self.ca_expires
+        )
         return {
             "certificate": self.name,
             "expires": _iso(self.expires),
             "ca_expires": _iso(self.ca_expires),
             "days_left": None if not ends else round((min(ends) - now).total_seconds() / 86400, 1),
+            # what to do about the one that expires first (the log's words)
+            "renew": self._renew_hint(ours_first),
         }
 
     def context(self) -> ssl.SSLContext:
