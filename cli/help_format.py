@@ -36,6 +36,7 @@ METAVARS = {
     "--nbd-socket": "PATH",
     "--nbd-size": "BYTES",
     "--journal-max": "SIZE",
+    "--in-flight-max": "SIZE",
     "--interval": "SECONDS",
     "--timeout": "SECONDS",
     "--target-rpo": "SECONDS",

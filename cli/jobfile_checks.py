@@ -81,6 +81,7 @@ CHECKS: dict[str, Callable[[Any], object]] = {
     "nbd_listen": _endpoint,
     "metrics_listen": _endpoint,
     "journal_max": lambda value: parse_size(value, "journal_max"),
+    "in_flight_max": lambda value: parse_size(value, "in_flight_max"),
     "allow": lambda rules: [parse_allow(rule) for rule in rules],
     "rate": lambda value: make_shaping(value, None, None),
     "burst": lambda value: make_shaping(None, value, None),

@@ -18,6 +18,7 @@ from replicator.cli.common import (
     fail,
     finite,
     parse_endpoint,
+    parse_size,
     run,
     transport_security,
 )
@@ -31,6 +32,7 @@ from replicator.cli.witness_opts import (
 )
 from replicator.engine.authz import Authorizer, parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError, cannot_listen
+from replicator.engine.in_flight import IN_FLIGHT_MAX, MIN_IN_FLIGHT
 from replicator.engine.monitor import receiver_monitor
 from replicator.engine.names import RECEIVER_STATE_NAME
 from replicator.engine.receiver import Receiver, ReceiverConfig, check_receiver_dirs
@@ -54,6 +56,19 @@ def check_exec(command: str, after: float | None) -> None:
     split_command("--auto-failover-exec", command, "starts the VM")
 
 
+def parse_in_flight_max(value: str | None) -> int:
+    """``--in-flight-max``'s bytes (the default without one)."""
+    if value is None:
+        return IN_FLIGHT_MAX
+    limit = parse_size(value, "--in-flight-max")
+    if limit < MIN_IN_FLIGHT:
+        raise ConfigError(
+            f"--in-flight-max {value} is too small: at least 4M (a Records frame is up to "
+            "2 MiB, and each must fit while the one before it is synced)"
+        )
+    return limit
+
+
 def receive(
     listen: Annotated[str, typer.Option("--listen", help="Address to listen on, HOST:PORT.")],
     directory: Annotated[Path, typer.Option("--dir", help="Replicas land in DIR/JOB/<file name>.")],
@@ -73,6 +88,16 @@ def receive(
         ),
     ] = None,
     metrics_listen: MetricsListenOption = None,
+    in_flight_max: Annotated[
+        str | None,
+        typer.Option(
+            "--in-flight-max",
+            help="Memory all senders' records may take together before they are durable "
+            "(e.g. 128M): beyond it the receiver stops reading their connections until its "
+            "syncs catch up, and the senders wait. Default 256M (docs/OPERATIONS.md, "
+            "'Receiver memory').",
+        ),
+    ] = None,
     auto_failover_after: Annotated[
         float | None,
         typer.Option(
@@ -120,6 +145,7 @@ def receive(
             replica_root=directory,
             state_root=state_dir or default_state,
             authorize=Authorizer(rules) if rules else None,
+            in_flight_max=parse_in_flight_max(in_flight_max),
         )
         check_receiver_dirs(config)
         if auto_failover_exec is not None:

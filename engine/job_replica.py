@@ -50,6 +50,7 @@ from replicator.engine.generations import (
     save_promotion,
 )
 from replicator.engine.imagelock import ReplicaGuard
+from replicator.engine.in_flight import IN_FLIGHT_MAX
 from replicator.engine.manifest import digest_chunks
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.replica_state import ReplicaState
@@ -103,6 +104,9 @@ class ReceiverConfig:
     # durable, unapplied records all jobs together keep for their appliers (each job up to
     # ``applier_memory``); beyond it they are read back from the journals
     kept_max: int = KEPT_MAX
+    # bytes all sessions together hold before they are durable (frames read, records not
+    # synced, a verify's records past the last barrier): engine/in_flight.py
+    in_flight_max: int = IN_FLIGHT_MAX
 
 
 def applier_memory(config: ReceiverConfig) -> int:

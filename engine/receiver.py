@@ -32,6 +32,7 @@ from replicator.engine.errors import (
 from replicator.engine.failback_serve import FailbackSession
 from replicator.engine.generations import Promotion, session_refusal
 from replicator.engine.imagelock import session_mark
+from replicator.engine.in_flight import InFlightBudget
 from replicator.engine.job_replica import (
     IN_USE,
     JobReplica,
@@ -98,6 +99,8 @@ class Receiver:
         self.config = config
         self._jobs: dict[str, JobReplica] = {}
         self._kept = KeptMemory(config.kept_max)  # what all jobs' appliers keep, together
+        # what all sessions hold before it is durable, together (engine/in_flight.py)
+        self.in_flight = InFlightBudget(config.in_flight_max)
         # job: when a demote through this receiver ended its promotion (monotonic): an
         # automatic failover counts its wait from there, as from a restarted receiver's start
         self.demoted: dict[str, float] = {}
@@ -327,7 +330,7 @@ class Receiver:
         log.info("receiver.session", job=hello.job, peer=conn.peer, session=hello.session)
         self._serving[conn] = replica
         replica.status.attach(conn)
-        session = Session(conn, replica, self.config, verifying=verifying)
+        session = Session(conn, replica, self.config, verifying=verifying, in_flight=self.in_flight)
         if not verifying:
             self._replicating[hello.job] = session
         try:

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 import structlog
 
 from replicator.engine.applier import ApplyError
+from replicator.engine.in_flight import InFlightBudget
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import path_problem
 from replicator.engine.pacing import unapplied_bytes
@@ -91,12 +92,18 @@ class Session:
         config: ReceiverConfig,
         *,
         verifying: bool,
+        in_flight: InFlightBudget | None = None,
     ) -> None:
         # a verify session only compares (engine/unapplied.py); any other takes a replica
         # file the sender asks a manifest of as it is
         self.verifying = verifying
         # verify: the records past the last barrier, read for (applied, durable) LSNs
         self._held_past: tuple[tuple[int, int], list[Record]] | None = None
+        # what all sessions hold before it is durable (engine/in_flight.py), and this
+        # session's part of it: frames taken and not yet synced, a verify's held records
+        self._in_flight = in_flight or InFlightBudget(config.in_flight_max)
+        self._in_flight_held = 0
+        self._held_past_bytes = 0  # of it, ``_held_past``'s records
         self.conn = conn
         self.replica = replica
         self.config = config
@@ -149,6 +156,7 @@ class Session:
             )
         )
         self.conn.abort_when_silent(IDLE_TIMEOUT)  # the reader may wait in a Pong's drain
+        self._in_flight.holders.add(self._sync_now)  # another session waits for its bytes
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._syncer())
@@ -164,7 +172,21 @@ class Session:
                 self._handover.set_exception(
                     ConnectionClosedError("the sender's session ended before its final point")
                 )
+            self._in_flight.holders.discard(self._sync_now)
             await self._hand_over_the_rest()
+            self._give_back(self._in_flight_held)
+
+    async def _in_flight_take(self, nbytes: int) -> None:
+        """Wait until the receiver's in-flight budget gives this session ``nbytes``: no
+        more is read from its socket meanwhile, so TCP slows its sender."""
+        if nbytes:
+            await self._in_flight.take(nbytes)
+            self._in_flight_held += nbytes
+
+    def _give_back(self, nbytes: int) -> None:
+        nbytes = min(nbytes, self._in_flight_held)
+        self._in_flight_held -= nbytes
+        self._in_flight.give_back(nbytes)
 
     async def _hand_over_the_rest(self) -> None:
         """The session ends: what it appended and did not hand over (its sync had not run,
@@ -300,6 +322,9 @@ class Session:
                 records = self.core.records(msg)  # the protocol checked count and LSN order
                 if not await self._taken():
                     return
+                # held until synced, within what all sessions may hold together: the
+                # socket is not read while the budget is spent (engine/in_flight.py)
+                await self._in_flight_take(len(msg.payload))
                 # written while the next frame is read and checked (the write is a thread
                 # hop, and a reader waiting for it would stop the socket meanwhile)
                 # off the wire: bytes, or a read-only view of the frame's own buffer
@@ -347,6 +372,12 @@ class Session:
             return False
         return True
 
+    def _sync_now(self) -> None:
+        """The in-flight budget is spent and a session waits: sync what this one holds
+        now, without lingering for more (only syncs give bytes back)."""
+        if self.core.unsynced:
+            self._sync_wake.set()
+
     def _wake_syncer(self) -> None:
         """Sync now, or, when only a few direct writes of a first sync wait (see
         ``JobReplica.commit_can_wait``), a little later with more: each commit costs three
@@ -368,12 +399,13 @@ class Session:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        records, _ = self.core.take_unsynced()
+        records, synced = self.core.take_unsynced()
         started = time.monotonic()
         try:
             await self.replica.make_durable()
         except (JournalError, OSError, ApplyError) as exc:
             raise StorageFailed(await self._storage_failed(exc)) from exc
+        self._give_back(synced)  # durable: the applier's memory counts them now, if kept
         self.window.observe_sync(time.monotonic() - started)
         self.replica.note_durable(records)
         replica = self.replica
@@ -522,7 +554,25 @@ class Session:
         # read once per state, not once per volume asked: a verify session appends nothing
         key = (replica.applied_lsn, replica.journal.durable_lsn)
         if self._held_past is None or self._held_past[0] != key:
-            self._held_past = (key, await replica.unapplied())
+            # held for the session, within the receiver's in-flight budget: asked for
+            # before they are read (the journal's estimate), then counted exactly
+            self._held_past = None
+            self._give_back(self._held_past_bytes)
+            self._held_past_bytes = 0
+            journal = replica.journal
+            estimate = unapplied_bytes(
+                journal.bytes_used, journal.first_lsn, journal.durable_lsn, replica.applied_lsn
+            )
+            await self._in_flight_take(estimate)
+            self._held_past_bytes = estimate
+            held = await replica.unapplied()
+            size = sum(record.encoded_size for record in held)
+            if size > estimate:
+                await self._in_flight_take(size - estimate)
+            else:
+                self._give_back(estimate - size)
+            self._held_past_bytes = size
+            self._held_past = (key, held)
         return self._held_past[1]
 
     async def _not_comparable(self, exc: NotComparable, unapplied: list[Record]) -> NoReturn:

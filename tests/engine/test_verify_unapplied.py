@@ -17,6 +17,7 @@ from replicator.engine import replica_state
 from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import RefusedError
 from replicator.engine.fuse_folder import folder_job
+from replicator.engine.job_replica import JobReplica
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.replica_state import ReplicaState
 from replicator.engine.sender import Sender, SenderConfig, SenderState
@@ -34,6 +35,7 @@ class Job:
     replica: Path
     state: Path  # the receiver's job state folder
     sender: Sender
+    receiver: Receiver
 
     def point(self) -> ReplicaState:
         saved = replica_state.load(self.state, "job")
@@ -65,7 +67,7 @@ async def _replicated(tmp_path: Path, config: SenderConfig, disk: Path) -> Async
     try:
         await sender.run_once()
         replica = tmp_path / "replicas/job" / disk.relative_to(tmp_path / "source")
-        yield Job(disk, replica, tmp_path / "rstate/job", sender)
+        yield Job(disk, replica, tmp_path / "rstate/job", sender, receiver)
     finally:
         await connector.aclose()
         await receiver.aclose()
@@ -104,6 +106,29 @@ async def test_the_point_is_kept_and_the_source_equals_what_the_records_make(job
     assert result.unapplied == (last, last)
     assert job.point() == point  # still at its point, and nothing written
     assert job.replica.read_bytes() == before
+
+
+async def test_the_records_held_past_the_point_count_in_the_in_flight_budget(
+    job: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verify session holds the records past the last barrier while it answers: they
+    count in the receiver's in-flight budget with the frames (engine/in_flight.py), and
+    go back to it when the session ends."""
+    accounts = job.receiver.in_flight.accounts
+    counted: list[tuple[int, int]] = []  # (bytes read, bytes counted) as they were read
+    unapplied = JobReplica.unapplied
+
+    async def spy(self: JobReplica) -> list[Record]:
+        records = await unapplied(self)
+        counted.append((sum(r.encoded_size for r in records), accounts.used))
+        return records
+
+    monkeypatch.setattr(JobReplica, "unapplied", spy)
+    await job.captured(Record.write("disk.img", 0, os.urandom(3 * MiB)))
+    result = await verify(job.sender, repair=False)
+    assert result.identical, result.volumes
+    assert counted and all(used >= size > 3 * MiB for size, used in counted), counted
+    assert job.receiver.in_flight.accounts.used == 0  # all given back
 
 
 async def test_a_source_change_the_records_do_not_make_is_reported(job: Job) -> None:
