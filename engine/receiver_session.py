@@ -180,13 +180,13 @@ class Session:
         """Wait until the receiver's in-flight budget gives this session ``nbytes``: no
         more is read from its socket meanwhile, so TCP slows its sender."""
         if nbytes:
-            await self._in_flight.take(nbytes)
+            await self._in_flight.take(self, nbytes)
             self._in_flight_held += nbytes
 
     def _give_back(self, nbytes: int) -> None:
         nbytes = min(nbytes, self._in_flight_held)
         self._in_flight_held -= nbytes
-        self._in_flight.give_back(nbytes)
+        self._in_flight.give_back(self, nbytes)
 
     async def _hand_over_the_rest(self) -> None:
         """The session ends: what it appended and did not hand over (its sync had not run,
@@ -567,8 +567,10 @@ class Session:
             self._held_past_bytes = estimate
             held = await replica.unapplied()
             size = sum(record.encoded_size for record in held)
-            if size > estimate:
-                await self._in_flight_take(size - estimate)
+            if size > estimate:  # asked anew: a session's share holds any one request
+                self._give_back(estimate)
+                self._held_past_bytes = 0
+                await self._in_flight_take(size)
             else:
                 self._give_back(estimate - size)
             self._held_past_bytes = size
