@@ -3,11 +3,11 @@
 Real processes: one ``replicator receive`` and 8 ``replicator send --once`` first syncs at
 once on loopback. Each session may hold up to its credit window (66 MiB) of records read
 and not yet durable (a first sync's direct writes wait for 32 MiB before their commit),
-so 8 sessions took the receiver 140-180 MiB above its start (peak RSS, VmHWM) where each
-alone holds a few MiB: that grew with the number of senders, up to the OOM killer. With
-``--in-flight-max 16M`` the sessions wait for each other's syncs instead, and the peak
-stays within the budget plus what each connection holds outside it (the frame it read
-and waits to have counted, its transport buffers: a few MiB).
+so without a bound on all sessions together 8 of them took the receiver 123-153 MiB above
+its start (peak RSS, VmHWM), growing with the number of senders. With ``--in-flight-max
+16M`` the sessions wait for each other's syncs instead: 39-43 MiB, within the budget plus
+what each connection holds outside it (the frame it read and waits to have counted, its
+transport buffers: a few MiB).
 """
 
 from __future__ import annotations
