@@ -218,6 +218,15 @@ def _render(snap: dict[str, Any]) -> Group:
         head.stylize("bold yellow", 0, len(role) + 2 + len(str(snap.get("note"))))
     tls = _tls(snap.get("tls"))
     heads = [head] if tls is None else [head, tls]
+    budget = snap.get("in_flight")
+    if isinstance(budget, dict) and budget.get("waits"):
+        heads.append(
+            Text(
+                f"in-flight budget: {budget['waits']} waits since start (peak "
+                f"{_bytes(budget.get('peak'))} of {_bytes(budget.get('limit'))}): the "
+                "receiver's disk, or --in-flight-max, held senders back"
+            )
+        )
     refused = snap.get("refused_connections")
     if isinstance(refused, dict) and refused:
         counts = ", ".join(f"{reason} {count}" for reason, count in sorted(refused.items()))

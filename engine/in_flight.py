@@ -140,6 +140,18 @@ class InFlightBudget:
     def limit(self) -> int:
         return self.accounts.limit
 
+    def status(self) -> dict[str, int]:
+        """For ``status`` and the metrics: a ``waits`` that keeps rising says the budget
+        holds senders back (a slow disk, or --in-flight-max too small for the jobs)."""
+        accounts = self.accounts
+        return {
+            "limit": accounts.limit,
+            "used": accounts.used,
+            "peak": accounts.peak,
+            "waiting": accounts.waiting,
+            "waits": self.waits,
+        }
+
     async def take(self, key: object, nbytes: int) -> None:
         """Wait until ``nbytes`` are session ``key``'s (see ``InFlight``). Cancelled while
         it waits, it takes nothing."""

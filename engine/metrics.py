@@ -85,6 +85,24 @@ class SnapshotCollector(Collector):
                 if when is not None:
                     expiry.add_metric([role, label], when)
             yield expiry
+        in_flight = snap.get("in_flight")
+        if isinstance(in_flight, dict):
+            used = GaugeMetricFamily(
+                PREFIX + "in_flight_bytes",
+                "Bytes a receiver's sessions hold before they are durable, all together "
+                "(--in-flight-max is the limit).",
+                labels=["role"],
+            )
+            used.add_metric([role], float(in_flight.get("used", 0)))
+            yield used
+            waits = CounterMetricFamily(
+                PREFIX + "in_flight_waits",
+                "Frames a receiver's session had to wait for (the in-flight budget spent): "
+                "rising, the receiver's disk or --in-flight-max holds the senders back.",
+                labels=["role"],
+            )
+            waits.add_metric([role], float(in_flight.get("waits", 0)))
+            yield waits
         refused = snap.get("refused_connections")
         if isinstance(refused, dict):
             refusals = CounterMetricFamily(

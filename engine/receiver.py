@@ -111,6 +111,7 @@ class Receiver:
         self._replicating: dict[str, Session] = {}  # writing sessions, by job (handover)
         self._closing = False
         self.status = StatusBoard("receiver")
+        self.status.in_flight = self.in_flight  # shown: when the budget holds sessions back
 
     def has_session(self, job: str) -> bool:
         """True while a sender's session holds ``job`` (automatic failover's "source seen")."""

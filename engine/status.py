@@ -29,6 +29,7 @@ import structlog
 
 if TYPE_CHECKING:
     from replicator.engine.generations import Promotion
+    from replicator.engine.in_flight import InFlightBudget
     from replicator.engine.link import Link
     from replicator.engine.replica_files import ReplicaFiles
     from replicator.engine.replica_state import ReplicaState
@@ -491,6 +492,7 @@ class StatusBoard:
         # a server's connections refused before any job's session ran, by reason (a
         # certificate refused, not allowed the job it named, another version, ...)
         self.refused: dict[str, int] = {}
+        self.in_flight: InFlightBudget | None = None  # a receiver's (engine/in_flight.py)
 
     def refused_connection(self, reason: str) -> None:
         """Count a connection refused for ``reason`` (``serve(on_refused=...)`` and the
@@ -509,6 +511,7 @@ class StatusBoard:
             "uptime_seconds": round(time.time() - self.started, 1),
             "tls": None if self.tls is None else self.tls.expiry(),
             "refused_connections": dict(sorted(self.refused.items())),
+            "in_flight": None if self.in_flight is None else self.in_flight.status(),
             "jobs": jobs,
         }
 

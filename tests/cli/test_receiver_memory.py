@@ -12,6 +12,7 @@ transport buffers: a few MiB).
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def test_many_senders_stay_within_the_in_flight_budget(tmp_path: Path) -> None:
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, err[-2000:]
         grown = vm_hwm_mib(rcv.proc.pid) - start
+        # and status says the budget held them back (nothing else told an operator)
+        out = replicator("status", "--dir", str(rcv.dir), "--json")
+        budget = json.loads(out.stdout)["in_flight"]
+        assert budget["limit"] == BUDGET_MIB * MIB and budget["waits"] > 0, budget
+        assert 0 < budget["peak"] <= BUDGET_MIB * MIB and budget["used"] == 0, budget
+        table = replicator("status", "--dir", str(rcv.dir)).stdout
+        assert f"in-flight budget: {budget['waits']} waits since start" in " ".join(table.split())
     finally:
         assert rcv.stop() == 0
     for k, disk in enumerate(disks):

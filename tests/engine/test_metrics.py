@@ -37,6 +37,7 @@ RECEIVER_SNAPSHOT: dict[str, Any] = {
     "role": "receiver",
     "uptime_seconds": 3.0,
     "refused_connections": {"auth": 2, "tls": 5},
+    "in_flight": {"limit": 256, "used": 64, "peak": 128, "waiting": 1, "waits": 3},
     "jobs": [
         {
             "job": "vm1",
@@ -122,6 +123,8 @@ async def test_receiver_families() -> None:
     refused = "replicator_refused_connections_total"
     assert got[_key(refused, role="receiver", reason="tls")] == 5
     assert got[_key(refused, role="receiver", reason="auth")] == 2
+    assert got[_key("replicator_in_flight_bytes", role="receiver")] == 64
+    assert got[_key("replicator_in_flight_waits_total", role="receiver")] == 3
 
 
 async def _http(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:
