@@ -65,8 +65,12 @@ from replicator.journal.records import MAX_DATA, Record
 
 log = structlog.get_logger("replicator.fuse")
 
-# flags handled here rather than passed to the real open
-_OPEN_STRIP: Final = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_DIRECT
+# flags handled here rather than passed to the real open. O_APPEND: the kernel gives
+# every write its offset (the end of the file for an appending one); on a real fd with
+# O_APPEND, pwrite(2) ignores the offset and appends, so a write whose handle dropped
+# O_APPEND (fcntl F_SETFL) or a page of an mmap written back through an appending
+# handle would land at the end of the source while its record says where it belongs.
+_OPEN_STRIP: Final = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_DIRECT | os.O_APPEND
 _WRITABLE: Final = os.O_WRONLY | os.O_RDWR
 # the fallocate(2) modes FUSE passes on; anything else gets EOPNOTSUPP
 _FALLOC_MODES: Final = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
