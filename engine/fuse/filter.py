@@ -263,6 +263,8 @@ class JournalingFilter(TreeOps):
                 await self._reconcile(handle.fd, name, off, len(buf), exc)
                 raise
             node.dirty = True
+        if handle.sync_writes:  # O_DSYNC/O_SYNC with direct_io: the kernel sends no fsync
+            await self._sync_file(handle, handle.datasync)
         return len(buf)
 
     @fuse_errors

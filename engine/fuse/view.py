@@ -29,10 +29,17 @@ log = structlog.get_logger("replicator.fuse")
 
 @dataclass(eq=False, slots=True)
 class Handle:
-    """An open file: the real file's descriptor (also the handle number) and its node."""
+    """An open file: the real file's descriptor (also the handle number) and its node.
+
+    ``sync_writes``: opened O_DSYNC/O_SYNC with ``direct_io``, whose writes the kernel
+    answers without an fsync request (it sends one after each write only through its
+    page cache): the filter syncs the journal before it answers each of them itself.
+    ``datasync`` is False for O_SYNC (the file's metadata too)."""
 
     fd: int
     node: Node
+    sync_writes: bool = False
+    datasync: bool = True
 
 
 @dataclass(eq=False, slots=True)
@@ -98,11 +105,17 @@ class SourceView:
     def open_file(self, node: Node, fd: int, flags: int) -> pyfuse3.FileInfo:
         """Give the kernel a handle for the real file ``fd``. O_DIRECT opens get
         ``direct_io``: the kernel then sends the writes as issued, bypassing its cache."""
-        self.handles[fd] = Handle(fd, node)
+        direct = bool(flags & os.O_DIRECT)
+        self.handles[fd] = Handle(
+            fd,
+            node,
+            sync_writes=direct and bool(flags & os.O_DSYNC),
+            datasync=flags & os.O_SYNC != os.O_SYNC,
+        )
         self.nodes.opened(node, fd)
         return pyfuse3.FileInfo(
             fh=pyfuse3.FileHandleT(fd),
-            direct_io=bool(flags & os.O_DIRECT),
+            direct_io=direct,
             keep_cache=False,
         )
 

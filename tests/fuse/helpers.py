@@ -28,11 +28,9 @@ MOUNT_TIMEOUT = 20.0
 def unmount_if_mounted(mnt: Path) -> None:
     """Teardown: get rid of a live or stale mount at ``mnt``, lazily if it is busy."""
     for cmd in (["fusermount3", "-u", "-z", str(mnt)], ["umount", "-l", str(mnt)]):
-        try:
-            mounted = os.path.ismount(mnt)
-        except OSError:
-            mounted = True  # ENOTCONN: stale
-        if not mounted:
+        # the mount table, not os.path.ismount: that says False for a stale mount (its
+        # lstat fails with ENOTCONN), which a SIGKILLed filter leaves behind
+        if not is_mounted(mnt):
             return
         subprocess.run(cmd, capture_output=True, timeout=30)
 

@@ -1,13 +1,16 @@
-"""Open flags the filter must honour itself."""
+"""Open flags the filter must honour itself: O_APPEND, O_DSYNC/O_SYNC with O_DIRECT."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
 import shutil
+import signal
 from pathlib import Path
 
+from replicator.journal import RecordType
 from tests.fuse.helpers import FuseProc, assert_same_tree, read_journal, replay
 
 
@@ -48,3 +51,31 @@ def test_writes_at_an_offset_through_an_appending_handle_land_there(
     assert (fuse.source / "log").read_bytes() == log
     assert (fuse.source / "map").read_bytes() == b"B" * 5000 + b"0123456789" + b"B" * 11_374
     assert_same_tree(fuse.source, replay(initial, read_journal(fuse.journal), tmp_path / "rep"))
+
+
+def test_an_o_dsync_direct_write_is_journaled_durably_before_it_returns(
+    fuse: FuseProc, tmp_path: Path
+) -> None:
+    """The kernel answers a write through a direct_io handle without an fsync request,
+    whatever O_DSYNC says (it sends one only after writes through its page cache): the
+    filter answered O_DIRECT|O_DSYNC writes (qemu's cache=directsync) with their records
+    still staged in memory, so a SIGKILL after the write returned lost them."""
+    fuse.start()
+    block = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+    fds = [
+        os.open(fuse.mnt / name, os.O_CREAT | os.O_RDWR | os.O_DIRECT | flag, 0o644)
+        for name, flag in (("dsync", os.O_DSYNC), ("sync", os.O_SYNC))
+    ]
+    try:
+        for i in range(8):
+            block[:] = bytes([0x41 + i]) * 4096
+            for fd in fds:
+                os.pwrite(fd, block, i * 4096)
+        assert fuse.stop(signal.SIGKILL) == -signal.SIGKILL  # with the files still open
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone
+                os.close(fd)
+    records = read_journal(fuse.journal)
+    writes = [(r.volume, r.offset) for r in records if r.type is RecordType.WRITE]
+    assert sorted(writes) == sorted((n, i * 4096) for n in ("dsync", "sync") for i in range(8))
