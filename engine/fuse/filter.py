@@ -95,6 +95,10 @@ class JournalingFilter(TreeOps):
         view = self.view
         node = view.nodes.get(inode)
         handle = view.handles.get(fh) if fh is not None else None
+        if handle is None and node.path is None and node.fds:
+            # fchmod/fchown/futimens of a file unlinked while open: the kernel sends no
+            # handle (only ftruncate does) and no name reaches the file any more
+            handle = view.handles[min(node.fds)]
         if fields.update_size:
             await self._truncate(node, handle, attr.st_size)
         if fields.update_mode:
@@ -148,6 +152,9 @@ class JournalingFilter(TreeOps):
 
     async def _chmod(self, node: Node, handle: Handle | None, mode: int) -> None:
         async with self._seq:
+            if node.path is None and handle is not None:  # detached: nothing to replicate
+                os.fchmod(handle.fd, mode)
+                return
             path = self.view.path_of(node)
             real = self.view.real(path)
             st = os.fstat(handle.fd) if handle else os.lstat(real)

@@ -1,4 +1,5 @@
-"""Open flags the filter must honour itself: O_APPEND, O_DSYNC/O_SYNC with O_DIRECT."""
+"""Open flags the filter must honour itself: O_APPEND, O_DSYNC/O_SYNC with O_DIRECT, and
+the attributes of a file unlinked while open."""
 
 from __future__ import annotations
 
@@ -79,3 +80,29 @@ def test_an_o_dsync_direct_write_is_journaled_durably_before_it_returns(
     records = read_journal(fuse.journal)
     writes = [(r.volume, r.offset) for r in records if r.type is RecordType.WRITE]
     assert sorted(writes) == sorted((n, i * 4096) for n in ("dsync", "sync") for i in range(8))
+
+
+def test_attributes_of_a_file_unlinked_while_open_can_still_be_set(
+    fuse: FuseProc, tmp_path: Path
+) -> None:
+    """fchmod and futimens of a file unlinked while open answered ENOENT (the kernel sends
+    no handle with them and the filter looked the file up by its name); on a local file
+    system both succeed. Nothing is journaled for them: no name reaches the file."""
+    (fuse.source / "keep").write_bytes(b"k")
+    initial = _initial(fuse, tmp_path)
+    fuse.start()
+    fd = os.open(fuse.mnt / "scratch", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"x" * 5000)
+        os.unlink(fuse.mnt / "scratch")
+        os.fchmod(fd, 0o600)
+        os.utime(fd, ns=(10**18, 10**18))
+        os.fchown(fd, os.getuid(), os.getgid())
+        st = os.fstat(fd)
+        assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o600, 10**18)
+    finally:
+        os.close(fd)
+    assert fuse.stop() == 0
+    records = read_journal(fuse.journal)
+    assert RecordType.CHMOD not in {r.type for r in records}
+    assert_same_tree(fuse.source, replay(initial, records, tmp_path / "rep"))
