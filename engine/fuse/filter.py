@@ -133,6 +133,8 @@ class JournalingFilter(TreeOps):
             real = self.view.real(name)
             fd = handle.fd if handle else os.open(real, os.O_RDWR | os.O_CLOEXEC)
             try:
+                if size > (handle.max_size if handle else self.view.size_limit(fd)):
+                    raise err(errno.EFBIG)  # what ftruncate(2) says, before journaling
                 await self._resize(node, fd, name, size)
             finally:
                 if handle is None:
@@ -247,6 +249,10 @@ class JournalingFilter(TreeOps):
         stats.writes += 1
         stats.bytes_written += len(buf)
         stats.max_write = max(stats.max_write, len(buf))
+        if off + len(buf) > handle.max_size:  # as write(2): short, or EFBIG at the limit
+            if off >= handle.max_size:
+                raise err(errno.EFBIG)
+            buf = buf[: handle.max_size - off]
         async with self._seq:
             if node.path is None:  # unlinked but open: unreachable, nothing to replicate
                 pwrite_all(handle.fd, buf, off)
@@ -296,6 +302,8 @@ class JournalingFilter(TreeOps):
             or (punch and mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
         ):
             raise err(errno.EINVAL)  # what fallocate(2) says for these, before journaling
+        if offset + length > handle.max_size:
+            raise err(errno.EFBIG)  # also fallocate(2)'s answer, for every mode
         async with self._seq:
             if node.path is None:  # unlinked but open: nothing to replicate
                 fallocate(handle.fd, mode, offset, length)

@@ -34,12 +34,14 @@ class Handle:
     ``sync_writes``: opened O_DSYNC/O_SYNC with ``direct_io``, whose writes the kernel
     answers without an fsync request (it sends one after each write only through its
     page cache): the filter syncs the journal before it answers each of them itself.
-    ``datasync`` is False for O_SYNC (the file's metadata too)."""
+    ``datasync`` is False for O_SYNC (the file's metadata too). ``max_size``: the largest
+    size the source's file system allows the file (:meth:`SourceView.size_limit`)."""
 
     fd: int
     node: Node
     sync_writes: bool = False
     datasync: bool = True
+    max_size: int = 1 << 63
 
 
 @dataclass(eq=False, slots=True)
@@ -66,6 +68,7 @@ class SourceView:
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
+        self._size_limits: dict[int, int] = {}  # st_dev -> largest file size allowed
 
     def real(self, path: str) -> str:
         """The path under SOURCE_DIR of the relative ``path``."""
@@ -111,6 +114,7 @@ class SourceView:
             node,
             sync_writes=direct and bool(flags & os.O_DSYNC),
             datasync=flags & os.O_SYNC != os.O_SYNC,
+            max_size=self.size_limit(fd),
         )
         self.nodes.opened(node, fd)
         return pyfuse3.FileInfo(
@@ -118,6 +122,32 @@ class SourceView:
             direct_io=direct,
             keep_cache=False,
         )
+
+    def size_limit(self, fd: int) -> int:
+        """The largest size the file system of the real file ``fd`` allows a file.
+
+        A write, truncate or fallocate past it must be refused (EFBIG) before it is
+        journaled: the record of a change the source could not make would reach the
+        replica first, where applying it fails the same way and stops the job for good.
+        The limit (the file system's s_maxbytes, 16 TiB on ext4 with 4 KiB blocks) is
+        also the bound of lseek(2), so a binary search of lseeks finds it; once per
+        file system. Moves ``fd``'s file position, which the filter never uses.
+        """
+        dev = os.fstat(fd).st_dev
+        limit = self._size_limits.get(dev)
+        if limit is None:
+            low, high = 0, 1 << 63  # lseek(low) succeeds, lseek(high) cannot
+            while high - low > 1:
+                mid = (low + high) // 2
+                try:
+                    os.lseek(fd, mid, os.SEEK_SET)
+                except OSError:
+                    high = mid
+                else:
+                    low = mid
+            os.lseek(fd, 0, os.SEEK_SET)
+            self._size_limits[dev] = limit = low
+        return limit
 
     def close_file(self, fh: int) -> None:
         handle = self.handles.pop(fh)

@@ -255,3 +255,59 @@ def test_clear_errors(tmp_path: Path) -> None:
     res = _run_filter(src, src / "inner", jr)
     assert res.returncode == 3 and "overlap" in res.stderr
     assert sys.executable  # the child ran under this interpreter
+
+
+def _largest_size(folder: Path) -> int:
+    """The largest file size the file system of ``folder`` allows, found with ftruncate."""
+    probe = folder.parent / "size-probe"
+    fd = os.open(probe, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        low, high = 0, 1 << 63
+        while high - low > 1:
+            mid = (low + high) // 2
+            try:
+                os.ftruncate(fd, mid)
+            except OSError:
+                high = mid
+            else:
+                low = mid
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return low
+
+
+def test_changes_past_the_largest_file_size_are_refused_before_journaling(
+    fuse: FuseProc, tmp_path: Path
+) -> None:
+    """`fallocate -l 100T` on ext4 (16 TiB at most) journaled RESIZE 100T, then failed
+    with EFBIG: the receiver failed to apply that record the same way and refused every
+    record after it, for good. A write, truncate or fallocate past the limit now gets
+    the errno the file system gives (EFBIG, a short write) before anything is journaled."""
+    (fuse.source / "disk").write_bytes(b"d" * 8192)
+    initial = _initial(fuse, tmp_path)
+    limit = _largest_size(fuse.source)
+    fuse.start()
+    disk = fuse.mnt / "disk"
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        for call in (
+            lambda: os.posix_fallocate(fd, 0, limit + 4096),
+            lambda: os.truncate(disk, limit + 1),
+            lambda: os.ftruncate(fd, limit + 1),
+            lambda: os.pwrite(fd, b"x", limit),
+        ):
+            try:
+                call()
+            except OSError as exc:
+                assert exc.errno == errno.EFBIG, exc
+            else:
+                raise AssertionError("a change past the largest file size succeeded")
+        assert os.pwrite(fd, b"y" * 100, limit - 10) == 10  # a short write, as ext4's
+        assert os.fstat(fd).st_size == limit
+        os.ftruncate(fd, 16384)  # not a file of 16 TiB to compare
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert fuse.stop() == 0
+    assert_same_tree(fuse.source, replay(initial, read_journal(fuse.journal), tmp_path / "rep"))
