@@ -72,6 +72,31 @@ log = structlog.get_logger("replicator.fuse")
 # handle would land at the end of the source while its record says where it belongs.
 _OPEN_STRIP: Final = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_DIRECT | os.O_APPEND
 _WRITABLE: Final = os.O_WRONLY | os.O_RDWR
+
+
+def _real_flags(flags: int) -> int:
+    """The flags to open the real file with for a caller's ``flags``.
+
+    Write-only opens get the real file read-write: when a change fails after its record
+    was appended (ENOSPC, EIO), the filter reads the range's real bytes to journal what
+    the file holds (``_reconcile``); on a write-only descriptor that read failed with
+    EBADF and the whole folder diverged (every change EIO until a restart) over one
+    full disk. The kernel still checks the caller's access and sends no reads for it.
+    """
+    flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
+    if flags & os.O_ACCMODE == os.O_WRONLY:
+        flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+    return flags
+
+
+def _open_real(path: str, flags: int) -> int:
+    """Open an existing real file for a caller's ``flags`` (see ``_real_flags``)."""
+    try:
+        return os.open(path, _real_flags(flags))
+    except PermissionError:  # a write-only file and a filter that is not root
+        return os.open(path, (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+
 # the fallocate(2) modes FUSE passes on; anything else gets EOPNOTSUPP
 _FALLOC_MODES: Final = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
@@ -181,7 +206,7 @@ class JournalingFilter(TreeOps):
         view = self.view
         node = view.nodes.get(inode)
         path = view.path_of(node)
-        fd = os.open(view.real(path), (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = _open_real(view.real(path), flags)
         try:
             if flags & os.O_TRUNC and flags & _WRITABLE:
                 async with self._seq:
@@ -205,14 +230,13 @@ class JournalingFilter(TreeOps):
         path = view.recordable(view.child(parent_inode, name))
         real = view.real(path)
         perm = mode & 0o7777
-        open_flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
         async with self._seq:
             if exists(real):
                 # the kernel believed the name free; it is not: behave like open(O_CREAT)
                 if flags & os.O_EXCL:
                     raise err(errno.EEXIST)
                 node = view.nodes.lookup(path)
-                fd = os.open(real, open_flags)
+                fd = _open_real(real, flags)
                 try:
                     if flags & os.O_TRUNC and flags & _WRITABLE:
                         await self._resize(node, fd, path, 0)
@@ -223,7 +247,7 @@ class JournalingFilter(TreeOps):
             else:
                 await self._append(Record.create(path, perm))
                 try:
-                    fd = os.open(real, open_flags | os.O_CREAT | os.O_EXCL, perm)
+                    fd = os.open(real, _real_flags(flags) | os.O_CREAT | os.O_EXCL, perm)
                 except OSError:
                     await self._undo(Record.unlink(path), f"create {path}")
                     raise

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from replicator.journal import Record, RecordType
 from tests.fuse.helpers import FILTER, FuseProc, assert_same_tree, read_journal, replay
-from tests.tools import require_tool
+from tests.tools import require_tool, tmpfs
 
 OLD_XML = b"<domain type='kvm'>\n  <name>vm1</name>\n  <memory>1024</memory>\n</domain>\n"
 NEW_XML = b"<domain type='kvm'>\n  <name>vm1</name>\n  <memory>4096</memory>\n</domain>\n" * 50
@@ -311,3 +311,30 @@ def test_changes_past_the_largest_file_size_are_refused_before_journaling(
         os.close(fd)
     assert fuse.stop() == 0
     assert_same_tree(fuse.source, replay(initial, read_journal(fuse.journal), tmp_path / "rep"))
+
+
+def test_a_full_source_disk_answers_enospc_and_the_folder_goes_on(
+    fuse: FuseProc, tmp_path: Path
+) -> None:
+    """`dd` (a write-only open) filling the source's disk got ENOSPC, and then the filter
+    read the range back to journal what the file held: EBADF on the write-only real
+    file, so the whole folder diverged and every change after it, anywhere in the VM
+    folder, failed with EIO until the sender restarted."""
+    with tmpfs(fuse.source, "4m"):
+        (fuse.source / "vm.xml").write_bytes(OLD_XML)
+        initial = _initial(fuse, tmp_path)
+        fuse.start()
+        dd = subprocess.run(
+            ["dd", "if=/dev/urandom", f"of={fuse.mnt / 'big'}", "bs=1M", "count=8"],
+            capture_output=True,
+            text=True,
+        )
+        assert dd.returncode != 0 and "No space left on device" in dd.stderr, dd.stderr
+        os.unlink(fuse.mnt / "big")  # EIO here before: the folder had diverged
+        with open(fuse.mnt / "vm.xml", "wb") as f:
+            f.write(NEW_XML)
+            os.fsync(f.fileno())
+        assert fuse.stop() == 0
+        assert "fuse.replica_diverged" not in [e.get("event") for e in fuse.events()]
+        rep = replay(initial, read_journal(fuse.journal), tmp_path / "rep")
+        assert_same_tree(fuse.source, rep)
