@@ -88,8 +88,10 @@ def _move(table: dict[str, _V], old: str, new: str) -> None:
 
 
 def walk(source: Path) -> Tree:
-    """The folder's files, directories and symlinks (other node types are refused)."""
+    """The folder's files, directories and symlinks (other node types are refused, and so
+    are two names of one file: see below)."""
     tree = Tree()
+    linked: dict[tuple[int, int], str] = {}  # (dev, ino) -> path, for files with nlink > 1
     for root, dirnames, filenames in os.walk(source):
         rel_root = os.path.relpath(root, source)
         for name in [*dirnames, *filenames]:
@@ -108,6 +110,8 @@ def walk(source: Path) -> Tree:
             elif stat.S_ISDIR(st.st_mode):
                 tree.dirs[rel] = st.st_mode & 0o7777
             elif stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1:
+                    _refuse_second_name(linked, st, rel, source)
                 tree.files[rel] = file_mode(st.st_mode)  # as the replica will have it
             else:  # a socket, FIFO or device node holds no data to replicate
                 raise ConfigError(
@@ -118,6 +122,24 @@ def walk(source: Path) -> Tree:
                     "replicates files, folders and symlinks only",
                 )
     return tree
+
+
+def _refuse_second_name(
+    linked: dict[tuple[int, int], str], st: os.stat_result, rel: str, source: Path
+) -> None:
+    """Two names of one file (a hard link) in the folder: the filter journals a write
+    under the name it came through, so the replica's other name, a file of its own
+    there, would silently keep the old bytes while the source's changed."""
+    other = linked.setdefault((st.st_dev, st.st_ino), rel)
+    if other != rel:
+        raise ConfigError(
+            f"cannot replicate {printable(os.path.join(source, other))} and "
+            f"{printable(os.path.join(source, rel))}: "
+            "two names (hard links) of one file in the folder; a change through one name "
+            "would reach the replica under that name only",
+            hint="make one of them a copy of its own (cp --remove-destination A B) or a "
+            "symlink, or move it out of the folder",
+        )
 
 
 def tree_records(old: Tree | None, new: Tree) -> list[Record]:

@@ -336,3 +336,21 @@ def test_verify_compares_a_folder_whole_and_repairs_it(
         _wait_same(source / "snapshots" / "s2.xml", replica / "snapshots" / "s2.xml")
     finally:
         _stop(proc, mnt)
+
+
+def test_two_names_of_one_file_in_the_folder_stop_send_at_start(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """A write through `mnt/a` of a hard-linked pair changed `b` on the source too, but was
+    journaled as `a` only: the replica's `b` kept the old bytes while both sides said
+    they were caught up. The folder is refused before anything moves."""
+    source, mnt = folder
+    (source / "a").write_bytes(b"x" * 10_000)
+    os.link(source / "a", source / "b")
+    out = replicator("send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+                     str(tmp_path / "state"), "--capture", "fuse", "--mount", str(mnt),
+                     "--insecure", str(source))  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    assert "two names (hard links) of one file" in out.stderr, out.stderr
+    assert "cp --remove-destination" in out.stderr
+    assert not is_mounted(mnt) and not (receiver.dir / "vm1").exists()

@@ -70,3 +70,20 @@ def test_files_are_known_with_the_mode_their_replicas_get(tmp_path: Path) -> Non
     fold(folded, Record.mkdir("d", 0o2770))
     fold(folded, Record.chmod("a", 0o4711))
     assert folded.files == {"a": 0o711, "b": 0o700} and folded.dirs == {"d": 0o2770}
+
+
+def test_walk_refuses_two_names_of_one_file(tmp_path: Path) -> None:
+    """A write through one name of a hard-linked pair changed both on the source but was
+    journaled under that name only: the replica's other name kept the old bytes, at a
+    consistency point, with nothing said. A link to a file outside the folder is fine."""
+    vm = tmp_path / "vm"
+    (vm / "snap").mkdir(parents=True)
+    (vm / "disk.raw").write_bytes(b"x")
+    (tmp_path / "outside").write_bytes(b"y")
+    os.link(tmp_path / "outside", vm / "ok.raw")
+    assert set(walk(vm).files) == {"disk.raw", "ok.raw"}
+    os.link(vm / "disk.raw", vm / "snap" / "disk.raw")
+    with pytest.raises(ConfigError, match="two names \\(hard links\\) of one file") as caught:
+        walk(vm)
+    names = {f"{vm}/disk.raw", f"{vm}/snap/disk.raw"}
+    assert {w.rstrip(":") for w in str(caught.value).split()} >= names
