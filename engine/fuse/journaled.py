@@ -83,6 +83,8 @@ class JournaledOps(pyfuse3.Operations):
         self.view = SourceView(source)
         self.stats = FilterStats(journal_first=self._seq)
         self._chown = os.geteuid() == 0
+        # operations the replica cannot follow: op -> (last log line, refused since then)
+        self.refused_logged: dict[str, tuple[float, int]] = {}
 
     @property
     def journal_first(self) -> JournalFirst[FolderOverflow]:

@@ -16,18 +16,52 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from collections.abc import Sequence
+from typing import Final
 
 import pyfuse3
+import structlog
 
 from replicator.engine.fuse.journaled import JournaledOps
 from replicator.engine.fuse.replies import entry_attributes, err, fuse_errors, statfs_reply
 from replicator.engine.fuse.view import exists
 from replicator.journal.records import Record
 
+log = structlog.get_logger("replicator.fuse")
+
+UNSUPPORTED_LOG_EVERY: Final = 60.0  # seconds between two log lines of one refused op
+
 
 class TreeOps(JournaledOps):
     """Lookups, directories and names (see the module docstring)."""
+
+    def _refuse(self, op: str, path: str, code: int, why: str) -> pyfuse3.FUSEError:
+        """The error for an operation the replica cannot follow, and a log line saying so
+        (at most one a minute per operation, with how many were refused meanwhile)."""
+        logged = self.refused_logged
+        now = time.monotonic()
+        last, count = logged.get(op, (-UNSUPPORTED_LOG_EVERY, 0))
+        if now - last >= UNSUPPORTED_LOG_EVERY:
+            log.warning(
+                "fuse.operation_refused",
+                op=op,
+                path=path,
+                errno=errno.errorcode.get(code, str(code)),
+                why=why,
+                refused_since_last_line=count,
+            )
+            logged[op] = (now, 0)
+        else:
+            logged[op] = (last, count + 1)
+        return err(code)
+
+    def _name_of(self, parent_inode: pyfuse3.InodeT, name: bytes) -> str:
+        """For a log line: the path ``name`` would have (best effort)."""
+        try:
+            return self.view.child(parent_inode, name)
+        except pyfuse3.FUSEError:
+            return os.fsdecode(name)
 
     # ------------------------------------------------------------------ lookups
     @fuse_errors
@@ -203,8 +237,13 @@ class TreeOps(JournaledOps):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            raise err(errno.EINVAL)  # no record expresses an atomic exchange
+        if flags & pyfuse3.RENAME_EXCHANGE:  # no record expresses an atomic exchange
+            raise self._refuse(
+                "rename_exchange",
+                self._name_of(parent_inode_old, name_old),
+                errno.EINVAL,
+                "an atomic exchange of two names is not replicated",
+            )
         view = self.view
         old = view.recordable(view.child(parent_inode_old, name_old))
         new = view.recordable(view.child(parent_inode_new, name_new))
@@ -246,7 +285,12 @@ class TreeOps(JournaledOps):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        raise err(errno.EPERM)  # hard links cannot be replicated (no record type)
+        raise self._refuse(
+            "link",
+            self._name_of(new_parent_inode, new_name),
+            errno.EPERM,
+            "hard links are not replicated (make a copy or a symlink)",
+        )
 
     @fuse_errors
     async def mknod(
@@ -257,4 +301,24 @@ class TreeOps(JournaledOps):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        raise err(errno.EPERM)  # devices, fifos and sockets are not replicated
+        raise self._refuse(
+            "mknod",
+            self._name_of(parent_inode, name),
+            errno.EPERM,
+            "devices, FIFOs and sockets are not replicated (make them outside the folder)",
+        )
+
+    @fuse_errors
+    async def setxattr(
+        self,
+        inode: pyfuse3.InodeT,
+        name: bytes,
+        value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        raise self._refuse(
+            "setxattr",
+            self.view.nodes.get(inode).path or "",
+            errno.EOPNOTSUPP,
+            f"extended attributes ({os.fsdecode(name)}) are not replicated",
+        )
