@@ -71,7 +71,6 @@ log = structlog.get_logger("replicator.fuse")
 # O_APPEND (fcntl F_SETFL) or a page of an mmap written back through an appending
 # handle would land at the end of the source while its record says where it belongs.
 _OPEN_STRIP: Final = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_DIRECT | os.O_APPEND
-_WRITABLE: Final = os.O_WRONLY | os.O_RDWR
 
 
 def _real_flags(flags: int) -> int:
@@ -82,9 +81,12 @@ def _real_flags(flags: int) -> int:
     the file holds (``_reconcile``); on a write-only descriptor that read failed with
     EBADF and the whole folder diverged (every change EIO until a restart) over one
     full disk. The kernel still checks the caller's access and sends no reads for it.
+    ``O_RDONLY|O_TRUNC`` truncates, as on a local file system (the kernel asked the
+    caller for write access), so its real file is opened read-write too.
     """
+    truncate = flags & os.O_TRUNC
     flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
-    if flags & os.O_ACCMODE == os.O_WRONLY:
+    if flags & os.O_ACCMODE == os.O_WRONLY or truncate:
         flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
     return flags
 
@@ -208,7 +210,7 @@ class JournalingFilter(TreeOps):
         path = view.path_of(node)
         fd = _open_real(view.real(path), flags)
         try:
-            if flags & os.O_TRUNC and flags & _WRITABLE:
+            if flags & os.O_TRUNC:  # also O_RDONLY|O_TRUNC: the kernel checked MAY_WRITE
                 async with self._seq:
                     if node.path is not None:
                         await self._resize(node, fd, view.recordable(node.path), 0)
@@ -238,7 +240,7 @@ class JournalingFilter(TreeOps):
                 node = view.nodes.lookup(path)
                 fd = _open_real(real, flags)
                 try:
-                    if flags & os.O_TRUNC and flags & _WRITABLE:
+                    if flags & os.O_TRUNC:  # also O_RDONLY|O_TRUNC: the kernel checked MAY_WRITE
                         await self._resize(node, fd, path, 0)
                 except BaseException:
                     os.close(fd)

@@ -209,6 +209,26 @@ def test_o_trunc_and_rename_over_replay(fuse: FuseProc, tmp_path: Path) -> None:
     assert (rep / "cfg").read_bytes() == b"B" * 100
 
 
+def test_a_read_only_open_with_o_trunc_truncates_as_on_a_local_file_system(
+    fuse: FuseProc, tmp_path: Path
+) -> None:
+    """open(O_RDONLY|O_TRUNC) empties the file on ext4 (the kernel asks the caller for
+    write access first); through the mount it answered success and left the file whole."""
+    (fuse.source / "cfg").write_bytes(b"A" * 10_000)
+    (tmp_path / "local").write_bytes(b"A" * 10_000)  # outside the mount
+    initial = _initial(fuse, tmp_path)
+    fuse.start()
+    for path in (tmp_path / "local", fuse.mnt / "cfg"):
+        fd = os.open(path, os.O_RDONLY | os.O_TRUNC)
+        try:
+            assert os.fstat(fd).st_size == 0, path
+        finally:
+            os.close(fd)
+    assert fuse.stop() == 0
+    assert (fuse.source / "cfg").read_bytes() == b""
+    assert_same_tree(fuse.source, replay(initial, read_journal(fuse.journal), tmp_path / "rep"))
+
+
 def test_unreplicable_operations_are_refused(fuse: FuseProc, tmp_path: Path) -> None:
     """Each with its errno and a log line naming the operation and the path (hard links,
     fifos, exchanges and xattrs were refused with nothing in the log, and setxattr only
