@@ -185,6 +185,14 @@ class JournalingFilter(TreeOps):
                 os.fchmod(handle.fd, mode)
                 return
             path = self.view.path_of(node)
+            if not path:  # no record names the folder itself
+                raise self._refuse(
+                    "chmod",
+                    "",
+                    errno.EPERM,
+                    "the mode of the VM folder itself is not replicated: set it on the "
+                    "source folder and the replica's folder by hand",
+                )
             real = self.view.real(path)
             st = os.fstat(handle.fd) if handle else os.lstat(real)
             if stat.S_ISLNK(st.st_mode):

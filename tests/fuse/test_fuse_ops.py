@@ -244,6 +244,7 @@ def test_unreplicable_operations_are_refused(fuse: FuseProc, tmp_path: Path) -> 
         (errno.EOPNOTSUPP, lambda: os.setxattr(m / "f", "user.a", b"1")),
         (errno.EOPNOTSUPP, lambda: os.setxattr(m / "g", "user.a", b"1")),
         (errno.EINVAL, lambda: _rename_exchange(m / "f", m / "g")),
+        (errno.EPERM, lambda: os.chmod(m, 0o750)),  # EINVAL "empty path" before
     ):
         try:
             call()
@@ -265,6 +266,7 @@ def test_unreplicable_operations_are_refused(fuse: FuseProc, tmp_path: Path) -> 
         ("mknod", "fifo", "EPERM"),
         ("setxattr", "f", errno.errorcode[errno.EOPNOTSUPP]),
         ("rename_exchange", "f", "EINVAL"),
+        ("chmod", "", "EPERM"),
     ]
     assert "fuse.unreplicable_name" in [e.get("event") for e in fuse.events()]
 
