@@ -119,6 +119,22 @@ def parse_size(value: str, option: str) -> int:
     return int(number) * _SIZE_UNITS[unit]
 
 
+def parse_in_flight_max(value: str | None) -> int:
+    """``--in-flight-max``'s bytes (the default without one); also a receive config's
+    ``in_flight_max`` (check-config)."""
+    from replicator.engine.in_flight import IN_FLIGHT_MAX, MIN_IN_FLIGHT
+
+    if value is None:
+        return IN_FLIGHT_MAX
+    limit = parse_size(value, "--in-flight-max")
+    if limit < MIN_IN_FLIGHT:
+        raise ConfigError(
+            f"--in-flight-max {value} is too small: at least 4M (a Records frame is up to "
+            "2 MiB, and each must fit while the one before it is synced)"
+        )
+    return limit
+
+
 def connector_for(
     config: SenderConfig, tls: TlsIdentity | None = None, shaper: Shaper | None = None
 ) -> Connector:

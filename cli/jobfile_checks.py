@@ -20,7 +20,7 @@ from replicator.cli.capture_opts import (
     check_capture_needs,
     check_capture_options,
 )
-from replicator.cli.common import parse_endpoint, parse_size
+from replicator.cli.common import parse_endpoint, parse_in_flight_max, parse_size
 from replicator.cli.jobfile import ConfigFile, Section, located
 from replicator.cli.shaping_opts import make_shaping
 from replicator.engine.authz import parse_allow
@@ -81,7 +81,7 @@ CHECKS: dict[str, Callable[[Any], object]] = {
     "nbd_listen": _endpoint,
     "metrics_listen": _endpoint,
     "journal_max": lambda value: parse_size(value, "journal_max"),
-    "in_flight_max": lambda value: parse_size(value, "in_flight_max"),
+    "in_flight_max": parse_in_flight_max,
     "allow": lambda rules: [parse_allow(rule) for rule in rules],
     "rate": lambda value: make_shaping(value, None, None),
     "burst": lambda value: make_shaping(None, value, None),

@@ -18,7 +18,7 @@ from replicator.cli.common import (
     fail,
     finite,
     parse_endpoint,
-    parse_size,
+    parse_in_flight_max,
     run,
     transport_security,
 )
@@ -32,7 +32,6 @@ from replicator.cli.witness_opts import (
 )
 from replicator.engine.authz import Authorizer, parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError, cannot_listen
-from replicator.engine.in_flight import IN_FLIGHT_MAX, MIN_IN_FLIGHT
 from replicator.engine.monitor import receiver_monitor
 from replicator.engine.names import RECEIVER_STATE_NAME
 from replicator.engine.receiver import Receiver, ReceiverConfig, check_receiver_dirs
@@ -54,19 +53,6 @@ def check_exec(command: str, after: float | None) -> None:
             hint="add them, or fail over by hand with `replicator failover --force --exec CMD`",
         )
     split_command("--auto-failover-exec", command, "starts the VM")
-
-
-def parse_in_flight_max(value: str | None) -> int:
-    """``--in-flight-max``'s bytes (the default without one)."""
-    if value is None:
-        return IN_FLIGHT_MAX
-    limit = parse_size(value, "--in-flight-max")
-    if limit < MIN_IN_FLIGHT:
-        raise ConfigError(
-            f"--in-flight-max {value} is too small: at least 4M (a Records frame is up to "
-            "2 MiB, and each must fit while the one before it is synced)"
-        )
-    return limit
 
 
 def receive(

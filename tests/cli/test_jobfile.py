@@ -252,6 +252,13 @@ def test_a_receive_config_is_checked_as_receive_checks_it(tmp_path: Path) -> Non
     out = replicator("check-config", str(typo))
     assert out.returncode == ExitCode.CONFIG, out.stderr
     assert "did you mean [jobs.NAME]" in one_line_error(out.stderr)
+    small = tmp_path / "small.toml"  # check-config said ok; receive refused it
+    small.write_text('listen = "127.0.0.1:7000"\ndir = "d"\ninsecure = true\n'
+                     'in_flight_max = "1M"\n')  # fmt: skip
+    out = replicator("check-config", str(small))
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    assert f"{small}:4:" in error and "too small: at least 4M" in error, error
 
 
 def test_the_command_line_overrides_the_file(tmp_path: Path, receiver: ReceiverProc) -> None:
