@@ -239,6 +239,17 @@ async def test_a_close_during_an_apply_rounds_state_write_leaves_one_writer(
     assert not job["recovery_pending"], job
 
 
+async def _epoch_one_applied(
+    receiver: Receiver, sender: FramedConnection, welcome: Welcome
+) -> tuple[int, JobReplica]:
+    """Epoch one sent and applied: the session's generation, and the job."""
+    generation = max(welcome.generation, 1)
+    replica = await receiver.job("job")
+    await sender.send(_epoch(1, 1))
+    assert await _applied(replica, FIRST) == FIRST
+    return generation, replica
+
+
 @pytest.mark.parametrize("where", ["session end", "sync"])
 async def test_records_whose_journal_fsync_failed_are_never_acknowledged_as_received(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
@@ -261,10 +272,7 @@ async def test_records_whose_journal_fsync_failed_are_never_acknowledged_as_rece
         receiver = Receiver(config)
         try:
             async with _session(receiver, 0) as (sender, welcome, _):
-                generation = max(welcome.generation, 1)
-                replica = await receiver.job("job")
-                await sender.send(_epoch(1, 1))
-                assert await _applied(replica, FIRST) == FIRST
+                generation, replica = await _epoch_one_applied(receiver, sender, welcome)
                 rule = fs.add("fsync", errno.EIO, path="*.seg", times=1)
                 with monkeypatch.context() as patched:
                     if where == "session end":  # the session's sync never runs
@@ -309,10 +317,7 @@ async def test_a_session_end_that_cannot_sync_says_so_and_the_next_session_conve
         receiver = Receiver(_config(tmp_path / "mnt"))
         try:
             async with _session(receiver, 0) as (sender, welcome, _):
-                generation = max(welcome.generation, 1)
-                replica = await receiver.job("job")
-                await sender.send(_epoch(1, 1))
-                assert await _applied(replica, FIRST) == FIRST
+                generation, replica = await _epoch_one_applied(receiver, sender, welcome)
                 rule = fs.add("fsync", errno.EIO, path="*.seg", times=1)
                 taken = asyncio.Event()
                 with monkeypatch.context() as patched:  # the session's sync never runs
