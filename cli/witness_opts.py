@@ -138,14 +138,18 @@ def source_lease(
         peer=peer,
         lease_seconds=3 * interval,
     )
-    known = load_peer(config.state_dir).generation  # before the first session says it
+    last = load_peer(config.state_dir)  # before the first session says it
+    known = last.generation
 
     def generation() -> int:
         return max(known, sender.status.generation)
 
+    def replica() -> str:
+        return sender.replica_id or last.replica
+
     async def renewing() -> None:
         try:
-            await keep_lease(client, config.job, generation, interval, fence)
+            await keep_lease(client, config.job, generation, interval, fence, replica)
         finally:
             await client.aclose()
 

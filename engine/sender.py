@@ -154,6 +154,9 @@ class Sender:
         self.reached = False  # a session was established at least once
         # source self-fencing (send --witness): serving alone waits for its first renewal
         self.fence: SourceFence | None = None
+        # the replica identity its receiver said (engine/replica_id.py; "" until a session
+        # says it): declared to the witness, which promotes no other copy of the job
+        self.replica_id = ""
         self.connect_failure: ReplicatorError | None = None  # the last, while not reached
         # records its sessions shipped for the receiver alone to check (engine/link.py)
         self.unchecked = ShippedUnchecked()
@@ -252,6 +255,7 @@ class Sender:
             now = generations.Peer(welcome.generation, theirs if taking else known.replica)
             if now != known:
                 await settled(generations.save_peer, state_dir, now)
+            self.replica_id = now.replica
             self.status.generation = welcome.generation
             if state.served_alone is not None:  # engine/served_alone.py
                 ahead = receiver_ahead(link.received_lsn, state.served_alone)

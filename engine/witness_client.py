@@ -27,12 +27,24 @@ class Witness(Protocol):
         whatever it declared (etcd: before its lease's TTL runs out); None: no bound."""
         ...
 
-    async def renew(self, job: str, generation: int, fence_after: float | None = None) -> Renewal:
+    async def renew(
+        self,
+        job: str,
+        generation: int,
+        fence_after: float | None = None,
+        replica: str | None = None,
+    ) -> Renewal:
         """Renew the source's lease; ``fence_after``: the seconds without a successful
-        renewal after which it fences itself (the built-in witness waits for that)."""
+        renewal after which it fences itself (the built-in witness waits for that);
+        ``replica``: the replica identity it replicates to (engine/replica_id.py), the only
+        one the witness may promote."""
         ...
 
-    async def may_promote(self, job: str, generation: int, after: float) -> Decision: ...
+    async def may_promote(
+        self, job: str, generation: int, after: float, replica: str | None = None
+    ) -> Decision:
+        """May this target (its replica identity ``replica``) promote job J at G?"""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -55,10 +67,18 @@ class BuiltinWitness:
     def fence_bound(self) -> float | None:
         return None  # the witness waits for the declared fence_after
 
-    async def renew(self, job: str, generation: int, fence_after: float | None = None) -> Renewal:
+    async def renew(
+        self,
+        job: str,
+        generation: int,
+        fence_after: float | None = None,
+        replica: str | None = None,
+    ) -> Renewal:
         message: dict[str, object] = {"op": "renew", "job": job, "generation": generation}
         if fence_after is not None:
             message["fence_after"] = fence_after
+        if replica:
+            message["replica"] = replica
         reply = await self._ask(message)
         if reply.get("ok") is True:
             return Renewal(True)
@@ -67,10 +87,18 @@ class BuiltinWitness:
             raise PeerProtocolError(f"the witness at {self.where} sent a bad renewal: {reply}")
         return Renewal(False, promoted_to=promoted_to, grantee=str(reply.get("grantee", "")))
 
-    async def may_promote(self, job: str, generation: int, after: float) -> Decision:
-        reply = await self._ask(
-            {"op": "promote", "job": job, "generation": generation, "after": after}
-        )
+    async def may_promote(
+        self, job: str, generation: int, after: float, replica: str | None = None
+    ) -> Decision:
+        message: dict[str, object] = {
+            "op": "promote",
+            "job": job,
+            "generation": generation,
+            "after": after,
+        }
+        if replica:
+            message["replica"] = replica
+        reply = await self._ask(message)
         if reply.get("granted") is True:
             return Decision(True)
         return Decision(False, reason=str(reply.get("reason", "refused")))

@@ -27,6 +27,10 @@ def _source(job: str) -> bytes:
     return f"{PREFIX}{job}/source".encode()
 
 
+def _replica(job: str) -> bytes:
+    return f"{PREFIX}{job}/replica".encode()
+
+
 def _promoted(job: str, generation: int) -> bytes:
     return f"{PREFIX}{job}/promoted/{generation}".encode()
 
@@ -56,15 +60,21 @@ class EtcdWitness:
         or after its send): fence a quarter of the TTL before that."""
         return 0.75 * self.ttl
 
-    async def renew(self, job: str, generation: int, fence_after: float | None = None) -> Renewal:
+    async def renew(
+        self,
+        job: str,
+        generation: int,
+        fence_after: float | None = None,
+        replica: str | None = None,
+    ) -> Renewal:
         # fence_after is not sent: the lease's TTL bounds it (``fence_bound``)
         try:
-            return await self._renew(job, generation)
+            return await self._renew(job, generation, replica)
         except self._aetcd.exceptions.ClientError as exc:
             self._lease = None  # granted anew once etcd answers again
             raise ConnectError(f"cannot reach etcd at {self.where}: {exc}") from exc
 
-    async def _renew(self, job: str, generation: int) -> Renewal:
+    async def _renew(self, job: str, generation: int, replica: str | None) -> Renewal:
         client = self._client
         await client.connect()
         if self._lease is not None:
@@ -77,26 +87,46 @@ class EtcdWitness:
         granted = _promoted(job, generation)
         ok, responses = await client.transaction(
             compare=[txn.version(granted) == 0],
-            success=[txn.put(_source(job), str(generation).encode(), lease=self._lease)],
+            success=[
+                txn.put(_source(job), str(generation).encode(), lease=self._lease),
+                # the replica it replicates to: no lease, it outlives the source
+                *([txn.put(_replica(job), replica.encode())] if replica else []),
+            ],
             failure=[txn.get(granted)],
         )
         if ok:
             return Renewal(True)
         return Renewal(False, promoted_to=generation + 1, grantee=_value(responses))
 
-    async def may_promote(self, job: str, generation: int, after: float) -> Decision:
+    async def may_promote(
+        self, job: str, generation: int, after: float, replica: str | None = None
+    ) -> Decision:
         try:
-            return await self._may_promote(job, generation)
+            return await self._may_promote(job, generation, replica)
         except self._aetcd.exceptions.ClientError as exc:
             raise ConnectError(f"cannot reach etcd at {self.where}: {exc}") from exc
 
-    async def _may_promote(self, job: str, generation: int) -> Decision:
+    async def _may_promote(self, job: str, generation: int, replica: str | None) -> Decision:
         client = self._client
         await client.connect()
         txn = client.transactions
         granted = _promoted(job, generation)
+        # the replica the source declared: read, then checked unchanged in the transaction
+        declared = await client.get(_replica(job))
+        if declared is not None and replica:
+            theirs = bytes(declared.value).decode(errors="replace")
+            if theirs != replica:
+                return Decision(
+                    False,
+                    reason=f"the source of job {job!r} replicates to replica {theirs}; this is "
+                    f"replica {replica}, another copy of the job: it is never promoted",
+                )
         ok, responses = await client.transaction(
-            compare=[txn.version(_source(job)) == 0, txn.version(granted) == 0],
+            compare=[
+                txn.version(_source(job)) == 0,
+                txn.version(granted) == 0,
+                txn.mod(_replica(job)) == (0 if declared is None else declared.mod_revision),
+            ],
             success=[txn.put(granted, self.who.encode())],
             failure=[txn.get(granted), txn.get(_source(job))],
         )
@@ -107,7 +137,9 @@ class EtcdWitness:
             return Decision(True)  # our own grant, asked again
         if holder:
             return Decision(False, reason=f"generation {generation} was granted to {holder!r}")
-        return Decision(False, reason="the source still holds its etcd lease")
+        if _value(responses[1:]):
+            return Decision(False, reason="the source still holds its etcd lease")
+        return Decision(False, reason="the source's replica changed meanwhile: asked again")
 
     async def aclose(self) -> None:
         # the lease is left to expire, not revoked: a source that stops is as gone as one

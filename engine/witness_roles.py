@@ -39,15 +39,18 @@ async def keep_lease(
     generation: Callable[[], int],
     interval: float,
     fence: SourceFence | None = None,
+    replica: Callable[[], str] = lambda: "",
 ) -> NoReturn:
     """Renew the source's lease until the witness says the target took over (raises);
-    with ``fence``, the source fences itself when renewals stop succeeding."""
+    with ``fence``, the source fences itself when renewals stop succeeding. ``replica``:
+    the identity of the replica it replicates to ("" while unknown), declared with each
+    renewal: the witness promotes no other copy of the job."""
     if fence is None:
-        await _renew_lease(witness, job, generation, interval, None)
+        await _renew_lease(witness, job, generation, interval, None, replica)
     fence.bound(witness.fence_bound)
     watching = asyncio.ensure_future(fence.watch())
     try:
-        await _renew_lease(witness, job, generation, interval, fence)
+        await _renew_lease(witness, job, generation, interval, fence, replica)
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -60,6 +63,7 @@ async def _renew_lease(
     generation: Callable[[], int],
     interval: float,
     fence: SourceFence | None,
+    replica: Callable[[], str],
 ) -> NoReturn:
     unreachable = False
     fence_after = None if fence is None else fence.fence_after
@@ -67,7 +71,7 @@ async def _renew_lease(
         gen = generation()
         sent = time.monotonic()
         try:
-            renewal = await witness.renew(job, gen, fence_after)
+            renewal = await witness.renew(job, gen, fence_after, replica() or None)
         except ReplicatorError as exc:
             if not unreachable:
                 log.warning(
@@ -163,7 +167,9 @@ class AutoFailover:
             return
         generation = replica.state.generation
         try:
-            decision = await self.witness.may_promote(job, generation, self.after)
+            decision = await self.witness.may_promote(
+                job, generation, self.after, replica.replica_id or None
+            )
         except ReplicatorError as exc:
             self._say(job, "receiver.auto_failover_waiting", f"witness unreachable: {exc}")
             replica.status.error(

@@ -27,7 +27,12 @@ from replicator.engine.errors import ReplicatorError
 from replicator.engine.names import check_job_name
 from replicator.engine.tls import peer_name
 from replicator.engine.witness_protocol import ForeignFrame, encode, read_message
-from replicator.engine.witness_state import STATE_FILE, WitnessBook, positive_seconds
+from replicator.engine.witness_state import (
+    STATE_FILE,
+    WitnessBook,
+    positive_seconds,
+    valid_replica,
+)
 from replicator.journal.durable import makedirs_durable, read_state, write_state_async
 from replicator.transport.frames import FRAME_MAGIC, encode_frame
 from replicator.transport.messages import Error
@@ -100,19 +105,28 @@ class WitnessServer:
         # with TLS the requester is its certificate; without, what it says it is
         who = certificate or str(message.get("who") or "?")
         now = time.monotonic()
+        replica = message.get("replica")  # absent: a side from before replica identities
         if op == "renew":
             fence_after = message.get("fence_after")  # absent: a source that does not fence
             if fence_after is not None and not positive_seconds(fence_after):
                 return {"error": "bad request: 'fence_after' must be a positive number of seconds"}
+            if replica is not None and not valid_replica(replica):
+                return {"error": "bad request: 'replica' must be a replica identity (hex)"}
             async with self._lock:  # not between a grant's record and its write
                 declared = self.book.fences.get(job)
-                if self.book.declare_fence(
+                target = self.book.replicas.get(job)
+                changed = self.book.declare_fence(
                     job, None if fence_after is None else float(fence_after)
-                ):
+                )
+                if self.book.declare_replica(job, replica) or changed:
                     try:
                         await write_state_async(self.path, self.book.to_state())
                     except OSError as exc:  # not renewed: the source counts it as a failure
                         self.book.declare_fence(job, declared)
+                        if target is None:
+                            self.book.replicas.pop(job, None)
+                        else:
+                            self.book.replicas[job] = target
                         await self._write_failed(exc)
                         return {"error": f"the witness cannot write: {exc}"}
                 renewal = self.book.renew(job, generation, now)
@@ -130,8 +144,10 @@ class WitnessServer:
             after = message.get("after")
             if not isinstance(after, int | float) or after <= 0:
                 return {"error": "bad request: 'after' must be a positive number of seconds"}
+            if replica is not None and not valid_replica(replica):
+                return {"error": "bad request: 'replica' must be a replica identity (hex)"}
             async with self._lock:
-                decision = self.book.decide(job, generation, float(after), who, now)
+                decision = self.book.decide(job, generation, float(after), who, now, replica)
                 if decision.new:
                     self.book.record(job, generation, who)
                     try:

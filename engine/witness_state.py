@@ -61,6 +61,8 @@ class WitnessBook:
     grants: dict[str, dict[int, str]] = field(default_factory=dict)  # job: {generation: who}
     leases: dict[str, tuple[int, float]] = field(default_factory=dict)  # job: (gen, renewed)
     fences: dict[str, float] = field(default_factory=dict)  # job: the source's fence_after
+    # job: the replica (engine/replica_id.py) the source last said it replicates to
+    replicas: dict[str, str] = field(default_factory=dict)
 
     def declare_fence(self, job: str, fence_after: float | None) -> bool:
         """The source's ``fence_after`` from a renewal (None: an older source that does not
@@ -71,6 +73,15 @@ class WitnessBook:
             del self.fences[job]
         else:
             self.fences[job] = fence_after
+        return True
+
+    def declare_replica(self, job: str, replica: str | None) -> bool:
+        """The replica the source replicates to, from a renewal (None: it did not say: an
+        older source, or one that has not reached its receiver yet; the last one said is
+        kept). True when it changed: the caller writes the state before answering."""
+        if replica is None or self.replicas.get(job) == replica:
+            return False
+        self.replicas[job] = replica
         return True
 
     def renew(self, job: str, generation: int, now: float) -> Renewal:
@@ -85,7 +96,15 @@ class WitnessBook:
         self.leases[job] = (generation if lease is None else max(generation, lease[0]), now)
         return Renewal(True)
 
-    def decide(self, job: str, generation: int, after: float, who: str, now: float) -> Decision:
+    def decide(
+        self,
+        job: str,
+        generation: int,
+        after: float,
+        who: str,
+        now: float,
+        replica: str | None = None,
+    ) -> Decision:
         granted = self.grants.get(job, {})
         holder = granted.get(generation)
         if holder is not None:
@@ -100,6 +119,16 @@ class WitnessBook:
                 False,
                 reason=f"job {job!r} was promoted to generation {max(later) + 1} already; "
                 f"this replica is at generation {generation}",
+            )
+        declared = self.replicas.get(job)
+        if replica is not None and declared is not None and replica != declared:
+            # another host's copy of the job (an old first try, a decommissioned target):
+            # promoting it would throw away everything written since, and refuse the real
+            # target for good
+            return Decision(
+                False,
+                reason=f"the source of job {job!r} replicates to replica {declared}; this is "
+                f"replica {replica}, another copy of the job: it is never promoted",
             )
         lease = self.leases.get(job)
         if lease is not None and lease[0] > generation:
@@ -139,6 +168,8 @@ class WitnessBook:
         }
         if self.fences:  # absent when empty: the file older witnesses wrote
             state["fences"] = dict(sorted(self.fences.items()))
+        if self.replicas:  # likewise
+            state["replicas"] = dict(sorted(self.replicas.items()))
         return state
 
     @classmethod
@@ -168,6 +199,13 @@ class WitnessBook:
             if not isinstance(job, str) or not positive_seconds(seconds):
                 raise StateFileError(f"witness state: bad fence_after {seconds!r} for {job!r}")
             book.fences[job] = float(seconds)
+        replicas = state.get("replicas", {})
+        if not isinstance(replicas, dict):
+            raise StateFileError("witness state: 'replicas' is not a map")
+        for job, replica in replicas.items():
+            if not isinstance(job, str) or not valid_replica(replica):
+                raise StateFileError(f"witness state: bad replica {replica!r} for {job!r}")
+            book.replicas[job] = replica
         return book
 
 
@@ -175,4 +213,13 @@ def positive_seconds(value: object) -> bool:
     """A positive, finite number of seconds (not a bool)."""
     return (
         isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
+    )
+
+
+def valid_replica(value: object) -> bool:
+    """A replica identity as a request may carry it (engine/replica_id.py: hex digits)."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 64
+        and all(c in "0123456789abcdef" for c in value)
     )

@@ -319,3 +319,40 @@ async def test_a_request_timed_out_in_its_write_cannot_undo_the_next_one(
         "grants": {"vm2": [[3, "t"]]},
         "fences": {"vm1": 0.6},
     }
+
+
+A, B = "a" * 32, "b" * 32  # two replica identities (engine/replica_id.py)
+
+
+def test_only_the_replica_the_source_declared_is_promoted() -> None:
+    book = WitnessBook(started=0.0)
+    assert book.declare_replica("vm1", A) and not book.declare_replica("vm1", A)
+    assert not book.declare_replica("vm1", None)  # a renewal that does not say keeps it
+    assert book.renew("vm1", 1, 10.0).ok
+    other = book.decide("vm1", 1, 1.0, "old-target", 20.0, B)
+    assert not other.granted and f"replicates to replica {A}; this is replica {B}" in other.reason
+    assert book.decide("vm1", 1, 1.0, "target", 20.0, A).granted
+    assert book.decide("vm1", 1, 1.0, "older-target", 20.0).granted  # says none: as before
+    state = book.to_state()
+    assert state["replicas"] == {"vm1": A}
+    restarted = WitnessBook.from_state(state, started=100.0)  # the source dead meanwhile
+    assert not restarted.decide("vm1", 1, 1.0, "old-target", 200.0, B).granted
+    assert WitnessBook.from_state({"grants": {}}, started=0.0).replicas == {}  # older files
+    for bad in ({"vm1": "xyz"}, {"vm1": 3}, ["vm1"]):
+        with pytest.raises(StateFileError):
+            WitnessBook.from_state({"grants": {}, "replicas": bad}, started=0.0)
+
+
+async def test_server_keeps_the_declared_replica_durably(tmp_path: Path) -> None:
+    server = WitnessServer(tmp_path)
+    renew = {"op": "renew", "job": "vm1", "generation": 1, "who": "s", "replica": A}
+    assert await server.answer(renew, None) == {"ok": True}
+    assert read_state(tmp_path / STATE_FILE) == {"grants": {}, "replicas": {"vm1": A}}
+    bad = await server.answer({**renew, "replica": "../x"}, None)
+    assert "'replica' must be a replica identity" in str(bad["error"])
+    restarted = WitnessServer(tmp_path)
+    restarted.book.started -= 10  # the source is gone: 10 s without a renewal
+    promote = {"op": "promote", "job": "vm1", "generation": 1, "after": 2.0, "who": "old"}
+    refused = await restarted.answer({**promote, "replica": B}, None)
+    assert refused["granted"] is False and "another copy of the job" in str(refused["reason"])
+    assert (await restarted.answer({**promote, "who": "t", "replica": A}, None))["granted"]

@@ -1,0 +1,84 @@
+"""Two receivers asking the witness about the same job name: only the replica the source
+replicates to may be promoted (docs/WITNESS.md, "Rules"). Real `replicator witness`,
+`receive --auto-failover-after` and `send --witness` processes; the sender is SIGKILLed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_witness import (  # noqa: F401  (fixtures)
+    disk,
+    procs,
+    receiver_job,
+    replicating_pair,
+    start_witness,
+    wait_for,
+)
+from tests.cli.test_witness_etcd import etcd  # noqa: F401  (a fixture)
+from tests.tools import b3, qemu_io, send_once, start_receiver, stop_and_read
+
+
+def test_a_stale_replica_of_the_same_job_elsewhere_is_never_promoted(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+) -> None:
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    stale_copy_is_never_promoted(tmp_path, disk, procs, address, 3.0)
+
+
+@pytest.mark.tools
+def test_etcd_a_stale_replica_of_the_same_job_elsewhere_is_never_promoted(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+    etcd: tuple[subprocess.Popen[str], str],  # noqa: F811
+) -> None:
+    # the source's key outlives its lease's TTL by up to a few seconds (etcd's minimum TTL
+    # and its expiry checks): the real target waits well past that
+    stale_copy_is_never_promoted(tmp_path, disk, procs, etcd[1], 8.0)
+
+
+def stale_copy_is_never_promoted(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+    address: str,
+    after: float,
+) -> None:
+    """Another receiver holds an old replica of job vm1 (a first try, a decommissioned
+    target) and runs with automatic failover against the same witness, quicker than the
+    real target. When the source dies it asks first: before, the witness granted it, that
+    old copy became the primary, every write since was lost and the real target was
+    refused for good ("granted to ..."). The source declares its replica at each renewal;
+    the witness grants only that one."""
+    old = start_receiver(tmp_path / "old-target")
+    procs.append(old.proc)
+    send_once(old, "vm1", tmp_path / "old-state", disk)  # its copy: 0x11 only
+    assert old.stop() == 0
+
+    qemu_io("qcow2", disk, "write -P 0x22 4M 1M")  # written after the old copy was made
+    rcv, sender = replicating_pair(
+        tmp_path, disk, procs, address, receive_args=("--auto-failover-after", str(after))
+    )
+    quick = ("--auto-failover-after", "0.5", "--witness", address)
+    old = start_receiver(tmp_path / "old-target", port=old.port, security=("--insecure", *quick))
+    procs.append(old.proc)
+    time.sleep(1.5)  # the old target asks, and is refused, while the source renews
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 20), {
+        k: receiver_job(old)[k] for k in ("promoted", "generation", "state")
+    }
+    assert receiver_job(old)["promoted"] is False
+    assert b3(rcv.dir / "vm1" / disk.name) == b3(disk)  # the 0x22 write is there
+    code, err = stop_and_read(old.proc)
+    assert code == 0, err[-2000:]
+    assert "receiver.auto_failover_refused" in err and "replicates to replica" in err, err[-2000:]
+    assert rcv.stop() == 0
