@@ -127,7 +127,12 @@ class EtcdWitness:
                 txn.version(granted) == 0,
                 txn.mod(_replica(job)) == (0 if declared is None else declared.mod_revision),
             ],
-            success=[txn.put(granted, self.who.encode())],
+            # the grant binds the replica (when the source never said it): the same
+            # requester asking from another copy of the job is refused above
+            success=[
+                txn.put(granted, self.who.encode()),
+                *([txn.put(_replica(job), replica.encode())] if replica else []),
+            ],
             failure=[txn.get(granted), txn.get(_source(job))],
         )
         if ok:

@@ -149,11 +149,12 @@ class WitnessServer:
             async with self._lock:
                 decision = self.book.decide(job, generation, float(after), who, now, replica)
                 if decision.new:
-                    self.book.record(job, generation, who)
+                    target = self.book.replicas.get(job)
+                    self.book.record(job, generation, who, replica)
                     try:
                         await write_state_async(self.path, self.book.to_state())
                     except OSError as exc:
-                        self.book.forget(job, generation)
+                        self.book.forget(job, generation, target)
                         await self._write_failed(exc)
                         return {"granted": False, "reason": f"the witness cannot write: {exc}"}
                     log.warning("witness.granted", job=job, generation=generation + 1, to=who)

@@ -106,6 +106,18 @@ class WitnessBook:
         replica: str | None = None,
     ) -> Decision:
         granted = self.grants.get(job, {})
+        declared = self.replicas.get(job)
+        if replica is not None and declared is not None and replica != declared:
+            # another host's copy of the job (an old first try, a decommissioned target):
+            # promoting it would throw away everything written since, and refuse the real
+            # target for good. Checked first: under TLS the requester is its certificate,
+            # and both copies' receivers may hold the same one (keygen's `receiver`), so
+            # "the same requester asking again" would promote this one too
+            return Decision(
+                False,
+                reason=f"the source of job {job!r} replicates to replica {declared}; this is "
+                f"replica {replica}, another copy of the job: it is never promoted",
+            )
         holder = granted.get(generation)
         if holder is not None:
             if holder == who:
@@ -119,16 +131,6 @@ class WitnessBook:
                 False,
                 reason=f"job {job!r} was promoted to generation {max(later) + 1} already; "
                 f"this replica is at generation {generation}",
-            )
-        declared = self.replicas.get(job)
-        if replica is not None and declared is not None and replica != declared:
-            # another host's copy of the job (an old first try, a decommissioned target):
-            # promoting it would throw away everything written since, and refuse the real
-            # target for good
-            return Decision(
-                False,
-                reason=f"the source of job {job!r} replicates to replica {declared}; this is "
-                f"replica {replica}, another copy of the job: it is never promoted",
             )
         lease = self.leases.get(job)
         if lease is not None and lease[0] > generation:
@@ -152,12 +154,22 @@ class WitnessBook:
             )
         return Decision(True, new=True)
 
-    def record(self, job: str, generation: int, who: str) -> None:
+    def record(self, job: str, generation: int, who: str, replica: str | None = None) -> None:
+        """A grant; with the requester's ``replica``, that replica is the job's from now on
+        (as if the source had declared it): the same requester asking again from another
+        copy of the job (one certificate on two hosts) is refused."""
         self.grants.setdefault(job, {})[generation] = who
+        if replica is not None:
+            self.replicas[job] = replica
 
-    def forget(self, job: str, generation: int) -> None:
-        """Undo ``record`` when writing it failed (nothing was answered yet)."""
+    def forget(self, job: str, generation: int, replica: str | None) -> None:
+        """Undo ``record`` when writing it failed (nothing was answered yet); ``replica``:
+        the job's declared replica before it."""
         self.grants.get(job, {}).pop(generation, None)
+        if replica is None:
+            self.replicas.pop(job, None)
+        else:
+            self.replicas[job] = replica
 
     def to_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {

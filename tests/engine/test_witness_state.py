@@ -356,3 +356,35 @@ async def test_server_keeps_the_declared_replica_durably(tmp_path: Path) -> None
     refused = await restarted.answer({**promote, "replica": B}, None)
     assert refused["granted"] is False and "another copy of the job" in str(refused["reason"])
     assert (await restarted.answer({**promote, "who": "t", "replica": A}, None))["granted"]
+
+
+async def test_a_copy_under_the_same_certificate_is_not_granted_again(tmp_path: Path) -> None:
+    """With TLS the requester is its certificate name, and keygen names every receiver
+    `receiver`: the old copy of the job on another host asked as the same requester as the
+    real target, and was told "yes" again after the real target's grant (the answer it
+    "may have lost"): both promoted, two primaries."""
+    server = WitnessServer(tmp_path)
+    server.book.started -= 20
+    renew = {"op": "renew", "job": "vm1", "generation": 1, "who": "s", "replica": A}
+    assert await server.answer(renew, "sender") == {"ok": True}
+    server.book.leases["vm1"] = (1, server.book.leases["vm1"][1] - 10)  # gone 10 s ago
+    promote = {"op": "promote", "job": "vm1", "generation": 1, "after": 2.0, "who": "x"}
+    assert (await server.answer({**promote, "replica": A}, "receiver"))["granted"] is True
+    again = await server.answer({**promote, "replica": B}, "receiver")
+    assert again["granted"] is False and "another copy of the job" in str(again["reason"])
+    assert (await server.answer({**promote, "replica": A}, "receiver"))["granted"] is True
+
+
+def test_a_grant_binds_the_replica_that_asked() -> None:
+    """A source that never declared its replica (from before, or gone before its first
+    session said it): the grant's replica is the job's, so a copy asking as the same
+    requester (one certificate on two hosts) is not granted again."""
+    book = WitnessBook(started=0.0)
+    assert book.decide("vm1", 1, 1.0, "receiver", 5.0, A).new
+    book.record("vm1", 1, "receiver", A)
+    again = book.decide("vm1", 1, 1.0, "receiver", 6.0, B)
+    assert not again.granted and "another copy of the job" in again.reason
+    assert book.decide("vm1", 1, 1.0, "receiver", 6.0, A).granted
+    assert WitnessBook.from_state(book.to_state(), 10.0).replicas == {"vm1": A}
+    book.forget("vm1", 1, None)  # its write failed: as before
+    assert book.grants == {"vm1": {}} and book.replicas == {}
