@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import structlog
 
 from replicator.engine.errors import ConfigError
+from replicator.engine.nbd.gate import fence_clock
 from replicator.engine.user_command import split_command
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class SourceFence:
         self.job, self.fence_after, self.exec_cmd = job, fence_after, exec_cmd
         self.gate = gate
         # a source that never reached the witness cannot know it is primary either
-        self.last_ok = time.monotonic()
+        self.last_ok = fence_clock()
         self.fenced = False
         self.fenced_at = 0.0  # wall clock, for status
         self.renewals = 0  # successful, since start (none: not known to be primary yet)
@@ -65,10 +66,10 @@ class SourceFence:
                 self.gate.deadline = self.last_ok + limit
 
     def renewed(self, sent: float) -> None:
-        """A renewal sent at ``sent`` (monotonic) succeeded."""
+        """A renewal sent at ``sent`` (``fence_clock``) succeeded."""
         self.renewals += 1
         self.last_ok = max(self.last_ok, sent)
-        fresh = time.monotonic() - self.last_ok < self.fence_after
+        fresh = fence_clock() - self.last_ok < self.fence_after
         if self.gate is not None:
             self.gate.deadline = self.last_ok + self.fence_after
             if fresh and not self.fenced:
@@ -89,13 +90,13 @@ class SourceFence:
         return {
             "fenced": self.fenced,
             "fence_after": self.fence_after,
-            "since_renewal_seconds": round(time.monotonic() - self.last_ok, 1),
+            "since_renewal_seconds": round(fence_clock() - self.last_ok, 1),
             "fenced_at": self.fenced_at if self.fenced else None,
         }
 
     async def watch(self) -> NoReturn:
         while True:
-            left = self.last_ok + self.fence_after - time.monotonic()
+            left = self.last_ok + self.fence_after - fence_clock()
             self._moved.clear()
             if left > 0 or self.fenced:
                 with contextlib.suppress(TimeoutError):
@@ -112,7 +113,7 @@ class SourceFence:
         log.error(
             "sender.fenced",
             job=self.job,
-            since_renewal=round(time.monotonic() - self.last_ok, 1),
+            since_renewal=round(fence_clock() - self.last_ok, 1),
             fence_after=self.fence_after,
             action="no lease renewal at the witness: the target may be promoted soon; writes "
             "are held (--capture nbd) and --fence-exec runs. When the witness answers again, "

@@ -24,6 +24,7 @@ import structlog
 
 from replicator.engine.errors import ReplicatorError, SplitBrainError
 from replicator.engine.failover import finish_failover
+from replicator.engine.nbd.gate import fence_clock
 from replicator.engine.receiver import Receiver
 from replicator.engine.witness_client import Witness
 from replicator.engine.witness_fence import SourceFence
@@ -69,7 +70,7 @@ async def _renew_lease(
     fence_after = None if fence is None else fence.fence_after
     while True:
         gen = generation()
-        sent = time.monotonic()
+        sent = fence_clock()  # the fence's clock: it goes on while the host is suspended
         try:
             renewal = await witness.renew(job, gen, fence_after, replica() or None)
         except ReplicatorError as exc:
@@ -109,7 +110,7 @@ async def _renew_lease(
             if unreachable:
                 log.warning("sender.witness_back", witness=witness.where)
             unreachable = False
-        await asyncio.sleep(max(0.0, sent + interval - time.monotonic()))
+        await asyncio.sleep(max(0.0, sent + interval - fence_clock()))
 
 
 class AutoFailover:

@@ -9,7 +9,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from replicator.engine.nbd.gate import WriteGate
+import pytest
+
+from replicator.engine.nbd.gate import WriteGate, fence_clock
 from replicator.engine.witness_fence import SourceFence
 
 
@@ -32,11 +34,11 @@ async def test_fenced_after_fence_after_and_unfenced_by_a_fresh_renewal(tmp_path
     )
     watching = asyncio.ensure_future(fence.watch())
     try:
-        start = time.monotonic()
+        start = fence_clock()
         fence.renewed(start)
         await asyncio.sleep(0.2)
         assert not fenced(fence) and not closed(gate)
-        fence.renewed(time.monotonic())  # renewing in time: never fenced
+        fence.renewed(fence_clock())  # renewing in time: never fenced
         await asyncio.sleep(0.2)
         assert not fenced(fence)
         await asyncio.sleep(0.25)  # 0.45 s since the last renewal
@@ -49,10 +51,10 @@ async def test_fenced_after_fence_after_and_unfenced_by_a_fresh_renewal(tmp_path
         write = asyncio.ensure_future(gate.passable())
         await asyncio.sleep(0.05)
         assert not write.done()  # held
-        fence.renewed(time.monotonic() - 0.5)  # succeeded, but sent too long ago
+        fence.renewed(fence_clock() - 0.5)  # succeeded, but sent too long ago
         await asyncio.sleep(0.05)
         assert fenced(fence) and not write.done()
-        fence.renewed(time.monotonic())
+        fence.renewed(fence_clock())
         assert not fenced(fence) and await write is True
     finally:
         watching.cancel()
@@ -62,14 +64,14 @@ async def test_fenced_after_fence_after_and_unfenced_by_a_fresh_renewal(tmp_path
 async def test_a_write_after_the_deadline_holds_before_the_timer_runs() -> None:
     gate = WriteGate()
     fence = SourceFence("vm1", 0.05, gate=gate)  # no watch: as if its timer had not run
-    fence.renewed(time.monotonic())
+    fence.renewed(fence_clock())
     assert not closed(gate)
     await asyncio.sleep(0.1)  # past the deadline; no watch task runs to fence
     assert closed(gate)
     write = asyncio.ensure_future(gate.passable())
     await asyncio.sleep(0.02)
     assert not write.done() and gate.held
-    fence.renewed(time.monotonic())  # fresh: released though the fence never fired
+    fence.renewed(fence_clock())  # fresh: released though the fence never fired
     assert await write is True and not closed(gate)
 
 
@@ -101,3 +103,27 @@ async def test_etcd_fences_before_its_lease_can_expire() -> None:
         assert fence.fence_after == 0.75
     finally:
         await etcd.aclose()
+
+
+def test_a_host_suspended_past_the_deadline_resumes_fenced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A source host suspended (S3) for longer than fence_after: the witness may have
+    promoted the target meanwhile. CLOCK_MONOTONIC (time.monotonic) stands still while a
+    machine sleeps, so a fence counting on it found its deadline ahead on waking and let
+    the VM's writes through until its next renewal heard "promoted" (up to
+    --witness-interval later): acknowledged after the grant. The suspend is injected:
+    CLOCK_BOOTTIME moves on by 30 s while CLOCK_MONOTONIC does not, as on a real wake."""
+    gate = WriteGate()
+    fence = SourceFence("vm1", 0.6, gate=gate)
+    fence.renewed(fence_clock())
+    assert not closed(gate)
+    real = time.clock_gettime
+    slept = 30.0
+
+    def suspended(clock: int) -> float:
+        return real(clock) + (slept if clock == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", suspended)
+    assert closed(gate)  # held at once, before the fence's timer or any renewal runs
+    assert fence.status()["since_renewal_seconds"] >= slept

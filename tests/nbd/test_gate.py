@@ -7,7 +7,6 @@ word that the target was promoted (EIO), as a write arriving then does."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from replicator.engine.nbd import proto
 from replicator.engine.nbd.backend import JournaledFileExport
-from replicator.engine.nbd.gate import WriteGate
+from replicator.engine.nbd.gate import WriteGate, fence_clock
 from replicator.engine.nbd.server import NbdServer
 from replicator.engine.witness_fence import SourceFence
 from replicator.journal import Journal
@@ -43,7 +42,7 @@ async def _held_write(
     export.write = slow_write  # type: ignore[method-assign]
     gate = WriteGate()
     fence = SourceFence("vm1", FENCE_AFTER, gate=gate)
-    fence.renewed(time.monotonic())
+    fence.renewed(fence_clock())
     server = NbdServer({"disk": export}, gate=gate)
     sock = str(tmp_path / "nbd.sock")
     await server.start_unix(sock)
@@ -73,7 +72,7 @@ async def journal(tmp_path: Path) -> Journal:
 async def test_a_write_that_ends_past_the_deadline_waits_for_a_renewal(
     tmp_path: Path, journal: Journal
 ) -> None:
-    error, early = await _held_write(tmp_path, journal, lambda f: f.renewed(time.monotonic()))
+    error, early = await _held_write(tmp_path, journal, lambda f: f.renewed(fence_clock()))
     await journal.aclose()
     assert not early  # held until the renewal said this source is still the primary
     assert error == 0
