@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from typing import NoReturn
@@ -203,6 +204,12 @@ class AutoFailover:
             replica.status.error("failover", f"automatic failover failed: {exc}")
 
     def _say(self, job: str, event: str, why: str) -> None:
-        if self._said.get(job) != why:
-            self._said[job] = why
+        # once per change of reason: its figures ("renewed its lease 0.3s ago") change at
+        # every question, once a second, for as long as the source renews
+        gist = _FIGURES.sub("N", why)
+        if self._said.get(job) != gist:
+            self._said[job] = gist
             log.warning(event, job=job, witness=self.witness.where, why=why)
+
+
+_FIGURES = re.compile(r"\d+(?:\.\d+)?")
