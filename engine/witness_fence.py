@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -49,20 +50,25 @@ class SourceFence:
     ) -> None:
         self.job, self.fence_after, self.exec_cmd = job, fence_after, exec_cmd
         self.gate = gate
-        # a source that never reached the witness cannot know it is primary either
+        # the fence's timer (its log, status and --fence-exec) runs from the start until
+        # the first renewal, so a witness that cannot be reached then is said as later on
         self.last_ok = fence_clock()
         self.fenced = False
         self.fenced_at = 0.0  # wall clock, for status
         self.renewals = 0  # successful, since start (none: not known to be primary yet)
         self._moved = asyncio.Event()
         if gate is not None:
-            gate.deadline = self.last_ok + fence_after
+            # but no write is acknowledged before a renewal said this source is the
+            # primary: the witness may have granted the target before this start (its
+            # source gone long enough), and the target may not be promoted yet when this
+            # source's first sync ends
+            gate.deadline = -math.inf
 
     def bound(self, limit: float | None) -> None:
         """Fence no later than ``limit`` after a renewal's send (the witness's own bound)."""
         if limit is not None and limit < self.fence_after:
             self.fence_after = limit
-            if self.gate is not None:
+            if self.gate is not None and self.renewals:
                 self.gate.deadline = self.last_ok + limit
 
     def renewed(self, sent: float) -> None:

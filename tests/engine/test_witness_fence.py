@@ -98,6 +98,7 @@ async def test_etcd_fences_before_its_lease_can_expire() -> None:
         fence = SourceFence("vm1", 2 * 0.4, gate=gate)
         fence.bound(etcd.fence_bound)
         assert etcd.ttl == 1 and fence.fence_after == 0.75
+        fence.renewed(fence_clock())
         assert gate.deadline == fence.last_ok + 0.75
         fence.bound(None)  # the built-in witness: the declared value stands
         assert fence.fence_after == 0.75
@@ -127,3 +128,22 @@ def test_a_host_suspended_past_the_deadline_resumes_fenced(
     monkeypatch.setattr(time, "clock_gettime", suspended)
     assert closed(gate)  # held at once, before the fence's timer or any renewal runs
     assert fence.status()["since_renewal_seconds"] >= slept
+
+
+async def test_no_write_passes_before_the_first_renewal() -> None:
+    """A source just started does not know it is the primary: the witness may have granted
+    its target before this start (the source gone long enough), while that target was not
+    promoted yet when this source's first sync ended. Its writes were let through for
+    fence_after seconds, renewed or not: with the witness out of its reach (or slow to
+    answer) they were acknowledged beside the promoted target. Now they wait for the
+    first renewal (the fence's timer, log and --fence-exec still count from the start)."""
+    gate = WriteGate()
+    fence = SourceFence("vm1", 10.0, gate=gate)
+    fence.bound(7.5)  # etcd's bound, before any renewal: still held
+    assert closed(gate) and not fence.status()["fenced"]
+    write = asyncio.ensure_future(gate.passable())
+    await asyncio.sleep(0.05)
+    assert not write.done()
+    fence.renewed(fence_clock())
+    assert await write is True and not closed(gate)
+    assert gate.deadline == fence.last_ok + 7.5
