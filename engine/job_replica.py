@@ -811,6 +811,20 @@ class JobReplica:
             if generation != self.state.generation:
                 await self._save_state(self.state.replace(generation=generation))
 
+    async def not_promotable(self) -> str:
+        """Why ``promote()`` (without ``allow_inconsistent``) would refuse now, "" when it
+        would not: what automatic failover checks before it asks the witness, whose grant
+        tells the source it was promoted away."""
+        if self.promotion is not None and not self.promotion.damaged:
+            return ""
+        await self.apply_pending()
+        async with self._apply_lock:
+            await self._check_stamps()
+            state = self.state
+            if not state.consistent or state.applying or self.files.diverged:
+                return _why_not_a_point(state, self.files.diverged)
+            return ""
+
     async def promote(self, *, allow_inconsistent: bool = False) -> Promotion:
         """Failover: apply every complete epoch received, then make the replica the
         primary copy: durably promoted (``promoted.state`` first), generation bumped.

@@ -167,6 +167,17 @@ class AutoFailover:
         replica = await self.receiver.job(job)
         if replica.promotion is not None:
             return
+        # a replica that cannot be promoted asks for nothing: the grant would stand, the
+        # promotion fail, and the source, back, be told it was promoted away (no primary)
+        why = await replica.not_promotable()
+        if why:
+            self._say(job, "receiver.auto_failover_waiting", f"not promotable: {why}")
+            replica.status.error(
+                "failover",
+                f"automatic failover waits: the replica is not at a consistency point ({why}); "
+                "the witness is not asked (docs/WITNESS.md)",
+            )
+            return
         generation = replica.state.generation
         try:
             decision = await self.witness.may_promote(

@@ -4,6 +4,7 @@ replicates to may be promoted (docs/WITNESS.md, "Rules"). Real `replicator witne
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from replicator.engine.witness_client import BuiltinWitness
 from tests.cli.test_witness import (  # noqa: F401  (fixtures)
     disk,
     procs,
@@ -82,3 +84,35 @@ def stale_copy_is_never_promoted(
     assert code == 0, err[-2000:]
     assert "receiver.auto_failover_refused" in err and "replicates to replica" in err, err[-2000:]
     assert rcv.stop() == 0
+
+
+def test_a_replica_that_cannot_be_promoted_asks_the_witness_for_nothing(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+) -> None:
+    """The source is gone and the target's replica is no consistency point (here a file
+    changed on the target outside replication): promoting it is refused. It used to ask the
+    witness first and be granted: the grant stayed, the promotion failed, and the source,
+    back, was told the target had been promoted (exit 11, its VM's writes failed): no
+    primary at all. Now it says why it waits and asks nothing; once the replica can be
+    promoted (here: the source back, replicating again), nothing was lost."""
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    rcv, sender = replicating_pair(tmp_path, disk, procs, address)
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    replica = rcv.dir / "vm1" / disk.name
+    with replica.open("r+b") as f:  # someone opened it on the target
+        f.seek(0, 2)
+        f.write(b"\0")
+    time.sleep(3 * 1.5 + 2)  # --auto-failover-after 1.5: it would have asked by now
+    job = receiver_job(rcv)
+    assert job["promoted"] is False, job
+    assert "automatic failover waits" in str(job["last_error"]), job
+    host, port = address.rsplit(":", 1)
+    source = BuiltinWitness(host, int(port), who="source", tls=None)
+    assert asyncio.run(source.renew("vm1", 1)).ok  # the source, back, is still the primary
+    code, err = stop_and_read(rcv.proc)
+    assert code == 0, err[-2000:]
+    assert err.count("receiver.auto_failover_waiting") == 1, err[-3000:]
