@@ -14,15 +14,28 @@ import pytest
 
 from replicator.engine.witness_client import BuiltinWitness
 from tests.cli.test_witness import (  # noqa: F401  (fixtures)
+    LEASE,
     disk,
     procs,
     receiver_job,
+    replicating,
     replicating_pair,
     start_witness,
     wait_for,
 )
 from tests.cli.test_witness_etcd import etcd  # noqa: F401  (a fixture)
-from tests.tools import b3, qemu_io, send_once, start_receiver, stop_and_read
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    b3,
+    free_port,
+    qemu_io,
+    replicator,
+    send_once,
+    start_receiver,
+    stop_and_read,
+    wait_port,
+)
 
 
 def test_a_stale_replica_of_the_same_job_elsewhere_is_never_promoted(
@@ -116,3 +129,54 @@ def test_a_replica_that_cannot_be_promoted_asks_the_witness_for_nothing(
     code, err = stop_and_read(rcv.proc)
     assert code == 0, err[-2000:]
     assert err.count("receiver.auto_failover_waiting") == 1, err[-3000:]
+
+
+def test_over_tls_a_copy_holding_the_same_certificate_is_not_promoted_too(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+) -> None:
+    """Under TLS the witness knows a requester by its certificate, and keygen names every
+    receiver's `receiver`: the old copy of the job, asking after the real target's grant,
+    was "the same requester asking again" and was promoted as well (two primaries)."""
+    keys = tmp_path / "keys"
+    for extra in ((), ("--name", "witness")):
+        made = replicator("keygen", "--out", str(keys), *extra)
+        assert made.returncode == 0, made.stderr
+    tls = ("--tls-dir", str(keys))
+    port = free_port()
+    witness = subprocess.Popen(
+        [*REPLICATOR, "witness", "--listen", f"127.0.0.1:{port}", "--dir",
+         str(tmp_path / "witness"), *tls],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=ENV,
+    )  # fmt: skip
+    procs.append(witness)
+    wait_port(port, witness)
+    address = f"127.0.0.1:{port}"
+    old = start_receiver(tmp_path / "old-target", security=tls)
+    procs.append(old.proc)
+    send_once(old, "vm1", tmp_path / "old-state", disk, security=tls)
+    assert old.stop() == 0
+    qemu_io("qcow2", disk, "write -P 0x22 4M 1M")
+    auto = ("--auto-failover-after", "3", "--witness", address)
+    rcv = start_receiver(tmp_path / "target", security=(*tls, *auto))
+    procs.append(rcv.proc)
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir",
+         str(tmp_path / "state"), *tls, "--interval", "0.2", "--witness", address, *LEASE,
+         str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=ENV,
+    )  # fmt: skip
+    procs.append(sender)
+    assert wait_for(replicating(rcv), 15), "the sender never replicated"
+    quick = ("--auto-failover-after", "0.5", "--witness", address)
+    old = start_receiver(tmp_path / "old-target", port=old.port, security=(*tls, *quick))
+    procs.append(old.proc)
+    time.sleep(1.5)
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 20), receiver_job(rcv)
+    time.sleep(3)  # the old copy asks again, once a second
+    assert receiver_job(old)["promoted"] is False
+    assert b3(rcv.dir / "vm1" / disk.name) == b3(disk)
+    assert old.stop() == 0 and rcv.stop() == 0
