@@ -113,8 +113,15 @@ class EtcdWitness:
         granted = _promoted(job, generation)
         # the replica the source declared: read, then checked unchanged in the transaction
         declared = await client.get(_replica(job))
-        if declared is not None and replica:
+        if declared is not None:
             theirs = bytes(declared.value).decode(errors="replace")
+            if not replica:
+                return Decision(
+                    False,
+                    reason=f"the source of job {job!r} replicates to replica {theirs}, and this "
+                    "target does not say which replica it is: run the same replicator version "
+                    "on both sides",
+                )
             if theirs != replica:
                 return Decision(
                     False,

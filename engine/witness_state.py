@@ -118,6 +118,14 @@ class WitnessBook:
                 reason=f"the source of job {job!r} replicates to replica {declared}; this is "
                 f"replica {replica}, another copy of the job: it is never promoted",
             )
+        if replica is None and declared is not None:
+            # a target from before replica identities cannot show it is that replica
+            return Decision(
+                False,
+                reason=f"the source of job {job!r} replicates to replica {declared}, and this "
+                "target does not say which replica it is (a replicator from before replica "
+                "identities): run the same replicator version on both sides",
+            )
         holder = granted.get(generation)
         if holder is not None:
             if holder == who:

@@ -332,7 +332,9 @@ def test_only_the_replica_the_source_declared_is_promoted() -> None:
     other = book.decide("vm1", 1, 1.0, "old-target", 20.0, B)
     assert not other.granted and f"replicates to replica {A}; this is replica {B}" in other.reason
     assert book.decide("vm1", 1, 1.0, "target", 20.0, A).granted
-    assert book.decide("vm1", 1, 1.0, "older-target", 20.0).granted  # says none: as before
+    older = book.decide("vm1", 1, 1.0, "older-target", 20.0)  # says none: cannot show it
+    assert not older.granted and "does not say which replica it is" in older.reason
+    assert WitnessBook(started=0.0).decide("vm1", 1, 1.0, "t", 20.0).granted  # none declared
     state = book.to_state()
     assert state["replicas"] == {"vm1": A}
     restarted = WitnessBook.from_state(state, started=100.0)  # the source dead meanwhile
