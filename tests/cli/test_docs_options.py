@@ -19,11 +19,12 @@ DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w-])")
 
 # other programs' options the docs quote (rsync, nbdcopy, nbdinfo, fio, bindfs, nbdkit, systemd,
-# the benchmark scripts in bench/), and the data-flow diagram's "--scan-->" arrow
+# qemu-img, cp, the benchmark scripts in bench/), and the data-flow diagram's "--scan-->" arrow
 FOREIGN = {
     "--inplace", "--no-whole-file", "--daemon", "--connections", "--ioengine",
     "--multithreaded", "--filter", "--full", "--now", "--punch-hole", "--strict",
     "--runtime", "--size-mib", "--repeat", "--scan", "--map",
+    "--shrink", "--preallocation", "--reflink", "--sparse", "--remove-destination",
 }  # fmt: skip
 
 
