@@ -182,16 +182,22 @@ def test_sighup_stops_a_sender_and_a_receiver_as_sigterm_does_and_says_so(
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     replica = receiver.dir / "hup" / disk.name
-    deadline = time.monotonic() + 60
-    while not (replica.exists() and b3(replica) == b3(disk)):
-        assert sender.poll() is None and time.monotonic() < deadline, "no first sync"
-        time.sleep(0.1)
-    logs = []
-    for proc in (sender, receiver.proc):
-        proc.send_signal(signal.SIGHUP)
-        assert proc.wait(timeout=60) == 0  # the default action: -SIGHUP, at once
-        logs.append(proc.stderr.read() if proc.stderr else "")
-        assert '"event": "signal.hangup"' in logs[-1], logs[-1]
-        assert "stopping as for SIGTERM" in logs[-1]
+    try:
+        deadline = time.monotonic() + 60
+        while not (replica.exists() and b3(replica) == b3(disk)):
+            assert sender.poll() is None and time.monotonic() < deadline, "no first sync"
+            time.sleep(0.1)
+        logs = []
+        for proc in (sender, receiver.proc):
+            proc.send_signal(signal.SIGHUP)
+            assert proc.wait(timeout=60) == 0  # the default action: -SIGHUP, at once
+            logs.append(proc.stderr.read() if proc.stderr else "")
+            assert '"event": "signal.hangup"' in logs[-1], logs[-1]
+            assert "stopping as for SIGTERM" in logs[-1]
+    finally:  # neither left running when an assertion failed
+        for proc in (sender, receiver.proc):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
     # the sender's graceful end, not a kill: it said so in its state folder
     assert json.loads((state / "sender.json").read_text())["ended"] > 0
