@@ -50,7 +50,7 @@ from replicator.engine.receiver_session import (
     storage_reason,
 )
 from replicator.engine.replica_files import ReplicaDiverged
-from replicator.engine.status import StatusBoard
+from replicator.engine.status import AUTO_FAILOVER_WAITS, StatusBoard
 from replicator.journal import (
     JournalError,
 )
@@ -403,9 +403,13 @@ class Receiver:
         try:
             already = replica.promotion is not None and not replica.promotion.damaged
             _still_asked(name)
-            return await replica.promote(allow_inconsistent=allow_inconsistent), already
+            promotion = await replica.promote(allow_inconsistent=allow_inconsistent)
         finally:
             replica.session_lock.release()
+        # an automatic failover's wait (its last_error, "automatic failover waits: ...")
+        # is over: status showed it still after the promotion
+        replica.status.clear_error(AUTO_FAILOVER_WAITS)
+        return promotion, already
 
     async def demote(self, name: str) -> int:
         """``replicator demote`` through the control socket: the promoted job ``name``

@@ -112,6 +112,9 @@ class ReceiverPhase(StrEnum):
 # every 5 s and the sender answers, so both hear each other at least that often; a link is
 # declared gone only after engine/link.py's REPLY_TIMEOUT (120 s)
 SILENT_AFTER = 12.0
+# how a receiver job's last_error starts while an automatic failover waits (cleared once
+# the job is promoted)
+AUTO_FAILOVER_WAITS = "automatic failover waits"
 CHANGES = ("state", "connected", "disconnected", "error", "lag", "job")
 Listener = Callable[[str, str], None]  # (job, what changed)
 
@@ -423,6 +426,13 @@ class ReceiverJobStatus:
         self.errors[kind] = self.errors.get(kind, 0) + 1
         self.last_error = message
         self.changed("error")
+
+    def clear_error(self, prefix: str) -> None:
+        """Forget ``last_error`` when it starts with ``prefix`` (a wait that is over; the
+        counts in ``errors`` stay)."""
+        if self.last_error.startswith(prefix):
+            self.last_error = ""
+            self.changed("error")
 
     async def snapshot(self) -> dict[str, Any]:
         now = time.time()

@@ -27,6 +27,7 @@ from replicator.engine.errors import ReplicatorError, SplitBrainError
 from replicator.engine.failover import finish_failover
 from replicator.engine.nbd.gate import fence_clock
 from replicator.engine.receiver import Receiver
+from replicator.engine.status import AUTO_FAILOVER_WAITS
 from replicator.engine.witness_client import Witness
 from replicator.engine.witness_fence import SourceFence
 
@@ -174,7 +175,7 @@ class AutoFailover:
             self._say(job, "receiver.auto_failover_waiting", f"not promotable: {why}")
             replica.status.error(
                 "failover",
-                f"automatic failover waits: the replica is not at a consistency point ({why}); "
+                f"{AUTO_FAILOVER_WAITS}: the replica is not at a consistency point ({why}); "
                 "the witness is not asked (docs/WITNESS.md)",
             )
             return
@@ -186,7 +187,7 @@ class AutoFailover:
         except ReplicatorError as exc:
             self._say(job, "receiver.auto_failover_waiting", f"witness unreachable: {exc}")
             replica.status.error(
-                "witness", f"automatic failover waits: the witness cannot be reached ({exc})"
+                "witness", f"{AUTO_FAILOVER_WAITS}: the witness cannot be reached ({exc})"
             )
             return
         if not decision.granted:

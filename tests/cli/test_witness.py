@@ -232,6 +232,9 @@ def test_no_promotion_while_the_witness_is_down(
     restarted = time.monotonic()
     assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 10)
     assert time.monotonic() - restarted > AFTER
+    # the wait is over: status said "the witness cannot be reached" after the promotion
+    job = receiver_job(rcv)
+    assert job["last_error"] == "" and job["errors"] != {}, job  # the count stays
     assert rcv.stop() == 0
 
 
