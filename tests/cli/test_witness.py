@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator.engine.errors import ExitCode
+from replicator.engine.errors import ExitCode, PeerProtocolError
 from replicator.engine.witness_client import BuiltinWitness
 from replicator.journal.durable import read_state
 from tests.faultfs import FaultFS
@@ -279,6 +279,29 @@ def test_the_witness_grants_nothing_it_could_not_persist(
         again.wait(timeout=10)
 
 
+def test_a_replica_declaration_the_witness_could_not_write_binds_nothing(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A renewal that names the source's replica is written before it is answered; when
+    that write fails (ENOSPC), the renewal fails and the witness keeps nothing of it:
+    a declaration held only in memory would refuse the real target now and be gone after
+    a restart."""
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        witness, address = start_witness(fs.mountpoint / "witness")
+        procs.append(witness)
+        host, port = address.rsplit(":", 1)
+        rule = fs.add("write", errno.ENOSPC, path="*witness.state*")
+        source = BuiltinWitness(host, int(port), who="source", tls=None)
+        with pytest.raises(PeerProtocolError, match="the witness cannot write"):
+            asyncio.run(source.renew("vm1", 1, replica="aaaa"))
+        assert fs.hits()[str(rule)] >= 1
+        fs.clear()
+        time.sleep(0.3)  # the source has been quiet for longer than `after`
+        target = BuiltinWitness(host, int(port), who="target", tls=None)
+        decision = asyncio.run(target.may_promote("vm1", 1, 0.2, replica="bbbb"))
+        assert decision.granted, decision.reason  # "aaaa" was never the job's replica
+
+
 def test_a_grant_whose_folder_fsync_failed_is_not_found_by_the_next_start(
     tmp_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
@@ -349,7 +372,6 @@ def test_over_tls_another_certificate_of_the_ca_is_no_witness(
     """A host holding only site-b's key serves as the witness: the source does not renew
     its lease there and the target never promotes on its word (nothing reaches it); named
     with --witness-peer it is asked. The real witness's --allow keeps site-b off vm1."""
-    from replicator.engine.errors import PeerProtocolError
     from replicator.engine.tls import TlsIdentity
 
     keys = tmp_path / "keys"
