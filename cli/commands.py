@@ -14,7 +14,7 @@ from typing import Any
 import typer
 import typer.main
 from typer import _click as click  # typer carries its own click
-from typer._click.exceptions import UsageError
+from typer._click.exceptions import NoSuchOption, UsageError
 
 from replicator.cli.help_format import HelpGroup
 
@@ -66,6 +66,12 @@ class CommandGroup(HelpGroup):
         refuse_empty(args)
         return super().parse_args(ctx, args)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NoSuchOption as exc:
+            raise _misplaced(self, ctx, exc) from None
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*COMMANDS, *(name for name in self.commands if name not in COMMANDS)]
 
@@ -73,6 +79,28 @@ class CommandGroup(HelpGroup):
         if cmd_name in COMMANDS and cmd_name not in self.commands:
             self.add_command(load(cmd_name), cmd_name)
         return super().get_command(ctx, cmd_name)
+
+
+def _misplaced(root: HelpGroup, ctx: click.Context, exc: NoSuchOption) -> NoSuchOption:
+    """A command refused an option of the program itself (``replicator status -v``,
+    ``replicator send ... --log-format json``): say where it goes instead of "No such
+    option". Any other unknown option is passed on as click made it."""
+    if exc.ctx is None or exc.ctx is ctx:
+        return exc
+    param = next((p for p in root.params if exc.option_name in (*p.opts, *p.secondary_opts)), None)
+    if not isinstance(param, typer.core.TyperOption):
+        return exc
+    command = exc.ctx.command_path.removeprefix(f"{ctx.command_path} ")  # python -m too
+    value = "" if param.is_flag or param.count else f" {param.make_metavar(ctx)}"
+    example = f"replicator {exc.option_name}{value}"
+    if not param.is_eager:  # --version runs alone
+        example += f" {command} ..."
+    return NoSuchOption(
+        exc.option_name,
+        f"{exc.option_name} is an option of replicator itself, not of {command}: "
+        f"give it before the command ({example})",
+        ctx=exc.ctx,
+    )
 
 
 def refuse_empty(args: list[str]) -> None:

@@ -71,6 +71,33 @@ def test_an_empty_value_is_refused_not_read_as_the_current_folder(
     assert list(tmp_path.iterdir()) == []  # nothing made in the current folder
 
 
+@pytest.mark.parametrize(
+    ("args", "told"),
+    [
+        (("status", "-v"), "(replicator -v status ...)"),
+        (("send", "d", "--log-format=json"), "(replicator --log-format <auto|json|console> send"),
+        (("journal", "inspect", "--quiet", "j"), "(replicator --quiet journal inspect ...)"),
+        (("status", "--version"), "(replicator --version)"),
+    ],
+)  # fmt: skip
+def test_an_option_of_the_program_after_the_command_says_where_it_goes(
+    args: tuple[str, ...], told: str
+) -> None:
+    """`replicator status -v` said "No such option: -v" with nothing to go on: -v is the
+    program's own option, given before the command."""
+    out = replicator(*args)
+    assert out.returncode == ExitCode.USAGE, out.stderr
+    option = next(a for a in args if a.startswith("-")).split("=")[0]
+    assert f"{option} is an option of replicator itself" in out.stderr, out.stderr
+    assert told in out.stderr, out.stderr
+
+
+def test_an_unknown_option_is_still_named_as_unknown() -> None:
+    out = replicator("status", "--bogus")
+    assert out.returncode == ExitCode.USAGE, out.stderr
+    assert "No such option: --bogus" in out.stderr, out.stderr
+
+
 def test_receiver_dir_not_writable(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
