@@ -16,10 +16,13 @@ from typing import Any
 
 import pytest
 
+from replicator.engine import replica_id as replica_ids
 from replicator.engine.control import SOCKET_NAME, ControlUnavailable, request
 from replicator.engine.errors import ExitCode
+from replicator.engine.names import RECEIVER_STATE_NAME
 from replicator.engine.witness_client import BuiltinWitness
 from replicator.engine.witness_state import fence_wait
+from replicator.journal.durable import read_state
 from tests.cli.faults import log_events
 from tests.cli.test_network_faults import ProxyThread
 from tests.cli.test_witness import (
@@ -247,9 +250,13 @@ def test_a_fenced_source_whose_target_was_promoted_fails_the_held_writes(
     generation = job["generation"]
     host, port = address.rsplit(":", 1)
     target = BuiltinWitness(host, int(port), who="target", tls=None)
+    # as the receiver asks: naming its replica, which the source may have declared already
+    id_file = rcv.dir / RECEIVER_STATE_NAME / "live" / replica_ids.FILE_NAME
+    assert wait_for(id_file.exists, 30)
+    replica = (read_state(id_file) or {})["id"]
 
     def ask() -> tuple[bool, str]:
-        decision = asyncio.run(target.may_promote("live", generation, 0.2))
+        decision = asyncio.run(target.may_promote("live", generation, 0.2, replica=replica))
         return decision.granted, decision.reason
 
     stall(proxy)
