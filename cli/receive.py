@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +27,7 @@ from replicator.cli.witness_opts import (
     WitnessOption,
     WitnessPeerOption,
     auto_failover,
+    receiver_requester,
     until_stopped,
 )
 from replicator.engine.authz import Authorizer, parse_allow
@@ -139,7 +139,7 @@ def receive(
         auto = auto_failover(
             auto_failover_after,
             witness,
-            who=f"{tls.name if tls else 'receiver'}@{socket.gethostname()}:{directory}",
+            who=receiver_requester(tls.name if tls else "receiver", directory),
             tls_dir=tls_dir,
             tls_name=tls.name if tls else None,
             peer=witness_peer,

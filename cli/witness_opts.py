@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -154,6 +155,17 @@ def source_lease(
             await client.aclose()
 
     return renewing
+
+
+def receiver_requester(name: str, directory: Path) -> str:
+    """The receiver's name at the witness, NAME@HOST:FOLDER, which a grant binds (without
+    TLS the witness knows the requester by it alone: the same name asking again is the
+    target whose answer was lost, and is granted again). FOLDER is ``--dir``'s real path
+    (symlinks, ``..`` and relative spellings resolved), so a receiver restarted on its
+    folder spelled otherwise is still the one granted, while another folder, here or a
+    copy on another host, is another requester (a random identity kept in the folder
+    would travel with a copy of it)."""
+    return f"{name}@{socket.gethostname()}:{os.path.realpath(directory)}"
 
 
 def check_witness_peer(peer: str | None, witness: str | None, tls_dir: Path | None) -> None:

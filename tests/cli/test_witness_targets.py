@@ -5,7 +5,9 @@ replicates to may be promoted (docs/WITNESS.md, "Rules"). Real `replicator witne
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,17 +15,21 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.witness_client import BuiltinWitness
+from replicator.journal.durable import read_state
 from tests.cli.test_witness import (  # noqa: F401  (fixtures)
+    AFTER,
     LEASE,
     disk,
     procs,
     receiver_job,
     replicating,
     replicating_pair,
+    start_sender,
     start_witness,
     wait_for,
 )
 from tests.cli.test_witness_etcd import etcd  # noqa: F401  (a fixture)
+from tests.faultfs import FaultFS
 from tests.tools import (
     ENV,
     REPLICATOR,
@@ -180,3 +186,70 @@ def test_over_tls_a_copy_holding_the_same_certificate_is_not_promoted_too(
     assert receiver_job(old)["promoted"] is False
     assert b3(rcv.dir / "vm1" / disk.name) == b3(disk)
     assert old.stop() == 0 and rcv.stop() == 0
+
+
+def test_a_receiver_restarted_with_its_folder_spelled_otherwise_keeps_its_grant(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+) -> None:
+    """The witness grants the target, whose promotion then fails (EIO on promoted.state),
+    and the receiver dies before it could promote. Restarted on the same folder reached
+    through a symlink (as a service file may name it), it is the requester the grant was
+    given to and is promoted. Its name at the witness was `--dir` as typed: it was refused
+    for good ("generation 1 of job 'vm1' was granted to 'receiver@HOST:/.../target'"),
+    and nothing could promote the job but `failover --force`."""
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    auto = ("--insecure", "--auto-failover-after", str(AFTER), "--witness", address)
+    with FaultFS(tmp_path / "real", tmp_path / "mnt") as fs:
+        folder = fs.mountpoint / "target"
+        rcv = start_receiver(folder, security=auto)
+        procs.append(rcv.proc)
+        sender = start_sender(rcv, tmp_path / "state", disk, address)
+        procs.append(sender)
+        assert wait_for(replicating(rcv), 10), "the sender never replicated"
+        rule = fs.add("write", errno.EIO, path="*promoted.state*")
+        sender.send_signal(signal.SIGKILL)
+        sender.wait(timeout=10)
+        fs.wait_for_hit(rule)  # granted, then the promotion failed
+        rcv.proc.send_signal(signal.SIGKILL)  # and the receiver died before it promoted
+        rcv.proc.wait(timeout=10)
+        fs.clear()
+        grants = read_state(tmp_path / "witness" / "witness.state")
+        assert grants is not None and [g for _, g in grants["grants"]["vm1"]] == [
+            f"receiver@{socket.gethostname()}:{folder}"
+        ], grants
+
+        link = tmp_path / "replicas"
+        link.symlink_to(folder)
+        again = start_receiver(link, port=rcv.port, security=auto)
+        procs.append(again.proc)
+        assert wait_for(lambda: receiver_job(again)["promoted"] is True, 15), receiver_job(again)
+        assert receiver_job(again)["generation"] == 2
+        code, err = stop_and_read(again.proc)
+        assert code == 0, err[-2000:]
+        assert "receiver.auto_failover_refused" not in err, err[-2000:]
+
+
+def test_a_receivers_name_at_the_witness_is_its_folder_not_its_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every spelling of one folder names one requester; another folder (a copy) another."""
+    from replicator.cli.witness_opts import receiver_requester
+
+    folder = tmp_path / "srv" / "replicas"
+    (folder / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path / "srv")
+    names = {
+        receiver_requester("receiver", Path(spelling))
+        for spelling in (
+            "replicas", "./replicas", "replicas/", "replicas/sub/..", str(folder),
+            str(tmp_path / "link"), "../link/",
+        )
+    }  # fmt: skip
+    assert names == {f"receiver@{socket.gethostname()}:{folder.resolve()}"}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    assert receiver_requester("receiver", copy) not in names
