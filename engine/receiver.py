@@ -331,6 +331,9 @@ class Receiver:
         log.info("receiver.session", job=hello.job, peer=conn.peer, session=hello.session)
         self._serving[conn] = replica
         replica.status.attach(conn)
+        # the source is back: an automatic failover's wait (its last_error, "automatic
+        # failover waits: ...") is over; status showed it while the source replicated again
+        replica.status.clear_error(AUTO_FAILOVER_WAITS)
         session = Session(conn, replica, self.config, verifying=verifying, in_flight=self.in_flight)
         if not verifying:
             self._replicating[hello.job] = session

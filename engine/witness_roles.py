@@ -25,6 +25,7 @@ import structlog
 
 from replicator.engine.errors import ReplicatorError, SplitBrainError
 from replicator.engine.failover import finish_failover
+from replicator.engine.job_replica import JobReplica
 from replicator.engine.nbd.gate import fence_clock
 from replicator.engine.receiver import Receiver
 from replicator.engine.status import AUTO_FAILOVER_WAITS
@@ -172,9 +173,11 @@ class AutoFailover:
         # promotion fail, and the source, back, be told it was promoted away (no primary)
         why = await replica.not_promotable()
         if why:
-            self._say(job, "receiver.auto_failover_waiting", f"not promotable: {why}")
-            replica.status.error(
+            self._wait(
+                job,
+                replica,
                 "failover",
+                f"not promotable: {why}",
                 f"{AUTO_FAILOVER_WAITS}: the replica is not at a consistency point ({why}); "
                 "the witness is not asked (docs/WITNESS.md)",
             )
@@ -185,9 +188,12 @@ class AutoFailover:
                 job, generation, self.after, replica.replica_id or None
             )
         except ReplicatorError as exc:
-            self._say(job, "receiver.auto_failover_waiting", f"witness unreachable: {exc}")
-            replica.status.error(
-                "witness", f"{AUTO_FAILOVER_WAITS}: the witness cannot be reached ({exc})"
+            self._wait(
+                job,
+                replica,
+                "witness",
+                f"witness unreachable: {exc}",
+                f"{AUTO_FAILOVER_WAITS}: the witness cannot be reached ({exc})",
             )
             return
         if not decision.granted:
@@ -214,6 +220,15 @@ class AutoFailover:
         except ReplicatorError as exc:  # granted: asking again gets the same grant
             log.error("receiver.auto_failover_failed", job=job, error=str(exc))
             replica.status.error("failover", f"automatic failover failed: {exc}")
+
+    def _wait(self, job: str, replica: JobReplica, kind: str, why: str, message: str) -> None:
+        """The job waits: log (once per reason) and status say why, unless its source came
+        back meanwhile (a session began while the witness was asked, up to its timeout:
+        the session's start cleared the wait, which would be a stale alarm set now)."""
+        if self.receiver.has_session(job):
+            return
+        self._say(job, "receiver.auto_failover_waiting", why)
+        replica.status.error(kind, message)
 
     def _say(self, job: str, event: str, why: str) -> None:
         # once per change of reason: its figures ("renewed its lease 0.3s ago") change at

@@ -238,6 +238,43 @@ def test_no_promotion_while_the_witness_is_down(
     assert rcv.stop() == 0
 
 
+@pytest.mark.parametrize("witness_down", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_waiting_failover_leaves_status_once_the_source_is_back(
+    tmp_path: Path, disk: Path, procs: list[subprocess.Popen[str]], witness_down: int
+) -> None:
+    """The witness is down and the source dies: the target waits and says why. The source
+    comes back and replicates again: the wait is over, and status says nothing about it
+    (it went on saying "automatic failover waits: the witness cannot be reached" until a
+    promotion, which does not come while the source is back: a stale alarm). A frozen
+    witness (SIGSTOP) answers no question: each waits for the client's timeout (5 s), so
+    one is on its way when the source comes back, and its failure must not say the wait
+    again."""
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    rcv, sender = replicating_pair(tmp_path, disk, procs, address)
+    witness.send_signal(witness_down)
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    waits = "automatic failover waits: the witness cannot be reached"
+    assert wait_for(lambda: waits in str(receiver_job(rcv)["last_error"]), 3 * AFTER + 15)
+
+    back = start_sender(rcv, tmp_path / "state", disk, address)
+    procs.append(back)
+    point = receiver_job(rcv)["consistency_point"]["lsn"]  # type: ignore[index]
+    qemu_io("qcow2", disk, "write -P 0x33 4M 1M")
+    assert wait_for(
+        lambda: receiver_job(rcv)["consistency_point"]["lsn"] > point,  # type: ignore[index]
+        15,
+    ), receiver_job(rcv)
+    assert wait_for(lambda: receiver_job(rcv)["last_error"] == "", 5), receiver_job(rcv)
+    time.sleep(6)  # and it stays gone while the source replicates (a question's timeout)
+    job = receiver_job(rcv)
+    assert job["last_error"] == "" and job["promoted"] is False, job
+    assert job["errors"].get("witness", 0) > 0, job  # type: ignore[attr-defined]  # the count stays
+    assert back.poll() is None
+    assert rcv.stop() == 0
+
+
 @pytest.mark.parametrize(("op", "err"), [("write", errno.ENOSPC), ("fsync", errno.EIO)])
 def test_the_witness_grants_nothing_it_could_not_persist(
     tmp_path: Path, procs: list[subprocess.Popen[str]], op: str, err: int
