@@ -148,9 +148,18 @@ def source_lease(
     def replica() -> str:
         return sender.replica_id or last.replica
 
+    def unbound() -> bool:
+        # a state folder that never had a session: no replica holds what this source
+        # writes, so the witness promotes none (an old copy of the job elsewhere asking
+        # would be granted and lose everything since)
+        return not (sender.reached or last.generation or last.replica)
+
     async def renewing() -> None:
         try:
-            await keep_lease(client, config.job, generation, interval, fence, replica)
+            await keep_lease(
+                client, config.job, generation, interval, fence, replica, unbound,
+                sender.session_began,
+            )  # fmt: skip
         finally:
             await client.aclose()
 

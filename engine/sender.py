@@ -157,6 +157,9 @@ class Sender:
         # the replica identity its receiver said (engine/replica_id.py; "" until a session
         # says it): declared to the witness, which promotes no other copy of the job
         self.replica_id = ""
+        # set at each session's start: the witness's lease is renewed then, so the replica
+        # it reached is declared at once (engine/witness_roles.py), not an interval later
+        self.session_began = asyncio.Event()
         self.connect_failure: ReplicatorError | None = None  # the last, while not reached
         # records its sessions shipped for the receiver alone to check (engine/link.py)
         self.unchecked = ShippedUnchecked()
@@ -292,6 +295,7 @@ class Sender:
         self.status.journal = journal
         self.status.attach(link)
         self.reached, self.connect_failure = True, None
+        self.session_began.set()
         log.info(
             "sender.connected",
             basis=kind,

@@ -33,11 +33,13 @@ class Witness(Protocol):
         generation: int,
         fence_after: float | None = None,
         replica: str | None = None,
+        unbound: bool | None = None,
     ) -> Renewal:
         """Renew the source's lease; ``fence_after``: the seconds without a successful
         renewal after which it fences itself (the built-in witness waits for that);
         ``replica``: the replica identity it replicates to (engine/replica_id.py), the only
-        one the witness may promote."""
+        one the witness may promote; ``unbound``: True while the source has reached no
+        replica at all (then none is promoted), False once it has (None: not said)."""
         ...
 
     async def may_promote(
@@ -73,12 +75,15 @@ class BuiltinWitness:
         generation: int,
         fence_after: float | None = None,
         replica: str | None = None,
+        unbound: bool | None = None,
     ) -> Renewal:
         message: dict[str, object] = {"op": "renew", "job": job, "generation": generation}
         if fence_after is not None:
             message["fence_after"] = fence_after
         if replica:
             message["replica"] = replica
+        if unbound is not None:
+            message["unbound"] = unbound
         reply = await self._ask(message)
         if reply.get("ok") is True:
             return Renewal(True)

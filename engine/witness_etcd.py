@@ -3,6 +3,8 @@
 * ``/replicator/witness/JOB/source``: the source's key, attached to an etcd lease of
   ``lease_seconds``; the sender refreshes the lease and rewrites the key at every renewal
   (in a transaction that fails once the job's current generation was granted).
+* ``/replicator/witness/JOB/replica``: the replica the source replicates to (no lease);
+  empty while the source says it has reached none: then no copy is promoted.
 * ``/replicator/witness/JOB/promoted/G``: created (never overwritten) by the target that
   promotes generation G, in one transaction that checks the source's key is gone. etcd
   serialises transactions, so exactly one target ever creates it.
@@ -17,10 +19,11 @@ import math
 from typing import Any
 
 from replicator.engine.errors import ConfigError, ConnectError
-from replicator.engine.witness_state import Decision, Renewal
+from replicator.engine.witness_state import Decision, Renewal, unbound_reason
 
 PREFIX = "/replicator/witness/"
 TIMEOUT = 5
+UNBOUND = ""  # the replica key's value while the source has reached no replica
 
 
 def _source(job: str) -> bytes:
@@ -66,15 +69,18 @@ class EtcdWitness:
         generation: int,
         fence_after: float | None = None,
         replica: str | None = None,
+        unbound: bool | None = None,
     ) -> Renewal:
         # fence_after is not sent: the lease's TTL bounds it (``fence_bound``)
         try:
-            return await self._renew(job, generation, replica)
+            return await self._renew(job, generation, replica, unbound)
         except self._aetcd.exceptions.ClientError as exc:
             self._lease = None  # granted anew once etcd answers again
             raise ConnectError(f"cannot reach etcd at {self.where}: {exc}") from exc
 
-    async def _renew(self, job: str, generation: int, replica: str | None) -> Renewal:
+    async def _renew(
+        self, job: str, generation: int, replica: str | None, unbound: bool | None
+    ) -> Renewal:
         client = self._client
         await client.connect()
         if self._lease is not None:
@@ -89,12 +95,23 @@ class EtcdWitness:
             compare=[txn.version(granted) == 0],
             success=[
                 txn.put(_source(job), str(generation).encode(), lease=self._lease),
-                # the replica it replicates to: no lease, it outlives the source
-                *([txn.put(_replica(job), replica.encode())] if replica else []),
+                # the replica it replicates to: no lease, it outlives the source; empty:
+                # it has reached none (UNBOUND), so no copy is promoted
+                *(
+                    [txn.put(_replica(job), (replica or UNBOUND).encode())]
+                    if replica or unbound
+                    else []
+                ),
             ],
             failure=[txn.get(granted)],
         )
         if ok:
+            if unbound is False and not replica:  # reached a receiver that names none
+                await client.transaction(
+                    compare=[txn.value(_replica(job)) == UNBOUND.encode()],
+                    success=[txn.delete(_replica(job))],
+                    failure=[],
+                )
             return Renewal(True)
         return Renewal(False, promoted_to=generation + 1, grantee=_value(responses))
 
@@ -115,6 +132,8 @@ class EtcdWitness:
         declared = await client.get(_replica(job))
         if declared is not None:
             theirs = bytes(declared.value).decode(errors="replace")
+            if theirs == UNBOUND:
+                return Decision(False, reason=unbound_reason(job))
             if not replica:
                 return Decision(
                     False,

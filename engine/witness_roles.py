@@ -44,17 +44,23 @@ async def keep_lease(
     interval: float,
     fence: SourceFence | None = None,
     replica: Callable[[], str] = lambda: "",
+    unbound: Callable[[], bool | None] = lambda: None,
+    wake: asyncio.Event | None = None,
 ) -> NoReturn:
     """Renew the source's lease until the witness says the target took over (raises);
     with ``fence``, the source fences itself when renewals stop succeeding. ``replica``:
     the identity of the replica it replicates to ("" while unknown), declared with each
-    renewal: the witness promotes no other copy of the job."""
+    renewal: the witness promotes no other copy of the job. ``unbound``: True while the
+    source has reached no replica at all (the witness then promotes none). ``wake``: set
+    when a session begins: renew then, so a replica just reached is declared at once
+    (a source that dies before it is declared has no copy promoted)."""
+    said = (replica, unbound, wake)
     if fence is None:
-        await _renew_lease(witness, job, generation, interval, None, replica)
+        await _renew_lease(witness, job, generation, interval, None, *said)
     fence.bound(witness.fence_bound)
     watching = asyncio.ensure_future(fence.watch())
     try:
-        await _renew_lease(witness, job, generation, interval, fence, replica)
+        await _renew_lease(witness, job, generation, interval, fence, *said)
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -68,6 +74,8 @@ async def _renew_lease(
     interval: float,
     fence: SourceFence | None,
     replica: Callable[[], str],
+    unbound: Callable[[], bool | None],
+    wake: asyncio.Event | None,
 ) -> NoReturn:
     unreachable = False
     fence_after = None if fence is None else fence.fence_after
@@ -75,7 +83,7 @@ async def _renew_lease(
         gen = generation()
         sent = fence_clock()  # the fence's clock: it goes on while the host is suspended
         try:
-            renewal = await witness.renew(job, gen, fence_after, replica() or None)
+            renewal = await witness.renew(job, gen, fence_after, replica() or None, unbound())
         except ReplicatorError as exc:
             if not unreachable:
                 log.warning(
@@ -113,7 +121,18 @@ async def _renew_lease(
             if unreachable:
                 log.warning("sender.witness_back", witness=witness.where)
             unreachable = False
-        await asyncio.sleep(max(0.0, sent + interval - fence_clock()))
+        await _pause(max(0.0, sent + interval - fence_clock()), wake)
+
+
+async def _pause(seconds: float, wake: asyncio.Event | None) -> None:
+    """Sleep ``seconds``, or until ``wake`` is set (then cleared)."""
+    if wake is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await wake.wait()
+    wake.clear()
 
 
 class AutoFailover:

@@ -112,13 +112,17 @@ class WitnessServer:
                 return {"error": "bad request: 'fence_after' must be a positive number of seconds"}
             if replica is not None and not valid_replica(replica):
                 return {"error": "bad request: 'replica' must be a replica identity (hex)"}
+            unbound = message.get("unbound")  # absent: a source from before it
+            if unbound is not None and not isinstance(unbound, bool):
+                return {"error": "bad request: 'unbound' must be true or false"}
             async with self._lock:  # not between a grant's record and its write
                 declared = self.book.fences.get(job)
                 target = self.book.replicas.get(job)
+                was_unbound = job in self.book.unbound
                 changed = self.book.declare_fence(
                     job, None if fence_after is None else float(fence_after)
                 )
-                if self.book.declare_replica(job, replica) or changed:
+                if self.book.declare_replica(job, replica, unbound) or changed:
                     try:
                         await write_state_async(self.path, self.book.to_state())
                     except OSError as exc:  # not renewed: the source counts it as a failure
@@ -127,6 +131,10 @@ class WitnessServer:
                             self.book.replicas.pop(job, None)
                         else:
                             self.book.replicas[job] = target
+                        if was_unbound:
+                            self.book.unbound.add(job)
+                        else:
+                            self.book.unbound.discard(job)
                         await self._write_failed(exc)
                         return {"error": f"the witness cannot write: {exc}"}
                 renewal = self.book.renew(job, generation, now)

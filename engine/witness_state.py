@@ -63,6 +63,9 @@ class WitnessBook:
     fences: dict[str, float] = field(default_factory=dict)  # job: the source's fence_after
     # job: the replica (engine/replica_id.py) the source last said it replicates to
     replicas: dict[str, str] = field(default_factory=dict)
+    # jobs whose source said it has reached no replica yet (a new state folder whose
+    # receiver it has not reached): no copy is known to hold its data, none is promoted
+    unbound: set[str] = field(default_factory=set)
 
     def declare_fence(self, job: str, fence_after: float | None) -> bool:
         """The source's ``fence_after`` from a renewal (None: an older source that does not
@@ -75,14 +78,22 @@ class WitnessBook:
             self.fences[job] = fence_after
         return True
 
-    def declare_replica(self, job: str, replica: str | None) -> bool:
+    def declare_replica(self, job: str, replica: str | None, unbound: bool | None = None) -> bool:
         """The replica the source replicates to, from a renewal (None: it did not say: an
         older source, or one that has not reached its receiver yet; the last one said is
-        kept). True when it changed: the caller writes the state before answering."""
-        if replica is None or self.replicas.get(job) == replica:
-            return False
-        self.replicas[job] = replica
-        return True
+        kept). ``unbound``: True when the source says it has reached no replica at all (a
+        state folder that never had a session): no copy of the job is promoted until it
+        names one; False once it has (a receiver from before replica identities names
+        none); None: a source from before this, which says neither (nothing changes).
+        True when it changed: the caller writes the state before answering."""
+        before = (self.replicas.get(job), job in self.unbound)
+        if replica is not None:
+            self.replicas[job] = replica
+        if unbound is True and replica is None:
+            self.unbound.add(job)
+        elif unbound is not None or replica is not None:
+            self.unbound.discard(job)
+        return (self.replicas.get(job), job in self.unbound) != before
 
     def renew(self, job: str, generation: int, now: float) -> Renewal:
         granted = self.grants.get(job, {})
@@ -107,6 +118,10 @@ class WitnessBook:
     ) -> Decision:
         granted = self.grants.get(job, {})
         declared = self.replicas.get(job)
+        if job in self.unbound:
+            # the live source's state folder never reached a replica: every copy that asks
+            # is older than what it wrote since (or another job's that bears its name)
+            return Decision(False, reason=unbound_reason(job))
         if replica is not None and declared is not None and replica != declared:
             # another host's copy of the job (an old first try, a decommissioned target):
             # promoting it would throw away everything written since, and refuse the real
@@ -190,6 +205,8 @@ class WitnessBook:
             state["fences"] = dict(sorted(self.fences.items()))
         if self.replicas:  # likewise
             state["replicas"] = dict(sorted(self.replicas.items()))
+        if self.unbound:  # likewise (an older witness ignores it)
+            state["unbound"] = sorted(self.unbound)
         return state
 
     @classmethod
@@ -226,7 +243,21 @@ class WitnessBook:
             if not isinstance(job, str) or not valid_replica(replica):
                 raise StateFileError(f"witness state: bad replica {replica!r} for {job!r}")
             book.replicas[job] = replica
+        unbound = state.get("unbound", [])
+        if not isinstance(unbound, list) or not all(isinstance(j, str) for j in unbound):
+            raise StateFileError("witness state: 'unbound' is not a list of job names")
+        book.unbound.update(unbound)
         return book
+
+
+def unbound_reason(job: str) -> str:
+    """Why no copy of ``job`` is promoted while its source has reached no replica."""
+    return (
+        f"the source of job {job!r} said it has reached no replica (its state folder never "
+        "had a session with a receiver): no copy is known to hold what it wrote, none is "
+        "promoted automatically; if the source is gone for good, choose the copy to keep "
+        "and run `replicator failover --force` there"
+    )
 
 
 def positive_seconds(value: object) -> bool:

@@ -113,3 +113,34 @@ def test_etcd_down_promotes_nobody(
     assert job["promoted"] is False and job["generation"] == 1
     assert "witness cannot be reached" in str(job["last_error"])
     assert rcv.stop() == 0
+
+
+def test_etcd_an_unbound_source_then_bound_to_a_receiver_without_identity(
+    etcd: tuple[subprocess.Popen[str], str],
+) -> None:
+    """A source that says it has reached no replica leaves the replica key empty: no copy
+    is promoted. Once it says it reached one that names none (a receiver from before
+    replica identities), the key goes, and a target that says none is granted, as before."""
+    host, port = etcd[1].removeprefix("etcd://").rsplit(":", 1)
+    replica = "a" * 32
+
+    async def run() -> None:
+        source = EtcdWitness(host, int(port), who="source", lease_seconds=1)
+        target = EtcdWitness(host, int(port), who="target", lease_seconds=1)
+        try:
+            assert (await source.renew("vm1", 1, replica=None, unbound=True)).ok
+            refused = await target.may_promote("vm1", 1, 1.0, replica)
+            assert not refused.granted and "reached no replica" in refused.reason, refused
+            assert (await source.renew("vm2", 1, replica=None, unbound=True)).ok
+            assert (await source.renew("vm2", 1, replica=None, unbound=False)).ok
+            await source.aclose()  # its key expires (etcd's TTL, with some slack)
+            deadline = time.monotonic() + 15
+            while not (decision := await target.may_promote("vm2", 1, 1.0)).granted:
+                assert "reached no replica" not in decision.reason, decision
+                assert time.monotonic() < deadline, decision
+                await asyncio.sleep(0.5)
+        finally:
+            await source.aclose()
+            await target.aclose()
+
+    asyncio.run(run())

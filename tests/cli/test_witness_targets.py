@@ -253,3 +253,113 @@ def test_a_receivers_name_at_the_witness_is_its_folder_not_its_spelling(
     copy = tmp_path / "copy"
     copy.mkdir()
     assert receiver_requester("receiver", copy) not in names
+
+
+def test_no_copy_is_promoted_for_a_source_that_reached_no_replica(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+) -> None:
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    no_copy_promoted_for_an_unbound_source(tmp_path, disk, procs, address, 5.0)
+
+
+@pytest.mark.tools
+def test_etcd_no_copy_is_promoted_for_a_source_that_reached_no_replica(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+    etcd: tuple[subprocess.Popen[str], str],  # noqa: F811
+) -> None:
+    # the source's key outlives its lease's TTL by a few seconds (etcd's minimum TTL)
+    no_copy_promoted_for_an_unbound_source(tmp_path, disk, procs, etcd[1], 12.0)
+
+
+def no_copy_promoted_for_an_unbound_source(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+    address: str,
+    quiet: float,
+) -> None:
+    """A source with a new state folder renews its lease while its receiver is not up yet,
+    then dies: no replica holds what it wrote. The witness knew no replica for the job and
+    granted the first copy that asked: an old copy of the job elsewhere, running automatic
+    failover, was promoted (lacking every write since it was made) and the source, back,
+    was told to stop. Now the source says it has reached no replica, and no copy is
+    promoted (``quiet``: seconds after which the old copy would have been); once it has
+    reached its target, that one is."""
+    old = start_receiver(tmp_path / "old-target")
+    procs.append(old.proc)
+    send_once(old, "vm1", tmp_path / "old-state", disk)
+    assert old.stop() == 0
+    qemu_io("qcow2", disk, "write -P 0x22 4M 1M")  # written after the old copy was made
+
+    port = free_port()  # the target is not up yet
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", "vm1", "--state-dir",
+         str(tmp_path / "state"), "--insecure", "--interval", "0.2", "--witness", address,
+         *LEASE, str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    procs.append(sender)
+    time.sleep(3)  # it renews its lease (the first renewal comes at its start)
+    quick = ("--insecure", "--auto-failover-after", "0.5", "--witness", address)
+    old = start_receiver(tmp_path / "old-target", port=old.port, security=quick)
+    procs.append(old.proc)
+    time.sleep(1.5)  # the old copy asks, and is refused, while the source renews
+    assert sender.poll() is None
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    time.sleep(quiet)  # the source is long gone: the old copy asks, again and again
+    job = receiver_job(old)
+    assert job["promoted"] is False and job["generation"] == 1, job
+
+    # the source comes back with its target up: that replica is the one from now on
+    auto = ("--insecure", "--auto-failover-after", str(AFTER), "--witness", address)
+    rcv = start_receiver(tmp_path / "target", port=port, security=auto)
+    procs.append(rcv.proc)
+    back = start_sender(rcv, tmp_path / "state", disk, address)
+    procs.append(back)
+    assert wait_for(replicating(rcv), 15), "the sender never replicated"
+    time.sleep(1)  # a renewal declares the replica
+    back.send_signal(signal.SIGKILL)
+    back.wait(timeout=10)
+    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 20), receiver_job(rcv)
+    assert b3(rcv.dir / "vm1" / disk.name) == b3(disk)
+    assert receiver_job(old)["promoted"] is False
+    code, err = stop_and_read(old.proc)
+    assert code == 0, err[-2000:]
+    assert "reached no replica" in err, err[-2000:]
+    assert rcv.stop() == 0
+
+
+def test_the_replica_a_new_source_reaches_is_declared_at_once(
+    tmp_path: Path,
+    disk: Path,  # noqa: F811
+    procs: list[subprocess.Popen[str]],  # noqa: F811
+) -> None:
+    """A new source declares the replica it reached when its session begins, not at its
+    next renewal (here 10 s later): dying between the two, it would leave the witness
+    knowing no replica for the job, and its target, which holds its data, refused."""
+    witness, address = start_witness(tmp_path / "witness")
+    procs.append(witness)
+    rcv = start_receiver(tmp_path / "target")
+    procs.append(rcv.proc)
+    started = time.monotonic()
+    sender = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir",
+         str(tmp_path / "state"), "--insecure", "--interval", "0.2", "--witness", address,
+         "--witness-interval", "10", str(disk)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=ENV,
+    )  # fmt: skip
+    procs.append(sender)
+    assert wait_for(replicating(rcv), 8), "the sender never replicated"
+    ours = read_state(rcv.dir / ".replicator" / "vm1" / "replica.id")
+    assert ours is not None
+    book = tmp_path / "witness" / "witness.state"
+    assert wait_for(lambda: (read_state(book) or {}).get("replicas") == {"vm1": ours["id"]}, 1)
+    assert time.monotonic() - started < 9, "too slow to tell: the next renewal was due"
+    assert "unbound" not in (read_state(book) or {})
+    assert rcv.stop() == 0

@@ -5,12 +5,14 @@ across restarts; a source renewing is never overtaken; a promoted source is told
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from replicator.engine import witness_server
 from replicator.engine.witness_server import WitnessServer
 from replicator.engine.witness_state import STATE_FILE, WitnessBook, fence_wait
 from replicator.journal import durable
@@ -390,3 +392,54 @@ def test_a_grant_binds_the_replica_that_asked() -> None:
     assert WitnessBook.from_state(book.to_state(), 10.0).replicas == {"vm1": A}
     book.forget("vm1", 1, None)  # its write failed: as before
     assert book.grants == {"vm1": {}} and book.replicas == {}
+
+
+def test_no_copy_is_promoted_while_the_source_has_reached_no_replica() -> None:
+    """A source whose state folder never had a session says so ("unbound"): every copy
+    that asks is refused, also one the job's earlier source declared, until it names the
+    replica it reached (or says it reached one that names none: a receiver from before)."""
+    book = WitnessBook(started=0.0)
+    assert book.declare_replica("vm1", A)  # an earlier source of the job
+    assert book.declare_replica("vm1", None, unbound=True)
+    assert not book.declare_replica("vm1", None, unbound=True)  # unchanged: no write
+    assert not book.declare_replica("vm1", None)  # an older source says neither
+    assert book.renew("vm1", 1, 10.0).ok
+    for replica in (A, B, None):
+        refused = book.decide("vm1", 1, 1.0, "target", 20.0, replica)
+        assert not refused.granted and "reached no replica" in refused.reason, replica
+    restarted = WitnessBook.from_state(book.to_state(), started=0.0)
+    assert restarted.unbound == {"vm1"} and book.to_state()["unbound"] == ["vm1"]
+    assert not restarted.decide("vm1", 1, 1.0, "target", 20.0, A).granted
+    assert book.declare_replica("vm1", B)  # it reached its target
+    assert book.unbound == set() and "unbound" not in book.to_state()
+    assert book.decide("vm1", 1, 1.0, "target", 20.0, B).granted
+    old_receiver = WitnessBook(started=0.0)
+    assert old_receiver.declare_replica("vm1", None, unbound=True)
+    assert old_receiver.declare_replica("vm1", None, unbound=False)
+    assert old_receiver.decide("vm1", 1, 1.0, "target", 20.0).granted
+    with pytest.raises(StateFileError):
+        WitnessBook.from_state({"grants": {}, "unbound": "vm1"}, started=0.0)
+
+
+async def test_server_keeps_an_unbound_source_durably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = WitnessServer(tmp_path)
+    renew = {"op": "renew", "job": "vm1", "generation": 1, "who": "s", "unbound": True}
+    assert await server.answer(renew, None) == {"ok": True}
+    assert read_state(tmp_path / STATE_FILE) == {"grants": {}, "unbound": ["vm1"]}
+    bad = await server.answer({**renew, "unbound": 1}, None)
+    assert "'unbound' must be true or false" in str(bad["error"])
+    restarted = WitnessServer(tmp_path)
+    restarted.book.started -= 10  # the source is gone: 10 s without a renewal
+    promote = {"op": "promote", "job": "vm1", "generation": 1, "after": 2.0, "who": "t"}
+    refused = await restarted.answer({**promote, "replica": A}, None)
+    assert refused["granted"] is False and "reached no replica" in str(refused["reason"])
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(witness_server, "write_state_async", full)
+    failed = await restarted.answer({**renew, "unbound": False, "replica": A}, None)
+    assert "cannot write" in str(failed["error"])
+    assert restarted.book.unbound == {"vm1"} and restarted.book.replicas == {}  # rolled back
