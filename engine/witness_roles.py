@@ -216,7 +216,14 @@ class AutoFailover:
             )
             return
         if not decision.granted:
-            self._say(job, "receiver.auto_failover_refused", decision.reason)
+            self._wait(
+                job,
+                replica,
+                "witness_refused",
+                decision.reason,
+                f"{AUTO_FAILOVER_WAITS}: the witness refuses: {decision.reason}",
+                event="receiver.auto_failover_refused",
+            )
             return
         t0 = time.monotonic()
         log.warning(
@@ -240,13 +247,21 @@ class AutoFailover:
             log.error("receiver.auto_failover_failed", job=job, error=str(exc))
             replica.status.error("failover", f"automatic failover failed: {exc}")
 
-    def _wait(self, job: str, replica: JobReplica, kind: str, why: str, message: str) -> None:
+    def _wait(
+        self,
+        job: str,
+        replica: JobReplica,
+        kind: str,
+        why: str,
+        message: str,
+        event: str = "receiver.auto_failover_waiting",
+    ) -> None:
         """The job waits: log (once per reason) and status say why, unless its source came
         back meanwhile (a session began while the witness was asked, up to its timeout:
         the session's start cleared the wait, which would be a stale alarm set now)."""
         if self.receiver.has_session(job):
             return
-        self._say(job, "receiver.auto_failover_waiting", why)
+        self._say(job, event, why)
         replica.status.error(kind, message)
 
     def _say(self, job: str, event: str, why: str) -> None:

@@ -315,6 +315,10 @@ def no_copy_promoted_for_an_unbound_source(
     time.sleep(quiet)  # the source is long gone: the old copy asks, again and again
     job = receiver_job(old)
     assert job["promoted"] is False and job["generation"] == 1, job
+    # its status says why it waits, and what to do
+    assert "the witness refuses" in str(job["last_error"]), job
+    assert "reached no replica" in str(job["last_error"]), job
+    assert "failover --force" in str(job["last_error"]), job
 
     # the source comes back with its target up: that replica is the one from now on
     auto = ("--insecure", "--auto-failover-after", str(AFTER), "--witness", address)
