@@ -37,7 +37,11 @@ def _version() -> str:
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"replicator {_version()}")
+        from replicator.transport.version import PROTOCOL_VERSION  # no wire code loaded
+
+        # the release's number does not change with every protocol: the protocol is what
+        # must match between the hosts (exit 5 otherwise)
+        typer.echo(f"replicator {_version()} (protocol {PROTOCOL_VERSION})")
         raise typer.Exit()
 
 

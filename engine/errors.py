@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import ssl
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from replicator.journal.errors import (
     StorageError,
     TargetStorageError,
     VersionMismatch,
+    upgrade_hint,
 )
 from replicator.transport.errors import (
     CERT_PROBLEMS,
@@ -60,6 +62,7 @@ __all__ = [
     "first_error",
     "tls_refusal",
     "unwrap",
+    "version_refusal",
 ]
 
 # TLS errors that say the stream was damaged or cut, not that a certificate was refused:
@@ -215,14 +218,50 @@ def as_user_error(exc: BaseException) -> BaseException:
     if isinstance(exc, TimeoutError):
         return ConnectError("the receiver stopped answering (timeout); check it and run again")
     if isinstance(exc, VersionMismatchError):
-        return VersionMismatch(
-            f"protocol version mismatch: the receiver speaks {exc.what} version "
-            f"{exc.peer_version}, this sender {exc.our_version}",
-            hint=VERSION_HINT,
-        )
+        return _receiver_mismatch(exc.what, exc.our_version, exc.peer_version)
     if isinstance(exc, RemoteProtocolError):
         return PeerProtocolError(f"the receiver sent something malformed: {exc}")
     return exc
+
+
+def _receiver_mismatch(what: str, ours: int, theirs: int) -> VersionMismatch:
+    older, newer = (
+        ("the receiver", "this sender") if theirs < ours else ("this sender", "the receiver")
+    )
+    return VersionMismatch(
+        f"{what} version mismatch: this sender speaks {what} version {ours}, the receiver {theirs}",
+        hint=upgrade_hint(older, newer),
+    )
+
+
+# How receivers word Refuse("version"): since 2026-12-07 "the sender speaks protocol
+# version 5, this receiver 6[: ...]" (engine/receiver.py, frame versions alike); every
+# release before "receiver speaks protocol 5: protocol version mismatch: peer speaks
+# protocol version 6, we speak 5", in the receiver's words (the releases a sender of today
+# meets when only it was upgraded)
+_REFUSAL_NOW = re.compile(
+    r"the sender speaks (protocol|frame format) version (\d+), this receiver (\d+)"
+)
+_REFUSAL_BEFORE = re.compile(r"receiver speaks protocol (\d+):")
+
+
+def version_refusal(message: str) -> VersionMismatch:
+    """The receiver's Refuse("version") (``message``: its text) in this sender's words:
+    both versions and which side to upgrade, whichever release wrote it; the text as it
+    came when it names no version."""
+    from replicator.transport.version import PROTOCOL_VERSION
+
+    now = _REFUSAL_NOW.search(message)
+    if now is not None:
+        return _receiver_mismatch(now[1], int(now[2]), int(now[3]))
+    before = _REFUSAL_BEFORE.match(message)
+    if before is not None and int(before[1]) != PROTOCOL_VERSION:
+        return _receiver_mismatch("protocol", PROTOCOL_VERSION, int(before[1]))
+    return VersionMismatch(
+        f"protocol version mismatch: the receiver refused this sender's protocol version "
+        f"{PROTOCOL_VERSION}: {message}",
+        hint=VERSION_HINT,
+    )
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -54,6 +54,7 @@ from replicator.engine.status import AUTO_FAILOVER_WAITS, StatusBoard
 from replicator.journal import (
     JournalError,
 )
+from replicator.journal.errors import upgrade_hint
 from replicator.transport import (
     PROTOCOL_VERSION,
     ConnectionClosedError,
@@ -90,6 +91,21 @@ DEMOTE_SESSION_WAIT = 5.0
 def _clock(when: float) -> str:
     """A wall-clock time for messages, in the receiver's local time zone."""
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(when))
+
+
+def version_refusal(what: str, theirs: int, ours: int) -> Refuse:
+    """Refuse a sender of another release: both versions, and which side to upgrade. The
+    words reach senders of every release (they print the text after "protocol version
+    mismatch: "), and a sender of today reads the versions back out of its first part
+    (engine/errors.py, ``version_refusal``): keep its shape."""
+    older, newer = (
+        ("the sender", "this receiver") if theirs < ours else ("this receiver", "the sender")
+    )
+    return Refuse(
+        "version",
+        f"the sender speaks {what} version {theirs}, this receiver {ours}: "
+        f"{upgrade_hint(older, newer)}",
+    )
 
 
 class Receiver:
@@ -205,16 +221,10 @@ class Receiver:
         try:
             hello = await conn.recv(timeout=HELLO_TIMEOUT)
         except VersionMismatchError as exc:
-            log.warning("receiver.refused", peer=conn.peer, code="version", why=str(exc))
+            version = version_refusal(exc.what, exc.peer_version, exc.our_version)
+            log.warning("receiver.refused", peer=conn.peer, code="version", why=version.message)
             self.status.refused_connection("version")
-            await send_quietly(
-                conn,
-                Refuse(
-                    "version",
-                    f"the sender speaks {exc.what} version {exc.peer_version}, this receiver "
-                    f"{exc.our_version}",
-                ),
-            )
+            await send_quietly(conn, version)
             return
         if not isinstance(hello, Hello):
             raise RemoteProtocolError(f"expected Hello, got {type(hello).__name__}")
@@ -373,11 +383,7 @@ class Receiver:
         if self._closing:
             return Refuse("busy", "receiver is shutting down")
         if hello.protocol_version != PROTOCOL_VERSION:
-            return Refuse(
-                "version",
-                f"the sender speaks protocol version {hello.protocol_version}, this receiver "
-                f"{PROTOCOL_VERSION}",
-            )
+            return version_refusal("protocol", hello.protocol_version, PROTOCOL_VERSION)
         try:
             check_job_name(hello.job)
         except ConfigError as exc:

@@ -45,11 +45,10 @@ from replicator.engine.errors import (
     RefusedError,
     ReplicatorError,
     TargetStorageError,
-    VersionMismatch,
+    version_refusal,
 )
 from replicator.engine.names import path_problem
 from replicator.journal import EncodedRecord, Record, RecordError, RecordType, decode_records
-from replicator.journal.errors import VERSION_HINT
 from replicator.transport import (
     Ack,
     Credit,
@@ -119,7 +118,7 @@ Action = Send | Trim | Woken | Deliver | HandoverStep
 def refusal_error(code: str, message: str) -> ReplicatorError:
     """What the receiver's Refuse or Error means to the sender, as the user sees it."""
     if code == "version":
-        return VersionMismatch(f"protocol version mismatch: {message}", hint=VERSION_HINT)
+        return version_refusal(message)
     if code == "protocol":
         return PeerProtocolError(f"receiver reported a protocol error: {message}")
     if code == "diverged":

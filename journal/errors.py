@@ -78,11 +78,21 @@ READ_ONLY_HINT = (
 )
 
 
-# both sides of a protocol version mismatch say it
+# both sides of a protocol version mismatch say it, when neither's version is known
 VERSION_HINT = (
     "run the same replicator release on both sides: compare `replicator --version` on each "
-    "and upgrade the older one"
+    "(it names the protocol) and upgrade the older one"
 )
+
+
+def upgrade_hint(older: str, newer: str) -> str:
+    """What to do about a version mismatch whose sides are known: the side that speaks the
+    lower version (``older``: "the receiver", "this sender", ...) runs the older release
+    (docs/OPERATIONS.md, "Upgrading")."""
+    return (
+        f"{older} runs an older release: upgrade replicator on its host to the release "
+        f"{newer} runs; both sides must run the same one"
+    )
 
 
 class PeerProtocolError(ReplicatorError):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pyfuse3
 
+from replicator.transport import PROTOCOL_VERSION
+
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("engine", "transport", "journal", "cli")
 
@@ -48,6 +50,8 @@ def test_console_script_prints_version() -> None:
         check=True,
     )
     assert out.stdout.startswith("replicator ")
+    # the release number stays 0.1.0 across protocols: what the hosts must agree on is said
+    assert out.stdout.rstrip().endswith(f" (protocol {PROTOCOL_VERSION})"), out.stdout
 
 
 def test_the_patched_pyfuse3_from_the_makefile_is_installed() -> None:

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
         FRAME_VERSION,
     )
     from replicator.transport.messages import (
-        PROTOCOL_VERSION,
         Ack,
         Credit,
         Error,
@@ -73,6 +72,7 @@ if TYPE_CHECKING:
         State,
         TransferStats,
     )
+    from replicator.transport.version import PROTOCOL_VERSION
 
 _HOME = {
     "Ack": "messages",
@@ -99,7 +99,7 @@ _HOME = {
     "NEED_DATA": "protocol",
     "NeedData": "protocol",
     "PLAINTEXT_REFUSAL": "connection",
-    "PROTOCOL_VERSION": "messages",
+    "PROTOCOL_VERSION": "version",
     "Ping": "messages",
     "PointFloor": "messages",
     "Pong": "messages",

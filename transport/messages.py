@@ -28,14 +28,6 @@ from replicator.journal.records import (
     peek_lsn,
 )
 
-# 2: Refuse code "diverged"; Hello capabilities "resync", "verify"; TreeRequest/Tree
-# 3: generations interpreted (split brain); Refuse codes "promoted", "generation"
-# 4: Handover (planned failover, failback hand-back), ReadRequest/ReadData (failback reads);
-#    Hello capability "failback"
-# 5: PointFloor (a receiver that lost records the sender cannot send again)
-# 6: Records payloads carry journal record format version 2 (XXH3-128 checksums)
-PROTOCOL_VERSION: Final = 6
-
 U64_MAX: Final = 2**64 - 1
 I64_MIN: Final = -(2**63)
 I64_MAX: Final = 2**63 - 1

@@ -49,7 +49,6 @@ from replicator.transport.messages import (
     MAX_READ,
     MAX_TREE_PART,
     MESSAGE_CLASSES,
-    PROTOCOL_VERSION,
     Ack,
     Credit,
     Hello,
@@ -65,6 +64,7 @@ from replicator.transport.messages import (
     Welcome,
     message_type,
 )
+from replicator.transport.version import PROTOCOL_VERSION
 
 __all__ = [
     "DEFAULT_WINDOW",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from replicator.engine.errors import ExitCode
 from replicator.transport import PROTOCOL_VERSION, ProtocolConnection, Refuse, Role
 from replicator.transport.frames import FRAME_VERSION
-from tests.tools import ENV, ReceiverProc, replicator
+from tests.tools import ENV, ReceiverProc, replicator, start_receiver
 
 Reply = Callable[[bytes], bytes]
 
@@ -70,38 +71,101 @@ def test_newer_frame_version_is_a_version_mismatch(
     assert "version mismatch" in err
 
 
-# a sender of a newer release: the protocol version it says in its Hello is one higher
-_NEWER_SENDER = """
+# a sender of another release: the protocol version it says in its Hello is STEP off ours
+_OTHER_SENDER = """
 import sys
-import replicator.transport.messages as messages
 import replicator.transport.protocol as protocol
-messages.PROTOCOL_VERSION = protocol.PROTOCOL_VERSION = messages.PROTOCOL_VERSION + 1
+import replicator.transport.version as version
+version.PROTOCOL_VERSION = protocol.PROTOCOL_VERSION = version.PROTOCOL_VERSION + {step}
 from replicator.cli.main import app
 sys.argv = ["replicator", *sys.argv[1:]]
 app()
 """
 
 
+@pytest.mark.parametrize(
+    ("step", "older", "newer"),
+    [(1, "the receiver", "this sender"), (-1, "this sender", "the receiver")],
+    ids=["newer-sender", "older-sender"],
+)
 def test_a_sender_of_another_release_is_told_which_versions_and_what_to_do(
-    tmp_path: Path, receiver: ReceiverProc
+    tmp_path: Path, step: int, older: str, newer: str
 ) -> None:
     """It read "protocol version mismatch: receiver speaks protocol 6: protocol version
-    mismatch: peer speaks protocol version 7, we speak 6", and no way out."""
+    mismatch: peer speaks protocol version 7, we speak 6", and no way out. The receiver's
+    refusal itself names the side to upgrade: a sender of an older release prints it as
+    it comes (after "protocol version mismatch: "), and the receiver logs it."""
     disk = tmp_path / "d.img"
     disk.write_bytes(b"\x01" * 65536)
-    out = subprocess.run(
-        [sys.executable, "-c", _NEWER_SENDER, "send", "--to", receiver.address, "--job", "j",
-         "--once", "--insecure", "--state-dir", str(tmp_path / "s"), str(disk)],
-        capture_output=True, text=True, env=ENV, timeout=60,
-    )  # fmt: skip
+    log = tmp_path / "receiver.log"
+    receiver = start_receiver(tmp_path / "t", log=log)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _OTHER_SENDER.format(step=step), "send", "--to",
+             receiver.address, "--job", "j", "--once", "--insecure", "--state-dir",
+             str(tmp_path / "s"), str(disk)],
+            capture_output=True, text=True, env=ENV, timeout=60,
+        )  # fmt: skip
+    finally:
+        assert receiver.stop() == 0
     assert out.returncode == ExitCode.VERSION, out.stderr
-    ours = PROTOCOL_VERSION
+    ours, theirs = PROTOCOL_VERSION, PROTOCOL_VERSION + step
     assert (
-        f"replicator: error: protocol version mismatch: the sender speaks protocol version "
-        f"{ours + 1}, this receiver {ours} (run the same replicator release on both sides: "
-        "compare `replicator --version` on each and upgrade the older one)"
+        f"replicator: error: protocol version mismatch: this sender speaks protocol version "
+        f"{theirs}, the receiver {ours} ({older} runs an older release: upgrade replicator on "
+        f"its host to the release {newer} runs; both sides must run the same one)"
     ) in out.stderr
     assert out.stderr.strip().splitlines()[-1].count("mismatch") == 1, out.stderr
+    sender_side = "the sender" if step < 0 else "this receiver"
+    receiver_side = "this receiver" if step < 0 else "the sender"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    said = [e["why"] for e in lines if e["event"] == "receiver.refused"]
+    assert said == [
+        f"the sender speaks protocol version {theirs}, this receiver {ours}: {sender_side} runs "
+        f"an older release: upgrade replicator on its host to the release {receiver_side} runs; "
+        "both sides must run the same one"
+    ]
+
+
+# What every receiver before 2026-12-07 answered a sender of protocol 6 (its text taken from
+# a real one, built from commit e8262fd (protocol 5), refusing `send` of this release): its
+# own error in its own words, "we" being the receiver
+_OLDER_RECEIVERS_REFUSAL = (
+    "receiver speaks protocol 5: protocol version mismatch: peer speaks protocol version 6, "
+    "we speak 5"
+)
+
+
+def test_a_receiver_of_an_older_release_is_named_as_the_side_to_upgrade(
+    tmp_path: Path, fake_receiver: Callable[[Reply], int]
+) -> None:
+    """Upgrading the source first, a sender met such a receiver and printed "protocol
+    version mismatch: receiver speaks protocol 5: protocol version mismatch: peer speaks
+    protocol version 6, we speak 5 (... compare `replicator --version` on each and upgrade
+    the older one)": "we" was the receiver, and both hosts' --version said 0.1.0."""
+    rc, err = _send(
+        tmp_path, fake_receiver(lambda _: _refuse_frames("version", _OLDER_RECEIVERS_REFUSAL))
+    )
+    assert rc == ExitCode.VERSION, err
+    assert err.strip().splitlines()[-1] == (
+        f"replicator: error: protocol version mismatch: this sender speaks protocol version "
+        f"{PROTOCOL_VERSION}, the receiver 5 (the receiver runs an older release: upgrade "
+        "replicator on its host to the release this sender runs; both sides must run the same "
+        "one)"
+    )
+
+
+def test_a_version_refusal_naming_no_version_is_shown_as_it_came(
+    tmp_path: Path, fake_receiver: Callable[[Reply], int]
+) -> None:
+    rc, err = _send(tmp_path, fake_receiver(lambda _: _refuse_frames("version", "not today")))
+    assert rc == ExitCode.VERSION, err
+    assert err.strip().splitlines()[-1] == (
+        "replicator: error: protocol version mismatch: the receiver refused this sender's "
+        f"protocol version {PROTOCOL_VERSION}: not today (run the same replicator release on "
+        "both sides: compare `replicator --version` on each (it names the protocol) and "
+        "upgrade the older one)"
+    )
 
 
 def test_refusal_is_reported_with_its_reason(
