@@ -465,6 +465,11 @@ def _last_run(run: dict[str, Any]) -> Text:
             "stopped): its journal holds what it had captured, the next `send` ships it",
             style="yellow",
         )
+    if run.get("outcome") == "unknown":
+        return Text(
+            f"started {started}; how it ended is not known: an older replicator ran it, which "
+            "does not record that (a `send` of this one will)"
+        )
     return Text(f"ended {run.get('ended')} without error (started {started})")
 
 

@@ -174,8 +174,10 @@ def sender_at_rest(state_dir: Path) -> dict[str, Any]:
 
 def last_run(claim: dict[str, Any]) -> dict[str, Any] | None:
     """How the last sender of a state folder ended, from its claim (``sender.json``,
-    ``SenderClaim.record_end``): ``ok``, ``failed`` (with its error and exit code) or
-    ``unrecorded`` (killed, or the machine stopped, before it could say). None before any."""
+    ``SenderClaim.record_end``): ``ok``, ``failed`` (with its error and exit code),
+    ``unrecorded`` (killed, or the machine stopped, before it could say) or ``unknown``
+    (a release from before 2026-12-07 ran it: it never said, however it ended). None
+    before any."""
     started = claim.get("started")
     if not isinstance(started, int | float):
         return None
@@ -185,7 +187,9 @@ def last_run(claim: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "started": iso_time(int(started * 1e9)),
         "ended": iso_time(int(ended * 1e9)) if isinstance(ended, int | float) else None,
-        "outcome": ("failed" if error else "ok") if said else "unrecorded",
+        "outcome": ("failed" if error else "ok")
+        if said
+        else ("unrecorded" if claim.get("records_end") else "unknown"),
         "error": str(error) if error else None,
         "exit_code": claim.get("exit_code") if error else None,
     }

@@ -510,7 +510,9 @@ class SenderClaim:
             return self
         self._fd = fd
         self.held = True
-        self.info = {**self.info, "pid": os.getpid(), "started": time.time()}
+        # "records_end": this release says how its runs end (``record_end``); a claim without
+        # it was written by an older one, which never did (``at_rest.last_run``)
+        self.info = {**self.info, "pid": os.getpid(), "started": time.time(), "records_end": True}
         self._write(self.info)
         return self
 

@@ -505,6 +505,29 @@ def test_status_at_rest_says_how_the_last_sender_ended(
     assert "ended without saying how" in replicator("status", "--state-dir", str(state)).stdout
 
 
+def test_status_at_rest_of_a_run_by_an_older_release_does_not_say_it_was_killed(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """Releases before 2026-12-07 never recorded how a run ended: after an upgrade, status
+    at rest said every job's last run "ended without saying how (killed, or the machine
+    stopped)", though it had ended well. The claim below is what `send --once` built from
+    e8262fd (protocol 5) left after exiting 0 (its pid and time changed)."""
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    disk.write_bytes(os.urandom(1024 * 1024))
+    send_once(receiver, "cron", state, disk)
+    (state / "sender.json").write_text(
+        f'{{"capture": "scan", "job": "cron", "peer": "{receiver.address}", "pid": 3231, '
+        f'"started": 1796620563.0846431, "volumes": ["{disk}"]}}'
+    )
+    run = _status("--state-dir", str(state))["jobs"][0]["last_run"]
+    assert run["outcome"] == "unknown" and run["ended"] is None and run["error"] is None, run
+    table = " ".join(replicator("status", "--state-dir", str(state)).stdout.split())
+    assert (
+        "last run started 2026-12-07T05:16:03.084Z; how it ended is not known: an older " in table
+    )
+    assert "killed" not in table
+
+
 def test_a_send_once_under_way_says_it_replicates(tmp_path: Path, receiver: ReceiverProc) -> None:
     """It said "starting" for as long as it shipped (8 MiB at 4 MB/s here)."""
     disk, state = tmp_path / "disk.img", tmp_path / "state"
