@@ -1,10 +1,11 @@
 """Apply journal records to a replica folder, in LSN order, durably at barriers.
 
-Every operation is idempotent (a WRITE writes the same bytes again, a ZERO punches the
-same hole, a RESIZE sets the same size, a FILE replaces the whole file, a RENAME whose
-source is gone and whose target exists is done), so re-applying records after a crash is
-always safe. ``barrier()`` makes everything applied so far durable: file data of every
-touched file and the directory entries that changed.
+Every operation is idempotent (a WRITE writes the same bytes again, a ZERO zeroes the
+same range in place, a TRIM punches the same hole, a RESIZE sets the same size, a FILE
+replaces the whole file, a RENAME whose source is gone and whose target exists is done),
+so re-applying records after a crash is always safe. ``barrier()`` makes everything
+applied so far durable: file data of every touched file and the directory entries that
+changed.
 
 Paths in records are relative to the replica folder. They are checked (no absolute
 paths, no '..') and resolved one component at a time with O_NOFOLLOW from a descriptor
@@ -28,7 +29,7 @@ from pathlib import Path
 from replicator.engine.direct_writes import DirectWrites
 from replicator.engine.names import file_mode, node_kind, path_problem
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
-from replicator.engine.volumes import punch_hole, pwrite_all
+from replicator.engine.volumes import Zeroing, pwrite_all
 from replicator.journal import Record, RecordType
 from replicator.journal.durable import atomic_write, fsync_fd, makedirs_durable
 from replicator.journal.locking import held_elsewhere
@@ -205,6 +206,7 @@ class Applier:
             raise
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
         self._direct = DirectWrites()  # large writes past the page cache (direct_writes.py)
+        self._zeroing = Zeroing()  # ZERO and TRIM records (what the file system can do)
         self._dirty: set[str] = set()
         self._dirty_dirs: set[str] = set()
         self._touched: set[str] = set()  # checked or changed by us in this round
@@ -408,10 +410,15 @@ class Applier:
                 pwrite_all(fd, record.data, record.offset)
             self._dirty.add(path)
         elif kind in (RecordType.ZERO, RecordType.TRIM):
+            # the source's allocation: a ZERO's range stays allocated (a thick disk's
+            # promise to its guest holds after a failover), a TRIM's is punched
             fd = self._fd(path)
             end = min(os.fstat(fd).st_size, record.offset + record.length)
             if end > record.offset:
-                punch_hole(fd, record.offset, end - record.offset)
+                if kind is RecordType.ZERO:
+                    self._zeroing.zero(fd, record.offset, end - record.offset)
+                else:
+                    self._zeroing.punch(fd, record.offset, end - record.offset)
                 self._dirty.add(path)
         elif kind is RecordType.RESIZE:
             fd = self._fd(path)

@@ -57,9 +57,9 @@ from replicator.engine.volumes import (
     VolumeKind,
     VolumeSpec,
     extent_digest,
-    punch_hole,
     pwrite_all,
     zero_digest,
+    zero_in_place,
 )
 from replicator.journal import Record
 from replicator.journal.durable import fsync_fd, settled
@@ -307,5 +307,8 @@ def _check_read(
 
 
 def _zero(fd: int, offset: int, length: int) -> None:
-    """Zero a range (a hole where the file system can: sparse stays sparse)."""
-    punch_hole(fd, offset, length)
+    """Zero a range in place, its blocks kept. The target's manifest says what its extents
+    hold, not whether they are allocated there; and the range held data here (it differs
+    from the target's zeros), so it keeps the allocation it had: a thick disk stays thick
+    (a hole punched here could meet a full disk that the guest was promised it would not)."""
+    zero_in_place(fd, offset, length)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
+import fcntl
 import functools
 import os
 import stat
+import struct
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Final
 
 import blake3
 
@@ -397,14 +400,163 @@ def write_zeros(fd: int, offset: int, length: int) -> None:
         offset += n
 
 
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range (reads as zeros, size unchanged); writes zeros where unsupported."""
-    if length <= 0:
-        return
+class Zeroing:
+    """Makes ranges of files on one file system read as zeros, deallocated (``punch``) or
+    allocated (``zero``), as the journal's TRIM and ZERO records say (journal/records.py).
+
+    What the file system lacks is learnt on its first refusal and not asked again: the
+    NBD shim keeps one per export, where a refused ``fallocate`` per small request would
+    be a system call wasted each time. The fallbacks only ever keep more allocated than
+    asked, never less, and always leave the range reading as zeros.
+    """
+
+    __slots__ = ("can_allocate", "can_punch", "can_zero_range")
+
+    def __init__(self) -> None:
+        self.can_punch = True
+        self.can_zero_range = True
+        self.can_allocate = True
+
+    def punch(self, fd: int, offset: int, length: int) -> bool:
+        """Deallocate a range (size unchanged). True when it was punched; False when the
+        file system cannot, and the range was zeroed in place instead (``zero``)."""
+        if length <= 0:
+            return True
+        if self.can_punch:
+            try:
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return True
+            except OSError as exc:
+                if exc.errno not in NO_FALLOCATE:
+                    raise
+                self.can_punch = False
+        self.zero(fd, offset, length)
+        return False
+
+    def zero(self, fd: int, offset: int, length: int) -> None:
+        """Zero a range and keep it allocated (size unchanged): ``FALLOC_FL_ZERO_RANGE``
+        (ext4, XFS: the blocks become unwritten extents, no data is written); else a
+        punched hole allocated again (tmpfs); else zeros written (a file system
+        with no fallocate modes: as costly as writing the range, as the source did)."""
+        if length <= 0:
+            return
+        if self.can_zero_range:
+            try:
+                fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in NO_FALLOCATE:
+                    raise
+                self.can_zero_range = False
+        if self.can_punch and self.can_allocate:
+            try:
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as exc:
+                if exc.errno not in NO_FALLOCATE:
+                    raise
+                self.can_punch = False
+            else:
+                try:  # a hole now, reading as zeros: allocate it again
+                    fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
+                    return
+                except OSError as exc:
+                    if exc.errno not in NO_FALLOCATE:
+                        raise
+                    self.can_allocate = False
+        write_zeros(fd, offset, length)
+
+
+def zero_in_place(fd: int, offset: int, length: int) -> None:
+    """Zero a range and keep it allocated (reads as zeros, size unchanged)."""
+    Zeroing().zero(fd, offset, length)
+
+
+# FS_IOC_FIEMAP = _IOWR('f', 11, struct fiemap): the extents a file system holds for a file
+_FS_IOC_FIEMAP: Final = 0xC020660B
+_FIEMAP_HEAD: Final = struct.Struct("=QQIIII")  # start, length, flags, mapped, count, reserved
+_FIEMAP_EXTENT: Final = struct.Struct("=QQQ16xI12x")  # logical, physical, length, flags
+_FIEMAP_EXTENT_LAST: Final = 0x1
+_FIEMAP_BATCH: Final = 512  # extents asked per call (28 KiB of buffer)
+# FIEMAP refused: no such ioctl on this file system (tmpfs, FUSE, NFS)
+_NO_FIEMAP: Final = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL})
+
+
+def allocated_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges within ``[start, end)`` that the file system holds blocks
+    for, in order and merged: written data, and also unwritten extents (made by
+    ``fallocate``, ``FALLOC_FL_ZERO_RANGE`` or ``preallocation=falloc``) and delayed
+    allocations, which SEEK_DATA on ext4 and XFS calls holes. Asked with FIEMAP; where the
+    file system has none, SEEK_DATA/SEEK_HOLE answer (tmpfs keeps fallocated pages as
+    data); where neither does, all of the range is taken as allocated (a range taken
+    as allocated is kept allocated on the replica: more space, never less)."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    buf = bytearray(_FIEMAP_HEAD.size + _FIEMAP_BATCH * _FIEMAP_EXTENT.size)
+    while pos < end:
+        _FIEMAP_HEAD.pack_into(buf, 0, pos, end - pos, 0, 0, _FIEMAP_BATCH, 0)
+        try:
+            fcntl.ioctl(fd, _FS_IOC_FIEMAP, buf)
+        except OSError as exc:
+            if exc.errno not in _NO_FIEMAP:
+                raise
+            return _seek_data_ranges(fd, start, end)
+        mapped = _FIEMAP_HEAD.unpack_from(buf)[3]
+        if not mapped:
+            break
+        flags, was = 0, pos
+        for k in range(mapped):
+            logical, _, length, flags = _FIEMAP_EXTENT.unpack_from(
+                buf, _FIEMAP_HEAD.size + k * _FIEMAP_EXTENT.size
+            )
+            lo, hi = max(logical, start), min(logical + length, end)
+            if hi > lo:
+                if out and out[-1][1] >= lo:
+                    out[-1] = (out[-1][0], max(out[-1][1], hi))
+                else:
+                    out.append((lo, hi))
+            pos = max(pos, logical + length)
+        if flags & _FIEMAP_EXTENT_LAST or pos <= was:
+            break
+    return out
+
+
+def _seek_data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """``allocated_ranges`` by SEEK_DATA/SEEK_HOLE (all of it where unsupported)."""
+    out: list[tuple[int, int]] = []
+    pos = start
     try:
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        return
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            out.append((data, hole))
+            pos = hole
     except OSError as exc:
-        if exc.errno not in NO_FALLOCATE:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
             raise
-    write_zeros(fd, offset, length)
+        return [(start, end)] if end > start else []
+    return out
+
+
+def split_by(
+    ranges: list[tuple[int, int]], start: int, end: int
+) -> Iterator[tuple[int, int, bool]]:
+    """``[start, end)`` as (offset, length, inside) runs in order: whether each lies in
+    ``ranges`` (sorted, disjoint (start, end) pairs, as ``allocated_ranges`` gives)."""
+    pos = start
+    for lo, hi in ranges:
+        lo, hi = max(lo, start), min(hi, end)
+        if hi <= lo:
+            continue
+        if lo > pos:
+            yield pos, lo - pos, False
+        yield lo, hi - lo, True
+        pos = hi
+    if end > pos:
+        yield pos, end - pos, False

@@ -17,6 +17,14 @@ Binary layout of one record (little endian; ``docs/FORMATS.md`` has the table)::
     42     16   checksum   XXH3-128 over bytes 0..42, the name and the payload
     58     -    name, then payload
 
+ZERO and TRIM both say "this range reads as zeros afterwards", and they differ in what
+the source holds there, which a replica keeps the same: ZERO = the range stays allocated
+(zeros written or zeroed in place: NBD's ``NO_HOLE``, ``FALLOC_FL_ZERO_RANGE``, a plain
+fallocate, zeros a scan read from allocated blocks), TRIM = it is deallocated (a hole
+punched, or found by a scan). The applier zeroes a ZERO's range in place and punches a
+TRIM's. Journals written before this distinction hold ZERO for punched ranges too; the
+replica then keeps those ranges allocated: more space, never less than the source.
+
 The same bytes are stored in journal segments and carried in RECORDS frames, so a
 receiver checks every record's checksum before it lands in its own journal.
 
@@ -59,8 +67,8 @@ MAX_DATA = 64 * 1024 * 1024  # one record never carries more than 64 MiB
 
 class RecordType(IntEnum):
     WRITE = 1
-    ZERO = 2
-    TRIM = 3
+    ZERO = 2  # the range reads as zeros and stays allocated
+    TRIM = 3  # the range reads as zeros and is deallocated (a hole)
     FLUSH = 4
     FILE = 5
     EPOCH = 6

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -129,6 +130,31 @@ def nbdsh(script: str, timeout: float = 120) -> str:
     )  # fmt: skip
     assert out.returncode == 0, f"nbdsh exited {out.returncode}:\n{out.stdout}{out.stderr}"
     return out.stdout
+
+
+def allocated(path: Path) -> list[tuple[int, int]]:
+    """The (start, end) byte ranges of ``path`` its file system holds blocks for, merged
+    and cut at its size, as ``filefrag`` (FIEMAP, e2fsprogs) lists them: written and
+    unwritten (fallocated, zeroed in place) extents alike; SEEK_DATA and ``qemu-img map``
+    call unwritten ones holes on ext4 and XFS, so they cannot tell a preallocated disk
+    from a sparse one. The check that a replica's allocation is its source's."""
+    out = subprocess.run(
+        [require_tool("filefrag"), "-v", str(path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    head = re.search(r"is (\d+) \(\d+ blocks? of (\d+) bytes\)", out)
+    assert head is not None, out
+    size, block = int(head[1]), int(head[2])
+    ranges: list[tuple[int, int]] = []
+    for m in re.finditer(r"^\s*\d+:\s+(\d+)\.\.\s*(\d+):", out, re.MULTILINE):
+        lo, hi = int(m[1]) * block, min((int(m[2]) + 1) * block, size)
+        if hi <= lo:
+            continue
+        if ranges and ranges[-1][1] >= lo:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], hi))
+        else:
+            ranges.append((lo, hi))
+    return ranges
 
 
 def qemu_compare(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -7,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from replicator.engine import volumes
 from replicator.engine.applier import Applier, ApplyError
 from replicator.engine.replica_files import ReplicaDiverged
 from replicator.journal import Record
 from replicator.journal.locking import lock_directory
+from tests.tools import allocated, tmpfs
 
 
 def test_apply_is_idempotent_and_sparse(tmp_path: Path) -> None:
@@ -465,3 +468,52 @@ def test_a_failed_fsync_of_a_replica_file_names_it(tmp_path: Path, step: str) ->
             assert caught.value.filename == str(fs.mountpoint / "job" / "disk")
         finally:
             applier.close()
+
+
+@pytest.mark.parametrize("where", ["ext4", "tmpfs", "no-fallocate"])
+def test_zero_stays_allocated_and_trim_is_punched(
+    tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZERO zeroes in place and keeps the blocks, TRIM punches them (journal/records.py),
+    on a hole as on data, re-applied the same: with FALLOC_FL_ZERO_RANGE (ext4), without
+    it (tmpfs: a hole punched and allocated again), and with no fallocate at all (zeros
+    written: the TRIM's range then stays allocated too, more space and never less)."""
+    kib = 1024
+    root = tmp_path
+    with contextlib.ExitStack() as stack:
+        if where == "tmpfs":
+            root = stack.enter_context(tmpfs(tmp_path / "mnt", "16m"))
+        if where == "no-fallocate":
+
+            def refused(fd: int, mode: int, offset: int, length: int) -> None:
+                raise OSError(errno.EOPNOTSUPP, "not here")
+
+            monkeypatch.setattr(volumes, "fallocate", refused)
+        records = [
+            Record.resize("disk", 2048 * kib),
+            Record.write("disk", 0, b"\xaa" * (1024 * kib)),
+            Record.zero("disk", 256 * kib, 256 * kib),  # over data
+            Record.trim("disk", 512 * kib, 256 * kib),
+            Record.zero("disk", 1536 * kib, 256 * kib),  # over a hole
+            Record.zero("disk", 1920 * kib, 1024 * kib),  # clipped at the end
+        ]
+        applier = Applier(root / "job")
+        for _ in range(2):
+            applier.apply_many(records)
+            applier.barrier()
+        applier.close()
+        disk = root / "job" / "disk"
+        content = disk.read_bytes()
+        assert len(content) == 2048 * kib
+        assert content[: 256 * kib] == content[768 * kib : 1024 * kib] == b"\xaa" * 256 * kib
+        assert content[256 * kib : 768 * kib] == bytes(512 * kib)
+        assert not any(content[1024 * kib :])
+        if where == "no-fallocate":
+            want = [(0, 1024 * kib), (1536 * kib, 1792 * kib), (1920 * kib, 2048 * kib)]
+        else:
+            want = [(0, 512 * kib), (768 * kib, 1024 * kib), (1536 * kib, 1792 * kib),
+                    (1920 * kib, 2048 * kib)]  # fmt: skip
+        if where == "tmpfs":  # no FIEMAP, and SEEK_DATA calls fallocated pages holes
+            assert disk.stat().st_blocks * 512 == sum(end - start for start, end in want)
+        else:
+            assert allocated(disk) == want

@@ -15,11 +15,11 @@ from replicator.engine.read_plan import data_ranges
 from replicator.engine.volumes import (
     ExtentState,
     VolumeKind,
+    Zeroing,
     digest_runs,
     extent_digest,
     iter_extents,
     pread_all,
-    punch_hole,
     pwrite_all,
     resolve_volumes,
     zero_digest,
@@ -76,7 +76,7 @@ def test_punch_hole_reads_zeros_and_keeps_size(tmp_path: Path) -> None:
     path.write_bytes(b"\xff" * (4 * EXT))
     fd = os.open(path, os.O_RDWR)
     try:
-        punch_hole(fd, EXT, 2 * EXT)
+        assert Zeroing().punch(fd, EXT, 2 * EXT)
     finally:
         os.close(fd)
     content = path.read_bytes()
