@@ -2,7 +2,9 @@
 
 One scan is one EPOCH: RESIZE records first (so the replica has room), then WRITE records
 for changed data extents (adjacent ones coalesced up to ``MAX_WRITE``), ZERO records for
-extents that became zeros or holes, FILE records for changed configuration files, and
+extents that became zeros the file keeps allocated and TRIM records for those that became
+holes (so the replica's allocation follows the source's: a thick disk stays thick, a
+sparse one sparse), FILE records for changed configuration files, and
 finally the EPOCH record, the consistency point. Reading and hashing run in a worker
 thread, a few MiB per hop, so the event loop keeps shipping while the scan goes on.
 """
@@ -25,11 +27,13 @@ from replicator.engine.volumes import (
     Unchanged,
     VolumeKind,
     VolumeSpec,
+    allocated_ranges,
     digest_runs,
     extent_digest,
     hole_digests,
     iter_runs,
     open_volume,
+    split_by,
     volume_stat,
 )
 from replicator.journal import Journal, JournalFull, Record
@@ -49,7 +53,7 @@ Progress = Callable[[int, int], None]  # (bytes scanned so far, bytes to scan in
 class ScanStats:
     bytes_scanned: int = 0
     bytes_changed: int = 0  # data bytes in WRITE/FILE records
-    bytes_zeroed: int = 0  # bytes covered by ZERO records
+    bytes_zeroed: int = 0  # bytes covered by ZERO and TRIM records
     extents_changed: int = 0
     files_changed: int = 0
     records: int = 0
@@ -68,20 +72,32 @@ class ScanStats:
 
 
 def _disk_batches(
-    spec: VolumeSpec, basis: ExtentManifest, new: ExtentManifest, stats: ScanStats, batch_limit: int
+    spec: VolumeSpec,
+    basis: ExtentManifest,
+    new: ExtentManifest,
+    stats: ScanStats,
+    batch_limit: int,
+    grown_from: int | None = None,
 ) -> Generator[list[Record], None, None]:
-    """Yield batches of records for one disk; fills ``new`` with the digests seen."""
+    """Yield batches of records for one disk; fills ``new`` with the digests seen.
+
+    ``grown_from``: where this scan's RESIZE grows the replica (0 on a first sync), from
+    which it is a hole there. The basis says zeros for those extents, so zeros of the
+    source are no change of content; where the source holds them allocated, a ZERO
+    record still goes, or the replica of a thick disk would be sparse."""
     fd = open_volume(spec)
     try:
         # the size the RESIZE record and ``new`` were made for: a file that grew since is
         # read up to it (the next scan sees the growth), one that shrank reads as zeros
         size = new.size
+        grown = size if grown_from is None else grown_from
         batch: list[Record] = []
         batch_bytes = 0
         write_off = -1
         write_buf = bytearray()
         zero_off = -1
         zero_len = 0
+        zero_kept = True  # the run of zeros is allocated (ZERO), or a hole (TRIM)
         since_yield = 0
 
         def flush_write() -> None:
@@ -96,9 +112,18 @@ def _disk_batches(
         def flush_zero() -> None:
             nonlocal zero_off, zero_len
             if zero_len:
-                batch.append(Record.zero(spec.name, zero_off, zero_len))
+                make = Record.zero if zero_kept else Record.trim
+                batch.append(make(spec.name, zero_off, zero_len))
                 stats.bytes_zeroed += zero_len
             zero_off, zero_len = -1, 0
+
+        def add_zero(offset: int, length: int, kept: bool) -> None:
+            nonlocal zero_off, zero_len, zero_kept
+            if zero_len and zero_off + zero_len == offset and zero_kept == kept:
+                zero_len += length
+            else:
+                flush_zero()
+                zero_off, zero_len, zero_kept = offset, length, kept
 
         new_digests, old_digests, old_count = new.digests, basis.digests, basis.count
         extent_size = new.extent_size
@@ -113,7 +138,9 @@ def _disk_batches(
             if ext.index < old_count and old_digests[at : at + DIGEST_SIZE] == ext.digest:
                 if write_buf:
                     flush_write()
-                if zero_len:
+                if ext.offset >= grown and ext.state is ExtentState.ZERO:
+                    add_zero(ext.offset, ext.length, True)  # allocated; a hole there
+                elif zero_len:
                     flush_zero()
             elif ext.state is ExtentState.DATA:
                 assert ext.data is not None
@@ -126,19 +153,16 @@ def _disk_batches(
                 if not write_buf:
                     write_off = ext.offset
                 write_buf += ext.data
-            else:
+            else:  # zeros read: in a range SEEK_DATA calls data, so allocated
                 flush_write()
                 stats.extents_changed += 1
-                if zero_len and zero_off + zero_len == ext.offset:
-                    zero_len += ext.length
-                else:
-                    flush_zero()
-                    zero_off, zero_len = ext.offset, ext.length
+                add_zero(ext.offset, ext.length, True)
 
         def holes(run: Holes) -> None:
-            """A run of holes: ZERO records for the extents the basis does not know as
-            zeros, compared a piece at a time (a 2 TiB hole is 512 MiB of digests)."""
-            nonlocal zero_off, zero_len
+            """A run of holes as SEEK_DATA sees them: records for the extents the basis
+            does not know as zeros, compared a piece at a time (a 2 TiB hole is 512 MiB of
+            digests). TRIM where the file has no blocks, ZERO where it has unwritten ones
+            (fallocated, ``preallocation=falloc``: holes to SEEK_DATA on ext4 and XFS)."""
             for piece in range(run.first, run.first + run.count, HOLE_PIECE):
                 count = min(HOLE_PIECE, run.first + run.count - piece)
                 at = piece * DIGEST_SIZE
@@ -151,13 +175,28 @@ def _disk_batches(
                     stats.bytes_scanned += length
                     flush_write()
                     if same:
-                        flush_zero()
+                        kept_since(off, off + length)
                         continue
                     stats.extents_changed += hi - lo
-                    if not (zero_len and zero_off + zero_len == off):
-                        flush_zero()
-                        zero_off = off
-                    zero_len += length
+                    kept = allocated_ranges(fd, off, off + length)
+                    for at, n, inside in split_by(kept, off, off + length):
+                        add_zero(at, n, inside)
+
+        def kept_since(start: int, end: int) -> None:
+            """Zeros equal to the basis's in ``[start, end)``: where the replica's RESIZE
+            made them a hole, a ZERO for the parts the source keeps allocated (fallocated
+            blocks are holes to SEEK_DATA); none elsewhere."""
+            lo = max(start, grown)
+            if end <= lo:
+                flush_zero()
+                return
+            if lo > start:
+                flush_zero()
+            for at, n, inside in split_by(allocated_ranges(fd, lo, end), lo, end):
+                if inside:
+                    add_zero(at, n, True)
+                else:
+                    flush_zero()
 
         # where helpers hash, the extents that did not change come in runs (Unchanged): a
         # GiB is 16,384 extents, and this loop holds the lock the event loop also wants
@@ -174,7 +213,12 @@ def _disk_batches(
                 stats.bytes_scanned += length
                 if write_buf:
                     flush_write()
-                if zero_len:
+                start = ext.first * extent_size
+                if start + length > grown:  # equal to the basis's zeros: data per SEEK_DATA
+                    if start < grown:
+                        flush_zero()
+                    add_zero(max(start, grown), start + length - max(start, grown), True)
+                elif zero_len:
                     flush_zero()
                 since_yield += length
             elif isinstance(ext, Holes):
@@ -446,7 +490,9 @@ async def _scan_volumes(
             await append(first)
             stats.records += len(first)
         new = ExtentManifest(basis.extent_size, size)
-        gen = _disk_batches(spec, work, new, stats, batch_limit)
+        # where the RESIZE grows the replica, it is a hole there: 0 on a first sync
+        grown_from = 0 if old is None else old.size if old.size < size else None
+        gen = _disk_batches(spec, work, new, stats, batch_limit, grown_from)
         try:
             while True:
                 batch = await asyncio.to_thread(next, gen, None)

@@ -13,16 +13,63 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.tools import (
+    ReceiverProc,
     allocated,
     forced_failover,
     qemu_compare,
+    qemu_img,
     qemu_io,
     replicator,
+    send_once,
     start_receiver,
 )
 
 MiB = 1 << 20
+
+
+def _same_disk(source: Path, replica: Path) -> None:
+    out = qemu_compare("raw", source, replica, shared=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert allocated(replica) == allocated(source)
+
+
+@pytest.mark.parametrize("prealloc", ["full", "falloc"])
+def test_a_scan_keeps_a_preallocated_disk_thick_and_its_holes_holes(
+    tmp_path: Path, receiver: ReceiverProc, prealloc: str
+) -> None:
+    """A first sync and a later scan: written zeros (``full``) and fallocated blocks
+    (``falloc``, holes to SEEK_DATA) stay allocated on the replica; a range the source
+    punched, and one it zeroed in place, follow it. 160 MiB: hashed in helper processes
+    (engine/extent_hasher.py), whose runs of zeros come without being read here."""
+    disk = tmp_path / "disk.img"
+    qemu_img("create", "-q", "-f", "raw", "-o", f"preallocation={prealloc}", str(disk), "160M")
+    qemu_io("raw", disk, "write -P 0x5a 1M 2M", "discard 8M 4M")  # data, and a hole
+    assert allocated(disk) == [(0, 8 * MiB), (12 * MiB, 160 * MiB)]
+    state, replica = tmp_path / "state", receiver.dir / "vm" / disk.name
+    send_once(receiver, "vm", state, disk)
+    _same_disk(disk, replica)
+    assert replica.stat().st_blocks * 512 >= 156 * MiB
+
+    # zeroed in place over data (qemu-io: FALLOC_FL_ZERO_RANGE), data punched, a hole filled
+    qemu_io("raw", disk, "write -z 1M 1M", "discard 2M 1M", "write -P 0x33 9M 64k")
+    send_once(receiver, "vm", state, disk)
+    _same_disk(disk, replica)
+    assert allocated(disk) == [(0, 2 * MiB), (3 * MiB, 8 * MiB), (9 * MiB, 9 * MiB + 65536),
+                               (12 * MiB, 160 * MiB)]  # fmt: skip
+
+
+def test_a_sparse_disk_stays_sparse(tmp_path: Path, receiver: ReceiverProc) -> None:
+    """The other side of the rule: a thin disk's replica takes no more space than it."""
+    disk = tmp_path / "disk.img"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "1G")
+    qemu_io("raw", disk, "write -P 0x11 0 1M", "write -P 0x22 700M 3M", "write -z 5M 1M")
+    send_once(receiver, "vm", tmp_path / "state", disk)
+    replica = receiver.dir / "vm" / disk.name
+    _same_disk(disk, replica)
+    assert replica.stat().st_blocks * 512 <= disk.stat().st_blocks * 512 + 128 * 1024
 
 
 def test_failback_zeroes_in_place_keeping_the_old_sources_blocks(tmp_path: Path) -> None:

@@ -208,7 +208,7 @@ def _records(spec: VolumeSpec, basis: ExtentManifest, size: int) -> tuple[list[R
 
 
 def _expected_zeros(basis: ExtentManifest, truth: ExtentManifest, holes: set[int]) -> list[Zero]:
-    """The ZERO records a scan owes, found one extent at a time: every hole extent whose
+    """The TRIM records a scan owes, found one extent at a time: every hole extent whose
     digest in the basis is not the one of zeros, adjacent ones merged."""
     zeros: list[Zero] = []
     for index in range(truth.count):
@@ -223,7 +223,7 @@ def _expected_zeros(basis: ExtentManifest, truth: ExtentManifest, holes: set[int
 
 
 @pytest.mark.parametrize("size_mib", [64, 4608])  # threads only; helpers (and long holes)
-def test_holes_give_zero_records_exactly_where_the_basis_did_not_know_zeros(
+def test_holes_give_trim_records_exactly_where_the_basis_did_not_know_zeros(
     tmp_path: Path, size_mib: int
 ) -> None:
     """Holes come as runs, not extents; what they owe is still found extent by extent:
@@ -251,8 +251,9 @@ def test_holes_give_zero_records_exactly_where_the_basis_did_not_know_zeros(
     for basis in (truth, stale, shorter, ExtentManifest(EXT, 0)):
         records, digests = _records(spec, basis, size)
         assert digests == bytes(truth.digests)
-        zeros = [(r.offset, r.length) for r in records if r.type is RecordType.ZERO]
+        zeros = [(r.offset, r.length) for r in records if r.type is RecordType.TRIM]
         assert zeros == _expected_zeros(basis, truth, holes)
+        assert not [r for r in records if r.type is RecordType.ZERO]  # nothing allocated
         written = {
             index
             for r in records
@@ -263,7 +264,7 @@ def test_holes_give_zero_records_exactly_where_the_basis_did_not_know_zeros(
 
 
 def test_a_huge_sparse_image_is_walked_in_runs_of_holes(tmp_path: Path) -> None:
-    """256 GiB with one extent of data: a few runs, one ZERO record on each side of it."""
+    """256 GiB with one extent of data: a few runs, one TRIM record on each side of it."""
     path = tmp_path / "huge.img"
     size = 256 << 30
     with path.open("wb") as f:
@@ -279,9 +280,66 @@ def test_a_huge_sparse_image_is_walked_in_runs_of_holes(tmp_path: Path) -> None:
     spec = VolumeSpec(path, "huge.img", VolumeKind.DISK)
     records, _ = _records(spec, ExtentManifest(EXT, 0), size)
     assert [(r.type, r.offset, r.length) for r in records] == [
-        (RecordType.ZERO, 0, size // 2),
+        (RecordType.TRIM, 0, size // 2),
         (RecordType.WRITE, size // 2, EXT),
-        (RecordType.ZERO, size // 2 + EXT, size // 2 - EXT),
+        (RecordType.TRIM, size // 2 + EXT, size // 2 - EXT),
+    ]
+
+
+def _thick_and_thin(path: Path) -> int:
+    """64 extents: data in 0, zeros written in 8-11, fallocated (unwritten: a hole to
+    SEEK_DATA) 16-23, holes elsewhere."""
+    size = 64 * EXT
+    with path.open("wb") as f:
+        f.truncate(size)
+        f.write(os.urandom(EXT))
+        f.seek(8 * EXT)
+        f.write(bytes(4 * EXT))
+        f.flush()
+        os.posix_fallocate(f.fileno(), 16 * EXT, 8 * EXT)
+    return size
+
+
+def test_zeros_go_as_the_source_holds_them_allocated_or_a_hole(tmp_path: Path) -> None:
+    """Where the basis knew other content: zeros the file holds allocated (written, or
+    fallocated, which SEEK_DATA calls a hole) as ZERO, holes as TRIM (journal/records.py)."""
+    path = tmp_path / "disk.img"
+    size = _thick_and_thin(path)
+    spec = VolumeSpec(path, "disk.img", VolumeKind.DISK)
+    stale = ExtentManifest(EXT, size, bytearray(b"\x01" * DIGEST_SIZE * 64))
+    records, _ = _records(spec, stale, size)
+    assert [(r.type, r.offset // EXT, r.length // EXT) for r in records] == [
+        (RecordType.WRITE, 0, 1),
+        (RecordType.TRIM, 1, 7),
+        (RecordType.ZERO, 8, 4),
+        (RecordType.TRIM, 12, 4),
+        (RecordType.ZERO, 16, 8),
+        (RecordType.TRIM, 24, 40),
+    ]
+
+
+def test_a_first_sync_zeroes_what_the_source_holds_allocated(tmp_path: Path) -> None:
+    """On a first sync the basis says zeros (the RESIZE's), and the RESIZE leaves the
+    replica a hole: zeros are no change of content, but allocated ones go as ZERO."""
+    path = tmp_path / "disk.img"
+    size = _thick_and_thin(path)
+    spec = VolumeSpec(path, "disk.img", VolumeKind.DISK)
+    basis = ExtentManifest(EXT, 0)
+    scan.resize_basis(basis, size)
+    new = ExtentManifest(EXT, size)
+    batches = _disk_batches(spec, basis, new, ScanStats(), BATCH_BYTES, grown_from=0)
+    records = [r for batch in batches for r in batch]
+    assert [(r.type, r.offset // EXT, r.length // EXT) for r in records] == [
+        (RecordType.WRITE, 0, 1),
+        (RecordType.ZERO, 8, 4),
+        (RecordType.ZERO, 16, 8),
+    ]
+    grown = _disk_batches(
+        spec, basis, ExtentManifest(EXT, size), ScanStats(), BATCH_BYTES, 12 * EXT
+    )
+    assert [(r.type, r.offset // EXT) for batch in grown for r in batch] == [
+        (RecordType.WRITE, 0),
+        (RecordType.ZERO, 16),  # below where the replica grew, zeros are as the basis says
     ]
 
 
