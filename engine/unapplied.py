@@ -114,7 +114,7 @@ def manifest(
             # cut off, then grown again: zeros (bytes past the size are zeros here anyway)
             touch(_Change(record.size, size, None))
             size = record.size
-        else:  # ZERO, TRIM: a hole punched within the file as it is then
+        else:  # ZERO, TRIM: zeros (allocated or a hole) within the file as it is then
             touch(_Change(record.offset, min(size, record.offset + record.length), None))
     if not exists:
         yield False, 0, b""

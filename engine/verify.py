@@ -21,10 +21,11 @@ from pathlib import Path
 
 from replicator.engine.link import Link, SessionPurpose
 from replicator.engine.manifest import ExtentManifest, digest_chunks
+from replicator.engine.reconcile import range_records
 from replicator.engine.scan import Progress, file_volume
 from replicator.engine.sender import Sender, SenderState
 from replicator.engine.tree import Tree, from_entries, tree_records
-from replicator.engine.volumes import VolumeKind, VolumeSpec, pread_all
+from replicator.engine.volumes import VolumeKind, VolumeSpec
 from replicator.journal import Record
 from replicator.transport.messages import DIGEST_SIZE
 
@@ -167,12 +168,11 @@ def _repair_batches(volumes: list[VolumeSpec], result: VerifyResult) -> Iterator
                 batch.append(Record.chmod(spec.name, st.st_mode & 0o777))
             batch_bytes = 0
             for off, length in diff.extents:
-                pos, end = off, min(off + length, content_size)
-                while pos < end:
-                    data = pread_all(f.fileno(), min(1024 * 1024, end - pos), pos)
-                    batch.append(Record.write(spec.name, pos, data))
-                    batch_bytes += len(data)
-                    pos += len(data)
+                # data as WRITEs, zeros as the source holds them: ZERO where allocated,
+                # TRIM where a hole (the replica's allocation follows the source's)
+                for record in range_records(f.fileno(), spec.name, off, length, 1 << 20):
+                    batch.append(record)
+                    batch_bytes += len(record.data) or 4096  # a zero record: a little
                     if batch_bytes >= _REPAIR_BATCH:
                         yield batch
                         batch, batch_bytes = [], 0

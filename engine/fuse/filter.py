@@ -4,7 +4,8 @@
 record for every change to the shared write-order journal:
 
 * WRITE for ``write``; RESIZE for truncate/ftruncate and ``open(O_TRUNC)``; TRIM and
-  ZERO for fallocate's punch hole and zero range; CREATE, UNLINK, RENAME (incl.
+  ZERO for fallocate's punch hole and zero range, ZERO for the holes a plain allocation
+  fills (the replica holds the blocks the source holds); CREATE, UNLINK, RENAME (incl.
   rename-over), MKDIR, RMDIR, SYMLINK, CHMOD for the metadata operations. Reads, getattr,
   readdir and statfs cost no journal work.
 * Order. One FIFO lock (the *sequencer*) is held from resolving the record's path until
@@ -58,8 +59,10 @@ from replicator.engine.volumes import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
+    allocated_ranges,
     fallocate,
     pwrite_all,
+    split_by,
 )
 from replicator.journal.records import MAX_DATA, Record
 
@@ -320,8 +323,10 @@ class JournalingFilter(TreeOps):
 
         PUNCH_HOLE journals TRIM and ZERO_RANGE journals ZERO, clipped to the file's size
         (past it there is nothing to zero); a call that grows the file (no KEEP_SIZE)
-        journals RESIZE first. Plain allocation changes no content and costs no record:
-        the replica allocates its blocks when they are written. Needs pyfuse3 with a
+        journals RESIZE first. Plain allocation changes no content, but it fills holes:
+        a ZERO for each hole in the range (and for the part it grows the file by), so the
+        replica holds the same blocks allocated (a preallocated disk stays preallocated
+        there); allocated ranges are left alone (their bytes stay). Needs pyfuse3 with a
         fallocate handler (``make install`` builds it); without one the kernel gets ENOSYS
         and writers fall back to writing zeros, which replicate as writes.
         """
@@ -349,9 +354,12 @@ class JournalingFilter(TreeOps):
             if not mode & FALLOC_FL_KEEP_SIZE and end > size:
                 records.append(Record.resize(name, end))
             zero_end = min(end, size)
-            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and zero_end > offset:
-                make = Record.trim if punch else Record.zero
-                records.append(make(name, offset, zero_end - offset))
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                if zero_end > offset:
+                    make = Record.trim if punch else Record.zero
+                    records.append(make(name, offset, zero_end - offset))
+            else:
+                records += _allocation_records(handle.fd, name, offset, end, size, mode)
             if records:
                 await self._append(*records)
             try:
@@ -377,3 +385,23 @@ class JournalingFilter(TreeOps):
     @fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self.view.close_file(fh)
+
+
+def _allocation_records(
+    fd: int, name: str, offset: int, end: int, size: int, mode: int
+) -> list[Record]:
+    """ZERO records for what a plain allocation of ``[offset, end)`` fills: the holes in
+    it within the file's ``size``, and the part past it the file grows by (no KEEP_SIZE).
+    Past the size with KEEP_SIZE, nothing: a replica's file holds no blocks beyond its end."""
+    grown = end if not mode & FALLOC_FL_KEEP_SIZE else min(end, size)
+    records: list[Record] = []
+    within = min(end, size)
+    if within > offset:
+        holes = split_by(allocated_ranges(fd, offset, within), offset, within)
+        records += [Record.zero(name, at, n) for at, n, kept in holes if not kept]
+    if grown > max(offset, size):
+        start = max(offset, size)
+        if records and records[-1].offset + records[-1].length == start:
+            start = records.pop().offset  # one record for the hole and the growth
+        records.append(Record.zero(name, start, grown - start))
+    return records

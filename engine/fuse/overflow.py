@@ -42,6 +42,7 @@ from pathlib import Path
 
 from replicator.engine.journal_first import JournalFirst
 from replicator.engine.names import path_problem
+from replicator.engine.reconcile import range_records
 from replicator.engine.tree import Tree, tree_records
 from replicator.journal import JournalFull, Record, RecordType
 
@@ -213,22 +214,18 @@ async def resync_folder(
 
 
 def read_records(source: Path, path: str, ino: int, extents: list[int]) -> list[Record] | None:
-    """WRITE (or ZERO) records of ``extents`` of the file with inode ``ino``, looked up under
-    ``path`` and, when it moved, anywhere in the folder; None when it is gone."""
+    """WRITE (or ZERO or TRIM: allocated zeros or a hole) records of ``extents`` of the
+    file with inode ``ino`` (``reconcile.range_records``), looked up under ``path`` and,
+    when it moved, anywhere in the folder; None when it is gone."""
     located = _locate(source, path, ino)
     if located is None:
         return None
     records: list[Record] = []
     fd = os.open(source / located, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        size = os.fstat(fd).st_size
         for index in extents:
-            data = os.pread(fd, EXTENT, index * EXTENT)
-            if not data:
-                continue
-            if data.count(0) == len(data):
-                records.append(Record.zero(located, index * EXTENT, len(data)))
-            else:
-                records.append(Record.write(located, index * EXTENT, data))
+            records += range_records(fd, located, index * EXTENT, EXTENT, EXTENT, size)
     finally:
         os.close(fd)
     return records

@@ -24,9 +24,10 @@ that fails, or fdatasync fails (after which the page cache may have dropped writ
 the volume has diverged: the export refuses further changes with EIO and logs
 ``nbd.volume_diverged`` (the volume needs a resync).
 
-Record semantics the applier must mirror: ZERO and TRIM both mean "the range reads as
-zeros afterwards" (the source punches a hole or writes zeros); RESIZE truncates or
-extends the file to the new size.
+Record semantics the applier must mirror (journal/records.py): ZERO and TRIM both mean
+"the range reads as zeros afterwards"; ZERO keeps it allocated (``NO_HOLE``, a punch the
+file system refused: zeroed in place), TRIM deallocates it (a hole was punched); RESIZE
+truncates or extends the file to the new size.
 """
 
 from __future__ import annotations
@@ -46,14 +47,8 @@ from replicator.engine.nbd.images import ImageInfo, export_size_for, probe_fd
 from replicator.engine.nbd.overflow import EXTENT, DirtyMap
 from replicator.engine.nbd.overflow import resync_overflow as resync_overflow  # engine/live.py
 from replicator.engine.nbd.proto import Errno, TransmissionFlag
-from replicator.engine.volumes import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    FALLOC_FL_ZERO_RANGE,
-    NO_FALLOCATE,
-    fallocate,
-    write_zeros,
-)
+from replicator.engine.reconcile import range_records
+from replicator.engine.volumes import Zeroing
 from replicator.engine.volumes import pwrite_all as pwrite_all  # tests patch it
 from replicator.journal import Journal, JournalFull, Record
 from replicator.journal.durable import fdatasync_async as fdatasync_async  # tests patch it
@@ -185,8 +180,7 @@ class JournaledFileExport:
         self._gen = 0  # changes whose file write completed
         self._synced_gen = 0  # changes covered by a completed fdatasync
         self._sync_task: asyncio.Future[None] | None = None
-        self._can_punch = True
-        self._can_zero_range = True
+        self._zeroing = Zeroing()  # what the file system can do, learnt once
         self._closing = False
         self._closed = False
         self._ops = 0
@@ -313,57 +307,65 @@ class JournaledFileExport:
             self._leave()
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool, may_trim: bool) -> None:
-        await self._zero(Record.zero, offset, length, fua=fua, punch=may_trim)
+        await self._zero(offset, length, fua=fua, punch=may_trim)
 
     async def trim(self, offset: int, length: int, *, fua: bool) -> None:
-        await self._zero(Record.trim, offset, length, fua=fua, punch=True)
+        await self._zero(offset, length, fua=fua, punch=True)
 
-    async def _zero(
-        self, make: _RangeRecord, offset: int, length: int, *, fua: bool, punch: bool
-    ) -> None:
+    async def _zero(self, offset: int, length: int, *, fua: bool, punch: bool) -> None:
+        """Make a range read as zeros: a hole where ``punch`` allows and the file system
+        can (journaled as TRIM), else zeros kept allocated (ZERO; ``NO_HOLE``), so the
+        replica keeps the allocation this file has (journal/records.py)."""
         self._enter(modifies=True)
         try:
             async with self._seq:
                 end = min(offset + length, self._file_size)  # never extend the file
                 if end <= offset:
                     return
+                punch = punch and self._zeroing.can_punch
+                make = Record.trim if punch else Record.zero
                 try:
                     journaled = await self._seq.append([make(self.volume, offset, end - offset)])
                 except Exception as exc:
                     raise self._journal_error(exc) from exc
                 try:
                     if end - offset > _ZERO_CHUNK:
-                        await asyncio.to_thread(self._zero_range, offset, end - offset, punch)
+                        punched = await asyncio.to_thread(
+                            self._zero_range, offset, end - offset, punch
+                        )
                     else:
-                        self._zero_range(offset, end - offset, punch)
+                        punched = self._zero_range(offset, end - offset, punch)
                 except OSError as exc:
                     await self._reconcile(offset, end - offset, exc, journaled)
                 finally:
                     self._gen += 1
+                if punch and not punched and journaled:
+                    await self._refused_punch(offset, end - offset)
             if fua:
                 await self._commit()
         finally:
             self._leave()
 
-    def _zero_range(self, offset: int, length: int, punch: bool) -> None:
-        """Make the range read as zeros: punch a hole, zero it in place, or write zeros."""
-        if punch and self._can_punch:
-            try:
-                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in NO_FALLOCATE:
-                    raise
-                self._can_punch = False
-        if self._can_zero_range:
-            try:
-                fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in NO_FALLOCATE:
-                    raise
-                self._can_zero_range = False
-        write_zeros(self._fd, offset, length)
+    def _zero_range(self, offset: int, length: int, punch: bool) -> bool:
+        """Punch a hole, or zero the range in place keeping it allocated (``Zeroing``);
+        whether a hole was punched."""
+        if punch:
+            return self._zeroing.punch(self._fd, offset, length)
+        self._zeroing.zero(self._fd, offset, length)
+        return False
+
+    async def _refused_punch(self, offset: int, length: int) -> None:
+        """The file system refused a punch journaled as TRIM (learnt once; later ones are
+        journaled as ZERO): the range was zeroed in place, and a ZERO says so."""
+        try:
+            await self._seq.append([Record.zero(self.volume, offset, length)])
+        except Exception as exc:
+            self._seq.diverge(
+                self.volume,
+                f"{self.volume} keeps zeros allocated where its journal says a hole ({exc}); "
+                "a full resync is needed",
+            )
+            raise self._journal_error(exc) from exc
 
     async def _reconcile(self, offset: int, length: int, exc: OSError, journaled: bool) -> None:
         """Journal what the file really holds after a failed change, then raise.
@@ -382,18 +384,10 @@ class JournaledFileExport:
         raise NbdIOError(nbd_errno(exc), str(exc)) from exc
 
     def extent_records(self, offset: int, length: int) -> list[Record]:
-        """Records that give the replica this range's current bytes: WRITE per extent,
-        ZERO for extents of zeros (holes stay holes). Clipped to the file; sequencer held."""
-        end = min(offset + length, self._file_size)
-        records: list[Record] = []
-        for start in range(offset, end, EXTENT):
-            n = min(EXTENT, end - start)
-            data = os.pread(self._fd, n, start)
-            if data.count(0) == len(data):
-                records.append(Record.zero(self.volume, start, n))
-            else:
-                records.append(Record.write(self.volume, start, data))
-        return records
+        """Records that give the replica this range's current bytes and allocation: WRITE
+        per extent of data, ZERO for zeros the file holds allocated, TRIM for its holes
+        (``range_records``). Clipped to the file; sequencer held."""
+        return list(range_records(self._fd, self.volume, offset, length, EXTENT, self._file_size))
 
     # -- durability -------------------------------------------------------------------
 
@@ -458,10 +452,6 @@ class JournaledFileExport:
             if not self._closed:
                 self._closed = True
                 os.close(self._fd)
-
-
-class _RangeRecord(Protocol):
-    def __call__(self, volume: str, offset: int, length: int, /) -> Record: ...
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

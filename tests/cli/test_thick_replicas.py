@@ -11,18 +11,22 @@ journal/records.py. Allocation is compared with ``filefrag`` (FIEMAP): SEEK_DATA
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.tools import (
+    LiveNbdSender,
     ReceiverProc,
     allocated,
     forced_failover,
+    nbdsh,
     qemu_compare,
     qemu_img,
     qemu_io,
     replicator,
+    require_tool,
     send_once,
     start_receiver,
 )
@@ -34,6 +38,15 @@ def _same_disk(source: Path, replica: Path) -> None:
     out = qemu_compare("raw", source, replica, shared=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert allocated(replica) == allocated(source)
+
+
+def _allocation_converges(source: Path, replica: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while allocated(replica) != allocated(source):
+        if time.monotonic() > deadline:
+            _same_disk(source, replica)  # fails, saying how they differ
+        time.sleep(0.1)
+    _same_disk(source, replica)
 
 
 @pytest.mark.parametrize("prealloc", ["full", "falloc"])
@@ -72,6 +85,28 @@ def test_a_sparse_disk_stays_sparse(tmp_path: Path, receiver: ReceiverProc) -> N
     assert replica.stat().st_blocks * 512 <= disk.stat().st_blocks * 512 + 128 * 1024
 
 
+def test_verify_repair_gives_back_holes_and_allocated_zeros(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """Damage on the target where the source has fallocated zeros and where it has a
+    hole: ``verify --repair`` puts back the bytes and the allocation (ZERO, TRIM), not
+    written zeros over both."""
+    disk = tmp_path / "disk.img"
+    qemu_img("create", "-q", "-f", "raw", "-o", "preallocation=falloc", str(disk), "8M")
+    qemu_io("raw", disk, "write -P 0x5a 0 2M", "discard 4M 2M")
+    state, replica = tmp_path / "state", receiver.dir / "v" / disk.name
+    send_once(receiver, "v", state, disk)
+    with replica.open("r+b") as f:  # bit rot on the target, in both kinds of zeros
+        for at in (3 * MiB + 17, 5 * MiB + 17):
+            f.seek(at)
+            f.write(b"\xff\x00\xff")
+    args = ("--to", receiver.address, "--job", "v", "--state-dir", str(state), "--insecure")
+    fixed = replicator("verify", *args, "--repair", str(disk))
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    _same_disk(disk, replica)
+    assert allocated(replica) == [(0, 4 * MiB), (6 * MiB, 8 * MiB)]
+
+
 def test_failback_zeroes_in_place_keeping_the_old_sources_blocks(tmp_path: Path) -> None:
     """Extents the promoted VM zeroed (written zeros, a discard) are zeroed on the old
     source without being carried, and keep the blocks they had there: the target's
@@ -92,3 +127,33 @@ def test_failback_zeroes_in_place_keeping_the_old_sources_blocks(tmp_path: Path)
         assert rcv.stop() == 0
     assert qemu_compare("raw", disk, replica).returncode == 0
     assert allocated(disk) == [(0, 8 * MiB)]
+
+
+def test_nbd_zeroes_keep_the_allocation_the_source_keeps(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """Through the NBD shim: WRITE_ZEROES with NO_HOLE (qemu-io ``write -z``, nbdsh's
+    ``CMD_FLAG_NO_HOLE``) keeps the range allocated on source and replica; one that may
+    trim (``write -z -u``) and a TRIM (``discard``) punch it on both."""
+    require_tool("nbdsh")
+    live = LiveNbdSender(tmp_path, receiver)
+    try:
+        live.write("write -P 0x77 0 16M")
+        _allocation_converges(live.source, live.replica)
+        live.write("write -z 1M 1M", "write -z -u 3M 1M", "discard 5M 1M")
+        nbdsh(
+            f"h.connect_uri({live.uri!r})\n"
+            "h.zero(1 << 20, 7 << 20, flags=nbd.CMD_FLAG_NO_HOLE)\n"
+            "h.zero(1 << 20, 9 << 20)\n"  # may trim: punched
+            "h.flush()\n"
+        )
+        # a change of bytes last: once it is on the replica, so is everything before it
+        live.write("write -P 0x78 15M 64k")
+        _allocation_converges(live.source, live.replica)
+        assert allocated(live.source) == [(0, 3 * MiB), (4 * MiB, 5 * MiB), (6 * MiB, 9 * MiB),
+                                          (10 * MiB, 16 * MiB)]  # fmt: skip
+    except BaseException:
+        print(live.stop()[1][-3000:])
+        raise
+    code, err = live.stop()
+    assert code == 0, err

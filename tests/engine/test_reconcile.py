@@ -1,4 +1,5 @@
-"""truth_records: what a file really holds, journaled after a change of it failed."""
+"""truth_records: what a file really holds (bytes and allocation), journaled after a change
+of it failed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator.engine import reconcile
+from replicator.engine import reconcile, volumes
 from replicator.engine.reconcile import truth_records
 from replicator.journal import Record
 
@@ -34,3 +35,41 @@ def test_real_size_then_the_range_clipped_to_it_in_chunks(
         assert list(truth_records(fd, "disk.img", 20_000, 10, known_size=10_000)) == []
     finally:
         os.close(fd)
+
+
+def test_zeros_come_back_as_held_and_holes_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed change the range's zeros are journaled as the file holds them: ZERO
+    where allocated (fallocated included), TRIM where a hole, which is never read (a
+    failed allocation of a large sparse range costs no data records)."""
+    mib = 1 << 20
+    monkeypatch.setattr(reconcile, "CHUNK", mib)
+    path = tmp_path / "disk.img"
+    data = os.urandom(mib)
+    with path.open("wb") as f:
+        f.truncate(64 * mib)
+        f.seek(mib)
+        f.write(data)
+        os.posix_fallocate(f.fileno(), 2 * mib, 2 * mib)
+    reads: list[int] = []
+    real = volumes.pread_all
+
+    def counting(fd: int, length: int, offset: int) -> bytes:
+        reads.append(length)
+        return real(fd, length, offset)
+
+    monkeypatch.setattr(reconcile, "pread_all", counting)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = list(truth_records(fd, "disk.img", 0, 64 * mib, known_size=64 * mib))
+    finally:
+        os.close(fd)
+    assert got == [
+        Record.trim("disk.img", 0, mib),
+        Record.write("disk.img", mib, data),
+        Record.zero("disk.img", 2 * mib, mib),
+        Record.zero("disk.img", 3 * mib, mib),
+        Record.trim("disk.img", 4 * mib, 60 * mib),  # one for the run of holes
+    ]
+    assert sum(reads) == 3 * mib  # the data and the fallocated range, no hole

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from replicator.journal import Record, RecordType
 from tests.fuse.helpers import FILTER, FuseProc, assert_same_tree, read_journal, replay
-from tests.tools import require_tool, tmpfs
+from tests.tools import allocated, require_tool, tmpfs
 
 OLD_XML = b"<domain type='kvm'>\n  <name>vm1</name>\n  <memory>1024</memory>\n</domain>\n"
 NEW_XML = b"<domain type='kvm'>\n  <name>vm1</name>\n  <memory>4096</memory>\n</domain>\n" * 50
@@ -125,9 +125,10 @@ def test_fallocate_punch_zero_and_grow_replay(fuse: FuseProc, tmp_path: Path) ->
 
     falloc("--punch-hole", "--offset", str(1 * mib), "--length", str(2 * mib))
     falloc("--zero-range", "--keep-size", "--offset", str(4 * mib), "--length", str(mib))
+    falloc("--keep-size", "--offset", str(2 * mib), "--length", str(2 * mib))  # half a hole
     falloc("--punch-hole", "--offset", str(7 * mib), "--length", str(4 * mib))  # past EOF
     falloc("--offset", str(8 * mib), "--length", str(8 * mib))  # grows the file
-    falloc("--keep-size", "--offset", str(20 * mib), "--length", str(mib))  # content unchanged
+    falloc("--keep-size", "--offset", str(20 * mib), "--length", str(mib))  # past EOF
     assert fuse.stop() == 0
     skip = {RecordType.CREATE, RecordType.WRITE, RecordType.FLUSH}
     changes = [
@@ -136,15 +137,20 @@ def test_fallocate_punch_zero_and_grow_replay(fuse: FuseProc, tmp_path: Path) ->
     assert changes == [
         (RecordType.TRIM, 1 * mib, 2 * mib),
         (RecordType.ZERO, 4 * mib, mib),
+        (RecordType.ZERO, 2 * mib, mib),  # the hole it filled: allocated, reads as zeros
         (RecordType.TRIM, 7 * mib, mib),  # clipped to the file's size
         (RecordType.RESIZE, 0, 16 * mib),
+        (RecordType.ZERO, 8 * mib, 8 * mib),  # the growth: allocated too
     ], changes
     rep = replay(initial, read_journal(fuse.journal), tmp_path / "rep")
     assert_same_tree(fuse.source, rep)
     for image in (fuse.source / "disk.raw", rep / "disk.raw"):
         assert image.stat().st_size == 16 * mib
-        assert _is_hole(image, 1 * mib, 2 * mib), image
+        assert _is_hole(image, 1 * mib, mib), image
         assert _is_hole(image, 7 * mib, mib), image
+    # the replica holds the blocks the source holds (FIEMAP: fallocated ones included)
+    assert allocated(rep / "disk.raw") == allocated(fuse.source / "disk.raw")
+    assert allocated(rep / "disk.raw") == [(0, mib), (2 * mib, 7 * mib), (8 * mib, 16 * mib)]
     with open(rep / "disk.raw", "rb") as f:
         f.seek(4 * mib)
         assert f.read(mib) == bytes(mib)

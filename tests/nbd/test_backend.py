@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from replicator.engine import volumes
 from replicator.engine.errors import ConfigError
 from replicator.engine.nbd import backend
 from replicator.engine.nbd.backend import JournaledFileExport, NbdIOError
@@ -18,6 +19,7 @@ from replicator.engine.nbd.images import ImageError
 from replicator.engine.nbd.proto import Errno
 from replicator.journal import Journal, Record, RecordType
 from tests.nbd.helpers import journal_records, replay
+from tests.tools import allocated
 
 KiB = 1024
 
@@ -179,14 +181,36 @@ async def test_trim_and_zero_read_back_as_zeros_with_and_without_fallocate(
     def no_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(errno.EOPNOTSUPP, "not here")
 
-    monkeypatch.setattr(backend, "fallocate", no_fallocate)
+    monkeypatch.setattr(volumes, "fallocate", no_fallocate)
     await exp.trim(131072, 100_000, fua=False)
     await exp.write_zeroes(10, 20, fua=False, may_trim=True)
     data = path.read_bytes()
     for offset, length in ((4096, 8192), (65536, 3000), (131072, 100_000), (10, 20)):
         assert data[offset : offset + length] == bytes(length)
     assert data[30:4096] == b"\xff" * (4096 - 30)
-    assert types(await journal_records(journal)) == ["TRIM", "ZERO", "TRIM", "ZERO"]
+    # a punch refused is zeros written: its TRIM is followed by a ZERO saying so, and
+    # later ones are journaled as ZERO at once (the file keeps those blocks)
+    records = await journal_records(journal)
+    assert types(records) == ["TRIM", "ZERO", "TRIM", "ZERO", "ZERO"]
+    assert [(r.offset, r.length) for r in records[2:4]] == [(131072, 100_000)] * 2
+    await exp.aclose()
+
+
+async def test_zeroes_journal_the_allocation_they_leave(tmp_path: Path, journal: Journal) -> None:
+    """WRITE_ZEROES with NO_HOLE keeps the range allocated and journals ZERO; one that may
+    trim, and TRIM, punch it and journal TRIM (journal/records.py). A range read back
+    (resync, ``extent_records``) says the same of it."""
+    path = make_file(tmp_path / "d.img", 1024 * KiB, fill=0xEE)
+    exp = JournaledFileExport(journal, path, "d")
+    await exp.write_zeroes(0, 256 * KiB, fua=False, may_trim=False)
+    await exp.write_zeroes(256 * KiB, 256 * KiB, fua=False, may_trim=True)
+    await exp.trim(512 * KiB, 256 * KiB, fua=False)
+    assert types(await journal_records(journal)) == ["ZERO", "TRIM", "TRIM"]
+    assert allocated(path) == [(0, 256 * KiB), (768 * KiB, 1024 * KiB)]
+    back = [(r.type.name, r.offset // KiB, r.length // KiB) for r in exp.extent_records(0, 1 << 20)]
+    assert back == [("ZERO", k, 64) for k in range(0, 256, 64)] + [("TRIM", 256, 512)] + [
+        ("WRITE", k, 64) for k in range(768, 1024, 64)
+    ]
     await exp.aclose()
 
 

@@ -76,7 +76,7 @@ async def test_resync_reproduces_the_source_from_the_last_consistency_point(
                 try:
                     if record.type is RecordType.WRITE:
                         os.pwrite(fd, record.data, record.offset)
-                    elif record.type is RecordType.ZERO:
+                    elif record.type in (RecordType.ZERO, RecordType.TRIM):
                         os.pwrite(fd, bytes(record.length), record.offset)
                 finally:
                     os.close(fd)
