@@ -53,3 +53,25 @@ def test_a_touched_file_in_place_sends_only_its_marked_extents(tmp_path: Path) -
     assert found is not None and {r.volume for r in found} == {"moved.img"}
     os.unlink(src / "moved.img")
     assert read_records(src, "moved.img", ino, [3]) is None  # gone: nothing to send
+
+
+def test_read_back_zeros_say_whether_the_file_holds_them(tmp_path: Path) -> None:
+    """A resync's extents of zeros go as the source holds them: ZERO where allocated
+    (written zeros, fallocated), TRIM where a hole; data as WRITE; past the end nothing."""
+    path = tmp_path / "disk.img"
+    with path.open("wb") as f:
+        f.truncate(8 * EXTENT)
+        f.write(os.urandom(EXTENT))
+        f.seek(2 * EXTENT)
+        f.write(bytes(EXTENT))
+        f.flush()
+        os.posix_fallocate(f.fileno(), 4 * EXTENT, EXTENT)
+    found = read_records(tmp_path, "disk.img", path.stat().st_ino, [0, 1, 2, 4, 6, 9])
+    assert found is not None
+    assert [(r.type, r.offset // EXTENT, r.length) for r in found] == [
+        (RecordType.WRITE, 0, EXTENT),
+        (RecordType.TRIM, 1, EXTENT),
+        (RecordType.ZERO, 2, EXTENT),
+        (RecordType.ZERO, 4, EXTENT),
+        (RecordType.TRIM, 6, EXTENT),
+    ]
