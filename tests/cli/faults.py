@@ -102,7 +102,7 @@ def change_image(path: Path, seed: int, *, big: bool = False) -> None:
             f.seek(offset)
             f.write(rng.randbytes(length))
         f.seek(4 * MiB)
-        f.write(bytes(256 * KiB))  # was random: a ZERO record, a punched hole on the replica
+        f.write(bytes(256 * KiB))  # was random: a ZERO record, zeroed in place on the replica
         if big:
             f.seek(2 * MiB)
             f.write(rng.randbytes(3 * MiB))
