@@ -206,7 +206,6 @@ class Applier:
             raise
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
         self._direct = DirectWrites()  # large writes past the page cache (direct_writes.py)
-        self._zeroing = Zeroing()  # ZERO and TRIM records (what the file system can do)
         self._dirty: set[str] = set()
         self._dirty_dirs: set[str] = set()
         self._touched: set[str] = set()  # checked or changed by us in this round
@@ -415,10 +414,12 @@ class Applier:
             fd = self._fd(path)
             end = min(os.fstat(fd).st_size, record.offset + record.length)
             if end > record.offset:
+                # asked afresh each time (a refused mode costs a system call): the
+                # replica folder may span file systems that can do different things
                 if kind is RecordType.ZERO:
-                    self._zeroing.zero(fd, record.offset, end - record.offset)
+                    Zeroing().zero(fd, record.offset, end - record.offset)
                 else:
-                    self._zeroing.punch(fd, record.offset, end - record.offset)
+                    Zeroing().punch(fd, record.offset, end - record.offset)
                 self._dirty.add(path)
         elif kind is RecordType.RESIZE:
             fd = self._fd(path)
