@@ -11,17 +11,20 @@ journal/records.py. Allocation is compared with ``filefrag`` (FIEMAP): SEEK_DATA
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
 
+from replicator.engine.errors import ExitCode
 from tests.tools import (
     LiveNbdSender,
     ReceiverProc,
     allocated,
     forced_failover,
     nbdsh,
+    one_line_error,
     qemu_compare,
     qemu_img,
     qemu_io,
@@ -29,6 +32,7 @@ from tests.tools import (
     require_tool,
     send_once,
     start_receiver,
+    tmpfs,
 )
 
 MiB = 1 << 20
@@ -157,3 +161,28 @@ def test_nbd_zeroes_keep_the_allocation_the_source_keeps(
         raise
     code, err = live.stop()
     assert code == 0, err
+
+
+def test_a_thick_disk_the_target_cannot_hold_is_refused_as_disk_full(tmp_path: Path) -> None:
+    """The target needs the space the source holds allocated: a 32 MiB thick disk with 2 MiB
+    of data does not fit a 16 MiB target, and the sync says so (exit 6, the disk-full
+    message naming the replicas' folder) instead of leaving a thin replica behind that a
+    failed-over guest would fill. On tmpfs: no ZERO_RANGE, a hole allocated again."""
+    disk = tmp_path / "disk.img"
+    qemu_img("create", "-q", "-f", "raw", "-o", "preallocation=full", str(disk), "32M")
+    qemu_io("raw", disk, "write -P 0x5a 0 2M")
+    with tmpfs(tmp_path / "small", "16m") as small:
+        rcv = start_receiver(small)
+        try:
+            out = replicator(
+                "send", "--to", rcv.address, "--job", "thick", "--state-dir",
+                str(tmp_path / "state"), "--once", "--insecure", str(disk),
+            )  # fmt: skip
+            assert out.returncode == ExitCode.REFUSED, out.stderr
+            line = one_line_error(out.stderr)
+            assert re.search(
+                rf"disk is full \(\d+ MiB free for {re.escape(str(small / 'thick'))}\);", line
+            ), line
+            assert rcv.proc.poll() is None  # still serving
+        finally:
+            assert rcv.stop() == 0
