@@ -88,7 +88,9 @@ demo: sysdeps install ## replicate a real VHD over loopback, change it, replicat
 	$(PY) bench/demo.py
 
 # Most tests wait on the processes they start, so they run in parallel workers; the few
-# that measure a rate or a deadline (marked serial) run alone afterwards.
+# that measure a rate or a deadline (marked serial) run alone afterwards. Workers steal
+# queued tests from each other, so a worker that drew the long kill cycles last does not
+# hold the run after the others have finished.
 TEST_WORKERS ?= 3
 
 # The tests mount FUSE file systems and make network namespaces: as another user they fail by
@@ -97,7 +99,7 @@ rootcheck:
 	@[ "$$(id -u)" = 0 ] || { echo "make test needs root: the tests mount FUSE file systems and make network namespaces (run: sudo make test)"; exit 1; }
 
 test: rootcheck sysdeps install ## run the test suite (unit, property, integration, fault injection)
-	$(PYTEST) -q -p no:cacheprovider -n $(TEST_WORKERS) -m 'not long and not serial' && \
+	$(PYTEST) -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal -m 'not long and not serial' && \
 	  $(PYTEST) -q -p no:cacheprovider -m 'serial and not long'
 
 test-long: rootcheck sysdeps install ## run the long soak tests as well
