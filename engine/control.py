@@ -52,7 +52,7 @@ from typing import Any
 import structlog
 
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, cannot_use_folder
-from replicator.journal.durable import makedirs_durable
+from replicator.journal.durable import makedirs_durable, sync_dir
 
 log = structlog.get_logger()
 
@@ -477,8 +477,12 @@ class SenderClaim:
         self.info = info
         self.held = False
         self._fd: int | None = None
+        self._made: list[Path] = []  # the folders this claim created, deepest first
+        self._before: bytes | None = None  # sender.json as it was before the claim
+        self._new = False  # sender.json was made by this claim
 
     def __enter__(self) -> SenderClaim:
+        self._made = _missing_folders(self.state_dir)
         try:
             makedirs_durable(self.state_dir)
         except OSError as exc:
@@ -487,6 +491,7 @@ class SenderClaim:
                 exc,
                 hint="create it, fix its permissions, or pick another with --state-dir",
             ) from exc
+        self._new = not os.path.lexists(self.path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -508,6 +513,10 @@ class SenderClaim:
                 ) from exc
             log.warning("control.claim_unavailable", path=str(self.path), error=str(exc))
             return self
+        try:  # what a failed start puts back (``abandon``); None for a file it made
+            self._before = None if self._new else os.pread(fd, 1 << 20, 0)
+        except OSError:
+            self._before = None
         self._fd = fd
         self.held = True
         # "records_end": this release says how its runs end (``record_end``); a claim without
@@ -529,6 +538,32 @@ class SenderClaim:
             end.update(error=str(error) or type(error).__name__, exit_code=int(code))
         self._write({**self.info, **end})
 
+    def abandon(self) -> None:
+        """Undo the claim of a start that failed before the sender did anything (a
+        metrics address in use, another process's control socket): ``sender.json`` as it
+        was (removed when this claim made it) and the folders the claim made removed, so
+        that ``status`` shows no job that never ran and a previous run's record stays."""
+        if self._fd is None:
+            return
+        fd, self._fd, self.held = self._fd, None, False
+        try:
+            if self._before is not None:
+                os.pwrite(fd, self._before, 0)
+                os.ftruncate(fd, len(self._before))
+            elif self._new:  # made by this claim: removed while still locked
+                self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("control.claim_not_undone", path=str(self.path), error=str(exc))
+        finally:
+            os.close(fd)
+        for folder in self._made:  # deepest first; only what is left empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            with contextlib.suppress(OSError):
+                sync_dir(folder.parent)
+
     def _write(self, info: dict[str, Any]) -> None:
         assert self._fd is not None
         data = json.dumps(info, sort_keys=True).encode() + b"\n"
@@ -549,6 +584,15 @@ class SenderClaim:
             os.close(self._fd)  # closing the description drops its OFD lock
             self._fd = None
         self.held = False
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist, deepest first."""
+    missing: list[Path] = []
+    while not os.path.lexists(path) and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def read_claim(state_dir: Path) -> dict[str, Any] | None:

@@ -87,7 +87,14 @@ class Monitor:
             if self.metrics is not None:
                 await self.metrics.start()
         except BaseException as exc:
-            await self.__aexit__(type(exc), exc, None)
+            # a start that failed before anything ran: the claim is undone, not recorded
+            # as a run (status would show a job that never ran, or lose the last run's end)
+            claim, self.claim = self.claim, None
+            try:
+                await self.__aexit__(type(exc), exc, None)
+            finally:
+                if claim is not None:
+                    claim.abandon()
             raise
         return self
 

@@ -630,3 +630,40 @@ def test_a_stuck_peer_shows_as_silent_in_status_and_metrics(tmp_path: Path) -> N
     finally:
         assert _stop(sender) == 0
         receiver.stop()
+
+
+def test_a_start_that_fails_before_running_leaves_nothing_behind(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """`send` exiting 3 on a metrics address in use had already made its state folder and
+    `sender.json`: `status` then showed a job that never ran, and over a folder used
+    before it replaced how the last run ended. The failed start now undoes its claim."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1024 * 1024))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+
+        def start(state: Path) -> None:
+            failed = replicator("send", "--to", receiver.address, "--job", "vm", "--state-dir",
+                                str(state), "--once", "--insecure", "--metrics-listen", busy,
+                                str(disk))  # fmt: skip
+            assert failed.returncode == ExitCode.CONFIG, failed.stderr
+            assert f"cannot serve metrics on {busy}" in failed.stderr
+
+        fresh = tmp_path / "states" / "vm"
+        start(fresh)
+        assert not (tmp_path / "states").exists(), list((tmp_path / "states").rglob("*"))
+        gone = replicator("status", "--state-dir", str(fresh))
+        assert gone.returncode == ExitCode.CONFIG and "does not exist" in gone.stderr
+
+        used = tmp_path / "used"
+        send_once(receiver, "vm", used, disk)
+        before = {p.name: p.read_bytes() for p in used.iterdir() if p.is_file()}
+        folders = sorted(p.name for p in used.rglob("*"))
+        start(used)
+        assert {p.name: p.read_bytes() for p in used.iterdir() if p.is_file()} == before
+        assert sorted(p.name for p in used.rglob("*")) == folders
+        run = _status("--state-dir", str(used))["jobs"][0]["last_run"]
+        assert run["outcome"] == "ok" and run["error"] is None, run
