@@ -90,6 +90,51 @@ REPLY_TIMEOUT = 120.0
 STOP_GRACE = 2.0
 # ... and waits this long for what it had sent to be applied (and trimmed from the journal)
 STOP_SETTLE = 2.0
+# ... but only while the receiver shows it is there: a stopping sender gives up waiting
+# once, for this long, the receiver said nothing and took none of our bytes (its window
+# stays closed: stopped, stuck; or the network between us holds everything). Records it
+# has not applied stay in the journal for the next run; nothing acknowledged is touched.
+STOP_STALL = 1.0
+_STALL_POLL = 0.1  # how often a stopping sender looks at the connection
+STALLED_GOODBYE = 0.2  # a Goodbye to a stalled receiver: into the buffers, if they take it
+STALLED_CLOSE = 0.5  # its lingering close (read its last words) is cut after this long
+
+
+class StopWatch:
+    """Whether a receiver is still there while a sender stops: it said something, or its
+    side took more of our bytes (``FramedConnection.delivered``), within ``STOP_STALL``
+    seconds (counted from the stop's start at first)."""
+
+    def __init__(self, conn: FramedConnection) -> None:
+        self.conn = conn
+        self.started = self._progress = time.monotonic()
+        self._heard = conn.last_received
+        self._delivered = conn.delivered()
+        self._pinged = -STOP_STALL
+        self._ping_bytes = 0
+        self.stalled = False
+
+    def check(self) -> bool:
+        """True (and ``stalled`` set) once the receiver has shown nothing for STOP_STALL.
+        Pings it every half of that: a receiver that is there answers, also while it
+        syncs a large tail to its disk and has nothing else to say."""
+        now = time.monotonic()
+        if now - self._pinged >= STOP_STALL / 2:
+            self._pinged = now
+            before = self.conn.bytes_sent
+            with contextlib.suppress(Exception):  # a failed link is the caller's to see
+                self.conn.send_now(Ping(0, time.time_ns()))
+            # our pings taken by its kernel are no sign of the receiver: not counted
+            self._ping_bytes += self.conn.bytes_sent - before
+        heard, delivered = self.conn.last_received, self.conn.delivered()
+        if delivered is not None:
+            delivered -= self._ping_bytes
+        if heard > self._heard:
+            self._heard, self._progress = heard, now
+        if delivered is not None and (self._delivered is None or delivered > self._delivered):
+            self._delivered, self._progress = delivered, now
+        self.stalled = self.stalled or now - self._progress >= STOP_STALL
+        return self.stalled
 
 
 class SessionPurpose(enum.Enum):
@@ -169,6 +214,7 @@ class Link:
         self._direct_batches: collections.deque[tuple[int, int]] = collections.deque()
         self._failure: BaseException | None = None
         self._closed = False
+        self._stalled = False  # a stop found the receiver stalled (``goodbye``)
 
     @property
     def received_lsn(self) -> int:
@@ -286,18 +332,60 @@ class Link:
         """A sender stopping: ship on for up to ``grace`` seconds while the receiver
         applies everything journaled, then stop shipping, give what was sent
         ``STOP_SETTLE`` seconds to be applied, and say Goodbye. Bounded, whatever the rate
-        (a low rate, or paused at 0, does not hold the stop for a cycle's worth of bytes):
-        what is not applied stays in the journal, and the next run ships it. True when the
-        receiver applied all that was journaled."""
+        (a low rate, or paused at 0, does not hold the stop for a cycle's worth of bytes),
+        and cut short when the receiver stalls (``StopWatch``): what is not applied stays
+        in the journal, and the next run ships it. True when the receiver applied all that
+        was journaled."""
         last = self.journal.last_lsn
-        with contextlib.suppress(Exception):
-            await self.wait_applied(last, grace)
+        watch = StopWatch(self.conn)
+        await self.wait_applied_while_there(last, grace, watch)
         if self.applied_lsn < last:
             await self.stop_shipping()
-            with contextlib.suppress(Exception):
-                await self.wait_applied(self.sent_lsn, STOP_SETTLE)
-        await self.goodbye(reason)
+            if not watch.stalled:
+                await self.wait_applied_while_there(self.sent_lsn, STOP_SETTLE, watch)
+        await self.goodbye(reason, stalled=watch.stalled)
+        if self.applied_lsn < last:
+            self.log_abandoned(last, watch)
         return self.applied_lsn >= last
+
+    async def wait_applied_while_there(self, lsn: int, timeout: float, watch: StopWatch) -> bool:
+        """Wait up to ``timeout`` seconds for ``lsn`` to be applied, giving up early once
+        ``watch`` finds the receiver stalled, or the link failed. True when applied."""
+        deadline = time.monotonic() + timeout
+        while self.applied_lsn < lsn and self._failure is None and not watch.check():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, _STALL_POLL)), self._changed:
+                    await self._changed.wait()
+        return self.applied_lsn >= lsn
+
+    def log_abandoned(self, last: int, watch: StopWatch) -> None:
+        """Say what a stop left unapplied, and why it did not wait for it."""
+        lag = self.lag()
+        waited = time.monotonic() - watch.started
+        if self._failure is not None:
+            why = f"the link failed: {self._failure}"
+        elif watch.stalled:
+            why = (
+                f"the receiver said nothing and took none of our bytes for {STOP_STALL:g} s "
+                "(stopped, stuck, or the network between us holds everything)"
+            )
+        elif self.applied_lsn >= self.sent_lsn:
+            why = "journaled, not shipped yet: a stop ends the shipping (bounded, at any rate)"
+        else:
+            why = f"shipped, not applied within {waited:.1f} s"
+        log.warning(
+            "sender.stopped_with_backlog",
+            applied_lsn=self.applied_lsn,
+            last_lsn=last,
+            records=int(lag["records"]),
+            bytes=int(lag["bytes"]),
+            waited=round(waited, 2),
+            why=why,
+            next="they stay in the journal: the next run ships them",
+        )
 
     async def _guard(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``work`` (made here, so a task cancelled before it starts leaves no
@@ -581,14 +669,17 @@ class Link:
             return {"records": 0, "bytes": 0, "seconds": 0.0}
         return self.core.lag(self.journal.last_lsn)
 
-    async def goodbye(self, reason: str = "done") -> None:
+    async def goodbye(self, reason: str = "done", *, stalled: bool = False) -> None:
         """Say the session ends (no more records: the shipper stops first, so the Goodbye
-        is never stuck behind a frame the shaper holds)."""
+        is never stuck behind a frame the shaper holds). ``stalled``: the receiver was
+        found stalled (``StopWatch``): the Goodbye is not waited for, and the close that
+        follows does not wait for the receiver's side either."""
         await self.stop_shipping()
+        self._stalled = self._stalled or stalled
         # bounded: a receiver that reads nothing (stopped, stuck) must not hold a stopping
         # sender: with a full socket buffer the send waited for ever, and SIGTERM with it
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(GOODBYE_TIMEOUT):
+            async with asyncio.timeout(STALLED_GOODBYE if stalled else GOODBYE_TIMEOUT):
                 await self.conn.send(Goodbye(reason))
 
     async def aclose(self) -> None:
@@ -600,7 +691,10 @@ class Link:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
-        await self.conn.aclose()
+        if self._stalled:  # its last words cannot come: do not linger for them
+            await self.conn.aclose(STALLED_CLOSE)
+        else:
+            await self.conn.aclose()
 
 
 async def _get_or_fail(

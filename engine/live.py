@@ -53,7 +53,7 @@ from replicator.engine.checkpoint import (
 )
 from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.journal_first import JournalFirst
-from replicator.engine.link import Link
+from replicator.engine.link import Link, StopWatch
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.nbd import JournaledFileExport, NbdServer
 from replicator.engine.nbd.backend import resync_overflow
@@ -589,15 +589,23 @@ class LiveSender:
             await journal.append(Record.flush())
             await journal.sync()
         link = self._link
+        last = journal.last_lsn
         if link is None:
-            log.warning("sender.stopped_with_backlog", last_lsn=journal.last_lsn)
+            log.warning(
+                "sender.stopped_with_backlog",
+                last_lsn=last,
+                why="the receiver is not connected",
+                next="what it lacks stays in the journal: the next run ships it",
+            )
             return
-        try:
-            await link.wait_applied(journal.last_lsn, DRAIN_TIMEOUT)
+        # while the receiver keeps taking bytes or answering; not for a stalled one
+        watch = StopWatch(link.conn)
+        if await link.wait_applied_while_there(last, DRAIN_TIMEOUT, watch):
             await link.goodbye("sender stopping")
-            log.info("sender.drained", lsn=journal.last_lsn)
-        except (TimeoutError, ReplicatorError) as exc:
-            log.warning("sender.stopped_with_backlog", error=str(exc), last_lsn=journal.last_lsn)
+            log.info("sender.drained", lsn=last)
+            return
+        await link.goodbye("sender stopping", stalled=watch.stalled)
+        link.log_abandoned(last, watch)
 
 
 class NbdCapture:

@@ -51,9 +51,12 @@ import asyncio.sslproto
 import contextlib
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import socket
 import ssl as _ssl
+import struct
+import termios
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -198,6 +201,7 @@ class FramedConnection:
         self._closed = asyncio.Event()  # set by connection_lost
         self._closing = False
         self._writelines = False
+        self._written = 0  # bytes handed to the transport (``delivered``)
         self._discard: bytearray | None = None  # set by a lingering close: input is dropped
         self._abort_reason: str | None = None  # why we cut the connection, for recv errors
         self._evicted = False  # serve() closed it to make room for a newer one
@@ -234,6 +238,27 @@ class FramedConnection:
     @property
     def bytes_received(self) -> int:
         return self.protocol.stats.bytes_received
+
+    def delivered(self) -> int | None:
+        """Bytes of ours the peer's side took: those handed to the transport, less what
+        still waits in its buffer and in the kernel's send queue (which keeps what the
+        peer's TCP has not acknowledged). It stops growing when the peer reads nothing
+        (its window closed: stopped, stuck) or the network between us drops everything;
+        a stopping sender tells a slow link from a dead one by it (engine/link.py). None
+        when it cannot be measured (no socket, closed). Under TLS the ciphertext already
+        handed to the TCP transport counts as taken: a bounded error (its buffer's limit)."""
+        transport = self._transport
+        if transport is None or self._lost or self._closing:
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        except (OSError, ValueError):
+            return None
+        queued: int = struct.unpack("i", raw)[0]
+        return self._written - transport.get_write_buffer_size() - queued
 
     @property
     def closed(self) -> bool:
@@ -291,6 +316,15 @@ class FramedConnection:
             between = started - self._bulk_ended if self._bulk_ended else 0.0
             choice.observe_send(encoded.wire_size, encode_seconds, ended - drain_from, between)
             self._bulk_ended = ended
+
+    def send_now(self, msg: Message) -> None:
+        """Write a control message (a heartbeat) at once, without waiting while the write
+        buffer is full: for a caller that must not be held by a peer reading nothing.
+        Raises as ``send`` does; bulk messages go through ``send``."""
+        if type(msg) in PAYLOAD_FIELD:
+            raise LocalProtocolError(f"{type(msg).__name__} is sent with send(), in order")
+        self._check_writable()
+        self._write(self.protocol.send(msg))
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message from the peer.
@@ -466,6 +500,7 @@ class FramedConnection:
     def _write(self, buffers: list[bytes | memoryview]) -> None:
         transport = self._transport
         assert transport is not None
+        self._written += sum(memoryview(buf).nbytes for buf in buffers)
         if self._writelines:
             transport.writelines(buffers)
         else:

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.tools import (
     ENV,
     REPLICATOR,
@@ -20,6 +22,7 @@ from tests.tools import (
     b3,
     qemu_compare,
     replicator,
+    send_once,
     sender_job,
     start_receiver,
     stop_and_read,
@@ -27,6 +30,7 @@ from tests.tools import (
 )
 
 MiB = 1 << 20
+STOP_WITHIN = 4.0  # seconds from SIGTERM to exit with a stalled receiver (7-35 s before)
 
 
 def _continuous(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
@@ -66,6 +70,81 @@ def test_a_stopping_sender_is_not_held_by_a_stopped_receiver(tmp_path: Path) -> 
         os.kill(receiver.proc.pid, signal.SIGCONT)
         if sender.poll() is None:
             sender.kill()
+        receiver.stop()
+
+
+def _timed_stop(proc: subprocess.Popen[str]) -> tuple[int, float, str]:
+    started = time.monotonic()
+    rc, err = stop_and_read(proc)
+    return rc, time.monotonic() - started, err
+
+
+def _backlog_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if "sender.stopped_with_backlog" in line]
+    assert len(lines) == 1, err[-3000:]
+    assert '"records": 0,' not in lines[0] and "the next run ships them" in lines[0], lines[0]
+    assert "said nothing and took none of our bytes" in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.serial  # measures how long a stop takes
+def test_a_stop_gives_up_on_a_stalled_receiver_at_once_and_says_what_it_left(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM with the receiver stopped took 7-9 s (2 s for what was sent to be applied,
+    2 s for the Goodbye, up to 5 s for the receiver to close its side), saying nothing of
+    what it left. A receiver that takes none of our bytes and says nothing for a second
+    is not waited for; what it had not applied is shipped by the next run."""
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    disk.write_bytes(os.urandom(32 * MiB))
+    receiver = start_receiver(tmp_path / "target")
+    sender = _continuous(receiver.address, state, disk)
+    replica = receiver.dir / "vm" / disk.name
+    try:
+        wait_for(lambda: _converged(disk, replica), sender, "a sync")
+        os.kill(receiver.proc.pid, signal.SIGSTOP)
+        with disk.open("r+b") as f:  # more than the socket buffers take
+            f.write(os.urandom(28 * MiB))
+        time.sleep(3)  # a cycle is shipping into the full buffers
+        rc, took, err = _timed_stop(sender)
+    finally:
+        os.kill(receiver.proc.pid, signal.SIGCONT)
+        if sender.poll() is None:
+            sender.kill()
+    try:
+        assert rc == 0, err[-3000:]
+        assert took < STOP_WITHIN, f"stop took {took:.1f} s"
+        _backlog_line(err)
+        summary = send_once(receiver, "vm", state, disk)  # the next run: nothing lost
+        assert summary["basis"] != "full", summary
+        assert b3(replica) == b3(disk)
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.serial  # measures how long a stop takes
+def test_a_live_sender_does_not_wait_30_s_for_a_stalled_receiver(tmp_path: Path) -> None:
+    """An NBD sender's stop waited up to 30 s for its last writes to be applied, then 5 s
+    for the receiver to close, with a stopped receiver (and logged an empty error)."""
+    receiver = start_receiver(tmp_path / "target")
+    sender = LiveNbdSender(tmp_path, receiver)
+    os.kill(receiver.proc.pid, signal.SIGSTOP)
+    try:
+        sender.write("write -P 0x5a 0 16M")  # journaled and acknowledged to the writer
+        time.sleep(1)
+        rc, took, err = _timed_stop(sender.proc)
+    finally:
+        os.kill(receiver.proc.pid, signal.SIGCONT)
+        if sender.proc.poll() is None:
+            sender.proc.kill()
+    try:
+        assert rc == 0, err[-3000:]
+        assert took < STOP_WITHIN, f"stop took {took:.1f} s"
+        _backlog_line(err)
+        again = LiveNbdSender(tmp_path, receiver, fresh=False)  # caught up, or it raises
+        assert again.stop()[0] == 0
+        assert qemu_compare("raw", sender.source, sender.replica).returncode == 0
+    finally:
         receiver.stop()
 
 

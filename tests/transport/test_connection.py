@@ -429,6 +429,48 @@ async def test_a_silent_peer_is_cut_off_and_a_send_blocked_in_drain_wakes() -> N
     await asyncio.gather(sender.aclose(), receiver.aclose())
 
 
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_delivered_stalls_with_a_peer_reading_nothing_and_send_now_never_waits(
+    kind: str, tmp_path: Path
+) -> None:
+    """What a stopping sender tells a stalled receiver by (engine/link.py ``StopWatch``):
+    the bytes its side took stop growing while it reads nothing, a heartbeat still goes
+    out at once, and once it reads again everything counts as taken."""
+    async with open_pair(kind, tmp_path) as (sender, receiver):
+        await _handshake(sender, receiver, window=64 * MIB)
+        assert sender.delivered() == sender.bytes_sent
+
+        async def flood() -> None:
+            for lsn in range(1, 41):
+                await sender.send(random_records(lsn, n=1, size=MIB - 100))
+
+        task = asyncio.create_task(flood())
+        try:
+            await asyncio.sleep(1.0)
+            if task.done():
+                await task  # its error, if any
+            assert not task.done(), "backpressure never reached the sender"
+            stalled = sender.delivered()
+            assert stalled is not None and stalled < sender.bytes_sent
+            before = sender.bytes_sent
+            sender.send_now(Ping(7, 0))  # no await: it does not wait for the full buffers
+            assert sender.bytes_sent > before
+            await asyncio.sleep(0.3)
+            assert sender.delivered() == stalled  # the peer took nothing more
+            with pytest.raises(LocalProtocolError, match="sent with send"):
+                sender.send_now(random_records(99, n=1))
+            got = [await receiver.recv(5) for _ in range(41)]  # the peer reads again
+            assert got.count(Ping(7, 0)) == 1  # after the frames written before it
+            assert sum(isinstance(m, Records) for m in got) == 40
+            await task
+            await asyncio.sleep(0.2)  # the last bytes leave our buffers for the read ones
+            assert sender.delivered() == sender.bytes_sent
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
 async def test_each_message_taken_restarts_the_silence_and_a_frame_not_taken_does_not() -> None:
     sender, receiver = await connection_pair()
     await _handshake(sender, receiver, window=MIB)
