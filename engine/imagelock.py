@@ -50,6 +50,7 @@ from pathlib import Path
 from replicator.engine.errors import ConfigError
 
 SENDER_LOCK_BYTE = 2**62
+MAX_MARKS = 256  # configuration files a sender marks (one descriptor each)
 SESSION_MARK_BASE = SENDER_LOCK_BYTE + 1  # + the sender's 32-bit mark
 _QEMU_USE = 100  # + permission bit: "I use it"
 _QEMU_DENY = 200  # + permission bit: "nobody else may have it"
@@ -180,16 +181,77 @@ class ImageLock:
             self.serving = False
 
 
+class FileMark:
+    """The session mark alone, as a shared (read) lock, on a configuration file a sender
+    reads, or on the folder a folder job replicates: a receiver whose replica of it *is*
+    that file, or whose replica folder lies inside that folder or holds it, refuses, as
+    for an image (module docstring). No sender lock: two jobs may send one file. Best
+    effort: what cannot be opened or locked (a special file, a file system without locks)
+    goes unmarked. Blocking calls."""
+
+    def __init__(self, path: Path, mark: int) -> None:
+        self.path = path
+        self.mark = mark
+        self._fd = -1
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                _lock(fd, fcntl.F_RDLCK, SESSION_MARK_BASE + self.mark)
+                self.release()
+                self._fd, fd = fd, -1
+        except OSError:
+            pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def follow(self) -> None:
+        """The file was replaced at its path (an editor saves by renaming a new file over
+        it): mark the file now there."""
+        try:
+            now = os.stat(self.path)
+            if self._fd >= 0:
+                held = os.fstat(self._fd)
+                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                    return
+        except OSError:
+            return
+        self.acquire()
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def marked_by(fd: int, mark: int) -> bool:
+    """True when the sender with session mark ``mark`` holds it on the file of ``fd``."""
+    return _holder(fd, fcntl.F_WRLCK, SESSION_MARK_BASE + mark)
+
+
 def _writable(fd: int) -> bool:
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE in (os.O_RDWR, os.O_WRONLY)
 
 
 class ImageLocks:
-    """The sender locks of a job's disk images, taken together (all or none)."""
+    """The sender locks of a job's disk images, taken together (all or none), and the
+    session mark on its configuration ``files`` (``FileMark``)."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(
+        self, paths: list[Path], files: list[Path] | None = None, folder: Path | None = None
+    ) -> None:
+        """``folder``: a folder job's source folder, marked as its files are."""
         self.mark = secrets.randbelow(2**32)
         self.locks = {path: ImageLock(path, self.mark) for path in paths}
+        # one descriptor each: a folder job's first MAX_MARKS files only
+        marked = ([folder] if folder is not None else []) + (files or [])[:MAX_MARKS]
+        self.marks = [FileMark(path, self.mark) for path in marked]
 
     def session_id(self) -> str:
         """A new session id that starts with this sender's mark (see ``session_mark``)."""
@@ -199,6 +261,8 @@ class ImageLocks:
         try:
             for lock in self.locks.values():
                 lock.acquire()
+            for mark in self.marks:
+                mark.acquire()
         except BaseException:
             self.release()
             raise
@@ -207,8 +271,14 @@ class ImageLocks:
         self.locks[path].serve()
 
     def follow(self) -> list[Path]:
-        """``ImageLock.follow`` for each image: the images that were replaced."""
+        """``ImageLock.follow`` for each image: the images that were replaced (and
+        ``FileMark.follow`` for each configuration file)."""
+        self.follow_files()
         return [path for path, lock in self.locks.items() if lock.follow()]
+
+    def follow_files(self) -> None:
+        for mark in self.marks:
+            mark.follow()
 
     def written_by_others(self) -> list[Path]:
         """The images another program has open for writing now (``written_by_another``)."""
@@ -218,6 +288,8 @@ class ImageLocks:
         for lock in self.locks.values():
             with contextlib.suppress(OSError):
                 lock.release()
+        for mark in self.marks:
+            mark.release()
 
 
 class ReplicaGuard:
@@ -243,6 +315,10 @@ class ReplicaGuard:
             return False
         passed = self._passed.get(path)
         return passed is None or (ino is not None and passed != ino)
+
+    def holds(self, path: str) -> bool:
+        """Whether the guard holds a descriptor of replica ``path`` (a disk image)."""
+        return path in self._held
 
     @property
     def full(self) -> bool:

@@ -49,7 +49,7 @@ from replicator.engine.generations import (
     new_promotion,
     save_promotion,
 )
-from replicator.engine.imagelock import ReplicaGuard
+from replicator.engine.imagelock import ReplicaGuard, marked_by
 from replicator.engine.in_flight import IN_FLIGHT_MAX
 from replicator.engine.manifest import digest_chunks
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
@@ -159,6 +159,22 @@ def _held_ancestor(path: Path) -> Path | None:
         finally:
             os.close(fd)
     return None
+
+
+MAX_FOLDERS = 10_000  # folders below a replica folder looked at for a sender's mark
+
+
+def _folder_marked(path: Path, mark: int) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return marked_by(fd, mark)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class JobReplica:
@@ -965,21 +981,70 @@ class JobReplica:
 
     async def replica_conflicts(
         self, volumes: Collection[str], mark: int | None
-    ) -> tuple[list[str], list[str]]:
+    ) -> tuple[list[str], list[str], str]:
         """Before a session writes: guard the job's replica disk images (those replication
         wrote and the session's ``volumes``) against other writers. Returns the replicas
         that are the session's sender's own sources (its lock, session mark ``mark``, is on
         them: the guard lets go of everything, since it would lock the source's VM out),
         and those another program already has open for writing (a VM started on a replica
-        by hand); replication must not write into either."""
+        by hand); replication must not write into either. Then what the sources are:
+        "image", "file" (configuration files, checked when no image is a source) or
+        "folder" (a folder job's source folder holds the replica folder or lies in it:
+        the sources named are those folders, as paths)."""
         async with self._apply_lock:
             if self.promotion is not None:
-                return [], []
+                return [], [], "image"
             writers = await asyncio.to_thread(self._cover, volumes)
             sources = self.guard.sources(mark) if mark is not None else []
             if sources:
                 self._release_guard()
-            return sources, writers
+                return sources, writers, "image"
+            if mark is not None:  # its configuration files carry the mark alone
+                sources = await asyncio.to_thread(self._marked_files, volumes, mark)
+                if sources:
+                    return sources, writers, "file"
+                folders = await asyncio.to_thread(self._marked_folders, mark)
+                if folders:
+                    return folders, writers, "folder"
+            return [], writers, "file"
+
+    def _marked_folders(self, mark: int) -> list[str]:
+        """Blocking: the folders that hold the replica folder, or lie in it, on which the
+        sender with session mark ``mark`` holds it (a folder job's source folder,
+        ``FileMark``): replicating would write the source into itself, or delete it as
+        a file the source lacks. Up to MAX_FOLDERS folders below are looked at."""
+        top = self.replica_dir
+        found = [str(p) for p in (top, *top.parents) if _folder_marked(p, mark)]
+        seen = 0
+        for root, dirnames, _ in os.walk(top):  # symlinks to folders are not followed
+            for name in dirnames:
+                seen += 1
+                if seen > MAX_FOLDERS:
+                    return found
+                if _folder_marked(Path(root, name), mark):
+                    found.append(str(Path(root, name)))
+        return found
+
+    def _marked_files(self, volumes: Collection[str], mark: int) -> list[str]:
+        """Blocking (apply lock held): the replica files the guard does not hold
+        (configuration files) on which the sender with session mark ``mark`` holds it:
+        its own sources (``FileMark``), sorted."""
+        applier = self._get_applier()
+        found = []
+        for path in sorted(set(self.files.stamps).union(volumes)):
+            if self.guard.holds(path):  # an image: ``ReplicaGuard.sources`` checked it
+                continue
+            fd = applier.open_readonly(path)  # never outside the replica folder
+            if fd is None:
+                continue
+            try:
+                if marked_by(fd, mark):
+                    found.append(path)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return found
 
     async def _follow_layout(self) -> None:
         """After an apply or commit (apply lock held): guard replica files it created or

@@ -70,10 +70,16 @@ from replicator.transport import (
 log = structlog.get_logger()
 
 IS_THE_SOURCE = (
-    "is this sender's own source image (its lock is on it): the receiver's --dir holds the "
+    "is this sender's own source {what} (its lock is on it): the receiver's --dir holds the "
     "sources themselves (the same folder on one host, or a datastore both hosts mount), and "
-    "replicating would overwrite them with their own past. Give the receiver a --dir on "
-    "other storage"
+    "replicating would overwrite them with their own past, with no second copy anywhere. "
+    "Give the receiver a --dir on other storage"
+)
+IS_THE_SOURCE_FOLDER = (
+    "is this sender's own source folder (its lock is on it), and it holds the replica "
+    "folder {folder} or lies in it: replicating would copy the source into itself, or "
+    "delete it as files the source lacks. Give the receiver a --dir outside the VM folder, "
+    "and keep the VM folder out of the receiver's --dir"
 )
 _T = TypeVar("_T")
 
@@ -311,12 +317,17 @@ class Receiver:
             await conn.send(Refuse(*refusal))
             return
         if "verify" not in purpose:
-            sources, writers = await replica.replica_conflicts(
+            sources, writers, what = await replica.replica_conflicts(
                 [volume.name for volume in hello.volumes], session_mark(hello.session)
             )
             if sources:
+                if what == "folder":
+                    why, noun = IS_THE_SOURCE_FOLDER.format(folder=replica.replica_dir), "folder"
+                else:
+                    why = f"(in {replica.replica_dir}) {IS_THE_SOURCE.format(what=what)}"
+                    noun = "replica"
                 await self._refuse_replicas(
-                    conn, replica, hello.job, sources, "is_the_source", "config", IS_THE_SOURCE
+                    conn, replica, hello.job, sources, "is_the_source", "config", why, noun=noun
                 )
                 return
             if writers:  # "busy": a continuous sender retries until the program is gone
@@ -369,12 +380,14 @@ class Receiver:
         kind: str,
         code: str,
         why: str,
+        *,
+        noun: str = "replica",
     ) -> None:
         """Refuse a session (Refuse ``code``) over some of the job's replica ``files``:
         the log (``receiver.replica_<kind>``), the job's status on the target (error
         ``kind``) and the sender all say which and ``why``."""
         names = ", ".join(repr(f) for f in files[:3])
-        text = f"job {job!r}: replica {names} {why}; nothing was written"
+        text = f"job {job!r}: {noun} {names} {why}; nothing was written"
         log.error(f"receiver.replica_{kind}", job=job, peer=conn.peer, files=files)
         replica.status.error(kind, text)
         await conn.send(Refuse(code, text))

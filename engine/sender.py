@@ -242,6 +242,9 @@ class Sender:
         try:
             state_dir = self.config.state_dir
             known = await asyncio.to_thread(generations.load_peer, state_dir)
+            # the mark on each configuration file as it is now (an editor replaces them):
+            # the receiver looks for it as the session starts
+            await asyncio.to_thread(state.locks.follow_files)
             welcome = await link.handshake(
                 self.config.job,
                 self.config.volumes,

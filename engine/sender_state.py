@@ -63,6 +63,15 @@ DEFAULT_SEGMENT = 64 * 1024 * 1024
 MIN_SEGMENT = 1024 * 1024
 
 
+def _source_folder(config: SenderConfig) -> Path | None:
+    """A folder job's source folder (its volumes are FOLDER/NAME), None for other jobs and
+    an empty folder."""
+    if not config.folder or not config.volumes:
+        return None
+    volume = config.volumes[0]
+    return volume.path.parents[volume.name.count("/")]
+
+
 def journal_cap(state_dir: Path, asked: int) -> int:
     """The journal's cap: ``asked`` (``--journal-max``), or less when the state folder's
     file system has not the room for it: what the journal holds now and half the free
@@ -133,7 +142,11 @@ class SenderState:
         # the LSN this folder's sender last served from without its receiver, until a
         # session finds the receiver at or below it (engine/served_alone.py)
         self.served_alone: int | None = None
-        self.locks = ImageLocks([v.path for v in config.volumes if v.kind is VolumeKind.DISK])
+        self.locks = ImageLocks(
+            [v.path for v in config.volumes if v.kind is VolumeKind.DISK],
+            [v.path for v in config.volumes if v.kind is VolumeKind.FILE],
+            _source_folder(config),
+        )
 
     @property
     def manifest_path(self) -> Path:

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from replicator.engine.errors import ConfigError
-from replicator.engine.names import file_mode, node_kind, path_problem, printable
+from replicator.engine.names import (
+    RECEIVER_STATE_NAME,
+    file_mode,
+    node_kind,
+    path_problem,
+    printable,
+)
 from replicator.engine.volumes import VolumeSpec, classify
 from replicator.journal import Record, RecordType
 from replicator.transport.messages import TreeEntry
@@ -105,6 +111,8 @@ def walk(source: Path) -> Tree:
                     "source's files are",
                 )
             st = os.lstat(full)  # one stat per entry; os.walk does not descend into links
+            if name == RECEIVER_STATE_NAME and stat.S_ISDIR(st.st_mode):
+                _refuse_receiver_folder(source, root, full)
             if stat.S_ISLNK(st.st_mode):
                 tree.links[rel] = os.readlink(full)
             elif stat.S_ISDIR(st.st_mode):
@@ -122,6 +130,24 @@ def walk(source: Path) -> Tree:
                     "replicates files, folders and symlinks only",
                 )
     return tree
+
+
+def _refuse_receiver_folder(source: Path, folder: str, state: str) -> None:
+    """A receiver keeps its replicas in ``folder`` (``state`` is its state folder: a
+    control socket or a job's state in it), inside the VM folder: replicating the folder
+    would copy the replicas, and the receiver's journals, into themselves."""
+    from replicator.engine.at_rest import is_receiver_state  # it imports much: on demand
+    from replicator.engine.control import SOCKET_NAME
+
+    state_path = Path(state)
+    if not ((state_path / SOCKET_NAME).exists() or is_receiver_state(state_path)):
+        return
+    raise ConfigError(
+        f"cannot replicate {printable(str(source))}: it holds a receiver's folder "
+        f"{printable(folder)} ({printable(state)} is its state): the replicas, and the "
+        "receiver's journals, would be replicated into themselves",
+        hint="give `replicator receive` a --dir outside the VM folder",
+    )
 
 
 def _refuse_second_name(

@@ -356,7 +356,7 @@ def test_a_receiver_whose_folder_holds_the_sources_themselves_writes_nothing(
         out = replicator("send", "--to", rcv.address, "--job", "vm1", "--state-dir",
                          str(tmp_path / "s"), "--once", "--insecure", str(disk))  # fmt: skip
         assert out.returncode == ExitCode.REFUSED, out.stderr
-        assert "'disk.qcow2' is this sender's own source image" in out.stderr
+        assert f"'disk.qcow2' (in {store / 'vm1'}) is this sender's own source image" in out.stderr
         status = json.loads(replicator("status", "--dir", str(store), "--json").stdout)
         assert "own source image" in status["jobs"][0]["last_error"]
         assert disk.read_bytes() == before
@@ -437,3 +437,78 @@ def test_a_job_deleted_on_the_target_under_a_running_receiver_starts_over(
     send_once(receiver, "vm1", state, disk, extra=("--resync",))
     assert not _differ(disk, replica)
     assert _deleted_files(receiver.proc.pid) == []
+
+
+def test_a_configuration_file_inside_the_receivers_folder_is_not_its_own_replica(
+    tmp_path: Path,
+) -> None:
+    """A job's configuration file in the receiver's --dir (job vm1's replica path): a scan
+    said "durable" with no copy anywhere (the image-lock guard covered disk images only).
+    The sender marks its files too, also after an editor replaced one; a sender reading
+    the file onward to another receiver is not mistaken for it."""
+    store = tmp_path / "datastore"
+    (store / "vm1").mkdir(parents=True)
+    conf = store / "vm1" / "vm1.xml"
+    conf.write_text("<domain><name>vm1</name></domain>\n")
+    rcv = start_receiver(store)
+    onward = start_receiver(tmp_path / "elsewhere")
+    try:
+        for attempt in ("first", "replaced by an editor"):
+            if attempt != "first":
+                new = conf.with_name(".vm1.xml.swp")
+                new.write_text("<domain><name>vm1</name><memory>2</memory></domain>\n")
+                new.rename(conf)
+            before = conf.read_bytes()
+            out = replicator("send", "--to", rcv.address, "--job", "vm1", "--state-dir",
+                             str(tmp_path / "s"), "--once", "--insecure", str(conf))  # fmt: skip
+            assert out.returncode == ExitCode.REFUSED, (attempt, out.stderr)
+            error = one_line_error(out.stderr)
+            assert f"'vm1.xml' (in {store / 'vm1'}) is this sender's own source file" in error
+            assert "Give the receiver a --dir on other storage" in error
+            assert conf.read_bytes() == before
+        send_once(onward, "vm1", tmp_path / "s2", conf)  # A to B to C: not refused
+        assert (onward.dir / "vm1" / "vm1.xml").read_bytes() == conf.read_bytes()
+    finally:
+        rcv.stop()
+        onward.stop()
+
+
+def test_a_folder_job_and_a_receiver_folder_inside_each_other_are_refused(
+    tmp_path: Path,
+) -> None:
+    """FUSE capture of a folder inside the receiver's job folder: the first sync deleted
+    the source as files the source lacked (exit 3, "was removed"). A receiver folder
+    inside the VM folder: the receiver's own socket was the reason given."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    store = tmp_path / "store"
+    source = store / "fvm" / "vm"  # the receiver's job folder holds the VM folder
+    source.mkdir(parents=True)
+    (source / "vm.xml").write_text("<domain/>\n")
+    qemu_img("create", "-q", "-f", "raw", str(source / "disk.raw"), "1M")
+    fuse = ("--capture", "fuse", "--mount", str(mnt), "--insecure")
+    rcv = start_receiver(store)
+    try:
+        out = replicator("send", "--to", rcv.address, "--job", "fvm", "--state-dir",
+                         str(tmp_path / "s"), *fuse, str(source), timeout=60)  # fmt: skip
+        assert out.returncode == ExitCode.REFUSED, out.stderr
+        error = one_line_error(out.stderr)
+        assert f"folder '{source}' is this sender's own source folder" in error, error
+        assert f"it holds the replica folder {store / 'fvm'} or lies in it" in error
+        assert sorted(p.name for p in source.iterdir()) == ["disk.raw", "vm.xml"]
+    finally:
+        rcv.stop()
+    vm = tmp_path / "vm"  # and the other way: the receiver's folder inside the VM folder
+    vm.mkdir()
+    (vm / "vm.xml").write_text("<domain/>\n")
+    inner = start_receiver(vm / "replicas")
+    try:
+        out = replicator("send", "--to", inner.address, "--job", "fvm", "--state-dir",
+                         str(tmp_path / "s3"), *fuse, str(vm), timeout=60)  # fmt: skip
+        assert out.returncode == ExitCode.CONFIG, out.stderr
+        error = one_line_error(out.stderr)
+        assert f"cannot replicate {vm}: it holds a receiver's folder {vm / 'replicas'}" in error
+        assert "give `replicator receive` a --dir outside the VM folder" in error
+        assert not (tmp_path / "s3").exists()
+    finally:
+        inner.stop()
