@@ -17,6 +17,8 @@ import os
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 
+import structlog
+
 from replicator.engine.extent_hasher import iter_extents_against
 from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.names import file_mode
@@ -45,6 +47,9 @@ PROGRESS_BYTES = 64 * 1024 * 1024  # the scan thread reports back at least this 
 SYNC_EVERY = 64 * 1024 * 1024  # changed bytes the scan may get ahead of a running sync
 HOLE_PIECE = 65_536  # hole extents whose digests are made and compared at once (1 MiB)
 HOLE_BLOCK = 1024  # of those, compared in blocks this long, one by one inside one that differs
+SIZE_PASSES = 3  # scans of a disk whose size changed while it was read, before its point
+
+log = structlog.get_logger()
 
 Progress = Callable[[int, int], None]  # (bytes scanned so far, bytes to scan in all)
 
@@ -489,25 +494,74 @@ async def _scan_volumes(
         if first:
             await append(first)
             stats.records += len(first)
-        new = ExtentManifest(basis.extent_size, size)
-        # where the RESIZE grows the replica, it is a hole there: 0 on a first sync
+        # where the RESIZE grows the replica, it is a hole there: 0 on a first sync (a
+        # pass after a shrink grows nothing)
         grown_from = 0 if old is None else old.size if old.size < size else None
-        gen = _disk_batches(spec, work, new, stats, batch_limit, grown_from)
-        try:
-            while True:
-                batch = await asyncio.to_thread(next, gen, None)
-                if batch is None:
-                    break
-                if progress is not None:
-                    progress(stats.bytes_scanned, total)
-                if not batch:
-                    continue
-                await append(batch)
-                await syncing.appended(sum(len(r.data) for r in batch))
-        finally:  # a scan cut short (the link lost, a stop) closes its walk now
-            await asyncio.shield(asyncio.to_thread(_close_walk, gen))
+        for scan_pass in range(1, SIZE_PASSES + 1):
+            new = ExtentManifest(basis.extent_size, size)
+            gen = _disk_batches(spec, work, new, stats, batch_limit, grown_from)
+            try:
+                while True:
+                    batch = await asyncio.to_thread(next, gen, None)
+                    if batch is None:
+                        break
+                    if progress is not None:
+                        progress(stats.bytes_scanned, total)
+                    if not batch:
+                        continue
+                    await append(batch)
+                    await syncing.appended(sum(len(r.data) for r in batch))
+            finally:  # a scan cut short (the link lost, a stop) closes its walk now
+                await asyncio.shield(asyncio.to_thread(_close_walk, gen))
+            now = volume_stat(spec).st_size
+            if now == size:
+                break
+            _resized_mid_scan(spec, size, now, scan_pass)
+            if now > size or scan_pass == SIZE_PASSES:
+                break
+            # cut shorter while it was read: what lay past its new end read as zeros, and
+            # the replica would keep the old size with them, a state the file never held.
+            # Scanned again (what changed since this pass) before the point is taken.
+            work, size = new.copy(), now  # this pass's digests: the next pass's basis
+            grown_from = None
+            resize_basis(work, size)
+            await append([Record.resize(spec.name, size)])
+            stats.records += 1
+            if spec.name not in stats.resized:
+                stats.resized.append(spec.name)
+            total += size
         new_set.disks[spec.name] = new
     return new_set, stats
+
+
+def _resized_mid_scan(spec: VolumeSpec, size: int, now: int, scan_pass: int) -> None:
+    """Say that ``spec`` went from ``size`` to ``now`` bytes while pass ``scan_pass`` read it."""
+    level = "warning"
+    if now > size:
+        action = (
+            "it grew while it was read: this point holds it up to its old size, as it was "
+            "read (not a state it held if it was also written meanwhile); the next scan "
+            "ships the rest"
+        )
+    elif scan_pass < SIZE_PASSES:
+        action = "scanning it again at its new size before the point"
+    else:
+        level, action = (
+            "error",
+            (
+                f"it shrank during each of {SIZE_PASSES} scans: this point may hold zeros past "
+                "its end that it never held, until the next scan; stop what truncates it "
+                "while the sender scans, or freeze it around the scan (--pre-hook)"
+            ),
+        )
+    getattr(log, level)(
+        "sender.volume_resized_mid_scan",
+        path=str(spec.path),
+        size_at_start=size,
+        size_at_end=now,
+        scan_pass=scan_pass,
+        action=action,
+    )
 
 
 def _close_walk(gen: Generator[list[Record], None, None]) -> None:

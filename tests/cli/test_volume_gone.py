@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
 from replicator.engine.errors import ExitCode
 from tests.tools import (
+    ENV,
+    REPLICATOR,
     ReceiverProc,
     b3,
     replicator,
@@ -117,3 +121,38 @@ def test_send_once_names_the_volume_that_went(tmp_path: Path, receiver: Receiver
     )  # fmt: skip
     assert out.returncode == ExitCode.CONFIG, out.stderr
     assert "vm.xml" in out.stderr and "not a regular file" in out.stderr
+
+
+def test_a_disk_cut_shorter_mid_scan_is_scanned_again_before_its_point(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A disk truncated while `send --once` read it: what lay past its new end read as
+    zeros, and the point left the replica at the old size with zeros there (a state the
+    file never held), without a word until the next run. Now the scan says so and scans
+    it again at its new size before the point."""
+    disk, state = tmp_path / "disk.raw", tmp_path / "state"
+    disk.write_bytes(os.urandom(32 * 1024 * 1024))
+    proc = subprocess.Popen(
+        [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm", "--state-dir",
+         str(state), "--once", "--json", "--insecure", "--rate", "40Mbit", str(disk)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        # 5 MB/s: the scan, which ships as it reads (a first sync), takes about 7 s
+        wait_for(lambda: sender_job(state).get("bytes", {}).get("wire", 0) > 2 << 20,
+                 proc, "the first 2 MiB on the wire")  # fmt: skip
+        os.truncate(disk, 4 * 1024 * 1024)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    replica = receiver.dir / "vm" / "disk.raw"
+    assert replica.stat().st_size == disk.stat().st_size  # not 32 MiB with zeros
+    assert b3(replica) == b3(disk)
+    warned = [json.loads(line) for line in err.splitlines() if "volume_resized_mid_scan" in line]
+    assert len(warned) == 1, err[-3000:]
+    assert warned[0]["path"] == str(disk) and warned[0]["size_at_end"] == 4 * 1024 * 1024
+    assert warned[0]["size_at_start"] == 32 * 1024 * 1024
+    assert "scanning it again at its new size" in warned[0]["action"]

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from replicator.engine import scan
 from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
@@ -357,3 +358,44 @@ def test_a_grown_basis_knows_the_new_extents_as_zeros(old_size: int) -> None:
             assert basis.get(index) == UNKNOWN  # the old short extent grew: unknown
         else:
             assert basis.get(index) == zero_digest(length), index
+
+
+@pytest.mark.parametrize("change", ["shrank", "grew"])
+async def test_a_disk_resized_mid_scan_is_said_and_scanned_again_when_it_shrank(
+    tmp_path: Path, change: str
+) -> None:
+    """Cut shorter while read, the part past its new end read as zeros and the point kept
+    the old size (a state it never held): scanned again at the new size. Grown, the point
+    holds it up to its old size, as read; said, and left to the next scan."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(24 * MiB))
+    spec = VolumeSpec(path, "disk.img", VolumeKind.DISK)
+    journal = await Journal.open(tmp_path / "journal")
+    records: list[Record] = []
+
+    async def append(batch: list[Record]) -> int:
+        if not any(r.type is RecordType.WRITE for r in records):  # the first data batch
+            os.truncate(path, 8 * MiB if change == "shrank" else 32 * MiB)
+        records.extend(batch)
+        return await journal.append_many(batch)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            manifests, stats, _ = await scan.scan_epoch(
+                [spec], journal, ManifestSet(0, EXT), append=append
+            )
+    finally:
+        await journal.aclose()
+    said = [e for e in logs if e["event"] == "sender.volume_resized_mid_scan"]
+    assert len(said) == 1, logs
+    assert said[0]["size_at_start"] == 24 * MiB and said[0]["path"] == str(path)
+    resizes = [r.length for r in records if r.type is RecordType.RESIZE]
+    if change == "shrank":
+        assert said[0]["log_level"] == "warning" and "scanning it again" in said[0]["action"]
+        assert resizes == [0, 24 * MiB, 8 * MiB]  # the replica is cut as the source was
+        assert manifests.disks["disk.img"].size == 8 * MiB
+    else:
+        assert said[0]["log_level"] == "warning" and "it grew" in said[0]["action"]
+        assert resizes == [0, 24 * MiB]
+        assert manifests.disks["disk.img"].size == 24 * MiB  # the next scan sees the rest
+    assert stats.resized == ["disk.img"]
