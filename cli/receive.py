@@ -30,6 +30,7 @@ from replicator.cli.witness_opts import (
     receiver_requester,
     until_stopped,
 )
+from replicator.engine import descriptors
 from replicator.engine.authz import Authorizer, parse_allow
 from replicator.engine.errors import ConfigError, ReplicatorError, cannot_listen
 from replicator.engine.monitor import receiver_monitor
@@ -154,7 +155,16 @@ def receive(
             await serve_until(stop)
 
     async def serve_until(stop: asyncio.Event) -> None:
+        descriptors.raise_limit()  # before the receiver counts the jobs it may keep open
         receiver = Receiver(config)
+        if receiver.max_open_jobs < descriptors.FEW_JOBS:
+            log.warning(
+                "receiver.few_jobs",
+                most=receiver.max_open_jobs,
+                open_files=descriptors.limit(),
+                action="raise the receiver's open-file limit (LimitNOFILE= in its systemd "
+                f"unit, `ulimit -Hn`): each job open may hold {descriptors.JOB_DESCRIPTORS}",
+            )
         receiver.status.tls = tls  # status and the metrics show when its certificate expires
         try:
             # TLS: the context is asked for at every accept (rebuilt when its files change)

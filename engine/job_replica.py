@@ -107,6 +107,8 @@ class ReceiverConfig:
     # bytes all sessions together hold before they are durable (frames read, records not
     # synced, a verify's records past the last barrier): engine/in_flight.py
     in_flight_max: int = IN_FLIGHT_MAX
+    # jobs open at once (None: as many as the open-file limit covers: engine/descriptors.py)
+    max_open_jobs: int | None = None
 
 
 def applier_memory(config: ReceiverConfig) -> int:

@@ -18,10 +18,12 @@ from typing import Any, TypeVar
 
 import structlog
 
+from replicator.engine import descriptors
 from replicator.engine.applier import ApplyError
 from replicator.engine.control import requester_gone
 from replicator.engine.durable_tail import KeptMemory
 from replicator.engine.errors import (
+    BusyError,
     ConfigError,
     ConnectError,
     RefusedError,
@@ -92,6 +94,10 @@ FAILOVER_SESSION_WAIT = 60.0  # for an aborted session to let go of its job
 # for a session to let go of a job to demote (only a failback's runs on a promoted job, and
 # it is not aborted: within the control request's 10 s the answer is a refusal instead)
 DEMOTE_SESSION_WAIT = 5.0
+# a job without a session is closed to make room for another (``Receiver._make_room``)
+# only once nothing has asked for it for this long: a failover or a session that was
+# given the job a moment ago takes its session lock after ``Receiver.job`` returns
+IDLE_BEFORE_CLOSE = 60.0
 
 
 def _clock(when: float) -> str:
@@ -120,6 +126,10 @@ class Receiver:
     def __init__(self, config: ReceiverConfig) -> None:
         self.config = config
         self._jobs: dict[str, JobReplica] = {}
+        self._used: dict[str, float] = {}  # job: when ``job`` last returned it (monotonic)
+        # jobs open at once: each may come to hold ``descriptors.JOB_DESCRIPTORS`` (a
+        # sender naming a new job per connection ran the process out of them)
+        self.max_open_jobs = config.max_open_jobs or descriptors.jobs_within(descriptors.limit())
         self._kept = KeptMemory(config.kept_max)  # what all jobs' appliers keep, together
         # what all sessions hold before it is durable, together (engine/in_flight.py)
         self.in_flight = InFlightBudget(config.in_flight_max)
@@ -154,6 +164,7 @@ class Receiver:
                     await replica.aclose()
                 replica = None
             if replica is None:
+                await self._make_room(name)
                 # opened outside the session's log context: the job's apply task outlives
                 # the session, and must not name its peer on every line
                 opening = asyncio.create_task(
@@ -169,7 +180,43 @@ class Receiver:
                         self._keep(name, await opening)
                     raise
                 self._keep(name, replica)
+            self._used[name] = time.monotonic()
             return replica
+
+    async def _make_room(self, name: str) -> None:
+        """Before job ``name`` opens: close jobs without a session, the least recently
+        used first, until one more fits in ``max_open_jobs``; when none can go, refuse
+        (RefusedError, "busy": the sender tries again later)."""
+        now = time.monotonic()
+        idle = sorted(
+            (
+                (self._used.get(job, 0.0), job)
+                for job, replica in self._jobs.items()
+                if not replica.session_lock.locked()
+                and now - self._used.get(job, 0.0) >= IDLE_BEFORE_CLOSE
+            ),
+        )
+        while len(self._jobs) >= self.max_open_jobs and idle:
+            _, job = idle.pop(0)
+            replica = self._jobs.pop(job)
+            self._used.pop(job, None)
+            log.info("receiver.close_idle_job", job=job, open_jobs=len(self._jobs))
+            with contextlib.suppress(Exception):
+                await replica.aclose()
+        if len(self._jobs) >= self.max_open_jobs:
+            log.warning(
+                "receiver.too_many_jobs", job=name, open_jobs=len(self._jobs),
+                most=self.max_open_jobs, descriptors=descriptors.limit(),
+            )  # fmt: skip
+            self.status.refused_connection("too_many_jobs")
+            raise BusyError(
+                f"{len(self._jobs)} jobs are open, the most this receiver keeps open at once "
+                f"(each may hold {descriptors.JOB_DESCRIPTORS} files; its limit is "
+                f"{descriptors.limit()}), and none has been idle for {IDLE_BEFORE_CLOSE:g} s",
+                hint="try again later (a continuous sender does); on the receiver's host raise "
+                "its open-file limit (LimitNOFILE= in its systemd unit, `ulimit -n`), or "
+                "bind each certificate to its jobs with --allow",
+            )
 
     def _keep(self, name: str, replica: JobReplica) -> None:
         self._jobs[name] = replica
@@ -250,7 +297,7 @@ class Receiver:
         try:
             replica = await pinging_meanwhile(conn, self.job(hello.job))
         except (OSError, ReplicatorError) as exc:
-            code, why = "config", str(exc)
+            code, why = ("busy" if isinstance(exc, BusyError) else "config"), str(exc)
             if isinstance(exc, OSError):  # a full disk says which, with the room left
                 folders = (self.config.replica_root, self.config.state_root)
                 code, why = "storage", storage_reason(exc, tuple(f / hello.job for f in folders))

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -265,10 +266,12 @@ def start_receiver(
     log: Path | None = None,
     security: tuple[str, ...] = ("--insecure",),
     state_dir: Path | None = None,
+    nofile: int | None = None,
 ) -> ReceiverProc:
     """A real receiver; its log goes to a pipe, or appended to ``log`` for long runs
     (a pipe nobody reads fills up and blocks the receiver's logging). ``security``:
-    --insecure, or e.g. ("--tls-dir", DIR, "--allow", "sender:vm1")."""
+    --insecure, or e.g. ("--tls-dir", DIR, "--allow", "sender:vm1"). ``nofile``: its
+    limit of open files (soft and hard)."""
     port = port or free_port()
     stderr: Any = subprocess.PIPE if log is None else log.open("a")
     state = ("--state-dir", str(state_dir)) if state_dir is not None else ()
@@ -279,11 +282,16 @@ def start_receiver(
         stderr=stderr,
         text=True,
         env=ENV,
+        preexec_fn=None if nofile is None else lambda: _limit_files(nofile),
     )  # fmt: skip
     if log is not None:
         stderr.close()
     wait_port(port, proc)
     return ReceiverProc(port, directory, proc, state_dir)
+
+
+def _limit_files(nofile: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
 
 def send_once(
