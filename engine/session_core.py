@@ -49,6 +49,7 @@ from replicator.engine.errors import (
 )
 from replicator.engine.names import path_problem
 from replicator.journal import EncodedRecord, Record, RecordError, RecordType, decode_records
+from replicator.journal.journal import MAX_LSN
 from replicator.transport import (
     Ack,
     Credit,
@@ -337,7 +338,15 @@ class ReceiverCore:
 
 def check_record(record: Record) -> None:
     """Refuse a record no sender of ours makes: a path outside the replica folder, a range
-    past what a file can hold. Raises RemoteProtocolError naming the record."""
+    past what a file can hold, an LSN past what a journal numbers (2^63-1: a sender's
+    journal never gets there; it was taken for a storage error of the receiver's, which
+    sent its operator looking for a disk problem). Raises RemoteProtocolError naming the
+    record."""
+    if record.lsn > MAX_LSN:
+        raise RemoteProtocolError(
+            f"refusing record lsn {record.lsn}: LSNs end at {MAX_LSN} (the sender's journal "
+            "never numbers so far)"
+        )
     for path in _paths(record):
         problem = path_problem(path)
         if problem is not None:
