@@ -4,13 +4,15 @@ in order; and the tails of one receiver stay within its limit together."""
 
 from __future__ import annotations
 
+import tracemalloc
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicator.engine.durable_tail import DurableTail, KeptMemory
-from replicator.journal import Record
+from replicator.engine.durable_tail import DurableTail, KeptMemory, kept_size
+from replicator.journal import Record, RecordType, decode_records, encode_record
 
 
 @dataclass
@@ -87,7 +89,7 @@ def test_every_record_is_applied_once_in_order_and_the_limit_holds(
 
 
 def test_a_tail_keeps_what_fits_beside_the_others() -> None:
-    record_size = Record.write("d", 0, bytes(1000)).encoded_size
+    record_size = kept_size(Record.write("d", 0, bytes(1000)))
     shared = KeptMemory(5 * record_size)
     first, second = Job(DurableTail(0, 10**9, shared)), Job(DurableTail(0, 10**9, shared))
     first.durable(4, 1000)
@@ -99,3 +101,33 @@ def test_a_tail_keeps_what_fits_beside_the_others() -> None:
     assert len(second.tail) == 4 and shared.bytes == 4 * record_size
     second.apply(6)
     assert second.applied == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [Record.zero("v", 0, 512), Record.write("vm.img", 0, bytes(4096))],
+    ids=["tiny-zero", "4k-write"],
+)
+def test_what_a_tail_keeps_costs_no_more_memory_than_its_cap(record: Record) -> None:
+    """Counted by encoded size alone, a sender of tiny records (59 bytes each, millions
+    between barriers) made a tail of a 194 MiB cap hold ~650 MiB: each decoded record
+    costs ~200-460 bytes beyond its encoding. Here records decoded as a receiver does (off
+    one frame) go into a tail of 4 MiB; what it holds is measured."""
+    n = 200_000 if record.type is RecordType.ZERO else 4_000
+    frame = b"".join(
+        encode_record(record.with_lsn(10**12 + i, 1_700_000_000_000_000_000)) for i in range(n)
+    )
+    cap = 4 << 20
+    tracemalloc.start()
+    try:
+        tail = DurableTail(0, cap)
+        before = tracemalloc.get_traced_memory()[0]
+        records = decode_records(frame)
+        tail.extend(records)
+        del records  # the frame's list: only the tail holds them now
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(tail) < n  # the cap was reached
+    in_frame = len(tail) * record.encoded_size  # their bytes, in ``frame`` (made before)
+    assert held + in_frame <= cap * 1.1, (held, len(tail))
