@@ -36,7 +36,7 @@ from replicator.engine.errors import ConfigError
 from replicator.engine.generations import Promotion
 from replicator.engine.image_deps import missing_on_target
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
-from replicator.engine.names import check_job_name
+from replicator.engine.names import check_job_name, tree_entries
 from replicator.engine.statedir import receiver_folder_locks
 from replicator.engine.status import iso_time
 from replicator.engine.user_command import split_command
@@ -182,7 +182,7 @@ def point_configs_at_replicas(replica_dir: Path) -> list[Path]:
         return []
     disks = {p.name for p in replica_dir.iterdir() if p.is_file() and not p.is_symlink()}
     rewritten: list[Path] = []
-    for path in sorted(replica_dir.rglob("*.xml")):
+    for path in sorted(p for p in tree_entries(replica_dir) if p.name.endswith(".xml")):
         if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_CONFIG_BYTES:
             continue
         text = path.read_text(errors="replace")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replicator.engine.image_formats import DiskFormat, ImageHeaderError, read_header_file
-from replicator.engine.names import printable
+from replicator.engine.names import printable, tree_entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +153,7 @@ def missing_on_target(replica_dir: Path) -> list[str]:
     if not replica_dir.is_dir():
         return []
     found: list[str] = []
-    for image in sorted(replica_dir.rglob("*")):
+    for image in sorted(tree_entries(replica_dir)):
         if image.is_symlink() or not image.is_file():
             continue
         for dep in dependencies(image):

@@ -12,6 +12,8 @@ import os
 import re
 import stat
 import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
 
 from replicator.engine.errors import ConfigError
 
@@ -144,3 +146,33 @@ def file_mode(mode: int) -> int:
 def node_kind(mode: int) -> str:
     """What a ``stat`` mode is, in the words of an error message ("FIFO", "socket")."""
     return _NODE_KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+def tree_entries(root: Path) -> Iterator[Path]:
+    """Every entry under the folder ``root`` (files, folders, symlinks; not ``root``): a
+    folder's names sorted, then its subfolders' entries, never through a symlink.
+
+    Iterative: ``os.walk`` and ``Path.rglob`` recurse once a level (until Python 3.12), so
+    a tree deeper than about 990 folders, which a sender can make in its own replica
+    folder (MKDIR or WRITE records of 4096-byte paths, renames of deep folders into deep
+    folders), raised RecursionError: its Tree requests failed, and `failover` of the job
+    crashed. A folder that cannot be listed (gone, or a path past PATH_MAX) is passed
+    over."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            path = folder / entry.name
+            yield path
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subfolders.append(path)
+            except OSError:
+                continue
+        stack.extend(reversed(subfolders))

@@ -26,7 +26,7 @@ import structlog
 from replicator.engine.applier import ApplyError
 from replicator.engine.in_flight import InFlightBudget
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
-from replicator.engine.names import path_problem
+from replicator.engine.names import path_problem, tree_entries
 from replicator.engine.pacing import unapplied_bytes
 from replicator.engine.replica_files import ReplicaDiverged
 from replicator.engine.replica_id import capability
@@ -603,25 +603,23 @@ def replica_tree(root: Path) -> list[TreeEntry]:
     are listed, never followed; names that could not come from a sender are left out (the
     sender cannot name them either)."""
     entries: list[TreeEntry] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        for name in sorted([*dirnames, *filenames]):
-            path = name if rel == "." else f"{rel}/{name}"
-            if path_problem(path) is not None:
+    for full in tree_entries(root):  # not os.walk: see tree_entries
+        path = full.relative_to(root).as_posix()
+        if path_problem(path) is not None:
+            continue
+        try:
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                entry = TreeEntry(path, "l", 0, os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                entry = TreeEntry(path, "d", st.st_mode & 0o7777, "")
+            elif stat.S_ISREG(st.st_mode):
+                entry = TreeEntry(path, "f", st.st_mode & 0o7777, "")
+            else:
                 continue
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-                if stat.S_ISLNK(st.st_mode):
-                    entry = TreeEntry(path, "l", 0, os.readlink(os.path.join(dirpath, name)))
-                elif stat.S_ISDIR(st.st_mode):
-                    entry = TreeEntry(path, "d", st.st_mode & 0o7777, "")
-                elif stat.S_ISREG(st.st_mode):
-                    entry = TreeEntry(path, "f", st.st_mode & 0o7777, "")
-                else:
-                    continue
-            except (OSError, MessageError):  # gone meanwhile, or a target we cannot carry
-                continue
-            entries.append(entry)
+        except (OSError, MessageError):  # gone meanwhile, or a target we cannot carry
+            continue
+        entries.append(entry)
     return entries
 
 

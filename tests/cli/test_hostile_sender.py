@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from pathlib import Path
 
 from replicator.engine.descriptors import jobs_within
 from replicator.journal import Record
+from replicator.transport import Ping, Pong, Tree, TreeRequest
 from tests import hostile_sender
 from tests.cli.test_tls import keygen
 from tests.tools import (
+    ReceiverProc,
     distinct_random_disk,
     qemu_compare,
     qemu_img,
     qemu_io,
+    replicator,
     send_once,
     start_receiver,
 )
@@ -166,3 +170,51 @@ def test_records_of_hostile_meaning_never_reach_past_their_own_job(tmp_path: Pat
         assert rcv.proc.poll() is None
     finally:
         assert rcv.stop() == 0
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_listed_and_failed_over(
+    tmp_path: Path,
+) -> None:
+    """A sender's records may build its own replica folder 1500 folders deep (each path
+    within 4096 bytes). os.walk and Path.rglob recurse once a level: the job's Tree
+    request was answered "internal: receiver failed: maximum recursion depth exceeded",
+    and `failover` of the job crashed ("unexpected error: RecursionError", exit 70)."""
+    deep = "a/" * 1500 + "b"
+    rcv = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
+    try:
+        _list_and_fail_over_deep(rcv, deep)
+    finally:  # Python's rmtree recurses too: pytest could not clean this folder up
+        subprocess.run(["rm", "-rf", str(rcv.dir / "deep")], check=True)
+
+
+def _list_and_fail_over_deep(rcv: ReceiverProc, deep: str) -> None:
+    try:
+
+        async def build_and_list() -> tuple[hostile_sender.Outcome, list[object]]:
+            built = await hostile_sender.send_records(
+                rcv.port, "deep", [[R.write(deep, 0, b"x"), R.flush()]], timeout=2
+            )
+            conn, _ = await hostile_sender.hello(rcv.port, "deep")
+            await conn.send(TreeRequest(1))
+            answers: list[object] = []
+            while not answers or (isinstance(answers[-1], Tree) and not answers[-1].done):
+                msg = await conn.recv(timeout=60)
+                if isinstance(msg, Ping):
+                    await conn.send(Pong(msg.nonce, msg.ts_ns))
+                else:
+                    answers.append(msg)
+            await conn.aclose()
+            return built, answers
+
+        built, answers = asyncio.run(build_and_list())
+        assert built.code is None, built  # its own replica folder: taken
+        assert all(isinstance(part, Tree) for part in answers), answers[-1]
+        listed = {
+            entry.path for part in answers if isinstance(part, Tree) for entry in part.entries()
+        }
+        assert deep in listed and len(listed) == 1501
+        assert rcv.proc.poll() is None
+    finally:
+        assert rcv.stop() == 0
+    out = replicator("failover", "--dir", str(rcv.dir), "--job", "deep", "--force")
+    assert out.returncode == 0, out.stderr[-2000:]
