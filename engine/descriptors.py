@@ -6,8 +6,10 @@ guard, duplicates of the dirty ones while a sync runs). Jobs were opened on the 
 Hello naming them and kept until the receiver stopped, so a sender naming a new job per
 connection (a buggy script, or a source with a valid certificate and bad intent) ran the
 process out of descriptors: the journals of *other* jobs then failed to open their next
-segment, and no connection could be accepted. ``Receiver`` now opens a job only when the
-descriptors left cover what it may come to hold, closing idle jobs (no session) first.
+segment, and no connection could be accepted. ``Receiver`` now keeps at most
+``jobs_within`` jobs open (what the limit covers at their worst), and more only while the
+descriptors actually open leave room for two more at their worst; to open another past
+that it closes idle jobs (no session) first, else refuses.
 """
 
 from __future__ import annotations
@@ -51,12 +53,19 @@ def limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def open_now() -> int:
-    """Descriptors this process has open (0 where /proc cannot say)."""
+def open_now() -> int | None:
+    """Descriptors this process has open (None where /proc cannot say)."""
     try:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
-        return 0
+        return None
+
+
+def room_for_another_job() -> bool:
+    """Whether the descriptors open now leave room for two more jobs at their worst (and
+    the reserve): a job past ``jobs_within`` opens only then."""
+    used = open_now()
+    return used is not None and used + 2 * JOB_DESCRIPTORS + RESERVED_DESCRIPTORS <= limit()
 
 
 def jobs_within(soft_limit: int) -> int:

@@ -130,6 +130,9 @@ class Receiver:
         # jobs open at once: each may come to hold ``descriptors.JOB_DESCRIPTORS`` (a
         # sender naming a new job per connection ran the process out of them)
         self.max_open_jobs = config.max_open_jobs or descriptors.jobs_within(descriptors.limit())
+        # past max_open_jobs, more while the files actually open leave room (not when the
+        # limit is the configuration's)
+        self._measured = config.max_open_jobs is None
         self._kept = KeptMemory(config.kept_max)  # what all jobs' appliers keep, together
         # what all sessions hold before it is durable, together (engine/in_flight.py)
         self.in_flight = InFlightBudget(config.in_flight_max)
@@ -185,8 +188,8 @@ class Receiver:
 
     async def _make_room(self, name: str) -> None:
         """Before job ``name`` opens: close jobs without a session, the least recently
-        used first, until one more fits in ``max_open_jobs``; when none can go, refuse
-        (RefusedError, "busy": the sender tries again later)."""
+        used first, until one more fits (``_room``); when none can go, refuse (BusyError,
+        "busy": the sender tries again later)."""
         now = time.monotonic()
         idle = sorted(
             (
@@ -196,27 +199,34 @@ class Receiver:
                 and now - self._used.get(job, 0.0) >= IDLE_BEFORE_CLOSE
             ),
         )
-        while len(self._jobs) >= self.max_open_jobs and idle:
+        while not self._room() and idle:
             _, job = idle.pop(0)
             replica = self._jobs.pop(job)
             self._used.pop(job, None)
             log.info("receiver.close_idle_job", job=job, open_jobs=len(self._jobs))
             with contextlib.suppress(Exception):
                 await replica.aclose()
-        if len(self._jobs) >= self.max_open_jobs:
+        if not self._room():
             log.warning(
                 "receiver.too_many_jobs", job=name, open_jobs=len(self._jobs),
                 most=self.max_open_jobs, descriptors=descriptors.limit(),
             )  # fmt: skip
             self.status.refused_connection("too_many_jobs")
             raise BusyError(
-                f"{len(self._jobs)} jobs are open, the most this receiver keeps open at once "
-                f"(each may hold {descriptors.JOB_DESCRIPTORS} files; its limit is "
-                f"{descriptors.limit()}), and none has been idle for {IDLE_BEFORE_CLOSE:g} s",
+                f"{len(self._jobs)} jobs are open, as many as this receiver's open files allow "
+                f"(each job may come to hold {descriptors.JOB_DESCRIPTORS}; "
+                f"{descriptors.open_now()} of its {descriptors.limit()} are open), and none has "
+                f"been idle for {IDLE_BEFORE_CLOSE:g} s",
                 hint="try again later (a continuous sender does); on the receiver's host raise "
                 "its open-file limit (LimitNOFILE= in its systemd unit, `ulimit -n`), or "
                 "bind each certificate to its jobs with --allow",
             )
+
+    def _room(self) -> bool:
+        """Whether one more job may open now (see ``descriptors``)."""
+        if len(self._jobs) < self.max_open_jobs:
+            return True
+        return self._measured and descriptors.room_for_another_job()
 
     def _keep(self, name: str, replica: JobReplica) -> None:
         self._jobs[name] = replica

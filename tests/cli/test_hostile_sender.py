@@ -32,9 +32,10 @@ def _open_files(pid: int) -> int:
 def test_a_new_job_per_connection_cannot_run_the_receiver_out_of_files(tmp_path: Path) -> None:
     """A sender naming a new job per connection, each with a few dozen volumes, made the
     receiver keep every job open with its descriptors until it stopped: past its open-file
-    limit it could accept no connection, and an honest job's next send failed. Now the
-    receiver keeps as many jobs open as its limit covers and refuses more ("busy", saying
-    why and what to do) while none is idle, and the honest job goes on."""
+    limit it could accept no connection, and an honest job's next send failed ("Too many
+    open files"). Now the receiver opens a job only while its files leave room for it, and
+    refuses more ("busy", saying why and what to do) while none is idle; the honest job
+    goes on."""
     nofile = 4096
     most = jobs_within(nofile)
     disk = tmp_path / "honest.img"
@@ -56,9 +57,12 @@ def test_a_new_job_per_connection_cannot_run_the_receiver_out_of_files(tmp_path:
         outcomes = asyncio.run(flood())
         served = [o for o in outcomes if o.welcome is not None]
         refused = [o for o in outcomes if o.welcome is None]
-        assert len(served) == most - 1, [(o.code, o.message) for o in outcomes]  # honest: 1
+        # as many as the limit covers at their worst (the honest job is one), and more while
+        # the files actually open leave room for two more at their worst
+        assert len(served) >= most - 1, [(o.code, o.message) for o in outcomes]
+        assert refused, [(o.code, o.message) for o in outcomes]
         assert {o.code for o in refused} == {"busy"}, refused[0]
-        assert f"{most} jobs are open, the most this receiver keeps open at once" in (
+        assert "jobs are open, as many as this receiver's open files allow" in (
             refused[0].message
         ), refused[0].message
         assert "LimitNOFILE=" in refused[0].message and "--allow" in refused[0].message
