@@ -97,9 +97,10 @@ def path_problem(path: str) -> str | None:
 
     Used for the paths in records: top-level volume names and, with FUSE capture, nested
     paths of a VM folder. Absolute paths, '.' and '..' components, empty components,
-    NUL and control characters, and names that are not valid UTF-8 (a file name the
-    local file system holds as undecodable bytes) are refused; the applier also refuses
-    to follow symlinks.
+    NUL, control and invisible characters (what ``str.isprintable`` refuses but ' ': the
+    protocol carries no other names, ``transport.messages``), and names that are not
+    valid UTF-8 (a file name the local file system holds as undecodable bytes) are
+    refused; the applier also refuses to follow symlinks.
     """
     if not path:
         return "empty path"
@@ -120,7 +121,18 @@ def path_problem(path: str) -> str | None:
             return f"path component {part[:64]!r} is longer than {_MAX_VOLUME_BYTES} bytes"
         if any(ord(c) < 32 for c in part):
             return f"path {path!r} contains control characters"
+        unseen = next((c for c in part if c != " " and not c.isprintable()), None)
+        if unseen is not None:  # what the protocol refuses (messages._name): DEL, C1
+            # controls, spaces but ' ' (U+00A0), format characters (U+200B), unassigned ones
+            return (
+                f"path {path!r} contains U+{ord(unseen):04X} ({_char_name(unseen)}), "
+                "a control or invisible character"
+            )
     return None
+
+
+def _char_name(ch: str) -> str:
+    return unicodedata.name(ch, "").lower() or f"category {unicodedata.category(ch)}"
 
 
 _NODE_KINDS = {

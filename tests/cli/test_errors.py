@@ -22,6 +22,22 @@ def test_missing_volume(tmp_path: Path, receiver: ReceiverProc) -> None:
     assert "does not exist" in one_line_error(out.stderr)
 
 
+def test_a_volume_with_an_invisible_character_is_the_users_to_rename(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A no-break space passed the sender's name check and the protocol refused it at
+    the handshake: exit 70, "a bug in replicator", with a traceback."""
+    disk = tmp_path / "vm\u00a0disk.img"
+    disk.write_bytes(b"x" * 4096)
+    out = replicator(
+        "send", "--to", receiver.address, "--job", "j", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), str(disk),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr[-2000:]
+    line = one_line_error(out.stderr)
+    assert "U+00A0 (no-break space)" in line and "rename the file" in line
+
+
 @pytest.mark.parametrize("job", ["../evil", "a/b", "..", ".hidden"])
 def test_job_name_with_path_tricks(tmp_path: Path, receiver: ReceiverProc, job: str) -> None:
     disk = tmp_path / "d.img"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from replicator.engine.names import (
     volume_name_problem,
 )
 from replicator.engine.tree import walk
+from replicator.transport.messages import TreeEntry, VolumeInfo
 
 
 @pytest.mark.parametrize("job", ["vm1", "web-01", "db_2.prod", "A" * 64])
@@ -76,3 +78,41 @@ def test_a_name_that_is_not_utf8_is_shown_as_ls_b_shows_it() -> None:
     assert printable(undecodable) == "disk\\xff.img"
     assert printable("caf\u00e9") == "caf\u00e9"  # valid UTF-8 stays as it is
     assert printable("x\ud800") == "x\\ud800"  # a surrogate no file name decodes to
+
+
+@given(st.text(min_size=1, max_size=80))
+def test_every_name_accepted_is_one_the_protocol_carries(name: str) -> None:
+    """A volume named 'vm\u00a0disk.img' (a no-break space, as a copy from a web page
+    brings) passed the name check and stopped the sender at its handshake with exit 70,
+    "a bug in replicator": the protocol refuses what str.isprintable refuses, ' ' aside."""
+    if volume_name_problem(name) is None:
+        VolumeInfo(name, 0, "disk")
+    if path_problem(name) is None:
+        TreeEntry(name, "f", 0o644, "")
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("vm\u00a0disk.img", "U+00A0 (no-break space)"),
+        ("zw\u200bsp.log", "U+200B (zero width space)"),
+        ("csi\u009b31m.img", "U+009B (category Cc)"),
+        ("del\x7f.img", "U+007F (category Cc)"),
+        ("line\u2028sep.img", "U+2028 (line separator)"),
+    ],
+)
+def test_an_invisible_character_is_refused_and_named(tmp_path: Path, name: str, shown: str) -> None:
+    problem = volume_name_problem(name)
+    assert problem is not None and shown in problem
+    assert all(ch.isprintable() for ch in problem)  # safe to print on a terminal
+    (tmp_path / "vm" / "sub").mkdir(parents=True)
+    (tmp_path / "vm" / "sub" / name).write_bytes(b"x")
+    with pytest.raises(ConfigError, match=re.escape(shown)):
+        walk(tmp_path / "vm")  # a FUSE capture's folder: refused at start, named
+
+
+@pytest.mark.parametrize(
+    "name", ["vm disk.img", "-dash.img", "caf\u00e9 $x 'q'.qcow2", "\u4e2d.vhdx"]
+)
+def test_spaces_quotes_dollars_dashes_and_letters_of_any_script_stay_valid(name: str) -> None:
+    assert volume_name_problem(name) is None
