@@ -16,6 +16,7 @@ import typer
 from replicator.cli.logging_setup import json_logs
 from replicator.engine.allocator import keep_freed_buffers
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, unwrap
+from replicator.engine.names import printable
 
 if TYPE_CHECKING:  # loaded by the commands that connect, not by every command
     from rich.console import Console
@@ -216,15 +217,17 @@ def transport_security(
 
 
 def fail(error: BaseException) -> NoReturn:
-    """Print one line naming what went wrong and what to do; exit with its code."""
+    """Print one line naming what went wrong and what to do; exit with its code. What
+    the message quotes (a path with a newline or an escape sequence in a folder's name)
+    is shown escaped, as ``ls -b`` shows it: one line, nothing the terminal obeys."""
     if isinstance(error, ReplicatorError):
-        code, text = int(error.exit_code), f"replicator: error: {error}"
+        code, text = int(error.exit_code), f"replicator: error: {printable(str(error))}"
         if json_logs():  # log collectors read the JSON lines: the end belongs there too
             log.error("command.failed", error=str(error), exit_code=code)
     else:  # a bug: without its traceback nobody can say where, so it is logged in any format
         code = int(ExitCode.BUG)
         text = (
-            f"replicator: unexpected error: {type(error).__name__}: {error}\n"
+            f"replicator: unexpected error: {type(error).__name__}: {printable(str(error))}\n"
             "  This is a bug in replicator; its traceback is logged above. Please report it "
             "with that and `replicator --version`."
         )

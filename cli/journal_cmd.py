@@ -11,6 +11,7 @@ import typer
 
 from replicator.cli.common import fail, table_console
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError, StorageError
+from replicator.engine.names import printable
 from replicator.journal.inspect import JournalReport, format_report, scan_journal
 
 app = typer.Typer(
@@ -56,7 +57,7 @@ def inspect(
     elif sys.stdout.isatty():
         _print_rich(report)
     else:
-        typer.echo(format_report(report))
+        typer.echo(_plain(report))
     raise typer.Exit(ExitCode.OK if report.clean else ExitCode.JOURNAL)
 
 
@@ -109,10 +110,19 @@ def journals_held(folder: Path) -> list[Path]:
     return [path for path in found if path.is_dir()]
 
 
+def _plain(report: JournalReport) -> str:
+    """``format_report`` with the folder's name escaped (``printable``): a newline or an
+    escape sequence in it would split the heading or reach the terminal."""
+    head = f"journal {report.path}"
+    text = format_report(report)
+    assert text.startswith(head)
+    return f"journal {printable(report.path)}{text[len(head) :]}"
+
+
 def _print_rich(report: JournalReport) -> None:
     from rich.table import Table
 
-    table = Table(title=f"journal {report.path}")
+    table = Table(title=f"journal {printable(report.path)}")
     for column in ("file", "first lsn", "last lsn", "records", "bytes", "state"):
         table.add_column(column, justify="left" if column in ("file", "state") else "right")
     for s in report.segments:

@@ -35,7 +35,7 @@ from replicator.engine.control import (
     request,
 )
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
-from replicator.engine.names import RECEIVER_STATE_NAME
+from replicator.engine.names import RECEIVER_STATE_NAME, printable
 from replicator.engine.status import SILENT_AFTER
 from replicator.engine.units import human_size
 
@@ -210,11 +210,12 @@ def _render(snap: dict[str, Any]) -> Group:
     if snap.get("source") == "process":
         head = Text(
             f"{role}, pid {snap.get('pid')}, up {_duration(snap.get('uptime_seconds'))}"
-            f" (state folder {snap.get('state_dir')})",
+            f" (state folder {printable(str(snap.get('state_dir')))})",
             style="bold",
         )
     else:
-        head = Text(f"{role}: {snap.get('note')} (state folder {snap.get('state_dir')})")
+        folder = printable(str(snap.get("state_dir")))
+        head = Text(f"{role}: {snap.get('note')} (state folder {folder})")
         head.stylize("bold yellow", 0, len(role) + 2 + len(str(snap.get("note"))))
     tls = _tls(snap.get("tls"))
     heads = [head] if tls is None else [head, tls]

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.errors import ExitCode
-from tests.tools import ENV, REPLICATOR, ReceiverProc, free_port, one_line_error, replicator
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    ReceiverProc,
+    free_port,
+    one_line_error,
+    replicator,
+    send_once,
+)
 
 
 def test_missing_volume(tmp_path: Path, receiver: ReceiverProc) -> None:
@@ -36,6 +44,35 @@ def test_a_volume_with_an_invisible_character_is_the_users_to_rename(
     assert out.returncode == ExitCode.CONFIG, out.stderr[-2000:]
     line = one_line_error(out.stderr)
     assert "U+00A0 (no-break space)" in line and "rename the file" in line
+
+
+def test_a_folder_name_with_a_newline_and_an_escape_is_printed_escaped(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A VM folder's name held a newline and a colour escape: the error split over two
+    lines (the second one not `replicator: error:`), and on a terminal the escape was
+    obeyed; status and journal inspect printed the folder the same way."""
+    folder = tmp_path / "vm\x1b[31mred\nline2"
+    folder.mkdir()
+    shown = "vm\\x1b[31mred\\x0aline2"  # as ls -b shows it, one line
+    out = replicator(
+        "send", "--to", receiver.address, "--job", "j", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), str(folder / "missing.img"),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG
+    assert f"{shown}/missing.img does not exist" in one_line_error(out.stderr)
+    assert "\x1b" not in out.stderr.replace("\\u001b", "")  # the JSON line escapes its own
+    disk = folder / "disk.img"
+    disk.write_bytes(b"x" * 4096)
+    state = folder / "state"
+    send_once(receiver, "j", state, disk)
+    status = replicator("status", "--state-dir", str(state))
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[0].endswith(f"{shown}/state)")
+    inspect = replicator("journal", "inspect", str(state / "journal"))
+    assert inspect.returncode == 0, inspect.stderr
+    assert inspect.stdout.splitlines()[0].endswith(f"{shown}/state/journal")
+    assert "\x1b" not in status.stdout + inspect.stdout
 
 
 @pytest.mark.parametrize("job", ["../evil", "a/b", "..", ".hidden"])
