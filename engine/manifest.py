@@ -107,13 +107,27 @@ class ExtentManifest:
         self.digests[:] = UNKNOWN * self.count
 
     def differing(self, other: ExtentManifest) -> Iterator[int]:
-        """Indexes of extents whose digests differ (or are unknown on either side)."""
+        """Indexes of extents whose digests differ (or are unknown on either side).
+
+        Compared ``_COMPARE_BLOCK`` extents at a time (one memcmp, and a search for an
+        UNKNOWN digest), one by one only inside a block that differs: extent by extent,
+        a 16 TiB sparse image (268 million extents) took ``verify`` three minutes of CPU."""
         if other.extent_size != self.extent_size:
             raise ValueError("manifests with different extent sizes cannot be compared")
-        for i in range(max(self.count, other.count)):
-            mine, theirs = self.get(i), other.get(i)
-            if mine != theirs or mine == UNKNOWN:
-                yield i
+        mine_all, theirs_all = self.digests, other.digests
+        known = min(self.count, other.count)
+        for lo in range(0, known, _COMPARE_BLOCK):
+            hi = min(known, lo + _COMPARE_BLOCK)
+            start, end = lo * DIGEST_SIZE, hi * DIGEST_SIZE
+            with memoryview(theirs_all) as theirs:  # memcmp in place, no copy
+                same = mine_all.startswith(theirs[start:end], start)
+            if same and not _holds_unknown(mine_all, start, end):
+                continue
+            for i in range(lo, hi):
+                mine_i, theirs_i = self.get(i), other.get(i)
+                if mine_i != theirs_i or mine_i == UNKNOWN:
+                    yield i
+        yield from range(known, max(self.count, other.count))  # one side has none: UNKNOWN
 
     def to_state(self) -> dict[str, Any]:
         return {"extent_size": self.extent_size, "size": self.size, **_packed(self.digests)}
@@ -124,8 +138,10 @@ class ExtentManifest:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            digests = b"".join(digest_chunks(fd, size, extent_size, 1 << 16))
-            return cls(extent_size, size, bytearray(digests))
+            digests = bytearray()  # grown in place: joined and copied, it was held thrice
+            for chunk in digest_chunks(fd, size, extent_size, 1 << 16):
+                digests += chunk
+            return cls(extent_size, size, digests)
         finally:
             os.close(fd)
 
@@ -138,6 +154,20 @@ class ExtentManifest:
         else:
             digests = bytearray(state["digests"])
         return cls(extent_size, size, digests)
+
+
+_COMPARE_BLOCK = 4096  # extents compared at once by ``differing`` (64 KiB of digests)
+
+
+def _holds_unknown(digests: bytearray, start: int, end: int) -> bool:
+    """Whether an UNKNOWN (all-zero) digest starts at a digest's boundary in
+    ``digests[start:end]`` (``start`` is one); searched in place, no copy."""
+    at = digests.find(UNKNOWN, start, end)
+    while at >= 0:
+        if (at - start) % DIGEST_SIZE == 0:
+            return True
+        at = digests.find(UNKNOWN, at + 1, end)
+    return False
 
 
 # A sparse image's holes all have one digest (a 2 TiB raw image with a few MiB of data has

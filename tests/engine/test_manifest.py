@@ -111,3 +111,79 @@ def test_compressed_digests_that_do_not_fit_are_damage_not_a_basis(
     )  # fmt: skip
     with pytest.raises(StateFileError, match="compressed digests"):
         ManifestSet.load(tmp_path / "m.state")
+
+
+def _by_extent(a: ExtentManifest, b: ExtentManifest) -> list[int]:
+    """``differing`` by its definition, one extent at a time."""
+    return [i for i in range(max(a.count, b.count)) if a.get(i) != b.get(i) or a.get(i) == UNKNOWN]
+
+
+# digests to build manifests from: two that meet as 16 zero bytes off a digest's start
+_PIECES = [b"a" * 16, b"b" * 16, UNKNOWN, b"c" * 8 + b"\0" * 8, b"\0" * 8 + b"d" * 8]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 9000),
+    st.integers(0, 9000),
+    st.lists(st.tuples(st.integers(0, 9000), st.integers(0, 4), st.booleans()), max_size=12),
+)
+def test_differing_in_blocks_is_differing_by_extent(
+    count_a: int, count_b: int, changes: list[tuple[int, int, bool]]
+) -> None:
+    """Blocks of 4096 extents compared at once: a difference or an UNKNOWN anywhere in
+    one, at its edges, past the shorter side or off a digest's start, is still found."""
+    base = b"a" * 16 * max(count_a, count_b)
+    a = ExtentManifest(64, count_a * 64, bytearray(base[: count_a * 16]))
+    b = ExtentManifest(64, count_b * 64, bytearray(base[: count_b * 16]))
+    for index, piece, on_a in changes:
+        target = a if on_a else b
+        if index < target.count:
+            target.set(index, _PIECES[piece])
+    assert list(a.differing(b)) == _by_extent(a, b)
+
+
+def test_differing_reads_no_extent_of_a_block_that_matches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Extent by extent, a 16 TiB sparse image (268 million extents) took `verify` 165 s
+    of CPU; a block that matches whole is one memcmp."""
+    count = 100_000
+    digests = bytearray(b"h" * 16 * count)
+    a, b = ExtentManifest(64, count * 64, digests), ExtentManifest(64, count * 64, digests[:])
+    b.set(70_000, b"x" * 16)
+    looked = [0]
+    real = ExtentManifest.get
+
+    def counting(self: ExtentManifest, index: int) -> bytes:
+        looked[0] += 1
+        return real(self, index)
+
+    monkeypatch.setattr(ExtentManifest, "get", counting)
+    assert list(a.differing(b)) == [70_000]
+    assert looked[0] <= 2 * 4096  # the one block that differs
+
+
+def test_a_sparse_sources_manifest_is_held_once_while_it_is_built(tmp_path: Path) -> None:
+    """verify built its source manifest as parts, joined, then copied: three copies of
+    16 bytes per extent at once (a 12.6 GB peak for a 16 TiB image)."""
+    import tracemalloc
+
+    from replicator.engine.verify import _source_manifest
+
+    image = tmp_path / "sparse.img"
+    with image.open("wb") as f:
+        f.truncate(256 << 30)  # 4 million extents, 64 MiB of digests
+        f.seek(1 << 30)
+        f.write(b"data")
+    digests = (256 << 30) // (64 << 10) * 16
+    tracemalloc.start()
+    try:
+        manifest = _source_manifest(image, 64 << 10, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert manifest.count * 16 == len(manifest.digests) == digests
+    assert manifest.get(1 << 14) != manifest.get(0)  # the data extent
+    # and the scan's read buffers (16 MiB, whatever the size)
+    assert peak < digests * 1.5, f"peak {peak / digests:.2f}x the digests"
