@@ -127,11 +127,16 @@ class SenderConfig:
 class SenderState:
     """The locked state folder: journal and manifests."""
 
-    def __init__(self, config: SenderConfig, *, failback: bool = False) -> None:
+    def __init__(
+        self, config: SenderConfig, *, failback: bool = False, manifests: bool = True
+    ) -> None:
         """``failback``: opened by ``replicator failback``, the one user allowed while
-        ``failback.state`` says the volumes are not ours to send (engine/failback_state.py)."""
+        ``failback.state`` says the volumes are not ours to send (engine/failback_state.py).
+        ``manifests``: load the saved manifests (``verify`` compares with the replica and
+        needs none: a 16 TiB raw disk's are 4 GiB in memory)."""
         self.config = config
         self.failback = failback
+        self.load_manifests = manifests
         self.dir = config.state_dir
         self._lock = StateDirLock(config.state_dir, f"a sender for job {config.job!r}")
         self.journal: Journal | None = None
@@ -166,7 +171,8 @@ class SenderState:
                 segment_bytes=max(MIN_SEGMENT, min(DEFAULT_SEGMENT, cap // 4)),
                 on_damage=self.config.journal_damage,
             )
-            self.manifests = await asyncio.to_thread(self._load_manifests)
+            if self.load_manifests:
+                self.manifests = await asyncio.to_thread(self._load_manifests)
             self.served_alone = await asyncio.to_thread(load_served_alone, self.dir)
             self.compare = await asyncio.to_thread(lost_records.load, self.dir)
         except BaseException:

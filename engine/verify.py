@@ -244,7 +244,9 @@ async def verify(
     ``folder`` (the source folder's tree: a FUSE-captured job), the replica folder's
     layout too (files, folders and symlinks on one side only, modes, link targets)."""
     sender.bind_log_context()
-    async with SenderState(sender.config) as state:
+    # the saved manifests are not read: what is compared is the replica's (and none are
+    # saved here: a repair's records are journaled, and the next send folds them in)
+    async with SenderState(sender.config, manifests=False) as state:
         purpose = SessionPurpose.RESYNC if repair else SessionPurpose.VERIFY
         link, _, _ = await sender.open_link(state, with_basis=False, purpose=purpose)
         try:

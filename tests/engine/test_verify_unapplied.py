@@ -18,6 +18,7 @@ from replicator.engine.connectors import MemoryConnector
 from replicator.engine.errors import RefusedError
 from replicator.engine.fuse_folder import folder_job
 from replicator.engine.job_replica import JobReplica
+from replicator.engine.manifest import ManifestSet
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.replica_state import ReplicaState
 from replicator.engine.sender import Sender, SenderConfig, SenderState
@@ -188,3 +189,23 @@ async def test_a_folder_whose_records_create_a_file_is_refused_before_it_is_list
         await verify(folder.sender, repair=False, folder=walk(folder.disk.parent))
     assert folder.point() == point
     assert not (folder.replica.parent / "new.txt").exists()
+
+
+async def test_verify_leaves_the_saved_manifests_unread(
+    job: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify compares the source with the replica's manifests; it loaded the sender's
+    own too, unused: 4 GiB more at its peak for a 16 TiB raw disk."""
+    loads: list[Path] = []
+    real = ManifestSet.load
+
+    def counting(path: Path) -> ManifestSet | None:
+        loads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(ManifestSet, "load", staticmethod(counting))
+    assert (await verify(job.sender, repair=False)).identical
+    assert (await verify(job.sender, repair=True)).identical
+    assert loads == []
+    await job.sender.run_once()  # a send still builds on them
+    assert loads == [job.sender.config.state_dir / "manifests.state"]
