@@ -86,7 +86,10 @@ class FuseCapture:
 
     def options(self) -> set[str]:
         opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-        opts |= {f"fsname=replicator:{self.source}", "subtype=replicator"}
+        # libfuse splits the options at commas and takes a backslash as an escape: a VM
+        # folder named "web,db" failed its mount ("fuse_session_new() failed")
+        fsname = str(self.source).replace("\\", "\\\\").replace(",", "\\,")
+        opts |= {f"fsname=replicator:{fsname}", "subtype=replicator"}
         if self.allow_other:
             opts.add("allow_other")  # the VM's user (e.g. libvirt-qemu) is not ours
         return opts

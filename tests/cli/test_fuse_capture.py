@@ -64,6 +64,25 @@ def test_images_created_and_written_under_the_mount(
     assert not is_mounted(mnt)
 
 
+def test_a_vm_folder_with_a_comma_and_a_backslash_in_its_name_is_mounted(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """libfuse splits its options at commas (and escapes with a backslash): the folder's
+    name in fsname= made a folder "web,db" fail to mount, "fuse_session_new() failed"."""
+    plain, mnt = folder
+    source = plain.rename(tmp_path / "web,db \\ 'x'")
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
+    try:
+        (mnt / "new.conf").write_text("x=1\n")
+        _wait_same(source / "new.conf", receiver.dir / "fvm" / "new.conf")
+        mounts = Path("/proc/mounts").read_text().splitlines()
+        assert any(
+            line.startswith("replicator:") and " fuse.replicator " in line for line in mounts
+        )
+    finally:
+        _stop(proc, mnt)
+
+
 def test_editor_save_and_folder_changes(
     tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
 ) -> None:
