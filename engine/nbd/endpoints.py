@@ -15,6 +15,7 @@ import stat
 from replicator.engine.errors import ConfigError
 
 ANSWER_TIMEOUT = 2.0  # seconds a live server at the socket path has to accept
+SUN_PATH_MAX = 107  # bytes of a unix socket's path: sockaddr_un.sun_path holds 108 with the NUL
 
 
 def stale_unix_socket(path: str) -> bool:
@@ -23,6 +24,14 @@ def stale_unix_socket(path: str) -> bool:
     folder is missing, something that is not a socket is there (never replaced), or a
     live server answers on it (replacing it would send that server's clients, another VM,
     to our exports)."""
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        # said as a disk problem before ("local storage error: AF_UNIX path too long (check
+        # the disk (free space, permissions)"), exit 9, after the whole initial sync
+        raise ConfigError(
+            f"NBD socket {path} is {len(os.fsencode(path))} bytes long; a unix socket's "
+            f"path holds at most {SUN_PATH_MAX} (neither we nor qemu can use a longer one)",
+            hint="give --nbd-socket a shorter path, such as /run/replicator/JOB.sock",
+        )
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(

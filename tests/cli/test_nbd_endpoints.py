@@ -27,7 +27,9 @@ def _send(tmp_path: Path, address: str, *nbd: str) -> tuple[int, str]:
     return out.returncode, one_line_error(out.stderr)
 
 
-@pytest.mark.parametrize("case", ["no folder", "a file", "a live server", "a port taken"])
+@pytest.mark.parametrize(
+    "case", ["no folder", "a file", "a live server", "a port taken", "a path too long"]
+)
 def test_an_endpoint_that_cannot_be_served_is_refused_before_the_initial_sync(
     tmp_path: Path, case: str
 ) -> None:
@@ -38,6 +40,9 @@ def test_an_endpoint_that_cannot_be_served_is_refused_before_the_initial_sync(
         sock = tmp_path / "nowhere" / "nbd.sock"
     elif case == "a file":
         sock.write_text("the admin's notes\n")
+    elif case == "a path too long":  # a deep VM folder: past sockaddr_un's 108 bytes
+        sock = tmp_path / ("d" * 120) / "nbd.sock"
+        sock.parent.mkdir()
     elif case == "a live server":
         holder.bind(str(sock))
         holder.listen()
@@ -57,6 +62,7 @@ def test_an_endpoint_that_cannot_be_served_is_refused_before_the_initial_sync(
         "a file": "exists and is not a socket",
         "a live server": "is in use by another server",
         "a port taken": "cannot listen for NBD on 127.0.0.1:",
+        "a path too long": "a unix socket's path holds at most 107",
     }[case]
     assert want in error, error
     assert not (tmp_path / "target" / "vm").exists()  # nothing was synced first
