@@ -13,7 +13,7 @@ import typer
 
 from replicator.cli.common import fail, finite, run
 from replicator.engine.errors import ConfigError, ConnectError, ExitCode, ReplicatorError
-from replicator.engine.names import RECEIVER_STATE_NAME
+from replicator.engine.names import RECEIVER_STATE_NAME, printable
 
 if TYPE_CHECKING:
     from replicator.engine.job_replica import ReceiverConfig
@@ -152,15 +152,15 @@ def failover_command(
     )
     typer.echo(
         f"job {result['job']} promoted (generation {result['generation']}): replicas in "
-        f"{result['replica_dir']} {held}; RTO {result['rto_seconds']} s"
+        f"{printable(str(result['replica_dir']))} {held}; RTO {result['rto_seconds']} s"
         + (" (it was already promoted)" if result["already_promoted"] else "")
     )
     for path in result["rewritten"]:  # type: ignore[attr-defined]
-        typer.echo(f"  pointed {path} at the replicas")
+        typer.echo(f"  pointed {printable(str(path))} at the replicas")
     for step in result["next_steps"]:  # type: ignore[attr-defined]
         typer.echo(f"  next: {step}")
     for problem in result.get("warnings", ()):  # type: ignore[attr-defined]
-        typer.echo(f"  warning: {problem}")
+        typer.echo(f"  warning: {printable(str(problem))}")
 
 
 def _done(answer: object) -> dict[str, object]:

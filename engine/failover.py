@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,7 @@ from replicator.engine.errors import ConfigError
 from replicator.engine.generations import Promotion
 from replicator.engine.image_deps import missing_on_target
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
-from replicator.engine.names import check_job_name, tree_entries
+from replicator.engine.names import check_job_name, shell_quote, tree_entries
 from replicator.engine.statedir import receiver_folder_locks
 from replicator.engine.status import iso_time
 from replicator.engine.user_command import split_command
@@ -142,7 +141,7 @@ async def finish_failover(
         result.exec_pid = await _start(exec_cmd, job, replica_dir)
         result.rto_seconds = round(time.monotonic() - started, 3)
     else:
-        result.next_steps = [f"virsh define {shlex.quote(str(p))}" for p in rewritten]
+        result.next_steps = [f"virsh define {shell_quote(p)}" for p in rewritten]
     log.warning(
         "failover.done",
         job=job,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 import stat
 import unicodedata
 from collections.abc import Iterator
@@ -79,6 +80,25 @@ def printable(text: str | os.PathLike[str]) -> str:
     except UnicodeEncodeError:  # a surrogate no file name decodes to: not from the disk
         raw = text.encode("utf-8", "backslashreplace")
     return "".join(_printable_char(ch) for ch in raw.decode("utf-8", "backslashreplace"))
+
+
+def shell_quote(text: str | os.PathLike[str]) -> str:
+    """``text`` quoted for a shell command a user can copy from one line: as
+    ``shlex.quote`` does when it holds no control character or undecodable byte; else in
+    bash's ``$'...'`` form, those as ``\\xNN`` escapes (a newline inside '...' would split
+    the line it is shown on, an escape sequence would reach the terminal)."""
+    text = os.fspath(text)
+    if printable(text) == text:
+        return shlex.quote(text)
+    out = []
+    for ch in text:
+        if 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that is not UTF-8, as Python holds it
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch in "\\'":
+            out.append("\\" + ch)
+        else:
+            out.append(_printable_char(ch))
+    return "$'" + "".join(out) + "'"
 
 
 def _printable_char(ch: str) -> str:

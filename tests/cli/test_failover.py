@@ -691,3 +691,23 @@ def test_a_replica_changed_on_the_target_is_no_consistency_point(
     table = replicator("status", "--dir", str(target))
     assert "changed outside replication" in table.stdout, table.stdout
     assert _promoted_as_it_is(target)["consistent"] is False
+
+
+def test_a_target_folder_with_a_newline_and_an_escape_is_printed_escaped(
+    tmp_path: Path,
+) -> None:
+    """failover's result line printed the replica folder raw: a newline in its name split
+    the line, an escape sequence reached the terminal."""
+    disk, target = tmp_path / "disk.img", tmp_path / "target\x1b[7m\nx"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "1M")
+    rcv = start_receiver(target)
+    try:
+        send_once(rcv, "vm", tmp_path / "state", disk)
+    finally:
+        assert rcv.stop() == 0
+    out = replicator("failover", "--dir", str(target), "--job", "vm", "--force")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("job vm promoted (generation 2): replicas in "), lines
+    assert "target\\x1b[7m\\x0ax/vm hold the consistency point" in lines[0]
+    assert "\x1b" not in out.stdout

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from replicator.engine.names import (
     check_volume_name,
     path_problem,
     printable,
+    shell_quote,
     volume_name_problem,
 )
 from replicator.engine.tree import walk
@@ -116,3 +118,16 @@ def test_an_invisible_character_is_refused_and_named(tmp_path: Path, name: str, 
 )
 def test_spaces_quotes_dollars_dashes_and_letters_of_any_script_stay_valid(name: str) -> None:
     assert volume_name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/vm/a b.xml", "/vm/it's $HOME.xml", "/r\x1b[7mI\nx/it's.xml", "/d\udcff/x", "/é/\\x"],
+)
+def test_a_path_in_a_command_to_copy_is_one_line_and_what_bash_reads_back(path: str) -> None:
+    """failover's `next: virsh define PATH`: shlex.quote kept a newline or an escape
+    sequence as it was, inside '...' (the line split, the terminal obeyed it)."""
+    quoted = shell_quote(path)
+    assert quoted.isprintable()
+    out = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, check=True)
+    assert out.stdout == os.fsencode(path)
