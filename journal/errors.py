@@ -184,3 +184,23 @@ class JournalCorrupt(JournalError):
                 "from a copy, or move it aside and resynchronise the replica"
             ),
         )
+
+
+class JournalNewer(JournalError):
+    """A journal holding a segment or record of a format newer than this build reads: a
+    newer replicator wrote it and this one was started on it again (a downgrade). Its
+    bytes cannot be checked here, so they are neither taken for a torn tail and cut nor
+    read: the open refuses, whichever side's journal it is."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.offset = offset
+        self.reason = reason
+        super().__init__(
+            f"journal written by a newer replicator: {self.path} at offset {offset}: {reason}",
+            hint=(
+                "run the release that wrote it again (going back to an older release is not "
+                "supported: docs/OPERATIONS.md, Upgrading); to go on with this one instead, "
+                "move the journal folder aside and resynchronise (send --resync)"
+            ),
+        )

@@ -23,6 +23,7 @@ from replicator.journal.records import CHECKSUM_NAMES
 from replicator.journal.segment import (
     HEADER_BYTES,
     SEAL_BYTES,
+    NewerSegmentFormat,
     Seal,
     SegmentFormatError,
     SegmentHeader,
@@ -81,8 +82,15 @@ class Problem:
     offset: int
     reason: str
     fatal: bool
+    newer: bool = False  # a newer replicator's format: neither read nor cut (upgrade docs)
 
     def describe(self) -> str:
+        if self.newer:
+            return (
+                f"{self.path} at offset {self.offset}: {self.reason}; this release "
+                "neither reads it nor cuts it (run the release that wrote it: going back "
+                "is not supported)"
+            )
         action = (
             "damage: records are never skipped: open refuses the journal or, where the lost "
             "records can be had again (a receiver asks its sender), cuts it here"
@@ -98,6 +106,7 @@ class Problem:
             "offset": self.offset,
             "reason": self.reason,
             "fatal": self.fatal,
+            "newer": self.newer,
             "description": self.describe(),
         }
 
@@ -205,9 +214,11 @@ def scan_journal(
     files, report.spares, report.ignored = _segment_files(report.path)
     expect_base: int | None = None
 
-    def problem(info: SegmentInfo, offset: int, reason: str, fatal: bool) -> None:
+    def problem(
+        info: SegmentInfo, offset: int, reason: str, fatal: bool, newer: bool = False
+    ) -> None:
         if report.problem is None:
-            report.problem = Problem(info.path, offset, reason, fatal)
+            report.problem = Problem(info.path, offset, reason, fatal or newer, newer)
 
     for index, (name_base, name) in enumerate(files):
         last = index == len(files) - 1
@@ -219,6 +230,9 @@ def scan_journal(
             report.segments.append(info)
             try:
                 header = SegmentHeader.decode(read_exact(fd, HEADER_BYTES, 0))
+            except NewerSegmentFormat as exc:  # checksum intact: not a torn header
+                problem(info, 0, str(exc), fatal=True, newer=True)
+                continue
             except SegmentFormatError as exc:
                 problem(info, 0, str(exc), fatal=not last)
                 continue
@@ -251,7 +265,9 @@ def _scan_last(fd: int, info: SegmentInfo, problem: Any) -> None:
     info.last_barrier = scan.last_barrier
     info.sealed = scan.seal is not None
     info.verified = True
-    if scan.problem is not None and scan.problem_offset is not None:
+    if scan.problem is not None and scan.problem_offset is not None and scan.newer:
+        problem(info, scan.problem_offset, scan.problem, True, True)
+    elif scan.problem is not None and scan.problem_offset is not None:
         after = find_valid_record(
             fd, scan.problem_offset, info.size, scan.last_lsn if scan.count else info.base_lsn - 1
         )
@@ -292,7 +308,7 @@ def _check_sealed(
     info.last_barrier = scan.last_barrier
     info.verified = True
     if scan.problem is not None and scan.problem_offset is not None:
-        problem(info, scan.problem_offset, scan.problem, True)
+        problem(info, scan.problem_offset, scan.problem, True, scan.newer)
     elif (scan.count, scan.first_lsn, scan.last_lsn) != (seal.count, seal.first_lsn, seal.last_lsn):
         problem(
             info,

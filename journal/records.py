@@ -121,6 +121,19 @@ class RecordError(ValueError):
     """Bytes that are not a valid record (bad magic, version, type, lengths or checksum)."""
 
 
+class NewerRecordFormat(RecordError):
+    """A record whose format version is above every one this build reads: a newer
+    replicator wrote it (its bytes cannot be checked here, so they are neither read nor
+    taken for a torn tail)."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        super().__init__(
+            f"record format version {version} is newer than this build reads "
+            f"({max(RECORD_VERSIONS)} at most): a newer replicator wrote it"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One journal record. ``lsn``/``ts_ns`` of 0 mean "assign on append".
@@ -387,6 +400,8 @@ def peek_length(buf: bytes | memoryview, pos: int = 0) -> int:
     if magic != RECORD_MAGIC:
         raise RecordError(f"bad record magic {bytes(magic)!r}")
     if version not in RECORD_VERSIONS:
+        if version > RECORD_VERSION:
+            raise NewerRecordFormat(version)
         raise RecordError(f"record format version {version} not supported")
     if rtype not in RecordType._value2member_map_:
         raise RecordError(f"unknown record type {rtype}")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import structlog
 
 from replicator.journal import durable
-from replicator.journal.errors import ConfigError, JournalCorrupt, JournalError
+from replicator.journal.errors import ConfigError, JournalCorrupt, JournalError, JournalNewer
 from replicator.journal.inspect import JournalReport, Problem, SegmentInfo, scan_journal
 from replicator.journal.locking import lock_directory
 from replicator.journal.segment import (
@@ -332,6 +332,8 @@ def recover(directory: Path, on_damage: OnDamage, discard_below: int) -> Recover
     recovery: Recovery | None = None
     next_base = report.segments[0].base_lsn if report.segments else 1
     if problem is not None:
+        if problem.newer:  # a newer release's records are not ours to cut
+            raise JournalNewer(problem.path, problem.offset, problem.reason)
         if problem.fatal and on_damage == "refuse":
             raise JournalCorrupt(problem.path, problem.offset, problem.reason)
         cut_seg = next(s for s in report.segments if s.path == problem.path)

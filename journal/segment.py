@@ -65,6 +65,7 @@ from replicator.journal.records import (
     RECORD_MAGIC,
     VERSION_AT,
     EncodedRecord,
+    NewerRecordFormat,
     Record,
     RecordError,
     check_record,
@@ -100,6 +101,11 @@ READ_CHUNK = 4 * 1024 * 1024  # bytes per pread when scanning or replaying
 
 class SegmentFormatError(ValueError):
     """A segment header or seal that is not valid; the caller adds file and offset."""
+
+
+class NewerSegmentFormat(SegmentFormatError):
+    """A segment header, its checksum intact, of a format version above this build's: a
+    newer replicator wrote the segment."""
 
 
 def segment_name(base_lsn: int) -> str:
@@ -157,7 +163,7 @@ class SegmentHeader:
         if _digest(memoryview(buf)[:24]) != digest:
             raise SegmentFormatError("segment header checksum mismatch")
         if version != SEGMENT_VERSION:
-            raise SegmentFormatError(
+            raise (NewerSegmentFormat if version > SEGMENT_VERSION else SegmentFormatError)(
                 f"segment format version {version} is not supported (this build reads "
                 f"{SEGMENT_VERSION}); use a matching replicator version"
             )
@@ -291,6 +297,7 @@ class ScanResult:
     last_barrier: int = 0  # the LSN of the last FLUSH or EPOCH record (0: none)
     problem_offset: int | None = None
     problem: str | None = None
+    newer: bool = False  # the problem is a record of a newer format (NewerRecordFormat)
 
 
 def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) -> ScanResult:
@@ -336,6 +343,7 @@ def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) 
         try:
             total = peek_length(head)
         except RecordError as exc:
+            result.newer = isinstance(exc, NewerRecordFormat)
             return fail(str(exc))
         if total > remaining:
             return fail(f"truncated record: needs {total} bytes, {remaining} left")

@@ -17,15 +17,17 @@ from hypothesis import strategies as st
 
 from replicator.journal import Journal, Record, RecordError, decode_records, encode_record
 from replicator.journal import records as records_module
+from replicator.journal.errors import JournalNewer
 from replicator.journal.inspect import format_report, scan_journal
 from replicator.journal.records import (
     CHECKED_HEADER_SIZE,
     HEADER_SIZE,
     RECORD_VERSION,
+    NewerRecordFormat,
     check_record,
     decode_record,
 )
-from replicator.journal.segment import HEADER_BYTES, find_valid_record
+from replicator.journal.segment import HEADER_BYTES, SegmentHeader, find_valid_record
 
 
 def _blake3_digest(head: bytes | memoryview, body: bytes | memoryview, more: object = b"") -> bytes:
@@ -73,8 +75,10 @@ def test_each_version_is_checked_with_its_own_checksum() -> None:
         flipped[HEADER_SIZE + 100] ^= 0x01
         with pytest.raises(RecordError, match="checksum mismatch"):
             check_record(bytes(flipped))
-    with pytest.raises(RecordError, match="version 3 not supported"):
+    with pytest.raises(NewerRecordFormat, match="version 3 is newer than this build reads"):
         decode_record(encoded[:2] + b"\x03" + encoded[3:])
+    with pytest.raises(RecordError, match="version 0 not supported"):
+        decode_record(encoded[:2] + b"\x00" + encoded[3:])
 
 
 async def test_a_journal_written_before_the_upgrade_replays_and_grows(
@@ -127,3 +131,53 @@ def test_recovery_finds_an_intact_record_of_either_version_behind_damage(
         )
     finally:
         os.close(fd)
+
+
+async def _journal_of(path: Path, records: list[Record]) -> Path:
+    async with await Journal.open(path) as journal:
+        await journal.append_many(records)
+        await journal.sync()
+    (segment,) = path.glob("*.seg")  # noqa: ASYNC240 (a test's file, after the journal)
+    return segment
+
+
+@pytest.mark.parametrize("where", ["last record", "every record"])
+async def test_records_of_a_newer_format_are_refused_not_cut_as_a_torn_tail(
+    tmp_path: Path, where: str
+) -> None:
+    """A journal a newer release wrote (a downgrade), its last records of a format this
+    build cannot check: the open took them for a torn tail and cut them, saying "torn
+    tail"; records gone that a newer sender had acknowledged or a newer receiver received.
+    Now the open refuses, naming the newer release, and leaves every byte as it was."""
+    records = [Record.write("d", i * 4096, os.urandom(4096)) for i in range(3)]
+    segment = await _journal_of(tmp_path / "j", [*records, Record.flush()])
+    data = bytearray(segment.read_bytes())
+    starts = [HEADER_BYTES + i * len(encode_record(records[0].with_lsn(1, 1))) for i in range(3)]
+    for at in starts[-1:] if where == "last record" else starts:
+        assert data[at : at + 3] == b"RJ\x02"
+        data[at + 2] = 3  # as a release writing format 3 would
+    segment.write_bytes(data)
+    before = segment.read_bytes()
+    with pytest.raises(JournalNewer, match="newer replicator") as raised:
+        await Journal.open(tmp_path / "j")
+    assert "going back to an older release is not supported" in str(raised.value)
+    assert segment.read_bytes() == before  # nothing cut
+    report = scan_journal(tmp_path / "j")
+    assert report.problem is not None and report.problem.newer
+    assert "this release neither reads it nor cuts it" in format_report(report)
+
+
+async def test_a_segment_header_of_a_newer_format_is_refused_not_cut(tmp_path: Path) -> None:
+    """The last segment's header, its checksum intact, saying a newer segment format: the
+    open took it for a header torn by a crash and dropped the whole segment."""
+    segment = await _journal_of(tmp_path / "j", [Record.write("d", 0, b"x" * 4096)])
+    data = bytearray(segment.read_bytes())
+    header = SegmentHeader.decode(bytes(data[:HEADER_BYTES]))
+    newer = bytearray(header.encode())
+    newer[4] = 2  # the version field (little endian, 2 bytes), then the checksum again
+    newer[24:40] = blake3.blake3(bytes(newer[:24])).digest(16)
+    data[:HEADER_BYTES] = newer
+    segment.write_bytes(data)
+    with pytest.raises(JournalNewer, match="segment format version 2"):
+        await Journal.open(tmp_path / "j")
+    assert segment.read_bytes() == bytes(data)
