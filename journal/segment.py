@@ -62,7 +62,10 @@ import blake3
 from replicator.journal.errors import JournalCorrupt
 from replicator.journal.records import (
     HEADER_SIZE,
+    MAX_DATA,
+    MAX_NAME,
     RECORD_MAGIC,
+    RECORD_VERSIONS,
     VERSION_AT,
     EncodedRecord,
     NewerRecordFormat,
@@ -342,8 +345,12 @@ def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) 
             return fail("file shorter than its size")
         try:
             total = peek_length(head)
+        except NewerRecordFormat as exc:
+            if _checks_as_known_version(window, pos, size):
+                return fail(f"{exc}, but the record checks with a known version: a damaged byte")
+            result.newer = True
+            return fail(str(exc))
         except RecordError as exc:
-            result.newer = isinstance(exc, NewerRecordFormat)
             return fail(str(exc))
         if total > remaining:
             return fail(f"truncated record: needs {total} bytes, {remaining} left")
@@ -367,6 +374,31 @@ def scan_segment(fd: int, size: int, base_lsn: int, *, allow_seal: bool = True) 
         pos += total
         result.end = pos
     return result
+
+
+def _checks_as_known_version(window: _Window, pos: int, size: int) -> bool:
+    """Whether the record at ``pos``, whose version byte says a newer format, passes its
+    checksum with a version this build reads in that byte: then one damaged byte (the
+    checksum covers it) made it look newer, and it is damage, not a newer release's
+    record. A newer format's record fails this (another checksum or layout)."""
+    head = window.get(pos, HEADER_SIZE, size)
+    if head is None:
+        return False
+    name_len, data_len = struct.unpack_from("<HI", head, VERSION_AT + 2)
+    if name_len > MAX_NAME or data_len > MAX_DATA or HEADER_SIZE + name_len + data_len > size - pos:
+        return False
+    view = window.get(pos, HEADER_SIZE + name_len + data_len, size)
+    if view is None:
+        return False
+    raw = bytearray(view)
+    for version in RECORD_VERSIONS:
+        raw[VERSION_AT] = version
+        try:
+            check_record(bytes(raw))
+        except RecordError:
+            continue
+        return True
+    return False
 
 
 # every record version's start: the magic (peek_length then checks the version)

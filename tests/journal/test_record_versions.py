@@ -133,6 +133,31 @@ def test_recovery_finds_an_intact_record_of_either_version_behind_damage(
         os.close(fd)
 
 
+def _as_version_3(encoded: bytes) -> bytes:
+    """A record as a release writing a format 3 might: the same layout, its checksum made
+    with the version byte it says (it no longer checks as version 2)."""
+    head = encoded[:2] + b"\x03" + encoded[3:CHECKED_HEADER_SIZE]
+    body = encoded[HEADER_SIZE:]
+    return head + xxhash.xxh3_128_digest(head + body) + body
+
+
+async def test_a_flipped_version_byte_is_damage_cut_not_a_newer_release(tmp_path: Path) -> None:
+    """One bit flipped at rest in the last record's version byte (2 -> 3) must not wedge
+    the journal as "a newer release's": the record still checks with version 2 there, so
+    it is damage, and the open cuts it as before (a receiver asks its sender again)."""
+    records = [Record.write("d", i * 4096, os.urandom(4096)) for i in range(3)]
+    segment = await _journal_of(tmp_path / "j", records)
+    data = bytearray(segment.read_bytes())
+    last = HEADER_BYTES + 2 * len(encode_record(records[0].with_lsn(1, 1)))
+    data[last + 2] ^= 0x01
+    segment.write_bytes(data)
+    report = scan_journal(tmp_path / "j")
+    assert report.problem is not None and not report.problem.newer
+    assert "a damaged byte" in report.problem.reason
+    async with await Journal.open(tmp_path / "j") as journal:
+        assert journal.recovery is not None and journal.last_lsn == 2
+
+
 async def _journal_of(path: Path, records: list[Record]) -> Path:
     async with await Journal.open(path) as journal:
         await journal.append_many(records)
@@ -153,9 +178,10 @@ async def test_records_of_a_newer_format_are_refused_not_cut_as_a_torn_tail(
     segment = await _journal_of(tmp_path / "j", [*records, Record.flush()])
     data = bytearray(segment.read_bytes())
     starts = [HEADER_BYTES + i * len(encode_record(records[0].with_lsn(1, 1))) for i in range(3)]
+    size = starts[1] - starts[0]
     for at in starts[-1:] if where == "last record" else starts:
         assert data[at : at + 3] == b"RJ\x02"
-        data[at + 2] = 3  # as a release writing format 3 would
+        data[at : at + size] = _as_version_3(bytes(data[at : at + size]))
     segment.write_bytes(data)
     before = segment.read_bytes()
     with pytest.raises(JournalNewer, match="newer replicator") as raised:
