@@ -75,9 +75,10 @@ def _ranges(indexes: list[int], extent_size: int, size: int) -> list[tuple[int, 
     return out
 
 
-# extents hashed between progress reports (256 MiB at 64 KiB): 64 made a 16 TiB sparse
-# image four million chunks of digests and as many calls into the event loop
-_PROGRESS_EXTENTS = 4096
+# extents hashed between progress reports: a 64th of the image, from 64 (4 MiB at 64 KiB,
+# so a small image still shows its progress) to 4096 (256 MiB: 64 each made a 16 TiB
+# sparse image four million chunks of digests and as many calls into the event loop)
+_PROGRESS_EXTENTS = (64, 4096)
 
 
 def _source_manifest(
@@ -91,7 +92,9 @@ def _source_manifest(
         # (16 bytes per extent: 12 GiB at once for a 16 TiB image)
         digests = bytearray(-(-size // extent_size) * DIGEST_SIZE)
         hashed = 0
-        for chunk in digest_chunks(fd, size, extent_size, _PROGRESS_EXTENTS):
+        least, most = _PROGRESS_EXTENTS
+        step = min(most, max(least, -(-size // extent_size) // 64))
+        for chunk in digest_chunks(fd, size, extent_size, step):
             digests[hashed * DIGEST_SIZE : hashed * DIGEST_SIZE + len(chunk)] = chunk
             hashed += len(chunk) // DIGEST_SIZE
             if seen is not None:
