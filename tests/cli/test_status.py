@@ -225,6 +225,9 @@ def test_a_scanning_sender_without_its_receiver_reports_a_growing_lag(tmp_path: 
         )
         receiver.proc.kill()
         receiver.proc.wait(timeout=30)
+        # once the sender knows (a cycle under way at the kill, every 0.2 s, could still
+        # read the write below and journal it before its link failed: a loaded CI did)
+        _until("the sender sees it", lambda: _ask(sock), lambda s: not s["jobs"][0]["connected"])
         with disk.open("r+b") as f:  # written on the source alone
             f.write(os.urandom(65536))
         away = _until(
