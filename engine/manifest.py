@@ -59,7 +59,7 @@ class ExtentManifest:
         if not self.digests:  # all UNKNOWN (zero bytes), made at once: a TiB is 256 MiB
             self.digests = bytearray(want)
         elif len(self.digests) < want:
-            self.digests += bytes(want - len(self.digests))  # UNKNOWN is all zeros
+            _pad(self.digests, want)
         elif len(self.digests) > want:
             del self.digests[want:]
 
@@ -86,7 +86,7 @@ class ExtentManifest:
         self.size = size
         want = self.count * DIGEST_SIZE
         if len(self.digests) < want:
-            self.digests += bytes(want - len(self.digests))  # UNKNOWN is all zeros
+            _pad(self.digests, want)
         else:
             del self.digests[want:]
         if old_count and old_size % self.extent_size and old_count - 1 < self.count:
@@ -154,6 +154,13 @@ class ExtentManifest:
         else:
             digests = bytearray(state["digests"])
         return cls(extent_size, size, digests)
+
+
+def _pad(digests: bytearray, want: int) -> None:
+    """Grow ``digests`` to ``want`` bytes of UNKNOWN (all zeros), a MiB at a time: the
+    zeros of a TiB's growth made at once were 256 MiB more, beside the digests grown."""
+    while len(digests) < want:
+        digests += bytes(min(want - len(digests), 1 << 20))
 
 
 _COMPARE_BLOCK = 4096  # extents compared at once by ``differing`` (64 KiB of digests)

@@ -255,9 +255,13 @@ def resize_basis(basis: ExtentManifest, size: int) -> None:
             first_new -= 1  # the old partial extent grows: its content is unknown here
             basis.set(first_new, UNKNOWN)
             first_new += 1
-        basis.digests[first_new * DIGEST_SIZE :] = hole_digests(
-            size, basis.extent_size, first_new, basis.count - first_new
-        )
+        # a piece at a time: made at once, a TiB of holes was 512 MiB of digests beside the
+        # 256 MiB of the basis (made, then joined with the last extent's)
+        digests, count = basis.digests, basis.count
+        for piece in range(first_new, count, HOLE_PIECE):
+            n = min(HOLE_PIECE, count - piece)
+            at = piece * DIGEST_SIZE
+            digests[at : at + n * DIGEST_SIZE] = hole_digests(size, basis.extent_size, piece, n)
 
 
 Appender = Callable[[list[Record]], Awaitable[int]]
