@@ -393,7 +393,8 @@ async def scan_epoch(
     ahead of a running sync.
 
     Returns the manifests of the sources as scanned, the statistics and the LSN of the
-    EPOCH record (durable when this returns). ``basis`` is not modified.
+    EPOCH record (durable when this returns). ``basis`` is not modified: it may share its
+    digests with the saved manifests (``sender_state._sharing``).
     """
     new_set, stats = await scan_changes(
         volumes,

@@ -61,6 +61,7 @@ JOURNAL_CAP = 1024 * 1024 * 1024  # scan capture waits for acks beyond this
 LIVE_JOURNAL_CAP = 16 * 1024 * 1024 * 1024
 DEFAULT_SEGMENT = 64 * 1024 * 1024
 MIN_SEGMENT = 1024 * 1024
+Shared = frozenset[int]  # ids of disks' manifests a basis shares with the saved ones
 
 
 def _source_folder(config: SenderConfig) -> Path | None:
@@ -234,11 +235,12 @@ class SenderState:
         self.compare = reason
 
 
-def _apply_effect(basis: ManifestSet, record: Record) -> None:
+def _apply_effect(basis: ManifestSet, record: Record, shared: Shared = frozenset()) -> None:
     """Update ``basis`` with what ``record`` will do to the replica when it is applied.
 
     Extents a record covers completely get the digest of their new content; partly
-    covered ones become unknown (sent again by the next scan).
+    covered ones become unknown (sent again by the next scan). A disk's manifest in
+    ``shared`` is copied before it is changed (``_sharing``).
     """
     if record.type is RecordType.FILE:
         basis.files[record.volume] = extent_digest(record.data)
@@ -275,14 +277,14 @@ def _apply_effect(basis: ManifestSet, record: Record) -> None:
         # small file) has other content once the record is applied: unknown, sent again
         basis.files.pop(record.volume, None)
     if record.type is RecordType.RESIZE:
-        resized = basis.disks.setdefault(record.volume, ExtentManifest(basis.extent_size, 0))
-        resize_basis(resized, record.size)
+        basis.disks.setdefault(record.volume, ExtentManifest(basis.extent_size, 0))
+        resize_basis(_own(basis, record.volume, shared), record.size)
         return
     if record.type not in (RecordType.WRITE, RecordType.ZERO, RecordType.TRIM):
         return
-    disk = basis.disks.get(record.volume)
-    if disk is None:
+    if record.volume not in basis.disks:
         return
+    disk = _own(basis, record.volume, shared)
     ext = disk.extent_size
     start, end = record.offset, record.offset + record.length
     for index in range(start // ext, min(disk.count, (end + ext - 1) // ext)):
@@ -370,14 +372,14 @@ async def _local_basis(
         return "the manifests are ahead of the journal"
     if received is not None and received < local.lsn and received + 1 < journal.first_lsn:
         return "the receiver lacks records this journal no longer holds"
-    basis = _copy(local)
-    held = await _fold_journal(journal, basis)
+    basis, shared = _sharing(local)
+    held = await _fold_journal(journal, basis, shared)
     after = local.lsn
     if received is None and journal.first_lsn > local.lsn + 1:  # records trimmed since
         touched = await asyncio.to_thread(load_touched, state.dir, local.lsn, local.extent_size)
         if touched is None:
             return "the journal no longer holds every record since the last sync"
-        _unknown_where_touched(basis, touched, state.config.volumes)
+        _unknown_where_touched(basis, touched, state.config.volumes, shared)
         after = journal.first_lsn - 1
     upto = max(received or 0, journal.first_lsn - 1, held[-1][1] if held else 0)
     for first, last in _missing(after, upto, held):
@@ -392,7 +394,7 @@ async def _local_basis(
                 )
             return f"the journal does not hold lsn {first} to {last}, after the last sync"
     if intent is not None:
-        _unknown_where_touched(basis, intent.touched, state.config.volumes)
+        _unknown_where_touched(basis, intent.touched, state.config.volumes, shared)
         for volume in intent.whole:  # its content or mode was sent: unknown now
             basis.files.pop(volume, None)
             basis.modes.pop(volume, None)
@@ -427,7 +429,10 @@ def _local_unusable(state: SenderState) -> str | None:
 
 
 def _unknown_where_touched(
-    basis: ManifestSet, touched: TouchedExtents, volumes: list[VolumeSpec]
+    basis: ManifestSet,
+    touched: TouchedExtents,
+    volumes: list[VolumeSpec],
+    shared: Shared = frozenset(),
 ) -> None:
     """Mark unknown (read and sent again by the scan) every extent changed by records
     since trimmed (``touched.state``) or shipped without the journal (``direct.intent``).
@@ -436,10 +441,12 @@ def _unknown_where_touched(
     image's size and takes every extent past the manifests' end as unknown, never as the
     zeros a RESIZE leaves (the replica may hold data there from those records)."""
     for spec in volumes:
-        disk = basis.disks.get(spec.name)
-        if disk is None or spec.kind is not VolumeKind.DISK:
+        if spec.name not in basis.disks or spec.kind is not VolumeKind.DISK:
             continue
         marked = list(touched.indices(spec.name))
+        if not marked and spec.name not in touched.resized:
+            continue  # unchanged: not copied
+        disk = _own(basis, spec.name, shared)
         if spec.name in touched.resized or (marked and marked[-1] >= disk.count):
             with contextlib.suppress(FileNotFoundError):
                 disk.resize(os.stat(spec.path).st_size + 1)  # the new extents: UNKNOWN
@@ -470,6 +477,30 @@ def unknown_where_journaled(
     return marked
 
 
+def _sharing(local: ManifestSet) -> tuple[ManifestSet, Shared]:
+    """A basis made from ``local`` that shares its disks' manifests (a TiB of a raw disk's
+    size is 256 MiB of digests, and a cycle holds the saved manifests and the new ones
+    besides), and the ids of those shared: ``_own`` copies one before it is changed, so
+    ``local`` (``SenderState.manifests``, what was saved) stays as it is whatever the
+    cycle does. Nothing changes a basis in place once it is made (``scan_epoch`` does not,
+    ``unknown_where_journaled`` copies it)."""
+    basis = ManifestSet(local.lsn, local.extent_size, local.epoch)
+    basis.disks = dict(local.disks)
+    basis.files = dict(local.files)
+    basis.modes = dict(local.modes)
+    return basis, frozenset(id(disk) for disk in local.disks.values())
+
+
+def _own(basis: ManifestSet, name: str, shared: Shared) -> ExtentManifest:
+    """``basis``'s manifest of ``name``, copied first if it is one it shares. An id in
+    ``shared`` is never a copy's: the shared manifests stay alive (the saved ones hold
+    them) while the basis is made."""
+    disk = basis.disks[name]
+    if id(disk) in shared:
+        disk = basis.disks[name] = disk.copy()
+    return disk
+
+
 def _copy(local: ManifestSet) -> ManifestSet:
     basis = ManifestSet(local.lsn, local.extent_size, local.epoch)
     basis.disks = {k: v.copy() for k, v in local.disks.items()}
@@ -478,9 +509,12 @@ def _copy(local: ManifestSet) -> ManifestSet:
     return basis
 
 
-async def _fold_journal(journal: Journal, basis: ManifestSet) -> list[tuple[int, int]]:
+async def _fold_journal(
+    journal: Journal, basis: ManifestSet, shared: Shared = frozenset()
+) -> list[tuple[int, int]]:
     """Fold the records journaled after ``basis.lsn`` into it (they reach the replica
-    before the next epoch); returns the LSN ranges they cover, in order.
+    before the next epoch); returns the LSN ranges they cover, in order. A disk's
+    manifest in ``shared`` is copied before it is changed.
 
     Records are numbered past what the receiver holds when a connect finds it ahead of this
     journal (``Sender.append``), and a cycle shipped without the journal leaves its LSNs
@@ -498,7 +532,7 @@ async def _fold_journal(journal: Journal, basis: ManifestSet) -> list[tuple[int,
                 held[-1] = (held[-1][0], lsn)
             else:
                 held.append((lsn, lsn))
-            _apply_effect(basis, record)
+            _apply_effect(basis, record, shared)
     return held
 
 

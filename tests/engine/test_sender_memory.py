@@ -12,9 +12,9 @@ from pathlib import Path
 
 from replicator.engine.manifest import ManifestSet
 from replicator.engine.scan import scan_epoch
-from replicator.engine.sender_state import SenderConfig, SenderState
-from replicator.engine.volumes import DEFAULT_EXTENT, resolve_volumes
-from replicator.journal import RecordType
+from replicator.engine.sender_state import SenderConfig, SenderState, basis_alone
+from replicator.engine.volumes import DEFAULT_EXTENT, extent_digest, resolve_volumes
+from replicator.journal import Record, RecordType
 from replicator.transport.messages import DIGEST_SIZE
 
 SIZE = 64 << 30
@@ -27,6 +27,46 @@ def _sparse_disk(path: Path) -> None:
         for offset in (0, 1 << 30, SIZE - (1 << 20)):
             f.seek(offset)
             f.write(os.urandom(1 << 20))
+
+
+def _write(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+async def test_a_cycle_from_the_saved_manifests_holds_one_more_copy(tmp_path: Path) -> None:
+    """The basis of a cycle is the saved manifests with the journal folded in: it shares
+    their digests (copied only where a record changes them), so a cycle adds the new
+    manifest alone. It made a full copy of them first: three copies at once."""
+    disk = tmp_path / "disk.img"
+    _sparse_disk(disk)
+    config = SenderConfig("127.0.0.1", 1, "vm1", resolve_volumes([disk]), tmp_path / "state")
+    async with SenderState(config) as state:
+        journal = state.journal
+        assert journal is not None
+        first, _, _ = await scan_epoch(
+            config.volumes, journal, ManifestSet(0, DEFAULT_EXTENT), append=journal.append_many
+        )
+        await state.save(first)
+        saved = bytes(first.disks["disk.img"].digests)
+        del first
+        _write(disk, 2 << 30, os.urandom(1 << 20))  # a change the next cycle finds
+        tracemalloc.start()
+        try:
+            basis = await basis_alone(state)
+            assert isinstance(basis, ManifestSet)
+            new, stats, _ = await scan_epoch(
+                config.volumes, journal, basis, append=journal.append_many
+            )
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert stats.bytes_changed == 1 << 20
+        assert new.disks["disk.img"].digests != saved
+        assert state.manifests is not None  # what was saved is as it was
+        assert state.manifests.disks["disk.img"].digests == saved
+        assert peak < 1.5 * COPY, f"{peak / COPY:.2f} copies of the digests at once"
 
 
 async def test_a_first_sync_holds_two_copies(tmp_path: Path) -> None:
@@ -52,3 +92,65 @@ async def test_a_first_sync_holds_two_copies(tmp_path: Path) -> None:
         types = [r.type async for r in journal.read_from(journal.first_lsn)]
         assert types[-1] is RecordType.EPOCH and lsn == journal.last_lsn
         assert peak < 2.5 * COPY, f"{peak / COPY:.2f} copies of the digests at once"
+
+
+async def test_records_folded_into_a_basis_leave_the_saved_manifests_as_they_are(
+    tmp_path: Path,
+) -> None:
+    """The basis shares the saved manifests' digests: what records journaled after them
+    change is changed in a copy. Changed in place, a cycle cut short would leave the
+    sender comparing with digests the replica was never sent."""
+    disk = tmp_path / "disk.img"
+    disk.touch()
+    os.truncate(disk, 4 * DEFAULT_EXTENT)
+    config = SenderConfig("127.0.0.1", 1, "vm1", resolve_volumes([disk]), tmp_path / "state")
+    async with SenderState(config) as state:
+        journal = state.journal
+        assert journal is not None
+        first, _, _ = await scan_epoch(
+            config.volumes, journal, ManifestSet(0, DEFAULT_EXTENT), append=journal.append_many
+        )
+        await state.save(first)
+        saved = bytes(first.disks["disk.img"].digests)
+        data = os.urandom(DEFAULT_EXTENT)
+        await journal.append_many(
+            [
+                Record.write("disk.img", DEFAULT_EXTENT, data),
+                Record.resize("disk.img", 6 * DEFAULT_EXTENT),
+            ]
+        )
+        await journal.sync()
+        basis = await basis_alone(state)
+        assert isinstance(basis, ManifestSet)
+        folded = basis.disks["disk.img"]
+        assert folded.size == 6 * DEFAULT_EXTENT
+        assert folded.get(1) == extent_digest(data)
+        assert state.manifests is first
+        assert first.disks["disk.img"].size == 4 * DEFAULT_EXTENT
+        assert first.disks["disk.img"].digests == saved
+
+
+def test_extents_marked_unknown_in_a_basis_leave_the_saved_manifests_as_they_are(
+    tmp_path: Path,
+) -> None:
+    """So for what records since trimmed or shipped without the journal touched
+    (``touched.state``, ``direct.intent``): marked unknown in a copy."""
+    from replicator.engine.checkpoint import TouchedExtents
+    from replicator.engine.manifest import UNKNOWN, ExtentManifest
+    from replicator.engine.sender_state import _sharing, _unknown_where_touched
+    from replicator.engine.volumes import VolumeKind, VolumeSpec
+
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(2 * DEFAULT_EXTENT))
+    saved = ManifestSet(5, DEFAULT_EXTENT, 1)
+    saved.disks["disk.raw"] = ExtentManifest(DEFAULT_EXTENT, 2 * DEFAULT_EXTENT)
+    saved.disks["disk.raw"].set(0, extent_digest(bytes(DEFAULT_EXTENT)))
+    saved.disks["disk.raw"].set(1, extent_digest(bytes(DEFAULT_EXTENT)))
+    before = bytes(saved.disks["disk.raw"].digests)
+    touched = TouchedExtents(DEFAULT_EXTENT)
+    touched([Record.write("disk.raw", DEFAULT_EXTENT, b"d")])
+    basis, shared = _sharing(saved)
+    _unknown_where_touched(basis, touched, [VolumeSpec(disk, "disk.raw", VolumeKind.DISK)], shared)
+    assert basis.disks["disk.raw"].get(1) == UNKNOWN
+    assert basis.disks["disk.raw"].get(0) == extent_digest(bytes(DEFAULT_EXTENT))
+    assert saved.disks["disk.raw"].digests == before
