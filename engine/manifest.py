@@ -183,10 +183,23 @@ def _holds_unknown(digests: bytearray, start: int, end: int) -> bool:
 _PACK_MIN_BYTES = 64 * 1024
 
 
+_PACK_STEP = 1 << 20  # digests compressed at once: compressed whole, lz4 took a buffer as
+# large as them (a TiB's 256 MiB, written all through for a dense disk's), beside the
+# saved manifests and the new ones
+
+
 def _packed(digests: bytearray) -> dict[str, bytes | bytearray]:
     if len(digests) >= _PACK_MIN_BYTES:
-        packed = lz4.frame.compress(digests, return_bytearray=True)
-        if len(packed) <= len(digests) // 2:
+        limit = len(digests) // 2
+        packer = lz4.frame.LZ4FrameCompressor(return_bytearray=True)
+        packed: bytearray = packer.begin(len(digests))  # the size is in the frame's header
+        with memoryview(digests) as view:
+            for at in range(0, len(digests), _PACK_STEP):
+                packed += packer.compress(view[at : at + _PACK_STEP])
+                if len(packed) > limit:  # dense: they stay as they are
+                    return {"digests": digests}
+        packed += packer.flush()
+        if len(packed) <= limit:
             return {"digests_lz4": packed}
     return {"digests": digests}
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
-from replicator.engine.manifest import ManifestSet
+from replicator.engine.manifest import ExtentManifest, ManifestSet
 from replicator.engine.scan import scan_epoch
 from replicator.engine.sender_state import SenderConfig, SenderState, basis_alone
 from replicator.engine.volumes import DEFAULT_EXTENT, extent_digest, resolve_volumes
@@ -154,3 +155,33 @@ def test_extents_marked_unknown_in_a_basis_leave_the_saved_manifests_as_they_are
     assert basis.disks["disk.raw"].get(1) == UNKNOWN
     assert basis.disks["disk.raw"].get(0) == extent_digest(bytes(DEFAULT_EXTENT))
     assert saved.disks["disk.raw"].digests == before
+
+
+def _peak(work: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_saving_and_loading_manifests_hold_at_most_one_more_copy(tmp_path: Path) -> None:
+    """``manifests.state`` is written and read while the sender holds the saved manifests
+    and the new ones. A sparse disk's digests are compressed a MiB at a time (whole, lz4
+    took a buffer of their size: one more copy); a dense disk's are packed and written
+    with no copy of the packer's buffer nor one joined to the header (three more copies
+    while saving, three while loading)."""
+    count = COPY // DIGEST_SIZE
+    dense = bytearray(os.urandom(COPY))
+    sparse = bytearray(extent_digest(bytes(DEFAULT_EXTENT)) * count)
+    for digests, most in ((sparse, 0.5), (dense, 2.5)):
+        manifests = ManifestSet(5, DEFAULT_EXTENT, 1)
+        manifests.disks["disk.img"] = ExtentManifest(DEFAULT_EXTENT, SIZE, digests)
+        path = tmp_path / "manifests.state"
+        saved = _peak(lambda: manifests.save(path))  # noqa: B023 (called at once)
+        loaded: list[ManifestSet | None] = []
+        read = _peak(lambda: loaded.append(ManifestSet.load(path)))  # noqa: B023
+        assert loaded[0] is not None and loaded[0].disks["disk.img"].digests == digests
+        assert saved < most * COPY, f"{saved / COPY:.2f} copies to save"
+        assert read < 2.5 * COPY, f"{read / COPY:.2f} copies to load"
