@@ -151,11 +151,16 @@ def _atomic_write_parts(
             os.unlink(tmp)
         fd = os.open(tmp, _NEW_FILE, 0o600)
     try:
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+        # one writev for all the parts (a short write goes on from where it stopped): the
+        # file is written in as many calls as one joined buffer would take
+        views = [memoryview(part).cast("B") for part in parts if len(part)]
+        while views:
+            n = os.writev(fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
         os.fchmod(fd, mode)  # before the fsync, so the mode is as durable as the bytes
         os.fsync(fd)
     finally:
