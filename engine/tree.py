@@ -27,6 +27,7 @@ from replicator.engine.names import (
     node_kind,
     path_problem,
     printable,
+    tree_entries,
 )
 from replicator.engine.volumes import VolumeSpec, classify
 from replicator.journal import Record, RecordType
@@ -98,37 +99,36 @@ def walk(source: Path) -> Tree:
     are two names of one file: see below)."""
     tree = Tree()
     linked: dict[tuple[int, int], str] = {}  # (dev, ino) -> path, for files with nlink > 1
-    for root, dirnames, filenames in os.walk(source):
-        rel_root = os.path.relpath(root, source)
-        for name in [*dirnames, *filenames]:
-            full = os.path.join(root, name)
-            rel = name if rel_root == "." else f"{rel_root}/{name}"
-            problem = path_problem(rel)
-            if problem is not None:
-                raise ConfigError(
-                    f"cannot replicate {printable(full)}: {problem}",
-                    hint="rename it, or move it out of the folder: replicas are named as the "
-                    "source's files are",
-                )
-            st = os.lstat(full)  # one stat per entry; os.walk does not descend into links
-            if name == RECEIVER_STATE_NAME and stat.S_ISDIR(st.st_mode):
-                _refuse_receiver_folder(source, root, full)
-            if stat.S_ISLNK(st.st_mode):
-                tree.links[rel] = os.readlink(full)
-            elif stat.S_ISDIR(st.st_mode):
-                tree.dirs[rel] = st.st_mode & 0o7777
-            elif stat.S_ISREG(st.st_mode):
-                if st.st_nlink > 1:
-                    _refuse_second_name(linked, st, rel, source)
-                tree.files[rel] = file_mode(st.st_mode)  # as the replica will have it
-            else:  # a socket, FIFO or device node holds no data to replicate
-                raise ConfigError(
-                    f"cannot replicate {printable(full)}: a {node_kind(st.st_mode)}, not a "
-                    "file, folder or symlink",
-                    hint="move it out of the folder (a program that made it there, such as "
-                    "a QEMU monitor socket, can make it elsewhere): the FUSE filter "
-                    "replicates files, folders and symlinks only",
-                )
+    # tree_entries, not os.walk: a folder deeper than the recursion limit (names.py)
+    for path in tree_entries(source):
+        full, name, root = str(path), path.name, str(path.parent)
+        rel = path.relative_to(source).as_posix()
+        problem = path_problem(rel)
+        if problem is not None:
+            raise ConfigError(
+                f"cannot replicate {printable(full)}: {problem}",
+                hint="rename it, or move it out of the folder: replicas are named as the "
+                "source's files are",
+            )
+        st = os.lstat(full)  # one stat per entry; the walk does not descend into links
+        if name == RECEIVER_STATE_NAME and stat.S_ISDIR(st.st_mode):
+            _refuse_receiver_folder(source, root, full)
+        if stat.S_ISLNK(st.st_mode):
+            tree.links[rel] = os.readlink(full)
+        elif stat.S_ISDIR(st.st_mode):
+            tree.dirs[rel] = st.st_mode & 0o7777
+        elif stat.S_ISREG(st.st_mode):
+            if st.st_nlink > 1:
+                _refuse_second_name(linked, st, rel, source)
+            tree.files[rel] = file_mode(st.st_mode)  # as the replica will have it
+        else:  # a socket, FIFO or device node holds no data to replicate
+            raise ConfigError(
+                f"cannot replicate {printable(full)}: a {node_kind(st.st_mode)}, not a "
+                "file, folder or symlink",
+                hint="move it out of the folder (a program that made it there, such as "
+                "a QEMU monitor socket, can make it elsewhere): the FUSE filter "
+                "replicates files, folders and symlinks only",
+            )
     return tree
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,20 @@ def test_walk_refuses_two_names_of_one_file(tmp_path: Path) -> None:
         walk(vm)
     names = {f"{vm}/disk.raw", f"{vm}/snap/disk.raw"}
     assert {w.rstrip(":") for w in str(caught.value).split()} >= names
+
+
+def test_a_source_folder_deeper_than_the_recursion_limit_is_walked(tmp_path: Path) -> None:
+    """`os.walk` recursed once a level: a VM folder 1100 folders deep (a FUSE folder job's
+    source) raised RecursionError in the sender's walk, as the receiver's did (names.py
+    ``tree_entries``, which both now use)."""
+    source = tmp_path / "vm"
+    deep = source
+    try:
+        for _ in range(1100):
+            deep = deep / "d"
+            deep.mkdir(parents=deep.parent == source)
+        (deep / "disk.img").write_bytes(b"x")
+        tree = walk(source)
+        assert len(tree.dirs) == 1100 and list(tree.files) == ["d/" * 1100 + "disk.img"]
+    finally:
+        subprocess.run(["rm", "-rf", str(source)], check=True)  # rmtree recurses too
