@@ -169,12 +169,6 @@ def _atomic_write_parts(
     sync_dir(target.parent)
 
 
-def encode_state(state: Mapping[str, Any]) -> bytes:
-    body = msgpack.packb(dict(state), use_bin_type=True)
-    digest = blake3.blake3(body).digest(16)
-    return _STATE_HEADER.pack(STATE_MAGIC, STATE_VERSION, 0, len(body), digest) + body
-
-
 def decode_state(raw: bytes, *, source: str = "<state>") -> dict[str, Any]:
     if len(raw) < _STATE_HEADER.size:
         raise StateFileError(f"{source}: state file is truncated ({len(raw)} bytes)")
@@ -198,10 +192,10 @@ def decode_state(raw: bytes, *, source: str = "<state>") -> dict[str, Any]:
 def write_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
     """Durably replace the state file at ``path`` (temp, fsync, rename, dir fsync).
 
-    As ``encode_state`` makes it, but the body is written from the packer's own buffer and
-    the header apart: ``packb`` copies its buffer out, and the header joined to it is
-    another copy (a dense raw disk's manifests are 256 MiB per TiB, held three more times
-    while they were saved)."""
+    The file: the header (magic, version, the body's length and blake3-128), then the
+    msgpack body, written from the packer's own buffer with the header beside it: ``packb``
+    copies its buffer out, and a header joined to that is another copy (a dense raw disk's
+    manifests are 256 MiB per TiB, held three more times while they were saved)."""
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
     packer.pack(dict(state))
     with packer.getbuffer() as body:
