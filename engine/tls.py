@@ -49,6 +49,7 @@ EXPIRY_WARNING = datetime.timedelta(days=30)
 EXPIRY_RECHECK = datetime.timedelta(days=1)  # a long-running process warns again this often
 DEFAULT_DAYS = 825  # keygen's certificates: about 27 months, long enough to be rare
 KEYGEN_HINT = "make keys with `replicator keygen --out DIR` and copy them as it says"
+TLS_FILE_MAX = 16 << 20  # a ca.crt bundle of every public CA is ~200 KiB
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -228,6 +229,13 @@ class TlsIdentity:
                     f"--tls-dir {where}: {path.name} {what}",
                     hint=f"{KEYGEN_HINT}; this side uses {CA_CERT}, {self.cert.name} and "
                     f"{self.key.name} (another name: --tls-name NAME)",
+                )
+            size = path.stat().st_size
+            if size > TLS_FILE_MAX:  # OpenSSL reads it whole, at each start and reload
+                raise ConfigError(
+                    f"--tls-dir {where}: {path.name} is {size} bytes; a certificate, key or "
+                    f"CA file is a few KiB (at most {TLS_FILE_MAX // (1 << 20)} MiB here)",
+                    hint=f"{KEYGEN_HINT}; {path.name} should hold the PEM text keygen wrote",
                 )
         self._check_key_mode()
         protocol = ssl.PROTOCOL_TLS_SERVER if self.server else ssl.PROTOCOL_TLS_CLIENT

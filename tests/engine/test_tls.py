@@ -26,7 +26,13 @@ from replicator.engine import keys
 from replicator.engine.authz import Allow, Authorizer, allowed, parse_allow, refusal
 from replicator.engine.connectors import TcpConnector
 from replicator.engine.errors import AuthError, ConfigError, ExitCode, as_user_error, tls_refusal
-from replicator.engine.tls import PeerNameError, TlsIdentity, check_peer, peer_name
+from replicator.engine.tls import (
+    TLS_FILE_MAX,
+    PeerNameError,
+    TlsIdentity,
+    check_peer,
+    peer_name,
+)
 from replicator.transport import (
     PLAINTEXT_REFUSAL,
     ConnectionClosedError,
@@ -173,6 +179,20 @@ def test_missing_files_and_an_expired_certificate_fail_at_start(
         TlsIdentity(stale, "sender", server=False).load()
     assert expired.value.exit_code == ExitCode.AUTH
     assert "--force" in str(expired.value)
+
+
+def test_an_oversized_ca_file_is_refused_before_openssl_reads_it(
+    folder: Path, tmp_path: Path
+) -> None:
+    """A ca.crt grown to hundreds of MB (a log or an image copied over it) was read whole by
+    OpenSSL at start and at each reload: memory and time for nothing that could be a CA."""
+    big = tmp_path / "big"
+    shutil.copytree(folder, big)
+    with (big / "ca.crt").open("ab") as ca:
+        ca.truncate(TLS_FILE_MAX + 1)  # sparse: the test writes no data
+    with pytest.raises(ConfigError, match=r"ca\.crt is \d+ bytes") as refused:
+        TlsIdentity(big, "sender", server=False).load()
+    assert "replicator keygen --out DIR" in str(refused.value)
 
 
 def test_a_replaced_certificate_is_used_from_the_next_connection(
