@@ -36,6 +36,7 @@ from replicator.engine.control import (
 )
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
 from replicator.engine.names import RECEIVER_STATE_NAME, printable
+from replicator.engine.source_clock import WARN_OFFSET_SECONDS
 from replicator.engine.status import SILENT_AFTER
 from replicator.engine.units import human_size
 
@@ -391,14 +392,21 @@ def _replica_lag(job: dict[str, Any]) -> str:
             return f"{text}; promoted (its consistency point has no source time)"
         return (
             f"{text}; promoted: at most {_duration(missing)} of source writes were missing "
-            "then (the promotion's time less the consistency point's source time)"
+            "then (the promotion's time less the consistency point's time)"
         )
     if lag.get("seconds") is None:
         return text
-    return (
+    text = (
         f"{text}; at most {_duration(lag['seconds'])} of source writes missing (now less"
-        " the consistency point's source time: it grows on an idle source too)"
+        " the consistency point's time: it grows on an idle source too)"
     )
+    offset = job.get("source_clock_offset_seconds")
+    if isinstance(offset, int | float) and abs(offset) > WARN_OFFSET_SECONDS:
+        text += (
+            f"; the source's clock is {_duration(abs(offset))} "
+            f"{'ahead' if offset > 0 else 'behind'} (allowed for here; fix NTP on the hosts)"
+        )
+    return text
 
 
 def _traffic(job: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from replicator.engine.peer_applied import PeerApplied, load_peer_applied
 from replicator.engine.replica_files import FILE_NAME as REPLICA_FILES_NAME
 from replicator.engine.replica_files import ReplicaFiles
 from replicator.engine.served_alone import load_served_alone
+from replicator.engine.source_clock import lag_seconds
 from replicator.engine.status import ReceiverPhase, iso_time, promotion_fields
 from replicator.journal.durable import StateFileError
 from replicator.journal.inspect import JournalReport, SegmentInfo, scan_journal
@@ -244,7 +245,8 @@ def receiver_jobs_at_rest(
         # a complete epoch durable past the applied point (the receiver stopped before it
         # applied it): its start, or a failover at rest, applies up to it first
         pending = _pending_barrier(report, applied) if promotion is None and not diverged else 0
-        age = (now - point.point_ts_ns / 1e9) if point.point_ts_ns else None
+        # on this target's clock, and never negative (engine/source_clock.py)
+        age = lag_seconds(int(now * 1e9), point.point_ts_ns, point.point_target_ns)
         # promoted.state is written before applied.state's generation (a crash between
         # them is finished when the job is opened): the promotion's is the one that counts
         generation = max(point.generation, promotion.generation if promotion else 0)
@@ -262,6 +264,7 @@ def receiver_jobs_at_rest(
                     "records": max(0, received - applied),
                     "seconds": round(age, 3) if age is not None else None,
                 },
+                "source_clock_offset_seconds": None,  # only a session's Pings tell it
                 "consistency_point": {
                     "lsn": point.point_lsn,
                     "source_time": iso_time(point.point_ts_ns),

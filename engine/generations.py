@@ -49,6 +49,9 @@ class Promotion:
     damaged: str = ""  # non-empty: promoted.state could not be read (refuse everyone)
     # False: promoted although not at a consistency point (failover --allow-inconsistent)
     consistent: bool = True
+    # the point's time on this target's clock (engine/source_clock.py; 0: not known, a
+    # file from before it was kept): what ``missing_seconds`` counts from
+    point_target_ns: int = 0
 
 
 def load_promotion(state_dir: Path) -> Promotion | None:
@@ -67,6 +70,7 @@ def load_promotion(state_dir: Path) -> Promotion | None:
             point_lsn=_int(raw, "point_lsn"),
             point_ts_ns=_int(raw, "point_ts_ns"),
             consistent=raw.get("consistent", True) is not False,
+            point_target_ns=_int(raw, "point_target_ns") if "point_target_ns" in raw else 0,
         )
     except (StateFileError, OSError, TypeError, ValueError) as exc:
         log.error("receiver.promotion_unreadable", path=str(path), error=str(exc))
@@ -84,6 +88,8 @@ def save_promotion(state_dir: Path, promotion: Promotion) -> None:
     }
     if not promotion.consistent:
         saved["consistent"] = False
+    if promotion.point_target_ns:
+        saved["point_target_ns"] = promotion.point_target_ns
     write_state(state_dir / PROMOTED_FILE, saved)
 
 
@@ -95,10 +101,21 @@ def clear_promotion(state_dir: Path) -> None:
 
 
 def new_promotion(
-    generation: int, point_lsn: int, point_ts_ns: int, *, consistent: bool = True
+    generation: int,
+    point_lsn: int,
+    point_ts_ns: int,
+    *,
+    consistent: bool = True,
+    point_target_ns: int = 0,
 ) -> Promotion:
     return Promotion(
-        generation + 1, generation, time.time_ns(), point_lsn, point_ts_ns, consistent=consistent
+        generation + 1,
+        generation,
+        time.time_ns(),
+        point_lsn,
+        point_ts_ns,
+        consistent=consistent,
+        point_target_ns=point_target_ns,
     )
 
 

@@ -54,6 +54,7 @@ from replicator.engine.in_flight import IN_FLIGHT_MAX
 from replicator.engine.manifest import digest_chunks
 from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.engine.replica_state import ReplicaState
+from replicator.engine.source_clock import on_target_clock
 from replicator.engine.status import ReceiverJobStatus
 from replicator.engine.unapplied import NotComparable
 from replicator.engine.unapplied import manifest as unapplied_manifest
@@ -230,6 +231,13 @@ class JobReplica:
         self.guard = ReplicaGuard()
         self._guarded = -1
         self._state_id = _folder_id(self.state_dir)  # see moved_away
+        # the source clock's offset (source - target, ns) its latest session estimated
+        # (engine/source_clock.py); None: no session told it (a sender that does not send
+        # its clock, or none since this process started)
+        self.source_offset_ns: int | None = None
+        # monotonic time this process applied the consistency point it holds (None: a
+        # point from before it started): the lag is at least the time since
+        self.point_applied_mono: float | None = None
         self._closed = False
 
     @classmethod
@@ -540,9 +548,11 @@ class JobReplica:
             if point is not None:
                 self.last_barrier = max(self.last_barrier, point.lsn)
             if ends and point is not None:
-                new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
+                new = self._new_point(new, point)
             await _settled(replica_state.save, self.state_dir, self.job, new)
             self.state = new
+            if ends and point is not None:
+                self.point_applied_mono = time.monotonic()
         except asyncio.CancelledError:
             raise
         except BaseException:
@@ -715,8 +725,10 @@ class JobReplica:
             consistent = point is not None and point.lsn == target
             new = self.state.replace(applied_lsn=applied, consistent=consistent, applying=False)
             if point is not None:
-                new = new.replace(point_lsn=point.lsn, point_ts_ns=point.ts_ns)
+                new = self._new_point(new, point)
             await self._save_state(new)
+            if point is not None:
+                self.point_applied_mono = time.monotonic()
             await self._follow_layout()
             await self.journal.trim(target + 1)
             async with self.applied_changed:
@@ -730,6 +742,15 @@ class JobReplica:
                 total_ms=round((time.perf_counter() - t0) * 1000, 1),
             )
             return target
+
+    def _new_point(self, state: ReplicaState, point: Record) -> ReplicaState:
+        """``state`` at the consistency point ``point``, applied now: its source stamp,
+        and its time on this target's clock (engine/source_clock.py)."""
+        return state.replace(
+            point_lsn=point.lsn,
+            point_ts_ns=point.ts_ns,
+            point_target_ns=on_target_clock(point.ts_ns, self.source_offset_ns, time.time_ns()),
+        )
 
     async def _apply_upto(self, target: int) -> tuple[int, Record | None]:
         """Apply and fsync every record after the applied LSN up to ``target``.
@@ -887,7 +908,11 @@ class JobReplica:
                     "systems in the replicas before starting anything on them",
                 )
             promotion = new_promotion(
-                state.generation, state.point_lsn, state.point_ts_ns, consistent=not inconsistent
+                state.generation,
+                state.point_lsn,
+                state.point_ts_ns,
+                consistent=not inconsistent,
+                point_target_ns=state.point_target_ns,
             )
             try:
                 await _settled(save_promotion, self.state_dir, promotion)
@@ -964,15 +989,18 @@ class JobReplica:
                 )
             self.files.forget_all()
             await _settled(self.files.save, self.state_dir)
+            now = time.time_ns()  # the point is this target's own data: its clock
             await self._save_state(
                 self.state.replace(
                     applied_lsn=lsn,
                     point_lsn=lsn,
-                    point_ts_ns=time.time_ns(),
+                    point_ts_ns=now,
+                    point_target_ns=now,
                     consistent=True,
                     applying=False,
                 )
             )
+            self.point_applied_mono = time.monotonic()
             await _settled(clear_promotion, self.state_dir)
             self.promotion = None
             self.last_barrier = self._noted = lsn

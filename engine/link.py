@@ -63,7 +63,12 @@ from replicator.transport import (
     Welcome,
 )
 from replicator.transport.frames import NOT_A_PEER
-from replicator.transport.messages import CAP_HANDOVER_REFUSAL, MAX_VOLUMES, Message
+from replicator.transport.messages import (
+    CAP_HANDOVER_REFUSAL,
+    CAP_WALL_CLOCK,
+    MAX_VOLUMES,
+    Message,
+)
 
 log = structlog.get_logger()
 
@@ -248,7 +253,9 @@ class Link:
                 VolumeInfo(v.name, sizes[v.name], v.kind.value)
                 for v in [v for v in volumes if v.name in sizes][:MAX_VOLUMES]
             ),
-            capabilities=("lz4", "manifest", *purpose.capabilities),
+            # wall-clock: our Pings carry our wall clock (the receiver's lag allows for an
+            # offset between the two hosts' clocks: engine/source_clock.py)
+            capabilities=("lz4", "manifest", CAP_WALL_CLOCK, *purpose.capabilities),
             generation=generation,
             session=session or uuid.uuid4().hex,
         )
@@ -442,10 +449,12 @@ class Link:
                         self.space_freed.set()
 
     async def _pinger(self) -> None:
+        """A Ping at once, then every PING_INTERVAL: each carries our wall clock, so the
+        receiver knows the clocks' offset before the session's first point is applied."""
         nonce = itertools.count(1)
         while not self._closed:
-            await asyncio.sleep(PING_INTERVAL)
             await self.conn.send(Ping(next(nonce), time.time_ns()))
+            await asyncio.sleep(PING_INTERVAL)
 
     async def _shipper(self, ship_from: int) -> None:
         core = self._started()

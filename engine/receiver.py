@@ -52,6 +52,7 @@ from replicator.engine.receiver_session import (
     storage_reason,
 )
 from replicator.engine.replica_files import ReplicaDiverged
+from replicator.engine.source_clock import SourceClock
 from replicator.engine.status import AUTO_FAILOVER_WAITS, StatusBoard
 from replicator.journal import (
     JournalError,
@@ -68,6 +69,7 @@ from replicator.transport import (
     RemoteProtocolError,
     VersionMismatchError,
 )
+from replicator.transport.messages import CAP_WALL_CLOCK
 
 log = structlog.get_logger()
 
@@ -412,7 +414,12 @@ class Receiver:
         # the source is back: an automatic failover's wait (its last_error, "automatic
         # failover waits: ...") is over; status showed it while the source replicated again
         replica.status.clear_error(AUTO_FAILOVER_WAITS)
-        session = Session(conn, replica, self.config, verifying=verifying, in_flight=self.in_flight)
+        # a sender whose Pings carry its wall clock: the offset of the source's clock is
+        # estimated from them, so the lag allows for it (engine/source_clock.py)
+        clock = SourceClock(hello.job, conn.peer) if CAP_WALL_CLOCK in hello.capabilities else None
+        session = Session(
+            conn, replica, self.config, verifying=verifying, in_flight=self.in_flight, clock=clock
+        )
         if not verifying:
             self._replicating[hello.job] = session
         try:

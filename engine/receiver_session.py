@@ -31,6 +31,7 @@ from replicator.engine.pacing import unapplied_bytes
 from replicator.engine.replica_files import ReplicaDiverged
 from replicator.engine.replica_id import capability
 from replicator.engine.session_core import ReceiverCore, Send
+from replicator.engine.source_clock import SourceClock
 from replicator.engine.statedir import free_bytes, state_reserve
 from replicator.engine.unapplied import NotComparable, of_file
 from replicator.engine.unapplied import tree as unapplied_tree
@@ -93,7 +94,10 @@ class Session:
         *,
         verifying: bool,
         in_flight: InFlightBudget | None = None,
+        clock: SourceClock | None = None,
     ) -> None:
+        """``clock``: the source clock's estimate, from a sender whose Pings carry its
+        wall clock (Hello capability ``wall-clock``); None: the offset is not known."""
         # a verify session only compares (engine/unapplied.py); any other takes a replica
         # file the sender asks a manifest of as it is
         self.verifying = verifying
@@ -107,6 +111,7 @@ class Session:
         self.conn = conn
         self.replica = replica
         self.config = config
+        self.clock = clock
         self.core: ReceiverCore  # made by run(), from the position the Welcome announces
         self._sync_wake = asyncio.Event()
         self._sync_lock = asyncio.Lock()
@@ -314,6 +319,12 @@ class Session:
     async def _read(self, tg: asyncio.TaskGroup) -> None:
         while True:
             msg = await self.conn.recv()  # a silent sender: see run
+            if isinstance(msg, Ping) and self.clock is not None:
+                # read now, not after the frames before it are taken: a later reading only
+                # makes the source look further behind (SourceClock)
+                offset = self.clock.heard(msg.ts_ns, time.time_ns())
+                if offset is not None:
+                    self.replica.source_offset_ns = offset
             if isinstance(msg, Records):
                 if self.final_lsn is not None:
                     raise RemoteProtocolError(

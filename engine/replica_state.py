@@ -13,6 +13,10 @@ map:
   ``applied_lsn`` and past their stamps in ``files.state``;
 - ``point_lsn`` (int): the last consistency point (EPOCH or FLUSH) fully applied;
 - ``point_ts_ns`` (int): the source's wall-clock time of that point (0: unknown);
+- ``point_target_ns`` (int, absent in files from before it was kept: 0): the same time on
+  the target's clock, the stamp less the source clock's offset the session estimated, and
+  never later than when the target applied the point (``engine/source_clock.py``). The
+  lag counts from it: the source's own stamp is an hour off when its clock is;
 - ``generation`` (int): the replica's history generation (failover bumps it; see
   docs/PROTOCOL.md); carried in Welcome;
 - ``point_floor`` (int): no barrier below it ends a consistency point. A sender raises it
@@ -56,6 +60,7 @@ class ReplicaState:
     point_lsn: int = 0
     point_ts_ns: int = 0
     generation: int = 0
+    point_target_ns: int = 0  # point_ts_ns on the target's clock (0: not known)
     point_floor: int = 0
     unknown: str = ""
 
@@ -99,6 +104,7 @@ def load(state_dir: Path, job: str) -> ReplicaState | None:
             generation=_int(raw, "generation", 0),
             point_floor=_int(raw, "point_floor", 0),
             unknown=_text(raw, "unknown"),
+            point_target_ns=_int(raw, "point_target_ns", 0),
         )
     except (TypeError, ValueError) as exc:
         log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
@@ -184,6 +190,8 @@ def save(state_dir: Path, job: str, state: ReplicaState) -> None:
         "generation": state.generation,
         "point_floor": state.point_floor,
     }
+    if state.point_target_ns:
+        saved["point_target_ns"] = state.point_target_ns
     if state.unknown:
         saved["unknown"] = state.unknown
     write_state(state_dir / FILE_NAME, saved)

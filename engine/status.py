@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from replicator.engine.source_clock import lag_seconds, missing_seconds
+
 if TYPE_CHECKING:
     from replicator.engine.generations import Promotion
     from replicator.engine.in_flight import InFlightBudget
@@ -48,6 +50,8 @@ class ReplicaView(Protocol):
     journal: Journal
     failure: BaseException | None
     promotion: Promotion | None  # set while the job is promoted (failover)
+    source_offset_ns: int | None  # the source clock's offset, as estimated (source_clock.py)
+    point_applied_mono: float | None  # when this process applied the point (monotonic)
 
     @property
     def received_lsn(self) -> int: ...
@@ -454,7 +458,14 @@ class ReceiverJobStatus:
             state = ReceiverPhase.RECOVERING
         else:
             state = ReceiverPhase.IDLE
-        point_age = (now - point.point_ts_ns / 1e9) if point.point_ts_ns else None
+        applied_at = replica.point_applied_mono
+        point_age = lag_seconds(
+            time.time_ns(),
+            point.point_ts_ns,
+            point.point_target_ns,
+            None if applied_at is None else time.monotonic() - applied_at,
+        )
+        offset = replica.source_offset_ns
         return {
             "job": replica.job,
             "role": "receiver",
@@ -467,9 +478,14 @@ class ReceiverJobStatus:
             "lsn": {"received": replica.received_lsn, "applied": replica.applied_lsn},
             "lag": {
                 "records": max(0, replica.received_lsn - replica.applied_lsn),
-                # seconds since the source time of the consistency point the replica holds
+                # seconds since the consistency point the replica holds, on this target's
+                # clock (the source's stamp less its clock's offset), and never less than
+                # since it was applied here (engine/source_clock.py)
                 "seconds": round(point_age, 3) if point_age is not None else None,
             },
+            # the source's clock less this target's, as estimated from the sender's Pings
+            # (None: not known, e.g. a sender from before it sent its clock)
+            "source_clock_offset_seconds": None if offset is None else round(offset / 1e9, 3),
             "consistency_point": {
                 "lsn": point.point_lsn,
                 "source_time": iso_time(point.point_ts_ns),
@@ -581,12 +597,10 @@ def promotion_fields(job: str, promotion: Promotion | None) -> dict[str, Any]:
             "point_lsn": promotion.point_lsn,
             "point_time": iso_time(promotion.point_ts_ns),
             "consistent": promotion.consistent,
-            # the RPO bound when promoted (the source's clock against ours): what the
-            # receiver's lag would have said at that moment; after it, nothing is missing
-            "missing_seconds": (
-                round(max(0, promotion.at_ns - promotion.point_ts_ns) / 1e9, 3)
-                if promotion.point_ts_ns
-                else None
+            # the RPO bound when promoted: what the receiver's lag would have said at that
+            # moment (on this target's clock); after it, nothing is missing
+            "missing_seconds": _rounded(
+                missing_seconds(promotion.at_ns, promotion.point_ts_ns, promotion.point_target_ns)
             ),
         },
         "role_change": {
@@ -602,6 +616,10 @@ def promotion_fields(job: str, promotion: Promotion | None) -> dict[str, Any]:
             "next": back,
         },
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def iso_time(ts_ns: int) -> str | None:

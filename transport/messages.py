@@ -525,6 +525,10 @@ HANDOVER_STEPS: Final = frozenset(
     {"request", "final", "refused", "promoted", "handback", "demoted"}
 )
 CAP_HANDOVER_REFUSAL: Final = "handover-refusal"  # the Welcome capability: "refused" is read
+# the Hello capability: this sender's Pings carry its wall clock (Unix ns) in ``ts_ns``, from
+# which the receiver estimates the source's clock offset (engine/source_clock.py); a Ping
+# from a sender without it is answered as before and its ``ts_ns`` means nothing else
+CAP_WALL_CLOCK: Final = "wall-clock"
 MAX_READ: Final = 4 * 1024 * 1024  # bytes one ReadRequest may ask for
 
 

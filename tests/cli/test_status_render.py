@@ -106,14 +106,35 @@ def test_a_promoted_replica_shows_what_was_missing_when_it_was_promoted() -> Non
     text = _text({"role": "receiver", "source": "process", "jobs": [job]})
     assert _row(text, "lag (RPO bound)") == (
         "0 records to apply; promoted: at most 6.0 s of source writes were missing then (the "
-        "promotion's time less the consistency point's source time)"
+        "promotion's time less the consistency point's time)"
     )
+    # a source an hour behind: counted from the point's time on the target's clock
+    skewed = Promotion(2, 1, 1_000 * second, 17, -2_606 * second, point_target_ns=994 * second)
+    assert promotion_fields("vm1", skewed)["promotion"]["missing_seconds"] == 6.0
     unknown = promotion_fields("vm1", Promotion(2, 1, 1_000 * second, 0, 0))
     job.update(unknown)
     text = _text({"role": "receiver", "source": "process", "jobs": [job]})
     assert _row(text, "lag (RPO bound)") == (
         "0 records to apply; promoted (its consistency point has no source time)"
     )
+
+
+def test_a_receiver_says_how_far_off_the_source_clock_is() -> None:
+    job = {
+        "job": "vm1",
+        "state": "receiving",
+        "lag": {"records": 0, "seconds": 2.5},
+        "source_clock_offset_seconds": -3600.0,
+    }
+    text = _text({"role": "receiver", "source": "process", "jobs": [job]})
+    assert _row(text, "lag (RPO bound)") == (
+        "0 records to apply; at most 2.5 s of source writes missing (now less the consistency "
+        "point's time: it grows on an idle source too); the source's clock is 1h00m behind "
+        "(allowed for here; fix NTP on the hosts)"
+    )
+    job["source_clock_offset_seconds"] = 0.002
+    text = _text({"role": "receiver", "source": "process", "jobs": [job]})
+    assert "clock" not in _row(text, "lag (RPO bound)")
 
 
 def test_a_sender_at_rest_that_cannot_bound_its_lag_says_why() -> None:
