@@ -163,6 +163,11 @@ class SnapshotCollector(Collector):
             "Source time of the last consistency point the replica holds (receiver).",
         )
         consistent = gauge("consistent", "1 when the replica is at a consistency point (receiver).")
+        clock_offset = gauge(
+            "source_clock_offset_seconds",
+            "The source's clock less this receiver's, from the sender's Pings (receiver; "
+            "absent while not known): keep it near 0 with NTP.",
+        )
         progress = gauge(
             "initial_sync_ratio", "How much of the last scan (initial sync) is done, 0..1."
         )
@@ -218,6 +223,8 @@ class SnapshotCollector(Collector):
                 ts = _parse_iso(cp.get("source_time"))
                 if ts is not None:
                     point.add_metric(key, ts)
+            if job.get("source_clock_offset_seconds") is not None:
+                clock_offset.add_metric(key, float(job["source_clock_offset_seconds"]))
             sync = job.get("initial_sync")
             if sync:
                 progress.add_metric(key, round(float(sync.get("percent", 0.0)) / 100, 4))
@@ -245,6 +252,7 @@ class SnapshotCollector(Collector):
             generation,
             point,
             consistent,
+            clock_offset,
             progress,
             rpo_target,
             rpo_met,

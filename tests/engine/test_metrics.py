@@ -47,6 +47,7 @@ RECEIVER_SNAPSHOT: dict[str, Any] = {
             "generation": 0,
             "lsn": {"received": 12, "applied": 10},
             "lag": {"records": 2, "seconds": None},
+            "source_clock_offset_seconds": -3600.25,
             "consistency_point": {
                 "lsn": 10,
                 "source_time": "2026-01-02T03:04:05.250Z",
@@ -118,6 +119,7 @@ async def test_receiver_families() -> None:
     assert got[_key("replicator_consistent", **job)] == 1
     point = got[_key("replicator_consistency_point_timestamp_seconds", **job)]
     assert point == pytest.approx(1767323045.25)
+    assert got[_key("replicator_source_clock_offset_seconds", **job)] == -3600.25
     assert _key("replicator_lag_seconds", **job) not in got  # unknown: no sample
     assert _key("replicator_journal_cap_bytes", **job) not in got
     refused = "replicator_refused_connections_total"
