@@ -110,7 +110,7 @@ class JournalFirst(Generic[T]):
         self.resyncing = False  # a resync epoch is being journaled
         self.diverged: dict[str, str] = {}  # scope -> why it no longer matches its journal
         self.journaled = 0  # records appended through this object
-        # wall time of the first change tracked outside the journal, until the barrier
+        # monotonic time of the first change tracked outside the journal, until the barrier
         # closing its resync is journaled: the oldest change the replica may lack
         self.tracked_since: float | None = None
         # told (that time, the closing barrier's LSN) as the resync closes: the change is
@@ -196,7 +196,7 @@ class JournalFirst(Generic[T]):
                 raise
             tracker = self.overflow = await self._new_tracker()
             if self.tracked_since is None:
-                self.tracked_since = time.time()
+                self.tracked_since = time.monotonic()
             self._log.warning(
                 self.events.overflow, journal_bytes=exc.used, cap=exc.cap, action=OVERFLOW_ACTION
             )

@@ -486,7 +486,7 @@ class Sender:
                         copied.add(copy)
                 try:
                     async with self.quiesce.frozen():  # HookFailed if the freeze fails: no epoch
-                        scan_began = time.time()
+                        scan_began = time.monotonic()  # for the lag: a duration
                         frozen = TouchedExtents(basis.extent_size) if hooked else None
                         try:
                             result = await scan_epoch(

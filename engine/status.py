@@ -149,7 +149,8 @@ class Listeners:
 
 @dataclass(slots=True)
 class _Rate:
-    """Bytes per second over the last few seconds, from samples taken at snapshot time."""
+    """Bytes per second over the last few seconds, from samples taken at snapshot time
+    (``time.monotonic``: a wall clock stepped back read as no progress, forward as none)."""
 
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
@@ -182,7 +183,9 @@ class SenderJobStatus:
         self.capture = capture
         self.peer = peer
         self.state = SenderPhase.STARTING
-        self.started = time.time()
+        # monotonic, as every moment this object keeps for a duration: a clock step (NTP
+        # setting the wall clock an hour back) must not shrink a lag or an uptime
+        self.started = time.monotonic()
         self.journal: Journal | None = None
         self.link: Link | None = None
         self.progress: tuple[int, int] | None = None  # initial sync: bytes scanned, total
@@ -192,7 +195,7 @@ class SenderJobStatus:
         self.shaping: Shaping | None = None  # the rate in force (send --rate/--schedule)
         self.fence: Callable[[], dict[str, Any]] | None = None  # send --witness: fencing state
         self.last_epoch = 0
-        # scan capture: (EPOCH LSN, wall time its scan began) of the points this run took,
+        # scan capture: (EPOCH LSN, monotonic time its scan began) of the points this run took,
         # newest last. A scanning sender captures nothing between its scans, so its lag
         # counts from the scan of the newest point the receiver applied
         self._points: deque[tuple[int, float]] = deque(maxlen=64)
@@ -212,10 +215,11 @@ class SenderJobStatus:
         self._received = 0
         # (since, beyond) when a link went with changes unapplied that are in no journal
         # here (shipped without it: a first sync, a later scan): their age counts in the
-        # lag until the receiver has applied up to the LSN ``beyond``
+        # lag until the receiver has applied up to the LSN ``beyond`` (since: monotonic)
         self._unapplied: tuple[float, int] | None = None
         # a live sender: when the first change it tracks outside its journal (the journal
-        # was full) was made, until that change's resync is journaled (JournalFirst)
+        # was full) was made (monotonic), until that change's resync is journaled
+        # (JournalFirst)
         self.tracked_since: Callable[[], float | None] = lambda: None
         # a live sender: the volumes (or FUSE folder) no longer matching its journal, and
         # why (JournalFirst.diverged)
@@ -241,7 +245,7 @@ class SenderJobStatus:
             self._received = max(self._received, old.received_lsn)
             lag = old.lag()
             if lag["records"] > 0:
-                since = time.time() - float(lag["seconds"])
+                since = time.monotonic() - float(lag["seconds"])
                 if self._unapplied is not None:
                     since = min(since, self._unapplied[0])
                 self._unapplied = (since, old.journal.last_lsn)
@@ -258,9 +262,9 @@ class SenderJobStatus:
         self._received = max(self._received, lsn)
 
     def unapplied_until(self, since: float, lsn: int) -> None:
-        """A change made at ``since`` reaches the replica only with the record at ``lsn``
-        (the barrier that closes an overflow's resync): its age counts in the lag until
-        the receiver has applied that LSN."""
+        """A change made at ``since`` (monotonic) reaches the replica only with the record
+        at ``lsn`` (the barrier that closes an overflow's resync): its age counts in the
+        lag until the receiver has applied that LSN."""
         if self._unapplied is not None:
             since = min(since, self._unapplied[0])
             lsn = max(lsn, self._unapplied[1])
@@ -268,7 +272,7 @@ class SenderJobStatus:
 
     def point_taken(self, lsn: int, scan_began: float) -> None:
         """A scanning sender journaled a consistency point at ``lsn``, of a scan that began
-        at ``scan_began`` (wall clock)."""
+        at ``scan_began`` (``time.monotonic``)."""
         self._points.append((lsn, scan_began))
 
     def _uncaptured_since(self, applied: int) -> float:
@@ -289,7 +293,9 @@ class SenderJobStatus:
 
     # -- read at snapshot time -----------------------------------------------------------
     async def snapshot(self) -> dict[str, Any]:
-        now = time.time()
+        # the wall clock only against the journal's record stamps (kept across processes);
+        # every moment this process noted itself is on the monotonic clock
+        now, mono = time.time(), time.monotonic()
         journal, link = self.journal, self.link
         applied = max(self._applied, link.applied_lsn if link else 0)
         received = max(self._received, link.received_lsn if link else 0)
@@ -313,10 +319,10 @@ class SenderJobStatus:
             # lag plus the interval) counts from the scan of the point the receiver holds,
             # connected or not (a cycle held by a slow hook or a hung read said "lag 0.0 s"
             # while connected, its journal empty, for as long as it was stuck)
-            lag_seconds = max(lag_seconds, now - self._uncaptured_since(applied) - self.interval)
+            lag_seconds = max(lag_seconds, mono - self._uncaptured_since(applied) - self.interval)
         tracked = self.tracked_since()
         if tracked is not None:  # changes in no journal yet: the replica lacks them
-            lag_seconds = max(lag_seconds, now - tracked)
+            lag_seconds = max(lag_seconds, mono - tracked)
         # the journal's size bounds what the receiver lacks only while everything it lacks
         # is in the journal: not where data ships around it (a scan's cycles, a first sync,
         # a link lost with such data unapplied, changes an overflow tracks)
@@ -331,7 +337,7 @@ class SenderJobStatus:
             if applied >= beyond:  # sent again, and applied
                 self._unapplied = None
             else:
-                lag_seconds = max(lag_seconds, now - since)
+                lag_seconds = max(lag_seconds, mono - since)
         state = self.state
         if state is SenderPhase.REPLICATING and link is not None and lag_seconds > LAGGING_SECONDS:
             state = SenderPhase.LAGGING
@@ -378,7 +384,7 @@ class SenderJobStatus:
             "initial_sync": _progress(self.progress),
             "bytes": {"payload": payload, "wire": wire},
             "compression_ratio": round(payload / wire, 3) if wire else 1.0,
-            "rate_bytes_per_second": round(self._rate.update(wire, now), 1),
+            "rate_bytes_per_second": round(self._rate.update(wire, mono), 1),
             "journal": {
                 "bytes": _journal_bytes(journal),
                 "cap": journal.max_bytes if journal else None,
@@ -393,7 +399,7 @@ class SenderJobStatus:
             "not_served": self.not_served,
             "errors": dict(self.errors),
             "last_error": last_error,
-            "uptime_seconds": round(now - self.started, 1),
+            "uptime_seconds": round(mono - self.started, 1),
         }
 
 
@@ -439,7 +445,6 @@ class ReceiverJobStatus:
             self.changed("error")
 
     async def snapshot(self) -> dict[str, Any]:
-        now = time.time()
         replica, conn = self.replica, self.conn
         point = replica.state
         payload, wire = self._totals.payload, self._totals.wire
@@ -499,7 +504,7 @@ class ReceiverJobStatus:
             "diverged": dict(replica.files.diverged),
             "bytes": {"payload": payload, "wire": wire},
             "compression_ratio": round(payload / wire, 3) if wire else 1.0,
-            "rate_bytes_per_second": round(self._rate.update(wire, now), 1),
+            "rate_bytes_per_second": round(self._rate.update(wire, time.monotonic()), 1),
             "journal": {"bytes": replica.journal.bytes_used, "cap": replica.journal.max_bytes},
             "errors": dict(self.errors),
             "last_error": self.last_error if replica.failure is None else str(replica.failure),
@@ -511,7 +516,7 @@ class StatusBoard:
 
     def __init__(self, role: str) -> None:
         self.role = role
-        self.started = time.time()
+        self.started = time.monotonic()  # for the uptime: a clock step does not move it
         self.jobs: dict[str, SenderJobStatus | ReceiverJobStatus] = {}
         self.tls: TlsIdentity | None = None  # its certificate's expiry is shown
         self.listeners = Listeners()  # told (job, "job") when a job is added (or replaced)
@@ -534,7 +539,7 @@ class StatusBoard:
         return {
             "role": self.role,
             "pid": _pid(),
-            "uptime_seconds": round(time.time() - self.started, 1),
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
             "tls": None if self.tls is None else self.tls.expiry(),
             "refused_connections": dict(sorted(self.refused.items())),
             "in_flight": None if self.in_flight is None else self.in_flight.status(),

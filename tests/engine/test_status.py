@@ -6,9 +6,11 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from replicator.engine.receiver import Receiver, ReceiverConfig
 from replicator.engine.sender import Sender, SenderConfig
-from replicator.engine.status import StatusBoard
+from replicator.engine.status import SenderJobStatus, StatusBoard
 from replicator.engine.volumes import resolve_volumes
 from replicator.journal import Record
 from replicator.transport import serve
@@ -66,3 +68,27 @@ async def test_an_applied_lsn_heard_before_any_link_was_received_too() -> None:
     status.heard_applied(15)
     lsn = (await status.snapshot())["lsn"]
     assert lsn["applied"] == 15 and lsn["received"] == 15, lsn
+
+
+async def test_a_wall_clock_stepped_back_shrinks_no_lag_no_uptime_no_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NTP steps the sender's wall clock an hour back while a scanning job waits for its
+    first point to be applied: its lag read 0 (the RPO silently understated), its uptime
+    -3570 s and its rate 0 B/s. Every moment the process notes for a duration is on the
+    monotonic clock now."""
+    board = StatusBoard("sender")
+    status = SenderJobStatus("vm", "scan", "peer")
+    status.interval = 1.0
+    status.point_taken(5, time.monotonic())  # not applied yet: the lag counts from the start
+    first = await status.snapshot()
+    assert first["uptime_seconds"] < 5
+    real_time, real_mono = time.time, time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real_mono() + 30)  # 30 s later...
+    monkeypatch.setattr(time, "time", lambda: real_time() + 30 - 3600)  # ...stepped back
+    status._totals.wire = 30_000_000
+    snap = await status.snapshot()
+    assert 29 - 1 <= snap["lag"]["seconds"] < 60, snap["lag"]
+    assert 30 <= snap["uptime_seconds"] < 60
+    assert snap["rate_bytes_per_second"] > 500_000
+    assert 30 <= (await board.snapshot())["uptime_seconds"] < 60
