@@ -143,9 +143,12 @@ def failover_command(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
+    missing = result.get("missing_seconds")
     held = (
         f"hold the consistency point at lsn {result['point_lsn']} "
-        f"(source time {result['point_time'] or 'unknown'})"
+        f"(source time {result['point_time'] or 'unknown'}"
+        + ("" if missing is None else f"; at most {missing} s of source writes missing")
+        + ")"
         if result.get("consistent", True)
         else "are NOT at a consistency point: taken as they were (--allow-inconsistent); "
         "check their file systems before trusting them"

@@ -36,6 +36,7 @@ from replicator.engine.generations import Promotion
 from replicator.engine.image_deps import missing_on_target
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import check_job_name, shell_quote, tree_entries
+from replicator.engine.source_clock import missing_seconds
 from replicator.engine.statedir import receiver_folder_locks
 from replicator.engine.status import iso_time
 from replicator.engine.user_command import split_command
@@ -64,6 +65,9 @@ class FailoverResult:
     next_steps: list[str] = field(default_factory=list)
     # backing files, data files or parents a replica needs and this host lacks
     warnings: list[str] = field(default_factory=list)
+    # at most this much of the source's writes were missing when promoted (the RPO bound,
+    # on this target's clock: engine/source_clock.py); None when the point's time is unknown
+    missing_seconds: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +140,7 @@ async def finish_failover(
         already_promoted=already,
         rewritten=[str(p) for p in rewritten],
         warnings=missing,
+        missing_seconds=_rpo_bound(promotion),
     )
     if exec_cmd:
         result.exec_pid = await _start(exec_cmd, job, replica_dir)
@@ -196,6 +201,13 @@ def point_configs_at_replicas(replica_dir: Path) -> list[Path]:
         rewritten.append(path)
         log.info("failover.config_rewritten", path=str(path), original=str(backup))
     return rewritten
+
+
+def _rpo_bound(promotion: Promotion) -> float | None:
+    """Seconds of source writes the replica lacked when promoted (status's
+    ``promotion.missing_seconds``)."""
+    seconds = missing_seconds(promotion.at_ns, promotion.point_ts_ns, promotion.point_target_ns)
+    return None if seconds is None else round(seconds, 3)
 
 
 def _rewrite_domain(text: str, disks: set[str], replica_dir: Path) -> str | None:

@@ -93,6 +93,7 @@ def test_a_source_clock_an_hour_off_shows_the_data_age_not_the_hour(
     # a failover's RPO bound is counted the same way, and kept in promoted.state
     out = replicator("failover", "--dir", str(rcv.dir), "--job", "vm", "--force", "--json")
     assert out.returncode == 0, out.stderr
+    assert 0 <= json.loads(out.stdout)["missing_seconds"] < 60, out.stdout
     promotion = _job(rcv, "vm")["promotion"]
     assert 0 <= promotion["missing_seconds"] < 60, promotion
 
