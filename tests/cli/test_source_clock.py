@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -154,3 +155,46 @@ def test_a_real_sender_an_hour_behind_under_faketime(tmp_path: Path) -> None:
     assert 0 <= live["lag"]["seconds"] < 60, live["lag"]
     assert live["source_clock_offset_seconds"] == pytest.approx(-HOUR, abs=30)
     assert 0 <= _job(rcv, "vm")["lag"]["seconds"] < 60
+
+
+def test_a_receiver_held_up_reads_the_age_of_what_it_applied_late(tmp_path: Path) -> None:
+    """A backlog, clocks right: the receiver is held (SIGSTOP) for 4 s while a point
+    waits in its socket, then applies it. The lag is the point's age, 4 s and more, not
+    the near 0 of "since applied"."""
+    rcv = start_receiver(tmp_path / "target", log=tmp_path / "receiver.log")
+    try:
+
+        async def held() -> None:
+            conn, welcome = await hostile_sender.hello(
+                rcv.port, "vm", capabilities=(CAP_WALL_CLOCK,)
+            )
+            assert isinstance(welcome, Welcome), welcome
+            try:
+                await conn.send(Ping(1, time.time_ns()))
+                await asyncio.sleep(0.5)  # the Ping is read before the receiver is held
+                rcv.proc.send_signal(signal.SIGSTOP)
+                try:
+                    records = [Record.write("disk.img", 0, b"\x5a" * 4096), Record.flush()]
+                    frame = hostile_sender.frame(records, 1, time.time_ns())
+                    await conn.send(frame)
+                    await asyncio.sleep(4)
+                finally:
+                    rcv.proc.send_signal(signal.SIGCONT)
+                async with asyncio.timeout(30):
+                    while True:
+                        msg = await conn.recv()
+                        if isinstance(msg, Ping):
+                            await conn.send(Pong(msg.nonce, msg.ts_ns))
+                        elif isinstance(msg, Ack) and msg.applied_lsn >= frame.last_lsn:
+                            break
+                await conn.send(Goodbye("done"))
+            finally:
+                await conn.aclose()
+
+        asyncio.run(held())
+        live = _job(rcv, "vm")
+    finally:
+        assert rcv.stop() == 0
+    assert live["lsn"]["applied"] == 2
+    assert 4 <= live["lag"]["seconds"] < 60, live["lag"]
+    assert abs(live["source_clock_offset_seconds"]) < 1
