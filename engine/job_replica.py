@@ -749,8 +749,22 @@ class JobReplica:
         return state.replace(
             point_lsn=point.lsn,
             point_ts_ns=point.ts_ns,
-            point_target_ns=on_target_clock(point.ts_ns, self.source_offset_ns, time.time_ns()),
+            point_target_ns=on_target_clock(point.ts_ns, self._points_offset(), time.time_ns()),
         )
+
+    def _points_offset(self) -> int | None:
+        """The source clock's offset a point applied now is converted with: this process's
+        sessions' estimate; before any (the journal's points applied at a restart), the
+        one the last point was converted with, ``point_ts_ns - point_target_ns``: never
+        less than the estimate it had (the conversion is at most the apply time), so
+        never a lag read short. A source an hour ahead with a backlog otherwise read "0 s"
+        after a receiver restart (the stamp, an hour ahead, taken no later than now)."""
+        if self.source_offset_ns is not None:
+            return self.source_offset_ns
+        state = self.state
+        if state.point_ts_ns > 0 and state.point_target_ns > 0:
+            return state.point_ts_ns - state.point_target_ns
+        return None
 
     async def _apply_upto(self, target: int) -> tuple[int, Record | None]:
         """Apply and fsync every record after the applied LSN up to ``target``.

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import tempfile
 import threading
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from replicator.engine import job_replica
 from replicator.engine.durable_tail import KeptMemory
 from replicator.engine.receiver import JobReplica, ReceiverConfig
+from replicator.engine.source_clock import lag_seconds
 from replicator.journal import Record
 
 MIB = 1024 * 1024
@@ -454,3 +456,44 @@ async def test_jobs_behind_together_keep_no_more_than_the_receivers_limit(
     for i in range(3):
         data = (tmp_path / "replicas" / f"job{i}" / "d").read_bytes()
         assert data == b"".join(bytes([i * 16 + step]) * MIB for step in range(4))
+
+
+async def test_a_point_applied_at_a_restart_is_converted_with_the_last_offset(
+    tmp_path: Path,
+) -> None:
+    """A source an hour ahead; the receiver stops with a point 40 s old in its journal and
+    applies it when it opens again, before any session tells the clock's offset: it takes
+    the offset its last point was converted with, and the lag reads the point's 40 s
+    (it read 0: the stamp, an hour ahead, taken no later than the apply)."""
+    second, skew = 10**9, 3600 * 10**9
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        replica.source_offset_ns = skew  # as a session's Pings told it
+        now = time.time_ns()
+        first = [Record.write("d", 0, b"a" * 4096), Record.flush()]
+        first = [r.with_lsn(i, now + skew) for i, r in enumerate(first, 1)]
+        await replica.ingest(first)
+        await replica.journal.sync()
+        replica.note_durable(first)
+        assert await replica.apply_pending() == 2
+        assert abs(replica.state.point_target_ns - now) < 5 * second
+        late = now + skew - 40 * second  # a point taken 40 s ago, not applied yet
+        backlog = [Record.write("d", 0, b"b" * 4096), Record.flush()]
+        await replica.ingest([r.with_lsn(i, late) for i, r in enumerate(backlog, 3)])
+        await replica.journal.sync()
+
+        async def stopped(force: bool = False) -> int:  # the receiver stops first
+            return replica.state.applied_lsn
+
+        replica.apply_pending = stopped  # type: ignore[method-assign]
+    finally:
+        await replica.aclose()
+    reopened = await JobReplica.open("job", _config(tmp_path))
+    try:
+        state = reopened.state
+        assert (state.applied_lsn, state.point_lsn, state.point_ts_ns) == (4, 4, late)
+        lag = lag_seconds(time.time_ns(), state.point_ts_ns, state.point_target_ns)
+        assert lag is not None and 40 <= lag < 60
+        assert reopened.source_offset_ns is None  # status claims no estimate of its own
+    finally:
+        await reopened.aclose()
