@@ -476,25 +476,36 @@ class Link:
 
         tailer = asyncio.create_task(tail(), name="link-tail")
         pending: collections.deque[EncodedRecord] = collections.deque()
+        # (last LSN, monotonic time read) of the batches in pending: the lag is never less
+        # than the time since its oldest record was read (SenderCore.lag)
+        read: collections.deque[tuple[int, float]] = collections.deque()
         try:
             queued = 0  # bytes in pending: refill only what one frame can take
             while True:
                 if not pending:
-                    core.oldest_queued_ts = 0
+                    core.oldest_queued_ts, core.oldest_queued_at = 0, 0.0
+                    read.clear()
                     batch = await _get_or_fail(queue, tailer)
                     pending.extend(batch)
                     queued = sum(r.size for r in batch)
+                    if batch:
+                        read.append((batch[-1].lsn, time.monotonic()))
                 while queued < FRAME_TARGET and not queue.empty():
                     batch = queue.get_nowait()
                     pending.extend(batch)
                     queued += sum(r.size for r in batch)
-                core.oldest_queued_ts = pending[0].ts_ns
+                    if batch:
+                        read.append((batch[-1].lsn, time.monotonic()))
+                while len(read) > 1 and read[0][0] < pending[0].lsn:
+                    read.popleft()
+                read_at = read[0][1] if read else time.monotonic()
+                core.oldest_queued_ts, core.oldest_queued_at = pending[0].ts_ns, read_at
                 frame = core.pack(pending)
                 queued -= len(frame.payload)
                 await self._wait_credit(len(frame.payload))
                 if unchecked is not None and frame.last_lsn > unchecked.lsn:
                     unchecked.lsn = frame.last_lsn
-                core.shipped(frame)
+                core.shipped(frame, read_at)
                 await self.conn.send(frame)
                 self.sent_lsn = frame.last_lsn
         finally:

@@ -163,9 +163,11 @@ class SenderCore:
         self.capabilities = frozenset(welcome.capabilities)
         self.received_lsn = welcome.received_lsn
         self.applied_lsn = welcome.applied_lsn
-        # (last lsn, source time of its first record, payload bytes) of frames not applied
-        self._in_flight: collections.deque[tuple[int, int, int]] = collections.deque()
+        # (last lsn, source time of its first record, payload bytes, monotonic time its
+        # first record was read from the journal) of frames not applied
+        self._in_flight: collections.deque[tuple[int, int, int, float]] = collections.deque()
         self.oldest_queued_ts = 0  # source time of the oldest record read, not yet shipped
+        self.oldest_queued_at = 0.0  # and the monotonic time it was read (0: none)
 
     # -- what the receiver says -----------------------------------------------------------
     def receive(self, msg: Message, *, credit: int = 0) -> list[Action]:
@@ -235,20 +237,38 @@ class SenderCore:
             payload = b"".join(parts)
         return Records(first.lsn, last.lsn, count, first.ts_ns, payload)
 
-    def shipped(self, msg: Records) -> None:
-        self._in_flight.append((msg.last_lsn, msg.source_ts_ns, len(msg.payload)))
+    def shipped(self, msg: Records, read_at: float | None = None) -> None:
+        """``msg`` went; its first record was read from the journal at ``read_at``
+        (``time.monotonic``; None: now)."""
+        at = time.monotonic() if read_at is None else read_at
+        self._in_flight.append((msg.last_lsn, msg.source_ts_ns, len(msg.payload), at))
 
-    def lag(self, journal_last_lsn: int, now_ns: int | None = None) -> dict[str, float]:
+    def lag(
+        self, journal_last_lsn: int, now_ns: int | None = None, now_mono: float | None = None
+    ) -> dict[str, float]:
         """What the receiver has not applied yet: records, bytes shipped, age in seconds
         (from the source time of the oldest record not applied, shipped or queued: the
-        replica's RPO right now)."""
+        replica's RPO right now).
+
+        The age is never less than the time since this process read that record from
+        its journal (monotonic): records stamped before NTP stepped the source's clock
+        back look as if they were written in the future, and their age read 0 (the RPO
+        controller then slowed the link for a backlog it took for none)."""
         now_ns = time.time_ns() if now_ns is None else now_ns
-        oldest = self._in_flight[0][1] if self._in_flight else self.oldest_queued_ts
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        if self._in_flight:
+            _, oldest, _, read_at = self._in_flight[0]
+        else:
+            oldest, read_at = self.oldest_queued_ts, self.oldest_queued_at
         behind = journal_last_lsn > self.applied_lsn
-        age = max(0.0, (now_ns - oldest) / 1e9) if oldest and behind else 0.0
+        age = 0.0
+        if behind and oldest:
+            age = max(0.0, (now_ns - oldest) / 1e9)
+        if behind and read_at:
+            age = max(age, now_mono - read_at)
         return {
             "records": max(0, journal_last_lsn - self.applied_lsn),
-            "bytes": sum(size for _, _, size in self._in_flight),
+            "bytes": sum(size for _, _, size, _ in self._in_flight),
             "seconds": round(age, 3),
         }
 

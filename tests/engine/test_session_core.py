@@ -323,6 +323,25 @@ def test_an_ack_trims_only_when_the_applied_lsn_moves() -> None:
     assert core.relieve_below() is None
 
 
+def test_a_source_clock_stepped_back_hides_no_backlog() -> None:
+    """Records stamped before NTP stepped the source's clock an hour back look written in
+    the future: their age read 0 s while they waited. It is never less than the time since
+    this process read them from its journal, shipped or still queued."""
+    hour, now_ns, now_mono = 3600 * 10**9, 1_800_000_000 * 10**9, 5000.0
+    core = SenderCore(Welcome(PROTOCOL_VERSION, 0, 0, WINDOW, (), 0))
+    core.oldest_queued_ts, core.oldest_queued_at = now_ns + hour, now_mono - 12
+    assert core.lag(1, now_ns=now_ns, now_mono=now_mono)["seconds"] == 12.0
+    pending = collections.deque([_encoded(Record.write("a", 0, b"x"), 1, now_ns + hour)])
+    core.shipped(core.pack(pending), read_at=now_mono - 30)
+    assert core.lag(1, now_ns=now_ns, now_mono=now_mono)["seconds"] == 30.0
+    core.receive(Ack(1, 1))
+    assert core.lag(1, now_ns=now_ns, now_mono=now_mono)["seconds"] == 0.0
+    # clocks right: the stamp counts, the data's age since it was written
+    pending = collections.deque([_encoded(Record.write("a", 0, b"x"), 2, now_ns - 50 * 10**9)])
+    core.shipped(core.pack(pending), read_at=now_mono - 1)
+    assert core.lag(2, now_ns=now_ns, now_mono=now_mono)["seconds"] == 50.0
+
+
 def test_refusals_and_goodbyes_become_user_errors() -> None:
     core = SenderCore(Welcome(PROTOCOL_VERSION, 0, 0, WINDOW, (), 0))
     with pytest.raises(Exception, match=r"refused \(storage\): disk full"):
