@@ -309,14 +309,40 @@ class _Tasks:
     def start(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         return task
 
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # what a task raised is its owner's to report, not asyncio's
+
     async def cancel(self) -> None:
-        for task in list(self._tasks):
+        """Cancel them all and wait until they ended; a cancellation of the caller is not
+        swallowed (``asyncio.wait`` raises only that, never what the tasks raised)."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+async def _close_in(task: asyncio.Task[None], hurry: Callable[[], bool] | None = None) -> None:
+    """Wait for a façade's closing ``task``, which its caller's cancellation does not
+    interrupt: the release happens whatever happens to the caller. When the caller is
+    cancelled meanwhile, ``hurry`` cuts the graceful part short (and says whether the
+    release is near: False while it waits for another task's call to end), the release is
+    waited for, and the cancellation propagates (an embedder's Ctrl-C or
+    ``asyncio.timeout`` must not be swallowed). A second cancellation stops the waiting,
+    never the release."""
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():
+            raise
+        if hurry is None or hurry():
+            await asyncio.wait({task})
+        raise
 
 
 class Sender:
@@ -411,7 +437,11 @@ class Sender:
         self._stop = asyncio.Event()
         self._acks: asyncio.Task[None] | None = None
         self._busy = asyncio.Lock()  # one of start/stop/verify/run_once at a time
-        self._pausing = False  # verify() stops the run to start it again: no STOPPED event
+        # the run verify() stops to start it again: it ends without a STOPPED event
+        self._paused: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None  # aclose()'s work, once begun
+        self._hurry = asyncio.Event()  # aclose() was cancelled: no graceful stop
+        self._close_locked = False  # aclose()'s work runs (no other call holds _busy)
         self._unlisten = self.engine.status.listeners.add(self._changed)
         self.failure: ReplicatorError | None = None  # what ended the run, if anything did
         self._once_failure: BaseException | None = None  # the last run_once()'s error
@@ -450,28 +480,36 @@ class Sender:
         async with self._busy:
             self._check_open()
             if self.running:
-                raise RuntimeError("this Sender is already running")
+                if not self._stop.is_set():
+                    raise RuntimeError("this Sender is already running")
+                await self._halt()  # a cancelled stop()'s run, still stopping: its end
             await self._enter_monitor()
             self._begin()
 
-    def _begin(self) -> None:
+    def _begin(self, after: asyncio.Task[None] | None = None) -> None:
+        """Start a continuous run; ``after``: a run still stopping (a verify's pause cut
+        short), which holds the state folder until it ends: the new one waits for it."""
         if self.fuse is not None:
             _check_fuse_free()
             _fuse_running.append(self)
-        self._stop = asyncio.Event()
+        self._stop = stop = asyncio.Event()
         self.failure = None
         self.engine.status.set_state(SenderPhase.STARTING)  # not "stopped" from a last run
-        self._run = self._tasks.start(self._replicate(), f"api-sender-{self.config.job}")
+        self._run = self._tasks.start(self._replicate(stop, after), f"api-sender-{self.config.job}")
         if self.fuse is not None:  # also when cancelled before it began
             self._run.add_done_callback(lambda _: self._fuse_done())
 
-    async def _replicate(self) -> None:
+    async def _replicate(self, stop: asyncio.Event, after: asyncio.Task[None] | None) -> None:
         try:
-            if self.nbd is not None or self.fuse is not None:
+            if after is not None:
+                await asyncio.wait({after})
+            if stop.is_set():
+                pass  # stopped before it began
+            elif self.nbd is not None or self.fuse is not None:
                 # a new capture each run: its exports or mount do not restart
-                await self._live().run(self._stop)
+                await self._live().run(stop)
             else:
-                await self.engine.run_forever(self.interval, self._stop)
+                await self.engine.run_forever(self.interval, stop)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -479,43 +517,70 @@ class Sender:
             log.error("api.sender_failed", job=self.config.job, error=str(self.failure))
         finally:
             self._fuse_done()
-        if not self._pausing:
+        if self._paused is not asyncio.current_task():
             await self._hub.publish_last(self._stopped_event())
 
     async def wait(self) -> None:
         """Wait until the continuous run ends (``stop()``, or an error, which is raised)."""
         if self._run is not None:
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(self._run)
+            await asyncio.wait({self._run})  # the caller's cancellation propagates
         if self.failure is not None:
             raise self.failure
 
     async def stop(self) -> None:
         """Stop the continuous run gracefully (ships and waits for what is journaled, at
-        most 30 s); raises the error that ended it, if one did. Idempotent."""
+        most 30 s); raises the error that ended it, if one did. Idempotent. Cancelled
+        meanwhile, it raises CancelledError and the run goes on stopping (``start()``
+        waits for it)."""
         async with self._busy:
             await self._halt()
         if self.failure is not None:
             raise self.failure
 
     async def _halt(self) -> None:
+        """Ask the run to stop, wait until it ended (never raising what ended it: that is
+        ``failure``); a cancellation of the caller propagates, the run stopping on."""
         run = self._run
         if run is None:
             return
         self._stop.set()
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(run)
+        await asyncio.wait({run})
 
     async def aclose(self) -> None:
         """Stop (as ``stop()``) and release everything: the control socket, the state
         folder's claim, the event streams (they end, after a STOPPED event when it was
         running). Never raises the run's error (``failure`` keeps it); safe to call any
-        number of times. A ``connector`` passed in is left open (it is the caller's)."""
-        if self.closed:
-            return
+        number of times (each waits until the first one's release is done). A
+        ``connector`` passed in is left open (it is the caller's).
+
+        Cancelled meanwhile (Ctrl-C, ``asyncio.timeout``), it stops the run at once
+        instead of gracefully (what is journaled and not applied stays in the journal for
+        the next start), releases everything all the same, then raises CancelledError."""
         self.closed = True
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(
+                self._close(), name=f"api-close-{self.config.job}"
+            )
+        await _close_in(self._closing, self._hurry_close)
+
+    def _hurry_close(self) -> bool:
+        """aclose() was cancelled: no graceful stop; whether the release is near (not
+        while a verify(), run_once() or failback() of another task holds the Sender: the
+        release follows its end)."""
+        self._hurry.set()
+        return self._close_locked
+
+    async def _close(self) -> None:
         async with self._busy:
-            await self._halt()
+            self._close_locked = True
+            run = self._run
+            if run is not None and not run.done():
+                self._stop.set()
+                hurry = asyncio.ensure_future(self._hurry.wait())
+                try:  # the graceful stop, unless aclose() is cancelled first
+                    await asyncio.wait({run, hurry}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    hurry.cancel()
             self._unlisten()
             await self._tasks.cancel()
             try:
@@ -590,7 +655,7 @@ class Sender:
         receiver serves one session per job."""
         async with self._busy:
             self._check_open()
-            resume = self.running
+            resume = self.running and not self._stop.is_set()
             if resume and (self.nbd is not None or self.fuse is not None):
                 what = "NBD exports" if self.nbd is not None else "FUSE mount"
                 raise RuntimeError(
@@ -598,14 +663,17 @@ class Sender:
                     "the replica's consistency points with the receiver's status"
                 )
             if resume:
-                self._pausing = True
+                paused = self._paused = self._run
                 try:
                     await self._halt()
-                finally:
-                    self._pausing = False
+                except asyncio.CancelledError:  # e.g. asyncio.timeout(): the run goes on
+                    self._begin(after=paused)  # once the one stopping has let go
+                    raise
                 if self.failure is not None:
                     await self._hub.publish_last(self._stopped_event())
                     raise self.failure
+            else:  # a cancelled stop()'s run, still stopping: it lets go of the folder first
+                await self._halt()
             try:
                 await self._enter_monitor()
                 folder = None
@@ -712,6 +780,7 @@ class Receiver:
         self._server: asyncio.Server | None = None
         self._tasks = _Tasks()
         self._unlisten: list[Callable[[], None]] = []
+        self._closing: asyncio.Task[None] | None = None  # aclose()'s work, once begun
         self.started = False
         self.closed = False
 
@@ -801,10 +870,17 @@ class Receiver:
 
     async def aclose(self) -> None:
         """Stop listening, end the sessions, finish applying complete epochs, release the
-        folders; the event streams end after a STOPPED event. Idempotent."""
-        if self.closed:
-            return
+        folders; the event streams end after a STOPPED event. Idempotent (each call waits
+        until the first one's release is done). Cancelled meanwhile, it finishes the
+        release all the same, then raises CancelledError."""
         self.closed = True
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(
+                self._close(), name="api-receiver-close"
+            )
+        await _close_in(self._closing)
+
+    async def _close(self) -> None:
         for unlisten in self._unlisten:
             unlisten()
         server, self._server = self._server, None
