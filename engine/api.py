@@ -42,7 +42,7 @@ import os
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -483,7 +483,9 @@ class Sender:
                 if not self._stop.is_set():
                     raise RuntimeError("this Sender is already running")
                 await self._halt()  # a cancelled stop()'s run, still stopping: its end
-            await self._enter_monitor()
+            with _user_errors():
+                await asyncio.to_thread(_check_volumes, self.config)
+                await self._enter_monitor()
             self._begin()
 
     def _begin(self, after: asyncio.Task[None] | None = None) -> None:
@@ -626,9 +628,11 @@ class Sender:
                 )
             if self.running:
                 raise RuntimeError("run_once() while running continuously: stop() first")
-            await self._enter_monitor()
             try:
-                summary = await self.engine.run_once(progress)
+                with _user_errors():
+                    await self._enter_monitor()
+                    await asyncio.to_thread(_check_volumes, self.config)
+                    summary = await self.engine.run_once(progress)
             except BaseException as exc:
                 self._once_failure = unwrap(exc)
                 raise
@@ -645,8 +649,10 @@ class Sender:
             self._check_open()
             if self.running:
                 raise RuntimeError("failback() while running: stop() first")
-            await self._enter_monitor()
-            return await failback(self.config, self.engine.connector)
+            with _user_errors():
+                await self._enter_monitor()
+                await asyncio.to_thread(_check_volumes, self.config)
+                return await failback(self.config, self.engine.connector)
 
     async def verify(self, *, repair: bool = False) -> VerifyResult:
         """Compare sources and replicas afresh (as ``replicator verify``); ``repair`` sends
@@ -675,13 +681,16 @@ class Sender:
             else:  # a cancelled stop()'s run, still stopping: it lets go of the folder first
                 await self._halt()
             try:
-                await self._enter_monitor()
-                folder = None
-                if self.fuse is not None:  # the folder as it is now, its layout compared too
-                    from replicator.engine.fuse_folder import folder_job
+                with _user_errors():
+                    await self._enter_monitor()
+                    await asyncio.to_thread(_check_volumes, self.config)
+                    folder = None
+                    if self.fuse is not None:  # the folder as it is now, its layout too
+                        from replicator.engine.fuse_folder import folder_job
 
-                    self.engine.config, folder = folder_job(self.engine.config, self.fuse.source)
-                return await verify(self.engine, repair=repair, folder=folder)
+                        config, source = self.engine.config, self.fuse.source
+                        self.engine.config, folder = folder_job(config, source)
+                    return await verify(self.engine, repair=repair, folder=folder)
             finally:
                 if resume:
                     self._begin()
@@ -970,14 +979,42 @@ def fuse_options(source: str | os.PathLike[str], mount: str | os.PathLike[str]) 
 
 
 def _user_error(exc: BaseException) -> ReplicatorError:
-    """The ``ReplicatorError`` (with its exit code) for whatever ended a run."""
+    """The ``ReplicatorError`` (with its exit code) for whatever ended a run or a call:
+    the CLI's mapping (``unwrap``: an OSError is a StorageError, exit code 9); anything
+    else is a bug, exit code 70 as the CLI's (``ExitCode.BUG``), its cause kept."""
     error = unwrap(exc)
     if isinstance(error, ReplicatorError):
         return error
-    wrapped = ReplicatorError(f"internal error: {type(error).__name__}: {error}")
-    wrapped.exit_code = ExitCode.CONFIG
+    wrapped = ReplicatorError(
+        f"internal error: {type(error).__name__}: {error}",
+        hint="a bug in replicator: please report it with the log and `replicator --version`",
+    )
+    wrapped.exit_code = ExitCode.BUG
     wrapped.__cause__ = error
     return wrapped
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Around the engine's work in a façade call: what escapes is a ``ReplicatorError``
+    (``_user_error``), never a raw OSError, KeyError or ExceptionGroup; a cancellation
+    and misuse (RuntimeError, raised before the engine runs) pass as they are."""
+    try:
+        yield
+    except ReplicatorError:
+        raise
+    except Exception as exc:
+        error = _user_error(exc)
+        raise error from (error.__cause__ or exc)  # the error itself, out of its group
+
+
+def _check_volumes(config: SenderConfig) -> None:
+    """The job's volumes are still there and still files, as ``send`` checks them at each
+    start (a thread's call): a disk removed since ``resolve_volumes`` is a ConfigError
+    naming it (exit code 3), not a raw FileNotFoundError from deep in a scan. A FUSE job's
+    volumes are walked again from its folder instead."""
+    if config.volumes and not config.folder:
+        resolve_volumes([v.path for v in config.volumes])
 
 
 __all__ = [

@@ -1,0 +1,91 @@
+"""What the embedding API raises (engine/api.py, docs/EMBEDDING.md, "Errors and exit
+codes"): a ``ReplicatorError`` with its exit code and what to do next, never a raw
+OSError, KeyError or ExceptionGroup from deep in the engine."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+
+from replicator.engine.api import (
+    ConfigError,
+    ExitCode,
+    Receiver,
+    ReceiverConfig,
+    ReplicatorError,
+    Sender,
+    StorageError,
+)
+from tests.engine.test_embedding import Setup
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(MiB))
+    config = ReceiverConfig(tmp_path / "replicas", tmp_path / "rstate")
+    async with Receiver(config) as receiver:
+        yield Setup(tmp_path, disk, receiver)
+
+
+async def test_a_disk_gone_since_the_configuration_is_named_as_send_names_it(
+    setup: Setup,
+) -> None:
+    """A disk removed (or replaced by a folder) after ``resolve_volumes`` came out of
+    run_once(), verify() and failback() as a raw FileNotFoundError / IsADirectoryError,
+    and ended a started run as an opaque 'local storage error'."""
+    sender = Sender(setup.config())
+    try:
+        await sender.run_once()
+        setup.disk.rename(setup.tmp / "away.img")
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "run_once": sender.run_once,
+            "verify": sender.verify,
+            "failback": sender.failback,
+            "start": sender.start,
+        }
+        for name, call in calls.items():
+            with pytest.raises(ConfigError, match="does not exist") as raised:
+                await call()
+            assert str(setup.disk) in str(raised.value), name
+            assert raised.value.exit_code is ExitCode.CONFIG, name
+            assert not sender.running
+        setup.disk.mkdir()
+        with pytest.raises(ConfigError, match="not a regular file"):
+            await sender.run_once()
+        setup.disk.rmdir()
+        (setup.tmp / "away.img").rename(setup.disk)
+        assert (await sender.verify()).identical  # back: all is well again
+    finally:
+        await sender.aclose()
+
+
+async def test_what_the_engine_raises_raw_is_mapped(setup: Setup) -> None:
+    """An OSError is a StorageError (exit code 9) as the CLI says it; anything else not
+    ours is an internal error with the CLI's exit code for a bug (70), its cause kept."""
+    sender = Sender(setup.config(), control=False)
+    try:
+        failing = OSError(errno.EIO, "Input/output error")
+        with (
+            patch.object(sender.engine, "run_once", side_effect=failing),
+            pytest.raises(StorageError, match="Input/output error") as storage,
+        ):
+            await sender.run_once()
+        assert storage.value.exit_code is ExitCode.STORAGE
+        bug = KeyError("epoch")
+        with (
+            patch("replicator.engine.api.verify", side_effect=ExceptionGroup("tg", [bug])),
+            pytest.raises(ReplicatorError, match="internal error: KeyError") as internal,
+        ):
+            await sender.verify()
+        assert internal.value.exit_code is ExitCode.BUG
+        assert isinstance(internal.value.__cause__, KeyError)
+    finally:
+        await sender.aclose()
