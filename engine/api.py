@@ -104,6 +104,11 @@ Role = Literal["sender", "receiver"]
 EVENT_BUFFER = 1024  # events kept per subscriber that does not read; older ones are dropped
 # the Sender whose FUSE capture runs in this process: pyfuse3 keeps one session per process
 _fuse_running: list[Sender] = []
+# the state folders (real paths) of this process's open Senders, from their first start,
+# run_once, verify or failback to aclose(): the engine locks a folder only while a run or
+# a call holds it, so a second Sender (control=False: no claim) took it between the first
+# one's start() and its run, or between two of its runs, and the first one's run failed
+_state_folders: dict[str, Sender] = {}
 
 
 class EventKind(StrEnum):
@@ -442,6 +447,7 @@ class Sender:
         self._closing: asyncio.Task[None] | None = None  # aclose()'s work, once begun
         self._hurry = asyncio.Event()  # aclose() was cancelled: no graceful stop
         self._close_locked = False  # aclose()'s work runs (no other call holds _busy)
+        self._state_folder = os.path.realpath(config.state_dir)  # its key in _state_folders
         self._unlisten = self.engine.status.listeners.add(self._changed)
         self.failure: ReplicatorError | None = None  # what ended the run, if anything did
         self._once_failure: BaseException | None = None  # the last run_once()'s error
@@ -594,6 +600,8 @@ class Sender:
                         None if failure is None else type(failure), failure, None
                     )
             finally:
+                if _state_folders.get(self._state_folder) is self:
+                    del _state_folders[self._state_folder]
                 if self._own_connector:
                     await self.engine.connector.aclose()
                 await self._hub.end()
@@ -701,12 +709,25 @@ class Sender:
             raise RuntimeError("this Sender is closed")
 
     async def _enter_monitor(self) -> None:
-        """What runs from the first start to ``aclose()``: the control socket, shaping."""
+        """What runs from the first start to ``aclose()``: the state folder's claim in this
+        process, the control socket, shaping."""
+        self._claim_state_folder()
         if self._monitor is not None and not self._monitoring:
             await self._monitor.__aenter__()
             self._monitoring = True
         if self.shaping is not None and self._shaping_task is None:
             self._shaping_task = self._tasks.start(self.shaping.run(), "api-shaping")
+
+    def _claim_state_folder(self) -> None:
+        """ConfigError when another open Sender of this process uses the state folder."""
+        holder = _state_folders.setdefault(self._state_folder, self)
+        if holder is not self:
+            raise ConfigError(
+                f"a Sender of this process (job {holder.config.job!r}) already runs with "
+                f"state folder {self.config.state_dir}",
+                hint="it holds it until its aclose(), stopped or not: close that one first, "
+                "or give this one a state folder of its own",
+            )
 
     def _live(self) -> LiveSender:
         from replicator.engine.live import LiveSender, NbdCapture

@@ -89,3 +89,31 @@ async def test_what_the_engine_raises_raw_is_mapped(setup: Setup) -> None:
         assert isinstance(internal.value.__cause__, KeyError)
     finally:
         await sender.aclose()
+
+
+async def test_a_second_sender_on_a_state_folder_is_refused_not_the_first(
+    setup: Setup,
+) -> None:
+    """Without the control socket's claim (``control=False``) a second Sender on the
+    same state folder started, or ran a cycle, unchallenged: between the first one's
+    start() and its run it took the folder, and the first one's run failed."""
+    first = Sender(setup.config(), interval=0.2, control=False)
+    second = Sender(setup.config(), control=False)
+    try:
+        await first.start()  # its run has not begun yet: the folder is not locked
+        with pytest.raises(ConfigError, match="a Sender of this process") as raised:
+            await second.run_once()
+        assert raised.value.exit_code is ExitCode.CONFIG and "'vm1'" in str(raised.value)
+        for call in (second.start, second.verify, second.failback):
+            with pytest.raises(ConfigError, match="a Sender of this process"):
+                await call()
+        assert not second.running
+        await first.stop()  # stopped but open: the folder is still the first one's
+        with pytest.raises(ConfigError, match="a Sender of this process"):
+            await second.run_once()
+        assert first.failure is None
+    finally:
+        await first.aclose()
+    summary = await second.run_once()  # the first one closed: the folder is free
+    await second.aclose()
+    assert summary.lsn > 0 and setup.replica.read_bytes() == setup.disk.read_bytes()
