@@ -41,6 +41,7 @@ import contextlib
 import os
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ _fuse_running: list[Sender] = []
 # run_once, verify or failback to aclose(): the engine locks a folder only while a run or
 # a call holds it, so a second Sender (control=False: no claim) took it between the first
 # one's start() and its run, or between two of its runs, and the first one's run failed
-_state_folders: dict[str, Sender] = {}
+# (weak: a Sender dropped unclosed, with no run left, lets go of its folder)
+_state_folders: weakref.WeakValueDictionary[str, Sender] = weakref.WeakValueDictionary()
 
 
 class EventKind(StrEnum):

@@ -5,6 +5,7 @@ OSError, KeyError or ExceptionGroup from deep in the engine."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -115,5 +116,11 @@ async def test_a_second_sender_on_a_state_folder_is_refused_not_the_first(
     finally:
         await first.aclose()
     summary = await second.run_once()  # the first one closed: the folder is free
-    await second.aclose()
     assert summary.lsn > 0 and setup.replica.read_bytes() == setup.disk.read_bytes()
+    del second, call, raised  # dropped without aclose(), its calls over: it lets go
+    gc.collect()
+    third = Sender(setup.config(), control=False)
+    try:
+        assert (await third.verify()).identical
+    finally:
+        await third.aclose()
