@@ -1,0 +1,101 @@
+"""An HA controller's process starts and stops jobs for months: the embedding API's
+resources (engine/api.py) must be flat over many start/stop cycles, also after errors.
+Counted: open descriptors, threads, asyncio tasks, control sockets left in state folders,
+and (the long version) memory the Python allocator holds."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from replicator.engine.api import (
+    ConnectError,
+    Receiver,
+    ReceiverConfig,
+    Sender,
+    SenderConfig,
+    resolve_volumes,
+)
+from replicator.engine.control import SOCKET_NAME
+from tests.engine.test_embedding import caught_up, until
+
+MiB = 1024 * 1024
+
+
+def resources() -> dict[str, int]:
+    gc.collect()
+    return {
+        "fds": len(os.listdir("/proc/self/fd")),
+        "threads": threading.active_count(),
+        "tasks": len(asyncio.all_tasks()),
+    }
+
+
+async def cycle(tmp: Path, disk: Path) -> None:
+    """One of everything a controller does: a receiver up, a continuous sender started,
+    caught up and closed, a cycle, a sender that cannot reach its receiver."""
+    config = ReceiverConfig(tmp / "replicas", tmp / "rstate")
+    async with Receiver(config) as receiver:
+        job = SenderConfig(*receiver.address, "vm1", resolve_volumes([disk]), tmp / "sstate")
+        async with Sender(job, interval=0.2) as sender, sender.events() as events:
+            await until(events, caught_up)
+        once = Sender(job)
+        try:
+            await once.run_once()
+        finally:
+            await once.aclose()
+    away = SenderConfig("127.0.0.1", 1, "vm1", resolve_volumes([disk]), tmp / "sstate")
+    unreached = Sender(away)
+    with pytest.raises(ConnectError):
+        await unreached.run_once()
+    await unreached.aclose()
+
+
+async def run_cycles(tmp: Path, count: int, each: Callable[[int], None] | None = None) -> None:
+    disk = tmp / "disk.img"
+    disk.write_bytes(os.urandom(MiB))
+    for _ in range(2):  # the default executor's threads, imports, caches: made once
+        await cycle(tmp, disk)
+    before = resources()
+    for i in range(count):
+        with disk.open("r+b") as f:
+            f.write(os.urandom(4096))
+        await cycle(tmp, disk)
+        if each is not None:
+            each(i)
+    after = resources()
+    assert after["fds"] <= before["fds"], (before, after)
+    assert after["tasks"] <= before["tasks"], (before, after)
+    # the executor may add a worker now and then (up to its max), never one per cycle
+    assert after["threads"] <= before["threads"] + 2, (before, after)
+    assert not (tmp / "sstate" / SOCKET_NAME).exists()
+    assert not (tmp / "rstate" / SOCKET_NAME).exists()
+
+
+async def test_start_stop_cycles_leave_nothing_behind(tmp_path: Path) -> None:
+    await run_cycles(tmp_path, 5)
+
+
+@pytest.mark.long
+async def test_two_hundred_cycles_hold_no_more_memory(tmp_path: Path) -> None:
+    tracemalloc.start()
+    try:
+        held: list[int] = []
+
+        def measure(i: int) -> None:
+            if i in (49, 199):
+                gc.collect()
+                held.append(tracemalloc.get_traced_memory()[0])
+
+        await run_cycles(tmp_path, 200, measure)
+        growth = held[1] - held[0]
+        assert growth < 512 * 1024, f"{growth} bytes more after 150 more cycles"
+    finally:
+        tracemalloc.stop()
