@@ -813,6 +813,8 @@ class Receiver:
         self._tasks = _Tasks()
         self._unlisten: list[Callable[[], None]] = []
         self._closing: asyncio.Task[None] | None = None  # aclose()'s work, once begun
+        # per job: its status's listener (undo) and the task following its replica's applies
+        self._followed: dict[str, tuple[Callable[[], None], asyncio.Task[None] | None]] = {}
         self.started = False
         self.closed = False
 
@@ -915,6 +917,8 @@ class Receiver:
     async def _close(self) -> None:
         for unlisten in self._unlisten:
             unlisten()
+        for unlisten, _ in self._followed.values():
+            unlisten()
         server, self._server = self._server, None
         try:
             if server is not None:
@@ -936,14 +940,24 @@ class Receiver:
         await self.aclose()
 
     def _job_added(self, job: str, what: str) -> None:
-        """A job opened (first session since start, or reopened after a failed apply):
-        its changes become events, and so does each apply round."""
+        """A job opened (first session since start, or reopened: after a failed apply, or
+        closed while idle to make room for another and opened again): its changes become
+        events, and so does each apply round. What followed the job's previous replica
+        is let go first: it was kept, task and closed replica, once per reopening."""
+        previous = self._followed.pop(job, None)
+        if previous is not None:
+            unlisten, follower = previous
+            unlisten()
+            if follower is not None:
+                follower.cancel()  # _Tasks awaits it at close, if it has not ended by then
         status = self.engine.status.jobs.get(job)
         if isinstance(status, ReceiverJobStatus):
-            self._unlisten.append(status.listeners.add(self._hub.tell))
+            unlisten = status.listeners.add(self._hub.tell)
             replica = status.replica
+            follower = None
             if isinstance(replica, JobReplica):
-                self._tasks.start(self._follow_applies(replica), f"api-applies-{job}")
+                follower = self._tasks.start(self._follow_applies(replica), f"api-applies-{job}")
+            self._followed[job] = (unlisten, follower)
         self._hub.tell(job, what)
 
     async def _follow_applies(self, replica: JobReplica) -> None:

@@ -12,11 +12,13 @@ import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
 from replicator.engine.api import (
     ConnectError,
+    EventKind,
     Receiver,
     ReceiverConfig,
     Sender,
@@ -24,6 +26,7 @@ from replicator.engine.api import (
     resolve_volumes,
 )
 from replicator.engine.control import SOCKET_NAME
+from replicator.engine.job_replica import JobReplica
 from tests.engine.test_embedding import caught_up, until
 
 MiB = 1024 * 1024
@@ -99,3 +102,43 @@ async def test_two_hundred_cycles_hold_no_more_memory(tmp_path: Path) -> None:
         assert growth < 512 * 1024, f"{growth} bytes more after 150 more cycles"
     finally:
         tracemalloc.stop()
+
+
+async def test_a_receiver_reopening_idle_jobs_keeps_one_follower_per_job(
+    tmp_path: Path,
+) -> None:
+    """A receiver with more jobs than it keeps open closes idle ones and opens them again
+    when their senders come back; the façade followed each opening with a task (and a
+    listener) and never let the previous one go: one task and one closed JobReplica kept
+    per reopening, for the life of the process."""
+    disks = []
+    for j in range(2):
+        disk = tmp_path / f"disk{j}.img"
+        disk.write_bytes(os.urandom(MiB))
+        disks.append(disk)
+    config = ReceiverConfig(tmp_path / "replicas", tmp_path / "rstate", max_open_jobs=1)
+    with patch("replicator.engine.receiver.IDLE_BEFORE_CLOSE", 0.0):
+        async with Receiver(config) as receiver, receiver.events() as events:
+            for _ in range(3):
+                for j, disk in enumerate(disks):  # each one closes the other, idle
+                    job = SenderConfig(
+                        *receiver.address, f"vm{j}", resolve_volumes([disk]), tmp_path / f"s{j}"
+                    )
+                    sender = Sender(job, control=False)
+                    try:
+                        await sender.run_once()
+                    finally:
+                        await sender.aclose()
+            followers = [t.get_name() for t in asyncio.all_tasks()]
+            assert sorted(n for n in followers if n.startswith("api-applies")) == [
+                "api-applies-vm0",
+                "api-applies-vm1",
+            ]
+            gc.collect()
+            assert sum(isinstance(o, JobReplica) for o in gc.get_objects()) <= 2
+            # a job reopened still has its events: its opening, then its apply rounds
+            await asyncio.sleep(0.1)  # the last round's events delivered
+            events.close()
+            seen = [(e.job, e.kind) async for e in events]
+            last_opened = max(i for i, got in enumerate(seen) if got == ("vm0", EventKind.JOB))
+            assert ("vm0", EventKind.LAG) in seen[last_opened:]
