@@ -107,7 +107,12 @@ async def _new_dirty_map() -> DirtyMap:
     return DirtyMap()
 
 
-_captures: weakref.WeakKeyDictionary[Journal, JournalFirst[DirtyMap]] = weakref.WeakKeyDictionary()
+# the capture of each journal some export serves, by the journal's id: weak values, so an
+# entry lives as long as the exports holding its capture (and the capture holds its journal,
+# so the id is not reused meanwhile). Weak keys kept every entry for good, the capture
+# holding its key: a process that served many runs (an embedding's start()s, each with a
+# journal of its own) kept every journal and capture it ever had.
+_captures: weakref.WeakValueDictionary[int, JournalFirst[DirtyMap]] = weakref.WeakValueDictionary()
 
 
 def capture_for(journal: Journal, overflow: bool) -> JournalFirst[DirtyMap]:
@@ -116,10 +121,10 @@ def capture_for(journal: Journal, overflow: bool) -> JournalFirst[DirtyMap]:
     Overflow is a property of the journal's capture, not of one export: a full journal
     switches every export of it to tracking at once.
     """
-    capture = _captures.get(journal)
-    if capture is None:
+    capture = _captures.get(id(journal))
+    if capture is None or capture.journal is not journal:
         capture = JournalFirst(journal, EVENTS, overflow=_new_dirty_map if overflow else None)
-        _captures[journal] = capture
+        _captures[id(journal)] = capture
     elif capture.overflows != overflow:
         raise ConfigError(
             f"the exports of journal {journal.path} disagree about overflow "

@@ -23,10 +23,13 @@ from replicator.engine.api import (
     ReceiverConfig,
     Sender,
     SenderConfig,
+    nbd_options,
     resolve_volumes,
 )
 from replicator.engine.control import SOCKET_NAME
 from replicator.engine.job_replica import JobReplica
+from replicator.engine.status import SenderPhase
+from replicator.journal.journal import Journal
 from tests.engine.test_embedding import caught_up, until
 
 MiB = 1024 * 1024
@@ -142,3 +145,27 @@ async def test_a_receiver_reopening_idle_jobs_keeps_one_follower_per_job(
             seen = [(e.job, e.kind) async for e in events]
             last_opened = max(i for i, got in enumerate(seen) if got == ("vm0", EventKind.JOB))
             assert ("vm0", EventKind.LAG) in seen[last_opened:]
+
+
+async def test_an_nbd_sender_started_again_and_again_keeps_one_journal(tmp_path: Path) -> None:
+    """Each start() of an NBD-capturing Sender opens the state folder's journal afresh;
+    the NBD backend's table of captures (weak keys, the values holding their keys) kept
+    every one of them, closed, with its capture, for the life of the process."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(MiB))
+    config = ReceiverConfig(tmp_path / "replicas", tmp_path / "rstate")
+    async with Receiver(config) as receiver:
+        job = SenderConfig(*receiver.address, "vm1", resolve_volumes([disk]), tmp_path / "s")
+        sender = Sender(job, nbd=nbd_options(tmp_path / "nbd.sock"), control=False)
+        try:
+            async with sender.events() as events:
+                for _ in range(4):
+                    await sender.start()
+                    await until(events, lambda e: e.state == SenderPhase.REPLICATING)
+                    await sender.stop()
+        finally:
+            await sender.aclose()
+    gc.collect()
+    kept = [o.path for o in gc.get_objects() if isinstance(o, Journal)]
+    # the last run's, which the job's status still shows (its lag at the end)
+    assert len([path for path in kept if path.is_relative_to(tmp_path / "s")]) == 1
