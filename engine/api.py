@@ -321,8 +321,10 @@ class _Tasks:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # what a task raised is its owner's to report, not asyncio's
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # a bug (each task handles what it expects): said now, not when asyncio
+            # collects the task ("exception was never retrieved"), nor never
+            log.error("api.task_failed", task=task.get_name(), exc_info=error)
 
     async def cancel(self) -> None:
         """Cancel them all and wait until they ended; a cancellation of the caller is not

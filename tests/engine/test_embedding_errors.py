@@ -4,6 +4,7 @@ OSError, KeyError or ExceptionGroup from deep in the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import gc
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
+import structlog.testing
 
 from replicator.engine.api import (
     ConfigError,
@@ -21,6 +23,7 @@ from replicator.engine.api import (
     ReplicatorError,
     Sender,
     StorageError,
+    _Tasks,
 )
 from tests.engine.test_embedding import Setup
 
@@ -124,3 +127,21 @@ async def test_a_second_sender_on_a_state_folder_is_refused_not_the_first(
         assert (await third.verify()).identical
     finally:
         await third.aclose()
+
+
+async def test_a_background_task_that_fails_is_logged_at_once() -> None:
+    """The façade's background tasks (a run, the event followers, shaping) each handle
+    what they expect; one that raises anyway is a bug, said in the log when it happens,
+    not swallowed at close (nor left to asyncio's "never retrieved" at collection)."""
+    tasks = _Tasks()
+
+    async def broken() -> None:
+        raise KeyError("a bug")
+
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait({tasks.start(broken(), "api-broken")})
+        await asyncio.sleep(0)  # the done callback
+    failed = [entry for entry in logs if entry["event"] == "api.task_failed"]
+    assert len(failed) == 1 and failed[0]["task"] == "api-broken"
+    assert isinstance(failed[0]["exc_info"], KeyError)
+    await tasks.cancel()
