@@ -533,9 +533,16 @@ class Sender:
             await self._hub.publish_last(self._stopped_event())
 
     async def wait(self) -> None:
-        """Wait until the continuous run ends (``stop()``, or an error, which is raised)."""
-        if self._run is not None:
-            await asyncio.wait({self._run})  # the caller's cancellation propagates
+        """Wait until the continuous run ends (``stop()``, or an error, which is raised);
+        a verify()'s pause is not an end: the run it starts again is waited for."""
+        while (run := self._run) is not None:
+            await asyncio.wait({run})  # the caller's cancellation propagates
+            if self._paused is not run:
+                break
+            async with self._busy:  # the verify holds it until it started the run again
+                pass
+            if self._run is run:  # it did not (the run had failed): that is the end
+                break
         if self.failure is not None:
             raise self.failure
 

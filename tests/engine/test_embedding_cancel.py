@@ -135,3 +135,18 @@ async def test_a_cancelled_receiver_aclose_releases_then_propagates(tmp_path: Pa
         async with Receiver(config) as again:
             assert again.address
     assert sender.failure is None
+
+
+async def test_wait_goes_on_through_a_verify_pause(setup: Setup) -> None:
+    """``wait()`` (until the continuous run ends: stop() or an error) returned when a
+    verify() of another task paused the run, as if replication had ended."""
+    async with Sender(setup.config(), interval=0.2) as sender, sender.events() as events:
+        await until(events, caught_up)
+        waiting = asyncio.get_running_loop().create_task(sender.wait())
+        await asyncio.sleep(0)
+        result = await sender.verify()
+        await asyncio.sleep(0.1)
+        assert result.identical and sender.running and not waiting.done()
+        await sender.stop()
+        async with asyncio.timeout(5):
+            await waiting  # the run ended: stop()
