@@ -454,6 +454,7 @@ class Sender:
         self._state_folder = os.path.realpath(config.state_dir)  # its key in _state_folders
         self._unlisten = self.engine.status.listeners.add(self._changed)
         self.failure: ReplicatorError | None = None  # what ended the run, if anything did
+        self._failure_tb: TracebackType | None = None  # its traceback then
         self._once_failure: BaseException | None = None  # the last run_once()'s error
         self.closed = False
 
@@ -526,6 +527,7 @@ class Sender:
             raise
         except BaseException as exc:
             self.failure = _user_error(exc)
+            self._failure_tb = self.failure.__traceback__
             log.error("api.sender_failed", job=self.config.job, error=str(self.failure))
         finally:
             self._fuse_done()
@@ -544,7 +546,7 @@ class Sender:
             if self._run is run:  # it did not (the run had failed): that is the end
                 break
         if self.failure is not None:
-            raise self.failure
+            raise self._failed()
 
     async def stop(self) -> None:
         """Stop the continuous run gracefully (ships and waits for what is journaled, at
@@ -554,7 +556,7 @@ class Sender:
         async with self._busy:
             await self._halt()
         if self.failure is not None:
-            raise self.failure
+            raise self._failed()
 
     async def _halt(self) -> None:
         """Ask the run to stop, wait until it ended (never raising what ended it: that is
@@ -633,7 +635,7 @@ class Sender:
     ) -> None:
         await self.aclose()
         if exc is None and self.failure is not None:
-            raise self.failure
+            raise self._failed()
 
     # -- one cycle, verify ----------------------------------------------------------------
     async def run_once(self, progress: Progress | None = None) -> Summary:
@@ -696,7 +698,7 @@ class Sender:
                     raise
                 if self.failure is not None:
                     await self._hub.publish_last(self._stopped_event())
-                    raise self.failure
+                    raise self._failed()
             else:  # a cancelled stop()'s run, still stopping: it lets go of the folder first
                 await self._halt()
             try:
@@ -715,6 +717,14 @@ class Sender:
                     self._begin()
 
     # -- internals ------------------------------------------------------------------------
+    def _failed(self) -> ReplicatorError:
+        """``failure``, to raise (again): with the traceback it had when the run ended.
+        Each raise of one exception object adds the raiser's frames to its traceback, and
+        they keep their locals: a controller asking a failed Sender again and again (its
+        ``wait()`` in a loop) grew it without end."""
+        assert self.failure is not None
+        return self.failure.with_traceback(self._failure_tb)
+
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("this Sender is closed")

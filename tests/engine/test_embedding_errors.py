@@ -20,6 +20,7 @@ from replicator.engine.api import (
     ExitCode,
     Receiver,
     ReceiverConfig,
+    RefusedError,
     ReplicatorError,
     Sender,
     StorageError,
@@ -145,3 +146,26 @@ async def test_a_background_task_that_fails_is_logged_at_once() -> None:
     assert len(failed) == 1 and failed[0]["task"] == "api-broken"
     assert isinstance(failed[0]["exc_info"], KeyError)
     await tasks.cancel()
+
+
+async def test_asking_a_failed_sender_again_and_again_keeps_its_traceback(
+    setup: Setup,
+) -> None:
+    """Each ``raise`` of one exception object adds the raising frames to its traceback
+    (which keep their locals): a controller calling ``wait()`` on a failed Sender in a
+    loop grew ``failure.__traceback__`` by two entries a call, for good."""
+    sender = Sender(setup.config(), control=False)
+    refusal = RefusedError("receiver refused (config): no such job here")
+    with patch.object(sender.engine, "run_forever", side_effect=refusal):
+        await sender.start()
+        for _ in range(50):
+            with pytest.raises(RefusedError):
+                await sender.wait()
+    with pytest.raises(RefusedError):
+        await sender.stop()
+    assert sender.failure is refusal
+    entries, tb = 0, refusal.__traceback__
+    while tb is not None:
+        entries, tb = entries + 1, tb.tb_next
+    assert entries < 20, f"{entries} traceback entries after 51 raises"
+    await sender.aclose()
