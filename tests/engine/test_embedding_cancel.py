@@ -21,8 +21,15 @@ from replicator.engine.api import (
 )
 from replicator.engine.control import SOCKET_NAME
 from tests.engine.test_embedding import Setup, caught_up, until
+from tests.nbd.helpers import loop_policy
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """The embedder's loop is either (the CLI runs on uvloop): both are cancelled alike."""
+    return loop_policy(request.param)
 
 
 @pytest.fixture
