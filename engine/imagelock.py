@@ -151,8 +151,11 @@ class ImageLock:
             return False
         return _holder(self._fd, fcntl.F_WRLCK, _QEMU_USE + _WRITE)
 
-    def serve(self) -> None:
-        """Add QEMU's locks for a writer that does not share writing (the NBD shim)."""
+    def check_servable(self) -> None:
+        """Raise ConfigError if ``serve`` would refuse now: the image not writable, or
+        another program using it for writing. A live sender asks before its initial sync,
+        so that a VM left running on the image is named at once, not after a sync of the
+        whole disk (and a scan of an image it writes)."""
         if self._fd < 0:
             raise RuntimeError("acquire() first")
         if not _writable(self._fd):
@@ -168,6 +171,10 @@ class ImageLock:
                     hint="stop the VM or tool using the image: with --capture nbd it must "
                     "write through the NBD export",
                 )
+
+    def serve(self) -> None:
+        """Add QEMU's locks for a writer that does not share writing (the NBD shim)."""
+        self.check_servable()
         for byte in (_QEMU_USE + _CONSISTENT_READ, _QEMU_USE + _WRITE, _QEMU_USE + _RESIZE):
             _lock(self._fd, fcntl.F_RDLCK, byte)
         for byte in (_QEMU_DENY + _WRITE, _QEMU_DENY + _RESIZE):
@@ -266,6 +273,9 @@ class ImageLocks:
         except BaseException:
             self.release()
             raise
+
+    def check_servable(self, path: Path) -> None:
+        self.locks[path].check_servable()
 
     def serve(self, path: Path) -> None:
         self.locks[path].serve()

@@ -164,6 +164,8 @@ class LiveSender:
             heard = await asyncio.to_thread(load_peer_applied, state.dir)
             if heard is not None:
                 self.status.heard_applied(heard.lsn)
+            if isinstance(self.capture, NbdCapture):  # before a sync of the whole disks
+                await self.capture.check(state)
             if not await self._initial_sync(state, stop):
                 self.sender.log_stop(state)  # raises when the receiver was never reached
                 return
@@ -625,6 +627,13 @@ class NbdCapture:
 
     def prelude(self, replica: Tree | None) -> list[Record]:
         return []
+
+    async def check(self, state: SenderState) -> None:
+        """Refuse now what ``start`` would refuse after the initial sync: an image another
+        program (a VM started on the file, ``qemu-io``) has open for writing. Its writes
+        would not be journaled, and found only once the whole disk had been synced."""
+        for spec in self.disks:
+            await asyncio.to_thread(state.locks.check_servable, spec.path)
 
     async def start(self, state: SenderState) -> None:
         journal = state.journal

@@ -101,6 +101,31 @@ def test_an_image_served_over_nbd_cannot_be_written_behind_the_shim(
         assert _stop(sender) == 0
 
 
+@pytest.mark.tools
+def test_an_nbd_sender_on_an_image_a_vm_writes_is_refused_before_any_sync(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A VM left running on the file itself: its writes would bypass the shim. This was
+    found only when serving began, after an initial sync of the whole disk (a scan of an
+    image it was writing, warned about with "use --capture nbd"): hours on a large disk
+    over a WAN, for an exit 3 at the end. Now the start names it, and nothing moves."""
+    disk = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
+    qemu_io("qcow2", disk, "write -P 0x5a 0 1M")
+    vm = idle_qemu_writer("qcow2", disk)
+    try:
+        sender = _live(receiver, "vm-a", tmp_path / "sa", tmp_path / "nbd.sock", disk)
+        assert sender.wait(timeout=60) == ExitCode.CONFIG
+        err = sender.stderr.read() if sender.stderr else ""
+    finally:
+        vm.kill()
+        vm.wait()
+    assert "is open for writing by another program" in one_line_error(err), err
+    assert "sender.connected" not in err and "sender.scanning_a_running_vm" not in err, err
+    assert not (receiver.dir / "vm-a").exists()  # not a byte synced
+    assert not (tmp_path / "nbd.sock").exists()
+
+
 def test_a_second_receiver_on_the_same_folder_is_refused_at_start(
     tmp_path: Path, receiver: ReceiverProc
 ) -> None:
