@@ -9,6 +9,7 @@ commands by name here and loads one when click asks for it.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 import typer
@@ -64,7 +65,7 @@ class CommandGroup(HelpGroup):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         refuse_empty(args)
-        return super().parse_args(ctx, args)
+        return super().parse_args(ctx, expand_home(args))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -101,6 +102,24 @@ def _misplaced(root: HelpGroup, ctx: click.Context, exc: NoSuchOption) -> NoSuch
         f"give it before the command ({example})",
         ctx=exc.ctx,
     )
+
+
+def expand_home(args: list[str]) -> list[str]:
+    """``--state-dir=~/x`` as ``--state-dir ~/x`` is: the shell expands a ``~`` only at
+    the start of a word, not after ``--option=``, and the value reached us as ``~/x``, a
+    folder named ``~`` in the current one (where a later ``rm -rf ~`` to tidy it up
+    removes the home folder). Every ``--option=~...`` value is expanded as the shell
+    would have (``os.path.expanduser``); a separate ``~`` argument the shell left alone
+    was quoted, and stays as written."""
+    expanded: list[str] = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return expanded + args[index:]
+        option, sep, value = arg.partition("=")
+        if option.startswith("--") and sep and value.startswith("~"):
+            arg = f"{option}={os.path.expanduser(value)}"
+        expanded.append(arg)
+    return expanded
 
 
 def refuse_empty(args: list[str]) -> None:

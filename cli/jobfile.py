@@ -312,7 +312,9 @@ class _Reader:
                 hint=f"the same as {spec.option} on the command line",
             )
         if spec.is_path:
-            items = [str(self.folder / item) for item in items]
+            # "~" is the home folder, as on a command line (an absolute path, so not
+            # joined to the file's folder): "/etc/replicator/~/keys" was never meant
+            items = [str(self.folder / Path(item).expanduser()) for item in items]
         result: Any = items if spec.is_list else items[0]
         try:
             if items:  # an empty list is checked with the whole section (`require`)
