@@ -120,13 +120,30 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
             f"{state_dir} is a sender's state folder: with --dir, --state-dir is the receiver's",
             hint="a sender's status: `replicator status --state-dir S` alone",
         )
+    if state_dir is None and _ran_a_sender(directory):  # as --state-dir refuses --dir's
+        raise ConfigError(
+            f"{directory} is a sender's state folder, not a receiver's folder",
+            hint=f"for a sender's status give `--state-dir {directory}`",
+        )
     if not root.is_dir():
+        senders = sorted(sub for sub in directory.iterdir() if _ran_a_sender(sub))
         raise ConfigError(
             f"no receiver state in {root}",
-            hint="has `replicator receive --dir DIR` run here? if it was given --state-dir, "
+            hint="it holds senders' state folders: for a sender's status give --state-dir "
+            + " or ".join(str(sub) for sub in senders)
+            if senders and state_dir is None
+            else "has `replicator receive --dir DIR` run here? if it was given --state-dir, "
             "give that here too",
         )
     return "receiver", root
+
+
+def _ran_a_sender(folder: Path) -> bool:
+    """A sender's state folder by what only a sender leaves (its claim, its manifests),
+    not by a ``journal`` folder alone, which a source checkout has too: for hints."""
+    return is_sender_state(folder) and any(
+        (folder / name).exists() for name in (SENDER_CLAIM, "manifests.state")
+    )
 
 
 def _fetch(role: str, root: Path, directory: Path | None) -> dict[str, Any]:

@@ -309,6 +309,30 @@ def test_nothing_listens_unless_asked_and_the_control_sockets_are_private(
         assert _stop(sender) == 0
 
 
+def test_status_dir_given_a_senders_folder_says_to_use_state_dir(tmp_path: Path) -> None:
+    """`status --state-dir` given a receiver's folder said so and what to give; the other
+    way round, `status --dir` of a sender's state folder (or of the folder holding them,
+    /var/lib/replicator/send) said only "no receiver state in .../.replicator"."""
+    state = tmp_path / "send" / "web01"
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"x" * 4096)
+    ran = replicator("send", "--to", "127.0.0.1:1", "--job", "web01", "--state-dir", str(state),
+                     "--once", "--insecure", str(disk))  # fmt: skip
+    assert ran.returncode == ExitCode.CONNECT, ran.stderr  # it ran there, and says so
+    assert replicator("status", "--state-dir", str(state)).returncode == 0
+    mine = replicator("status", "--dir", str(state))
+    assert mine.returncode == ExitCode.CONFIG and mine.stdout == "", mine.stdout
+    assert f"{state} is a sender's state folder, not a receiver's folder" in mine.stderr
+    assert f"give `--state-dir {state}`" in mine.stderr
+    parent = replicator("status", "--dir", str(tmp_path / "send"))
+    assert parent.returncode == ExitCode.CONFIG
+    assert f"for a sender's status give --state-dir {state}" in parent.stderr
+    (tmp_path / "src" / "journal").mkdir(parents=True)  # a checkout: no sender ran there
+    checkout = replicator("status", "--dir", str(tmp_path / "src"))
+    assert checkout.returncode == ExitCode.CONFIG
+    assert "has `replicator receive --dir DIR` run here?" in checkout.stderr
+
+
 def test_status_errors_and_watch(tmp_path: Path) -> None:
     none = replicator("status")
     assert none.returncode == ExitCode.USAGE and "--state-dir" in none.stderr
