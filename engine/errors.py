@@ -123,7 +123,9 @@ def tls_refusal(exc: BaseException) -> AuthError | None:
     elif reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
         return AuthError(
             f"the receiver does not speak TLS ({reason.lower()})",
-            hint="is it running with --insecure? Give both sides --tls-dir, or neither",
+            hint="is it running with --insecure? Give both sides --tls-dir, or neither; "
+            "or is that address another service's (an SSH or HTTP port, the receiver's "
+            "--metrics-listen)? Check that it is the receiver's --listen",
         )
     else:
         return AuthError(f"TLS handshake with the receiver failed: {error}", hint=_TLS_KEYS_HINT)

@@ -4,12 +4,14 @@ and strangers that stall in the TLS handshake."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import socket
 import ssl
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -319,6 +321,36 @@ def test_a_tls_sender_against_a_plaintext_receiver(tmp_path: Path) -> None:
         assert not (rcv.dir / "vm1").exists()
     finally:
         assert rcv.stop() == 0
+
+
+def test_a_tls_sender_pointed_at_another_service_is_told_to_check_the_address(
+    tmp_path: Path,
+) -> None:
+    """`--to` at a wrong port (an SSH server, which speaks first) was answered only "is it
+    running with --insecure?": the address was never named as what to check."""
+    keygen(tmp_path / "keys")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\x01" * 65536)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def banner() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+                    conn.recv(4096)
+
+        thread = threading.Thread(target=banner, daemon=True)
+        thread.start()
+        out = replicator("send", "--to", f"127.0.0.1:{port}", "--job", "vm1", "--state-dir",
+                         str(tmp_path / "s"), "--once", "--tls-dir", str(tmp_path / "keys"),
+                         str(disk), timeout=60)  # fmt: skip
+        thread.join(timeout=30)
+    assert out.returncode == ExitCode.AUTH, out.stderr
+    error = last_error(out.stderr)
+    assert "does not speak TLS" in error and "--insecure" in error
+    assert "another service's" in error and "--listen" in error, error
 
 
 def _stalled_client_hello(port: int, context: ssl.SSLContext) -> socket.socket:
