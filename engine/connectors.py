@@ -32,12 +32,14 @@ from typing import Protocol
 from replicator.engine.errors import AuthError, ConnectError, tls_refusal
 from replicator.engine.tls import TlsIdentity, check_peer
 from replicator.transport import (
+    DialError,
     FramedConnection,
     Shaper,
     connect,
     connect_unix,
     connection_pair,
 )
+from replicator.transport.connection import NO_TLS_ANSWER
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -209,7 +211,11 @@ def _connect_error(target: str, exc: OSError) -> ConnectError | AuthError:
     refused = tls_refusal(exc)
     if refused is not None:
         return refused
-    return ConnectError(
-        f"cannot connect to receiver {target}: {exc.strerror or exc}",
-        hint="is `replicator receive` running there and reachable?",
-    )
+    if isinstance(exc, DialError) and exc.reason.startswith(NO_TLS_ANSWER):
+        hint = (
+            "check that this is the receiver's --listen address, and that the receiver "
+            "there is not stopped or stuck (`replicator status --dir DIR` on its host)"
+        )
+    else:
+        hint = "is `replicator receive` running there and reachable?"
+    return ConnectError(f"cannot connect to receiver {target}: {exc.strerror or exc}", hint=hint)

@@ -741,8 +741,33 @@ async def connect(
             )
     except (OSError, TimeoutError) as exc:
         reason, err = _connect_reason(exc, timeout)
+        if ssl is not None and isinstance(exc, TimeoutError) and await _accepts(host, port):
+            reason = (
+                f"{NO_TLS_ANSWER} within {timeout:g} s, though the port "
+                "accepts connections (a process there that is stopped or stuck, or another "
+                "service than a replicator's)"
+            )
         raise DialError(target, reason, err) from exc
     return made[0]
+
+
+NO_TLS_ANSWER = "the TLS handshake got no answer"  # how DialError's reason starts, then
+
+
+async def _accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether a plain TCP connection to ``host:port`` opens now: after a TLS connection
+    timed out, it tells a handshake nobody answered (a wrong port: an HTTP server waiting
+    for a request line; a stopped receiver the kernel still takes connections for) from a
+    host that could not be reached at all. Closed at once, nothing sent."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 async def connect_unix(

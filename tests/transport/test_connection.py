@@ -381,6 +381,37 @@ async def test_connect_timeout() -> None:
                 filler.close()
 
 
+async def test_a_tls_handshake_nobody_answers_is_told_from_an_unreachable_host() -> None:
+    """A port that accepts and then says nothing (an HTTP server waiting for a request
+    line: a wrong --to; a stopped receiver) timed out as "timed out after 10 s", the
+    same words as a host that cannot be reached, and a TLS sender was told to check that
+    the receiver runs. A listener with room in its queue takes the TCP connection."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with pytest.raises(DialError) as info:
+            await connect("127.0.0.1", port, timeout=0.3, ssl=context)
+    assert "the TLS handshake got no answer within 0.3 s" in str(info.value)
+    assert "though the port accepts connections" in str(info.value)
+    assert info.value.errno == errno.ETIMEDOUT
+    # what a sender says then: check the address, not "is `replicator receive` running?"
+    from replicator.engine.connectors import TcpConnector
+    from replicator.engine.errors import ConnectError
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        connector = TcpConnector("127.0.0.1", port, timeout=0.3, tls=context)
+        with pytest.raises(ConnectError) as refused:
+            await connector.connect()
+    assert "the receiver's --listen address" in (refused.value.hint or ""), refused.value.hint
+
+
 def test_connect_reasons() -> None:
     assert _connect_reason(TimeoutError(), 10.0) == ("timed out after 10 s", errno.ETIMEDOUT)
     reason, _ = _connect_reason(socket.gaierror(-2, "Name or service not known"), 1)
