@@ -383,6 +383,18 @@ class Link:
             why = "journaled, not shipped yet: a stop ends the shipping (bounded, at any rate)"
         else:
             why = f"shipped, not applied within {waited:.1f} s"
+        after = "they stay in the journal: the next run ships them"
+        journaled = self.journal.last_record_lsn
+        if self.direct_lsn > self.applied_lsn or journaled < last:  # a first sync's, say
+            why = why.replace("journaled, not shipped", "not shipped")
+            after = (
+                "records copied around the journal (a first sync, or the copy of a large "
+                "change) are in no journal: the next run sends them again (a first sync "
+                "compares with the replica; a later cycle resends what its direct.intent "
+                "names)"
+            )
+            if journaled > self.applied_lsn:
+                after += "; the journaled ones stay in the journal and ship with it"
         log.warning(
             "sender.stopped_with_backlog",
             applied_lsn=self.applied_lsn,
@@ -391,7 +403,7 @@ class Link:
             bytes=int(lag["bytes"]),
             waited=round(waited, 2),
             why=why,
-            next="they stay in the journal: the next run ships them",
+            next=after,
         )
 
     async def _guard(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -18,9 +18,12 @@ from tests.tools import (
     processes,
     qemu_compare,
     qemu_io,
+    replicator,
     running,
     send_once,
     start_receiver,
+    start_send,
+    stop_and_read,
 )
 
 SIZE = 192 * 1024 * 1024
@@ -201,3 +204,32 @@ def test_sighup_stops_a_sender_and_a_receiver_as_sigterm_does_and_says_so(
                 proc.wait(timeout=30)
     # the sender's graceful end, not a kill: it said so in its state folder
     assert json.loads((state / "sender.json").read_text())["ended"] > 0
+
+
+def test_a_first_sync_stopped_midway_does_not_say_its_records_stay_in_the_journal(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """A first sync goes around the sender's journal (docs/ARCHITECTURE.md, "Initial sync").
+    Stopped midway, its `sender.stopped_with_backlog` said "they stay in the journal: the
+    next run ships them", of records no journal held (`journal inspect`, `status`: none):
+    it now says the next run sends them again, as it does."""
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    distinct_random_disk(disk, 16 * 1024 * 1024)
+    sender = start_send(receiver.address, "big", state, disk, extra=("--rate", "16Mbit"))
+    try:
+        _wait_received(receiver, 2 * 1024 * 1024, sender)  # about 8 s at that rate
+        rc, err = stop_and_read(sender)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+    assert rc == 0, err[-3000:]
+    lines = [line for line in err.splitlines() if "sender.stopped_with_backlog" in line]
+    assert len(lines) == 1, err[-3000:]
+    left = json.loads(lines[0])
+    assert left["records"] > 0, left
+    assert "stay in the journal" not in left["next"] and "in no journal" in left["next"], left
+    assert "journaled" not in left["why"], left
+    status = json.loads(replicator("status", "--state-dir", str(state), "--json").stdout)
+    assert status["jobs"][0]["journal"]["records"] == 0, status  # what it said is true
+    send_once(receiver, "big", state, disk)  # and the next run sends them
+    assert b3(receiver.dir / "big" / disk.name) == b3(disk)
