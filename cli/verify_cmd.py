@@ -34,6 +34,7 @@ from replicator.cli.send import (
 from replicator.cli.shaping_opts import BurstOption, RateOption, make_shaping
 from replicator.engine.control import ControlBusy
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
+from replicator.engine.imagelock import ImageTaken
 from replicator.engine.sender import Sender, SenderConfig
 from replicator.engine.tree import Tree
 from replicator.engine.verify import VerifyResult, verify
@@ -94,7 +95,8 @@ def verify_command(
         try:
             return await verify(sender, repair=repair, progress=progress, folder=folder)
         except ConfigError as exc:
-            if not isinstance(exc, ControlBusy) and "already runs" not in exc.message:
+            taken = isinstance(exc, ControlBusy | ImageTaken)  # its state folder, or another's
+            if not taken and "already runs" not in exc.message:
                 raise
             raise ConfigError(
                 exc.message,

@@ -49,6 +49,12 @@ from pathlib import Path
 
 from replicator.engine.errors import ConfigError
 
+
+class ImageTaken(ConfigError):
+    """Another replicator sender holds the sender lock of an image (exit 3, as any
+    ConfigError): a command that is not a sender (verify) says what to do instead."""
+
+
 SENDER_LOCK_BYTE = 2**62
 MAX_MARKS = 256  # configuration files a sender marks (one descriptor each)
 SESSION_MARK_BASE = SENDER_LOCK_BYTE + 1  # + the sender's 32-bit mark
@@ -103,7 +109,7 @@ class ImageLock:
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                raise ConfigError(
+                raise ImageTaken(
                     f"{self.path} is already being replicated by another replicator sender",
                     hint="one sender per image: stop the other one, or replicate a copy",
                 ) from None

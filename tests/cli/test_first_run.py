@@ -436,6 +436,10 @@ def test_verify_while_the_sender_runs_says_what_to_do(
             "verify", "--to", receiver.address, "--job", "busy", "--insecure",
             "--state-dir", str(state), str(disk),
         )  # fmt: skip
+        # as the README writes it, without the sender's --state-dir: the image is taken
+        # (it said "one sender per image: stop the other one, or replicate a copy")
+        plain = replicator("verify", "--to", receiver.address, "--job", "busy", "--insecure",
+                           str(disk))  # fmt: skip
     finally:
         code, err = _stop(proc)
     assert code == 0, err
@@ -443,6 +447,10 @@ def test_verify_while_the_sender_runs_says_what_to_do(
     error = one_line_error(out.stderr)
     assert "already runs with state folder" in error
     assert "verify needs the job to itself" in error and "own --state-dir" not in error
+    assert plain.returncode == ExitCode.CONFIG, plain.stderr
+    error = one_line_error(plain.stderr)
+    assert "already being replicated by another replicator sender" in error
+    assert "verify needs the job to itself" in error and "replicate a copy" not in error
 
 
 def _stderr_on_a_terminal(*args: str) -> tuple[int, str]:
