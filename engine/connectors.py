@@ -39,7 +39,7 @@ from replicator.transport import (
     connect_unix,
     connection_pair,
 )
-from replicator.transport.connection import NO_TLS_ANSWER
+from replicator.transport.connection import CANNOT_RESOLVE, NO_TLS_ANSWER
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -211,7 +211,9 @@ def _connect_error(target: str, exc: OSError) -> ConnectError | AuthError:
     refused = tls_refusal(exc)
     if refused is not None:
         return refused
-    if isinstance(exc, DialError) and exc.reason.startswith(NO_TLS_ANSWER):
+    if isinstance(exc, DialError) and exc.reason.startswith(CANNOT_RESOLVE):
+        hint = "check the host name in the address (DNS, /etc/hosts), or give its IP address"
+    elif isinstance(exc, DialError) and exc.reason.startswith(NO_TLS_ANSWER):
         hint = (
             "check that this is the receiver's --listen address, and that the receiver "
             "there is not stopped or stuck (`replicator status --dir DIR` on its host)"

@@ -679,6 +679,9 @@ def _target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+CANNOT_RESOLVE = "cannot resolve the host name"  # how DialError's reason starts, then
+
+
 def _connect_reason(exc: BaseException, timeout: float) -> tuple[str, int | None]:
     """A short, human reason for a failed connection attempt."""
     if isinstance(exc, TimeoutError):
@@ -686,7 +689,7 @@ def _connect_reason(exc: BaseException, timeout: float) -> tuple[str, int | None
     if isinstance(exc, _ssl.SSLError):
         return f"TLS handshake failed: {exc.reason or exc}", None
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror})", None
+        return f"{CANNOT_RESOLVE} ({exc.strerror})", None
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused", exc.errno
     if isinstance(exc, ConnectionResetError) and not exc.strerror:  # a TLS handshake cut

@@ -214,6 +214,21 @@ def test_receiver_not_there(tmp_path: Path) -> None:
     assert "cannot connect" in one_line_error(out.stderr)
 
 
+def test_a_host_name_that_does_not_resolve_says_to_check_it(tmp_path: Path) -> None:
+    """It was told "is `replicator receive` running there and reachable?": there is no
+    there; the name is what to check (a typo, the README's `target:7400` as written)."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"x" * 4096)
+    out = replicator(
+        "send", "--to", "no-such-host.invalid:7400", "--job", "j", "--once", "--insecure",
+        "--state-dir", str(tmp_path / "s"), str(disk),
+    )  # fmt: skip
+    assert out.returncode == ExitCode.CONNECT
+    error = one_line_error(out.stderr)
+    assert "cannot resolve the host name" in error and "check the host name" in error, error
+    assert "running there" not in error, error
+
+
 def test_tls_dir_or_insecure_is_required(tmp_path: Path) -> None:
     disk = tmp_path / "d.img"
     disk.write_bytes(b"x")
