@@ -8,6 +8,7 @@ commands by name here and loads one when click asks for it.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from typing import Any
@@ -75,6 +76,22 @@ class CommandGroup(HelpGroup):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*COMMANDS, *(name for name in self.commands if name not in COMMANDS)]
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """typer's "Did you mean ...?" for a mistyped command looks among the commands
+        loaded so far, none here (they load by name): `replicator recieve` got no hint,
+        where `replicator journal inspec` did. Look among all of them."""
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as exc:
+            if args and "Did you mean" not in exc.message:
+                matches = difflib.get_close_matches(args[0], self.list_commands(ctx))
+                if matches:
+                    names = ", ".join(repr(m) for m in matches)
+                    exc.message = f"{exc.message.rstrip('.')}. Did you mean {names}?"
+            raise
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in COMMANDS and cmd_name not in self.commands:

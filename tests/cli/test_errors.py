@@ -151,6 +151,17 @@ def test_an_unknown_option_is_still_named_as_unknown() -> None:
     assert "No such option: --bogus" in out.stderr, out.stderr
 
 
+def test_a_mistyped_command_is_given_the_one_meant() -> None:
+    """`replicator journal inspec` got "Did you mean 'inspect'?"; `replicator recieve`
+    got nothing, the program's commands being loaded only once named."""
+    for typo, meant in (("recieve", "receive"), ("stauts", "status"), ("failbak", "failback")):
+        out = replicator(typo)
+        assert out.returncode == ExitCode.USAGE, out.stderr
+        assert f"No such command '{typo}'. Did you mean '{meant}'?" in out.stderr, out.stderr
+    out = replicator("zzz")
+    assert out.returncode == ExitCode.USAGE and "No such command 'zzz'." in out.stderr
+
+
 def test_receiver_dir_not_writable(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
