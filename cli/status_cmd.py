@@ -37,6 +37,7 @@ from replicator.engine.control import (
 from replicator.engine.errors import ConfigError, ExitCode, ReplicatorError
 from replicator.engine.names import RECEIVER_STATE_NAME, printable
 from replicator.engine.source_clock import WARN_OFFSET_SECONDS
+from replicator.engine.statedir import default_state_dir
 from replicator.engine.status import SILENT_AFTER
 from replicator.engine.units import human_size
 
@@ -66,9 +67,16 @@ def status_command(
 ) -> None:
     """Show a sender's (--state-dir) or a receiver's (--dir) jobs: state, LSNs, lag, traffic."""
     if state_dir is None and directory is None:
+        senders = _default_senders()
         typer.echo(
             "replicator: error: say whose status: --state-dir S for a sender, "
-            "--dir DIR [--state-dir S] for a receiver (see `replicator status -h`)",
+            "--dir DIR [--state-dir S] for a receiver (see `replicator status -h`)"
+            + (
+                "; senders that ran here with the default --state-dir: "
+                + ", ".join(f"`replicator status --state-dir {s}`" for s in senders)
+                if senders
+                else ""
+            ),
             err=True,
         )
         raise typer.Exit(ExitCode.USAGE)
@@ -136,6 +144,16 @@ def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:
             "give that here too",
         )
     return "receiver", root
+
+
+def _default_senders() -> list[Path]:
+    """The state folders of senders that ran with the default --state-dir (this user's:
+    /var/lib/replicator/send/JOB as root), which a `send` without --state-dir never names."""
+    root = default_state_dir("send", "job").parent
+    try:
+        return sorted(sub for sub in root.iterdir() if _ran_a_sender(sub))
+    except OSError:
+        return []
 
 
 def _ran_a_sender(folder: Path) -> bool:

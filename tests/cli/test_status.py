@@ -309,6 +309,40 @@ def test_nothing_listens_unless_asked_and_the_control_sockets_are_private(
         assert _stop(sender) == 0
 
 
+def test_status_alone_names_the_senders_that_ran_with_the_default_state_dir() -> None:
+    """A `send` without --state-dir (the README's) keeps its state in a folder it never
+    names; `status` alone said only "--state-dir S for a sender". It lists them now. Run
+    as nobody: root's default is /var/lib/replicator/send, this machine's."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is missing"
+    home = Path(tempfile.mkdtemp(prefix="status-default-"))  # nobody cannot reach tmp_path
+    try:
+        home.chmod(0o777)
+        disk = home / "disk.img"
+        disk.write_bytes(b"x" * 4096)
+        disk.chmod(0o644)
+        env = {**ENV, "HOME": str(home), "XDG_STATE_HOME": str(home / "state")}
+        nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *REPLICATOR]
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*nobody, *args], cwd=home, env=env, capture_output=True,
+                                  text=True, timeout=60)  # fmt: skip
+
+        before = run("status")
+        assert before.returncode == ExitCode.USAGE and "--state-dir S" in before.stderr
+        assert "default --state-dir" not in before.stderr, before.stderr  # none ran yet
+        sent = run("send", "--to", "127.0.0.1:1", "--job", "web01", "--once", "--insecure",
+                   str(disk))  # fmt: skip
+        assert sent.returncode == ExitCode.CONNECT, sent.stderr
+        after = run("status")
+        assert after.returncode == ExitCode.USAGE
+        state = home / "state" / "replicator" / "send" / "web01"
+        assert f"`replicator status --state-dir {state}`" in after.stderr, after.stderr
+        assert run("status", "--state-dir", str(state)).returncode == 0
+    finally:
+        shutil.rmtree(home)
+
+
 def test_status_dir_given_a_senders_folder_says_to_use_state_dir(tmp_path: Path) -> None:
     """`status --state-dir` given a receiver's folder said so and what to give; the other
     way round, `status --dir` of a sender's state folder (or of the folder holding them,
