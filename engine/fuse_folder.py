@@ -34,8 +34,14 @@ def folder_source(volumes: Sequence[Path], not_one_folder: str) -> Path:
     ``not_one_folder`` when there are several or it is not a folder."""
     if len(volumes) == 1 and not volumes[0].exists():
         raise ConfigError(f"source folder {volumes[0]} does not exist", hint="check the path")
-    if len(volumes) != 1 or not volumes[0].is_dir():
-        raise ConfigError(not_one_folder)
+    if len(volumes) != 1:
+        raise ConfigError(f"{not_one_folder} (given {len(volumes)})")
+    if not volumes[0].is_dir():
+        raise ConfigError(
+            f"{not_one_folder}: {volumes[0]} is a file",
+            hint="give the folder that holds the VM's disks and configuration (single "
+            "files replicate with scan or NBD capture)",
+        )
     return volumes[0]
 
 

@@ -19,6 +19,7 @@ from tests.tools import (
     b3,
     fuse_folder,  # noqa: F401  (the fixture `folder`)
     is_mounted,
+    one_line_error,
     qemu_compare,
     qemu_img,
     qemu_io,
@@ -295,6 +296,27 @@ def test_a_state_folder_inside_the_vm_folder_is_refused(
     assert "is inside the VM folder" in out.stderr and "--state-dir" in out.stderr
     assert sorted(os.listdir(source)) == before and not is_mounted(mnt)
     assert not (receiver.dir / "vm1").exists()
+
+
+def test_a_file_given_for_the_vm_folder_is_named(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """One VOLUME that is a file was told "takes exactly one VOLUME", which it had."""
+    source, mnt = folder
+    disk = source / "disk.img"
+    disk.write_bytes(b"x" * 4096)
+    out = replicator("send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+                     str(tmp_path / "s"), "--capture", "fuse", "--mount", str(mnt),
+                     "--insecure", str(disk))  # fmt: skip
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    assert f"{disk} is a file" in error and "give the folder that holds" in error, error
+    both = replicator("send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+                      str(tmp_path / "s"), "--capture", "fuse", "--mount", str(mnt),
+                      "--insecure", str(source), str(tmp_path))  # fmt: skip
+    assert both.returncode == ExitCode.CONFIG
+    assert "exactly one VOLUME: the VM's folder (given 2)" in one_line_error(both.stderr)
+    assert not is_mounted(mnt)
 
 
 def test_verify_compares_a_folder_whole_and_repairs_it(
