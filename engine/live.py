@@ -113,6 +113,11 @@ class LiveCapture(Protocol):
         that turn the replica folder (``replica``, listed by the receiver) into ours."""
         ...
 
+    async def check(self, state: SenderState) -> None:
+        """Raise what ``start`` would find wrong after the initial sync, if it can be
+        found before it: an image another program writes behind the capture's back."""
+        ...
+
     async def start(self, state: SenderState) -> None:
         """Begin capturing into ``state.journal``; return once writers can use it."""
         ...
@@ -164,8 +169,7 @@ class LiveSender:
             heard = await asyncio.to_thread(load_peer_applied, state.dir)
             if heard is not None:
                 self.status.heard_applied(heard.lsn)
-            if isinstance(self.capture, NbdCapture):  # before a sync of the whole disks
-                await self.capture.check(state)
+            await self.capture.check(state)  # before a sync of the whole disks
             if not await self._initial_sync(state, stop):
                 self.sender.log_stop(state)  # raises when the receiver was never reached
                 return
@@ -697,6 +701,21 @@ class FuseFolderCapture:
         if replica is None:
             raise ReplicatorError("the replica folder's layout was not listed")  # a bug
         return tree_records(replica, self.tree)
+
+    async def check(self, state: SenderState) -> None:
+        """A VM still running on the folder itself writes its images behind the filter:
+        none of its writes would reach the journal or the replica, and the mount would
+        serve a second writer beside it. The images' QEMU write lock tells (the image a
+        ``qemu-io`` or a running QEMU has open for writing)."""
+        writers = await asyncio.to_thread(state.locks.written_by_others)
+        if writers:
+            raise ConfigError(
+                f"{writers[0]} is open for writing by another program (QEMU's image lock is "
+                "held): a VM running on the folder itself writes behind the FUSE filter, and "
+                "none of its writes would be replicated",
+                hint=f"stop the VM, start the sender, then start the VM on the files under "
+                f"{self.mountpoint}",
+            )
 
     async def start(self, state: SenderState) -> None:
         from replicator.engine.fuse.capture import FuseCapture

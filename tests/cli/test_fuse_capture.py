@@ -18,6 +18,7 @@ from tests.tools import (
     ReceiverProc,
     b3,
     fuse_folder,  # noqa: F401  (the fixture `folder`)
+    idle_qemu_writer,
     is_mounted,
     one_line_error,
     qemu_compare,
@@ -296,6 +297,31 @@ def test_a_state_folder_inside_the_vm_folder_is_refused(
     assert "is inside the VM folder" in out.stderr and "--state-dir" in out.stderr
     assert sorted(os.listdir(source)) == before and not is_mounted(mnt)
     assert not (receiver.dir / "vm1").exists()
+
+
+def test_a_vm_still_running_on_the_folder_itself_is_refused_before_any_sync(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """The VM not yet moved to the mount writes the source folder behind the filter: the
+    sender mounted and served anyway, and none of those writes reached the replica (its
+    log said only `sender.scanning_a_running_vm`, advising --capture fuse)."""
+    source, mnt = folder
+    disk = source / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
+    vm = idle_qemu_writer("qcow2", disk)
+    try:
+        out = replicator("send", "--to", receiver.address, "--job", "vm1", "--state-dir",
+                         str(tmp_path / "s"), "--capture", "fuse", "--mount", str(mnt),
+                         "--insecure", str(source), timeout=20)  # fmt: skip
+    finally:
+        vm.kill()
+        vm.wait()
+    assert out.returncode == ExitCode.CONFIG, out.stderr
+    error = one_line_error(out.stderr)
+    assert f"{disk} is open for writing by another program" in error, error
+    assert f"start the VM on the files under {mnt}" in error, error
+    assert not is_mounted(mnt) and not (receiver.dir / "vm1").exists()
+    assert "sender.scanning_a_running_vm" not in out.stderr
 
 
 def test_a_file_given_for_the_vm_folder_is_named(
