@@ -93,6 +93,21 @@ class FailbackResult:
         return asdict(self)
 
 
+async def _no_other_writer(state: SenderState) -> None:
+    """The VM must be stopped here: failback rewrites its disks, and one still running on
+    them (QEMU's write lock held) would go on from a disk changed under it, its own
+    writes mixed with the target's, and the next send would ship the mix. Refused before
+    anything is read, sent or changed."""
+    writers = await asyncio.to_thread(state.locks.written_by_others)
+    if writers:
+        raise ConfigError(
+            f"{writers[0]} is open for writing by another program (QEMU's image lock is "
+            "held): failback rewrites it, under the VM that runs on it",
+            hint="stop the VM on this host (start it again once the failback is done), "
+            "then run the same failback again; nothing was changed",
+        )
+
+
 async def failback(config: SenderConfig, connector: Connector) -> FailbackResult:
     """Bring the volumes of ``config`` to the promoted replica's state and hand the job
     back to replication in the original direction (see the module docstring)."""
@@ -105,6 +120,7 @@ async def failback(config: SenderConfig, connector: Connector) -> FailbackResult
     async with SenderState(config, failback=True) as state:
         journal = state.journal
         assert journal is not None
+        await _no_other_writer(state)
         marker = await asyncio.to_thread(load_marker, config.state_dir)
         result.resumed = marker is not None and marker.phase in ("failback", "handing-back")
         link = Link(await connector.connect(), journal)

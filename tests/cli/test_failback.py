@@ -28,6 +28,7 @@ from tests.tools import (
     ReceiverProc,
     b3,
     forced_failover,
+    idle_qemu_writer,
     one_line_error,
     qemu_compare,
     qemu_img,
@@ -706,5 +707,34 @@ def test_a_write_the_failback_never_reads_still_stops_it(tmp_path: Path) -> None
         _identical(a, replicas / "a.img")
         _identical(b, replicas / "b.img")
         assert _pattern_at(a, 8 * MiB) == b"\x31" * EXTENT
+    finally:
+        assert rcv.stop() == 0
+
+
+def test_a_failback_under_a_vm_still_running_on_the_source_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The docs say to keep the source's VM stopped; one left running (QEMU's write lock
+    on its disk) had its disk rewritten under it, and failback said done: the VM went on
+    from a disk it no longer knew, and the next send shipped the mix."""
+    disk, state, target, replica = forced_failover(tmp_path)
+    qemu_io("raw", replica, "write -P 0x33 1M 1M")  # the promoted VM writes
+    before = b3(disk)
+    rcv = start_receiver(target)
+    try:
+        vm = idle_qemu_writer("raw", disk)
+        try:
+            out = _failback(rcv, state, disk)
+        finally:
+            vm.kill()
+            vm.wait()
+        assert out.returncode == ExitCode.CONFIG, out.stderr
+        error = one_line_error(out.stderr)
+        assert "is open for writing by another program" in error, error
+        assert "stop the VM on this host" in error and "nothing was changed" in error
+        assert b3(disk) == before and not (state / MARKER_FILE).exists()
+        again = _failback(rcv, state, disk)  # the VM stopped: as usual
+        assert again.returncode == 0, again.stderr
+        _identical(disk, replica)
     finally:
         assert rcv.stop() == 0
