@@ -324,20 +324,31 @@ class _Reader:
             raise located(self.path, line, f"key {key!r} in {section.label}: {message}") from None
         return result
 
-    def require(self, section: Section, given: Set[str]) -> None:
-        """Every required option is in the section or in ``given`` (the command line)."""
+    def require(self, section: Section, given: Set[str] | None) -> None:
+        """Every required option is in the section or in ``given`` (the command line;
+        None: there is none, the file is checked alone, as check-config does)."""
         for spec in self.keys.values():
             name = spec.param.name or spec.key
-            if spec.required and section.values.get(name) in (None, []) and name not in given:
+            if (
+                spec.required
+                and section.values.get(name) in (None, [])
+                and name not in (given or ())
+            ):
                 keys = " or ".join(
                     [repr(spec.key), *(repr(a) for a, t in self.aliases.items() if t == spec.key)]
                 )
+                if given is None:  # check-config has no --to to give
+                    elsewhere = (
+                        f"; check-config reads the file alone: the command that runs it can "
+                        f"give {spec.option} on its command line instead"
+                    )
+                else:
+                    elsewhere = f", or give {spec.option} on the command line"
                 raise located(
                     self.path,
                     section.line,
                     f"{section.label} has no {keys}",
-                    hint=f"add {spec.key} = ... ({spec.describe()}), or give {spec.option} "
-                    "on the command line",
+                    hint=f"add {spec.key} = ... ({spec.describe()}){elsewhere}",
                 )
 
 
@@ -371,8 +382,9 @@ def _send_reader(path: Path, text: str, command: TyperCommand) -> _Reader:
     return _Reader(path, text, command, keys, SEND_ALIASES, "a `replicator send` option")
 
 
-def load_send(path: Path, command: TyperCommand, given: Set[str] = frozenset()) -> ConfigFile:
-    """A send job file, every job checked; ``given``: parameters the command line sets."""
+def load_send(path: Path, command: TyperCommand, given: Set[str] | None = None) -> ConfigFile:
+    """A send job file, every job checked; ``given``: parameters the command line sets
+    (None: the file alone, check-config)."""
     text, document = read_toml(path)
     reader = _send_reader(path, text, command)
     lines = reader.lines
@@ -410,9 +422,10 @@ def load_send(path: Path, command: TyperCommand, given: Set[str] = frozenset()) 
 def load_receive(
     path: Path,
     command: TyperCommand,
-    given: Set[str] = frozenset(),
+    given: Set[str] | None = None,
 ) -> ConfigFile:
-    """A receive config: the top level holds ``receive`` options."""
+    """A receive config: the top level holds ``receive`` options (``given`` as for
+    ``load_send``)."""
     text, document = read_toml(path)
     keys = keys_of(command, skip={"config_file"})
     reader = _Reader(path, text, command, keys, {}, "a `replicator receive` option")

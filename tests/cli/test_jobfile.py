@@ -69,6 +69,11 @@ def test_discover_check_config_then_send_replicates_every_file(
     out = replicator("check-config", str(job_file))
     assert out.returncode == ExitCode.CONFIG, out.stdout  # `to` is still commented out
     assert f"{job_file}:" in one_line_error(out.stderr) and "has no 'to'" in out.stderr
+    # check-config takes no --to: it said "or give --to on the command line" all the same
+    assert "check-config reads the file alone" in out.stderr, out.stderr
+    assert "or give --to on the command line" not in out.stderr
+    sent = replicator("send", "--job-file", str(job_file), "--job", "web01", "--insecure")
+    assert sent.returncode == ExitCode.CONFIG and "or give --to on the command line" in sent.stderr
 
     _fill_in(job_file, receiver.address)
     out = replicator("check-config", str(job_file))
