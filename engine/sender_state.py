@@ -319,8 +319,9 @@ async def choose_basis(state: SenderState, link: Link) -> tuple[ManifestSet, str
                 log.warning(
                     "sender.journal_gap",
                     problem=f"{found}: the replica may have got records this state folder "
-                    "never held (was it restored from an older copy?), so it is compared "
-                    "with the source instead",
+                    "never held (was it restored from an older copy, or did a send with "
+                    "another --state-dir replicate this job since?), so it is compared with "
+                    "the source instead",
                 )
     epoch = local.epoch if local is not None else 0
     basis = ManifestSet(received, state.config.extent_size, epoch, compared=True)

@@ -413,3 +413,26 @@ def test_a_job_folder_that_is_not_a_folder_is_refused_with_what_to_do(
     assert f"{receiver.dir / 'vm1'} is a {planted}, not a folder" in line
     assert "remove it on the target" in line and "nothing is lost" in line
     assert list(outside.iterdir()) == []
+
+
+def test_a_job_sent_meanwhile_from_another_state_folder_is_named_as_a_cause(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """The gap a state folder finds after another one sent its job (a --state-dir given
+    once, forgotten the next time; a `--state-dir=~/x` that went to a folder named ~) was
+    put down to a restore from an older copy alone."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    first, other = tmp_path / "s1", tmp_path / "s2"
+    send_once(receiver, "j", first, disk)
+    with disk.open("r+b") as f:
+        f.write(os.urandom(4096))
+    send_once(receiver, "j", other, disk)
+    out = replicator(
+        "send", "--to", receiver.address, "--job", "j", "--once", "--insecure",
+        "--state-dir", str(first), str(disk),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    gap = [line for line in out.stderr.splitlines() if "sender.journal_gap" in line]
+    assert len(gap) == 1, out.stderr
+    assert "another --state-dir replicate this job since" in gap[0], gap[0]
