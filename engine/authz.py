@@ -65,7 +65,8 @@ def refusal(rules: Sequence[Allow], name: str | None, job: str) -> str | None:
     who = f"certificate {name!r}" if name is not None else "a peer without a certificate"
     return (
         f"{who} may not write job {job!r} on this receiver; nothing was written "
-        f"(on the receiver: --allow {name or 'NAME'}:{job}, or --allow {name or 'NAME'}:*)"
+        # '*' quoted, as a shell needs it (the receive config's `allow` takes it bare)
+        f"(on the receiver: --allow {name or 'NAME'}:{job}, or --allow {name or 'NAME'}:'*')"
     )
 
 

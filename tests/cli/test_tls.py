@@ -220,6 +220,7 @@ def test_peers_without_a_valid_certificate_are_refused_before_anything_is_writte
         assert out.returncode == ExitCode.REFUSED
         assert "may not write job 'vm2'" in last_error(out.stderr)
         assert "--allow sender:vm2" in last_error(out.stderr)
+        assert "--allow sender:'*'" in last_error(out.stderr)  # quoted, for a shell
         assert not (rcv.dir / "vm1").exists() and not (rcv.dir / "vm2").exists()
         assert not (rcv.dir / ".replicator" / "vm1").exists()
         assert not (rcv.dir / ".replicator" / "vm2").exists()

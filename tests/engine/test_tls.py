@@ -233,6 +233,7 @@ def test_allow_rules() -> None:
     assert not allowed(rules, "site-c", "vm1")
     why = refusal(rules, "site-a", "vm2")
     assert why is not None and "'vm2'" in why and "--allow site-a:vm2" in why
+    assert "--allow site-a:'*'" in why  # a shell would glob a bare *
     assert refusal(rules, "site-a", "vm1") is None
     for bad in ("vm1", ":vm1", "site-a:", "site-a:../x", "a/b:vm1"):
         with pytest.raises(ConfigError, match="--allow"):
