@@ -21,7 +21,9 @@ from replicator.cli.common import (
     transport_security,
 )
 from replicator.cli.send import JobOption, StateDirOption, VolumesArgument, build_config
-from replicator.engine.errors import ReplicatorError
+from replicator.engine.control import ControlBusy
+from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.imagelock import ImageTaken
 
 FromOption = Annotated[
     str,
@@ -60,7 +62,18 @@ def failback_command(
         fail(exc)
 
     async def main(stop: asyncio.Event) -> dict[str, object]:
-        result = await failback(config, connector_for(config, tls))
+        try:
+            result = await failback(config, connector_for(config, tls))
+        except ConfigError as exc:  # a sender runs: its advice would not do here
+            taken = isinstance(exc, ControlBusy | ImageTaken)  # its state folder, its images
+            if not taken and "already runs" not in exc.message:
+                raise
+            raise ConfigError(
+                exc.message,
+                hint="failback needs the job to itself, with the --state-dir that sender "
+                "uses (not one of its own): stop that sender (SIGTERM), run the failback, "
+                "then start the sender again",
+            ) from exc
         return result.as_dict()
 
     result = run(main, graceful=False)

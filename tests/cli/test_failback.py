@@ -738,3 +738,30 @@ def test_a_failback_under_a_vm_still_running_on_the_source_changes_nothing(
         _identical(disk, replica)
     finally:
         assert rcv.stop() == 0
+
+
+def test_a_failback_beside_a_running_sender_is_told_to_stop_it_not_to_change_state_dir(
+    tmp_path: Path, receiver: ReceiverProc
+) -> None:
+    """Refused by the sender's claim, it was told "or give this one its own --state-dir":
+    a failback must run with the sender's own state folder, never with another."""
+    disk, state = tmp_path / "disk.img", tmp_path / "state"
+    qemu_img("create", "-q", "-f", "raw", str(disk), "4M")
+    sender = start_send(receiver.address, "vm", state, disk, extra=("--interval", "5"))
+    try:
+        deadline = time.monotonic() + 60
+        while not (state / "sender.json").exists():
+            assert sender.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # it holds its images too
+        mine = _failback(receiver, state, disk)
+        plain = replicator("failback", "--from", receiver.address, "--job", "vm", "--insecure",
+                           str(disk))  # fmt: skip
+    finally:
+        sender.send_signal(signal.SIGTERM)
+        sender.communicate(timeout=60)
+    for out in (mine, plain):
+        assert out.returncode == ExitCode.CONFIG, out.stderr
+        error = one_line_error(out.stderr)
+        assert "failback needs the job to itself" in error, error
+        assert "its own --state-dir" not in error and "replicate a copy" not in error, error
