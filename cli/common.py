@@ -102,7 +102,7 @@ def parse_endpoint(value: str, option: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(
             f"{option} wants HOST:PORT (a port from 1 to 65535), got {value!r}",
-            hint="e.g. 192.0.2.10:7070 or [2001:db8::1]:7070",
+            hint="e.g. 192.0.2.10:7400 or [2001:db8::1]:7400",
         )
     return host.strip("[]"), int(port)
 
