@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Final
 
 import structlog
@@ -50,6 +50,8 @@ CHANGED_MIN: Final = 64
 CHANGED_SHARE: Final = 0.25
 # Extents whose digests are compared at once inside a run that differs from its basis.
 BLOCK: Final = 16
+# The basis's digests of ``count`` extents from ``first`` (``ExtentManifest.slice``).
+BasisSlice = Callable[[int, int], bytes]
 
 
 class _HelperFailed(Exception):
@@ -143,14 +145,15 @@ def _changed_extent(fd: int, index: int, offset: int, length: int) -> Extent:
 def iter_extents_against(
     fd: int,
     size: int,
-    basis: bytes | bytearray,
+    basis: BasisSlice,
     extent_size: int = DEFAULT_EXTENT,
     *,
     helpers: int = HELPERS,
     min_size: int = HELPER_MIN_SIZE,
 ) -> Iterator[Extent | Unchanged | Holes]:
     """Every extent of ``fd`` up to ``size``, as ``volumes.iter_runs`` gives it, for a
-    scan whose previous digests are ``basis`` (DIGEST_SIZE bytes per extent).
+    scan whose previous digests ``basis(first, count)`` gives (DIGEST_SIZE bytes per
+    extent, shorter where they end: ``ExtentManifest.slice``).
 
     The differences: where helpers hash, extents whose digests equal the basis's come in
     runs (``Unchanged``), not one by one; where threads read, such a DATA extent comes
@@ -198,7 +201,7 @@ def _hashed(
     fd: int,
     size: int,
     extent_size: int,
-    basis: bytes | bytearray,
+    basis: BasisSlice,
     segments: list[tuple[int, int, _Helper | None]],
 ) -> Generator[Extent | Unchanged | Holes, None, int | None]:
     """The extents of ``segments`` (holes, or runs a helper hashes); returns where the
@@ -219,7 +222,7 @@ def _hashed(
             log.info("scan.helper_failed", error=str(exc), extent=first)
             return first
         # shorter where the basis ends: an extent past it is UNKNOWN, never equal
-        old = basis[first * DIGEST_SIZE : (first + count) * DIGEST_SIZE]
+        old = basis(first, count)
         for lo, hi, same in digest_runs(old, new, BLOCK):
             if same:
                 yield Unchanged(first + lo, hi - lo, new[lo * DIGEST_SIZE : hi * DIGEST_SIZE])

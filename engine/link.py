@@ -603,18 +603,24 @@ class Link:
 
     async def request_manifest(self, volume: str, extent_size: int) -> ExtentManifest | None:
         """The receiver's manifest of a replica, or None when the replica does not exist."""
-        digests = bytearray()
-        last: Manifest | None = None
+        manifest: ExtentManifest | None = None
         async for part in self._answers(
             ManifestRequest(next(self._ids), volume, extent_size, True)
         ):
             assert isinstance(part, Manifest)
-            digests += part.digests  # the protocol checked order and coverage
-            last = part
-        assert last is not None
-        if not last.exists:
-            return None
-        return ExtentManifest(extent_size, last.size, digests)
+            if not part.exists:
+                return None
+            if manifest is None:  # every part says the same size (the protocol checks it)
+                manifest = ExtentManifest(extent_size, part.size)
+            try:  # the protocol checked their order; put() that they fit the size
+                manifest.put(part.first_extent, part.digests)
+            except ValueError as exc:
+                raise PeerProtocolError(
+                    f"the receiver's manifest of {volume!r} does not fit its size ({exc}); "
+                    "the receiver may be a damaged build: upgrade both sides to one release"
+                ) from exc
+        assert manifest is not None
+        return manifest
 
     async def request_tree(self) -> list[TreeEntry]:
         """What the job's replica folder holds (the receiver applies what it has first)."""

@@ -12,11 +12,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast
 
 import lz4.frame
 
-from replicator.engine.volumes import Holes, hole_digests, iter_runs
+from replicator.engine.volumes import Holes, hole_digests, iter_runs, zero_digest, zeros
 from replicator.journal.durable import StateFileError, read_state, write_state
 from replicator.transport.messages import DIGEST_SIZE
 
@@ -48,47 +48,204 @@ def digest_chunks(fd: int, size: int, extent_size: int, chunk_extents: int) -> I
     yield bytes(out)
 
 
-@dataclass(slots=True)
-class ExtentManifest:
-    extent_size: int
-    size: int
-    digests: bytearray = field(default_factory=bytearray)
+# The digests are held in chunks of CHUNK extents (64 KiB of digests each), not one flat
+# array: a flat one cost 256 MiB per TiB of virtual size, holes included, and a sender
+# holds several (the saved manifests, a cycle's basis, the new ones). A chunk that is all
+# holes (the digest of a whole extent of zeros) or all UNKNOWN is one shared, immutable
+# ``bytes`` per extent size, so a sparse disk's manifest costs its data, not its size.
+CHUNK: Final = 4096
+_CHUNK_BYTES: Final = CHUNK * DIGEST_SIZE
+_UNKNOWN_CHUNK: Final = bytes(_CHUNK_BYTES)
+_hole_chunks: dict[int, bytes] = {}
 
-    def __post_init__(self) -> None:
-        want = self.count * DIGEST_SIZE
-        if not self.digests:  # all UNKNOWN (zero bytes), made at once: a TiB is 256 MiB
-            self.digests = bytearray(want)
-        elif len(self.digests) < want:
-            _pad(self.digests, want)
-        elif len(self.digests) > want:
-            del self.digests[want:]
+
+def _hole_chunk(extent_size: int) -> bytes:
+    """The one shared chunk of hole digests of ``extent_size`` extents."""
+    chunk = _hole_chunks.get(extent_size)
+    if chunk is None:  # setdefault: two threads making it keep one object
+        chunk = _hole_chunks.setdefault(extent_size, zero_digest(extent_size) * CHUNK)
+    return chunk
+
+
+class ExtentManifest:
+    """The digests of a volume of ``size`` bytes, one per ``extent_size`` bytes.
+
+    Stored as chunks of CHUNK extents, copied on write: a chunk is either ``bytes``
+    (immutable: the shared hole and UNKNOWN chunks, a partial UNKNOWN chunk at the end) or
+    a ``bytearray`` this manifest may change in place only while it owns it (``_owned``).
+    ``copy()`` shares every chunk (neither side owns them afterwards), so a copy costs the
+    list of chunks; the first write into a chunk either side shares copies that chunk.
+    Made with ``digests`` (DIGEST_SIZE bytes per extent from the first; fewer leaves the
+    rest UNKNOWN), or all UNKNOWN.
+    """
+
+    __slots__ = ("_chunks", "_owned", "extent_size", "size")
+
+    def __init__(
+        self, extent_size: int, size: int, digests: bytes | bytearray | memoryview = b""
+    ) -> None:
+        self.extent_size = extent_size
+        self.size = size
+        self._chunks: list[bytes | bytearray] = []
+        self._owned = bytearray()  # 1 where ``_chunks`` holds a bytearray only this changes
+        self._set_count(self.count)
+        if len(digests):
+            with memoryview(digests) as view:
+                self.put(0, view[: self.count * DIGEST_SIZE])
 
     @property
     def count(self) -> int:
         return (self.size + self.extent_size - 1) // self.extent_size
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExtentManifest):
+            return NotImplemented
+        return (self.extent_size, self.size) == (other.extent_size, other.size) and all(
+            a is b or a == b for a, b in zip(self._chunks, other._chunks, strict=True)
+        )
+
+    def __repr__(self) -> str:
+        private = sum(1 for chunk in self._chunks if isinstance(chunk, bytearray))
+        return (
+            f"ExtentManifest(extent_size={self.extent_size}, size={self.size}, "
+            f"chunks={len(self._chunks)}, bytearrays={private})"
+        )
+
     def copy(self) -> ExtentManifest:
-        return ExtentManifest(self.extent_size, self.size, bytearray(self.digests))
+        """A copy sharing every chunk: each side copies a chunk before it changes it."""
+        new = ExtentManifest.__new__(ExtentManifest)
+        new.extent_size, new.size = self.extent_size, self.size
+        new._chunks = self._chunks.copy()
+        new._owned = bytearray(len(self._chunks))
+        self._owned = bytearray(len(self._chunks))  # shared now: no longer changed in place
+        return new
 
     def get(self, index: int) -> bytes:
         if index >= self.count:
             return UNKNOWN
-        start = index * DIGEST_SIZE
-        return bytes(self.digests[start : start + DIGEST_SIZE])
+        chunk, at = divmod(index, CHUNK)
+        at *= DIGEST_SIZE
+        return bytes(self._chunks[chunk][at : at + DIGEST_SIZE])
+
+    def slice(self, first: int, count: int) -> bytes:
+        """The digests of ``count`` extents from ``first``: shorter where the volume ends."""
+        end = min(first + count, self.count)
+        if end <= first:
+            return b""
+        chunk, at = divmod(first, CHUNK)
+        at *= DIGEST_SIZE
+        if (end - 1) // CHUNK == chunk:  # within one chunk (the scan's usual case)
+            with memoryview(self._chunks[chunk]) as view:
+                return bytes(view[at : at + (end - first) * DIGEST_SIZE])
+        parts: list[memoryview] = []
+        index = first
+        while index < end:
+            chunk, at = divmod(index, CHUNK)
+            n = min(CHUNK - at, end - index)
+            parts.append(memoryview(self._chunks[chunk])[at * DIGEST_SIZE : (at + n) * DIGEST_SIZE])
+            index += n
+        try:
+            return b"".join(parts)
+        finally:
+            for part in parts:
+                part.release()
 
     def set(self, index: int, digest: bytes) -> None:
-        start = index * DIGEST_SIZE
-        self.digests[start : start + DIGEST_SIZE] = digest
+        if not 0 <= index < self.count:
+            raise IndexError(f"extent {index} is outside a manifest of {self.count}")
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError(f"a digest is {DIGEST_SIZE} bytes, not {len(digest)}")
+        chunk, at = divmod(index, CHUNK)
+        at *= DIGEST_SIZE
+        self._writable(chunk)[at : at + DIGEST_SIZE] = digest
+
+    def put(self, first: int, digests: bytes | bytearray | memoryview) -> None:
+        """Set the digests of ``len(digests) // DIGEST_SIZE`` extents from ``first``.
+
+        A whole chunk of hole (or UNKNOWN) digests is stored as the shared chunk: one
+        comparison with it, no copy."""
+        n, odd = divmod(len(digests), DIGEST_SIZE)
+        if odd or first < 0 or first + n > self.count:
+            raise ValueError(
+                f"{len(digests)} bytes of digests from extent {first} do not fit a manifest "
+                f"of {self.count} extents"
+            )
+        hole = _hole_chunk(self.extent_size)
+        chunks, owned = self._chunks, self._owned
+        with memoryview(digests) as view:
+            pos, index, end = 0, first, first + n
+            while index < end:
+                chunk, at = divmod(index, CHUNK)
+                at *= DIGEST_SIZE
+                take = min(len(chunks[chunk]) - at, (end - index) * DIGEST_SIZE)
+                piece = view[pos : pos + take]
+                pos += take
+                index += take // DIGEST_SIZE
+                if take == _CHUNK_BYTES:  # the whole chunk
+                    if hole.startswith(piece):
+                        chunks[chunk], owned[chunk] = hole, 0
+                    elif _UNKNOWN_CHUNK.startswith(piece):
+                        chunks[chunk], owned[chunk] = _UNKNOWN_CHUNK, 0
+                    else:
+                        chunks[chunk], owned[chunk] = bytearray(piece), 1
+                    continue
+                held = chunks[chunk]
+                if (held is hole or held is _UNKNOWN_CHUNK) and held.startswith(piece, at):
+                    continue  # as it is already: not copied to be written the same
+                target = self._writable(chunk)
+                target[at : at + take] = piece
+                if at + take == _CHUNK_BYTES and target == hole:  # its holes completed
+                    chunks[chunk], owned[chunk] = hole, 0
+
+    def put_holes(self, first: int, count: int) -> None:
+        """Set ``count`` extents from ``first`` to the digests of holes (zeros; the last
+        extent of the volume may be short): whole chunks share the hole chunk, none made."""
+        end = min(first + count, self.count)
+        hole = _hole_chunk(self.extent_size)
+        index = first
+        while index < end:
+            chunk, at = divmod(index, CHUNK)
+            n = min(CHUNK - at, end - index)
+            if n == CHUNK and (index + n) * self.extent_size <= self.size:
+                self._chunks[chunk], self._owned[chunk] = hole, 0
+            else:
+                self.put(index, hole_digests(self.size, self.extent_size, index, n))
+            index += n
+
+    def _writable(self, chunk: int) -> bytearray:
+        """Chunk ``chunk``, made this manifest's own first if it is shared or immutable."""
+        held = self._chunks[chunk]
+        if not self._owned[chunk]:
+            held = self._chunks[chunk] = bytearray(held)
+            self._owned[chunk] = 1
+        return cast(bytearray, held)
+
+    def _set_count(self, count: int) -> None:
+        """Hold ``count`` digests: those past it dropped, new ones UNKNOWN."""
+        chunks, owned = self._chunks, self._owned
+        full, tail = divmod(count, CHUNK)
+        want = full + (1 if tail else 0)
+        del chunks[want:], owned[want:]
+        if chunks:  # the last one kept: full when more follow, else the tail's length
+            last = len(chunks) - 1
+            length = (tail if tail and last == want - 1 else CHUNK) * DIGEST_SIZE
+            held = chunks[last]
+            if len(held) > length:
+                if owned[last]:
+                    del cast(bytearray, held)[length:]
+                else:
+                    chunks[last] = held[:length]  # a slice: a copy of up to 64 KiB
+            elif len(held) < length:
+                self._writable(last).extend(bytes(length - len(held)))
+        while len(chunks) < want:
+            chunks.append(_UNKNOWN_CHUNK if len(chunks) < full else bytes(tail * DIGEST_SIZE))
+            owned.append(0)
 
     def resize(self, size: int) -> None:
         """Change the volume size; the last extent's digest is dropped when its length changes."""
         old_count, old_size = self.count, self.size
         self.size = size
-        want = self.count * DIGEST_SIZE
-        if len(self.digests) < want:
-            _pad(self.digests, want)
-        else:
-            del self.digests[want:]
+        self._set_count(self.count)
         if old_count and old_size % self.extent_size and old_count - 1 < self.count:
             self.set(old_count - 1, UNKNOWN)
         if self.count and size % self.extent_size:
@@ -100,37 +257,62 @@ class ExtentManifest:
             return
         first = offset // self.extent_size
         last = min(self.count, (offset + length + self.extent_size - 1) // self.extent_size)
-        for i in range(first, last):
-            self.set(i, UNKNOWN)
+        index = first
+        while index < last:
+            chunk, at = divmod(index, CHUNK)
+            n = min(CHUNK - at, last - index)
+            if n == CHUNK:
+                self._chunks[chunk], self._owned[chunk] = _UNKNOWN_CHUNK, 0
+            else:
+                self._writable(chunk)[at * DIGEST_SIZE : (at + n) * DIGEST_SIZE] = zeros(
+                    n * DIGEST_SIZE
+                )
+            index += n
 
     def invalidate_all(self) -> None:
-        self.digests[:] = UNKNOWN * self.count
+        count = self.count
+        del self._chunks[:], self._owned[:]
+        self._set_count(count)
 
     def differing(self, other: ExtentManifest) -> Iterator[int]:
         """Indexes of extents whose digests differ (or are unknown on either side).
 
-        Compared ``_COMPARE_BLOCK`` extents at a time (one memcmp, and a search for an
-        UNKNOWN digest), one by one only inside a block that differs: extent by extent,
-        a 16 TiB sparse image (268 million extents) took ``verify`` three minutes of CPU."""
+        Compared a chunk at a time: two chunks that are one object hold the same digests,
+        two others are one memcmp, and a search for an UNKNOWN digest; one by one only
+        inside a chunk that differs. Extent by extent, a 16 TiB sparse image (268 million
+        extents) took ``verify`` three minutes of CPU."""
         if other.extent_size != self.extent_size:
             raise ValueError("manifests with different extent sizes cannot be compared")
-        mine_all, theirs_all = self.digests, other.digests
+        hole = _hole_chunk(self.extent_size)
         known = min(self.count, other.count)
-        for lo in range(0, known, _COMPARE_BLOCK):
-            hi = min(known, lo + _COMPARE_BLOCK)
-            start, end = lo * DIGEST_SIZE, hi * DIGEST_SIZE
-            with memoryview(theirs_all) as theirs:  # memcmp in place, no copy
-                same = mine_all.startswith(theirs[start:end], start)
-            if same and not _holds_unknown(mine_all, start, end):
+        for lo in range(0, known, CHUNK):
+            mine, theirs = self._chunks[lo // CHUNK], other._chunks[lo // CHUNK]
+            hi = min(known, lo + CHUNK)
+            end = (hi - lo) * DIGEST_SIZE
+            if mine is theirs and len(mine) == end:
+                if mine is hole:
+                    continue
+                if mine is _UNKNOWN_CHUNK:
+                    yield from range(lo, hi)
+                    continue
+                same = True
+            else:
+                with memoryview(theirs) as view:  # memcmp in place, no copy
+                    same = mine.startswith(view[:end])
+            if same and (mine is hole or not _holds_unknown(mine, 0, end)):
                 continue
             for i in range(lo, hi):
-                mine_i, theirs_i = self.get(i), other.get(i)
-                if mine_i != theirs_i or mine_i == UNKNOWN:
+                at = (i - lo) * DIGEST_SIZE
+                digest = mine[at : at + DIGEST_SIZE]
+                if digest != theirs[at : at + DIGEST_SIZE] or digest == UNKNOWN:
                     yield i
         yield from range(known, max(self.count, other.count))  # one side has none: UNKNOWN
 
     def to_state(self) -> dict[str, Any]:
-        return {"extent_size": self.extent_size, "size": self.size, **_packed(self.digests)}
+        """The manifest as ``manifests.state`` holds it (docs/FORMATS.md): its digests
+        lz4-compressed from the chunks a MiB at a time when that halves them at least
+        (a sparse image's), else as they are (joined: a dense disk's do not compress)."""
+        return {"extent_size": self.extent_size, "size": self.size, **_packed(self._chunks)}
 
     @classmethod
     def of_file(cls, path: Path, extent_size: int) -> ExtentManifest:
@@ -138,35 +320,32 @@ class ExtentManifest:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            digests = bytearray()  # grown in place: joined and copied, it was held thrice
+            manifest, at = cls(extent_size, size), 0
             for chunk in digest_chunks(fd, size, extent_size, 1 << 16):
-                digests += chunk
-            return cls(extent_size, size, digests)
+                manifest.put(at, chunk)
+                at += len(chunk) // DIGEST_SIZE
+            return manifest
         finally:
             os.close(fd)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ExtentManifest:
-        extent_size, size = int(state["extent_size"]), int(state["size"])
+        """The manifest ``to_state`` gave (or one saved before compression). Compressed
+        digests are decompressed a chunk at a time, hole chunks shared as they come."""
+        manifest = cls(int(state["extent_size"]), int(state["size"]))
         if "digests_lz4" in state:
-            want = -(-size // extent_size) * DIGEST_SIZE
-            digests = _unpacked(state["digests_lz4"], want)
+            at = 0
+            for piece in _unpacked(state["digests_lz4"], manifest.count * DIGEST_SIZE):
+                manifest.put(at, piece)
+                at += len(piece) // DIGEST_SIZE
         else:
-            digests = bytearray(state["digests"])
-        return cls(extent_size, size, digests)
+            digests = state["digests"]
+            with memoryview(digests) as view:  # an older file's may be short: UNKNOWN then
+                manifest.put(0, view[: manifest.count * DIGEST_SIZE])
+        return manifest
 
 
-def _pad(digests: bytearray, want: int) -> None:
-    """Grow ``digests`` to ``want`` bytes of UNKNOWN (all zeros), a MiB at a time: the
-    zeros of a TiB's growth made at once were 256 MiB more, beside the digests grown."""
-    while len(digests) < want:
-        digests += bytes(min(want - len(digests), 1 << 20))
-
-
-_COMPARE_BLOCK = 4096  # extents compared at once by ``differing`` (64 KiB of digests)
-
-
-def _holds_unknown(digests: bytearray, start: int, end: int) -> bool:
+def _holds_unknown(digests: bytes | bytearray, start: int, end: int) -> bool:
     """Whether an UNKNOWN (all-zero) digest starts at a digest's boundary in
     ``digests[start:end]`` (``start`` is one); searched in place, no copy."""
     at = digests.find(UNKNOWN, start, end)
@@ -185,36 +364,55 @@ _PACK_MIN_BYTES = 64 * 1024
 
 _PACK_STEP = 1 << 20  # digests compressed at once: compressed whole, lz4 took a buffer as
 # large as them (a TiB's 256 MiB, written all through for a dense disk's), beside the
-# saved manifests and the new ones
+# saved manifests and the new ones. The bytes at rest depend on it: the frame is made of
+# the same pieces as before the digests were chunked.
+_STEP_CHUNKS = _PACK_STEP // _CHUNK_BYTES
 
 
-def _packed(digests: bytearray) -> dict[str, bytes | bytearray]:
-    if len(digests) >= _PACK_MIN_BYTES:
-        limit = len(digests) // 2
+def _packed(chunks: list[bytes | bytearray]) -> dict[str, bytes | bytearray]:
+    total = sum(len(chunk) for chunk in chunks)
+    if total >= _PACK_MIN_BYTES:
+        limit = total // 2
         packer = lz4.frame.LZ4FrameCompressor(return_bytearray=True)
-        packed: bytearray = packer.begin(len(digests))  # the size is in the frame's header
-        with memoryview(digests) as view:
-            for at in range(0, len(digests), _PACK_STEP):
-                packed += packer.compress(view[at : at + _PACK_STEP])
-                if len(packed) > limit:  # dense: they stay as they are
-                    return {"digests": digests}
-        packed += packer.flush()
-        if len(packed) <= limit:
-            return {"digests_lz4": packed}
-    return {"digests": digests}
+        packed: bytearray = packer.begin(total)  # the size is in the frame's header
+        for at in range(0, len(chunks), _STEP_CHUNKS):
+            packed += packer.compress(b"".join(chunks[at : at + _STEP_CHUNKS]))
+            if len(packed) > limit:  # dense: they stay as they are
+                break
+        else:
+            packed += packer.flush()
+            if len(packed) <= limit:
+                return {"digests_lz4": packed}
+    return {"digests": b"".join(chunks)}
 
 
-def _unpacked(packed: bytes, want: int) -> bytearray:
-    """The digests ``_packed`` compressed; ValueError unless exactly ``want`` bytes."""
+def _unpacked(packed: bytes, want: int) -> Iterator[bytearray]:
+    """The digests ``_packed`` compressed, a chunk (64 KiB) at a time; ValueError unless
+    exactly ``want`` bytes."""
     try:
         if lz4.frame.get_frame_info(packed)["content_size"] != want:
             raise ValueError(f"compressed digests do not hold {want} bytes")
-        digests: bytearray = lz4.frame.decompress(packed, return_bytearray=True)
+        unpacker = lz4.frame.LZ4FrameDecompressor(return_bytearray=True)
+        data, got, pending = packed, 0, bytearray()
+        while not unpacker.eof:
+            out = unpacker.decompress(data, max_length=_CHUNK_BYTES - len(pending))
+            data = b""
+            if not out and not unpacker.eof:
+                break  # the frame ends early
+            if got + len(pending) + len(out) > want:
+                raise ValueError(f"compressed digests hold more than {want} bytes")
+            pending = out if not pending else pending + out
+            if len(pending) == _CHUNK_BYTES:
+                got += len(pending)
+                yield pending
+                pending = bytearray()
     except RuntimeError as exc:  # lz4's error for a damaged frame
         raise ValueError(f"compressed digests cannot be read ({exc})") from exc
-    if len(digests) != want:
-        raise ValueError(f"compressed digests hold {len(digests)} bytes, not {want}")
-    return digests
+    got += len(pending)
+    if got != want:
+        raise ValueError(f"compressed digests hold {got} bytes, not {want}")
+    if pending:
+        yield pending
 
 
 @dataclass(slots=True)
@@ -235,6 +433,10 @@ class ManifestSet:
     compared: bool = field(default=False, compare=False)
 
     def save(self, path: Path) -> None:
+        disks = {k: v.to_state() for k, v in self.disks.items()}
+        # a dense disk's digests are joined from their chunks here: the packer's buffer
+        # made their size at once keeps saving to that one more copy
+        hint = sum(len(s.get("digests", s.get("digests_lz4", b""))) for s in disks.values())
         write_state(
             path,
             {
@@ -242,10 +444,11 @@ class ManifestSet:
                 "lsn": self.lsn,
                 "epoch": self.epoch,
                 "extent_size": self.extent_size,
-                "disks": {k: v.to_state() for k, v in self.disks.items()},
+                "disks": disks,
                 "files": dict(self.files),
                 "modes": dict(self.modes),
             },
+            size_hint=hint + 64 * len(self.files),
         )
 
     @classmethod

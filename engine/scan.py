@@ -39,7 +39,6 @@ from replicator.engine.volumes import (
     volume_stat,
 )
 from replicator.journal import Journal, JournalFull, Record
-from replicator.transport.messages import DIGEST_SIZE
 
 MAX_WRITE = 1024 * 1024  # bytes of data per WRITE record
 BATCH_BYTES = 4 * 1024 * 1024  # records handed from the scan thread to the loop per hop
@@ -130,17 +129,16 @@ def _disk_batches(
                 flush_zero()
                 zero_off, zero_len, zero_kept = offset, length, kept
 
-        new_digests, old_digests, old_count = new.digests, basis.digests, basis.count
-        extent_size = new.extent_size
+        old_count, extent_size = basis.count, new.extent_size
+        put_digest, old_get = new.set, basis.get
 
         def one_extent(ext: Extent) -> None:
             """An extent that changed, or one as the threads read it (every extent)."""
             nonlocal write_off, write_buf, zero_off, zero_len
             stats.bytes_scanned += ext.length
-            at = ext.index * DIGEST_SIZE
-            new_digests[at : at + DIGEST_SIZE] = ext.digest
-            # as ``basis.get(index) == digest``: beyond the basis is UNKNOWN, never a digest
-            if ext.index < old_count and old_digests[at : at + DIGEST_SIZE] == ext.digest:
+            put_digest(ext.index, ext.digest)
+            # beyond the basis is UNKNOWN, never a digest
+            if ext.index < old_count and old_get(ext.index) == ext.digest:
                 if write_buf:
                     flush_write()
                 if ext.offset >= grown and ext.state is ExtentState.ZERO:
@@ -170,10 +168,9 @@ def _disk_batches(
             (fallocated, ``preallocation=falloc``: holes to SEEK_DATA on ext4 and XFS)."""
             for piece in range(run.first, run.first + run.count, HOLE_PIECE):
                 count = min(HOLE_PIECE, run.first + run.count - piece)
-                at = piece * DIGEST_SIZE
                 digests = hole_digests(size, extent_size, piece, count)
-                new_digests[at : at + len(digests)] = digests
-                old = old_digests[at : at + len(digests)]  # shorter where the basis ends
+                new.put(piece, digests)
+                old = basis.slice(piece, count)  # shorter where the basis ends
                 for lo, hi, same in digest_runs(old, digests, HOLE_BLOCK):
                     off = (piece + lo) * extent_size
                     length = min((hi - lo) * extent_size, size - off)
@@ -206,14 +203,13 @@ def _disk_batches(
         # where helpers hash, the extents that did not change come in runs (Unchanged): a
         # GiB is 16,384 extents, and this loop holds the lock the event loop also wants
         extents = (
-            iter_extents_against(fd, size, old_digests, extent_size)
+            iter_extents_against(fd, size, basis.slice, extent_size)
             if old_count
             else iter_runs(fd, size, extent_size)  # a first sync reads it all anyway
         )
         for ext in extents:
             if isinstance(ext, Unchanged):  # a run whose digests equal the basis's
-                at = ext.first * DIGEST_SIZE
-                new_digests[at : at + len(ext.digests)] = ext.digests
+                new.put(ext.first, ext.digests)
                 length = min(ext.count * extent_size, size - ext.first * extent_size)
                 stats.bytes_scanned += length
                 if write_buf:
@@ -255,13 +251,8 @@ def resize_basis(basis: ExtentManifest, size: int) -> None:
             first_new -= 1  # the old partial extent grows: its content is unknown here
             basis.set(first_new, UNKNOWN)
             first_new += 1
-        # a piece at a time: made at once, a TiB of holes was 512 MiB of digests beside the
-        # 256 MiB of the basis (made, then joined with the last extent's)
-        digests, count = basis.digests, basis.count
-        for piece in range(first_new, count, HOLE_PIECE):
-            n = min(HOLE_PIECE, count - piece)
-            at = piece * DIGEST_SIZE
-            digests[at : at + n * DIGEST_SIZE] = hole_digests(size, basis.extent_size, piece, n)
+        # whole chunks share the one of hole digests: made, a TiB of holes was 256 MiB
+        basis.put_holes(first_new, basis.count - first_new)
 
 
 Appender = Callable[[list[Record]], Awaitable[int]]

@@ -89,18 +89,18 @@ def _source_manifest(
     try:
         size = os.fstat(fd).st_size
         # filled in place: parts joined, then copied, held the digests three times over
-        # (16 bytes per extent: 12 GiB at once for a 16 TiB image)
-        digests = bytearray(-(-size // extent_size) * DIGEST_SIZE)
+        # (16 bytes per extent: 12 GiB at once for a 16 TiB image); a chunk of holes is
+        # the shared one, so a sparse image's costs its data
+        manifest = ExtentManifest(extent_size, size)
         hashed = 0
         least, most = _PROGRESS_EXTENTS
-        step = min(most, max(least, -(-size // extent_size) // 64))
+        step = min(most, max(least, manifest.count // 64))
         for chunk in digest_chunks(fd, size, extent_size, step):
-            digests[hashed * DIGEST_SIZE : hashed * DIGEST_SIZE + len(chunk)] = chunk
+            manifest.put(hashed, chunk)
             hashed += len(chunk) // DIGEST_SIZE
             if seen is not None:
                 seen(min(size, hashed * extent_size))
-        del digests[hashed * DIGEST_SIZE :]  # the file shrank meanwhile: what was read
-        return ExtentManifest(extent_size, size, digests)
+        return manifest  # the file shrank meanwhile: the rest UNKNOWN, as it was not read
     finally:
         os.close(fd)
 

@@ -37,6 +37,7 @@ STATE_MAGIC = b"RPST"
 STATE_VERSION = 1
 # magic, version, reserved, body length, blake3-128 of body
 _STATE_HEADER = struct.Struct("<4sHHQ16s")
+_PACK_BUFFER = 256 * 1024  # msgpack.Packer's own first buffer; a size hint adds to it
 
 
 class StateFileError(ReplicatorError):
@@ -189,14 +190,19 @@ def decode_state(raw: bytes, *, source: str = "<state>") -> dict[str, Any]:
     return value
 
 
-def write_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+def write_state(
+    path: str | os.PathLike[str], state: Mapping[str, Any], *, size_hint: int = 0
+) -> None:
     """Durably replace the state file at ``path`` (temp, fsync, rename, dir fsync).
 
     The file: the header (magic, version, the body's length and blake3-128), then the
     msgpack body, written from the packer's own buffer with the header beside it: ``packb``
     copies its buffer out, and a header joined to that is another copy (a dense raw disk's
-    manifests are 256 MiB per TiB, held three more times while they were saved)."""
-    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    manifests are 256 MiB per TiB, held three more times while they were saved).
+    ``size_hint``: about how many bytes the body takes, so the packer's buffer is made
+    that large at once (grown as it packs, the buffer doubles: up to twice the body)."""
+    make: Any = msgpack.Packer  # its typed signature is the pure-Python one's: no buf_size
+    packer = make(use_bin_type=True, autoreset=False, buf_size=_PACK_BUFFER + max(0, size_hint))
     packer.pack(dict(state))
     with packer.getbuffer() as body:
         digest = blake3.blake3(body).digest(16)

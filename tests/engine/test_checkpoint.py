@@ -85,7 +85,7 @@ def test_a_checkpoint_equals_a_scan_of_the_image(
         after, read = checkpoint_manifests(before, touched, [spec], 42)
         assert after.lsn == 42 and after.epoch == 1
         assert after.disks["disk.raw"].size == path.stat().st_size
-        assert after.disks["disk.raw"].digests == scanned(path).digests
+        assert after.disks["disk.raw"] == scanned(path)
         assert read <= touched.bytes + EXT
 
 
@@ -167,14 +167,14 @@ def test_what_a_released_freeze_journaled_is_unknown_in_the_next_basis(tmp_path:
     ]
     touched = TouchedExtents(EXT)
     touched([Record.write("disk.raw", EXT + 10, b"x" * EXT), Record.file("vm.xml", b"<x/>")])
-    before = basis.disks["disk.raw"].digests[:]
+    before = basis.disks["disk.raw"].slice(0, basis.disks["disk.raw"].count)
     marked = unknown_where_journaled(basis, touched, volumes)
     disk = marked.disks["disk.raw"]
     assert [disk.get(i) == UNKNOWN for i in range(8)] == [False, True, True] + [False] * 5
     assert "vm.xml" not in marked.files and "vm.xml" not in marked.modes
     assert marked.files["notes"] == basis.files["notes"] and marked.modes["notes"] == 0o600
     assert (marked.lsn, marked.epoch) == (7, 3)
-    assert basis.disks["disk.raw"].digests == before and "vm.xml" in basis.files
+    assert basis.disks["disk.raw"].slice(0, 8) == before and "vm.xml" in basis.files
     touched([Record.unlink("notes")])  # a record the marks cannot follow: all unknown
     marked = unknown_where_journaled(basis, touched, volumes)
     assert all(marked.disks["disk.raw"].get(i) == UNKNOWN for i in range(8))

@@ -99,7 +99,11 @@ def _scan_checked(path: Path, basis: list[tuple[int, bytes]], *, exact: bool = T
     try:
         size = os.fstat(fd).st_size
         old = b"".join(d for _, d in basis).ljust(DIGEST_SIZE * len(_digests(path)), b"\0")
-        items = list(iter_extents_against(fd, size, old))
+        items = list(
+            iter_extents_against(
+                fd, size, lambda first, n: old[first * DIGEST_SIZE : (first + n) * DIGEST_SIZE]
+            )
+        )
     finally:
         os.close(fd)
     got = [e for e in items if isinstance(e, Extent)]

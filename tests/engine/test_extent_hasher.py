@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -111,11 +112,16 @@ def _check(
             assert bytes(e.data) == pread_all(fd, e.length, e.offset).ljust(e.length, b"\0")
 
 
+def _slicer(basis: bytes | bytearray) -> Callable[[int, int], bytes]:
+    """``basis`` as ``ExtentManifest.slice`` gives a manifest's digests."""
+    return lambda first, count: bytes(basis[first * DIGEST_SIZE : (first + count) * DIGEST_SIZE])
+
+
 def _scan(
     fd: int, size: int, basis: bytes | bytearray, helpers: int = 2
 ) -> list[Extent | Unchanged | Holes]:
     out: list[Extent | Unchanged | Holes] = []
-    for e in iter_extents_against(fd, size, basis, EXT, helpers=helpers, min_size=0):
+    for e in iter_extents_against(fd, size, _slicer(basis), EXT, helpers=helpers, min_size=0):
         if isinstance(e, Extent) and e.data is not None:
             e.data = memoryview(bytes(e.data))  # iter_extents' views die with the next chunk
         out.append(e)
