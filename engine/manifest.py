@@ -9,14 +9,21 @@ real digest), so it is always treated as changed.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
 import lz4.frame
 
-from replicator.engine.volumes import Holes, hole_digests, iter_runs, zero_digest, zeros
+from replicator.engine.volumes import (
+    Holes,
+    digest_runs,
+    hole_digests,
+    iter_runs,
+    zero_digest,
+    zeros,
+)
 from replicator.journal.durable import StateFileError, read_state, write_state
 from replicator.transport.messages import DIGEST_SIZE
 
@@ -211,6 +218,38 @@ class ExtentManifest:
             else:
                 self.put(index, hole_digests(self.size, self.extent_size, index, n))
             index += n
+
+    def hole_runs(
+        self, first: int, count: int, size: int, block: int
+    ) -> Iterator[tuple[int, int, bool]]:
+        """``volumes.digest_runs`` of these digests against those of holes, for ``count``
+        extents from ``first`` of a volume of ``size`` bytes (its last extent may be
+        short): (lo, hi, same) runs from ``first``, in order, covering them all; past
+        this manifest's end nothing is the same. A whole shared hole chunk is the same
+        at once (a no-change scan of a 16 TiB sparse disk compared 4 GiB of digests)."""
+        hole = _hole_chunk(self.extent_size)
+        start, same = 0, True  # the run being built
+        index, end = first, first + count
+        while index < end:
+            chunk, at = divmod(index, CHUNK)
+            n = min(CHUNK - at, end - index)
+            if (
+                index + n <= self.count
+                and self._chunks[chunk] is hole
+                and (index + n) * self.extent_size <= size  # not the short last extent
+            ):
+                pieces: Iterable[tuple[int, int, bool]] = ((0, n, True),)
+            else:
+                digests = hole_digests(size, self.extent_size, index, n)
+                pieces = digest_runs(self.slice(index, n), digests, block)
+            for lo, _, alike in pieces:
+                if alike != same:
+                    if index - first + lo > start:
+                        yield start, index - first + lo, same
+                    start, same = index - first + lo, alike
+            index += n
+        if count > start:
+            yield start, count, same
 
     def _writable(self, chunk: int) -> bytearray:
         """Chunk ``chunk``, made this manifest's own first if it is shared or immutable."""

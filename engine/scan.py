@@ -30,9 +30,7 @@ from replicator.engine.volumes import (
     VolumeKind,
     VolumeSpec,
     allocated_ranges,
-    digest_runs,
     extent_digest,
-    hole_digests,
     iter_runs,
     open_volume,
     split_by,
@@ -44,7 +42,7 @@ MAX_WRITE = 1024 * 1024  # bytes of data per WRITE record
 BATCH_BYTES = 4 * 1024 * 1024  # records handed from the scan thread to the loop per hop
 PROGRESS_BYTES = 64 * 1024 * 1024  # the scan thread reports back at least this often
 SYNC_EVERY = 64 * 1024 * 1024  # changed bytes the scan may get ahead of a running sync
-HOLE_PIECE = 65_536  # hole extents whose digests are made and compared at once (1 MiB)
+HOLE_PIECE = 65_536  # hole extents compared at once (1 MiB of digests; chunks' edges)
 HOLE_BLOCK = 1024  # of those, compared in blocks this long, one by one inside one that differs
 SIZE_PASSES = 3  # scans of a disk whose size changed while it was read, before its point
 
@@ -166,12 +164,13 @@ def _disk_batches(
             does not know as zeros, compared a piece at a time (a 2 TiB hole is 512 MiB of
             digests). TRIM where the file has no blocks, ZERO where it has unwritten ones
             (fallocated, ``preallocation=falloc``: holes to SEEK_DATA on ext4 and XFS)."""
-            for piece in range(run.first, run.first + run.count, HOLE_PIECE):
-                count = min(HOLE_PIECE, run.first + run.count - piece)
-                digests = hole_digests(size, extent_size, piece, count)
-                new.put(piece, digests)
-                old = basis.slice(piece, count)  # shorter where the basis ends
-                for lo, hi, same in digest_runs(old, digests, HOLE_BLOCK):
+            piece, end = run.first, run.first + run.count
+            while piece < end:
+                # pieces end on HOLE_PIECE's edges, which are chunks' edges: the chunks of
+                # the manifests inside one are whole, and shared when they are holes
+                count = min(HOLE_PIECE - piece % HOLE_PIECE, end - piece)
+                new.put_holes(piece, count)
+                for lo, hi, same in basis.hole_runs(piece, count, size, HOLE_BLOCK):
                     off = (piece + lo) * extent_size
                     length = min((hi - lo) * extent_size, size - off)
                     stats.bytes_scanned += length
@@ -183,6 +182,7 @@ def _disk_batches(
                     kept = allocated_ranges(fd, off, off + length)
                     for at, n, inside in split_by(kept, off, off + length):
                         add_zero(at, n, inside)
+                piece += count
 
         def kept_since(start: int, end: int) -> None:
             """Zeros equal to the basis's in ``[start, end)``: where the replica's RESIZE

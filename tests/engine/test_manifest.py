@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
-from replicator.engine.volumes import hole_digests, zero_digest
+from replicator.engine.volumes import digest_runs, hole_digests, zero_digest
 from replicator.journal.durable import StateFileError, write_state
 
 
@@ -326,6 +326,16 @@ def test_the_chunked_manifest_behaves_as_a_flat_array(
         assert m.get(i) == model.get(i)
     for first in (0, 4090, 4096, 8191):  # across and at chunk edges
         assert m.slice(first, 10) == bytes(model.digests[first * 16 : first * 16 + 160])
+    for grown in (0, 100 * _EXT + 13):  # a scan's holes, in a volume now as large or larger
+        size = model.size + grown
+        total = -(-size // _EXT)
+        for first, count in ((0, total), (4000, 300), (4096, 8192), (total - 5, 9)):
+            first = max(0, min(first, total))
+            count = max(0, min(count, total - first))
+            of_holes = hole_digests(size, _EXT, first, count)
+            flat = bytes(model.digests[first * 16 : (first + count) * 16])
+            want = list(digest_runs(flat, of_holes, 16))
+            assert list(m.hole_runs(first, count, size, 16)) == want
     for old, old_model in kept:
         assert old.slice(0, old.count) == bytes(old_model.digests)  # untouched by the copy
         by_extent = [

@@ -11,7 +11,7 @@ import pytest
 import structlog.testing
 
 from replicator.engine import scan
-from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
+from replicator.engine.manifest import CHUNK, UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.scan import (
     BATCH_BYTES,
     CycleStopped,
@@ -19,7 +19,14 @@ from replicator.engine.scan import (
     _disk_batches,
     append_waiting,
 )
-from replicator.engine.volumes import Holes, VolumeKind, VolumeSpec, iter_runs, zero_digest
+from replicator.engine.volumes import (
+    Holes,
+    VolumeKind,
+    VolumeSpec,
+    hole_digests,
+    iter_runs,
+    zero_digest,
+)
 from replicator.journal import Journal, JournalFull, Record, RecordType
 from replicator.journal.errors import JournalIOError
 from replicator.journal.journal import MIN_SEGMENT_BYTES
@@ -400,3 +407,30 @@ async def test_a_disk_resized_mid_scan_is_said_and_scanned_again_when_it_shrank(
         assert resizes == [0, 24 * MiB]
         assert manifests.disks["disk.img"].size == 24 * MiB  # the next scan sees the rest
     assert stats.resized == ["disk.img"]
+
+
+def test_holes_the_basis_knows_as_holes_are_compared_a_chunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A no-change scan of a 1 TiB sparse image: the basis holds its holes as the shared
+    chunk of hole digests, so they are the same at once. They were made (16 bytes per
+    extent: 256 MiB per TiB) and compared with the basis's, a MiB at a time, every cycle."""
+    size = (1 << 40) + 100  # the short last extent: its digest is not in a shared chunk
+    path = tmp_path / "sparse.img"
+    with path.open("wb") as f:
+        f.truncate(size)
+        f.seek(5 << 30)
+        f.write(os.urandom(EXT))
+    basis = ExtentManifest.of_file(path, EXT)
+    made = [0]
+
+    def counted(size: int, extent_size: int, first: int, count: int) -> bytes:
+        made[0] += max(0, count)
+        return hole_digests(size, extent_size, first, count)
+
+    for module in ("replicator.engine.scan", "replicator.engine.manifest"):
+        monkeypatch.setattr(f"{module}.hole_digests", counted, raising=False)
+    spec = VolumeSpec(path, "sparse.img", VolumeKind.DISK)
+    records, _ = _records(spec, basis, size)
+    assert records == []
+    assert made[0] < 3 * CHUNK  # the chunks at the data extent and the end only
