@@ -317,9 +317,10 @@ class ExtentManifest:
         """Indexes of extents whose digests differ (or are unknown on either side).
 
         Compared a chunk at a time: two chunks that are one object hold the same digests,
-        two others are one memcmp, and a search for an UNKNOWN digest; one by one only
-        inside a chunk that differs. Extent by extent, a 16 TiB sparse image (268 million
-        extents) took ``verify`` three minutes of CPU."""
+        a shared UNKNOWN chunk differs throughout, two others are one memcmp and a search
+        for an UNKNOWN digest; one by one only inside a chunk that differs. Extent by
+        extent, a 16 TiB sparse image (268 million extents) took ``verify`` three minutes
+        of CPU."""
         if other.extent_size != self.extent_size:
             raise ValueError("manifests with different extent sizes cannot be compared")
         hole = _hole_chunk(self.extent_size)
@@ -328,11 +329,11 @@ class ExtentManifest:
             mine, theirs = self._chunks[lo // CHUNK], other._chunks[lo // CHUNK]
             hi = min(known, lo + CHUNK)
             end = (hi - lo) * DIGEST_SIZE
+            if mine is _UNKNOWN_CHUNK or theirs is _UNKNOWN_CHUNK:  # unknown: all differ
+                yield from range(lo, hi)
+                continue
             if mine is theirs and len(mine) == end:
                 if mine is hole:
-                    continue
-                if mine is _UNKNOWN_CHUNK:
-                    yield from range(lo, hi)
                     continue
                 same = True
             else:
