@@ -226,7 +226,12 @@ def main() -> int:
     parser.add_argument(
         "--data-mib", type=int, default=None, help="sparse image: this much data (default: full)"
     )
-    parser.add_argument("--initial-rounds", type=int, default=3, help="initial syncs of each")
+    parser.add_argument(
+        "--initial-rounds",
+        type=int,
+        default=3,
+        help="initial syncs of each (0: only the 1%% change, after one untimed first sync)",
+    )
     parser.add_argument(
         "--settle",
         type=float,
@@ -288,19 +293,23 @@ def main() -> int:
     try:
         timed(send)
         timed([*rsync, f"{work / 'rsync'}/"])
-        results["initial"] = {
-            "rounds": initial,
-            "replicator_s": spread([r["ours"] for r in initial]),
-            "rsync_whole_file_fsync_s": spread([r["fsync"] for r in initial]),
-            "rsync_whole_file_s": spread([r["plain"] for r in initial]),
-            "ratio": spread([r["ours"] / r["fsync"] for r in initial]),
-            "ratio_to_plain": spread([r["ours"] / r["plain"] for r in initial]),
-            "disk_s": spread([r["disk"] for r in initial]),
-            "ratio_to_disk": spread([r["ours"] / r["disk"] for r in initial]),
-            "settle_s": settle,
-            "wire_bytes": wire_bytes,
-            "load_average": load_average(),
-        }
+        results["initial"] = (
+            None
+            if not initial
+            else {
+                "rounds": initial,
+                "replicator_s": spread([r["ours"] for r in initial]),
+                "rsync_whole_file_fsync_s": spread([r["fsync"] for r in initial]),
+                "rsync_whole_file_s": spread([r["plain"] for r in initial]),
+                "ratio": spread([r["ours"] / r["fsync"] for r in initial]),
+                "ratio_to_plain": spread([r["ours"] / r["plain"] for r in initial]),
+                "disk_s": spread([r["disk"] for r in initial]),
+                "ratio_to_disk": spread([r["ours"] / r["disk"] for r in initial]),
+                "settle_s": settle,
+                "wire_bytes": wire_bytes,
+                "load_average": load_average(),
+            }
+        )
         rounds = [
             changed_round(send, image, work / "rsync", 11 + k, ours_first=k % 2 == 0)
             for k in range(args.repeat)
@@ -340,13 +349,10 @@ def print_results(results: dict[str, Any]) -> None:
         f"{results['data_bytes'] / MIB:.0f} MiB allocated; load average at start "
         f"{results['load_average_start']}"
     )
-    print(
-        f"initial x{len(i['rounds'])}       replicator {_spread(i['replicator_s'], 's')}   "
-        f"rsync --whole-file --fsync {_spread(i['rsync_whole_file_fsync_s'], 's')}   ratio "
-        f"{_spread(i['ratio'], 'x')} (target <= 1.0); without --fsync "
-        f"{_spread(i['rsync_whole_file_s'], 's')} ({_spread(i['ratio_to_plain'], 'x')}); "
-        f"dd conv=fdatasync {_spread(i['disk_s'], 's')} ({_spread(i['ratio_to_disk'], 'x')})"
-    )
+    if not i:
+        print("initial          not timed (--initial-rounds 0)")
+    else:
+        _print_initial(i)
     print(
         f"1% changed x{len(c['rounds'])}    replicator {_spread(c['replicator_s'], 's')}   "
         f"rsync --inplace {_spread(c['rsync_inplace_s'], 's')}   ratio "
@@ -365,6 +371,16 @@ def print_results(results: dict[str, Any]) -> None:
     print(
         f"peak RSS         sender {r['sender']:.0f} MiB, receiver {r['receiver']:.0f} MiB "
         f"(target <= 200); load average at the end {load_average()}"
+    )
+
+
+def _print_initial(i: dict[str, Any]) -> None:
+    print(
+        f"initial x{len(i['rounds'])}       replicator {_spread(i['replicator_s'], 's')}   "
+        f"rsync --whole-file --fsync {_spread(i['rsync_whole_file_fsync_s'], 's')}   ratio "
+        f"{_spread(i['ratio'], 'x')} (target <= 1.0); without --fsync "
+        f"{_spread(i['rsync_whole_file_s'], 's')} ({_spread(i['ratio_to_plain'], 'x')}); "
+        f"dd conv=fdatasync {_spread(i['disk_s'], 's')} ({_spread(i['ratio_to_disk'], 'x')})"
     )
 
 

@@ -479,9 +479,11 @@ def unknown_where_journaled(
 
 
 def _sharing(local: ManifestSet) -> tuple[ManifestSet, Shared]:
-    """A basis made from ``local`` that shares its disks' manifests (a TiB of a raw disk's
-    size is 256 MiB of digests, and a cycle holds the saved manifests and the new ones
-    besides), and the ids of those shared: ``_own`` copies one before it is changed, so
+    """A basis made from ``local`` that shares its disks' manifests (a dense TiB of a raw
+    disk is 256 MiB of digests, and a cycle holds the saved manifests and the new ones
+    besides; a copy shares their chunks too, copied on write, but even its list of chunks
+    is not made for a disk nothing changes), and the ids of those shared: ``_own`` copies
+    one before it is changed, so
     ``local`` (``SenderState.manifests``, what was saved) stays as it is whatever the
     cycle does. Nothing changes a basis in place once it is made (``scan_epoch`` does not,
     ``unknown_where_journaled`` copies it)."""
