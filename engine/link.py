@@ -20,7 +20,7 @@ import functools
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -604,21 +604,17 @@ class Link:
     async def request_manifest(self, volume: str, extent_size: int) -> ExtentManifest | None:
         """The receiver's manifest of a replica, or None when the replica does not exist."""
         manifest: ExtentManifest | None = None
-        async for part in self._answers(
-            ManifestRequest(next(self._ids), volume, extent_size, True)
-        ):
-            assert isinstance(part, Manifest)
-            if not part.exists:
-                return None
-            if manifest is None:  # every part says the same size (the protocol checks it)
-                manifest = ExtentManifest(extent_size, part.size)
-            try:  # the protocol checked their order; put() that they fit the size
+        request = ManifestRequest(next(self._ids), volume, extent_size, True)
+        # closed on leaving, whatever the way: its answer queue is not left behind
+        async with contextlib.aclosing(self._answers(request)) as parts:
+            async for part in parts:
+                assert isinstance(part, Manifest)
+                if not part.exists:  # one part, the last
+                    return None
+                if manifest is None:  # every part says the same size (the protocol checks)
+                    manifest = ExtentManifest(extent_size, part.size)
+                # the protocol checked their order, and each message that it fits the size
                 manifest.put(part.first_extent, part.digests)
-            except ValueError as exc:
-                raise PeerProtocolError(
-                    f"the receiver's manifest of {volume!r} does not fit its size ({exc}); "
-                    "the receiver may be a damaged build: upgrade both sides to one release"
-                ) from exc
         assert manifest is not None
         return manifest
 
@@ -675,7 +671,7 @@ class Link:
 
     async def _answers(
         self, request: ManifestRequest | TreeRequest
-    ) -> AsyncIterator[Manifest | Tree]:
+    ) -> AsyncGenerator[Manifest | Tree, None]:
         """Send ``request`` and yield its answer's parts up to the one marked done."""
         rid = request.request_id
         queue: asyncio.Queue[Manifest | Tree | ReadData | None] = asyncio.Queue()

@@ -162,8 +162,10 @@ def _disk_batches(
         def holes(run: Holes) -> None:
             """A run of holes as SEEK_DATA sees them: records for the extents the basis
             does not know as zeros, compared a piece at a time (a 2 TiB hole is 512 MiB of
-            digests). TRIM where the file has no blocks, ZERO where it has unwritten ones
-            (fallocated, ``preallocation=falloc``: holes to SEEK_DATA on ext4 and XFS)."""
+            digests), a whole chunk at once where the basis holds the shared chunk of
+            holes (``ExtentManifest.hole_runs``). TRIM where the file has no blocks, ZERO
+            where it has unwritten ones (fallocated, ``preallocation=falloc``: holes to
+            SEEK_DATA on ext4 and XFS)."""
             piece, end = run.first, run.first + run.count
             while piece < end:
                 # pieces end on HOLE_PIECE's edges, which are chunks' edges: the chunks of

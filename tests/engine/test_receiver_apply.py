@@ -135,6 +135,7 @@ async def test_replica_manifest_streams_in_chunks(
             0, remote.count
         )
         assert await link.request_manifest("missing.img", 4096) is None
+        assert not link._answer_queues  # each request's queue gone with its answer
         await link.goodbye()
     finally:
         await link.aclose()
