@@ -8,6 +8,7 @@ real digest), so it is always treated as changed.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -63,15 +64,15 @@ def digest_chunks(fd: int, size: int, extent_size: int, chunk_extents: int) -> I
 CHUNK: Final = 4096
 _CHUNK_BYTES: Final = CHUNK * DIGEST_SIZE
 _UNKNOWN_CHUNK: Final = bytes(_CHUNK_BYTES)
-_hole_chunks: dict[int, bytes] = {}
 
 
+@functools.lru_cache(maxsize=8)
 def _hole_chunk(extent_size: int) -> bytes:
-    """The one shared chunk of hole digests of ``extent_size`` extents."""
-    chunk = _hole_chunks.get(extent_size)
-    if chunk is None:  # setdefault: two threads making it keep one object
-        chunk = _hole_chunks.setdefault(extent_size, zero_digest(extent_size) * CHUNK)
-    return chunk
+    """The shared chunk of hole digests of ``extent_size`` extents (a job uses one extent
+    size; 64 KiB each). Being that object is only ever a shortcut: a chunk equal to it
+    that is another object (two threads made one each, or it left the cache) is compared
+    as any chunk is."""
+    return zero_digest(extent_size) * CHUNK
 
 
 class ExtentManifest:

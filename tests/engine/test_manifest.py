@@ -406,3 +406,25 @@ def test_verifying_a_sparse_terabyte_holds_its_data_not_its_size(tmp_path: Path)
     assert got[0].count == TiB // 65536
     assert got[0].get(1 << 14) != got[0].get(0) == zero_digest(65536)  # the data extent
     assert peak < 24 * MiB, f"{peak / MiB:.0f} MiB"
+
+
+def test_a_hole_chunk_that_is_another_object_is_compared_as_any_chunk() -> None:
+    """The shared hole chunk is a cache of one per extent size: manifests made before it
+    was made again (another extent size pushed it out, two threads each made one) hold an
+    equal chunk that is another object, which must still compare as the same digests."""
+    from replicator.engine import manifest as module
+
+    size = 3 * 4096 * _EXT + 7
+    old = ExtentManifest(_EXT, 0)
+    old.resize(size)
+    old.put_holes(0, old.count)
+    module._hole_chunk.cache_clear()  # the next hole chunk is a new object
+    new = ExtentManifest(_EXT, size)
+    new.put_holes(0, new.count)
+    assert new._chunks[0] is not old._chunks[0] and new._chunks[0] == old._chunks[0]
+    assert list(new.differing(old)) == [] and new == old
+    assert list(old.hole_runs(0, old.count, size, 16)) == [(0, old.count, True)]
+    old.put(5, _HOLE)  # the same digest: nothing changes
+    new.set(4096, b"x" * 16)
+    assert list(new.differing(old)) == [4096]
+    assert old.slice(0, old.count) == hole_digests(size, _EXT, 0, old.count)
