@@ -644,6 +644,11 @@ def test_a_stopped_receiver_is_said_to_run_but_not_to_answer(tmp_path: Path) -> 
     assert _status("--dir", str(target))["note"] == AT_REST
 
 
+def _silent_for_12_s(answer: dict[str, Any]) -> bool:
+    """A control socket's answer: its job's peer has been silent for 12 s or more."""
+    return bool((answer["jobs"][0]["peer_silent_seconds"] or 0) >= 12)
+
+
 def test_a_stuck_peer_shows_as_silent_in_status_and_metrics(tmp_path: Path) -> None:
     """A receiver that stops answering (SIGSTOP: a hung disk, a stuck path) keeps its TCP
     connection up; `status` must not just say "connected": the receiver pings every 5 s
@@ -661,7 +666,8 @@ def test_a_stuck_peer_shows_as_silent_in_status_and_metrics(tmp_path: Path) -> N
         assert job["jobs"][0]["peer_silent_seconds"] < 12
         receiver.proc.send_signal(signal.SIGSTOP)
         try:
-            time.sleep(13)
+            # silent for 12 s counts from the last ping heard, up to 5 s before the stop
+            _until("silent for 12 s", lambda: _ask(sock), _silent_for_12_s)
             silent = _status("--state-dir", str(state))["jobs"][0]
             assert silent["connected"] and silent["peer_silent_seconds"] >= 12, silent
             table = replicator("status", "--state-dir", str(state))
@@ -682,7 +688,8 @@ def test_a_stuck_peer_shows_as_silent_in_status_and_metrics(tmp_path: Path) -> N
         target = str(tmp_path / "target")
         sender.send_signal(signal.SIGSTOP)
         try:
-            time.sleep(13)
+            rsock = tmp_path / "target" / ".replicator" / "control.sock"
+            _until("the receiver says silent for 12 s", lambda: _ask(rsock), _silent_for_12_s)
             (job,) = _status("--dir", target)["jobs"]
             assert job["connected"] and job["peer_silent_seconds"] >= 12, job
             assert "(connected, but silent for " in replicator("status", "--dir", target).stdout
