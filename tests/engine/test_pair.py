@@ -952,9 +952,11 @@ async def test_a_receiver_gone_silent_mid_sync_is_lost_and_the_sender_reconnects
         finally:
             stop.set()
             await running
-    (lost,) = [e for e in logs if e["event"] == "sender.link_lost"]
-    assert "sent nothing for 1 s" in lost["error"]
-    assert pair.connector.connections == 2
+    # the first link, black-holed, is lost to its silence; under a loaded machine the
+    # test's 1 s timeout may lose a later, healthy one too (it reconnects again)
+    lost = [e for e in logs if e["event"] == "sender.link_lost"]
+    assert lost and "sent nothing for 1 s" in lost[0]["error"], lost
+    assert pair.connector.connections >= 2
 
 
 async def test_a_reader_waiting_to_send_a_pong_still_sees_the_receiver_gone_silent(
