@@ -234,6 +234,7 @@ def receiver_jobs_at_rest(
             folder,
             saved,
             files_damaged=files.damaged,
+            files_found=files.found,
             first_lsn=report.trim_floor if report is not None else 1,
             next_lsn=last + 1,
         )

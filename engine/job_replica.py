@@ -275,6 +275,7 @@ class JobReplica:
             state_dir,
             saved,
             files_damaged=files.damaged,
+            files_found=files.found,
             first_lsn=journal.first_lsn,
             next_lsn=journal.next_lsn,
         )

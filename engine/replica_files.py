@@ -73,6 +73,7 @@ class ReplicaFiles:
     # the paths stamped in the file as last saved or loaded: the only ones a recovery's
     # unstamp of ``writing`` can change (``will_write``); not saved
     on_disk: frozenset[str] = field(default=frozenset(), compare=False)
+    found: bool = True  # the file existed when loaded (or was saved since); not saved
 
     @classmethod
     def load(cls, state_dir: Path, job: str) -> ReplicaFiles:
@@ -80,7 +81,7 @@ class ReplicaFiles:
         try:
             raw = read_state(path)
             if raw is None:
-                return cls()
+                return cls(found=False)
             stamps = {str(k): (int(v[0]), int(v[1])) for k, v in raw["files"].items()}
             diverged = {str(k): str(v) for k, v in raw.get("diverged", {}).items()}
             writing = {str(k) for k in raw.get("writing", ())}
@@ -105,6 +106,7 @@ class ReplicaFiles:
         write_state(state_dir / FILE_NAME, state)
         self.on_disk = frozenset(self.stamps)
         self.dirty = False
+        self.found = True
 
     def check(self, path: str, st: os.stat_result | None) -> None:
         """Raise ReplicaDiverged when ``path`` (its lstat, or None when missing) is not as

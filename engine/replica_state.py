@@ -40,6 +40,7 @@ the next complete barrier) is not optional.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from replicator.journal.durable import StateFileError, read_state, write_state
 log = structlog.get_logger()
 
 FILE_NAME = "applied.state"
+FILES_STATE = "files.state"  # engine/replica_files.py (which imports nothing of this)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,10 @@ class ReplicaState:
     point_target_ns: int = 0  # point_ts_ns on the target's clock (0: not known)
     point_floor: int = 0
     unknown: str = ""
+    # ``files.state`` existed when this file was saved: without it now, it was lost (a
+    # file that was never written, a job without a history, is not missing)
+    # (what ``save`` finds on disk, not this object's: left out of comparisons)
+    stamped: bool = dataclasses.field(default=False, compare=False)
 
     def ends_point(self, barrier_lsn: int) -> bool:
         """Whether applying the barrier at ``barrier_lsn`` makes a consistency point."""
@@ -105,6 +111,7 @@ def load(state_dir: Path, job: str) -> ReplicaState | None:
             point_floor=_int(raw, "point_floor", 0),
             unknown=_text(raw, "unknown"),
             point_target_ns=_int(raw, "point_target_ns", 0),
+            stamped=raw.get("stamped", False) is True,
         )
     except (TypeError, ValueError) as exc:
         log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
@@ -160,10 +167,18 @@ def recovered(
     files_damaged: str,
     first_lsn: int,
     next_lsn: int,
+    files_found: bool = True,
 ) -> ReplicaState:
     """The state a job opens with, from what ``load`` gave (``saved``), why ``files.state``
-    could not be read (empty: it could) and its journal's first stored LSN and next LSN.
-    The one place that says so: ``JobReplica.open`` and status at rest both ask it."""
+    could not be read (empty: it could), whether it exists (``files_found``) and its
+    journal's first stored LSN and next LSN. The one place that says so:
+    ``JobReplica.open`` and status at rest both ask it.
+
+    A ``files.state`` that is missing where ``applied.state`` says it was saved (deleted,
+    or lost with a restore) is as lost as a damaged one: with it went what tells an edit
+    of the replica made outside replication."""
+    if not files_damaged and not files_found and saved is not None and saved.stamped:
+        files_damaged = f"{state_dir / FILES_STATE} is missing"
     state = saved
     if state is None:
         state = rebuilt(
@@ -194,6 +209,10 @@ def save(state_dir: Path, job: str, state: ReplicaState) -> None:
         saved["point_target_ns"] = state.point_target_ns
     if state.unknown:
         saved["unknown"] = state.unknown
+    # files.state is always saved before this file in an apply round: said here, its loss
+    # can be told from a job that never had one (``recovered``)
+    if os.path.lexists(state_dir / FILES_STATE):
+        saved["stamped"] = True
     write_state(state_dir / FILE_NAME, saved)
 
 

@@ -303,6 +303,39 @@ def test_damaged_receiver_state_file_is_rebuilt_and_compared(tmp_path: Path) -> 
         receiver.stop()
 
 
+def test_a_deleted_stamps_file_never_lets_an_edited_replica_be_built_upon(
+    tmp_path: Path,
+) -> None:
+    """files.state deleted on the target (with the replica edited meanwhile): the stamps
+    that tell the edit are gone. Used to adopt the replica as it was: exit 0, "durable",
+    the edit left in place."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 * MiB))
+    target, state = tmp_path / "target", tmp_path / "state"
+    receiver = start_receiver(target)
+    try:
+        send_once(receiver, "nostamps", state, disk)
+    finally:
+        receiver.stop()
+    with (target / "nostamps" / "disk.img").open("r+b") as f:
+        f.seek(MiB)
+        f.write(b"guest wrote here")
+    (target / ".replicator" / "nostamps" / "files.state").unlink()
+    with disk.open("r+b") as f:
+        f.seek(2 * MiB)
+        f.write(os.urandom(65536))
+    receiver = start_receiver(target)
+    try:
+        out = _send(receiver, "nostamps", state, disk)
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+        assert "files.state is missing" in out.stderr and "--resync" in out.stderr
+        send_once(receiver, "nostamps", state, disk, extra=("--resync",))
+        assert b3(target / "nostamps" / "disk.img") == b3(disk)
+        assert send_once(receiver, "nostamps", state, disk)["basis"] == "local"
+    finally:
+        receiver.stop()
+
+
 def test_a_replica_edited_on_the_target_is_never_silently_built_upon(tmp_path: Path) -> None:
     """Used to stay edited while every later send said "durable"; only verify noticed."""
     disk = tmp_path / "disk.img"

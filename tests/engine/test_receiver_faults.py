@@ -286,6 +286,36 @@ async def test_damaged_file_stamps_make_the_replica_unknown_and_it_stays_so(
         assert "stamps were lost" in again.state.unknown  # the file is readable now
 
 
+async def test_a_deleted_file_stamps_state_makes_the_replica_unknown(tmp_path: Path) -> None:
+    """``files.state`` deleted (by hand, a restore that left it out) loses the same
+    evidence as a damaged one: applied.state says it was saved, so its absence is a loss,
+    not a job that never had stamps (which used to adopt the replica as it was)."""
+    await _applied_once(tmp_path, 0x44)
+    state_dir = tmp_path / "state" / "job"
+    (state_dir / "files.state").unlink()
+    (at_rest,) = receiver_jobs_at_rest(tmp_path / "state")  # as the job will open
+    assert "files.state is missing" in at_rest["consistency_point"]["unknown"]
+    assert at_rest["consistency_point"]["consistent"] is False
+    async with _opened(tmp_path) as reopened:
+        assert "files.state is missing" in reopened.state.unknown
+        (refusal,) = await reopened.check_replica(adopt=False)  # writes files.state again
+        assert "stamps were lost" in refusal
+    async with _opened(tmp_path) as again:
+        assert "files.state is missing" in again.state.unknown  # saved, not re-derived
+
+
+async def test_a_job_whose_stamps_were_never_saved_is_not_missing_them(tmp_path: Path) -> None:
+    """applied.state saved before any files.state (an apply round's ``applying`` write)
+    does not claim one: its absence then costs nothing."""
+    state_dir = tmp_path / "state" / "job"
+    state_dir.mkdir(parents=True)
+    replica_state.save(state_dir, "job", replica_state.ReplicaState(applying=True))
+    saved = replica_state.load(state_dir, "job")
+    assert saved is not None and not saved.stamped
+    async with _opened(tmp_path) as replica:
+        assert replica.state.unknown == ""
+
+
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 async def test_unknown_that_cannot_be_saved_opens_nothing_and_loses_no_evidence(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
