@@ -233,8 +233,9 @@ def receiver_jobs_at_rest(
         point = replica_state.recovered(  # as JobReplica.open will take it
             folder,
             saved,
-            files_damaged=files.damaged,
-            files_found=files.found,
+            files_damaged=replica_state.files_loss(
+                folder, saved, damaged=files.damaged, found=files.found, lost=files.lost
+            ),
             first_lsn=report.trim_floor if report is not None else 1,
             next_lsn=last + 1,
         )

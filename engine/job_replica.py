@@ -271,14 +271,20 @@ class JobReplica:
         # Damaged or missing: everything below the journal's first record was applied
         # (trim follows the state write), the rest is applied again; unless the job is
         # new, nothing says what the replica holds (replica_state.rebuilt, files_lost)
+        loss = replica_state.files_loss(
+            state_dir, saved, damaged=files.damaged, found=files.found, lost=files.lost
+        )
         state = replica_state.recovered(
             state_dir,
             saved,
-            files_damaged=files.damaged,
-            files_found=files.found,
+            files_damaged=loss,
             first_lsn=journal.first_lsn,
             next_lsn=journal.next_lsn,
         )
+        if loss and state.unknown and not files.lost:
+            # kept with the stamps taken from now on, until a sender compares the replica
+            files.lost = loss
+            files.dirty = True
         if state.unknown and (saved is None or saved.unknown != state.unknown):
             try:  # durable before files.state is written again: the evidence goes with it
                 await asyncio.to_thread(replica_state.save, state_dir, job, state)

@@ -22,6 +22,10 @@ State file (``journal/durable.py`` framing), a msgpack map:
   or adopted;
 - ``diverged`` (map path -> text): files found changed outside replication; sessions are
   refused until a sender compares with the replica (``send --resync``);
+- ``lost`` (text, absent when empty): why these stamps vouch for nothing before they
+  were taken (the file before them was damaged or deleted); the replica is unknown while
+  it is set (``replica_state.files_loss``), even with an older ``applied.state`` put
+  back; cleared when a sender compares (``forget_all``);
 - ``writing`` (list of paths, absent when empty): files a first sync writes straight from
   the wire (``JobReplica``'s direct path, which keeps no journal to tell what a round
   interrupted by a crash touched); recovery unstamps them, as it does the paths of the
@@ -74,6 +78,11 @@ class ReplicaFiles:
     # unstamp of ``writing`` can change (``will_write``); not saved
     on_disk: frozenset[str] = field(default=frozenset(), compare=False)
     found: bool = True  # the file existed when loaded (or was saved since); not saved
+    # why these stamps vouch for nothing before they were taken: the ones before them were
+    # lost (damaged, deleted; replica_state.files_loss). Saved (``lost``), so that the
+    # replica stays unknown when applied.state alone is put back from an older copy, until
+    # a sender compares it (``forget_all``)
+    lost: str = ""
 
     @classmethod
     def load(cls, state_dir: Path, job: str) -> ReplicaFiles:
@@ -85,13 +94,16 @@ class ReplicaFiles:
             stamps = {str(k): (int(v[0]), int(v[1])) for k, v in raw["files"].items()}
             diverged = {str(k): str(v) for k, v in raw.get("diverged", {}).items()}
             writing = {str(k) for k in raw.get("writing", ())}
+            lost = raw.get("lost", "")
+            if not isinstance(lost, str):
+                raise ValueError(f"lost is {lost!r}, not a text")
         except (StateFileError, OSError, KeyError, TypeError, ValueError, IndexError) as exc:
             # without stamps (and the files found diverged) nothing says the replica is
             # as replication left it: the job's replica state becomes unknown until a
             # sender compares it (replica_state.files_lost)
             log.error("receiver.state_damaged", job=job, path=str(path), error=str(exc))
             return cls(dirty=True, damaged=f"{path} cannot be read: {exc}")
-        return cls(stamps, diverged, writing, on_disk=frozenset(stamps))
+        return cls(stamps, diverged, writing, on_disk=frozenset(stamps), lost=lost)
 
     def save(self, state_dir: Path) -> None:
         """Durably replace the state file when stamps changed (blocking: worker thread)."""
@@ -103,6 +115,8 @@ class ReplicaFiles:
         }
         if self.writing:
             state["writing"] = sorted(self.writing)
+        if self.lost:
+            state["lost"] = self.lost
         write_state(state_dir / FILE_NAME, state)
         self.on_disk = frozenset(self.stamps)
         self.dirty = False
@@ -195,9 +209,10 @@ class ReplicaFiles:
 
     def forget_all(self) -> None:
         """Adopt the replica as it is now (``send --resync`` compares with it)."""
-        if self.stamps or self.diverged or self.writing:
+        if self.stamps or self.diverged or self.writing or self.lost:
             self.stamps.clear()
             self.diverged.clear()
             self.writing.clear()
+            self.lost = ""
             self.dirty = True
             self.layout += 1

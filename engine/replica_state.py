@@ -167,18 +167,11 @@ def recovered(
     files_damaged: str,
     first_lsn: int,
     next_lsn: int,
-    files_found: bool = True,
 ) -> ReplicaState:
     """The state a job opens with, from what ``load`` gave (``saved``), why ``files.state``
-    could not be read (empty: it could), whether it exists (``files_found``) and its
-    journal's first stored LSN and next LSN. The one place that says so:
-    ``JobReplica.open`` and status at rest both ask it.
-
-    A ``files.state`` that is missing where ``applied.state`` says it was saved (deleted,
-    or lost with a restore) is as lost as a damaged one: with it went what tells an edit
-    of the replica made outside replication."""
-    if not files_damaged and not files_found and saved is not None and saved.stamped:
-        files_damaged = f"{state_dir / FILES_STATE} is missing"
+    vouches for nothing (``files_loss``; empty: it does) and its journal's first stored LSN
+    and next LSN. The one place that says so: ``JobReplica.open`` and status at rest both
+    ask it."""
     state = saved
     if state is None:
         state = rebuilt(
@@ -191,6 +184,25 @@ def recovered(
         history = state.applied_lsn > 0 or state.applying or next_lsn > 1
         state = files_lost(state, files_damaged, history=history)
     return state
+
+
+def files_loss(
+    state_dir: Path, saved: ReplicaState | None, *, damaged: str, found: bool, lost: str
+) -> str:
+    """Why ``files.state`` cannot tell an edit of the replica (empty: it can), from what
+    ``ReplicaFiles.load`` found: it is ``damaged``; or missing (not ``found``) where
+    ``applied.state`` says it was saved (deleted, or left out of a restore: as lost as a
+    damaged one, not a job that never had stamps); or its stamps were taken after the
+    earlier ones were ``lost`` and no sender has compared the replica since (kept in
+    ``files.state`` itself, so an older ``applied.state`` put back, without ``unknown``,
+    does not make the replica trusted again)."""
+    if damaged:
+        return damaged
+    if lost:
+        return lost
+    if not found and saved is not None and saved.stamped:
+        return f"{state_dir / FILES_STATE} is missing"
+    return ""
 
 
 def save(state_dir: Path, job: str, state: ReplicaState) -> None:

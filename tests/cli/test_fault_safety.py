@@ -336,6 +336,49 @@ def test_a_deleted_stamps_file_never_lets_an_edited_replica_be_built_upon(
         receiver.stop()
 
 
+def test_an_applied_state_restored_from_a_backup_does_not_clear_lost_stamps(
+    tmp_path: Path,
+) -> None:
+    """The replica edited, then files.state damaged: the send is refused, the replica is
+    unknown. The operator puts applied.state back from last night's backup (it says
+    nothing of the damage): used to exit 0 with the edit left in the replica."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 * MiB))
+    target, state = tmp_path / "target", tmp_path / "state"
+    job_state = target / ".replicator" / "restored"
+    receiver = start_receiver(target)
+    try:
+        send_once(receiver, "restored", state, disk)
+    finally:
+        receiver.stop()
+    backup = (job_state / "applied.state").read_bytes()
+    with (target / "restored" / "disk.img").open("r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"guest wrote here")
+    _flip(job_state / "files.state", 40)
+    with disk.open("r+b") as f:
+        f.write(os.urandom(65536))
+    receiver = start_receiver(target)
+    try:
+        out = _send(receiver, "restored", state, disk)
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+        assert "files.state cannot be read" in out.stderr and "--resync" in out.stderr
+    finally:
+        receiver.stop()
+    (job_state / "applied.state").write_bytes(backup)
+    receiver = start_receiver(target)
+    try:
+        out = _send(receiver, "restored", state, disk)
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+        assert "files.state cannot be read" in out.stderr and "--resync" in out.stderr
+        send_once(receiver, "restored", state, disk, extra=("--resync",))
+        assert b3(target / "restored" / "disk.img") == b3(disk)
+        assert send_once(receiver, "restored", state, disk)["basis"] == "local"
+        assert b3(target / "restored" / "disk.img") == b3(disk)
+    finally:
+        receiver.stop()
+
+
 def test_a_replica_edited_on_the_target_is_never_silently_built_upon(tmp_path: Path) -> None:
     """Used to stay edited while every later send said "durable"; only verify noticed."""
     disk = tmp_path / "disk.img"

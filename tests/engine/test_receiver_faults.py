@@ -304,6 +304,35 @@ async def test_a_deleted_file_stamps_state_makes_the_replica_unknown(tmp_path: P
         assert "files.state is missing" in again.state.unknown  # saved, not re-derived
 
 
+async def test_an_older_applied_state_put_back_does_not_vouch_for_lost_stamps(
+    tmp_path: Path,
+) -> None:
+    """The stamps were lost (files.state damaged), so the replica is unknown; then
+    applied.state alone is put back from a backup made before, which says nothing of it.
+    The stamps written since vouch only for what the replica held when they were taken:
+    files.state says so itself (``lost``), and the job stays unknown until a sender
+    compares it. Used to open consistent, the replica taken as it was."""
+    await _applied_once(tmp_path, 0x44)
+    state_dir = tmp_path / "state" / "job"
+    backup = (state_dir / "applied.state").read_bytes()
+    _flip(state_dir / "files.state", 30)
+    async with _opened(tmp_path) as reopened:
+        assert "stamps were lost" in reopened.state.unknown
+        await reopened.check_replica(adopt=False)  # files.state written again
+    (state_dir / "applied.state").write_bytes(backup)  # "restored from the backup"
+    (at_rest,) = receiver_jobs_at_rest(tmp_path / "state")
+    assert "stamps were lost" in at_rest["consistency_point"]["unknown"]
+    async with _opened(tmp_path) as restored:
+        assert "stamps were lost" in restored.state.unknown
+        assert not restored.state.consistent
+        # a sender compares (send --resync): taken as it is, and trusted from then on
+        assert await restored.check_replica(adopt=True) == []
+        await restored.raise_point_floor(restored.received_lsn + 1)
+        assert restored.state.unknown == ""
+    async with _opened(tmp_path) as compared:
+        assert compared.state.unknown == ""
+
+
 async def test_a_job_whose_stamps_were_never_saved_is_not_missing_them(tmp_path: Path) -> None:
     """applied.state saved before any files.state (an apply round's ``applying`` write)
     does not claim one: its absence then costs nothing."""
