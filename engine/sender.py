@@ -875,7 +875,8 @@ def another_replica(job: str, link: Link, purpose: SessionPurpose) -> None:
         f"the receiver at {link.conn.peer} holds another replica of job {job!r} than the one "
         "this state folder replicates to (its history reaches lsn "
         f"{link.received_lsn}): --to may name the wrong receiver, or the job folder there "
-        "was replaced; nothing was written",
+        f"was replaced, or its identity (DIR/.replicator/{job}/replica.id) was damaged or "
+        "deleted and made anew; nothing was written",
         hint="check --to (and --job); if that replica is the one to use from now on, "
         "`replicator send --resync` compares with it and overwrites what differs with this "
         "source's data",

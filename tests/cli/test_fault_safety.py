@@ -379,6 +379,34 @@ def test_an_applied_state_restored_from_a_backup_does_not_clear_lost_stamps(
         receiver.stop()
 
 
+def test_a_damaged_replica_identity_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """replica.id damaged: the receiver makes a new identity, and the sender that knew the
+    old one refuses to build on the replica. Its message used to name only a wrong --to or
+    a replaced job folder, never the file the receiver had logged as damaged."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(2 * MiB))
+    target, state = tmp_path / "target", tmp_path / "state"
+    receiver = start_receiver(target)
+    try:
+        send_once(receiver, "ident", state, disk)
+    finally:
+        receiver.stop()
+    _flip(target / ".replicator" / "ident" / "replica.id", 40)
+    with disk.open("r+b") as f:
+        f.write(os.urandom(65536))
+    receiver = start_receiver(target)
+    try:
+        out = _send(receiver, "ident", state, disk)
+        assert out.returncode == ExitCode.SPLIT_BRAIN, out.stderr[-2000:]
+        assert "ident/replica.id) was damaged or deleted" in out.stderr
+        assert "--resync" in out.stderr
+        send_once(receiver, "ident", state, disk, extra=("--resync",))
+        assert b3(target / "ident" / "disk.img") == b3(disk)
+        assert send_once(receiver, "ident", state, disk)["basis"] == "local"
+    finally:
+        receiver.stop()
+
+
 def test_a_replica_edited_on_the_target_is_never_silently_built_upon(tmp_path: Path) -> None:
     """Used to stay edited while every later send said "durable"; only verify noticed."""
     disk = tmp_path / "disk.img"
