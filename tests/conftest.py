@@ -34,6 +34,7 @@ LONGEST_FIRST = (
     "test_tls.py",
     "test_bench.py",
     "test_journal_damage.py",
+    "test_state_damage.py",
     "test_fault_matrix.py",
     "test_nbd_capture.py",
     "test_status.py",
