@@ -179,7 +179,8 @@ def decode_state(raw: bytes, *, source: str = "<state>") -> dict[str, Any]:
     if version != STATE_VERSION:
         raise StateFileError(
             f"{source}: state file version {version} is not supported (this build reads "
-            f"{STATE_VERSION}); use a matching replicator version"
+            f"{STATE_VERSION}): written by a newer replicator (use a matching version), or "
+            "damaged (the version is outside the checksum)"
         )
     body = memoryview(raw)[_STATE_HEADER.size : _STATE_HEADER.size + length]  # no copy
     if len(body) != length or blake3.blake3(body).digest(16) != digest:
