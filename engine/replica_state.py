@@ -146,6 +146,19 @@ def rebuilt(state_dir: Path, *, damaged: bool, applied: int, empty: bool) -> Rep
     return ReplicaState(applied, consistent=empty, applying=not empty)
 
 
+def older_than_journal(state_dir: Path, first_lsn: int, why: str) -> ReplicaState:
+    """The state to start from when the saved one is older than the journal (``why``: put
+    back from an older copy): as for a damaged file, everything the journal holds is
+    applied again and the replica is unknown until a sender compares it."""
+    return ReplicaState(
+        max(0, first_lsn - 1),
+        consistent=False,
+        applying=True,
+        unknown=f"its replica state ({state_dir / FILE_NAME}) is older than its journal "
+        f"({why}: put back from an older copy?): what the replica holds cannot be vouched for",
+    )
+
+
 def files_lost(state: ReplicaState, why: str, *, history: bool) -> ReplicaState:
     """``state`` once ``files.state`` (the stamps that tell an edit of the replica outside
     replication, and the files already found edited) could not be read (``why``): unknown

@@ -407,6 +407,61 @@ def test_a_damaged_replica_identity_is_refused_naming_the_file(tmp_path: Path) -
         receiver.stop()
 
 
+def test_an_older_applied_state_never_replays_records_over_newer_direct_writes(
+    tmp_path: Path,
+) -> None:
+    """Found by the state damage sweep. A comparison of an unknown replica is written
+    straight into it, past the receive journal (it never held a point). applied.state put
+    back from a copy older than that: its redo applied the journal's older records over
+    the comparison's newer bytes, and the next plain send exited 0 with them in place."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 * MiB))
+    target, state = tmp_path / "target", tmp_path / "state"
+    job_state = target / ".replicator" / "older"
+    receiver = start_receiver(target)
+    try:
+        send_once(receiver, "older", state, disk)
+    finally:
+        receiver.stop()
+    oldest = (job_state / "applied.state").read_bytes()
+    receiver = start_receiver(target)
+    try:
+        with disk.open("r+b") as f:
+            f.write(b"\x22" * 65536)
+        send_once(receiver, "older", state, disk)  # through the receive journal
+    finally:
+        receiver.stop()
+    _flip(job_state / "applied.state", 40)
+    with disk.open("r+b") as f:
+        f.write(b"\x33" * 65536)
+    receiver = start_receiver(target)
+    try:
+        assert _send(receiver, "older", state, disk).returncode == ExitCode.REFUSED
+        send_once(receiver, "older", state, disk, extra=("--resync",))  # past the journal
+        with disk.open("r+b") as f:
+            f.seek(MiB)
+            f.write(os.urandom(65536))
+        send_once(receiver, "older", state, disk)  # through the journal again
+    finally:
+        receiver.stop()
+    (job_state / "applied.state").write_bytes(oldest)  # "restored from a backup"
+    with disk.open("r+b") as f:
+        f.seek(2 * MiB)
+        f.write(os.urandom(65536))
+    receiver = start_receiver(target)
+    try:
+        out = _send(receiver, "older", state, disk)
+        assert out.returncode == ExitCode.REFUSED, out.stderr[-2000:]
+        assert "applied.state) is older than its journal" in out.stderr
+        assert "--resync" in out.stderr
+        send_once(receiver, "older", state, disk, extra=("--resync",))
+        assert b3(target / "older" / "disk.img") == b3(disk)
+        assert send_once(receiver, "older", state, disk)["basis"] == "local"
+        assert b3(target / "older" / "disk.img") == b3(disk)
+    finally:
+        receiver.stop()
+
+
 def test_a_replica_edited_on_the_target_is_never_silently_built_upon(tmp_path: Path) -> None:
     """Used to stay edited while every later send said "durable"; only verify noticed."""
     disk = tmp_path / "disk.img"
