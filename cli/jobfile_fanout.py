@@ -21,10 +21,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import typer
 
-from replicator.cli.logging_setup import quiet
+from replicator.cli.logging_setup import json_logs, quiet
 from replicator.engine.errors import ExitCode
 
 
@@ -57,6 +58,13 @@ def _stop_with(parent: int) -> Callable[[], None]:
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+def _log() -> Any:
+    """structlog's logger, imported when a line is logged (as ``configure_logging`` does)."""
+    import structlog
+
+    return structlog.get_logger()
+
+
 def _meaning(code: int) -> str:
     try:
         return ExitCode(code).name.lower().replace("_", " ")
@@ -72,6 +80,8 @@ def run_jobs(path: Path, jobs: list[str], args: list[str]) -> int:
             f"{', '.join(jobs)}",
             err=True,
         )
+        if json_logs():  # log collectors read the children's JSON lines: this one too
+            _log().info("send.jobs_started", job_file=str(path), jobs=jobs)
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping: list[int] = []
 
@@ -99,6 +109,8 @@ def run_jobs(path: Path, jobs: list[str], args: list[str]) -> int:
         typer.echo(
             f"replicator: job {job} ended with exit code {code} ({_meaning(code)})", err=True
         )
+        if json_logs():
+            _log().error("send.job_failed", job=job, exit_code=code, meaning=_meaning(code))
     if not failed:
         return ExitCode.INTERRUPTED if len(codes) < len(jobs) else 0
     code = failed[0][1]

@@ -349,6 +349,10 @@ def test_several_jobs_fail_alone_and_the_exit_code_is_the_failed_ones(
     assert "gone.img does not exist" in out.stderr
     assert "job broken ended with exit code 3 (config)" in out.stderr
     assert "job good ended" not in out.stderr
+    # stderr is not a terminal: JSON log lines, and the runner's end is one of them too
+    events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    (failed,) = [e for e in events if e["event"] == "send.job_failed"]
+    assert (failed["job"], failed["exit_code"]) == ("broken", ExitCode.CONFIG)
     assert b3(receiver.dir / "good" / "good.img") == b3(tmp_path / "good.img")
     out = replicator("send", "--job-file", str(path), "--state-dir", "x", "--once")
     assert out.returncode == ExitCode.CONFIG
@@ -381,6 +385,8 @@ def test_sigterm_stops_every_job_of_a_continuous_job_file(
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr[-3000:]
     assert "running 2 jobs" in stderr and "ended with exit code" not in stderr
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert [e["jobs"] for e in events if e["event"] == "send.jobs_started"] == [["good", "broken"]]
     # each job's process is gone: their state folders are unlocked for a new sender
     out = replicator("send", "--job-file", str(path), "--once")  # REPLICATOR_QUIET, as -q
     assert out.returncode == 0, out.stderr[-3000:]
