@@ -372,6 +372,8 @@ class Link:
         """Say what a stop left unapplied, and why it did not wait for it."""
         lag = self.lag()
         waited = time.monotonic() - watch.started
+        journaled = self.journal.last_record_lsn
+        around = self.direct_lsn > self.applied_lsn or journaled < last  # a first sync's, say
         if self._failure is not None:
             why = f"the link failed: {self._failure}"
         elif watch.stalled:
@@ -380,13 +382,12 @@ class Link:
                 "(stopped, stuck, or the network between us holds everything)"
             )
         elif self.applied_lsn >= self.sent_lsn:
-            why = "journaled, not shipped yet: a stop ends the shipping (bounded, at any rate)"
+            what = "not shipped" if around else "journaled, not shipped"
+            why = f"{what} yet: a stop ends the shipping (bounded, at any rate)"
         else:
             why = f"shipped, not applied within {waited:.1f} s"
         after = "they stay in the journal: the next run ships them"
-        journaled = self.journal.last_record_lsn
-        if self.direct_lsn > self.applied_lsn or journaled < last:  # a first sync's, say
-            why = why.replace("journaled, not shipped", "not shipped")
+        if around:
             after = (
                 "records copied around the journal (a first sync, or the copy of a large "
                 "change) are in no journal: the next run sends them again (a first sync "
