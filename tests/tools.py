@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,3 +523,13 @@ def _holds_a_lock(pid: int, path: Path) -> bool:
         if "lock:" in info:
             return True
     return False
+
+
+def peak_traced(work: Callable[[], object]) -> int:
+    """The most memory Python allocations held while ``work`` ran (tracemalloc's peak)."""
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 from replicator.engine.manifest import UNKNOWN, ExtentManifest, ManifestSet
 from replicator.engine.volumes import digest_runs, hole_digests, zero_digest
 from replicator.journal.durable import StateFileError, write_state
+from tests.tools import peak_traced
 
 
 def test_invalidate_marks_overlapping_extents() -> None:
@@ -178,7 +178,6 @@ def test_differing_reads_no_extent_of_a_block_that_matches(
 def test_a_sparse_sources_manifest_is_held_once_while_it_is_built(tmp_path: Path) -> None:
     """verify built its source manifest as parts, joined, then copied: three copies of
     16 bytes per extent at once (a 12.6 GB peak for a 16 TiB image)."""
-    import tracemalloc
 
     from replicator.engine.verify import _source_manifest
 
@@ -352,15 +351,6 @@ def test_the_chunked_manifest_behaves_as_a_flat_array(
 TiB = 1 << 40  # one flat copy of its digests was 256 MiB
 
 
-def _traced(work: Callable[[], object]) -> int:
-    tracemalloc.start()
-    try:
-        work()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_sparse_terabytes_manifest_costs_its_data_not_its_size(tmp_path: Path) -> None:
     """A 1 TiB sparse disk's manifest (a few extents of data) made as a first sync's basis
     is (grown from nothing, zeros), copied twice (a cycle's basis, the new manifests),
@@ -376,17 +366,17 @@ def test_a_sparse_terabytes_manifest_costs_its_data_not_its_size(tmp_path: Path)
             m.set(index, bytes(range(16)))
         made.append(m)
 
-    assert _traced(make) < 4 * MiB
+    assert peak_traced(make) < 4 * MiB
     m = made[0]
     copies: list[ExtentManifest] = []
-    assert _traced(lambda: copies.extend((m.copy(), m.copy()))) < 2 * MiB
+    assert peak_traced(lambda: copies.extend((m.copy(), m.copy()))) < 2 * MiB
     copies[0].set(7, b"x" * 16)  # a change in a copy: one chunk copied, the rest shared
     assert m.get(7) == zero_digest(65536) and copies[1].get(7) == zero_digest(65536)
     manifests = ManifestSet(3, 65536, 1, {"big.raw": m})
     path = tmp_path / "manifests.state"
-    assert _traced(lambda: manifests.save(path)) < 8 * MiB
+    assert peak_traced(lambda: manifests.save(path)) < 8 * MiB
     loaded: list[ManifestSet | None] = []
-    assert _traced(lambda: loaded.append(ManifestSet.load(path))) < 8 * MiB
+    assert peak_traced(lambda: loaded.append(ManifestSet.load(path))) < 8 * MiB
     assert loaded[0] is not None and loaded[0] == manifests
     assert list(loaded[0].disks["big.raw"].differing(copies[0])) == [7]
 
@@ -402,7 +392,7 @@ def test_verifying_a_sparse_terabyte_holds_its_data_not_its_size(tmp_path: Path)
         f.seek(1 << 30)
         f.write(b"data")
     got: list[ExtentManifest] = []
-    peak = _traced(lambda: got.append(_source_manifest(image, 65536, None)))
+    peak = peak_traced(lambda: got.append(_source_manifest(image, 65536, None)))
     assert got[0].count == TiB // 65536
     assert got[0].get(1 << 14) != got[0].get(0) == zero_digest(65536)  # the data extent
     assert peak < 24 * MiB, f"{peak / MiB:.0f} MiB"

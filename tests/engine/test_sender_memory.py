@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
 from replicator.engine.manifest import ExtentManifest, ManifestSet
@@ -17,6 +16,7 @@ from replicator.engine.sender_state import SenderConfig, SenderState, basis_alon
 from replicator.engine.volumes import DEFAULT_EXTENT, extent_digest, resolve_volumes
 from replicator.journal import Record, RecordType
 from replicator.transport.messages import DIGEST_SIZE
+from tests.tools import peak_traced
 
 SIZE = 64 << 30
 COPY = SIZE // DEFAULT_EXTENT * DIGEST_SIZE  # one manifest's digests: 16 MiB
@@ -162,15 +162,6 @@ def test_extents_marked_unknown_in_a_basis_leave_the_saved_manifests_as_they_are
     assert _flat(saved.disks["disk.raw"]) == before
 
 
-def _peak(work: Callable[[], object]) -> int:
-    tracemalloc.start()
-    try:
-        work()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_saving_and_loading_manifests_hold_at_most_one_more_copy(tmp_path: Path) -> None:
     """``manifests.state`` is written and read while the sender holds the saved manifests
     and the new ones. A sparse disk's digests are compressed a MiB at a time (whole, lz4
@@ -184,9 +175,9 @@ def test_saving_and_loading_manifests_hold_at_most_one_more_copy(tmp_path: Path)
         manifests = ManifestSet(5, DEFAULT_EXTENT, 1)
         manifests.disks["disk.img"] = ExtentManifest(DEFAULT_EXTENT, SIZE, digests)
         path = tmp_path / "manifests.state"
-        saved = _peak(lambda: manifests.save(path))  # noqa: B023 (called at once)
+        saved = peak_traced(lambda: manifests.save(path))  # noqa: B023 (called at once)
         loaded: list[ManifestSet | None] = []
-        read = _peak(lambda: loaded.append(ManifestSet.load(path)))  # noqa: B023
+        read = peak_traced(lambda: loaded.append(ManifestSet.load(path)))  # noqa: B023
         assert loaded[0] is not None and _flat(loaded[0].disks["disk.img"]) == digests
         assert saved < most * COPY, f"{saved / COPY:.2f} copies to save"
         assert read < 2.5 * COPY, f"{read / COPY:.2f} copies to load"
