@@ -254,6 +254,11 @@ def test_a_fenced_source_whose_target_was_promoted_fails_the_held_writes(
     id_file = rcv.dir / RECEIVER_STATE_NAME / "live" / replica_ids.FILE_NAME
     assert wait_for(id_file.exists, 30)
     replica = (read_state(id_file) or {})["id"]
+    # the source declares it at its session's start, in a renewal that may still be on its
+    # way when the sender says "replicating": cut off before it lands, the witness knows
+    # the job as unbound and refuses for that reason instead
+    book = tmp_path / "witness" / "witness.state"
+    assert wait_for(lambda: (read_state(book) or {}).get("replicas") == {"live": replica}, 10)
 
     def ask() -> tuple[bool, str]:
         decision = asyncio.run(target.may_promote("live", generation, 0.2, replica=replica))
