@@ -23,7 +23,7 @@ SYSTOOLS := qemu-img:qemu-utils qemu-io:qemu-utils fio:fio nbdkit:nbdkit nbdcopy
             rsync:rsync ip:iproute2 openssl:openssl fusermount3:fuse3 bindfs:bindfs \
             pkg-config:pkg-config gcc:gcc patch:patch systemd-analyze:systemd etcd:etcd-server \
             mkfs.ext4:e2fsprogs findmnt:util-linux \
-            mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs faketime:faketime
+            mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs faketime:faketime strace:strace
 # headers pyfuse3 compiles against (checked with pkg-config, so they are not commands)
 SYSLIBS := fuse3:libfuse3-dev
 PYTEST := $(PY) -bb -m pytest

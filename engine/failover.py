@@ -15,6 +15,11 @@ file, data file or parent that a replica's header names and this host lacks is w
 about (``engine/image_deps.py``); and ``--exec`` runs (the command that starts the VM). The
 result says the measured RTO (from the start of the command to the promoted replicas, and to
 ``--exec`` started) and the consistency point the replicas hold.
+
+``promoted.state`` is the one durable step that decides: a failure before it leaves the
+job as it was, and one after it (the generation, the configuration files, the headers
+read) is ``PromotedUnfinished``, whose message says the job IS promoted; running the same
+failover again finishes what is left and answers ``already_promoted``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from xml.sax.saxutils import quoteattr
 import structlog
 
 from replicator.engine.errors import ConfigError
-from replicator.engine.generations import Promotion
+from replicator.engine.generations import PromotedUnfinished, Promotion
 from replicator.engine.image_deps import missing_on_target
 from replicator.engine.job_replica import JobReplica, ReceiverConfig
 from replicator.engine.names import check_job_name, shell_quote, tree_entries
@@ -102,6 +107,8 @@ async def failover_at_rest(
         try:
             before = replica.promotion
             promotion = await replica.promote(allow_inconsistent=allow_inconsistent)
+        except PromotedUnfinished as exc:
+            raise (exc.exec_not_run() if exec_cmd else exc) from exc.error
         finally:
             await replica.aclose()
     return await finish_failover(
@@ -123,8 +130,26 @@ async def finish_failover(
     # absolute: libvirt takes only absolute disk paths, and --exec runs in the folder, so
     # a REPLICATOR_REPLICA_DIR relative to this process's folder would name another one
     replica_dir = (config.replica_root / job).absolute()
-    rewritten = await asyncio.to_thread(point_configs_at_replicas, replica_dir)
-    missing = await asyncio.to_thread(missing_on_target, replica_dir)
+    try:
+        rewritten = await asyncio.to_thread(point_configs_at_replicas, replica_dir)
+    except OSError as exc:  # promoted all the same: said so (and running it again finishes)
+        raise PromotedUnfinished(
+            job,
+            promotion,
+            "pointing its configuration files (libvirt domain XML) at the replicas",
+            exc,
+            exec_cmd=bool(exec_cmd),
+        ) from exc
+    try:
+        missing = await asyncio.to_thread(missing_on_target, replica_dir)
+    except OSError as exc:
+        raise PromotedUnfinished(
+            job,
+            promotion,
+            "reading its replicas' headers (backing files a VM needs)",
+            exc,
+            exec_cmd=bool(exec_cmd),
+        ) from exc
     for problem in missing:
         log.warning("failover.image_dependency", job=job, problem=problem)
     result = FailoverResult(

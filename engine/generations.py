@@ -28,7 +28,7 @@ from pathlib import Path
 
 import structlog
 
-from replicator.engine.errors import SplitBrainError
+from replicator.engine.errors import SplitBrainError, StorageError
 from replicator.journal.durable import StateFileError, read_state, write_state
 
 log = structlog.get_logger()
@@ -52,6 +52,33 @@ class Promotion:
     # the point's time on this target's clock (engine/source_clock.py; 0: not known, a
     # file from before it was kept): what ``missing_seconds`` counts from
     point_target_ns: int = 0
+
+
+class PromotedUnfinished(StorageError):
+    """Failover's deciding step, ``promoted.state``, is durable and a later one failed: the
+    job IS promoted (a restart, status and the source all find it so), and running the same
+    failover again finishes what is left. Exit 9, like any local storage error, but the
+    message says the job is promoted: an operator told only "failed" may start the VM on
+    the source too."""
+
+    def __init__(
+        self, job: str, promotion: Promotion, step: str, exc: OSError, *, exec_cmd: bool = False
+    ) -> None:
+        self.job, self.promotion, self.step, self.error = job, promotion, step, exc
+        why = exc.strerror or str(exc)
+        super().__init__(
+            f"job {job!r} IS promoted (generation {promotion.generation}, consistency point "
+            f"lsn {promotion.point_lsn}): its replicas are the primary copy from now on and "
+            f"the source is refused; but {step} failed: {why}"
+            + ("; --exec was not run" if exec_cmd else ""),
+            hint="do not start the VM on the source; check the disk here (free space, dmesg), "
+            "then run the same `replicator failover` again: it finishes what is left and says "
+            "the job was already promoted",
+        )
+
+    def exec_not_run(self) -> PromotedUnfinished:
+        """The same, said by a failover that had an ``--exec`` to run."""
+        return PromotedUnfinished(self.job, self.promotion, self.step, self.error, exec_cmd=True)
 
 
 def load_promotion(state_dir: Path) -> Promotion | None:

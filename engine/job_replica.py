@@ -43,6 +43,7 @@ from replicator.engine.errors import (
     unwritable_folder,
 )
 from replicator.engine.generations import (
+    PromotedUnfinished,
     Promotion,
     clear_promotion,
     load_promotion,
@@ -325,8 +326,10 @@ class JobReplica:
             self.promotion = promotion = await asyncio.to_thread(load_promotion, state_dir)
             if promotion is not None and saved.generation < promotion.generation:
                 # promote() writes promoted.state, then the generation: a crash (or a failed
-                # write) between the two is finished here
-                await self._save_state(saved.replace(generation=promotion.generation))
+                # write) between the two is finished here, or, while the disk still fails,
+                # by the next failover (or before a demote): the job is promoted either way
+                with contextlib.suppress(PromotedUnfinished):  # logged
+                    await self._finish_generation(promotion)
         except BaseException:
             await self.journal.aclose()
             raise
@@ -904,9 +907,7 @@ class JobReplica:
             # already promoted: failover is idempotent (and finishes a generation whose
             # save failed after promoted.state, as open() does)
             async with self._apply_lock:
-                if self.state.generation < self.promotion.generation:
-                    generation = self.promotion.generation
-                    await self._save_state(self.state.replace(generation=generation))
+                await self._finish_generation(self.promotion)
             return self.promotion
         await self.apply_pending()
         async with self._apply_lock:
@@ -958,18 +959,51 @@ class JobReplica:
             self.promotion = promotion
             self._reset_applier()  # replication writes nothing more
             self._release_guard()  # and the VM may now open the replicas for writing
-            await self._save_state(state.replace(generation=promotion.generation))
-        log.warning(
-            "receiver.promoted",
-            job=self.job,
-            generation=promotion.generation,
-            point_lsn=promotion.point_lsn,
-        )
+            log.warning(
+                "receiver.promoted",
+                job=self.job,
+                generation=promotion.generation,
+                point_lsn=promotion.point_lsn,
+            )
+            await self._finish_generation(promotion)  # PromotedUnfinished: promoted all the same
         return promotion
+
+    async def _finish_generation(self, promotion: Promotion) -> None:
+        """Record the promotion's generation in ``applied.state`` (with the apply lock
+        held), when it is not there yet. ``promoted.state`` decided the promotion already:
+        a failure here is PromotedUnfinished (logged), which says so; until the write is
+        done the job is promoted with the generation still to record (``open``, the next
+        ``promote`` and ``demote`` try again)."""
+        if self.state.generation >= promotion.generation:
+            return
+        try:
+            await self._save_state(self.state.replace(generation=promotion.generation))
+        except OSError as exc:
+            log.error(
+                "receiver.generation_unsaved",
+                job=self.job,
+                generation=promotion.generation,
+                error=str(exc),
+                action="the job is promoted all the same; fix the disk and run the same "
+                "failover again to record it",
+            )
+            raise PromotedUnfinished(
+                self.job,
+                promotion,
+                f"recording its new generation in {self.state_dir / replica_state.FILE_NAME}",
+                exc,
+            ) from exc
 
     async def demote(self) -> None:
         """The replica follows replication again (``replicator demote``)."""
         async with self._apply_lock:
+            promotion = self.promotion
+            if promotion is not None and self.state.generation < promotion.generation:
+                # the promoted history's generation first (its write failed after the
+                # promotion): demoted without it, the replica would take the old source's
+                # plain `send` into what the promoted side wrote, instead of asking for
+                # --resync. A failure here demotes nothing.
+                await self._save_state(self.state.replace(generation=promotion.generation))
             try:
                 await _settled(clear_promotion, self.state_dir)
             except OSError:

@@ -202,7 +202,8 @@ def sender_monitor(
 
 
 def _refusal(exc: ReplicatorError | OSError) -> dict[str, Any]:
-    """An operation that did not happen, and why, with its exit code: a full or failing
+    """An operation that did not happen (or did not finish: PromotedUnfinished), and why,
+    with its exit code: a full or failing
     disk (OSError) as the command at rest says it (``local storage error``, exit 9), not as
     a failed request (exit 3) with a traceback in the receiver's log."""
     mapped = unwrap(exc)
@@ -236,9 +237,12 @@ def receiver_monitor(receiver: Receiver, metrics: tuple[str, int] | None = None)
                 )
         except (ReplicatorError, OSError) as exc:  # e.g. not at a consistency point (exit 6)
             return _refusal(exc)
-        result = await finish_failover(
-            receiver.config, job, promotion, exec_cmd=command, started=started, already=already
-        )
+        try:
+            result = await finish_failover(
+                receiver.config, job, promotion, exec_cmd=command, started=started, already=already
+            )
+        except ReplicatorError as exc:  # promoted, a later step failed: the error says so
+            return _refusal(exc)
         return result.as_dict()
 
     async def demote(request: dict[str, Any]) -> dict[str, Any]:

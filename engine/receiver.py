@@ -32,7 +32,7 @@ from replicator.engine.errors import (
     first_error,
 )
 from replicator.engine.failback_serve import FailbackSession
-from replicator.engine.generations import Promotion, session_refusal
+from replicator.engine.generations import PromotedUnfinished, Promotion, session_refusal
 from replicator.engine.imagelock import session_mark
 from replicator.engine.in_flight import InFlightBudget
 from replicator.engine.job_replica import (
@@ -595,12 +595,18 @@ class Receiver:
         except RefusedError:  # the source stopped its capture and waits: cut, it is told
             session.conn.abort()
             raise
-        promotion = await replica.promote()
+        unfinished: PromotedUnfinished | None = None
+        try:
+            promotion = await replica.promote()
+        except PromotedUnfinished as exc:  # promoted all the same: the sender is told so
+            promotion, unfinished = exc.promotion, exc
         try:
             await session.confirm_handover(promotion.generation)
-        except Exception as exc:  # promoted all the same: the sender learns it when refused
+        except Exception as exc:  # promoted all the same: the sender asks (engine/handover.py)
             log.warning("receiver.handover_unconfirmed", job=name, error=str(exc))
         log.warning("receiver.planned_failover", job=name, lsn=final)
+        if unfinished is not None:
+            raise unfinished
         return promotion, False
 
     async def _next_session(

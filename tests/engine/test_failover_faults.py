@@ -1,6 +1,8 @@
 """Failover's durable steps, each made to fail (a real OSError where the step writes) or
 cut short as a crash would: promotion is all or nothing for the sender's view, the
-replica is never half promoted, and running failover again finishes the job."""
+replica is never half promoted, and running failover again finishes the job. A step that
+fails after ``promoted.state`` (the one that decides) is PromotedUnfinished: the job IS
+promoted, and the error says so."""
 
 from __future__ import annotations
 
@@ -12,7 +14,12 @@ from typing import Any
 import pytest
 
 from replicator.engine import failover, job_replica, replica_state
-from replicator.engine.generations import PROMOTED_FILE, load_promotion, session_refusal
+from replicator.engine.generations import (
+    PROMOTED_FILE,
+    PromotedUnfinished,
+    load_promotion,
+    session_refusal,
+)
 from replicator.engine.receiver import JobReplica, Receiver, ReceiverConfig
 from replicator.journal import Record, durable
 
@@ -95,7 +102,7 @@ async def test_a_crash_between_the_promotion_and_the_generation_is_finished_on_o
 
     with monkeypatch.context() as m:
         m.setattr(replica_state, "save", dies_after_promotion)
-        with pytest.raises(OSError):
+        with pytest.raises(PromotedUnfinished):  # promoted: said so
             await failover.failover_at_rest(_config(tmp_path), "job")
     assert calls[0] >= 1
     on_disk = replica_state.load(tmp_path / "state" / "job", "job")
@@ -129,7 +136,7 @@ async def test_a_config_rewrite_cut_short_is_finished_by_running_failover_again(
 
     with monkeypatch.context() as m:
         m.setattr(failover, "atomic_write", second_write_fails)
-        with pytest.raises(OSError):
+        with pytest.raises(PromotedUnfinished):  # promoted: said so
             await failover.failover_at_rest(_config(tmp_path), "job")
     assert (folder / "vm.xml").read_text() == original  # never half written
     promotion = load_promotion(tmp_path / "state" / "job")
@@ -158,7 +165,7 @@ async def test_a_forced_promotion_of_an_unknown_replica_cut_short_stays_marked_i
 
     with monkeypatch.context() as m:
         m.setattr(replica_state, "save", dies_after_promotion)
-        with pytest.raises(OSError):
+        with pytest.raises(PromotedUnfinished):  # promoted: said so
             await failover.failover_at_rest(_config(tmp_path), "job", allow_inconsistent=True)
     promotion = load_promotion(state_dir)
     assert promotion is not None and promotion.consistent is False
