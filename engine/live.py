@@ -203,7 +203,13 @@ class LiveSender:
                             await self._ship_file_if_changed(journal, spec)
                         final = await journal.append(Record.flush())
                         await journal.sync()
-                        await hand_over(self._handover, final, state.dir, self.sender.config.job)
+                        await hand_over(
+                            self._handover,
+                            final,
+                            state.dir,
+                            self.sender.config.job,
+                            self.sender.target_line(state),
+                        )
                     await self._drain(journal)
                     await self._checkpoint(state, ending)
                 finally:

@@ -42,7 +42,7 @@ from replicator.engine.errors import (
     VersionMismatch,
     as_user_error,
 )
-from replicator.engine.handover import hand_over, wait_for_request
+from replicator.engine.handover import TargetLine, hand_over, wait_for_request
 from replicator.engine.hooks import HookFailed, Quiesce
 from replicator.engine.image_deps import unreplicated
 from replicator.engine.link import Link, SessionPurpose, ShippedUnchecked, SilentPeerError
@@ -77,6 +77,7 @@ from replicator.journal.durable import settled
 
 if TYPE_CHECKING:
     from replicator.engine.witness_fence import SourceFence
+    from replicator.transport import Welcome
 
 log = structlog.get_logger()
 _T = TypeVar("_T")
@@ -333,6 +334,43 @@ class Sender:
         receiver whose state was damaged since has lost the floor it was told."""
         journal = link.journal
         return max(journal.next_lsn, link.received_lsn + 1)
+
+    async def ask_target(self, state: SenderState) -> Welcome:
+        """What the receiver says of the job now, from a session that reads and writes
+        nothing (a failback session: its Welcome lists ``promoted`` while the job is
+        promoted, and gives its applied LSN and generation), closed at once. For a handover
+        whose link was lost (engine/handover.py)."""
+        journal = state.journal
+        assert journal is not None
+        link = Link(await self.connector.connect(), journal)
+        try:
+            known = await asyncio.to_thread(generations.load_peer, self.config.state_dir)
+            welcome = await link.handshake(
+                self.config.job,
+                self.config.volumes,
+                self._sizes(),
+                purpose=SessionPurpose.FAILBACK,
+                generation=known.generation,
+                session=state.locks.session_id(),
+            )
+            await link.goodbye("asked whether the job was handed over")
+            return welcome
+        except BaseException as exc:
+            mapped = as_user_error(exc)
+            if mapped is not exc:
+                raise mapped from exc
+            raise
+        finally:
+            await link.aclose()
+
+    def target_line(self, state: SenderState) -> TargetLine:
+        """How a handover whose link failed reaches the target again (engine/handover.py)."""
+
+        async def join() -> Link:
+            link, _, _ = await self.open_link(state, with_basis=False)
+            return link
+
+        return TargetLine(ask=lambda: self.ask_target(state), join=join, close=self.close_link)
 
     async def close_link(self, link: Link) -> None:
         """Close ``link`` and say so in the status (the job is disconnected until the next);
@@ -847,7 +885,9 @@ class Sender:
             log.error("sender.handover_refused", why=why)
             await link.refuse_handover()
             return self.no_point(exc, basis)
-        await hand_over(link, final, self.config.state_dir, self.config.job)
+        await hand_over(
+            link, final, self.config.state_dir, self.config.job, self.target_line(state)
+        )
 
     def log_stop(self, state: SenderState) -> None:
         """The stop line; raises the connect failure when no session was ever made."""

@@ -397,19 +397,24 @@ class LiveNbdSender:
         fresh: bool = True,
         until: str = "sync",
         loud: bool = False,
+        log: Path | None = None,
     ) -> None:
         self.source, self.sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
+        self.log = log  # its stderr goes there (read while it runs), else to a pipe
         self.state = state or tmp_path / "state"
         if fresh:
             qemu_img("create", "-q", "-f", "raw", str(self.source), "64M")
         self.replica = receiver.dir / "vm1" / "disk.raw"
+        stderr: Any = subprocess.PIPE if log is None else log.open("a")
         self.proc = subprocess.Popen(
             [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
              str(self.state), "--capture", "nbd", "--nbd-socket", str(self.sock), *extra,
              *security, str(self.source)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.DEVNULL, stderr=stderr, text=True,
             env=LOUD_ENV if loud else ENV,
         )  # fmt: skip
+        if log is not None:
+            stderr.close()
         if until == "sync":
             wait_for(lambda: self.sock.exists() and self.caught_up(), self.proc, "the first sync")
         elif until == "export":
@@ -431,7 +436,8 @@ class LiveNbdSender:
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM (if it still runs): its exit code and stderr."""
-        return stop_and_read(self.proc)
+        code, err = stop_and_read(self.proc)
+        return code, err if self.log is None else self.log.read_text(errors="replace")
 
 
 def stop_and_read(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
