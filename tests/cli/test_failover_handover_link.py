@@ -33,7 +33,9 @@ from tests.tools import (
     wait_for,
 )
 
-DELAY = 3.0  # seconds each way while the handover runs
+# seconds each way while the handover runs: a cut made on a log line (polled every 0.2 s)
+# lands before what was sent just before that line reaches the other side
+DELAY = 4.0
 FAST = LinkProfile(delay=0.002)
 
 
@@ -49,11 +51,20 @@ class Pair:
         self.receiver_log, self.sender_log = tmp_path / "receiver.log", tmp_path / "sender.log"
         self.rcv = start_receiver(tmp_path / "target", log=self.receiver_log)
         self.proxy = ProxyThread(("127.0.0.1", self.rcv.port))
-        through = dataclasses.replace(self.rcv, port=self.proxy.address[1])
-        self.sender = LiveNbdSender(tmp_path, through, log=self.sender_log)
-        self.sender.write("write -P 0x11 0 4M", "write -P 0x22 40M 1M")
-        wait_for(self.sender.caught_up, self.sender.proc, "the writes to be replicated")
         self.failover: subprocess.Popen[str] | None = None
+        try:
+            through = dataclasses.replace(self.rcv, port=self.proxy.address[1])
+            self.sender = LiveNbdSender(tmp_path, through, log=self.sender_log)
+        except BaseException:
+            self.proxy.close()
+            self.rcv.stop()
+            raise
+        try:
+            self.sender.write("write -P 0x11 0 4M", "write -P 0x22 40M 1M")
+            wait_for(self.sender.caught_up, self.sender.proc, "the writes to be replicated")
+        except BaseException:
+            self.close()
+            raise
 
     def start_failover(self, timeout: float) -> subprocess.Popen[str]:
         self.proxy.call(lambda: setattr(self.proxy.wan, "profile", LinkProfile(delay=DELAY)))
