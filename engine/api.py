@@ -73,6 +73,7 @@ from replicator.engine.errors import (
 )
 from replicator.engine.failback import FailbackResult, failback
 from replicator.engine.failover import FailoverResult, finish_failover
+from replicator.engine.generations import PromotedUnfinished
 from replicator.engine.job_replica import JobReplica, ReceiverConfig, check_receiver_dirs
 from replicator.engine.monitor import Monitor, receiver_monitor, sender_monitor
 from replicator.engine.pacing import backlog_probe
@@ -1090,6 +1091,7 @@ __all__ = [
     "Lag",
     "MemoryConnector",
     "PeerProtocolError",
+    "PromotedUnfinished",
     "Receiver",
     "ReceiverConfig",
     "RefusedError",
