@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replicator.journal.errors import JournalError
 from replicator.journal.records import CHECKSUM_NAMES
 from replicator.journal.segment import (
     HEADER_BYTES,
@@ -27,6 +28,7 @@ from replicator.journal.segment import (
     Seal,
     SegmentFormatError,
     SegmentHeader,
+    SegmentReader,
     find_valid_record,
     is_spare_name,
     parse_segment_name,
@@ -256,6 +258,75 @@ def scan_journal(
         finally:
             os.close(fd)
     return report
+
+
+def add_run(runs: list[tuple[int, int]], first: int, last: int) -> None:
+    """Append the LSNs ``first`` to ``last`` to ``runs`` (ascending), joined to the last
+    run when they follow it."""
+    if runs and runs[-1][1] + 1 == first:
+        runs[-1] = (runs[-1][0], last)
+    else:
+        runs.append((first, last))
+
+
+def runs_kept(report: JournalReport, after: int) -> tuple[int, list[tuple[int, int]]]:
+    """Read-only: what a receiver's ``Journal.open`` (``discard_below=after + 1``,
+    ``on_damage="cut"``) would hold of the journal ``report`` describes: its first stored
+    LSN (its next LSN when it holds none) and the runs ``(first, last)`` of its LSNs above
+    ``after``, as ``Journal.runs_after(after)`` would give them. Segments the open discards
+    unread are left out, and so is everything from the first problem on (the open cuts
+    there; a record that cannot be read here counts as one). Only a segment whose LSNs
+    do not follow each other, or whose records the scan did not check, is read."""
+    segments = report.segments
+    start = 0  # recovery._discard_below: a segment whose successor starts at or below
+    while start + 1 < len(segments) and segments[start + 1].base_lsn <= after + 1:
+        start += 1
+    problem = report.problem
+    first: int | None = None
+    runs: list[tuple[int, int]] = []
+    for info in segments[start:]:
+        cut = problem is not None and info.path == problem.path
+        if cut and problem is not None:  # the open keeps the records before it
+            lsns = _lsns(info, problem.offset)
+        elif not info.verified and info.count:  # the open verifies it: read it all
+            lsns = _lsns(info, info.records_end)
+            cut = len(lsns) != info.count
+        elif info.count and info.last_lsn - info.first_lsn + 1 != info.count:
+            lsns = _lsns(info, info.records_end) if info.last_lsn > after else [info.first_lsn]
+        else:  # none, or one run
+            lsns = []
+            if info.count:
+                first = info.first_lsn if first is None else first
+            if info.count and info.last_lsn > after:
+                add_run(runs, max(info.first_lsn, after + 1), info.last_lsn)
+        for lsn in lsns:
+            first = lsn if first is None else first
+            if lsn > after:
+                add_run(runs, lsn, lsn)
+        if cut:
+            break
+    return (first if first is not None else report.next_lsn), runs
+
+
+def _lsns(info: SegmentInfo, end: int) -> list[int]:
+    """The LSNs of ``info``'s records up to offset ``end``, those before the first that
+    cannot be read."""
+    lsns: list[int] = []
+    try:
+        reader = SegmentReader(info.path, info.base_lsn)
+    except OSError:
+        return lsns
+    try:
+        while reader.offset < end:
+            batch = reader.read_encoded(end)
+            if not batch:
+                break
+            lsns.extend(record.lsn for record in batch)
+    except (JournalError, OSError):
+        pass
+    finally:
+        reader.close()
+    return lsns
 
 
 def _scan_last(fd: int, info: SegmentInfo, problem: Any) -> None:

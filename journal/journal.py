@@ -59,6 +59,7 @@ from replicator.journal.errors import (
     JournalFull,
     JournalIOError,
 )
+from replicator.journal.inspect import add_run
 from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record, encode_parts
 from replicator.journal.recovery import (
     MAX_SPARES,
@@ -788,25 +789,18 @@ class Journal:
         (call ``sync`` first to count every record appended). LSNs that ``skip_to``
         passed over end a run. Only a segment whose LSNs do not follow each other is read."""
         runs: list[tuple[int, int]] = []
-
-        def add(first: int, last: int) -> None:
-            if runs and runs[-1][1] + 1 == first:
-                runs[-1] = (runs[-1][0], last)
-            else:
-                runs.append((first, last))
-
         for seg in list(self._segments):
             if not seg.count or seg.last_lsn <= lsn:
                 continue
             start = max(seg.first_lsn, lsn + 1)
             if seg.last_lsn - seg.first_lsn + 1 == seg.count:
-                add(start, seg.last_lsn)
+                add_run(runs, start, seg.last_lsn)
                 continue
             async with contextlib.aclosing(self._records(start, follow=False)) as records:
                 async for record in records:
                     if record.lsn > seg.last_lsn:
                         break
-                    add(record.lsn, record.lsn)
+                    add_run(runs, record.lsn, record.lsn)
         return runs
 
     def read_from(self, lsn: int) -> AsyncGenerator[Record, None]:
