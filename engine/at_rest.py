@@ -36,7 +36,7 @@ from replicator.engine.served_alone import load_served_alone
 from replicator.engine.source_clock import lag_seconds
 from replicator.engine.status import ReceiverPhase, iso_time, promotion_fields
 from replicator.journal.durable import StateFileError
-from replicator.journal.inspect import JournalReport, SegmentInfo, scan_journal
+from replicator.journal.inspect import JournalReport, SegmentInfo, runs_kept, scan_journal
 from replicator.journal.records import EncodedRecord
 from replicator.journal.segment import HEADER_BYTES, SegmentReader
 
@@ -230,6 +230,10 @@ def receiver_jobs_at_rest(
         # every barrier past the applied LSN is read: the job's opening applies up to it
         report = _journal(folder / "journal", verify_after=saved.applied_lsn if saved else 0)
         last = report.last_lsn if report is not None and report.last_lsn is not None else 0
+        older = ""
+        if saved is not None and report is not None:  # put back from an older copy?
+            first, runs = runs_kept(report, saved.applied_lsn)
+            saved, older = replica_state.against_journal(folder, saved, first, runs)
         point = replica_state.recovered(  # as JobReplica.open will take it
             folder,
             saved,
@@ -278,7 +282,9 @@ def receiver_jobs_at_rest(
                 "diverged": diverged,
                 # an apply was cut short, or one is due: the receiver does it when it starts
                 "recovery_pending": not finished or bool(pending),
-                "state_file": "ok" if saved is not None else ("damaged" if has_state else None),
+                "state_file": (
+                    "ok" if saved is not None and not older else ("damaged" if has_state else None)
+                ),
                 "journal": {
                     "bytes": report.total_bytes if report is not None else 0,
                     "problem": report.problem.describe() if report and report.problem else None,

@@ -266,13 +266,19 @@ class JobReplica:
             on_damage="cut",
             discard_below=saved.applied_lsn + 1 if saved is not None else 0,
         )
-        older = await _older_than_journal(journal, saved) if saved is not None else ""
+        older = ""
+        if saved is not None:
+            try:
+                runs = await journal.runs_after(saved.applied_lsn)
+            except BaseException:
+                await journal.aclose()
+                raise
+            saved, older = replica_state.against_journal(state_dir, saved, journal.first_lsn, runs)
         if older:
             log.error(
                 "receiver.state_damaged", job=job, path=str(state_dir / "applied.state"),
                 error=older, action="the replica is unknown until a sender compares it",
             )  # fmt: skip
-            saved = replica_state.older_than_journal(state_dir, journal.first_lsn, older)
         lost_track = (
             saved is None
             or bool(older)
@@ -1433,26 +1439,3 @@ def _paths(record: Record) -> list[str]:
     if not record.volume:
         return []
     return [record.volume, record.target] if record.type is RecordType.RENAME else [record.volume]
-
-
-async def _older_than_journal(journal: Journal, saved: ReplicaState) -> str:
-    """Why ``saved`` (applied.state) is older than the receive journal (empty: it is not).
-
-    The records past the applied LSN are redone at open, in order: that is exact only when
-    the journal holds every one of them. LSNs the journal skips past the applied one were
-    written straight into the replica (a first sync, a comparison of a replica that never
-    held a point) and ``applied.state`` moved past them as they were: a file that is
-    behind them was put back from an older copy, and its redo would write the journal's
-    older records over the newer bytes. A gap below the point floor is the records the
-    replica lost (PointFloor), not this."""
-    expected = max(saved.applied_lsn + 1, journal.first_lsn)
-    if expected > journal.last_lsn:
-        return ""
-    async for record in journal.read_from(expected):
-        if record.lsn > expected and saved.point_floor <= expected:
-            return (
-                f"lsn {expected} to {record.lsn - 1} were applied without the journal after "
-                f"the lsn {saved.applied_lsn} it names"
-            )
-        expected = record.lsn + 1
-    return ""

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,37 @@ def rebuilt(state_dir: Path, *, damaged: bool, applied: int, empty: bool) -> Rep
             unknown=f"{why}: what the replica holds cannot be vouched for",
         )
     return ReplicaState(applied, consistent=empty, applying=not empty)
+
+
+def against_journal(
+    state_dir: Path, saved: ReplicaState, first_lsn: int, runs: Sequence[tuple[int, int]]
+) -> tuple[ReplicaState, str]:
+    """``saved`` (``applied.state``) checked against the receive journal: its first stored
+    LSN and the runs ``(first, last)`` of its LSNs above ``saved.applied_lsn``
+    (``Journal.runs_after``; at rest ``journal.inspect.runs_kept``). Returns the state to
+    start from and why ``saved`` is older than the journal (empty: it is not, and the state
+    is ``saved``). The one place that says so: ``JobReplica.open`` (and so failover) and
+    status at rest both ask it.
+
+    The records past the applied LSN are redone at open, in order: that is exact only when
+    the journal holds every one of them. LSNs the journal skips past the applied one were
+    written straight into the replica (a first sync, a comparison of a replica that never
+    held a point) and ``applied.state`` moved past them as they were: a file that is
+    behind them was put back from an older copy, and its redo would write the journal's
+    older records over the newer bytes. A gap below the point floor is the records the
+    replica lost (PointFloor), not this."""
+    expected = max(saved.applied_lsn + 1, first_lsn)
+    for first, last in runs:
+        if last < expected:
+            continue
+        if first > expected and saved.point_floor <= expected:
+            why = (
+                f"lsn {expected} to {first - 1} were applied without the journal after "
+                f"the lsn {saved.applied_lsn} it names"
+            )
+            return older_than_journal(state_dir, first_lsn, why), why
+        expected = last + 1
+    return saved, ""
 
 
 def older_than_journal(state_dir: Path, first_lsn: int, why: str) -> ReplicaState:
