@@ -29,7 +29,7 @@ from replicator.engine.replica_files import ReplicaDiverged, ReplicaFiles
 from replicator.journal import Record
 from replicator.journal.segment import HEADER_BYTES
 from tests.engine.page_cache import fail_direct_write
-from tests.engine.sessions import end_job
+from tests.engine.sessions import end_as_sigkill, end_job
 
 BLOCK = 4096
 
@@ -331,6 +331,80 @@ async def test_an_older_applied_state_put_back_does_not_vouch_for_lost_stamps(
         assert restored.state.unknown == ""
     async with _opened(tmp_path) as compared:
         assert compared.state.unknown == ""
+
+
+def _kill_at_the_state_save_after_lost_stamps(
+    monkeypatch: pytest.MonkeyPatch, state_dir: Path
+) -> Callable[[], int]:
+    """Make the first ``applied.state`` save after a ``files.state`` save that carries
+    ``lost`` (read back from disk) raise EIO, as the step a SIGKILL lands on; returns how
+    many saves were failed so."""
+    real_files_save, real_state_save = ReplicaFiles.save, replica_state.save
+    armed, failed = [False], [0]
+
+    def files_save(self: ReplicaFiles, folder: Path) -> None:
+        real_files_save(self, folder)
+        if ReplicaFiles.load(state_dir, "job").lost:
+            armed[0] = True
+
+    def state_save(folder: Path, job: str, state: replica_state.ReplicaState) -> None:
+        if armed[0]:
+            armed[0] = False
+            failed[0] += 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_state_save(folder, job, state)
+
+    monkeypatch.setattr(ReplicaFiles, "save", files_save)
+    monkeypatch.setattr(replica_state, "save", state_save)
+    return lambda: failed[0]
+
+
+@pytest.mark.parametrize("via", ["session start", "apply round"])
+@pytest.mark.parametrize("loss", ["damaged", "deleted"])
+async def test_killed_after_the_lost_stamps_are_saved_the_replica_stays_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loss: str, via: str
+) -> None:
+    """The stamps were lost, so the replica is unknown; ``files.state`` is then saved again
+    carrying ``lost`` (by a session's start, or by an apply round with its new stamps),
+    and the receiver is killed right at the next ``applied.state`` save (the round's
+    first, or its last). Restarted, the loss is still seen, at rest and by the job: no
+    consistency point until a sender compares."""
+    await _applied_once(tmp_path, 0x44)
+    state_dir = tmp_path / "state" / "job"
+    if loss == "damaged":
+        _flip(state_dir / "files.state", 30)
+    else:
+        (state_dir / "files.state").unlink()
+    failed = _kill_at_the_state_save_after_lost_stamps(monkeypatch, state_dir)
+    replica = await JobReplica.open("job", _config(tmp_path))
+    try:
+        assert replica.state.unknown and not replica.state.consistent
+        if via == "session start":
+            (refusal,) = await replica.check_replica(adopt=False)  # saves files.state
+            assert "stamps were lost" in refusal
+        await _feed(replica, _epoch(4, 2, 0x55))
+        with pytest.raises(OSError):
+            await replica.apply_pending()
+    finally:
+        await end_as_sigkill(replica)
+    monkeypatch.undo()
+    assert failed() == 1  # killed at that step: files.state on disk carries the loss
+    assert ReplicaFiles.load(state_dir, "job").lost
+    (at_rest,) = receiver_jobs_at_rest(tmp_path / "state", replica_root=tmp_path / "replicas")
+    assert at_rest["consistency_point"]["consistent"] is False
+    assert at_rest["consistency_point"]["unknown"]
+    async with _opened(tmp_path) as reopened:  # the round is redone, and is no point
+        assert reopened.applied_lsn == 6 and reopened.state.point_lsn == 3
+        assert reopened.state.unknown and not reopened.state.consistent
+        (refusal,) = await reopened.check_replica(adopt=False)
+        assert "stamps were lost" in refusal
+    async with _opened(tmp_path) as compared:  # a sender compares: a point again
+        assert await compared.check_replica(adopt=True) == []
+        await compared.raise_point_floor(compared.received_lsn + 1)
+        await _feed(compared, _epoch(7, 1, 0x66))
+        assert await compared.apply_pending() == 8
+        assert compared.state.consistent and compared.state.point_lsn == 8
+    assert _replica(tmp_path) == b"\x66" * BLOCK + b"\x55" * BLOCK
 
 
 async def test_a_job_whose_stamps_were_never_saved_is_not_missing_them(tmp_path: Path) -> None:
