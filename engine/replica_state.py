@@ -163,27 +163,38 @@ def against_journal(
     held a point) and ``applied.state`` moved past them as they were: a file that is
     behind them was put back from an older copy, and its redo would write the journal's
     older records over the newer bytes. A gap below the point floor is the records the
-    replica lost (PointFloor), not this."""
+    replica lost (PointFloor), not this.
+
+    Such a file is taken as damaged (``older_than_journal``), and the redo starts after
+    the last LSNs the journal skips: records go straight into the replica only once the
+    journal holds none unapplied (``JobReplica._direct_count``), so every record before
+    them was applied before they were written."""
     expected = max(saved.applied_lsn + 1, first_lsn)
+    skipped: tuple[int, int] | None = None  # the first LSNs skipped
+    after = 0  # the last LSN skipped
     for first, last in runs:
         if last < expected:
             continue
         if first > expected and saved.point_floor <= expected:
-            why = (
-                f"lsn {expected} to {first - 1} were applied without the journal after "
-                f"the lsn {saved.applied_lsn} it names"
-            )
-            return older_than_journal(state_dir, first_lsn, why), why
+            skipped = skipped or (expected, first - 1)
+            after = first - 1
         expected = last + 1
-    return saved, ""
+    if skipped is None:
+        return saved, ""
+    why = (
+        f"lsn {skipped[0]} to {skipped[1]} were applied without the journal after the lsn "
+        f"{saved.applied_lsn} it names"
+    )
+    return older_than_journal(state_dir, after, why), why
 
 
-def older_than_journal(state_dir: Path, first_lsn: int, why: str) -> ReplicaState:
+def older_than_journal(state_dir: Path, applied: int, why: str) -> ReplicaState:
     """The state to start from when the saved one is older than the journal (``why``: put
-    back from an older copy): as for a damaged file, everything the journal holds is
-    applied again and the replica is unknown until a sender compares it."""
+    back from an older copy) and the journal skips LSNs up to ``applied``: as for a
+    damaged file, the replica is unknown until a sender compares it, and the records the
+    journal holds after ``applied`` are applied again."""
     return ReplicaState(
-        max(0, first_lsn - 1),
+        applied,
         consistent=False,
         applying=True,
         unknown=f"its replica state ({state_dir / FILE_NAME}) is older than its journal "
