@@ -25,6 +25,13 @@ and unlike ``flock`` they stay byte-range locks on NFS, where VM images often li
   back fails with 'Failed to get "write" lock', and one that already has it open for
   writing makes the shim refuse to start. Readers need QEMU's ``-U`` (``qemu-img info -U``,
   ``compare -U``), as with any image a running VM writes.
+* **The folder guard** (``engine/folder_guard.py``), on the disk images of a folder that
+  FUSE capture serves, for the capture's life: the same two bytes as the replica guard,
+  held on the images under SOURCE_DIR, so a program that opens one there for writing (a
+  VM started on the folder instead of the mount) fails with QEMU's 'Failed to get
+  "write" lock' instead of writing behind the filter. QEMU on the mount is not
+  concerned: the filter has no lock handlers, so the kernel keeps locks taken through
+  the mount on the mount's own inodes.
 * **The replica guard** (``ReplicaGuard``), on a receiver's replica disk images while it
   keeps them (until a failover promotes them): QEMU's "nobody else may write / resize"
   bytes only, shared. A VM started on a replica by hand, ``qemu-io`` or ``qemu-img rebase``
@@ -46,6 +53,7 @@ import struct
 import uuid
 from collections.abc import Container
 from pathlib import Path
+from typing import Protocol
 
 from replicator.engine.errors import ConfigError
 
@@ -72,6 +80,22 @@ def _holder(fd: int, kind: int, start: int) -> bool:
     """True when another open file description holds a lock that conflicts with ``kind``."""
     got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0))
     return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
+
+
+def deny_writers(fd: int) -> None:
+    """Lock QEMU's "nobody else may write" and "nobody else may resize" bytes of ``fd``'s
+    file, shared (``fd`` open for reading is enough): a QEMU, ``qemu-io`` or ``qemu-img``
+    that then opens the file for writing fails with 'Failed to get "write" lock', and
+    readers open it as before. OSError (EAGAIN, EACCES) when someone holds one of them
+    exclusively, which QEMU never does."""
+    for byte in (_QEMU_DENY + _WRITE, _QEMU_DENY + _RESIZE):
+        _lock(fd, fcntl.F_RDLCK, byte)
+
+
+def used_for_writing(fd: int) -> bool:
+    """True while another open file description holds QEMU's lock that says it uses the
+    file for writing (a running QEMU, ``qemu-io``)."""
+    return _holder(fd, fcntl.F_WRLCK, _QEMU_USE + _WRITE)
 
 
 def session_mark(session: str) -> int | None:
@@ -155,7 +179,7 @@ class ImageLock:
         says it uses the image for writing; never true of the image's own NBD shim."""
         if self._fd < 0 or self.serving:
             return False
-        return _holder(self._fd, fcntl.F_WRLCK, _QEMU_USE + _WRITE)
+        return used_for_writing(self._fd)
 
     def check_servable(self) -> None:
         """Raise ConfigError if ``serve`` would refuse now: the image not writable, or
@@ -252,6 +276,12 @@ def _writable(fd: int) -> bool:
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE in (os.O_RDWR, os.O_WRONLY)
 
 
+class Held(Protocol):
+    """Locks a capture takes beside the sender's (``ImageLocks.keep``)."""
+
+    def release(self) -> None: ...
+
+
 class ImageLocks:
     """The sender locks of a job's disk images, taken together (all or none), and the
     session mark on its configuration ``files`` (``FileMark``)."""
@@ -265,6 +295,12 @@ class ImageLocks:
         # one descriptor each: a folder job's first MAX_MARKS files only
         marked = ([folder] if folder is not None else []) + (files or [])[:MAX_MARKS]
         self.marks = [FileMark(path, self.mark) for path in marked]
+        self._kept: list[Held] = []
+
+    def keep(self, held: Held) -> None:
+        """Release ``held`` with these locks (whatever ends the sender's run), if nothing
+        released it first: a capture's own locks (FUSE capture's ``FolderGuard``)."""
+        self._kept.append(held)
 
     def session_id(self) -> str:
         """A new session id that starts with this sender's mark (see ``session_mark``)."""
@@ -306,6 +342,10 @@ class ImageLocks:
                 lock.release()
         for mark in self.marks:
             mark.release()
+        kept, self._kept = self._kept, []
+        for held in kept:
+            with contextlib.suppress(OSError):
+                held.release()
 
 
 class ReplicaGuard:
@@ -345,8 +385,7 @@ class ReplicaGuard:
         self.drop(path)
         ino = os.fstat(fd).st_ino
         try:
-            for byte in (_QEMU_DENY + _WRITE, _QEMU_DENY + _RESIZE):
-                _lock(fd, fcntl.F_RDLCK, byte)
+            deny_writers(fd)
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
@@ -384,9 +423,7 @@ class ReplicaGuard:
 
     def writers(self) -> list[str]:
         """The guarded replicas another program has open for writing, sorted."""
-        found = {
-            p for p, (fd, _) in self._held.items() if _holder(fd, fcntl.F_WRLCK, _QEMU_USE + _WRITE)
-        }
+        found = {p for p, (fd, _) in self._held.items() if used_for_writing(fd)}
         return sorted(found | self._refused)
 
     def release(self) -> None:
