@@ -51,6 +51,7 @@ from replicator.engine.checkpoint import (
     drop_touched,
     save_touched,
 )
+from replicator.engine.folder_guard import FolderGuard
 from replicator.engine.handover import hand_over, wait_for_request
 from replicator.engine.journal_first import JournalFirst
 from replicator.engine.link import Link, StopWatch
@@ -702,6 +703,8 @@ class FuseFolderCapture:
         self._capture: FuseCapture | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # QEMU's deny-write locks on the folder's images from check() until stop()
+        self.guard = FolderGuard(self.source)
 
     def prelude(self, replica: Tree | None) -> list[Record]:
         if replica is None:
@@ -712,7 +715,15 @@ class FuseFolderCapture:
         """A VM still running on the folder itself writes its images behind the filter:
         none of its writes would reach the journal or the replica, and the mount would
         serve a second writer beside it. The images' QEMU write lock tells (the image a
-        ``qemu-io`` or a running QEMU has open for writing)."""
+        ``qemu-io`` or a running QEMU has open for writing).
+
+        From here until ``stop`` the folder guard keeps any other program from opening
+        them for writing (engine/folder_guard.py). It is taken before the check: a QEMU
+        takes its own locks before it looks for others', so one of the two sees the other.
+        """
+        state.locks.keep(self.guard)  # released with the sender's locks, however it ends
+        disks = [v.name for v in state.config.volumes if v.kind is VolumeKind.DISK]
+        await asyncio.to_thread(self.guard.hold_all, disks)
         writers = await asyncio.to_thread(state.locks.written_by_others)
         if writers:
             raise ConfigError(
@@ -728,7 +739,10 @@ class FuseFolderCapture:
 
         journal = state.journal
         assert journal is not None
-        capture = self._capture = FuseCapture(self.source, self.mountpoint, journal, overflow=True)
+        await asyncio.to_thread(self.guard.follow)  # the folder as the mount will show it
+        capture = self._capture = FuseCapture(
+            self.source, self.mountpoint, journal, overflow=True, guard=self.guard
+        )
         self._task = asyncio.create_task(capture.run(self._stop), name="fuse")
         mounted = asyncio.create_task(capture.mounted.wait())
         await asyncio.wait({self._task, mounted}, return_when=asyncio.FIRST_COMPLETED)
@@ -752,8 +766,11 @@ class FuseFolderCapture:
 
     async def stop(self, state: SenderState) -> None:
         self._stop.set()
-        if self._task is not None:
-            await self._task  # syncs the journal and unmounts
+        try:
+            if self._task is not None:
+                await self._task  # syncs the journal and unmounts
+        finally:
+            self.guard.release()  # nothing writes through the mount any more
 
 
 def _lost_state(link: Link, journal: Journal) -> RefusedError:

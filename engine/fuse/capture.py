@@ -16,6 +16,7 @@ import pyfuse3.asyncio
 import structlog
 
 from replicator.engine.errors import ConfigError, ReplicatorError
+from replicator.engine.folder_guard import FolderGuard
 from replicator.engine.fuse.filter import JournalingFilter
 from replicator.engine.fuse.mount import check_paths, prepare_mountpoint
 from replicator.journal.journal import Journal
@@ -73,14 +74,17 @@ class FuseCapture:
         max_tasks: int = MAX_TASKS,
         overflow: bool = False,
         stop_timeout: float = STOP_TIMEOUT,
+        guard: FolderGuard | None = None,
     ) -> None:
+        """``guard``: the locks on SOURCE_DIR's images, kept up to date by the filter
+        (engine/folder_guard.py); its owner releases it."""
         self.source = check_paths(Path(source), Path(mountpoint), journal.path)
         self.mountpoint = Path(os.path.abspath(mountpoint))
         self.journal = journal
         self.allow_other = allow_other
         self.max_tasks = max_tasks
         self.stop_timeout = stop_timeout
-        self.filter = JournalingFilter(self.source, journal, overflow=overflow)
+        self.filter = JournalingFilter(self.source, journal, overflow=overflow, guard=guard)
         self.mounted = asyncio.Event()  # set once the mount is live
         self._active = False
 

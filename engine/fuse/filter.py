@@ -271,6 +271,8 @@ class JournalingFilter(TreeOps):
                 node = view.nodes.lookup(path)
                 node.dirty = True
                 self._own(real, ctx)
+                if self.guard is not None:  # an image's name: nothing may write it behind us
+                    self.guard.hold(path, fd)
         info = view.open_file(node, fd, flags)
         return info, entry_attributes(os.fstat(fd), node.ino)
 
@@ -381,10 +383,19 @@ class JournalingFilter(TreeOps):
         handle = self.view.handles[fh]
         if handle.node.dirty:
             await self._sync_file(handle, True)
+        self._guard_written(handle)  # close(2) waits for this; the release comes later
 
     @fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self._guard_written(self.view.handles[fh])  # a shared mmap's pages, written back
         self.view.close_file(fh)
+
+    def _guard_written(self, handle: Handle) -> None:
+        """A file written through ``handle`` may be a disk image now (a header, its size):
+        then the folder guard keeps other writers out of it (engine/folder_guard.py)."""
+        path = handle.node.path
+        if self.guard is not None and handle.writable and path is not None:
+            self.guard.hold(path, handle.fd)
 
 
 def _allocation_records(

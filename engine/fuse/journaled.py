@@ -35,6 +35,7 @@ from typing import Final
 import pyfuse3
 import structlog
 
+from replicator.engine.folder_guard import FolderGuard
 from replicator.engine.fuse.overflow import FolderOverflow, resync_folder, track_folder
 from replicator.engine.fuse.replies import err
 from replicator.engine.fuse.view import Handle, SourceView
@@ -67,12 +68,22 @@ class FilterStats:
 class JournaledOps(pyfuse3.Operations):
     """State and journal-first steps shared by every handler (see the module docstring)."""
 
-    def __init__(self, source: Path, journal: Journal, *, overflow: bool = False) -> None:
+    def __init__(
+        self,
+        source: Path,
+        journal: Journal,
+        *,
+        overflow: bool = False,
+        guard: FolderGuard | None = None,
+    ) -> None:
         """``overflow``: at a full journal keep serving and track changes (overflow.py)
-        instead of answering ENOSPC."""
+        instead of answering ENOSPC. ``guard``: QEMU's deny-write locks on SOURCE_DIR's
+        disk images, told of every name the filter creates, renames or removes (the
+        sender's; engine/folder_guard.py)."""
         super().__init__()
         self.source = source
         self.journal = journal
+        self.guard = guard
         self.overflow_ok = overflow
         self._seq: JournalFirst[FolderOverflow] = JournalFirst(
             journal,

@@ -226,6 +226,8 @@ class TreeOps(JournaledOps):
                 self._diverge(f"unlink {path} failed after it was journaled: {exc.strerror}")
                 raise
             view.nodes.removed(path)
+            if self.guard is not None:
+                self.guard.removed(path)  # its space goes with the filter's last handle
 
     @fuse_errors
     async def rename(
@@ -276,6 +278,10 @@ class TreeOps(JournaledOps):
                 self._diverge(f"rename {old} -> {new} failed after it was journaled: {exc}")
                 raise
             view.nodes.moved(old, new)
+            if self.guard is not None:
+                self.guard.moved(old, new)
+                if stat.S_ISREG(st_old.st_mode):  # renamed to an image's name?
+                    self.guard.hold(new)
 
     @fuse_errors
     async def link(

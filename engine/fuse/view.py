@@ -35,13 +35,15 @@ class Handle:
     answers without an fsync request (it sends one after each write only through its
     page cache): the filter syncs the journal before it answers each of them itself.
     ``datasync`` is False for O_SYNC (the file's metadata too). ``max_size``: the largest
-    size the source's file system allows the file (:meth:`SourceView.size_limit`)."""
+    size the source's file system allows the file (:meth:`SourceView.size_limit`).
+    ``writable``: opened for writing (or truncating) through the mount."""
 
     fd: int
     node: Node
     sync_writes: bool = False
     datasync: bool = True
     max_size: int = 1 << 63
+    writable: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -115,6 +117,7 @@ class SourceView:
             sync_writes=direct and bool(flags & os.O_DSYNC),
             datasync=flags & os.O_SYNC != os.O_SYNC,
             max_size=self.size_limit(fd),
+            writable=flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC),
         )
         self.nodes.opened(node, fd)
         return pyfuse3.FileInfo(
