@@ -27,7 +27,8 @@ every disk image of the folder, so such a program fails with QEMU's own 'Failed 
   with no image suffix) or its name (renamed to ``disk.qcow2``) when it is closed or
   renamed; a renamed image keeps its guard under its new name (the descriptor follows
   the file); an unlinked image, or one renamed over, is let go at once (a descriptor
-  kept would keep a deleted image's space).
+  kept would keep a deleted image's space; the sender's own lock on it goes too, through
+  ``gone``).
 * **Released** by ``release`` when the capture stops (after the unmount) and, whatever
   ends the run, with the sender's other locks; OFD locks go with the last descriptor of
   their file description, so a SIGKILLed sender leaves none behind.
@@ -42,7 +43,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -61,9 +62,17 @@ class FolderGuard:
 
     MAX_FILES: Final = 256  # one descriptor each, beside the sender lock's and the filter's
 
-    def __init__(self, source: Path, max_files: int = MAX_FILES) -> None:
+    def __init__(
+        self,
+        source: Path,
+        max_files: int = MAX_FILES,
+        gone: Callable[[os.stat_result], None] | None = None,
+    ) -> None:
+        """``gone``: told of each guarded file unlinked or renamed over (the sender lets go
+        of its own lock on it: ``ImageLocks.let_go``)."""
         self.source = source
         self.max_files = max_files
+        self.gone = gone
         self._held: dict[str, int] = {}  # relative path -> descriptor holding the locks
         self._full_told = False
 
@@ -132,8 +141,8 @@ class FolderGuard:
                 same = os.path.samestat(now, os.fstat(fd))
             except OSError:
                 same = False
-            if not same:
-                self.removed(path)
+            if not same:  # maybe renamed, not removed: nobody else is told
+                os.close(self._held.pop(path))
                 self.hold(path)
 
     def moved(self, old: str, new: str) -> None:
@@ -149,7 +158,12 @@ class FolderGuard:
     def removed(self, path: str) -> None:
         """``path`` was unlinked (or renamed over): let go of it, and of its space."""
         fd = self._held.pop(path, None)
-        if fd is not None:
+        if fd is None:
+            return
+        try:
+            if self.gone is not None:
+                self.gone(os.fstat(fd))
+        finally:
             os.close(fd)
 
     def release(self) -> None:

@@ -174,6 +174,10 @@ class ImageLock:
         os.close(old)
         return True
 
+    def holds(self, gone: os.stat_result) -> bool:
+        """Whether this lock is on the file ``gone`` is the ``stat`` of."""
+        return self._fd >= 0 and os.path.samestat(os.fstat(self._fd), gone)
+
     def written_by_another(self) -> bool:
         """True while another program (a running QEMU, ``qemu-io``) holds QEMU's lock that
         says it uses the image for writing; never true of the image's own NBD shim."""
@@ -331,6 +335,14 @@ class ImageLocks:
     def follow_files(self) -> None:
         for mark in self.marks:
             mark.follow()
+
+    def let_go(self, gone: os.stat_result) -> None:
+        """Release the locks on the file ``gone`` is the ``stat`` of: it was removed (FUSE
+        capture: unlinked or renamed over through the mount), and the descriptor kept its
+        space taken until the sender stopped. No name reaches it for another sender."""
+        for lock in self.locks.values():
+            if lock.holds(gone):
+                lock.release()
 
     def written_by_others(self) -> list[Path]:
         """The images another program has open for writing now (``written_by_another``)."""

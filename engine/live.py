@@ -722,6 +722,7 @@ class FuseFolderCapture:
         takes its own locks before it looks for others', so one of the two sees the other.
         """
         state.locks.keep(self.guard)  # released with the sender's locks, however it ends
+        self.guard.gone = state.locks.let_go  # an image removed through the mount
         disks = [v.name for v in state.config.volumes if v.kind is VolumeKind.DISK]
         await asyncio.to_thread(self.guard.hold_all, disks)
         writers = await asyncio.to_thread(state.locks.written_by_others)

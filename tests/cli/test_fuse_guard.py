@@ -71,6 +71,7 @@ def test_the_source_images_are_written_through_the_mount_only(
     disk = source / "disk.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
     qemu_io("qcow2", disk, "write -P 0x11 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", str(source / "old.qcow2"), "16M")
     replica = receiver.dir / "fvm" / "disk.qcow2"
     proc = start_fuse_sender(receiver, tmp_path, source, mnt)
     try:
@@ -102,6 +103,8 @@ def test_the_source_images_are_written_through_the_mount_only(
         wait_for(lambda: _same(source / "copy", receiver.dir / "fvm" / "copy"), proc, "copy")
         assert qemu_compare("qcow2", source / "copy", receiver.dir / "fvm" / "copy").returncode == 0
         assert qemu_compare("qcow2", disk, replica).returncode == 0  # nothing got behind it
+        (mnt / "old.qcow2").unlink()  # an image of the start: its space is given back
+        wait_for(lambda: not _deleted_open(proc.pid, source), proc, "old.qcow2 let go")
     finally:
         rc = _stopped(proc, signal.SIGTERM, mnt)
     assert rc == 0, proc.stderr.read() if proc.stderr else rc

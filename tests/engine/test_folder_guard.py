@@ -80,6 +80,24 @@ def test_the_guard_follows_renames_and_lets_go_of_what_is_removed(folder: Path) 
         guard.release()
 
 
+def test_the_owner_is_told_of_each_guarded_image_removed(folder: Path) -> None:
+    told: list[tuple[int, int]] = []
+    guard = FolderGuard(folder, gone=lambda st: told.append((st.st_dev, st.st_ino)))
+    guard.hold_all(["a.img", "sub/b.img"])
+    a, b = os.stat(folder / "a.img"), os.stat(folder / "sub" / "b.img")
+    try:
+        os.rename(folder / "a.img", folder / "sub" / "b.img")
+        guard.moved("a.img", "sub/b.img")
+        assert told == [(b.st_dev, b.st_ino)]
+        os.unlink(folder / "sub" / "b.img")
+        guard.removed("sub/b.img")
+        guard.removed("vm.xml")  # never guarded: nothing to tell
+        assert told == [(b.st_dev, b.st_ino), (a.st_dev, a.st_ino)]
+    finally:
+        guard.release()
+    assert len(told) == 2  # a release is no removal
+
+
 def test_a_file_replaced_before_the_mount_is_followed(folder: Path) -> None:
     guard = FolderGuard(folder)
     guard.hold_all(["a.img", "sub/b.img"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -207,3 +208,30 @@ def test_a_replica_that_is_the_senders_own_source_is_named_by_its_mark(image: Pa
     finally:
         guard.release()
         locks.release()
+
+
+def test_the_locks_of_a_removed_image_are_let_go(tmp_path: Path, image: Path) -> None:
+    """FUSE capture: an image unlinked through the mount kept its space taken, held by the
+    sender lock's descriptor, until the sender stopped."""
+    other = tmp_path / "other.img"
+    qemu_img("create", "-q", "-f", "raw", str(other), "1M")
+    locks = ImageLocks([image, other])
+    locks.acquire()
+    try:
+        gone = os.stat(image)
+        image.unlink()
+        locks.let_go(gone)
+        assert f"{image} (deleted)" not in _open_files()
+        assert locks.locks[other].holds(os.stat(other))  # the others stay
+        with pytest.raises(ConfigError, match="already being replicated"):
+            ImageLock(other).acquire()
+    finally:
+        locks.release()
+
+
+def _open_files() -> list[str]:
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            found.append(os.readlink(fd))
+    return found
