@@ -18,10 +18,9 @@ every disk image of the folder, so such a program fails with QEMU's own 'Failed 
 * **Which files**: the disk images, by the rule that makes a file replicate by extent
   (``volumes.is_disk_image``: an image's suffix or header, or larger than a configuration
   file may be), up to ``MAX_FILES`` (one descriptor each; past it ``fuse.guard_full`` is
-  logged once). Configuration files are not
-  guarded: the programs that write them (editors, libvirt) take no QEMU locks, so a lock
-  would stop none of them, and a VM started on the folder itself fails at its first
-  guarded disk, before its guest runs.
+  logged once). Configuration files are not guarded: the programs that write them
+  (editors, libvirt) take no QEMU locks, so a lock would stop none of them, and a VM
+  started on the folder itself fails at its first guarded disk, before its guest runs.
 * **Names change through the mount** (the filter tells the guard): a file created with
   an image's name is guarded at once; one that becomes an image by its content (written
   with no image suffix) or its name (renamed to ``disk.qcow2``) when it is closed or
