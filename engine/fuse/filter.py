@@ -387,7 +387,9 @@ class JournalingFilter(TreeOps):
 
     @fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        self._guard_written(self.view.handles[fh])  # a shared mmap's pages, written back
+        handle = self.view.handles[fh]
+        if handle.node.dirty:  # written since the close's flush: a shared mmap's pages
+            self._guard_written(handle)
         self.view.close_file(fh)
 
     def _guard_written(self, handle: Handle) -> None:
