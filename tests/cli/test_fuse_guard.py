@@ -167,3 +167,29 @@ def _deleted_open(pid: int, folder: Path) -> list[str]:
         if target.startswith(f"{folder}/") and target.endswith(" (deleted)"):
             found.append(target)
     return found
+
+
+def test_qemu_locks_through_the_mount_are_the_mounts_own(
+    tmp_path: Path, receiver: ReceiverProc, folder: tuple[Path, Path]
+) -> None:
+    """The filter has no lock handlers: the kernel keeps QEMU's locks on the mount's inode.
+    A VM on the mount and a second writer there conflict as on a local file, and the
+    guard on the real file neither stops the VM nor tells a reader of the real file.
+    (Not changed by the guard: what its design relies on.)"""
+    source, mnt = folder
+    disk = source / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
+    proc = start_fuse_sender(receiver, tmp_path, source, mnt)
+    try:
+        vm = idle_qemu_writer("qcow2", mnt / "disk.qcow2")  # takes its locks: not refused
+        try:
+            _refused(mnt / "disk.qcow2")  # a second writer on the mount, as on a local file
+            _refused(disk)
+            info = subprocess.run(["qemu-img", "info", str(disk)], capture_output=True)
+            assert info.returncode == 0, info.stderr  # no -U needed on the real file
+        finally:
+            vm.kill()
+            vm.wait()
+    finally:
+        rc = _stopped(proc, signal.SIGTERM, mnt)
+    assert rc == 0, proc.stderr.read() if proc.stderr else rc
