@@ -33,6 +33,7 @@ from replicator.transport import (
     Welcome,
 )
 from replicator.transport.connection import connect
+from tests.tools import answer_to_hello
 
 
 @dataclass
@@ -60,18 +61,14 @@ async def hello(
     generation: int = 0,
 ) -> tuple[FramedConnection, Welcome | Refuse | Error]:
     """Connect to the receiver on 127.0.0.1:``port`` and say Hello for ``job``; the
-    connection and the receiver's answer (Pings while it opens the job are answered)."""
+    connection and the receiver's answer (past the Pings it sends while it opens the job)."""
     conn = await connect("127.0.0.1", port, ssl=tls, timeout=10)
     await conn.send(
         Hello(PROTOCOL_VERSION, job, (), capabilities, generation, f"hostile-{uuid.uuid4()}")
     )
-    while True:
-        msg = await conn.recv(timeout=30)
-        if isinstance(msg, Ping):
-            await conn.send(Pong(msg.nonce, msg.ts_ns))
-            continue
-        assert isinstance(msg, Welcome | Refuse | Error), msg
-        return conn, msg
+    msg = await answer_to_hello(conn)
+    assert isinstance(msg, Welcome | Refuse | Error), msg
+    return conn, msg
 
 
 def frame(records: Sequence[Record], first_lsn: int, ts_ns: int = 1) -> Records:

@@ -18,10 +18,12 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import blake3
 import pytest
+
+from replicator.transport import Message, Ping
 
 REPLICATOR = [sys.executable, "-m", "replicator.cli"]
 # -q: warnings and errors only. Info lines (one per cycle, per connection) would fill the
@@ -539,3 +541,19 @@ def peak_traced(work: Callable[[], object]) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+class _Receives(Protocol):
+    async def recv(self, timeout: float | None = None) -> Message: ...
+
+
+async def answer_to_hello(conn: _Receives, timeout: float = 30) -> Message:
+    """The receiver's answer to the Hello just sent on ``conn`` (a Welcome, Refuse or
+    Error), past the Pings a receiver sends while it opens the job
+    (``receiver.pinging_meanwhile``: every second; a loaded machine reaches it). A sender
+    takes those without answering: the protocol has no Pong before the Welcome."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = await conn.recv(timeout=max(0.1, deadline - time.monotonic()))
+        if not isinstance(msg, Ping):
+            return msg

@@ -14,7 +14,7 @@ from pathlib import Path
 from replicator.engine.connectors import TcpConnector
 from replicator.transport import PROTOCOL_VERSION, Ack, Hello, Welcome
 from tests.engine.test_receiver_session_end import BLOCK, FIRST, SECOND, _epoch
-from tests.tools import replicator, start_receiver
+from tests.tools import answer_to_hello, replicator, start_receiver
 
 
 async def _ship_then_cut(port: int) -> None:
@@ -23,7 +23,7 @@ async def _ship_then_cut(port: int) -> None:
     conn = await TcpConnector("127.0.0.1", port).connect()
     try:
         await conn.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), 0, "s"))
-        assert isinstance(await conn.recv(timeout=30), Welcome)
+        assert isinstance(await answer_to_hello(conn), Welcome)
         await conn.send(_epoch(1, 1))
         while True:
             msg = await conn.recv(timeout=30)

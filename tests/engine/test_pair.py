@@ -60,6 +60,7 @@ from replicator.transport import (
     Welcome,
     connection_pair,
 )
+from tests.tools import answer_to_hello
 
 MiB = 1024 * 1024
 
@@ -816,7 +817,7 @@ async def _hostile_floor(pair: Pair, lsn: int) -> None:
     serving = asyncio.create_task(pair.handle(server))
     try:
         await peer.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), 0, "s"))
-        assert isinstance(await peer.recv(timeout=10), Welcome)
+        assert isinstance(await answer_to_hello(peer), Welcome)
         await peer.send(PointFloor(lsn))
         await peer.send(Goodbye("done"))
         await asyncio.wait_for(serving, 10)
@@ -1024,7 +1025,7 @@ async def test_a_receiver_answering_a_ping_into_a_full_buffer_still_sees_the_sen
     try:
         volumes = (VolumeInfo("big.img", size, "disk"),)
         await near.send(Hello(PROTOCOL_VERSION, "job", volumes, ("manifest", "resync"), 0, "s"))
-        assert isinstance(await near.recv(10), Welcome)
+        assert isinstance(await answer_to_hello(near), Welcome)
         await near.send(ManifestRequest(1, "big.img", 512, True))
         async with asyncio.timeout(30):  # pings keep the session alive meanwhile
             for nonce in itertools.count(1):

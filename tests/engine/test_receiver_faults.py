@@ -30,6 +30,7 @@ from replicator.journal import Record
 from replicator.journal.segment import HEADER_BYTES
 from tests.engine.page_cache import fail_direct_write
 from tests.engine.sessions import end_as_sigkill, end_job
+from tests.tools import answer_to_hello
 
 BLOCK = 4096
 
@@ -668,7 +669,7 @@ async def _welcomed(tmp_path: Path) -> AsyncIterator[tuple[Any, Any, asyncio.Tas
     serving = asyncio.create_task(receiver.handle(server))
     try:
         await sender.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), 0, "s"))
-        assert isinstance(await sender.recv(timeout=10), Welcome)
+        assert isinstance(await answer_to_hello(sender), Welcome)
         yield receiver, sender, serving
     finally:
         await sender.aclose()

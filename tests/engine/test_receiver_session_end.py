@@ -31,6 +31,7 @@ from replicator.transport import (
     Welcome,
     connection_pair,
 )
+from tests.tools import answer_to_hello
 
 BLOCK = 4096
 FIRST = 3  # epoch one: lsn 1-3, applied and acknowledged
@@ -64,7 +65,7 @@ async def _session(
     serving = asyncio.create_task(receiver.handle(server))
     try:
         await sender.send(Hello(PROTOCOL_VERSION, "job", (), ("lz4",), generation, "s"))
-        welcome = await sender.recv(timeout=10)
+        welcome = await answer_to_hello(sender)
         assert isinstance(welcome, Welcome), welcome
         yield sender, welcome, serving
     finally:

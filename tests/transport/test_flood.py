@@ -28,7 +28,7 @@ from replicator.transport import (
     Welcome,
     connect,
 )
-from tests.tools import ReceiverProc, send_once, start_receiver
+from tests.tools import ReceiverProc, answer_to_hello, send_once, start_receiver
 
 MIB = 1024 * 1024
 BOUND = 30 * MIB  # above the baseline, during the flood and after it
@@ -66,7 +66,7 @@ async def say_hello(port: int, job: str) -> float:
     conn = await connect("127.0.0.1", port)
     try:
         await conn.send(Hello(PROTOCOL_VERSION, job, (), ("lz4",), 0, uuid.uuid4().hex))
-        reply = await conn.recv(timeout=20)
+        reply = await answer_to_hello(conn, timeout=20)
         assert isinstance(reply, Welcome), reply
         elapsed = time.monotonic() - start
         await conn.send(Goodbye("done"))
