@@ -44,7 +44,9 @@ asks ``grant(...)`` after each sync and each apply how many bytes of Credit to s
   too, and ``short`` says so: the records coming may complete the epoch, or fill a
   segment whose applied records a roll then frees, and each sync grants again. But the
   sender may be waiting for a record larger than the room: the stream stops. The session
-  then grants up to ``base`` (``unstall``) after a moment without frames, and a disk that
+  then grants up to ``base`` (``unstall``) after a moment without frames (or up to the
+  most credit the sender has held, when the window had grown past ``base``: its frames
+  grow to that, so the one it waits for may be larger than ``base``), and a disk that
   cannot hold the epoch is told as full. (Granting ``base`` at once, as it did, ran a
   receiver restarted on a small disk into ENOSPC: its Welcome, with nothing to apply yet,
   granted the whole window beside a segment of applied records a roll would have freed.)
@@ -82,6 +84,9 @@ class CreditWindow:
         self.window = base  # the window as of the last ``grant``
         self.throttled = False  # the last ``grant`` was cut by the backlog or the room
         self.short = False  # ... by the room, with nothing to apply: see ``unstall``
+        # the most credit the sender may have held at once: its frames grow to it
+        # (``SenderCore.window``), so it may be waiting for a frame that large
+        self.held_max = 0
 
     @property
     def loop(self) -> float:
@@ -154,12 +159,18 @@ class CreditWindow:
                 granted = fits
                 self.throttled = self.throttled or applicable
                 self.short = not applicable
+        self.held_max = max(self.held_max, outstanding + granted)
         return granted
 
     def unstall(self, *, outstanding: int, unsynced: int) -> int:
         """Credit to grant when the last ``grant`` was ``short`` and no frame came since:
-        the sender may wait for a record the room cannot hold, and nothing else would
-        grant more. Up to ``base`` (which holds the largest record) in flight; the journal
-        may then fill its disk, and that is told as such."""
+        the sender may wait for a frame the room cannot hold, and nothing else would
+        grant more. Up to ``base`` (which holds the largest record) in flight, or up to
+        ``held_max`` when the window has granted more at once: the sender packs frames
+        of several records up to the most credit it has held, so the frame it waits for
+        may be larger than ``base`` (granting only ``base`` left it waiting for ever).
+        The journal may then fill its disk, and that is told as such."""
         self.short = False
-        return max(0, self.base - outstanding - unsynced)
+        granted = max(0, max(self.base, self.held_max) - outstanding - unsynced)
+        self.held_max = max(self.held_max, outstanding + granted)
+        return granted

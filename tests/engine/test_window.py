@@ -117,6 +117,33 @@ def test_a_disk_behind_shrinks_the_window_and_it_opens_as_the_backlog_drains() -
     assert not window.throttled
 
 
+def test_a_stopped_stream_is_unstalled_up_to_the_largest_frame_the_sender_may_have_packed() -> None:
+    """The sender packs frames of several records up to the most credit it has held
+    (``SenderCore.window``). Once the window has granted more than ``base`` at once, the
+    frame it waits for may be larger than ``base``: a stream the room stopped must be
+    unstalled up to that frame, not to ``base``. (Under load a 2 MiB window grew past
+    ``base`` by 126 bytes, the sender packed two 1 MiB records, and the unstall left it
+    126 bytes short of them for ever: the full disk was never told.)"""
+    base, record = 2 * MiB, MiB + 63  # a 1 MiB record as encoded
+    window = CreditWindow(base)
+    assert _grant(window, 0.0) == base  # the Welcome: one record a frame (two pass base)
+    window.observe_rtt(0.25)  # a longer loop (a loaded machine): the window grows
+    now = _feed(window, 5 * MiB, 1.0)
+    # the first frame was synced: its credit back, and the growth
+    held = base - record + _grant(window, now, outstanding=base - record)
+    assert 2 * record <= held < 3 * record  # the next frame but one holds two records
+    outstanding = held - record  # the second frame went (packed alone, before the credit)
+    assert outstanding < 2 * record  # the third waits for credit
+    # synced with the journal's room nearly gone and nothing to apply: cut short
+    room = outstanding + 63
+    assert _grant(window, now, outstanding=outstanding, room=room) == 63
+    assert window.short
+    outstanding += 63
+    # no frame comes: the session unstalls the stream, and the frame must be able to go
+    more = window.unstall(outstanding=outstanding, unsynced=0)
+    assert outstanding + more >= 2 * record
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     base=st.integers(1, 128 * MiB),
@@ -165,8 +192,10 @@ def test_credit_never_takes_the_sender_past_the_window(
     elif granted:
         assert in_flight == window.window
     if window.short:
+        held = window.held_max  # the most the sender may have held: its frames grow to it
         more = window.unstall(outstanding=outstanding, unsynced=unsynced)
-        assert more == max(0, base - outstanding - unsynced)  # the largest record can come
+        # the largest record can come, and the largest frame the sender may have packed
+        assert more == max(0, max(base, held) - outstanding - unsynced)
         assert not window.short
     assert window.window <= max(CAP, base)
     if not applicable:
