@@ -4,6 +4,7 @@ again minutes later, must not carry the request out unwatched."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,25 @@ def _job(target: Path) -> dict[str, object]:
     return job
 
 
+def _waiting_for_an_answer(pid: int) -> bool:
+    """``pid`` holds a connected unix stream socket and sleeps: a control client that has
+    sent its request (``control.request``: connect, then send, then it waits for the
+    answer; between the two it does not sleep)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    with open("/proc/net/unix") as table:
+        connected = any(
+            fields[5] == "03" and fields[6] in inodes  # SS_CONNECTED
+            for fields in (line.split() for line in table.readlines()[1:])
+        )
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return connected and state == "S"
+
+
 def _asked_then_given_up(rcv: ReceiverProc, *command: str) -> None:
     """Run ``command`` against the receiver stopped (SIGSTOP: its control socket still
     queues the request), then give up on it as an operator would (SIGTERM): the command
@@ -47,7 +67,10 @@ def _asked_then_given_up(rcv: ReceiverProc, *command: str) -> None:
             [*REPLICATOR, *command],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
         )  # fmt: skip
-        time.sleep(2.0)  # the request waits on the stopped receiver's socket
+        # the request waits on the stopped receiver's socket (a fixed 2 s here was the
+        # start of the command on a loaded machine: given up before it asked, it left the
+        # receiver nothing to abandon)
+        wait_for(lambda: _waiting_for_an_answer(asked.pid), asked, "the request", timeout=60)
         assert asked.poll() is None
         asked.send_signal(signal.SIGTERM)  # the operator gives up
         t0 = time.monotonic()
