@@ -20,7 +20,15 @@ import pytest
 
 from replicator.engine.errors import ExitCode
 from tests.cli.test_network_faults import ProxyThread
-from tests.cli.test_witness import LEASE, procs, receiver_job, start_witness, wait_for  # noqa: F401
+from tests.cli.test_witness import (  # noqa: F401
+    LEASE,
+    declared,
+    procs,
+    receiver_job,
+    start_witness,
+    wait_for,
+    witness_replica,
+)
 from tests.cli.test_witness_fence import sender_job
 from tests.tools import ENV, REPLICATOR, qemu_img, start_receiver, stop_and_read
 
@@ -96,9 +104,14 @@ def test_a_frozen_source_resumed_after_the_grant_acknowledges_nothing(
     )  # fmt: skip
     procs.append(sender)
     assert wait_for(lambda: (sender_job(state) or {}).get("state") == "replicating", 30)
+    # declared in a renewal sent as the session begins, which may still be on its way when
+    # the sender says "replicating": frozen before it lands, the source leaves the witness
+    # refusing every copy (rightly), and no grant comes
+    assert wait_for(declared(tmp_path, address, rcv), 30), witness_replica(tmp_path, address)
     writer = Writer(sock, "vm1.img")
     writer.start()
-    time.sleep(1.5)
+    # writing all along: frozen while its writes go on
+    assert wait_for(lambda: len(writer.acked) >= 10, 30), "the writes are not acknowledged"
 
     sender.send_signal(signal.SIGSTOP)  # frozen, and cut off from the target
     link.call(lambda: link.wan.refuse(True))

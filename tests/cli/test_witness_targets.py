@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.witness_client import BuiltinWitness
+from replicator.engine.witness_etcd import UNBOUND
 from replicator.journal.durable import read_state
 from tests.cli.test_witness import (  # noqa: F401  (fixtures)
     AFTER,
     LEASE,
+    declared,
     disk,
     procs,
     receiver_job,
@@ -27,6 +29,7 @@ from tests.cli.test_witness import (  # noqa: F401  (fixtures)
     start_sender,
     start_witness,
     wait_for,
+    witness_replica,
 )
 from tests.cli.test_witness_etcd import etcd  # noqa: F401  (a fixture)
 from tests.faultfs import FaultFS
@@ -174,7 +177,9 @@ def test_over_tls_a_copy_holding_the_same_certificate_is_not_promoted_too(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=ENV,
     )  # fmt: skip
     procs.append(sender)
-    assert wait_for(replicating(rcv), 15), "the sender never replicated"
+    assert wait_for(replicating(rcv), 30), "the sender never replicated"
+    # declared at its session's start, by a renewal that may still be on its way
+    assert wait_for(declared(tmp_path, address, rcv), 30), witness_replica(tmp_path, address)
     quick = ("--auto-failover-after", "0.5", "--witness", address)
     old = start_receiver(tmp_path / "old-target", port=old.port, security=(*tls, *quick))
     procs.append(old.proc)
@@ -208,7 +213,10 @@ def test_a_receiver_restarted_with_its_folder_spelled_otherwise_keeps_its_grant(
         procs.append(rcv.proc)
         sender = start_sender(rcv, tmp_path / "state", disk, address)
         procs.append(sender)
-        assert wait_for(replicating(rcv), 10), "the sender never replicated"
+        assert wait_for(replicating(rcv), 30), "the sender never replicated"
+        # declared at its session's start, by a renewal that may still be on its way: killed
+        # before it lands, the source leaves the witness refusing every copy
+        assert wait_for(declared(tmp_path, address, rcv), 30), witness_replica(tmp_path, address)
         rule = fs.add("write", errno.EIO, path="*promoted.state*")
         sender.send_signal(signal.SIGKILL)
         sender.wait(timeout=10)
@@ -304,7 +312,8 @@ def no_copy_promoted_for_an_unbound_source(
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     procs.append(sender)
-    time.sleep(3)  # it renews its lease (the first renewal comes at its start)
+    # it renews its lease (the first renewal comes at its start), saying it reached none
+    assert wait_for(lambda: witness_replica(tmp_path, address) == UNBOUND, 30)
     quick = ("--insecure", "--auto-failover-after", "0.5", "--witness", address)
     old = start_receiver(tmp_path / "old-target", port=old.port, security=quick)
     procs.append(old.proc)
@@ -326,8 +335,9 @@ def no_copy_promoted_for_an_unbound_source(
     procs.append(rcv.proc)
     back = start_sender(rcv, tmp_path / "state", disk, address)
     procs.append(back)
-    assert wait_for(replicating(rcv), 15), "the sender never replicated"
-    time.sleep(1)  # a renewal declares the replica
+    assert wait_for(replicating(rcv), 30), "the sender never replicated"
+    # a renewal declares the replica (sent as the session begins: it may still be on its way)
+    assert wait_for(declared(tmp_path, address, rcv), 30), witness_replica(tmp_path, address)
     back.send_signal(signal.SIGKILL)
     back.wait(timeout=10)
     assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 20), receiver_job(rcv)
@@ -345,8 +355,10 @@ def test_the_replica_a_new_source_reaches_is_declared_at_once(
     procs: list[subprocess.Popen[str]],  # noqa: F811
 ) -> None:
     """A new source declares the replica it reached when its session begins, not at its
-    next renewal (here 10 s later): dying between the two, it would leave the witness
-    knowing no replica for the job, and its target, which holds its data, refused."""
+    next renewal (here 120 s after its first, at its start): dying between the two, it
+    would leave the witness knowing no replica for the job, and its target, which holds
+    its data, refused. (The interval was 10 s, and a loaded machine took most of it to
+    start the processes: the deadline measured the machine, not the declaration.)"""
     witness, address = start_witness(tmp_path / "witness")
     procs.append(witness)
     rcv = start_receiver(tmp_path / "target")
@@ -355,15 +367,15 @@ def test_the_replica_a_new_source_reaches_is_declared_at_once(
     sender = subprocess.Popen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir",
          str(tmp_path / "state"), "--insecure", "--interval", "0.2", "--witness", address,
-         "--witness-interval", "10", str(disk)],
+         "--witness-interval", "120", str(disk)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=ENV,
     )  # fmt: skip
     procs.append(sender)
-    assert wait_for(replicating(rcv), 8), "the sender never replicated"
+    assert wait_for(replicating(rcv), 50), "the sender never replicated"
     ours = read_state(rcv.dir / ".replicator" / "vm1" / "replica.id")
     assert ours is not None
     book = tmp_path / "witness" / "witness.state"
-    assert wait_for(lambda: (read_state(book) or {}).get("replicas") == {"vm1": ours["id"]}, 1)
-    assert time.monotonic() - started < 9, "too slow to tell: the next renewal was due"
+    assert wait_for(lambda: (read_state(book) or {}).get("replicas") == {"vm1": ours["id"]}, 50)
+    assert time.monotonic() - started < 110, "too slow to tell: the next renewal was due"
     assert "unbound" not in (read_state(book) or {})
     assert rcv.stop() == 0
