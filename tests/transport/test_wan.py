@@ -277,13 +277,17 @@ async def test_jitter_never_reorders_bytes(net: Net) -> None:
 # -- rate ---------------------------------------------------------------------------------------
 
 
+TICK = 0.001  # the stall ticker's period: each stall is known to within it
+
+
 @contextlib.asynccontextmanager
 async def loop_stalls(after: float) -> AsyncIterator[list[tuple[float, float]]]:
     """Times this loop was held up beyond ``after``, as (when it ran again, seconds lost).
 
-    A 5 ms ticker: whatever it runs late by past ``after`` (another process had the CPU,
+    A TICK ticker: whatever it runs late by past ``after`` (another process had the CPU,
     the collector ran) the emulator could not shape either, and a token bucket must not
-    make up for it (a real link idles then too).
+    make up for it (a real link idles then too). A stall may have begun at any point of
+    the tick it ended, so it lasted up to TICK more than it says.
     """
     loop = asyncio.get_running_loop()
     stalls: list[tuple[float, float]] = []
@@ -291,8 +295,8 @@ async def loop_stalls(after: float) -> AsyncIterator[list[tuple[float, float]]]:
     async def tick() -> None:
         while True:
             start = loop.time()
-            await asyncio.sleep(0.005)
-            late = loop.time() - start - 0.005
+            await asyncio.sleep(TICK)
+            late = loop.time() - start - TICK
             if late > after:
                 stalls.append((loop.time(), late - after))
 
@@ -305,6 +309,23 @@ async def loop_stalls(after: float) -> AsyncIterator[list[tuple[float, float]]]:
             await ticker
 
 
+class Departures(WanStats):
+    """Stats that also note each forwarding upstream: (the emulator's ``now`` when it
+    wrote, bytes written), as its token bucket counted them (``up_at`` is set after
+    ``bytes_up`` with the same ``now``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noted: list[tuple[float, int]] = []
+        self._seen = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "up_at" and value:
+            self.noted.append((value, self.bytes_up - self._seen))
+            self._seen = self.bytes_up
+
+
 async def test_rate_cap_average_and_windows(net: Net) -> None:
     rate = 8e6
     profile = LinkProfile(rate=rate)
@@ -312,28 +333,36 @@ async def test_rate_cap_average_and_windows(net: Net) -> None:
     net.echo = False
     wan = await net.wan(profile)
     client, peer = await net.connect(wan)
+    wan.stats = departures = Departures()
     total = int(5 * rate)
     payload = os.urandom(total)
     # the burst covers this long a stall without losing tokens; beyond it, time is lost
     async with loop_stalls(after=burst / rate) as stalls:
         client.write(payload)
-        await peer.wait_bytes(total, timeout=15)
-    arrivals = peer.arrivals
-    first, last = arrivals[0][0], arrivals[-1][0]
-    lost = sum(seconds for when, seconds in stalls if first < when <= last)
-    average = (total - arrivals[0][1]) / (last - first - lost)
-    assert abs(average - rate) / rate < 0.03, (average, stalls)
-    # any one-second window: at most rate + burst bytes leave the proxy. Measured here, on
-    # arrival: a chunk this loop handles late (another process had the CPU) lands in the
-    # next window with what followed it, so allow 10 ms of such lag.
+        await peer.wait_bytes(total, timeout=60)
+    # measured where the emulator forwards, at the times its token bucket counted: on
+    # arrival, a chunk this loop handled late (another process had the CPU) landed in the
+    # next window with what followed it, and a loaded machine passed any allowance for it
+    sent = departures.noted
+    assert sum(n for _, n in sent) == total
+    first, last = sent[0][0], sent[-1][0]
+    held = [seconds for when, seconds in stalls if first < when <= last]
+    # the link time lost to stalls lies between their sum and the sum with a tick each:
+    # the average over the rest is within 3% of the rate for some loss in that range (5 ms
+    # ticks and the lower end alone said 6.1 MB/s with 244 stalls on a loaded machine,
+    # where the gaps between forwardings said the link had idled 5 ms a stall longer)
+    at_least, at_most = sum(held), sum(held) + TICK * len(held)
+    rates = [(total - sent[0][1]) / (last - first - lost) for lost in (at_least, at_most)]
+    assert rates[0] < rate * 1.03 and rates[1] > rate * 0.97, (rates, len(held), at_least)
+    # any one-second window: at most rate + burst bytes leave the proxy
     worst, j, inside = 0, 0, 0
-    for i, (t, _) in enumerate(arrivals):
-        while j < len(arrivals) and arrivals[j][0] < t + 1.0:
-            inside += arrivals[j][1]
+    for i, (t, _) in enumerate(sent):
+        while j < len(sent) and sent[j][0] < t + 1.0:
+            inside += sent[j][1]
             j += 1
         worst = max(worst, inside)
-        inside -= arrivals[i][1]
-    assert worst <= rate + burst + rate * 0.010, (worst, rate + burst)
+        inside -= sent[i][1]
+    assert worst <= rate + burst, (worst, rate + burst)
 
 
 async def test_the_benchmark_clock_never_makes_a_link_beat_its_cap(net: Net) -> None:
