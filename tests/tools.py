@@ -226,7 +226,9 @@ def processes() -> Iterator[ProcessEntry]:
             yield found
 
 
-def wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+def wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """Until ``proc`` listens on ``port`` (fails at once if it exits): 60 s, as a start
+    took more than 20 on a loaded 2-core machine running three test workers."""
     deadline = time.monotonic() + timeout
     while True:
         try:
