@@ -26,8 +26,10 @@ from tests.tools import (
     qemu_compare,
     qemu_img,
     qemu_io,
+    replicator,
     sender_job,
     start_receiver,
+    wait_for,
 )
 
 MiB = 1024 * 1024
@@ -65,7 +67,21 @@ def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
     sender, uri = _nbd_sender(disk, state, port)
     try:
         qemu_io("raw", uri, "write -P 1 0 1M", "flush")
-        time.sleep(1)  # that much reaches the replica: its last consistency point
+        replica = target / "ovf" / "disk.img"
+
+        def applied() -> bool:  # that much reaches the replica: its last consistency point
+            if not replica.exists():
+                return False
+            with replica.open("rb") as f:
+                if f.read(MiB) != b"\x01" * MiB:
+                    return False
+            out = replicator("status", "--dir", str(target), "--json")
+            jobs = json.loads(out.stdout)["jobs"] if out.returncode == 0 else []
+            point = jobs[0]["consistency_point"] if jobs else {}
+            return bool(point.get("consistent")) and point.get("lsn", 0) > 0
+
+        # (a fixed 1 s was the first sync as well, on a loaded machine: not always enough)
+        wait_for(applied, sender, "the first write to be applied")
         receiver.stop()
         point = replica_state.load(target / ".replicator" / "ovf", "ovf")
         assert point is not None and point.consistent
@@ -73,7 +89,6 @@ def test_writes_past_the_journal_cap_succeed_and_resync(tmp_path: Path) -> None:
         # the first larger than half the journal: tracked at once, nothing journaled
         writes = ["write -P 2 0 6M", *(f"write -P {i + 3} {i * 2 + 6}M 2M" for i in range(9))]
         qemu_io("raw", uri, *writes, "flush")
-        replica = target / "ovf" / "disk.img"
         assert replica.read_bytes()[: 2 * MiB] == b"\x01" * MiB + bytes(MiB)  # unchanged
         time.sleep(1.5)
         # acknowledged writes the replica lacks, in no journal: the lag counts them (it
