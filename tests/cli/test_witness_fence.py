@@ -168,10 +168,13 @@ def start_nbd_sender(
          *LEASE, str(image)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
-    assert wait_for(lambda: (sender_job(state) or {}).get("state") == "replicating", 30), (
+    assert wait_for(lambda: (sender_job(state) or {}).get("state") == "replicating", 60), (
         proc.poll(),
         sender_job(state),
     )
+    # "replicating" is said once the first sync is done, before the export is served (its
+    # socket is made listening): a write at once found no export on a loaded machine
+    assert wait_for(sock.exists, 60), (proc.poll(), sender_job(state))
     return proc
 
 

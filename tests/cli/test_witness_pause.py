@@ -108,6 +108,7 @@ def test_a_frozen_source_resumed_after_the_grant_acknowledges_nothing(
     # the sender says "replicating": frozen before it lands, the source leaves the witness
     # refusing every copy (rightly), and no grant comes
     assert wait_for(declared(tmp_path, address, rcv), 30), witness_replica(tmp_path, address)
+    assert wait_for(sock.exists, 60)  # served after "replicating" is said, not before
     writer = Writer(sock, "vm1.img")
     writer.start()
     # writing all along: frozen while its writes go on
