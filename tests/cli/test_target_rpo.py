@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from replicator.engine import control
 from replicator.transport.wan import LinkProfile
 from tests.cli.test_network_faults import ProxyThread
@@ -74,6 +76,7 @@ def test_send_at_100ms_rtt_with_a_cap_converges(tmp_path: Path) -> None:
     assert b3(tmp_path / "target" / "j" / disk.name) == b3(disk)
 
 
+@pytest.mark.serial  # a wire rate and a lag bound: beside other workers the lag passed 4 s
 def test_target_rpo_paces_a_slow_writer_far_under_the_cap(tmp_path: Path) -> None:
     """1 MiB/s of writes, a 100 Mbit/s cap, a 4 s target: the pace stays far under the cap
     (what the link leaves to other traffic), the link carries about the write rate, and the
