@@ -24,8 +24,9 @@ SYSTOOLS := qemu-img:qemu-utils qemu-io:qemu-utils fio:fio nbdkit:nbdkit nbdcopy
             pkg-config:pkg-config gcc:gcc patch:patch systemd-analyze:systemd etcd:etcd-server \
             mkfs.ext4:e2fsprogs findmnt:util-linux \
             mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs faketime:faketime strace:strace
-# headers pyfuse3 compiles against (checked with pkg-config, so they are not commands)
-SYSLIBS := fuse3:libfuse3-dev
+# headers pyfuse3 and the NBD shim's C batch path (engine/nbd/_native.c: xxhash.h) compile
+# against (checked with pkg-config, so they are not commands)
+SYSLIBS := fuse3:libfuse3-dev libxxhash:libxxhash-dev
 PYTEST := $(PY) -bb -m pytest
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24

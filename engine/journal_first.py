@@ -51,7 +51,7 @@ from typing import Generic, NamedTuple, Protocol, TypeVar
 import structlog
 
 from replicator.engine.reconcile import truth_records
-from replicator.journal import Journal, JournalFull, Record, RecordType
+from replicator.journal import Journal, JournalError, JournalFull, Record, RecordType
 
 DIVERGED_ACTION = (
     "every further change is refused with EIO; stop the capture and resync (a restart "
@@ -205,6 +205,26 @@ class JournalFirst(Generic[T]):
             return False
         self.unflushed = True
         self.journaled += len(records)
+        return True
+
+    def append_encoded_now(
+        self, count: int, size: int, largest: int, encode: Callable[[int, int], bytes]
+    ) -> bool:
+        """``append`` for ``count`` records that ``encode(lsn, ts_ns)`` makes in one call
+        (``size`` bytes in all, none above ``largest``; lock held, before the changes), when
+        it can be done without waiting (``Journal.append_encoded_now``). False: nothing was
+        journaled, and the changes take ``append`` (overflow is on, a record may be too
+        large for the cap, a roll is due, the journal is full or failed: ``append`` knows
+        what each of those means for the writer)."""
+        if self.overflow is not None or (self._largest is not None and largest > self._largest):
+            return False
+        try:
+            if self.journal.append_encoded_now(count, size, encode) is None:
+                return False
+        except JournalError:  # JournalFull too; nothing was staged
+            return False
+        self.unflushed = True
+        self.journaled += count
         return True
 
     async def barrier(self) -> bool:

@@ -60,7 +60,13 @@ from replicator.journal.errors import (
     JournalIOError,
 )
 from replicator.journal.inspect import add_run
-from replicator.journal.records import HEADER_SIZE, EncodedRecord, Record, encode_parts
+from replicator.journal.records import (
+    HEADER_SIZE,
+    EncodedRecord,
+    Record,
+    decode_records,
+    encode_parts,
+)
 from replicator.journal.recovery import (
     MAX_SPARES,
     OnDamage,
@@ -416,6 +422,43 @@ class Journal:
         if self.observer is not None:
             self.observer(records)
         return seg.last_lsn
+
+    def append_encoded_now(
+        self, count: int, size: int, encode: Callable[[int, int], bytes]
+    ) -> int | None:
+        """Append ``count`` records (``size`` bytes in all) that ``encode(lsn, ts_ns)`` makes
+        now, numbered from the next LSN and stamped with the current time; the first LSN.
+        Without waiting: None (nothing appended, ``encode`` not called) when a segment roll
+        or room must come first, which ``append`` awaits. Raises JournalFull at the cap.
+
+        For a batch of captured writes encoded in one call (``engine/nbd/native.py``): the
+        LSNs are read and taken with no await between, so nothing else appends meanwhile.
+        ``encode`` must return exactly ``size`` bytes of ``count`` records carrying those
+        LSNs; what it returns is staged as it is.
+        """
+        if not self._admit(size):
+            return None
+        first = self._next_lsn
+        last = first + count - 1
+        if count <= 0 or last > MAX_LSN:
+            raise JournalError(f"records {first}..{last} are out of range")
+        blob = encode(first, time.time_ns())
+        if len(blob) != size:
+            raise JournalError(f"encoded records of {len(blob)} bytes, {size} announced")
+        seg = self._segments[-1]
+        if not seg.count:
+            seg.first_lsn = first
+        seg.count += count
+        seg.last_lsn = last
+        self._next_lsn = last + 1
+        self._last_record_lsn = last
+        self._staged.append(blob)
+        self._staged_bytes += size
+        if self._staged_bytes >= FLUSH_BYTES:
+            self._flush()
+        if self.observer is not None:
+            self.observer(decode_records(blob))
+        return first
 
     def skip_to(self, next_lsn: int) -> None:
         """Number the next record ``next_lsn`` at least, storing nothing for the LSNs passed

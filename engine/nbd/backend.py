@@ -44,6 +44,8 @@ import structlog
 from replicator.engine.errors import ConfigError
 from replicator.engine.journal_first import Events, JournalFirst
 from replicator.engine.nbd.images import ImageInfo, export_size_for, probe_fd
+from replicator.engine.nbd.native import encode_writes
+from replicator.engine.nbd.native import pwrite_records as pwrite_records  # tests patch it
 from replicator.engine.nbd.overflow import EXTENT, DirtyMap
 from replicator.engine.nbd.overflow import resync_overflow as resync_overflow  # engine/live.py
 from replicator.engine.nbd.proto import Errno, TransmissionFlag
@@ -52,6 +54,7 @@ from replicator.engine.volumes import Zeroing
 from replicator.engine.volumes import pwrite_all as pwrite_all  # tests patch it
 from replicator.journal import Journal, JournalFull, Record
 from replicator.journal.durable import fdatasync_async as fdatasync_async  # tests patch it
+from replicator.journal.records import HEADER_SIZE, RECORD_HEADER
 
 log = structlog.get_logger("replicator.nbd")
 
@@ -191,6 +194,8 @@ class JournaledFileExport:
         self._ops = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._name_bytes = volume.encode()  # the records' volume name (the batch path)
+        self._failed_batch = b""  # the records of a batch whose writes failed in part
 
     # -- Export protocol properties -------------------------------------------------
 
@@ -310,6 +315,72 @@ class JournaledFileExport:
                 await self._commit()
         finally:
             self._leave()
+
+    def write_batch(
+        self, batch: bytes, count: int, payload: int
+    ) -> tuple[bytes, list[tuple[int, int]]] | None:
+        """The batch path (``native.py``): ``count`` plain WRITEs as received (no flags,
+        each inside the file: ``ServerConnection.take_writes``), journaled in one append,
+        then written into the file in order, all without waiting, exactly as ``write``
+        does one by one. Returns their replies (in order, all successes) and the writes
+        that failed as (index, errno); when any failed, the sequencer stays held and the
+        caller must ``await finish_batch`` before sending their replies. None: nothing was
+        done, the requests take ``write`` (the lock is busy, the journal must roll or is
+        full, the export is closing or diverged: ``write`` knows what each means)."""
+        seq = self._seq
+        if self._closing or (seq.diverged and self.volume in seq.diverged):
+            return None
+        if not seq.acquire_nowait():
+            return None
+        name = self._name_bytes
+        size = count * (HEADER_SIZE + len(name)) + payload
+        encoded: list[bytes] = []
+
+        def encode(lsn: int, ts_ns: int) -> bytes:
+            records, replies = encode_writes(batch, count, name, lsn, ts_ns)
+            encoded.append(replies)
+            encoded.append(records)
+            return records
+
+        try:
+            if not seq.append_encoded_now(count, size, HEADER_SIZE + len(name) + payload, encode):
+                seq.release()
+                return None
+            replies, records = encoded
+            try:
+                failed = pwrite_records(self._fd, records, count, len(name))
+            finally:
+                self._gen += count
+        except BaseException:
+            seq.release()
+            raise
+        if failed:
+            self._ops += 1  # until finish_batch: aclose waits for it
+            self._idle.clear()
+            self._failed_batch = records
+        else:
+            seq.release()
+        return replies, failed
+
+    async def finish_batch(self, failed: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """After ``write_batch`` reported failed writes (sequencer held): journal what the
+        file really holds in each failed range, as ``write`` does for one, then release
+        the sequencer. Returns (index, NBD error) for each. The ranges are read once every
+        write of the batch is done, so the truth journaled is the file's final state."""
+        records, self._failed_batch = self._failed_batch, b""
+        errors: list[tuple[int, int]] = []
+        try:
+            ranges = _record_ranges(records, len(self._name_bytes))
+            for index, err in failed:
+                offset, length = ranges[index]
+                try:
+                    await self._reconcile(offset, length, OSError(err, os.strerror(err)), True)
+                except NbdIOError as exc:
+                    errors.append((index, exc.errno))
+        finally:
+            self._seq.release()
+            self._leave()
+        return errors
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool, may_trim: bool) -> None:
         await self._zero(offset, length, fua=fua, punch=may_trim)
@@ -457,6 +528,18 @@ class JournaledFileExport:
             if not self._closed:
                 self._closed = True
                 os.close(self._fd)
+
+
+def _record_ranges(records: bytes, name_len: int) -> list[tuple[int, int]]:
+    """(offset, length) of each WRITE record in ``records`` (a batch's, uniform names)."""
+    out: list[tuple[int, int]] = []
+    at = 0
+    while at < len(records):
+        fields = RECORD_HEADER.unpack_from(records, at)
+        length, offset = fields[4], fields[7]
+        out.append((offset, length))
+        at += HEADER_SIZE + name_len + length
+    return out
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

@@ -29,6 +29,7 @@ every client must accept. Everything that affects state transitions lives in
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, IntEnum, IntFlag, auto
 from typing import Final, NamedTuple
@@ -65,6 +66,9 @@ _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 
 REQUEST_SIZE: Final = _REQUEST.size  # 28
+# native.py's scan_writes: (buffer, pos, end, max_length, file_size, max_count) -> (count,
+# bytes consumed, payload bytes)
+ScanWrites = Callable[[bytearray, int, int, int, int, int], tuple[int, int, int]]
 REPLY_SIZE: Final = _REPLY.size  # 16
 
 
@@ -547,6 +551,31 @@ class ServerConnection:
             return OversizedRequest(cmd, flags, handle, offset, length)
         return Request(cmd, flags, handle, offset, length)
 
+    def take_writes(
+        self, scan: ScanWrites, file_size: int, max_count: int
+    ) -> tuple[bytes, int, int] | None:
+        """The run of plain WRITEs received whole at the front of the buffer, taken out
+        for the batch path (``native.py``): (their bytes as received, count, payload
+        bytes), or None when the next event is anything else (``next_event`` has it).
+        ``scan`` decides which qualify: no flags, a payload short enough to have come with
+        the headers, inside ``file_size``."""
+        if (
+            self.state is not Phase.TRANSMISSION
+            or self._payload is not None
+            or self._skipping is not None
+            or self._skip
+        ):
+            return None
+        pos = self._pos
+        max_length = min(self.max_request, self.direct_payload)
+        count, consumed, payload = scan(self._buf, pos, self._end, max_length, file_size, max_count)
+        if not count:
+            return None
+        with memoryview(self._buf) as view:
+            batch = bytes(view[pos : pos + consumed])
+        self._pos = pos + consumed
+        return batch, count, payload
+
     def _receive_payload(self, flags: int, handle: int, offset: int, length: int) -> _NeedData:
         """Go on reading a WRITE's payload into a buffer of its own (what has arrived of
         it moves there now)."""
@@ -696,6 +725,18 @@ _T_FLUSH, _T_FUA = int(TransmissionFlag.SEND_FLUSH), int(TransmissionFlag.SEND_F
 _T_TRIM, _T_ZEROES = int(TransmissionFlag.SEND_TRIM), int(TransmissionFlag.SEND_WRITE_ZEROES)
 _T_READ_ONLY = int(TransmissionFlag.READ_ONLY)
 _EINVAL, _ENOSPC, _EPERM = int(Errno.EINVAL), int(Errno.ENOSPC), int(Errno.EPERM)
+
+
+def parse_request(buf: bytes | bytearray | memoryview, at: int = 0) -> Request:
+    """The request whose header starts at ``at`` in ``buf``, with its payload when it is a
+    WRITE (which must follow whole): a batch's requests handed back one by one."""
+    magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(buf, at)
+    if magic != REQUEST_MAGIC:
+        raise NbdUsageError(f"bad request magic {magic:#x}")
+    if cmd != _WRITE:
+        return Request(cmd, flags, handle, offset, length)
+    start = at + REQUEST_SIZE
+    return Request(cmd, flags, handle, offset, length, bytes(buf[start : start + length]))
 
 
 def check_request(req: Request, size: int, flags: int) -> int:

@@ -29,12 +29,15 @@ from typing import Any, Final, cast
 
 import structlog
 
-from replicator.engine.nbd.backend import Export, NbdIOError
+from replicator.engine.nbd.backend import Export, JournaledFileExport, NbdIOError
 from replicator.engine.nbd.endpoints import stale_unix_socket
 from replicator.engine.nbd.gate import WriteGate
+from replicator.engine.nbd.native import MAX_BATCH, NATIVE, scan_writes
 from replicator.engine.nbd.proto import (
     DEFAULT_MAX_REQUEST,
     NEED_DATA,
+    REPLY_SIZE,
+    REQUEST_SIZE,
     BlockSize,
     Cmd,
     CmdFlag,
@@ -52,6 +55,7 @@ from replicator.engine.nbd.proto import (
     Request,
     ServerConnection,
     check_request,
+    parse_request,
     reply_header,
 )
 
@@ -65,7 +69,7 @@ _NAMES_SHOWN: Final = 8  # export names an unknown-export error lists
 _READ, _WRITE, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.FLUSH)
 _TRIM, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)
 _FUA, _NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE)
-_ENOSPC = int(Errno.ENOSPC)
+_ENOSPC, _EIO = int(Errno.ENOSPC), int(Errno.EIO)
 
 
 class NbdServer:
@@ -193,6 +197,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.codec = ServerConnection(max_request=server.max_request)
         self.export: Export | None = None
         self.export_flags = 0
+        # the export runs of plain small WRITEs go to in one batch (``native.py``), or None
+        self.batching: JournaledFileExport | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.log = log
@@ -311,6 +317,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _process_events(self) -> None:
         codec = self.codec
         while not self.disconnecting and not self._busy():
+            if self.batching is not None and self._write_batch(self.batching):
+                continue
             try:
                 event = codec.next_event()
             except NbdClientError as exc:
@@ -397,6 +405,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._timer = None
         self.export = export
         self.export_flags = export.flags
+        if NATIVE and isinstance(export, JournaledFileExport):
+            self.batching = export
         self.log = self.log.bind(export=export.name)
         self.log.info("nbd.connect", size=export.size)
 
@@ -428,6 +438,79 @@ class _Connection(asyncio.BufferedProtocol):
         if task is not None:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _write_batch(self, export: JournaledFileExport) -> bool:
+        """The batch path (``native.py``): the run of plain small WRITEs at the front of
+        the received bytes, journaled and written at once (``write_batch``), replies
+        joined. False when the next request is not one (``next_event`` takes it). What
+        ``_on_request`` and ``_run`` check first is checked here: a fence closed, a
+        shutdown, the request limit; when the export cannot take the batch now, each of
+        its requests goes on as ``_on_request`` alone."""
+        gate = self.server.gate
+        if self.server.shutting_down or (gate is not None and gate.closed):
+            return False
+        room = min(MAX_BATCH, self.server.max_inflight - self.inflight)
+        taken = self.codec.take_writes(scan_writes, export.file_size, room)
+        if taken is None:
+            return False
+        batch, count, payload = taken
+        try:
+            done = export.write_batch(batch, count, payload)
+        except Exception:
+            self.requests += count
+            self.log.exception("nbd.request_crashed", cmd=_WRITE, batch=count)
+            self._write(b"".join(_batch_replies(batch, count, Errno.EIO)))
+            return True
+        if done is None:
+            at = 0
+            for _ in range(count):
+                req = parse_request(batch, at)
+                self._on_request(req)
+                at += REQUEST_SIZE + req.length
+            return True
+        self.requests += count
+        replies, failed = done
+        if not failed and (gate is None or not gate.closed):
+            self._write(replies)  # the usual case
+            return True
+        # a write failed (the export reconciles it first), or the fence closed while the
+        # batch ran (a frozen process): the replies wait, as _run's do
+        self.inflight += count
+        self._idle.clear()
+        task = asyncio.get_running_loop().create_task(
+            self._finish_batch(export, replies, count, failed)
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def _finish_batch(
+        self,
+        export: JournaledFileExport,
+        replies: bytes,
+        count: int,
+        failed: list[tuple[int, int]],
+    ) -> None:
+        """A batch's replies when they cannot go at once: each failed write's error once
+        the export has reconciled it; all of them only once the fence lets them (EIO
+        each when the target was promoted meanwhile)."""
+        errors: dict[int, int] = dict.fromkeys((index for index, _ in failed), _EIO)
+        gate = self.server.gate
+        try:
+            if failed:
+                errors.update(await export.finish_batch(failed))
+            if gate is not None and gate.closed and not await gate.passable():
+                errors = dict.fromkeys(range(count), _EIO)
+        except Exception:
+            self.log.exception("nbd.request_crashed", cmd=_WRITE, batch=count)
+            errors = dict.fromkeys(range(count), _EIO)
+        finally:
+            self.inflight -= count
+        for index in range(count):
+            reply = replies[index * REPLY_SIZE : (index + 1) * REPLY_SIZE]
+            error = errors.get(index, 0)
+            self._write(reply_header(int.from_bytes(reply[8:]), error) if error else reply)
+        self._after_request()
 
     async def _run(self, export: Export, req: Request) -> None:
         data: bytes | None = None
@@ -539,6 +622,17 @@ class _Connection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         self._close_transport()
+
+
+def _batch_replies(batch: bytes, count: int, error: int) -> list[bytes]:
+    """Replies with ``error`` to the ``count`` WRITE requests in ``batch``."""
+    out: list[bytes] = []
+    at = 0
+    for _ in range(count):
+        req = parse_request(batch, at)
+        out.append(reply_header(req.handle, error))
+        at += REQUEST_SIZE + req.length
+    return out
 
 
 def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:

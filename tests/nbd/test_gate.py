@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from replicator.engine.nbd import proto
+from replicator.engine.nbd import server as server_module
 from replicator.engine.nbd.backend import JournaledFileExport
 from replicator.engine.nbd.gate import WriteGate, fence_clock
 from replicator.engine.nbd.server import NbdServer
@@ -27,7 +28,8 @@ async def _held_write(
     tmp_path: Path, journal: Journal, end: Callable[[SourceFence], None]
 ) -> tuple[int, bool]:
     """A write that starts in time and ends past the fence's deadline, then ``end``: its
-    error, and whether its reply came before ``end``."""
+    error, and whether its reply came before ``end``. On the per-request path, where a
+    write can wait (the batch path's writes cannot: tests/nbd/test_native.py)."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     export = JournaledFileExport(journal, disk, "disk", None)
@@ -62,6 +64,11 @@ async def _held_write(
     finally:
         await server.aclose()
         await export.aclose()
+
+
+@pytest.fixture(autouse=True)
+def per_request_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "NATIVE", False)  # see _held_write
 
 
 @pytest.fixture
