@@ -239,6 +239,7 @@ async def serve_burst(
     gate: WriteGate | None = None,
     prepare: Callable[[JournaledFileExport], Any] | None = None,
     between: Callable[[RawClient], Any] | None = None,
+    observed: list[Record] | None = None,
 ) -> tuple[dict[int, int], Journal, Path, bytes]:
     """Send ``writes`` to a fresh export in one go (then a FLUSH); the replies' errors by
     handle, the journal, the volume and the volume's bytes before."""
@@ -246,6 +247,7 @@ async def serve_burst(
     before = random.Random(1).randbytes(1 << 20)
     disk.write_bytes(before)
     journal = await Journal.open(tmp_path / "journal")
+    journal.observer = observed.extend if observed is not None else None
     export = JournaledFileExport(journal, disk, "disk")
     if prepare is not None:
         prepare(export)
@@ -296,9 +298,13 @@ async def test_the_batch_path_journals_what_the_per_request_path_does(
         monkeypatch.setattr(server_module, "NATIVE", batched)
         work = short_tmp / str(batched)
         work.mkdir()
-        errors, journal, disk, before = await serve_burst(work, writes)
+        observed: list[Record] = []  # what the sender's touched extents see
+        errors, journal, disk, before = await serve_burst(work, writes, observed=observed)
         assert errors == {h: 0 for h, _, _ in writes}
         records = await journal_records(journal)
+        assert [(r.type, r.volume, r.offset, r.length) for r in observed] == [
+            (r.type, r.volume, r.offset, r.length) for r in records
+        ]
         copy = work / "copy.img"
         copy.write_bytes(before)
         await replay(journal, "disk", copy)
