@@ -388,3 +388,92 @@ async def test_a_batch_that_ran_past_the_fence_deadline_waits_for_the_witness(
     assert early == [True]
     want = proto.Errno.EIO if promoted else 0
     assert errors == {h: want for h, _, _ in writes}
+
+
+def mixed_stream(seed: int, size: int) -> list[tuple[int, int, int, int, bytes]]:
+    """(cmd, flags, offset, length, data) of a client's pipelined requests: mostly plain
+    writes, with what must leave the batch path between them (FUA, reads, flushes, trims,
+    zeroing, writes past the end, writes with unknown flags)."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(300):
+        kind = rnd.random()
+        length = rnd.choice([1, 512, 4096, 4096, 4096, 16384])
+        offset = rnd.randrange(0, size - length)
+        if kind < 0.7:
+            out.append((1, 0, offset, length, rnd.randbytes(length)))
+        elif kind < 0.75:
+            out.append((1, 1, offset, length, rnd.randbytes(length)))  # FUA
+        elif kind < 0.8:
+            out.append((0, 0, offset, length, b""))  # READ
+        elif kind < 0.83:
+            out.append((3, 0, 0, 0, b""))  # FLUSH
+        elif kind < 0.87:
+            out.append((4, 0, offset, length, b""))  # TRIM
+        elif kind < 0.91:
+            out.append((6, rnd.choice([0, 2]), offset, length, b""))  # WRITE_ZEROES
+        elif kind < 0.95:
+            out.append((1, 0, size - 10, 4096, rnd.randbytes(4096)))  # past the end: ENOSPC
+        else:
+            out.append((1, 1 << 7, offset, length, rnd.randbytes(length)))  # EINVAL
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_a_mixed_stream_is_journaled_and_answered_as_request_by_request(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    size = 1 << 20
+    stream = mixed_stream(seed, size)
+    results = []
+    batches: list[int] = []
+    real = JournaledFileExport.write_batch
+
+    def counted(self: JournaledFileExport, batch: bytes, count: int, payload: int) -> Any:
+        batches.append(count)
+        return real(self, batch, count, payload)
+
+    monkeypatch.setattr(JournaledFileExport, "write_batch", counted)
+    for batched in (True, False):
+        monkeypatch.setattr(server_module, "NATIVE", batched)
+        work = short_tmp / str(batched)
+        work.mkdir()
+        disk = work / "disk.img"
+        before = random.Random(seed).randbytes(size)
+        disk.write_bytes(before)
+        journal = await Journal.open(work / "journal")
+        export = JournaledFileExport(journal, disk, "disk")
+        server = NbdServer({"disk": export})
+        sock = str(work / "nbd.sock")
+        await server.start_unix(sock)
+        replies: dict[int, tuple[int, bytes]] = {}
+        try:
+            client = await RawClient.open(sock, "disk")
+            client.writer.write(
+                b"".join(
+                    REQ.pack(proto.REQUEST_MAGIC, flags, cmd, handle, offset, length) + data
+                    for handle, (cmd, flags, offset, length, data) in enumerate(stream)
+                )
+            )
+            reads = {h: r[3] for h, r in enumerate(stream) if r[0] == 0}
+            for _ in stream:
+                handle, error, data = await asyncio.wait_for(client.read_reply(reads), 30)
+                replies[handle] = (error, data)
+            await client.disconnect()
+        finally:
+            await server.aclose()
+            await export.aclose()
+        records = await journal_records(journal)
+        copy = work / "copy.img"
+        copy.write_bytes(before)
+        await replay(journal, "disk", copy)
+        assert copy.read_bytes() == disk.read_bytes()
+        await journal.aclose()
+        errors = {h: e for h, (e, _) in replies.items()}
+        assert {e for e in errors.values()} >= {0, proto.Errno.ENOSPC, proto.Errno.EINVAL}
+        fields = [(r.type, r.lsn, r.volume, r.offset, r.length, bytes(r.data)) for r in records]
+        results.append((fields, replies, disk.read_bytes()))
+    assert max(batches) > 1  # the batch path took runs of writes (the first pass)
+    assert results[0][0] == results[1][0]  # the same records in the same order
+    assert results[0][1] == results[1][1]  # the same replies, reads included
+    assert results[0][2] == results[1][2]
