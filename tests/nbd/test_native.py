@@ -15,6 +15,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,6 +69,20 @@ def test_make_install_built_the_extension() -> None:
     if not os.environ.get(native.PURE_PYTHON_ENV):
         assert native.NATIVE
         assert native.scan_writes is _native.scan_writes
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_the_environment_variable_turns_the_batch_path_off(value: str) -> None:
+    probe = (
+        "from replicator.engine.nbd import native, server; "
+        "assert not native.NATIVE and not server.NATIVE; "
+        "assert native.scan_writes is native.py_scan_writes"
+    )
+    env = {**os.environ, native.PURE_PYTHON_ENV: value}
+    subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=60)
+    env[native.PURE_PYTHON_ENV] = "0"  # "0" and unset: the extension when it was built
+    probe = "from replicator.engine.nbd import native; assert native.NATIVE"
+    subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=60)
 
 
 class Req(NamedTuple):
