@@ -23,7 +23,7 @@ from tests.tools import (
 
 
 def _until(done: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60  # a FUSE round trip and a cycle, on a loaded machine
     while not done():
         assert proc.poll() is None, f"{what}: the sender exited: " + (
             proc.stderr.read()[-3000:] if proc.stderr else ""

@@ -477,9 +477,14 @@ async def test_a_trim_after_a_roll_that_fails_is_told_and_the_next_session_conve
 
     real_receive = JobReplica.receive
 
-    async def receive(self: JobReplica, *args: Any, **kwargs: Any) -> None:
-        await asyncio.sleep(0.03)  # the epoch before is applied (with the segment still
-        await real_receive(self, *args, **kwargs)  # active) before this frame rolls it
+    async def receive(self: JobReplica, records: list[Record], *args: Any) -> None:
+        # the epoch before is applied (with the segment still active) before this frame
+        # rolls it: waited for (a fixed 30 ms was not enough under load), for at most 10 s
+        for _ in range(1000):
+            if self.applied_lsn >= records[0].lsn - 1:
+                break
+            await asyncio.sleep(0.01)
+        await real_receive(self, records, *args)
 
     monkeypatch.setattr(JobReplica, "receive", receive)
     monkeypatch.setattr(JobReplica, "_trim_applied", trim_applied)
