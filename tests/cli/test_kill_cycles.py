@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -133,18 +134,37 @@ def _answers(sock: Path) -> bool:
     return True
 
 
+# where each NBD sender's stderr goes: a file, not a pipe. Nobody reads a pipe while the
+# cycles run, and a sender that lives through many receiver power cuts logs a warning or
+# more for each: its stderr filled the pipe's 64 KiB, its logging blocked its loop, and an
+# NBD write hung ("the NBD writer did not pause", the 50 real cuts on xfs and btrfs)
+_SENDER_LOGS: weakref.WeakKeyDictionary[subprocess.Popen[str], Path] = weakref.WeakKeyDictionary()
+
+
 def _start_nbd_sender(port: int, state: Path, sock: Path, disk: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", JOB, "--state-dir",
-         str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    log = state.parent / "sender.log"
+    with log.open("a") as stderr:
+        proc = subprocess.Popen(
+            [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", JOB, "--state-dir",
+             str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--insecure",
+             str(disk)],
+            stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=ENV,
+        )  # fmt: skip
+    _SENDER_LOGS[proc] = log
     deadline = time.monotonic() + 60
     while not _answers(sock):  # a stale socket file is there at once: wait for a server
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert proc.poll() is None, _stderr_of(proc)
         assert time.monotonic() < deadline, "the NBD sender did not start serving"
         time.sleep(0.02)
     return proc
+
+
+def _stderr_of(proc: subprocess.Popen[str]) -> str:
+    """The last 5,000 characters a sender wrote to its stderr (its log file or its pipe)."""
+    log = _SENDER_LOGS.get(proc)
+    if log is not None:
+        return log.read_text(errors="replace")[-5000:]
+    return proc.stderr.read()[-5000:] if proc.stderr else ""
 
 
 def _converged(
@@ -161,8 +181,7 @@ def _converged(
     while not (replica.exists() and b3(replica) == b3(disk)):
         assert receiver.proc.poll() is None, "the receiver died"
         if sender is not None and sender.poll() is not None:
-            err = sender.stderr.read() if sender.stderr else ""
-            raise AssertionError(f"the sender exited {sender.returncode}: {err[-3000:]}")
+            raise AssertionError(f"the sender exited {sender.returncode}: {_stderr_of(sender)}")
         state = replica_state.load(receiver.state_root / JOB, JOB)
         applied = state.applied_lsn if state is not None else -1
         if applied != moved_to:
@@ -211,7 +230,7 @@ def _nbd_cycles(tmp_path: Path, cycles: int, seed: int) -> Tally:
                 sender = _start_nbd_sender(receiver.port, state, sock, disk)
             time.sleep(rng.uniform(0.1, 0.4))
             _observe(receiver, writer.history, tally, quiet=writer.held)
-            assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
+            assert sender.poll() is None, _stderr_of(sender)
             tally.cycles += 1
         writer.pause()
         _converged(receiver, disk, sender)
@@ -276,7 +295,7 @@ def _scan_cycles(tmp_path: Path, cycles: int, seed: int, *, helpers: bool = Fals
                 sender = start_sender()
             time.sleep(rng.uniform(0.2, 0.5))
             _observe(receiver, lambda: writer.log, tally, writer.freezes)
-            assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
+            assert sender.poll() is None, _stderr_of(sender)
             tally.cycles += 1
         writer.quiesce()
         _converged(receiver, disk, sender)
@@ -485,7 +504,7 @@ def _power_cycles(
             time.sleep(rng.uniform(0.1, 0.4))
             # the sender reconnects after a back-off: give the recovery time to finish
             _observe(receiver, writer.history, tally, quiet=writer.held, tries=400)
-            assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
+            assert sender.poll() is None, _stderr_of(sender)
             tally.cycles += 1
         writer.pause()
         _converged(receiver, disk, sender)
@@ -566,8 +585,8 @@ def _sender_power_cycles(
         _converged(receiver, disk, sender)
     except BaseException:
         print(_tail(tmp_path / "receiver.log"))
-        if sender.stderr is not None and sender.poll() is not None:
-            print(sender.stderr.read()[-5000:])
+        if sender.poll() is not None or sender in _SENDER_LOGS:
+            print(_stderr_of(sender))
         raise
     finally:
         writer.stop()
