@@ -354,19 +354,7 @@ class Journal:
             await self._make_room()
         lsn = self._check_lsn(record.lsn or self._next_lsn)
         head, data = encode_parts(record, lsn, record.ts_ns or time.time_ns())
-        seg = self._segments[-1]
-        if not seg.count:
-            seg.first_lsn = lsn
-        seg.count += 1
-        seg.last_lsn = lsn
-        self._next_lsn = lsn + 1
-        self._last_record_lsn = lsn
-        self._staged.append(head)
-        if data:
-            self._staged.append(data)
-        self._staged_bytes += size
-        if self._staged_bytes >= FLUSH_BYTES:
-            self._flush()
+        self._stage(lsn, lsn, (head, data) if data else (head,), size)
         if self.observer is not None:
             self.observer((record,))
         return lsn
@@ -398,30 +386,20 @@ class Journal:
             lsn = self._check_lsn(record.lsn or nxt, nxt)
             lsns.append(lsn)
             nxt = lsn + 1
+        parts: list[bytes | memoryview] = []  # complete before anything is staged
         if encoded is not None:
-            self._staged.append(encoded)
+            parts.append(encoded)
         else:
             now = time.time_ns()
-            parts: list[bytes | memoryview] = []  # complete before anything is staged
             for record, lsn in zip(records, lsns, strict=True):
                 head, data = encode_parts(record, lsn, record.ts_ns or now)
                 parts.append(head)
                 if data:
                     parts.append(data)
-            self._staged.extend(parts)
-        seg = self._segments[-1]
-        if not seg.count:
-            seg.first_lsn = lsns[0]
-        seg.count += len(lsns)
-        seg.last_lsn = lsns[-1]
-        self._next_lsn = nxt
-        self._last_record_lsn = nxt - 1
-        self._staged_bytes += size
-        if self._staged_bytes >= FLUSH_BYTES:
-            self._flush()
+        self._stage(lsns[0], lsns[-1], parts, size, count=len(lsns))
         if self.observer is not None:
             self.observer(records)
-        return seg.last_lsn
+        return lsns[-1]
 
     def append_encoded_now(
         self, count: int, size: int, encode: Callable[[int, int], bytes]
@@ -445,20 +423,34 @@ class Journal:
         blob = encode(first, time.time_ns())
         if len(blob) != size:
             raise JournalError(f"encoded records of {len(blob)} bytes, {size} announced")
-        seg = self._segments[-1]
-        if not seg.count:
-            seg.first_lsn = first
-        seg.count += count
-        seg.last_lsn = last
-        self._next_lsn = last + 1
-        self._last_record_lsn = last
-        self._staged.append(blob)
-        self._staged_bytes += size
-        if self._staged_bytes >= FLUSH_BYTES:
-            self._flush()
+        self._stage(first, last, (blob,), size)
         if self.observer is not None:
             self.observer(decode_records(blob, verify=False))  # encoded just now
         return first
+
+    def _stage(
+        self,
+        first: int,
+        last: int,
+        parts: Sequence[bytes | memoryview],
+        size: int,
+        *,
+        count: int = 0,
+    ) -> None:
+        """Take LSNs ``first``..``last`` for records whose encoding is ``parts`` (``size``
+        bytes in all; ``count`` records, every LSN between by default; explicit LSNs may
+        skip) into the active segment, staged; written out at ``FLUSH_BYTES``."""
+        seg = self._segments[-1]
+        if not seg.count:
+            seg.first_lsn = first
+        seg.count += count or last - first + 1
+        seg.last_lsn = last
+        self._next_lsn = last + 1
+        self._last_record_lsn = last
+        self._staged.extend(parts)
+        self._staged_bytes += size
+        if self._staged_bytes >= FLUSH_BYTES:
+            self._flush()
 
     def skip_to(self, next_lsn: int) -> None:
         """Number the next record ``next_lsn`` at least, storing nothing for the LSNs passed
