@@ -54,7 +54,7 @@ from replicator.engine.volumes import Zeroing
 from replicator.engine.volumes import pwrite_all as pwrite_all  # tests patch it
 from replicator.journal import Journal, JournalFull, Record
 from replicator.journal.durable import fdatasync_async as fdatasync_async  # tests patch it
-from replicator.journal.records import HEADER_SIZE, RECORD_HEADER
+from replicator.journal.records import HEADER_SIZE, decode_records
 
 log = structlog.get_logger("replicator.nbd")
 
@@ -370,7 +370,7 @@ class JournaledFileExport:
         records, self._failed_batch = self._failed_batch, b""
         errors: list[tuple[int, int]] = []
         try:
-            ranges = _record_ranges(records, len(self._name_bytes))
+            ranges = [(r.offset, r.length) for r in decode_records(records, verify=False)]
             for index, err in failed:
                 offset, length = ranges[index]
                 try:
@@ -528,18 +528,6 @@ class JournaledFileExport:
             if not self._closed:
                 self._closed = True
                 os.close(self._fd)
-
-
-def _record_ranges(records: bytes, name_len: int) -> list[tuple[int, int]]:
-    """(offset, length) of each WRITE record in ``records`` (a batch's, uniform names)."""
-    out: list[tuple[int, int]] = []
-    at = 0
-    while at < len(records):
-        fields = RECORD_HEADER.unpack_from(records, at)
-        length, offset = fields[4], fields[7]
-        out.append((offset, length))
-        at += HEADER_SIZE + name_len + length
-    return out
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

@@ -347,7 +347,8 @@ async def test_a_failed_write_in_a_batch_is_reconciled_and_answered_with_its_err
             return real(fd, records, count, name_len)
         # the first batch's first write "fails" halfway (half of it reached the file),
         # the batch's other writes go through
-        offset, length = backend._record_ranges(records, name_len)[0]
+        first = decode_records(records, verify=False)[0]
+        offset, length = first.offset, first.length
         os.pwrite(fd, b"\xee" * (length // 2), offset)
         failed.append(offset)
         rest = HEADER_SIZE + name_len + length
