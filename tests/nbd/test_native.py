@@ -10,6 +10,7 @@ closed while a batch ran holds its replies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -32,7 +33,7 @@ from replicator.engine.nbd.backend import JournaledFileExport
 from replicator.engine.nbd.gate import WriteGate, fence_clock
 from replicator.engine.nbd.server import NbdServer
 from replicator.engine.witness_fence import SourceFence
-from replicator.journal import Journal, Record, RecordType
+from replicator.journal import Journal, JournalError, Record, RecordType, recovery
 from replicator.journal.records import HEADER_SIZE, decode_records, encode_parts
 from tests.nbd.helpers import RawClient, journal_records, replay
 
@@ -494,3 +495,58 @@ async def test_a_mixed_stream_is_journaled_and_answered_as_request_by_request(
     assert results[0][0] == results[1][0]  # the same records in the same order
     assert results[0][1] == results[1][1]  # the same replies, reads included
     assert results[0][2] == results[1][2]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+async def test_a_journal_write_failing_inside_a_batch_fails_it_and_the_flush(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, batched: bool
+) -> None:
+    """The journal's write-out (at 1 MiB staged) fails with EIO while a batch is staged:
+    the writes from there on are answered EIO, never 0, and the FLUSH after them too (a
+    write acknowledged before is not durable until a FLUSH says so). The batch path
+    (which stages a whole batch, then falls back request by request) and the per-request
+    path end the same way, though the batch path fails the whole batch it was staging."""
+    monkeypatch.setattr(server_module, "NATIVE", batched)
+    failed: list[int] = []
+
+    def fails_once(fd: int, parts: Any, offset: int) -> int:
+        if not failed:
+            failed.append(journal.last_lsn)  # the record whose staging wrote them out
+            raise OSError(errno.EIO, "Input/output error")
+        return recovery.write_all(fd, parts, offset)
+
+    monkeypatch.setattr("replicator.journal.journal.write_all", fails_once)
+    writes = [(1000 + i, 4096 * (i % 200), bytes([i % 251]) * 4096) for i in range(400)]
+    disk = short_tmp / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    journal = await Journal.open(short_tmp / "journal")
+    export = JournaledFileExport(journal, disk, "disk")
+    server = NbdServer({"disk": export})
+    sock = str(short_tmp / "nbd.sock")
+    await server.start_unix(sock)
+    errors: dict[int, int] = {}
+    try:
+        client = await RawClient.open(sock, "disk")
+        client.writer.write(
+            b"".join(REQ.pack(proto.REQUEST_MAGIC, 0, 1, h, o, len(d)) + d for h, o, d in writes)
+        )
+        for _ in writes:
+            handle, error, _ = await asyncio.wait_for(client.read_reply(), 30)
+            errors[handle] = error
+        flushed = await client.request(proto.Cmd.FLUSH)
+        await client.disconnect()
+    finally:
+        await server.aclose()
+        with pytest.raises(backend.NbdIOError, match="failed earlier"):
+            await export.aclose()  # its last barrier cannot be journaled either: said so
+        with contextlib.suppress(JournalError):
+            await journal.aclose()
+    assert failed  # the journal's write-out was reached, and failed, with records staged
+    answers = [errors[h] for h, _, _ in writes]
+    acknowledged = answers.index(proto.Errno.EIO)  # a prefix, then EIO for every other
+    assert set(answers[:acknowledged]) == {0}
+    assert set(answers[acknowledged:]) == {proto.Errno.EIO}, answers
+    # one record a write, LSNs from 1: the write whose record was staged when the write-out
+    # failed (and its batch's) went into a failed journal, and is not acknowledged
+    assert acknowledged < failed[0], (acknowledged, failed)
+    assert flushed[0] == proto.Errno.EIO  # nothing claimed durable
