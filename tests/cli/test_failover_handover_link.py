@@ -85,6 +85,16 @@ class Pair:
         self.proxy.call(self.proxy.wan.cut)
         self.proxy.call(lambda: setattr(self.proxy.wan, "profile", FAST))
 
+    def failover_cut(
+        self, timeout: float, log: Path, event: str, *, refuse: bool = False
+    ) -> tuple[int, str, str]:
+        """A planned failover (``timeout``) with the link cut at ``event`` (``cut_when``):
+        its exit code, output and error output."""
+        failover = self.start_failover(timeout)
+        self.cut_when(log, event, refuse=refuse)
+        out, err = failover.communicate(timeout=120)
+        return failover.returncode, out, err
+
     def heal(self) -> None:
         self.proxy.call(lambda: self.proxy.wan.refuse(False))
 
@@ -129,10 +139,8 @@ def test_the_promotion_s_confirmation_lost_is_asked_for_and_the_source_says_hand
     `send` again beside the VM now running on the target."""
     pair = Pair(tmp_path)
     try:
-        failover = pair.start_failover(timeout=60)
-        pair.cut_when(pair.receiver_log, "receiver.planned_failover")
-        out, err = failover.communicate(timeout=120)
-        assert failover.returncode == 0, err[-3000:]
+        exited, out, err = pair.failover_cut(60, pair.receiver_log, "receiver.planned_failover")
+        assert exited == 0, err[-3000:]
         assert json.loads(out)["planned"] is True
         code, log = pair.sender_end()
         assert code == ExitCode.HANDED_OVER, log[-3000:]
@@ -157,10 +165,8 @@ def test_a_final_point_lost_with_the_link_is_asked_for_again_and_promoted(
     promoted, the source's capture stopped."""
     pair = Pair(tmp_path)
     try:
-        failover = pair.start_failover(timeout=60)
-        pair.cut_when(pair.sender_log, "sender.handover_requested")
-        out, err = failover.communicate(timeout=120)
-        assert failover.returncode == 0, err[-3000:]
+        exited, out, err = pair.failover_cut(60, pair.sender_log, "sender.handover_requested")
+        assert exited == 0, err[-3000:]
         assert json.loads(out)["planned"] is True
         assert _logged(pair.receiver_log, "receiver.handover_retried")
         code, log = pair.sender_end()
@@ -184,10 +190,10 @@ def test_a_target_that_gave_up_meanwhile_is_found_not_promoted_and_said_so(
     again (exit 4), instead of "not confirmed", which could mean either."""
     pair = Pair(tmp_path)
     try:
-        failover = pair.start_failover(timeout=8)
-        pair.cut_when(pair.sender_log, "sender.handover_requested", refuse=True)
-        _, err = failover.communicate(timeout=120)
-        assert failover.returncode == ExitCode.CONNECT, err[-3000:]
+        exited, _, err = pair.failover_cut(
+            8, pair.sender_log, "sender.handover_requested", refuse=True
+        )
+        assert exited == ExitCode.CONNECT, err[-3000:]
         assert "nothing was promoted" in one_line_error(err)
         pair.heal()
         code, log = pair.sender_end()
@@ -212,10 +218,10 @@ def test_a_target_forced_over_meanwhile_is_found_promoted_short_of_the_final_poi
     it used to say "not confirmed" as for every other case."""
     pair = Pair(tmp_path)
     try:
-        failover = pair.start_failover(timeout=8)
-        pair.cut_when(pair.sender_log, "sender.handover_requested", refuse=True)
-        _, err = failover.communicate(timeout=120)
-        assert failover.returncode == ExitCode.CONNECT, err[-3000:]
+        exited, _, err = pair.failover_cut(
+            8, pair.sender_log, "sender.handover_requested", refuse=True
+        )
+        assert exited == ExitCode.CONNECT, err[-3000:]
         forced = subprocess.run(
             [*REPLICATOR, "failover", "--dir", str(pair.rcv.dir), "--job", "vm1", "--force",
              "--json"],
