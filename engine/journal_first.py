@@ -221,7 +221,7 @@ class JournalFirst(Generic[T]):
         try:
             if self.journal.append_encoded_now(count, size, encode) is None:
                 return False
-        except JournalError:  # JournalFull too; nothing was staged
+        except JournalError:  # full (nothing staged), or failed: each request then hears it
             return False
         self.unflushed = True
         self.journaled += count
