@@ -252,3 +252,35 @@ async def test_a_promotion_that_failed_after_its_rename_leaves_no_promotion_on_d
         assert reopened.promotion is None and not _stale_sender_refused(reopened)
     finally:
         await reopened.aclose()
+
+
+async def test_a_demote_whose_generation_write_fails_demotes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A promotion whose generation write failed (PromotedUnfinished) is demoted: the
+    demote records the promoted generation first (so the old source's plain `send` stays
+    refused), and that write failing too demotes nothing: the job stays promoted, on disk
+    and in the receiver; the next demote, the fault gone, records it and then demotes."""
+    await _replica_with_one_epoch(tmp_path)
+    receiver = Receiver(_config(tmp_path))
+    try:
+        with monkeypatch.context() as m:
+            _fail(m, replica_state, "save", errno.ENOSPC)
+            with pytest.raises(PromotedUnfinished):
+                await receiver.failover("job")
+            replica = await receiver.job("job")
+            assert replica.promotion is not None and replica.state.generation == 1
+            with pytest.raises(OSError):
+                await receiver.demote("job")
+            assert replica.promotion is not None and "job" not in receiver.demoted
+            assert load_promotion(tmp_path / "state" / "job") == replica.promotion
+            assert _stale_sender_refused(replica)
+        assert await receiver.demote("job") == 2  # the fault is gone
+        demoted = await receiver.job("job")
+        assert demoted.promotion is None and demoted.state.generation == 2
+        assert load_promotion(tmp_path / "state" / "job") is None
+        assert _stale_sender_refused(demoted)  # generation 1's sender: --resync first
+    finally:
+        await receiver.aclose()
+    on_disk = replica_state.load(tmp_path / "state" / "job", "job")
+    assert on_disk is not None and on_disk.generation == 2
