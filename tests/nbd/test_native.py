@@ -298,18 +298,24 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-async def test_the_batch_path_journals_what_the_per_request_path_does(
-    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    writes = burst(120, seed=7, size=1 << 20)
-    batches: list[int] = []
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each batch the export's batch path takes, in order."""
+    taken: list[int] = []
     real = JournaledFileExport.write_batch
 
     def counted(self: JournaledFileExport, batch: bytes, count: int, payload: int) -> Any:
-        batches.append(count)
+        taken.append(count)
         return real(self, batch, count, payload)
 
     monkeypatch.setattr(JournaledFileExport, "write_batch", counted)
+    return taken
+
+
+async def test_the_batch_path_journals_what_the_per_request_path_does(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, batches: list[int]
+) -> None:
+    writes = burst(120, seed=7, size=1 << 20)
     results = []
     for batched in (True, False):
         monkeypatch.setattr(server_module, "NATIVE", batched)
@@ -439,19 +445,11 @@ def mixed_stream(seed: int, size: int) -> list[tuple[int, int, int, int, bytes]]
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_a_mixed_stream_is_journaled_and_answered_as_request_by_request(
-    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, batches: list[int], seed: int
 ) -> None:
     size = 1 << 20
     stream = mixed_stream(seed, size)
     results = []
-    batches: list[int] = []
-    real = JournaledFileExport.write_batch
-
-    def counted(self: JournaledFileExport, batch: bytes, count: int, payload: int) -> Any:
-        batches.append(count)
-        return real(self, batch, count, payload)
-
-    monkeypatch.setattr(JournaledFileExport, "write_batch", counted)
     for batched in (True, False):
         monkeypatch.setattr(server_module, "NATIVE", batched)
         work = short_tmp / str(batched)
