@@ -180,6 +180,10 @@ class LiveSender:
                 journal.before_trim = functools.partial(self._note_touched, state)
             try:
                 await self.capture.start(state)
+                # an HA controller starts the VM on this word: the exports listen by now
+                self.status.set_state(
+                    SenderPhase.CONNECTING if self._link is None else SenderPhase.REPLICATING
+                )
                 sequence = self.capture.sequence()
                 if sequence is not None:  # an overflow's changes count in the lag
                     sequence.on_resynced = self.status.unapplied_until
@@ -359,8 +363,7 @@ class LiveSender:
                     scanned=stats.bytes_scanned,
                 )
                 self._synced(manifests)
-                self.status.set_state(SenderPhase.REPLICATING)
-                self._link = link
+                self._link = link  # "replicating" once the capture serves (run)
                 return True
             except CycleStopped:  # stopped while the first sync waited for the link
                 with contextlib.suppress(Exception):

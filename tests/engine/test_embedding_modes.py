@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from replicator.engine.api import (
 )
 from replicator.engine.control import SOCKET_NAME, request
 from replicator.engine.nbd.proto import Cmd
+from replicator.engine.status import SenderPhase
 from tests.engine.test_embedding import WAIT, Setup, caught_up, until
 from tests.nbd.helpers import RawClient
 
@@ -143,6 +145,37 @@ async def test_nbd_capture_journals_writes_and_the_replica_follows(setup: Setup)
         xml.write_text("<domain/>")
         config = SenderConfig("127.0.0.1", 1, "x", resolve_volumes([xml]), setup.tmp / "x")
         Sender(config, nbd=nbd_options(sock))
+
+
+async def test_an_nbd_sender_says_replicating_only_once_its_export_listens(setup: Setup) -> None:
+    """An HA controller starts the VM when the state says "replicating": at that moment
+    (the listener is called inline, on the loop) the export's socket takes a connection."""
+    sock = setup.tmp / "nbd.sock"
+    sender = Sender(setup.config(), nbd=nbd_options(sock), interval=3600)
+    events = sender.events()
+    seen: list[str] = []
+
+    def on_change(job: str, what: str) -> None:
+        if what != "state" or sender.status.state is not SenderPhase.REPLICATING:
+            return
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+            except OSError as exc:
+                seen.append(f"not listening: {exc}")
+            else:
+                seen.append("listening")
+
+    sender.status.listeners.add(on_change)
+    try:
+        await sender.start()
+        await until(events, lambda e: e.state == "replicating")
+        assert seen and set(seen) == {"listening"}, seen
+        client = await RawClient.open(str(sock), setup.disk.name)
+        assert await client.request(Cmd.FLUSH) == (0, b"")
+        client.writer.close()
+    finally:
+        await sender.aclose()
 
 
 async def test_failback_after_a_failover_then_replication_resumes(setup: Setup) -> None:
