@@ -39,6 +39,7 @@ from replicator.engine.scan import resize_basis
 from replicator.engine.volumes import VolumeKind, VolumeSpec, extent_digest
 from replicator.journal import Record, RecordType
 from replicator.journal.durable import StateFileError, read_state, write_state
+from replicator.journal.records import RecordHead
 
 CHECKPOINT_MAX_BYTES = 4 << 30  # at most this much read and hashed at a stop
 TOUCHED_FILE = "touched.state"
@@ -58,7 +59,7 @@ class TouchedExtents:
     valid: bool = True  # False: a record this cannot follow (a folder's namespace)
     files: set[str] = field(default_factory=set)  # volumes set whole (FILE) or chmod-ed
 
-    def __call__(self, records: Sequence[Record]) -> None:
+    def __call__(self, records: Sequence[Record] | Sequence[RecordHead]) -> None:
         for record in records:
             kind = record.type
             if kind in RANGE_TYPES:

@@ -64,8 +64,9 @@ from replicator.journal.records import (
     HEADER_SIZE,
     EncodedRecord,
     Record,
-    decode_records,
+    RecordHead,
     encode_parts,
+    record_heads,
 )
 from replicator.journal.recovery import (
     MAX_SPARES,
@@ -131,7 +132,7 @@ class Journal:
         self._max_bytes = max_bytes
         # sees every record appended, in order, once staged (a live sender's checkpoint,
         # engine/checkpoint.py); None on the hot paths that need nothing of it
-        self.observer: Callable[[Sequence[Record]], None] | None = None
+        self.observer: Callable[[Sequence[Record] | Sequence[RecordHead]], None] | None = None
         # awaited before a trim drops segments (the journal's lock held): what must outlive
         # their records is made durable first (the observer's marks); False keeps them
         self.before_trim: Callable[[], Awaitable[bool]] | None = None
@@ -425,7 +426,7 @@ class Journal:
             raise JournalError(f"encoded records of {len(blob)} bytes, {size} announced")
         self._stage(first, last, (blob,), size)
         if self.observer is not None:
-            self.observer(decode_records(blob, verify=False))  # encoded just now
+            self.observer(record_heads(blob))  # encoded just now: their heads suffice
         return first
 
     def _stage(

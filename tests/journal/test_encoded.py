@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from replicator.journal import (
     EncodedRecord,
@@ -20,6 +22,7 @@ from replicator.journal import (
     decode_records,
     encode_record,
 )
+from replicator.journal.records import record_heads
 from replicator.journal.recovery import OnDamage
 from replicator.journal.segment import HEADER_BYTES
 
@@ -193,3 +196,30 @@ async def test_follow_encoded_checks_checksums_up_to_check_through_only(
             assert bytes(got[3].raw) == encode_record(FIVE[3])
         finally:
             await follow.aclose()
+
+
+_VOLUMES = st.sampled_from(["d.img", "vm/disk.qcow2", "é.vhdx"])
+_OFFSETS = st.integers(0, 2**40)
+_RECORDS = st.one_of(
+    st.builds(Record.write, _VOLUMES, _OFFSETS, st.binary(min_size=1, max_size=9000)),
+    st.builds(Record.zero, _VOLUMES, _OFFSETS, st.integers(1, 2**30)),
+    st.builds(Record.trim, _VOLUMES, _OFFSETS, st.integers(1, 2**30)),
+    st.builds(Record.resize, _VOLUMES, _OFFSETS),
+    st.builds(Record.file, _VOLUMES, st.binary(max_size=300)),
+    st.builds(Record.rename, _VOLUMES, _VOLUMES),
+    st.just(Record.flush()),
+)
+
+
+@given(st.lists(_RECORDS, max_size=12), st.integers(0, 2**40))
+def test_record_heads_are_what_decoding_finds(records: list[Record], lsn: int) -> None:
+    """The journal observer's cheap view of a staged batch (``record_heads``) is each
+    record's type, volume, offset and length as the format's decoder reads them, and a
+    batch cut short anywhere is refused, never read as fewer records."""
+    blob = b"".join(encode_record(r.with_lsn(lsn + i, 7)) for i, r in enumerate(records))
+    decoded = decode_records(blob)
+    assert record_heads(blob) == [(r.type, r.volume, r.offset, r.length) for r in decoded]
+    assert [h.volume for h in record_heads(blob)] == [r.volume for r in records]
+    if blob:
+        with pytest.raises(RecordError, match=r"truncated record header|not a whole record"):
+            record_heads(blob[:-1])

@@ -34,7 +34,7 @@ from replicator.engine.nbd.gate import WriteGate, fence_clock
 from replicator.engine.nbd.server import NbdServer
 from replicator.engine.witness_fence import SourceFence
 from replicator.journal import Journal, JournalError, Record, RecordType, recovery
-from replicator.journal.records import HEADER_SIZE, decode_records, encode_parts
+from replicator.journal.records import HEADER_SIZE, RecordHead, decode_records, encode_parts
 from tests.nbd.helpers import RawClient, journal_records, replay
 
 REQ = struct.Struct(">IHHQQI")
@@ -256,7 +256,7 @@ async def serve_burst(
     gate: WriteGate | None = None,
     prepare: Callable[[JournaledFileExport], Any] | None = None,
     between: Callable[[RawClient], Any] | None = None,
-    observed: list[Record] | None = None,
+    observed: list[Record | RecordHead] | None = None,
 ) -> tuple[dict[int, int], Journal, Path, bytes]:
     """Send ``writes`` to a fresh export in one go (then a FLUSH); the replies' errors by
     handle, the journal, the volume and the volume's bytes before."""
@@ -321,7 +321,7 @@ async def test_the_batch_path_journals_what_the_per_request_path_does(
         monkeypatch.setattr(server_module, "NATIVE", batched)
         work = short_tmp / str(batched)
         work.mkdir()
-        observed: list[Record] = []  # what the sender's touched extents see
+        observed: list[Record | RecordHead] = []  # what the sender's touched extents see
         errors, journal, disk, before = await serve_burst(work, writes, observed=observed)
         assert errors == {h: 0 for h, _, _ in writes}
         records = await journal_records(journal)
