@@ -24,7 +24,7 @@ SYSTOOLS := qemu-img:qemu-utils qemu-io:qemu-utils fio:fio nbdkit:nbdkit nbdcopy
             pkg-config:pkg-config gcc:gcc patch:patch systemd-analyze:systemd etcd:etcd-server \
             mkfs.ext4:e2fsprogs findmnt:util-linux \
             mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs faketime:faketime strace:strace
-# headers pyfuse3 and the NBD shim's C batch path (engine/nbd/_native.c: xxhash.h) compile
+# headers pyfuse3 and the C fast paths (engine/nbd/_native.c, journal/_verify.c: xxhash.h) compile
 # against (checked with pkg-config, so they are not commands)
 SYSLIBS := fuse3:libfuse3-dev libxxhash:libxxhash-dev
 PYTEST := $(PY) -bb -m pytest

@@ -32,6 +32,8 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
+from replicator.journal.native import PURE_PYTHON_ENV as PURE_PYTHON_ENV  # the tests read it here
+from replicator.journal.native import pure_python
 from replicator.journal.records import RECORD_HEADER, Record, encode_parts
 
 _REQUEST: Final = struct.Struct(">IHHQQI")
@@ -42,7 +44,6 @@ REPLY_MAGIC: Final = 0x67446698
 REQUEST_SIZE: Final = _REQUEST.size
 _WRITE: Final = 1
 MAX_BATCH: Final = 256  # requests in one batch at most
-PURE_PYTHON_ENV: Final = "REPLICATOR_PURE_PYTHON"
 
 Buffer = bytes | bytearray | memoryview
 ScanWrites = Callable[[Buffer, int, int, int, int, int], tuple[int, int, int]]
@@ -136,7 +137,7 @@ def py_pwrite_records(
 
 
 def _load() -> tuple[ScanWrites, EncodeWrites, PwriteRecords, bool]:
-    if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+    if pure_python():
         return py_scan_writes, py_encode_writes, py_pwrite_records, False
     try:
         from replicator.engine.nbd import _native  # optional: built by pip when it can be
