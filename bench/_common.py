@@ -72,6 +72,13 @@ def machine_cpu() -> tuple[float, float]:
     return busy / tick, (busy + idle + iowait) / tick
 
 
+def process_cpu(pid: int) -> float:
+    """CPU-seconds (user and system, every thread) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # the stat fields 14 and 15
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_since(start: tuple[float, float], io_bytes: float) -> dict[str, float]:
     """The machine's CPU from ``start`` (a ``machine_cpu()``) to now, for ``io_bytes``
     written: ``cpu s/GB`` (busy CPU-seconds of every process and the kernel per GB) and

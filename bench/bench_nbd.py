@@ -56,6 +56,7 @@ from _common import (
     journal_pattern_limit,
     machine,
     machine_cpu,
+    process_cpu,
     stand_in_shipper,
     start_receiver,
 )
@@ -286,10 +287,21 @@ async def replicating(image: Path, sock: str, work: Path) -> AsyncIterator[str]:
                 await asyncio.sleep(0.25)
 
         sampler = asyncio.create_task(sample())
+        pids = {"sender": sender.pid, "receiver": receiver.pid}
+        before = {side: process_cpu(pid) for side, pid in pids.items()}
+        machine_before = machine_cpu()[0]
         try:
             yield f"nbd+unix:///{image.name}?socket={sock}"
         finally:
             sampler.cancel()
+        used = {side: process_cpu(pid) - before[side] for side, pid in pids.items()}
+        busy = machine_cpu()[0] - machine_before
+        print(
+            f"{'':<20} replicating run's CPU: sender {used['sender']:.1f} s,"
+            f" receiver {used['receiver']:.1f} s, fio and the rest"
+            f" {busy - sum(used.values()):.1f} s (of {busy:.1f} s busy)",
+            flush=True,
+        )
         print(
             f"{'':<20} replicating run: journals at most {peaks['sender'] / MiB:.0f} MiB"
             f" (sender), {peaks['receiver'] / MiB:.0f} MiB (receiver), spares included",
