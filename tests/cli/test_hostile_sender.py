@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from replicator.engine.descriptors import jobs_within
+from replicator.engine.descriptors import JOB_DESCRIPTORS, RESERVED_DESCRIPTORS, jobs_within
 from replicator.journal import Record
 from replicator.transport import Ping, Pong, Tree, TreeRequest
 from tests import hostile_sender
@@ -66,7 +66,9 @@ def test_a_new_job_per_connection_cannot_run_the_receiver_out_of_files(tmp_path:
             refused[0].message
         ), refused[0].message
         assert "LimitNOFILE=" in refused[0].message and "--allow" in refused[0].message
-        assert _open_files(rcv.proc.pid) < nofile // 2
+        # a job past `most` opens only while two more fit at their worst: one more still
+        # does (nofile // 2 held by luck of timing: a loaded CI admitted one more, 2102)
+        assert _open_files(rcv.proc.pid) <= nofile - RESERVED_DESCRIPTORS - JOB_DESCRIPTORS
 
         with disk.open("r+b") as f:  # the honest job changes and replicates on
             f.seek(1 << 20)

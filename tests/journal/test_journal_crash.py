@@ -40,10 +40,15 @@ async def _run_child(path: Path, seed: int, rng: random.Random) -> tuple[int, in
     assert proc.stdout is not None
     lines: list[str] = []
     try:
-        # wait until it is writing, then let it run for a random while
-        first = await asyncio.wait_for(proc.stdout.readline(), 20)
-        assert first, "crash child exited before syncing anything"
-        lines.append(first.decode())
+        # let it sync a few times (a while alone let 20 children on a loaded CI reach no
+        # segment reuse: each sync writes about a segment, a trim comes every ~20), then
+        # run for a random while
+        for _ in range(rng.randint(1, 40)):
+            line = await asyncio.wait_for(proc.stdout.readline(), 20)
+            assert line or lines, "crash child exited before syncing anything"
+            if not line:
+                break
+            lines.append(line.decode())
         await asyncio.sleep(rng.uniform(0.0, 0.25))
     finally:
         with contextlib.suppress(ProcessLookupError):
