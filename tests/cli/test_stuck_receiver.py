@@ -47,6 +47,25 @@ def _take_all(listener: socket.socket, taken: list[socket.socket]) -> None:
             taken.append(listener.accept()[0])
 
 
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # either side closed
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+def _relay(held: socket.socket, port: int) -> socket.socket:
+    """Join ``held`` (a connection taken and not answered yet) to the receiver now
+    listening on ``port``: what the sender sent there reaches it, and its answers come
+    back. Returns the connection to the receiver."""
+    upstream = socket.create_connection(("127.0.0.1", port), timeout=60)
+    upstream.settimeout(None)
+    for src, dst in ((held, upstream), (upstream, held)):
+        threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
+    return upstream
+
+
 def _converged(disk: Path, replica: Path) -> bool:
     return replica.exists() and qemu_compare("raw", disk, replica, shared=True).returncode == 0
 
@@ -162,13 +181,14 @@ def test_a_receiver_that_answers_nothing_is_waited_for_not_given_up(tmp_path: Pa
     port = receiver.port
     sender = _continuous(receiver.address, state, disk)
     silent = socket.socket()
+    taken: list[socket.socket] = []  # held open, never answered
+    relayed: list[socket.socket] = []
     try:
         wait_for(lambda: _converged(disk, target / "vm" / disk.name), sender, "a sync")
         assert receiver.stop() == 0
         silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         silent.bind(("127.0.0.1", port))
         silent.listen(16)
-        taken: list[socket.socket] = []  # held open, never answered
         threading.Thread(target=_take_all, args=(silent, taken), daemon=True).start()
         # it gave up after the third such try
         wait_for(lambda: len(taken) >= 4, sender, "a fourth try", timeout=120)
@@ -178,17 +198,22 @@ def test_a_receiver_that_answers_nothing_is_waited_for_not_given_up(tmp_path: Pa
         with contextlib.suppress(OSError):
             silent.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
         silent.close()
-        for held in taken:
+        for held in taken[:3]:
             held.close()
         with disk.open("r+b") as f:
             f.write(os.urandom(MiB))
         receiver = start_receiver(target, port)
+        # the fourth try, waiting for an answer (5 s), is answered by the receiver back:
+        # else it fails, and the next try comes 16 s later (the doubling back-off)
+        relayed.append(_relay(taken[3], port))
         wait_for(lambda: _converged(disk, target / "vm" / disk.name), sender, "the catch-up")
         assert b3(disk) == b3(target / "vm" / disk.name)
     finally:
         silent.close()
         rc, err = stop_and_read(sender)
         receiver.stop()
+        for sock in taken + relayed:
+            sock.close()
     assert rc == 0, err[-3000:]
 
 
