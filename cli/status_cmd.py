@@ -81,13 +81,21 @@ def status_command(
         )
         raise typer.Exit(ExitCode.USAGE)
     try:
-        role, root = _where(state_dir, directory)
         if not watch:
-            _show(_fetch(role, root, directory), as_json, _console())
+            _show(status_snapshot(state_dir, directory), as_json, _console())
             return
-        _watch(role, root, directory, as_json)
+        _watch(*_where(state_dir, directory), directory, as_json)
     except ReplicatorError as exc:
         fail(exc)
+
+
+def status_snapshot(state_dir: Path | None, directory: Path | None) -> dict[str, Any]:
+    """What ``status --json`` prints for a sender's ``state_dir`` or a receiver's
+    ``directory`` (and its ``state_dir``): the live status, else the files at rest.
+    Raises ReplicatorError (a ConfigError naming what to give instead) where the command
+    exits with an error."""
+    role, root = _where(state_dir, directory)
+    return _fetch(role, root, directory)
 
 
 def _where(state_dir: Path | None, directory: Path | None) -> tuple[str, Path]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import shlex
 import signal
 import subprocess
@@ -35,6 +34,7 @@ from tests.tools import (
     qemu_io,
     replicator,
     start_receiver,
+    status_json,
     wait_port,
 )
 
@@ -126,12 +126,23 @@ def declared(tmp_path: Path, witness: str, rcv: ReceiverProc) -> Callable[[], bo
 
 
 def receiver_job(rcv: ReceiverProc) -> dict[str, object]:
-    out = replicator("status", "--dir", str(rcv.dir), "--json")
-    assert out.returncode == 0, out.stderr
-    jobs = json.loads(out.stdout)["jobs"]
+    """Job vm1 as `status --dir --json` shows it (asked in process: polled)."""
+    jobs = status_json(directory=rcv.dir)["jobs"]
     assert [j["job"] for j in jobs] == ["vm1"], jobs
     job: dict[str, object] = jobs[0]
     return job
+
+
+def promoted_as(rcv: ReceiverProc, generation: int) -> Callable[[], bool]:
+    """True once job vm1 is promoted with its new ``generation`` recorded: the receiver
+    writes promoted.state first, then the generation into applied.state, and `status`
+    shows the job promoted with the generation before meanwhile."""
+
+    def check() -> bool:
+        job = receiver_job(rcv)
+        return job["promoted"] is True and job["generation"] == generation
+
+    return check
 
 
 def wait_for(what: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
@@ -180,7 +191,7 @@ def test_the_target_promotes_when_the_witness_agrees(
     sender.send_signal(signal.SIGKILL)
     sender.wait(timeout=10)
     killed = time.time()
-    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 30), receiver_job(rcv)
+    assert wait_for(promoted_as(rcv, 2), 30), receiver_job(rcv)
     job = receiver_job(rcv)
     # when the receiver promoted, as it recorded it: the time this test took to see it
     # (a `replicator status` a poll, each a process start) is not the product's
@@ -232,7 +243,7 @@ def test_a_job_demoted_through_the_receiver_waits_the_full_time_again(
     demoted = time.time()
     demote = replicator("demote", "--dir", str(rcv.dir), "--job", "vm1", "--discard-changes")
     assert demote.returncode == 0, demote.stderr
-    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 30), receiver_job(rcv)
+    assert wait_for(promoted_as(rcv, 3), 30), receiver_job(rcv)
     job = receiver_job(rcv)
     assert job["generation"] == 3  # the source is still gone: promoted again
     at = datetime.fromisoformat(job["promotion"]["at"]).timestamp()  # type: ignore[index]
@@ -284,9 +295,12 @@ def test_no_promotion_while_the_witness_is_down(
     back, _ = start_witness(tmp_path / "witness", int(address.rsplit(":", 1)[1]))
     procs.append(back)
     restarted = time.monotonic()
-    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 30)
-    assert time.monotonic() - restarted > AFTER
     # the wait is over: status said "the witness cannot be reached" after the promotion
+    # (its error is cleared once the promotion is done: not in the same instant)
+    assert wait_for(lambda: promoted_as(rcv, 2)() and receiver_job(rcv)["last_error"] == "", 30), (
+        receiver_job(rcv)
+    )
+    assert time.monotonic() - restarted > AFTER
     job = receiver_job(rcv)
     assert job["last_error"] == "" and job["errors"] != {}, job  # the count stays
     assert rcv.stop() == 0

@@ -19,6 +19,7 @@ from tests.cli.test_witness import (
     AFTER,
     disk,  # noqa: F401 - a fixture
     procs,  # noqa: F401 - a fixture
+    promoted_as,
     receiver_job,
     replicating_pair,
     start_sender,
@@ -65,7 +66,7 @@ def test_etcd_the_target_promotes_when_the_source_key_is_gone(
     sender.wait(timeout=10)
     killed = time.monotonic()
     # the key goes with its lease (3 x --witness-interval, rounded up to etcd's seconds)
-    assert wait_for(lambda: receiver_job(rcv)["promoted"] is True, 10), receiver_job(rcv)
+    assert wait_for(promoted_as(rcv, 2), 10), receiver_job(rcv)
     assert time.monotonic() - killed > AFTER
     assert receiver_job(rcv)["generation"] == 2
     replica = rcv.dir / "vm1" / disk.name

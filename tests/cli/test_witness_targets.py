@@ -23,6 +23,7 @@ from tests.cli.test_witness import (  # noqa: F401  (fixtures)
     declared,
     disk,
     procs,
+    promoted_as,
     receiver_job,
     replicating,
     replicating_pair,
@@ -233,8 +234,7 @@ def test_a_receiver_restarted_with_its_folder_spelled_otherwise_keeps_its_grant(
         link.symlink_to(folder)
         again = start_receiver(link, port=rcv.port, security=auto)
         procs.append(again.proc)
-        assert wait_for(lambda: receiver_job(again)["promoted"] is True, 15), receiver_job(again)
-        assert receiver_job(again)["generation"] == 2
+        assert wait_for(promoted_as(again, 2), 15), receiver_job(again)
         code, err = stop_and_read(again.proc)
         assert code == 0, err[-2000:]
         assert "receiver.auto_failover_refused" not in err, err[-2000:]
