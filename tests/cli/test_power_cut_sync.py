@@ -9,6 +9,11 @@ its state calls a consistency point must be exactly one of the versions of the s
 that were sent; then a plain `send --once` brings it level with the source (`qemu-img
 compare`), without `--resync`. The same on real file systems (``tests/crashdisk.py``), and
 the source machine's power cut during scanned sends, on both.
+
+`make test` runs CYCLES sends each (SOURCE_CYCLES for the source's cuts on faultfs, whose
+check that a cut took something back has no more cycles to wait for it), `make test-long`
+LONG_CYCLES: the short runs show that the cuts and their checks work, the long ones look
+for the rare moment.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from tests.tools import ENV, REPLICATOR, b3, qemu_img, start_receiver
 MiB = 1 << 20
 IMAGE = 48 * MiB
 JOB = "pc"
-CYCLES = 8
+CYCLES = 5
+SOURCE_CYCLES = 8
+LONG_CYCLES = 50
 
 
 def _write_random(path: Path, rng: random.Random, regions: int) -> int:
@@ -96,7 +103,7 @@ def _synced_level(address: str, state: Path, disk: Path, image: Path, replica: P
 
 
 def _receiver_cuts(
-    tmp_path: Path, disks: tuple[CrashDisk, CrashDisk] | None = None
+    tmp_path: Path, disks: tuple[CrashDisk, CrashDisk] | None = None, cycles: int = CYCLES
 ) -> tuple[int, int, int]:
     """`send --once` runs, full then differential, each cut by the receiver machine's
     power going mid-send or after it; after each cut a replica its state calls a
@@ -121,7 +128,7 @@ def _receiver_cuts(
         # wrote by each cut); on a real disk a cut mid-send (whether it takes anything
         # back is the machine's: the sync's large writes may go past the page cache,
         # engine/write_path.py, and then the disk has them as they are written)
-        while cycle < CYCLES or (not (cut_mid_send if disks else undone) and cycle < 3 * CYCLES):
+        while cycle < cycles or (not (cut_mid_send if disks else undone) and cycle < 3 * cycles):
             changed = _write_random(disk, rng, rng.randrange(1, 6)) if cycle else IMAGE
             sent.add(b3(disk))
             sender = _sender(receiver.address, state, disk)
@@ -172,6 +179,13 @@ def test_power_cuts_during_full_and_differential_syncs(tmp_path: Path) -> None:
     assert undone > 0
 
 
+@pytest.mark.long
+@pytest.mark.tools
+def test_power_cuts_during_50_full_and_differential_syncs(tmp_path: Path) -> None:
+    _, _, undone = _receiver_cuts(tmp_path, cycles=LONG_CYCLES)
+    assert undone > 0
+
+
 @pytest.mark.tools
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("crash_disks", ["ext4-lazytime", "xfs", "btrfs"], indirect=True)
@@ -179,6 +193,16 @@ def test_real_power_cuts_during_syncs(
     tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
 ) -> None:
     _, cut_mid_send, _ = _receiver_cuts(tmp_path, crash_disks)
+    assert cut_mid_send > 0
+
+
+@pytest.mark.long
+@pytest.mark.tools
+@pytest.mark.parametrize("crash_disks", ["ext4-lazytime", "xfs", "btrfs"], indirect=True)
+def test_real_power_cuts_during_50_syncs(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
+) -> None:
+    _, cut_mid_send, _ = _receiver_cuts(tmp_path, crash_disks, LONG_CYCLES)
     assert cut_mid_send > 0
 
 
@@ -199,7 +223,7 @@ def test_source_power_cuts_during_syncs(tmp_path: Path) -> None:
     replica = receiver.dir / JOB / "disk.img"
     undone = names = mid_send = 0
     try:
-        for cycle in range(CYCLES):
+        for cycle in range(SOURCE_CYCLES):
             if cycle:
                 _vm_writes(disk, rng)
             sender = _sender(receiver.address, state, disk)
@@ -220,7 +244,7 @@ def test_source_power_cuts_during_syncs(tmp_path: Path) -> None:
         receiver.stop()
         fs.stop()
     print(
-        f"source power cuts: {mid_send} of {CYCLES} during a send; {undone} changes and "
+        f"source power cuts: {mid_send} of {SOURCE_CYCLES} during a send; {undone} changes and "
         f"{names} names undone"
     )
     assert undone > 0
@@ -232,8 +256,23 @@ def test_source_power_cuts_during_syncs(tmp_path: Path) -> None:
 def test_real_source_power_cuts_during_syncs(
     tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
 ) -> None:
-    """The same on real file systems (tests/crashdisk.py): the image on one, the sender's
-    state on the other."""
+    _real_source_cuts(tmp_path, crash_disks, CYCLES)
+
+
+@pytest.mark.long
+@pytest.mark.tools
+@pytest.mark.parametrize("crash_disks", ["ext4-lazytime", "xfs", "btrfs"], indirect=True)
+def test_real_source_power_cuts_during_50_syncs(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk]
+) -> None:
+    _real_source_cuts(tmp_path, crash_disks, LONG_CYCLES)
+
+
+def _real_source_cuts(
+    tmp_path: Path, crash_disks: tuple[CrashDisk, CrashDisk], cycles: int
+) -> None:
+    """The source's power cuts on real file systems (tests/crashdisk.py): the image on
+    one, the sender's state on the other."""
     rng = seeded("real-source-power-cut")
     images, states = crash_disks
     disk, state = images.mountpoint / "disk.img", states.mountpoint / "state"
@@ -245,7 +284,7 @@ def test_real_source_power_cuts_during_syncs(
     try:
         # until a cut came mid-send and one took back something (up to 3 times the cycles):
         # half the time the VM flushed its writes, and then only the send's state is at stake
-        while cycle < CYCLES or (not (undone and mid_send) and cycle < 3 * CYCLES):
+        while cycle < cycles or (not (undone and mid_send) and cycle < 3 * cycles):
             if cycle:
                 _vm_writes(disk, rng)
             sender = _sender(receiver.address, state, disk)
