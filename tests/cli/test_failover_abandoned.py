@@ -5,7 +5,6 @@ again minutes later, must not carry the request out unwatched."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -20,20 +19,18 @@ from tests.tools import (
     REPLICATOR,
     ReceiverProc,
     forced_failover,
-    replicator,
     send_once,
     sender_job,
     start_receiver,
     start_send,
+    status_json,
     stop_and_read,
     wait_for,
 )
 
 
 def _job(target: Path) -> dict[str, object]:
-    out = replicator("status", "--dir", str(target), "--json")
-    assert out.returncode == 0, out.stderr
-    [job] = json.loads(out.stdout)["jobs"]
+    [job] = status_json(directory=target)["jobs"]
     assert isinstance(job, dict)
     return job
 

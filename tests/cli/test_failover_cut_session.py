@@ -14,7 +14,7 @@ from pathlib import Path
 from replicator.engine.connectors import TcpConnector
 from replicator.transport import PROTOCOL_VERSION, Ack, Hello, Welcome
 from tests.engine.test_receiver_session_end import BLOCK, FIRST, SECOND, _epoch
-from tests.tools import answer_to_hello, replicator, start_receiver
+from tests.tools import answer_to_hello, replicator, start_receiver, status_json
 
 
 async def _ship_then_cut(port: int) -> None:
@@ -35,9 +35,7 @@ async def _ship_then_cut(port: int) -> None:
 
 
 def _point(target: Path) -> int:
-    out = replicator("status", "--dir", str(target), "--json")
-    assert out.returncode == 0, out.stderr
-    status = json.loads(out.stdout)
+    status = status_json(directory=target)
     assert status["source"] == "process", status  # the running receiver's view
     [job] = status["jobs"]
     lsn: int = job["consistency_point"]["lsn"]

@@ -9,10 +9,9 @@ the message names brings the replica level with the source (qemu-img compare, bl
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from tests.tools import (
     LiveNbdSender,
@@ -22,6 +21,7 @@ from tests.tools import (
     replicator,
     send_once,
     sender_errors,
+    sender_job,
     start_receiver,
     wait_for,
 )
@@ -34,10 +34,7 @@ def _refused_says(sender: LiveNbdSender, words: str) -> None:
     why, while the sender waits to ask again."""
 
     def job() -> dict[str, Any]:
-        out = replicator("status", "--state-dir", str(sender.state), "--json")
-        return (
-            cast(dict[str, Any], json.loads(out.stdout)["jobs"][0]) if out.returncode == 0 else {}
-        )
+        return sender_job(sender.state)
 
     wait_for(lambda: job().get("state") == "refused", sender.proc, "the refused state")
     assert words in str(job().get("last_error")), job()

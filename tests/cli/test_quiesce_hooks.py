@@ -25,6 +25,7 @@ from tests.tools import (
     running,
     sender_job,
     start_send,
+    status_json,
     stop_and_read,
     wait_for,
 )
@@ -47,9 +48,7 @@ def _disk(tmp_path: Path, size: int = 1024 * 1024) -> Path:
 
 def _point(receiver: ReceiverProc) -> dict[str, Any]:
     """The job's consistency point on the running receiver (``status --dir --json``)."""
-    out = replicator("status", "--dir", str(receiver.dir), "--json")
-    assert out.returncode == 0, out.stderr
-    jobs = [job for job in json.loads(out.stdout)["jobs"] if job["job"] == "vm"]
+    jobs = [job for job in status_json(directory=receiver.dir)["jobs"] if job["job"] == "vm"]
     point: dict[str, Any] = jobs[0]["consistency_point"]
     return point
 

@@ -23,6 +23,7 @@ from tests.tools import (
     qemu_io,
     replicator,
     send_once,
+    status_json,
 )
 
 MiB = 1024 * 1024
@@ -258,17 +259,13 @@ def test_a_volume_given_again_survives_its_sender_killed_after_the_emptying_went
 
 
 def _received(receiver: ReceiverProc, job: str) -> int:
-    out = replicator("status", "--dir", str(receiver.dir), "--json")
-    assert out.returncode == 0, out.stderr[-2000:]
-    (found,) = [j for j in json.loads(out.stdout)["jobs"] if j["job"] == job]
+    (found,) = [j for j in status_json(directory=receiver.dir)["jobs"] if j["job"] == job]
     received: int = found["lsn"]["received"]
     return received
 
 
 def _point(receiver: ReceiverProc, job: str) -> dict[str, Any]:
-    out = replicator("status", "--dir", str(receiver.dir), "--json")
-    assert out.returncode == 0, out.stderr[-2000:]
-    (found,) = [j for j in json.loads(out.stdout)["jobs"] if j["job"] == job]
+    (found,) = [j for j in status_json(directory=receiver.dir)["jobs"] if j["job"] == job]
     point: dict[str, Any] = found["consistency_point"]
     return point
 

@@ -28,6 +28,7 @@ from tests.tools import (
     replicator,
     require_tool,
     start_receiver,
+    status_json,
 )
 
 HOUR = 3600.0
@@ -60,9 +61,7 @@ async def _point(
 
 
 def _job(rcv: ReceiverProc, job: str) -> dict[str, Any]:
-    out = replicator("status", "--dir", str(rcv.dir), "--json")
-    assert out.returncode == 0, out.stderr
-    answer = json.loads(out.stdout)
+    answer = status_json(directory=rcv.dir)
     (entry,) = [j for j in answer["jobs"] if j["job"] == job]
     assert isinstance(entry, dict)
     return entry

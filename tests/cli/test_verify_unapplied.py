@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.killcycles import NbdWriter, tagged
-from tests.tools import LiveNbdSender, ReceiverProc, replicator, start_receiver
+from tests.tools import LiveNbdSender, ReceiverProc, replicator, start_receiver, status_json
 
 BLOCKS = 16384  # the 64 MiB image, in 4 KiB blocks
 
 
 def _job(rcv: ReceiverProc) -> dict[str, Any]:
-    out = replicator("status", "--dir", str(rcv.dir), "--json")
-    assert out.returncode == 0, out.stderr
-    job: dict[str, Any] = json.loads(out.stdout)["jobs"][0]
+    job: dict[str, Any] = status_json(directory=rcv.dir)["jobs"][0]
     return job
 
 
