@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -31,6 +33,47 @@ REPLICATOR = [sys.executable, "-m", "replicator.cli"]
 # pipes of long runs that nobody reads; tests of those lines use LOUD_ENV
 ENV = {**os.environ, "REPLICATOR_LOG_FORMAT": "json", "REPLICATOR_QUIET": "1"}
 LOUD_ENV = {k: v for k, v in ENV.items() if k != "REPLICATOR_QUIET"}
+
+
+class LoggedPopen(subprocess.Popen[str]):
+    """A child (text mode) whose stderr goes to a file, never to a pipe: ``log``, appended
+    to, else an unlinked temporary file. Nobody has to read a file while the child runs;
+    a pipe holds 64 KiB, and a long-lived child that logged more into one nobody read
+    blocked in write(2) on its log and stopped serving (the kill cycles' "NBD writer did
+    not pause").
+
+    ``stderr`` reads that file from where this child's output begins, as a pipe would be
+    read, except that ``read()`` returns what is there now instead of waiting for the end:
+    after the child exits (``poll()``, ``wait()``), all of it. ``communicate()`` waits for
+    the child, then reads."""
+
+    def __init__(self, args: list[str], *, log: Path | None = None, **popen: Any) -> None:
+        assert "stderr" not in popen, "a LoggedPopen's stderr is its log"
+        popen.pop("text", None)
+        with tempfile.TemporaryFile("w+b") if log is None else log.open("ab") as sink:
+            start = os.lseek(sink.fileno(), 0, os.SEEK_END)
+            # another open file description of the same file: its own offset
+            reader = open(f"/proc/self/fd/{sink.fileno()}", "rb")  # noqa: SIM115
+            reader.seek(start)
+            try:
+                super().__init__(args, stderr=sink, text=True, **popen)
+            except BaseException:
+                reader.close()
+                raise
+        self.stderr = io.TextIOWrapper(reader, errors="replace")
+
+    def communicate(
+        self, input: str | None = None, timeout: float | None = None
+    ) -> tuple[str, str]:
+        err, self.stderr = self.stderr, None  # stdin and stdout as Popen does them; waits
+        try:
+            out = super().communicate(input, timeout)[0]
+        finally:
+            self.stderr = err
+        assert err is not None
+        said = err.read()
+        err.close()  # as a pipe is once communicate() has read it
+        return out, said
 
 
 def require_tool(name: str) -> str:
@@ -274,24 +317,20 @@ def start_receiver(
     state_dir: Path | None = None,
     nofile: int | None = None,
 ) -> ReceiverProc:
-    """A real receiver; its log goes to a pipe, or appended to ``log`` for long runs
-    (a pipe nobody reads fills up and blocks the receiver's logging). ``security``:
+    """A real receiver; its log is appended to ``log``, or to a temporary file
+    (``LoggedPopen``: never a pipe, which would block its logging once full). ``security``:
     --insecure, or e.g. ("--tls-dir", DIR, "--allow", "sender:vm1"). ``nofile``: its
     limit of open files (soft and hard)."""
     port = port or free_port()
-    stderr: Any = subprocess.PIPE if log is None else log.open("a")
     state = ("--state-dir", str(state_dir)) if state_dir is not None else ()
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(directory),
          *state, *security],
+        log=log,
         stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        text=True,
         env=ENV,
         preexec_fn=None if nofile is None else lambda: _limit_files(nofile),
     )  # fmt: skip
-    if log is not None:
-        stderr.close()
     wait_port(port, proc)
     return ReceiverProc(port, directory, proc, state_dir)
 
@@ -342,11 +381,11 @@ def start_send(
     address: str, job: str, state: Path, *volumes: Path, extra: tuple[str, ...] = ()
 ) -> subprocess.Popen[str]:
     """A continuous ``send`` (``extra``: ``--interval`` and the like) to the receiver at
-    ``address``, insecure; its stderr is piped, for ``wait_for``'s message."""
-    return subprocess.Popen(
+    ``address``, insecure; its stderr (``LoggedPopen``) for ``wait_for``'s message."""
+    return LoggedPopen(
         [*REPLICATOR, "send", "--to", address, "--job", job, "--state-dir", str(state),
          "--insecure", *extra, *map(str, volumes)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
 
 
@@ -420,21 +459,17 @@ class LiveNbdSender:
         log: Path | None = None,
     ) -> None:
         self.source, self.sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
-        self.log = log  # its stderr goes there (read while it runs), else to a pipe
+        self.log = log  # its stderr goes there (read while it runs), else to a temporary file
         self.state = state or tmp_path / "state"
         if fresh:
             qemu_img("create", "-q", "-f", "raw", str(self.source), "64M")
         self.replica = receiver.dir / "vm1" / "disk.raw"
-        stderr: Any = subprocess.PIPE if log is None else log.open("a")
-        self.proc = subprocess.Popen(
+        self.proc = LoggedPopen(
             [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
              str(self.state), "--capture", "nbd", "--nbd-socket", str(self.sock), *extra,
              *security, str(self.source)],
-            stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-            env=LOUD_ENV if loud else ENV,
+            log=log, stdout=subprocess.DEVNULL, env=LOUD_ENV if loud else ENV,
         )  # fmt: skip
-        if log is not None:
-            stderr.close()
         if until == "sync":
             wait_for(lambda: self.sock.exists() and self.caught_up(), self.proc, "the first sync")
         elif until == "export":
@@ -461,7 +496,8 @@ class LiveNbdSender:
 
 
 def stop_and_read(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
-    """SIGTERM ``proc`` if it still runs; its exit code and stderr (a pipe, read to the end)."""
+    """SIGTERM ``proc`` if it still runs; its exit code and stderr (a pipe read to the end,
+    or a ``LoggedPopen``'s file once it exited)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=timeout)[1]
@@ -469,7 +505,7 @@ def stop_and_read(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int
 
 
 def logs_after_failure(**procs: subprocess.Popen[str]) -> str:
-    """SIGTERM each process still running and return the end of each one's stderr (a pipe),
+    """SIGTERM each process still running and return the end of each one's stderr,
     for an assertion message: a failure that needs load to show up is diagnosed from it."""
     parts = []
     for name, proc in procs.items():
@@ -507,12 +543,13 @@ def start_fuse_sender(
     mnt: Path,
     extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[str]:
-    """A continuous `send --capture fuse` of ``source`` (job fvm), once its mount is up."""
-    proc = subprocess.Popen(
+    """A continuous `send --capture fuse` of ``source`` (job fvm), once its mount is up
+    (its stderr: ``LoggedPopen``)."""
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "fvm", "--state-dir",
          str(tmp_path / "state"), "--capture", "fuse", "--mount", str(mnt), "--insecure",
          *extra, str(source)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not is_mounted(mnt):
