@@ -55,6 +55,7 @@ def test_communicate_waits_for_what_the_child_says_as_it_stops() -> None:
         proc.kill()
         proc.wait()
     assert (code, said) == (3, "ready\nstopping\n")
+    assert stop_and_read(proc) == (3, "ready\nstopping\n")  # again: the same answer
 
 
 def test_a_log_file_is_appended_to_and_stderr_reads_this_childs_part(tmp_path: Path) -> None:

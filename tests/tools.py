@@ -61,6 +61,7 @@ class LoggedPopen(subprocess.Popen[str]):
                 reader.close()
                 raise
         self.stderr = io.TextIOWrapper(reader, errors="replace")
+        self._said = ""
 
     def communicate(
         self, input: str | None = None, timeout: float | None = None
@@ -71,9 +72,10 @@ class LoggedPopen(subprocess.Popen[str]):
         finally:
             self.stderr = err
         assert err is not None
-        said = err.read()
-        err.close()  # as a pipe is once communicate() has read it
-        return out, said
+        if not err.closed:  # a second call answers the same, as Popen's does
+            self._said = err.read()
+            err.close()  # as a pipe is once communicate() has read it
+        return out, self._said
 
 
 def require_tool(name: str) -> str:
