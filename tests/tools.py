@@ -30,7 +30,8 @@ from replicator.transport import Message, Ping
 
 REPLICATOR = [sys.executable, "-m", "replicator.cli"]
 # -q: warnings and errors only. Info lines (one per cycle, per connection) would fill the
-# pipes of long runs that nobody reads; tests of those lines use LOUD_ENV
+# logs of long runs (and any pipe nobody reads: see LoggedPopen); tests of those lines use
+# LOUD_ENV
 ENV = {**os.environ, "REPLICATOR_LOG_FORMAT": "json", "REPLICATOR_QUIET": "1"}
 LOUD_ENV = {k: v for k, v in ENV.items() if k != "REPLICATOR_QUIET"}
 
