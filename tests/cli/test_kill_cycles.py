@@ -55,7 +55,7 @@ from tests.killcycles import (
     wait_written,
     writeback,
 )
-from tests.tools import ENV, REPLICATOR, ReceiverProc, b3, qemu_img, start_receiver
+from tests.tools import ENV, REPLICATOR, LoggedPopen, ReceiverProc, b3, qemu_img, start_receiver
 
 BLOCKS = 1024  # a 4 MiB disk
 JOB = "kc"
@@ -263,11 +263,11 @@ def _scan_cycles(tmp_path: Path, cycles: int, seed: int, *, helpers: bool = Fals
     receiver = start_receiver(tmp_path / "target")
 
     def start_sender() -> subprocess.Popen[str]:
-        return subprocess.Popen(
+        return LoggedPopen(
             [*REPLICATOR, "send", "--to", receiver.address, "--job", JOB, "--state-dir",
              str(state), "--interval", "0.2", "--pre-hook", pre, "--post-hook", post,
              "--insecure", str(disk)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+            stdout=subprocess.DEVNULL, env=ENV,
         )  # fmt: skip
 
     sender = start_sender()

@@ -14,6 +14,7 @@ import pytest
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     b3,
     nbdsh,
@@ -28,11 +29,11 @@ from tests.tools import (
 def _start_live(
     receiver: ReceiverProc, state: Path, sock: Path, *volumes: Path
 ) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "live", "--state-dir",
          str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--insecure",
          *map(str, volumes)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not sock.exists():

@@ -44,6 +44,11 @@ def test_fio_with_random_kills_of_either_side_converges(tmp_path: Path) -> None:
                 sock.unlink(missing_ok=True)
                 sender = _start_live(receiver, state, sock, disk)
         _converges("raw", disk, target / "live" / "disk.img", timeout=120)
+    except BaseException:
+        for name, proc in (("sender", sender), ("receiver", receiver.proc)):
+            said = proc.stderr.read() if proc.stderr is not None else ""  # a file: what is there
+            print(f"--- the last {name}'s log ---\n{said[-5000:]}")
+        raise
     finally:
         _stop(sender)
         receiver.stop()

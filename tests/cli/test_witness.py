@@ -26,6 +26,7 @@ from tests.faultfs import FaultFS
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     b3,
     free_port,
@@ -44,10 +45,10 @@ LEASE = ("--witness-interval", "0.3")
 
 def start_witness(state: Path, port: int | None = None) -> tuple[subprocess.Popen[str], str]:
     port = port or free_port()
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "witness", "--listen", f"127.0.0.1:{port}", "--dir", str(state),
          "--insecure"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     wait_port(port, proc)
     return proc, f"127.0.0.1:{port}"
@@ -56,10 +57,10 @@ def start_witness(state: Path, port: int | None = None) -> tuple[subprocess.Pope
 def start_sender(
     rcv: ReceiverProc, state: Path, disk: Path, witness: str, *extra: str
 ) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return LoggedPopen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
          "--insecure", "--interval", "0.2", "--witness", witness, *LEASE, *extra, str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
 
 
@@ -502,11 +503,11 @@ def test_over_tls_another_certificate_of_the_ca_is_no_witness(
     procs.append(rcv.proc)
 
     def source(*extra: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
+        proc = LoggedPopen(
             [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir",
              str(tmp_path / "state"), *tls, "--interval", "0.2", "--witness", impostor,
              *LEASE, *extra, str(disk)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+            stdout=subprocess.DEVNULL, env=ENV,
         )  # fmt: skip
         procs.append(proc)
         return proc

@@ -25,23 +25,24 @@ from tests.cli.test_witness import (
     start_sender,
     wait_for,
 )
-from tests.tools import b3, free_port, one_line_error, require_tool, wait_port
+from tests.tools import LoggedPopen, b3, free_port, one_line_error, require_tool, wait_port
 
 pytestmark = pytest.mark.tools
 
 
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A one-member etcd on free loopback ports, its data in tmp_path; SIGKILLed at the end."""
+    """A one-member etcd on free loopback ports, its data in tmp_path; SIGKILLed at the end.
+    Its log (chatty: raft at info) goes to a file, which wait_port shows if it exits."""
     client, peer = free_port(), free_port()
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [require_tool("etcd"), "--name", "witness", "--data-dir", str(tmp_path / "etcd"),
          "--listen-client-urls", f"http://127.0.0.1:{client}",
          "--advertise-client-urls", f"http://127.0.0.1:{client}",
          "--listen-peer-urls", f"http://127.0.0.1:{peer}",
          "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
          "--initial-cluster", f"witness=http://127.0.0.1:{peer}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait_port(client, proc)

@@ -37,6 +37,7 @@ from tests.cli.test_witness import (
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     free_port,
     one_line_error,
@@ -103,11 +104,11 @@ def test_a_source_cut_off_from_the_witness_fences_itself_and_goes_on_when_it_is_
     rcv = start_receiver(tmp_path / "target")
     procs.append(rcv.proc)
     # the sender through the proxy; the receiver is not the point here (no auto-failover)
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir",
          str(tmp_path / "state"), "--insecure", "--interval", "0.2", "--witness", via, *FENCE_LEASE,
          "--fence-exec", f"sh -c {shlex.quote(script)}", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     procs.append(sender)
     state = tmp_path / "state"
@@ -166,11 +167,11 @@ def test_fence_options_are_checked_at_start(tmp_path: Path, disk: Path) -> None:
 def start_nbd_sender(
     rcv: ReceiverProc, state: Path, sock: Path, image: Path, witness: str
 ) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "live", "--state-dir", str(state),
          "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", "--witness", witness,
          *FENCE_LEASE, str(image)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     assert wait_for(lambda: (sender_job(state) or {}).get("state") == "replicating", 60), (
         proc.poll(),

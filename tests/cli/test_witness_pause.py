@@ -30,7 +30,7 @@ from tests.cli.test_witness import (  # noqa: F401
     witness_replica,
 )
 from tests.cli.test_witness_fence import sender_job
-from tests.tools import ENV, REPLICATOR, qemu_img, start_receiver, stop_and_read
+from tests.tools import ENV, REPLICATOR, LoggedPopen, qemu_img, start_receiver, stop_and_read
 
 pytestmark = pytest.mark.long
 
@@ -96,11 +96,11 @@ def test_a_frozen_source_resumed_after_the_grant_acknowledges_nothing(
     image = tmp_path / "vm1.img"
     qemu_img("create", "-q", "-f", "raw", str(image), "64M")
     state, sock = tmp_path / "state", tmp_path / "nbd.sock"
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", f"127.0.0.1:{link.address[1]}", "--job", "vm1",
          "--state-dir", str(state), "--capture", "nbd", "--nbd-socket", str(sock),
          "--insecure", "--interval", "0.2", "--witness", address, *LEASE, str(image)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     procs.append(sender)
     assert wait_for(lambda: (sender_job(state) or {}).get("state") == "replicating", 30)

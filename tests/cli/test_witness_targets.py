@@ -37,6 +37,7 @@ from tests.faultfs import FaultFS
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     b3,
     free_port,
     qemu_io,
@@ -305,11 +306,11 @@ def no_copy_promoted_for_an_unbound_source(
     qemu_io("qcow2", disk, "write -P 0x22 4M 1M")  # written after the old copy was made
 
     port = free_port()  # the target is not up yet
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", "vm1", "--state-dir",
          str(tmp_path / "state"), "--insecure", "--interval", "0.2", "--witness", address,
          *LEASE, str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     procs.append(sender)
     # it renews its lease (the first renewal comes at its start), saying it reached none
