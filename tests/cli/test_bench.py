@@ -20,7 +20,15 @@ from replicator.cli.bench_cmd import check_options
 from replicator.engine.benchmark import BenchError, verify_local
 from replicator.engine.benchmark_workload import Mix, blake3_file
 from replicator.engine.errors import ConfigError, ExitCode
-from tests.tools import ENV, REPLICATOR, free_port, one_line_error, replicator, start_receiver
+from tests.tools import (
+    ENV,
+    REPLICATOR,
+    LoggedPopen,
+    free_port,
+    one_line_error,
+    replicator,
+    start_receiver,
+)
 
 PHASE_KEYS = {
     "seconds", "wire_seconds", "wire_bytes", "payload_bytes", "link_bytes_up",
@@ -142,10 +150,10 @@ def _wait_mid_sync(bench: subprocess.Popen[str], work: Path) -> None:
 
 def test_ctrl_c_stops_the_children_and_removes_the_files(tmp_path: Path) -> None:
     work = tmp_path / "work"
-    bench = subprocess.Popen(
+    bench = LoggedPopen(
         [*REPLICATOR, "bench", "--size", "8M", "--rtt", "100ms", "--rate", "40Mbit",
          "--work-dir", str(work)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
         _wait_mid_sync(bench, work)
@@ -334,10 +342,10 @@ def test_netns_is_removed_after_ctrl_c(tmp_path: Path) -> None:
         return
     before = _namespaces()
     work = tmp_path / "work"
-    bench = subprocess.Popen(
+    bench = LoggedPopen(
         [*REPLICATOR, "bench", "--netns", "--size", "16M", "--rtt", "100ms", "--rate", "20Mbit",
          "--work-dir", str(work)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
         _wait_mid_sync(bench, work)

@@ -22,6 +22,7 @@ from tests.tools import (
     ENV,
     REPLICATOR,
     LiveNbdSender,
+    LoggedPopen,
     b3,
     is_mounted,
     one_line_error,
@@ -184,8 +185,7 @@ def test_a_continuous_sender_outlives_a_full_target_and_resumes_once_space_is_fr
     def serving() -> bool:  # the VM could use it
         return {"scan": True, "nbd": sock.exists(), "fuse": is_mounted(mnt)}[capture]
 
-    sender = subprocess.Popen([*REPLICATOR, *common, *extra], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+    sender = LoggedPopen([*REPLICATOR, *common, *extra], stdout=subprocess.DEVNULL, env=ENV)
     try:
         wait_for(lambda: same() and serving(), sender, "the first sync")
         write(7)  # 24 MiB into a 16 MiB file system

@@ -25,6 +25,7 @@ from tests.tools import (
     ENV,
     LOUD_ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     b3,
     forced_failover,
@@ -46,10 +47,10 @@ EXTENT = 64 * KiB
 
 
 def _live(rcv: ReceiverProc, state: Path, sock: Path, disk: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm", "--state-dir", str(state),
          "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while not sock.exists():
@@ -174,10 +175,10 @@ def test_planned_failover_of_a_scanning_sender_takes_a_last_scan(tmp_path: Path)
     disk, state, target = tmp_path / "disk.img", tmp_path / "state", tmp_path / "target"
     qemu_img("create", "-q", "-f", "raw", str(disk), "16M")
     rcv = start_receiver(target)
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm", "--state-dir", str(state),
          "--interval", "300", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
         replica = target / "vm" / disk.name
@@ -308,10 +309,10 @@ def test_an_interrupted_failback_is_refused_by_send_and_resumes(tmp_path: Path) 
     qemu_io("raw", replica, "write -P 0x66 8M 48M")  # much to move: time to interrupt it
     rcv = start_receiver(target)
     try:
-        proc = subprocess.Popen(
+        proc = LoggedPopen(
             [*REPLICATOR, "failback", "--from", rcv.address, "--job", "vm", "--state-dir",
              str(state), "--insecure", str(disk)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+            stdout=subprocess.DEVNULL, env=ENV,
         )  # fmt: skip
         marker, new = state / MARKER_FILE, bytes([0x66]) * EXTENT
         deadline = time.monotonic() + 30

@@ -29,6 +29,7 @@ from tests.tools import (
     ENV,
     REPLICATOR,
     LiveNbdSender,
+    LoggedPopen,
     ReceiverProc,
     b3,
     forced_failover,
@@ -89,10 +90,10 @@ def test_forced_failover_promotes_and_a_stale_source_is_refused(
     # the source keeps replicating (a continuous sender) until the target takes over
     # through its running receiver: the session is cut, the sender is refused from then on
     rcv = start_receiver(target)
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "vm1", "--state-dir", str(state),
          "--insecure", "--interval", "0.2", str(disk), str(xml)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
         time.sleep(2)

@@ -23,6 +23,7 @@ from tests.tools import (
     ENV,
     LOUD_ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     b3,
     free_port,
@@ -66,10 +67,10 @@ def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
 def test_continuous_send_says_what_it_does(tmp_path: Path, receiver: ReceiverProc) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(16 << 20))  # four scan batches: progress between them
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "cont", "--state-dir",
          str(tmp_path / "state"), "--interval", "0.3", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=FAST_PROGRESS,
+        stdout=subprocess.DEVNULL, env=FAST_PROGRESS,
     )  # fmt: skip
     try:
         _wait_same(disk, receiver.dir / "cont" / "disk.img")
@@ -118,10 +119,10 @@ def test_live_initial_sync_shows_progress(
         if capture == "nbd"
         else ["--mount", str(mnt), str(folder)]
     )
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "live", "--state-dir",
          str(tmp_path / "state"), "--capture", capture, "--insecure", *how],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=FAST_PROGRESS,
+        stdout=subprocess.DEVNULL, env=FAST_PROGRESS,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -425,10 +426,10 @@ def test_verify_while_the_sender_runs_says_what_to_do(
     disk = tmp_path / "d.img"
     disk.write_bytes(os.urandom(1 << 20))
     state = tmp_path / "s"
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "busy", "--state-dir",
          str(state), "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
         _wait_same(disk, receiver.dir / "busy" / "d.img")

@@ -12,6 +12,7 @@ from pathlib import Path
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     b3,
     distinct_random_disk,
@@ -149,7 +150,7 @@ def test_a_sender_killed_while_helpers_hash_leaves_none_behind(
     helpers: list[int] = []
     for attempt in range(8):  # each try changes the disk and kills the send once it hashes
         qemu_io("raw", disk, f"write -P {0x40 + attempt} {attempt * 7}M 64k")
-        sender = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        sender = LoggedPopen(args, env=ENV, stdout=subprocess.DEVNULL)
         while sender.poll() is None and not helpers:
             helpers = _helpers_of(sender.pid)
             time.sleep(0.002)
@@ -179,10 +180,10 @@ def test_sighup_stops_a_sender_and_a_receiver_as_sigterm_does_and_says_so(
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(4 * 1024 * 1024))
     state = tmp_path / "state"
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "hup", "--state-dir",
          str(state), "--interval", "0.2", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     replica = receiver.dir / "hup" / disk.name
     try:

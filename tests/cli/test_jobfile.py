@@ -19,6 +19,7 @@ from tests.tools import (
     ENV,
     LOUD_ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     b3,
     free_port,
@@ -292,11 +293,9 @@ def test_receive_config_with_an_override_and_relative_dir(tmp_path: Path) -> Non
     config.write_text('listen = "127.0.0.1:1"\ndir = "../replicas"\ninsecure = true\n')
 
     port = free_port()
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "receive", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
         env=ENV,
     )
     rcv = ReceiverProc(port, tmp_path / "replicas", proc)
@@ -365,11 +364,9 @@ def test_sigterm_stops_every_job_of_a_continuous_job_file(
     for name in ("good.img", "other.img"):
         (tmp_path / name).write_bytes(name.encode() * 65536)
     path = _job_file(tmp_path, TWO_JOBS.format(to=receiver.address, broken="other.img"))
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--job-file", str(path)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
         env=LOUD_ENV,  # not -q: the runner says which jobs it runs
     )
     pairs = [
@@ -435,11 +432,9 @@ def test_no_flags_turn_off_on_the_command_line_what_the_file_turns_on(
     out = replicator("send", "--job-file", str(path), "--job", "good")
     assert out.returncode == 0, out.stderr[-3000:]  # the file's once: one cycle, then exit
 
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--job-file", str(path), "--no-once"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
         env=ENV,
     )
     source, replica = tmp_path / "other.img", receiver.dir / "broken" / "other.img"

@@ -21,6 +21,7 @@ from replicator.engine import replica_state
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     b3,
     free_port,
     qemu_compare,
@@ -44,11 +45,11 @@ def _nbd_sender(disk: Path, state: Path, port: int) -> tuple[subprocess.Popen[st
     sender, once its socket is up, and the export's URI."""
     sock = state.parent / "nbd.sock"
     qemu_img("create", "-q", "-f", "raw", str(disk), "64M")
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", "ovf", "--state-dir",
          str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--journal-max", "8M",
          "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not sock.exists():
@@ -142,11 +143,11 @@ def test_a_fuse_folder_keeps_working_past_the_journal_cap(tmp_path: Path) -> Non
     port = free_port()
     target = tmp_path / "target"
     receiver = start_receiver(target, port)
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", f"127.0.0.1:{port}", "--job", "fovf", "--state-dir",
          str(state), "--capture", "fuse", "--mount", str(mnt), "--journal-max", "4M",
          "--insecure", str(source)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     replica = target / "fovf"
     try:

@@ -32,7 +32,7 @@ from tests.cli.faults import equal
 from tests.crashdisk import CrashDisk, cut_took_back, receiver_disks
 from tests.faultfs import FaultFS, powered, rebooted
 from tests.killcycles import seeded, wait_written, writeback
-from tests.tools import ENV, REPLICATOR, b3, qemu_img, start_receiver
+from tests.tools import ENV, REPLICATOR, LoggedPopen, b3, qemu_img, start_receiver
 
 MiB = 1 << 20
 IMAGE = 48 * MiB
@@ -78,10 +78,10 @@ def _cut_during(
 
 
 def _sender(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return LoggedPopen(
         [*REPLICATOR, "send", "--to", address, "--job", JOB, "--state-dir", str(state),
          "--once", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from replicator.engine.errors import ExitCode
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     b3,
     one_line_error,
@@ -208,11 +209,11 @@ def test_a_sender_stopped_while_the_guest_is_frozen_thaws_it_first(
 ) -> None:
     disk, frozen = _disk(tmp_path, 8 * 1024 * 1024), tmp_path / "frozen"
     # the freeze has frozen one file system and waits on the next one
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm", "--state-dir",
          str(tmp_path / "state"), "--once", "--insecure", "--pre-hook",
          f"touch {frozen} && sleep 30", "--post-hook", f"rm {frozen}", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     wait_for(frozen.exists, proc, "the freeze")
     time.sleep(0.5)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from replicator.engine.errors import ExitCode
-from tests.tools import ENV, REPLICATOR, b3, replicator, start_receiver
+from tests.tools import ENV, REPLICATOR, LoggedPopen, b3, replicator, start_receiver
 
 pytestmark = pytest.mark.serial  # measures rates and deadlines: not beside other tests
 
@@ -32,10 +32,10 @@ def test_rate_caps_the_wire_and_changes_live(tmp_path: Path) -> None:
     disk.write_bytes(os.urandom(24 * MiB))  # incompressible: wire bytes = payload bytes
     state = tmp_path / "state"
     rcv = start_receiver(tmp_path / "target")
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "j", "--state-dir", str(state),
          "--insecure", "--interval", "0.5", "--rate", "2MB/s", "--burst", "256K", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 20

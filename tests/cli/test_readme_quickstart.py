@@ -13,6 +13,7 @@ from pathlib import Path
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     free_port,
     qemu_img,
@@ -66,9 +67,9 @@ def test_the_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
     out = replicator(*argv("keygen"))
     assert out.returncode == 0, out.stderr
     (tmp_path / "replicas").mkdir()
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, *argv("receive")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     rcv = ReceiverProc(port, tmp_path / "replicas", proc, None)
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     distinct_random_disk,
     one_line_error,
     qemu_compare,
@@ -35,10 +36,10 @@ PER_CONNECTION_MIB = 6  # outside the budget: one frame read (2 MiB) and its buf
 
 def sender(address: str, k: int, state: Path, disk: Path) -> subprocess.Popen[str]:
     """``send --once`` of ``disk`` as job vm``k``, running."""
-    return subprocess.Popen(
+    return LoggedPopen(
         [*REPLICATOR, "send", "--to", address, "--job", f"vm{k}", "--state-dir", str(state),
          "--once", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import pytest
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     b3,
     qemu_compare,
@@ -236,10 +237,10 @@ def test_a_volume_given_again_survives_its_sender_killed_after_the_emptying_went
         f.truncate(4 * MiB)
         f.seek(4 * MiB)
         f.write(os.urandom(12 * MiB))
-    slow = subprocess.Popen(
+    slow = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "cut", "--state-dir",
          str(state), "--once", "--insecure", "--rate", "1MB/s", "--burst", "64K", str(a), str(b)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30

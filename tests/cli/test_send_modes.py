@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from replicator.engine.errors import ExitCode
-from tests.tools import ENV, REPLICATOR, ReceiverProc, b3, send_once
+from tests.tools import ENV, REPLICATOR, LoggedPopen, ReceiverProc, b3, send_once
 
 
 def _wait_same(source: Path, replica: Path, timeout: float = 30) -> None:
@@ -24,10 +24,10 @@ def test_continuous_mode_follows_changes_and_stops_cleanly(
 ) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(4 * 1024 * 1024))
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "cont", "--state-dir",
          str(tmp_path / "state"), "--interval", "0.3", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
         replica = receiver.dir / "cont" / "disk.img"
@@ -61,10 +61,10 @@ def test_sigint_mid_sync_exits_130_and_the_next_run_resumes(
         for i in range(160):
             f.write(block[i:] + block[:i])
     state = tmp_path / "state"
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "intr", "--state-dir",
          str(state), "--once", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     time.sleep(0.6)
     proc.send_signal(signal.SIGINT)

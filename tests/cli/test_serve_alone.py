@@ -23,6 +23,7 @@ from tests.tools import (
     ENV,
     REPLICATOR,
     LiveNbdSender,
+    LoggedPopen,
     ReceiverProc,
     b3,
     qemu_compare,
@@ -182,11 +183,11 @@ def _live_job(state: Path) -> dict[str, Any]:
 
 
 def _start(receiver: ReceiverProc, state: Path, sock: Path, source: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "vm1", "--state-dir",
          str(state), "--capture", "nbd", "--nbd-socket", str(sock), "--wait-for-receiver",
          "1", "--insecure", str(source)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from tests.faultfs import FaultFS
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     b3,
     qemu_compare,
     qemu_img,
@@ -28,10 +29,10 @@ from tests.tools import (
 
 
 def _serve(address: str, state: Path, sock: Path, source: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return LoggedPopen(
         [*REPLICATOR, "send", "--to", address, "--job", "vm1", "--state-dir", str(state),
          "--capture", "nbd", "--nbd-socket", str(sock), "--insecure", str(source)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from replicator.engine.errors import ExitCode
 from tests.tools import (
     ENV,
     REPLICATOR,
+    LoggedPopen,
     ReceiverProc,
     free_port,
     replicator,
@@ -83,10 +84,10 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 def _receiver(directory: Path, *extra: str) -> ReceiverProc:
     port = free_port()
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "receive", "--listen", f"127.0.0.1:{port}", "--dir", str(directory),
          "--insecure", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     wait_port(port, proc)
     return ReceiverProc(port, directory, proc)
@@ -612,10 +613,10 @@ def test_a_send_once_under_way_says_it_replicates(tmp_path: Path, receiver: Rece
     """It said "starting" for as long as it shipped (8 MiB at 4 MB/s here)."""
     disk, state = tmp_path / "disk.img", tmp_path / "state"
     disk.write_bytes(os.urandom(8 * 1024 * 1024))
-    proc = subprocess.Popen(
+    proc = LoggedPopen(
         [*REPLICATOR, "send", "--to", receiver.address, "--job", "once", "--state-dir",
          str(state), "--once", "--insecure", "--rate", "4M", "--burst", "1M", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     seen: set[str] = set()
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.tools import ENV, REPLICATOR, b3, replicator, send_once, start_receiver
+from tests.tools import ENV, REPLICATOR, LoggedPopen, b3, replicator, send_once, start_receiver
 
 pytestmark = pytest.mark.serial  # measures how long a stop takes
 
@@ -67,10 +67,10 @@ def test_sigterm_on_a_shaped_sender_stops_promptly(tmp_path: Path, pause: str) -
     state = tmp_path / "state"
     rcv = start_receiver(tmp_path / "target")
     shaping = ("--schedule", "* 0") if pause == "schedule" else ("--rate", "2Mbit")
-    sender = subprocess.Popen(
+    sender = LoggedPopen(
         [*REPLICATOR, "send", "--to", rcv.address, "--job", "j", "--state-dir", str(state),
          "--insecure", "--interval", "60", *shaping, str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
         _wait(sender, state, "journaled" if pause == "schedule" else "wire")

@@ -19,6 +19,7 @@ from tests.tools import (
     ENV,
     REPLICATOR,
     LiveNbdSender,
+    LoggedPopen,
     b3,
     qemu_compare,
     replicator,
@@ -34,10 +35,10 @@ STOP_WITHIN = 4.0  # seconds from SIGTERM to exit with a stalled receiver (7-35 
 
 
 def _continuous(address: str, state: Path, disk: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return LoggedPopen(
         [*REPLICATOR, "send", "--to", address, "--job", "vm", "--state-dir", str(state),
          "--interval", "1", "--insecure", str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
 
 

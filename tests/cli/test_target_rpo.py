@@ -19,7 +19,7 @@ import pytest
 from replicator.engine import control
 from replicator.transport.wan import LinkProfile
 from tests.cli.test_network_faults import ProxyThread
-from tests.tools import ENV, REPLICATOR, b3, free_port, replicator, start_receiver
+from tests.tools import ENV, REPLICATOR, LoggedPopen, b3, free_port, replicator, start_receiver
 
 MiB = 1024 * 1024
 CAP = 12.5e6  # 100 Mbit/s
@@ -36,10 +36,10 @@ def _job(state: Path) -> dict[str, Any] | None:
 
 
 def _sender(proxy: ProxyThread, state: Path, disk: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return LoggedPopen(
         [*REPLICATOR, "send", "--to", f"127.0.0.1:{proxy.address[1]}", "--job", "j",
          "--state-dir", str(state), "--insecure", *extra, str(disk)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
 
 
