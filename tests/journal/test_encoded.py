@@ -25,6 +25,7 @@ from replicator.journal import (
 from replicator.journal.records import record_heads
 from replicator.journal.recovery import OnDamage
 from replicator.journal.segment import HEADER_BYTES
+from tests.journal.strategies import RECORDS
 
 
 def _stamped() -> list[Record]:
@@ -198,20 +199,7 @@ async def test_follow_encoded_checks_checksums_up_to_check_through_only(
             await follow.aclose()
 
 
-_VOLUMES = st.sampled_from(["d.img", "vm/disk.qcow2", "é.vhdx"])
-_OFFSETS = st.integers(0, 2**40)
-_RECORDS = st.one_of(
-    st.builds(Record.write, _VOLUMES, _OFFSETS, st.binary(min_size=1, max_size=9000)),
-    st.builds(Record.zero, _VOLUMES, _OFFSETS, st.integers(1, 2**30)),
-    st.builds(Record.trim, _VOLUMES, _OFFSETS, st.integers(1, 2**30)),
-    st.builds(Record.resize, _VOLUMES, _OFFSETS),
-    st.builds(Record.file, _VOLUMES, st.binary(max_size=300)),
-    st.builds(Record.rename, _VOLUMES, _VOLUMES),
-    st.just(Record.flush()),
-)
-
-
-@given(st.lists(_RECORDS, max_size=12), st.integers(0, 2**40))
+@given(st.lists(RECORDS, max_size=12), st.integers(0, 2**40))
 def test_record_heads_are_what_decoding_finds(records: list[Record], lsn: int) -> None:
     """The journal observer's cheap view of a staged batch (``record_heads``) is each
     record's type, volume, offset and length as the format's decoder reads them, and a

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from replicator.journal import Record, RecordError, decode_records, encode_record, native, records
+from tests.journal.strategies import RECORDS
 from tests.journal.test_record_versions import _as_version_1
 
 try:
@@ -20,17 +21,8 @@ try:
 except ImportError:  # tested below: `make install` builds it
     _verify = None  # type: ignore[assignment]
 
-_VOLUMES = st.sampled_from(["d.img", "vm/disk.qcow2", "é.vhdx"])
-_OFFSETS = st.integers(0, 2**40)
-_RECORDS = st.one_of(
-    st.builds(Record.write, _VOLUMES, _OFFSETS, st.binary(min_size=1, max_size=9000)),
-    st.builds(Record.zero, _VOLUMES, _OFFSETS, st.integers(1, 2**30)),
-    st.builds(Record.trim, _VOLUMES, _OFFSETS, st.integers(1, 2**30)),
-    st.builds(Record.file, _VOLUMES, st.binary(max_size=300)),
-    st.just(Record.flush()),
-)
 # each record as written (version 2) or as version 1 wrote it (blake3: C leaves it to Python)
-_STORED = st.tuples(_RECORDS, st.booleans())
+_STORED = st.tuples(RECORDS, st.booleans())
 
 
 def _encoded(stored: list[tuple[Record, bool]]) -> list[bytes]:
@@ -80,7 +72,7 @@ def test_intact_records_are_vouched_for_up_to_the_first_version_1(
     assert _verify.verified_prefix(bytearray(blob)) == _verify.verified_prefix(memoryview(blob))
 
 
-@given(st.lists(_RECORDS, min_size=1, max_size=6), st.data())
+@given(st.lists(RECORDS, min_size=1, max_size=6), st.data())
 def test_no_changed_byte_is_vouched_for(records_: list[Record], data: st.DataObject) -> None:
     """Any one byte changed, or the frame cut anywhere: the C check stops at or before
     the record it lies in (what its checksum covers, its lengths and its magic)."""
