@@ -249,6 +249,22 @@ def burst(count: int, seed: int, size: int) -> list[tuple[int, int, bytes]]:
     return out
 
 
+def send_writes(client: RawClient, writes: list[tuple[int, int, bytes]]) -> None:
+    """Pipeline plain WRITEs (handle, offset, data) in one write: a run the batch path takes."""
+    client.writer.write(
+        b"".join(REQ.pack(proto.REQUEST_MAGIC, 0, 1, h, o, len(d)) + d for h, o, d in writes)
+    )
+
+
+async def write_errors(client: RawClient, count: int) -> dict[int, int]:
+    """The next ``count`` replies' errors by handle."""
+    errors: dict[int, int] = {}
+    for _ in range(count):
+        handle, error, _ = await asyncio.wait_for(client.read_reply(), 30)
+        errors[handle] = error
+    return errors
+
+
 async def serve_burst(
     tmp_path: Path,
     writes: list[tuple[int, int, bytes]],
@@ -274,14 +290,10 @@ async def serve_burst(
     errors: dict[int, int] = {}
     try:
         client = await RawClient.open(sock, "disk")
-        client.writer.write(
-            b"".join(REQ.pack(proto.REQUEST_MAGIC, 0, 1, h, o, len(d)) + d for h, o, d in writes)
-        )
+        send_writes(client, writes)
         if between is not None:
             await between(client)
-        for _ in writes:
-            handle, error, _ = await asyncio.wait_for(client.read_reply(), 30)
-            errors[handle] = error
+        errors.update(await write_errors(client, len(writes)))
         assert await client.request(proto.Cmd.FLUSH) == (0, b"")
         await client.disconnect()
     finally:
@@ -525,12 +537,8 @@ async def test_a_journal_write_failing_inside_a_batch_fails_it_and_the_flush(
     errors: dict[int, int] = {}
     try:
         client = await RawClient.open(sock, "disk")
-        client.writer.write(
-            b"".join(REQ.pack(proto.REQUEST_MAGIC, 0, 1, h, o, len(d)) + d for h, o, d in writes)
-        )
-        for _ in writes:
-            handle, error, _ = await asyncio.wait_for(client.read_reply(), 30)
-            errors[handle] = error
+        send_writes(client, writes)
+        errors.update(await write_errors(client, len(writes)))
         flushed = await client.request(proto.Cmd.FLUSH)
         await client.disconnect()
     finally:
