@@ -502,13 +502,13 @@ class Link:
                     pending.extend(batch)
                     queued = sum(r.size for r in batch)
                     if batch:
-                        read.append((batch[-1].lsn, time.monotonic()))
+                        read.append((batch[-1].last_lsn, time.monotonic()))
                 while queued < FRAME_TARGET and not queue.empty():
                     batch = queue.get_nowait()
                     pending.extend(batch)
                     queued += sum(r.size for r in batch)
                     if batch:
-                        read.append((batch[-1].lsn, time.monotonic()))
+                        read.append((batch[-1].last_lsn, time.monotonic()))
                 while len(read) > 1 and read[0][0] < pending[0].lsn:
                     read.popleft()
                 read_at = read[0][1] if read else time.monotonic()

@@ -50,6 +50,7 @@ from replicator.engine.errors import (
 from replicator.engine.names import path_problem
 from replicator.journal import EncodedRecord, Record, RecordError, RecordType, decode_records
 from replicator.journal.journal import MAX_LSN
+from replicator.journal.records import split_run
 from replicator.transport import (
     Ack,
     Credit,
@@ -214,28 +215,42 @@ class SenderCore:
 
     # -- what we send ---------------------------------------------------------------------
     def pack(self, pending: collections.deque[EncodedRecord]) -> Records:
-        """Take records from the front of ``pending`` (not empty) into one Records frame.
+        """Take records from the front of ``pending`` (not empty) into one Records frame
+        of at most ``FRAME_TARGET`` bytes and the window (a single larger record goes
+        alone); a run of records (``EncodedRecord.count``) is cut where the frame is full.
 
         Records that lie back to back in one read chunk (the journal's segments hold them
         so) go out as one slice of it, without a copy; others are joined.
         """
-        first = last = pending.popleft()
+        limit = min(FRAME_TARGET, self.window)
+        taken = split_run(pending.popleft(), limit, at_least_one=True)
+        assert taken is not None  # at_least_one
+        first, rest = taken
+        if rest is not None:
+            pending.appendleft(rest)
+        last = first
         parts = [first.raw, first.payload]
         size = first.size
-        count = 1
+        count = first.count
         chunk = first.chunk
-        while pending and size < FRAME_TARGET and size + pending[0].size <= self.window:
-            last = pending.popleft()
+        while pending and size < limit:
+            taken = split_run(pending[0], limit - size)
+            if taken is None:
+                break
+            pending.popleft()
+            last, rest = taken
+            if rest is not None:
+                pending.appendleft(rest)
             parts += (last.raw, last.payload)
             if chunk is not None and (last.chunk is not chunk or last.at != first.at + size):
                 chunk = None
             size += last.size
-            count += 1
+            count += last.count
         if chunk is not None:
             payload: bytes | memoryview = memoryview(chunk)[first.at : first.at + size]
         else:
             payload = b"".join(parts)
-        return Records(first.lsn, last.lsn, count, first.ts_ns, payload)
+        return Records(first.lsn, last.last_lsn, count, first.ts_ns, payload)
 
     def shipped(self, msg: Records, read_at: float | None = None) -> None:
         """``msg`` went; its first record was read from the journal at ``read_at``

@@ -67,6 +67,7 @@ from replicator.journal.records import (
     RecordHead,
     encode_parts,
     record_heads,
+    run_from,
 )
 from replicator.journal.recovery import (
     MAX_SPARES,
@@ -860,9 +861,17 @@ class Journal:
         Every record is checked (lengths, LSN order, checksum), except that with
         ``check_through`` set the checksums of records past it are left to the consumer:
         a sender shipping to a receiver that verifies every record on arrival (see
-        ``engine/link.py``) hashes each byte once fewer.
+        ``engine/link.py``) hashes each byte once fewer. Records read back to back may
+        come as runs (``EncodedRecord.count``); a run that starts before ``lsn`` is cut
+        to the records from ``lsn`` on.
         """
-        read = functools.partial(SegmentReader.read_encoded, check_through=check_through)
+
+        def read(reader: SegmentReader, end: int) -> list[EncodedRecord]:
+            batch = reader.read_encoded(end, check_through=check_through)
+            if batch and batch[0].lsn < lsn:  # the segment's first chunk: before ``lsn``
+                batch = [kept for item in batch if (kept := run_from(item, lsn)) is not None]
+            return batch
+
         return self._batches(lsn, follow=True, read=read)
 
     async def _records(self, lsn: int, *, follow: bool) -> AsyncGenerator[Record, None]:

@@ -48,6 +48,7 @@ from typing import Any, NamedTuple, TypeGuard
 import blake3
 import xxhash
 
+from replicator.journal.native import framed_run as _framed_run_c
 from replicator.journal.native import verified_prefix
 
 RECORD_MAGIC = b"RJ"
@@ -419,7 +420,8 @@ def peek_lsn(buf: bytes | memoryview, pos: int = 0) -> int:
 
 @dataclass(frozen=True, slots=True)
 class EncodedRecord:
-    """A record as stored and shipped: its checked bytes, with the LSN and time read out.
+    """A record as stored and shipped, or a run of them stored back to back (``count``):
+    their checked bytes, with the (first) LSN and time read out.
 
     What the sender ships and the receiver journals: nobody in between needs the
     decoded fields, so the bytes travel as they are instead of being re-encoded.
@@ -432,6 +434,9 @@ class EncodedRecord:
     A record checked in an immutable read chunk (``bytes``) is not copied out of it:
     ``raw`` is a view of the chunk and ``at`` its offset there (-1 otherwise), so that
     records read back to back can go out as one slice of the chunk (``SenderCore.pack``).
+    A run (``count`` > 1, ``last`` its last LSN) is such a slice found whole at once
+    (``framed_run``): a sender reading back what it journaled handles a read chunk's
+    records as a few runs, not one by one (``split_run`` cuts one to fit a frame).
     """
 
     lsn: int
@@ -439,11 +444,17 @@ class EncodedRecord:
     raw: bytes | memoryview
     payload: bytes | memoryview = b""
     at: int = -1
+    count: int = 1
+    last: int = 0  # the last record's LSN when count > 1
 
     @property
     def size(self) -> int:
-        """Bytes of the whole encoded record."""
+        """Bytes of the whole encoded record (or run)."""
         return len(self.raw) + len(self.payload)
+
+    @property
+    def last_lsn(self) -> int:
+        return self.last if self.count > 1 else self.lsn
 
     @property
     def chunk(self) -> bytes | None:
@@ -452,6 +463,113 @@ class EncodedRecord:
         if self.at >= 0 and isinstance(raw, memoryview) and type(raw.obj) is bytes:
             return raw.obj
         return None
+
+
+class Run(NamedTuple):
+    """What ``framed_run`` found: ``records`` records in ``buf[start:end]``."""
+
+    end: int
+    records: int
+    first_lsn: int
+    last_lsn: int
+    first_ts_ns: int
+
+
+_TS = struct.Struct("<q")
+_TS_AT = _LSN_AT + _LSN.size
+_VERSIONS_TABLE = bytes(v in RECORD_VERSIONS for v in range(256))  # framed_run's tables
+_TYPES = {int(t): t for t in RecordType}
+_TYPES_TABLE = bytes(v in _TYPES for v in range(256))
+
+
+def framed_run(
+    buf: bytes | memoryview, start: int, end: int, prev_lsn: int | None, limit: int
+) -> Run:
+    """The longest run of whole, well-formed records in ``buf[start:end]`` from ``start``
+    (each header as ``peek_length`` accepts it, each LSN above the one before it, the
+    first above ``prev_lsn`` unless None) whose bytes fit in ``limit``; checksums are not
+    looked at. It stops at the first record that is not so and says nothing about it:
+    the caller frames that one record by record, which names what is wrong.
+
+    In C when ``journal/native.py`` has it (one call per read chunk or frame instead of
+    ~6 us a 4 KiB record in Python); this function's loop is its pure-Python twin, held
+    to the same answers by ``tests/journal/test_framed_run.py``."""
+    if _framed_run_c is not None:
+        return Run(
+            *_framed_run_c(
+                buf, start, end, prev_lsn, limit, MAX_NAME, MAX_DATA, _VERSIONS_TABLE, _TYPES_TABLE
+            )
+        )
+    pos, count, first, last, ts = start, 0, 0, 0, 0
+    prev = prev_lsn
+    while end - pos >= HEADER_SIZE:
+        try:
+            total = peek_length(buf, pos)
+        except RecordError:
+            break
+        if total > end - pos or total > limit - (pos - start):
+            break
+        lsn = peek_lsn(buf, pos)
+        if prev is not None and lsn <= prev:
+            break
+        if not count:
+            first, ts = lsn, int(_TS.unpack_from(buf, pos + _TS_AT)[0])
+        prev = last = lsn
+        count += 1
+        pos += total
+    return Run(pos, count, first, last, ts)
+
+
+def split_run(
+    item: EncodedRecord, limit: int, *, at_least_one: bool = False
+) -> tuple[EncodedRecord, EncodedRecord | None] | None:
+    """The first records of ``item`` whose bytes fit in ``limit`` (with ``at_least_one``,
+    the first record even when it does not), and the rest (None: nothing left); None
+    when not even the first fits. ``item`` is a run found whole by ``framed_run``."""
+    if item.count == 1 or item.payload:
+        if item.size <= limit or at_least_one:
+            return item, None
+        return None
+    raw = item.raw
+    if at_least_one:
+        limit = max(limit, peek_length(raw, 0))
+    run = framed_run(raw, 0, len(raw), None, limit)
+    if run.records == 0:
+        return None
+    if run.records >= item.count:
+        return item, None
+    head = EncodedRecord(
+        item.lsn, item.ts_ns, raw[: run.end], at=item.at, count=run.records, last=run.last_lsn
+    )
+    return head, _rest(item, run.end, run.records)
+
+
+def run_from(item: EncodedRecord, lsn: int) -> EncodedRecord | None:
+    """The records of ``item`` (a record or a run) with an LSN of at least ``lsn``, None
+    when there are none: a follower starting mid-run (``Journal.follow_encoded``)."""
+    if item.last_lsn < lsn:
+        return None
+    if item.lsn >= lsn:
+        return item
+    raw, cut, skipped = item.raw, 0, 0
+    while peek_lsn(raw, cut) < lsn:
+        cut += peek_length(raw, cut)
+        skipped += 1
+    return _rest(item, cut, skipped)
+
+
+def _rest(item: EncodedRecord, cut: int, taken: int) -> EncodedRecord:
+    """The records of the run ``item`` from byte ``cut`` on, after its first ``taken``."""
+    raw = item.raw
+    count = item.count - taken
+    return EncodedRecord(
+        peek_lsn(raw, cut),
+        int(_TS.unpack_from(raw, cut + _TS_AT)[0]),
+        raw[cut:],
+        at=item.at + cut if item.at >= 0 else -1,
+        count=count,
+        last=item.last_lsn if count > 1 else 0,
+    )
 
 
 def _framed(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
@@ -546,9 +664,6 @@ class RecordHead(NamedTuple):
     volume: str
     offset: int
     length: int
-
-
-_TYPES = {int(t): t for t in RecordType}
 
 
 def record_heads(buf: bytes | memoryview) -> list[RecordHead]:

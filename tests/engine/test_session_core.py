@@ -37,6 +37,7 @@ from replicator.engine.session_core import (
 )
 from replicator.journal import EncodedRecord, Record, RecordType, encode_record
 from replicator.journal import check_record as check_stored
+from replicator.journal.records import framed_run, peek_length
 from replicator.transport import (
     PROTOCOL_VERSION,
     Ack,
@@ -456,3 +457,50 @@ def test_frames_carry_every_record_once_slicing_a_chunk_when_they_can(
         sources = {chunk_of[lsn] for lsn in lsns}
         sliced = sources != {None} and len(sources) == 1 and not {n - 1 for n in lsns} & dropped
         assert isinstance(f.payload, memoryview) == sliced, (f.first_lsn, f.last_lsn, sources)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 700_000), min_size=1, max_size=40),
+    budgets=st.lists(st.integers(1, 6 * 1024 * 1024), min_size=1, max_size=8),
+    window=st.integers(64 * 1024, 8 * 1024 * 1024),
+)
+def test_runs_are_cut_to_fit_a_frame_and_the_window(
+    sizes: list[int], budgets: list[int], window: int
+) -> None:
+    """A shipping read's runs (``framed_run``, as many records as a read budget covers)
+    go out in frames of at most the frame target and the window, a run cut at a record's
+    bound where a frame is full (one record larger than both goes alone): every record
+    once, in order, each frame a slice of the chunk."""
+    chunk = b"".join(
+        encode_record(Record.write("a", 0, bytes([i % 251]) * size).with_lsn(i + 1, i + 7))
+        for i, size in enumerate(sizes)
+    )
+    pending: collections.deque[EncodedRecord] = collections.deque()
+    at, turn = 0, 0
+    while at < len(chunk):
+        run = framed_run(chunk, at, len(chunk), None, budgets[turn % len(budgets)])
+        turn += 1
+        if not run.records:  # the budget is below the next record: it goes alone
+            run = framed_run(chunk, at, len(chunk), None, peek_length(chunk, at))
+        pending.append(
+            EncodedRecord(
+                run.first_lsn,
+                run.first_ts_ns,
+                memoryview(chunk)[at : run.end],
+                at=at,
+                count=run.records,
+                last=run.last_lsn,
+            )
+        )
+        at = run.end
+    core = SenderCore(Welcome(PROTOCOL_VERSION, 0, 0, window, (), 0))
+    frames = []
+    while pending:
+        frames.append(core.pack(pending))
+    assert b"".join(bytes(f.payload) for f in frames) == chunk
+    assert sum(f.count for f in frames) == len(sizes)
+    for f in frames:
+        assert isinstance(f.payload, memoryview)
+        assert f.count == 1 or len(f.payload) <= min(FRAME_TARGET, window)
+        assert f.source_ts_ns == f.first_lsn + 6

@@ -11,7 +11,8 @@ from typing import Generic, ParamSpec
 
 import blake3
 
-from replicator.journal import Journal, Record
+from replicator.journal import EncodedRecord, Journal, Record
+from replicator.journal.records import split_run
 from replicator.journal.segment import SEGMENT_SUFFIX, SPARE_SUFFIX
 
 _P = ParamSpec("_P")
@@ -94,3 +95,18 @@ class FirstWriteHeld(Generic[_P]):
 
     async def wait_started(self) -> None:
         await self._started.wait()
+
+
+def each_record(items: list[EncodedRecord]) -> list[EncodedRecord]:
+    """``items`` (records and runs of them, as a shipping read yields) one record each,
+    cut apart with ``split_run``."""
+    out: list[EncodedRecord] = []
+    for item in items:
+        rest: EncodedRecord | None = item
+        while rest is not None:
+            taken = split_run(rest, 0, at_least_one=True)
+            assert taken is not None
+            head, rest = taken
+            assert head.count == 1, head
+            out.append(head)
+    return out

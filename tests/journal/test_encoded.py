@@ -25,6 +25,7 @@ from replicator.journal import (
 from replicator.journal.records import record_heads
 from replicator.journal.recovery import OnDamage
 from replicator.journal.segment import HEADER_BYTES
+from tests.journal.helpers import each_record
 from tests.journal.strategies import RECORDS
 
 
@@ -183,7 +184,7 @@ async def test_follow_encoded_checks_checksums_up_to_check_through_only(
         follow = journal.follow_encoded(1, check_through=check_through)
         try:
             async for batch in follow:
-                got.extend(batch)
+                got.extend(each_record(batch))
                 if got[-1].lsn == 5:
                     break
         except JournalCorrupt as exc:
