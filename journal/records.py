@@ -456,6 +456,14 @@ class EncodedRecord:
     def last_lsn(self) -> int:
         return self.last if self.count > 1 else self.lsn
 
+    @classmethod
+    def of_run(cls, chunk: bytes, start: int, run: Run) -> EncodedRecord:
+        """The records ``framed_run`` found in the read chunk ``chunk`` from ``start``."""
+        view = memoryview(chunk)[start : run.end]
+        return cls(
+            run.first_lsn, run.first_ts_ns, view, at=start, count=run.records, last=run.last_lsn
+        )
+
     @property
     def chunk(self) -> bytes | None:
         """The read chunk ``raw`` is a view of (at ``at``), or None."""

@@ -511,16 +511,7 @@ class SegmentReader:
                 stop = min(len(chunk), off + (end - pos))
                 run = framed_run(chunk, off, stop, self.prev_lsn, budget - (pos - start))
                 if run.records:
-                    out.append(
-                        EncodedRecord(
-                            run.first_lsn,
-                            run.first_ts_ns,
-                            memoryview(chunk)[off : run.end],
-                            at=off,
-                            count=run.records,
-                            last=run.last_lsn,
-                        )
-                    )
+                    out.append(EncodedRecord.of_run(chunk, off, run))
                     self.prev_lsn = run.last_lsn
                     pos += run.end - off
                     self.offset = pos

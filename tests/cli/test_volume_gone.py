@@ -59,8 +59,16 @@ def test_a_fifo_in_a_volumes_place_neither_hangs_nor_deafens_the_sender(
             job["last_error"]
         )
         assert int(job["errors"]["volume"]) >= 1
-        shown = replicator("status", "--state-dir", str(state))
-        assert "no consistency point is taken until it is back" in " ".join(shown.stdout.split())
+        # the command samples the job afresh, seconds later under load: by then the job
+        # may be between two tries, so wait for a sample taken while the volume is gone
+        wait_for(
+            lambda: (
+                "no consistency point is taken until it is back"
+                in " ".join(replicator("status", "--state-dir", str(state)).stdout.split())
+            ),
+            proc,
+            "status to say no point is taken while the volume is gone",
+        )
         config.unlink()
         config.write_text("<domain>v2</domain>\n")  # put back: replication goes on
         wait_for(

@@ -483,16 +483,7 @@ def test_runs_are_cut_to_fit_a_frame_and_the_window(
         turn += 1
         if not run.records:  # the budget is below the next record: it goes alone
             run = framed_run(chunk, at, len(chunk), None, peek_length(chunk, at))
-        pending.append(
-            EncodedRecord(
-                run.first_lsn,
-                run.first_ts_ns,
-                memoryview(chunk)[at : run.end],
-                at=at,
-                count=run.records,
-                last=run.last_lsn,
-            )
-        )
+        pending.append(EncodedRecord.of_run(chunk, at, run))
         at = run.end
     core = SenderCore(Welcome(PROTOCOL_VERSION, 0, 0, window, (), 0))
     frames = []

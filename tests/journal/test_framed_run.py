@@ -122,9 +122,7 @@ def test_split_runs_cut_at_record_bounds(sizes: list[int], limits: list[int]) ->
     ]
     chunk = b"".join(raws)
     run = framed_run(chunk, 0, len(chunk), None, len(chunk))
-    rest: EncodedRecord | None = EncodedRecord(
-        1, 1000, memoryview(chunk), at=0, count=run.records, last=run.last_lsn
-    )
+    rest: EncodedRecord | None = EncodedRecord.of_run(chunk, 0, run)
     pieces: list[EncodedRecord] = []
     turn = 0
     while rest is not None:
