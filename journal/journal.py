@@ -46,7 +46,7 @@ from collections.abc import (
     Sequence,
 )
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -862,16 +862,9 @@ class Journal:
         ``check_through`` set the checksums of records past it are left to the consumer:
         a sender shipping to a receiver that verifies every record on arrival (see
         ``engine/link.py``) hashes each byte once fewer. Records read back to back may
-        come as runs (``EncodedRecord.count``); a run that starts before ``lsn`` is cut
-        to the records from ``lsn`` on.
+        come as runs (``EncodedRecord.count``).
         """
-
-        def read(reader: SegmentReader, end: int) -> list[EncodedRecord]:
-            batch = reader.read_encoded(end, check_through=check_through)
-            if batch and batch[0].lsn < lsn:  # the segment's first chunk: before ``lsn``
-                batch = [kept for item in batch if (kept := run_from(item, lsn)) is not None]
-            return batch
-
+        read = functools.partial(SegmentReader.read_encoded, check_through=check_through)
         return self._batches(lsn, follow=True, read=read)
 
     async def _records(self, lsn: int, *, follow: bool) -> AsyncGenerator[Record, None]:
@@ -914,8 +907,8 @@ class Journal:
                         raise JournalCorrupt(
                             exc.path, exc.offset, exc.reason, cut_at_open=True
                         ) from exc
-                    if batch and batch[0].lsn < lsn:
-                        batch = [record for record in batch if record.lsn >= lsn]
+                    if batch and batch[0].lsn < lsn:  # the segment's start: before ``lsn``
+                        batch = _from_lsn(batch, lsn)
                     if batch:
                         yield batch
                     await asyncio.sleep(0)  # a long replay must not starve the loop
@@ -1052,3 +1045,17 @@ def _spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
 def _consume_exception(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _from_lsn(batch: list[ReadItem], lsn: int) -> list[ReadItem]:
+    """The items of ``batch`` from ``lsn`` on; a run (``EncodedRecord.count``) that starts
+    before ``lsn`` and reaches it is cut there (``run_from``), not dropped whole."""
+    out: list[ReadItem] = []
+    for item in batch:
+        if isinstance(item, EncodedRecord):
+            kept = run_from(item, lsn)
+            if kept is not None:
+                out.append(cast(ReadItem, kept))
+        elif item.lsn >= lsn:
+            out.append(item)
+    return out

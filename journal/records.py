@@ -483,8 +483,6 @@ class Run(NamedTuple):
     first_ts_ns: int
 
 
-_TS = struct.Struct("<q")
-_TS_AT = _LSN_AT + _LSN.size
 _VERSIONS_TABLE = bytes(v in RECORD_VERSIONS for v in range(256))  # framed_run's tables
 _TYPES = {int(t): t for t in RecordType}
 _TYPES_TABLE = bytes(v in _TYPES for v in range(256))
@@ -521,7 +519,7 @@ def framed_run(
         if prev is not None and lsn <= prev:
             break
         if not count:
-            first, ts = lsn, int(_TS.unpack_from(buf, pos + _TS_AT)[0])
+            first, ts = _lsn_ts(buf, pos)
         prev = last = lsn
         count += 1
         pos += total
@@ -534,10 +532,10 @@ def split_run(
     """The first records of ``item`` whose bytes fit in ``limit`` (with ``at_least_one``,
     the first record even when it does not), and the rest (None: nothing left); None
     when not even the first fits. ``item`` is a run found whole by ``framed_run``."""
+    if item.size <= limit:  # all of it: no walk
+        return item, None
     if item.count == 1 or item.payload:
-        if item.size <= limit or at_least_one:
-            return item, None
-        return None
+        return (item, None) if at_least_one else None
     raw = item.raw
     if at_least_one:
         limit = max(limit, peek_length(raw, 0))
@@ -571,13 +569,18 @@ def _rest(item: EncodedRecord, cut: int, taken: int) -> EncodedRecord:
     raw = item.raw
     count = item.count - taken
     return EncodedRecord(
-        peek_lsn(raw, cut),
-        int(_TS.unpack_from(raw, cut + _TS_AT)[0]),
+        *_lsn_ts(raw, cut),
         raw[cut:],
         at=item.at + cut if item.at >= 0 else -1,
         count=count,
         last=item.last_lsn if count > 1 else 0,
     )
+
+
+def _lsn_ts(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The LSN and time of the record whose header starts at ``pos``."""
+    fields = RECORD_HEADER.unpack_from(buf, pos)
+    return int(fields[5]), int(fields[6])
 
 
 def _framed(buf: bytes | memoryview, pos: int) -> tuple[int, tuple[Any, ...]]:
