@@ -29,6 +29,27 @@ def _journal_last(state: Path) -> int:
     return last
 
 
+def _settled_job(rcv: ReceiverProc) -> dict[str, Any]:
+    """The receiver's job once its session has ended and its last apply round with it: the
+    round for a barrier received just before the kill runs on after the connection is gone
+    (its applied LSN moves seconds later on a loaded machine), so one read after the
+    disconnect can find that barrier not yet applied. Settled: just one record past the
+    applied LSN (nothing more can come), or nothing moved for two seconds."""
+    deadline = time.monotonic() + 60
+    job, moved = _job(rcv), time.monotonic()
+    while True:
+        lsn = job["lsn"]
+        if not job["connected"] and (
+            lsn["received"] == lsn["applied"] + 1 or time.monotonic() - moved >= 2
+        ):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+        last, job = job, _job(rcv)
+        if job["connected"] or job["lsn"] != last["lsn"]:
+            moved = time.monotonic()
+
+
 def _killed_past_a_barrier(tmp_path: Path, rcv: ReceiverProc) -> tuple[LiveNbdSender, Any]:
     """A sender killed with one record, its FUA write, past the last barrier the receiver
     applied, and nothing more in its journal to ship; the receiver's job then. The capture
@@ -46,10 +67,7 @@ def _killed_past_a_barrier(tmp_path: Path, rcv: ReceiverProc) -> tuple[LiveNbdSe
             sender.proc.wait(timeout=60)
             writer.stop()
             sender.sock.unlink(missing_ok=True)  # a restart waits for its own
-        deadline = time.monotonic() + 30
-        while (job := _job(rcv))["connected"]:  # the session ends with the connection
-            assert time.monotonic() < deadline, job
-            time.sleep(0.1)
+        job = _settled_job(rcv)
         received, applied = job["lsn"]["received"], job["lsn"]["applied"]
         if received == applied + 1 and _journal_last(sender.state) == received:
             return sender, job
