@@ -84,6 +84,11 @@ $(STAMP): pyproject.toml $(PYFUSE3_STAMP)
 install: $(STAMP) ## create .venv with an editable (strict) install and the dev tools
 	@# strict editable installs map files one by one: reinstall so new modules are seen
 	$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=strict
+	@# and compile them: pip compiles what it installs, not an editable tree, and where
+	@# PYTHONDONTWRITEBYTECODE is set every process compiled ~300 modules again at its
+	@# start (a receiver listened after ~0.6 s, ~0.34 s with these; bench/RESULTS.md)
+	@$(PY) -c 'import compileall, sys, replicator; \
+	  sys.exit(not all(compileall.compile_dir(p, quiet=1, workers=0) for p in replicator.__path__))'
 
 demo: sysdeps install ## replicate a real VHD over loopback, change it, replicate again, verify
 	$(PY) bench/demo.py
