@@ -84,9 +84,10 @@ $(STAMP): pyproject.toml $(PYFUSE3_STAMP)
 install: $(STAMP) ## create .venv with an editable (strict) install and the dev tools
 	@# strict editable installs map files one by one: reinstall so new modules are seen
 	$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=strict
-	@# and compile them: pip compiles what it installs, not an editable tree, and where
-	@# PYTHONDONTWRITEBYTECODE is set every process compiled ~300 modules again at its
-	@# start (a receiver listened after ~0.6 s, ~0.34 s with these; bench/RESULTS.md)
+	@# and compile them: pip compiles what it installs, not an editable tree, and the venv's
+	@# commands run outside make where PYTHONDONTWRITEBYTECODE is set (see the top) would
+	@# compile ~150 modules at every start (a receiver listened after ~0.6 s, ~0.34 s
+	@# compiled; bench/RESULTS.md, "forty-seventh session")
 	@$(PY) -c 'import compileall, sys, replicator; \
 	  sys.exit(not all(compileall.compile_dir(p, quiet=1, workers=0) for p in replicator.__path__))'
 
